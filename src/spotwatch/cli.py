@@ -1,0 +1,114 @@
+"""Command line: argument parsing and exit codes only; the work happens elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+import structlog
+
+from spotwatch import __version__
+from spotwatch.bucket import resolve_bucket
+from spotwatch.config import Config, find_config_file, load_config, require_watch_dirs
+from spotwatch.errors import ConfigError, SpotwatchError
+from spotwatch.logs import configure_logging
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not a usage dump: the message says what to fix.
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("-c", "--config", help="config file (default: $SPOTWATCH_CONFIG, "
+                        "./config.yaml, /etc/spotwatch/config.yaml)")
+    common.add_argument("--bucket", help="S3 bucket (default: $S3_BUCKET_NAME or config/.env)")
+
+    parser = _Parser(prog="spotwatch", description="Keep EC2 Spot training checkpoints safe "
+                     "in S3 when the instance is reclaimed.")
+    parser.add_argument("--version", action="version", version=f"spotwatch {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+    commands.add_parser("run", parents=[common], help="run the daemon")
+    commands.add_parser("flush", parents=[common], help="upload everything pending, then exit")
+    status = commands.add_parser("status", parents=[common], help="show pending work and "
+                                 "the last upload and notice")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    commands.add_parser("demo", help="rehearse an interruption against embedded S3 and IMDS")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "run": _run,
+        "flush": _flush,
+        "status": _status,
+        "demo": _demo,
+    }
+    try:
+        return handlers[args.command](args)
+    except SpotwatchError as exc:
+        print(f"spotwatch: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(args: argparse.Namespace, need_watch_dirs: bool = True) -> tuple[Config, str]:
+    path = find_config_file(args.config)
+    config = load_config(path)
+    bucket = resolve_bucket(args.bucket, path)
+    if need_watch_dirs:
+        require_watch_dirs(config)
+    configure_logging(config.log.level, config.log.format)
+    return config, bucket
+
+
+def _run(args: argparse.Namespace) -> int:
+    from spotwatch.daemon import Daemon
+
+    config, bucket = _load(args)
+    return Daemon(config, bucket).run()
+
+
+def _flush(args: argparse.Namespace) -> int:
+    from spotwatch.daemon import Daemon
+    from spotwatch.flush_request import request_daemon_flush
+    from spotwatch.state import StateDir
+
+    config, bucket = _load(args)
+    if request_daemon_flush(StateDir(config.state_dir)):
+        return 0
+    outcome = Daemon(config, bucket).flush_once()
+    structlog.get_logger("spotwatch").info(
+        "flush_summary", files=outcome.files, bytes=outcome.bytes, failed=outcome.failed)
+    return outcome.exit_code
+
+
+def _status(args: argparse.Namespace) -> int:
+    from spotwatch.status import gather_status, render_status
+
+    config, bucket = _load(args, need_watch_dirs=False)
+    report = gather_status(config, bucket)
+    print(json.dumps(report, indent=2) if args.json else render_status(report))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from spotwatch.demo import run_demo
+    except ImportError as exc:
+        raise ConfigError(f"the demo needs extra packages: pip install 'spotwatch[demo]' ({exc})"
+                          ) from None
+    return run_demo()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,307 @@
+"""Wires notice sources, trackers and the sync engine into the `run` daemon and `flush`."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from watchdog.observers import Observer
+
+from spotwatch import sdnotify
+from spotwatch.config import Config
+from spotwatch.engine import Progress, SyncEngine
+from spotwatch.imds import ImdsClient
+from spotwatch.ledger import Ledger
+from spotwatch.notices import DEFAULT_SOURCES, Notice, NoticeKind
+from spotwatch.notices.poller import NoticePoller
+from spotwatch.state import StateDir, StateLock
+from spotwatch.tracker import ChangeTracker
+from spotwatch.uploader import Outcome, Uploader, UploadResult, make_s3_client
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger("spotwatch.daemon")
+
+TICK_SECONDS = 0.05
+STATUS_INTERVAL_SECONDS = 1.0
+# `flush` gives a file up after this many failed rounds (each already retried by botocore).
+FLUSH_MAX_FAILURES = 3
+
+
+@dataclass
+class FlushState:
+    reason: str
+    started: float
+    deadline: datetime | None
+    progress: Progress = field(default_factory=Progress)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    exit_code: int
+    files: int
+    bytes: int
+    failed: int
+
+
+class Daemon:
+    def __init__(self, config: Config, bucket: str, client: S3Client | None = None) -> None:
+        self.config = config
+        self.bucket = bucket
+        self.state = StateDir(config.state_dir)
+        self._client = client
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._notices: queue.Queue[Notice] = queue.Queue()
+        self.flush: FlushState | None = None
+        self.last_notice: dict[str, Any] | None = None
+        self.last_flush: dict[str, Any] | None = None
+        self._notice_seen = False
+        self._status_due = 0.0
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+
+    # -- public entry points -------------------------------------------------------------
+
+    def run(self) -> int:
+        """The daemon: upload continuously, flush on notices, final flush on SIGTERM."""
+        with self._running(max_failures=None) as engine:
+            poller = self._start_poller()
+            self._install_signal_handlers()
+            sdnotify.notify("READY=1\nSTATUS=watching")
+            log.info("daemon_started", bucket=self.bucket, mode=self.config.sync.mode,
+                     watch=[str(w.path) for w in self.config.watch], pid=os.getpid())
+            keepalive = sdnotify.watchdog_interval()
+            next_keepalive = 0.0
+            while not self._stop.is_set():
+                self._step(engine)
+                if keepalive is not None and time.monotonic() >= next_keepalive:
+                    sdnotify.notify("WATCHDOG=1")
+                    next_keepalive = time.monotonic() + keepalive
+                self._wake.wait(TICK_SECONDS)
+                self._wake.clear()
+            sdnotify.notify("STOPPING=1\nSTATUS=final flush")
+            if poller is not None:
+                poller.stop()
+            return self._final_flush(engine)
+
+    def flush_once(self) -> RunOutcome:
+        """Upload everything pending, waiting for files being written to settle."""
+        with self._running(max_failures=FLUSH_MAX_FAILURES) as engine:
+            self._start_flush("manual", None)
+            while not (engine.idle() and engine.unsettled() == 0):
+                self._step(engine)
+                self._wake.wait(TICK_SECONDS)
+                self._wake.clear()
+            self._step(engine)
+            failed = len(engine.given_up)
+            return RunOutcome(1 if failed else 0, engine.totals.files, engine.totals.bytes,
+                              failed)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def notify(self, notice: Notice) -> None:
+        """Hand a notice to the daemon from any thread."""
+        self._notices.put(notice)
+        self._wake.set()
+
+    # -- wiring --------------------------------------------------------------------------
+
+    def _running(self, max_failures: int | None) -> _Running:
+        return _Running(self, max_failures)
+
+    def _build_engine(self, max_failures: int | None) -> SyncEngine:
+        settings = self.config.sync
+        trackers = [
+            ChangeTracker(w, settings.settle_seconds, settings.quiet_seconds, self._wake.set)
+            for w in self.config.watch
+        ]
+        client = self._client or make_s3_client(self.config.region, self.config.transfer)
+
+        def uploader(on_result: Callable[[UploadResult], None]) -> Uploader:
+            return Uploader(client, self.bucket, self.config.transfer, on_result)
+
+        engine = SyncEngine(trackers, Ledger(self.state.ledger), uploader, self._wake.set,
+                            max_failures)
+        engine.add_observer(self._count_flush_progress)
+        return engine
+
+    def _start_poller(self) -> NoticePoller | None:
+        if not self.config.imds.enabled:
+            return None
+        poller = NoticePoller(ImdsClient.from_settings(self.config.imds), DEFAULT_SOURCES,
+                              self.config.imds.poll_interval, self.notify)
+        poller.start()
+        return poller
+
+    def _install_signal_handlers(self) -> None:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self.request_stop()
+
+        def manual_flush(signum: int, frame: FrameType | None) -> None:
+            self.notify(Notice.make(NoticeKind.MANUAL, None, str(time.time())))
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGUSR1, manual_flush)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _uploads_allowed(self) -> bool:
+        return (self.config.sync.mode == "continuous" or self._notice_seen
+                or self.flush is not None)
+
+    def _step(self, engine: SyncEngine) -> None:
+        while True:
+            try:
+                self._on_notice(self._notices.get_nowait())
+            except queue.Empty:
+                break
+        engine.collect_settled()
+        engine.pump(upload=self._uploads_allowed())
+        if self.flush is not None and engine.idle() and engine.unsettled() == 0:
+            self._finish_flush()
+        if time.monotonic() >= self._status_due:
+            self._write_status(engine)
+            self._status_due = time.monotonic() + STATUS_INTERVAL_SECONDS
+
+    def _on_notice(self, notice: Notice) -> None:
+        detected = datetime.now(timezone.utc)
+        seconds_left = (notice.deadline - detected).total_seconds() if notice.deadline else None
+        self.last_notice = {
+            "kind": notice.kind.value,
+            "id": notice.id,
+            "detail": notice.detail,
+            "deadline": notice.deadline.isoformat() if notice.deadline else None,
+            "detected_at": detected.isoformat(),
+        }
+        log.info("notice_detected", kind=notice.kind.value, id=notice.id, detail=notice.detail,
+                 deadline=self.last_notice["deadline"],
+                 seconds_left=None if seconds_left is None else round(seconds_left, 1))
+        self._emit("notice_detected", self.last_notice)
+        if notice.kind is not NoticeKind.MANUAL:
+            self._notice_seen = True
+        self._start_flush(notice.kind.value, notice.deadline)
+
+    def _start_flush(self, reason: str, deadline: datetime | None) -> None:
+        if self.flush is not None:
+            # Already flushing: an earlier deadline tightens it, the work is the same.
+            if deadline and (self.flush.deadline is None or deadline < self.flush.deadline):
+                self.flush.deadline = deadline
+            return
+        self.flush = FlushState(reason, time.monotonic(), deadline)
+        log.info("flush_started", reason=reason)
+
+    def _count_flush_progress(self, result: UploadResult) -> None:
+        if self.flush is not None and result.outcome is Outcome.DONE:
+            self.flush.progress.files += 1
+            self.flush.progress.bytes += result.job.snapshot.size
+
+    def _finish_flush(self) -> None:
+        assert self.flush is not None
+        flush, self.flush = self.flush, None
+        seconds = time.monotonic() - flush.started
+        margin = ((flush.deadline - datetime.now(timezone.utc)).total_seconds()
+                  if flush.deadline else None)
+        self.last_flush = {
+            "reason": flush.reason,
+            "seconds": round(seconds, 3),
+            "files": flush.progress.files,
+            "bytes": flush.progress.bytes,
+            "deadline_margin_seconds": None if margin is None else round(margin, 1),
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+        }
+        log.info("flush_done", **self.last_flush)
+        self._emit("flush_done", self.last_flush)
+
+    def _final_flush(self, engine: SyncEngine) -> int:
+        log.info("shutdown_started", pending=len(engine.planner), unsettled=engine.unsettled())
+        self._start_flush("shutdown", None)
+        give_up_at = time.monotonic() + self.config.sync.stop_timeout
+        while time.monotonic() < give_up_at:
+            for tracker in engine.trackers:
+                tracker.settle_all_closed()
+            self._step(engine)
+            if self.flush is None:
+                self._write_status(engine)
+                log.info("daemon_stopped", files=engine.totals.files, bytes=engine.totals.bytes)
+                return 0
+            self._wake.wait(TICK_SECONDS)
+            self._wake.clear()
+        log.error("flush_incomplete", pending=len(engine.planner), unsettled=engine.unsettled(),
+                  uploading=engine.uploader.in_flight())
+        self._write_status(engine)
+        return 1
+
+    def _emit(self, event: str, data: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            listener(event, data)
+
+    def _write_status(self, engine: SyncEngine) -> None:
+        status = {
+            "pid": os.getpid(),
+            "bucket": self.bucket,
+            "updated_at": time.time(),
+            "pending_files": len(engine.planner),
+            "pending_bytes": engine.planner.pending_bytes,
+            "unsettled_files": engine.unsettled(),
+            "uploading": engine.uploader.in_flight(),
+            "uploaded_files": engine.totals.files,
+            "uploaded_bytes": engine.totals.bytes,
+            "upload_failures": engine.totals.failures,
+            "last_upload_at": engine.last_upload_at,
+            "last_notice": self.last_notice,
+            "last_flush": self.last_flush,
+            "flushing": self.flush is not None,
+        }
+        try:
+            self.state.write_json(self.state.status, status)
+        except OSError as exc:
+            log.warning("status_write_failed", error=exc.strerror)
+
+
+class _Running:
+    """Context for one run: state lock, engine, watchdog observer and startup scan."""
+
+    def __init__(self, daemon: Daemon, max_failures: int | None) -> None:
+        self._daemon = daemon
+        self._max_failures = max_failures
+        self._lock = StateLock(daemon.state)
+        self._observer: Any = None
+        self._engine: SyncEngine | None = None
+
+    def __enter__(self) -> SyncEngine:
+        daemon = self._daemon
+        daemon.state.ensure()
+        self._lock.acquire()
+        try:
+            engine = self._engine = daemon._build_engine(self._max_failures)
+            self._observer = Observer()
+            for tracker in engine.trackers:
+                self._observer.schedule(tracker, str(tracker.root), recursive=True)
+            self._observer.start()
+            queued = engine.reconcile(daemon.config.sync.quiet_seconds)
+            log.info("startup_scan_done", pending=queued, unsettled=engine.unsettled())
+        except BaseException:
+            self.__exit__()
+            raise
+        return engine
+
+    def __exit__(self, *exc: object) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+        if self._engine is not None:
+            self._engine.close()
+        self._lock.release()

@@ -1,0 +1,213 @@
+"""The sync engine shared by `run` and `flush`: settled files in, durable S3 objects out.
+
+It owns the pending set, the ledger and the uploader, and is driven by one thread calling
+``pump``; upload results arrive from other threads through a queue.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat as stat_module
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from spotwatch.ledger import Ledger
+from spotwatch.planner import PendingFile, Planner, set_name_of
+from spotwatch.tracker import ChangeTracker, walk_files
+from spotwatch.uploader import Outcome, Snapshot, Uploader, UploadJob, UploadResult
+
+log = structlog.get_logger("spotwatch.engine")
+
+# A failed upload waits this long before it is tried again (botocore has retried already).
+RETRY_DELAY_SECONDS = 5.0
+
+
+@dataclass
+class Progress:
+    """Counters since some moment (a flush's start, the daemon's start)."""
+
+    files: int = 0
+    bytes: int = 0
+    failures: int = 0
+
+
+def object_key(prefix: str, relative_path: str) -> str:
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return prefix + relative_path
+
+
+class SyncEngine:
+    def __init__(
+        self,
+        trackers: Sequence[ChangeTracker],
+        ledger: Ledger,
+        uploader_factory: Callable[[Callable[[UploadResult], None]], Uploader],
+        wake: Callable[[], None] = lambda: None,
+        max_failures: int | None = None,
+    ) -> None:
+        self.trackers = tuple(trackers)
+        self.ledger = ledger
+        self.planner = Planner()
+        self._results: queue.Queue[UploadResult] = queue.Queue()
+        self._wake = wake
+        self.uploader = uploader_factory(self._deliver)
+        self.bucket = self.uploader.bucket
+        self._in_flight_limit = max(2, self.uploader_concurrency * 2)
+        self._retry_at: dict[Path, float] = {}
+        self._delayed: list[PendingFile] = []
+        self._uploading: dict[UploadJob, PendingFile] = {}
+        self._failures: dict[Path, int] = {}
+        self._max_failures = max_failures
+        self.given_up: list[PendingFile] = []
+        self.totals = Progress()
+        self.last_upload_at: float | None = None
+        self._observers: list[Callable[[UploadResult], None]] = []
+
+    @property
+    def uploader_concurrency(self) -> int:
+        return self.uploader._settings.max_concurrency
+
+    def add_observer(self, observer: Callable[[UploadResult], None]) -> None:
+        self._observers.append(observer)
+
+    def _deliver(self, result: UploadResult) -> None:
+        self._results.put(result)
+        self._wake()
+
+    def reconcile(self, quiet_seconds: float) -> int:
+        """Startup scan: queue what the ledger lacks; recently changed files must settle first."""
+        queued = 0
+        newest_allowed = time.time_ns() - int(quiet_seconds * 1e9)
+        for tracker in self.trackers:
+            for path, stat in walk_files(tracker.root):
+                if tracker.relative(path) is None:
+                    continue
+                if stat.st_mtime_ns > newest_allowed:
+                    tracker.mark(path, closed=False)  # may still be being written
+                elif self._consider(tracker, path, stat):
+                    queued += 1
+        return queued
+
+    def collect_settled(self) -> None:
+        for tracker in self.trackers:
+            for path in tracker.take_removed():
+                for item in self.planner.remove_under(path):
+                    log.debug("pending_dropped", path=str(item.path), reason="deleted")
+            for path in tracker.take_settled():
+                try:
+                    stat = os.stat(path, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    log.warning("file_unreadable", path=str(path), error=exc.strerror)
+                    continue
+                if self.uploader.is_uploading(path):
+                    # A newer version settled while the old one uploads: stop the stale upload.
+                    self.uploader.cancel(path)
+                self._consider(tracker, path, stat)
+
+    def _consider(self, tracker: ChangeTracker, path: Path, stat: os.stat_result) -> bool:
+        relative = tracker.relative(path)
+        if relative is None or not _is_regular(stat):
+            return False
+        key = object_key(tracker.watch.prefix, relative)
+        snapshot = Snapshot.of(stat)
+        if self.ledger.is_current(self.bucket, key, snapshot.version):
+            return False
+        self.planner.add(PendingFile(path, key, snapshot, set_name_of(relative)))
+        return True
+
+    def pump(self, upload: bool) -> None:
+        """Handle finished uploads, then (when allowed) start more, newest set first."""
+        self._handle_results()
+        self._release_retries()
+        if not upload:
+            return
+        room = self._in_flight_limit - self.uploader.in_flight()
+        if room <= 0 or not self.planner:
+            return
+        for item in self.planner.take(room, self.uploader.is_uploading):
+            job = UploadJob(item.path, item.key, item.snapshot)
+            self._uploading[job] = item
+            self.uploader.submit(job)
+
+    def idle(self) -> bool:
+        return not self.planner and not self._delayed and not self._uploading
+
+    def unsettled(self) -> int:
+        return sum(t.unsettled_count() for t in self.trackers)
+
+    def _release_retries(self) -> None:
+        now = time.monotonic()
+        due = [i for i in self._delayed if self._retry_at.get(i.path, 0) <= now]
+        if due:
+            self._delayed = [i for i in self._delayed if i not in due]
+            for item in due:
+                if item.path not in self.planner:
+                    self.planner.add(item)
+
+    def _handle_results(self) -> None:
+        while True:
+            try:
+                result = self._results.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(result)
+            for observer in self._observers:
+                observer(result)
+
+    def _handle(self, result: UploadResult) -> None:
+        job = result.job
+        item = self._uploading.pop(job, None) or PendingFile(
+            job.path, job.key, job.snapshot, set_name_of(job.key))
+        fields = {"path": str(job.path), "key": job.key, "size": job.snapshot.size,
+                  "seconds": round(result.seconds, 3)}
+        if result.outcome is Outcome.DONE:
+            self.ledger.record(self.bucket, job.key, job.path, job.snapshot.version,
+                               result.checksum)
+            self.totals.files += 1
+            self.totals.bytes += job.snapshot.size
+            self.last_upload_at = time.time()
+            self._retry_at.pop(job.path, None)
+            self._failures.pop(job.path, None)
+            log.info("upload_done", **fields, checksum=result.checksum)
+        elif result.outcome in (Outcome.CHANGED, Outcome.CANCELLED):
+            # The tracker sees the newer write and queues it again once it settles; if it
+            # already settled, it is pending now. Requeue from disk to be sure nothing is lost.
+            log.info("upload_superseded", **fields, reason=result.outcome.value)
+            self._requeue_from_disk(job.path)
+        elif result.outcome is Outcome.VANISHED:
+            log.info("upload_skipped", **fields, reason="file deleted")
+        else:
+            self.totals.failures += 1
+            failures = self._failures[job.path] = self._failures.get(job.path, 0) + 1
+            if self._max_failures is not None and failures >= self._max_failures:
+                log.error("upload_gave_up", **fields, error=result.error, attempts=failures)
+                self.given_up.append(item)
+                return
+            log.warning("upload_failed", **fields, error=result.error,
+                        retry_in=RETRY_DELAY_SECONDS)
+            self._retry_at[job.path] = time.monotonic() + RETRY_DELAY_SECONDS
+            self._delayed.append(item)
+
+    def _requeue_from_disk(self, path: Path) -> None:
+        if path in self.planner:
+            return
+        for tracker in self.trackers:
+            if tracker.relative(path) is not None:
+                tracker.expect_change(path)
+                return
+
+    def close(self) -> None:
+        self.uploader.shutdown()
+        self.ledger.close()
+
+
+def _is_regular(stat: os.stat_result) -> bool:
+    return stat_module.S_ISREG(stat.st_mode)

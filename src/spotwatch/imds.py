@@ -1,0 +1,125 @@
+"""One IMDSv2 client: session token with TTL and early refresh, retry on 401, jittered retries."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+
+import requests
+
+from spotwatch.config import ImdsSettings
+from spotwatch.errors import SpotwatchError
+
+IPV4_ENDPOINT = "http://169.254.169.254"
+IPV6_ENDPOINT = "http://[fd00:ec2::254]"
+ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+ENDPOINT_MODE_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE"
+TOKEN_PATH = "/latest/api/token"
+TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+TOKEN_HEADER = "X-aws-ec2-metadata-token"
+# Refresh this long before the token expires (never more than a quarter of a short TTL).
+REFRESH_MARGIN_SECONDS = 15.0
+
+
+class ImdsError(SpotwatchError):
+    """IMDS could not be reached or refused us after the retries."""
+
+
+class ImdsDisabledError(ImdsError):
+    """IMDS answered 403: switched off for this instance, or the request was refused."""
+
+
+def resolve_endpoint(settings: ImdsSettings) -> str:
+    """Config endpoint, else $AWS_EC2_METADATA_SERVICE_ENDPOINT, else by endpoint mode."""
+    endpoint = settings.endpoint or os.environ.get(ENDPOINT_ENV)
+    if endpoint:
+        return endpoint.rstrip("/")
+    mode = settings.endpoint_mode or os.environ.get(ENDPOINT_MODE_ENV, "IPv4")
+    return IPV6_ENDPOINT if mode.lower() == "ipv6" else IPV4_ENDPOINT
+
+
+class ImdsClient:
+    def __init__(
+        self,
+        endpoint: str,
+        token_ttl: int = 21600,
+        timeout: float = 2.0,
+        attempts: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.token_ttl = token_ttl
+        self.timeout = timeout
+        self.attempts = attempts
+        self._clock = clock
+        self._session = requests.Session()
+        # Proxies from the environment must never see metadata requests.
+        self._session.trust_env = False
+        self._token: str | None = None
+        self._token_expires = 0.0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: ImdsSettings) -> ImdsClient:
+        return cls(resolve_endpoint(settings), settings.token_ttl, settings.timeout)
+
+    def get(self, path: str) -> str | None:
+        """Text of a metadata item such as 'meta-data/spot/instance-action'; None when 404."""
+        url = f"{self.endpoint}/latest/{path.lstrip('/')}"
+        last_error = "no attempt made"
+        for attempt in range(self.attempts):
+            if attempt:
+                # Full jitter: IMDS is throttled per instance, so back off rather than hammer it.
+                time.sleep(random.uniform(0, min(1.0, 0.1 * 2**attempt)))
+            try:
+                response = self._get_with_token(url)
+            except requests.RequestException as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+                continue
+            if response.status_code == 200:
+                return response.text
+            if response.status_code == 404:
+                return None
+            if response.status_code == 403:
+                raise ImdsDisabledError(f"IMDS refused {path} (403): is it disabled?")
+            last_error = f"HTTP {response.status_code} for {path}"
+        raise ImdsError(f"IMDS unreachable at {self.endpoint}: {last_error}")
+
+    def _get_with_token(self, url: str) -> requests.Response:
+        response = self._session.get(url, headers={TOKEN_HEADER: self._token_value()},
+                                     timeout=self.timeout)
+        if response.status_code == 401:
+            # The token expired or IMDS restarted: drop it and retry once with a fresh one.
+            self.invalidate_token()
+            response = self._session.get(url, headers={TOKEN_HEADER: self._token_value()},
+                                         timeout=self.timeout)
+        return response
+
+    def invalidate_token(self) -> None:
+        with self._lock:
+            self._token = None
+
+    def _token_value(self) -> str:
+        with self._lock:
+            margin = min(REFRESH_MARGIN_SECONDS, self.token_ttl / 4)
+            if self._token is None or self._clock() >= self._token_expires - margin:
+                requested_at = self._clock()
+                self._token = self._fetch_token()
+                self._token_expires = requested_at + self.token_ttl
+            return self._token
+
+    def _fetch_token(self) -> str:
+        response = self._session.put(
+            f"{self.endpoint}{TOKEN_PATH}",
+            headers={TTL_HEADER: str(self.token_ttl)},
+            timeout=self.timeout,
+        )
+        if response.status_code == 200 and response.text:
+            return response.text
+        if response.status_code == 403:
+            raise ImdsDisabledError("IMDS refused the token request (403): is it disabled?")
+        # Raised as a requests error so that get() counts it as a retryable attempt.
+        raise requests.ConnectionError(f"token request failed: HTTP {response.status_code}")

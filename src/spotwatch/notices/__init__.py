@@ -1,0 +1,6 @@
+"""Interruption notice sources: each turns one metadata item into frozen Notice values."""
+
+from spotwatch.notices.model import Notice, NoticeKind
+from spotwatch.notices.sources import DEFAULT_SOURCES, NoticeSource
+
+__all__ = ["DEFAULT_SOURCES", "Notice", "NoticeKind", "NoticeSource"]

@@ -1,0 +1,93 @@
+"""One parser per metadata item; unparsable content is still a notice, never ignored."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+
+from spotwatch.notices.model import Notice, NoticeKind
+
+
+@dataclass(frozen=True)
+class NoticeSource:
+    name: str
+    path: str
+    parse: Callable[[str], list[Notice]]
+
+
+def _iso_time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _json_object(text: str) -> dict[str, object]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def parse_instance_action(text: str) -> list[Notice]:
+    body = _json_object(text)
+    action = str(body.get("action", "unknown"))
+    time_text = str(body.get("time", ""))
+    # Identity is the raw content, so a garbled answer still yields one stable notice.
+    return [Notice.make(NoticeKind.SPOT_INTERRUPTION, _iso_time(body.get("time")),
+                        action, time_text or text.strip(), detail=action)]
+
+
+def parse_rebalance(text: str) -> list[Notice]:
+    notice_time = str(_json_object(text).get("noticeTime", text.strip()))
+    return [Notice.make(NoticeKind.REBALANCE, None, notice_time, detail=notice_time)]
+
+
+def _maintenance_time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return parsedate_to_datetime(value)  # "21 Jan 2019 09:00:43 GMT"
+    except (TypeError, ValueError):
+        return _iso_time(value)
+
+
+def parse_scheduled_events(text: str) -> list[Notice]:
+    try:
+        events = json.loads(text)
+    except ValueError:
+        return []
+    notices = []
+    for event in events if isinstance(events, list) else []:
+        if not isinstance(event, dict) or event.get("State", "active") != "active":
+            continue
+        event_id = str(event.get("EventId", json.dumps(event, sort_keys=True)))
+        notices.append(Notice.make(NoticeKind.SCHEDULED_EVENT,
+                                   _maintenance_time(event.get("NotBefore")),
+                                   event_id, detail=str(event.get("Code", ""))))
+    return notices
+
+
+def parse_lifecycle_state(text: str) -> list[Notice]:
+    state = text.strip()
+    if state != "Terminated":
+        return []
+    return [Notice.make(NoticeKind.ASG_TERMINATING, None, state, detail=state)]
+
+
+SPOT_INSTANCE_ACTION = NoticeSource("spot", "meta-data/spot/instance-action",
+                                    parse_instance_action)
+REBALANCE = NoticeSource("rebalance", "meta-data/events/recommendations/rebalance",
+                         parse_rebalance)
+SCHEDULED_EVENTS = NoticeSource("scheduled", "meta-data/events/maintenance/scheduled",
+                                parse_scheduled_events)
+ASG_LIFECYCLE = NoticeSource("asg", "meta-data/autoscaling/target-lifecycle-state",
+                             parse_lifecycle_state)
+DEFAULT_SOURCES = (SPOT_INSTANCE_ACTION, REBALANCE, SCHEDULED_EVENTS, ASG_LIFECYCLE)

@@ -1,0 +1,92 @@
+"""The state directory: ledger, status file and the lock that keeps one daemon per directory."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from spotwatch.errors import SpotwatchError
+
+
+class StateDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def ledger(self) -> Path:
+        return self.path / "ledger.sqlite3"
+
+    @property
+    def status(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def notice_file(self) -> Path:
+        return self.path / "notice.json"
+
+    def ensure(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpotwatchError(f"cannot create state directory {self.path}: {exc.strerror}"
+                                 ) from None
+
+    def write_json(self, target: Path, data: dict[str, Any]) -> None:
+        """Atomic replace, so readers never see a half-written file."""
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+        os.replace(tmp, target)
+
+    def read_status(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.status.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+
+class StateLock:
+    """An exclusive flock on <state>/lock, released when the process exits."""
+
+    def __init__(self, state: StateDir) -> None:
+        self._path = state.path / "lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SpotwatchError(
+                f"another spotwatch (pid {holder}) is using state directory {self._path.parent}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def holder(self) -> int | None:
+        """The pid of the process holding the lock, or None when nobody does."""
+        try:
+            fd = os.open(self._path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        finally:
+            os.close(fd)
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,68 @@
+"""`spotwatch status`: what the daemon last reported, plus what the ledger holds."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from spotwatch.config import Config
+from spotwatch.ledger import Ledger
+from spotwatch.state import StateDir, StateLock
+
+
+def gather_status(config: Config, bucket: str) -> dict[str, Any]:
+    state = StateDir(config.state_dir)
+    report: dict[str, Any] = {"bucket": bucket, "state_dir": str(state.path)}
+    daemon_pid = StateLock(state).holder() if state.path.is_dir() else None
+    report["daemon_pid"] = daemon_pid
+    report["daemon"] = state.read_status() if daemon_pid else None
+    if state.ledger.is_file():
+        ledger = Ledger(state.ledger)
+        summary = ledger.summary(bucket)
+        ledger.close()
+        report["uploaded_objects"] = summary.objects
+        report["uploaded_bytes"] = summary.bytes
+        report["last_upload_at"] = summary.last_upload
+    else:
+        report.update(uploaded_objects=0, uploaded_bytes=0, last_upload_at=None)
+    return report
+
+
+def _ago(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "never"
+    when = datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{when} ({time.time() - timestamp:.0f}s ago)"
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def render_status(report: dict[str, Any]) -> str:
+    lines = [f"bucket:       {report['bucket']}"]
+    daemon = report.get("daemon")
+    if report.get("daemon_pid") and daemon:
+        lines.append(f"daemon:       running (pid {report['daemon_pid']})")
+        lines.append(f"pending:      {daemon['pending_files']} files, "
+                     f"{_size(daemon['pending_bytes'])}; {daemon['unsettled_files']} still "
+                     f"being written; {daemon['uploading']} uploading")
+        notice = daemon.get("last_notice")
+        lines.append("last notice:  " + (f"{notice['kind']} at {notice['detected_at']}"
+                                         f" (deadline {notice['deadline']})" if notice else "none"))
+        flush = daemon.get("last_flush")
+        if flush:
+            lines.append(f"last flush:   {flush['files']} files, {_size(flush['bytes'])} in "
+                         f"{flush['seconds']}s ({flush['reason']})")
+    else:
+        lines.append("daemon:       not running")
+    lines.append(f"in S3:        {report['uploaded_objects']} objects, "
+                 f"{_size(report['uploaded_bytes'])}")
+    lines.append(f"last upload:  {_ago(report['last_upload_at'])}")
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""Turns watchdog events into settled files: complete, not half-written, ready to upload.
+
+The handler only records paths and times; a file settles once it was closed after writing (or
+renamed into place) and nothing touched it for ``settle_seconds``, or, without such an event,
+after ``quiet_seconds`` of no events at all.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+
+from spotwatch.config import WatchDir
+from spotwatch.filters import PathFilter
+
+_CONTENT_EVENTS = {"created", "modified"}
+_IGNORED_EVENTS = {"opened", "closed_no_write", "attrib"}
+
+
+@dataclass
+class _Candidate:
+    last_event: float
+    closed: bool
+
+
+def walk_files(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
+    """Regular files under root with their lstat; symlinks are never followed."""
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue  # vanished or unreadable: its files get events of their own if they return
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    yield Path(entry.path), entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+
+
+class ChangeTracker(FileSystemEventHandler):
+    def __init__(
+        self,
+        watch: WatchDir,
+        settle_seconds: float,
+        quiet_seconds: float,
+        on_change: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.watch = watch
+        self.root = watch.path.resolve()
+        self.filter = PathFilter.for_watch(watch)
+        self._settle = settle_seconds
+        self._quiet = quiet_seconds
+        self._on_change = on_change
+        self._clock = clock
+        self._candidates: dict[Path, _Candidate] = {}
+        self._removed: list[Path] = []
+        self._lock = threading.Lock()
+
+    def relative(self, path: Path) -> str | None:
+        """The path relative to the watched root, or None when outside it or filtered out."""
+        try:
+            rel = path.relative_to(self.root).as_posix()
+        except ValueError:
+            return None
+        return rel if rel != "." and self.filter.accepts(rel) else None
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        kind = event.event_type
+        if kind in _IGNORED_EVENTS:
+            return
+        src = Path(os.fsdecode(event.src_path))
+        if kind == "moved":
+            self._forget(src)
+            dest = Path(os.fsdecode(event.dest_path))
+            self._mark_tree(dest) if event.is_directory else self.mark(dest, closed=True)
+        elif kind == "deleted":
+            self._forget(src)
+        elif event.is_directory:
+            if kind == "created":
+                # A directory that appears with files (moved in from outside) holds finished files.
+                self._mark_tree(src)
+            return
+        elif kind in _CONTENT_EVENTS:
+            # Synthetic creations describe files of a directory moved in whole: finished files.
+            self.mark(src, closed=bool(getattr(event, "is_synthetic", False)))
+        elif kind == "closed":
+            if os.path.lexists(src):  # a file deleted while open still reports its close
+                self.mark(src, closed=True)
+        else:
+            return
+        self._on_change()
+
+    def mark(self, path: Path, closed: bool, at: float | None = None) -> None:
+        if self.relative(path) is None:
+            return
+        with self._lock:
+            self._candidates[path] = _Candidate(self._clock() if at is None else at, closed)
+
+    def expect_change(self, path: Path) -> None:
+        """A file known to have changed: keep its pending events, or wait for it to go quiet."""
+        with self._lock:
+            if path in self._candidates:
+                return
+        self.mark(path, closed=False)
+
+    def _mark_tree(self, directory: Path) -> None:
+        for path, _ in walk_files(directory):
+            self.mark(path, closed=True)
+
+    def _forget(self, path: Path) -> None:
+        with self._lock:
+            self._removed.append(path)
+            for candidate in [p for p in self._candidates if p == path or path in p.parents]:
+                del self._candidates[candidate]
+
+    def take_settled(self) -> list[Path]:
+        now = self._clock()
+        with self._lock:
+            settled = [
+                path
+                for path, c in self._candidates.items()
+                if now - c.last_event >= (self._settle if c.closed else self._quiet)
+            ]
+            for path in settled:
+                del self._candidates[path]
+        return settled
+
+    def take_removed(self) -> list[Path]:
+        with self._lock:
+            removed, self._removed = self._removed, []
+        return removed
+
+    def unsettled_count(self) -> int:
+        with self._lock:
+            return len(self._candidates)
+
+    def settle_all_closed(self) -> None:
+        """On shutdown: closed files need not wait out the settle interval."""
+        with self._lock:
+            for candidate in self._candidates.values():
+                if candidate.closed:
+                    candidate.last_event = float("-inf")

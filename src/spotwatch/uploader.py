@@ -1,0 +1,208 @@
+"""Uploads files to S3 with one shared s3transfer manager; knows nothing of IMDS or watchdog.
+
+Each upload is checked after it completes: if the file changed while it was read, the outcome
+says so and the caller uploads it again, so the final object always equals the final file.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.futures import TransferFuture
+from s3transfer.subscribers import BaseSubscriber
+
+from spotwatch.config import TransferSettings
+from spotwatch.ledger import FileVersion
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Identity of a file's content at one moment: any write or replacement changes it."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, stat: os.stat_result) -> Snapshot:
+        return cls(stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+
+    @property
+    def version(self) -> FileVersion:
+        return FileVersion(self.size, self.mtime_ns)
+
+
+@dataclass(frozen=True)
+class UploadJob:
+    path: Path
+    key: str
+    snapshot: Snapshot
+
+
+class Outcome(str, Enum):
+    DONE = "done"
+    CHANGED = "changed"  # the file changed while being read: upload it again
+    VANISHED = "vanished"  # deleted while being read: nothing to keep
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    job: UploadJob
+    outcome: Outcome
+    seconds: float
+    checksum: str | None = None
+    error: str | None = None
+
+
+def make_s3_client(region: str, settings: TransferSettings) -> S3Client:
+    """An S3 client with adaptive retries; the endpoint follows AWS_ENDPOINT_URL(_S3)."""
+    config = BotoConfig(
+        region_name=region,
+        retries={"mode": "adaptive", "max_attempts": settings.max_attempts},
+        max_pool_connections=settings.max_concurrency + 4,
+        connect_timeout=5,
+        read_timeout=60,
+        request_checksum_calculation="when_supported",
+        response_checksum_validation="when_supported",
+    )
+    return boto3.session.Session().client("s3", config=config)
+
+
+def transfer_config(settings: TransferSettings) -> TransferConfig:
+    return TransferConfig(
+        multipart_threshold=settings.multipart_threshold,
+        multipart_chunksize=settings.multipart_chunksize,
+        max_concurrency=settings.max_concurrency,
+        use_threads=True,
+        preferred_transfer_client="classic",
+    )
+
+
+class _DoneSubscriber(BaseSubscriber):
+    def __init__(self, callback: Callable[[TransferFuture], None]) -> None:
+        self._callback = callback
+
+    def on_done(self, future: TransferFuture, **kwargs: Any) -> None:
+        self._callback(future)
+
+
+class Uploader:
+    def __init__(
+        self,
+        client: S3Client,
+        bucket: str,
+        settings: TransferSettings,
+        on_result: Callable[[UploadResult], None],
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self._settings = settings
+        self._on_result = on_result
+        self._manager = create_transfer_manager(client, transfer_config(settings))
+        # Verification (stat + HEAD) runs off s3transfer's own threads so they keep uploading.
+        self._verifier = ThreadPoolExecutor(max_workers=4, thread_name_prefix="verify")
+        self._futures: dict[Path, TransferFuture] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def checksum_field(self) -> str:
+        return f"Checksum{self._settings.checksum_algorithm}"
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._futures)
+
+    def is_uploading(self, path: Path) -> bool:
+        with self._lock:
+            return path in self._futures
+
+    def submit(self, job: UploadJob) -> None:
+        started = time.monotonic()
+        extra_args = {"ChecksumAlgorithm": self._settings.checksum_algorithm}
+
+        def finished(future: TransferFuture) -> None:
+            self._verifier.submit(self._verify, job, future, started)
+
+        with self._lock:
+            future = self._manager.upload(
+                str(job.path), self.bucket, job.key, extra_args=extra_args,
+                subscribers=[_DoneSubscriber(finished)],
+            )
+            self._futures[job.path] = future
+
+    def cancel(self, path: Path) -> bool:
+        """Cancel one upload; s3transfer's shutdown(cancel=True) is broken, so per future."""
+        with self._lock:
+            future = self._futures.get(path)
+        if future is None:
+            return False
+        future.cancel()
+        return True
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            futures = list(self._futures.values())
+        for future in futures:
+            future.cancel()
+
+    def shutdown(self) -> None:
+        self.cancel_all()
+        self._manager.shutdown()
+        self._verifier.shutdown(wait=True)
+
+    def _verify(self, job: UploadJob, future: TransferFuture, started: float) -> None:
+        result = self._check(job, future, started)
+        with self._lock:
+            self._futures.pop(job.path, None)
+        self._on_result(result)
+
+    def _check(self, job: UploadJob, future: TransferFuture, started: float) -> UploadResult:
+        def result(outcome: Outcome, **extra: Any) -> UploadResult:
+            return UploadResult(job, outcome, time.monotonic() - started, **extra)
+
+        try:
+            future.result()
+        except Exception as exc:  # s3transfer re-raises whatever the transfer hit
+            if type(exc).__name__ == "CancelledError":
+                return result(Outcome.CANCELLED)
+            if isinstance(exc, FileNotFoundError):
+                return result(Outcome.VANISHED)
+            return result(Outcome.FAILED, error=_describe(exc))
+        try:
+            after = Snapshot.of(os.stat(job.path, follow_symlinks=False))
+        except FileNotFoundError:
+            return result(Outcome.VANISHED)
+        if after != job.snapshot:
+            return result(Outcome.CHANGED)
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=job.key, ChecksumMode="ENABLED")
+        except (BotoCoreError, ClientError) as exc:
+            return result(Outcome.FAILED, error=_describe(exc))
+        if head["ContentLength"] != job.snapshot.size:
+            # Another writer of the same key raced us: the object is not our file.
+            return result(Outcome.FAILED, error="object size differs from the file after upload")
+        checksum = head.get(self.checksum_field)
+        return result(Outcome.DONE, checksum=checksum if isinstance(checksum, str) else None)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

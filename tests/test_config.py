@@ -1,0 +1,164 @@
+"""Config loading and validation, and the CLI's one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spotwatch.config import MiB, find_config_file, load_config, parse_size
+from spotwatch.errors import ConfigError
+
+from .conftest import Workspace
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "watch:\n  - path: ckpt\n"))
+    assert config.region == "us-west-2"
+    assert config.watch[0].path == tmp_path / "ckpt"
+    assert config.watch[0].prefix == "checkpoints/"
+    assert config.watch[0].exclude == ("*.tmp", "__pycache__/*", ".git/*")
+    assert config.sync.mode == "continuous"
+    assert config.imds.poll_interval == 1.0
+    assert config.imds.token_ttl == 21600
+    assert config.transfer.multipart_threshold == 64 * MiB
+    assert config.transfer.multipart_chunksize == 16 * MiB
+    assert config.transfer.max_concurrency == 20
+
+
+def test_full_config_is_typed(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+aws: {region: eu-central-1}
+watch:
+  - {path: /opt/ml/checkpoints, prefix: job7/, exclude: ["*"], include: ["*.pt"]}
+sync: {mode: on-notice, settle_seconds: 1}
+transfer: {multipart_threshold: 128MB, multipart_chunksize: 32MiB, max_concurrency: 8,
+           checksum_algorithm: crc32c}
+imds: {endpoint: "http://[::1]:9", poll_interval: 0.5, token_ttl: 600}
+state: {dir: state}
+"""))
+    assert config.region == "eu-central-1"
+    assert config.watch[0].include == ("*.pt",)
+    assert config.sync.mode == "on-notice"
+    assert config.transfer.multipart_threshold == 128 * MiB
+    assert config.transfer.multipart_chunksize == 32 * MiB
+    assert config.transfer.checksum_algorithm == "CRC32C"
+    assert config.imds.endpoint == "http://[::1]:9"
+    assert config.state_dir == tmp_path / "state"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("watch: [{path: x}]\nfoo: 1\n", "unknown config key 'foo'"),
+        ("watch: [{path: x}]\nsync: {moed: continuous}\n", "unknown config key 'sync.moed'"),
+        ("watch: [{path: x, prefx: a/}]\n", "unknown config key 'watch[0].prefx'"),
+        ("watch: [{path: x}]\nimds: {poll_interval: fast}\n",
+         "'imds.poll_interval' must be integer or number, got str"),
+        ("watch: [{path: x}]\ntransfer: {max_concurrency: yes}\n",
+         "'transfer.max_concurrency' must be integer, got bool"),
+        ("watch: [{path: x}]\nsync: {mode: sometimes}\n", "'sync.mode' must be one of"),
+        ("watch: [{path: x}]\naws: {region: mars}\n", "not an AWS region name"),
+        ("watch: [{path: x}]\ntransfer: {multipart_chunksize: 1MB}\n", "at least 5MB"),
+        ("watch: []\n", "at least one directory"),
+        ("watch: [{prefix: a/}]\n", "'watch[0].path' is required"),
+        ("watch: [{path: x, prefix: ../up}]\n", "relative key prefix"),
+        ("- just\n- a list\n", "top level must be a mapping"),
+        ("watch: [{path: x}]\nimds: {token_ttl: 99999}\n", "1 to 21600"),
+    ],
+)
+def test_invalid_config_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(write(tmp_path, text))
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"YAML syntax error at line 3"):
+        load_config(write(tmp_path, "watch: [{path: x}]\nsync: 1\n  mode: x\n"))
+
+
+def test_sizes() -> None:
+    assert parse_size("64MB", "k") == 64 * MiB
+    assert parse_size(" 2 GiB ", "k") == 2048 * MiB
+    assert parse_size(1234, "k") == 1234
+    with pytest.raises(ConfigError):
+        parse_size("lots", "k")
+
+
+def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    local = write(tmp_path, "watch: [{path: x}]\n")
+    assert find_config_file(None) == Path("config.yaml")
+    other = tmp_path / "other.yaml"
+    other.write_text("watch: [{path: y}]\n")
+    monkeypatch.setenv("SPOTWATCH_CONFIG", str(other))
+    assert find_config_file(None) == other
+    assert find_config_file(str(local)) == local
+    with pytest.raises(ConfigError, match="config file not found"):
+        find_config_file(str(tmp_path / "missing.yaml"))
+
+
+def assert_usage_error(result: object, fragment: str) -> None:
+    stderr = result.stderr  # type: ignore[attr-defined]
+    assert result.returncode == 2, stderr  # type: ignore[attr-defined]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("spotwatch: error:")
+    assert fragment in lines[0]
+    assert "Traceback" not in stderr
+
+
+def test_cli_missing_config_file(workspace: Workspace) -> None:
+    assert_usage_error(workspace.cli("run", "-c", "nope.yaml"), "config file not found: nope.yaml")
+
+
+def test_cli_yaml_syntax_error(workspace: Workspace) -> None:
+    workspace.config_file.write_text("watch: [\n")
+    assert_usage_error(workspace.cli("run", "-c", "config.yaml"), "YAML syntax error")
+
+
+def test_cli_unknown_key(workspace: Workspace) -> None:
+    workspace.write_config(sync={"bogus": 1})
+    assert_usage_error(workspace.cli("flush", "-c", "config.yaml"),
+                       "unknown config key 'sync.bogus'")
+
+
+def test_cli_wrong_type(workspace: Workspace) -> None:
+    workspace.write_config(imds={"poll_interval": "often"})
+    assert_usage_error(workspace.cli("run", "-c", "config.yaml"), "'imds.poll_interval' must be")
+
+
+def test_cli_missing_watch_dir(workspace: Workspace) -> None:
+    workspace.write_config(watch=[{"path": str(workspace.root / "absent")}])
+    assert_usage_error(workspace.cli("run", "-c", "config.yaml"), "watch directory does not exist")
+
+
+def test_cli_missing_bucket(workspace: Workspace) -> None:
+    result = workspace.cli("run", "-c", "config.yaml", S3_BUCKET_NAME="")
+    assert_usage_error(result, "no bucket")
+
+
+def test_cli_bad_bucket_name(workspace: Workspace) -> None:
+    result = workspace.cli("run", "-c", "config.yaml", "--bucket", "Not_A_Bucket")
+    assert_usage_error(result, "not a valid S3 bucket name")
+
+
+def test_cli_usage_error_is_one_line(workspace: Workspace) -> None:
+    assert_usage_error(workspace.cli("frobnicate"), "invalid choice")
+    assert_usage_error(workspace.cli("run", "--no-such-flag"), "unrecognized arguments")
+
+
+def test_cli_version(workspace: Workspace) -> None:
+    from spotwatch import __version__
+
+    result = workspace.cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"spotwatch {__version__}"

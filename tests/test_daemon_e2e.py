@@ -1,0 +1,148 @@
+"""End to end: `spotwatch run` / `flush` / `status` as subprocesses against moto and the emulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from spotwatch.emulator import ImdsEmulator
+
+from .conftest import Workspace, keys_in, object_bytes, wait_for
+
+
+def save_checkpoint(path: Path, size: int) -> bytes:
+    """Write like torch.save/Hugging Face do: a temp file, then an atomic rename."""
+    data = os.urandom(size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_bytes(data)
+    os.replace(temp, path)
+    return data
+
+
+def test_interruption_end_to_end(workspace: Workspace, imds: ImdsEmulator, s3: Any) -> None:
+    ckpt = workspace.checkpoints
+    expected = {"run1/step_0/model.pt": save_checkpoint(ckpt / "step_0" / "model.pt", 300_000)}
+    past = time.time() - 60
+    os.utime(ckpt / "step_0" / "model.pt", (past, past))  # found by the startup scan
+    daemon = workspace.start_daemon()
+    for step in (100, 200):
+        for name, size in (("model.pt", 2_000_000), ("optimizer.pt", 700_000)):
+            key = f"run1/step_{step}/{name}"
+            expected[key] = save_checkpoint(ckpt / f"step_{step}" / name, size)
+    (ckpt / "scratch.tmp").write_bytes(b"partial")
+    (ckpt / "__pycache__").mkdir()
+    (ckpt / "__pycache__" / "hook.pyc").write_bytes(b"cache")
+    imds.fire_spot_interruption("terminate", in_seconds=120)
+
+    notice = daemon.wait_for_event("notice_detected")
+    assert notice["kind"] == "spot-interruption"
+    assert notice["detail"] == "terminate"
+    assert 100 < notice["seconds_left"] <= 120
+    flush = daemon.wait_for_event("flush_done")
+    assert flush["reason"] == "spot-interruption"
+    assert flush["seconds"] >= 0
+    assert flush["deadline_margin_seconds"] > 60
+
+    # Written after the notice (an emergency checkpoint): still uploaded once it settles.
+    expected["run1/emergency.pt"] = save_checkpoint(ckpt / "emergency.pt", 123_456)
+    wait_for(lambda: set(expected) <= keys_in(s3, workspace.bucket))
+    assert daemon.stop() == 0
+    for key, data in expected.items():
+        assert object_bytes(s3, workspace.bucket, key) == data, key
+    assert keys_in(s3, workspace.bucket) == set(expected)  # no temp or cache files
+    assert len(daemon.named("notice_detected")) == 1  # seen on every poll, acted on once
+    assert {e["key"] for e in daemon.named("upload_done")} >= set(expected)
+
+
+def test_sigterm_flushes_everything_in_on_notice_mode(workspace: Workspace, s3: Any) -> None:
+    workspace.write_config(sync={"mode": "on-notice"})
+    daemon = workspace.start_daemon()
+    data = save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 1_000_000)
+    time.sleep(1.0)
+    assert keys_in(s3, workspace.bucket) == set()  # on-notice: nothing until a notice
+    assert daemon.stop() == 0
+    assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == data
+    assert daemon.named("daemon_stopped")
+
+
+def test_on_notice_mode_uploads_after_notice(workspace: Workspace, imds: ImdsEmulator,
+                                             s3: Any) -> None:
+    workspace.write_config(sync={"mode": "on-notice"})
+    daemon = workspace.start_daemon()
+    first = save_checkpoint(workspace.checkpoints / "a.pt", 10_000)
+    time.sleep(0.8)
+    assert keys_in(s3, workspace.bucket) == set()
+    imds.set_lifecycle_state("Terminated")
+    daemon.wait_for_event("flush_done")
+    assert object_bytes(s3, workspace.bucket, "run1/a.pt") == first
+    later = save_checkpoint(workspace.checkpoints / "b.pt", 10_000)  # keeps draining
+    wait_for(lambda: "run1/b.pt" in keys_in(s3, workspace.bucket))
+    assert object_bytes(s3, workspace.bucket, "run1/b.pt") == later
+    assert daemon.stop() == 0
+
+
+def test_rewritten_file_ends_as_final_content(workspace: Workspace, s3: Any) -> None:
+    daemon = workspace.start_daemon()
+    path = workspace.checkpoints / "latest.pt"
+    for _ in range(4):
+        path.write_bytes(os.urandom(3_000_000))
+        time.sleep(0.25)
+    final = path.read_bytes()
+    wait_for(lambda: "run1/latest.pt" in keys_in(s3, workspace.bucket)
+             and object_bytes(s3, workspace.bucket, "run1/latest.pt") == final)
+    assert daemon.stop() == 0
+    assert object_bytes(s3, workspace.bucket, "run1/latest.pt") == final
+
+
+def flush_summary(result: Any) -> dict[str, Any]:
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    return next(e for e in events if e["event"] == "flush_summary")
+
+
+def test_restart_reuploads_nothing_unchanged(workspace: Workspace, s3: Any) -> None:
+    paths = [workspace.checkpoints / f"shard_{i}.pt" for i in range(3)]
+    for path in paths:
+        save_checkpoint(path, 50_000)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml", timeout=120))["files"] == 3
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 0
+    same_size = os.urandom(50_000)
+    paths[1].write_bytes(same_size)  # same size, new content: mtime tells
+    summary = flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    assert summary["files"] == 1
+    assert object_bytes(s3, workspace.bucket, "run1/shard_1.pt") == same_size
+
+
+def test_flush_asks_a_running_daemon(workspace: Workspace, s3: Any) -> None:
+    workspace.write_config(sync={"mode": "on-notice"})
+    daemon = workspace.start_daemon()
+    data = save_checkpoint(workspace.checkpoints / "x.pt", 20_000)
+    result = workspace.cli("flush", "-c", "config.yaml")
+    assert result.returncode == 0, result.stderr
+    assert object_bytes(s3, workspace.bucket, "run1/x.pt") == data
+    assert daemon.named("flush_done")[0]["reason"] == "manual-flush"
+    status = json.loads(workspace.cli("status", "-c", "config.yaml", "--json").stdout)
+    assert status["daemon_pid"] == daemon.process.pid
+    assert status["uploaded_objects"] == 1
+    assert daemon.stop() == 0
+
+
+def test_status_without_daemon(workspace: Workspace) -> None:
+    save_checkpoint(workspace.checkpoints / "x.pt", 1000)
+    workspace.cli("flush", "-c", "config.yaml")
+    result = workspace.cli("status", "-c", "config.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "daemon:       not running" in result.stdout
+    assert "1 objects" in result.stdout
+
+
+def test_second_daemon_on_same_state_is_refused(workspace: Workspace) -> None:
+    daemon = workspace.start_daemon()
+    result = workspace.cli("run", "-c", "config.yaml", timeout=30)
+    assert result.returncode == 1
+    assert "another spotwatch" in result.stderr
+    assert daemon.stop() == 0

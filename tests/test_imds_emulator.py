@@ -1,0 +1,104 @@
+"""The IMDS emulator speaks IMDSv2 the way the real service does, over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import requests
+
+from spotwatch.emulator import ImdsEmulator
+
+TTL = "X-aws-ec2-metadata-token-ttl-seconds"
+TOKEN = "X-aws-ec2-metadata-token"
+
+
+def token(url: str, ttl: str = "60") -> str:
+    response = requests.put(f"{url}/latest/api/token", headers={TTL: ttl}, timeout=2)
+    assert response.status_code == 200
+    assert response.headers[TTL] == ttl
+    return response.text
+
+
+@pytest.mark.parametrize("ttl", [None, "0", "21601", "-5", "ten"])
+def test_bad_ttl_is_400(imds: ImdsEmulator, ttl: str | None) -> None:
+    headers = {TTL: ttl} if ttl is not None else {}
+    response = requests.put(f"{imds.url}/latest/api/token", headers=headers, timeout=2)
+    assert response.status_code == 400
+
+
+def test_forwarded_token_request_is_403(imds: ImdsEmulator) -> None:
+    response = requests.put(f"{imds.url}/latest/api/token",
+                            headers={TTL: "60", "X-Forwarded-For": "10.0.0.1"}, timeout=2)
+    assert response.status_code == 403
+
+
+def test_get_without_or_with_bad_token_is_401(imds: ImdsEmulator) -> None:
+    url = f"{imds.url}/latest/meta-data/instance-id"
+    assert requests.get(url, timeout=2).status_code == 401
+    assert requests.get(url, headers={TOKEN: "forged"}, timeout=2).status_code == 401
+    good = requests.get(url, headers={TOKEN: token(imds.url)}, timeout=2)
+    assert good.status_code == 200
+    assert good.text.startswith("i-")
+
+
+def test_token_expires_after_its_ttl(imds: ImdsEmulator) -> None:
+    short = token(imds.url, "1")
+    url = f"{imds.url}/latest/meta-data/instance-id"
+    assert requests.get(url, headers={TOKEN: short}, timeout=2).status_code == 200
+    time.sleep(1.1)
+    assert requests.get(url, headers={TOKEN: short}, timeout=2).status_code == 401
+
+
+def test_instance_action_is_404_until_marked(imds: ImdsEmulator) -> None:
+    url = f"{imds.url}/latest/meta-data/spot/instance-action"
+    headers = {TOKEN: token(imds.url)}
+    assert requests.get(url, headers=headers, timeout=2).status_code == 404
+    control = requests.post(f"{imds.url}/_emulator/spot",
+                            json={"action": "stop", "in_seconds": 120}, timeout=2)
+    assert control.status_code == 200
+    body = requests.get(url, headers=headers, timeout=2).json()
+    assert body["action"] == "stop"
+    assert body["time"].endswith("Z")
+    termination = requests.get(f"{imds.url}/latest/meta-data/spot/termination-time",
+                               headers=headers, timeout=2)
+    assert termination.text == body["time"]
+
+
+def test_directory_listing_and_identity(imds: ImdsEmulator) -> None:
+    headers = {TOKEN: token(imds.url)}
+    listing = requests.get(f"{imds.url}/latest/meta-data/placement", headers=headers, timeout=2)
+    assert set(listing.text.splitlines()) == {"availability-zone", "region"}
+    document = requests.get(f"{imds.url}/latest/dynamic/instance-identity/document",
+                            headers=headers, timeout=2).json()
+    assert document["region"] == "us-west-2"
+
+
+def test_injected_faults_and_disable(imds: ImdsEmulator) -> None:
+    headers = {TOKEN: token(imds.url)}
+    url = f"{imds.url}/latest/meta-data/instance-id"
+    requests.post(f"{imds.url}/_emulator/fault", json={"status": 503, "count": 2}, timeout=2)
+    statuses = [requests.get(url, headers=headers, timeout=2).status_code for _ in range(3)]
+    assert statuses == [503, 503, 200]
+    requests.post(f"{imds.url}/_emulator/disable", json={}, timeout=2)
+    assert requests.get(url, headers=headers, timeout=2).status_code == 403
+    stats = requests.get(f"{imds.url}/_emulator/stats", timeout=2).json()
+    assert stats["counts"]["fault_503"] == 2
+
+
+def test_scheduled_events_and_lifecycle(imds: ImdsEmulator) -> None:
+    headers = {TOKEN: token(imds.url)}
+    base = f"{imds.url}/latest/meta-data"
+    assert requests.get(f"{base}/events/maintenance/scheduled", headers=headers,
+                        timeout=2).json() == []
+    imds.schedule_event("instance-stop", 600)
+    events = json.loads(requests.get(f"{base}/events/maintenance/scheduled", headers=headers,
+                                     timeout=2).text)
+    assert events[0]["Code"] == "instance-stop"
+    assert events[0]["NotBefore"].endswith("GMT")
+    assert requests.get(f"{base}/autoscaling/target-lifecycle-state", headers=headers,
+                        timeout=2).status_code == 404
+    imds.set_lifecycle_state("Terminated")
+    assert requests.get(f"{base}/autoscaling/target-lifecycle-state", headers=headers,
+                        timeout=2).text == "Terminated"

@@ -1,0 +1,116 @@
+"""The tracker on real watchdog events: only complete files settle."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from watchdog.observers import Observer
+
+from spotwatch.config import WatchDir
+from spotwatch.tracker import ChangeTracker, walk_files
+
+from .conftest import wait_for
+
+SETTLE = 0.2
+
+
+@pytest.fixture
+def tracker(tmp_path: Path) -> Iterator[ChangeTracker]:
+    watched = tmp_path / "ckpt"
+    watched.mkdir()
+    tracker = ChangeTracker(WatchDir(watched), settle_seconds=SETTLE, quiet_seconds=1.5)
+    observer = Observer()
+    observer.schedule(tracker, str(watched), recursive=True)
+    observer.start()
+    yield tracker
+    observer.stop()
+    observer.join()
+
+
+def settled_within(tracker: ChangeTracker, seconds: float) -> set[Path]:
+    found: set[Path] = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found.update(tracker.take_settled())
+        time.sleep(0.02)
+    return found
+
+
+def test_closed_file_settles(tracker: ChangeTracker) -> None:
+    path = tracker.root / "model.pt"
+    path.write_bytes(b"weights")
+    assert wait_for(tracker.take_settled, timeout=5) == [path]
+
+
+def test_file_open_for_writing_does_not_settle(tracker: ChangeTracker) -> None:
+    path = tracker.root / "big.pt"
+    with path.open("wb") as handle:
+        for _ in range(4):
+            handle.write(os.urandom(1024))
+            handle.flush()
+            time.sleep(SETTLE)  # pauses longer than the settle time, but shorter than quiet
+            assert tracker.take_settled() == []
+    assert settled_within(tracker, 1.0) == {path}
+
+
+def test_quiet_interval_settles_without_close(tracker: ChangeTracker) -> None:
+    path = tracker.root / "held-open.bin"
+    handle = path.open("wb")
+    try:
+        handle.write(b"x")
+        handle.flush()
+        assert settled_within(tracker, 1.0) == set()
+        assert path in settled_within(tracker, 1.5)
+    finally:
+        handle.close()
+
+
+def test_temp_then_rename(tracker: ChangeTracker) -> None:
+    final = tracker.root / "step_10" / "model.pt"
+    final.parent.mkdir()
+    temp = final.with_name("model.pt.tmp")
+    temp.write_bytes(os.urandom(4096))
+    os.rename(temp, final)
+    assert settled_within(tracker, 1.0) == {final}
+
+
+def test_directory_renamed_into_place(tracker: ChangeTracker, tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "a.pt").write_bytes(b"a")
+    (staging / "b.pt").write_bytes(b"b")
+    os.rename(staging, tracker.root / "step_20")
+    assert settled_within(tracker, 1.0) == {tracker.root / "step_20" / "a.pt",
+                                            tracker.root / "step_20" / "b.pt"}
+
+
+def test_excluded_files_never_settle(tracker: ChangeTracker) -> None:
+    (tracker.root / "scratch.tmp").write_bytes(b"t")
+    (tracker.root / "__pycache__").mkdir()
+    (tracker.root / "__pycache__" / "m.pyc").write_bytes(b"c")
+    (tracker.root / "kept.pt").write_bytes(b"k")
+    assert settled_within(tracker, 1.0) == {tracker.root / "kept.pt"}
+
+
+def test_deleted_file_is_forgotten(tracker: ChangeTracker) -> None:
+    path = tracker.root / "gone.pt"
+    with path.open("wb") as handle:
+        handle.write(b"x")
+        handle.flush()
+        path.unlink()
+    assert settled_within(tracker, 0.6) == set()
+    assert path in wait_for(tracker.take_removed, timeout=2)
+
+
+def test_walk_does_not_follow_symlinks(tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_text("s")
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "real.pt").write_text("r")
+    (tmp_path / "tree" / "link").symlink_to(tmp_path / "outside")
+    (tmp_path / "tree" / "filelink").symlink_to(tmp_path / "outside" / "secret")
+    assert [p for p, _ in walk_files(tmp_path / "tree")] == [tmp_path / "tree" / "real.pt"]

@@ -1,0 +1,102 @@
+"""The uploader against the moto S3 server over HTTP: bytes, checksums, multipart, races."""
+
+from __future__ import annotations
+
+import os
+import queue
+from pathlib import Path
+from typing import Any
+
+from spotwatch.config import MiB, TransferSettings
+from spotwatch.uploader import (
+    Outcome,
+    Snapshot,
+    Uploader,
+    UploadJob,
+    UploadResult,
+    make_s3_client,
+    transfer_config,
+)
+
+from .conftest import REGION, object_bytes
+
+SMALL_PARTS = TransferSettings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+
+
+def upload(bucket: str, settings: TransferSettings, *jobs: UploadJob,
+           between: Any = None) -> list[UploadResult]:
+    results: queue.Queue[UploadResult] = queue.Queue()
+    uploader = Uploader(make_s3_client(REGION, settings), bucket, settings, results.put)
+    try:
+        for job in jobs:
+            uploader.submit(job)
+        if between:
+            between()
+        return [results.get(timeout=60) for _ in jobs]
+    finally:
+        uploader.shutdown()
+
+
+def job_for(path: Path, key: str) -> UploadJob:
+    return UploadJob(path, key, Snapshot.of(os.stat(path)))
+
+
+def test_default_transfer_tuning() -> None:
+    config = transfer_config(TransferSettings())
+    assert config.multipart_threshold == 64 * MiB
+    assert config.multipart_chunksize == 16 * MiB
+    assert config.max_request_concurrency == 20
+
+
+def test_small_and_multipart_files_land_byte_identical(tmp_path: Path, s3: Any,
+                                                       bucket: str) -> None:
+    small = tmp_path / "small.pt"
+    small.write_bytes(os.urandom(1000))
+    large = tmp_path / "large.pt"
+    large.write_bytes(os.urandom(12 * MiB + 7))
+    results = upload(bucket, SMALL_PARTS, job_for(small, "a/small.pt"),
+                     job_for(large, "a/large.pt"))
+    assert {r.outcome for r in results} == {Outcome.DONE}
+    assert object_bytes(s3, bucket, "a/small.pt") == small.read_bytes()
+    assert object_bytes(s3, bucket, "a/large.pt") == large.read_bytes()
+    head = s3.head_object(Bucket=bucket, Key="a/large.pt", ChecksumMode="ENABLED")
+    assert "ChecksumCRC32" in head
+    by_key = {r.job.key: r for r in results}
+    assert by_key["a/large.pt"].checksum == head["ChecksumCRC32"]
+    assert by_key["a/small.pt"].checksum
+
+
+def test_other_checksum_algorithm(tmp_path: Path, s3: Any, bucket: str) -> None:
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"payload")
+    settings = TransferSettings(checksum_algorithm="SHA256")
+    [result] = upload(bucket, settings, job_for(path, "m.pt"))
+    head = s3.head_object(Bucket=bucket, Key="m.pt", ChecksumMode="ENABLED")
+    assert result.checksum == head["ChecksumSHA256"]
+
+
+def test_file_changed_during_upload_is_reported(tmp_path: Path, bucket: str) -> None:
+    path = tmp_path / "growing.pt"
+    path.write_bytes(os.urandom(30 * MiB))
+    job = job_for(path, "growing.pt")
+
+    def append() -> None:
+        with path.open("ab") as handle:
+            handle.write(b"more")
+
+    [result] = upload(bucket, SMALL_PARTS, job, between=append)
+    assert result.outcome is Outcome.CHANGED
+
+
+def test_missing_file_and_missing_bucket(tmp_path: Path, bucket: str) -> None:
+    path = tmp_path / "x.pt"
+    path.write_bytes(b"x")
+    job = job_for(path, "x.pt")
+    path.unlink()
+    [vanished] = upload(bucket, TransferSettings(), job)
+    assert vanished.outcome is Outcome.VANISHED
+    path.write_bytes(b"x")
+    settings = TransferSettings(max_attempts=1)
+    [failed] = upload("no-such-bucket-here", settings, job_for(path, "x.pt"))
+    assert failed.outcome is Outcome.FAILED
+    assert failed.error and "NoSuchBucket" in failed.error
