@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from moto.server import ThreadedMotoServer
 from spotwatch.emulator import ImdsEmulator
 
 REGION = "us-west-2"
+logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's access log
 
 
 @pytest.fixture(scope="session")

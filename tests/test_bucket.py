@@ -14,7 +14,9 @@ from spotwatch.errors import ConfigError
 def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "config").mkdir()
-    (tmp_path / "config" / ".env").write_text("# bucket for checkpoints\nS3_BUCKET_NAME=from-env-file\n")
+    (tmp_path / "config" / ".env").write_text(
+        "# bucket for checkpoints\nS3_BUCKET_NAME=from-env-file\n"
+    )
     path = tmp_path / "config.yaml"
     path.write_text("watch: [{path: x}]\n")
     return path

@@ -1,4 +1,4 @@
-"""End to end: `spotwatch run` / `flush` / `status` as subprocesses against moto and the emulator."""
+"""End to end: `spotwatch run`, `flush` and `status` as subprocesses against moto and IMDS."""
 
 from __future__ import annotations
 

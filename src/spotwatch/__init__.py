@@ -7,4 +7,6 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+from spotwatch.interruption import interruption_pending
+
+__all__ = ["__version__", "interruption_pending"]

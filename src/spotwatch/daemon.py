@@ -72,11 +72,13 @@ class Daemon:
 
     # -- public entry points -------------------------------------------------------------
 
-    def run(self) -> int:
+    def run(self, handle_signals: bool = True) -> int:
         """The daemon: upload continuously, flush on notices, final flush on SIGTERM."""
         with self._running(max_failures=None) as engine:
+            self.state.notice_file.unlink(missing_ok=True)  # a notice from an earlier life
             poller = self._start_poller()
-            self._install_signal_handlers()
+            if handle_signals:
+                self._install_signal_handlers()
             sdnotify.notify("READY=1\nSTATUS=watching")
             log.info("daemon_started", bucket=self.bucket, mode=self.config.sync.mode,
                      watch=[str(w.path) for w in self.config.watch], pid=os.getpid())
@@ -192,7 +194,15 @@ class Daemon:
         self._emit("notice_detected", self.last_notice)
         if notice.kind is not NoticeKind.MANUAL:
             self._notice_seen = True
+            self._publish_notice()
         self._start_flush(notice.kind.value, notice.deadline)
+
+    def _publish_notice(self) -> None:
+        """Write the notice where training code polls for it (spotwatch.interruption_pending)."""
+        try:
+            self.state.write_json(self.state.notice_file, dict(self.last_notice or {}))
+        except OSError as exc:
+            log.warning("notice_file_write_failed", error=exc.strerror)
 
     def _start_flush(self, reason: str, deadline: datetime | None) -> None:
         if self.flush is not None:
@@ -204,7 +214,11 @@ class Daemon:
         log.info("flush_started", reason=reason)
 
     def _count_flush_progress(self, result: UploadResult) -> None:
-        if self.flush is not None and result.outcome is Outcome.DONE:
+        if result.outcome is not Outcome.DONE:
+            return
+        self._emit("upload_done", {"key": result.job.key, "size": result.job.snapshot.size,
+                                   "path": str(result.job.path)})
+        if self.flush is not None:
             self.flush.progress.files += 1
             self.flush.progress.bytes += result.job.snapshot.size
 

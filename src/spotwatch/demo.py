@@ -1,0 +1,197 @@
+"""`spotwatch demo`: a real interruption rehearsal on this machine.
+
+An embedded S3-compatible server (moto) and the IMDS emulator stand in for AWS; the daemon
+watches a temporary checkpoint directory while a simulated trainer saves checkpoints; a spot
+interruption is fired through the emulator's HTTP control API; the trainer reacts with an
+emergency checkpoint; at the end every checkpoint is downloaded and compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import requests
+from moto.server import ThreadedMotoServer
+
+from spotwatch.config import Config, ImdsSettings, LogSettings, SyncSettings, WatchDir
+from spotwatch.daemon import Daemon
+from spotwatch.emulator import ImdsEmulator
+from spotwatch.interruption import interruption_pending
+from spotwatch.logs import configure_logging
+
+BUCKET = "spotwatch-demo"
+REGION = "us-west-2"
+PREFIX = "demo-run/"
+CHECKPOINT_FILES = {"model.pt": 24 * 1024 * 1024, "optimizer.pt": 12 * 1024 * 1024,
+                    "trainer_state.json": 2048}
+STEPS_BEFORE_NOTICE = 3
+SECONDS_BETWEEN_CHECKPOINTS = 1.5
+
+
+@dataclass
+class Timeline:
+    started: float = field(default_factory=time.monotonic)
+    marks: dict[str, float] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def mark(self, name: str, text: str) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.marks.setdefault(name, now)
+            print(f"  t+{now - self.started:6.2f}s  {text}", flush=True)
+
+    def between(self, first: str, second: str) -> float:
+        return self.marks[second] - self.marks[first]
+
+
+def _save(directory: Path, step: int, timeline: Timeline, label: str) -> None:
+    """Save one checkpoint set the way frameworks do: temp files renamed into place."""
+    target = directory / f"step_{step:05d}"
+    target.mkdir(parents=True, exist_ok=True)
+    for name, size in CHECKPOINT_FILES.items():
+        temp = target / f"{name}.tmp"
+        temp.write_bytes(os.urandom(size))
+        os.replace(temp, target / name)
+    timeline.mark(f"saved-{step}", f"trainer saved {label} {target.name}/ "
+                  f"({sum(CHECKPOINT_FILES.values()) / 2**20:.0f} MiB)")
+
+
+def _trainer(directory: Path, notice_file: Path, imds_url: str, timeline: Timeline,
+             done: threading.Event) -> None:
+    step = 0
+    for index in range(STEPS_BEFORE_NOTICE):
+        if index:
+            time.sleep(SECONDS_BETWEEN_CHECKPOINTS)
+        step += 100
+        _save(directory, step, timeline, "checkpoint")
+        (directory / "scratch.tmp").write_bytes(os.urandom(4096))  # excluded by the filters
+    # The worst moment: AWS marks the instance just after a save, before it is uploaded.
+    requests.post(f"{imds_url}/_emulator/spot", json={"action": "terminate", "in_seconds": 120},
+                  timeout=5)
+    timeline.mark("fired", "AWS (emulated) issued spot/instance-action: terminate in 120 s")
+    while interruption_pending(notice_file) is None:
+        time.sleep(0.05)
+    timeline.mark("trainer-saw", "trainer saw spotwatch.interruption_pending(): "
+                  "saving an emergency checkpoint")
+    _save(directory, step + 37, timeline, "emergency checkpoint")
+    done.set()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _verify(s3: Any, directory: Path) -> tuple[int, list[str]]:
+    """Every local checkpoint file must be in S3 with identical bytes; no excluded file may be."""
+    problems = []
+    local = {PREFIX + p.relative_to(directory).as_posix(): p
+             for p in directory.rglob("*") if p.is_file() and not p.name.endswith(".tmp")}
+    remote = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
+    for key, path in sorted(local.items()):
+        if key not in remote:
+            problems.append(f"missing in S3: {key}")
+            continue
+        body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        if _sha256(body) != _sha256(path.read_bytes()):
+            problems.append(f"content differs: {key}")
+    problems += [f"should not be uploaded: {key}" for key in sorted(remote - set(local))]
+    return len(local), problems
+
+
+def run_demo() -> int:
+    print("spotwatch demo: rehearsing a spot interruption against embedded S3 and IMDS\n")
+    configure_logging("warning", "console")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the embedded server's access log
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    # The embedded server is the only S3 this process talks to.
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="demo",
+                      AWS_SECRET_ACCESS_KEY="demo", AWS_DEFAULT_REGION=REGION)
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    os.environ.pop("AWS_PROFILE", None)
+    try:
+        with ImdsEmulator() as imds, tempfile.TemporaryDirectory(prefix="spotwatch-demo-") as tmp:
+            return _rehearse(Path(tmp), imds)
+    finally:
+        server.stop()
+
+
+def _rehearse(root: Path, imds: ImdsEmulator) -> int:
+    s3: Any = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+    checkpoints = root / "checkpoints"
+    checkpoints.mkdir()
+    config = Config(
+        region=REGION,
+        watch=(WatchDir(checkpoints, prefix=PREFIX),),
+        sync=SyncSettings(settle_seconds=0.2),
+        imds=ImdsSettings(endpoint=imds.url),
+        log=LogSettings(level="warning", format="console"),
+        state_dir=root / "state",
+    )
+    print(f"  S3 (embedded):   {os.environ['AWS_ENDPOINT_URL']}  bucket {BUCKET}")
+    print(f"  IMDS (emulated): {imds.url}  polled every {config.imds.poll_interval:g} s")
+    print(f"  watching:        {checkpoints}\n")
+    timeline = Timeline()
+    daemon = Daemon(config, BUCKET)
+    uploaded: list[str] = []
+
+    def listen(event: str, data: dict[str, Any]) -> None:
+        if event == "notice_detected" and data["kind"] == "spot-interruption":
+            timeline.mark("detected", f"spotwatch detected the notice (deadline "
+                          f"{data['deadline']}) and started the flush")
+        elif event == "flush_done" and data["reason"] == "spot-interruption":
+            timeline.mark("flushed", f"flush done: {data['files']} files, "
+                          f"{data['bytes'] / 2**20:.0f} MiB made durable in {data['seconds']} s")
+        elif event == "upload_done":
+            uploaded.append(data["key"])
+
+    daemon.listeners.append(listen)
+    exit_code: list[int] = []
+    runner = threading.Thread(target=lambda: exit_code.append(daemon.run(handle_signals=False)),
+                              name="daemon")
+    runner.start()
+    trainer_done = threading.Event()
+    trainer = threading.Thread(target=_trainer, args=(checkpoints, daemon.state.notice_file,
+                                                      imds.url, timeline, trainer_done))
+    trainer.start()
+    trainer.join(timeout=120)
+    emergency_keys = {f"{PREFIX}{p.relative_to(checkpoints).as_posix()}"
+                      for p in checkpoints.glob("step_*/*") if not p.name.endswith(".tmp")}
+    deadline = time.monotonic() + 60
+    while not emergency_keys <= set(uploaded) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if emergency_keys <= set(uploaded):
+        timeline.mark("safe", "every checkpoint, the emergency one included, is durable in S3")
+    daemon.request_stop()
+    runner.join(timeout=60)
+    return _report(s3, checkpoints, timeline, exit_code)
+
+
+def _report(s3: Any, checkpoints: Path, timeline: Timeline, exit_code: list[int]) -> int:
+    count, problems = _verify(s3, checkpoints)
+    print()
+    marks = timeline.marks
+    if {"fired", "detected"} <= marks.keys():
+        print(f"  detection latency:      {timeline.between('fired', 'detected'):.2f} s")
+    if {"fired", "safe"} <= marks.keys():
+        print(f"  time to safety:         {timeline.between('fired', 'safe'):.2f} s "
+              f"(of the 120 s notice)")
+    print(f"  verification:           {count} checkpoint files compared by SHA-256 "
+          f"with the objects in S3")
+    for problem in problems:
+        print(f"    FAIL {problem}")
+    ok = not problems and "safe" in marks and exit_code == [0]
+    print(f"\n{'PASS' if ok else 'FAIL'}: " + ("no checkpoint work lost" if ok else
+                                               "see the failures above"))
+    return 0 if ok else 1
