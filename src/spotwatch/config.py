@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from spotwatch.errors import ConfigError
+from spotwatch.state import default_state_dir
 
 MiB = 1024 * 1024
 DEFAULT_REGION = "us-west-2"
@@ -76,15 +77,6 @@ class Config:
     state_dir: Path = Path("/var/lib/spotwatch")
     source: Path | None = None
 
-
-def default_state_dir() -> Path:
-    """systemd's StateDirectory, else /var/lib/spotwatch for root, else the user's state dir."""
-    if os.environ.get("STATE_DIRECTORY"):
-        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
-    if os.geteuid() == 0:
-        return Path("/var/lib/spotwatch")
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "spotwatch"
 
 
 # The schema: each key maps to its accepted type(s); nested mappings are sections.

@@ -68,6 +68,8 @@ class Daemon:
         self.last_flush: dict[str, Any] | None = None
         self._notice_seen = False
         self._status_due = 0.0
+        self._keepalive_interval = sdnotify.watchdog_interval()
+        self._keepalive_due = 0.0
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     # -- public entry points -------------------------------------------------------------
@@ -82,13 +84,8 @@ class Daemon:
             sdnotify.notify("READY=1\nSTATUS=watching")
             log.info("daemon_started", bucket=self.bucket, mode=self.config.sync.mode,
                      watch=[str(w.path) for w in self.config.watch], pid=os.getpid())
-            keepalive = sdnotify.watchdog_interval()
-            next_keepalive = 0.0
             while not self._stop.is_set():
                 self._step(engine)
-                if keepalive is not None and time.monotonic() >= next_keepalive:
-                    sdnotify.notify("WATCHDOG=1")
-                    next_keepalive = time.monotonic() + keepalive
                 self._wake.wait(TICK_SECONDS)
                 self._wake.clear()
             sdnotify.notify("STOPPING=1\nSTATUS=final flush")
@@ -174,6 +171,10 @@ class Daemon:
         engine.pump(upload=self._uploads_allowed())
         if self.flush is not None and engine.idle() and engine.unsettled() == 0:
             self._finish_flush()
+        if self._keepalive_interval is not None and time.monotonic() >= self._keepalive_due:
+            # systemd's watchdog restarts us if this loop ever stalls.
+            sdnotify.notify("WATCHDOG=1")
+            self._keepalive_due = time.monotonic() + self._keepalive_interval
         if time.monotonic() >= self._status_due:
             self._write_status(engine)
             self._status_due = time.monotonic() + STATUS_INTERVAL_SECONDS

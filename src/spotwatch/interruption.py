@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from spotwatch.config import default_state_dir
+from spotwatch.state import default_state_dir
 
 NOTICE_FILE_ENV = "SPOTWATCH_NOTICE_FILE"
 

@@ -12,6 +12,16 @@ from typing import Any
 from spotwatch.errors import SpotwatchError
 
 
+def default_state_dir() -> Path:
+    """systemd's StateDirectory, else /var/lib/spotwatch for root, else the user's state dir."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/spotwatch")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "spotwatch"
+
+
 class StateDir:
     def __init__(self, path: Path) -> None:
         self.path = path

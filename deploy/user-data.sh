@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# EC2 user-data (cloud-init runs it as root at first boot): installs spotwatch, writes its
+# config and environment file, optionally restores the newest checkpoint, then enables and
+# starts the systemd service before training begins.
+#
+# Settings, as environment variables or edited here:
+#   SPOTWATCH_BUCKET          checkpoint bucket (required)
+#   SPOTWATCH_REGION          bucket region; default: the instance's region from IMDS
+#   SPOTWATCH_CHECKPOINT_DIR  directory the trainer writes (default /opt/ml/checkpoints)
+#   SPOTWATCH_PREFIX          key prefix (default checkpoints/)
+#   SPOTWATCH_PACKAGE         what pip installs (default spotwatch; a wheel path works too)
+#   SPOTWATCH_PIP_ARGS        extra pip arguments
+#   SPOTWATCH_RESTORE         yes: download the newest complete checkpoint first
+#   DESTDIR                   install below this root instead of / (nothing is started)
+set -euo pipefail
+
+SPOTWATCH_BUCKET="${SPOTWATCH_BUCKET:-}"
+SPOTWATCH_REGION="${SPOTWATCH_REGION:-}"
+SPOTWATCH_CHECKPOINT_DIR="${SPOTWATCH_CHECKPOINT_DIR:-/opt/ml/checkpoints}"
+SPOTWATCH_PREFIX="${SPOTWATCH_PREFIX:-checkpoints/}"
+SPOTWATCH_PACKAGE="${SPOTWATCH_PACKAGE:-spotwatch}"
+SPOTWATCH_PIP_ARGS="${SPOTWATCH_PIP_ARGS:-}"
+SPOTWATCH_RESTORE="${SPOTWATCH_RESTORE:-no}"
+IMDS_ENDPOINT="${AWS_EC2_METADATA_SERVICE_ENDPOINT:-http://169.254.169.254}"
+DESTDIR="${DESTDIR:-}"
+
+PREFIX_DIR=/opt/spotwatch
+CONFIG_DIR=/etc/spotwatch
+UNIT_DIR=/etc/systemd/system
+
+log() { printf 'spotwatch user-data: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[ -n "$SPOTWATCH_BUCKET" ] || die "set SPOTWATCH_BUCKET to the checkpoint bucket"
+
+instance_region() {
+    local token
+    token=$(curl -fsS -m 2 -X PUT "$IMDS_ENDPOINT/latest/api/token" \
+        -H "X-aws-ec2-metadata-token-ttl-seconds: 60") || return 1
+    curl -fsS -m 2 -H "X-aws-ec2-metadata-token: $token" \
+        "$IMDS_ENDPOINT/latest/meta-data/placement/region"
+}
+
+if [ -z "$SPOTWATCH_REGION" ]; then
+    SPOTWATCH_REGION=$(instance_region) || die "cannot read the region from IMDS; set SPOTWATCH_REGION"
+fi
+
+ensure_python() {
+    if python3 -m venv --help >/dev/null 2>&1; then
+        return
+    fi
+    [ -z "$DESTDIR" ] || die "python3 with venv is required"
+    if command -v apt-get >/dev/null; then
+        apt-get update -q && apt-get install -y -q python3-venv
+    elif command -v dnf >/dev/null; then
+        dnf install -y -q python3
+    else
+        die "python3 with venv is required"
+    fi
+}
+
+install_package() {
+    local venv="$DESTDIR$PREFIX_DIR"
+    ensure_python
+    log "installing $SPOTWATCH_PACKAGE into $venv"
+    python3 -m venv "$venv"
+    # shellcheck disable=SC2086 # SPOTWATCH_PIP_ARGS is a list of words on purpose
+    "$venv/bin/pip" install -q --disable-pip-version-check $SPOTWATCH_PIP_ARGS "$SPOTWATCH_PACKAGE"
+    mkdir -p "$DESTDIR/usr/local/bin"
+    ln -sf "$PREFIX_DIR/bin/spotwatch" "$DESTDIR/usr/local/bin/spotwatch"
+}
+
+write_config() {
+    local dir="$DESTDIR$CONFIG_DIR"
+    mkdir -p "$dir" "$DESTDIR$SPOTWATCH_CHECKPOINT_DIR"
+    cat >"$dir/config.yaml" <<EOF
+aws:
+  region: $SPOTWATCH_REGION
+watch:
+  - path: $SPOTWATCH_CHECKPOINT_DIR
+    prefix: $SPOTWATCH_PREFIX
+sync:
+  mode: continuous
+EOF
+    (
+        umask 077
+        printf 'S3_BUCKET_NAME=%s\n' "$SPOTWATCH_BUCKET" >"$dir/spotwatch.env"
+    )
+}
+
+install_unit() {
+    local unit="$DESTDIR$UNIT_DIR/spotwatch.service"
+    mkdir -p "$DESTDIR$UNIT_DIR"
+    # The unit ships inside the package, so it always matches the installed version.
+    "$DESTDIR$PREFIX_DIR/bin/python" - "$unit" <<'EOF'
+import sys
+from importlib.resources import files
+with open(sys.argv[1], "w") as out:
+    out.write(files("spotwatch").joinpath("data/spotwatch.service").read_text())
+EOF
+}
+
+restore_checkpoint() {
+    [ "$SPOTWATCH_RESTORE" = yes ] || return 0
+    if [ -n "$DESTDIR" ]; then
+        log "DESTDIR set: skipping restore"
+        return 0
+    fi
+    log "restoring the newest checkpoint into $SPOTWATCH_CHECKPOINT_DIR"
+    S3_BUCKET_NAME="$SPOTWATCH_BUCKET" spotwatch restore -c "$CONFIG_DIR/config.yaml" \
+        --to "$SPOTWATCH_CHECKPOINT_DIR"
+}
+
+enable_service() {
+    if [ -n "$DESTDIR" ]; then
+        systemctl --root="$DESTDIR" enable spotwatch.service
+        return
+    fi
+    systemctl daemon-reload
+    systemctl enable --now spotwatch.service
+}
+
+install_package
+write_config
+install_unit
+restore_checkpoint
+enable_service
+log "spotwatch is watching $SPOTWATCH_CHECKPOINT_DIR -> s3://$SPOTWATCH_BUCKET/$SPOTWATCH_PREFIX"

@@ -1,0 +1,80 @@
+"""deploy/user-data.sh: shellcheck-clean, and lays down a working install in a fake root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spotwatch.config import load_config
+from spotwatch.emulator import ImdsEmulator
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "deploy" / "user-data.sh"
+
+
+def test_shellcheck_clean() -> None:
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    if not Path(shellcheck).exists():
+        pytest.skip("shellcheck is not installed")
+    result = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out),
+                    str(ROOT)], check=True, capture_output=True, timeout=300)
+    return next(out.glob("spotwatch-*.whl"))
+
+
+def run_user_data(root: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {"PATH": os.environ["PATH"], "HOME": str(root), "DESTDIR": str(root), **env}
+    return subprocess.run(["bash", str(SCRIPT)], env=full_env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_installs_into_fake_root(tmp_path: Path, wheel: Path, imds: ImdsEmulator) -> None:
+    if shutil.which("systemctl") is None:
+        pytest.skip("systemctl is not installed")
+    root = tmp_path / "root"
+    result = run_user_data(
+        root,
+        SPOTWATCH_BUCKET="team-checkpoints",
+        SPOTWATCH_PACKAGE=str(wheel),
+        SPOTWATCH_PIP_ARGS="--no-deps --no-index",
+        SPOTWATCH_CHECKPOINT_DIR="/data/ckpt",
+        SPOTWATCH_PREFIX="job-42/",
+        AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url,  # the region comes from IMDS
+    )
+    assert result.returncode == 0, result.stderr
+
+    config = load_config(root / "etc/spotwatch/config.yaml")
+    assert config.region == "us-west-2"
+    assert config.watch[0].path == Path("/data/ckpt")
+    assert config.watch[0].prefix == "job-42/"
+    assert (root / "data/ckpt").is_dir()
+
+    env_file = root / "etc/spotwatch/spotwatch.env"
+    assert env_file.read_text() == "S3_BUCKET_NAME=team-checkpoints\n"
+    assert env_file.stat().st_mode & 0o077 == 0  # the environment file is private
+
+    unit = root / "etc/systemd/system/spotwatch.service"
+    assert unit.read_text() == (ROOT / "systemd" / "spotwatch.service").read_text()
+    wanted = root / "etc/systemd/system/multi-user.target.wants/spotwatch.service"
+    assert wanted.is_symlink()
+    assert os.readlink(root / "usr/local/bin/spotwatch") == "/opt/spotwatch/bin/spotwatch"
+    assert (root / "opt/spotwatch/bin/spotwatch").is_file()
+
+
+def test_refuses_without_bucket(tmp_path: Path) -> None:
+    result = run_user_data(tmp_path / "root", SPOTWATCH_REGION="us-west-2")
+    assert result.returncode == 1
+    assert "set SPOTWATCH_BUCKET" in result.stderr
+    assert not (tmp_path / "root" / "etc").exists()
