@@ -53,7 +53,11 @@ def test_interruption_end_to_end(workspace: Workspace, imds: ImdsEmulator, s3: A
     assert daemon.stop() == 0
     for key, data in expected.items():
         assert object_bytes(s3, workspace.bucket, key) == data, key
-    assert keys_in(s3, workspace.bucket) == set(expected)  # no temp or cache files
+    keys = keys_in(s3, workspace.bucket)
+    manifests = {k for k in keys if k.startswith("run1/.spotwatch/manifests/")}
+    assert keys - manifests == set(expected)  # no temp or cache files
+    assert manifests == {f"run1/.spotwatch/manifests/{name}.json"
+                         for name in ("step_0", "step_100", "step_200", "emergency.pt")}
     assert len(daemon.named("notice_detected")) == 1  # seen on every poll, acted on once
     assert {e["key"] for e in daemon.named("upload_done")} >= set(expected)
 
@@ -128,7 +132,9 @@ def test_flush_asks_a_running_daemon(workspace: Workspace, s3: Any) -> None:
     status = json.loads(workspace.cli("status", "-c", "config.yaml", "--json").stdout)
     assert status["daemon_pid"] == daemon.process.pid
     assert status["uploaded_objects"] == 1
+    assert workspace.cli("status", "-c", "config.yaml", "--healthy").returncode == 0
     assert daemon.stop() == 0
+    assert workspace.cli("status", "-c", "config.yaml", "--healthy").returncode == 1
 
 
 def test_status_without_daemon(workspace: Workspace) -> None:

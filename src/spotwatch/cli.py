@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 import structlog
@@ -39,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[common], help="show pending work and "
                                  "the last upload and notice")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--healthy", action="store_true", help="print nothing; exit 0 only "
+                        "if a daemon is running and reported recently (container health)")
+    restore = commands.add_parser("restore", parents=[common], help="download the newest "
+                                  "complete checkpoint set")
+    restore.add_argument("--to", type=Path, help="destination (default: the watched directory)")
+    restore.add_argument("--set", dest="set_name", help="a given set instead of the newest")
+    restore.add_argument("--prefix", help="which watched directory, by its prefix")
     commands.add_parser("demo", help="rehearse an interruption against embedded S3 and IMDS")
     return parser
 
@@ -49,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": _run,
         "flush": _flush,
         "status": _status,
+        "restore": _restore,
         "demo": _demo,
     }
     try:
@@ -92,11 +101,23 @@ def _flush(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from spotwatch.status import gather_status, render_status
+    from spotwatch.status import gather_status, is_healthy, render_status
 
     config, bucket = _load(args, need_watch_dirs=False)
     report = gather_status(config, bucket)
+    if args.healthy:
+        return 0 if is_healthy(report) else 1
     print(json.dumps(report, indent=2) if args.json else render_status(report))
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from spotwatch.restore import restore
+
+    config, bucket = _load(args, need_watch_dirs=False)
+    report = restore(config, bucket, args.to, args.set_name, args.prefix)
+    print(f"restored {report.set_name} into {report.destination}: {report.downloaded} files "
+          f"downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already present")
     return 0
 
 

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import structlog
 
+from spotwatch.checkpoint_sets import object_key, set_name_of
 from spotwatch.ledger import Ledger
-from spotwatch.planner import PendingFile, Planner, set_name_of
+from spotwatch.planner import PendingFile, Planner, SetRef
+from spotwatch.sealer import SetSealer
 from spotwatch.tracker import ChangeTracker, walk_files
 from spotwatch.uploader import Outcome, Snapshot, Uploader, UploadJob, UploadResult
 
@@ -25,6 +27,8 @@ log = structlog.get_logger("spotwatch.engine")
 
 # A failed upload waits this long before it is tried again (botocore has retried already).
 RETRY_DELAY_SECONDS = 5.0
+# How often finished checkpoint sets are looked for while uploads are still running.
+SEAL_CHECK_SECONDS = 0.25
 
 
 @dataclass
@@ -34,12 +38,6 @@ class Progress:
     files: int = 0
     bytes: int = 0
     failures: int = 0
-
-
-def object_key(prefix: str, relative_path: str) -> str:
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    return prefix + relative_path
 
 
 class SyncEngine:
@@ -68,6 +66,8 @@ class SyncEngine:
         self.totals = Progress()
         self.last_upload_at: float | None = None
         self._observers: list[Callable[[UploadResult], None]] = []
+        self.sealer = SetSealer(ledger, self.uploader)
+        self._seal_due = 0.0
 
     @property
     def uploader_concurrency(self) -> int:
@@ -120,13 +120,15 @@ class SyncEngine:
         snapshot = Snapshot.of(stat)
         if self.ledger.is_current(self.bucket, key, snapshot.version):
             return False
-        self.planner.add(PendingFile(path, key, snapshot, set_name_of(relative)))
+        set_ref = SetRef(tracker.watch.prefix, set_name_of(relative), tracker.root)
+        self.planner.add(PendingFile(path, key, snapshot, set_ref))
         return True
 
     def pump(self, upload: bool) -> None:
         """Handle finished uploads, then (when allowed) start more, newest set first."""
         self._handle_results()
         self._release_retries()
+        self._seal_finished_sets()
         if not upload:
             return
         room = self._in_flight_limit - self.uploader.in_flight()
@@ -138,7 +140,27 @@ class SyncEngine:
             self.uploader.submit(job)
 
     def idle(self) -> bool:
-        return not self.planner and not self._delayed and not self._uploading
+        """Nothing pending, uploading or waiting for its set's manifest."""
+        return (not self.planner and not self._delayed and not self._uploading
+                and not self.sealer)
+
+    def _seal_finished_sets(self) -> None:
+        now = time.monotonic()
+        if not self.sealer or now < self._seal_due:
+            return
+        self._seal_due = now + SEAL_CHECK_SECONDS
+        self.sealer.seal_ready(self._busy_set_keys())
+
+    def _busy_set_keys(self) -> set[str]:
+        busy = {item.set_key for item in self.planner.items()}
+        busy.update(item.set_key for item in self._delayed)
+        busy.update(item.set_key for item in self._uploading.values())
+        for tracker in self.trackers:
+            for path in tracker.unsettled_paths():
+                relative = tracker.relative(path)
+                if relative is not None:
+                    busy.add(object_key(tracker.watch.prefix, set_name_of(relative)))
+        return busy
 
     def unsettled(self) -> int:
         return sum(t.unsettled_count() for t in self.trackers)
@@ -164,8 +186,7 @@ class SyncEngine:
 
     def _handle(self, result: UploadResult) -> None:
         job = result.job
-        item = self._uploading.pop(job, None) or PendingFile(
-            job.path, job.key, job.snapshot, set_name_of(job.key))
+        item = self._uploading.pop(job)
         fields = {"path": str(job.path), "key": job.key, "size": job.snapshot.size,
                   "seconds": round(result.seconds, 3)}
         if result.outcome is Outcome.DONE:
@@ -176,6 +197,7 @@ class SyncEngine:
             self.last_upload_at = time.time()
             self._retry_at.pop(job.path, None)
             self._failures.pop(job.path, None)
+            self.sealer.mark_dirty(item.set_ref)
             log.info("upload_done", **fields, checksum=result.checksum)
         elif result.outcome in (Outcome.CHANGED, Outcome.CANCELLED):
             # The tracker sees the newer write and queues it again once it settles; if it

@@ -32,6 +32,10 @@ class FileVersion:
     mtime_ns: int
 
 
+# key, path, size, mtime_ns, checksum
+LedgerRow = tuple[str, str, int, int, "str | None"]
+
+
 @dataclass(frozen=True)
 class LedgerSummary:
     objects: int
@@ -69,6 +73,16 @@ class Ledger:
                 "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (bucket, key, str(path), version.size, version.mtime_ns, checksum, time.time()),
             )
+
+    def objects_in_set(self, bucket: str, set_key: str) -> list[LedgerRow]:
+        """(key, path, size, mtime_ns, checksum) of the set's objects: set_key or below it."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, path, size, mtime_ns, checksum FROM objects WHERE bucket = ?"
+                " AND (key = ? OR substr(key, 1, ?) = ?)",
+                (bucket, set_key, len(set_key) + 1, set_key + "/"),
+            ).fetchall()
+        return [tuple(row) for row in rows]
 
     def forget(self, bucket: str, key: str) -> None:
         with self._lock:

@@ -1,8 +1,4 @@
-"""The pending set and the order it is uploaded in: newest checkpoint set first.
-
-A checkpoint set is the first path component below the watched directory: a subdirectory such
-as ``step_1000/`` with everything in it, or a single file at the top level.
-"""
+"""The pending set and the order it is uploaded in: newest checkpoint set first."""
 
 from __future__ import annotations
 
@@ -10,7 +6,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from spotwatch.checkpoint_sets import object_key
 from spotwatch.uploader import Snapshot
+
+
+@dataclass(frozen=True)
+class SetRef:
+    """The checkpoint set a file belongs to: its name below a watched directory."""
+
+    prefix: str
+    name: str
+    root: Path  # the watched directory
+
+    @property
+    def key(self) -> str:
+        return object_key(self.prefix, self.name)
 
 
 @dataclass(frozen=True)
@@ -18,15 +28,15 @@ class PendingFile:
     path: Path
     key: str
     snapshot: Snapshot
-    set_name: str
+    set_ref: SetRef
 
     @property
     def size(self) -> int:
         return self.snapshot.size
 
-
-def set_name_of(relative_path: str) -> str:
-    return relative_path.split("/", 1)[0]
+    @property
+    def set_key(self) -> str:
+        return self.set_ref.key
 
 
 class Planner:
@@ -77,9 +87,9 @@ class Planner:
     def _ordered(self) -> list[PendingFile]:
         newest_in_set: dict[str, int] = {}
         for item in self._pending.values():
-            newest_in_set[item.set_name] = max(newest_in_set.get(item.set_name, 0),
-                                               item.snapshot.mtime_ns)
+            newest_in_set[item.set_key] = max(newest_in_set.get(item.set_key, 0),
+                                              item.snapshot.mtime_ns)
         return sorted(
             self._pending.values(),
-            key=lambda i: (-newest_in_set[i.set_name], i.set_name, -i.snapshot.mtime_ns),
+            key=lambda i: (-newest_in_set[i.set_key], i.set_key, -i.snapshot.mtime_ns),
         )

@@ -29,6 +29,17 @@ def gather_status(config: Config, bucket: str) -> dict[str, Any]:
     return report
 
 
+# The daemon rewrites its status every second; this much silence means it is stuck.
+HEALTHY_WITHIN_SECONDS = 30.0
+
+
+def is_healthy(report: dict[str, Any]) -> bool:
+    daemon = report.get("daemon")
+    if not report.get("daemon_pid") or not daemon:
+        return False
+    return bool(time.time() - float(daemon.get("updated_at", 0)) < HEALTHY_WITHIN_SECONDS)
+
+
 def _ago(timestamp: float | None) -> str:
     if timestamp is None:
         return "never"

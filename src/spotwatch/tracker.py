@@ -142,6 +142,10 @@ class ChangeTracker(FileSystemEventHandler):
             removed, self._removed = self._removed, []
         return removed
 
+    def unsettled_paths(self) -> list[Path]:
+        with self._lock:
+            return list(self._candidates)
+
     def unsettled_count(self) -> int:
         with self._lock:
             return len(self._candidates)

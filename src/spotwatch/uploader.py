@@ -148,6 +148,11 @@ class Uploader:
             )
             self._futures[job.path] = future
 
+    def put_small(self, key: str, body: bytes, content_type: str) -> None:
+        """A small object in one request (manifests); raises on failure."""
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type,
+                               ChecksumAlgorithm=self._settings.checksum_algorithm)  # type: ignore[arg-type]
+
     def cancel(self, path: Path) -> bool:
         """Cancel one upload; s3transfer's shutdown(cancel=True) is broken, so per future."""
         with self._lock:

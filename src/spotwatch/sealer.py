@@ -1,0 +1,85 @@
+"""Writes a checkpoint set's manifest once every file of the set is durable and nothing of it
+is still pending, uploading or being written."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Set as AbstractSet
+from pathlib import Path
+
+import structlog
+from botocore.exceptions import BotoCoreError, ClientError
+
+from spotwatch.checkpoint_sets import Manifest, ManifestEntry, manifest_key
+from spotwatch.ledger import Ledger
+from spotwatch.planner import SetRef
+from spotwatch.uploader import Uploader
+
+log = structlog.get_logger("spotwatch.sets")
+
+RETRY_SECONDS = 2.0
+MAX_ATTEMPTS = 3
+
+
+class SetSealer:
+    def __init__(self, ledger: Ledger, uploader: Uploader) -> None:
+        self._ledger = ledger
+        self._uploader = uploader
+        self._dirty: set[SetRef] = set()
+        self._attempts: dict[SetRef, int] = {}
+        self._not_before: dict[SetRef, float] = {}
+        self.sealed = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._dirty)
+
+    def mark_dirty(self, set_ref: SetRef) -> None:
+        self._dirty.add(set_ref)
+
+    def seal_ready(self, busy_set_keys: AbstractSet[str]) -> None:
+        now = time.monotonic()
+        for set_ref in list(self._dirty):
+            if set_ref.key in busy_set_keys or self._not_before.get(set_ref, 0) > now:
+                continue
+            if self._seal(set_ref):
+                self._dirty.discard(set_ref)
+                self._attempts.pop(set_ref, None)
+                self._not_before.pop(set_ref, None)
+
+    def _seal(self, set_ref: SetRef) -> bool:
+        entries = self._current_entries(set_ref)
+        if not entries:
+            return True  # nothing of the set is left locally: no manifest to write
+        manifest = Manifest.build(set_ref.name, set_ref.prefix, entries)
+        key = manifest_key(set_ref.prefix, set_ref.name)
+        try:
+            self._uploader.put_small(key, manifest.to_json().encode(), "application/json")
+        except (BotoCoreError, ClientError) as exc:
+            attempts = self._attempts[set_ref] = self._attempts.get(set_ref, 0) + 1
+            if attempts >= MAX_ATTEMPTS:
+                log.error("set_manifest_failed", set=set_ref.key, error=str(exc),
+                          attempts=attempts)
+                return True
+            self._not_before[set_ref] = time.monotonic() + RETRY_SECONDS
+            log.warning("set_manifest_retry", set=set_ref.key, error=str(exc))
+            return False
+        self.sealed += 1
+        log.info("set_complete", set=set_ref.key, files=len(entries), bytes=manifest.bytes,
+                 manifest=key)
+        return True
+
+    def _current_entries(self, set_ref: SetRef) -> list[ManifestEntry]:
+        """The set's uploaded files that still match the local files (deleted ones drop out)."""
+        entries = []
+        for key, path, size, mtime_ns, checksum in self._ledger.objects_in_set(
+                self._uploader.bucket, set_ref.key):
+            try:
+                stat = os.stat(path, follow_symlinks=False)
+            except OSError:
+                continue
+            if (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
+                continue  # changed since: its new version will mark the set again
+            relative = Path(path).relative_to(set_ref.root).as_posix()
+            entries.append(ManifestEntry(key, relative, size, mtime_ns, checksum))
+        return entries

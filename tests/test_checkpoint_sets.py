@@ -1,0 +1,117 @@
+"""Checkpoint sets: a manifest is written only once the whole set is durable, and `restore`
+downloads only complete sets, newest first, idempotently."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+from spotwatch.checkpoint_sets import Manifest
+
+from .conftest import Workspace, keys_in, object_bytes, wait_for
+from .test_daemon_e2e import flush_summary, save_checkpoint
+
+MANIFESTS = "run1/.spotwatch/manifests/"
+
+
+def test_manifest_waits_for_the_whole_set(workspace: Workspace, s3: Any) -> None:
+    daemon = workspace.start_daemon()
+    step = workspace.checkpoints / "step_1"
+    save_checkpoint(step / "a.pt", 100_000)
+    save_checkpoint(step / "b.pt", 200_000)
+    with (step / "c.pt").open("wb") as slow:
+        slow.write(os.urandom(50_000))
+        slow.flush()
+        wait_for(lambda: {"run1/step_1/a.pt", "run1/step_1/b.pt"} <= keys_in(s3, workspace.bucket))
+        time.sleep(0.6)  # longer than settle time and the seal check interval
+        assert f"{MANIFESTS}step_1.json" not in keys_in(s3, workspace.bucket)
+        slow.write(os.urandom(50_000))
+    wait_for(lambda: f"{MANIFESTS}step_1.json" in keys_in(s3, workspace.bucket))
+    manifest = Manifest.from_json(object_bytes(s3, workspace.bucket,
+                                               f"{MANIFESTS}step_1.json").decode())
+    assert {(f.path, f.size) for f in manifest.files} == {
+        ("step_1/a.pt", 100_000), ("step_1/b.pt", 200_000), ("step_1/c.pt", 100_000)}
+    assert all(f.checksum for f in manifest.files)
+    assert daemon.named("set_complete")[0]["files"] == 3
+    assert daemon.stop() == 0
+
+
+def make_sets(workspace: Workspace) -> dict[str, dict[str, bytes]]:
+    sets: dict[str, dict[str, bytes]] = {}
+    for age, name in ((300, "step_1"), (200, "step_2")):
+        files = {}
+        for file_name, size in (("model.pt", 300_000), ("optim.pt", 100_000)):
+            path = workspace.checkpoints / name / file_name
+            files[file_name] = save_checkpoint(path, size)
+            os.utime(path, (time.time() - age, time.time() - age))
+        sets[name] = files
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 4
+    return sets
+
+
+def restore(workspace: Workspace, *args: str) -> Any:
+    return workspace.cli("restore", "-c", "config.yaml", *args)
+
+
+def test_restore_newest_complete_set(workspace: Workspace, s3: Any) -> None:
+    sets = make_sets(workspace)
+    # An object without a manifest (an interrupted upload) must never be chosen.
+    s3.put_object(Bucket=workspace.bucket, Key="run1/step_9/model.pt", Body=b"partial")
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "restored step_2" in result.stdout
+    assert "2 files downloaded" in result.stdout
+    for name, data in sets["step_2"].items():
+        assert (target / "step_2" / name).read_bytes() == data
+    assert not (target / "step_1").exists()
+    original = workspace.checkpoints / "step_2" / "model.pt"
+    assert (target / "step_2" / "model.pt").stat().st_mtime_ns == original.stat().st_mtime_ns
+
+    again = restore(workspace, "--to", str(target))  # idempotent
+    assert again.returncode == 0, again.stderr
+    assert "0 files downloaded" in again.stdout and "2 already present" in again.stdout
+
+    s3.delete_object(Bucket=workspace.bucket, Key="run1/step_2/optim.pt")  # now incomplete
+    fallback = workspace.root / "fallback"
+    result = restore(workspace, "--to", str(fallback))
+    assert result.returncode == 0, result.stderr
+    assert "restored step_1" in result.stdout
+    assert (fallback / "step_1" / "optim.pt").read_bytes() == sets["step_1"]["optim.pt"]
+    assert not any(p.name.endswith(".spotwatch-restore") for p in fallback.rglob("*"))
+
+
+def test_restore_named_set_and_no_set(workspace: Workspace) -> None:
+    result = restore(workspace)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("spotwatch: error: no complete checkpoint set")
+    make_sets(workspace)
+    target = workspace.root / "named"
+    result = restore(workspace, "--to", str(target), "--set", "step_1")
+    assert result.returncode == 0, result.stderr
+    assert (target / "step_1" / "model.pt").exists()
+
+
+def test_restored_files_are_not_uploaded_again(workspace: Workspace) -> None:
+    sets = make_sets(workspace)
+    # A new instance: empty checkpoint directory, empty state.
+    shutil.rmtree(workspace.checkpoints)
+    workspace.checkpoints.mkdir()
+    shutil.rmtree(workspace.root / "state")
+    result = restore(workspace)
+    assert result.returncode == 0, result.stderr
+    assert (workspace.checkpoints / "step_2" / "model.pt").read_bytes() == sets["step_2"][
+        "model.pt"]
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 0
+
+
+def test_manifest_json_shape(workspace: Workspace, s3: Any) -> None:
+    make_sets(workspace)
+    body = json.loads(object_bytes(s3, workspace.bucket, f"{MANIFESTS}step_2.json"))
+    assert body["format"] == 1
+    assert body["set"] == "step_2"
+    assert body["bytes"] == 400_000
+    assert {f["key"] for f in body["files"]} == {"run1/step_2/model.pt", "run1/step_2/optim.pt"}
