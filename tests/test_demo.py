@@ -15,7 +15,8 @@ def test_demo_rehearsal_passes() -> None:
     assert "spotwatch detected the notice" in out
     assert re.search(r"flush done: \d+ files", out)
     assert "emergency checkpoint" in out
-    assert re.search(r"verification: +12 checkpoint files compared", out)
+    assert re.search(r"verification: +12 checkpoint files compared .*; 4 sets with manifests",
+                     out)
     assert out.rstrip().endswith("PASS: no checkpoint work lost")
     match = re.search(r"detection latency: +([\d.]+) s", out)
     assert match

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,25 @@ class ImdsSettings:
 
 
 @dataclass(frozen=True)
+class NoticeSettings:
+    """Which notices besides the spot interruption (always on) start a flush."""
+
+    rebalance: bool = True
+    scheduled_events: bool = True
+    asg_lifecycle: bool = True
+
+
+@dataclass(frozen=True)
+class HookSettings:
+    """What training code is told when a notice arrives."""
+
+    notice_file: Path | None = None  # default: <state dir>/notice.json
+    signal: str | None = None  # e.g. SIGUSR1, sent to the pid in pid_file
+    pid_file: Path | None = None
+    command: str | None = None  # run with /bin/sh, SPOTWATCH_NOTICE_* in its environment
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
     format: str = "auto"
@@ -73,6 +93,8 @@ class Config:
     sync: SyncSettings = field(default_factory=SyncSettings)
     transfer: TransferSettings = field(default_factory=TransferSettings)
     imds: ImdsSettings = field(default_factory=ImdsSettings)
+    notices: NoticeSettings = field(default_factory=NoticeSettings)
+    hooks: HookSettings = field(default_factory=HookSettings)
     log: LogSettings = field(default_factory=LogSettings)
     state_dir: Path = Path("/var/lib/spotwatch")
     source: Path | None = None
@@ -105,6 +127,13 @@ _SCHEMA: dict[str, Any] = {
         "poll_interval": _NUMBER,
         "token_ttl": int,
         "timeout": _NUMBER,
+    },
+    "notices": {"rebalance": bool, "scheduled_events": bool, "asg_lifecycle": bool},
+    "hooks": {
+        "notice_file": (str, type(None)),
+        "signal": (str, type(None)),
+        "pid_file": (str, type(None)),
+        "command": (str, type(None)),
     },
     "state": {"dir": str},
     "log": {"level": str, "format": str},
@@ -222,6 +251,8 @@ def _build(raw: Mapping[str, Any], source: Path) -> Config:
         sync=_build_sync(raw.get("sync", {})),
         transfer=_build_transfer(raw.get("transfer", {})),
         imds=_build_imds(raw.get("imds", {})),
+        notices=NoticeSettings(**raw.get("notices", {})),
+        hooks=_build_hooks(raw.get("hooks", {}), source.parent),
         log=_build_log(raw.get("log", {})),
         state_dir=_resolve(Path(state["dir"]), source.parent) if "dir" in state
         else default_state_dir(),
@@ -320,6 +351,23 @@ def _build_imds(raw: Mapping[str, Any]) -> ImdsSettings:
         token_ttl=ttl,
         timeout=_positive(raw.get("timeout", defaults.timeout), "imds.timeout"),
     )
+
+
+def _build_hooks(raw: Mapping[str, Any], base: Path) -> HookSettings:
+    def path(key: str) -> Path | None:
+        return _resolve(Path(raw[key]), base) if raw.get(key) else None
+
+    signal_name = raw.get("signal")
+    if signal_name is not None:
+        signal_name = signal_name.upper()
+        if not signal_name.startswith("SIG"):
+            signal_name = "SIG" + signal_name
+        if signal_name not in signal.Signals.__members__:
+            raise ConfigError(f"config key 'hooks.signal' is not a signal name: {raw['signal']!r}")
+        if not raw.get("pid_file"):
+            raise ConfigError("config key 'hooks.signal' needs 'hooks.pid_file' (whom to signal)")
+    return HookSettings(notice_file=path("notice_file"), signal=signal_name,
+                        pid_file=path("pid_file"), command=raw.get("command") or None)
 
 
 def _build_log(raw: Mapping[str, Any]) -> LogSettings:

@@ -19,11 +19,13 @@ from watchdog.observers import Observer
 from spotwatch import sdnotify
 from spotwatch.config import Config
 from spotwatch.engine import Progress, SyncEngine
+from spotwatch.hooks import NoticeHooks
 from spotwatch.imds import ImdsClient
 from spotwatch.ledger import Ledger
-from spotwatch.notices import DEFAULT_SOURCES, Notice, NoticeKind
+from spotwatch.notices import Notice, NoticeKind, sources_for
 from spotwatch.notices.poller import NoticePoller
-from spotwatch.state import StateDir, StateLock
+from spotwatch.state import StateDir, StateLock, write_json_atomically
+from spotwatch.throughput import plan_flush
 from spotwatch.tracker import ChangeTracker
 from spotwatch.uploader import Outcome, Uploader, UploadResult, make_s3_client
 
@@ -59,6 +61,7 @@ class Daemon:
         self.config = config
         self.bucket = bucket
         self.state = StateDir(config.state_dir)
+        self.hooks = NoticeHooks(config.hooks, self.state.notice_file)
         self._client = client
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -71,13 +74,14 @@ class Daemon:
         self._keepalive_interval = sdnotify.watchdog_interval()
         self._keepalive_due = 0.0
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._engine: SyncEngine | None = None
 
     # -- public entry points -------------------------------------------------------------
 
     def run(self, handle_signals: bool = True) -> int:
         """The daemon: upload continuously, flush on notices, final flush on SIGTERM."""
         with self._running(max_failures=None) as engine:
-            self.state.notice_file.unlink(missing_ok=True)  # a notice from an earlier life
+            self.hooks.clear()
             poller = self._start_poller()
             if handle_signals:
                 self._install_signal_handlers()
@@ -134,12 +138,14 @@ class Daemon:
         engine = SyncEngine(trackers, Ledger(self.state.ledger), uploader, self._wake.set,
                             max_failures)
         engine.add_observer(self._count_flush_progress)
+        self._engine = engine
         return engine
 
     def _start_poller(self) -> NoticePoller | None:
         if not self.config.imds.enabled:
             return None
-        poller = NoticePoller(ImdsClient.from_settings(self.config.imds), DEFAULT_SOURCES,
+        poller = NoticePoller(ImdsClient.from_settings(self.config.imds),
+                              sources_for(self.config.notices),
                               self.config.imds.poll_interval, self.notify)
         poller.start()
         return poller
@@ -195,15 +201,8 @@ class Daemon:
         self._emit("notice_detected", self.last_notice)
         if notice.kind is not NoticeKind.MANUAL:
             self._notice_seen = True
-            self._publish_notice()
+            self.hooks.fire(dict(self.last_notice))
         self._start_flush(notice.kind.value, notice.deadline)
-
-    def _publish_notice(self) -> None:
-        """Write the notice where training code polls for it (spotwatch.interruption_pending)."""
-        try:
-            self.state.write_json(self.state.notice_file, dict(self.last_notice or {}))
-        except OSError as exc:
-            log.warning("notice_file_write_failed", error=exc.strerror)
 
     def _start_flush(self, reason: str, deadline: datetime | None) -> None:
         if self.flush is not None:
@@ -213,6 +212,25 @@ class Daemon:
             return
         self.flush = FlushState(reason, time.monotonic(), deadline)
         log.info("flush_started", reason=reason)
+        if self._engine is not None:
+            self._log_flush_plan(self._engine, deadline)
+
+    def _log_flush_plan(self, engine: SyncEngine, deadline: datetime | None) -> None:
+        seconds_left = ((deadline - datetime.now(timezone.utc)).total_seconds()
+                        if deadline else None)
+        plan = plan_flush(engine.remaining_work(), seconds_left,
+                          engine.throughput.bytes_per_second())
+        fields = {"files": plan.files, "bytes": plan.bytes,
+                  "bandwidth_mib_s": round(plan.bytes_per_second / 2**20, 1),
+                  "bandwidth": "measured" if plan.measured else "assumed",
+                  "estimated_seconds": round(plan.estimated_seconds, 1),
+                  "seconds_left": None if seconds_left is None else round(seconds_left, 1)}
+        if plan.at_risk_sets:
+            # Newest sets go first; these older ones may not make it before the deadline.
+            log.warning("flush_at_risk", **fields, at_risk_sets=list(plan.at_risk_sets[:20]),
+                        at_risk_count=len(plan.at_risk_sets))
+        else:
+            log.info("flush_plan", **fields)
 
     def _count_flush_progress(self, result: UploadResult) -> None:
         if result.outcome is not Outcome.DONE:
@@ -281,7 +299,7 @@ class Daemon:
             "flushing": self.flush is not None,
         }
         try:
-            self.state.write_json(self.state.status, status)
+            write_json_atomically(self.state.status, status)
         except OSError as exc:
             log.warning("status_write_failed", error=exc.strerror)
 

@@ -20,8 +20,10 @@ from typing import Any
 
 import boto3
 import requests
+from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
+from spotwatch.checkpoint_sets import manifest_key
 from spotwatch.config import Config, ImdsSettings, LogSettings, SyncSettings, WatchDir
 from spotwatch.daemon import Daemon
 from spotwatch.emulator import ImdsEmulator
@@ -90,11 +92,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _verify(s3: Any, directory: Path) -> tuple[int, list[str]]:
-    """Every local checkpoint file must be in S3 with identical bytes; no excluded file may be."""
+def _verify(s3: Any, directory: Path) -> tuple[int, int, list[str]]:
+    """Every local checkpoint file must be in S3 with identical bytes, every set must have its
+    manifest, and no excluded file may be there."""
     problems = []
     local = {PREFIX + p.relative_to(directory).as_posix(): p
              for p in directory.rglob("*") if p.is_file() and not p.name.endswith(".tmp")}
+    sets = {p.name for p in directory.iterdir() if p.is_dir()}
+    manifests = {manifest_key(PREFIX, name) for name in sets}
     remote = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
     for key, path in sorted(local.items()):
         if key not in remote:
@@ -103,8 +108,10 @@ def _verify(s3: Any, directory: Path) -> tuple[int, list[str]]:
         body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
         if _sha256(body) != _sha256(path.read_bytes()):
             problems.append(f"content differs: {key}")
-    problems += [f"should not be uploaded: {key}" for key in sorted(remote - set(local))]
-    return len(local), problems
+    problems += [f"set without a manifest: {key}" for key in sorted(manifests - remote)]
+    problems += [f"should not be uploaded: {key}"
+                 for key in sorted(remote - set(local) - manifests)]
+    return len(local), len(sets), problems
 
 
 def run_demo() -> int:
@@ -144,7 +151,6 @@ def _rehearse(root: Path, imds: ImdsEmulator) -> int:
     print(f"  watching:        {checkpoints}\n")
     timeline = Timeline()
     daemon = Daemon(config, BUCKET)
-    uploaded: list[str] = []
 
     def listen(event: str, data: dict[str, Any]) -> None:
         if event == "notice_detected" and data["kind"] == "spot-interruption":
@@ -153,8 +159,6 @@ def _rehearse(root: Path, imds: ImdsEmulator) -> int:
         elif event == "flush_done" and data["reason"] == "spot-interruption":
             timeline.mark("flushed", f"flush done: {data['files']} files, "
                           f"{data['bytes'] / 2**20:.0f} MiB made durable in {data['seconds']} s")
-        elif event == "upload_done":
-            uploaded.append(data["key"])
 
     daemon.listeners.append(listen)
     exit_code: list[int] = []
@@ -162,24 +166,37 @@ def _rehearse(root: Path, imds: ImdsEmulator) -> int:
                               name="daemon")
     runner.start()
     trainer_done = threading.Event()
-    trainer = threading.Thread(target=_trainer, args=(checkpoints, daemon.state.notice_file,
+    trainer = threading.Thread(target=_trainer, args=(checkpoints, daemon.hooks.notice_file,
                                                       imds.url, timeline, trainer_done))
     trainer.start()
     trainer.join(timeout=120)
-    emergency_keys = {f"{PREFIX}{p.relative_to(checkpoints).as_posix()}"
-                      for p in checkpoints.glob("step_*/*") if not p.name.endswith(".tmp")}
+    newest_set = max(p.name for p in checkpoints.iterdir() if p.is_dir())
+    if _wait_for_object(s3, manifest_key(PREFIX, newest_set), seconds=60):
+        timeline.mark("newest", f"{newest_set}/ sealed: its manifest is written after all its "
+                      "files were durable in S3")
     deadline = time.monotonic() + 60
-    while not emergency_keys <= set(uploaded) and time.monotonic() < deadline:
+    while "flushed" not in timeline.marks and time.monotonic() < deadline:
         time.sleep(0.05)
-    if emergency_keys <= set(uploaded):
-        timeline.mark("safe", "every checkpoint, the emergency one included, is durable in S3")
+    if {"newest", "flushed"} <= timeline.marks.keys():
+        timeline.mark("safe", "every checkpoint set, the emergency one included, is safe in S3")
     daemon.request_stop()
     runner.join(timeout=60)
     return _report(s3, checkpoints, timeline, exit_code)
 
 
+def _wait_for_object(s3: Any, key: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            s3.head_object(Bucket=BUCKET, Key=key)
+            return True
+        except ClientError:
+            time.sleep(0.05)
+    return False
+
+
 def _report(s3: Any, checkpoints: Path, timeline: Timeline, exit_code: list[int]) -> int:
-    count, problems = _verify(s3, checkpoints)
+    count, sets, problems = _verify(s3, checkpoints)
     print()
     marks = timeline.marks
     if {"fired", "detected"} <= marks.keys():
@@ -188,7 +205,7 @@ def _report(s3: Any, checkpoints: Path, timeline: Timeline, exit_code: list[int]
         print(f"  time to safety:         {timeline.between('fired', 'safe'):.2f} s "
               f"(of the 120 s notice)")
     print(f"  verification:           {count} checkpoint files compared by SHA-256 "
-          f"with the objects in S3")
+          f"with the objects in S3; {sets} sets with manifests")
     for problem in problems:
         print(f"    FAIL {problem}")
     ok = not problems and "safe" in marks and exit_code == [0]

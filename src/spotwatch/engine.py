@@ -20,6 +20,7 @@ from spotwatch.checkpoint_sets import object_key, set_name_of
 from spotwatch.ledger import Ledger
 from spotwatch.planner import PendingFile, Planner, SetRef
 from spotwatch.sealer import SetSealer
+from spotwatch.throughput import ThroughputMeter
 from spotwatch.tracker import ChangeTracker, walk_files
 from spotwatch.uploader import Outcome, Snapshot, Uploader, UploadJob, UploadResult
 
@@ -67,6 +68,7 @@ class SyncEngine:
         self.last_upload_at: float | None = None
         self._observers: list[Callable[[UploadResult], None]] = []
         self.sealer = SetSealer(ledger, self.uploader)
+        self.throughput = ThroughputMeter()
         self._seal_due = 0.0
 
     @property
@@ -139,6 +141,10 @@ class SyncEngine:
             self._uploading[job] = item
             self.uploader.submit(job)
 
+    def remaining_work(self) -> list[PendingFile]:
+        """What a flush still has to upload, in order: uploading first, then pending."""
+        return list(self._uploading.values()) + self._delayed + self.planner.ordered()
+
     def idle(self) -> bool:
         """Nothing pending, uploading or waiting for its set's manifest."""
         return (not self.planner and not self._delayed and not self._uploading
@@ -195,6 +201,7 @@ class SyncEngine:
             self.totals.files += 1
             self.totals.bytes += job.snapshot.size
             self.last_upload_at = time.time()
+            self.throughput.record(job.snapshot.size, result.seconds)
             self._retry_at.pop(job.path, None)
             self._failures.pop(job.path, None)
             self.sealer.mark_dirty(item.set_ref)

@@ -69,6 +69,12 @@ class Planner:
             self._order = None
         return removed
 
+    def ordered(self) -> list[PendingFile]:
+        """Everything pending, in upload order."""
+        if self._order is None:
+            self._order = self._ordered()
+        return list(self._order)
+
     def take(self, count: int, busy: Callable[[Path], bool]) -> list[PendingFile]:
         """Up to count files in upload order, skipping paths still busy uploading."""
         if self._order is None:

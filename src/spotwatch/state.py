@@ -22,6 +22,15 @@ def default_state_dir() -> Path:
     return Path(base) / "spotwatch"
 
 
+def write_json_atomically(target: Path, data: dict[str, Any]) -> None:
+    """Readers never see a half-written file: write beside it, then rename over it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+    os.replace(temp, target)
+
+
 class StateDir:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -44,13 +53,6 @@ class StateDir:
         except OSError as exc:
             raise SpotwatchError(f"cannot create state directory {self.path}: {exc.strerror}"
                                  ) from None
-
-    def write_json(self, target: Path, data: dict[str, Any]) -> None:
-        """Atomic replace, so readers never see a half-written file."""
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-        os.replace(tmp, target)
 
     def read_status(self) -> dict[str, Any] | None:
         try:

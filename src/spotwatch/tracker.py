@@ -92,6 +92,10 @@ class ChangeTracker(FileSystemEventHandler):
                 # A directory that appears with files (moved in from outside) holds finished files.
                 self._mark_tree(src)
             return
+        elif kind == "created" and self._known_closed(src):
+            # watchdog replays creations for files of a new directory that our own walk of it
+            # already found complete: a replay must not make them look half-written.
+            return
         elif kind in _CONTENT_EVENTS:
             # Synthetic creations describe files of a directory moved in whole: finished files.
             self.mark(src, closed=bool(getattr(event, "is_synthetic", False)))
@@ -107,6 +111,11 @@ class ChangeTracker(FileSystemEventHandler):
             return
         with self._lock:
             self._candidates[path] = _Candidate(self._clock() if at is None else at, closed)
+
+    def _known_closed(self, path: Path) -> bool:
+        with self._lock:
+            candidate = self._candidates.get(path)
+            return candidate is not None and candidate.closed
 
     def expect_change(self, path: Path) -> None:
         """A file known to have changed: keep its pending events, or wait for it to go quiet."""

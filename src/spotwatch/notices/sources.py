@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
+from spotwatch.config import NoticeSettings
 from spotwatch.notices.model import Notice, NoticeKind
 
 
@@ -91,3 +92,15 @@ SCHEDULED_EVENTS = NoticeSource("scheduled", "meta-data/events/maintenance/sched
 ASG_LIFECYCLE = NoticeSource("asg", "meta-data/autoscaling/target-lifecycle-state",
                              parse_lifecycle_state)
 DEFAULT_SOURCES = (SPOT_INSTANCE_ACTION, REBALANCE, SCHEDULED_EVENTS, ASG_LIFECYCLE)
+
+
+def sources_for(settings: NoticeSettings) -> tuple[NoticeSource, ...]:
+    """The spot interruption always; the others as configured."""
+    chosen = [SPOT_INSTANCE_ACTION]
+    if settings.rebalance:
+        chosen.append(REBALANCE)
+    if settings.scheduled_events:
+        chosen.append(SCHEDULED_EVENTS)
+    if settings.asg_lifecycle:
+        chosen.append(ASG_LIFECYCLE)
+    return tuple(chosen)

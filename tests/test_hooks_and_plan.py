@@ -1,0 +1,155 @@
+"""Telling the trainer (notice file, signal, command), notice sources, and the flush plan."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotwatch.checkpoint_sets import object_key
+from spotwatch.config import load_config
+from spotwatch.emulator import ImdsEmulator
+from spotwatch.errors import ConfigError
+from spotwatch.interruption import interruption_pending
+from spotwatch.planner import PendingFile, SetRef
+from spotwatch.throughput import ThroughputMeter, plan_flush
+from spotwatch.uploader import Snapshot
+
+from .conftest import Workspace, keys_in, object_bytes, wait_for
+from .test_daemon_e2e import save_checkpoint
+
+TRAINER = """
+import os, signal, sys, time
+checkpoints, pid_file = sys.argv[1], sys.argv[2]
+asked = []
+signal.signal(signal.SIGUSR1, lambda *_: asked.append(1))
+with open(pid_file, "w") as f:
+    f.write(str(os.getpid()))
+deadline = time.time() + 30
+while not asked and time.time() < deadline:
+    time.sleep(0.01)
+tmp = os.path.join(checkpoints, "emergency.pt.tmp")
+with open(tmp, "wb") as f:
+    f.write(b"emergency state")
+os.replace(tmp, os.path.join(checkpoints, "emergency.pt"))
+"""
+
+
+def test_signal_hook_and_notice_file(workspace: Workspace, imds: ImdsEmulator, s3: Any) -> None:
+    pid_file = workspace.root / "trainer.pid"
+    notice_file = workspace.root / "shared" / "notice.json"
+    workspace.write_config(hooks={"signal": "USR1", "pid_file": str(pid_file),
+                                  "notice_file": str(notice_file)})
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, str(workspace.checkpoints),
+                                str(pid_file)])
+    try:
+        wait_for(pid_file.exists)
+        daemon = workspace.start_daemon()
+        assert interruption_pending(notice_file) is None
+        imds.fire_spot_interruption(in_seconds=120)
+        assert trainer.wait(timeout=30) == 0
+        wait_for(lambda: "run1/emergency.pt" in keys_in(s3, workspace.bucket))
+        assert object_bytes(s3, workspace.bucket, "run1/emergency.pt") == b"emergency state"
+        notice = interruption_pending(notice_file)
+        assert notice is not None
+        assert notice["kind"] == "spot-interruption"
+        assert notice["deadline"]
+        assert daemon.named("hook_signal_sent")[0]["pid"] == trainer.pid
+        assert daemon.stop() == 0
+    finally:
+        trainer.kill()
+
+
+def test_command_hook_gets_the_notice(workspace: Workspace, imds: ImdsEmulator) -> None:
+    out = workspace.root / "hook.out"
+    workspace.write_config(hooks={
+        "command": f'echo "$SPOTWATCH_NOTICE_KIND|$SPOTWATCH_NOTICE_FILE" > {out}'})
+    daemon = workspace.start_daemon()
+    imds.fire_rebalance()
+    wait_for(lambda: out.exists() and out.read_text().strip())
+    kind, notice_file = out.read_text().strip().split("|")
+    assert kind == "rebalance-recommendation"
+    assert Path(notice_file) == workspace.root / "state" / "notice.json"
+    assert daemon.wait_for_event("hook_command_done")["exit_code"] == 0
+    assert daemon.stop() == 0
+
+
+def test_disabled_sources_are_not_polled(workspace: Workspace, imds: ImdsEmulator) -> None:
+    workspace.write_config(notices={"rebalance": False})
+    daemon = workspace.start_daemon()
+    imds.fire_rebalance()
+    time.sleep(1.0)  # five poll intervals
+    assert daemon.named("notice_detected") == []
+    imds.fire_spot_interruption()
+    assert daemon.wait_for_event("notice_detected")["kind"] == "spot-interruption"
+    assert daemon.stop() == 0
+
+
+def test_stale_notice_file_is_cleared_at_start(workspace: Workspace) -> None:
+    stale = workspace.root / "state" / "notice.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"kind": "spot-interruption"}')
+    daemon = workspace.start_daemon()
+    assert not stale.exists()
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize(("hooks", "message"), [
+    ("{signal: NOPE, pid_file: p}", "not a signal name"),
+    ("{signal: USR1}", "needs 'hooks.pid_file'"),
+    ("{sginal: USR1}", "unknown config key 'hooks.sginal'"),
+])
+def test_hook_config_errors(tmp_path: Path, hooks: str, message: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"watch: [{{path: x}}]\nhooks: {hooks}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def pending(set_name: str, size: int, mtime_ns: int) -> PendingFile:
+    set_ref = SetRef("p/", set_name, Path("/ckpt"))
+    return PendingFile(Path(f"/ckpt/{set_name}/m.pt"), object_key("p/", f"{set_name}/m.pt"),
+                       Snapshot(size, mtime_ns, mtime_ns, 1), set_ref)
+
+
+def test_flush_plan_names_the_sets_that_miss_the_deadline() -> None:
+    ordered = [pending("step_3", 100, 3), pending("step_2", 100, 2), pending("step_1", 100, 1)]
+    plan = plan_flush(ordered, seconds_left=2.5, measured=100.0)
+    assert plan.bytes == 300
+    assert plan.estimated_seconds == pytest.approx(3.0)
+    assert plan.at_risk_sets == ("p/step_1",)
+    assert plan_flush(ordered, seconds_left=None, measured=100.0).at_risk_sets == ()
+    assert not plan_flush(ordered, seconds_left=10, measured=None).measured
+
+
+def test_throughput_meter_spans_concurrent_uploads() -> None:
+    now = [100.0]
+    meter = ThroughputMeter(clock=lambda: now[0])
+    assert meter.bytes_per_second() is None
+    meter.record(1000, seconds=1.0)  # ran 99..100
+    meter.record(1000, seconds=1.0)  # concurrently
+    assert meter.bytes_per_second() == pytest.approx(2000.0)
+
+
+def test_flush_at_risk_is_logged_newest_set_first(workspace: Workspace, imds: ImdsEmulator,
+                                                  s3: Any) -> None:
+    workspace.write_config(sync={"mode": "on-notice"})
+    daemon = workspace.start_daemon()
+    older = save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 100 * 2**20)
+    newer = save_checkpoint(workspace.checkpoints / "step_2" / "model.pt", 20 * 2**20)
+    wait_for(lambda: daemon.process.poll() is None and (workspace.root / "state" /
+                                                         "status.json").exists())
+    time.sleep(0.6)  # both settled and pending
+    # 0.8 to 2 s left: at the assumed 50 MiB/s the newest set fits, the older one does not.
+    imds.fire_spot_interruption(in_seconds=2)
+    warning = daemon.wait_for_event("flush_at_risk")
+    assert warning["at_risk_sets"] == ["run1/step_1"]
+    assert warning["bandwidth"] == "assumed"
+    daemon.wait_for_event("flush_done")
+    assert object_bytes(s3, workspace.bucket, "run1/step_2/model.pt") == newer
+    assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == older
+    assert daemon.stop() == 0
