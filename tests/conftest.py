@@ -57,7 +57,14 @@ def s3(aws_env: None) -> Any:
 def bucket(s3: Any) -> str:
     name = f"ckpt-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": REGION})
+    block_public_access(s3, name)  # as new buckets are on AWS
     return name
+
+
+def block_public_access(s3: Any, bucket: str) -> None:
+    s3.put_public_access_block(Bucket=bucket, PublicAccessBlockConfiguration={
+        "BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True,
+        "RestrictPublicBuckets": True})
 
 
 @pytest.fixture

@@ -19,8 +19,9 @@ MANIFESTS = "run1/.spotwatch/manifests/"
 
 def test_manifest_waits_for_the_whole_set(workspace: Workspace, s3: Any) -> None:
     workspace.write_config(sync={"quiet_seconds": 30})  # c.pt stays open: no quiet fallback
-    daemon = workspace.start_daemon()
     step = workspace.checkpoints / "step_1"
+    step.mkdir()  # watched from the start: no race with the directory's creation
+    daemon = workspace.start_daemon()
     save_checkpoint(step / "a.pt", 100_000)
     save_checkpoint(step / "b.pt", 200_000)
     with (step / "c.pt").open("wb") as slow:

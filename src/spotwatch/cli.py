@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     commands.add_parser("run", parents=[common], help="run the daemon")
     commands.add_parser("flush", parents=[common], help="upload everything pending, then exit")
+    commands.add_parser("check", parents=[common], help="preflight: bucket region, public "
+                        "access, write permission, credentials, IMDS")
     status = commands.add_parser("status", parents=[common], help="show pending work and "
                                  "the last upload and notice")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -57,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": _run,
         "flush": _flush,
         "status": _status,
+        "check": _check,
         "restore": _restore,
         "demo": _demo,
     }
@@ -81,9 +84,27 @@ def _load(args: argparse.Namespace, need_watch_dirs: bool = True) -> tuple[Confi
 
 def _run(args: argparse.Namespace) -> int:
     from spotwatch.daemon import Daemon
+    from spotwatch.preflight import failures, run_checks
 
     config, bucket = _load(args)
+    log = structlog.get_logger("spotwatch")
+    results = run_checks(config, bucket)
+    for result in results:
+        log.info("check", name=result.name, ok=result.ok, detail=result.detail)
+    refused = failures(results)
+    if refused:
+        raise SpotwatchError(f"refusing to start: {refused[0].name}: {refused[0].detail}")
     return Daemon(config, bucket).run()
+
+
+def _check(args: argparse.Namespace) -> int:
+    from spotwatch.preflight import failures, run_checks
+
+    config, bucket = _load(args, need_watch_dirs=False)
+    results = run_checks(config, bucket)
+    for result in results:
+        print(f"{result.symbol}  {result.name:<16} {result.detail}")
+    return 1 if failures(results) else 0
 
 
 def _flush(args: argparse.Namespace) -> int:

@@ -89,6 +89,8 @@ class LogSettings:
 @dataclass(frozen=True)
 class Config:
     region: str = DEFAULT_REGION
+    allow_cross_region: bool = False
+    allow_public_bucket: bool = False
     watch: tuple[WatchDir, ...] = ()
     sync: SyncSettings = field(default_factory=SyncSettings)
     transfer: TransferSettings = field(default_factory=TransferSettings)
@@ -105,7 +107,7 @@ class Config:
 _SIZE = (int, str)
 _NUMBER = (int, float)
 _SCHEMA: dict[str, Any] = {
-    "aws": {"region": str},
+    "aws": {"region": str, "allow_cross_region": bool, "allow_public_bucket": bool},
     "watch": list,
     "sync": {
         "mode": str,
@@ -247,6 +249,8 @@ def _build(raw: Mapping[str, Any], source: Path) -> Config:
     state = raw.get("state", {})
     return Config(
         region=region,
+        allow_cross_region=aws.get("allow_cross_region", False),
+        allow_public_bucket=aws.get("allow_public_bucket", False),
         watch=_build_watch(raw.get("watch", []), source.parent),
         sync=_build_sync(raw.get("sync", {})),
         transfer=_build_transfer(raw.get("transfer", {})),

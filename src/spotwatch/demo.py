@@ -136,6 +136,9 @@ def run_demo() -> int:
 def _rehearse(root: Path, imds: ImdsEmulator) -> int:
     s3: Any = boto3.client("s3", region_name=REGION)
     s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+    s3.put_public_access_block(Bucket=BUCKET, PublicAccessBlockConfiguration={
+        "BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True,
+        "RestrictPublicBuckets": True})
     checkpoints = root / "checkpoints"
     checkpoints.mkdir()
     config = Config(

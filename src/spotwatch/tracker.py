@@ -88,16 +88,11 @@ class ChangeTracker(FileSystemEventHandler):
         elif kind == "deleted":
             self._forget(src)
         elif event.is_directory:
-            if kind == "created":
-                # A directory that appears with files (moved in from outside) holds finished files.
-                self._mark_tree(src)
-            return
-        elif kind == "created" and self._known_closed(src):
-            # watchdog replays creations for files of a new directory that our own walk of it
-            # already found complete: a replay must not make them look half-written.
             return
         elif kind in _CONTENT_EVENTS:
-            # Synthetic creations describe files of a directory moved in whole: finished files.
+            # watchdog replays the files of a new directory as creations: synthetic ones come
+            # from a directory moved in whole (finished files); others may have been written
+            # before the directory was watched, so they wait for a close or the quiet interval.
             self.mark(src, closed=bool(getattr(event, "is_synthetic", False)))
         elif kind == "closed":
             if os.path.lexists(src):  # a file deleted while open still reports its close
@@ -111,11 +106,6 @@ class ChangeTracker(FileSystemEventHandler):
             return
         with self._lock:
             self._candidates[path] = _Candidate(self._clock() if at is None else at, closed)
-
-    def _known_closed(self, path: Path) -> bool:
-        with self._lock:
-            candidate = self._candidates.get(path)
-            return candidate is not None and candidate.closed
 
     def expect_change(self, path: Path) -> None:
         """A file known to have changed: keep its pending events, or wait for it to go quiet."""

@@ -1,0 +1,147 @@
+"""`spotwatch check`, also run before `run` starts: is the bucket safe and right to use?
+
+Same region as configured and as the instance (cross-region is slow and costs money), not
+public, writable, credentials present, IMDS reachable.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.exceptions import BotoCoreError, ClientError
+
+from spotwatch.checkpoint_sets import object_key
+from spotwatch.config import Config
+from spotwatch.imds import ImdsClient, ImdsError, resolve_endpoint
+from spotwatch.uploader import make_s3_client
+
+PUBLIC_ACCESS_FLAGS = ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy",
+                       "RestrictPublicBuckets")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    fatal: bool = True  # a failed non-fatal check is a warning
+
+    @property
+    def symbol(self) -> str:
+        return "ok  " if self.ok else ("FAIL" if self.fatal else "warn")
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "error"))
+
+
+def _in_container() -> bool:
+    return os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
+
+
+def check_credentials() -> CheckResult:
+    credentials = boto3.session.Session().get_credentials()
+    if credentials is None:
+        return CheckResult("credentials", False, "no AWS credentials found")
+    key = credentials.access_key or ""
+    return CheckResult("credentials", True,
+                       f"from {credentials.method} (access key ...{key[-4:]})")
+
+
+def check_bucket_region(s3: Any, bucket: str, config: Config) -> CheckResult:
+    try:
+        location = s3.get_bucket_location(Bucket=bucket).get("LocationConstraint")
+    except ClientError as exc:
+        return CheckResult("bucket", False, f"cannot reach s3://{bucket}: {_error_code(exc)}")
+    region = {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(location, location)
+    if region == config.region:
+        return CheckResult("bucket region", True, f"s3://{bucket} is in {region}")
+    allowed = config.allow_cross_region
+    return CheckResult("bucket region", allowed,
+                       f"s3://{bucket} is in {region}, configured region is {config.region}"
+                       + ("" if allowed else " (set aws.allow_cross_region: true to allow)"),
+                       fatal=not allowed)
+
+
+def check_instance_region(config: Config) -> CheckResult:
+    if not config.imds.enabled:
+        return CheckResult("IMDS", True, "disabled in config: no notices will be seen",
+                           fatal=False)
+    client = ImdsClient(resolve_endpoint(config.imds), token_ttl=60,
+                        timeout=config.imds.timeout, attempts=1)
+    try:
+        region = client.get("meta-data/placement/region")
+    except ImdsError as exc:
+        hint = (" inside a container: set the instance metadata hop limit to 2 or use host "
+                "networking" if _in_container() else "")
+        return CheckResult("IMDS", False, f"{exc}{hint}", fatal=False)
+    if region is None or region == config.region:
+        return CheckResult("IMDS", True, f"reachable at {client.endpoint}, instance in {region}")
+    allowed = config.allow_cross_region
+    return CheckResult("instance region", allowed,
+                       f"the instance is in {region}, configured region is {config.region}",
+                       fatal=not allowed)
+
+
+def check_public_access(s3: Any, bucket: str, config: Config) -> CheckResult:
+    problems = []
+    try:
+        block = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
+        problems += [flag for flag in PUBLIC_ACCESS_FLAGS if not block.get(flag)]
+    except ClientError as exc:
+        problems.append(f"no public access block ({_error_code(exc)})")
+    try:
+        if s3.get_bucket_policy_status(Bucket=bucket)["PolicyStatus"]["IsPublic"]:
+            problems.append("the bucket policy makes it public")
+    except ClientError:
+        pass  # no policy: nothing public through a policy
+    if not problems:
+        return CheckResult("public access", True, "all public access blocked")
+    allowed = config.allow_public_bucket
+    detail = "not fully private: " + ", ".join(problems)
+    if not allowed:
+        detail += " (set aws.allow_public_bucket: true to allow)"
+    return CheckResult("public access", allowed, detail, fatal=not allowed)
+
+
+def check_encryption(s3: Any, bucket: str) -> CheckResult:
+    try:
+        rules = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]
+        algorithm = rules["Rules"][0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"]
+    except (ClientError, KeyError, IndexError):
+        return CheckResult("encryption", True, "no default encryption reported", fatal=False)
+    return CheckResult("encryption", True, f"default encryption {algorithm}")
+
+
+def check_write(s3: Any, bucket: str, config: Config) -> CheckResult:
+    key = object_key(config.watch[0].prefix, f".spotwatch/probe-{socket.gethostname()}")
+    try:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"spotwatch write probe")
+        s3.delete_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        return CheckResult("write", False, f"cannot write s3://{bucket}/{key}: "
+                           f"{_error_code(exc)}")
+    return CheckResult("write", True, f"can write under s3://{bucket}/{config.watch[0].prefix}")
+
+
+def run_checks(config: Config, bucket: str) -> list[CheckResult]:
+    results = [check_credentials()]
+    s3 = make_s3_client(config.region, config.transfer)
+    try:
+        region = check_bucket_region(s3, bucket, config)
+        results.append(region)
+        if region.ok or not region.fatal:
+            results += [check_public_access(s3, bucket, config), check_encryption(s3, bucket),
+                        check_write(s3, bucket, config)]
+    except BotoCoreError as exc:
+        results.append(CheckResult("bucket", False, f"S3 unreachable: {exc}"))
+    results.append(check_instance_region(config))
+    return results
+
+
+def failures(results: list[CheckResult]) -> list[CheckResult]:
+    return [r for r in results if not r.ok and r.fatal]

@@ -1,0 +1,79 @@
+"""`spotwatch check` and the refusal at `run` start: region, public access, write, IMDS."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import boto3
+
+from spotwatch.emulator import ImdsEmulator
+
+from .conftest import Workspace, block_public_access
+
+
+def check(workspace: Workspace, bucket: str | None = None) -> Any:
+    args = ["check", "-c", "config.yaml"] + (["--bucket", bucket] if bucket else [])
+    return workspace.cli(*args)
+
+
+def test_private_same_region_bucket_passes(workspace: Workspace, s3: Any) -> None:
+    result = check(workspace)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("ok") and "bucket region" in line for line in lines)
+    assert any(line.startswith("ok") and "all public access blocked" in line for line in lines)
+    assert any(line.startswith("ok") and "can write" in line for line in lines)
+    assert any("credentials" in line and "...ting" in line for line in lines)
+    assert "testing" not in result.stdout.replace("...ting", "")  # no secrets printed
+    assert not s3.list_objects_v2(Bucket=workspace.bucket).get("KeyCount")  # probe removed
+
+
+def test_cross_region_bucket_is_refused(workspace: Workspace, s3: Any) -> None:
+    eu = boto3.client("s3", region_name="eu-west-1")
+    eu.create_bucket(Bucket=f"{workspace.bucket}-eu",
+                     CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    block_public_access(eu, f"{workspace.bucket}-eu")
+    result = check(workspace, f"{workspace.bucket}-eu")
+    assert result.returncode == 1
+    assert "FAIL  bucket region" in result.stdout
+    assert "eu-west-1" in result.stdout
+    run = workspace.cli("run", "-c", "config.yaml", "--bucket", f"{workspace.bucket}-eu")
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        "spotwatch: error: refusing to start: bucket region")
+    workspace.write_config(aws={"allow_cross_region": True})
+    assert check(workspace, f"{workspace.bucket}-eu").returncode == 0
+
+
+def test_public_bucket_is_refused(workspace: Workspace, s3: Any) -> None:
+    s3.delete_public_access_block(Bucket=workspace.bucket)
+    result = check(workspace)
+    assert result.returncode == 1
+    assert "FAIL  public access" in result.stdout
+    workspace.write_config(aws={"allow_public_bucket": True})
+    assert check(workspace).returncode == 0
+
+
+def test_instance_in_another_region_is_refused(workspace: Workspace) -> None:
+    with ImdsEmulator(region="eu-central-1") as other:
+        workspace.write_config(imds={"endpoint": other.url})
+        result = check(workspace)
+    assert result.returncode == 1
+    assert "the instance is in eu-central-1" in result.stdout
+
+
+def test_unreachable_imds_is_only_a_warning(workspace: Workspace) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    workspace.write_config(imds={"endpoint": f"http://127.0.0.1:{port}", "timeout": 0.3})
+    result = check(workspace)
+    assert result.returncode == 0, result.stdout
+    assert "warn  IMDS" in result.stdout
+
+
+def test_missing_bucket_fails(workspace: Workspace) -> None:
+    result = check(workspace, "no-such-bucket-anywhere")
+    assert result.returncode == 1
+    assert "cannot reach s3://no-such-bucket-anywhere" in result.stdout
