@@ -20,6 +20,7 @@ import yaml
 from moto.server import ThreadedMotoServer
 
 from spotwatch.emulator import ImdsEmulator
+from spotwatch.preflight import PUBLIC_ACCESS_FLAGS
 
 REGION = "us-west-2"
 logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's access log
@@ -63,8 +64,7 @@ def bucket(s3: Any) -> str:
 
 def block_public_access(s3: Any, bucket: str) -> None:
     s3.put_public_access_block(Bucket=bucket, PublicAccessBlockConfiguration={
-        "BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True,
-        "RestrictPublicBuckets": True})
+        flag: True for flag in PUBLIC_ACCESS_FLAGS})
 
 
 @pytest.fixture

@@ -233,11 +233,7 @@ class Daemon:
             log.info("flush_plan", **fields)
 
     def _count_flush_progress(self, result: UploadResult) -> None:
-        if result.outcome is not Outcome.DONE:
-            return
-        self._emit("upload_done", {"key": result.job.key, "size": result.job.snapshot.size,
-                                   "path": str(result.job.path)})
-        if self.flush is not None:
+        if self.flush is not None and result.outcome is Outcome.DONE:
             self.flush.progress.files += 1
             self.flush.progress.bytes += result.job.snapshot.size
 

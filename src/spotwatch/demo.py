@@ -29,6 +29,7 @@ from spotwatch.daemon import Daemon
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.interruption import interruption_pending
 from spotwatch.logs import configure_logging
+from spotwatch.preflight import PUBLIC_ACCESS_FLAGS
 
 BUCKET = "spotwatch-demo"
 REGION = "us-west-2"
@@ -137,8 +138,7 @@ def _rehearse(root: Path, imds: ImdsEmulator) -> int:
     s3: Any = boto3.client("s3", region_name=REGION)
     s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
     s3.put_public_access_block(Bucket=BUCKET, PublicAccessBlockConfiguration={
-        "BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True,
-        "RestrictPublicBuckets": True})
+        flag: True for flag in PUBLIC_ACCESS_FLAGS})
     checkpoints = root / "checkpoints"
     checkpoints.mkdir()
     config = Config(

@@ -57,7 +57,7 @@ class SyncEngine:
         self._wake = wake
         self.uploader = uploader_factory(self._deliver)
         self.bucket = self.uploader.bucket
-        self._in_flight_limit = max(2, self.uploader_concurrency * 2)
+        self._in_flight_limit = max(2, self.uploader.max_concurrency * 2)
         self._retry_at: dict[Path, float] = {}
         self._delayed: list[PendingFile] = []
         self._uploading: dict[UploadJob, PendingFile] = {}
@@ -70,10 +70,6 @@ class SyncEngine:
         self.sealer = SetSealer(ledger, self.uploader)
         self.throughput = ThroughputMeter()
         self._seal_due = 0.0
-
-    @property
-    def uploader_concurrency(self) -> int:
-        return self.uploader._settings.max_concurrency
 
     def add_observer(self, observer: Callable[[UploadResult], None]) -> None:
         self._observers.append(observer)
@@ -122,8 +118,7 @@ class SyncEngine:
         snapshot = Snapshot.of(stat)
         if self.ledger.is_current(self.bucket, key, snapshot.version):
             return False
-        set_ref = SetRef(tracker.watch.prefix, set_name_of(relative), tracker.root)
-        self.planner.add(PendingFile(path, key, snapshot, set_ref))
+        self.planner.add(PendingFile(path, key, snapshot, _set_ref(tracker, relative)))
         return True
 
     def pump(self, upload: bool) -> None:
@@ -165,7 +160,7 @@ class SyncEngine:
             for path in tracker.unsettled_paths():
                 relative = tracker.relative(path)
                 if relative is not None:
-                    busy.add(object_key(tracker.watch.prefix, set_name_of(relative)))
+                    busy.add(_set_ref(tracker, relative).key)
         return busy
 
     def unsettled(self) -> int:
@@ -236,6 +231,10 @@ class SyncEngine:
     def close(self) -> None:
         self.uploader.shutdown()
         self.ledger.close()
+
+
+def _set_ref(tracker: ChangeTracker, relative: str) -> SetRef:
+    return SetRef(tracker.watch.prefix, set_name_of(relative), tracker.root)
 
 
 def _is_regular(stat: os.stat_result) -> bool:

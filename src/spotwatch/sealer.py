@@ -29,7 +29,6 @@ class SetSealer:
         self._dirty: set[SetRef] = set()
         self._attempts: dict[SetRef, int] = {}
         self._not_before: dict[SetRef, float] = {}
-        self.sealed = 0
 
     def __bool__(self) -> bool:
         return bool(self._dirty)
@@ -64,7 +63,6 @@ class SetSealer:
             self._not_before[set_ref] = time.monotonic() + RETRY_SECONDS
             log.warning("set_manifest_retry", set=set_ref.key, error=str(exc))
             return False
-        self.sealed += 1
         log.info("set_complete", set=set_ref.key, files=len(entries), bytes=manifest.bytes,
                  manifest=key)
         return True

@@ -123,6 +123,10 @@ class Uploader:
         self._lock = threading.Lock()
 
     @property
+    def max_concurrency(self) -> int:
+        return self._settings.max_concurrency
+
+    @property
     def checksum_field(self) -> str:
         return f"Checksum{self._settings.checksum_algorithm}"
 
