@@ -1,5 +1,6 @@
 # spotwatch as a sidecar container. Build from a local wheelhouse (no index needed):
 #   pip wheel . -w wheelhouse && docker build -t spotwatch .
+# (buildah/podman: add --format docker so the HEALTHCHECK is kept.)
 ARG BASE_IMAGE=python:3.12-slim
 FROM ${BASE_IMAGE}
 
@@ -8,7 +9,8 @@ RUN python3 -m venv /opt/spotwatch \
     && /opt/spotwatch/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheelhouse \
         spotwatch \
     && rm -rf /tmp/wheelhouse \
-    && useradd --system --uid 10001 --user-group --home-dir /var/lib/spotwatch \
+    && groupadd --gid 10001 spotwatch \
+    && useradd --uid 10001 --gid 10001 --no-log-init --home-dir /var/lib/spotwatch \
         --create-home --shell /usr/sbin/nologin spotwatch
 
 ENV PATH=/opt/spotwatch/bin:$PATH \

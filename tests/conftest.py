@@ -101,6 +101,7 @@ class Workspace:
     config_file: Path
     bucket: str
     imds_url: str
+    launcher: tuple[str, ...] = ()  # a command the daemon runs under, e.g. setpriv
 
     def write_config(self, **sections: Any) -> Path:
         config: dict[str, Any] = {
@@ -134,7 +135,8 @@ class Workspace:
         log_path = self.root / f"daemon-{uuid.uuid4().hex[:6]}.log"
         handle = log_path.open("w")
         process = subprocess.Popen(
-            [sys.executable, "-m", "spotwatch.cli", "run", "-c", str(self.config_file), *args],
+            [*self.launcher, sys.executable, "-m", "spotwatch.cli", "run", "-c",
+             str(self.config_file), *args],
             cwd=self.root, env=self.env(**env), stdout=handle, stderr=subprocess.STDOUT,
         )
         daemon = Daemon(process, log_path)

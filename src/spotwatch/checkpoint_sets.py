@@ -14,10 +14,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 MANIFEST_DIR = ".spotwatch/manifests/"
+WRITE_PROBE = ".spotwatch/probe-"  # `spotwatch check` writes and deletes <prefix>probe-<host>
 MANIFEST_FORMAT = 1
 
 
 def object_key(prefix: str, relative_path: str) -> str:
+    """The key of a file below a watched directory; refuses anything that would leave the
+    prefix (an absolute path or a '..' component), whatever produced the path."""
+    if relative_path.startswith("/") or ".." in relative_path.split("/"):
+        raise ValueError(f"path escapes the watched directory: {relative_path!r}")
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     return prefix + relative_path

@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--to", type=Path, help="destination (default: the watched directory)")
     restore.add_argument("--set", dest="set_name", help="a given set instead of the newest")
     restore.add_argument("--prefix", help="which watched directory, by its prefix")
+    prune = commands.add_parser("prune", parents=[common], help="delete from S3 what was "
+                                "deleted locally (sync.delete) and sets past sync.keep_sets")
+    prune.add_argument("--dry-run", action="store_true", help="only print what would go")
+    prune.add_argument("--delete", action="store_true", default=None,
+                       help="mirror local deletions even if sync.delete is off")
+    prune.add_argument("--keep-sets", type=int, metavar="N", help="override sync.keep_sets")
+    commands.add_parser("iam-policy", parents=[common], help="print the least-privilege IAM "
+                        "policy for the configured bucket and prefixes")
     commands.add_parser("demo", help="rehearse an interruption against embedded S3 and IMDS")
     return parser
 
@@ -61,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _status,
         "check": _check,
         "restore": _restore,
+        "prune": _prune,
+        "iam-policy": _iam_policy,
         "demo": _demo,
     }
     try:
@@ -139,6 +149,33 @@ def _restore(args: argparse.Namespace) -> int:
     report = restore(config, bucket, args.to, args.set_name, args.prefix)
     print(f"restored {report.set_name} into {report.destination}: {report.downloaded} files "
           f"downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already present")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from spotwatch.pruner import prune_once
+
+    config, bucket = _load(args, need_watch_dirs=False)
+    keep_sets = config.sync.keep_sets if args.keep_sets is None else args.keep_sets
+    if keep_sets < 0:
+        raise ConfigError("--keep-sets must be at least 0")
+    mirror = bool(args.delete or config.sync.delete)
+    if not mirror and not keep_sets:
+        raise ConfigError("nothing to prune: set sync.delete or sync.keep_sets "
+                          "(or pass --delete / --keep-sets)")
+    deletions = prune_once(config, bucket, mirror, keep_sets, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for deletion in deletions:
+        print(f"{verb} s3://{bucket}/{deletion.key} ({deletion.reason})")
+    print(f"{verb} {len(deletions)} objects")
+    return 0
+
+
+def _iam_policy(args: argparse.Namespace) -> int:
+    from spotwatch.iam_policy import policy_for
+
+    config, bucket = _load(args, need_watch_dirs=False)
+    print(json.dumps(policy_for(config, bucket), indent=2))
     return 0
 
 

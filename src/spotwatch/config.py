@@ -20,6 +20,8 @@ DEFAULT_REGION = "us-west-2"
 CONFIG_SEARCH_PATH = (Path("config.yaml"), Path("/etc/spotwatch/config.yaml"))
 CHECKSUM_ALGORITHMS = ("CRC32", "CRC32C", "SHA1", "SHA256", "CRC64NVME")
 SYNC_MODES = ("continuous", "on-notice")
+# Server-side encryption asked for on upload: none (the bucket default applies), SSE-S3, SSE-KMS.
+SSE_MODES = ("none", "AES256", "aws:kms")
 LOG_FORMATS = ("auto", "json", "console")
 
 
@@ -40,6 +42,10 @@ class SyncSettings:
     quiet_seconds: float = 5.0
     # How long a SIGTERM may spend on the final flush (systemd's TimeoutStopSec must be longer).
     stop_timeout: float = 100.0
+    # Delete from S3 what spotwatch uploaded and was then deleted locally.
+    delete: bool = False
+    # Keep only this many newest complete checkpoint sets in S3 (0 keeps all).
+    keep_sets: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ class TransferSettings:
     max_concurrency: int = 20
     checksum_algorithm: str = "CRC32"
     max_attempts: int = 10
+    sse: str = "none"
+    sse_kms_key_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,8 @@ _SCHEMA: dict[str, Any] = {
         "settle_seconds": _NUMBER,
         "quiet_seconds": _NUMBER,
         "stop_timeout": _NUMBER,
+        "delete": bool,
+        "keep_sets": int,
     },
     "transfer": {
         "multipart_threshold": _SIZE,
@@ -121,6 +131,8 @@ _SCHEMA: dict[str, Any] = {
         "max_concurrency": int,
         "checksum_algorithm": str,
         "max_attempts": int,
+        "sse": str,
+        "sse_kms_key_id": (str, type(None)),
     },
     "imds": {
         "enabled": bool,
@@ -235,6 +247,12 @@ def _choice(value: str, allowed: tuple[str, ...], key: str) -> str:
     return value
 
 
+def _at_least(value: int, minimum: int, key: str) -> int:
+    if value < minimum:
+        raise ConfigError(f"config key '{key}' must be at least {minimum}")
+    return value
+
+
 def _positive(value: float, key: str) -> float:
     if value <= 0:
         raise ConfigError(f"config key '{key}' must be positive, got {value}")
@@ -310,6 +328,8 @@ def _build_sync(raw: Mapping[str, Any]) -> SyncSettings:
                                 "sync.quiet_seconds"),
         stop_timeout=_positive(raw.get("stop_timeout", defaults.stop_timeout),
                                "sync.stop_timeout"),
+        delete=raw.get("delete", defaults.delete),
+        keep_sets=_at_least(raw.get("keep_sets", defaults.keep_sets), 0, "sync.keep_sets"),
     )
 
 
@@ -326,6 +346,10 @@ def _build_transfer(raw: Mapping[str, Any]) -> TransferSettings:
     if not 1 <= attempts <= 50:
         raise ConfigError("config key 'transfer.max_attempts' must be from 1 to 50")
     algorithm = raw.get("checksum_algorithm", defaults.checksum_algorithm).upper()
+    sse = _choice(raw.get("sse", defaults.sse), SSE_MODES, "transfer.sse")
+    kms_key = raw.get("sse_kms_key_id")
+    if kms_key is not None and sse != "aws:kms":
+        raise ConfigError("config key 'transfer.sse_kms_key_id' needs 'transfer.sse: aws:kms'")
     return TransferSettings(
         multipart_threshold=parse_size(
             raw.get("multipart_threshold", defaults.multipart_threshold),
@@ -335,6 +359,8 @@ def _build_transfer(raw: Mapping[str, Any]) -> TransferSettings:
         max_concurrency=concurrency,
         checksum_algorithm=_choice(algorithm, CHECKSUM_ALGORITHMS, "transfer.checksum_algorithm"),
         max_attempts=attempts,
+        sse=sse,
+        sse_kms_key_id=kms_key,
     )
 
 

@@ -14,6 +14,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from botocore.exceptions import BotoCoreError, ClientError
 from watchdog.observers import Observer
 
 from spotwatch import sdnotify
@@ -24,6 +25,8 @@ from spotwatch.imds import ImdsClient
 from spotwatch.ledger import Ledger
 from spotwatch.notices import Notice, NoticeKind, sources_for
 from spotwatch.notices.poller import NoticePoller
+from spotwatch.orphans import abort_orphaned_uploads
+from spotwatch.pruner import Pruner
 from spotwatch.state import StateDir, StateLock, write_json_atomically
 from spotwatch.throughput import plan_flush
 from spotwatch.tracker import ChangeTracker
@@ -36,6 +39,8 @@ log = structlog.get_logger("spotwatch.daemon")
 
 TICK_SECONDS = 0.05
 STATUS_INTERVAL_SECONDS = 1.0
+# Pruning lists the prefix in S3: at most this often.
+PRUNE_INTERVAL_SECONDS = 5.0
 # `flush` gives a file up after this many failed rounds (each already retried by botocore).
 FLUSH_MAX_FAILURES = 3
 
@@ -75,6 +80,8 @@ class Daemon:
         self._keepalive_due = 0.0
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._engine: SyncEngine | None = None
+        self._pruner: Pruner | None = None
+        self._prune_due = 0.0
 
     # -- public entry points -------------------------------------------------------------
 
@@ -139,6 +146,8 @@ class Daemon:
                             max_failures)
         engine.add_observer(self._count_flush_progress)
         self._engine = engine
+        self._pruner = Pruner(client, self.bucket, engine.ledger, settings.delete,
+                              settings.keep_sets)
         return engine
 
     def _start_poller(self) -> NoticePoller | None:
@@ -177,6 +186,7 @@ class Daemon:
         engine.pump(upload=self._uploads_allowed())
         if self.flush is not None and engine.idle() and engine.unsettled() == 0:
             self._finish_flush()
+        self._maybe_prune(engine)
         if self._keepalive_interval is not None and time.monotonic() >= self._keepalive_due:
             # systemd's watchdog restarts us if this loop ever stalls.
             sdnotify.notify("WATCHDOG=1")
@@ -184,6 +194,23 @@ class Daemon:
         if time.monotonic() >= self._status_due:
             self._write_status(engine)
             self._status_due = time.monotonic() + STATUS_INTERVAL_SECONDS
+
+    def _maybe_prune(self, engine: SyncEngine) -> None:
+        """Deletes run only when all is quiet: never while a notice or a flush needs the time."""
+        if (self._pruner is None or not self._pruner.enabled or not engine.changed_since_prune
+                or self.flush is not None or self._notice_seen
+                or time.monotonic() < self._prune_due
+                or not engine.idle() or engine.unsettled()):
+            return
+        engine.changed_since_prune = False
+        self._prune_due = time.monotonic() + PRUNE_INTERVAL_SECONDS
+        try:
+            deleted = self._pruner.apply(self._pruner.plan(self.config.watch))
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("prune_failed", error=str(exc))
+            engine.changed_since_prune = True
+            return
+        engine.reseal_after_deletions([d.key for d in deleted if not d.retires])
 
     def _on_notice(self, notice: Notice) -> None:
         detected = datetime.now(timezone.utc)
@@ -316,6 +343,7 @@ class _Running:
         self._lock.acquire()
         try:
             engine = self._engine = daemon._build_engine(self._max_failures)
+            abort_orphaned_uploads(engine.uploader.client, daemon.bucket, engine.ledger)
             self._observer = Observer()
             for tracker in engine.trackers:
                 self._observer.schedule(tracker, str(tracker.root), recursive=True)

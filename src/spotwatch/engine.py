@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 
 from spotwatch.checkpoint_sets import object_key, set_name_of
-from spotwatch.ledger import Ledger
+from spotwatch.ledger import Ledger, LedgerError
 from spotwatch.planner import PendingFile, Planner, SetRef
 from spotwatch.sealer import SetSealer
 from spotwatch.throughput import ThroughputMeter
@@ -70,6 +70,8 @@ class SyncEngine:
         self.sealer = SetSealer(ledger, self.uploader)
         self.throughput = ThroughputMeter()
         self._seal_due = 0.0
+        # Deletions and uploads since S3 was last pruned (true at start: catch up on downtime).
+        self.changed_since_prune = True
 
     def add_observer(self, observer: Callable[[UploadResult], None]) -> None:
         self._observers.append(observer)
@@ -95,6 +97,7 @@ class SyncEngine:
     def collect_settled(self) -> None:
         for tracker in self.trackers:
             for path in tracker.take_removed():
+                self.changed_since_prune = True
                 for item in self.planner.remove_under(path):
                     log.debug("pending_dropped", path=str(item.path), reason="deleted")
             for path in tracker.take_settled():
@@ -114,7 +117,11 @@ class SyncEngine:
         relative = tracker.relative(path)
         if relative is None or not _is_regular(stat):
             return False
-        key = object_key(tracker.watch.prefix, relative)
+        try:
+            key = object_key(tracker.watch.prefix, relative)
+        except ValueError as exc:
+            log.error("path_refused", path=str(path), error=str(exc))
+            return False
         snapshot = Snapshot.of(stat)
         if self.ledger.is_current(self.bucket, key, snapshot.version):
             return False
@@ -134,7 +141,19 @@ class SyncEngine:
         for item in self.planner.take(room, self.uploader.is_uploading):
             job = UploadJob(item.path, item.key, item.snapshot)
             self._uploading[job] = item
+            if self.uploader.uses_multipart(job.snapshot.size):
+                # Remembered so that a kill -9 mid-upload leaves no parts behind (see orphans).
+                self._ledger_write(self.ledger.multipart_started, job.key)
             self.uploader.submit(job)
+
+    def _ledger_write(self, write: Callable[..., None], *args: object) -> bool:
+        """Ledger writes may fail (disk full); the upload itself is safe, so carry on."""
+        try:
+            write(self.bucket, *args)
+        except LedgerError as exc:
+            log.error("ledger_write_failed", error=str(exc), key=str(args[0]))
+            return False
+        return True
 
     def remaining_work(self) -> list[PendingFile]:
         """What a flush still has to upload, in order: uploading first, then pending."""
@@ -163,6 +182,14 @@ class SyncEngine:
                     busy.add(_set_ref(tracker, relative).key)
         return busy
 
+    def reseal_after_deletions(self, keys: list[str]) -> None:
+        """Sets that lost objects get a new manifest listing what is left."""
+        for key in keys:
+            for tracker in self.trackers:
+                prefix = object_key(tracker.watch.prefix, "")
+                if key.startswith(prefix):
+                    self.sealer.mark_dirty(_set_ref(tracker, key[len(prefix):]))
+
     def unsettled(self) -> int:
         return sum(t.unsettled_count() for t in self.trackers)
 
@@ -188,11 +215,17 @@ class SyncEngine:
     def _handle(self, result: UploadResult) -> None:
         job = result.job
         item = self._uploading.pop(job)
+        if self.uploader.uses_multipart(job.snapshot.size):
+            self._ledger_write(self.ledger.multipart_finished, job.key)
         fields = {"path": str(job.path), "key": job.key, "size": job.snapshot.size,
                   "seconds": round(result.seconds, 3)}
+        if result.outcome is Outcome.DONE and not self._ledger_write(
+                self.ledger.record, job.key, job.path, job.snapshot.version, result.checksum):
+            # Unrecorded, the file could be left out of its set's manifest: keep it pending
+            # (its set stays unsealed) and upload it again once the ledger can be written.
+            result = UploadResult(job, Outcome.FAILED, result.seconds, error="ledger not written")
         if result.outcome is Outcome.DONE:
-            self.ledger.record(self.bucket, job.key, job.path, job.snapshot.version,
-                               result.checksum)
+            self.changed_since_prune = True
             self.totals.files += 1
             self.totals.bytes += job.snapshot.size
             self.last_upload_at = time.time()

@@ -1,4 +1,9 @@
-"""Durable record (SQLite) of what is in S3, so a restart re-uploads nothing unchanged."""
+"""Durable record (SQLite) of what is in S3, so a restart re-uploads nothing unchanged.
+
+It also remembers which multipart uploads were started and not yet finished, so the orphans
+of a killed process can be aborted on the next start. A write that fails (a full disk) raises
+LedgerError: the caller logs it and carries on, since the object itself is safe in S3.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,10 @@ from pathlib import Path
 
 from spotwatch.errors import SpotwatchError
 
+
+class LedgerError(Exception):
+    """A ledger write failed; the message says why (e.g. database or disk is full)."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
     bucket TEXT NOT NULL,
@@ -20,8 +29,16 @@ CREATE TABLE IF NOT EXISTS objects (
     checksum TEXT,
     uploaded_at REAL NOT NULL,
     PRIMARY KEY (bucket, key)
-)
+);
+CREATE TABLE IF NOT EXISTS multipart_started (
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    PRIMARY KEY (bucket, key)
+);
 """
+# Objects deleted from S3 by retention while the local file stays: not re-uploaded, not listed.
+_RETIRED_COLUMN = "ALTER TABLE objects ADD COLUMN retired INTEGER NOT NULL DEFAULT 0"
 
 
 @dataclass(frozen=True)
@@ -50,7 +67,10 @@ class Ledger:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
+            self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(objects)")}
+            if "retired" not in columns:
+                self._db.execute(_RETIRED_COLUMN)
         except (OSError, sqlite3.Error) as exc:
             raise SpotwatchError(f"cannot open ledger {path}: {exc}") from None
         self._lock = threading.Lock()
@@ -66,33 +86,63 @@ class Ledger:
             ).fetchone()
         return row is not None and FileVersion(*row) == version
 
+    def _write(self, sql: str, parameters: tuple[object, ...]) -> None:
+        with self._lock:
+            try:
+                self._db.execute(sql, parameters)
+            except sqlite3.Error as exc:
+                raise LedgerError(str(exc)) from None
+
     def record(self, bucket: str, key: str, path: Path, version: FileVersion,
                checksum: str | None) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+            (bucket, key, str(path), version.size, version.mtime_ns, checksum, time.time()),
+        )
+
+    def retire(self, bucket: str, key: str) -> None:
+        self._write("UPDATE objects SET retired = 1 WHERE bucket = ? AND key = ?", (bucket, key))
+
+    def live_objects(self, bucket: str, prefix: str) -> list[tuple[str, str]]:
+        """(key, path) of every object recorded under the prefix and not retired."""
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (bucket, key, str(path), version.size, version.mtime_ns, checksum, time.time()),
-            )
+            rows = self._db.execute(
+                "SELECT key, path FROM objects WHERE bucket = ? AND retired = 0"
+                " AND substr(key, 1, ?) = ?", (bucket, len(prefix), prefix)).fetchall()
+        return [(key, path) for key, path in rows]
+
+    def multipart_started(self, bucket: str, key: str) -> None:
+        self._write("INSERT OR REPLACE INTO multipart_started VALUES (?, ?, ?)",
+                    (bucket, key, time.time()))
+
+    def multipart_finished(self, bucket: str, key: str) -> None:
+        self._write("DELETE FROM multipart_started WHERE bucket = ? AND key = ?", (bucket, key))
+
+    def unfinished_multipart(self, bucket: str) -> list[str]:
+        """Keys of multipart uploads started and never finished."""
+        with self._lock:
+            rows = self._db.execute("SELECT key FROM multipart_started WHERE bucket = ?",
+                                    (bucket,)).fetchall()
+        return [key for (key,) in rows]
 
     def objects_in_set(self, bucket: str, set_key: str) -> list[LedgerRow]:
         """(key, path, size, mtime_ns, checksum) of the set's objects: set_key or below it."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT key, path, size, mtime_ns, checksum FROM objects WHERE bucket = ?"
-                " AND (key = ? OR substr(key, 1, ?) = ?)",
+                " AND retired = 0 AND (key = ? OR substr(key, 1, ?) = ?)",
                 (bucket, set_key, len(set_key) + 1, set_key + "/"),
             ).fetchall()
         return [tuple(row) for row in rows]
 
     def forget(self, bucket: str, key: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM objects WHERE bucket = ? AND key = ?", (bucket, key))
+        self._write("DELETE FROM objects WHERE bucket = ? AND key = ?", (bucket, key))
 
     def summary(self, bucket: str) -> LedgerSummary:
         with self._lock:
             count, total, last = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0), MAX(uploaded_at) FROM objects"
-                " WHERE bucket = ?",
+                " WHERE bucket = ? AND retired = 0",
                 (bucket,),
             ).fetchone()
         return LedgerSummary(count, total, last)

@@ -14,10 +14,10 @@ from typing import Any
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from spotwatch.checkpoint_sets import object_key
+from spotwatch.checkpoint_sets import WRITE_PROBE, object_key
 from spotwatch.config import Config
 from spotwatch.imds import ImdsClient, ImdsError, resolve_endpoint
-from spotwatch.uploader import make_s3_client
+from spotwatch.uploader import encryption_args, make_s3_client
 
 PUBLIC_ACCESS_FLAGS = ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy",
                        "RestrictPublicBuckets")
@@ -108,19 +108,26 @@ def check_public_access(s3: Any, bucket: str, config: Config) -> CheckResult:
     return CheckResult("public access", allowed, detail, fatal=not allowed)
 
 
-def check_encryption(s3: Any, bucket: str) -> CheckResult:
+def check_encryption(s3: Any, bucket: str, config: Config) -> CheckResult:
+    uploads = config.transfer.sse
+    if config.transfer.sse_kms_key_id:
+        uploads += f" with key {config.transfer.sse_kms_key_id}"
+    upload_note = "bucket default" if uploads == "none" else uploads
     try:
         rules = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]
         algorithm = rules["Rules"][0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"]
     except (ClientError, KeyError, IndexError):
-        return CheckResult("encryption", True, "no default encryption reported", fatal=False)
-    return CheckResult("encryption", True, f"default encryption {algorithm}")
+        return CheckResult("encryption", True, "no default encryption reported; uploads: "
+                           f"{upload_note}", fatal=False)
+    return CheckResult("encryption", True, f"default encryption {algorithm}; uploads: "
+                       f"{upload_note}")
 
 
 def check_write(s3: Any, bucket: str, config: Config) -> CheckResult:
-    key = object_key(config.watch[0].prefix, f".spotwatch/probe-{socket.gethostname()}")
+    key = object_key(config.watch[0].prefix, WRITE_PROBE + socket.gethostname())
     try:
-        s3.put_object(Bucket=bucket, Key=key, Body=b"spotwatch write probe")
+        s3.put_object(Bucket=bucket, Key=key, Body=b"spotwatch write probe",
+                      **encryption_args(config.transfer))
         s3.delete_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         return CheckResult("write", False, f"cannot write s3://{bucket}/{key}: "
@@ -135,8 +142,8 @@ def run_checks(config: Config, bucket: str) -> list[CheckResult]:
         region = check_bucket_region(s3, bucket, config)
         results.append(region)
         if region.ok or not region.fatal:
-            results += [check_public_access(s3, bucket, config), check_encryption(s3, bucket),
-                        check_write(s3, bucket, config)]
+            results += [check_public_access(s3, bucket, config),
+                        check_encryption(s3, bucket, config), check_write(s3, bucket, config)]
     except BotoCoreError as exc:
         results.append(CheckResult("bucket", False, f"S3 unreachable: {exc}"))
     results.append(check_instance_region(config))

@@ -17,10 +17,11 @@ from typing import Any
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
-from spotwatch.checkpoint_sets import Manifest, ManifestEntry, manifest_prefix
+from spotwatch.checkpoint_sets import Manifest, ManifestEntry, object_key
 from spotwatch.config import Config, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
-from spotwatch.ledger import FileVersion, Ledger
+from spotwatch.ledger import FileVersion, Ledger, LedgerError
+from spotwatch.remote_sets import is_complete, list_manifests
 from spotwatch.state import StateDir
 from spotwatch.uploader import make_s3_client, transfer_config
 
@@ -63,34 +64,10 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _manifests(s3: Any, bucket: str, prefix: str) -> list[Manifest]:
-    listed: list[dict[str, Any]] = []
-    for page in s3.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=manifest_prefix(prefix)):
-        listed.extend(page.get("Contents", []))
-    listed.sort(key=lambda item: item["LastModified"], reverse=True)
-    manifests = []
-    for item in listed[:MANIFESTS_TO_READ]:
-        body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
-        try:
-            manifests.append(Manifest.from_json(body.decode()))
-        except (ValueError, KeyError, TypeError):
-            log.warning("manifest_unreadable", key=item["Key"])
-    return sorted(manifests, key=lambda m: m.newest_mtime_ns, reverse=True)
-
-
-def _is_complete(s3: Any, bucket: str, manifest: Manifest) -> bool:
-    for entry in manifest.files:
-        try:
-            head = s3.head_object(Bucket=bucket, Key=entry.key)
-        except ClientError:
-            return False
-        if head["ContentLength"] != entry.size:
-            return False
-    return True
-
-
-def _target(destination: Path, entry: ManifestEntry) -> Path:
+def _target(destination: Path, manifest: Manifest, entry: ManifestEntry) -> Path:
+    if not entry.key.startswith(object_key(manifest.prefix, "")):
+        raise SpotwatchError(f"manifest {manifest.set_name!r} lists a key outside its prefix: "
+                             f"{entry.key!r}")
     target = (destination / entry.path).resolve()
     if destination.resolve() not in target.parents:
         raise SpotwatchError(f"manifest path escapes the destination: {entry.path!r}")
@@ -114,10 +91,10 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     destination = (to or watch.path).absolute()
     s3 = make_s3_client(config.region, config.transfer)
     try:
-        manifests = _manifests(s3, bucket, watch.prefix)
+        manifests = list_manifests(s3, bucket, watch.prefix, MANIFESTS_TO_READ)
         if set_name is not None:
             manifests = [m for m in manifests if m.set_name == set_name]
-        chosen = next((m for m in manifests if _is_complete(s3, bucket, m)), None)
+        chosen = next((m for m in manifests if is_complete(s3, bucket, m)), None)
     except (BotoCoreError, ClientError) as exc:
         raise SpotwatchError(f"cannot read s3://{bucket}/{watch.prefix}: {exc}") from None
     if chosen is None:
@@ -137,7 +114,7 @@ def _download(s3: Any, bucket: str, manifest: Manifest, destination: Path, confi
     todo: list[tuple[ManifestEntry, Path]] = []
     skipped = 0
     for entry in manifest.files:
-        target = _target(destination, entry)
+        target = _target(destination, manifest, entry)
         try:
             stat = target.stat()
             if (stat.st_size, stat.st_mtime_ns) == (entry.size, entry.mtime_ns):
@@ -158,7 +135,7 @@ def _download(s3: Any, bucket: str, manifest: Manifest, destination: Path, confi
                 ledger.record(bucket, entry.key, target, FileVersion(entry.size, entry.mtime_ns),
                               entry.checksum)
             os.replace(temp, target)
-    except (BotoCoreError, ClientError, OSError) as exc:
+    except (BotoCoreError, ClientError, OSError, LedgerError) as exc:
         raise SpotwatchError(f"restore of {manifest.set_name} failed: {exc}") from None
     finally:
         progress.close()

@@ -26,9 +26,13 @@ def write_json_atomically(target: Path, data: dict[str, Any]) -> None:
     """Readers never see a half-written file: write beside it, then rename over it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-    os.replace(temp, target)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)  # e.g. a full disk: leave no debris behind
+        raise
 
 
 class StateDir:

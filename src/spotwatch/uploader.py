@@ -86,6 +86,16 @@ def make_s3_client(region: str, settings: TransferSettings) -> S3Client:
     return boto3.session.Session().client("s3", config=config)
 
 
+def encryption_args(settings: TransferSettings) -> dict[str, str]:
+    """Request parameters for the configured server-side encryption (none: bucket default)."""
+    if settings.sse == "none":
+        return {}
+    args = {"ServerSideEncryption": settings.sse}
+    if settings.sse_kms_key_id:
+        args["SSEKMSKeyId"] = settings.sse_kms_key_id
+    return args
+
+
 def transfer_config(settings: TransferSettings) -> TransferConfig:
     return TransferConfig(
         multipart_threshold=settings.multipart_threshold,
@@ -126,6 +136,9 @@ class Uploader:
     def max_concurrency(self) -> int:
         return self._settings.max_concurrency
 
+    def uses_multipart(self, size: int) -> bool:
+        return size >= self._settings.multipart_threshold
+
     @property
     def checksum_field(self) -> str:
         return f"Checksum{self._settings.checksum_algorithm}"
@@ -140,7 +153,8 @@ class Uploader:
 
     def submit(self, job: UploadJob) -> None:
         started = time.monotonic()
-        extra_args = {"ChecksumAlgorithm": self._settings.checksum_algorithm}
+        extra_args = {"ChecksumAlgorithm": self._settings.checksum_algorithm,
+                      **encryption_args(self._settings)}
 
         def finished(future: TransferFuture) -> None:
             self._verifier.submit(self._verify, job, future, started)
@@ -155,7 +169,8 @@ class Uploader:
     def put_small(self, key: str, body: bytes, content_type: str) -> None:
         """A small object in one request (manifests); raises on failure."""
         self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type,
-                               ChecksumAlgorithm=self._settings.checksum_algorithm)  # type: ignore[arg-type]
+                               ChecksumAlgorithm=self._settings.checksum_algorithm,  # type: ignore[arg-type]
+                               **encryption_args(self._settings))  # type: ignore[arg-type]
 
     def cancel(self, path: Path) -> bool:
         """Cancel one upload; s3transfer's shutdown(cancel=True) is broken, so per future."""

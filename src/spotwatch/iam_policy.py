@@ -1,0 +1,90 @@
+"""`spotwatch iam-policy`: the least-privilege IAM policy for the configured bucket and prefixes.
+
+Objects are reachable only under the watched prefixes; listing is limited to those prefixes;
+deleting is limited to the write probe unless `sync.delete` or `sync.keep_sets` needs more.
+OPERATION_ACTIONS names the IAM action behind every S3 operation spotwatch calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spotwatch.checkpoint_sets import WRITE_PROBE, object_key
+from spotwatch.config import Config
+
+OPERATION_ACTIONS = {
+    "PutObject": "s3:PutObject",
+    "CreateMultipartUpload": "s3:PutObject",
+    "UploadPart": "s3:PutObject",
+    "CompleteMultipartUpload": "s3:PutObject",
+    "AbortMultipartUpload": "s3:AbortMultipartUpload",
+    "GetObject": "s3:GetObject",
+    "HeadObject": "s3:GetObject",
+    "DeleteObject": "s3:DeleteObject",
+    "DeleteObjects": "s3:DeleteObject",
+    "ListObjectsV2": "s3:ListBucket",
+    "ListMultipartUploads": "s3:ListBucketMultipartUploads",
+    "GetBucketLocation": "s3:GetBucketLocation",
+    "GetPublicAccessBlock": "s3:GetBucketPublicAccessBlock",
+    "GetBucketPolicyStatus": "s3:GetBucketPolicyStatus",
+    "GetBucketEncryption": "s3:GetEncryptionConfiguration",
+}
+
+
+def policy_for(config: Config, bucket: str) -> dict[str, Any]:
+    bucket_arn = f"arn:aws:s3:::{bucket}"
+    prefixes = sorted({object_key(w.prefix, "") for w in config.watch})
+    objects = [f"{bucket_arn}/{prefix}*" for prefix in prefixes]
+    deletes_objects = config.sync.delete or config.sync.keep_sets > 0
+    deletable = objects if deletes_objects else [
+        f"{bucket_arn}/{prefix}{WRITE_PROBE}*" for prefix in prefixes]
+    statements: list[dict[str, Any]] = [
+        {
+            "Sid": "BucketChecks",
+            "Effect": "Allow",
+            "Action": ["s3:GetBucketLocation", "s3:GetBucketPublicAccessBlock",
+                       "s3:GetBucketPolicyStatus", "s3:GetEncryptionConfiguration",
+                       "s3:ListBucketMultipartUploads"],
+            "Resource": bucket_arn,
+        },
+        {
+            "Sid": "ListCheckpointPrefixes",
+            "Effect": "Allow",
+            "Action": "s3:ListBucket",
+            "Resource": bucket_arn,
+            "Condition": {"StringLike": {"s3:prefix": [f"{p}*" for p in prefixes]}},
+        },
+        {
+            "Sid": "ReadWriteCheckpoints",
+            "Effect": "Allow",
+            "Action": ["s3:PutObject", "s3:GetObject", "s3:AbortMultipartUpload"],
+            "Resource": objects,
+        },
+        {
+            "Sid": "DeleteCheckpoints" if deletes_objects else "DeleteWriteProbe",
+            "Effect": "Allow",
+            "Action": "s3:DeleteObject",
+            "Resource": deletable,
+        },
+    ]
+    kms = _kms_statement(config)
+    if kms is not None:
+        statements.append(kms)
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def _kms_statement(config: Config) -> dict[str, Any] | None:
+    """SSE-KMS with a customer key: encrypt (GenerateDataKey) and multipart/restore (Decrypt)."""
+    key = config.transfer.sse_kms_key_id
+    if config.transfer.sse != "aws:kms" or not key:
+        return None  # the AWS managed key needs no IAM grant of its own
+    statement: dict[str, Any] = {"Sid": "CheckpointKmsKey", "Effect": "Allow",
+                                 "Action": ["kms:GenerateDataKey", "kms:Decrypt"]}
+    if key.startswith("arn:"):
+        statement["Resource"] = key
+    elif key.startswith("alias/"):
+        statement["Resource"] = f"arn:aws:kms:{config.region}:*:key/*"
+        statement["Condition"] = {"ForAnyValue:StringEquals": {"kms:ResourceAliases": key}}
+    else:
+        statement["Resource"] = f"arn:aws:kms:{config.region}:*:key/{key}"
+    return statement

@@ -1,0 +1,149 @@
+"""Deletes from S3: mirrored local deletions (`sync.delete`) and retention (`sync.keep_sets`).
+
+Only what spotwatch itself uploaded is ever mirrored: a key is deleted because the ledger says
+its local file was uploaded and is now gone, so an empty directory on a fresh instance deletes
+nothing. Retention keeps the newest `keep_sets` complete sets and removes older sets named by
+their manifests. Keys the watch's filters exclude are never deleted. A set's manifest goes
+before its files, so no set ever looks complete while its files are being removed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from botocore.exceptions import BotoCoreError, ClientError
+
+from spotwatch.checkpoint_sets import MANIFEST_DIR, Manifest, manifest_key, object_key
+from spotwatch.config import Config, WatchDir
+from spotwatch.errors import SpotwatchError
+from spotwatch.filters import PathFilter
+from spotwatch.ledger import Ledger, LedgerError
+from spotwatch.remote_sets import is_complete, list_manifests
+from spotwatch.state import StateDir
+from spotwatch.uploader import make_s3_client
+
+log = structlog.get_logger("spotwatch.prune")
+
+# DeleteObjects takes at most this many keys per request.
+DELETE_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Deletion:
+    key: str
+    reason: str  # "deleted locally" or "retention"
+
+    @property
+    def retires(self) -> bool:
+        """Retention deletes only the S3 copy: the local file stays and is not re-uploaded."""
+        return self.reason == "retention"
+
+
+class Pruner:
+    def __init__(self, s3: Any, bucket: str, ledger: Ledger, mirror_deletes: bool,
+                 keep_sets: int) -> None:
+        self._s3 = s3
+        self._bucket = bucket
+        self._ledger = ledger
+        self._mirror_deletes = mirror_deletes
+        self._keep_sets = keep_sets
+
+    @property
+    def enabled(self) -> bool:
+        return self._mirror_deletes or self._keep_sets > 0
+
+    def plan(self, watches: Iterable[WatchDir]) -> list[Deletion]:
+        """What would be deleted, manifests before the files they list."""
+        deletions: list[Deletion] = []
+        for watch in watches:
+            deletions += self._plan_watch(watch)
+        return deletions
+
+    def apply(self, deletions: list[Deletion]) -> list[Deletion]:
+        """Delete in order; returns what was deleted (a failure stops the rest, kept for later)."""
+        done: list[Deletion] = []
+        for start in range(0, len(deletions), DELETE_BATCH):
+            batch = deletions[start:start + DELETE_BATCH]
+            try:
+                response = self._s3.delete_objects(Bucket=self._bucket, Delete={
+                    "Objects": [{"Key": d.key} for d in batch], "Quiet": True})
+            except (BotoCoreError, ClientError) as exc:
+                log.warning("prune_failed", error=str(exc), remaining=len(deletions) - len(done))
+                return done
+            failed = {error["Key"] for error in response.get("Errors", [])}
+            for deletion in batch:
+                if deletion.key in failed:
+                    log.warning("delete_failed", key=deletion.key)
+                    continue
+                self._forget(deletion)
+                done.append(deletion)
+                log.info("object_deleted", key=deletion.key, reason=deletion.reason)
+            if failed:
+                return done
+        return done
+
+    def _forget(self, deletion: Deletion) -> None:
+        try:
+            if deletion.retires:
+                self._ledger.retire(self._bucket, deletion.key)
+            else:
+                self._ledger.forget(self._bucket, deletion.key)
+        except LedgerError as exc:
+            log.error("ledger_write_failed", key=deletion.key, error=str(exc))
+
+    def _plan_watch(self, watch: WatchDir) -> list[Deletion]:
+        prefix = object_key(watch.prefix, "")
+        accepts = PathFilter.for_watch(watch).accepts
+
+        def deletable(key: str) -> bool:
+            relative = key[len(prefix):] if key.startswith(prefix) else None
+            return (relative is not None and not relative.startswith(MANIFEST_DIR)
+                    and accepts(relative))
+
+        files: dict[str, str] = {}
+        if self._mirror_deletes:
+            for key, path in self._ledger.live_objects(self._bucket, prefix):
+                if deletable(key) and not os.path.lexists(path):
+                    files[key] = "deleted locally"
+        manifests: list[Deletion] = []
+        for manifest in self._manifests_to_drop(watch, files):
+            manifests.append(Deletion(manifest_key(watch.prefix, manifest.set_name),
+                                      "retention" if self._keep_sets else "deleted locally"))
+            for entry in manifest.files:
+                if deletable(entry.key):
+                    files.setdefault(entry.key, "retention")
+        return manifests + [Deletion(key, reason) for key, reason in sorted(files.items())]
+
+    def _manifests_to_drop(self, watch: WatchDir, deleted: dict[str, str]) -> list[Manifest]:
+        """Sets past the newest `keep_sets` complete ones, and sets whose files are all gone."""
+        if not self._keep_sets and not deleted:
+            return []
+        drop: list[Manifest] = []
+        complete_kept = 0
+        for manifest in list_manifests(self._s3, self._bucket, watch.prefix):
+            emptied = bool(manifest.files) and all(e.key in deleted for e in manifest.files)
+            if emptied or (self._keep_sets and complete_kept >= self._keep_sets):
+                drop.append(manifest)
+            elif self._keep_sets and is_complete(self._s3, self._bucket, manifest):
+                complete_kept += 1
+        return drop
+
+
+def prune_once(config: Config, bucket: str, mirror_deletes: bool, keep_sets: int,
+               dry_run: bool) -> list[Deletion]:
+    """`spotwatch prune`: plan, and unless dry_run, delete; returns the deletions."""
+    ledger = Ledger(StateDir(config.state_dir).ledger)
+    try:
+        pruner = Pruner(make_s3_client(config.region, config.transfer), bucket, ledger,
+                        mirror_deletes, keep_sets)
+        try:
+            deletions = pruner.plan(config.watch)
+        except (BotoCoreError, ClientError) as exc:
+            raise SpotwatchError(f"cannot list s3://{bucket}: {exc}") from None
+        return deletions if dry_run else pruner.apply(deletions)
+    finally:
+        ledger.close()

@@ -1,0 +1,195 @@
+"""An HTTP reverse proxy in front of the S3 server that injects faults by rule.
+
+Each request is matched against the rules in order; the first rule with faults left applies:
+an S3 error status (503 SlowDown, 500 InternalError), a connection reset before the request
+reaches S3 or after S3 handled it (the response is lost), or a delay. Everything else is
+forwarded untouched. The proxy records what it saw, so tests can check the faults happened.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+ERROR_BODIES = {
+    503: ("SlowDown", "Please reduce your request rate."),
+    500: ("InternalError", "We encountered an internal error. Please try again."),
+}
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection"}
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+
+    @property
+    def operation(self) -> str:
+        """The S3 operation, as far as faults need telling them apart."""
+        if "uploadId" in self.query:
+            return {"PUT": "UploadPart", "POST": "CompleteMultipartUpload",
+                    "DELETE": "AbortMultipartUpload"}.get(self.method, "ListParts")
+        if "uploads" in self.query:
+            return "CreateMultipartUpload" if self.method == "POST" else "ListMultipartUploads"
+        return {"PUT": "PutObject", "HEAD": "HeadObject", "DELETE": "DeleteObject"}.get(
+            self.method, self.method)
+
+
+@dataclass
+class Rule:
+    action: str  # "503", "500", "reset", "reset-after", "delay"
+    matches: Callable[[Request], bool]
+    times: int = 1
+    delay: float = 0.0
+    applied: int = 0
+
+    def take(self, request: Request) -> bool:
+        if self.applied >= self.times or not self.matches(request):
+            return False
+        self.applied += 1
+        return True
+
+
+@dataclass
+class FaultProxy:
+    upstream: str
+    rules: list[Rule] = field(default_factory=list)
+    seen: list[tuple[Request, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        target = urlsplit(self.upstream)
+        self._upstream = (target.hostname or "127.0.0.1", target.port or 80)
+        self._lock = threading.Lock()
+        handler = type("Handler", (_Handler,), {"proxy": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        # Resets are the point here: no tracebacks for connections we or the client cut.
+        self._server.handle_error = lambda request, address: None  # type: ignore[method-assign]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def add(self, action: str, matches: Callable[[Request], bool], times: int = 1,
+            delay: float = 0.0) -> Rule:
+        rule = Rule(action, matches, times, delay)
+        with self._lock:
+            self.rules.append(rule)
+        return rule
+
+    def choose(self, request: Request) -> Rule | None:
+        with self._lock:
+            for rule in self.rules:
+                if rule.take(request):
+                    return rule
+        return None
+
+    def record(self, request: Request, what: str) -> None:
+        with self._lock:
+            self.seen.append((request, what))
+
+    def count(self, operation: str, what: str = "forwarded") -> int:
+        with self._lock:
+            return sum(1 for r, w in self.seen if r.operation == operation and w == what)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    proxy: FaultProxy
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _handle(self) -> None:
+        body = self._read_body()
+        parts = urlsplit(self.path)
+        request = Request(self.command, parts.path, parse_qs(parts.query, keep_blank_values=True))
+        rule = self.proxy.choose(request)
+        action = rule.action if rule else "forward"
+        if rule is not None and rule.action == "delay":
+            time.sleep(rule.delay)
+        if action in ("503", "500"):
+            self.proxy.record(request, action)
+            self._send_error(int(action))
+            return
+        if action == "reset":
+            self.proxy.record(request, "reset")
+            self._reset()
+            return
+        status, headers, payload = self._forward(body)
+        if action == "reset-after":
+            self.proxy.record(request, "reset-after")
+            self._reset()
+            return
+        self.proxy.record(request, "forwarded")
+        self.send_response(status)
+        for name, value in headers:
+            if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                self.send_header(name, value)
+        # A HEAD reply tells the object's length without a body: pass it on unchanged.
+        length = dict((k.lower(), v) for k, v in headers).get("content-length", "0")
+        self.send_header("Content-Length", length if self.command == "HEAD" else str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        connection = http.client.HTTPConnection(*self.proxy._upstream, timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers["Content-Length"] = str(len(body))
+        try:
+            connection.request(self.command, self.path, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.getheaders(), response.read()
+        finally:
+            connection.close()
+
+    def _send_error(self, status: int) -> None:
+        code, message = ERROR_BODIES[status]
+        payload = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                   f"<Message>{message}</Message><RequestId>fault</RequestId></Error>").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def _reset(self) -> None:
+        # SO_LINGER with a zero timeout makes close() send RST: the client sees a reset.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        self.connection.close()

@@ -1,0 +1,208 @@
+"""Faults: S3 errors, resets and slowness through a fault-injecting proxy; IMDS errors,
+timeouts and token expiry; kill -9 mid-upload; unreadable, deleted and full-disk files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotwatch.emulator import Fault, ImdsEmulator
+from tests.conftest import Workspace, keys_in, object_bytes, wait_for
+from tests.faultproxy import FaultProxy, Request
+
+MiB = 2**20
+MULTIPART = {"multipart_threshold": "5MB", "multipart_chunksize": "5MB"}
+
+
+@pytest.fixture
+def proxy() -> Iterator[FaultProxy]:
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as fault_proxy:
+        yield fault_proxy
+
+
+def checkpoint_data(path: Path, size: int) -> bytes:
+    data = os.urandom(size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def of_files(request: Request) -> bool:
+    """Requests for checkpoint files, not for manifests or the write probe."""
+    return "/.spotwatch/" not in request.path
+
+
+def in_progress_uploads(s3: Any, bucket: str) -> list[dict[str, Any]]:
+    return s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])  # type: ignore[no-any-return]
+
+
+def test_every_file_lands_intact_through_s3_faults(workspace: Workspace, s3: Any,
+                                                   proxy: FaultProxy) -> None:
+    def op(*names: str) -> Any:
+        return lambda r: r.operation in names and of_files(r)
+
+    rules = [
+        proxy.add("503", op("PutObject"), times=4),  # SlowDown: more than one request's retries
+        proxy.add("500", op("UploadPart"), times=2),
+        proxy.add("reset", op("CreateMultipartUpload")),
+        proxy.add("reset-after", op("UploadPart"), times=2),  # S3 took the part, reply lost
+        proxy.add("reset-after", op("PutObject")),
+        proxy.add("503", op("HeadObject"), times=2),
+        proxy.add("delay", op("PutObject", "UploadPart"), times=6, delay=1.0),
+    ]
+    workspace.write_config(transfer={**MULTIPART, "max_attempts": 3, "max_concurrency": 4})
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    expected = {f"run1/shard_{i}.pt": checkpoint_data(workspace.checkpoints / f"shard_{i}.pt",
+                                                      50_000 + i) for i in range(8)}
+    for name in ("big_a.pt", "big_b.pt"):
+        expected[f"run1/{name}"] = checkpoint_data(workspace.checkpoints / name, 12 * MiB)
+
+    def landed() -> bool:
+        keys = keys_in(s3, workspace.bucket)
+        return all(key in keys and object_bytes(s3, workspace.bucket, key) == data
+                   for key, data in expected.items())
+
+    wait_for(landed, timeout=120, interval=0.5)
+    daemon.wait_for_event("set_complete", count=len(expected), timeout=30)
+    assert [rule.applied for rule in rules] == [rule.times for rule in rules]
+    assert daemon.process.poll() is None
+    files = {k for k in keys_in(s3, workspace.bucket) if "/.spotwatch/" not in k}
+    assert files == set(expected)  # nothing duplicated under another name, nothing extra
+    assert in_progress_uploads(s3, workspace.bucket) == []
+    assert daemon.stop() == 0
+
+
+def test_imds_faults_do_not_lose_a_notice(workspace: Workspace, s3: Any,
+                                          imds: ImdsEmulator) -> None:
+    workspace.write_config(sync={"mode": "on-notice"},
+                           imds={"poll_interval": 0.2, "timeout": 0.5})
+    daemon = workspace.start_daemon()
+    data = checkpoint_data(workspace.checkpoints / "step_1.pt", 10_000)
+    wait_for(lambda: imds.counts().get("get", 0) >= 3)
+    imds.expire_tokens()  # the daemon's token is now refused with 401
+    imds.add_fault(Fault(status=500, remaining=6))
+    imds.add_fault(Fault(delay=1.0, remaining=2))  # longer than the client's timeout
+    imds.add_fault(Fault(status=503, remaining=3, applies_to="token"))
+    imds.fire_spot_interruption()
+    notice = daemon.wait_for_event("notice_detected", timeout=30)
+    assert notice["kind"] == "spot-interruption"
+    counts = imds.counts()
+    assert counts["fault_500"] == 6 and counts["fault_503"] == 3
+    assert counts.get("get_401", 0) >= 1
+    daemon.wait_for_event("flush_done")
+    assert object_bytes(s3, workspace.bucket, "run1/step_1.pt") == data
+    assert len(daemon.named("notice_detected")) == 1  # the outage does not duplicate it
+    assert daemon.named("imds_unreachable")
+    assert daemon.stop() == 0
+
+
+def test_kill_9_during_multipart_then_restart(workspace: Workspace, s3: Any,
+                                              proxy: FaultProxy) -> None:
+    workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2})
+    first = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    small = {f"run1/small_{i}.pt": checkpoint_data(workspace.checkpoints / f"small_{i}.pt",
+                                                   20_000) for i in range(3)}
+    first.wait_for_event("upload_done", count=3)
+    proxy.add("delay", lambda r: r.operation == "UploadPart", times=1000, delay=0.7)
+    big = checkpoint_data(workspace.checkpoints / "big.pt", 40 * MiB)
+    wait_for(lambda: proxy.count("UploadPart") >= 2, timeout=60)
+    first.process.kill()
+    first.process.wait()
+    assert [u["Key"] for u in in_progress_uploads(s3, workspace.bucket)] == ["run1/big.pt"]
+
+    proxy.rules.clear()
+    second = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    second.wait_for_event("upload_done")
+    assert object_bytes(s3, workspace.bucket, "run1/big.pt") == big
+    assert [e["key"] for e in second.named("multipart_aborted")] == ["run1/big.pt"]
+    assert [e["key"] for e in second.named("upload_done")] == ["run1/big.pt"]
+    assert in_progress_uploads(s3, workspace.bucket) == []
+    for key, data in small.items():
+        assert object_bytes(s3, workspace.bucket, key) == data
+    assert second.stop() == 0
+
+
+def test_file_deleted_mid_upload_is_skipped(workspace: Workspace, s3: Any,
+                                            proxy: FaultProxy) -> None:
+    workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2})
+    proxy.add("delay", lambda r: r.operation == "UploadPart", times=1000, delay=0.5)
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    doomed = workspace.checkpoints / "doomed.pt"
+    checkpoint_data(doomed, 40 * MiB)
+    wait_for(lambda: proxy.count("UploadPart") >= 1, timeout=60)
+    doomed.unlink()
+    skipped = daemon.wait_for_event("upload_skipped", timeout=60)
+    assert skipped["reason"] == "file deleted"
+    proxy.rules.clear()
+    kept = checkpoint_data(workspace.checkpoints / "next.pt", 30_000)
+    daemon.wait_for_event("upload_done")
+    assert object_bytes(s3, workspace.bucket, "run1/next.pt") == kept
+    assert "run1/doomed.pt" not in keys_in(s3, workspace.bucket)  # never a torn object
+    wait_for(lambda: in_progress_uploads(s3, workspace.bucket) == [], timeout=10)
+    assert daemon.stop() == 0
+
+
+def test_unreadable_file_is_logged_and_retried(workspace: Workspace, s3: Any) -> None:
+    if os.geteuid() == 0:
+        # Root reads any file whatever its mode: run the daemon without that capability.
+        workspace.launcher = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search")
+    locked = workspace.checkpoints / "locked.pt"
+    locked_data = checkpoint_data(locked, 5_000)
+    locked.chmod(0o000)
+    daemon = workspace.start_daemon()
+    readable = checkpoint_data(workspace.checkpoints / "ok.pt", 7_000)
+    failed = daemon.wait_for_event("upload_failed", timeout=30)
+    assert failed["key"] == "run1/locked.pt" and "denied" in failed["error"].lower()
+    wait_for(lambda: "run1/ok.pt" in keys_in(s3, workspace.bucket))
+    assert object_bytes(s3, workspace.bucket, "run1/ok.pt") == readable
+    assert daemon.process.poll() is None
+    locked.chmod(0o644)
+    wait_for(lambda: "run1/locked.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    assert object_bytes(s3, workspace.bucket, "run1/locked.pt") == locked_data
+    assert daemon.stop() == 0
+
+
+@pytest.fixture
+def tiny_state_dir(tmp_path: Path) -> Iterator[Path]:
+    """A state directory on a 1 MiB tmpfs, to fill up."""
+    state = tmp_path / "state"
+    state.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(state)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield state
+    subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_full_state_disk_keeps_the_daemon_uploading(workspace: Workspace, s3: Any,
+                                                    tiny_state_dir: Path) -> None:
+    workspace.write_config(state={"dir": str(tiny_state_dir)})
+    daemon = workspace.start_daemon()
+    filler = tiny_state_dir / "filler"
+    with filler.open("wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 1024)
+        except OSError:
+            pass  # the disk is full now
+    expected = {f"run1/step_{i}.pt": checkpoint_data(workspace.checkpoints / f"step_{i}.pt",
+                                                     30_000) for i in range(20)}
+    wait_for(lambda: expected.keys() <= keys_in(s3, workspace.bucket), timeout=60)
+    daemon.wait_for_event("ledger_write_failed")
+    assert daemon.process.poll() is None
+
+    filler.unlink()
+    # Once there is room again, every file gets recorded and status is written again.
+    wait_for(lambda: len({e["key"] for e in daemon.named("upload_done")}) == len(expected),
+             timeout=60)
+    for key, data in expected.items():
+        assert object_bytes(s3, workspace.bucket, key) == data
+    status_written = (tiny_state_dir / "status.json").stat().st_mtime
+    wait_for(lambda: (tiny_state_dir / "status.json").stat().st_mtime > status_written)
+    assert daemon.stop() == 0
