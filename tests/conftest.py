@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pty
 import subprocess
 import sys
 import time
@@ -110,6 +111,7 @@ class Workspace:
             "sync": {"settle_seconds": 0.2, "quiet_seconds": 1.0, "stop_timeout": 30},
             "imds": {"endpoint": self.imds_url, "poll_interval": 0.2},
             "state": {"dir": str(self.root / "state")},
+            "metrics": {"port": 0},  # any free port: daemons of several tests may overlap
         }
         for name, value in sections.items():
             if isinstance(value, dict) and isinstance(config.get(name), dict):
@@ -130,6 +132,25 @@ class Workspace:
             [sys.executable, "-m", "spotwatch.cli", *args], cwd=self.root, env=self.env(**env),
             capture_output=True, text=True, timeout=timeout,
         )
+
+    def cli_on_terminal(self, *args: str, **env: str) -> tuple[int, str]:
+        """Run the CLI with a pseudo-terminal as stdin/stdout/stderr: (exit code, output)."""
+        controller, terminal = pty.openpty()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spotwatch.cli", *args], cwd=self.root, env=self.env(**env),
+            stdin=terminal, stdout=terminal, stderr=terminal)
+        os.close(terminal)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the terminal closed: the process is done
+                break
+            if not chunk:
+                break
+            output += chunk
+        os.close(controller)
+        return process.wait(timeout=60), output.decode(errors="replace")
 
     def start_daemon(self, *args: str, **env: str) -> Daemon:
         log_path = self.root / f"daemon-{uuid.uuid4().hex[:6]}.log"

@@ -120,29 +120,9 @@ def test_manifest_json_shape(workspace: Workspace, s3: Any) -> None:
 
 
 def test_restore_shows_progress_on_a_terminal(workspace: Workspace) -> None:
-    import pty
-    import subprocess
-    import sys
-
     make_sets(workspace)
-    controller, terminal = pty.openpty()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "spotwatch.cli", "restore", "-c", "config.yaml", "--to",
-         str(workspace.root / "tty")],
-        cwd=workspace.root, env=workspace.env(), stdin=terminal, stdout=terminal,
-        stderr=terminal)
-    os.close(terminal)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(controller, 4096)
-        except OSError:  # the terminal closed: the process is done
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.close(controller)
-    assert process.wait(timeout=60) == 0
-    text = output.decode()
-    assert "\rrestoring step_2:" in text
+    code, text = workspace.cli_on_terminal("restore", "-c", "config.yaml", "--to",
+                                           str(workspace.root / "tty"))
+    assert code == 0, text
+    assert "\rrestoring step_2: [########################]" in text
     assert "(100.0%)" in text

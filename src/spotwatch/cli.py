@@ -120,12 +120,13 @@ def _check(args: argparse.Namespace) -> int:
 def _flush(args: argparse.Namespace) -> int:
     from spotwatch.daemon import Daemon
     from spotwatch.flush_request import request_daemon_flush
+    from spotwatch.progress import ProgressBar
     from spotwatch.state import StateDir
 
     config, bucket = _load(args)
     if request_daemon_flush(StateDir(config.state_dir)):
         return 0
-    outcome = Daemon(config, bucket).flush_once()
+    outcome = Daemon(config, bucket).flush_once(ProgressBar("flushing", 0))
     structlog.get_logger("spotwatch").info(
         "flush_summary", files=outcome.files, bytes=outcome.bytes, failed=outcome.failed)
     return outcome.exit_code

@@ -89,6 +89,15 @@ class HookSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus /metrics and /healthz; localhost only unless told otherwise."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
     format: str = "auto"
@@ -106,6 +115,7 @@ class Config:
     notices: NoticeSettings = field(default_factory=NoticeSettings)
     hooks: HookSettings = field(default_factory=HookSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     state_dir: Path = Path("/var/lib/spotwatch")
     source: Path | None = None
 
@@ -151,6 +161,7 @@ _SCHEMA: dict[str, Any] = {
     },
     "state": {"dir": str},
     "log": {"level": str, "format": str},
+    "metrics": {"enabled": bool, "address": str, "port": int},
 }
 _WATCH_SCHEMA: dict[str, Any] = {"path": str, "prefix": str, "exclude": list, "include": list}
 _REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
@@ -276,6 +287,7 @@ def _build(raw: Mapping[str, Any], source: Path) -> Config:
         notices=NoticeSettings(**raw.get("notices", {})),
         hooks=_build_hooks(raw.get("hooks", {}), source.parent),
         log=_build_log(raw.get("log", {})),
+        metrics=_build_metrics(raw.get("metrics", {})),
         state_dir=_resolve(Path(state["dir"]), source.parent) if "dir" in state
         else default_state_dir(),
         source=source,
@@ -398,6 +410,13 @@ def _build_hooks(raw: Mapping[str, Any], base: Path) -> HookSettings:
             raise ConfigError("config key 'hooks.signal' needs 'hooks.pid_file' (whom to signal)")
     return HookSettings(notice_file=path("notice_file"), signal=signal_name,
                         pid_file=path("pid_file"), command=raw.get("command") or None)
+
+
+def _build_metrics(raw: Mapping[str, Any]) -> MetricsSettings:
+    settings = MetricsSettings(**raw)
+    if not 0 <= settings.port <= 65535:
+        raise ConfigError("config key 'metrics.port' must be from 0 to 65535 (0: any free port)")
+    return settings
 
 
 def _build_log(raw: Mapping[str, Any]) -> LogSettings:

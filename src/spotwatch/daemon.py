@@ -23,9 +23,11 @@ from spotwatch.engine import Progress, SyncEngine
 from spotwatch.hooks import NoticeHooks
 from spotwatch.imds import ImdsClient
 from spotwatch.ledger import Ledger
+from spotwatch.metrics import Metrics, MetricsServer
 from spotwatch.notices import Notice, NoticeKind, sources_for
 from spotwatch.notices.poller import NoticePoller
 from spotwatch.orphans import abort_orphaned_uploads
+from spotwatch.progress import ProgressBar
 from spotwatch.pruner import Pruner
 from spotwatch.state import StateDir, StateLock, write_json_atomically
 from spotwatch.throughput import plan_flush
@@ -82,37 +84,53 @@ class Daemon:
         self._engine: SyncEngine | None = None
         self._pruner: Pruner | None = None
         self._prune_due = 0.0
+        self.metrics = Metrics()
+        self._metrics_url: str | None = None
 
     # -- public entry points -------------------------------------------------------------
 
     def run(self, handle_signals: bool = True) -> int:
         """The daemon: upload continuously, flush on notices, final flush on SIGTERM."""
-        with self._running(max_failures=None) as engine:
+        with self._running(max_failures=None, prune=True) as engine:
             self.hooks.clear()
             poller = self._start_poller()
+            metrics_server = self._start_metrics_server()
             if handle_signals:
                 self._install_signal_handlers()
             sdnotify.notify("READY=1\nSTATUS=watching")
             log.info("daemon_started", bucket=self.bucket, mode=self.config.sync.mode,
-                     watch=[str(w.path) for w in self.config.watch], pid=os.getpid())
-            while not self._stop.is_set():
-                self._step(engine)
-                self._wake.wait(TICK_SECONDS)
-                self._wake.clear()
-            sdnotify.notify("STOPPING=1\nSTATUS=final flush")
-            if poller is not None:
-                poller.stop()
-            return self._final_flush(engine)
+                     watch=[str(w.path) for w in self.config.watch], pid=os.getpid(),
+                     metrics=self._metrics_url)
+            try:
+                while not self._stop.is_set():
+                    self._step(engine)
+                    self._wake.wait(TICK_SECONDS)
+                    self._wake.clear()
+                sdnotify.notify("STOPPING=1\nSTATUS=final flush")
+                if poller is not None:
+                    poller.stop()
+                return self._final_flush(engine)
+            finally:
+                if metrics_server is not None:
+                    metrics_server.stop()
 
-    def flush_once(self) -> RunOutcome:
+    def flush_once(self, progress: ProgressBar | None = None) -> RunOutcome:
         """Upload everything pending, waiting for files being written to settle."""
         with self._running(max_failures=FLUSH_MAX_FAILURES) as engine:
+            if progress is not None:
+                engine.uploader.on_progress = progress
+                engine.add_observer(
+                    lambda r: progress.file_done() if r.outcome is Outcome.DONE else None)
             self._start_flush("manual", None)
             while not (engine.idle() and engine.unsettled() == 0):
                 self._step(engine)
+                if progress is not None:
+                    progress.grow_to(engine.totals.bytes + engine.outstanding_bytes())
                 self._wake.wait(TICK_SECONDS)
                 self._wake.clear()
             self._step(engine)
+            if progress is not None:
+                progress.close()
             failed = len(engine.given_up)
             return RunOutcome(1 if failed else 0, engine.totals.files, engine.totals.bytes,
                               failed)
@@ -128,10 +146,10 @@ class Daemon:
 
     # -- wiring --------------------------------------------------------------------------
 
-    def _running(self, max_failures: int | None) -> _Running:
-        return _Running(self, max_failures)
+    def _running(self, max_failures: int | None, prune: bool = False) -> _Running:
+        return _Running(self, max_failures, prune)
 
-    def _build_engine(self, max_failures: int | None) -> SyncEngine:
+    def _build_engine(self, max_failures: int | None, prune: bool) -> SyncEngine:
         settings = self.config.sync
         trackers = [
             ChangeTracker(w, settings.settle_seconds, settings.quiet_seconds, self._wake.set)
@@ -145,9 +163,11 @@ class Daemon:
         engine = SyncEngine(trackers, Ledger(self.state.ledger), uploader, self._wake.set,
                             max_failures)
         engine.add_observer(self._count_flush_progress)
+        engine.add_observer(self._count_upload)
         self._engine = engine
-        self._pruner = Pruner(client, self.bucket, engine.ledger, settings.delete,
-                              settings.keep_sets)
+        if prune:  # the daemon deletes; a one-off flush only uploads (see `spotwatch prune`)
+            self._pruner = Pruner(client, self.bucket, engine.ledger, settings.delete,
+                                  settings.keep_sets)
         return engine
 
     def _start_poller(self) -> NoticePoller | None:
@@ -158,6 +178,20 @@ class Daemon:
                               self.config.imds.poll_interval, self.notify)
         poller.start()
         return poller
+
+    def _start_metrics_server(self) -> MetricsServer | None:
+        settings = self.config.metrics
+        if not settings.enabled:
+            return None
+        try:
+            server = MetricsServer(self.metrics, settings.address, settings.port).start()
+        except OSError as exc:
+            # Metrics are a convenience: never a reason not to protect the checkpoints.
+            log.warning("metrics_unavailable", address=settings.address, port=settings.port,
+                        error=exc.strerror)
+            return None
+        self._metrics_url = server.url
+        return server
 
     def _install_signal_handlers(self) -> None:
         def stop(signum: int, frame: FrameType | None) -> None:
@@ -182,6 +216,7 @@ class Daemon:
                 self._on_notice(self._notices.get_nowait())
             except queue.Empty:
                 break
+        self.metrics.tick()
         engine.collect_settled()
         engine.pump(upload=self._uploads_allowed())
         if self.flush is not None and engine.idle() and engine.unsettled() == 0:
@@ -226,6 +261,10 @@ class Daemon:
                  deadline=self.last_notice["deadline"],
                  seconds_left=None if seconds_left is None else round(seconds_left, 1))
         self._emit("notice_detected", self.last_notice)
+        self.metrics.notices.labels(notice.kind.value).inc()
+        if notice.posted_at is not None:
+            self.metrics.detection_latency.observe(
+                max(0.0, (detected - notice.posted_at).total_seconds()))
         if notice.kind is not NoticeKind.MANUAL:
             self._notice_seen = True
             self.hooks.fire(dict(self.last_notice))
@@ -259,6 +298,12 @@ class Daemon:
         else:
             log.info("flush_plan", **fields)
 
+    def _count_upload(self, result: UploadResult) -> None:
+        if result.outcome is Outcome.DONE:
+            self.metrics.uploaded(result.job.snapshot.size)
+        elif result.outcome is Outcome.FAILED:
+            self.metrics.upload_errors.inc()
+
     def _count_flush_progress(self, result: UploadResult) -> None:
         if self.flush is not None and result.outcome is Outcome.DONE:
             self.flush.progress.files += 1
@@ -279,6 +324,7 @@ class Daemon:
             "finished_at": datetime.now(timezone.utc).isoformat(),
         }
         log.info("flush_done", **self.last_flush)
+        self.metrics.flush_duration.labels(flush.reason).observe(seconds)
         self._emit("flush_done", self.last_flush)
 
     def _final_flush(self, engine: SyncEngine) -> int:
@@ -311,6 +357,7 @@ class Daemon:
             "updated_at": time.time(),
             "pending_files": len(engine.planner),
             "pending_bytes": engine.planner.pending_bytes,
+            "outstanding_bytes": engine.outstanding_bytes(),
             "unsettled_files": engine.unsettled(),
             "uploading": engine.uploader.in_flight(),
             "uploaded_files": engine.totals.files,
@@ -320,7 +367,11 @@ class Daemon:
             "last_notice": self.last_notice,
             "last_flush": self.last_flush,
             "flushing": self.flush is not None,
+            "metrics_url": self._metrics_url,
         }
+        self.metrics.pending_files.set(len(engine.planner))
+        self.metrics.pending_bytes.set(engine.planner.pending_bytes)
+        self.metrics.uploading.set(engine.uploader.in_flight())
         try:
             write_json_atomically(self.state.status, status)
         except OSError as exc:
@@ -330,9 +381,10 @@ class Daemon:
 class _Running:
     """Context for one run: state lock, engine, watchdog observer and startup scan."""
 
-    def __init__(self, daemon: Daemon, max_failures: int | None) -> None:
+    def __init__(self, daemon: Daemon, max_failures: int | None, prune: bool) -> None:
         self._daemon = daemon
         self._max_failures = max_failures
+        self._prune = prune
         self._lock = StateLock(daemon.state)
         self._observer: Any = None
         self._engine: SyncEngine | None = None
@@ -342,7 +394,7 @@ class _Running:
         daemon.state.ensure()
         self._lock.acquire()
         try:
-            engine = self._engine = daemon._build_engine(self._max_failures)
+            engine = self._engine = daemon._build_engine(self._max_failures, self._prune)
             abort_orphaned_uploads(engine.uploader.client, daemon.bucket, engine.ledger)
             self._observer = Observer()
             for tracker in engine.trackers:

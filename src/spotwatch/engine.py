@@ -159,6 +159,11 @@ class SyncEngine:
         """What a flush still has to upload, in order: uploading first, then pending."""
         return list(self._uploading.values()) + self._delayed + self.planner.ordered()
 
+    def outstanding_bytes(self) -> int:
+        """Bytes still to upload: pending, waiting to retry, or uploading."""
+        return (self.planner.pending_bytes + sum(i.snapshot.size for i in self._delayed)
+                + sum(job.snapshot.size for job in self._uploading))
+
     def idle(self) -> bool:
         """Nothing pending, uploading or waiting for its set's manifest."""
         return (not self.planner and not self._delayed and not self._uploading

@@ -8,8 +8,6 @@ so a rerun skips what is already there and the daemon does not upload them again
 from __future__ import annotations
 
 import os
-import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from spotwatch.checkpoint_sets import Manifest, ManifestEntry, object_key
 from spotwatch.config import Config, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.ledger import FileVersion, Ledger, LedgerError
+from spotwatch.progress import ProgressBar
 from spotwatch.remote_sets import is_complete, list_manifests
 from spotwatch.state import StateDir
 from spotwatch.uploader import make_s3_client, transfer_config
@@ -38,30 +37,6 @@ class RestoreReport:
     downloaded: int
     skipped: int
     bytes: int
-
-
-class _Progress:
-    """One line on a terminal, rewritten as bytes arrive; silent otherwise."""
-
-    def __init__(self, label: str, total: int) -> None:
-        self._label = label
-        self._total = max(total, 1)
-        self._done = 0
-        self._lock = threading.Lock()
-        self._enabled = sys.stderr.isatty()
-
-    def __call__(self, amount: int) -> None:
-        with self._lock:
-            self._done += amount
-            if self._enabled:
-                percent = 100 * self._done / self._total
-                print(f"\r{self._label}: {self._done / 2**20:8.1f} / "
-                      f"{self._total / 2**20:.1f} MiB ({percent:5.1f}%)",
-                      end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self._enabled:
-            print(file=sys.stderr)
 
 
 def _target(destination: Path, manifest: Manifest, entry: ManifestEntry) -> Path:
@@ -123,7 +98,7 @@ def _download(s3: Any, bucket: str, manifest: Manifest, destination: Path, confi
         except FileNotFoundError:
             pass
         todo.append((entry, target))
-    progress = _Progress(f"restoring {manifest.set_name}", sum(e.size for e, _ in todo))
+    progress = ProgressBar(f"restoring {manifest.set_name}", sum(e.size for e, _ in todo))
     tuning = transfer_config(config.transfer)
     try:
         for entry, target in todo:

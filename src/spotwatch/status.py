@@ -64,6 +64,8 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append(f"pending:      {daemon['pending_files']} files, "
                      f"{_size(daemon['pending_bytes'])}; {daemon['unsettled_files']} still "
                      f"being written; {daemon['uploading']} uploading")
+        if daemon.get("metrics_url"):
+            lines.append(f"metrics:      {daemon['metrics_url']}/metrics")
         notice = daemon.get("last_notice")
         lines.append("last notice:  " + (f"{notice['kind']} at {notice['detected_at']}"
                                          f" (deadline {notice['deadline']})" if notice else "none"))

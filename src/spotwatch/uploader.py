@@ -107,8 +107,14 @@ def transfer_config(settings: TransferSettings) -> TransferConfig:
 
 
 class _DoneSubscriber(BaseSubscriber):
-    def __init__(self, callback: Callable[[TransferFuture], None]) -> None:
+    def __init__(self, callback: Callable[[TransferFuture], None],
+                 progress: Callable[[int], None] | None) -> None:
         self._callback = callback
+        self._progress = progress
+
+    def on_progress(self, future: TransferFuture, bytes_transferred: int, **kwargs: Any) -> None:
+        if self._progress is not None:
+            self._progress(bytes_transferred)
 
     def on_done(self, future: TransferFuture, **kwargs: Any) -> None:
         self._callback(future)
@@ -131,6 +137,8 @@ class Uploader:
         self._verifier = ThreadPoolExecutor(max_workers=4, thread_name_prefix="verify")
         self._futures: dict[Path, TransferFuture] = {}
         self._lock = threading.Lock()
+        # Bytes sent, as s3transfer reports them (a progress bar's feed).
+        self.on_progress: Callable[[int], None] | None = None
 
     @property
     def max_concurrency(self) -> int:
@@ -162,7 +170,7 @@ class Uploader:
         with self._lock:
             future = self._manager.upload(
                 str(job.path), self.bucket, job.key, extra_args=extra_args,
-                subscribers=[_DoneSubscriber(finished)],
+                subscribers=[_DoneSubscriber(finished, self.on_progress)],
             )
             self._futures[job.path] = future
 

@@ -23,10 +23,11 @@ class Notice:
     deadline: datetime | None
     id: str
     detail: str = ""
+    posted_at: datetime | None = None  # when AWS posted it, where the item tells
 
     @classmethod
     def make(cls, kind: NoticeKind, deadline: datetime | None, *identity: str,
-             detail: str = "") -> Notice:
+             detail: str = "", posted_at: datetime | None = None) -> Notice:
         """A notice whose id hashes what identifies it, so one seen on every poll acts once."""
         digest = hashlib.sha256("\0".join((kind.value, *identity)).encode()).hexdigest()[:16]
-        return cls(kind=kind, deadline=deadline, id=digest, detail=detail)
+        return cls(kind=kind, deadline=deadline, id=digest, detail=detail, posted_at=posted_at)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 
 from spotwatch.config import NoticeSettings
@@ -17,6 +17,9 @@ class NoticeSource:
     name: str
     path: str
     parse: Callable[[str], list[Notice]]
+
+
+SPOT_WARNING = timedelta(minutes=2)
 
 
 def _iso_time(value: object) -> datetime | None:
@@ -42,13 +45,17 @@ def parse_instance_action(text: str) -> list[Notice]:
     action = str(body.get("action", "unknown"))
     time_text = str(body.get("time", ""))
     # Identity is the raw content, so a garbled answer still yields one stable notice.
-    return [Notice.make(NoticeKind.SPOT_INTERRUPTION, _iso_time(body.get("time")),
-                        action, time_text or text.strip(), detail=action)]
+    deadline = _iso_time(body.get("time"))
+    # The action time is two minutes after the notice is posted (AWS documents it so).
+    posted = deadline - SPOT_WARNING if deadline else None
+    return [Notice.make(NoticeKind.SPOT_INTERRUPTION, deadline, action,
+                        time_text or text.strip(), detail=action, posted_at=posted)]
 
 
 def parse_rebalance(text: str) -> list[Notice]:
     notice_time = str(_json_object(text).get("noticeTime", text.strip()))
-    return [Notice.make(NoticeKind.REBALANCE, None, notice_time, detail=notice_time)]
+    return [Notice.make(NoticeKind.REBALANCE, None, notice_time, detail=notice_time,
+                        posted_at=_iso_time(notice_time))]
 
 
 def _maintenance_time(value: object) -> datetime | None:

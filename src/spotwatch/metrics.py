@@ -1,0 +1,108 @@
+"""Prometheus metrics and /healthz on a local HTTP port (prometheus-client does the format).
+
+The daemon updates the metrics; the server thread only reads them. /healthz answers 200 while
+the daemon's loop has run recently, else 503, so a supervisor can tell a stalled daemon.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+# The loop runs every 50 ms; this long without a tick means it is stuck.
+HEALTHY_WITHIN_SECONDS = 10.0
+_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30, 60)
+_FLUSH_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 90, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.notices = Counter("spotwatch_notices", "Notices acted on", ["kind"], registry=r)
+        self.detection_latency = Histogram(
+            "spotwatch_notice_detection_seconds",
+            "Time from AWS posting a notice to spotwatch seeing it", buckets=_LATENCY_BUCKETS,
+            registry=r)
+        self.pending_files = Gauge("spotwatch_pending_files",
+                                   "Files changed and not yet in S3", registry=r)
+        self.pending_bytes = Gauge("spotwatch_pending_bytes",
+                                   "Bytes changed and not yet in S3", registry=r)
+        self.uploading = Gauge("spotwatch_uploads_in_flight", "Uploads in progress", registry=r)
+        self.uploaded_files = Counter("spotwatch_uploaded_files", "Files uploaded", registry=r)
+        self.uploaded_bytes = Counter("spotwatch_uploaded_bytes", "Bytes uploaded", registry=r)
+        self.upload_errors = Counter("spotwatch_upload_errors", "Failed uploads", registry=r)
+        self.last_upload = Gauge("spotwatch_last_upload_timestamp_seconds",
+                                 "Unix time of the last successful upload", registry=r)
+        self.flush_duration = Histogram("spotwatch_flush_duration_seconds",
+                                        "Duration of flushes", ["reason"],
+                                        buckets=_FLUSH_BUCKETS, registry=r)
+        self._last_upload_at: float | None = None
+        self._last_tick = time.monotonic()
+        Gauge("spotwatch_last_upload_age_seconds", "Seconds since the last successful upload "
+              "(-1 before the first)", registry=r).set_function(self._upload_age)
+
+    def tick(self) -> None:
+        self._last_tick = time.monotonic()
+
+    def healthy(self) -> bool:
+        return time.monotonic() - self._last_tick < HEALTHY_WITHIN_SECONDS
+
+    def uploaded(self, size: int) -> None:
+        self.uploaded_files.inc()
+        self.uploaded_bytes.inc(size)
+        self._last_upload_at = time.time()
+        self.last_upload.set(self._last_upload_at)
+
+    def _upload_age(self) -> float:
+        return -1.0 if self._last_upload_at is None else time.time() - self._last_upload_at
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes every few seconds would drown the daemon's own log
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class MetricsServer:
+    """Serves /metrics and /healthz until stopped."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        metrics_app = make_wsgi_app(metrics.registry)
+
+        def app(environ: dict[str, Any],
+                start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") == "/healthz":
+                ok = metrics.healthy()
+                start_response("200 OK" if ok else "503 Service Unavailable",
+                               [("Content-Type", "text/plain")])
+                return [b"ok\n" if ok else b"stalled\n"]
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+        self._server = make_server(host, port, app, server_class=_ThreadingServer,
+                                   handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics",
+                                        daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        return f"http://[{name}]:{port}" if ":" in name else f"http://{name}:{port}"
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

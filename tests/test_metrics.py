@@ -1,0 +1,130 @@
+"""Prometheus metrics and /healthz, scraped over HTTP from a running daemon."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from spotwatch.emulator import ImdsEmulator
+from spotwatch.metrics import Metrics, MetricsServer
+
+from .conftest import Daemon, Workspace
+from .test_daemon_e2e import save_checkpoint
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = requests.get(f"{url}/metrics", timeout=5).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def metrics_url(daemon: Daemon) -> str:
+    url = daemon.named("daemon_started")[0]["metrics"]
+    assert url and url.startswith("http://127.0.0.1:")
+    return str(url)
+
+
+def test_metrics_follow_pending_work_uploads_notices_and_flushes(
+        workspace: Workspace, imds: ImdsEmulator) -> None:
+    workspace.write_config(sync={"mode": "on-notice"})
+    daemon = workspace.start_daemon()
+    url = metrics_url(daemon)
+    assert requests.get(f"{url}/healthz", timeout=5).text == "ok\n"
+    save_checkpoint(workspace.checkpoints / "step_1.pt", 12_345)
+
+    def pending() -> float:
+        return scrape(url)[("spotwatch_pending_files", ())]
+
+    deadline = time.monotonic() + 10
+    while pending() != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    before = scrape(url)
+    assert before[("spotwatch_pending_files", ())] == 1
+    assert before[("spotwatch_pending_bytes", ())] == 12_345
+    assert before[("spotwatch_uploaded_files_total", ())] == 0
+    assert before[("spotwatch_last_upload_age_seconds", ())] == -1
+
+    imds.fire_spot_interruption()
+    daemon.wait_for_event("flush_done")
+    time.sleep(1.2)  # the gauges follow the status, written every second
+    after = scrape(url)
+    assert after[("spotwatch_pending_files", ())] == 0
+    assert after[("spotwatch_uploaded_files_total", ())] == 1
+    assert after[("spotwatch_uploaded_bytes_total", ())] == 12_345
+    assert 0 <= after[("spotwatch_last_upload_age_seconds", ())] < 10
+    assert after[("spotwatch_notices_total", (("kind", "spot-interruption"),))] == 1
+    assert after[("spotwatch_notice_detection_seconds_count", ())] == 1
+    # The notice's time has whole seconds, so the estimate can be up to a second long.
+    assert after[("spotwatch_notice_detection_seconds_sum", ())] < 2.5
+    reason = (("reason", "spot-interruption"),)
+    assert after[("spotwatch_flush_duration_seconds_count", reason)] == 1
+    assert daemon.stop() == 0
+
+
+def test_busy_metrics_port_does_not_stop_the_daemon(workspace: Workspace) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        workspace.write_config(metrics={"port": taken.getsockname()[1]})
+        daemon = workspace.start_daemon()
+        warning = daemon.wait_for_event("metrics_unavailable")
+        assert warning["port"] == taken.getsockname()[1]
+        save_checkpoint(workspace.checkpoints / "a.pt", 100)
+        daemon.wait_for_event("upload_done")
+        assert daemon.stop() == 0
+
+
+def test_metrics_can_be_switched_off(workspace: Workspace) -> None:
+    workspace.write_config(metrics={"enabled": False})
+    daemon = workspace.start_daemon()
+    assert daemon.named("daemon_started")[0]["metrics"] is None
+    assert daemon.stop() == 0
+
+
+def test_healthz_reports_a_stalled_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    metrics = Metrics()
+    server = MetricsServer(metrics, "127.0.0.1", 0).start()
+    try:
+        assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+        metrics._last_tick -= 60  # as if the loop had not run for a minute
+        stalled = requests.get(f"{server.url}/healthz", timeout=5)
+        assert (stalled.status_code, stalled.text) == (503, "stalled\n")
+        metrics.tick()
+        assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_metrics_port_config_errors(workspace: Workspace) -> None:
+    workspace.write_config(metrics={"port": 70000})
+    result: Any = workspace.cli("check", "-c", "config.yaml")
+    assert result.returncode == 2 and "metrics.port" in result.stderr
+
+
+def test_flush_shows_a_progress_bar_on_a_terminal(workspace: Workspace) -> None:
+    for i in range(3):
+        save_checkpoint(workspace.checkpoints / f"shard_{i}.pt", 2 * 2**20)
+    code, text = workspace.cli_on_terminal("flush", "-c", "config.yaml")
+    assert code == 0, text
+    assert "\rflushing: [########################]" in text
+    assert "6.0 / 6.0 MiB (100.0%), 3 files" in text
+
+
+def test_delegated_flush_and_status_on_a_terminal(workspace: Workspace) -> None:
+    workspace.write_config(sync={"mode": "on-notice"})
+    daemon = workspace.start_daemon()
+    save_checkpoint(workspace.checkpoints / "a.pt", 3 * 2**20)
+    code, text = workspace.cli_on_terminal("flush", "-c", "config.yaml")
+    assert code == 0, text
+    assert "\rdaemon flushing: [" in text
+    status = workspace.cli("status", "-c", "config.yaml")
+    assert f"metrics:      {metrics_url(daemon)}/metrics" in status.stdout
+    assert daemon.stop() == 0
