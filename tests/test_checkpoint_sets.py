@@ -37,7 +37,7 @@ def test_manifest_waits_for_the_whole_set(workspace: Workspace, s3: Any) -> None
     assert {(f.path, f.size) for f in manifest.files} == {
         ("step_1/a.pt", 100_000), ("step_1/b.pt", 200_000), ("step_1/c.pt", 100_000)}
     assert all(f.checksum for f in manifest.files)
-    assert daemon.named("set_complete")[0]["files"] == 3
+    assert daemon.wait_for_event("set_complete")["files"] == 3
     assert daemon.stop() == 0
 
 

@@ -2,6 +2,9 @@
 
 Each upload is checked after it completes: if the file changed while it was read, the outcome
 says so and the caller uploads it again, so the final object always equals the final file.
+Files below the multipart threshold go up in one PutObject of our own, whose reply carries the
+checksum S3 verified; that saves the HEAD a managed transfer needs, which matters for many
+small files. Larger files go through s3transfer's multipart machinery.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -77,7 +80,8 @@ def make_s3_client(region: str, settings: TransferSettings) -> S3Client:
     config = BotoConfig(
         region_name=region,
         retries={"mode": "adaptive", "max_attempts": settings.max_attempts},
-        max_pool_connections=settings.max_concurrency + 4,
+        # Single-part and multipart uploads each run up to max_concurrency requests.
+        max_pool_connections=2 * settings.max_concurrency + 4,
         connect_timeout=5,
         read_timeout=60,
         request_checksum_calculation="when_supported",
@@ -135,7 +139,9 @@ class Uploader:
         self._manager = create_transfer_manager(client, transfer_config(settings))
         # Verification (stat + HEAD) runs off s3transfer's own threads so they keep uploading.
         self._verifier = ThreadPoolExecutor(max_workers=4, thread_name_prefix="verify")
-        self._futures: dict[Path, TransferFuture] = {}
+        self._single_part = ThreadPoolExecutor(max_workers=settings.max_concurrency,
+                                               thread_name_prefix="put")
+        self._futures: dict[Path, TransferFuture | Future[Any]] = {}
         self._lock = threading.Lock()
         # Bytes sent, as s3transfer reports them (a progress bar's feed).
         self.on_progress: Callable[[int], None] | None = None
@@ -159,26 +165,45 @@ class Uploader:
         with self._lock:
             return path in self._futures
 
+    def _extra_args(self) -> dict[str, str]:
+        return {"ChecksumAlgorithm": self._settings.checksum_algorithm,
+                **encryption_args(self._settings)}
+
     def submit(self, job: UploadJob) -> None:
         started = time.monotonic()
-        extra_args = {"ChecksumAlgorithm": self._settings.checksum_algorithm,
-                      **encryption_args(self._settings)}
 
-        def finished(future: TransferFuture) -> None:
+        def finished(future: TransferFuture | Future[Any]) -> None:
             self._verifier.submit(self._verify, job, future, started)
 
         with self._lock:
-            future = self._manager.upload(
-                str(job.path), self.bucket, job.key, extra_args=extra_args,
-                subscribers=[_DoneSubscriber(finished, self.on_progress)],
-            )
+            future: TransferFuture | Future[Any]
+            if self.uses_multipart(job.snapshot.size):
+                future = self._manager.upload(
+                    str(job.path), self.bucket, job.key, extra_args=self._extra_args(),
+                    subscribers=[_DoneSubscriber(finished, self.on_progress)],
+                )
+            else:
+                future = self._single_part.submit(self._put_file, job)
+                future.add_done_callback(finished)
             self._futures[job.path] = future
+
+    def _put_file(self, job: UploadJob) -> dict[str, Any]:
+        with job.path.open("rb") as body:
+            response = self.client.put_object(Bucket=self.bucket, Key=job.key, Body=body,
+                                              **self._extra_args())  # type: ignore[arg-type]
+        if self.on_progress is not None:
+            self.on_progress(job.snapshot.size)
+        return dict(response)
 
     def put_small(self, key: str, body: bytes, content_type: str) -> None:
         """A small object in one request (manifests); raises on failure."""
         self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type,
                                ChecksumAlgorithm=self._settings.checksum_algorithm,  # type: ignore[arg-type]
                                **encryption_args(self._settings))  # type: ignore[arg-type]
+
+    def put_small_async(self, key: str, body: bytes, content_type: str) -> Future[None]:
+        """put_small on an upload thread; the future holds the error, if any."""
+        return self._single_part.submit(self.put_small, key, body, content_type)
 
     def cancel(self, path: Path) -> bool:
         """Cancel one upload; s3transfer's shutdown(cancel=True) is broken, so per future."""
@@ -198,20 +223,23 @@ class Uploader:
     def shutdown(self) -> None:
         self.cancel_all()
         self._manager.shutdown()
+        self._single_part.shutdown(wait=True, cancel_futures=True)
         self._verifier.shutdown(wait=True)
 
-    def _verify(self, job: UploadJob, future: TransferFuture, started: float) -> None:
+    def _verify(self, job: UploadJob, future: TransferFuture | Future[Any],
+                started: float) -> None:
         result = self._check(job, future, started)
         with self._lock:
             self._futures.pop(job.path, None)
         self._on_result(result)
 
-    def _check(self, job: UploadJob, future: TransferFuture, started: float) -> UploadResult:
+    def _check(self, job: UploadJob, future: TransferFuture | Future[Any],
+               started: float) -> UploadResult:
         def result(outcome: Outcome, **extra: Any) -> UploadResult:
             return UploadResult(job, outcome, time.monotonic() - started, **extra)
 
         try:
-            future.result()
+            reply = future.result()
         except Exception as exc:  # s3transfer re-raises whatever the transfer hit
             if type(exc).__name__ == "CancelledError":
                 return result(Outcome.CANCELLED)
@@ -224,6 +252,10 @@ class Uploader:
             return result(Outcome.VANISHED)
         if after != job.snapshot:
             return result(Outcome.CHANGED)
+        sent_checksum = reply.get(self.checksum_field) if isinstance(reply, dict) else None
+        if isinstance(sent_checksum, str):
+            # One PutObject of a file unchanged throughout: S3 checked the bytes against it.
+            return result(Outcome.DONE, checksum=sent_checksum)
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=job.key, ChecksumMode="ENABLED")
         except (BotoCoreError, ClientError) as exc:
