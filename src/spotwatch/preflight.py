@@ -135,9 +135,10 @@ def check_write(s3: Any, bucket: str, config: Config) -> CheckResult:
     return CheckResult("write", True, f"can write under s3://{bucket}/{config.watch[0].prefix}")
 
 
-def run_checks(config: Config, bucket: str) -> list[CheckResult]:
+def run_checks(config: Config, bucket: str, s3: Any | None = None) -> list[CheckResult]:
+    """All checks; `s3` lets `run` share its client (each one costs ~12 MB of models)."""
     results = [check_credentials()]
-    s3 = make_s3_client(config.region, config.transfer)
+    s3 = s3 or make_s3_client(config.region, config.transfer)
     try:
         region = check_bucket_region(s3, bucket, config)
         results.append(region)

@@ -110,24 +110,26 @@ class Pruner:
                 if deletable(key) and not os.path.lexists(path):
                     files[key] = "deleted locally"
         manifests: list[Deletion] = []
-        for manifest in self._manifests_to_drop(watch, files):
-            manifests.append(Deletion(manifest_key(watch.prefix, manifest.set_name),
-                                      "retention" if self._keep_sets else "deleted locally"))
+        for manifest, reason in self._manifests_to_drop(watch, files):
+            manifests.append(Deletion(manifest_key(watch.prefix, manifest.set_name), reason))
             for entry in manifest.files:
                 if deletable(entry.key):
                     files.setdefault(entry.key, "retention")
         return manifests + [Deletion(key, reason) for key, reason in sorted(files.items())]
 
-    def _manifests_to_drop(self, watch: WatchDir, deleted: dict[str, str]) -> list[Manifest]:
-        """Sets past the newest `keep_sets` complete ones, and sets whose files are all gone."""
+    def _manifests_to_drop(self, watch: WatchDir,
+                           deleted: dict[str, str]) -> list[tuple[Manifest, str]]:
+        """Sets whose files are all gone locally, and sets past the newest `keep_sets`
+        complete ones, each with its reason."""
         if not self._keep_sets and not deleted:
             return []
-        drop: list[Manifest] = []
+        drop: list[tuple[Manifest, str]] = []
         complete_kept = 0
         for manifest in list_manifests(self._s3, self._bucket, watch.prefix):
-            emptied = bool(manifest.files) and all(e.key in deleted for e in manifest.files)
-            if emptied or (self._keep_sets and complete_kept >= self._keep_sets):
-                drop.append(manifest)
+            if manifest.files and all(e.key in deleted for e in manifest.files):
+                drop.append((manifest, "deleted locally"))
+            elif self._keep_sets and complete_kept >= self._keep_sets:
+                drop.append((manifest, "retention"))
             elif self._keep_sets and is_complete(self._s3, self._bucket, manifest):
                 complete_kept += 1
         return drop
