@@ -117,20 +117,21 @@ class Daemon:
     def flush_once(self, progress: ProgressBar | None = None) -> RunOutcome:
         """Upload everything pending, waiting for files being written to settle."""
         with self._running(max_failures=FLUSH_MAX_FAILURES) as engine:
-            if progress is not None:
-                engine.uploader.on_progress = progress
+            shown = progress if progress is not None and progress.enabled else None
+            if shown is not None:  # no terminal, no per-chunk callbacks or byte sums
+                engine.uploader.on_progress = shown
                 engine.add_observer(
-                    lambda r: progress.file_done() if r.outcome is Outcome.DONE else None)
+                    lambda r: shown.file_done() if r.outcome is Outcome.DONE else None)
             self._start_flush("manual", None)
             while not (engine.idle() and engine.unsettled() == 0):
                 self._step(engine)
-                if progress is not None:
-                    progress.grow_to(engine.totals.bytes + engine.outstanding_bytes())
+                if shown is not None:
+                    shown.grow_to(engine.totals.bytes + engine.outstanding_bytes())
                 self._wake.wait(TICK_SECONDS)
                 self._wake.clear()
             self._step(engine)
-            if progress is not None:
-                progress.close()
+            if shown is not None:
+                shown.close()
             failed = len(engine.given_up)
             return RunOutcome(1 if failed else 0, engine.totals.files, engine.totals.bytes,
                               failed)

@@ -85,6 +85,7 @@ def make_s3_client(region: str, settings: TransferSettings) -> S3Client:
         connect_timeout=5,
         read_timeout=60,
         request_checksum_calculation="when_supported",
+        parameter_validation=False,  # spotwatch builds every request itself
         response_checksum_validation="when_supported",
     )
     return boto3.session.Session().client("s3", config=config)
