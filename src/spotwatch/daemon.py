@@ -352,15 +352,17 @@ class Daemon:
             listener(event, data)
 
     def _write_status(self, engine: SyncEngine) -> None:
+        pending_files, pending_bytes = len(engine.planner), engine.planner.pending_bytes
+        uploading = engine.uploader.in_flight()
         status = {
             "pid": os.getpid(),
             "bucket": self.bucket,
             "updated_at": time.time(),
-            "pending_files": len(engine.planner),
-            "pending_bytes": engine.planner.pending_bytes,
+            "pending_files": pending_files,
+            "pending_bytes": pending_bytes,
             "outstanding_bytes": engine.outstanding_bytes(),
             "unsettled_files": engine.unsettled(),
-            "uploading": engine.uploader.in_flight(),
+            "uploading": uploading,
             "uploaded_files": engine.totals.files,
             "uploaded_bytes": engine.totals.bytes,
             "upload_failures": engine.totals.failures,
@@ -370,9 +372,9 @@ class Daemon:
             "flushing": self.flush is not None,
             "metrics_url": self._metrics_url,
         }
-        self.metrics.pending_files.set(len(engine.planner))
-        self.metrics.pending_bytes.set(engine.planner.pending_bytes)
-        self.metrics.uploading.set(engine.uploader.in_flight())
+        self.metrics.pending_files.set(pending_files)
+        self.metrics.pending_bytes.set(pending_bytes)
+        self.metrics.uploading.set(uploading)
         try:
             write_json_atomically(self.state.status, status)
         except OSError as exc:

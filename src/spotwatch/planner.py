@@ -43,6 +43,8 @@ class Planner:
     def __init__(self) -> None:
         self._pending: dict[Path, PendingFile] = {}
         self._order: list[PendingFile] | None = None
+        # Kept up to date on every change: status, metrics and progress read it often.
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -52,12 +54,14 @@ class Planner:
 
     @property
     def pending_bytes(self) -> int:
-        return sum(item.size for item in self._pending.values())
+        return self._bytes
 
     def items(self) -> list[PendingFile]:
         return list(self._pending.values())
 
     def add(self, item: PendingFile) -> None:
+        replaced = self._pending.get(item.path)
+        self._bytes += item.size - (replaced.size if replaced else 0)
         self._pending[item.path] = item
         self._order = None
 
@@ -66,6 +70,7 @@ class Planner:
         gone = [p for p in self._pending if p == path or path in p.parents]
         removed = [self._pending.pop(p) for p in gone]
         if removed:
+            self._bytes -= sum(item.size for item in removed)
             self._order = None
         return removed
 
@@ -85,6 +90,7 @@ class Planner:
             if len(taken) < count and not busy(item.path):
                 taken.append(item)
                 del self._pending[item.path]
+                self._bytes -= item.size
             else:
                 kept.append(item)
         self._order = kept
