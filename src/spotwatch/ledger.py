@@ -33,7 +33,6 @@ CREATE TABLE IF NOT EXISTS objects (
 CREATE TABLE IF NOT EXISTS multipart_started (
     bucket TEXT NOT NULL,
     key TEXT NOT NULL,
-    started_at REAL NOT NULL,
     PRIMARY KEY (bucket, key)
 );
 """
@@ -112,8 +111,7 @@ class Ledger:
         return [(key, path) for key, path in rows]
 
     def multipart_started(self, bucket: str, key: str) -> None:
-        self._write("INSERT OR REPLACE INTO multipart_started VALUES (?, ?, ?)",
-                    (bucket, key, time.time()))
+        self._write("INSERT OR REPLACE INTO multipart_started VALUES (?, ?)", (bucket, key))
 
     def multipart_finished(self, bucket: str, key: str) -> None:
         self._write("DELETE FROM multipart_started WHERE bucket = ? AND key = ?", (bucket, key))
