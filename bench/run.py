@@ -182,30 +182,46 @@ class Bench:
 # -- scenarios ------------------------------------------------------------------------------
 
 
-def bulk(bench: Bench, name: str, make: Callable[[Path], int]) -> list[dict[str, Any]]:
-    """(a) upload a directory, and (b) the same sync again with nothing changed."""
+TOOLS = ("spotwatch flush", "spotwatch flush, 10 concurrent", "aws s3 sync", "s5cmd sync")
+
+
+def bulk(bench: Bench, name: str, make: Callable[[Path], int],
+         repeats: int) -> list[dict[str, Any]]:
+    """(a) upload a directory, and (b) the same sync again with nothing changed.
+
+    Every tool runs `repeats` times, the order rotating each round so that no tool always
+    follows the same one; rows keep the median and the spread."""
     source = bench.work / name
     total = make(source)
     # Data at rest, as the other tools assume: spotwatch waits quiet_seconds for a file
     # written moments ago and never seen closed, in case it is still being written.
     for path in source.rglob("*"):
         os.utime(path, (time.time() - 60, time.time() - 60))
-    rows = []
-    for tool in ("spotwatch flush", "spotwatch flush, 10 concurrent", "aws s3 sync",
-                 "s5cmd sync"):
-        bucket = bench.new_bucket()
-        command = bench.tools(source, bucket)[tool]
-        first = run(command, bench.env)
-        files = bench.count(bucket, "data/")
-        again = run(command, bench.env)
-        rows.append({"scenario": name, "tool": tool, "seconds": first.seconds,
-                     "mib_per_s": total / MiB / first.seconds, "rss_mib": first.peak_rss_mib,
-                     "noop_seconds": again.seconds, "objects": files})
-        print(f"  {name:<12} {tool:<31} {first.seconds:7.2f}s  "
-              f"{total / MiB / first.seconds:7.1f} MiB/s  rss {first.peak_rss_mib:6.1f} MiB  "
-              f"no-op {again.seconds:5.2f}s", flush=True)
-        bench.drop_bucket(bucket)
+    samples: dict[str, list[tuple[Timed, Timed, int]]] = {tool: [] for tool in TOOLS}
+    for round_number in range(repeats):
+        shift = round_number % len(TOOLS)
+        for tool in TOOLS[shift:] + TOOLS[:shift]:
+            bucket = bench.new_bucket()
+            command = bench.tools(source, bucket)[tool]
+            first = run(command, bench.env)
+            files = bench.count(bucket, "data/")
+            again = run(command, bench.env)
+            samples[tool].append((first, again, files))
+            print(f"  {name:<12} {tool:<31} {first.seconds:7.2f}s  "
+                  f"{total / MiB / first.seconds:7.1f} MiB/s  "
+                  f"rss {first.peak_rss_mib:6.1f} MiB  no-op {again.seconds:5.2f}s", flush=True)
+            bench.drop_bucket(bucket)
     shutil.rmtree(source)
+    rows = []
+    for tool, runs in samples.items():
+        seconds = [first.seconds for first, _, _ in runs]
+        middle = statistics.median(seconds)
+        rows.append({"scenario": name, "tool": tool, "seconds": middle,
+                     "seconds_min": min(seconds), "seconds_max": max(seconds),
+                     "runs": len(runs), "mib_per_s": total / MiB / middle,
+                     "rss_mib": max(first.peak_rss_mib for first, _, _ in runs),
+                     "noop_seconds": statistics.median(again.seconds for _, again, _ in runs),
+                     "objects": min(files for _, _, files in runs)})
     return rows
 
 
@@ -394,13 +410,20 @@ def report(results: dict[str, Any]) -> str:
              "aws-cli 8 MiB parts, 10 at once; s5cmd 50 MiB parts, 256 workers. The row "
              "'spotwatch flush, 10 concurrent' shows how much of the gap on large shards is "
              "this one-process Python server choking on 20 large requests at once; the ratios "
-             "use spotwatch's defaults. On this shared 2-core machine, times vary by up to a "
-             "third from one run to the next: compare rows of one run.", ""]
+             "use spotwatch's defaults. On this shared 2-core machine a single run varies by up "
+             "to a third, so in (a)/(b) every tool runs several times in rotating order; the "
+             "tables give the median and the range, and ratios compare medians. The server "
+             "and the client share the two cores: with many small files the one-process "
+             "server is the limit for every tool, and a client that spends less CPU per "
+             "file leaves more of the machine to the server.", ""]
     lines += ["## (a) bulk upload and (b) no-op sync", "",
-              "| data | tool | seconds | MiB/s | peak RSS MiB | no-op seconds |",
-              "| --- | --- | ---: | ---: | ---: | ---: |"]
+              "| data | tool | seconds (median) | range | MiB/s | peak RSS MiB | "
+              "no-op seconds |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results["bulk"]:
-        lines.append(f"| {r['scenario']} | {r['tool']} | {r['seconds']:.2f} | "
+        spread = (f"{r['seconds_min']:.2f}-{r['seconds_max']:.2f} ({r['runs']} runs)"
+                  if "runs" in r else "1 run")
+        lines.append(f"| {r['scenario']} | {r['tool']} | {r['seconds']:.2f} | {spread} | "
                      f"{r['mib_per_s']:.1f} | {r['rss_mib']:.1f} | {r['noop_seconds']:.2f} |")
     lines += ["", "| data | vs aws s3 sync | vs s5cmd (target ≥ 1.0) | no-op vs aws | "
               "no-op vs s5cmd |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -441,11 +464,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller data")
     parser.add_argument("--only", choices=["bulk", "safety", "latency", "idle"], nargs="*")
+    parser.add_argument("--repeat", type=int, default=3, metavar="N",
+                        help="runs of each tool in (a)/(b); the median is reported")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite RESULTS.md from results.json")
     args = parser.parse_args()
     command = "bash bench/run.sh" + (" --quick" if args.quick else "") + (
-        f" --only {' '.join(args.only)}" if args.only else "")
+        f" --only {' '.join(args.only)}" if args.only else "") + (
+        f" --repeat {args.repeat}" if args.repeat != 3 else "")
     saved = HERE / "results.json"
     if args.report_only:
         (HERE / "RESULTS.md").write_text(report(json.loads(saved.read_text())))
@@ -464,9 +490,9 @@ def main() -> int:
             produced["(a)/(b)"] = command
             results["bulk"] = (
                 bulk(bench, f"{sizes.shards}x{sizes.shard_mib}MiB",
-                     make_shards(sizes.shards, sizes.shard_mib))
+                     make_shards(sizes.shards, sizes.shard_mib), args.repeat)
                 + bulk(bench, f"{sizes.small_files}x{sizes.small_kib}KiB",
-                       make_small(sizes.small_files, sizes.small_kib)))
+                       make_small(sizes.small_files, sizes.small_kib), args.repeat))
         if "safety" in wanted:
             print("(c) time to safety", flush=True)
             produced["(c)"] = command

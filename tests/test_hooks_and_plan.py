@@ -15,7 +15,7 @@ from spotwatch.config import load_config
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.errors import ConfigError
 from spotwatch.interruption import interruption_pending
-from spotwatch.planner import PendingFile, SetRef
+from spotwatch.planner import PendingFile, Planner, SetRef
 from spotwatch.throughput import ThroughputMeter, plan_flush
 from spotwatch.uploader import Snapshot
 
@@ -124,6 +124,22 @@ def test_flush_plan_names_the_sets_that_miss_the_deadline() -> None:
     assert plan.at_risk_sets == ("p/step_1",)
     assert plan_flush(ordered, seconds_left=None, measured=100.0).at_risk_sets == ()
     assert not plan_flush(ordered, seconds_left=10, measured=None).measured
+
+
+def test_planner_takes_newest_set_first_and_skips_busy_paths() -> None:
+    planner = Planner()
+    old, new_a = pending("step_1", 10, 1), pending("step_2", 20, 5)
+    new_b = PendingFile(Path("/ckpt/step_2/o.pt"), "p/step_2/o.pt", Snapshot(30, 4, 4, 2),
+                        new_a.set_ref)
+    for item in (old, new_b, new_a):
+        planner.add(item)
+    assert planner.pending_bytes == 60
+    assert [i.path for i in planner.ordered()] == [new_a.path, new_b.path, old.path]
+    # new_a is still uploading an older version: it waits, the next ones go.
+    assert planner.take(2, busy=lambda path: path == new_a.path) == [new_b, old]
+    assert planner.ordered() == [new_a] and planner.pending_bytes == 20
+    assert planner.take(5, busy=lambda path: False) == [new_a]
+    assert not planner and planner.pending_bytes == 0
 
 
 def test_throughput_meter_spans_concurrent_uploads() -> None:

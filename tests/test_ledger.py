@@ -21,3 +21,15 @@ def test_record_survives_reopen(tmp_path: Path) -> None:
     assert summary.last_upload is not None
     reopened.forget("b", "k/model.pt")
     assert reopened.summary("b").objects == 0
+
+
+def test_objects_in_set_are_the_set_key_and_what_lies_below_it(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    keys = ["p/step_1", "p/step_1/a.pt", "p/step_1/sub/b.pt", "p/step_1.bak/c.pt",
+            "p/step_10/d.pt", "p/step_1-old", "q/step_1/e.pt"]
+    for key in keys:
+        ledger.record("b", key, tmp_path / key, FileVersion(1, 1), None)
+    ledger.record("other", "p/step_1/a.pt", tmp_path / "x", FileVersion(1, 1), None)
+    ledger.retire("b", "p/step_1/sub/b.pt")
+    found = sorted(row[0] for row in ledger.objects_in_set("b", "p/step_1"))
+    assert found == ["p/step_1", "p/step_1/a.pt"]

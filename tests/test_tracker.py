@@ -24,7 +24,7 @@ def tracker(tmp_path: Path) -> Iterator[ChangeTracker]:
     watched.mkdir()
     tracker = ChangeTracker(WatchDir(watched), settle_seconds=SETTLE, quiet_seconds=1.5)
     observer = Observer()
-    observer.schedule(tracker, str(watched), recursive=True)
+    tracker.watch_with(observer)
     observer.start()
     yield tracker
     observer.stop()
@@ -135,7 +135,7 @@ def test_files_saved_right_after_mkdir_are_not_lost(tmp_path: Path) -> None:
         watched.mkdir()
         tracker = ChangeTracker(WatchDir(watched), settle_seconds=SETTLE, quiet_seconds=1.0)
         observer = Observer()
-        observer.schedule(tracker, str(watched), recursive=True)
+        tracker.watch_with(observer)
         observer.start()
         try:
             step = watched / "step_1"

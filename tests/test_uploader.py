@@ -100,3 +100,20 @@ def test_missing_file_and_missing_bucket(tmp_path: Path, bucket: str) -> None:
     [failed] = upload("no-such-bucket-here", settings, job_for(path, "x.pt"))
     assert failed.outcome is Outcome.FAILED
     assert failed.error and "NoSuchBucket" in failed.error
+
+
+def test_small_bodies_skip_the_continue_round_trip(tmp_path: Path, bucket: str) -> None:
+    client = make_s3_client(REGION, TransferSettings())
+    sent: dict[int, str | None] = {}
+
+    def record(request: Any, **kwargs: Any) -> None:
+        expect = request.headers.get("Expect")
+        sent[int(request.headers["Content-Length"])] = expect.decode() if expect else None
+
+    client.meta.events.register("before-send.s3.PutObject", record)
+    for size in (64 * 1024, 2 * MiB):
+        path = tmp_path / f"f{size}"
+        path.write_bytes(os.urandom(size))
+        with path.open("rb") as body:
+            client.put_object(Bucket=bucket, Key=f"k/{size}", Body=body)
+    assert sent == {64 * 1024: None, 2 * MiB: "100-continue"}

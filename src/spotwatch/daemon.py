@@ -401,7 +401,7 @@ class _Running:
             abort_orphaned_uploads(engine.uploader.client, daemon.bucket, engine.ledger)
             self._observer = Observer()
             for tracker in engine.trackers:
-                self._observer.schedule(tracker, str(tracker.root), recursive=True)
+                tracker.watch_with(self._observer)
             self._observer.start()
             queued = engine.reconcile(daemon.config.sync.quiet_seconds)
             log.info("startup_scan_done", pending=queued, unsettled=engine.unsettled())

@@ -127,9 +127,11 @@ class Ledger:
         """(key, path, size, mtime_ns, checksum) of the set's objects: set_key or below it."""
         with self._lock:
             rows = self._db.execute(
+                # Keys below the set sort between "<set>/" and "<set>0" ('0' follows '/'):
+                # a range the primary key index answers without reading the whole table.
                 "SELECT key, path, size, mtime_ns, checksum FROM objects WHERE bucket = ?"
-                " AND retired = 0 AND (key = ? OR substr(key, 1, ?) = ?)",
-                (bucket, set_key, len(set_key) + 1, set_key + "/"),
+                " AND retired = 0 AND (key = ? OR (key >= ? AND key < ?))",
+                (bucket, set_key, set_key + "/", set_key + "0"),
             ).fetchall()
         return [tuple(row) for row in rows]
 

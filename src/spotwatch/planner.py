@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from spotwatch.checkpoint_sets import object_key
@@ -17,10 +17,10 @@ class SetRef:
     prefix: str
     name: str
     root: Path  # the watched directory
+    key: str = field(init=False, compare=False)  # read for every pending file, so kept
 
-    @property
-    def key(self) -> str:
-        return object_key(self.prefix, self.name)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", object_key(self.prefix, self.name))
 
 
 @dataclass(frozen=True)
@@ -86,14 +86,18 @@ class Planner:
             self._order = self._ordered()
         taken: list[PendingFile] = []
         kept: list[PendingFile] = []
+        looked_at = 0
         for item in self._order:
-            if len(taken) < count and not busy(item.path):
+            if len(taken) == count:
+                break
+            looked_at += 1
+            if busy(item.path):
+                kept.append(item)
+            else:
                 taken.append(item)
                 del self._pending[item.path]
                 self._bytes -= item.size
-            else:
-                kept.append(item)
-        self._order = kept
+        self._order = kept + self._order[looked_at:]
         return taken
 
     def _ordered(self) -> list[PendingFile]:

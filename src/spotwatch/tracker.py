@@ -14,13 +14,28 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
 
 from spotwatch.config import WatchDir
 from spotwatch.filters import PathFilter
 
 _CONTENT_EVENTS = {"created", "modified"}
 _IGNORED_EVENTS = {"opened", "closed_no_write", "attrib"}
+# What the tracker reacts to. watchdog turns this into the inotify mask, so the kernel never
+# reports opens and reads: uploading a file (or a trainer reading one) costs no events.
+_WATCHED_EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent,
+                   DirMovedEvent, FileDeletedEvent, DirDeletedEvent]
 
 
 @dataclass
@@ -67,6 +82,9 @@ class ChangeTracker(FileSystemEventHandler):
         self._candidates: dict[Path, _Candidate] = {}
         self._removed: list[Path] = []
         self._lock = threading.Lock()
+
+    def watch_with(self, observer: BaseObserver) -> None:
+        observer.schedule(self, str(self.root), recursive=True, event_filter=_WATCHED_EVENTS)
 
     def relative(self, path: Path) -> str | None:
         """The path relative to the watched root, or None when outside it or filtered out."""
