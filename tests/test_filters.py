@@ -6,10 +6,11 @@ from spotwatch.filters import PathFilter
 
 
 def test_defaults_exclude_temp_and_caches() -> None:
-    f = PathFilter(("*.tmp", "__pycache__/*", ".git/*"), ())
+    f = PathFilter(("*.tmp", "*.tmp/*", "__pycache__/*", ".git/*"), ())
     assert f.accepts("step_1/model.pt")
     assert not f.accepts("model.pt.tmp")
     assert not f.accepts("step_1/model.pt.tmp")  # '*' crosses '/' as in aws s3 sync
+    assert not f.accepts("step_2.tmp/model.pt")  # a staging directory, renamed when complete
     assert not f.accepts("__pycache__/x.pyc")
     assert f.accepts("sub/__pycache__/x.pyc")  # patterns are anchored at the watched dir
     assert not f.accepts(".git/HEAD")

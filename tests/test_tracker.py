@@ -99,6 +99,16 @@ def test_directory_renamed_into_place(tracker: ChangeTracker, tmp_path: Path) ->
                                             tracker.root / "step_20" / "b.pt"}
 
 
+def test_staging_directory_inside_the_tree_settles_only_under_its_final_name(
+        tracker: ChangeTracker) -> None:
+    staging = tracker.root / "step_30.tmp"
+    staging.mkdir()
+    (staging / "a.pt").write_bytes(b"a")
+    assert settled_within(tracker, 2.0) == set()  # never uploaded under the temporary key
+    os.rename(staging, tracker.root / "step_30")
+    assert settled_within(tracker, 1.0) == {tracker.root / "step_30" / "a.pt"}
+
+
 def test_excluded_files_never_settle(tracker: ChangeTracker) -> None:
     (tracker.root / "scratch.tmp").write_bytes(b"t")
     (tracker.root / "__pycache__").mkdir()

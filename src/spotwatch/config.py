@@ -29,7 +29,7 @@ LOG_FORMATS = ("auto", "json", "console")
 class WatchDir:
     path: Path
     prefix: str = "checkpoints/"
-    exclude: tuple[str, ...] = ("*.tmp", "__pycache__/*", ".git/*")
+    exclude: tuple[str, ...] = ("*.tmp", "*.tmp/*", "__pycache__/*", ".git/*")
     include: tuple[str, ...] = ()
 
 
