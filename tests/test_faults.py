@@ -127,20 +127,28 @@ def test_kill_9_during_multipart_then_restart(workspace: Workspace, s3: Any,
     assert second.stop() == 0
 
 
-def test_file_deleted_mid_upload_is_skipped(workspace: Workspace, s3: Any,
-                                            proxy: FaultProxy) -> None:
+@pytest.mark.parametrize("how", ["deleted", "renamed"])
+def test_file_gone_mid_upload_is_cut_short(workspace: Workspace, s3: Any, proxy: FaultProxy,
+                                           how: str) -> None:
     workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2})
     proxy.add("delay", lambda r: r.operation == "UploadPart", times=1000, delay=0.5)
     daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
     doomed = workspace.checkpoints / "doomed.pt"
-    checkpoint_data(doomed, 40 * MiB)
+    data = checkpoint_data(doomed, 40 * MiB)  # 8 parts, 2 at a time: 2 s with the delay
     wait_for(lambda: proxy.count("UploadPart") >= 1, timeout=60)
-    doomed.unlink()
+    if how == "deleted":
+        doomed.unlink()
+    else:
+        doomed.rename(workspace.checkpoints / "kept.pt")
     skipped = daemon.wait_for_event("upload_skipped", timeout=60)
-    assert skipped["reason"] == "file deleted"
+    assert skipped["reason"] == "file deleted" and skipped["key"] == "run1/doomed.pt"
+    assert proxy.count("UploadPart") < 8  # parts are read by name: the rest are never sent
     proxy.rules.clear()
+    if how == "renamed":
+        daemon.wait_for_event("upload_done")
+        assert object_bytes(s3, workspace.bucket, "run1/kept.pt") == data
     kept = checkpoint_data(workspace.checkpoints / "next.pt", 30_000)
-    daemon.wait_for_event("upload_done")
+    wait_for(lambda: "run1/next.pt" in keys_in(s3, workspace.bucket), timeout=30)
     assert object_bytes(s3, workspace.bucket, "run1/next.pt") == kept
     assert "run1/doomed.pt" not in keys_in(s3, workspace.bucket)  # never a torn object
     wait_for(lambda: in_progress_uploads(s3, workspace.bucket) == [], timeout=10)

@@ -78,6 +78,28 @@ def test_temp_then_rename(tracker: ChangeTracker) -> None:
     assert settled_within(tracker, 1.0) == {final}
 
 
+def test_renamed_files_are_ready_at_once_closed_ones_settle(tmp_path: Path) -> None:
+    watched = tmp_path / "ckpt"
+    watched.mkdir()
+    slow = ChangeTracker(WatchDir(watched), settle_seconds=3.0, quiet_seconds=30)
+    observer = Observer()
+    slow.watch_with(observer)
+    observer.start()
+    try:
+        (watched / "model.pt.tmp").write_bytes(b"m")
+        os.rename(watched / "model.pt.tmp", watched / "model.pt")
+        staging = tmp_path / "staging"
+        staging.mkdir()
+        (staging / "a.pt").write_bytes(b"a")
+        os.rename(staging, watched / "step_2")
+        (watched / "log.txt").write_bytes(b"written in place")
+        assert settled_within(slow, 1.0) == {watched / "model.pt", watched / "step_2" / "a.pt"}
+        assert settled_within(slow, 3.0) == {watched / "log.txt"}
+    finally:
+        observer.stop()
+        observer.join()
+
+
 def test_file_in_a_new_directory_settles(tracker: ChangeTracker) -> None:
     # The file may land before watchdog watches the new directory; it then shows up as a plain
     # creation of unknown state, which settles after the quiet interval at the latest.

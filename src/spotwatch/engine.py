@@ -171,7 +171,10 @@ class SyncEngine:
 
     def _seal_finished_sets(self) -> None:
         now = time.monotonic()
-        if not self.sealer or now < self._seal_due:
+        # Throttled while uploads run (the check walks every pending file), but not once the
+        # last one is done: at the end of a flush the manifest is the last thing missing.
+        uploads_left = bool(self.planner or self._uploading or self._delayed)
+        if not self.sealer or (uploads_left and now < self._seal_due):
             return
         self._seal_due = now + SEAL_CHECK_SECONDS
         self.sealer.seal_ready(self._busy_set_keys())

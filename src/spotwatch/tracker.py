@@ -38,6 +38,10 @@ _WATCHED_EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMov
                    DirMovedEvent, FileDeletedEvent, DirDeletedEvent]
 
 
+# The event time given to files renamed into place: older than any settle interval.
+_PUBLISHED = float("-inf")
+
+
 @dataclass
 class _Candidate:
     last_event: float
@@ -101,17 +105,24 @@ class ChangeTracker(FileSystemEventHandler):
         src = Path(os.fsdecode(event.src_path))
         if kind == "moved":
             self._forget(src)
+            # A rename is how writers publish a finished file (or a whole step_N/ directory):
+            # it is ready now, with no settle interval to wait out.
             dest = Path(os.fsdecode(event.dest_path))
-            self._mark_tree(dest) if event.is_directory else self.mark(dest, closed=True)
+            self._mark_tree(dest) if event.is_directory else self.mark(dest, closed=True,
+                                                                       at=_PUBLISHED)
         elif kind == "deleted":
             self._forget(src)
         elif event.is_directory:
             return
         elif kind in _CONTENT_EVENTS:
             # watchdog replays the files of a new directory as creations: synthetic ones come
-            # from a directory moved in whole (finished files); others may have been written
-            # before the directory was watched, so they wait for a close or the quiet interval.
-            self.mark(src, closed=bool(getattr(event, "is_synthetic", False)))
+            # from a directory moved in whole (published, like a renamed file); others may
+            # have been written before the directory was watched, so they wait for a close or
+            # the quiet interval.
+            if getattr(event, "is_synthetic", False):
+                self.mark(src, closed=True, at=_PUBLISHED)
+            else:
+                self.mark(src, closed=False)
         elif kind == "closed":
             if os.path.lexists(src):  # a file deleted while open still reports its close
                 self.mark(src, closed=True)
@@ -134,7 +145,7 @@ class ChangeTracker(FileSystemEventHandler):
 
     def _mark_tree(self, directory: Path) -> None:
         for path, _ in walk_files(directory):
-            self.mark(path, closed=True)
+            self.mark(path, closed=True, at=_PUBLISHED)
 
     def _forget(self, path: Path) -> None:
         with self._lock:
