@@ -31,7 +31,6 @@ from spotwatch.config import WatchDir
 from spotwatch.filters import PathFilter
 
 _CONTENT_EVENTS = {"created", "modified"}
-_IGNORED_EVENTS = {"opened", "closed_no_write", "attrib"}
 # What the tracker reacts to. watchdog turns this into the inotify mask, so the kernel never
 # reports opens and reads: uploading a file (or a trainer reading one) costs no events.
 _WATCHED_EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent,
@@ -100,8 +99,6 @@ class ChangeTracker(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         kind = event.event_type
-        if kind in _IGNORED_EVENTS:
-            return
         src = Path(os.fsdecode(event.src_path))
         if kind == "moved":
             self._forget(src)
