@@ -182,6 +182,12 @@ class Bench:
 # -- scenarios ------------------------------------------------------------------------------
 
 
+def summary(seconds: list[float]) -> dict[str, Any]:
+    """A repeated measurement as the report shows it: the median and the range."""
+    return {"seconds": statistics.median(seconds), "seconds_min": min(seconds),
+            "seconds_max": max(seconds), "runs": len(seconds)}
+
+
 TOOLS = ("spotwatch flush", "spotwatch flush, 10 concurrent", "aws s3 sync", "s5cmd sync")
 
 
@@ -214,11 +220,9 @@ def bulk(bench: Bench, name: str, make: Callable[[Path], int],
     shutil.rmtree(source)
     rows = []
     for tool, runs in samples.items():
-        seconds = [first.seconds for first, _, _ in runs]
-        middle = statistics.median(seconds)
-        rows.append({"scenario": name, "tool": tool, "seconds": middle,
-                     "seconds_min": min(seconds), "seconds_max": max(seconds),
-                     "runs": len(runs), "mib_per_s": total / MiB / middle,
+        times = summary([first.seconds for first, _, _ in runs])
+        rows.append({"scenario": name, "tool": tool, **times,
+                     "mib_per_s": total / MiB / times["seconds"],
                      "rss_mib": max(first.peak_rss_mib for first, _, _ in runs),
                      "noop_seconds": statistics.median(again.seconds for _, again, _ in runs),
                      "objects": min(files for _, _, files in runs)})
@@ -299,8 +303,7 @@ def time_to_safety(bench: Bench, sizes: Sizes, repeats: int) -> list[dict[str, A
         for tool, seconds in safety_round(bench, sizes):
             samples.setdefault(tool, []).append(seconds)
             print(f"  time-to-safety {tool:<28} {seconds:7.2f}s", flush=True)
-    return [{"tool": tool, "seconds": statistics.median(runs), "seconds_min": min(runs),
-             "seconds_max": max(runs), "runs": len(runs), "mib_at_notice": total}
+    return [{"tool": tool, **summary(runs), "mib_at_notice": total}
             for tool, runs in samples.items()]
 
 

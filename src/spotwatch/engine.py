@@ -164,17 +164,19 @@ class SyncEngine:
         return (self.planner.pending_bytes + sum(i.snapshot.size for i in self._delayed)
                 + sum(job.snapshot.size for job in self._uploading))
 
+    def _uploads_left(self) -> bool:
+        """Files pending, uploading or waiting to be retried."""
+        return bool(self.planner or self._delayed or self._uploading)
+
     def idle(self) -> bool:
         """Nothing pending, uploading or waiting for its set's manifest."""
-        return (not self.planner and not self._delayed and not self._uploading
-                and not self.sealer)
+        return not self._uploads_left() and not self.sealer
 
     def _seal_finished_sets(self) -> None:
         now = time.monotonic()
         # Throttled while uploads run (the check walks every pending file), but not once the
         # last one is done: at the end of a flush the manifest is the last thing missing.
-        uploads_left = bool(self.planner or self._uploading or self._delayed)
-        if not self.sealer or (uploads_left and now < self._seal_due):
+        if not self.sealer or (self._uploads_left() and now < self._seal_due):
             return
         self._seal_due = now + SEAL_CHECK_SECONDS
         self.sealer.seal_ready(self._busy_set_keys())

@@ -37,8 +37,9 @@ _WATCHED_EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMov
                    DirMovedEvent, FileDeletedEvent, DirDeletedEvent]
 
 
-# The event time given to files renamed into place: older than any settle interval.
-_PUBLISHED = float("-inf")
+# The event time of a file ready now (renamed into place, or closed at shutdown): older than
+# any settle interval.
+_READY_NOW = float("-inf")
 
 
 @dataclass
@@ -106,7 +107,7 @@ class ChangeTracker(FileSystemEventHandler):
             # it is ready now, with no settle interval to wait out.
             dest = Path(os.fsdecode(event.dest_path))
             self._mark_tree(dest) if event.is_directory else self.mark(dest, closed=True,
-                                                                       at=_PUBLISHED)
+                                                                       at=_READY_NOW)
         elif kind == "deleted":
             self._forget(src)
         elif event.is_directory:
@@ -117,7 +118,7 @@ class ChangeTracker(FileSystemEventHandler):
             # have been written before the directory was watched, so they wait for a close or
             # the quiet interval.
             if getattr(event, "is_synthetic", False):
-                self.mark(src, closed=True, at=_PUBLISHED)
+                self.mark(src, closed=True, at=_READY_NOW)
             else:
                 self.mark(src, closed=False)
         elif kind == "closed":
@@ -142,7 +143,7 @@ class ChangeTracker(FileSystemEventHandler):
 
     def _mark_tree(self, directory: Path) -> None:
         for path, _ in walk_files(directory):
-            self.mark(path, closed=True, at=_PUBLISHED)
+            self.mark(path, closed=True, at=_READY_NOW)
 
     def _forget(self, path: Path) -> None:
         with self._lock:
@@ -180,4 +181,4 @@ class ChangeTracker(FileSystemEventHandler):
         with self._lock:
             for candidate in self._candidates.values():
                 if candidate.closed:
-                    candidate.last_event = float("-inf")
+                    candidate.last_event = _READY_NOW
