@@ -183,9 +183,10 @@ class Bench:
 
 
 def summary(seconds: list[float]) -> dict[str, Any]:
-    """A repeated measurement as the report shows it: the median and the range."""
+    """A repeated measurement as the report shows it: the median and the range, plus every
+    run in round order, so that the report can compare tools round by round."""
     return {"seconds": statistics.median(seconds), "seconds_min": min(seconds),
-            "seconds_max": max(seconds), "runs": len(seconds)}
+            "seconds_max": max(seconds), "runs": len(seconds), "run_seconds": seconds}
 
 
 TOOLS = ("spotwatch flush", "spotwatch flush, 10 concurrent", "aws s3 sync", "s5cmd sync")
@@ -406,9 +407,23 @@ def idle_usage(bench: Bench, sizes: Sizes) -> dict[str, float]:
 # -- report ---------------------------------------------------------------------------------
 
 
-def ratio(rows: list[dict[str, Any]], scenario: str, other: str, field: str) -> float:
+def paired_ratio(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
+    """Their time over ours, taken round by round and then the median: the machine's speed
+    drifts over minutes, and tools run in the same round saw the same machine. The range of
+    the per-round ratios follows in brackets."""
+    pairs = list(zip(ours.get("run_seconds", []), theirs.get("run_seconds", []), strict=False))
+    if len(pairs) < 2:
+        return f"{theirs['seconds'] / ours['seconds']:.2f}x"
+    ratios = [t / o for o, t in pairs]
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def ratio(rows: list[dict[str, Any]], scenario: str, other: str, field: str) -> str:
     by_tool = {r["tool"]: r for r in rows if r["scenario"] == scenario}
-    return float(by_tool[other][field] / by_tool["spotwatch flush"][field])
+    ours, theirs = by_tool["spotwatch flush"], by_tool[other]
+    if field == "seconds":
+        return paired_ratio(ours, theirs)
+    return f"{theirs[field] / ours[field]:.2f}x"
 
 
 def spread(row: dict[str, Any]) -> str:
@@ -419,7 +434,10 @@ def spread(row: dict[str, Any]) -> str:
 
 def report(results: dict[str, Any]) -> str:
     produced = results.get("produced_by", {})
-    commands = ", ".join(f"{name}: `{command}`" for name, command in produced.items())
+    if len(set(produced.values())) == 1:
+        commands = f"`{next(iter(produced.values()))}`"
+    else:
+        commands = ", ".join(f"{name}: `{command}`" for name, command in produced.items())
     lines = ["# Benchmark results", "", f"On {results['machine']}. Produced by {commands}.",
              "Every tool uploads the same data to the same local moto S3 server (its own "
              "process); ratios are the other tool's time divided by spotwatch's, so above 1.0 "
@@ -428,13 +446,15 @@ def report(results: dict[str, Any]) -> str:
              "aws-cli 8 MiB parts, 10 at once; s5cmd 50 MiB parts, 256 workers. The row "
              "'spotwatch flush, 10 concurrent' shows how much of the gap on large shards is "
              "this one-process Python server choking on 20 large requests at once; the ratios "
-             "use spotwatch's defaults. On this shared 2-core machine a single run varies by up "
-             "to a third, so in (a), (b) and (c) every tool runs several times (in rotating "
-             "order in (a)/(b)); the tables give the median and the range, and ratios "
-             "compare medians. The server "
-             "and the client share the two cores: with many small files the one-process "
-             "server is the limit for every tool, and a client that spends less CPU per "
-             "file leaves more of the machine to the server.", ""]
+             "use spotwatch's defaults. On this shared 2-core machine the speed of the whole "
+             "machine drifts by up to a third from minute to minute, so in (a), (b) and (c) "
+             "the tools run in rounds, one after the other (in rotating order in (a)/(b)), "
+             "several rounds each. The tables give each tool's median and range; a ratio is "
+             "the median of the per-round ratios (tools in one round saw the same machine), "
+             "with their range in brackets. The server and the client share the two cores: "
+             "with many small files the one-process server is the limit for every tool, and a "
+             "client that spends less CPU per file leaves more of the machine to the server.",
+             ""]
     lines += ["## (a) bulk upload and (b) no-op sync", "",
               "| data | tool | seconds (median) | range | MiB/s | peak RSS MiB | "
               "no-op seconds |",
@@ -447,12 +467,12 @@ def report(results: dict[str, Any]) -> str:
     for scenario in dict.fromkeys(r["scenario"] for r in results["bulk"]):
         rows = results["bulk"]
         lines.append(
-            f"| {scenario} | {ratio(rows, scenario, 'aws s3 sync', 'seconds'):.2f}x | "
-            f"{ratio(rows, scenario, 's5cmd sync', 'seconds'):.2f}x | "
-            f"{ratio(rows, scenario, 'aws s3 sync', 'noop_seconds'):.2f}x | "
-            f"{ratio(rows, scenario, 's5cmd sync', 'noop_seconds'):.2f}x |")
+            f"| {scenario} | {ratio(rows, scenario, 'aws s3 sync', 'seconds')} | "
+            f"{ratio(rows, scenario, 's5cmd sync', 'seconds')} | "
+            f"{ratio(rows, scenario, 'aws s3 sync', 'noop_seconds')} | "
+            f"{ratio(rows, scenario, 's5cmd sync', 'noop_seconds')} |")
     safety = results["time_to_safety"]
-    ours = safety[0]["seconds"]
+    ours = safety[0]
     lines += ["", "## (c) time to safety", "",
               f"A trainer saves {safety[0]['mib_at_notice']} MiB of checkpoints in all; the "
               "notice comes right after the last save. spotwatch has been running all along; "
@@ -462,7 +482,7 @@ def report(results: dict[str, Any]) -> str:
               "| --- | ---: | ---: | ---: |"]
     for row in safety:
         lines.append(f"| {row['tool']} | {row['seconds']:.2f} | {spread(row)} | "
-                     f"{row['seconds'] / ours:.2f}x |")
+                     f"{paired_ratio(ours, row)} |")
     latency = results["detection_latency"]
     lines += ["", "## (d) notice detection latency", "",
               f"{latency['samples']} notices at random moments, default poll interval "

@@ -134,12 +134,28 @@ def test_planner_takes_newest_set_first_and_skips_busy_paths() -> None:
     for item in (old, new_b, new_a):
         planner.add(item)
     assert planner.pending_bytes == 60
+    assert planner.set_keys() == {"p/step_1", "p/step_2"}
     assert [i.path for i in planner.ordered()] == [new_a.path, new_b.path, old.path]
     # new_a is still uploading an older version: it waits, the next ones go.
     assert planner.take(2, busy=lambda path: path == new_a.path) == [new_b, old]
     assert planner.ordered() == [new_a] and planner.pending_bytes == 20
+    assert planner.set_keys() == {"p/step_2"}
     assert planner.take(5, busy=lambda path: False) == [new_a]
-    assert not planner and planner.pending_bytes == 0
+    assert not planner and planner.pending_bytes == 0 and planner.set_keys() == set()
+
+
+def test_planner_counts_each_path_once_per_set() -> None:
+    planner = Planner()
+    first, again = pending("step_1", 10, 1), pending("step_1", 15, 2)
+    planner.add(first)
+    planner.add(again)  # the same file written again: replaced, not added twice
+    assert len(planner) == 1 and planner.pending_bytes == 15
+    other = pending("step_2", 5, 3)
+    planner.add(other)
+    assert planner.remove_under(Path("/ckpt/step_1")) == [again]
+    assert planner.set_keys() == {"p/step_2"} and planner.pending_bytes == 5
+    assert planner.remove_under(other.path) == [other]
+    assert planner.set_keys() == set() and not planner
 
 
 def test_throughput_meter_spans_concurrent_uploads() -> None:

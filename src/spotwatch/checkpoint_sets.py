@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 MANIFEST_DIR = ".spotwatch/manifests/"
@@ -69,15 +69,17 @@ class Manifest:
         return max((f.mtime_ns for f in self.files), default=0)
 
     def to_json(self) -> str:
+        # Not indented: json's C encoder only runs without indent, and a set may hold
+        # thousands of files. vars() rather than asdict(): the entries hold no nested data.
         return json.dumps({
             "format": MANIFEST_FORMAT,
             "set": self.set_name,
             "prefix": self.prefix,
-            "files": [asdict(f) for f in self.files],
+            "files": [vars(f) for f in self.files],
             "bytes": self.bytes,
             "newest_mtime_ns": self.newest_mtime_ns,
             "sealed_at": self.sealed_at,
-        }, indent=1)
+        })
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:

@@ -182,7 +182,7 @@ class SyncEngine:
         self.sealer.seal_ready(self._busy_set_keys())
 
     def _busy_set_keys(self) -> set[str]:
-        busy = {item.set_key for item in self.planner.items()}
+        busy = self.planner.set_keys()
         busy.update(item.set_key for item in self._delayed)
         busy.update(item.set_key for item in self._uploading.values())
         for tracker in self.trackers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +44,10 @@ class Planner:
     def __init__(self) -> None:
         self._pending: dict[Path, PendingFile] = {}
         self._order: list[PendingFile] | None = None
-        # Kept up to date on every change: status, metrics and progress read it often.
+        # Kept up to date on every change: status, metrics and progress read the bytes
+        # often, and the sealer asks which sets still have files pending.
         self._bytes = 0
+        self._files_per_set: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -56,21 +59,31 @@ class Planner:
     def pending_bytes(self) -> int:
         return self._bytes
 
-    def items(self) -> list[PendingFile]:
-        return list(self._pending.values())
+    def set_keys(self) -> set[str]:
+        """The checkpoint sets that still have files pending."""
+        return set(self._files_per_set)
 
     def add(self, item: PendingFile) -> None:
-        replaced = self._pending.get(item.path)
-        self._bytes += item.size - (replaced.size if replaced else 0)
+        if item.path in self._pending:
+            self._pop(item.path)
         self._pending[item.path] = item
+        self._bytes += item.size
+        self._files_per_set[item.set_key] += 1
         self._order = None
+
+    def _pop(self, path: Path) -> PendingFile:
+        item = self._pending.pop(path)
+        self._bytes -= item.size
+        self._files_per_set[item.set_key] -= 1
+        if not self._files_per_set[item.set_key]:
+            del self._files_per_set[item.set_key]
+        return item
 
     def remove_under(self, path: Path) -> list[PendingFile]:
         """Drop the file at path, or everything below it when it was a directory."""
         gone = [p for p in self._pending if p == path or path in p.parents]
-        removed = [self._pending.pop(p) for p in gone]
+        removed = [self._pop(p) for p in gone]
         if removed:
-            self._bytes -= sum(item.size for item in removed)
             self._order = None
         return removed
 
@@ -94,9 +107,7 @@ class Planner:
             if busy(item.path):
                 kept.append(item)
             else:
-                taken.append(item)
-                del self._pending[item.path]
-                self._bytes -= item.size
+                taken.append(self._pop(item.path))
         self._order = kept + self._order[looked_at:]
         return taken
 
