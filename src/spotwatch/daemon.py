@@ -123,13 +123,14 @@ class Daemon:
                 engine.add_observer(
                     lambda r: shown.file_done() if r.outcome is Outcome.DONE else None)
             self._start_flush("manual", None)
-            while not (engine.idle() and engine.unsettled() == 0):
-                self._step(engine)
+            while True:
+                self._step(engine)  # finishes the flush once nothing is left
                 if shown is not None:
                     shown.grow_to(engine.totals.bytes + engine.outstanding_bytes())
+                if self.flush is None:
+                    break
                 self._wake.wait(TICK_SECONDS)
                 self._wake.clear()
-            self._step(engine)
             if shown is not None:
                 shown.close()
             failed = len(engine.given_up)

@@ -86,11 +86,12 @@ class SyncEngine:
         newest_allowed = time.time_ns() - int(quiet_seconds * 1e9)
         for tracker in self.trackers:
             for path, stat in walk_files(tracker.root):
-                if tracker.relative(path) is None:
+                relative = tracker.relative(path)
+                if relative is None:
                     continue
                 if stat.st_mtime_ns > newest_allowed:
                     tracker.mark(path, closed=False)  # may still be being written
-                elif self._consider(tracker, path, stat):
+                elif self._queue_if_changed(tracker, path, relative, stat):
                     queued += 1
         return queued
 
@@ -115,7 +116,12 @@ class SyncEngine:
 
     def _consider(self, tracker: ChangeTracker, path: Path, stat: os.stat_result) -> bool:
         relative = tracker.relative(path)
-        if relative is None or not _is_regular(stat):
+        return relative is not None and self._queue_if_changed(tracker, path, relative, stat)
+
+    def _queue_if_changed(self, tracker: ChangeTracker, path: Path, relative: str,
+                          stat: os.stat_result) -> bool:
+        """Queue a file the ledger does not have in this version; True when queued."""
+        if not _is_regular(stat):
             return False
         try:
             key = object_key(tracker.watch.prefix, relative)
