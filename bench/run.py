@@ -434,10 +434,14 @@ def spread(row: dict[str, Any]) -> str:
 
 def report(results: dict[str, Any]) -> str:
     produced = results.get("produced_by", {})
-    if len(set(produced.values())) == 1:
-        commands = f"`{next(iter(produced.values()))}`"
+    scenarios_by_command: dict[str, list[str]] = {}
+    for name, command in produced.items():
+        scenarios_by_command.setdefault(command, []).append(name)
+    if len(scenarios_by_command) == 1:
+        commands = f"`{next(iter(scenarios_by_command))}`"
     else:
-        commands = ", ".join(f"{name}: `{command}`" for name, command in produced.items())
+        commands = "; ".join(f"{', '.join(names)}: `{command}`"
+                             for command, names in scenarios_by_command.items())
     lines = ["# Benchmark results", "", f"On {results['machine']}. Produced by {commands}.",
              "Every tool uploads the same data to the same local moto S3 server (its own "
              "process); ratios are the other tool's time divided by spotwatch's, so above 1.0 "
@@ -481,8 +485,8 @@ def report(results: dict[str, Any]) -> str:
               "ratio (target ≥ 3x vs aws) |",
               "| --- | ---: | ---: | ---: |"]
     for row in safety:
-        lines.append(f"| {row['tool']} | {row['seconds']:.2f} | {spread(row)} | "
-                     f"{paired_ratio(ours, row)} |")
+        shown = "1.00x" if row is ours else paired_ratio(ours, row)
+        lines.append(f"| {row['tool']} | {row['seconds']:.2f} | {spread(row)} | {shown} |")
     latency = results["detection_latency"]
     lines += ["", "## (d) notice detection latency", "",
               f"{latency['samples']} notices at random moments, default poll interval "
