@@ -180,8 +180,9 @@ class SyncEngine:
 
     def _seal_finished_sets(self) -> None:
         now = time.monotonic()
-        # Throttled while uploads run (the check walks every pending file), but not once the
-        # last one is done: at the end of a flush the manifest is the last thing missing.
+        # Throttled while uploads run (the check walks every file still being written and
+        # every set touched since its manifest), but not once the last upload is done: at the
+        # end of a flush the manifest is the last thing missing.
         if not self.sealer or (self._uploads_left() and now < self._seal_due):
             return
         self._seal_due = now + SEAL_CHECK_SECONDS
