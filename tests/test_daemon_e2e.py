@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -152,3 +153,18 @@ def test_second_daemon_on_same_state_is_refused(workspace: Workspace) -> None:
     assert result.returncode == 1
     assert "another spotwatch" in result.stderr
     assert daemon.stop() == 0
+
+
+def test_signal_storm_never_wedges_the_daemon(workspace: Workspace, s3: Any) -> None:
+    # Signals land between any two bytecodes of the main loop, also while it holds the lock
+    # of an Event or a Queue; a handler taking that lock again would hang the daemon for good.
+    workspace.write_config(sync={"mode": "on-notice"})
+    daemon = workspace.start_daemon()
+    data = save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 10_000)
+    deadline = time.monotonic() + 4.0
+    while time.monotonic() < deadline and daemon.process.poll() is None:
+        os.kill(daemon.process.pid, signal.SIGUSR1)
+        time.sleep(0.0005)
+    assert daemon.stop(timeout=40) == 0
+    assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == data
+    assert daemon.named("notice_detected")  # the flush requests were heard

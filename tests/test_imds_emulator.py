@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -102,3 +105,20 @@ def test_scheduled_events_and_lifecycle(imds: ImdsEmulator) -> None:
     imds.set_lifecycle_state("Terminated")
     assert requests.get(f"{base}/autoscaling/target-lifecycle-state", headers=headers,
                         timeout=2).text == "Terminated"
+
+
+def test_standalone_emulator_serves_until_sigterm() -> None:
+    process = subprocess.Popen([sys.executable, "-m", "spotwatch.emulator", "--port", "0"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        response = requests.get(f"{url}/latest/meta-data/instance-id",
+                                headers={TOKEN: token(url)}, timeout=2)
+        assert response.status_code == 200 and response.text.startswith("i-")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        process.kill()
+        process.wait()

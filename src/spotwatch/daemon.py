@@ -7,6 +7,7 @@ import queue
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -73,6 +74,8 @@ class Daemon:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._notices: queue.Queue[Notice] = queue.Queue()
+        # Signal numbers received, taken by the loop (see _install_signal_handlers).
+        self._signals: deque[int] = deque()
         self.flush: FlushState | None = None
         self.last_notice: dict[str, Any] | None = None
         self.last_flush: dict[str, Any] | None = None
@@ -196,15 +199,24 @@ class Daemon:
         return server
 
     def _install_signal_handlers(self) -> None:
-        def stop(signum: int, frame: FrameType | None) -> None:
-            self.request_stop()
+        # A handler runs on the main thread between any two bytecodes, also while the loop
+        # holds the lock of an Event or a Queue: taking that lock again would hang the daemon
+        # for good. So the handler only appends to a deque (no Python lock), and the loop acts
+        # on it within a tick.
+        def remember(signum: int, frame: FrameType | None) -> None:
+            self._signals.append(signum)
 
-        def manual_flush(signum: int, frame: FrameType | None) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(signum, remember)
+
+    def _take_signals(self) -> None:
+        received = set()
+        while self._signals:
+            received.add(self._signals.popleft())
+        if signal.SIGUSR1 in received:  # `spotwatch flush` asking; several asks, one flush
             self.notify(Notice.make(NoticeKind.MANUAL, None, str(time.time())))
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGUSR1, manual_flush)
+        if received & {signal.SIGTERM, signal.SIGINT}:
+            self.request_stop()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -213,6 +225,7 @@ class Daemon:
                 or self.flush is not None)
 
     def _step(self, engine: SyncEngine) -> None:
+        self._take_signals()
         while True:
             try:
                 self._on_notice(self._notices.get_nowait())

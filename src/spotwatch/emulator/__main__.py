@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import threading
 
 from spotwatch.emulator.imds import ImdsEmulator
 
@@ -15,12 +14,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--region", default="us-west-2")
     args = parser.parse_args()
+    # Blocked before the server threads start (they inherit the mask), then waited for here:
+    # no handler runs in the middle of other code.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     emulator = ImdsEmulator(args.host, args.port, args.region).start()
     print(emulator.url, flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
+    signal.sigwait(stop_signals)
     emulator.stop()
 
 
