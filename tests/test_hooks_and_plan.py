@@ -16,6 +16,7 @@ from spotwatch.emulator import ImdsEmulator
 from spotwatch.errors import ConfigError
 from spotwatch.interruption import interruption_pending
 from spotwatch.planner import PendingFile, Planner, SetRef
+from spotwatch.subtree import files_at_or_below
 from spotwatch.throughput import ThroughputMeter, plan_flush
 from spotwatch.uploader import Snapshot
 
@@ -156,6 +157,36 @@ def test_planner_counts_each_path_once_per_set() -> None:
     assert planner.set_keys() == {"p/step_2"} and planner.pending_bytes == 5
     assert planner.remove_under(other.path) == [other]
     assert planner.set_keys() == set() and not planner
+
+
+def test_files_at_or_below_a_deleted_path() -> None:
+    files = {Path(p) for p in ("/ckpt/step_1/a.pt", "/ckpt/step_1/sub/b.pt",
+                               "/ckpt/step_10/a.pt", "/ckpt/step_1.pt", "/other/c.pt")}
+    assert files_at_or_below(Path("/ckpt/step_1/a.pt"), files) == [Path("/ckpt/step_1/a.pt")]
+    # a directory takes everything below it, not its siblings that share a name prefix
+    assert set(files_at_or_below(Path("/ckpt/step_1"), files)) == {
+        Path("/ckpt/step_1/a.pt"), Path("/ckpt/step_1/sub/b.pt")}
+    assert set(files_at_or_below(Path("/ckpt"), files)) == files - {Path("/other/c.pt")}
+    assert set(files_at_or_below(Path("/"), files)) == files
+    assert files_at_or_below(Path("/ckpt/step"), files) == []
+    assert files_at_or_below(Path("/ckpt/step_1/a.p"), files) == []
+
+
+def test_planner_drains_in_order_around_busy_paths() -> None:
+    planner = Planner()
+    items = [pending(f"step_{n}", 1, n) for n in range(1, 8)]
+    for item in items:
+        planner.add(item)
+    expected = planner.ordered()
+    assert expected == items[::-1]  # newest set first
+    busy = {expected[0].path, expected[3].path}
+    taken = planner.take(3, busy=lambda path: path in busy)
+    assert taken == [expected[1], expected[2], expected[4]]
+    assert planner.ordered() == [expected[0], expected[3], *expected[5:]]  # the busy ones lead
+    drained = []
+    while planner:
+        drained += planner.take(2, busy=lambda path: False)
+    assert drained == [expected[0], expected[3], *expected[5:]]
 
 
 def test_throughput_meter_spans_concurrent_uploads() -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spotwatch.checkpoint_sets import object_key
+from spotwatch.subtree import files_at_or_below
 from spotwatch.uploader import Snapshot
 
 
@@ -43,7 +44,9 @@ class PendingFile:
 class Planner:
     def __init__(self) -> None:
         self._pending: dict[Path, PendingFile] = {}
-        self._order: list[PendingFile] | None = None
+        # Upload order, last to go first: taking a file pops it off the end, so draining n
+        # pending files costs O(n), not a list copy per take. None: sort again when asked.
+        self._to_go: list[PendingFile] | None = None
         # Kept up to date on every change: status, metrics and progress read the bytes
         # often, and the sealer asks which sets still have files pending.
         self._bytes = 0
@@ -69,7 +72,7 @@ class Planner:
         self._pending[item.path] = item
         self._bytes += item.size
         self._files_per_set[item.set_key] += 1
-        self._order = None
+        self._to_go = None
 
     def _pop(self, path: Path) -> PendingFile:
         item = self._pending.pop(path)
@@ -81,35 +84,34 @@ class Planner:
 
     def remove_under(self, path: Path) -> list[PendingFile]:
         """Drop the file at path, or everything below it when it was a directory."""
-        gone = [p for p in self._pending if p == path or path in p.parents]
-        removed = [self._pop(p) for p in gone]
+        removed = [self._pop(p) for p in files_at_or_below(path, self._pending.keys())]
         if removed:
-            self._order = None
+            self._to_go = None
         return removed
 
     def ordered(self) -> list[PendingFile]:
         """Everything pending, in upload order."""
-        if self._order is None:
-            self._order = self._ordered()
-        return list(self._order)
+        return self._stack()[::-1]
 
     def take(self, count: int, busy: Callable[[Path], bool]) -> list[PendingFile]:
         """Up to count files in upload order, skipping paths still busy uploading."""
-        if self._order is None:
-            self._order = self._ordered()
+        stack = self._stack()
         taken: list[PendingFile] = []
         kept: list[PendingFile] = []
-        looked_at = 0
-        for item in self._order:
-            if len(taken) == count:
-                break
-            looked_at += 1
+        while stack and len(taken) < count:
+            item = stack.pop()
             if busy(item.path):
                 kept.append(item)
             else:
                 taken.append(self._pop(item.path))
-        self._order = kept + self._order[looked_at:]
+        stack.extend(reversed(kept))  # still first in line once they are free
         return taken
+
+    def _stack(self) -> list[PendingFile]:
+        if self._to_go is None:
+            self._to_go = self._ordered()
+            self._to_go.reverse()
+        return self._to_go
 
     def _ordered(self) -> list[PendingFile]:
         newest_in_set: dict[str, int] = {}

@@ -29,6 +29,7 @@ from watchdog.observers.api import BaseObserver
 
 from spotwatch.config import WatchDir
 from spotwatch.filters import PathFilter
+from spotwatch.subtree import files_at_or_below
 
 _CONTENT_EVENTS = {"created", "modified"}
 # What the tracker reacts to. watchdog turns this into the inotify mask, so the kernel never
@@ -148,7 +149,7 @@ class ChangeTracker(FileSystemEventHandler):
     def _forget(self, path: Path) -> None:
         with self._lock:
             self._removed.append(path)
-            for candidate in [p for p in self._candidates if p == path or path in p.parents]:
+            for candidate in files_at_or_below(path, self._candidates.keys()):
                 del self._candidates[candidate]
 
     def take_settled(self) -> list[Path]:
