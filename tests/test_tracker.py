@@ -179,3 +179,17 @@ def test_files_saved_right_after_mkdir_are_not_lost(tmp_path: Path) -> None:
         finally:
             observer.stop()
             observer.join()
+
+
+def test_relative_names_only_paths_inside_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    tracker = ChangeTracker(WatchDir(root, "run/"), 0.1, 1.0)
+    assert tracker.relative(root / "step_1" / "model.pt") == "step_1/model.pt"
+    assert tracker.relative(root) is None
+    assert tracker.relative(tmp_path / "ckpt2" / "model.pt") is None  # a sibling sharing a prefix
+    assert tracker.relative(tmp_path / "model.pt") is None
+    assert tracker.relative(root / "model.pt.tmp") is None  # filtered out
+    whole_disk = ChangeTracker(WatchDir(Path("/"), "run/"), 0.1, 1.0)
+    assert whole_disk.relative(Path("/data/model.pt")) == "data/model.pt"
+    assert whole_disk.relative(Path("/")) is None

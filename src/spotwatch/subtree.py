@@ -1,4 +1,5 @@
-"""Which of many tracked files lie at or below a path that was deleted or moved away."""
+"""Which paths lie below a directory: files under a watched root, or under a path that was
+deleted or moved away."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ from collections.abc import Collection
 from pathlib import Path
 
 
-def files_at_or_below(path: Path, files: Collection[Path]) -> list[Path]:
-    """The files that are path itself or lie below it (path may be a file or a directory).
+def prefix_below(directory: Path) -> str:
+    """What the string of every path below directory starts with.
 
-    Compared as strings: building every file's parents costs seconds with 100k files, and
-    this runs for each deletion the trainer makes.
+    Paths are compared as strings: pathlib parses both sides again for every comparison,
+    which costs seconds over 100k files, and these checks run for every file event.
     """
+    return os.path.join(directory, "")
+
+
+def files_at_or_below(path: Path, files: Collection[Path]) -> list[Path]:
+    """The files that are path itself or lie below it (path may be a file or a directory)."""
     if path in files:
         return [path]  # a file: nothing lies below it
-    below = os.path.join(path, "")
+    below = prefix_below(path)
     return [f for f in files if str(f).startswith(below)]

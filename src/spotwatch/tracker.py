@@ -29,7 +29,7 @@ from watchdog.observers.api import BaseObserver
 
 from spotwatch.config import WatchDir
 from spotwatch.filters import PathFilter
-from spotwatch.subtree import files_at_or_below
+from spotwatch.subtree import files_at_or_below, prefix_below
 
 _CONTENT_EVENTS = {"created", "modified"}
 # What the tracker reacts to. watchdog turns this into the inotify mask, so the kernel never
@@ -79,6 +79,7 @@ class ChangeTracker(FileSystemEventHandler):
     ) -> None:
         self.watch = watch
         self.root = watch.path.resolve()
+        self._root_prefix = prefix_below(self.root)
         self.filter = PathFilter.for_watch(watch)
         self._settle = settle_seconds
         self._quiet = quiet_seconds
@@ -93,11 +94,11 @@ class ChangeTracker(FileSystemEventHandler):
 
     def relative(self, path: Path) -> str | None:
         """The path relative to the watched root, or None when outside it or filtered out."""
-        try:
-            rel = path.relative_to(self.root).as_posix()
-        except ValueError:
+        text = str(path)
+        if not text.startswith(self._root_prefix):
             return None
-        return rel if rel != "." and self.filter.accepts(rel) else None
+        rel = text[len(self._root_prefix):]
+        return rel if rel and self.filter.accepts(rel) else None
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         kind = event.event_type
