@@ -124,6 +124,8 @@ class Workspace:
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
         env["S3_BUCKET_NAME"] = self.bucket
+        # As systemd's RuntimeDirectory would: the notice file stays in this test's directory.
+        env["RUNTIME_DIRECTORY"] = str(self.root / "run")
         env.update(extra)
         return env
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -74,9 +75,69 @@ def test_command_hook_gets_the_notice(workspace: Workspace, imds: ImdsEmulator) 
     wait_for(lambda: out.exists() and out.read_text().strip())
     kind, notice_file = out.read_text().strip().split("|")
     assert kind == "rebalance-recommendation"
-    assert Path(notice_file) == workspace.root / "state" / "notice.json"
+    assert Path(notice_file) == workspace.root / "run" / "notice.json"  # $RUNTIME_DIRECTORY
     assert daemon.wait_for_event("hook_command_done")["exit_code"] == 0
     assert daemon.stop() == 0
+
+
+def test_reader_finds_the_notice_where_the_daemon_put_it(
+        workspace: Workspace, imds: ImdsEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPOTWATCH_NOTICE_FILE", raising=False)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(workspace.root / "run"))  # as for the daemon
+    daemon = workspace.start_daemon()
+    imds.fire_spot_interruption()
+    daemon.wait_for_event("flush_started")  # the notice file is written before the flush
+    notice = interruption_pending()  # no argument: the same places, in the same order
+    assert notice is not None and notice["kind"] == "spot-interruption"
+    notice_file = workspace.root / "run" / "notice.json"
+    assert notice_file.stat().st_mode & 0o777 == 0o644  # even under the unit's UMask=0027
+    assert daemon.stop() == 0
+
+
+def test_unreadable_or_foreign_notice_file_warns(tmp_path: Path) -> None:
+    assert interruption_pending(tmp_path / "missing.json") is None  # simply no notice
+    (tmp_path / "a-directory").mkdir()
+    with pytest.warns(RuntimeWarning, match="cannot read the notice file .*a-directory"):
+        assert interruption_pending(tmp_path / "a-directory") is None
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.warns(RuntimeWarning, match=r"list\.json is not a notice file"):
+        assert interruption_pending(tmp_path / "list.json") is None
+
+
+def command_runs(out: Path) -> int:
+    return len(out.read_text().splitlines()) if out.exists() else 0
+
+
+def test_hooks_act_once_per_notice_across_restarts(workspace: Workspace,
+                                                   imds: ImdsEmulator) -> None:
+    out = workspace.root / "hook.out"
+    workspace.write_config(hooks={"command": f'echo "$SPOTWATCH_NOTICE_ID" >> {out}'})
+    first = workspace.start_daemon()
+    imds.fire_spot_interruption()
+    assert first.wait_for_event("hook_command_done")["exit_code"] == 0
+    first.wait_for_event("flush_done")
+    assert first.stop() == 0
+    second = workspace.start_daemon()  # the notice is still posted
+    assert second.wait_for_event("notice_detected")["id"] == out.read_text().strip()
+    second.wait_for_event("flush_done")  # it still flushes; the hooks do not run again
+    assert second.named("hook_command_started") == []
+    assert second.named("hooks_already_acted")[0]["kind"] == "spot-interruption"
+    assert command_runs(out) == 1
+    assert interruption_pending(workspace.root / "run" / "notice.json") is not None
+    assert second.stop() == 0
+
+
+def test_notice_file_stays_over_a_restart(workspace: Workspace, imds: ImdsEmulator) -> None:
+    notice_file = workspace.root / "run" / "notice.json"
+    first = workspace.start_daemon()
+    imds.fire_spot_interruption()
+    first.wait_for_event("flush_started")
+    assert first.stop() == 0
+    workspace.write_config(imds={"enabled": False})  # not polled again after the restart
+    second = workspace.start_daemon()
+    notice = interruption_pending(notice_file)
+    assert notice is not None and notice["kind"] == "spot-interruption"
+    assert second.stop() == 0
 
 
 def test_disabled_sources_are_not_polled(workspace: Workspace, imds: ImdsEmulator) -> None:
@@ -90,10 +151,16 @@ def test_disabled_sources_are_not_polled(workspace: Workspace, imds: ImdsEmulato
     assert daemon.stop() == 0
 
 
-def test_stale_notice_file_is_cleared_at_start(workspace: Workspace) -> None:
-    stale = workspace.root / "state" / "notice.json"
+@pytest.mark.parametrize("acted", [None, {"boot_id": "an-earlier-boot", "ids": ["abc"]}])
+def test_stale_notice_file_is_cleared_at_start(workspace: Workspace,
+                                               acted: dict[str, Any] | None) -> None:
+    """A notice file left from an earlier life of the instance means nothing now."""
+    stale = workspace.root / "run" / "notice.json"
     stale.parent.mkdir(parents=True)
-    stale.write_text('{"kind": "spot-interruption"}')
+    stale.write_text('{"kind": "spot-interruption", "id": "abc"}')
+    if acted is not None:
+        (workspace.root / "state").mkdir()
+        (workspace.root / "state" / "acted_notices.json").write_text(json.dumps(acted))
     daemon = workspace.start_daemon()
     assert not stale.exists()
     assert daemon.stop() == 0

@@ -40,6 +40,16 @@ def test_unit_contract() -> None:
     assert settings["ProtectSystem"] == "strict"
 
 
+def test_unit_lets_the_trainer_of_another_user_be_told() -> None:
+    settings = unit_settings()
+    # /run/spotwatch/notice.json: reachable by every user, and kept over a restart.
+    assert settings["RuntimeDirectory"] == "spotwatch"
+    assert settings["RuntimeDirectoryMode"] == "0755"
+    assert settings["RuntimeDirectoryPreserve"] == "restart"
+    # hooks.signal to a trainer running as another user (see tests/test_trainer_users.py).
+    assert "CAP_KILL" in settings["CapabilityBoundingSet"].split()
+
+
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:

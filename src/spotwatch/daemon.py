@@ -69,7 +69,7 @@ class Daemon:
         self.config = config
         self.bucket = bucket
         self.state = StateDir(config.state_dir)
-        self.hooks = NoticeHooks(config.hooks, self.state.notice_file)
+        self.hooks = NoticeHooks(config.hooks, self.state)
         self._client = client
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -95,7 +95,7 @@ class Daemon:
     def run(self, handle_signals: bool = True) -> int:
         """The daemon: upload continuously, flush on notices, final flush on SIGTERM."""
         with self._running(max_failures=None, prune=True) as engine:
-            self.hooks.clear()
+            self.hooks.start()
             poller = self._start_poller()
             metrics_server = self._start_metrics_server()
             if handle_signals:

@@ -24,7 +24,14 @@ from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
 from spotwatch.checkpoint_sets import manifest_key
-from spotwatch.config import Config, ImdsSettings, LogSettings, SyncSettings, WatchDir
+from spotwatch.config import (
+    Config,
+    HookSettings,
+    ImdsSettings,
+    LogSettings,
+    SyncSettings,
+    WatchDir,
+)
 from spotwatch.daemon import Daemon
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.interruption import interruption_pending
@@ -147,6 +154,8 @@ def _rehearse(root: Path, imds: ImdsEmulator) -> int:
         sync=SyncSettings(settle_seconds=0.2),
         imds=ImdsSettings(endpoint=imds.url),
         log=LogSettings(level="warning", format="console"),
+        # The rehearsal keeps its notice to itself, never in a real daemon's runtime dir.
+        hooks=HookSettings(notice_file=root / "state" / "notice.json"),
         state_dir=root / "state",
     )
     print(f"  S3 (embedded):   {os.environ['AWS_ENDPOINT_URL']}  bucket {BUCKET}")

@@ -1,29 +1,56 @@
-"""Include/exclude filters with `aws s3 sync` semantics.
+"""Include/exclude filters with exactly the semantics of `aws s3 sync` (AWS CLI v1 and v2).
 
-Every file starts included; patterns are fnmatch patterns (``*`` also matches ``/``) against the
-path relative to the watched directory, applied in order with the later match winning. The
-config's ``exclude`` list is applied before its ``include`` list, so ``exclude: ["*"]`` with
-``include: ["*.pt"]`` keeps only ``.pt`` files, like ``--exclude '*' --include '*.pt'``.
+Every file starts included; the config's ``exclude`` list is applied before its ``include``
+list, and a later matching pattern wins, so ``exclude: ["*"]`` with ``include: ["*.pt"]`` keeps
+only ``.pt`` files, like ``--exclude '*' --include '*.pt'``.
+
+Like the AWS CLI, patterns are matched against full paths, not relative ones: a file is
+``<root>/<relative path>`` with the watched root made absolute and normalised, and a pattern is
+``os.path.join(<root>, pattern)``. So a relative pattern is anchored at the watched directory,
+and a pattern starting with ``/`` is an absolute path used as given (``/*`` matches every
+file). Matching is fnmatch's on POSIX: case-sensitive, ``*`` also matches ``/``, ``[...]`` is a
+character class.
 """
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
+import os
+import re
+from collections.abc import Callable
+from fnmatch import translate
 
 from spotwatch.config import WatchDir
 
+_Matcher = Callable[[str], "re.Match[str] | None"]
+
 
 class PathFilter:
-    def __init__(self, exclude: tuple[str, ...], include: tuple[str, ...]) -> None:
-        self._rules = [(p, False) for p in exclude] + [(p, True) for p in include]
+    def __init__(self, root: str | os.PathLike[str], exclude: tuple[str, ...],
+                 include: tuple[str, ...]) -> None:
+        anchor = os.path.abspath(root)
+        # The CLI lists a directory's files as its absolute path plus a separator plus the name
+        # (for the root "/" that gives "//name", and the CLI's own patterns then miss them).
+        self._file_prefix = anchor + os.sep
+        self._rules: list[tuple[_Matcher, bool]] = [
+            (self._compile(anchor, pattern), included)
+            for patterns, included in ((exclude, False), (include, True))
+            for pattern in patterns
+        ]
+
+    @staticmethod
+    def _compile(anchor: str, pattern: str) -> _Matcher:
+        # os.path.join drops the anchor when the pattern is absolute, as the CLI relies on.
+        return re.compile(translate(os.path.join(anchor, pattern))).match
 
     @classmethod
     def for_watch(cls, watch: WatchDir) -> PathFilter:
-        return cls(watch.exclude, watch.include)
+        return cls(watch.path, watch.exclude, watch.include)
 
     def accepts(self, relative_path: str) -> bool:
+        """Whether `aws s3 sync <root>` would take the file at this path below the root."""
+        full_path = self._file_prefix + relative_path
         included = True
-        for pattern, include in self._rules:
-            if fnmatchcase(relative_path, pattern):
+        for matches, include in self._rules:
+            if matches(full_path):
                 included = include
         return included

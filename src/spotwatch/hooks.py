@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,22 +13,79 @@ from typing import Any
 import structlog
 
 from spotwatch.config import HookSettings
-from spotwatch.state import write_json_atomically
+from spotwatch.interruption import default_notice_file
+from spotwatch.state import StateDir, make_shared_dirs, write_json_atomically
 
 log = structlog.get_logger("spotwatch.hooks")
 
+# Changes on every boot: a notice acted on in an earlier life of the instance means nothing now.
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+# Readable by the trainer whichever user it runs as (the notice holds nothing secret).
+NOTICE_FILE_MODE = 0o644
+
+
+def current_boot() -> str | None:
+    try:
+        return BOOT_ID_FILE.read_text().strip() or None
+    except OSError:
+        return None
+
+
+class ActedNotices:
+    """The ids of the notices whose hooks ran during this boot, kept in the state directory so
+    that a restarted daemon, seeing the same notice still posted, does not act on it again."""
+
+    def __init__(self, path: Path, boot: str | None) -> None:
+        self._path = path
+        self._boot = boot
+        self.ids: set[str] = set()
+
+    def load(self) -> None:
+        self.ids = set()
+        try:
+            data = json.loads(self._path.read_text())
+        except (OSError, ValueError):
+            return  # none yet, or unreadable: nothing was acted on that we know of
+        if self._boot is None or not isinstance(data, dict) or data.get("boot_id") != self._boot:
+            return
+        ids = data.get("ids")
+        if isinstance(ids, list):
+            self.ids = {i for i in ids if isinstance(i, str)}
+
+    def add(self, notice_id: str) -> None:
+        self.ids.add(notice_id)
+        try:
+            write_json_atomically(self._path, {"boot_id": self._boot, "ids": sorted(self.ids)})
+        except OSError as exc:  # the hooks still run: told twice beats never told
+            log.warning("hook_record_failed", path=str(self._path), error=exc.strerror)
+
 
 class NoticeHooks:
-    def __init__(self, settings: HookSettings, default_notice_file: Path) -> None:
-        self.notice_file = settings.notice_file or default_notice_file
+    def __init__(self, settings: HookSettings, state: StateDir) -> None:
+        self.notice_file = settings.notice_file or default_notice_file(state.path)
         self._settings = settings
+        self._acted = ActedNotices(state.acted_notices, current_boot())
 
-    def clear(self) -> None:
-        """A notice file left from an earlier life of the instance means nothing now."""
-        self.notice_file.unlink(missing_ok=True)
+    def start(self) -> None:
+        """At daemon start. A notice acted on during this boot is still posted (notices are not
+        withdrawn), so its file stays for the trainer; any other notice file is stale."""
+        self._acted.load()
+        if self._acted.ids:
+            return
+        try:
+            self.notice_file.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
+                        error=exc.strerror)
 
     def fire(self, notice: dict[str, Any]) -> None:
+        """Hooks act once per notice id, across restarts too; the notice file is (re)written
+        every time, so a trainer always finds it."""
         self._write_notice_file(notice)
+        if notice["id"] in self._acted.ids:
+            log.info("hooks_already_acted", id=notice["id"], kind=notice["kind"])
+            return
+        self._acted.add(notice["id"])
         if self._settings.signal and self._settings.pid_file:
             self._signal_trainer(self._settings.signal, self._settings.pid_file)
         if self._settings.command:
@@ -35,7 +93,8 @@ class NoticeHooks:
 
     def _write_notice_file(self, notice: dict[str, Any]) -> None:
         try:
-            write_json_atomically(self.notice_file, notice)
+            make_shared_dirs(self.notice_file.parent)
+            write_json_atomically(self.notice_file, notice, mode=NOTICE_FILE_MODE)
         except OSError as exc:
             log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
                         error=exc.strerror)

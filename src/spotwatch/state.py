@@ -22,17 +22,33 @@ def default_state_dir() -> Path:
     return Path(base) / "spotwatch"
 
 
-def write_json_atomically(target: Path, data: dict[str, Any]) -> None:
-    """Readers never see a half-written file: write beside it, then rename over it."""
+def write_json_atomically(target: Path, data: dict[str, Any], mode: int | None = None) -> None:
+    """Readers never see a half-written file: write beside it, then rename over it.
+
+    The file keeps mkstemp's 0600 unless a mode is given; that mode is set on the open file,
+    so neither the umask nor a reader racing the rename ever sees another one.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=True)
         os.replace(temp, target)
     except BaseException:
         Path(temp).unlink(missing_ok=True)  # e.g. a full disk: leave no debris behind
         raise
+
+
+def make_shared_dirs(directory: Path) -> None:
+    """Create directory and its missing parents traversable by every user (0755 whatever the
+    umask, e.g. the unit's 0027), so another user's process can reach a file inside.
+    Directories that already exist keep the mode their owner gave them."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)
+        created.chmod(0o755)
 
 
 class StateDir:
@@ -48,8 +64,8 @@ class StateDir:
         return self.path / "status.json"
 
     @property
-    def notice_file(self) -> Path:
-        return self.path / "notice.json"
+    def acted_notices(self) -> Path:
+        return self.path / "acted_notices.json"
 
     def ensure(self) -> None:
         try:

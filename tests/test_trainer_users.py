@@ -1,0 +1,119 @@
+"""A trainer running as another user than the daemon is told too: it reads the notice file
+(found without arguments) and gets the hook signal from a daemon with the shipped unit's
+capabilities. The daemon runs as root, the trainer as nobody (uid 65534)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spotwatch.emulator import ImdsEmulator
+
+from .conftest import Workspace
+from .test_systemd import unit_settings
+
+NOBODY = 65534
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+
+AS_NOBODY = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+READ_NOTICE = "import json, spotwatch; print(json.dumps(spotwatch.interruption_pending()))"
+TRAINER = """
+import signal, sys, time
+asked = []
+signal.signal(signal.SIGUSR1, lambda *_: asked.append(1))
+print("ready", flush=True)
+deadline = time.monotonic() + 30
+while not asked and time.monotonic() < deadline:
+    time.sleep(0.01)
+sys.exit(0 if asked else 1)
+"""
+
+
+def trainer_env() -> dict[str, str]:
+    """A trainer's environment: nothing tells it where the daemon put the notice."""
+    hidden = {"RUNTIME_DIRECTORY", "SPOTWATCH_NOTICE_FILE", "XDG_RUNTIME_DIR", "STATE_DIRECTORY"}
+    env = {k: v for k, v in os.environ.items() if k not in hidden}
+    env["HOME"] = "/nonexistent"
+    return env
+
+
+def read_notice_as_nobody(*namespace: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*namespace, *AS_NOBODY, sys.executable, "-c", READ_NOTICE],
+                          env={**trainer_env(), **env}, cwd="/", capture_output=True,
+                          text=True, timeout=60)
+
+
+def unit_launcher() -> tuple[str, ...]:
+    """Run the daemon as root with only the capabilities the shipped unit leaves it."""
+    caps = unit_settings()["CapabilityBoundingSet"].split()
+    allowed = ",".join(f"+{cap.removeprefix('CAP_').lower()}" for cap in caps)
+    return ("setpriv", "--inh-caps=-all", f"--bounding-set=-all,{allowed}")
+
+
+def test_trainer_of_another_user_reads_the_notice(workspace: Workspace,
+                                                  imds: ImdsEmulator) -> None:
+    for tool in ("unshare", "nsenter"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    # The daemon gets a /run of its own (a tmpfs in a mount namespace), with the unit's umask
+    # and no systemd: as root it puts the notice in /run/spotwatch.
+    workspace.launcher = ("unshare", "--mount", "--propagation=private", "sh", "-c",
+                          'umask 0027 && mount -t tmpfs -o mode=0755 tmpfs /run && exec "$@"',
+                          "sh", *unit_launcher())
+    daemon = workspace.start_daemon(RUNTIME_DIRECTORY="")
+    in_daemon_mounts = ("nsenter", f"--mount=/proc/{daemon.process.pid}/ns/mnt")
+    imds.fire_spot_interruption()
+    daemon.wait_for_event("flush_started")  # the notice file is written before the flush
+    reader = read_notice_as_nobody(*in_daemon_mounts)
+    assert reader.returncode == 0, reader.stderr
+    notice = json.loads(reader.stdout)
+    assert notice is not None and notice["kind"] == "spot-interruption", reader.stderr
+    assert reader.stderr == ""
+    assert daemon.stop() == 0
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user can reach (pytest's tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="spotwatch-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_a_notice_file_the_trainer_cannot_read_warns(shared_dir: Path) -> None:
+    private = shared_dir / "notice.json"
+    private.write_text('{"kind": "spot-interruption"}')
+    private.chmod(0o600)
+    reader = read_notice_as_nobody(SPOTWATCH_NOTICE_FILE=str(private))
+    assert reader.returncode == 0, reader.stderr
+    assert json.loads(reader.stdout) is None
+    assert f"cannot read the notice file {private}: Permission denied" in reader.stderr
+
+
+def test_signal_reaches_a_trainer_of_another_user(workspace: Workspace,
+                                                  imds: ImdsEmulator) -> None:
+    trainer = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", TRAINER], env=trainer_env(),
+                               cwd="/", stdout=subprocess.PIPE, text=True)
+    try:
+        assert trainer.stdout is not None and trainer.stdout.readline() == "ready\n"
+        pid_file = workspace.root / "trainer.pid"
+        pid_file.write_text(str(trainer.pid))
+        workspace.write_config(hooks={"signal": "USR1", "pid_file": str(pid_file)})
+        workspace.launcher = unit_launcher()
+        daemon = workspace.start_daemon()
+        imds.fire_spot_interruption()
+        assert trainer.wait(timeout=60) == 0  # it got the signal
+        assert daemon.named("hook_signal_sent")[0]["pid"] == trainer.pid
+        assert daemon.stop() == 0
+    finally:
+        trainer.kill()
+        trainer.wait()
