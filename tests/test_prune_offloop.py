@@ -7,7 +7,6 @@ import json
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ from .conftest import Daemon, Workspace, keys_in, wait_for
 from .faultproxy import FaultProxy, Request
 from .test_daemon_e2e import flush_summary
 from .test_prune import MANIFESTS, save_set
+from .test_systemd import notify_socket  # noqa: F401  (a fixture)
 
 PRUNE_END = ("prune_cancelled", "prune_failed", "object_deleted")
 
@@ -26,15 +26,6 @@ PRUNE_END = ("prune_cancelled", "prune_failed", "object_deleted")
 def proxy() -> Iterator[FaultProxy]:
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as fault_proxy:
         yield fault_proxy
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify.sock"))
-    sock.settimeout(0.2)
-    yield sock
-    sock.close()
 
 
 def lists_manifests(request: Request) -> bool:
@@ -70,7 +61,8 @@ def status_time(workspace: Workspace) -> float:
 
 def test_a_notice_mid_prune_flushes_at_once(workspace: Workspace, imds: ImdsEmulator, s3: Any,
                                             proxy: FaultProxy,
-                                            notify_socket: socket.socket) -> None:
+                                            notify_socket: socket.socket,  # noqa: F811
+                                            ) -> None:
     workspace.write_config(sync={"keep_sets": 1})
     for age, name in ((300, "step_1"), (200, "step_2"), (100, "step_3")):
         save_set(workspace, name, age)
