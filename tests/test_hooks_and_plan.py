@@ -18,7 +18,7 @@ from spotwatch.errors import ConfigError
 from spotwatch.interruption import interruption_pending
 from spotwatch.planner import PendingFile, Planner, SetRef
 from spotwatch.subtree import files_at_or_below
-from spotwatch.throughput import ThroughputMeter, plan_flush
+from spotwatch.throughput import plan_flush
 from spotwatch.uploader import Snapshot
 
 from .conftest import Workspace, keys_in, object_bytes, wait_for
@@ -254,15 +254,6 @@ def test_planner_drains_in_order_around_busy_paths() -> None:
     while planner:
         drained += planner.take(2, busy=lambda path: False)
     assert drained == [expected[0], expected[3], *expected[5:]]
-
-
-def test_throughput_meter_spans_concurrent_uploads() -> None:
-    now = [100.0]
-    meter = ThroughputMeter(clock=lambda: now[0])
-    assert meter.bytes_per_second() is None
-    meter.record(1000, seconds=1.0)  # ran 99..100
-    meter.record(1000, seconds=1.0)  # concurrently
-    assert meter.bytes_per_second() == pytest.approx(2000.0)
 
 
 def test_flush_at_risk_is_logged_newest_set_first(workspace: Workspace, imds: ImdsEmulator,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 
 import pytest
 
@@ -18,6 +20,8 @@ from spotwatch.imds import (
     ImdsError,
     resolve_endpoint,
 )
+
+from .conftest import wait_for
 
 SPOT = "meta-data/spot/instance-action"
 
@@ -53,6 +57,25 @@ def test_401_gets_a_new_token_and_retries_once(imds: ImdsEmulator) -> None:
     counts = imds.counts()
     assert counts["get_401"] == 1
     assert counts["token_put"] == 2
+
+
+def test_a_hanging_token_refresh_does_not_hold_up_other_requests(imds: ImdsEmulator) -> None:
+    now = [0.0]
+    client = ImdsClient(imds.url, token_ttl=8, timeout=1.0, attempts=1, clock=lambda: now[0])
+    assert client.get("meta-data/instance-id")  # the token is valid until 8 on this clock
+    now[0] = 7.0  # inside the refresh margin (a quarter of the TTL), still valid
+    imds.add_fault(Fault(delay=3.0, remaining=1, applies_to="token"))
+
+    def refresh() -> None:
+        with suppress(ImdsError):
+            client.get("meta-data/instance-id")
+
+    refreshing = threading.Thread(target=refresh)
+    refreshing.start()
+    wait_for(lambda: imds.counts()["token_put"] == 2)  # the refresh is hanging now
+    assert client.get("meta-data/instance-id") == "i-0123456789abcdef0"
+    assert refreshing.is_alive()  # answered with the old token while the refresh hangs
+    refreshing.join()
 
 
 def test_server_errors_are_retried(imds: ImdsEmulator) -> None:

@@ -15,7 +15,6 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from botocore.exceptions import BotoCoreError, ClientError
 from watchdog.observers import Observer
 
 from spotwatch import sdnotify
@@ -29,6 +28,7 @@ from spotwatch.notices import Notice, NoticeKind, sources_for
 from spotwatch.notices.poller import NoticePoller
 from spotwatch.orphans import abort_orphaned_uploads
 from spotwatch.progress import ProgressBar
+from spotwatch.prune_job import PruneJob
 from spotwatch.pruner import Pruner
 from spotwatch.state import StateDir, StateLock, write_json_atomically
 from spotwatch.throughput import plan_flush
@@ -86,6 +86,7 @@ class Daemon:
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._engine: SyncEngine | None = None
         self._pruner: Pruner | None = None
+        self._prune_job: PruneJob | None = None
         self._prune_due = 0.0
         self.metrics = Metrics()
         self._metrics_url: str | None = None
@@ -233,10 +234,10 @@ class Daemon:
                 break
         self.metrics.tick()
         engine.collect_settled()
+        self._maybe_prune(engine)  # before pump: a running prune stops once work arrives
         engine.pump(upload=self._uploads_allowed())
         if self.flush is not None and engine.idle() and engine.unsettled() == 0:
             self._finish_flush()
-        self._maybe_prune(engine)
         if self._keepalive_interval is not None and time.monotonic() >= self._keepalive_due:
             # systemd's watchdog restarts us if this loop ever stalls.
             sdnotify.notify("WATCHDOG=1")
@@ -246,21 +247,32 @@ class Daemon:
             self._status_due = time.monotonic() + STATUS_INTERVAL_SECONDS
 
     def _maybe_prune(self, engine: SyncEngine) -> None:
-        """Deletes run only when all is quiet: never while a notice or a flush needs the time."""
+        """Deletes run only when all is quiet: never while a notice, a flush or an upload
+        needs the time. The S3 work runs on a background thread, one prune at a time; the
+        loop starts it, tells it to stop when work arrives, and collects what it deleted."""
+        quiet = (self.flush is None and not self._notice_seen and engine.idle()
+                 and not engine.unsettled())
+        if self._prune_job is not None:
+            self._tend_prune(engine, quiet)
+            return
         if (self._pruner is None or not self._pruner.enabled or not engine.changed_since_prune
-                or self.flush is not None or self._notice_seen
-                or time.monotonic() < self._prune_due
-                or not engine.idle() or engine.unsettled()):
+                or not quiet or time.monotonic() < self._prune_due):
             return
         engine.changed_since_prune = False
         self._prune_due = time.monotonic() + PRUNE_INTERVAL_SECONDS
-        try:
-            deleted = self._pruner.apply(self._pruner.plan(self.config.watch))
-        except (BotoCoreError, ClientError) as exc:
-            log.warning("prune_failed", error=str(exc))
-            engine.changed_since_prune = True
+        self._prune_job = PruneJob(self._pruner, self.config.watch, self._wake.set).start()
+
+    def _tend_prune(self, engine: SyncEngine, quiet: bool) -> None:
+        job = self._prune_job
+        assert job is not None
+        if not quiet:
+            job.cancel()
+        if not job.finished():
             return
-        engine.reseal_after_deletions([d.key for d in deleted if not d.retires])
+        self._prune_job = None
+        if not job.completed:  # failed or cancelled: try again when quiet
+            engine.changed_since_prune = True
+        engine.reseal_after_deletions([d.key for d in job.deleted if not d.retires])
 
     def _on_notice(self, notice: Notice) -> None:
         detected = datetime.now(timezone.utc)

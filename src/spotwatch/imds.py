@@ -55,12 +55,12 @@ class ImdsClient:
         self.timeout = timeout
         self.attempts = attempts
         self._clock = clock
-        self._session = requests.Session()
-        # Proxies from the environment must never see metadata requests.
-        self._session.trust_env = False
+        # One session per polling thread: requests does not promise a shared one is safe.
+        self._sessions = threading.local()
         self._token: str | None = None
         self._token_expires = 0.0
-        self._lock = threading.Lock()
+        self._token_changed = threading.Condition()
+        self._refreshing = False
 
     @classmethod
     def from_settings(cls, settings: ImdsSettings) -> ImdsClient:
@@ -88,6 +88,15 @@ class ImdsClient:
             last_error = f"HTTP {response.status_code} for {path}"
         raise ImdsError(f"IMDS unreachable at {self.endpoint}: {last_error}")
 
+    @property
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._sessions, "session", None)
+        if session is None:
+            session = self._sessions.session = requests.Session()
+            # Proxies from the environment must never see metadata requests.
+            session.trust_env = False
+        return session
+
     def _get_with_token(self, url: str) -> requests.Response:
         response = self._session.get(url, headers={TOKEN_HEADER: self._token_value()},
                                      timeout=self.timeout)
@@ -99,17 +108,40 @@ class ImdsClient:
         return response
 
     def invalidate_token(self) -> None:
-        with self._lock:
+        with self._token_changed:
             self._token = None
 
     def _token_value(self) -> str:
-        with self._lock:
+        """A valid token. One thread refreshes at a time, and no caller waits for it longer
+        than `timeout`: the others keep using the old token while it is still valid."""
+        with self._token_changed:
             margin = min(REFRESH_MARGIN_SECONDS, self.token_ttl / 4)
-            if self._token is None or self._clock() >= self._token_expires - margin:
-                requested_at = self._clock()
-                self._token = self._fetch_token()
-                self._token_expires = requested_at + self.token_ttl
-            return self._token
+            now = self._clock()
+            if self._token is not None and now < self._token_expires - margin:
+                return self._token
+            if self._refreshing:
+                if self._token is not None and now < self._token_expires:
+                    return self._token
+                self._token_changed.wait_for(lambda: not self._refreshing, self.timeout)
+                if self._token is None or self._clock() >= self._token_expires:
+                    # Raised as a requests error so that get() counts it as an attempt.
+                    raise requests.ConnectionError("no IMDS token: its request failed or hangs")
+                return self._token
+            self._refreshing = True
+        return self._refresh_token()
+
+    def _refresh_token(self) -> str:
+        requested_at = self._clock()
+        token: str | None = None
+        try:
+            token = self._fetch_token()
+            return token
+        finally:
+            with self._token_changed:
+                if token is not None:
+                    self._token, self._token_expires = token, requested_at + self.token_ttl
+                self._refreshing = False
+                self._token_changed.notify_all()
 
     def _fetch_token(self) -> str:
         response = self._session.put(

@@ -10,6 +10,7 @@ before its files, so no set ever looks complete while its files are being remove
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,10 @@ log = structlog.get_logger("spotwatch.prune")
 DELETE_BATCH = 1000
 
 
+class PruneCancelled(Exception):
+    """The prune was told to stop before it finished planning."""
+
+
 @dataclass(frozen=True)
 class Deletion:
     key: str
@@ -51,6 +56,10 @@ class Pruner:
         self._ledger = ledger
         self._mirror_deletes = mirror_deletes
         self._keep_sets = keep_sets
+        # Set from another thread to stop between requests: planning raises PruneCancelled,
+        # apply returns what it deleted so far. Stopping between batches is safe because
+        # manifests go first: no set is left looking complete without its files.
+        self.cancelled = threading.Event()
 
     @property
     def enabled(self) -> bool:
@@ -60,6 +69,7 @@ class Pruner:
         """What would be deleted, manifests before the files they list."""
         deletions: list[Deletion] = []
         for watch in watches:
+            self._stop_if_cancelled()
             deletions += self._plan_watch(watch)
         return deletions
 
@@ -67,6 +77,9 @@ class Pruner:
         """Delete in order; returns what was deleted (a failure stops the rest, kept for later)."""
         done: list[Deletion] = []
         for start in range(0, len(deletions), DELETE_BATCH):
+            if self.cancelled.is_set():
+                log.info("prune_cancelled", deleted=len(done), remaining=len(deletions) - start)
+                return done
             batch = deletions[start:start + DELETE_BATCH]
             try:
                 response = self._s3.delete_objects(Bucket=self._bucket, Delete={
@@ -85,6 +98,10 @@ class Pruner:
             if failed:
                 return done
         return done
+
+    def _stop_if_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise PruneCancelled
 
     def _forget(self, deletion: Deletion) -> None:
         try:
@@ -126,6 +143,7 @@ class Pruner:
         drop: list[tuple[Manifest, str]] = []
         complete_kept = 0
         for manifest in list_manifests(self._s3, self._bucket, watch.prefix):
+            self._stop_if_cancelled()
             if manifest.files and all(e.key in deleted for e in manifest.files):
                 drop.append((manifest, "deleted locally"))
             elif self._keep_sets and complete_kept >= self._keep_sets:

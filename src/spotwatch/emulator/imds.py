@@ -33,6 +33,11 @@ class Fault:
     delay: float = 0.0  # wait this long before answering
     remaining: int = 1
     applies_to: str = "get"  # "get", "token" or "all"
+    path: str | None = None  # only GETs of this item, e.g. "meta-data/spot/instance-action"
+
+    def matches(self, kind: str, path: str | None) -> bool:
+        return (self.remaining > 0 and self.applies_to in (kind, "all")
+                and (self.path is None or self.path == path))
 
 
 @dataclass
@@ -162,10 +167,10 @@ class ImdsEmulator:
         with self.lock:
             self.state.counts[what] = self.state.counts.get(what, 0) + 1
 
-    def take_fault(self, kind: str) -> Fault | None:
+    def take_fault(self, kind: str, path: str | None = None) -> Fault | None:
         with self.lock:
             for fault in self.state.faults:
-                if fault.applies_to in (kind, "all") and fault.remaining > 0:
+                if fault.matches(kind, path):
                     fault.remaining -= 1
                     return fault
             return None
@@ -208,7 +213,8 @@ class ImdsEmulator:
         if action == "fault":
             self.add_fault(Fault(status=body.get("status"), delay=float(body.get("delay", 0)),
                                  remaining=int(body.get("count", 1)),
-                                 applies_to=body.get("applies_to", "get")))
+                                 applies_to=body.get("applies_to", "get"),
+                                 path=body.get("path")))
             return 200, "ok"
         if action == "expire-tokens":
             self.expire_tokens()
@@ -248,9 +254,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _fault(self, kind: str) -> bool:
+    def _fault(self, kind: str, path: str | None = None) -> bool:
         """Apply an injected fault; True when it already answered the request."""
-        fault = self.emulator.take_fault(kind)
+        fault = self.emulator.take_fault(kind, path)
         if fault is None:
             return False
         if fault.delay:
@@ -290,7 +296,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.emulator.state.disabled:
             self._send(403, "Forbidden")
             return
-        if self._fault("get"):
+        if self._fault("get", self.path.removeprefix("/latest/")):
             return
         if not self.emulator.token_valid(self.headers.get(TOKEN_HEADER)):
             self.emulator.count("get_401")

@@ -1,20 +1,29 @@
-"""Polls the notice sources on one thread and hands each new notice to a callback once."""
+"""Polls each notice source on its own thread and hands each new notice to a callback once."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import structlog
 
 from spotwatch.imds import ImdsClient, ImdsError
 from spotwatch.notices.model import Notice
-from spotwatch.notices.sources import NoticeSource
+from spotwatch.notices.sources import SPOT_INSTANCE_ACTION, NoticeSource
 
 log = structlog.get_logger("spotwatch.notices")
 
+# The items other than the spot interruption warn minutes to hours ahead: polling them this
+# often at most spares IMDS, which is throttled per instance.
+OTHER_SOURCES_MIN_INTERVAL = 2.0
+
 
 class NoticePoller:
+    """One thread per source, so a slow or hanging item never delays another: the spot
+    interruption is detected within `interval` plus one request's `timeout`, whatever the
+    other items do."""
+
     def __init__(
         self,
         client: ImdsClient,
@@ -27,32 +36,64 @@ class NoticePoller:
         self._interval = interval
         self._on_notice = on_notice
         self._seen: set[str] = set()
+        self._seen_lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="notice-poller", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._run, args=(source,), daemon=True,
+                             name=f"notice-poller-{source.name}")
+            for source in self._sources
+        ]
         self._reachable: bool | None = None
+        self._failing: dict[str, str] = {}  # source name -> its last error
+        self._reachability_lock = threading.Lock()
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=self._client.timeout * 3)
+        give_up_at = time.monotonic() + self._client.timeout * 3
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, give_up_at - time.monotonic()))
+
+    def interval_for(self, source: NoticeSource) -> float:
+        if source == SPOT_INSTANCE_ACTION:
+            return self._interval
+        return max(self._interval, OTHER_SOURCES_MIN_INTERVAL)
 
     def poll_once(self) -> list[Notice]:
-        """One pass over every source; returns the notices not seen before."""
+        """One pass over every source, one after another; returns the notices not seen before."""
         fresh = []
         for source in self._sources:
-            try:
-                text = self._client.get(source.path)
-            except ImdsError as exc:
-                self._set_reachable(False, str(exc))
-                continue
-            self._set_reachable(True, "")
-            for notice in source.parse(text) if text is not None else []:
-                if notice.id not in self._seen:
-                    self._seen.add(notice.id)
-                    fresh.append(notice)
+            fresh += self._poll(source)
         return fresh
+
+    def _poll(self, source: NoticeSource) -> list[Notice]:
+        try:
+            text = self._client.get(source.path)
+        except ImdsError as exc:
+            self._track_reachability(source, str(exc))
+            return []
+        self._track_reachability(source, None)
+        return self._unseen(source.parse(text) if text is not None else [])
+
+    def _unseen(self, notices: list[Notice]) -> list[Notice]:
+        with self._seen_lock:
+            fresh = [notice for notice in notices if notice.id not in self._seen]
+            self._seen.update(notice.id for notice in fresh)
+        return fresh
+
+    def _track_reachability(self, source: NoticeSource, error: str | None) -> None:
+        """IMDS counts as reachable while every polled item answers; the error names the
+        items that do not."""
+        with self._reachability_lock:
+            if error is None:
+                self._failing.pop(source.name, None)
+            else:
+                self._failing[source.name] = error
+            self._set_reachable(not self._failing, "; ".join(
+                f"{name}: {text}" for name, text in sorted(self._failing.items())))
 
     def _set_reachable(self, reachable: bool, error: str) -> None:
         # Log transitions only: a daemon off EC2 must not log an error every second.
@@ -64,8 +105,9 @@ class NoticePoller:
         else:
             log.warning("imds_unreachable", endpoint=self._client.endpoint, error=error)
 
-    def _run(self) -> None:
+    def _run(self, source: NoticeSource) -> None:
+        interval = self.interval_for(source)
         while not self._stop.is_set():
-            for notice in self.poll_once():
+            for notice in self._poll(source):
                 self._on_notice(notice)
-            self._stop.wait(self._interval)
+            self._stop.wait(interval)
