@@ -103,3 +103,14 @@ def test_no_watchdog_for_another_pid(workspace: Workspace, notify_socket: socket
     assert any(m.startswith("READY=1") for m in messages)
     assert "WATCHDOG=1" not in messages
     assert daemon.stop() == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_manager_that_stops_reading_never_blocks_the_sender(
+        notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spotwatch import sdnotify
+
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.getsockname())
+    # Nobody reads: the socket's queue fills, and from then on a send must fail, not wait.
+    sent = [sdnotify.notify("WATCHDOG=1") for _ in range(100_000)]
+    assert sent[0] and not sent[-1]

@@ -21,7 +21,8 @@ def notify(message: str) -> bool:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(message.encode(), address)
+            # Never blocks: a manager that stopped reading must not stall the daemon's loop.
+            sock.sendto(message.encode(), socket.MSG_DONTWAIT, address)
     except OSError:
         return False
     return True
