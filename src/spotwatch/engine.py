@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from spotwatch.checkpoint_sets import object_key, set_name_of
+from spotwatch.checkpoint_sets import object_key, set_name_of, storable_key
 from spotwatch.ledger import Ledger, LedgerError
 from spotwatch.planner import PendingFile, Planner, SetRef
 from spotwatch.sealer import SetSealer
@@ -62,6 +62,7 @@ class SyncEngine:
         self._delayed: list[PendingFile] = []
         self._uploading: dict[UploadJob, PendingFile] = {}
         self._failures: dict[Path, int] = {}
+        self._refused: set[Path] = set()  # names S3 cannot take, warned about once
         self._max_failures = max_failures
         self.given_up: list[PendingFile] = []
         self.totals = Progress()
@@ -124,15 +125,22 @@ class SyncEngine:
         if not _is_regular(stat):
             return False
         try:
-            key = object_key(tracker.watch.prefix, relative)
+            key = storable_key(tracker.watch.prefix, relative)
         except ValueError as exc:
-            log.error("path_refused", path=str(path), error=str(exc))
+            self._refuse(path, str(exc))
             return False
         snapshot = Snapshot.of(stat)
         if self.ledger.is_current(self.bucket, key, snapshot.version):
             return False
         self.planner.add(PendingFile(path, key, snapshot, _set_ref(tracker, relative)))
         return True
+
+    def _refuse(self, path: Path, reason: str) -> None:
+        """A file S3 cannot store is skipped with one warning, however often it settles: one
+        odd name must never stop the others."""
+        if path not in self._refused:
+            self._refused.add(path)
+            log.warning("path_refused", path=printable(path), reason=reason)
 
     def pump(self, upload: bool) -> None:
         """Handle finished uploads, then (when allowed) start more, newest set first."""
@@ -285,6 +293,11 @@ class SyncEngine:
 
 def _set_ref(tracker: ChangeTracker, relative: str) -> SetRef:
     return SetRef(tracker.watch.prefix, set_name_of(relative), tracker.root)
+
+
+def printable(path: Path) -> str:
+    """The path for a log line, bytes that are not UTF-8 escaped as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _is_regular(stat: os.stat_result) -> bool:
