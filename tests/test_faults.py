@@ -8,6 +8,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
@@ -214,3 +215,37 @@ def test_full_state_disk_keeps_the_daemon_uploading(workspace: Workspace, s3: An
     status_written = (tiny_state_dir / "status.json").stat().st_mtime
     wait_for(lambda: (tiny_state_dir / "status.json").stat().st_mtime > status_written)
     assert daemon.stop() == 0
+
+
+def puts_of(proxy: FaultProxy, key_prefix: str) -> dict[str, int]:
+    """Uploads started per key under key_prefix: PutObject or CreateMultipartUpload requests."""
+    counts: dict[str, int] = {}
+    for request, _ in list(proxy.seen):
+        bucket_and_key = request.path.lstrip("/").split("/", 1)
+        key = unquote(bucket_and_key[-1])
+        if (request.operation in ("PutObject", "CreateMultipartUpload")
+                and key.startswith(key_prefix)):
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("staging", ["step_200.tmp", "step_200.partial"])
+def test_staged_directory_renamed_into_place_is_uploaded_once(
+        workspace: Workspace, s3: Any, proxy: FaultProxy, staging: str) -> None:
+    # step_200.tmp/ is excluded by the default filters; step_200.partial/ is not, so its
+    # files are tracked (and may upload under their staging keys) until the rename.
+    workspace.write_config(transfer={**MULTIPART, "max_concurrency": 4})
+    proxy.add("delay", lambda r: r.operation == "UploadPart", times=1000, delay=0.3)
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    staged = workspace.checkpoints / staging
+    expected = {f"run1/step_200/shard_{i}.pt": checkpoint_data(staged / f"shard_{i}.pt", 5_000)
+                for i in range(300)}
+    expected["run1/step_200/big.pt"] = checkpoint_data(staged / "big.pt", 24 * MiB)
+    staged.rename(workspace.checkpoints / "step_200")
+    wait_for(lambda: any(e["set"] == "run1/step_200" for e in daemon.named("set_complete")),
+             timeout=90)
+    assert daemon.stop() == 0  # the final flush uploads whatever was queued again
+    assert puts_of(proxy, "run1/step_200/") == dict.fromkeys(expected, 1)
+    for key, data in expected.items():
+        assert object_bytes(s3, workspace.bucket, key) == data
+    assert not daemon.named("upload_superseded")  # the big file was never cancelled

@@ -110,10 +110,9 @@ class SyncEngine:
                 except OSError as exc:
                     log.warning("file_unreadable", path=str(path), error=exc.strerror)
                     continue
-                if self.uploader.is_uploading(path):
+                if self._consider(tracker, path, stat) and self.uploader.is_uploading(path):
                     # A newer version settled while the old one uploads: stop the stale upload.
                     self.uploader.cancel(path)
-                self._consider(tracker, path, stat)
 
     def _consider(self, tracker: ChangeTracker, path: Path, stat: os.stat_result) -> bool:
         relative = tracker.relative(path)
@@ -130,7 +129,10 @@ class SyncEngine:
             self._refuse(path, str(exc))
             return False
         snapshot = Snapshot.of(stat)
-        if self.ledger.is_current(self.bucket, key, snapshot.version):
+        # Invariant: one version of a file is uploaded once. The same version may settle
+        # again while it uploads (a directory renamed into place also reports each file moved).
+        if (self.ledger.is_current(self.bucket, key, snapshot.version)
+                or UploadJob(path, key, snapshot) in self._uploading):
             return False
         self.planner.add(PendingFile(path, key, snapshot, _set_ref(tracker, relative)))
         return True
