@@ -3,6 +3,7 @@ timeouts and token expiry; kill -9 mid-upload; unreadable, deleted and full-disk
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -249,3 +250,45 @@ def test_staged_directory_renamed_into_place_is_uploaded_once(
     for key, data in expected.items():
         assert object_bytes(s3, workspace.bucket, key) == data
     assert not daemon.named("upload_superseded")  # the big file was never cancelled
+
+
+def manifest_files(s3: Any, bucket: str, set_name: str) -> set[str]:
+    manifest = json.loads(object_bytes(s3, bucket, f"run1/.spotwatch/manifests/{set_name}.json"))
+    return {entry["key"] for entry in manifest["files"]}
+
+
+@pytest.mark.parametrize(("size", "finishing", "how"), [
+    (200_000, "PutObject", "deleted"),
+    (12 * MiB, "CompleteMultipartUpload", "deleted"),
+    (12 * MiB, "CompleteMultipartUpload", "renamed"),
+])
+def test_file_gone_once_its_bytes_are_sent_leaves_no_object(
+        workspace: Workspace, s3: Any, proxy: FaultProxy, size: int, finishing: str,
+        how: str) -> None:
+    workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2})
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    doomed = workspace.checkpoints / "step_1" / "doomed.pt"
+    checkpoint_data(doomed, 1_000)  # an older version, uploaded and sealed in its set
+    checkpoint_data(doomed.with_name("other.pt"), 1_000)
+    daemon.wait_for_event("set_complete")
+    assert manifest_files(s3, workspace.bucket, "step_1") == {"run1/step_1/doomed.pt",
+                                                              "run1/step_1/other.pt"}
+    # S3 has every byte of the new version when the file goes; the last request then lands.
+    last = proxy.add("delay", lambda r: r.operation == finishing and "doomed" in r.path,
+                     delay=1.5)
+    checkpoint_data(doomed, size)
+    wait_for(lambda: last.applied, timeout=30)
+    if how == "deleted":
+        doomed.unlink()
+    else:
+        doomed.rename(doomed.with_name("kept.pt"))
+    skipped = daemon.wait_for_event("upload_skipped", timeout=30)
+    assert skipped["key"] == "run1/step_1/doomed.pt"
+    assert "run1/step_1/doomed.pt" not in keys_in(s3, workspace.bucket)
+    assert skipped["object_removed"]
+    # The set's manifest is written again without it.
+    daemon.wait_for_event("set_complete", count=2, timeout=30)
+    expected = {"run1/step_1/other.pt"} | ({"run1/step_1/kept.pt"} if how == "renamed" else set())
+    wait_for(lambda: manifest_files(s3, workspace.bucket, "step_1") == expected, timeout=30)
+    assert in_progress_uploads(s3, workspace.bucket) == []
+    assert daemon.stop() == 0

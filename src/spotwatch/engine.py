@@ -267,7 +267,13 @@ class SyncEngine:
             log.info("upload_superseded", **fields, reason=result.outcome.value)
             self._requeue_from_disk(job.path)
         elif result.outcome is Outcome.VANISHED:
-            log.info("upload_skipped", **fields, reason="file deleted")
+            log.info("upload_skipped", **fields, reason="file deleted",
+                     object_removed=result.object_removed)
+            if result.object_removed:
+                # Any older version the ledger lists is gone from S3 too: forget it, and
+                # rewrite the set's manifest without it.
+                self._ledger_write(self.ledger.forget, job.key)
+                self.sealer.mark_dirty(item.set_ref)
         else:
             self.totals.failures += 1
             failures = self._failures[job.path] = self._failures.get(job.path, 0) + 1

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import boto3
+import structlog
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
@@ -32,6 +33,8 @@ from spotwatch.ledger import FileVersion
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger("spotwatch.uploader")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class UploadResult:
     seconds: float
     checksum: str | None = None
     error: str | None = None
+    # VANISHED after the object was written: that object was deleted again.
+    object_removed: bool = False
 
 
 # botocore asks S3 to confirm every upload before its body is sent (Expect: 100-continue), which
@@ -273,7 +278,7 @@ class Uploader:
         try:
             after = Snapshot.of(os.stat(job.path, follow_symlinks=False))
         except FileNotFoundError:
-            return result(Outcome.VANISHED)
+            return result(Outcome.VANISHED, object_removed=self._remove_stray(job.key))
         if after != job.snapshot:
             return result(Outcome.CHANGED)
         sent_checksum = reply.get(self.checksum_field) if isinstance(reply, dict) else None
@@ -289,6 +294,21 @@ class Uploader:
             return result(Outcome.FAILED, error="object size differs from the file after upload")
         checksum = head.get(self.checksum_field)
         return result(Outcome.DONE, checksum=checksum if isinstance(checksum, str) else None)
+
+
+    def _remove_stray(self, key: str) -> bool:
+        """Delete the object just written for a file deleted (or renamed away) meanwhile.
+
+        Invariant: a file gone before its upload finished leaves no object. This runs before
+        the upload counts as finished, so no newer upload of the same file has written the key
+        since; any older object there was overwritten by this upload anyway.
+        """
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("stray_object_left", key=key, error=_describe(exc))
+            return False
+        return True
 
 
 def _describe(exc: BaseException) -> str:
