@@ -1,5 +1,6 @@
-"""Faults: S3 errors, resets and slowness through a fault-injecting proxy; IMDS errors,
-timeouts and token expiry; kill -9 mid-upload; unreadable, deleted and full-disk files."""
+"""Faults: S3 errors, resets, lost replies and slowness through a fault-injecting proxy; IMDS
+errors, timeouts and token expiry; kill -9 mid-upload; unreadable, deleted, renamed and
+full-disk files; a staged directory renamed into place."""
 
 from __future__ import annotations
 
@@ -292,3 +293,44 @@ def test_file_gone_once_its_bytes_are_sent_leaves_no_object(
     wait_for(lambda: manifest_files(s3, workspace.bucket, "step_1") == expected, timeout=30)
     assert in_progress_uploads(s3, workspace.bucket) == []
     assert daemon.stop() == 0
+
+
+def test_lost_create_multipart_reply_leaves_no_open_upload(workspace: Workspace, s3: Any,
+                                                           proxy: FaultProxy) -> None:
+    workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2})
+    # S3 starts the upload but its reply is lost: botocore's retry starts a second one.
+    lost = proxy.add("reset-after",
+                     lambda r: r.operation == "CreateMultipartUpload" and of_files(r))
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    data = checkpoint_data(workspace.checkpoints / "big.pt", 12 * MiB)
+    done = daemon.wait_for_event("upload_done", timeout=60)
+    assert done["key"] == "run1/big.pt" and lost.applied == 1
+    assert proxy.count("CreateMultipartUpload") == 1  # plus the lost one
+    assert object_bytes(s3, workspace.bucket, "run1/big.pt") == data
+    assert in_progress_uploads(s3, workspace.bucket) == []
+    assert [e["key"] for e in daemon.named("multipart_aborted")] == ["run1/big.pt"]
+    assert daemon.stop() == 0
+
+
+def test_upload_left_open_by_a_failed_transfer_is_aborted_at_the_next_start(
+        workspace: Workspace, s3: Any, proxy: FaultProxy) -> None:
+    workspace.write_config(transfer={**MULTIPART, "max_attempts": 1},
+                           sync={"stop_timeout": 2})
+    proxy.add("reset-after", lambda r: r.operation == "CreateMultipartUpload" and of_files(r))
+    proxy.add("500", lambda r: r.operation == "CreateMultipartUpload" and of_files(r),
+              times=1000)
+    first = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    data = checkpoint_data(workspace.checkpoints / "big.pt", 12 * MiB)
+    first.wait_for_event("upload_failed", timeout=30)
+    first.stop()
+    [left] = in_progress_uploads(s3, workspace.bucket)  # S3 started it; no reply came back
+
+    proxy.rules.clear()
+    second = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    second.wait_for_event("upload_done", timeout=60)
+    assert [e["upload_id"] for e in second.named("multipart_aborted")] == [left["UploadId"]]
+    order = [e["event"] for e in second.events()]
+    assert order.index("multipart_aborted") < order.index("startup_scan_done")
+    assert object_bytes(s3, workspace.bucket, "run1/big.pt") == data
+    assert in_progress_uploads(s3, workspace.bucket) == []
+    assert second.stop() == 0

@@ -242,7 +242,7 @@ class SyncEngine:
     def _handle(self, result: UploadResult) -> None:
         job = result.job
         item = self._uploading.pop(job)
-        if self.uploader.uses_multipart(job.snapshot.size):
+        if self.uploader.uses_multipart(job.snapshot.size) and not result.multipart_leftovers:
             self._ledger_write(self.ledger.multipart_finished, job.key)
         fields = {"path": str(job.path), "key": job.key, "size": job.snapshot.size,
                   "seconds": round(result.seconds, 3)}
