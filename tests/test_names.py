@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from spotwatch.checkpoint_sets import MANIFEST_DIR
+from spotwatch.checkpoint_sets import MANIFEST_DIR, storable_key
 from spotwatch.config import TransferSettings, WatchDir
 from spotwatch.engine import SyncEngine
 from spotwatch.ledger import Ledger
@@ -97,6 +97,18 @@ _component = st.one_of(
          and name not in (b".", b"..")
          # S3 takes a newline in a key, but moto's URL router does not (404).
          and b"\n" not in name)
+
+
+@settings(max_examples=500)
+@given(st.lists(_component, min_size=1, max_size=6))
+def test_storable_key_follows_s3s_rules(parts: list[bytes]) -> None:
+    relative = b"/".join(parts)
+    try:
+        key = storable_key(PREFIX, os.fsdecode(relative))
+    except ValueError:
+        assert not storable(relative)
+    else:
+        assert storable(relative) and key.encode() == PREFIX.encode() + relative
 
 
 @settings(max_examples=40, deadline=None,

@@ -142,7 +142,7 @@ class SyncEngine:
         odd name must never stop the others."""
         if path not in self._refused:
             self._refused.add(path)
-            log.warning("path_refused", path=printable(path), reason=reason)
+            log.warning("path_refused", path=_printable(path), reason=reason)
 
     def pump(self, upload: bool) -> None:
         """Handle finished uploads, then (when allowed) start more, newest set first."""
@@ -303,7 +303,7 @@ def _set_ref(tracker: ChangeTracker, relative: str) -> SetRef:
     return SetRef(tracker.watch.prefix, set_name_of(relative), tracker.root)
 
 
-def printable(path: Path) -> str:
+def _printable(path: Path) -> str:
     """The path for a log line, bytes that are not UTF-8 escaped as \\xNN."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 

@@ -301,7 +301,6 @@ class Uploader:
         checksum = head.get(self.checksum_field)
         return result(Outcome.DONE, checksum=checksum if isinstance(checksum, str) else None)
 
-
     def _abort_leftovers(self, key: str, future: TransferFuture | Future[Any]) -> bool:
         """After a completed multipart upload, abort any other upload of the key left open;
         True when none is left.
