@@ -1,13 +1,16 @@
-"""Faults: S3 errors, resets and slowness through a fault-injecting proxy; IMDS errors,
-timeouts and token expiry; kill -9 mid-upload; unreadable, deleted and full-disk files."""
+"""Faults: S3 errors, resets, lost replies and slowness through a fault-injecting proxy; IMDS
+errors, timeouts and token expiry; kill -9 mid-upload; unreadable, deleted, renamed and
+full-disk files; a staged directory renamed into place."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
@@ -214,3 +217,120 @@ def test_full_state_disk_keeps_the_daemon_uploading(workspace: Workspace, s3: An
     status_written = (tiny_state_dir / "status.json").stat().st_mtime
     wait_for(lambda: (tiny_state_dir / "status.json").stat().st_mtime > status_written)
     assert daemon.stop() == 0
+
+
+def puts_of(proxy: FaultProxy, key_prefix: str) -> dict[str, int]:
+    """Uploads started per key under key_prefix: PutObject or CreateMultipartUpload requests."""
+    counts: dict[str, int] = {}
+    for request, _ in list(proxy.seen):
+        bucket_and_key = request.path.lstrip("/").split("/", 1)
+        key = unquote(bucket_and_key[-1])
+        if (request.operation in ("PutObject", "CreateMultipartUpload")
+                and key.startswith(key_prefix)):
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("staging", ["step_200.tmp", "step_200.partial"])
+def test_staged_directory_renamed_into_place_is_uploaded_once(
+        workspace: Workspace, s3: Any, proxy: FaultProxy, staging: str) -> None:
+    # step_200.tmp/ is excluded by the default filters; step_200.partial/ is not, so its
+    # files are tracked (and may upload under their staging keys) until the rename.
+    workspace.write_config(transfer={**MULTIPART, "max_concurrency": 4})
+    proxy.add("delay", lambda r: r.operation == "UploadPart", times=1000, delay=0.3)
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    staged = workspace.checkpoints / staging
+    expected = {f"run1/step_200/shard_{i}.pt": checkpoint_data(staged / f"shard_{i}.pt", 5_000)
+                for i in range(300)}
+    expected["run1/step_200/big.pt"] = checkpoint_data(staged / "big.pt", 24 * MiB)
+    staged.rename(workspace.checkpoints / "step_200")
+    wait_for(lambda: any(e["set"] == "run1/step_200" for e in daemon.named("set_complete")),
+             timeout=90)
+    assert daemon.stop() == 0  # the final flush uploads whatever was queued again
+    assert puts_of(proxy, "run1/step_200/") == dict.fromkeys(expected, 1)
+    for key, data in expected.items():
+        assert object_bytes(s3, workspace.bucket, key) == data
+    assert not daemon.named("upload_superseded")  # the big file was never cancelled
+
+
+def manifest_files(s3: Any, bucket: str, set_name: str) -> set[str]:
+    manifest = json.loads(object_bytes(s3, bucket, f"run1/.spotwatch/manifests/{set_name}.json"))
+    return {entry["key"] for entry in manifest["files"]}
+
+
+@pytest.mark.parametrize(("size", "finishing", "how"), [
+    (200_000, "PutObject", "deleted"),
+    (12 * MiB, "CompleteMultipartUpload", "deleted"),
+    (12 * MiB, "CompleteMultipartUpload", "renamed"),
+])
+def test_file_gone_once_its_bytes_are_sent_leaves_no_object(
+        workspace: Workspace, s3: Any, proxy: FaultProxy, size: int, finishing: str,
+        how: str) -> None:
+    workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2})
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    doomed = workspace.checkpoints / "step_1" / "doomed.pt"
+    checkpoint_data(doomed, 1_000)  # an older version, uploaded and sealed in its set
+    checkpoint_data(doomed.with_name("other.pt"), 1_000)
+    daemon.wait_for_event("set_complete")
+    assert manifest_files(s3, workspace.bucket, "step_1") == {"run1/step_1/doomed.pt",
+                                                              "run1/step_1/other.pt"}
+    # S3 has every byte of the new version when the file goes; the last request then lands.
+    last = proxy.add("delay", lambda r: r.operation == finishing and "doomed" in r.path,
+                     delay=1.5)
+    checkpoint_data(doomed, size)
+    wait_for(lambda: last.applied, timeout=30)
+    if how == "deleted":
+        doomed.unlink()
+    else:
+        doomed.rename(doomed.with_name("kept.pt"))
+    skipped = daemon.wait_for_event("upload_skipped", timeout=30)
+    assert skipped["key"] == "run1/step_1/doomed.pt"
+    assert "run1/step_1/doomed.pt" not in keys_in(s3, workspace.bucket)
+    assert skipped["object_removed"]
+    # The set's manifest is written again without it.
+    daemon.wait_for_event("set_complete", count=2, timeout=30)
+    expected = {"run1/step_1/other.pt"} | ({"run1/step_1/kept.pt"} if how == "renamed" else set())
+    wait_for(lambda: manifest_files(s3, workspace.bucket, "step_1") == expected, timeout=30)
+    assert in_progress_uploads(s3, workspace.bucket) == []
+    assert daemon.stop() == 0
+
+
+def test_lost_create_multipart_reply_leaves_no_open_upload(workspace: Workspace, s3: Any,
+                                                           proxy: FaultProxy) -> None:
+    workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2})
+    # S3 starts the upload but its reply is lost: botocore's retry starts a second one.
+    lost = proxy.add("reset-after",
+                     lambda r: r.operation == "CreateMultipartUpload" and of_files(r))
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    data = checkpoint_data(workspace.checkpoints / "big.pt", 12 * MiB)
+    done = daemon.wait_for_event("upload_done", timeout=60)
+    assert done["key"] == "run1/big.pt" and lost.applied == 1
+    assert proxy.count("CreateMultipartUpload") == 1  # plus the lost one
+    assert object_bytes(s3, workspace.bucket, "run1/big.pt") == data
+    assert in_progress_uploads(s3, workspace.bucket) == []
+    assert [e["key"] for e in daemon.named("multipart_aborted")] == ["run1/big.pt"]
+    assert daemon.stop() == 0
+
+
+def test_upload_left_open_by_a_failed_transfer_is_aborted_at_the_next_start(
+        workspace: Workspace, s3: Any, proxy: FaultProxy) -> None:
+    workspace.write_config(transfer={**MULTIPART, "max_attempts": 1},
+                           sync={"stop_timeout": 2})
+    proxy.add("reset-after", lambda r: r.operation == "CreateMultipartUpload" and of_files(r))
+    proxy.add("500", lambda r: r.operation == "CreateMultipartUpload" and of_files(r),
+              times=1000)
+    first = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    data = checkpoint_data(workspace.checkpoints / "big.pt", 12 * MiB)
+    first.wait_for_event("upload_failed", timeout=30)
+    first.stop()
+    [left] = in_progress_uploads(s3, workspace.bucket)  # S3 started it; no reply came back
+
+    proxy.rules.clear()
+    second = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    second.wait_for_event("upload_done", timeout=60)
+    assert [e["upload_id"] for e in second.named("multipart_aborted")] == [left["UploadId"]]
+    order = [e["event"] for e in second.events()]
+    assert order.index("multipart_aborted") < order.index("startup_scan_done")
+    assert object_bytes(s3, workspace.bucket, "run1/big.pt") == data
+    assert in_progress_uploads(s3, workspace.bucket) == []
+    assert second.stop() == 0

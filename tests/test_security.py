@@ -192,10 +192,11 @@ def test_iam_policy_covers_every_call_and_grants_nothing_unused(
     assert granted == used
 
 
-def test_iam_policy_limits_deletes_to_the_probe_by_default(workspace: Workspace) -> None:
+def test_iam_policy_limits_deletes_to_the_prefixes(workspace: Workspace) -> None:
+    # Also without sync.delete: a file deleted while it uploads has its object deleted again.
     policy = json.loads(workspace.cli("iam-policy", "-c", "config.yaml").stdout)
     delete = next(s for s in policy["Statement"] if s["Action"] == "s3:DeleteObject")
-    assert delete["Resource"] == [f"arn:aws:s3:::{workspace.bucket}/run1/.spotwatch/probe-*"]
+    assert delete["Resource"] == [f"arn:aws:s3:::{workspace.bucket}/run1/*"]
     workspace.write_config(transfer={"sse": "aws:kms", "sse_kms_key_id": "1234abcd"})
     policy = json.loads(workspace.cli("iam-policy", "-c", "config.yaml").stdout)
     kms = policy["Statement"][-1]

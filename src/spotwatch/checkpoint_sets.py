@@ -16,6 +16,7 @@ from typing import Any
 MANIFEST_DIR = ".spotwatch/manifests/"
 WRITE_PROBE = ".spotwatch/probe-"  # `spotwatch check` writes and deletes <prefix>probe-<host>
 MANIFEST_FORMAT = 1
+S3_KEY_MAX_BYTES = 1024
 
 
 def object_key(prefix: str, relative_path: str) -> str:
@@ -26,6 +27,26 @@ def object_key(prefix: str, relative_path: str) -> str:
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     return prefix + relative_path
+
+
+def storable_key(prefix: str, relative_path: str) -> str:
+    """The key of a file below a watched directory, once sure that S3 can store both it and
+    its set's manifest; ValueError saying why not otherwise.
+
+    Invariant: a name S3 cannot take never reaches the ledger or S3. Such a name is one with
+    bytes that are not UTF-8 (Python keeps them as surrogate escapes, which neither SQLite nor
+    S3 accepts), or whose key or set manifest key exceeds S3's 1,024 bytes of UTF-8.
+    """
+    key = object_key(prefix, relative_path)
+    for what, candidate in (("key", key),
+                            ("set manifest key", manifest_key(prefix, set_name_of(relative_path)))):
+        try:
+            size = len(candidate.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ValueError("name is not valid UTF-8") from None
+        if size > S3_KEY_MAX_BYTES:
+            raise ValueError(f"{what} would be {size} bytes, S3 takes at most {S3_KEY_MAX_BYTES}")
+    return key
 
 
 def set_name_of(relative_path: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from spotwatch.checkpoint_sets import object_key, set_name_of
+from spotwatch.checkpoint_sets import object_key, set_name_of, storable_key
 from spotwatch.ledger import Ledger, LedgerError
 from spotwatch.planner import PendingFile, Planner, SetRef
 from spotwatch.sealer import SetSealer
@@ -62,6 +62,7 @@ class SyncEngine:
         self._delayed: list[PendingFile] = []
         self._uploading: dict[UploadJob, PendingFile] = {}
         self._failures: dict[Path, int] = {}
+        self._refused: set[Path] = set()  # names S3 cannot take, warned about once
         self._max_failures = max_failures
         self.given_up: list[PendingFile] = []
         self.totals = Progress()
@@ -109,10 +110,9 @@ class SyncEngine:
                 except OSError as exc:
                     log.warning("file_unreadable", path=str(path), error=exc.strerror)
                     continue
-                if self.uploader.is_uploading(path):
+                if self._consider(tracker, path, stat) and self.uploader.is_uploading(path):
                     # A newer version settled while the old one uploads: stop the stale upload.
                     self.uploader.cancel(path)
-                self._consider(tracker, path, stat)
 
     def _consider(self, tracker: ChangeTracker, path: Path, stat: os.stat_result) -> bool:
         relative = tracker.relative(path)
@@ -124,15 +124,25 @@ class SyncEngine:
         if not _is_regular(stat):
             return False
         try:
-            key = object_key(tracker.watch.prefix, relative)
+            key = storable_key(tracker.watch.prefix, relative)
         except ValueError as exc:
-            log.error("path_refused", path=str(path), error=str(exc))
+            self._refuse(path, str(exc))
             return False
         snapshot = Snapshot.of(stat)
-        if self.ledger.is_current(self.bucket, key, snapshot.version):
+        # Invariant: one version of a file is uploaded once. The same version may settle
+        # again while it uploads (a directory renamed into place also reports each file moved).
+        if (self.ledger.is_current(self.bucket, key, snapshot.version)
+                or UploadJob(path, key, snapshot) in self._uploading):
             return False
         self.planner.add(PendingFile(path, key, snapshot, _set_ref(tracker, relative)))
         return True
+
+    def _refuse(self, path: Path, reason: str) -> None:
+        """A file S3 cannot store is skipped with one warning, however often it settles: one
+        odd name must never stop the others."""
+        if path not in self._refused:
+            self._refused.add(path)
+            log.warning("path_refused", path=_printable(path), reason=reason)
 
     def pump(self, upload: bool) -> None:
         """Handle finished uploads, then (when allowed) start more, newest set first."""
@@ -232,7 +242,7 @@ class SyncEngine:
     def _handle(self, result: UploadResult) -> None:
         job = result.job
         item = self._uploading.pop(job)
-        if self.uploader.uses_multipart(job.snapshot.size):
+        if self.uploader.uses_multipart(job.snapshot.size) and not result.multipart_leftovers:
             self._ledger_write(self.ledger.multipart_finished, job.key)
         fields = {"path": str(job.path), "key": job.key, "size": job.snapshot.size,
                   "seconds": round(result.seconds, 3)}
@@ -257,7 +267,13 @@ class SyncEngine:
             log.info("upload_superseded", **fields, reason=result.outcome.value)
             self._requeue_from_disk(job.path)
         elif result.outcome is Outcome.VANISHED:
-            log.info("upload_skipped", **fields, reason="file deleted")
+            log.info("upload_skipped", **fields, reason="file deleted",
+                     object_removed=result.object_removed)
+            if result.object_removed:
+                # Any older version the ledger lists is gone from S3 too: forget it, and
+                # rewrite the set's manifest without it.
+                self._ledger_write(self.ledger.forget, job.key)
+                self.sealer.mark_dirty(item.set_ref)
         else:
             self.totals.failures += 1
             failures = self._failures[job.path] = self._failures.get(job.path, 0) + 1
@@ -285,6 +301,11 @@ class SyncEngine:
 
 def _set_ref(tracker: ChangeTracker, relative: str) -> SetRef:
     return SetRef(tracker.watch.prefix, set_name_of(relative), tracker.root)
+
+
+def _printable(path: Path) -> str:
+    """The path for a log line, bytes that are not UTF-8 escaped as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _is_regular(stat: os.stat_result) -> bool:

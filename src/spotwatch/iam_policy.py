@@ -1,7 +1,8 @@
 """`spotwatch iam-policy`: the least-privilege IAM policy for the configured bucket and prefixes.
 
-Objects are reachable only under the watched prefixes; listing is limited to those prefixes;
-deleting is limited to the write probe unless `sync.delete` or `sync.keep_sets` needs more.
+Objects are reachable only under the watched prefixes; listing is limited to those prefixes.
+Deleting is needed there too, whatever `sync.delete` and `sync.keep_sets` say: besides the write
+probe, spotwatch deletes the object it just wrote for a file deleted while it uploaded.
 OPERATION_ACTIONS names the IAM action behind every S3 operation spotwatch calls.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spotwatch.checkpoint_sets import WRITE_PROBE, object_key
+from spotwatch.checkpoint_sets import object_key
 from spotwatch.config import Config
 
 OPERATION_ACTIONS = {
@@ -35,9 +36,6 @@ def policy_for(config: Config, bucket: str) -> dict[str, Any]:
     bucket_arn = f"arn:aws:s3:::{bucket}"
     prefixes = sorted({object_key(w.prefix, "") for w in config.watch})
     objects = [f"{bucket_arn}/{prefix}*" for prefix in prefixes]
-    deletes_objects = config.sync.delete or config.sync.keep_sets > 0
-    deletable = objects if deletes_objects else [
-        f"{bucket_arn}/{prefix}{WRITE_PROBE}*" for prefix in prefixes]
     statements: list[dict[str, Any]] = [
         {
             "Sid": "BucketChecks",
@@ -61,10 +59,10 @@ def policy_for(config: Config, bucket: str) -> dict[str, Any]:
             "Resource": objects,
         },
         {
-            "Sid": "DeleteCheckpoints" if deletes_objects else "DeleteWriteProbe",
+            "Sid": "DeleteCheckpoints",
             "Effect": "Allow",
             "Action": "s3:DeleteObject",
-            "Resource": deletable,
+            "Resource": objects,
         },
     ]
     kms = _kms_statement(config)

@@ -89,7 +89,9 @@ class Ledger:
         with self._lock:
             try:
                 self._db.execute(sql, parameters)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, UnicodeEncodeError) as exc:
+                # UnicodeEncodeError: a path SQLite cannot store, one not valid UTF-8 above
+                # the watched directory (keys are checked before they get here).
                 raise LedgerError(str(exc)) from None
 
     def record(self, bucket: str, key: str, path: Path, version: FileVersion,

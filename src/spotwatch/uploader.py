@@ -14,12 +14,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import boto3
+import structlog
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
@@ -29,9 +30,12 @@ from s3transfer.subscribers import BaseSubscriber
 
 from spotwatch.config import TransferSettings
 from spotwatch.ledger import FileVersion
+from spotwatch.orphans import abort_open_uploads
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger("spotwatch.uploader")
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,10 @@ class UploadResult:
     seconds: float
     checksum: str | None = None
     error: str | None = None
+    # VANISHED after the object was written: that object was deleted again.
+    object_removed: bool = False
+    # A multipart upload of the key may still be open: keep it noted for the startup cleanup.
+    multipart_leftovers: bool = False
 
 
 # botocore asks S3 to confirm every upload before its body is sent (Expect: 100-continue), which
@@ -253,6 +261,9 @@ class Uploader:
     def _verify(self, job: UploadJob, future: TransferFuture | Future[Any],
                 started: float) -> None:
         result = self._check(job, future, started)
+        if self.uses_multipart(job.snapshot.size):
+            result = replace(result, multipart_leftovers=not self._abort_leftovers(job.key,
+                                                                                   future))
         with self._lock:
             self._futures.pop(job.path, None)
         self._on_result(result)
@@ -273,7 +284,7 @@ class Uploader:
         try:
             after = Snapshot.of(os.stat(job.path, follow_symlinks=False))
         except FileNotFoundError:
-            return result(Outcome.VANISHED)
+            return result(Outcome.VANISHED, object_removed=self._remove_stray(job.key))
         if after != job.snapshot:
             return result(Outcome.CHANGED)
         sent_checksum = reply.get(self.checksum_field) if isinstance(reply, dict) else None
@@ -289,6 +300,45 @@ class Uploader:
             return result(Outcome.FAILED, error="object size differs from the file after upload")
         checksum = head.get(self.checksum_field)
         return result(Outcome.DONE, checksum=checksum if isinstance(checksum, str) else None)
+
+    def _abort_leftovers(self, key: str, future: TransferFuture | Future[Any]) -> bool:
+        """After a completed multipart upload, abort any other upload of the key left open;
+        True when none is left.
+
+        Invariant: no multipart upload stays open after its file is uploaded. When the reply
+        to CreateMultipartUpload is lost, botocore's retry starts a second upload and the
+        first stays open with no parts, unknown to s3transfer. Listing this one key right
+        after its own upload completed, and before another upload of the file can start, finds
+        it at once and knows that every open upload of the key is ours. (A prefix-wide listing
+        at startup could not tell ours from those of another writer under the same prefix,
+        and would leave the orphan until a restart.) It costs one request per multipart file.
+        """
+        try:
+            future.result()
+        except Exception:
+            # Cut short: s3transfer aborted its own upload; a lost-reply leftover is aborted
+            # after the next completed upload of the key, or at the next start.
+            return False
+        try:
+            abort_open_uploads(self.client, self.bucket, key)
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("multipart_cleanup_failed", key=key, error=_describe(exc))
+            return False
+        return True
+
+    def _remove_stray(self, key: str) -> bool:
+        """Delete the object just written for a file deleted (or renamed away) meanwhile.
+
+        Invariant: a file gone before its upload finished leaves no object. This runs before
+        the upload counts as finished, so no newer upload of the same file has written the key
+        since; any older object there was overwritten by this upload anyway.
+        """
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("stray_object_left", key=key, error=_describe(exc))
+            return False
+        return True
 
 
 def _describe(exc: BaseException) -> str:

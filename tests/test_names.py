@@ -1,0 +1,228 @@
+"""No file name stops the protection of the others: names that are not UTF-8, control
+characters, multi-byte characters and keys at S3's 1,024-byte limit, through the engine on the
+moto server, the `flush` CLI and a restarted daemon."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from spotwatch.checkpoint_sets import MANIFEST_DIR, storable_key
+from spotwatch.config import TransferSettings, WatchDir
+from spotwatch.engine import SyncEngine
+from spotwatch.ledger import Ledger
+from spotwatch.tracker import ChangeTracker
+from spotwatch.uploader import Uploader, make_s3_client
+
+from .conftest import REGION, Workspace, keys_in, object_bytes, wait_for
+
+PREFIX = "run/"
+MANIFESTS = PREFIX + MANIFEST_DIR
+
+
+def new_bucket(s3: Any) -> str:
+    name = f"names-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": REGION})
+    return name
+
+
+@contextmanager
+def engine_on(root: Path, bucket: str, state: Path, prefix: str = PREFIX) -> Iterator[SyncEngine]:
+    """An engine watching root with no filters, uploading to bucket on the moto server."""
+    transfer = TransferSettings()
+    tracker = ChangeTracker(WatchDir(root, prefix, exclude=()), 0.1, 1.0)
+    engine = SyncEngine([tracker], Ledger(state / "ledger.sqlite"),
+                        lambda done: Uploader(make_s3_client(REGION, transfer), bucket,
+                                              transfer, done))
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+def upload_everything(engine: SyncEngine) -> None:
+    engine.reconcile(quiet_seconds=0)
+    deadline = time.monotonic() + 60
+    while not engine.idle():
+        assert time.monotonic() < deadline, "uploads did not finish"
+        engine.pump(upload=True)
+        time.sleep(0.01)
+
+
+def write_file(root: Path, relative: bytes, data: bytes) -> bool:
+    """Create the file (bytes path); False when the tree makes it impossible (a file where a
+    directory is needed, or the name already taken)."""
+    path = os.path.join(os.fsencode(root), relative)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "xb") as handle:
+            handle.write(data)
+    except OSError:
+        return False
+    return True
+
+
+def storable(relative: bytes) -> bool:
+    """S3's rules, stated independently of spotwatch's code: UTF-8, and both the file's key and
+    its set's manifest key at most 1,024 bytes."""
+    try:
+        relative.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    set_name = relative.split(b"/", 1)[0]
+    manifest = MANIFESTS.encode() + set_name + b".json"
+    return len(PREFIX.encode() + relative) <= 1024 and len(manifest) <= 1024
+
+
+def uploaded_files(s3: Any, bucket: str) -> set[str]:
+    return {k for k in keys_in(s3, bucket) if not k.startswith(MANIFESTS)}
+
+
+_component = st.one_of(
+    st.binary(min_size=1, max_size=255),  # mostly not UTF-8
+    st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=120).map(
+        lambda text: text.encode()),  # UTF-8 with control and multi-byte characters
+    st.integers(200, 255).map(lambda n: b"l" * n),  # long: deep paths cross 1,024 bytes
+).filter(lambda name: len(name) <= 255 and b"/" not in name and b"\0" not in name
+         and name not in (b".", b"..")
+         # S3 takes a newline in a key, but moto's URL router does not (404).
+         and b"\n" not in name)
+
+
+@settings(max_examples=500)
+@given(st.lists(_component, min_size=1, max_size=6))
+def test_storable_key_follows_s3s_rules(parts: list[bytes]) -> None:
+    relative = b"/".join(parts)
+    try:
+        key = storable_key(PREFIX, os.fsdecode(relative))
+    except ValueError:
+        assert not storable(relative)
+    else:
+        assert storable(relative) and key.encode() == PREFIX.encode() + relative
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(st.lists(_component, min_size=1, max_size=5), min_size=1, max_size=6))
+def test_any_names_every_storable_file_is_uploaded(s3: Any, names: list[list[bytes]]) -> None:
+    bucket = new_bucket(s3)
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch) / "ckpt"
+        root.mkdir()
+        written = {b"/".join(parts) for parts in names
+                   if write_file(root, b"/".join(parts), b"x")}
+        good = b"good/model.pt"
+        assert write_file(root, good, b"weights") or good in written
+        written.add(good)
+        expected = {PREFIX + rel.decode() for rel in written if storable(rel)}
+        with capture_logs() as logs, engine_on(root, bucket, Path(scratch)) as engine:
+            upload_everything(engine)
+            engine.reconcile(quiet_seconds=0)  # a second scan warns about nobody again
+        assert uploaded_files(s3, bucket) == expected
+        assert object_bytes(s3, bucket, PREFIX + good.decode()) == b"weights"
+        refused = [e["path"] for e in logs if e["event"] == "path_refused"]
+        assert sorted(refused) == sorted(
+            os.path.join(root, os.fsdecode(rel)).encode("utf-8", "surrogateescape").decode(
+                "utf-8", "backslashreplace") for rel in written if not storable(rel))
+        sets = {key[len(PREFIX):].split("/", 1)[0] for key in expected}
+        assert {MANIFESTS + name + ".json" for name in sets} <= keys_in(s3, bucket)
+
+
+def test_keys_up_to_1024_bytes_are_uploaded_longer_ones_refused_once(
+        tmp_path: Path, s3: Any, bucket: str) -> None:
+    root = tmp_path / "ckpt"
+    directory = "s/" + "/".join(c * 120 for c in "éüßø")  # 2 bytes a character
+    fits = directory + "/" + "x" * (1024 - len(f"{PREFIX}{directory}/".encode()))
+    too_long = fits + "y"
+    assert len((PREFIX + fits).encode()) == 1024 and len(PREFIX + fits) < 1000
+    for relative in (fits, too_long, "s/ok.pt"):
+        assert write_file(root, relative.encode(), relative.encode())
+    with capture_logs() as logs, engine_on(root, bucket, tmp_path) as engine:
+        upload_everything(engine)
+        too_long_path = root / too_long
+        os.utime(too_long_path)  # settles again: no second warning, no upload attempt
+        engine.trackers[0].mark(too_long_path, closed=True, at=float("-inf"))
+        engine.collect_settled()
+        upload_everything(engine)
+    assert uploaded_files(s3, bucket) == {PREFIX + fits, PREFIX + "s/ok.pt"}
+    refused = [e for e in logs if e["event"] == "path_refused"]
+    assert [e["path"] for e in refused] == [str(root / too_long)]
+    assert "1025 bytes" in refused[0]["reason"]
+    assert not [e for e in logs if e["event"] == "upload_failed"]
+    assert keys_in(s3, bucket) >= {MANIFESTS + "s.json"}
+
+
+def test_a_file_whose_set_manifest_key_would_be_too_long_is_refused(
+        tmp_path: Path, s3: Any, bucket: str) -> None:
+    root = tmp_path / "ckpt"
+    prefix = "p" * 759 + "/"
+    manifests = prefix + MANIFEST_DIR
+    fits, too_long = "f" * (1024 - len(manifests) - len(".json")), "t" * 239
+    assert len(manifests + fits + ".json") == 1024 and len(prefix + too_long) < 1024
+    for name in (fits, too_long):
+        assert write_file(root, name.encode(), b"top-level file: a set of its own")
+    with capture_logs() as logs, engine_on(root, bucket, tmp_path, prefix) as engine:
+        upload_everything(engine)
+    assert keys_in(s3, bucket) == {prefix + fits, manifests + fits + ".json"}
+    [refused] = [e for e in logs if e["event"] == "path_refused"]
+    assert refused["path"] == str(root / too_long)
+    assert "set manifest key would be 1025 bytes" in refused["reason"]
+
+
+BAD = b"step_1/bad\xffname.pt"
+BAD_DIRECTORY = b"step_\xfe/model.pt"
+
+
+def plant_bad_names(checkpoints: Path) -> None:
+    for relative in (BAD, BAD_DIRECTORY):
+        assert write_file(checkpoints, relative, b"odd")
+
+
+def test_flush_skips_names_that_are_not_utf8_and_uploads_the_rest(
+        workspace: Workspace, s3: Any) -> None:
+    plant_bad_names(workspace.checkpoints)
+    good = {"run1/step_1/model.pt": b"weights", "run1/step_2/tab\tand\x01ctl é.pt": b"ctl"}
+    for key, data in good.items():
+        assert write_file(workspace.checkpoints, key.removeprefix("run1/").encode(), data)
+    result = workspace.cli("flush", "-c", str(workspace.config_file))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    for key, data in good.items():
+        assert object_bytes(s3, workspace.bucket, key) == data
+    assert result.stderr.count('"path_refused"') == 2
+    assert "bad\\\\xffname.pt" in result.stderr  # escaped, as JSON shows a backslash
+    assert "step_\\\\xfe/model.pt" in result.stderr
+    assert {"run1/.spotwatch/manifests/step_1.json",
+            "run1/.spotwatch/manifests/step_2.json"} <= keys_in(s3, workspace.bucket)
+
+
+def test_daemon_skips_bad_names_seen_live_and_survives_a_restart(
+        workspace: Workspace, s3: Any) -> None:
+    plant_bad_names(workspace.checkpoints)
+    first = workspace.start_daemon()
+    first.wait_for_event("path_refused", count=2)
+    assert write_file(workspace.checkpoints, b"step_3/live\xfdname.pt", b"odd")  # an event
+    assert write_file(workspace.checkpoints, b"step_3/model.pt", b"three")
+    wait_for(lambda: "run1/step_3/model.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    first.wait_for_event("path_refused", count=3)
+    assert first.stop() == 0
+
+    second = workspace.start_daemon()  # the startup scan meets all three again
+    second.wait_for_event("startup_scan_done")
+    assert write_file(workspace.checkpoints, b"step_4/model.pt", b"four")
+    wait_for(lambda: "run1/step_4/model.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    assert len(second.named("path_refused")) == 3
+    assert second.process.poll() is None
+    assert second.stop() == 0
+    assert object_bytes(s3, workspace.bucket, "run1/step_3/model.pt") == b"three"
+    assert len(first.named("path_refused")) == 3  # once per file, not once per event
