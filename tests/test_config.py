@@ -20,7 +20,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "watch:\n  - path: ckpt\n"))
-    assert config.region == "us-west-2"
+    assert config.region is None  # not configured: resolved from the SDK, then IMDS
     assert config.watch[0].path == tmp_path / "ckpt"
     assert config.watch[0].prefix == "checkpoints/"
     assert config.watch[0].exclude == ("*.tmp", "*.tmp/*", "__pycache__/*", ".git/*")
@@ -65,7 +65,7 @@ state: {dir: state}
          "'transfer.max_concurrency' must be integer, got bool"),
         ("watch: [{path: x}]\nsync: {mode: sometimes}\n", "'sync.mode' must be one of"),
         ("watch: [{path: x}]\naws: {region: mars}\n", "not an AWS region name"),
-        ("watch: [{path: x}]\ntransfer: {multipart_chunksize: 1MB}\n", "at least 5MB"),
+        ("watch: [{path: x}]\ntransfer: {multipart_chunksize: 1MB}\n", "from 5 MiB to 5 GiB"),
         ("watch: []\n", "at least one directory"),
         ("watch: [{prefix: a/}]\n", "'watch[0].path' is required"),
         ("watch: [{path: x, prefix: ../up}]\n", "relative key prefix"),
