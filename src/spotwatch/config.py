@@ -265,8 +265,9 @@ class _StrictLoader(yaml.SafeLoader):
 
 def _parse_yaml(text: str, path: Path) -> Any:
     """The document's data; aliases may not expand it past MAX_YAML_NODES (billion laughs)."""
-    loader = _StrictLoader(text)
+    loader: _StrictLoader | None = None
     try:
+        loader = _StrictLoader(text)  # checks the characters first
         node = loader.get_single_node()
         if node is None:
             return None
@@ -281,7 +282,8 @@ def _parse_yaml(text: str, path: Path) -> Any:
         # A tagged or implicit scalar that does not convert (!!int x, 2024-02-30, !!bool maybe).
         raise ConfigError(f"{path}: invalid YAML value: {_shown(str(exc))}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _check_expansion(root: yaml.Node) -> None:
