@@ -162,3 +162,15 @@ def test_cli_version(workspace: Workspace) -> None:
     result = workspace.cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"spotwatch {__version__}"
+
+
+def test_cli_empty_bucket_flag(workspace: Workspace) -> None:
+    # $S3_BUCKET_NAME is set: an empty --bucket must not silently fall back to it.
+    assert_usage_error(workspace.cli("run", "-c", "config.yaml", "--bucket", ""),
+                       "--bucket is empty")
+
+
+def test_cli_crt_checksum_without_the_crt(workspace: Workspace) -> None:
+    workspace.write_config(transfer={"checksum_algorithm": "CRC32C"})
+    assert_usage_error(workspace.cli("check", "-c", "config.yaml", BOTO_DISABLE_CRT="true"),
+                       "CRC32C needs the AWS CRT")
