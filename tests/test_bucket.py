@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from spotwatch.bucket import resolve_bucket
+from spotwatch.bucket import (
+    RESERVED_PREFIXES,
+    RESERVED_SUFFIXES,
+    is_valid_bucket_name,
+    resolve_bucket,
+)
 from spotwatch.errors import ConfigError
 
 
@@ -54,3 +62,41 @@ def test_missing_everywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_invalid_names(name: str) -> None:
     with pytest.raises(ConfigError, match="not a valid S3 bucket name"):
         resolve_bucket(name, None)
+
+
+@pytest.mark.parametrize("name", [
+    "192.168.5.4", "10.0.0.1",  # IP-address form
+    "xn--bucket", "sthree-bucket", "sthree-configurator", "amzn-s3-demo-bucket",
+    "bucket-s3alias", "bucket--ol-s3", "bucket.mrap", "bucket--x-s3", "bucket--table-s3",
+    "a.b--usw2-az1--x-s3",  # a directory bucket name has no dots
+    "ckpt.", "ckpt-", ".ckpt",
+])
+def test_s3_rules(name: str) -> None:
+    with pytest.raises(ConfigError, match="not a valid S3 bucket name"):
+        resolve_bucket(name, None)
+    assert not is_valid_bucket_name(name + "\n")  # a regex '$' would let this through
+
+
+@pytest.mark.parametrize("name", ["ckpt--usw2-az1--x-s3", "team-a--use1-az4--x-s3",
+                                  "ckpt--usw2-lax1-az1--x-s3", "my.bucket.1", "1.2.3.4a",
+                                  "abc", "a" * 63, "x-s3"])
+def test_valid_names(name: str) -> None:
+    assert resolve_bucket(name, None) == name
+
+
+@given(st.from_regex(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", fullmatch=True))
+def test_names_follow_every_rule(name: str) -> None:
+    """Any name accepted obeys each rule; any refused breaks at least one."""
+    breaks = (".." in name or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", name) is not None
+              or name.startswith(RESERVED_PREFIXES)
+              or (name.endswith(RESERVED_SUFFIXES)
+                  and re.fullmatch(r"[a-z0-9-]+--[a-z0-9-]+-az\d+--x-s3", name) is None))
+    assert is_valid_bucket_name(name) is not breaks
+
+
+def test_empty_flag_is_an_error_not_a_fallback(config_file: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("S3_BUCKET_NAME", "from-environment")
+    for empty in ("", "  "):
+        with pytest.raises(ConfigError, match="--bucket is empty"):
+            resolve_bucket(empty, config_file)

@@ -20,7 +20,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "watch:\n  - path: ckpt\n"))
-    assert config.region == "us-west-2"
+    assert config.region is None  # not configured: resolved from the SDK, then IMDS
     assert config.watch[0].path == tmp_path / "ckpt"
     assert config.watch[0].prefix == "checkpoints/"
     assert config.watch[0].exclude == ("*.tmp", "*.tmp/*", "__pycache__/*", ".git/*")
@@ -65,7 +65,7 @@ state: {dir: state}
          "'transfer.max_concurrency' must be integer, got bool"),
         ("watch: [{path: x}]\nsync: {mode: sometimes}\n", "'sync.mode' must be one of"),
         ("watch: [{path: x}]\naws: {region: mars}\n", "not an AWS region name"),
-        ("watch: [{path: x}]\ntransfer: {multipart_chunksize: 1MB}\n", "at least 5MB"),
+        ("watch: [{path: x}]\ntransfer: {multipart_chunksize: 1MB}\n", "from 5 MiB to 5 GiB"),
         ("watch: []\n", "at least one directory"),
         ("watch: [{prefix: a/}]\n", "'watch[0].path' is required"),
         ("watch: [{path: x, prefix: ../up}]\n", "relative key prefix"),
@@ -162,3 +162,15 @@ def test_cli_version(workspace: Workspace) -> None:
     result = workspace.cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"spotwatch {__version__}"
+
+
+def test_cli_empty_bucket_flag(workspace: Workspace) -> None:
+    # $S3_BUCKET_NAME is set: an empty --bucket must not silently fall back to it.
+    assert_usage_error(workspace.cli("run", "-c", "config.yaml", "--bucket", ""),
+                       "--bucket is empty")
+
+
+def test_cli_crt_checksum_without_the_crt(workspace: Workspace) -> None:
+    workspace.write_config(transfer={"checksum_algorithm": "CRC32C"})
+    assert_usage_error(workspace.cli("check", "-c", "config.yaml", BOTO_DISABLE_CRT="true"),
+                       "CRC32C needs the AWS CRT")

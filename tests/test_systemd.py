@@ -30,6 +30,7 @@ def test_unit_contract() -> None:
     settings = unit_settings()
     assert settings["Type"] == "notify"
     assert settings["Restart"] == "on-failure"
+    assert settings["RestartPreventExitStatus"] == "2"  # a config error: a restart cannot help
     assert settings["StateDirectory"] == "spotwatch"
     assert settings["EnvironmentFile"].endswith("/etc/spotwatch/spotwatch.env")
     assert int(settings["WatchdogSec"]) > 0

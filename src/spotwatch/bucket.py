@@ -12,6 +12,13 @@ from spotwatch.errors import ConfigError
 
 BUCKET_ENV = "S3_BUCKET_NAME"
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_IP_ADDRESS_RE = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+# An S3 Express One Zone directory bucket: base-name--<zone-id>--x-s3 (no dots), e.g.
+# ckpt--usw2-az1--x-s3 or, in a Local Zone, ckpt--usw2-lax1-az1--x-s3.
+_DIRECTORY_BUCKET_RE = re.compile(
+    r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?--[a-z0-9]+(?:-[a-z0-9]+)*-az[0-9]+--x-s3$")
 
 
 def env_file_candidates(config_file: Path | None) -> list[Path]:
@@ -24,6 +31,10 @@ def env_file_candidates(config_file: Path | None) -> list[Path]:
 
 
 def resolve_bucket(explicit: str | None, config_file: Path | None) -> str:
+    """An explicit --bucket is used as given: an empty one is an error, never a fallback."""
+    if explicit is not None and not explicit.strip():
+        raise ConfigError("--bucket is empty: name a bucket, or leave the flag out to use "
+                          f"${BUCKET_ENV} or config/.env")
     name = explicit or os.environ.get(BUCKET_ENV)
     if not name:
         for env_file in env_file_candidates(config_file):
@@ -39,6 +50,17 @@ def resolve_bucket(explicit: str | None, config_file: Path | None) -> str:
 
 
 def validate_bucket_name(name: str) -> str:
-    if not _BUCKET_RE.match(name) or ".." in name or name.startswith("xn--"):
-        raise ConfigError(f"not a valid S3 bucket name: {name!r}")
+    if not is_valid_bucket_name(name):
+        raise ConfigError(f"not a valid S3 bucket name: {name[:80]!r}")
     return name
+
+
+def is_valid_bucket_name(name: str) -> bool:
+    """All of S3's rules: 3-63 lowercase letters, digits, dots and hyphens, a letter or digit
+    at both ends, no '..', not an IP address, no reserved prefix or suffix; except that a
+    directory bucket (S3 Express One Zone) ends in --<zone-id>--x-s3."""
+    if not _BUCKET_RE.fullmatch(name) or ".." in name or _IP_ADDRESS_RE.fullmatch(name):
+        return False
+    if name.startswith(RESERVED_PREFIXES):
+        return False
+    return not name.endswith(RESERVED_SUFFIXES) or bool(_DIRECTORY_BUCKET_RE.fullmatch(name))

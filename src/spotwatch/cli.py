@@ -104,11 +104,12 @@ def _load(args: argparse.Namespace, need_watch_dirs: bool = True) -> tuple[Confi
 def _run(args: argparse.Namespace) -> int:
     from spotwatch.daemon import Daemon
     from spotwatch.preflight import failures, run_checks
+    from spotwatch.region import resolve_region
     from spotwatch.uploader import make_s3_client
 
     config, bucket = _load(args)
     log = structlog.get_logger("spotwatch")
-    client = make_s3_client(config.region, config.transfer)
+    client = make_s3_client(resolve_region(config), config.transfer)
     results = run_checks(config, bucket, client)
     for result in results:
         log.info("check", name=result.name, ok=result.ok, detail=result.detail)

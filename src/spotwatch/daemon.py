@@ -21,7 +21,7 @@ from spotwatch import sdnotify
 from spotwatch.config import Config
 from spotwatch.engine import Progress, SyncEngine
 from spotwatch.hooks import NoticeHooks
-from spotwatch.imds import ImdsClient
+from spotwatch.imds import ImdsClient, disabled_reason
 from spotwatch.ledger import Ledger
 from spotwatch.metrics import Metrics, MetricsServer
 from spotwatch.notices import Notice, NoticeKind, sources_for
@@ -30,6 +30,7 @@ from spotwatch.orphans import abort_orphaned_uploads
 from spotwatch.progress import ProgressBar
 from spotwatch.prune_job import PruneJob
 from spotwatch.pruner import Pruner
+from spotwatch.region import resolve_region
 from spotwatch.state import StateDir, StateLock, write_json_atomically
 from spotwatch.throughput import plan_flush
 from spotwatch.tracker import ChangeTracker
@@ -161,7 +162,8 @@ class Daemon:
             ChangeTracker(w, settings.settle_seconds, settings.quiet_seconds, self._wake.set)
             for w in self.config.watch
         ]
-        client = self._client or make_s3_client(self.config.region, self.config.transfer)
+        client = self._client or make_s3_client(resolve_region(self.config),
+                                                   self.config.transfer)
 
         def uploader(on_result: Callable[[UploadResult], None]) -> Uploader:
             return Uploader(client, self.bucket, self.config.transfer, on_result)
@@ -177,7 +179,10 @@ class Daemon:
         return engine
 
     def _start_poller(self) -> NoticePoller | None:
-        if not self.config.imds.enabled:
+        reason = disabled_reason(self.config.imds)
+        if reason:
+            log.warning("imds_disabled", reason=reason, detail="no interruption notices will "
+                        "be seen: only a SIGTERM starts the final flush")
             return None
         poller = NoticePoller(ImdsClient.from_settings(self.config.imds),
                               sources_for(self.config.notices),

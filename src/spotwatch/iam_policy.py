@@ -78,11 +78,12 @@ def _kms_statement(config: Config) -> dict[str, Any] | None:
         return None  # the AWS managed key needs no IAM grant of its own
     statement: dict[str, Any] = {"Sid": "CheckpointKmsKey", "Effect": "Allow",
                                  "Action": ["kms:GenerateDataKey", "kms:Decrypt"]}
+    region = config.region or "*"  # not configured: the key may be in any region
     if key.startswith("arn:"):
         statement["Resource"] = key
     elif key.startswith("alias/"):
-        statement["Resource"] = f"arn:aws:kms:{config.region}:*:key/*"
+        statement["Resource"] = f"arn:aws:kms:{region}:*:key/*"
         statement["Condition"] = {"ForAnyValue:StringEquals": {"kms:ResourceAliases": key}}
     else:
-        statement["Resource"] = f"arn:aws:kms:{config.region}:*:key/{key}"
+        statement["Resource"] = f"arn:aws:kms:{region}:*:key/{key}"
     return statement

@@ -17,6 +17,8 @@ IPV4_ENDPOINT = "http://169.254.169.254"
 IPV6_ENDPOINT = "http://[fd00:ec2::254]"
 ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
 ENDPOINT_MODE_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE"
+DISABLED_ENV = "AWS_EC2_METADATA_DISABLED"
+REGION_PATH = "meta-data/placement/region"
 TOKEN_PATH = "/latest/api/token"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
@@ -39,6 +41,22 @@ def resolve_endpoint(settings: ImdsSettings) -> str:
         return endpoint.rstrip("/")
     mode = settings.endpoint_mode or os.environ.get(ENDPOINT_MODE_ENV, "IPv4")
     return IPV6_ENDPOINT if mode.lower() == "ipv6" else IPV4_ENDPOINT
+
+
+def disabled_reason(settings: ImdsSettings) -> str | None:
+    """Why IMDS must not be asked anything (no notices, no region), or None when it may be:
+    off in the config, or AWS_EC2_METADATA_DISABLED=true, which every AWS SDK honours."""
+    if not settings.enabled:
+        return "imds.enabled is false"
+    if os.environ.get(DISABLED_ENV, "").strip().lower() == "true":
+        return f"{DISABLED_ENV}=true"
+    return None
+
+
+def probe_client(settings: ImdsSettings, attempts: int = 1) -> ImdsClient:
+    """A client for one-off lookups such as the region: a short-lived token, few attempts."""
+    return ImdsClient(resolve_endpoint(settings), token_ttl=60, timeout=settings.timeout,
+                      attempts=attempts)
 
 
 class ImdsClient:

@@ -16,7 +16,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from spotwatch.checkpoint_sets import WRITE_PROBE, object_key
 from spotwatch.config import Config
-from spotwatch.imds import ImdsClient, ImdsError, resolve_endpoint
+from spotwatch.imds import REGION_PATH, ImdsError, disabled_reason, probe_client
+from spotwatch.region import resolve_region
 from spotwatch.uploader import encryption_args, make_s3_client
 
 PUBLIC_ACCESS_FLAGS = ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy",
@@ -52,38 +53,38 @@ def check_credentials() -> CheckResult:
                        f"from {credentials.method} (access key ...{key[-4:]})")
 
 
-def check_bucket_region(s3: Any, bucket: str, config: Config) -> CheckResult:
+def check_bucket_region(s3: Any, bucket: str, config: Config, expected: str) -> CheckResult:
     try:
         location = s3.get_bucket_location(Bucket=bucket).get("LocationConstraint")
     except ClientError as exc:
         return CheckResult("bucket", False, f"cannot reach s3://{bucket}: {_error_code(exc)}")
     region = {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(location, location)
-    if region == config.region:
+    if region == expected:
         return CheckResult("bucket region", True, f"s3://{bucket} is in {region}")
     allowed = config.allow_cross_region
     return CheckResult("bucket region", allowed,
-                       f"s3://{bucket} is in {region}, configured region is {config.region}"
+                       f"s3://{bucket} is in {region}, configured region is {expected}"
                        + ("" if allowed else " (set aws.allow_cross_region: true to allow)"),
                        fatal=not allowed)
 
 
-def check_instance_region(config: Config) -> CheckResult:
-    if not config.imds.enabled:
-        return CheckResult("IMDS", True, "disabled in config: no notices will be seen",
+def check_instance_region(config: Config, expected: str) -> CheckResult:
+    reason = disabled_reason(config.imds)
+    if reason:
+        return CheckResult("IMDS", True, f"disabled ({reason}): no notices will be seen",
                            fatal=False)
-    client = ImdsClient(resolve_endpoint(config.imds), token_ttl=60,
-                        timeout=config.imds.timeout, attempts=1)
+    client = probe_client(config.imds)
     try:
-        region = client.get("meta-data/placement/region")
+        region = client.get(REGION_PATH)
     except ImdsError as exc:
         hint = (" inside a container: set the instance metadata hop limit to 2 or use host "
                 "networking" if _in_container() else "")
         return CheckResult("IMDS", False, f"{exc}{hint}", fatal=False)
-    if region is None or region == config.region:
+    if region is None or region == expected:
         return CheckResult("IMDS", True, f"reachable at {client.endpoint}, instance in {region}")
     allowed = config.allow_cross_region
     return CheckResult("instance region", allowed,
-                       f"the instance is in {region}, configured region is {config.region}",
+                       f"the instance is in {region}, configured region is {expected}",
                        fatal=not allowed)
 
 
@@ -138,16 +139,17 @@ def check_write(s3: Any, bucket: str, config: Config) -> CheckResult:
 def run_checks(config: Config, bucket: str, s3: Any | None = None) -> list[CheckResult]:
     """All checks; `s3` lets `run` share its client (each one costs ~12 MB of models)."""
     results = [check_credentials()]
-    s3 = s3 or make_s3_client(config.region, config.transfer)
+    expected = resolve_region(config)
+    s3 = s3 or make_s3_client(expected, config.transfer)
     try:
-        region = check_bucket_region(s3, bucket, config)
+        region = check_bucket_region(s3, bucket, config, expected)
         results.append(region)
         if region.ok or not region.fatal:
             results += [check_public_access(s3, bucket, config),
                         check_encryption(s3, bucket, config), check_write(s3, bucket, config)]
     except BotoCoreError as exc:
         results.append(CheckResult("bucket", False, f"S3 unreachable: {exc}"))
-    results.append(check_instance_region(config))
+    results.append(check_instance_region(config, expected))
     return results
 
 

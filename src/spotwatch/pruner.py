@@ -23,6 +23,7 @@ from spotwatch.config import Config, WatchDir
 from spotwatch.errors import SpotwatchError
 from spotwatch.filters import PathFilter
 from spotwatch.ledger import Ledger, LedgerError
+from spotwatch.region import resolve_region
 from spotwatch.remote_sets import is_complete, list_manifests
 from spotwatch.state import StateDir
 from spotwatch.uploader import make_s3_client
@@ -158,7 +159,7 @@ def prune_once(config: Config, bucket: str, mirror_deletes: bool, keep_sets: int
     """`spotwatch prune`: plan, and unless dry_run, delete; returns the deletions."""
     ledger = Ledger(StateDir(config.state_dir).ledger)
     try:
-        pruner = Pruner(make_s3_client(config.region, config.transfer), bucket, ledger,
+        pruner = Pruner(make_s3_client(resolve_region(config), config.transfer), bucket, ledger,
                         mirror_deletes, keep_sets)
         try:
             deletions = pruner.plan(config.watch)

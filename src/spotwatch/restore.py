@@ -20,6 +20,7 @@ from spotwatch.config import Config, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.ledger import FileVersion, Ledger, LedgerError
 from spotwatch.progress import ProgressBar
+from spotwatch.region import resolve_region
 from spotwatch.remote_sets import is_complete, list_manifests
 from spotwatch.state import StateDir
 from spotwatch.uploader import make_s3_client, transfer_config
@@ -64,7 +65,7 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
             prefix: str | None = None) -> RestoreReport:
     watch = _choose_watch(config, prefix)
     destination = (to or watch.path).absolute()
-    s3 = make_s3_client(config.region, config.transfer)
+    s3 = make_s3_client(resolve_region(config), config.transfer)
     try:
         manifests = list_manifests(s3, bucket, watch.prefix, MANIFESTS_TO_READ)
         if set_name is not None:

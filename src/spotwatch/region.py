@@ -1,0 +1,42 @@
+"""The AWS region: `aws.region`, else the SDK's own resolution, else the instance's (IMDS)."""
+
+from __future__ import annotations
+
+import os
+
+import boto3
+from botocore.exceptions import BotoCoreError
+
+from spotwatch.config import Config
+from spotwatch.errors import ConfigError, SpotwatchError
+from spotwatch.imds import REGION_PATH, ImdsError, disabled_reason, probe_client
+
+REGION_ENV = "AWS_REGION"
+_HOW_TO_SET = "set aws.region, AWS_REGION or AWS_DEFAULT_REGION"
+
+
+def resolve_region(config: Config) -> str:
+    """In this order: the config, $AWS_REGION, botocore's own (AWS_DEFAULT_REGION, the
+    profile), then IMDS unless disabled. No region anywhere is a config error (exit 2); an
+    IMDS that cannot be reached is a runtime failure (exit 1: a restart may find it)."""
+    region = config.region or os.environ.get(REGION_ENV) or _sdk_region()
+    if region:
+        return region
+    reason = disabled_reason(config.imds)
+    if reason:
+        raise ConfigError(f"no AWS region: {_HOW_TO_SET} (not asking IMDS: {reason})")
+    try:
+        region = probe_client(config.imds, attempts=3).get(REGION_PATH)
+    except ImdsError as exc:
+        raise SpotwatchError(f"no AWS region: {_HOW_TO_SET}, or let IMDS answer ({exc})"
+                             ) from None
+    if not region:
+        raise ConfigError(f"no AWS region: {_HOW_TO_SET} (IMDS has no placement/region)")
+    return region.strip()
+
+
+def _sdk_region() -> str | None:
+    try:
+        return boto3.session.Session().region_name
+    except BotoCoreError as exc:  # e.g. AWS_PROFILE names a profile that does not exist
+        raise ConfigError(f"cannot read the AWS region from the SDK: {exc}") from None
