@@ -35,11 +35,11 @@ exec /usr/bin/systemctl --root=/ enable $units
 """
 
 
-def shell_block(containing: str) -> str:
-    """The one ```sh block of the README that contains `containing`."""
-    blocks = re.findall(r"^```sh\n(.*?)^```$", README.read_text(), re.S | re.M)
+def shell_block(containing: str, language: str = "sh") -> str:
+    """The one ```sh (or other `language`) block of the README that contains `containing`."""
+    blocks = re.findall(rf"^```{language}\n(.*?)^```$", README.read_text(), re.S | re.M)
     matching = [block for block in blocks if containing in block]
-    assert len(matching) == 1, f"{len(matching)} README sh blocks contain {containing!r}"
+    assert len(matching) == 1, f"{len(matching)} README {language} blocks contain {containing!r}"
     return matching[0]
 
 

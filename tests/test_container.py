@@ -355,3 +355,33 @@ def _object_or_none(s3: Any, bucket: str, key: str) -> bytes | None:
         return object_bytes(s3, bucket, key)
     except s3.exceptions.NoSuchKey:
         return None
+
+
+def test_kubernetes_example_runs_spotwatch_as_a_native_sidecar() -> None:
+    """The README's pod: spotwatch starts first and stops last (an init container with
+    restartPolicy Always), as the image's numeric non-root user, with its ledger on a volume
+    that outlives the container and the notice volume shared with the trainer."""
+    pod = yaml.safe_load(shell_block("kind: Pod", language="yaml"))
+    spec = pod["spec"]
+    (sidecar,) = [c for c in spec["initContainers"] if c["name"] == "spotwatch"]
+    assert sidecar["restartPolicy"] == "Always"
+    assert all(c["name"] != "spotwatch" for c in spec["containers"])
+    uid, gid = re.findall(r"^USER (\d+):(\d+)$", (ROOT / "Dockerfile").read_text(), re.M)[0]
+    security = sidecar["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert (security["runAsUser"], security["runAsGroup"]) == (int(uid), int(gid))
+    assert spec["securityContext"]["fsGroup"] == int(gid)
+
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
+    state = volumes[mounts["/var/lib/spotwatch"]["name"]]
+    assert "persistentVolumeClaim" in state or "hostPath" in state
+    assert mounts["/opt/ml/checkpoints"]["readOnly"] is True
+    assert mounts["/etc/spotwatch"]["readOnly"] is True
+    (trainer,) = spec["containers"]
+    notice_file = {e["name"]: e["value"] for e in trainer["env"]}["SPOTWATCH_NOTICE_FILE"]
+    notices = mounts[str(Path(notice_file).parent)]["name"]
+    assert notices in {m["name"] for m in trainer["volumeMounts"]}
+    assert notices != mounts["/opt/ml/checkpoints"]["name"]  # never uploaded as a checkpoint
+    # Room for the final flush (sync.stop_timeout, 100 s by default), inside the notice's 120 s.
+    assert 100 < spec["terminationGracePeriodSeconds"] <= 120
