@@ -26,6 +26,8 @@ RUN apt-get update \
         --create-home --shell /usr/sbin/nologin spotwatch
 COPY --from=build /opt/spotwatch /opt/spotwatch
 
+# TINI_SUBREAPER: tini reaps orphans also when it is not PID 1 (under `docker run --init`, or in
+# a pod with shareProcessNamespace).
 ENV PATH=/opt/spotwatch/bin:$PATH \
     SPOTWATCH_CONFIG=/etc/spotwatch/config.yaml \
     STATE_DIRECTORY=/var/lib/spotwatch \

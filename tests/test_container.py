@@ -212,7 +212,8 @@ def _config(imds: ImdsEmulator) -> dict[str, Any]:
     return {
         "aws": {"region": REGION},
         "watch": [{"path": "/opt/ml/checkpoints", "prefix": "job/"}],
-        "sync": {"settle_seconds": 0.2, "quiet_seconds": 1.0, "stop_timeout": 20},
+        # Closed files wait 5 s to settle: long enough to see a file pending when SIGTERM comes.
+        "sync": {"settle_seconds": 5, "quiet_seconds": 6, "stop_timeout": 20},
         "imds": {"endpoint": imds.url, "poll_interval": 0.2},
         # A hook that leaves a process behind: it must be reaped, not left a zombie.
         "hooks": {"notice_file": "/run/spotwatch/notice.json",
@@ -232,7 +233,7 @@ def test_sidecar_uploads_on_notice_reaps_hooks_and_flushes_on_sigterm(
         buildah: Buildah, image: str, container: str, tmp_path: Path, s3: Any, bucket: str,
         imds: ImdsEmulator) -> None:
     # The volumes of the README's pod example: checkpoints (read-only for the sidecar),
-    # notices (read by the trainer) and the config.
+    # notices (read by the trainer) and the config. The state stays in the image's volume.
     checkpoints, notices, etc = (_mkdir(tmp_path / name) for name in ("ckpt", "notices", "etc"))
     notices.chmod(0o777)
     (etc / "config.yaml").write_text(yaml.safe_dump(_config(imds)))
@@ -278,9 +279,11 @@ def test_sidecar_uploads_on_notice_reaps_hooks_and_flushes_on_sigterm(
         assert health.returncode == 0, health.stdout + health.stderr
 
         # A container stop: SIGTERM to PID 1 (tini), which passes it on; the final flush
-        # uploads what was written just before.
+        # uploads the file the daemon holds, not yet settled.
         last = os.urandom(100_000)
         (checkpoints / "step_20.pt").write_bytes(last)
+        status = Path(f"/proc/{daemon[0]}/root/var/lib/spotwatch/status.json")  # its view
+        wait_for(lambda: json.loads(status.read_text())["unsettled_files"] == 1, timeout=30)
         os.kill(init, signal.SIGTERM)
         assert sidecar.wait(timeout=60) == 0, log_path.read_text()
         assert '"daemon_stopped"' in log_path.read_text()
