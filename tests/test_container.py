@@ -1,20 +1,28 @@
-"""The sidecar image: built with buildah from the Dockerfile, then run against the moto server
-and the IMDS emulator on loopback.
+"""The sidecar image, built with the README's own buildah commands, then run against the moto
+server and the IMDS emulator on loopback.
 
-The base image is a Debian root made with debootstrap from this machine's own apt mirror, so
-no registry of container images is needed. Storage is vfs and isolation chroot, which work
-without a container engine or kernel overlay support.
+The base image is the README's: a Debian root made with debootstrap (from this machine's apt
+mirror), of a release whose Python differs from the host's, so the test proves the image builds
+for its own Python whatever the host has. No registry of container images is needed. Storage
+is vfs and isolation chroot, which work without a container engine or kernel overlay support;
+storage lives in a cache directory, so the base and unchanged build layers are reused by the
+next run.
+
+buildah's chroot isolation has no PID namespace of its own, so the sidecar runs its image's
+entrypoint under `unshare --pid --fork`: the entrypoint is PID 1 of a new PID namespace, as
+with Docker or Kubernetes, and what it fails to reap stays a zombie there.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import platform
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,40 +33,58 @@ import yaml
 
 from spotwatch.emulator import ImdsEmulator
 from tests.conftest import REGION, object_bytes, wait_for
+from tests.readme_commands import ROOT, run_block, shell_block, shims
 
-ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("buildah", "debootstrap")
-BUILD_TIMEOUT = 900
+TOOLS = ("buildah", "debootstrap", "unshare")
+BUILD_TIMEOUT = 1800
+CACHE = Path(os.environ.get("SPOTWATCH_TEST_CACHE", "/var/cache/spotwatch-test"))
+CACHE_LIMIT = 12 * 2**30  # beyond this, stale build layers are pruned after the run
+README_MIRROR = "http://deb.debian.org/debian"
+README_RELEASE = "trixie"  # Python 3.13
+OTHER_RELEASE = "bookworm"  # Python 3.11, for a host that has 3.13
+IMAGE = "localhost/spotwatch:latest"
+CONFIG_IN_IMAGE = "/etc/spotwatch/config.yaml"
 
 
 @dataclass
 class Buildah:
-    storage: Path
+    env: dict[str, str]
 
     def command(self, *args: str) -> list[str]:
-        return ["buildah", "--root", str(self.storage / "root"), "--runroot",
-                str(self.storage / "run"), "--storage-driver", "vfs", *args]
+        return ["buildah", "--storage-driver", "vfs", *args]
 
     def __call__(self, *args: str, timeout: float = BUILD_TIMEOUT) -> str:
         done = subprocess.run(self.command(*args), capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env=self.env)
         assert done.returncode == 0, f"buildah {args[0]} failed:\n{done.stdout}\n{done.stderr}"
         return done.stdout.strip()
+
+    def config(self, image: str) -> dict[str, Any]:
+        inspected: dict[str, Any] = json.loads(self("inspect", "--type", "image", image))
+        return inspected
 
 
 def _missing_tools() -> list[str]:
     return [tool for tool in TOOLS if shutil.which(tool) is None]
 
 
-def _apt_mirror_and_suite() -> tuple[str, str] | None:
-    """The Debian mirror and release this machine installs from, to debootstrap the base."""
+def _apt_mirror() -> str | None:
+    """The Debian mirror this machine installs from, to debootstrap the base."""
     sources = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
     text = "\n".join(p.read_text() for p in sources if p.is_file() and p.suffix != ".disabled")
-    mirrors = [uri for uri in re.findall(r"(https?://\S+/debian)/?(?:\s|$)", text)]
-    release = re.search(r"^VERSION_CODENAME=(\w+)$", Path("/etc/os-release").read_text(), re.M)
-    if not mirrors or release is None:
-        return None
-    return mirrors[0], release.group(1)
+    mirrors = re.findall(r"(https?://\S+/debian)/?(?:\s|$)", text)
+    return mirrors[0] if mirrors else None
+
+
+def _release() -> str:
+    """The README's release, unless its Python is the host's (then the test would not show
+    that the image builds for a Python other than the host's)."""
+    return OTHER_RELEASE if sys.version_info[:2] == (3, 13) else README_RELEASE
+
+
+def _as_on_this_machine(block: str, mirror: str) -> str:
+    """A README block with this machine's apt mirror and the release chosen above."""
+    return block.replace(README_MIRROR, mirror).replace(README_RELEASE, _release())
 
 
 @pytest.fixture(scope="module")
@@ -69,56 +95,63 @@ def buildah(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Buildah]:
                     "debootstrap; .ci/run installs them)")
     if os.geteuid() != 0:
         pytest.skip("building the image with vfs storage and debootstrap needs root")
-    tool = Buildah(tmp_path_factory.mktemp("container-storage"))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    storage_conf = CACHE / "storage.conf"
+    storage_conf.write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{CACHE}/storage"\n'
+                            f'runroot = "{CACHE}/run"\n')
+    # The README's commands run as written (sudo is a shim for root); only where buildah keeps
+    # its images is redirected, to the cache.
+    path = f"{shims(tmp_path_factory.mktemp('shims'))}:{os.environ['PATH']}"
+    tool = Buildah({**os.environ, "PATH": path, "CONTAINERS_STORAGE_CONF": str(storage_conf)})
     yield tool
-    subprocess.run(tool.command("rm", "--all"), capture_output=True)
-    subprocess.run(tool.command("rmi", "--all", "--force"), capture_output=True)
-    shutil.rmtree(tool.storage, ignore_errors=True)
+    subprocess.run(tool.command("rm", "--all"), capture_output=True, env=tool.env)
+    if _size(CACHE / "storage") > CACHE_LIMIT:
+        subprocess.run(tool.command("rmi", "--prune"), capture_output=True, env=tool.env)
+
+
+def _size(directory: Path) -> int:
+    du = subprocess.run(["du", "-sb", str(directory)], capture_output=True, text=True)
+    return int(du.stdout.split()[0]) if du.returncode == 0 else 0
 
 
 @pytest.fixture(scope="module")
 def base_image(buildah: Buildah, tmp_path_factory: pytest.TempPathFactory) -> str:
-    source = _apt_mirror_and_suite()
-    if source is None:
+    """The README's base, debootstrapped once per release and kept in the cache."""
+    mirror = _apt_mirror()
+    if mirror is None:
         pytest.skip("no Debian apt mirror configured on this machine to debootstrap from")
-    mirror, suite = source
-    rootfs = tmp_path_factory.mktemp("base") / "rootfs"
-    done = subprocess.run(
-        ["debootstrap", "--variant=minbase", "--include=python3,python3-venv", suite,
-         str(rootfs), mirror], capture_output=True, text=True, timeout=BUILD_TIMEOUT)
-    assert done.returncode == 0, f"debootstrap failed:\n{done.stdout[-3000:]}\n{done.stderr}"
-    base_python = subprocess.run(["chroot", str(rootfs), "python3", "-c",
-                                  "import sys; print(*sys.version_info[:2])"],
-                                 capture_output=True, text=True, check=True).stdout.split()
-    host_python = [str(part) for part in sys.version_info[:2]]
-    if base_python != host_python:
-        shutil.rmtree(rootfs)
-        pytest.skip(f"base image has Python {'.'.join(base_python)}, the wheelhouse is built "
-                    f"for {platform.python_version()}")
-    container = buildah("from", "scratch")
-    buildah("copy", container, f"{rootfs}/", "/")
-    buildah("commit", "--rm", container, "localhost/spotwatch-base:test")
-    shutil.rmtree(rootfs)
-    return "localhost/spotwatch-base:test"
+    name = f"localhost/debian:{_release()}"
+    if subprocess.run(buildah.command("inspect", "--type", "image", name), env=buildah.env,
+                      capture_output=True).returncode == 0:
+        return name
+    block = _as_on_this_machine(shell_block("debootstrap"), mirror)
+    done = run_block(block, cwd=tmp_path_factory.mktemp("base"), env=buildah.env,
+                     timeout=BUILD_TIMEOUT)
+    assert done.returncode == 0, f"README base commands failed:\n{done.stdout[-3000:]}\n" \
+                                 f"{done.stderr[-3000:]}"
+    _trust_like_the_host(buildah, name)
+    return name
+
+
+def _trust_like_the_host(buildah: Buildah, name: str) -> None:
+    """The build fetches from PyPI with the base's CA bundle: give it the host's, which also
+    holds the CA of a TLS-inspecting proxy when the machine sits behind one (as a site would
+    add its CA to its base image)."""
+    container = buildah("from", name).splitlines()[-1]
+    buildah("copy", container, "/etc/ssl/certs/ca-certificates.crt",
+            "/etc/ssl/certs/ca-certificates.crt")
+    buildah("commit", "--rm", container, name)
 
 
 @pytest.fixture(scope="module")
-def image(buildah: Buildah, base_image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    context = tmp_path_factory.mktemp("context")
-    source = _mkdir(context / "source")
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "src", source / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    wheels = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", str(source), "-w",
-         str(context / "wheelhouse")], capture_output=True, text=True, timeout=BUILD_TIMEOUT)
-    assert wheels.returncode == 0, wheels.stderr
-    shutil.rmtree(source)
-    shutil.copy(ROOT / "Dockerfile", context / "Dockerfile")
-    buildah("bud", "--isolation", "chroot", "--format", "docker", "--build-arg",
-            f"BASE_IMAGE={base_image}", "-t", "localhost/spotwatch:test", str(context))
-    return "localhost/spotwatch:test"
+def image(buildah: Buildah, base_image: str) -> str:
+    """Built by the README's buildah command, run as written from the checkout."""
+    block = _as_on_this_machine(shell_block("buildah --storage-driver vfs bud"), README_MIRROR)
+    assert f"BASE_IMAGE={base_image}" in block
+    done = run_block(block, cwd=ROOT, env=buildah.env, timeout=BUILD_TIMEOUT)
+    assert done.returncode == 0, f"README build command failed:\n{done.stdout[-5000:]}\n" \
+                                 f"{done.stderr[-3000:]}"
+    return IMAGE
 
 
 def _mkdir(path: Path) -> Path:
@@ -130,38 +163,80 @@ def _mkdir(path: Path) -> Path:
 def container(buildah: Buildah, image: str) -> Iterator[str]:
     name = buildah("from", image).splitlines()[-1]
     yield name
-    subprocess.run(buildah.command("rm", name), capture_output=True)
+    subprocess.run(buildah.command("rm", name), capture_output=True, env=buildah.env)
 
 
 def test_image_metadata(buildah: Buildah, image: str) -> None:
-    config: dict[str, Any] = yaml.safe_load(buildah("inspect", "--type", "image", image))
-    docker = config["Docker"]["config"]
-    assert docker["User"] == "spotwatch"
-    assert docker["Entrypoint"] == ["spotwatch"]
-    assert docker["Cmd"] == ["run", "-c", "/etc/spotwatch/config.yaml"]
-    assert docker["Healthcheck"]["Test"][-3:] == ["--healthy", "-c", "/etc/spotwatch/config.yaml"]
+    docker = buildah.config(image)["Docker"]["config"]
+    assert docker["User"] == "10001:10001"  # numeric: runAsNonRoot can check it
+    assert docker["Entrypoint"] == ["tini", "--", "spotwatch"]
+    assert docker["Cmd"] == ["run"]
+    assert f"SPOTWATCH_CONFIG={CONFIG_IN_IMAGE}" in docker["Env"]
+    assert docker["Healthcheck"]["Test"] == ["CMD", "spotwatch", "status", "--healthy"]
 
 
-def test_image_runs_version_as_non_root(buildah: Buildah, container: str) -> None:
-    version = buildah("run", "--isolation", "chroot", container, "--", "spotwatch", "--version")
-    assert re.fullmatch(r"spotwatch \d+\.\d+\.\d+\S*", version)
+def test_image_python_is_not_the_hosts(buildah: Buildah, container: str) -> None:
+    version = buildah("run", "--isolation", "chroot", container, "--", "/opt/spotwatch/bin/python",
+                      "-c", "import sys, yaml; print(*sys.version_info[:2])").split()
+    assert version != [str(part) for part in sys.version_info[:2]]
     assert buildah("run", "--isolation", "chroot", container, "--", "id", "-u") == "10001"
+    assert buildah("run", "--isolation", "chroot", container, "--", "id", "-g") == "10001"
 
 
-def test_sidecar_uploads_on_notice_against_loopback_services(
-        buildah: Buildah, container: str, tmp_path: Path, s3: Any, bucket: str,
-        imds: ImdsEmulator) -> None:
-    # The volumes of the README's pod example: checkpoints (read-only for the sidecar),
-    # notices (read by the trainer) and the config.
-    checkpoints, notices, etc = (_mkdir(tmp_path / name) for name in ("ckpt", "notices", "etc"))
-    notices.chmod(0o777)
-    (etc / "config.yaml").write_text(yaml.safe_dump({
+def test_no_wheel_pip_or_build_tree_in_any_layer(buildah: Buildah, base_image: str,
+                                                 image: str, tmp_path: Path) -> None:
+    """Every layer on top of the base: what one layer adds and a later one deletes would
+    still be shipped, so each layer is read, not only the final file system."""
+    base_layers = buildah.config(base_image)["OCIv1"]["rootfs"]["diff_ids"]
+    assert buildah.config(image)["OCIv1"]["rootfs"]["diff_ids"][:len(base_layers)] == base_layers
+    buildah("push", "--disable-compression", image, f"oci:{tmp_path / 'oci'}:spotwatch")
+    index = json.loads((tmp_path / "oci" / "index.json").read_text())
+    manifest = json.loads(_blob(tmp_path / "oci", index["manifests"][0]["digest"]).read_text())
+    forbidden = re.compile(r"\.whl$|wheelhouse|^opt/build-tools|^src/|"
+                           r"^opt/spotwatch/.*/site-packages/(pip|setuptools|wheel)[/-]|"
+                           r"^opt/spotwatch/bin/pip")
+    own_layers = manifest["layers"][len(base_layers):]
+    assert own_layers
+    for layer in own_layers:
+        with tarfile.open(_blob(tmp_path / "oci", layer["digest"])) as tar:
+            found = [name for name in tar.getnames() if forbidden.search(name.lstrip("./"))]
+        assert not found, found[:20]
+
+
+def _blob(layout: Path, digest: str) -> Path:
+    algorithm, value = digest.split(":")
+    return layout / "blobs" / algorithm / value
+
+
+def _config(imds: ImdsEmulator) -> dict[str, Any]:
+    return {
         "aws": {"region": REGION},
         "watch": [{"path": "/opt/ml/checkpoints", "prefix": "job/"}],
-        "sync": {"settle_seconds": 0.2, "quiet_seconds": 1.0, "stop_timeout": 20},
+        # Closed files wait 5 s to settle: long enough to see a file pending when SIGTERM comes.
+        "sync": {"settle_seconds": 5, "quiet_seconds": 6, "stop_timeout": 20},
         "imds": {"endpoint": imds.url, "poll_interval": 0.2},
-        "hooks": {"notice_file": "/run/spotwatch/notice.json"},
-    }))
+        # A hook that leaves a process behind: it must be reaped, not left a zombie.
+        "hooks": {"notice_file": "/run/spotwatch/notice.json",
+                  "command": "sleep 1 & echo backgrounded"},
+    }
+
+
+def _as_pid1(image_config: dict[str, Any]) -> list[str]:
+    """The image's entrypoint and command as PID 1 of a new PID namespace, as its user."""
+    uid, gid = image_config["User"].split(":")
+    return ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "setpriv",
+            f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+            *image_config["Entrypoint"], *image_config["Cmd"]]
+
+
+def test_sidecar_uploads_on_notice_reaps_hooks_and_flushes_on_sigterm(
+        buildah: Buildah, image: str, container: str, tmp_path: Path, s3: Any, bucket: str,
+        imds: ImdsEmulator) -> None:
+    # The volumes of the README's pod example: checkpoints (read-only for the sidecar),
+    # notices (read by the trainer) and the config. The state stays in the image's volume.
+    checkpoints, notices, etc = (_mkdir(tmp_path / name) for name in ("ckpt", "notices", "etc"))
+    notices.chmod(0o777)
+    (etc / "config.yaml").write_text(yaml.safe_dump(_config(imds)))
     environment = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                    "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "S3_BUCKET_NAME": bucket}
     run_args = ["run", "--isolation", "chroot", "--network", "host",
@@ -169,16 +244,20 @@ def test_sidecar_uploads_on_notice_against_loopback_services(
                 "-v", f"{etc}:/etc/spotwatch:ro"]
     for name, value in environment.items():
         run_args += ["--env", f"{name}={value}"]
+    image_config = buildah.config(image)["Docker"]["config"]
     log_path = tmp_path / "sidecar.log"
     with log_path.open("w") as log:
         sidecar = subprocess.Popen(
-            buildah.command(*run_args, container, "--", "spotwatch", "run", "-c",
-                            "/etc/spotwatch/config.yaml"),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            buildah.command(*run_args, "--user", "0:0", "--cap-add", "CAP_SYS_ADMIN",
+                            container, "--", *_as_pid1(image_config)),
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=buildah.env)
     try:
         wait_for(lambda: "daemon_started" in log_path.read_text() or sidecar.poll() is not None,
                  timeout=60)
         assert sidecar.poll() is None, log_path.read_text()
+        init = _container_init(session=sidecar.pid)
+        daemon = [pid for pid in _namespace_members(init) if _is_spotwatch_run(pid)]
+        assert [_uid(pid) for pid in daemon] == [10001], daemon
 
         shard = os.urandom(300_000)
         (checkpoints / "step_10.pt").write_bytes(shard)
@@ -187,35 +266,91 @@ def test_sidecar_uploads_on_notice_against_loopback_services(
         assert wait_for(lambda: _object_or_none(s3, bucket, "job/step_10.pt"),
                         timeout=30) == shard
 
+        # The hook's shell has exited and its background sleep has ended: nothing of it may
+        # stay behind as a zombie in the container.
+        wait_for(lambda: "hook_command_done" in log_path.read_text(), timeout=30)
+        wait_for(lambda: not _live_sleepers(init), timeout=30)
+        assert not _zombies(init), _zombies(init)
+
+        # The image's own HEALTHCHECK command, as the engine runs it (no -c needed).
         health = subprocess.run(
-            buildah.command(*run_args, container, "--", "spotwatch", "status", "--healthy",
-                            "-c", "/etc/spotwatch/config.yaml"),
-            capture_output=True, text=True, timeout=60)
+            buildah.command(*run_args, container, "--", *image_config["Healthcheck"]["Test"][1:]),
+            capture_output=True, text=True, timeout=60, env=buildah.env)
         assert health.returncode == 0, health.stdout + health.stderr
 
-        # A container stop: SIGTERM to the daemon itself (buildah would SIGKILL its child).
-        os.kill(_daemon_pid(session=sidecar.pid), signal.SIGTERM)
+        # A container stop: SIGTERM to PID 1 (tini), which passes it on; the final flush
+        # uploads the file the daemon holds, not yet settled.
+        last = os.urandom(100_000)
+        (checkpoints / "step_20.pt").write_bytes(last)
+        status = Path(f"/proc/{daemon[0]}/root/var/lib/spotwatch/status.json")  # its view
+        wait_for(lambda: json.loads(status.read_text())["unsettled_files"] == 1, timeout=30)
+        os.kill(init, signal.SIGTERM)
         assert sidecar.wait(timeout=60) == 0, log_path.read_text()
         assert '"daemon_stopped"' in log_path.read_text()
+        assert object_bytes(s3, bucket, "job/step_20.pt") == last
     finally:
         if sidecar.poll() is None:
             os.killpg(sidecar.pid, signal.SIGKILL)
             sidecar.wait(timeout=60)
 
 
-def _daemon_pid(session: int) -> int:
-    """The host pid of `spotwatch run` among the processes of the sidecar's session."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def _status(pid: int) -> dict[str, str]:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def _container_init(session: int) -> int:
+    """The host pid of the container's PID 1, among the processes of the sidecar's session."""
+    for pid in _pids():
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError):
+            in_session = os.getsid(pid) == session
+        except OSError:
             continue
-        # buildah's chroot helpers carry the same arguments: skip them for the daemon itself.
-        if int(fields[3]) == session and not cmdline[0].startswith(b"buildah") and (
-                b"run" in cmdline and any(part.endswith(b"/spotwatch") for part in cmdline)):
-            return int(stat.parent.name)
-    raise AssertionError("spotwatch run not found among the sidecar's processes")
+        if in_session and _status(pid).get("NSpid", "").split()[1:] == ["1"]:
+            return pid
+    raise AssertionError("no PID 1 of a new PID namespace in the sidecar's session")
+
+
+def _namespace_members(init: int) -> list[int]:
+    namespace = os.readlink(f"/proc/{init}/ns/pid")
+    members = []
+    for pid in _pids():
+        try:
+            if os.readlink(f"/proc/{pid}/ns/pid") == namespace:
+                members.append(pid)
+        except OSError:
+            continue
+    return members
+
+
+def _is_spotwatch_run(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"run" in cmdline and any(part.endswith(b"/spotwatch") for part in cmdline)
+
+
+def _uid(pid: int) -> int:
+    return int(_status(pid)["Uid"].split()[0])
+
+
+def _live_sleepers(init: int) -> list[int]:
+    return [pid for pid in _namespace_members(init)
+            if _status(pid).get("Name") == "sleep" and not _status(pid)["State"].startswith("Z")]
+
+
+def _zombies(init: int) -> list[str]:
+    found = [_status(pid) for pid in _namespace_members(init)]
+    return [f"{status['Name']} ({status['Pid']})" for status in found
+            if status.get("State", "").startswith("Z")]
 
 
 def _object_or_none(s3: Any, bucket: str, key: str) -> bytes | None:
@@ -223,3 +358,33 @@ def _object_or_none(s3: Any, bucket: str, key: str) -> bytes | None:
         return object_bytes(s3, bucket, key)
     except s3.exceptions.NoSuchKey:
         return None
+
+
+def test_kubernetes_example_runs_spotwatch_as_a_native_sidecar() -> None:
+    """The README's pod: spotwatch starts first and stops last (an init container with
+    restartPolicy Always), as the image's numeric non-root user, with its ledger on a volume
+    that outlives the container and the notice volume shared with the trainer."""
+    pod = yaml.safe_load(shell_block("kind: Pod", language="yaml"))
+    spec = pod["spec"]
+    (sidecar,) = [c for c in spec["initContainers"] if c["name"] == "spotwatch"]
+    assert sidecar["restartPolicy"] == "Always"
+    assert all(c["name"] != "spotwatch" for c in spec["containers"])
+    uid, gid = re.findall(r"^USER (\d+):(\d+)$", (ROOT / "Dockerfile").read_text(), re.M)[0]
+    security = sidecar["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert (security["runAsUser"], security["runAsGroup"]) == (int(uid), int(gid))
+    assert spec["securityContext"]["fsGroup"] == int(gid)
+
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
+    state = volumes[mounts["/var/lib/spotwatch"]["name"]]
+    assert "persistentVolumeClaim" in state or "hostPath" in state
+    assert mounts["/opt/ml/checkpoints"]["readOnly"] is True
+    assert mounts["/etc/spotwatch"]["readOnly"] is True
+    (trainer,) = spec["containers"]
+    notice_file = {e["name"]: e["value"] for e in trainer["env"]}["SPOTWATCH_NOTICE_FILE"]
+    notices = mounts[str(Path(notice_file).parent)]["name"]
+    assert notices in {m["name"] for m in trainer["volumeMounts"]}
+    assert notices != mounts["/opt/ml/checkpoints"]["name"]  # never uploaded as a checkpoint
+    # Room for the final flush (sync.stop_timeout, 100 s by default), inside the notice's 120 s.
+    assert 100 < spec["terminationGracePeriodSeconds"] <= 120

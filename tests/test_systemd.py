@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -12,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from .conftest import Workspace
+from .readme_commands import run_in_overlaid_root, shell_block, upper
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "spotwatch.service"
+UNIT_INSTALLED = Path("/etc/systemd/system/spotwatch.service")
 
 
 def unit_settings() -> dict[str, str]:
@@ -115,3 +118,37 @@ def test_a_manager_that_stops_reading_never_blocks_the_sender(
     # Nobody reads: the socket's queue fills, and from then on a send must fail, not wait.
     sent = [sdnotify.notify("WATCHDOG=1") for _ in range(100_000)]
     assert sent[0] and not sent[-1]
+
+
+def _can_overlay_root() -> str | None:
+    """Why the README's install commands cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "overlaying /etc, /opt and /usr/local needs root"
+    missing = [tool for tool in ("unshare", "systemd-analyze") if shutil.which(tool) is None]
+    return f"{', '.join(missing)} not installed" if missing else None
+
+
+def test_readme_install_commands_as_written(tmp_path: Path) -> None:
+    reason = _can_overlay_root()
+    if reason:
+        pytest.skip(reason)
+    block = shell_block("systemctl enable --now spotwatch")
+    # After the README's commands, in the same overlaid root: the installed unit verifies
+    # (its ExecStart exists there) and the command it starts works.
+    check = ("systemd-analyze verify /etc/systemd/system/spotwatch.service\n"
+             "/usr/local/bin/spotwatch --version\n")
+    done = run_in_overlaid_root(block + check, workdir=tmp_path, cwd=ROOT, extra_env={})
+    assert done.returncode == 0, done.stdout + done.stderr
+    problems = [line for line in done.stderr.splitlines() if f"{UNIT_INSTALLED}:" in line]
+    assert not problems, done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("spotwatch ")
+
+    assert upper(tmp_path, str(UNIT_INSTALLED)).read_text() == UNIT.read_text()
+    assert upper(tmp_path, "/etc/spotwatch/config.yaml").read_text() == \
+        (ROOT / "config.yaml").read_text()
+    assert upper(tmp_path, "/etc/spotwatch/spotwatch.env").read_text() == \
+        "S3_BUCKET_NAME=my-checkpoints\n"
+    assert upper(tmp_path, "/etc/systemd/system/multi-user.target.wants/"
+                           "spotwatch.service").is_symlink()
+    assert (tmp_path / "systemctl.log").read_text().splitlines() == [
+        "daemon-reload", "enable --now spotwatch"]

@@ -12,6 +12,7 @@ import pytest
 
 from spotwatch.config import load_config
 from spotwatch.emulator import ImdsEmulator
+from tests.readme_commands import run_in_overlaid_root, shell_block, upper
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy" / "user-data.sh"
@@ -78,3 +79,28 @@ def test_refuses_without_bucket(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "set SPOTWATCH_BUCKET" in result.stderr
     assert not (tmp_path / "root" / "etc").exists()
+
+
+def test_readme_command_installs_and_enables(tmp_path: Path, imds: ImdsEmulator) -> None:
+    """The README's command, as written, on a running instance (root overlaid, see
+    tests/readme_commands.py): installs from the checkout, writes the config with the
+    instance's region, enables and starts the unit."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("systemctl") is None:
+        pytest.skip("needs root, unshare and systemctl")
+    block = shell_block("deploy/user-data.sh")
+    done = run_in_overlaid_root(block + "/usr/local/bin/spotwatch --version\n", workdir=tmp_path,
+                                cwd=ROOT, extra_env={"AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("spotwatch ")
+
+    config = load_config(upper(tmp_path, "/etc/spotwatch/config.yaml"))
+    assert config.region == "us-west-2"
+    assert config.watch[0].path == Path("/opt/ml/checkpoints")
+    env_file = upper(tmp_path, "/etc/spotwatch/spotwatch.env")
+    assert env_file.read_text() == "S3_BUCKET_NAME=my-checkpoints\n"
+    assert upper(tmp_path, "/etc/systemd/system/spotwatch.service").read_text() == \
+        (ROOT / "systemd" / "spotwatch.service").read_text()
+    assert upper(tmp_path, "/etc/systemd/system/multi-user.target.wants/"
+                           "spotwatch.service").is_symlink()
+    assert (tmp_path / "systemctl.log").read_text().splitlines() == [
+        "daemon-reload", "enable --now spotwatch.service"]
