@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "the last upload and notice")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--healthy", action="store_true", help="print nothing; exit 0 only "
-                        "if a daemon is running and reported recently (container health)")
+                        "if a daemon is running, reported recently and is not degraded "
+                        "(container health)")
     restore = commands.add_parser("restore", parents=[common], help="download the newest "
                                   "complete checkpoint set")
     restore.add_argument("--to", type=Path, help="destination (default: the watched directory)")
