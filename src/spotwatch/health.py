@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from botocore.exceptions import ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -75,8 +75,8 @@ def s3_error_class(response: tuple[Any, Any] | None,
             return "ReadTimeout"
         if isinstance(caught_exception, ConnectTimeoutError):
             return "ConnectTimeout"
-        if isinstance(caught_exception, BotoConnectionError):
-            return "ConnectionError"
+        if isinstance(caught_exception, (BotoConnectionError, ConnectionClosedError)):
+            return "ConnectionError"  # refused, reset, closed mid-reply
         return type(caught_exception).__name__
     if response is None:
         return None
