@@ -446,3 +446,20 @@ def test_flush_reports_a_failing_file_without_waiting_for_it(workspace: Workspac
     # Given up after its first, permanent-looking failure: one attempt, no rounds of retries.
     assert len([e for e in events if e["event"] == "upload_failed"]) == 1
     assert object_bytes(s3, workspace.bucket, "run1/ok.pt") == readable
+
+
+def test_flush_through_the_daemon_reports_a_failing_file(workspace: Workspace, s3: Any) -> None:
+    if os.geteuid() == 0:
+        workspace.launcher = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search")
+    workspace.write_config(sync={"mode": "on-notice"})
+    locked = workspace.checkpoints / "locked.pt"
+    checkpoint_data(locked, 5_000)
+    locked.chmod(0o000)
+    daemon = workspace.start_daemon()
+    readable = checkpoint_data(workspace.checkpoints / "ok.pt", 7_000)
+    wait_for(lambda: (read_status(workspace) or {}).get("pending_files") == 2)
+    result = workspace.cli("flush", "-c", str(workspace.config_file), timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith(f"failing files: {locked}")
+    assert object_bytes(s3, workspace.bucket, "run1/ok.pt") == readable
+    assert daemon.stop() == 1

@@ -137,7 +137,12 @@ def _flush(args: argparse.Namespace) -> int:
     from spotwatch.state import StateDir
 
     config, bucket = _load(args)
-    if request_daemon_flush(StateDir(config.state_dir)):
+    delegated = request_daemon_flush(StateDir(config.state_dir))
+    if delegated is not None:
+        if delegated.get("failed"):
+            print(f"spotwatch: error: the daemon's flush left {delegated['failed']} failing "
+                  f"files: {', '.join(delegated.get('failed_files', []))}", file=sys.stderr)
+            return 1
         return 0
     outcome = Daemon(config, bucket).flush_once(ProgressBar("flushing", 0))
     structlog.get_logger("spotwatch").info(
