@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from urllib.parse import unquote
 import pytest
 
 from spotwatch.emulator import Fault, ImdsEmulator
-from tests.conftest import Workspace, keys_in, object_bytes, wait_for
+from tests.conftest import Daemon, Workspace, keys_in, object_bytes, wait_for
 from tests.faultproxy import FaultProxy, Request
 
 MiB = 2**20
@@ -334,3 +336,130 @@ def test_upload_left_open_by_a_failed_transfer_is_aborted_at_the_next_start(
     assert object_bytes(s3, workspace.bucket, "run1/big.pt") == data
     assert in_progress_uploads(s3, workspace.bucket) == []
     assert second.stop() == 0
+
+
+def stop_and_time(daemon: Daemon, timeout: float = 120) -> tuple[int, float]:
+    """SIGTERM the daemon: (exit code, seconds until it exited)."""
+    started = time.monotonic()
+    code = daemon.stop(timeout=timeout)
+    return code, time.monotonic() - started
+
+
+def test_stop_is_bounded_while_s3_holds_uploads(workspace: Workspace, s3: Any,
+                                                proxy: FaultProxy) -> None:
+    stop_timeout = 3
+    workspace.write_config(sync={"stop_timeout": stop_timeout},
+                           transfer={**MULTIPART, "max_concurrency": 2})
+    held = proxy.add("delay", lambda r: r.operation in ("PutObject", "UploadPart")
+                     and of_files(r), times=1000, delay=30)
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    checkpoint_data(workspace.checkpoints / "small.pt", 10_000)
+    big = checkpoint_data(workspace.checkpoints / "big.pt", 12 * MiB)
+    wait_for(lambda: held.applied >= 3, timeout=60)  # the PUT and both parts are held
+
+    code, seconds = stop_and_time(daemon)
+    assert code == 1
+    assert seconds < stop_timeout + 3  # not the 30 s S3 holds each request
+    incomplete = daemon.named("flush_incomplete")[0]
+    assert incomplete["pending_files"] == 2 and incomplete["timed_out"] is True
+
+    # The abandoned multipart upload is still noted: the next start aborts it.
+    proxy.rules.clear()
+    second = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    assert [e["key"] for e in second.named("multipart_aborted")] == ["run1/big.pt"]
+    second.wait_for_event("upload_done", count=2)
+    assert object_bytes(s3, workspace.bucket, "run1/big.pt") == big
+    assert second.stop() == 0
+
+
+def test_a_complete_final_flush_exits_0(workspace: Workspace, s3: Any) -> None:
+    workspace.write_config(sync={"mode": "on-notice"})
+    daemon = workspace.start_daemon()
+    data = checkpoint_data(workspace.checkpoints / "step_1.pt", 20_000)
+    wait_for(lambda: (read_status(workspace) or {}).get("pending_files") == 1)
+    assert daemon.stop() == 0
+    assert object_bytes(s3, workspace.bucket, "run1/step_1.pt") == data
+    assert daemon.named("flush_done")[0]["failed"] == 0
+    assert not daemon.named("flush_incomplete") and daemon.named("daemon_stopped")
+
+
+def read_status(workspace: Workspace) -> dict[str, Any] | None:
+    try:
+        return json.loads((workspace.root / "state" / "status.json").read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+def test_a_failing_file_counts_as_pending_backs_off_and_does_not_hold_up_the_stop(
+        workspace: Workspace, s3: Any) -> None:
+    if os.geteuid() == 0:
+        workspace.launcher = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search")
+    stop_timeout = 60
+    workspace.write_config(sync={"stop_timeout": stop_timeout})
+    locked = workspace.checkpoints / "locked.pt"
+    checkpoint_data(locked, 5_000)
+    locked.chmod(0o000)
+    daemon = workspace.start_daemon()
+    readable = checkpoint_data(workspace.checkpoints / "ok.pt", 7_000)
+    first, second = (daemon.wait_for_event("upload_failed", count=n, timeout=30)
+                     for n in (1, 2))
+    assert first["key"] == second["key"] == "run1/locked.pt"
+    assert second["retry_in"] > first["retry_in"]  # backing off, not every 5 s
+    assert first["failing"] is True  # permission denied: retrying alone will not fix it
+    wait_for(lambda: "run1/ok.pt" in keys_in(s3, workspace.bucket))
+
+    def reported() -> dict[str, Any] | None:
+        status = read_status(workspace)
+        done = status is not None and status["uploaded_files"] >= 1
+        return status if done and status["retrying_files"] + status["uploading"] == 1 else None
+
+    status = wait_for(reported)
+    assert status["pending_files"] == 1 and status["pending_bytes"] == 5_000
+    shown = workspace.cli("status", "-c", str(workspace.config_file), "--json")
+    assert json.loads(shown.stdout)["daemon"]["pending_files"] == 1
+
+    code, seconds = stop_and_time(daemon)
+    assert code == 1
+    assert seconds < stop_timeout  # the failing file does not make the stop wait it out
+    incomplete = daemon.named("flush_incomplete")[0]
+    assert incomplete["failed_files"] == [str(locked)] and incomplete["pending_files"] == 1
+    assert incomplete["timed_out"] is False
+    assert object_bytes(s3, workspace.bucket, "run1/ok.pt") == readable
+
+
+def test_flush_reports_a_failing_file_without_waiting_for_it(workspace: Workspace,
+                                                             s3: Any) -> None:
+    if os.geteuid() == 0:
+        workspace.launcher = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search")
+    locked = workspace.checkpoints / "locked.pt"
+    checkpoint_data(locked, 5_000)
+    locked.chmod(0o000)
+    readable = checkpoint_data(workspace.checkpoints / "ok.pt", 7_000)
+    result = subprocess.run(
+        [*workspace.launcher, sys.executable, "-m", "spotwatch.cli", "flush", "-c",
+         str(workspace.config_file)], cwd=workspace.root, env=workspace.env(),
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    done = next(e for e in events if e["event"] == "flush_done")
+    assert done["failed_files"] == [str(locked)]
+    # Given up after its first, permanent-looking failure: one attempt, no rounds of retries.
+    assert len([e for e in events if e["event"] == "upload_failed"]) == 1
+    assert object_bytes(s3, workspace.bucket, "run1/ok.pt") == readable
+
+
+def test_flush_through_the_daemon_reports_a_failing_file(workspace: Workspace, s3: Any) -> None:
+    if os.geteuid() == 0:
+        workspace.launcher = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search")
+    workspace.write_config(sync={"mode": "on-notice"})
+    locked = workspace.checkpoints / "locked.pt"
+    checkpoint_data(locked, 5_000)
+    locked.chmod(0o000)
+    daemon = workspace.start_daemon()
+    readable = checkpoint_data(workspace.checkpoints / "ok.pt", 7_000)
+    wait_for(lambda: (read_status(workspace) or {}).get("pending_files") == 2)
+    result = workspace.cli("flush", "-c", str(workspace.config_file), timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith(f"failing files: {locked}")
+    assert object_bytes(s3, workspace.bucket, "run1/ok.pt") == readable
+    assert daemon.stop() == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import time
 from typing import Any
@@ -10,10 +12,12 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from spotwatch.emulator import ImdsEmulator
+import spotwatch
+from spotwatch.emulator import Fault, ImdsEmulator
 from spotwatch.metrics import Metrics, MetricsServer
 
-from .conftest import Daemon, Workspace
+from .conftest import Daemon, Workspace, wait_for
+from .faultproxy import FaultProxy, Request
 from .test_daemon_e2e import save_checkpoint
 
 
@@ -50,7 +54,11 @@ def test_metrics_follow_pending_work_uploads_notices_and_flushes(
     assert before[("spotwatch_pending_files", ())] == 1
     assert before[("spotwatch_pending_bytes", ())] == 12_345
     assert before[("spotwatch_uploaded_files_total", ())] == 0
-    assert before[("spotwatch_last_upload_age_seconds", ())] == -1
+    # No upload yet: no age sample at all (no sentinel that reads as a real age).
+    assert ("spotwatch_last_upload_age_seconds", ()) not in before
+    assert before[("spotwatch_build_info", (("version", spotwatch.__version__),))] == 1
+    assert before[("process_cpu_seconds_total", ())] > 0
+    assert before[("spotwatch_imds_up", ())] == 1
 
     imds.fire_spot_interruption()
     daemon.wait_for_event("flush_done")
@@ -101,6 +109,85 @@ def test_healthz_reports_a_stalled_loop(monkeypatch: pytest.MonkeyPatch) -> None
         assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
     finally:
         server.stop()
+
+
+def test_healthz_reports_degradation_with_its_reason() -> None:
+    metrics = Metrics()
+    server = MetricsServer(metrics, "127.0.0.1", 0).start()
+    try:
+        metrics.degraded = ("IMDS unreachable for 12s",)
+        answer = requests.get(f"{server.url}/healthz", timeout=5)
+        assert (answer.status_code, answer.text) == (503, "degraded: IMDS unreachable for 12s\n")
+        metrics.degraded = ()
+        assert requests.get(f"{server.url}/healthz", timeout=5).text == "ok\n"
+    finally:
+        server.stop()
+
+
+def healthz(url: str) -> requests.Response:
+    return requests.get(f"{url}/healthz", timeout=5)
+
+
+def degraded_text(url: str) -> str | None:
+    answer = healthz(url)
+    return answer.text if answer.status_code == 503 else None
+
+
+def healthy_exit_code(workspace: Workspace) -> int:
+    return workspace.cli("status", "-c", str(workspace.config_file), "--healthy").returncode
+
+
+def test_s3_outage_is_visible_at_once_and_its_end_too(workspace: Workspace) -> None:
+    def file_puts(request: Request) -> bool:
+        return request.operation == "PutObject" and "/.spotwatch/" not in request.path
+
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.add("reset", file_puts, times=2)
+        proxy.add("503", file_puts, times=10**6)
+        workspace.write_config(transfer={"max_attempts": 3})
+        daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+        url = metrics_url(daemon)
+        save_checkpoint(workspace.checkpoints / "step_1.pt", 1_000)
+
+        degraded = daemon.wait_for_event("s3_degraded", timeout=40)
+        assert degraded["error_class"] == "SlowDown"
+        assert degraded["errors"]["ConnectionError"] == 2
+        text = wait_for(lambda: degraded_text(url))
+        assert text.startswith("degraded: S3 requests failing for ") and "SlowDown" in text
+        samples = scrape(url)
+        assert samples[("spotwatch_s3_errors_total", (("class", "SlowDown"),))] >= 1
+        assert samples[("spotwatch_s3_errors_total", (("class", "ConnectionError"),))] == 2
+        wait_for(lambda: healthy_exit_code(workspace) == 1)
+
+        proxy.rules.clear()
+        recovered = daemon.wait_for_event("s3_recovered", timeout=60)
+        assert recovered["errors"]["SlowDown"] >= 1
+        daemon.wait_for_event("upload_done")
+        wait_for(lambda: healthz(url).status_code == 200)
+        wait_for(lambda: healthy_exit_code(workspace) == 0)
+        assert daemon.stop() == 0
+
+
+def test_unreachable_imds_is_visible(workspace: Workspace, imds: ImdsEmulator) -> None:
+    workspace.write_config(imds={"poll_interval": 0.2, "timeout": 0.5})
+    daemon = workspace.start_daemon()
+    url = metrics_url(daemon)
+    wait_for(lambda: scrape(url).get(("spotwatch_imds_up", ())) == 1)
+    # As in a container without hop limit 2: every request to IMDS fails.
+    imds.add_fault(Fault(status=500, remaining=10**6, applies_to="all"))
+    daemon.wait_for_event("imds_unreachable")
+    wait_for(lambda: scrape(url)[("spotwatch_imds_up", ())] == 0)
+    text = wait_for(lambda: degraded_text(url), timeout=30)
+    assert text.startswith("degraded: IMDS unreachable for ")
+    assert healthy_exit_code(workspace) == 1
+    shown = workspace.cli("status", "-c", str(workspace.config_file), "--json")
+    assert json.loads(shown.stdout)["daemon"]["imds_up"] is False
+
+    imds.reset()
+    wait_for(lambda: scrape(url)[("spotwatch_imds_up", ())] == 1, timeout=30)
+    wait_for(lambda: healthz(url).status_code == 200)
+    wait_for(lambda: healthy_exit_code(workspace) == 0)
+    assert daemon.stop() == 0
 
 
 def test_metrics_port_config_errors(workspace: Workspace) -> None:

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "the last upload and notice")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--healthy", action="store_true", help="print nothing; exit 0 only "
-                        "if a daemon is running and reported recently (container health)")
+                        "if a daemon is running, reported recently and is not degraded "
+                        "(container health)")
     restore = commands.add_parser("restore", parents=[common], help="download the newest "
                                   "complete checkpoint set")
     restore.add_argument("--to", type=Path, help="destination (default: the watched directory)")
@@ -136,7 +137,12 @@ def _flush(args: argparse.Namespace) -> int:
     from spotwatch.state import StateDir
 
     config, bucket = _load(args)
-    if request_daemon_flush(StateDir(config.state_dir)):
+    delegated = request_daemon_flush(StateDir(config.state_dir))
+    if delegated is not None:
+        if delegated.get("failed"):
+            print(f"spotwatch: error: the daemon's flush left {delegated['failed']} failing "
+                  f"files: {', '.join(delegated.get('failed_files', []))}", file=sys.stderr)
+            return 1
         return 0
     outcome = Daemon(config, bucket).flush_once(ProgressBar("flushing", 0))
     structlog.get_logger("spotwatch").info(

@@ -20,6 +20,7 @@ from watchdog.observers import Observer
 from spotwatch import sdnotify
 from spotwatch.config import Config
 from spotwatch.engine import Progress, SyncEngine
+from spotwatch.health import S3Watch, imds_degraded_reason
 from spotwatch.hooks import NoticeHooks
 from spotwatch.imds import ImdsClient, disabled_reason
 from spotwatch.ledger import Ledger
@@ -45,8 +46,8 @@ TICK_SECONDS = 0.05
 STATUS_INTERVAL_SECONDS = 1.0
 # Pruning lists the prefix in S3: at most this often.
 PRUNE_INTERVAL_SECONDS = 5.0
-# `flush` gives a file up after this many failed rounds (each already retried by botocore).
-FLUSH_MAX_FAILURES = 3
+# A flush's log line names at most this many files it left behind.
+NAMED_FILES_MAX = 20
 
 
 @dataclass
@@ -54,7 +55,22 @@ class FlushState:
     reason: str
     started: float
     deadline: datetime | None
+    # Monotonic time after which it no longer waits for retries (None: no deadline).
+    retries_until: float | None = None
     progress: Progress = field(default_factory=Progress)
+
+    def tighten(self, deadline: datetime | None, until: float | None) -> None:
+        """An earlier deadline tightens the flush; the work is the same."""
+        if deadline and (self.deadline is None or deadline < self.deadline):
+            self.deadline = deadline
+        if until is None and deadline is not None:
+            until = _monotonic_at(deadline)
+        if until is not None and (self.retries_until is None or until < self.retries_until):
+            self.retries_until = until
+
+
+def _monotonic_at(moment: datetime) -> float:
+    return time.monotonic() + (moment - datetime.now(timezone.utc)).total_seconds()
 
 
 @dataclass(frozen=True)
@@ -89,16 +105,18 @@ class Daemon:
         self._pruner: Pruner | None = None
         self._prune_job: PruneJob | None = None
         self._prune_due = 0.0
-        self.metrics = Metrics()
+        self.metrics = Metrics(imds=config.imds.enabled)
         self._metrics_url: str | None = None
+        self.s3_watch = S3Watch(lambda error: self.metrics.s3_errors.labels(error).inc())
+        self._poller: NoticePoller | None = None
 
     # -- public entry points -------------------------------------------------------------
 
     def run(self, handle_signals: bool = True) -> int:
         """The daemon: upload continuously, flush on notices, final flush on SIGTERM."""
-        with self._running(max_failures=None, prune=True) as engine:
+        with self._running(prune=True) as engine:
             self.hooks.start()
-            poller = self._start_poller()
+            poller = self._poller = self._start_poller()
             metrics_server = self._start_metrics_server()
             if handle_signals:
                 self._install_signal_handlers()
@@ -111,17 +129,19 @@ class Daemon:
                     self._step(engine)
                     self._wake.wait(TICK_SECONDS)
                     self._wake.clear()
+                # The stop is bounded from here: stopping the poller counts against it.
+                give_up_at = time.monotonic() + self.config.sync.stop_timeout
                 sdnotify.notify("STOPPING=1\nSTATUS=final flush")
                 if poller is not None:
                     poller.stop()
-                return self._final_flush(engine)
+                return self._final_flush(engine, give_up_at)
             finally:
                 if metrics_server is not None:
                     metrics_server.stop()
 
     def flush_once(self, progress: ProgressBar | None = None) -> RunOutcome:
         """Upload everything pending, waiting for files being written to settle."""
-        with self._running(max_failures=FLUSH_MAX_FAILURES) as engine:
+        with self._running() as engine:
             shown = progress if progress is not None and progress.enabled else None
             if shown is not None:  # no terminal, no per-chunk callbacks or byte sums
                 engine.uploader.on_progress = shown
@@ -138,7 +158,7 @@ class Daemon:
                 self._wake.clear()
             if shown is not None:
                 shown.close()
-            failed = len(engine.given_up)
+            failed = len(engine.left_behind(None))
             return RunOutcome(1 if failed else 0, engine.totals.files, engine.totals.bytes,
                               failed)
 
@@ -153,10 +173,10 @@ class Daemon:
 
     # -- wiring --------------------------------------------------------------------------
 
-    def _running(self, max_failures: int | None, prune: bool = False) -> _Running:
-        return _Running(self, max_failures, prune)
+    def _running(self, prune: bool = False) -> _Running:
+        return _Running(self, prune)
 
-    def _build_engine(self, max_failures: int | None, prune: bool) -> SyncEngine:
+    def _build_engine(self, prune: bool) -> SyncEngine:
         settings = self.config.sync
         trackers = [
             ChangeTracker(w, settings.settle_seconds, settings.quiet_seconds, self._wake.set)
@@ -164,12 +184,12 @@ class Daemon:
         ]
         client = self._client or make_s3_client(resolve_region(self.config),
                                                    self.config.transfer)
+        self.s3_watch.attach(client)
 
         def uploader(on_result: Callable[[UploadResult], None]) -> Uploader:
             return Uploader(client, self.bucket, self.config.transfer, on_result)
 
-        engine = SyncEngine(trackers, Ledger(self.state.ledger), uploader, self._wake.set,
-                            max_failures)
+        engine = SyncEngine(trackers, Ledger(self.state.ledger), uploader, self._wake.set)
         engine.add_observer(self._count_flush_progress)
         engine.add_observer(self._count_upload)
         self._engine = engine
@@ -238,11 +258,12 @@ class Daemon:
             except queue.Empty:
                 break
         self.metrics.tick()
+        self.s3_watch.check()
         engine.collect_settled()
         self._maybe_prune(engine)  # before pump: a running prune stops once work arrives
         engine.pump(upload=self._uploads_allowed())
-        if self.flush is not None and engine.idle() and engine.unsettled() == 0:
-            self._finish_flush()
+        if self.flush is not None and engine.flush_settled(self.flush.retries_until):
+            self._finish_flush(engine)
         if self._keepalive_interval is not None and time.monotonic() >= self._keepalive_due:
             # systemd's watchdog restarts us if this loop ever stalls.
             sdnotify.notify("WATCHDOG=1")
@@ -302,13 +323,17 @@ class Daemon:
             self.hooks.fire(dict(self.last_notice))
         self._start_flush(notice.kind.value, notice.deadline)
 
-    def _start_flush(self, reason: str, deadline: datetime | None) -> None:
+    def _start_flush(self, reason: str, deadline: datetime | None,
+                     until: float | None = None) -> None:
+        """Start a flush (or tighten the running one); until: a monotonic deadline."""
+        if self._engine is not None:
+            # A flush is the last chance: every file waiting to retry gets one more now.
+            self._engine.retries.retry_now()
         if self.flush is not None:
-            # Already flushing: an earlier deadline tightens it, the work is the same.
-            if deadline and (self.flush.deadline is None or deadline < self.flush.deadline):
-                self.flush.deadline = deadline
+            self.flush.tighten(deadline, until)
             return
         self.flush = FlushState(reason, time.monotonic(), deadline)
+        self.flush.tighten(deadline, until)
         log.info("flush_started", reason=reason)
         if self._engine is not None:
             self._log_flush_plan(self._engine, deadline)
@@ -341,62 +366,83 @@ class Daemon:
             self.flush.progress.files += 1
             self.flush.progress.bytes += result.job.snapshot.size
 
-    def _finish_flush(self) -> None:
+    def _finish_flush(self, engine: SyncEngine) -> None:
         assert self.flush is not None
         flush, self.flush = self.flush, None
         seconds = time.monotonic() - flush.started
         margin = ((flush.deadline - datetime.now(timezone.utc)).total_seconds()
                   if flush.deadline else None)
+        failed = engine.left_behind(flush.retries_until)
         self.last_flush = {
             "reason": flush.reason,
             "seconds": round(seconds, 3),
             "files": flush.progress.files,
             "bytes": flush.progress.bytes,
+            "failed": len(failed),
+            "failed_files": [str(item.path) for item in failed[:NAMED_FILES_MAX]],
             "deadline_margin_seconds": None if margin is None else round(margin, 1),
             "finished_at": datetime.now(timezone.utc).isoformat(),
         }
-        log.info("flush_done", **self.last_flush)
+        (log.warning if failed else log.info)("flush_done", **self.last_flush)
         self.metrics.flush_duration.labels(flush.reason).observe(seconds)
         self._emit("flush_done", self.last_flush)
 
-    def _final_flush(self, engine: SyncEngine) -> int:
-        log.info("shutdown_started", pending=len(engine.planner), unsettled=engine.unsettled())
-        self._start_flush("shutdown", None)
-        give_up_at = time.monotonic() + self.config.sync.stop_timeout
-        while time.monotonic() < give_up_at:
+    def _final_flush(self, engine: SyncEngine, give_up_at: float) -> int:
+        """Exit code 0 when everything is durable; 1 when the flush ran out of time or left
+        failing files behind (logged as flush_incomplete, so the operator sees it)."""
+        log.info("shutdown_started", pending=engine.pending_files(),
+                 unsettled=engine.unsettled())
+        self._start_flush("shutdown", None, give_up_at)
+        while self.flush is not None and time.monotonic() < give_up_at:
             for tracker in engine.trackers:
                 tracker.settle_all_closed()
             self._step(engine)
-            if self.flush is None:
-                self._write_status(engine)
-                log.info("daemon_stopped", files=engine.totals.files, bytes=engine.totals.bytes)
-                return 0
-            self._wake.wait(TICK_SECONDS)
-            self._wake.clear()
-        log.error("flush_incomplete", pending=len(engine.planner), unsettled=engine.unsettled(),
-                  uploading=engine.uploader.in_flight())
+            if self.flush is not None:
+                self._wake.wait(min(TICK_SECONDS, max(0.0, give_up_at - time.monotonic())))
+                self._wake.clear()
         self._write_status(engine)
+        if self.flush is None and engine.pending_files() == 0:
+            log.info("daemon_stopped", files=engine.totals.files, bytes=engine.totals.bytes)
+            return 0
+        failing = engine.left_behind(give_up_at)
+        log.error("flush_incomplete", pending_files=engine.pending_files(),
+                  pending_bytes=engine.outstanding_bytes(), retrying=len(engine.retries),
+                  uploading=engine.uploader.in_flight(), unsettled=engine.unsettled(),
+                  failed_files=[str(item.path) for item in failing[:NAMED_FILES_MAX]],
+                  timed_out=self.flush is not None)
         return 1
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         for listener in self.listeners:
             listener(event, data)
 
+    def _degraded_reasons(self) -> list[str]:
+        imds = self._poller.reachability if self._poller is not None else None
+        reasons = (self.s3_watch.degraded_reason(), imds_degraded_reason(imds))
+        return [reason for reason in reasons if reason is not None]
+
     def _write_status(self, engine: SyncEngine) -> None:
-        pending_files, pending_bytes = len(engine.planner), engine.planner.pending_bytes
+        pending_files, pending_bytes = engine.pending_files(), engine.outstanding_bytes()
         uploading = engine.uploader.in_flight()
+        degraded = self._degraded_reasons()
+        imds_up = self._poller.reachability.up if self._poller is not None else None
         status = {
             "pid": os.getpid(),
             "bucket": self.bucket,
             "updated_at": time.time(),
             "pending_files": pending_files,
             "pending_bytes": pending_bytes,
-            "outstanding_bytes": engine.outstanding_bytes(),
+            "outstanding_bytes": pending_bytes,
+            "retrying_files": len(engine.retries),
+            "failing_files": len(engine.retries.failing()),
             "unsettled_files": engine.unsettled(),
             "uploading": uploading,
             "uploaded_files": engine.totals.files,
             "uploaded_bytes": engine.totals.bytes,
             "upload_failures": engine.totals.failures,
+            "s3_errors": dict(self.s3_watch.errors),
+            "imds_up": imds_up,
+            "degraded": degraded,
             "last_upload_at": engine.last_upload_at,
             "last_notice": self.last_notice,
             "last_flush": self.last_flush,
@@ -406,6 +452,10 @@ class Daemon:
         self.metrics.pending_files.set(pending_files)
         self.metrics.pending_bytes.set(pending_bytes)
         self.metrics.uploading.set(uploading)
+        self.metrics.retrying.set(len(engine.retries))
+        self.metrics.degraded = tuple(degraded)
+        if self.metrics.imds_up is not None and imds_up is not None:
+            self.metrics.imds_up.set(1 if imds_up else 0)
         try:
             write_json_atomically(self.state.status, status)
         except OSError as exc:
@@ -415,9 +465,8 @@ class Daemon:
 class _Running:
     """Context for one run: state lock, engine, watchdog observer and startup scan."""
 
-    def __init__(self, daemon: Daemon, max_failures: int | None, prune: bool) -> None:
+    def __init__(self, daemon: Daemon, prune: bool) -> None:
         self._daemon = daemon
-        self._max_failures = max_failures
         self._prune = prune
         self._lock = StateLock(daemon.state)
         self._observer: Any = None
@@ -428,7 +477,7 @@ class _Running:
         daemon.state.ensure()
         self._lock.acquire()
         try:
-            engine = self._engine = daemon._build_engine(self._max_failures, self._prune)
+            engine = self._engine = daemon._build_engine(self._prune)
             abort_orphaned_uploads(engine.uploader.client, daemon.bucket, engine.ledger)
             self._observer = Observer()
             for tracker in engine.trackers:

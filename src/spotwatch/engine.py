@@ -19,15 +19,15 @@ import structlog
 from spotwatch.checkpoint_sets import object_key, set_name_of, storable_key
 from spotwatch.ledger import Ledger, LedgerError
 from spotwatch.planner import PendingFile, Planner, SetRef
+from spotwatch.retry import RetryQueue
 from spotwatch.sealer import SetSealer
+from spotwatch.subtree import files_at_or_below
 from spotwatch.throughput import ThroughputMeter
 from spotwatch.tracker import ChangeTracker, walk_files
 from spotwatch.uploader import Outcome, Snapshot, Uploader, UploadJob, UploadResult
 
 log = structlog.get_logger("spotwatch.engine")
 
-# A failed upload waits this long before it is tried again (botocore has retried already).
-RETRY_DELAY_SECONDS = 5.0
 # How often finished checkpoint sets are looked for while uploads are still running.
 SEAL_CHECK_SECONDS = 0.25
 
@@ -48,7 +48,7 @@ class SyncEngine:
         ledger: Ledger,
         uploader_factory: Callable[[Callable[[UploadResult], None]], Uploader],
         wake: Callable[[], None] = lambda: None,
-        max_failures: int | None = None,
+        retries: RetryQueue[Path, PendingFile] | None = None,
     ) -> None:
         self.trackers = tuple(trackers)
         self.ledger = ledger
@@ -58,13 +58,10 @@ class SyncEngine:
         self.uploader = uploader_factory(self._deliver)
         self.bucket = self.uploader.bucket
         self._in_flight_limit = max(2, self.uploader.max_concurrency * 2)
-        self._retry_at: dict[Path, float] = {}
-        self._delayed: list[PendingFile] = []
+        # Failed uploads wait here (botocore has retried each request already).
+        self.retries: RetryQueue[Path, PendingFile] = retries or RetryQueue()
         self._uploading: dict[UploadJob, PendingFile] = {}
-        self._failures: dict[Path, int] = {}
         self._refused: set[Path] = set()  # names S3 cannot take, warned about once
-        self._max_failures = max_failures
-        self.given_up: list[PendingFile] = []
         self.totals = Progress()
         self.last_upload_at: float | None = None
         self._observers: list[Callable[[UploadResult], None]] = []
@@ -102,6 +99,8 @@ class SyncEngine:
                 self.changed_since_prune = True
                 for item in self.planner.remove_under(path):
                     log.debug("pending_dropped", path=str(item.path), reason="deleted")
+                for gone in files_at_or_below(path, list(self.retries.waiting_keys())):
+                    self.retries.forget(gone)
             for path in tracker.take_settled():
                 try:
                     stat = os.stat(path, follow_symlinks=False)
@@ -135,6 +134,7 @@ class SyncEngine:
                 or UploadJob(path, key, snapshot) in self._uploading):
             return False
         self.planner.add(PendingFile(path, key, snapshot, _set_ref(tracker, relative)))
+        self.retries.drop_waiting(path)  # the new version goes now; the old retry is moot
         return True
 
     def _refuse(self, path: Path, reason: str) -> None:
@@ -173,16 +173,39 @@ class SyncEngine:
 
     def remaining_work(self) -> list[PendingFile]:
         """What a flush still has to upload, in order: uploading first, then pending."""
-        return list(self._uploading.values()) + self._delayed + self.planner.ordered()
+        return list(self._uploading.values()) + self.retries.items() + self.planner.ordered()
+
+    def pending_files(self) -> int:
+        """Files not yet durable: queued, waiting to retry, or uploading.
+
+        Invariant 8 (status and metrics never report less pending work than exists) rests on
+        this count and on outstanding_bytes: both cover all three places a file can wait in.
+        """
+        return len(self.planner) + len(self.retries) + len(self._uploading)
 
     def outstanding_bytes(self) -> int:
         """Bytes still to upload: pending, waiting to retry, or uploading."""
-        return (self.planner.pending_bytes + sum(i.snapshot.size for i in self._delayed)
+        return (self.planner.pending_bytes + sum(i.snapshot.size for i in self.retries.items())
                 + sum(job.snapshot.size for job in self._uploading))
 
     def _uploads_left(self) -> bool:
         """Files pending, uploading or waiting to be retried."""
-        return bool(self.planner or self._delayed or self._uploading)
+        return bool(self.planner or self.retries or self._uploading)
+
+    def flush_settled(self, deadline: float | None) -> bool:
+        """A flush with this deadline (monotonic) has nothing left to wait for: every file is
+        durable, or failing, or due for its retry only after the deadline (see
+        RetryQueue.holds_up), and every set that can be sealed is sealed."""
+        if self.planner or self._uploading or self.unsettled():
+            return False
+        if any(self.retries.holds_up(path, deadline) for path in self.retries.waiting_keys()):
+            return False
+        return self.sealer.unsealed() <= {item.set_key for item in self.retries.items()}
+
+    def left_behind(self, deadline: float | None) -> list[PendingFile]:
+        """Files waiting to retry that a flush with this deadline does not wait for."""
+        return [item for item in self.retries.items()
+                if not self.retries.holds_up(item.path, deadline)]
 
     def idle(self) -> bool:
         """Nothing pending, uploading or waiting for its set's manifest."""
@@ -200,7 +223,7 @@ class SyncEngine:
 
     def _busy_set_keys(self) -> set[str]:
         busy = self.planner.set_keys()
-        busy.update(item.set_key for item in self._delayed)
+        busy.update(item.set_key for item in self.retries.items())
         busy.update(item.set_key for item in self._uploading.values())
         for tracker in self.trackers:
             for path in tracker.unsettled_paths():
@@ -221,13 +244,9 @@ class SyncEngine:
         return sum(t.unsettled_count() for t in self.trackers)
 
     def _release_retries(self) -> None:
-        now = time.monotonic()
-        due = [i for i in self._delayed if self._retry_at.get(i.path, 0) <= now]
-        if due:
-            self._delayed = [i for i in self._delayed if i not in due]
-            for item in due:
-                if item.path not in self.planner:
-                    self.planner.add(item)
+        for item in self.retries.take_due():
+            if item.path not in self.planner:
+                self.planner.add(item)
 
     def _handle_results(self) -> None:
         while True:
@@ -257,8 +276,7 @@ class SyncEngine:
             self.totals.bytes += job.snapshot.size
             self.last_upload_at = time.time()
             self.throughput.record(job.snapshot.size, result.seconds)
-            self._retry_at.pop(job.path, None)
-            self._failures.pop(job.path, None)
+            self.retries.succeeded(job.path)
             self.sealer.mark_dirty(item.set_ref)
             log.info("upload_done", **fields, checksum=result.checksum)
         elif result.outcome in (Outcome.CHANGED, Outcome.CANCELLED):
@@ -267,6 +285,7 @@ class SyncEngine:
             log.info("upload_superseded", **fields, reason=result.outcome.value)
             self._requeue_from_disk(job.path)
         elif result.outcome is Outcome.VANISHED:
+            self.retries.forget(job.path)
             log.info("upload_skipped", **fields, reason="file deleted",
                      object_removed=result.object_removed)
             if result.object_removed:
@@ -276,15 +295,10 @@ class SyncEngine:
                 self.sealer.mark_dirty(item.set_ref)
         else:
             self.totals.failures += 1
-            failures = self._failures[job.path] = self._failures.get(job.path, 0) + 1
-            if self._max_failures is not None and failures >= self._max_failures:
-                log.error("upload_gave_up", **fields, error=result.error, attempts=failures)
-                self.given_up.append(item)
-                return
+            delay = self.retries.failed(job.path, item, permanent=result.permanent)
             log.warning("upload_failed", **fields, error=result.error,
-                        retry_in=RETRY_DELAY_SECONDS)
-            self._retry_at[job.path] = time.monotonic() + RETRY_DELAY_SECONDS
-            self._delayed.append(item)
+                        attempts=self.retries.failures(job.path),
+                        failing=self.retries.is_failing(job.path), retry_in=round(delay, 1))
 
     def _requeue_from_disk(self, path: Path) -> None:
         if path in self.planner:
@@ -295,6 +309,10 @@ class SyncEngine:
                 return
 
     def close(self) -> None:
+        """Stop at once: requests still in flight are abandoned, never waited for (a stop is
+        bounded by sync.stop_timeout). No result is handled after this, so nothing writes to
+        the closed ledger, and an abandoned multipart upload keeps its multipart_started row
+        for the next start to abort."""
         self.uploader.shutdown()
         self.ledger.close()
 

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from datetime import datetime
+from typing import Any
 
 from spotwatch.errors import SpotwatchError
 from spotwatch.progress import ProgressBar
@@ -14,18 +15,19 @@ from spotwatch.state import StateDir, StateLock
 POLL_SECONDS = 0.2
 
 
-def request_daemon_flush(state: StateDir) -> bool:
-    """False when no daemon holds the state directory; True once its flush has finished."""
+def request_daemon_flush(state: StateDir) -> dict[str, Any] | None:
+    """None when no daemon holds the state directory; else, once its flush has finished,
+    the daemon's record of it (`failed` counts the files it left behind)."""
     pid = StateLock(state).holder() if state.path.is_dir() else None
     if pid is None:
-        return False
+        return None
     if pid <= 0:
         raise SpotwatchError(f"state directory {state.path} is locked by an unknown process")
     asked_at = time.time()
     try:
         os.kill(pid, signal.SIGUSR1)
     except ProcessLookupError:
-        return False
+        return None
     except PermissionError:
         raise SpotwatchError(f"not allowed to signal the running daemon (pid {pid})") from None
     progress = ProgressBar("daemon flushing", 0)
@@ -33,10 +35,11 @@ def request_daemon_flush(state: StateDir) -> bool:
     while True:
         time.sleep(POLL_SECONDS)
         status = state.read_status() or {}
-        finished = (status.get("last_flush") or {}).get("finished_at")
+        last_flush: dict[str, Any] = status.get("last_flush") or {}
+        finished = last_flush.get("finished_at")
         if finished and datetime.fromisoformat(finished).timestamp() >= asked_at:
             progress.close()
-            return True
+            return last_flush
         # The daemon reports what is left; the bar shows how much of the most seen is done.
         outstanding = int(status.get("outstanding_bytes") or 0)
         peak = max(peak, outstanding)

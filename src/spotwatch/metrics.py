@@ -1,19 +1,33 @@
 """Prometheus metrics and /healthz on a local HTTP port (prometheus-client does the format).
 
 The daemon updates the metrics; the server thread only reads them. /healthz answers 200 while
-the daemon's loop has run recently, else 503, so a supervisor can tell a stalled daemon.
+the daemon's loop has run recently and nothing is degraded (see spotwatch.health), else 503
+with the reason, so a supervisor can tell a stalled or cut-off daemon.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    make_wsgi_app,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+import spotwatch
 
 # The loop runs every 50 ms; this long without a tick means it is stuck.
 HEALTHY_WITHIN_SECONDS = 10.0
@@ -22,9 +36,13 @@ _FLUSH_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 90, 120, 300)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, imds: bool = True) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(standard)  # process_*, python_info, python_gc_*
+        Info("spotwatch_build", "spotwatch's version", registry=r).info(
+            {"version": spotwatch.__version__})
         self.notices = Counter("spotwatch_notices", "Notices acted on", ["kind"], registry=r)
         self.detection_latency = Histogram(
             "spotwatch_notice_detection_seconds",
@@ -38,15 +56,22 @@ class Metrics:
         self.uploaded_files = Counter("spotwatch_uploaded_files", "Files uploaded", registry=r)
         self.uploaded_bytes = Counter("spotwatch_uploaded_bytes", "Bytes uploaded", registry=r)
         self.upload_errors = Counter("spotwatch_upload_errors", "Failed uploads", registry=r)
-        self.last_upload = Gauge("spotwatch_last_upload_timestamp_seconds",
-                                 "Unix time of the last successful upload", registry=r)
+        self.retrying = Gauge("spotwatch_retrying_files",
+                              "Files waiting to retry a failed upload", registry=r)
+        self.s3_errors = Counter("spotwatch_s3_errors", "Failed S3 request attempts, retries "
+                                 "included, by error class", ["class"], registry=r)
+        self.imds_up: Gauge | None = None
+        if imds:
+            self.imds_up = Gauge("spotwatch_imds_up", "1 when the last poll reached IMDS",
+                                 registry=r)
         self.flush_duration = Histogram("spotwatch_flush_duration_seconds",
                                         "Duration of flushes", ["reason"],
                                         buckets=_FLUSH_BUCKETS, registry=r)
         self._last_upload_at: float | None = None
         self._last_tick = time.monotonic()
-        Gauge("spotwatch_last_upload_age_seconds", "Seconds since the last successful upload "
-              "(-1 before the first)", registry=r).set_function(self._upload_age)
+        # Why /healthz is degraded (empty: it is not); set by the daemon's loop.
+        self.degraded: tuple[str, ...] = ()
+        r.register(_LastUpload(self))
 
     def tick(self) -> None:
         self._last_tick = time.monotonic()
@@ -54,14 +79,43 @@ class Metrics:
     def healthy(self) -> bool:
         return time.monotonic() - self._last_tick < HEALTHY_WITHIN_SECONDS
 
+    def health(self) -> tuple[bool, str]:
+        """/healthz's verdict: (ok, the text to answer)."""
+        if not self.healthy():
+            return False, "stalled"
+        degraded = self.degraded
+        if degraded:
+            return False, "degraded: " + "; ".join(degraded)
+        return True, "ok"
+
     def uploaded(self, size: int) -> None:
         self.uploaded_files.inc()
         self.uploaded_bytes.inc(size)
         self._last_upload_at = time.time()
-        self.last_upload.set(self._last_upload_at)
 
-    def _upload_age(self) -> float:
-        return -1.0 if self._last_upload_at is None else time.time() - self._last_upload_at
+    @property
+    def last_upload_at(self) -> float | None:
+        return self._last_upload_at
+
+
+class _LastUpload:
+    """The last upload's time and age; no sample at all before the first upload (a sentinel
+    such as -1 would read as a real age in alerts and graphs)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        last = self._metrics.last_upload_at
+        stamp = GaugeMetricFamily("spotwatch_last_upload_timestamp_seconds",
+                                  "Unix time of the last successful upload")
+        age = GaugeMetricFamily("spotwatch_last_upload_age_seconds",
+                                "Seconds since the last successful upload")
+        if last is not None:
+            stamp.add_metric([], last)
+            age.add_metric([], time.time() - last)
+        yield stamp
+        yield age
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -82,10 +136,10 @@ class MetricsServer:
         def app(environ: dict[str, Any],
                 start_response: Callable[..., Any]) -> Iterable[bytes]:
             if environ.get("PATH_INFO") == "/healthz":
-                ok = metrics.healthy()
+                ok, text = metrics.health()
                 start_response("200 OK" if ok else "503 Service Unavailable",
                                [("Content-Type", "text/plain")])
-                return [b"ok\n" if ok else b"stalled\n"]
+                return [f"{text}\n".encode()]
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
         self._server = make_server(host, port, app, server_class=_ThreadingServer,

@@ -37,6 +37,10 @@ class SetSealer:
     def __bool__(self) -> bool:
         return bool(self._dirty)
 
+    def unsealed(self) -> set[str]:
+        """Keys of the sets still waiting for their manifest."""
+        return {set_ref.key for set_ref in self._dirty}
+
     def mark_dirty(self, set_ref: SetRef) -> None:
         self._dirty[set_ref] = self._dirty.get(set_ref, 0) + 1
 

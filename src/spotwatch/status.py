@@ -34,8 +34,10 @@ HEALTHY_WITHIN_SECONDS = 30.0
 
 
 def is_healthy(report: dict[str, Any]) -> bool:
+    """A daemon runs, reported recently, and is not degraded (S3 failing or IMDS unreachable
+    for a while: the same verdict as /healthz)."""
     daemon = report.get("daemon")
-    if not report.get("daemon_pid") or not daemon:
+    if not report.get("daemon_pid") or not daemon or daemon.get("degraded"):
         return False
     return bool(time.time() - float(daemon.get("updated_at", 0)) < HEALTHY_WITHIN_SECONDS)
 
@@ -62,8 +64,13 @@ def render_status(report: dict[str, Any]) -> str:
     if report.get("daemon_pid") and daemon:
         lines.append(f"daemon:       running (pid {report['daemon_pid']})")
         lines.append(f"pending:      {daemon['pending_files']} files, "
-                     f"{_size(daemon['pending_bytes'])}; {daemon['unsettled_files']} still "
-                     f"being written; {daemon['uploading']} uploading")
+                     f"{_size(daemon['pending_bytes'])} ({daemon['uploading']} uploading, "
+                     f"{daemon.get('retrying_files', 0)} waiting to retry, of which "
+                     f"{daemon.get('failing_files', 0)} failing); "
+                     f"{daemon['unsettled_files']} still being written")
+        degraded = daemon.get("degraded")
+        lines.append("health:       " + ("degraded: " + "; ".join(degraded) if degraded
+                                         else "ok"))
         if daemon.get("metrics_url"):
             lines.append(f"metrics:      {daemon['metrics_url']}/metrics")
         notice = daemon.get("last_notice")

@@ -9,6 +9,7 @@ small files. Larger files go through s3transfer's multipart machinery.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -82,6 +83,7 @@ class UploadResult:
     object_removed: bool = False
     # A multipart upload of the key may still be open: keep it noted for the startup cleanup.
     multipart_leftovers: bool = False
+    permanent: bool = False  # retrying alone will not fix it (see _is_permanent)
 
 
 # botocore asks S3 to confirm every upload before its body is sent (Expect: 100-continue), which
@@ -200,7 +202,11 @@ class Uploader:
         started = time.monotonic()
 
         def finished(future: TransferFuture | Future[Any]) -> None:
-            self._verifier.submit(self._verify, job, future, started)
+            # May run at once on this thread, under self._lock: take no lock here. After
+            # shutdown the verifier refuses work (RuntimeError): a request abandoned then has
+            # ended, and nobody handles results any more.
+            with contextlib.suppress(RuntimeError):
+                self._verifier.submit(self._verify, job, future, started)
 
         with self._lock:
             future: TransferFuture | Future[Any]
@@ -253,10 +259,16 @@ class Uploader:
             future.cancel()
 
     def shutdown(self) -> None:
+        """Cancel everything and return at once, without waiting for requests in flight.
+
+        A request S3 holds (slow replies, a 60 s read timeout) must not stretch a stop past
+        sync.stop_timeout; the CLI exits with os._exit, which joins no thread."""
         self.cancel_all()
-        self._manager.shutdown()
-        self._single_part.shutdown(wait=True, cancel_futures=True)
-        self._verifier.shutdown(wait=True)
+        self._single_part.shutdown(wait=False, cancel_futures=True)
+        self._verifier.shutdown(wait=False, cancel_futures=True)
+        if not self.in_flight():
+            # s3transfer's shutdown waits for every transfer's requests: only when none run.
+            self._manager.shutdown()
 
     def _verify(self, job: UploadJob, future: TransferFuture | Future[Any],
                 started: float) -> None:
@@ -280,7 +292,7 @@ class Uploader:
                 return result(Outcome.CANCELLED)
             if isinstance(exc, FileNotFoundError):
                 return result(Outcome.VANISHED)
-            return result(Outcome.FAILED, error=_describe(exc))
+            return result(Outcome.FAILED, error=_describe(exc), permanent=_is_permanent(exc))
         try:
             after = Snapshot.of(os.stat(job.path, follow_symlinks=False))
         except FileNotFoundError:
@@ -294,7 +306,7 @@ class Uploader:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=job.key, ChecksumMode="ENABLED")
         except (BotoCoreError, ClientError) as exc:
-            return result(Outcome.FAILED, error=_describe(exc))
+            return result(Outcome.FAILED, error=_describe(exc), permanent=_is_permanent(exc))
         if head["ContentLength"] != job.snapshot.size:
             # Another writer of the same key raced us: the object is not our file.
             return result(Outcome.FAILED, error="object size differs from the file after upload")
@@ -339,6 +351,22 @@ class Uploader:
             log.warning("stray_object_left", key=key, error=_describe(exc))
             return False
         return True
+
+
+# Client errors that are worth retrying at the same pace: timeouts and throttling.
+_TRANSIENT_STATUSES = {408, 429}
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    """Failures that retrying alone will not fix: S3 refusing the request (403 AccessDenied and
+    other 4xx), or the file unreadable (permission denied, a directory). Network errors, 5xx,
+    throttling and timeouts are transient."""
+    if isinstance(exc, BotoCoreError):  # checked first: some are OSErrors too (timeouts)
+        return False
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return 400 <= status < 500 and status not in _TRANSIENT_STATUSES
+    return isinstance(exc, OSError)
 
 
 def _describe(exc: BaseException) -> str:

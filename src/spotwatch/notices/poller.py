@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from spotwatch.health import Outage
 from spotwatch.imds import ImdsClient, ImdsError
 from spotwatch.notices.model import Notice
 from spotwatch.notices.sources import SPOT_INSTANCE_ACTION, NoticeSource
@@ -46,6 +47,7 @@ class NoticePoller:
         self._reachable: bool | None = None
         self._failing: dict[str, str] = {}  # source name -> its last error
         self._reachability_lock = threading.Lock()
+        self.reachability = Outage()  # read by the daemon for spotwatch_imds_up and health
 
     def start(self) -> None:
         for thread in self._threads:
@@ -96,6 +98,10 @@ class NoticePoller:
                 f"{name}: {text}" for name, text in sorted(self._failing.items())))
 
     def _set_reachable(self, reachable: bool, error: str) -> None:
+        if reachable:
+            self.reachability.succeeded()
+        else:
+            self.reachability.failed()
         # Log transitions only: a daemon off EC2 must not log an error every second.
         if reachable == self._reachable:
             return

@@ -1,0 +1,155 @@
+"""Outages an operator must see at once: S3 requests failing, IMDS unreachable.
+
+botocore retries a failed request quietly (up to `transfer.max_attempts` times, for minutes);
+so S3 is watched per attempt, through the client's `needs-retry` event, which fires after
+every attempt with its reply or its connection error. Failures that go on for
+DEGRADED_AFTER_SECONDS without a single success are logged once (`s3_degraded`, with the error
+classes) and make /healthz and `status --healthy` report degraded, until a request succeeds
+(`s3_recovered`). The notice poller reports IMDS reachability into an Outage the same way.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from botocore.exceptions import ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger("spotwatch.health")
+
+# Failing this long without a success is an outage, not a blip that retries absorb.
+DEGRADED_AFTER_SECONDS = 10.0
+
+
+class Outage:
+    """Since when something has failed with no success in between; thread-safe."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        self._reported = False
+
+    @property
+    def up(self) -> bool | None:
+        """True after a success, False after a failure, None before either."""
+        with self._lock:
+            return None if not self._reported else self._since is None
+
+    def failed(self) -> None:
+        with self._lock:
+            self._reported = True
+            if self._since is None:
+                self._since = self._clock()
+
+    def succeeded(self) -> float | None:
+        """Ends an outage; returns how long it lasted (None when there was none)."""
+        with self._lock:
+            self._reported = True
+            since, self._since = self._since, None
+        return None if since is None else self._clock() - since
+
+    def seconds(self) -> float:
+        """How long it has been failing (0 while it works)."""
+        with self._lock:
+            return 0.0 if self._since is None else self._clock() - self._since
+
+    def degraded(self) -> bool:
+        return self.seconds() > DEGRADED_AFTER_SECONDS
+
+
+def s3_error_class(response: tuple[Any, Any] | None,
+                   caught_exception: BaseException | None) -> str | None:
+    """The class of a failed attempt (`SlowDown`, `AccessDenied`, `ConnectionError`,
+    `ReadTimeout` ...), or None when S3 answered normally (a 404 is an answer too)."""
+    if caught_exception is not None:
+        if isinstance(caught_exception, ReadTimeoutError):
+            return "ReadTimeout"
+        if isinstance(caught_exception, ConnectTimeoutError):
+            return "ConnectTimeout"
+        if isinstance(caught_exception, (BotoConnectionError, ConnectionClosedError)):
+            return "ConnectionError"  # refused, reset, closed mid-reply
+        return type(caught_exception).__name__
+    if response is None:
+        return None
+    http, parsed = response
+    status = int(getattr(http, "status_code", 0))
+    if status < 400 or status == 404:
+        return None
+    error = parsed.get("Error", {}) if isinstance(parsed, dict) else {}
+    code = error.get("Code") if isinstance(error, dict) else None
+    return str(code) if code else f"HTTP{status}"
+
+
+class S3Watch:
+    """Counts every failed S3 attempt by class and tells when failures become an outage."""
+
+    def __init__(self, count: Callable[[str], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._count = count
+        self.outage = Outage(clock)
+        self._lock = threading.Lock()
+        self.errors: Counter[str] = Counter()  # since the start
+        self._in_outage: Counter[str] = Counter()  # since the last success
+        self._logged = False
+
+    def attach(self, client: S3Client) -> None:
+        client.meta.events.register("needs-retry.s3", self._on_attempt)
+
+    def _on_attempt(self, response: tuple[Any, Any] | None = None,
+                    caught_exception: BaseException | None = None, **kwargs: Any) -> None:
+        # Returns None: the retry decision stays with botocore's own handler.
+        error = s3_error_class(response, caught_exception)
+        if error is None:
+            self._succeeded()
+        else:
+            self._failed(error)
+
+    def _failed(self, error: str) -> None:
+        with self._lock:
+            self.errors[error] += 1
+            self._in_outage[error] += 1
+        self._count(error)
+        self.outage.failed()
+        self.check()
+
+    def _succeeded(self) -> None:
+        lasted = self.outage.succeeded()
+        with self._lock:
+            errors, self._in_outage = dict(self._in_outage), Counter()
+            logged, self._logged = self._logged, False
+        if logged and lasted is not None:
+            log.info("s3_recovered", after_seconds=round(lasted, 1), errors=errors)
+
+    def check(self) -> None:
+        """Log `s3_degraded` once per outage, as soon as it has lasted long enough."""
+        if not self.outage.degraded():
+            return
+        with self._lock:
+            if self._logged or not self._in_outage:  # logged already, or just recovered
+                return
+            self._logged = True
+            errors = dict(self._in_outage)
+        log.warning("s3_degraded", error_class=max(errors, key=errors.__getitem__),
+                    errors=errors, failing_seconds=round(self.outage.seconds(), 1))
+
+    def degraded_reason(self) -> str | None:
+        if not self.outage.degraded():
+            return None
+        with self._lock:
+            classes = ", ".join(sorted(self._in_outage))
+        return f"S3 requests failing for {self.outage.seconds():.0f}s ({classes})"
+
+
+def imds_degraded_reason(imds: Outage | None) -> str | None:
+    if imds is None or not imds.degraded():
+        return None
+    return f"IMDS unreachable for {imds.seconds():.0f}s"

@@ -1,0 +1,69 @@
+"""Outage tracking on a fake clock: when S3 failures become `s3_degraded`, and their end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from botocore.awsrequest import AWSResponse
+from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
+from structlog.testing import capture_logs
+
+from spotwatch.health import DEGRADED_AFTER_SECONDS, Outage, S3Watch, s3_error_class
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 500.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reply(status: int, code: str | None = None) -> tuple[AWSResponse, dict[str, Any]]:
+    parsed: dict[str, Any] = {"Error": {"Code": code}} if code else {}
+    return AWSResponse("https://s3.example", status, {}, None), parsed
+
+
+def test_error_classes() -> None:
+    assert s3_error_class(reply(200), None) is None
+    assert s3_error_class(reply(404, "NoSuchKey"), None) is None  # an answer, not an outage
+    assert s3_error_class(reply(503, "SlowDown"), None) == "SlowDown"
+    assert s3_error_class(reply(403, "AccessDenied"), None) == "AccessDenied"
+    assert s3_error_class(reply(500), None) == "HTTP500"
+    assert s3_error_class(None, ReadTimeoutError(endpoint_url="x")) == "ReadTimeout"
+    assert s3_error_class(None, EndpointConnectionError(endpoint_url="x")) == "ConnectionError"
+    assert s3_error_class(None, ConnectionClosedError(endpoint_url="x")) == "ConnectionError"
+
+
+def test_failures_become_an_outage_logged_once_and_a_success_ends_it() -> None:
+    clock = FakeClock()
+    counted: list[str] = []
+    watch = S3Watch(counted.append, clock)
+    with capture_logs() as logs:
+        watch._on_attempt(response=reply(503, "SlowDown"))
+        clock.now += DEGRADED_AFTER_SECONDS / 2
+        watch._on_attempt(caught_exception=EndpointConnectionError(endpoint_url="x"))
+        watch.check()
+        assert watch.degraded_reason() is None and logs == []  # a blip, not an outage yet
+        clock.now += DEGRADED_AFTER_SECONDS
+        watch.check()
+        watch.check()
+        reason = watch.degraded_reason()
+        assert reason == "S3 requests failing for 15s (ConnectionError, SlowDown)"
+        watch._on_attempt(response=reply(200))
+    assert [e["event"] for e in logs] == ["s3_degraded", "s3_recovered"]
+    assert logs[0]["errors"] == {"SlowDown": 1, "ConnectionError": 1}
+    assert logs[1]["after_seconds"] == 15.0
+    assert counted == ["SlowDown", "ConnectionError"]
+    assert watch.degraded_reason() is None and watch.outage.up is True
+
+
+def test_outage_state() -> None:
+    clock = FakeClock()
+    outage = Outage(clock)
+    assert outage.up is None and outage.seconds() == 0
+    outage.failed()
+    clock.now += 3
+    outage.failed()  # the outage began at the first failure
+    assert outage.up is False and outage.seconds() == 3
+    assert outage.succeeded() == 3 and outage.up is True and outage.seconds() == 0
