@@ -402,7 +402,9 @@ class Daemon:
             "last_flush": self.last_flush,
             "flushing": self.flush is not None,
             "metrics_url": self._metrics_url,
+            "incomplete_sets": sorted(engine.sealer.incomplete),
         }
+        self.metrics.incomplete_sets.set(len(engine.sealer.incomplete))
         self.metrics.pending_files.set(pending_files)
         self.metrics.pending_bytes.set(pending_bytes)
         self.metrics.uploading.set(uploading)
