@@ -124,8 +124,8 @@ class Manifest:
             raise ManifestError(f"not JSON: {_first_line(exc)}") from None
         if not isinstance(data, dict):
             raise ManifestError("not a JSON object")
-        if data.get("format") != MANIFEST_FORMAT or isinstance(data.get("format"), bool):
-            raise ManifestError(f"unknown manifest format {data.get('format')!r}")
+        if _field(data, "format", int) != MANIFEST_FORMAT:
+            raise ManifestError(f"unknown manifest format {data['format']!r}")
         set_name = _field(data, "set", str)
         if set_name != set_name_of(set_name) or not _is_clean_path(set_name):
             raise ManifestError(f"invalid set name {set_name!r}")

@@ -3,8 +3,9 @@
 S3 reports a checksum as base64 of the digest. A single-part object, or a multipart one with a
 full-object checksum, carries the digest of all its bytes; a multipart object with a composite
 checksum carries the digest of its parts' digests, suffixed ``-<parts>``. The checksum string
-does not name its algorithm, but its length narrows it down: every algorithm that could have
-produced it is tried, and a mismatch is declared only once all of them were computed.
+does not name its algorithm, but its length narrows it down: the configured algorithm decides
+when it has that length (spotwatch uploads with it); otherwise every algorithm of that length
+is tried, and a mismatch is declared only once all of them were computed.
 """
 
 from __future__ import annotations
@@ -105,8 +106,15 @@ def _digests(path: Path, make: Callable[[], _Digest],
     return whole.digest(), of_parts.digest() if part_size is not None else None, parts
 
 
+def _candidates(width: int, preferred: str) -> list[str]:
+    """The algorithms a digest of this width may come from; the configured one alone if it fits."""
+    if _ALGORITHMS.get(preferred, (0,))[0] == width:
+        return [preferred]
+    return [name for name, (size, _) in _ALGORITHMS.items() if size == width]
+
+
 def file_matches(path: Path, checksum: str, part_size: int | None, preferred: str) -> bool:
-    """Whether the file's bytes have this S3 checksum (the preferred algorithm is tried first).
+    """Whether the file's bytes have this S3 checksum; preferred is the configured algorithm.
 
     part_size is needed for a composite checksum. Raises ChecksumUnavailable when no
     algorithm matched and one that might have could not be computed.
@@ -117,12 +125,10 @@ def file_matches(path: Path, checksum: str, part_size: int | None, preferred: st
     expected, part_count = parsed
     if part_count is not None and part_size is None:
         return False  # a composite checksum without the part size cannot be recomputed
-    candidates = sorted((name for name, (width, _) in _ALGORITHMS.items()
-                         if width == len(expected)), key=lambda name: name != preferred)
     unavailable: ChecksumUnavailable | None = None
-    for name in candidates:
+    for name in _candidates(len(expected), preferred):
+        make = _ALGORITHMS[name][1]
         try:
-            make = _ALGORITHMS[name][1]
             make()
         except ChecksumUnavailable as exc:
             unavailable = exc

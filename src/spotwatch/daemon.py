@@ -138,6 +138,7 @@ class Daemon:
                 self._wake.clear()
             if shown is not None:
                 shown.close()
+            self._write_status(engine)  # what the flush left behind, e.g. incomplete sets
             failed = len(engine.given_up)
             return RunOutcome(1 if failed else 0, engine.totals.files, engine.totals.bytes,
                               failed)
