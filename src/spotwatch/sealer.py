@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -25,6 +26,16 @@ RETRY_SECONDS = 2.0
 MAX_ATTEMPTS = 3
 # A set_incomplete log line names at most this many of the missing files.
 MISSING_LOGGED = 20
+# A missing file created or renamed this recently is still on its way (its events not yet
+# seen): its set is checked again instead of being reported incomplete.
+ARRIVING_NS = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class SetCheck:
+    entries: list[ManifestEntry]  # what its manifest lists, when nothing is missing
+    missing: list[str]  # files (relative paths) not durable in S3 at their current version
+    arriving: bool  # some missing file was just created: too early to call the set incomplete
 
 
 class SetSealer:
@@ -56,16 +67,18 @@ class SetSealer:
             if (set_ref in self._sending or set_ref.key in busy_set_keys
                     or self._not_before.get(set_ref, 0) > now):
                 continue
-            entries, missing = self._check_set(set_ref)
-            if missing:
-                self._report_incomplete(set_ref, missing)
+            check = self._check_set(set_ref)
+            if check.arriving:
+                continue
+            if check.missing:
+                self._report_incomplete(set_ref, check.missing)
                 self._done(set_ref)  # sealed again once another file of it is uploaded
                 continue
             self.incomplete.pop(set_ref.key, None)
-            if not entries:
+            if not check.entries:
                 self._done(set_ref)  # nothing of the set is left locally: no manifest
                 continue
-            manifest = Manifest.build(set_ref.name, set_ref.prefix, entries)
+            manifest = Manifest.build(set_ref.name, set_ref.prefix, check.entries)
             key = manifest_key(set_ref.prefix, set_ref.name)
             future = self._uploader.put_small_async(key, manifest.to_json().encode(),
                                                     "application/json")
@@ -102,7 +115,7 @@ class SetSealer:
         log.warning("set_incomplete", set=set_ref.key, missing=missing[:MISSING_LOGGED],
                     missing_count=len(missing))
 
-    def _check_set(self, set_ref: SetRef) -> tuple[list[ManifestEntry], list[str]]:
+    def _check_set(self, set_ref: SetRef) -> SetCheck:
         """The manifest entries of the set, and the files that keep it from being sealed.
 
         Invariant: a manifest means complete. Every regular file of the set on disk that the
@@ -113,18 +126,15 @@ class SetSealer:
         recorded = self._recorded(set_ref)
         entries: list[ManifestEntry] = []
         missing: list[str] = []
+        arriving = False
         for relative, stat in self._local_files(set_ref):
-            try:
-                key = object_key(set_ref.prefix, relative)
-            except ValueError:
-                missing.append(relative)
-                continue
-            row = recorded.get(key)
+            row = recorded.get(_key_or_none(set_ref.prefix, relative) or "")
             if row is None or (row[2], row[3]) != (stat.st_size, stat.st_mtime_ns) or not row[4]:
                 missing.append(relative)
+                arriving = arriving or 0 <= time.time_ns() - stat.st_ctime_ns < ARRIVING_NS
                 continue
-            entries.append(ManifestEntry(key, relative, row[2], row[3], row[4], row[5]))
-        return entries, sorted(missing)
+            entries.append(ManifestEntry(row[0], relative, row[2], row[3], row[4], row[5]))
+        return SetCheck(entries, sorted(missing), arriving)
 
     def _recorded(self, set_ref: SetRef) -> dict[str, LedgerRow]:
         try:
@@ -153,3 +163,10 @@ class SetSealer:
             relative = tracker.relative(path)
             if relative is not None:
                 yield relative, stat
+
+
+def _key_or_none(prefix: str, relative: str) -> str | None:
+    try:
+        return object_key(prefix, relative)
+    except ValueError:  # a path that could never be uploaded: missing
+        return None
