@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from spotwatch.checkpoint_sets import Manifest, ManifestEntry, manifest_key, object_key
+from spotwatch.checkpoint_sets import Manifest, ManifestEntry, manifest_key, storable_key
 from spotwatch.ledger import Ledger, LedgerRow
 from spotwatch.planner import SetRef
 from spotwatch.tracker import ChangeTracker, walk_files
@@ -120,15 +120,20 @@ class SetSealer:
 
         Invariant: a manifest means complete. Every regular file of the set on disk that the
         filters accept must be in the ledger at its current size and mtime, with the checksum
-        S3 verified; a file pending, failed, given up or refused is missing, and a set with
-        any missing file gets no manifest. (The files that are already in S3 stay there.)
+        S3 verified; a file pending, failed or given up is missing, and a set with any missing
+        file gets no manifest. (The files that are already in S3 stay there.) A name S3
+        cannot take is, like a filtered one, no part of any set: the engine refuses it with a
+        path_refused warning, and the rest of its set is sealed without it.
         """
         recorded = self._recorded(set_ref)
         entries: list[ManifestEntry] = []
         missing: list[str] = []
         arriving = False
         for relative, stat in self._local_files(set_ref):
-            row = recorded.get(_key_or_none(set_ref.prefix, relative) or "")
+            key = _key_or_none(set_ref.prefix, relative)
+            if key is None:
+                continue
+            row = recorded.get(key)
             if row is None or (row[2], row[3]) != (stat.st_size, stat.st_mtime_ns) or not row[4]:
                 missing.append(relative)
                 arriving = arriving or 0 <= time.time_ns() - stat.st_ctime_ns < ARRIVING_NS
@@ -137,10 +142,7 @@ class SetSealer:
         return SetCheck(entries, sorted(missing), arriving)
 
     def _recorded(self, set_ref: SetRef) -> dict[str, LedgerRow]:
-        try:
-            rows = self._ledger.objects_in_set(self._uploader.bucket, set_ref.key)
-        except UnicodeEncodeError:  # a name that is no text: nothing of it can be recorded
-            return {}
+        rows = self._ledger.objects_in_set(self._uploader.bucket, set_ref.key)
         return {row[0]: row for row in rows}
 
     def _local_files(self, set_ref: SetRef) -> Iterator[tuple[str, os.stat_result]]:
@@ -167,6 +169,6 @@ class SetSealer:
 
 def _key_or_none(prefix: str, relative: str) -> str | None:
     try:
-        return object_key(prefix, relative)
-    except ValueError:  # a path that could never be uploaded: missing
+        return storable_key(prefix, relative)
+    except ValueError:  # a name S3 cannot take: refused by the engine, in no set
         return None
