@@ -33,7 +33,7 @@ def test_manifest_waits_for_the_whole_set(workspace: Workspace, s3: Any) -> None
         slow.write(os.urandom(50_000))
     wait_for(lambda: f"{MANIFESTS}step_1.json" in keys_in(s3, workspace.bucket))
     manifest = Manifest.from_json(object_bytes(s3, workspace.bucket,
-                                               f"{MANIFESTS}step_1.json").decode())
+                                               f"{MANIFESTS}step_1.json"), "run1/")
     assert {(f.path, f.size) for f in manifest.files} == {
         ("step_1/a.pt", 100_000), ("step_1/b.pt", 200_000), ("step_1/c.pt", 100_000)}
     assert all(f.checksum for f in manifest.files)

@@ -1,11 +1,25 @@
 """Deleting from S3: mirrored local deletions (`sync.delete`), retention (`sync.keep_sets`),
-`spotwatch prune --dry-run`, and never anything excluded or not uploaded by spotwatch."""
+`spotwatch prune --dry-run`, and never anything excluded, not uploaded by spotwatch, or listed
+by a kept set's manifest."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spotwatch.checkpoint_sets import (
+    Manifest,
+    ManifestEntry,
+    belongs_to_set,
+    manifest_key,
+    object_key,
+)
+from spotwatch.pruner import plan_deletions
 
 from .conftest import Workspace, keys_in, wait_for
 from .test_daemon_e2e import flush_summary, save_checkpoint
@@ -127,3 +141,99 @@ def test_prune_usage_errors(workspace: Workspace) -> None:
     result = workspace.cli("prune", "-c", "config.yaml")
     assert result.returncode == 2 and "sync.keep_sets" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_poisoned_old_manifest_deletes_nothing_of_a_kept_set_nor_foreign_keys(
+        workspace: Workspace, s3: Any) -> None:
+    workspace.write_config(sync={"keep_sets": 1})
+    for age, name in ((200, "step_1"), (100, "step_2")):
+        save_set(workspace, name, age)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    foreign = {"other-team/secret.bin", "run1/foreign.pt"}
+    for key in foreign:
+        s3.put_object(Bucket=workspace.bucket, Key=key, Body=b"theirs")
+    # step_1's manifest, rewritten to list the kept set's object and keys that are not its own.
+    poisoned = json.loads(s3.get_object(Bucket=workspace.bucket,
+                                        Key=f"{MANIFESTS}step_1.json")["Body"].read())
+    template = poisoned["files"][0]
+    poisoned["prefix"] = ""
+    poisoned["files"] += [{**template, "key": key, "path": key}
+                          for key in ("run1/step_2/model.pt", *sorted(foreign))]
+    s3.put_object(Bucket=workspace.bucket, Key=f"{MANIFESTS}step_1.json",
+                  Body=json.dumps(poisoned).encode())
+    before = keys_in(s3, workspace.bucket)
+
+    lines = prune_lines(workspace.cli("prune", "-c", "config.yaml"))
+    assert lines[-1] == "deleted 0 objects"  # the manifest is not one spotwatch wrote: skipped
+    assert keys_in(s3, workspace.bucket) == before
+    restored = workspace.cli("restore", "-c", "config.yaml", "--to", str(workspace.root / "r"))
+    assert restored.returncode == 0 and "restored step_2" in restored.stdout
+
+
+def test_mirroring_a_file_of_a_sealed_set_takes_its_manifest_first(workspace: Workspace,
+                                                                   s3: Any) -> None:
+    save_set(workspace, "step_1", 100)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    (workspace.checkpoints / "step_1" / "optim.pt").unlink()
+    lines = prune_lines(workspace.cli("prune", "-c", "config.yaml", "--delete"))
+    # The set's manifest lists the file: it goes first, so no kept manifest lists a deleted
+    # object (the daemon seals the set again with what is left).
+    assert lines[:-1] == [
+        f"deleted s3://{workspace.bucket}/{MANIFESTS}step_1.json (deleted locally)",
+        f"deleted s3://{workspace.bucket}/run1/step_1/optim.pt (deleted locally)"]
+    assert "run1/step_1/model.pt" in keys_in(s3, workspace.bucket)
+
+
+# -- the planner, for generated manifests and ledger contents -------------------------------
+
+PREFIX = "run1/"
+SET_NAMES = ("a", "b", "c", "d")
+# Keys a manifest may name: its own, another set's, excluded, manifests, outside the prefix.
+KEY_POOL = (*(f"run1/{n}/{f}" for n in SET_NAMES for f in ("x.pt", "y.tmp")), "run1/a",
+            "run1/loose.pt", "run1/.spotwatch/manifests/a.json", "other-team/secret.bin",
+            "run1", "run10/a/x.pt")
+
+
+def _not_tmp(relative: str) -> bool:
+    return not relative.endswith(".tmp")
+
+
+@st.composite
+def remote_sets(draw: st.DrawFn) -> list[Manifest]:
+    names = draw(st.lists(st.sampled_from(SET_NAMES), unique=True))
+    return [Manifest(name, PREFIX, tuple(
+        ManifestEntry(key, key.removeprefix(PREFIX), 1, 0, "AAAAAA==")
+        for key in draw(st.lists(st.sampled_from(KEY_POOL), min_size=1, unique=True))),
+        float(index)) for index, name in enumerate(names)]
+
+
+@given(remote_sets(), st.sets(st.sampled_from(KEY_POOL)), st.integers(0, 3),
+       st.sets(st.sampled_from(SET_NAMES)))
+def test_planned_deletions_are_spotwatchs_and_never_listed_by_a_kept_set(
+        manifests: list[Manifest], gone: set[str], keep_sets: int, complete: set[str]) -> None:
+    deletions = plan_deletions(PREFIX, _not_tmp, manifests, gone, keep_sets,
+                               lambda m: m.set_name in complete)
+    keys = [d.key for d in deletions]
+    assert len(keys) == len(set(keys))
+    manifest_keys = {manifest_key(PREFIX, m.set_name): m for m in manifests}
+    dropped = [manifest_keys[k] for k in keys if k in manifest_keys]
+    files = [k for k in keys if k not in manifest_keys]
+    assert keys == [manifest_key(PREFIX, m.set_name) for m in dropped] + files  # manifests first
+    kept = [m for m in manifests if m not in dropped]
+    listed_by_kept = {e.key for m in kept for e in m.files}
+    assert not listed_by_kept & set(files)
+    own_files_of_dropped = {e.key for m in dropped for e in m.files
+                            if belongs_to_set(e.key, object_key(PREFIX, m.set_name))}
+    for key in files:
+        assert key in gone or key in own_files_of_dropped  # the ledger's, or its set's own
+        assert key.startswith(PREFIX) and _not_tmp(key)
+        assert not key.startswith(PREFIX + ".spotwatch/")
+    if keep_sets:
+        kept_complete = [m for m in kept if m.set_name in complete]
+        mirrored = {k for k in gone if k.startswith(PREFIX) and _not_tmp(k)
+                    and not k.startswith(PREFIX + ".spotwatch/")}
+        droppable = [m for m in manifests if not any(e.key in mirrored for e in m.files)]
+        assert len(kept_complete) == min(keep_sets, len([m for m in droppable
+                                                         if m.set_name in complete]))
+    elif not gone:
+        assert deletions == []

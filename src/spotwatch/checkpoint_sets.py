@@ -4,11 +4,17 @@ A checkpoint set is the first path component below a watched directory: a subdir
 ``step_1000/`` with everything in it, or a single top-level file. Once every file of a set is
 durable in S3, a manifest listing them is written last, under ``<prefix>.spotwatch/manifests/``;
 `restore` only ever trusts a set that has a manifest whose files all exist.
+
+A manifest read back from S3 is untrusted input: `Manifest.from_json` accepts it only when
+every field has its type and every file lies inside the set, under the prefix the reader
+configured (not one written in the manifest). Anything else raises ManifestError.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +71,10 @@ def belongs_to_set(key: str, set_key: str) -> bool:
     return key == set_key or key.startswith(set_key + "/")
 
 
+class ManifestError(ValueError):
+    """A manifest that is not valid JSON of the expected shape, or names files it may not."""
+
+
 @dataclass(frozen=True)
 class ManifestEntry:
     key: str
@@ -72,6 +82,7 @@ class ManifestEntry:
     size: int
     mtime_ns: int
     checksum: str | None
+    part_size: int | None = None  # multipart uploads: the part size their checksum is over
 
 
 @dataclass(frozen=True)
@@ -103,13 +114,77 @@ class Manifest:
         })
 
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
-        data: dict[str, Any] = json.loads(text)
-        if data.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"unknown manifest format {data.get('format')!r}")
-        files = tuple(ManifestEntry(**entry) for entry in data["files"])
-        return cls(data["set"], data["prefix"], files, float(data["sealed_at"]))
+    def from_json(cls, text: str | builtins.bytes, prefix: str) -> Manifest:
+        """The manifest of a set under `prefix` (the configured one); ManifestError unless
+        every field has its type, every path is a clean relative path inside the set, and
+        every key is exactly `prefix` + path."""
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # also undecodable bytes, deep nesting
+            raise ManifestError(f"not JSON: {_first_line(exc)}") from None
+        if not isinstance(data, dict):
+            raise ManifestError("not a JSON object")
+        if _field(data, "format", int) != MANIFEST_FORMAT:
+            raise ManifestError(f"unknown manifest format {data['format']!r}")
+        set_name = _field(data, "set", str)
+        if set_name != set_name_of(set_name) or not _is_clean_path(set_name):
+            raise ManifestError(f"invalid set name {set_name!r}")
+        if _field(data, "prefix", str) != prefix:
+            raise ManifestError(f"written for prefix {data['prefix']!r}, not {prefix!r}")
+        raw_files = _field(data, "files", list)
+        if not raw_files:
+            raise ManifestError("lists no files")
+        files = tuple(_entry(raw, prefix, set_name) for raw in raw_files)
+        if len({f.path for f in files}) != len(files):
+            raise ManifestError("a path is listed twice")
+        sealed_at = _field(data, "sealed_at", (int, float))
+        if not math.isfinite(sealed_at):
+            raise ManifestError("sealed_at is not a finite number")
+        return cls(set_name, prefix, files, float(sealed_at))
 
     @classmethod
     def build(cls, set_name: str, prefix: str, files: list[ManifestEntry]) -> Manifest:
         return cls(set_name, prefix, tuple(sorted(files, key=lambda f: f.key)), time.time())
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
+
+
+def _field(data: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = data.get(name)
+    # bool is an int to Python, never to a manifest.
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ManifestError(f"field {name!r} is missing or not of type {_kind_name(kind)}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return "/".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+
+
+def _optional_field(data: dict[str, Any], name: str, kind: type) -> Any:
+    return None if data.get(name) is None else _field(data, name, kind)
+
+
+def _is_clean_path(path: str) -> bool:
+    """Relative, no empty, '.' or '..' component, no NUL: it names one place below a root."""
+    return ("\0" not in path and not path.startswith("/")
+            and all(part not in ("", ".", "..") for part in path.split("/")))
+
+
+def _entry(raw: object, prefix: str, set_name: str) -> ManifestEntry:
+    if not isinstance(raw, dict):
+        raise ManifestError("a file entry is not an object")
+    path = _field(raw, "path", str)
+    if not _is_clean_path(path) or set_name_of(path) != set_name:
+        raise ManifestError(f"path {path!r} is not a clean path inside set {set_name!r}")
+    key = _field(raw, "key", str)
+    if key != object_key(prefix, path):
+        raise ManifestError(f"key {key!r} is not {object_key(prefix, path)!r}")
+    size = _field(raw, "size", int)
+    part_size = _optional_field(raw, "part_size", int)
+    if size < 0 or (part_size is not None and part_size <= 0):
+        raise ManifestError(f"negative size or part size for {path!r}")
+    return ManifestEntry(key, path, size, _field(raw, "mtime_ns", int),
+                         _optional_field(raw, "checksum", str), part_size)

@@ -166,8 +166,11 @@ def _restore(args: argparse.Namespace) -> int:
 
     config, bucket = _load(args, need_watch_dirs=False)
     report = restore(config, bucket, args.to, args.set_name, args.prefix)
+    passed_over = (f"; newer sets passed over: {', '.join(report.passed_over)}"
+                   if report.passed_over else "")
     print(f"restored {report.set_name} into {report.destination}: {report.downloaded} files "
-          f"downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already present")
+          f"downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already present"
+          f"{passed_over}")
     return 0
 
 

@@ -158,6 +158,7 @@ class Daemon:
                 self._wake.clear()
             if shown is not None:
                 shown.close()
+            self._write_status(engine)  # what the flush left behind, e.g. incomplete sets
             failed = len(engine.left_behind(None))
             return RunOutcome(1 if failed else 0, engine.totals.files, engine.totals.bytes,
                               failed)
@@ -448,7 +449,9 @@ class Daemon:
             "last_flush": self.last_flush,
             "flushing": self.flush is not None,
             "metrics_url": self._metrics_url,
+            "incomplete_sets": sorted(engine.sealer.incomplete),
         }
+        self.metrics.incomplete_sets.set(len(engine.sealer.incomplete))
         self.metrics.pending_files.set(pending_files)
         self.metrics.pending_bytes.set(pending_bytes)
         self.metrics.uploading.set(uploading)

@@ -65,7 +65,7 @@ class SyncEngine:
         self.totals = Progress()
         self.last_upload_at: float | None = None
         self._observers: list[Callable[[UploadResult], None]] = []
-        self.sealer = SetSealer(ledger, self.uploader)
+        self.sealer = SetSealer(ledger, self.uploader, self.trackers)
         self.throughput = ThroughputMeter()
         self._seal_due = 0.0
         # Deletions and uploads since S3 was last pruned (true at start: catch up on downtime).
@@ -266,7 +266,8 @@ class SyncEngine:
         fields = {"path": str(job.path), "key": job.key, "size": job.snapshot.size,
                   "seconds": round(result.seconds, 3)}
         if result.outcome is Outcome.DONE and not self._ledger_write(
-                self.ledger.record, job.key, job.path, job.snapshot.version, result.checksum):
+                self.ledger.record, job.key, job.path, job.snapshot.version, result.checksum,
+                result.part_size):
             # Unrecorded, the file could be left out of its set's manifest: keep it pending
             # (its set stays unsealed) and upload it again once the ledger can be written.
             result = UploadResult(job, Outcome.FAILED, result.seconds, error="ledger not written")

@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS multipart_started (
 """
 # Objects deleted from S3 by retention while the local file stays: not re-uploaded, not listed.
 _RETIRED_COLUMN = "ALTER TABLE objects ADD COLUMN retired INTEGER NOT NULL DEFAULT 0"
+# The part size of a multipart upload: its composite checksum is over parts of this size.
+_PART_SIZE_COLUMN = "ALTER TABLE objects ADD COLUMN part_size INTEGER"
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,8 @@ class FileVersion:
     mtime_ns: int
 
 
-# key, path, size, mtime_ns, checksum
-LedgerRow = tuple[str, str, int, int, "str | None"]
+# key, path, size, mtime_ns, checksum, part_size
+LedgerRow = tuple[str, str, int, int, "str | None", "int | None"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class Ledger:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(objects)")}
             if "retired" not in columns:
                 self._db.execute(_RETIRED_COLUMN)
+            if "part_size" not in columns:
+                self._db.execute(_PART_SIZE_COLUMN)
         except (OSError, sqlite3.Error) as exc:
             raise SpotwatchError(f"cannot open ledger {path}: {exc}") from None
         self._lock = threading.Lock()
@@ -95,10 +99,12 @@ class Ledger:
                 raise LedgerError(str(exc)) from None
 
     def record(self, bucket: str, key: str, path: Path, version: FileVersion,
-               checksum: str | None) -> None:
+               checksum: str | None, part_size: int | None = None) -> None:
         self._write(
-            "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-            (bucket, key, str(path), version.size, version.mtime_ns, checksum, time.time()),
+            "INSERT OR REPLACE INTO objects (bucket, key, path, size, mtime_ns, checksum,"
+            " uploaded_at, retired, part_size) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
+            (bucket, key, str(path), version.size, version.mtime_ns, checksum, time.time(),
+             part_size),
         )
 
     def retire(self, bucket: str, key: str) -> None:
@@ -126,12 +132,14 @@ class Ledger:
         return [key for (key,) in rows]
 
     def objects_in_set(self, bucket: str, set_key: str) -> list[LedgerRow]:
-        """(key, path, size, mtime_ns, checksum) of the set's objects: set_key or below it."""
+        """(key, path, size, mtime_ns, checksum, part_size) of the set's objects: set_key or
+        below it."""
         with self._lock:
             rows = self._db.execute(
                 # Keys below the set sort between "<set>/" and "<set>0" ('0' follows '/'):
                 # a range the primary key index answers without reading the whole table.
-                "SELECT key, path, size, mtime_ns, checksum FROM objects WHERE bucket = ?"
+                "SELECT key, path, size, mtime_ns, checksum, part_size FROM objects"
+                " WHERE bucket = ?"
                 " AND retired = 0 AND (key = ? OR (key >= ? AND key < ?))",
                 (bucket, set_key, set_key + "/", set_key + "0"),
             ).fetchall()

@@ -53,6 +53,9 @@ class Metrics:
         self.pending_bytes = Gauge("spotwatch_pending_bytes",
                                    "Bytes changed and not yet in S3", registry=r)
         self.uploading = Gauge("spotwatch_uploads_in_flight", "Uploads in progress", registry=r)
+        self.incomplete_sets = Gauge(
+            "spotwatch_incomplete_sets",
+            "Checkpoint sets left without a manifest: a file of theirs is not in S3", registry=r)
         self.uploaded_files = Counter("spotwatch_uploaded_files", "Files uploaded", registry=r)
         self.uploaded_bytes = Counter("spotwatch_uploaded_bytes", "Bytes uploaded", registry=r)
         self.upload_errors = Counter("spotwatch_upload_errors", "Failed uploads", registry=r)

@@ -4,21 +4,28 @@ Only what spotwatch itself uploaded is ever mirrored: a key is deleted because t
 its local file was uploaded and is now gone, so an empty directory on a fresh instance deletes
 nothing. Retention keeps the newest `keep_sets` complete sets and removes older sets named by
 their manifests. Keys the watch's filters exclude are never deleted. A set's manifest goes
-before its files, so no set ever looks complete while its files are being removed.
+before its files, so no set ever looks complete while its files are being removed. The rules
+are enforced in one place, `plan_deletions`.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
-from spotwatch.checkpoint_sets import MANIFEST_DIR, Manifest, manifest_key, object_key
+from spotwatch.checkpoint_sets import (
+    MANIFEST_DIR,
+    Manifest,
+    belongs_to_set,
+    manifest_key,
+    object_key,
+)
 from spotwatch.config import Config, WatchDir
 from spotwatch.errors import SpotwatchError
 from spotwatch.filters import PathFilter
@@ -115,43 +122,69 @@ class Pruner:
 
     def _plan_watch(self, watch: WatchDir) -> list[Deletion]:
         prefix = object_key(watch.prefix, "")
-        accepts = PathFilter.for_watch(watch).accepts
-
-        def deletable(key: str) -> bool:
-            relative = key[len(prefix):] if key.startswith(prefix) else None
-            return (relative is not None and not relative.startswith(MANIFEST_DIR)
-                    and accepts(relative))
-
-        files: dict[str, str] = {}
+        gone: list[str] = []
         if self._mirror_deletes:
-            for key, path in self._ledger.live_objects(self._bucket, prefix):
-                if deletable(key) and not os.path.lexists(path):
-                    files[key] = "deleted locally"
-        manifests: list[Deletion] = []
-        for manifest, reason in self._manifests_to_drop(watch, files):
-            manifests.append(Deletion(manifest_key(watch.prefix, manifest.set_name), reason))
-            for entry in manifest.files:
-                if deletable(entry.key):
-                    files.setdefault(entry.key, "retention")
-        return manifests + [Deletion(key, reason) for key, reason in sorted(files.items())]
-
-    def _manifests_to_drop(self, watch: WatchDir,
-                           deleted: dict[str, str]) -> list[tuple[Manifest, str]]:
-        """Sets whose files are all gone locally, and sets past the newest `keep_sets`
-        complete ones, each with its reason."""
-        if not self._keep_sets and not deleted:
+            gone = [key for key, path in self._ledger.live_objects(self._bucket, prefix)
+                    if not os.path.lexists(path)]
+        if not self._keep_sets and not gone:
             return []
-        drop: list[tuple[Manifest, str]] = []
-        complete_kept = 0
-        for manifest in list_manifests(self._s3, self._bucket, watch.prefix):
-            self._stop_if_cancelled()
-            if manifest.files and all(e.key in deleted for e in manifest.files):
-                drop.append((manifest, "deleted locally"))
-            elif self._keep_sets and complete_kept >= self._keep_sets:
-                drop.append((manifest, "retention"))
-            elif self._keep_sets and is_complete(self._s3, self._bucket, manifest):
+        return plan_deletions(
+            watch.prefix, PathFilter.for_watch(watch).accepts,
+            list_manifests(self._s3, self._bucket, watch.prefix), gone, self._keep_sets,
+            self._is_complete)
+
+    def _is_complete(self, manifest: Manifest) -> bool:
+        self._stop_if_cancelled()  # between the requests of a long plan
+        return is_complete(self._s3, self._bucket, manifest)
+
+
+def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
+                   manifests: Sequence[Manifest], gone_locally: Collection[str],
+                   keep_sets: int, complete: Callable[[Manifest], bool]) -> list[Deletion]:
+    """What to delete under one watch: manifests first, then files.
+
+    manifests: the sets in S3, newest first; gone_locally: keys the ledger says spotwatch
+    uploaded whose local files are gone; complete: whether a set's files are all in S3.
+
+    Invariant: only what spotwatch uploaded goes, never an object a kept set's manifest lists.
+    A file is deleted only if it is under the prefix, not a manifest, accepted by the filters,
+    listed by no kept manifest, and either recorded in the ledger with its local file gone, or
+    inside the own directory of a set dropped by retention whose manifest lists it. A set that
+    lists a file gone locally loses its manifest too (the daemon seals it again with what is
+    left), so deleting the file leaves no kept set incomplete.
+    """
+    prefix = object_key(watch_prefix, "")
+
+    def deletable(key: str) -> bool:
+        relative = key[len(prefix):] if key.startswith(prefix) else None
+        return relative is not None and not relative.startswith(MANIFEST_DIR) and accepts(
+            relative)
+
+    gone = {key for key in gone_locally if deletable(key)}
+    dropped: list[tuple[Manifest, str]] = []
+    kept: list[Manifest] = []
+    complete_kept = 0
+    for manifest in manifests:
+        if any(entry.key in gone for entry in manifest.files):
+            dropped.append((manifest, "deleted locally"))
+        elif keep_sets and complete_kept >= keep_sets:
+            dropped.append((manifest, "retention"))
+        else:
+            kept.append(manifest)
+            if keep_sets and complete(manifest):
                 complete_kept += 1
-        return drop
+    listed_by_kept = {entry.key for manifest in kept for entry in manifest.files}
+    files = dict.fromkeys(gone - listed_by_kept, "deleted locally")
+    for manifest, reason in dropped:
+        if reason != "retention":
+            continue
+        own = object_key(watch_prefix, manifest.set_name)
+        for entry in manifest.files:
+            if (deletable(entry.key) and belongs_to_set(entry.key, own)
+                    and entry.key not in listed_by_kept):
+                files.setdefault(entry.key, reason)
+    return ([Deletion(manifest_key(watch_prefix, m.set_name), reason) for m, reason in dropped]
+            + [Deletion(key, reason) for key, reason in sorted(files.items())])
 
 
 def prune_once(config: Config, bucket: str, mirror_deletes: bool, keep_sets: int,

@@ -7,27 +7,44 @@ from typing import Any
 import structlog
 from botocore.exceptions import ClientError
 
-from spotwatch.checkpoint_sets import Manifest, manifest_prefix
+from spotwatch.checkpoint_sets import Manifest, ManifestError, manifest_key, manifest_prefix
 
 log = structlog.get_logger("spotwatch.sets")
 
 
-def list_manifests(s3: Any, bucket: str, prefix: str, limit: int | None = None) -> list[Manifest]:
-    """The manifests under the prefix, newest checkpoint first; at most `limit` of the most
-    recently written are read."""
-    listed: list[dict[str, Any]] = []
+def list_manifests(s3: Any, bucket: str, prefix: str) -> list[Manifest]:
+    """Every valid manifest under the configured prefix, newest checkpoint first.
+
+    All of them are read: when a manifest was written says nothing about how new its
+    checkpoint is. A malformed one is skipped with a warning and never hides the others.
+    """
+    keys: list[str] = []
     for page in s3.get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=manifest_prefix(prefix)):
-        listed.extend(page.get("Contents", []))
-    listed.sort(key=lambda item: item["LastModified"], reverse=True)
-    manifests = []
-    for item in listed[:limit]:
-        body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
-        try:
-            manifests.append(Manifest.from_json(body.decode()))
-        except (ValueError, KeyError, TypeError):
-            log.warning("manifest_unreadable", key=item["Key"])
-    return sorted(manifests, key=lambda m: m.newest_mtime_ns, reverse=True)
+        keys.extend(item["Key"] for item in page.get("Contents", []))
+    manifests = [m for m in (_read_manifest(s3, bucket, prefix, key) for key in keys)
+                 if m is not None]
+    return sorted(manifests, key=lambda m: (m.newest_mtime_ns, m.sealed_at, m.set_name),
+                  reverse=True)
+
+
+def _read_manifest(s3: Any, bucket: str, prefix: str, key: str) -> Manifest | None:
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "NoSuchKey":
+            return None  # deleted since the listing (a prune): no set any more
+        raise
+    try:
+        manifest = Manifest.from_json(body, prefix)
+    except ManifestError as exc:
+        log.warning("manifest_skipped", key=key, reason=str(exc))
+        return None
+    if key != manifest_key(prefix, manifest.set_name):
+        log.warning("manifest_skipped", key=key,
+                    reason=f"describes set {manifest.set_name!r}, not the one it is named for")
+        return None
+    return manifest
 
 
 def is_complete(s3: Any, bucket: str, manifest: Manifest) -> bool:

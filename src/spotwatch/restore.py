@@ -1,21 +1,28 @@
 """`spotwatch restore`: download the newest complete checkpoint set, never an incomplete one.
 
-A set counts only when its manifest exists and every file it lists is in S3 with the listed
-size. Files land under a temporary name and are renamed into place with their original mtime,
-so a rerun skips what is already there and the daemon does not upload them again.
+A set counts only when its manifest is valid for the configured prefix and every file it lists
+is in S3 with the listed size. Every file is downloaded under a temporary name and checked
+against the manifest's size and checksum; only when all files of the set check out are they
+renamed into place, with their original mtime, so a rerun skips what is already there and the
+daemon does not upload them again. A set whose bytes do not match is corrupt: its downloads
+are removed and the next older complete set is restored instead, with a warning.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import structlog
+from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from spotwatch.checkpoint_sets import Manifest, ManifestEntry, object_key
+from spotwatch.checkpoint_sets import Manifest, ManifestEntry
+from spotwatch.checksums import ChecksumUnavailable, file_matches
 from spotwatch.config import Config, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.ledger import FileVersion, Ledger, LedgerError
@@ -27,8 +34,7 @@ from spotwatch.uploader import make_s3_client, transfer_config
 
 log = structlog.get_logger("spotwatch.restore")
 
-# Manifests are read newest-written first; older ones can only be older checkpoints.
-MANIFESTS_TO_READ = 50
+TEMP_SUFFIX = ".spotwatch-restore"
 
 
 @dataclass(frozen=True)
@@ -38,14 +44,16 @@ class RestoreReport:
     downloaded: int
     skipped: int
     bytes: int
+    passed_over: tuple[str, ...] = field(default=())  # newer sets, incomplete or corrupt
 
 
-def _target(destination: Path, manifest: Manifest, entry: ManifestEntry) -> Path:
-    if not entry.key.startswith(object_key(manifest.prefix, "")):
-        raise SpotwatchError(f"manifest {manifest.set_name!r} lists a key outside its prefix: "
-                             f"{entry.key!r}")
+class SetCorrupt(Exception):
+    """A file of the set does not match its manifest entry."""
+
+
+def _target(destination: Path, entry: ManifestEntry) -> Path:
     target = (destination / entry.path).resolve()
-    if destination.resolve() not in target.parents:
+    if destination.resolve() not in target.parents:  # e.g. through a symlink in destination
         raise SpotwatchError(f"manifest path escapes the destination: {entry.path!r}")
     return target
 
@@ -61,59 +69,153 @@ def _choose_watch(config: Config, prefix: str | None) -> WatchDir:
     return config.watch[0]
 
 
+def _destination(to: Path | None, watch: WatchDir) -> Path:
+    """The directory to restore into; refused when it, or what would hold it, is no directory."""
+    destination = (to or watch.path).absolute()
+    existing = next((p for p in (destination, *destination.parents) if os.path.lexists(p)),
+                    None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"cannot restore into {destination}: {existing} is not a directory")
+    return destination
+
+
 def restore(config: Config, bucket: str, to: Path | None = None, set_name: str | None = None,
             prefix: str | None = None) -> RestoreReport:
     watch = _choose_watch(config, prefix)
-    destination = (to or watch.path).absolute()
+    destination = _destination(to, watch)
     s3 = make_s3_client(resolve_region(config), config.transfer)
     try:
-        manifests = list_manifests(s3, bucket, watch.prefix, MANIFESTS_TO_READ)
-        if set_name is not None:
-            manifests = [m for m in manifests if m.set_name == set_name]
-        chosen = next((m for m in manifests if is_complete(s3, bucket, m)), None)
+        manifests = list_manifests(s3, bucket, watch.prefix)
     except (BotoCoreError, ClientError) as exc:
         raise SpotwatchError(f"cannot read s3://{bucket}/{watch.prefix}: {exc}") from None
-    if chosen is None:
-        wanted = f"set {set_name!r}" if set_name else "checkpoint set"
-        raise SpotwatchError(f"no complete {wanted} under s3://{bucket}/{watch.prefix}")
+    if set_name is not None:
+        manifests = [m for m in manifests if m.set_name == set_name]
     # Restored into the watched directory, the files are already in S3: record them.
     ledger = Ledger(StateDir(config.state_dir).ledger) if destination == watch.path else None
     try:
-        return _download(s3, bucket, chosen, destination, config, ledger)
+        report = _restore_newest(s3, bucket, manifests, destination, config, ledger)
     finally:
         if ledger is not None:
             ledger.close()
+    if report is None:
+        wanted = f"set {set_name!r}" if set_name else "checkpoint set"
+        raise SpotwatchError(f"no complete {wanted} under s3://{bucket}/{watch.prefix}")
+    return report
+
+
+def _restore_newest(s3: Any, bucket: str, manifests: list[Manifest], destination: Path,
+                    config: Config, ledger: Ledger | None) -> RestoreReport | None:
+    """The first set, newest first, that is complete and whose bytes all verify."""
+    passed_over: list[str] = []
+    for manifest in manifests:
+        try:
+            if not is_complete(s3, bucket, manifest):
+                log.warning("set_incomplete", set=manifest.set_name,
+                            reason="a listed object is missing or has another size")
+                passed_over.append(manifest.set_name)
+                continue
+            report = _download(s3, bucket, manifest, destination, config, ledger)
+        except SetCorrupt as exc:
+            log.warning("set_corrupt", set=manifest.set_name, reason=str(exc),
+                        action="trying the next older set")
+            passed_over.append(manifest.set_name)
+            continue
+        except (BotoCoreError, ClientError, OSError, LedgerError) as exc:
+            raise SpotwatchError(f"restore of {manifest.set_name} failed: {exc}") from None
+        except ChecksumUnavailable as exc:
+            raise SpotwatchError(f"cannot verify {manifest.set_name}: {exc}") from None
+        return replace(report, passed_over=tuple(passed_over))
+    return None
+
+
+def _verify(path: Path, entry: ManifestEntry, part_size: int | None, preferred: str) -> str | None:
+    """Why the file is not the one the entry describes, or None when it is."""
+    if entry.checksum is None:
+        return "the manifest has no checksum to verify it by"
+    if path.stat().st_size != entry.size:
+        return "size differs from the manifest"
+    if not file_matches(path, entry.checksum, part_size, preferred):
+        return "checksum differs from the manifest"
+    return None
+
+
+def _part_size(s3: Any, bucket: str, entry: ManifestEntry) -> int | None:
+    """The part size a composite checksum is over: from the manifest, else (manifests written
+    before it was recorded) the length of the object's first part."""
+    if entry.part_size is not None or entry.checksum is None or "-" not in entry.checksum:
+        return entry.part_size
+    size = s3.head_object(Bucket=bucket, Key=entry.key, PartNumber=1)["ContentLength"]
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def _already_there(target: Path, entry: ManifestEntry, part_size: int | None,
+                   preferred: str) -> bool:
+    try:
+        stat = target.stat()
+    except FileNotFoundError:
+        return False
+    return ((stat.st_size, stat.st_mtime_ns) == (entry.size, entry.mtime_ns)
+            and _verify(target, entry, part_size, preferred) is None)
+
+
+@contextmanager
+def _temporaries() -> Iterator[list[Path]]:
+    """Temporary downloads, removed unless the caller renamed them into place."""
+    temps: list[Path] = []
+    try:
+        yield temps
+    finally:
+        for temp in temps:
+            with suppress(FileNotFoundError):
+                temp.unlink()
 
 
 def _download(s3: Any, bucket: str, manifest: Manifest, destination: Path, config: Config,
               ledger: Ledger | None) -> RestoreReport:
-    todo: list[tuple[ManifestEntry, Path]] = []
+    preferred = config.transfer.checksum_algorithm
+    todo: list[tuple[ManifestEntry, Path, int | None]] = []
     skipped = 0
     for entry in manifest.files:
-        target = _target(destination, manifest, entry)
-        try:
-            stat = target.stat()
-            if (stat.st_size, stat.st_mtime_ns) == (entry.size, entry.mtime_ns):
-                skipped += 1
-                continue
-        except FileNotFoundError:
-            pass
-        todo.append((entry, target))
-    progress = ProgressBar(f"restoring {manifest.set_name}", sum(e.size for e, _ in todo))
-    tuning = transfer_config(config.transfer)
+        target = _target(destination, entry)
+        part_size = _part_size(s3, bucket, entry)
+        if _already_there(target, entry, part_size, preferred):
+            skipped += 1
+        else:
+            todo.append((entry, target, part_size))
+    progress = ProgressBar(f"restoring {manifest.set_name}", sum(e.size for e, _, _ in todo))
     try:
-        for entry, target in todo:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temp = target.with_name(f".{target.name}.spotwatch-restore")
-            s3.download_file(bucket, entry.key, str(temp), Config=tuning, Callback=progress)
-            os.utime(temp, ns=(entry.mtime_ns, entry.mtime_ns))
-            if ledger is not None:  # before the rename, so a running daemon skips it
-                ledger.record(bucket, entry.key, target, FileVersion(entry.size, entry.mtime_ns),
-                              entry.checksum)
-            os.replace(temp, target)
-    except (BotoCoreError, ClientError, OSError, LedgerError) as exc:
-        raise SpotwatchError(f"restore of {manifest.set_name} failed: {exc}") from None
+        with _temporaries() as temps:
+            for entry, target, part_size in todo:
+                temps.append(_fetch_verified(s3, bucket, entry, target, part_size, preferred,
+                                             transfer_config(config.transfer), progress))
+            # Every file of the set checked out: only now does anything land in place.
+            for (entry, target, _), temp in zip(todo, temps, strict=True):
+                if ledger is not None:  # before the rename, so a running daemon skips it
+                    ledger.record(bucket, entry.key, target,
+                                  FileVersion(entry.size, entry.mtime_ns), entry.checksum,
+                                  entry.part_size)
+                os.replace(temp, target)
     finally:
         progress.close()
     return RestoreReport(manifest.set_name, destination, len(todo), skipped,
-                         sum(e.size for e, _ in todo))
+                         sum(e.size for e, _, _ in todo))
+
+
+def _fetch_verified(s3: Any, bucket: str, entry: ManifestEntry, target: Path,
+                    part_size: int | None, preferred: str, tuning: TransferConfig,
+                    progress: ProgressBar) -> Path:
+    """Download one file next to its target; SetCorrupt unless it matches its entry."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}{TEMP_SUFFIX}")
+    try:
+        s3.download_file(bucket, entry.key, str(temp), Config=tuning, Callback=progress)
+        problem = _verify(temp, entry, part_size, preferred)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+    if problem is not None:
+        temp.unlink()
+        raise SetCorrupt(f"{entry.key}: {problem}")
+    os.utime(temp, ns=(entry.mtime_ns, entry.mtime_ns))
+    return temp

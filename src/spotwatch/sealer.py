@@ -1,34 +1,54 @@
 """Writes a checkpoint set's manifest once every file of the set is durable and nothing of it
-is still pending, uploading or being written."""
+is still pending, uploading or being written; reports the sets that cannot be sealed."""
 
 from __future__ import annotations
 
 import os
+import stat as stat_module
 import time
+from collections.abc import Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from spotwatch.checkpoint_sets import Manifest, ManifestEntry, manifest_key
-from spotwatch.ledger import Ledger
+from spotwatch.checkpoint_sets import Manifest, ManifestEntry, manifest_key, storable_key
+from spotwatch.ledger import Ledger, LedgerRow
 from spotwatch.planner import SetRef
+from spotwatch.tracker import ChangeTracker, walk_files
 from spotwatch.uploader import Uploader
 
 log = structlog.get_logger("spotwatch.sets")
 
 RETRY_SECONDS = 2.0
 MAX_ATTEMPTS = 3
+# A set_incomplete log line names at most this many of the missing files.
+MISSING_LOGGED = 20
+# A missing file created or renamed this recently is still on its way (its events not yet
+# seen): its set is checked again instead of being reported incomplete.
+ARRIVING_NS = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class SetCheck:
+    entries: list[ManifestEntry]  # what its manifest lists, when nothing is missing
+    missing: list[str]  # files (relative paths) not durable in S3 at their current version
+    arriving: bool  # some missing file was just created: too early to call the set incomplete
 
 
 class SetSealer:
     """Manifest uploads run on the uploader's threads, so the daemon's loop never waits for
     one; a set that gains a file while its manifest is on the way is sealed again after."""
 
-    def __init__(self, ledger: Ledger, uploader: Uploader) -> None:
+    def __init__(self, ledger: Ledger, uploader: Uploader,
+                 trackers: Sequence[ChangeTracker]) -> None:
         self._ledger = ledger
         self._uploader = uploader
+        self._trackers = {tracker.root: tracker for tracker in trackers}
+        # Set key -> its files (relative paths) not durable in S3: sets left unsealed.
+        self.incomplete: dict[str, list[str]] = {}
         self._dirty: dict[SetRef, int] = {}  # set -> generation, bumped by every new file
         self._sending: dict[SetRef, tuple[int, Future[None], Manifest, str]] = {}
         self._attempts: dict[SetRef, int] = {}
@@ -51,11 +71,18 @@ class SetSealer:
             if (set_ref in self._sending or set_ref.key in busy_set_keys
                     or self._not_before.get(set_ref, 0) > now):
                 continue
-            entries = self._current_entries(set_ref)
-            if not entries:
+            check = self._check_set(set_ref)
+            if check.arriving:
+                continue
+            if check.missing:
+                self._report_incomplete(set_ref, check.missing)
+                self._done(set_ref)  # sealed again once another file of it is uploaded
+                continue
+            self.incomplete.pop(set_ref.key, None)
+            if not check.entries:
                 self._done(set_ref)  # nothing of the set is left locally: no manifest
                 continue
-            manifest = Manifest.build(set_ref.name, set_ref.prefix, entries)
+            manifest = Manifest.build(set_ref.name, set_ref.prefix, check.entries)
             key = manifest_key(set_ref.prefix, set_ref.name)
             future = self._uploader.put_small_async(key, manifest.to_json().encode(),
                                                     "application/json")
@@ -87,17 +114,65 @@ class SetSealer:
         self._attempts.pop(set_ref, None)
         self._not_before.pop(set_ref, None)
 
-    def _current_entries(self, set_ref: SetRef) -> list[ManifestEntry]:
-        """The set's uploaded files that still match the local files (deleted ones drop out)."""
-        entries = []
-        for key, path, size, mtime_ns, checksum in self._ledger.objects_in_set(
-                self._uploader.bucket, set_ref.key):
-            try:
-                stat = os.stat(path, follow_symlinks=False)
-            except OSError:
+    def _report_incomplete(self, set_ref: SetRef, missing: list[str]) -> None:
+        self.incomplete[set_ref.key] = missing
+        log.warning("set_incomplete", set=set_ref.key, missing=missing[:MISSING_LOGGED],
+                    missing_count=len(missing))
+
+    def _check_set(self, set_ref: SetRef) -> SetCheck:
+        """The manifest entries of the set, and the files that keep it from being sealed.
+
+        Invariant: a manifest means complete. Every regular file of the set on disk that the
+        filters accept must be in the ledger at its current size and mtime, with the checksum
+        S3 verified; a file pending, failed or given up is missing, and a set with any missing
+        file gets no manifest. (The files that are already in S3 stay there.) A name S3
+        cannot take is, like a filtered one, no part of any set: the engine refuses it with a
+        path_refused warning, and the rest of its set is sealed without it.
+        """
+        recorded = self._recorded(set_ref)
+        entries: list[ManifestEntry] = []
+        missing: list[str] = []
+        arriving = False
+        for relative, stat in self._local_files(set_ref):
+            key = _key_or_none(set_ref.prefix, relative)
+            if key is None:
                 continue
-            if (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
-                continue  # changed since: its new version will mark the set again
-            relative = Path(path).relative_to(set_ref.root).as_posix()
-            entries.append(ManifestEntry(key, relative, size, mtime_ns, checksum))
-        return entries
+            row = recorded.get(key)
+            if row is None or (row[2], row[3]) != (stat.st_size, stat.st_mtime_ns) or not row[4]:
+                missing.append(relative)
+                arriving = arriving or 0 <= time.time_ns() - stat.st_ctime_ns < ARRIVING_NS
+                continue
+            entries.append(ManifestEntry(row[0], relative, row[2], row[3], row[4], row[5]))
+        return SetCheck(entries, sorted(missing), arriving)
+
+    def _recorded(self, set_ref: SetRef) -> dict[str, LedgerRow]:
+        rows = self._ledger.objects_in_set(self._uploader.bucket, set_ref.key)
+        return {row[0]: row for row in rows}
+
+    def _local_files(self, set_ref: SetRef) -> Iterator[tuple[str, os.stat_result]]:
+        """(relative path, lstat) of the set's regular files that the filters accept."""
+        tracker = self._trackers.get(set_ref.root)
+        if tracker is None:
+            return
+        top = set_ref.root / set_ref.name
+        try:
+            top_stat = os.stat(top, follow_symlinks=False)
+        except OSError:
+            return
+        if stat_module.S_ISDIR(top_stat.st_mode):
+            files: Iterator[tuple[Path, os.stat_result]] = walk_files(top)
+        elif stat_module.S_ISREG(top_stat.st_mode):
+            files = iter([(top, top_stat)])
+        else:
+            return
+        for path, stat in files:
+            relative = tracker.relative(path)
+            if relative is not None:
+                yield relative, stat
+
+
+def _key_or_none(prefix: str, relative: str) -> str | None:
+    try:
+        return storable_key(prefix, relative)
+    except ValueError:  # a name S3 cannot take: refused by the engine, in no set
+        return None

@@ -76,6 +76,10 @@ def render_status(report: dict[str, Any]) -> str:
         notice = daemon.get("last_notice")
         lines.append("last notice:  " + (f"{notice['kind']} at {notice['detected_at']}"
                                          f" (deadline {notice['deadline']})" if notice else "none"))
+        incomplete = daemon.get("incomplete_sets") or []
+        if incomplete:
+            lines.append(f"incomplete:   {len(incomplete)} sets without a manifest (a file "
+                         f"is not in S3): {', '.join(incomplete[:5])}")
         flush = daemon.get("last_flush")
         if flush:
             lines.append(f"last flush:   {flush['files']} files, {_size(flush['bytes'])} in "

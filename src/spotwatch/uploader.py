@@ -28,6 +28,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from botocore.utils import determine_content_length
 from s3transfer.futures import TransferFuture
 from s3transfer.subscribers import BaseSubscriber
+from s3transfer.utils import ChunksizeAdjuster
 
 from spotwatch.config import TransferSettings
 from spotwatch.ledger import FileVersion
@@ -84,6 +85,7 @@ class UploadResult:
     # A multipart upload of the key may still be open: keep it noted for the startup cleanup.
     multipart_leftovers: bool = False
     permanent: bool = False  # retrying alone will not fix it (see _is_permanent)
+    part_size: int | None = None  # multipart: the checksum is over parts of this size
 
 
 # botocore asks S3 to confirm every upload before its body is sent (Expect: 100-continue), which
@@ -181,6 +183,12 @@ class Uploader:
 
     def uses_multipart(self, size: int) -> bool:
         return size >= self._settings.multipart_threshold
+
+    def part_size(self, size: int) -> int | None:
+        """The part size s3transfer splits a file of this size into (None: one request)."""
+        if not self.uses_multipart(size):
+            return None
+        return ChunksizeAdjuster().adjust_chunksize(self._settings.multipart_chunksize, size)
 
     @property
     def checksum_field(self) -> str:
@@ -311,7 +319,8 @@ class Uploader:
             # Another writer of the same key raced us: the object is not our file.
             return result(Outcome.FAILED, error="object size differs from the file after upload")
         checksum = head.get(self.checksum_field)
-        return result(Outcome.DONE, checksum=checksum if isinstance(checksum, str) else None)
+        return result(Outcome.DONE, checksum=checksum if isinstance(checksum, str) else None,
+                      part_size=self.part_size(job.snapshot.size))
 
     def _abort_leftovers(self, key: str, future: TransferFuture | Future[Any]) -> bool:
         """After a completed multipart upload, abort any other upload of the key left open;

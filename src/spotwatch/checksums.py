@@ -1,0 +1,143 @@
+"""Checking local bytes against the checksum S3 reported for an object.
+
+S3 reports a checksum as base64 of the digest. A single-part object, or a multipart one with a
+full-object checksum, carries the digest of all its bytes; a multipart object with a composite
+checksum carries the digest of its parts' digests, suffixed ``-<parts>``. The checksum string
+does not name its algorithm, but its length narrows it down: the configured algorithm decides
+when it has that length (spotwatch uploads with it); otherwise every algorithm of that length
+is tried, and a mismatch is declared only once all of them were computed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import importlib
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+READ_BYTES = 1 << 20
+
+
+class ChecksumUnavailable(Exception):
+    """The algorithm that would settle the comparison cannot be computed here."""
+
+
+class _Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+
+class _Crc:
+    """A CRC with hashlib's interface: update() then digest() (big-endian, as S3 sends it)."""
+
+    def __init__(self, step: Callable[[bytes, int], int], width: int) -> None:
+        self._step = step
+        self._width = width
+        self._value = 0
+
+    def update(self, data: bytes, /) -> None:
+        self._value = self._step(data, self._value)
+
+    def digest(self) -> bytes:
+        return self._value.to_bytes(self._width, "big")
+
+
+def _crt_crc(name: str, width: int) -> Callable[[], _Digest]:
+    def make() -> _Digest:
+        try:  # botocore's optional CRT extra
+            checksums = importlib.import_module("awscrt.checksums")
+        except ImportError:
+            raise ChecksumUnavailable(f"checking {name.upper()} checksums needs awscrt "
+                                      "(pip install awscrt)") from None
+        return _Crc(getattr(checksums, name), width)
+
+    return make
+
+
+_ALGORITHMS: dict[str, tuple[int, Callable[[], _Digest]]] = {
+    "CRC32": (4, lambda: _Crc(zlib.crc32, 4)),
+    "CRC32C": (4, _crt_crc("crc32c", 4)),
+    "CRC64NVME": (8, _crt_crc("crc64nvme", 8)),
+    "SHA1": (20, hashlib.sha1),
+    "SHA256": (32, hashlib.sha256),
+}
+
+
+def _parse(checksum: str) -> tuple[bytes, int | None] | None:
+    """(digest, part count or None), or None when it is no S3 checksum at all."""
+    encoded, _, parts = checksum.partition("-")
+    try:
+        digest = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if parts and not (parts.isascii() and parts.isdigit() and int(parts) > 0):
+        return None
+    return digest, int(parts) if parts else None
+
+
+def _digests(path: Path, make: Callable[[], _Digest],
+             part_size: int | None) -> tuple[bytes, bytes | None, int]:
+    """The file's full digest, its composite digest over part_size parts, and the part count;
+    one pass over the file."""
+    whole = make()
+    of_parts = make()
+    part = make()
+    in_part = parts = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(READ_BYTES):
+            whole.update(chunk)
+            if part_size is None:
+                continue
+            while chunk:
+                piece, chunk = chunk[:part_size - in_part], chunk[part_size - in_part:]
+                part.update(piece)
+                in_part += len(piece)
+                if in_part == part_size:
+                    of_parts.update(part.digest())
+                    part, in_part, parts = make(), 0, parts + 1
+    if in_part or (part_size is not None and parts == 0):
+        of_parts.update(part.digest())
+        parts += 1
+    return whole.digest(), of_parts.digest() if part_size is not None else None, parts
+
+
+def _candidates(width: int, preferred: str) -> list[str]:
+    """The algorithms a digest of this width may come from; the configured one alone if it fits."""
+    if _ALGORITHMS.get(preferred, (0,))[0] == width:
+        return [preferred]
+    return [name for name, (size, _) in _ALGORITHMS.items() if size == width]
+
+
+def file_matches(path: Path, checksum: str, part_size: int | None, preferred: str) -> bool:
+    """Whether the file's bytes have this S3 checksum; preferred is the configured algorithm.
+
+    part_size is needed for a composite checksum. Raises ChecksumUnavailable when no
+    algorithm matched and one that might have could not be computed.
+    """
+    parsed = _parse(checksum)
+    if parsed is None:
+        return False
+    expected, part_count = parsed
+    if part_count is not None and part_size is None:
+        return False  # a composite checksum without the part size cannot be recomputed
+    unavailable: ChecksumUnavailable | None = None
+    for name in _candidates(len(expected), preferred):
+        make = _ALGORITHMS[name][1]
+        try:
+            make()
+        except ChecksumUnavailable as exc:
+            unavailable = exc
+            continue
+        whole, composite, parts = _digests(path, make, part_size)
+        if part_count is None and whole == expected:
+            return True
+        if composite == expected and part_count in (None, parts):
+            return True  # None: some S3 implementations leave off the part count
+    if unavailable is not None:
+        raise unavailable
+    return False

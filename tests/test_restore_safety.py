@@ -1,0 +1,255 @@
+"""Restore hands back only verified bytes, only from the configured prefix, only of a set that
+was sealed complete: end to end with the CLI against the moto server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotwatch.checkpoint_sets import Manifest, ManifestEntry, manifest_key
+from spotwatch.config import load_config
+from spotwatch.daemon import Daemon
+from spotwatch.status import render_status
+from spotwatch.uploader import make_s3_client
+
+from .conftest import Workspace, keys_in, object_bytes, wait_for
+from .faultproxy import FaultProxy, Request
+from .test_checkpoint_sets import MANIFESTS, make_sets, restore
+from .test_daemon_e2e import flush_summary, save_checkpoint
+
+MiB = 1 << 20
+
+
+def log_events(stderr: str) -> list[dict[str, Any]]:
+    events = []
+    for line in stderr.splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
+def named(stderr: str, event: str) -> list[dict[str, Any]]:
+    return [e for e in log_events(stderr) if e.get("event") == event]
+
+
+def restored_files(target: Path) -> set[str]:
+    return {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
+
+
+def test_replaced_object_makes_the_set_corrupt_and_restore_falls_back(
+        workspace: Workspace, s3: Any) -> None:
+    sets = make_sets(workspace)  # step_1 older, step_2 newer; model.pt and optim.pt each
+    size = len(sets["step_2"]["optim.pt"])
+    s3.put_object(Bucket=workspace.bucket, Key="run1/step_2/optim.pt", Body=os.urandom(size))
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "restored step_1" in result.stdout and "passed over: step_2" in result.stdout
+    corrupt = named(result.stderr, "set_corrupt")
+    assert [e["set"] for e in corrupt] == ["step_2"]
+    assert "run1/step_2/optim.pt: checksum differs" in corrupt[0]["reason"]
+    # Nothing of the corrupt set lands, not even its good file; no temporary file is left.
+    assert restored_files(target) == {"step_1/model.pt", "step_1/optim.pt"}
+    for name, data in sets["step_1"].items():
+        assert (target / "step_1" / name).read_bytes() == data
+
+    s3.put_object(Bucket=workspace.bucket, Key="run1/step_1/model.pt",
+                  Body=os.urandom(len(sets["step_1"]["model.pt"])))
+    elsewhere = workspace.root / "elsewhere"
+    result = restore(workspace, "--to", str(elsewhere))
+    assert result.returncode == 1  # no set is left: nothing restored is a failure
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "spotwatch: error: no complete checkpoint set")
+    assert [e["set"] for e in named(result.stderr, "set_corrupt")] == ["step_2", "step_1"]
+    assert not elsewhere.exists() or restored_files(elsewhere) == set()
+
+
+def test_a_stale_local_copy_is_downloaded_again(workspace: Workspace, s3: Any) -> None:
+    sets = make_sets(workspace)
+    local = workspace.checkpoints / "step_2" / "model.pt"
+    stat = local.stat()
+    local.write_bytes(os.urandom(stat.st_size))  # same size and mtime, other bytes
+    os.utime(local, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    result = restore(workspace)  # into the watched directory, over the stale copy
+    assert result.returncode == 0, result.stderr
+    assert "1 files downloaded" in result.stdout and "1 already present" in result.stdout
+    assert local.read_bytes() == sets["step_2"]["model.pt"]
+
+
+def test_multipart_files_restore_verified_by_their_composite_checksum(
+        workspace: Workspace, s3: Any) -> None:
+    workspace.write_config(transfer={"multipart_threshold": "5MB", "multipart_chunksize": "5MB"})
+    data = save_checkpoint(workspace.checkpoints / "step_1" / "big.pt", 11 * MiB + 3)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 1
+    [entry] = json.loads(object_bytes(s3, workspace.bucket, f"{MANIFESTS}step_1.json"))["files"]
+    assert entry["part_size"] == 5 * MiB  # the parts its composite checksum is over
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert (target / "step_1" / "big.pt").read_bytes() == data
+
+
+def _manifest_body(set_name: str, prefix: str, files: Any) -> bytes:
+    return json.dumps({"format": 1, "set": set_name, "prefix": prefix, "files": files,
+                       "sealed_at": 1.0}).encode()
+
+
+def _crc32(data: bytes) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def test_a_manifest_cannot_widen_the_prefix(workspace: Workspace, s3: Any) -> None:
+    make_sets(workspace)
+    secret = b"another team's data"
+    s3.put_object(Bucket=workspace.bucket, Key="other-team/secret.bin", Body=secret)
+    entry = {"key": "other-team/secret.bin", "path": "other-team/secret.bin",
+             "size": len(secret), "mtime_ns": 2**62, "checksum": _crc32(secret)}
+    s3.put_object(Bucket=workspace.bucket, Key=f"{MANIFESTS}other-team.json",
+                  Body=_manifest_body("other-team", "", [entry]))
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "restored step_2" in result.stdout
+    assert not (target / "other-team").exists()
+    skipped = named(result.stderr, "manifest_skipped")
+    assert [e["key"] for e in skipped] == [f"{MANIFESTS}other-team.json"]
+
+
+def _put_later(s3: Any, bucket: str, key: str, body: bytes, after: str) -> None:
+    """Put key so that its LastModified is later than that of `after` (one-second clock)."""
+    before = s3.head_object(Bucket=bucket, Key=after)["LastModified"]
+
+    def later() -> bool:
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+        return bool(s3.head_object(Bucket=bucket, Key=key)["LastModified"] > before)
+
+    wait_for(later, timeout=10, interval=0.2)
+
+
+def test_malformed_manifests_are_skipped_and_no_bound_hides_the_newest_set(
+        workspace: Workspace, s3: Any) -> None:
+    sets = make_sets(workspace)
+    bucket = workspace.bucket
+    newest_sealed = f"{MANIFESTS}step_2.json"
+    good = {"key": "run1/bad/x.pt", "path": "bad/x.pt", "size": 1, "mtime_ns": 2**62,
+            "checksum": _crc32(b"x")}
+    malformed = {
+        "invalid-json": b'{"format": 1, "set": ',
+        "wrong-types": _manifest_body("wrong-types", "run1/", [
+            {**good, "key": "run1/wrong-types/x.pt", "path": "wrong-types/x.pt", "size": "1"}]),
+        "nul-path": _manifest_body("nul-path", "run1/", [
+            {**good, "key": "run1/nul-path/x\0.pt", "path": "nul-path/x\0.pt"}]),
+        "files-not-a-list": _manifest_body("files-not-a-list", "run1/", "x"),
+        "not-utf8": b"\xff\xfe{}",
+        "named-for-another-set": _manifest_body("step_1", "run1/", [
+            {**good, "key": "run1/step_1/x.pt", "path": "step_1/x.pt"}]),
+    }
+    s3.put_object(Bucket=bucket, Key="run1/bad/x.pt", Body=b"x")
+    _put_later(s3, bucket, f"{MANIFESTS}invalid-json.json", malformed.pop("invalid-json"),
+               after=newest_sealed)
+    for name, body in malformed.items():
+        s3.put_object(Bucket=bucket, Key=f"{MANIFESTS}{name}.json", Body=body)
+    # Many older, complete sets whose manifests were written after the newest set's.
+    for number in range(60):
+        name = f"old_{number:02}"
+        s3.put_object(Bucket=bucket, Key=f"run1/{name}/m.pt", Body=b"old")
+        manifest = Manifest.build(name, "run1/", [
+            ManifestEntry(f"run1/{name}/m.pt", f"{name}/m.pt", 3, number, _crc32(b"old"))])
+        s3.put_object(Bucket=bucket, Key=manifest_key("run1/", name),
+                      Body=manifest.to_json().encode())
+
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "restored step_2" in result.stdout
+    assert (target / "step_2" / "model.pt").read_bytes() == sets["step_2"]["model.pt"]
+    skipped = {e["key"].rsplit("/", 1)[1] for e in named(result.stderr, "manifest_skipped")}
+    assert skipped == {f"{name}.json" for name in (*malformed, "invalid-json")}
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_restore_to_a_regular_file_is_a_usage_error(workspace: Workspace, below: bool) -> None:
+    make_sets(workspace)
+    existing = workspace.root / "notes.txt"
+    existing.write_text("keep me")
+    to = existing / "sub" if below else existing
+    result = restore(workspace, "--to", str(to))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"spotwatch: error: cannot restore into {to}: "
+                                     f"{existing} is not a directory")
+    assert existing.read_text() == "keep me"
+
+
+@pytest.fixture
+def proxy() -> Any:
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as fault_proxy:
+        yield fault_proxy
+
+
+def _fail_uploads_of(proxy: FaultProxy, suffix: str) -> None:
+    def matches(request: Request) -> bool:
+        return request.operation == "PutObject" and request.path.endswith(suffix)
+
+    proxy.add("500", matches, times=10_000)
+
+
+def test_a_set_with_a_file_given_up_gets_no_manifest(workspace: Workspace, s3: Any,
+                                                     proxy: FaultProxy) -> None:
+    workspace.write_config(transfer={"max_attempts": 1})
+    sets = make_sets(workspace)  # step_1 and step_2, sealed
+    newer = {name: save_checkpoint(workspace.checkpoints / "step_3" / name, 2_000)
+             for name in ("model.pt", "optim.pt")}
+    _fail_uploads_of(proxy, "/run1/step_3/optim.pt")
+    flush = workspace.cli("flush", "-c", "config.yaml", AWS_ENDPOINT_URL=proxy.url)
+    assert flush.returncode == 1
+    assert object_bytes(s3, workspace.bucket, "run1/step_3/model.pt") == newer["model.pt"]
+    assert f"{MANIFESTS}step_3.json" not in keys_in(s3, workspace.bucket)
+    incomplete = named(flush.stderr, "set_incomplete")
+    assert incomplete and incomplete[-1]["set"] == "run1/step_3"
+    assert incomplete[-1]["missing"] == ["step_3/optim.pt"]
+    status = json.loads((workspace.root / "state" / "status.json").read_text())
+    assert status["incomplete_sets"] == ["run1/step_3"]
+
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "restored step_2" in result.stdout
+    assert (target / "step_2" / "optim.pt").read_bytes() == sets["step_2"]["optim.pt"]
+
+    # Once the file gets through, the set is sealed with every file and reported no more.
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 1
+    manifest = Manifest.from_json(object_bytes(s3, workspace.bucket, f"{MANIFESTS}step_3.json"),
+                                  "run1/")
+    assert {f.path for f in manifest.files} == {"step_3/model.pt", "step_3/optim.pt"}
+    status = json.loads((workspace.root / "state" / "status.json").read_text())
+    assert status["incomplete_sets"] == []
+
+
+def test_incomplete_sets_show_in_status_and_metrics(workspace: Workspace, s3: Any,
+                                                    proxy: FaultProxy,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    workspace.write_config(transfer={"max_attempts": 1})
+    for name in ("a.pt", "b.pt"):
+        save_checkpoint(workspace.checkpoints / "step_1" / name, 1_000)
+    _fail_uploads_of(proxy, "/run1/step_1/b.pt")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    config = load_config(workspace.config_file)
+    daemon = Daemon(config, workspace.bucket, make_s3_client(config.region, config.transfer))
+    outcome = daemon.flush_once()
+    assert outcome.failed == 1
+    assert daemon.metrics.registry.get_sample_value("spotwatch_incomplete_sets") == 1
+    status = json.loads(daemon.state.status.read_text())
+    assert status["incomplete_sets"] == ["run1/step_1"]
+    shown = render_status({"bucket": workspace.bucket, "daemon_pid": 1, "daemon": status,
+                           "uploaded_objects": 1, "uploaded_bytes": 1_000,
+                           "last_upload_at": None})
+    assert "incomplete:   1 sets without a manifest (a file is not in S3): run1/step_1" in shown
