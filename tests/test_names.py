@@ -134,8 +134,11 @@ def test_any_names_every_storable_file_is_uploaded(s3: Any, names: list[list[byt
         assert sorted(refused) == sorted(
             os.path.join(root, os.fsdecode(rel)).encode("utf-8", "surrogateescape").decode(
                 "utf-8", "backslashreplace") for rel in written if not storable(rel))
-        sets = {key[len(PREFIX):].split("/", 1)[0] for key in expected}
-        assert {MANIFESTS + name + ".json" for name in sets} <= keys_in(s3, bucket)
+        # A manifest means complete: a set holding any name S3 cannot take stays unsealed.
+        complete = {rel.split(b"/", 1)[0] for rel in written} - {
+            rel.split(b"/", 1)[0] for rel in written if not storable(rel)}
+        manifests = {k for k in keys_in(s3, bucket) if k.startswith(MANIFESTS)}
+        assert manifests == {MANIFESTS + name.decode() + ".json" for name in complete}
 
 
 def test_keys_up_to_1024_bytes_are_uploaded_longer_ones_refused_once(
@@ -159,7 +162,10 @@ def test_keys_up_to_1024_bytes_are_uploaded_longer_ones_refused_once(
     assert [e["path"] for e in refused] == [str(root / too_long)]
     assert "1025 bytes" in refused[0]["reason"]
     assert not [e for e in logs if e["event"] == "upload_failed"]
-    assert keys_in(s3, bucket) >= {MANIFESTS + "s.json"}
+    # The set holds a file S3 cannot take: it is reported incomplete, never sealed.
+    assert MANIFESTS + "s.json" not in keys_in(s3, bucket)
+    incomplete = [e for e in logs if e["event"] == "set_incomplete"]
+    assert incomplete and incomplete[-1]["missing"] == [too_long]
 
 
 def test_a_file_whose_set_manifest_key_would_be_too_long_is_refused(
@@ -202,8 +208,10 @@ def test_flush_skips_names_that_are_not_utf8_and_uploads_the_rest(
     assert result.stderr.count('"path_refused"') == 2
     assert "bad\\\\xffname.pt" in result.stderr  # escaped, as JSON shows a backslash
     assert "step_\\\\xfe/model.pt" in result.stderr
-    assert {"run1/.spotwatch/manifests/step_1.json",
-            "run1/.spotwatch/manifests/step_2.json"} <= keys_in(s3, workspace.bucket)
+    manifests = {k for k in keys_in(s3, workspace.bucket) if k.startswith("run1/.spotwatch/")}
+    # step_1 holds a name S3 cannot take: the set stays unsealed and is reported incomplete.
+    assert manifests == {"run1/.spotwatch/manifests/step_2.json"}
+    assert '"set_incomplete"' in result.stderr and "run1/step_1" in result.stderr
 
 
 def test_daemon_skips_bad_names_seen_live_and_survives_a_restart(
@@ -221,6 +229,8 @@ def test_daemon_skips_bad_names_seen_live_and_survives_a_restart(
     second.wait_for_event("startup_scan_done")
     assert write_file(workspace.checkpoints, b"step_4/model.pt", b"four")
     wait_for(lambda: "run1/step_4/model.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    # A file changed within quiet_seconds before the start settles first, then is refused.
+    second.wait_for_event("path_refused", count=3)
     assert len(second.named("path_refused")) == 3
     assert second.process.poll() is None
     assert second.stop() == 0

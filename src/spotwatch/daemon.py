@@ -374,6 +374,7 @@ class Daemon:
         margin = ((flush.deadline - datetime.now(timezone.utc)).total_seconds()
                   if flush.deadline else None)
         failed = engine.left_behind(flush.retries_until)
+        engine.report_sets_left_behind(flush.retries_until)
         self.last_flush = {
             "reason": flush.reason,
             "seconds": round(seconds, 3),

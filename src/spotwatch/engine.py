@@ -11,6 +11,7 @@ import queue
 import stat as stat_module
 import time
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import structlog
 
 from spotwatch.checkpoint_sets import object_key, set_name_of, storable_key
 from spotwatch.ledger import Ledger, LedgerError
+from spotwatch.logs import printable_path
 from spotwatch.planner import PendingFile, Planner, SetRef
 from spotwatch.retry import RetryQueue
 from spotwatch.sealer import SetSealer
@@ -142,7 +144,7 @@ class SyncEngine:
         odd name must never stop the others."""
         if path not in self._refused:
             self._refused.add(path)
-            log.warning("path_refused", path=_printable(path), reason=reason)
+            log.warning("path_refused", path=printable_path(path), reason=reason)
 
     def pump(self, upload: bool) -> None:
         """Handle finished uploads, then (when allowed) start more, newest set first."""
@@ -221,9 +223,21 @@ class SyncEngine:
         self._seal_due = now + SEAL_CHECK_SECONDS
         self.sealer.seal_ready(self._busy_set_keys())
 
-    def _busy_set_keys(self) -> set[str]:
+    def report_sets_left_behind(self, deadline: float | None) -> None:
+        """A flush is over: the sets it could not seal because of files it left behind (see
+        left_behind) are checked now, so each is reported incomplete (log, status, metric)
+        instead of waiting in silence for a retry that may never succeed."""
+        left = {item.path for item in self.left_behind(deadline)}
+        if left:
+            self.sealer.seal_ready(self._busy_set_keys(left_behind=left))
+
+    def _busy_set_keys(self, left_behind: AbstractSet[Path] = frozenset()) -> set[str]:
+        """Sets that may still change: a file queued, uploading, being written, or waiting
+        for a retry that may still succeed. A set held back only by failing files is not
+        busy: the sealer reports it incomplete."""
         busy = self.planner.set_keys()
-        busy.update(item.set_key for item in self.retries.items())
+        busy.update(item.set_key for item in self.retries.items()
+                    if item.path not in left_behind and not self.retries.is_failing(item.path))
         busy.update(item.set_key for item in self._uploading.values())
         for tracker in self.trackers:
             for path in tracker.unsettled_paths():
@@ -320,11 +334,6 @@ class SyncEngine:
 
 def _set_ref(tracker: ChangeTracker, relative: str) -> SetRef:
     return SetRef(tracker.watch.prefix, set_name_of(relative), tracker.root)
-
-
-def _printable(path: Path) -> str:
-    """The path for a log line, bytes that are not UTF-8 escaped as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _is_regular(stat: os.stat_result) -> bool:

@@ -8,6 +8,7 @@ never carries a plain-text line.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -52,3 +53,8 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     threshold = _LEVELS[level]
     root.setLevel(threshold if threshold == logging.DEBUG else max(threshold, logging.WARNING))
     logging.getLogger("spotwatch").setLevel(threshold)
+
+
+def printable_path(path: str | os.PathLike[str]) -> str:
+    """A path for a log line or status: bytes that are not UTF-8 escaped as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")

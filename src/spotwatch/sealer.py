@@ -16,6 +16,7 @@ import structlog
 
 from spotwatch.checkpoint_sets import Manifest, ManifestEntry, manifest_key, storable_key
 from spotwatch.ledger import Ledger, LedgerRow
+from spotwatch.logs import printable_path
 from spotwatch.planner import SetRef
 from spotwatch.tracker import ChangeTracker, walk_files
 from spotwatch.uploader import Uploader
@@ -115,6 +116,7 @@ class SetSealer:
         self._not_before.pop(set_ref, None)
 
     def _report_incomplete(self, set_ref: SetRef, missing: list[str]) -> None:
+        missing = [printable_path(relative) for relative in missing]
         self.incomplete[set_ref.key] = missing
         log.warning("set_incomplete", set=set_ref.key, missing=missing[:MISSING_LOGGED],
                     missing_count=len(missing))
@@ -125,9 +127,9 @@ class SetSealer:
         Invariant: a manifest means complete. Every regular file of the set on disk that the
         filters accept must be in the ledger at its current size and mtime, with the checksum
         S3 verified; a file pending, failed or given up is missing, and a set with any missing
-        file gets no manifest. (The files that are already in S3 stay there.) A name S3
-        cannot take is, like a filtered one, no part of any set: the engine refuses it with a
-        path_refused warning, and the rest of its set is sealed without it.
+        file gets no manifest. (The files that are already in S3 stay there.) A file whose
+        name S3 cannot take (refused by the engine with a path_refused warning) is missing
+        too: restore must never hand back the set without it.
         """
         recorded = self._recorded(set_ref)
         entries: list[ManifestEntry] = []
@@ -135,12 +137,11 @@ class SetSealer:
         arriving = False
         for relative, stat in self._local_files(set_ref):
             key = _key_or_none(set_ref.prefix, relative)
-            if key is None:
-                continue
-            row = recorded.get(key)
+            row = None if key is None else recorded.get(key)
             if row is None or (row[2], row[3]) != (stat.st_size, stat.st_mtime_ns) or not row[4]:
                 missing.append(relative)
-                arriving = arriving or 0 <= time.time_ns() - stat.st_ctime_ns < ARRIVING_NS
+                arriving = arriving or (key is not None
+                                        and 0 <= time.time_ns() - stat.st_ctime_ns < ARRIVING_NS)
                 continue
             entries.append(ManifestEntry(row[0], relative, row[2], row[3], row[4], row[5]))
         return SetCheck(entries, sorted(missing), arriving)
@@ -174,5 +175,5 @@ class SetSealer:
 def _key_or_none(prefix: str, relative: str) -> str | None:
     try:
         return storable_key(prefix, relative)
-    except ValueError:  # a name S3 cannot take: refused by the engine, in no set
+    except ValueError:  # a name S3 cannot take: refused by the engine, never uploaded
         return None
