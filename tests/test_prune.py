@@ -12,13 +12,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spotwatch.checkpoint_sets import (
-    Manifest,
-    ManifestEntry,
-    belongs_to_set,
-    manifest_key,
-    object_key,
-)
+from spotwatch.checkpoint_sets import Manifest, ManifestEntry
+from spotwatch.keys import belongs_to_set, manifest_key, object_key
 from spotwatch.pruner import plan_deletions
 
 from .conftest import Workspace, keys_in, wait_for

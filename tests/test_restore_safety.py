@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from spotwatch.checkpoint_sets import Manifest, ManifestEntry, manifest_key
+from spotwatch.checkpoint_sets import Manifest, ManifestEntry
 from spotwatch.config import load_config
 from spotwatch.daemon import Daemon
+from spotwatch.keys import manifest_key
 from spotwatch.status import render_status
 from spotwatch.uploader import make_s3_client
 

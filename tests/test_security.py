@@ -12,10 +12,11 @@ from typing import Any
 import boto3
 import pytest
 
-from spotwatch.checkpoint_sets import Manifest, ManifestEntry, manifest_key, object_key
+from spotwatch.checkpoint_sets import Manifest, ManifestEntry
 from spotwatch.config import load_config
 from spotwatch.daemon import Daemon
 from spotwatch.iam_policy import OPERATION_ACTIONS
+from spotwatch.keys import manifest_key, object_key
 from spotwatch.ledger import Ledger
 from spotwatch.preflight import run_checks
 from spotwatch.pruner import prune_once

@@ -12,15 +12,8 @@ import s3transfer.upload
 from s3transfer.utils import ChunksizeAdjuster
 
 from spotwatch.config import MiB, TransferSettings
-from spotwatch.uploader import (
-    Outcome,
-    Snapshot,
-    Uploader,
-    UploadJob,
-    UploadResult,
-    make_s3_client,
-    transfer_config,
-)
+from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
+from spotwatch.uploader import Uploader, make_s3_client, transfer_config
 
 from .conftest import REGION, object_bytes
 

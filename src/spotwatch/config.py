@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from spotwatch.checkpoint_sets import object_key
 from spotwatch.errors import ConfigError
+from spotwatch.keys import object_key
 from spotwatch.state import default_state_dir
 
 MiB = 1024 * 1024

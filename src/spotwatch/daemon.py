@@ -25,7 +25,8 @@ from spotwatch.hooks import NoticeHooks
 from spotwatch.imds import ImdsClient, disabled_reason
 from spotwatch.ledger import Ledger
 from spotwatch.metrics import Metrics, MetricsServer
-from spotwatch.notices import Notice, NoticeKind, sources_for
+from spotwatch.model import Notice, NoticeKind, Outcome, UploadResult
+from spotwatch.notices import sources_for
 from spotwatch.notices.poller import NoticePoller
 from spotwatch.orphans import abort_orphaned_uploads
 from spotwatch.progress import ProgressBar
@@ -35,7 +36,7 @@ from spotwatch.region import resolve_region
 from spotwatch.state import StateDir, StateLock, write_json_atomically
 from spotwatch.throughput import plan_flush
 from spotwatch.tracker import ChangeTracker
-from spotwatch.uploader import Outcome, Uploader, UploadResult, make_s3_client
+from spotwatch.uploader import Uploader, make_s3_client
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

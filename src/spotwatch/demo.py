@@ -23,7 +23,6 @@ import requests
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
-from spotwatch.checkpoint_sets import manifest_key
 from spotwatch.config import (
     Config,
     HookSettings,
@@ -35,6 +34,7 @@ from spotwatch.config import (
 from spotwatch.daemon import Daemon
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.interruption import interruption_pending
+from spotwatch.keys import manifest_key
 from spotwatch.logs import configure_logging
 from spotwatch.preflight import PUBLIC_ACCESS_FLAGS
 

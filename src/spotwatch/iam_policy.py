@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from spotwatch.checkpoint_sets import object_key
 from spotwatch.config import Config
+from spotwatch.keys import object_key
 
 OPERATION_ACTIONS = {
     "PutObject": "s3:PutObject",

@@ -25,7 +25,8 @@ from spotwatch.checkpoint_sets import Manifest, ManifestEntry
 from spotwatch.checksums import ChecksumUnavailable, file_matches
 from spotwatch.config import Config, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
-from spotwatch.ledger import FileVersion, Ledger, LedgerError
+from spotwatch.ledger import Ledger, LedgerError
+from spotwatch.model import FileVersion
 from spotwatch.progress import ProgressBar
 from spotwatch.region import resolve_region
 from spotwatch.remote_sets import is_complete, list_manifests

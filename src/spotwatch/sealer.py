@@ -14,7 +14,8 @@ from pathlib import Path
 
 import structlog
 
-from spotwatch.checkpoint_sets import Manifest, ManifestEntry, manifest_key, storable_key
+from spotwatch.checkpoint_sets import Manifest, ManifestEntry
+from spotwatch.keys import manifest_key, storable_key
 from spotwatch.ledger import Ledger, LedgerRow
 from spotwatch.logs import printable_path
 from spotwatch.planner import SetRef

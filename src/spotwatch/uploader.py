@@ -15,8 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from enum import Enum
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,61 +30,13 @@ from s3transfer.subscribers import BaseSubscriber
 from s3transfer.utils import ChunksizeAdjuster
 
 from spotwatch.config import TransferSettings
-from spotwatch.ledger import FileVersion
+from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.orphans import abort_open_uploads
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 log = structlog.get_logger("spotwatch.uploader")
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Identity of a file's content at one moment: any write or replacement changes it."""
-
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    inode: int
-
-    @classmethod
-    def of(cls, stat: os.stat_result) -> Snapshot:
-        return cls(stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
-
-    @property
-    def version(self) -> FileVersion:
-        return FileVersion(self.size, self.mtime_ns)
-
-
-@dataclass(frozen=True)
-class UploadJob:
-    path: Path
-    key: str
-    snapshot: Snapshot
-
-
-class Outcome(str, Enum):
-    DONE = "done"
-    CHANGED = "changed"  # the file changed while being read: upload it again
-    VANISHED = "vanished"  # deleted while being read: nothing to keep
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True)
-class UploadResult:
-    job: UploadJob
-    outcome: Outcome
-    seconds: float
-    checksum: str | None = None
-    error: str | None = None
-    # VANISHED after the object was written: that object was deleted again.
-    object_removed: bool = False
-    # A multipart upload of the key may still be open: keep it noted for the startup cleanup.
-    multipart_leftovers: bool = False
-    permanent: bool = False  # retrying alone will not fix it (see _is_permanent)
-    part_size: int | None = None  # multipart: the checksum is over parts of this size
 
 
 # botocore asks S3 to confirm every upload before its body is sent (Expect: 100-continue), which

@@ -10,7 +10,7 @@ import structlog
 
 from spotwatch.health import Outage
 from spotwatch.imds import ImdsClient, ImdsError
-from spotwatch.notices.model import Notice
+from spotwatch.model import Notice
 from spotwatch.notices.sources import SPOT_INSTANCE_ACTION, NoticeSource
 
 log = structlog.get_logger("spotwatch.notices")
