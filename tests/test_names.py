@@ -17,12 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from spotwatch.aws.s3 import make_s3_client
 from spotwatch.config import TransferSettings, WatchDir
 from spotwatch.engine import SyncEngine
 from spotwatch.keys import MANIFEST_DIR, storable_key
 from spotwatch.ledger import Ledger
 from spotwatch.tracker import ChangeTracker
-from spotwatch.uploader import Uploader, make_s3_client
+from spotwatch.uploader import Uploader
 
 from .conftest import REGION, Workspace, keys_in, object_bytes, wait_for
 

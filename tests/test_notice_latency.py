@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+from spotwatch.aws.imds import ImdsClient
 from spotwatch.emulator import Fault, ImdsEmulator
-from spotwatch.imds import ImdsClient
 from spotwatch.model import Notice, NoticeKind
 from spotwatch.notices import DEFAULT_SOURCES
 from spotwatch.notices.poller import NoticePoller

@@ -12,13 +12,13 @@ from typing import Any
 import boto3
 import pytest
 
+from spotwatch.aws.preflight import run_checks
 from spotwatch.checkpoint_sets import Manifest, ManifestEntry
 from spotwatch.config import load_config
 from spotwatch.daemon import Daemon
 from spotwatch.iam_policy import OPERATION_ACTIONS
 from spotwatch.keys import manifest_key, object_key
 from spotwatch.ledger import Ledger
-from spotwatch.preflight import run_checks
 from spotwatch.pruner import prune_once
 from spotwatch.restore import restore
 from spotwatch.state import StateDir

@@ -103,10 +103,10 @@ def _load(args: argparse.Namespace, need_watch_dirs: bool = True) -> tuple[Confi
 
 
 def _run(args: argparse.Namespace) -> int:
+    from spotwatch.aws.preflight import failures, run_checks
+    from spotwatch.aws.region import resolve_region
+    from spotwatch.aws.s3 import make_s3_client
     from spotwatch.daemon import Daemon
-    from spotwatch.preflight import failures, run_checks
-    from spotwatch.region import resolve_region
-    from spotwatch.uploader import make_s3_client
 
     config, bucket = _load(args)
     log = structlog.get_logger("spotwatch")
@@ -121,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from spotwatch.preflight import failures, run_checks
+    from spotwatch.aws.preflight import failures, run_checks
 
     config, bucket = _load(args, need_watch_dirs=False)
     results = run_checks(config, bucket)

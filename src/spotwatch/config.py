@@ -122,7 +122,7 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class Config:
-    region: str | None = None  # None: the SDK's resolution, else IMDS (spotwatch.region)
+    region: str | None = None  # None: the SDK's resolution, else IMDS (spotwatch.aws.region)
     allow_cross_region: bool = False
     allow_public_bucket: bool = False
     watch: tuple[WatchDir, ...] = ()

@@ -23,6 +23,7 @@ import requests
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
+from spotwatch.aws.preflight import PUBLIC_ACCESS_FLAGS
 from spotwatch.config import (
     Config,
     HookSettings,
@@ -36,7 +37,6 @@ from spotwatch.emulator import ImdsEmulator
 from spotwatch.interruption import interruption_pending
 from spotwatch.keys import manifest_key
 from spotwatch.logs import configure_logging
-from spotwatch.preflight import PUBLIC_ACCESS_FLAGS
 
 BUCKET = "spotwatch-demo"
 REGION = "us-west-2"
