@@ -19,11 +19,11 @@ from structlog.testing import capture_logs
 
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.config import TransferSettings, WatchDir
-from spotwatch.engine import SyncEngine
 from spotwatch.keys import MANIFEST_DIR, storable_key
-from spotwatch.ledger import Ledger
-from spotwatch.tracker import ChangeTracker
-from spotwatch.uploader import Uploader
+from spotwatch.sync.engine import SyncEngine
+from spotwatch.sync.ledger import Ledger
+from spotwatch.sync.tracker import ChangeTracker
+from spotwatch.sync.uploader import Uploader
 
 from .conftest import REGION, Workspace, keys_in, object_bytes, wait_for
 

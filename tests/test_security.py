@@ -13,15 +13,15 @@ import boto3
 import pytest
 
 from spotwatch.aws.preflight import run_checks
-from spotwatch.checkpoint_sets import Manifest, ManifestEntry
 from spotwatch.config import load_config
 from spotwatch.daemon import Daemon
 from spotwatch.iam_policy import OPERATION_ACTIONS
 from spotwatch.keys import manifest_key, object_key
-from spotwatch.ledger import Ledger
-from spotwatch.pruner import prune_once
-from spotwatch.restore import restore
 from spotwatch.state import StateDir
+from spotwatch.sync.ledger import Ledger
+from spotwatch.sync.pruner import prune_once
+from spotwatch.sync.restore import restore
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
 from .conftest import Workspace, keys_in, object_bytes
 from .test_daemon_e2e import flush_summary, save_checkpoint

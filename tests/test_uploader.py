@@ -14,7 +14,7 @@ from s3transfer.utils import ChunksizeAdjuster
 from spotwatch.aws.s3 import make_s3_client, transfer_config
 from spotwatch.config import MiB, TransferSettings
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
-from spotwatch.uploader import Uploader
+from spotwatch.sync.uploader import Uploader
 
 from .conftest import REGION, object_bytes
 

@@ -162,7 +162,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from spotwatch.restore import restore
+    from spotwatch.sync.restore import restore
 
     config, bucket = _load(args, need_watch_dirs=False)
     report = restore(config, bucket, args.to, args.set_name, args.prefix)
@@ -175,7 +175,7 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from spotwatch.pruner import prune_once
+    from spotwatch.sync.pruner import prune_once
 
     config, bucket = _load(args, need_watch_dirs=False)
     keep_sets = config.sync.keep_sets if args.keep_sets is None else args.keep_sets

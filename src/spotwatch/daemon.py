@@ -23,21 +23,21 @@ from spotwatch.aws.imds import ImdsClient, disabled_reason
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.config import Config
-from spotwatch.engine import Progress, SyncEngine
 from spotwatch.hooks import NoticeHooks
-from spotwatch.ledger import Ledger
 from spotwatch.metrics import Metrics, MetricsServer
 from spotwatch.model import Notice, NoticeKind, Outcome, UploadResult
 from spotwatch.notices import sources_for
 from spotwatch.notices.poller import NoticePoller
-from spotwatch.orphans import abort_orphaned_uploads
 from spotwatch.progress import ProgressBar
 from spotwatch.prune_job import PruneJob
-from spotwatch.pruner import Pruner
 from spotwatch.state import StateDir, StateLock, write_json_atomically
-from spotwatch.throughput import plan_flush
-from spotwatch.tracker import ChangeTracker
-from spotwatch.uploader import Uploader
+from spotwatch.sync.engine import Progress, SyncEngine
+from spotwatch.sync.ledger import Ledger
+from spotwatch.sync.orphans import abort_orphaned_uploads
+from spotwatch.sync.pruner import Pruner
+from spotwatch.sync.throughput import plan_flush
+from spotwatch.sync.tracker import ChangeTracker
+from spotwatch.sync.uploader import Uploader
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

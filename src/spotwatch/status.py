@@ -7,8 +7,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from spotwatch.config import Config
-from spotwatch.ledger import Ledger
 from spotwatch.state import StateDir, StateLock
+from spotwatch.sync.ledger import Ledger
 
 
 def gather_status(config: Config, bucket: str) -> dict[str, Any]:

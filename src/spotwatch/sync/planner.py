@@ -9,7 +9,7 @@ from pathlib import Path
 
 from spotwatch.keys import object_key
 from spotwatch.model import Snapshot
-from spotwatch.subtree import files_at_or_below
+from spotwatch.sync.subtree import files_at_or_below
 
 
 @dataclass(frozen=True)

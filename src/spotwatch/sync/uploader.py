@@ -29,7 +29,7 @@ from s3transfer.utils import ChunksizeAdjuster
 from spotwatch.aws.s3 import encryption_args, transfer_config
 from spotwatch.config import TransferSettings
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
-from spotwatch.orphans import abort_open_uploads
+from spotwatch.sync.orphans import abort_open_uploads
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

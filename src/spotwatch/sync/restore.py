@@ -23,15 +23,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client, transfer_config
-from spotwatch.checkpoint_sets import Manifest, ManifestEntry
-from spotwatch.checksums import ChecksumUnavailable, file_matches
 from spotwatch.config import Config, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
-from spotwatch.ledger import Ledger, LedgerError
 from spotwatch.model import FileVersion
 from spotwatch.progress import ProgressBar
-from spotwatch.remote_sets import is_complete, list_manifests
 from spotwatch.state import StateDir
+from spotwatch.sync.checksums import ChecksumUnavailable, file_matches
+from spotwatch.sync.ledger import Ledger, LedgerError
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
+from spotwatch.sync.sets.remote import is_complete, list_manifests
 
 log = structlog.get_logger("spotwatch.restore")
 

@@ -21,14 +21,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
-from spotwatch.checkpoint_sets import Manifest
 from spotwatch.config import Config, WatchDir
 from spotwatch.errors import SpotwatchError
-from spotwatch.filters import PathFilter
 from spotwatch.keys import MANIFEST_DIR, belongs_to_set, manifest_key, object_key
-from spotwatch.ledger import Ledger, LedgerError
-from spotwatch.remote_sets import is_complete, list_manifests
 from spotwatch.state import StateDir
+from spotwatch.sync.filters import PathFilter
+from spotwatch.sync.ledger import Ledger, LedgerError
+from spotwatch.sync.sets.manifest import Manifest
+from spotwatch.sync.sets.remote import is_complete, list_manifests
 
 log = structlog.get_logger("spotwatch.prune")
 
