@@ -14,7 +14,7 @@ import pytest
 
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.config import load_config
-from spotwatch.daemon import Daemon
+from spotwatch.daemon.loop import Daemon
 from spotwatch.keys import manifest_key
 from spotwatch.status import render_status
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry

@@ -14,7 +14,7 @@ import pytest
 
 from spotwatch.aws.preflight import run_checks
 from spotwatch.config import load_config
-from spotwatch.daemon import Daemon
+from spotwatch.daemon.loop import Daemon
 from spotwatch.iam_policy import OPERATION_ACTIONS
 from spotwatch.keys import manifest_key, object_key
 from spotwatch.state import StateDir

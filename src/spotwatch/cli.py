@@ -106,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     from spotwatch.aws.preflight import failures, run_checks
     from spotwatch.aws.region import resolve_region
     from spotwatch.aws.s3 import make_s3_client
-    from spotwatch.daemon import Daemon
+    from spotwatch.daemon.loop import Daemon
 
     config, bucket = _load(args)
     log = structlog.get_logger("spotwatch")
@@ -131,7 +131,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _flush(args: argparse.Namespace) -> int:
-    from spotwatch.daemon import Daemon
+    from spotwatch.daemon.loop import Daemon
     from spotwatch.flush_request import request_daemon_flush
     from spotwatch.progress import ProgressBar
     from spotwatch.state import StateDir

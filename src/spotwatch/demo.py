@@ -32,7 +32,7 @@ from spotwatch.config import (
     SyncSettings,
     WatchDir,
 )
-from spotwatch.daemon import Daemon
+from spotwatch.daemon.loop import Daemon
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.interruption import interruption_pending
 from spotwatch.keys import manifest_key

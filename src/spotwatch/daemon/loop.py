@@ -17,19 +17,19 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from watchdog.observers import Observer
 
-from spotwatch import sdnotify
 from spotwatch.aws.health import S3Watch, imds_degraded_reason
 from spotwatch.aws.imds import ImdsClient, disabled_reason
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.config import Config
-from spotwatch.hooks import NoticeHooks
-from spotwatch.metrics import Metrics, MetricsServer
+from spotwatch.daemon import sdnotify
+from spotwatch.daemon.hooks import NoticeHooks
+from spotwatch.daemon.metrics import Metrics, MetricsServer
+from spotwatch.daemon.prune_job import PruneJob
 from spotwatch.model import Notice, NoticeKind, Outcome, UploadResult
 from spotwatch.notices import sources_for
 from spotwatch.notices.poller import NoticePoller
 from spotwatch.progress import ProgressBar
-from spotwatch.prune_job import PruneJob
 from spotwatch.state import StateDir, StateLock, write_json_atomically
 from spotwatch.sync.engine import Progress, SyncEngine
 from spotwatch.sync.ledger import Ledger
