@@ -13,9 +13,9 @@ import boto3
 import pytest
 
 from spotwatch.aws.preflight import run_checks
+from spotwatch.commands.iam_policy import OPERATION_ACTIONS
 from spotwatch.config import load_config
 from spotwatch.daemon.loop import Daemon
-from spotwatch.iam_policy import OPERATION_ACTIONS
 from spotwatch.keys import manifest_key, object_key
 from spotwatch.state import StateDir
 from spotwatch.sync.ledger import Ledger
