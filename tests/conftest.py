@@ -20,8 +20,8 @@ import pytest
 import yaml
 from moto.server import ThreadedMotoServer
 
+from spotwatch.aws.preflight import PUBLIC_ACCESS_FLAGS
 from spotwatch.emulator import ImdsEmulator
-from spotwatch.preflight import PUBLIC_ACCESS_FLAGS
 
 REGION = "us-west-2"
 logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's access log

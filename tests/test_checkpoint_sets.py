@@ -9,7 +9,7 @@ import shutil
 import time
 from typing import Any
 
-from spotwatch.checkpoint_sets import Manifest
+from spotwatch.sync.sets.manifest import Manifest
 
 from .conftest import Workspace, keys_in, object_bytes, wait_for
 from .test_daemon_e2e import flush_summary, save_checkpoint

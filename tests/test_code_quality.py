@@ -29,3 +29,15 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if line.startswith("python3 -m venv"))
     assert command in readme
+
+
+
+def test_imports_point_downward_only() -> None:
+    """The layers contract in pyproject.toml: cli > commands > daemon > sync | notices > aws >
+    config and friends > model | errors | emulator; every module is in a layer."""
+    # lint-imports has no `python -m` entry point; this is what its console script runs.
+    lint_imports = ("import sys; from importlinter.cli import lint_imports_command; "
+                    "sys.exit(lint_imports_command())")
+    result = subprocess.run([sys.executable, "-c", lint_imports], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -14,9 +14,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spotwatch.checkpoint_sets import manifest_key, object_key
 from spotwatch.config import _SCHEMA, Config, load_config
 from spotwatch.errors import ConfigError
+from spotwatch.keys import manifest_key, object_key
 
 from .conftest import Workspace
 from .test_config import assert_usage_error

@@ -12,8 +12,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from spotwatch.config import WatchDir
-from spotwatch.filters import PathFilter
-from spotwatch.tracker import ChangeTracker
+from spotwatch.sync.filters import PathFilter
+from spotwatch.sync.tracker import ChangeTracker
 
 ROOT = "/ckpt"
 

@@ -8,7 +8,7 @@ from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
 from structlog.testing import capture_logs
 
-from spotwatch.health import DEGRADED_AFTER_SECONDS, Outage, S3Watch, s3_error_class
+from spotwatch.aws.health import DEGRADED_AFTER_SECONDS, Outage, S3Watch, s3_error_class
 
 
 class FakeClock:

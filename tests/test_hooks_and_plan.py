@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 
-from spotwatch.checkpoint_sets import object_key
 from spotwatch.config import load_config
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.errors import ConfigError
 from spotwatch.interruption import interruption_pending
-from spotwatch.planner import PendingFile, Planner, SetRef
-from spotwatch.subtree import files_at_or_below
-from spotwatch.throughput import plan_flush
-from spotwatch.uploader import Snapshot
+from spotwatch.keys import object_key
+from spotwatch.model import Snapshot
+from spotwatch.sync.planner import PendingFile, Planner, SetRef
+from spotwatch.sync.subtree import files_at_or_below
+from spotwatch.sync.throughput import plan_flush
 
 from .conftest import Workspace, keys_in, object_bytes, wait_for
 from .test_daemon_e2e import save_checkpoint

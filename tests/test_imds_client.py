@@ -10,9 +10,7 @@ from contextlib import suppress
 
 import pytest
 
-from spotwatch.config import ImdsSettings
-from spotwatch.emulator import Fault, ImdsEmulator
-from spotwatch.imds import (
+from spotwatch.aws.imds import (
     IPV4_ENDPOINT,
     IPV6_ENDPOINT,
     ImdsClient,
@@ -20,6 +18,8 @@ from spotwatch.imds import (
     ImdsError,
     resolve_endpoint,
 )
+from spotwatch.config import ImdsSettings
+from spotwatch.emulator import Fault, ImdsEmulator
 
 from .conftest import wait_for
 

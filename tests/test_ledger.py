@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spotwatch.ledger import FileVersion, Ledger
+from spotwatch.model import FileVersion
+from spotwatch.sync.ledger import Ledger
 
 
 def test_record_survives_reopen(tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ from boto3.s3.transfer import TransferConfig
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spotwatch.checkpoint_sets import Manifest, ManifestEntry, ManifestError, object_key
-from spotwatch.checksums import ChecksumUnavailable, file_matches
+from spotwatch.keys import object_key
+from spotwatch.sync.checksums import ChecksumUnavailable, file_matches
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry, ManifestError
 
 PREFIX = "run1/"
 MiB = 1 << 20

@@ -13,8 +13,8 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 import spotwatch
+from spotwatch.daemon.metrics import Metrics, MetricsServer
 from spotwatch.emulator import Fault, ImdsEmulator
-from spotwatch.metrics import Metrics, MetricsServer
 
 from .conftest import Daemon, Workspace, wait_for
 from .faultproxy import FaultProxy, Request

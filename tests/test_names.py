@@ -17,12 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from spotwatch.checkpoint_sets import MANIFEST_DIR, storable_key
+from spotwatch.aws.s3 import make_s3_client
 from spotwatch.config import TransferSettings, WatchDir
-from spotwatch.engine import SyncEngine
-from spotwatch.ledger import Ledger
-from spotwatch.tracker import ChangeTracker
-from spotwatch.uploader import Uploader, make_s3_client
+from spotwatch.keys import MANIFEST_DIR, storable_key
+from spotwatch.sync.engine import SyncEngine
+from spotwatch.sync.ledger import Ledger
+from spotwatch.sync.tracker import ChangeTracker
+from spotwatch.sync.uploader import Uploader
 
 from .conftest import REGION, Workspace, keys_in, object_bytes, wait_for
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
+from spotwatch.aws.imds import ImdsClient
 from spotwatch.emulator import Fault, ImdsEmulator
-from spotwatch.imds import ImdsClient
-from spotwatch.notices import DEFAULT_SOURCES, Notice, NoticeKind
+from spotwatch.model import Notice, NoticeKind
+from spotwatch.notices import DEFAULT_SOURCES
 from spotwatch.notices.poller import NoticePoller
 from spotwatch.notices.sources import SPOT_INSTANCE_ACTION
 

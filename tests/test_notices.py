@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+from spotwatch.aws.imds import ImdsClient
 from spotwatch.emulator import ImdsEmulator
-from spotwatch.imds import ImdsClient
-from spotwatch.notices import DEFAULT_SOURCES, Notice, NoticeKind
+from spotwatch.model import Notice, NoticeKind
+from spotwatch.notices import DEFAULT_SOURCES
 from spotwatch.notices.poller import NoticePoller
 from spotwatch.notices.sources import (
     parse_instance_action,

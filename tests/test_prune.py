@@ -12,14 +12,9 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spotwatch.checkpoint_sets import (
-    Manifest,
-    ManifestEntry,
-    belongs_to_set,
-    manifest_key,
-    object_key,
-)
-from spotwatch.pruner import plan_deletions
+from spotwatch.keys import belongs_to_set, manifest_key, object_key
+from spotwatch.sync.pruner import plan_deletions
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
 from .conftest import Workspace, keys_in, wait_for
 from .test_daemon_e2e import flush_summary, save_checkpoint

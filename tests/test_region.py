@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from spotwatch.aws.region import resolve_region
 from spotwatch.config import load_config
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.errors import ConfigError
-from spotwatch.region import resolve_region
 
 from .conftest import Workspace
 from .test_config import assert_usage_error

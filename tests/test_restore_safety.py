@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 
-from spotwatch.checkpoint_sets import Manifest, ManifestEntry, manifest_key
+from spotwatch.aws.s3 import make_s3_client
+from spotwatch.commands.status import render_status
 from spotwatch.config import load_config
-from spotwatch.daemon import Daemon
-from spotwatch.status import render_status
-from spotwatch.uploader import make_s3_client
+from spotwatch.daemon.loop import Daemon
+from spotwatch.keys import manifest_key
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
 from .conftest import Workspace, keys_in, object_bytes, wait_for
 from .faultproxy import FaultProxy, Request

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spotwatch.retry import FAILING_AFTER, Backoff, RetryQueue
+from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
 
 backoffs = st.builds(Backoff, base=st.floats(0.01, 60), cap=st.floats(0.01, 3600),
                      jitter=st.floats(0, 0.9))

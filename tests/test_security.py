@@ -12,15 +12,16 @@ from typing import Any
 import boto3
 import pytest
 
-from spotwatch.checkpoint_sets import Manifest, ManifestEntry, manifest_key, object_key
+from spotwatch.aws.preflight import run_checks
+from spotwatch.commands.iam_policy import OPERATION_ACTIONS
 from spotwatch.config import load_config
-from spotwatch.daemon import Daemon
-from spotwatch.iam_policy import OPERATION_ACTIONS
-from spotwatch.ledger import Ledger
-from spotwatch.preflight import run_checks
-from spotwatch.pruner import prune_once
-from spotwatch.restore import restore
+from spotwatch.daemon.loop import Daemon
+from spotwatch.keys import manifest_key, object_key
 from spotwatch.state import StateDir
+from spotwatch.sync.ledger import Ledger
+from spotwatch.sync.pruner import prune_once
+from spotwatch.sync.restore import restore
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
 from .conftest import Workspace, keys_in, object_bytes
 from .test_daemon_e2e import flush_summary, save_checkpoint

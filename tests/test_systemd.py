@@ -112,7 +112,7 @@ def test_no_watchdog_for_another_pid(workspace: Workspace, notify_socket: socket
 @pytest.mark.timeout(30)
 def test_a_manager_that_stops_reading_never_blocks_the_sender(
         notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
-    from spotwatch import sdnotify
+    from spotwatch.daemon import sdnotify
 
     monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.getsockname())
     # Nobody reads: the socket's queue fills, and from then on a send must fail, not wait.

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spotwatch.throughput import (
+from spotwatch.sync.throughput import (
     MIN_MEASURED_BYTES,
     MIN_SAMPLE_BYTES,
     WINDOW_SECONDS,

@@ -11,7 +11,7 @@ import pytest
 from watchdog.observers import Observer
 
 from spotwatch.config import WatchDir
-from spotwatch.tracker import ChangeTracker, walk_files
+from spotwatch.sync.tracker import ChangeTracker, walk_files
 
 from .conftest import wait_for
 

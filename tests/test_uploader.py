@@ -11,16 +11,10 @@ import pytest
 import s3transfer.upload
 from s3transfer.utils import ChunksizeAdjuster
 
+from spotwatch.aws.s3 import make_s3_client, transfer_config
 from spotwatch.config import MiB, TransferSettings
-from spotwatch.uploader import (
-    Outcome,
-    Snapshot,
-    Uploader,
-    UploadJob,
-    UploadResult,
-    make_s3_client,
-    transfer_config,
-)
+from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
+from spotwatch.sync.uploader import Uploader
 
 from .conftest import REGION, object_bytes
 

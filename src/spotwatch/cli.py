@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-import structlog
-
-from spotwatch.bucket import resolve_bucket
-from spotwatch.config import Config, find_config_file, load_config, require_watch_dirs
-from spotwatch.errors import ConfigError, SpotwatchError
-from spotwatch.logs import configure_logging
+from spotwatch.errors import SpotwatchError
 
 
 class _ShowVersion(argparse.Action):
@@ -73,18 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "run": _run,
-        "flush": _flush,
-        "status": _status,
-        "check": _check,
-        "restore": _restore,
-        "prune": _prune,
-        "iam-policy": _iam_policy,
-        "demo": _demo,
-    }
     try:
-        return handlers[args.command](args)
+        return _command(args.command)(args)
     except SpotwatchError as exc:
         print(f"spotwatch: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -92,122 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _load(args: argparse.Namespace, need_watch_dirs: bool = True) -> tuple[Config, str]:
-    path = find_config_file(args.config)
-    config = load_config(path)
-    bucket = resolve_bucket(args.bucket, path)
-    if need_watch_dirs:
-        require_watch_dirs(config)
-    configure_logging(config.log.level, config.log.format)
-    return config, bucket
-
-
-def _run(args: argparse.Namespace) -> int:
-    from spotwatch.daemon import Daemon
-    from spotwatch.preflight import failures, run_checks
-    from spotwatch.region import resolve_region
-    from spotwatch.uploader import make_s3_client
-
-    config, bucket = _load(args)
-    log = structlog.get_logger("spotwatch")
-    client = make_s3_client(resolve_region(config), config.transfer)
-    results = run_checks(config, bucket, client)
-    for result in results:
-        log.info("check", name=result.name, ok=result.ok, detail=result.detail)
-    refused = failures(results)
-    if refused:
-        raise SpotwatchError(f"refusing to start: {refused[0].name}: {refused[0].detail}")
-    return Daemon(config, bucket, client).run()
-
-
-def _check(args: argparse.Namespace) -> int:
-    from spotwatch.preflight import failures, run_checks
-
-    config, bucket = _load(args, need_watch_dirs=False)
-    results = run_checks(config, bucket)
-    for result in results:
-        print(f"{result.symbol}  {result.name:<16} {result.detail}")
-    return 1 if failures(results) else 0
-
-
-def _flush(args: argparse.Namespace) -> int:
-    from spotwatch.daemon import Daemon
-    from spotwatch.flush_request import request_daemon_flush
-    from spotwatch.progress import ProgressBar
-    from spotwatch.state import StateDir
-
-    config, bucket = _load(args)
-    delegated = request_daemon_flush(StateDir(config.state_dir))
-    if delegated is not None:
-        if delegated.get("failed"):
-            print(f"spotwatch: error: the daemon's flush left {delegated['failed']} failing "
-                  f"files: {', '.join(delegated.get('failed_files', []))}", file=sys.stderr)
-            return 1
-        return 0
-    outcome = Daemon(config, bucket).flush_once(ProgressBar("flushing", 0))
-    structlog.get_logger("spotwatch").info(
-        "flush_summary", files=outcome.files, bytes=outcome.bytes, failed=outcome.failed)
-    return outcome.exit_code
-
-
-def _status(args: argparse.Namespace) -> int:
-    from spotwatch.status import gather_status, is_healthy, render_status
-
-    config, bucket = _load(args, need_watch_dirs=False)
-    report = gather_status(config, bucket)
-    if args.healthy:
-        return 0 if is_healthy(report) else 1
-    print(json.dumps(report, indent=2) if args.json else render_status(report))
-    return 0
-
-
-def _restore(args: argparse.Namespace) -> int:
-    from spotwatch.restore import restore
-
-    config, bucket = _load(args, need_watch_dirs=False)
-    report = restore(config, bucket, args.to, args.set_name, args.prefix)
-    passed_over = (f"; newer sets passed over: {', '.join(report.passed_over)}"
-                   if report.passed_over else "")
-    print(f"restored {report.set_name} into {report.destination}: {report.downloaded} files "
-          f"downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already present"
-          f"{passed_over}")
-    return 0
-
-
-def _prune(args: argparse.Namespace) -> int:
-    from spotwatch.pruner import prune_once
-
-    config, bucket = _load(args, need_watch_dirs=False)
-    keep_sets = config.sync.keep_sets if args.keep_sets is None else args.keep_sets
-    if keep_sets < 0:
-        raise ConfigError("--keep-sets must be at least 0")
-    mirror = bool(args.delete or config.sync.delete)
-    if not mirror and not keep_sets:
-        raise ConfigError("nothing to prune: set sync.delete or sync.keep_sets "
-                          "(or pass --delete / --keep-sets)")
-    deletions = prune_once(config, bucket, mirror, keep_sets, dry_run=args.dry_run)
-    verb = "would delete" if args.dry_run else "deleted"
-    for deletion in deletions:
-        print(f"{verb} s3://{bucket}/{deletion.key} ({deletion.reason})")
-    print(f"{verb} {len(deletions)} objects")
-    return 0
-
-
-def _iam_policy(args: argparse.Namespace) -> int:
-    from spotwatch.iam_policy import policy_for
-
-    config, bucket = _load(args, need_watch_dirs=False)
-    print(json.dumps(policy_for(config, bucket), indent=2))
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    try:
-        from spotwatch.demo import run_demo
-    except ImportError as exc:
-        raise ConfigError(f"the demo needs extra packages: pip install 'spotwatch[demo]' ({exc})"
-                          ) from None
-    return run_demo()
+def _command(name: str) -> Callable[[argparse.Namespace], int]:
+    """spotwatch.commands.<name>.run, imported only when called: `status` runs as a container
+    health check and needs neither the daemon nor the upload machinery."""
+    module = importlib.import_module(f"spotwatch.commands.{name.replace('-', '_')}")
+    run: Callable[[argparse.Namespace], int] = module.run
+    return run
 
 
 def entry() -> NoReturn:

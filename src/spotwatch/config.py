@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from spotwatch.checkpoint_sets import object_key
 from spotwatch.errors import ConfigError
+from spotwatch.keys import object_key
 from spotwatch.state import default_state_dir
 
 MiB = 1024 * 1024
@@ -122,7 +122,7 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class Config:
-    region: str | None = None  # None: the SDK's resolution, else IMDS (spotwatch.region)
+    region: str | None = None  # None: the SDK's resolution, else IMDS (spotwatch.aws.region)
     allow_cross_region: bool = False
     allow_public_bucket: bool = False
     watch: tuple[WatchDir, ...] = ()

@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from spotwatch.health import Outage
-from spotwatch.imds import ImdsClient, ImdsError
-from spotwatch.notices.model import Notice
+from spotwatch.aws.health import Outage
+from spotwatch.aws.imds import ImdsClient, ImdsError
+from spotwatch.model import Notice
 from spotwatch.notices.sources import SPOT_INSTANCE_ACTION, NoticeSource
 
 log = structlog.get_logger("spotwatch.notices")

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 
 from spotwatch.config import NoticeSettings
-from spotwatch.notices.model import Notice, NoticeKind
+from spotwatch.model import Notice, NoticeKind
 
 
 @dataclass(frozen=True)

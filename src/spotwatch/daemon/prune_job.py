@@ -9,7 +9,7 @@ import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
 from spotwatch.config import WatchDir
-from spotwatch.pruner import Deletion, PruneCancelled, Pruner
+from spotwatch.sync.pruner import Deletion, PruneCancelled, Pruner
 
 log = structlog.get_logger("spotwatch.prune")
 

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from datetime import datetime, timezone
 from typing import Any
 
+from spotwatch.commands import load
 from spotwatch.config import Config
-from spotwatch.ledger import Ledger
 from spotwatch.state import StateDir, StateLock
+from spotwatch.sync.ledger import Ledger
 
+
+def run(args: argparse.Namespace) -> int:
+    config, bucket = load(args, need_watch_dirs=False)
+    report = gather_status(config, bucket)
+    if args.healthy:
+        return 0 if is_healthy(report) else 1
+    print(json.dumps(report, indent=2) if args.json else render_status(report))
+    return 0
 
 def gather_status(config: Config, bucket: str) -> dict[str, Any]:
     state = StateDir(config.state_dir)

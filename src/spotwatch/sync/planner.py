@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spotwatch.checkpoint_sets import object_key
-from spotwatch.subtree import files_at_or_below
-from spotwatch.uploader import Snapshot
+from spotwatch.keys import object_key
+from spotwatch.model import Snapshot
+from spotwatch.sync.subtree import files_at_or_below
 
 
 @dataclass(frozen=True)

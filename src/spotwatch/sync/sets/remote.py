@@ -7,7 +7,8 @@ from typing import Any
 import structlog
 from botocore.exceptions import ClientError
 
-from spotwatch.checkpoint_sets import Manifest, ManifestError, manifest_key, manifest_prefix
+from spotwatch.keys import manifest_key, manifest_prefix
+from spotwatch.sync.sets.manifest import Manifest, ManifestError
 
 log = structlog.get_logger("spotwatch.sets")
 

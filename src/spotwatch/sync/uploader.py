@@ -15,24 +15,21 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from enum import Enum
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import boto3
 import structlog
-from boto3.s3.transfer import TransferConfig, create_transfer_manager
-from botocore.config import Config as BotoConfig
+from boto3.s3.transfer import create_transfer_manager
 from botocore.exceptions import BotoCoreError, ClientError
-from botocore.utils import determine_content_length
 from s3transfer.futures import TransferFuture
 from s3transfer.subscribers import BaseSubscriber
 from s3transfer.utils import ChunksizeAdjuster
 
+from spotwatch.aws.s3 import encryption_args, transfer_config
 from spotwatch.config import TransferSettings
-from spotwatch.ledger import FileVersion
-from spotwatch.orphans import abort_open_uploads
+from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
+from spotwatch.sync.orphans import abort_open_uploads
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -40,105 +37,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("spotwatch.uploader")
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """Identity of a file's content at one moment: any write or replacement changes it."""
-
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    inode: int
-
-    @classmethod
-    def of(cls, stat: os.stat_result) -> Snapshot:
-        return cls(stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
-
-    @property
-    def version(self) -> FileVersion:
-        return FileVersion(self.size, self.mtime_ns)
-
-
-@dataclass(frozen=True)
-class UploadJob:
-    path: Path
-    key: str
-    snapshot: Snapshot
-
-
-class Outcome(str, Enum):
-    DONE = "done"
-    CHANGED = "changed"  # the file changed while being read: upload it again
-    VANISHED = "vanished"  # deleted while being read: nothing to keep
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True)
-class UploadResult:
-    job: UploadJob
-    outcome: Outcome
-    seconds: float
-    checksum: str | None = None
-    error: str | None = None
-    # VANISHED after the object was written: that object was deleted again.
-    object_removed: bool = False
-    # A multipart upload of the key may still be open: keep it noted for the startup cleanup.
-    multipart_leftovers: bool = False
-    permanent: bool = False  # retrying alone will not fix it (see _is_permanent)
-    part_size: int | None = None  # multipart: the checksum is over parts of this size
-
-
-# botocore asks S3 to confirm every upload before its body is sent (Expect: 100-continue), which
-# costs a round trip per request; for a body this small, sending it outright is cheaper.
-EXPECT_CONTINUE_MIN_BYTES = 1 << 20
 IN_MEMORY_BODY_MAX = 1 << 20
-
-
-def _send_small_bodies_outright(params: dict[str, Any], **kwargs: Any) -> None:
-    if "Expect" not in params["headers"]:
-        return
-    size = determine_content_length(params.get("body"))
-    if size is not None and size < EXPECT_CONTINUE_MIN_BYTES:
-        del params["headers"]["Expect"]
-
-
-def make_s3_client(region: str, settings: TransferSettings) -> S3Client:
-    """An S3 client with adaptive retries; the endpoint follows AWS_ENDPOINT_URL(_S3)."""
-    config = BotoConfig(
-        region_name=region,
-        retries={"mode": "adaptive", "max_attempts": settings.max_attempts},
-        # Single-part and multipart uploads each run up to max_concurrency requests.
-        max_pool_connections=2 * settings.max_concurrency + 4,
-        connect_timeout=5,
-        read_timeout=60,
-        request_checksum_calculation="when_supported",
-        parameter_validation=False,  # spotwatch builds every request itself
-        response_checksum_validation="when_supported",
-    )
-    client = boto3.session.Session().client("s3", config=config)
-    # After botocore's own handler, which adds the header.
-    client.meta.events.register_last("before-call.s3", _send_small_bodies_outright)
-    return client
-
-
-def encryption_args(settings: TransferSettings) -> dict[str, str]:
-    """Request parameters for the configured server-side encryption (none: bucket default)."""
-    if settings.sse == "none":
-        return {}
-    args = {"ServerSideEncryption": settings.sse}
-    if settings.sse_kms_key_id:
-        args["SSEKMSKeyId"] = settings.sse_kms_key_id
-    return args
-
-
-def transfer_config(settings: TransferSettings) -> TransferConfig:
-    return TransferConfig(
-        multipart_threshold=settings.multipart_threshold,
-        multipart_chunksize=settings.multipart_chunksize,
-        max_concurrency=settings.max_concurrency,
-        use_threads=True,
-        preferred_transfer_client="classic",
-    )
 
 
 class _DoneSubscriber(BaseSubscriber):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spotwatch.errors import SpotwatchError
+from spotwatch.model import FileVersion
 
 
 class LedgerError(Exception):
@@ -40,14 +41,6 @@ CREATE TABLE IF NOT EXISTS multipart_started (
 _RETIRED_COLUMN = "ALTER TABLE objects ADD COLUMN retired INTEGER NOT NULL DEFAULT 0"
 # The part size of a multipart upload: its composite checksum is over parts of this size.
 _PART_SIZE_COLUMN = "ALTER TABLE objects ADD COLUMN part_size INTEGER"
-
-
-@dataclass(frozen=True)
-class FileVersion:
-    """What identifies one version of a local file's content."""
-
-    size: int
-    mtime_ns: int
 
 
 # key, path, size, mtime_ns, checksum, part_size

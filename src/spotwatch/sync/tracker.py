@@ -28,8 +28,8 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 
 from spotwatch.config import WatchDir
-from spotwatch.filters import PathFilter
-from spotwatch.subtree import files_at_or_below, prefix_below
+from spotwatch.sync.filters import PathFilter
+from spotwatch.sync.subtree import files_at_or_below, prefix_below
 
 _CONTENT_EVENTS = {"created", "modified"}
 # What the tracker reacts to. watchdog turns this into the inotify mask, so the kernel never

@@ -21,16 +21,17 @@ import structlog
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from spotwatch.checkpoint_sets import Manifest, ManifestEntry
-from spotwatch.checksums import ChecksumUnavailable, file_matches
+from spotwatch.aws.region import resolve_region
+from spotwatch.aws.s3 import make_s3_client, transfer_config
 from spotwatch.config import Config, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
-from spotwatch.ledger import FileVersion, Ledger, LedgerError
+from spotwatch.model import FileVersion
 from spotwatch.progress import ProgressBar
-from spotwatch.region import resolve_region
-from spotwatch.remote_sets import is_complete, list_manifests
 from spotwatch.state import StateDir
-from spotwatch.uploader import make_s3_client, transfer_config
+from spotwatch.sync.checksums import ChecksumUnavailable, file_matches
+from spotwatch.sync.ledger import Ledger, LedgerError
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
+from spotwatch.sync.sets.remote import is_complete, list_manifests
 
 log = structlog.get_logger("spotwatch.restore")
 

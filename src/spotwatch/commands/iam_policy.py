@@ -8,10 +8,13 @@ OPERATION_ACTIONS names the IAM action behind every S3 operation spotwatch calls
 
 from __future__ import annotations
 
+import argparse
+import json
 from typing import Any
 
-from spotwatch.checkpoint_sets import object_key
+from spotwatch.commands import load
 from spotwatch.config import Config
+from spotwatch.keys import object_key
 
 OPERATION_ACTIONS = {
     "PutObject": "s3:PutObject",
@@ -31,6 +34,12 @@ OPERATION_ACTIONS = {
     "GetBucketEncryption": "s3:GetEncryptionConfiguration",
 }
 
+
+
+def run(args: argparse.Namespace) -> int:
+    config, bucket = load(args, need_watch_dirs=False)
+    print(json.dumps(policy_for(config, bucket), indent=2))
+    return 0
 
 def policy_for(config: Config, bucket: str) -> dict[str, Any]:
     bucket_arn = f"arn:aws:s3:::{bucket}"

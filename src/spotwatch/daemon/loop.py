@@ -17,25 +17,27 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from watchdog.observers import Observer
 
-from spotwatch import sdnotify
+from spotwatch.aws.health import S3Watch, imds_degraded_reason
+from spotwatch.aws.imds import ImdsClient, disabled_reason
+from spotwatch.aws.region import resolve_region
+from spotwatch.aws.s3 import make_s3_client
 from spotwatch.config import Config
-from spotwatch.engine import Progress, SyncEngine
-from spotwatch.health import S3Watch, imds_degraded_reason
-from spotwatch.hooks import NoticeHooks
-from spotwatch.imds import ImdsClient, disabled_reason
-from spotwatch.ledger import Ledger
-from spotwatch.metrics import Metrics, MetricsServer
-from spotwatch.notices import Notice, NoticeKind, sources_for
+from spotwatch.daemon import sdnotify
+from spotwatch.daemon.hooks import NoticeHooks
+from spotwatch.daemon.metrics import Metrics, MetricsServer
+from spotwatch.daemon.prune_job import PruneJob
+from spotwatch.model import Notice, NoticeKind, Outcome, UploadResult
+from spotwatch.notices import sources_for
 from spotwatch.notices.poller import NoticePoller
-from spotwatch.orphans import abort_orphaned_uploads
 from spotwatch.progress import ProgressBar
-from spotwatch.prune_job import PruneJob
-from spotwatch.pruner import Pruner
-from spotwatch.region import resolve_region
 from spotwatch.state import StateDir, StateLock, write_json_atomically
-from spotwatch.throughput import plan_flush
-from spotwatch.tracker import ChangeTracker
-from spotwatch.uploader import Outcome, Uploader, UploadResult, make_s3_client
+from spotwatch.sync.engine import Progress, SyncEngine
+from spotwatch.sync.ledger import Ledger
+from spotwatch.sync.orphans import abort_orphaned_uploads
+from spotwatch.sync.pruner import Pruner
+from spotwatch.sync.throughput import plan_flush
+from spotwatch.sync.tracker import ChangeTracker
+from spotwatch.sync.uploader import Uploader
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

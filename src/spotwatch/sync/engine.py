@@ -17,16 +17,17 @@ from pathlib import Path
 
 import structlog
 
-from spotwatch.checkpoint_sets import object_key, set_name_of, storable_key
-from spotwatch.ledger import Ledger, LedgerError
+from spotwatch.keys import object_key, set_name_of, storable_key
 from spotwatch.logs import printable_path
-from spotwatch.planner import PendingFile, Planner, SetRef
-from spotwatch.retry import RetryQueue
-from spotwatch.sealer import SetSealer
-from spotwatch.subtree import files_at_or_below
-from spotwatch.throughput import ThroughputMeter
-from spotwatch.tracker import ChangeTracker, walk_files
-from spotwatch.uploader import Outcome, Snapshot, Uploader, UploadJob, UploadResult
+from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
+from spotwatch.sync.ledger import Ledger, LedgerError
+from spotwatch.sync.planner import PendingFile, Planner, SetRef
+from spotwatch.sync.retry import RetryQueue
+from spotwatch.sync.sets.sealer import SetSealer
+from spotwatch.sync.subtree import files_at_or_below
+from spotwatch.sync.throughput import ThroughputMeter
+from spotwatch.sync.tracker import ChangeTracker, walk_files
+from spotwatch.sync.uploader import Uploader
 
 log = structlog.get_logger("spotwatch.engine")
 

@@ -8,6 +8,7 @@ emergency checkpoint; at the end every checkpoint is downloaded and compared byt
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -21,9 +22,8 @@ from typing import Any
 import boto3
 import requests
 from botocore.exceptions import ClientError
-from moto.server import ThreadedMotoServer
 
-from spotwatch.checkpoint_sets import manifest_key
+from spotwatch.aws.preflight import PUBLIC_ACCESS_FLAGS
 from spotwatch.config import (
     Config,
     HookSettings,
@@ -32,11 +32,12 @@ from spotwatch.config import (
     SyncSettings,
     WatchDir,
 )
-from spotwatch.daemon import Daemon
+from spotwatch.daemon.loop import Daemon
 from spotwatch.emulator import ImdsEmulator
+from spotwatch.errors import ConfigError
 from spotwatch.interruption import interruption_pending
+from spotwatch.keys import manifest_key
 from spotwatch.logs import configure_logging
-from spotwatch.preflight import PUBLIC_ACCESS_FLAGS
 
 BUCKET = "spotwatch-demo"
 REGION = "us-west-2"
@@ -122,7 +123,16 @@ def _verify(s3: Any, directory: Path) -> tuple[int, int, list[str]]:
     return len(local), len(sets), problems
 
 
+def run(args: argparse.Namespace) -> int:
+    return run_demo()
+
+
 def run_demo() -> int:
+    try:  # the demo extra: not needed by the daemon itself
+        from moto.server import ThreadedMotoServer
+    except ImportError as exc:
+        raise ConfigError(f"the demo needs extra packages: pip install 'spotwatch[demo]' ({exc})"
+                          ) from None
     print("spotwatch demo: rehearsing a spot interruption against embedded S3 and IMDS\n")
     configure_logging("warning", "console")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the embedded server's access log

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
-from spotwatch.ledger import Ledger, LedgerError
+from spotwatch.sync.ledger import Ledger, LedgerError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

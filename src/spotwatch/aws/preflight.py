@@ -14,11 +14,11 @@ from typing import Any
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from spotwatch.checkpoint_sets import WRITE_PROBE, object_key
+from spotwatch.aws.imds import REGION_PATH, ImdsError, disabled_reason, probe_client
+from spotwatch.aws.region import resolve_region
+from spotwatch.aws.s3 import encryption_args, make_s3_client
 from spotwatch.config import Config
-from spotwatch.imds import REGION_PATH, ImdsError, disabled_reason, probe_client
-from spotwatch.region import resolve_region
-from spotwatch.uploader import encryption_args, make_s3_client
+from spotwatch.keys import WRITE_PROBE, object_key
 
 PUBLIC_ACCESS_FLAGS = ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy",
                        "RestrictPublicBuckets")

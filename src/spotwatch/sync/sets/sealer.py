@@ -14,12 +14,13 @@ from pathlib import Path
 
 import structlog
 
-from spotwatch.checkpoint_sets import Manifest, ManifestEntry, manifest_key, storable_key
-from spotwatch.ledger import Ledger, LedgerRow
+from spotwatch.keys import manifest_key, storable_key
 from spotwatch.logs import printable_path
-from spotwatch.planner import SetRef
-from spotwatch.tracker import ChangeTracker, walk_files
-from spotwatch.uploader import Uploader
+from spotwatch.sync.ledger import Ledger, LedgerRow
+from spotwatch.sync.planner import SetRef
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
+from spotwatch.sync.tracker import ChangeTracker, walk_files
+from spotwatch.sync.uploader import Uploader
 
 log = structlog.get_logger("spotwatch.sets")
 

@@ -19,21 +19,16 @@ from typing import Any
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
-from spotwatch.checkpoint_sets import (
-    MANIFEST_DIR,
-    Manifest,
-    belongs_to_set,
-    manifest_key,
-    object_key,
-)
+from spotwatch.aws.region import resolve_region
+from spotwatch.aws.s3 import make_s3_client
 from spotwatch.config import Config, WatchDir
 from spotwatch.errors import SpotwatchError
-from spotwatch.filters import PathFilter
-from spotwatch.ledger import Ledger, LedgerError
-from spotwatch.region import resolve_region
-from spotwatch.remote_sets import is_complete, list_manifests
+from spotwatch.keys import MANIFEST_DIR, belongs_to_set, manifest_key, object_key
 from spotwatch.state import StateDir
-from spotwatch.uploader import make_s3_client
+from spotwatch.sync.filters import PathFilter
+from spotwatch.sync.ledger import Ledger, LedgerError
+from spotwatch.sync.sets.manifest import Manifest
+from spotwatch.sync.sets.remote import is_complete, list_manifests
 
 log = structlog.get_logger("spotwatch.prune")
 

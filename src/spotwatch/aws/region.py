@@ -7,9 +7,9 @@ import os
 import boto3
 from botocore.exceptions import BotoCoreError
 
+from spotwatch.aws.imds import REGION_PATH, ImdsError, disabled_reason, probe_client
 from spotwatch.config import Config
 from spotwatch.errors import ConfigError, SpotwatchError
-from spotwatch.imds import REGION_PATH, ImdsError, disabled_reason, probe_client
 
 REGION_ENV = "AWS_REGION"
 _HOW_TO_SET = "set aws.region, AWS_REGION or AWS_DEFAULT_REGION"

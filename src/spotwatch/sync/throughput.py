@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from spotwatch.planner import PendingFile
+from spotwatch.sync.planner import PendingFile
 
 # The estimate covers the uploads that ended within this long of the latest one.
 WINDOW_SECONDS = 30.0

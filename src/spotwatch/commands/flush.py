@@ -1,18 +1,42 @@
-"""`spotwatch flush` while a daemon runs: ask the daemon (SIGUSR1) and wait for its flush."""
+"""`spotwatch flush`: upload everything pending, then exit.
+
+While a daemon runs, ask it (SIGUSR1) and wait for its flush; otherwise flush in this process.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
+import sys
 import time
 from datetime import datetime
 from typing import Any
 
+import structlog
+
+from spotwatch.commands import load
+from spotwatch.daemon.loop import Daemon
 from spotwatch.errors import SpotwatchError
 from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir, StateLock
 
 POLL_SECONDS = 0.2
+
+
+def run(args: argparse.Namespace) -> int:
+    config, bucket = load(args)
+    delegated = request_daemon_flush(StateDir(config.state_dir))
+    if delegated is not None:
+        if delegated.get("failed"):
+            print(f"spotwatch: error: the daemon's flush left {delegated['failed']} failing "
+                  f"files: {', '.join(delegated.get('failed_files', []))}", file=sys.stderr)
+            return 1
+        return 0
+    outcome = Daemon(config, bucket).flush_once(ProgressBar("flushing", 0))
+    structlog.get_logger("spotwatch").info(
+        "flush_summary", files=outcome.files, bytes=outcome.bytes, failed=outcome.failed)
+    return outcome.exit_code
 
 
 def request_daemon_flush(state: StateDir) -> dict[str, Any] | None:

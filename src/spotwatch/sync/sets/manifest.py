@@ -19,56 +19,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-MANIFEST_DIR = ".spotwatch/manifests/"
-WRITE_PROBE = ".spotwatch/probe-"  # `spotwatch check` writes and deletes <prefix>probe-<host>
+from spotwatch.keys import object_key, set_name_of
+
 MANIFEST_FORMAT = 1
-S3_KEY_MAX_BYTES = 1024
-
-
-def object_key(prefix: str, relative_path: str) -> str:
-    """The key of a file below a watched directory; refuses anything that would leave the
-    prefix (an absolute path or a '..' component), whatever produced the path."""
-    if relative_path.startswith("/") or ".." in relative_path.split("/"):
-        raise ValueError(f"path escapes the watched directory: {relative_path!r}")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    return prefix + relative_path
-
-
-def storable_key(prefix: str, relative_path: str) -> str:
-    """The key of a file below a watched directory, once sure that S3 can store both it and
-    its set's manifest; ValueError saying why not otherwise.
-
-    Invariant: a name S3 cannot take never reaches the ledger or S3. Such a name is one with
-    bytes that are not UTF-8 (Python keeps them as surrogate escapes, which neither SQLite nor
-    S3 accepts), or whose key or set manifest key exceeds S3's 1,024 bytes of UTF-8.
-    """
-    key = object_key(prefix, relative_path)
-    for what, candidate in (("key", key),
-                            ("set manifest key", manifest_key(prefix, set_name_of(relative_path)))):
-        try:
-            size = len(candidate.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise ValueError("name is not valid UTF-8") from None
-        if size > S3_KEY_MAX_BYTES:
-            raise ValueError(f"{what} would be {size} bytes, S3 takes at most {S3_KEY_MAX_BYTES}")
-    return key
-
-
-def set_name_of(relative_path: str) -> str:
-    return relative_path.split("/", 1)[0]
-
-
-def manifest_prefix(prefix: str) -> str:
-    return object_key(prefix, MANIFEST_DIR)
-
-
-def manifest_key(prefix: str, set_name: str) -> str:
-    return manifest_prefix(prefix) + f"{set_name}.json"
-
-
-def belongs_to_set(key: str, set_key: str) -> bool:
-    return key == set_key or key.startswith(set_key + "/")
 
 
 class ManifestError(ValueError):

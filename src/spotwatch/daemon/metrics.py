@@ -1,7 +1,7 @@
 """Prometheus metrics and /healthz on a local HTTP port (prometheus-client does the format).
 
 The daemon updates the metrics; the server thread only reads them. /healthz answers 200 while
-the daemon's loop has run recently and nothing is degraded (see spotwatch.health), else 503
+the daemon's loop has run recently and nothing is degraded (see spotwatch.aws.health), else 503
 with the reason, so a supervisor can tell a stalled or cut-off daemon.
 """
 

@@ -1,0 +1,67 @@
+"""The S3 client spotwatch talks through, and the request settings every upload shares."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config as BotoConfig
+from botocore.utils import determine_content_length
+
+from spotwatch.config import TransferSettings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+
+# botocore asks S3 to confirm every upload before its body is sent (Expect: 100-continue), which
+# costs a round trip per request; for a body this small, sending it outright is cheaper.
+EXPECT_CONTINUE_MIN_BYTES = 1 << 20
+
+
+def _send_small_bodies_outright(params: dict[str, Any], **kwargs: Any) -> None:
+    if "Expect" not in params["headers"]:
+        return
+    size = determine_content_length(params.get("body"))
+    if size is not None and size < EXPECT_CONTINUE_MIN_BYTES:
+        del params["headers"]["Expect"]
+
+
+def make_s3_client(region: str, settings: TransferSettings) -> S3Client:
+    """An S3 client with adaptive retries; the endpoint follows AWS_ENDPOINT_URL(_S3)."""
+    config = BotoConfig(
+        region_name=region,
+        retries={"mode": "adaptive", "max_attempts": settings.max_attempts},
+        # Single-part and multipart uploads each run up to max_concurrency requests.
+        max_pool_connections=2 * settings.max_concurrency + 4,
+        connect_timeout=5,
+        read_timeout=60,
+        request_checksum_calculation="when_supported",
+        parameter_validation=False,  # spotwatch builds every request itself
+        response_checksum_validation="when_supported",
+    )
+    client = boto3.session.Session().client("s3", config=config)
+    # After botocore's own handler, which adds the header.
+    client.meta.events.register_last("before-call.s3", _send_small_bodies_outright)
+    return client
+
+
+def encryption_args(settings: TransferSettings) -> dict[str, str]:
+    """Request parameters for the configured server-side encryption (none: bucket default)."""
+    if settings.sse == "none":
+        return {}
+    args = {"ServerSideEncryption": settings.sse}
+    if settings.sse_kms_key_id:
+        args["SSEKMSKeyId"] = settings.sse_kms_key_id
+    return args
+
+
+def transfer_config(settings: TransferSettings) -> TransferConfig:
+    return TransferConfig(
+        multipart_threshold=settings.multipart_threshold,
+        multipart_chunksize=settings.multipart_chunksize,
+        max_concurrency=settings.max_concurrency,
+        use_threads=True,
+        preferred_transfer_client="classic",
+    )

@@ -1,0 +1,19 @@
+"""One module per CLI command, each with `run(args) -> exit code`; cli.py only dispatches."""
+
+from __future__ import annotations
+
+import argparse
+
+from spotwatch.bucket import resolve_bucket
+from spotwatch.config import Config, find_config_file, load_config, require_watch_dirs
+from spotwatch.logs import configure_logging
+
+
+def load(args: argparse.Namespace, need_watch_dirs: bool = True) -> tuple[Config, str]:
+    path = find_config_file(args.config)
+    config = load_config(path)
+    bucket = resolve_bucket(args.bucket, path)
+    if need_watch_dirs:
+        require_watch_dirs(config)
+    configure_logging(config.log.level, config.log.format)
+    return config, bucket

@@ -1,0 +1,16 @@
+"""`spotwatch check`: the preflight checks, one line each; exit 1 if any failed."""
+
+from __future__ import annotations
+
+import argparse
+
+from spotwatch.aws.preflight import failures, run_checks
+from spotwatch.commands import load
+
+
+def run(args: argparse.Namespace) -> int:
+    config, bucket = load(args, need_watch_dirs=False)
+    results = run_checks(config, bucket)
+    for result in results:
+        print(f"{result.symbol}  {result.name:<16} {result.detail}")
+    return 1 if failures(results) else 0

@@ -1,0 +1,26 @@
+"""`spotwatch prune`: one pass of mirrored deletions and retention (spotwatch.sync.pruner)."""
+
+from __future__ import annotations
+
+import argparse
+
+from spotwatch.commands import load
+from spotwatch.errors import ConfigError
+from spotwatch.sync.pruner import prune_once
+
+
+def run(args: argparse.Namespace) -> int:
+    config, bucket = load(args, need_watch_dirs=False)
+    keep_sets = config.sync.keep_sets if args.keep_sets is None else args.keep_sets
+    if keep_sets < 0:
+        raise ConfigError("--keep-sets must be at least 0")
+    mirror = bool(args.delete or config.sync.delete)
+    if not mirror and not keep_sets:
+        raise ConfigError("nothing to prune: set sync.delete or sync.keep_sets "
+                          "(or pass --delete / --keep-sets)")
+    deletions = prune_once(config, bucket, mirror, keep_sets, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for deletion in deletions:
+        print(f"{verb} s3://{bucket}/{deletion.key} ({deletion.reason})")
+    print(f"{verb} {len(deletions)} objects")
+    return 0
