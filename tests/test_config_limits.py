@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spotwatch.config import _SCHEMA, Config, load_config
+from spotwatch.config import Config, config_keys, load_config
 from spotwatch.errors import ConfigError
 from spotwatch.keys import manifest_key, object_key
 
@@ -252,13 +252,6 @@ VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3)
                       | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
 
 
-def dotted_keys(schema: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in schema.items():
-        keys += dotted_keys(value, f"{key}.") if isinstance(value, dict) else [prefix + key]
-    return keys
-
-
 def assert_config_or_config_error(path: Path) -> None:
     try:
         config = load_config(path)
@@ -283,8 +276,7 @@ def assert_possible(config: Config) -> None:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(key=st.sampled_from([*dotted_keys(_SCHEMA), "watch.path", "watch.prefix",
-                            "watch.exclude", "watch.include"]),
+@given(key=st.sampled_from(["watch", *(key.replace("[]", "") for key in config_keys())]),
        value=VALUES)
 def test_any_value_for_any_key(tmp_path_factory: pytest.TempPathFactory, key: str,
                                value: Any) -> None:

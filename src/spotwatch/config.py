@@ -1,19 +1,31 @@
-"""Loading and validating config.yaml into typed, immutable settings."""
+"""Loading and validating config.yaml into typed, immutable settings.
+
+Every key is declared once, as a field of the Structs below: its name, type, default and
+constraints (msgspec's Meta; `unit`/`note`/`item` in Meta.extra word the refusal) and, where the
+file's text needs parsing first (sizes like '64MB', paths relative to the config file, names in
+any case), a Parse marker. PyYAML reads the text through _StrictLoader (duplicate keys, depth,
+alias bombs, size); _with_parsed_values applies the Parse markers; msgspec.convert(strict=True)
+types and checks the rest; a refusal becomes one line naming the dotted key (_refusal).
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import signal
 import unicodedata
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
+import msgspec
 import yaml
+from msgspec import Meta, field
+from msgspec import inspect as mi
 
 from spotwatch.errors import ConfigError
 from spotwatch.keys import object_key
@@ -22,7 +34,6 @@ from spotwatch.state import default_state_dir
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 CONFIG_SEARCH_PATH = (Path("config.yaml"), Path("/etc/spotwatch/config.yaml"))
-CHECKSUM_ALGORITHMS = ("CRC32", "CRC32C", "SHA1", "SHA256", "CRC64NVME")
 # botocore computes these only with the AWS CRT (awscrt, the botocore[crt] extra).
 CRT_CHECKSUM_ALGORITHMS = ("CRC32C", "CRC64NVME")
 # S3's limits: parts of a multipart upload, a single PUT, and the length of a key.
@@ -36,58 +47,160 @@ MAX_SECONDS = 86400.0
 MAX_CONFIG_BYTES = 1 * MiB
 MAX_YAML_DEPTH = 32
 MAX_YAML_NODES = 100_000
-SYNC_MODES = ("continuous", "on-notice")
+
+# Config text is never empty (except a prefix: the bucket root), holds no control characters
+# (except line breaks in a hook command) and no lone surrogates (it must encode as UTF-8).
+_LINE = r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]"
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_SCRIPT = r"[^\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]"
+Text = Annotated[str, Meta(min_length=1, pattern=rf"\A{_LINE}*\Z")]
+Prefix = Annotated[str, Meta(pattern=rf"\A{_LINE}*\Z")]
+Script = Annotated[str, Meta(min_length=1, pattern=rf"\A{_SCRIPT}*\Z")]
+Region = Annotated[str, Meta(min_length=1, pattern=r"\A[a-z]{2}(-[a-z]+)+-\d+\Z",
+                             description="an AWS region name")]
+Seconds = Annotated[float, Meta(gt=0, le=MAX_SECONDS, extra={"unit": "seconds"})]
+SyncMode = Literal["continuous", "on-notice"]
+ChecksumAlgorithm = Literal["CRC32", "CRC32C", "SHA1", "SHA256", "CRC64NVME"]
 # Server-side encryption asked for on upload: none (the bucket default applies), SSE-S3, SSE-KMS.
-SSE_MODES = ("none", "AES256", "aws:kms")
-LOG_FORMATS = ("auto", "json", "console")
+SseMode = Literal["none", "AES256", "aws:kms"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
+CHECKSUM_ALGORITHMS: tuple[str, ...] = get_args(ChecksumAlgorithm)
+SYNC_MODES: tuple[str, ...] = get_args(SyncMode)
+SSE_MODES: tuple[str, ...] = get_args(SseMode)
+LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
 
 
 @dataclass(frozen=True)
-class WatchDir:
-    path: Path
-    prefix: str = "checkpoints/"
-    exclude: tuple[str, ...] = ("*.tmp", "*.tmp/*", "__pycache__/*", ".git/*")
-    include: tuple[str, ...] = ()
+class Parse:
+    """How a key's value in the file becomes the declared type before it is checked: `takes`
+    are the YAML types the key accepts; `parse` gets the value and the config file's directory
+    and raises ValueError with the problem ("is not a size: ...")."""
+
+    takes: tuple[type, ...]
+    parse: Callable[[Any, Path], Any]
 
 
-@dataclass(frozen=True)
-class SyncSettings:
-    mode: str = "continuous"
+_SIZE_RE = re.compile(r"^\s*([0-9]{1,15})\s*(B|KB|KIB|MB|MIB|GB|GIB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"B": 1, "KB": 1024, "KIB": 1024, "MB": MiB, "MIB": MiB, "GB": GiB, "GIB": GiB}
+
+
+def _bytes(value: int | str, _base: Path | None = None) -> int:
+    """A size: bytes, or a number with a unit (at most 15 digits: int() never meets a huge
+    string, and that is far past any S3 size)."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(value)
+    if not match:
+        raise ValueError(f"is not a size: {_shown(value)} (use bytes or e.g. '64MB')")
+    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()]
+
+
+def _path(value: str, base: Path) -> Path:
+    """A configured path: '~' expanded, a relative one taken from the config file's directory."""
+    if not re.fullmatch(rf"{_LINE}+", value):
+        raise ValueError(_text_problem(value, "a path"))
+    try:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base / path).resolve()
+    except (OSError, RuntimeError) as exc:  # an unknown ~user, a symlink loop
+        raise ValueError(f"is not a usable path: {_shown(value)} ({exc})") from None
+
+
+def _signal_name(value: str, _base: Path) -> str:
+    name = value.upper() if value.upper().startswith("SIG") else "SIG" + value.upper()
+    if name not in signal.Signals.__members__:
+        raise ValueError(f"is not a signal name: {_shown(value)}")
+    return name
+
+
+SIZE = Parse((int, str), _bytes)
+PATH = Parse((str,), _path)
+UPPER = Parse((str,), lambda value, _base: value.upper())
+LOWER = Parse((str,), lambda value, _base: value.lower())
+SIGNAL = Parse((str,), _signal_name)
+
+
+def _refuse(key: str, problem: str) -> ValueError:
+    """A cross-field refusal from __post_init__; _refusal names the key in full."""
+    return ValueError(f"`{key}` {problem}")
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A mapping of the file: immutable, and a key it does not declare is refused."""
+
+
+class AwsSettings(_Section, frozen=True, kw_only=True):
+    region: Region | None = None  # None: the SDK's resolution, else IMDS (spotwatch.aws.region)
+    allow_cross_region: bool = False
+    allow_public_bucket: bool = False
+
+
+class WatchDir(_Section, frozen=True):
+    path: Annotated[Path, PATH]
+    prefix: Prefix = "checkpoints/"
+    exclude: tuple[Text, ...] = ("*.tmp", "*.tmp/*", "__pycache__/*", ".git/*")
+    include: tuple[Text, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.prefix.startswith("/") or ".." in self.prefix.split("/"):
+            raise _refuse("prefix", "must be a relative key prefix")
+        if len(key_space(self.prefix).encode()) >= MAX_KEY_BYTES:
+            raise _refuse("prefix", f"leaves no room for a key within S3's {MAX_KEY_BYTES} bytes")
+
+
+class SyncSettings(_Section, frozen=True, kw_only=True):
+    mode: SyncMode = "continuous"
     # After a close-write (or rename into place) a file is complete once this long passes quietly.
-    settle_seconds: float = 0.3
+    settle_seconds: Seconds = 0.3
     # Without a close-write event, a file is taken as complete after this long without changes.
-    quiet_seconds: float = 5.0
+    quiet_seconds: Seconds = 5.0
     # How long a SIGTERM may spend on the final flush (systemd's TimeoutStopSec must be longer).
-    stop_timeout: float = 100.0
+    stop_timeout: Seconds = 100.0
     # Delete from S3 what spotwatch uploaded and was then deleted locally.
     delete: bool = False
     # Keep only this many newest complete checkpoint sets in S3 (0 keeps all).
-    keep_sets: int = 0
+    keep_sets: Annotated[int, Meta(ge=0)] = 0
 
 
-@dataclass(frozen=True)
-class TransferSettings:
-    multipart_threshold: int = 64 * MiB
-    multipart_chunksize: int = 16 * MiB
-    max_concurrency: int = 20
-    checksum_algorithm: str = "CRC32"
-    max_attempts: int = 10
-    sse: str = "none"
-    sse_kms_key_id: str | None = None
+class TransferSettings(_Section, frozen=True, kw_only=True):
+    """Sizes within S3's limits. A file that would need more than 10,000 parts at this chunk
+    size (over 48.8 GiB at 5 MiB) gets bigger parts from s3transfer's ChunksizeAdjuster."""
+
+    multipart_threshold: Annotated[int, Meta(ge=1, le=MAX_SINGLE_PUT, extra={
+        "unit": "bytes", "note": " (S3's limits)"}), SIZE] = 64 * MiB
+    multipart_chunksize: Annotated[int, Meta(ge=MIN_PART_SIZE, le=MAX_PART_SIZE, extra={
+        "unit": "bytes", "note": " (S3's limits)"}), SIZE] = 16 * MiB
+    max_concurrency: Annotated[int, Meta(ge=1, le=256)] = 20
+    checksum_algorithm: Annotated[ChecksumAlgorithm, UPPER] = "CRC32"
+    max_attempts: Annotated[int, Meta(ge=1, le=50)] = 10
+    sse: SseMode = "none"
+    sse_kms_key_id: Text | None = None
+
+    def __post_init__(self) -> None:
+        if self.sse_kms_key_id is not None and self.sse != "aws:kms":
+            raise _refuse("sse_kms_key_id", "needs 'transfer.sse: aws:kms'")
+        if self.checksum_algorithm in CRT_CHECKSUM_ALGORITHMS and not _crt_available():
+            raise _refuse("checksum_algorithm", f": {self.checksum_algorithm} needs the AWS CRT, "
+                          "which is not available (pip install 'botocore[crt]'; "
+                          "BOTO_DISABLE_CRT unset)")
 
 
-@dataclass(frozen=True)
-class ImdsSettings:
+class ImdsSettings(_Section, frozen=True, kw_only=True):
     enabled: bool = True
-    endpoint: str | None = None
-    endpoint_mode: str | None = None
-    poll_interval: float = 1.0
-    token_ttl: int = 21600
-    timeout: float = 2.0
+    endpoint: Text | None = None
+    endpoint_mode: Literal["IPv4", "IPv6"] | None = None
+    poll_interval: Seconds = 1.0
+    token_ttl: Annotated[int, Meta(ge=1, le=21600, extra={"unit": "seconds"})] = 21600
+    timeout: Seconds = 2.0
+
+    def __post_init__(self) -> None:
+        if self.endpoint is not None and not _is_http_host_url(self.endpoint):
+            raise _refuse("endpoint", "must be an http URL of a host, e.g. "
+                          f"http://169.254.169.254, got {_shown(self.endpoint)}")
 
 
-@dataclass(frozen=True)
-class NoticeSettings:
+class NoticeSettings(_Section, frozen=True, kw_only=True):
     """Which notices besides the spot interruption (always on) start a flush."""
 
     rebalance: bool = True
@@ -95,100 +208,82 @@ class NoticeSettings:
     asg_lifecycle: bool = True
 
 
-@dataclass(frozen=True)
-class HookSettings:
+class HookSettings(_Section, frozen=True, kw_only=True):
     """What training code is told when a notice arrives."""
 
-    notice_file: Path | None = None  # default: <state dir>/notice.json
-    signal: str | None = None  # e.g. SIGUSR1, sent to the pid in pid_file
-    pid_file: Path | None = None
-    command: str | None = None  # run with /bin/sh, SPOTWATCH_NOTICE_* in its environment
+    notice_file: Annotated[Path, PATH] | None = None  # default: <state dir>/notice.json
+    signal: Annotated[str, SIGNAL] | None = None  # e.g. SIGUSR1, sent to the pid in pid_file
+    pid_file: Annotated[Path, PATH] | None = None
+    command: Script | None = None  # run with /bin/sh, SPOTWATCH_NOTICE_* in its environment
+
+    def __post_init__(self) -> None:
+        if self.signal is not None and self.pid_file is None:
+            raise _refuse("signal", "needs 'hooks.pid_file' (whom to signal)")
 
 
-@dataclass(frozen=True)
-class MetricsSettings:
+class MetricsSettings(_Section, frozen=True, kw_only=True):
     """Prometheus /metrics and /healthz; localhost only unless told otherwise."""
 
     enabled: bool = True
-    address: str = "127.0.0.1"
-    port: int = 9464
+    address: Text = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535, extra={"note": " (0: any free port)"})] = 9464
 
 
-@dataclass(frozen=True)
-class LogSettings:
-    level: str = "info"
-    format: str = "auto"
+class LogSettings(_Section, frozen=True, kw_only=True):
+    level: Annotated[LogLevel, LOWER] = "info"
+    format: LogFormat = "auto"
 
 
-@dataclass(frozen=True)
-class Config:
-    region: str | None = None  # None: the SDK's resolution, else IMDS (spotwatch.aws.region)
-    allow_cross_region: bool = False
-    allow_public_bucket: bool = False
-    watch: tuple[WatchDir, ...] = ()
+class StateSettings(_Section, frozen=True, kw_only=True):
+    dir: Annotated[Path, PATH] = field(default_factory=default_state_dir)
+
+
+class Config(_Section, frozen=True, kw_only=True):
+    """The whole file; the rest of spotwatch reads the flat properties below."""
+
+    aws: AwsSettings = field(default_factory=AwsSettings)
+    watch: Annotated[tuple[WatchDir, ...], Meta(min_length=1, extra={"item": "directory"})]
     sync: SyncSettings = field(default_factory=SyncSettings)
     transfer: TransferSettings = field(default_factory=TransferSettings)
     imds: ImdsSettings = field(default_factory=ImdsSettings)
     notices: NoticeSettings = field(default_factory=NoticeSettings)
     hooks: HookSettings = field(default_factory=HookSettings)
+    state: StateSettings = field(default_factory=StateSettings)
     log: LogSettings = field(default_factory=LogSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
-    state_dir: Path = Path("/var/lib/spotwatch")
-    source: Path | None = None
+
+    @property
+    def region(self) -> str | None:
+        return self.aws.region
+
+    @property
+    def allow_cross_region(self) -> bool:
+        return self.aws.allow_cross_region
+
+    @property
+    def allow_public_bucket(self) -> bool:
+        return self.aws.allow_public_bucket
+
+    @property
+    def state_dir(self) -> Path:
+        return self.state.dir
 
 
+def config_keys() -> dict[str, Any]:
+    """Every key of the file, dotted ('sync.mode', 'watch[].path'), with its default:
+    msgspec.NODEFAULT where it is required or computed when loading (state.dir)."""
+    return dict(_keys(mi.type_info(Config), ""))
 
-# The schema: each key maps to its accepted type(s); nested mappings are sections.
-_SIZE = (int, str)
-_NUMBER = (int, float)
-_SCHEMA: dict[str, Any] = {
-    "aws": {"region": str, "allow_cross_region": bool, "allow_public_bucket": bool},
-    "watch": list,
-    "sync": {
-        "mode": str,
-        "settle_seconds": _NUMBER,
-        "quiet_seconds": _NUMBER,
-        "stop_timeout": _NUMBER,
-        "delete": bool,
-        "keep_sets": int,
-    },
-    "transfer": {
-        "multipart_threshold": _SIZE,
-        "multipart_chunksize": _SIZE,
-        "max_concurrency": int,
-        "checksum_algorithm": str,
-        "max_attempts": int,
-        "sse": str,
-        "sse_kms_key_id": (str, type(None)),
-    },
-    "imds": {
-        "enabled": bool,
-        "endpoint": (str, type(None)),
-        "endpoint_mode": (str, type(None)),
-        "poll_interval": _NUMBER,
-        "token_ttl": int,
-        "timeout": _NUMBER,
-    },
-    "notices": {"rebalance": bool, "scheduled_events": bool, "asg_lifecycle": bool},
-    "hooks": {
-        "notice_file": (str, type(None)),
-        "signal": (str, type(None)),
-        "pid_file": (str, type(None)),
-        "command": (str, type(None)),
-    },
-    "state": {"dir": str},
-    "log": {"level": str, "format": str},
-    "metrics": {"enabled": bool, "address": str, "port": int},
-}
-_WATCH_SCHEMA: dict[str, Any] = {"path": str, "prefix": str, "exclude": list, "include": list}
-_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
-# At most 15 ASCII digits: far past any S3 size, and int() never meets a huge string.
-_SIZE_RE = re.compile(r"^\s*([0-9]{1,15})\s*(B|KB|KIB|MB|MIB|GB|GIB)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"B": 1, "KB": 1024, "KIB": 1024, "MB": MiB, "MIB": MiB, "GB": GiB, "GIB": GiB}
-# String keys that may be empty (the bucket root) or span lines (a shell script).
-_MAY_BE_EMPTY = frozenset({"prefix"})
-_MAY_SPAN_LINES = frozenset({"command"})
-_LINE_BREAKS = frozenset("\n\t")
+
+def _keys(info: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    for item in _container(info).fields:
+        inner = _container(item.type)
+        if isinstance(inner, mi.StructType):
+            yield from _keys(inner, f"{prefix}{item.name}.")
+        elif isinstance(inner, mi.VarTupleType) and isinstance(inner.item_type, mi.StructType):
+            yield from _keys(inner.item_type, f"{prefix}{item.name}[].")
+        else:
+            yield f"{prefix}{item.name}", item.default
 
 
 def find_config_file(explicit: str | None) -> Path:
@@ -215,8 +310,279 @@ def load_config(path: Path) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    _check_section(raw, _SCHEMA, "")
-    return _build(raw, path)
+    _refuse_surrogates(raw, "")
+    try:
+        config = msgspec.convert(_with_parsed_values(Config, raw, path.parent, ""), Config,
+                                 strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_refusal(str(exc), raw)) from None
+    _refuse_overlaps(config.watch)
+    return config
+
+
+def _refuse_surrogates(value: Any, where: str) -> None:
+    """Text must encode as UTF-8: a lone surrogate (a YAML escape such as "\\ud800") is refused
+    anywhere in the file, before msgspec (which cannot compare it) sees it."""
+    if isinstance(value, str) and _SURROGATE.search(value):
+        raise ConfigError(f"config key '{_key_of(where)}' is not valid Unicode: {_shown(value)}")
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_surrogates(item, f"{where}[{index}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_surrogates(key, where)
+            _refuse_surrogates(item, _join(where, str(key)))
+
+
+def _with_parsed_values(cls: type, raw: Any, base: Path, where: str) -> Any:
+    """The raw mapping of a section with each Parse-marked value parsed (a value of a type the
+    key does not take is left as it is, for msgspec to refuse), sections within recursively."""
+    if not isinstance(raw, dict):
+        return raw
+    hints = _hints(cls)
+    parsed = dict(raw)
+    for name, value in raw.items():
+        hint = hints.get(name) if isinstance(name, str) else None
+        marker = _parse_marker(hint)
+        nested, many = _section_in(hint)
+        if marker is not None and _is_instance(value, marker.takes):
+            try:
+                parsed[name] = marker.parse(value, base)
+            except ValueError as exc:
+                raise ConfigError(f"config key '{where}{name}' {exc}") from None
+        elif nested is not None and many and isinstance(value, list):
+            parsed[name] = [_with_parsed_values(nested, item, base, f"{where}{name}[{index}].")
+                            for index, item in enumerate(value)]
+        elif nested is not None:
+            parsed[name] = _with_parsed_values(nested, value, base, f"{where}{name}.")
+    return parsed
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls, include_extras=True)
+
+
+def _parse_marker(hint: Any) -> Parse | None:
+    """The Parse marker in a field's annotation, also inside `X | None`."""
+    if get_origin(hint) is Annotated:
+        return next((m for m in hint.__metadata__ if isinstance(m, Parse)), None)
+    return next(filter(None, map(_parse_marker, get_args(hint))), None)
+
+
+def _section_in(hint: Any) -> tuple[type | None, bool]:
+    """The section type a field holds, and whether it holds a list of them."""
+    if isinstance(hint, type) and issubclass(hint, _Section):
+        return hint, False
+    for arg in get_args(hint):
+        nested, many = _section_in(arg)
+        if nested is not None:
+            return nested, many or get_origin(hint) is tuple
+    return None, False
+
+
+def _is_instance(value: Any, types: tuple[type, ...]) -> bool:
+    """isinstance, except that a YAML 'yes' is no count (bool subclasses int)."""
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))
+
+
+# -- msgspec's refusal, said as one line naming the key -------------------------------------
+
+_AT_KEY = "key` in `"
+_STEP = re.compile(r"\.([A-Za-z_]\w*)|\[(\d+)\]")
+
+
+def _refusal(message: str, raw: dict[str, Any]) -> str:
+    """msgspec's "Expected `int`, got `str` - at `$.sync.keep_sets`" as "config key
+    'sync.keep_sets' must be integer, got str": the message is rebuilt from the declaration of
+    the key and the value in the file, so it says what the key takes."""
+    problem, _, at = message.rpartition(" - at `") if " - at `" in message else (message, "", "$")
+    steps = [name or int(index) for name, index in _STEP.findall(at.removeprefix(_AT_KEY))]
+    struct, name, info, value = _follow(steps, raw)
+    dotted = _dotted(steps)
+    if problem.startswith("Object contains unknown field") or at.startswith(_AT_KEY):
+        return _unknown_key(info, value, dotted)
+    missing = re.match(r"Object missing required field `(\w+)`", problem)
+    if missing:
+        return f"config key '{_join(dotted, missing.group(1))}' is required"
+    own = re.match(r"`(\w+)` (.*)", problem)  # raised by a section's __post_init__
+    if own:
+        sep = "" if own.group(2).startswith(":") else " "
+        return f"config key '{_join(dotted, own.group(1))}'{sep}{own.group(2)}"
+    marker = _parse_marker(_hints(struct).get(name)) if struct and name else None
+    key = dotted if isinstance(_bare(info), mi.StructType) else _key_of(dotted)
+    return f"config key '{key}' {_what_it_takes(info, value, marker) or problem}"
+
+
+def _follow(steps: list[str | int], raw: Any) -> tuple[type | None, str | None, Any, Any]:
+    """The declared type and the file's value at a path; with the section and field name of
+    the last field on the way (where a Parse marker would be)."""
+    info: Any = mi.type_info(Config)
+    struct: type | None = None
+    name: str | None = None
+    value = raw
+    for step in steps:
+        info = _container(info)
+        if isinstance(step, int):
+            info = info.item_type
+            value = value[step]
+        else:
+            struct, name = info.cls, step
+            info = next(f.type for f in info.fields if f.name == step)
+            value = value.get(step) if isinstance(value, dict) else None
+    return struct, name, info, value
+
+
+def _container(info: Any) -> Any:
+    """A struct or list type from under Metadata and `| None`."""
+    info = _bare(info)
+    if isinstance(info, mi.UnionType):
+        return next(_bare(t) for t in info.types if not isinstance(_bare(t), mi.NoneType))
+    return info
+
+
+def _bare(info: Any) -> Any:
+    return info.type if isinstance(info, mi.Metadata) else info
+
+
+def _dotted(steps: list[str | int]) -> str:
+    return "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps).lstrip(".")
+
+
+def _key_of(dotted: str) -> str:
+    """An item of a list is refused under the list's key: 'watch[0].exclude', not '...[2]'."""
+    return re.sub(r"(\[\d+\])+$", "", dotted)
+
+
+def _join(dotted: str, name: str) -> str:
+    return f"{dotted}.{name}" if dotted else name
+
+
+def _unknown_key(info: Any, value: Any, dotted: str) -> str:
+    known = [f.name for f in _container(info).fields]
+    unknown = next(key for key in value if key not in known)
+    return (f"unknown config key {_shown(_join(dotted, str(unknown)))} "
+            f"(known here: {', '.join(sorted(known))})")
+
+
+_TYPE_NAMES: dict[type, tuple[str, tuple[type, ...]]] = {
+    mi.BoolType: ("boolean", (bool,)),
+    mi.IntType: ("integer", (int,)),
+    mi.FloatType: ("integer or number", (int, float)),
+    mi.StrType: ("string", (str,)),
+    mi.LiteralType: ("string", (str,)),
+    mi.CustomType: ("string", (str,)),  # a path
+    mi.NoneType: ("null", (type(None),)),
+    mi.StructType: ("a mapping", (dict,)),
+    mi.VarTupleType: ("a list", (list,)),
+}
+_PY_NAMES: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean",
+                              list: "list", dict: "mapping"}
+
+
+def _what_it_takes(info: Any, value: Any, marker: Parse | None) -> str | None:
+    """What a key takes, said against the value the file gave it; None if nothing to add."""
+    options = info.types if isinstance(info, mi.UnionType) else (info,)
+    if marker is not None:  # a value the marker takes was parsed into the declared type
+        matching = [t for t in options if not isinstance(t, mi.NoneType)
+                    and _is_instance(value, marker.takes)]
+    else:
+        matching = [t for t in options if _is_instance(value, _TYPE_NAMES[type(_bare(t))][1])]
+    if not matching:
+        names = (" or ".join(_PY_NAMES[t] for t in marker.takes) if marker
+                 else " or ".join(dict.fromkeys(_TYPE_NAMES[type(_bare(t))][0] for t in options)))
+        return f"must be {names}, got {'null' if value is None else type(value).__name__}"
+    option = matching[0]
+    extra = option.extra if isinstance(option, mi.Metadata) and option.extra else {}
+    description = (option.extra_json_schema or {}).get("description") \
+        if isinstance(option, mi.Metadata) else None
+    return _constraint(_bare(option), value, extra, description)
+
+
+def _constraint(info: Any, value: Any, extra: dict[str, Any], description: str | None
+                ) -> str | None:
+    if isinstance(info, mi.FloatType | mi.IntType):
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        return f"must be {_range(info, extra)}{extra.get('note', '')}, got {_shown(value)}"
+    if isinstance(info, mi.LiteralType) and _is_plain(value):
+        return f"must be one of {', '.join(map(str, info.values))}, got {_shown(value)}"
+    if isinstance(value, str):
+        return _text_problem(value, description)
+    if isinstance(info, mi.VarTupleType):
+        return f"must list at least one {extra.get('item', 'entry')}"
+    return None
+
+
+def _range(info: mi.IntType | mi.FloatType, extra: dict[str, Any]) -> str:
+    unit = extra.get("unit", "")
+    suffix = f" {unit}" if unit and unit != "bytes" else ""  # bytes: each bound has its unit
+
+    def number(bound: float) -> str:
+        return _size_text(int(bound)) if unit == "bytes" else f"{bound:g}"
+
+    if info.gt is not None and info.le is not None:
+        return f"more than {number(info.gt)} and at most {number(info.le)}{suffix}"
+    if info.ge is not None and info.le is not None:
+        return f"from {number(info.ge)} to {number(info.le)}{suffix}"
+    return f"at least {number(info.ge or 0)}{suffix}"
+
+
+def _is_plain(value: str) -> bool:
+    return bool(value) and re.fullmatch(rf"{_LINE}*", value) is not None
+
+
+def _text_problem(value: str, description: str | None) -> str:
+    """Why a text was refused: empty, not Unicode, a control character, or not `description`."""
+    if not value:
+        return "must not be empty"
+    if _SURROGATE.search(value):
+        return f"is not valid Unicode: {_shown(value)}"
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        return f"contains a control character: {_shown(value)}"
+    return f"is not {description or 'allowed'}: {_shown(value)}"
+
+
+def _size_text(size: int) -> str:
+    for unit, factor in (("GiB", GiB), ("MiB", MiB)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} bytes"
+
+
+def parse_size(value: int | str, key: str) -> int:
+    """A positive size in bytes from an int or a text like '64MB'."""
+    try:
+        size = _bytes(value)
+    except ValueError as exc:
+        raise ConfigError(f"config key '{key}' {exc}") from None
+    if size <= 0:
+        raise ConfigError(f"config key '{key}' must be positive, got {_shown(value)}")
+    return size
+
+
+def _shown(value: object) -> str:
+    """A value for an error line: repr (escapes control characters), cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _crt_available() -> bool:
+    from botocore.compat import HAS_CRT  # botocore's own test: awscrt importable, not disabled
+
+    return bool(HAS_CRT)
+
+
+def _is_http_host_url(value: str) -> bool:
+    """IMDS speaks plain http at a host and optional port: no path, query or credentials."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises ValueError when not a number from 0 to 65535
+    except ValueError:
+        return False
+    return (parts.scheme == "http" and bool(parts.hostname) and port != 0
+            and parts.path in ("", "/") and not parts.query and not parts.fragment
+            and parts.username is None)
 
 
 def _read_text(path: Path) -> str:
@@ -323,168 +689,6 @@ def _children(node: yaml.Node) -> Iterator[yaml.Node]:
             yield value
 
 
-def parse_size(value: int | str, key: str) -> int:
-    if isinstance(value, int):
-        size = value
-    else:
-        match = _SIZE_RE.match(value)
-        if not match:
-            raise ConfigError(f"{key}: not a size: {_shown(value)} (use bytes or e.g. '64MB')")
-        size = int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()]
-    if size <= 0:
-        raise ConfigError(f"{key}: must be positive, got {_shown(value)}")
-    return size
-
-
-def _shown(value: object) -> str:
-    """A value for an error line: repr (escapes control characters), cut to a readable length."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _type_names(expected: Any) -> str:
-    types = expected if isinstance(expected, tuple) else (expected,)
-    names = {int: "integer", float: "number", str: "string", bool: "boolean", list: "list"}
-    return " or ".join(names.get(t, "null") for t in types)
-
-
-def _check_section(raw: Mapping[str, Any], schema: Mapping[str, Any], prefix: str) -> None:
-    for key, value in raw.items():
-        dotted = f"{prefix}{key}"
-        if key not in schema:
-            known = ", ".join(sorted(schema))
-            raise ConfigError(f"unknown config key {_shown(dotted)} (known here: {known})")
-        expected = schema[key]
-        if isinstance(expected, dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key '{dotted}' must be a mapping")
-            _check_section(value, expected, f"{dotted}.")
-            continue
-        _check_value(value, expected, dotted)
-
-
-def _check_value(value: Any, expected: Any, dotted: str) -> None:
-    """The one check every scalar of the config passes: the declared type (a YAML 'yes' is no
-    count although bool subclasses int), numbers finite, text printable (see _check_text)."""
-    is_bool_mismatch = isinstance(value, bool) and bool not in _as_tuple(expected)
-    if is_bool_mismatch or not isinstance(value, expected):
-        shown = "null" if value is None else type(value).__name__
-        raise ConfigError(f"config key '{dotted}' must be {_type_names(expected)}, got {shown}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"config key '{dotted}' must be a finite number, got {value}")
-    if isinstance(value, str):
-        _check_text(value, dotted)
-
-
-def _check_text(value: str, dotted: str) -> None:
-    """Config text is never empty (except a prefix: the bucket root), holds no control
-    characters (except line breaks in a hook command) and is encodable as UTF-8."""
-    leaf = dotted.rsplit(".", 1)[-1]
-    if not value and leaf not in _MAY_BE_EMPTY:
-        raise ConfigError(f"config key '{dotted}' must not be empty")
-    allowed = _LINE_BREAKS if leaf in _MAY_SPAN_LINES else frozenset()
-    if any(unicodedata.category(c) == "Cc" and c not in allowed for c in value):
-        raise ConfigError(f"config key '{dotted}' contains a control character: {_shown(value)}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ConfigError(f"config key '{dotted}' is not valid Unicode: {_shown(value)}") from None
-
-
-def _as_tuple(expected: Any) -> tuple[Any, ...]:
-    return expected if isinstance(expected, tuple) else (expected,)
-
-
-def _choice(value: str, allowed: tuple[str, ...], key: str) -> str:
-    if value not in allowed:
-        raise ConfigError(
-            f"config key '{key}' must be one of {', '.join(allowed)}, got {_shown(value)}")
-    return value
-
-
-def _at_least(value: int, minimum: int, key: str) -> int:
-    if value < minimum:
-        raise ConfigError(f"config key '{key}' must be at least {minimum}")
-    return value
-
-
-def _seconds(value: float, key: str) -> float:
-    """A duration: positive and at most MAX_SECONDS (finite: checked with every number)."""
-    if not 0 < value <= MAX_SECONDS:
-        raise ConfigError(f"config key '{key}' must be more than 0 and at most "
-                          f"{MAX_SECONDS:.0f} seconds, got {_shown(value)}")
-    return float(value)
-
-
-def _build(raw: Mapping[str, Any], source: Path) -> Config:
-    aws = raw.get("aws", {})
-    region = aws.get("region")
-    if region is not None and not _REGION_RE.match(region):
-        raise ConfigError(f"config key 'aws.region' is not an AWS region name: {_shown(region)}")
-    state = raw.get("state", {})
-    return Config(
-        region=region,
-        allow_cross_region=aws.get("allow_cross_region", False),
-        allow_public_bucket=aws.get("allow_public_bucket", False),
-        watch=_build_watch(raw.get("watch", []), source.parent),
-        sync=_build_sync(raw.get("sync", {})),
-        transfer=_build_transfer(raw.get("transfer", {})),
-        imds=_build_imds(raw.get("imds", {})),
-        notices=NoticeSettings(**raw.get("notices", {})),
-        hooks=_build_hooks(raw.get("hooks", {}), source.parent),
-        log=_build_log(raw.get("log", {})),
-        metrics=_build_metrics(raw.get("metrics", {})),
-        state_dir=_resolve(state["dir"], source.parent, "state.dir") if "dir" in state
-        else default_state_dir(),
-        source=source,
-    )
-
-
-def _resolve(value: str, base: Path, key: str) -> Path:
-    """A configured path: '~' expanded, a relative one taken from the config file's directory."""
-    try:
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else (base / path).resolve()
-    except (OSError, RuntimeError) as exc:  # an unknown ~user, a symlink loop
-        raise ConfigError(f"config key '{key}' is not a usable path: {_shown(value)} ({exc})"
-                          ) from None
-
-
-def _build_watch(entries: list[Any], base: Path) -> tuple[WatchDir, ...]:
-    if not entries:
-        raise ConfigError("config key 'watch' must list at least one directory")
-    dirs = tuple(_build_watch_dir(entry, f"watch[{index}]", base)
-                 for index, entry in enumerate(entries))
-    _refuse_overlaps(dirs)
-    return dirs
-
-
-def _build_watch_dir(entry: Any, where: str, base: Path) -> WatchDir:
-    if not isinstance(entry, dict):
-        raise ConfigError(f"config key '{where}' must be a mapping with a 'path'")
-    _check_section(entry, _WATCH_SCHEMA, f"{where}.")
-    if "path" not in entry:
-        raise ConfigError(f"config key '{where}.path' is required")
-    prefix = entry.get("prefix", WatchDir.prefix)
-    if prefix.startswith("/") or ".." in prefix.split("/"):
-        raise ConfigError(f"config key '{where}.prefix' must be a relative key prefix")
-    if len(key_space(prefix).encode()) >= MAX_KEY_BYTES:
-        raise ConfigError(f"config key '{where}.prefix' leaves no room for a key within S3's "
-                          f"{MAX_KEY_BYTES} bytes")
-    patterns = {}
-    for name in ("exclude", "include"):
-        values = entry.get(name, list(getattr(WatchDir, name)))
-        for value in values:
-            _check_value(value, str, f"{where}.{name}")
-        patterns[name] = tuple(values)
-    return WatchDir(
-        path=_resolve(entry["path"], base, f"{where}.path"),
-        prefix=prefix,
-        exclude=patterns["exclude"],
-        include=patterns["include"],
-    )
-
-
 def key_space(prefix: str) -> str:
     """What every key of a watch entry with this prefix starts with, its manifests included
     (object_key adds the '/': 'ckpt' and 'ckpt/' are one key space, 'a/' and 'ab/' two)."""
@@ -514,153 +718,6 @@ def _real(path: Path) -> Path:
         return path.resolve()
     except (OSError, RuntimeError) as exc:
         raise ConfigError(f"watch path {path} cannot be resolved: {exc}") from None
-
-
-def _build_sync(raw: Mapping[str, Any]) -> SyncSettings:
-    defaults = SyncSettings()
-    return SyncSettings(
-        mode=_choice(raw.get("mode", defaults.mode), SYNC_MODES, "sync.mode"),
-        settle_seconds=_seconds(raw.get("settle_seconds", defaults.settle_seconds),
-                                "sync.settle_seconds"),
-        quiet_seconds=_seconds(raw.get("quiet_seconds", defaults.quiet_seconds),
-                               "sync.quiet_seconds"),
-        stop_timeout=_seconds(raw.get("stop_timeout", defaults.stop_timeout),
-                              "sync.stop_timeout"),
-        delete=raw.get("delete", defaults.delete),
-        keep_sets=_at_least(raw.get("keep_sets", defaults.keep_sets), 0, "sync.keep_sets"),
-    )
-
-
-def _build_transfer(raw: Mapping[str, Any]) -> TransferSettings:
-    """Sizes within S3's limits. A file that would need more than 10,000 parts at this chunk
-    size (over 48.8 GiB at 5 MiB) gets bigger parts from s3transfer's ChunksizeAdjuster."""
-    defaults = TransferSettings()
-    concurrency = raw.get("max_concurrency", defaults.max_concurrency)
-    if not 1 <= concurrency <= 256:
-        raise ConfigError("config key 'transfer.max_concurrency' must be from 1 to 256")
-    attempts = raw.get("max_attempts", defaults.max_attempts)
-    if not 1 <= attempts <= 50:
-        raise ConfigError("config key 'transfer.max_attempts' must be from 1 to 50")
-    sse = _choice(raw.get("sse", defaults.sse), SSE_MODES, "transfer.sse")
-    kms_key = raw.get("sse_kms_key_id")
-    if kms_key is not None and sse != "aws:kms":
-        raise ConfigError("config key 'transfer.sse_kms_key_id' needs 'transfer.sse: aws:kms'")
-    return TransferSettings(
-        multipart_threshold=_size_within(
-            raw.get("multipart_threshold", defaults.multipart_threshold),
-            "transfer.multipart_threshold", 1, MAX_SINGLE_PUT),
-        multipart_chunksize=_size_within(
-            raw.get("multipart_chunksize", defaults.multipart_chunksize),
-            "transfer.multipart_chunksize", MIN_PART_SIZE, MAX_PART_SIZE),
-        max_concurrency=concurrency,
-        checksum_algorithm=_checksum_algorithm(
-            raw.get("checksum_algorithm", defaults.checksum_algorithm)),
-        max_attempts=attempts,
-        sse=sse,
-        sse_kms_key_id=kms_key,
-    )
-
-
-def _size_within(value: int | str, key: str, minimum: int, maximum: int) -> int:
-    size = parse_size(value, key)
-    if not minimum <= size <= maximum:
-        raise ConfigError(f"config key '{key}' must be from {_size_text(minimum)} to "
-                          f"{_size_text(maximum)} (S3's limits), got {_shown(value)}")
-    return size
-
-
-def _size_text(size: int) -> str:
-    for unit, factor in (("GiB", GiB), ("MiB", MiB)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor} {unit}"
-    return f"{size} bytes"
-
-
-def _checksum_algorithm(value: str) -> str:
-    key = "transfer.checksum_algorithm"
-    algorithm = _choice(value.upper(), CHECKSUM_ALGORITHMS, key)
-    if algorithm in CRT_CHECKSUM_ALGORITHMS and not _crt_available():
-        raise ConfigError(f"config key '{key}': {algorithm} needs the AWS CRT, which is not "
-                          "available (pip install 'botocore[crt]'; BOTO_DISABLE_CRT unset)")
-    return algorithm
-
-
-def _crt_available() -> bool:
-    from botocore.compat import HAS_CRT  # botocore's own test: awscrt importable, not disabled
-
-    return bool(HAS_CRT)
-
-
-def _build_imds(raw: Mapping[str, Any]) -> ImdsSettings:
-    defaults = ImdsSettings()
-    ttl = raw.get("token_ttl", defaults.token_ttl)
-    if not 1 <= ttl <= 21600:
-        raise ConfigError("config key 'imds.token_ttl' must be from 1 to 21600 seconds")
-    mode = raw.get("endpoint_mode")
-    if mode is not None:
-        mode = _choice(mode, ("IPv4", "IPv6"), "imds.endpoint_mode")
-    endpoint = raw.get("endpoint")
-    return ImdsSettings(
-        enabled=raw.get("enabled", defaults.enabled),
-        endpoint=None if endpoint is None else _http_url(endpoint, "imds.endpoint"),
-        endpoint_mode=mode,
-        poll_interval=_seconds(raw.get("poll_interval", defaults.poll_interval),
-                               "imds.poll_interval"),
-        token_ttl=ttl,
-        timeout=_seconds(raw.get("timeout", defaults.timeout), "imds.timeout"),
-    )
-
-
-def _http_url(value: str, key: str) -> str:
-    if not _is_http_host_url(value):
-        raise ConfigError(f"config key '{key}' must be an http URL of a host, e.g. "
-                          f"http://169.254.169.254, got {_shown(value)}")
-    return value
-
-
-def _is_http_host_url(value: str) -> bool:
-    """IMDS speaks plain http at a host and optional port: no path, query or credentials."""
-    try:
-        parts = urlsplit(value)
-        port = parts.port  # raises ValueError when not a number from 0 to 65535
-    except ValueError:
-        return False
-    return (parts.scheme == "http" and bool(parts.hostname) and port != 0
-            and parts.path in ("", "/") and not parts.query and not parts.fragment
-            and parts.username is None)
-
-
-def _build_hooks(raw: Mapping[str, Any], base: Path) -> HookSettings:
-    def path(key: str) -> Path | None:
-        return _resolve(raw[key], base, f"hooks.{key}") if raw.get(key) else None
-
-    signal_name = raw.get("signal")
-    if signal_name is not None:
-        signal_name = signal_name.upper()
-        if not signal_name.startswith("SIG"):
-            signal_name = "SIG" + signal_name
-        if signal_name not in signal.Signals.__members__:
-            raise ConfigError(
-                f"config key 'hooks.signal' is not a signal name: {_shown(raw['signal'])}")
-        if not raw.get("pid_file"):
-            raise ConfigError("config key 'hooks.signal' needs 'hooks.pid_file' (whom to signal)")
-    return HookSettings(notice_file=path("notice_file"), signal=signal_name,
-                        pid_file=path("pid_file"), command=raw.get("command") or None)
-
-
-def _build_metrics(raw: Mapping[str, Any]) -> MetricsSettings:
-    settings = MetricsSettings(**raw)
-    if not 0 <= settings.port <= 65535:
-        raise ConfigError("config key 'metrics.port' must be from 0 to 65535 (0: any free port)")
-    return settings
-
-
-def _build_log(raw: Mapping[str, Any]) -> LogSettings:
-    level = raw.get("level", "info").lower()
-    return LogSettings(
-        level=_choice(level, ("debug", "info", "warning", "error"), "log.level"),
-        format=_choice(raw.get("format", "auto"), LOG_FORMATS, "log.format"),
-    )
 
 
 def require_watch_dirs(config: Config) -> None:

@@ -110,7 +110,7 @@ def check_public_access(s3: Any, bucket: str, config: Config) -> CheckResult:
 
 
 def check_encryption(s3: Any, bucket: str, config: Config) -> CheckResult:
-    uploads = config.transfer.sse
+    uploads: str = config.transfer.sse
     if config.transfer.sse_kms_key_id:
         uploads += f" with key {config.transfer.sse_kms_key_id}"
     upload_note = "bucket default" if uploads == "none" else uploads

@@ -51,7 +51,7 @@ def encryption_args(settings: TransferSettings) -> dict[str, str]:
     """Request parameters for the configured server-side encryption (none: bucket default)."""
     if settings.sse == "none":
         return {}
-    args = {"ServerSideEncryption": settings.sse}
+    args: dict[str, str] = {"ServerSideEncryption": settings.sse}
     if settings.sse_kms_key_id:
         args["SSEKMSKeyId"] = settings.sse_kms_key_id
     return args

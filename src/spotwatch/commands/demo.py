@@ -25,10 +25,12 @@ from botocore.exceptions import ClientError
 
 from spotwatch.aws.preflight import PUBLIC_ACCESS_FLAGS
 from spotwatch.config import (
+    AwsSettings,
     Config,
     HookSettings,
     ImdsSettings,
     LogSettings,
+    StateSettings,
     SyncSettings,
     WatchDir,
 )
@@ -159,14 +161,14 @@ def _rehearse(root: Path, imds: ImdsEmulator) -> int:
     checkpoints = root / "checkpoints"
     checkpoints.mkdir()
     config = Config(
-        region=REGION,
+        aws=AwsSettings(region=REGION),
         watch=(WatchDir(checkpoints, prefix=PREFIX),),
         sync=SyncSettings(settle_seconds=0.2),
         imds=ImdsSettings(endpoint=imds.url),
         log=LogSettings(level="warning", format="console"),
         # The rehearsal keeps its notice to itself, never in a real daemon's runtime dir.
         hooks=HookSettings(notice_file=root / "state" / "notice.json"),
-        state_dir=root / "state",
+        state=StateSettings(dir=root / "state"),
     )
     print(f"  S3 (embedded):   {os.environ['AWS_ENDPOINT_URL']}  bucket {BUCKET}")
     print(f"  IMDS (emulated): {imds.url}  polled every {config.imds.poll_interval:g} s")

@@ -143,7 +143,7 @@ class Uploader:
     def put_small(self, key: str, body: bytes, content_type: str) -> None:
         """A small object in one request (manifests); raises on failure."""
         self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type,
-                               ChecksumAlgorithm=self._settings.checksum_algorithm,  # type: ignore[arg-type]
+                               ChecksumAlgorithm=self._settings.checksum_algorithm,
                                **encryption_args(self._settings))  # type: ignore[arg-type]
 
     def put_small_async(self, key: str, body: bytes, content_type: str) -> Future[None]:
