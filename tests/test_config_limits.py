@@ -330,3 +330,18 @@ def test_cli_refuses_duplicate_keys_and_bombs(workspace: Workspace) -> None:
     assert_usage_error(workspace.cli("check", "-c", "config.yaml"), "aliases expand it")
     workspace.config_file.write_bytes(b"watch: [{path: \xe9}]\n")
     assert_usage_error(workspace.cli("check", "-c", "config.yaml"), "not UTF-8 text")
+
+
+def test_an_unforeseen_validation_message_is_still_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import spotwatch.config as config_module
+
+    def unforeseen(message: str, raw: object) -> str:
+        raise IndexError("a shape of error the message builder does not know")
+
+    monkeypatch.setattr(config_module, "_refusal", unforeseen)
+    path = tmp_path / "config.yaml"
+    path.write_text("watch: [{path: .}]\nsync: {keep_sets: many}\n")
+    with pytest.raises(ConfigError) as refused:
+        config_module.load_config(path)
+    assert "keep_sets" in str(refused.value) and "\n" not in str(refused.value)

@@ -315,7 +315,7 @@ def load_config(path: Path) -> Config:
         config = msgspec.convert(_with_parsed_values(Config, raw, path.parent, ""), Config,
                                  strict=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_refusal(str(exc), raw)) from None
+        raise ConfigError(_one_line_refusal(str(exc), raw)) from None
     _refuse_overlaps(config.watch)
     return config
 
@@ -390,6 +390,15 @@ def _is_instance(value: Any, types: tuple[type, ...]) -> bool:
 
 _AT_KEY = "key` in `"
 _STEP = re.compile(r"\.([A-Za-z_]\w*)|\[(\d+)\]")
+
+
+def _one_line_refusal(message: str, raw: dict[str, Any]) -> str:
+    """Bad config is one line, never a traceback: should rebuilding the message meet a shape
+    of error it does not know, msgspec's own message (which names the key's path) is used."""
+    try:
+        return _refusal(message, raw)
+    except Exception:  # any failure here would turn a config error into a traceback
+        return f"invalid config: {message.splitlines()[0] if message else 'rejected'}"
 
 
 def _refusal(message: str, raw: dict[str, Any]) -> str:
