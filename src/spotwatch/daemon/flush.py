@@ -28,9 +28,15 @@ NAMED_FILES_MAX = 20
 NAMED_SETS_MAX = 20
 
 
-class Clock:
+class Clock(Protocol):
     """Monotonic seconds for deadlines and durations; wall time for notice deadlines."""
 
+    def monotonic(self) -> float: ...
+
+    def now(self) -> datetime: ...
+
+
+class SystemClock:
     def monotonic(self) -> float:
         return time.monotonic()
 
@@ -68,7 +74,7 @@ class FlushController:
     every deadline it was given; a later notice never loosens it, the work stays the same."""
 
     def __init__(self, clock: Clock | None = None) -> None:
-        self._clock = clock or Clock()
+        self._clock = clock or SystemClock()
         self.current: Flush | None = None
         self.last: dict[str, Any] | None = None  # the record of the last finished flush
 
