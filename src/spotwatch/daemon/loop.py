@@ -19,6 +19,7 @@ from spotwatch.config import Config
 from spotwatch.daemon import sdnotify
 from spotwatch.daemon.flush import FlushController
 from spotwatch.daemon.hooks import NoticeHooks
+from spotwatch.daemon.metrics import Metrics
 from spotwatch.daemon.prune_job import PruneSchedule
 from spotwatch.daemon.reporter import Reporter
 from spotwatch.daemon.session import Parts, Session
@@ -62,7 +63,8 @@ class Daemon:
         self.bucket = bucket
         self.state = StateDir(config.state_dir)
         self.hooks = NoticeHooks(config.hooks, self.state)
-        self.reporter = Reporter(bucket, self.state, imds=config.imds.enabled)
+        self.metrics = Metrics(imds=config.imds.enabled)
+        self.reporter = Reporter(bucket, self.state, self.metrics)
         self.flushes = FlushController()
         self._client = client
         self._wake = threading.Event()

@@ -27,10 +27,10 @@ STATUS_INTERVAL_SECONDS = 1.0
 
 
 class Reporter:
-    def __init__(self, bucket: str, state: StateDir, imds: bool) -> None:
+    def __init__(self, bucket: str, state: StateDir, metrics: Metrics) -> None:
         self._bucket = bucket
         self._state = state
-        self.metrics = Metrics(imds=imds)
+        self.metrics = metrics
         self.s3_watch = S3Watch(lambda error: self.metrics.s3_errors.labels(error).inc())
         self.metrics_url: str | None = None
         self._imds: Outage | None = None  # the poller's reachability, when IMDS is polled
