@@ -18,8 +18,10 @@ import structlog
 from spotwatch.commands import load
 from spotwatch.daemon.loop import Daemon
 from spotwatch.errors import SpotwatchError
+from spotwatch.model import Outcome, UploadResult
 from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir, StateLock
+from spotwatch.sync.engine import SyncEngine
 
 POLL_SECONDS = 0.2
 
@@ -33,10 +35,33 @@ def run(args: argparse.Namespace) -> int:
                   f"files: {', '.join(delegated.get('failed_files', []))}", file=sys.stderr)
             return 1
         return 0
-    outcome = Daemon(config, bucket).flush_once(ProgressBar("flushing", 0))
+    bar = ProgressBar("flushing", 0)
+    # No terminal: no bar, so no per-chunk callbacks or byte sums either.
+    outcome = Daemon(config, bucket).flush_once(BarWatcher(bar) if bar.enabled else None)
     structlog.get_logger("spotwatch").info(
         "flush_summary", files=outcome.files, bytes=outcome.bytes, failed=outcome.failed)
     return outcome.exit_code
+
+
+class BarWatcher:
+    """Shows a one-shot flush's bytes and files on a progress bar."""
+
+    def __init__(self, bar: ProgressBar) -> None:
+        self._bar = bar
+
+    def attach(self, engine: SyncEngine) -> None:
+        engine.uploader.on_progress = self._bar
+        engine.add_observer(self._file_done)
+
+    def _file_done(self, result: UploadResult) -> None:
+        if result.outcome is Outcome.DONE:
+            self._bar.file_done()
+
+    def update(self, engine: SyncEngine) -> None:
+        self._bar.grow_to(engine.totals.bytes + engine.outstanding_bytes())
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 def request_daemon_flush(state: StateDir) -> dict[str, Any] | None:

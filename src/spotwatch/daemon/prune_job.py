@@ -1,23 +1,51 @@
-"""One prune on a background thread, so S3 listing and deleting never stall the daemon loop."""
+"""Pruning off the daemon loop: one prune at a time on a background thread, so S3 listing and
+deleting never stall the loop, started only when all is quiet and cancelled when work arrives."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
 from spotwatch.config import WatchDir
-from spotwatch.sync.pruner import Deletion, PruneCancelled, Pruner
+from spotwatch.sync.pruner import Deletion, PruneCancelled
 
 log = structlog.get_logger("spotwatch.prune")
+
+# Pruning lists the prefix in S3: at most this often.
+PRUNE_INTERVAL_SECONDS = 5.0
+
+
+class Prunes(Protocol):
+    """A pruner (spotwatch.sync.pruner.Pruner): plans, then applies, until cancelled."""
+
+    cancelled: threading.Event
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def plan(self, watches: Iterable[WatchDir]) -> list[Deletion]: ...
+
+    def apply(self, deletions: list[Deletion]) -> list[Deletion]: ...
+
+
+class PruneTarget(Protocol):
+    """The engine, as pruning sees it."""
+
+    @property
+    def changes(self) -> int: ...
+
+    def reseal_after_deletions(self, keys: list[str]) -> None: ...
 
 
 class PruneJob:
     """Plans and applies one prune on its own thread; the loop polls `finished()`."""
 
-    def __init__(self, pruner: Pruner, watches: Sequence[WatchDir],
+    def __init__(self, pruner: Prunes, watches: Sequence[WatchDir],
                  on_finished: Callable[[], None]) -> None:
         self._pruner = pruner
         self._watches = tuple(watches)
@@ -48,3 +76,47 @@ class PruneJob:
             log.warning("prune_failed", error=str(exc))
         finally:
             self._on_finished()
+
+
+class PruneSchedule:
+    """Decides when to prune and collects what a prune deleted; driven by the daemon loop.
+
+    Invariant: deletes run only when all is quiet (the loop says so), never while a notice, a
+    flush or an upload needs the time; a prune under way is cancelled as soon as it is not.
+    """
+
+    def __init__(self, pruner: Prunes, watches: Sequence[WatchDir],
+                 on_finished: Callable[[], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._pruner = pruner
+        self._watches = tuple(watches)
+        self._on_finished = on_finished
+        self._clock = clock
+        self._due = 0.0
+        # The target's change count when the last complete prune started; None: never
+        # pruned, so the first quiet moment catches up on what changed while stopped.
+        self._pruned_at: int | None = None
+        self._starting_at = 0
+        self.job: PruneJob | None = None
+
+    def tend(self, target: PruneTarget, quiet: bool) -> None:
+        if self.job is not None:
+            self._tend_job(self.job, target, quiet)
+        elif quiet and self._due_for(target):
+            self._due = self._clock() + PRUNE_INTERVAL_SECONDS
+            self._starting_at = target.changes
+            self.job = PruneJob(self._pruner, self._watches, self._on_finished).start()
+
+    def _due_for(self, target: PruneTarget) -> bool:
+        return (self._pruner.enabled and target.changes != self._pruned_at
+                and self._clock() >= self._due)
+
+    def _tend_job(self, job: PruneJob, target: PruneTarget, quiet: bool) -> None:
+        if not quiet:
+            job.cancel()
+        if not job.finished():
+            return
+        self.job = None
+        if job.completed:  # failed or cancelled: try again when quiet
+            self._pruned_at = self._starting_at
+        target.reseal_after_deletions([d.key for d in job.deleted if not d.retires])

@@ -71,8 +71,9 @@ class SyncEngine:
         self.sealer = SetSealer(ledger, self.uploader, self.trackers)
         self.throughput = ThroughputMeter()
         self._seal_due = 0.0
-        # Deletions and uploads since S3 was last pruned (true at start: catch up on downtime).
-        self.changed_since_prune = True
+        # Uploads and local deletions seen so far, only ever counted up: a pruner compares
+        # it with the count when it last pruned, and never writes it.
+        self.changes = 0
 
     def add_observer(self, observer: Callable[[UploadResult], None]) -> None:
         self._observers.append(observer)
@@ -99,7 +100,7 @@ class SyncEngine:
     def collect_settled(self) -> None:
         for tracker in self.trackers:
             for path in tracker.take_removed():
-                self.changed_since_prune = True
+                self.changes += 1
                 for item in self.planner.remove_under(path):
                     log.debug("pending_dropped", path=str(item.path), reason="deleted")
                 for gone in files_at_or_below(path, list(self.retries.waiting_keys())):
@@ -287,7 +288,7 @@ class SyncEngine:
             # (its set stays unsealed) and upload it again once the ledger can be written.
             result = UploadResult(job, Outcome.FAILED, result.seconds, error="ledger not written")
         if result.outcome is Outcome.DONE:
-            self.changed_since_prune = True
+            self.changes += 1
             self.totals.files += 1
             self.totals.bytes += job.snapshot.size
             self.last_upload_at = time.time()

@@ -1,0 +1,182 @@
+"""The flush state machine: start, tighten, count, finish; and the final flush's verdict.
+
+It reads the time from an injectable clock and does no I/O besides logging, so every path
+(second notice, stop timeout, files left behind) is tested in milliseconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import structlog
+
+from spotwatch.daemon.snapshot import EngineSnapshot
+from spotwatch.model import Outcome, UploadResult
+from spotwatch.sync.engine import Progress
+from spotwatch.sync.planner import PendingFile
+from spotwatch.sync.throughput import ThroughputMeter, plan_flush
+
+log = structlog.get_logger("spotwatch.daemon")
+
+# A flush's log line names at most this many files it left behind.
+NAMED_FILES_MAX = 20
+# The flush_at_risk line names at most this many sets.
+NAMED_SETS_MAX = 20
+
+
+class Clock(Protocol):
+    """Monotonic seconds for deadlines and durations; wall time for notice deadlines."""
+
+    def monotonic(self) -> float: ...
+
+    def now(self) -> datetime: ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc)
+
+
+class FlushWork(Protocol):
+    """What a flush plan is made of (the sync engine)."""
+
+    throughput: ThroughputMeter
+
+    def remaining_work(self) -> list[PendingFile]: ...
+
+
+@dataclass
+class Flush:
+    reason: str
+    started: float
+    deadline: datetime | None
+    # Monotonic time after which it no longer waits for retries (None: no deadline).
+    retries_until: float | None = None
+    progress: Progress = field(default_factory=Progress)
+
+
+@dataclass(frozen=True)
+class FinishedFlush:
+    reason: str
+    seconds: float
+    record: dict[str, Any]  # status.json's last_flush, and the flush_done log line
+
+
+class FlushController:
+    """At most one flush at a time. Invariant: a running flush's deadline is the earliest of
+    every deadline it was given; a later notice never loosens it, the work stays the same."""
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self._clock = clock or SystemClock()
+        self.current: Flush | None = None
+        self.last: dict[str, Any] | None = None  # the record of the last finished flush
+
+    @property
+    def active(self) -> bool:
+        return self.current is not None
+
+    @property
+    def retries_until(self) -> float | None:
+        return self.current.retries_until if self.current is not None else None
+
+    def start(self, reason: str, deadline: datetime | None, work: FlushWork,
+              until: float | None = None) -> None:
+        """Start a flush, or tighten the running one; until: a monotonic deadline."""
+        if self.current is None:
+            self.current = Flush(reason, self._clock.monotonic(), deadline)
+            self._tighten(deadline, until)
+            log.info("flush_started", reason=reason)
+            self._log_plan(work, deadline)
+        else:
+            self._tighten(deadline, until)
+
+    def _tighten(self, deadline: datetime | None, until: float | None) -> None:
+        flush = self.current
+        assert flush is not None
+        if deadline and (flush.deadline is None or deadline < flush.deadline):
+            flush.deadline = deadline
+        if until is None and deadline is not None:
+            until = self._monotonic_at(deadline)
+        if until is not None and (flush.retries_until is None or until < flush.retries_until):
+            flush.retries_until = until
+
+    def _monotonic_at(self, moment: datetime) -> float:
+        return self._clock.monotonic() + self._seconds_until(moment)
+
+    def _seconds_until(self, moment: datetime) -> float:
+        return (moment - self._clock.now()).total_seconds()
+
+    def _log_plan(self, work: FlushWork, deadline: datetime | None) -> None:
+        seconds_left = self._seconds_until(deadline) if deadline else None
+        plan = plan_flush(work.remaining_work(), seconds_left,
+                          work.throughput.bytes_per_second())
+        fields = {"files": plan.files, "bytes": plan.bytes,
+                  "bandwidth_mib_s": round(plan.bytes_per_second / 2**20, 1),
+                  "bandwidth": "measured" if plan.measured else "assumed",
+                  "estimated_seconds": round(plan.estimated_seconds, 1),
+                  "seconds_left": None if seconds_left is None else round(seconds_left, 1)}
+        if plan.at_risk_sets:
+            # Newest sets go first; these older ones may not make it before the deadline.
+            log.warning("flush_at_risk", **fields,
+                        at_risk_sets=list(plan.at_risk_sets[:NAMED_SETS_MAX]),
+                        at_risk_count=len(plan.at_risk_sets))
+        else:
+            log.info("flush_plan", **fields)
+
+    def count(self, result: UploadResult) -> None:
+        """An engine observer: what the running flush made durable."""
+        if self.current is not None and result.outcome is Outcome.DONE:
+            self.current.progress.files += 1
+            self.current.progress.bytes += result.job.snapshot.size
+
+    def finish(self, failed: Sequence[PendingFile]) -> FinishedFlush:
+        """End the running flush; failed: the files it left behind (failing for good)."""
+        flush, self.current = self.current, None
+        assert flush is not None
+        seconds = self._clock.monotonic() - flush.started
+        margin = self._seconds_until(flush.deadline) if flush.deadline else None
+        self.last = {
+            "reason": flush.reason,
+            "seconds": round(seconds, 3),
+            "files": flush.progress.files,
+            "bytes": flush.progress.bytes,
+            "failed": len(failed),
+            "failed_files": _named(failed),
+            "deadline_margin_seconds": None if margin is None else round(margin, 1),
+            "finished_at": self._clock.now().isoformat(),
+        }
+        (log.warning if failed else log.info)("flush_done", **self.last)
+        return FinishedFlush(flush.reason, seconds, self.last)
+
+    # -- the final flush: bounded by sync.stop_timeout ------------------------------------
+
+    def give_up_at(self, stop_timeout: float) -> float:
+        return self._clock.monotonic() + stop_timeout
+
+    def time_left(self, give_up_at: float) -> float:
+        return max(0.0, give_up_at - self._clock.monotonic())
+
+    def final_verdict(self, left: EngineSnapshot, failing: Sequence[PendingFile],
+                      totals: Progress) -> int:
+        """Exit code 0 when everything is durable; 1 when the flush ran out of time or left
+        failing files behind (logged as flush_incomplete, so the operator sees it)."""
+        if self.current is None and left.pending_files == 0:
+            log.info("daemon_stopped", files=totals.files, bytes=totals.bytes)
+            return 0
+        log.error("flush_incomplete", pending_files=left.pending_files,
+                  pending_bytes=left.pending_bytes, retrying=left.retrying,
+                  uploading=left.uploading, unsettled=left.unsettled,
+                  failed_files=_named(failing), timed_out=self.current is not None)
+        return 1
+
+
+def _named(files: Sequence[PendingFile]) -> list[str]:
+    return [str(item.path) for item in files[:NAMED_FILES_MAX]]
+

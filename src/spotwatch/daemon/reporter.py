@@ -1,0 +1,142 @@
+"""What the daemon tells the outside: status.json, Prometheus gauges and counters, /healthz's
+degraded reasons, and systemd keep-alives. Each write reads the engine once (EngineSnapshot),
+so status.json and the gauges always agree."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from spotwatch.aws.health import Outage, S3Watch, imds_degraded_reason
+from spotwatch.config import MetricsSettings
+from spotwatch.daemon import sdnotify
+from spotwatch.daemon.flush import FlushController
+from spotwatch.daemon.metrics import Metrics, MetricsServer
+from spotwatch.daemon.snapshot import EngineSnapshot
+from spotwatch.model import Notice, Outcome, UploadResult
+from spotwatch.state import StateDir, write_json_atomically
+from spotwatch.sync.engine import SyncEngine
+
+log = structlog.get_logger("spotwatch.daemon")
+
+STATUS_INTERVAL_SECONDS = 1.0
+
+
+class Reporter:
+    def __init__(self, bucket: str, state: StateDir, metrics: Metrics) -> None:
+        self._bucket = bucket
+        self._state = state
+        self.metrics = metrics
+        self.s3_watch = S3Watch(lambda error: self.metrics.s3_errors.labels(error).inc())
+        self.metrics_url: str | None = None
+        self._imds: Outage | None = None  # the poller's reachability, when IMDS is polled
+        self._status_due = 0.0
+        self._keepalive_interval = sdnotify.watchdog_interval()
+        self._keepalive_due = 0.0
+
+    def watch_imds(self, reachability: Outage) -> None:
+        self._imds = reachability
+
+    def start_server(self, settings: MetricsSettings) -> MetricsServer | None:
+        if not settings.enabled:
+            return None
+        try:
+            server = MetricsServer(self.metrics, settings.address, settings.port).start()
+        except OSError as exc:
+            # Metrics are a convenience: never a reason not to protect the checkpoints.
+            log.warning("metrics_unavailable", address=settings.address, port=settings.port,
+                        error=exc.strerror)
+            return None
+        self.metrics_url = server.url
+        return server
+
+    # -- counters, fed as things happen ---------------------------------------------------
+
+    def count_upload(self, result: UploadResult) -> None:
+        """An engine observer."""
+        if result.outcome is Outcome.DONE:
+            self.metrics.uploaded(result.job.snapshot.size)
+        elif result.outcome is Outcome.FAILED:
+            self.metrics.upload_errors.inc()
+
+    def count_notice(self, notice: Notice, detected: datetime) -> None:
+        self.metrics.notices.labels(notice.kind.value).inc()
+        if notice.posted_at is not None:
+            self.metrics.detection_latency.observe(
+                max(0.0, (detected - notice.posted_at).total_seconds()))
+
+    def count_flush(self, reason: str, seconds: float) -> None:
+        self.metrics.flush_duration.labels(reason).observe(seconds)
+
+    # -- every loop step -------------------------------------------------------------------
+
+    def beat(self) -> None:
+        """The loop is alive (for /healthz); an S3 outage long enough is logged."""
+        self.metrics.tick()
+        self.s3_watch.check()
+
+    def report_when_due(self, engine: SyncEngine, last_notice: dict[str, Any] | None,
+                        flushes: FlushController) -> None:
+        """Keep-alives and status.json, each when due."""
+        if self._keepalive_interval is not None and time.monotonic() >= self._keepalive_due:
+            # systemd's watchdog restarts us if this loop ever stalls.
+            sdnotify.notify("WATCHDOG=1")
+            self._keepalive_due = time.monotonic() + self._keepalive_interval
+        if time.monotonic() >= self._status_due:
+            self.write(engine, last_notice, flushes)
+            self._status_due = time.monotonic() + STATUS_INTERVAL_SECONDS
+
+    def write(self, engine: SyncEngine, last_notice: dict[str, Any] | None,
+              flushes: FlushController) -> None:
+        """status.json and the gauges, from one snapshot of the engine."""
+        left = EngineSnapshot.of(engine)
+        degraded = self._degraded_reasons()
+        imds_up = self._imds.up if self._imds is not None else None
+        status = {
+            "pid": os.getpid(),
+            "bucket": self._bucket,
+            "updated_at": time.time(),
+            "pending_files": left.pending_files,
+            "pending_bytes": left.pending_bytes,
+            "outstanding_bytes": left.pending_bytes,
+            "retrying_files": left.retrying,
+            "failing_files": left.failing,
+            "unsettled_files": left.unsettled,
+            "uploading": left.uploading,
+            "uploaded_files": engine.totals.files,
+            "uploaded_bytes": engine.totals.bytes,
+            "upload_failures": engine.totals.failures,
+            "s3_errors": dict(self.s3_watch.errors),
+            "imds_up": imds_up,
+            "degraded": degraded,
+            "last_upload_at": engine.last_upload_at,
+            "last_notice": last_notice,
+            "last_flush": flushes.last,
+            "flushing": flushes.active,
+            "metrics_url": self.metrics_url,
+            "incomplete_sets": list(left.incomplete_sets),
+        }
+        self._set_gauges(left, degraded, imds_up)
+        try:
+            write_json_atomically(self._state.status, status)
+        except OSError as exc:
+            log.warning("status_write_failed", error=exc.strerror)
+
+    def _set_gauges(self, left: EngineSnapshot, degraded: list[str],
+                    imds_up: bool | None) -> None:
+        self.metrics.incomplete_sets.set(len(left.incomplete_sets))
+        self.metrics.pending_files.set(left.pending_files)
+        self.metrics.pending_bytes.set(left.pending_bytes)
+        self.metrics.uploading.set(left.uploading)
+        self.metrics.retrying.set(left.retrying)
+        self.metrics.degraded = tuple(degraded)
+        if self.metrics.imds_up is not None and imds_up is not None:
+            self.metrics.imds_up.set(1 if imds_up else 0)
+
+    def _degraded_reasons(self) -> list[str]:
+        reasons = (self.s3_watch.degraded_reason(), imds_degraded_reason(self._imds))
+        return [reason for reason in reasons if reason is not None]

@@ -1,0 +1,104 @@
+"""One run's resources: the state lock, the engine and pruner on one S3 client, the watchdog
+observer, and the startup scan; released in reverse on exit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from watchdog.observers import Observer
+
+from spotwatch.aws.health import S3Watch
+from spotwatch.aws.region import resolve_region
+from spotwatch.aws.s3 import make_s3_client
+from spotwatch.config import Config
+from spotwatch.model import UploadResult
+from spotwatch.state import StateDir, StateLock
+from spotwatch.sync.engine import SyncEngine
+from spotwatch.sync.ledger import Ledger
+from spotwatch.sync.orphans import abort_orphaned_uploads
+from spotwatch.sync.pruner import Pruner
+from spotwatch.sync.tracker import ChangeTracker
+from spotwatch.sync.uploader import Uploader
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger("spotwatch.daemon")
+
+
+@dataclass(frozen=True)
+class Parts:
+    engine: SyncEngine
+    pruner: Pruner | None  # None: this run only uploads
+
+
+def build_parts(config: Config, bucket: str, client: S3Client, ledger: Ledger,
+                wake: Callable[[], None], prune: bool) -> Parts:
+    """Everything that talks to S3, built on one client."""
+    settings = config.sync
+    trackers = [ChangeTracker(w, settings.settle_seconds, settings.quiet_seconds, wake)
+                for w in config.watch]
+
+    def uploader(on_result: Callable[[UploadResult], None]) -> Uploader:
+        return Uploader(client, bucket, config.transfer, on_result)
+
+    engine = SyncEngine(trackers, ledger, uploader, wake)
+    # The daemon deletes; a one-off flush only uploads (see `spotwatch prune`).
+    pruner = (Pruner(client, bucket, ledger, settings.delete, settings.keep_sets)
+              if prune else None)
+    return Parts(engine, pruner)
+
+
+class Session:
+    """Context for one run; entering it returns the engine (and pruner) ready to pump."""
+
+    def __init__(self, config: Config, bucket: str, state: StateDir, s3_watch: S3Watch,
+                 wake: Callable[[], None], client: S3Client | None = None,
+                 prune: bool = False) -> None:
+        self._config = config
+        self._bucket = bucket
+        self._state = state
+        self._s3_watch = s3_watch
+        self._wake = wake
+        self._client = client
+        self._prune = prune
+        self._lock = StateLock(state)
+        self._observer: Any = None
+        self._engine: SyncEngine | None = None
+
+    def __enter__(self) -> Parts:
+        self._state.ensure()
+        self._lock.acquire()
+        try:
+            parts = self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return parts
+
+    def _start(self) -> Parts:
+        config = self._config
+        client = self._client or make_s3_client(resolve_region(config), config.transfer)
+        self._s3_watch.attach(client)
+        parts = build_parts(config, self._bucket, client, Ledger(self._state.ledger),
+                            self._wake, self._prune)
+        engine = self._engine = parts.engine
+        abort_orphaned_uploads(engine.uploader.client, self._bucket, engine.ledger)
+        self._observer = Observer()
+        for tracker in engine.trackers:
+            tracker.watch_with(self._observer)
+        self._observer.start()
+        queued = engine.reconcile(config.sync.quiet_seconds)
+        log.info("startup_scan_done", pending=queued, unsettled=engine.unsettled())
+        return parts
+
+    def __exit__(self, *exc: object) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+        if self._engine is not None:
+            self._engine.close()
+        self._lock.release()

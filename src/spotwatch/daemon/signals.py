@@ -1,0 +1,40 @@
+"""Signals for the daemon, taken by its loop: SIGTERM/SIGINT stop it, SIGUSR1 asks a flush."""
+
+from __future__ import annotations
+
+import signal
+from collections import deque
+from dataclasses import dataclass
+from types import FrameType
+
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+@dataclass(frozen=True)
+class Requests:
+    flush: bool  # `spotwatch flush` asking; several asks, one flush
+    stop: bool
+
+
+class SignalInbox:
+    """Invariant: a handler takes no lock. It runs on the main thread between any two
+    bytecodes, also while the loop holds the lock of an Event or a Queue: taking that lock
+    again would hang the daemon for good. So it only appends to a deque (no Python lock),
+    and the loop takes what arrived within a tick."""
+
+    def __init__(self) -> None:
+        self._received: deque[int] = deque()
+
+    def install(self) -> None:
+        for signum in HANDLED:
+            signal.signal(signum, self._remember)
+
+    def _remember(self, signum: int, frame: FrameType | None) -> None:
+        self._received.append(signum)
+
+    def take(self) -> Requests:
+        received = set()
+        while self._received:
+            received.add(self._received.popleft())
+        return Requests(flush=signal.SIGUSR1 in received,
+                        stop=bool(received & {signal.SIGTERM, signal.SIGINT}))

@@ -1,0 +1,32 @@
+"""The engine's state read once, for status.json, the gauges and the final flush's verdict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spotwatch.sync.engine import SyncEngine
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Invariant 8 holds here: pending counts cover queued, retrying and uploading files."""
+
+    pending_files: int
+    pending_bytes: int
+    uploading: int
+    retrying: int
+    failing: int
+    unsettled: int
+    incomplete_sets: tuple[str, ...]
+
+    @classmethod
+    def of(cls, engine: SyncEngine) -> EngineSnapshot:
+        return cls(
+            pending_files=engine.pending_files(),
+            pending_bytes=engine.outstanding_bytes(),
+            uploading=engine.uploader.in_flight(),
+            retrying=len(engine.retries),
+            failing=len(engine.retries.failing()),
+            unsettled=engine.unsettled(),
+            incomplete_sets=tuple(sorted(engine.sealer.incomplete)),
+        )

@@ -1,0 +1,220 @@
+"""The daemon's flush state machine on a fake clock, in milliseconds: deadlines that tighten,
+the flush plan, finishing with failed files, and a final flush that runs out of time."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from spotwatch.daemon.flush import FlushController
+from spotwatch.daemon.snapshot import EngineSnapshot
+from spotwatch.keys import object_key
+from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
+from spotwatch.sync.engine import Progress
+from spotwatch.sync.planner import PendingFile, SetRef
+from spotwatch.sync.throughput import ThroughputMeter
+
+MIB = 2**20
+START = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+class FakeClock:
+    """Monotonic and wall time that move only when told, together."""
+
+    def __init__(self) -> None:
+        self.seconds = 1000.0
+        self.wall = START
+
+    def monotonic(self) -> float:
+        return self.seconds
+
+    def now(self) -> datetime:
+        return self.wall
+
+    def advance(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.wall += timedelta(seconds=seconds)
+
+
+class Work:
+    """What is left to upload, and a bandwidth measured on the fake clock."""
+
+    def __init__(self, clock: FakeClock, files: list[PendingFile],
+                 bytes_per_second: float | None = None) -> None:
+        self.throughput = ThroughputMeter(clock.monotonic)
+        if bytes_per_second is not None:  # one upload's worth of samples: 1 s at that rate
+            self.throughput.record(int(bytes_per_second), 1.0)
+        self._files = files
+
+    def remaining_work(self) -> list[PendingFile]:
+        return list(self._files)
+
+
+def pending(set_name: str, size: int) -> PendingFile:
+    return PendingFile(Path(f"/ckpt/{set_name}/m.pt"), object_key("p/", f"{set_name}/m.pt"),
+                       Snapshot(size, 1, 1, 1), SetRef("p/", set_name, Path("/ckpt")))
+
+
+def done(item: PendingFile) -> UploadResult:
+    return UploadResult(UploadJob(item.path, item.key, item.snapshot), Outcome.DONE, 0.1)
+
+
+def in_seconds(clock: FakeClock, seconds: float) -> datetime:
+    return clock.now() + timedelta(seconds=seconds)
+
+
+def controller() -> tuple[FakeClock, FlushController, Work]:
+    clock = FakeClock()
+    return clock, FlushController(clock), Work(clock, [])
+
+
+def test_a_second_notice_with_an_earlier_deadline_tightens_the_flush() -> None:
+    clock, flushes, work = controller()
+    with capture_logs() as logs:
+        flushes.start("rebalance-recommendation", in_seconds(clock, 120), work)
+        flushes.start("spot-interruption", in_seconds(clock, 30), work)
+    assert flushes.current is not None
+    assert flushes.current.deadline == in_seconds(clock, 30)
+    assert flushes.retries_until == clock.monotonic() + 30
+    # Still the one flush that was started: the work is the same.
+    assert flushes.current.reason == "rebalance-recommendation"
+    assert [e["event"] for e in logs].count("flush_started") == 1
+
+
+def test_a_later_deadline_does_not_loosen_the_flush() -> None:
+    clock, flushes, work = controller()
+    flushes.start("spot-interruption", in_seconds(clock, 30), work)
+    flushes.start("rebalance-recommendation", in_seconds(clock, 120), work)
+    flushes.start("manual", None, work)
+    assert flushes.current is not None
+    assert flushes.current.deadline == in_seconds(clock, 30)
+    assert flushes.retries_until == clock.monotonic() + 30
+
+
+@given(st.lists(st.one_of(st.none(), st.integers(min_value=-60, max_value=600)),
+                min_size=1, max_size=20))
+def test_the_deadline_is_always_the_earliest_seen(offsets: list[int | None]) -> None:
+    clock, flushes, work = controller()
+    for offset in offsets:
+        flushes.start("notice", None if offset is None else in_seconds(clock, offset), work)
+    given_ = [offset for offset in offsets if offset is not None]
+    assert flushes.current is not None
+    if given_:
+        assert flushes.current.deadline == in_seconds(clock, min(given_))
+        assert flushes.retries_until == clock.monotonic() + min(given_)
+    else:
+        assert flushes.current.deadline is None and flushes.retries_until is None
+
+
+def test_a_stop_deadline_tightens_but_never_loosens_the_retries() -> None:
+    clock, flushes, work = controller()
+    flushes.start("spot-interruption", in_seconds(clock, 30), work)
+    flushes.start("shutdown", None, work, until=flushes.give_up_at(60))
+    assert flushes.retries_until == clock.monotonic() + 30
+    flushes.start("shutdown", None, work, until=flushes.give_up_at(10))
+    assert flushes.retries_until == clock.monotonic() + 10
+
+
+def test_the_flush_plan_flags_the_sets_that_miss_the_deadline() -> None:
+    clock = FakeClock()
+    files = [pending("step_3", 60 * MIB), pending("step_2", 60 * MIB),
+             pending("step_1", 60 * MIB)]
+    work = Work(clock, files, bytes_per_second=20 * MIB)
+    with capture_logs() as logs:
+        FlushController(clock).start("spot-interruption", in_seconds(clock, 5), work)
+    [plan] = [e for e in logs if e["event"] in ("flush_plan", "flush_at_risk")]
+    assert plan["event"] == "flush_at_risk" and plan["log_level"] == "warning"
+    # 100 MiB fit in 5 s at 20 MiB/s: step_3 (60 MiB, first) makes it, the older ones not.
+    assert plan["at_risk_sets"] == ["p/step_2", "p/step_1"] and plan["at_risk_count"] == 2
+    assert plan["bandwidth"] == "measured" and plan["bandwidth_mib_s"] == 20.0
+    assert plan["estimated_seconds"] == 9.0 and plan["seconds_left"] == 5.0
+
+
+def test_the_flush_plan_is_calm_when_everything_fits() -> None:
+    clock = FakeClock()
+    work = Work(clock, [pending("step_1", 10 * MIB)])
+    with capture_logs() as logs:
+        FlushController(clock).start("spot-interruption", in_seconds(clock, 120), work)
+    [plan] = [e for e in logs if e["event"] in ("flush_plan", "flush_at_risk")]
+    assert plan["event"] == "flush_plan" and plan["bandwidth"] == "assumed"
+
+
+def test_finishing_reports_progress_and_the_files_left_behind() -> None:
+    clock, flushes, work = controller()
+    made, failed = pending("step_2", 300), pending("step_1", 100)
+    flushes.start("spot-interruption", in_seconds(clock, 30), work)
+    flushes.count(done(made))
+    flushes.count(UploadResult(UploadJob(failed.path, failed.key, failed.snapshot),
+                               Outcome.FAILED, 0.1, error="AccessDenied"))
+    clock.advance(2.5)
+    with capture_logs() as logs:
+        finished = flushes.finish([failed])
+    assert not flushes.active and flushes.retries_until is None
+    assert finished.reason == "spot-interruption" and finished.seconds == 2.5
+    record = flushes.last
+    assert record is not None and finished.record is record
+    assert (record["files"], record["bytes"], record["failed"]) == (1, 300, 1)
+    assert record["failed_files"] == [str(failed.path)]
+    assert record["deadline_margin_seconds"] == 27.5
+    assert record["finished_at"] == clock.now().isoformat()
+    [line] = [e for e in logs if e["event"] == "flush_done"]
+    assert line["log_level"] == "warning" and line["failed_files"] == [str(failed.path)]
+
+
+def test_a_clean_finish_logs_at_info_and_counts_nothing_after_it() -> None:
+    _clock, flushes, work = controller()
+    flushes.start("manual", None, work)
+    with capture_logs() as logs:
+        flushes.finish([])
+    assert [e["log_level"] for e in logs if e["event"] == "flush_done"] == ["info"]
+    flushes.count(done(pending("step_1", 10)))  # no flush running: not counted anywhere
+    assert flushes.last is not None and flushes.last["files"] == 0
+    assert flushes.last["deadline_margin_seconds"] is None
+
+
+def left(pending_files: int) -> EngineSnapshot:
+    return EngineSnapshot(pending_files=pending_files, pending_bytes=100 * pending_files,
+                          uploading=0, retrying=pending_files, failing=pending_files,
+                          unsettled=0, incomplete_sets=())
+
+
+def test_a_stop_timeout_that_runs_out_ends_the_final_flush_with_what_it_left() -> None:
+    clock, flushes, work = controller()
+    give_up_at = flushes.give_up_at(5.0)
+    flushes.start("shutdown", None, work, until=give_up_at)
+    clock.advance(4.0)
+    assert flushes.time_left(give_up_at) == 1.0
+    clock.advance(1.5)
+    assert flushes.time_left(give_up_at) == 0.0
+    stuck = pending("step_1", 100)
+    with capture_logs() as logs:
+        code = flushes.final_verdict(left(1), [stuck], Progress(files=3, bytes=900))
+    assert code == 1
+    [line] = [e for e in logs if e["event"] == "flush_incomplete"]
+    assert line["log_level"] == "error" and line["timed_out"] is True
+    assert line["failed_files"] == [str(stuck.path)] and line["pending_files"] == 1
+    assert line["pending_bytes"] == 100 and line["retrying"] == 1
+
+
+def test_a_final_flush_that_finished_but_left_failing_files_exits_1_not_timed_out() -> None:
+    _clock, flushes, work = controller()
+    flushes.start("shutdown", None, work, until=flushes.give_up_at(5.0))
+    stuck = pending("step_1", 100)
+    flushes.finish([stuck])
+    with capture_logs() as logs:
+        assert flushes.final_verdict(left(1), [stuck], Progress()) == 1
+    [line] = [e for e in logs if e["event"] == "flush_incomplete"]
+    assert line["timed_out"] is False
+
+
+def test_a_final_flush_with_nothing_left_exits_0() -> None:
+    _clock, flushes, work = controller()
+    flushes.start("shutdown", None, work, until=flushes.give_up_at(5.0))
+    flushes.finish([])
+    with capture_logs() as logs:
+        assert flushes.final_verdict(left(0), [], Progress(files=3, bytes=900)) == 0
+    assert [(e["event"], e["files"], e["bytes"]) for e in logs] == [("daemon_stopped", 3, 900)]
