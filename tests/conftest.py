@@ -121,6 +121,13 @@ class Workspace:
         self.config_file.write_text(yaml.safe_dump(config))
         return self.config_file
 
+    def status(self) -> dict[str, Any]:
+        """The daemon's status.json ({} until it wrote one)."""
+        try:
+            return json.loads((self.root / "state" / "status.json").read_text())  # type: ignore[no-any-return]
+        except (OSError, ValueError):
+            return {}
+
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
         env["S3_BUCKET_NAME"] = self.bucket

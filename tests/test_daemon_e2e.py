@@ -67,7 +67,7 @@ def test_sigterm_flushes_everything_in_on_notice_mode(workspace: Workspace, s3: 
     workspace.write_config(sync={"mode": "on-notice"})
     daemon = workspace.start_daemon()
     data = save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 1_000_000)
-    time.sleep(1.0)
+    wait_for(lambda: workspace.status().get("pending_files") == 1)  # settled, held back
     assert keys_in(s3, workspace.bucket) == set()  # on-notice: nothing until a notice
     assert daemon.stop() == 0
     assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == data
@@ -79,7 +79,7 @@ def test_on_notice_mode_uploads_after_notice(workspace: Workspace, imds: ImdsEmu
     workspace.write_config(sync={"mode": "on-notice"})
     daemon = workspace.start_daemon()
     first = save_checkpoint(workspace.checkpoints / "a.pt", 10_000)
-    time.sleep(0.8)
+    wait_for(lambda: workspace.status().get("pending_files") == 1)  # settled, held back
     assert keys_in(s3, workspace.bucket) == set()
     imds.set_lifecycle_state("Terminated")
     daemon.wait_for_event("flush_done")
