@@ -68,7 +68,8 @@ class SyncEngine:
         self.bucket = self.uploader.bucket
         self._in_flight_limit = max(2, self.uploader.max_concurrency * 2)
         # Failed uploads wait here (botocore has retried each request already).
-        self.retries: RetryQueue[Path, PendingFile] = retries or RetryQueue(clock=clock)
+        self.retries: RetryQueue[Path, PendingFile] = (
+            RetryQueue(clock=clock) if retries is None else retries)  # an empty one is falsy
         self._uploading: dict[UploadJob, PendingFile] = {}
         self._refused: set[Path] = set()  # names S3 cannot take, warned about once
         self.totals = Progress()
