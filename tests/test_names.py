@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from spotwatch.aws.s3 import make_s3_client
+from spotwatch.aws.store import S3ObjectStore
 from spotwatch.config import TransferSettings, WatchDir
 from spotwatch.keys import MANIFEST_DIR, storable_key
 from spotwatch.sync.engine import SyncEngine
@@ -43,8 +44,8 @@ def engine_on(root: Path, bucket: str, state: Path, prefix: str = PREFIX) -> Ite
     transfer = TransferSettings()
     tracker = ChangeTracker(WatchDir(root, prefix, exclude=()), 0.1, 1.0)
     engine = SyncEngine([tracker], Ledger(state / "ledger.sqlite"),
-                        lambda done: Uploader(make_s3_client(REGION, transfer), bucket,
-                                              transfer, done))
+                        lambda done: Uploader(S3ObjectStore(make_s3_client(REGION, transfer),
+                                                            bucket, transfer), done))
     try:
         yield engine
     finally:

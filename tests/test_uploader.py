@@ -12,6 +12,7 @@ import s3transfer.upload
 from s3transfer.utils import ChunksizeAdjuster
 
 from spotwatch.aws.s3 import make_s3_client, transfer_config
+from spotwatch.aws.store import S3ObjectStore
 from spotwatch.config import MiB, TransferSettings
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.uploader import Uploader
@@ -24,7 +25,8 @@ SMALL_PARTS = TransferSettings(multipart_threshold=5 * MiB, multipart_chunksize=
 def upload(bucket: str, settings: TransferSettings, *jobs: UploadJob,
            between: Any = None) -> list[UploadResult]:
     results: queue.Queue[UploadResult] = queue.Queue()
-    uploader = Uploader(make_s3_client(REGION, settings), bucket, settings, results.put)
+    store = S3ObjectStore(make_s3_client(REGION, settings), bucket, settings)
+    uploader = Uploader(store, results.put)
     try:
         for job in jobs:
             uploader.submit(job)

@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import structlog
-from botocore.exceptions import BotoCoreError, ClientError
 
+from spotwatch.aws.store import StoreError
 from spotwatch.config import WatchDir
 from spotwatch.sync.pruner import Deletion, PruneCancelled
 
@@ -72,7 +72,7 @@ class PruneJob:
             self.completed = len(self.deleted) == len(planned)
         except PruneCancelled:
             log.info("prune_cancelled", deleted=0)
-        except (BotoCoreError, ClientError) as exc:
+        except StoreError as exc:
             log.warning("prune_failed", error=str(exc))
         finally:
             self._on_finished()

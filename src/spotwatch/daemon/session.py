@@ -13,6 +13,7 @@ from watchdog.observers import Observer
 from spotwatch.aws.health import S3Watch
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
+from spotwatch.aws.store import ObjectStore, S3ObjectStore
 from spotwatch.config import Config
 from spotwatch.model import UploadResult
 from spotwatch.state import StateDir, StateLock
@@ -35,20 +36,19 @@ class Parts:
     pruner: Pruner | None  # None: this run only uploads
 
 
-def build_parts(config: Config, bucket: str, client: S3Client, ledger: Ledger,
+def build_parts(config: Config, store: ObjectStore, ledger: Ledger,
                 wake: Callable[[], None], prune: bool) -> Parts:
-    """Everything that talks to S3, built on one client."""
+    """Everything that talks to S3, built on one store."""
     settings = config.sync
     trackers = [ChangeTracker(w, settings.settle_seconds, settings.quiet_seconds, wake)
                 for w in config.watch]
 
     def uploader(on_result: Callable[[UploadResult], None]) -> Uploader:
-        return Uploader(client, bucket, config.transfer, on_result)
+        return Uploader(store, on_result)
 
     engine = SyncEngine(trackers, ledger, uploader, wake)
     # The daemon deletes; a one-off flush only uploads (see `spotwatch prune`).
-    pruner = (Pruner(client, bucket, ledger, settings.delete, settings.keep_sets)
-              if prune else None)
+    pruner = Pruner(store, ledger, settings.delete, settings.keep_sets) if prune else None
     return Parts(engine, pruner)
 
 
@@ -83,10 +83,10 @@ class Session:
         config = self._config
         client = self._client or make_s3_client(resolve_region(config), config.transfer)
         self._s3_watch.attach(client)
-        parts = build_parts(config, self._bucket, client, Ledger(self._state.ledger),
-                            self._wake, self._prune)
+        store = S3ObjectStore(client, self._bucket, config.transfer)
+        parts = build_parts(config, store, Ledger(self._state.ledger), self._wake, self._prune)
         engine = self._engine = parts.engine
-        abort_orphaned_uploads(engine.uploader.client, self._bucket, engine.ledger)
+        abort_orphaned_uploads(store, engine.ledger)
         self._observer = Observer()
         for tracker in engine.trackers:
             tracker.watch_with(self._observer)

@@ -52,23 +52,30 @@ class SyncEngine:
         uploader_factory: Callable[[Callable[[UploadResult], None]], Uploader],
         wake: Callable[[], None] = lambda: None,
         retries: RetryQueue[Path, PendingFile] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
+        """clock: monotonic seconds for retries and sealing (the trackers have their own);
+        wall_clock_ns: the time files' ctimes are compared to."""
         self.trackers = tuple(trackers)
         self.ledger = ledger
         self.planner = Planner()
+        self._clock = clock
+        self._wall_clock_ns = wall_clock_ns
         self._results: queue.Queue[UploadResult] = queue.Queue()
         self._wake = wake
         self.uploader = uploader_factory(self._deliver)
         self.bucket = self.uploader.bucket
         self._in_flight_limit = max(2, self.uploader.max_concurrency * 2)
         # Failed uploads wait here (botocore has retried each request already).
-        self.retries: RetryQueue[Path, PendingFile] = retries or RetryQueue()
+        self.retries: RetryQueue[Path, PendingFile] = (
+            RetryQueue(clock=clock) if retries is None else retries)  # an empty one is falsy
         self._uploading: dict[UploadJob, PendingFile] = {}
         self._refused: set[Path] = set()  # names S3 cannot take, warned about once
         self.totals = Progress()
         self.last_upload_at: float | None = None
         self._observers: list[Callable[[UploadResult], None]] = []
-        self.sealer = SetSealer(ledger, self.uploader, self.trackers)
+        self.sealer = SetSealer(ledger, self.uploader.store, self.trackers, clock, wall_clock_ns)
         self.throughput = ThroughputMeter()
         self._seal_due = 0.0
         # Uploads and local deletions seen so far, only ever counted up: a pruner compares
@@ -85,7 +92,7 @@ class SyncEngine:
     def reconcile(self, quiet_seconds: float) -> int:
         """Startup scan: queue what the ledger lacks; recently changed files must settle first."""
         queued = 0
-        newest_allowed = time.time_ns() - int(quiet_seconds * 1e9)
+        newest_allowed = self._wall_clock_ns() - int(quiet_seconds * 1e9)
         for tracker in self.trackers:
             for path, stat in walk_files(tracker.root):
                 relative = tracker.relative(path)
@@ -216,7 +223,7 @@ class SyncEngine:
         return not self._uploads_left() and not self.sealer
 
     def _seal_finished_sets(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         # Throttled while uploads run (the check walks every file still being written and
         # every set touched since its manifest), but not once the last upload is done: at the
         # end of a flush the manifest is the last thing missing.

@@ -11,50 +11,38 @@ with AbortIncompleteMultipartUpload is the backstop for anything else.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import structlog
-from botocore.exceptions import BotoCoreError, ClientError
 
+from spotwatch.aws.store import ObjectStore, StoreError
 from spotwatch.sync.ledger import Ledger, LedgerError
-
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
 
 log = structlog.get_logger("spotwatch.orphans")
 
 
-def abort_orphaned_uploads(client: S3Client, bucket: str, ledger: Ledger) -> int:
+def abort_orphaned_uploads(store: ObjectStore, ledger: Ledger) -> int:
     aborted = 0
-    for key in ledger.unfinished_multipart(bucket):
+    for key in ledger.unfinished_multipart(store.bucket):
         try:
-            aborted += abort_open_uploads(client, bucket, key)
-            ledger.multipart_finished(bucket, key)
-        except (BotoCoreError, ClientError, LedgerError) as exc:
+            aborted += abort_open_uploads(store, key)
+            ledger.multipart_finished(store.bucket, key)
+        except (StoreError, LedgerError) as exc:
             # Left noted: the next start tries again.
             log.warning("multipart_abort_failed", key=key, error=str(exc))
     return aborted
 
 
-def abort_open_uploads(client: S3Client, bucket: str, key: str) -> int:
+def abort_open_uploads(store: ObjectStore, key: str) -> int:
     """Abort every multipart upload of exactly this key still in progress; how many.
 
     Only call it while no upload of the key is running: any open one is then a leftover.
-    Raises BotoCoreError or ClientError when S3 cannot be asked.
+    Raises StoreError when the store cannot be asked.
     """
     aborted = 0
-    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket,
-                                                                        Prefix=key):
-        for upload in page.get("Uploads", []):
-            if upload.get("Key") != key:
-                continue  # the prefix matched a longer key
-            try:
-                client.abort_multipart_upload(Bucket=bucket, Key=key,
-                                              UploadId=upload["UploadId"])
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
-                    raise
-                continue  # completed or aborted since it was listed
-            aborted += 1
-            log.info("multipart_aborted", key=key, upload_id=upload["UploadId"])
+    for upload in store.open_uploads(key):
+        if upload.key != key:
+            continue  # the prefix matched a longer key
+        if not store.abort_upload(upload):
+            continue  # completed or aborted since it was listed
+        aborted += 1
+        log.info("multipart_aborted", key=key, upload_id=upload.upload_id)
     return aborted

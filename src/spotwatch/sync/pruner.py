@@ -14,13 +14,12 @@ import os
 import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
-from botocore.exceptions import BotoCoreError, ClientError
 
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
+from spotwatch.aws.store import DELETE_BATCH, ObjectStore, S3ObjectStore, StoreError
 from spotwatch.config import Config, WatchDir
 from spotwatch.errors import SpotwatchError
 from spotwatch.keys import MANIFEST_DIR, belongs_to_set, manifest_key, object_key
@@ -31,9 +30,6 @@ from spotwatch.sync.sets.manifest import Manifest
 from spotwatch.sync.sets.remote import is_complete, list_manifests
 
 log = structlog.get_logger("spotwatch.prune")
-
-# DeleteObjects takes at most this many keys per request.
-DELETE_BATCH = 1000
 
 
 class PruneCancelled(Exception):
@@ -52,10 +48,10 @@ class Deletion:
 
 
 class Pruner:
-    def __init__(self, s3: Any, bucket: str, ledger: Ledger, mirror_deletes: bool,
+    def __init__(self, store: ObjectStore, ledger: Ledger, mirror_deletes: bool,
                  keep_sets: int) -> None:
-        self._s3 = s3
-        self._bucket = bucket
+        self._store = store
+        self._bucket = store.bucket
         self._ledger = ledger
         self._mirror_deletes = mirror_deletes
         self._keep_sets = keep_sets
@@ -85,12 +81,10 @@ class Pruner:
                 return done
             batch = deletions[start:start + DELETE_BATCH]
             try:
-                response = self._s3.delete_objects(Bucket=self._bucket, Delete={
-                    "Objects": [{"Key": d.key} for d in batch], "Quiet": True})
-            except (BotoCoreError, ClientError) as exc:
+                failed: set[str] = set(self._store.delete_many([d.key for d in batch]))
+            except StoreError as exc:
                 log.warning("prune_failed", error=str(exc), remaining=len(deletions) - len(done))
                 return done
-            failed = {error["Key"] for error in response.get("Errors", [])}
             for deletion in batch:
                 if deletion.key in failed:
                     log.warning("delete_failed", key=deletion.key)
@@ -125,12 +119,12 @@ class Pruner:
             return []
         return plan_deletions(
             watch.prefix, PathFilter.for_watch(watch).accepts,
-            list_manifests(self._s3, self._bucket, watch.prefix), gone, self._keep_sets,
+            list_manifests(self._store, watch.prefix), gone, self._keep_sets,
             self._is_complete)
 
     def _is_complete(self, manifest: Manifest) -> bool:
         self._stop_if_cancelled()  # between the requests of a long plan
-        return is_complete(self._s3, self._bucket, manifest)
+        return is_complete(self._store, manifest)
 
 
 def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
@@ -187,11 +181,12 @@ def prune_once(config: Config, bucket: str, mirror_deletes: bool, keep_sets: int
     """`spotwatch prune`: plan, and unless dry_run, delete; returns the deletions."""
     ledger = Ledger(StateDir(config.state_dir).ledger)
     try:
-        pruner = Pruner(make_s3_client(resolve_region(config), config.transfer), bucket, ledger,
-                        mirror_deletes, keep_sets)
+        client = make_s3_client(resolve_region(config), config.transfer)
+        pruner = Pruner(S3ObjectStore(client, bucket, config.transfer), ledger, mirror_deletes,
+                        keep_sets)
         try:
             deletions = pruner.plan(config.watch)
-        except (BotoCoreError, ClientError) as exc:
+        except StoreError as exc:
             raise SpotwatchError(f"cannot list s3://{bucket}: {exc}") from None
         return deletions if dry_run else pruner.apply(deletions)
     finally:

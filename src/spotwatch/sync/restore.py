@@ -15,14 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import structlog
-from boto3.s3.transfer import TransferConfig
-from botocore.exceptions import BotoCoreError, ClientError
 
 from spotwatch.aws.region import resolve_region
-from spotwatch.aws.s3 import make_s3_client, transfer_config
+from spotwatch.aws.s3 import make_s3_client
+from spotwatch.aws.store import ObjectStore, S3ObjectStore, StoreError
 from spotwatch.config import Config, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.model import FileVersion
@@ -84,17 +82,19 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
             prefix: str | None = None) -> RestoreReport:
     watch = _choose_watch(config, prefix)
     destination = _destination(to, watch)
-    s3 = make_s3_client(resolve_region(config), config.transfer)
+    store = S3ObjectStore(make_s3_client(resolve_region(config), config.transfer), bucket,
+                          config.transfer)
     try:
-        manifests = list_manifests(s3, bucket, watch.prefix)
-    except (BotoCoreError, ClientError) as exc:
+        manifests = list_manifests(store, watch.prefix)
+    except StoreError as exc:
         raise SpotwatchError(f"cannot read s3://{bucket}/{watch.prefix}: {exc}") from None
     if set_name is not None:
         manifests = [m for m in manifests if m.set_name == set_name]
     # Restored into the watched directory, the files are already in S3: record them.
     ledger = Ledger(StateDir(config.state_dir).ledger) if destination == watch.path else None
     try:
-        report = _restore_newest(s3, bucket, manifests, destination, config, ledger)
+        report = restore_newest(store, manifests, destination,
+                                config.transfer.checksum_algorithm, ledger)
     finally:
         if ledger is not None:
             ledger.close()
@@ -104,24 +104,25 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     return report
 
 
-def _restore_newest(s3: Any, bucket: str, manifests: list[Manifest], destination: Path,
-                    config: Config, ledger: Ledger | None) -> RestoreReport | None:
-    """The first set, newest first, that is complete and whose bytes all verify."""
+def restore_newest(store: ObjectStore, manifests: list[Manifest], destination: Path,
+                   preferred: str, ledger: Ledger | None) -> RestoreReport | None:
+    """Restore the first set, newest first, that is complete and whose bytes all verify;
+    preferred: the configured checksum algorithm."""
     passed_over: list[str] = []
     for manifest in manifests:
         try:
-            if not is_complete(s3, bucket, manifest):
+            if not is_complete(store, manifest):
                 log.warning("set_incomplete", set=manifest.set_name,
                             reason="a listed object is missing or has another size")
                 passed_over.append(manifest.set_name)
                 continue
-            report = _download(s3, bucket, manifest, destination, config, ledger)
+            report = _download(store, manifest, destination, preferred, ledger)
         except SetCorrupt as exc:
             log.warning("set_corrupt", set=manifest.set_name, reason=str(exc),
                         action="trying the next older set")
             passed_over.append(manifest.set_name)
             continue
-        except (BotoCoreError, ClientError, OSError, LedgerError) as exc:
+        except (StoreError, OSError, LedgerError) as exc:
             raise SpotwatchError(f"restore of {manifest.set_name} failed: {exc}") from None
         except ChecksumUnavailable as exc:
             raise SpotwatchError(f"cannot verify {manifest.set_name}: {exc}") from None
@@ -140,13 +141,13 @@ def _verify(path: Path, entry: ManifestEntry, part_size: int | None, preferred: 
     return None
 
 
-def _part_size(s3: Any, bucket: str, entry: ManifestEntry) -> int | None:
+def _part_size(store: ObjectStore, entry: ManifestEntry) -> int | None:
     """The part size a composite checksum is over: from the manifest, else (manifests written
     before it was recorded) the length of the object's first part."""
     if entry.part_size is not None or entry.checksum is None or "-" not in entry.checksum:
         return entry.part_size
-    size = s3.head_object(Bucket=bucket, Key=entry.key, PartNumber=1)["ContentLength"]
-    return size if isinstance(size, int) and size > 0 else None
+    size = store.head(entry.key, part_number=1).size
+    return size if size > 0 else None
 
 
 def _already_there(target: Path, entry: ManifestEntry, part_size: int | None,
@@ -171,14 +172,13 @@ def _temporaries() -> Iterator[list[Path]]:
                 temp.unlink()
 
 
-def _download(s3: Any, bucket: str, manifest: Manifest, destination: Path, config: Config,
+def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferred: str,
               ledger: Ledger | None) -> RestoreReport:
-    preferred = config.transfer.checksum_algorithm
     todo: list[tuple[ManifestEntry, Path, int | None]] = []
     skipped = 0
     for entry in manifest.files:
         target = _target(destination, entry)
-        part_size = _part_size(s3, bucket, entry)
+        part_size = _part_size(store, entry)
         if _already_there(target, entry, part_size, preferred):
             skipped += 1
         else:
@@ -187,12 +187,12 @@ def _download(s3: Any, bucket: str, manifest: Manifest, destination: Path, confi
     try:
         with _temporaries() as temps:
             for entry, target, part_size in todo:
-                temps.append(_fetch_verified(s3, bucket, entry, target, part_size, preferred,
-                                             transfer_config(config.transfer), progress))
+                temps.append(_fetch_verified(store, entry, target, part_size, preferred,
+                                             progress))
             # Every file of the set checked out: only now does anything land in place.
             for (entry, target, _), temp in zip(todo, temps, strict=True):
                 if ledger is not None:  # before the rename, so a running daemon skips it
-                    ledger.record(bucket, entry.key, target,
+                    ledger.record(store.bucket, entry.key, target,
                                   FileVersion(entry.size, entry.mtime_ns), entry.checksum,
                                   entry.part_size)
                 os.replace(temp, target)
@@ -202,14 +202,13 @@ def _download(s3: Any, bucket: str, manifest: Manifest, destination: Path, confi
                          sum(e.size for e, _, _ in todo))
 
 
-def _fetch_verified(s3: Any, bucket: str, entry: ManifestEntry, target: Path,
-                    part_size: int | None, preferred: str, tuning: TransferConfig,
-                    progress: ProgressBar) -> Path:
+def _fetch_verified(store: ObjectStore, entry: ManifestEntry, target: Path,
+                    part_size: int | None, preferred: str, progress: ProgressBar) -> Path:
     """Download one file next to its target; SetCorrupt unless it matches its entry."""
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.with_name(f".{target.name}{TEMP_SUFFIX}")
     try:
-        s3.download_file(bucket, entry.key, str(temp), Config=tuning, Callback=progress)
+        store.download(entry.key, temp, progress)
         problem = _verify(temp, entry, part_size, preferred)
     except BaseException:
         with suppress(FileNotFoundError):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import stat as stat_module
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import structlog
 
+from spotwatch.aws.store import ObjectStore
 from spotwatch.keys import manifest_key, storable_key
 from spotwatch.logs import printable_path
 from spotwatch.sync.ledger import Ledger, LedgerRow
 from spotwatch.sync.planner import SetRef
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.tracker import ChangeTracker, walk_files
-from spotwatch.sync.uploader import Uploader
 
 log = structlog.get_logger("spotwatch.sets")
 
@@ -41,13 +41,19 @@ class SetCheck:
 
 
 class SetSealer:
-    """Manifest uploads run on the uploader's threads, so the daemon's loop never waits for
-    one; a set that gains a file while its manifest is on the way is sealed again after."""
+    """Manifest uploads run on the store's threads, so the daemon's loop never waits for
+    one; a set that gains a file while its manifest is on the way is sealed again after.
 
-    def __init__(self, ledger: Ledger, uploader: Uploader,
-                 trackers: Sequence[ChangeTracker]) -> None:
+    clock: monotonic seconds (retry pacing); wall_clock_ns: the time files' ctimes compare to.
+    """
+
+    def __init__(self, ledger: Ledger, store: ObjectStore, trackers: Sequence[ChangeTracker],
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock_ns: Callable[[], int] = time.time_ns) -> None:
         self._ledger = ledger
-        self._uploader = uploader
+        self._store = store
+        self._clock = clock
+        self._wall_clock_ns = wall_clock_ns
         self._trackers = {tracker.root: tracker for tracker in trackers}
         # Set key -> its files (relative paths) not durable in S3: sets left unsealed.
         self.incomplete: dict[str, list[str]] = {}
@@ -68,7 +74,7 @@ class SetSealer:
 
     def seal_ready(self, busy_set_keys: AbstractSet[str]) -> None:
         self._collect_sent()
-        now = time.monotonic()
+        now = self._clock()
         for set_ref, generation in list(self._dirty.items()):
             if (set_ref in self._sending or set_ref.key in busy_set_keys
                     or self._not_before.get(set_ref, 0) > now):
@@ -86,8 +92,7 @@ class SetSealer:
                 continue
             manifest = Manifest.build(set_ref.name, set_ref.prefix, check.entries)
             key = manifest_key(set_ref.prefix, set_ref.name)
-            future = self._uploader.put_small_async(key, manifest.to_json().encode(),
-                                                    "application/json")
+            future = self._store.put_bytes(key, manifest.to_json().encode(), "application/json")
             self._sending[set_ref] = (generation, future, manifest, key)
 
     def _collect_sent(self) -> None:
@@ -108,7 +113,7 @@ class SetSealer:
                           attempts=attempts)
                 self._done(set_ref)
                 continue
-            self._not_before[set_ref] = time.monotonic() + RETRY_SECONDS
+            self._not_before[set_ref] = self._clock() + RETRY_SECONDS
             log.warning("set_manifest_retry", set=set_ref.key, error=str(error))
 
     def _done(self, set_ref: SetRef) -> None:
@@ -141,14 +146,16 @@ class SetSealer:
             row = None if key is None else recorded.get(key)
             if row is None or (row[2], row[3]) != (stat.st_size, stat.st_mtime_ns) or not row[4]:
                 missing.append(relative)
-                arriving = arriving or (key is not None
-                                        and 0 <= time.time_ns() - stat.st_ctime_ns < ARRIVING_NS)
+                arriving = arriving or (key is not None and self._arriving(stat))
                 continue
             entries.append(ManifestEntry(row[0], relative, row[2], row[3], row[4], row[5]))
         return SetCheck(entries, sorted(missing), arriving)
 
+    def _arriving(self, stat: os.stat_result) -> bool:
+        return 0 <= self._wall_clock_ns() - stat.st_ctime_ns < ARRIVING_NS
+
     def _recorded(self, set_ref: SetRef) -> dict[str, LedgerRow]:
-        rows = self._ledger.objects_in_set(self._uploader.bucket, set_ref.key)
+        rows = self._ledger.objects_in_set(self._store.bucket, set_ref.key)
         return {row[0]: row for row in rows}
 
     def _local_files(self, set_ref: SetRef) -> Iterator[tuple[str, os.stat_result]]:

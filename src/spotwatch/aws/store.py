@@ -1,0 +1,390 @@
+"""Where spotwatch keeps objects: the ObjectStore protocol, and its S3 implementation.
+
+The sync layer (uploader, sealer, remote sets, pruner, restore, orphan cleanup) talks to an
+ObjectStore only, in the terms it thinks in: upload this file, put these bytes, list this
+prefix. Everything S3-specific stays in S3ObjectStore: boto3 requests, s3transfer's multipart
+machinery, checksum headers, server-side encryption, and the translation of botocore's errors
+into StoreError, which says whether retrying can help. A store is bound to one bucket (as
+litestream's ReplicaClient is bound to one replica).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from boto3.s3.transfer import create_transfer_manager
+from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.futures import TransferFuture
+from s3transfer.subscribers import BaseSubscriber
+from s3transfer.utils import ChunksizeAdjuster
+
+from spotwatch.aws.s3 import encryption_args, transfer_config
+from spotwatch.config import TransferSettings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+Progress = Callable[[int], None]
+
+# A file this small is read into memory for its single request (see S3ObjectStore._put_file).
+IN_MEMORY_BODY_MAX = 1 << 20
+# DeleteObjects takes at most this many keys per request.
+DELETE_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """What the store confirmed about an object it just wrote."""
+
+    checksum: str | None  # the checksum the store verified the bytes against
+    size: int | None = None  # the object's size, when the store reported it
+    part_size: int | None = None  # multipart: the checksum is over parts of this size
+
+
+@dataclass(frozen=True)
+class ObjectHead:
+    size: int
+    checksum: str | None = None  # when the store reports it without being asked
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    key: str
+    size: int
+    last_modified: datetime
+
+
+@dataclass(frozen=True)
+class OpenUpload:
+    """A multipart upload begun and neither completed nor aborted."""
+
+    key: str
+    upload_id: str
+
+
+class StoreError(Exception):
+    """A request the store did not carry out; str() is the store's own message.
+
+    permanent: retrying alone will not fix it (access denied, no such bucket).
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.code = code
+
+
+class ObjectMissing(StoreError):
+    """No object (or no such upload) under the key."""
+
+
+class PendingUpload:
+    """A file upload under way: its future holds the StoredObject or the error
+    (CancelledError after cancel, OSError when the file could not be read, StoreError)."""
+
+    def __init__(self, future: Future[StoredObject], cancel: Callable[[], object]) -> None:
+        self.future = future
+        self._cancel = cancel
+
+    def cancel(self) -> None:
+        self._cancel()
+
+
+class ObjectStore(Protocol):
+    """The operations spotwatch needs from an object store; every key is a full object key."""
+
+    @property
+    def bucket(self) -> str: ...
+
+    @property
+    def max_concurrency(self) -> int:
+        """How many uploads the store runs at once."""
+        ...
+
+    def uses_multipart(self, size: int) -> bool:
+        """Whether a file of this size goes up in parts (its upload may leave parts behind)."""
+        ...
+
+    def upload_file(self, path: Path, key: str, size: int,
+                    progress: Progress | None = None) -> PendingUpload:
+        """Upload the file (of this size when it was looked at) on the store's threads."""
+        ...
+
+    def put_bytes(self, key: str, body: bytes, content_type: str) -> Future[None]:
+        """Write a small object on the store's threads; the future holds the error, if any."""
+        ...
+
+    def get_bytes(self, key: str) -> bytes:
+        """The object's bytes; ObjectMissing when there is none."""
+        ...
+
+    def download(self, key: str, path: Path, progress: Progress | None = None) -> None: ...
+
+    def head(self, key: str, part_number: int | None = None) -> ObjectHead:
+        """The object's size (of one part, given its number); ObjectMissing when there is none."""
+        ...
+
+    def list_objects(self, prefix: str) -> Iterator[ListedObject]: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def delete_many(self, keys: Sequence[str]) -> list[str]:
+        """Delete the keys; returns those the store refused to delete."""
+        ...
+
+    def open_uploads(self, prefix: str) -> list[OpenUpload]: ...
+
+    def abort_upload(self, upload: OpenUpload) -> bool:
+        """Abort it; False when it was completed or aborted already."""
+        ...
+
+    def close(self) -> None:
+        """Cancel uploads and return at once; requests outside uploads keep working."""
+        ...
+
+
+# Client errors that are worth retrying at the same pace: timeouts and throttling.
+_TRANSIENT_STATUSES = {408, 429}
+_MISSING_CODES = {"NoSuchKey", "NoSuchUpload", "404", "NotFound"}
+
+
+def store_error(exc: BotoCoreError | ClientError) -> StoreError:
+    """botocore's error as a StoreError with the same message.
+
+    Permanent: S3 refusing the request (403 AccessDenied and other 4xx). Network errors, 5xx,
+    throttling and timeouts are transient.
+    """
+    if isinstance(exc, BotoCoreError):  # checked first: some are OSErrors too (timeouts)
+        return StoreError(str(exc))
+    code = str(exc.response.get("Error", {}).get("Code", "")) or None
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    permanent = 400 <= status < 500 and status not in _TRANSIENT_STATUSES
+    kind = ObjectMissing if code in _MISSING_CODES else StoreError
+    return kind(str(exc), permanent=permanent, code=code)
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except (BotoCoreError, ClientError) as exc:
+        raise store_error(exc) from exc
+
+
+class _DoneSubscriber(BaseSubscriber):
+    def __init__(self, callback: Callable[[TransferFuture], None],
+                 progress: Progress | None) -> None:
+        self._callback = callback
+        self._progress = progress
+
+    def on_progress(self, future: TransferFuture, bytes_transferred: int, **kwargs: Any) -> None:
+        if self._progress is not None:
+            self._progress(bytes_transferred)
+
+    def on_done(self, future: TransferFuture, **kwargs: Any) -> None:
+        self._callback(future)
+
+
+class S3ObjectStore:
+    """An ObjectStore on one S3 bucket, through a boto3 client and one s3transfer manager.
+
+    Files below the multipart threshold go up in one PutObject of our own, whose reply carries
+    the checksum S3 verified; that saves the HEAD a managed transfer needs, which matters for
+    many small files. Larger files go through s3transfer's multipart machinery.
+    """
+
+    def __init__(self, client: S3Client, bucket: str, settings: TransferSettings) -> None:
+        self.client = client
+        self._bucket = bucket
+        self._settings = settings
+        self._manager = create_transfer_manager(client, transfer_config(settings))
+        # The HEAD after a multipart upload runs off s3transfer's own threads so they keep
+        # uploading.
+        self._finisher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="verify")
+        self._single_part = ThreadPoolExecutor(max_workers=settings.max_concurrency,
+                                               thread_name_prefix="put")
+        self._transfers: set[TransferFuture] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    @property
+    def max_concurrency(self) -> int:
+        return self._settings.max_concurrency
+
+    def uses_multipart(self, size: int) -> bool:
+        return size >= self._settings.multipart_threshold
+
+    def part_size(self, size: int) -> int | None:
+        """The part size s3transfer splits a file of this size into (None: one request)."""
+        if not self.uses_multipart(size):
+            return None
+        return ChunksizeAdjuster().adjust_chunksize(self._settings.multipart_chunksize, size)
+
+    @property
+    def _checksum_field(self) -> str:
+        return f"Checksum{self._settings.checksum_algorithm}"
+
+    def _write_args(self) -> dict[str, str]:
+        return {"ChecksumAlgorithm": self._settings.checksum_algorithm,
+                **encryption_args(self._settings)}
+
+    # -- uploads -----------------------------------------------------------------------------
+
+    def upload_file(self, path: Path, key: str, size: int,
+                    progress: Progress | None = None) -> PendingUpload:
+        if not self.uses_multipart(size):
+            future = self._single_part.submit(self._put_file, path, key, size, progress)
+            return PendingUpload(future, future.cancel)
+        outer: Future[StoredObject] = Future()
+
+        def finished(transfer: TransferFuture) -> None:
+            with self._lock:
+                self._transfers.discard(transfer)
+            # After close the finisher refuses work (RuntimeError): nobody waits any more.
+            with suppress(RuntimeError):
+                self._finisher.submit(self._finish_multipart, transfer, key, size, outer)
+
+        with self._lock:
+            transfer = self._manager.upload(
+                str(path), self._bucket, key, extra_args=self._write_args(),
+                subscribers=[_DoneSubscriber(finished, progress)])
+            self._transfers.add(transfer)
+        # s3transfer's shutdown(cancel=True) is broken: cancelled per future.
+        return PendingUpload(outer, transfer.cancel)
+
+    def _put_file(self, path: Path, key: str, size: int,
+                  progress: Progress | None) -> StoredObject:
+        with path.open("rb") as handle, _translated():
+            # A small file is read once; botocore then checksums and signs the bytes in memory
+            # instead of reading the file three times, seeking back in between.
+            # (Bounded: a file that grew since is caught by the check after upload.)
+            small = size < IN_MEMORY_BODY_MAX
+            body = handle.read(IN_MEMORY_BODY_MAX) if small else handle
+            reply = self.client.put_object(Bucket=self._bucket, Key=key, Body=body,
+                                           **self._write_args())  # type: ignore[arg-type]
+        if progress is not None:
+            progress(size)
+        checksum = reply.get(self._checksum_field)
+        if isinstance(checksum, str):
+            # One PutObject: S3 checked the bytes against this checksum.
+            return StoredObject(checksum)
+        return self._verified(key, size)
+
+    def _finish_multipart(self, transfer: TransferFuture, key: str, size: int,
+                          outer: Future[StoredObject]) -> None:
+        try:
+            transfer.result()
+            stored = self._verified(key, size)
+        except Exception as exc:  # s3transfer re-raises whatever the transfer hit
+            outer.set_exception(_as_store_error(exc))
+        else:
+            outer.set_result(stored)
+
+    def _verified(self, key: str, size: int) -> StoredObject:
+        """The object as S3 has it, with the checksum S3 computed on receipt."""
+        with _translated():
+            head = self.client.head_object(Bucket=self._bucket, Key=key,
+                                           ChecksumMode="ENABLED")
+        checksum = head.get(self._checksum_field)
+        return StoredObject(checksum if isinstance(checksum, str) else None,
+                            head["ContentLength"], self.part_size(size))
+
+    def put_bytes(self, key: str, body: bytes, content_type: str) -> Future[None]:
+        return self._single_part.submit(self._put_bytes, key, body, content_type)
+
+    def _put_bytes(self, key: str, body: bytes, content_type: str) -> None:
+        with _translated():
+            self.client.put_object(Bucket=self._bucket, Key=key, Body=body,
+                                   ContentType=content_type,
+                                   **self._write_args())  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Cancel every transfer and return at once, without waiting for requests in flight.
+
+        A request S3 holds (slow replies, a 60 s read timeout) must not stretch a stop past
+        sync.stop_timeout; the CLI exits with os._exit, which joins no thread."""
+        with self._lock:
+            transfers = list(self._transfers)
+        for transfer in transfers:
+            transfer.cancel()
+        self._single_part.shutdown(wait=False, cancel_futures=True)
+        self._finisher.shutdown(wait=False, cancel_futures=True)
+        if not transfers:
+            # s3transfer's shutdown waits for every transfer's requests: only when none run.
+            self._manager.shutdown()
+
+    # -- reading, listing, deleting ----------------------------------------------------------
+
+    def get_bytes(self, key: str) -> bytes:
+        with _translated():
+            return self.client.get_object(Bucket=self._bucket, Key=key)["Body"].read()
+
+    def download(self, key: str, path: Path, progress: Progress | None = None) -> None:
+        with _translated():
+            self.client.download_file(self._bucket, key, str(path),
+                                      Config=transfer_config(self._settings), Callback=progress)
+
+    def head(self, key: str, part_number: int | None = None) -> ObjectHead:
+        extra: dict[str, Any] = {} if part_number is None else {"PartNumber": part_number}
+        with _translated():
+            head = self.client.head_object(Bucket=self._bucket, Key=key, **extra)
+        checksum = head.get(self._checksum_field)
+        return ObjectHead(head["ContentLength"], checksum if isinstance(checksum, str) else None)
+
+    def list_objects(self, prefix: str) -> Iterator[ListedObject]:
+        with _translated():
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self._bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield ListedObject(item["Key"], item["Size"], item["LastModified"])
+
+    def delete(self, key: str) -> None:
+        with _translated():
+            self.client.delete_object(Bucket=self._bucket, Key=key)
+
+    def delete_many(self, keys: Sequence[str]) -> list[str]:
+        failed: list[str] = []
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start:start + DELETE_BATCH]
+            with _translated():
+                response = self.client.delete_objects(Bucket=self._bucket, Delete={
+                    "Objects": [{"Key": key} for key in batch], "Quiet": True})
+            failed += [error["Key"] for error in response.get("Errors", [])]
+        return failed
+
+    def open_uploads(self, prefix: str) -> list[OpenUpload]:
+        uploads: list[OpenUpload] = []
+        with _translated():
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(
+                    Bucket=self._bucket, Prefix=prefix):
+                uploads += [OpenUpload(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
+        return uploads
+
+    def abort_upload(self, upload: OpenUpload) -> bool:
+        try:
+            with _translated():
+                self.client.abort_multipart_upload(Bucket=self._bucket, Key=upload.key,
+                                                   UploadId=upload.upload_id)
+        except ObjectMissing:
+            return False  # completed or aborted since it was listed
+        return True
+
+
+def _as_store_error(exc: Exception) -> Exception:
+    """What a transfer raised, as the PendingUpload contract has it."""
+    if type(exc).__name__ == "CancelledError":  # s3transfer's own, or concurrent.futures'
+        return CancelledError()
+    if isinstance(exc, (BotoCoreError, ClientError)):
+        return store_error(exc)
+    return exc

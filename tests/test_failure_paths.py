@@ -1,0 +1,293 @@
+"""Failure paths of the engine, retry queue, sealer and restore on the in-memory store.
+
+No network and no sleeps: the engine is pumped until a condition holds (with a deadline), and
+the clock that paces retries, settling and sealing moves only when a test advances it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from spotwatch.config import WatchDir
+from spotwatch.keys import manifest_key
+from spotwatch.sync.engine import SyncEngine
+from spotwatch.sync.ledger import Ledger
+from spotwatch.sync.orphans import abort_orphaned_uploads
+from spotwatch.sync.planner import PendingFile
+from spotwatch.sync.restore import restore_newest
+from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
+from spotwatch.sync.sets.remote import list_manifests
+from spotwatch.sync.sets.sealer import MAX_ATTEMPTS, RETRY_SECONDS
+from spotwatch.sync.tracker import ChangeTracker
+from spotwatch.sync.uploader import Uploader
+
+from .memory_store import FakeClock, InMemoryObjectStore, crc32_checksum
+
+PREFIX = "run/"
+QUIET_SECONDS = 5.0
+BACKOFF = Backoff(base=5.0, cap=120.0, jitter=0.2)
+
+
+@contextmanager
+def engine_on(root: Path, state: Path, store: InMemoryObjectStore,
+              clock: FakeClock) -> Iterator[SyncEngine]:
+    tracker = ChangeTracker(WatchDir(root, PREFIX, exclude=()), 1.0, QUIET_SECONDS, clock=clock)
+    # No jitter drawn: the waits are exactly the backoff's ceilings.
+    retries: RetryQueue[Path, PendingFile] = RetryQueue(BACKOFF, clock, random_unit=lambda: 0.0)
+    engine = SyncEngine([tracker], Ledger(state / "ledger.sqlite"),
+                        lambda done: Uploader(store, done, clock), wake=woken.set,
+                        retries=retries, clock=clock, wall_clock_ns=clock.wall_ns)
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+woken = threading.Event()
+
+
+def quiescent(engine: SyncEngine) -> bool:
+    """Nothing pending, uploading, being written or waiting for its manifest."""
+    return engine.idle() and not engine.unsettled()
+
+
+def pump_until(engine: SyncEngine, condition: Callable[[], object], clock: FakeClock,
+               step: float = 0.0, timeout: float = 10.0) -> None:
+    """Pump the engine as the daemon loop does until the condition holds; the fake clock moves
+    by step per round (0: only results from the store's threads are awaited)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        engine.collect_settled()
+        engine.pump(upload=True)
+        if condition():
+            return
+        assert time.monotonic() < deadline, "condition not met"
+        clock.advance(step)
+        woken.wait(0.01)  # an upload result wakes the loop; manifests are polled
+        woken.clear()
+
+
+def write(root: Path, relative: str, data: bytes) -> Path:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store() -> InMemoryObjectStore:
+    return InMemoryObjectStore()
+
+
+def manifest_in(store: InMemoryObjectStore, set_name: str) -> Manifest:
+    return Manifest.from_json(store.data(manifest_key(PREFIX, set_name)), PREFIX)
+
+
+def test_a_file_failing_for_good_backs_off_stays_pending_and_blocks_its_manifest(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
+    root = tmp_path / "ckpt"
+    write(root, "step_1/good.pt", b"good")
+    write(root, "step_1/bad.pt", b"bad")
+    store.fail("upload_file", times=None, key="run/step_1/bad.pt")
+    with engine_on(root, tmp_path, store, clock) as engine:
+        engine.reconcile(quiet_seconds=0)
+        for attempt in range(1, FAILING_AFTER + 2):
+            pump_until(engine, lambda a=attempt: engine.totals.files == 1
+                       and engine.retries.failures(root / "step_1/bad.pt") == a, clock)
+            assert store.calls["upload_file"] == 1 + attempt  # good.pt once, bad.pt per attempt
+            wait = BACKOFF.ceiling(attempt)
+            clock.advance(wait - 0.1)
+            engine.pump(upload=True)
+            bad = root / "step_1/bad.pt"
+            assert bad in engine.retries and not engine.uploader.is_uploading(bad), \
+                "retried before its backoff"
+            assert engine.pending_files() == 1  # waiting to retry still counts as pending
+            clock.advance(0.1)
+        pump_until(engine, lambda: "run/step_1" in engine.sealer.incomplete, clock, step=0.5)
+        assert engine.sealer.incomplete["run/step_1"] == ["step_1/bad.pt"]
+        assert store.data("run/step_1/good.pt") == b"good"
+        assert "run/step_1/bad.pt" not in store.objects
+        assert manifest_key(PREFIX, "step_1") not in store.objects
+        assert engine.pending_files() == 1 and engine.retries.is_failing(root / "step_1/bad.pt")
+
+
+def test_a_manifest_write_that_fails_is_retried_then_succeeds(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
+    root = tmp_path / "ckpt"
+    write(root, "step_1/a.pt", b"a" * 10)
+    write(root, "step_1/b.pt", b"b" * 20)
+    store.fail("put_bytes", times=1)
+    with engine_on(root, tmp_path, store, clock) as engine, capture_logs() as logs:
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, lambda: store.calls["put_bytes"] == 1 and not engine._uploads_left(),
+                   clock)
+        pump_until(engine, lambda: any(e["event"] == "set_manifest_retry" for e in logs), clock)
+        clock.advance(RETRY_SECONDS - 0.1)
+        engine.pump(upload=True)
+        assert store.calls["put_bytes"] == 1, "manifest retried before its pause"
+        pump_until(engine, lambda: quiescent(engine), clock, step=0.1)
+    assert store.calls["put_bytes"] == 2
+    manifest = manifest_in(store, "step_1")
+    assert {(f.path, f.size, f.checksum) for f in manifest.files} == {
+        ("step_1/a.pt", 10, crc32_checksum(b"a" * 10)),
+        ("step_1/b.pt", 20, crc32_checksum(b"b" * 20))}
+
+
+def test_a_manifest_write_failing_for_good_gives_up_after_its_attempts(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
+    root = tmp_path / "ckpt"
+    write(root, "step_1/a.pt", b"a")
+    store.fail("put_bytes", times=None)
+    with engine_on(root, tmp_path, store, clock) as engine, capture_logs() as logs:
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, lambda: quiescent(engine), clock, step=RETRY_SECONDS / 4)
+    assert store.calls["put_bytes"] == MAX_ATTEMPTS
+    failed = [e for e in logs if e["event"] == "set_manifest_failed"]
+    assert len(failed) == 1 and failed[0]["attempts"] == MAX_ATTEMPTS
+    assert failed[0]["set"] == "run/step_1"
+    assert manifest_key(PREFIX, "step_1") not in store.objects
+    assert store.data("run/step_1/a.pt") == b"a"
+
+
+def test_a_file_changed_mid_upload_is_uploaded_again(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
+    root = tmp_path / "ckpt"
+    path = write(root, "step_1/model.pt", b"first version")
+    gate = store.hold("upload_file", key="run/step_1/model.pt")
+    with engine_on(root, tmp_path, store, clock) as engine:
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, gate.entered.is_set, clock)
+        path.write_bytes(b"the second, longer version")  # the store read the first one
+        gate.release()
+        # Superseded: the file is awaited until quiet (no watchdog here), then sent again.
+        pump_until(engine, lambda: quiescent(engine), clock, step=QUIET_SECONDS / 4)
+    assert store.calls["upload_file"] == 2
+    assert store.data("run/step_1/model.pt") == path.read_bytes()
+    [entry] = manifest_in(store, "step_1").files
+    assert (entry.size, entry.checksum) == (path.stat().st_size,
+                                            crc32_checksum(path.read_bytes()))
+
+
+def test_orphaned_multipart_uploads_of_noted_keys_are_aborted(
+        tmp_path: Path, store: InMemoryObjectStore) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ours = store.start_upload("run/step_1/big.pt")
+    longer = store.start_upload("run/step_1/big.pt.bak")  # the prefix matches, the key not
+    ledger.multipart_started(store.bucket, "run/step_1/big.pt")
+    store.fail("open_uploads", times=1)
+    try:
+        assert abort_orphaned_uploads(store, ledger) == 0  # failed: stays noted
+        assert ledger.unfinished_multipart(store.bucket) == ["run/step_1/big.pt"]
+        assert abort_orphaned_uploads(store, ledger) == 1
+        assert store.uploads == [longer] and ours not in store.uploads
+        assert ledger.unfinished_multipart(store.bucket) == []
+    finally:
+        ledger.close()
+
+
+# -- restore ----------------------------------------------------------------------------------
+
+
+def put_set(store: InMemoryObjectStore, name: str, files: dict[str, bytes],
+            mtime_ns: int) -> None:
+    entries = []
+    for relative, data in files.items():
+        key = PREFIX + f"{name}/{relative}"
+        store.put(key, data)
+        entries.append(ManifestEntry(key, f"{name}/{relative}", len(data), mtime_ns,
+                                     crc32_checksum(data)))
+    store.put(manifest_key(PREFIX, name), Manifest.build(name, PREFIX, entries)
+                 .to_json().encode())
+
+
+def test_restore_passes_over_a_corrupt_object_and_a_malformed_manifest(
+        tmp_path: Path, store: InMemoryObjectStore) -> None:
+    put_set(store, "step_1", {"model.pt": b"one" * 100, "opt.pt": b"o1"}, 1_000)
+    put_set(store, "step_2", {"model.pt": b"two" * 100, "opt.pt": b"o2"}, 2_000)
+    # step_2's model: the listed size, other bytes (the manifest's checksum no longer fits).
+    store.put("run/step_2/model.pt", b"TWO" * 100)
+    store.put(manifest_key(PREFIX, "step_3"), json.dumps({"format": 1, "set": 3}).encode())
+    destination = tmp_path / "restored"
+    with capture_logs() as logs:
+        report = restore_newest(store, list_manifests(store, PREFIX), destination, "CRC32",
+                                None)
+    assert report is not None
+    assert (report.set_name, report.passed_over, report.downloaded) == ("step_1", ("step_2",), 2)
+    assert (destination / "step_1/model.pt").read_bytes() == b"one" * 100
+    assert os.stat(destination / "step_1/opt.pt").st_mtime_ns == 1_000
+    assert sorted(p.name for p in destination.rglob("*") if p.is_file()) == ["model.pt",
+                                                                              "opt.pt"]
+    events = {(e["event"], e.get("set") or e.get("key")) for e in logs}
+    assert ("manifest_skipped", manifest_key(PREFIX, "step_3")) in events
+    assert ("set_corrupt", "step_2") in events
+
+
+def test_restore_skips_a_set_whose_object_is_missing(tmp_path: Path,
+                                                     store: InMemoryObjectStore) -> None:
+    put_set(store, "step_1", {"a.pt": b"1"}, 1_000)
+    put_set(store, "step_2", {"a.pt": b"2"}, 2_000)
+    del store.objects["run/step_2/a.pt"]
+    report = restore_newest(store, list_manifests(store, PREFIX), tmp_path / "r", "CRC32", None)
+    assert report is not None and (report.set_name, report.passed_over) == ("step_1",
+                                                                            ("step_2",))
+
+
+# -- whatever the faults, once they stop everything ends up stored and sealed -----------------
+
+FILES = {"step_1/a.pt": b"a" * 7, "step_1/sub/b.pt": b"b" * 3, "step_2/c.pt": b"c" * 11}
+KEYS = sorted(PREFIX + relative for relative in FILES)
+
+faults = st.lists(st.one_of(
+    st.tuples(st.just("upload_file"), st.sampled_from([None, *KEYS]),
+              st.integers(1, 6), st.booleans()),
+    # Fewer than MAX_ATTEMPTS in a row: the sealer gives a manifest up after that many.
+    st.tuples(st.just("put_bytes"), st.none(), st.integers(1, MAX_ATTEMPTS - 1),
+              st.booleans()),
+), max_size=6)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(faults=faults)
+def test_after_any_faults_every_file_is_stored_and_every_set_sealed(
+        faults: list[tuple[str, str | None, int, bool]]) -> None:
+    store = InMemoryObjectStore()
+    clock = FakeClock()
+    put_faults = 0
+    for operation, key, times, permanent in faults:
+        if operation == "put_bytes":
+            times = min(times, MAX_ATTEMPTS - 1 - put_faults)
+            put_faults += times
+            if times <= 0:
+                continue
+        store.fail(operation, times=times, key=key, permanent=permanent)
+    with tempfile.TemporaryDirectory() as temp:
+        root = Path(temp) / "ckpt"
+        for relative, data in FILES.items():
+            write(root, relative, data)
+        with engine_on(root, Path(temp), store, clock) as engine:
+            engine.reconcile(quiet_seconds=0)
+            pump_until(engine, lambda: quiescent(engine), clock, step=BACKOFF.cap / 8, timeout=30)
+    for relative, data in FILES.items():
+        assert store.data(PREFIX + relative) == data
+    for name in ("step_1", "step_2"):
+        listed = {f.path: f.checksum for f in manifest_in(store, name).files}
+        assert listed == {r: crc32_checksum(d) for r, d in FILES.items() if r.startswith(name)}
