@@ -30,7 +30,7 @@ from spotwatch.sync.restore import restore_newest
 from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import list_manifests
-from spotwatch.sync.sets.sealer import MAX_ATTEMPTS, RETRY_SECONDS
+from spotwatch.sync.sets.sealer import MAX_ATTEMPTS, RETRY_CAP_SECONDS, RETRY_SECONDS
 from spotwatch.sync.tracker import ChangeTracker
 from spotwatch.sync.uploader import Uploader
 
@@ -151,19 +151,33 @@ def test_a_manifest_write_that_fails_is_retried_then_succeeds(
         ("step_1/b.pt", 20, crc32_checksum(b"b" * 20))}
 
 
-def test_a_manifest_write_failing_for_good_gives_up_after_its_attempts(
+def test_a_manifest_write_that_keeps_failing_is_reported_and_retried_with_backoff(
         tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
     root = tmp_path / "ckpt"
     write(root, "step_1/a.pt", b"a")
     store.fail("put_bytes", times=None)
     with engine_on(root, tmp_path, store, clock) as engine, capture_logs() as logs:
         engine.reconcile(quiet_seconds=0)
-        pump_until(engine, lambda: quiescent(engine), clock, step=RETRY_SECONDS / 4)
-    assert store.calls["put_bytes"] == MAX_ATTEMPTS
-    failed = [e for e in logs if e["event"] == "set_manifest_failed"]
-    assert len(failed) == 1 and failed[0]["attempts"] == MAX_ATTEMPTS
-    assert failed[0]["set"] == "run/step_1"
-    assert manifest_key(PREFIX, "step_1") not in store.objects
+        pump_until(engine, lambda: store.calls["put_bytes"] == MAX_ATTEMPTS
+                   and "run/step_1" in engine.sealer.incomplete, clock, step=RETRY_SECONDS / 4)
+        failed = [e for e in logs if e["event"] == "set_manifest_failed"]
+        assert len(failed) == 1 and failed[0]["attempts"] == MAX_ATTEMPTS
+        assert failed[0]["set"] == "run/step_1"
+        # Reported, and no flush waits for it; but never given up: it is tried again, later
+        # and later, and the set is sealed once S3 takes the manifest.
+        assert engine.sealer.unsealed() == set()
+        assert engine.flush_settled(None)
+        waits = [e["retry_in"] for e in logs if e["event"] in ("set_manifest_retry",
+                                                             "set_manifest_failed")]
+        assert waits == sorted(waits) and waits[-1] > waits[0]
+        pump_until(engine, lambda: store.calls["put_bytes"] == MAX_ATTEMPTS + 2, clock,
+                   step=RETRY_CAP_SECONDS / 8)
+        assert manifest_key(PREFIX, "step_1") not in store.objects
+        store.clear_faults()
+        pump_until(engine, lambda: quiescent(engine), clock, step=RETRY_CAP_SECONDS / 8)
+    assert manifest_in(store, "step_1").files[0].path == "step_1/a.pt"
+    assert "run/step_1" not in engine.sealer.incomplete
+    assert len([e for e in logs if e["event"] == "set_manifest_failed"]) == 1
     assert store.data("run/step_1/a.pt") == b"a"
 
 
@@ -258,8 +272,8 @@ KEYS = sorted(PREFIX + relative for relative in FILES)
 faults = st.lists(st.one_of(
     st.tuples(st.just("upload_file"), st.sampled_from([None, *KEYS]),
               st.integers(1, 6), st.booleans()),
-    # Fewer than MAX_ATTEMPTS in a row: the sealer gives a manifest up after that many.
-    st.tuples(st.just("put_bytes"), st.none(), st.integers(1, MAX_ATTEMPTS - 1),
+    # Any number in a row: a manifest write is retried, with backoff, until it succeeds.
+    st.tuples(st.just("put_bytes"), st.none(), st.integers(1, 2 * MAX_ATTEMPTS),
               st.booleans()),
 ), max_size=6)
 
@@ -271,13 +285,7 @@ def test_after_any_faults_every_file_is_stored_and_every_set_sealed(
         faults: list[tuple[str, str | None, int, bool]]) -> None:
     store = InMemoryObjectStore()
     clock = FakeClock()
-    put_faults = 0
     for operation, key, times, permanent in faults:
-        if operation == "put_bytes":
-            times = min(times, MAX_ATTEMPTS - 1 - put_faults)
-            put_faults += times
-            if times <= 0:
-                continue
         store.fail(operation, times=times, key=key, permanent=permanent)
     with tempfile.TemporaryDirectory() as temp:
         root = Path(temp) / "ckpt"

@@ -24,7 +24,12 @@ from spotwatch.sync.tracker import ChangeTracker, walk_files
 
 log = structlog.get_logger("spotwatch.sets")
 
+# A failed manifest write is tried again after 2 s, 4 s, 8 s ... at most every two minutes,
+# for as long as it fails: a set whose files are all in S3 must not stay unsealed for good.
 RETRY_SECONDS = 2.0
+RETRY_CAP_SECONDS = 120.0
+# After this many failures in a row the set is reported (set_manifest_failed, incomplete_sets)
+# and flushes stop waiting for it.
 MAX_ATTEMPTS = 3
 # A set_incomplete log line names at most this many of the missing files.
 MISSING_LOGGED = 20
@@ -66,8 +71,10 @@ class SetSealer:
         return bool(self._dirty)
 
     def unsealed(self) -> set[str]:
-        """Keys of the sets still waiting for their manifest."""
-        return {set_ref.key for set_ref in self._dirty}
+        """Keys of the sets still waiting for their manifest, but for those whose manifest
+        write keeps failing: a flush reports those instead of waiting for them."""
+        return {set_ref.key for set_ref in self._dirty
+                if self._attempts.get(set_ref, 0) < MAX_ATTEMPTS}
 
     def mark_dirty(self, set_ref: SetRef) -> None:
         self._dirty[set_ref] = self._dirty.get(set_ref, 0) + 1
@@ -108,13 +115,16 @@ class SetSealer:
                     self._done(set_ref)
                 continue
             attempts = self._attempts[set_ref] = self._attempts.get(set_ref, 0) + 1
+            delay = min(RETRY_CAP_SECONDS, RETRY_SECONDS * 2 ** (attempts - 1))
+            self._not_before[set_ref] = self._clock() + delay
             if attempts >= MAX_ATTEMPTS:
+                self.incomplete[set_ref.key] = [f"manifest not written: {error}"]
+            if attempts == MAX_ATTEMPTS:
                 log.error("set_manifest_failed", set=set_ref.key, error=str(error),
-                          attempts=attempts)
-                self._done(set_ref)
-                continue
-            self._not_before[set_ref] = self._clock() + RETRY_SECONDS
-            log.warning("set_manifest_retry", set=set_ref.key, error=str(error))
+                          attempts=attempts, retry_in=delay)
+            elif attempts < MAX_ATTEMPTS:
+                log.warning("set_manifest_retry", set=set_ref.key, error=str(error),
+                            attempts=attempts, retry_in=delay)
 
     def _done(self, set_ref: SetRef) -> None:
         self._dirty.pop(set_ref, None)
