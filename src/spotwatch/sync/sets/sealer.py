@@ -19,6 +19,7 @@ from spotwatch.keys import manifest_key, storable_key
 from spotwatch.logs import printable_path
 from spotwatch.sync.ledger import Ledger, LedgerRow
 from spotwatch.sync.planner import SetRef
+from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.tracker import ChangeTracker, walk_files
 
@@ -26,11 +27,13 @@ log = structlog.get_logger("spotwatch.sets")
 
 # A failed manifest write is tried again after 2 s, 4 s, 8 s ... at most every two minutes,
 # for as long as it fails: a set whose files are all in S3 must not stay unsealed for good.
+# (No jitter: there are few manifests, and a set's pace stays predictable.)
 RETRY_SECONDS = 2.0
 RETRY_CAP_SECONDS = 120.0
-# After this many failures in a row the set is reported (set_manifest_failed, incomplete_sets)
-# and flushes stop waiting for it.
-MAX_ATTEMPTS = 3
+MANIFEST_BACKOFF = Backoff(base=RETRY_SECONDS, cap=RETRY_CAP_SECONDS, jitter=0.0)
+# After this many failures in a row the set is failing, as a file is: it is reported
+# (set_manifest_failed, incomplete_sets) and flushes stop waiting for it.
+MAX_ATTEMPTS = FAILING_AFTER
 # A set_incomplete log line names at most this many of the missing files.
 MISSING_LOGGED = 20
 # A missing file created or renamed this recently is still on its way (its events not yet
@@ -57,15 +60,13 @@ class SetSealer:
                  wall_clock_ns: Callable[[], int] = time.time_ns) -> None:
         self._ledger = ledger
         self._store = store
-        self._clock = clock
         self._wall_clock_ns = wall_clock_ns
         self._trackers = {tracker.root: tracker for tracker in trackers}
         # Set key -> its files (relative paths) not durable in S3: sets left unsealed.
         self.incomplete: dict[str, list[str]] = {}
         self._dirty: dict[SetRef, int] = {}  # set -> generation, bumped by every new file
         self._sending: dict[SetRef, tuple[int, Future[None], Manifest, str]] = {}
-        self._attempts: dict[SetRef, int] = {}
-        self._not_before: dict[SetRef, float] = {}
+        self._retries: RetryQueue[SetRef, SetRef] = RetryQueue(MANIFEST_BACKOFF, clock)
 
     def __bool__(self) -> bool:
         return bool(self._dirty)
@@ -73,18 +74,17 @@ class SetSealer:
     def unsealed(self) -> set[str]:
         """Keys of the sets still waiting for their manifest, but for those whose manifest
         write keeps failing: a flush reports those instead of waiting for them."""
-        return {set_ref.key for set_ref in self._dirty
-                if self._attempts.get(set_ref, 0) < MAX_ATTEMPTS}
+        return {set_ref.key for set_ref in self._dirty if not self._retries.is_failing(set_ref)}
 
     def mark_dirty(self, set_ref: SetRef) -> None:
         self._dirty[set_ref] = self._dirty.get(set_ref, 0) + 1
 
     def seal_ready(self, busy_set_keys: AbstractSet[str]) -> None:
         self._collect_sent()
-        now = self._clock()
+        self._retries.take_due()  # their pause is over: sealed below like any other set
         for set_ref, generation in list(self._dirty.items()):
             if (set_ref in self._sending or set_ref.key in busy_set_keys
-                    or self._not_before.get(set_ref, 0) > now):
+                    or set_ref in self._retries):
                 continue
             check = self._check_set(set_ref)
             if check.arriving:
@@ -114,10 +114,9 @@ class SetSealer:
                 if self._dirty.get(set_ref) == generation:
                     self._done(set_ref)
                 continue
-            attempts = self._attempts[set_ref] = self._attempts.get(set_ref, 0) + 1
-            delay = min(RETRY_CAP_SECONDS, RETRY_SECONDS * 2 ** (attempts - 1))
-            self._not_before[set_ref] = self._clock() + delay
-            if attempts >= MAX_ATTEMPTS:
+            delay = self._retries.failed(set_ref, set_ref)
+            attempts = self._retries.failures(set_ref)
+            if self._retries.is_failing(set_ref):
                 self.incomplete[set_ref.key] = [f"manifest not written: {error}"]
             if attempts == MAX_ATTEMPTS:
                 log.error("set_manifest_failed", set=set_ref.key, error=str(error),
@@ -128,8 +127,7 @@ class SetSealer:
 
     def _done(self, set_ref: SetRef) -> None:
         self._dirty.pop(set_ref, None)
-        self._attempts.pop(set_ref, None)
-        self._not_before.pop(set_ref, None)
+        self._retries.forget(set_ref)
 
     def _report_incomplete(self, set_ref: SetRef, missing: list[str]) -> None:
         missing = [printable_path(relative) for relative in missing]
