@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,50 +13,13 @@ import structlog
 
 from spotwatch.config import HookSettings
 from spotwatch.interruption import default_notice_file
+from spotwatch.notices.store import ActedNotices, current_boot
 from spotwatch.state import StateDir, make_shared_dirs, write_json_atomically
 
 log = structlog.get_logger("spotwatch.hooks")
 
-# Changes on every boot: a notice acted on in an earlier life of the instance means nothing now.
-BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 # Readable by the trainer whichever user it runs as (the notice holds nothing secret).
 NOTICE_FILE_MODE = 0o644
-
-
-def current_boot() -> str | None:
-    try:
-        return BOOT_ID_FILE.read_text().strip() or None
-    except OSError:
-        return None
-
-
-class ActedNotices:
-    """The ids of the notices whose hooks ran during this boot, kept in the state directory so
-    that a restarted daemon, seeing the same notice still posted, does not act on it again."""
-
-    def __init__(self, path: Path, boot: str | None) -> None:
-        self._path = path
-        self._boot = boot
-        self.ids: set[str] = set()
-
-    def load(self) -> None:
-        self.ids = set()
-        try:
-            data = json.loads(self._path.read_text())
-        except (OSError, ValueError):
-            return  # none yet, or unreadable: nothing was acted on that we know of
-        if self._boot is None or not isinstance(data, dict) or data.get("boot_id") != self._boot:
-            return
-        ids = data.get("ids")
-        if isinstance(ids, list):
-            self.ids = {i for i in ids if isinstance(i, str)}
-
-    def add(self, notice_id: str) -> None:
-        self.ids.add(notice_id)
-        try:
-            write_json_atomically(self._path, {"boot_id": self._boot, "ids": sorted(self.ids)})
-        except OSError as exc:  # the hooks still run: told twice beats never told
-            log.warning("hook_record_failed", path=str(self._path), error=exc.strerror)
 
 
 class NoticeHooks:

@@ -12,6 +12,7 @@ from spotwatch.aws.health import Outage
 from spotwatch.aws.imds import ImdsClient, ImdsError
 from spotwatch.model import Notice
 from spotwatch.notices.sources import SPOT_INSTANCE_ACTION, NoticeSource
+from spotwatch.notices.store import SeenNotices
 
 log = structlog.get_logger("spotwatch.notices")
 
@@ -36,8 +37,7 @@ class NoticePoller:
         self._sources = tuple(sources)
         self._interval = interval
         self._on_notice = on_notice
-        self._seen: set[str] = set()
-        self._seen_lock = threading.Lock()
+        self._seen = SeenNotices()
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._run, args=(source,), daemon=True,
@@ -78,13 +78,7 @@ class NoticePoller:
             self._track_reachability(source, str(exc))
             return []
         self._track_reachability(source, None)
-        return self._unseen(source.parse(text) if text is not None else [])
-
-    def _unseen(self, notices: list[Notice]) -> list[Notice]:
-        with self._seen_lock:
-            fresh = [notice for notice in notices if notice.id not in self._seen]
-            self._seen.update(notice.id for notice in fresh)
-        return fresh
+        return self._seen.first_sightings(source.parse(text) if text is not None else [])
 
     def _track_reachability(self, source: NoticeSource, error: str | None) -> None:
         """IMDS counts as reachable while every polled item answers; the error names the

@@ -1,0 +1,75 @@
+"""Which notices are known: seen by this process (each is handed on once) and acted on during
+this boot (hooks act once per notice, across restarts too)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+import structlog
+
+from spotwatch.model import Notice
+from spotwatch.state import write_json_atomically
+
+log = structlog.get_logger("spotwatch.hooks")
+
+
+class SeenNotices:
+    """Notice ids already handed on; thread-safe, as every notice source polls on a thread of
+    its own and the same notice is posted on every poll."""
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def first_sightings(self, notices: Iterable[Notice]) -> list[Notice]:
+        """The notices never seen before, now remembered."""
+        fresh = []
+        with self._lock:
+            for notice in notices:  # one reply may list the same notice twice, too
+                if notice.id not in self._ids:
+                    self._ids.add(notice.id)
+                    fresh.append(notice)
+        return fresh
+
+
+# Changes on every boot: a notice acted on in an earlier life of the instance means nothing now.
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+
+
+def current_boot() -> str | None:
+    try:
+        return BOOT_ID_FILE.read_text().strip() or None
+    except OSError:
+        return None
+
+
+class ActedNotices:
+    """The ids of the notices whose hooks ran during this boot, kept in the state directory so
+    that a restarted daemon, seeing the same notice still posted, does not act on it again."""
+
+    def __init__(self, path: Path, boot: str | None) -> None:
+        self._path = path
+        self._boot = boot
+        self.ids: set[str] = set()
+
+    def load(self) -> None:
+        self.ids = set()
+        try:
+            data = json.loads(self._path.read_text())
+        except (OSError, ValueError):
+            return  # none yet, or unreadable: nothing was acted on that we know of
+        if self._boot is None or not isinstance(data, dict) or data.get("boot_id") != self._boot:
+            return
+        ids = data.get("ids")
+        if isinstance(ids, list):
+            self.ids = {i for i in ids if isinstance(i, str)}
+
+    def add(self, notice_id: str) -> None:
+        self.ids.add(notice_id)
+        try:
+            write_json_atomically(self._path, {"boot_id": self._boot, "ids": sorted(self.ids)})
+        except OSError as exc:  # the hooks still run: told twice beats never told
+            log.warning("hook_record_failed", path=str(self._path), error=exc.strerror)
