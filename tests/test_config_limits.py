@@ -215,6 +215,26 @@ def test_sibling_directories_are_accepted(tmp_path: Path) -> None:
     assert len(config.watch) == 2
 
 
+def test_spotwatch_files_inside_a_watched_directory_are_refused(tmp_path: Path) -> None:
+    """The ledger or the notice file inside a watched directory would be uploaded as
+    checkpoints (the ledger after every upload, forever; the notice as the newest set)."""
+    (tmp_path / "data" / "inner").mkdir(parents=True)
+    os.symlink(tmp_path / "data", tmp_path / "link")
+    watch = [{"path": "elsewhere", "prefix": "p/"}, {"path": "data", "prefix": "q/"}]
+    for key, value in [("state.dir", "data"), ("state.dir", "data/state"),
+                       ("state.dir", "./data/inner/"), ("state.dir", "link/state"),
+                       ("state.dir", str(tmp_path / "data" / "x" / "..")),
+                       ("hooks.notice_file", "data/notice.json"),
+                       ("hooks.notice_file", "link/inner/notice.json")]:
+        section, name = key.split(".")
+        text = yaml.safe_dump({"watch": watch, section: {name: value}})
+        message = refused(tmp_path, text)
+        assert message.startswith(f"config key '{key}'") and "inside watch[1]" in message, value
+    beside = yaml.safe_dump({"watch": watch, "state": {"dir": "data2"},
+                             "hooks": {"notice_file": "data.json"}})
+    assert load_config(write(tmp_path, beside)).state_dir == tmp_path / "data2"
+
+
 PREFIX = st.text(alphabet="ab/.", max_size=6).filter(
     lambda p: not p.startswith("/") and ".." not in p.split("/"))
 RELATIVE = st.lists(st.text(alphabet="ab.", min_size=1, max_size=3).filter(lambda c: c != ".."),
@@ -315,6 +335,7 @@ def test_any_yamlish_text(tmp_path_factory: pytest.TempPathFactory, text: str) -
         ({"imds": {"endpoint": "169.254.169.254"}}, "'imds.endpoint' must be an http URL"),
         ({"transfer": {"multipart_chunksize": "6GiB"}}, "from 5 MiB to 5 GiB"),
         ({"watch": [{"path": "a"}, {"path": "b"}]}, "write overlapping keys"),
+        ({"state": {"dir": "checkpoints/.state"}}, "'state.dir' (" ),
     ],
 )
 def test_cli_refuses_impossible_values(workspace: Workspace, sections: dict[str, Any],

@@ -16,7 +16,7 @@ from boto3.s3.transfer import TransferConfig
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spotwatch.keys import object_key
+from spotwatch.keys import RESERVED_SET, object_key
 from spotwatch.sync.checksums import ChecksumUnavailable, file_matches
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry, ManifestError
 
@@ -28,10 +28,16 @@ names = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=(
                 min_size=1, max_size=12).filter(lambda n: n not in (".", ".."))
 
 
+def _one_file_each(below: list[list[str]]) -> bool:
+    """As in a file tree: no path is also the directory of another."""
+    return not any(a != b and b[:len(a)] == a for a in below for b in below)
+
+
 @st.composite
 def manifests(draw: st.DrawFn) -> Manifest:
-    set_name = draw(names)
-    below = draw(st.lists(st.lists(names, min_size=1, max_size=3), max_size=4, unique_by=tuple))
+    set_name = draw(names.filter(lambda name: name != RESERVED_SET))
+    below = draw(st.lists(st.lists(names, min_size=1, max_size=3), max_size=4,
+                          unique_by=tuple).filter(_one_file_each))
     paths = [set_name] if not below else ["/".join([set_name, *parts]) for parts in below]
     entries = [ManifestEntry(object_key(PREFIX, path), path,
                              draw(st.integers(0, 2**40)), draw(st.integers(-2**62, 2**62)),
@@ -89,6 +95,16 @@ def _mutations(data: dict[str, Any], index: int, value: Any) -> list[tuple[str, 
     variant("no files", lambda d, e: d.__setitem__("files", []))
     variant("listed twice", lambda d, e: d["files"].append(dict(e)))
     variant("negative size", lambda d, e: e.__setitem__("size", -1))
+    for field, number in (("mtime_ns", 2**63), ("mtime_ns", -(2**63) - 1), ("mtime_ns", 10**30),
+                          ("size", 2**63), ("part_size", 2**64)):
+        variant(f"{field} {number} beyond 64 bits",
+                lambda d, e, f=field, n=number: e.__setitem__(f, n))
+    for below in ("x", "x/y"):
+        variant(f"a path that is also the directory of {below!r}", lambda d, e, b=below:
+                d["files"].append({**e, "path": f"{e['path']}/{b}", "key": f"{e['key']}/{b}"}))
+    variant("spotwatch's own key space as a set", lambda d, e: d.update(
+        set=RESERVED_SET, files=[{**e, "path": f"{RESERVED_SET}/manifests/x.json",
+                                  "key": f"{PREFIX}{RESERVED_SET}/manifests/x.json"}]))
     variant("not finite", lambda d, e: d.__setitem__("sealed_at", float("nan")))
     return broken
 

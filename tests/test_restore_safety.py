@@ -254,3 +254,73 @@ def test_incomplete_sets_show_in_status_and_metrics(workspace: Workspace, s3: An
                            "uploaded_objects": 1, "uploaded_bytes": 1_000,
                            "last_upload_at": None})
     assert "incomplete:   1 sets without a manifest (a file is not in S3): run1/step_1" in shown
+
+
+def _newer_set(s3: Any, bucket: str, name: str, files: dict[str, bytes],
+               mtime_ns: int = 2**62) -> None:
+    """A set whose objects are all in S3, with a manifest claiming the newest checkpoint."""
+    entries = []
+    for path, data in files.items():
+        s3.put_object(Bucket=bucket, Key=f"run1/{path}", Body=data)
+        entries.append({"key": f"run1/{path}", "path": path, "size": len(data),
+                        "mtime_ns": mtime_ns, "checksum": _crc32(data)})
+    s3.put_object(Bucket=bucket, Key=f"{MANIFESTS}{name}.json",
+                  Body=_manifest_body(name, "run1/", entries))
+
+
+def test_a_manifest_no_restore_could_write_is_skipped_not_fatal(workspace: Workspace,
+                                                               s3: Any) -> None:
+    """A newer set whose manifest lists a path both as a file and as a directory, or a time
+    no file system can hold, is skipped like any malformed one: the newest good set is
+    restored, with no traceback and nothing of the skipped sets left behind."""
+    sets = make_sets(workspace)
+    bucket = workspace.bucket
+    _newer_set(s3, bucket, "clash", {"clash/a": b"file", "clash/a/b": b"below it"})
+    _newer_set(s3, bucket, "deep_clash", {"deep_clash/x/y": b"f", "deep_clash/x/y/z/w": b"g"})
+    _newer_set(s3, bucket, "far_future", {"far_future/m.pt": b"m"}, mtime_ns=10**30)
+    _newer_set(s3, bucket, "before_time", {"before_time/m.pt": b"m"}, mtime_ns=-(2**63) - 1)
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "restored step_2" in result.stdout
+    assert restored_files(target) == {"step_2/model.pt", "step_2/optim.pt"}
+    assert list(target.iterdir()) == [target / "step_2"]
+    assert (target / "step_2" / "model.pt").read_bytes() == sets["step_2"]["model.pt"]
+    skipped = {e["key"] for e in named(result.stderr, "manifest_skipped")}
+    assert skipped == {f"{MANIFESTS}{name}.json"
+                       for name in ("clash", "deep_clash", "far_future", "before_time")}
+
+
+def test_spotwatch_key_space_in_a_watched_directory_is_never_a_checkpoint(
+        workspace: Workspace, s3: Any) -> None:
+    """Manifests brought into the watched directory (e.g. by `aws s3 sync` of the prefix)
+    are neither uploaded over the real ones nor sealed and restored as the newest set."""
+    sets = make_sets(workspace)
+    bucket = workspace.bucket
+    real = object_bytes(s3, bucket, f"{MANIFESTS}step_2.json")
+    local = workspace.checkpoints / ".spotwatch" / "manifests"
+    local.mkdir(parents=True)
+    (local / "step_1.json").write_bytes(object_bytes(s3, bucket, f"{MANIFESTS}step_1.json"))
+    forged = json.loads(real)
+    forged["files"] = forged["files"][:1]  # a stale or edited copy: one file fewer
+    (local / "step_2.json").write_text(json.dumps(forged))
+    (workspace.checkpoints / ".spotwatch" / "probe-host").write_bytes(b"x")
+    before = keys_in(s3, bucket)
+
+    flush = workspace.cli("flush", "-c", "config.yaml")
+    assert flush.returncode == 0, flush.stderr
+    assert flush_summary(flush)["files"] == 0
+    assert keys_in(s3, bucket) == before
+    assert object_bytes(s3, bucket, f"{MANIFESTS}step_2.json") == real
+
+    # A set of that name sealed by an older spotwatch is refused on reading.
+    _newer_set(s3, bucket, ".spotwatch", {".spotwatch/notes.bin": b"not a checkpoint"})
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "restored step_2" in result.stdout
+    assert restored_files(target) == {"step_2/model.pt", "step_2/optim.pt"}
+    assert (target / "step_2" / "optim.pt").read_bytes() == sets["step_2"]["optim.pt"]
+    assert [e["key"] for e in named(result.stderr, "manifest_skipped")] == [
+        f"{MANIFESTS}.spotwatch.json"]

@@ -317,6 +317,7 @@ def load_config(path: Path) -> Config:
     except msgspec.ValidationError as exc:
         raise ConfigError(_one_line_refusal(str(exc), raw)) from None
     _refuse_overlaps(config.watch)
+    _refuse_own_files_in_watches(config)
     return config
 
 
@@ -720,6 +721,22 @@ def _refuse_overlaps(dirs: tuple[WatchDir, ...]) -> None:
             if paths[0] == paths[1] or paths[0] in paths[1].parents:
                 raise ConfigError(f"{pair} watch the same files ({first.path} and "
                                   f"{second.path}): list each directory once, none inside another")
+
+
+def _refuse_own_files_in_watches(config: Config) -> None:
+    """Invariant: spotwatch's own files are never checkpoints. A state directory inside a
+    watched one would upload its ledger after every upload, forever, and a notice file there
+    would be restored as the newest checkpoint set."""
+    own = [("state.dir", config.state_dir)]
+    if config.hooks.notice_file is not None:
+        own.append(("hooks.notice_file", config.hooks.notice_file))
+    for key, path in own:
+        real = _real(path)
+        for index, watch in enumerate(config.watch):
+            root = _real(watch.path)
+            if real == root or root in real.parents:
+                raise ConfigError(f"config key '{key}' ({path}) is inside watch[{index}] "
+                                  f"({watch.path}): keep spotwatch's own files out of it")
 
 
 def _real(path: Path) -> Path:

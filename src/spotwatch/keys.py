@@ -9,6 +9,8 @@ preflight, the sync engine and restore, so they import nothing from spotwatch.
 from __future__ import annotations
 
 MANIFEST_DIR = ".spotwatch/manifests/"
+# The first path component of every key spotwatch writes for itself (manifests, probes).
+RESERVED_SET = MANIFEST_DIR.split("/", 1)[0]
 WRITE_PROBE = ".spotwatch/probe-"  # `spotwatch check` writes and deletes <prefix>probe-<host>
 S3_KEY_MAX_BYTES = 1024
 
@@ -45,6 +47,16 @@ def storable_key(prefix: str, relative_path: str) -> str:
 
 def set_name_of(relative_path: str) -> str:
     return relative_path.split("/", 1)[0]
+
+
+def is_reserved(relative_path: str) -> bool:
+    """Whether a path below a watched directory lies in spotwatch's own key space.
+
+    Invariant: no local file is ever a checkpoint under ``<prefix>.spotwatch/``, so nothing in
+    a watched directory (say, manifests brought down by ``aws s3 sync``) can overwrite or forge
+    a manifest, or be restored as the newest set.
+    """
+    return set_name_of(relative_path) == RESERVED_SET
 
 
 def manifest_prefix(prefix: str) -> str:

@@ -22,7 +22,7 @@ from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import DELETE_BATCH, ObjectStore, S3ObjectStore, StoreError
 from spotwatch.config import Config, WatchDir
 from spotwatch.errors import SpotwatchError
-from spotwatch.keys import MANIFEST_DIR, belongs_to_set, manifest_key, object_key
+from spotwatch.keys import belongs_to_set, is_reserved, manifest_key, object_key
 from spotwatch.state import StateDir
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.ledger import Ledger, LedgerError
@@ -136,7 +136,7 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
     uploaded whose local files are gone; complete: whether a set's files are all in S3.
 
     Invariant: only what spotwatch uploaded goes, never an object a kept set's manifest lists.
-    A file is deleted only if it is under the prefix, not a manifest, accepted by the filters,
+    A file is deleted only if it is under the prefix, not spotwatch's own, accepted by the filters,
     listed by no kept manifest, and either recorded in the ledger with its local file gone, or
     inside the own directory of a set dropped by retention whose manifest lists it. A set that
     lists a file gone locally loses its manifest too (the daemon seals it again with what is
@@ -146,8 +146,7 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
 
     def deletable(key: str) -> bool:
         relative = key[len(prefix):] if key.startswith(prefix) else None
-        return relative is not None and not relative.startswith(MANIFEST_DIR) and accepts(
-            relative)
+        return relative is not None and not is_reserved(relative) and accepts(relative)
 
     gone = {key for key in gone_locally if deletable(key)}
     dropped: list[tuple[Manifest, str]] = []

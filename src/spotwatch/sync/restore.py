@@ -210,12 +210,11 @@ def _fetch_verified(store: ObjectStore, entry: ManifestEntry, target: Path,
     try:
         store.download(entry.key, temp, progress)
         problem = _verify(temp, entry, part_size, preferred)
+        if problem is not None:
+            raise SetCorrupt(f"{entry.key}: {problem}")
+        os.utime(temp, ns=(entry.mtime_ns, entry.mtime_ns))
     except BaseException:
         with suppress(FileNotFoundError):
             temp.unlink()
         raise
-    if problem is not None:
-        temp.unlink()
-        raise SetCorrupt(f"{entry.key}: {problem}")
-    os.utime(temp, ns=(entry.mtime_ns, entry.mtime_ns))
     return temp

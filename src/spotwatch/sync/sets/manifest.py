@@ -19,9 +19,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from spotwatch.keys import object_key, set_name_of
+from spotwatch.keys import is_reserved, object_key, set_name_of
 
 MANIFEST_FORMAT = 1
+# Sizes and times are 64-bit signed integers on disk, in SQLite and for os.utime.
+INT64_RANGE = range(-(2**63), 2**63)
 
 
 class ManifestError(ValueError):
@@ -80,7 +82,8 @@ class Manifest:
         if _field(data, "format", int) != MANIFEST_FORMAT:
             raise ManifestError(f"unknown manifest format {data['format']!r}")
         set_name = _field(data, "set", str)
-        if set_name != set_name_of(set_name) or not _is_clean_path(set_name):
+        if (set_name != set_name_of(set_name) or not _is_clean_path(set_name)
+                or is_reserved(set_name)):
             raise ManifestError(f"invalid set name {set_name!r}")
         if _field(data, "prefix", str) != prefix:
             raise ManifestError(f"written for prefix {data['prefix']!r}, not {prefix!r}")
@@ -88,8 +91,7 @@ class Manifest:
         if not raw_files:
             raise ManifestError("lists no files")
         files = tuple(_entry(raw, prefix, set_name) for raw in raw_files)
-        if len({f.path for f in files}) != len(files):
-            raise ManifestError("a path is listed twice")
+        _refuse_clashing_paths([f.path for f in files])
         sealed_at = _field(data, "sealed_at", (int, float))
         if not math.isfinite(sealed_at):
             raise ManifestError("sealed_at is not a finite number")
@@ -126,6 +128,20 @@ def _is_clean_path(path: str) -> bool:
             and all(part not in ("", ".", "..") for part in path.split("/")))
 
 
+def _refuse_clashing_paths(paths: list[str]) -> None:
+    """Each path names one file: none is listed twice, and none is also a directory holding
+    another listed path (a file tree cannot have both, and no restore could write both)."""
+    listed = set(paths)
+    if len(listed) != len(paths):
+        raise ManifestError("a path is listed twice")
+    for path in paths:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            if "/".join(parts[:depth]) in listed:
+                raise ManifestError(f"path {'/'.join(parts[:depth])!r} is listed both as a "
+                                    f"file and as the directory of {path!r}")
+
+
 def _entry(raw: object, prefix: str, set_name: str) -> ManifestEntry:
     if not isinstance(raw, dict):
         raise ManifestError("a file entry is not an object")
@@ -137,7 +153,10 @@ def _entry(raw: object, prefix: str, set_name: str) -> ManifestEntry:
         raise ManifestError(f"key {key!r} is not {object_key(prefix, path)!r}")
     size = _field(raw, "size", int)
     part_size = _optional_field(raw, "part_size", int)
+    mtime_ns = _field(raw, "mtime_ns", int)
     if size < 0 or (part_size is not None and part_size <= 0):
         raise ManifestError(f"negative size or part size for {path!r}")
-    return ManifestEntry(key, path, size, _field(raw, "mtime_ns", int),
-                         _optional_field(raw, "checksum", str), part_size)
+    if not all(number in INT64_RANGE for number in (size, part_size or 0, mtime_ns)):
+        raise ManifestError(f"size, part size or mtime out of range for {path!r}")
+    return ManifestEntry(key, path, size, mtime_ns, _optional_field(raw, "checksum", str),
+                         part_size)
