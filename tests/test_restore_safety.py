@@ -324,3 +324,12 @@ def test_spotwatch_key_space_in_a_watched_directory_is_never_a_checkpoint(
     assert (target / "step_2" / "optim.pt").read_bytes() == sets["step_2"]["optim.pt"]
     assert [e["key"] for e in named(result.stderr, "manifest_skipped")] == [
         f"{MANIFESTS}.spotwatch.json"]
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "step_1/model.pt", ".spotwatch"])
+def test_restore_of_a_set_name_no_set_can_have_is_a_usage_error(workspace: Workspace,
+                                                                name: str) -> None:
+    result = restore(workspace, "--set", name)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--set takes the name of one checkpoint set" \
+        in result.stderr

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 
 from spotwatch.commands import load
+from spotwatch.errors import ConfigError
+from spotwatch.keys import is_reserved, set_name_of
 from spotwatch.sync.restore import restore
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.set_name is not None and not is_set_name(args.set_name):
+        raise ConfigError(f"--set takes the name of one checkpoint set (a top-level file or "
+                          f"directory name such as step_1000), got {args.set_name!r}")
     config, bucket = load(args, need_watch_dirs=False)
     report = restore(config, bucket, args.to, args.set_name, args.prefix)
     passed_over = (f"; newer sets passed over: {', '.join(report.passed_over)}"
@@ -17,3 +22,8 @@ def run(args: argparse.Namespace) -> int:
           f"downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already present"
           f"{passed_over}")
     return 0
+
+
+def is_set_name(name: str) -> bool:
+    """One path component below a watched directory, outside spotwatch's own key space."""
+    return name not in ("", ".", "..") and set_name_of(name) == name and not is_reserved(name)
