@@ -238,7 +238,7 @@ def _fetch_verified(store: ObjectStore, entry: ManifestEntry, target: Path,
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.with_name(f".{target.name}{TEMP_SUFFIX}")
     try:
-        store.download(entry.key, temp, progress)
+        store.download(entry.key, temp, progress, entry.size)
         problem = _verify(temp, entry, part_size, preferred)
         if problem is not None:
             raise SetCorrupt(f"{entry.key}: {problem}")
