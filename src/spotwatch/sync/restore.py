@@ -4,8 +4,10 @@ A set counts only when its manifest is valid for the configured prefix and every
 is in S3 with the listed size. Every file is downloaded under a temporary name and checked
 against the manifest's size and checksum; only when all files of the set check out are they
 renamed into place, with their original mtime, so a rerun skips what is already there and the
-daemon does not upload them again. A set whose bytes do not match is corrupt: its downloads
-are removed and the next older complete set is restored instead, with a warning.
+daemon does not upload them again. The files of a set download concurrently
+(transfer.max_concurrency at a time), each checked on the thread that downloaded it. A set
+whose bytes do not match is corrupt: its downloads are removed and the next older complete set
+is restored instead, with a warning.
 """
 
 from __future__ import annotations
