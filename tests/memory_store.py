@@ -210,7 +210,8 @@ class InMemoryObjectStore:
         self._enter("get_bytes", key)
         return self._read(key).data
 
-    def download(self, key: str, path: Path, progress: Progress | None = None) -> None:
+    def download(self, key: str, path: Path, progress: Progress | None = None,
+                 size: int | None = None) -> None:
         self._enter("download", key)
         data = self._read(key).data
         path.write_bytes(data)

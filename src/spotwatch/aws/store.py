@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from boto3.s3.transfer import create_transfer_manager
 from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.exceptions import RetriesExceededError
 from s3transfer.futures import TransferFuture
 from s3transfer.subscribers import BaseSubscriber
 from s3transfer.utils import ChunksizeAdjuster
@@ -126,7 +127,10 @@ class ObjectStore(Protocol):
         """The object's bytes; ObjectMissing when there is none."""
         ...
 
-    def download(self, key: str, path: Path, progress: Progress | None = None) -> None: ...
+    def download(self, key: str, path: Path, progress: Progress | None = None,
+                 size: int | None = None) -> None:
+        """Write the object to path; size, when known, spares a request asking for it."""
+        ...
 
     def head(self, key: str, part_number: int | None = None) -> ObjectHead:
         """The object's size (of one part, given its number); ObjectMissing when there is none."""
@@ -179,18 +183,33 @@ def _translated() -> Iterator[None]:
         raise store_error(exc) from exc
 
 
-class _DoneSubscriber(BaseSubscriber):
-    def __init__(self, callback: Callable[[TransferFuture], None],
-                 progress: Progress | None) -> None:
-        self._callback = callback
+class _ProgressSubscriber(BaseSubscriber):
+    def __init__(self, progress: Progress | None) -> None:
         self._progress = progress
 
     def on_progress(self, future: TransferFuture, bytes_transferred: int, **kwargs: Any) -> None:
         if self._progress is not None:
             self._progress(bytes_transferred)
 
+
+class _DoneSubscriber(_ProgressSubscriber):
+    def __init__(self, callback: Callable[[TransferFuture], None],
+                 progress: Progress | None) -> None:
+        super().__init__(progress)
+        self._callback = callback
+
     def on_done(self, future: TransferFuture, **kwargs: Any) -> None:
         self._callback(future)
+
+
+class _KnownSize(BaseSubscriber):
+    """Tells s3transfer the object's size, which it would otherwise ask S3 for (a HEAD)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    def on_queued(self, future: TransferFuture, **kwargs: Any) -> None:
+        future.meta.provide_transfer_size(self._size)
 
 
 class S3ObjectStore:
@@ -330,10 +349,20 @@ class S3ObjectStore:
         with _translated():
             return self.client.get_object(Bucket=self._bucket, Key=key)["Body"].read()
 
-    def download(self, key: str, path: Path, progress: Progress | None = None) -> None:
-        with _translated():
-            self.client.download_file(self._bucket, key, str(path),
-                                      Config=transfer_config(self._settings), Callback=progress)
+    def download(self, key: str, path: Path, progress: Progress | None = None,
+                 size: int | None = None) -> None:
+        """Through the store's one transfer manager (large objects in ranged parts), so
+        concurrent downloads share its connections instead of each starting a pool."""
+        subscribers: list[BaseSubscriber] = [_ProgressSubscriber(progress)]
+        if size is not None:
+            subscribers.append(_KnownSize(size))
+        try:
+            self._manager.download(self._bucket, key, str(path),
+                                   subscribers=subscribers).result()
+        except RetriesExceededError as exc:  # the connection kept failing mid-body
+            raise StoreError(str(exc)) from exc
+        except Exception as exc:  # s3transfer re-raises whatever the transfer hit
+            raise _as_store_error(exc) from exc
 
     def head(self, key: str, part_number: int | None = None) -> ObjectHead:
         extra: dict[str, Any] = {} if part_number is None else {"PartNumber": part_number}

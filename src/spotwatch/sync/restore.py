@@ -4,14 +4,17 @@ A set counts only when its manifest is valid for the configured prefix and every
 is in S3 with the listed size. Every file is downloaded under a temporary name and checked
 against the manifest's size and checksum; only when all files of the set check out are they
 renamed into place, with their original mtime, so a rerun skips what is already there and the
-daemon does not upload them again. A set whose bytes do not match is corrupt: its downloads
-are removed and the next older complete set is restored instead, with a warning.
+daemon does not upload them again. The files of a set download concurrently
+(transfer.max_concurrency at a time), each checked on the thread that downloaded it. A set
+whose bytes do not match is corrupt: its downloads are removed and the next older complete set
+is restored instead, with a warning.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -186,9 +189,7 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
     progress = ProgressBar(f"restoring {manifest.set_name}", sum(e.size for e, _, _ in todo))
     try:
         with _temporaries() as temps:
-            for entry, target, part_size in todo:
-                temps.append(_fetch_verified(store, entry, target, part_size, preferred,
-                                             progress))
+            _fetch_all(store, todo, preferred, progress, temps)
             # Every file of the set checked out: only now does anything land in place.
             for (entry, target, _), temp in zip(todo, temps, strict=True):
                 if ledger is not None:  # before the rename, so a running daemon skips it
@@ -202,13 +203,44 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
                          sum(e.size for e, _, _ in todo))
 
 
+def _fetch_all(store: ObjectStore, todo: list[tuple[ManifestEntry, Path, int | None]],
+               preferred: str, progress: ProgressBar, temps: list[Path]) -> None:
+    """Download and verify every file of todo, store.max_concurrency at a time, each verified
+    on the worker that downloaded it so hashing overlaps the network; temps gets the verified
+    downloads in todo's order.
+
+    On the first failure the downloads not yet started are cancelled and those under way are
+    awaited, so that every temporary written, finished or not, is in temps (for the caller to
+    remove) before the failure propagates.
+    """
+    pool = ThreadPoolExecutor(max_workers=max(1, store.max_concurrency),
+                              thread_name_prefix="restore")
+    futures = [pool.submit(_fetch_verified, store, entry, target, part_size, preferred,
+                           progress) for entry, target, part_size in todo]
+    try:
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        for future in futures:
+            future.cancel()
+        pool.shutdown(wait=True)  # no worker still writing once the temporaries are removed
+        temps.extend(future.result() for future in futures if _succeeded(future))
+    failure = next((future.exception() for future in futures
+                    if not future.cancelled() and future.exception() is not None), None)
+    if failure is not None:
+        raise failure
+
+
+def _succeeded(future: Future[Path]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
 def _fetch_verified(store: ObjectStore, entry: ManifestEntry, target: Path,
                     part_size: int | None, preferred: str, progress: ProgressBar) -> Path:
     """Download one file next to its target; SetCorrupt unless it matches its entry."""
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.with_name(f".{target.name}{TEMP_SUFFIX}")
     try:
-        store.download(entry.key, temp, progress)
+        store.download(entry.key, temp, progress, entry.size)
         problem = _verify(temp, entry, part_size, preferred)
         if problem is not None:
             raise SetCorrupt(f"{entry.key}: {problem}")

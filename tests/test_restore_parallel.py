@@ -1,0 +1,114 @@
+"""Restore downloads a set's files concurrently, and a failure in one worker while another is
+mid-download still leaves nothing but verified, complete sets behind (in-memory store)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from spotwatch.aws.store import StoreError
+from spotwatch.errors import SpotwatchError
+from spotwatch.sync.restore import TEMP_SUFFIX, RestoreReport, restore_newest
+from spotwatch.sync.sets.remote import list_manifests
+
+from .conftest import wait_for
+from .memory_store import InMemoryObjectStore
+from .test_failure_paths import PREFIX, put_set
+
+
+@pytest.fixture
+def store() -> Iterator[InMemoryObjectStore]:
+    memory = InMemoryObjectStore(max_concurrency=4)
+    yield memory
+    memory.close()
+
+
+class Background:
+    """restore_newest on a thread of its own, so the test can watch it and release gates."""
+
+    def __init__(self, store: InMemoryObjectStore, destination: Path) -> None:
+        self.report: RestoreReport | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(store, destination))
+        self._thread.start()
+
+    def _run(self, store: InMemoryObjectStore, destination: Path) -> None:
+        try:
+            self.report = restore_newest(store, list_manifests(store, PREFIX), destination,
+                                         "CRC32", None)
+        except BaseException as exc:  # handed to the test thread
+            self.error = exc
+
+    def join(self) -> None:
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "restore did not finish"
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def signalling(event: threading.Event) -> Callable[[], Exception]:
+    def error() -> Exception:
+        event.set()
+        return StoreError("injected download failure")
+
+    return error
+
+
+def test_downloads_of_a_set_overlap(tmp_path: Path, store: InMemoryObjectStore) -> None:
+    put_set(store, "step_1", {"a.pt": b"a" * 50, "b.pt": b"b" * 60, "c.pt": b"c" * 70}, 1_000)
+    held = store.hold("download", key="run/step_1/a.pt")
+    restoring = Background(store, tmp_path / "r")
+    try:
+        held.entered.wait(10)
+        # a.pt is held; the others are downloaded meanwhile.
+        wait_for(lambda: store.calls["download"] >= 3, timeout=10)
+    finally:
+        held.release()
+        restoring.join()
+    assert restoring.error is None and restoring.report is not None
+    assert restoring.report.downloaded == 3
+    assert files_under(tmp_path / "r") == ["step_1/a.pt", "step_1/b.pt", "step_1/c.pt"]
+    assert (tmp_path / "r/step_1/c.pt").read_bytes() == b"c" * 70
+
+
+def test_a_failing_download_while_another_is_held_leaves_no_temporaries(
+        tmp_path: Path, store: InMemoryObjectStore) -> None:
+    put_set(store, "step_1", {"a.pt": b"a" * 50, "b.pt": b"b" * 60}, 1_000)
+    failed = threading.Event()
+    held = store.hold("download", key="run/step_1/a.pt")
+    store.fail("download", key="run/step_1/b.pt", error=signalling(failed))
+    restoring = Background(store, tmp_path / "r")
+    try:
+        assert held.entered.wait(10)
+        assert failed.wait(10), "b.pt was not downloaded while a.pt was held"
+    finally:
+        held.release()  # a.pt's temporary is written after the failure, then removed
+        restoring.join()
+    assert isinstance(restoring.error, SpotwatchError)
+    assert "injected download failure" in str(restoring.error)
+    assert files_under(tmp_path / "r") == []
+
+
+def test_a_corrupt_file_while_another_is_held_falls_back_to_the_older_set(
+        tmp_path: Path, store: InMemoryObjectStore) -> None:
+    put_set(store, "step_1", {"a.pt": b"1" * 50, "b.pt": b"1" * 60}, 1_000)
+    put_set(store, "step_2", {"a.pt": b"2" * 50, "b.pt": b"2" * 60}, 2_000)
+    store.put("run/step_2/b.pt", b"X" * 60)  # listed size, other bytes
+    held = store.hold("download", key="run/step_2/a.pt")
+    restoring = Background(store, tmp_path / "r")
+    try:
+        assert held.entered.wait(10)
+        wait_for(lambda: store.calls["download"] >= 2, timeout=10)
+    finally:
+        held.release()
+        restoring.join()
+    assert restoring.error is None and restoring.report is not None
+    assert (restoring.report.set_name, restoring.report.passed_over) == ("step_1", ("step_2",))
+    assert files_under(tmp_path / "r") == ["step_1/a.pt", "step_1/b.pt"]
+    assert not any(TEMP_SUFFIX in name for name in files_under(tmp_path / "r"))
+    assert (tmp_path / "r/step_1/b.pt").read_bytes() == b"1" * 60
