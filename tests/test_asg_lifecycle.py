@@ -124,6 +124,27 @@ def test_scale_in_waits_for_the_checkpoint_then_continues(
     assert not daemon.named("asg_lifecycle_completing_anyway")
 
 
+def test_final_flush_that_leaves_files_behind_still_continues_the_scale_in(
+        workspace: Workspace, imds: ImdsEmulator, group: tuple[str, str, str],
+        proxy: AutoScalingProxy) -> None:
+    name, hook, instance = group
+    imds.set_instance(instance, {GROUP_TAG: name})
+    workspace.write_config(sync={"quiet_seconds": 60, "stop_timeout": 2},
+                           asg={"lifecycle_hook": hook, "heartbeat_interval": 1})
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL_AUTO_SCALING=proxy.url)
+    (workspace.checkpoints / "step_1").mkdir()
+    with (workspace.checkpoints / "step_1" / "model.pt").open("wb") as checkpoint:
+        checkpoint.write(b"weights")
+        checkpoint.flush()
+        imds.set_lifecycle_state("Terminated")
+        wait_for(lambda: proxy.named(HEARTBEAT))
+        # Still being written when SIGTERM's final flush runs out of time: not durable.
+        assert daemon.stop() == 1
+    assert daemon.named("asg_lifecycle_completing_anyway")
+    [completed] = proxy.named(COMPLETE)
+    assert completed.params["LifecycleActionResult"] == "CONTINUE"
+
+
 def test_iam_policy_grants_the_lifecycle_calls_only_with_a_hook(workspace: Workspace) -> None:
     def actions() -> list[str]:
         policy = json.loads(workspace.cli("iam-policy", "-c", "config.yaml").stdout)
