@@ -58,6 +58,30 @@ class Rule:
         return True
 
 
+class LocalServer:
+    """A threaded HTTP server on a free localhost port, serving on its own thread."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def quiet_errors(self) -> None:
+        self._server.handle_error = lambda request, address: None  # type: ignore[method-assign]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 @dataclass
 class FaultProxy:
     upstream: str
@@ -68,25 +92,20 @@ class FaultProxy:
         target = urlsplit(self.upstream)
         self._upstream = (target.hostname or "127.0.0.1", target.port or 80)
         self._lock = threading.Lock()
-        handler = type("Handler", (_Handler,), {"proxy": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
+        self._server = LocalServer(type("Handler", (_Handler,), {"proxy": self}))
         # Resets are the point here: no tracebacks for connections we or the client cut.
-        self._server.handle_error = lambda request, address: None  # type: ignore[method-assign]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._server.quiet_errors()
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return self._server.url
 
     def __enter__(self) -> FaultProxy:
-        self._thread.start()
+        self._server.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()
 
     def add(self, action: str, matches: Callable[[Request], bool], times: int = 1,
             delay: float = 0.0) -> Rule:

@@ -208,6 +208,15 @@ class NoticeSettings(_Section, frozen=True, kw_only=True):
     asg_lifecycle: bool = True
 
 
+class AsgSettings(_Section, frozen=True, kw_only=True):
+    """An Auto Scaling lifecycle hook that waits for spotwatch's flush on scale-in."""
+
+    lifecycle_hook: Text | None = None  # None: no hook, the scale-in is not held
+    group: Text | None = None  # None: the instance's aws:autoscaling:groupName tag, else asked
+    # Below the hook's heartbeat timeout (AWS allows 30 to 7200 s).
+    heartbeat_interval: Annotated[float, Meta(ge=1, le=7200, extra={"unit": "seconds"})] = 30.0
+
+
 class HookSettings(_Section, frozen=True, kw_only=True):
     """What training code is told when a notice arrives."""
 
@@ -247,6 +256,7 @@ class Config(_Section, frozen=True, kw_only=True):
     transfer: TransferSettings = field(default_factory=TransferSettings)
     imds: ImdsSettings = field(default_factory=ImdsSettings)
     notices: NoticeSettings = field(default_factory=NoticeSettings)
+    asg: AsgSettings = field(default_factory=AsgSettings)
     hooks: HookSettings = field(default_factory=HookSettings)
     state: StateSettings = field(default_factory=StateSettings)
     log: LogSettings = field(default_factory=LogSettings)

@@ -74,6 +74,7 @@ def policy_for(config: Config, bucket: str) -> dict[str, Any]:
             "Resource": objects,
         },
     ]
+    statements.extend(_lifecycle_statements(config))
     kms = _kms_statement(config)
     if kms is not None:
         statements.append(kms)
@@ -96,3 +97,22 @@ def _kms_statement(config: Config) -> dict[str, Any] | None:
     else:
         statement["Resource"] = f"arn:aws:kms:{region}:*:key/{key}"
     return statement
+
+
+def _lifecycle_statements(config: Config) -> list[dict[str, Any]]:
+    """With a lifecycle hook: heartbeat and complete it, on the configured group (any group
+    when it is found at run time, which also needs DescribeAutoScalingInstances: no resource)."""
+    if config.asg.lifecycle_hook is None:
+        return []
+    group = config.asg.group or "*"
+    statements: list[dict[str, Any]] = [{
+        "Sid": "LifecycleHook",
+        "Effect": "Allow",
+        "Action": ["autoscaling:CompleteLifecycleAction",
+                   "autoscaling:RecordLifecycleActionHeartbeat"],
+        "Resource": f"arn:aws:autoscaling:*:*:autoScalingGroup:*:autoScalingGroupName/{group}",
+    }]
+    if config.asg.group is None:
+        statements.append({"Sid": "FindAutoScalingGroup", "Effect": "Allow",
+                           "Action": "autoscaling:DescribeAutoScalingInstances", "Resource": "*"})
+    return statements

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from spotwatch.aws.autoscaling import LifecycleAction, make_autoscaling_client
 from spotwatch.aws.imds import ImdsClient, disabled_reason
+from spotwatch.aws.region import resolve_region
 from spotwatch.config import Config
 from spotwatch.daemon import sdnotify
 from spotwatch.daemon.flush import FlushController
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("spotwatch.daemon")
 
 TICK_SECONDS = 0.05
+# How long the final flush waits for CompleteLifecycleAction before the process exits.
+LIFECYCLE_COMPLETE_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class Daemon:
         # Demo only: told of notice_detected and flush_done as they happen.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._pruning: PruneSchedule | None = None
+        self._lifecycle: LifecycleAction | None = None
 
     # -- public entry points -------------------------------------------------------------
 
@@ -86,6 +91,7 @@ class Daemon:
             if parts.pruner is not None:
                 self._pruning = PruneSchedule(parts.pruner, self.config.watch, self._wake.set)
             self.hooks.start()
+            self._lifecycle = self._lifecycle_action()
             poller = self._start_poller()
             metrics_server = self.reporter.start_server(self.config.metrics)
             if handle_signals:
@@ -149,6 +155,13 @@ class Daemon:
         parts.engine.add_observer(self.flushes.count)
         parts.engine.add_observer(self.reporter.count_upload)
         return parts.engine
+
+    def _lifecycle_action(self) -> LifecycleAction | None:
+        settings = self.config.asg
+        if settings.lifecycle_hook is None:
+            return None
+        client = make_autoscaling_client(resolve_region(self.config))
+        return LifecycleAction(settings, self.config.imds, client)
 
     def _start_poller(self) -> NoticePoller | None:
         reason = disabled_reason(self.config.imds)
@@ -220,6 +233,8 @@ class Daemon:
         if notice.kind is not NoticeKind.MANUAL:
             self._notice_seen = True
             self.hooks.fire(dict(self.last_notice))
+        if notice.kind is NoticeKind.ASG_TERMINATING and self._lifecycle is not None:
+            self._lifecycle.begin()  # heart-beats until a flush leaves everything durable
         self._start_flush(engine, notice.kind.value, notice.deadline)
 
     def _start_flush(self, engine: SyncEngine, reason: str, deadline: datetime | None,
@@ -233,6 +248,8 @@ class Daemon:
         failed = engine.left_behind(until)
         engine.report_sets_left_behind(until)
         finished = self.flushes.finish(failed)
+        if self._lifecycle is not None and not failed and engine.pending_files() == 0:
+            self._lifecycle.complete(f"{finished.reason} flush made everything durable")
         self.reporter.count_flush(finished.reason, finished.seconds)
         self._emit("flush_done", finished.record)
 
@@ -247,8 +264,20 @@ class Daemon:
             if self.flushes.active:
                 self._sleep(min(TICK_SECONDS, self.flushes.time_left(give_up_at)))
         self._write_status(engine)
-        return self.flushes.final_verdict(EngineSnapshot.of(engine),
-                                          engine.left_behind(give_up_at), engine.totals)
+        verdict = self.flushes.final_verdict(EngineSnapshot.of(engine),
+                                             engine.left_behind(give_up_at), engine.totals)
+        self._release_lifecycle(verdict == 0)
+        return verdict
+
+    def _release_lifecycle(self, durable: bool) -> None:
+        """A flush that left files behind keeps the hook heart-beating (a later flush may make
+        them durable); the final flush is the last chance, so the scale-in continues anyway."""
+        if self._lifecycle is None or not self._lifecycle.begun or self._lifecycle.completed:
+            return
+        if not durable:
+            log.warning("asg_lifecycle_completing_anyway", hook=self._lifecycle.hook,
+                        detail="the final flush left files behind; the scale-in continues")
+        self._lifecycle.complete("final flush", wait=LIFECYCLE_COMPLETE_WAIT)
 
     def _write_status(self, engine: SyncEngine) -> None:
         self.reporter.write(engine, self.last_notice, self.flushes)

@@ -106,6 +106,17 @@ class ImdsEmulator:
             state.counts.clear()
             state.fired_at.clear()
 
+    def set_instance(self, instance_id: str, tags: dict[str, str] | None = None) -> str:
+        """Be the metadata of this instance (e.g. one an Auto Scaling group launched), with
+        these instance tags under meta-data/tags/instance/ (IMDS serves them when enabled)."""
+        with self.lock:
+            self.state.instance_id = instance_id
+        self.reset()
+        with self.lock:
+            for name, value in (tags or {}).items():
+                self.state.items[f"meta-data/tags/instance/{name}"] = value
+        return instance_id
+
     def fire_spot_interruption(self, action: str = "terminate", in_seconds: float = 120) -> str:
         when = _iso(datetime.now(timezone.utc) + timedelta(seconds=in_seconds))
         body = json.dumps({"action": action, "time": when})
@@ -210,6 +221,8 @@ class ImdsEmulator:
                                             float(body.get("in_seconds", 3600)))
         if action == "asg":
             return 200, self.set_lifecycle_state(body.get("state", "Terminated"))
+        if action == "instance":
+            return 200, self.set_instance(str(body["instance_id"]), body.get("tags"))
         if action == "fault":
             self.add_fault(Fault(status=body.get("status"), delay=float(body.get("delay", 0)),
                                  remaining=int(body.get("count", 1)),

@@ -1,0 +1,125 @@
+"""Auto Scaling lifecycle hooks: hold a scale-in until the flush made everything durable.
+
+On a scale-in, AWS waits for the instance's lifecycle hook (heartbeat timeout 30-7200 s).
+LifecycleAction heart-beats on its own thread (the daemon's loop never waits for AWS) and
+sends CompleteLifecycleAction CONTINUE once. A failed call is a warning: the checkpoints stay
+protected either way, the hook then simply times out.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import boto3
+import structlog
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from spotwatch.aws.imds import ImdsClient, ImdsError
+from spotwatch.config import AsgSettings, ImdsSettings
+
+log = structlog.get_logger("spotwatch.asg")
+
+INSTANCE_ID_PATH = "meta-data/instance-id"
+GROUP_TAG_PATH = "meta-data/tags/instance/aws:autoscaling:groupName"
+_AWS_ERRORS = (BotoCoreError, ClientError, ImdsError)
+
+
+def make_autoscaling_client(region: str) -> Any:
+    """The endpoint follows AWS_ENDPOINT_URL(_AUTO_SCALING); few retries: a heartbeat repeats."""
+    config = BotoConfig(region_name=region, retries={"mode": "standard", "max_attempts": 3},
+                        connect_timeout=5, read_timeout=10)
+    return boto3.client("autoscaling", config=config)
+
+
+class LifecycleAction:
+    """The lifecycle action of this instance. Invariant: CompleteLifecycleAction is sent at
+    most once, and only after complete() was called (the flush is over)."""
+
+    def __init__(self, settings: AsgSettings, imds: ImdsSettings, client: Any) -> None:
+        assert settings.lifecycle_hook is not None
+        self.hook = settings.lifecycle_hook
+        self._settings = settings
+        self._imds = imds
+        self._client = client
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._reason = ""
+
+    @property
+    def begun(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def completed(self) -> bool:
+        return self._done.is_set()
+
+    def begin(self) -> None:
+        """Start heart-beating (once; a second Terminated notice changes nothing)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="asg-lifecycle", daemon=True)
+            self._thread.start()
+
+    def complete(self, reason: str, wait: float = 0.0) -> None:
+        """Stop heart-beating and let the scale-in continue; wait: seconds to wait for the call
+        (the final flush waits, so that the process does not exit before it)."""
+        if self._thread is None or self._done.is_set():
+            return
+        self._reason = reason
+        self._done.set()
+        if wait:
+            self._thread.join(wait)
+
+    def _run(self) -> None:
+        target = self._target()
+        if target is None:
+            return
+        while not self._done.is_set():
+            self._call("RecordLifecycleActionHeartbeat", target)
+            self._done.wait(self._settings.heartbeat_interval)
+        self._call("CompleteLifecycleAction", {**target, "LifecycleActionResult": "CONTINUE"})
+
+    def _target(self) -> dict[str, str] | None:
+        try:
+            imds = ImdsClient.from_settings(self._imds)
+            instance_id = (imds.get(INSTANCE_ID_PATH) or "").strip()
+            if not instance_id:
+                raise ImdsError("IMDS has no instance-id")
+            group = self._settings.group or self._group_of(imds, instance_id)
+        except _AWS_ERRORS as exc:
+            log.warning("asg_lifecycle_unavailable", hook=self.hook, error=str(exc),
+                        detail="the scale-in waits for the hook's heartbeat timeout instead")
+            return None
+        return {"LifecycleHookName": self.hook, "AutoScalingGroupName": group,
+                "InstanceId": instance_id}
+
+    def _group_of(self, imds: ImdsClient, instance_id: str) -> str:
+        """The instance's aws:autoscaling:groupName tag (when instance tags are in IMDS), else
+        what DescribeAutoScalingInstances says."""
+        tag = (imds.get(GROUP_TAG_PATH) or "").strip()
+        if tag:
+            return tag
+        found = self._client.describe_auto_scaling_instances(InstanceIds=[instance_id])
+        instances = found.get("AutoScalingInstances", [])
+        if not instances:
+            raise ImdsError(f"instance {instance_id} is in no Auto Scaling group")
+        return str(instances[0]["AutoScalingGroupName"])
+
+    def _call(self, operation: str, params: dict[str, str]) -> None:
+        method = getattr(self._client, _snake(operation))
+        try:
+            method(**params)
+        except _AWS_ERRORS as exc:
+            log.warning("asg_lifecycle_call_failed", operation=operation, hook=self.hook,
+                        error=str(exc))
+            return
+        if operation == "CompleteLifecycleAction":
+            log.info("asg_lifecycle_completed", hook=self.hook, result="CONTINUE",
+                     reason=self._reason, group=params["AutoScalingGroupName"])
+        else:
+            log.debug("asg_lifecycle_heartbeat", hook=self.hook)
+
+
+def _snake(operation: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in operation).lstrip("_")

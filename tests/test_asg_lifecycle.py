@@ -1,0 +1,178 @@
+"""ASG lifecycle hooks against moto's Auto Scaling API (over HTTP, through tests/asgproxy.py for
+the two lifecycle calls moto lacks): heartbeats while the flush runs, CONTINUE once durable."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spotwatch.aws.autoscaling import LifecycleAction, make_autoscaling_client
+from spotwatch.config import AsgSettings, ImdsSettings, load_config
+from spotwatch.emulator import ImdsEmulator
+from spotwatch.errors import ConfigError
+from tests.asgproxy import AutoScalingProxy
+from tests.conftest import REGION, Workspace, keys_in, wait_for
+
+HEARTBEAT = "RecordLifecycleActionHeartbeat"
+COMPLETE = "CompleteLifecycleAction"
+GROUP_TAG = "aws:autoscaling:groupName"
+
+
+@pytest.fixture
+def moto_asg(s3_endpoint: str) -> Any:
+    return boto3.client("autoscaling", endpoint_url=s3_endpoint, region_name=REGION)
+
+
+@pytest.fixture
+def group(s3_endpoint: str, moto_asg: Any) -> tuple[str, str, str]:
+    """A one-instance Auto Scaling group with a termination hook: (group, hook, instance id)."""
+    name = f"train-{uuid.uuid4().hex[:8]}"
+    ec2 = boto3.client("ec2", endpoint_url=s3_endpoint, region_name=REGION)
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    ec2.create_launch_template(LaunchTemplateName=f"lt-{name}", LaunchTemplateData={
+        "ImageId": image, "InstanceType": "g5.xlarge"})
+    moto_asg.create_auto_scaling_group(
+        AutoScalingGroupName=name, LaunchTemplate={"LaunchTemplateName": f"lt-{name}"},
+        MinSize=1, MaxSize=1, DesiredCapacity=1, AvailabilityZones=[f"{REGION}a"])
+    moto_asg.put_lifecycle_hook(LifecycleHookName="drain", AutoScalingGroupName=name,
+                                LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+                                HeartbeatTimeout=30, DefaultResult="ABANDON")
+    groups = moto_asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])
+    return name, "drain", groups["AutoScalingGroups"][0]["Instances"][0]["InstanceId"]
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str, moto_asg: Any, monkeypatch: pytest.MonkeyPatch
+          ) -> Iterator[AutoScalingProxy]:
+    with AutoScalingProxy(s3_endpoint, moto_asg) as running:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_AUTO_SCALING", running.url)
+        yield running
+
+
+def test_lifecycle_action_finds_its_group_heartbeats_then_continues_once(
+        imds: ImdsEmulator, group: tuple[str, str, str], proxy: AutoScalingProxy) -> None:
+    name, hook, instance = group
+    imds.set_instance(instance)  # no tags in IMDS: the group comes from the Auto Scaling API
+    action = LifecycleAction(AsgSettings(lifecycle_hook=hook, heartbeat_interval=1),
+                             ImdsSettings(endpoint=imds.url), make_autoscaling_client(REGION))
+    action.begin()
+    wait_for(lambda: len(proxy.named(HEARTBEAT)) >= 2)
+    assert proxy.named(COMPLETE) == []
+    action.complete("test", wait=10)
+    action.complete("again", wait=10)
+    [completed] = proxy.named(COMPLETE)
+    assert completed.params == {"LifecycleHookName": hook, "AutoScalingGroupName": name,
+                                "InstanceId": instance, "LifecycleActionResult": "CONTINUE"}
+
+
+def test_a_refused_lifecycle_call_is_only_a_warning(
+        imds: ImdsEmulator, group: tuple[str, str, str], proxy: AutoScalingProxy,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    name, _hook, instance = group
+    imds.set_instance(instance, {GROUP_TAG: name})
+    action = LifecycleAction(AsgSettings(lifecycle_hook="no-such-hook", heartbeat_interval=1),
+                             ImdsSettings(endpoint=imds.url), make_autoscaling_client(REGION))
+    action.begin()
+    seen: list[str] = []
+
+    def warned() -> bool:
+        captured = capsys.readouterr()
+        seen.append(captured.out + captured.err)
+        return "asg_lifecycle_call_failed" in "".join(seen)
+
+    wait_for(warned)
+    action.complete("test", wait=10)
+    assert proxy.calls == []
+
+
+def test_scale_in_waits_for_the_checkpoint_then_continues(
+        workspace: Workspace, imds: ImdsEmulator, s3: Any, group: tuple[str, str, str],
+        proxy: AutoScalingProxy) -> None:
+    name, hook, instance = group
+    imds.set_instance(instance, {GROUP_TAG: name})
+    key = "run1/step_1/model.pt"
+    proxy.on_call = lambda action: key in keys_in(s3, workspace.bucket)
+    # A file written without close stays unsettled for a minute: the flush waits for it.
+    workspace.write_config(sync={"quiet_seconds": 60},
+                           asg={"lifecycle_hook": hook, "heartbeat_interval": 1})
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL_AUTO_SCALING=proxy.url)
+    (workspace.checkpoints / "step_1").mkdir()
+    with (workspace.checkpoints / "step_1" / "model.pt").open("wb") as checkpoint:
+        checkpoint.write(b"weights" * 1000)
+        checkpoint.flush()
+        imds.set_lifecycle_state("Terminated")
+        daemon.wait_for_event("flush_started")
+        wait_for(lambda: len(proxy.named(HEARTBEAT)) >= 2)
+        assert proxy.named(COMPLETE) == []  # still being written: the scale-in is held
+    completed = wait_for(lambda: proxy.named(COMPLETE))[0]
+    assert completed.note is True  # the checkpoint was in S3 when the action completed
+    assert completed.params == {"LifecycleHookName": hook, "AutoScalingGroupName": name,
+                                "InstanceId": instance, "LifecycleActionResult": "CONTINUE"}
+    assert all(call.at < completed.at for call in proxy.named(HEARTBEAT))
+    assert daemon.stop() == 0
+    assert len(proxy.named(COMPLETE)) == 1
+    assert not daemon.named("asg_lifecycle_completing_anyway")
+
+
+def test_final_flush_that_leaves_files_behind_still_continues_the_scale_in(
+        workspace: Workspace, imds: ImdsEmulator, group: tuple[str, str, str],
+        proxy: AutoScalingProxy) -> None:
+    name, hook, instance = group
+    imds.set_instance(instance, {GROUP_TAG: name})
+    workspace.write_config(sync={"quiet_seconds": 60, "stop_timeout": 2},
+                           asg={"lifecycle_hook": hook, "heartbeat_interval": 1})
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL_AUTO_SCALING=proxy.url)
+    (workspace.checkpoints / "step_1").mkdir()
+    with (workspace.checkpoints / "step_1" / "model.pt").open("wb") as checkpoint:
+        checkpoint.write(b"weights")
+        checkpoint.flush()
+        imds.set_lifecycle_state("Terminated")
+        wait_for(lambda: proxy.named(HEARTBEAT))
+        # Still being written when SIGTERM's final flush runs out of time: not durable.
+        assert daemon.stop() == 1
+    assert daemon.named("asg_lifecycle_completing_anyway")
+    [completed] = proxy.named(COMPLETE)
+    assert completed.params["LifecycleActionResult"] == "CONTINUE"
+
+
+def test_iam_policy_grants_the_lifecycle_calls_only_with_a_hook(workspace: Workspace) -> None:
+    def actions() -> list[str]:
+        policy = json.loads(workspace.cli("iam-policy", "-c", "config.yaml").stdout)
+        found: list[str] = []
+        for statement in policy["Statement"]:
+            action = statement["Action"]
+            found.extend([action] if isinstance(action, str) else action)
+        return found
+
+    assert not [a for a in actions() if a.startswith("autoscaling:")]
+    workspace.write_config(asg={"lifecycle_hook": "drain", "group": "train"})
+    granted = actions()
+    assert "autoscaling:RecordLifecycleActionHeartbeat" in granted
+    assert "autoscaling:CompleteLifecycleAction" in granted
+    assert "autoscaling:DescribeAutoScalingInstances" not in granted
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False, min_value=-1e5, max_value=1e5))
+def test_heartbeat_interval_within_the_hooks_limits(value: float) -> None:
+    with tempfile.TemporaryDirectory() as root:
+        path = Path(root) / "config.yaml"
+        path.write_text(yaml.safe_dump({"watch": [{"path": root}],
+                                        "asg": {"lifecycle_hook": "drain",
+                                                "heartbeat_interval": value}}))
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            assert not 1 <= value <= 7200
+            assert "asg.heartbeat_interval" in str(exc)
+        else:
+            assert 1 <= value <= 7200 and config.asg.heartbeat_interval == value
