@@ -28,7 +28,7 @@ from msgspec import Meta, field
 from msgspec import inspect as mi
 
 from spotwatch.errors import ConfigError
-from spotwatch.keys import object_key
+from spotwatch.keys import S3_KEY_MAX_BYTES, object_key
 from spotwatch.state import default_state_dir
 
 MiB = 1024 * 1024
@@ -40,7 +40,6 @@ CRT_CHECKSUM_ALGORITHMS = ("CRC32C", "CRC64NVME")
 MIN_PART_SIZE = 5 * MiB
 MAX_PART_SIZE = 5 * GiB
 MAX_SINGLE_PUT = 5 * GiB
-MAX_KEY_BYTES = 1024
 # No duration in the config means more than a day; longer is a typo (and overflows timers).
 MAX_SECONDS = 86400.0
 # Bounds on the config file itself, so that loading a hostile or broken file stays cheap.
@@ -145,8 +144,9 @@ class WatchDir(_Section, frozen=True):
     def __post_init__(self) -> None:
         if self.prefix.startswith("/") or ".." in self.prefix.split("/"):
             raise _refuse("prefix", "must be a relative key prefix")
-        if len(key_space(self.prefix).encode()) >= MAX_KEY_BYTES:
-            raise _refuse("prefix", f"leaves no room for a key within S3's {MAX_KEY_BYTES} bytes")
+        if len(key_space(self.prefix).encode()) >= S3_KEY_MAX_BYTES:
+            raise _refuse("prefix",
+                          f"leaves no room for a key within S3's {S3_KEY_MAX_BYTES} bytes")
 
 
 class SyncSettings(_Section, frozen=True, kw_only=True):
