@@ -16,7 +16,7 @@ import os
 import re
 import signal
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
@@ -217,6 +217,45 @@ class AsgSettings(_Section, frozen=True, kw_only=True):
     heartbeat_interval: Annotated[float, Meta(ge=1, le=7200, extra={"unit": "seconds"})] = 30.0
 
 
+# A job id becomes part of S3 keys: plain characters only.
+JobId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"\A[A-Za-z0-9][A-Za-z0-9._-]*\Z",
+                            description="a job id (letters, digits, '.', '_', '-')")]
+MAX_NODES = 4096
+# Where the job's settings come from when the file leaves them out, first match wins; the node
+# rank from the launcher (torchrun's GROUP_RANK, the NODE_RANK convention, SLURM's SLURM_NODEID).
+JOB_ENVIRONMENT: dict[str, tuple[str, ...]] = {
+    "id": ("SPOTWATCH_JOB_ID",),
+    "nodes": ("SPOTWATCH_JOB_NODES", "SLURM_NNODES"),
+    "rank": ("SPOTWATCH_NODE_RANK", "GROUP_RANK", "NODE_RANK", "SLURM_NODEID"),
+}
+
+
+class JobSettings(_Section, frozen=True, kw_only=True):
+    """A multi-node job: every node runs its own spotwatch with the same id and node count and
+    its own rank. No id: a single node, exactly as without this section."""
+
+    id: JobId | None = None
+    nodes: Annotated[int, Meta(ge=1, le=MAX_NODES)] | None = None
+    # None is allowed for commands that act for the whole job (restore, status, iam-policy);
+    # `run` and `flush` need it (require_node_rank).
+    rank: Annotated[int, Meta(ge=0, lt=MAX_NODES)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.id is None:
+            for name in ("nodes", "rank"):
+                if getattr(self, name) is not None:
+                    raise _refuse(name, "needs 'job.id' (or SPOTWATCH_JOB_ID)")
+            return
+        if self.nodes is None:
+            raise _refuse("nodes", "is needed with 'job.id' (or SPOTWATCH_JOB_NODES, SLURM_NNODES)")
+        if self.rank is not None and self.rank >= self.nodes:
+            raise _refuse("rank", f"must be below job.nodes ({self.nodes}), got {self.rank}")
+
+    @property
+    def is_multi_node(self) -> bool:
+        return self.id is not None
+
+
 class HookSettings(_Section, frozen=True, kw_only=True):
     """What training code is told when a notice arrives."""
 
@@ -257,6 +296,7 @@ class Config(_Section, frozen=True, kw_only=True):
     imds: ImdsSettings = field(default_factory=ImdsSettings)
     notices: NoticeSettings = field(default_factory=NoticeSettings)
     asg: AsgSettings = field(default_factory=AsgSettings)
+    job: JobSettings = field(default_factory=JobSettings)
     hooks: HookSettings = field(default_factory=HookSettings)
     state: StateSettings = field(default_factory=StateSettings)
     log: LogSettings = field(default_factory=LogSettings)
@@ -321,6 +361,7 @@ def load_config(path: Path) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     _refuse_surrogates(raw, "")
+    raw = _with_job_environment(raw, os.environ)
     try:
         config = msgspec.convert(_with_parsed_values(Config, raw, path.parent, ""), Config,
                                  strict=True)
@@ -329,6 +370,45 @@ def load_config(path: Path) -> Config:
     _refuse_overlaps(config.watch)
     _refuse_own_files_in_watches(config)
     return config
+
+
+def _with_job_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """The job section with what the file leaves out taken from the environment
+    (JOB_ENVIRONMENT). Only for a job: without an id anywhere the environment is ignored, so a
+    single-node run inside SLURM or torchrun is not turned into a job."""
+    job = raw.get("job")
+    if job is None:
+        job = {}
+    if not isinstance(job, dict):
+        return raw  # refused with the usual one line by the conversion
+    filled = dict(job)
+    for name, variables in JOB_ENVIRONMENT.items():
+        if name in filled:
+            continue
+        variable = next((v for v in variables if environ.get(v, "").strip()), None)
+        if variable is None:
+            continue
+        if name == "id":
+            filled[name] = environ[variable].strip()
+        elif filled.get("id") is not None:
+            filled[name] = _whole_number(environ[variable], f"job.{name}", variable)
+    if filled.get("id") is None:
+        return raw
+    return {**raw, "job": filled}
+
+
+def _whole_number(text: str, key: str, variable: str) -> int:
+    if not re.fullmatch(r"\s*[0-9]{1,9}\s*", text):
+        raise ConfigError(f"{key}: {variable}={_shown(text)} from the environment is not a "
+                          "whole number")
+    return int(text)
+
+
+def require_node_rank(config: Config) -> None:
+    """A node of a job must know its rank before it uploads (its part of each set)."""
+    if config.job.is_multi_node and config.job.rank is None:
+        variables = ", ".join(JOB_ENVIRONMENT["rank"])
+        raise ConfigError(f"job.rank is not set: give it in the config or set one of {variables}")
 
 
 def _refuse_surrogates(value: Any, where: str) -> None:

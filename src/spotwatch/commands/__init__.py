@@ -5,15 +5,24 @@ from __future__ import annotations
 import argparse
 
 from spotwatch.bucket import resolve_bucket
-from spotwatch.config import Config, find_config_file, load_config, require_watch_dirs
+from spotwatch.config import (
+    Config,
+    find_config_file,
+    load_config,
+    require_node_rank,
+    require_watch_dirs,
+)
 from spotwatch.logs import configure_logging
 
 
-def load(args: argparse.Namespace, need_watch_dirs: bool = True) -> tuple[Config, str]:
+def load(args: argparse.Namespace, uploads: bool = True) -> tuple[Config, str]:
+    """Config and bucket; a command that uploads also needs its watched directories and,
+    on a node of a job, the node's rank."""
     path = find_config_file(args.config)
     config = load_config(path)
     bucket = resolve_bucket(args.bucket, path)
-    if need_watch_dirs:
+    if uploads:
         require_watch_dirs(config)
+        require_node_rank(config)
     configure_logging(config.log.level, config.log.format)
     return config, bucket

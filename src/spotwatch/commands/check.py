@@ -9,7 +9,7 @@ from spotwatch.commands import load
 
 
 def run(args: argparse.Namespace) -> int:
-    config, bucket = load(args, need_watch_dirs=False)
+    config, bucket = load(args, uploads=False)
     results = run_checks(config, bucket)
     for result in results:
         print(f"{result.symbol}  {result.name:<16} {result.detail}")

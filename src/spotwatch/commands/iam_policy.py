@@ -37,7 +37,7 @@ OPERATION_ACTIONS = {
 
 
 def run(args: argparse.Namespace) -> int:
-    config, bucket = load(args, need_watch_dirs=False)
+    config, bucket = load(args, uploads=False)
     print(json.dumps(policy_for(config, bucket), indent=2))
     return 0
 

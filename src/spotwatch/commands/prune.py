@@ -10,7 +10,7 @@ from spotwatch.sync.pruner import prune_once
 
 
 def run(args: argparse.Namespace) -> int:
-    config, bucket = load(args, need_watch_dirs=False)
+    config, bucket = load(args, uploads=False)
     keep_sets = config.sync.keep_sets if args.keep_sets is None else args.keep_sets
     if keep_sets < 0:
         raise ConfigError("--keep-sets must be at least 0")

@@ -14,7 +14,7 @@ def run(args: argparse.Namespace) -> int:
     if args.set_name is not None and not is_set_name(args.set_name):
         raise ConfigError(f"--set takes the name of one checkpoint set (a top-level file or "
                           f"directory name such as step_1000), got {args.set_name!r}")
-    config, bucket = load(args, need_watch_dirs=False)
+    config, bucket = load(args, uploads=False)
     report = restore(config, bucket, args.to, args.set_name, args.prefix)
     passed_over = (f"; newer sets passed over: {', '.join(report.passed_over)}"
                    if report.passed_over else "")

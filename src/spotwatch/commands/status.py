@@ -15,7 +15,7 @@ from spotwatch.sync.ledger import Ledger
 
 
 def run(args: argparse.Namespace) -> int:
-    config, bucket = load(args, need_watch_dirs=False)
+    config, bucket = load(args, uploads=False)
     report = gather_status(config, bucket)
     if args.healthy:
         return 0 if is_healthy(report) else 1
