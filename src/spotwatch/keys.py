@@ -67,5 +67,11 @@ def manifest_key(prefix: str, set_name: str) -> str:
     return manifest_prefix(prefix) + f"{set_name}.json"
 
 
+def job_key_space(prefix: str, job_id: str) -> str:
+    """Where a multi-node job keeps what its nodes share below a watched prefix (each node's
+    part of a set, peer notices): ``<prefix>.spotwatch/jobs/<job id>/``."""
+    return object_key(prefix, f"{RESERVED_SET}/jobs/{job_id}/")
+
+
 def belongs_to_set(key: str, set_key: str) -> bool:
     return key == set_key or key.startswith(set_key + "/")
