@@ -219,6 +219,8 @@ class Daemon:
         engine.pump(upload=self._uploads_allowed())
         if self.flushes.active and engine.flush_settled(self.flushes.retries_until):
             self._finish_flush(engine)
+        elif not self.flushes.active:
+            self._complete_lifecycle_when_durable(engine, "files a flush left behind")
         self.reporter.report_when_due(engine, self.last_notice, self.flushes)
 
     def _on_notice(self, engine: SyncEngine, notice: Notice) -> None:
@@ -273,8 +275,7 @@ class Daemon:
         engine.report_sets_left_behind(until)
         finished = self.flushes.finish(failed)
         self._reimpose_bandwidth_cap()
-        if self._lifecycle is not None and not failed and engine.pending_files() == 0:
-            self._lifecycle.complete(f"{finished.reason} flush made everything durable")
+        self._complete_lifecycle_when_durable(engine, f"{finished.reason} flush")
         self.reporter.count_flush(finished.reason, finished.seconds)
         self._emit("flush_done", finished.record)
 
@@ -293,6 +294,17 @@ class Daemon:
                                              engine.left_behind(give_up_at), engine.totals)
         self._release_lifecycle(verdict == 0)
         return verdict
+
+    def _complete_lifecycle_when_durable(self, engine: SyncEngine, made_by: str) -> None:
+        """Invariant: the scale-in goes on (CONTINUE) once everything is durable: when a
+        flush ends with nothing left behind, or later, when the files a flush left failing
+        were uploaded after all (retries, or a later flush); the hook heart-beats until then.
+        The final flush's end releases it anyway (_release_lifecycle)."""
+        lifecycle = self._lifecycle
+        if (lifecycle is None or not lifecycle.begun or lifecycle.completed
+                or engine.pending_files() or not engine.flush_settled(None)):
+            return
+        lifecycle.complete(f"{made_by} made everything durable")
 
     def _release_lifecycle(self, durable: bool) -> None:
         """A flush that left files behind keeps the hook heart-beating (a later flush may make
