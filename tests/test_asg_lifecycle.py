@@ -8,6 +8,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,28 @@ def test_a_refused_lifecycle_call_is_only_a_warning(
     wait_for(warned)
     action.complete("test", wait=10)
     assert proxy.calls == []
+
+
+def test_a_heartbeat_interval_not_below_the_hooks_timeout_is_halved_with_one_warning(
+        imds: ImdsEmulator, group: tuple[str, str, str], proxy: AutoScalingProxy,
+        moto_asg: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    name, _hook, instance = group
+    timeout = 2  # below AWS's minimum of 30, which moto does not enforce: a quick test
+    moto_asg.put_lifecycle_hook(LifecycleHookName="quick", AutoScalingGroupName=name,
+                                LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+                                HeartbeatTimeout=timeout, DefaultResult="ABANDON")
+    imds.set_instance(instance, {GROUP_TAG: name})
+    action = LifecycleAction(AsgSettings(lifecycle_hook="quick", heartbeat_interval=5),
+                             ImdsSettings(endpoint=imds.url), make_autoscaling_client(REGION))
+    action.begin()
+    wait_for(lambda: len(proxy.named(HEARTBEAT)) >= 4)
+    action.complete("test", wait=10)
+    beats = [call.at for call in proxy.named(HEARTBEAT)]
+    assert all(later - earlier < timeout for earlier, later in pairwise(beats))
+    output = capsys.readouterr()
+    [warning] = [line for line in (output.out + output.err).splitlines()
+                 if "asg_heartbeat_interval_too_long" in line]
+    assert "heartbeat_timeout=2.0" in warning and "using=1.0" in warning
 
 
 def test_scale_in_waits_for_the_checkpoint_then_continues(
@@ -239,6 +262,7 @@ def test_iam_policy_grants_the_lifecycle_calls_only_with_a_hook(workspace: Works
     granted = actions()
     assert "autoscaling:RecordLifecycleActionHeartbeat" in granted
     assert "autoscaling:CompleteLifecycleAction" in granted
+    assert "autoscaling:DescribeLifecycleHooks" in granted  # the hook's heartbeat timeout
     assert "autoscaling:DescribeAutoScalingInstances" not in granted
 
 
