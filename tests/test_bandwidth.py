@@ -257,19 +257,26 @@ def test_continuous_uploads_keep_to_the_cap_until_a_notice_lifts_it(
     assert not daemon.named("bandwidth_cap_reimposed")
 
 
-def test_the_final_flush_on_sigterm_is_not_capped(workspace: Workspace, s3: Any) -> None:
-    rate = MIN_BANDWIDTH
-    workspace.write_config(sync={"continuous_bandwidth": rate},
+def slow_upload_under_way(workspace: Workspace, s3: Any) -> tuple[Any, bytes, float]:
+    """A daemon at the lowest cap with a 6 MiB multipart upload begun: (the daemon, the
+    file's bytes, the fewest bytes the cap can have left to send); the cap allows 64 KiB/s."""
+    workspace.write_config(sync={"continuous_bandwidth": MIN_BANDWIDTH},
                            transfer={"multipart_threshold": "5MB", "multipart_chunksize": "5MB"})
     daemon = workspace.start_daemon()
     size = 6 * MiB
     began = time.monotonic()
     data = write_file(workspace.checkpoints / "step_1" / "model.pt", size)
     wait_for(lambda: open_uploads(s3, workspace.bucket))
-    left = least_left(size, rate, began, BandwidthLimiter(rate).burst, parts=2)
+    left = least_left(size, MIN_BANDWIDTH, began, BandwidthLimiter(MIN_BANDWIDTH).burst,
+                      parts=2)
+    return daemon, data, left
+
+
+def test_the_final_flush_on_sigterm_is_not_capped(workspace: Workspace, s3: Any) -> None:
+    daemon, data, left = slow_upload_under_way(workspace, s3)
     stopping = time.monotonic()
     assert daemon.stop() == 0
-    assert time.monotonic() - stopping < left / rate / 2
+    assert time.monotonic() - stopping < left / MIN_BANDWIDTH / 2
     assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == data
     assert daemon.named("bandwidth_cap_lifted")[0]["reason"] == "shutdown"
 
@@ -288,19 +295,11 @@ def test_spotwatch_flush_is_not_capped(workspace: Workspace, s3: Any) -> None:
 
 def test_spotwatch_flush_lifts_a_running_daemons_cap_until_it_is_done(
         workspace: Workspace, s3: Any) -> None:
-    rate = MIN_BANDWIDTH
-    workspace.write_config(sync={"continuous_bandwidth": rate},
-                           transfer={"multipart_threshold": "5MB", "multipart_chunksize": "5MB"})
-    daemon = workspace.start_daemon()
-    size = 6 * MiB
-    began = time.monotonic()
-    data = write_file(workspace.checkpoints / "step_1" / "model.pt", size)
-    wait_for(lambda: open_uploads(s3, workspace.bucket))
-    left = least_left(size, rate, began, BandwidthLimiter(rate).burst, parts=2)
+    daemon, data, left = slow_upload_under_way(workspace, s3)
     asked = time.monotonic()
     done = workspace.cli("flush", "-c", "config.yaml")  # SIGUSR1 to the daemon, then waits
     assert done.returncode == 0, done.stderr
-    assert time.monotonic() - asked < left / rate / 2
+    assert time.monotonic() - asked < left / MIN_BANDWIDTH / 2
     assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == data
     assert daemon.named("bandwidth_cap_lifted")[0]["reason"] == "manual-flush"
     daemon.wait_for_event("bandwidth_cap_reimposed")  # continuous uploads are capped again
