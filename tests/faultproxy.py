@@ -1,9 +1,10 @@
 """An HTTP reverse proxy in front of the S3 server that injects faults by rule.
 
 Each request is matched against the rules in order; the first rule with faults left applies:
-an S3 error status (503 SlowDown, 500 InternalError), a connection reset before the request
-reaches S3 or after S3 handled it (the response is lost), or a delay. Everything else is
-forwarded untouched. The proxy records what it saw, so tests can check the faults happened.
+an S3 error status (503 SlowDown, 500 InternalError, 403 AccessDenied), a connection reset
+before the request reaches S3 or after S3 handled it (the response is lost), or a delay.
+Everything else is forwarded untouched. The proxy records what it saw, so tests can check the
+faults happened.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 ERROR_BODIES = {
+    403: ("AccessDenied", "Access Denied"),
     503: ("SlowDown", "Please reduce your request rate."),
     500: ("InternalError", "We encountered an internal error. Please try again."),
 }
@@ -45,7 +47,7 @@ class Request:
 
 @dataclass
 class Rule:
-    action: str  # "503", "500", "reset", "reset-after", "delay"
+    action: str  # "503", "500", "403", "reset", "reset-after", "delay"
     matches: Callable[[Request], bool]
     times: int = 1
     delay: float = 0.0
@@ -145,7 +147,7 @@ class _Handler(BaseHTTPRequestHandler):
         action = rule.action if rule else "forward"
         if rule is not None and rule.action == "delay":
             time.sleep(rule.delay)
-        if action in ("503", "500"):
+        if action in ("503", "500", "403"):
             self.proxy.record(request, action)
             self._send_error(int(action))
             return

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,9 @@ from spotwatch.aws.autoscaling import LifecycleAction, make_autoscaling_client
 from spotwatch.config import AsgSettings, ImdsSettings, load_config
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.errors import ConfigError
-from tests.asgproxy import AutoScalingProxy
+from tests.asgproxy import AutoScalingProxy, LifecycleCall
 from tests.conftest import REGION, Workspace, keys_in, wait_for
+from tests.faultproxy import FaultProxy
 
 HEARTBEAT = "RecordLifecycleActionHeartbeat"
 COMPLETE = "CompleteLifecycleAction"
@@ -95,6 +98,28 @@ def test_a_refused_lifecycle_call_is_only_a_warning(
     assert proxy.calls == []
 
 
+def test_a_heartbeat_interval_not_below_the_hooks_timeout_is_halved_with_one_warning(
+        imds: ImdsEmulator, group: tuple[str, str, str], proxy: AutoScalingProxy,
+        moto_asg: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    name, _hook, instance = group
+    timeout = 2  # below AWS's minimum of 30, which moto does not enforce: a quick test
+    moto_asg.put_lifecycle_hook(LifecycleHookName="quick", AutoScalingGroupName=name,
+                                LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+                                HeartbeatTimeout=timeout, DefaultResult="ABANDON")
+    imds.set_instance(instance, {GROUP_TAG: name})
+    action = LifecycleAction(AsgSettings(lifecycle_hook="quick", heartbeat_interval=5),
+                             ImdsSettings(endpoint=imds.url), make_autoscaling_client(REGION))
+    action.begin()
+    wait_for(lambda: len(proxy.named(HEARTBEAT)) >= 4)
+    action.complete("test", wait=10)
+    beats = [call.at for call in proxy.named(HEARTBEAT)]
+    assert all(later - earlier < timeout for earlier, later in pairwise(beats))
+    output = capsys.readouterr()
+    [warning] = [line for line in (output.out + output.err).splitlines()
+                 if "asg_heartbeat_interval_too_long" in line]
+    assert "heartbeat_timeout=2.0" in warning and "using=1.0" in warning
+
+
 def test_scale_in_waits_for_the_checkpoint_then_continues(
         workspace: Workspace, imds: ImdsEmulator, s3: Any, group: tuple[str, str, str],
         proxy: AutoScalingProxy) -> None:
@@ -119,6 +144,84 @@ def test_scale_in_waits_for_the_checkpoint_then_continues(
     assert completed.params == {"LifecycleHookName": hook, "AutoScalingGroupName": name,
                                 "InstanceId": instance, "LifecycleActionResult": "CONTINUE"}
     assert all(call.at < completed.at for call in proxy.named(HEARTBEAT))
+    assert daemon.stop() == 0
+    assert len(proxy.named(COMPLETE)) == 1
+    assert not daemon.named("asg_lifecycle_completing_anyway")
+
+
+@pytest.fixture
+def faults(s3_endpoint: str) -> Iterator[FaultProxy]:
+    with FaultProxy(s3_endpoint) as running:
+        yield running
+
+
+def refused_for_a_while(faults: FaultProxy, key: str, times: int) -> Any:
+    """S3 refuses the file's PutObject (403 AccessDenied: failing at once) `times` times."""
+    return faults.add("403", lambda r: r.operation == "PutObject" and r.path.endswith(f"/{key}"),
+                      times=times)
+
+
+def start_held_scale_in(workspace: Workspace, imds: ImdsEmulator, s3: Any,
+                        group: tuple[str, str, str], proxy: AutoScalingProxy,
+                        faults: FaultProxy, key: str) -> Any:
+    """A daemon (on-notice: nothing goes before the notice) whose checkpoint S3 refuses;
+    after the lifecycle notice its flush ends leaving the file failing. (daemon, when)"""
+    name, hook, instance = group
+    imds.set_instance(instance, {GROUP_TAG: name})
+    proxy.on_call = lambda action: key in keys_in(s3, workspace.bucket)
+    workspace.write_config(sync={"mode": "on-notice"},
+                           asg={"lifecycle_hook": hook, "heartbeat_interval": 1})
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=faults.url,
+                                    AWS_ENDPOINT_URL_AUTO_SCALING=proxy.url)
+    (workspace.checkpoints / "step_1").mkdir()
+    (workspace.checkpoints / "step_1" / "model.pt").write_bytes(b"weights" * 1000)
+    imds.set_lifecycle_state("Terminated")
+    flush = daemon.wait_for_event("flush_done")
+    assert flush["failed"] == 1 and flush["reason"] == "asg-terminating"
+    return daemon, time.monotonic()
+
+
+def assert_continued_once_when_durable(proxy: AutoScalingProxy, group: tuple[str, str, str],
+                                       failed_at: float) -> LifecycleCall:
+    name, hook, instance = group
+    completed = wait_for(lambda: proxy.named(COMPLETE), timeout=60)[0]
+    assert completed.note is True  # the checkpoint was in S3 when the action completed
+    assert completed.params == {"LifecycleHookName": hook, "AutoScalingGroupName": name,
+                                "InstanceId": instance, "LifecycleActionResult": "CONTINUE"}
+    beats = [call.at for call in proxy.named(HEARTBEAT)]
+    assert [at for at in beats if failed_at < at < completed.at]  # held meanwhile
+    assert all(at < completed.at for at in beats)
+    return completed
+
+
+def test_files_a_notice_flush_left_failing_continue_the_scale_in_once_retried_into_s3(
+        workspace: Workspace, imds: ImdsEmulator, s3: Any, group: tuple[str, str, str],
+        proxy: AutoScalingProxy, faults: FaultProxy) -> None:
+    key = "run1/step_1/model.pt"
+    refused_for_a_while(faults, key, times=1)
+    daemon, failed_at = start_held_scale_in(workspace, imds, s3, group, proxy, faults, key)
+    assert proxy.named(COMPLETE) == []  # a file failing: the scale-in stays held
+    # No other flush: the file's own retry makes it durable, and that releases the scale-in.
+    assert_continued_once_when_durable(proxy, group, failed_at)
+    assert len(daemon.named("flush_started")) == 1
+    assert daemon.stop() == 0
+    assert len(proxy.named(COMPLETE)) == 1
+    assert not daemon.named("asg_lifecycle_completing_anyway")
+
+
+def test_a_later_flush_that_makes_the_failing_files_durable_continues_the_scale_in_once(
+        workspace: Workspace, imds: ImdsEmulator, s3: Any, group: tuple[str, str, str],
+        proxy: AutoScalingProxy, faults: FaultProxy) -> None:
+    key = "run1/step_1/model.pt"
+    refused = refused_for_a_while(faults, key, times=2)
+    daemon, failed_at = start_held_scale_in(workspace, imds, s3, group, proxy, faults, key)
+    wait_for(lambda: refused.applied == 2)  # its retry is refused too
+    beats = len(proxy.named(HEARTBEAT))
+    wait_for(lambda: len(proxy.named(HEARTBEAT)) >= beats + 2)
+    assert proxy.named(COMPLETE) == [] and key not in keys_in(s3, workspace.bucket)
+    done = workspace.cli("flush", "-c", "config.yaml")  # the daemon's flush retries it now
+    assert done.returncode == 0, done.stderr
+    assert_continued_once_when_durable(proxy, group, failed_at)
     assert daemon.stop() == 0
     assert len(proxy.named(COMPLETE)) == 1
     assert not daemon.named("asg_lifecycle_completing_anyway")
@@ -159,6 +262,7 @@ def test_iam_policy_grants_the_lifecycle_calls_only_with_a_hook(workspace: Works
     granted = actions()
     assert "autoscaling:RecordLifecycleActionHeartbeat" in granted
     assert "autoscaling:CompleteLifecycleAction" in granted
+    assert "autoscaling:DescribeLifecycleHooks" in granted  # the hook's heartbeat timeout
     assert "autoscaling:DescribeAutoScalingInstances" not in granted
 
 

@@ -40,6 +40,8 @@ CRT_CHECKSUM_ALGORITHMS = ("CRC32C", "CRC64NVME")
 MIN_PART_SIZE = 5 * MiB
 MAX_PART_SIZE = 5 * GiB
 MAX_SINGLE_PUT = 5 * GiB
+# A bandwidth cap below this would hold a checkpoint back for hours.
+MIN_BANDWIDTH = 64 * 1024
 # No duration in the config means more than a day; longer is a typo (and overflows timers).
 MAX_SECONDS = 86400.0
 # Bounds on the config file itself, so that loading a hostile or broken file stays cheap.
@@ -95,6 +97,13 @@ def _bytes(value: int | str, _base: Path | None = None) -> int:
     return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()]
 
 
+def _rate(value: int | str, _base: Path | None = None) -> int:
+    """Bytes per second: a size, optionally followed by '/s' ('200MB', '200MB/s')."""
+    if isinstance(value, str) and value.rstrip().lower().endswith("/s"):
+        value = value.rstrip()[:-2]
+    return _bytes(value)
+
+
 def _path(value: str, base: Path) -> Path:
     """A configured path: '~' expanded, a relative one taken from the config file's directory."""
     if not re.fullmatch(rf"{_LINE}+", value):
@@ -114,6 +123,7 @@ def _signal_name(value: str, _base: Path) -> str:
 
 
 SIZE = Parse((int, str), _bytes)
+RATE = Parse((int, str), _rate)
 PATH = Parse((str,), _path)
 UPPER = Parse((str,), lambda value, _base: value.upper())
 LOWER = Parse((str,), lambda value, _base: value.lower())
@@ -161,6 +171,10 @@ class SyncSettings(_Section, frozen=True, kw_only=True):
     delete: bool = False
     # Keep only this many newest complete checkpoint sets in S3 (0 keeps all).
     keep_sets: Annotated[int, Meta(ge=0)] = 0
+    # Bytes per second that continuous uploads may send, all together (None: no cap); a
+    # notice lifts it at once, and flushes (`spotwatch flush`, SIGTERM) are never capped.
+    continuous_bandwidth: Annotated[int, Meta(ge=MIN_BANDWIDTH, extra={
+        "unit": "bytes", "note": " per second"}), RATE] | None = None
 
 
 class TransferSettings(_Section, frozen=True, kw_only=True):

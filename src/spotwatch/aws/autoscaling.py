@@ -75,9 +75,10 @@ class LifecycleAction:
         target = self._target()
         if target is None:
             return
+        interval = self._heartbeat_interval(target)
         while not self._done.is_set():
             self._call("RecordLifecycleActionHeartbeat", target)
-            self._done.wait(self._settings.heartbeat_interval)
+            self._done.wait(interval)
         self._call("CompleteLifecycleAction", {**target, "LifecycleActionResult": "CONTINUE"})
 
     def _target(self) -> dict[str, str] | None:
@@ -93,6 +94,29 @@ class LifecycleAction:
             return None
         return {"LifecycleHookName": self.hook, "AutoScalingGroupName": group,
                 "InstanceId": instance_id}
+
+    def _heartbeat_interval(self, target: dict[str, str]) -> float:
+        """Invariant: heartbeats come more often than the hook's HeartbeatTimeout, or the
+        scale-in would go on (with the hook's default result) before the flush is done. The
+        timeout is read from the hook; a configured interval not below it is replaced by half
+        of it, with one warning. Unreadable, the configured interval stands."""
+        configured = self._settings.heartbeat_interval
+        try:
+            found = self._client.describe_lifecycle_hooks(
+                AutoScalingGroupName=target["AutoScalingGroupName"],
+                LifecycleHookNames=[self.hook])
+            timeout = float(found["LifecycleHooks"][0]["HeartbeatTimeout"])
+        except (*_AWS_ERRORS, LookupError, TypeError, ValueError) as exc:
+            log.warning("asg_heartbeat_timeout_unknown", hook=self.hook, error=str(exc),
+                        heartbeat_interval=configured)
+            return configured
+        if configured < timeout:
+            return configured
+        log.warning("asg_heartbeat_interval_too_long", hook=self.hook,
+                    heartbeat_interval=configured, heartbeat_timeout=timeout,
+                    using=timeout / 2, detail="asg.heartbeat_interval must be below the "
+                    "hook's HeartbeatTimeout")
+        return timeout / 2
 
     def _group_of(self, imds: ImdsClient, instance_id: str) -> str:
         """The instance's aws:autoscaling:groupName tag (when instance tags are in IMDS), else

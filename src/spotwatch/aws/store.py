@@ -10,6 +10,7 @@ litestream's ReplicaClient is bound to one replica).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -17,14 +18,14 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
 from boto3.s3.transfer import create_transfer_manager
 from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.futures import TransferFuture
 from s3transfer.subscribers import BaseSubscriber
-from s3transfer.utils import ChunksizeAdjuster
+from s3transfer.utils import ChunksizeAdjuster, ReadFileChunk
 
 from spotwatch.aws.s3 import encryption_args, transfer_config
 from spotwatch.config import TransferSettings
@@ -33,6 +34,14 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 Progress = Callable[[int], None]
+
+
+class Throttle(Protocol):
+    """Holds a sender until its bytes may go out (a bandwidth cap; see sync.bandwidth)."""
+
+    def acquire(self, size: int) -> None:
+        """Return once `size` more bytes may be sent."""
+        ...
 
 # A file this small is read into memory for its single request (see S3ObjectStore._put_file).
 IN_MEMORY_BODY_MAX = 1 << 20
@@ -202,6 +211,18 @@ class _DoneSubscriber(_ProgressSubscriber):
         self._callback(future)
 
 
+class _Throttled(BaseSubscriber):
+    """Holds s3transfer's sending thread after each read of the file: s3transfer reports
+    progress from its reads only while the bytes go to S3 (not while botocore checksums or
+    signs them), so the cap counts bytes sent, and a retry's re-sent bytes count again."""
+
+    def __init__(self, throttle: Throttle) -> None:
+        self._throttle = throttle
+
+    def on_progress(self, future: TransferFuture, bytes_transferred: int, **kwargs: Any) -> None:
+        self._throttle.acquire(bytes_transferred)  # negative on a retry's rewind: no wait
+
+
 class _KnownSize(BaseSubscriber):
     """Tells s3transfer the object's size, which it would otherwise ask S3 for (a HEAD)."""
 
@@ -220,10 +241,13 @@ class S3ObjectStore:
     many small files. Larger files go through s3transfer's multipart machinery.
     """
 
-    def __init__(self, client: S3Client, bucket: str, settings: TransferSettings) -> None:
+    def __init__(self, client: S3Client, bucket: str, settings: TransferSettings,
+                 throttle: Throttle | None = None) -> None:
+        """throttle: a bandwidth cap on uploads (file bytes only; None: no cap)."""
         self.client = client
         self._bucket = bucket
         self._settings = settings
+        self._throttle = throttle
         self._manager = create_transfer_manager(client, transfer_config(settings))
         # The HEAD after a multipart upload runs off s3transfer's own threads so they keep
         # uploading.
@@ -274,10 +298,13 @@ class S3ObjectStore:
             with suppress(RuntimeError):
                 self._finisher.submit(self._finish_multipart, transfer, key, size, outer)
 
+        subscribers: list[BaseSubscriber] = [_DoneSubscriber(finished, progress)]
+        if self._throttle is not None:
+            subscribers.append(_Throttled(self._throttle))
         with self._lock:
             transfer = self._manager.upload(
                 str(path), self._bucket, key, extra_args=self._write_args(),
-                subscribers=[_DoneSubscriber(finished, progress)])
+                subscribers=subscribers)
             self._transfers.add(transfer)
         # s3transfer's shutdown(cancel=True) is broken: cancelled per future.
         return PendingUpload(outer, transfer.cancel)
@@ -288,8 +315,8 @@ class S3ObjectStore:
             # A small file is read once; botocore then checksums and signs the bytes in memory
             # instead of reading the file three times, seeking back in between.
             # (Bounded: a file that grew since is caught by the check after upload.)
-            small = size < IN_MEMORY_BODY_MAX
-            body = handle.read(IN_MEMORY_BODY_MAX) if small else handle
+            body = self._small_body(handle) if size < IN_MEMORY_BODY_MAX \
+                else self._sent_from(handle)
             reply = self.client.put_object(Bucket=self._bucket, Key=key, Body=body,
                                            **self._write_args())  # type: ignore[arg-type]
         if progress is not None:
@@ -299,6 +326,28 @@ class S3ObjectStore:
             # One PutObject: S3 checked the bytes against this checksum.
             return StoredObject(checksum)
         return self._verified(key, size)
+
+    def _small_body(self, handle: BinaryIO) -> bytes:
+        """A small file's bytes, let through the throttle as a whole before the request."""
+        body = handle.read(IN_MEMORY_BODY_MAX)
+        if self._throttle is not None:
+            self._throttle.acquire(len(body))
+        return body
+
+    def _sent_from(self, handle: BinaryIO) -> BinaryIO:
+        """The file as a request body; with a throttle, s3transfer's reader, whose reads
+        report their size (and so wait for the throttle) only while the request is sent:
+        s3transfer's request-created handlers on this client switch that on and off."""
+        throttle = self._throttle
+        if throttle is None:
+            return handle
+
+        def sent(bytes_transferred: int) -> None:  # s3transfer passes it by name
+            throttle.acquire(bytes_transferred)
+
+        size = os.fstat(handle.fileno()).st_size
+        reader = ReadFileChunk(handle, size, size, callbacks=[sent], enable_callbacks=False)
+        return cast(BinaryIO, reader)  # file-like as botocore needs it: read, seek, tell
 
     def _finish_multipart(self, transfer: TransferFuture, key: str, size: int,
                           outer: Future[StoredObject]) -> None:

@@ -101,7 +101,8 @@ def _kms_statement(config: Config) -> dict[str, Any] | None:
 
 def _lifecycle_statements(config: Config) -> list[dict[str, Any]]:
     """With a lifecycle hook: heartbeat and complete it, on the configured group (any group
-    when it is found at run time, which also needs DescribeAutoScalingInstances: no resource)."""
+    when it is found at run time, which also needs DescribeAutoScalingInstances); read the
+    hook's heartbeat timeout (DescribeLifecycleHooks)."""
     if config.asg.lifecycle_hook is None:
         return []
     group = config.asg.group or "*"
@@ -112,7 +113,10 @@ def _lifecycle_statements(config: Config) -> list[dict[str, Any]]:
                    "autoscaling:RecordLifecycleActionHeartbeat"],
         "Resource": f"arn:aws:autoscaling:*:*:autoScalingGroup:*:autoScalingGroupName/{group}",
     }]
+    # Describe calls take no resource: the hook's heartbeat timeout, and the group if unnamed.
+    describe = ["autoscaling:DescribeLifecycleHooks"]
     if config.asg.group is None:
-        statements.append({"Sid": "FindAutoScalingGroup", "Effect": "Allow",
-                           "Action": "autoscaling:DescribeAutoScalingInstances", "Resource": "*"})
+        describe.append("autoscaling:DescribeAutoScalingInstances")
+    statements.append({"Sid": "DescribeAutoScaling", "Effect": "Allow", "Action": describe,
+                       "Resource": "*"})
     return statements

@@ -31,6 +31,7 @@ from spotwatch.model import Notice, NoticeKind
 from spotwatch.notices import sources_for
 from spotwatch.notices.poller import NoticePoller
 from spotwatch.state import StateDir
+from spotwatch.sync.bandwidth import BandwidthLimiter, limiter_for
 from spotwatch.sync.engine import SyncEngine
 
 if TYPE_CHECKING:
@@ -81,12 +82,16 @@ class Daemon:
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._pruning: PruneSchedule | None = None
         self._lifecycle: LifecycleAction | None = None
+        # Continuous uploads share this cap until a notice or a stop lifts it (run only).
+        self.bandwidth: BandwidthLimiter | None = None
 
     # -- public entry points -------------------------------------------------------------
 
     def run(self, handle_signals: bool = True) -> int:
         """The daemon: upload continuously, flush on notices, final flush on SIGTERM."""
-        with self._session(prune=True) as parts:
+        self.bandwidth = limiter_for(self.config.sync.continuous_bandwidth)
+        self.reporter.watch_bandwidth(self.bandwidth)
+        with self._session(prune=True, throttle=self.bandwidth) as parts:
             engine = self._observe(parts)
             if parts.pruner is not None:
                 self._pruning = PruneSchedule(parts.pruner, self.config.watch, self._wake.set)
@@ -146,9 +151,10 @@ class Daemon:
 
     # -- wiring --------------------------------------------------------------------------
 
-    def _session(self, prune: bool = False) -> Session:
+    def _session(self, prune: bool = False,
+                 throttle: BandwidthLimiter | None = None) -> Session:
         return Session(self.config, self.bucket, self.state, self.reporter.s3_watch,
-                       self._wake.set, self._client, prune)
+                       self._wake.set, self._client, prune, throttle)
 
     def _observe(self, parts: Parts) -> SyncEngine:
         """The engine, with the flush and the metrics counting its results."""
@@ -213,6 +219,8 @@ class Daemon:
         engine.pump(upload=self._uploads_allowed())
         if self.flushes.active and engine.flush_settled(self.flushes.retries_until):
             self._finish_flush(engine)
+        elif not self.flushes.active:
+            self._complete_lifecycle_when_durable(engine, "files a flush left behind")
         self.reporter.report_when_due(engine, self.last_notice, self.flushes)
 
     def _on_notice(self, engine: SyncEngine, notice: Notice) -> None:
@@ -241,15 +249,33 @@ class Daemon:
                      until: float | None = None) -> None:
         # A flush is the last chance: every file waiting to retry gets one more now.
         engine.retries.retry_now()
+        self._lift_bandwidth_cap(reason)
         self.flushes.start(reason, deadline, engine, until)
+
+    def _lift_bandwidth_cap(self, reason: str) -> None:
+        """Invariant: the bandwidth cap holds back continuous uploads only. Every flush (a
+        notice's, a manual one, the stop's) lifts it at once, for uploads in flight too; after
+        a notice it stays lifted (see _reimpose_bandwidth_cap): the instance is going away."""
+        if self.bandwidth is not None and not self.bandwidth.lifted:
+            self.bandwidth.lift()
+            log.info("bandwidth_cap_lifted", reason=reason,
+                     bytes_per_second=self.bandwidth.rate)
+
+    def _reimpose_bandwidth_cap(self) -> None:
+        """After a manual flush, continuous uploads are capped again; never after a notice,
+        nor once the daemon stops."""
+        if (self.bandwidth is not None and self.bandwidth.lifted and not self._notice_seen
+                and not self._stop.is_set()):
+            self.bandwidth.reimpose()
+            log.info("bandwidth_cap_reimposed", bytes_per_second=self.bandwidth.rate)
 
     def _finish_flush(self, engine: SyncEngine) -> None:
         until = self.flushes.retries_until
         failed = engine.left_behind(until)
         engine.report_sets_left_behind(until)
         finished = self.flushes.finish(failed)
-        if self._lifecycle is not None and not failed and engine.pending_files() == 0:
-            self._lifecycle.complete(f"{finished.reason} flush made everything durable")
+        self._reimpose_bandwidth_cap()
+        self._complete_lifecycle_when_durable(engine, f"{finished.reason} flush")
         self.reporter.count_flush(finished.reason, finished.seconds)
         self._emit("flush_done", finished.record)
 
@@ -268,6 +294,17 @@ class Daemon:
                                              engine.left_behind(give_up_at), engine.totals)
         self._release_lifecycle(verdict == 0)
         return verdict
+
+    def _complete_lifecycle_when_durable(self, engine: SyncEngine, made_by: str) -> None:
+        """Invariant: the scale-in goes on (CONTINUE) once everything is durable: when a
+        flush ends with nothing left behind, or later, when the files a flush left failing
+        were uploaded after all (retries, or a later flush); the hook heart-beats until then.
+        The final flush's end releases it anyway (_release_lifecycle)."""
+        lifecycle = self._lifecycle
+        if (lifecycle is None or not lifecycle.begun or lifecycle.completed
+                or engine.pending_files() or not engine.flush_settled(None)):
+            return
+        lifecycle.complete(f"{made_by} made everything durable")
 
     def _release_lifecycle(self, durable: bool) -> None:
         """A flush that left files behind keeps the hook heart-beating (a later flush may make

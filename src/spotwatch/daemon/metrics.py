@@ -59,6 +59,9 @@ class Metrics:
         self.uploaded_files = Counter("spotwatch_uploaded_files", "Files uploaded", registry=r)
         self.uploaded_bytes = Counter("spotwatch_uploaded_bytes", "Bytes uploaded", registry=r)
         self.upload_errors = Counter("spotwatch_upload_errors", "Failed uploads", registry=r)
+        self.bandwidth_cap = Gauge(
+            "spotwatch_bandwidth_cap_bytes_per_second",
+            "The cap on continuous uploads in force (0: none, or lifted by a flush)", registry=r)
         self.retrying = Gauge("spotwatch_retrying_files",
                               "Files waiting to retry a failed upload", registry=r)
         self.s3_errors = Counter("spotwatch_s3_errors", "Failed S3 request attempts, retries "

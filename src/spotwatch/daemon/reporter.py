@@ -19,6 +19,7 @@ from spotwatch.daemon.metrics import Metrics, MetricsServer
 from spotwatch.daemon.snapshot import EngineSnapshot
 from spotwatch.model import Notice, Outcome, UploadResult
 from spotwatch.state import StateDir, write_json_atomically
+from spotwatch.sync.bandwidth import BandwidthLimiter
 from spotwatch.sync.engine import SyncEngine
 
 log = structlog.get_logger("spotwatch.daemon")
@@ -34,12 +35,16 @@ class Reporter:
         self.s3_watch = S3Watch(lambda error: self.metrics.s3_errors.labels(error).inc())
         self.metrics_url: str | None = None
         self._imds: Outage | None = None  # the poller's reachability, when IMDS is polled
+        self._bandwidth: BandwidthLimiter | None = None  # the cap on continuous uploads
         self._status_due = 0.0
         self._keepalive_interval = sdnotify.watchdog_interval()
         self._keepalive_due = 0.0
 
     def watch_imds(self, reachability: Outage) -> None:
         self._imds = reachability
+
+    def watch_bandwidth(self, limiter: BandwidthLimiter | None) -> None:
+        self._bandwidth = limiter
 
     def start_server(self, settings: MetricsSettings) -> MetricsServer | None:
         if not settings.enabled:
@@ -119,6 +124,8 @@ class Reporter:
             "flushing": flushes.active,
             "metrics_url": self.metrics_url,
             "incomplete_sets": list(left.incomplete_sets),
+            "bandwidth_cap": None if self._bandwidth is None else self._bandwidth.rate,
+            "bandwidth_cap_lifted": None if self._bandwidth is None else self._bandwidth.lifted,
         }
         self._set_gauges(left, degraded, imds_up)
         try:
@@ -133,6 +140,8 @@ class Reporter:
         self.metrics.pending_bytes.set(left.pending_bytes)
         self.metrics.uploading.set(left.uploading)
         self.metrics.retrying.set(left.retrying)
+        capped = self._bandwidth is not None and not self._bandwidth.lifted
+        self.metrics.bandwidth_cap.set(self._bandwidth.rate if capped and self._bandwidth else 0)
         self.metrics.degraded = tuple(degraded)
         if self.metrics.imds_up is not None and imds_up is not None:
             self.metrics.imds_up.set(1 if imds_up else 0)

@@ -13,7 +13,7 @@ from watchdog.observers import Observer
 from spotwatch.aws.health import S3Watch
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
-from spotwatch.aws.store import ObjectStore, S3ObjectStore
+from spotwatch.aws.store import ObjectStore, S3ObjectStore, Throttle
 from spotwatch.config import Config
 from spotwatch.model import UploadResult
 from spotwatch.state import StateDir, StateLock
@@ -57,7 +57,8 @@ class Session:
 
     def __init__(self, config: Config, bucket: str, state: StateDir, s3_watch: S3Watch,
                  wake: Callable[[], None], client: S3Client | None = None,
-                 prune: bool = False) -> None:
+                 prune: bool = False, throttle: Throttle | None = None) -> None:
+        """throttle: the bandwidth cap on this run's uploads (None: none)."""
         self._config = config
         self._bucket = bucket
         self._state = state
@@ -65,6 +66,7 @@ class Session:
         self._wake = wake
         self._client = client
         self._prune = prune
+        self._throttle = throttle
         self._lock = StateLock(state)
         self._observer: Any = None
         self._engine: SyncEngine | None = None
@@ -83,7 +85,7 @@ class Session:
         config = self._config
         client = self._client or make_s3_client(resolve_region(config), config.transfer)
         self._s3_watch.attach(client)
-        store = S3ObjectStore(client, self._bucket, config.transfer)
+        store = S3ObjectStore(client, self._bucket, config.transfer, self._throttle)
         parts = build_parts(config, store, Ledger(self._state.ledger), self._wake, self._prune)
         engine = self._engine = parts.engine
         abort_orphaned_uploads(store, engine.ledger)
