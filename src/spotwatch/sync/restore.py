@@ -108,7 +108,7 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     store = S3ObjectStore(make_s3_client(resolve_region(config), config.transfer), bucket,
                           config.transfer)
     try:
-        candidates = _candidates(store, watch.prefix, config.job, node_rank)
+        candidates = restore_candidates(store, watch.prefix, config.job, node_rank)
     except StoreError as exc:
         raise SpotwatchError(f"cannot read s3://{bucket}/{watch.prefix}: {exc}") from None
     if set_name is not None:
@@ -127,8 +127,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     return report
 
 
-def _candidates(store: ObjectStore, prefix: str, job: JobSettings,
-                node_rank: int | None) -> list[Candidate]:
+def restore_candidates(store: ObjectStore, prefix: str, job: JobSettings,
+                       node_rank: int | None) -> list[Candidate]:
     """The sets under the prefix, newest first: a job's sets by their parts, else by their
     manifests."""
     if job.id is None or job.nodes is None:
