@@ -14,9 +14,10 @@ from structlog.testing import capture_logs
 
 from spotwatch.config import JobSettings
 from spotwatch.keys import S3_KEY_MAX_BYTES, manifest_key, part_key, storable_key
+from spotwatch.sync.pruner import job_deletions, plan_deletions
 from spotwatch.sync.restore import RestoreReport, restore_candidates, restore_newest
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
-from spotwatch.sync.sets.parts import JobNode, Part
+from spotwatch.sync.sets.parts import JobNode, JobSet, Part
 
 from .memory_store import InMemoryObjectStore, crc32_checksum
 
@@ -199,3 +200,49 @@ def test_restore_never_picks_a_set_missing_a_rank_or_with_a_conflict(
         ranks = [node_rank] if node_rank is not None else list(files)
         assert files_under(Path(temp)) == {f"{set_name}/{name}" for rank in ranks
                                            for name in files[rank]}
+
+
+# -- retention and mirrored deletions on a job -----------------------------------------------
+
+FILE_POOL = [f"{name}" for name in ("a", "b", "c", "d")]
+
+
+@st.composite
+def remote_job_sets(draw: st.DrawFn) -> tuple[int, list[JobSet]]:
+    """(nodes, the job's sets newest first), each rank's part listing some of the pool."""
+    nodes = draw(st.integers(1, 3))
+    job_sets = []
+    for index, set_name in enumerate(draw(st.lists(st.sampled_from(["s1", "s2", "s3", "s4"]),
+                                                   unique=True))):
+        parts = {}
+        for rank in draw(st.sets(st.integers(0, nodes - 1), min_size=1)):
+            names = draw(st.lists(st.sampled_from(FILE_POOL), min_size=1, unique=True))
+            parts[rank] = Manifest(set_name, PREFIX, tuple(
+                entry(set_name, name, b"x", 0) for name in sorted(names)), float(-index))
+        job_sets.append(JobSet(set_name, nodes, parts))
+    return nodes, job_sets
+
+
+@given(remote_job_sets(), st.integers(0, 2), st.integers(0, 2), st.data())
+def test_a_node_deletes_only_its_own_and_never_what_a_kept_set_lists(
+        drawn: tuple[int, list[JobSet]], rank_drawn: int, keep_sets: int,
+        data: st.DataObject) -> None:
+    nodes, job_sets = drawn
+    rank = rank_drawn % nodes
+    own_keys = sorted({e.key for s in job_sets if rank in s.parts for e in s.parts[rank].files})
+    gone = data.draw(st.sets(st.sampled_from(own_keys))) if own_keys else set()
+    complete = {s.set_name for s in job_sets if s.problem() is None}
+    planned = plan_deletions(PREFIX, lambda relative: True, [s.whole for s in job_sets], gone,
+                             keep_sets, lambda whole: whole.set_name in complete)
+    deletions = job_deletions(planned, PREFIX, job_sets, JobNode(JOB, nodes, rank))
+    keys = [d.key for d in deletions]
+    part_keys = {part_key(PREFIX, JOB, s.set_name, r): (s, r) for s in job_sets for r in s.parts}
+    parts = [k for k in keys if k in part_keys]
+    assert keys[:len(parts)] == parts  # every part before any file
+    dropped = {part_keys[k][0].set_name for k in parts}
+    listed_by_kept = {e.key for s in job_sets if s.set_name not in dropped
+                      for e in s.whole.files}
+    assert not listed_by_kept & set(keys[len(parts):])
+    if rank != 0:
+        assert all(part_keys[k][1] == rank for k in parts)  # only its own parts
+        assert set(keys[len(parts):]) <= set(own_keys)  # only files its own parts list

@@ -183,3 +183,61 @@ def test_node_rank_without_a_job_or_out_of_range_is_a_usage_error(
     assert result.stderr.strip().splitlines() == [f"spotwatch: error: {message}" + (
         " (job.id and job.nodes, or SPOTWATCH_JOB_ID and SPOTWATCH_JOB_NODES)" if job is None
         else f" (job.nodes is {NODES}), got {rank}")]
+
+
+def flush(node: Workspace) -> None:
+    result = node.cli("flush", "-c", str(node.config_file))
+    assert result.returncode == 0, result.stderr
+
+
+def prune(node: Workspace, *args: str) -> list[str]:
+    result = node.cli("prune", "-c", str(node.config_file), *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_retention_keeps_the_newest_sets_complete_for_the_job(
+        nodes: list[Workspace], replacement: Workspace, s3: Any, bucket: str) -> None:
+    for age, step in ((900, "step_1"), (600, "step_2"), (300, "step_3")):
+        for rank, node in enumerate(nodes[:2] if step == "step_3" else nodes):
+            save_shards(node, rank, step, age_seconds=age)
+    for node in nodes:
+        flush(node)
+    assert sealed(s3, bucket, "step_2", range(NODES))
+    parts_of = {step: {part_key(PREFIX, JOB, step, rank) for rank in range(NODES)}
+                for step in ("step_1", "step_2")}
+    before = keys_in(s3, bucket)
+
+    # step_3 lacks node 2's part: it is newer than the kept set, so it stays; step_2 is the
+    # newest set complete for the job and stays; step_1 goes. Node 1 deletes only its own.
+    lines = prune(nodes[1], "--keep-sets", "1")
+    assert lines[-1] == "deleted 2 objects"
+    gone = before - keys_in(s3, bucket)
+    assert gone == {part_key(PREFIX, JOB, "step_1", 1), f"{PREFIX}step_1/__1_0.distcp"}
+    assert lines.index(f"deleted s3://{bucket}/{part_key(PREFIX, JOB, 'step_1', 1)} "
+                       "(retention)") == 0  # its part before its files
+
+    # Rank 0 removes what is left of the dropped set, the other nodes' parts and files too.
+    prune(nodes[0], "--keep-sets", "1")
+    left = keys_in(s3, bucket)
+    assert not [key for key in left if "step_1" in key]
+    assert parts_of["step_2"] <= left
+    assert {f"{PREFIX}step_3/__0_0.distcp", part_key(PREFIX, JOB, "step_3", 0)} <= left
+
+    result = restore(replacement, "--to", str(replacement.root / "r"))
+    assert result.returncode == 0, result.stderr
+    assert "restored step_2" in result.stdout and "passed over: step_3" in result.stdout
+
+
+def test_a_file_deleted_on_one_node_takes_that_nodes_part_first(
+        nodes: list[Workspace], s3: Any, bucket: str) -> None:
+    for rank, node in enumerate(nodes):
+        save_shards(node, rank, "step_1")
+        flush(node)
+    (nodes[2].checkpoints / "step_1" / "__2_0.distcp").unlink()
+    lines = prune(nodes[2], "--delete")
+    assert lines == [
+        f"deleted s3://{bucket}/{part_key(PREFIX, JOB, 'step_1', 2)} (deleted locally)",
+        f"deleted s3://{bucket}/{PREFIX}step_1/__2_0.distcp (deleted locally)",
+        "deleted 2 objects"]
+    assert sealed(s3, bucket, "step_1", [0, 1])
