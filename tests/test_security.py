@@ -16,7 +16,7 @@ from spotwatch.aws.preflight import run_checks
 from spotwatch.commands.iam_policy import OPERATION_ACTIONS
 from spotwatch.config import load_config
 from spotwatch.daemon.loop import Daemon
-from spotwatch.keys import manifest_key, object_key
+from spotwatch.keys import job_key_space, manifest_key, object_key
 from spotwatch.state import StateDir
 from spotwatch.sync.ledger import Ledger
 from spotwatch.sync.pruner import prune_once
@@ -153,10 +153,14 @@ def allowed(policy: dict[str, Any], action: str, resource: str, prefix: str | No
     return False
 
 
+@pytest.mark.parametrize("job", [None, {"id": "j1", "nodes": 1, "rank": 0}])
 def test_iam_policy_covers_every_call_and_grants_nothing_unused(
-        workspace: Workspace, s3: Any, s3_calls: list[tuple[str, dict[str, Any]]]) -> None:
+        workspace: Workspace, s3: Any, s3_calls: list[tuple[str, dict[str, Any]]],
+        job: dict[str, Any] | None) -> None:
+    # On a job (here of one node, so that its sets are complete) parts are read and written too.
     workspace.write_config(sync={"delete": True, "keep_sets": 1},
-                           transfer={"multipart_threshold": "5MB", "multipart_chunksize": "5MB"})
+                           transfer={"multipart_threshold": "5MB", "multipart_chunksize": "5MB"},
+                           **({} if job is None else {"job": job}))
     result = workspace.cli("iam-policy", "-c", "config.yaml")
     assert result.returncode == 0, result.stderr
     policy = json.loads(result.stdout)
@@ -193,6 +197,12 @@ def test_iam_policy_covers_every_call_and_grants_nothing_unused(
         actions = statement["Action"]
         granted.update([actions] if isinstance(actions, str) else actions)
     assert granted == used
+    if job is not None:
+        parts = job_key_space("run1/", job["id"]) + "parts/"
+        touched = {(operation, str(params.get("Key") or params.get("Prefix")))
+                   for operation, params in s3_calls}
+        assert {("PutObject", parts + "step_2/node-0.json"), ("ListObjectsV2", parts),
+                ("GetObject", parts + "step_2/node-0.json")} <= touched
 
 
 def test_iam_policy_limits_deletes_to_the_prefixes(workspace: Workspace) -> None:

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--to", type=Path, help="destination (default: the watched directory)")
     restore.add_argument("--set", dest="set_name", help="a given set instead of the newest")
     restore.add_argument("--prefix", help="which watched directory, by its prefix")
+    restore.add_argument("--node-rank", type=int, metavar="N", help="on a multi-node job: "
+                         "only node N's part of the newest set complete for the whole job")
     prune = commands.add_parser("prune", parents=[common], help="delete from S3 what was "
                                 "deleted locally (sync.delete) and sets past sync.keep_sets")
     prune.add_argument("--dry-run", action="store_true", help="only print what would go")

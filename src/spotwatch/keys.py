@@ -25,17 +25,20 @@ def object_key(prefix: str, relative_path: str) -> str:
     return prefix + relative_path
 
 
-def storable_key(prefix: str, relative_path: str) -> str:
+def storable_key(prefix: str, relative_path: str, node: tuple[str, int] | None = None) -> str:
     """The key of a file below a watched directory, once sure that S3 can store both it and
-    its set's manifest; ValueError saying why not otherwise.
+    its set's manifest; ValueError saying why not otherwise. node: (job id, rank) on a node of
+    a multi-node job, whose set manifest is its part (part_key, always the longer key).
 
     Invariant: a name S3 cannot take never reaches the ledger or S3. Such a name is one with
     bytes that are not UTF-8 (Python keeps them as surrogate escapes, which neither SQLite nor
     S3 accepts), or whose key or set manifest key exceeds S3's 1,024 bytes of UTF-8.
     """
     key = object_key(prefix, relative_path)
-    for what, candidate in (("key", key),
-                            ("set manifest key", manifest_key(prefix, set_name_of(relative_path)))):
+    set_name = set_name_of(relative_path)
+    sealed_by = (manifest_key(prefix, set_name) if node is None
+                 else part_key(prefix, node[0], set_name, node[1]))
+    for what, candidate in (("key", key), ("set manifest key", sealed_by)):
         try:
             size = len(candidate.encode("utf-8"))
         except UnicodeEncodeError:
@@ -71,6 +74,15 @@ def job_key_space(prefix: str, job_id: str) -> str:
     """Where a multi-node job keeps what its nodes share below a watched prefix (each node's
     part of a set, peer notices): ``<prefix>.spotwatch/jobs/<job id>/``."""
     return object_key(prefix, f"{RESERVED_SET}/jobs/{job_id}/")
+
+
+def parts_prefix(prefix: str, job_id: str) -> str:
+    return job_key_space(prefix, job_id) + "parts/"
+
+
+def part_key(prefix: str, job_id: str, set_name: str, rank: int) -> str:
+    """Where node `rank` of a job writes its part of a set: the manifest of its own files."""
+    return parts_prefix(prefix, job_id) + f"{set_name}/node-{rank}.json"
 
 
 def belongs_to_set(key: str, set_key: str) -> bool:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 
 from spotwatch.commands import load
+from spotwatch.config import require_node_rank
 from spotwatch.errors import ConfigError
 from spotwatch.sync.pruner import prune_once
 
 
 def run(args: argparse.Namespace) -> int:
     config, bucket = load(args, uploads=False)
+    require_node_rank(config)  # on a job, which node's uploads and part are its own
     keep_sets = config.sync.keep_sets if args.keep_sets is None else args.keep_sets
     if keep_sets < 0:
         raise ConfigError("--keep-sets must be at least 0")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from spotwatch.commands import load
+from spotwatch.config import JobSettings
 from spotwatch.errors import ConfigError
 from spotwatch.keys import is_reserved, set_name_of
 from spotwatch.sync.restore import restore
@@ -15,13 +16,24 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--set takes the name of one checkpoint set (a top-level file or "
                           f"directory name such as step_1000), got {args.set_name!r}")
     config, bucket = load(args, uploads=False)
-    report = restore(config, bucket, args.to, args.set_name, args.prefix)
+    if args.node_rank is not None:
+        _check_node_rank(args.node_rank, config.job)
+    report = restore(config, bucket, args.to, args.set_name, args.prefix, args.node_rank)
     passed_over = (f"; newer sets passed over: {', '.join(report.passed_over)}"
                    if report.passed_over else "")
     print(f"restored {report.set_name} into {report.destination}: {report.downloaded} files "
           f"downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already present"
           f"{passed_over}")
     return 0
+
+
+def _check_node_rank(rank: int, job: JobSettings) -> None:
+    if job.nodes is None:
+        raise ConfigError("--node-rank needs a multi-node job config (job.id and job.nodes, "
+                          "or SPOTWATCH_JOB_ID and SPOTWATCH_JOB_NODES)")
+    if not 0 <= rank < job.nodes:
+        raise ConfigError(f"--node-rank must be between 0 and {job.nodes - 1} "
+                          f"(job.nodes is {job.nodes}), got {rank}")
 
 
 def is_set_name(name: str) -> bool:

@@ -21,6 +21,7 @@ from spotwatch.sync.engine import SyncEngine
 from spotwatch.sync.ledger import Ledger
 from spotwatch.sync.orphans import abort_orphaned_uploads
 from spotwatch.sync.pruner import Pruner
+from spotwatch.sync.sets.parts import JobNode
 from spotwatch.sync.tracker import ChangeTracker
 from spotwatch.sync.uploader import Uploader
 
@@ -46,9 +47,10 @@ def build_parts(config: Config, store: ObjectStore, ledger: Ledger,
     def uploader(on_result: Callable[[UploadResult], None]) -> Uploader:
         return Uploader(store, on_result)
 
-    engine = SyncEngine(trackers, ledger, uploader, wake)
+    node = JobNode.of(config.job)
+    engine = SyncEngine(trackers, ledger, uploader, wake, node=node)
     # The daemon deletes; a one-off flush only uploads (see `spotwatch prune`).
-    pruner = Pruner(store, ledger, settings.delete, settings.keep_sets) if prune else None
+    pruner = Pruner(store, ledger, settings.delete, settings.keep_sets, node) if prune else None
     return Parts(engine, pruner)
 
 

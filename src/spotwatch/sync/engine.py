@@ -23,6 +23,7 @@ from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.planner import PendingFile, Planner, SetRef
 from spotwatch.sync.retry import RetryQueue
+from spotwatch.sync.sets.parts import JobNode
 from spotwatch.sync.sets.sealer import SetSealer
 from spotwatch.sync.subtree import files_at_or_below
 from spotwatch.sync.throughput import ThroughputMeter
@@ -54,9 +55,11 @@ class SyncEngine:
         retries: RetryQueue[Path, PendingFile] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock_ns: Callable[[], int] = time.time_ns,
+        node: JobNode | None = None,
     ) -> None:
         """clock: monotonic seconds for retries and sealing (the trackers have their own);
-        wall_clock_ns: the time files' ctimes are compared to."""
+        wall_clock_ns: the time files' ctimes are compared to; node: this node of a multi-node
+        job, which seals its part of each set (None: a single node)."""
         self.trackers = tuple(trackers)
         self.ledger = ledger
         self.planner = Planner()
@@ -75,7 +78,9 @@ class SyncEngine:
         self.totals = Progress()
         self.last_upload_at: float | None = None
         self._observers: list[Callable[[UploadResult], None]] = []
-        self.sealer = SetSealer(ledger, self.uploader.store, self.trackers, clock, wall_clock_ns)
+        self._part_of = None if node is None else node.part_of
+        self.sealer = SetSealer(ledger, self.uploader.store, self.trackers, clock, wall_clock_ns,
+                                node)
         self.throughput = ThroughputMeter()
         self._seal_due = 0.0
         # Uploads and local deletions seen so far, only ever counted up: a pruner compares
@@ -134,7 +139,7 @@ class SyncEngine:
         if not _is_regular(stat):
             return False
         try:
-            key = storable_key(tracker.watch.prefix, relative)
+            key = storable_key(tracker.watch.prefix, relative, self._part_of)
         except ValueError as exc:
             self._refuse(path, str(exc))
             return False

@@ -6,6 +6,10 @@ nothing. Retention keeps the newest `keep_sets` complete sets and removes older 
 their manifests. Keys the watch's filters exclude are never deleted. A set's manifest goes
 before its files, so no set ever looks complete while its files are being removed. The rules
 are enforced in one place, `plan_deletions`.
+
+On a node of a multi-node job the sets are the job's (sync.sets.parts): retention keeps the
+newest `keep_sets` sets complete for the whole job, and `job_deletions` narrows the plan to what
+this node may delete (see there).
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import DELETE_BATCH, ObjectStore, S3ObjectStore, StoreError
 from spotwatch.config import Config, WatchDir
 from spotwatch.errors import SpotwatchError
-from spotwatch.keys import belongs_to_set, is_reserved, manifest_key, object_key
+from spotwatch.keys import belongs_to_set, is_reserved, manifest_key, object_key, part_key
 from spotwatch.state import StateDir
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.sets.manifest import Manifest
-from spotwatch.sync.sets.remote import is_complete, list_manifests
+from spotwatch.sync.sets.parts import JobNode, JobSet
+from spotwatch.sync.sets.remote import is_complete, list_job_sets, list_manifests
 
 log = structlog.get_logger("spotwatch.prune")
 
@@ -49,8 +54,10 @@ class Deletion:
 
 class Pruner:
     def __init__(self, store: ObjectStore, ledger: Ledger, mirror_deletes: bool,
-                 keep_sets: int) -> None:
+                 keep_sets: int, node: JobNode | None = None) -> None:
+        """node: this node of a multi-node job (None: a single node)."""
         self._store = store
+        self._node = node
         self._bucket = store.bucket
         self._ledger = ledger
         self._mirror_deletes = mirror_deletes
@@ -117,10 +124,19 @@ class Pruner:
                     if not os.path.lexists(path)]
         if not self._keep_sets and not gone:
             return []
-        return plan_deletions(
-            watch.prefix, PathFilter.for_watch(watch).accepts,
-            list_manifests(self._store, watch.prefix), gone, self._keep_sets,
-            self._is_complete)
+        accepts = PathFilter.for_watch(watch).accepts
+        if self._node is None:
+            return plan_deletions(watch.prefix, accepts, list_manifests(self._store, watch.prefix),
+                                  gone, self._keep_sets, self._is_complete)
+        job_sets = list_job_sets(self._store, watch.prefix, self._node.job_id, self._node.nodes)
+        problems = {job_set.set_name: job_set.problem() for job_set in job_sets}
+
+        def complete_for_job(whole: Manifest) -> bool:
+            return problems[whole.set_name] is None and self._is_complete(whole)
+
+        planned = plan_deletions(watch.prefix, accepts, [s.whole for s in job_sets], gone,
+                                 self._keep_sets, complete_for_job)
+        return job_deletions(planned, watch.prefix, job_sets, self._node)
 
     def _is_complete(self, manifest: Manifest) -> bool:
         self._stop_if_cancelled()  # between the requests of a long plan
@@ -175,6 +191,34 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
             + [Deletion(key, reason) for key, reason in sorted(files.items())])
 
 
+def job_deletions(planned: Sequence[Deletion], watch_prefix: str, job_sets: Sequence[JobSet],
+                  node: JobNode) -> list[Deletion]:
+    """What this node of a job deletes of a plan made on the job's sets (their parts' files
+    together, as plan_deletions' manifests): each set manifest deletion becomes deletions
+    of parts, and the files stay in the plan's order, parts first.
+
+    Every node deletes its own part of a dropped set and the files its part lists, and mirrors
+    its own local deletions. Rank 0 alone also deletes the other nodes' parts and files of sets
+    dropped by retention, so a set whose nodes are gone for good (replaced, or a rank missing)
+    is still removed. Only a subset of plan_deletions' plan: nothing a kept set lists goes.
+    """
+    sets = {manifest_key(watch_prefix, job_set.set_name): job_set for job_set in job_sets}
+    own_files = {entry.key for job_set in job_sets if node.rank in job_set.parts
+                 for entry in job_set.parts[node.rank].files}
+    deletions: list[Deletion] = []
+    for deletion in planned:
+        job_set = sets.get(deletion.key)
+        if job_set is None:
+            if node.rank == 0 or not deletion.retires or deletion.key in own_files:
+                deletions.append(deletion)
+            continue
+        whole_job = node.rank == 0 and deletion.retires
+        deletions += [Deletion(part_key(watch_prefix, node.job_id, job_set.set_name, rank),
+                               deletion.reason)
+                      for rank in sorted(job_set.parts) if whole_job or rank == node.rank]
+    return deletions
+
+
 def prune_once(config: Config, bucket: str, mirror_deletes: bool, keep_sets: int,
                dry_run: bool) -> list[Deletion]:
     """`spotwatch prune`: plan, and unless dry_run, delete; returns the deletions."""
@@ -182,7 +226,7 @@ def prune_once(config: Config, bucket: str, mirror_deletes: bool, keep_sets: int
     try:
         client = make_s3_client(resolve_region(config), config.transfer)
         pruner = Pruner(S3ObjectStore(client, bucket, config.transfer), ledger, mirror_deletes,
-                        keep_sets)
+                        keep_sets, JobNode.of(config.job))
         try:
             deletions = pruner.plan(config.watch)
         except StoreError as exc:

@@ -8,12 +8,15 @@ daemon does not upload them again. The files of a set download concurrently
 (transfer.max_concurrency at a time), each checked on the thread that downloaded it. A set
 whose bytes do not match is corrupt: its downloads are removed and the next older complete set
 is restored instead, with a warning.
+
+On a multi-node job a set counts only when it is complete for the whole job (sync.sets.parts):
+the whole set is restored, or with --node-rank only the files that node's part lists.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
@@ -24,7 +27,7 @@ import structlog
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import ObjectStore, S3ObjectStore, StoreError
-from spotwatch.config import Config, WatchDir
+from spotwatch.config import Config, JobSettings, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.model import FileVersion
 from spotwatch.progress import ProgressBar
@@ -32,7 +35,7 @@ from spotwatch.state import StateDir
 from spotwatch.sync.checksums import ChecksumUnavailable, file_matches
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
-from spotwatch.sync.sets.remote import is_complete, list_manifests
+from spotwatch.sync.sets.remote import is_complete, list_job_sets, list_manifests
 
 log = structlog.get_logger("spotwatch.restore")
 
@@ -81,22 +84,39 @@ def _destination(to: Path | None, watch: WatchDir) -> Path:
     return destination
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A set restore may choose. `whole` must be complete in S3; `fetch` is what is
+    downloaded and verified: the whole set, or one node's part of a job's set. problem: why
+    the set cannot be restored at all (a job's set missing a node's part)."""
+
+    whole: Manifest
+    fetch: Manifest
+    problem: str | None = None
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> Candidate:
+        return cls(manifest, manifest)
+
+
 def restore(config: Config, bucket: str, to: Path | None = None, set_name: str | None = None,
-            prefix: str | None = None) -> RestoreReport:
+            prefix: str | None = None, node_rank: int | None = None) -> RestoreReport:
+    """node_rank: on a job, only that node's part of the set (the set must still be complete
+    for the whole job)."""
     watch = _choose_watch(config, prefix)
     destination = _destination(to, watch)
     store = S3ObjectStore(make_s3_client(resolve_region(config), config.transfer), bucket,
                           config.transfer)
     try:
-        manifests = list_manifests(store, watch.prefix)
+        candidates = restore_candidates(store, watch.prefix, config.job, node_rank)
     except StoreError as exc:
         raise SpotwatchError(f"cannot read s3://{bucket}/{watch.prefix}: {exc}") from None
     if set_name is not None:
-        manifests = [m for m in manifests if m.set_name == set_name]
+        candidates = [c for c in candidates if c.whole.set_name == set_name]
     # Restored into the watched directory, the files are already in S3: record them.
     ledger = Ledger(StateDir(config.state_dir).ledger) if destination == watch.path else None
     try:
-        report = restore_newest(store, manifests, destination,
+        report = restore_newest(store, candidates, destination,
                                 config.transfer.checksum_algorithm, ledger)
     finally:
         if ledger is not None:
@@ -107,14 +127,36 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     return report
 
 
-def restore_newest(store: ObjectStore, manifests: list[Manifest], destination: Path,
+def restore_candidates(store: ObjectStore, prefix: str, job: JobSettings,
+                       node_rank: int | None) -> list[Candidate]:
+    """The sets under the prefix, newest first: a job's sets by their parts, else by their
+    manifests."""
+    if job.id is None or job.nodes is None:
+        return [Candidate.of(manifest) for manifest in list_manifests(store, prefix)]
+    candidates = []
+    for job_set in list_job_sets(store, prefix, job.id, job.nodes):
+        whole = job_set.whole
+        problem = job_set.problem()
+        fetch = whole if node_rank is None or problem else job_set.parts[node_rank]
+        candidates.append(Candidate(whole, fetch, problem))
+    return candidates
+
+
+def restore_newest(store: ObjectStore, sets: Sequence[Manifest | Candidate], destination: Path,
                    preferred: str, ledger: Ledger | None) -> RestoreReport | None:
     """Restore the first set, newest first, that is complete and whose bytes all verify;
     preferred: the configured checksum algorithm."""
     passed_over: list[str] = []
-    for manifest in manifests:
+    for candidate in sets:
+        if isinstance(candidate, Manifest):
+            candidate = Candidate.of(candidate)
+        manifest = candidate.fetch
         try:
-            if not is_complete(store, manifest):
+            if candidate.problem is not None:
+                log.warning("set_incomplete", set=manifest.set_name, reason=candidate.problem)
+                passed_over.append(manifest.set_name)
+                continue
+            if not is_complete(store, candidate.whole):
                 log.warning("set_incomplete", set=manifest.set_name,
                             reason="a listed object is missing or has another size")
                 passed_over.append(manifest.set_name)

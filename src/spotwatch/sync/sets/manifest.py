@@ -57,8 +57,12 @@ class Manifest:
 
     def to_json(self) -> str:
         # Not indented: json's C encoder only runs without indent, and a set may hold
-        # thousands of files. vars() rather than asdict(): the entries hold no nested data.
-        return json.dumps({
+        # thousands of files.
+        return json.dumps(self.as_data())
+
+    def as_data(self) -> dict[str, Any]:
+        # vars() rather than asdict(): the entries hold no nested data.
+        return {
             "format": MANIFEST_FORMAT,
             "set": self.set_name,
             "prefix": self.prefix,
@@ -66,33 +70,32 @@ class Manifest:
             "bytes": self.bytes,
             "newest_mtime_ns": self.newest_mtime_ns,
             "sealed_at": self.sealed_at,
-        })
+        }
 
     @classmethod
     def from_json(cls, text: str | builtins.bytes, prefix: str) -> Manifest:
         """The manifest of a set under `prefix` (the configured one); ManifestError unless
         every field has its type, every path is a clean relative path inside the set, and
         every key is exactly `prefix` + path."""
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:  # also undecodable bytes, deep nesting
-            raise ManifestError(f"not JSON: {_first_line(exc)}") from None
-        if not isinstance(data, dict):
-            raise ManifestError("not a JSON object")
-        if _field(data, "format", int) != MANIFEST_FORMAT:
+        return cls.from_data(json_object(text), prefix)
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any], prefix: str) -> Manifest:
+        """from_json, on the JSON object already decoded."""
+        if field_of(data, "format", int) != MANIFEST_FORMAT:
             raise ManifestError(f"unknown manifest format {data['format']!r}")
-        set_name = _field(data, "set", str)
+        set_name = field_of(data, "set", str)
         if (set_name != set_name_of(set_name) or not _is_clean_path(set_name)
                 or is_reserved(set_name)):
             raise ManifestError(f"invalid set name {set_name!r}")
-        if _field(data, "prefix", str) != prefix:
+        if field_of(data, "prefix", str) != prefix:
             raise ManifestError(f"written for prefix {data['prefix']!r}, not {prefix!r}")
-        raw_files = _field(data, "files", list)
+        raw_files = field_of(data, "files", list)
         if not raw_files:
             raise ManifestError("lists no files")
         files = tuple(_entry(raw, prefix, set_name) for raw in raw_files)
-        _refuse_clashing_paths([f.path for f in files])
-        sealed_at = _field(data, "sealed_at", (int, float))
+        refuse_clashing_paths([f.path for f in files])
+        sealed_at = field_of(data, "sealed_at", (int, float))
         if not math.isfinite(sealed_at):
             raise ManifestError("sealed_at is not a finite number")
         return cls(set_name, prefix, files, float(sealed_at))
@@ -102,11 +105,21 @@ class Manifest:
         return cls(set_name, prefix, tuple(sorted(files, key=lambda f: f.key)), time.time())
 
 
+def json_object(text: str | builtins.bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # also undecodable bytes, deep nesting
+        raise ManifestError(f"not JSON: {_first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise ManifestError("not a JSON object")
+    return data
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip() or type(exc).__name__).splitlines()[0]
 
 
-def _field(data: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+def field_of(data: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = data.get(name)
     # bool is an int to Python, never to a manifest.
     if not isinstance(value, kind) or isinstance(value, bool):
@@ -119,7 +132,7 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 def _optional_field(data: dict[str, Any], name: str, kind: type) -> Any:
-    return None if data.get(name) is None else _field(data, name, kind)
+    return None if data.get(name) is None else field_of(data, name, kind)
 
 
 def _is_clean_path(path: str) -> bool:
@@ -128,7 +141,7 @@ def _is_clean_path(path: str) -> bool:
             and all(part not in ("", ".", "..") for part in path.split("/")))
 
 
-def _refuse_clashing_paths(paths: list[str]) -> None:
+def refuse_clashing_paths(paths: list[str]) -> None:
     """Each path names one file: none is listed twice, and none is also a directory holding
     another listed path (a file tree cannot have both, and no restore could write both)."""
     listed = set(paths)
@@ -145,15 +158,15 @@ def _refuse_clashing_paths(paths: list[str]) -> None:
 def _entry(raw: object, prefix: str, set_name: str) -> ManifestEntry:
     if not isinstance(raw, dict):
         raise ManifestError("a file entry is not an object")
-    path = _field(raw, "path", str)
+    path = field_of(raw, "path", str)
     if not _is_clean_path(path) or set_name_of(path) != set_name:
         raise ManifestError(f"path {path!r} is not a clean path inside set {set_name!r}")
-    key = _field(raw, "key", str)
+    key = field_of(raw, "key", str)
     if key != object_key(prefix, path):
         raise ManifestError(f"key {key!r} is not {object_key(prefix, path)!r}")
-    size = _field(raw, "size", int)
+    size = field_of(raw, "size", int)
     part_size = _optional_field(raw, "part_size", int)
-    mtime_ns = _field(raw, "mtime_ns", int)
+    mtime_ns = field_of(raw, "mtime_ns", int)
     if size < 0 or (part_size is not None and part_size <= 0):
         raise ManifestError(f"negative size or part size for {path!r}")
     if not all(number in INT64_RANGE for number in (size, part_size or 0, mtime_ns)):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import structlog
 
 from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
-from spotwatch.keys import manifest_key, manifest_prefix
+from spotwatch.keys import manifest_key, manifest_prefix, part_key, parts_prefix
 from spotwatch.sync.sets.manifest import Manifest, ManifestError
+from spotwatch.sync.sets.parts import JobSet, Part
 
 log = structlog.get_logger("spotwatch.sets")
 
@@ -20,8 +23,40 @@ def list_manifests(store: ObjectStore, prefix: str) -> list[Manifest]:
     keys = [listed.key for listed in store.list_objects(manifest_prefix(prefix))]
     manifests = [m for m in (_read_manifest(store, prefix, key) for key in keys)
                  if m is not None]
-    return sorted(manifests, key=lambda m: (m.newest_mtime_ns, m.sealed_at, m.set_name),
-                  reverse=True)
+    return sorted(manifests, key=_newest_first, reverse=True)
+
+
+def _newest_first(manifest: Manifest) -> tuple[int, float, str]:
+    return manifest.newest_mtime_ns, manifest.sealed_at, manifest.set_name
+
+
+def list_job_sets(store: ObjectStore, prefix: str, job_id: str, nodes: int) -> list[JobSet]:
+    """Every set of the job under the configured prefix that has at least one valid part,
+    complete or not, newest checkpoint first by the files of all its parts (the order of
+    list_manifests). A malformed part is skipped with a warning: its set lacks that rank."""
+    by_set: dict[str, dict[int, Manifest]] = defaultdict(dict)
+    for listed in store.list_objects(parts_prefix(prefix, job_id)):
+        part = _read_part(store, prefix, job_id, nodes, listed.key)
+        if part is not None:
+            by_set[part.manifest.set_name][part.node.rank] = part.manifest
+    job_sets = [JobSet(name, nodes, parts) for name, parts in by_set.items()]
+    return sorted(job_sets, key=lambda job_set: _newest_first(job_set.whole), reverse=True)
+
+
+def _read_part(store: ObjectStore, prefix: str, job_id: str, nodes: int,
+               key: str) -> Part | None:
+    try:
+        part = Part.from_json(store.get_bytes(key), prefix, job_id, nodes)
+    except ObjectMissing:
+        return None
+    except ManifestError as exc:
+        log.warning("part_skipped", key=key, reason=str(exc))
+        return None
+    if key != part_key(prefix, job_id, part.manifest.set_name, part.node.rank):
+        log.warning("part_skipped", key=key, reason=f"describes node {part.node.rank}'s part "
+                    f"of set {part.manifest.set_name!r}, not the one it is named for")
+        return None
+    return part
 
 
 def _read_manifest(store: ObjectStore, prefix: str, key: str) -> Manifest | None:

@@ -15,12 +15,13 @@ from pathlib import Path
 import structlog
 
 from spotwatch.aws.store import ObjectStore
-from spotwatch.keys import manifest_key, storable_key
+from spotwatch.keys import manifest_key, part_key, storable_key
 from spotwatch.logs import printable_path
 from spotwatch.sync.ledger import Ledger, LedgerRow
 from spotwatch.sync.planner import SetRef
 from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
+from spotwatch.sync.sets.parts import JobNode, Part
 from spotwatch.sync.tracker import ChangeTracker, walk_files
 
 log = structlog.get_logger("spotwatch.sets")
@@ -52,13 +53,17 @@ class SetSealer:
     """Manifest uploads run on the store's threads, so the daemon's loop never waits for
     one; a set that gains a file while its manifest is on the way is sealed again after.
 
-    clock: monotonic seconds (retry pacing); wall_clock_ns: the time files' ctimes compare to.
+    clock: monotonic seconds (retry pacing); wall_clock_ns: the time files' ctimes compare to;
+    node: on a node of a multi-node job, which one: it seals its part of each set
+    (sync.sets.parts) instead of the set's manifest, under the same rules.
     """
 
     def __init__(self, ledger: Ledger, store: ObjectStore, trackers: Sequence[ChangeTracker],
                  clock: Callable[[], float] = time.monotonic,
-                 wall_clock_ns: Callable[[], int] = time.time_ns) -> None:
+                 wall_clock_ns: Callable[[], int] = time.time_ns,
+                 node: JobNode | None = None) -> None:
         self._ledger = ledger
+        self._node = node
         self._store = store
         self._wall_clock_ns = wall_clock_ns
         self._trackers = {tracker.root: tracker for tracker in trackers}
@@ -98,9 +103,16 @@ class SetSealer:
                 self._done(set_ref)  # nothing of the set is left locally: no manifest
                 continue
             manifest = Manifest.build(set_ref.name, set_ref.prefix, check.entries)
-            key = manifest_key(set_ref.prefix, set_ref.name)
-            future = self._store.put_bytes(key, manifest.to_json().encode(), "application/json")
+            key, body = self._sealed_as(manifest)
+            future = self._store.put_bytes(key, body.encode(), "application/json")
             self._sending[set_ref] = (generation, future, manifest, key)
+
+    def _sealed_as(self, manifest: Manifest) -> tuple[str, str]:
+        """The key and body that seal the set: its manifest, or on a job this node's part."""
+        if self._node is None:
+            return manifest_key(manifest.prefix, manifest.set_name), manifest.to_json()
+        key = part_key(manifest.prefix, self._node.job_id, manifest.set_name, self._node.rank)
+        return key, Part(self._node, manifest).to_json()
 
     def _collect_sent(self) -> None:
         for set_ref, (generation, future, manifest, key) in list(self._sending.items()):
@@ -150,7 +162,7 @@ class SetSealer:
         missing: list[str] = []
         arriving = False
         for relative, stat in self._local_files(set_ref):
-            key = _key_or_none(set_ref.prefix, relative)
+            key = self._key_or_none(set_ref.prefix, relative)
             row = None if key is None else recorded.get(key)
             if row is None or (row[2], row[3]) != (stat.st_size, stat.st_mtime_ns) or not row[4]:
                 missing.append(relative)
@@ -187,9 +199,9 @@ class SetSealer:
             if relative is not None:
                 yield relative, stat
 
-
-def _key_or_none(prefix: str, relative: str) -> str | None:
-    try:
-        return storable_key(prefix, relative)
-    except ValueError:  # a name S3 cannot take: refused by the engine, never uploaded
-        return None
+    def _key_or_none(self, prefix: str, relative: str) -> str | None:
+        try:
+            return storable_key(prefix, relative,
+                                None if self._node is None else self._node.part_of)
+        except ValueError:  # a name S3 cannot take: refused by the engine, never uploaded
+            return None

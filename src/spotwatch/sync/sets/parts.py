@@ -1,0 +1,127 @@
+"""A multi-node job's checkpoint sets: each node's part of a set, and when a set is complete
+for the whole job.
+
+On a node of a job the files keep their keys (``<prefix><relative path>``), so the union of all
+nodes' files is the checkpoint the trainer wrote (PyTorch DCP's ``__<rank>_0.distcp`` files and
+``.metadata``, DeepSpeed's per-rank shards). Instead of the single-node manifest, each node
+seals its PART: a manifest of its own files of the set, with the job id, node count and its
+rank, at ``part_key`` below the job's key space. A part read back from S3 is untrusted input,
+checked like a manifest plus its job fields.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from spotwatch.config import JobSettings
+from spotwatch.sync.sets.manifest import (
+    Manifest,
+    ManifestEntry,
+    ManifestError,
+    field_of,
+    json_object,
+    refuse_clashing_paths,
+)
+
+
+@dataclass(frozen=True)
+class JobNode:
+    """This node of a multi-node job."""
+
+    job_id: str
+    nodes: int
+    rank: int
+
+    @classmethod
+    def of(cls, job: JobSettings) -> JobNode | None:
+        """None for a single node (or a job config without this node's rank: restore, status)."""
+        if job.id is None or job.nodes is None or job.rank is None:
+            return None
+        return cls(job.id, job.nodes, job.rank)
+
+    @property
+    def part_of(self) -> tuple[str, int]:
+        """(job id, rank): what keys.part_key and keys.storable_key need."""
+        return self.job_id, self.rank
+
+
+@dataclass(frozen=True)
+class Part:
+    """One node's part of a set: the manifest of the files that node wrote."""
+
+    node: JobNode
+    manifest: Manifest
+
+    def to_json(self) -> str:
+        node = self.node
+        return json.dumps({**self.manifest.as_data(),
+                           "job": {"id": node.job_id, "nodes": node.nodes, "rank": node.rank}})
+
+    @classmethod
+    def from_json(cls, text: str | builtins.bytes, prefix: str, job_id: str,
+                  nodes: int) -> Part:
+        """A part of the configured job (id and node count) under the configured prefix;
+        ManifestError unless its manifest is valid and its job fields are this job's."""
+        data = json_object(text)
+        manifest = Manifest.from_data(data, prefix)
+        job = field_of(data, "job", dict)
+        if field_of(job, "id", str) != job_id:
+            raise ManifestError(f"written for job {job['id']!r}, not {job_id!r}")
+        if field_of(job, "nodes", int) != nodes:
+            raise ManifestError(f"written for a job of {job['nodes']} nodes, not {nodes}")
+        rank = field_of(job, "rank", int)
+        if not 0 <= rank < nodes:
+            raise ManifestError(f"rank {rank} is not one of the job's {nodes} nodes")
+        return cls(JobNode(job_id, nodes, rank), manifest)
+
+
+@dataclass(frozen=True)
+class JobSet:
+    """A set as the job's nodes sealed it: the valid parts found, by rank."""
+
+    set_name: str
+    nodes: int
+    parts: Mapping[int, Manifest]
+
+    @property
+    def whole(self) -> Manifest:
+        """Every file any part lists, once (the lowest rank's entry where several list it)."""
+        entries: dict[str, ManifestEntry] = {}
+        for rank in sorted(self.parts):
+            for entry in self.parts[rank].files:
+                entries.setdefault(entry.key, entry)
+        manifests = self.parts.values()
+        prefix = next(iter(manifests)).prefix
+        return Manifest(self.set_name, prefix, tuple(sorted(entries.values(), key=lambda e: e.key)),
+                        max(m.sealed_at for m in manifests))
+
+    def problem(self) -> str | None:
+        """Why the set is not complete for the job, judged on its parts alone (restore also
+        checks that every listed object is in S3 with its size); None when nothing is wrong.
+
+        Invariant 2 on a job: a set is complete only when every rank 0..nodes-1 sealed a valid
+        part of it for this job, and no two parts list one key with another size or checksum
+        (two nodes wrote the same name and one overwrote the other) nor one path as a file
+        and as a directory.
+        """
+        missing = [rank for rank in range(self.nodes) if rank not in self.parts]
+        if missing:
+            return f"no part from node {', '.join(map(str, missing))} of {self.nodes}"
+        return self._conflict()
+
+    def _conflict(self) -> str | None:
+        seen: dict[str, tuple[int, ManifestEntry]] = {}
+        for rank in sorted(self.parts):
+            for entry in self.parts[rank].files:
+                first = seen.setdefault(entry.key, (rank, entry))
+                if (first[1].size, first[1].checksum) != (entry.size, entry.checksum):
+                    return (f"nodes {first[0]} and {rank} both wrote {entry.key} with different "
+                            f"contents (file names must differ between nodes)")
+        try:
+            refuse_clashing_paths([entry.path for _, entry in seen.values()])
+        except ManifestError as exc:
+            return f"the nodes' parts clash: {exc}"
+        return None

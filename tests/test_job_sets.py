@@ -1,0 +1,243 @@
+"""Multi-node jobs end to end: three daemons on one machine, each with its own checkpoint
+directory, state directory, config (one job id, three nodes, its own rank) and emulated IMDS,
+sharing one moto bucket; `spotwatch restore` on a replacement node restores only a set that
+every node sealed."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotwatch.config import JOB_ENVIRONMENT
+from spotwatch.emulator import ImdsEmulator
+from spotwatch.keys import part_key
+
+from .conftest import Daemon, Workspace, keys_in, wait_for
+from .test_daemon_e2e import save_checkpoint
+
+JOB = "llama-70b"
+NODES = 3
+PREFIX = "run1/"
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in {v for names in JOB_ENVIRONMENT.values() for v in names}:
+        monkeypatch.delenv(variable, raising=False)
+
+
+def node_workspace(root: Path, bucket: str, imds_url: str, rank: int | None) -> Workspace:
+    """A node's own directories and config; rank None: a replacement node that restores."""
+    root.mkdir()
+    checkpoints = root / "checkpoints"
+    checkpoints.mkdir()
+    space = Workspace(root, checkpoints, root / "config.yaml", bucket, imds_url)
+    job: dict[str, Any] = {"id": JOB, "nodes": NODES}
+    if rank is not None:
+        job["rank"] = rank
+    space.write_config(job=job)
+    return space
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, bucket: str) -> Iterator[list[Workspace]]:
+    with ExitStack() as stack:
+        emulators = [stack.enter_context(ImdsEmulator()) for _ in range(NODES)]
+        yield [node_workspace(tmp_path / f"node{rank}", bucket, emulators[rank].url, rank)
+               for rank in range(NODES)]
+
+
+@pytest.fixture
+def replacement(tmp_path: Path, bucket: str) -> Workspace:
+    # IMDS is not needed to restore.
+    return node_workspace(tmp_path / "replacement", bucket, "http://127.0.0.1:9", None)
+
+
+@pytest.fixture
+def daemons(nodes: list[Workspace]) -> Iterator[list[Daemon]]:
+    started = [node.start_daemon() for node in nodes]
+    yield started
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+
+
+def save_shards(node: Workspace, rank: int, step: str, age_seconds: float = 0) -> dict[str, bytes]:
+    """What PyTorch DCP writes on one node: its rank's shard, and on rank 0 the metadata."""
+    names = [f"__{rank}_0.distcp"] + ([".metadata"] if rank == 0 else [])
+    files = {}
+    for name in names:
+        path = node.checkpoints / step / name
+        files[f"{step}/{name}"] = save_checkpoint(path, 150_000 + 10_000 * rank)
+        if age_seconds:
+            then = time.time() - age_seconds
+            os.utime(path, (then, then))
+    return files
+
+
+def sealed(s3: Any, bucket: str, step: str, ranks: range | list[int]) -> bool:
+    wanted = {part_key(PREFIX, JOB, step, rank) for rank in ranks}
+    return wanted <= keys_in(s3, bucket)
+
+
+def write_steps(nodes: list[Workspace], s3: Any, bucket: str,
+                step_2_ranks: list[int]) -> dict[str, dict[str, bytes]]:
+    """step_1 on every node, then step_2 on the given ranks; waits until their parts are in."""
+    steps: dict[str, dict[str, bytes]] = {"step_1": {}, "step_2": {}}
+    for rank, node in enumerate(nodes):
+        steps["step_1"] |= save_shards(node, rank, "step_1", age_seconds=600)
+    wait_for(lambda: sealed(s3, bucket, "step_1", range(NODES)), timeout=60)
+    for rank in step_2_ranks:
+        steps["step_2"] |= save_shards(nodes[rank], rank, "step_2")
+    wait_for(lambda: sealed(s3, bucket, "step_2", step_2_ranks), timeout=60)
+    return steps
+
+
+def restore(node: Workspace, *args: str) -> Any:
+    return node.cli("restore", "-c", str(node.config_file), *args)
+
+
+def files_under(target: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+
+
+def test_a_set_every_node_sealed_restores_whole_or_one_nodes_part(
+        nodes: list[Workspace], daemons: list[Daemon], replacement: Workspace, s3: Any,
+        bucket: str) -> None:
+    steps = write_steps(nodes, s3, bucket, step_2_ranks=[0, 1, 2])
+    # The files keep their keys: the bucket holds the checkpoint as the trainer wrote it, and
+    # no single-node manifest is written on a job.
+    assert {PREFIX + name for name in steps["step_2"]} <= keys_in(s3, bucket)
+    assert not [k for k in keys_in(s3, bucket) if k.startswith(PREFIX + ".spotwatch/manifests/")]
+    part = json.loads(s3.get_object(Bucket=bucket, Key=part_key(PREFIX, JOB, "step_2", 1))
+                      ["Body"].read())
+    assert part["job"] == {"id": JOB, "nodes": NODES, "rank": 1}
+    assert [f["path"] for f in part["files"]] == ["step_2/__1_0.distcp"]
+
+    whole = replacement.root / "whole"
+    result = restore(replacement, "--to", str(whole))
+    assert result.returncode == 0, result.stderr
+    assert "restored step_2" in result.stdout and "passed over" not in result.stdout
+    assert files_under(whole) == steps["step_2"]
+
+    node_1 = replacement.root / "node_1"
+    result = restore(replacement, "--to", str(node_1), "--node-rank", "1")
+    assert result.returncode == 0, result.stderr
+    assert files_under(node_1) == {"step_2/__1_0.distcp": steps["step_2"]["step_2/__1_0.distcp"]}
+    for daemon in daemons:
+        assert daemon.stop() == 0
+
+
+def test_a_set_missing_a_nodes_part_is_passed_over(
+        nodes: list[Workspace], daemons: list[Daemon], replacement: Workspace, s3: Any,
+        bucket: str) -> None:
+    # Node 2 was reclaimed before it wrote step_2: nodes 0 and 1 sealed their parts of it.
+    steps = write_steps(nodes, s3, bucket, step_2_ranks=[0, 1])
+    target = replacement.root / "restored"
+    result = restore(replacement, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "restored step_1" in result.stdout and "passed over: step_2" in result.stdout
+    assert "no part from node 2 of 3" in result.stderr
+    assert files_under(target) == steps["step_1"]
+    # One node's part of step_2 exists, but the set is not complete for the job.
+    result = restore(replacement, "--to", str(replacement.root / "n0"), "--node-rank", "0")
+    assert result.returncode == 0, result.stderr
+    assert files_under(replacement.root / "n0") == {
+        "step_1/__0_0.distcp": steps["step_1"]["step_1/__0_0.distcp"],
+        "step_1/.metadata": steps["step_1"]["step_1/.metadata"]}
+
+
+def test_a_corrupt_object_in_one_nodes_part_makes_restore_fall_back(
+        nodes: list[Workspace], daemons: list[Daemon], replacement: Workspace, s3: Any,
+        bucket: str) -> None:
+    steps = write_steps(nodes, s3, bucket, step_2_ranks=[0, 1, 2])
+    shard = "step_2/__2_0.distcp"
+    s3.put_object(Bucket=bucket, Key=PREFIX + shard, Body=os.urandom(len(steps["step_2"][shard])))
+    target = replacement.root / "restored"
+    result = restore(replacement, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "restored step_1" in result.stdout and "passed over: step_2" in result.stdout
+    assert f"{PREFIX}{shard}: checksum differs" in result.stderr
+    assert files_under(target) == steps["step_1"]
+
+
+@pytest.mark.parametrize(("job", "rank", "message"), [
+    (None, "0", "--node-rank needs a multi-node job config"),
+    ({"id": JOB, "nodes": NODES}, "3", "--node-rank must be between 0 and 2"),
+    ({"id": JOB, "nodes": NODES}, "-1", "--node-rank must be between 0 and 2"),
+])
+def test_node_rank_without_a_job_or_out_of_range_is_a_usage_error(
+        workspace: Workspace, job: dict[str, Any] | None, rank: str, message: str) -> None:
+    if job is not None:
+        workspace.write_config(job=job)
+    result = workspace.cli("restore", "-c", "config.yaml", "--node-rank", rank)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"spotwatch: error: {message}" + (
+        " (job.id and job.nodes, or SPOTWATCH_JOB_ID and SPOTWATCH_JOB_NODES)" if job is None
+        else f" (job.nodes is {NODES}), got {rank}")]
+
+
+def flush(node: Workspace) -> None:
+    result = node.cli("flush", "-c", str(node.config_file))
+    assert result.returncode == 0, result.stderr
+
+
+def prune(node: Workspace, *args: str) -> list[str]:
+    result = node.cli("prune", "-c", str(node.config_file), *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_retention_keeps_the_newest_sets_complete_for_the_job(
+        nodes: list[Workspace], replacement: Workspace, s3: Any, bucket: str) -> None:
+    for age, step in ((900, "step_1"), (600, "step_2"), (300, "step_3")):
+        for rank, node in enumerate(nodes[:2] if step == "step_3" else nodes):
+            save_shards(node, rank, step, age_seconds=age)
+    for node in nodes:
+        flush(node)
+    assert sealed(s3, bucket, "step_2", range(NODES))
+    parts_of = {step: {part_key(PREFIX, JOB, step, rank) for rank in range(NODES)}
+                for step in ("step_1", "step_2")}
+    before = keys_in(s3, bucket)
+
+    # step_3 lacks node 2's part: it is newer than the kept set, so it stays; step_2 is the
+    # newest set complete for the job and stays; step_1 goes. Node 1 deletes only its own.
+    lines = prune(nodes[1], "--keep-sets", "1")
+    assert lines[-1] == "deleted 2 objects"
+    gone = before - keys_in(s3, bucket)
+    assert gone == {part_key(PREFIX, JOB, "step_1", 1), f"{PREFIX}step_1/__1_0.distcp"}
+    assert lines.index(f"deleted s3://{bucket}/{part_key(PREFIX, JOB, 'step_1', 1)} "
+                       "(retention)") == 0  # its part before its files
+
+    # Rank 0 removes what is left of the dropped set, the other nodes' parts and files too.
+    prune(nodes[0], "--keep-sets", "1")
+    left = keys_in(s3, bucket)
+    assert not [key for key in left if "step_1" in key]
+    assert parts_of["step_2"] <= left
+    assert {f"{PREFIX}step_3/__0_0.distcp", part_key(PREFIX, JOB, "step_3", 0)} <= left
+
+    result = restore(replacement, "--to", str(replacement.root / "r"))
+    assert result.returncode == 0, result.stderr
+    assert "restored step_2" in result.stdout and "passed over: step_3" in result.stdout
+
+
+def test_a_file_deleted_on_one_node_takes_that_nodes_part_first(
+        nodes: list[Workspace], s3: Any, bucket: str) -> None:
+    for rank, node in enumerate(nodes):
+        save_shards(node, rank, "step_1")
+        flush(node)
+    (nodes[2].checkpoints / "step_1" / "__2_0.distcp").unlink()
+    lines = prune(nodes[2], "--delete")
+    assert lines == [
+        f"deleted s3://{bucket}/{part_key(PREFIX, JOB, 'step_1', 2)} (deleted locally)",
+        f"deleted s3://{bucket}/{PREFIX}step_1/__2_0.distcp (deleted locally)",
+        "deleted 2 objects"]
+    assert sealed(s3, bucket, "step_1", [0, 1])
