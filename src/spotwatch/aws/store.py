@@ -60,6 +60,7 @@ class ListedObject:
     key: str
     size: int
     last_modified: datetime
+    etag: str | None = None  # changes with every write of the object
 
 
 @dataclass(frozen=True)
@@ -376,7 +377,8 @@ class S3ObjectStore:
             for page in self.client.get_paginator("list_objects_v2").paginate(
                     Bucket=self._bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
-                    yield ListedObject(item["Key"], item["Size"], item["LastModified"])
+                    yield ListedObject(item["Key"], item["Size"], item["LastModified"],
+                                         item.get("ETag"))
 
     def delete(self, key: str) -> None:
         with _translated():
