@@ -47,6 +47,7 @@ NOTICES_DIR = "notices/"
 BELL = "bell"
 FORMAT = 1
 _NODE_OBJECT = re.compile(r"node-(0|[1-9][0-9]{0,8})\.json")
+_NOTICE_ID = re.compile(r"[0-9a-f]{16}")  # as Notice.make makes them
 # The notices that start a flush on the node that got them from IMDS; only those are shared.
 SHARED_KINDS = frozenset({NoticeKind.SPOT_INTERRUPTION, NoticeKind.REBALANCE,
                           NoticeKind.SCHEDULED_EVENT, NoticeKind.ASG_TERMINATING})
@@ -127,13 +128,13 @@ def _decode_entry(entry: object, rank: int) -> PeerNotice | None:
         return None
     kind = next((k for k in SHARED_KINDS if k.value == entry.get("kind")), None)
     notice_id, detail = entry.get("id"), entry.get("detail", "")
-    if kind is None or not _short_text(notice_id) or not isinstance(detail, str):
+    if (kind is None or not isinstance(notice_id, str) or not _NOTICE_ID.fullmatch(notice_id)
+            or not isinstance(detail, str)):
         return None
     published_at = _utc(entry.get("published_at"))
     deadline = _utc(entry.get("deadline")) if entry.get("deadline") is not None else None
     if published_at is None or (deadline is None and entry.get("deadline") is not None):
         return None
-    assert isinstance(notice_id, str)
     return PeerNotice(rank, kind, notice_id, deadline, detail[:MAX_TEXT], published_at)
 
 
