@@ -5,6 +5,7 @@ others' notice files within the bound, flushes their pending files, and does not
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import datetime
@@ -16,6 +17,8 @@ import pytest
 from spotwatch.emulator import ImdsEmulator
 
 from .conftest import Daemon, Workspace, keys_in, wait_for
+from .faultproxy import FaultProxy, Request
+from .test_metrics import degraded_text, metrics_url, scrape
 
 NODES = 3
 # The issue's bound: every other node learns a node's notice within 3 s.
@@ -124,3 +127,32 @@ def test_a_notice_to_one_node_reaches_the_others_and_flushes_them(
     for node in job:
         assert node.daemon is not None
         assert node.daemon.stop() == 0
+
+
+def test_failing_peer_polls_are_visible_and_never_hold_up_imds(
+        workspace: Workspace, imds: ImdsEmulator, s3: Any) -> None:
+    def bell_reads(request: Request) -> bool:
+        return request.method == "GET" and request.path.endswith("/notices/bell")
+
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.add("500", bell_reads, times=10**6)
+        workspace.write_config(job={"id": "llama", "nodes": 2, "rank": 0},
+                               transfer={"max_attempts": 2})
+        daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+        url = metrics_url(daemon)
+        daemon.wait_for_event("peer_channel_unreachable")
+        wait_for(lambda: workspace.status().get("peer_poll_failures", 0) >= 2)
+        assert workspace.status()["peers_up"] is False
+        wait_for(lambda: scrape(url).get(("spotwatch_peers_up", ())) == 0)
+        assert scrape(url)[("spotwatch_peer_poll_errors_total", ())] >= 1
+        wait_for(lambda: "peer notices unreachable for " in (degraded_text(url) or ""),
+                 timeout=30)
+
+        imds.fire_spot_interruption()  # polled on threads of its own: seen all the same
+        assert daemon.wait_for_event("notice_detected")["source"] == "imds"
+        wait_for(lambda: f"{CHANNEL}node-0.json" in keys_in(s3, workspace.bucket))
+
+        proxy.rules.clear()
+        daemon.wait_for_event("peer_channel_reachable")  # its first poll failed already
+        wait_for(lambda: workspace.status().get("peers_up") is True)
+        assert daemon.stop() == 0
