@@ -109,6 +109,8 @@ def test_a_notice_to_one_node_reaches_the_others_and_flushes_them(
         assert peer.daemon is not None
         peer.daemon.wait_for_event("flush_done")
     wait_for(lambda: shards <= keys_in(s3, bucket))
+    wait_for(lambda: "last notice:  spot-interruption from node 1 at " in job[2].space.cli(
+        "status", "-c", str(job[2].space.config_file)).stdout)
     for peer in peers:
         assert wait_for(lambda peer=peer: peer.hook_output.exists()
                         and peer.hook_output.read_text()) == "peer 1\n"
