@@ -30,6 +30,7 @@ from spotwatch.aws.store import (
 )
 
 Progress = Callable[[int], None]
+_WRITES = itertools.count(1)
 
 
 def crc32_checksum(data: bytes) -> str:
@@ -85,6 +86,7 @@ class StoredBytes:
     data: bytes
     checksum: str
     last_modified: datetime
+    etag: str = field(default_factory=lambda: f"etag-{next(_WRITES)}")  # new on every write
 
 
 class InMemoryObjectStore:
@@ -229,7 +231,8 @@ class InMemoryObjectStore:
             items = sorted(self.objects.items())
         for key, stored in items:
             if key.startswith(prefix):
-                yield ListedObject(key, len(stored.data), stored.last_modified)
+                yield ListedObject(key, len(stored.data), stored.last_modified,
+                                   stored.etag)
 
     def delete(self, key: str) -> None:
         self._enter("delete", key)

@@ -7,16 +7,20 @@ from __future__ import annotations
 import fnmatch
 import json
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import boto3
 import pytest
 
 from spotwatch.aws.preflight import run_checks
+from spotwatch.aws.store import S3ObjectStore
 from spotwatch.commands.iam_policy import OPERATION_ACTIONS
 from spotwatch.config import load_config
 from spotwatch.daemon.loop import Daemon
 from spotwatch.keys import job_key_space, manifest_key, object_key
+from spotwatch.model import Notice, NoticeKind
+from spotwatch.notices.peers import PeerChannel, PeerPoller, channel_prefix
 from spotwatch.state import StateDir
 from spotwatch.sync.ledger import Ledger
 from spotwatch.sync.pruner import prune_once
@@ -153,6 +157,23 @@ def allowed(policy: dict[str, Any], action: str, resource: str, prefix: str | No
     return False
 
 
+def actions_allowed(policy: dict[str, Any], bucket: str,
+                    s3_calls: list[tuple[str, dict[str, Any]]]) -> set[str]:
+    """The IAM actions of the calls made on the bucket, each checked to be allowed."""
+    used: set[str] = set()
+    for operation, params in s3_calls:
+        if params.get("Bucket") != bucket:
+            continue  # the test's own setup calls
+        action = OPERATION_ACTIONS[operation]
+        used.add(action)
+        keys = ([o["Key"] for o in params["Delete"]["Objects"]] if "Delete" in params
+                else [params.get("Key")])
+        for key in keys:
+            resource = f"arn:aws:s3:::{bucket}" + (f"/{key}" if key else "")
+            assert allowed(policy, action, resource, params.get("Prefix")), (operation, params)
+    return used
+
+
 @pytest.mark.parametrize("job", [None, {"id": "j1", "nodes": 1, "rank": 0}])
 def test_iam_policy_covers_every_call_and_grants_nothing_unused(
         workspace: Workspace, s3: Any, s3_calls: list[tuple[str, dict[str, Any]]],
@@ -181,17 +202,7 @@ def test_iam_policy_covers_every_call_and_grants_nothing_unused(
     assert prune_once(config, bucket, True, 1, dry_run=False)
     assert orphan["UploadId"] not in str(s3.list_multipart_uploads(Bucket=bucket))
 
-    used: set[str] = set()
-    for operation, params in s3_calls:
-        if params.get("Bucket") != bucket:
-            continue  # the test's own setup calls
-        action = OPERATION_ACTIONS[operation]
-        used.add(action)
-        keys = ([o["Key"] for o in params["Delete"]["Objects"]] if "Delete" in params
-                else [params.get("Key")])
-        for key in keys:
-            resource = f"arn:aws:s3:::{bucket}" + (f"/{key}" if key else "")
-            assert allowed(policy, action, resource, params.get("Prefix")), (operation, params)
+    used = actions_allowed(policy, bucket, s3_calls)
     granted = set()
     for statement in policy["Statement"]:
         actions = statement["Action"]
@@ -215,3 +226,23 @@ def test_iam_policy_limits_deletes_to_the_prefixes(workspace: Workspace) -> None
     kms = policy["Statement"][-1]
     assert kms["Action"] == ["kms:GenerateDataKey", "kms:Decrypt"]
     assert kms["Resource"] == "arn:aws:kms:us-west-2:*:key/1234abcd"
+
+
+def test_iam_policy_covers_the_peer_notice_channel(
+        workspace: Workspace, s3_calls: list[tuple[str, dict[str, Any]]]) -> None:
+    """A node of a job publishes, cleans up and polls its peers' notices with only the
+    permissions `iam-policy` prints."""
+    workspace.write_config(job={"id": "llama", "nodes": 2, "rank": 0})
+    policy = json.loads(workspace.cli("iam-policy", "-c", "config.yaml").stdout)
+    config = load_config(workspace.config_file)
+    store = S3ObjectStore(boto3.client("s3", region_name=config.region), workspace.bucket,
+                          config.transfer)
+    nodes = [PeerChannel(store, channel_prefix(config), rank) for rank in (0, 1)]
+    poller = PeerPoller(nodes[1], 1.0, lambda notice: None, datetime.now(timezone.utc))
+    assert poller.poll_once() == []  # no bell yet: a 404, not a 403
+    nodes[0].remove_own()
+    nodes[0].add(Notice.make(NoticeKind.REBALANCE, None, "now"))
+    nodes[0].write()
+    assert [n.peer_rank for n in poller.poll_once()] == [0]
+    assert actions_allowed(policy, workspace.bucket, s3_calls) == {
+        "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket"}

@@ -253,6 +253,8 @@ class JobSettings(_Section, frozen=True, kw_only=True):
     # None is allowed for commands that act for the whole job (restore, status, iam-policy);
     # `run` and `flush` need it (require_node_rank).
     rank: Annotated[int, Meta(ge=0, lt=MAX_NODES)] | None = None
+    # How often a node looks for its peers' notices (notices/peers.py: one GET each time).
+    peer_poll_interval: Seconds = 1.0
 
     def __post_init__(self) -> None:
         if self.id is None:

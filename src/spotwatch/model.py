@@ -30,13 +30,16 @@ class Notice:
     id: str
     detail: str = ""
     posted_at: datetime | None = None  # when AWS posted it, where the item tells
+    peer_rank: int | None = None  # learnt from this node of the job, not from our own IMDS
 
     @classmethod
     def make(cls, kind: NoticeKind, deadline: datetime | None, *identity: str,
-             detail: str = "", posted_at: datetime | None = None) -> Notice:
+             detail: str = "", posted_at: datetime | None = None,
+             peer_rank: int | None = None) -> Notice:
         """A notice whose id hashes what identifies it, so one seen on every poll acts once."""
         digest = hashlib.sha256("\0".join((kind.value, *identity)).encode()).hexdigest()[:16]
-        return cls(kind=kind, deadline=deadline, id=digest, detail=detail, posted_at=posted_at)
+        return cls(kind=kind, deadline=deadline, id=digest, detail=detail, posted_at=posted_at,
+                   peer_rank=peer_rank)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,33 @@ class Outage:
         return self.seconds() > DEGRADED_AFTER_SECONDS
 
 
+class Reachability:
+    """Whether polls of a service get through: an Outage, and one log line per change (a daemon
+    off EC2 must not log an error every second). `name` prefixes the events, e.g.
+    `imds_reachable` / `imds_unreachable`; `context` goes into both."""
+
+    def __init__(self, name: str, **context: str) -> None:
+        self.outage = Outage()
+        self._name = name
+        self._context = context
+        self._reachable: bool | None = None
+        self._lock = threading.Lock()
+
+    def report(self, reachable: bool, error: str = "") -> None:
+        if reachable:
+            self.outage.succeeded()
+        else:
+            self.outage.failed()
+        with self._lock:
+            changed, self._reachable = reachable != self._reachable, reachable
+        if not changed:
+            return
+        if reachable:
+            log.info(f"{self._name}_reachable", **self._context)
+        else:
+            log.warning(f"{self._name}_unreachable", error=error, **self._context)
+
+
 def s3_error_class(response: tuple[Any, Any] | None,
                    caught_exception: BaseException | None) -> str | None:
     """The class of a failed attempt (`SlowDown`, `AccessDenied`, `ConnectionError`,
@@ -149,7 +176,8 @@ class S3Watch:
         return f"S3 requests failing for {self.outage.seconds():.0f}s ({classes})"
 
 
-def imds_degraded_reason(imds: Outage | None) -> str | None:
-    if imds is None or not imds.degraded():
+def unreachable_reason(what: str, outage: Outage | None) -> str | None:
+    """Why /healthz is degraded when polls of `what` have failed long enough, else None."""
+    if outage is None or not outage.degraded():
         return None
-    return f"IMDS unreachable for {imds.seconds():.0f}s"
+    return f"{what} unreachable for {outage.seconds():.0f}s"

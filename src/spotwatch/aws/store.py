@@ -69,6 +69,7 @@ class ListedObject:
     key: str
     size: int
     last_modified: datetime
+    etag: str | None = None  # changes with every write of the object
 
 
 @dataclass(frozen=True)
@@ -425,7 +426,8 @@ class S3ObjectStore:
             for page in self.client.get_paginator("list_objects_v2").paginate(
                     Bucket=self._bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
-                    yield ListedObject(item["Key"], item["Size"], item["LastModified"])
+                    yield ListedObject(item["Key"], item["Size"], item["LastModified"],
+                                         item.get("ETag"))
 
     def delete(self, key: str) -> None:
         with _translated():

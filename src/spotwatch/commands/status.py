@@ -69,6 +69,10 @@ def _size(count: int) -> str:
     return f"{value:.1f} TiB"
 
 
+def _from_peer(notice: dict[str, Any]) -> str:
+    return f" from node {notice.get('peer_rank')}" if notice.get("source") == "peer" else ""
+
+
 def render_status(report: dict[str, Any]) -> str:
     lines = [f"bucket:       {report['bucket']}"]
     daemon = report.get("daemon")
@@ -85,8 +89,9 @@ def render_status(report: dict[str, Any]) -> str:
         if daemon.get("metrics_url"):
             lines.append(f"metrics:      {daemon['metrics_url']}/metrics")
         notice = daemon.get("last_notice")
-        lines.append("last notice:  " + (f"{notice['kind']} at {notice['detected_at']}"
-                                         f" (deadline {notice['deadline']})" if notice else "none"))
+        lines.append("last notice:  " + (f"{notice['kind']}{_from_peer(notice)} at "
+                                         f"{notice['detected_at']} (deadline "
+                                         f"{notice['deadline']})" if notice else "none"))
         incomplete = daemon.get("incomplete_sets") or []
         if incomplete:
             lines.append(f"incomplete:   {len(incomplete)} sets without a manifest (a file "

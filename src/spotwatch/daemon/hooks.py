@@ -72,7 +72,7 @@ class NoticeHooks:
 
     def _run_command(self, command: str, notice: dict[str, Any]) -> None:
         env = dict(os.environ)
-        env.update({f"SPOTWATCH_NOTICE_{key.upper()}": str(value or "")
+        env.update({f"SPOTWATCH_NOTICE_{key.upper()}": "" if value is None else str(value)
                     for key, value in notice.items()})
         env["SPOTWATCH_NOTICE_FILE"] = str(self.notice_file)
         try:

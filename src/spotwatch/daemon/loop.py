@@ -17,6 +17,7 @@ import structlog
 from spotwatch.aws.autoscaling import LifecycleAction, make_autoscaling_client
 from spotwatch.aws.imds import ImdsClient, disabled_reason
 from spotwatch.aws.region import resolve_region
+from spotwatch.aws.store import ObjectStore
 from spotwatch.config import Config
 from spotwatch.daemon import sdnotify
 from spotwatch.daemon.flush import FlushController
@@ -29,6 +30,13 @@ from spotwatch.daemon.signals import SignalInbox
 from spotwatch.daemon.snapshot import EngineSnapshot
 from spotwatch.model import Notice, NoticeKind
 from spotwatch.notices import sources_for
+from spotwatch.notices.peers import (
+    SHARED_KINDS,
+    PeerChannel,
+    PeerPoller,
+    PeerPublisher,
+    channel_prefix,
+)
 from spotwatch.notices.poller import NoticePoller
 from spotwatch.state import StateDir
 from spotwatch.sync.bandwidth import BandwidthLimiter, limiter_for
@@ -42,6 +50,8 @@ log = structlog.get_logger("spotwatch.daemon")
 TICK_SECONDS = 0.05
 # How long the final flush waits for CompleteLifecycleAction before the process exits.
 LIFECYCLE_COMPLETE_WAIT = 10.0
+# How long stopping waits for the peer notice threads (a request under way is abandoned).
+PEERS_STOP_WAIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,7 @@ class Daemon:
         self.bucket = bucket
         self.state = StateDir(config.state_dir)
         self.hooks = NoticeHooks(config.hooks, self.state)
-        self.metrics = Metrics(imds=config.imds.enabled)
+        self.metrics = Metrics(imds=config.imds.enabled, peers=config.job.is_multi_node)
         self.reporter = Reporter(bucket, self.state, self.metrics)
         self.flushes = FlushController()
         self._client = client
@@ -84,6 +94,7 @@ class Daemon:
         self._lifecycle: LifecycleAction | None = None
         # Continuous uploads share this cap until a notice or a stop lifts it (run only).
         self.bandwidth: BandwidthLimiter | None = None
+        self._publisher: PeerPublisher | None = None
 
     # -- public entry points -------------------------------------------------------------
 
@@ -97,6 +108,7 @@ class Daemon:
                 self._pruning = PruneSchedule(parts.pruner, self.config.watch, self._wake.set)
             self.hooks.start()
             self._lifecycle = self._lifecycle_action()
+            peer_poller = self._start_peers(parts.store)
             poller = self._start_poller()
             metrics_server = self.reporter.start_server(self.config.metrics)
             if handle_signals:
@@ -114,8 +126,12 @@ class Daemon:
                 sdnotify.notify("STOPPING=1\nSTATUS=final flush")
                 if poller is not None:
                     poller.stop()
+                if peer_poller is not None:
+                    peer_poller.stop(PEERS_STOP_WAIT)
                 return self._final_flush(engine, give_up_at)
             finally:
+                if self._publisher is not None:
+                    self._publisher.stop(PEERS_STOP_WAIT)
                 if metrics_server is not None:
                     metrics_server.stop()
 
@@ -169,6 +185,22 @@ class Daemon:
         client = make_autoscaling_client(resolve_region(self.config))
         return LifecycleAction(settings, self.config.imds, client)
 
+    def _start_peers(self, store: ObjectStore) -> PeerPoller | None:
+        """On a node of a job: publish this node's notices, learn the others' (each on a
+        thread of its own). The publisher runs on through the final flush."""
+        rank = self.config.job.rank
+        if not self.config.job.is_multi_node or rank is None:
+            return None
+        channel = PeerChannel(store, channel_prefix(self.config), rank)
+        self._publisher = PeerPublisher(channel)
+        self._publisher.start()
+        poller = PeerPoller(channel, self.config.job.peer_poll_interval, self.hand_notice,
+                            started_at=datetime.now(timezone.utc),
+                            on_failure=self.reporter.count_peer_poll_failure)
+        self.reporter.watch_peers(poller.reachability.outage)
+        poller.start()
+        return poller
+
     def _start_poller(self) -> NoticePoller | None:
         reason = disabled_reason(self.config.imds)
         if reason:
@@ -178,7 +210,7 @@ class Daemon:
         poller = NoticePoller(ImdsClient.from_settings(self.config.imds),
                               sources_for(self.config.notices),
                               self.config.imds.poll_interval, self.hand_notice)
-        self.reporter.watch_imds(poller.reachability)
+        self.reporter.watch_imds(poller.reachability.outage)
         poller.start()
         return poller
 
@@ -232,10 +264,12 @@ class Daemon:
             "detail": notice.detail,
             "deadline": notice.deadline.isoformat() if notice.deadline else None,
             "detected_at": detected.isoformat(),
+            **_origin(notice),
         }
         log.info("notice_detected", kind=notice.kind.value, id=notice.id, detail=notice.detail,
-                 deadline=self.last_notice["deadline"],
+                 deadline=self.last_notice["deadline"], **_origin(notice),
                  seconds_left=None if seconds_left is None else round(seconds_left, 1))
+        self._share(notice)
         self._emit("notice_detected", self.last_notice)
         self.reporter.count_notice(notice, detected)
         if notice.kind is not NoticeKind.MANUAL:
@@ -244,6 +278,13 @@ class Daemon:
         if notice.kind is NoticeKind.ASG_TERMINATING and self._lifecycle is not None:
             self._lifecycle.begin()  # heart-beats until a flush leaves everything durable
         self._start_flush(engine, notice.kind.value, notice.deadline)
+
+    def _share(self, notice: Notice) -> None:
+        """Invariant: a node publishes only the notices its own IMDS gave it; one learnt from
+        a peer is never published again, so notices do not echo between nodes."""
+        if (self._publisher is not None and notice.peer_rank is None
+                and notice.kind in SHARED_KINDS):
+            self._publisher.publish(notice)
 
     def _start_flush(self, engine: SyncEngine, reason: str, deadline: datetime | None,
                      until: float | None = None) -> None:
@@ -322,3 +363,10 @@ class Daemon:
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         for listener in self.listeners:
             listener(event, data)
+
+
+def _origin(notice: Notice) -> dict[str, Any]:
+    """Where a notice came from, for the notice file and the hooks' SPOTWATCH_NOTICE_*."""
+    if notice.peer_rank is not None:
+        return {"source": "peer", "peer_rank": notice.peer_rank}
+    return {"source": "signal" if notice.kind is NoticeKind.MANUAL else "imds"}

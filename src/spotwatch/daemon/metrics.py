@@ -36,7 +36,7 @@ _FLUSH_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 90, 120, 300)
 
 
 class Metrics:
-    def __init__(self, imds: bool = True) -> None:
+    def __init__(self, imds: bool = True, peers: bool = False) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
@@ -70,6 +70,14 @@ class Metrics:
         if imds:
             self.imds_up = Gauge("spotwatch_imds_up", "1 when the last poll reached IMDS",
                                  registry=r)
+        self.peers_up: Gauge | None = None
+        self.peer_poll_errors: Counter | None = None
+        if peers:
+            self.peers_up = Gauge("spotwatch_peers_up",
+                                  "1 when the last poll of the job's peer notices succeeded",
+                                  registry=r)
+            self.peer_poll_errors = Counter("spotwatch_peer_poll_errors",
+                                            "Failed polls of the job's peer notices", registry=r)
         self.flush_duration = Histogram("spotwatch_flush_duration_seconds",
                                         "Duration of flushes", ["reason"],
                                         buckets=_FLUSH_BUCKETS, registry=r)

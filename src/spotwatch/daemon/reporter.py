@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 
-from spotwatch.aws.health import Outage, S3Watch, imds_degraded_reason
+from spotwatch.aws.health import Outage, S3Watch, unreachable_reason
 from spotwatch.config import MetricsSettings
 from spotwatch.daemon import sdnotify
 from spotwatch.daemon.flush import FlushController
@@ -36,6 +36,8 @@ class Reporter:
         self.metrics_url: str | None = None
         self._imds: Outage | None = None  # the poller's reachability, when IMDS is polled
         self._bandwidth: BandwidthLimiter | None = None  # the cap on continuous uploads
+        self._peers: Outage | None = None  # the peer poller's, on a node of a job
+        self.peer_poll_failures = 0
         self._status_due = 0.0
         self._keepalive_interval = sdnotify.watchdog_interval()
         self._keepalive_due = 0.0
@@ -45,6 +47,15 @@ class Reporter:
 
     def watch_bandwidth(self, limiter: BandwidthLimiter | None) -> None:
         self._bandwidth = limiter
+
+    def watch_peers(self, reachability: Outage) -> None:
+        self._peers = reachability
+
+    def count_peer_poll_failure(self) -> None:
+        """Called from the peer poller's thread."""
+        self.peer_poll_failures += 1
+        if self.metrics.peer_poll_errors is not None:
+            self.metrics.peer_poll_errors.inc()
 
     def start_server(self, settings: MetricsSettings) -> MetricsServer | None:
         if not settings.enabled:
@@ -101,6 +112,7 @@ class Reporter:
         left = EngineSnapshot.of(engine)
         degraded = self._degraded_reasons()
         imds_up = self._imds.up if self._imds is not None else None
+        peers_up = self._peers.up if self._peers is not None else None
         status = {
             "pid": os.getpid(),
             "bucket": self._bucket,
@@ -117,6 +129,8 @@ class Reporter:
             "upload_failures": engine.totals.failures,
             "s3_errors": dict(self.s3_watch.errors),
             "imds_up": imds_up,
+            "peers_up": peers_up,
+            "peer_poll_failures": self.peer_poll_failures,
             "degraded": degraded,
             "last_upload_at": engine.last_upload_at,
             "last_notice": last_notice,
@@ -127,14 +141,14 @@ class Reporter:
             "bandwidth_cap": None if self._bandwidth is None else self._bandwidth.rate,
             "bandwidth_cap_lifted": None if self._bandwidth is None else self._bandwidth.lifted,
         }
-        self._set_gauges(left, degraded, imds_up)
+        self._set_gauges(left, degraded, imds_up, peers_up)
         try:
             write_json_atomically(self._state.status, status)
         except OSError as exc:
             log.warning("status_write_failed", error=exc.strerror)
 
     def _set_gauges(self, left: EngineSnapshot, degraded: list[str],
-                    imds_up: bool | None) -> None:
+                    imds_up: bool | None, peers_up: bool | None) -> None:
         self.metrics.incomplete_sets.set(len(left.incomplete_sets))
         self.metrics.pending_files.set(left.pending_files)
         self.metrics.pending_bytes.set(left.pending_bytes)
@@ -145,7 +159,10 @@ class Reporter:
         self.metrics.degraded = tuple(degraded)
         if self.metrics.imds_up is not None and imds_up is not None:
             self.metrics.imds_up.set(1 if imds_up else 0)
+        if self.metrics.peers_up is not None and peers_up is not None:
+            self.metrics.peers_up.set(1 if peers_up else 0)
 
     def _degraded_reasons(self) -> list[str]:
-        reasons = (self.s3_watch.degraded_reason(), imds_degraded_reason(self._imds))
+        reasons = (self.s3_watch.degraded_reason(), unreachable_reason("IMDS", self._imds),
+                   unreachable_reason("peer notices", self._peers))
         return [reason for reason in reasons if reason is not None]

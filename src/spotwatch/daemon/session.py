@@ -35,6 +35,7 @@ log = structlog.get_logger("spotwatch.daemon")
 class Parts:
     engine: SyncEngine
     pruner: Pruner | None  # None: this run only uploads
+    store: ObjectStore  # the one all of them use (the daemon's peer notices too)
 
 
 def build_parts(config: Config, store: ObjectStore, ledger: Ledger,
@@ -51,7 +52,7 @@ def build_parts(config: Config, store: ObjectStore, ledger: Ledger,
     engine = SyncEngine(trackers, ledger, uploader, wake, node=node)
     # The daemon deletes; a one-off flush only uploads (see `spotwatch prune`).
     pruner = Pruner(store, ledger, settings.delete, settings.keep_sets, node) if prune else None
-    return Parts(engine, pruner)
+    return Parts(engine, pruner, store)
 
 
 class Session:

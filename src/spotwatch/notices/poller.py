@@ -6,15 +6,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-import structlog
-
-from spotwatch.aws.health import Outage
+from spotwatch.aws.health import Reachability
 from spotwatch.aws.imds import ImdsClient, ImdsError
 from spotwatch.model import Notice
 from spotwatch.notices.sources import SPOT_INSTANCE_ACTION, NoticeSource
 from spotwatch.notices.store import SeenNotices
-
-log = structlog.get_logger("spotwatch.notices")
 
 # The items other than the spot interruption warn minutes to hours ahead: polling them this
 # often at most spares IMDS, which is throttled per instance.
@@ -44,10 +40,10 @@ class NoticePoller:
                              name=f"notice-poller-{source.name}")
             for source in self._sources
         ]
-        self._reachable: bool | None = None
         self._failing: dict[str, str] = {}  # source name -> its last error
         self._reachability_lock = threading.Lock()
-        self.reachability = Outage()  # read by the daemon for spotwatch_imds_up and health
+        # Read by the daemon for spotwatch_imds_up and health.
+        self.reachability = Reachability("imds", endpoint=client.endpoint)
 
     def start(self) -> None:
         for thread in self._threads:
@@ -88,22 +84,8 @@ class NoticePoller:
                 self._failing.pop(source.name, None)
             else:
                 self._failing[source.name] = error
-            self._set_reachable(not self._failing, "; ".join(
+            self.reachability.report(not self._failing, "; ".join(
                 f"{name}: {text}" for name, text in sorted(self._failing.items())))
-
-    def _set_reachable(self, reachable: bool, error: str) -> None:
-        if reachable:
-            self.reachability.succeeded()
-        else:
-            self.reachability.failed()
-        # Log transitions only: a daemon off EC2 must not log an error every second.
-        if reachable == self._reachable:
-            return
-        self._reachable = reachable
-        if reachable:
-            log.info("imds_reachable", endpoint=self._client.endpoint)
-        else:
-            log.warning("imds_unreachable", endpoint=self._client.endpoint, error=error)
 
     def _run(self, source: NoticeSource) -> None:
         interval = self.interval_for(source)

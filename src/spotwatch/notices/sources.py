@@ -22,7 +22,7 @@ class NoticeSource:
 SPOT_WARNING = timedelta(minutes=2)
 
 
-def _iso_time(value: object) -> datetime | None:
+def iso_time(value: object) -> datetime | None:
     if not isinstance(value, str):
         return None
     try:
@@ -45,7 +45,7 @@ def parse_instance_action(text: str) -> list[Notice]:
     action = str(body.get("action", "unknown"))
     time_text = str(body.get("time", ""))
     # Identity is the raw content, so a garbled answer still yields one stable notice.
-    deadline = _iso_time(body.get("time"))
+    deadline = iso_time(body.get("time"))
     # The action time is two minutes after the notice is posted (AWS documents it so).
     posted = deadline - SPOT_WARNING if deadline else None
     return [Notice.make(NoticeKind.SPOT_INTERRUPTION, deadline, action,
@@ -55,7 +55,7 @@ def parse_instance_action(text: str) -> list[Notice]:
 def parse_rebalance(text: str) -> list[Notice]:
     notice_time = str(_json_object(text).get("noticeTime", text.strip()))
     return [Notice.make(NoticeKind.REBALANCE, None, notice_time, detail=notice_time,
-                        posted_at=_iso_time(notice_time))]
+                        posted_at=iso_time(notice_time))]
 
 
 def _maintenance_time(value: object) -> datetime | None:
@@ -64,7 +64,7 @@ def _maintenance_time(value: object) -> datetime | None:
     try:
         return parsedate_to_datetime(value)  # "21 Jan 2019 09:00:43 GMT"
     except (TypeError, ValueError):
-        return _iso_time(value)
+        return iso_time(value)
 
 
 def parse_scheduled_events(text: str) -> list[Notice]:

@@ -1,0 +1,339 @@
+"""Peer notices: the nodes of a multi-node job tell each other of their notices through S3.
+
+The channel lives under the job's key space below the first watched prefix,
+``<prefix>.spotwatch/jobs/<job id>/notices/``:
+
+- ``node-<rank>.json``: the notices this node's daemon got from its own IMDS (newest last).
+  Only that node writes it, so two nodes publishing at once never overwrite each other.
+- ``bell``: rewritten, with content never written before, after every write of a node object.
+
+Each node GETs the bell once per ``job.peer_poll_interval`` (1 s: 3,600 GETs an hour, about
+$0.0014 an hour per node at $0.0004 per 1,000). Only when the bell changed does it LIST the
+directory and GET the node objects whose ETag changed. Listing every second instead would cost
+12.5 times as much ($0.005 per 1,000 LISTs: $0.018 an hour per node), and GETting every peer's
+object every second grows with the job's size; one shared object holding every notice would
+lose one of two notices published at once. (A conditional GET answered 304 costs a GET too.)
+
+Why no notice is lost: a node writes its object before the bell; S3 reads are strongly
+consistent; each bell write is unique. So a poller that reads any bell written after a node's
+object lists after that write, and sees it. A poller keeps a bell as "read" only once it read
+every changed node object; after a failed request it tries again at the next poll.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import structlog
+
+from spotwatch.aws.health import Reachability
+from spotwatch.aws.store import ListedObject, ObjectMissing, ObjectStore, StoreError
+from spotwatch.config import Config
+from spotwatch.keys import job_key_space
+from spotwatch.model import Notice, NoticeKind
+from spotwatch.notices.sources import iso_time
+from spotwatch.notices.store import SeenNotices
+
+log = structlog.get_logger("spotwatch.peers")
+
+NOTICES_DIR = "notices/"
+BELL = "bell"
+FORMAT = 1
+_NODE_OBJECT = re.compile(r"node-(0|[1-9][0-9]{0,8})\.json")
+_NOTICE_ID = re.compile(r"[0-9a-f]{16}")  # as Notice.make makes them
+# The notices that start a flush on the node that got them from IMDS; only those are shared.
+SHARED_KINDS = frozenset({NoticeKind.SPOT_INTERRUPTION, NoticeKind.REBALANCE,
+                          NoticeKind.SCHEDULED_EVENT, NoticeKind.ASG_TERMINATING})
+# A node object keeps its newest notices only (a daemon sees a handful in its life).
+KEPT_PER_NODE = 32
+# Larger objects in the channel are not notices: not read at all.
+MAX_NODE_OBJECT_BYTES = 64 * 1024
+MAX_TEXT = 256
+# A peer's notice published up to this long before this daemon started is still acted on, so
+# a daemon restarted during an interruption joins it (hooks act once all the same).
+STARTUP_GRACE = timedelta(minutes=2)
+# After a failed publish, wait this long (doubling, at most PUBLISH_RETRY_MAX) and write again.
+PUBLISH_RETRY_FIRST = 0.5
+PUBLISH_RETRY_MAX = 5.0
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def channel_prefix(config: Config) -> str:
+    """Where the job's nodes exchange notices (needs a job id)."""
+    assert config.job.id is not None
+    return job_key_space(config.watch[0].prefix, config.job.id) + NOTICES_DIR
+
+
+@dataclass(frozen=True)
+class PeerNotice:
+    """One notice as a peer published it."""
+
+    rank: int
+    kind: NoticeKind
+    id: str
+    deadline: datetime | None
+    detail: str
+    published_at: datetime
+
+    def live(self, now: datetime, started_at: datetime) -> bool:
+        """Invariant: a node acts only on a peer notice that is still current: published no
+        earlier than STARTUP_GRACE before this daemon started, and its deadline (if any) not
+        passed. So a replacement node started later never flushes for an old notice."""
+        if self.published_at < started_at - STARTUP_GRACE:
+            return False
+        return self.deadline is None or self.deadline > now
+
+    def as_notice(self) -> Notice:
+        """The notice as this node knows it: its own id (a peer's notice and this node's own
+        IMDS notice act separately), the peer's kind, deadline and rank."""
+        return Notice.make(self.kind, self.deadline, "peer", str(self.rank), self.id,
+                           detail=self.detail, peer_rank=self.rank)
+
+
+def encode_entry(notice: Notice, published_at: datetime) -> dict[str, Any]:
+    return {"kind": notice.kind.value, "id": notice.id, "detail": notice.detail[:MAX_TEXT],
+            "deadline": notice.deadline.isoformat() if notice.deadline else None,
+            "published_at": published_at.isoformat()}
+
+
+def decode_node_object(body: bytes, rank: int) -> list[PeerNotice]:
+    """The notices in a node object; anything malformed (not JSON, wrong types, another rank
+    than its key's, an unknown kind) yields nothing, never an error."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return []
+    if (not isinstance(data, dict) or data.get("format") != FORMAT
+            or type(data.get("rank")) is not int or data["rank"] != rank):
+        return []
+    entries = data.get("notices")
+    if not isinstance(entries, list):
+        return []
+    decoded = (_decode_entry(entry, rank) for entry in entries[-KEPT_PER_NODE:])
+    return [notice for notice in decoded if notice is not None]
+
+
+def _decode_entry(entry: object, rank: int) -> PeerNotice | None:
+    if not isinstance(entry, dict):
+        return None
+    kind = next((k for k in SHARED_KINDS if k.value == entry.get("kind")), None)
+    notice_id, detail = entry.get("id"), entry.get("detail", "")
+    if (kind is None or not isinstance(notice_id, str) or not _NOTICE_ID.fullmatch(notice_id)
+            or not isinstance(detail, str)):
+        return None
+    published_at = _utc(entry.get("published_at"))
+    deadline = _utc(entry.get("deadline")) if entry.get("deadline") is not None else None
+    if published_at is None or (deadline is None and entry.get("deadline") is not None):
+        return None
+    return PeerNotice(rank, kind, notice_id, deadline, detail[:MAX_TEXT], published_at)
+
+
+def _short_text(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_TEXT
+
+
+def _utc(value: object) -> datetime | None:
+    """An ISO time as UTC; None when it is not one or lies outside what datetime can hold."""
+    if not _short_text(value):
+        return None
+    parsed = iso_time(value)
+    try:
+        return parsed.astimezone(timezone.utc) if parsed is not None else None
+    except (OverflowError, ValueError):
+        return None
+
+
+class PeerChannel:
+    """One node's requests on the job's channel."""
+
+    def __init__(self, store: ObjectStore, prefix: str, rank: int,
+                 wall: Callable[[], datetime] = utc_now) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.rank = rank
+        self._wall = wall
+        self._published: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def node_key(self, rank: int) -> str:
+        return f"{self.prefix}node-{rank}.json"
+
+    @property
+    def bell_key(self) -> str:
+        return self.prefix + BELL
+
+    def add(self, notice: Notice) -> None:
+        """Note one of this node's own notices for the next write."""
+        with self._lock:
+            entries = [*self._published, encode_entry(notice, self._wall())]
+            self._published = entries[-KEPT_PER_NODE:]
+
+    def write(self) -> None:
+        """This node's object with every notice noted, then the bell: in that order, which is
+        what makes the channel lossless (see the module's docstring). Raises StoreError."""
+        self.write_object()
+        self.ring()
+
+    def write_object(self) -> None:
+        with self._lock:
+            body = {"format": FORMAT, "rank": self.rank, "notices": list(self._published)}
+        self.store.put_bytes(self.node_key(self.rank), json.dumps(body).encode(),
+                             "application/json").result()
+
+    def ring(self) -> None:
+        ring = {"rank": self.rank, "ring": uuid.uuid4().hex}  # never the same content twice
+        self.store.put_bytes(self.bell_key, json.dumps(ring).encode(),
+                             "application/json").result()
+
+    def remove_own(self) -> None:
+        """An earlier daemon's object of this rank: its peers read it long ago, or find it
+        stale; removing it keeps the channel one LIST page. Raises StoreError."""
+        self.store.delete(self.node_key(self.rank))
+
+    def read_bell(self) -> bytes | None:
+        try:
+            return self.store.get_bytes(self.bell_key)
+        except ObjectMissing:
+            return None  # no node of this job has published yet
+
+    def peer_objects(self) -> list[tuple[int, ListedObject]]:
+        """The node objects of the other ranks, by rank."""
+        found = []
+        for listed in self.store.list_objects(self.prefix):
+            match = _NODE_OBJECT.fullmatch(listed.key[len(self.prefix):])
+            if match is not None and int(match.group(1)) != self.rank:
+                found.append((int(match.group(1)), listed))
+        return found
+
+    def read_node(self, listed: ListedObject) -> bytes | None:
+        if listed.size > MAX_NODE_OBJECT_BYTES:
+            return b""
+        try:
+            return self.store.get_bytes(listed.key)
+        except ObjectMissing:
+            return None  # removed since it was listed (a restarting node's cleanup)
+
+
+class PeerPublisher:
+    """Writes this node's notices to the channel on a thread of its own, so the daemon's loop
+    never waits for S3; a failed write is tried again until it succeeds (or the daemon stops)."""
+
+    def __init__(self, channel: PeerChannel) -> None:
+        self._channel = channel
+        self._due = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peer-publisher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        self._due.set()
+        self._thread.join(timeout)
+
+    def publish(self, notice: Notice) -> None:
+        self._channel.add(notice)
+        self._due.set()
+
+    def _run(self) -> None:
+        try:
+            self._channel.remove_own()
+        except StoreError as exc:
+            log.warning("peer_cleanup_failed", key=self._channel.node_key(self._channel.rank),
+                        error=str(exc))
+        backoff = PUBLISH_RETRY_FIRST
+        while True:
+            self._due.wait()
+            if self._stop.is_set():
+                return
+            self._due.clear()
+            try:
+                self._channel.write()
+            except StoreError as exc:
+                log.warning("peer_publish_failed", retry_in=backoff, error=str(exc))
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, PUBLISH_RETRY_MAX)
+                self._due.set()
+                continue
+            backoff = PUBLISH_RETRY_FIRST
+            log.info("peer_notice_published", key=self._channel.node_key(self._channel.rank))
+
+
+class PeerPoller:
+    """Learns the peers' notices: one GET of the bell per interval, on a thread of its own (a
+    slow S3 never delays IMDS polling). Each live notice is handed on once."""
+
+    def __init__(self, channel: PeerChannel, interval: float,
+                 on_notice: Callable[[Notice], None], started_at: datetime,
+                 wall: Callable[[], datetime] = utc_now,
+                 on_failure: Callable[[], None] | None = None) -> None:
+        self._channel = channel
+        self._interval = interval
+        self._on_notice = on_notice
+        self._started_at = started_at
+        self._wall = wall
+        self._on_failure = on_failure
+        self._seen = SeenNotices()
+        self._bell: bytes | None = None  # the bell whose changes were all read
+        self._read: dict[str, tuple[object, ...]] = {}  # node key -> version read
+        self.failures = 0
+        self.reachability = Reachability("peer_channel", prefix=channel.prefix)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peer-poller", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def poll_once(self) -> list[Notice]:
+        """The peers' live notices not handed on before; a failed request is counted."""
+        try:
+            fresh = self._changes()
+        except StoreError as exc:
+            self.failures += 1
+            if self._on_failure is not None:
+                self._on_failure()
+            self.reachability.report(False, str(exc))
+            return []
+        self.reachability.report(True)
+        return self._seen.first_sightings(fresh)
+
+    def _changes(self) -> list[Notice]:
+        bell = self._channel.read_bell()
+        if bell is None or bell == self._bell:
+            return []
+        now, notices, read = self._wall(), [], {}
+        for rank, listed in self._channel.peer_objects():
+            version = (listed.etag, listed.last_modified, listed.size)
+            if self._read.get(listed.key) == version:
+                continue
+            body = self._channel.read_node(listed)
+            if body is None:
+                continue
+            notices += [peer.as_notice() for peer in decode_node_object(body, rank)
+                        if peer.live(now, self._started_at)]
+            read[listed.key] = version
+        # Only now, all requests done: after a failure the next poll reads everything again.
+        self._read.update(read)
+        self._bell = bell
+        return notices
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for notice in self.poll_once():
+                self._on_notice(notice)
+            self._stop.wait(self._interval)
