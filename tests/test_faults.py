@@ -46,6 +46,7 @@ def in_progress_uploads(s3: Any, bucket: str) -> list[dict[str, Any]]:
     return s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])  # type: ignore[no-any-return]
 
 
+@pytest.mark.usefixtures("transfer_client")
 def test_every_file_lands_intact_through_s3_faults(workspace: Workspace, s3: Any,
                                                    proxy: FaultProxy) -> None:
     def op(*names: str) -> Any:
@@ -106,6 +107,7 @@ def test_imds_faults_do_not_lose_a_notice(workspace: Workspace, s3: Any,
     assert daemon.stop() == 0
 
 
+@pytest.mark.usefixtures("transfer_client")
 def test_kill_9_during_multipart_then_restart(workspace: Workspace, s3: Any,
                                               proxy: FaultProxy) -> None:
     workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2})
@@ -132,6 +134,7 @@ def test_kill_9_during_multipart_then_restart(workspace: Workspace, s3: Any,
     assert second.stop() == 0
 
 
+@pytest.mark.usefixtures("transfer_client")
 @pytest.mark.parametrize("how", ["deleted", "renamed"])
 def test_file_gone_mid_upload_is_cut_short(workspace: Workspace, s3: Any, proxy: FaultProxy,
                                            how: str) -> None:
@@ -345,6 +348,7 @@ def stop_and_time(daemon: Daemon, timeout: float = 120) -> tuple[int, float]:
     return code, time.monotonic() - started
 
 
+@pytest.mark.usefixtures("transfer_client")
 def test_stop_is_bounded_while_s3_holds_uploads(workspace: Workspace, s3: Any,
                                                 proxy: FaultProxy) -> None:
     stop_timeout = 3

@@ -36,6 +36,7 @@ def metrics_url(daemon: Daemon) -> str:
     return str(url)
 
 
+@pytest.mark.usefixtures("transfer_client")
 def test_metrics_follow_pending_work_uploads_notices_and_flushes(
         workspace: Workspace, imds: ImdsEmulator) -> None:
     workspace.write_config(sync={"mode": "on-notice"})
@@ -137,6 +138,7 @@ def healthy_exit_code(workspace: Workspace) -> int:
     return workspace.cli("status", "-c", str(workspace.config_file), "--healthy").returncode
 
 
+@pytest.mark.usefixtures("transfer_client")
 def test_s3_outage_is_visible_at_once_and_its_end_too(workspace: Workspace) -> None:
     def file_puts(request: Request) -> bool:
         return request.operation == "PutObject" and "/.spotwatch/" not in request.path
@@ -196,6 +198,7 @@ def test_metrics_port_config_errors(workspace: Workspace) -> None:
     assert result.returncode == 2 and "metrics.port" in result.stderr
 
 
+@pytest.mark.usefixtures("transfer_client")
 def test_flush_shows_a_progress_bar_on_a_terminal(workspace: Workspace) -> None:
     for i in range(3):
         save_checkpoint(workspace.checkpoints / f"shard_{i}.pt", 2 * 2**20)
