@@ -67,6 +67,19 @@ _FILE_ERRORS: dict[str, type[OSError]] = {
     "AWS_ERROR_FILE_OPEN_FAILURE": OSError,
 }
 
+# The CRT's names for S3's throttling and failures, as the classes the S3 metrics count (see
+# aws.health.s3_error_class); others are counted under the CRT's own name.
+_ERROR_CLASSES = {
+    "AWS_ERROR_S3_SLOW_DOWN": "SlowDown",
+    "AWS_ERROR_S3_INTERNAL_ERROR": "InternalError",
+    "AWS_ERROR_S3_REQUEST_TIME_TOO_SKEWED": "RequestTimeTooSkewed",
+    "AWS_IO_SOCKET_TIMEOUT": "ReadTimeout",
+    "AWS_IO_SOCKET_CONNECTION_REFUSED": "ConnectionError",
+    "AWS_IO_SOCKET_CLOSED": "ConnectionError",
+    "AWS_ERROR_HTTP_CONNECTION_CLOSED": "ConnectionError",
+    "AWS_ERROR_HTTP_SERVER_CLOSED": "ConnectionError",
+}
+
 
 def _nothing_to_cancel() -> None:
     pass
@@ -257,7 +270,8 @@ class CrtObjectStore(S3ObjectStore):
         if isinstance(translated, (CancelledError, OSError)):
             return  # ours or the file's, not S3's
         code = translated.code if isinstance(translated, StoreError) else None
-        self._on_outcome(code or getattr(error, "name", type(error).__name__))
+        name = str(getattr(error, "name", type(error).__name__))
+        self._on_outcome(code or _ERROR_CLASSES.get(name, name))
 
     def close(self) -> None:
         """Cancel every CRT request and return at once; the CRT's threads wind down on their
