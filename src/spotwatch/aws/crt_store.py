@@ -159,9 +159,11 @@ class CrtObjectStore(S3ObjectStore):
         cancel = self._start(
             "put_object", key, args, finished, progress,
             type=awscrt.s3.S3RequestType.PUT_OBJECT, send_filepath=str(path),
+            # In a header, not a trailer: S3 verifies either, but the trailer's aws-chunked
+            # encoding is not spoken by every S3-compatible store (SeaweedFS refuses it).
             checksum_config=awscrt.s3.S3ChecksumConfig(
                 algorithm=awscrt.s3.S3ChecksumAlgorithm[self._settings.checksum_algorithm],
-                location=awscrt.s3.S3ChecksumLocation.TRAILER),
+                location=awscrt.s3.S3ChecksumLocation.HEADER),
             # The part size we record for the checksum is the one the CRT uses: it is within
             # S3's 10,000 parts already (s3transfer's adjuster), so the CRT keeps it.
             part_size=part_size or self._settings.multipart_chunksize,
