@@ -71,3 +71,48 @@ def test_flush_then_restore_on_a_real_object_store(tmp_path: Path, seaweed_url: 
     assert result.returncode == 0, result.stderr
     for name, data in files.items():
         assert (restored / "step_1" / name).read_bytes() == data, name
+
+
+LOCK_HOLDER = """
+import sys
+from s3transfer.crt import acquire_crt_s3_process_lock
+from spotwatch.aws.crt_store import CRT_PROCESS_LOCK
+acquire_crt_s3_process_lock(CRT_PROCESS_LOCK)  # None: another spotwatch has it, as good
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def chosen_client(result: subprocess.CompletedProcess[str]) -> str:
+    lines = [yaml.safe_load(line) for line in result.stderr.splitlines()
+             if '"transfer_client"' in line]
+    assert lines, result.stderr
+    return str(lines[0]["client"])
+
+
+# (Not "auto without a holder gets the CRT": any spotwatch running on the host may hold it.)
+@pytest.mark.parametrize(("configured", "held", "expected"), [
+    ("auto", True, "classic"), ("crt", True, "crt"), ("classic", False, "classic")])
+def test_auto_leaves_the_crt_to_the_spotwatch_process_holding_it(
+        tmp_path: Path, seaweed_url: str, configured: str, held: bool, expected: str) -> None:
+    """One CRT client per host: `auto` goes classic while another spotwatch process (say, the
+    daemon beside a restore) has it; `crt` asked for outright is used regardless."""
+    (tmp_path / "ckpt").mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "aws": {"region": REGION, "allow_public_bucket": True},
+        "watch": [{"path": str(tmp_path / "ckpt"), "prefix": f"lock-{configured}-{held}/"}],
+        "transfer": {"client": configured}, "imds": {"enabled": False},
+        "state": {"dir": str(tmp_path / "state")}, "metrics": {"enabled": False},
+        "log": {"format": "json"}}))
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) if held else None
+    try:
+        if holder is not None:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        result = spotwatch(seaweed_url, "flush", "-c", str(config))
+    finally:
+        if holder is not None:
+            holder.communicate("")
+    assert result.returncode == 0, result.stderr
+    assert chosen_client(result) == expected

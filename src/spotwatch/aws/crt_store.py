@@ -26,6 +26,7 @@ import awscrt.exceptions
 import awscrt.s3
 import boto3
 import botocore.session
+import structlog
 from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
@@ -34,6 +35,7 @@ from s3transfer.crt import (
     BotocoreCRTRequestSerializer,
     CRTTransferFuture,
     CRTTransferMeta,
+    acquire_crt_s3_process_lock,
 )
 from s3transfer.utils import CallArgs
 
@@ -52,6 +54,11 @@ from spotwatch.config import TransferSettings
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+log = structlog.get_logger("spotwatch.transfer")
+
+# The CRT's client sizes itself to fill the host's network alone, so `auto` takes it only in the
+# one spotwatch process on the host holding this lock (a restore beside the daemon goes classic).
+CRT_PROCESS_LOCK = "spotwatch"
 # Without a figure for the instance type, the CRT targets 10 Gbit/s (as boto3 does).
 DEFAULT_TARGET_GBPS = 10.0
 # Reported to on_outcome: None for a transfer S3 completed, else its error's class.
@@ -105,9 +112,18 @@ def make_store(client: S3Client, bucket: str, settings: TransferSettings,
                on_outcome: Outcome | None = None) -> ObjectStore:
     """The store for `transfer.client`: the CRT's (auto: wherever awscrt can be used) or the
     classic s3transfer one. on_outcome hears of every CRT transfer's end (for S3 metrics)."""
-    if settings.uses_crt:
+    if settings.client == "crt" or (settings.uses_crt and _holds_crt_process_lock()):
+        log.info("transfer_client", client="crt", configured=settings.client,
+                 target_gbps=target_throughput_gbps(settings))
         return CrtObjectStore(client, bucket, settings, on_outcome=on_outcome)
+    reason = ("another spotwatch process on this host uses the CRT" if settings.uses_crt
+              else None)
+    log.info("transfer_client", client="classic", configured=settings.client, reason=reason)
     return S3ObjectStore(client, bucket, settings)
+
+
+def _holds_crt_process_lock() -> bool:
+    return acquire_crt_s3_process_lock(CRT_PROCESS_LOCK) is not None
 
 
 class CrtObjectStore(S3ObjectStore):
