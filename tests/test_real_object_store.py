@@ -104,7 +104,7 @@ def test_auto_leaves_the_crt_to_the_spotwatch_process_holding_it(
         "watch": [{"path": str(tmp_path / "ckpt"), "prefix": f"lock-{configured}-{held}/"}],
         "transfer": {"client": configured}, "imds": {"enabled": False},
         "state": {"dir": str(tmp_path / "state")}, "metrics": {"enabled": False},
-        "log": {"format": "json"}}))
+        "log": {"format": "json", "level": "debug"}}))
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True) if held else None
     try:

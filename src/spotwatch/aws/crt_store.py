@@ -15,6 +15,8 @@ does.
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
@@ -68,10 +70,10 @@ Outcome = Callable[[str | None], None]
 _NO_MD5 = "override-to-be-removed"
 _CANCELED = "AWS_ERROR_S3_CANCELED"
 # The CRT's words for a file it could not read, as the OSErrors the uploader understands.
-_FILE_ERRORS: dict[str, type[OSError]] = {
-    "AWS_ERROR_FILE_INVALID_PATH": FileNotFoundError,
-    "AWS_ERROR_NO_PERMISSION": PermissionError,
-    "AWS_ERROR_FILE_OPEN_FAILURE": OSError,
+_FILE_ERRORS: dict[str, int] = {
+    "AWS_ERROR_FILE_INVALID_PATH": errno.ENOENT,
+    "AWS_ERROR_NO_PERMISSION": errno.EACCES,
+    "AWS_ERROR_FILE_OPEN_FAILURE": errno.EIO,
 }
 
 # The CRT's names for S3's throttling and failures, as the classes the S3 metrics count (see
@@ -113,12 +115,12 @@ def make_store(client: S3Client, bucket: str, settings: TransferSettings,
     """The store for `transfer.client`: the CRT's (auto: wherever awscrt can be used) or the
     classic s3transfer one. on_outcome hears of every CRT transfer's end (for S3 metrics)."""
     if settings.client == "crt" or (settings.uses_crt and _holds_crt_process_lock()):
-        log.info("transfer_client", client="crt", configured=settings.client,
+        log.debug("transfer_client", client="crt", configured=settings.client,
                  target_gbps=target_throughput_gbps(settings))
         return CrtObjectStore(client, bucket, settings, on_outcome=on_outcome)
     reason = ("another spotwatch process on this host uses the CRT" if settings.uses_crt
               else None)
-    log.info("transfer_client", client="classic", configured=settings.client, reason=reason)
+    log.debug("transfer_client", client="classic", configured=settings.client, reason=reason)
     return S3ObjectStore(client, bucket, settings)
 
 
@@ -272,9 +274,9 @@ class CrtObjectStore(S3ObjectStore):
                     return store_error(parsed)
             return StoreError(str(error), permanent=400 <= error.status_code < 500)
         if isinstance(error, awscrt.exceptions.AwsCrtError):
-            unreadable = _FILE_ERRORS.get(error.name)
-            if unreadable is not None:
-                return unreadable(error.message)
+            number = _FILE_ERRORS.get(error.name)
+            if number is not None:  # OSError picks the subclass (PermissionError ...)
+                return OSError(number, os.strerror(number))
             return StoreError(f"{error.name}: {error.message}")
         return error
 
