@@ -116,7 +116,7 @@ class Clients:
         """`concurrency` None: the tool's defaults; else at most that many requests at once
         (spotwatch max_concurrency, aws max_concurrent_requests, s5cmd --numworkers)."""
         if tool in (SPOTWATCH, SPOTWATCH_CRT):
-            client = "crt" if tool == SPOTWATCH_CRT else None
+            client = "crt" if tool == SPOTWATCH_CRT else "classic"
             return self.spotwatch("flush", self.spotwatch_config(
                 source, client=client, concurrency=concurrency), bucket)
         if tool == AWS:

@@ -103,6 +103,7 @@ class Workspace:
     bucket: str
     imds_url: str
     launcher: tuple[str, ...] = ()  # a command the daemon runs under, e.g. setpriv
+    transfer_client: str | None = None  # transfer.client; None: the default (auto)
 
     def write_config(self, **sections: Any) -> Path:
         config: dict[str, Any] = {
@@ -113,6 +114,8 @@ class Workspace:
             "state": {"dir": str(self.root / "state")},
             "metrics": {"port": 0},  # any free port: daemons of several tests may overlap
         }
+        if self.transfer_client is not None:
+            config["transfer"] = {"client": self.transfer_client}
         for name, value in sections.items():
             if isinstance(value, dict) and isinstance(config.get(name), dict):
                 config[name].update(value)
@@ -205,6 +208,17 @@ class Daemon:
         if self.process.poll() is None:
             self.process.terminate()
         return self.process.wait(timeout=timeout)
+
+
+TRANSFER_CLIENTS = ("classic", "crt")
+
+
+@pytest.fixture(params=TRANSFER_CLIENTS)
+def transfer_client(request: pytest.FixtureRequest, workspace: Workspace) -> str:
+    """Runs a test on each transfer client: the workspace's config names it from now on."""
+    workspace.transfer_client = request.param
+    workspace.write_config()
+    return str(request.param)
 
 
 @pytest.fixture

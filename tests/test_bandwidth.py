@@ -220,7 +220,9 @@ def least_left(size: int, rate: int, since: float, burst: int, parts: int) -> fl
 
 
 def test_continuous_uploads_keep_to_the_cap_until_a_notice_lifts_it(
-        workspace: Workspace, imds: ImdsEmulator, s3: Any) -> None:
+        workspace: Workspace, imds: ImdsEmulator, s3: Any, transfer_client: str) -> None:
+    """On both clients: while capped the CRT store uploads through the classic path, which the
+    cap paces."""
     rate = 2 * MiB
     burst = BandwidthLimiter(rate).burst
     workspace.write_config(sync={"continuous_bandwidth": "2MB/s"},

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import math
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from spotwatch.config import MiB, find_config_file, load_config, parse_size
+from spotwatch.aws.crt_store import DEFAULT_TARGET_GBPS, target_throughput_gbps
+from spotwatch.config import (
+    MAX_TARGET_THROUGHPUT_GBPS,
+    MiB,
+    TransferSettings,
+    find_config_file,
+    load_config,
+    parse_size,
+)
 from spotwatch.errors import ConfigError
 
 from .conftest import Workspace
@@ -174,3 +186,55 @@ def test_cli_crt_checksum_without_the_crt(workspace: Workspace) -> None:
     workspace.write_config(transfer={"checksum_algorithm": "CRC32C"})
     assert_usage_error(workspace.cli("check", "-c", "config.yaml", BOTO_DISABLE_CRT="true"),
                        "CRC32C needs the AWS CRT")
+
+
+def test_cli_crt_client_without_the_crt(workspace: Workspace) -> None:
+    workspace.write_config(transfer={"client": "crt"})
+    assert_usage_error(workspace.cli("check", "-c", "config.yaml", BOTO_DISABLE_CRT="true"),
+                       "config key 'transfer.client': crt needs the AWS CRT")
+
+
+@pytest.mark.parametrize(("client", "disabled", "uses_crt"), [
+    ("auto", False, True), ("auto", True, False), ("classic", False, False),
+    ("crt", False, True)])
+def test_transfer_client_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: str,
+                                disabled: bool, uses_crt: bool) -> None:
+    """auto: the CRT wherever botocore can use it (awscrt importable, BOTO_DISABLE_CRT unset)."""
+    monkeypatch.setattr("botocore.compat.HAS_CRT", not disabled)
+    config = load_config(write(tmp_path, f"watch: [{{path: c}}]\ntransfer: {{client: {client}}}\n"))
+    assert config.transfer.client == client
+    assert config.transfer.uses_crt is uses_crt
+
+
+@given(gbps=st.floats(allow_nan=True, allow_infinity=True) | st.integers(-10**6, 10**6))
+@settings(max_examples=60, deadline=None)
+def test_target_throughput_is_taken_or_refused_in_one_line(gbps: float) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = write(Path(directory), "watch: [{path: c}]\ntransfer: {target_throughput: "
+                                      f"{_yaml_number(gbps)}}}\n")
+        if 0 < gbps <= MAX_TARGET_THROUGHPUT_GBPS:
+            assert load_config(path).transfer.target_throughput == gbps
+            return
+        with pytest.raises(ConfigError) as refused:
+            load_config(path)
+    message = str(refused.value)
+    assert message.startswith("config key 'transfer.target_throughput' must be")
+    assert "\n" not in message
+
+
+def test_target_throughput_defaults_from_the_instance_type(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the CRT's own: its figure for the instance type (None off EC2), else 10 Gbit/s."""
+    monkeypatch.setattr("awscrt.s3.get_recommended_throughput_target_gbps", lambda: 400.0)
+    assert target_throughput_gbps(TransferSettings()) == 400.0
+    assert target_throughput_gbps(TransferSettings(target_throughput=25.0)) == 25.0
+    monkeypatch.setattr("awscrt.s3.get_recommended_throughput_target_gbps", lambda: None)
+    assert target_throughput_gbps(TransferSettings()) == DEFAULT_TARGET_GBPS == 10.0
+
+
+def _yaml_number(value: float) -> str:
+    if math.isnan(value):
+        return ".nan"
+    if math.isinf(value):
+        return ".inf" if value > 0 else "-.inf"
+    return repr(value)

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from spotwatch.emulator import ImdsEmulator
 
 from .conftest import Workspace, keys_in, object_bytes, wait_for
@@ -24,6 +26,7 @@ def save_checkpoint(path: Path, size: int) -> bytes:
     return data
 
 
+@pytest.mark.usefixtures("transfer_client")
 def test_interruption_end_to_end(workspace: Workspace, imds: ImdsEmulator, s3: Any) -> None:
     ckpt = workspace.checkpoints
     expected = {"run1/step_0/model.pt": save_checkpoint(ckpt / "step_0" / "model.pt", 300_000)}
@@ -90,6 +93,7 @@ def test_on_notice_mode_uploads_after_notice(workspace: Workspace, imds: ImdsEmu
     assert daemon.stop() == 0
 
 
+@pytest.mark.usefixtures("transfer_client")
 def test_rewritten_file_ends_as_final_content(workspace: Workspace, s3: Any) -> None:
     daemon = workspace.start_daemon()
     path = workspace.checkpoints / "latest.pt"
@@ -109,6 +113,7 @@ def flush_summary(result: Any) -> dict[str, Any]:
     return next(e for e in events if e["event"] == "flush_summary")
 
 
+@pytest.mark.usefixtures("transfer_client")
 def test_restart_reuploads_nothing_unchanged(workspace: Workspace, s3: Any) -> None:
     paths = [workspace.checkpoints / f"shard_{i}.pt" for i in range(3)]
     for path in paths:

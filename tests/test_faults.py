@@ -46,6 +46,7 @@ def in_progress_uploads(s3: Any, bucket: str) -> list[dict[str, Any]]:
     return s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])  # type: ignore[no-any-return]
 
 
+@pytest.mark.usefixtures("transfer_client")
 def test_every_file_lands_intact_through_s3_faults(workspace: Workspace, s3: Any,
                                                    proxy: FaultProxy) -> None:
     def op(*names: str) -> Any:
@@ -106,6 +107,7 @@ def test_imds_faults_do_not_lose_a_notice(workspace: Workspace, s3: Any,
     assert daemon.stop() == 0
 
 
+@pytest.mark.usefixtures("transfer_client")
 def test_kill_9_during_multipart_then_restart(workspace: Workspace, s3: Any,
                                               proxy: FaultProxy) -> None:
     workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2})
@@ -135,6 +137,9 @@ def test_kill_9_during_multipart_then_restart(workspace: Workspace, s3: Any,
 @pytest.mark.parametrize("how", ["deleted", "renamed"])
 def test_file_gone_mid_upload_is_cut_short(workspace: Workspace, s3: Any, proxy: FaultProxy,
                                            how: str) -> None:
+    # Classic only: the CRT keeps reading the file it opened and sends every part (the stray
+    # object is still removed afterwards).
+    workspace.transfer_client = "classic"
     workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2})
     proxy.add("delay", lambda r: r.operation == "UploadPart", times=1000, delay=0.5)
     daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
@@ -346,7 +351,7 @@ def stop_and_time(daemon: Daemon, timeout: float = 120) -> tuple[int, float]:
 
 
 def test_stop_is_bounded_while_s3_holds_uploads(workspace: Workspace, s3: Any,
-                                                proxy: FaultProxy) -> None:
+                                                proxy: FaultProxy, transfer_client: str) -> None:
     stop_timeout = 3
     workspace.write_config(sync={"stop_timeout": stop_timeout},
                            transfer={**MULTIPART, "max_concurrency": 2})
@@ -363,12 +368,15 @@ def test_stop_is_bounded_while_s3_holds_uploads(workspace: Workspace, s3: Any,
     incomplete = daemon.named("flush_incomplete")[0]
     assert incomplete["pending_files"] == 2 and incomplete["timed_out"] is True
 
-    # The abandoned multipart upload is still noted: the next start aborts it.
+    # The abandoned multipart upload is still noted: the next start aborts it. (The CRT may
+    # have aborted its own upload when it was cancelled, leaving nothing to abort.)
     proxy.rules.clear()
     second = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
-    assert [e["key"] for e in second.named("multipart_aborted")] == ["run1/big.pt"]
+    aborted = [e["key"] for e in second.named("multipart_aborted")]
+    assert aborted == ["run1/big.pt"] or (transfer_client == "crt" and aborted == [])
     second.wait_for_event("upload_done", count=2)
     assert object_bytes(s3, workspace.bucket, "run1/big.pt") == big
+    assert in_progress_uploads(s3, workspace.bucket) == []
     assert second.stop() == 0
 
 

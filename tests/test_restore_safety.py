@@ -45,6 +45,7 @@ def restored_files(target: Path) -> set[str]:
     return {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
 
 
+@pytest.mark.usefixtures("transfer_client")
 def test_replaced_object_makes_the_set_corrupt_and_restore_falls_back(
         workspace: Workspace, s3: Any) -> None:
     sets = make_sets(workspace)  # step_1 older, step_2 newer; model.pt and optim.pt each
@@ -85,6 +86,7 @@ def test_a_stale_local_copy_is_downloaded_again(workspace: Workspace, s3: Any) -
     assert local.read_bytes() == sets["step_2"]["model.pt"]
 
 
+@pytest.mark.usefixtures("transfer_client")
 def test_multipart_files_restore_verified_by_their_composite_checksum(
         workspace: Workspace, s3: Any) -> None:
     workspace.write_config(transfer={"multipart_threshold": "5MB", "multipart_chunksize": "5MB"})

@@ -91,6 +91,7 @@ def test_credentials_are_never_logged(workspace: Workspace) -> None:
         assert "testing" not in text  # the access key id is shown by its last 4 characters
 
 
+@pytest.mark.usefixtures("transfer_client")
 @pytest.mark.parametrize(("sse", "key_id"), [("AES256", None), ("aws:kms", "alias/ckpt")])
 def test_uploads_ask_for_server_side_encryption(workspace: Workspace, s3: Any, sse: str,
                                                 key_id: str | None) -> None:

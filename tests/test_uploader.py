@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import s3transfer.upload
 from s3transfer.utils import ChunksizeAdjuster
 
+import spotwatch.aws.store
+from spotwatch.aws.crt_store import CrtObjectStore, make_store
 from spotwatch.aws.s3 import make_s3_client, transfer_config
-from spotwatch.aws.store import S3ObjectStore
 from spotwatch.config import MiB, TransferSettings
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.uploader import Uploader
@@ -20,12 +23,22 @@ from spotwatch.sync.uploader import Uploader
 from .conftest import REGION, object_bytes
 
 SMALL_PARTS = TransferSettings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+_client = "classic"  # the transfer client of the test running (see transfer_client)
+
+
+@pytest.fixture(autouse=True, params=["classic", "crt"])
+def transfer_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both transfer clients; upload() uses the test's."""
+    monkeypatch.setattr(sys.modules[__name__], "_client", request.param)
+    return str(request.param)
 
 
 def upload(bucket: str, settings: TransferSettings, *jobs: UploadJob,
            between: Any = None) -> list[UploadResult]:
     results: queue.Queue[UploadResult] = queue.Queue()
-    store = S3ObjectStore(make_s3_client(REGION, settings), bucket, settings)
+    settings = msgspec.structs.replace(settings, client=_client)
+    store = make_store(make_s3_client(REGION, settings), bucket, settings)
+    assert isinstance(store, CrtObjectStore) == (_client == "crt")
     uploader = Uploader(store, results.put)
     try:
         for job in jobs:
@@ -143,8 +156,8 @@ def test_part_count_stays_within_s3s_limit(tmp_path: Path, s3: Any, bucket: str,
     """A file that would need more than the 10,000 parts S3 allows at the configured chunk
     size gets bigger parts (s3transfer's ChunksizeAdjuster, on the uploader's path). Shown
     with the limit scaled down to 2 parts, as a 50 GB file is no test fixture."""
-    monkeypatch.setattr(s3transfer.upload, "ChunksizeAdjuster",
-                        lambda: ChunksizeAdjuster(max_parts=2))
+    for module in (s3transfer.upload, spotwatch.aws.store):  # classic, CRT
+        monkeypatch.setattr(module, "ChunksizeAdjuster", lambda: ChunksizeAdjuster(max_parts=2))
     path = tmp_path / "big.pt"
     path.write_bytes(os.urandom(12 * MiB))
     [result] = upload(bucket, SMALL_PARTS, job_for(path, "big.pt"))

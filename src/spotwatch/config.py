@@ -64,11 +64,17 @@ SyncMode = Literal["continuous", "on-notice"]
 ChecksumAlgorithm = Literal["CRC32", "CRC32C", "SHA1", "SHA256", "CRC64NVME"]
 # Server-side encryption asked for on upload: none (the bucket default applies), SSE-S3, SSE-KMS.
 SseMode = Literal["none", "AES256", "aws:kms"]
+# Which transfer client moves file bytes: the AWS CRT's, s3transfer's classic one, or auto
+# (the CRT wherever awscrt can be used).
+TransferClient = Literal["auto", "crt", "classic"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 CHECKSUM_ALGORITHMS: tuple[str, ...] = get_args(ChecksumAlgorithm)
 SYNC_MODES: tuple[str, ...] = get_args(SyncMode)
 SSE_MODES: tuple[str, ...] = get_args(SseMode)
+TRANSFER_CLIENTS: tuple[str, ...] = get_args(TransferClient)
+# The fastest NIC the CRT knows (trn1n: 800 Gbit/s), with room; more is a typo.
+MAX_TARGET_THROUGHPUT_GBPS = 3200.0
 LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
 
 
@@ -190,14 +196,23 @@ class TransferSettings(_Section, frozen=True, kw_only=True):
     max_attempts: Annotated[int, Meta(ge=1, le=50)] = 10
     sse: SseMode = "none"
     sse_kms_key_id: Text | None = None
+    client: TransferClient = "auto"
+    # Gbit/s the CRT sizes its connections for; None: the CRT's figure for this instance type.
+    target_throughput: Annotated[float, Meta(gt=0, le=MAX_TARGET_THROUGHPUT_GBPS, extra={
+        "unit": "Gbit/s"})] | None = None
 
     def __post_init__(self) -> None:
         if self.sse_kms_key_id is not None and self.sse != "aws:kms":
             raise _refuse("sse_kms_key_id", "needs 'transfer.sse: aws:kms'")
+        if self.client == "crt" and not _crt_available():
+            raise _crt_missing("client", "crt")
         if self.checksum_algorithm in CRT_CHECKSUM_ALGORITHMS and not _crt_available():
-            raise _refuse("checksum_algorithm", f": {self.checksum_algorithm} needs the AWS CRT, "
-                          "which is not available (pip install 'botocore[crt]'; "
-                          "BOTO_DISABLE_CRT unset)")
+            raise _crt_missing("checksum_algorithm", self.checksum_algorithm)
+
+    @property
+    def uses_crt(self) -> bool:
+        """Whether file transfers go through the AWS CRT: asked for, or auto and available."""
+        return self.client == "crt" or (self.client == "auto" and _crt_available())
 
 
 class ImdsSettings(_Section, frozen=True, kw_only=True):
@@ -681,6 +696,11 @@ def _shown(value: object) -> str:
     """A value for an error line: repr (escapes control characters), cut to a readable length."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _crt_missing(key: str, value: str) -> ValueError:
+    return _refuse(key, f": {value} needs the AWS CRT, which is not available "
+                   "(pip install 'botocore[crt]'; BOTO_DISABLE_CRT unset)")
 
 
 def _crt_available() -> bool:

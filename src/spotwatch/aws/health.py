@@ -134,7 +134,10 @@ class S3Watch:
     def _on_attempt(self, response: tuple[Any, Any] | None = None,
                     caught_exception: BaseException | None = None, **kwargs: Any) -> None:
         # Returns None: the retry decision stays with botocore's own handler.
-        error = s3_error_class(response, caught_exception)
+        self.record(s3_error_class(response, caught_exception))
+
+    def record(self, error: str | None) -> None:
+        """One request's end: None when S3 answered normally, else the error's class."""
         if error is None:
             self._succeeded()
         else:

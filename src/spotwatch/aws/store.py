@@ -43,6 +43,11 @@ class Throttle(Protocol):
         """Return once `size` more bytes may be sent."""
         ...
 
+    @property
+    def lifted(self) -> bool:
+        """Whether the cap is off for now (a notice or a flush lifted it)."""
+        ...
+
 # A file this small is read into memory for its single request (see S3ObjectStore._put_file).
 IN_MEMORY_BODY_MAX = 1 << 20
 # DeleteObjects takes at most this many keys per request.

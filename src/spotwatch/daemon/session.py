@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from watchdog.observers import Observer
 
+from spotwatch.aws.crt_store import make_store
 from spotwatch.aws.health import S3Watch
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
-from spotwatch.aws.store import ObjectStore, S3ObjectStore, Throttle
+from spotwatch.aws.store import ObjectStore, Throttle
 from spotwatch.config import Config
 from spotwatch.model import UploadResult
 from spotwatch.state import StateDir, StateLock
@@ -88,7 +89,8 @@ class Session:
         config = self._config
         client = self._client or make_s3_client(resolve_region(config), config.transfer)
         self._s3_watch.attach(client)
-        store = S3ObjectStore(client, self._bucket, config.transfer, self._throttle)
+        store = make_store(client, self._bucket, config.transfer, self._s3_watch.record,
+                           throttle=self._throttle)
         parts = build_parts(config, store, Ledger(self._state.ledger), self._wake, self._prune)
         engine = self._engine = parts.engine
         abort_orphaned_uploads(store, engine.ledger)

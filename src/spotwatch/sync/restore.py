@@ -24,9 +24,10 @@ from pathlib import Path
 
 import structlog
 
+from spotwatch.aws.crt_store import make_store
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
-from spotwatch.aws.store import ObjectStore, S3ObjectStore, StoreError
+from spotwatch.aws.store import ObjectStore, StoreError
 from spotwatch.config import Config, JobSettings, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.model import FileVersion
@@ -105,8 +106,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     for the whole job)."""
     watch = _choose_watch(config, prefix)
     destination = _destination(to, watch)
-    store = S3ObjectStore(make_s3_client(resolve_region(config), config.transfer), bucket,
-                          config.transfer)
+    store = make_store(make_s3_client(resolve_region(config), config.transfer), bucket,
+                       config.transfer)
     try:
         candidates = restore_candidates(store, watch.prefix, config.job, node_rank)
     except StoreError as exc:

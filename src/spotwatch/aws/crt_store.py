@@ -1,0 +1,327 @@
+"""File transfers through the AWS Common Runtime (awscrt) S3 client, and the one factory that
+picks a store by `transfer.client`.
+
+CrtObjectStore is an S3ObjectStore whose file uploads and downloads go through the CRT's native
+client, which splits files into parts, signs, checksums and retries on its own event-loop
+threads and sizes its connection pool for a target throughput; everything else (listing, HEAD,
+deletes, manifests through put_bytes, multipart clean-up) stays on the boto3 client.
+botocore builds each request (endpoint, addressing style, SSE headers) as it would for itself,
+through s3transfer's BotocoreCRTRequestSerializer; the CRT only sends it.
+
+What the CRT path cannot report: its retries happen inside the CRT, so S3 error metrics count
+each failed transfer once (with its final error), not each failed attempt as the classic path
+does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from contextlib import suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import awscrt.exceptions
+import awscrt.s3
+import boto3
+import botocore.session
+import structlog
+from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import ClientError
+from s3transfer.crt import (
+    BotocoreCRTCredentialsWrapper,
+    BotocoreCRTRequestSerializer,
+    CRTTransferFuture,
+    CRTTransferMeta,
+    acquire_crt_s3_process_lock,
+)
+from s3transfer.utils import CallArgs
+
+from spotwatch.aws.s3 import encryption_args
+from spotwatch.aws.store import (
+    ObjectStore,
+    PendingUpload,
+    Progress,
+    S3ObjectStore,
+    StoredObject,
+    StoreError,
+    Throttle,
+    store_error,
+)
+from spotwatch.config import TransferSettings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger("spotwatch.transfer")
+
+# The CRT's client sizes itself to fill the host's network alone, so `auto` takes it only in the
+# one spotwatch process on the host holding this lock (a restore beside the daemon goes classic).
+CRT_PROCESS_LOCK = "spotwatch"
+# Without a figure for the instance type, the CRT targets 10 Gbit/s (as boto3 does).
+DEFAULT_TARGET_GBPS = 10.0
+# Reported to on_outcome: None for a transfer S3 completed, else its error's class.
+Outcome = Callable[[str | None], None]
+# botocore sets Content-MD5 unless told otherwise; the serializer removes this placeholder and
+# the CRT adds its own checksum instead.
+_NO_MD5 = "override-to-be-removed"
+_CANCELED = "AWS_ERROR_S3_CANCELED"
+# The CRT's words for a file it could not read, as the OSErrors the uploader understands.
+_FILE_ERRORS: dict[str, int] = {
+    "AWS_ERROR_FILE_INVALID_PATH": errno.ENOENT,
+    "AWS_ERROR_NO_PERMISSION": errno.EACCES,
+    "AWS_ERROR_FILE_OPEN_FAILURE": errno.EIO,
+}
+
+# The CRT's names for S3's throttling and failures, as the classes the S3 metrics count (see
+# aws.health.s3_error_class); others are counted under the CRT's own name.
+_ERROR_CLASSES = {
+    "AWS_ERROR_S3_SLOW_DOWN": "SlowDown",
+    "AWS_ERROR_S3_INTERNAL_ERROR": "InternalError",
+    "AWS_ERROR_S3_REQUEST_TIME_TOO_SKEWED": "RequestTimeTooSkewed",
+    "AWS_IO_SOCKET_TIMEOUT": "ReadTimeout",
+    "AWS_IO_SOCKET_CONNECTION_REFUSED": "ConnectionError",
+    "AWS_IO_SOCKET_CLOSED": "ConnectionError",
+    "AWS_ERROR_HTTP_CONNECTION_CLOSED": "ConnectionError",
+    "AWS_ERROR_HTTP_SERVER_CLOSED": "ConnectionError",
+}
+
+
+def _nothing_to_cancel() -> None:
+    pass
+
+
+def _crt_error(exc: RuntimeError) -> BaseException:
+    """make_request's refusal ("44 (AWS_ERROR_FILE_INVALID_PATH): Invalid file path.") as
+    the AwsCrtError the CRT would have ended the request with."""
+    name = str(exc).partition("(")[2].partition(")")[0]
+    return awscrt.exceptions.AwsCrtError(code=0, name=name, message=str(exc)) if name else exc
+
+
+def target_throughput_gbps(settings: TransferSettings) -> float:
+    """The configured target, else the CRT's own for this instance type (400 on p4d and p5,
+    600 on trn1.32xlarge ...), else 10 Gbit/s."""
+    if settings.target_throughput is not None:
+        return settings.target_throughput
+    recommended = awscrt.s3.get_recommended_throughput_target_gbps()
+    return float(recommended) if recommended else DEFAULT_TARGET_GBPS
+
+
+def make_store(client: S3Client, bucket: str, settings: TransferSettings,
+               on_outcome: Outcome | None = None,
+               throttle: Throttle | None = None) -> ObjectStore:
+    """The store for `transfer.client`: the CRT's (auto: wherever awscrt can be used) or the
+    classic s3transfer one. on_outcome hears of every CRT transfer's end (for S3 metrics);
+    throttle is the bandwidth cap on uploads (None: none)."""
+    if settings.client == "crt" or (settings.uses_crt and _holds_crt_process_lock()):
+        log.debug("transfer_client", client="crt", configured=settings.client,
+                 target_gbps=target_throughput_gbps(settings))
+        return CrtObjectStore(client, bucket, settings, on_outcome=on_outcome,
+                              throttle=throttle)
+    reason = ("another spotwatch process on this host uses the CRT" if settings.uses_crt
+              else None)
+    log.debug("transfer_client", client="classic", configured=settings.client, reason=reason)
+    return S3ObjectStore(client, bucket, settings, throttle)
+
+
+def _holds_crt_process_lock() -> bool:
+    return acquire_crt_s3_process_lock(CRT_PROCESS_LOCK) is not None
+
+
+class CrtObjectStore(S3ObjectStore):
+    """An S3ObjectStore whose file uploads and downloads go through one CRT S3 client.
+
+    The CRT reads files and reports progress on its own event-loop threads, where a sender
+    cannot be held back without stalling every transfer; so while a bandwidth cap (throttle)
+    is in force, uploads take the classic path, which the cap paces, and once it is lifted
+    (a notice, a flush) new uploads go through the CRT at full speed.
+    """
+
+    def __init__(self, client: S3Client, bucket: str, settings: TransferSettings, *,
+                 on_outcome: Outcome | None = None, throttle: Throttle | None = None) -> None:
+        super().__init__(client, bucket, settings, throttle)
+        self._on_outcome = on_outcome
+        endpoint = client.meta.endpoint_url
+        region = client.meta.region_name
+        self._crt = _crt_client(region, settings, use_tls=endpoint.startswith("https:"))
+        self._serializer = BotocoreCRTRequestSerializer(botocore.session.Session(), {
+            "region_name": region, "endpoint_url": endpoint,
+            "config": BotoConfig(s3=getattr(client.meta.config, "s3", None))})
+        self._requests: set[awscrt.s3.S3Request] = set()
+        self._requests_lock = threading.Lock()
+
+    # -- uploads -----------------------------------------------------------------------------
+
+    def upload_file(self, path: Path, key: str, size: int,
+                    progress: Progress | None = None) -> PendingUpload:
+        """One CRT request: a single PutObject below the threshold, parts from it on. The
+        checksum S3 verified comes from the PutObject reply, else (multipart) a HEAD."""
+        if self._throttle is not None and not self._throttle.lifted:
+            return super().upload_file(path, key, size, progress)
+        outer: Future[StoredObject] = Future()
+        received: dict[str, str] = {}
+        part_size = self.part_size(size)
+
+        def keep_headers(status_code: int, headers: list[tuple[str, str]],
+                         **kwargs: Any) -> None:
+            received.update((name.lower(), value) for name, value in headers)
+
+        def finished(error: BaseException | None) -> None:
+            # On the CRT's event-loop thread: the HEAD (or the error's parsing) runs elsewhere.
+            with suppress(RuntimeError):  # after close nobody waits any more
+                self._finisher.submit(self._finish_upload, error, key, size, received, outer)
+
+        args = {"ContentLength": size, "ContentMD5": _NO_MD5,
+                # Only names the algorithm (x-amz-sdk-checksum-algorithm); the CRT computes it.
+                "ChecksumAlgorithm": self._settings.checksum_algorithm,
+                **encryption_args(self._settings)}
+        cancel = self._start(
+            "put_object", key, args, finished, progress,
+            type=awscrt.s3.S3RequestType.PUT_OBJECT, send_filepath=str(path),
+            # In a header, not a trailer: S3 verifies either, but the trailer's aws-chunked
+            # encoding is not spoken by every S3-compatible store (SeaweedFS refuses it).
+            checksum_config=awscrt.s3.S3ChecksumConfig(
+                algorithm=awscrt.s3.S3ChecksumAlgorithm[self._settings.checksum_algorithm],
+                location=awscrt.s3.S3ChecksumLocation.HEADER),
+            # The part size we record for the checksum is the one the CRT uses: it is within
+            # S3's 10,000 parts already (s3transfer's adjuster), so the CRT keeps it.
+            part_size=part_size or self._settings.multipart_chunksize,
+            # The CRT's threshold is the largest single request; ours the smallest multipart.
+            multipart_upload_threshold=max(1, self._settings.multipart_threshold - 1),
+            on_headers=keep_headers)
+        return PendingUpload(outer, cancel)
+
+    def _finish_upload(self, error: BaseException | None, key: str, size: int,
+                       headers: dict[str, str], outer: Future[StoredObject]) -> None:
+        try:
+            if error is not None:
+                raise self._translated(error)
+            checksum = headers.get(f"x-amz-checksum-{self._settings.checksum_algorithm.lower()}")
+            stored = (StoredObject(checksum) if checksum and not self.uses_multipart(size)
+                      else self._verified(key, size))
+        except BaseException as exc:  # whoever waits on outer gets it
+            outer.set_exception(exc)
+        else:
+            outer.set_result(stored)
+
+    # -- downloads ---------------------------------------------------------------------------
+
+    def download(self, key: str, path: Path, progress: Progress | None = None,
+                 size: int | None = None) -> None:
+        """One CRT GetObject (ranged parts for a large object) straight into path."""
+        done: Future[None] = Future()
+
+        def finished(error: BaseException | None) -> None:
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        self._start("get_object", key, {}, finished, progress,
+                    type=awscrt.s3.S3RequestType.GET_OBJECT, recv_filepath=str(path),
+                    part_size=self._settings.multipart_chunksize,
+                    checksum_config=awscrt.s3.S3ChecksumConfig(validate_response=True))
+        try:
+            done.result()
+        except BaseException as exc:
+            raise self._translated(exc) from exc
+
+    # -- the CRT's requests ------------------------------------------------------------------
+
+    def _start(self, operation: str, key: str, args: dict[str, Any],
+               finished: Callable[[BaseException | None], None], progress: Progress | None,
+               **request: Any) -> Callable[[], None]:
+        """Send one request through the CRT; finished(error) runs once it ended. Returns what
+        cancels it."""
+        call = CallArgs(bucket=self._bucket, key=key, extra_args=args, subscribers=[])
+        http = self._serializer.serialize_http_request(
+            operation, CRTTransferFuture(CRTTransferMeta(call_args=call)))  # type: ignore[arg-type]
+        handle: list[awscrt.s3.S3Request] = []
+
+        def on_done(error: BaseException | None = None, **kwargs: Any) -> None:
+            with self._requests_lock:
+                self._requests.difference_update(handle)
+            self._report(error)
+            finished(error)
+
+        def on_progress(progress_bytes: int, **kwargs: Any) -> None:
+            if progress is not None:
+                progress(progress_bytes)
+
+        with self._requests_lock:
+            try:
+                crt_request = self._crt.make_request(request=http, on_done=on_done,
+                                                     on_progress=on_progress, **request)
+            except RuntimeError as exc:  # refused at once, e.g. the file is gone
+                crt_request = None
+                refused = _crt_error(exc)
+            else:
+                handle.append(crt_request)
+                if not crt_request.finished_future.done():
+                    self._requests.add(crt_request)
+        if crt_request is None:
+            finished(refused)
+            return _nothing_to_cancel
+        return crt_request.cancel  # type: ignore[no-any-return]
+
+    def _translated(self, error: BaseException) -> BaseException:
+        """A CRT error as the ObjectStore contract has it: CancelledError, or StoreError."""
+        if isinstance(error, awscrt.exceptions.AwsCrtError) and error.name == _CANCELED:
+            return CancelledError()
+        if isinstance(error, awscrt.s3.S3ResponseError):
+            with suppress(Exception):  # botocore's parser; its own message when it can't
+                parsed = self._serializer.translate_crt_exception(error)
+                if isinstance(parsed, ClientError):
+                    return store_error(parsed)
+            return StoreError(str(error), permanent=400 <= error.status_code < 500)
+        if isinstance(error, awscrt.exceptions.AwsCrtError):
+            number = _FILE_ERRORS.get(error.name)
+            if number is not None:  # OSError picks the subclass (PermissionError ...)
+                return OSError(number, os.strerror(number))
+            return StoreError(f"{error.name}: {error.message}")
+        return error
+
+    def _report(self, error: BaseException | None) -> None:
+        if self._on_outcome is None:
+            return
+        if error is None:
+            self._on_outcome(None)
+            return
+        translated = self._translated(error)
+        if isinstance(translated, (CancelledError, OSError)):
+            return  # ours or the file's, not S3's
+        code = translated.code if isinstance(translated, StoreError) else None
+        name = str(getattr(error, "name", type(error).__name__))
+        self._on_outcome(code or _ERROR_CLASSES.get(name, name))
+
+    def close(self) -> None:
+        """Cancel every CRT request and return at once; the CRT's threads wind down on their
+        own (the CLI exits with os._exit, which waits for none of them)."""
+        with self._requests_lock:
+            requests = list(self._requests)
+        for request in requests:
+            request.cancel()
+        super().close()
+
+
+def _crt_client(region: str, settings: TransferSettings, *, use_tls: bool) -> awscrt.s3.S3Client:
+    """The CRT's S3 client, signing with the credentials boto3 resolves (env, profile,
+    instance role; refreshed as they expire)."""
+    credentials = boto3.session.Session().get_credentials()
+    provider = (BotocoreCRTCredentialsWrapper(credentials).to_crt_credentials_provider()
+                if credentials is not None else None)
+    event_loops = EventLoopGroup()
+    bootstrap = ClientBootstrap(event_loops, DefaultHostResolver(event_loops))
+    return awscrt.s3.S3Client(
+        bootstrap=bootstrap, region=region, credential_provider=provider,
+        tls_mode=(awscrt.s3.S3RequestTlsMode.ENABLED if use_tls
+                  else awscrt.s3.S3RequestTlsMode.DISABLED),
+        part_size=settings.multipart_chunksize,
+        multipart_upload_threshold=settings.multipart_threshold,
+        throughput_target_gbps=target_throughput_gbps(settings),
+        retry_config=awscrt.s3.S3RetryConfig(max_retries=settings.max_attempts - 1),
+        enable_s3express=True)

@@ -1,0 +1,118 @@
+"""Uploads and restores against a real object store (SeaweedFS), on both transfer clients.
+
+moto answers whatever botocore and the CRT send; a real server is where differences in how
+requests are framed show (the CRT's checksum trailer, for one, is refused by SeaweedFS)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from .conftest import TRANSFER_CLIENTS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from seaweed import REGION, seaweedfs
+
+MiB = 1024 * 1024
+BUCKET = "spotwatch-real-store"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+
+
+@pytest.fixture(scope="module")
+def seaweed_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with seaweedfs(tmp_path_factory.mktemp("seaweed")) as url:
+        boto3.client("s3", region_name=REGION, endpoint_url=url,
+                     **{k.lower(): v for k, v in CREDENTIALS.items()}).create_bucket(Bucket=BUCKET)
+        yield url
+
+
+def spotwatch(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(CREDENTIALS, AWS_ENDPOINT_URL_S3=url, AWS_EC2_METADATA_DISABLED="true")
+    return subprocess.run([sys.executable, "-m", "spotwatch.cli", *args, "--bucket", BUCKET],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("algorithm", ["CRC32", "CRC32C", "CRC64NVME", "SHA256"])
+@pytest.mark.parametrize("client", TRANSFER_CLIENTS)
+def test_flush_then_restore_on_a_real_object_store(tmp_path: Path, seaweed_url: str,
+                                                   client: str, algorithm: str) -> None:
+    checkpoints = tmp_path / "ckpt"
+    step = checkpoints / "step_1"
+    step.mkdir(parents=True)
+    files = {"model.bin": os.urandom(13 * MiB + 7),  # three parts at 5 MiB
+             "optim.bin": os.urandom(MiB), "empty": b"", "meta.json": b'{"step": 1}'}
+    for name, data in files.items():
+        (step / name).write_bytes(data)
+    prefix = f"{client}-{algorithm}/"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        # SeaweedFS has no public access block to show the bucket private.
+        "aws": {"region": REGION, "allow_public_bucket": True},
+        "watch": [{"path": str(checkpoints), "prefix": prefix}],
+        "transfer": {"client": client, "checksum_algorithm": algorithm,
+                     "multipart_threshold": "8MB", "multipart_chunksize": "5MB"},
+        "imds": {"enabled": False},
+        "state": {"dir": str(tmp_path / "state")},
+        "metrics": {"enabled": False},
+    }))
+    flushed = spotwatch(seaweed_url, "flush", "-c", str(config))
+    assert flushed.returncode == 0, flushed.stderr
+
+    restored = tmp_path / "restored"
+    result = spotwatch(seaweed_url, "restore", "-c", str(config), "--to", str(restored))
+    assert result.returncode == 0, result.stderr
+    for name, data in files.items():
+        assert (restored / "step_1" / name).read_bytes() == data, name
+
+
+LOCK_HOLDER = """
+import sys
+from s3transfer.crt import acquire_crt_s3_process_lock
+from spotwatch.aws.crt_store import CRT_PROCESS_LOCK
+acquire_crt_s3_process_lock(CRT_PROCESS_LOCK)  # None: another spotwatch has it, as good
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def chosen_client(result: subprocess.CompletedProcess[str]) -> str:
+    lines = [yaml.safe_load(line) for line in result.stderr.splitlines()
+             if '"transfer_client"' in line]
+    assert lines, result.stderr
+    return str(lines[0]["client"])
+
+
+# (Not "auto without a holder gets the CRT": any spotwatch running on the host may hold it.)
+@pytest.mark.parametrize(("configured", "held", "expected"), [
+    ("auto", True, "classic"), ("crt", True, "crt"), ("classic", False, "classic")])
+def test_auto_leaves_the_crt_to_the_spotwatch_process_holding_it(
+        tmp_path: Path, seaweed_url: str, configured: str, held: bool, expected: str) -> None:
+    """One CRT client per host: `auto` goes classic while another spotwatch process (say, the
+    daemon beside a restore) has it; `crt` asked for outright is used regardless."""
+    (tmp_path / "ckpt").mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "aws": {"region": REGION, "allow_public_bucket": True},
+        "watch": [{"path": str(tmp_path / "ckpt"), "prefix": f"lock-{configured}-{held}/"}],
+        "transfer": {"client": configured}, "imds": {"enabled": False},
+        "state": {"dir": str(tmp_path / "state")}, "metrics": {"enabled": False},
+        "log": {"format": "json", "level": "debug"}}))
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) if held else None
+    try:
+        if holder is not None:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        result = spotwatch(seaweed_url, "flush", "-c", str(config))
+    finally:
+        if holder is not None:
+            holder.communicate("")
+    assert result.returncode == 0, result.stderr
+    assert chosen_client(result) == expected
