@@ -133,7 +133,9 @@ class Clients:
     def crt_refusal(self, bucket: str) -> str | None:
         """Why spotwatch cannot run with `transfer.client: crt`, or None when it accepts it.
         Asked by loading such a config, which rejects an unknown key with exit 2."""
-        config = self.spotwatch_config(self.work, client="crt")
+        probe_dir = self.work / "crt-probe"
+        probe_dir.mkdir(exist_ok=True)
+        config = self.spotwatch_config(probe_dir, client="crt")
         probe = self.spotwatch("status", config, bucket, "--json")
         done = subprocess.run(probe.argv, env=probe.env, capture_output=True, text=True,
                               check=False)
