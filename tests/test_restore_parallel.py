@@ -8,11 +8,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spotwatch.aws.store import StoreError
 from spotwatch.errors import SpotwatchError
 from spotwatch.sync.restore import TEMP_SUFFIX, RestoreReport, restore_newest
-from spotwatch.sync.sets.remote import list_manifests
+from spotwatch.sync.sets.remote import is_complete, list_manifests
 
 from .conftest import wait_for
 from .memory_store import InMemoryObjectStore
@@ -112,3 +114,39 @@ def test_a_corrupt_file_while_another_is_held_falls_back_to_the_older_set(
     assert files_under(tmp_path / "r") == ["step_1/a.pt", "step_1/b.pt"]
     assert not any(TEMP_SUFFIX in name for name in files_under(tmp_path / "r"))
     assert (tmp_path / "r/step_1/b.pt").read_bytes() == b"1" * 60
+
+
+def test_completeness_is_one_listing_not_a_head_per_file(tmp_path: Path,
+                                                         store: InMemoryObjectStore) -> None:
+    """Before downloading, restore checks every listed object is there with its size: for a
+    set of many small files a HEAD each cost more than the downloads themselves."""
+    put_set(store, "step_1", {f"shard_{i:04d}.pt": b"x" * (i % 7) for i in range(1500)}, 1)
+    put_set(store, "step_10", {"other.pt": b"y"}, 0)  # shares step_1's key prefix
+    [manifest] = [m for m in list_manifests(store, PREFIX) if m.set_name == "step_1"]
+    store.calls.clear()
+    report = restore_newest(store, [manifest], tmp_path, "CRC32", None)
+    assert report is not None and report.downloaded == 1500
+    assert store.calls["head"] == 0
+    assert store.calls["list_objects"] == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3), min_size=1, max_size=6),
+       missing=st.sets(st.integers(0, 5)), resized=st.sets(st.integers(0, 5)),
+       extra=st.booleans())
+def test_a_set_is_complete_exactly_when_every_listed_object_has_its_size(
+        sizes: list[int], missing: set[int], resized: set[int], extra: bool) -> None:
+    memory = InMemoryObjectStore()
+    files = {f"f{i}": b"z" * size for i, size in enumerate(sizes)}
+    put_set(memory, "step", files, 1)
+    for i in range(len(sizes)):
+        key = PREFIX + f"step/f{i}"
+        if i in missing:
+            memory.objects.pop(key)
+        elif i in resized:
+            memory.put(key, b"z" * (sizes[i] + 1))
+    if extra:  # an object the manifest does not list changes nothing
+        memory.put(PREFIX + "step/unlisted", b"u")
+    [manifest] = list_manifests(memory, PREFIX)
+    expected = not ({i for i in range(len(sizes))} & (missing | resized))
+    assert is_complete(memory, manifest) is expected

@@ -7,7 +7,7 @@ from collections import defaultdict
 import structlog
 
 from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
-from spotwatch.keys import manifest_key, manifest_prefix, part_key, parts_prefix
+from spotwatch.keys import manifest_key, manifest_prefix, object_key, part_key, parts_prefix
 from spotwatch.sync.sets.manifest import Manifest, ManifestError
 from spotwatch.sync.sets.parts import JobSet, Part
 
@@ -77,12 +77,16 @@ def _read_manifest(store: ObjectStore, prefix: str, key: str) -> Manifest | None
 
 
 def is_complete(store: ObjectStore, manifest: Manifest) -> bool:
-    """Every file the manifest lists is in the store with the listed size."""
-    for entry in manifest.files:
-        try:
-            head = store.head(entry.key)
-        except StoreError:
-            return False
-        if head.size != entry.size:
-            return False
-    return True
+    """Every file the manifest lists is in the store with the listed size.
+
+    One listing of the set's keys (a request per 1,000 objects) rather than a HEAD per file:
+    every key a valid manifest lists is the prefix, then the set's name, then the rest."""
+    wanted = {entry.key: entry.size for entry in manifest.files}
+    found: dict[str, int] = {}
+    try:
+        for listed in store.list_objects(object_key(manifest.prefix, manifest.set_name)):
+            if listed.key in wanted:
+                found[listed.key] = listed.size
+    except StoreError:
+        return False
+    return found == wanted
