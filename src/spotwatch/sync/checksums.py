@@ -27,7 +27,7 @@ class ChecksumUnavailable(Exception):
 
 
 class _Digest(Protocol):
-    def update(self, data: bytes, /) -> None: ...
+    def update(self, data: bytes | memoryview, /) -> None: ...
 
     def digest(self) -> bytes: ...
 
@@ -35,12 +35,12 @@ class _Digest(Protocol):
 class _Crc:
     """A CRC with hashlib's interface: update() then digest() (big-endian, as S3 sends it)."""
 
-    def __init__(self, step: Callable[[bytes, int], int], width: int) -> None:
+    def __init__(self, step: Callable[[bytes | memoryview, int], int], width: int) -> None:
         self._step = step
         self._width = width
         self._value = 0
 
-    def update(self, data: bytes, /) -> None:
+    def update(self, data: bytes | memoryview, /) -> None:
         self._value = self._step(data, self._value)
 
     def digest(self) -> bytes:
@@ -80,18 +80,21 @@ def _parse(checksum: str) -> tuple[bytes, int | None] | None:
     return digest, int(parts) if parts else None
 
 
-def _digests(path: Path, make: Callable[[], _Digest],
-             part_size: int | None) -> tuple[bytes, bytes | None, int]:
-    """The file's full digest, its composite digest over part_size parts, and the part count;
-    one pass over the file."""
-    whole = make()
-    of_parts = make()
+def _digests(path: Path, make: Callable[[], _Digest], part_size: int | None,
+             whole_too: bool) -> tuple[bytes | None, bytes | None, int]:
+    """The file's full digest (if whole_too), its composite digest over part_size parts (if
+    part_size) and the part count; one pass over the file, without copying its bytes."""
+    whole = make() if whole_too else None
+    of_parts = make() if part_size is not None else None
     part = make()
     in_part = parts = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(READ_BYTES):
-            whole.update(chunk)
-            if part_size is None:
+    buffer = bytearray(READ_BYTES)
+    with path.open("rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            chunk = memoryview(buffer)[:count]
+            if whole is not None:
+                whole.update(chunk)
+            if of_parts is None or part_size is None:
                 continue
             while chunk:
                 piece, chunk = chunk[:part_size - in_part], chunk[part_size - in_part:]
@@ -100,10 +103,11 @@ def _digests(path: Path, make: Callable[[], _Digest],
                 if in_part == part_size:
                     of_parts.update(part.digest())
                     part, in_part, parts = make(), 0, parts + 1
-    if in_part or (part_size is not None and parts == 0):
+    if of_parts is not None and (in_part or parts == 0):
         of_parts.update(part.digest())
         parts += 1
-    return whole.digest(), of_parts.digest() if part_size is not None else None, parts
+    return (whole.digest() if whole is not None else None,
+            of_parts.digest() if of_parts is not None else None, parts)
 
 
 def _candidates(width: int, preferred: str) -> list[str]:
@@ -133,7 +137,8 @@ def file_matches(path: Path, checksum: str, part_size: int | None, preferred: st
         except ChecksumUnavailable as exc:
             unavailable = exc
             continue
-        whole, composite, parts = _digests(path, make, part_size)
+        # A checksum with a part count is composite; without one it may be either.
+        whole, composite, parts = _digests(path, make, part_size, part_count is None)
         if part_count is None and whole == expected:
             return True
         if composite == expected and part_count in (None, parts):
