@@ -26,6 +26,9 @@ AWS = "aws s3 sync"
 S5CMD = "s5cmd sync"
 RESTORE = "spotwatch restore"
 S5CMD_CP = "s5cmd cp"
+# The CRT opens one connection per 0.4 Gbit/s of its throughput target (counted through the
+# simulation: 4 Gbit/s -> 10 connections, 10 -> 25, 20 -> 51), whatever max_concurrency says.
+CRT_GBPS_PER_CONNECTION = 0.4
 UPLOADERS = (SPOTWATCH, SPOTWATCH_CRT, AWS, S5CMD)
 DOWNLOADERS = (RESTORE, S5CMD_CP)
 
@@ -78,6 +81,8 @@ class Clients:
             transfer["client"] = client
         if concurrency:
             transfer["max_concurrency"] = concurrency
+            if client == "crt":  # the CRT counts connections by its target, not requests
+                transfer["target_throughput"] = concurrency * CRT_GBPS_PER_CONNECTION
         config = self.work / f"config-{uuid.uuid4().hex[:6]}.yaml"
         config.write_text(yaml.safe_dump({
             # SeaweedFS has no public access block to show the bucket private.

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from clients import CRT_GBPS_PER_CONNECTION, SPOTWATCH_CRT
 from spotwatch.config import TransferSettings
 
 S3_CONNECTION_MB_S = 87.5  # MB/s (10^6) that one S3 connection carries, 85-90
-NIC_MB_S = 400e9 / 8 / 1e6  # p4d and p5: the CRT's built-in target, 400 Gbit/s
+NIC_GBPS = 400  # p4d and p5: the CRT's built-in target, 400 Gbit/s
+NIC_MB_S = NIC_GBPS * 1e9 / 8 / 1e6
 CHECKPOINTS_GIB = {"7B full training state": 78, "70B full training state": 782}
 GiB = 2**30
 
@@ -47,12 +49,15 @@ def at_scale(connections: int, share_busy: float, cpu_per_gib: float) -> dict[st
 
 
 def project(scaling: dict[str, Any], tool: str) -> dict[str, Any]:
-    """`tool` on a p4d/p5 at spotwatch's default concurrency and at the best level measured.
+    """`tool` on a p4d/p5 at its default connections and at the best level measured.
     CPU per GiB comes from the largest level, where start-up weighs least."""
     rows = {int(n): row for n, row in scaling["tools"][tool].items()}
     share = {n: efficiency(row, n, scaling["rate_mib"]) for n, row in rows.items()}
     cpu_per_gib = float(rows[max(rows)]["cpu_per_gib"])
-    default = TransferSettings().max_concurrency
+    # By default the CRT sizes itself for the instance's target (1,000 connections on a p4d);
+    # the classic client runs max_concurrency requests.
+    default = (round(NIC_GBPS / CRT_GBPS_PER_CONNECTION) if tool == SPOTWATCH_CRT
+               else TransferSettings().max_concurrency)
     best = max(rows, key=lambda n: n * share[n])
     return {"tool": tool,
             "default": at_scale(default, interpolated(share, default), cpu_per_gib),

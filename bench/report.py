@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clients import RESTORE, SPOTWATCH
+from clients import CRT_GBPS_PER_CONNECTION, RESTORE, SPOTWATCH
 from measure import paired_ratio
 from projection import CHECKPOINTS_GIB, NIC_MB_S, S3_CONNECTION_MB_S
 
@@ -92,7 +92,9 @@ def scaling_section(scaling: dict[str, Any]) -> list[str]:
              "connection, throughput growing with connections) scaled down to this machine. "
              f"With n connections each tool uploads n files of {scaling['file_mib']:g} MiB, "
              "set to n requests at once (spotwatch `transfer.max_concurrency`, aws "
-             "`max_concurrent_requests`, s5cmd `--numworkers`); 'ideal' is n x the pace. "
+             "`max_concurrent_requests`, s5cmd `--numworkers`; the CRT opens a connection per "
+             f"{CRT_GBPS_PER_CONNECTION:g} Gbit/s of `transfer.target_throughput`, set to n x "
+             f"{CRT_GBPS_PER_CONNECTION:g}); 'ideal' is n x the pace. "
              "Wall time includes each tool's start-up. MiB/s (median over rounds), then "
              "CPU-seconds per GiB:", "",
              "| connections | ideal | " + " | ".join(tools) + " | "
