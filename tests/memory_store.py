@@ -208,9 +208,10 @@ class InMemoryObjectStore:
 
         return self._pool.submit(put)
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes:
         self._enter("get_bytes", key)
-        return self._read(key).data
+        data = self._read(key).data
+        return data if limit is None else data[:limit]
 
     def download(self, key: str, path: Path, progress: Progress | None = None,
                  size: int | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,9 +23,11 @@ from spotwatch.aws.autoscaling import LifecycleAction, make_autoscaling_client
 from spotwatch.config import AsgSettings, ImdsSettings, load_config
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.errors import ConfigError
+from spotwatch.model import Notice, NoticeKind
 from tests.asgproxy import AutoScalingProxy, LifecycleCall
 from tests.conftest import REGION, Workspace, keys_in, wait_for
 from tests.faultproxy import FaultProxy
+from tests.test_peer_notices_e2e import publish_as_peer
 
 HEARTBEAT = "RecordLifecycleActionHeartbeat"
 COMPLETE = "CompleteLifecycleAction"
@@ -247,6 +250,37 @@ def test_final_flush_that_leaves_files_behind_still_continues_the_scale_in(
     [completed] = proxy.named(COMPLETE)
     assert completed.params["LifecycleActionResult"] == "CONTINUE"
 
+
+def test_a_peers_scale_in_never_holds_or_continues_this_instances_lifecycle_action(
+        workspace: Workspace, imds: ImdsEmulator, s3: Any, group: tuple[str, str, str],
+        proxy: AutoScalingProxy) -> None:
+    name, hook, instance = group
+    imds.set_instance(instance, {GROUP_TAG: name})
+    own_notice = threading.Event()
+    proxy.on_call = lambda action: own_notice.is_set()
+    workspace.write_config(job={"id": "llama", "nodes": 2, "rank": 1},
+                           sync={"quiet_seconds": 60},
+                           asg={"lifecycle_hook": hook, "heartbeat_interval": 1})
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL_AUTO_SCALING=proxy.url)
+    # Node 0 of the job is being scaled in: it publishes its Terminated notice.
+    publish_as_peer(s3, workspace.bucket, "run1/", "llama", 0,
+                    Notice.make(NoticeKind.ASG_TERMINATING, None, "Terminated"))
+    assert daemon.wait_for_event("notice_detected")["source"] == "peer"
+    daemon.wait_for_event("flush_done")
+    # Later this instance is scaled in too, while its trainer still writes: only now is its
+    # lifecycle action held (heart-beats), and it continues once, after its own flush.
+    (workspace.checkpoints / "step_1").mkdir()
+    with (workspace.checkpoints / "step_1" / "model.pt").open("wb") as checkpoint:
+        checkpoint.write(b"weights" * 1000)
+        checkpoint.flush()
+        own_notice.set()
+        imds.set_lifecycle_state("Terminated")
+        wait_for(lambda: [call for call in proxy.named(HEARTBEAT) if call.note])
+    completed = wait_for(lambda: proxy.named(COMPLETE))[0]
+    assert completed.params["InstanceId"] == instance
+    assert daemon.stop() == 0
+    assert len(proxy.named(COMPLETE)) == 1
+    assert all(call.note for call in proxy.calls)  # nothing before its own notice
 
 def test_iam_policy_grants_the_lifecycle_calls_only_with_a_hook(workspace: Workspace) -> None:
     def actions() -> list[str]:

@@ -18,9 +18,11 @@ import pytest
 from spotwatch.config import JOB_ENVIRONMENT
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.keys import part_key
+from spotwatch.model import Notice, NoticeKind
 
 from .conftest import Daemon, Workspace, keys_in, wait_for
 from .test_daemon_e2e import save_checkpoint
+from .test_peer_notices_e2e import publish_as_peer
 
 JOB = "llama-70b"
 NODES = 3
@@ -241,3 +243,29 @@ def test_a_file_deleted_on_one_node_takes_that_nodes_part_first(
         f"deleted s3://{bucket}/{PREFIX}step_1/__2_0.distcp (deleted locally)",
         "deleted 2 objects"]
     assert sealed(s3, bucket, "step_1", [0, 1])
+
+
+def test_retention_goes_on_after_a_peers_notice(
+        nodes: list[Workspace], s3: Any, bucket: str) -> None:
+    nodes[0].write_config(job={"id": JOB, "nodes": NODES, "rank": 0}, sync={"keep_sets": 1})
+    daemon = nodes[0].start_daemon()
+    try:
+        # Node 2 gets a rebalance recommendation: node 0 flushes with it, but it stays.
+        publish_as_peer(s3, bucket, PREFIX, JOB, 2, Notice.make(NoticeKind.REBALANCE, None, "now"))
+        assert daemon.wait_for_event("notice_detected")["source"] == "peer"
+        daemon.wait_for_event("flush_done")
+        # Nodes 1 and 2 seal their parts first; node 0's daemon then uploads and seals its own.
+        for rank in [*range(1, NODES), 0]:
+            save_shards(nodes[rank], rank, "step_1", age_seconds=600)
+            save_shards(nodes[rank], rank, "step_2", age_seconds=300)
+            if rank > 0:
+                flush(nodes[rank])
+        wait_for(lambda: sealed(s3, bucket, "step_2", range(NODES)), timeout=60)
+        # Rank 0 keeps step_2, the newest set complete for the job, and drops step_1 for all.
+        wait_for(lambda: not [key for key in keys_in(s3, bucket) if "step_1" in key], timeout=60)
+        assert sealed(s3, bucket, "step_2", range(NODES))
+        assert daemon.stop() == 0
+    finally:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()

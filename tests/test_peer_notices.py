@@ -1,5 +1,6 @@
 """Peer notices on the in-memory store with a fake clock: publish and learn, no loss when nodes
-publish at once, stale notices ignored, failures counted, malformed objects harmless."""
+publish at once, stale notices ignored, failures counted, malformed objects harmless; and a
+huge object in the channel, on moto over HTTP."""
 
 from __future__ import annotations
 
@@ -8,23 +9,29 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spotwatch.config import load_config
+from spotwatch.aws.s3 import make_s3_client
+from spotwatch.aws.store import S3ObjectStore
+from spotwatch.config import TransferSettings, load_config
 from spotwatch.errors import ConfigError
 from spotwatch.model import Notice, NoticeKind
 from spotwatch.notices.peers import (
+    MAX_NODE_OBJECT_BYTES,
     STARTUP_GRACE,
     PeerChannel,
     PeerPoller,
     channel_prefix,
     decode_node_object,
     encode_entry,
+    utc_now,
 )
 
+from .conftest import REGION
 from .memory_store import FakeClock, InMemoryObjectStore
 
 PREFIX = "run1/.spotwatch/jobs/llama/notices/"
@@ -277,3 +284,21 @@ def test_a_bad_peer_poll_interval_is_refused(tmp_path: Path, value: str) -> None
     path = write_config(tmp_path, f"{{id: j, nodes: 2, rank: 0, peer_poll_interval: {value}}}")
     with pytest.raises(ConfigError, match=r"job\.peer_poll_interval"):
         load_config(path)
+
+
+def test_a_huge_bell_is_never_read_whole_and_a_ring_after_it_is_heard(s3: Any,
+                                                                      bucket: str) -> None:
+    settings = TransferSettings()
+    store = S3ObjectStore(make_s3_client(REGION, settings), bucket, settings)
+    try:
+        channels = [PeerChannel(store, PREFIX, rank) for rank in (0, 1)]
+        poller = PeerPoller(channels[0], 1.0, lambda notice: None, started_at=utc_now())
+        s3.put_object(Bucket=bucket, Key=channels[0].bell_key, Body=bytes(16 * 2**20))
+        read = len(channels[0].read_bell() or b"")
+        assert 0 < read <= MAX_NODE_OBJECT_BYTES  # of 16 MiB
+        assert poller.poll_once() == [] and poller.failures == 0
+        channels[1].add(Notice.make(NoticeKind.REBALANCE, None, "now"))
+        channels[1].write()
+        assert [notice.peer_rank for notice in poller.poll_once()] == [1]
+    finally:
+        store.close()

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from spotwatch.emulator import ImdsEmulator
+from spotwatch.keys import job_key_space
+from spotwatch.model import Notice
+from spotwatch.notices.peers import BELL, FORMAT, NOTICES_DIR, encode_entry
 
 from .conftest import Daemon, Workspace, keys_in, wait_for
 from .faultproxy import FaultProxy, Request
@@ -89,6 +93,15 @@ def node_notices(s3: Any, bucket: str, rank: int) -> list[dict[str, Any]]:
     return json.loads(body)["notices"]  # type: ignore[no-any-return]
 
 
+def publish_as_peer(s3: Any, bucket: str, prefix: str, job_id: str, rank: int,
+                    notice: Notice) -> None:
+    """What node `rank`'s daemon writes on a notice from its IMDS: its object, then the bell."""
+    channel = job_key_space(prefix, job_id) + NOTICES_DIR
+    body = {"format": FORMAT, "rank": rank,
+            "notices": [encode_entry(notice, datetime.now(timezone.utc))]}
+    s3.put_object(Bucket=bucket, Key=f"{channel}node-{rank}.json", Body=json.dumps(body))
+    s3.put_object(Bucket=bucket, Key=channel + BELL, Body=uuid.uuid4().hex)
+
 def test_a_notice_to_one_node_reaches_the_others_and_flushes_them(
         job: list[Node], s3: Any, bucket: str) -> None:
     for node in job:
@@ -158,3 +171,4 @@ def test_failing_peer_polls_are_visible_and_never_hold_up_imds(
         daemon.wait_for_event("peer_channel_reachable")  # its first poll failed already
         wait_for(lambda: workspace.status().get("peers_up") is True)
         assert daemon.stop() == 0
+

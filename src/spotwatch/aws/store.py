@@ -138,8 +138,9 @@ class ObjectStore(Protocol):
         """Write a small object on the store's threads; the future holds the error, if any."""
         ...
 
-    def get_bytes(self, key: str) -> bytes:
-        """The object's bytes; ObjectMissing when there is none."""
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes:
+        """The object's bytes, or only its first `limit` bytes (the rest is left unread);
+        ObjectMissing when there is none."""
         ...
 
     def download(self, key: str, path: Path, progress: Progress | None = None,
@@ -400,9 +401,13 @@ class S3ObjectStore:
 
     # -- reading, listing, deleting ----------------------------------------------------------
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes:
         with _translated():
-            return self.client.get_object(Bucket=self._bucket, Key=key)["Body"].read()
+            body = self.client.get_object(Bucket=self._bucket, Key=key)["Body"]
+            try:
+                return body.read() if limit is None else body.read(limit)
+            finally:
+                body.close()  # unread bytes are dropped with the connection
 
     def download(self, key: str, path: Path, progress: Progress | None = None,
                  size: int | None = None) -> None:

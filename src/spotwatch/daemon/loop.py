@@ -88,6 +88,7 @@ class Daemon:
         self._signals = SignalInbox()
         self.last_notice: dict[str, Any] | None = None
         self._notice_seen = False
+        self._own_notice_seen = False  # a notice for this instance itself (not a peer's)
         # Demo only: told of notice_detected and flush_done as they happen.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._pruning: PruneSchedule | None = None
@@ -233,8 +234,10 @@ class Daemon:
                 or self.flushes.active)
 
     def _quiet(self, engine: SyncEngine) -> bool:
-        """Nothing needs the time: no notice, no flush, no upload, no file being written."""
-        return (not self.flushes.active and not self._notice_seen and engine.idle()
+        """Nothing needs the time: no notice for this instance, no flush, no upload, no file
+        being written. A peer's notice pauses pruning only while its flush and the uploads it
+        brings run: this instance stays, and the job's retention must go on."""
+        return (not self.flushes.active and not self._own_notice_seen and engine.idle()
                 and not engine.unsettled())
 
     def _step(self, engine: SyncEngine) -> None:
@@ -274,8 +277,13 @@ class Daemon:
         self.reporter.count_notice(notice, detected)
         if notice.kind is not NoticeKind.MANUAL:
             self._notice_seen = True
+            self._own_notice_seen = self._own_notice_seen or notice.peer_rank is None
             self.hooks.fire(dict(self.last_notice))
-        if notice.kind is NoticeKind.ASG_TERMINATING and self._lifecycle is not None:
+        # Invariant: only this instance's own Terminated state holds its lifecycle action; a
+        # peer's scale-in is the peer's (heart-beating or continuing ours would release a
+        # later scale-in of this instance before its own flush).
+        if (notice.kind is NoticeKind.ASG_TERMINATING and notice.peer_rank is None
+                and self._lifecycle is not None):
             self._lifecycle.begin()  # heart-beats until a flush leaves everything durable
         self._start_flush(engine, notice.kind.value, notice.deadline)
 

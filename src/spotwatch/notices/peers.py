@@ -55,6 +55,8 @@ SHARED_KINDS = frozenset({NoticeKind.SPOT_INTERRUPTION, NoticeKind.REBALANCE,
 KEPT_PER_NODE = 32
 # Larger objects in the channel are not notices: not read at all.
 MAX_NODE_OBJECT_BYTES = 64 * 1024
+# A bell is a few dozen bytes; only its first bytes are read, so junk there costs little.
+MAX_BELL_BYTES = 1024
 MAX_TEXT = 256
 # A peer's notice published up to this long before this daemon started is still acted on, so
 # a daemon restarted during an interruption joins it (hooks act once all the same).
@@ -201,8 +203,12 @@ class PeerChannel:
         self.store.delete(self.node_key(self.rank))
 
     def read_bell(self) -> bytes | None:
+        """Invariant: a poll reads at most MAX_BELL_BYTES of the bell and MAX_NODE_OBJECT_BYTES
+        (+1) of a node object, whatever lies in the channel: a huge object there costs no
+        memory or bandwidth on any node. A node's ring is short and unique, so a changed bell
+        still shows in its first bytes."""
         try:
-            return self.store.get_bytes(self.bell_key)
+            return self.store.get_bytes(self.bell_key, MAX_BELL_BYTES)
         except ObjectMissing:
             return None  # no node of this job has published yet
 
@@ -219,9 +225,10 @@ class PeerChannel:
         if listed.size > MAX_NODE_OBJECT_BYTES:
             return b""
         try:
-            return self.store.get_bytes(listed.key)
+            body = self.store.get_bytes(listed.key, MAX_NODE_OBJECT_BYTES + 1)
         except ObjectMissing:
             return None  # removed since it was listed (a restarting node's cleanup)
+        return b"" if len(body) > MAX_NODE_OBJECT_BYTES else body  # grown since listed
 
 
 class PeerPublisher:
