@@ -274,3 +274,31 @@ def test_flush_at_risk_is_logged_newest_set_first(workspace: Workspace, imds: Im
     assert object_bytes(s3, workspace.bucket, "run1/step_2/model.pt") == newer
     assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == older
     assert daemon.stop() == 0
+
+
+def test_the_trainer_is_never_told_a_later_deadline_than_it_has(workspace: Workspace,
+                                                                imds: ImdsEmulator) -> None:
+    """A rebalance (no deadline) then a spot notice: the file moves to the spot notice. A
+    scheduled event due later, then: it flushes too but the file keeps the spot deadline."""
+    notice_file = workspace.root / "shared" / "notice.json"
+    workspace.write_config(hooks={"notice_file": str(notice_file),
+                                  "command": "echo acted $SPOTWATCH_NOTICE_KIND"})
+
+    def told() -> str | None:
+        notice = interruption_pending(notice_file)
+        return None if notice is None else str(notice["kind"])
+
+    daemon = workspace.start_daemon()
+    imds.fire_rebalance()
+    wait_for(lambda: told() == "rebalance-recommendation")
+    imds.fire_spot_interruption(in_seconds=120)
+    wait_for(lambda: told() == "spot-interruption")
+    spot_deadline = interruption_pending(notice_file)["deadline"]  # type: ignore[index]
+    imds.schedule_event(in_seconds=3600)
+    kept = daemon.wait_for_event("notice_file_kept")
+    assert kept["kind"] == "scheduled-event"
+    assert told() == "spot-interruption"
+    assert interruption_pending(notice_file)["deadline"] == spot_deadline  # type: ignore[index]
+    kinds = [e["kind"] for e in daemon.named("notice_detected")]
+    assert kinds == ["rebalance-recommendation", "spot-interruption", "scheduled-event"]
+    assert daemon.stop() == 0

@@ -89,6 +89,8 @@ class Daemon:
         self.last_notice: dict[str, Any] | None = None
         self._notice_seen = False
         self._own_notice_seen = False  # a notice for this instance itself (not a peer's)
+        self._told_deadline: datetime | None = None  # of the notice the trainer was told
+        self._trainer_told = False
         # Demo only: told of notice_detected and flush_done as they happen.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._pruning: PruneSchedule | None = None
@@ -278,7 +280,7 @@ class Daemon:
         if notice.kind is not NoticeKind.MANUAL:
             self._notice_seen = True
             self._own_notice_seen = self._own_notice_seen or notice.peer_rank is None
-            self.hooks.fire(dict(self.last_notice))
+            self._tell_trainer(notice, self.last_notice)
         # Invariant: only this instance's own Terminated state holds its lifecycle action; a
         # peer's scale-in is the peer's (heart-beating or continuing ours would release a
         # later scale-in of this instance before its own flush).
@@ -286,6 +288,19 @@ class Daemon:
                 and self._lifecycle is not None):
             self._lifecycle.begin()  # heart-beats until a flush leaves everything durable
         self._start_flush(engine, notice.kind.value, notice.deadline)
+
+    def _tell_trainer(self, notice: Notice, record: dict[str, Any]) -> None:
+        """Invariant: the trainer is never told a later deadline than one it already has. A
+        notice without a deadline, or with a later one (a peer's, a rebalance after the spot
+        notice), still flushes, but leaves the notice file and the hooks alone."""
+        if (self._trainer_told and self._told_deadline is not None
+                and (notice.deadline is None or notice.deadline >= self._told_deadline)):
+            log.info("notice_file_kept", id=notice.id, kind=notice.kind.value,
+                     reason="the trainer already has an earlier deadline")
+            return
+        self._trainer_told = True
+        self._told_deadline = notice.deadline
+        self.hooks.fire(dict(record))
 
     def _share(self, notice: Notice) -> None:
         """Invariant: a node publishes only the notices its own IMDS gave it; one learnt from
