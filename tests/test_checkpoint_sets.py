@@ -28,9 +28,9 @@ def test_manifest_waits_for_the_whole_set(workspace: Workspace, s3: Any) -> None
         slow.write(os.urandom(50_000))
         slow.flush()
         wait_for(lambda: {"run1/step_1/a.pt", "run1/step_1/b.pt"} <= keys_in(s3, workspace.bucket))
-        # A set written after c.pt's last write, sealed: c.pt would have settled, and its set
-        # been sealed, by now if an open file could settle.
-        save_checkpoint(workspace.checkpoints / "later.pt", 1_000)
+        # A file written in place after c.pt's last write, closed, settled and sealed: c.pt
+        # would have settled, and its set been sealed, by now if an open file could settle.
+        (workspace.checkpoints / "later.pt").write_bytes(b"later")
         wait_for(lambda: sealed(daemon, "run1/later.pt"))
         assert f"{MANIFESTS}step_1.json" not in keys_in(s3, workspace.bucket)
         slow.write(os.urandom(50_000))
