@@ -146,7 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
         rule = self.proxy.choose(request)
         action = rule.action if rule else "forward"
         if rule is not None and rule.action == "delay":
-            time.sleep(rule.delay)
+            time.sleep(rule.delay)  # the fault being simulated: a slow answer
         if action in ("503", "500", "403"):
             self.proxy.record(request, action)
             self._send_error(int(action))

@@ -11,7 +11,7 @@ from typing import Any
 
 from spotwatch.sync.sets.manifest import Manifest
 
-from .conftest import Workspace, keys_in, object_bytes, wait_for
+from .conftest import Daemon, Workspace, keys_in, object_bytes, wait_for
 from .test_daemon_e2e import flush_summary, save_checkpoint
 
 MANIFESTS = "run1/.spotwatch/manifests/"
@@ -28,7 +28,10 @@ def test_manifest_waits_for_the_whole_set(workspace: Workspace, s3: Any) -> None
         slow.write(os.urandom(50_000))
         slow.flush()
         wait_for(lambda: {"run1/step_1/a.pt", "run1/step_1/b.pt"} <= keys_in(s3, workspace.bucket))
-        time.sleep(0.6)  # longer than settle time and the seal check interval
+        # A file written in place after c.pt's last write, closed, settled and sealed: c.pt
+        # would have settled, and its set been sealed, by now if an open file could settle.
+        (workspace.checkpoints / "later.pt").write_bytes(b"later")
+        wait_for(lambda: sealed(daemon, "run1/later.pt"))
         assert f"{MANIFESTS}step_1.json" not in keys_in(s3, workspace.bucket)
         slow.write(os.urandom(50_000))
     wait_for(lambda: f"{MANIFESTS}step_1.json" in keys_in(s3, workspace.bucket))
@@ -37,8 +40,13 @@ def test_manifest_waits_for_the_whole_set(workspace: Workspace, s3: Any) -> None
     assert {(f.path, f.size) for f in manifest.files} == {
         ("step_1/a.pt", 100_000), ("step_1/b.pt", 200_000), ("step_1/c.pt", 100_000)}
     assert all(f.checksum for f in manifest.files)
-    assert daemon.wait_for_event("set_complete")["files"] == 3
+    assert wait_for(lambda: sealed(daemon, "run1/step_1"))["files"] == 3
     assert daemon.stop() == 0
+
+
+def sealed(daemon: Daemon, set_key: str) -> dict[str, Any] | None:
+    """The set_complete event of this set, once logged."""
+    return next((e for e in daemon.named("set_complete") if e["set"] == set_key), None)
 
 
 def make_sets(workspace: Workspace) -> dict[str, dict[str, bytes]]:

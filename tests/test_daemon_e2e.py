@@ -99,7 +99,7 @@ def test_rewritten_file_ends_as_final_content(workspace: Workspace, s3: Any) -> 
     path = workspace.checkpoints / "latest.pt"
     for _ in range(4):
         path.write_bytes(os.urandom(3_000_000))
-        time.sleep(0.25)
+        time.sleep(0.25)  # the input: the trainer rewrites it after the settle time
     final = path.read_bytes()
     wait_for(lambda: "run1/latest.pt" in keys_in(s3, workspace.bucket)
              and object_bytes(s3, workspace.bucket, "run1/latest.pt") == final)
@@ -169,7 +169,7 @@ def test_signal_storm_never_wedges_the_daemon(workspace: Workspace, s3: Any) -> 
     deadline = time.monotonic() + 4.0
     while time.monotonic() < deadline and daemon.process.poll() is None:
         os.kill(daemon.process.pid, signal.SIGUSR1)
-        time.sleep(0.0005)
+        time.sleep(0.0005)  # the input: the pace of the storm
     assert daemon.stop(timeout=40) == 0
     assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == data
     assert daemon.named("notice_detected")  # the flush requests were heard

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from spotwatch.errors import ConfigError
 from spotwatch.interruption import interruption_pending
 from spotwatch.keys import object_key
 from spotwatch.model import Snapshot
+from spotwatch.notices.sources import REBALANCE, SCHEDULED_EVENTS
 from spotwatch.sync.planner import PendingFile, Planner, SetRef
 from spotwatch.sync.subtree import files_at_or_below
 from spotwatch.sync.throughput import plan_flush
@@ -33,7 +33,7 @@ with open(pid_file, "w") as f:
     f.write(str(os.getpid()))
 deadline = time.time() + 30
 while not asked and time.time() < deadline:
-    time.sleep(0.01)
+    time.sleep(0.01)  # the trainer's own wait for the signal (the input), not the test's
 tmp = os.path.join(checkpoints, "emergency.pt.tmp")
 with open(tmp, "wb") as f:
     f.write(b"emergency state")
@@ -144,7 +144,12 @@ def test_disabled_sources_are_not_polled(workspace: Workspace, imds: ImdsEmulato
     workspace.write_config(notices={"rebalance": False})
     daemon = workspace.start_daemon()
     imds.fire_rebalance()
-    time.sleep(1.0)  # five poll intervals
+    # The scheduled events are polled as often as the rebalance item would be: two more polls
+    # of them span a whole interval after the notice, in which it would have been asked.
+    scheduled = SCHEDULED_EVENTS.path
+    polled = imds.gets_of(scheduled)
+    wait_for(lambda: imds.gets_of(scheduled) >= polled + 2)
+    assert imds.gets_of(REBALANCE.path) == 0
     assert daemon.named("notice_detected") == []
     imds.fire_spot_interruption()
     assert daemon.wait_for_event("notice_detected")["kind"] == "spot-interruption"
@@ -262,9 +267,7 @@ def test_flush_at_risk_is_logged_newest_set_first(workspace: Workspace, imds: Im
     daemon = workspace.start_daemon()
     older = save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 100 * 2**20)
     newer = save_checkpoint(workspace.checkpoints / "step_2" / "model.pt", 20 * 2**20)
-    wait_for(lambda: daemon.process.poll() is None and (workspace.root / "state" /
-                                                         "status.json").exists())
-    time.sleep(0.6)  # both settled and pending
+    wait_for(lambda: workspace.status().get("pending_files") == 2)  # both settled, held back
     # 0.8 to 2 s left: at the assumed 50 MiB/s the newest set fits, the older one does not.
     imds.fire_spot_interruption(in_seconds=2)
     warning = daemon.wait_for_event("flush_at_risk")

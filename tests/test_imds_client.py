@@ -40,9 +40,10 @@ def test_404_means_no_notice(imds: ImdsEmulator) -> None:
 
 
 def test_token_is_refreshed_before_it_expires(imds: ImdsEmulator) -> None:
-    client = ImdsClient(imds.url, token_ttl=2)
-    client.get("meta-data/instance-id")
-    time.sleep(1.6)  # inside the refresh margin (a quarter of the TTL) but not yet expired
+    now = [0.0]
+    client = ImdsClient(imds.url, token_ttl=8, clock=lambda: now[0])
+    client.get("meta-data/instance-id")  # the token is valid until 8 on this clock
+    now[0] = 7.0  # inside the refresh margin (a quarter of the TTL) but not yet expired
     client.get("meta-data/instance-id")
     counts = imds.counts()
     assert counts["token_put"] == 2

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 from typing import Any
 
 import pytest
@@ -48,9 +47,7 @@ def test_metrics_follow_pending_work_uploads_notices_and_flushes(
     def pending() -> float:
         return scrape(url)[("spotwatch_pending_files", ())]
 
-    deadline = time.monotonic() + 10
-    while pending() != 1 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: pending() == 1, timeout=10)
     before = scrape(url)
     assert before[("spotwatch_pending_files", ())] == 1
     assert before[("spotwatch_pending_bytes", ())] == 12_345
@@ -62,8 +59,11 @@ def test_metrics_follow_pending_work_uploads_notices_and_flushes(
     assert before[("spotwatch_imds_up", ())] == 1
 
     imds.fire_spot_interruption()
-    daemon.wait_for_event("flush_done")
-    time.sleep(1.2)  # the gauges follow the status, written every second
+    flush = daemon.wait_for_event("flush_done")
+    # The gauges are set with each status.json, before it is written: once a status names
+    # this flush, the gauges show the state after it.
+    wait_for(lambda: (workspace.status().get("last_flush") or {}).get("finished_at")
+             == flush["finished_at"])
     after = scrape(url)
     assert after[("spotwatch_pending_files", ())] == 0
     assert after[("spotwatch_uploaded_files_total", ())] == 1

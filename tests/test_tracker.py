@@ -52,7 +52,7 @@ def test_file_open_for_writing_does_not_settle(tracker: ChangeTracker) -> None:
         for _ in range(4):
             handle.write(os.urandom(1024))
             handle.flush()
-            time.sleep(SETTLE)  # pauses longer than the settle time, but shorter than quiet
+            time.sleep(SETTLE)  # the input: a writer pausing longer than settle, less than quiet
             assert tracker.take_settled() == []
     assert settled_within(tracker, 1.0) == {path}
 

@@ -172,6 +172,10 @@ class ImdsEmulator:
         with self.lock:
             return dict(self.state.counts)
 
+    def gets_of(self, item: str) -> int:
+        """How many GETs of this item (e.g. "meta-data/spot/instance-action") arrived."""
+        return self.counts().get(f"get {item}", 0)
+
     # -- request handling -----------------------------------------------------------------
 
     def count(self, what: str) -> None:
@@ -306,6 +310,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._control()
             return
         self.emulator.count("get")
+        self.emulator.count(f"get {self.path.removeprefix('/latest/')}")
         if self.emulator.state.disabled:
             self._send(403, "Forbidden")
             return
