@@ -48,12 +48,9 @@ class LifecycleAction:
         self._reason = ""
 
     @property
-    def begun(self) -> bool:
-        return self._thread is not None
-
-    @property
-    def completed(self) -> bool:
-        return self._done.is_set()
+    def holding(self) -> bool:
+        """Heart-beating: begun, and not yet completed."""
+        return self._thread is not None and not self._done.is_set()
 
     def begin(self) -> None:
         """Start heart-beating (once; a second Terminated notice changes nothing)."""
@@ -64,7 +61,7 @@ class LifecycleAction:
     def complete(self, reason: str, wait: float = 0.0) -> None:
         """Stop heart-beating and let the scale-in continue; wait: seconds to wait for the call
         (the final flush waits, so that the process does not exit before it)."""
-        if self._thread is None or self._done.is_set():
+        if self._thread is None or self._done.is_set():  # not holding (mypy needs it spelt out)
             return
         self._reason = reason
         self._done.set()

@@ -89,8 +89,7 @@ class Daemon:
         self.last_notice: dict[str, Any] | None = None
         self._notice_seen = False
         self._own_notice_seen = False  # a notice for this instance itself (not a peer's)
-        self._told_deadline: datetime | None = None  # of the notice the trainer was told
-        self._trainer_told = False
+        self._told: Notice | None = None  # the notice the trainer was last told of
         # Demo only: told of notice_detected and flush_done as they happen.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._pruning: PruneSchedule | None = None
@@ -293,13 +292,12 @@ class Daemon:
         """Invariant: the trainer is never told a later deadline than one it already has. A
         notice without a deadline, or with a later one (a peer's, a rebalance after the spot
         notice), still flushes, but leaves the notice file and the hooks alone."""
-        if (self._trainer_told and self._told_deadline is not None
-                and (notice.deadline is None or notice.deadline >= self._told_deadline)):
+        told = self._told.deadline if self._told is not None else None
+        if told is not None and (notice.deadline is None or notice.deadline >= told):
             log.info("notice_file_kept", id=notice.id, kind=notice.kind.value,
                      reason="the trainer already has an earlier deadline")
             return
-        self._trainer_told = True
-        self._told_deadline = notice.deadline
+        self._told = notice
         self.hooks.fire(dict(record))
 
     def _share(self, notice: Notice) -> None:
@@ -365,15 +363,15 @@ class Daemon:
         were uploaded after all (retries, or a later flush); the hook heart-beats until then.
         The final flush's end releases it anyway (_release_lifecycle)."""
         lifecycle = self._lifecycle
-        if (lifecycle is None or not lifecycle.begun or lifecycle.completed
-                or engine.pending_files() or not engine.flush_settled(None)):
+        if (lifecycle is None or not lifecycle.holding or engine.pending_files()
+                or not engine.flush_settled(None)):
             return
         lifecycle.complete(f"{made_by} made everything durable")
 
     def _release_lifecycle(self, durable: bool) -> None:
         """A flush that left files behind keeps the hook heart-beating (a later flush may make
         them durable); the final flush is the last chance, so the scale-in continues anyway."""
-        if self._lifecycle is None or not self._lifecycle.begun or self._lifecycle.completed:
+        if self._lifecycle is None or not self._lifecycle.holding:
             return
         if not durable:
             log.warning("asg_lifecycle_completing_anyway", hook=self._lifecycle.hook,

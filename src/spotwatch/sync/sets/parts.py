@@ -15,6 +15,7 @@ import builtins
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 from spotwatch.config import JobSettings
 from spotwatch.sync.sets.manifest import (
@@ -86,7 +87,7 @@ class JobSet:
     nodes: int
     parts: Mapping[int, Manifest]
 
-    @property
+    @cached_property  # sorting the sets and restoring one both need it
     def whole(self) -> Manifest:
         """Every file any part lists, once (the lowest rank's entry where several list it)."""
         entries: dict[str, ManifestEntry] = {}
