@@ -134,25 +134,26 @@ def test_kill_9_during_multipart_then_restart(workspace: Workspace, s3: Any,
     assert second.stop() == 0
 
 
+@pytest.mark.usefixtures("transfer_client")
 @pytest.mark.parametrize("how", ["deleted", "renamed"])
 def test_file_gone_mid_upload_is_cut_short(workspace: Workspace, s3: Any, proxy: FaultProxy,
                                            how: str) -> None:
-    # Classic only: the CRT keeps reading the file it opened and sends every part (the stray
-    # object is still removed afterwards).
-    workspace.transfer_client = "classic"
     workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2})
-    proxy.add("delay", lambda r: r.operation == "UploadPart", times=1000, delay=0.5)
+    # Every part is held on its way to S3, so the upload is still sending when the file goes.
+    held = proxy.add("delay", lambda r: r.operation == "UploadPart", times=1000, delay=1.5)
     daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
     doomed = workspace.checkpoints / "doomed.pt"
-    data = checkpoint_data(doomed, 40 * MiB)  # 8 parts, 2 at a time: 2 s with the delay
-    wait_for(lambda: proxy.count("UploadPart") >= 1, timeout=60)
+    data = checkpoint_data(doomed, 40 * MiB)  # 8 parts
+    wait_for(lambda: held.applied >= 1, timeout=60)
     if how == "deleted":
         doomed.unlink()
     else:
         doomed.rename(workspace.checkpoints / "kept.pt")
     skipped = daemon.wait_for_event("upload_skipped", timeout=60)
     assert skipped["reason"] == "file deleted" and skipped["key"] == "run1/doomed.pt"
-    assert proxy.count("UploadPart") < 8  # parts are read by name: the rest are never sent
+    # Cut short: the upload never completed (the classic client fails to read the next part
+    # by name; the CRT, which keeps its file open, is cancelled when the file goes).
+    assert proxy.count("CompleteMultipartUpload") == 0
     proxy.rules.clear()
     if how == "renamed":
         daemon.wait_for_event("upload_done")
@@ -161,6 +162,34 @@ def test_file_gone_mid_upload_is_cut_short(workspace: Workspace, s3: Any, proxy:
     wait_for(lambda: "run1/next.pt" in keys_in(s3, workspace.bucket), timeout=30)
     assert object_bytes(s3, workspace.bucket, "run1/next.pt") == kept
     assert "run1/doomed.pt" not in keys_in(s3, workspace.bucket)  # never a torn object
+    wait_for(lambda: in_progress_uploads(s3, workspace.bucket) == [], timeout=10)
+    assert daemon.stop() == 0
+
+
+@pytest.mark.usefixtures("transfer_client")
+def test_file_rewritten_mid_upload_is_cut_short(workspace: Workspace, s3: Any,
+                                                proxy: FaultProxy) -> None:
+    # A long quiet interval: the rewrite below stays open, so it does not settle (and cancel
+    # the old upload that way) until it is closed.
+    workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2},
+                           sync={"settle_seconds": 0.2, "quiet_seconds": 60})
+    held = proxy.add("delay", lambda r: r.operation == "UploadPart", times=1000, delay=1.5)
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    path = workspace.checkpoints / "step_1.pt"
+    checkpoint_data(path, 40 * MiB)  # 8 parts
+    wait_for(lambda: held.applied >= 1, timeout=60)
+    final = os.urandom(40 * MiB)
+    with path.open("r+b") as rewrite:
+        rewrite.write(final[:MiB])
+        rewrite.flush()
+        superseded = daemon.wait_for_event("upload_superseded", timeout=60)
+        assert superseded["reason"] == "cancelled"  # not "changed" once all of it was sent
+        assert proxy.count("CompleteMultipartUpload") == 0
+        proxy.rules.clear()
+        rewrite.write(final[MiB:])
+    done = daemon.wait_for_event("upload_done", timeout=60)
+    assert done["key"] == "run1/step_1.pt"
+    assert object_bytes(s3, workspace.bucket, "run1/step_1.pt") == final
     wait_for(lambda: in_progress_uploads(s3, workspace.bucket) == [], timeout=10)
     assert daemon.stop() == 0
 

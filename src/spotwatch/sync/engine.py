@@ -111,7 +111,9 @@ class SyncEngine:
 
     def collect_settled(self) -> None:
         for tracker in self.trackers:
-            for path in tracker.take_removed():
+            removed = tracker.take_removed()
+            self._cancel_stale_uploads([*removed, *tracker.take_written()])
+            for path in removed:
                 self.changes += 1
                 for item in self.planner.remove_under(path):
                     log.debug("pending_dropped", path=str(item.path), reason="deleted")
@@ -128,6 +130,21 @@ class SyncEngine:
                 if self._consider(tracker, path, stat) and self.uploader.is_uploading(path):
                     # A newer version settled while the old one uploads: stop the stale upload.
                     self.uploader.cancel(path)
+
+    def _cancel_stale_uploads(self, touched: list[Path]) -> None:
+        """Invariant: an upload whose file is deleted, renamed away or written to stops as
+        soon as the tracker hears of it, not once the new version settles or the last byte
+        is sent (the CRT would send the file it opened to the end). The uploader removes what
+        a cancelled upload of a vanished file may have written; a changed file is uploaded
+        again once it settles."""
+        if not touched or not self._uploading:
+            return
+        uploading = {job.path: job for job in self._uploading}
+        stale = {path for touched_path in touched
+                 for path in files_at_or_below(touched_path, uploading.keys())}
+        for path in stale:
+            if not _is_unchanged(uploading[path]):
+                self.uploader.cancel(path)
 
     def _consider(self, tracker: ChangeTracker, path: Path, stat: os.stat_result) -> bool:
         relative = tracker.relative(path)
@@ -348,6 +365,15 @@ class SyncEngine:
 
 def _set_ref(tracker: ChangeTracker, relative: str) -> SetRef:
     return SetRef(tracker.watch.prefix, set_name_of(relative), tracker.root)
+
+
+def _is_unchanged(job: UploadJob) -> bool:
+    """Whether the file is still the version the job uploads (events also come for writes
+    that change nothing, e.g. a directory renamed into place reports each file again)."""
+    try:
+        return Snapshot.of(os.stat(job.path, follow_symlinks=False)) == job.snapshot
+    except OSError:
+        return False
 
 
 def _is_regular(stat: os.stat_result) -> bool:

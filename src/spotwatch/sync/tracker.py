@@ -88,6 +88,7 @@ class ChangeTracker(FileSystemEventHandler):
         self._clock = clock
         self._candidates: dict[Path, _Candidate] = {}
         self._removed: list[Path] = []
+        self._written: set[Path] = set()  # files written to since take_written
         self._lock = threading.Lock()
 
     def watch_with(self, observer: BaseObserver) -> None:
@@ -117,6 +118,7 @@ class ChangeTracker(FileSystemEventHandler):
         elif event.is_directory:
             return
         elif kind in _CONTENT_EVENTS:
+            self._note_written(src)
             # watchdog replays the files of a new directory as creations: synthetic ones come
             # from a directory moved in whole (published, like a renamed file); others may
             # have been written before the directory was watched, so they wait for a close or
@@ -126,6 +128,7 @@ class ChangeTracker(FileSystemEventHandler):
             else:
                 self.mark(src, closed=False)
         elif kind == "closed":
+            self._note_written(src)
             if os.path.lexists(src):  # a file deleted while open still reports its close
                 self.mark(src, closed=True)
         else:
@@ -154,6 +157,16 @@ class ChangeTracker(FileSystemEventHandler):
             self._removed.append(path)
             for candidate in files_at_or_below(path, self._candidates.keys()):
                 del self._candidates[candidate]
+
+    def _note_written(self, path: Path) -> None:
+        with self._lock:
+            self._written.add(path)
+
+    def take_written(self) -> set[Path]:
+        """Files written to (or created) since the last call, settled or not."""
+        with self._lock:
+            written, self._written = self._written, set()
+        return written
 
     def take_settled(self) -> list[Path]:
         now = self._clock()

@@ -116,6 +116,8 @@ class Uploader:
         try:
             stored = upload.future.result()
         except CancelledError:
+            if not os.path.lexists(job.path):  # cut short because the file went
+                return result(Outcome.VANISHED, object_removed=self._remove_stray(job.key))
             return result(Outcome.CANCELLED)
         except FileNotFoundError:
             return result(Outcome.VANISHED)
