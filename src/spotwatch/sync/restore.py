@@ -5,7 +5,8 @@ is in S3 with the listed size. Every file is downloaded under a temporary name a
 against the manifest's size and checksum; only when all files of the set check out are they
 renamed into place, with their original mtime, so a rerun skips what is already there and the
 daemon does not upload them again. The files of a set download concurrently
-(transfer.max_concurrency at a time), each checked on the thread that downloaded it. A set
+(transfer.max_concurrency at a time), each checked against its manifest entry as its bytes
+arrive where the store can (aws.ranged_get, the CRT), else read back once written. A set
 whose bytes do not match is corrupt: its downloads are removed and the next older complete set
 is restored instead, with a warning.
 
