@@ -2,7 +2,8 @@
 
 Each request is matched against the rules in order; the first rule with faults left applies:
 an S3 error status (503 SlowDown, 500 InternalError, 403 AccessDenied), a connection reset
-before the request reaches S3 or after S3 handled it (the response is lost), or a delay.
+before the request reaches S3 or after S3 handled it (the response is lost), a response body
+cut off halfway (then reset), a response body with one byte flipped, or a delay.
 Everything else is forwarded untouched. The proxy records what it saw, so tests can check the
 faults happened.
 """
@@ -47,7 +48,7 @@ class Request:
 
 @dataclass
 class Rule:
-    action: str  # "503", "500", "403", "reset", "reset-after", "delay"
+    action: str  # "503", "500", "403", "reset", "reset-after", "truncate", "corrupt", "delay"
     matches: Callable[[Request], bool]
     times: int = 1
     delay: float = 0.0
@@ -160,7 +161,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.proxy.record(request, "reset-after")
             self._reset()
             return
-        self.proxy.record(request, "forwarded")
+        if action == "corrupt" and payload:
+            middle = len(payload) // 2
+            payload = payload[:middle] + bytes([payload[middle] ^ 0xFF]) + payload[middle + 1:]
+        self.proxy.record(request, action if action in ("truncate", "corrupt") else "forwarded")
         self.send_response(status)
         for name, value in headers:
             if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
@@ -169,7 +173,11 @@ class _Handler(BaseHTTPRequestHandler):
         length = dict((k.lower(), v) for k, v in headers).get("content-length", "0")
         self.send_header("Content-Length", length if self.command == "HEAD" else str(len(payload)))
         self.end_headers()
-        if self.command != "HEAD":
+        if action == "truncate":  # the headers promise every byte; half arrive
+            self.wfile.write(payload[:len(payload) // 2])
+            self.wfile.flush()
+            self._reset()
+        elif self.command != "HEAD":
             self.wfile.write(payload)
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle

@@ -16,8 +16,8 @@ from boto3.s3.transfer import TransferConfig
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from spotwatch.checksums import ChecksumUnavailable, file_matches
 from spotwatch.keys import RESERVED_SET, object_key
-from spotwatch.sync.checksums import ChecksumUnavailable, file_matches
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry, ManifestError
 
 PREFIX = "run1/"

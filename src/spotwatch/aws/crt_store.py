@@ -57,6 +57,7 @@ from spotwatch.aws.store import (
     Throttle,
     store_error,
 )
+from spotwatch.checksums import ContentMismatch, Expected
 from spotwatch.config import TransferSettings
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ Outcome = Callable[[str | None], None]
 # the CRT adds its own checksum instead.
 _NO_MD5 = "override-to-be-removed"
 _CANCELED = "AWS_ERROR_S3_CANCELED"
+_CHECKSUM_MISMATCH = "AWS_ERROR_S3_RESPONSE_CHECKSUM_MISMATCH"
 # The CRT's words for a file it could not read, as the OSErrors the uploader understands.
 _FILE_ERRORS: dict[str, int] = {
     "AWS_ERROR_FILE_INVALID_PATH": errno.ENOENT,
@@ -193,7 +195,7 @@ class CrtObjectStore(S3ObjectStore):
                          **kwargs: Any) -> None:
             received.update((name.lower(), value) for name, value in headers)
 
-        def finished(error: BaseException | None) -> None:
+        def finished(error: BaseException | None, validated: bool) -> None:
             # On the CRT's event-loop thread: the HEAD (or the error's parsing) runs elsewhere.
             with suppress(RuntimeError):  # after close nobody waits any more
                 self._finisher.submit(self._finish_upload, error, key, size, received, outer)
@@ -233,48 +235,59 @@ class CrtObjectStore(S3ObjectStore):
 
     # -- downloads ---------------------------------------------------------------------------
 
-    def download(self, key: str, path: Path, progress: Progress | None = None,
-                 size: int | None = None) -> None:
-        """An object below the multipart threshold: one CRT GetObject straight into path.
-        A larger one (or one of unknown size): s3transfer's ranged GETs, which on the
-        benchmark's server took half the CPU and time of the CRT's for 256 MiB shards, while
-        the CRT fetched 64 KiB objects 2.7 times as fast (see bench/RESULTS.md)."""
-        if size is None or self.uses_multipart(size):
-            super().download(key, path, progress, size)
-            return
-        done: Future[None] = Future()
+    def download(self, key: str, path: Path, size: int, progress: Progress | None = None,
+                 expected: Expected | None = None) -> bool:
+        """A (non-empty) object below the multipart threshold: one CRT GetObject straight
+        into path, checked by the CRT against the expected full-object checksum as it arrives.
+        A larger one: the classic store's ranged GETs, which on the benchmark's server were faster
+        than the CRT's and check a composite checksum part by part."""
+        # An empty object: the CRT's GET with an expected checksum asks for a range, which
+        # S3 refuses for no bytes (InvalidRange).
+        if size == 0 or self.uses_multipart(size):
+            return super().download(key, path, size, progress, expected)
+        done: Future[bool] = Future()
+        checking = expected if expected is not None and not expected.composite \
+            and expected.algorithm in awscrt.s3.S3ChecksumAlgorithm.__members__ else None
 
-        def finished(error: BaseException | None) -> None:
+        def finished(error: BaseException | None, validated: bool) -> None:
             if error is None:
-                done.set_result(None)
+                done.set_result(validated and checking is not None)
             else:
                 done.set_exception(error)
 
         self._start("get_object", key, {}, finished, progress,
                     type=awscrt.s3.S3RequestType.GET_OBJECT, recv_filepath=str(path),
-                    checksum_config=awscrt.s3.S3ChecksumConfig(validate_response=True))
+                    checksum_config=_expecting(checking))
         try:
-            done.result()
+            checked = done.result()
         except BaseException as exc:
-            raise self._translated(exc) from exc
+            translated = self._translated(exc)
+            if isinstance(translated, ContentMismatch):
+                raise ContentMismatch(f"{key}: {translated}") from exc
+            raise translated from exc
+        received = os.stat(path).st_size
+        if received != size:
+            raise ContentMismatch(f"{key}: the object has {received} bytes, the listing {size}")
+        return checked
 
     # -- the CRT's requests ------------------------------------------------------------------
 
     def _start(self, operation: str, key: str, args: dict[str, Any],
-               finished: Callable[[BaseException | None], None], progress: Progress | None,
-               **request: Any) -> Callable[[], None]:
-        """Send one request through the CRT; finished(error) runs once it ended. Returns what
-        cancels it."""
+               finished: Callable[[BaseException | None, bool], None],
+               progress: Progress | None, **request: Any) -> Callable[[], None]:
+        """Send one request through the CRT; finished(error, whether the CRT validated the
+        response's checksum) runs once it ended. Returns what cancels it."""
         call = CallArgs(bucket=self._bucket, key=key, extra_args=args, subscribers=[])
         http = self._serializer.serialize_http_request(
             operation, CRTTransferFuture(CRTTransferMeta(call_args=call)))  # type: ignore[arg-type]
         handle: list[awscrt.s3.S3Request] = []
 
-        def on_done(error: BaseException | None = None, **kwargs: Any) -> None:
+        def on_done(error: BaseException | None = None, did_validate_checksum: bool = False,
+                    **kwargs: Any) -> None:
             with self._requests_lock:
                 self._requests.difference_update(handle)
             self._report(error)
-            finished(error)
+            finished(error, did_validate_checksum)
 
         def on_progress(progress_bytes: int, **kwargs: Any) -> None:
             if progress is not None:
@@ -292,7 +305,7 @@ class CrtObjectStore(S3ObjectStore):
                 if not crt_request.finished_future.done():
                     self._requests.add(crt_request)
         if crt_request is None:
-            finished(refused)
+            finished(refused, False)
             return _nothing_to_cancel
         return crt_request.cancel  # type: ignore[no-any-return]
 
@@ -300,6 +313,8 @@ class CrtObjectStore(S3ObjectStore):
         """A CRT error as the ObjectStore contract has it: CancelledError, or StoreError."""
         if isinstance(error, awscrt.exceptions.AwsCrtError) and error.name == _CANCELED:
             return CancelledError()
+        if isinstance(error, awscrt.exceptions.AwsCrtError) and error.name == _CHECKSUM_MISMATCH:
+            return ContentMismatch(f"checksum differs from the expected one ({error.message})")
         if isinstance(error, awscrt.s3.S3ResponseError):
             with suppress(Exception):  # botocore's parser; its own message when it can't
                 parsed = self._serializer.translate_crt_exception(error)
@@ -320,7 +335,7 @@ class CrtObjectStore(S3ObjectStore):
             self._on_outcome(None)
             return
         translated = self._translated(error)
-        if isinstance(translated, (CancelledError, OSError)):
+        if isinstance(translated, (CancelledError, OSError, ContentMismatch)):
             return  # ours or the file's, not S3's
         code = translated.code if isinstance(translated, StoreError) else None
         name = str(getattr(error, "name", type(error).__name__))
@@ -334,6 +349,15 @@ class CrtObjectStore(S3ObjectStore):
         for request in requests:
             request.cancel()
         super().close()
+
+
+def _expecting(expected: Expected | None) -> awscrt.s3.S3ChecksumConfig:
+    """What a GET validates: the expected full-object checksum, else whatever S3 reports."""
+    if expected is None:
+        return awscrt.s3.S3ChecksumConfig(validate_response=True)
+    return awscrt.s3.S3ChecksumConfig(
+        validate_response=True, expected_checksum=expected.encoded,
+        expected_checksum_algorithm=awscrt.s3.S3ChecksumAlgorithm[expected.algorithm])
 
 
 def _crt_client(region: str, settings: TransferSettings, *, use_tls: bool) -> awscrt.s3.S3Client:

@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
 from boto3.s3.transfer import create_transfer_manager
 from botocore.exceptions import BotoCoreError, ClientError
-from s3transfer.exceptions import RetriesExceededError
 from s3transfer.futures import TransferFuture
 from s3transfer.subscribers import BaseSubscriber
-from s3transfer.utils import ChunksizeAdjuster, ReadFileChunk
+from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS, ChunksizeAdjuster, ReadFileChunk
 
+from spotwatch.aws.ranged_get import RangedGetter
 from spotwatch.aws.s3 import encryption_args, transfer_config
+from spotwatch.checksums import ContentMismatch, Expected
 from spotwatch.config import TransferSettings
 
 if TYPE_CHECKING:
@@ -143,9 +144,11 @@ class ObjectStore(Protocol):
         ObjectMissing when there is none."""
         ...
 
-    def download(self, key: str, path: Path, progress: Progress | None = None,
-                 size: int | None = None) -> None:
-        """Write the object to path; size, when known, spares a request asking for it."""
+    def download(self, key: str, path: Path, size: int, progress: Progress | None = None,
+                 expected: Expected | None = None) -> bool:
+        """Write the object, listed with this size, to path. With `expected`, its bytes are
+        checked on the way when the store can (ContentMismatch when they differ, or when the
+        object no longer has that size); returns whether they were."""
         ...
 
     def head(self, key: str, part_number: int | None = None) -> ObjectHead:
@@ -230,16 +233,6 @@ class _Throttled(BaseSubscriber):
         self._throttle.acquire(bytes_transferred)  # negative on a retry's rewind: no wait
 
 
-class _KnownSize(BaseSubscriber):
-    """Tells s3transfer the object's size, which it would otherwise ask S3 for (a HEAD)."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-
-    def on_queued(self, future: TransferFuture, **kwargs: Any) -> None:
-        future.meta.provide_transfer_size(self._size)
-
-
 class S3ObjectStore:
     """An ObjectStore on one S3 bucket, through a boto3 client and one s3transfer manager.
 
@@ -261,6 +254,9 @@ class S3ObjectStore:
         self._finisher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="verify")
         self._single_part = ThreadPoolExecutor(max_workers=settings.max_concurrency,
                                                thread_name_prefix="put")
+        self._ranges = ThreadPoolExecutor(max_workers=settings.max_concurrency,
+                                          thread_name_prefix="get")
+        self._ranged = RangedGetter(client, bucket, self._ranges, settings.max_attempts)
         self._transfers: set[TransferFuture] = set()
         self._lock = threading.Lock()
 
@@ -394,6 +390,7 @@ class S3ObjectStore:
         for transfer in transfers:
             transfer.cancel()
         self._single_part.shutdown(wait=False, cancel_futures=True)
+        self._ranges.shutdown(wait=False, cancel_futures=True)
         self._finisher.shutdown(wait=False, cancel_futures=True)
         if not transfers:
             # s3transfer's shutdown waits for every transfer's requests: only when none run.
@@ -409,20 +406,29 @@ class S3ObjectStore:
             finally:
                 body.close()  # unread bytes are dropped with the connection
 
-    def download(self, key: str, path: Path, progress: Progress | None = None,
-                 size: int | None = None) -> None:
-        """Through the store's one transfer manager (large objects in ranged parts), so
-        concurrent downloads share its connections instead of each starting a pool."""
-        subscribers: list[BaseSubscriber] = [_ProgressSubscriber(progress)]
-        if size is not None:
-            subscribers.append(_KnownSize(size))
+    def download(self, key: str, path: Path, size: int, progress: Progress | None = None,
+                 expected: Expected | None = None) -> bool:
+        """In ranged GETs on the store's download workers (one GET below the multipart
+        threshold). Checked on the way: a full-object checksum of an object fetched in one GET,
+        or a composite one, whose parts are fetched as the ranges."""
+        if expected is not None and expected.part_size is not None:
+            part_size = expected.part_size
+        else:
+            part_size = self.part_size(size) or max(size, 1)
+        checking = expected if expected is not None and (
+            expected.composite or part_size >= size) else None
         try:
-            self._manager.download(self._bucket, key, str(path),
-                                   subscribers=subscribers).result()
-        except RetriesExceededError as exc:  # the connection kept failing mid-body
-            raise StoreError(str(exc)) from exc
-        except Exception as exc:  # s3transfer re-raises whatever the transfer hit
-            raise _as_store_error(exc) from exc
+            with _translated():
+                digests = self._ranged.download(
+                    key, path, size, part_size, progress,
+                    checking.new_digest if checking is not None else None)
+        except S3_RETRYABLE_DOWNLOAD_ERRORS as exc:  # the body kept breaking off
+            raise StoreError(f"{key}: {exc}") from exc
+        if checking is None:
+            return False
+        if not checking.matches(digests):
+            raise ContentMismatch(f"{key}: checksum differs from the expected one")
+        return True
 
     def head(self, key: str, part_number: int | None = None) -> ObjectHead:
         extra: dict[str, Any] = {} if part_number is None else {"PartNumber": part_number}

@@ -5,7 +5,8 @@ is in S3 with the listed size. Every file is downloaded under a temporary name a
 against the manifest's size and checksum; only when all files of the set check out are they
 renamed into place, with their original mtime, so a rerun skips what is already there and the
 daemon does not upload them again. The files of a set download concurrently
-(transfer.max_concurrency at a time), each checked on the thread that downloaded it. A set
+(transfer.max_concurrency at a time), each checked against its manifest entry as its bytes
+arrive where the store can (aws.ranged_get, the CRT), else read back once written. A set
 whose bytes do not match is corrupt: its downloads are removed and the next older complete set
 is restored instead, with a warning.
 
@@ -28,12 +29,12 @@ from spotwatch.aws.crt_store import make_store
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import ObjectStore, StoreError
+from spotwatch.checksums import ChecksumUnavailable, ContentMismatch, expected, file_matches
 from spotwatch.config import Config, JobSettings, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.model import FileVersion
 from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir
-from spotwatch.sync.checksums import ChecksumUnavailable, file_matches
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import is_complete, list_job_sets, list_manifests
@@ -229,6 +230,8 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
             skipped += 1
         else:
             todo.append((entry, target, part_size))
+    for folder in {target.parent for _, target, _ in todo}:  # once each, not once per file
+        folder.mkdir(parents=True, exist_ok=True)
     progress = ProgressBar(f"restoring {manifest.set_name}", sum(e.size for e, _, _ in todo))
     try:
         with _temporaries() as temps:
@@ -280,11 +283,15 @@ def _succeeded(future: Future[Path]) -> bool:
 def _fetch_verified(store: ObjectStore, entry: ManifestEntry, target: Path,
                     part_size: int | None, preferred: str, progress: ProgressBar) -> Path:
     """Download one file next to its target; SetCorrupt unless it matches its entry."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.with_name(f".{target.name}{TEMP_SUFFIX}")
     try:
-        store.download(entry.key, temp, progress, entry.size)
-        problem = _verify(temp, entry, part_size, preferred)
+        check = expected(entry.checksum, part_size, preferred) if entry.checksum else None
+        try:
+            checked = store.download(entry.key, temp, entry.size, progress, check)
+        except ContentMismatch as exc:
+            raise SetCorrupt(str(exc)) from None
+        # Checked on the way, the bytes match the manifest's size and checksum; else read back.
+        problem = None if checked else _verify(temp, entry, part_size, preferred)
         if problem is not None:
             raise SetCorrupt(f"{entry.key}: {problem}")
         os.utime(temp, ns=(entry.mtime_ns, entry.mtime_ns))

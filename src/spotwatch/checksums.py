@@ -15,18 +15,23 @@ import binascii
 import hashlib
 import importlib
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 READ_BYTES = 1 << 20
 
 
+class ContentMismatch(Exception):
+    """Downloaded bytes are not the ones expected: another size, or another checksum."""
+
+
 class ChecksumUnavailable(Exception):
     """The algorithm that would settle the comparison cannot be computed here."""
 
 
-class _Digest(Protocol):
+class Digest(Protocol):
     def update(self, data: bytes | memoryview, /) -> None: ...
 
     def digest(self) -> bytes: ...
@@ -47,8 +52,8 @@ class _Crc:
         return self._value.to_bytes(self._width, "big")
 
 
-def _crt_crc(name: str, width: int) -> Callable[[], _Digest]:
-    def make() -> _Digest:
+def _crt_crc(name: str, width: int) -> Callable[[], Digest]:
+    def make() -> Digest:
         try:  # botocore's optional CRT extra
             checksums = importlib.import_module("awscrt.checksums")
         except ImportError:
@@ -59,7 +64,7 @@ def _crt_crc(name: str, width: int) -> Callable[[], _Digest]:
     return make
 
 
-_ALGORITHMS: dict[str, tuple[int, Callable[[], _Digest]]] = {
+_ALGORITHMS: dict[str, tuple[int, Callable[[], Digest]]] = {
     "CRC32": (4, lambda: _Crc(zlib.crc32, 4)),
     "CRC32C": (4, _crt_crc("crc32c", 4)),
     "CRC64NVME": (8, _crt_crc("crc64nvme", 8)),
@@ -80,7 +85,7 @@ def _parse(checksum: str) -> tuple[bytes, int | None] | None:
     return digest, int(parts) if parts else None
 
 
-def _digests(path: Path, make: Callable[[], _Digest], part_size: int | None,
+def _digests(path: Path, make: Callable[[], Digest], part_size: int | None,
              whole_too: bool) -> tuple[bytes | None, bytes | None, int]:
     """The file's full digest (if whole_too), its composite digest over part_size parts (if
     part_size) and the part count; one pass over the file, without copying its bytes."""
@@ -115,6 +120,63 @@ def _candidates(width: int, preferred: str) -> list[str]:
     if _ALGORITHMS.get(preferred, (0,))[0] == width:
         return [preferred]
     return [name for name, (size, _) in _ALGORITHMS.items() if size == width]
+
+
+@dataclass(frozen=True)
+class Expected:
+    """A checksum from a manifest, in the form a download can check while the bytes arrive:
+    one algorithm, the digest, and for a composite checksum the size of the parts it is over
+    (a ranged download fetches exactly those parts, digesting each)."""
+
+    algorithm: str
+    digest: bytes
+    part_size: int | None = None  # composite: the digest is over the digests of such parts
+    part_count: int | None = None  # composite: how many parts
+
+    @property
+    def composite(self) -> bool:
+        return self.part_size is not None
+
+    @property
+    def encoded(self) -> str:
+        """The full-object checksum as S3 writes it (base64); for a composite one, meaningless."""
+        return base64.b64encode(self.digest).decode()
+
+    def new_digest(self) -> Digest:
+        return _ALGORITHMS[self.algorithm][1]()
+
+    def matches(self, digests: Sequence[bytes]) -> bool:
+        """Whether these digests, of the object's consecutive ranges, are the expected bytes:
+        one digest of the whole object, or (composite) one digest per part."""
+        if not self.composite:
+            return len(digests) == 1 and digests[0] == self.digest
+        if self.part_count != len(digests):
+            return False
+        combined = self.new_digest()
+        for digest in digests:
+            combined.update(digest)
+        return combined.digest() == self.digest
+
+
+def expected(checksum: str, part_size: int | None, preferred: str) -> Expected | None:
+    """The checksum as a download can check it in-stream, or None when it cannot say which
+    algorithm made it (or cannot compute that one here): file_matches then decides.
+
+    part_size: what a composite checksum's parts are (from the manifest)."""
+    parsed = _parse(checksum)
+    if parsed is None:
+        return None
+    digest, part_count = parsed
+    names = _candidates(len(digest), preferred)
+    # Without a part count, a multipart object's checksum may be full or composite
+    # (file_matches tries both); with one, it is composite and needs the part size.
+    if len(names) != 1 or (part_size is None) != (part_count is None):
+        return None
+    try:
+        _ALGORITHMS[names[0]][1]()
+    except ChecksumUnavailable:
+        return None
+    return Expected(names[0], digest, part_size, part_count)
 
 
 def file_matches(path: Path, checksum: str, part_size: int | None, preferred: str) -> bool:

@@ -1,0 +1,167 @@
+"""Downloading an object in ranged GETs straight into its file, digesting each range on the way.
+
+Each range is fetched by one worker, which reads the response in chunks and writes each chunk
+at its offset (os.pwrite), digesting it first: the bytes pass through Python once, and no
+single thread puts writes back into order (s3transfer sends every write through one I/O thread,
+which held restores of large shards to half the speed of `s5cmd cp`).
+
+Every range must bring exactly its bytes, and the object must still have the size it was
+listed with: otherwise the download fails with ContentMismatch (the object changed, or is not
+the one expected), never with a file of another length.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import FlexibleChecksumError
+from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
+
+from spotwatch.checksums import ContentMismatch, Digest
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+# Read from a response this much at a time: large enough that per-call overhead vanishes,
+# small enough that max_concurrency workers hold little memory.
+READ_CHUNK = 1 << 20
+_TOTAL_SIZE = re.compile(r"/(\d+)$")  # Content-Range: bytes 0-99/1234
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    start: int
+    length: int
+
+    @property
+    def header(self) -> str:
+        return f"bytes={self.start}-{self.start + self.length - 1}"
+
+
+def split(size: int, part_size: int) -> list[ByteRange]:
+    """Consecutive ranges of part_size covering size bytes (one empty range for an empty
+    object, which is fetched whole)."""
+    if size == 0:
+        return [ByteRange(0, 0)]
+    return [ByteRange(start, min(part_size, size - start)) for start in range(0, size, part_size)]
+
+
+class RangedGetter:
+    """Downloads objects of one bucket in ranges, on the given executor's workers.
+
+    attempts: how often a range is tried when its response breaks off mid-body (botocore
+    retries the request itself, but not a body that stops arriving)."""
+
+    def __init__(self, client: S3Client, bucket: str, executor: Executor, attempts: int) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._executor = executor
+        self._attempts = max(1, attempts)
+
+    def download(self, key: str, path: Path, size: int, part_size: int,
+                 progress: Progress | None, digest: Callable[[], Digest] | None) -> list[bytes]:
+        """Write the object (of this size) to path in ranges of part_size; returns each
+        range's digest in order (none without a digest factory). One range is fetched on the
+        calling thread, several on the executor."""
+        ranges = split(size, part_size)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            if len(ranges) == 1:
+                return self._digests([self._fetch(key, fd, ranges[0], size, True, progress,
+                                                  digest)])
+            futures = [self._executor.submit(self._fetch, key, fd, byte_range, size, False,
+                                             progress, digest) for byte_range in ranges]
+            return self._digests(_results(futures))
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _digests(results: Sequence[bytes | None]) -> list[bytes]:
+        return [result for result in results if result is not None]
+
+    def _fetch(self, key: str, fd: int, byte_range: ByteRange, size: int, whole: bool,
+               progress: Progress | None, digest: Callable[[], Digest] | None) -> bytes | None:
+        """One range into the file, tried again from its start when the body breaks off
+        (the last attempt's error is raised); progress is taken back for a broken attempt."""
+        for attempt in range(1, self._attempts + 1):
+            received = [0]
+            try:
+                return self._fetch_once(key, fd, byte_range, size, whole,
+                                        _counted(progress, received), digest)
+            except S3_RETRYABLE_DOWNLOAD_ERRORS:
+                if progress is not None:
+                    progress(-received[0])
+                if attempt == self._attempts:
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _fetch_once(self, key: str, fd: int, byte_range: ByteRange, size: int, whole: bool,
+                    progress: Progress, digest: Callable[[], Digest] | None) -> bytes | None:
+        args: dict[str, Any] = {} if whole else {"Range": byte_range.header}
+        response = self._client.get_object(Bucket=self._bucket, Key=key, **args)
+        _check_size(key, response, size)
+        body = response["Body"]
+        state = digest() if digest is not None else None
+        offset, end = byte_range.start, byte_range.start + byte_range.length
+        try:
+            while chunk := body.read(READ_CHUNK):
+                if offset + len(chunk) > end:
+                    raise ContentMismatch(f"{key}: more bytes than the range asked for")
+                if state is not None:
+                    state.update(chunk)
+                _write_at(fd, chunk, offset)
+                offset += len(chunk)
+                progress(len(chunk))
+        except FlexibleChecksumError as exc:  # botocore checks a checksum S3 sent, too
+            raise ContentMismatch(f"{key}: checksum differs from S3's: {exc}") from exc
+        finally:
+            body.close()
+        if offset != end:
+            raise ContentMismatch(f"{key}: {end - offset} bytes short of the listed size")
+        return state.digest() if state is not None else None
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _counted(progress: Progress | None, received: list[int]) -> Progress:
+    """progress, also adding up the bytes into received[0]."""
+    def count(size: int) -> None:
+        received[0] += size
+        if progress is not None:
+            progress(size)
+    return count
+
+
+def _check_size(key: str, response: Any, size: int) -> None:
+    """The object as S3 serves it now must have the listed size."""
+    content_range = response.get("ContentRange")
+    match = _TOTAL_SIZE.search(content_range) if isinstance(content_range, str) else None
+    total = int(match.group(1)) if match else response.get("ContentLength")
+    if total != size:
+        raise ContentMismatch(f"{key}: the object has {total} bytes, the listing {size}")
+
+
+def _results(futures: list[Future[bytes | None]]) -> list[bytes | None]:
+    """Every range's result in order; on the first failure the ranges not yet started are
+    cancelled, those under way awaited (none still writes to the file once it is closed),
+    and the failure raised."""
+    try:
+        return [future.result() for future in futures]
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        wait(futures)
+        raise

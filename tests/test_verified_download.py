@@ -1,0 +1,221 @@
+"""Downloads that check their bytes on the way: the manifest's checksum, compared while the
+object arrives (the CRT for single GETs, ranged GETs digesting part by part), on both transfer
+clients against the moto server over HTTP, with broken and corrupted responses."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from awscrt import checksums as crt_checksums
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spotwatch.aws.crt_store import CrtObjectStore, make_store
+from spotwatch.aws.ranged_get import split
+from spotwatch.aws.s3 import make_s3_client
+from spotwatch.aws.store import ObjectStore
+from spotwatch.checksums import ContentMismatch, Expected, expected, file_matches
+from spotwatch.config import MiB, TransferSettings
+
+from .conftest import REGION
+from .faultproxy import FaultProxy, Request
+
+# An independent reckoning of S3's checksums, to check spotwatch's against.
+DIGESTS: dict[str, Callable[[bytes], bytes]] = {
+    "CRC32": lambda data: zlib.crc32(data).to_bytes(4, "big"),
+    "CRC32C": lambda data: crt_checksums.crc32c(data).to_bytes(4, "big"),
+    "CRC64NVME": lambda data: crt_checksums.crc64nvme(data).to_bytes(8, "big"),
+    "SHA1": lambda data: hashlib.sha1(data).digest(),
+    "SHA256": lambda data: hashlib.sha256(data).digest(),
+}
+SMALL_PARTS = TransferSettings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+
+
+def s3_checksum(data: bytes, algorithm: str, part_size: int | None) -> str:
+    """What S3 reports: the digest of the bytes, or (composite) of the parts' digests."""
+    digest = DIGESTS[algorithm]
+    if part_size is None:
+        return base64.b64encode(digest(data)).decode()
+    parts = [data[i:i + part_size] for i in range(0, len(data), part_size)] or [b""]
+    combined = digest(b"".join(digest(part) for part in parts))
+    return f"{base64.b64encode(combined).decode()}-{len(parts)}"
+
+
+def range_digests(data: bytes, check: Expected) -> list[bytes]:
+    """The digests a ranged download takes: one per part, or one of the whole object."""
+    part_size = check.part_size or max(len(data), 1)
+    return [DIGESTS[check.algorithm](data[r.start:r.start + r.length])
+            for r in split(len(data), part_size)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=3000), algorithm=st.sampled_from(sorted(DIGESTS)),
+       part_size=st.none() | st.integers(1, 1200), flip=st.none() | st.integers(0, 2999))
+def test_checking_on_the_way_agrees_with_reading_the_file(
+        tmp_path_factory: pytest.TempPathFactory, data: bytes, algorithm: str,
+        part_size: int | None, flip: int | None) -> None:
+    checksum = s3_checksum(data, algorithm, part_size)
+    check = expected(checksum, part_size, algorithm)
+    assert check is not None and check.algorithm == algorithm
+    received = bytearray(data)
+    if flip is not None and data:
+        received[flip % len(data)] ^= 0x01  # every algorithm here detects one flipped bit
+    path = tmp_path_factory.mktemp("file") / "f"
+    path.write_bytes(received)
+    on_the_way = check.matches(range_digests(bytes(received), check))
+    assert on_the_way == file_matches(path, checksum, part_size, algorithm)
+    assert on_the_way == (bytes(received) == data)
+
+
+@given(checksum=st.text(max_size=40), part_size=st.none() | st.integers(1, 10**9),
+       preferred=st.sampled_from(sorted(DIGESTS)))
+def test_what_cannot_be_checked_on_the_way_is_left_to_reading(
+        checksum: str, part_size: int | None, preferred: str) -> None:
+    """Never a guess: a check is made only when the checksum says all it needs."""
+    check = expected(checksum, part_size, preferred)
+    if check is not None:
+        assert check.composite == checksum.partition("-")[2].isdigit()
+        assert (check.part_size is None) == (check.part_count is None)
+
+
+def test_ambiguous_checksums_are_left_to_reading() -> None:
+    crc = s3_checksum(b"abc", "CRC32", None)
+    assert expected(crc, None, "SHA256") is None  # CRC32 or CRC32C: reading tries both
+    assert expected(f"{crc}-2", None, "CRC32") is None  # composite without its part size
+    assert expected(crc, 5 * MiB, "CRC32") is None  # multipart, full or composite?
+
+
+# -- against S3 ------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["classic", "crt"])
+def client(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def store_for(bucket: str, client: str) -> ObjectStore:
+    """A store on the endpoint AWS_ENDPOINT_URL names (moto, or a proxy in front of it)."""
+    settings = msgspec.structs.replace(SMALL_PARTS, client=client)
+    store = make_store(make_s3_client(REGION, settings), bucket, settings)
+    assert isinstance(store, CrtObjectStore) == (client == "crt")
+    return store
+
+
+def put(s3: Any, bucket: str, key: str, data: bytes, part_size: int | None = None) -> str:
+    """Store the object (in parts when part_size is given); returns S3's checksum of it."""
+    if part_size is None:
+        s3.put_object(Bucket=bucket, Key=key, Body=data, ChecksumAlgorithm="CRC32")
+        return s3_checksum(data, "CRC32", None)
+    upload = s3.create_multipart_upload(Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32")
+    parts = []
+    for number, start in enumerate(range(0, len(data), part_size), 1):
+        reply = s3.upload_part(Bucket=bucket, Key=key, UploadId=upload["UploadId"],
+                               PartNumber=number, Body=data[start:start + part_size],
+                               ChecksumAlgorithm="CRC32")
+        parts.append({"PartNumber": number, "ETag": reply["ETag"],
+                      "ChecksumCRC32": reply["ChecksumCRC32"]})
+    s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"],
+                                 MultipartUpload={"Parts": parts})
+    return s3_checksum(data, "CRC32", part_size)
+
+
+SHAPES = {"small": (1000, None), "multipart": (12 * MiB + 7, 5 * MiB)}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_the_manifests_checksum_is_checked_on_the_way(tmp_path: Path, s3: Any, bucket: str,
+                                                      client: str, shape: str) -> None:
+    size, part_size = SHAPES[shape]
+    data = os.urandom(size)
+    checksum = put(s3, bucket, "k", data, part_size)
+    store = store_for(bucket, client)
+    try:
+        path = tmp_path / "f"
+        assert store.download("k", path, size, None, expected(checksum, part_size, "CRC32"))
+        assert path.read_bytes() == data
+
+        other = s3_checksum(os.urandom(size), "CRC32", part_size)
+        with pytest.raises(ContentMismatch, match="k: checksum differs"):
+            store.download("k", tmp_path / "g", size, None, expected(other, part_size, "CRC32"))
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_an_object_of_another_size_than_listed_is_a_mismatch(
+        tmp_path: Path, s3: Any, bucket: str, client: str, shape: str) -> None:
+    size, part_size = SHAPES[shape]
+    put(s3, bucket, "k", os.urandom(size), part_size)
+    store = store_for(bucket, client)
+    try:
+        for listed in (size - 1, size + 1):
+            with pytest.raises(ContentMismatch, match="bytes"):
+                store.download("k", tmp_path / "f", listed, None, None)
+    finally:
+        store.close()
+
+
+def test_a_full_object_checksum_of_a_multipart_object_is_left_to_reading(
+        tmp_path: Path, s3: Any, bucket: str, client: str) -> None:
+    """Ranges arrive out of order; a CRC over the whole object is then read back instead."""
+    data = os.urandom(12 * MiB + 7)
+    put(s3, bucket, "k", data, 5 * MiB)
+    whole = Expected("CRC32", DIGESTS["CRC32"](data))
+    store = store_for(bucket, client)
+    try:
+        assert not store.download("k", tmp_path / "f", len(data), None, whole)
+        assert (tmp_path / "f").read_bytes() == data
+    finally:
+        store.close()
+
+
+def ranged_gets(request: Request) -> bool:
+    return request.method == "GET" and request.path.endswith("/k")
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_a_body_cut_off_is_fetched_again(tmp_path: Path, s3: Any, bucket: str, client: str,
+                                         shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    size, part_size = SHAPES[shape]
+    data = os.urandom(size)
+    checksum = put(s3, bucket, "k", data, part_size)
+    progress: list[int] = []
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.add("truncate", ranged_gets, times=2)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        store = store_for(bucket, client)
+        try:
+            assert store.download("k", tmp_path / "f", size, progress.append,
+                                  expected(checksum, part_size, "CRC32"))
+        finally:
+            store.close()
+        assert proxy.count("GET", "truncate") == 2
+    assert (tmp_path / "f").read_bytes() == data
+    assert sum(progress) == size  # a broken attempt's bytes are taken back
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_bytes_corrupted_in_transit_are_a_mismatch(
+        tmp_path: Path, s3: Any, bucket: str, client: str, shape: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    size, part_size = SHAPES[shape]
+    checksum = put(s3, bucket, "k", os.urandom(size), part_size)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.add("corrupt", ranged_gets, times=10**6)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        store = store_for(bucket, client)
+        try:
+            with pytest.raises(ContentMismatch):
+                store.download("k", tmp_path / "f", size, None,
+                               expected(checksum, part_size, "CRC32"))
+        finally:
+            store.close()
+        assert proxy.count("GET", "corrupt") >= 1
