@@ -6,7 +6,8 @@ client, which splits files into parts, signs, checksums and retries on its own e
 threads and sizes its connection pool for a target throughput; everything else (listing, HEAD,
 deletes, manifests through put_bytes, multipart clean-up) stays on the boto3 client.
 botocore builds each request (endpoint, addressing style, SSE headers) as it would for itself,
-through s3transfer's BotocoreCRTRequestSerializer; the CRT only sends it.
+through s3transfer's BotocoreCRTRequestSerializer, once per kind of request (see crt_requests);
+the CRT signs and sends it.
 
 The CRT's part buffers are bounded by what its connections can send (memory_limit), not left
 at its own default (2 GiB and up), which read files far ahead of a slower server.
@@ -40,12 +41,10 @@ from botocore.exceptions import ClientError
 from s3transfer.crt import (
     BotocoreCRTCredentialsWrapper,
     BotocoreCRTRequestSerializer,
-    CRTTransferFuture,
-    CRTTransferMeta,
     acquire_crt_s3_process_lock,
 )
-from s3transfer.utils import CallArgs
 
+from spotwatch.aws.crt_requests import CrtRequests
 from spotwatch.aws.s3 import encryption_args
 from spotwatch.aws.store import (
     ObjectStore,
@@ -114,6 +113,14 @@ def _crt_error(exc: RuntimeError) -> BaseException:
     return awscrt.exceptions.AwsCrtError(code=0, name=name, message=str(exc)) if name else exc
 
 
+def put_object_args(settings: TransferSettings, size: int) -> dict[str, Any]:
+    """The arguments botocore builds a CRT upload's request from."""
+    return {"ContentLength": size, "ContentMD5": _NO_MD5,
+            # Only names the algorithm (x-amz-sdk-checksum-algorithm); the CRT computes it.
+            "ChecksumAlgorithm": settings.checksum_algorithm,
+            **encryption_args(settings)}
+
+
 def target_throughput_gbps(settings: TransferSettings) -> float:
     """The configured target, else the CRT's own for this instance type (400 on p4d and p5,
     600 on trn1.32xlarge ...), else 10 Gbit/s."""
@@ -173,6 +180,7 @@ class CrtObjectStore(S3ObjectStore):
         self._serializer = BotocoreCRTRequestSerializer(botocore.session.Session(), {
             "region_name": region, "endpoint_url": endpoint,
             "config": BotoConfig(s3=getattr(client.meta.config, "s3", None))})
+        self._http_requests = CrtRequests(self._serializer, bucket)
         self._requests: set[awscrt.s3.S3Request] = set()
         self._requests_lock = threading.Lock()
 
@@ -200,12 +208,8 @@ class CrtObjectStore(S3ObjectStore):
             with suppress(RuntimeError):  # after close nobody waits any more
                 self._finisher.submit(self._finish_upload, error, key, size, received, outer)
 
-        args = {"ContentLength": size, "ContentMD5": _NO_MD5,
-                # Only names the algorithm (x-amz-sdk-checksum-algorithm); the CRT computes it.
-                "ChecksumAlgorithm": self._settings.checksum_algorithm,
-                **encryption_args(self._settings)}
         cancel = self._start(
-            "put_object", key, args, finished, progress,
+            "put_object", key, put_object_args(self._settings, size), finished, progress,
             type=awscrt.s3.S3RequestType.PUT_OBJECT, send_filepath=str(path),
             # In a header, not a trailer: S3 verifies either, but the trailer's aws-chunked
             # encoding is not spoken by every S3-compatible store (SeaweedFS refuses it).
@@ -277,9 +281,7 @@ class CrtObjectStore(S3ObjectStore):
                progress: Progress | None, **request: Any) -> Callable[[], None]:
         """Send one request through the CRT; finished(error, whether the CRT validated the
         response's checksum) runs once it ended. Returns what cancels it."""
-        call = CallArgs(bucket=self._bucket, key=key, extra_args=args, subscribers=[])
-        http = self._serializer.serialize_http_request(
-            operation, CRTTransferFuture(CRTTransferMeta(call_args=call)))  # type: ignore[arg-type]
+        http = self._http_requests.request(operation, key, args)
         handle: list[awscrt.s3.S3Request] = []
 
         def on_done(error: BaseException | None = None, did_validate_checksum: bool = False,
