@@ -75,6 +75,10 @@ def botocores(serializer: BotocoreCRTRequestSerializer, bucket: str, operation: 
     return CrtRequests(serializer, bucket).serialized(operation, key, args)
 
 
+def invocation_id(request: awscrt.http.HttpRequest) -> str:
+    return str(request.headers.get("amz-sdk-invocation-id"))
+
+
 def assert_same_request(ours: awscrt.http.HttpRequest, theirs: awscrt.http.HttpRequest) -> None:
     """Method, path and every header, in order; the invocation id a fresh UUID in each."""
     assert ours.method == theirs.method
@@ -98,9 +102,10 @@ def test_derived_put_equals_botocores(key: str, size: int, put: TransferSettings
     serializer = SERIALIZERS[addressing]
     requests = CrtRequests(serializer, bucket)
     args = put_object_args(put, size)
-    requests.request("put_object", "first/key", put_object_args(put, 1))  # the template
-    assert_same_request(requests.request("put_object", key, args),
-                        botocores(serializer, bucket, "put_object", key, args))
+    first = requests.request("put_object", "first/key", put_object_args(put, 1))  # template
+    ours = requests.request("put_object", key, args)
+    assert_same_request(ours, botocores(serializer, bucket, "put_object", key, args))
+    assert invocation_id(ours) != invocation_id(first)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
