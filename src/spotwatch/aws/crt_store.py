@@ -204,7 +204,12 @@ class CrtObjectStore(S3ObjectStore):
             received.update((name.lower(), value) for name, value in headers)
 
         def finished(error: BaseException | None, validated: bool) -> None:
-            # On the CRT's event-loop thread: the HEAD (or the error's parsing) runs elsewhere.
+            # On the CRT's event-loop thread, which must not wait on S3: a reply that carries
+            # S3's checksum completes here, a HEAD (or an error's parsing) runs elsewhere.
+            checksum = None if error is not None else self._checksum_in_reply(size, received)
+            if checksum:
+                outer.set_result(StoredObject(checksum))
+                return
             with suppress(RuntimeError):  # after close nobody waits any more
                 self._finisher.submit(self._finish_upload, error, key, size, received, outer)
 
@@ -229,13 +234,19 @@ class CrtObjectStore(S3ObjectStore):
         try:
             if error is not None:
                 raise self._translated(error)
-            checksum = headers.get(f"x-amz-checksum-{self._settings.checksum_algorithm.lower()}")
-            stored = (StoredObject(checksum) if checksum and not self.uses_multipart(size)
-                      else self._verified(key, size))
+            checksum = self._checksum_in_reply(size, headers)
+            stored = StoredObject(checksum) if checksum else self._verified(key, size)
         except BaseException as exc:  # whoever waits on outer gets it
             outer.set_exception(exc)
         else:
             outer.set_result(stored)
+
+    def _checksum_in_reply(self, size: int, headers: dict[str, str]) -> str | None:
+        """The checksum S3 computed, from a single PutObject's reply (a multipart upload's
+        reply has none of the whole object: a HEAD asks for it)."""
+        if self.uses_multipart(size):
+            return None
+        return headers.get(f"x-amz-checksum-{self._settings.checksum_algorithm.lower()}")
 
     # -- downloads ---------------------------------------------------------------------------
 
