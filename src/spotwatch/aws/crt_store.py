@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 import awscrt.exceptions
 import awscrt.s3
 import boto3
-import botocore.session
 import structlog
 from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
 from botocore.config import Config as BotoConfig
@@ -45,7 +44,7 @@ from s3transfer.crt import (
 )
 
 from spotwatch.aws.crt_requests import CrtRequests
-from spotwatch.aws.s3 import encryption_args
+from spotwatch.aws.s3 import botocore_session, encryption_args
 from spotwatch.aws.store import (
     ObjectStore,
     PendingUpload,
@@ -177,7 +176,7 @@ class CrtObjectStore(S3ObjectStore):
         region = client.meta.region_name
         self._memory_limit = memory_limit(settings)
         self._crt = _crt_client(region, settings, use_tls=endpoint.startswith("https:"))
-        self._serializer = BotocoreCRTRequestSerializer(botocore.session.Session(), {
+        self._serializer = BotocoreCRTRequestSerializer(botocore_session(), {
             "region_name": region, "endpoint_url": endpoint,
             "config": BotoConfig(s3=getattr(client.meta.config, "s3", None))})
         self._http_requests = CrtRequests(self._serializer, bucket)
