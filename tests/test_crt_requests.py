@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import awscrt.http
-import botocore.loaders
 import botocore.session
 import pytest
 from botocore.config import Config as BotoConfig
@@ -186,21 +185,3 @@ def test_crt_store_asks_botocore_only_for_each_new_kind_of_request(
     finally:
         store.close()
 
-
-def test_the_s3_model_is_parsed_once_per_process(monkeypatch: pytest.MonkeyPatch,
-                                                 bucket: str) -> None:
-    """The S3 client and the CRT store's serializer share botocore's loaded models: parsing
-    the S3 model (megabytes of JSON) cost each session about 0.05 CPU-seconds."""
-    parsed: list[str] = []
-    original = botocore.loaders.JSONFileLoader.load_file
-
-    def counted(self: botocore.loaders.JSONFileLoader, file_path: str) -> Any:
-        if Path(file_path).name == "service-2" and "/s3/" in file_path:
-            parsed.append(file_path)
-        return original(self, file_path)
-
-    monkeypatch.setattr(botocore.loaders.JSONFileLoader, "load_file", counted)
-    transfer = TransferSettings(client="crt")
-    for _ in range(2):
-        CrtObjectStore(make_s3_client(REGION, transfer), bucket, transfer).close()
-    assert len(parsed) <= 1
