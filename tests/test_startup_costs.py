@@ -4,6 +4,8 @@ S3 model parsed once, and start-up's objects kept out of the cyclic garbage coll
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +56,16 @@ def test_flush_keeps_start_up_objects_out_of_the_cycle_collector(workspace: Work
     finally:
         gc.unfreeze()
     assert {f"run1/step_1/{index}.pt" for index in range(3)} <= keys_in(s3, workspace.bucket)
+
+
+def test_flush_never_imports_requests(workspace: Workspace, s3: Any) -> None:
+    """requests serves IMDS only, which a flush does not ask: importing it (and its charset
+    detection) cost every flush a thirtieth of a second of CPU."""
+    save_checkpoint(workspace.checkpoints / "step_1" / "a.pt", 1_000)
+    probe = ("import sys; from spotwatch.cli import main; code = main(['flush', '-c', "
+             "'config.yaml']); print(code, *sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'requests', 'charset_normalizer'}))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=workspace.root,
+                          env=workspace.env(), capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["0"], done.stderr
+    assert "run1/step_1/a.pt" in keys_in(s3, workspace.bucket)
