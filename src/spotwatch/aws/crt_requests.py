@@ -44,7 +44,7 @@ _KEY_SAFE = "/~"
 Headers = list[tuple[str, str]]
 
 
-def encoded_key(key: str) -> str:
+def _encoded_key(key: str) -> str:
     return quote(key.encode("utf-8"), safe=_KEY_SAFE)
 
 
@@ -59,7 +59,7 @@ class _Template:
 
     def build(self, key: str, content_length: int | None) -> awscrt.http.HttpRequest:
         return awscrt.http.HttpRequest(
-            method=self.method, path=self.path_before + encoded_key(key) + self.path_after,
+            method=self.method, path=self.path_before + _encoded_key(key) + self.path_after,
             headers=awscrt.http.HttpHeaders(self._headers(content_length)))
 
     def _headers(self, content_length: int | None) -> Headers:
@@ -83,7 +83,7 @@ def _template_of(request: awscrt.http.HttpRequest) -> _Template | None:
     return _Template(request.method, before, after, tuple(request.headers))
 
 
-def comparable(request: awscrt.http.HttpRequest) -> tuple[str, str, Headers]:
+def _comparable(request: awscrt.http.HttpRequest) -> tuple[str, str, Headers]:
     """Method, path and headers in order, the invocation id (random per call) left out."""
     return (request.method, request.path,
             [(name, value) for name, value in request.headers if name.lower() != INVOCATION_ID])
@@ -130,8 +130,8 @@ class CrtRequests:
         for key in PROBE_KEYS:
             for size in sizes:
                 probe_args = args if size is None else {**args, "ContentLength": size}
-                expected = comparable(self.serialized(operation, key, probe_args))
-                if comparable(template.build(key, size)) != expected:
+                expected = _comparable(self.serialized(operation, key, probe_args))
+                if _comparable(template.build(key, size)) != expected:
                     return None
         return template
 
