@@ -6,7 +6,8 @@ client, which splits files into parts, signs, checksums and retries on its own e
 threads and sizes its connection pool for a target throughput; everything else (listing, HEAD,
 deletes, manifests through put_bytes, multipart clean-up) stays on the boto3 client.
 botocore builds each request (endpoint, addressing style, SSE headers) as it would for itself,
-through s3transfer's BotocoreCRTRequestSerializer; the CRT only sends it.
+through s3transfer's BotocoreCRTRequestSerializer, once per kind of request (see crt_requests);
+the CRT signs and sends it.
 
 The CRT's part buffers are bounded by what its connections can send (memory_limit), not left
 at its own default (2 GiB and up), which read files far ahead of a slower server.
@@ -32,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 import awscrt.exceptions
 import awscrt.s3
 import boto3
-import botocore.session
 import structlog
 from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
 from botocore.config import Config as BotoConfig
@@ -40,13 +40,11 @@ from botocore.exceptions import ClientError
 from s3transfer.crt import (
     BotocoreCRTCredentialsWrapper,
     BotocoreCRTRequestSerializer,
-    CRTTransferFuture,
-    CRTTransferMeta,
     acquire_crt_s3_process_lock,
 )
-from s3transfer.utils import CallArgs
 
-from spotwatch.aws.s3 import encryption_args
+from spotwatch.aws.crt_requests import CrtRequests
+from spotwatch.aws.s3 import botocore_session, encryption_args
 from spotwatch.aws.store import (
     ObjectStore,
     PendingUpload,
@@ -114,6 +112,14 @@ def _crt_error(exc: RuntimeError) -> BaseException:
     return awscrt.exceptions.AwsCrtError(code=0, name=name, message=str(exc)) if name else exc
 
 
+def put_object_args(settings: TransferSettings, size: int) -> dict[str, Any]:
+    """The arguments botocore builds a CRT upload's request from."""
+    return {"ContentLength": size, "ContentMD5": _NO_MD5,
+            # Only names the algorithm (x-amz-sdk-checksum-algorithm); the CRT computes it.
+            "ChecksumAlgorithm": settings.checksum_algorithm,
+            **encryption_args(settings)}
+
+
 def target_throughput_gbps(settings: TransferSettings) -> float:
     """The configured target, else the CRT's own for this instance type (400 on p4d and p5,
     600 on trn1.32xlarge ...), else 10 Gbit/s."""
@@ -170,9 +176,10 @@ class CrtObjectStore(S3ObjectStore):
         region = client.meta.region_name
         self._memory_limit = memory_limit(settings)
         self._crt = _crt_client(region, settings, use_tls=endpoint.startswith("https:"))
-        self._serializer = BotocoreCRTRequestSerializer(botocore.session.Session(), {
+        self._serializer = BotocoreCRTRequestSerializer(botocore_session(), {
             "region_name": region, "endpoint_url": endpoint,
             "config": BotoConfig(s3=getattr(client.meta.config, "s3", None))})
+        self._http_requests = CrtRequests(self._serializer, bucket)
         self._requests: set[awscrt.s3.S3Request] = set()
         self._requests_lock = threading.Lock()
 
@@ -196,16 +203,17 @@ class CrtObjectStore(S3ObjectStore):
             received.update((name.lower(), value) for name, value in headers)
 
         def finished(error: BaseException | None, validated: bool) -> None:
-            # On the CRT's event-loop thread: the HEAD (or the error's parsing) runs elsewhere.
+            # On the CRT's event-loop thread, which must not wait on S3: a reply that carries
+            # S3's checksum completes here, a HEAD (or an error's parsing) runs elsewhere.
+            checksum = None if error is not None else self._checksum_in_reply(size, received)
+            if checksum:
+                outer.set_result(StoredObject(checksum))
+                return
             with suppress(RuntimeError):  # after close nobody waits any more
                 self._finisher.submit(self._finish_upload, error, key, size, received, outer)
 
-        args = {"ContentLength": size, "ContentMD5": _NO_MD5,
-                # Only names the algorithm (x-amz-sdk-checksum-algorithm); the CRT computes it.
-                "ChecksumAlgorithm": self._settings.checksum_algorithm,
-                **encryption_args(self._settings)}
         cancel = self._start(
-            "put_object", key, args, finished, progress,
+            "put_object", key, put_object_args(self._settings, size), finished, progress,
             type=awscrt.s3.S3RequestType.PUT_OBJECT, send_filepath=str(path),
             # In a header, not a trailer: S3 verifies either, but the trailer's aws-chunked
             # encoding is not spoken by every S3-compatible store (SeaweedFS refuses it).
@@ -225,13 +233,19 @@ class CrtObjectStore(S3ObjectStore):
         try:
             if error is not None:
                 raise self._translated(error)
-            checksum = headers.get(f"x-amz-checksum-{self._settings.checksum_algorithm.lower()}")
-            stored = (StoredObject(checksum) if checksum and not self.uses_multipart(size)
-                      else self._verified(key, size))
+            checksum = self._checksum_in_reply(size, headers)
+            stored = StoredObject(checksum) if checksum else self._verified(key, size)
         except BaseException as exc:  # whoever waits on outer gets it
             outer.set_exception(exc)
         else:
             outer.set_result(stored)
+
+    def _checksum_in_reply(self, size: int, headers: dict[str, str]) -> str | None:
+        """The checksum S3 computed, from a single PutObject's reply (a multipart upload's
+        reply has none of the whole object: a HEAD asks for it)."""
+        if self.uses_multipart(size):
+            return None
+        return headers.get(f"x-amz-checksum-{self._settings.checksum_algorithm.lower()}")
 
     # -- downloads ---------------------------------------------------------------------------
 
@@ -277,9 +291,7 @@ class CrtObjectStore(S3ObjectStore):
                progress: Progress | None, **request: Any) -> Callable[[], None]:
         """Send one request through the CRT; finished(error, whether the CRT validated the
         response's checksum) runs once it ended. Returns what cancels it."""
-        call = CallArgs(bucket=self._bucket, key=key, extra_args=args, subscribers=[])
-        http = self._serializer.serialize_http_request(
-            operation, CRTTransferFuture(CRTTransferMeta(call_args=call)))  # type: ignore[arg-type]
+        http = self._http_requests.request(operation, key, args)
         handle: list[awscrt.s3.S3Request] = []
 
         def on_done(error: BaseException | None = None, did_validate_checksum: bool = False,

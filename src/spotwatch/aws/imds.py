@@ -7,11 +7,15 @@ import random
 import threading
 import time
 from collections.abc import Callable
-
-import requests
+from typing import TYPE_CHECKING
 
 from spotwatch.config import ImdsSettings
 from spotwatch.errors import SpotwatchError
+
+# requests (with charset_normalizer, a thirtieth of a second to import) is imported where a
+# request is made: `flush`, `restore` and `status` never ask IMDS when the region is set.
+if TYPE_CHECKING:
+    import requests
 
 IPV4_ENDPOINT = "http://169.254.169.254"
 IPV6_ENDPOINT = "http://[fd00:ec2::254]"
@@ -86,6 +90,8 @@ class ImdsClient:
 
     def get(self, path: str) -> str | None:
         """Text of a metadata item such as 'meta-data/spot/instance-action'; None when 404."""
+        import requests
+
         url = f"{self.endpoint}/latest/{path.lstrip('/')}"
         last_error = "no attempt made"
         for attempt in range(self.attempts):
@@ -108,6 +114,8 @@ class ImdsClient:
 
     @property
     def _session(self) -> requests.Session:
+        import requests
+
         session: requests.Session | None = getattr(self._sessions, "session", None)
         if session is None:
             session = self._sessions.session = requests.Session()
@@ -142,6 +150,8 @@ class ImdsClient:
                     return self._token
                 self._token_changed.wait_for(lambda: not self._refreshing, self.timeout)
                 if self._token is None or self._clock() >= self._token_expires:
+                    import requests
+
                     # Raised as a requests error so that get() counts it as an attempt.
                     raise requests.ConnectionError("no IMDS token: its request failed or hangs")
                 return self._token
@@ -171,5 +181,7 @@ class ImdsClient:
             return response.text
         if response.status_code == 403:
             raise ImdsDisabledError("IMDS refused the token request (403): is it disabled?")
+        import requests
+
         # Raised as a requests error so that get() counts it as a retryable attempt.
         raise requests.ConnectionError(f"token request failed: HTTP {response.status_code}")

@@ -3,6 +3,7 @@ observer, and the startup scan; released in reverse on exit."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -100,6 +101,7 @@ class Session:
         self._observer.start()
         queued = engine.reconcile(config.sync.quiet_seconds)
         log.info("startup_scan_done", pending=queued, unsettled=engine.unsettled())
+        _exempt_from_cycle_collection()
         return parts
 
     def __exit__(self, *exc: object) -> None:
@@ -109,3 +111,12 @@ class Session:
         if self._engine is not None:
             self._engine.close()
         self._lock.release()
+
+
+def _exempt_from_cycle_collection() -> None:
+    """Everything made until now (modules, botocore's models and clients, the engine) lives
+    as long as the run: the cyclic garbage collector stops traversing it. Its full
+    collections walked all of botocore's models each time, a tenth of a flush's CPU for many
+    small files. Objects made later are collected as before; these are still freed when no
+    longer referenced, only a reference cycle among them would stay."""
+    gc.freeze()
