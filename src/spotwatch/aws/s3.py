@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -10,7 +11,7 @@ import botocore.loaders
 import botocore.session
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
-from botocore.utils import determine_content_length
+from botocore.utils import determine_content_length, parse_timestamp
 
 from spotwatch.config import TransferSettings
 
@@ -38,6 +39,18 @@ def _data_loader() -> botocore.loaders.Loader:
     return loader
 
 
+def parse_s3_timestamp(value: str) -> datetime:
+    """A timestamp of S3's replies, as botocore would parse it. S3's ISO 8601 form (every
+    LastModified of a listing) goes to the standard library, over a hundred times faster than
+    botocore's general parser, which cost a listing of 100,000 objects seconds of CPU;
+    anything else (HTTP dates, epoch seconds, no time zone) still goes to botocore's."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return parse_timestamp(value)
+    return parsed if parsed.tzinfo is not None else parse_timestamp(value)
+
+
 def botocore_session() -> botocore.session.Session:
     """A new botocore session (its own credentials and settings, read from the environment
     now) that shares the process's data loader: the S3 model is some megabytes of JSON, and
@@ -47,6 +60,8 @@ def botocore_session() -> botocore.session.Session:
     loader.search_paths[:] = dict.fromkeys(loader.search_paths)
     session = botocore.session.Session()
     session.register_component("data_loader", loader)
+    session.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=parse_s3_timestamp)
     return session
 
 
