@@ -110,7 +110,10 @@ def test_imds_faults_do_not_lose_a_notice(workspace: Workspace, s3: Any,
 @pytest.mark.usefixtures("transfer_client")
 def test_kill_9_during_multipart_then_restart(workspace: Workspace, s3: Any,
                                               proxy: FaultProxy) -> None:
-    workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2})
+    # Two parts at a time on either client (the CRT opens a connection per 0.4 Gbit/s of its
+    # target): the kill comes while parts are left, not after all of them went at once.
+    workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2,
+                                     "target_throughput": 0.8})
     first = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
     small = {f"run1/small_{i}.pt": checkpoint_data(workspace.checkpoints / f"small_{i}.pt",
                                                    20_000) for i in range(3)}
