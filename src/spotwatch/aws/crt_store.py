@@ -9,8 +9,10 @@ botocore builds each request (endpoint, addressing style, SSE headers) as it wou
 through s3transfer's BotocoreCRTRequestSerializer, once per kind of request (see crt_requests);
 the CRT signs and sends it.
 
-The CRT's part buffers are bounded by what its connections can send (memory_limit), not left
-at its own default (2 GiB and up), which read files far ahead of a slower server.
+The CRT's part buffers are left at its own default pool (2 GiB and up): a pool bounded by
+what its connections can send (400 MiB at 10 Gbit/s) cut the RSS of a 4 x 256 MiB upload from
+880 to 350 MiB, but any explicit bound, even 2 GiB, made a notice's flush up to half again as
+long in the benchmark (time to safety), and that is what spotwatch is for.
 
 What the CRT path cannot report: its retries happen inside the CRT, and awscrt's Python binding
 (0.38.x) exposes no per-attempt outcome (aws-c-s3's telemetry callback is bound in Java, not in
@@ -21,7 +23,6 @@ transfer once (with its final error), not each failed attempt as the classic pat
 from __future__ import annotations
 
 import errno
-import math
 import os
 import threading
 from collections.abc import Callable
@@ -68,11 +69,6 @@ log = structlog.get_logger("spotwatch.transfer")
 CRT_PROCESS_LOCK = "spotwatch"
 # Without a figure for the instance type, the CRT targets 10 Gbit/s (as boto3 does).
 DEFAULT_TARGET_GBPS = 10.0
-# The CRT opens about one connection per this many Gbit/s of its target (aws-c-s3's
-# 100 Gbit/s per 250 connections).
-GBPS_PER_CONNECTION = 0.4
-# The smallest buffer pool the CRT accepts.
-MIN_MEMORY_LIMIT = 256 * 2**20
 # Reported to on_outcome: None for a transfer S3 completed, else its error's class.
 Outcome = Callable[[str | None], None]
 # botocore sets Content-MD5 unless told otherwise; the serializer removes this placeholder and
@@ -129,15 +125,6 @@ def target_throughput_gbps(settings: TransferSettings) -> float:
     return float(recommended) if recommended else DEFAULT_TARGET_GBPS
 
 
-def memory_limit(settings: TransferSettings) -> int:
-    """Bytes the CRT may hold in part buffers: one part for each connection it opens for the
-    target throughput, so every connection can be sending (the CRT's own default, 2 GiB and
-    up, let it read 4 x 256 MiB files ahead into 880 MiB when the server is slower than the
-    disk; with this bound 200-460 MiB, at the same speed: see the README)."""
-    connections = math.ceil(target_throughput_gbps(settings) / GBPS_PER_CONNECTION)
-    return max(MIN_MEMORY_LIMIT, connections * settings.multipart_chunksize)
-
-
 def make_store(client: S3Client, bucket: str, settings: TransferSettings,
                on_outcome: Outcome | None = None,
                throttle: Throttle | None = None) -> ObjectStore:
@@ -174,7 +161,6 @@ class CrtObjectStore(S3ObjectStore):
         self._on_outcome = on_outcome
         endpoint = client.meta.endpoint_url
         region = client.meta.region_name
-        self._memory_limit = memory_limit(settings)
         self._crt = _crt_client(region, settings, use_tls=endpoint.startswith("https:"))
         self._serializer = BotocoreCRTRequestSerializer(botocore_session(), {
             "region_name": region, "endpoint_url": endpoint,
@@ -190,10 +176,7 @@ class CrtObjectStore(S3ObjectStore):
         """One CRT request: a single PutObject below the threshold, parts from it on. The
         checksum S3 verified comes from the PutObject reply, else (multipart) a HEAD."""
         part_size = self.part_size(size)
-        if (self._throttle is not None and not self._throttle.lifted) or \
-                (part_size or 0) > self._memory_limit:
-            # Paced by the cap; or parts (of a file over 10,000 parts, terabytes) larger than
-            # the CRT's buffer pool, which refuses them.
+        if self._throttle is not None and not self._throttle.lifted:
             return super().upload_file(path, key, size, progress)
         outer: Future[StoredObject] = Future()
         received: dict[str, str] = {}
@@ -387,6 +370,5 @@ def _crt_client(region: str, settings: TransferSettings, *, use_tls: bool) -> aw
         part_size=settings.multipart_chunksize,
         multipart_upload_threshold=settings.multipart_threshold,
         throughput_target_gbps=target_throughput_gbps(settings),
-        memory_limit=memory_limit(settings),
         retry_config=awscrt.s3.S3RetryConfig(max_retries=settings.max_attempts - 1),
         enable_s3express=True)
