@@ -9,17 +9,21 @@ import hashlib
 import os
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import boto3
 import msgspec
 import pytest
 from awscrt import checksums as crt_checksums
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import ReadTimeoutError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spotwatch.aws.crt_store import CrtObjectStore, make_store
-from spotwatch.aws.ranged_get import split
+from spotwatch.aws.ranged_get import RangedGetter, split
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import ObjectStore
 from spotwatch.checksums import ContentMismatch, Expected, expected, file_matches
@@ -219,3 +223,21 @@ def test_bytes_corrupted_in_transit_are_a_mismatch(
         finally:
             store.close()
         assert proxy.count("GET", "corrupt") >= 1
+
+
+def test_a_stalled_server_gets_botocores_attempts_only(tmp_path: Path, s3: Any,
+                                                       bucket: str) -> None:
+    """A response that never starts is botocore's to retry (max_attempts); only a body that
+    breaks off is fetched again by the range, so a stalled server is not tried
+    max_attempts x attempts times."""
+    put(s3, bucket, "k", os.urandom(1000))
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        stalled = proxy.add("delay", ranged_gets, times=10**6, delay=1.5)
+        client = boto3.client("s3", region_name=REGION, endpoint_url=proxy.url,
+                              config=BotoConfig(read_timeout=0.3, retries={
+                                  "mode": "standard", "max_attempts": 2}))
+        with ThreadPoolExecutor(2) as pool:
+            getter = RangedGetter(client, bucket, pool, attempts=3)
+            with pytest.raises(ReadTimeoutError):
+                getter.download("k", tmp_path / "f", 1000, 1000, None, None)
+        assert stalled.applied == client.meta.config.retries["total_max_attempts"]  # not x 3

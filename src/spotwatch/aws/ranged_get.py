@@ -55,11 +55,20 @@ def split(size: int, part_size: int) -> list[ByteRange]:
     return [ByteRange(start, min(part_size, size - start)) for start in range(0, size, part_size)]
 
 
+class _BodyBroke(Exception):
+    """The response's body stopped arriving (with what reading it raised)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class RangedGetter:
     """Downloads objects of one bucket in ranges, on the given executor's workers.
 
-    attempts: how often a range is tried when its response breaks off mid-body (botocore
-    retries the request itself, but not a body that stops arriving)."""
+    attempts: how often a range is tried when its response breaks off mid-body. Only then:
+    botocore has already retried the request itself (max_attempts), and trying its failures
+    again here would multiply the attempts a stalled server gets."""
 
     def __init__(self, client: S3Client, bucket: str, executor: Executor, attempts: int) -> None:
         self._client = client
@@ -98,11 +107,11 @@ class RangedGetter:
             try:
                 return self._fetch_once(key, target, byte_range, size, whole,
                                         _counted(progress, received), digest)
-            except S3_RETRYABLE_DOWNLOAD_ERRORS:
+            except _BodyBroke as broke:
                 if progress is not None:
                     progress(-received[0])
                 if attempt == self._attempts:
-                    raise
+                    raise broke.cause from None
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _fetch_once(self, key: str, target: _File, byte_range: ByteRange, size: int, whole: bool,
@@ -124,6 +133,8 @@ class RangedGetter:
                 progress(len(chunk))
         except FlexibleChecksumError as exc:  # botocore checks a checksum S3 sent, too
             raise ContentMismatch(f"{key}: checksum differs from S3's: {exc}") from exc
+        except S3_RETRYABLE_DOWNLOAD_ERRORS as exc:
+            raise _BodyBroke(exc) from exc
         finally:
             body.close()
         if offset != end:
