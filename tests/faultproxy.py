@@ -90,6 +90,7 @@ class FaultProxy:
     upstream: str
     rules: list[Rule] = field(default_factory=list)
     seen: list[tuple[Request, str]] = field(default_factory=list)
+    connections: int = 0  # accepted from clients
 
     def __post_init__(self) -> None:
         target = urlsplit(self.upstream)
@@ -124,6 +125,10 @@ class FaultProxy:
                     return rule
         return None
 
+    def connected(self) -> None:
+        with self._lock:
+            self.connections += 1
+
     def record(self, request: Request, what: str) -> None:
         with self._lock:
             self.seen.append((request, what))
@@ -139,6 +144,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+    def setup(self) -> None:  # once per connection, however many requests it carries
+        super().setup()
+        self.proxy.connected()
 
     def _handle(self) -> None:
         body = self._read_body()

@@ -150,3 +150,43 @@ def test_a_set_is_complete_exactly_when_every_listed_object_has_its_size(
     [manifest] = list_manifests(memory, PREFIX)
     expected = not ({i for i in range(len(sizes))} & (missing | resized))
     assert is_complete(memory, manifest) is expected
+
+
+def test_completeness_is_checked_beside_the_downloads(tmp_path: Path,
+                                                      store: InMemoryObjectStore) -> None:
+    """The listing that proves a set complete does not hold its downloads back: on S3 a set of
+    100,000 files takes 100 listings one after the other."""
+    put_set(store, "step_1", {f"f{i}.pt": bytes([i]) * 10 for i in range(6)}, 1_000)
+    listing = store.hold("list_objects", key=PREFIX + "step_1")
+    restoring = Background(store, tmp_path / "r")
+    try:
+        assert listing.entered.wait(10)
+        wait_for(lambda: store.calls["download"] == 6, timeout=10)
+        assert files_under(tmp_path / "r") == [f"step_1/.f{i}.pt{TEMP_SUFFIX}" for i in range(6)]
+    finally:
+        listing.release()
+        restoring.join()
+    assert restoring.error is None and restoring.report is not None
+    assert files_under(tmp_path / "r") == [f"step_1/f{i}.pt" for i in range(6)]
+
+
+def test_a_set_found_incomplete_while_downloading_leaves_nothing_behind(
+        tmp_path: Path, store: InMemoryObjectStore) -> None:
+    """A newer set with an object missing is passed over even though its downloads already
+    started (one of them fails for the missing object): its temporaries and the folders made
+    for it are removed, and the older set is restored."""
+    put_set(store, "step_1", {"deep/er/a.pt": b"1" * 50}, 1_000)
+    put_set(store, "step_2", {"deep/er/a.pt": b"2" * 50, "deep/b.pt": b"2" * 60}, 2_000)
+    store.objects.pop(PREFIX + "step_2/deep/b.pt")
+    listing = store.hold("list_objects", key=PREFIX + "step_2")
+    restoring = Background(store, tmp_path / "r")
+    try:
+        assert listing.entered.wait(10)
+        wait_for(lambda: store.calls["download"] >= 1, timeout=10)  # the missing one fails
+    finally:
+        listing.release()
+        restoring.join()
+    assert restoring.error is None and restoring.report is not None
+    assert (restoring.report.set_name, restoring.report.passed_over) == ("step_1", ("step_2",))
+    assert sorted(str(p.relative_to(tmp_path / "r")) for p in (tmp_path / "r").rglob("*")) \
+        == ["step_1", "step_1/deep", "step_1/deep/er", "step_1/deep/er/a.pt"]

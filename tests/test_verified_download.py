@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spotwatch.aws.crt_store import CrtObjectStore, make_store
-from spotwatch.aws.ranged_get import RangedGetter, split
+from spotwatch.aws.ranged_get import WRITE_SLICE, RangedGetter, split
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import ObjectStore
 from spotwatch.checksums import ContentMismatch, Expected, expected, file_matches
@@ -241,3 +241,54 @@ def test_a_stalled_server_gets_botocores_attempts_only(tmp_path: Path, s3: Any,
             with pytest.raises(ReadTimeoutError):
                 getter.download("k", tmp_path / "f", 1000, 1000, None, None)
         assert stalled.applied == client.meta.config.retries["total_max_attempts"]  # not x 3
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_ranged_downloads_hand_their_connections_back(tmp_path: Path, s3: Any, bucket: str,
+                                                      checked: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read straight off http.client (checked on the way) or through botocore's body, a range
+    read to its end returns its connection to the pool: many ranges on two workers open no more
+    than two connections."""
+    size, part_size = SHAPES["multipart"]
+    data = os.urandom(size)
+    checksum = put(s3, bucket, "k", data, part_size)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        settings = msgspec.structs.replace(SMALL_PARTS, client="classic", max_concurrency=2)
+        store = make_store(make_s3_client(REGION, settings), bucket, settings)
+        check = expected(checksum, part_size, "CRC32") if checked else None
+        try:
+            for attempt in range(4):
+                assert store.download("k", tmp_path / f"f{attempt}", size, None, check) \
+                    == checked
+                assert (tmp_path / f"f{attempt}").read_bytes() == data
+        finally:
+            store.close()
+        assert proxy.count("GET") == 4 * len(split(size, part_size))
+        assert proxy.connections <= 2
+
+
+def test_a_download_writes_its_file_in_small_pieces(tmp_path: Path, s3: Any, bucket: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large writes get large page-cache folios, which a virtual machine's host may have to
+    fault in again (see ranged_get.WRITE_SLICE); every write stays within the slice."""
+    size, part_size = SHAPES["multipart"]
+    data = os.urandom(size)
+    checksum = put(s3, bucket, "k", data, part_size)
+    written: list[int] = []
+    pwrite = os.pwrite
+
+    def recording(fd: int, chunk: Any, offset: int) -> int:
+        written.append(len(chunk))
+        return pwrite(fd, chunk, offset)
+
+    monkeypatch.setattr(os, "pwrite", recording)
+    store = store_for(bucket, "classic")
+    try:
+        assert store.download("k", tmp_path / "f", size, None,
+                              expected(checksum, part_size, "CRC32"))
+    finally:
+        store.close()
+    assert (tmp_path / "f").read_bytes() == data
+    assert sum(written) == size and max(written) <= WRITE_SLICE
