@@ -24,7 +24,7 @@ def reference(destination: Path, relative: str) -> Path | None:
     root = destination.resolve()
     try:
         target = (destination / relative).resolve()
-    except RuntimeError:  # a symlink loop
+    except (RuntimeError, OSError):  # a symlink loop (OSError from Python 3.13)
         return None
     return target if root in target.parents else None
 

@@ -253,15 +253,12 @@ class CrtObjectStore(S3ObjectStore):
             and expected.algorithm in awscrt.s3.S3ChecksumAlgorithm.__members__ else None
 
         def finished(error: BaseException | None, validated: bool) -> None:
-            # On the CRT's event-loop thread: a completed GET is settled here (one stat), a
-            # failure's parsing runs elsewhere.
+            # On the CRT's event-loop thread, settled here (a stat, or an error's parsing):
+            # no pool that close() may shut down stands between the CRT and the caller.
             if error is None:
                 self._settle_download(key, path, size, validated and checking is not None, done)
-                return
-            try:
-                self._finisher.submit(self._fail_download, key, error, done)
-            except RuntimeError:  # closed: nobody waits any more
-                done.set_exception(error)
+            else:
+                self._fail_download(key, error, done)
 
         cancel = self._start("get_object", key, {}, finished, progress,
                              type=awscrt.s3.S3RequestType.GET_OBJECT, recv_filepath=str(path),

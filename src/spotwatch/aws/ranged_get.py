@@ -23,12 +23,12 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import CancelledError, Executor, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import FlexibleChecksumError
+from botocore.exceptions import FlexibleChecksumError, IncompleteReadError, ResponseStreamingError
 from botocore.response import StreamingBody
 from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
 from urllib3.response import HTTPResponse as Urllib3Response
@@ -91,13 +91,15 @@ class RangedGetter:
         self._attempts = max(1, attempts)
 
     def download(self, key: str, path: Path, size: int, part_size: int,
-                 progress: Progress | None, digest: Callable[[], Digest] | None) -> list[bytes]:
+                 progress: Progress | None, digest: Callable[[], Digest] | None,
+                 cancelled: threading.Event | None = None) -> list[bytes]:
         """Write the object (of this size) to path in ranges of part_size; returns each
         range's digest in order (none without a digest factory). One range is fetched on the
-        calling thread, several on the executor."""
+        calling thread, several on the executor. Once `cancelled` is set, every range stops
+        at its next chunk (CancelledError)."""
         ranges = split(size, part_size)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-        target = _File(fd)
+        target = _File(fd, cancelled or threading.Event())
         try:
             if len(ranges) == 1:
                 return self._digests([self._fetch(key, target, ranges[0], size, True, progress,
@@ -130,6 +132,8 @@ class RangedGetter:
 
     def _fetch_once(self, key: str, target: _File, byte_range: ByteRange, size: int, whole: bool,
                     progress: Progress, digest: Callable[[], Digest] | None) -> bytes | None:
+        if target.cancelled.is_set():  # a range begun after the download was cancelled
+            raise CancelledError()
         args: dict[str, Any] = {} if whole else {"Range": byte_range.header}
         response = self._client.get_object(Bucket=self._bucket, Key=key, **args)
         _check_size(key, response, size)
@@ -140,6 +144,8 @@ class RangedGetter:
         offset, end = byte_range.start, byte_range.start + byte_range.length
         try:
             for chunk in chunks:
+                if target.cancelled.is_set():
+                    raise CancelledError()
                 if offset + len(chunk) > end:
                     raise ContentMismatch(f"{key}: more bytes than the range asked for")
                 if state is not None:
@@ -148,7 +154,9 @@ class RangedGetter:
                 offset += len(chunk)
                 progress(len(chunk))
         finally:
-            body.close()
+            body.close()  # drops the connection unless it was read to its end and handed back
+            if raw is not None:
+                raw.release_conn()  # as urllib3 does after an error: the pool reconnects it
         if offset != end:
             raise ContentMismatch(f"{key}: {end - offset} bytes short of the listed size")
         return state.digest() if state is not None else None
@@ -174,8 +182,9 @@ def _read_raw(response: Urllib3Response, key: str,
               byte_range: ByteRange) -> Iterator[memoryview]:
     """The response's bytes in chunks of one buffer this thread keeps (each chunk is valid
     until the next is asked for). http.client stops at the response's Content-Length, which
-    must be the range's, and raises IncompleteRead when the body ends before it; read to the
-    end, the connection goes back to urllib3's pool."""
+    must be the range's; a body that ends before it (closed early, or broken off) is
+    _BodyBroke, as botocore's own read would have it. Read to its end, the connection goes
+    back to urllib3's pool."""
     raw: http.client.HTTPResponse = response._fp  # type: ignore[assignment]
     if raw.length is not None and raw.length != byte_range.length:
         raise ContentMismatch(f"{key}: the response has {raw.length} bytes, the range "
@@ -183,14 +192,19 @@ def _read_raw(response: Urllib3Response, key: str,
     buffer: memoryview | None = getattr(_buffers, "chunk", None)
     if buffer is None:
         buffer = _buffers.chunk = memoryview(bytearray(READ_CHUNK))
+    received = 0
     while True:
         try:
-            received = raw.readinto(buffer)
+            count = raw.readinto(buffer)
         except (http.client.HTTPException, OSError) as exc:
-            raise _BodyBroke(exc) from exc
-        if not received:
+            raise _BodyBroke(ResponseStreamingError(error=exc)) from exc
+        if not count:
             break
-        yield buffer[:received]
+        received += count
+        yield buffer[:count]
+    if raw.length:  # http.client ends a body closed early without a word
+        raise _BodyBroke(IncompleteReadError(actual_bytes=received,
+                                             expected_bytes=byte_range.length))
     if raw.isclosed():
         response.release_conn()
 
@@ -209,11 +223,13 @@ def _read_body(body: Any, key: str) -> Iterator[bytes]:
 class _File:
     """The file a download writes, one write at a time: the kernel serialises writes to one
     file anyway, and threads queued on its lock spin (costing CPU, twice `s5cmd cp`'s for
-    1 GiB in 20 ranges) where threads queued on this lock sleep."""
+    1 GiB in 20 ranges) where threads queued on this lock sleep. cancelled: set when the
+    download is no longer wanted."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, cancelled: threading.Event) -> None:
         self._fd = fd
         self._lock = threading.Lock()
+        self.cancelled = cancelled
 
     def write_at(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data)

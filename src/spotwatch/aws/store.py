@@ -160,7 +160,8 @@ class ObjectStore(Protocol):
 
     def start_download(self, key: str, path: Path, size: int, progress: Progress | None = None,
                        expected: Expected | None = None) -> PendingDownload:
-        """download() on the store's threads; the caller may start many at once."""
+        """download(), under way once this returns (on the store's threads, or the CRT's);
+        the caller may start many at once, and cancel any (CancelledError)."""
         ...
 
     def head(self, key: str, part_number: int | None = None) -> ObjectHead:
@@ -427,7 +428,8 @@ class S3ObjectStore:
         return self._download_in_ranges(key, path, size, progress, expected)
 
     def _download_in_ranges(self, key: str, path: Path, size: int, progress: Progress | None,
-                            expected: Expected | None) -> bool:
+                            expected: Expected | None,
+                            cancelled: threading.Event | None = None) -> bool:
         """In ranged GETs on the store's range workers (one GET below the multipart
         threshold). Checked on the way: a full-object checksum of an object fetched in one GET,
         or a composite one, whose parts are fetched as the ranges."""
@@ -441,7 +443,7 @@ class S3ObjectStore:
             with _translated():
                 digests = self._ranged.download(
                     key, path, size, part_size, progress,
-                    checking.new_digest if checking is not None else None)
+                    checking.new_digest if checking is not None else None, cancelled)
         except S3_RETRYABLE_DOWNLOAD_ERRORS as exc:  # the body kept breaking off
             raise StoreError(f"{key}: {exc}") from exc
         if checking is None:
@@ -452,9 +454,15 @@ class S3ObjectStore:
 
     def start_download(self, key: str, path: Path, size: int, progress: Progress | None = None,
                        expected: Expected | None = None) -> PendingDownload:
+        cancelled = threading.Event()
         future = self._downloads.submit(self._download_in_ranges, key, path, size, progress,
-                                        expected)
-        return PendingDownload(future, future.cancel)
+                                        expected, cancelled)
+
+        def cancel() -> None:  # one not yet begun never begins, one under way stops
+            cancelled.set()
+            future.cancel()
+
+        return PendingDownload(future, cancel)
 
     def head(self, key: str, part_number: int | None = None) -> ObjectHead:
         extra: dict[str, Any] = {} if part_number is None else {"PartNumber": part_number}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from queue import SimpleQueue
@@ -60,7 +60,8 @@ def verify(path: Path, entry: ManifestEntry, part_size: int | None,
     return None
 
 
-_Event = tuple[Literal["downloaded", "checked", "complete"], FileToFetch | None, Future[bool]]
+_Kind = Literal["downloaded", "checked", "complete"]
+_Event = tuple[_Kind, FileToFetch | None, Future[bool]]
 
 
 class _SetFetch:
@@ -74,7 +75,8 @@ class _SetFetch:
         self._temps = temps
         self._window = max(MIN_WINDOW, WINDOW_PER_WORKER * store.max_concurrency)
         self._events: SimpleQueue[_Event] = SimpleQueue()
-        self._under_way: dict[Path, PendingDownload] = {}
+        self._under_way: dict[FileToFetch, PendingDownload] = {}
+        self._futures: list[Future[bool]] = []  # every download, check and completeness check
         self._outstanding = 0  # events still to come
         self._failure: BaseException | None = None
         self._incomplete = False
@@ -84,7 +86,7 @@ class _SetFetch:
     def run(self, files: Sequence[FileToFetch], complete: Callable[[], bool] | None) -> None:
         try:
             if complete is not None:
-                self._post_when_done("complete", None, self._checker.submit(complete))
+                self._watch("complete", None, self._checker.submit(complete))
             remaining = iter(files)
             while True:
                 while self._failure is None and len(self._under_way) < self._window:
@@ -95,10 +97,9 @@ class _SetFetch:
                 if self._outstanding == 0:
                     break
                 self._handle(*self._events.get())
-        except BaseException as exc:  # KeyboardInterrupt: stop and wait like any failure
+        except BaseException as exc:  # KeyboardInterrupt: stop, and wait for every download
             self._fail(exc)
-            while self._outstanding:
-                self._handle(*self._events.get())
+            wait(self._futures)  # not by the events, one of which this may have cut short
             raise
         finally:
             self._checker.shutdown(wait=True)
@@ -107,8 +108,9 @@ class _SetFetch:
         if self._failure is not None:
             raise self._failure
 
-    def _post_when_done(self, kind: Literal["downloaded", "checked", "complete"],
-                        file: FileToFetch | None, future: Future[bool]) -> None:
+    def _watch(self, kind: _Kind, file: FileToFetch | None, future: Future[bool]) -> None:
+        """Post an event once the future is done."""
+        self._futures.append(future)
         self._outstanding += 1
         future.add_done_callback(lambda done: self._events.put((kind, file, done)))
 
@@ -122,10 +124,10 @@ class _SetFetch:
         except Exception as exc:  # e.g. ChecksumUnavailable: no download started
             self._fail(exc)
             return
-        self._under_way[file.temp] = pending
-        self._post_when_done("downloaded", file, pending.future)
+        self._under_way[file] = pending
+        self._watch("downloaded", file, pending.future)
 
-    def _handle(self, kind: str, file: FileToFetch | None, future: Future[bool]) -> None:
+    def _handle(self, kind: _Kind, file: FileToFetch | None, future: Future[bool]) -> None:
         self._outstanding -= 1
         # A download cancelled before it began has no exception to ask for: it raises one.
         error = CancelledError() if future.cancelled() else future.exception()
@@ -138,14 +140,14 @@ class _SetFetch:
             return
         assert file is not None
         if kind == "downloaded":
-            del self._under_way[file.temp]
+            del self._under_way[file]
         if error is not None:
             self._fail(SetCorrupt(str(error)) if isinstance(error, ContentMismatch) else error)
             return
         if self._failure is not None:
             return
         if kind == "downloaded" and not future.result():
-            self._post_when_done("checked", file, self._checker.submit(self._read_back, file))
+            self._watch("checked", file, self._checker.submit(self._read_back, file))
             return
         try:
             os.utime(file.temp, ns=(file.entry.mtime_ns, file.entry.mtime_ns))

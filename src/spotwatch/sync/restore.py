@@ -16,7 +16,6 @@ the whole set is restored, or with --node-rank only the files that node's part l
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -29,8 +28,9 @@ import structlog
 from spotwatch.aws.crt_store import make_store
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
-from spotwatch.aws.store import ObjectStore, StoreError
+from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
 from spotwatch.checksums import ChecksumUnavailable
+from spotwatch.collector import exempt_long_lived_objects
 from spotwatch.config import Config, JobSettings, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.model import FileVersion
@@ -59,11 +59,12 @@ class RestoreReport:
 class _Targets:
     """Where the files of a set land below a destination: each folder is resolved once (a
     resolve per file cost more than a small file's download), a file itself only when it is a
-    symlink. Refused when a symlink would lead out of the destination."""
+    symlink. Refused when a symlink would lead out of the destination, or two files to one."""
 
     def __init__(self, destination: Path) -> None:
         self._root = destination.resolve()
         self._folders: dict[PurePosixPath, Path] = {}
+        self._taken: dict[Path, str] = {}  # target -> the manifest path that goes there
 
     def of(self, entry: ManifestEntry) -> Path:
         relative = PurePosixPath(entry.path)  # clean: relative, no '..' (manifest checks)
@@ -72,7 +73,13 @@ class _Targets:
             folder = self._folders[relative.parent] = self._resolved(
                 self._root / relative.parent, entry, folder=True)
         target = folder / relative.name
-        return self._resolved(target, entry, folder=False) if target.is_symlink() else target
+        if target.is_symlink():
+            target = self._resolved(target, entry, folder=False)
+        other = self._taken.setdefault(target, entry.path)
+        if other != entry.path:  # through a symlink already in the destination
+            raise SpotwatchError(f"manifest paths {other!r} and {entry.path!r} lead to the same "
+                                 f"file {target}")
+        return target
 
     def _resolved(self, path: Path, entry: ManifestEntry, folder: bool) -> Path:
         """The path resolved, if it stays below the destination (a folder: or is it)."""
@@ -137,6 +144,7 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
         candidates = [c for c in candidates if c.whole.set_name == set_name]
     # Restored into the watched directory, the files are already in S3: record them.
     ledger = Ledger(StateDir(config.state_dir).ledger) if destination == watch.path else None
+    exempt_long_lived_objects()  # the candidates' manifests too: a set's files are many
     try:
         report = restore_newest(store, candidates, destination,
                                 config.transfer.checksum_algorithm, ledger)
@@ -203,7 +211,10 @@ def _part_size(store: ObjectStore, entry: ManifestEntry) -> int | None:
     before it was recorded) the length of the object's first part."""
     if entry.part_size is not None or entry.checksum is None or "-" not in entry.checksum:
         return entry.part_size
-    size = store.head(entry.key, part_number=1).size
+    try:
+        size = store.head(entry.key, part_number=1).size
+    except ObjectMissing:
+        raise SetIncomplete() from None
     return size if size > 0 else None
 
 
@@ -230,27 +241,27 @@ def _temporaries() -> Iterator[list[Path]]:
                 temp.unlink()
 
 
-def _make_folders(folders: set[Path]) -> list[Path]:
-    """Make the folders (once each, not once per file); returns those made, deepest first."""
-    made: list[Path] = []
-    for folder in folders:
-        missing = [folder, *folder.parents]
-        missing = missing[:next(i for i, p in enumerate(missing) if p.is_dir())]
-        folder.mkdir(parents=True, exist_ok=True)
-        made.extend(missing)
-    return sorted(set(made), key=lambda path: len(path.parts), reverse=True)
-
-
 @contextmanager
-def _removed_unless_used(folders: list[Path]) -> Iterator[None]:
-    """Folders made for a set that then failed are removed again when nothing is in them."""
+def _folders_made_for_the_set() -> Iterator[list[Path]]:
+    """Folders made for a set (deepest last) that then failed are removed again when nothing
+    is in them."""
+    made: list[Path] = []
     try:
-        yield
+        yield made
     except BaseException:
-        for folder in folders:
+        for folder in reversed(made):
             with suppress(OSError):
                 folder.rmdir()
         raise
+
+
+def _make_folders(folders: set[Path], made: list[Path]) -> None:
+    """Make the folders, once each (not once per file); made gets those that were missing,
+    each after its parent."""
+    for folder in sorted(folders):
+        missing = [path for path in (folder, *folder.parents) if not path.is_dir()]
+        made.extend(reversed(missing))  # before: a mkdir failing halfway leaves its parents
+        folder.mkdir(parents=True, exist_ok=True)
 
 
 def _temporary(target: Path) -> Path:
@@ -271,12 +282,11 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
             skipped += 1
         else:
             todo.append((FileToFetch(entry, _temporary(target), part_size), target))
-    made = _make_folders({target.parent for _, target in todo})
     total = sum(file.entry.size for file, _ in todo)
     progress = ProgressBar(f"restoring {manifest.set_name}", total)
-    gc.freeze()  # what start-up made lives on: the collector need not walk it again per file
     try:
-        with _removed_unless_used(made), _temporaries() as temps:
+        with _folders_made_for_the_set() as made, _temporaries() as temps:
+            _make_folders({target.parent for _, target in todo}, made)
             fetch_verified(store, [file for file, _ in todo], preferred, progress, temps,
                            complete)
             # Every file of the set checked out: only now does anything land in place.
