@@ -74,17 +74,26 @@ def bulk(store: Store, clients: Clients, shape: Shape, tools: Sequence[str],
             else:
                 store.drop_bucket(bucket)
         assert kept is not None, "spotwatch's upload is what both downloaders fetch"
-        for tool in rotated(DOWNLOADERS, round_number):
-            downloads[tool].append(download(clients, tool, source, kept, shape))
-            show(shape.name, tool, downloads[tool][-1], shape.total)
+        download_round(clients, source, kept, shape, round_number, downloads)
         store.drop_bucket(kept)
     shutil.rmtree(source)
     return {"shape": shape.name, "files": shape.files, "bytes": shape.total,
             "upload": {t: {**usage_row(r, shape.total, shape.files),
                            "noop_seconds": summary([u.seconds for u in noops[t]])}
                        for t, r in uploads.items()},
-            "download": {t: usage_row(r, shape.total, shape.files)
-                         for t, r in downloads.items()}}
+            "download": download_rows(downloads, shape)}
+
+
+def download_round(clients: Clients, source: Path, bucket: str, shape: Shape,
+                   round_number: int, downloads: dict[str, list[Usage]]) -> None:
+    """Both downloaders fetch the set once, in this round's order."""
+    for tool in rotated(DOWNLOADERS, round_number):
+        downloads[tool].append(download(clients, tool, source, bucket, shape))
+        show(shape.name, tool, downloads[tool][-1], shape.total)
+
+
+def download_rows(downloads: dict[str, list[Usage]], shape: Shape) -> dict[str, Any]:
+    return {t: usage_row(r, shape.total, shape.files) for t, r in downloads.items()}
 
 
 def restore_at_scale(store: Store, clients: Clients, shape: Shape, tools: Sequence[str],
@@ -98,14 +107,11 @@ def restore_at_scale(store: Store, clients: Clients, shape: Shape, tools: Sequen
     check_objects(store, bucket, uploader, shape.files)
     downloads: dict[str, list[Usage]] = {tool: [] for tool in DOWNLOADERS}
     for round_number in range(rounds):
-        for tool in rotated(DOWNLOADERS, round_number):
-            downloads[tool].append(download(clients, tool, source, bucket, shape))
-            show(shape.name, tool, downloads[tool][-1], shape.total)
+        download_round(clients, source, bucket, shape, round_number, downloads)
     store.drop_bucket(bucket)
     shutil.rmtree(source)
     return {"shape": shape.name, "files": shape.files, "bytes": shape.total,
-            "download": {t: usage_row(r, shape.total, shape.files)
-                         for t, r in downloads.items()}}
+            "download": download_rows(downloads, shape)}
 
 
 def check_objects(store: Store, bucket: str, tool: str, files: int) -> None:
