@@ -25,16 +25,17 @@ from projection import project
 from report import report
 from s3sim import s3_simulation
 from seaweed import BIN, seaweedfs
-from transfers import Shape, Simulation, bulk, scaling
+from transfers import Shape, Simulation, bulk, restore_at_scale, scaling
 
 HERE = Path(__file__).resolve().parent
 FORMAT = 2  # results.json's layout; --only keeps earlier sections only of the same layout
-SCENARIOS = ("bulk", "scaling", "safety", "latency", "idle")
+SCENARIOS = ("bulk", "restore", "scaling", "safety", "latency", "idle")
 
 
 @dataclass(frozen=True)
 class Sizes:
     shapes: tuple[Shape, ...]
+    restore_shapes: tuple[Shape, ...]  # larger sets, downloads only
     simulation: Simulation
     daemon: DaemonSizes
     rounds: int
@@ -43,6 +44,7 @@ class Sizes:
 
 FULL = Sizes(
     shapes=(Shape("2000x64KiB", 2000, 64 * 1024), Shape("4x256MiB", 4, 256 * MiB)),
+    restore_shapes=(Shape("20000x64KiB", 20_000, 64 * 1024), Shape("4x1GiB", 4, 1024 * MiB)),
     simulation=Simulation(rate_mib=4, latency_ms=20, seconds_per_file=6,
                           levels=(1, 2, 4, 8, 16, 32, 64)),
     daemon=DaemonSizes(saves=4, save_mib=256, idle_files=100_000, idle_seconds=30,
@@ -50,6 +52,7 @@ FULL = Sizes(
     rounds=3, scaling_rounds=2)
 QUICK = Sizes(
     shapes=(Shape("300x64KiB", 300, 64 * 1024), Shape("4x16MiB", 4, 16 * MiB)),
+    restore_shapes=(Shape("1000x64KiB", 1000, 64 * 1024), Shape("2x64MiB", 2, 64 * MiB)),
     simulation=Simulation(rate_mib=4, latency_ms=20, seconds_per_file=1.5, levels=(1, 4, 16)),
     daemon=DaemonSizes(saves=2, save_mib=32, idle_files=2000, idle_seconds=3,
                        latency_samples=5),
@@ -94,6 +97,11 @@ def run_scenarios(wanted: set[str], sizes: Sizes, args: argparse.Namespace,
             produced["(a)"] = command
             results["bulk"] = [bulk(store, clients, shape, tools, rounds)
                                for shape in sizes.shapes]
+        if "restore" in wanted:
+            print("(a) restore of larger sets", flush=True)
+            produced["(a) larger sets"] = command
+            results["restore"] = [restore_at_scale(store, clients, shape, tools, rounds)
+                                  for shape in sizes.restore_shapes]
         if "scaling" in wanted:
             print("(b) scaled S3: throughput against connections", flush=True)
             produced["(b), (c)"] = command

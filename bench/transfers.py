@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clients import DOWNLOADERS, SPOTWATCH, Clients, Store
+from clients import DOWNLOADERS, SPOTWATCH, SPOTWATCH_CRT, Clients, Store
 from measure import GiB, MiB, Usage, backdate, rotated, run, summary, tree_bytes, write_random_file
 
 SET_NAME = "step_1"  # the data's top directory: one checkpoint set for spotwatch restore
@@ -74,17 +74,44 @@ def bulk(store: Store, clients: Clients, shape: Shape, tools: Sequence[str],
             else:
                 store.drop_bucket(bucket)
         assert kept is not None, "spotwatch's upload is what both downloaders fetch"
-        for tool in rotated(DOWNLOADERS, round_number):
-            downloads[tool].append(download(clients, tool, source, kept, shape))
-            show(shape.name, tool, downloads[tool][-1], shape.total)
+        download_round(clients, source, kept, shape, round_number, downloads)
         store.drop_bucket(kept)
     shutil.rmtree(source)
     return {"shape": shape.name, "files": shape.files, "bytes": shape.total,
             "upload": {t: {**usage_row(r, shape.total, shape.files),
                            "noop_seconds": summary([u.seconds for u in noops[t]])}
                        for t, r in uploads.items()},
-            "download": {t: usage_row(r, shape.total, shape.files)
-                         for t, r in downloads.items()}}
+            "download": download_rows(downloads, shape)}
+
+
+def download_round(clients: Clients, source: Path, bucket: str, shape: Shape,
+                   round_number: int, downloads: dict[str, list[Usage]]) -> None:
+    """Both downloaders fetch the set once, in this round's order."""
+    for tool in rotated(DOWNLOADERS, round_number):
+        downloads[tool].append(download(clients, tool, source, bucket, shape))
+        show(shape.name, tool, downloads[tool][-1], shape.total)
+
+
+def download_rows(downloads: dict[str, list[Usage]], shape: Shape) -> dict[str, Any]:
+    return {t: usage_row(r, shape.total, shape.files) for t, r in downloads.items()}
+
+
+def restore_at_scale(store: Store, clients: Clients, shape: Shape, tools: Sequence[str],
+                     rounds: int) -> dict[str, Any]:
+    """Downloads only, of a set larger than (a)'s, where each tool's start-up weighs little:
+    spotwatch uploads it once, then both downloaders fetch it in rotating order each round."""
+    source = shape.make(clients.work / shape.name)
+    bucket = store.new_bucket()
+    uploader = SPOTWATCH_CRT if SPOTWATCH_CRT in tools else SPOTWATCH
+    run(clients.upload(uploader, source, bucket))
+    check_objects(store, bucket, uploader, shape.files)
+    downloads: dict[str, list[Usage]] = {tool: [] for tool in DOWNLOADERS}
+    for round_number in range(rounds):
+        download_round(clients, source, bucket, shape, round_number, downloads)
+    store.drop_bucket(bucket)
+    shutil.rmtree(source)
+    return {"shape": shape.name, "files": shape.files, "bytes": shape.total,
+            "download": download_rows(downloads, shape)}
 
 
 def check_objects(store: Store, bucket: str, tool: str, files: int) -> None:

@@ -3,7 +3,8 @@
 Each request is matched against the rules in order; the first rule with faults left applies:
 an S3 error status (503 SlowDown, 500 InternalError, 403 AccessDenied), a connection reset
 before the request reaches S3 or after S3 handled it (the response is lost), a response body
-cut off halfway (then reset), a response body with one byte flipped, or a delay.
+cut off halfway (then reset, or closed in good order: "short"), a response body with one byte
+flipped, or a delay.
 Everything else is forwarded untouched. The proxy records what it saw, so tests can check the
 faults happened.
 """
@@ -48,7 +49,8 @@ class Request:
 
 @dataclass
 class Rule:
-    action: str  # "503", "500", "403", "reset", "reset-after", "truncate", "corrupt", "delay"
+    action: str  # "503", "500", "403", "reset", "reset-after", "truncate", "short", "corrupt",
+    # "delay"
     matches: Callable[[Request], bool]
     times: int = 1
     delay: float = 0.0
@@ -90,6 +92,7 @@ class FaultProxy:
     upstream: str
     rules: list[Rule] = field(default_factory=list)
     seen: list[tuple[Request, str]] = field(default_factory=list)
+    connections: int = 0  # accepted from clients
 
     def __post_init__(self) -> None:
         target = urlsplit(self.upstream)
@@ -124,6 +127,10 @@ class FaultProxy:
                     return rule
         return None
 
+    def connected(self) -> None:
+        with self._lock:
+            self.connections += 1
+
     def record(self, request: Request, what: str) -> None:
         with self._lock:
             self.seen.append((request, what))
@@ -139,6 +146,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+    def setup(self) -> None:  # once per connection, however many requests it carries
+        super().setup()
+        self.proxy.connected()
 
     def _handle(self) -> None:
         body = self._read_body()
@@ -164,7 +175,8 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "corrupt" and payload:
             middle = len(payload) // 2
             payload = payload[:middle] + bytes([payload[middle] ^ 0xFF]) + payload[middle + 1:]
-        self.proxy.record(request, action if action in ("truncate", "corrupt") else "forwarded")
+        self.proxy.record(request, action if action in ("truncate", "short", "corrupt")
+                          else "forwarded")
         self.send_response(status)
         for name, value in headers:
             if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
@@ -173,10 +185,13 @@ class _Handler(BaseHTTPRequestHandler):
         length = dict((k.lower(), v) for k, v in headers).get("content-length", "0")
         self.send_header("Content-Length", length if self.command == "HEAD" else str(len(payload)))
         self.end_headers()
-        if action == "truncate":  # the headers promise every byte; half arrive
+        if action in ("truncate", "short"):  # the headers promise every byte; half arrive
             self.wfile.write(payload[:len(payload) // 2])
             self.wfile.flush()
-            self._reset()
+            if action == "truncate":
+                self._reset()
+            else:  # closed as if the body were complete
+                self.close_connection = True
         elif self.command != "HEAD":
             self.wfile.write(payload)
 

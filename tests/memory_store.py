@@ -24,13 +24,14 @@ from spotwatch.aws.store import (
     ObjectHead,
     ObjectMissing,
     OpenUpload,
+    PendingDownload,
     PendingUpload,
     StoredObject,
     StoreError,
 )
 from spotwatch.checksums import Expected
+from spotwatch.progress import Progress
 
-Progress = Callable[[int], None]
 _WRITES = itertools.count(1)
 
 
@@ -223,6 +224,11 @@ class InMemoryObjectStore:
         if progress is not None:
             progress(len(data))
         return False
+
+    def start_download(self, key: str, path: Path, size: int, progress: Progress | None = None,
+                       expected: Expected | None = None) -> PendingDownload:
+        future = self._pool.submit(self.download, key, path, size, progress, expected)
+        return PendingDownload(future, future.cancel)
 
     def head(self, key: str, part_number: int | None = None) -> ObjectHead:
         self._enter("head", key)

@@ -11,9 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spotwatch.aws.store import StoreError
+from spotwatch.aws.store import PendingDownload, StoreError
+from spotwatch.checksums import Expected
 from spotwatch.errors import SpotwatchError
+from spotwatch.keys import manifest_key
+from spotwatch.progress import Progress
 from spotwatch.sync.restore import TEMP_SUFFIX, RestoreReport, restore_newest
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import is_complete, list_manifests
 
 from .conftest import wait_for
@@ -150,3 +154,117 @@ def test_a_set_is_complete_exactly_when_every_listed_object_has_its_size(
     [manifest] = list_manifests(memory, PREFIX)
     expected = not ({i for i in range(len(sizes))} & (missing | resized))
     assert is_complete(memory, manifest) is expected
+
+
+def test_completeness_is_checked_beside_the_downloads(tmp_path: Path,
+                                                      store: InMemoryObjectStore) -> None:
+    """The listing that proves a set complete does not hold its downloads back: on S3 a set of
+    100,000 files takes 100 listings one after the other."""
+    put_set(store, "step_1", {f"f{i}.pt": bytes([i]) * 10 for i in range(6)}, 1_000)
+    listing = store.hold("list_objects", key=PREFIX + "step_1")
+    restoring = Background(store, tmp_path / "r")
+    try:
+        assert listing.entered.wait(10)
+        wait_for(lambda: store.calls["download"] == 6, timeout=10)
+        assert files_under(tmp_path / "r") == [f"step_1/.f{i}.pt{TEMP_SUFFIX}" for i in range(6)]
+    finally:
+        listing.release()
+        restoring.join()
+    assert restoring.error is None and restoring.report is not None
+    assert files_under(tmp_path / "r") == [f"step_1/f{i}.pt" for i in range(6)]
+
+
+def test_a_set_found_incomplete_while_downloading_leaves_nothing_behind(
+        tmp_path: Path, store: InMemoryObjectStore) -> None:
+    """A newer set with an object missing is passed over even though its downloads already
+    started (one of them fails for the missing object): its temporaries and the folders made
+    for it are removed, and the older set is restored."""
+    put_set(store, "step_1", {"deep/er/a.pt": b"1" * 50}, 1_000)
+    put_set(store, "step_2", {"deep/er/a.pt": b"2" * 50, "deep/b.pt": b"2" * 60}, 2_000)
+    store.objects.pop(PREFIX + "step_2/deep/b.pt")
+    listing = store.hold("list_objects", key=PREFIX + "step_2")
+    restoring = Background(store, tmp_path / "r")
+    try:
+        assert listing.entered.wait(10)
+        wait_for(lambda: store.calls["download"] >= 1, timeout=10)  # the missing one fails
+    finally:
+        listing.release()
+        restoring.join()
+    assert restoring.error is None and restoring.report is not None
+    assert (restoring.report.set_name, restoring.report.passed_over) == ("step_1", ("step_2",))
+    assert sorted(str(p.relative_to(tmp_path / "r")) for p in (tmp_path / "r").rglob("*")) \
+        == ["step_1", "step_1/deep", "step_1/deep/er", "step_1/deep/er/a.pt"]
+
+
+def test_a_missing_object_of_an_older_manifest_passes_the_set_over(
+        tmp_path: Path, store: InMemoryObjectStore) -> None:
+    """Manifests written before part sizes were recorded need a HEAD for a composite
+    checksum's part size; an object missing there makes the set incomplete, not the restore
+    fail."""
+    put_set(store, "step_1", {"a.pt": b"1" * 50}, 1_000)
+    key = PREFIX + "step_2/a.pt"
+    entry = ManifestEntry(key, "step_2/a.pt", 50, 2_000, "AAAAAA==-2")  # no part_size
+    store.put(manifest_key(PREFIX, "step_2"),
+              Manifest.build("step_2", PREFIX, [entry]).to_json().encode())
+    report = restore_newest(store, list_manifests(store, PREFIX), tmp_path / "r", "CRC32", None)
+    assert report is not None
+    assert (report.set_name, report.passed_over) == ("step_1", ("step_2",))
+
+
+def test_two_manifest_paths_to_one_file_are_refused(tmp_path: Path,
+                                                     store: InMemoryObjectStore) -> None:
+    """A symlink already in the destination can make two listed files one: refused before
+    anything is written, rather than two downloads writing into one file."""
+    put_set(store, "step_1", {"a.pt": b"a" * 50, "b.pt": b"b" * 60}, 1_000)
+    (tmp_path / "r/step_1").mkdir(parents=True)
+    (tmp_path / "r/step_1/a.pt").symlink_to("b.pt")
+    with pytest.raises(SpotwatchError, match="lead to the same file"):
+        restore_newest(store, list_manifests(store, PREFIX), tmp_path / "r", "CRC32", None)
+    assert store.calls["download"] == 0
+
+
+class Interrupting(InMemoryObjectStore):
+    """Interrupted (as by Ctrl-C) when asked for its nth download."""
+
+    def __init__(self, nth: int) -> None:
+        super().__init__(max_concurrency=4)
+        self._nth = nth
+        self.interrupted = threading.Event()
+
+    def start_download(self, key: str, path: Path, size: int, progress: Progress | None = None,
+                       expected: Expected | None = None) -> PendingDownload:
+        self._nth -= 1
+        if self._nth == 0:
+            self.interrupted.set()
+            raise KeyboardInterrupt
+        return super().start_download(key, path, size, progress, expected)
+
+
+def test_an_interrupted_restore_waits_for_its_downloads_and_leaves_nothing(
+        tmp_path: Path) -> None:
+    store = Interrupting(nth=3)
+    put_set(store, "step_1", {f"f{i}.pt": bytes([i]) * 10 for i in range(5)}, 1_000)
+    held = store.hold("download", key=PREFIX + "step_1/f0.pt")
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            restore_newest(store, list_manifests(store, PREFIX), tmp_path / "r", "CRC32", None)
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    restoring = threading.Thread(target=run)
+    restoring.start()
+    try:
+        assert held.entered.wait(10) and store.interrupted.wait(10)
+        # f0 is still being downloaded: restore must not return (and remove its temporaries)
+        # before it ends. A bounded look, never a false failure: held, it cannot end.
+        restoring.join(0.5)
+        assert restoring.is_alive(), "restore returned while a download was under way"
+    finally:
+        held.release()
+        restoring.join(30)
+    store.close()
+    assert not restoring.is_alive()
+    assert [type(exc) for exc in outcome] == [KeyboardInterrupt]
+    assert files_under(tmp_path / "r") == []  # f0's temporary too, written after the interrupt

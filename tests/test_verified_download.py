@@ -9,7 +9,7 @@ import hashlib
 import os
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spotwatch.aws.crt_store import CrtObjectStore, make_store
-from spotwatch.aws.ranged_get import RangedGetter, split
+from spotwatch.aws.ranged_get import WRITE_SLICE, RangedGetter, split
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import ObjectStore
 from spotwatch.checksums import ContentMismatch, Expected, expected, file_matches
 from spotwatch.config import MiB, TransferSettings
+from spotwatch.sync.downloads import FileToFetch, SetCorrupt, fetch_verified
+from spotwatch.sync.sets.manifest import ManifestEntry
 
-from .conftest import REGION
+from .conftest import REGION, wait_for
 from .faultproxy import FaultProxy, Request
 
 # An independent reckoning of S3's checksums, to check spotwatch's against.
@@ -185,15 +187,19 @@ def ranged_gets(request: Request) -> bool:
     return request.method == "GET" and request.path.endswith("/k")
 
 
+@pytest.mark.parametrize("cut", ["truncate", "short"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_a_body_cut_off_is_fetched_again(tmp_path: Path, s3: Any, bucket: str, client: str,
-                                         shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
+                                         shape: str, cut: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reset mid-body, or closed in good order before its Content-Length: either way the
+    range is fetched again, never taken for a corrupt object."""
     size, part_size = SHAPES[shape]
     data = os.urandom(size)
     checksum = put(s3, bucket, "k", data, part_size)
     progress: list[int] = []
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
-        proxy.add("truncate", ranged_gets, times=2)
+        proxy.add(cut, ranged_gets, times=2)
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         store = store_for(bucket, client)
         try:
@@ -201,7 +207,7 @@ def test_a_body_cut_off_is_fetched_again(tmp_path: Path, s3: Any, bucket: str, c
                                   expected(checksum, part_size, "CRC32"))
         finally:
             store.close()
-        assert proxy.count("GET", "truncate") == 2
+        assert proxy.count("GET", cut) == 2
     assert (tmp_path / "f").read_bytes() == data
     assert sum(progress) == size  # a broken attempt's bytes are taken back
 
@@ -241,3 +247,101 @@ def test_a_stalled_server_gets_botocores_attempts_only(tmp_path: Path, s3: Any,
             with pytest.raises(ReadTimeoutError):
                 getter.download("k", tmp_path / "f", 1000, 1000, None, None)
         assert stalled.applied == client.meta.config.retries["total_max_attempts"]  # not x 3
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_ranged_downloads_hand_their_connections_back(tmp_path: Path, s3: Any, bucket: str,
+                                                      checked: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read straight off http.client (checked on the way) or through botocore's body, a range
+    read to its end returns its connection to the pool: many ranges on two workers open no more
+    than two connections."""
+    size, part_size = SHAPES["multipart"]
+    data = os.urandom(size)
+    checksum = put(s3, bucket, "k", data, part_size)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        settings = msgspec.structs.replace(SMALL_PARTS, client="classic", max_concurrency=2)
+        store = make_store(make_s3_client(REGION, settings), bucket, settings)
+        check = expected(checksum, part_size, "CRC32") if checked else None
+        try:
+            for attempt in range(4):
+                assert store.download("k", tmp_path / f"f{attempt}", size, None, check) \
+                    == checked
+                assert (tmp_path / f"f{attempt}").read_bytes() == data
+        finally:
+            store.close()
+        assert proxy.count("GET") == 4 * len(split(size, part_size))
+        assert proxy.connections <= 2
+
+
+def test_a_download_writes_its_file_in_small_pieces(tmp_path: Path, s3: Any, bucket: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large writes get large page-cache folios, which a virtual machine's host may have to
+    fault in again (see ranged_get.WRITE_SLICE); every write stays within the slice."""
+    size, part_size = SHAPES["multipart"]
+    data = os.urandom(size)
+    checksum = put(s3, bucket, "k", data, part_size)
+    written: list[int] = []
+    pwrite = os.pwrite
+
+    def recording(fd: int, chunk: Any, offset: int) -> int:
+        written.append(len(chunk))
+        return pwrite(fd, chunk, offset)
+
+    monkeypatch.setattr(os, "pwrite", recording)
+    store = store_for(bucket, "classic")
+    try:
+        assert store.download("k", tmp_path / "f", size, None,
+                              expected(checksum, part_size, "CRC32"))
+    finally:
+        store.close()
+    assert (tmp_path / "f").read_bytes() == data
+    assert sum(written) == size and max(written) <= WRITE_SLICE
+
+
+def test_a_corrupt_file_stops_the_downloads_under_way(tmp_path: Path, s3: Any, bucket: str,
+                                                      client: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """When one file of a set turns out corrupt, a large one still downloading stops at its
+    next chunk, and its ranges not yet begun never begin (both transfer clients)."""
+    size, part_size = SHAPES["multipart"]
+    big = put(s3, bucket, "big", os.urandom(size), part_size)
+    put(s3, bucket, "small", b"s" * 1000)
+    wrong = s3_checksum(b"t" * 1000, "CRC32", None)
+    files = [FileToFetch(ManifestEntry("big", "big", size, 1, big, part_size),
+                         tmp_path / "big.tmp", part_size),
+             FileToFetch(ManifestEntry("small", "small", 1000, 1, wrong), tmp_path / "small.tmp",
+                         None)]
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        slow = proxy.add("delay", lambda r: r.method == "GET" and r.path.endswith("/big"),
+                         times=10**6, delay=1.0)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        settings = msgspec.structs.replace(SMALL_PARTS, client=client, max_concurrency=2)
+        store = make_store(make_s3_client(REGION, settings), bucket, settings)
+        temps: list[Path] = []
+        try:
+            with pytest.raises(SetCorrupt, match="small"):
+                fetch_verified(store, files, "CRC32", lambda _: None, temps)
+        finally:
+            store.close()
+        assert sorted(temps) == sorted(file.temp for file in files)
+        assert slow.applied < len(split(size, part_size))
+
+
+def test_a_crt_download_cancelled_under_way_ends_cancelled(tmp_path: Path, s3: Any,
+                                                           bucket: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    put(s3, bucket, "k", b"k" * 1000)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        stalled = proxy.add("delay", ranged_gets, times=10**6, delay=2.0)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        store = store_for(bucket, "crt")
+        try:
+            pending = store.start_download("k", tmp_path / "f", 1000)
+            wait_for(lambda: stalled.applied == 1, timeout=10)
+            pending.cancel()
+            with pytest.raises(CancelledError):
+                pending.future.result(timeout=30)
+        finally:
+            store.close()

@@ -5,6 +5,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
+
+# What a transfer reports its bytes to as they move (negative: taken back after a retry).
+Progress = Callable[[int], None]
 
 WIDTH = 24
 # Redraw at most this often: a callback per 256 KiB chunk would flood the terminal.

@@ -48,8 +48,8 @@ from spotwatch.aws.crt_requests import CrtRequests
 from spotwatch.aws.s3 import botocore_session, encryption_args
 from spotwatch.aws.store import (
     ObjectStore,
+    PendingDownload,
     PendingUpload,
-    Progress,
     S3ObjectStore,
     StoredObject,
     StoreError,
@@ -58,6 +58,7 @@ from spotwatch.aws.store import (
 )
 from spotwatch.checksums import ContentMismatch, Expected
 from spotwatch.config import TransferSettings
+from spotwatch.progress import Progress
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -234,38 +235,56 @@ class CrtObjectStore(S3ObjectStore):
 
     def download(self, key: str, path: Path, size: int, progress: Progress | None = None,
                  expected: Expected | None = None) -> bool:
+        return self.start_download(key, path, size, progress, expected).future.result()
+
+    def start_download(self, key: str, path: Path, size: int, progress: Progress | None = None,
+                       expected: Expected | None = None) -> PendingDownload:
         """A (non-empty) object below the multipart threshold: one CRT GetObject straight
-        into path, checked by the CRT against the expected full-object checksum as it arrives.
-        A larger one: the classic store's ranged GETs, which on the benchmark's server were faster
-        than the CRT's and check a composite checksum part by part."""
+        into path, checked by the CRT against the expected full-object checksum as it arrives;
+        no thread waits on it. A larger one: the classic store's ranged GETs, which on the
+        benchmark's server were faster than the CRT's and check a composite checksum part by
+        part."""
         # An empty object: the CRT's GET with an expected checksum asks for a range, which
         # S3 refuses for no bytes (InvalidRange).
         if size == 0 or self.uses_multipart(size):
-            return super().download(key, path, size, progress, expected)
+            return super().start_download(key, path, size, progress, expected)
         done: Future[bool] = Future()
         checking = expected if expected is not None and not expected.composite \
             and expected.algorithm in awscrt.s3.S3ChecksumAlgorithm.__members__ else None
 
         def finished(error: BaseException | None, validated: bool) -> None:
+            # On the CRT's event-loop thread, settled here (a stat, or an error's parsing):
+            # no pool that close() may shut down stands between the CRT and the caller.
             if error is None:
-                done.set_result(validated and checking is not None)
+                self._settle_download(key, path, size, validated and checking is not None, done)
             else:
-                done.set_exception(error)
+                self._fail_download(key, error, done)
 
-        self._start("get_object", key, {}, finished, progress,
-                    type=awscrt.s3.S3RequestType.GET_OBJECT, recv_filepath=str(path),
-                    checksum_config=_expecting(checking))
+        cancel = self._start("get_object", key, {}, finished, progress,
+                             type=awscrt.s3.S3RequestType.GET_OBJECT, recv_filepath=str(path),
+                             checksum_config=_expecting(checking))
+        return PendingDownload(done, cancel)
+
+    @staticmethod
+    def _settle_download(key: str, path: Path, size: int, checked: bool,
+                         done: Future[bool]) -> None:
         try:
-            checked = done.result()
-        except BaseException as exc:
-            translated = self._translated(exc)
-            if isinstance(translated, ContentMismatch):
-                raise ContentMismatch(f"{key}: {translated}") from exc
-            raise translated from exc
-        received = os.stat(path).st_size
+            received = os.stat(path).st_size
+        except OSError as exc:
+            done.set_exception(exc)
+            return
         if received != size:
-            raise ContentMismatch(f"{key}: the object has {received} bytes, the listing {size}")
-        return checked
+            done.set_exception(
+                ContentMismatch(f"{key}: the object has {received} bytes, the listing {size}"))
+        else:
+            done.set_result(checked)
+
+    def _fail_download(self, key: str, error: BaseException, done: Future[bool]) -> None:
+        translated = self._translated(error)
+        if isinstance(translated, ContentMismatch):
+            translated = ContentMismatch(f"{key}: {translated}")
+        translated.__cause__ = error
+        done.set_exception(translated)
 
     # -- the CRT's requests ------------------------------------------------------------------
 

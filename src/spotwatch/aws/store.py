@@ -18,7 +18,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Generic, Protocol, TypeVar, cast
 
 from boto3.s3.transfer import create_transfer_manager
 from botocore.exceptions import BotoCoreError, ClientError
@@ -30,11 +30,12 @@ from spotwatch.aws.ranged_get import RangedGetter
 from spotwatch.aws.s3 import encryption_args, transfer_config
 from spotwatch.checksums import ContentMismatch, Expected
 from spotwatch.config import TransferSettings
+from spotwatch.progress import Progress
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-Progress = Callable[[int], None]
+T = TypeVar("T")
 
 
 class Throttle(Protocol):
@@ -103,16 +104,22 @@ class ObjectMissing(StoreError):
     """No object (or no such upload) under the key."""
 
 
-class PendingUpload:
-    """A file upload under way: its future holds the StoredObject or the error
-    (CancelledError after cancel, OSError when the file could not be read, StoreError)."""
+class Pending(Generic[T]):
+    """A transfer under way: its future holds the result or the error (CancelledError after
+    cancel, OSError when the file could not be read or written, StoreError)."""
 
-    def __init__(self, future: Future[StoredObject], cancel: Callable[[], object]) -> None:
+    def __init__(self, future: Future[T], cancel: Callable[[], object]) -> None:
         self.future = future
         self._cancel = cancel
 
     def cancel(self) -> None:
         self._cancel()
+
+
+# An upload's result: the object S3 stored.
+PendingUpload = Pending[StoredObject]
+# A download's result: whether its bytes were checked on the way (see ObjectStore.download).
+PendingDownload = Pending[bool]
 
 
 class ObjectStore(Protocol):
@@ -149,6 +156,12 @@ class ObjectStore(Protocol):
         """Write the object, listed with this size, to path. With `expected`, its bytes are
         checked on the way when the store can (ContentMismatch when they differ, or when the
         object no longer has that size); returns whether they were."""
+        ...
+
+    def start_download(self, key: str, path: Path, size: int, progress: Progress | None = None,
+                       expected: Expected | None = None) -> PendingDownload:
+        """download(), under way once this returns (on the store's threads, or the CRT's);
+        the caller may start many at once, and cancel any (CancelledError)."""
         ...
 
     def head(self, key: str, part_number: int | None = None) -> ObjectHead:
@@ -257,6 +270,9 @@ class S3ObjectStore:
         self._ranges = ThreadPoolExecutor(max_workers=settings.max_concurrency,
                                           thread_name_prefix="get")
         self._ranged = RangedGetter(client, bucket, self._ranges, settings.max_attempts)
+        # Whole downloads wait on their ranges: they run apart from the range workers.
+        self._downloads = ThreadPoolExecutor(max_workers=settings.max_concurrency,
+                                             thread_name_prefix="download")
         self._transfers: set[TransferFuture] = set()
         self._lock = threading.Lock()
 
@@ -391,6 +407,7 @@ class S3ObjectStore:
             transfer.cancel()
         self._single_part.shutdown(wait=False, cancel_futures=True)
         self._ranges.shutdown(wait=False, cancel_futures=True)
+        self._downloads.shutdown(wait=False, cancel_futures=True)
         self._finisher.shutdown(wait=False, cancel_futures=True)
         if not transfers:
             # s3transfer's shutdown waits for every transfer's requests: only when none run.
@@ -408,7 +425,12 @@ class S3ObjectStore:
 
     def download(self, key: str, path: Path, size: int, progress: Progress | None = None,
                  expected: Expected | None = None) -> bool:
-        """In ranged GETs on the store's download workers (one GET below the multipart
+        return self._download_in_ranges(key, path, size, progress, expected)
+
+    def _download_in_ranges(self, key: str, path: Path, size: int, progress: Progress | None,
+                            expected: Expected | None,
+                            cancelled: threading.Event | None = None) -> bool:
+        """In ranged GETs on the store's range workers (one GET below the multipart
         threshold). Checked on the way: a full-object checksum of an object fetched in one GET,
         or a composite one, whose parts are fetched as the ranges."""
         if expected is not None and expected.part_size is not None:
@@ -421,7 +443,7 @@ class S3ObjectStore:
             with _translated():
                 digests = self._ranged.download(
                     key, path, size, part_size, progress,
-                    checking.new_digest if checking is not None else None)
+                    checking.new_digest if checking is not None else None, cancelled)
         except S3_RETRYABLE_DOWNLOAD_ERRORS as exc:  # the body kept breaking off
             raise StoreError(f"{key}: {exc}") from exc
         if checking is None:
@@ -429,6 +451,18 @@ class S3ObjectStore:
         if not checking.matches(digests):
             raise ContentMismatch(f"{key}: checksum differs from the expected one")
         return True
+
+    def start_download(self, key: str, path: Path, size: int, progress: Progress | None = None,
+                       expected: Expected | None = None) -> PendingDownload:
+        cancelled = threading.Event()
+        future = self._downloads.submit(self._download_in_ranges, key, path, size, progress,
+                                        expected, cancelled)
+
+        def cancel() -> None:  # one not yet begun never begins, one under way stops
+            cancelled.set()
+            future.cancel()
+
+        return PendingDownload(future, cancel)
 
     def head(self, key: str, part_number: int | None = None) -> ObjectHead:
         extra: dict[str, Any] = {} if part_number is None else {"PartNumber": part_number}

@@ -3,7 +3,6 @@ observer, and the startup scan; released in reverse on exit."""
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ from spotwatch.aws.health import S3Watch
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import ObjectStore, Throttle
+from spotwatch.collector import exempt_long_lived_objects
 from spotwatch.config import Config
 from spotwatch.model import UploadResult
 from spotwatch.state import StateDir, StateLock
@@ -101,7 +101,7 @@ class Session:
         self._observer.start()
         queued = engine.reconcile(config.sync.quiet_seconds)
         log.info("startup_scan_done", pending=queued, unsettled=engine.unsettled())
-        _exempt_from_cycle_collection()
+        exempt_long_lived_objects()
         return parts
 
     def __exit__(self, *exc: object) -> None:
@@ -111,12 +111,3 @@ class Session:
         if self._engine is not None:
             self._engine.close()
         self._lock.release()
-
-
-def _exempt_from_cycle_collection() -> None:
-    """Everything made until now (modules, botocore's models and clients, the engine) lives
-    as long as the run: the cyclic garbage collector stops traversing it. Its full
-    collections walked all of botocore's models each time, a tenth of a flush's CPU for many
-    small files. Objects made later are collected as before; these are still freed when no
-    longer referenced, only a reference cycle among them would stay."""
-    gc.freeze()

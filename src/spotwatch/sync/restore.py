@@ -4,11 +4,11 @@ A set counts only when its manifest is valid for the configured prefix and every
 is in S3 with the listed size. Every file is downloaded under a temporary name and checked
 against the manifest's size and checksum; only when all files of the set check out are they
 renamed into place, with their original mtime, so a rerun skips what is already there and the
-daemon does not upload them again. The files of a set download concurrently
-(transfer.max_concurrency at a time), each checked against its manifest entry as its bytes
-arrive where the store can (aws.ranged_get, the CRT), else read back once written. A set
-whose bytes do not match is corrupt: its downloads are removed and the next older complete set
-is restored instead, with a warning.
+daemon does not upload them again. The files of a set download concurrently (sync.downloads),
+each checked against its manifest entry as its bytes arrive where the store can
+(aws.ranged_get, the CRT), else read back once written; the set's completeness is checked
+beside them. A set whose bytes do not match is corrupt: its downloads are removed and the next
+older complete set is restored instead, with a warning; so is an incomplete one.
 
 On a multi-node job a set counts only when it is complete for the whole job (sync.sets.parts):
 the whole set is restored, or with --node-rank only the files that node's part lists.
@@ -17,24 +17,26 @@ the whole set is restored, or with --node-rank only the files that node's part l
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from functools import partial
+from pathlib import Path, PurePosixPath
 
 import structlog
 
 from spotwatch.aws.crt_store import make_store
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
-from spotwatch.aws.store import ObjectStore, StoreError
-from spotwatch.checksums import ChecksumUnavailable, ContentMismatch, expected, file_matches
+from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
+from spotwatch.checksums import ChecksumUnavailable
+from spotwatch.collector import exempt_long_lived_objects
 from spotwatch.config import Config, JobSettings, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.model import FileVersion
 from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir
+from spotwatch.sync.downloads import FileToFetch, SetCorrupt, SetIncomplete, fetch_verified, verify
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import is_complete, list_job_sets, list_manifests
@@ -54,15 +56,40 @@ class RestoreReport:
     passed_over: tuple[str, ...] = field(default=())  # newer sets, incomplete or corrupt
 
 
-class SetCorrupt(Exception):
-    """A file of the set does not match its manifest entry."""
+class _Targets:
+    """Where the files of a set land below a destination: each folder is resolved once (a
+    resolve per file cost more than a small file's download), a file itself only when it is a
+    symlink. Refused when a symlink would lead out of the destination, or two files to one."""
 
+    def __init__(self, destination: Path) -> None:
+        self._root = destination.resolve()
+        self._folders: dict[PurePosixPath, Path] = {}
+        self._taken: dict[Path, str] = {}  # target -> the manifest path that goes there
 
-def _target(destination: Path, entry: ManifestEntry) -> Path:
-    target = (destination / entry.path).resolve()
-    if destination.resolve() not in target.parents:  # e.g. through a symlink in destination
-        raise SpotwatchError(f"manifest path escapes the destination: {entry.path!r}")
-    return target
+    def of(self, entry: ManifestEntry) -> Path:
+        relative = PurePosixPath(entry.path)  # clean: relative, no '..' (manifest checks)
+        folder = self._folders.get(relative.parent)
+        if folder is None:
+            folder = self._folders[relative.parent] = self._resolved(
+                self._root / relative.parent, entry, folder=True)
+        target = folder / relative.name
+        if target.is_symlink():
+            target = self._resolved(target, entry, folder=False)
+        other = self._taken.setdefault(target, entry.path)
+        if other != entry.path:  # through a symlink already in the destination
+            raise SpotwatchError(f"manifest paths {other!r} and {entry.path!r} lead to the same "
+                                 f"file {target}")
+        return target
+
+    def _resolved(self, path: Path, entry: ManifestEntry, folder: bool) -> Path:
+        """The path resolved, if it stays below the destination (a folder: or is it)."""
+        try:
+            resolved = path.resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop
+            raise SpotwatchError(f"cannot restore {entry.path!r}: {exc}") from None
+        if not (folder and resolved == self._root) and self._root not in resolved.parents:
+            raise SpotwatchError(f"manifest path escapes the destination: {entry.path!r}")
+        return resolved
 
 
 def _choose_watch(config: Config, prefix: str | None) -> WatchDir:
@@ -117,6 +144,7 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
         candidates = [c for c in candidates if c.whole.set_name == set_name]
     # Restored into the watched directory, the files are already in S3: record them.
     ledger = Ledger(StateDir(config.state_dir).ledger) if destination == watch.path else None
+    exempt_long_lived_objects()  # the candidates' manifests too: a set's files are many
     try:
         report = restore_newest(store, candidates, destination,
                                 config.transfer.checksum_algorithm, ledger)
@@ -158,12 +186,13 @@ def restore_newest(store: ObjectStore, sets: Sequence[Manifest | Candidate], des
                 log.warning("set_incomplete", set=manifest.set_name, reason=candidate.problem)
                 passed_over.append(manifest.set_name)
                 continue
-            if not is_complete(store, candidate.whole):
-                log.warning("set_incomplete", set=manifest.set_name,
-                            reason="a listed object is missing or has another size")
-                passed_over.append(manifest.set_name)
-                continue
-            report = _download(store, manifest, destination, preferred, ledger)
+            report = _download(store, manifest, destination, preferred, ledger,
+                               complete=partial(is_complete, store, candidate.whole))
+        except SetIncomplete:
+            log.warning("set_incomplete", set=manifest.set_name,
+                        reason="a listed object is missing or has another size")
+            passed_over.append(manifest.set_name)
+            continue
         except SetCorrupt as exc:
             log.warning("set_corrupt", set=manifest.set_name, reason=str(exc),
                         action="trying the next older set")
@@ -177,23 +206,15 @@ def restore_newest(store: ObjectStore, sets: Sequence[Manifest | Candidate], des
     return None
 
 
-def _verify(path: Path, entry: ManifestEntry, part_size: int | None, preferred: str) -> str | None:
-    """Why the file is not the one the entry describes, or None when it is."""
-    if entry.checksum is None:
-        return "the manifest has no checksum to verify it by"
-    if path.stat().st_size != entry.size:
-        return "size differs from the manifest"
-    if not file_matches(path, entry.checksum, part_size, preferred):
-        return "checksum differs from the manifest"
-    return None
-
-
 def _part_size(store: ObjectStore, entry: ManifestEntry) -> int | None:
     """The part size a composite checksum is over: from the manifest, else (manifests written
     before it was recorded) the length of the object's first part."""
     if entry.part_size is not None or entry.checksum is None or "-" not in entry.checksum:
         return entry.part_size
-    size = store.head(entry.key, part_number=1).size
+    try:
+        size = store.head(entry.key, part_number=1).size
+    except ObjectMissing:
+        raise SetIncomplete() from None
     return size if size > 0 else None
 
 
@@ -204,12 +225,13 @@ def _already_there(target: Path, entry: ManifestEntry, part_size: int | None,
     except FileNotFoundError:
         return False
     return ((stat.st_size, stat.st_mtime_ns) == (entry.size, entry.mtime_ns)
-            and _verify(target, entry, part_size, preferred) is None)
+            and verify(target, entry, part_size, preferred) is None)
 
 
 @contextmanager
 def _temporaries() -> Iterator[list[Path]]:
-    """Temporary downloads, removed unless the caller renamed them into place."""
+    """Temporary downloads, removed unless the caller renamed them into place (and took them
+    off the list)."""
     temps: list[Path] = []
     try:
         yield temps
@@ -219,84 +241,63 @@ def _temporaries() -> Iterator[list[Path]]:
                 temp.unlink()
 
 
+@contextmanager
+def _folders_made_for_the_set() -> Iterator[list[Path]]:
+    """Folders made for a set (deepest last) that then failed are removed again when nothing
+    is in them."""
+    made: list[Path] = []
+    try:
+        yield made
+    except BaseException:
+        for folder in reversed(made):
+            with suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _make_folders(folders: set[Path], made: list[Path]) -> None:
+    """Make the folders, once each (not once per file); made gets those that were missing,
+    each after its parent."""
+    for folder in sorted(folders):
+        missing = [path for path in (folder, *folder.parents) if not path.is_dir()]
+        made.extend(reversed(missing))  # before: a mkdir failing halfway leaves its parents
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def _temporary(target: Path) -> Path:
+    return target.with_name(f".{target.name}{TEMP_SUFFIX}")
+
+
 def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferred: str,
-              ledger: Ledger | None) -> RestoreReport:
-    todo: list[tuple[ManifestEntry, Path, int | None]] = []
+              ledger: Ledger | None, complete: Callable[[], bool] | None = None
+              ) -> RestoreReport:
+    """complete: the set's completeness check, run beside the downloads (SetIncomplete)."""
+    targets = _Targets(destination)
+    todo: list[tuple[FileToFetch, Path]] = []
     skipped = 0
     for entry in manifest.files:
-        target = _target(destination, entry)
+        target = targets.of(entry)
         part_size = _part_size(store, entry)
         if _already_there(target, entry, part_size, preferred):
             skipped += 1
         else:
-            todo.append((entry, target, part_size))
-    for folder in {target.parent for _, target, _ in todo}:  # once each, not once per file
-        folder.mkdir(parents=True, exist_ok=True)
-    progress = ProgressBar(f"restoring {manifest.set_name}", sum(e.size for e, _, _ in todo))
+            todo.append((FileToFetch(entry, _temporary(target), part_size), target))
+    total = sum(file.entry.size for file, _ in todo)
+    progress = ProgressBar(f"restoring {manifest.set_name}", total)
     try:
-        with _temporaries() as temps:
-            _fetch_all(store, todo, preferred, progress, temps)
+        with _folders_made_for_the_set() as made, _temporaries() as temps:
+            _make_folders({target.parent for _, target in todo}, made)
+            fetch_verified(store, [file for file, _ in todo], preferred, progress, temps,
+                           complete)
             # Every file of the set checked out: only now does anything land in place.
-            for (entry, target, _), temp in zip(todo, temps, strict=True):
+            for file, target in todo:
+                entry = file.entry
                 if ledger is not None:  # before the rename, so a running daemon skips it
                     ledger.record(store.bucket, entry.key, target,
                                   FileVersion(entry.size, entry.mtime_ns), entry.checksum,
                                   entry.part_size)
-                os.replace(temp, target)
+                os.replace(file.temp, target)
+            temps.clear()  # all in place: nothing left to remove
     finally:
         progress.close()
-    return RestoreReport(manifest.set_name, destination, len(todo), skipped,
-                         sum(e.size for e, _, _ in todo))
-
-
-def _fetch_all(store: ObjectStore, todo: list[tuple[ManifestEntry, Path, int | None]],
-               preferred: str, progress: ProgressBar, temps: list[Path]) -> None:
-    """Download and verify every file of todo, store.max_concurrency at a time, each verified
-    on the worker that downloaded it so hashing overlaps the network; temps gets the verified
-    downloads in todo's order.
-
-    On the first failure the downloads not yet started are cancelled and those under way are
-    awaited, so that every temporary written, finished or not, is in temps (for the caller to
-    remove) before the failure propagates.
-    """
-    pool = ThreadPoolExecutor(max_workers=max(1, store.max_concurrency),
-                              thread_name_prefix="restore")
-    futures = [pool.submit(_fetch_verified, store, entry, target, part_size, preferred,
-                           progress) for entry, target, part_size in todo]
-    try:
-        wait(futures, return_when=FIRST_EXCEPTION)
-    finally:
-        for future in futures:
-            future.cancel()
-        pool.shutdown(wait=True)  # no worker still writing once the temporaries are removed
-        temps.extend(future.result() for future in futures if _succeeded(future))
-    failure = next((future.exception() for future in futures
-                    if not future.cancelled() and future.exception() is not None), None)
-    if failure is not None:
-        raise failure
-
-
-def _succeeded(future: Future[Path]) -> bool:
-    return future.done() and not future.cancelled() and future.exception() is None
-
-
-def _fetch_verified(store: ObjectStore, entry: ManifestEntry, target: Path,
-                    part_size: int | None, preferred: str, progress: ProgressBar) -> Path:
-    """Download one file next to its target; SetCorrupt unless it matches its entry."""
-    temp = target.with_name(f".{target.name}{TEMP_SUFFIX}")
-    try:
-        check = expected(entry.checksum, part_size, preferred) if entry.checksum else None
-        try:
-            checked = store.download(entry.key, temp, entry.size, progress, check)
-        except ContentMismatch as exc:
-            raise SetCorrupt(str(exc)) from None
-        # Checked on the way, the bytes match the manifest's size and checksum; else read back.
-        problem = None if checked else _verify(temp, entry, part_size, preferred)
-        if problem is not None:
-            raise SetCorrupt(f"{entry.key}: {problem}")
-        os.utime(temp, ns=(entry.mtime_ns, entry.mtime_ns))
-    except BaseException:
-        with suppress(FileNotFoundError):
-            temp.unlink()
-        raise
-    return temp
+    return RestoreReport(manifest.set_name, destination, len(todo), skipped, total)

@@ -1,0 +1,182 @@
+"""Downloading the files of a set into temporaries, many at once, each checked against its
+manifest entry before it counts.
+
+Up to a window of downloads is under way at once. The store's threads or the CRT's own
+connections move the bytes, and no thread here waits on any one download (a thread per download
+cost a fifth of a small-file restore's CPU in wake-ups). A download whose bytes the store
+checked on the way only gets its mtime; one it could not check is read back on a checker thread.
+
+The first failure stops new downloads and cancels those under way; it is raised once every
+download has ended, so no temporary is still being written when the caller removes them. The
+set's completeness check (one listing) runs beside the downloads instead of before them, and a
+set it finds incomplete is SetIncomplete whatever else failed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from queue import SimpleQueue
+from typing import Literal
+
+from spotwatch.aws.store import ObjectStore, PendingDownload
+from spotwatch.checksums import ContentMismatch, expected, file_matches
+from spotwatch.progress import Progress
+from spotwatch.sync.sets.manifest import ManifestEntry
+
+# Downloads under way at once: at least this many, so that the CRT, which runs as many
+# requests as its throughput target asks for, always has the next ones queued.
+MIN_WINDOW = 64
+WINDOW_PER_WORKER = 4
+
+
+class SetCorrupt(Exception):
+    """A file of the set does not match its manifest entry."""
+
+
+class SetIncomplete(Exception):
+    """An object the manifest lists is missing from the store or has another size."""
+
+
+@dataclass(frozen=True)
+class FileToFetch:
+    entry: ManifestEntry
+    temp: Path  # where its bytes go until the whole set checks out
+    part_size: int | None  # of its composite checksum, if it has one
+
+
+def verify(path: Path, entry: ManifestEntry, part_size: int | None,
+           preferred: str) -> str | None:
+    """Why the file is not the one the entry describes, or None when it is."""
+    if entry.checksum is None:
+        return "the manifest has no checksum to verify it by"
+    if path.stat().st_size != entry.size:
+        return "size differs from the manifest"
+    if not file_matches(path, entry.checksum, part_size, preferred):
+        return "checksum differs from the manifest"
+    return None
+
+
+_Kind = Literal["downloaded", "checked", "complete"]
+_Event = tuple[_Kind, FileToFetch | None, Future[bool]]
+
+
+class _SetFetch:
+    """One fetch_verified call: the main loop reacts to events the downloads and checks post."""
+
+    def __init__(self, store: ObjectStore, preferred: str, progress: Progress,
+                 temps: list[Path]) -> None:
+        self._store = store
+        self._preferred = preferred
+        self._progress = progress
+        self._temps = temps
+        self._window = max(MIN_WINDOW, WINDOW_PER_WORKER * store.max_concurrency)
+        self._events: SimpleQueue[_Event] = SimpleQueue()
+        self._under_way: dict[FileToFetch, PendingDownload] = {}
+        self._futures: list[Future[bool]] = []  # every download, check and completeness check
+        self._outstanding = 0  # events still to come
+        self._failure: BaseException | None = None
+        self._incomplete = False
+        self._checker = ThreadPoolExecutor(max_workers=max(1, store.max_concurrency),
+                                           thread_name_prefix="restore-check")
+
+    def run(self, files: Sequence[FileToFetch], complete: Callable[[], bool] | None) -> None:
+        try:
+            if complete is not None:
+                self._watch("complete", None, self._checker.submit(complete))
+            remaining = iter(files)
+            while True:
+                while self._failure is None and len(self._under_way) < self._window:
+                    file = next(remaining, None)
+                    if file is None:
+                        break
+                    self._start(file)
+                if self._outstanding == 0:
+                    break
+                self._handle(*self._events.get())
+        except BaseException as exc:  # KeyboardInterrupt: stop, and wait for every download
+            self._fail(exc)
+            wait(self._futures)  # not by the events, one of which this may have cut short
+            raise
+        finally:
+            self._checker.shutdown(wait=True)
+        if self._incomplete:
+            raise SetIncomplete()
+        if self._failure is not None:
+            raise self._failure
+
+    def _watch(self, kind: _Kind, file: FileToFetch | None, future: Future[bool]) -> None:
+        """Post an event once the future is done."""
+        self._futures.append(future)
+        self._outstanding += 1
+        future.add_done_callback(lambda done: self._events.put((kind, file, done)))
+
+    def _start(self, file: FileToFetch) -> None:
+        try:
+            check = expected(file.entry.checksum, file.part_size, self._preferred) \
+                if file.entry.checksum else None
+            self._temps.append(file.temp)  # before a byte is written: the caller removes it
+            pending = self._store.start_download(file.entry.key, file.temp, file.entry.size,
+                                                 self._progress, check)
+        except Exception as exc:  # e.g. ChecksumUnavailable: no download started
+            self._fail(exc)
+            return
+        self._under_way[file] = pending
+        self._watch("downloaded", file, pending.future)
+
+    def _handle(self, kind: _Kind, file: FileToFetch | None, future: Future[bool]) -> None:
+        self._outstanding -= 1
+        # A download cancelled before it began has no exception to ask for: it raises one.
+        error = CancelledError() if future.cancelled() else future.exception()
+        if kind == "complete":
+            if error is not None:
+                self._fail(error)
+            elif not future.result():
+                self._incomplete = True
+                self._fail(SetIncomplete())
+            return
+        assert file is not None
+        if kind == "downloaded":
+            del self._under_way[file]
+        if error is not None:
+            self._fail(SetCorrupt(str(error)) if isinstance(error, ContentMismatch) else error)
+            return
+        if self._failure is not None:
+            return
+        if kind == "downloaded" and not future.result():
+            self._watch("checked", file, self._checker.submit(self._read_back, file))
+            return
+        try:
+            os.utime(file.temp, ns=(file.entry.mtime_ns, file.entry.mtime_ns))
+        except OSError as exc:
+            self._fail(exc)
+
+    def _read_back(self, file: FileToFetch) -> bool:
+        """Checks a download the store could not check on the way."""
+        problem = verify(file.temp, file.entry, file.part_size, self._preferred)
+        if problem is not None:
+            raise SetCorrupt(f"{file.entry.key}: {problem}")
+        return True
+
+    def _fail(self, error: BaseException) -> None:
+        """Keep the first failure (the downloads it cancels end in CancelledError); stop every
+        download under way."""
+        if self._failure is None:
+            self._failure = error
+        for pending in self._under_way.values():
+            pending.cancel()
+
+
+def fetch_verified(store: ObjectStore, files: Sequence[FileToFetch], preferred: str,
+                   progress: Progress, temps: list[Path],
+                   complete: Callable[[], bool] | None = None) -> None:
+    """Download every file to its temporary and check it against its entry, and give it the
+    entry's mtime; temps gets each temporary as its download starts, for the caller to remove
+    should anything fail. complete: the set's completeness check, run beside the downloads.
+
+    preferred: the configured checksum algorithm (see checksums.expected). Raises SetCorrupt
+    when a file's bytes differ from its entry, SetIncomplete when complete() says so."""
+    _SetFetch(store, preferred, progress, temps).run(files, complete)
