@@ -1,5 +1,6 @@
 """Where restore writes a set's files: below the destination, never through a symlink that
-leads out of it; the per-folder resolution agrees with resolving every path outright."""
+leads out of it, never two listed files into one; the per-folder resolution agrees with
+resolving every path outright."""
 
 from __future__ import annotations
 
@@ -51,11 +52,16 @@ def test_targets_agree_with_resolving_every_path(
             continue
         link.symlink_to((outside if leads_out else real) / to)
     targets = _Targets(destination)
+    taken: set[Path] = set()
     for relative in paths:
         entry = ManifestEntry(f"run/{relative}", relative, 1, 1, None)
         expected = reference(destination, relative)
         if expected is None:
             with pytest.raises(SpotwatchError, match=r"escapes the destination|loop"):
                 targets.of(entry)
+        elif expected in taken:  # a symlink in the destination made two listed files one
+            with pytest.raises(SpotwatchError, match="lead to the same file"):
+                targets.of(entry)
         else:
             assert targets.of(entry) == expected
+            taken.add(expected)

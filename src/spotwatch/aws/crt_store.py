@@ -300,6 +300,9 @@ class CrtObjectStore(S3ObjectStore):
                     **kwargs: Any) -> None:
             with self._requests_lock:
                 self._requests.difference_update(handle)
+            # The request holds this callback and it held the request: a cycle that only the
+            # cyclic collector's rare full collections freed, with the CRT's native state.
+            handle.clear()
             self._report(error)
             finished(error, did_validate_checksum)
 

@@ -76,7 +76,7 @@ class _SetFetch:
         self._window = max(MIN_WINDOW, WINDOW_PER_WORKER * store.max_concurrency)
         self._events: SimpleQueue[_Event] = SimpleQueue()
         self._under_way: dict[FileToFetch, PendingDownload] = {}
-        self._futures: list[Future[bool]] = []  # every download, check and completeness check
+        self._futures: set[Future[bool]] = set()  # downloads and checks not yet handled
         self._outstanding = 0  # events still to come
         self._failure: BaseException | None = None
         self._incomplete = False
@@ -110,7 +110,7 @@ class _SetFetch:
 
     def _watch(self, kind: _Kind, file: FileToFetch | None, future: Future[bool]) -> None:
         """Post an event once the future is done."""
-        self._futures.append(future)
+        self._futures.add(future)
         self._outstanding += 1
         future.add_done_callback(lambda done: self._events.put((kind, file, done)))
 
@@ -129,6 +129,7 @@ class _SetFetch:
 
     def _handle(self, kind: _Kind, file: FileToFetch | None, future: Future[bool]) -> None:
         self._outstanding -= 1
+        self._futures.discard(future)
         # A download cancelled before it began has no exception to ask for: it raises one.
         error = CancelledError() if future.cancelled() else future.exception()
         if kind == "complete":
