@@ -7,9 +7,8 @@ which held restores of large shards to half the speed of `s5cmd cp`).
 
 Where it can, a worker reads the response straight off the http.client response beneath
 botocore's and urllib3's (see _raw_response) into one buffer it keeps: reading through them
-makes two new 1 MiB objects per chunk, and fresh memory for every chunk cost more system time
-than the copy into the file itself (restoring 1 GiB: 1.7-1.8 system CPU-seconds instead of
-0.5-0.6).
+makes two new 1 MiB objects and two more copies per chunk (a prototype took 0.8 CPU-seconds
+per GiB straight off, 1.5-1.75 through them).
 
 Every range must bring exactly its bytes, and the object must still have the size it was
 listed with: otherwise the download fails with ContentMismatch (the object changed, or is not
@@ -42,11 +41,11 @@ if TYPE_CHECKING:
 # Read from a response this much at a time: large enough that per-call overhead vanishes,
 # small enough that max_concurrency workers hold little memory.
 READ_CHUNK = 1 << 20
-# Write to the file at most this much at a time. The page cache gives a write folios as large
-# as the write, and above 32 KiB (order 3, the largest the kernel keeps per-CPU lists of) they
-# come from large free blocks, which a virtual machine's host may have taken back (free page
-# reporting): faulting those in again made writing 1 GiB in 1 MiB writes cost about 2 system
-# CPU-seconds, in 32 KiB writes 0.35 (as `s5cmd cp` writes).
+# Write to the file at most this much at a time (as `s5cmd cp` writes). On a virtual machine
+# whose host takes freed memory back (free page reporting), writing 1 GiB into the page cache
+# in 1 MiB writes cost 2.0-2.2 system CPU-seconds, in 32 KiB writes 0.33-0.36; large writes
+# get large page-cache folios, likely from the large free blocks the host took. (In other
+# memory states the write size made no difference.)
 WRITE_SLICE = 32 << 10
 _TOTAL_SIZE = re.compile(r"/(\d+)$")  # Content-Range: bytes 0-99/1234
 

@@ -76,8 +76,8 @@ class _SetFetch:
         self._window = max(MIN_WINDOW, WINDOW_PER_WORKER * store.max_concurrency)
         self._events: SimpleQueue[_Event] = SimpleQueue()
         self._under_way: dict[FileToFetch, PendingDownload] = {}
-        self._futures: set[Future[bool]] = set()  # downloads and checks not yet handled
-        self._outstanding = 0  # events still to come
+        # Downloads, checks and the completeness check whose events are still to come.
+        self._futures: set[Future[bool]] = set()
         self._failure: BaseException | None = None
         self._incomplete = False
         self._checker = ThreadPoolExecutor(max_workers=max(1, store.max_concurrency),
@@ -94,7 +94,7 @@ class _SetFetch:
                     if file is None:
                         break
                     self._start(file)
-                if self._outstanding == 0:
+                if not self._futures:
                     break
                 self._handle(*self._events.get())
         except BaseException as exc:  # KeyboardInterrupt: stop, and wait for every download
@@ -111,7 +111,6 @@ class _SetFetch:
     def _watch(self, kind: _Kind, file: FileToFetch | None, future: Future[bool]) -> None:
         """Post an event once the future is done."""
         self._futures.add(future)
-        self._outstanding += 1
         future.add_done_callback(lambda done: self._events.put((kind, file, done)))
 
     def _start(self, file: FileToFetch) -> None:
@@ -128,7 +127,6 @@ class _SetFetch:
         self._watch("downloaded", file, pending.future)
 
     def _handle(self, kind: _Kind, file: FileToFetch | None, future: Future[bool]) -> None:
-        self._outstanding -= 1
         self._futures.discard(future)
         # A download cancelled before it began has no exception to ask for: it raises one.
         error = CancelledError() if future.cancelled() else future.exception()
