@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from spotwatch.model import FileVersion
@@ -34,3 +35,19 @@ def test_objects_in_set_are_the_set_key_and_what_lies_below_it(tmp_path: Path) -
     ledger.retire("b", "p/step_1/sub/b.pt")
     found = sorted(row[0] for row in ledger.objects_in_set("b", "p/step_1"))
     assert found == ["p/step_1", "p/step_1/a.pt"]
+
+
+def test_a_ledger_of_an_older_version_gains_the_checksum_algorithm(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.sqlite3"
+    with sqlite3.connect(db) as old:  # the first version's table, with one object
+        old.execute("CREATE TABLE objects (bucket TEXT NOT NULL, key TEXT NOT NULL, path TEXT"
+                    " NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, checksum TEXT,"
+                    " uploaded_at REAL NOT NULL, PRIMARY KEY (bucket, key))")
+        old.execute("INSERT INTO objects VALUES ('b', 'p/s/old.pt', 'x', 1, 1, 'AAAAAA==', 0)")
+    old.close()
+    ledger = Ledger(db)
+    ledger.record("b", "p/s/new.pt", tmp_path / "y", FileVersion(2, 2), "AAAAAQ==", 5,
+                  "CRC32C")
+    rows = {row[0]: row for row in ledger.objects_in_set("b", "p/s")}
+    assert rows["p/s/old.pt"][4:] == ("AAAAAA==", None, None)
+    assert rows["p/s/new.pt"][4:] == ("AAAAAQ==", 5, "CRC32C")

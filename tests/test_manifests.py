@@ -16,7 +16,7 @@ from boto3.s3.transfer import TransferConfig
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spotwatch.checksums import ChecksumUnavailable, file_matches
+from spotwatch.checksums import ALGORITHMS, ChecksumUnavailable, file_matches
 from spotwatch.keys import RESERVED_SET, object_key
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry, ManifestError
 
@@ -42,7 +42,8 @@ def manifests(draw: st.DrawFn) -> Manifest:
     entries = [ManifestEntry(object_key(PREFIX, path), path,
                              draw(st.integers(0, 2**40)), draw(st.integers(-2**62, 2**62)),
                              draw(st.none() | st.text(max_size=12)),
-                             draw(st.none() | st.integers(1, 2**33)))
+                             draw(st.none() | st.integers(1, 2**33)),
+                             draw(st.none() | st.sampled_from(sorted(ALGORITHMS))))
                for path in paths]
     return Manifest.build(set_name, PREFIX, entries)
 
@@ -83,6 +84,11 @@ def _mutations(data: dict[str, Any], index: int, value: Any) -> list[tuple[str, 
     variant("format 1.0", lambda d, e: d.__setitem__("format", 1.0))
     if not (value is None or isinstance(value, str)):
         variant("checksum of another type", lambda d, e: e.__setitem__("checksum", value))
+        variant("checksum_algorithm of another type",
+                lambda d, e: e.__setitem__("checksum_algorithm", value))
+    for unknown in ("MD5", "crc32", ""):
+        variant(f"checksum_algorithm {unknown!r}",
+                lambda d, e, u=unknown: e.__setitem__("checksum_algorithm", u))
     for bad_path in (path + "\0", "\0" + path, "/" + path, path + "/..", f"{path}/../../x",
                      f"{path}//x", f"{path}/./x", "other-set/x"):
         def use(d: Any, e: Any, p: str = bad_path) -> None:
@@ -187,7 +193,10 @@ def test_checksum_that_cannot_be_computed_is_said_so(tmp_path: Path,
     assert not file_matches(path, "not base64!", None, "CRC32")
     assert not file_matches(path, f"{crc32}-2", None, "CRC32")  # composite, no part size
     monkeypatch.setitem(sys.modules, "awscrt.checksums", None)  # as without botocore[crt]
+    assert file_matches(path, crc32, None, "CRC32C")  # CRC32 settles it
     with pytest.raises(ChecksumUnavailable, match="pip install awscrt"):
-        file_matches(path, crc32, None, "CRC32C")  # configured CRC32C decides
+        file_matches(path, crc32, None, "CRC32C", "CRC32C")  # named: CRC32C alone decides
+    with pytest.raises(ChecksumUnavailable, match="pip install awscrt"):
+        file_matches(path, base64.b64encode(b"\0" * 4).decode(), None, "CRC32")
     with pytest.raises(ChecksumUnavailable, match="pip install awscrt"):
         file_matches(path, base64.b64encode(b"\0" * 8).decode(), None, "CRC32")

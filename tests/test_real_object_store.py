@@ -72,6 +72,18 @@ def test_flush_then_restore_on_a_real_object_store(tmp_path: Path, seaweed_url: 
     for name, data in files.items():
         assert (restored / "step_1" / name).read_bytes() == data, name
 
+    # CRC32 and CRC32C checksums look alike: configured the other way, the set still restores.
+    other = {"CRC32": "CRC32C", "CRC32C": "CRC32"}.get(algorithm)
+    if other is not None:
+        settings = yaml.safe_load(config.read_text())
+        settings["transfer"]["checksum_algorithm"] = other
+        config.write_text(yaml.safe_dump(settings))
+        again = tmp_path / "restored-configured-otherwise"
+        result = spotwatch(seaweed_url, "restore", "-c", str(config), "--to", str(again))
+        assert result.returncode == 0, result.stderr
+        for name, data in files.items():
+            assert (again / "step_1" / name).read_bytes() == data, name
+
 
 LOCK_HOLDER = """
 import sys

@@ -71,7 +71,8 @@ def test_checking_on_the_way_agrees_with_reading_the_file(
         tmp_path_factory: pytest.TempPathFactory, data: bytes, algorithm: str,
         part_size: int | None, flip: int | None) -> None:
     checksum = s3_checksum(data, algorithm, part_size)
-    check = expected(checksum, part_size, algorithm)
+    # Named, as a manifest does (test_checksum_algorithms: what a manifest of 0.1 gets).
+    check = expected(checksum, part_size, algorithm, algorithm)
     assert check is not None and check.algorithm == algorithm
     received = bytearray(data)
     if flip is not None and data:
@@ -79,7 +80,7 @@ def test_checking_on_the_way_agrees_with_reading_the_file(
     path = tmp_path_factory.mktemp("file") / "f"
     path.write_bytes(received)
     on_the_way = check.matches(range_digests(bytes(received), check))
-    assert on_the_way == file_matches(path, checksum, part_size, algorithm)
+    assert on_the_way == file_matches(path, checksum, part_size, algorithm, algorithm)
     assert on_the_way == (bytes(received) == data)
 
 
@@ -97,8 +98,9 @@ def test_what_cannot_be_checked_on_the_way_is_left_to_reading(
 def test_ambiguous_checksums_are_left_to_reading() -> None:
     crc = s3_checksum(b"abc", "CRC32", None)
     assert expected(crc, None, "SHA256") is None  # CRC32 or CRC32C: reading tries both
-    assert expected(f"{crc}-2", None, "CRC32") is None  # composite without its part size
-    assert expected(crc, 5 * MiB, "CRC32") is None  # multipart, full or composite?
+    # Named, and still not checkable on the way: a composite without its part size...
+    assert expected(f"{crc}-2", None, "CRC32", "CRC32") is None
+    assert expected(crc, 5 * MiB, "CRC32", "CRC32") is None  # ...a multipart full or composite
 
 
 # -- against S3 ------------------------------------------------------------------------------
@@ -147,12 +149,14 @@ def test_the_manifests_checksum_is_checked_on_the_way(tmp_path: Path, s3: Any, b
     store = store_for(bucket, client)
     try:
         path = tmp_path / "f"
-        assert store.download("k", path, size, None, expected(checksum, part_size, "CRC32"))
+        assert store.download("k", path, size, None,
+                              expected(checksum, part_size, "CRC32", "CRC32"))
         assert path.read_bytes() == data
 
         other = s3_checksum(os.urandom(size), "CRC32", part_size)
         with pytest.raises(ContentMismatch, match="k: checksum differs"):
-            store.download("k", tmp_path / "g", size, None, expected(other, part_size, "CRC32"))
+            store.download("k", tmp_path / "g", size, None,
+                           expected(other, part_size, "CRC32", "CRC32"))
     finally:
         store.close()
 
@@ -206,7 +210,7 @@ def test_a_body_cut_off_is_fetched_again(tmp_path: Path, s3: Any, bucket: str, c
         store = store_for(bucket, client)
         try:
             assert store.download("k", tmp_path / "f", size, progress.append,
-                                  expected(checksum, part_size, "CRC32"))
+                                  expected(checksum, part_size, "CRC32", "CRC32"))
         finally:
             store.close()
         assert proxy.count("GET", cut) == 2
@@ -227,7 +231,7 @@ def test_bytes_corrupted_in_transit_are_a_mismatch(
         try:
             with pytest.raises(ContentMismatch):
                 store.download("k", tmp_path / "f", size, None,
-                               expected(checksum, part_size, "CRC32"))
+                               expected(checksum, part_size, "CRC32", "CRC32"))
         finally:
             store.close()
         assert proxy.count("GET", "corrupt") >= 1
@@ -265,7 +269,7 @@ def test_ranged_downloads_hand_their_connections_back(tmp_path: Path, s3: Any, b
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         settings = msgspec.structs.replace(SMALL_PARTS, client="classic", max_concurrency=2)
         store = make_store(make_s3_client(REGION, settings), bucket, settings)
-        check = expected(checksum, part_size, "CRC32") if checked else None
+        check = expected(checksum, part_size, "CRC32", "CRC32") if checked else None
         try:
             for attempt in range(4):
                 assert store.download("k", tmp_path / f"f{attempt}", size, None, check) \
@@ -295,7 +299,7 @@ def test_a_download_writes_its_file_in_small_pieces(tmp_path: Path, s3: Any, buc
     store = store_for(bucket, "classic")
     try:
         assert store.download("k", tmp_path / "f", size, None,
-                              expected(checksum, part_size, "CRC32"))
+                              expected(checksum, part_size, "CRC32", "CRC32"))
     finally:
         store.close()
     assert (tmp_path / "f").read_bytes() == data

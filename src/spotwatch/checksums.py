@@ -3,9 +3,10 @@
 S3 reports a checksum as base64 of the digest. A single-part object, or a multipart one with a
 full-object checksum, carries the digest of all its bytes; a multipart object with a composite
 checksum carries the digest of its parts' digests, suffixed ``-<parts>``. The checksum string
-does not name its algorithm, but its length narrows it down: the configured algorithm decides
-when it has that length (spotwatch uploads with it); otherwise every algorithm of that length
-is tried, and a mismatch is declared only once all of them were computed.
+does not name its algorithm. A manifest entry names it (``checksum_algorithm``); without that
+(manifests written before it was recorded) the length narrows it down, and every algorithm of
+that length is tried, the configured one first, before a mismatch is declared: CRC32 and
+CRC32C share a length, and the configured one may have changed since the upload.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def _crt_crc(name: str, width: int) -> Callable[[], Digest]:
     return make
 
 
+# Name (as S3 and transfer.checksum_algorithm spell it): digest width, digest maker.
 _ALGORITHMS: dict[str, tuple[int, Callable[[], Digest]]] = {
     "CRC32": (4, lambda: _Crc(zlib.crc32, 4)),
     "CRC32C": (4, _crt_crc("crc32c", 4)),
@@ -71,6 +73,8 @@ _ALGORITHMS: dict[str, tuple[int, Callable[[], Digest]]] = {
     "SHA1": (20, hashlib.sha1),
     "SHA256": (32, hashlib.sha256),
 }
+
+ALGORITHMS = frozenset(_ALGORITHMS)
 
 
 def _parse(checksum: str) -> tuple[bytes, int | None] | None:
@@ -115,11 +119,14 @@ def _digests(path: Path, make: Callable[[], Digest], part_size: int | None,
             of_parts.digest() if of_parts is not None else None, parts)
 
 
-def _candidates(width: int, preferred: str) -> list[str]:
-    """The algorithms a digest of this width may come from; the configured one alone if it fits."""
-    if _ALGORITHMS.get(preferred, (0,))[0] == width:
-        return [preferred]
-    return [name for name, (size, _) in _ALGORITHMS.items() if size == width]
+def _candidates(width: int, preferred: str, algorithm: str | None) -> list[str]:
+    """The algorithms a digest of this width may come from, the configured one first. Only
+    the named one when the manifest names it: CRC32 and CRC32C share a width, and a set
+    uploaded before transfer.checksum_algorithm changed carries the old one."""
+    if algorithm is not None:
+        return [algorithm] if _ALGORITHMS.get(algorithm, (0,))[0] == width else []
+    names = [name for name, (size, _) in _ALGORITHMS.items() if size == width]
+    return sorted(names, key=lambda name: name != preferred)
 
 
 @dataclass(frozen=True)
@@ -158,16 +165,18 @@ class Expected:
         return combined.digest() == self.digest
 
 
-def expected(checksum: str, part_size: int | None, preferred: str) -> Expected | None:
+def expected(checksum: str, part_size: int | None, preferred: str,
+             algorithm: str | None = None) -> Expected | None:
     """The checksum as a download can check it in-stream, or None when it cannot say which
     algorithm made it (or cannot compute that one here): file_matches then decides.
 
-    part_size: what a composite checksum's parts are (from the manifest)."""
+    part_size: what a composite checksum's parts are; algorithm: what made it, when the
+    manifest says (both from the manifest)."""
     parsed = _parse(checksum)
     if parsed is None:
         return None
     digest, part_count = parsed
-    names = _candidates(len(digest), preferred)
+    names = _candidates(len(digest), preferred, algorithm)
     # Without a part count, a multipart object's checksum may be full or composite
     # (file_matches tries both); with one, it is composite and needs the part size.
     if len(names) != 1 or (part_size is None) != (part_count is None):
@@ -179,8 +188,10 @@ def expected(checksum: str, part_size: int | None, preferred: str) -> Expected |
     return Expected(names[0], digest, part_size, part_count)
 
 
-def file_matches(path: Path, checksum: str, part_size: int | None, preferred: str) -> bool:
-    """Whether the file's bytes have this S3 checksum; preferred is the configured algorithm.
+def file_matches(path: Path, checksum: str, part_size: int | None, preferred: str,
+                 algorithm: str | None = None) -> bool:
+    """Whether the file's bytes have this S3 checksum; preferred is the configured algorithm,
+    algorithm the one that made the checksum when the manifest says.
 
     part_size is needed for a composite checksum. Raises ChecksumUnavailable when no
     algorithm matched and one that might have could not be computed.
@@ -192,7 +203,7 @@ def file_matches(path: Path, checksum: str, part_size: int | None, preferred: st
     if part_count is not None and part_size is None:
         return False  # a composite checksum without the part size cannot be recomputed
     unavailable: ChecksumUnavailable | None = None
-    for name in _candidates(len(expected), preferred):
+    for name in _candidates(len(expected), preferred, algorithm):
         make = _ALGORITHMS[name][1]
         try:
             make()

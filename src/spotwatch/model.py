@@ -96,3 +96,4 @@ class UploadResult:
     multipart_leftovers: bool = False
     permanent: bool = False  # retrying alone will not fix it (see uploader._is_permanent)
     part_size: int | None = None  # multipart: the checksum is over parts of this size
+    checksum_algorithm: str | None = None  # what made the checksum

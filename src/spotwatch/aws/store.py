@@ -63,6 +63,7 @@ class StoredObject:
     checksum: str | None  # the checksum the store verified the bytes against
     size: int | None = None  # the object's size, when the store reported it
     part_size: int | None = None  # multipart: the checksum is over parts of this size
+    algorithm: str | None = None  # what made the checksum
 
 
 @dataclass(frozen=True)
@@ -297,6 +298,14 @@ class S3ObjectStore:
     def _checksum_field(self) -> str:
         return f"Checksum{self._settings.checksum_algorithm}"
 
+    def _stored(self, checksum: object, size: int | None = None,
+                part_size: int | None = None) -> StoredObject:
+        """What S3 confirmed, from a reply's checksum of the configured algorithm (every
+        write asks for that one, so it names what made the checksum)."""
+        if not isinstance(checksum, str):
+            return StoredObject(None, size, part_size)
+        return StoredObject(checksum, size, part_size, self._settings.checksum_algorithm)
+
     def _write_args(self) -> dict[str, str]:
         return {"ChecksumAlgorithm": self._settings.checksum_algorithm,
                 **encryption_args(self._settings)}
@@ -343,7 +352,7 @@ class S3ObjectStore:
         checksum = reply.get(self._checksum_field)
         if isinstance(checksum, str):
             # One PutObject: S3 checked the bytes against this checksum.
-            return StoredObject(checksum)
+            return self._stored(checksum)
         return self._verified(key, size)
 
     def _small_body(self, handle: BinaryIO) -> bytes:
@@ -384,8 +393,7 @@ class S3ObjectStore:
             head = self.client.head_object(Bucket=self._bucket, Key=key,
                                            ChecksumMode="ENABLED")
         checksum = head.get(self._checksum_field)
-        return StoredObject(checksum if isinstance(checksum, str) else None,
-                            head["ContentLength"], self.part_size(size))
+        return self._stored(checksum, head["ContentLength"], self.part_size(size))
 
     def put_bytes(self, key: str, body: bytes, content_type: str) -> Future[None]:
         return self._single_part.submit(self._put_bytes, key, body, content_type)

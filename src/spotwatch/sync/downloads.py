@@ -55,7 +55,7 @@ def verify(path: Path, entry: ManifestEntry, part_size: int | None,
         return "the manifest has no checksum to verify it by"
     if path.stat().st_size != entry.size:
         return "size differs from the manifest"
-    if not file_matches(path, entry.checksum, part_size, preferred):
+    if not file_matches(path, entry.checksum, part_size, preferred, entry.checksum_algorithm):
         return "checksum differs from the manifest"
     return None
 
@@ -115,8 +115,9 @@ class _SetFetch:
 
     def _start(self, file: FileToFetch) -> None:
         try:
-            check = expected(file.entry.checksum, file.part_size, self._preferred) \
-                if file.entry.checksum else None
+            entry = file.entry
+            check = expected(entry.checksum, file.part_size, self._preferred,
+                             entry.checksum_algorithm) if entry.checksum else None
             self._temps.append(file.temp)  # before a byte is written: the caller removes it
             pending = self._store.start_download(file.entry.key, file.temp, file.entry.size,
                                                  self._progress, check)

@@ -41,10 +41,12 @@ CREATE TABLE IF NOT EXISTS multipart_started (
 _RETIRED_COLUMN = "ALTER TABLE objects ADD COLUMN retired INTEGER NOT NULL DEFAULT 0"
 # The part size of a multipart upload: its composite checksum is over parts of this size.
 _PART_SIZE_COLUMN = "ALTER TABLE objects ADD COLUMN part_size INTEGER"
+# What made the checksum: CRC32 and CRC32C checksums look alike.
+_ALGORITHM_COLUMN = "ALTER TABLE objects ADD COLUMN checksum_algorithm TEXT"
 
 
-# key, path, size, mtime_ns, checksum, part_size
-LedgerRow = tuple[str, str, int, int, "str | None", "int | None"]
+# key, path, size, mtime_ns, checksum, part_size, checksum_algorithm
+LedgerRow = tuple[str, str, int, int, "str | None", "int | None", "str | None"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class Ledger:
                 self._db.execute(_RETIRED_COLUMN)
             if "part_size" not in columns:
                 self._db.execute(_PART_SIZE_COLUMN)
+            if "checksum_algorithm" not in columns:
+                self._db.execute(_ALGORITHM_COLUMN)
         except (OSError, sqlite3.Error) as exc:
             raise SpotwatchError(f"cannot open ledger {path}: {exc}") from None
         self._lock = threading.Lock()
@@ -92,12 +96,14 @@ class Ledger:
                 raise LedgerError(str(exc)) from None
 
     def record(self, bucket: str, key: str, path: Path, version: FileVersion,
-               checksum: str | None, part_size: int | None = None) -> None:
+               checksum: str | None, part_size: int | None = None,
+               checksum_algorithm: str | None = None) -> None:
         self._write(
             "INSERT OR REPLACE INTO objects (bucket, key, path, size, mtime_ns, checksum,"
-            " uploaded_at, retired, part_size) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
+            " uploaded_at, retired, part_size, checksum_algorithm)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
             (bucket, key, str(path), version.size, version.mtime_ns, checksum, time.time(),
-             part_size),
+             part_size, checksum_algorithm),
         )
 
     def retire(self, bucket: str, key: str) -> None:
@@ -125,13 +131,14 @@ class Ledger:
         return [key for (key,) in rows]
 
     def objects_in_set(self, bucket: str, set_key: str) -> list[LedgerRow]:
-        """(key, path, size, mtime_ns, checksum, part_size) of the set's objects: set_key or
-        below it."""
+        """(key, path, size, mtime_ns, checksum, part_size, checksum_algorithm) of the set's
+        objects: set_key or below it."""
         with self._lock:
             rows = self._db.execute(
                 # Keys below the set sort between "<set>/" and "<set>0" ('0' follows '/'):
                 # a range the primary key index answers without reading the whole table.
-                "SELECT key, path, size, mtime_ns, checksum, part_size FROM objects"
+                "SELECT key, path, size, mtime_ns, checksum, part_size, checksum_algorithm"
+                " FROM objects"
                 " WHERE bucket = ?"
                 " AND retired = 0 AND (key = ? OR (key >= ? AND key < ?))",
                 (bucket, set_key, set_key + "/", set_key + "0"),

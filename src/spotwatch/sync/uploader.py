@@ -132,7 +132,8 @@ class Uploader:
         if stored.size is not None and stored.size != job.snapshot.size:
             # Another writer of the same key raced us: the object is not our file.
             return result(Outcome.FAILED, error="object size differs from the file after upload")
-        return result(Outcome.DONE, checksum=stored.checksum, part_size=stored.part_size)
+        return result(Outcome.DONE, checksum=stored.checksum, part_size=stored.part_size,
+                      checksum_algorithm=stored.algorithm)
 
     def _abort_leftovers(self, key: str, upload: PendingUpload) -> bool:
         """After a completed multipart upload, abort any other upload of the key left open;

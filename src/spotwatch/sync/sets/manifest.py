@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from spotwatch.checksums import ALGORITHMS
 from spotwatch.keys import is_reserved, object_key, set_name_of
 
 MANIFEST_FORMAT = 1
@@ -38,6 +39,7 @@ class ManifestEntry:
     mtime_ns: int
     checksum: str | None
     part_size: int | None = None  # multipart uploads: the part size their checksum is over
+    checksum_algorithm: str | None = None  # what made the checksum (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -171,5 +173,8 @@ def _entry(raw: object, prefix: str, set_name: str) -> ManifestEntry:
         raise ManifestError(f"negative size or part size for {path!r}")
     if not all(number in INT64_RANGE for number in (size, part_size or 0, mtime_ns)):
         raise ManifestError(f"size, part size or mtime out of range for {path!r}")
+    algorithm = _optional_field(raw, "checksum_algorithm", str)
+    if algorithm is not None and algorithm not in ALGORITHMS:
+        raise ManifestError(f"unknown checksum algorithm {algorithm!r} for {path!r}")
     return ManifestEntry(key, path, size, mtime_ns, _optional_field(raw, "checksum", str),
-                         part_size)
+                         part_size, algorithm)
