@@ -127,13 +127,14 @@ def test_flush_keeps_start_up_objects_out_of_the_cycle_collector(workspace: Work
     assert {f"run1/step_1/{index}.pt" for index in range(3)} <= keys_in(s3, workspace.bucket)
 
 
-def test_flush_never_imports_requests(workspace: Workspace, s3: Any) -> None:
+def test_flush_never_imports_requests_nor_dotenv(workspace: Workspace, s3: Any) -> None:
     """requests serves IMDS only, which a flush does not ask: importing it (and its charset
-    detection) cost every flush a thirtieth of a second of CPU."""
+    detection) cost every flush a thirtieth of a second of CPU. dotenv reads config/.env only
+    when no bucket is named otherwise (here $S3_BUCKET_NAME names it): 5 ms more."""
     save_checkpoint(workspace.checkpoints / "step_1" / "a.pt", 1_000)
     probe = ("import sys; from spotwatch.cli import main; code = main(['flush', '-c', "
              "'config.yaml']); print(code, *sorted({m.split('.')[0] for m in sys.modules} & "
-             "{'requests', 'charset_normalizer'}))")
+             "{'requests', 'charset_normalizer', 'dotenv'}))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=workspace.root,
                           env=workspace.env(), capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["0"], done.stderr
