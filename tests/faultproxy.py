@@ -34,6 +34,7 @@ class Request:
     method: str
     path: str
     query: dict[str, list[str]]
+    access_key: str = ""  # the key id it was signed with (SigV4's Credential=), if signed
 
     @property
     def operation(self) -> str:
@@ -140,6 +141,11 @@ class FaultProxy:
             return sum(1 for r, w in self.seen if r.operation == operation and w == what)
 
 
+def _signing_key(authorization: str) -> str:
+    """The access key id in a SigV4 Authorization header ("... Credential=KEY/date/...")."""
+    return authorization.partition("Credential=")[2].partition("/")[0]
+
+
 class _Handler(BaseHTTPRequestHandler):
     proxy: FaultProxy
     protocol_version = "HTTP/1.1"
@@ -154,7 +160,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         body = self._read_body()
         parts = urlsplit(self.path)
-        request = Request(self.command, parts.path, parse_qs(parts.query, keep_blank_values=True))
+        request = Request(self.command, parts.path, parse_qs(parts.query, keep_blank_values=True),
+                          _signing_key(self.headers.get("Authorization", "")))
         rule = self.proxy.choose(request)
         action = rule.action if rule else "forward"
         if rule is not None and rule.action == "delay":

@@ -4,6 +4,7 @@ S3 model parsed once, and start-up's objects kept out of the cyclic garbage coll
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -12,6 +13,7 @@ from typing import Any
 
 import botocore.loaders
 import botocore.parsers
+import botocore.session
 import pytest
 from botocore.utils import parse_timestamp
 from hypothesis import given, settings
@@ -24,7 +26,22 @@ from spotwatch.config import TransferSettings, load_config
 from spotwatch.daemon.loop import Daemon
 
 from .conftest import REGION, Workspace, keys_in
+from .faultproxy import FaultProxy
 from .test_daemon_e2e import save_checkpoint
+
+# A credential_process that hands out a new key id on every call (KEY1, KEY2 ...): the first
+# expires in 12 minutes, inside botocore's refresh window, so its next use rotates it; later
+# ones last two hours.
+ROTATING_CREDENTIALS = """
+import datetime, json, pathlib, sys
+calls = pathlib.Path(sys.argv[1])
+n = len(calls.read_text()) + 1 if calls.exists() else 1
+calls.write_text("x" * n)
+lasts = datetime.timedelta(minutes=12 if n == 1 else 120)
+expires = datetime.datetime.now(datetime.timezone.utc) + lasts
+print(json.dumps({"Version": 1, "AccessKeyId": f"KEY{n}", "SecretAccessKey": "secret",
+                  "SessionToken": "token", "Expiration": expires.isoformat()}))
+"""
 
 
 def test_the_s3_model_is_parsed_once_per_process(monkeypatch: pytest.MonkeyPatch,
@@ -46,6 +63,52 @@ def test_the_s3_model_is_parsed_once_per_process(monkeypatch: pytest.MonkeyPatch
     assert len(parsed) <= 1
 
 
+def test_a_crt_store_makes_one_botocore_session(monkeypatch: pytest.MonkeyPatch,
+                                               bucket: str) -> None:
+    """The S3 client, the CRT's request serializer and the CRT's credentials share one session:
+    each session registers some five hundred event handlers (about 0.01 CPU-seconds)."""
+    made: list[botocore.session.Session] = []
+    original = botocore.session.Session.__init__
+
+    def counted(self: botocore.session.Session, *args: Any, **kwargs: Any) -> None:
+        made.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(botocore.session.Session, "__init__", counted)
+    transfer = TransferSettings(client="crt")
+    CrtObjectStore(make_s3_client(REGION, transfer), bucket, transfer).close()
+    assert len(made) == 1
+
+
+def test_the_crt_signs_with_the_clients_credentials_as_they_rotate(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bucket: str) -> None:
+    """Credentials are resolved once per store, and the CRT signs with the client's own: after
+    they are refreshed, both sign with the new ones (never two chains each refreshing apart)."""
+    calls = tmp_path / "calls"
+    (tmp_path / "creds.py").write_text(ROTATING_CREDENTIALS)
+    (tmp_path / "aws-config").write_text(
+        f"[profile rotating]\ncredential_process = {sys.executable} {tmp_path / 'creds.py'} "
+        f"{calls}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "rotating")
+    (tmp_path / "a.pt").write_bytes(b"a" * 1_000)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        transfer = TransferSettings(client="crt")
+        store = CrtObjectStore(make_s3_client(REGION, transfer), bucket, transfer)
+        try:
+            store.upload_file(tmp_path / "a.pt", "a.pt", 1_000).future.result(timeout=60)
+            assert [item.key for item in store.list_objects("")] == ["a.pt"]
+            store.upload_file(tmp_path / "a.pt", "b.pt", 1_000).future.result(timeout=60)
+        finally:
+            store.close()
+    assert {request.access_key for request, _ in proxy.seen} == {"KEY2"}
+    assert calls.read_text() == "xx"  # resolved once, refreshed once
+
+
 def test_flush_keeps_start_up_objects_out_of_the_cycle_collector(workspace: Workspace,
                                                                   s3: Any) -> None:
     """The S3 client's model (made before the flush) is no longer traversed by the cyclic
@@ -64,13 +127,14 @@ def test_flush_keeps_start_up_objects_out_of_the_cycle_collector(workspace: Work
     assert {f"run1/step_1/{index}.pt" for index in range(3)} <= keys_in(s3, workspace.bucket)
 
 
-def test_flush_never_imports_requests(workspace: Workspace, s3: Any) -> None:
+def test_flush_never_imports_requests_nor_dotenv(workspace: Workspace, s3: Any) -> None:
     """requests serves IMDS only, which a flush does not ask: importing it (and its charset
-    detection) cost every flush a thirtieth of a second of CPU."""
+    detection) cost every flush a thirtieth of a second of CPU. dotenv reads config/.env only
+    when no bucket is named otherwise (here $S3_BUCKET_NAME names it): 5 ms more."""
     save_checkpoint(workspace.checkpoints / "step_1" / "a.pt", 1_000)
     probe = ("import sys; from spotwatch.cli import main; code = main(['flush', '-c', "
              "'config.yaml']); print(code, *sorted({m.split('.')[0] for m in sys.modules} & "
-             "{'requests', 'charset_normalizer'}))")
+             "{'requests', 'charset_normalizer', 'dotenv'}))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=workspace.root,
                           env=workspace.env(), capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["0"], done.stderr

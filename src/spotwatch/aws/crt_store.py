@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 import awscrt.exceptions
 import awscrt.s3
-import boto3
 import structlog
 from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
 from botocore.config import Config as BotoConfig
+from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 from s3transfer.crt import (
     BotocoreCRTCredentialsWrapper,
@@ -45,7 +45,7 @@ from s3transfer.crt import (
 )
 
 from spotwatch.aws.crt_requests import CrtRequests
-from spotwatch.aws.s3 import botocore_session, encryption_args
+from spotwatch.aws.s3 import encryption_args, session_of
 from spotwatch.aws.store import (
     ObjectStore,
     PendingDownload,
@@ -162,8 +162,12 @@ class CrtObjectStore(S3ObjectStore):
         self._on_outcome = on_outcome
         endpoint = client.meta.endpoint_url
         region = client.meta.region_name
-        self._crt = _crt_client(region, settings, use_tls=endpoint.startswith("https:"))
-        self._serializer = BotocoreCRTRequestSerializer(botocore_session(), {
+        # One session for the client, the serializer and the CRT: credentials resolved once,
+        # and the CRT signs with the very ones the client does, as they are refreshed.
+        session = session_of(client)
+        self._crt = _crt_client(region, settings, session.get_credentials(),
+                                use_tls=endpoint.startswith("https:"))
+        self._serializer = BotocoreCRTRequestSerializer(session, {
             "region_name": region, "endpoint_url": endpoint,
             "config": BotoConfig(s3=getattr(client.meta.config, "s3", None))})
         self._http_requests = CrtRequests(self._serializer, bucket)
@@ -377,10 +381,10 @@ def _expecting(expected: Expected | None) -> awscrt.s3.S3ChecksumConfig:
         expected_checksum_algorithm=awscrt.s3.S3ChecksumAlgorithm[expected.algorithm])
 
 
-def _crt_client(region: str, settings: TransferSettings, *, use_tls: bool) -> awscrt.s3.S3Client:
-    """The CRT's S3 client, signing with the credentials boto3 resolves (env, profile,
-    instance role; refreshed as they expire)."""
-    credentials = boto3.session.Session().get_credentials()
+def _crt_client(region: str, settings: TransferSettings, credentials: Credentials | None, *,
+                use_tls: bool) -> awscrt.s3.S3Client:
+    """The CRT's S3 client, signing with these botocore credentials (read afresh for every
+    request, so a refresh of them reaches the CRT); None: unsigned."""
     provider = (BotocoreCRTCredentialsWrapper(credentials).to_crt_credentials_provider()
                 if credentials is not None else None)
     event_loops = EventLoopGroup()

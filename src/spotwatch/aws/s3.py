@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -33,10 +34,10 @@ def _send_small_bodies_outright(params: dict[str, Any], **kwargs: Any) -> None:
 
 
 @functools.cache
-def _data_loader() -> botocore.loaders.Loader:
-    """botocore's data loader (service models, endpoint rules), made once per process."""
-    loader: botocore.loaders.Loader = botocore.session.Session().get_component("data_loader")
-    return loader
+def _data_loader(data_path: str | None) -> botocore.loaders.Loader:
+    """botocore's data loader (service models, endpoint rules) for a data path, made once per
+    process, as each session would make its own (botocore.session does it the same way)."""
+    return botocore.loaders.create_loader(data_path)
 
 
 def parse_s3_timestamp(value: str) -> datetime:
@@ -55,14 +56,27 @@ def botocore_session() -> botocore.session.Session:
     """A new botocore session (its own credentials and settings, read from the environment
     now) that shares the process's data loader: the S3 model is some megabytes of JSON, and
     each session that makes a client would otherwise parse it again (about 0.05 CPU-seconds)."""
-    loader = _data_loader()
+    session = botocore.session.Session()
+    loader = _data_loader(session.get_config_variable("data_path"))
     # boto3 adds its data directory to the loader of each session it wraps: keep one of each.
     loader.search_paths[:] = dict.fromkeys(loader.search_paths)
-    session = botocore.session.Session()
     session.register_component("data_loader", loader)
     session.get_component("response_parser_factory").set_parser_defaults(
         timestamp_parser=parse_s3_timestamp)
     return session
+
+
+# The session each client of make_s3_client was made from (dropped with the client).
+_sessions: weakref.WeakKeyDictionary[Any, botocore.session.Session] = (
+    weakref.WeakKeyDictionary())
+
+
+def session_of(client: S3Client) -> botocore.session.Session:
+    """The botocore session make_s3_client made client from, whose credentials it signs with
+    (resolved once: env, profile, instance role; refreshed in place as they expire); for a
+    client made elsewhere, a new session, resolving them afresh."""
+    session = _sessions.get(client)
+    return session if session is not None else botocore_session()
 
 
 def make_s3_client(region: str, settings: TransferSettings) -> S3Client:
@@ -78,7 +92,9 @@ def make_s3_client(region: str, settings: TransferSettings) -> S3Client:
         parameter_validation=False,  # spotwatch builds every request itself
         response_checksum_validation="when_supported",
     )
-    client = boto3.session.Session(botocore_session=botocore_session()).client("s3", config=config)
+    session = botocore_session()
+    client = boto3.session.Session(botocore_session=session).client("s3", config=config)
+    _sessions[client] = session
     # After botocore's own handler, which adds the header.
     client.meta.events.register_last("before-call.s3", _send_small_bodies_outright)
     return client
