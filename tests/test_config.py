@@ -188,6 +188,20 @@ def test_cli_crt_checksum_without_the_crt(workspace: Workspace) -> None:
                        "CRC32C needs the AWS CRT")
 
 
+@pytest.mark.parametrize(("disabled", "algorithm"), [(False, "CRC32C"), (True, "CRC32")])
+def test_default_checksum_is_crc32c_where_the_crt_is_usable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, disabled: bool, algorithm: str) -> None:
+    monkeypatch.setattr("botocore.compat.HAS_CRT", not disabled)
+    config = load_config(write(tmp_path, "watch: [{path: c}]\n"))
+    assert config.transfer.checksum_algorithm == algorithm
+
+
+def test_cli_default_checksum_without_the_crt_loads(workspace: Workspace) -> None:
+    """BOTO_DISABLE_CRT set and nothing configured: CRC32, not a refusal of the default."""
+    result = workspace.cli("iam-policy", "-c", "config.yaml", BOTO_DISABLE_CRT="true")
+    assert result.returncode == 0, result.stderr
+
+
 def test_cli_crt_client_without_the_crt(workspace: Workspace) -> None:
     workspace.write_config(transfer={"client": "crt"})
     assert_usage_error(workspace.cli("check", "-c", "config.yaml", BOTO_DISABLE_CRT="true"),
