@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -247,8 +247,5 @@ def test_target_throughput_defaults_from_the_instance_type(
 
 
 def _yaml_number(value: float) -> str:
-    if math.isnan(value):
-        return ".nan"
-    if math.isinf(value):
-        return ".inf" if value > 0 else "-.inf"
-    return repr(value)
+    """The number as YAML writes it: repr's '1e-05' would read back as a string."""
+    return str(yaml.safe_dump(value).split("\n", 1)[0])
