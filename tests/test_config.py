@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -188,6 +188,20 @@ def test_cli_crt_checksum_without_the_crt(workspace: Workspace) -> None:
                        "CRC32C needs the AWS CRT")
 
 
+@pytest.mark.parametrize(("disabled", "algorithm"), [(False, "CRC32C"), (True, "CRC32")])
+def test_default_checksum_is_crc32c_where_the_crt_is_usable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, disabled: bool, algorithm: str) -> None:
+    monkeypatch.setattr("botocore.compat.HAS_CRT", not disabled)
+    config = load_config(write(tmp_path, "watch: [{path: c}]\n"))
+    assert config.transfer.checksum_algorithm == algorithm
+
+
+def test_cli_default_checksum_without_the_crt_loads(workspace: Workspace) -> None:
+    """BOTO_DISABLE_CRT set and nothing configured: CRC32, not a refusal of the default."""
+    result = workspace.cli("iam-policy", "-c", "config.yaml", BOTO_DISABLE_CRT="true")
+    assert result.returncode == 0, result.stderr
+
+
 def test_cli_crt_client_without_the_crt(workspace: Workspace) -> None:
     workspace.write_config(transfer={"client": "crt"})
     assert_usage_error(workspace.cli("check", "-c", "config.yaml", BOTO_DISABLE_CRT="true"),
@@ -233,8 +247,5 @@ def test_target_throughput_defaults_from_the_instance_type(
 
 
 def _yaml_number(value: float) -> str:
-    if math.isnan(value):
-        return ".nan"
-    if math.isinf(value):
-        return ".inf" if value > 0 else "-.inf"
-    return repr(value)
+    """The number as YAML writes it: repr's '1e-05' would read back as a string."""
+    return str(yaml.safe_dump(value).split("\n", 1)[0])

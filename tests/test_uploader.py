@@ -73,10 +73,12 @@ def test_small_and_multipart_files_land_byte_identical(tmp_path: Path, s3: Any,
     assert object_bytes(s3, bucket, "a/small.pt") == small.read_bytes()
     assert object_bytes(s3, bucket, "a/large.pt") == large.read_bytes()
     head = s3.head_object(Bucket=bucket, Key="a/large.pt", ChecksumMode="ENABLED")
-    assert "ChecksumCRC32" in head
+    field = f"Checksum{SMALL_PARTS.checksum_algorithm}"
+    assert field in head
     by_key = {r.job.key: r for r in results}
-    assert by_key["a/large.pt"].checksum == head["ChecksumCRC32"]
+    assert by_key["a/large.pt"].checksum == head[field]
     assert by_key["a/small.pt"].checksum
+    assert {r.checksum_algorithm for r in results} == {SMALL_PARTS.checksum_algorithm}
 
 
 def test_other_checksum_algorithm(tmp_path: Path, s3: Any, bucket: str) -> None:
