@@ -5,8 +5,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from spotwatch.model import FileVersion
-from spotwatch.sync.ledger import Ledger
+from spotwatch.sync.ledger import Ledger, _add_column
 
 
 def test_record_survives_reopen(tmp_path: Path) -> None:
@@ -51,3 +53,15 @@ def test_a_ledger_of_an_older_version_gains_the_checksum_algorithm(tmp_path: Pat
     rows = {row[0]: row for row in ledger.objects_in_set("b", "p/s")}
     assert rows["p/s/old.pt"][4:] == ("AAAAAA==", None, None)
     assert rows["p/s/new.pt"][4:] == ("AAAAAQ==", 5, "CRC32C")
+
+
+def test_a_column_another_process_added_meanwhile_is_taken_as_added(tmp_path: Path) -> None:
+    """The daemon and a restore may open an older ledger at once: both see the column missing,
+    and the second to add it must not fail."""
+    db = tmp_path / "ledger.sqlite3"
+    Ledger(db).close()  # every column there
+    connection = sqlite3.connect(db)
+    _add_column(connection, "ALTER TABLE objects ADD COLUMN checksum_algorithm TEXT")
+    with pytest.raises(sqlite3.OperationalError):
+        _add_column(connection, "ALTER TABLE nowhere ADD COLUMN x TEXT")
+    connection.close()

@@ -183,13 +183,6 @@ class SyncSettings(_Section, frozen=True, kw_only=True):
         "unit": "bytes", "note": " per second"}), RATE] | None = None
 
 
-def default_checksum_algorithm() -> ChecksumAlgorithm:
-    """CRC32C where the AWS CRT is usable: S3 verifies it as it does CRC32, composite over a
-    multipart upload's parts all the same, and it costs about half the client CPU (the CRT
-    computes it with the CPU's own instructions, on x86-64 and Graviton). Else CRC32."""
-    return "CRC32C" if _crt_available() else "CRC32"
-
-
 class TransferSettings(_Section, frozen=True, kw_only=True):
     """Sizes within S3's limits. A file that would need more than 10,000 parts at this chunk
     size (over 48.8 GiB at 5 MiB) gets bigger parts from s3transfer's ChunksizeAdjuster."""
@@ -199,8 +192,10 @@ class TransferSettings(_Section, frozen=True, kw_only=True):
     multipart_chunksize: Annotated[int, Meta(ge=MIN_PART_SIZE, le=MAX_PART_SIZE, extra={
         "unit": "bytes", "note": " (S3's limits)"}), SIZE] = 16 * MiB
     max_concurrency: Annotated[int, Meta(ge=1, le=256)] = 20
-    checksum_algorithm: Annotated[ChecksumAlgorithm, UPPER] = field(
-        default_factory=default_checksum_algorithm)
+    # CRC32C costs about half the client CPU, but spotwatch 0.1 reads any 4-byte checksum
+    # as the configured algorithm's and would refuse a CRC32C set as corrupt: the default
+    # stays CRC32 while 0.1 may still restore what this version uploads.
+    checksum_algorithm: Annotated[ChecksumAlgorithm, UPPER] = "CRC32"
     max_attempts: Annotated[int, Meta(ge=1, le=50)] = 10
     sse: SseMode = "none"
     sse_kms_key_id: Text | None = None

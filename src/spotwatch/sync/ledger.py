@@ -56,6 +56,16 @@ class LedgerSummary:
     last_upload: float | None
 
 
+def _add_column(db: sqlite3.Connection, statement: str) -> None:
+    """Adds a column to a ledger of an older version; one that another process (the daemon and
+    a restore opening the same ledger) added since we looked is as good."""
+    try:
+        db.execute(statement)
+    except sqlite3.OperationalError as exc:
+        if "duplicate column name" not in str(exc):
+            raise
+
+
 class Ledger:
     def __init__(self, path: Path) -> None:
         try:
@@ -65,12 +75,10 @@ class Ledger:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(objects)")}
-            if "retired" not in columns:
-                self._db.execute(_RETIRED_COLUMN)
-            if "part_size" not in columns:
-                self._db.execute(_PART_SIZE_COLUMN)
-            if "checksum_algorithm" not in columns:
-                self._db.execute(_ALGORITHM_COLUMN)
+            for name, added_by in (("retired", _RETIRED_COLUMN), ("part_size", _PART_SIZE_COLUMN),
+                                   ("checksum_algorithm", _ALGORITHM_COLUMN)):
+                if name not in columns:
+                    _add_column(self._db, added_by)
         except (OSError, sqlite3.Error) as exc:
             raise SpotwatchError(f"cannot open ledger {path}: {exc}") from None
         self._lock = threading.Lock()
