@@ -119,7 +119,7 @@ class _SetFetch:
             check = expected(entry.checksum, file.part_size, self._preferred,
                              entry.checksum_algorithm) if entry.checksum else None
             self._temps.append(file.temp)  # before a byte is written: the caller removes it
-            pending = self._store.start_download(file.entry.key, file.temp, file.entry.size,
+            pending = self._store.start_download(entry.key, file.temp, entry.size,
                                                  self._progress, check)
         except Exception as exc:  # e.g. ChecksumUnavailable: no download started
             self._fail(exc)
