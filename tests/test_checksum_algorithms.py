@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from spotwatch.checksums import ALGORITHMS, expected, file_matches
+from spotwatch import checksums
+from spotwatch.checksums import ALGORITHMS, Expected, expected, file_matches
 
 from .conftest import Workspace, object_bytes
 from .test_verified_download import s3_checksum
@@ -128,3 +132,29 @@ def test_a_set_restores_after_the_configured_algorithm_changed(
     assert result.returncode == 1
     assert "set_corrupt" in result.stderr
     assert not target.joinpath("step_1", "optim.pt").exists()
+
+
+@pytest.fixture(params=["zlib-ng", "zlib"])
+def crc32_library(request: pytest.FixtureRequest,
+                  monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """CRC32 digests from zlib-ng (installed with spotwatch), or from zlib as where zlib-ng
+    cannot be imported."""
+    checksums._crc32_step.cache_clear()
+    if request.param == "zlib":
+        monkeypatch.setitem(sys.modules, "zlib_ng.zlib_ng", None)  # import raises ImportError
+    yield request.param
+    checksums._crc32_step.cache_clear()
+
+
+# The fixture's library stays the same over the examples.
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(st.binary(max_size=70_000), max_size=6))
+def test_crc32_digests_match_zlib_over_any_pieces(crc32_library: str,
+                                                   pieces: list[bytes]) -> None:
+    digest = Expected("CRC32", b"").new_digest()
+    for piece in pieces:
+        digest.update(memoryview(piece))
+    assert digest.digest() == zlib.crc32(b"".join(pieces)).to_bytes(4, "big")
+    uses_zlib = checksums._crc32_step() is zlib.crc32
+    assert uses_zlib == (crc32_library == "zlib")

@@ -25,7 +25,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spotwatch.aws.crt_store import CrtObjectStore, make_store
-from spotwatch.aws.ranged_get import WRITE_SLICE, RangedGetter, split
+from spotwatch.aws.ranged_get import (
+    WRITE_SLICE,
+    RangedGetter,
+    _PartDigests,
+    range_size,
+    split,
+)
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import ObjectStore
 from spotwatch.checksums import ContentMismatch, Expected, expected, file_matches
@@ -84,6 +90,33 @@ def test_checking_on_the_way_agrees_with_reading_the_file(
     assert on_the_way == (bytes(received) == data)
 
 
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=3000), part_size=st.integers(1, 700),
+       workers=st.integers(1, 8), chunk=st.integers(1, 900),
+       flip=st.none() | st.integers(0, 2999))
+def test_ranges_of_several_parts_take_each_parts_digest(
+        data: bytes, part_size: int, workers: int, chunk: int, flip: int | None) -> None:
+    """What a ranged download does with a composite checksum: ranges of whole parts, their
+    bytes arriving in chunks of any size, one digest per part; a flipped byte anywhere in any
+    range fails the check."""
+    check = expected(s3_checksum(data, "CRC32", part_size), part_size, "CRC32", "CRC32")
+    assert check is not None
+    received = bytearray(data)
+    if flip is not None and data:
+        received[flip % len(data)] ^= 0x01
+    digests: list[bytes] = []
+    for byte_range in split(len(data), range_size(len(data), part_size, workers)):
+        assert byte_range.start % part_size == 0  # a range starts where a part does
+        parts = _PartDigests(check.new_digest, part_size)
+        view = memoryview(received)[byte_range.start:byte_range.start + byte_range.length]
+        for start in range(0, len(view), chunk):
+            parts.update(view[start:start + chunk])
+        digests.extend(parts.digests())
+    assert digests == [DIGESTS["CRC32"](bytes(received[r.start:r.start + r.length]))
+                       for r in split(len(data), part_size)]
+    assert check.matches(digests) == (bytes(received) == data)
+
+
 @given(checksum=st.text(max_size=40), part_size=st.none() | st.integers(1, 10**9),
        preferred=st.sampled_from(sorted(DIGESTS)))
 def test_what_cannot_be_checked_on_the_way_is_left_to_reading(
@@ -112,8 +145,9 @@ def client(request: pytest.FixtureRequest) -> str:
 
 
 def store_for(bucket: str, client: str) -> ObjectStore:
-    """A store on the endpoint AWS_ENDPOINT_URL names (moto, or a proxy in front of it)."""
-    settings = msgspec.structs.replace(SMALL_PARTS, client=client)
+    """A store on the endpoint AWS_ENDPOINT_URL names (moto, or a proxy in front of it), with
+    two workers: a range of SHAPES["spanning"] then spans several parts."""
+    settings = msgspec.structs.replace(SMALL_PARTS, client=client, max_concurrency=2)
     store = make_store(make_s3_client(REGION, settings), bucket, settings)
     assert isinstance(store, CrtObjectStore) == (client == "crt")
     return store
@@ -137,7 +171,33 @@ def put(s3: Any, bucket: str, key: str, data: bytes, part_size: int | None = Non
     return s3_checksum(data, "CRC32", part_size)
 
 
-SHAPES = {"small": (1000, None), "multipart": (12 * MiB + 7, 5 * MiB)}
+SHAPES = {"small": (1000, None), "multipart": (12 * MiB + 7, 5 * MiB),
+          "spanning": (31 * MiB + 5, 5 * MiB)}
+
+
+# 7 parts of 5 MiB: ranges of 6, 3, 2 or 1 of them leave at least one range per worker.
+@pytest.mark.parametrize(("workers", "ranges"), [(1, 2), (2, 3), (3, 4), (20, 7)])
+def test_ranges_span_whole_parts_and_each_part_is_checked(
+        tmp_path: Path, s3: Any, bucket: str, workers: int, ranges: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fewer GETs than parts when the object has parts to spare for every worker; each part's
+    digest is still taken, so the composite checksum is checked on the way."""
+    size, part_size = SHAPES["spanning"]
+    data = os.urandom(size)
+    checksum = put(s3, bucket, "k", data, part_size)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        settings = msgspec.structs.replace(SMALL_PARTS, client="classic",
+                                           max_concurrency=workers)
+        store = make_store(make_s3_client(REGION, settings), bucket, settings)
+        try:
+            assert store.download("k", tmp_path / "f", size, None,
+                                  expected(checksum, part_size, "CRC32", "CRC32"))
+        finally:
+            store.close()
+        gets = proxy.count("GET")
+    assert (tmp_path / "f").read_bytes() == data
+    assert gets == ranges
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -249,7 +309,7 @@ def test_a_stalled_server_gets_botocores_attempts_only(tmp_path: Path, s3: Any,
                               config=BotoConfig(read_timeout=0.3, retries={
                                   "mode": "standard", "max_attempts": 2}))
         with ThreadPoolExecutor(2) as pool:
-            getter = RangedGetter(client, bucket, pool, attempts=3)
+            getter = RangedGetter(client, bucket, pool, 2, attempts=3)
             with pytest.raises(ReadTimeoutError):
                 getter.download("k", tmp_path / "f", 1000, 1000, None, None)
         assert stalled.applied == client.meta.config.retries["total_max_attempts"]  # not x 3
@@ -277,7 +337,7 @@ def test_ranged_downloads_hand_their_connections_back(tmp_path: Path, s3: Any, b
                 assert (tmp_path / f"f{attempt}").read_bytes() == data
         finally:
             store.close()
-        assert proxy.count("GET") == 4 * len(split(size, part_size))
+        assert proxy.count("GET") == 4 * len(split(size, range_size(size, part_size, 2)))
         assert proxy.connections <= 2
 
 

