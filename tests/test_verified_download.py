@@ -28,13 +28,12 @@ from spotwatch.aws.crt_store import CrtObjectStore, make_store
 from spotwatch.aws.ranged_get import (
     WRITE_SLICE,
     RangedGetter,
-    _PartDigests,
     range_size,
     split,
 )
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import ObjectStore
-from spotwatch.checksums import ContentMismatch, Expected, expected, file_matches
+from spotwatch.checksums import ContentMismatch, Expected, PartDigests, expected, file_matches
 from spotwatch.config import MiB, TransferSettings
 from spotwatch.sync.downloads import FileToFetch, SetCorrupt, fetch_verified
 from spotwatch.sync.sets.manifest import ManifestEntry
@@ -107,7 +106,7 @@ def test_ranges_of_several_parts_take_each_parts_digest(
     digests: list[bytes] = []
     for byte_range in split(len(data), range_size(len(data), part_size, workers)):
         assert byte_range.start % part_size == 0  # a range starts where a part does
-        parts = _PartDigests(check.new_digest, part_size)
+        parts = PartDigests(check.new_digest, part_size)
         view = memoryview(received)[byte_range.start:byte_range.start + byte_range.length]
         for start in range(0, len(view), chunk):
             parts.update(view[start:start + chunk])

@@ -102,34 +102,59 @@ def _parse(checksum: str) -> tuple[bytes, int | None] | None:
     return digest, int(parts) if parts else None
 
 
+class PartDigests:
+    """The digests of consecutive parts of part_size, fed bytes in order from a part's start:
+    what a composite checksum is over."""
+
+    def __init__(self, make: Callable[[], Digest], part_size: int) -> None:
+        self._make = make
+        self._part_size = part_size
+        self._current = make()
+        self._filled = 0
+        self._done: list[bytes] = []
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        while chunk:
+            room = self._part_size - self._filled
+            piece, chunk = chunk[:room], chunk[room:]
+            self._current.update(piece)
+            self._filled += len(piece)
+            if self._filled == self._part_size:
+                self._done.append(self._current.digest())
+                self._current, self._filled = self._make(), 0
+
+    def digests(self) -> list[bytes]:
+        """Each part's digest; a last, shorter part's too (no bytes at all: one, of nothing)."""
+        if self._filled or not self._done:
+            return [*self._done, self._current.digest()]
+        return self._done
+
+
+def _combined(make: Callable[[], Digest], digests: Sequence[bytes]) -> bytes:
+    """A composite checksum's digest: of its parts' digests."""
+    combined = make()
+    for digest in digests:
+        combined.update(digest)
+    return combined.digest()
+
+
 def _digests(path: Path, make: Callable[[], Digest], part_size: int | None,
              whole_too: bool) -> tuple[bytes | None, bytes | None, int]:
     """The file's full digest (if whole_too), its composite digest over part_size parts (if
     part_size) and the part count; one pass over the file, without copying its bytes."""
     whole = make() if whole_too else None
-    of_parts = make() if part_size is not None else None
-    part = make()
-    in_part = parts = 0
+    parts = PartDigests(make, part_size) if part_size is not None else None
     buffer = bytearray(READ_BYTES)
     with path.open("rb", buffering=0) as handle:
         while count := handle.readinto(buffer):
             chunk = memoryview(buffer)[:count]
             if whole is not None:
                 whole.update(chunk)
-            if of_parts is None or part_size is None:
-                continue
-            while chunk:
-                piece, chunk = chunk[:part_size - in_part], chunk[part_size - in_part:]
-                part.update(piece)
-                in_part += len(piece)
-                if in_part == part_size:
-                    of_parts.update(part.digest())
-                    part, in_part, parts = make(), 0, parts + 1
-    if of_parts is not None and (in_part or parts == 0):
-        of_parts.update(part.digest())
-        parts += 1
+            if parts is not None:
+                parts.update(chunk)
+    of_parts = parts.digests() if parts is not None else []
     return (whole.digest() if whole is not None else None,
-            of_parts.digest() if of_parts is not None else None, parts)
+            _combined(make, of_parts) if parts is not None else None, len(of_parts))
 
 
 def _candidates(width: int, preferred: str, algorithm: str | None) -> list[str]:
@@ -172,10 +197,7 @@ class Expected:
             return len(digests) == 1 and digests[0] == self.digest
         if self.part_count != len(digests):
             return False
-        combined = self.new_digest()
-        for digest in digests:
-            combined.update(digest)
-        return combined.digest() == self.digest
+        return _combined(self.new_digest, digests) == self.digest
 
 
 def expected(checksum: str, part_size: int | None, preferred: str,
