@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from spotwatch.aws.store import PendingDownload, StoreError
 from spotwatch.checksums import Expected
 from spotwatch.errors import SpotwatchError
-from spotwatch.keys import manifest_key
+from spotwatch.keys import RESTORE_TEMP_SUFFIX, is_restore_temporary, manifest_key
 from spotwatch.progress import Progress
 from spotwatch.sync.downloads import FileToFetch, _TemporaryMaker
-from spotwatch.sync.restore import NAME_MAX, TEMP_SUFFIX, RestoreReport, restore_newest, temporary
+from spotwatch.sync.restore import NAME_MAX, RestoreReport, restore_newest, temporary
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import is_complete, list_manifests
 
@@ -118,7 +118,7 @@ def test_a_corrupt_file_while_another_is_held_falls_back_to_the_older_set(
     assert restoring.error is None and restoring.report is not None
     assert (restoring.report.set_name, restoring.report.passed_over) == ("step_1", ("step_2",))
     assert files_under(tmp_path / "r") == ["step_1/a.pt", "step_1/b.pt"]
-    assert not any(TEMP_SUFFIX in name for name in files_under(tmp_path / "r"))
+    assert not any(RESTORE_TEMP_SUFFIX in name for name in files_under(tmp_path / "r"))
     assert (tmp_path / "r/step_1/b.pt").read_bytes() == b"1" * 60
 
 
@@ -168,7 +168,8 @@ def test_completeness_is_checked_beside_the_downloads(tmp_path: Path,
     try:
         assert listing.entered.wait(10)
         wait_for(lambda: store.calls["download"] == 6, timeout=10)
-        assert files_under(tmp_path / "r") == [f"step_1/.f{i}.pt{TEMP_SUFFIX}" for i in range(6)]
+        assert files_under(tmp_path / "r") == [f"step_1/.f{i}.pt{RESTORE_TEMP_SUFFIX}"
+                                               for i in range(6)]
     finally:
         listing.release()
         restoring.join()
@@ -284,8 +285,9 @@ def test_every_temporary_fits_and_no_two_names_share_one(names: list[str]) -> No
     temps = [temporary(folder / name) for name in names]
     for temp in temps:
         assert temp.parent == folder
-        assert temp.name.startswith(".") and temp.name.endswith(TEMP_SUFFIX)
+        assert temp.name.startswith(".") and temp.name.endswith(RESTORE_TEMP_SUFFIX)
         assert len(os.fsencode(temp.name)) <= NAME_MAX
+        assert is_restore_temporary(str(temp.relative_to("/r")))  # a daemon leaves it alone
     assert len(set(temps)) == len(names)
 
 

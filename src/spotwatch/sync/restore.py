@@ -34,6 +34,7 @@ from spotwatch.checksums import ChecksumUnavailable
 from spotwatch.collector import exempt_long_lived_objects
 from spotwatch.config import Config, JobSettings, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
+from spotwatch.keys import RESTORE_TEMP_SUFFIX
 from spotwatch.model import FileVersion
 from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir
@@ -44,7 +45,6 @@ from spotwatch.sync.sets.remote import is_complete, list_job_sets, list_manifest
 
 log = structlog.get_logger("spotwatch.restore")
 
-TEMP_SUFFIX = ".spotwatch-restore"
 # The longest file name, in bytes, that Linux file systems take (NAME_MAX).
 NAME_MAX = 255
 
@@ -270,10 +270,10 @@ def _make_folders(folders: set[Path], made: list[Path]) -> None:
 def temporary(target: Path) -> Path:
     """Where the target's bytes wait until its set checks out: beside it, hidden, and still
     within NAME_MAX when the target's own name nearly fills it (then named by its digest)."""
-    name = f".{target.name}{TEMP_SUFFIX}"
+    name = f".{target.name}{RESTORE_TEMP_SUFFIX}"
     if len(os.fsencode(name)) > NAME_MAX:
         digest = hashlib.sha256(os.fsencode(target.name)).hexdigest()[:32]
-        name = f".{digest}{TEMP_SUFFIX}"
+        name = f".{digest}{RESTORE_TEMP_SUFFIX}"
     return target.with_name(name)
 
 
