@@ -14,9 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from clients import DOWNLOADERS, SPOTWATCH, SPOTWATCH_CRT, Clients, Store
-from measure import GiB, MiB, Usage, backdate, rotated, run, summary, tree_bytes, write_random_file
+from measure import (
+    GiB,
+    MiB,
+    Usage,
+    backdate,
+    rotated,
+    run,
+    set_aside,
+    summary,
+    tree_bytes,
+    write_random_file,
+)
 
 SET_NAME = "step_1"  # the data's top directory: one checkpoint set for spotwatch restore
+SET_ASIDE = "set-aside"  # the files of earlier rounds, emptied (see measure.set_aside)
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,7 @@ def bulk(store: Store, clients: Clients, shape: Shape, tools: Sequence[str],
         assert kept is not None, "spotwatch's upload is what both downloaders fetch"
         download_round(clients, source, kept, shape, round_number, downloads)
         store.drop_bucket(kept)
-    shutil.rmtree(source)
+    set_aside(source, clients.work / SET_ASIDE)
     return {"shape": shape.name, "files": shape.files, "bytes": shape.total,
             "upload": {t: {**usage_row(r, shape.total, shape.files),
                            "noop_seconds": summary([u.seconds for u in noops[t]])}
@@ -109,7 +121,7 @@ def restore_at_scale(store: Store, clients: Clients, shape: Shape, tools: Sequen
     for round_number in range(rounds):
         download_round(clients, source, bucket, shape, round_number, downloads)
     store.drop_bucket(bucket)
-    shutil.rmtree(source)
+    set_aside(source, clients.work / SET_ASIDE)
     return {"shape": shape.name, "files": shape.files, "bytes": shape.total,
             "download": download_rows(downloads, shape)}
 
@@ -127,7 +139,7 @@ def download(clients: Clients, tool: str, source: Path, bucket: str, shape: Shap
     used = run(clients.download(tool, config, bucket, SET_NAME, destination))
     if tree_bytes(destination / SET_NAME) != (shape.files, shape.total):
         raise RuntimeError(f"{tool} did not download the whole set")
-    shutil.rmtree(destination)
+    set_aside(destination, clients.work / SET_ASIDE)
     return used
 
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -238,3 +239,25 @@ def test_daemon_skips_bad_names_seen_live_and_survives_a_restart(
     assert second.stop() == 0
     assert object_bytes(s3, workspace.bucket, "run1/step_3/model.pt") == b"three"
     assert len(first.named("path_refused")) == 3  # once per file, not once per event
+
+
+# Names that take all of NAME_MAX (255 bytes) in 1-, 2- and 3-byte characters.
+FULL_NAMES = ("l" * 255, "é" * 127 + "x", "文" * 85)
+
+
+@pytest.mark.usefixtures("transfer_client")
+def test_names_that_fill_name_max_are_restored(workspace: Workspace) -> None:
+    """A restore's temporary sits beside its file under a longer name: it must still fit."""
+    assert all(len(name.encode()) == 255 for name in FULL_NAMES)
+    written = {}
+    for index, name in enumerate(FULL_NAMES):
+        written[name] = os.urandom(1_000 + index)
+        assert write_file(workspace.checkpoints, f"step_1/{name}".encode(), written[name])
+    flushed = workspace.cli("flush", "-c", "config.yaml")
+    assert flushed.returncode == 0, flushed.stderr
+    target = workspace.root / "restored"
+    restored = workspace.cli("restore", "-c", "config.yaml", "--to", str(target))
+    assert restored.returncode == 0, restored.stderr
+    assert sorted(os.listdir(target / "step_1")) == sorted(FULL_NAMES)
+    for name, data in written.items():
+        assert (target / "step_1" / name).read_bytes() == data

@@ -3,6 +3,7 @@ mid-download still leaves nothing but verified, complete sets behind (in-memory 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,9 +15,10 @@ from hypothesis import strategies as st
 from spotwatch.aws.store import PendingDownload, StoreError
 from spotwatch.checksums import Expected
 from spotwatch.errors import SpotwatchError
-from spotwatch.keys import manifest_key
+from spotwatch.keys import RESTORE_TEMP_SUFFIX, is_restore_temporary, manifest_key
 from spotwatch.progress import Progress
-from spotwatch.sync.restore import TEMP_SUFFIX, RestoreReport, restore_newest
+from spotwatch.sync.downloads import FileToFetch, _TemporaryMaker
+from spotwatch.sync.restore import NAME_MAX, RestoreReport, restore_newest, temporary
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import is_complete, list_manifests
 
@@ -116,7 +118,7 @@ def test_a_corrupt_file_while_another_is_held_falls_back_to_the_older_set(
     assert restoring.error is None and restoring.report is not None
     assert (restoring.report.set_name, restoring.report.passed_over) == ("step_1", ("step_2",))
     assert files_under(tmp_path / "r") == ["step_1/a.pt", "step_1/b.pt"]
-    assert not any(TEMP_SUFFIX in name for name in files_under(tmp_path / "r"))
+    assert not any(RESTORE_TEMP_SUFFIX in name for name in files_under(tmp_path / "r"))
     assert (tmp_path / "r/step_1/b.pt").read_bytes() == b"1" * 60
 
 
@@ -166,7 +168,8 @@ def test_completeness_is_checked_beside_the_downloads(tmp_path: Path,
     try:
         assert listing.entered.wait(10)
         wait_for(lambda: store.calls["download"] == 6, timeout=10)
-        assert files_under(tmp_path / "r") == [f"step_1/.f{i}.pt{TEMP_SUFFIX}" for i in range(6)]
+        assert files_under(tmp_path / "r") == [f"step_1/.f{i}.pt{RESTORE_TEMP_SUFFIX}"
+                                               for i in range(6)]
     finally:
         listing.release()
         restoring.join()
@@ -268,3 +271,53 @@ def test_an_interrupted_restore_waits_for_its_downloads_and_leaves_nothing(
     assert not restoring.is_alive()
     assert [type(exc) for exc in outcome] == [KeyboardInterrupt]
     assert files_under(tmp_path / "r") == []  # f0's temporary too, written after the interrupt
+
+
+_names = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="/\0"),
+                 min_size=1, max_size=255).filter(
+    lambda name: len(name.encode()) <= NAME_MAX and name not in (".", ".."))
+
+
+@settings(max_examples=300)
+@given(st.lists(_names, min_size=1, max_size=8, unique=True))
+def test_every_temporary_fits_and_no_two_names_share_one(names: list[str]) -> None:
+    folder = Path("/r/step_1")
+    temps = [temporary(folder / name) for name in names]
+    for temp in temps:
+        assert temp.parent == folder
+        assert temp.name.startswith(".") and temp.name.endswith(RESTORE_TEMP_SUFFIX)
+        assert len(os.fsencode(temp.name)) <= NAME_MAX
+        assert is_restore_temporary(str(temp.relative_to("/r")))  # a daemon leaves it alone
+    assert len(set(temps)) == len(names)
+
+
+def test_temporaries_are_made_at_most_a_window_ahead_of_the_downloads(tmp_path: Path) -> None:
+    files = [FileToFetch(ManifestEntry(f"k{i}", f"f{i}", 1, 0, None), tmp_path / f".f{i}", None)
+             for i in range(10)]
+    made: list[FileToFetch] = []
+    temps: list[Path] = []
+    maker = _TemporaryMaker(files, temps, 3, made.append)
+    making = threading.Thread(target=maker.run)
+    making.start()
+    try:
+        wait_for(lambda: len(made) == 3, timeout=10)
+        maker.taken()  # one download began: room for one more
+        wait_for(lambda: len(made) == 4, timeout=10)
+    finally:
+        maker.stop()
+        making.join(10)
+    assert not making.is_alive()
+    assert made == files[:4]  # in order, and none after stop
+    assert temps == [file.temp for file in files[:4]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".f0", ".f1", ".f2", ".f3"]
+
+
+def test_a_temporary_that_cannot_be_made_fails_the_restore_and_leaves_the_rest_alone(
+        tmp_path: Path, store: InMemoryObjectStore) -> None:
+    put_set(store, "step_1", {f"f{i}.pt": bytes([i]) * 10 for i in range(100)}, 1_000)
+    blocker = temporary(tmp_path / "r/step_1/f50.pt")
+    blocker.mkdir(parents=True)  # a directory where the temporary would go
+    (blocker / "keep").write_bytes(b"not spotwatch's")
+    with pytest.raises(SpotwatchError, match=r"restore of step_1 failed: .*Is a directory"):
+        restore_newest(store, list_manifests(store, PREFIX), tmp_path / "r", "CRC32", None)
+    assert files_under(tmp_path / "r") == [f"step_1/{blocker.name}/keep"]

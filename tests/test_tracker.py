@@ -11,6 +11,7 @@ import pytest
 from watchdog.observers import Observer
 
 from spotwatch.config import WatchDir
+from spotwatch.keys import RESTORE_TEMP_SUFFIX
 from spotwatch.sync.tracker import ChangeTracker, walk_files
 
 from .conftest import wait_for
@@ -193,3 +194,14 @@ def test_relative_names_only_paths_inside_the_root(tmp_path: Path) -> None:
     whole_disk = ChangeTracker(WatchDir(Path("/"), "run/"), 0.1, 1.0)
     assert whole_disk.relative(Path("/data/model.pt")) == "data/model.pt"
     assert whole_disk.relative(Path("/")) is None
+
+
+def test_a_restores_temporary_never_settles_the_file_it_becomes_does(
+        tracker: ChangeTracker) -> None:
+    final = tracker.root / "step_1" / "model.pt"
+    final.parent.mkdir()
+    temp = final.with_name(f".model.pt{RESTORE_TEMP_SUFFIX}")
+    temp.write_bytes(os.urandom(4096))  # closed: a file like any other would settle now
+    assert settled_within(tracker, 3 * SETTLE) == set()
+    os.rename(temp, final)
+    assert settled_within(tracker, 1.0) == {final}

@@ -12,6 +12,8 @@ MANIFEST_DIR = ".spotwatch/manifests/"
 # The first path component of every key spotwatch writes for itself (manifests, probes).
 RESERVED_SET = MANIFEST_DIR.split("/", 1)[0]
 WRITE_PROBE = ".spotwatch/probe-"  # `spotwatch check` writes and deletes <prefix>probe-<host>
+# How a restore's temporaries end (sync.restore.temporary).
+RESTORE_TEMP_SUFFIX = ".spotwatch-restore"
 S3_KEY_MAX_BYTES = 1024
 
 
@@ -60,6 +62,17 @@ def is_reserved(relative_path: str) -> bool:
     a manifest, or be restored as the newest set.
     """
     return set_name_of(relative_path) == RESERVED_SET
+
+
+def is_restore_temporary(relative_path: str) -> bool:
+    """Whether the file is a restore's temporary (hidden, with RESTORE_TEMP_SUFFIX).
+
+    Invariant: a restore's temporary is never a checkpoint. It becomes one only once its whole
+    set checked out and it was renamed into place, so a daemon watching the directory a restore
+    writes into never uploads half a download, or a file of a set that turns out corrupt.
+    """
+    name = relative_path.rpartition("/")[2]
+    return name.startswith(".") and name.endswith(RESTORE_TEMP_SUFFIX)
 
 
 def manifest_prefix(prefix: str) -> str:

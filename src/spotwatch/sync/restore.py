@@ -16,6 +16,7 @@ the whole set is restored, or with --node-rank only the files that node's part l
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -33,6 +34,7 @@ from spotwatch.checksums import ChecksumUnavailable
 from spotwatch.collector import exempt_long_lived_objects
 from spotwatch.config import Config, JobSettings, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
+from spotwatch.keys import RESTORE_TEMP_SUFFIX
 from spotwatch.model import FileVersion
 from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir
@@ -43,7 +45,8 @@ from spotwatch.sync.sets.remote import is_complete, list_job_sets, list_manifest
 
 log = structlog.get_logger("spotwatch.restore")
 
-TEMP_SUFFIX = ".spotwatch-restore"
+# The longest file name, in bytes, that Linux file systems take (NAME_MAX).
+NAME_MAX = 255
 
 
 @dataclass(frozen=True)
@@ -264,8 +267,14 @@ def _make_folders(folders: set[Path], made: list[Path]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
 
 
-def _temporary(target: Path) -> Path:
-    return target.with_name(f".{target.name}{TEMP_SUFFIX}")
+def temporary(target: Path) -> Path:
+    """Where the target's bytes wait until its set checks out: beside it, hidden, and still
+    within NAME_MAX when the target's own name nearly fills it (then named by its digest)."""
+    name = f".{target.name}{RESTORE_TEMP_SUFFIX}"
+    if len(os.fsencode(name)) > NAME_MAX:
+        digest = hashlib.sha256(os.fsencode(target.name)).hexdigest()[:32]
+        name = f".{digest}{RESTORE_TEMP_SUFFIX}"
+    return target.with_name(name)
 
 
 def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferred: str,
@@ -281,7 +290,7 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
         if _already_there(target, entry, part_size, preferred):
             skipped += 1
         else:
-            todo.append((FileToFetch(entry, _temporary(target), part_size), target))
+            todo.append((FileToFetch(entry, temporary(target), part_size), target))
     total = sum(file.entry.size for file, _ in todo)
     progress = ProgressBar(f"restoring {manifest.set_name}", total)
     try:

@@ -28,7 +28,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 
 from spotwatch.config import WatchDir
-from spotwatch.keys import is_reserved
+from spotwatch.keys import is_reserved, is_restore_temporary
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.subtree import files_at_or_below, prefix_below
 
@@ -95,13 +95,15 @@ class ChangeTracker(FileSystemEventHandler):
         observer.schedule(self, str(self.root), recursive=True, event_filter=_WATCHED_EVENTS)
 
     def relative(self, path: Path) -> str | None:
-        """The path relative to the watched root, or None when outside it, filtered out or in
-        spotwatch's own key space (keys.is_reserved)."""
+        """The path relative to the watched root, or None when outside it, filtered out, in
+        spotwatch's own key space (keys.is_reserved) or a restore's temporary."""
         text = str(path)
         if not text.startswith(self._root_prefix):
             return None
         rel = text[len(self._root_prefix):]
-        return rel if rel and not is_reserved(rel) and self.filter.accepts(rel) else None
+        if not rel or is_reserved(rel) or is_restore_temporary(rel):
+            return None
+        return rel if self.filter.accepts(rel) else None
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         kind = event.event_type
