@@ -7,11 +7,12 @@ import gc
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import botocore.loaders
 import botocore.parsers
 import botocore.session
 import pytest
@@ -20,8 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spotwatch.aws.s3
-from spotwatch.aws.crt_store import CrtObjectStore
-from spotwatch.aws.s3 import make_s3_client, parse_s3_timestamp
+from spotwatch.aws.crt_store import CrtClient, CrtObjectStore
+from spotwatch.aws.s3 import DataFileLoader, make_s3_client, parse_s3_timestamp
+from spotwatch.collector import uncollected_start_up
 from spotwatch.config import TransferSettings, load_config
 from spotwatch.daemon.loop import Daemon
 
@@ -49,18 +51,21 @@ def test_the_s3_model_is_parsed_once_per_process(monkeypatch: pytest.MonkeyPatch
     """The S3 client and the CRT store's serializer share botocore's loaded models: parsing
     the S3 model (megabytes of JSON) cost each session about 0.05 CPU-seconds."""
     parsed: list[str] = []
-    original = botocore.loaders.JSONFileLoader.load_file
+    original = DataFileLoader.load_file
 
-    def counted(self: botocore.loaders.JSONFileLoader, file_path: str) -> Any:
+    def counted(self: DataFileLoader, file_path: str) -> Any:
         if Path(file_path).name == "service-2" and "/s3/" in file_path:
             parsed.append(file_path)
         return original(self, file_path)
 
-    monkeypatch.setattr(botocore.loaders.JSONFileLoader, "load_file", counted)
+    monkeypatch.setattr(DataFileLoader, "load_file", counted)
+    spotwatch.aws.s3._data_loader.cache_clear()  # a new loader: the model not parsed yet
     transfer = TransferSettings(client="crt")
     for _ in range(2):
-        CrtObjectStore(make_s3_client(REGION, transfer), bucket, transfer).close()
-    assert len(parsed) <= 1
+        store = CrtObjectStore(make_s3_client(REGION, transfer), bucket, transfer)
+        store.crt()  # its serializer's client too
+        store.close()
+    assert len(parsed) == 1
 
 
 def test_a_crt_store_makes_one_botocore_session(monkeypatch: pytest.MonkeyPatch,
@@ -76,8 +81,66 @@ def test_a_crt_store_makes_one_botocore_session(monkeypatch: pytest.MonkeyPatch,
 
     monkeypatch.setattr(botocore.session.Session, "__init__", counted)
     transfer = TransferSettings(client="crt")
-    CrtObjectStore(make_s3_client(REGION, transfer), bucket, transfer).close()
+    store = CrtObjectStore(make_s3_client(REGION, transfer), bucket, transfer)
+    store.crt()
+    store.close()
     assert len(made) == 1
+
+
+def test_a_crt_store_makes_the_crts_client_for_its_first_crt_transfer(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, s3: Any, bucket: str) -> None:
+    """Listing and ranged GETs go through the boto3 client alone: the CRT's client and its
+    request serializer (3 ms of each start) are made only once a transfer needs them."""
+    s3.put_object(Bucket=bucket, Key="big", Body=b"b" * 1_000)
+    (tmp_path / "small").write_bytes(b"s" * 10)
+    transfer = TransferSettings(client="crt", multipart_threshold=1_000)  # "big": ranged GETs
+    store = CrtObjectStore(make_s3_client(REGION, transfer), bucket, transfer)
+    made = crt_clients_made(monkeypatch, store)
+    try:
+        assert [item.key for item in store.list_objects("")] == ["big"]
+        store.download("big", tmp_path / "big", 1_000)
+        assert (tmp_path / "big").read_bytes() == b"b" * 1_000
+        assert made == []
+        store.upload_file(tmp_path / "small", "small", 10).future.result(timeout=60)
+        store.upload_file(tmp_path / "small", "again", 10).future.result(timeout=60)
+        assert len(made) == 1
+    finally:
+        store.close()
+
+
+def test_threads_starting_crt_transfers_at_once_share_one_crt_client(
+        monkeypatch: pytest.MonkeyPatch, bucket: str) -> None:
+    transfer = TransferSettings(client="crt")
+    store = CrtObjectStore(make_s3_client(REGION, transfer), bucket, transfer)
+    made = crt_clients_made(monkeypatch, store)
+    threads = 8
+    together = threading.Barrier(threads)
+
+    def first_use(_: int) -> CrtClient:
+        together.wait(timeout=30)
+        return store.crt()
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            used = list(pool.map(first_use, range(threads)))
+    finally:
+        store.close()
+    assert len(made) == 1
+    assert all(crt is made[0] for crt in used)
+
+
+def crt_clients_made(monkeypatch: pytest.MonkeyPatch, store: CrtObjectStore) -> list[CrtClient]:
+    """Every CrtClient made from now on; each must be made while the store's lock is held."""
+    made: list[CrtClient] = []
+    original = CrtClient.__init__
+
+    def counted(self: CrtClient, client: Any, bucket: str, settings: TransferSettings) -> None:
+        assert store._crt_lock.locked()
+        made.append(self)
+        original(self, client, bucket, settings)
+
+    monkeypatch.setattr(CrtClient, "__init__", counted)
+    return made
 
 
 def test_the_crt_signs_with_the_clients_credentials_as_they_rotate(
@@ -125,6 +188,30 @@ def test_flush_keeps_start_up_objects_out_of_the_cycle_collector(workspace: Work
     finally:
         gc.unfreeze()
     assert {f"run1/step_1/{index}.pt" for index in range(3)} <= keys_in(s3, workspace.bucket)
+
+
+def test_the_cli_imports_a_command_without_the_cycle_collector() -> None:
+    """The collector's passes while `restore` was imported (some 130, one of them full) cost
+    every start 24 ms; what the import made is exempted from it, and it runs again for the
+    command itself."""
+    probe = ("import gc; import spotwatch.cli as cli; "
+             "passes = lambda: sum(g['collections'] for g in gc.get_stats()); before = passes(); "
+             "cli._command('restore'); "
+             "print(passes() - before, gc.isenabled(), gc.get_freeze_count() > 0)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["0", "True", "True"], done.stderr
+
+
+def test_a_collector_turned_off_stays_off() -> None:
+    gc.disable()
+    try:
+        with uncollected_start_up():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 def test_flush_never_imports_requests_nor_dotenv(workspace: Workspace, s3: Any) -> None:

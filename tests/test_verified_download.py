@@ -432,7 +432,8 @@ def test_a_finished_crt_request_is_freed_without_the_cycle_collector(
     put(s3, bucket, "k", b"k" * 1000)
     store = store_for(bucket, "crt")
     assert isinstance(store, CrtObjectStore)
-    recording = store._crt = RecordingClient(store._crt)  # type: ignore[assignment]
+    crt = store.crt()
+    recording = crt.client = RecordingClient(crt.client)
     gc.disable()
     try:
         assert not store.download("k", tmp_path / "f", 1000)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from spotwatch.collector import uncollected_start_up
 from spotwatch.errors import SpotwatchError
 
 
@@ -82,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _command(name: str) -> Callable[[argparse.Namespace], int]:
     """spotwatch.commands.<name>.run, imported only when called: `status` runs as a container
     health check and needs neither the daemon nor the upload machinery."""
-    module = importlib.import_module(f"spotwatch.commands.{name.replace('-', '_')}")
+    with uncollected_start_up():
+        module = importlib.import_module(f"spotwatch.commands.{name.replace('-', '_')}")
     run: Callable[[argparse.Namespace], int] = module.run
     return run
 

@@ -160,19 +160,21 @@ class CrtObjectStore(S3ObjectStore):
                  on_outcome: Outcome | None = None, throttle: Throttle | None = None) -> None:
         super().__init__(client, bucket, settings, throttle)
         self._on_outcome = on_outcome
-        endpoint = client.meta.endpoint_url
-        region = client.meta.region_name
-        # One session for the client, the serializer and the CRT: credentials resolved once,
-        # and the CRT signs with the very ones the client does, as they are refreshed.
-        session = session_of(client)
-        self._crt = _crt_client(region, settings, session.get_credentials(),
-                                use_tls=endpoint.startswith("https:"))
-        self._serializer = BotocoreCRTRequestSerializer(session, {
-            "region_name": region, "endpoint_url": endpoint,
-            "config": BotoConfig(s3=getattr(client.meta.config, "s3", None))})
-        self._http_requests = CrtRequests(self._serializer, bucket)
+        self._crt: CrtClient | None = None  # made on the first CRT transfer
+        self._crt_lock = threading.Lock()
         self._requests: set[awscrt.s3.S3Request] = set()
         self._requests_lock = threading.Lock()
+
+    def crt(self) -> CrtClient:
+        """The CRT's client, made on first use (from any of the threads that start
+        transfers): a restore whose files are all ranged GETs never needs it."""
+        crt = self._crt
+        if crt is None:
+            with self._crt_lock:
+                if self._crt is None:
+                    self._crt = CrtClient(self.client, self._bucket, self._settings)
+                crt = self._crt
+        return crt
 
     # -- uploads -----------------------------------------------------------------------------
 
@@ -297,7 +299,8 @@ class CrtObjectStore(S3ObjectStore):
                progress: Progress | None, **request: Any) -> Callable[[], None]:
         """Send one request through the CRT; finished(error, whether the CRT validated the
         response's checksum) runs once it ended. Returns what cancels it."""
-        http = self._http_requests.request(operation, key, args)
+        crt = self.crt()
+        http = crt.requests.request(operation, key, args)
         handle: list[awscrt.s3.S3Request] = []
 
         def on_done(error: BaseException | None = None, did_validate_checksum: bool = False,
@@ -316,8 +319,8 @@ class CrtObjectStore(S3ObjectStore):
 
         with self._requests_lock:
             try:
-                crt_request = self._crt.make_request(request=http, on_done=on_done,
-                                                     on_progress=on_progress, **request)
+                crt_request = crt.client.make_request(request=http, on_done=on_done,
+                                                      on_progress=on_progress, **request)
             except RuntimeError as exc:  # refused at once, e.g. the file is gone
                 crt_request = None
                 refused = _crt_error(exc)
@@ -338,7 +341,7 @@ class CrtObjectStore(S3ObjectStore):
             return ContentMismatch(f"checksum differs from the expected one ({error.message})")
         if isinstance(error, awscrt.s3.S3ResponseError):
             with suppress(Exception):  # botocore's parser; its own message when it can't
-                parsed = self._serializer.translate_crt_exception(error)
+                parsed = self.crt().serializer.translate_crt_exception(error)
                 if isinstance(parsed, ClientError):
                     return store_error(parsed)
             return StoreError(str(error), permanent=400 <= error.status_code < 500)
@@ -370,6 +373,24 @@ class CrtObjectStore(S3ObjectStore):
         for request in requests:
             request.cancel()
         super().close()
+
+
+class CrtClient:
+    """The CRT's S3 client and the serializer its requests are built with (through botocore,
+    a second client of the S3 model: 3 ms of a store's start, together with the CRT's)."""
+
+    def __init__(self, client: S3Client, bucket: str, settings: TransferSettings) -> None:
+        endpoint = client.meta.endpoint_url
+        region = client.meta.region_name
+        # One session for the client, the serializer and the CRT: credentials resolved once,
+        # and the CRT signs with the very ones the client does, as they are refreshed.
+        session = session_of(client)
+        self.client = _crt_client(region, settings, session.get_credentials(),
+                                  use_tls=endpoint.startswith("https:"))
+        self.serializer = BotocoreCRTRequestSerializer(session, {
+            "region_name": region, "endpoint_url": endpoint,
+            "config": BotoConfig(s3=getattr(client.meta.config, "s3", None))})
+        self.requests = CrtRequests(self.serializer, bucket)
 
 
 def _expecting(expected: Expected | None) -> awscrt.s3.S3ChecksumConfig:
