@@ -220,6 +220,26 @@ def test_the_manifests_checksum_is_checked_on_the_way(tmp_path: Path, s3: Any, b
         store.close()
 
 
+@pytest.mark.parametrize("left", ["longer", "shorter", "empty"])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_a_download_over_a_file_already_there_leaves_exactly_the_object(
+        tmp_path: Path, s3: Any, bucket: str, client: str, shape: str, left: str) -> None:
+    """Restore makes its temporaries before their downloads, and a crashed restore leaves
+    them: whatever the file held before, the download leaves the object's bytes alone."""
+    size, part_size = SHAPES[shape]
+    data = os.urandom(size)
+    checksum = put(s3, bucket, "k", data, part_size)
+    path = tmp_path / "f"
+    path.write_bytes({"longer": os.urandom(size + 4097), "shorter": os.urandom(size // 2),
+                      "empty": b""}[left])
+    store = store_for(bucket, client)
+    try:
+        store.download("k", path, size, None, expected(checksum, part_size, "CRC32", "CRC32"))
+    finally:
+        store.close()
+    assert path.read_bytes() == data
+
+
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_an_object_of_another_size_than_listed_is_a_mismatch(
         tmp_path: Path, s3: Any, bucket: str, client: str, shape: str) -> None:

@@ -121,16 +121,24 @@ class RangedGetter:
         (range_size). One range is fetched on the calling thread, several on the executor.
         Once `cancelled` is set, every range stops at its next chunk (CancelledError)."""
         ranges = split(size, range_size(size, part_size, self._workers))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        # Not truncated on opening: truncating a file that exists (restore makes its
+        # temporaries beforehand) has ext4 start writing all of it back when it is closed
+        # (auto_da_alloc), which the download then waited for (10-60 ms per 256 MiB). What a
+        # longer file held beyond the object is cut off once the object is written.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
         target = _File(fd, cancelled or threading.Event())
         try:
             if len(ranges) == 1:
-                return self._fetch(key, target, ranges[0], size, True, progress,
-                                   _parts(digest, part_size))
-            futures = [self._executor.submit(self._fetch, key, target, byte_range, size, False,
-                                             progress, _parts(digest, part_size))
-                       for byte_range in ranges]
-            return [digest for digests in _results(futures) for digest in digests]
+                digests = self._fetch(key, target, ranges[0], size, True, progress,
+                                      _parts(digest, part_size))
+            else:
+                futures = [self._executor.submit(self._fetch, key, target, byte_range, size,
+                                                 False, progress, _parts(digest, part_size))
+                           for byte_range in ranges]
+                digests = [digest for digests in _results(futures) for digest in digests]
+            if os.fstat(fd).st_size > size:
+                os.ftruncate(fd, size)
+            return digests
         finally:
             os.close(fd)
 
