@@ -17,7 +17,6 @@ from spotwatch.checksums import Expected
 from spotwatch.errors import SpotwatchError
 from spotwatch.keys import RESTORE_TEMP_SUFFIX, is_restore_temporary, manifest_key
 from spotwatch.progress import Progress
-from spotwatch.sync.downloads import FileToFetch, _TemporaryMaker
 from spotwatch.sync.restore import NAME_MAX, RestoreReport, restore_newest, temporary
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import is_complete, list_manifests
@@ -291,28 +290,7 @@ def test_every_temporary_fits_and_no_two_names_share_one(names: list[str]) -> No
     assert len(set(temps)) == len(names)
 
 
-def test_temporaries_are_made_at_most_a_window_ahead_of_the_downloads(tmp_path: Path) -> None:
-    files = [FileToFetch(ManifestEntry(f"k{i}", f"f{i}", 1, 0, None), tmp_path / f".f{i}", None)
-             for i in range(10)]
-    made: list[FileToFetch] = []
-    temps: list[Path] = []
-    maker = _TemporaryMaker(files, temps, 3, made.append)
-    making = threading.Thread(target=maker.run)
-    making.start()
-    try:
-        wait_for(lambda: len(made) == 3, timeout=10)
-        maker.taken()  # one download began: room for one more
-        wait_for(lambda: len(made) == 4, timeout=10)
-    finally:
-        maker.stop()
-        making.join(10)
-    assert not making.is_alive()
-    assert made == files[:4]  # in order, and none after stop
-    assert temps == [file.temp for file in files[:4]]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".f0", ".f1", ".f2", ".f3"]
-
-
-def test_a_temporary_that_cannot_be_made_fails_the_restore_and_leaves_the_rest_alone(
+def test_a_temporary_that_cannot_be_written_fails_the_restore_and_leaves_the_rest_alone(
         tmp_path: Path, store: InMemoryObjectStore) -> None:
     put_set(store, "step_1", {f"f{i}.pt": bytes([i]) * 10 for i in range(100)}, 1_000)
     blocker = temporary(tmp_path / "r/step_1/f50.pt")

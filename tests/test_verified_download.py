@@ -224,8 +224,8 @@ def test_the_manifests_checksum_is_checked_on_the_way(tmp_path: Path, s3: Any, b
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_a_download_over_a_file_already_there_leaves_exactly_the_object(
         tmp_path: Path, s3: Any, bucket: str, client: str, shape: str, left: str) -> None:
-    """Restore makes its temporaries before their downloads, and a crashed restore leaves
-    them: whatever the file held before, the download leaves the object's bytes alone."""
+    """A stopped restore leaves its temporaries, and the next one writes them again:
+    whatever the file held before, the download leaves the object's bytes alone."""
     size, part_size = SHAPES[shape]
     data = os.urandom(size)
     checksum = put(s3, bucket, "k", data, part_size)

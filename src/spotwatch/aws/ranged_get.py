@@ -121,9 +121,9 @@ class RangedGetter:
         (range_size). One range is fetched on the calling thread, several on the executor.
         Once `cancelled` is set, every range stops at its next chunk (CancelledError)."""
         ranges = split(size, range_size(size, part_size, self._workers))
-        # Not truncated on opening: truncating a file that exists (restore makes its
-        # temporaries beforehand) has ext4 start writing all of it back when it is closed
-        # (auto_da_alloc), which the download then waited for (10-60 ms per 256 MiB). What a
+        # Not truncated on opening: truncating a file that exists (a temporary a stopped
+        # restore left) has ext4 start writing all of it back when it is closed
+        # (auto_da_alloc), which the download then waits for (10-60 ms per 256 MiB). What a
         # longer file held beyond the object is cut off once the object is written.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
         target = _File(fd, cancelled or threading.Event())

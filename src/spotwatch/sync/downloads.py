@@ -6,14 +6,6 @@ connections move the bytes, and no thread here waits on any one download (a thre
 cost a fifth of a small-file restore's CPU in wake-ups). A download whose bytes the store
 checked on the way only gets its mtime; one it could not check is read back on a checker thread.
 
-The temporaries are made on a thread of their own, in order and at most a window ahead of the
-downloads that fill them, not by whoever starts a download: the CRT opens its file in
-make_request, holding the GIL, so every file created there stalled the CRT's callbacks too. Where
-creating a file is slow it is what a small-file restore waits on (on ext4 without a journal,
-each create scans the inodes deleted in the last minute: after deleting 4,000 files, 2,000
-creates took 1.8 s), and made apart it overlaps the downloads (2.6 s to 2.3 s for 2,000 x 64 KiB
-there; no change where creating is fast).
-
 The first failure stops new downloads and cancels those under way; it is raised once every
 download has ended, so no temporary is still being written when the caller removes them. The
 set's completeness check (one listing) runs beside the downloads instead of before them, and a
@@ -23,8 +15,6 @@ set it finds incomplete is SetIncomplete whatever else failed.
 from __future__ import annotations
 
 import os
-import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -70,53 +60,19 @@ def verify(path: Path, entry: ManifestEntry, part_size: int | None,
     return None
 
 
-_Kind = Literal["made", "downloaded", "checked", "complete", "all made"]
-# A file's temporary made (no future), or a future done.
-_Event = tuple[_Kind, FileToFetch | None, Future[bool] | None]
-
-
-class _TemporaryMaker:
-    """Makes the files' temporaries (empty) in order on a thread of its own, at most `ahead`
-    of those whose downloads began (taken), and says so for each; temps gets each one made."""
-
-    def __init__(self, files: Sequence[FileToFetch], temps: list[Path], ahead: int,
-                 made: Callable[[FileToFetch], None]) -> None:
-        self._files = files
-        self._temps = temps
-        self._ahead = ahead
-        self._room = threading.Semaphore(ahead)
-        self._stopped = threading.Event()
-        self._made = made
-
-    def run(self) -> bool:
-        for file in self._files:
-            self._room.acquire()
-            if self._stopped.is_set():
-                break
-            os.close(os.open(file.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                             0o666))
-            self._temps.append(file.temp)  # ours now: the caller removes it
-            self._made(file)
-        return True
-
-    def taken(self) -> None:
-        """A made temporary's download began: one more may be made."""
-        self._room.release()
-
-    def stop(self) -> None:
-        """Make no more (a maker waiting for room wakes up to stop)."""
-        self._stopped.set()
-        self._room.release(self._ahead)
+_Kind = Literal["downloaded", "checked", "complete"]
+_Event = tuple[_Kind, FileToFetch | None, Future[bool]]
 
 
 class _SetFetch:
     """One fetch_verified call: the main loop reacts to events the downloads and checks post."""
 
-    def __init__(self, store: ObjectStore, files: Sequence[FileToFetch], preferred: str,
-                 progress: Progress, temps: list[Path]) -> None:
+    def __init__(self, store: ObjectStore, preferred: str, progress: Progress,
+                 temps: list[Path]) -> None:
         self._store = store
         self._preferred = preferred
         self._progress = progress
+        self._temps = temps
         self._window = max(MIN_WINDOW, WINDOW_PER_WORKER * store.max_concurrency)
         self._events: SimpleQueue[_Event] = SimpleQueue()
         self._under_way: dict[FileToFetch, PendingDownload] = {}
@@ -126,19 +82,18 @@ class _SetFetch:
         self._incomplete = False
         self._checker = ThreadPoolExecutor(max_workers=max(1, store.max_concurrency),
                                            thread_name_prefix="restore-check")
-        self._making = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restore-make")
-        self._made: deque[FileToFetch] = deque()  # temporaries made, downloads not begun
-        self._maker = _TemporaryMaker(files, temps, self._window, self._post_made)
 
-    def run(self, complete: Callable[[], bool] | None) -> None:
+    def run(self, files: Sequence[FileToFetch], complete: Callable[[], bool] | None) -> None:
         try:
             if complete is not None:
                 self._watch("complete", None, self._checker.submit(complete))
-            self._watch("all made", None, self._making.submit(self._maker.run))
+            remaining = iter(files)
             while True:
-                while self._failure is None and self._made and \
-                        len(self._under_way) < self._window:
-                    self._start(self._made.popleft())
+                while self._failure is None and len(self._under_way) < self._window:
+                    file = next(remaining, None)
+                    if file is None:
+                        break
+                    self._start(file)
                 if not self._futures:
                     break
                 self._handle(*self._events.get())
@@ -148,14 +103,10 @@ class _SetFetch:
             raise
         finally:
             self._checker.shutdown(wait=True)
-            self._making.shutdown(wait=True)
         if self._incomplete:
             raise SetIncomplete()
         if self._failure is not None:
             raise self._failure
-
-    def _post_made(self, file: FileToFetch) -> None:
-        self._events.put(("made", file, None))
 
     def _watch(self, kind: _Kind, file: FileToFetch | None, future: Future[bool]) -> None:
         """Post an event once the future is done."""
@@ -163,11 +114,11 @@ class _SetFetch:
         future.add_done_callback(lambda done: self._events.put((kind, file, done)))
 
     def _start(self, file: FileToFetch) -> None:
-        self._maker.taken()
         try:
             entry = file.entry
             check = expected(entry.checksum, file.part_size, self._preferred,
                              entry.checksum_algorithm) if entry.checksum else None
+            self._temps.append(file.temp)  # before a byte is written: the caller removes it
             pending = self._store.start_download(entry.key, file.temp, entry.size,
                                                  self._progress, check)
         except Exception as exc:  # e.g. ChecksumUnavailable: no download started
@@ -176,19 +127,10 @@ class _SetFetch:
         self._under_way[file] = pending
         self._watch("downloaded", file, pending.future)
 
-    def _handle(self, kind: _Kind, file: FileToFetch | None, future: Future[bool] | None
-                ) -> None:
-        if future is None:  # made
-            assert file is not None
-            self._made.append(file)
-            return
+    def _handle(self, kind: _Kind, file: FileToFetch | None, future: Future[bool]) -> None:
         self._futures.discard(future)
         # A download cancelled before it began has no exception to ask for: it raises one.
         error = CancelledError() if future.cancelled() else future.exception()
-        if kind == "all made":
-            if error is not None:  # e.g. the file system refused one
-                self._fail(error)
-            return
         if kind == "complete":
             if error is not None:
                 self._fail(error)
@@ -224,7 +166,6 @@ class _SetFetch:
         download under way."""
         if self._failure is None:
             self._failure = error
-        self._maker.stop()
         for pending in self._under_way.values():
             pending.cancel()
 
@@ -233,9 +174,9 @@ def fetch_verified(store: ObjectStore, files: Sequence[FileToFetch], preferred: 
                    progress: Progress, temps: list[Path],
                    complete: Callable[[], bool] | None = None) -> None:
     """Download every file to its temporary and check it against its entry, and give it the
-    entry's mtime; temps gets each temporary once made, for the caller to remove
+    entry's mtime; temps gets each temporary as its download starts, for the caller to remove
     should anything fail. complete: the set's completeness check, run beside the downloads.
 
     preferred: the configured checksum algorithm (see checksums.expected). Raises SetCorrupt
     when a file's bytes differ from its entry, SetIncomplete when complete() says so."""
-    _SetFetch(store, files, preferred, progress, temps).run(complete)
+    _SetFetch(store, preferred, progress, temps).run(files, complete)

@@ -240,7 +240,8 @@ def _temporaries() -> Iterator[list[Path]]:
         yield temps
     finally:
         for temp in temps:
-            with suppress(FileNotFoundError):
+            # A directory in a temporary's place was never a download's: it stays.
+            with suppress(FileNotFoundError, IsADirectoryError):
                 temp.unlink()
 
 
