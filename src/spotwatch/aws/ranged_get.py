@@ -129,15 +129,15 @@ class RangedGetter:
         # longer file held beyond the object is cut off once the object is written.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
         target = _File(fd, cancelled or threading.Event())
+        parts = _parts(digest, part_size)
         try:
             if len(ranges) == 1:
-                digests = self._fetch(key, target, ranges[0], size, True, progress,
-                                      _parts(digest, part_size))
+                digests = self._fetch(key, target, ranges[0], size, True, progress, parts)
             else:
                 futures = [self._executor.submit(self._fetch, key, target, byte_range, size,
-                                                 False, progress, _parts(digest, part_size))
+                                                 False, progress, parts)
                            for byte_range in ranges]
-                digests = [digest for digests in _results(futures) for digest in digests]
+                digests = [part for of_range in _results(futures) for part in of_range]
             if os.fstat(fd).st_size > size:
                 os.ftruncate(fd, size)
             return digests
