@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +175,31 @@ def test_signal_storm_never_wedges_the_daemon(workspace: Workspace, s3: Any) -> 
     assert daemon.stop(timeout=40) == 0
     assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == data
     assert daemon.named("notice_detected")  # the flush requests were heard
+
+
+def _delete_and_remake(directory: Path) -> None:
+    shutil.rmtree(directory)  # a trainer clearing its checkpoint directory on a fresh start
+    directory.mkdir()
+
+
+def _move_away_and_remake(directory: Path) -> None:
+    directory.rename(directory.with_name("checkpoints.old"))
+    directory.mkdir()
+
+
+@pytest.mark.parametrize("replace", [_delete_and_remake, _move_away_and_remake])
+def test_a_watched_directory_made_again_is_watched_again(
+        workspace: Workspace, s3: Any, replace: Callable[[Path], None]) -> None:
+    daemon = workspace.start_daemon()
+    ckpt = workspace.checkpoints
+    save_checkpoint(ckpt / "step_1" / "model.pt", 1000)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket))
+    replace(ckpt)
+    data = save_checkpoint(ckpt / "step_2" / "model.pt", 2000)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_2.json" in keys_in(s3, workspace.bucket))
+    assert object_bytes(s3, workspace.bucket, "run1/step_2/model.pt") == data
+    assert daemon.named("watch_dir_back")
+    later = save_checkpoint(ckpt / "step_3" / "model.pt", 3000)  # its events are seen again
+    wait_for(lambda: "run1/.spotwatch/manifests/step_3.json" in keys_in(s3, workspace.bucket))
+    assert object_bytes(s3, workspace.bucket, "run1/step_3/model.pt") == later
+    assert daemon.stop() == 0

@@ -111,6 +111,7 @@ class SyncEngine:
 
     def collect_settled(self) -> None:
         for tracker in self.trackers:
+            tracker.keep_watching()
             removed = tracker.take_removed()
             self._cancel_stale_uploads([*removed, *tracker.take_written()])
             for path in removed:
