@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +175,55 @@ def test_signal_storm_never_wedges_the_daemon(workspace: Workspace, s3: Any) -> 
     assert daemon.stop(timeout=40) == 0
     assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == data
     assert daemon.named("notice_detected")  # the flush requests were heard
+
+
+def _delete_and_remake(directory: Path) -> None:
+    shutil.rmtree(directory)  # a trainer clearing its checkpoint directory on a fresh start
+    directory.mkdir()
+
+
+def _move_away_and_remake(directory: Path) -> None:
+    directory.rename(directory.with_name("checkpoints.old"))
+    directory.mkdir()
+
+
+@pytest.mark.parametrize("replace", [_delete_and_remake, _move_away_and_remake])
+def test_a_watched_directory_made_again_is_watched_again(
+        workspace: Workspace, s3: Any, replace: Callable[[Path], None]) -> None:
+    daemon = workspace.start_daemon()
+    ckpt = workspace.checkpoints
+    save_checkpoint(ckpt / "step_1" / "model.pt", 1000)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket))
+    replace(ckpt)
+    data = save_checkpoint(ckpt / "step_2" / "model.pt", 2000)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_2.json" in keys_in(s3, workspace.bucket))
+    assert object_bytes(s3, workspace.bucket, "run1/step_2/model.pt") == data
+    assert daemon.named("watch_dir_back")
+    later = save_checkpoint(ckpt / "step_3" / "model.pt", 3000)  # its events are seen again
+    wait_for(lambda: "run1/.spotwatch/manifests/step_3.json" in keys_in(s3, workspace.bucket))
+    assert object_bytes(s3, workspace.bucket, "run1/step_3/model.pt") == later
+    assert daemon.stop() == 0
+
+
+def test_symlinks_are_named_once_and_not_followed(workspace: Workspace, s3: Any,
+                                                  tmp_path: Path) -> None:
+    ckpt = workspace.checkpoints
+    elsewhere = tmp_path / "other-disk" / "weights.pt"
+    save_checkpoint(elsewhere, 500)
+    save_checkpoint(ckpt / "step_1" / "model.pt", 1000)
+    (ckpt / "step_1" / "weights.pt").symlink_to(elsewhere)  # there before the start
+    daemon = workspace.start_daemon()
+    daemon.wait_for_event("symlink_skipped")
+    (ckpt / "latest").symlink_to("step_1", target_is_directory=True)  # seen live
+    save_checkpoint(ckpt / "step_2" / "model.pt", 2000)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_2.json" in keys_in(s3, workspace.bucket))
+    daemon.wait_for_event("symlink_skipped", count=2)
+    (ckpt / "latest").unlink()  # the link moved on: it settles again, with no second warning
+    (ckpt / "latest").symlink_to("step_2", target_is_directory=True)
+    save_checkpoint(ckpt / "step_3" / "model.pt", 3000)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_3.json" in keys_in(s3, workspace.bucket))
+    assert daemon.stop() == 0
+    skipped = sorted(event["path"] for event in daemon.named("symlink_skipped"))
+    assert skipped == [str(ckpt / "latest"), str(ckpt / "step_1" / "weights.pt")]
+    uploaded = {key for key in keys_in(s3, workspace.bucket) if "/.spotwatch/" not in key}
+    assert uploaded == {f"run1/step_{n}/model.pt" for n in (1, 2, 3)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,3 +206,29 @@ def test_a_restores_temporary_never_settles_the_file_it_becomes_does(
     assert settled_within(tracker, 3 * SETTLE) == set()
     os.rename(temp, final)
     assert settled_within(tracker, 1.0) == {final}
+
+
+
+def settled_while_watching(tracker: ChangeTracker, seconds: float) -> set[Path]:
+    """settled_within, with the tracker looking after its watch as the engine's loop does."""
+    found: set[Path] = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        tracker.keep_watching()
+        found.update(tracker.take_settled())
+        time.sleep(0.02)
+    return found
+
+
+def test_a_root_deleted_and_made_again_is_watched_again(tracker: ChangeTracker) -> None:
+    root = tracker.root
+    shutil.rmtree(root)
+    assert settled_while_watching(tracker, 0.3) == set()  # nothing to watch meanwhile
+    root.mkdir()
+    early = root / "step_2" / "model.pt"  # may be written before the new watch exists
+    early.parent.mkdir()
+    early.write_bytes(b"early")
+    assert settled_while_watching(tracker, 2.5) == {early}
+    late = root / "step_3.pt"
+    late.write_bytes(b"late")  # seen through the new watch: settles once closed
+    assert settled_while_watching(tracker, 1.0) == {late}

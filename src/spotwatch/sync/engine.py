@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -75,6 +76,7 @@ class SyncEngine:
             RetryQueue(clock=clock) if retries is None else retries)  # an empty one is falsy
         self._uploading: dict[UploadJob, PendingFile] = {}
         self._refused: set[Path] = set()  # names S3 cannot take, warned about once
+        self._links_skipped: set[Path] = set()  # symlinks, warned about once
         self.totals = Progress()
         self.last_upload_at: float | None = None
         self._observers: list[Callable[[UploadResult], None]] = []
@@ -99,7 +101,7 @@ class SyncEngine:
         queued = 0
         newest_allowed = self._wall_clock_ns() - int(quiet_seconds * 1e9)
         for tracker in self.trackers:
-            for path, stat in walk_files(tracker.root):
+            for path, stat in walk_files(tracker.root, partial(self._skip_link, tracker)):
                 relative = tracker.relative(path)
                 if relative is None:
                     continue
@@ -111,6 +113,7 @@ class SyncEngine:
 
     def collect_settled(self) -> None:
         for tracker in self.trackers:
+            tracker.keep_watching()
             removed = tracker.take_removed()
             self._cancel_stale_uploads([*removed, *tracker.take_written()])
             for path in removed:
@@ -126,6 +129,9 @@ class SyncEngine:
                     continue
                 except OSError as exc:
                     log.warning("file_unreadable", path=str(path), error=exc.strerror)
+                    continue
+                if stat_module.S_ISLNK(stat.st_mode):
+                    self._skip_link(tracker, path)
                     continue
                 if self._consider(tracker, path, stat) and self.uploader.is_uploading(path):
                     # A newer version settled while the old one uploads: stop the stale upload.
@@ -176,6 +182,15 @@ class SyncEngine:
         if path not in self._refused:
             self._refused.add(path)
             log.warning("path_refused", path=printable_path(path), reason=reason)
+
+    def _skip_link(self, tracker: ChangeTracker, path: Path) -> None:
+        """A symlink is not followed (its target may lie outside the watched directory and
+        change with no event seen): it is neither uploaded nor listed in its set's manifest,
+        and says so once, so that a set saved with a link in it is not thought complete."""
+        if path not in self._links_skipped and tracker.relative(path) is not None:
+            self._links_skipped.add(path)
+            log.warning("symlink_skipped", path=printable_path(path),
+                        detail="symlinks are not followed: save the file itself to upload it")
 
     def pump(self, upload: bool) -> None:
         """Handle finished uploads, then (when allowed) start more, newest set first."""

@@ -7,13 +7,16 @@ after ``quiet_seconds`` of no events at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat as stat_module
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
 from watchdog.events import (
     DirDeletedEvent,
     DirMovedEvent,
@@ -25,12 +28,15 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from spotwatch.config import WatchDir
 from spotwatch.keys import is_reserved, is_restore_temporary
+from spotwatch.logs import printable_path
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.subtree import files_at_or_below, prefix_below
+
+log = structlog.get_logger("spotwatch.tracker")
 
 _CONTENT_EVENTS = {"created", "modified"}
 # What the tracker reacts to. watchdog turns this into the inotify mask, so the kernel never
@@ -50,8 +56,27 @@ class _Candidate:
     closed: bool
 
 
-def walk_files(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
-    """Regular files under root with their lstat; symlinks are never followed."""
+@dataclass(frozen=True)
+class _Watched:
+    """The watch on a root, and which directory (st_dev, st_ino) it was put on."""
+
+    watch: ObservedWatch
+    directory: tuple[int, int] | None
+
+
+def _directory_identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the directory at path; None when there is none."""
+    try:
+        stat = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino) if stat_module.S_ISDIR(stat.st_mode) else None
+
+
+def walk_files(root: Path, on_link: Callable[[Path], None] | None = None
+               ) -> Iterator[tuple[Path, os.stat_result]]:
+    """Regular files under root with their lstat; symlinks are never followed (each is passed
+    to on_link instead)."""
     stack = [root]
     while stack:
         directory = stack.pop()
@@ -65,6 +90,8 @@ def walk_files(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
                     stack.append(Path(entry.path))
                 elif entry.is_file(follow_symlinks=False):
                     yield Path(entry.path), entry.stat(follow_symlinks=False)
+                elif on_link is not None and entry.is_symlink():
+                    on_link(Path(entry.path))
             except OSError:
                 continue
 
@@ -90,9 +117,56 @@ class ChangeTracker(FileSystemEventHandler):
         self._removed: list[Path] = []
         self._written: set[Path] = set()  # files written to since take_written
         self._lock = threading.Lock()
+        self._observer: BaseObserver | None = None
+        self._watched: _Watched | None = None
+        self._missing_reported = False  # watch_dir_missing logged since the root went
 
     def watch_with(self, observer: BaseObserver) -> None:
-        observer.schedule(self, str(self.root), recursive=True, event_filter=_WATCHED_EVENTS)
+        self._observer = observer
+        self._watch_root(observer)
+
+    def _watch_root(self, observer: BaseObserver) -> None:
+        directory = _directory_identity(self.root)
+        watch = observer.schedule(self, str(self.root), recursive=True,
+                                  event_filter=_WATCHED_EVENTS)
+        self._watched = _Watched(watch, directory)
+
+    def keep_watching(self) -> None:
+        """Invariant: a watched directory deleted and made again, or moved away and replaced,
+        is watched again as soon as it is back (inotify watches the directory, not its path:
+        its watch ends with it, or follows it elsewhere). The files found in it then wait for
+        a close or the quiet interval, as files of any directory watched late do."""
+        observer = self._observer
+        if observer is None or not self._watch_lost(observer):
+            return
+        if _directory_identity(self.root) is None:
+            if not self._missing_reported:
+                self._missing_reported = True
+                log.warning("watch_dir_missing", path=printable_path(self.root),
+                            detail="its files are uploaded once it is back")
+            return
+        if self._watched is not None:
+            with contextlib.suppress(KeyError):
+                observer.unschedule(self._watched.watch)
+            self._watched = None
+        try:
+            self._watch_root(observer)
+        except OSError:  # gone again: tried again on the next call
+            return
+        self._missing_reported = False
+        log.info("watch_dir_back", path=printable_path(self.root))
+        for path, _ in walk_files(self.root):
+            self.mark(path, closed=False)
+
+    def _watch_lost(self, observer: BaseObserver) -> bool:
+        """No watch, or its emitter ended (its directory was deleted), or the path names
+        another directory than the watched one (or none)."""
+        watched = self._watched
+        if watched is None:
+            return True
+        ended = any(emitter.watch == watched.watch and emitter.stopped_event.is_set()
+                    for emitter in observer.emitters)
+        return ended or _directory_identity(self.root) != watched.directory
 
     def relative(self, path: Path) -> str | None:
         """The path relative to the watched root, or None when outside it, filtered out, in
@@ -116,7 +190,10 @@ class ChangeTracker(FileSystemEventHandler):
             self._mark_tree(dest) if event.is_directory else self.mark(dest, closed=True,
                                                                        at=_READY_NOW)
         elif kind == "deleted":
-            self._forget(src)
+            # The root's own deletion says nothing its files' deletions did not, and may
+            # arrive after the root was made again and watched anew (see keep_watching).
+            if src != self.root:
+                self._forget(src)
         elif event.is_directory:
             return
         elif kind in _CONTENT_EVENTS:
