@@ -165,6 +165,29 @@ def test_a_poisoned_old_manifest_deletes_nothing_of_a_kept_set_nor_foreign_keys(
     assert restored.returncode == 0 and "restored step_2" in restored.stdout
 
 
+def test_a_missing_watched_directory_mirrors_no_deletion(workspace: Workspace,
+                                                        s3: Any) -> None:
+    workspace.write_config(sync={"delete": True})
+    for age, name in ((200, "step_1"), (100, "step_2")):
+        save_set(workspace, name, age)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    before = keys_in(s3, workspace.bucket)
+    # The volume is not mounted (or the directory moved): its files were not deleted.
+    workspace.checkpoints.rename(workspace.root / "unmounted")
+    for dry_run in (("--dry-run",), ()):
+        result = workspace.cli("prune", "-c", "config.yaml", *dry_run)
+        assert prune_lines(result)[-1].endswith(" 0 objects")
+        assert "the watched directory is missing" in result.stderr
+    assert keys_in(s3, workspace.bucket) == before
+
+    (workspace.root / "unmounted").rename(workspace.checkpoints)
+    (workspace.checkpoints / "step_2" / "optim.pt").unlink()  # a real deletion still mirrors
+    lines = prune_lines(workspace.cli("prune", "-c", "config.yaml"))
+    assert lines[-1] == "deleted 2 objects"
+    assert keys_in(s3, workspace.bucket) == before - {f"{MANIFESTS}step_2.json",
+                                                      "run1/step_2/optim.pt"}
+
+
 def test_mirroring_a_file_of_a_sealed_set_takes_its_manifest_first(workspace: Workspace,
                                                                    s3: Any) -> None:
     save_set(workspace, "step_1", 100)

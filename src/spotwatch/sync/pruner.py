@@ -118,10 +118,7 @@ class Pruner:
 
     def _plan_watch(self, watch: WatchDir) -> list[Deletion]:
         prefix = object_key(watch.prefix, "")
-        gone: list[str] = []
-        if self._mirror_deletes:
-            gone = [key for key, path in self._ledger.live_objects(self._bucket, prefix)
-                    if not os.path.lexists(path)]
+        gone = self._gone_locally(watch, prefix) if self._mirror_deletes else []
         if not self._keep_sets and not gone:
             return []
         accepts = PathFilter.for_watch(watch).accepts
@@ -137,6 +134,18 @@ class Pruner:
         planned = plan_deletions(watch.prefix, accepts, [s.whole for s in job_sets], gone,
                                  self._keep_sets, complete_for_job)
         return job_deletions(planned, watch.prefix, job_sets, self._node)
+
+    def _gone_locally(self, watch: WatchDir, prefix: str) -> list[str]:
+        """The keys spotwatch uploaded from the watched directory whose files are gone.
+
+        Invariant: a watched directory that is itself missing (a volume not mounted, a directory
+        moved away) mirrors nothing: its files were not deleted, only out of sight."""
+        if not watch.path.is_dir():
+            log.warning("mirror_skipped", path=str(watch.path),
+                        reason="the watched directory is missing")
+            return []
+        return [key for key, path in self._ledger.live_objects(self._bucket, prefix)
+                if not os.path.lexists(path)]
 
     def _is_complete(self, manifest: Manifest) -> bool:
         self._stop_if_cancelled()  # between the requests of a long plan
