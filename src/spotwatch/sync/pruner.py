@@ -138,18 +138,30 @@ class Pruner:
     def _gone_locally(self, watch: WatchDir, prefix: str) -> list[str]:
         """The keys spotwatch uploaded from the watched directory whose files are gone.
 
-        Invariant: a watched directory that is itself missing (a volume not mounted, a directory
-        moved away) mirrors nothing: its files were not deleted, only out of sight."""
+        Invariant: only a file the file system says is not there counts as deleted. A watched
+        directory that is itself missing (a volume not mounted, a directory moved away) mirrors
+        nothing, nor does a file that cannot be looked at (permission denied, an I/O error, a
+        stale network mount): their files were not deleted, only out of sight."""
         if not watch.path.is_dir():
             log.warning("mirror_skipped", path=str(watch.path),
                         reason="the watched directory is missing")
             return []
         return [key for key, path in self._ledger.live_objects(self._bucket, prefix)
-                if not os.path.lexists(path)]
+                if _is_gone(path)]
 
     def _is_complete(self, manifest: Manifest) -> bool:
         self._stop_if_cancelled()  # between the requests of a long plan
         return is_complete(self._store, manifest)
+
+
+def _is_gone(path: str) -> bool:
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
