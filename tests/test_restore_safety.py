@@ -210,6 +210,17 @@ def test_a_directory_where_a_file_goes_stops_restore_before_anything_lands(
     assert (target / "step_2" / "optim.pt" / "notes.txt").read_text() == "mine"
 
 
+def test_restore_to_an_empty_path_is_a_usage_error_not_the_current_directory(
+        workspace: Workspace) -> None:
+    make_sets(workspace)
+    before = set(workspace.root.iterdir())
+    result = restore(workspace, "--to", "")  # `--to "$DIR"` with DIR unset
+    assert result.returncode == 2
+    assert result.stderr == ("spotwatch restore: error: argument --to: an empty path (is a "
+                             "shell variable unset?) (see 'spotwatch restore --help')\n")
+    assert set(workspace.root.iterdir()) == before  # nothing restored into the working dir
+
+
 @pytest.fixture
 def proxy() -> Any:
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as fault_proxy:
