@@ -139,7 +139,7 @@ class Pruner:
         """The keys spotwatch uploaded from the watched directory whose files are gone.
 
         Invariant: only a file the file system says is not there counts as deleted. A watched
-        directory that is itself missing (a volume not mounted, a directory moved away) mirrors
+        directory that does not exist (moved away, its volume's mount point gone) mirrors
         nothing, nor does a file that cannot be looked at (permission denied, an I/O error, a
         stale network mount): their files were not deleted, only out of sight."""
         if not watch.path.is_dir():
