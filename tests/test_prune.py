@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from typing import Any
 
 from hypothesis import given
@@ -163,6 +165,53 @@ def test_a_poisoned_old_manifest_deletes_nothing_of_a_kept_set_nor_foreign_keys(
     assert keys_in(s3, workspace.bucket) == before
     restored = workspace.cli("restore", "-c", "config.yaml", "--to", str(workspace.root / "r"))
     assert restored.returncode == 0 and "restored step_2" in restored.stdout
+
+
+def test_a_missing_watched_directory_mirrors_no_deletion(workspace: Workspace,
+                                                        s3: Any) -> None:
+    workspace.write_config(sync={"delete": True})
+    for age, name in ((200, "step_1"), (100, "step_2")):
+        save_set(workspace, name, age)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    before = keys_in(s3, workspace.bucket)
+    # The volume is not mounted (or the directory moved): its files were not deleted.
+    workspace.checkpoints.rename(workspace.root / "unmounted")
+    for dry_run in (("--dry-run",), ()):
+        result = workspace.cli("prune", "-c", "config.yaml", *dry_run)
+        assert prune_lines(result)[-1].endswith(" 0 objects")
+        assert "the watched directory is missing" in result.stderr
+    assert keys_in(s3, workspace.bucket) == before
+
+    (workspace.root / "unmounted").rename(workspace.checkpoints)
+    (workspace.checkpoints / "step_2" / "optim.pt").unlink()  # a real deletion still mirrors
+    lines = prune_lines(workspace.cli("prune", "-c", "config.yaml"))
+    assert lines[-1] == "deleted 2 objects"
+    assert keys_in(s3, workspace.bucket) == before - {f"{MANIFESTS}step_2.json",
+                                                      "run1/step_2/optim.pt"}
+
+
+# Root passes permission checks: without these capabilities it is held to them too.
+WITHOUT_OVERRIDES = (("setpriv", "--bounding-set=-dac_override,-dac_read_search")
+                     if os.geteuid() == 0 else ())
+
+
+def test_a_file_that_cannot_be_looked_at_is_not_taken_for_deleted(workspace: Workspace,
+                                                                  s3: Any) -> None:
+    workspace.write_config(sync={"delete": True})
+    save_set(workspace, "step_1", 100)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    before = keys_in(s3, workspace.bucket)
+    locked = workspace.checkpoints / "step_1"
+    locked.chmod(0)  # as a permission change or a network file system's error would have it
+    try:
+        result = subprocess.run(
+            [*WITHOUT_OVERRIDES, sys.executable, "-m", "spotwatch.cli", "prune", "-c",
+             "config.yaml"], cwd=workspace.root, env=workspace.env(), capture_output=True,
+            text=True, timeout=60)
+    finally:
+        locked.chmod(0o755)
+    assert prune_lines(result)[-1] == "deleted 0 objects"
+    assert keys_in(s3, workspace.bucket) == before
 
 
 def test_mirroring_a_file_of_a_sealed_set_takes_its_manifest_first(workspace: Workspace,

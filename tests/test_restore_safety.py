@@ -192,6 +192,35 @@ def test_restore_to_a_regular_file_is_a_usage_error(workspace: Workspace, below:
     assert existing.read_text() == "keep me"
 
 
+def test_a_directory_where_a_file_goes_stops_restore_before_anything_lands(
+        workspace: Workspace) -> None:
+    make_sets(workspace)
+    target = workspace.root / "restored"
+    (target / "step_2" / "optim.pt").mkdir(parents=True)  # the user's, where a file goes
+    (target / "step_2" / "optim.pt" / "notes.txt").write_text("mine")
+    (target / "step_2" / "model.pt").write_bytes(b"the model before")
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"spotwatch: error: cannot restore 'step_2/optim.pt': {target}/step_2/optim.pt is a "
+        f"directory")
+    # Nothing of the set landed beside it: the destination is as it was.
+    assert restored_files(target) == {"step_2/model.pt", "step_2/optim.pt/notes.txt"}
+    assert (target / "step_2" / "model.pt").read_bytes() == b"the model before"
+    assert (target / "step_2" / "optim.pt" / "notes.txt").read_text() == "mine"
+
+
+def test_restore_to_an_empty_path_is_a_usage_error_not_the_current_directory(
+        workspace: Workspace) -> None:
+    make_sets(workspace)
+    before = set(workspace.root.iterdir())
+    result = restore(workspace, "--to", "")  # `--to "$DIR"` with DIR unset
+    assert result.returncode == 2
+    assert result.stderr == ("spotwatch restore: error: argument --to: an empty path (is a "
+                             "shell variable unset?) (see 'spotwatch restore --help')\n")
+    assert set(workspace.root.iterdir()) == before  # nothing restored into the working dir
+
+
 @pytest.fixture
 def proxy() -> Any:
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as fault_proxy:

@@ -28,6 +28,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def _path(value: str) -> Path:
+    """A path argument; an empty one (a shell variable unset) is refused rather than taken for
+    the current directory."""
+    if not value:
+        raise argparse.ArgumentTypeError("an empty path (is a shell variable unset?)")
+    return Path(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("-c", "--config", help="config file (default: $SPOTWATCH_CONFIG, "
@@ -52,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(container health)")
     restore = commands.add_parser("restore", parents=[common], help="download the newest "
                                   "complete checkpoint set")
-    restore.add_argument("--to", type=Path, help="destination (default: the watched directory)")
+    restore.add_argument("--to", type=_path, help="destination (default: the watched directory)")
     restore.add_argument("--set", dest="set_name", help="a given set instead of the newest")
     restore.add_argument("--prefix", help="which watched directory, by its prefix")
     restore.add_argument("--node-rank", type=int, metavar="N", help="on a multi-node job: "

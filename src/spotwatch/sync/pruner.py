@@ -118,10 +118,7 @@ class Pruner:
 
     def _plan_watch(self, watch: WatchDir) -> list[Deletion]:
         prefix = object_key(watch.prefix, "")
-        gone: list[str] = []
-        if self._mirror_deletes:
-            gone = [key for key, path in self._ledger.live_objects(self._bucket, prefix)
-                    if not os.path.lexists(path)]
+        gone = self._gone_locally(watch, prefix) if self._mirror_deletes else []
         if not self._keep_sets and not gone:
             return []
         accepts = PathFilter.for_watch(watch).accepts
@@ -138,9 +135,33 @@ class Pruner:
                                  self._keep_sets, complete_for_job)
         return job_deletions(planned, watch.prefix, job_sets, self._node)
 
+    def _gone_locally(self, watch: WatchDir, prefix: str) -> list[str]:
+        """The keys spotwatch uploaded from the watched directory whose files are gone.
+
+        Invariant: only a file the file system says is not there counts as deleted. A watched
+        directory that does not exist (moved away, its volume's mount point gone) mirrors
+        nothing, nor does a file that cannot be looked at (permission denied, an I/O error, a
+        stale network mount): their files were not deleted, only out of sight."""
+        if not watch.path.is_dir():
+            log.warning("mirror_skipped", path=str(watch.path),
+                        reason="the watched directory is missing")
+            return []
+        return [key for key, path in self._ledger.live_objects(self._bucket, prefix)
+                if _is_gone(path)]
+
     def _is_complete(self, manifest: Manifest) -> bool:
         self._stop_if_cancelled()  # between the requests of a long plan
         return is_complete(self._store, manifest)
+
+
+def _is_gone(path: str) -> bool:
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],

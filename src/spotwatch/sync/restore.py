@@ -23,6 +23,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
+from stat import S_ISDIR
 
 import structlog
 
@@ -223,10 +224,15 @@ def _part_size(store: ObjectStore, entry: ManifestEntry) -> int | None:
 
 def _already_there(target: Path, entry: ManifestEntry, part_size: int | None,
                    preferred: str) -> bool:
+    """Whether the target already holds the entry's bytes. A directory in its place is refused
+    here, before any download: restore never replaces one, and finding it only when the files
+    move into place would leave part of the set there."""
     try:
         stat = target.stat()
     except FileNotFoundError:
         return False
+    if S_ISDIR(stat.st_mode):
+        raise SpotwatchError(f"cannot restore {entry.path!r}: {target} is a directory")
     return ((stat.st_size, stat.st_mtime_ns) == (entry.size, entry.mtime_ns)
             and verify(target, entry, part_size, preferred) is None)
 
