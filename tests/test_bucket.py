@@ -100,3 +100,9 @@ def test_empty_flag_is_an_error_not_a_fallback(config_file: Path,
     for empty in ("", "  "):
         with pytest.raises(ConfigError, match="--bucket is empty"):
             resolve_bucket(empty, config_file)
+
+
+def test_env_file_that_is_not_utf8(config_file: Path, tmp_path: Path) -> None:
+    (tmp_path / "config" / ".env").write_bytes(b"S3_BUCKET_NAME=caf\xe9-bucket\n")
+    with pytest.raises(ConfigError, match=r"config/\.env: not UTF-8 text \(byte 18\)"):
+        resolve_bucket(None, config_file)

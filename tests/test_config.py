@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -180,6 +184,51 @@ def test_cli_empty_bucket_flag(workspace: Workspace) -> None:
     # $S3_BUCKET_NAME is set: an empty --bucket must not silently fall back to it.
     assert_usage_error(workspace.cli("run", "-c", "config.yaml", "--bucket", ""),
                        "--bucket is empty")
+
+
+# A command prefix under which file permissions apply: root's capabilities bypass them.
+AS_UNPRIVILEGED = (() if os.geteuid() != 0 else
+                   ("setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"))
+needs_setpriv = pytest.mark.skipif(bool(AS_UNPRIVILEGED) and not shutil.which("setpriv"),
+                                   reason="dropping root's file capabilities needs setpriv")
+
+
+def cli_unprivileged(workspace: Workspace, *args: str, **env: str
+                     ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AS_UNPRIVILEGED, sys.executable, "-m", "spotwatch.cli", *args],
+                          cwd=workspace.root, env=workspace.env(**env), capture_output=True,
+                          text=True, timeout=60)
+
+
+@needs_setpriv
+@pytest.mark.parametrize("given_by", ["-c", "SPOTWATCH_CONFIG"])
+def test_cli_config_in_a_directory_this_user_cannot_search(workspace: Workspace,
+                                                           given_by: str) -> None:
+    closed = workspace.root / "closed"
+    closed.mkdir()
+    shutil.copy(workspace.config_file, closed / "config.yaml")
+    closed.chmod(0o000)
+    path = str(closed / "config.yaml")
+    try:
+        result = (cli_unprivileged(workspace, "iam-policy", "-c", path) if given_by == "-c"
+                  else cli_unprivileged(workspace, "iam-policy", SPOTWATCH_CONFIG=path))
+    finally:
+        closed.chmod(0o700)
+    assert_usage_error(result, f"cannot read config file {path}: Permission denied")
+
+
+def test_cli_config_path_too_long_for_the_file_system(workspace: Workspace) -> None:
+    assert_usage_error(workspace.cli("iam-policy", "-c", "c" * 5000), "File name too long")
+
+
+@needs_setpriv
+def test_cli_unreadable_env_file(workspace: Workspace) -> None:
+    env_file = workspace.root / "config" / ".env"
+    env_file.parent.mkdir()
+    env_file.write_text("S3_BUCKET_NAME=from-env-file\n")
+    env_file.chmod(0o000)
+    result = cli_unprivileged(workspace, "iam-policy", "-c", "config.yaml", S3_BUCKET_NAME="")
+    assert_usage_error(result, f"cannot read {env_file}: Permission denied")
 
 
 def test_cli_crt_checksum_without_the_crt(workspace: Workspace) -> None:

@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from spotwatch.config import load_config
+from spotwatch.daemon.hooks import MAX_PID, trainer_pid
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.errors import ConfigError
 from spotwatch.interruption import interruption_pending
@@ -64,6 +67,33 @@ def test_signal_hook_and_notice_file(workspace: Workspace, imds: ImdsEmulator, s
         assert daemon.stop() == 0
     finally:
         trainer.kill()
+
+
+@pytest.mark.parametrize("pid", ["0", "99999999999999999999"])
+def test_signal_hook_with_a_pid_file_naming_no_process(workspace: Workspace, imds: ImdsEmulator,
+                                                       pid: str) -> None:
+    """A pid of 0 would signal the daemon's own process group; one past pid_t overflows.
+    The daemon runs in its own session, so the old kill(0) reaches nobody else."""
+    pid_file = workspace.root / "trainer.pid"
+    pid_file.write_text(f"{pid}\n")
+    workspace.launcher = ("setsid",)
+    workspace.write_config(hooks={"signal": "USR1", "pid_file": str(pid_file)})
+    daemon = workspace.start_daemon()
+    imds.fire_spot_interruption(in_seconds=120)
+    failed = daemon.wait_for_event("hook_failed")
+    assert failed["hook"] == "signal" and pid[:10] in failed["error"]
+    assert daemon.named("hook_signal_sent") == []
+    assert daemon.stop() == 0
+
+
+@given(st.integers(min_value=-(2**70), max_value=2**70))
+def test_only_a_single_process_id_is_signalled(number: int) -> None:
+    try:
+        pid = trainer_pid(f"{number}\n")
+    except ValueError:
+        assert number <= 0 or number > MAX_PID
+    else:
+        assert pid == number and 0 < pid <= MAX_PID
 
 
 def test_command_hook_gets_the_notice(workspace: Workspace, imds: ImdsEmulator) -> None:

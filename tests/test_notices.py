@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from spotwatch.aws.imds import ImdsClient
 from spotwatch.emulator import ImdsEmulator
@@ -16,7 +20,7 @@ from spotwatch.notices.sources import (
     parse_scheduled_events,
 )
 
-from .conftest import wait_for
+from .conftest import Workspace, wait_for
 
 
 def test_instance_action_parses_deadline() -> None:
@@ -81,5 +85,66 @@ def test_poller_thread_recovers_after_imds_outage(imds: ImdsEmulator) -> None:
         imds.set_disabled(False)
         wait_for(lambda: received)
         assert received[0].kind is NoticeKind.SPOT_INTERRUPTION
+    finally:
+        poller.stop()
+
+
+def test_scheduled_event_time_without_zone_is_utc() -> None:
+    """IMDS times are UTC; one that does not say so must not become a naive datetime, which
+    the daemon cannot compare with the time now."""
+    [event] = parse_scheduled_events(
+        '[{"NotBefore": "21 Jan 2019 09:00:43", "Code": "system-reboot",'
+        ' "EventId": "instance-event-1", "State": "active"}]')
+    assert event.deadline == datetime(2019, 1, 21, 9, 0, 43, tzinfo=timezone.utc)
+
+
+def test_instance_action_time_at_the_edge_of_the_calendar_is_still_a_notice() -> None:
+    [notice] = parse_instance_action('{"action": "terminate", "time": "0001-01-01T00:00:00Z"}')
+    assert notice.kind is NoticeKind.SPOT_INTERRUPTION
+    assert notice.deadline == datetime(1, 1, 1, tzinfo=timezone.utc)
+
+
+NOTICE_TIME_FORMATS = ("%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z",
+                       "%d %b %Y %H:%M:%S GMT", "%d %b %Y %H:%M:%S", "%d %b %Y %H:%M:%S %z")
+
+
+@given(moment=st.datetimes(timezones=st.none() | st.timezones()),
+       fmt=st.sampled_from(NOTICE_TIME_FORMATS))
+def test_any_notice_time_parses_to_a_zoned_deadline_or_none(moment: datetime, fmt: str) -> None:
+    """Whatever time IMDS gives, the parsers return notices (never raise, which would end the
+    item's polling thread) whose deadlines the daemon can compare with the time now."""
+    text = moment.strftime(fmt)
+    notices = [*parse_instance_action(json.dumps({"action": "terminate", "time": text})),
+               *parse_scheduled_events(json.dumps([{"NotBefore": text, "EventId": "e"}])),
+               *parse_rebalance(json.dumps({"noticeTime": text}))]
+    assert len(notices) == 3
+    for notice in notices:
+        assert notice.deadline is None or notice.deadline.tzinfo is not None
+        assert notice.posted_at is None or notice.posted_at.tzinfo is not None
+
+
+def test_daemon_survives_a_scheduled_event_time_without_zone(workspace: Workspace,
+                                                             imds: ImdsEmulator) -> None:
+    daemon = workspace.start_daemon()
+    imds.set_item("meta-data/events/maintenance/scheduled", json.dumps([{
+        "NotBefore": "21 Jan 2030 09:00:43", "Code": "system-reboot",
+        "EventId": "instance-event-1", "State": "active"}]))
+    assert daemon.wait_for_event("notice_detected")["deadline"] == "2030-01-21T09:00:43+00:00"
+    imds.fire_spot_interruption()
+    assert daemon.wait_for_event("notice_detected", count=2)["kind"] == "spot-interruption"
+    assert daemon.stop() == 0
+
+
+def test_spot_notice_seen_after_an_instance_action_time_out_of_range(imds: ImdsEmulator) -> None:
+    received: list[Notice] = []
+    poller = NoticePoller(ImdsClient(imds.url), DEFAULT_SOURCES[:1], 0.05, received.append)
+    imds.set_item("meta-data/spot/instance-action",
+                  '{"action": "terminate", "time": "0001-01-01T00:00:00Z"}')
+    poller.start()
+    try:
+        wait_for(lambda: received)
+        imds.fire_spot_interruption()
+        wait_for(lambda: len(received) == 2)
+        assert received[1].deadline is not None and received[1].deadline.year > 2000
     finally:
         poller.stop()

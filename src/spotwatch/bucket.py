@@ -35,19 +35,29 @@ def resolve_bucket(explicit: str | None, config_file: Path | None) -> str:
                           f"${BUCKET_ENV} or config/.env")
     name = explicit or os.environ.get(BUCKET_ENV)
     if not name:
-        # Imported here: most runs name the bucket, and dotenv costs every start 5 ms of CPU.
-        from dotenv import dotenv_values
-
         for env_file in env_file_candidates(config_file):
-            if env_file.is_file():
-                name = dotenv_values(env_file).get(BUCKET_ENV)
-                if name:
-                    break
+            name = _bucket_in_env_file(env_file)
+            if name:
+                break
     if not name:
         raise ConfigError(
             f"no bucket: pass --bucket, set {BUCKET_ENV}, or put {BUCKET_ENV}=... in config/.env"
         )
     return validate_bucket_name(name.strip())
+
+
+def _bucket_in_env_file(env_file: Path) -> str | None:
+    """S3_BUCKET_NAME from an env file, None without one; a file that is there but cannot be
+    read, or is not UTF-8, is a config error rather than a silent fallback."""
+    # Imported here: most runs name the bucket, and dotenv costs every start 5 ms of CPU.
+    from dotenv import dotenv_values
+
+    try:
+        return dotenv_values(env_file).get(BUCKET_ENV) if env_file.is_file() else None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {env_file}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{env_file}: not UTF-8 text (byte {exc.start})") from None
 
 
 def validate_bucket_name(name: str) -> str:

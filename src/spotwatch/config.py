@@ -375,16 +375,25 @@ def find_config_file(explicit: str | None) -> Path:
     chosen = explicit or os.environ.get("SPOTWATCH_CONFIG")
     if chosen:
         path = Path(chosen)
-        if not path.is_file():
+        if not _is_config_file(path):
             raise ConfigError(f"config file not found: {path}")
         return path
     for candidate in CONFIG_SEARCH_PATH:
-        if candidate.is_file():
+        if _is_config_file(candidate):
             return candidate
     searched = ", ".join(str(p) for p in CONFIG_SEARCH_PATH)
     raise ConfigError(
         f"no config file: pass -c CONFIG or set SPOTWATCH_CONFIG (searched {searched})"
     )
+
+
+def _is_config_file(path: Path) -> bool:
+    """Whether a file is there; a path that cannot even be looked at (a directory on the way
+    not searchable by this user, a name too long) is one line, not a traceback."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
 
 
 def load_config(path: Path) -> Config:

@@ -20,6 +20,8 @@ log = structlog.get_logger("spotwatch.hooks")
 
 # Readable by the trainer whichever user it runs as (the notice holds nothing secret).
 NOTICE_FILE_MODE = 0o644
+# The largest pid_t; Linux's pid_max is far below it.
+MAX_PID = 2**31 - 1
 
 
 class NoticeHooks:
@@ -63,9 +65,9 @@ class NoticeHooks:
 
     def _signal_trainer(self, name: str, pid_file: Path) -> None:
         try:
-            pid = int(pid_file.read_text().split()[0])
+            pid = trainer_pid(pid_file.read_text())
             os.kill(pid, signal.Signals[name])
-        except (OSError, ValueError, IndexError) as exc:
+        except (OSError, ValueError) as exc:
             log.warning("hook_failed", hook="signal", pid_file=str(pid_file), error=str(exc))
             return
         log.info("hook_signal_sent", signal=name, pid=pid)
@@ -87,3 +89,15 @@ class NoticeHooks:
             log.info("hook_command_done", pid=process.pid, exit_code=process.wait())
 
         threading.Thread(target=reap, name="hook-command", daemon=True).start()
+
+
+def trainer_pid(text: str) -> int:
+    """The pid a pid file names. Invariant: only one process is ever signalled: kill() takes
+    0 as this process group and a negative number as a group or every process."""
+    words = text.split()
+    if not words:
+        raise ValueError("the pid file is empty")
+    pid = int(words[0])
+    if not 0 < pid <= MAX_PID:
+        raise ValueError(f"not a process id: {words[0][:40]!r}")
+    return pid

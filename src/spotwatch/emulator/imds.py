@@ -156,6 +156,12 @@ class ImdsEmulator:
             self.state.fired_at["asg"] = time.time()
         return target
 
+    def set_item(self, path: str, body: str) -> str:
+        """Serve this text at a metadata item as it is, e.g. an answer no real IMDS gives."""
+        with self.lock:
+            self.state.items[path] = body
+        return body
+
     def add_fault(self, fault: Fault) -> None:
         with self.lock:
             self.state.faults.append(fault)

@@ -26,10 +26,23 @@ def iso_time(value: object) -> datetime | None:
     if not isinstance(value, str):
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return _in_utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _in_utc(moment: datetime) -> datetime:
+    """Invariant: every notice time has a zone (IMDS times are UTC, said or not), so the
+    daemon can compare it with the time now."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _before(moment: datetime | None, span: timedelta) -> datetime | None:
+    """`span` before `moment`; None when that is before the calendar starts (a garbled time)."""
+    try:
+        return moment - span if moment else None
+    except OverflowError:
+        return None
 
 
 def _json_object(text: str) -> dict[str, object]:
@@ -47,7 +60,7 @@ def parse_instance_action(text: str) -> list[Notice]:
     # Identity is the raw content, so a garbled answer still yields one stable notice.
     deadline = iso_time(body.get("time"))
     # The action time is two minutes after the notice is posted (AWS documents it so).
-    posted = deadline - SPOT_WARNING if deadline else None
+    posted = _before(deadline, SPOT_WARNING)
     return [Notice.make(NoticeKind.SPOT_INTERRUPTION, deadline, action,
                         time_text or text.strip(), detail=action, posted_at=posted)]
 
@@ -62,7 +75,7 @@ def _maintenance_time(value: object) -> datetime | None:
     if not isinstance(value, str):
         return None
     try:
-        return parsedate_to_datetime(value)  # "21 Jan 2019 09:00:43 GMT"
+        return _in_utc(parsedate_to_datetime(value))  # "21 Jan 2019 09:00:43 GMT"
     except (TypeError, ValueError):
         return iso_time(value)
 
