@@ -9,8 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -167,21 +170,34 @@ def test_a_poisoned_old_manifest_deletes_nothing_of_a_kept_set_nor_foreign_keys(
     assert restored.returncode == 0 and "restored step_2" in restored.stdout
 
 
-def test_a_missing_watched_directory_mirrors_no_deletion(workspace: Workspace,
-                                                        s3: Any) -> None:
+def _moved_away(directory: Path) -> str:
+    directory.rename(directory.with_name("unmounted"))
+    return "the watched directory is missing"
+
+
+def _mount_point_left_empty(directory: Path) -> str:
+    directory.rename(directory.with_name("unmounted"))
+    directory.mkdir()  # the mount point, its volume not mounted (yet)
+    return "the watched directory is empty"
+
+
+@pytest.mark.parametrize("hide", [_moved_away, _mount_point_left_empty])
+def test_a_watched_directory_out_of_sight_mirrors_no_deletion(
+        workspace: Workspace, s3: Any, hide: Callable[[Path], str]) -> None:
     workspace.write_config(sync={"delete": True})
     for age, name in ((200, "step_1"), (100, "step_2")):
         save_set(workspace, name, age)
     flush_summary(workspace.cli("flush", "-c", "config.yaml"))
     before = keys_in(s3, workspace.bucket)
-    # The volume is not mounted (or the directory moved): its files were not deleted.
-    workspace.checkpoints.rename(workspace.root / "unmounted")
+    # Its files were not deleted, only out of sight.
+    reason = hide(workspace.checkpoints)
     for dry_run in (("--dry-run",), ()):
         result = workspace.cli("prune", "-c", "config.yaml", *dry_run)
         assert prune_lines(result)[-1].endswith(" 0 objects")
-        assert "the watched directory is missing" in result.stderr
+        assert reason in result.stderr
     assert keys_in(s3, workspace.bucket) == before
 
+    shutil.rmtree(workspace.checkpoints, ignore_errors=True)
     (workspace.root / "unmounted").rename(workspace.checkpoints)
     (workspace.checkpoints / "step_2" / "optim.pt").unlink()  # a real deletion still mirrors
     lines = prune_lines(workspace.cli("prune", "-c", "config.yaml"))

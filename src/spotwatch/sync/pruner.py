@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -139,19 +140,35 @@ class Pruner:
         """The keys spotwatch uploaded from the watched directory whose files are gone.
 
         Invariant: only a file the file system says is not there counts as deleted. A watched
-        directory that does not exist (moved away, its volume's mount point gone) mirrors
-        nothing, nor does a file that cannot be looked at (permission denied, an I/O error, a
-        stale network mount): their files were not deleted, only out of sight."""
-        if not watch.path.is_dir():
-            log.warning("mirror_skipped", path=str(watch.path),
-                        reason="the watched directory is missing")
+        directory that does not exist (moved away) or is empty (the mount point of a volume
+        not mounted yet) mirrors nothing, nor does a file that cannot be looked at (permission
+        denied, an I/O error, a stale network mount): their files were not deleted, only out
+        of sight."""
+        uploaded = self._ledger.live_objects(self._bucket, prefix)
+        if not uploaded:
             return []
-        return [key for key, path in self._ledger.live_objects(self._bucket, prefix)
-                if _is_gone(path)]
+        out_of_sight = _out_of_sight(watch.path)
+        if out_of_sight:
+            log.warning("mirror_skipped", path=str(watch.path), reason=out_of_sight)
+            return []
+        return [key for key, path in uploaded if _is_gone(path)]
 
     def _is_complete(self, manifest: Manifest) -> bool:
         self._stop_if_cancelled()  # between the requests of a long plan
         return is_complete(self._store, manifest)
+
+
+def _out_of_sight(directory: Path) -> str | None:
+    """Why none of a watched directory's files can be told deleted, or None."""
+    try:
+        with os.scandir(directory) as entries:
+            if next(entries, None) is None:
+                return "the watched directory is empty (a volume not mounted?)"
+    except (FileNotFoundError, NotADirectoryError):
+        return "the watched directory is missing"
+    except OSError as exc:
+        return f"the watched directory cannot be read: {exc.strerror}"
+    return None
 
 
 def _is_gone(path: str) -> bool:
