@@ -113,6 +113,9 @@ class StateLock:
             fd = os.open(self._path, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        except OSError as exc:  # a state directory this user may not read
+            raise SpotwatchError(f"cannot read state directory {self._path.parent}: "
+                                 f"{exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
