@@ -10,7 +10,8 @@
 #   SPOTWATCH_PREFIX          key prefix (default checkpoints/)
 #   SPOTWATCH_PACKAGE         what pip installs (default spotwatch; a wheel path works too)
 #   SPOTWATCH_PIP_ARGS        extra pip arguments
-#   SPOTWATCH_RESTORE         yes: download the newest complete checkpoint first
+#   SPOTWATCH_RESTORE         yes: download the newest complete checkpoint first (if there is
+#                             none yet, or the restore fails, spotwatch starts all the same)
 #   DESTDIR                   install below this root instead of / (nothing is started)
 set -euo pipefail
 
@@ -46,7 +47,9 @@ if [ -z "$SPOTWATCH_REGION" ]; then
 fi
 
 ensure_python() {
-    if python3 -m venv --help >/dev/null 2>&1; then
+    # Debian and Ubuntu ship the venv module with python3 but ensurepip, without which no venv
+    # can be made, only in python3-venv.
+    if python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
         return
     fi
     [ -z "$DESTDIR" ] || die "python3 with venv is required"
@@ -107,8 +110,12 @@ restore_checkpoint() {
         return 0
     fi
     log "restoring the newest checkpoint into $SPOTWATCH_CHECKPOINT_DIR"
-    S3_BUCKET_NAME="$SPOTWATCH_BUCKET" spotwatch restore -c "$CONFIG_DIR/config.yaml" \
-        --to "$SPOTWATCH_CHECKPOINT_DIR"
+    # A job's first instance finds no checkpoint yet; no failed restore may leave the instance
+    # unprotected: spotwatch starts either way.
+    if ! S3_BUCKET_NAME="$SPOTWATCH_BUCKET" spotwatch restore -c "$CONFIG_DIR/config.yaml" \
+        --to "$SPOTWATCH_CHECKPOINT_DIR"; then
+        log "nothing restored (see above); starting spotwatch anyway"
+    fi
 }
 
 enable_service() {

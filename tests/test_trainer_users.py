@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from spotwatch.emulator import ImdsEmulator
 
-from .conftest import Workspace
+from .conftest import REGION, Workspace
 from .test_systemd import unit_settings
 
 NOBODY = 65534
@@ -117,3 +118,47 @@ def test_signal_reaches_a_trainer_of_another_user(workspace: Workspace,
     finally:
         trainer.kill()
         trainer.wait()
+
+
+def test_a_state_directory_another_user_owns_is_one_line_not_a_traceback(
+        shared_dir: Path, bucket: str) -> None:
+    """The sidecar (uid 10001) with its state on a volume it cannot write, e.g. a hostPath or
+    bind mount owned by root: one line on stderr naming the directory."""
+    state = shared_dir / "state"
+    state.mkdir(mode=0o755)  # root's
+    checkpoints = shared_dir / "checkpoints"
+    checkpoints.mkdir()
+    config = shared_dir / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "aws": {"region": REGION}, "watch": [{"path": str(checkpoints), "prefix": "run1/"}],
+        "imds": {"enabled": False}, "state": {"dir": str(state)}, "metrics": {"port": 0}}))
+    done = subprocess.run([*AS_NOBODY, sys.executable, "-m", "spotwatch.cli", "run", "-c",
+                           str(config)], env={**trainer_env(), "S3_BUCKET_NAME": bucket},
+                          cwd="/", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == \
+        f"spotwatch: error: cannot write state directory {state}: Permission denied"
+
+
+def test_status_of_a_state_directory_this_user_cannot_read_is_one_line(
+        shared_dir: Path, bucket: str) -> None:
+    """`spotwatch status --healthy` (the container's healthcheck) run by a user who may not
+    read the daemon's state directory: one line naming it, not a traceback."""
+    state = shared_dir / "state"
+    state.mkdir(mode=0o700)  # root's
+    (state / "lock").write_text("1\n")
+    config = shared_dir / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "aws": {"region": REGION},
+        "watch": [{"path": str(shared_dir / "checkpoints"), "prefix": "run1/"}],
+        "imds": {"enabled": False}, "state": {"dir": str(state)}, "metrics": {"port": 0}}))
+    for extra in ((), ("--healthy",)):
+        done = subprocess.run([*AS_NOBODY, sys.executable, "-m", "spotwatch.cli", "status", "-c",
+                               str(config), *extra],
+                              env={**trainer_env(), "S3_BUCKET_NAME": bucket}, cwd="/",
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.splitlines()[-1].startswith("spotwatch: error: cannot read state "
+                                                       f"directory {state}: "), done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -104,3 +105,65 @@ def test_readme_command_installs_and_enables(tmp_path: Path, imds: ImdsEmulator)
                            "spotwatch.service").is_symlink()
     assert (tmp_path / "systemctl.log").read_text().splitlines() == [
         "daemon-reload", "enable --now spotwatch.service"]
+
+
+def _needs_overlaid_root() -> None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("systemctl") is None:
+        pytest.skip("needs root, unshare and systemctl")
+
+
+def _user_data_command(**settings: str) -> str:
+    assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in settings.items())
+    return f"{assignments} bash deploy/user-data.sh\n"
+
+
+def test_first_launch_with_restore_and_nothing_to_restore_still_starts_spotwatch(
+        tmp_path: Path, wheel: Path, bucket: str, imds: ImdsEmulator) -> None:
+    """SPOTWATCH_RESTORE=yes in a launch template is there from a job's first instance on, when
+    the bucket holds no checkpoint yet: that instance must still be protected."""
+    _needs_overlaid_root()
+    command = _user_data_command(SPOTWATCH_BUCKET=bucket, SPOTWATCH_PACKAGE=str(wheel),
+                                 SPOTWATCH_RESTORE="yes")
+    done = run_in_overlaid_root(command, workdir=tmp_path, cwd=ROOT,
+                                extra_env={"AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url})
+    assert done.returncode == 0, done.stderr
+    assert "no complete" in done.stderr  # the restore said why it restored nothing
+    assert (tmp_path / "systemctl.log").read_text().splitlines() == [
+        "daemon-reload", "enable --now spotwatch.service"]
+
+
+APT_GET_SHIM = """#!/bin/sh
+# Records the call; installing python3-venv brings ensurepip back (lifts the overlay hiding it).
+echo "$*" >>"$APT_LOG"
+case "$*" in *python3-venv*) umount "$STDLIB" ;; esac
+"""
+
+
+def test_installs_python3_venv_where_python3_lacks_ensurepip(
+        tmp_path: Path, wheel: Path, imds: ImdsEmulator) -> None:
+    """Debian and Ubuntu ship `venv` with python3 but ensurepip only in python3-venv: there,
+    `python3 -m venv --help` works while making a venv fails. Here the python3 on PATH gets
+    its ensurepip hidden (an overlay whiteout in a private mount namespace)."""
+    _needs_overlaid_root()
+    stdlib = subprocess.run(
+        ["python3", "-c", "import ensurepip, os; print(os.path.dirname(os.path.dirname("
+                          "ensurepip.__file__)))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    lib_upper, lib_work = tmp_path / "stdlib-upper", tmp_path / "stdlib-work"
+    lib_upper.mkdir()
+    lib_work.mkdir()
+    (tmp_path / "shims").mkdir()
+    (tmp_path / "shims" / "apt-get").write_text(APT_GET_SHIM)
+    (tmp_path / "shims" / "apt-get").chmod(0o755)
+    hide_ensurepip = (f"mount -t overlay overlay -o lowerdir={stdlib},upperdir={lib_upper},"
+                      f"workdir={lib_work} {stdlib}\nrm -rf {stdlib}/ensurepip\n")
+    command = _user_data_command(SPOTWATCH_BUCKET="team-checkpoints",
+                                 SPOTWATCH_PACKAGE=str(wheel),
+                                 SPOTWATCH_PIP_ARGS="--no-deps --no-index")
+    done = run_in_overlaid_root(hide_ensurepip + command, workdir=tmp_path, cwd=ROOT,
+                                extra_env={"AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url,
+                                           "APT_LOG": str(tmp_path / "apt.log"),
+                                           "STDLIB": stdlib})
+    assert done.returncode == 0, done.stderr
+    assert "install -y -q python3-venv" in (tmp_path / "apt.log").read_text()
+    assert upper(tmp_path, "/opt/spotwatch/bin/spotwatch").is_file()

@@ -90,7 +90,11 @@ class StateLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # e.g. a volume mounted for the state that another user owns
+            raise SpotwatchError(f"cannot write state directory {self._path.parent}: "
+                                 f"{exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -109,6 +113,9 @@ class StateLock:
             fd = os.open(self._path, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        except OSError as exc:  # a state directory this user may not read
+            raise SpotwatchError(f"cannot read state directory {self._path.parent}: "
+                                 f"{exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
