@@ -148,3 +148,27 @@ def test_spot_notice_seen_after_an_instance_action_time_out_of_range(imds: ImdsE
         assert received[1].deadline is not None and received[1].deadline.year > 2000
     finally:
         poller.stop()
+
+
+NESTED_DEEPER_THAN_PYTHON_RECURSES = ["[" * 100_000, '{"a": ' * 100_000]
+
+
+@given(body=st.sampled_from(NESTED_DEEPER_THAN_PYTHON_RECURSES), tail=st.text(max_size=20))
+def test_no_imds_answer_raises_however_deeply_nested(body: str, tail: str) -> None:
+    """A garbled spot answer is still a notice; the other sources find nothing in it."""
+    [notice] = parse_instance_action(body + tail)
+    assert notice.kind is NoticeKind.SPOT_INTERRUPTION and notice.deadline is None
+    assert parse_scheduled_events(body + tail) == []
+    assert parse_rebalance(body + tail)[0].kind is NoticeKind.REBALANCE
+
+
+def test_daemon_keeps_polling_after_an_instance_action_nested_too_deep(
+        workspace: Workspace, imds: ImdsEmulator) -> None:
+    daemon = workspace.start_daemon()
+    imds.set_item("meta-data/spot/instance-action", NESTED_DEEPER_THAN_PYTHON_RECURSES[0])
+    garbled = daemon.wait_for_event("notice_detected")
+    assert garbled["kind"] == "spot-interruption" and garbled["deadline"] is None
+    imds.fire_spot_interruption()  # the poller is still alive and sees the real notice
+    assert daemon.wait_for_event("notice_detected", count=2)["deadline"] is not None
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log_path.read_text()
