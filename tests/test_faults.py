@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -421,6 +422,18 @@ def test_a_complete_final_flush_exits_0(workspace: Workspace, s3: Any) -> None:
     assert object_bytes(s3, workspace.bucket, "run1/step_1.pt") == data
     assert daemon.named("flush_done")[0]["failed"] == 0
     assert not daemon.named("flush_incomplete") and daemon.named("daemon_stopped")
+
+
+def test_a_hangup_stops_the_daemon_with_a_final_flush(workspace: Workspace, s3: Any) -> None:
+    """The terminal or ssh session `run` was started from going away flushes, as a SIGTERM."""
+    workspace.write_config(sync={"mode": "on-notice"})
+    daemon = workspace.start_daemon()
+    data = checkpoint_data(workspace.checkpoints / "step_1.pt", 20_000)
+    wait_for(lambda: (read_status(workspace) or {}).get("pending_files") == 1)
+    daemon.process.send_signal(signal.SIGHUP)
+    assert daemon.process.wait(timeout=60) == 0
+    assert object_bytes(s3, workspace.bucket, "run1/step_1.pt") == data
+    assert daemon.named("flush_done")[0]["failed"] == 0 and daemon.named("daemon_stopped")
 
 
 def read_status(workspace: Workspace) -> dict[str, Any] | None:
