@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from spotwatch.aws.imds import ImdsClient
 from spotwatch.emulator import ImdsEmulator
@@ -14,6 +15,7 @@ from spotwatch.model import Notice, NoticeKind
 from spotwatch.notices import DEFAULT_SOURCES
 from spotwatch.notices.poller import NoticePoller
 from spotwatch.notices.sources import (
+    NoticeSource,
     parse_instance_action,
     parse_lifecycle_state,
     parse_rebalance,
@@ -87,6 +89,30 @@ def test_poller_thread_recovers_after_imds_outage(imds: ImdsEmulator) -> None:
         assert received[0].kind is NoticeKind.SPOT_INTERRUPTION
     finally:
         poller.stop()
+
+
+def test_a_parser_that_raises_does_not_end_its_sources_polling(imds: ImdsEmulator) -> None:
+    spot = DEFAULT_SOURCES[0]
+    answers = iter([ZeroDivisionError("a parser's own bug")])
+
+    def parse(text: str) -> list[Notice]:
+        failure = next(answers, None)
+        if failure is not None:
+            raise failure
+        return spot.parse(text)
+
+    received: list[Notice] = []
+    poller = NoticePoller(ImdsClient(imds.url, timeout=0.3, attempts=1),
+                          [NoticeSource(spot.name, spot.path, parse)], 0.05, received.append)
+    imds.fire_spot_interruption()
+    with capture_logs() as logs:
+        poller.start()
+        try:
+            wait_for(lambda: received)
+        finally:
+            poller.stop()
+    assert received[0].kind is NoticeKind.SPOT_INTERRUPTION
+    assert [e["source"] for e in logs if e["event"] == "notice_unreadable"] == [spot.name]
 
 
 def test_scheduled_event_time_without_zone_is_utc() -> None:
