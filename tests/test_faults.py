@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -421,6 +422,35 @@ def test_a_complete_final_flush_exits_0(workspace: Workspace, s3: Any) -> None:
     assert object_bytes(s3, workspace.bucket, "run1/step_1.pt") == data
     assert daemon.named("flush_done")[0]["failed"] == 0
     assert not daemon.named("flush_incomplete") and daemon.named("daemon_stopped")
+
+
+def test_a_stop_cut_short_by_a_hanging_manifest_write_names_the_unsealed_set(
+        workspace: Workspace, proxy: FaultProxy) -> None:
+    """Every file of the set is in S3 but its manifest is not: the stop says which set is no
+    checkpoint yet, rather than an exit 1 with nothing left named."""
+    workspace.write_config(sync={"stop_timeout": 3})
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    proxy.add("delay", lambda r: r.method == "PUT" and "/.spotwatch/manifests/" in r.path,
+              times=100, delay=600)
+    (workspace.checkpoints / "step_1").mkdir()
+    checkpoint_data(workspace.checkpoints / "step_1" / "model.pt", 10_000)
+    daemon.wait_for_event("upload_done")
+    wait_for(lambda: proxy.rules[0].applied)  # the manifest write has started and hangs
+    assert daemon.stop() == 1
+    [incomplete] = daemon.named("flush_incomplete")
+    assert incomplete["timed_out"] and incomplete["unsealed_sets"] == ["run1/step_1"]
+
+
+def test_a_hangup_stops_the_daemon_with_a_final_flush(workspace: Workspace, s3: Any) -> None:
+    """The terminal or ssh session `run` was started from going away flushes, as a SIGTERM."""
+    workspace.write_config(sync={"mode": "on-notice"})
+    daemon = workspace.start_daemon()
+    data = checkpoint_data(workspace.checkpoints / "step_1.pt", 20_000)
+    wait_for(lambda: (read_status(workspace) or {}).get("pending_files") == 1)
+    daemon.process.send_signal(signal.SIGHUP)
+    assert daemon.process.wait(timeout=60) == 0
+    assert object_bytes(s3, workspace.bucket, "run1/step_1.pt") == data
+    assert daemon.named("flush_done")[0]["failed"] == 0 and daemon.named("daemon_stopped")
 
 
 def read_status(workspace: Workspace) -> dict[str, Any] | None:

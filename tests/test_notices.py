@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from spotwatch.aws.imds import ImdsClient
 from spotwatch.emulator import ImdsEmulator
@@ -14,6 +15,7 @@ from spotwatch.model import Notice, NoticeKind
 from spotwatch.notices import DEFAULT_SOURCES
 from spotwatch.notices.poller import NoticePoller
 from spotwatch.notices.sources import (
+    NoticeSource,
     parse_instance_action,
     parse_lifecycle_state,
     parse_rebalance,
@@ -89,6 +91,30 @@ def test_poller_thread_recovers_after_imds_outage(imds: ImdsEmulator) -> None:
         poller.stop()
 
 
+def test_a_parser_that_raises_does_not_end_its_sources_polling(imds: ImdsEmulator) -> None:
+    spot = DEFAULT_SOURCES[0]
+    answers = iter([ZeroDivisionError("a parser's own bug")])
+
+    def parse(text: str) -> list[Notice]:
+        failure = next(answers, None)
+        if failure is not None:
+            raise failure
+        return spot.parse(text)
+
+    received: list[Notice] = []
+    poller = NoticePoller(ImdsClient(imds.url, timeout=0.3, attempts=1),
+                          [NoticeSource(spot.name, spot.path, parse)], 0.05, received.append)
+    imds.fire_spot_interruption()
+    with capture_logs() as logs:
+        poller.start()
+        try:
+            wait_for(lambda: received)
+        finally:
+            poller.stop()
+    assert received[0].kind is NoticeKind.SPOT_INTERRUPTION
+    assert [e["source"] for e in logs if e["event"] == "notice_unreadable"] == [spot.name]
+
+
 def test_scheduled_event_time_without_zone_is_utc() -> None:
     """IMDS times are UTC; one that does not say so must not become a naive datetime, which
     the daemon cannot compare with the time now."""
@@ -148,3 +174,27 @@ def test_spot_notice_seen_after_an_instance_action_time_out_of_range(imds: ImdsE
         assert received[1].deadline is not None and received[1].deadline.year > 2000
     finally:
         poller.stop()
+
+
+NESTED_DEEPER_THAN_PYTHON_RECURSES = ["[" * 100_000, '{"a": ' * 100_000]
+
+
+@given(body=st.sampled_from(NESTED_DEEPER_THAN_PYTHON_RECURSES), tail=st.text(max_size=20))
+def test_no_imds_answer_raises_however_deeply_nested(body: str, tail: str) -> None:
+    """A garbled spot answer is still a notice; the other sources find nothing in it."""
+    [notice] = parse_instance_action(body + tail)
+    assert notice.kind is NoticeKind.SPOT_INTERRUPTION and notice.deadline is None
+    assert parse_scheduled_events(body + tail) == []
+    assert parse_rebalance(body + tail)[0].kind is NoticeKind.REBALANCE
+
+
+def test_daemon_keeps_polling_after_an_instance_action_nested_too_deep(
+        workspace: Workspace, imds: ImdsEmulator) -> None:
+    daemon = workspace.start_daemon()
+    imds.set_item("meta-data/spot/instance-action", NESTED_DEEPER_THAN_PYTHON_RECURSES[0])
+    garbled = daemon.wait_for_event("notice_detected")
+    assert garbled["kind"] == "spot-interruption" and garbled["deadline"] is None
+    imds.fire_spot_interruption()  # the poller is still alive and sees the real notice
+    assert daemon.wait_for_event("notice_detected", count=2)["deadline"] is not None
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log_path.read_text()

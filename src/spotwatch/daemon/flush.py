@@ -166,14 +166,16 @@ class FlushController:
     def final_verdict(self, left: EngineSnapshot, failing: Sequence[PendingFile],
                       totals: Progress) -> int:
         """Exit code 0 when everything is durable; 1 when the flush ran out of time or left
-        failing files behind (logged as flush_incomplete, so the operator sees it)."""
+        failing files behind (logged as flush_incomplete, so the operator sees it, with the
+        sets still waiting for their manifest: their files alone are no checkpoint)."""
         if self.current is None and left.pending_files == 0:
             log.info("daemon_stopped", files=totals.files, bytes=totals.bytes)
             return 0
         log.error("flush_incomplete", pending_files=left.pending_files,
                   pending_bytes=left.pending_bytes, retrying=left.retrying,
                   uploading=left.uploading, unsettled=left.unsettled,
-                  failed_files=_named(failing), timed_out=self.current is not None)
+                  failed_files=_named(failing), timed_out=self.current is not None,
+                  unsealed_sets=list(left.unsealed_sets[:NAMED_SETS_MAX]))
         return 1
 
 

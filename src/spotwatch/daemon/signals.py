@@ -1,4 +1,5 @@
-"""Signals for the daemon, taken by its loop: SIGTERM/SIGINT stop it, SIGUSR1 asks a flush."""
+"""Signals for the daemon, taken by its loop: SIGTERM/SIGINT/SIGHUP stop it, SIGUSR1 asks a
+flush."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from collections import deque
 from dataclasses import dataclass
 from types import FrameType
 
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# A hangup (the terminal or ssh session `run` was started from going away) stops it too:
+# left to its default, SIGHUP would end the daemon without a word and without a final flush.
+STOPPING = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+HANDLED = (*STOPPING, signal.SIGUSR1)
 
 
 @dataclass(frozen=True)
@@ -37,4 +41,4 @@ class SignalInbox:
         while self._received:
             received.add(self._received.popleft())
         return Requests(flush=signal.SIGUSR1 in received,
-                        stop=bool(received & {signal.SIGTERM, signal.SIGINT}))
+                        stop=bool(received & STOPPING))

@@ -18,6 +18,7 @@ class EngineSnapshot:
     failing: int
     unsettled: int
     incomplete_sets: tuple[str, ...]
+    unsealed_sets: tuple[str, ...] = ()  # sets whose manifest is not written yet
 
     @classmethod
     def of(cls, engine: SyncEngine) -> EngineSnapshot:
@@ -29,4 +30,5 @@ class EngineSnapshot:
             failing=len(engine.retries.failing()),
             unsettled=engine.unsettled(),
             incomplete_sets=tuple(sorted(engine.sealer.incomplete)),
+            unsealed_sets=tuple(sorted(engine.sealer.unsealed())),
         )

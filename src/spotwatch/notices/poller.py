@@ -6,6 +6,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import structlog
+
 from spotwatch.aws.health import Reachability
 from spotwatch.aws.imds import ImdsClient, ImdsError
 from spotwatch.model import Notice
@@ -15,6 +17,8 @@ from spotwatch.notices.store import SeenNotices
 # The items other than the spot interruption warn minutes to hours ahead: polling them this
 # often at most spares IMDS, which is throttled per instance.
 OTHER_SOURCES_MIN_INTERVAL = 2.0
+
+log = structlog.get_logger("spotwatch.notices")
 
 
 class NoticePoller:
@@ -88,8 +92,15 @@ class NoticePoller:
                 f"{name}: {text}" for name, text in sorted(self._failing.items())))
 
     def _run(self, source: NoticeSource) -> None:
+        """Invariant: a source is polled until the poller stops, whatever one answer does to
+        its parser: a thread that ended would miss every later notice of that source."""
         interval = self.interval_for(source)
         while not self._stop.is_set():
-            for notice in self._poll(source):
+            try:
+                notices = self._poll(source)
+            except Exception as exc:  # any failure of a parser: logged, and polling goes on
+                log.error("notice_unreadable", source=source.name, error=repr(exc)[:200])
+                notices = []
+            for notice in notices:
                 self._on_notice(notice)
             self._stop.wait(interval)

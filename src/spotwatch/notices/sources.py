@@ -45,11 +45,18 @@ def _before(moment: datetime | None, span: timedelta) -> datetime | None:
         return None
 
 
-def _json_object(text: str) -> dict[str, object]:
+def _json(text: str) -> object:
+    """The JSON value of an IMDS answer; None when it is none. Invariant: no answer, however
+    garbled (deep nesting included), raises: a poller thread that died would miss every
+    later notice."""
     try:
-        value = json.loads(text)
-    except ValueError:
-        return {}
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _json_object(text: str) -> dict[str, object]:
+    value = _json(text)
     return value if isinstance(value, dict) else {}
 
 
@@ -81,10 +88,7 @@ def _maintenance_time(value: object) -> datetime | None:
 
 
 def parse_scheduled_events(text: str) -> list[Notice]:
-    try:
-        events = json.loads(text)
-    except ValueError:
-        return []
+    events = _json(text)
     notices = []
     for event in events if isinstance(events, list) else []:
         if not isinstance(event, dict) or event.get("State", "active") != "active":
