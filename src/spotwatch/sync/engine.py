@@ -240,15 +240,27 @@ class SyncEngine:
         """Files pending, uploading or waiting to be retried."""
         return bool(self.planner or self.retries or self._uploading)
 
-    def flush_settled(self, deadline: float | None) -> bool:
+    def flush_settled(self, deadline: float | None, writes_until: float | None = None) -> bool:
         """A flush with this deadline (monotonic) has nothing left to wait for: every file is
         durable, or failing, or due for its retry only after the deadline (see
-        RetryQueue.holds_up), and every set that can be sealed is sealed."""
-        if self.planner or self._uploading or self.unsettled():
+        RetryQueue.holds_up), and every set that can be sealed is sealed.
+
+        Invariant: a flush waits for files being written only until writes_until (None: for
+        as long as they are written). A file that never settles (a log appended to all the
+        time) must not hold a flush forever; the flush reports it (see being_written), and
+        its set, held by it, stays unsealed."""
+        if self.planner or self._uploading:
+            return False
+        if self.unsettled() and (writes_until is None or self._clock() < writes_until):
             return False
         if any(self.retries.holds_up(path, deadline) for path in self.retries.waiting_keys()):
             return False
-        return self.sealer.unsealed() <= {item.set_key for item in self.retries.items()}
+        held = {item.set_key for item in self.retries.items()} | self._set_keys_being_written()
+        return self.sealer.unsealed() <= held
+
+    def being_written(self) -> list[Path]:
+        """Files still being written (not settled), in path order."""
+        return sorted(path for tracker in self.trackers for path in tracker.unsettled_paths())
 
     def left_behind(self, deadline: float | None) -> list[PendingFile]:
         """Files waiting to retry that a flush with this deadline does not wait for."""
@@ -285,12 +297,17 @@ class SyncEngine:
         busy.update(item.set_key for item in self.retries.items()
                     if item.path not in left_behind and not self.retries.is_failing(item.path))
         busy.update(item.set_key for item in self._uploading.values())
+        return busy | self._set_keys_being_written()
+
+    def _set_keys_being_written(self) -> set[str]:
+        """Sets with a file being written (not settled yet)."""
+        keys: set[str] = set()
         for tracker in self.trackers:
             for path in tracker.unsettled_paths():
                 relative = tracker.relative(path)
                 if relative is not None:
-                    busy.add(_set_ref(tracker, relative).key)
-        return busy
+                    keys.add(_set_ref(tracker, relative).key)
+        return keys
 
     def reseal_after_deletions(self, keys: list[str]) -> None:
         """Sets that lost objects get a new manifest listing what is left."""
