@@ -73,3 +73,18 @@ def test_daemon_flush_stops_waiting_for_a_log_that_never_settles(workspace: Work
         assert done["still_written_files"] == [str(workspace.checkpoints / "train.log")]
     assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == b"weights" * 100
     assert "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket)
+
+
+def test_a_rewrite_keeping_size_and_mtime_is_uploaded_again(workspace: Workspace,
+                                                            s3: Any) -> None:
+    daemon = workspace.start_daemon()
+    path = workspace.checkpoints / "step_1" / "model.pt"
+    path.parent.mkdir()
+    path.write_bytes(b"a" * 1000)
+    daemon.wait_for_event("upload_done")
+    before = os.stat(path)
+    with path.open("r+b") as file:  # in place, same size
+        file.write(b"b" * 1000)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime back
+    daemon.wait_for_event("upload_done", count=2)
+    assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == b"b" * 1000

@@ -77,6 +77,7 @@ class SyncEngine:
         self._uploading: dict[UploadJob, PendingFile] = {}
         self._refused: set[Path] = set()  # names S3 cannot take, warned about once
         self._links_skipped: set[Path] = set()  # symlinks, warned about once
+        self._uploaded: dict[Path, Snapshot] = {}  # the version of each file uploaded by us
         self.totals = Progress()
         self.last_upload_at: float | None = None
         self._observers: list[Callable[[UploadResult], None]] = []
@@ -122,6 +123,8 @@ class SyncEngine:
                     log.debug("pending_dropped", path=str(item.path), reason="deleted")
                 for gone in files_at_or_below(path, list(self.retries.waiting_keys())):
                     self.retries.forget(gone)
+                for gone in files_at_or_below(path, list(self._uploaded)):
+                    del self._uploaded[gone]
             for path in tracker.take_settled():
                 try:
                     stat = os.stat(path, follow_symlinks=False)
@@ -169,12 +172,21 @@ class SyncEngine:
         snapshot = Snapshot.of(stat)
         # Invariant: one version of a file is uploaded once. The same version may settle
         # again while it uploads (a directory renamed into place also reports each file moved).
-        if (self.ledger.is_current(self.bucket, key, snapshot.version)
+        if ((self.ledger.is_current(self.bucket, key, snapshot.version)
+             and not self._rewritten_since_upload(path, snapshot))
                 or UploadJob(path, key, snapshot) in self._uploading):
             return False
         self.planner.add(PendingFile(path, key, snapshot, _set_ref(tracker, relative)))
         self.retries.drop_waiting(path)  # the new version goes now; the old retry is moot
         return True
+
+    def _rewritten_since_upload(self, path: Path, snapshot: Snapshot) -> bool:
+        """Invariant: a file rewritten in place with its size and mtime kept (os.utime back
+        to the old mtime) is uploaded again: its ctime (or inode) tells, where the size and
+        mtime the ledger keeps cannot."""
+        uploaded = self._uploaded.get(path)
+        return uploaded is not None and (uploaded.ctime_ns, uploaded.inode) != (
+            snapshot.ctime_ns, snapshot.inode)
 
     def _refuse(self, path: Path, reason: str) -> None:
         """A file S3 cannot store is skipped with one warning, however often it settles: one
@@ -355,6 +367,7 @@ class SyncEngine:
             self.last_upload_at = time.time()
             self.throughput.record(job.snapshot.size, result.seconds)
             self.retries.succeeded(job.path)
+            self._uploaded[job.path] = job.snapshot
             self.sealer.mark_dirty(item.set_ref)
             log.info("upload_done", **fields, checksum=result.checksum)
         elif result.outcome in (Outcome.CHANGED, Outcome.CANCELLED):
