@@ -76,7 +76,7 @@ class SyncEngine:
             RetryQueue(clock=clock) if retries is None else retries)  # an empty one is falsy
         self._uploading: dict[UploadJob, PendingFile] = {}
         self._refused: set[Path] = set()  # names S3 cannot take, warned about once
-        self._links_skipped: set[Path] = set()  # symlinks, warned about once
+        self._skipped: set[Path] = set()  # symlinks, FIFOs, sockets, devices: warned once
         self._uploaded: dict[Path, Snapshot] = {}  # the version of each file uploaded by us
         self.totals = Progress()
         self.last_upload_at: float | None = None
@@ -102,7 +102,7 @@ class SyncEngine:
         queued = 0
         newest_allowed = self._wall_clock_ns() - int(quiet_seconds * 1e9)
         for tracker in self.trackers:
-            for path, stat in walk_files(tracker.root, partial(self._skip_link, tracker)):
+            for path, stat in walk_files(tracker.root, partial(self._skip, tracker)):
                 relative = tracker.relative(path)
                 if relative is None:
                     continue
@@ -133,8 +133,8 @@ class SyncEngine:
                 except OSError as exc:
                     log.warning("file_unreadable", path=str(path), error=exc.strerror)
                     continue
-                if stat_module.S_ISLNK(stat.st_mode):
-                    self._skip_link(tracker, path)
+                if not _is_regular(stat) and not stat_module.S_ISDIR(stat.st_mode):
+                    self._skip(tracker, path)
                     continue
                 if self._consider(tracker, path, stat) and self.uploader.is_uploading(path):
                     # A newer version settled while the old one uploads: stop the stale upload.
@@ -195,14 +195,20 @@ class SyncEngine:
             self._refused.add(path)
             log.warning("path_refused", path=printable_path(path), reason=reason)
 
-    def _skip_link(self, tracker: ChangeTracker, path: Path) -> None:
-        """A symlink is not followed (its target may lie outside the watched directory and
-        change with no event seen): it is neither uploaded nor listed in its set's manifest,
-        and says so once, so that a set saved with a link in it is not thought complete."""
-        if path not in self._links_skipped and tracker.relative(path) is not None:
-            self._links_skipped.add(path)
+    def _skip(self, tracker: ChangeTracker, path: Path) -> None:
+        """Only regular files are uploaded. A symlink is not followed (its target may lie
+        outside the watched directory and change with no event seen), and a FIFO, socket or
+        device holds no bytes to keep. Either is neither uploaded nor listed in its set's
+        manifest, and says so once, so that a set saved with one is not thought whole."""
+        if path in self._skipped or tracker.relative(path) is None:
+            return
+        self._skipped.add(path)
+        if os.path.islink(path):
             log.warning("symlink_skipped", path=printable_path(path),
                         detail="symlinks are not followed: save the file itself to upload it")
+        else:
+            log.warning("special_file_skipped", path=printable_path(path),
+                        detail="not a regular file (a FIFO, socket or device): not uploaded")
 
     def pump(self, upload: bool) -> None:
         """Handle finished uploads, then (when allowed) start more, newest set first."""
