@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -227,3 +228,26 @@ def test_symlinks_are_named_once_and_not_followed(workspace: Workspace, s3: Any,
     assert skipped == [str(ckpt / "latest"), str(ckpt / "step_1" / "weights.pt")]
     uploaded = {key for key in keys_in(s3, workspace.bucket) if "/.spotwatch/" not in key}
     assert uploaded == {f"run1/step_{n}/model.pt" for n in (1, 2, 3)}
+
+
+def test_fifos_and_sockets_are_named_once_and_never_block_a_set(workspace: Workspace,
+                                                                 s3: Any) -> None:
+    ckpt = workspace.checkpoints
+    save_checkpoint(ckpt / "step_1" / "model.pt", 1000)
+    os.mkfifo(ckpt / "step_1" / "progress.fifo")  # there before the start
+    daemon = workspace.start_daemon()
+    daemon.wait_for_event("special_file_skipped")
+    (ckpt / "step_2").mkdir()
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        listener.bind(str(ckpt / "step_2" / "rpc.sock"))  # seen live
+        save_checkpoint(ckpt / "step_2" / "model.pt", 2000)
+        wait_for(lambda: "run1/.spotwatch/manifests/step_2.json" in keys_in(s3, workspace.bucket))
+        daemon.wait_for_event("special_file_skipped", count=2)
+        assert daemon.stop() == 0
+    finally:
+        listener.close()
+    skipped = sorted(event["path"] for event in daemon.named("special_file_skipped"))
+    assert skipped == [str(ckpt / "step_1" / "progress.fifo"), str(ckpt / "step_2" / "rpc.sock")]
+    uploaded = {key for key in keys_in(s3, workspace.bucket) if "/.spotwatch/" not in key}
+    assert uploaded == {"run1/step_1/model.pt", "run1/step_2/model.pt"}

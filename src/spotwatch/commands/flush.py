@@ -34,13 +34,26 @@ def run(args: argparse.Namespace) -> int:
             print(f"spotwatch: error: the daemon's flush left {delegated['failed']} failing "
                   f"files: {', '.join(delegated.get('failed_files', []))}", file=sys.stderr)
             return 1
-        return 0
+        return report_still_written(delegated, "the daemon's flush")
     bar = ProgressBar("flushing", 0)
     # No terminal: no bar, so no per-chunk callbacks or byte sums either.
-    outcome = Daemon(config, bucket).flush_once(BarWatcher(bar) if bar.enabled else None)
+    daemon = Daemon(config, bucket)
+    outcome = daemon.flush_once(BarWatcher(bar) if bar.enabled else None)
     structlog.get_logger("spotwatch").info(
         "flush_summary", files=outcome.files, bytes=outcome.bytes, failed=outcome.failed)
+    report_still_written(daemon.flushes.last or {}, "the flush")
     return outcome.exit_code
+
+
+def report_still_written(record: dict[str, Any], whose: str) -> int:
+    """1, with one line naming them, when the flush stopped waiting for files that kept
+    being written (sync.stop_timeout passed and they never settled); else 0."""
+    if not record.get("still_written"):
+        return 0
+    print(f"spotwatch: error: {whose} stopped waiting for {record['still_written']} files "
+          f"still being written: {', '.join(record.get('still_written_files', []))}",
+          file=sys.stderr)
+    return 1
 
 
 class BarWatcher:

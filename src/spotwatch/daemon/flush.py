@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -59,6 +60,8 @@ class Flush:
     deadline: datetime | None
     # Monotonic time after which it no longer waits for retries (None: no deadline).
     retries_until: float | None = None
+    # Monotonic time after which it no longer waits for files still being written.
+    writes_until: float | None = None
     progress: Progress = field(default_factory=Progress)
 
 
@@ -73,8 +76,11 @@ class FlushController:
     """At most one flush at a time. Invariant: a running flush's deadline is the earliest of
     every deadline it was given; a later notice never loosens it, the work stays the same."""
 
-    def __init__(self, clock: Clock | None = None) -> None:
+    def __init__(self, clock: Clock | None = None, write_wait: float | None = None) -> None:
+        """write_wait: how long a flush with no deadline waits for files still being written
+        (None: for as long as they are written)."""
         self._clock = clock or SystemClock()
+        self._write_wait = write_wait
         self.current: Flush | None = None
         self.last: dict[str, Any] | None = None  # the record of the last finished flush
 
@@ -85,6 +91,15 @@ class FlushController:
     @property
     def retries_until(self) -> float | None:
         return self.current.retries_until if self.current is not None else None
+
+    @property
+    def writes_until(self) -> float | None:
+        """Until when the running flush waits for files being written: its deadline, or
+        write_wait after its start."""
+        flush = self.current
+        if flush is None or flush.retries_until is not None:
+            return None if flush is None else flush.retries_until
+        return None if self._write_wait is None else flush.started + self._write_wait
 
     def start(self, reason: str, deadline: datetime | None, work: FlushWork,
               until: float | None = None) -> None:
@@ -136,8 +151,10 @@ class FlushController:
             self.current.progress.files += 1
             self.current.progress.bytes += result.job.snapshot.size
 
-    def finish(self, failed: Sequence[PendingFile]) -> FinishedFlush:
-        """End the running flush; failed: the files it left behind (failing for good)."""
+    def finish(self, failed: Sequence[PendingFile],
+               still_written: Sequence[Path] = ()) -> FinishedFlush:
+        """End the running flush; failed: the files it left behind (failing for good);
+        still_written: files it stopped waiting for because they never settled."""
         flush, self.current = self.current, None
         assert flush is not None
         seconds = self._clock.monotonic() - flush.started
@@ -149,10 +166,12 @@ class FlushController:
             "bytes": flush.progress.bytes,
             "failed": len(failed),
             "failed_files": _named(failed),
+            "still_written": len(still_written),
+            "still_written_files": [str(path) for path in still_written[:NAMED_FILES_MAX]],
             "deadline_margin_seconds": None if margin is None else round(margin, 1),
             "finished_at": self._clock.now().isoformat(),
         }
-        (log.warning if failed else log.info)("flush_done", **self.last)
+        (log.warning if failed or still_written else log.info)("flush_done", **self.last)
         return FinishedFlush(flush.reason, seconds, self.last)
 
     # -- the final flush: bounded by sync.stop_timeout ------------------------------------

@@ -80,7 +80,8 @@ class Daemon:
         self.hooks = NoticeHooks(config.hooks, self.state)
         self.metrics = Metrics(imds=config.imds.enabled, peers=config.job.is_multi_node)
         self.reporter = Reporter(bucket, self.state, self.metrics)
-        self.flushes = FlushController()
+        # A flush with no deadline waits for files being written as long as a stop may take.
+        self.flushes = FlushController(write_wait=config.sync.stop_timeout)
         self._client = client
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -155,7 +156,8 @@ class Daemon:
                 watcher.close()
             self._write_status(engine)  # what the flush left behind, e.g. incomplete sets
             failed = len(engine.left_behind(None))
-            return RunOutcome(1 if failed else 0, engine.totals.files, engine.totals.bytes,
+            left = failed or len(engine.being_written())
+            return RunOutcome(1 if left else 0, engine.totals.files, engine.totals.bytes,
                               failed)
 
     def request_stop(self) -> None:
@@ -253,7 +255,8 @@ class Daemon:
         if self._pruning is not None:  # before pump: a running prune stops once work arrives
             self._pruning.tend(engine, self._quiet(engine))
         engine.pump(upload=self._uploads_allowed())
-        if self.flushes.active and engine.flush_settled(self.flushes.retries_until):
+        if self.flushes.active and engine.flush_settled(self.flushes.retries_until,
+                                                        self.flushes.writes_until):
             self._finish_flush(engine)
         elif not self.flushes.active:
             self._complete_lifecycle_when_durable(engine, "files a flush left behind")
@@ -335,7 +338,7 @@ class Daemon:
         until = self.flushes.retries_until
         failed = engine.left_behind(until)
         engine.report_sets_left_behind(until)
-        finished = self.flushes.finish(failed)
+        finished = self.flushes.finish(failed, engine.being_written())
         self._reimpose_bandwidth_cap()
         self._complete_lifecycle_when_durable(engine, f"{finished.reason} flush")
         self.reporter.count_flush(finished.reason, finished.seconds)

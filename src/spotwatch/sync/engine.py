@@ -76,7 +76,8 @@ class SyncEngine:
             RetryQueue(clock=clock) if retries is None else retries)  # an empty one is falsy
         self._uploading: dict[UploadJob, PendingFile] = {}
         self._refused: set[Path] = set()  # names S3 cannot take, warned about once
-        self._links_skipped: set[Path] = set()  # symlinks, warned about once
+        self._skipped: set[Path] = set()  # symlinks, FIFOs, sockets, devices: warned once
+        self._uploaded: dict[Path, Snapshot] = {}  # the version of each file uploaded by us
         self.totals = Progress()
         self.last_upload_at: float | None = None
         self._observers: list[Callable[[UploadResult], None]] = []
@@ -101,7 +102,7 @@ class SyncEngine:
         queued = 0
         newest_allowed = self._wall_clock_ns() - int(quiet_seconds * 1e9)
         for tracker in self.trackers:
-            for path, stat in walk_files(tracker.root, partial(self._skip_link, tracker)):
+            for path, stat in walk_files(tracker.root, partial(self._skip, tracker)):
                 relative = tracker.relative(path)
                 if relative is None:
                     continue
@@ -122,6 +123,8 @@ class SyncEngine:
                     log.debug("pending_dropped", path=str(item.path), reason="deleted")
                 for gone in files_at_or_below(path, list(self.retries.waiting_keys())):
                     self.retries.forget(gone)
+                for gone in files_at_or_below(path, list(self._uploaded)):
+                    del self._uploaded[gone]
             for path in tracker.take_settled():
                 try:
                     stat = os.stat(path, follow_symlinks=False)
@@ -130,8 +133,8 @@ class SyncEngine:
                 except OSError as exc:
                     log.warning("file_unreadable", path=str(path), error=exc.strerror)
                     continue
-                if stat_module.S_ISLNK(stat.st_mode):
-                    self._skip_link(tracker, path)
+                if not _is_regular(stat) and not stat_module.S_ISDIR(stat.st_mode):
+                    self._skip(tracker, path)
                     continue
                 if self._consider(tracker, path, stat) and self.uploader.is_uploading(path):
                     # A newer version settled while the old one uploads: stop the stale upload.
@@ -169,12 +172,21 @@ class SyncEngine:
         snapshot = Snapshot.of(stat)
         # Invariant: one version of a file is uploaded once. The same version may settle
         # again while it uploads (a directory renamed into place also reports each file moved).
-        if (self.ledger.is_current(self.bucket, key, snapshot.version)
+        if ((self.ledger.is_current(self.bucket, key, snapshot.version)
+             and not self._rewritten_since_upload(path, snapshot))
                 or UploadJob(path, key, snapshot) in self._uploading):
             return False
         self.planner.add(PendingFile(path, key, snapshot, _set_ref(tracker, relative)))
         self.retries.drop_waiting(path)  # the new version goes now; the old retry is moot
         return True
+
+    def _rewritten_since_upload(self, path: Path, snapshot: Snapshot) -> bool:
+        """Invariant: a file rewritten in place with its size and mtime kept (os.utime back
+        to the old mtime) is uploaded again: its ctime (or inode) tells, where the size and
+        mtime the ledger keeps cannot."""
+        uploaded = self._uploaded.get(path)
+        return uploaded is not None and (uploaded.ctime_ns, uploaded.inode) != (
+            snapshot.ctime_ns, snapshot.inode)
 
     def _refuse(self, path: Path, reason: str) -> None:
         """A file S3 cannot store is skipped with one warning, however often it settles: one
@@ -183,14 +195,20 @@ class SyncEngine:
             self._refused.add(path)
             log.warning("path_refused", path=printable_path(path), reason=reason)
 
-    def _skip_link(self, tracker: ChangeTracker, path: Path) -> None:
-        """A symlink is not followed (its target may lie outside the watched directory and
-        change with no event seen): it is neither uploaded nor listed in its set's manifest,
-        and says so once, so that a set saved with a link in it is not thought complete."""
-        if path not in self._links_skipped and tracker.relative(path) is not None:
-            self._links_skipped.add(path)
+    def _skip(self, tracker: ChangeTracker, path: Path) -> None:
+        """Only regular files are uploaded. A symlink is not followed (its target may lie
+        outside the watched directory and change with no event seen), and a FIFO, socket or
+        device holds no bytes to keep. Either is neither uploaded nor listed in its set's
+        manifest, and says so once, so that a set saved with one is not thought whole."""
+        if path in self._skipped or tracker.relative(path) is None:
+            return
+        self._skipped.add(path)
+        if os.path.islink(path):
             log.warning("symlink_skipped", path=printable_path(path),
                         detail="symlinks are not followed: save the file itself to upload it")
+        else:
+            log.warning("special_file_skipped", path=printable_path(path),
+                        detail="not a regular file (a FIFO, socket or device): not uploaded")
 
     def pump(self, upload: bool) -> None:
         """Handle finished uploads, then (when allowed) start more, newest set first."""
@@ -240,15 +258,27 @@ class SyncEngine:
         """Files pending, uploading or waiting to be retried."""
         return bool(self.planner or self.retries or self._uploading)
 
-    def flush_settled(self, deadline: float | None) -> bool:
+    def flush_settled(self, deadline: float | None, writes_until: float | None = None) -> bool:
         """A flush with this deadline (monotonic) has nothing left to wait for: every file is
         durable, or failing, or due for its retry only after the deadline (see
-        RetryQueue.holds_up), and every set that can be sealed is sealed."""
-        if self.planner or self._uploading or self.unsettled():
+        RetryQueue.holds_up), and every set that can be sealed is sealed.
+
+        Invariant: a flush waits for files being written only until writes_until (None: for
+        as long as they are written). A file that never settles (a log appended to all the
+        time) must not hold a flush forever; the flush reports it (see being_written), and
+        its set, held by it, stays unsealed."""
+        if self.planner or self._uploading:
+            return False
+        if self.unsettled() and (writes_until is None or self._clock() < writes_until):
             return False
         if any(self.retries.holds_up(path, deadline) for path in self.retries.waiting_keys()):
             return False
-        return self.sealer.unsealed() <= {item.set_key for item in self.retries.items()}
+        held = {item.set_key for item in self.retries.items()} | self._set_keys_being_written()
+        return self.sealer.unsealed() <= held
+
+    def being_written(self) -> list[Path]:
+        """Files still being written (not settled), in path order."""
+        return sorted(path for tracker in self.trackers for path in tracker.unsettled_paths())
 
     def left_behind(self, deadline: float | None) -> list[PendingFile]:
         """Files waiting to retry that a flush with this deadline does not wait for."""
@@ -285,12 +315,17 @@ class SyncEngine:
         busy.update(item.set_key for item in self.retries.items()
                     if item.path not in left_behind and not self.retries.is_failing(item.path))
         busy.update(item.set_key for item in self._uploading.values())
+        return busy | self._set_keys_being_written()
+
+    def _set_keys_being_written(self) -> set[str]:
+        """Sets with a file being written (not settled yet)."""
+        keys: set[str] = set()
         for tracker in self.trackers:
             for path in tracker.unsettled_paths():
                 relative = tracker.relative(path)
                 if relative is not None:
-                    busy.add(_set_ref(tracker, relative).key)
-        return busy
+                    keys.add(_set_ref(tracker, relative).key)
+        return keys
 
     def reseal_after_deletions(self, keys: list[str]) -> None:
         """Sets that lost objects get a new manifest listing what is left."""
@@ -338,6 +373,7 @@ class SyncEngine:
             self.last_upload_at = time.time()
             self.throughput.record(job.snapshot.size, result.seconds)
             self.retries.succeeded(job.path)
+            self._uploaded[job.path] = job.snapshot
             self.sealer.mark_dirty(item.set_ref)
             log.info("upload_done", **fields, checksum=result.checksum)
         elif result.outcome in (Outcome.CHANGED, Outcome.CANCELLED):

@@ -73,10 +73,10 @@ def _directory_identity(path: Path) -> tuple[int, int] | None:
     return (stat.st_dev, stat.st_ino) if stat_module.S_ISDIR(stat.st_mode) else None
 
 
-def walk_files(root: Path, on_link: Callable[[Path], None] | None = None
+def walk_files(root: Path, on_other: Callable[[Path], None] | None = None
                ) -> Iterator[tuple[Path, os.stat_result]]:
-    """Regular files under root with their lstat; symlinks are never followed (each is passed
-    to on_link instead)."""
+    """Regular files under root with their lstat. Symlinks are never followed: each, and each
+    FIFO, socket or device, is passed to on_other instead."""
     stack = [root]
     while stack:
         directory = stack.pop()
@@ -90,8 +90,8 @@ def walk_files(root: Path, on_link: Callable[[Path], None] | None = None
                     stack.append(Path(entry.path))
                 elif entry.is_file(follow_symlinks=False):
                     yield Path(entry.path), entry.stat(follow_symlinks=False)
-                elif on_link is not None and entry.is_symlink():
-                    on_link(Path(entry.path))
+                elif on_other is not None:
+                    on_other(Path(entry.path))
             except OSError:
                 continue
 
