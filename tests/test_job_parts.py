@@ -4,7 +4,10 @@ tests; tests/test_job_sets.py runs three daemons against moto)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import tempfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -246,3 +249,70 @@ def test_a_node_deletes_only_its_own_and_never_what_a_kept_set_lists(
     if rank != 0:
         assert all(part_keys[k][1] == rank for k in parts)  # only its own parts
         assert set(keys[len(parts):]) <= set(own_keys)  # only files its own parts list
+
+
+# -- one name written by two nodes configured differently -------------------------------------
+
+# How a node's transfer settings make the checksum of what it uploads: the algorithm
+# (transfer.checksum_algorithm) and, for a multipart upload, the part size
+# (transfer.multipart_chunksize; None: one part, a full-object checksum).
+UploadSettings = tuple[str, int | None]
+
+
+def digest(data: bytes, algorithm: str) -> bytes:
+    if algorithm == "CRC32":
+        return zlib.crc32(data).to_bytes(4, "big")
+    return hashlib.sha256(data).digest()
+
+
+def s3_checksum(data: bytes, settings: UploadSettings) -> str:
+    """The checksum S3 records for data uploaded with these settings."""
+    algorithm, part_size = settings
+    if part_size is None:
+        return base64.b64encode(digest(data, algorithm)).decode()
+    parts = [data[start:start + part_size] for start in range(0, len(data), part_size)]
+    of_parts = b"".join(digest(part, algorithm) for part in parts)
+    return f"{base64.b64encode(digest(of_parts, algorithm)).decode()}-{len(parts)}"
+
+
+def put_part_uploaded_with(store: InMemoryObjectStore, nodes: int, rank: int, set_name: str,
+                           files: dict[str, bytes], settings: UploadSettings) -> None:
+    """Upload a node's files and seal its part as a node with these transfer settings does."""
+    entries = []
+    for name, data in files.items():
+        path = f"{set_name}/{name}"
+        store.put(PREFIX + path, data)
+        entries.append(ManifestEntry(PREFIX + path, path, len(data), 2_000,
+                                     s3_checksum(data, settings), settings[1], settings[0]))
+    part = Part(JobNode(JOB, nodes, rank), Manifest.build(set_name, PREFIX, entries))
+    store.put(part_key(PREFIX, JOB, set_name, rank), part.to_json().encode())
+
+
+upload_settings = st.tuples(st.sampled_from(["CRC32", "SHA256"]), st.sampled_from([None, 4]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(first=upload_settings, second=upload_settings, same_bytes=st.booleans(),
+       last_writer=st.sampled_from([0, 1]))
+def test_one_name_written_by_nodes_with_other_transfer_settings(
+        first: UploadSettings, second: UploadSettings, same_bytes: bool,
+        last_writer: int) -> None:
+    """Both nodes wrote step_2/.metadata: with identical bytes the set is complete whatever
+    checksum algorithm or part size each node uploaded with (refusing it would restore the
+    older step_1 and lose a checkpoint); with other bytes (the same size) it never is,
+    whichever node's upload S3 kept (last_writer)."""
+    store = InMemoryObjectStore()
+    for rank in range(2):
+        put_part(store, 2, rank, "step_1", shard(rank, 1), 1_000)
+    written = {0: b"metadata of step 2", 1: b"metadata of step 2" if same_bytes
+               else b"metadata of step 3"}
+    settings_of = {0: first, 1: second}
+    for rank in sorted(settings_of, key=lambda rank: rank == last_writer):
+        put_part_uploaded_with(store, 2, rank, "step_2",
+                               shard(rank, 2) | {".metadata": written[rank]}, settings_of[rank])
+    with tempfile.TemporaryDirectory() as temp:
+        report = restore_job(store, Path(temp), 2)
+        assert report is not None
+        assert report.set_name == ("step_2" if same_bytes else "step_1")
+        if same_bytes:
+            assert (Path(temp) / "step_2/.metadata").read_bytes() == written[0]

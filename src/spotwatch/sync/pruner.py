@@ -127,7 +127,12 @@ class Pruner:
             return plan_deletions(watch.prefix, accepts, list_manifests(self._store, watch.prefix),
                                   gone, self._keep_sets, self._is_complete)
         job_sets = list_job_sets(self._store, watch.prefix, self._node.job_id, self._node.nodes)
-        problems = {job_set.set_name: job_set.problem() for job_set in job_sets}
+        # A set some of whose files only restore can check (nodes wrote them with other
+        # transfer settings, JobSet.other_checksums) never counts as a complete set to keep:
+        # retention must not drop an older set for one that restore may refuse.
+        problems = {job_set.set_name: job_set.problem() or (
+            "checked only on restore" if job_set.other_checksums else None)
+            for job_set in job_sets}
 
         def complete_for_job(whole: Manifest) -> bool:
             return problems[whole.set_name] is None and self._is_complete(whole)

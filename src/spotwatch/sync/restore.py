@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -121,11 +121,13 @@ def _destination(to: Path | None, watch: WatchDir) -> Path:
 class Candidate:
     """A set restore may choose. `whole` must be complete in S3; `fetch` is what is
     downloaded and verified: the whole set, or one node's part of a job's set. problem: why
-    the set cannot be restored at all (a job's set missing a node's part)."""
+    the set cannot be restored at all (a job's set missing a node's part); also: by key,
+    other nodes' entries the fetched bytes must match as well (JobSet.other_checksums)."""
 
     whole: Manifest
     fetch: Manifest
     problem: str | None = None
+    also: Mapping[str, tuple[ManifestEntry, ...]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, manifest: Manifest) -> Candidate:
@@ -172,7 +174,7 @@ def restore_candidates(store: ObjectStore, prefix: str, job: JobSettings,
         whole = job_set.whole
         problem = job_set.problem()
         fetch = whole if node_rank is None or problem else job_set.parts[node_rank]
-        candidates.append(Candidate(whole, fetch, problem))
+        candidates.append(Candidate(whole, fetch, problem, job_set.other_checksums))
     return candidates
 
 
@@ -191,7 +193,8 @@ def restore_newest(store: ObjectStore, sets: Sequence[Manifest | Candidate], des
                 passed_over.append(manifest.set_name)
                 continue
             report = _download(store, manifest, destination, preferred, ledger,
-                               complete=partial(is_complete, store, candidate.whole))
+                               complete=partial(is_complete, store, candidate.whole),
+                               also=candidate.also)
         except SetIncomplete:
             log.warning("set_incomplete", set=manifest.set_name,
                         reason="a listed object is missing or has another size")
@@ -223,7 +226,7 @@ def _part_size(store: ObjectStore, entry: ManifestEntry) -> int | None:
 
 
 def _already_there(target: Path, entry: ManifestEntry, part_size: int | None,
-                   preferred: str) -> bool:
+                   preferred: str, also: Sequence[ManifestEntry]) -> bool:
     """Whether the target already holds the entry's bytes. A directory in its place is refused
     here, before any download: restore never replaces one, and finding it only when the files
     move into place would leave part of the set there."""
@@ -234,7 +237,17 @@ def _already_there(target: Path, entry: ManifestEntry, part_size: int | None,
     if S_ISDIR(stat.st_mode):
         raise SpotwatchError(f"cannot restore {entry.path!r}: {target} is a directory")
     return ((stat.st_size, stat.st_mtime_ns) == (entry.size, entry.mtime_ns)
-            and verify(target, entry, part_size, preferred) is None)
+            and verify(target, entry, part_size, preferred) is None
+            and _mismatch(target, also, preferred) is None)
+
+
+def _mismatch(path: Path, entries: Sequence[ManifestEntry], preferred: str) -> str | None:
+    """Why the file is not what one of these entries (other nodes' of its key) describes."""
+    for entry in entries:
+        problem = verify(path, entry, entry.part_size, preferred)
+        if problem is not None:
+            return f"{entry.path}: {problem} of another node's part"
+    return None
 
 
 @contextmanager
@@ -274,6 +287,15 @@ def _make_folders(folders: set[Path], made: list[Path]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
 
 
+def _check_also(todo: Sequence[tuple[FileToFetch, Path]],
+                mapping: Mapping[str, tuple[ManifestEntry, ...]], preferred: str) -> None:
+    """SetCorrupt unless every downloaded file also matches the other entries of its key."""
+    for file, _ in todo:
+        problem = _mismatch(file.temp, mapping.get(file.entry.key, ()), preferred)
+        if problem is not None:
+            raise SetCorrupt(problem)
+
+
 def temporary(target: Path) -> Path:
     """Where the target's bytes wait until its set checks out: beside it, hidden, and still
     within NAME_MAX when the target's own name nearly fills it (then named by its digest)."""
@@ -285,16 +307,18 @@ def temporary(target: Path) -> Path:
 
 
 def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferred: str,
-              ledger: Ledger | None, complete: Callable[[], bool] | None = None
-              ) -> RestoreReport:
-    """complete: the set's completeness check, run beside the downloads (SetIncomplete)."""
+              ledger: Ledger | None, complete: Callable[[], bool] | None = None,
+              also: Mapping[str, tuple[ManifestEntry, ...]] | None = None) -> RestoreReport:
+    """complete: the set's completeness check, run beside the downloads (SetIncomplete);
+    also: by key, more entries each file must match (Candidate.also; SetCorrupt)."""
+    also = also or {}
     targets = _Targets(destination)
     todo: list[tuple[FileToFetch, Path]] = []
     skipped = 0
     for entry in manifest.files:
         target = targets.of(entry)
         part_size = _part_size(store, entry)
-        if _already_there(target, entry, part_size, preferred):
+        if _already_there(target, entry, part_size, preferred, also.get(entry.key, ())):
             skipped += 1
         else:
             todo.append((FileToFetch(entry, temporary(target), part_size), target))
@@ -305,6 +329,7 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
             _make_folders({target.parent for _, target in todo}, made)
             fetch_verified(store, [file for file, _ in todo], preferred, progress, temps,
                            complete)
+            _check_also(todo, also, preferred)
             # Every file of the set checked out: only now does anything land in place.
             for file, target in todo:
                 entry = file.entry

@@ -106,19 +106,33 @@ class JobSet:
         Invariant 2 on a job: a set is complete only when every rank 0..nodes-1 sealed a valid
         part of it for this job, and no two parts list one key with another size or checksum
         (two nodes wrote the same name and one overwrote the other) nor one path as a file
-        and as a directory.
+        and as a directory. Checksums made with other transfer settings say nothing about
+        whether the bytes differ: restore checks the bytes against each (other_checksums).
         """
         missing = [rank for rank in range(self.nodes) if rank not in self.parts]
         if missing:
             return f"no part from node {', '.join(map(str, missing))} of {self.nodes}"
         return self._conflict()
 
+    @cached_property
+    def other_checksums(self) -> Mapping[str, tuple[ManifestEntry, ...]]:
+        """By key, one entry per checksum, for the keys parts list with several checksums
+        (made by other algorithms or over other parts: nodes with other transfer settings).
+        The parts cannot tell whether such nodes wrote the same bytes, so the bytes restored
+        for the key must match each of these entries."""
+        by_key: dict[str, dict[str | None, ManifestEntry]] = {}
+        for rank in sorted(self.parts):
+            for entry in self.parts[rank].files:
+                by_key.setdefault(entry.key, {}).setdefault(entry.checksum, entry)
+        return {key: tuple(entries.values()) for key, entries in by_key.items()
+                if len(entries) > 1}
+
     def _conflict(self) -> str | None:
         seen: dict[str, tuple[int, ManifestEntry]] = {}
         for rank in sorted(self.parts):
             for entry in self.parts[rank].files:
                 first = seen.setdefault(entry.key, (rank, entry))
-                if (first[1].size, first[1].checksum) != (entry.size, entry.checksum):
+                if _differ(first[1], entry):
                     return (f"nodes {first[0]} and {rank} both wrote {entry.key} with different "
                             f"contents (file names must differ between nodes)")
         try:
@@ -126,3 +140,13 @@ class JobSet:
         except ManifestError as exc:
             return f"the nodes' parts clash: {exc}"
         return None
+
+
+def _differ(one: ManifestEntry, other: ManifestEntry) -> bool:
+    """Whether two entries of one key are sure to describe other bytes: other sizes, or
+    other checksums made alike (the same algorithm, over the same parts)."""
+    if one.size != other.size:
+        return True
+    made_alike = ((one.checksum_algorithm, one.part_size)
+                  == (other.checksum_algorithm, other.part_size))
+    return made_alike and one.checksum != other.checksum
