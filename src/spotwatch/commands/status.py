@@ -96,6 +96,10 @@ def render_status(report: dict[str, Any]) -> str:
         if incomplete:
             lines.append(f"incomplete:   {len(incomplete)} sets without a manifest (a file "
                          f"is not in S3): {', '.join(incomplete[:5])}")
+        unsealed = daemon.get("unsealed_sets") or []
+        if unsealed:
+            lines.append(f"unsealed:     {len(unsealed)} sets waiting for their manifest (no "
+                         f"checkpoint yet): {', '.join(unsealed[:5])}")
         flush = daemon.get("last_flush")
         if flush:
             lines.append(f"last flush:   {flush['files']} files, {_size(flush['bytes'])} in "
