@@ -1,11 +1,14 @@
 """What `spotwatch status`, status.json and the metrics say, compared with what is true: a set
-whose manifest is not written yet, and a final flush the stop timeout cut short."""
+whose manifest is not written yet, a final flush the stop timeout cut short, a stalled daemon."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from typing import Any
 
+from spotwatch.commands.status import HEALTHY_WITHIN_SECONDS
 from tests.conftest import Daemon, Workspace, wait_for
 from tests.faultproxy import FaultProxy
 from tests.test_faults import checkpoint_data, proxy  # noqa: F401  (the proxy fixture)
@@ -57,3 +60,23 @@ def test_a_stop_cut_short_leaves_no_flush_reported_running(
     assert status["last_flush"]["reason"] == "shutdown"
     assert status["last_flush"]["timed_out"] is True
     assert status["unsealed_sets"] == ["run1/step_1"]
+
+
+def test_a_stalled_daemon_is_stalled_in_every_status_output(workspace: Workspace) -> None:
+    """A daemon that stops reporting (here SIGSTOP) still holds its lock: --healthy says so
+    after HEALTHY_WITHIN_SECONDS, and the text and JSON must say the same, not "ok"."""
+    daemon = workspace.start_daemon()
+    wait_for(lambda: workspace.status().get("pid") == daemon.process.pid)
+    os.kill(daemon.process.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: workspace.cli("status", "--healthy", "-c",
+                                       str(workspace.config_file)).returncode == 1,
+                 timeout=HEALTHY_WITHIN_SECONDS + 30, interval=1.0)
+        shown = workspace.cli("status", "-c", str(workspace.config_file)).stdout
+        assert "health:       stalled: no report since" in shown and "health:       ok" not in shown
+        report = json.loads(workspace.cli("status", "--json", "-c",
+                                          str(workspace.config_file)).stdout)
+        assert report["daemon_pid"] == daemon.process.pid and report["healthy"] is False
+    finally:
+        os.kill(daemon.process.pid, signal.SIGCONT)
+    assert daemon.stop() == 0
