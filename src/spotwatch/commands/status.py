@@ -37,6 +37,7 @@ def gather_status(config: Config, bucket: str) -> dict[str, Any]:
         report["last_upload_at"] = summary.last_upload
     else:
         report.update(uploaded_objects=0, uploaded_bytes=0, last_upload_at=None)
+    report["healthy"] = is_healthy(report)  # the one verdict --healthy, the text and JSON give
     return report
 
 
@@ -50,7 +51,11 @@ def is_healthy(report: dict[str, Any]) -> bool:
     daemon = report.get("daemon")
     if not report.get("daemon_pid") or not daemon or daemon.get("degraded"):
         return False
-    return bool(time.time() - float(daemon.get("updated_at", 0)) < HEALTHY_WITHIN_SECONDS)
+    return not _stalled(daemon)
+
+
+def _stalled(daemon: dict[str, Any]) -> bool:
+    return time.time() - float(daemon.get("updated_at", 0)) >= HEALTHY_WITHIN_SECONDS
 
 
 def _ago(timestamp: float | None) -> str:
@@ -73,6 +78,13 @@ def _from_peer(notice: dict[str, Any]) -> str:
     return f" from node {notice.get('peer_rank')}" if notice.get("source") == "peer" else ""
 
 
+def _health(daemon: dict[str, Any]) -> str:
+    if _stalled(daemon):
+        return f"stalled: no report since {_ago(float(daemon.get('updated_at', 0)))}"
+    degraded = daemon.get("degraded")
+    return "degraded: " + "; ".join(degraded) if degraded else "ok"
+
+
 def render_status(report: dict[str, Any]) -> str:
     lines = [f"bucket:       {report['bucket']}"]
     daemon = report.get("daemon")
@@ -83,9 +95,7 @@ def render_status(report: dict[str, Any]) -> str:
                      f"{daemon.get('retrying_files', 0)} waiting to retry, of which "
                      f"{daemon.get('failing_files', 0)} failing); "
                      f"{daemon['unsettled_files']} still being written")
-        degraded = daemon.get("degraded")
-        lines.append("health:       " + ("degraded: " + "; ".join(degraded) if degraded
-                                         else "ok"))
+        lines.append("health:       " + _health(daemon))
         if daemon.get("metrics_url"):
             lines.append(f"metrics:      {daemon['metrics_url']}/metrics")
         notice = daemon.get("last_notice")
@@ -96,6 +106,10 @@ def render_status(report: dict[str, Any]) -> str:
         if incomplete:
             lines.append(f"incomplete:   {len(incomplete)} sets without a manifest (a file "
                          f"is not in S3): {', '.join(incomplete[:5])}")
+        unsealed = daemon.get("unsealed_sets") or []
+        if unsealed:
+            lines.append(f"unsealed:     {len(unsealed)} sets waiting for their manifest (no "
+                         f"checkpoint yet): {', '.join(unsealed[:5])}")
         flush = daemon.get("last_flush")
         if flush:
             lines.append(f"last flush:   {flush['files']} files, {_size(flush['bytes'])} in "

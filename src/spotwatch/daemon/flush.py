@@ -155,6 +155,13 @@ class FlushController:
                still_written: Sequence[Path] = ()) -> FinishedFlush:
         """End the running flush; failed: the files it left behind (failing for good);
         still_written: files it stopped waiting for because they never settled."""
+        finished = self._end(failed, still_written, timed_out=False)
+        (log.warning if failed or still_written else log.info)("flush_done", **finished.record)
+        return finished
+
+    def _end(self, failed: Sequence[PendingFile], still_written: Sequence[Path],
+             timed_out: bool) -> FinishedFlush:
+        """No flush runs any more; self.last records the one that ran."""
         flush, self.current = self.current, None
         assert flush is not None
         seconds = self._clock.monotonic() - flush.started
@@ -168,10 +175,10 @@ class FlushController:
             "failed_files": _named(failed),
             "still_written": len(still_written),
             "still_written_files": [str(path) for path in still_written[:NAMED_FILES_MAX]],
+            "timed_out": timed_out,
             "deadline_margin_seconds": None if margin is None else round(margin, 1),
             "finished_at": self._clock.now().isoformat(),
         }
-        (log.warning if failed or still_written else log.info)("flush_done", **self.last)
         return FinishedFlush(flush.reason, seconds, self.last)
 
     # -- the final flush: bounded by sync.stop_timeout ------------------------------------
@@ -186,14 +193,18 @@ class FlushController:
                       totals: Progress) -> int:
         """Exit code 0 when everything is durable; 1 when the flush ran out of time or left
         failing files behind (logged as flush_incomplete, so the operator sees it, with the
-        sets still waiting for their manifest: their files alone are no checkpoint)."""
-        if self.current is None and left.pending_files == 0:
+        sets still waiting for their manifest: their files alone are no checkpoint). A flush
+        the stop timeout cut short ends here too: nothing reports it running after the stop."""
+        timed_out = self.current is not None
+        if timed_out:
+            self._end(failing, (), timed_out=True)
+        if not timed_out and left.pending_files == 0:
             log.info("daemon_stopped", files=totals.files, bytes=totals.bytes)
             return 0
         log.error("flush_incomplete", pending_files=left.pending_files,
                   pending_bytes=left.pending_bytes, retrying=left.retrying,
                   uploading=left.uploading, unsettled=left.unsettled,
-                  failed_files=_named(failing), timed_out=self.current is not None,
+                  failed_files=_named(failing), timed_out=timed_out,
                   unsealed_sets=list(left.unsealed_sets[:NAMED_SETS_MAX]))
         return 1
 

@@ -354,9 +354,9 @@ class Daemon:
             self._step(engine)
             if self.flushes.active:
                 self._sleep(min(TICK_SECONDS, self.flushes.time_left(give_up_at)))
-        self._write_status(engine)
         verdict = self.flushes.final_verdict(EngineSnapshot.of(engine),
                                              engine.left_behind(give_up_at), engine.totals)
+        self._write_status(engine)  # after the verdict, which ends a flush cut short
         self._release_lifecycle(verdict == 0)
         return verdict
 

@@ -56,6 +56,10 @@ class Metrics:
         self.incomplete_sets = Gauge(
             "spotwatch_incomplete_sets",
             "Checkpoint sets left without a manifest: a file of theirs is not in S3", registry=r)
+        self.unsealed_sets = Gauge(
+            "spotwatch_unsealed_sets",
+            "Checkpoint sets still waiting for their manifest (no checkpoint until it is written)",
+            registry=r)
         self.uploaded_files = Counter("spotwatch_uploaded_files", "Files uploaded", registry=r)
         self.uploaded_bytes = Counter("spotwatch_uploaded_bytes", "Bytes uploaded", registry=r)
         self.upload_errors = Counter("spotwatch_upload_errors", "Failed uploads", registry=r)

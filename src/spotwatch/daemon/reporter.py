@@ -138,6 +138,7 @@ class Reporter:
             "flushing": flushes.active,
             "metrics_url": self.metrics_url,
             "incomplete_sets": list(left.incomplete_sets),
+            "unsealed_sets": list(left.unsealed_sets),
             "bandwidth_cap": None if self._bandwidth is None else self._bandwidth.rate,
             "bandwidth_cap_lifted": None if self._bandwidth is None else self._bandwidth.lifted,
         }
@@ -150,6 +151,7 @@ class Reporter:
     def _set_gauges(self, left: EngineSnapshot, degraded: list[str],
                     imds_up: bool | None, peers_up: bool | None) -> None:
         self.metrics.incomplete_sets.set(len(left.incomplete_sets))
+        self.metrics.unsealed_sets.set(len(left.unsealed_sets))
         self.metrics.pending_files.set(left.pending_files)
         self.metrics.pending_bytes.set(left.pending_bytes)
         self.metrics.uploading.set(left.uploading)
