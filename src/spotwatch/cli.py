@@ -73,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--keep-sets", type=int, metavar="N", help="override sync.keep_sets")
     commands.add_parser("iam-policy", parents=[common], help="print the least-privilege IAM "
                         "policy for the configured bucket and prefixes")
-    commands.add_parser("demo", help="rehearse an interruption against embedded S3 and IMDS")
+    commands.add_parser("demo", help="rehearse an interruption against embedded S3 and IMDS",
+                        description="Rehearse an interruption: an embedded S3 and IMDS, a "
+                        "simulated trainer, a spot notice, the flush, and a check of every "
+                        "object against the trainer's files. Needs no AWS account.")
     return parser
 
 
