@@ -167,3 +167,17 @@ def test_part_count_stays_within_s3s_limit(tmp_path: Path, s3: Any, bucket: str,
     head = s3.head_object(Bucket=bucket, Key="big.pt", PartNumber=1)
     assert head["PartsCount"] == 2 and head["ContentLength"] == 10 * MiB
     assert object_bytes(s3, bucket, "big.pt") == path.read_bytes()
+
+
+@pytest.mark.parametrize(("part_size", "target_gbps"), [(256 * MiB, 1.0), (5 * 1024 * MiB, None)])
+def test_part_sizes_up_to_s3s_limit_upload_at_any_target_throughput(
+        tmp_path: Path, s3: Any, bucket: str, part_size: int, target_gbps: float | None) -> None:
+    """Any part size S3 allows uploads: the CRT's default pool refused parts over 128 MiB at
+    1 Gbit/s (1 GiB at its default 10), and every upload failed with a traceback."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(os.urandom(6 * MiB))
+    settings = TransferSettings(multipart_threshold=5 * MiB, multipart_chunksize=part_size,
+                                target_throughput=target_gbps)
+    [result] = upload(bucket, settings, job_for(path, "model.pt"))
+    assert result.outcome is Outcome.DONE, result
+    assert object_bytes(s3, bucket, "model.pt") == path.read_bytes()

@@ -76,6 +76,11 @@ Outcome = Callable[[str | None], None]
 # the CRT adds its own checksum instead.
 _NO_MD5 = "override-to-be-removed"
 _CANCELED = "AWS_ERROR_S3_CANCELED"
+# The CRT's default part pool is sized by the target throughput and refuses a larger part
+# size (over 128 MiB at 1 Gbit/s, 1 GiB at 10), which S3 allows up to 5 GiB; such a part
+# size gets a pool of this many parts (the CRT needs a little over two).
+_PART_SIZE_OVER_POOL = "AWS_ERROR_S3_PART_SIZE_EXCEEDS_MEMORY_LIMIT"
+PARTS_IN_OWN_POOL = 4
 _CHECKSUM_MISMATCH = "AWS_ERROR_S3_RESPONSE_CHECKSUM_MISMATCH"
 # The CRT's words for a file it could not read, as the OSErrors the uploader understands.
 _FILE_ERRORS: dict[str, int] = {
@@ -410,12 +415,20 @@ def _crt_client(region: str, settings: TransferSettings, credentials: Credential
                 if credentials is not None else None)
     event_loops = EventLoopGroup()
     bootstrap = ClientBootstrap(event_loops, DefaultHostResolver(event_loops))
+    options: dict[str, Any] = {
+        "bootstrap": bootstrap, "region": region, "credential_provider": provider,
+        "tls_mode": (awscrt.s3.S3RequestTlsMode.ENABLED if use_tls
+                     else awscrt.s3.S3RequestTlsMode.DISABLED),
+        "part_size": settings.multipart_chunksize,
+        "multipart_upload_threshold": settings.multipart_threshold,
+        "throughput_target_gbps": target_throughput_gbps(settings),
+        "retry_config": awscrt.s3.S3RetryConfig(max_retries=settings.max_attempts - 1),
+        "enable_s3express": True}
+    try:
+        return awscrt.s3.S3Client(**options)
+    except RuntimeError as exc:
+        if _PART_SIZE_OVER_POOL not in str(exc):
+            raise
+    # Only then a pool of our own (any explicit bound slowed the flush, see above).
     return awscrt.s3.S3Client(
-        bootstrap=bootstrap, region=region, credential_provider=provider,
-        tls_mode=(awscrt.s3.S3RequestTlsMode.ENABLED if use_tls
-                  else awscrt.s3.S3RequestTlsMode.DISABLED),
-        part_size=settings.multipart_chunksize,
-        multipart_upload_threshold=settings.multipart_threshold,
-        throughput_target_gbps=target_throughput_gbps(settings),
-        retry_config=awscrt.s3.S3RetryConfig(max_retries=settings.max_attempts - 1),
-        enable_s3express=True)
+        **options, memory_limit=PARTS_IN_OWN_POOL * settings.multipart_chunksize)
