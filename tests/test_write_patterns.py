@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .conftest import Workspace, keys_in, object_bytes
+from .conftest import Workspace, keys_in, object_bytes, wait_for
 
 
 @contextmanager
@@ -88,3 +88,28 @@ def test_a_rewrite_keeping_size_and_mtime_is_uploaded_again(workspace: Workspace
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime back
     daemon.wait_for_event("upload_done", count=2)
     assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == b"b" * 1000
+
+
+def test_a_file_linked_into_two_sets_ends_equal_under_both_names(workspace: Workspace,
+                                                                 s3: Any) -> None:
+    """inotify reports a write only under the name it went through: the other name of a
+    hard-linked file must be uploaded again too, and its set sealed with the new bytes."""
+    daemon = workspace.start_daemon()
+    first = workspace.checkpoints / "step_1" / "shared.bin"
+    first.parent.mkdir()
+    first.write_bytes(b"old" * 100)
+    daemon.wait_for_event("set_complete")
+    second = workspace.checkpoints / "step_2" / "shared.bin"
+    second.parent.mkdir()
+    os.link(first, second)
+    daemon.wait_for_event("set_complete", count=2)
+    with first.open("r+b") as file:  # in place, through the first name only
+        file.write(b"new" * 100)
+    for key in ("run1/step_1/shared.bin", "run1/step_2/shared.bin"):
+        wait_for(lambda key=key: object_bytes(s3, workspace.bucket, key) == b"new" * 100)
+    daemon.wait_for_event("set_complete", count=4)
+    target = workspace.root / "restored"
+    result = workspace.cli("restore", "-c", str(workspace.config_file), "--to", str(target),
+                           "--set", "step_2")
+    assert result.returncode == 0, result.stderr
+    assert (target / "step_2" / "shared.bin").read_bytes() == b"new" * 100

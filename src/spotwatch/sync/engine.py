@@ -136,9 +136,24 @@ class SyncEngine:
                 if not _is_regular(stat) and not stat_module.S_ISDIR(stat.st_mode):
                     self._skip(tracker, path)
                     continue
-                if self._consider(tracker, path, stat) and self.uploader.is_uploading(path):
+                if not self._consider(tracker, path, stat):
+                    continue
+                if self.uploader.is_uploading(path):
                     # A newer version settled while the old one uploads: stop the stale upload.
                     self.uploader.cancel(path)
+                if stat.st_nlink > 1:
+                    self._mark_other_links(path, stat)
+
+    def _mark_other_links(self, path: Path, stat: os.stat_result) -> None:
+        """Invariant: a file hard-linked under several names ends equal to its final bytes
+        under each of them. inotify reports a write only under the name it went through, so
+        when a new version of a linked file settles, the other names uploaded with its inode
+        are looked at again as if just closed (only a changed version gets here, so two names
+        never keep marking each other)."""
+        for other, snapshot in self._uploaded.items():
+            if other != path and snapshot.inode == stat.st_ino:
+                for tracker in self.trackers:
+                    tracker.mark(other, closed=True)  # only the tracker whose root holds it
 
     def _cancel_stale_uploads(self, touched: list[Path]) -> None:
         """Invariant: an upload whose file is deleted, renamed away or written to stops as
