@@ -11,7 +11,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spotwatch.keys import manifest_key
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
+from spotwatch.sync.sets.remote import list_manifests
+
 from .conftest import Workspace, keys_in, object_bytes, wait_for
+from .memory_store import InMemoryObjectStore
 
 
 @contextmanager
@@ -113,3 +121,63 @@ def test_a_file_linked_into_two_sets_ends_equal_under_both_names(workspace: Work
                            "--set", "step_2")
     assert result.returncode == 0, result.stderr
     assert (target / "step_2" / "shared.bin").read_bytes() == b"new" * 100
+
+
+YEAR_2100_NS = 4_102_444_800 * 10**9
+
+
+def test_a_file_dated_in_the_future_does_not_make_its_set_the_newest(workspace: Workspace,
+                                                                     s3: Any) -> None:
+    """A set is no newer than its seal: a file with a 2100 mtime (a clock set wrong, a copy
+    keeping its mtime) must not outrank, for restore or for retention, the checkpoints
+    sealed after it."""
+    future = workspace.checkpoints / "copied.pt"
+    future.write_bytes(b"copied")
+    os.utime(future, ns=(YEAR_2100_NS, YEAR_2100_NS))
+    assert workspace.cli("flush", "-c", str(workspace.config_file)).returncode == 0
+    step = workspace.checkpoints / "step_1"
+    step.mkdir()
+    (step / "model.pt").write_bytes(b"weights")  # written after the first set was sealed
+    assert workspace.cli("flush", "-c", str(workspace.config_file)).returncode == 0
+
+    target = workspace.root / "restored"
+    result = workspace.cli("restore", "-c", str(workspace.config_file), "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert os.listdir(target) == ["step_1"]
+    assert (target / "step_1" / "model.pt").read_bytes() == b"weights"
+
+    result = workspace.cli("prune", "-c", str(workspace.config_file), "--keep-sets", "1")
+    assert result.returncode == 0, result.stderr
+    keys = keys_in(s3, workspace.bucket)
+    assert {"run1/step_1/model.pt", "run1/.spotwatch/manifests/step_1.json"} <= keys, keys
+    assert "run1/.spotwatch/manifests/copied.pt.json" not in keys, keys
+
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+
+
+def _sealed(name: str, mtimes: list[int], sealed_at: float) -> Manifest:
+    return Manifest(name, "run1/", tuple(ManifestEntry(f"run1/{name}/f{index}", f"{name}/f{index}",
+                                                       1, mtime, None)
+                                         for index, mtime in enumerate(mtimes)), sealed_at)
+
+
+@given(earlier_mtimes=st.lists(INT64, min_size=1, max_size=3),
+       earlier_seal=st.floats(0.0, 5e9), seal_gap=st.floats(1.0, 1e6),
+       written=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=3),
+       other_seal=st.floats(allow_nan=False, allow_infinity=False))
+def test_a_set_written_after_another_was_sealed_is_newer_whatever_its_mtimes(
+        earlier_mtimes: list[int], earlier_seal: float, seal_gap: float,
+        written: list[float], other_seal: float) -> None:
+    """However the first set's files are dated, a set whose files were all written after it
+    was sealed comes before it (for restore and retention), and no seal time, however wild
+    a third set's, breaks the sort."""
+    later_mtimes = [int((earlier_seal + 0.5 + share * (seal_gap - 0.5)) * 1e9)
+                    for share in written]  # between the first seal and its own
+    store = InMemoryObjectStore()
+    for manifest in (_sealed("a", earlier_mtimes, earlier_seal),
+                     _sealed("b", later_mtimes, earlier_seal + seal_gap),
+                     _sealed("c", earlier_mtimes, other_seal)):
+        store.put(manifest_key("run1/", manifest.set_name), manifest.to_json().encode())
+    order = [m.set_name for m in list_manifests(store, "run1/")]
+    assert order.index("b") < order.index("a"), order
