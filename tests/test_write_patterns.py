@@ -83,17 +83,18 @@ def test_daemon_flush_stops_waiting_for_a_log_that_never_settles(workspace: Work
     assert "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket)
 
 
-def test_a_rewrite_keeping_size_and_mtime_is_uploaded_again(workspace: Workspace,
-                                                            s3: Any) -> None:
+def test_a_replacement_keeping_size_and_mtime_is_uploaded_again(workspace: Workspace,
+                                                                s3: Any) -> None:
     daemon = workspace.start_daemon()
     path = workspace.checkpoints / "step_1" / "model.pt"
     path.parent.mkdir()
     path.write_bytes(b"a" * 1000)
     daemon.wait_for_event("upload_done")
     before = os.stat(path)
-    with path.open("r+b") as file:  # in place, same size
-        file.write(b"b" * 1000)
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime back
+    staged = path.with_name("staged.tmp")  # excluded: never uploaded itself
+    staged.write_bytes(b"b" * 1000)  # the same size
+    os.utime(staged, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime
+    os.replace(staged, path)
     daemon.wait_for_event("upload_done", count=2)
     assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == b"b" * 1000
 
@@ -121,6 +122,30 @@ def test_a_file_linked_into_two_sets_ends_equal_under_both_names(workspace: Work
                            "--set", "step_2")
     assert result.returncode == 0, result.stderr
     assert (target / "step_2" / "shared.bin").read_bytes() == b"new" * 100
+
+
+def test_linking_or_chmod_uploads_no_name_again(workspace: Workspace, s3: Any) -> None:
+    """A trainer hard-linking an unchanged shard into each new step (or changing a file's
+    mode) changes the inode's ctime, not its bytes: no name is uploaded again, or linking
+    into N steps would cost N squared uploads."""
+    daemon = workspace.start_daemon()
+    first = workspace.checkpoints / "step_1" / "frozen.bin"
+    first.parent.mkdir()
+    first.write_bytes(b"frozen" * 100)
+    daemon.wait_for_event("set_complete")
+    for step in (2, 3, 4):
+        linked = workspace.checkpoints / f"step_{step}" / "frozen.bin"
+        linked.parent.mkdir()
+        os.link(first, linked)
+        daemon.wait_for_event("set_complete", count=step)
+    first.chmod(0o600)
+    marker = workspace.checkpoints / "step_5" / "model.pt"  # settles after the chmod event
+    marker.parent.mkdir()
+    marker.write_bytes(b"five")
+    daemon.wait_for_event("set_complete", count=5)
+    uploads = [event["key"] for event in daemon.named("upload_done")]
+    assert sorted(uploads) == sorted([f"run1/step_{n}/frozen.bin" for n in (1, 2, 3, 4)]
+                                     + ["run1/step_5/model.pt"])
 
 
 YEAR_2100_NS = 4_102_444_800 * 10**9

@@ -196,12 +196,13 @@ class SyncEngine:
         return True
 
     def _rewritten_since_upload(self, path: Path, snapshot: Snapshot) -> bool:
-        """Invariant: a file rewritten in place with its size and mtime kept (os.utime back
-        to the old mtime) is uploaded again: its ctime (or inode) tells, where the size and
-        mtime the ledger keeps cannot."""
+        """Invariant: a file replaced by another of the same size and mtime (saved under a
+        temporary name with the old mtime, then renamed over it) is uploaded again: its inode
+        tells, where the size and mtime the ledger keeps cannot. Not its ctime: linking the
+        file under another name or changing its mode changes that, not its bytes, and a
+        trainer linking an unchanged shard into every step would upload it again each time."""
         uploaded = self._uploaded.get(path)
-        return uploaded is not None and (uploaded.ctime_ns, uploaded.inode) != (
-            snapshot.ctime_ns, snapshot.inode)
+        return uploaded is not None and uploaded.inode != snapshot.inode
 
     def _refuse(self, path: Path, reason: str) -> None:
         """A file S3 cannot store is skipped with one warning, however often it settles: one
