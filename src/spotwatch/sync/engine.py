@@ -29,6 +29,7 @@ from spotwatch.sync.sets.sealer import SetSealer
 from spotwatch.sync.subtree import files_at_or_below
 from spotwatch.sync.throughput import ThroughputMeter
 from spotwatch.sync.tracker import ChangeTracker, walk_files
+from spotwatch.sync.uploaded import UploadedThisRun
 from spotwatch.sync.uploader import Uploader
 
 log = structlog.get_logger("spotwatch.engine")
@@ -77,7 +78,7 @@ class SyncEngine:
         self._uploading: dict[UploadJob, PendingFile] = {}
         self._refused: set[Path] = set()  # names S3 cannot take, warned about once
         self._skipped: set[Path] = set()  # symlinks, FIFOs, sockets, devices: warned once
-        self._uploaded: dict[Path, Snapshot] = {}  # the version of each file uploaded by us
+        self._uploaded = UploadedThisRun()
         self.totals = Progress()
         self.last_upload_at: float | None = None
         self._observers: list[Callable[[UploadResult], None]] = []
@@ -123,8 +124,7 @@ class SyncEngine:
                     log.debug("pending_dropped", path=str(item.path), reason="deleted")
                 for gone in files_at_or_below(path, list(self.retries.waiting_keys())):
                     self.retries.forget(gone)
-                for gone in files_at_or_below(path, list(self._uploaded)):
-                    del self._uploaded[gone]
+                self._uploaded.forget_at_or_below(path)
             for path in tracker.take_settled():
                 try:
                     stat = os.stat(path, follow_symlinks=False)
@@ -150,10 +150,9 @@ class SyncEngine:
         when a new version of a linked file settles, the other names uploaded with its inode
         are looked at again as if just closed (only a changed version gets here, so two names
         never keep marking each other)."""
-        for other, snapshot in self._uploaded.items():
-            if other != path and snapshot.inode == stat.st_ino:
-                for tracker in self.trackers:
-                    tracker.mark(other, closed=True)  # only the tracker whose root holds it
+        for other in self._uploaded.other_names(path, stat.st_ino):
+            for tracker in self.trackers:
+                tracker.mark(other, closed=True)  # only the tracker whose root holds it
 
     def _cancel_stale_uploads(self, touched: list[Path]) -> None:
         """Invariant: an upload whose file is deleted, renamed away or written to stops as
@@ -389,7 +388,7 @@ class SyncEngine:
             self.last_upload_at = time.time()
             self.throughput.record(job.snapshot.size, result.seconds)
             self.retries.succeeded(job.path)
-            self._uploaded[job.path] = job.snapshot
+            self._uploaded.add(job.path, job.snapshot)
             self.sealer.mark_dirty(item.set_ref)
             log.info("upload_done", **fields, checksum=result.checksum)
         elif result.outcome in (Outcome.CHANGED, Outcome.CANCELLED):
