@@ -11,7 +11,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .conftest import Workspace, keys_in, object_bytes
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spotwatch.keys import manifest_key
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
+from spotwatch.sync.sets.remote import list_manifests
+
+from .conftest import Workspace, keys_in, object_bytes, wait_for
+from .memory_store import InMemoryObjectStore
 
 
 @contextmanager
@@ -75,16 +83,126 @@ def test_daemon_flush_stops_waiting_for_a_log_that_never_settles(workspace: Work
     assert "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket)
 
 
-def test_a_rewrite_keeping_size_and_mtime_is_uploaded_again(workspace: Workspace,
-                                                            s3: Any) -> None:
+def test_a_replacement_keeping_size_and_mtime_is_uploaded_again(workspace: Workspace,
+                                                                s3: Any) -> None:
     daemon = workspace.start_daemon()
     path = workspace.checkpoints / "step_1" / "model.pt"
     path.parent.mkdir()
     path.write_bytes(b"a" * 1000)
     daemon.wait_for_event("upload_done")
     before = os.stat(path)
-    with path.open("r+b") as file:  # in place, same size
-        file.write(b"b" * 1000)
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime back
+    staged = path.with_name("staged.tmp")  # excluded: never uploaded itself
+    staged.write_bytes(b"b" * 1000)  # the same size
+    os.utime(staged, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime
+    os.replace(staged, path)
     daemon.wait_for_event("upload_done", count=2)
     assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == b"b" * 1000
+
+
+def test_a_file_linked_into_two_sets_ends_equal_under_both_names(workspace: Workspace,
+                                                                 s3: Any) -> None:
+    """inotify reports a write only under the name it went through: the other name of a
+    hard-linked file must be uploaded again too, and its set sealed with the new bytes."""
+    daemon = workspace.start_daemon()
+    first = workspace.checkpoints / "step_1" / "shared.bin"
+    first.parent.mkdir()
+    first.write_bytes(b"old" * 100)
+    daemon.wait_for_event("set_complete")
+    second = workspace.checkpoints / "step_2" / "shared.bin"
+    second.parent.mkdir()
+    os.link(first, second)
+    daemon.wait_for_event("set_complete", count=2)
+    with first.open("r+b") as file:  # in place, through the first name only
+        file.write(b"new" * 100)
+    for key in ("run1/step_1/shared.bin", "run1/step_2/shared.bin"):
+        wait_for(lambda key=key: object_bytes(s3, workspace.bucket, key) == b"new" * 100)
+    daemon.wait_for_event("set_complete", count=4)
+    target = workspace.root / "restored"
+    result = workspace.cli("restore", "-c", str(workspace.config_file), "--to", str(target),
+                           "--set", "step_2")
+    assert result.returncode == 0, result.stderr
+    assert (target / "step_2" / "shared.bin").read_bytes() == b"new" * 100
+
+
+def test_linking_or_chmod_uploads_no_name_again(workspace: Workspace, s3: Any) -> None:
+    """A trainer hard-linking an unchanged shard into each new step (or changing a file's
+    mode) changes the inode's ctime, not its bytes: no name is uploaded again, or linking
+    into N steps would cost N squared uploads."""
+    daemon = workspace.start_daemon()
+    first = workspace.checkpoints / "step_1" / "frozen.bin"
+    first.parent.mkdir()
+    first.write_bytes(b"frozen" * 100)
+    daemon.wait_for_event("set_complete")
+    for step in (2, 3, 4):
+        linked = workspace.checkpoints / f"step_{step}" / "frozen.bin"
+        linked.parent.mkdir()
+        os.link(first, linked)
+        daemon.wait_for_event("set_complete", count=step)
+    first.chmod(0o600)
+    marker = workspace.checkpoints / "step_5" / "model.pt"  # settles after the chmod event
+    marker.parent.mkdir()
+    marker.write_bytes(b"five")
+    daemon.wait_for_event("set_complete", count=5)
+    uploads = [event["key"] for event in daemon.named("upload_done")]
+    assert sorted(uploads) == sorted([f"run1/step_{n}/frozen.bin" for n in (1, 2, 3, 4)]
+                                     + ["run1/step_5/model.pt"])
+
+
+YEAR_2100_NS = 4_102_444_800 * 10**9
+
+
+def test_a_file_dated_in_the_future_does_not_make_its_set_the_newest(workspace: Workspace,
+                                                                     s3: Any) -> None:
+    """A set is no newer than its seal: a file with a 2100 mtime (a clock set wrong, a copy
+    keeping its mtime) must not outrank, for restore or for retention, the checkpoints
+    sealed after it."""
+    future = workspace.checkpoints / "copied.pt"
+    future.write_bytes(b"copied")
+    os.utime(future, ns=(YEAR_2100_NS, YEAR_2100_NS))
+    assert workspace.cli("flush", "-c", str(workspace.config_file)).returncode == 0
+    step = workspace.checkpoints / "step_1"
+    step.mkdir()
+    (step / "model.pt").write_bytes(b"weights")  # written after the first set was sealed
+    assert workspace.cli("flush", "-c", str(workspace.config_file)).returncode == 0
+
+    target = workspace.root / "restored"
+    result = workspace.cli("restore", "-c", str(workspace.config_file), "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert os.listdir(target) == ["step_1"]
+    assert (target / "step_1" / "model.pt").read_bytes() == b"weights"
+
+    result = workspace.cli("prune", "-c", str(workspace.config_file), "--keep-sets", "1")
+    assert result.returncode == 0, result.stderr
+    keys = keys_in(s3, workspace.bucket)
+    assert {"run1/step_1/model.pt", "run1/.spotwatch/manifests/step_1.json"} <= keys, keys
+    assert "run1/.spotwatch/manifests/copied.pt.json" not in keys, keys
+
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+
+
+def _sealed(name: str, mtimes: list[int], sealed_at: float) -> Manifest:
+    return Manifest(name, "run1/", tuple(ManifestEntry(f"run1/{name}/f{index}", f"{name}/f{index}",
+                                                       1, mtime, None)
+                                         for index, mtime in enumerate(mtimes)), sealed_at)
+
+
+@given(earlier_mtimes=st.lists(INT64, min_size=1, max_size=3),
+       earlier_seal=st.floats(0.0, 5e9), seal_gap=st.floats(1.0, 1e6),
+       written=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=3),
+       other_seal=st.floats(allow_nan=False, allow_infinity=False))
+def test_a_set_written_after_another_was_sealed_is_newer_whatever_its_mtimes(
+        earlier_mtimes: list[int], earlier_seal: float, seal_gap: float,
+        written: list[float], other_seal: float) -> None:
+    """However the first set's files are dated, a set whose files were all written after it
+    was sealed comes before it (for restore and retention), and no seal time, however wild
+    a third set's, breaks the sort."""
+    later_mtimes = [int((earlier_seal + 0.5 + share * (seal_gap - 0.5)) * 1e9)
+                    for share in written]  # between the first seal and its own
+    store = InMemoryObjectStore()
+    for manifest in (_sealed("a", earlier_mtimes, earlier_seal),
+                     _sealed("b", later_mtimes, earlier_seal + seal_gap),
+                     _sealed("c", earlier_mtimes, other_seal)):
+        store.put(manifest_key("run1/", manifest.set_name), manifest.to_json().encode())
+    order = [m.set_name for m in list_manifests(store, "run1/")]
+    assert order.index("b") < order.index("a"), order

@@ -29,6 +29,7 @@ from spotwatch.sync.sets.sealer import SetSealer
 from spotwatch.sync.subtree import files_at_or_below
 from spotwatch.sync.throughput import ThroughputMeter
 from spotwatch.sync.tracker import ChangeTracker, walk_files
+from spotwatch.sync.uploaded import UploadedThisRun
 from spotwatch.sync.uploader import Uploader
 
 log = structlog.get_logger("spotwatch.engine")
@@ -77,7 +78,7 @@ class SyncEngine:
         self._uploading: dict[UploadJob, PendingFile] = {}
         self._refused: set[Path] = set()  # names S3 cannot take, warned about once
         self._skipped: set[Path] = set()  # symlinks, FIFOs, sockets, devices: warned once
-        self._uploaded: dict[Path, Snapshot] = {}  # the version of each file uploaded by us
+        self._uploaded = UploadedThisRun()
         self.totals = Progress()
         self.last_upload_at: float | None = None
         self._observers: list[Callable[[UploadResult], None]] = []
@@ -123,8 +124,7 @@ class SyncEngine:
                     log.debug("pending_dropped", path=str(item.path), reason="deleted")
                 for gone in files_at_or_below(path, list(self.retries.waiting_keys())):
                     self.retries.forget(gone)
-                for gone in files_at_or_below(path, list(self._uploaded)):
-                    del self._uploaded[gone]
+                self._uploaded.forget_at_or_below(path)
             for path in tracker.take_settled():
                 try:
                     stat = os.stat(path, follow_symlinks=False)
@@ -136,9 +136,23 @@ class SyncEngine:
                 if not _is_regular(stat) and not stat_module.S_ISDIR(stat.st_mode):
                     self._skip(tracker, path)
                     continue
-                if self._consider(tracker, path, stat) and self.uploader.is_uploading(path):
+                if not self._consider(tracker, path, stat):
+                    continue
+                if self.uploader.is_uploading(path):
                     # A newer version settled while the old one uploads: stop the stale upload.
                     self.uploader.cancel(path)
+                if stat.st_nlink > 1:
+                    self._mark_other_links(path, stat)
+
+    def _mark_other_links(self, path: Path, stat: os.stat_result) -> None:
+        """Invariant: a file hard-linked under several names ends equal to its final bytes
+        under each of them. inotify reports a write only under the name it went through, so
+        when a new version of a linked file settles, the other names uploaded with its inode
+        are looked at again as if just closed (only a changed version gets here, so two names
+        never keep marking each other)."""
+        for other in self._uploaded.other_names(path, stat.st_ino):
+            for tracker in self.trackers:
+                tracker.mark(other, closed=True)  # only the tracker whose root holds it
 
     def _cancel_stale_uploads(self, touched: list[Path]) -> None:
         """Invariant: an upload whose file is deleted, renamed away or written to stops as
@@ -181,12 +195,13 @@ class SyncEngine:
         return True
 
     def _rewritten_since_upload(self, path: Path, snapshot: Snapshot) -> bool:
-        """Invariant: a file rewritten in place with its size and mtime kept (os.utime back
-        to the old mtime) is uploaded again: its ctime (or inode) tells, where the size and
-        mtime the ledger keeps cannot."""
+        """Invariant: a file replaced by another of the same size and mtime (saved under a
+        temporary name with the old mtime, then renamed over it) is uploaded again: its inode
+        tells, where the size and mtime the ledger keeps cannot. Not its ctime: linking the
+        file under another name or changing its mode changes that, not its bytes, and a
+        trainer linking an unchanged shard into every step would upload it again each time."""
         uploaded = self._uploaded.get(path)
-        return uploaded is not None and (uploaded.ctime_ns, uploaded.inode) != (
-            snapshot.ctime_ns, snapshot.inode)
+        return uploaded is not None and uploaded.inode != snapshot.inode
 
     def _refuse(self, path: Path, reason: str) -> None:
         """A file S3 cannot store is skipped with one warning, however often it settles: one
@@ -373,7 +388,7 @@ class SyncEngine:
             self.last_upload_at = time.time()
             self.throughput.record(job.snapshot.size, result.seconds)
             self.retries.succeeded(job.path)
-            self._uploaded[job.path] = job.snapshot
+            self._uploaded.add(job.path, job.snapshot)
             self.sealer.mark_dirty(item.set_ref)
             log.info("upload_done", **fields, checksum=result.checksum)
         elif result.outcome in (Outcome.CHANGED, Outcome.CANCELLED):

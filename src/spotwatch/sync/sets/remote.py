@@ -26,8 +26,13 @@ def list_manifests(store: ObjectStore, prefix: str) -> list[Manifest]:
     return sorted(manifests, key=_newest_first, reverse=True)
 
 
-def _newest_first(manifest: Manifest) -> tuple[int, float, str]:
-    return manifest.newest_mtime_ns, manifest.sealed_at, manifest.set_name
+def _newest_first(manifest: Manifest) -> tuple[float, float, str]:
+    """Invariant: a set is as new as its newest file, but never newer than its seal. A file
+    dated in the future (a clock set wrong, a copy that kept its mtime) would otherwise make
+    its set outrank every checkpoint sealed after it, for restore and for retention alike."""
+    # A float (never an int overflow) only where the seal is the earlier one.
+    written_ns = min(manifest.newest_mtime_ns, manifest.sealed_at * 1e9)
+    return written_ns, manifest.sealed_at, manifest.set_name
 
 
 def list_job_sets(store: ObjectStore, prefix: str, job_id: str, nodes: int) -> list[JobSet]:
