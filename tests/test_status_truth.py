@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from spotwatch.commands.status import HEALTHY_WITHIN_SECONDS
-from tests.conftest import Daemon, Workspace, wait_for
+from tests.conftest import Daemon, Workspace, object_bytes, wait_for
 from tests.faultproxy import FaultProxy
 from tests.test_faults import (  # noqa: F401  (the proxy fixture)
     MULTIPART,
@@ -151,3 +151,28 @@ def test_a_killed_daemons_status_is_not_its_starting_successors(
     finally:
         second.kill()
         second.wait()
+
+
+def test_a_second_flush_waits_for_a_one_shot_flush_instead_of_ending_it(
+        workspace: Workspace, proxy: FaultProxy, s3: Any) -> None:  # noqa: F811
+    """The second `spotwatch flush` signals the lock's holder as it would a daemon; a one-shot
+    flush must not die of that SIGUSR1 with its uploads under way."""
+    data = checkpoint_data(workspace.checkpoints / "step_1" / "model.pt", 10_000)
+    held = proxy.add("delay", lambda r: r.operation == "PutObject" and "/step_1/" in r.path,
+                     delay=3)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "spotwatch.cli", "flush", "-c", str(workspace.config_file)],
+        cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=proxy.url),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: workspace.status().get("pid") == first.pid and held.applied,
+                 timeout=60)
+        second = workspace.cli("flush", "-c", str(workspace.config_file))
+        assert first.wait(timeout=60) == 0
+        assert second.returncode == 0, second.stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert workspace.status()["last_flush"]["files"] == 1
+    assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == data
