@@ -97,6 +97,15 @@ def status_says(workspace: Workspace) -> tuple[int, str, dict[str, Any]]:
     return healthy, text, json.loads(workspace.cli("status", "--json", "-c", config).stdout)
 
 
+def start_one_shot_flush(workspace: Workspace,
+                         proxy: FaultProxy) -> subprocess.Popen[bytes]:  # noqa: F811
+    """`spotwatch flush` with no daemon running, through the fault proxy."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "spotwatch.cli", "flush", "-c", str(workspace.config_file)],
+        cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=proxy.url),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def test_a_one_shot_flush_is_no_running_daemon(workspace: Workspace,
                                                proxy: FaultProxy) -> None:  # noqa: F811
     """`spotwatch flush` with no daemon holds the state lock and writes status.json while it
@@ -104,10 +113,7 @@ def test_a_one_shot_flush_is_no_running_daemon(workspace: Workspace,
     checkpoint_data(workspace.checkpoints / "step_1" / "model.pt", 10_000)
     proxy.add("delay", lambda r: r.operation == "PutObject" and "/step_1/" in r.path,
               times=100, delay=600)
-    flush = subprocess.Popen(
-        [sys.executable, "-m", "spotwatch.cli", "flush", "-c", str(workspace.config_file)],
-        cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=proxy.url),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flush = start_one_shot_flush(workspace, proxy)
     try:
         wait_for(lambda: workspace.status().get("pid") == flush.pid and proxy.rules[0].applied,
                  timeout=60)
@@ -160,10 +166,7 @@ def test_a_second_flush_waits_for_a_one_shot_flush_instead_of_ending_it(
     data = checkpoint_data(workspace.checkpoints / "step_1" / "model.pt", 10_000)
     held = proxy.add("delay", lambda r: r.operation == "PutObject" and "/step_1/" in r.path,
                      delay=3)
-    first = subprocess.Popen(
-        [sys.executable, "-m", "spotwatch.cli", "flush", "-c", str(workspace.config_file)],
-        cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=proxy.url),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = start_one_shot_flush(workspace, proxy)
     try:
         wait_for(lambda: workspace.status().get("pid") == first.pid and held.applied,
                  timeout=60)
