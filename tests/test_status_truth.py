@@ -6,12 +6,19 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from typing import Any
 
 from spotwatch.commands.status import HEALTHY_WITHIN_SECONDS
-from tests.conftest import Daemon, Workspace, wait_for
+from tests.conftest import Daemon, Workspace, object_bytes, wait_for
 from tests.faultproxy import FaultProxy
-from tests.test_faults import checkpoint_data, proxy  # noqa: F401  (the proxy fixture)
+from tests.test_faults import (  # noqa: F401  (the proxy fixture)
+    MULTIPART,
+    MiB,
+    checkpoint_data,
+    proxy,
+)
 from tests.test_metrics import metrics_url, scrape
 
 
@@ -80,3 +87,95 @@ def test_a_stalled_daemon_is_stalled_in_every_status_output(workspace: Workspace
     finally:
         os.kill(daemon.process.pid, signal.SIGCONT)
     assert daemon.stop() == 0
+
+
+def status_says(workspace: Workspace) -> tuple[int, str, dict[str, Any]]:
+    """`spotwatch status --healthy`'s exit code, the text and the JSON."""
+    config = str(workspace.config_file)
+    healthy = workspace.cli("status", "--healthy", "-c", config).returncode
+    text = workspace.cli("status", "-c", config).stdout
+    return healthy, text, json.loads(workspace.cli("status", "--json", "-c", config).stdout)
+
+
+def start_one_shot_flush(workspace: Workspace,
+                         proxy: FaultProxy) -> subprocess.Popen[bytes]:  # noqa: F811
+    """`spotwatch flush` with no daemon running, through the fault proxy."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "spotwatch.cli", "flush", "-c", str(workspace.config_file)],
+        cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=proxy.url),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_a_one_shot_flush_is_no_running_daemon(workspace: Workspace,
+                                               proxy: FaultProxy) -> None:  # noqa: F811
+    """`spotwatch flush` with no daemon holds the state lock and writes status.json while it
+    works; the container health check must still fail: nothing watches the directory."""
+    checkpoint_data(workspace.checkpoints / "step_1" / "model.pt", 10_000)
+    proxy.add("delay", lambda r: r.operation == "PutObject" and "/step_1/" in r.path,
+              times=100, delay=600)
+    flush = start_one_shot_flush(workspace, proxy)
+    try:
+        wait_for(lambda: workspace.status().get("pid") == flush.pid and proxy.rules[0].applied,
+                 timeout=60)
+        healthy, text, report = status_says(workspace)
+        assert healthy == 1 and report["healthy"] is False
+        assert "daemon:       running" not in text
+        assert f"a one-shot flush, pid {flush.pid}" in text
+        assert report["daemon_pid"] is None and report["flush_pid"] == flush.pid
+    finally:
+        flush.kill()
+        flush.wait()
+
+
+def test_a_killed_daemons_status_is_not_its_starting_successors(
+        workspace: Workspace, proxy: FaultProxy) -> None:  # noqa: F811
+    """A daemon killed mid-multipart leaves a fresh status.json; its successor holds the lock
+    while it aborts the leftover upload (held up here). Until the successor reports, status
+    must not show the dead daemon's numbers as its own, nor call it healthy."""
+    workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2})
+    first = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    proxy.add("delay", lambda r: r.operation == "UploadPart", times=1000, delay=0.7)
+    checkpoint_data(workspace.checkpoints / "big.pt", 40 * MiB)
+    wait_for(lambda: proxy.count("UploadPart") >= 2, timeout=60)
+    wait_for(lambda: workspace.status().get("uploading") == 1)
+    first.process.kill()
+    first.process.wait()
+    proxy.rules.clear()
+    listing = proxy.add("delay", lambda r: r.operation == "ListMultipartUploads", times=100,
+                        delay=600)
+    second = subprocess.Popen(
+        [sys.executable, "-m", "spotwatch.cli", "run", "-c", str(workspace.config_file)],
+        cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=proxy.url),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: listing.applied, timeout=60)
+        assert workspace.status()["pid"] == first.process.pid  # the successor is starting
+        healthy, text, report = status_says(workspace)
+        assert healthy == 1 and report["healthy"] is False
+        assert f"starting (pid {second.pid}" in text and "pending:" not in text
+        assert report["daemon_pid"] == second.pid and report["daemon"] is None
+    finally:
+        second.kill()
+        second.wait()
+
+
+def test_a_second_flush_waits_for_a_one_shot_flush_instead_of_ending_it(
+        workspace: Workspace, proxy: FaultProxy, s3: Any) -> None:  # noqa: F811
+    """The second `spotwatch flush` signals the lock's holder as it would a daemon; a one-shot
+    flush must not die of that SIGUSR1 with its uploads under way."""
+    data = checkpoint_data(workspace.checkpoints / "step_1" / "model.pt", 10_000)
+    held = proxy.add("delay", lambda r: r.operation == "PutObject" and "/step_1/" in r.path,
+                     delay=3)
+    first = start_one_shot_flush(workspace, proxy)
+    try:
+        wait_for(lambda: workspace.status().get("pid") == first.pid and held.applied,
+                 timeout=60)
+        second = workspace.cli("flush", "-c", str(workspace.config_file))
+        assert first.wait(timeout=60) == 0
+        assert second.returncode == 0, second.stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert workspace.status()["last_flush"]["files"] == 1
+    assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == data

@@ -28,6 +28,9 @@ POLL_SECONDS = 0.2
 
 def run(args: argparse.Namespace) -> int:
     config, bucket = load(args)
+    # Invariant: a one-shot flush outlives another `spotwatch flush` asking it (SIGUSR1, which
+    # would end it): that one waits for this flush's record as it would for a daemon's.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     delegated = request_daemon_flush(StateDir(config.state_dir))
     if delegated is not None:
         if delegated.get("failed"):

@@ -25,9 +25,12 @@ def run(args: argparse.Namespace) -> int:
 def gather_status(config: Config, bucket: str) -> dict[str, Any]:
     state = StateDir(config.state_dir)
     report: dict[str, Any] = {"bucket": bucket, "state_dir": str(state.path)}
-    daemon_pid = StateLock(state).holder() if state.path.is_dir() else None
-    report["daemon_pid"] = daemon_pid
-    report["daemon"] = state.read_status() if daemon_pid else None
+    holder = StateLock(state).holder() if state.path.is_dir() else None
+    current = _report_of(holder, state.read_status() if holder else None)
+    flushing_once = current is not None and current.get("role") == "flush"
+    report["daemon_pid"] = None if flushing_once else holder
+    report["flush_pid"] = holder if flushing_once else None
+    report["daemon"] = None if flushing_once else current
     if state.ledger.is_file():
         ledger = Ledger(state.ledger)
         summary = ledger.summary(bucket)
@@ -39,6 +42,12 @@ def gather_status(config: Config, bucket: str) -> dict[str, Any]:
         report.update(uploaded_objects=0, uploaded_bytes=0, last_upload_at=None)
     report["healthy"] = is_healthy(report)  # the one verdict --healthy, the text and JSON give
     return report
+
+
+def _report_of(holder: int | None, status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Invariant: status.json counts only as the word of the process holding the state lock.
+    A file left by a daemon that was killed is not current while its successor starts."""
+    return status if holder is not None and status and status.get("pid") == holder else None
 
 
 # The daemon rewrites its status every second; this much silence means it is stuck.
@@ -114,6 +123,11 @@ def render_status(report: dict[str, Any]) -> str:
         if flush:
             lines.append(f"last flush:   {flush['files']} files, {_size(flush['bytes'])} in "
                          f"{flush['seconds']}s ({flush['reason']})")
+    elif report.get("flush_pid"):
+        lines.append(f"daemon:       not running (a one-shot flush, pid {report['flush_pid']}, "
+                     f"holds the state directory)")
+    elif report.get("daemon_pid"):
+        lines.append(f"daemon:       starting (pid {report['daemon_pid']}, no report yet)")
     else:
         lines.append("daemon:       not running")
     lines.append(f"in S3:        {report['uploaded_objects']} objects, "

@@ -140,6 +140,7 @@ class Daemon:
 
     def flush_once(self, watcher: FlushWatcher | None = None) -> RunOutcome:
         """Upload everything pending, waiting for files being written to settle."""
+        self.reporter.role = "flush"
         with self._session() as parts:
             engine = self._observe(parts)
             if watcher is not None:

@@ -34,6 +34,8 @@ class Reporter:
         self.metrics = metrics
         self.s3_watch = S3Watch(lambda error: self.metrics.s3_errors.labels(error).inc())
         self.metrics_url: str | None = None
+        # "run" (the daemon) or "flush" (a one-shot `spotwatch flush`, which is no daemon).
+        self.role = "run"
         self._imds: Outage | None = None  # the poller's reachability, when IMDS is polled
         self._bandwidth: BandwidthLimiter | None = None  # the cap on continuous uploads
         self._peers: Outage | None = None  # the peer poller's, on a node of a job
@@ -115,6 +117,7 @@ class Reporter:
         peers_up = self._peers.up if self._peers is not None else None
         status = {
             "pid": os.getpid(),
+            "role": self.role,
             "bucket": self._bucket,
             "updated_at": time.time(),
             "pending_files": left.pending_files,
