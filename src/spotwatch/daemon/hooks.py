@@ -59,7 +59,7 @@ class NoticeHooks:
     def _kept(self) -> Told | None:
         try:
             kept = json.loads(self.notice_file.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # not a notice file this daemon wrote
             return None
         if not isinstance(kept, dict) or not isinstance(kept.get("id"), str):
             return None
