@@ -99,6 +99,8 @@ def test_a_refused_lifecycle_call_is_only_a_warning(
     wait_for(warned)
     action.complete("test", wait=10)
     assert proxy.calls == []
+    # Before the refused heartbeat: the wrong name is said to be one, not a bare IndexError.
+    assert f"the group {name} has no lifecycle hook named 'no-such-hook'" in "".join(seen)
 
 
 def test_a_heartbeat_interval_not_below_the_hooks_timeout_is_halved_with_one_warning(

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from spotwatch.config import load_config
 from spotwatch.daemon.hooks import MAX_PID, trainer_pid
-from spotwatch.emulator import ImdsEmulator
+from spotwatch.emulator import Fault, ImdsEmulator
 from spotwatch.errors import ConfigError
 from spotwatch.interruption import interruption_pending
 from spotwatch.keys import object_key
@@ -154,6 +154,36 @@ def test_hooks_act_once_per_notice_across_restarts(workspace: Workspace,
     assert second.named("hooks_already_acted")[0]["kind"] == "spot-interruption"
     assert command_runs(out) == 1
     assert interruption_pending(workspace.root / "run" / "notice.json") is not None
+    assert second.stop() == 0
+
+
+def test_a_restart_never_tells_the_trainer_a_notice_kept_from_it(workspace: Workspace,
+                                                                 imds: ImdsEmulator) -> None:
+    """A spot notice, then a rebalance (kept from the trainer: it has an earlier deadline).
+    Restarted, the daemon sees the rebalance first: the trainer still has the spot notice, so
+    the rebalance neither runs the hooks nor replaces the notice file."""
+    out = workspace.root / "hook.out"
+    notice_file = workspace.root / "run" / "notice.json"
+    workspace.write_config(hooks={"command": f'echo "$SPOTWATCH_NOTICE_KIND" >> {out}'})
+    first = workspace.start_daemon()
+    imds.fire_spot_interruption(in_seconds=600)
+    first.wait_for_event("hook_command_done")
+    imds.fire_rebalance()
+    assert first.wait_for_event("notice_file_kept")["kind"] == "rebalance-recommendation"
+    assert first.stop() == 0
+    # The spot item fails for a while after the restart: the rebalance is handed on first.
+    spot = Fault(status=500, remaining=10**6, path="meta-data/spot/instance-action")
+    imds.add_fault(spot)
+    second = workspace.start_daemon()
+    assert second.wait_for_event("notice_detected")["kind"] == "rebalance-recommendation"
+    second.wait_for_event("flush_done")
+    told = interruption_pending(notice_file)
+    assert told is not None and told["kind"] == "spot-interruption"
+    spot.remaining = 0
+    assert second.wait_for_event("notice_detected", 2)["kind"] == "spot-interruption"
+    assert second.named("hook_command_started") == []
+    assert out.read_text().split() == ["spot-interruption"]
+    assert interruption_pending(notice_file)["kind"] == "spot-interruption"  # type: ignore[index]
     assert second.stop() == 0
 
 

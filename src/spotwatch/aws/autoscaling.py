@@ -102,6 +102,9 @@ class LifecycleAction:
             found = self._client.describe_lifecycle_hooks(
                 AutoScalingGroupName=target["AutoScalingGroupName"],
                 LifecycleHookNames=[self.hook])
+            if not found["LifecycleHooks"]:  # AWS answers a wrong name with no hooks
+                raise LookupError(f"the group {target['AutoScalingGroupName']} has no "
+                                  f"lifecycle hook named {self.hook!r} (asg.lifecycle_hook)")
             timeout = float(found["LifecycleHooks"][0]["HeartbeatTimeout"])
         except (*_AWS_ERRORS, LookupError, TypeError, ValueError) as exc:
             log.warning("asg_heartbeat_timeout_unknown", hook=self.hook, error=str(exc),

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import threading
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import structlog
 
 from spotwatch.config import HookSettings
 from spotwatch.interruption import default_notice_file
+from spotwatch.notices.sources import iso_time
 from spotwatch.notices.store import ActedNotices, current_boot
 from spotwatch.state import StateDir, make_shared_dirs, write_json_atomically
 
@@ -24,23 +28,42 @@ NOTICE_FILE_MODE = 0o644
 MAX_PID = 2**31 - 1
 
 
+@dataclass(frozen=True)
+class Told:
+    """The notice the trainer has (its notice file)."""
+
+    id: str
+    deadline: datetime | None
+
+
 class NoticeHooks:
     def __init__(self, settings: HookSettings, state: StateDir) -> None:
         self.notice_file = settings.notice_file or default_notice_file(state.path)
         self._settings = settings
         self._acted = ActedNotices(state.acted_notices, current_boot())
 
-    def start(self) -> None:
+    def start(self) -> Told | None:
         """At daemon start. A notice acted on during this boot is still posted (notices are not
-        withdrawn), so its file stays for the trainer; any other notice file is stale."""
+        withdrawn), so its file stays for the trainer; any other notice file is stale. Returns
+        the notice the trainer so keeps."""
         self._acted.load()
         if self._acted.ids:
-            return
+            return self._kept()
         try:
             self.notice_file.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
                         error=exc.strerror)
+        return None
+
+    def _kept(self) -> Told | None:
+        try:
+            kept = json.loads(self.notice_file.read_text())
+        except (OSError, ValueError, RecursionError):  # not a notice file this daemon wrote
+            return None
+        if not isinstance(kept, dict) or not isinstance(kept.get("id"), str):
+            return None
+        return Told(kept["id"], iso_time(kept.get("deadline")))
 
     def fire(self, notice: dict[str, Any]) -> None:
         """Hooks act once per notice id, across restarts too; the notice file is (re)written

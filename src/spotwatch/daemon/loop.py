@@ -21,7 +21,7 @@ from spotwatch.aws.store import ObjectStore
 from spotwatch.config import Config
 from spotwatch.daemon import sdnotify
 from spotwatch.daemon.flush import FlushController
-from spotwatch.daemon.hooks import NoticeHooks
+from spotwatch.daemon.hooks import NoticeHooks, Told
 from spotwatch.daemon.metrics import Metrics
 from spotwatch.daemon.prune_job import PruneSchedule
 from spotwatch.daemon.reporter import Reporter
@@ -90,7 +90,7 @@ class Daemon:
         self.last_notice: dict[str, Any] | None = None
         self._notice_seen = False
         self._own_notice_seen = False  # a notice for this instance itself (not a peer's)
-        self._told: Notice | None = None  # the notice the trainer was last told of
+        self._told: Told | None = None  # the notice the trainer has
         # Demo only: told of notice_detected and flush_done as they happen.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._pruning: PruneSchedule | None = None
@@ -109,7 +109,7 @@ class Daemon:
             engine = self._observe(parts)
             if parts.pruner is not None:
                 self._pruning = PruneSchedule(parts.pruner, self.config.watch, self._wake.set)
-            self.hooks.start()
+            self._told = self.hooks.start()  # a restart keeps the notice told before
             self._lifecycle = self._lifecycle_action()
             peer_poller = self._start_peers(parts.store)
             poller = self._start_poller()
@@ -295,13 +295,15 @@ class Daemon:
     def _tell_trainer(self, notice: Notice, record: dict[str, Any]) -> None:
         """Invariant: the trainer is never told a later deadline than one it already has. A
         notice without a deadline, or with a later one (a peer's, a rebalance after the spot
-        notice), still flushes, but leaves the notice file and the hooks alone."""
-        told = self._told.deadline if self._told is not None else None
-        if told is not None and (notice.deadline is None or notice.deadline >= told):
+        notice), still flushes, but leaves the notice file and the hooks alone. A restarted
+        daemon starts from the notice file it kept, whatever order IMDS answers in."""
+        told = self._told
+        if (told is not None and told.deadline is not None and told.id != notice.id
+                and (notice.deadline is None or notice.deadline >= told.deadline)):
             log.info("notice_file_kept", id=notice.id, kind=notice.kind.value,
                      reason="the trainer already has an earlier deadline")
             return
-        self._told = notice
+        self._told = Told(notice.id, notice.deadline)
         self.hooks.fire(dict(record))
 
     def _share(self, notice: Notice) -> None:
