@@ -25,13 +25,14 @@ from spotwatch.notices.peers import (
     STARTUP_GRACE,
     PeerChannel,
     PeerPoller,
+    PeerPublisher,
     channel_prefix,
     decode_node_object,
     encode_entry,
     utc_now,
 )
 
-from .conftest import REGION
+from .conftest import REGION, wait_for
 from .memory_store import FakeClock, InMemoryObjectStore
 
 PREFIX = "run1/.spotwatch/jobs/llama/notices/"
@@ -206,6 +207,20 @@ def test_no_bell_yet_is_no_failure() -> None:
     job = Job()
     assert job.pollers[0].poll_once() == []
     assert (job.pollers[0].failures, job.pollers[0].reachability.outage.up) == (0, True)
+
+
+def test_a_starting_node_rings_the_bell_so_no_peer_reads_a_missing_one() -> None:
+    """On AWS a GET of a missing key is 403, not 404, for a role whose ListBucket is limited
+    to its prefixes (the printed IAM policy): the bell must exist before any notice."""
+    job = Job()
+    publisher = PeerPublisher(job.channels[1])
+    publisher.start()
+    try:
+        wait_for(lambda: job.channels[1].bell_key in job.store.objects)
+    finally:
+        publisher.stop(timeout=5)
+    assert job.pollers[0].poll_once() == []
+    assert job.pollers[0].failures == 0
 
 
 def valid_entry(kind: NoticeKind = NoticeKind.SPOT_INTERRUPTION) -> dict[str, object]:

@@ -259,6 +259,14 @@ class PeerPublisher:
         except StoreError as exc:
             log.warning("peer_cleanup_failed", key=self._channel.node_key(self._channel.rank),
                         error=str(exc))
+        try:
+            # The bell is there from the first node's start on. On AWS, a GET of a key that is
+            # not there is refused (403), not missing (404), for a role whose s3:ListBucket is
+            # limited to its prefixes, as the policy `spotwatch iam-policy` prints: peers
+            # polling a bell no node had rung would all count failures.
+            self._channel.ring()
+        except StoreError as exc:
+            log.warning("peer_publish_failed", retry_in=None, error=str(exc))
         backoff = PUBLISH_RETRY_FIRST
         while True:
             self._due.wait()
