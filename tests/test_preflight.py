@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -9,7 +10,8 @@ import boto3
 
 from spotwatch.emulator import ImdsEmulator
 
-from .conftest import Workspace, block_public_access
+from .conftest import Workspace, block_public_access, keys_in
+from .faultproxy import FaultProxy
 
 
 def check(workspace: Workspace, bucket: str | None = None) -> Any:
@@ -77,3 +79,18 @@ def test_missing_bucket_fails(workspace: Workspace) -> None:
     result = check(workspace, "no-such-bucket-anywhere")
     assert result.returncode == 1
     assert "cannot reach s3://no-such-bucket-anywhere" in result.stdout
+
+
+def test_a_denied_delete_is_not_reported_as_a_denied_write(workspace: Workspace, s3: Any) -> None:
+    """A role that may write but not delete under the prefix (a hand-made policy without
+    s3:DeleteObject) fails the check, which names the delete and the probe left behind: the
+    write itself worked, so "cannot write" would send the operator after the wrong grant."""
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.add("403", lambda request: request.operation == "DeleteObject", times=1000)
+        result = workspace.cli("check", "-c", "config.yaml", AWS_ENDPOINT_URL=proxy.url)
+    assert result.returncode == 1, result.stdout + result.stderr
+    line = next(line for line in result.stdout.splitlines() if "write" in line)
+    assert line.startswith("FAIL"), line
+    assert "cannot write" not in line
+    probe = next(iter(keys_in(s3, workspace.bucket)))
+    assert "cannot delete" in line and probe in line and "AccessDenied" in line, line

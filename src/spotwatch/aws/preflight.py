@@ -129,10 +129,14 @@ def check_write(s3: Any, bucket: str, config: Config) -> CheckResult:
     try:
         s3.put_object(Bucket=bucket, Key=key, Body=b"spotwatch write probe",
                       **encryption_args(config.transfer))
-        s3.delete_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         return CheckResult("write", False, f"cannot write s3://{bucket}/{key}: "
                            f"{_error_code(exc)}")
+    try:  # spotwatch deletes under the prefix too: a denied delete fails, named as such
+        s3.delete_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        return CheckResult("write", False, f"can write but cannot delete s3://{bucket}/{key} "
+                           f"(left there): {_error_code(exc)}")
     return CheckResult("write", True, f"can write under s3://{bucket}/{config.watch[0].prefix}")
 
 
