@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import boto3
+import pytest
 
 from spotwatch.emulator import ImdsEmulator
 
@@ -94,3 +96,34 @@ def test_a_denied_delete_is_not_reported_as_a_denied_write(workspace: Workspace,
     assert "cannot write" not in line
     probe = next(iter(keys_in(s3, workspace.bucket)))
     assert "cannot delete" in line and probe in line and "AccessDenied" in line, line
+
+
+def _is_probe_read(request: Any) -> bool:
+    return request.method == "GET" and "/.spotwatch/probe-" in request.path
+
+
+def _is_listing(request: Any) -> bool:
+    return request.method == "GET" and "list-type" in request.query
+
+
+def _is_upload_listing(request: Any) -> bool:
+    return request.operation == "ListMultipartUploads"
+
+
+@pytest.mark.parametrize(("denied", "named"), [
+    (_is_probe_read, "cannot read back"),
+    (_is_listing, "cannot list s3://"),
+    (_is_upload_listing, "cannot list the multipart uploads"),
+])
+def test_a_denied_read_or_listing_fails_the_check_and_says_which(
+        workspace: Workspace, s3: Any, denied: Callable[[Any], bool], named: str) -> None:
+    """A role that may write but not read back or list (a hand-made policy without
+    s3:GetObject, s3:ListBucket or s3:ListBucketMultipartUploads) would upload fine and then
+    fail at restore, sealing or crash cleanup: the check says so up front."""
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.add("403", denied, times=1000)
+        result = workspace.cli("check", "-c", "config.yaml", AWS_ENDPOINT_URL=proxy.url)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = [line for line in result.stdout.splitlines() if named in line]
+    assert line.startswith("FAIL") and "AccessDenied" in line, line
+    assert not keys_in(s3, workspace.bucket)  # the probe is deleted all the same

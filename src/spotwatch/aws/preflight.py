@@ -1,7 +1,8 @@
 """`spotwatch check`, also run before `run` starts: is the bucket safe and right to use?
 
 Same region as configured and as the instance (cross-region is slow and costs money), not
-public, writable, credentials present, IMDS reachable.
+public, writable, readable and listable under the watched prefixes, credentials present, IMDS
+reachable.
 """
 
 from __future__ import annotations
@@ -124,20 +125,55 @@ def check_encryption(s3: Any, bucket: str, config: Config) -> CheckResult:
                        f"{upload_note}")
 
 
+_PROBE_BODY = b"spotwatch write probe"
+
+
 def check_write(s3: Any, bucket: str, config: Config) -> CheckResult:
+    """Write, read back and delete a probe object: uploads, restore (and a set's sealing)
+    and deletion mirroring need each of the three, so each failure is named as its own."""
     key = object_key(config.watch[0].prefix, WRITE_PROBE + socket.gethostname())
     try:
-        s3.put_object(Bucket=bucket, Key=key, Body=b"spotwatch write probe",
+        s3.put_object(Bucket=bucket, Key=key, Body=_PROBE_BODY,
                       **encryption_args(config.transfer))
     except ClientError as exc:
         return CheckResult("write", False, f"cannot write s3://{bucket}/{key}: "
                            f"{_error_code(exc)}")
-    try:  # spotwatch deletes under the prefix too: a denied delete fails, named as such
+    unreadable = None
+    try:
+        if s3.get_object(Bucket=bucket, Key=key)["Body"].read() != _PROBE_BODY:
+            unreadable = "other bytes came back"
+    except ClientError as exc:
+        unreadable = _error_code(exc)
+    try:
         s3.delete_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         return CheckResult("write", False, f"can write but cannot delete s3://{bucket}/{key} "
                            f"(left there): {_error_code(exc)}")
-    return CheckResult("write", True, f"can write under s3://{bucket}/{config.watch[0].prefix}")
+    if unreadable is not None:
+        return CheckResult("write", False, f"can write but cannot read back s3://{bucket}/"
+                           f"{key} (restore needs to): {unreadable}")
+    return CheckResult("write", True, f"can write, read and delete under s3://{bucket}/"
+                       f"{config.watch[0].prefix}")
+
+
+def check_listing(s3: Any, bucket: str, config: Config) -> CheckResult:
+    """List each watched prefix, and its multipart uploads: restore, sealing and retention
+    list objects, and the cleanup of uploads a crash left lists those."""
+    for watch in config.watch:
+        prefix = object_key(watch.prefix, "")
+        try:
+            s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        except ClientError as exc:
+            return CheckResult("listing", False, f"cannot list s3://{bucket}/{prefix}: "
+                               f"{_error_code(exc)}")
+        try:
+            s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix, MaxUploads=1)
+        except ClientError as exc:
+            return CheckResult("listing", False, f"cannot list the multipart uploads under "
+                               f"s3://{bucket}/{prefix} (needed to clean up after a crash): "
+                               f"{_error_code(exc)}")
+    prefixes = ", ".join(object_key(watch.prefix, "") for watch in config.watch)
+    return CheckResult("listing", True, f"can list objects and uploads under {prefixes}")
 
 
 def run_checks(config: Config, bucket: str, s3: Any | None = None) -> list[CheckResult]:
@@ -150,7 +186,8 @@ def run_checks(config: Config, bucket: str, s3: Any | None = None) -> list[Check
         results.append(region)
         if region.ok or not region.fatal:
             results += [check_public_access(s3, bucket, config),
-                        check_encryption(s3, bucket, config), check_write(s3, bucket, config)]
+                        check_encryption(s3, bucket, config), check_write(s3, bucket, config),
+                        check_listing(s3, bucket, config)]
     except BotoCoreError as exc:
         results.append(CheckResult("bucket", False, f"S3 unreachable: {exc}"))
     results.append(check_instance_region(config, expected))
