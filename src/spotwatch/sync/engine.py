@@ -101,14 +101,15 @@ class SyncEngine:
     def reconcile(self, quiet_seconds: float) -> int:
         """Startup scan: queue what the ledger lacks; recently changed files must settle first."""
         queued = 0
-        newest_allowed = self._wall_clock_ns() - int(quiet_seconds * 1e9)
+        now_ns = self._wall_clock_ns()
+        newest_allowed = now_ns - int(quiet_seconds * 1e9)
         for tracker in self.trackers:
             for path, stat in walk_files(tracker.root, partial(self._skip, tracker)):
                 relative = tracker.relative(path)
                 if relative is None:
                     continue
-                if stat.st_mtime_ns > newest_allowed:
-                    tracker.mark(path, closed=False)  # may still be being written
+                if stat.st_mtime_ns > newest_allowed:  # may still be being written
+                    tracker.mark_quiet_for(path, (now_ns - stat.st_mtime_ns) / 1e9)
                 elif self._queue_if_changed(tracker, path, relative, stat):
                     queued += 1
         return queued

@@ -220,6 +220,14 @@ class ChangeTracker(FileSystemEventHandler):
         with self._lock:
             self._candidates[path] = _Candidate(self._clock() if at is None else at, closed)
 
+    def mark_quiet_for(self, path: Path, seconds: float) -> None:
+        """A file found unclosed that has not changed for `seconds` (its mtime's age).
+
+        Invariant: a file never seen closed settles quiet_seconds after its last change, not
+        after spotwatch first saw it: a startup scan (and a one-shot flush, which sees no
+        close events) must not add a whole quiet interval to a file already quiet."""
+        self.mark(path, closed=False, at=self._clock() - max(0.0, seconds))
+
     def expect_change(self, path: Path) -> None:
         """A file known to have changed: keep its pending events, or wait for it to go quiet."""
         with self._lock:
