@@ -251,3 +251,22 @@ def test_fifos_and_sockets_are_named_once_and_never_block_a_set(workspace: Works
     assert skipped == [str(ckpt / "step_1" / "progress.fifo"), str(ckpt / "step_2" / "rpc.sock")]
     uploaded = {key for key in keys_in(s3, workspace.bucket) if "/.spotwatch/" not in key}
     assert uploaded == {"run1/step_1/model.pt", "run1/step_2/model.pt"}
+
+
+def test_after_a_notice_with_a_deadline_a_closed_file_goes_without_the_settle_pause(
+        workspace: Workspace, imds: ImdsEmulator, s3: Any) -> None:
+    """settle_seconds guards against a file reopened just after closing; against a notice's
+    deadline an emergency checkpoint cannot wait it out."""
+    workspace.write_config(sync={"settle_seconds": 600, "quiet_seconds": 600})
+    # Made before the start, so its watch exists: a file written in a folder made a moment
+    # before may be found without its close (and wait out quiet_seconds instead).
+    (workspace.checkpoints / "emergency").mkdir()
+    daemon = workspace.start_daemon()
+    imds.fire_spot_interruption("terminate", in_seconds=120)
+    daemon.wait_for_event("notice_detected")
+    data = os.urandom(50_000)
+    (workspace.checkpoints / "emergency" / "model.pt").write_bytes(data)  # written in place
+    wait_for(lambda: "run1/.spotwatch/manifests/emergency.json" in keys_in(s3, workspace.bucket),
+             timeout=30)
+    assert object_bytes(s3, workspace.bucket, "run1/emergency/model.pt") == data
+    assert daemon.stop() == 0

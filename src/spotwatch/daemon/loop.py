@@ -90,6 +90,7 @@ class Daemon:
         self.last_notice: dict[str, Any] | None = None
         self._notice_seen = False
         self._own_notice_seen = False  # a notice for this instance itself (not a peer's)
+        self._deadline_seen = False  # a notice with a deadline (this instance's or a peer's)
         self._told: Told | None = None  # the notice the trainer has
         # Demo only: told of notice_detected and flush_done as they happen.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -252,6 +253,12 @@ class Daemon:
             except queue.Empty:
                 break
         self.reporter.beat()
+        if self._deadline_seen:
+            # Invariant: once a notice set a deadline, a file closed after writing goes at
+            # once, not after settle_seconds: that pause guards against a quick reopen, and is
+            # time the instance may not have (the emergency checkpoint comes after the notice).
+            for tracker in engine.trackers:
+                tracker.settle_all_closed()
         engine.collect_settled()
         if self._pruning is not None:  # before pump: a running prune stops once work arrives
             self._pruning.tend(engine, self._quiet(engine))
@@ -280,6 +287,7 @@ class Daemon:
         self._share(notice)
         self._emit("notice_detected", self.last_notice)
         self.reporter.count_notice(notice, detected)
+        self._deadline_seen = self._deadline_seen or notice.deadline is not None
         if notice.kind is not NoticeKind.MANUAL:
             self._notice_seen = True
             self._own_notice_seen = self._own_notice_seen or notice.peer_rank is None
