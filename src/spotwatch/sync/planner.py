@@ -9,7 +9,7 @@ from pathlib import Path
 
 from spotwatch.keys import object_key
 from spotwatch.model import Snapshot
-from spotwatch.sync.subtree import files_at_or_below
+from spotwatch.sync.subtree import Folders
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class Planner:
         # often, and the sealer asks which sets still have files pending.
         self._bytes = 0
         self._files_per_set: Counter[str] = Counter()
+        self._folders = Folders()
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -70,6 +71,7 @@ class Planner:
         if item.path in self._pending:
             self._pop(item.path)
         self._pending[item.path] = item
+        self._folders.add(item.path)
         self._bytes += item.size
         self._files_per_set[item.set_key] += 1
         self._to_go = None
@@ -84,7 +86,7 @@ class Planner:
 
     def remove_under(self, path: Path) -> list[PendingFile]:
         """Drop the file at path, or everything below it when it was a directory."""
-        removed = [self._pop(p) for p in files_at_or_below(path, self._pending.keys())]
+        removed = [self._pop(p) for p in self._folders.at_or_below(path, self._pending.keys())]
         if removed:
             self._to_go = None
         return removed

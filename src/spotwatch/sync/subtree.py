@@ -23,3 +23,27 @@ def files_at_or_below(path: Path, files: Collection[Path]) -> list[Path]:
         return [path]  # a file: nothing lies below it
     below = prefix_below(path)
     return [f for f in files if str(f).startswith(below)]
+
+
+class Folders:
+    """The folders that ever held a file of some collection, so that a path deleted or moved
+    away is matched against the collection only when something may lie below it.
+
+    Invariant: a trainer deleting an old checkpoint file by file costs O(1) per file, not a
+    pass over every pending or unsettled file of the new one (20,000 x 20,000 string checks
+    on the daemon's loop). The set only grows: a stale folder costs one pass, never a miss.
+    """
+
+    def __init__(self) -> None:
+        self._folders: set[Path] = set()
+
+    def add(self, path: Path) -> None:
+        """Note the folders above a file entering the collection."""
+        if path.parent not in self._folders:  # else its parents are in too: the set only grows
+            self._folders.update(path.parents)
+
+    def at_or_below(self, path: Path, files: Collection[Path]) -> list[Path]:
+        """files_at_or_below, without the pass when path is no folder any file was in."""
+        if path in files:
+            return [path]
+        return files_at_or_below(path, files) if path in self._folders else []

@@ -34,7 +34,7 @@ from spotwatch.config import WatchDir
 from spotwatch.keys import is_reserved, is_restore_temporary
 from spotwatch.logs import printable_path
 from spotwatch.sync.filters import PathFilter
-from spotwatch.sync.subtree import files_at_or_below, prefix_below
+from spotwatch.sync.subtree import Folders, prefix_below
 
 log = structlog.get_logger("spotwatch.tracker")
 
@@ -114,6 +114,7 @@ class ChangeTracker(FileSystemEventHandler):
         self._on_change = on_change
         self._clock = clock
         self._candidates: dict[Path, _Candidate] = {}
+        self._candidate_folders = Folders()
         self._removed: list[Path] = []
         self._written: set[Path] = set()  # files written to since take_written
         self._lock = threading.Lock()
@@ -218,6 +219,8 @@ class ChangeTracker(FileSystemEventHandler):
         if self.relative(path) is None:
             return
         with self._lock:
+            if path not in self._candidates:
+                self._candidate_folders.add(path)
             self._candidates[path] = _Candidate(self._clock() if at is None else at, closed)
 
     def mark_quiet_for(self, path: Path, seconds: float) -> None:
@@ -242,7 +245,7 @@ class ChangeTracker(FileSystemEventHandler):
     def _forget(self, path: Path) -> None:
         with self._lock:
             self._removed.append(path)
-            for candidate in files_at_or_below(path, self._candidates.keys()):
+            for candidate in self._candidate_folders.at_or_below(path, self._candidates.keys()):
                 del self._candidates[candidate]
 
     def _note_written(self, path: Path) -> None:

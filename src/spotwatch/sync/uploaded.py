@@ -12,20 +12,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from spotwatch.model import Snapshot
-from spotwatch.sync.subtree import files_at_or_below
+from spotwatch.sync.subtree import Folders
 
 
 class UploadedThisRun:
     def __init__(self) -> None:
         self._by_path: dict[Path, Snapshot] = {}
         self._by_inode: dict[int, set[Path]] = {}
-        self._folders: set[Path] = set()  # folders that held an uploaded file (may be stale)
+        self._folders = Folders()  # folders that held an uploaded file
 
     def add(self, path: Path, snapshot: Snapshot) -> None:
         self._discard(path)
         self._by_path[path] = snapshot
         self._by_inode.setdefault(snapshot.inode, set()).add(path)
-        self._folders.update(path.parents)
+        self._folders.add(path)
 
     def get(self, path: Path) -> Snapshot | None:
         return self._by_path.get(path)
@@ -37,10 +37,8 @@ class UploadedThisRun:
     def forget_at_or_below(self, path: Path) -> None:
         """A path deleted or renamed away: the file, or every file below the folder."""
         self._discard(path)
-        if path in self._folders:
-            self._folders.discard(path)
-            for gone in files_at_or_below(path, list(self._by_path)):
-                self._discard(gone)
+        for gone in self._folders.at_or_below(path, self._by_path.keys()):
+            self._discard(gone)
 
     def _discard(self, path: Path) -> None:
         snapshot = self._by_path.pop(path, None)
