@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,38 @@ def test_daemon_mirrors_deletions_and_applies_retention(workspace: Workspace,
     reasons = {(e["key"], e["reason"]) for e in daemon.named("object_deleted")}
     assert ("run1/loose.pt", "deleted locally") in reasons
     assert ("run1/step_1/model.pt", "retention") in reasons
+    assert daemon.stop() == 0
+
+
+def test_daemon_retention_runs_beside_a_log_written_all_the_time(workspace: Workspace,
+                                                                  s3: Any) -> None:
+    # A top-level log the trainer appends to all the time never settles; retention of the
+    # checkpoint sets beside it must go on regardless.
+    workspace.write_config(sync={"keep_sets": 1})
+    daemon = workspace.start_daemon()
+    save_set(workspace, "step_1", 300)
+    daemon.wait_for_event("set_complete")
+    stop = threading.Event()
+
+    def append_log() -> None:
+        with (workspace.checkpoints / "train.log").open("a") as log:
+            while not stop.wait(0.1):
+                log.write("step loss=1.0\n")
+                log.flush()
+
+    writer = threading.Thread(target=append_log)
+    writer.start()
+    try:
+        save_set(workspace, "step_2", 200)
+        daemon.wait_for_event("set_complete", count=2)
+        wait_for(lambda: f"{MANIFESTS}step_1.json" not in keys_in(s3, workspace.bucket),
+                 timeout=30)
+        keys = keys_in(s3, workspace.bucket)
+        assert not any(k.startswith("run1/step_1/") for k in keys)
+        assert {f"{MANIFESTS}step_2.json", "run1/step_2/model.pt"} <= keys
+    finally:
+        stop.set()
+        writer.join()
     assert daemon.stop() == 0
 
 

@@ -239,11 +239,12 @@ class Daemon:
                 or self.flushes.active)
 
     def _quiet(self, engine: SyncEngine) -> bool:
-        """Nothing needs the time: no notice for this instance, no flush, no upload, no file
-        being written. A peer's notice pauses pruning only while its flush and the uploads it
-        brings run: this instance stays, and the job's retention must go on."""
-        return (not self.flushes.active and not self._own_notice_seen and engine.idle()
-                and not engine.unsettled())
+        """Nothing needs the time: no notice for this instance, no flush, no upload. A file
+        still being written does not count: a log appended to all the time never settles and
+        would hold retention off for good, and once a file settles its upload cancels the
+        prune. A peer's notice pauses pruning only while its flush and the uploads it brings
+        run: this instance stays, and the job's retention must go on."""
+        return not self.flushes.active and not self._own_notice_seen and engine.idle()
 
     def _step(self, engine: SyncEngine) -> None:
         self._take_signals()
