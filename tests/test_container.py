@@ -212,7 +212,7 @@ def _config(imds: ImdsEmulator) -> dict[str, Any]:
     return {
         "aws": {"region": REGION},
         "watch": [{"path": "/opt/ml/checkpoints", "prefix": "job/"}],
-        # Closed files wait 5 s to settle: long enough to see a file pending when SIGTERM comes.
+        # Closed files wait 5 s to settle (until a notice), unclosed ones 6 s.
         "sync": {"settle_seconds": 5, "quiet_seconds": 6, "stop_timeout": 20},
         "imds": {"endpoint": imds.url, "poll_interval": 0.2},
         # A hook that leaves a process behind: it must be reaped, not left a zombie.
@@ -279,12 +279,15 @@ def test_sidecar_uploads_on_notice_reaps_hooks_and_flushes_on_sigterm(
         assert health.returncode == 0, health.stdout + health.stderr
 
         # A container stop: SIGTERM to PID 1 (tini), which passes it on; the final flush
-        # uploads the file the daemon holds, not yet settled.
+        # uploads the file still being written when it came (after a notice, a closed file
+        # would go at once), once its writer closes it.
         last = os.urandom(100_000)
-        (checkpoints / "step_20.pt").write_bytes(last)
         status = Path(f"/proc/{daemon[0]}/root/var/lib/spotwatch/status.json")  # its view
-        wait_for(lambda: json.loads(status.read_text())["unsettled_files"] == 1, timeout=30)
-        os.kill(init, signal.SIGTERM)
+        with (checkpoints / "step_20.pt").open("wb") as being_written:
+            being_written.write(last)
+            being_written.flush()
+            wait_for(lambda: json.loads(status.read_text())["unsettled_files"] == 1, timeout=30)
+            os.kill(init, signal.SIGTERM)
         assert sidecar.wait(timeout=60) == 0, log_path.read_text()
         assert '"daemon_stopped"' in log_path.read_text()
         assert object_bytes(s3, bucket, "job/step_20.pt") == last
