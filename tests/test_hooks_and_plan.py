@@ -132,6 +132,9 @@ def test_unreadable_or_foreign_notice_file_warns(tmp_path: Path) -> None:
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.warns(RuntimeWarning, match=r"list\.json is not a notice file"):
         assert interruption_pending(tmp_path / "list.json") is None
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    with pytest.warns(RuntimeWarning, match=r"deep\.json is not a notice file"):
+        assert interruption_pending(tmp_path / "deep.json") is None
 
 
 def command_runs(out: Path) -> int:

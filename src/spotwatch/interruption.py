@@ -78,7 +78,7 @@ def interruption_pending(
 def _parse_notice(path: Path, text: str) -> dict[str, Any] | None:
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested too deep for the decoder is garbage too
         data = None
     if not isinstance(data, dict):
         warnings.warn(f"spotwatch: {path} is not a notice file (not a JSON object)",
