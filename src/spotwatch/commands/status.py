@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     config, bucket = load(args, uploads=False)
     report = gather_status(config, bucket)
     if args.healthy:
-        return 0 if is_healthy(report) else 1
+        return 0 if report["healthy"] else 1
     print(json.dumps(report, indent=2) if args.json else render_status(report))
     return 0
 
