@@ -156,10 +156,15 @@ class WatchDir(_Section, frozen=True):
     prefix: Prefix = "checkpoints/"
     exclude: tuple[Text, ...] = ("*.tmp", "*.tmp/*", "__pycache__/*", ".git/*")
     include: tuple[Text, ...] = ()
+    # Files a set directory must hold before it is sealed (see sync.sets.sealer.unmatched).
+    complete_when: tuple[Text, ...] = ()
 
     def __post_init__(self) -> None:
         if self.prefix.startswith("/") or ".." in self.prefix.split("/"):
             raise _refuse("prefix", "must be a relative key prefix")
+        if any(pattern.startswith("/") for pattern in self.complete_when):
+            raise _refuse("complete_when", "takes paths inside a set directory, such as "
+                          "'.metadata' or '*/trainer_state.json', not absolute ones")
         if len(key_space(self.prefix).encode()) >= S3_KEY_MAX_BYTES:
             raise _refuse("prefix",
                           f"leaves no room for a key within S3's {S3_KEY_MAX_BYTES} bytes")

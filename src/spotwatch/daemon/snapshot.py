@@ -18,7 +18,8 @@ class EngineSnapshot:
     failing: int
     unsettled: int
     incomplete_sets: tuple[str, ...]
-    unsealed_sets: tuple[str, ...] = ()  # sets whose manifest is not written yet
+    # Sets whose manifest is not written yet, those awaiting their complete_when file too.
+    unsealed_sets: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, engine: SyncEngine) -> EngineSnapshot:
@@ -30,5 +31,5 @@ class EngineSnapshot:
             failing=len(engine.retries.failing()),
             unsettled=engine.unsettled(),
             incomplete_sets=tuple(sorted(engine.sealer.incomplete)),
-            unsealed_sets=tuple(sorted(engine.sealer.unsealed())),
+            unsealed_sets=tuple(sorted(engine.sealer.unsealed() | set(engine.sealer.awaiting))),
         )

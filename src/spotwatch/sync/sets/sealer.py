@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import Future
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import structlog
@@ -69,6 +70,9 @@ class SetSealer:
         self._trackers = {tracker.root: tracker for tracker in trackers}
         # Set key -> its files (relative paths) not durable in S3: sets left unsealed.
         self.incomplete: dict[str, list[str]] = {}
+        # Set key -> the watch's complete_when patterns none of its files matches yet: sets
+        # left unsealed until the trainer writes the file that says the set is finished.
+        self.awaiting: dict[str, list[str]] = {}
         self._dirty: dict[SetRef, int] = {}  # set -> generation, bumped by every new file
         self._sending: dict[SetRef, tuple[int, Future[None], Manifest, str]] = {}
         self._retries: RetryQueue[SetRef, SetRef] = RetryQueue(MANIFEST_BACKOFF, clock)
@@ -94,6 +98,7 @@ class SetSealer:
             check = self._check_set(set_ref)
             if check.arriving:
                 continue
+            self.awaiting.pop(set_ref.key, None)
             if check.missing:
                 self._report_incomplete(set_ref, check.missing)
                 self._done(set_ref)  # sealed again once another file of it is uploaded
@@ -101,6 +106,11 @@ class SetSealer:
             self.incomplete.pop(set_ref.key, None)
             if not check.entries:
                 self._done(set_ref)  # nothing of the set is left locally: no manifest
+                continue
+            markers = unmatched(self._complete_when(set_ref), set_ref.name, check.entries)
+            if markers:
+                self._await(set_ref, markers)
+                self._done(set_ref)  # sealed once the file that finishes it is uploaded
                 continue
             manifest = Manifest.build(set_ref.name, set_ref.prefix, check.entries)
             key, body = self._sealed_as(manifest)
@@ -140,6 +150,15 @@ class SetSealer:
     def _done(self, set_ref: SetRef) -> None:
         self._dirty.pop(set_ref, None)
         self._retries.forget(set_ref)
+
+    def _complete_when(self, set_ref: SetRef) -> tuple[str, ...]:
+        tracker = self._trackers.get(set_ref.root)
+        return () if tracker is None else tracker.watch.complete_when
+
+    def _await(self, set_ref: SetRef, markers: list[str]) -> None:
+        if self.awaiting.get(set_ref.key) != markers:
+            log.info("set_awaiting_marker", set=set_ref.key, waiting_for=markers)
+        self.awaiting[set_ref.key] = markers
 
     def _report_incomplete(self, set_ref: SetRef, missing: list[str]) -> None:
         missing = [printable_path(relative) for relative in missing]
@@ -205,3 +224,22 @@ class SetSealer:
                                 None if self._node is None else self._node.part_of)
         except ValueError:  # a name S3 cannot take: refused by the engine, never uploaded
             return None
+
+
+def unmatched(complete_when: Sequence[str], set_name: str,
+              entries: Sequence[ManifestEntry]) -> list[str]:
+    """The complete_when patterns that no file of a set directory matches (paths relative to
+    the set's directory; `*` matches across '/', as in the filters).
+
+    Invariant: with watch[].complete_when, a set directory is sealed only once it holds, durable
+    in S3 and listed in its manifest, a file matching every pattern: the file a trainer writes
+    last (torch.distributed.checkpoint's `.metadata`, the Hugging Face Trainer's
+    `trainer_state.json`). A set whose trainer paused between two shards longer than an
+    upload takes is then never sealed with half its shards. A set that is a single top-level
+    file is its own whole set: the patterns do not apply to it."""
+    inside = [entry.path[len(set_name) + 1:] for entry in entries
+              if entry.path.startswith(set_name + "/")]
+    if not inside:
+        return []
+    return [pattern for pattern in complete_when
+            if not any(fnmatchcase(path, pattern) for path in inside)]

@@ -1,0 +1,91 @@
+"""watch[].complete_when: a set directory is sealed only once it holds the file its trainer
+writes last, so a pause between two shards never seals half a checkpoint."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spotwatch.sync.sets.manifest import ManifestEntry
+from spotwatch.sync.sets.sealer import unmatched
+
+from .conftest import Workspace, keys_in, wait_for
+from .test_checkpoint_sets import MANIFESTS, restore, sealed
+from .test_daemon_e2e import flush_summary, save_checkpoint
+
+
+def watch_with(workspace: Workspace, complete_when: list[str]) -> None:
+    workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/",
+                                   "complete_when": complete_when}])
+
+
+def test_a_set_waits_for_its_marker_however_long_the_trainer_pauses(
+        workspace: Workspace, s3: Any) -> None:
+    watch_with(workspace, [".metadata"])
+    (workspace.checkpoints / "step_1").mkdir()
+    daemon = workspace.start_daemon()
+    shard = save_checkpoint(workspace.checkpoints / "step_1" / "shard-0.distcp", 100_000)
+    # The trainer pauses: the first shard is in S3, nothing of the set is pending or being
+    # written, and a top-level file written after it is sealed already.
+    wait_for(lambda: "run1/step_1/shard-0.distcp" in keys_in(s3, workspace.bucket))
+    wait_for(lambda: daemon.named("set_awaiting_marker"))
+    (workspace.checkpoints / "later.pt").write_bytes(b"later")
+    wait_for(lambda: sealed(daemon, "run1/later.pt"))
+    assert f"{MANIFESTS}step_1.json" not in keys_in(s3, workspace.bucket)
+    assert daemon.named("set_awaiting_marker")[0]["waiting_for"] == [".metadata"]
+    assert "run1/step_1" in wait_for(lambda: workspace.status().get("unsealed_sets"))
+    # Nothing of step_1 is a checkpoint yet: restore brings back only the sealed set.
+    assert "restored later.pt" in restore(workspace, "--to", str(workspace.root / "r1")).stdout
+
+    save_checkpoint(workspace.checkpoints / "step_1" / "shard-1.distcp", 100_000)
+    save_checkpoint(workspace.checkpoints / "step_1" / ".metadata", 1_000)
+    assert wait_for(lambda: sealed(daemon, "run1/step_1"))["files"] == 3
+    wait_for(lambda: "run1/step_1" not in workspace.status().get("unsealed_sets", ["run1/step_1"]))
+    assert daemon.stop() == 0
+    target = workspace.root / "r2"
+    result = restore(workspace, "--set", "step_1", "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert (target / "step_1" / "shard-0.distcp").read_bytes() == shard
+
+
+def test_flush_does_not_wait_for_a_marker_and_names_the_set(workspace: Workspace,
+                                                            s3: Any) -> None:
+    watch_with(workspace, ["trainer_state.json", "*.safetensors"])
+    save_checkpoint(workspace.checkpoints / "checkpoint-5" / "model.safetensors", 50_000)
+    save_checkpoint(workspace.checkpoints / "single.pt", 10_000)  # a file set: no marker
+    result = workspace.cli("flush", "-c", "config.yaml")
+    assert result.returncode == 0, result.stderr
+    assert flush_summary(result)["files"] == 2
+    keys = keys_in(s3, workspace.bucket)
+    assert f"{MANIFESTS}single.pt.json" in keys
+    assert f"{MANIFESTS}checkpoint-5.json" not in keys
+    assert "trainer_state.json" in result.stderr  # the set_awaiting_marker line names it
+
+    save_checkpoint(workspace.checkpoints / "checkpoint-5" / "trainer_state.json", 1_000)
+    assert workspace.cli("flush", "-c", "config.yaml").returncode == 0
+    assert f"{MANIFESTS}checkpoint-5.json" in keys_in(s3, workspace.bucket)
+
+
+def test_an_absolute_marker_is_refused(workspace: Workspace) -> None:
+    watch_with(workspace, ["/data/.metadata"])
+    result = workspace.cli("flush", "-c", "config.yaml")
+    assert result.returncode == 2
+    assert "complete_when" in result.stderr and "Traceback" not in result.stderr
+
+
+_names = st.text(st.sampled_from("ab./*?"), min_size=1, max_size=6)
+
+
+@given(st.lists(_names, max_size=4), st.lists(_names, max_size=4), st.booleans())
+def test_only_a_directory_holding_a_match_for_every_pattern_is_complete(
+        patterns: list[str], paths: list[str], directory: bool) -> None:
+    entries = [ManifestEntry(f"p/{path}", f"step/{path}" if directory else "step", 1, 0, "c")
+               for path in paths]
+    left = unmatched(patterns, "step", entries)
+    if not directory or not paths:
+        assert left == []
+        return
+    assert left == [p for p in patterns if not fnmatch.filter(paths, p)]
