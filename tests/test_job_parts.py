@@ -21,6 +21,7 @@ from spotwatch.sync.pruner import job_deletions, plan_deletions
 from spotwatch.sync.restore import RestoreReport, restore_candidates, restore_newest
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, JobSet, Part
+from spotwatch.sync.sets.remote import list_job_sets
 
 from .memory_store import InMemoryObjectStore, crc32_checksum
 
@@ -75,7 +76,7 @@ def test_a_set_missing_a_ranks_part_is_passed_over(tmp_path: Path) -> None:
     assert (warning["set"], warning["reason"]) == ("step_2", "no part from node 1 of 3")
 
 
-@pytest.mark.parametrize("malformed", ["garbage", "other job", "other node count",
+@pytest.mark.parametrize("malformed", ["garbage", "other job", "rank past its node count",
                                        "other rank", "other set"])
 def test_a_malformed_part_counts_as_missing(tmp_path: Path, malformed: str) -> None:
     store = InMemoryObjectStore()
@@ -88,7 +89,8 @@ def test_a_malformed_part_counts_as_missing(tmp_path: Path, malformed: str) -> N
     elif malformed == "other set":  # step_1's part copied to step_2's key
         store.put(key, store.data(part_key(PREFIX, JOB, "step_1", 1)))
     else:
-        node = {"other job": JobNode("job-8", 2, 1), "other node count": JobNode(JOB, 3, 1),
+        node = {"other job": JobNode("job-8", 2, 1),
+                "rank past its node count": JobNode(JOB, 1, 1),
                 "other rank": JobNode(JOB, 2, 0)}[malformed]
         put_part(store, 2, 1, "step_2", shard(1, 2), 2_000, written_as=node)
     with capture_logs() as logs:
@@ -203,6 +205,54 @@ def test_restore_never_picks_a_set_missing_a_rank_or_with_a_conflict(
         ranks = [node_rank] if node_rank is not None else list(files)
         assert files_under(Path(temp)) == {f"{set_name}/{name}" for rank in ranks
                                            for name in files[rank]}
+
+
+# -- a job launched again with another node count ---------------------------------------------
+
+def test_a_job_launched_again_with_other_node_counts_restores_its_older_sets(
+        tmp_path: Path) -> None:
+    """Four nodes sealed step_1; the job came back on two (step_2: only rank 0 so far), then
+    on three. Each set counts for the node count it was sealed with, and a node restoring its
+    rank gets the whole older set: which old shards it reads is the trainer's business."""
+    store = InMemoryObjectStore()
+    for rank in range(4):
+        put_part(store, 4, rank, "step_1", shard(rank, 1), 1_000)
+    put_part(store, 2, 0, "step_2", shard(0, 2), 2_000)
+    for nodes, node_rank in ((2, None), (2, 1), (3, 2), (4, 3)):
+        target = tmp_path / f"r{nodes}-{node_rank}"
+        with capture_logs() as logs:
+            report = restore_job(store, target, nodes, node_rank)
+        assert report is not None and (report.set_name, report.passed_over) == (
+            "step_1", ("step_2",))
+        ranks = [node_rank] if nodes == 4 and node_rank is not None else range(4)
+        assert files_under(target) == {f"step_1/{name}" for rank in ranks
+                                       for name in shard(rank, 1)}
+        resized = [e for e in logs if e["event"] == "set_of_other_job_size"]
+        assert bool(resized) == (node_rank is not None and nodes != 4)
+
+
+@given(st.dictionaries(st.integers(1, 3), st.sets(st.integers(0, 2)), min_size=1),
+       st.integers(1, 3))
+def test_a_set_is_complete_when_every_rank_of_one_node_count_sealed_it(
+        ranks_by_nodes: dict[int, set[int]], nodes_now: int) -> None:
+    store = InMemoryObjectStore()
+    last_sealed_by: dict[int, int] = {}  # rank -> node count: a part's key has no node count
+    for nodes, ranks in ranks_by_nodes.items():
+        for rank in ranks:
+            if rank < nodes:
+                put_part(store, nodes, rank, "step_1", shard(rank, nodes), nodes * 1_000)
+                last_sealed_by[rank] = nodes
+    sealed: dict[int, set[int]] = {}
+    for rank, nodes in last_sealed_by.items():
+        sealed.setdefault(nodes, set()).add(rank)
+    [job_set] = list_job_sets(store, PREFIX, JOB, nodes_now) if sealed else [None]
+    if job_set is None:
+        return
+    complete = {nodes for nodes, ranks in sealed.items() if ranks == set(range(nodes))}
+    assert (job_set.problem() is None) == bool(complete)
+    if complete:  # rank 0's part is every node count's: one of them at most is complete
+        assert [job_set.nodes] == sorted(complete)
+        assert set(job_set.parts) == set(range(job_set.nodes))
 
 
 # -- retention and mirrored deletions on a job -----------------------------------------------

@@ -137,6 +137,15 @@ def test_a_set_every_node_sealed_restores_whole_or_one_nodes_part(
     for daemon in daemons:
         assert daemon.stop() == 0
 
+    # The job launched again on two nodes: node 1 of 2 gets all of step_2, which three
+    # nodes sealed, for its trainer to reshard.
+    replacement.write_config(job={"id": JOB, "nodes": 2})
+    resized = replacement.root / "resized"
+    result = restore(replacement, "--to", str(resized), "--node-rank", "1")
+    assert result.returncode == 0, result.stderr
+    assert "restored step_2" in result.stdout and "passed over" not in result.stdout
+    assert files_under(resized) == steps["step_2"]
+
 
 def test_a_set_missing_a_nodes_part_is_passed_over(
         nodes: list[Workspace], daemons: list[Daemon], replacement: Workspace, s3: Any,

@@ -173,7 +173,14 @@ def restore_candidates(store: ObjectStore, prefix: str, job: JobSettings,
     for job_set in list_job_sets(store, prefix, job.id, job.nodes):
         whole = job_set.whole
         problem = job_set.problem()
-        fetch = whole if node_rank is None or problem else job_set.parts[node_rank]
+        # A set sealed by a job of another size: which of its files node_rank needs now is
+        # for the trainer to say (a resharding load reads across the old shards), so the
+        # node gets them all.
+        resized = job_set.nodes != job.nodes
+        fetch = whole if node_rank is None or problem or resized else job_set.parts[node_rank]
+        if resized and node_rank is not None and not problem:
+            log.info("set_of_other_job_size", set=whole.set_name, sealed_by_nodes=job_set.nodes,
+                     job_nodes=job.nodes, restoring="every node's files")
         candidates.append(Candidate(whole, fetch, problem, job_set.other_checksums))
     return candidates
 

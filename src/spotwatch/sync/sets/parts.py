@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
-from spotwatch.config import JobSettings
+from spotwatch.config import MAX_NODES, JobSettings
 from spotwatch.sync.sets.manifest import (
     Manifest,
     ManifestEntry,
@@ -62,17 +62,18 @@ class Part:
                            "job": {"id": node.job_id, "nodes": node.nodes, "rank": node.rank}})
 
     @classmethod
-    def from_json(cls, text: str | builtins.bytes, prefix: str, job_id: str,
-                  nodes: int) -> Part:
-        """A part of the configured job (id and node count) under the configured prefix;
-        ManifestError unless its manifest is valid and its job fields are this job's."""
+    def from_json(cls, text: str | builtins.bytes, prefix: str, job_id: str) -> Part:
+        """A part of the configured job under the configured prefix, sealed by one of the
+        nodes the job had then (it may have had other node counts since); ManifestError
+        unless its manifest is valid and its job fields are this job's."""
         data = json_object(text)
         manifest = Manifest.from_data(data, prefix)
         job = field_of(data, "job", dict)
         if field_of(job, "id", str) != job_id:
             raise ManifestError(f"written for job {job['id']!r}, not {job_id!r}")
-        if field_of(job, "nodes", int) != nodes:
-            raise ManifestError(f"written for a job of {job['nodes']} nodes, not {nodes}")
+        nodes = field_of(job, "nodes", int)
+        if not 1 <= nodes <= MAX_NODES:
+            raise ManifestError(f"a job of {nodes} nodes")
         rank = field_of(job, "rank", int)
         if not 0 <= rank < nodes:
             raise ManifestError(f"rank {rank} is not one of the job's {nodes} nodes")
@@ -109,10 +110,13 @@ class JobSet:
         and as a directory. Checksums made with other transfer settings say nothing about
         whether the bytes differ: restore checks the bytes against each (other_checksums).
         """
-        missing = [rank for rank in range(self.nodes) if rank not in self.parts]
+        missing = self.missing_ranks()
         if missing:
             return f"no part from node {', '.join(map(str, missing))} of {self.nodes}"
         return self._conflict()
+
+    def missing_ranks(self) -> list[int]:
+        return [rank for rank in range(self.nodes) if rank not in self.parts]
 
     @cached_property
     def other_checksums(self) -> Mapping[str, tuple[ManifestEntry, ...]]:

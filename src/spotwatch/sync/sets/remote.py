@@ -38,20 +38,33 @@ def _newest_first(manifest: Manifest) -> tuple[float, float, str]:
 def list_job_sets(store: ObjectStore, prefix: str, job_id: str, nodes: int) -> list[JobSet]:
     """Every set of the job under the configured prefix that has at least one valid part,
     complete or not, newest checkpoint first by the files of all its parts (the order of
-    list_manifests). A malformed part is skipped with a warning: its set lacks that rank."""
-    by_set: dict[str, dict[int, Manifest]] = defaultdict(dict)
+    list_manifests). A malformed part is skipped with a warning: its set lacks that rank.
+    nodes: the job's node count now (see _as_sealed)."""
+    by_set: dict[str, dict[int, dict[int, Manifest]]] = defaultdict(lambda: defaultdict(dict))
     for listed in store.list_objects(parts_prefix(prefix, job_id)):
-        part = _read_part(store, prefix, job_id, nodes, listed.key)
+        part = _read_part(store, prefix, job_id, listed.key)
         if part is not None:
-            by_set[part.manifest.set_name][part.node.rank] = part.manifest
-    job_sets = [JobSet(name, nodes, parts) for name, parts in by_set.items()]
+            by_set[part.manifest.set_name][part.node.nodes][part.node.rank] = part.manifest
+    job_sets = [_as_sealed(name, by_size, nodes) for name, by_size in by_set.items()]
     return sorted(job_sets, key=lambda job_set: _newest_first(job_set.whole), reverse=True)
 
 
-def _read_part(store: ObjectStore, prefix: str, job_id: str, nodes: int,
-               key: str) -> Part | None:
+def _as_sealed(set_name: str, by_size: dict[int, dict[int, Manifest]], nodes: int) -> JobSet:
+    """The set as the nodes that sealed it saw the job.
+
+    Invariant: a set is complete for the node count its parts were sealed with, so a job
+    launched again with fewer or more nodes (an elastic launch after spot capacity changed)
+    still restores, and keeps, the checkpoints written before. Where parts of several node
+    counts name one set, the one with every rank wins, then the job's count now, then the
+    latest sealed."""
+    sets = [JobSet(set_name, size, parts) for size, parts in by_size.items()]
+    return min(sets, key=lambda job_set: (bool(job_set.missing_ranks()), job_set.nodes != nodes,
+                                          -job_set.whole.sealed_at))
+
+
+def _read_part(store: ObjectStore, prefix: str, job_id: str, key: str) -> Part | None:
     try:
-        part = Part.from_json(store.get_bytes(key), prefix, job_id, nodes)
+        part = Part.from_json(store.get_bytes(key), prefix, job_id)
     except ObjectMissing:
         return None
     except ManifestError as exc:
