@@ -192,3 +192,20 @@ def test_status_of_a_report_this_user_cannot_read_says_so(shared_dir: Path, buck
             assert "starting" not in done.stdout
             assert done.stderr.splitlines()[-1] == \
                 f"spotwatch: error: cannot read status file {report}: Permission denied"
+
+
+def test_a_notice_file_the_daemon_cannot_write_is_named_at_start(workspace: Workspace,
+                                                                 shared_dir: Path) -> None:
+    """hooks.notice_file in a directory the daemon (with the unit's capabilities) may not
+    write: said when it starts, not only when a notice comes and the trainer misses it."""
+    closed = shared_dir / "notices"
+    closed.mkdir()
+    closed.chmod(0o555)
+    notice_file = closed / "notice.json"
+    workspace.write_config(hooks={"notice_file": str(notice_file)})
+    workspace.launcher = unit_launcher()
+    daemon = workspace.start_daemon()
+    failed = [e for e in daemon.named("hook_failed") if e["hook"] == "notice_file"]
+    assert [(e["path"], e["error"]) for e in failed] == [(str(notice_file), "Permission denied")]
+    assert daemon.named("notice_detected") == []
+    assert daemon.stop() == 0
