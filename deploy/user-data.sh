@@ -73,15 +73,22 @@ install_package() {
     ln -sf "$PREFIX_DIR/bin/spotwatch" "$DESTDIR/usr/local/bin/spotwatch"
 }
 
+# A YAML single-quoted scalar: the value exactly, whatever it holds (a '#' would start a
+# comment, a ': ' a mapping, a leading '*' an alias in a plain one).
+yaml_quote() {
+    local quote="'"
+    printf "'%s'" "${1//$quote/$quote$quote}"
+}
+
 write_config() {
     local dir="$DESTDIR$CONFIG_DIR"
     mkdir -p "$dir" "$DESTDIR$SPOTWATCH_CHECKPOINT_DIR"
     cat >"$dir/config.yaml" <<EOF
 aws:
-  region: $SPOTWATCH_REGION
+  region: $(yaml_quote "$SPOTWATCH_REGION")
 watch:
-  - path: $SPOTWATCH_CHECKPOINT_DIR
-    prefix: $SPOTWATCH_PREFIX
+  - path: $(yaml_quote "$SPOTWATCH_CHECKPOINT_DIR")
+    prefix: $(yaml_quote "$SPOTWATCH_PREFIX")
 sync:
   mode: continuous
 EOF

@@ -4,6 +4,7 @@ capabilities. The daemon runs as root, the trainer as nobody (uid 65534)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -162,3 +163,49 @@ def test_status_of_a_state_directory_this_user_cannot_read_is_one_line(
         assert "Traceback" not in done.stderr, done.stderr
         assert done.stderr.splitlines()[-1].startswith("spotwatch: error: cannot read state "
                                                        f"directory {state}: "), done.stderr
+
+
+def test_status_of_a_report_this_user_cannot_read_says_so(shared_dir: Path, bucket: str) -> None:
+    """The state directory may be entered (a daemon of another user without systemd made it
+    0755) but status.json is its owner's alone: `status` names the file instead of calling a
+    running daemon one that has not reported yet."""
+    state = shared_dir / "state"
+    state.mkdir(mode=0o755)
+    report = state / "status.json"
+    report.write_text(json.dumps({"pid": os.getpid(), "role": "daemon"}))
+    report.chmod(0o600)
+    config = shared_dir / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "aws": {"region": REGION},
+        "watch": [{"path": str(shared_dir / "checkpoints"), "prefix": "run1/"}],
+        "imds": {"enabled": False}, "state": {"dir": str(state)}, "metrics": {"port": 0}}))
+    with (state / "lock").open("w") as lock:  # held as a running daemon holds it
+        lock.write(str(os.getpid()))
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for extra in ((), ("--healthy",)):
+            done = subprocess.run([*AS_NOBODY, sys.executable, "-m", "spotwatch.cli", "status",
+                                   "-c", str(config), *extra],
+                                  env={**trainer_env(), "S3_BUCKET_NAME": bucket}, cwd="/",
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1, done.stdout
+            assert "starting" not in done.stdout
+            assert done.stderr.splitlines()[-1] == \
+                f"spotwatch: error: cannot read status file {report}: Permission denied"
+
+
+def test_a_notice_file_the_daemon_cannot_write_is_named_at_start(workspace: Workspace,
+                                                                 shared_dir: Path) -> None:
+    """hooks.notice_file in a directory the daemon (with the unit's capabilities) may not
+    write: said when it starts, not only when a notice comes and the trainer misses it."""
+    closed = shared_dir / "notices"
+    closed.mkdir()
+    closed.chmod(0o555)
+    notice_file = closed / "notice.json"
+    workspace.write_config(hooks={"notice_file": str(notice_file)})
+    workspace.launcher = unit_launcher()
+    daemon = workspace.start_daemon()
+    failed = [e for e in daemon.named("hook_failed") if e["hook"] == "notice_file"]
+    assert [(e["path"], e["error"]) for e in failed] == [(str(notice_file), "Permission denied")]
+    assert daemon.named("notice_detected") == []
+    assert daemon.stop() == 0

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spotwatch.config import load_config
 from spotwatch.emulator import ImdsEmulator
@@ -51,17 +54,18 @@ def test_installs_into_fake_root(tmp_path: Path, wheel: Path, imds: ImdsEmulator
         SPOTWATCH_BUCKET="team-checkpoints",
         SPOTWATCH_PACKAGE=str(wheel),
         SPOTWATCH_PIP_ARGS="--no-deps --no-index",
-        SPOTWATCH_CHECKPOINT_DIR="/data/ckpt",
-        SPOTWATCH_PREFIX="job-42/",
+        # YAML would read a plain "#" as a comment's start and ": " as a mapping's.
+        SPOTWATCH_CHECKPOINT_DIR="/data/ckpt #2",
+        SPOTWATCH_PREFIX="job: 42's #1/",
         AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url,  # the region comes from IMDS
     )
     assert result.returncode == 0, result.stderr
 
     config = load_config(root / "etc/spotwatch/config.yaml")
     assert config.region == "us-west-2"
-    assert config.watch[0].path == Path("/data/ckpt")
-    assert config.watch[0].prefix == "job-42/"
-    assert (root / "data/ckpt").is_dir()
+    assert config.watch[0].path == Path("/data/ckpt #2")
+    assert config.watch[0].prefix == "job: 42's #1/"
+    assert (root / "data/ckpt #2").is_dir()
 
     env_file = root / "etc/spotwatch/spotwatch.env"
     assert env_file.read_text() == "S3_BUCKET_NAME=team-checkpoints\n"
@@ -73,6 +77,22 @@ def test_installs_into_fake_root(tmp_path: Path, wheel: Path, imds: ImdsEmulator
     assert wanted.is_symlink()
     assert os.readlink(root / "usr/local/bin/spotwatch") == "/opt/spotwatch/bin/spotwatch"
     assert (root / "opt/spotwatch/bin/spotwatch").is_file()
+
+
+# Values an operator may set, as environment variables carry them: no NUL, no line breaks.
+SETTING_TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(value=SETTING_TEXT)
+def test_config_values_reach_the_config_file_exactly(value: str) -> None:
+    """Whatever a setting holds, the config file the script writes reads back as that value
+    (yaml_quote, as the script defines it)."""
+    quote = subprocess.run(
+        ["bash", "-c", f'source <(sed -n "/^yaml_quote() {{/,/^}}/p" {shlex.quote(str(SCRIPT))})'
+                       ' && yaml_quote "$1"', "bash", value],
+        capture_output=True, text=True, check=True, timeout=30).stdout
+    assert yaml.safe_load(f"prefix: {quote}\n") == {"prefix": value}
 
 
 def test_refuses_without_bucket(tmp_path: Path) -> None:

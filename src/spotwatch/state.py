@@ -75,9 +75,18 @@ class StateDir:
                                  ) from None
 
     def read_status(self) -> dict[str, Any] | None:
+        """The daemon's last report; None when there is none. One this user may not read is
+        an error naming it, never taken for a daemon that has not reported yet."""
         try:
-            data = json.loads(self.status.read_text())
-        except (OSError, ValueError):
+            text = self.status.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SpotwatchError(f"cannot read status file {self.status}: {exc.strerror}"
+                                 ) from None
+        try:
+            data = json.loads(text)
+        except ValueError:
             return None
         return data if isinstance(data, dict) else None
 

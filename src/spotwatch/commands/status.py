@@ -115,6 +115,10 @@ def render_status(report: dict[str, Any]) -> str:
         if incomplete:
             lines.append(f"incomplete:   {len(incomplete)} sets without a manifest (a file "
                          f"is not in S3): {', '.join(incomplete[:5])}")
+        unreadable = daemon.get("unreadable_dirs") or []
+        if unreadable:
+            lines.append(f"unreadable:   {len(unreadable)} directories spotwatch may not read "
+                         f"(their files are not uploaded): {', '.join(unreadable[:5])}")
         unsealed = daemon.get("unsealed_sets") or []
         if unsealed:
             lines.append(f"unsealed:     {len(unsealed)} sets waiting for their manifest (no "

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,6 +48,7 @@ class NoticeHooks:
         withdrawn), so its file stays for the trainer; any other notice file is stale. Returns
         the notice the trainer so keeps."""
         self._acted.load()
+        self._check_writable()
         if self._acted.ids:
             return self._kept()
         try:
@@ -55,6 +57,22 @@ class NoticeHooks:
             log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
                         error=exc.strerror)
         return None
+
+    def _check_writable(self) -> None:
+        """Invariant 7 needs the notice file written when the notice comes: a place the daemon
+        cannot write (a directory of another user, a read-only file system, or outside the
+        unit's ReadWritePaths) is named at start, while it can still be fixed, not only once
+        the notice is missed. A file made and removed beside it, as the notice's own is."""
+        try:
+            make_shared_dirs(self.notice_file.parent)
+            fd, probe = tempfile.mkstemp(dir=self.notice_file.parent,
+                                         prefix=f".{self.notice_file.name}.")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
+                        error=exc.strerror,
+                        detail="the trainer cannot be told of a notice until this is fixed")
 
     def _kept(self) -> Told | None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spotwatch.logs import printable_path
 from spotwatch.sync.engine import SyncEngine
 
 
@@ -20,6 +21,8 @@ class EngineSnapshot:
     incomplete_sets: tuple[str, ...]
     # Sets whose manifest is not written yet, those awaiting their complete_when file too.
     unsealed_sets: tuple[str, ...] = ()
+    # Directories spotwatch may not read: their files are not protected.
+    unreadable_dirs: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, engine: SyncEngine) -> EngineSnapshot:
@@ -32,4 +35,6 @@ class EngineSnapshot:
             unsettled=engine.unsettled(),
             incomplete_sets=tuple(sorted(engine.sealer.incomplete)),
             unsealed_sets=tuple(sorted(engine.sealer.unsealed() | set(engine.sealer.awaiting))),
+            unreadable_dirs=tuple(printable_path(directory) for tracker in engine.trackers
+                                  for directory in tracker.unreadable_dirs()),
         )

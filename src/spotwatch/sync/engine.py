@@ -104,7 +104,8 @@ class SyncEngine:
         now_ns = self._wall_clock_ns()
         newest_allowed = now_ns - int(quiet_seconds * 1e9)
         for tracker in self.trackers:
-            for path, stat in walk_files(tracker.root, partial(self._skip, tracker)):
+            for path, stat in walk_files(tracker.root, partial(self._skip, tracker),
+                                         tracker.note_unreadable):
                 relative = tracker.relative(path)
                 if relative is None:
                     continue

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import structlog
 from watchdog.events import (
+    DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
     FileClosedEvent,
@@ -42,7 +43,9 @@ _CONTENT_EVENTS = {"created", "modified"}
 # What the tracker reacts to. watchdog turns this into the inotify mask, so the kernel never
 # reports opens and reads: uploading a file (or a trainer reading one) costs no events.
 _WATCHED_EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent,
-                   DirMovedEvent, FileDeletedEvent, DirDeletedEvent]
+                   DirCreatedEvent, DirMovedEvent, FileDeletedEvent, DirDeletedEvent]
+# How often directories spotwatch may not read are looked at again.
+UNREADABLE_RECHECK_SECONDS = 1.0
 
 
 # The event time of a file ready now (renamed into place, or closed at shutdown): older than
@@ -73,17 +76,24 @@ def _directory_identity(path: Path) -> tuple[int, int] | None:
     return (stat.st_dev, stat.st_ino) if stat_module.S_ISDIR(stat.st_mode) else None
 
 
-def walk_files(root: Path, on_other: Callable[[Path], None] | None = None
+def walk_files(root: Path, on_other: Callable[[Path], None] | None = None,
+               on_unreadable: Callable[[Path, OSError], None] | None = None,
                ) -> Iterator[tuple[Path, os.stat_result]]:
     """Regular files under root with their lstat. Symlinks are never followed: each, and each
-    FIFO, socket or device, is passed to on_other instead."""
+    FIFO, socket or device, is passed to on_other instead. A directory that exists but cannot
+    be listed, or whose entries cannot be looked at (no read or search permission), is passed
+    to on_unreadable, once: its files are unknown, not absent."""
     stack = [root]
     while stack:
         directory = stack.pop()
         try:
             entries = list(os.scandir(directory))
-        except OSError:
-            continue  # vanished or unreadable: its files get events of their own if they return
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # vanished: its files get events of their own if they return
+        except OSError as exc:
+            if on_unreadable is not None:
+                on_unreadable(directory, exc)
+            continue
         for entry in entries:
             try:
                 if entry.is_dir(follow_symlinks=False):
@@ -92,8 +102,26 @@ def walk_files(root: Path, on_other: Callable[[Path], None] | None = None
                     yield Path(entry.path), entry.stat(follow_symlinks=False)
                 elif on_other is not None:
                     on_other(Path(entry.path))
-            except OSError:
+            except FileNotFoundError:
                 continue
+            except OSError as exc:  # listable but not searchable: so are all its entries
+                if on_unreadable is not None:
+                    on_unreadable(directory, exc)
+                break
+
+
+def listing_error(directory: Path) -> OSError | None:
+    """Why the files of this directory cannot be read (None: they can, or it is gone)."""
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                entry.stat(follow_symlinks=False)  # needs search permission
+                break
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return exc
+    return None
 
 
 class ChangeTracker(FileSystemEventHandler):
@@ -121,6 +149,11 @@ class ChangeTracker(FileSystemEventHandler):
         self._observer: BaseObserver | None = None
         self._watched: _Watched | None = None
         self._missing_reported = False  # watch_dir_missing logged since the root went
+        # Directories spotwatch may not read (their files unknown) -> why, and the watches put
+        # on such directories once they could be read (the root's watch never got one).
+        self._unreadable: dict[Path, str] = {}
+        self._late_watches: dict[Path, ObservedWatch] = {}
+        self._unreadable_checked_at = float("-inf")
 
     def watch_with(self, observer: BaseObserver) -> None:
         self._observer = observer
@@ -138,7 +171,10 @@ class ChangeTracker(FileSystemEventHandler):
         its watch ends with it, or follows it elsewhere). The files found in it then wait for
         a close or the quiet interval, as files of any directory watched late do."""
         observer = self._observer
-        if observer is None or not self._watch_lost(observer):
+        if observer is None:
+            return
+        self._recheck_unreadable(observer)
+        if not self._watch_lost(observer):
             return
         if _directory_identity(self.root) is None:
             if not self._missing_reported:
@@ -156,8 +192,70 @@ class ChangeTracker(FileSystemEventHandler):
             return
         self._missing_reported = False
         log.info("watch_dir_back", path=printable_path(self.root))
-        for path, _ in walk_files(self.root):
+        self._drop_late_watches(observer, self.root)  # the new root watch covers them
+        for path, _ in walk_files(self.root, on_unreadable=self.note_unreadable):
             self.mark(path, closed=False)
+
+    def note_unreadable(self, directory: Path, error: OSError) -> None:
+        """Invariant: a directory whose files spotwatch may not read (a trainer of another
+        user with umask 077, or a tempfile.mkdtemp staging directory renamed into place) is
+        never skipped in silence. It is named once (dir_unreadable), reported in status, keeps
+        its set unsealed (the sealer's walk meets it too), and is looked at again every
+        UNREADABLE_RECHECK_SECONDS: once readable it is watched and its files upload."""
+        if not self.may_hold_files(directory):
+            return
+        with self._lock:
+            if directory in self._unreadable:
+                return
+            self._unreadable[directory] = error.strerror or str(error)
+        log.warning("dir_unreadable", path=printable_path(directory), error=error.strerror,
+                    detail="its files are not uploaded until spotwatch may read it")
+
+    def may_hold_files(self, directory: Path) -> bool:
+        """Whether a file below this directory may be one to upload. Includes may take back
+        files below a directory the excludes cover, so with includes any directory may."""
+        if directory == self.root:
+            return True
+        text = str(directory)
+        if not text.startswith(self._root_prefix) or is_reserved(text[len(self._root_prefix):]):
+            return False
+        return bool(self.watch.include) or self.relative(directory / "_") is not None
+
+    def unreadable_dirs(self) -> list[Path]:
+        with self._lock:
+            return sorted(self._unreadable)
+
+    def _recheck_unreadable(self, observer: BaseObserver) -> None:
+        now = self._clock()
+        if not self._unreadable or now - self._unreadable_checked_at < UNREADABLE_RECHECK_SECONDS:
+            return
+        self._unreadable_checked_at = now
+        for directory in self.unreadable_dirs():
+            if listing_error(directory) is not None:
+                continue
+            with self._lock:
+                del self._unreadable[directory]
+            if _directory_identity(directory) is None:
+                continue  # gone: nothing of it to upload
+            log.info("dir_readable", path=printable_path(directory))
+            self._watch_late(observer, directory)
+            for path, _ in walk_files(directory, on_unreadable=self.note_unreadable):
+                self.mark(path, closed=False)
+
+    def _watch_late(self, observer: BaseObserver, directory: Path) -> None:
+        """inotify could not watch the directory while it was unreadable, and watchdog does
+        not try again: it gets a watch of its own (ended with it, or with the root's)."""
+        self._drop_late_watches(observer, directory)
+        try:
+            self._late_watches[directory] = observer.schedule(
+                self, str(directory), recursive=True, event_filter=_WATCHED_EVENTS)
+        except OSError as exc:  # gone or unreadable again: looked at again later
+            self.note_unreadable(directory, exc)
+
+    def _drop_late_watches(self, observer: BaseObserver, below: Path) -> None:
+        for directory in [d for d in self._late_watches if d.is_relative_to(below)]:
+            with contextlib.suppress(KeyError):
+                observer.unschedule(self._late_watches.pop(directory))
 
     def _watch_lost(self, observer: BaseObserver) -> bool:
         """No watch, or its emitter ended (its directory was deleted), or the path names
@@ -196,6 +294,10 @@ class ChangeTracker(FileSystemEventHandler):
             if src != self.root:
                 self._forget(src)
         elif event.is_directory:
+            if kind == "created":
+                error = listing_error(src)
+                if error is not None:
+                    self.note_unreadable(src, error)
             return
         elif kind in _CONTENT_EVENTS:
             self._note_written(src)
@@ -239,7 +341,7 @@ class ChangeTracker(FileSystemEventHandler):
         self.mark(path, closed=False)
 
     def _mark_tree(self, directory: Path) -> None:
-        for path, _ in walk_files(directory):
+        for path, _ in walk_files(directory, on_unreadable=self.note_unreadable):
             self.mark(path, closed=True, at=_READY_NOW)
 
     def _forget(self, path: Path) -> None:

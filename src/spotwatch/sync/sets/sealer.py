@@ -174,13 +174,14 @@ class SetSealer:
         S3 verified; a file pending, failed or given up is missing, and a set with any missing
         file gets no manifest. (The files that are already in S3 stay there.) A file whose
         name S3 cannot take (refused by the engine with a path_refused warning) is missing
-        too: restore must never hand back the set without it.
+        too: restore must never hand back the set without it, nor without the files of a
+        directory spotwatch may not read (named as the directory, with a trailing slash).
         """
         recorded = self._recorded(set_ref)
         entries: list[ManifestEntry] = []
         missing: list[str] = []
         arriving = False
-        for relative, stat in self._local_files(set_ref):
+        for relative, stat in self._local_files(set_ref, missing.append):
             key = self._key_or_none(set_ref.prefix, relative)
             row = None if key is None else recorded.get(key)
             if row is None or (row[2], row[3]) != (stat.st_size, stat.st_mtime_ns) or not row[4]:
@@ -197,8 +198,10 @@ class SetSealer:
         rows = self._ledger.objects_in_set(self._store.bucket, set_ref.key)
         return {row[0]: row for row in rows}
 
-    def _local_files(self, set_ref: SetRef) -> Iterator[tuple[str, os.stat_result]]:
-        """(relative path, lstat) of the set's regular files that the filters accept."""
+    def _local_files(self, set_ref: SetRef, on_unreadable: Callable[[str], None]
+                     ) -> Iterator[tuple[str, os.stat_result]]:
+        """(relative path, lstat) of the set's regular files that the filters accept; the
+        directories of it that may hold such files but cannot be read go to on_unreadable."""
         tracker = self._trackers.get(set_ref.root)
         if tracker is None:
             return
@@ -207,8 +210,14 @@ class SetSealer:
             top_stat = os.stat(top, follow_symlinks=False)
         except OSError:
             return
+
+        def unreadable(directory: Path, error: OSError) -> None:
+            if tracker.may_hold_files(directory):
+                tracker.note_unreadable(directory, error)
+                on_unreadable(f"{directory.relative_to(set_ref.root)}/")
+
         if stat_module.S_ISDIR(top_stat.st_mode):
-            files: Iterator[tuple[Path, os.stat_result]] = walk_files(top)
+            files: Iterator[tuple[Path, os.stat_result]] = walk_files(top, None, unreadable)
         elif stat_module.S_ISREG(top_stat.st_mode):
             files = iter([(top, top_stat)])
         else:
