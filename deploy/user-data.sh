@@ -119,7 +119,10 @@ restore_checkpoint() {
     log "restoring the newest checkpoint into $SPOTWATCH_CHECKPOINT_DIR"
     # A job's first instance finds no checkpoint yet; no failed restore may leave the instance
     # unprotected: spotwatch starts either way.
-    if ! S3_BUCKET_NAME="$SPOTWATCH_BUCKET" spotwatch restore -c "$CONFIG_DIR/config.yaml" \
+    # By its full path: the PATH of `sudo` (secure_path on Amazon Linux, RHEL) has no
+    # /usr/local/bin, and a restore not found would start training from scratch.
+    if ! S3_BUCKET_NAME="$SPOTWATCH_BUCKET" "$PREFIX_DIR/bin/spotwatch" restore \
+        -c "$CONFIG_DIR/config.yaml" \
         --to "$SPOTWATCH_CHECKPOINT_DIR"; then
         log "nothing restored (see above); starting spotwatch anyway"
     fi
