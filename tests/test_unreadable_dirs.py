@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -102,3 +104,27 @@ def test_an_unreadable_directory_the_filters_exclude_is_not_reported(
     assert workspace.status()["unreadable_dirs"] == []
     assert daemon.named("dir_unreadable") == []
     assert daemon.stop() == 0
+
+
+def test_a_flush_that_could_not_read_a_directory_does_not_say_everything_is_safe(
+        workspace: Workspace, s3: Any) -> None:
+    hidden = workspace.checkpoints / "step_4"
+    hidden.mkdir()
+    (hidden / "model.pt").write_bytes(b"four")
+    hidden.chmod(0)
+    (workspace.checkpoints / "done.pt").write_bytes(b"done")
+    flush = subprocess.run([*NO_DAC, sys.executable, "-m", "spotwatch.cli", "flush", "-c",
+                            str(workspace.config_file)], cwd=workspace.root, env=workspace.env(),
+                           capture_output=True, text=True, timeout=60)
+    assert flush.returncode == 1, flush.stderr
+    assert f"1 directories spotwatch may not read, their files not uploaded: {hidden}" in \
+        flush.stderr
+    assert "run1/done.pt" in keys_in(s3, workspace.bucket)
+
+    # The daemon's final flush says so too, in its exit code and its flush_incomplete.
+    workspace.launcher = NO_DAC
+    daemon = workspace.start_daemon()
+    daemon.wait_for_event("dir_unreadable")
+    assert daemon.stop() == 1
+    [incomplete] = daemon.named("flush_incomplete")
+    assert incomplete["unreadable_dirs"] == [str(hidden)]

@@ -45,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
     structlog.get_logger("spotwatch").info(
         "flush_summary", files=outcome.files, bytes=outcome.bytes, failed=outcome.failed)
     report_still_written(daemon.flushes.last or {}, "the flush")
+    if outcome.unreadable_dirs:
+        print(f"spotwatch: error: {len(outcome.unreadable_dirs)} directories spotwatch may not "
+              f"read, their files not uploaded: {', '.join(outcome.unreadable_dirs[:20])}",
+              file=sys.stderr)
     return outcome.exit_code
 
 

@@ -191,21 +191,23 @@ class FlushController:
 
     def final_verdict(self, left: EngineSnapshot, failing: Sequence[PendingFile],
                       totals: Progress) -> int:
-        """Exit code 0 when everything is durable; 1 when the flush ran out of time or left
-        failing files behind (logged as flush_incomplete, so the operator sees it, with the
-        sets still waiting for their manifest: their files alone are no checkpoint). A flush
-        the stop timeout cut short ends here too: nothing reports it running after the stop."""
+        """Exit code 0 when everything is durable; 1 when the flush ran out of time, left
+        failing files behind or could not read a directory's files (logged as
+        flush_incomplete, so the operator sees it, with the sets still waiting for their
+        manifest: their files alone are no checkpoint). A flush the stop timeout cut short
+        ends here too: nothing reports it running after the stop."""
         timed_out = self.current is not None
         if timed_out:
             self._end(failing, (), timed_out=True)
-        if not timed_out and left.pending_files == 0:
+        if not timed_out and left.pending_files == 0 and not left.unreadable_dirs:
             log.info("daemon_stopped", files=totals.files, bytes=totals.bytes)
             return 0
         log.error("flush_incomplete", pending_files=left.pending_files,
                   pending_bytes=left.pending_bytes, retrying=left.retrying,
                   uploading=left.uploading, unsettled=left.unsettled,
                   failed_files=_named(failing), timed_out=timed_out,
-                  unsealed_sets=list(left.unsealed_sets[:NAMED_SETS_MAX]))
+                  unsealed_sets=list(left.unsealed_sets[:NAMED_SETS_MAX]),
+                  unreadable_dirs=list(left.unreadable_dirs[:NAMED_SETS_MAX]))
         return 1
 
 

@@ -60,6 +60,7 @@ class RunOutcome:
     files: int
     bytes: int
     failed: int
+    unreadable_dirs: tuple[str, ...] = ()  # their files unknown, so not uploaded
 
 
 class FlushWatcher(Protocol):
@@ -158,9 +159,10 @@ class Daemon:
                 watcher.close()
             self._write_status(engine)  # what the flush left behind, e.g. incomplete sets
             failed = len(engine.left_behind(None))
-            left = failed or len(engine.being_written())
-            return RunOutcome(1 if left else 0, engine.totals.files, engine.totals.bytes,
-                              failed)
+            unreadable = EngineSnapshot.of(engine).unreadable_dirs
+            incomplete = bool(failed or engine.being_written() or unreadable)
+            return RunOutcome(1 if incomplete else 0, engine.totals.files, engine.totals.bytes,
+                              failed, unreadable)
 
     def request_stop(self) -> None:
         self._stop.set()
