@@ -379,7 +379,7 @@ class SyncEngine:
                   "seconds": round(result.seconds, 3)}
         if result.outcome is Outcome.DONE and not self._ledger_write(
                 self.ledger.record, job.key, job.path, job.snapshot.version, result.checksum,
-                result.part_size, result.checksum_algorithm):
+                result.part_size, result.checksum_algorithm, result.etag):
             # Unrecorded, the file could be left out of its set's manifest: keep it pending
             # (its set stays unsealed) and upload it again once the ledger can be written.
             result = UploadResult(job, Outcome.FAILED, result.seconds, error="ledger not written")

@@ -31,9 +31,9 @@ from spotwatch.keys import belongs_to_set, is_reserved, manifest_key, object_key
 from spotwatch.state import StateDir
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.ledger import Ledger, LedgerError
-from spotwatch.sync.sets.manifest import Manifest
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, JobSet
-from spotwatch.sync.sets.remote import is_complete, list_job_sets, list_manifests
+from spotwatch.sync.sets.remote import is_intact, list_job_sets, list_manifests
 
 log = structlog.get_logger("spotwatch.prune")
 
@@ -125,7 +125,7 @@ class Pruner:
         accepts = PathFilter.for_watch(watch).accepts
         if self._node is None:
             return plan_deletions(watch.prefix, accepts, list_manifests(self._store, watch.prefix),
-                                  gone, self._keep_sets, self._is_complete)
+                                  gone, self._keep_sets, self._is_intact)
         job_sets = list_job_sets(self._store, watch.prefix, self._node.job_id, self._node.nodes)
         # A set some of whose files only restore can check (nodes wrote them with other
         # transfer settings, JobSet.other_checksums) never counts as a complete set to keep:
@@ -133,9 +133,12 @@ class Pruner:
         problems = {job_set.set_name: job_set.problem() or (
             "checked only on restore" if job_set.other_checksums else None)
             for job_set in job_sets}
+        by_name = {job_set.set_name: job_set for job_set in job_sets}
 
         def complete_for_job(whole: Manifest) -> bool:
-            return problems[whole.set_name] is None and self._is_complete(whole)
+            parts = by_name[whole.set_name].parts.values()
+            return problems[whole.set_name] is None and self._is_intact(
+                whole, [entry for part in parts for entry in part.files])
 
         planned = plan_deletions(watch.prefix, accepts, [s.whole for s in job_sets], gone,
                                  self._keep_sets, complete_for_job)
@@ -158,9 +161,10 @@ class Pruner:
             return []
         return [key for key, path in uploaded if _is_gone(path)]
 
-    def _is_complete(self, manifest: Manifest) -> bool:
+    def _is_intact(self, manifest: Manifest,
+                   sealed: Iterable[ManifestEntry] | None = None) -> bool:
         self._stop_if_cancelled()  # between the requests of a long plan
-        return is_complete(self._store, manifest)
+        return is_intact(self._store, manifest, sealed)
 
 
 def _out_of_sight(directory: Path) -> str | None:

@@ -188,7 +188,7 @@ class SetSealer:
                 missing.append(relative)
                 arriving = arriving or (key is not None and self._arriving(stat))
                 continue
-            entries.append(ManifestEntry(row[0], relative, row[2], row[3], row[4], row[5], row[6]))
+            entries.append(ManifestEntry(row[0], relative, *row[2:]))
         return SetCheck(entries, sorted(missing), arriving)
 
     def _arriving(self, stat: os.stat_result) -> bool:
