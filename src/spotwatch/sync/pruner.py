@@ -267,8 +267,8 @@ def job_deletions(planned: Sequence[Deletion], watch_prefix: str, job_sets: Sequ
 
 
 def prune_once(config: Config, bucket: str, mirror_deletes: bool, keep_sets: int,
-               dry_run: bool) -> list[Deletion]:
-    """`spotwatch prune`: plan, and unless dry_run, delete; returns the deletions."""
+               dry_run: bool) -> tuple[list[Deletion], list[Deletion]]:
+    """`spotwatch prune`: plan, and unless dry_run, delete; returns (planned, deleted)."""
     ledger = Ledger(StateDir(config.state_dir).ledger)
     try:
         client = make_s3_client(resolve_region(config), config.transfer)
@@ -278,6 +278,6 @@ def prune_once(config: Config, bucket: str, mirror_deletes: bool, keep_sets: int
             deletions = pruner.plan(config.watch)
         except StoreError as exc:
             raise SpotwatchError(f"cannot list s3://{bucket}: {exc}") from None
-        return deletions if dry_run else pruner.apply(deletions)
+        return deletions, [] if dry_run else pruner.apply(deletions)
     finally:
         ledger.close()
