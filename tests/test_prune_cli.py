@@ -3,10 +3,11 @@ did, end to end with the CLI against the moto server."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
-from .conftest import Workspace, keys_in
+from .conftest import Workspace, keys_in, object_bytes
 from .faultproxy import FaultProxy, Request
 from .test_daemon_e2e import flush_summary
 from .test_prune import MANIFESTS, save_set
@@ -34,3 +35,27 @@ def test_deletions_s3_refuses_make_prune_fail(workspace: Workspace, s3: Any) -> 
     done = workspace.cli("prune", "-c", "config.yaml")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "deleted 3 objects"
+
+
+def test_a_set_that_lost_a_file_to_a_mirrored_deletion_is_sealed_again(
+        workspace: Workspace, s3: Any) -> None:
+    """Deleting one file of a sealed set (say the optimizer state of an old checkpoint) and
+    mirroring that with `prune --delete` leaves the rest of the set a checkpoint."""
+    save_set(workspace, "step_1", 200)
+    save_set(workspace, "step_2", 100)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    model = (workspace.checkpoints / "step_1" / "model.pt").read_bytes()
+    (workspace.checkpoints / "step_1" / "optim.pt").unlink()
+    result = workspace.cli("prune", "-c", "config.yaml", "--delete")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "deleted 2 objects"
+    manifest = json.loads(object_bytes(s3, workspace.bucket, f"{MANIFESTS}step_1.json"))
+    assert [entry["path"] for entry in manifest["files"]] == ["step_1/model.pt"]
+    # Restore falls back to it as to any complete set.
+    s3.delete_object(Bucket=workspace.bucket, Key=f"{MANIFESTS}step_2.json")
+    target = workspace.root / "restored"
+    restored = workspace.cli("restore", "-c", "config.yaml", "--to", str(target))
+    assert restored.returncode == 0, restored.stderr
+    assert "restored step_1" in restored.stdout
+    assert (target / "step_1" / "model.pt").read_bytes() == model
+    assert not (target / "step_1" / "optim.pt").exists()

@@ -20,8 +20,9 @@ def run(args: argparse.Namespace) -> int:
     if not mirror and not keep_sets:
         raise ConfigError("nothing to prune: set sync.delete or sync.keep_sets "
                           "(or pass --delete / --keep-sets)")
-    planned, deleted = prune_once(config, bucket, mirror, keep_sets, dry_run=args.dry_run)
-    shown = planned if args.dry_run else deleted
+    report = prune_once(config, bucket, mirror, keep_sets, dry_run=args.dry_run)
+    planned = report.planned
+    shown = planned if args.dry_run else report.deleted
     verb = "would delete" if args.dry_run else "deleted"
     for deletion in shown:
         print(f"{verb} s3://{bucket}/{deletion.key} ({deletion.reason})")
@@ -29,4 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if len(shown) < len(planned):  # a refusal (access denied) must not pass for done
         raise SpotwatchError(f"{len(planned) - len(shown)} of {len(planned)} objects were not "
                              f"deleted (see the warnings above); the next prune tries again")
+    if report.unsealed:
+        raise SpotwatchError(f"the manifest of {', '.join(report.unsealed)} could not be "
+                             f"written again (see the warnings above)")
     return 0

@@ -34,6 +34,8 @@ from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, JobSet
 from spotwatch.sync.sets.remote import is_intact, list_job_sets, list_manifests
+from spotwatch.sync.sets.sealer import SetSealer
+from spotwatch.sync.tracker import ChangeTracker
 
 log = structlog.get_logger("spotwatch.prune")
 
@@ -266,18 +268,43 @@ def job_deletions(planned: Sequence[Deletion], watch_prefix: str, job_sets: Sequ
     return deletions
 
 
+@dataclass(frozen=True)
+class PruneReport:
+    planned: list[Deletion]
+    deleted: list[Deletion]  # a dry run deletes nothing
+    unsealed: list[str]  # sets whose manifest went with a deleted file and was not written again
+
+
 def prune_once(config: Config, bucket: str, mirror_deletes: bool, keep_sets: int,
-               dry_run: bool) -> tuple[list[Deletion], list[Deletion]]:
-    """`spotwatch prune`: plan, and unless dry_run, delete; returns (planned, deleted)."""
+               dry_run: bool) -> PruneReport:
+    """`spotwatch prune`: plan, and unless dry_run, delete."""
     ledger = Ledger(StateDir(config.state_dir).ledger)
     try:
         client = make_s3_client(resolve_region(config), config.transfer)
-        pruner = Pruner(S3ObjectStore(client, bucket, config.transfer), ledger, mirror_deletes,
-                        keep_sets, JobNode.of(config.job))
+        store = S3ObjectStore(client, bucket, config.transfer)
+        node = JobNode.of(config.job)
+        pruner = Pruner(store, ledger, mirror_deletes, keep_sets, node)
         try:
             deletions = pruner.plan(config.watch)
         except StoreError as exc:
             raise SpotwatchError(f"cannot list s3://{bucket}: {exc}") from None
-        return deletions, [] if dry_run else pruner.apply(deletions)
+        if dry_run:
+            return PruneReport(deletions, [], [])
+        deleted = pruner.apply(deletions)
+        return PruneReport(deletions, deleted, _reseal(config, store, ledger, node, deleted))
     finally:
         ledger.close()
+
+
+def _reseal(config: Config, store: ObjectStore, ledger: Ledger, node: JobNode | None,
+            deleted: list[Deletion]) -> list[str]:
+    """Seals again, with the files that are left, the sets whose manifest went with a file
+    deleted locally, as the daemon does after its own prunes; returns the sets whose new
+    manifest could not be written. (A set with a file not uploaded at its current version gets
+    none, as ever: the daemon or the next flush uploads the file, then seals the set.)"""
+    sealer = SetSealer(ledger, store, [ChangeTracker(watch, config.sync.settle_seconds,
+                                                     config.sync.quiet_seconds)
+                                       for watch in config.watch], node=node)
+    sealer.reseal_after_deletions([d.key for d in deleted if not d.retires])
+    sealer.seal_ready(frozenset())
+    return sealer.wait_sent()
