@@ -175,3 +175,4 @@ def test_a_job_set_whose_nodes_upload_one_file_alike_counts(tmp_path: Path) -> N
     assert planned == {part_key(PREFIX, "job-1", "step_1", rank) for rank in (0, 1)} | {
         f"{PREFIX}step_1/__0_0.distcp", f"{PREFIX}step_1/__1_0.distcp",
         f"{PREFIX}step_1/config.json"}
+
