@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any
 
+import pytest
+
 from .conftest import Workspace, keys_in, object_bytes
 from .faultproxy import FaultProxy, Request
 from .test_daemon_e2e import flush_summary
@@ -59,3 +61,31 @@ def test_a_set_that_lost_a_file_to_a_mirrored_deletion_is_sealed_again(
     assert "restored step_1" in restored.stdout
     assert (target / "step_1" / "model.pt").read_bytes() == model
     assert not (target / "step_1" / "optim.pt").exists()
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_watched_directory_moved_with_its_config_mirrors_no_deletion(
+        workspace: Workspace, s3: Any, dry_run: bool) -> None:
+    """The checkpoints moved to a bigger volume, watch.path changed to follow them, same
+    prefix: every file is still there, so nothing is deleted, and nothing is uploaded again."""
+    workspace.write_config(sync={"delete": True})
+    for age, name in ((200, "step_1"), (100, "step_2")):
+        save_set(workspace, name, age)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    before = keys_in(s3, workspace.bucket)
+    moved = workspace.root / "bigger-volume"
+    workspace.checkpoints.rename(moved)
+    workspace.checkpoints = moved
+    workspace.write_config(sync={"delete": True})
+    (moved / "step_2" / "optim.pt").unlink()  # a real deletion there still mirrors
+
+    result = workspace.cli("prune", "-c", "config.yaml", *(["--dry-run"] if dry_run else []))
+    assert result.returncode == 0, result.stderr
+    verb = "would delete" if dry_run else "deleted"
+    assert result.stdout.splitlines() == [
+        f"{verb} s3://{workspace.bucket}/{MANIFESTS}step_2.json (deleted locally)",
+        f"{verb} s3://{workspace.bucket}/run1/step_2/optim.pt (deleted locally)",
+        f"{verb} 2 objects"]
+    if not dry_run:
+        assert keys_in(s3, workspace.bucket) == before - {"run1/step_2/optim.pt"}
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 0

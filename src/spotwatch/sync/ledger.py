@@ -120,13 +120,13 @@ class Ledger:
     def retire(self, bucket: str, key: str) -> None:
         self._write("UPDATE objects SET retired = 1 WHERE bucket = ? AND key = ?", (bucket, key))
 
-    def live_objects(self, bucket: str, prefix: str) -> list[tuple[str, str]]:
-        """(key, path) of every object recorded under the prefix and not retired."""
+    def live_keys(self, bucket: str, prefix: str) -> list[str]:
+        """The key of every object recorded under the prefix and not retired."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT key, path FROM objects WHERE bucket = ? AND retired = 0"
+                "SELECT key FROM objects WHERE bucket = ? AND retired = 0"
                 " AND substr(key, 1, ?) = ?", (bucket, len(prefix), prefix)).fetchall()
-        return [(key, path) for key, path in rows]
+        return [key for (key,) in rows]
 
     def multipart_started(self, bucket: str, key: str) -> None:
         self._write("INSERT OR REPLACE INTO multipart_started VALUES (?, ?)", (bucket, key))

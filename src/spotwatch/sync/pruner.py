@@ -153,15 +153,17 @@ class Pruner:
         directory that does not exist (moved away) or is empty (the mount point of a volume
         not mounted yet) mirrors nothing, nor does a file that cannot be looked at (permission
         denied, an I/O error, a stale network mount): their files were not deleted, only out
-        of sight."""
-        uploaded = self._ledger.live_objects(self._bucket, prefix)
+        of sight. A key's file is looked for where the key says, below the watched directory as
+        configured now, not where the ledger saw it: a watched directory moved to another
+        path (the config following it) has all its files still."""
+        uploaded = self._ledger.live_keys(self._bucket, prefix)
         if not uploaded:
             return []
         out_of_sight = _out_of_sight(watch.path)
         if out_of_sight:
             log.warning("mirror_skipped", path=str(watch.path), reason=out_of_sight)
             return []
-        return [key for key, path in uploaded if _is_gone(path)]
+        return [key for key in uploaded if _is_gone(watch.path / key[len(prefix):])]
 
     def _is_intact(self, manifest: Manifest,
                    sealed: Iterable[ManifestEntry] | None = None) -> bool:
@@ -182,7 +184,7 @@ def _out_of_sight(directory: Path) -> str | None:
     return None
 
 
-def _is_gone(path: str) -> bool:
+def _is_gone(path: Path) -> bool:
     try:
         os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
