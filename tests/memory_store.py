@@ -193,7 +193,7 @@ class InMemoryObjectStore:
             stored = self.put(key, data)
             if progress is not None:
                 progress(len(data))
-            return StoredObject(stored.checksum, len(data))
+            return StoredObject(stored.checksum, len(data), etag=stored.etag)
 
         future = self._pool.submit(upload)
 

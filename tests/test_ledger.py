@@ -39,7 +39,8 @@ def test_objects_in_set_are_the_set_key_and_what_lies_below_it(tmp_path: Path) -
     assert found == ["p/step_1", "p/step_1/a.pt"]
 
 
-def test_a_ledger_of_an_older_version_gains_the_checksum_algorithm(tmp_path: Path) -> None:
+def test_a_ledger_of_an_older_version_gains_the_checksum_algorithm_and_etag(
+        tmp_path: Path) -> None:
     db = tmp_path / "ledger.sqlite3"
     with sqlite3.connect(db) as old:  # the first version's table, with one object
         old.execute("CREATE TABLE objects (bucket TEXT NOT NULL, key TEXT NOT NULL, path TEXT"
@@ -49,10 +50,11 @@ def test_a_ledger_of_an_older_version_gains_the_checksum_algorithm(tmp_path: Pat
     old.close()
     ledger = Ledger(db)
     ledger.record("b", "p/s/new.pt", tmp_path / "y", FileVersion(2, 2), "AAAAAQ==", 5,
-                  "CRC32C")
+                  "CRC32C", '"9b2cf535f27731c974343645a3985328-1"')
     rows = {row[0]: row for row in ledger.objects_in_set("b", "p/s")}
-    assert rows["p/s/old.pt"][4:] == ("AAAAAA==", None, None)
-    assert rows["p/s/new.pt"][4:] == ("AAAAAQ==", 5, "CRC32C")
+    assert rows["p/s/old.pt"][4:] == ("AAAAAA==", None, None, None)
+    assert rows["p/s/new.pt"][4:] == ("AAAAAQ==", 5, "CRC32C",
+                                      '"9b2cf535f27731c974343645a3985328-1"')
 
 
 def test_a_column_another_process_added_meanwhile_is_taken_as_added(tmp_path: Path) -> None:

@@ -43,7 +43,8 @@ def manifests(draw: st.DrawFn) -> Manifest:
                              draw(st.integers(0, 2**40)), draw(st.integers(-2**62, 2**62)),
                              draw(st.none() | st.text(max_size=12)),
                              draw(st.none() | st.integers(1, 2**33)),
-                             draw(st.none() | st.sampled_from(sorted(ALGORITHMS))))
+                             draw(st.none() | st.sampled_from(sorted(ALGORITHMS))),
+                             draw(st.none() | st.text(max_size=40)))
                for path in paths]
     return Manifest.build(set_name, PREFIX, entries)
 
@@ -86,6 +87,7 @@ def _mutations(data: dict[str, Any], index: int, value: Any) -> list[tuple[str, 
         variant("checksum of another type", lambda d, e: e.__setitem__("checksum", value))
         variant("checksum_algorithm of another type",
                 lambda d, e: e.__setitem__("checksum_algorithm", value))
+        variant("etag of another type", lambda d, e: e.__setitem__("etag", value))
     for unknown in ("MD5", "crc32", ""):
         variant(f"checksum_algorithm {unknown!r}",
                 lambda d, e, u=unknown: e.__setitem__("checksum_algorithm", u))

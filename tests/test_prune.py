@@ -234,9 +234,11 @@ def test_a_watched_directory_out_of_sight_mirrors_no_deletion(
     (workspace.root / "unmounted").rename(workspace.checkpoints)
     (workspace.checkpoints / "step_2" / "optim.pt").unlink()  # a real deletion still mirrors
     lines = prune_lines(workspace.cli("prune", "-c", "config.yaml"))
-    assert lines[-1] == "deleted 2 objects"
-    assert keys_in(s3, workspace.bucket) == before - {f"{MANIFESTS}step_2.json",
-                                                      "run1/step_2/optim.pt"}
+    assert lines[-1] == "deleted 2 objects"  # the set's manifest, then the file
+    assert keys_in(s3, workspace.bucket) == before - {"run1/step_2/optim.pt"}
+    resealed = json.loads(s3.get_object(Bucket=workspace.bucket,
+                                        Key=f"{MANIFESTS}step_2.json")["Body"].read())
+    assert [entry["path"] for entry in resealed["files"]] == ["step_2/model.pt"]
 
 
 # Root passes permission checks: without these capabilities it is held to them too.

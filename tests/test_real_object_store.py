@@ -128,3 +128,36 @@ def test_auto_leaves_the_crt_to_the_spotwatch_process_holding_it(
             holder.communicate("")
     assert result.returncode == 0, result.stderr
     assert chosen_client(result) == expected
+
+
+@pytest.mark.parametrize("client", TRANSFER_CLIENTS)
+def test_retention_counts_intact_sets_on_a_real_object_store(tmp_path: Path, seaweed_url: str,
+                                                             client: str) -> None:
+    """The ETags recorded from PutObject replies (and HEADs after multipart uploads) are the
+    ones the store's listings give, so retention prunes; a replaced object keeps an older set."""
+    checkpoints = tmp_path / "ckpt"
+    for age, name in ((300, "step_1"), (200, "step_2"), (100, "step_3")):
+        for file, size in (("small.pt", 3_000), ("big.pt", 11 * MiB)):
+            (checkpoints / name).mkdir(parents=True, exist_ok=True)
+            (checkpoints / name / file).write_bytes(os.urandom(size))
+            os.utime(checkpoints / name / file, (1_700_000_000 - age,) * 2)
+    prefix = f"keep-{client}/"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "aws": {"region": REGION, "allow_public_bucket": True},
+        "watch": [{"path": str(checkpoints), "prefix": prefix}],
+        "transfer": {"client": client, "multipart_threshold": "8MB",
+                     "multipart_chunksize": "5MB"},
+        "imds": {"enabled": False}, "state": {"dir": str(tmp_path / "state")},
+        "metrics": {"enabled": False}}))
+    assert spotwatch(seaweed_url, "flush", "-c", str(config)).returncode == 0
+    boto3.client("s3", region_name=REGION, endpoint_url=seaweed_url,
+                 **{k.lower(): v for k, v in CREDENTIALS.items()}).put_object(
+        Bucket=BUCKET, Key=f"{prefix}step_3/big.pt", Body=os.urandom(11 * MiB))
+
+    result = spotwatch(seaweed_url, "prune", "-c", str(config), "--keep-sets", "1")
+    assert result.returncode == 0, result.stderr
+    gone = {line.split()[1] for line in result.stdout.splitlines()[:-1]}
+    assert gone == {f"s3://{BUCKET}/{key}" for key in (  # step_2 counts, step_3 does not
+        f"{prefix}.spotwatch/manifests/step_1.json", f"{prefix}step_1/big.pt",
+        f"{prefix}step_1/small.pt")}

@@ -97,3 +97,4 @@ class UploadResult:
     permanent: bool = False  # retrying alone will not fix it (see uploader._is_permanent)
     part_size: int | None = None  # multipart: the checksum is over parts of this size
     checksum_algorithm: str | None = None  # what made the checksum
+    etag: str | None = None  # the ETag S3 gave the upload

@@ -202,7 +202,7 @@ class CrtObjectStore(S3ObjectStore):
             # S3's checksum completes here, a HEAD (or an error's parsing) runs elsewhere.
             checksum = None if error is not None else self._checksum_in_reply(size, received)
             if checksum:
-                outer.set_result(self._stored(checksum))
+                outer.set_result(self._stored(checksum, received.get("etag")))
                 return
             with suppress(RuntimeError):  # after close nobody waits any more
                 self._finisher.submit(self._finish_upload, error, key, size, received, outer)
@@ -229,7 +229,8 @@ class CrtObjectStore(S3ObjectStore):
             if error is not None:
                 raise self._translated(error)
             checksum = self._checksum_in_reply(size, headers)
-            stored = self._stored(checksum) if checksum else self._verified(key, size)
+            stored = (self._stored(checksum, headers.get("etag")) if checksum
+                      else self._verified(key, size))
         except BaseException as exc:  # whoever waits on outer gets it
             outer.set_exception(exc)
         else:

@@ -64,6 +64,7 @@ class StoredObject:
     size: int | None = None  # the object's size, when the store reported it
     part_size: int | None = None  # multipart: the checksum is over parts of this size
     algorithm: str | None = None  # what made the checksum
+    etag: str | None = None  # the ETag S3 gave this write (None: the store did not say)
 
 
 @dataclass(frozen=True)
@@ -299,13 +300,14 @@ class S3ObjectStore:
     def _checksum_field(self) -> str:
         return f"Checksum{self._settings.checksum_algorithm}"
 
-    def _stored(self, checksum: object, size: int | None = None,
+    def _stored(self, checksum: object, etag: object, size: int | None = None,
                 part_size: int | None = None) -> StoredObject:
         """What S3 confirmed, from a reply's checksum of the configured algorithm (every
-        write asks for that one, so it names what made the checksum)."""
+        write asks for that one, so it names what made the checksum) and its ETag."""
+        etag = etag if isinstance(etag, str) else None
         if not isinstance(checksum, str):
-            return StoredObject(None, size, part_size)
-        return StoredObject(checksum, size, part_size, self._settings.checksum_algorithm)
+            return StoredObject(None, size, part_size, etag=etag)
+        return StoredObject(checksum, size, part_size, self._settings.checksum_algorithm, etag)
 
     def _write_args(self) -> dict[str, str]:
         return {"ChecksumAlgorithm": self._settings.checksum_algorithm,
@@ -353,7 +355,7 @@ class S3ObjectStore:
         checksum = reply.get(self._checksum_field)
         if isinstance(checksum, str):
             # One PutObject: S3 checked the bytes against this checksum.
-            return self._stored(checksum)
+            return self._stored(checksum, reply.get("ETag"))
         return self._verified(key, size)
 
     def _small_body(self, handle: BinaryIO) -> bytes:
@@ -389,12 +391,14 @@ class S3ObjectStore:
             outer.set_result(stored)
 
     def _verified(self, key: str, size: int) -> StoredObject:
-        """The object as S3 has it, with the checksum S3 computed on receipt."""
+        """The object as S3 has it, with the checksum S3 computed on receipt (and the ETag:
+        a multipart upload's own reply, in s3transfer or the CRT, is not at hand)."""
         with _translated():
             head = self.client.head_object(Bucket=self._bucket, Key=key,
                                            ChecksumMode="ENABLED")
         checksum = head.get(self._checksum_field)
-        return self._stored(checksum, head["ContentLength"], self.part_size(size))
+        return self._stored(checksum, head.get("ETag"), head["ContentLength"],
+                            self.part_size(size))
 
     def put_bytes(self, key: str, body: bytes, content_type: str) -> Future[None]:
         return self._single_part.submit(self._put_bytes, key, body, content_type)

@@ -6,7 +6,7 @@ import argparse
 
 from spotwatch.commands import load
 from spotwatch.config import require_node_rank
-from spotwatch.errors import ConfigError
+from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.sync.pruner import prune_once
 
 
@@ -20,9 +20,17 @@ def run(args: argparse.Namespace) -> int:
     if not mirror and not keep_sets:
         raise ConfigError("nothing to prune: set sync.delete or sync.keep_sets "
                           "(or pass --delete / --keep-sets)")
-    deletions = prune_once(config, bucket, mirror, keep_sets, dry_run=args.dry_run)
+    report = prune_once(config, bucket, mirror, keep_sets, dry_run=args.dry_run)
+    planned = report.planned
+    shown = planned if args.dry_run else report.deleted
     verb = "would delete" if args.dry_run else "deleted"
-    for deletion in deletions:
+    for deletion in shown:
         print(f"{verb} s3://{bucket}/{deletion.key} ({deletion.reason})")
-    print(f"{verb} {len(deletions)} objects")
+    print(f"{verb} {len(shown)} objects")
+    if len(shown) < len(planned):  # a refusal (access denied) must not pass for done
+        raise SpotwatchError(f"{len(planned) - len(shown)} of {len(planned)} objects were not "
+                             f"deleted (see the warnings above); the next prune tries again")
+    if report.unsealed:
+        raise SpotwatchError(f"the manifest of {', '.join(report.unsealed)} could not be "
+                             f"written again (see the warnings above)")
     return 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from spotwatch.keys import object_key, set_name_of, storable_key
+from spotwatch.keys import set_name_of, storable_key
 from spotwatch.logs import printable_path
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.ledger import Ledger, LedgerError
@@ -345,12 +345,7 @@ class SyncEngine:
         return keys
 
     def reseal_after_deletions(self, keys: list[str]) -> None:
-        """Sets that lost objects get a new manifest listing what is left."""
-        for key in keys:
-            for tracker in self.trackers:
-                prefix = object_key(tracker.watch.prefix, "")
-                if key.startswith(prefix):
-                    self.sealer.mark_dirty(_set_ref(tracker, key[len(prefix):]))
+        self.sealer.reseal_after_deletions(keys)
 
     def unsettled(self) -> int:
         return sum(t.unsettled_count() for t in self.trackers)
@@ -379,7 +374,7 @@ class SyncEngine:
                   "seconds": round(result.seconds, 3)}
         if result.outcome is Outcome.DONE and not self._ledger_write(
                 self.ledger.record, job.key, job.path, job.snapshot.version, result.checksum,
-                result.part_size, result.checksum_algorithm):
+                result.part_size, result.checksum_algorithm, result.etag):
             # Unrecorded, the file could be left out of its set's manifest: keep it pending
             # (its set stays unsealed) and upload it again once the ledger can be written.
             result = UploadResult(job, Outcome.FAILED, result.seconds, error="ledger not written")

@@ -43,10 +43,12 @@ _RETIRED_COLUMN = "ALTER TABLE objects ADD COLUMN retired INTEGER NOT NULL DEFAU
 _PART_SIZE_COLUMN = "ALTER TABLE objects ADD COLUMN part_size INTEGER"
 # What made the checksum: CRC32 and CRC32C checksums look alike.
 _ALGORITHM_COLUMN = "ALTER TABLE objects ADD COLUMN checksum_algorithm TEXT"
+# The ETag S3 gave the upload: retention tells by it that an object is still the one uploaded.
+_ETAG_COLUMN = "ALTER TABLE objects ADD COLUMN etag TEXT"
 
 
-# key, path, size, mtime_ns, checksum, part_size, checksum_algorithm
-LedgerRow = tuple[str, str, int, int, "str | None", "int | None", "str | None"]
+# key, path, size, mtime_ns, checksum, part_size, checksum_algorithm, etag
+LedgerRow = tuple[str, str, int, int, "str | None", "int | None", "str | None", "str | None"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ class Ledger:
             self._db.executescript(_SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(objects)")}
             for name, added_by in (("retired", _RETIRED_COLUMN), ("part_size", _PART_SIZE_COLUMN),
-                                   ("checksum_algorithm", _ALGORITHM_COLUMN)):
+                                   ("checksum_algorithm", _ALGORITHM_COLUMN),
+                                   ("etag", _ETAG_COLUMN)):
                 if name not in columns:
                     _add_column(self._db, added_by)
         except (OSError, sqlite3.Error) as exc:
@@ -105,25 +108,25 @@ class Ledger:
 
     def record(self, bucket: str, key: str, path: Path, version: FileVersion,
                checksum: str | None, part_size: int | None = None,
-               checksum_algorithm: str | None = None) -> None:
+               checksum_algorithm: str | None = None, etag: str | None = None) -> None:
         self._write(
             "INSERT OR REPLACE INTO objects (bucket, key, path, size, mtime_ns, checksum,"
-            " uploaded_at, retired, part_size, checksum_algorithm)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+            " uploaded_at, retired, part_size, checksum_algorithm, etag)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
             (bucket, key, str(path), version.size, version.mtime_ns, checksum, time.time(),
-             part_size, checksum_algorithm),
+             part_size, checksum_algorithm, etag),
         )
 
     def retire(self, bucket: str, key: str) -> None:
         self._write("UPDATE objects SET retired = 1 WHERE bucket = ? AND key = ?", (bucket, key))
 
-    def live_objects(self, bucket: str, prefix: str) -> list[tuple[str, str]]:
-        """(key, path) of every object recorded under the prefix and not retired."""
+    def live_keys(self, bucket: str, prefix: str) -> list[str]:
+        """The key of every object recorded under the prefix and not retired."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT key, path FROM objects WHERE bucket = ? AND retired = 0"
+                "SELECT key FROM objects WHERE bucket = ? AND retired = 0"
                 " AND substr(key, 1, ?) = ?", (bucket, len(prefix), prefix)).fetchall()
-        return [(key, path) for key, path in rows]
+        return [key for (key,) in rows]
 
     def multipart_started(self, bucket: str, key: str) -> None:
         self._write("INSERT OR REPLACE INTO multipart_started VALUES (?, ?)", (bucket, key))
@@ -139,14 +142,14 @@ class Ledger:
         return [key for (key,) in rows]
 
     def objects_in_set(self, bucket: str, set_key: str) -> list[LedgerRow]:
-        """(key, path, size, mtime_ns, checksum, part_size, checksum_algorithm) of the set's
-        objects: set_key or below it."""
+        """(key, path, size, mtime_ns, checksum, part_size, checksum_algorithm, etag) of the
+        set's objects: set_key or below it."""
         with self._lock:
             rows = self._db.execute(
                 # Keys below the set sort between "<set>/" and "<set>0" ('0' follows '/'):
                 # a range the primary key index answers without reading the whole table.
-                "SELECT key, path, size, mtime_ns, checksum, part_size, checksum_algorithm"
-                " FROM objects"
+                "SELECT key, path, size, mtime_ns, checksum, part_size, checksum_algorithm,"
+                " etag FROM objects"
                 " WHERE bucket = ?"
                 " AND retired = 0 AND (key = ? OR (key >= ? AND key < ?))",
                 (bucket, set_key, set_key + "/", set_key + "0"),

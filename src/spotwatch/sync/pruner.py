@@ -31,9 +31,11 @@ from spotwatch.keys import belongs_to_set, is_reserved, manifest_key, object_key
 from spotwatch.state import StateDir
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.ledger import Ledger, LedgerError
-from spotwatch.sync.sets.manifest import Manifest
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, JobSet
-from spotwatch.sync.sets.remote import is_complete, list_job_sets, list_manifests
+from spotwatch.sync.sets.remote import is_intact, list_job_sets, list_manifests
+from spotwatch.sync.sets.sealer import SetSealer
+from spotwatch.sync.tracker import ChangeTracker
 
 log = structlog.get_logger("spotwatch.prune")
 
@@ -125,7 +127,7 @@ class Pruner:
         accepts = PathFilter.for_watch(watch).accepts
         if self._node is None:
             return plan_deletions(watch.prefix, accepts, list_manifests(self._store, watch.prefix),
-                                  gone, self._keep_sets, self._is_complete)
+                                  gone, self._keep_sets, self._is_intact)
         job_sets = list_job_sets(self._store, watch.prefix, self._node.job_id, self._node.nodes)
         # A set some of whose files only restore can check (nodes wrote them with other
         # transfer settings, JobSet.other_checksums) never counts as a complete set to keep:
@@ -133,9 +135,12 @@ class Pruner:
         problems = {job_set.set_name: job_set.problem() or (
             "checked only on restore" if job_set.other_checksums else None)
             for job_set in job_sets}
+        by_name = {job_set.set_name: job_set for job_set in job_sets}
 
         def complete_for_job(whole: Manifest) -> bool:
-            return problems[whole.set_name] is None and self._is_complete(whole)
+            parts = by_name[whole.set_name].parts.values()
+            return problems[whole.set_name] is None and self._is_intact(
+                whole, [entry for part in parts for entry in part.files])
 
         planned = plan_deletions(watch.prefix, accepts, [s.whole for s in job_sets], gone,
                                  self._keep_sets, complete_for_job)
@@ -148,19 +153,22 @@ class Pruner:
         directory that does not exist (moved away) or is empty (the mount point of a volume
         not mounted yet) mirrors nothing, nor does a file that cannot be looked at (permission
         denied, an I/O error, a stale network mount): their files were not deleted, only out
-        of sight."""
-        uploaded = self._ledger.live_objects(self._bucket, prefix)
+        of sight. A key's file is looked for where the key says, below the watched directory as
+        configured now, not where the ledger saw it: a watched directory moved to another
+        path (the config following it) has all its files still."""
+        uploaded = self._ledger.live_keys(self._bucket, prefix)
         if not uploaded:
             return []
         out_of_sight = _out_of_sight(watch.path)
         if out_of_sight:
             log.warning("mirror_skipped", path=str(watch.path), reason=out_of_sight)
             return []
-        return [key for key, path in uploaded if _is_gone(path)]
+        return [key for key in uploaded if _is_gone(watch.path / key[len(prefix):])]
 
-    def _is_complete(self, manifest: Manifest) -> bool:
+    def _is_intact(self, manifest: Manifest,
+                   sealed: Iterable[ManifestEntry] | None = None) -> bool:
         self._stop_if_cancelled()  # between the requests of a long plan
-        return is_complete(self._store, manifest)
+        return is_intact(self._store, manifest, sealed)
 
 
 def _out_of_sight(directory: Path) -> str | None:
@@ -176,7 +184,7 @@ def _out_of_sight(directory: Path) -> str | None:
     return None
 
 
-def _is_gone(path: str) -> bool:
+def _is_gone(path: Path) -> bool:
     try:
         os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -262,18 +270,43 @@ def job_deletions(planned: Sequence[Deletion], watch_prefix: str, job_sets: Sequ
     return deletions
 
 
+@dataclass(frozen=True)
+class PruneReport:
+    planned: list[Deletion]
+    deleted: list[Deletion]  # a dry run deletes nothing
+    unsealed: list[str]  # sets whose manifest went with a deleted file and was not written again
+
+
 def prune_once(config: Config, bucket: str, mirror_deletes: bool, keep_sets: int,
-               dry_run: bool) -> list[Deletion]:
-    """`spotwatch prune`: plan, and unless dry_run, delete; returns the deletions."""
+               dry_run: bool) -> PruneReport:
+    """`spotwatch prune`: plan, and unless dry_run, delete."""
     ledger = Ledger(StateDir(config.state_dir).ledger)
     try:
         client = make_s3_client(resolve_region(config), config.transfer)
-        pruner = Pruner(S3ObjectStore(client, bucket, config.transfer), ledger, mirror_deletes,
-                        keep_sets, JobNode.of(config.job))
+        store = S3ObjectStore(client, bucket, config.transfer)
+        node = JobNode.of(config.job)
+        pruner = Pruner(store, ledger, mirror_deletes, keep_sets, node)
         try:
             deletions = pruner.plan(config.watch)
         except StoreError as exc:
             raise SpotwatchError(f"cannot list s3://{bucket}: {exc}") from None
-        return deletions if dry_run else pruner.apply(deletions)
+        if dry_run:
+            return PruneReport(deletions, [], [])
+        deleted = pruner.apply(deletions)
+        return PruneReport(deletions, deleted, _reseal(config, store, ledger, node, deleted))
     finally:
         ledger.close()
+
+
+def _reseal(config: Config, store: ObjectStore, ledger: Ledger, node: JobNode | None,
+            deleted: list[Deletion]) -> list[str]:
+    """Seals again, with the files that are left, the sets whose manifest went with a file
+    deleted locally, as the daemon does after its own prunes; returns the sets whose new
+    manifest could not be written. (A set with a file not uploaded at its current version gets
+    none, as ever: the daemon or the next flush uploads the file, then seals the set.)"""
+    sealer = SetSealer(ledger, store, [ChangeTracker(watch, config.sync.settle_seconds,
+                                                     config.sync.quiet_seconds)
+                                       for watch in config.watch], node=node)
+    sealer.reseal_after_deletions([d.key for d in deleted if not d.retires])
+    sealer.seal_ready(frozenset())
+    return sealer.wait_sent()

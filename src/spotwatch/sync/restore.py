@@ -343,7 +343,7 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
                 if ledger is not None:  # before the rename, so a running daemon skips it
                     ledger.record(store.bucket, entry.key, target,
                                   FileVersion(entry.size, entry.mtime_ns), entry.checksum,
-                                  entry.part_size, entry.checksum_algorithm)
+                                  entry.part_size, entry.checksum_algorithm, entry.etag)
                 os.replace(file.temp, target)
             temps.clear()  # all in place: nothing left to remove
     finally:

@@ -133,7 +133,7 @@ class Uploader:
             # Another writer of the same key raced us: the object is not our file.
             return result(Outcome.FAILED, error="object size differs from the file after upload")
         return result(Outcome.DONE, checksum=stored.checksum, part_size=stored.part_size,
-                      checksum_algorithm=stored.algorithm)
+                      checksum_algorithm=stored.algorithm, etag=stored.etag)
 
     def _abort_leftovers(self, key: str, upload: PendingUpload) -> bool:
         """After a completed multipart upload, abort any other upload of the key left open;

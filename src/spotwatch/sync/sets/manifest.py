@@ -40,6 +40,9 @@ class ManifestEntry:
     checksum: str | None
     part_size: int | None = None  # multipart uploads: the part size their checksum is over
     checksum_algorithm: str | None = None  # what made the checksum (None: not recorded)
+    # The ETag S3 gave the upload (None: not recorded, as in manifests written before): an
+    # object replaced since has another, whatever its size (retention's check, remote.is_intact).
+    etag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -177,4 +180,4 @@ def _entry(raw: object, prefix: str, set_name: str) -> ManifestEntry:
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise ManifestError(f"unknown checksum algorithm {algorithm!r} for {path!r}")
     return ManifestEntry(key, path, size, mtime_ns, _optional_field(raw, "checksum", str),
-                         part_size, algorithm)
+                         part_size, algorithm, _optional_field(raw, "etag", str))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 
 import structlog
 
-from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
+from spotwatch.aws.store import ListedObject, ObjectMissing, ObjectStore, StoreError
 from spotwatch.keys import manifest_key, manifest_prefix, object_key, part_key, parts_prefix
-from spotwatch.sync.sets.manifest import Manifest, ManifestError
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry, ManifestError
 from spotwatch.sync.sets.parts import JobSet, Part
 
 log = structlog.get_logger("spotwatch.sets")
@@ -94,17 +95,65 @@ def _read_manifest(store: ObjectStore, prefix: str, key: str) -> Manifest | None
     return manifest
 
 
+_REPLACED = "replaced since the upload"
+
+
 def is_complete(store: ObjectStore, manifest: Manifest) -> bool:
-    """Every file the manifest lists is in the store with the listed size.
+    """Every file the manifest lists is in the store with the listed size (restore's test: it
+    then checks the bytes themselves against the manifest's checksums)."""
+    return _mismatch(store, manifest, None) is None
+
+
+def is_intact(store: ObjectStore, manifest: Manifest,
+              sealed: Iterable[ManifestEntry] | None = None) -> bool:
+    """Retention's test: every file the manifest lists is in the store as it was uploaded, with
+    the listed size and, where the manifest recorded the ETag S3 gave the upload, that ETag.
+
+    Invariant: retention cannot read the bytes, so a set counts toward keep_sets only when
+    intact. An object replaced after sealing, even by as many other bytes, has another ETag
+    (an MD5 of the bytes, or with SSE-KMS one of its own per upload): its set does not count,
+    so an older set is kept rather than lost to one restore will refuse. An entry without an
+    ETag (a manifest written before they were recorded) is judged by its size alone.
+
+    sealed: the entries that name each key's uploads (default: the manifest's files); on a
+    job every node's part, since nodes that write one file alike each upload it and the
+    object is the last of those uploads."""
+    uploads: dict[str, set[str | None]] = defaultdict(set)
+    for entry in manifest.files if sealed is None else sealed:
+        uploads[entry.key].add(_bare(entry.etag))
+    mismatch = _mismatch(store, manifest, uploads)
+    if mismatch is not None and mismatch[1] == _REPLACED:
+        log.warning("set_not_counted", set=manifest.set_name, key=mismatch[0],
+                    reason="an object was replaced in S3 since the set was sealed")
+    return mismatch is None
+
+
+def _mismatch(store: ObjectStore, manifest: Manifest,
+              uploads: Mapping[str, set[str | None]] | None) -> tuple[str, str] | None:
+    """The first listed file (key, why) that is not in the store as the manifest says, or None.
 
     One listing of the set's keys (a request per 1,000 objects) rather than a HEAD per file:
-    every key a valid manifest lists is the prefix, then the set's name, then the rest."""
-    wanted = {entry.key: entry.size for entry in manifest.files}
-    found: dict[str, int] = {}
+    every key a valid manifest lists is the prefix, then the set's name, then the rest.
+    uploads: by key, the ETags its uploads got (None among them: one not recorded); None:
+    sizes alone."""
+    wanted = {entry.key for entry in manifest.files}
+    found: dict[str, ListedObject] = {}
     try:
         for listed in store.list_objects(object_key(manifest.prefix, manifest.set_name)):
             if listed.key in wanted:
-                found[listed.key] = listed.size
-    except StoreError:
-        return False
-    return found == wanted
+                found[listed.key] = listed
+    except StoreError as exc:
+        return "", f"cannot list: {exc}"
+    for entry in manifest.files:
+        there = found.get(entry.key)
+        if there is None or there.size != entry.size:
+            return entry.key, "missing or of another size"
+        etags = set() if uploads is None else uploads[entry.key]
+        if etags and None not in etags and _bare(there.etag) not in etags:
+            return entry.key, _REPLACED
+    return None
+
+
+def _bare(etag: str | None) -> str | None:
+    """An ETag without the quotes S3 puts around it (some compatible stores leave them out)."""
+    return None if etag is None else etag.strip('"')

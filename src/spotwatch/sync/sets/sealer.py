@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import stat as stat_module
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from spotwatch.aws.store import ObjectStore
-from spotwatch.keys import manifest_key, part_key, storable_key
+from spotwatch.keys import manifest_key, object_key, part_key, set_name_of, storable_key
 from spotwatch.logs import printable_path
 from spotwatch.sync.ledger import Ledger, LedgerRow
 from spotwatch.sync.planner import SetRef
@@ -87,6 +87,22 @@ class SetSealer:
 
     def mark_dirty(self, set_ref: SetRef) -> None:
         self._dirty[set_ref] = self._dirty.get(set_ref, 0) + 1
+
+    def reseal_after_deletions(self, keys: Iterable[str]) -> None:
+        """Sets that lost objects (and so their manifest) get a new one listing what is left."""
+        for key in keys:
+            for tracker in self._trackers.values():
+                prefix = object_key(tracker.watch.prefix, "")
+                if key.startswith(prefix):
+                    set_name = set_name_of(key[len(prefix):])
+                    self.mark_dirty(SetRef(tracker.watch.prefix, set_name, tracker.root))
+
+    def wait_sent(self) -> list[str]:
+        """Wait for the manifest writes under way (a command's end); returns the keys of the
+        sets whose manifest S3 did not take."""
+        wait([future for _, future, _, _ in self._sending.values()])
+        self._collect_sent()
+        return sorted(set_ref.key for set_ref in self._dirty if set_ref in self._retries)
 
     def seal_ready(self, busy_set_keys: AbstractSet[str]) -> None:
         self._collect_sent()
@@ -188,7 +204,7 @@ class SetSealer:
                 missing.append(relative)
                 arriving = arriving or (key is not None and self._arriving(stat))
                 continue
-            entries.append(ManifestEntry(row[0], relative, row[2], row[3], row[4], row[5], row[6]))
+            entries.append(ManifestEntry(row[0], relative, *row[2:]))
         return SetCheck(entries, sorted(missing), arriving)
 
     def _arriving(self, stat: os.stat_result) -> bool:

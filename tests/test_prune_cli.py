@@ -1,0 +1,91 @@
+"""`spotwatch prune` as operators run it (cron, by hand): its output and exit code say what it
+did, end to end with the CLI against the moto server."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+
+from .conftest import Workspace, keys_in, object_bytes
+from .faultproxy import FaultProxy, Request
+from .test_daemon_e2e import flush_summary
+from .test_prune import MANIFESTS, save_set
+
+
+def _deletes(request: Request) -> bool:
+    return "delete" in request.query  # DeleteObjects
+
+
+def test_deletions_s3_refuses_make_prune_fail(workspace: Workspace, s3: Any) -> None:
+    workspace.write_config(sync={"keep_sets": 1})
+    for age, name in ((200, "step_1"), (100, "step_2")):
+        save_set(workspace, name, age)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.add("403", _deletes, times=100)  # botocore does not retry AccessDenied
+        result = workspace.cli("prune", "-c", "config.yaml", AWS_ENDPOINT_URL=proxy.url)
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == ["deleted 0 objects"]
+    assert result.stderr.splitlines()[-1] == (
+        "spotwatch: error: 3 of 3 objects were not deleted (see the warnings above); "
+        "the next prune tries again")
+    assert f"{MANIFESTS}step_1.json" in keys_in(s3, workspace.bucket)
+    # Once S3 takes them, the same command deletes them and succeeds.
+    done = workspace.cli("prune", "-c", "config.yaml")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "deleted 3 objects"
+
+
+def test_a_set_that_lost_a_file_to_a_mirrored_deletion_is_sealed_again(
+        workspace: Workspace, s3: Any) -> None:
+    """Deleting one file of a sealed set (say the optimizer state of an old checkpoint) and
+    mirroring that with `prune --delete` leaves the rest of the set a checkpoint."""
+    save_set(workspace, "step_1", 200)
+    save_set(workspace, "step_2", 100)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    model = (workspace.checkpoints / "step_1" / "model.pt").read_bytes()
+    (workspace.checkpoints / "step_1" / "optim.pt").unlink()
+    result = workspace.cli("prune", "-c", "config.yaml", "--delete")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "deleted 2 objects"
+    manifest = json.loads(object_bytes(s3, workspace.bucket, f"{MANIFESTS}step_1.json"))
+    assert [entry["path"] for entry in manifest["files"]] == ["step_1/model.pt"]
+    # Restore falls back to it as to any complete set.
+    s3.delete_object(Bucket=workspace.bucket, Key=f"{MANIFESTS}step_2.json")
+    target = workspace.root / "restored"
+    restored = workspace.cli("restore", "-c", "config.yaml", "--to", str(target))
+    assert restored.returncode == 0, restored.stderr
+    assert "restored step_1" in restored.stdout
+    assert (target / "step_1" / "model.pt").read_bytes() == model
+    assert not (target / "step_1" / "optim.pt").exists()
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_watched_directory_moved_with_its_config_mirrors_no_deletion(
+        workspace: Workspace, s3: Any, dry_run: bool) -> None:
+    """The checkpoints moved to a bigger volume, watch.path changed to follow them, same
+    prefix: every file is still there, so nothing is deleted, and nothing is uploaded again."""
+    workspace.write_config(sync={"delete": True})
+    for age, name in ((200, "step_1"), (100, "step_2")):
+        save_set(workspace, name, age)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    before = keys_in(s3, workspace.bucket)
+    moved = workspace.root / "bigger-volume"
+    workspace.checkpoints.rename(moved)
+    workspace.checkpoints = moved
+    workspace.write_config(sync={"delete": True})
+    (moved / "step_2" / "optim.pt").unlink()  # a real deletion there still mirrors
+
+    result = workspace.cli("prune", "-c", "config.yaml", *(["--dry-run"] if dry_run else []))
+    assert result.returncode == 0, result.stderr
+    verb = "would delete" if dry_run else "deleted"
+    assert result.stdout.splitlines() == [
+        f"{verb} s3://{workspace.bucket}/{MANIFESTS}step_2.json (deleted locally)",
+        f"{verb} s3://{workspace.bucket}/run1/step_2/optim.pt (deleted locally)",
+        f"{verb} 2 objects"]
+    if not dry_run:
+        assert keys_in(s3, workspace.bucket) == before - {"run1/step_2/optim.pt"}
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 0
