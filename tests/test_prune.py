@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spotwatch.keys import belongs_to_set, manifest_key, object_key
+from spotwatch.keys import belongs_to_set, manifest_key, object_key, series_of
 from spotwatch.sync.pruner import plan_deletions
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
@@ -100,6 +100,28 @@ def test_retention_keeps_the_newest_complete_sets(workspace: Workspace, s3: Any)
     assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 0
     assert workspace.cli("prune", "-c", "config.yaml", "--keep-sets", "5").stdout.endswith(
         "deleted 0 objects\n")
+
+
+def test_retention_keeps_each_series_of_sets_apart(workspace: Workspace, s3: Any) -> None:
+    """DeepSpeed's layout: global_stepN/ directories, and a `latest` file beside them that
+    names the newest; rewritten at every save, it is always the newest set, and it must not
+    count against the steps (keep_sets 1 left none of them)."""
+    workspace.write_config(sync={"keep_sets": 1})
+    for age, name in ((400, "global_step100"), (300, "global_step200")):
+        save_set(workspace, name, age)
+    (workspace.checkpoints / "config.json").write_text("{}")  # older than the steps
+    os.utime(workspace.checkpoints / "config.json", (1_699_999_500, 1_699_999_500))
+    (workspace.checkpoints / "latest").write_text("global_step200")
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+
+    result = workspace.cli("prune", "-c", "config.yaml")
+    assert result.returncode == 0, result.stderr
+    remaining = keys_in(s3, workspace.bucket)
+    assert f"{MANIFESTS}global_step100.json" not in remaining
+    assert not any(k.startswith("run1/global_step100/") for k in remaining)
+    assert {f"{MANIFESTS}global_step200.json", f"{MANIFESTS}latest.json",
+            f"{MANIFESTS}config.json.json", "run1/latest", "run1/config.json",
+            "run1/global_step200/model.pt"} <= remaining
 
 
 def test_retention_counts_only_complete_sets(workspace: Workspace, s3: Any) -> None:
@@ -282,11 +304,12 @@ def test_mirroring_a_file_of_a_sealed_set_takes_its_manifest_first(workspace: Wo
 # -- the planner, for generated manifests and ledger contents -------------------------------
 
 PREFIX = "run1/"
-SET_NAMES = ("a", "b", "c", "d")
+# Two series for retention (keys.series_of): s#, and `latest` alone.
+SET_NAMES = ("s1", "s2", "s10", "latest")
 # Keys a manifest may name: its own, another set's, excluded, manifests, outside the prefix.
-KEY_POOL = (*(f"run1/{n}/{f}" for n in SET_NAMES for f in ("x.pt", "y.tmp")), "run1/a",
-            "run1/loose.pt", "run1/.spotwatch/manifests/a.json", "other-team/secret.bin",
-            "run1", "run10/a/x.pt")
+KEY_POOL = (*(f"run1/{n}/{f}" for n in SET_NAMES for f in ("x.pt", "y.tmp")), "run1/s1",
+            "run1/loose.pt", "run1/.spotwatch/manifests/s1.json", "other-team/secret.bin",
+            "run1", "run10/s1/x.pt")
 
 
 def _not_tmp(relative: str) -> bool:
@@ -323,12 +346,16 @@ def test_planned_deletions_are_spotwatchs_and_never_listed_by_a_kept_set(
         assert key in gone or key in own_files_of_dropped  # the ledger's, or its set's own
         assert key.startswith(PREFIX) and _not_tmp(key)
         assert not key.startswith(PREFIX + ".spotwatch/")
-    if keep_sets:
-        kept_complete = [m for m in kept if m.set_name in complete]
+    if keep_sets:  # in each series, the newest keep_sets complete sets and all newer stay
         mirrored = {k for k in gone if k.startswith(PREFIX) and _not_tmp(k)
                     and not k.startswith(PREFIX + ".spotwatch/")}
         droppable = [m for m in manifests if not any(e.key in mirrored for e in m.files)]
-        assert len(kept_complete) == min(keep_sets, len([m for m in droppable
-                                                         if m.set_name in complete]))
+        for series in {series_of(m.set_name) for m in manifests}:
+            in_series = [m for m in droppable if series_of(m.set_name) == series]
+            complete_in_series = [m for m in in_series if m.set_name in complete]
+            kept_in_series = [m for m in in_series if m in kept]
+            assert [m for m in kept_in_series if m.set_name in complete] == \
+                complete_in_series[:keep_sets]
+            assert kept_in_series == in_series[:len(kept_in_series)]  # the newest of them
     elif not gone:
         assert deletions == []

@@ -8,6 +8,8 @@ preflight, the sync engine and restore, so they import nothing from spotwatch.
 
 from __future__ import annotations
 
+import re
+
 MANIFEST_DIR = ".spotwatch/manifests/"
 # The first path component of every key spotwatch writes for itself (manifests, probes).
 RESERVED_SET = MANIFEST_DIR.split("/", 1)[0]
@@ -15,6 +17,7 @@ WRITE_PROBE = ".spotwatch/probe-"  # `spotwatch check` writes and deletes <prefi
 # How a restore's temporaries end (sync.restore.temporary).
 RESTORE_TEMP_SUFFIX = ".spotwatch-restore"
 S3_KEY_MAX_BYTES = 1024
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def object_key(prefix: str, relative_path: str) -> str:
@@ -52,6 +55,14 @@ def storable_key(prefix: str, relative_path: str, node: tuple[str, int] | None =
 
 def set_name_of(relative_path: str) -> str:
     return relative_path.split("/", 1)[0]
+
+
+def series_of(set_name: str) -> str:
+    """The series a set belongs to for retention: its name with every run of digits as one
+    '#'. step_100 and step_2000 are one series (step_#), epoch=3-step=400.ckpt another; a name
+    without digits (DeepSpeed's `latest`, a config.json beside the steps) is a series of its
+    own."""
+    return _DIGITS.sub("#", set_name)
 
 
 def is_reserved(relative_path: str) -> bool:

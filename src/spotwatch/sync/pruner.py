@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,14 @@ from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import DELETE_BATCH, ObjectStore, S3ObjectStore, StoreError
 from spotwatch.config import Config, WatchDir
 from spotwatch.errors import SpotwatchError
-from spotwatch.keys import belongs_to_set, is_reserved, manifest_key, object_key, part_key
+from spotwatch.keys import (
+    belongs_to_set,
+    is_reserved,
+    manifest_key,
+    object_key,
+    part_key,
+    series_of,
+)
 from spotwatch.state import StateDir
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.ledger import Ledger, LedgerError
@@ -208,6 +216,10 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
     inside the own directory of a set dropped by retention whose manifest lists it. A set that
     lists a file gone locally loses its manifest too (the daemon seals it again with what is
     left), so deleting the file leaves no kept set incomplete.
+
+    Retention keeps the newest keep_sets complete sets of each series of names (keys.series_of):
+    a file beside the steps that is rewritten at every save (DeepSpeed's `latest`) is always
+    the newest set, and counted with the steps it would leave none of them.
     """
     prefix = object_key(watch_prefix, "")
 
@@ -218,16 +230,17 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
     gone = {key for key in gone_locally if deletable(key)}
     dropped: list[tuple[Manifest, str]] = []
     kept: list[Manifest] = []
-    complete_kept = 0
+    complete_kept: Counter[str] = Counter()  # by series
     for manifest in manifests:
+        series = series_of(manifest.set_name)
         if any(entry.key in gone for entry in manifest.files):
             dropped.append((manifest, "deleted locally"))
-        elif keep_sets and complete_kept >= keep_sets:
+        elif keep_sets and complete_kept[series] >= keep_sets:
             dropped.append((manifest, "retention"))
         else:
             kept.append(manifest)
             if keep_sets and complete(manifest):
-                complete_kept += 1
+                complete_kept[series] += 1
     listed_by_kept = {entry.key for manifest in kept for entry in manifest.files}
     files = dict.fromkeys(gone - listed_by_kept, "deleted locally")
     for manifest, reason in dropped:
