@@ -156,7 +156,8 @@ def test_a_file_dated_in_the_future_does_not_make_its_set_the_newest(workspace: 
     """A set is no newer than its seal: a file with a 2100 mtime (a clock set wrong, a copy
     keeping its mtime) must not outrank, for restore or for retention, the checkpoints
     sealed after it."""
-    future = workspace.checkpoints / "copied.pt"
+    future = workspace.checkpoints / "step_0" / "copied.pt"
+    future.parent.mkdir()
     future.write_bytes(b"copied")
     os.utime(future, ns=(YEAR_2100_NS, YEAR_2100_NS))
     assert workspace.cli("flush", "-c", str(workspace.config_file)).returncode == 0
@@ -175,7 +176,7 @@ def test_a_file_dated_in_the_future_does_not_make_its_set_the_newest(workspace: 
     assert result.returncode == 0, result.stderr
     keys = keys_in(s3, workspace.bucket)
     assert {"run1/step_1/model.pt", "run1/.spotwatch/manifests/step_1.json"} <= keys, keys
-    assert "run1/.spotwatch/manifests/copied.pt.json" not in keys, keys
+    assert "run1/.spotwatch/manifests/step_0.json" not in keys, keys
 
 
 INT64 = st.integers(-(2**63), 2**63 - 1)

@@ -21,9 +21,11 @@ def run(args: argparse.Namespace) -> int:
     report = restore(config, bucket, args.to, args.set_name, args.prefix, args.node_rank)
     passed_over = (f"; newer sets passed over: {', '.join(report.passed_over)}"
                    if report.passed_over else "")
+    companions = (f"; with {', '.join(report.companions)} beside it"
+                  if report.companions else "")
     print(f"restored {report.set_name} into {report.destination}: {report.downloaded} files "
           f"downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already present"
-          f"{passed_over}")
+          f"{companions}{passed_over}")
     return 0
 
 

@@ -35,7 +35,7 @@ from spotwatch.checksums import ChecksumUnavailable
 from spotwatch.collector import exempt_long_lived_objects
 from spotwatch.config import Config, JobSettings, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
-from spotwatch.keys import RESTORE_TEMP_SUFFIX
+from spotwatch.keys import RESTORE_TEMP_SUFFIX, series_of
 from spotwatch.model import FileVersion
 from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir
@@ -58,6 +58,8 @@ class RestoreReport:
     skipped: int
     bytes: int
     passed_over: tuple[str, ...] = field(default=())  # newer sets, incomplete or corrupt
+    # Top-level files restored beside a set directory (see checkpoints_first).
+    companions: tuple[str, ...] = field(default=())
 
 
 class _Targets:
@@ -146,14 +148,21 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
         candidates = restore_candidates(store, watch.prefix, config.job, node_rank)
     except StoreError as exc:
         raise SpotwatchError(f"cannot read s3://{bucket}/{watch.prefix}: {exc}") from None
+    companions: list[Candidate] = []
     if set_name is not None:
         candidates = [c for c in candidates if c.whole.set_name == set_name]
+    else:
+        candidates, companions = checkpoints_first(candidates)
     # Restored into the watched directory, the files are already in S3: record them.
     ledger = Ledger(StateDir(config.state_dir).ledger) if destination == watch.path else None
     exempt_long_lived_objects()  # the candidates' manifests too: a set's files are many
     try:
         report = restore_newest(store, candidates, destination,
                                 config.transfer.checksum_algorithm, ledger)
+        if report is not None and companions and _is_directory_set(
+                next(c.whole for c in candidates if c.whole.set_name == report.set_name)):
+            report = _with_companions(report, companions, store,
+                                      config.transfer.checksum_algorithm, ledger)
     finally:
         if ledger is not None:
             ledger.close()
@@ -161,6 +170,50 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
         wanted = f"set {set_name!r}" if set_name else "checkpoint set"
         raise SpotwatchError(f"no complete {wanted} under s3://{bucket}/{watch.prefix}")
     return report
+
+
+def checkpoints_first(candidates: Sequence[Candidate]) -> tuple[list[Candidate],
+                                                                 list[Candidate]]:
+    """The sets in the order restore tries them, and the top-level files that come with a
+    set directory.
+
+    Invariant: without --set, restore brings back the newest complete checkpoint. Where the
+    trainer saves numbered set directories (step_100/, checkpoint-500/, global_step300/), a
+    set whose name carries no number is none: a `latest` file that DeepSpeed rewrites at every
+    save, a TensorBoard `runs/` directory or a `train.log` beside the steps is always newer
+    than the steps, and restoring it alone would hand back no checkpoint at all. Those set
+    directories come first, newest first, then the others; the unnumbered top-level files
+    (`latest`, a `config.json`) are restored beside the set directory, which may need them to
+    load. Where checkpoints are files only (Lightning's epoch=3-step=400.ckpt and last.ckpt),
+    the newest complete set is restored, as ever."""
+    steps = [c for c in candidates
+             if _is_directory_set(c.whole) and series_of(c.whole.set_name) != c.whole.set_name]
+    if not steps:
+        return list(candidates), []
+    others = [c for c in candidates if c not in steps]
+    return steps + others, [c for c in others if not _is_directory_set(c.whole)
+                            and series_of(c.whole.set_name) == c.whole.set_name]
+
+
+def _is_directory_set(manifest: Manifest) -> bool:
+    return any(entry.path != manifest.set_name for entry in manifest.files)
+
+
+def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
+                     store: ObjectStore, preferred: str, ledger: Ledger | None) -> RestoreReport:
+    """The report, after the companions that are complete and verify were restored too (each
+    on its own: one that is not is named and left out)."""
+    restored = []
+    for companion in companions:
+        name = companion.whole.set_name
+        done = restore_newest(store, [companion], report.destination, preferred, ledger)
+        if done is None:
+            log.warning("companion_skipped", set=name, beside=report.set_name)
+            continue
+        restored.append(name)
+        report = replace(report, downloaded=report.downloaded + done.downloaded,
+                         skipped=report.skipped + done.skipped, bytes=report.bytes + done.bytes)
+    return replace(report, companions=tuple(restored))
 
 
 def restore_candidates(store: ObjectStore, prefix: str, job: JobSettings,
