@@ -424,10 +424,11 @@ def test_a_complete_final_flush_exits_0(workspace: Workspace, s3: Any) -> None:
     assert not daemon.named("flush_incomplete") and daemon.named("daemon_stopped")
 
 
-def test_a_stop_cut_short_by_a_hanging_manifest_write_names_the_unsealed_set(
-        workspace: Workspace, proxy: FaultProxy) -> None:
+def test_a_set_left_unsealed_by_a_stop_is_named_and_sealed_by_the_next_start(
+        workspace: Workspace, proxy: FaultProxy, s3: Any) -> None:
     """Every file of the set is in S3 but its manifest is not: the stop says which set is no
-    checkpoint yet, rather than an exit 1 with nothing left named."""
+    checkpoint yet, rather than an exit 1 with nothing left named; the next start seals it
+    (nothing of it changed, so no upload would have)."""
     workspace.write_config(sync={"stop_timeout": 3})
     daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
     proxy.add("delay", lambda r: r.method == "PUT" and "/.spotwatch/manifests/" in r.path,
@@ -439,6 +440,13 @@ def test_a_stop_cut_short_by_a_hanging_manifest_write_names_the_unsealed_set(
     assert daemon.stop() == 1
     [incomplete] = daemon.named("flush_incomplete")
     assert incomplete["timed_out"] and incomplete["unsealed_sets"] == ["run1/step_1"]
+
+    # Started again, the daemon finds nothing to upload but seals the set it left unsealed.
+    again = workspace.start_daemon()
+    assert again.wait_for_event("set_complete")["set"] == "run1/step_1"
+    assert again.named("upload_done") == []
+    assert "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket)
+    assert again.stop() == 0
 
 
 def test_a_hangup_stops_the_daemon_with_a_final_flush(workspace: Workspace, s3: Any) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spotwatch.model import FileVersion
 from spotwatch.sync.ledger import Ledger, _add_column
@@ -67,3 +70,39 @@ def test_a_column_another_process_added_meanwhile_is_taken_as_added(tmp_path: Pa
     with pytest.raises(sqlite3.OperationalError):
         _add_column(connection, "ALTER TABLE nowhere ADD COLUMN x TEXT")
     connection.close()
+
+
+_KEYS = ("run/step_1/a", "run/step_1/b", "run/step_2/a", "run/top.pt", "other/step_1/a")
+_SETS = ("run/step_1", "run/step_2", "run/top.pt", "other/step_1")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.one_of(
+    st.tuples(st.just("record"), st.sampled_from(_KEYS)),
+    st.tuples(st.just("retire"), st.sampled_from(_KEYS)),
+    st.tuples(st.just("forget"), st.sampled_from(_KEYS)),
+    st.tuples(st.sampled_from(["settled", "unsettled"]), st.sampled_from(_SETS)))))
+def test_unsettled_sets_are_those_with_objects_and_no_manifest_since(
+        operations: list[tuple[str, str]]) -> None:
+    """What survives a restart (another Ledger on the file) against a plain model."""
+    with tempfile.TemporaryDirectory() as temp:
+        path = Path(temp) / "ledger.db"
+        ledger = Ledger(path)
+        live: set[str] = set()
+        settled: set[str] = set()
+        for operation, name in operations:
+            if operation == "record":
+                ledger.record("b", name, Path("/x"), FileVersion(1, 1), "c")
+                live.add(name)
+            elif operation in ("retire", "forget"):
+                getattr(ledger, operation)("b", name)
+                live.discard(name)
+            else:
+                ledger.set_settled("b", name, operation == "settled")
+                (settled.add if operation == "settled" else settled.discard)(name)
+        ledger.close()
+        reopened = Ledger(path)
+        sets_of_live = {key.rsplit("/", 1)[0] if key.count("/") == 2 else key for key in live}
+        assert reopened.unsettled_sets("b", "run/") == sorted(
+            s.removeprefix("run/") for s in sets_of_live - settled if s.startswith("run/"))
+        reopened.close()

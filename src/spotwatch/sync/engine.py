@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from spotwatch.keys import set_name_of, storable_key
+from spotwatch.keys import object_key, set_name_of, storable_key
 from spotwatch.logs import printable_path
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.ledger import Ledger, LedgerError
@@ -99,7 +99,12 @@ class SyncEngine:
         self._wake()
 
     def reconcile(self, quiet_seconds: float) -> int:
-        """Startup scan: queue what the ledger lacks; recently changed files must settle first."""
+        """Startup scan: queue what the ledger lacks; recently changed files must settle first;
+        seal the sets left unsealed (SetSealer.resume)."""
+        self.sealer.resume(
+            _set_ref(tracker, name) for tracker in self.trackers
+            for name in self.ledger.unsettled_sets(self.bucket,
+                                                   object_key(tracker.watch.prefix, "")))
         queued = 0
         now_ns = self._wall_clock_ns()
         newest_allowed = now_ns - int(quiet_seconds * 1e9)

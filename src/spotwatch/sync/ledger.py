@@ -36,6 +36,11 @@ CREATE TABLE IF NOT EXISTS multipart_started (
     key TEXT NOT NULL,
     PRIMARY KEY (bucket, key)
 );
+CREATE TABLE IF NOT EXISTS settled_sets (
+    bucket TEXT NOT NULL,
+    set_key TEXT NOT NULL,
+    PRIMARY KEY (bucket, set_key)
+);
 """
 # Objects deleted from S3 by retention while the local file stays: not re-uploaded, not listed.
 _RETIRED_COLUMN = "ALTER TABLE objects ADD COLUMN retired INTEGER NOT NULL DEFAULT 0"
@@ -155,6 +160,24 @@ class Ledger:
                 (bucket, set_key, set_key + "/", set_key + "0"),
             ).fetchall()
         return [tuple(row) for row in rows]
+
+    def set_settled(self, bucket: str, set_key: str, settled: bool) -> None:
+        """Whether the set's manifest (or part) says what the ledger holds of it: it is
+        unsettled from a change to it until a manifest made after that change is written."""
+        if settled:
+            self._write("INSERT OR REPLACE INTO settled_sets VALUES (?, ?)", (bucket, set_key))
+        else:
+            self._write("DELETE FROM settled_sets WHERE bucket = ? AND set_key = ?",
+                        (bucket, set_key))
+
+    def unsettled_sets(self, bucket: str, prefix: str) -> list[str]:
+        """The names of the sets under the key prefix with objects recorded (not retired)
+        that are not settled: a stop or a crash came between a change and its manifest."""
+        with self._lock:
+            settled = {key for (key,) in self._db.execute(
+                "SELECT set_key FROM settled_sets WHERE bucket = ?", (bucket,))}
+        names = {key[len(prefix):].split("/", 1)[0] for key in self.live_keys(bucket, prefix)}
+        return sorted(name for name in names if prefix + name not in settled)
 
     def forget(self, bucket: str, key: str) -> None:
         self._write("DELETE FROM objects WHERE bucket = ? AND key = ?", (bucket, key))

@@ -18,7 +18,7 @@ import structlog
 from spotwatch.aws.store import ObjectStore
 from spotwatch.keys import manifest_key, object_key, part_key, set_name_of, storable_key
 from spotwatch.logs import printable_path
-from spotwatch.sync.ledger import Ledger, LedgerRow
+from spotwatch.sync.ledger import Ledger, LedgerError, LedgerRow
 from spotwatch.sync.planner import SetRef
 from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
@@ -76,6 +76,9 @@ class SetSealer:
         self._dirty: dict[SetRef, int] = {}  # set -> generation, bumped by every new file
         self._sending: dict[SetRef, tuple[int, Future[None], Manifest, str]] = {}
         self._retries: RetryQueue[SetRef, SetRef] = RetryQueue(MANIFEST_BACKOFF, clock)
+        # Sets the ledger holds as unsettled already: one write per change of state, not per
+        # file uploaded.
+        self._unsettled: set[str] = set()
 
     def __bool__(self) -> bool:
         return bool(self._dirty)
@@ -87,6 +90,31 @@ class SetSealer:
 
     def mark_dirty(self, set_ref: SetRef) -> None:
         self._dirty[set_ref] = self._dirty.get(set_ref, 0) + 1
+        if set_ref.key not in self._unsettled:
+            self._settle(set_ref.key, False)
+
+    def resume(self, set_refs: Iterable[SetRef]) -> None:
+        """At start: the sets a stop or a crash left between a change and its manifest (see
+        Ledger.unsettled_sets) are sealed again, though no file of them changes any more.
+
+        Invariant: a set whose files are all in S3 gets its manifest whatever happened to the
+        process in between (kill -9, a stop cut short by stop_timeout, a manifest write that
+        never got through): otherwise restore would never see the newest checkpoint."""
+        for set_ref in set_refs:
+            self._unsettled.add(set_ref.key)
+            self.mark_dirty(set_ref)
+
+    def _settle(self, set_key: str, settled: bool) -> None:
+        """Keep in the ledger whether the set's manifest is up to date, for the next start."""
+        try:
+            self._ledger.set_settled(self._store.bucket, set_key, settled)
+        except LedgerError as exc:  # a full disk: the next start seals the set again at worst
+            log.warning("ledger_write_failed", set=set_key, error=str(exc))
+            return
+        if settled:
+            self._unsettled.discard(set_key)
+        else:
+            self._unsettled.add(set_key)
 
     def reseal_after_deletions(self, keys: Iterable[str]) -> None:
         """Sets that lost objects (and so their manifest) get a new one listing what is left."""
@@ -122,6 +150,7 @@ class SetSealer:
             self.incomplete.pop(set_ref.key, None)
             if not check.entries:
                 self._done(set_ref)  # nothing of the set is left locally: no manifest
+                self._settle(set_ref.key, True)
                 continue
             markers = unmatched(self._complete_when(set_ref), set_ref.name, check.entries)
             if markers:
@@ -151,6 +180,7 @@ class SetSealer:
                          bytes=manifest.bytes, manifest=key)
                 if self._dirty.get(set_ref) == generation:
                     self._done(set_ref)
+                    self._settle(set_ref.key, True)
                 continue
             delay = self._retries.failed(set_ref, set_ref)
             attempts = self._retries.failures(set_ref)
