@@ -115,7 +115,9 @@ def test_restored_files_are_not_uploaded_again(workspace: Workspace) -> None:
     assert result.returncode == 0, result.stderr
     assert (workspace.checkpoints / "step_2" / "model.pt").read_bytes() == sets["step_2"][
         "model.pt"]
-    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 0
+    flushed = workspace.cli("flush", "-c", "config.yaml")
+    assert flush_summary(flushed)["files"] == 0
+    assert "set_complete" not in flushed.stderr  # its manifest is the one restored from
 
 
 def test_manifest_json_shape(workspace: Workspace, s3: Any) -> None:

@@ -35,7 +35,7 @@ from spotwatch.checksums import ChecksumUnavailable
 from spotwatch.collector import exempt_long_lived_objects
 from spotwatch.config import Config, JobSettings, WatchDir
 from spotwatch.errors import ConfigError, SpotwatchError
-from spotwatch.keys import RESTORE_TEMP_SUFFIX, series_of
+from spotwatch.keys import RESTORE_TEMP_SUFFIX, object_key, series_of
 from spotwatch.model import FileVersion
 from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir
@@ -399,6 +399,9 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
                                   entry.part_size, entry.checksum_algorithm, entry.etag)
                 os.replace(file.temp, target)
             temps.clear()  # all in place: nothing left to remove
+            if ledger is not None:  # the manifest restored from says what the ledger holds
+                ledger.set_settled(store.bucket, object_key(manifest.prefix, manifest.set_name),
+                                   True)
     finally:
         progress.close()
     return RestoreReport(manifest.set_name, destination, len(todo), skipped, total)
