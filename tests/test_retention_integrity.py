@@ -148,9 +148,17 @@ def test_an_etag_matches_with_or_without_its_quotes(listed: str) -> None:
     store = InMemoryObjectStore()
     store.put("run1/s/a.pt", b"1234")
     store.objects["run1/s/a.pt"].etag = listed
-    entry = ManifestEntry("run1/s/a.pt", "s/a.pt", 4, 0, None,
+    entry = ManifestEntry("run1/s/a.pt", "s/a.pt", 4, 0, crc32_checksum(b"1234"),
                           etag='"0f343b0931126a20f133d67c2b018a3b"')
     assert is_intact(store, Manifest.build("s", PREFIX, [entry]))
+
+
+def test_a_set_restore_would_refuse_for_want_of_a_checksum_does_not_count() -> None:
+    store = InMemoryObjectStore()
+    etag = store.put("run1/s/a.pt", b"1234").etag
+    entry = ManifestEntry("run1/s/a.pt", "s/a.pt", 4, 0, None, etag=etag)
+    assert is_complete(store, Manifest.build("s", PREFIX, [entry]))
+    assert not is_intact(store, Manifest.build("s", PREFIX, [entry]))
 
 
 def test_a_job_set_whose_nodes_upload_one_file_alike_counts(tmp_path: Path) -> None:

@@ -117,7 +117,13 @@ def is_intact(store: ObjectStore, manifest: Manifest,
 
     sealed: the entries that name each key's uploads (default: the manifest's files); on a
     job every node's part, since nodes that write one file alike each upload it and the
-    object is the last of those uploads."""
+    object is the last of those uploads. An entry without a checksum makes the set one that
+    restore refuses (it cannot verify the bytes), so such a set never counts either."""
+    unverifiable = next((entry.key for entry in manifest.files if entry.checksum is None), None)
+    if unverifiable is not None:
+        log.warning("set_not_counted", set=manifest.set_name, key=unverifiable,
+                    reason="the manifest has no checksum to verify it by")
+        return False
     uploads: dict[str, set[str | None]] = defaultdict(set)
     for entry in manifest.files if sealed is None else sealed:
         uploads[entry.key].add(_bare(entry.etag))
