@@ -206,6 +206,39 @@ def test_a_watched_directory_made_again_is_watched_again(
     assert daemon.stop() == 0
 
 
+@pytest.mark.parametrize("configured", ["absolute", "relative"])
+def test_a_watched_symlink_pointed_elsewhere_is_followed(workspace: Workspace, s3: Any,
+                                                         tmp_path: Path, configured: str) -> None:
+    """`checkpoints -> runs/1`, then `runs/2` for the next run: the files of the directory
+    the watched path leads to now are the ones protected."""
+    runs = tmp_path / "runs"
+    (runs / "1").mkdir(parents=True)
+    (runs / "2").mkdir()
+    current = tmp_path / "current"
+    current.symlink_to(runs / "1", target_is_directory=True)
+    path = str(current) if configured == "absolute" else current.name  # from the config's
+    workspace.write_config(watch=[{"path": path, "prefix": "run1/"}])
+    daemon = workspace.start_daemon()
+    first = save_checkpoint(current / "step_1" / "model.pt", 1000)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket))
+    assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == first
+    repointed = tmp_path / "current.new"
+    repointed.symlink_to(runs / "2", target_is_directory=True)
+    repointed.replace(current)  # as `ln -sfn` does, atomically
+    second = save_checkpoint(current / "step_2" / "model.pt", 2000)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_2.json" in keys_in(s3, workspace.bucket))
+    assert object_bytes(s3, workspace.bucket, "run1/step_2/model.pt") == second
+    [back] = daemon.named("watch_dir_back")
+    assert back["path"] == str(current) and back["directory"] == str(runs / "2")
+    save_checkpoint(runs / "1" / "step_3" / "model.pt", 3000)  # no longer watched
+    third = save_checkpoint(current / "step_4" / "model.pt", 4000)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_4.json" in keys_in(s3, workspace.bucket))
+    assert object_bytes(s3, workspace.bucket, "run1/step_4/model.pt") == third
+    assert daemon.stop() == 0
+    uploaded = {key for key in keys_in(s3, workspace.bucket) if "/.spotwatch/" not in key}
+    assert uploaded == {f"run1/step_{n}/model.pt" for n in (1, 2, 4)}
+
+
 def test_symlinks_are_named_once_and_not_followed(workspace: Workspace, s3: Any,
                                                   tmp_path: Path) -> None:
     ckpt = workspace.checkpoints

@@ -61,16 +61,20 @@ class _Candidate:
 
 @dataclass(frozen=True)
 class _Watched:
-    """The watch on a root, and which directory (st_dev, st_ino) it was put on."""
+    """The watch on a root, and which directory (st_dev, st_ino) it was put on, at which
+    path (the root's, or where the root's symlink led then)."""
 
     watch: ObservedWatch
     directory: tuple[int, int] | None
+    target: str
+    target_prefix: str
 
 
 def _directory_identity(path: Path) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the directory at path; None when there is none."""
+    """(st_dev, st_ino) of the directory the path leads to (through a symlink too); None when
+    there is none."""
     try:
-        stat = os.stat(path, follow_symlinks=False)
+        stat = os.stat(path)
     except OSError:
         return None
     return (stat.st_dev, stat.st_ino) if stat_module.S_ISDIR(stat.st_mode) else None
@@ -134,7 +138,9 @@ class ChangeTracker(FileSystemEventHandler):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.watch = watch
-        self.root = watch.path.resolve()
+        # The path as configured, not resolved: a watched path that is a symlink
+        # (checkpoints -> runs/7/checkpoints) is followed to wherever it leads now.
+        self.root = Path(os.path.abspath(watch.path))
         self._root_prefix = prefix_below(self.root)
         self.filter = PathFilter.for_watch(watch)
         self._settle = settle_seconds
@@ -160,16 +166,31 @@ class ChangeTracker(FileSystemEventHandler):
         self._watch_root(observer)
 
     def _watch_root(self, observer: BaseObserver) -> None:
-        directory = _directory_identity(self.root)
-        watch = observer.schedule(self, str(self.root), recursive=True,
+        # watchdog follows no symlink (nor should it below the root): it watches the
+        # directory the root leads to, and on_any_event names its files by the root.
+        target = self.root.resolve()
+        directory = _directory_identity(target)
+        watch = observer.schedule(self, str(target), recursive=True,
                                   event_filter=_WATCHED_EVENTS)
-        self._watched = _Watched(watch, directory)
+        self._watched = _Watched(watch, directory, str(target), prefix_below(target))
+
+    def _below_root(self, event_path: bytes | str) -> Path:
+        """An event's path named below the root as configured rather than below the
+        directory it led to when the watch was put on."""
+        path = os.fsdecode(event_path)
+        watched = self._watched
+        if watched is not None and path.startswith(watched.target_prefix):
+            return Path(self._root_prefix + path[len(watched.target_prefix):])
+        if watched is not None and path == watched.target:
+            return self.root
+        return Path(path)
 
     def keep_watching(self) -> None:
         """Invariant: a watched directory deleted and made again, or moved away and replaced,
-        is watched again as soon as it is back (inotify watches the directory, not its path:
-        its watch ends with it, or follows it elsewhere). The files found in it then wait for
-        a close or the quiet interval, as files of any directory watched late do."""
+        or a watched symlink pointed at another directory, is watched again as soon as it is
+        back (inotify watches the directory, not its path: its watch ends with it, or
+        follows it elsewhere). The files found in it then wait for a close or the quiet
+        interval, as files of any directory watched late do."""
         observer = self._observer
         if observer is None:
             return
@@ -191,7 +212,8 @@ class ChangeTracker(FileSystemEventHandler):
         except OSError:  # gone again: tried again on the next call
             return
         self._missing_reported = False
-        log.info("watch_dir_back", path=printable_path(self.root))
+        log.info("watch_dir_back", path=printable_path(self.root),
+                 directory=printable_path(self.root.resolve()))
         self._drop_late_watches(observer, self.root)  # the new root watch covers them
         for path, _ in walk_files(self.root, on_unreadable=self.note_unreadable):
             self.mark(path, closed=False)
@@ -280,12 +302,12 @@ class ChangeTracker(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         kind = event.event_type
-        src = Path(os.fsdecode(event.src_path))
+        src = self._below_root(event.src_path)
         if kind == "moved":
             self._forget(src)
             # A rename is how writers publish a finished file (or a whole step_N/ directory):
             # it is ready now, with no settle interval to wait out.
-            dest = Path(os.fsdecode(event.dest_path))
+            dest = self._below_root(event.dest_path)
             self._mark_tree(dest) if event.is_directory else self.mark(dest, closed=True,
                                                                        at=_READY_NOW)
         elif kind == "deleted":
