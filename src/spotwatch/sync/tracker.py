@@ -32,7 +32,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from spotwatch.config import WatchDir
-from spotwatch.keys import is_reserved, is_restore_temporary
+from spotwatch.keys import RESERVED_SET, is_reserved, is_restore_temporary
 from spotwatch.logs import printable_path
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.subtree import Folders, prefix_below
@@ -160,6 +160,7 @@ class ChangeTracker(FileSystemEventHandler):
         self._unreadable: dict[Path, str] = {}
         self._late_watches: dict[Path, ObservedWatch] = {}
         self._unreadable_checked_at = float("-inf")
+        self._reserved_reported = False  # reserved_name_skipped logged
 
     def watch_with(self, observer: BaseObserver) -> None:
         self._observer = observer
@@ -296,9 +297,21 @@ class ChangeTracker(FileSystemEventHandler):
         if not text.startswith(self._root_prefix):
             return None
         rel = text[len(self._root_prefix):]
-        if not rel or is_reserved(rel) or is_restore_temporary(rel):
+        if not rel or is_restore_temporary(rel) or not self.filter.accepts(rel):
             return None
-        return rel if self.filter.accepts(rel) else None
+        if is_reserved(rel):
+            self._report_reserved()
+            return None
+        return rel
+
+    def _report_reserved(self) -> None:
+        """What lies in spotwatch's own key space below the root is never uploaded; said
+        once, so that a user's own files there are not left out unseen."""
+        if not self._reserved_reported:
+            self._reserved_reported = True
+            log.warning("reserved_name_skipped", path=printable_path(self.root / RESERVED_SET),
+                        detail="spotwatch's own key space (manifests): never uploaded; "
+                               "rename it to have it uploaded")
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         kind = event.event_type
