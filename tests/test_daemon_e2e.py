@@ -239,6 +239,33 @@ def test_a_watched_symlink_pointed_elsewhere_is_followed(workspace: Workspace, s
     assert uploaded == {f"run1/step_{n}/model.pt" for n in (1, 2, 4)}
 
 
+def test_files_whose_events_the_kernel_dropped_are_uploaded_all_the_same(
+        workspace: Workspace, s3: Any) -> None:
+    """A burst of writes while the daemon gets no CPU overflows the kernel's inotify queue:
+    the events of the files written then are lost, and the files must be found anyway."""
+    queue_size = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    step = workspace.checkpoints / "step_1"
+    step.mkdir()  # watched from the start: its events queue up in the kernel
+    daemon = workspace.start_daemon()
+    os.kill(daemon.process.pid, signal.SIGSTOP)
+    try:
+        with (step / "a.log").open("w") as first, (step / "b.log").open("w") as second:
+            for _ in range(queue_size):  # alternating: the kernel merges no two events
+                for handle in (first, second):
+                    handle.write("x")
+                    handle.flush()
+        for n in range(20):
+            (step / f"shard_{n}.pt").write_bytes(os.urandom(100))
+    finally:
+        os.kill(daemon.process.pid, signal.SIGCONT)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket))
+    uploaded = {key for key in keys_in(s3, workspace.bucket) if "/.spotwatch/" not in key}
+    assert uploaded == {f"run1/step_1/{path.name}" for path in step.iterdir()}
+    assert len(uploaded) == 22
+    assert daemon.named("events_lost")
+    assert daemon.stop() == 0
+
+
 def test_symlinks_are_named_once_and_not_followed(workspace: Workspace, s3: Any,
                                                   tmp_path: Path) -> None:
     ckpt = workspace.checkpoints

@@ -8,6 +8,7 @@ after ``quiet_seconds`` of no events at all.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat as stat_module
 import threading
@@ -51,6 +52,44 @@ UNREADABLE_RECHECK_SECONDS = 1.0
 # The event time of a file ready now (renamed into place, or closed at shutdown): older than
 # any settle interval.
 _READY_NOW = float("-inf")
+
+
+class _EventsLost(logging.Filter):
+    """Notes watchdog's report that the kernel's inotify queue overflowed. watchdog then
+    watches again but says only in this log record that events were lost, so the files they
+    were about would wait, unseen, for the next start."""
+
+    LOGGER = "watchdog.observers.inotify_c"
+    MESSAGE = "Inotify queue overflowed"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen = threading.Event()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(self.MESSAGE):
+            self._seen.set()
+        return True
+
+    def install(self) -> None:
+        logger = logging.getLogger(self.LOGGER)
+        if self not in logger.filters:
+            logger.addFilter(self)
+            # Made and seen at any log level (a filter runs only for records made).
+            logger.setLevel(logging.WARNING)
+
+    def take(self) -> bool:
+        seen = self._seen.is_set()
+        self._seen.clear()
+        return seen
+
+
+_events_lost = _EventsLost()
+
+
+def events_were_lost() -> bool:
+    """Whether file events were lost (inotify queue overflow) since the last call."""
+    return _events_lost.take()
 
 
 @dataclass
@@ -162,7 +201,12 @@ class ChangeTracker(FileSystemEventHandler):
         self._unreadable_checked_at = float("-inf")
         self._reserved_reported = False  # reserved_name_skipped logged
 
+    @property
+    def quiet_seconds(self) -> float:
+        return self._quiet
+
     def watch_with(self, observer: BaseObserver) -> None:
+        _events_lost.install()
         self._observer = observer
         self._watch_root(observer)
 
