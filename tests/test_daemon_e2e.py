@@ -239,6 +239,22 @@ def test_a_watched_symlink_pointed_elsewhere_is_followed(workspace: Workspace, s
     assert uploaded == {f"run1/step_{n}/model.pt" for n in (1, 2, 4)}
 
 
+def test_a_watched_path_through_a_symlink_and_dot_dot_is_the_kernels_directory(
+        workspace: Workspace, s3: Any, tmp_path: Path) -> None:
+    """`link/../ckpt` is where the kernel goes (the parent of the link's target), not the
+    `ckpt` beside the link that cutting `link/..` off the text would name."""
+    (tmp_path / "disk" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "disk" / "sub", target_is_directory=True)
+    save_checkpoint(tmp_path / "disk" / "ckpt" / "step_1" / "model.pt", 100)
+    save_checkpoint(tmp_path / "ckpt" / "step_2" / "model.pt", 100)  # beside the link
+    workspace.write_config(watch=[{"path": str(tmp_path / "link" / ".." / "ckpt"),
+                                   "prefix": "run1/"}])
+    result = workspace.cli("flush", "-c", "config.yaml")
+    assert result.returncode == 0, result.stderr
+    uploaded = {key for key in keys_in(s3, workspace.bucket) if "/.spotwatch/" not in key}
+    assert uploaded == {"run1/step_1/model.pt"}
+
+
 def test_files_whose_events_the_kernel_dropped_are_uploaded_all_the_same(
         workspace: Workspace, s3: Any) -> None:
     """A burst of writes while the daemon gets no CPU overflows the kernel's inotify queue:

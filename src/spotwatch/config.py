@@ -118,7 +118,7 @@ def _path(value: str, base: Path) -> Path:
         path = Path(value).expanduser()
         # Made absolute, not resolved: a watched path that is a symlink is followed to
         # wherever it leads at the time (sync.tracker).
-        return path if path.is_absolute() else Path(os.path.abspath(base / path))
+        return (base / path).absolute()
     except (OSError, RuntimeError) as exc:  # an unknown ~user, a symlink loop
         raise ValueError(f"is not a usable path: {_shown(value)} ({exc})") from None
 

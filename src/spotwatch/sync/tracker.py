@@ -179,7 +179,8 @@ class ChangeTracker(FileSystemEventHandler):
         self.watch = watch
         # The path as configured, not resolved: a watched path that is a symlink
         # (checkpoints -> runs/7/checkpoints) is followed to wherever it leads now.
-        self.root = Path(os.path.abspath(watch.path))
+        # ('..' is kept for the kernel to follow, not cut off with the component before it.)
+        self.root = watch.path.absolute()
         self._root_prefix = prefix_below(self.root)
         self.filter = PathFilter.for_watch(watch)
         self._settle = settle_seconds
