@@ -55,9 +55,10 @@ _READY_NOW = float("-inf")
 
 
 class _EventsLost(logging.Filter):
-    """Notes watchdog's report that the kernel's inotify queue overflowed. watchdog then
-    watches again but says only in this log record that events were lost, so the files they
-    were about would wait, unseen, for the next start."""
+    """Notes watchdog's report that the kernel's inotify queue overflowed. watchdog (7.1 and
+    later; earlier ones dropped the report unsaid) then watches again but says only in this
+    log record that events were lost, so the files they were about would wait, unseen, for
+    the next start."""
 
     LOGGER = "watchdog.observers.inotify_c"
     MESSAGE = "Inotify queue overflowed"
