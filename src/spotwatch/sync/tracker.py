@@ -110,11 +110,11 @@ class _Watched:
     target_prefix: str
 
 
-def _directory_identity(path: Path) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the directory the path leads to (through a symlink too); None when
-    there is none."""
+def _directory_identity(path: Path, follow_symlinks: bool = False) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the directory at path (or, following symlinks, the one it leads
+    to); None when there is none."""
     try:
-        stat = os.stat(path)
+        stat = os.stat(path, follow_symlinks=follow_symlinks)
     except OSError:
         return None
     return (stat.st_dev, stat.st_ino) if stat_module.S_ISDIR(stat.st_mode) else None
@@ -216,7 +216,7 @@ class ChangeTracker(FileSystemEventHandler):
         # watchdog follows no symlink (nor should it below the root): it watches the
         # directory the root leads to, and on_any_event names its files by the root.
         target = self.root.resolve()
-        directory = _directory_identity(target)
+        directory = _directory_identity(target)  # resolved already
         watch = observer.schedule(self, str(target), recursive=True,
                                   event_filter=_WATCHED_EVENTS)
         self._watched = _Watched(watch, directory, str(target), prefix_below(target))
@@ -244,7 +244,7 @@ class ChangeTracker(FileSystemEventHandler):
         self._recheck_unreadable(observer)
         if not self._watch_lost(observer):
             return
-        if _directory_identity(self.root) is None:
+        if _directory_identity(self.root, follow_symlinks=True) is None:
             if not self._missing_reported:
                 self._missing_reported = True
                 log.warning("watch_dir_missing", path=printable_path(self.root),
@@ -334,7 +334,7 @@ class ChangeTracker(FileSystemEventHandler):
             return True
         ended = any(emitter.watch == watched.watch and emitter.stopped_event.is_set()
                     for emitter in observer.emitters)
-        return ended or _directory_identity(self.root) != watched.directory
+        return ended or _directory_identity(self.root, follow_symlinks=True) != watched.directory
 
     def relative(self, path: Path) -> str | None:
         """The path relative to the watched root, or None when outside it, filtered out, in
