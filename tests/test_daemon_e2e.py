@@ -206,6 +206,82 @@ def test_a_watched_directory_made_again_is_watched_again(
     assert daemon.stop() == 0
 
 
+@pytest.mark.parametrize("configured", ["absolute", "relative"])
+def test_a_watched_symlink_pointed_elsewhere_is_followed(workspace: Workspace, s3: Any,
+                                                         tmp_path: Path, configured: str) -> None:
+    """`checkpoints -> runs/1`, then `runs/2` for the next run: the files of the directory
+    the watched path leads to now are the ones protected."""
+    runs = tmp_path / "runs"
+    (runs / "1").mkdir(parents=True)
+    (runs / "2").mkdir()
+    current = tmp_path / "current"
+    current.symlink_to(runs / "1", target_is_directory=True)
+    path = str(current) if configured == "absolute" else current.name  # from the config's
+    workspace.write_config(watch=[{"path": path, "prefix": "run1/"}])
+    daemon = workspace.start_daemon()
+    first = save_checkpoint(current / "step_1" / "model.pt", 1000)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket))
+    assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == first
+    repointed = tmp_path / "current.new"
+    repointed.symlink_to(runs / "2", target_is_directory=True)
+    repointed.replace(current)  # as `ln -sfn` does, atomically
+    second = save_checkpoint(current / "step_2" / "model.pt", 2000)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_2.json" in keys_in(s3, workspace.bucket))
+    assert object_bytes(s3, workspace.bucket, "run1/step_2/model.pt") == second
+    [back] = daemon.named("watch_dir_back")
+    assert back["path"] == str(current) and back["directory"] == str(runs / "2")
+    save_checkpoint(runs / "1" / "step_3" / "model.pt", 3000)  # no longer watched
+    third = save_checkpoint(current / "step_4" / "model.pt", 4000)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_4.json" in keys_in(s3, workspace.bucket))
+    assert object_bytes(s3, workspace.bucket, "run1/step_4/model.pt") == third
+    assert daemon.stop() == 0
+    uploaded = {key for key in keys_in(s3, workspace.bucket) if "/.spotwatch/" not in key}
+    assert uploaded == {f"run1/step_{n}/model.pt" for n in (1, 2, 4)}
+
+
+def test_a_watched_path_through_a_symlink_and_dot_dot_is_the_kernels_directory(
+        workspace: Workspace, s3: Any, tmp_path: Path) -> None:
+    """`link/../ckpt` is where the kernel goes (the parent of the link's target), not the
+    `ckpt` beside the link that cutting `link/..` off the text would name."""
+    (tmp_path / "disk" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "disk" / "sub", target_is_directory=True)
+    save_checkpoint(tmp_path / "disk" / "ckpt" / "step_1" / "model.pt", 100)
+    save_checkpoint(tmp_path / "ckpt" / "step_2" / "model.pt", 100)  # beside the link
+    workspace.write_config(watch=[{"path": str(tmp_path / "link" / ".." / "ckpt"),
+                                   "prefix": "run1/"}])
+    result = workspace.cli("flush", "-c", "config.yaml")
+    assert result.returncode == 0, result.stderr
+    uploaded = {key for key in keys_in(s3, workspace.bucket) if "/.spotwatch/" not in key}
+    assert uploaded == {"run1/step_1/model.pt"}
+
+
+def test_files_whose_events_the_kernel_dropped_are_uploaded_all_the_same(
+        workspace: Workspace, s3: Any) -> None:
+    """A burst of writes while the daemon gets no CPU overflows the kernel's inotify queue:
+    the events of the files written then are lost, and the files must be found anyway."""
+    queue_size = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    step = workspace.checkpoints / "step_1"
+    step.mkdir()  # watched from the start: its events queue up in the kernel
+    daemon = workspace.start_daemon()
+    os.kill(daemon.process.pid, signal.SIGSTOP)
+    try:
+        with (step / "a.log").open("w") as first, (step / "b.log").open("w") as second:
+            for _ in range(queue_size):  # alternating: the kernel merges no two events
+                for handle in (first, second):
+                    handle.write("x")
+                    handle.flush()
+        for n in range(20):
+            (step / f"shard_{n}.pt").write_bytes(os.urandom(100))
+    finally:
+        os.kill(daemon.process.pid, signal.SIGCONT)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket))
+    uploaded = {key for key in keys_in(s3, workspace.bucket) if "/.spotwatch/" not in key}
+    assert uploaded == {f"run1/step_1/{path.name}" for path in step.iterdir()}
+    assert len(uploaded) == 22
+    assert daemon.named("events_lost")
+    assert daemon.stop() == 0
+
+
 def test_symlinks_are_named_once_and_not_followed(workspace: Workspace, s3: Any,
                                                   tmp_path: Path) -> None:
     ckpt = workspace.checkpoints

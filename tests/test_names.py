@@ -261,3 +261,45 @@ def test_names_that_fill_name_max_are_restored(workspace: Workspace) -> None:
     assert sorted(os.listdir(target / "step_1")) == sorted(FULL_NAMES)
     for name, data in written.items():
         assert (target / "step_1" / name).read_bytes() == data
+
+
+def test_files_in_spotwatchs_own_key_space_are_named_once_not_uploaded(
+        workspace: Workspace, s3: Any) -> None:
+    """`.spotwatch/` below a watched directory is spotwatch's own key space: a user's files
+    there are never uploaded (they would overwrite manifests), and the log says so once."""
+    for relative in (b".spotwatch/notes.txt", b".spotwatch/manifests/step_9.json",
+                     b"step_1/model.pt"):
+        assert write_file(workspace.checkpoints, relative, b"data")
+    daemon = workspace.start_daemon()
+    assert write_file(workspace.checkpoints, b".spotwatch/live.pt", b"data")  # an event
+    assert write_file(workspace.checkpoints, b"step_2/model.pt", b"two")
+    wait_for(lambda: "run1/.spotwatch/manifests/step_2.json" in keys_in(s3, workspace.bucket))
+    assert daemon.stop() == 0
+    [skipped] = daemon.named("reserved_name_skipped")
+    assert skipped["path"] == str(workspace.checkpoints / ".spotwatch")
+    assert keys_in(s3, workspace.bucket) == {
+        "run1/step_1/model.pt", "run1/step_2/model.pt",
+        "run1/.spotwatch/manifests/step_1.json", "run1/.spotwatch/manifests/step_2.json"}
+
+
+def test_restore_prefix_names_a_watch_entry_with_or_without_its_slash(
+        workspace: Workspace, tmp_path: Path) -> None:
+    """Keys show `run1/...` whether the config says `run1` or `run1/`: --prefix takes both."""
+    other = tmp_path / "other"
+    workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/"},
+                                  {"path": str(other), "prefix": "run2"}])
+    assert write_file(workspace.checkpoints, b"step_1/model.pt", b"one")
+    assert write_file(other, b"step_2/model.pt", b"two")
+    assert workspace.cli("flush", "-c", "config.yaml").returncode == 0
+    for spelled, restored in (("run1/", "step_1"), ("run1", "step_1"),
+                              ("run2", "step_2"), ("run2/", "step_2")):
+        target = tmp_path / f"to-{spelled.replace('/', '_')}"
+        result = workspace.cli("restore", "-c", "config.yaml", "--prefix", spelled,
+                               "--to", str(target))
+        assert result.returncode == 0, result.stderr
+        assert (target / restored / "model.pt").exists()
+    for wrong in ("run", "run1//", "/run1/", "run3/"):
+        result = workspace.cli("restore", "-c", "config.yaml", "--prefix", wrong)
+        assert result.returncode == 2
+        assert result.stderr.strip() == (
+            f"spotwatch: error: no watched directory has prefix {wrong!r}")

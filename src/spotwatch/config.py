@@ -116,7 +116,9 @@ def _path(value: str, base: Path) -> Path:
         raise ValueError(_text_problem(value, "a path"))
     try:
         path = Path(value).expanduser()
-        return path if path.is_absolute() else (base / path).resolve()
+        # Made absolute, not resolved: a watched path that is a symlink is followed to
+        # wherever it leads at the time (sync.tracker).
+        return (base / path).absolute()
     except (OSError, RuntimeError) as exc:  # an unknown ~user, a symlink loop
         raise ValueError(f"is not a usable path: {_shown(value)} ({exc})") from None
 

@@ -28,7 +28,7 @@ from spotwatch.sync.sets.parts import JobNode
 from spotwatch.sync.sets.sealer import SetSealer
 from spotwatch.sync.subtree import files_at_or_below
 from spotwatch.sync.throughput import ThroughputMeter
-from spotwatch.sync.tracker import ChangeTracker, walk_files
+from spotwatch.sync.tracker import ChangeTracker, events_were_lost, walk_files
 from spotwatch.sync.uploaded import UploadedThisRun
 from spotwatch.sync.uploader import Uploader
 
@@ -105,22 +105,36 @@ class SyncEngine:
             _set_ref(tracker, name) for tracker in self.trackers
             for name in self.ledger.unsettled_sets(self.bucket,
                                                    object_key(tracker.watch.prefix, "")))
+        return sum(self._scan(tracker, quiet_seconds) for tracker in self.trackers)
+
+    def _scan(self, tracker: ChangeTracker, quiet_seconds: float) -> int:
         queued = 0
         now_ns = self._wall_clock_ns()
         newest_allowed = now_ns - int(quiet_seconds * 1e9)
-        for tracker in self.trackers:
-            for path, stat in walk_files(tracker.root, partial(self._skip, tracker),
-                                         tracker.note_unreadable):
-                relative = tracker.relative(path)
-                if relative is None:
-                    continue
-                if stat.st_mtime_ns > newest_allowed:  # may still be being written
-                    tracker.mark_quiet_for(path, (now_ns - stat.st_mtime_ns) / 1e9)
-                elif self._queue_if_changed(tracker, path, relative, stat):
-                    queued += 1
+        for path, stat in walk_files(tracker.root, partial(self._skip, tracker),
+                                     tracker.note_unreadable):
+            relative = tracker.relative(path)
+            if relative is None:
+                continue
+            if stat.st_mtime_ns > newest_allowed:  # may still be being written
+                tracker.mark_quiet_for(path, (now_ns - stat.st_mtime_ns) / 1e9)
+            elif self._queue_if_changed(tracker, path, relative, stat):
+                queued += 1
         return queued
 
+    def _rescan_if_events_lost(self) -> None:
+        """Invariant: files whose events the kernel dropped (its inotify queue overflowed
+        under a burst of writes) are found all the same: every watched directory is scanned
+        again, as at a start."""
+        if not events_were_lost():
+            return
+        log.warning("events_lost", detail="the kernel dropped file events (inotify queue "
+                    "overflow): scanning the watched directories again")
+        queued = sum(self._scan(tracker, tracker.quiet_seconds) for tracker in self.trackers)
+        log.info("rescan_done", pending=queued, unsettled=self.unsettled())
+
     def collect_settled(self) -> None:
+        self._rescan_if_events_lost()
         for tracker in self.trackers:
             tracker.keep_watching()
             removed = tracker.take_removed()

@@ -33,7 +33,7 @@ from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
 from spotwatch.checksums import ChecksumUnavailable
 from spotwatch.collector import exempt_long_lived_objects
-from spotwatch.config import Config, JobSettings, WatchDir
+from spotwatch.config import Config, JobSettings, WatchDir, key_space
 from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.keys import RESTORE_TEMP_SUFFIX, object_key, series_of
 from spotwatch.model import FileVersion
@@ -101,7 +101,8 @@ class _Targets:
 def _choose_watch(config: Config, prefix: str | None) -> WatchDir:
     if prefix is not None:
         for watch in config.watch:
-            if watch.prefix == prefix:
+            # 'run1' and 'run1/' write the same keys: either names the entry.
+            if key_space(watch.prefix) == key_space(prefix):
                 return watch
         raise ConfigError(f"no watched directory has prefix {prefix!r}")
     if len(config.watch) > 1:

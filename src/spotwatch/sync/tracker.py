@@ -8,6 +8,7 @@ after ``quiet_seconds`` of no events at all.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat as stat_module
 import threading
@@ -32,7 +33,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from spotwatch.config import WatchDir
-from spotwatch.keys import is_reserved, is_restore_temporary
+from spotwatch.keys import RESERVED_SET, is_reserved, is_restore_temporary
 from spotwatch.logs import printable_path
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.subtree import Folders, prefix_below
@@ -53,6 +54,45 @@ UNREADABLE_RECHECK_SECONDS = 1.0
 _READY_NOW = float("-inf")
 
 
+class _EventsLost(logging.Filter):
+    """Notes watchdog's report that the kernel's inotify queue overflowed. watchdog (7.1 and
+    later; earlier ones dropped the report unsaid) then watches again but says only in this
+    log record that events were lost, so the files they were about would wait, unseen, for
+    the next start."""
+
+    LOGGER = "watchdog.observers.inotify_c"
+    MESSAGE = "Inotify queue overflowed"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen = threading.Event()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(self.MESSAGE):
+            self._seen.set()
+        return True
+
+    def install(self) -> None:
+        logger = logging.getLogger(self.LOGGER)
+        if self not in logger.filters:
+            logger.addFilter(self)
+            # Made and seen at any log level (a filter runs only for records made).
+            logger.setLevel(logging.WARNING)
+
+    def take(self) -> bool:
+        seen = self._seen.is_set()
+        self._seen.clear()
+        return seen
+
+
+_events_lost = _EventsLost()
+
+
+def events_were_lost() -> bool:
+    """Whether file events were lost (inotify queue overflow) since the last call."""
+    return _events_lost.take()
+
+
 @dataclass
 class _Candidate:
     last_event: float
@@ -61,16 +101,20 @@ class _Candidate:
 
 @dataclass(frozen=True)
 class _Watched:
-    """The watch on a root, and which directory (st_dev, st_ino) it was put on."""
+    """The watch on a root, and which directory (st_dev, st_ino) it was put on, at which
+    path (the root's, or where the root's symlink led then)."""
 
     watch: ObservedWatch
     directory: tuple[int, int] | None
+    target: str
+    target_prefix: str
 
 
-def _directory_identity(path: Path) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the directory at path; None when there is none."""
+def _directory_identity(path: Path, follow_symlinks: bool = False) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the directory at path (or, following symlinks, the one it leads
+    to); None when there is none."""
     try:
-        stat = os.stat(path, follow_symlinks=False)
+        stat = os.stat(path, follow_symlinks=follow_symlinks)
     except OSError:
         return None
     return (stat.st_dev, stat.st_ino) if stat_module.S_ISDIR(stat.st_mode) else None
@@ -134,7 +178,10 @@ class ChangeTracker(FileSystemEventHandler):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.watch = watch
-        self.root = watch.path.resolve()
+        # The path as configured, not resolved: a watched path that is a symlink
+        # (checkpoints -> runs/7/checkpoints) is followed to wherever it leads now.
+        # ('..' is kept for the kernel to follow, not cut off with the component before it.)
+        self.root = watch.path.absolute()
         self._root_prefix = prefix_below(self.root)
         self.filter = PathFilter.for_watch(watch)
         self._settle = settle_seconds
@@ -154,29 +201,50 @@ class ChangeTracker(FileSystemEventHandler):
         self._unreadable: dict[Path, str] = {}
         self._late_watches: dict[Path, ObservedWatch] = {}
         self._unreadable_checked_at = float("-inf")
+        self._reserved_reported = False  # reserved_name_skipped logged
+
+    @property
+    def quiet_seconds(self) -> float:
+        return self._quiet
 
     def watch_with(self, observer: BaseObserver) -> None:
+        _events_lost.install()
         self._observer = observer
         self._watch_root(observer)
 
     def _watch_root(self, observer: BaseObserver) -> None:
-        directory = _directory_identity(self.root)
-        watch = observer.schedule(self, str(self.root), recursive=True,
+        # watchdog follows no symlink (nor should it below the root): it watches the
+        # directory the root leads to, and on_any_event names its files by the root.
+        target = self.root.resolve()
+        directory = _directory_identity(target)  # resolved already
+        watch = observer.schedule(self, str(target), recursive=True,
                                   event_filter=_WATCHED_EVENTS)
-        self._watched = _Watched(watch, directory)
+        self._watched = _Watched(watch, directory, str(target), prefix_below(target))
+
+    def _below_root(self, event_path: bytes | str) -> Path:
+        """An event's path named below the root as configured rather than below the
+        directory it led to when the watch was put on."""
+        path = os.fsdecode(event_path)
+        watched = self._watched
+        if watched is not None and path.startswith(watched.target_prefix):
+            return Path(self._root_prefix + path[len(watched.target_prefix):])
+        if watched is not None and path == watched.target:
+            return self.root
+        return Path(path)
 
     def keep_watching(self) -> None:
         """Invariant: a watched directory deleted and made again, or moved away and replaced,
-        is watched again as soon as it is back (inotify watches the directory, not its path:
-        its watch ends with it, or follows it elsewhere). The files found in it then wait for
-        a close or the quiet interval, as files of any directory watched late do."""
+        or a watched symlink pointed at another directory, is watched again as soon as it is
+        back (inotify watches the directory, not its path: its watch ends with it, or
+        follows it elsewhere). The files found in it then wait for a close or the quiet
+        interval, as files of any directory watched late do."""
         observer = self._observer
         if observer is None:
             return
         self._recheck_unreadable(observer)
         if not self._watch_lost(observer):
             return
-        if _directory_identity(self.root) is None:
+        if _directory_identity(self.root, follow_symlinks=True) is None:
             if not self._missing_reported:
                 self._missing_reported = True
                 log.warning("watch_dir_missing", path=printable_path(self.root),
@@ -191,7 +259,8 @@ class ChangeTracker(FileSystemEventHandler):
         except OSError:  # gone again: tried again on the next call
             return
         self._missing_reported = False
-        log.info("watch_dir_back", path=printable_path(self.root))
+        log.info("watch_dir_back", path=printable_path(self.root),
+                 directory=printable_path(self.root.resolve()))
         self._drop_late_watches(observer, self.root)  # the new root watch covers them
         for path, _ in walk_files(self.root, on_unreadable=self.note_unreadable):
             self.mark(path, closed=False)
@@ -265,7 +334,7 @@ class ChangeTracker(FileSystemEventHandler):
             return True
         ended = any(emitter.watch == watched.watch and emitter.stopped_event.is_set()
                     for emitter in observer.emitters)
-        return ended or _directory_identity(self.root) != watched.directory
+        return ended or _directory_identity(self.root, follow_symlinks=True) != watched.directory
 
     def relative(self, path: Path) -> str | None:
         """The path relative to the watched root, or None when outside it, filtered out, in
@@ -274,18 +343,30 @@ class ChangeTracker(FileSystemEventHandler):
         if not text.startswith(self._root_prefix):
             return None
         rel = text[len(self._root_prefix):]
-        if not rel or is_reserved(rel) or is_restore_temporary(rel):
+        if not rel or is_restore_temporary(rel) or not self.filter.accepts(rel):
             return None
-        return rel if self.filter.accepts(rel) else None
+        if is_reserved(rel):
+            self._report_reserved()
+            return None
+        return rel
+
+    def _report_reserved(self) -> None:
+        """What lies in spotwatch's own key space below the root is never uploaded; said
+        once, so that a user's own files there are not left out unseen."""
+        if not self._reserved_reported:
+            self._reserved_reported = True
+            log.warning("reserved_name_skipped", path=printable_path(self.root / RESERVED_SET),
+                        detail="spotwatch's own key space (manifests): never uploaded; "
+                               "rename it to have it uploaded")
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         kind = event.event_type
-        src = Path(os.fsdecode(event.src_path))
+        src = self._below_root(event.src_path)
         if kind == "moved":
             self._forget(src)
             # A rename is how writers publish a finished file (or a whole step_N/ directory):
             # it is ready now, with no settle interval to wait out.
-            dest = Path(os.fsdecode(event.dest_path))
+            dest = self._below_root(event.dest_path)
             self._mark_tree(dest) if event.is_directory else self.mark(dest, closed=True,
                                                                        at=_READY_NOW)
         elif kind == "deleted":
