@@ -210,6 +210,25 @@ def test_a_directory_where_a_file_goes_stops_restore_before_anything_lands(
     assert (target / "step_2" / "optim.pt" / "notes.txt").read_text() == "mine"
 
 
+def test_a_file_where_a_folder_goes_stops_restore_before_anything_lands(
+        workspace: Workspace) -> None:
+    for name in ("model.pt", "optim/state.pt"):
+        path = workspace.checkpoints / "step_1" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(name.encode())
+    assert workspace.cli("flush", "-c", "config.yaml").returncode == 0
+    target = workspace.root / "restored"
+    (target / "step_1").mkdir(parents=True)
+    (target / "step_1" / "optim").write_text("the user's file")  # where the set has a folder
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"spotwatch: error: cannot restore 'step_1/optim/state.pt': {target}/step_1/optim is a "
+        f"file, not a directory")
+    assert restored_files(target) == {"step_1/optim"}
+    assert (target / "step_1" / "optim").read_text() == "the user's file"
+
+
 def test_restore_to_an_empty_path_is_a_usage_error_not_the_current_directory(
         workspace: Workspace) -> None:
     make_sets(workspace)

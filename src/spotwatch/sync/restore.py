@@ -78,6 +78,7 @@ class _Targets:
         if folder is None:
             folder = self._folders[relative.parent] = self._resolved(
                 self._root / relative.parent, entry, folder=True)
+            self._refuse_file_in_the_way(folder, entry)
         target = folder / relative.name
         if target.is_symlink():
             target = self._resolved(target, entry, folder=False)
@@ -86,6 +87,18 @@ class _Targets:
             raise SpotwatchError(f"manifest paths {other!r} and {entry.path!r} lead to the same "
                                  f"file {target}")
         return target
+
+    def _refuse_file_in_the_way(self, folder: Path, entry: ManifestEntry) -> None:
+        """A file where the set has a folder is refused before any download, as a folder
+        where it has a file is (see _already_there): restore replaces neither."""
+        for path in (folder, *folder.parents):
+            if os.path.lexists(path):
+                if not path.is_dir():
+                    raise SpotwatchError(f"cannot restore {entry.path!r}: {path} is a file, "
+                                         f"not a directory")
+                return
+            if path == self._root:  # made by the restore (its own parents checked already)
+                return
 
     def _resolved(self, path: Path, entry: ManifestEntry, folder: bool) -> Path:
         """The path resolved, if it stays below the destination (a folder: or is it)."""
