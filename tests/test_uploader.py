@@ -20,7 +20,7 @@ from spotwatch.config import MiB, TransferSettings
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.uploader import Uploader
 
-from .conftest import REGION, object_bytes
+from .conftest import REGION, object_bytes, wait_for
 
 SMALL_PARTS = TransferSettings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
 _client = "classic"  # the transfer client of the test running (see transfer_client)
@@ -181,3 +181,27 @@ def test_part_sizes_up_to_s3s_limit_upload_at_any_target_throughput(
     [result] = upload(bucket, settings, job_for(path, "model.pt"))
     assert result.outcome is Outcome.DONE, result
     assert object_bytes(s3, bucket, "model.pt") == path.read_bytes()
+
+
+def test_a_path_counts_as_uploading_until_its_result_is_delivered(bucket: str,
+                                                                   tmp_path: Path) -> None:
+    """The engine must handle an upload's result before starting the next upload of the
+    path (their multipart ledger notes would otherwise come in the wrong order)."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(os.urandom(1000))
+    settings = msgspec.structs.replace(TransferSettings(), client=_client)
+    store = make_store(make_s3_client(REGION, settings), bucket, settings)
+    seen: queue.Queue[bool] = queue.Queue()
+    uploader: Uploader
+
+    def delivered(result: UploadResult) -> None:
+        seen.put(uploader.is_uploading(path))
+
+    uploader = Uploader(store, delivered)
+    try:
+        uploader.submit(job_for(path, "run/model.pt"))
+        assert seen.get(timeout=60) is True
+        wait_for(lambda: not uploader.is_uploading(path))
+        assert uploader.in_flight() == 0
+    finally:
+        uploader.shutdown()

@@ -105,9 +105,15 @@ class Uploader:
         if self.uses_multipart(job.snapshot.size):
             result = replace(result, multipart_leftovers=not self._abort_leftovers(job.key,
                                                                                    upload))
-        with self._lock:
-            self._uploads.pop(job.path, None)
+        # Invariant: the engine handles an upload's result before it can start the next
+        # upload of the same path, so their ledger notes keep their order (a multipart
+        # upload's note that it is finished never removes the next one's that it started,
+        # which a restart needs to abort what a kill -9 left open). So the path counts as
+        # uploading until the result is on its way, and only this upload's entry goes.
         self._on_result(result)
+        with self._lock:
+            if self._uploads.get(job.path) is upload:
+                del self._uploads[job.path]
 
     def _check(self, job: UploadJob, upload: PendingUpload, started: float) -> UploadResult:
         def result(outcome: Outcome, **extra: Any) -> UploadResult:
