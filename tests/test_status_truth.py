@@ -54,6 +54,28 @@ def test_a_set_waiting_for_its_manifest_shows_in_status_and_metrics(
     assert scrape(metrics_url(daemon))[("spotwatch_unsealed_sets", ())] == 1
 
 
+def test_a_set_whose_prefix_s3_refuses_is_reported_incomplete_while_others_go_on(
+        workspace: Workspace, s3: Any, proxy: FaultProxy) -> None:  # noqa: F811
+    """A bucket policy denies writes under step_2/ only: not one file of that set gets
+    through, yet status, status.json and the metrics must name it, as for a set with one file
+    failing among others, while the other sets keep uploading."""
+    proxy.add("403", lambda r: r.method in ("PUT", "POST") and "/step_2/" in r.path,
+              times=10**6)
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    checkpoint_data(workspace.checkpoints / "step_2" / "model.pt", 4_000)
+    daemon.wait_for_event("upload_failed")
+    good = checkpoint_data(workspace.checkpoints / "step_3" / "model.pt", 5_000)
+    wait_for(lambda: workspace.status().get("incomplete_sets") == ["run1/step_2"])
+    assert object_bytes(s3, workspace.bucket, "run1/step_3/model.pt") == good
+    incomplete = daemon.wait_for_event("set_incomplete")
+    assert incomplete["set"] == "run1/step_2" and incomplete["missing"] == ["step_2/model.pt"]
+
+    shown = workspace.cli("status", "-c", str(workspace.config_file))
+    assert "1 sets without a manifest" in shown.stdout and "run1/step_2" in shown.stdout
+    assert scrape(metrics_url(daemon))[("spotwatch_incomplete_sets", ())] == 1
+    assert daemon.stop() == 1
+
+
 def test_a_stop_cut_short_leaves_no_flush_reported_running(
         workspace: Workspace, proxy: FaultProxy) -> None:  # noqa: F811
     """status.json outlives the daemon: its last word must not be "flushing"."""

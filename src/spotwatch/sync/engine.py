@@ -424,6 +424,10 @@ class SyncEngine:
         else:
             self.totals.failures += 1
             delay = self.retries.failed(job.path, item, permanent=result.permanent)
+            # Invariant: a set with a file that failed is never out of sight, even when no
+            # file of it got through: unsealed while the file may still, incomplete (log,
+            # status, metric) once it is failing.
+            self.sealer.mark_dirty(item.set_ref)
             log.warning("upload_failed", **fields, error=result.error,
                         attempts=self.retries.failures(job.path),
                         failing=self.retries.is_failing(job.path), retry_in=round(delay, 1))
