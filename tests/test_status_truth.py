@@ -128,6 +128,24 @@ def start_one_shot_flush(workspace: Workspace,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def test_flush_through_a_stalled_daemon_gives_up_instead_of_waiting_forever(
+        workspace: Workspace) -> None:
+    """`spotwatch flush` asks the daemon and waits for its record: from a daemon that stopped
+    reporting (here SIGSTOP), none ever comes. It must end, exit 1 and say why."""
+    daemon = workspace.start_daemon()
+    wait_for(lambda: workspace.status().get("pid") == daemon.process.pid)
+    os.kill(daemon.process.pid, signal.SIGSTOP)
+    try:
+        result = workspace.cli("flush", "-c", str(workspace.config_file),
+                               timeout=HEALTHY_WITHIN_SECONDS + 30)
+    finally:
+        os.kill(daemon.process.pid, signal.SIGCONT)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"spotwatch: error: the daemon (pid {daemon.process.pid}) has not reported for "
+        f"{HEALTHY_WITHIN_SECONDS:.0f}s (stalled): its flush cannot be waited for"]
+
+
 def test_a_one_shot_flush_is_no_running_daemon(workspace: Workspace,
                                                proxy: FaultProxy) -> None:  # noqa: F811
     """`spotwatch flush` with no daemon holds the state lock and writes status.json while it

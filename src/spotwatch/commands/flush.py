@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from spotwatch.commands import load
+from spotwatch.commands.status import HEALTHY_WITHIN_SECONDS, stalled
 from spotwatch.daemon.loop import Daemon
 from spotwatch.errors import SpotwatchError
 from spotwatch.model import Outcome, UploadResult
@@ -117,3 +118,15 @@ def request_daemon_flush(state: StateDir) -> dict[str, Any] | None:
         shown = peak - outstanding
         if StateLock(state).holder() is None:
             raise SpotwatchError(f"the daemon (pid {pid}) stopped before its flush finished")
+        _give_up_if_stalled(status, pid)
+
+
+def _give_up_if_stalled(status: dict[str, Any], pid: int) -> None:
+    """Invariant: a flush waits for a daemon only while it reports. One that reported and
+    then went silent (stuck, stopped, or unable to write its state directory) would be waited
+    for forever; `spotwatch status` calls it stalled, and so does this, with exit 1. A daemon
+    still starting has not reported yet and is waited for."""
+    if status.get("pid") == pid and stalled(status):
+        raise SpotwatchError(f"the daemon (pid {pid}) has not reported for "
+                             f"{HEALTHY_WITHIN_SECONDS:.0f}s (stalled): its flush cannot be "
+                             f"waited for")

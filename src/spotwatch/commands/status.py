@@ -60,10 +60,11 @@ def is_healthy(report: dict[str, Any]) -> bool:
     daemon = report.get("daemon")
     if not report.get("daemon_pid") or not daemon or daemon.get("degraded"):
         return False
-    return not _stalled(daemon)
+    return not stalled(daemon)
 
 
-def _stalled(daemon: dict[str, Any]) -> bool:
+def stalled(daemon: dict[str, Any]) -> bool:
+    """The daemon holding the lock has not rewritten its status for too long."""
     return time.time() - float(daemon.get("updated_at", 0)) >= HEALTHY_WITHIN_SECONDS
 
 
@@ -88,7 +89,7 @@ def _from_peer(notice: dict[str, Any]) -> str:
 
 
 def _health(daemon: dict[str, Any]) -> str:
-    if _stalled(daemon):
+    if stalled(daemon):
         return f"stalled: no report since {_ago(float(daemon.get('updated_at', 0)))}"
     degraded = daemon.get("degraded")
     return "degraded: " + "; ".join(degraded) if degraded else "ok"
