@@ -526,6 +526,22 @@ def test_flush_reports_a_failing_file_without_waiting_for_it(workspace: Workspac
     assert object_bytes(s3, workspace.bucket, "run1/ok.pt") == readable
 
 
+def test_a_one_shot_flush_that_s3_refuses_a_file_says_so_on_stderr(
+        workspace: Workspace, s3: Any, proxy: FaultProxy) -> None:
+    """Exit 1 always comes with one line saying why, as it does when the daemon flushed; the
+    other file still goes."""
+    proxy.add("403", lambda r: r.method == "PUT" and r.path.endswith("/run1/denied.pt"),
+              times=10**6)
+    denied = workspace.checkpoints / "denied.pt"
+    checkpoint_data(denied, 3_000)
+    kept = checkpoint_data(workspace.checkpoints / "kept.pt", 4_000)
+    result = workspace.cli("flush", "-c", str(workspace.config_file), AWS_ENDPOINT_URL=proxy.url)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"spotwatch: error: the flush left 1 failing files: {denied}")
+    assert object_bytes(s3, workspace.bucket, "run1/kept.pt") == kept
+
+
 def test_flush_through_the_daemon_reports_a_failing_file(workspace: Workspace, s3: Any) -> None:
     if os.geteuid() == 0:
         workspace.launcher = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search")
