@@ -16,7 +16,11 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
+from botocore.exceptions import ClientError
+from hypothesis import given
+from hypothesis import strategies as st
 
+from spotwatch.aws.store import store_error
 from spotwatch.emulator import Fault, ImdsEmulator
 from tests.conftest import Daemon, Workspace, keys_in, object_bytes, wait_for
 from tests.faultproxy import FaultProxy, Request
@@ -540,6 +544,56 @@ def test_a_one_shot_flush_that_s3_refuses_a_file_says_so_on_stderr(
     assert result.stderr.strip().splitlines()[-1] == (
         f"spotwatch: error: the flush left 1 failing files: {denied}")
     assert object_bytes(s3, workspace.bucket, "run1/kept.pt") == kept
+
+
+@pytest.mark.parametrize(("status", "code", "permanent"), [
+    (400, "RequestTimeout", False), (400, "IncompleteBody", False), (400, "ExpiredToken", False),
+    (403, "RequestTimeTooSkewed", False), (503, "SlowDown", False), (429, "Anything", False),
+    (403, "AccessDenied", True), (400, "KMS.NotFoundException", True),
+    (400, "InvalidArgument", True), (404, "NoSuchBucket", True),
+])
+def test_only_a_refusal_is_permanent(status: int, code: str, permanent: bool) -> None:
+    error = ClientError({"Error": {"Code": code, "Message": "m"},
+                         "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+    assert store_error(error).permanent is permanent
+
+
+@given(status=st.integers(400, 599), code=st.text(max_size=30))
+def test_a_server_error_is_never_permanent_and_a_timeout_code_never_is(status: int,
+                                                                       code: str) -> None:
+    def permanent(error_code: str) -> bool:
+        return store_error(ClientError({"Error": {"Code": error_code},
+                                        "ResponseMetadata": {"HTTPStatusCode": status}},
+                                       "PutObject")).permanent
+
+    if status >= 500:
+        assert not permanent(code)
+    assert not permanent("RequestTimeout") and not permanent("SlowDown")
+
+
+def test_a_flush_retries_a_file_s3_timed_out_instead_of_calling_it_failing(
+        workspace: Workspace, s3: Any, proxy: FaultProxy) -> None:
+    """S3 answers a slow upload with 400 RequestTimeout: a timeout, not a refusal. The flush
+    must try the file again, as after any transient failure, not give it up at once."""
+    # The classic client: the CRT reports S3's timeout as its own error, transient already.
+    workspace.write_config(transfer={"max_attempts": 1, "client": "classic"})
+    timing_out = proxy.add("400", lambda r: r.method == "PUT" and r.path.endswith("/slow.pt"),
+                           times=10**6)
+    data = checkpoint_data(workspace.checkpoints / "slow.pt", 3_000)
+    log_path = workspace.root / "flush.log"
+    with log_path.open("w") as log_file:
+        flush = subprocess.Popen(
+            [sys.executable, "-m", "spotwatch.cli", "flush", "-c", str(workspace.config_file)],
+            cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=proxy.url),
+            stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: '"upload_failed"' in log_path.read_text())
+            timing_out.times = 0  # S3 answers in time again
+            assert flush.wait(timeout=60) == 0, log_path.read_text()
+        finally:
+            if flush.poll() is None:
+                flush.kill()
+    assert object_bytes(s3, workspace.bucket, "run1/slow.pt") == data
 
 
 def test_flush_through_the_daemon_reports_a_failing_file(workspace: Workspace, s3: Any) -> None:
