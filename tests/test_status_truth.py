@@ -8,9 +8,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from spotwatch.commands.status import HEALTHY_WITHIN_SECONDS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spotwatch.commands.status import HEALTHY_WITHIN_SECONDS, gather_status, render_status
+from spotwatch.config import load_config
+from spotwatch.state import StateDir, StateLock
 from tests.conftest import Daemon, Workspace, object_bytes, wait_for
 from tests.faultproxy import FaultProxy
 from tests.test_faults import (  # noqa: F401  (the proxy fixture)
@@ -109,6 +118,70 @@ def test_a_stalled_daemon_is_stalled_in_every_status_output(workspace: Workspace
     finally:
         os.kill(daemon.process.pid, signal.SIGCONT)
     assert daemon.stop() == 0
+
+
+def a_daemons_report(pid: int) -> dict[str, Any]:
+    """status.json as a running daemon writes it."""
+    return {"pid": pid, "role": "run", "updated_at": time.time(), "pending_files": 2,
+            "pending_bytes": 10, "uploading": 1, "unsettled_files": 0, "retrying_files": 1,
+            "failing_files": 0, "degraded": [], "metrics_url": "http://127.0.0.1:9464",
+            "last_notice": {"kind": "spot", "detected_at": "2026-01-01T00:00:00+00:00",
+                            "deadline": "2026-01-01T00:02:00+00:00"},
+            "last_flush": {"files": 1, "bytes": 5, "seconds": 0.5, "reason": "spot"},
+            "incomplete_sets": ["run1/step_1"], "unsealed_sets": []}
+
+
+@contextmanager
+def holding_the_state_lock(state: Path) -> Iterator[int]:
+    """This process holds the state directory, as a daemon of another version would."""
+    state.mkdir(parents=True, exist_ok=True)
+    lock = StateLock(StateDir(state))
+    lock.acquire()
+    try:
+        yield os.getpid()
+    finally:
+        lock.release()
+
+
+def test_a_status_json_of_another_version_is_said_to_be_unreadable(
+        workspace: Workspace) -> None:
+    """A daemon of another spotwatch version holds the state directory and writes a
+    status.json whose fields this version does not know: no traceback, not healthy."""
+    config = str(workspace.config_file)
+    state = workspace.root / "state"
+    with holding_the_state_lock(state) as pid:
+        newer = {"pid": pid, "updated_at": time.time(), "format": 2,
+                 "pending": {"files": 1, "bytes": 10}}
+        (state / "status.json").write_text(json.dumps(newer))
+        shown = workspace.cli("status", "-c", config)
+        assert shown.returncode == 0 and shown.stderr == ""
+        assert (f"daemon:       running (pid {pid}), but its status.json is not one this "
+                f"version reads") in shown.stdout
+        report = json.loads(workspace.cli("status", "--json", "-c", config).stdout)
+        assert report["daemon_report_unreadable"] is True and report["healthy"] is False
+        assert workspace.cli("status", "--healthy", "-c", config).returncode == 1
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(sorted(a_daemons_report(0))), value=st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=3), max_leaves=6))
+def test_status_reads_any_status_json_without_a_traceback(tmp_path: Path, field: str,
+                                                          value: Any) -> None:
+    state = tmp_path / "state"
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(json.dumps({"watch": [{"path": str(tmp_path / "ckpt")}],
+                                       "state": {"dir": str(state)}}))
+    config = load_config(config_file)
+    with holding_the_state_lock(state) as pid:
+        damaged = {**a_daemons_report(pid), field: value} if field != "pid" else None
+        (state / "status.json").write_text(json.dumps(damaged or a_daemons_report(pid)))
+        report = gather_status(config, "ckpt")
+        render_status(report)
+        json.dumps(report)
+        assert not (report["healthy"] and report["daemon_report_unreadable"])
 
 
 def status_says(workspace: Workspace) -> tuple[int, str, dict[str, Any]]:
