@@ -20,9 +20,12 @@ from botocore.exceptions import ClientError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spotwatch.aws.store import store_error
+from spotwatch.aws.crt_store import make_store
+from spotwatch.aws.s3 import make_s3_client
+from spotwatch.aws.store import StoreError, store_error
+from spotwatch.config import TransferSettings
 from spotwatch.emulator import Fault, ImdsEmulator
-from tests.conftest import Daemon, Workspace, keys_in, object_bytes, wait_for
+from tests.conftest import REGION, Daemon, Workspace, keys_in, object_bytes, wait_for
 from tests.faultproxy import FaultProxy, Request
 
 MiB = 2**20
@@ -594,6 +597,29 @@ def test_a_flush_retries_a_file_s3_timed_out_instead_of_calling_it_failing(
             if flush.poll() is None:
                 flush.kill()
     assert object_bytes(s3, workspace.bucket, "run1/slow.pt") == data
+
+
+@pytest.mark.parametrize("client", ["classic", "crt"])
+def test_a_request_gets_as_many_attempts_as_transfer_max_attempts_says(
+        tmp_path: Path, bucket: str, proxy: FaultProxy, client: str) -> None:
+    """`transfer.max_attempts` is attempts, retries included, on either transfer client (botocore
+    reads its own max_attempts as retries only)."""
+    settings = TransferSettings(max_attempts=3, client=client)  # type: ignore[arg-type]
+    failing = proxy.add("500", lambda r: r.method == "PUT", times=10**6)
+    path = tmp_path / "f.pt"
+    path.write_bytes(b"x" * 1000)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        store = make_store(make_s3_client(REGION, settings), bucket, settings)
+    try:
+        with pytest.raises(StoreError):
+            store.upload_file(path, "run1/f.pt", 1000).future.result(timeout=60)
+        assert failing.applied == 3
+        with pytest.raises(StoreError):
+            store.put_bytes("run1/m.json", b"{}", "application/json").result(timeout=60)
+        assert failing.applied == 6
+    finally:
+        store.close()
 
 
 def test_flush_through_the_daemon_reports_a_failing_file(workspace: Workspace, s3: Any) -> None:
