@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from spotwatch.commands.status import HEALTHY_WITHIN_SECONDS, gather_status, render_status
 from spotwatch.config import load_config
+from spotwatch.emulator import ImdsEmulator
 from spotwatch.state import StateDir, StateLock
 from tests.conftest import Daemon, Workspace, object_bytes, wait_for
 from tests.faultproxy import FaultProxy
@@ -83,6 +84,22 @@ def test_a_set_whose_prefix_s3_refuses_is_reported_incomplete_while_others_go_on
     assert "1 sets without a manifest" in shown.stdout and "run1/step_2" in shown.stdout
     assert scrape(metrics_url(daemon))[("spotwatch_incomplete_sets", ())] == 1
     assert daemon.stop() == 1
+
+
+def test_a_flush_asked_for_after_a_spot_notice_does_not_hide_the_notice(
+        workspace: Workspace, imds: ImdsEmulator) -> None:
+    """A trainer's exit script runs `spotwatch flush` after the spot notice: status must
+    still show the notice and its deadline, the instance is still being reclaimed."""
+    daemon = workspace.start_daemon()
+    imds.fire_spot_interruption(in_seconds=120)
+    daemon.wait_for_event("flush_done")
+    assert workspace.cli("flush", "-c", str(workspace.config_file)).returncode == 0
+    wait_for(lambda: (workspace.status().get("last_flush") or {}).get("reason")
+             == "manual-flush")
+    notice = workspace.status()["last_notice"]
+    assert notice["kind"] == "spot-interruption" and notice["deadline"] is not None
+    shown = workspace.cli("status", "-c", str(workspace.config_file)).stdout
+    assert "last notice:  spot-interruption at" in shown
 
 
 def test_a_stop_cut_short_leaves_no_flush_reported_running(
