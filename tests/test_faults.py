@@ -25,6 +25,8 @@ from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import StoreError, store_error
 from spotwatch.config import TransferSettings
 from spotwatch.emulator import Fault, ImdsEmulator
+from spotwatch.state import StateDir, StateLock
+from spotwatch.sync.ledger import Ledger
 from tests.conftest import REGION, Daemon, Workspace, keys_in, object_bytes, wait_for
 from tests.faultproxy import FaultProxy, Request
 
@@ -620,6 +622,38 @@ def test_a_request_gets_as_many_attempts_as_transfer_max_attempts_says(
         assert failing.applied == 6
     finally:
         store.close()
+
+
+def test_a_flush_asked_for_while_the_daemon_starts_is_made_and_does_not_kill_it(
+        workspace: Workspace, s3: Any, proxy: FaultProxy) -> None:
+    """S3 is slow while the daemon starts (its cleanup of open uploads waits on a listing):
+    the daemon holds the state lock already, so `spotwatch flush` signals it. The daemon
+    must take that as a request, not die of it (SIGUSR1's default action)."""
+    state = StateDir(workspace.root / "state")
+    state.ensure()
+    ledger = Ledger(state.ledger)  # a multipart upload an earlier run left open, to clean up
+    ledger.multipart_started(workspace.bucket, "run1/orphan.pt")
+    ledger.close()
+    proxy.add("delay", lambda r: r.query.get("prefix") == ["run1/orphan.pt"], delay=4)
+    data = checkpoint_data(workspace.checkpoints / "model.pt", 2_000)
+    log_path = workspace.root / "daemon.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spotwatch.cli", "run", "-c", str(workspace.config_file)],
+            cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=proxy.url),
+            stdout=log_file, stderr=subprocess.STDOUT)
+    daemon = Daemon(process, log_path)
+    try:
+        wait_for(lambda: StateLock(state).holder() == process.pid)
+        assert not daemon.named("daemon_started")  # still starting
+        flushed = workspace.cli("flush", "-c", str(workspace.config_file))
+        assert flushed.returncode == 0, flushed.stderr
+        assert process.poll() is None
+        assert object_bytes(s3, workspace.bucket, "run1/model.pt") == data
+        assert daemon.stop() == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def test_flush_through_the_daemon_reports_a_failing_file(workspace: Workspace, s3: Any) -> None:

@@ -107,6 +107,8 @@ class Daemon:
         """The daemon: upload continuously, flush on notices, final flush on SIGTERM."""
         self.bandwidth = limiter_for(self.config.sync.continuous_bandwidth)
         self.reporter.watch_bandwidth(self.bandwidth)
+        if handle_signals:
+            self._signals.install_flush_requests()
         with self._session(prune=True, throttle=self.bandwidth) as parts:
             engine = self._observe(parts)
             if parts.pruner is not None:
