@@ -551,6 +551,18 @@ def test_a_one_shot_flush_that_s3_refuses_a_file_says_so_on_stderr(
     assert object_bytes(s3, workspace.bucket, "run1/kept.pt") == kept
 
 
+def spawn_cli(workspace: Workspace, proxy: FaultProxy,
+              command: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """`spotwatch <command>` through the proxy, not waited for; its output goes to a file."""
+    log_path = workspace.root / f"{command}.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spotwatch.cli", command, "-c", str(workspace.config_file)],
+            cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=proxy.url),
+            stdout=log_file, stderr=subprocess.STDOUT)
+    return process, log_path
+
+
 @pytest.mark.parametrize(("status", "code", "permanent"), [
     (400, "RequestTimeout", False), (400, "IncompleteBody", False), (400, "ExpiredToken", False),
     (403, "RequestTimeTooSkewed", False), (503, "SlowDown", False), (429, "Anything", False),
@@ -585,19 +597,14 @@ def test_a_flush_retries_a_file_s3_timed_out_instead_of_calling_it_failing(
     timing_out = proxy.add("400", lambda r: r.method == "PUT" and r.path.endswith("/slow.pt"),
                            times=10**6)
     data = checkpoint_data(workspace.checkpoints / "slow.pt", 3_000)
-    log_path = workspace.root / "flush.log"
-    with log_path.open("w") as log_file:
-        flush = subprocess.Popen(
-            [sys.executable, "-m", "spotwatch.cli", "flush", "-c", str(workspace.config_file)],
-            cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=proxy.url),
-            stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            wait_for(lambda: '"upload_failed"' in log_path.read_text())
-            timing_out.times = 0  # S3 answers in time again
-            assert flush.wait(timeout=60) == 0, log_path.read_text()
-        finally:
-            if flush.poll() is None:
-                flush.kill()
+    flush, log_path = spawn_cli(workspace, proxy, "flush")
+    try:
+        wait_for(lambda: '"upload_failed"' in log_path.read_text())
+        timing_out.times = 0  # S3 answers in time again
+        assert flush.wait(timeout=60) == 0, log_path.read_text()
+    finally:
+        if flush.poll() is None:
+            flush.kill()
     assert object_bytes(s3, workspace.bucket, "run1/slow.pt") == data
 
 
@@ -636,12 +643,7 @@ def test_a_flush_asked_for_while_the_daemon_starts_is_made_and_does_not_kill_it(
     ledger.close()
     proxy.add("delay", lambda r: r.query.get("prefix") == ["run1/orphan.pt"], delay=4)
     data = checkpoint_data(workspace.checkpoints / "model.pt", 2_000)
-    log_path = workspace.root / "daemon.log"
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "spotwatch.cli", "run", "-c", str(workspace.config_file)],
-            cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=proxy.url),
-            stdout=log_file, stderr=subprocess.STDOUT)
+    process, log_path = spawn_cli(workspace, proxy, "run")
     daemon = Daemon(process, log_path)
     try:
         wait_for(lambda: StateLock(state).holder() == process.pid)
