@@ -1,10 +1,10 @@
 """An HTTP reverse proxy in front of the S3 server that injects faults by rule.
 
 Each request is matched against the rules in order; the first rule with faults left applies:
-an S3 error status (503 SlowDown, 500 InternalError, 403 AccessDenied), a connection reset
-before the request reaches S3 or after S3 handled it (the response is lost), a response body
-cut off halfway (then reset, or closed in good order: "short"), a response body with one byte
-flipped, or a delay.
+an S3 error status (503 SlowDown, 500 InternalError, 403 AccessDenied, 400 RequestTimeout), a
+connection reset before the request reaches S3 or after S3 handled it (the response is lost),
+a response body cut off halfway (then reset, or closed in good order: "short"), a response
+body with one byte flipped, or a delay.
 Everything else is forwarded untouched. The proxy records what it saw, so tests can check the
 faults happened.
 """
@@ -22,6 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 ERROR_BODIES = {
+    400: ("RequestTimeout", "Your socket connection to the server was not read from or written "
+          "to within the timeout period."),
     403: ("AccessDenied", "Access Denied"),
     503: ("SlowDown", "Please reduce your request rate."),
     500: ("InternalError", "We encountered an internal error. Please try again."),
@@ -50,8 +52,8 @@ class Request:
 
 @dataclass
 class Rule:
-    action: str  # "503", "500", "403", "reset", "reset-after", "truncate", "short", "corrupt",
-    # "delay"
+    action: str  # "503", "500", "403", "400", "reset", "reset-after", "truncate", "short",
+    # "corrupt", "delay"
     matches: Callable[[Request], bool]
     times: int = 1
     delay: float = 0.0
@@ -166,7 +168,7 @@ class _Handler(BaseHTTPRequestHandler):
         action = rule.action if rule else "forward"
         if rule is not None and rule.action == "delay":
             time.sleep(rule.delay)  # the fault being simulated: a slow answer
-        if action in ("503", "500", "403"):
+        if action in ("503", "500", "403", "400"):
             self.proxy.record(request, action)
             self._send_error(int(action))
             return

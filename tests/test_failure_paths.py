@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,8 +23,9 @@ from structlog.testing import capture_logs
 
 from spotwatch.config import WatchDir
 from spotwatch.keys import manifest_key
+from spotwatch.model import Outcome
 from spotwatch.sync.engine import SyncEngine
-from spotwatch.sync.ledger import Ledger
+from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.orphans import abort_orphaned_uploads
 from spotwatch.sync.planner import PendingFile
 from spotwatch.sync.restore import restore_newest
@@ -127,6 +129,64 @@ def test_a_file_failing_for_good_backs_off_stays_pending_and_blocks_its_manifest
         assert "run/step_1/bad.pt" not in store.objects
         assert manifest_key(PREFIX, "step_1") not in store.objects
         assert engine.pending_files() == 1 and engine.retries.is_failing(root / "step_1/bad.pt")
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(names=st.lists(st.sampled_from(["a.pt", "b.bin", "sub/c.pt", "sub/d/e.pt"]),
+                      min_size=1, max_size=4, unique=True),
+       failing=st.data(), permanent=st.booleans())
+def test_a_set_none_of_whose_files_got_through_is_unsealed_then_incomplete(
+        names: list[str], failing: st.DataObject, permanent: bool) -> None:
+    """Every file of the set fails (a bucket policy denying its prefix): no upload of it ever
+    succeeds, yet the set is reported, as is one with a file that got through."""
+    denied = failing.draw(st.lists(st.sampled_from(names), min_size=1, unique=True))
+    store = InMemoryObjectStore()
+    clock = FakeClock()
+    with tempfile.TemporaryDirectory() as temp:
+        root = Path(temp) / "ckpt"
+        for name in names:
+            write(root, f"step_7/{name}", name.encode())
+        for name in denied:
+            store.fail("upload_file", times=None, key=f"{PREFIX}step_7/{name}",
+                       permanent=permanent)
+        with engine_on(root, Path(temp), store, clock) as engine:
+            engine.reconcile(quiet_seconds=0)
+            pump_until(engine, lambda: engine.retries.failures(root / "step_7" / denied[0]) == 1,
+                       clock)
+            if not permanent:  # may still get through: waiting for its manifest
+                assert "run/step_7" in engine.sealer.unsealed()
+            pump_until(engine, lambda: "run/step_7" in engine.sealer.incomplete, clock,
+                       step=BACKOFF.cap / 8)
+            assert engine.sealer.incomplete["run/step_7"] == sorted(
+                f"step_7/{name}" for name in denied)
+            assert manifest_key(PREFIX, "step_7") not in store.objects
+
+
+def test_an_upload_the_ledger_could_not_record_is_a_failure_to_every_observer(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state disk is full when an upload ends: the file stays pending and is uploaded
+    again. The metrics and the flush's progress must hear a failure then one upload, as the
+    engine counts it, not two uploads and no failure."""
+    root = tmp_path / "ckpt"
+    write(root, "step_1/a.pt", b"a" * 10)
+    heard: list[Outcome] = []
+    with engine_on(root, tmp_path, store, clock) as engine:
+        engine.add_observer(lambda result: heard.append(result.outcome))
+        record = engine.ledger.record
+        full_once = iter([LedgerError("database or disk is full")])
+
+        def record_unless_full(*args: Any, **kwargs: Any) -> None:
+            for error in full_once:
+                raise error
+            record(*args, **kwargs)
+
+        monkeypatch.setattr(engine.ledger, "record", record_unless_full)
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, lambda: quiescent(engine), clock, step=BACKOFF.cap / 8)
+        assert heard == [Outcome.FAILED, Outcome.DONE]
+        assert (engine.totals.failures, engine.totals.files) == (1, 1)
 
 
 def test_a_manifest_write_that_fails_is_retried_then_succeeds(

@@ -16,9 +16,18 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
+from botocore.exceptions import ClientError
+from hypothesis import given
+from hypothesis import strategies as st
 
+from spotwatch.aws.crt_store import make_store
+from spotwatch.aws.s3 import make_s3_client
+from spotwatch.aws.store import StoreError, store_error
+from spotwatch.config import TransferSettings
 from spotwatch.emulator import Fault, ImdsEmulator
-from tests.conftest import Daemon, Workspace, keys_in, object_bytes, wait_for
+from spotwatch.state import StateDir, StateLock
+from spotwatch.sync.ledger import Ledger
+from tests.conftest import REGION, Daemon, Workspace, keys_in, object_bytes, wait_for
 from tests.faultproxy import FaultProxy, Request
 
 MiB = 2**20
@@ -524,6 +533,129 @@ def test_flush_reports_a_failing_file_without_waiting_for_it(workspace: Workspac
     # Given up after its first, permanent-looking failure: one attempt, no rounds of retries.
     assert len([e for e in events if e["event"] == "upload_failed"]) == 1
     assert object_bytes(s3, workspace.bucket, "run1/ok.pt") == readable
+
+
+def test_a_one_shot_flush_that_s3_refuses_a_file_says_so_on_stderr(
+        workspace: Workspace, s3: Any, proxy: FaultProxy) -> None:
+    """Exit 1 always comes with one line saying why, as it does when the daemon flushed; the
+    other file still goes."""
+    proxy.add("403", lambda r: r.method == "PUT" and r.path.endswith("/run1/denied.pt"),
+              times=10**6)
+    denied = workspace.checkpoints / "denied.pt"
+    checkpoint_data(denied, 3_000)
+    kept = checkpoint_data(workspace.checkpoints / "kept.pt", 4_000)
+    result = workspace.cli("flush", "-c", str(workspace.config_file), AWS_ENDPOINT_URL=proxy.url)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"spotwatch: error: the flush left 1 failing files: {denied}")
+    assert object_bytes(s3, workspace.bucket, "run1/kept.pt") == kept
+
+
+def spawn_cli(workspace: Workspace, proxy: FaultProxy,
+              command: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """`spotwatch <command>` through the proxy, not waited for; its output goes to a file."""
+    log_path = workspace.root / f"{command}.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spotwatch.cli", command, "-c", str(workspace.config_file)],
+            cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=proxy.url),
+            stdout=log_file, stderr=subprocess.STDOUT)
+    return process, log_path
+
+
+@pytest.mark.parametrize(("status", "code", "permanent"), [
+    (400, "RequestTimeout", False), (400, "IncompleteBody", False), (400, "ExpiredToken", False),
+    (403, "RequestTimeTooSkewed", False), (503, "SlowDown", False), (429, "Anything", False),
+    (403, "AccessDenied", True), (400, "KMS.NotFoundException", True),
+    (400, "InvalidArgument", True), (404, "NoSuchBucket", True),
+])
+def test_only_a_refusal_is_permanent(status: int, code: str, permanent: bool) -> None:
+    error = ClientError({"Error": {"Code": code, "Message": "m"},
+                         "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+    assert store_error(error).permanent is permanent
+
+
+@given(status=st.integers(400, 599), code=st.text(max_size=30))
+def test_a_server_error_is_never_permanent_and_a_timeout_code_never_is(status: int,
+                                                                       code: str) -> None:
+    def permanent(error_code: str) -> bool:
+        return store_error(ClientError({"Error": {"Code": error_code},
+                                        "ResponseMetadata": {"HTTPStatusCode": status}},
+                                       "PutObject")).permanent
+
+    if status >= 500:
+        assert not permanent(code)
+    assert not permanent("RequestTimeout") and not permanent("SlowDown")
+
+
+def test_a_flush_retries_a_file_s3_timed_out_instead_of_calling_it_failing(
+        workspace: Workspace, s3: Any, proxy: FaultProxy) -> None:
+    """S3 answers a slow upload with 400 RequestTimeout: a timeout, not a refusal. The flush
+    must try the file again, as after any transient failure, not give it up at once."""
+    # The classic client: the CRT reports S3's timeout as its own error, transient already.
+    workspace.write_config(transfer={"max_attempts": 1, "client": "classic"})
+    timing_out = proxy.add("400", lambda r: r.method == "PUT" and r.path.endswith("/slow.pt"),
+                           times=10**6)
+    data = checkpoint_data(workspace.checkpoints / "slow.pt", 3_000)
+    flush, log_path = spawn_cli(workspace, proxy, "flush")
+    try:
+        wait_for(lambda: '"upload_failed"' in log_path.read_text())
+        timing_out.times = 0  # S3 answers in time again
+        assert flush.wait(timeout=60) == 0, log_path.read_text()
+    finally:
+        if flush.poll() is None:
+            flush.kill()
+    assert object_bytes(s3, workspace.bucket, "run1/slow.pt") == data
+
+
+@pytest.mark.parametrize("client", ["classic", "crt"])
+def test_a_request_gets_as_many_attempts_as_transfer_max_attempts_says(
+        tmp_path: Path, bucket: str, proxy: FaultProxy, client: str) -> None:
+    """`transfer.max_attempts` is attempts, retries included, on either transfer client (botocore
+    reads its own max_attempts as retries only)."""
+    settings = TransferSettings(max_attempts=3, client=client)  # type: ignore[arg-type]
+    failing = proxy.add("500", lambda r: r.method == "PUT", times=10**6)
+    path = tmp_path / "f.pt"
+    path.write_bytes(b"x" * 1000)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        store = make_store(make_s3_client(REGION, settings), bucket, settings)
+    try:
+        with pytest.raises(StoreError):
+            store.upload_file(path, "run1/f.pt", 1000).future.result(timeout=60)
+        assert failing.applied == 3
+        with pytest.raises(StoreError):
+            store.put_bytes("run1/m.json", b"{}", "application/json").result(timeout=60)
+        assert failing.applied == 6
+    finally:
+        store.close()
+
+
+def test_a_flush_asked_for_while_the_daemon_starts_is_made_and_does_not_kill_it(
+        workspace: Workspace, s3: Any, proxy: FaultProxy) -> None:
+    """S3 is slow while the daemon starts (its cleanup of open uploads waits on a listing):
+    the daemon holds the state lock already, so `spotwatch flush` signals it. The daemon
+    must take that as a request, not die of it (SIGUSR1's default action)."""
+    state = StateDir(workspace.root / "state")
+    state.ensure()
+    ledger = Ledger(state.ledger)  # a multipart upload an earlier run left open, to clean up
+    ledger.multipart_started(workspace.bucket, "run1/orphan.pt")
+    ledger.close()
+    proxy.add("delay", lambda r: r.query.get("prefix") == ["run1/orphan.pt"], delay=4)
+    data = checkpoint_data(workspace.checkpoints / "model.pt", 2_000)
+    process, log_path = spawn_cli(workspace, proxy, "run")
+    daemon = Daemon(process, log_path)
+    try:
+        wait_for(lambda: StateLock(state).holder() == process.pid)
+        assert not daemon.named("daemon_started")  # still starting
+        flushed = workspace.cli("flush", "-c", str(workspace.config_file))
+        assert flushed.returncode == 0, flushed.stderr
+        assert process.poll() is None
+        assert object_bytes(s3, workspace.bucket, "run1/model.pt") == data
+        assert daemon.stop() == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def test_flush_through_the_daemon_reports_a_failing_file(workspace: Workspace, s3: Any) -> None:

@@ -8,9 +8,19 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from spotwatch.commands.status import HEALTHY_WITHIN_SECONDS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spotwatch.commands.status import HEALTHY_WITHIN_SECONDS, gather_status, render_status
+from spotwatch.config import load_config
+from spotwatch.emulator import ImdsEmulator
+from spotwatch.state import StateDir, StateLock
 from tests.conftest import Daemon, Workspace, object_bytes, wait_for
 from tests.faultproxy import FaultProxy
 from tests.test_faults import (  # noqa: F401  (the proxy fixture)
@@ -54,6 +64,44 @@ def test_a_set_waiting_for_its_manifest_shows_in_status_and_metrics(
     assert scrape(metrics_url(daemon))[("spotwatch_unsealed_sets", ())] == 1
 
 
+def test_a_set_whose_prefix_s3_refuses_is_reported_incomplete_while_others_go_on(
+        workspace: Workspace, s3: Any, proxy: FaultProxy) -> None:  # noqa: F811
+    """A bucket policy denies writes under step_2/ only: not one file of that set gets
+    through, yet status, status.json and the metrics must name it, as for a set with one file
+    failing among others, while the other sets keep uploading."""
+    proxy.add("403", lambda r: r.method in ("PUT", "POST") and "/step_2/" in r.path,
+              times=10**6)
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    checkpoint_data(workspace.checkpoints / "step_2" / "model.pt", 4_000)
+    daemon.wait_for_event("upload_failed")
+    good = checkpoint_data(workspace.checkpoints / "step_3" / "model.pt", 5_000)
+    wait_for(lambda: workspace.status().get("incomplete_sets") == ["run1/step_2"])
+    assert object_bytes(s3, workspace.bucket, "run1/step_3/model.pt") == good
+    incomplete = daemon.wait_for_event("set_incomplete")
+    assert incomplete["set"] == "run1/step_2" and incomplete["missing"] == ["step_2/model.pt"]
+
+    shown = workspace.cli("status", "-c", str(workspace.config_file))
+    assert "1 sets without a manifest" in shown.stdout and "run1/step_2" in shown.stdout
+    assert scrape(metrics_url(daemon))[("spotwatch_incomplete_sets", ())] == 1
+    assert daemon.stop() == 1
+
+
+def test_a_flush_asked_for_after_a_spot_notice_does_not_hide_the_notice(
+        workspace: Workspace, imds: ImdsEmulator) -> None:
+    """A trainer's exit script runs `spotwatch flush` after the spot notice: status must
+    still show the notice and its deadline, the instance is still being reclaimed."""
+    daemon = workspace.start_daemon()
+    imds.fire_spot_interruption(in_seconds=120)
+    daemon.wait_for_event("flush_done")
+    assert workspace.cli("flush", "-c", str(workspace.config_file)).returncode == 0
+    wait_for(lambda: (workspace.status().get("last_flush") or {}).get("reason")
+             == "manual-flush")
+    notice = workspace.status()["last_notice"]
+    assert notice["kind"] == "spot-interruption" and notice["deadline"] is not None
+    shown = workspace.cli("status", "-c", str(workspace.config_file)).stdout
+    assert "last notice:  spot-interruption at" in shown
+
+
 def test_a_stop_cut_short_leaves_no_flush_reported_running(
         workspace: Workspace, proxy: FaultProxy) -> None:  # noqa: F811
     """status.json outlives the daemon: its last word must not be "flushing"."""
@@ -89,6 +137,70 @@ def test_a_stalled_daemon_is_stalled_in_every_status_output(workspace: Workspace
     assert daemon.stop() == 0
 
 
+def a_daemons_report(pid: int) -> dict[str, Any]:
+    """status.json as a running daemon writes it."""
+    return {"pid": pid, "role": "run", "updated_at": time.time(), "pending_files": 2,
+            "pending_bytes": 10, "uploading": 1, "unsettled_files": 0, "retrying_files": 1,
+            "failing_files": 0, "degraded": [], "metrics_url": "http://127.0.0.1:9464",
+            "last_notice": {"kind": "spot", "detected_at": "2026-01-01T00:00:00+00:00",
+                            "deadline": "2026-01-01T00:02:00+00:00"},
+            "last_flush": {"files": 1, "bytes": 5, "seconds": 0.5, "reason": "spot"},
+            "incomplete_sets": ["run1/step_1"], "unsealed_sets": []}
+
+
+@contextmanager
+def holding_the_state_lock(state: Path) -> Iterator[int]:
+    """This process holds the state directory, as a daemon of another version would."""
+    state.mkdir(parents=True, exist_ok=True)
+    lock = StateLock(StateDir(state))
+    lock.acquire()
+    try:
+        yield os.getpid()
+    finally:
+        lock.release()
+
+
+def test_a_status_json_of_another_version_is_said_to_be_unreadable(
+        workspace: Workspace) -> None:
+    """A daemon of another spotwatch version holds the state directory and writes a
+    status.json whose fields this version does not know: no traceback, not healthy."""
+    config = str(workspace.config_file)
+    state = workspace.root / "state"
+    with holding_the_state_lock(state) as pid:
+        newer = {"pid": pid, "updated_at": time.time(), "format": 2,
+                 "pending": {"files": 1, "bytes": 10}}
+        (state / "status.json").write_text(json.dumps(newer))
+        shown = workspace.cli("status", "-c", config)
+        assert shown.returncode == 0 and shown.stderr == ""
+        assert (f"daemon:       running (pid {pid}), but its status.json is not one this "
+                f"version reads") in shown.stdout
+        report = json.loads(workspace.cli("status", "--json", "-c", config).stdout)
+        assert report["daemon_report_unreadable"] is True and report["healthy"] is False
+        assert workspace.cli("status", "--healthy", "-c", config).returncode == 1
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(sorted(a_daemons_report(0))), value=st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=3), max_leaves=6))
+def test_status_reads_any_status_json_without_a_traceback(tmp_path: Path, field: str,
+                                                          value: Any) -> None:
+    state = tmp_path / "state"
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(json.dumps({"watch": [{"path": str(tmp_path / "ckpt")}],
+                                       "state": {"dir": str(state)}}))
+    config = load_config(config_file)
+    with holding_the_state_lock(state) as pid:
+        damaged = {**a_daemons_report(pid), field: value} if field != "pid" else None
+        (state / "status.json").write_text(json.dumps(damaged or a_daemons_report(pid)))
+        report = gather_status(config, "ckpt")
+        render_status(report)
+        json.dumps(report)
+        assert not (report["healthy"] and report["daemon_report_unreadable"])
+
+
 def status_says(workspace: Workspace) -> tuple[int, str, dict[str, Any]]:
     """`spotwatch status --healthy`'s exit code, the text and the JSON."""
     config = str(workspace.config_file)
@@ -104,6 +216,24 @@ def start_one_shot_flush(workspace: Workspace,
         [sys.executable, "-m", "spotwatch.cli", "flush", "-c", str(workspace.config_file)],
         cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=proxy.url),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_flush_through_a_stalled_daemon_gives_up_instead_of_waiting_forever(
+        workspace: Workspace) -> None:
+    """`spotwatch flush` asks the daemon and waits for its record: from a daemon that stopped
+    reporting (here SIGSTOP), none ever comes. It must end, exit 1 and say why."""
+    daemon = workspace.start_daemon()
+    wait_for(lambda: workspace.status().get("pid") == daemon.process.pid)
+    os.kill(daemon.process.pid, signal.SIGSTOP)
+    try:
+        result = workspace.cli("flush", "-c", str(workspace.config_file),
+                               timeout=HEALTHY_WITHIN_SECONDS + 30)
+    finally:
+        os.kill(daemon.process.pid, signal.SIGCONT)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"spotwatch: error: the daemon (pid {daemon.process.pid}) has not reported for "
+        f"{HEALTHY_WITHIN_SECONDS:.0f}s (stalled): its flush cannot be waited for"]
 
 
 def test_a_one_shot_flush_is_no_running_daemon(workspace: Workspace,

@@ -173,7 +173,9 @@ def make_s3_client(region: str, settings: TransferSettings) -> S3Client:
     """An S3 client with adaptive retries; the endpoint follows AWS_ENDPOINT_URL(_S3)."""
     config = BotoConfig(
         region_name=region,
-        retries={"mode": "adaptive", "max_attempts": settings.max_attempts},
+        # total_max_attempts: botocore's max_attempts counts retries only, one more attempt
+        # than transfer.max_attempts says and than the CRT makes.
+        retries={"mode": "adaptive", "total_max_attempts": settings.max_attempts},
         # Single-part and multipart uploads each run up to max_concurrency requests.
         max_pool_connections=2 * settings.max_concurrency + 4,
         connect_timeout=5,

@@ -191,6 +191,15 @@ class ObjectStore(Protocol):
 
 # Client errors that are worth retrying at the same pace: timeouts and throttling.
 _TRANSIENT_STATUSES = {408, 429}
+# 4xx answers that are no refusal: S3's own timeout (400 RequestTimeout), a body cut short
+# (IncompleteBody), throttling, and credentials or a clock that a refresh or NTP puts right.
+# A later attempt can succeed.
+_TRANSIENT_CODES = frozenset({
+    "RequestTimeout", "RequestTimeoutException", "IncompleteBody", "PriorRequestNotComplete",
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+    "BandwidthLimitExceeded", "TooManyRequestsException",
+    "ExpiredToken", "ExpiredTokenException", "RequestExpired", "RequestTimeTooSkewed",
+})
 _MISSING_CODES = {"NoSuchKey", "NoSuchUpload", "404", "NotFound"}
 
 
@@ -198,13 +207,14 @@ def store_error(exc: BotoCoreError | ClientError) -> StoreError:
     """botocore's error as a StoreError with the same message.
 
     Permanent: S3 refusing the request (403 AccessDenied and other 4xx). Network errors, 5xx,
-    throttling and timeouts are transient.
+    throttling and timeouts (S3's come as 400 RequestTimeout) are transient.
     """
     if isinstance(exc, BotoCoreError):  # checked first: some are OSErrors too (timeouts)
         return StoreError(str(exc))
     code = str(exc.response.get("Error", {}).get("Code", "")) or None
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    permanent = 400 <= status < 500 and status not in _TRANSIENT_STATUSES
+    permanent = (400 <= status < 500 and status not in _TRANSIENT_STATUSES
+                 and code not in _TRANSIENT_CODES)
     kind = ObjectMissing if code in _MISSING_CODES else StoreError
     return kind(str(exc), permanent=permanent, code=code)
 

@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from spotwatch.commands import load
+from spotwatch.commands.status import HEALTHY_WITHIN_SECONDS, stalled
 from spotwatch.daemon.loop import Daemon
 from spotwatch.errors import SpotwatchError
 from spotwatch.model import Outcome, UploadResult
@@ -33,23 +34,30 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     delegated = request_daemon_flush(StateDir(config.state_dir))
     if delegated is not None:
-        if delegated.get("failed"):
-            print(f"spotwatch: error: the daemon's flush left {delegated['failed']} failing "
-                  f"files: {', '.join(delegated.get('failed_files', []))}", file=sys.stderr)
-            return 1
-        return report_still_written(delegated, "the daemon's flush")
+        return report_left_behind(delegated, "the daemon's flush")
     bar = ProgressBar("flushing", 0)
     # No terminal: no bar, so no per-chunk callbacks or byte sums either.
     daemon = Daemon(config, bucket)
     outcome = daemon.flush_once(BarWatcher(bar) if bar.enabled else None)
     structlog.get_logger("spotwatch").info(
         "flush_summary", files=outcome.files, bytes=outcome.bytes, failed=outcome.failed)
-    report_still_written(daemon.flushes.last or {}, "the flush")
+    report_left_behind(daemon.flushes.last or {}, "the flush")
     if outcome.unreadable_dirs:
         print(f"spotwatch: error: {len(outcome.unreadable_dirs)} directories spotwatch may not "
               f"read, their files not uploaded: {', '.join(outcome.unreadable_dirs[:20])}",
               file=sys.stderr)
     return outcome.exit_code
+
+
+def report_left_behind(record: dict[str, Any], whose: str) -> int:
+    """1, with one line naming them, when the flush left failing files or files still being
+    written behind; else 0. Invariant: an exit 1 of `spotwatch flush` always says why, whether
+    this process or the daemon flushed."""
+    if record.get("failed"):
+        print(f"spotwatch: error: {whose} left {record['failed']} failing files: "
+              f"{', '.join(record.get('failed_files', []))}", file=sys.stderr)
+        return 1
+    return report_still_written(record, whose)
 
 
 def report_still_written(record: dict[str, Any], whose: str) -> int:
@@ -117,3 +125,15 @@ def request_daemon_flush(state: StateDir) -> dict[str, Any] | None:
         shown = peak - outstanding
         if StateLock(state).holder() is None:
             raise SpotwatchError(f"the daemon (pid {pid}) stopped before its flush finished")
+        _give_up_if_stalled(status, pid)
+
+
+def _give_up_if_stalled(status: dict[str, Any], pid: int) -> None:
+    """Invariant: a flush waits for a daemon only while it reports. One that reported and
+    then went silent (stuck, stopped, or unable to write its state directory) would be waited
+    for forever; `spotwatch status` calls it stalled, and so does this, with exit 1. A daemon
+    still starting has not reported yet and is waited for."""
+    if status.get("pid") == pid and stalled(status):
+        raise SpotwatchError(f"the daemon (pid {pid}) has not reported for "
+                             f"{HEALTHY_WITHIN_SECONDS:.0f}s (stalled): its flush cannot be "
+                             f"waited for")

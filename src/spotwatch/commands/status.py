@@ -6,7 +6,9 @@ import argparse
 import json
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from spotwatch.commands import load
 from spotwatch.config import Config
@@ -27,6 +29,9 @@ def gather_status(config: Config, bucket: str) -> dict[str, Any]:
     report: dict[str, Any] = {"bucket": bucket, "state_dir": str(state.path)}
     holder = StateLock(state).holder() if state.path.is_dir() else None
     current = _report_of(holder, state.read_status() if holder else None)
+    report["daemon_report_unreadable"] = current is not None and not _readable(current)
+    if report["daemon_report_unreadable"]:
+        current = None
     flushing_once = current is not None and current.get("role") == "flush"
     report["daemon_pid"] = None if flushing_once else holder
     report["flush_pid"] = holder if flushing_once else None
@@ -50,6 +55,52 @@ def _report_of(holder: int | None, status: dict[str, Any] | None) -> dict[str, A
     return status if holder is not None and status and status.get("pid") == holder else None
 
 
+# 9999-12-31 23:59:59 UTC, the last second a date can show.
+LATEST_TIMESTAMP = 253402300799
+
+
+class _Notice(msgspec.Struct):
+    kind: str
+    detected_at: str
+    deadline: str | None = None
+
+
+class _Flush(msgspec.Struct):
+    files: int
+    bytes: int
+    seconds: float
+    reason: str
+
+
+class _Report(msgspec.Struct):
+    """What this command reads of status.json; other fields may come and go."""
+
+    updated_at: Annotated[float, msgspec.Meta(ge=0, le=LATEST_TIMESTAMP)]
+    pending_files: int
+    pending_bytes: int
+    uploading: int
+    unsettled_files: int
+    retrying_files: int = 0
+    failing_files: int = 0
+    role: str = "run"
+    degraded: list[str] = []
+    metrics_url: str | None = None
+    last_notice: _Notice | None = None
+    last_flush: _Flush | None = None
+    incomplete_sets: list[str] = []
+    unsealed_sets: list[str] = []
+
+
+def _readable(status: dict[str, Any]) -> bool:
+    """Invariant: status shows only a report it can read. One written by another version of
+    the daemon, or damaged, is said to be so (and not healthy), never a traceback."""
+    try:
+        msgspec.convert(status, _Report)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
 # The daemon rewrites its status every second; this much silence means it is stuck.
 HEALTHY_WITHIN_SECONDS = 30.0
 
@@ -60,10 +111,11 @@ def is_healthy(report: dict[str, Any]) -> bool:
     daemon = report.get("daemon")
     if not report.get("daemon_pid") or not daemon or daemon.get("degraded"):
         return False
-    return not _stalled(daemon)
+    return not stalled(daemon)
 
 
-def _stalled(daemon: dict[str, Any]) -> bool:
+def stalled(daemon: dict[str, Any]) -> bool:
+    """The daemon holding the lock has not rewritten its status for too long."""
     return time.time() - float(daemon.get("updated_at", 0)) >= HEALTHY_WITHIN_SECONDS
 
 
@@ -88,7 +140,7 @@ def _from_peer(notice: dict[str, Any]) -> str:
 
 
 def _health(daemon: dict[str, Any]) -> str:
-    if _stalled(daemon):
+    if stalled(daemon):
         return f"stalled: no report since {_ago(float(daemon.get('updated_at', 0)))}"
     degraded = daemon.get("degraded")
     return "degraded: " + "; ".join(degraded) if degraded else "ok"
@@ -127,6 +179,9 @@ def render_status(report: dict[str, Any]) -> str:
         if flush:
             lines.append(f"last flush:   {flush['files']} files, {_size(flush['bytes'])} in "
                          f"{flush['seconds']}s ({flush['reason']})")
+    elif report.get("daemon_report_unreadable"):
+        lines.append(f"daemon:       running (pid {report['daemon_pid']}), but its status.json "
+                     f"is not one this version reads (another spotwatch version?)")
     elif report.get("flush_pid"):
         lines.append(f"daemon:       not running (a one-shot flush, pid {report['flush_pid']}, "
                      f"holds the state directory)")

@@ -107,6 +107,8 @@ class Daemon:
         """The daemon: upload continuously, flush on notices, final flush on SIGTERM."""
         self.bandwidth = limiter_for(self.config.sync.continuous_bandwidth)
         self.reporter.watch_bandwidth(self.bandwidth)
+        if handle_signals:
+            self._signals.install_flush_requests()
         with self._session(prune=True, throttle=self.bandwidth) as parts:
             engine = self._observe(parts)
             if parts.pruner is not None:
@@ -276,7 +278,7 @@ class Daemon:
     def _on_notice(self, engine: SyncEngine, notice: Notice) -> None:
         detected = datetime.now(timezone.utc)
         seconds_left = (notice.deadline - detected).total_seconds() if notice.deadline else None
-        self.last_notice = {
+        record = {
             "kind": notice.kind.value,
             "id": notice.id,
             "detail": notice.detail,
@@ -285,16 +287,19 @@ class Daemon:
             **_origin(notice),
         }
         log.info("notice_detected", kind=notice.kind.value, id=notice.id, detail=notice.detail,
-                 deadline=self.last_notice["deadline"], **_origin(notice),
+                 deadline=record["deadline"], **_origin(notice),
                  seconds_left=None if seconds_left is None else round(seconds_left, 1))
         self._share(notice)
-        self._emit("notice_detected", self.last_notice)
+        self._emit("notice_detected", record)
         self.reporter.count_notice(notice, detected)
         self._deadline_seen = self._deadline_seen or notice.deadline is not None
         if notice.kind is not NoticeKind.MANUAL:
+            # Invariant: status's last notice is AWS's (or a peer's); a `spotwatch flush` is
+            # no notice and never hides one, nor its deadline (last_flush records it).
+            self.last_notice = record
             self._notice_seen = True
             self._own_notice_seen = self._own_notice_seen or notice.peer_rank is None
-            self._tell_trainer(notice, self.last_notice)
+            self._tell_trainer(notice, record)
         # Invariant: only this instance's own Terminated state holds its lifecycle action; a
         # peer's scale-in is the peer's (heart-beating or continuing ours would release a
         # later scale-in of this instance before its own flush).

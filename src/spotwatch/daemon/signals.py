@@ -29,9 +29,16 @@ class SignalInbox:
     def __init__(self) -> None:
         self._received: deque[int] = deque()
 
-    def install(self) -> None:
-        for signum in HANDLED:
+    def install(self, signals: tuple[int, ...] = HANDLED) -> None:
+        for signum in signals:
             signal.signal(signum, self._remember)
+
+    def install_flush_requests(self) -> None:
+        """Invariant: from the moment the daemon takes the state lock, where `spotwatch flush`
+        finds it, SIGUSR1 is a request the loop takes once it runs, never its default action
+        (ending the daemon during its start-up, without a word). A stop meanwhile still ends
+        it at once, as before it watches anything."""
+        self.install((signal.SIGUSR1,))
 
     def _remember(self, signum: int, frame: FrameType | None) -> None:
         self._received.append(signum)

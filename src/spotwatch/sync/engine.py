@@ -380,11 +380,13 @@ class SyncEngine:
                 result = self._results.get_nowait()
             except queue.Empty:
                 return
-            self._handle(result)
+            # Observers (metrics, the flush's progress) hear what the engine made of it: an
+            # upload whose ledger entry could not be written is a failure, not a file done.
+            result = self._handle(result)
             for observer in self._observers:
                 observer(result)
 
-    def _handle(self, result: UploadResult) -> None:
+    def _handle(self, result: UploadResult) -> UploadResult:
         job = result.job
         item = self._uploading.pop(job)
         if self.uploader.uses_multipart(job.snapshot.size) and not result.multipart_leftovers:
@@ -424,9 +426,14 @@ class SyncEngine:
         else:
             self.totals.failures += 1
             delay = self.retries.failed(job.path, item, permanent=result.permanent)
+            # Invariant: a set with a file that failed is never out of sight, even when no
+            # file of it got through: unsealed while the file may still, incomplete (log,
+            # status, metric) once it is failing.
+            self.sealer.mark_dirty(item.set_ref)
             log.warning("upload_failed", **fields, error=result.error,
                         attempts=self.retries.failures(job.path),
                         failing=self.retries.is_failing(job.path), retry_in=round(delay, 1))
+        return result
 
     def _requeue_from_disk(self, path: Path) -> None:
         if path in self.planner:
