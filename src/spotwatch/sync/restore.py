@@ -168,7 +168,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     else:
         candidates, companions = checkpoints_first(candidates)
     # Restored into the watched directory, the files are already in S3: record them.
-    ledger = Ledger(StateDir(config.state_dir).ledger) if destination == watch.path else None
+    ledger = (Ledger(StateDir(config.state_dir).ledger) if _is_watched(destination, watch)
+              else None)
     exempt_long_lived_objects()  # the candidates' manifests too: a set's files are many
     try:
         report = restore_newest(store, candidates, destination,
@@ -184,6 +185,12 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
         wanted = f"set {set_name!r}" if set_name else "checkpoint set"
         raise SpotwatchError(f"no complete {wanted} under s3://{bucket}/{watch.prefix}")
     return report
+
+
+def _is_watched(destination: Path, watch: WatchDir) -> bool:
+    """Whether the destination is the watched directory, however the path is spelled (through
+    a symlink, with '..'): where the daemon would otherwise upload every restored file again."""
+    return destination.resolve() == watch.path.resolve()
 
 
 def checkpoints_first(candidates: Sequence[Candidate]) -> tuple[list[Candidate],
