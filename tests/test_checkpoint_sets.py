@@ -120,6 +120,27 @@ def test_restored_files_are_not_uploaded_again(workspace: Workspace) -> None:
     assert "set_complete" not in flushed.stderr  # its manifest is the one restored from
 
 
+def test_a_restore_into_the_watched_directory_by_another_path_is_not_uploaded_again(
+        workspace: Workspace) -> None:
+    """The watched path is a symlink (/opt/ml/checkpoints -> an instance store) and the
+    restore names the directory it leads to, or spells the path with '..': the files land in
+    the watched directory all the same, and the daemon must not upload them again."""
+    make_sets(workspace)
+    real = workspace.root / "nvme"
+    real.mkdir()
+    link = workspace.root / "linked"
+    link.symlink_to(real)
+    workspace.write_config(watch=[{"path": str(link), "prefix": "run1/"}])
+    for destination in (real, link.parent / ".." / link.parent.name / "linked"):
+        shutil.rmtree(workspace.root / "state")
+        result = restore(workspace, "--to", str(destination))
+        assert result.returncode == 0, result.stderr
+        assert (real / "step_2" / "model.pt").exists()
+        flushed = workspace.cli("flush", "-c", "config.yaml")
+        assert flush_summary(flushed)["files"] == 0
+        shutil.rmtree(real / "step_2")
+
+
 def test_manifest_json_shape(workspace: Workspace, s3: Any) -> None:
     make_sets(workspace)
     body = json.loads(object_bytes(s3, workspace.bucket, f"{MANIFESTS}step_2.json"))

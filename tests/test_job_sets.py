@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -20,8 +21,8 @@ from spotwatch.emulator import ImdsEmulator
 from spotwatch.keys import part_key
 from spotwatch.model import Notice, NoticeKind
 
-from .conftest import Daemon, Workspace, keys_in, wait_for
-from .test_daemon_e2e import save_checkpoint
+from .conftest import Daemon, Workspace, keys_in, object_bytes, wait_for
+from .test_daemon_e2e import flush_summary, save_checkpoint
 from .test_peer_notices_e2e import publish_as_peer
 
 JOB = "llama-70b"
@@ -317,3 +318,28 @@ def test_retention_goes_on_after_a_peers_notice(
         if daemon.process.poll() is None:
             daemon.process.kill()
             daemon.process.wait()
+
+
+def test_a_rerun_restore_onto_files_already_there_keeps_the_sets_parts(
+        nodes: list[Workspace], replacement: Workspace, s3: Any, bucket: str) -> None:
+    """Node 0 of the job launched again on two nodes restores step_1, which three nodes
+    sealed, into its watched directory; its instance is replaced but the checkpoint volume
+    kept (a fresh state directory), and it restores again. The files already there are
+    recorded as in S3 like the downloaded ones: the node uploads nothing again and does not
+    seal a 2-node part of step_1 over node 0's 3-node part (step_1 would lose its last
+    complete node count, and restore would find no checkpoint)."""
+    for rank, node in enumerate(nodes):
+        save_shards(node, rank, "step_1")
+        flush(node)
+    replacement.write_config(job={"id": JOB, "nodes": 2, "rank": 0})
+    for _ in range(2):
+        shutil.rmtree(replacement.root / "state", ignore_errors=True)
+        result = restore(replacement, "--node-rank", "0")
+        assert result.returncode == 0, result.stderr
+    assert flush_summary(replacement.cli("flush", "-c", str(replacement.config_file)))[
+        "files"] == 0
+    assert json.loads(object_bytes(s3, bucket, part_key(PREFIX, JOB, "step_1", 0)))[
+        "job"]["nodes"] == NODES
+    result = restore(nodes[1], "--to", str(nodes[1].root / "whole"))
+    assert result.returncode == 0, result.stderr
+    assert "restored step_1" in result.stdout

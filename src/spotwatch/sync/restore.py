@@ -168,7 +168,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     else:
         candidates, companions = checkpoints_first(candidates)
     # Restored into the watched directory, the files are already in S3: record them.
-    ledger = Ledger(StateDir(config.state_dir).ledger) if destination == watch.path else None
+    ledger = (Ledger(StateDir(config.state_dir).ledger) if _is_watched(destination, watch)
+              else None)
     exempt_long_lived_objects()  # the candidates' manifests too: a set's files are many
     try:
         report = restore_newest(store, candidates, destination,
@@ -184,6 +185,12 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
         wanted = f"set {set_name!r}" if set_name else "checkpoint set"
         raise SpotwatchError(f"no complete {wanted} under s3://{bucket}/{watch.prefix}")
     return report
+
+
+def _is_watched(destination: Path, watch: WatchDir) -> bool:
+    """Whether the destination is the watched directory, however the path is spelled (through
+    a symlink, with '..'): where the daemon would otherwise upload every restored file again."""
+    return destination.resolve() == watch.path.resolve()
 
 
 def checkpoints_first(candidates: Sequence[Candidate]) -> tuple[list[Candidate],
@@ -388,12 +395,12 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
     also = also or {}
     targets = _Targets(destination)
     todo: list[tuple[FileToFetch, Path]] = []
-    skipped = 0
+    there: list[tuple[ManifestEntry, Path]] = []
     for entry in manifest.files:
         target = targets.of(entry)
         part_size = _part_size(store, entry)
         if _already_there(target, entry, part_size, preferred, also.get(entry.key, ())):
-            skipped += 1
+            there.append((entry, target))
         else:
             todo.append((FileToFetch(entry, temporary(target), part_size), target))
     total = sum(file.entry.size for file, _ in todo)
@@ -406,16 +413,30 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
             _check_also(todo, also, preferred)
             # Every file of the set checked out: only now does anything land in place.
             for file, target in todo:
-                entry = file.entry
                 if ledger is not None:  # before the rename, so a running daemon skips it
-                    ledger.record(store.bucket, entry.key, target,
-                                  FileVersion(entry.size, entry.mtime_ns), entry.checksum,
-                                  entry.part_size, entry.checksum_algorithm, entry.etag)
+                    _record(ledger, store.bucket, file.entry, target)
                 os.replace(file.temp, target)
             temps.clear()  # all in place: nothing left to remove
-            if ledger is not None:  # the manifest restored from says what the ledger holds
-                ledger.set_settled(store.bucket, object_key(manifest.prefix, manifest.set_name),
-                                   True)
+            if ledger is not None:
+                _record_set(ledger, store.bucket, manifest, there)
     finally:
         progress.close()
-    return RestoreReport(manifest.set_name, destination, len(todo), skipped, total)
+    return RestoreReport(manifest.set_name, destination, len(todo), len(there), total)
+
+
+def _record(ledger: Ledger, bucket: str, entry: ManifestEntry, target: Path) -> None:
+    ledger.record(bucket, entry.key, target, FileVersion(entry.size, entry.mtime_ns),
+                  entry.checksum, entry.part_size, entry.checksum_algorithm, entry.etag)
+
+
+def _record_set(ledger: Ledger, bucket: str, manifest: Manifest,
+                there: Sequence[tuple[ManifestEntry, Path]]) -> None:
+    """Invariant: every file of a set restored into the watched directory is in the ledger as
+    the object it came from, also one that was there already (a kept checkpoint volume, a
+    fresh state directory): the daemon uploads none of them again, nor seals the set anew
+    (on a job, its part would list every node's files, and a part of a job of another size
+    would take the place of this rank's)."""
+    for entry, target in there:
+        _record(ledger, bucket, entry, target)
+    # The manifest restored from says what the ledger holds of the set.
+    ledger.set_settled(bucket, object_key(manifest.prefix, manifest.set_name), True)
