@@ -172,6 +172,14 @@ def test_cli_usage_error_is_one_line(workspace: Workspace) -> None:
     assert_usage_error(workspace.cli("run", "--no-such-flag"), "unrecognized arguments")
 
 
+@pytest.mark.parametrize("command", ["iam-policy", "status", "run"])
+def test_cli_empty_config_flag(workspace: Workspace, command: str) -> None:
+    # ./config.yaml is there: an empty -c (an unset shell variable) must not fall back to it.
+    result = workspace.cli(command, "-c", "", timeout=20)  # old: `run` started the daemon
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "-c/--config: an empty path" in result.stderr
+
+
 def test_cli_version(workspace: Workspace) -> None:
     from spotwatch import __version__
 
