@@ -172,6 +172,14 @@ def test_cli_usage_error_is_one_line(workspace: Workspace) -> None:
     assert_usage_error(workspace.cli("run", "--no-such-flag"), "unrecognized arguments")
 
 
+@pytest.mark.parametrize("command", ["iam-policy", "status", "run"])
+def test_cli_empty_config_flag(workspace: Workspace, command: str) -> None:
+    # ./config.yaml is there: an empty -c (an unset shell variable) must not fall back to it.
+    result = workspace.cli(command, "-c", "", timeout=20)  # old: `run` started the daemon
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "-c/--config: an empty path" in result.stderr
+
+
 def test_cli_version(workspace: Workspace) -> None:
     from spotwatch import __version__
 
@@ -298,3 +306,35 @@ def test_target_throughput_defaults_from_the_instance_type(
 def _yaml_number(value: float) -> str:
     """The number as YAML writes it: repr's '1e-05' would read back as a string."""
     return str(yaml.safe_dump(value).split("\n", 1)[0])
+
+
+# Settings of the AWS SDK that botocore refuses only once a client or credentials are made.
+BAD_SDK_SETTINGS = [
+    ("AWS_EC2_METADATA_SERVICE_ENDPOINT", "not-a-url", "Metadata endpoint: not-a-url"),
+    ("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", "IPv5", "endpoint mode: IPv5"),
+    ("AWS_ENDPOINT_URL_S3", "not-a-url", "Invalid endpoint: not-a-url"),
+    ("AWS_ENDPOINT_URL", "http://[::1", "Invalid IPv6 URL"),
+    ("AWS_PROFILE", "no-such-profile", "(no-such-profile) could not be found"),
+    ("AWS_SECRET_ACCESS_KEY", "", "missing: AWS_SECRET_ACCESS_KEY"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "fragment"), BAD_SDK_SETTINGS)
+@pytest.mark.parametrize("command", ["check", "flush", "restore"])
+def test_cli_bad_aws_sdk_setting_is_one_line(workspace: Workspace, command: str, variable: str,
+                                             value: str, fragment: str) -> None:
+    result = workspace.cli(command, "-c", "config.yaml", **{variable: value})
+    assert_usage_error(result, fragment)
+
+
+def test_cli_region_of_no_format_from_the_environment_is_one_line(workspace: Workspace) -> None:
+    workspace.write_config(aws={"region": None})
+    result = workspace.cli("check", "-c", "config.yaml", AWS_REGION="us west 2")
+    assert_usage_error(result, "region_name 'us west 2'")
+
+
+def test_cli_unparsable_aws_config_file_is_one_line(workspace: Workspace) -> None:
+    aws_config = workspace.root / "aws-config"
+    aws_config.write_text("this is [not an ini file\n")
+    result = workspace.cli("check", "-c", "config.yaml", AWS_CONFIG_FILE=str(aws_config))
+    assert_usage_error(result, f"Unable to parse config file: {aws_config}")

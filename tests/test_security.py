@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
 import boto3
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from spotwatch.aws.preflight import run_checks
 from spotwatch.aws.store import S3ObjectStore
-from spotwatch.commands.iam_policy import OPERATION_ACTIONS
+from spotwatch.commands.iam_policy import OPERATION_ACTIONS, policy_for
 from spotwatch.config import load_config
 from spotwatch.daemon.loop import Daemon
 from spotwatch.keys import job_key_space, manifest_key, object_key
@@ -247,3 +250,46 @@ def test_iam_policy_covers_the_peer_notice_channel(
     assert [n.peer_rank for n in poller.poll_once()] == [0]
     assert actions_allowed(policy, workspace.bucket, s3_calls) == {
         "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket"}
+
+
+def iam_pattern(pattern: str) -> re.Pattern[str]:
+    """How IAM matches a resource or StringLike value: '*' any run of characters, '?' one,
+    '${*}', '${?}' and '${$}' the character itself."""
+    parts = re.split(r"(\$\{[*?$]\}|[*?])", pattern)
+    wildcards = {"*": ".*", "?": "."}
+    return re.compile("".join(
+        wildcards.get(part) or re.escape(part[2] if part.startswith("${") else part)
+        for part in parts), re.DOTALL)
+
+
+def granted_object_patterns(policy: dict[str, Any], bucket: str) -> list[re.Pattern[str]]:
+    statement = next(s for s in policy["Statement"] if s["Sid"] == "ReadWriteCheckpoints")
+    return [iam_pattern(resource) for resource in statement["Resource"]]
+
+
+def listed_prefix_patterns(policy: dict[str, Any]) -> list[re.Pattern[str]]:
+    statement = next(s for s in policy["Statement"] if s["Sid"] == "ListCheckpointPrefixes")
+    return [iam_pattern(value)
+            for value in statement["Condition"]["StringLike"]["s3:prefix"]]
+
+
+@given(prefix=st.text(st.sampled_from("ab*?$/{}-"), min_size=1, max_size=8),
+       name=st.text(st.sampled_from("ab*?$/"), max_size=6), position=st.integers(0, 8),
+       other=st.sampled_from("aZ*?$/"))
+def test_iam_policy_grants_the_prefix_as_written(tmp_path_factory: pytest.TempPathFactory,
+                                                 prefix: str, name: str, position: int,
+                                                 other: str) -> None:
+    # A '*' or '?' in a prefix is a character of the key, never a wildcard of the grant.
+    assume(not prefix.startswith("/"))  # refused: a key prefix is relative
+    config_file = tmp_path_factory.mktemp("iam") / "config.yaml"
+    config_file.write_text(json.dumps({"watch": [{"path": "ckpt", "prefix": prefix}]}))
+    policy = policy_for(load_config(config_file), "bkt")
+    space = object_key(prefix, "")
+    objects, listings = granted_object_patterns(policy, "bkt"), listed_prefix_patterns(policy)
+    assert any(p.fullmatch(f"arn:aws:s3:::bkt/{space}{name}") for p in objects)
+    assert any(p.fullmatch(f"{space}{name}") for p in listings)
+    index = position % len(space)
+    outside = space[:index] + other + space[index + 1:]
+    if not outside.startswith(space):
+        assert not any(p.fullmatch(f"arn:aws:s3:::bkt/{outside}{name}") for p in objects)
+        assert not any(p.fullmatch(f"{outside}{name}") for p in listings)

@@ -38,8 +38,8 @@ def _path(value: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument("-c", "--config", help="config file (default: $SPOTWATCH_CONFIG, "
-                        "./config.yaml, /etc/spotwatch/config.yaml)")
+    common.add_argument("-c", "--config", type=_path, help="config file (default: "
+                        "$SPOTWATCH_CONFIG, ./config.yaml, /etc/spotwatch/config.yaml)")
     common.add_argument("--bucket", help="S3 bucket (default: $S3_BUCKET_NAME or config/.env)")
 
     parser = _Parser(prog="spotwatch", description="Keep EC2 Spot training checkpoints safe "

@@ -377,7 +377,7 @@ def _keys(info: Any, prefix: str) -> Iterator[tuple[str, Any]]:
             yield f"{prefix}{item.name}", item.default
 
 
-def find_config_file(explicit: str | None) -> Path:
+def find_config_file(explicit: str | Path | None) -> Path:
     """The config file by the contract's lookup order: -c, $SPOTWATCH_CONFIG, ./, /etc/."""
     chosen = explicit or os.environ.get("SPOTWATCH_CONFIG")
     if chosen:

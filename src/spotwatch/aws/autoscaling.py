@@ -17,6 +17,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from spotwatch.aws.imds import ImdsClient, ImdsError
+from spotwatch.aws.s3 import sdk_settings_checked
 from spotwatch.config import AsgSettings, ImdsSettings
 
 log = structlog.get_logger("spotwatch.asg")
@@ -30,7 +31,8 @@ def make_autoscaling_client(region: str) -> Any:
     """The endpoint follows AWS_ENDPOINT_URL(_AUTO_SCALING); few retries: a heartbeat repeats."""
     config = BotoConfig(region_name=region, retries={"mode": "standard", "max_attempts": 3},
                         connect_timeout=5, read_timeout=10)
-    return boto3.client("autoscaling", config=config)
+    with sdk_settings_checked():
+        return boto3.client("autoscaling", config=config)
 
 
 class LifecycleAction:

@@ -17,7 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from spotwatch.aws.imds import REGION_PATH, ImdsError, disabled_reason, probe_client
 from spotwatch.aws.region import resolve_region
-from spotwatch.aws.s3 import encryption_args, make_s3_client
+from spotwatch.aws.s3 import encryption_args, make_s3_client, sdk_settings_checked
 from spotwatch.config import Config
 from spotwatch.keys import WRITE_PROBE, object_key
 
@@ -46,7 +46,8 @@ def _in_container() -> bool:
 
 
 def check_credentials() -> CheckResult:
-    credentials = boto3.session.Session().get_credentials()
+    with sdk_settings_checked():
+        credentials = boto3.session.Session().get_credentials()
     if credentials is None:
         return CheckResult("credentials", False, "no AWS credentials found")
     key = credentials.access_key or ""

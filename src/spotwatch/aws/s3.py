@@ -10,7 +10,8 @@ import logging
 import os
 import weakref
 from collections import OrderedDict
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -20,10 +21,23 @@ import botocore.session
 import msgspec
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import DataNotFoundError
+from botocore.exceptions import (
+    BotoCoreError,
+    ConfigNotFound,
+    ConfigParseError,
+    DataNotFoundError,
+    InvalidConfigError,
+    InvalidIMDSEndpointError,
+    InvalidIMDSEndpointModeError,
+    InvalidRegionError,
+    InvalidRetryConfigurationError,
+    PartialCredentialsError,
+    ProfileNotFound,
+)
 from botocore.utils import determine_content_length, parse_timestamp
 
 from spotwatch.config import TransferSettings
+from spotwatch.errors import ConfigError, SpotwatchError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -169,6 +183,28 @@ def session_of(client: S3Client) -> botocore.session.Session:
     return session if session is not None else botocore_session()
 
 
+# What botocore refuses in its own settings (the environment, ~/.aws/config), which it reads
+# only when a session makes a client or resolves credentials; ValueError: an endpoint URL
+# (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, ...) that is no URL.
+_SDK_SETTING_ERRORS = (ConfigNotFound, ConfigParseError, InvalidConfigError,
+                       InvalidIMDSEndpointError, InvalidIMDSEndpointModeError,
+                       InvalidRegionError, InvalidRetryConfigurationError,
+                       PartialCredentialsError, ProfileNotFound, ValueError)
+
+
+@contextmanager
+def sdk_settings_checked() -> Iterator[None]:
+    """Invariant: an AWS SDK setting botocore refuses while a client is made or credentials are
+    resolved is one line (exit 2), as a bad config key is; any other botocore error there (a
+    credential_process that fails) one line too (exit 1), never a traceback."""
+    try:
+        yield
+    except _SDK_SETTING_ERRORS as exc:
+        raise ConfigError(f"invalid AWS SDK setting: {exc}") from None
+    except BotoCoreError as exc:
+        raise SpotwatchError(f"AWS SDK: {exc}") from None
+
+
 def make_s3_client(region: str, settings: TransferSettings) -> S3Client:
     """An S3 client with adaptive retries; the endpoint follows AWS_ENDPOINT_URL(_S3)."""
     config = BotoConfig(
@@ -184,8 +220,9 @@ def make_s3_client(region: str, settings: TransferSettings) -> S3Client:
         parameter_validation=False,  # spotwatch builds every request itself
         response_checksum_validation="when_supported",
     )
-    session = botocore_session()
-    client = boto3.session.Session(botocore_session=session).client("s3", config=config)
+    with sdk_settings_checked():
+        session = botocore_session()
+        client = boto3.session.Session(botocore_session=session).client("s3", config=config)
     _sessions[client] = session
     # After botocore's own handler, which adds the header.
     client.meta.events.register_last("before-call.s3", _send_small_bodies_outright)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from typing import Any
 
 from spotwatch.commands import load
@@ -35,15 +36,26 @@ OPERATION_ACTIONS = {
 }
 
 
+# IAM reads '*' and '?' in a resource or a StringLike value as wildcards and '${...}' as a
+# policy variable; these fixed variables stand for the characters themselves.
+_IAM_LITERALS = {"*": "${*}", "?": "${?}", "$": "${$}"}
+
 
 def run(args: argparse.Namespace) -> int:
     config, bucket = load(args, uploads=False)
     print(json.dumps(policy_for(config, bucket), indent=2))
     return 0
 
+
+def iam_literal(text: str) -> str:
+    """Invariant: a prefix is granted as the text it is, so that a '*' or '?' in it (a prefix
+    'exp*/') grants no other prefix ('expA/') and a '${' in it is no policy variable."""
+    return re.sub(r"[*?$]", lambda match: _IAM_LITERALS[match.group()], text)
+
+
 def policy_for(config: Config, bucket: str) -> dict[str, Any]:
     bucket_arn = f"arn:aws:s3:::{bucket}"
-    prefixes = sorted({object_key(w.prefix, "") for w in config.watch})
+    prefixes = sorted({iam_literal(object_key(w.prefix, "")) for w in config.watch})
     objects = [f"{bucket_arn}/{prefix}*" for prefix in prefixes]
     statements: list[dict[str, Any]] = [
         {
@@ -105,7 +117,7 @@ def _lifecycle_statements(config: Config) -> list[dict[str, Any]]:
     hook's heartbeat timeout (DescribeLifecycleHooks)."""
     if config.asg.lifecycle_hook is None:
         return []
-    group = config.asg.group or "*"
+    group = iam_literal(config.asg.group) if config.asg.group else "*"
     statements: list[dict[str, Any]] = [{
         "Sid": "LifecycleHook",
         "Effect": "Allow",
