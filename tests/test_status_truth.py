@@ -311,3 +311,27 @@ def test_a_second_flush_waits_for_a_one_shot_flush_instead_of_ending_it(
             first.wait()
     assert workspace.status()["last_flush"]["files"] == 1
     assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == data
+
+
+def test_status_and_flush_from_a_shell_need_no_bucket_while_the_daemon_runs(
+        workspace: Workspace) -> None:
+    """The systemd unit names the bucket to the daemon alone (its environment file): from a
+    shell, `spotwatch status` and `spotwatch flush` reach the daemon without it."""
+    no_bucket = {"S3_BUCKET_NAME": ""}
+    result = workspace.cli("status", "-c", "config.yaml", **no_bucket)
+    assert result.returncode == 2
+    assert result.stderr.startswith("spotwatch: error: no bucket:")
+    assert "(no running daemon reports one)" in result.stderr
+    assert workspace.cli("flush", "-c", "config.yaml", **no_bucket).returncode == 2
+
+    daemon = workspace.start_daemon()
+    wait_for(lambda: workspace.status().get("pid") == daemon.process.pid)
+    shown = workspace.cli("status", "-c", "config.yaml", "--json", **no_bucket)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["bucket"] == workspace.bucket
+    assert workspace.cli("status", "-c", "config.yaml", "--healthy", **no_bucket).returncode == 0
+    (workspace.checkpoints / "step_1.pt").write_bytes(b"saved")
+    flushed = workspace.cli("flush", "-c", "config.yaml", **no_bucket)
+    assert flushed.returncode == 0, flushed.stderr
+    assert daemon.named("flush_done")
+    assert daemon.stop() == 0

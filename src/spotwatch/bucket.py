@@ -28,6 +28,13 @@ def env_file_candidates(config_file: Path | None) -> list[Path]:
     return list(dict.fromkeys(candidates))
 
 
+class NoBucket(ConfigError):
+    """No bucket named anywhere."""
+
+
+NO_BUCKET = f"no bucket: pass --bucket, set {BUCKET_ENV}, or put {BUCKET_ENV}=... in config/.env"
+
+
 def resolve_bucket(explicit: str | None, config_file: Path | None) -> str:
     """An explicit --bucket is used as given: an empty one is an error, never a fallback."""
     if explicit is not None and not explicit.strip():
@@ -40,9 +47,7 @@ def resolve_bucket(explicit: str | None, config_file: Path | None) -> str:
             if name:
                 break
     if not name:
-        raise ConfigError(
-            f"no bucket: pass --bucket, set {BUCKET_ENV}, or put {BUCKET_ENV}=... in config/.env"
-        )
+        raise NoBucket(NO_BUCKET)
     return validate_bucket_name(name.strip())
 
 

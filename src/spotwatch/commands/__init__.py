@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spotwatch.bucket import resolve_bucket
+from spotwatch.bucket import NoBucket, resolve_bucket
 from spotwatch.config import (
     Config,
     find_config_file,
@@ -18,9 +18,23 @@ from spotwatch.logs import configure_logging
 def load(args: argparse.Namespace, uploads: bool = True) -> tuple[Config, str]:
     """Config and bucket; a command that uploads also needs its watched directories and,
     on a node of a job, the node's rank."""
+    config, bucket = load_optional_bucket(args, uploads)
+    if bucket is None:
+        bucket = resolve_bucket(args.bucket, find_config_file(args.config))  # NoBucket
+    return config, bucket
+
+
+def load_optional_bucket(args: argparse.Namespace, uploads: bool = False
+                     ) -> tuple[Config, str | None]:
+    """Config, and the bucket when one is named anywhere (None when none is: `status` reads
+    it from the running daemon's report, since the systemd unit names it to the daemon
+    alone)."""
     path = find_config_file(args.config)
     config = load_config(path)
-    bucket = resolve_bucket(args.bucket, path)
+    try:
+        bucket: str | None = resolve_bucket(args.bucket, path)
+    except NoBucket:
+        bucket = None
     if uploads:
         require_watch_dirs(config)
         require_node_rank(config)

@@ -15,7 +15,8 @@ from typing import Any
 
 import structlog
 
-from spotwatch.commands import load
+from spotwatch.bucket import NO_BUCKET, NoBucket
+from spotwatch.commands import load_optional_bucket
 from spotwatch.commands.status import HEALTHY_WITHIN_SECONDS, stalled
 from spotwatch.daemon.loop import Daemon
 from spotwatch.errors import SpotwatchError
@@ -28,13 +29,17 @@ POLL_SECONDS = 0.2
 
 
 def run(args: argparse.Namespace) -> int:
-    config, bucket = load(args)
+    # A flush through the running daemon needs no bucket (the systemd unit names it to the
+    # daemon alone); a flush of its own does.
+    config, bucket = load_optional_bucket(args, uploads=True)
     # Invariant: a one-shot flush outlives another `spotwatch flush` asking it (SIGUSR1, which
     # would end it): that one waits for this flush's record as it would for a daemon's.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     delegated = request_daemon_flush(StateDir(config.state_dir))
     if delegated is not None:
         return report_left_behind(delegated, "the daemon's flush")
+    if bucket is None:
+        raise NoBucket(NO_BUCKET)
     bar = ProgressBar("flushing", 0)
     # No terminal: no bar, so no per-chunk callbacks or byte sums either.
     daemon = Daemon(config, bucket)

@@ -10,21 +10,24 @@ from typing import Annotated, Any
 
 import msgspec
 
-from spotwatch.commands import load
+from spotwatch.bucket import NO_BUCKET, NoBucket
+from spotwatch.commands import load_optional_bucket
 from spotwatch.config import Config
 from spotwatch.state import StateDir, StateLock
 from spotwatch.sync.ledger import Ledger
 
 
 def run(args: argparse.Namespace) -> int:
-    config, bucket = load(args, uploads=False)
+    config, bucket = load_optional_bucket(args)
     report = gather_status(config, bucket)
     if args.healthy:
         return 0 if report["healthy"] else 1
     print(json.dumps(report, indent=2) if args.json else render_status(report))
     return 0
 
-def gather_status(config: Config, bucket: str) -> dict[str, Any]:
+def gather_status(config: Config, bucket: str | None) -> dict[str, Any]:
+    """bucket: None when none is named to this command; the running daemon's then (its
+    report names it), else a NoBucket error."""
     state = StateDir(config.state_dir)
     report: dict[str, Any] = {"bucket": bucket, "state_dir": str(state.path)}
     holder = StateLock(state).holder() if state.path.is_dir() else None
@@ -32,6 +35,8 @@ def gather_status(config: Config, bucket: str) -> dict[str, Any]:
     report["daemon_report_unreadable"] = current is not None and not _readable(current)
     if report["daemon_report_unreadable"]:
         current = None
+    if bucket is None:
+        bucket = report["bucket"] = _daemons_bucket(current)
     flushing_once = current is not None and current.get("role") == "flush"
     report["daemon_pid"] = None if flushing_once else holder
     report["flush_pid"] = holder if flushing_once else None
@@ -47,6 +52,13 @@ def gather_status(config: Config, bucket: str) -> dict[str, Any]:
         report.update(uploaded_objects=0, uploaded_bytes=0, last_upload_at=None)
     report["healthy"] = is_healthy(report)  # the one verdict --healthy, the text and JSON give
     return report
+
+
+def _daemons_bucket(current: dict[str, Any] | None) -> str:
+    named = current.get("bucket") if current is not None else None
+    if isinstance(named, str) and named:
+        return named
+    raise NoBucket(f"{NO_BUCKET} (no running daemon reports one)")
 
 
 def _report_of(holder: int | None, status: dict[str, Any] | None) -> dict[str, Any] | None:
