@@ -110,6 +110,21 @@ def test_the_deadline_is_always_the_earliest_seen(offsets: list[int | None]) -> 
         assert flushes.current.deadline is None and flushes.retries_until is None
 
 
+@given(deadline=st.one_of(st.none(), st.integers(min_value=-60, max_value=14 * 86400)),
+       write_wait=st.integers(min_value=1, max_value=600))
+def test_files_being_written_hold_a_flush_for_at_most_write_wait(
+        deadline: int | None, write_wait: int) -> None:
+    """A maintenance event days ahead must not make a log appended to all the time hold the
+    flush (and `spotwatch flush` asking the daemon) for days: write_wait at most, and never
+    past the flush's deadline."""
+    clock = FakeClock()
+    flushes = FlushController(clock, write_wait=write_wait)
+    flushes.start("scheduled-event", None if deadline is None else in_seconds(clock, deadline),
+                  Work(clock, []))
+    limits = [write_wait] + ([] if deadline is None else [deadline])
+    assert flushes.writes_until == clock.monotonic() + min(limits)
+
+
 def test_a_stop_deadline_tightens_but_never_loosens_the_retries() -> None:
     clock, flushes, work = controller()
     flushes.start("spot-interruption", in_seconds(clock, 30), work)

@@ -94,18 +94,15 @@ class FlushController:
 
     @property
     def writes_until(self) -> float | None:
-        """Until when the running flush waits for files being written: its deadline, or
-        write_wait after its start."""
-        flush = self.current
-        if flush is None or flush.retries_until is not None:
-            return None if flush is None else flush.retries_until
-        return None if self._write_wait is None else flush.started + self._write_wait
+        return self.current.writes_until if self.current is not None else None
 
     def start(self, reason: str, deadline: datetime | None, work: FlushWork,
               until: float | None = None) -> None:
         """Start a flush, or tighten the running one; until: a monotonic deadline."""
         if self.current is None:
-            self.current = Flush(reason, self._clock.monotonic(), deadline)
+            started = self._clock.monotonic()
+            self.current = Flush(reason, started, deadline, writes_until=None
+                                 if self._write_wait is None else started + self._write_wait)
             self._tighten(deadline, until)
             log.info("flush_started", reason=reason)
             self._log_plan(work, deadline)
@@ -117,10 +114,23 @@ class FlushController:
         assert flush is not None
         if deadline and (flush.deadline is None or deadline < flush.deadline):
             flush.deadline = deadline
+        stopping = until is not None
         if until is None and deadline is not None:
             until = self._monotonic_at(deadline)
         if until is not None and (flush.retries_until is None or until < flush.retries_until):
             flush.retries_until = until
+        self._limit_writes(flush, until, stopping)
+
+    @staticmethod
+    def _limit_writes(flush: Flush, until: float | None, stopping: bool) -> None:
+        """Invariant: files being written hold a flush for write_wait after its start at most,
+        and never past its deadline, however far that is (a maintenance event days ahead),
+        so a `spotwatch flush` joining it still answers after sync.stop_timeout. The stop's
+        final flush waits for them for as long as it may wait at all."""
+        if stopping:
+            flush.writes_until = flush.retries_until
+        elif until is not None and (flush.writes_until is None or until < flush.writes_until):
+            flush.writes_until = until
 
     def _monotonic_at(self, moment: datetime) -> float:
         return self._clock.monotonic() + self._seconds_until(moment)
