@@ -190,6 +190,36 @@ def test_a_restart_never_tells_the_trainer_a_notice_kept_from_it(workspace: Work
     assert second.stop() == 0
 
 
+def test_a_restart_after_the_trainer_deleted_the_notice_file_still_keeps_a_later_notice(
+        workspace: Workspace, imds: ImdsEmulator) -> None:
+    """As above, but the trainer deleted the notice file (it took the notice): the restarted
+    daemon still knows which notice the trainer had, so the rebalance seen first neither runs
+    the hooks nor becomes the notice file; the spot notice, seen again, comes back."""
+    out = workspace.root / "hook.out"
+    notice_file = workspace.root / "run" / "notice.json"
+    workspace.write_config(hooks={"command": f'echo "$SPOTWATCH_NOTICE_KIND" >> {out}'})
+    first = workspace.start_daemon()
+    imds.fire_spot_interruption(in_seconds=600)
+    first.wait_for_event("hook_command_done")
+    imds.fire_rebalance()
+    assert first.wait_for_event("notice_file_kept")["kind"] == "rebalance-recommendation"
+    assert first.stop() == 0
+    notice_file.unlink()
+    spot = Fault(status=500, remaining=10**6, path="meta-data/spot/instance-action")
+    imds.add_fault(spot)
+    second = workspace.start_daemon()
+    assert second.wait_for_event("notice_detected")["kind"] == "rebalance-recommendation"
+    second.wait_for_event("flush_done")
+    assert second.named("hook_command_started") == []
+    assert interruption_pending(notice_file) is None
+    spot.remaining = 0
+    assert second.wait_for_event("notice_detected", 2)["kind"] == "spot-interruption"
+    assert second.named("hook_command_started") == []
+    assert out.read_text().split() == ["spot-interruption"]
+    assert interruption_pending(notice_file)["kind"] == "spot-interruption"  # type: ignore[index]
+    assert second.stop() == 0
+
+
 def test_notice_file_stays_over_a_restart(workspace: Workspace, imds: ImdsEmulator) -> None:
     notice_file = workspace.root / "run" / "notice.json"
     first = workspace.start_daemon()
