@@ -103,6 +103,27 @@ def test_a_log_that_never_settles_holds_a_far_notices_flush_only_stop_timeout(
     assert done["still_written_files"] == [str(workspace.checkpoints / "train.log")]
 
 
+def test_a_stop_during_a_notices_flush_never_calls_a_file_being_written_durable(
+        workspace: Workspace, imds: ImdsEmulator, s3: Any) -> None:
+    """SIGTERM while the notice's flush waits for a checkpoint still being written: the stop
+    waits for it its whole sync.stop_timeout (the notice's time is approximate), and as it is
+    still not in S3 then, exits 1 with flush_incomplete, never 0."""
+    workspace.write_config(sync={"settle_seconds": 0.2, "quiet_seconds": 60,
+                                 "stop_timeout": 4})
+    daemon = workspace.start_daemon()
+    (workspace.checkpoints / "step_1").mkdir()
+    with (workspace.checkpoints / "step_1" / "model.pt").open("wb") as checkpoint:
+        checkpoint.write(b"weights")
+        checkpoint.flush()
+        imds.fire_spot_interruption(in_seconds=1)
+        daemon.wait_for_event("flush_started")
+        assert daemon.stop() == 1
+    [incomplete] = daemon.named("flush_incomplete")
+    assert incomplete["unsettled"] == 1 and incomplete["timed_out"] is True
+    assert not daemon.named("daemon_stopped")
+    assert "run1/step_1/model.pt" not in keys_in(s3, workspace.bucket)
+
+
 def test_a_replacement_keeping_size_and_mtime_is_uploaded_again(workspace: Workspace,
                                                                 s3: Any) -> None:
     daemon = workspace.start_daemon()
