@@ -110,6 +110,21 @@ def test_the_deadline_is_always_the_earliest_seen(offsets: list[int | None]) -> 
         assert flushes.current.deadline is None and flushes.retries_until is None
 
 
+@given(deadline=st.one_of(st.none(), st.integers(min_value=-60, max_value=14 * 86400)),
+       write_wait=st.integers(min_value=1, max_value=600))
+def test_files_being_written_hold_a_flush_for_at_most_write_wait(
+        deadline: int | None, write_wait: int) -> None:
+    """A maintenance event days ahead must not make a log appended to all the time hold the
+    flush (and `spotwatch flush` asking the daemon) for days: write_wait at most, and never
+    past the flush's deadline."""
+    clock = FakeClock()
+    flushes = FlushController(clock, write_wait=write_wait)
+    flushes.start("scheduled-event", None if deadline is None else in_seconds(clock, deadline),
+                  Work(clock, []))
+    limits = [write_wait] + ([] if deadline is None else [deadline])
+    assert flushes.writes_until == clock.monotonic() + min(limits)
+
+
 def test_a_stop_deadline_tightens_but_never_loosens_the_retries() -> None:
     clock, flushes, work = controller()
     flushes.start("spot-interruption", in_seconds(clock, 30), work)
@@ -218,3 +233,28 @@ def test_a_final_flush_with_nothing_left_exits_0() -> None:
     with capture_logs() as logs:
         assert flushes.final_verdict(left(0), [], Progress(files=3, bytes=900)) == 0
     assert [(e["event"], e["files"], e["bytes"]) for e in logs] == [("daemon_stopped", 3, 900)]
+
+
+def test_a_stop_during_a_notices_flush_waits_for_files_being_written_until_it_gives_up() -> None:
+    """SIGTERM while a notice's flush runs: retries are still not waited for past the
+    notice's deadline, but a file still being written (the emergency checkpoint, the deadline
+    being approximate) is waited for as long as the stop may take."""
+    clock, flushes, work = controller()
+    flushes.start("spot-interruption", in_seconds(clock, 2), work)
+    give_up_at = flushes.give_up_at(30.0)
+    flushes.start("shutdown", None, work, until=give_up_at)
+    assert flushes.retries_until == clock.monotonic() + 2
+    assert flushes.writes_until == give_up_at
+
+
+def test_a_final_flush_that_left_a_file_being_written_exits_1() -> None:
+    """A file still being written when the final flush ended is not in S3: exit 1."""
+    _clock, flushes, work = controller()
+    flushes.start("shutdown", None, work, until=flushes.give_up_at(5.0))
+    flushes.finish([], [Path("/ckpt/step_1/m.pt")])
+    being_written = EngineSnapshot(pending_files=0, pending_bytes=0, uploading=0, retrying=0,
+                                   failing=0, unsettled=1, incomplete_sets=())
+    with capture_logs() as logs:
+        assert flushes.final_verdict(being_written, [], Progress()) == 1
+    [line] = [e for e in logs if e["event"] == "flush_incomplete"]
+    assert line["unsettled"] == 1 and line["timed_out"] is False

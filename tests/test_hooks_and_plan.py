@@ -160,11 +160,13 @@ def test_hooks_act_once_per_notice_across_restarts(workspace: Workspace,
     assert second.stop() == 0
 
 
-def test_a_restart_never_tells_the_trainer_a_notice_kept_from_it(workspace: Workspace,
-                                                                 imds: ImdsEmulator) -> None:
+@pytest.mark.parametrize("trainer_deleted_it", [False, True])
+def test_a_restart_never_tells_the_trainer_a_notice_kept_from_it(
+        workspace: Workspace, imds: ImdsEmulator, trainer_deleted_it: bool) -> None:
     """A spot notice, then a rebalance (kept from the trainer: it has an earlier deadline).
     Restarted, the daemon sees the rebalance first: the trainer still has the spot notice, so
-    the rebalance neither runs the hooks nor replaces the notice file."""
+    the rebalance neither runs the hooks nor replaces the notice file, also when the trainer
+    deleted that file (the daemon records which notice it told, not only in the file)."""
     out = workspace.root / "hook.out"
     notice_file = workspace.root / "run" / "notice.json"
     workspace.write_config(hooks={"command": f'echo "$SPOTWATCH_NOTICE_KIND" >> {out}'})
@@ -174,14 +176,17 @@ def test_a_restart_never_tells_the_trainer_a_notice_kept_from_it(workspace: Work
     imds.fire_rebalance()
     assert first.wait_for_event("notice_file_kept")["kind"] == "rebalance-recommendation"
     assert first.stop() == 0
+    if trainer_deleted_it:
+        notice_file.unlink()
     # The spot item fails for a while after the restart: the rebalance is handed on first.
     spot = Fault(status=500, remaining=10**6, path="meta-data/spot/instance-action")
     imds.add_fault(spot)
     second = workspace.start_daemon()
     assert second.wait_for_event("notice_detected")["kind"] == "rebalance-recommendation"
     second.wait_for_event("flush_done")
+    assert second.named("hook_command_started") == []
     told = interruption_pending(notice_file)
-    assert told is not None and told["kind"] == "spot-interruption"
+    assert (told is None) if trainer_deleted_it else told["kind"] == "spot-interruption"  # type: ignore[index]
     spot.remaining = 0
     assert second.wait_for_event("notice_detected", 2)["kind"] == "spot-interruption"
     assert second.named("hook_command_started") == []

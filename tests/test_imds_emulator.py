@@ -109,6 +109,24 @@ def test_scheduled_events_and_lifecycle(imds: ImdsEmulator) -> None:
                         timeout=2).text == "Terminated"
 
 
+@pytest.mark.parametrize(("action", "body"), [
+    ("fault", {"status": 500, "count": "many"}),
+    ("spot", {"in_seconds": "soon"}),
+    ("spot", {"in_seconds": 1e300}),
+    ("scheduled", {"in_seconds": [1]}),
+    ("instance", {}),
+    ("spot", [1, 2]),
+])
+def test_a_bad_control_body_is_400_and_the_emulator_goes_on(imds: ImdsEmulator, action: str,
+                                                            body: object) -> None:
+    """A control request with wrong values answers 400 naming the action, as a body that is
+    not JSON does, instead of dropping the connection (and a traceback on the console)."""
+    answer = requests.post(f"{imds.url}/_emulator/{action}", json=body, timeout=2)
+    assert answer.status_code == 400 and action in answer.text
+    fired = requests.post(f"{imds.url}/_emulator/spot", json={"in_seconds": 60}, timeout=2)
+    assert fired.status_code == 200 and json.loads(fired.text)["action"] == "terminate"
+
+
 def test_standalone_emulator_serves_until_sigterm() -> None:
     process = subprocess.Popen([sys.executable, "-m", "spotwatch.emulator", "--port", "0"],
                                stdout=subprocess.PIPE, text=True)

@@ -78,6 +78,25 @@ def test_metrics_follow_pending_work_uploads_notices_and_flushes(
     assert daemon.stop() == 0
 
 
+def test_a_manual_flush_is_not_counted_as_a_notice(workspace: Workspace,
+                                                   imds: ImdsEmulator) -> None:
+    """spotwatch_notices_total counts AWS's notices (as status's last notice shows them): an
+    operator's `spotwatch flush` is a flush, not a notice, so an alert on notices stays quiet."""
+    daemon = workspace.start_daemon()
+    url = metrics_url(daemon)
+    assert workspace.cli("flush", "-c", str(workspace.config_file)).returncode == 0
+    after_flush = scrape(url)
+    assert after_flush[("spotwatch_flush_duration_seconds_count",
+                        (("reason", "manual-flush"),))] == 1
+    assert not [key for key in after_flush if key[0] == "spotwatch_notices_total"]
+    imds.fire_spot_interruption()
+    daemon.wait_for_event("flush_done", count=2)
+    notices = {key: value for key, value in scrape(url).items()
+               if key[0] == "spotwatch_notices_total"}
+    assert notices == {("spotwatch_notices_total", (("kind", "spot-interruption"),)): 1}
+    assert daemon.stop() == 0
+
+
 def test_busy_metrics_port_does_not_stop_the_daemon(workspace: Workspace) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -14,6 +14,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spotwatch.emulator import ImdsEmulator
 from spotwatch.keys import manifest_key
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import list_manifests
@@ -81,6 +82,46 @@ def test_daemon_flush_stops_waiting_for_a_log_that_never_settles(workspace: Work
         assert done["still_written_files"] == [str(workspace.checkpoints / "train.log")]
     assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == b"weights" * 100
     assert "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket)
+
+
+def test_a_log_that_never_settles_holds_a_far_notices_flush_only_stop_timeout(
+        workspace: Workspace, imds: ImdsEmulator) -> None:
+    """A maintenance event an hour ahead starts a flush with an hour's deadline; a log written
+    all the time must not keep it (and a `spotwatch flush` joining it) waiting for that hour:
+    it is given up after sync.stop_timeout, as without the notice."""
+    workspace.write_config(sync={"settle_seconds": 0.2, "quiet_seconds": 60,
+                                 "stop_timeout": 3})
+    daemon = workspace.start_daemon()
+    with appending_logger(workspace.checkpoints / "train.log"):
+        imds.schedule_event(in_seconds=3600)
+        daemon.wait_for_event("flush_started")
+        result = workspace.cli("flush", "-c", str(workspace.config_file), timeout=60)
+        assert result.returncode == 1, result.stderr
+        assert "train.log" in result.stderr and "still being written" in result.stderr
+    done = daemon.named("flush_done")[0]
+    assert done["reason"] == "scheduled-event"
+    assert done["still_written_files"] == [str(workspace.checkpoints / "train.log")]
+
+
+def test_a_stop_during_a_notices_flush_never_calls_a_file_being_written_durable(
+        workspace: Workspace, imds: ImdsEmulator, s3: Any) -> None:
+    """SIGTERM while the notice's flush waits for a checkpoint still being written: the stop
+    waits for it its whole sync.stop_timeout (the notice's time is approximate), and as it is
+    still not in S3 then, exits 1 with flush_incomplete, never 0."""
+    workspace.write_config(sync={"settle_seconds": 0.2, "quiet_seconds": 60,
+                                 "stop_timeout": 4})
+    daemon = workspace.start_daemon()
+    (workspace.checkpoints / "step_1").mkdir()
+    with (workspace.checkpoints / "step_1" / "model.pt").open("wb") as checkpoint:
+        checkpoint.write(b"weights")
+        checkpoint.flush()
+        imds.fire_spot_interruption(in_seconds=1)
+        daemon.wait_for_event("flush_started")
+        assert daemon.stop() == 1
+    [incomplete] = daemon.named("flush_incomplete")
+    assert incomplete["unsettled"] == 1 and incomplete["timed_out"] is True
+    assert not daemon.named("daemon_stopped")
+    assert "run1/step_1/model.pt" not in keys_in(s3, workspace.bucket)
 
 
 def test_a_replacement_keeping_size_and_mtime_is_uploaded_again(workspace: Workspace,

@@ -94,18 +94,15 @@ class FlushController:
 
     @property
     def writes_until(self) -> float | None:
-        """Until when the running flush waits for files being written: its deadline, or
-        write_wait after its start."""
-        flush = self.current
-        if flush is None or flush.retries_until is not None:
-            return None if flush is None else flush.retries_until
-        return None if self._write_wait is None else flush.started + self._write_wait
+        return self.current.writes_until if self.current is not None else None
 
     def start(self, reason: str, deadline: datetime | None, work: FlushWork,
               until: float | None = None) -> None:
         """Start a flush, or tighten the running one; until: a monotonic deadline."""
         if self.current is None:
-            self.current = Flush(reason, self._clock.monotonic(), deadline)
+            started = self._clock.monotonic()
+            self.current = Flush(reason, started, deadline, writes_until=None
+                                 if self._write_wait is None else started + self._write_wait)
             self._tighten(deadline, until)
             log.info("flush_started", reason=reason)
             self._log_plan(work, deadline)
@@ -117,10 +114,24 @@ class FlushController:
         assert flush is not None
         if deadline and (flush.deadline is None or deadline < flush.deadline):
             flush.deadline = deadline
+        stop_at = until
         if until is None and deadline is not None:
             until = self._monotonic_at(deadline)
         if until is not None and (flush.retries_until is None or until < flush.retries_until):
             flush.retries_until = until
+        self._limit_writes(flush, until, stop_at)
+
+    @staticmethod
+    def _limit_writes(flush: Flush, until: float | None, stop_at: float | None) -> None:
+        """Invariant: files being written hold a flush for write_wait after its start at most,
+        and never past its deadline, however far that is (a maintenance event days ahead),
+        so a `spotwatch flush` joining it still answers after sync.stop_timeout. The stop's
+        final flush (stop_at: when it gives up) waits for them as long as it may, even past a
+        notice's deadline, which is approximate: the emergency checkpoint may come late."""
+        if stop_at is not None:
+            flush.writes_until = stop_at
+        elif until is not None and (flush.writes_until is None or until < flush.writes_until):
+            flush.writes_until = until
 
     def _monotonic_at(self, moment: datetime) -> float:
         return self._clock.monotonic() + self._seconds_until(moment)
@@ -192,14 +203,15 @@ class FlushController:
     def final_verdict(self, left: EngineSnapshot, failing: Sequence[PendingFile],
                       totals: Progress) -> int:
         """Exit code 0 when everything is durable; 1 when the flush ran out of time, left
-        failing files behind or could not read a directory's files (logged as
-        flush_incomplete, so the operator sees it, with the sets still waiting for their
-        manifest: their files alone are no checkpoint). A flush the stop timeout cut short
-        ends here too: nothing reports it running after the stop."""
+        failing files or files still being written behind, or could not read a directory's
+        files (logged as flush_incomplete, so the operator sees it, with the sets still
+        waiting for their manifest: their files alone are no checkpoint). A flush the stop
+        timeout cut short ends here too: nothing reports it running after the stop."""
         timed_out = self.current is not None
         if timed_out:
             self._end(failing, (), timed_out=True)
-        if not timed_out and left.pending_files == 0 and not left.unreadable_dirs:
+        if (not timed_out and left.pending_files == 0 and not left.unsettled
+                and not left.unreadable_dirs):
             log.info("daemon_stopped", files=totals.files, bytes=totals.bytes)
             return 0
         log.error("flush_incomplete", pending_files=left.pending_files,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -46,11 +45,12 @@ class NoticeHooks:
     def start(self) -> Told | None:
         """At daemon start. A notice acted on during this boot is still posted (notices are not
         withdrawn), so its file stays for the trainer; any other notice file is stale. Returns
-        the notice the trainer so keeps."""
+        the notice the trainer was last told of, as recorded, even if its file is gone."""
         self._acted.load()
         self._check_writable()
         if self._acted.ids:
-            return self._kept()
+            told = self._acted.told
+            return None if told is None else Told(told[0], iso_time(told[1]))
         try:
             self.notice_file.unlink(missing_ok=True)
         except OSError as exc:
@@ -74,23 +74,13 @@ class NoticeHooks:
                         error=exc.strerror,
                         detail="the trainer cannot be told of a notice until this is fixed")
 
-    def _kept(self) -> Told | None:
-        try:
-            kept = json.loads(self.notice_file.read_text())
-        except (OSError, ValueError, RecursionError):  # not a notice file this daemon wrote
-            return None
-        if not isinstance(kept, dict) or not isinstance(kept.get("id"), str):
-            return None
-        return Told(kept["id"], iso_time(kept.get("deadline")))
-
     def fire(self, notice: dict[str, Any]) -> None:
         """Hooks act once per notice id, across restarts too; the notice file is (re)written
         every time, so a trainer always finds it."""
         self._write_notice_file(notice)
-        if notice["id"] in self._acted.ids:
+        if not self._acted.tell(notice["id"], notice["deadline"]):
             log.info("hooks_already_acted", id=notice["id"], kind=notice["kind"])
             return
-        self._acted.add(notice["id"])
         if self._settings.signal and self._settings.pid_file:
             self._signal_trainer(self._settings.signal, self._settings.pid_file)
         if self._settings.command:

@@ -291,11 +291,12 @@ class Daemon:
                  seconds_left=None if seconds_left is None else round(seconds_left, 1))
         self._share(notice)
         self._emit("notice_detected", record)
-        self.reporter.count_notice(notice, detected)
         self._deadline_seen = self._deadline_seen or notice.deadline is not None
         if notice.kind is not NoticeKind.MANUAL:
-            # Invariant: status's last notice is AWS's (or a peer's); a `spotwatch flush` is
-            # no notice and never hides one, nor its deadline (last_flush records it).
+            # Invariant: status's last notice and the notice metrics are AWS's (or a peer's);
+            # a `spotwatch flush` is no notice and never hides one, nor its deadline
+            # (last_flush and the flush metrics record it).
+            self.reporter.count_notice(notice, detected)
             self.last_notice = record
             self._notice_seen = True
             self._own_notice_seen = self._own_notice_seen or notice.peer_rank is None

@@ -349,5 +349,14 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._send(400, "control body must be JSON")
             return
-        status, result = self.emulator.control(self.path[len("/_emulator/"):].strip("/"), body)
+        action = self.path[len("/_emulator/"):].strip("/")
+        if not isinstance(body, dict):
+            self._send(400, f"{action}: control body must be a JSON object")
+            return
+        try:
+            status, result = self.emulator.control(action, body)
+        except (ArithmeticError, KeyError, TypeError, ValueError) as exc:
+            # A wrong value in a scenario is the caller's mistake: say so, keep serving.
+            self._send(400, f"{action}: bad control body: {exc!r}")
+            return
         self._send(status, result if isinstance(result, str) else json.dumps(result))

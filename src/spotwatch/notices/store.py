@@ -47,16 +47,19 @@ def current_boot() -> str | None:
 
 
 class ActedNotices:
-    """The ids of the notices whose hooks ran during this boot, kept in the state directory so
-    that a restarted daemon, seeing the same notice still posted, does not act on it again."""
+    """The ids of the notices whose hooks ran during this boot, and the notice the trainer was
+    last told of (id and deadline), kept in the state directory so that a restarted daemon,
+    seeing the same notices still posted, neither acts on one again nor tells the trainer one
+    kept from it, whatever became of the notice file (a trainer may delete it)."""
 
     def __init__(self, path: Path, boot: str | None) -> None:
         self._path = path
         self._boot = boot
         self.ids: set[str] = set()
+        self.told: tuple[str, str | None] | None = None
 
     def load(self) -> None:
-        self.ids = set()
+        self.ids, self.told = set(), None
         try:
             data = json.loads(self._path.read_text())
         except (OSError, ValueError):
@@ -66,10 +69,21 @@ class ActedNotices:
         ids = data.get("ids")
         if isinstance(ids, list):
             self.ids = {i for i in ids if isinstance(i, str)}
+        told = data.get("told")
+        if (isinstance(told, dict) and isinstance(told.get("id"), str)
+                and isinstance(told.get("deadline"), (str, type(None)))):
+            self.told = (told["id"], told["deadline"])
 
-    def add(self, notice_id: str) -> None:
+    def tell(self, notice_id: str, deadline: str | None) -> bool:
+        """The trainer is told of this notice now. True when its hooks have not acted on it
+        yet (they act now, and never again during this boot)."""
+        first = notice_id not in self.ids
         self.ids.add(notice_id)
+        self.told = (notice_id, deadline)
         try:
-            write_json_atomically(self._path, {"boot_id": self._boot, "ids": sorted(self.ids)})
+            write_json_atomically(self._path, {
+                "boot_id": self._boot, "ids": sorted(self.ids),
+                "told": {"id": notice_id, "deadline": deadline}})
         except OSError as exc:  # the hooks still run: told twice beats never told
             log.warning("hook_record_failed", path=str(self._path), error=exc.strerror)
+        return first
