@@ -8,7 +8,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -306,4 +306,66 @@ def test_spotwatch_flush_lifts_a_running_daemons_cap_until_it_is_done(
     assert daemon.named("bandwidth_cap_lifted")[0]["reason"] == "manual-flush"
     daemon.wait_for_event("bandwidth_cap_reimposed")  # continuous uploads are capped again
     wait_for(lambda: workspace.status().get("bandwidth_cap_lifted") is False)
+    assert daemon.stop() == 0
+
+
+# -- a single-request upload under way: cancelled, or its file cut short ----------------------
+
+def _capped_put_under_way(tmp_path: Path, store_with: Any) -> tuple[Path, Any]:
+    """A 3 MiB single PutObject at the lowest cap (about 48 s to send), its first bytes sent."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(os.urandom(3 * MiB))
+    limiter = Sending(MIN_BANDWIDTH)
+    pending = store_with(limiter).upload_file(path, "a/model.pt", 3 * MiB)
+    wait_for(lambda: limiter.sending.is_set() or pending.future.done())
+    return path, pending
+
+
+class Sending(BandwidthLimiter):
+    """A cap that says when the first bytes are being sent."""
+
+    def __init__(self, rate: int) -> None:
+        super().__init__(rate)
+        self.sending = threading.Event()
+
+    def acquire(self, size: int) -> None:
+        self.sending.set()
+        super().acquire(size)
+
+
+def test_a_single_request_upload_stops_when_cancelled(tmp_path: Path, s3: Any, bucket: str,
+                                                      store_with: Any) -> None:
+    """The engine cancels the upload of a file written to; the request stops sending."""
+    _, pending = _capped_put_under_way(tmp_path, store_with)
+    pending.cancel()
+    with pytest.raises(CancelledError):
+        pending.future.result(timeout=20)
+    assert "a/model.pt" not in keys_in(s3, bucket)
+
+
+def test_a_file_cut_short_while_sent_ends_its_upload_as_superseded(
+        tmp_path: Path, s3: Any, bucket: str, store_with: Any) -> None:
+    """A trainer rewriting the file truncates it: the request, which declared 3 MiB, must not
+    wait for bytes the file no longer has (the read timeout, once per attempt)."""
+    path, pending = _capped_put_under_way(tmp_path, store_with)
+    os.truncate(path, 1000)
+    with pytest.raises(CancelledError):
+        pending.future.result(timeout=20)
+    assert "a/model.pt" not in keys_in(s3, bucket)
+
+
+def test_a_checkpoint_truncated_during_a_capped_upload_is_flushed_as_it_ends(
+        workspace: Workspace, s3: Any) -> None:
+    workspace.write_config(sync={"continuous_bandwidth": MIN_BANDWIDTH},
+                           transfer={"multipart_threshold": "5MB"})
+    daemon = workspace.start_daemon()
+    path = workspace.checkpoints / "step_1" / "model.pt"
+    write_file(path, 3 * MiB)
+    wait_for(lambda: workspace.status().get("uploading"))
+    with path.open("r+b") as handle:  # rewritten in place, shorter
+        handle.truncate(0)
+        handle.write(b"final bytes")
+    flushed = workspace.cli("flush", "-c", "config.yaml", timeout=50)
+    assert flushed.returncode == 0, flushed.stderr
+    assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == b"final bytes"
     assert daemon.stop() == 0

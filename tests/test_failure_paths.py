@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 
 from spotwatch.config import WatchDir
 from spotwatch.keys import manifest_key
-from spotwatch.model import Outcome
+from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.engine import SyncEngine
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.orphans import abort_orphaned_uploads
@@ -36,6 +36,7 @@ from spotwatch.sync.sets.sealer import MAX_ATTEMPTS, RETRY_CAP_SECONDS, RETRY_SE
 from spotwatch.sync.tracker import ChangeTracker
 from spotwatch.sync.uploader import Uploader
 
+from .conftest import wait_for
 from .memory_store import FakeClock, InMemoryObjectStore, crc32_checksum
 
 PREFIX = "run/"
@@ -359,3 +360,26 @@ def test_after_any_faults_every_file_is_stored_and_every_set_sealed(
     for name in ("step_1", "step_2"):
         listed = {f.path: f.checksum for f in manifest_in(store, name).files}
         assert listed == {r: crc32_checksum(d) for r, d in FILES.items() if r.startswith(name)}
+
+
+@pytest.mark.parametrize("permanent", [False, True])
+def test_an_upload_failing_because_its_file_changed_is_superseded_not_failed(
+        tmp_path: Path, permanent: bool) -> None:
+    """The CRT ends a single PutObject whose file was cut short while sent with an error
+    (AWS_ERROR_S3_INCORRECT_CONTENT_LENGTH): that is the change's doing, not a failure to
+    count, retry later or give up on; the new version is uploaded."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"x" * 1000)
+    store = InMemoryObjectStore()
+    gate = store.hold("upload_file")
+    store.fail("upload_file", permanent=permanent)
+    results: list[UploadResult] = []
+    uploader = Uploader(store, results.append)
+    uploader.submit(UploadJob(path, "run1/model.pt", Snapshot.of(os.stat(path))))
+    assert gate.entered.wait(10)
+    path.write_bytes(b"final")
+    gate.release()
+    wait_for(lambda: results)
+    uploader.shutdown()
+    assert results[0].outcome is Outcome.CHANGED
+    assert results[0].error is None

@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -383,3 +386,31 @@ def test_restore_of_a_set_name_no_set_can_have_is_a_usage_error(workspace: Works
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "--set takes the name of one checkpoint set" \
         in result.stderr
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_a_restore_stopped_by_a_signal_leaves_no_partial_download(
+        workspace: Workspace, transfer_client: str, stop: signal.Signals) -> None:
+    """A supervisor's stop (SIGTERM, as `timeout` or systemd send) or a closed session
+    (SIGHUP) ends a restore as Ctrl-C does: no temporary, and no folder made for it, stays."""
+    step = workspace.checkpoints / "step_1"
+    step.mkdir()
+    for index in range(3):
+        (step / f"shard_{index}.pt").write_bytes(os.urandom(40 * MiB))
+    workspace.write_config(transfer={"client": transfer_client, "max_concurrency": 1,
+                                     "multipart_threshold": "5MB",
+                                     "multipart_chunksize": "5MB"})
+    flushed = workspace.cli("flush", "-c", "config.yaml")
+    assert flushed.returncode == 0, flushed.stderr
+    target = workspace.root / "restored"
+    restoring = subprocess.Popen(
+        [sys.executable, "-m", "spotwatch.cli", "restore", "-c", "config.yaml", "--to",
+         str(target)], cwd=workspace.root, env=workspace.env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: target.is_dir() and any(target.rglob("*.spotwatch-restore")),
+             interval=0.01)
+    restoring.send_signal(stop)
+    _, stderr = restoring.communicate(timeout=60)
+    assert restoring.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert not target.exists() or not any(target.iterdir())

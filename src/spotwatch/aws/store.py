@@ -328,8 +328,15 @@ class S3ObjectStore:
     def upload_file(self, path: Path, key: str, size: int,
                     progress: Progress | None = None) -> PendingUpload:
         if not self.uses_multipart(size):
-            future = self._single_part.submit(self._put_file, path, key, size, progress)
-            return PendingUpload(future, future.cancel)
+            cancelled = threading.Event()
+            future = self._single_part.submit(self._put_file, path, key, size, progress,
+                                              cancelled)
+
+            def cancel() -> None:  # one not yet begun never begins, one under way stops
+                cancelled.set()
+                future.cancel()
+
+            return PendingUpload(future, cancel)
         outer: Future[StoredObject] = Future()
 
         def finished(transfer: TransferFuture) -> None:
@@ -350,14 +357,14 @@ class S3ObjectStore:
         # s3transfer's shutdown(cancel=True) is broken: cancelled per future.
         return PendingUpload(outer, transfer.cancel)
 
-    def _put_file(self, path: Path, key: str, size: int,
-                  progress: Progress | None) -> StoredObject:
+    def _put_file(self, path: Path, key: str, size: int, progress: Progress | None,
+                  cancelled: threading.Event) -> StoredObject:
         with path.open("rb") as handle, _translated():
             # A small file is read once; botocore then checksums and signs the bytes in memory
             # instead of reading the file three times, seeking back in between.
             # (Bounded: a file that grew since is caught by the check after upload.)
             body = self._small_body(handle) if size < IN_MEMORY_BODY_MAX \
-                else self._sent_from(handle)
+                else self._sent_from(handle, cancelled)
             reply = self.client.put_object(Bucket=self._bucket, Key=key, Body=body,
                                            **self._write_args())  # type: ignore[arg-type]
         if progress is not None:
@@ -375,20 +382,20 @@ class S3ObjectStore:
             self._throttle.acquire(len(body))
         return body
 
-    def _sent_from(self, handle: BinaryIO) -> BinaryIO:
-        """The file as a request body; with a throttle, s3transfer's reader, whose reads
-        report their size (and so wait for the throttle) only while the request is sent:
-        s3transfer's request-created handlers on this client switch that on and off."""
+    def _sent_from(self, handle: BinaryIO, cancelled: threading.Event) -> BinaryIO:
+        """The file as a request body of the size it has now (see _FileBody); with a throttle,
+        its reads report their size (and so wait for the throttle) only while the request is
+        sent: s3transfer's request-created handlers on this client switch that on and off."""
         throttle = self._throttle
-        if throttle is None:
-            return handle
+        callbacks: list[Callable[..., None]] = []
+        if throttle is not None:
+            def sent(bytes_transferred: int) -> None:  # s3transfer passes it by name
+                throttle.acquire(bytes_transferred)
 
-        def sent(bytes_transferred: int) -> None:  # s3transfer passes it by name
-            throttle.acquire(bytes_transferred)
-
+            callbacks.append(sent)
         size = os.fstat(handle.fileno()).st_size
-        reader = ReadFileChunk(handle, size, size, callbacks=[sent], enable_callbacks=False)
-        return cast(BinaryIO, reader)  # file-like as botocore needs it: read, seek, tell
+        body = _FileBody(handle, size, callbacks, cancelled)
+        return cast(BinaryIO, body)  # file-like as botocore needs it: read, seek, tell
 
     def _finish_multipart(self, transfer: TransferFuture, key: str, size: int,
                           outer: Future[StoredObject]) -> None:
@@ -532,6 +539,35 @@ class S3ObjectStore:
         except ObjectMissing:
             return False  # completed or aborted since it was listed
         return True
+
+
+class FileShrank(CancelledError):
+    """The file ended before the size its request declared (truncated while it was sent)."""
+
+
+class _FileBody(ReadFileChunk):
+    """A single PutObject's body: s3transfer's reader of the file, which a cancel stops and
+    which refuses to end short.
+
+    Invariant: a request never waits for bytes its file no longer has. The request declares
+    the file's size when it is made; were the file truncated (a trainer rewriting it) and the
+    body simply to end, S3 would wait for the missing bytes until the read timeout, and
+    botocore send it again, as short, max_attempts times, holding the file (and a flush) for
+    up to ten minutes. Both end the request at once as a CancelledError, which botocore
+    neither wraps nor retries; the uploader then uploads the file's newer version."""
+
+    def __init__(self, handle: BinaryIO, size: int, callbacks: list[Callable[..., None]],
+                 cancelled: threading.Event) -> None:
+        super().__init__(handle, size, size, callbacks=callbacks, enable_callbacks=False)
+        self.cancelled = cancelled
+
+    def read(self, amount: int | None = None) -> bytes:
+        if self.cancelled.is_set():
+            raise CancelledError()
+        data: bytes = super().read(amount)
+        if not data and amount != 0 and self.tell() < len(self):
+            raise FileShrank(f"the file ended after {self.tell()} of {len(self)} bytes")
+        return data
 
 
 def _as_store_error(exc: Exception) -> Exception:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 from spotwatch.commands import load
 from spotwatch.config import JobSettings
@@ -18,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
     config, bucket = load(args, uploads=False)
     if args.node_rank is not None:
         _check_node_rank(args.node_rank, config.job)
-    report = restore(config, bucket, args.to, args.set_name, args.prefix, args.node_rank)
+    with _stopped_as_by_ctrl_c():
+        report = restore(config, bucket, args.to, args.set_name, args.prefix, args.node_rank)
     passed_over = (f"; newer sets passed over: {', '.join(report.passed_over)}"
                    if report.passed_over else "")
     companions = (f"; with {', '.join(report.companions)} beside it"
@@ -27,6 +32,24 @@ def run(args: argparse.Namespace) -> int:
           f"downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already present"
           f"{companions}{passed_over}")
     return 0
+
+
+@contextmanager
+def _stopped_as_by_ctrl_c() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a supervisor's stop, `timeout`, a closed session) end a restore as
+    Ctrl-C does: its downloads stop, and its temporaries and the folders made for them are
+    removed; their default action ended the process on the spot and left partial downloads
+    beside the targets."""
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt()
+
+    stopping = (signal.SIGTERM, signal.SIGHUP)
+    previous = {number: signal.signal(number, stop) for number in stopping}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _check_node_rank(rank: int, job: JobSettings) -> None:

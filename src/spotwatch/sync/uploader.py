@@ -119,6 +119,7 @@ class Uploader:
         def result(outcome: Outcome, **extra: Any) -> UploadResult:
             return UploadResult(job, outcome, self._clock() - started, **extra)
 
+        failure: Exception | None = None
         try:
             stored = upload.future.result()
         except CancelledError:
@@ -128,13 +129,25 @@ class Uploader:
         except FileNotFoundError:
             return result(Outcome.VANISHED)
         except Exception as exc:  # the store's, or reading the file failed
-            return result(Outcome.FAILED, error=_describe(exc), permanent=_is_permanent(exc))
+            failure = exc
         try:
             after = Snapshot.of(os.stat(job.path, follow_symlinks=False))
         except FileNotFoundError:
+            if failure is not None:  # nothing written: an older version's object stays
+                return result(Outcome.VANISHED)
             return result(Outcome.VANISHED, object_removed=self._remove_stray(job.key))
+        except OSError:
+            if failure is None:
+                raise
+            after = job.snapshot  # unreadable: the failure says why
+        # Invariant: an upload that failed while its file changed failed by the change (the
+        # CRT's body no longer as long as it declared) and is no failure: the new version
+        # goes up, as after a change caught once the upload completed.
         if after != job.snapshot:
             return result(Outcome.CHANGED)
+        if failure is not None:
+            return result(Outcome.FAILED, error=_describe(failure),
+                          permanent=_is_permanent(failure))
         if stored.size is not None and stored.size != job.snapshot.size:
             # Another writer of the same key raced us: the object is not our file.
             return result(Outcome.FAILED, error="object size differs from the file after upload")
