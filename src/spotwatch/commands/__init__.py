@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spotwatch.bucket import NoBucket, resolve_bucket
+from spotwatch.bucket import NO_BUCKET, NoBucket, resolve_bucket
 from spotwatch.config import (
     Config,
     find_config_file,
@@ -20,7 +20,7 @@ def load(args: argparse.Namespace, uploads: bool = True) -> tuple[Config, str]:
     on a node of a job, the node's rank."""
     config, bucket = load_optional_bucket(args, uploads)
     if bucket is None:
-        bucket = resolve_bucket(args.bucket, find_config_file(args.config))  # NoBucket
+        raise NoBucket(NO_BUCKET)
     return config, bucket
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spotwatch.errors import SpotwatchError
+from spotwatch.keys import set_name_of
 from spotwatch.model import FileVersion
 
 
@@ -176,7 +177,7 @@ class Ledger:
         with self._lock:
             settled = {key for (key,) in self._db.execute(
                 "SELECT set_key FROM settled_sets WHERE bucket = ?", (bucket,))}
-        names = {key[len(prefix):].split("/", 1)[0] for key in self.live_keys(bucket, prefix)}
+        names = {set_name_of(key[len(prefix):]) for key in self.live_keys(bucket, prefix)}
         return sorted(name for name in names if prefix + name not in settled)
 
     def forget(self, bucket: str, key: str) -> None:
