@@ -207,13 +207,21 @@ def checkpoints_first(candidates: Sequence[Candidate]) -> tuple[list[Candidate],
     (`latest`, a `config.json`) are restored beside the set directory, which may need them to
     load. Where checkpoints are files only (Lightning's epoch=3-step=400.ckpt and last.ckpt),
     the newest complete set is restored, as ever."""
-    steps = [c for c in candidates
-             if _is_directory_set(c.whole) and series_of(c.whole.set_name) != c.whole.set_name]
+    steps: list[Candidate] = []
+    others: list[Candidate] = []
+    companions: list[Candidate] = []
+    for candidate in candidates:
+        directory, numbered = _is_directory_set(candidate.whole), _is_numbered(candidate.whole)
+        (steps if directory and numbered else others).append(candidate)
+        if not directory and not numbered:
+            companions.append(candidate)
     if not steps:
         return list(candidates), []
-    others = [c for c in candidates if c not in steps]
-    return steps + others, [c for c in others if not _is_directory_set(c.whole)
-                            and series_of(c.whole.set_name) == c.whole.set_name]
+    return steps + others, companions
+
+
+def _is_numbered(manifest: Manifest) -> bool:
+    return series_of(manifest.set_name) != manifest.set_name
 
 
 def _is_directory_set(manifest: Manifest) -> bool:
