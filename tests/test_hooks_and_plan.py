@@ -191,7 +191,9 @@ def test_a_restart_never_tells_the_trainer_a_notice_kept_from_it(
     assert second.wait_for_event("notice_detected", 2)["kind"] == "spot-interruption"
     assert second.named("hook_command_started") == []
     assert out.read_text().split() == ["spot-interruption"]
-    assert interruption_pending(notice_file)["kind"] == "spot-interruption"  # type: ignore[index]
+    # The notice file is written after notice_detected is logged: wait for it to be there.
+    told = wait_for(lambda: interruption_pending(notice_file))
+    assert told["kind"] == "spot-interruption"
     assert second.stop() == 0
 
 
