@@ -323,6 +323,8 @@ BAD_SDK_SETTINGS = [
 @pytest.mark.parametrize("command", ["check", "flush", "restore"])
 def test_cli_bad_aws_sdk_setting_is_one_line(workspace: Workspace, command: str, variable: str,
                                              value: str, fragment: str) -> None:
+    if variable.startswith("AWS_EC2_METADATA_SERVICE"):
+        workspace.write_config(imds={"endpoint": None})  # the file's would win
     result = workspace.cli(command, "-c", "config.yaml", **{variable: value})
     assert_usage_error(result, fragment)
 

@@ -4,6 +4,7 @@ launchers' environment variables as fallbacks, and single-node configs left exac
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -61,7 +62,34 @@ def test_rank_variables_in_order_and_the_file_first(tmp_path: Path,
     monkeypatch.setenv("SLURM_NODEID", "1")
     monkeypatch.setenv("GROUP_RANK", "2")
     assert load_config(write(tmp_path, "job: {id: j, nodes: 4}\n")).job.rank == 2
-    assert load_config(write(tmp_path, "job: {id: j, nodes: 4, rank: 0}\n")).job.rank == 0
+    assert load_config(write(tmp_path, "job: {id: j, nodes: 4, rank: 2}\n")).job.rank == 2
+
+
+@pytest.mark.parametrize(("job", "environment", "message"), [
+    # A file copied from node 0 onto node 2: both nodes would seal rank 0's part.
+    ("job: {id: j, nodes: 4, rank: 0}\n", {"SLURM_NODEID": "2"},
+     "job.rank is 0 in the config file but SLURM_NODEID=2"),
+    ("job: {id: j, nodes: 4, rank: 1}\n", {"SPOTWATCH_NODE_RANK": " 3 "},
+     "job.rank is 1 in the config file but SPOTWATCH_NODE_RANK=3"),
+    # Launched again on 3 nodes with the file of the 4-node launch: no set would ever complete.
+    ("job: {id: j, nodes: 4}\n", {"SLURM_NNODES": "3", "SLURM_NODEID": "0"},
+     "job.nodes is 4 in the config file but SLURM_NNODES=3"),
+])
+def test_the_file_and_the_launcher_must_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              job: str, environment: dict[str, str],
+                                              message: str) -> None:
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, job))
+
+
+def test_a_disagreeing_launcher_is_one_line_and_exit_2(workspace: Workspace) -> None:
+    workspace.write_config(job={"id": "j", "nodes": 2, "rank": 0})
+    result = workspace.cli("run", "-c", "config.yaml", SLURM_NODEID="1")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "SLURM_NODEID=1" in result.stderr, \
+        result.stderr
 
 
 def test_whole_job_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.session
 import pytest
 
+from spotwatch.aws.imds import ENDPOINT_MODE_ENV, share_with_sdk
+from spotwatch.config import ImdsSettings
 from spotwatch.emulator import ImdsEmulator
 
 from .conftest import Workspace, block_public_access, keys_in
@@ -127,3 +133,36 @@ def test_a_denied_read_or_listing_fails_the_check_and_says_which(
     [line] = [line for line in result.stdout.splitlines() if named in line]
     assert line.startswith("FAIL") and "AccessDenied" in line, line
     assert not keys_in(s3, workspace.bucket)  # the probe is deleted all the same
+
+
+def test_instance_role_credentials_come_from_the_configured_imds(
+        workspace: Workspace, imds: ImdsEmulator, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no other credentials, the instance role's come from the IMDS spotwatch is set to
+    ask (imds.endpoint here; imds.endpoint_mode on an IPv6-only instance): botocore reads
+    neither from spotwatch's config, and looked at 169.254.169.254, where it found none."""
+    now = datetime.now(timezone.utc)
+    imds.set_item("meta-data/iam/security-credentials/ckpt-writer", json.dumps({
+        "Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": "ASIAINSTANCEROLE9876",
+        "SecretAccessKey": "role-secret", "Token": "role-token",
+        "LastUpdated": now.isoformat(), "Expiration": (now + timedelta(hours=6)).isoformat()}))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    missing = str(tmp_path / "no-such-file")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", missing)
+    monkeypatch.setenv("AWS_CONFIG_FILE", missing)
+    result = check(workspace)
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = next(line for line in result.stdout.splitlines() if "credentials" in line)
+    assert line.startswith("ok") and "iam-role" in line and "...9876" in line, line
+    assert imds.gets_of("meta-data/iam/security-credentials/ckpt-writer") >= 1
+
+
+@pytest.mark.parametrize("mode", ["IPv6", "IPv4"])
+def test_the_sdk_looks_for_credentials_by_the_configured_endpoint_mode(
+        mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The config's mode wins over the environment's, as in spotwatch's own IMDS client.
+    monkeypatch.setenv(ENDPOINT_MODE_ENV, "IPv4" if mode == "IPv6" else "IPv6")
+    share_with_sdk(ImdsSettings(endpoint_mode=mode))  # type: ignore[arg-type]
+    session = botocore.session.Session()
+    assert session.get_config_variable("ec2_metadata_service_endpoint_mode") == mode

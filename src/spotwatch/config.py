@@ -433,10 +433,11 @@ def _with_job_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> di
         return raw  # refused with the usual one line by the conversion
     filled = dict(job)
     for name, variables in JOB_ENVIRONMENT.items():
-        if name in filled:
-            continue
         variable = next((v for v in variables if environ.get(v, "").strip()), None)
         if variable is None:
+            continue
+        if name in filled:
+            _refuse_launcher_disagreement(name, filled, environ, variable)
             continue
         if name == "id":
             filled[name] = environ[variable].strip()
@@ -445,6 +446,25 @@ def _with_job_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> di
     if filled.get("id") is None:
         return raw
     return {**raw, "job": filled}
+
+
+def _refuse_launcher_disagreement(name: str, job: Mapping[str, Any],
+                                  environ: Mapping[str, str], variable: str) -> None:
+    """The file's job.nodes or job.rank must agree with the launcher's. A file copied from
+    another node or from an earlier launch with another node count would otherwise win without
+    a word: two nodes sealing one rank's part (a set complete without another node's shards)
+    or every set waiting for good on a node that never comes (none complete, none restored)."""
+    if name == "id" or job.get("id") is None:
+        return
+    configured = job[name]
+    if not isinstance(configured, int) or isinstance(configured, bool):
+        return  # refused with the usual one line by the conversion
+    launched = _whole_number(environ[variable], f"job.{name}", variable)
+    if launched != configured:
+        raise ConfigError(
+            f"job.{name} is {configured} in the config file but {variable}={launched} in the "
+            f"environment: remove job.{name} from the file to take the launcher's, or make "
+            "them agree")
 
 
 def _whole_number(text: str, key: str, variable: str) -> int:

@@ -47,6 +47,17 @@ def resolve_endpoint(settings: ImdsSettings) -> str:
     return IPV6_ENDPOINT if mode.lower() == "ipv6" else IPV4_ENDPOINT
 
 
+def share_with_sdk(settings: ImdsSettings) -> None:
+    """Have the AWS SDK ask the same IMDS for the instance role's credentials. botocore reads
+    the endpoint and its mode from the environment (or ~/.aws/config), never from spotwatch's
+    config: with `imds.endpoint_mode: IPv6` alone, on an IPv6-only instance, it looked for
+    credentials at the IPv4 address and found none."""
+    if settings.endpoint:
+        os.environ[ENDPOINT_ENV] = settings.endpoint
+    if settings.endpoint_mode:
+        os.environ[ENDPOINT_MODE_ENV] = settings.endpoint_mode
+
+
 def disabled_reason(settings: ImdsSettings) -> str | None:
     """Why IMDS must not be asked anything (no notices, no region), or None when it may be:
     off in the config, or AWS_EC2_METADATA_DISABLED=true, which every AWS SDK honours."""

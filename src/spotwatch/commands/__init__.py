@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from spotwatch.aws.imds import share_with_sdk
 from spotwatch.bucket import NO_BUCKET, NoBucket, resolve_bucket
 from spotwatch.config import (
     Config,
@@ -31,6 +32,7 @@ def load_optional_bucket(args: argparse.Namespace, uploads: bool = False
     alone)."""
     path = find_config_file(args.config)
     config = load_config(path)
+    share_with_sdk(config.imds)
     try:
         bucket: str | None = resolve_bucket(args.bucket, path)
     except NoBucket:
