@@ -87,6 +87,7 @@ class SyncEngine:
                                 node)
         self.throughput = ThroughputMeter()
         self._seal_due = 0.0
+        self._last_scan = clock()  # the start's scan (reconcile), then each rescan
         # Uploads and local deletions seen so far, only ever counted up: a pruner compares
         # it with the count when it last pruned, and never writes it.
         self.changes = 0
@@ -130,8 +131,23 @@ class SyncEngine:
             return
         log.warning("events_lost", detail="the kernel dropped file events (inotify queue "
                     "overflow): scanning the watched directories again")
+        self._rescan("events_lost")
+
+    def rescan_when_due(self, interval: float) -> None:
+        """Scan every watched directory again once `interval` seconds passed since the last
+        scan. Invariant: a change inotify never reports is uploaded all the same, within the
+        interval: writes through a memory mapping (numpy.memmap, a storage mapped from the
+        file) make no event after the file's descriptor is closed, and the file as uploaded at
+        that close would otherwise stay in S3, sealed, for good."""
+        if self._clock() - self._last_scan >= interval:
+            self._rescan("periodic")
+
+    def _rescan(self, reason: str) -> None:
         queued = sum(self._scan(tracker, tracker.quiet_seconds) for tracker in self.trackers)
-        log.info("rescan_done", pending=queued, unsettled=self.unsettled())
+        self._last_scan = self._clock()
+        # Said when it found something: a periodic scan that finds nothing is the usual case.
+        (log.info if queued or reason != "periodic" else log.debug)(
+            "rescan_done", reason=reason, pending=queued, unsettled=self.unsettled())
 
     def collect_settled(self) -> None:
         self._rescan_if_events_lost()
@@ -209,11 +225,19 @@ class SyncEngine:
         # again while it uploads (a directory renamed into place also reports each file moved).
         if ((self.ledger.is_current(self.bucket, key, snapshot.version)
              and not self._rewritten_since_upload(path, snapshot))
-                or UploadJob(path, key, snapshot) in self._uploading):
+                or UploadJob(path, key, snapshot) in self._uploading
+                or self._retry_waits_for(path, snapshot)):
             return False
         self.planner.add(PendingFile(path, key, snapshot, _set_ref(tracker, relative)))
         self.retries.drop_waiting(path)  # the new version goes now; the old retry is moot
         return True
+
+    def _retry_waits_for(self, path: Path, snapshot: Snapshot) -> bool:
+        """Whether this very version already waits for its next attempt: a scan that finds it
+        again must not cut its backoff short (a file that fails for good would otherwise be
+        tried again at every scan)."""
+        waiting = self.retries.waiting(path)
+        return waiting is not None and waiting.snapshot.version == snapshot.version
 
     def _rewritten_since_upload(self, path: Path, snapshot: Snapshot) -> bool:
         """Invariant: a file replaced by another of the same size and mtime (saved under a
