@@ -285,10 +285,10 @@ def test_files_whose_events_the_kernel_dropped_are_uploaded_all_the_same(
 
 def test_writes_through_a_memory_mapping_are_uploaded_all_the_same(
         workspace: Workspace, s3: Any, tmp_path: Path) -> None:
-    """A checkpoint written through a memory mapping (numpy.memmap: open, size, map, close,
-    then write) makes no inotify event after the close: the file as it was then must not stay
-    in S3, sealed, for good. The periodic scan finds the change, and restore brings back the
-    bytes the trainer wrote."""
+    """A checkpoint kept mapped and written through the mapping (a numpy.memmap saved in place
+    and flushed at each step) makes no inotify event while the mapping lives: the file as it
+    was at its descriptor's close must not stay in S3, sealed, for good. The periodic scan
+    finds the change, and restore brings back the bytes the trainer wrote."""
     workspace.write_config(sync={"rescan_interval": 0.5})
     daemon = workspace.start_daemon()
     step = workspace.checkpoints / "step_1"
@@ -307,8 +307,10 @@ def test_writes_through_a_memory_mapping_are_uploaded_all_the_same(
     final = os.urandom(size)
     mapping[:] = final  # through the mapping alone: no event
     mapping.flush()
-    mapping.close()
-    wait_for(lambda: object_bytes(s3, workspace.bucket, "run1/step_1/weights.bin") == final)
+    try:
+        wait_for(lambda: object_bytes(s3, workspace.bucket, "run1/step_1/weights.bin") == final)
+    finally:
+        mapping.close()  # its unmapping ends the open file: the close event comes only now
     assert daemon.stop() == 0
     restored = workspace.cli("restore", "-c", "config.yaml", "--to", str(tmp_path / "back"))
     assert restored.returncode == 0, restored.stderr
