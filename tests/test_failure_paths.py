@@ -116,10 +116,12 @@ def test_a_file_failing_for_good_backs_off_stays_pending_and_blocks_its_manifest
             pump_until(engine, lambda a=attempt: engine.totals.files == 1
                        and engine.retries.failures(root / "step_1/bad.pt") == a, clock)
             assert store.calls["upload_file"] == 1 + attempt  # good.pt once, bad.pt per attempt
+            bad = root / "step_1/bad.pt"
+            # The failed attempt's result comes before the uploader stops counting it.
+            wait_for(lambda: not engine.uploader.is_uploading(bad))
             wait = BACKOFF.ceiling(attempt)
             clock.advance(wait - 0.1)
             engine.pump(upload=True)
-            bad = root / "step_1/bad.pt"
             assert bad in engine.retries and not engine.uploader.is_uploading(bad), \
                 "retried before its backoff"
             assert engine.pending_files() == 1  # waiting to retry still counts as pending
