@@ -110,13 +110,13 @@ def test_a_file_failing_for_good_backs_off_stays_pending_and_blocks_its_manifest
     write(root, "step_1/good.pt", b"good")
     write(root, "step_1/bad.pt", b"bad")
     store.fail("upload_file", times=None, key="run/step_1/bad.pt")
+    bad = root / "step_1/bad.pt"
     with engine_on(root, tmp_path, store, clock) as engine:
         engine.reconcile(quiet_seconds=0)
         for attempt in range(1, FAILING_AFTER + 2):
             pump_until(engine, lambda a=attempt: engine.totals.files == 1
                        and engine.retries.failures(root / "step_1/bad.pt") == a, clock)
             assert store.calls["upload_file"] == 1 + attempt  # good.pt once, bad.pt per attempt
-            bad = root / "step_1/bad.pt"
             # The failed attempt's result comes before the uploader stops counting it.
             wait_for(lambda: not engine.uploader.is_uploading(bad))
             wait = BACKOFF.ceiling(attempt)
