@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -280,6 +281,40 @@ def test_files_whose_events_the_kernel_dropped_are_uploaded_all_the_same(
     assert len(uploaded) == 22
     assert daemon.named("events_lost")
     assert daemon.stop() == 0
+
+
+def test_writes_through_a_memory_mapping_are_uploaded_all_the_same(
+        workspace: Workspace, s3: Any, tmp_path: Path) -> None:
+    """A checkpoint kept mapped and written through the mapping (a numpy.memmap saved in place
+    and flushed at each step) makes no inotify event while the mapping lives: the file as it
+    was at its descriptor's close must not stay in S3, sealed, for good. The periodic scan
+    finds the change, and restore brings back the bytes the trainer wrote."""
+    workspace.write_config(sync={"rescan_interval": 0.5})
+    daemon = workspace.start_daemon()
+    step = workspace.checkpoints / "step_1"
+    step.mkdir()
+    path = step / "weights.bin"
+    size = 256 * 1024
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, size)
+    mapping = mmap.mmap(fd, size)
+    mapping[:size // 2] = b"\x01" * (size // 2)  # what the trainer wrote by the close
+    mapping.flush()
+    os.close(fd)  # the last event: IN_CLOSE_WRITE
+    wait_for(lambda: object_bytes(s3, workspace.bucket, "run1/step_1/weights.bin")[:1] == b"\x01"
+             if "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket)
+             else False)
+    final = os.urandom(size)
+    mapping[:] = final  # through the mapping alone: no event
+    mapping.flush()
+    try:
+        wait_for(lambda: object_bytes(s3, workspace.bucket, "run1/step_1/weights.bin") == final)
+    finally:
+        mapping.close()  # its unmapping ends the open file: the close event comes only now
+    assert daemon.stop() == 0
+    restored = workspace.cli("restore", "-c", "config.yaml", "--to", str(tmp_path / "back"))
+    assert restored.returncode == 0, restored.stderr
+    assert (tmp_path / "back" / "step_1" / "weights.bin").read_bytes() == final
 
 
 def test_symlinks_are_named_once_and_not_followed(workspace: Workspace, s3: Any,

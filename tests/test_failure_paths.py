@@ -110,16 +110,18 @@ def test_a_file_failing_for_good_backs_off_stays_pending_and_blocks_its_manifest
     write(root, "step_1/good.pt", b"good")
     write(root, "step_1/bad.pt", b"bad")
     store.fail("upload_file", times=None, key="run/step_1/bad.pt")
+    bad = root / "step_1/bad.pt"
     with engine_on(root, tmp_path, store, clock) as engine:
         engine.reconcile(quiet_seconds=0)
         for attempt in range(1, FAILING_AFTER + 2):
             pump_until(engine, lambda a=attempt: engine.totals.files == 1
                        and engine.retries.failures(root / "step_1/bad.pt") == a, clock)
             assert store.calls["upload_file"] == 1 + attempt  # good.pt once, bad.pt per attempt
+            # The failed attempt's result comes before the uploader stops counting it.
+            wait_for(lambda: not engine.uploader.is_uploading(bad))
             wait = BACKOFF.ceiling(attempt)
             clock.advance(wait - 0.1)
             engine.pump(upload=True)
-            bad = root / "step_1/bad.pt"
             assert bad in engine.retries and not engine.uploader.is_uploading(bad), \
                 "retried before its backoff"
             assert engine.pending_files() == 1  # waiting to retry still counts as pending
@@ -383,3 +385,27 @@ def test_an_upload_failing_because_its_file_changed_is_superseded_not_failed(
     uploader.shutdown()
     assert results[0].outcome is Outcome.CHANGED
     assert results[0].error is None
+
+
+def test_a_rescan_does_not_cut_a_failing_files_backoff_short(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
+    """The periodic scan finds a file that waits to retry, unchanged: it keeps waiting (a file
+    that fails for good is not tried again at every scan), while a new version of it goes at
+    once."""
+    root = tmp_path / "ckpt"
+    bad = write(root, "step_1/bad.pt", b"bad")
+    store.fail("upload_file", times=None, key="run/step_1/bad.pt")
+    with engine_on(root, tmp_path, store, clock) as engine:
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, lambda: engine.retries.failures(bad) == 1, clock)
+        calls = store.calls["upload_file"]
+        clock.advance(BACKOFF.ceiling(1) - 0.1)
+        engine.rescan_when_due(interval=1.0)
+        engine.pump(upload=True)
+        assert store.calls["upload_file"] == calls and bad in engine.retries, \
+            "the rescan retried it before its backoff"
+        bad.write_bytes(b"bad, saved again")
+        os.utime(bad, ns=(clock.wall_ns() - 10**10,) * 2)  # settled: older than quiet_seconds
+        clock.advance(1.0)
+        engine.rescan_when_due(interval=1.0)
+        pump_until(engine, lambda: store.calls["upload_file"] > calls, clock)

@@ -232,3 +232,17 @@ def test_a_root_deleted_and_made_again_is_watched_again(tracker: ChangeTracker) 
     late = root / "step_3.pt"
     late.write_bytes(b"late")  # seen through the new watch: settles once closed
     assert settled_while_watching(tracker, 1.0) == {late}
+
+
+def test_a_rescan_leaves_a_just_closed_file_to_its_settle_interval(tmp_path: Path) -> None:
+    """A rescan (periodic, or after lost events) finds a file just closed, its mtime fresh:
+    what the close event said stands, and it settles after settle_seconds, not after the
+    quiet interval of a file never seen closed (during a notice, that wait is time lost)."""
+    watched = tmp_path / "ckpt"
+    watched.mkdir()
+    tracker = ChangeTracker(WatchDir(watched), settle_seconds=SETTLE, quiet_seconds=60)
+    path = watched / "model.pt"
+    path.write_bytes(b"m")
+    tracker.mark(path, closed=True)  # as its close-write event does
+    tracker.mark_quiet_for(path, 0.0)  # as a rescan does for a file with a fresh mtime
+    assert wait_for(tracker.take_settled, timeout=10) == [path]

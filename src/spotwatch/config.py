@@ -180,6 +180,9 @@ class SyncSettings(_Section, frozen=True, kw_only=True):
     quiet_seconds: Seconds = 5.0
     # How long a SIGTERM may spend on the final flush (systemd's TimeoutStopSec must be longer).
     stop_timeout: Seconds = 100.0
+    # Scan the watched directories again this often, for changes inotify never reports (writes
+    # through a memory mapping); every few seconds while a notice or flush is under way.
+    rescan_interval: Seconds = 300.0
     # Delete from S3 what spotwatch uploaded and was then deleted locally.
     delete: bool = False
     # Keep only this many newest complete checkpoint sets in S3 (0 keeps all).

@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("spotwatch.daemon")
 
 TICK_SECONDS = 0.05
+# How often the watched directories are scanned again while a flush or this instance's notice
+# is under way: the emergency checkpoint may be written through a memory mapping too.
+FLUSH_RESCAN_SECONDS = 5.0
 # How long the final flush waits for CompleteLifecycleAction before the process exits.
 LIFECYCLE_COMPLETE_WAIT = 10.0
 # How long stopping waits for the peer notice threads (a request under way is abandoned).
@@ -264,6 +267,7 @@ class Daemon:
             # time the instance may not have (the emergency checkpoint comes after the notice).
             for tracker in engine.trackers:
                 tracker.settle_all_closed()
+        engine.rescan_when_due(self._rescan_interval())
         engine.collect_settled()
         if self._pruning is not None:  # before pump: a running prune stops once work arrives
             self._pruning.tend(engine, self._quiet(engine))
@@ -274,6 +278,12 @@ class Daemon:
         elif not self.flushes.active:
             self._complete_lifecycle_when_durable(engine, "files a flush left behind")
         self.reporter.report_when_due(engine, self.last_notice, self.flushes)
+
+    def _rescan_interval(self) -> float:
+        interval = self.config.sync.rescan_interval
+        if self.flushes.active or self._own_notice_seen:
+            return min(interval, FLUSH_RESCAN_SECONDS)
+        return interval
 
     def _on_notice(self, engine: SyncEngine, notice: Notice) -> None:
         detected = datetime.now(timezone.utc)

@@ -36,6 +36,9 @@ log = structlog.get_logger("spotwatch.engine")
 
 # How often finished checkpoint sets are looked for while uploads are still running.
 SEAL_CHECK_SECONDS = 0.25
+# A rescan also looks at files changed this long before the last scan began: timestamps are
+# coarse on some file systems (2 s on FAT), and a change is never missed for want of a tick.
+RESCAN_MARGIN_NS = 2 * 10**9
 
 
 @dataclass
@@ -87,6 +90,8 @@ class SyncEngine:
                                 node)
         self.throughput = ThroughputMeter()
         self._seal_due = 0.0
+        self._last_scan = clock()  # the start's scan (reconcile), then each rescan
+        self._last_scan_wall_ns = wall_clock_ns()
         # Uploads and local deletions seen so far, only ever counted up: a pruner compares
         # it with the count when it last pruned, and never writes it.
         self.changes = 0
@@ -105,14 +110,21 @@ class SyncEngine:
             _set_ref(tracker, name) for tracker in self.trackers
             for name in self.ledger.unsettled_sets(self.bucket,
                                                    object_key(tracker.watch.prefix, "")))
+        self._last_scan_wall_ns = self._wall_clock_ns()
         return sum(self._scan(tracker, quiet_seconds) for tracker in self.trackers)
 
-    def _scan(self, tracker: ChangeTracker, quiet_seconds: float) -> int:
+    def _scan(self, tracker: ChangeTracker, quiet_seconds: float,
+              changed_since_ns: int | None = None) -> int:
+        """Queue what the ledger lacks; changed_since_ns: only files changed (mtime, or ctime:
+        renamed or linked into place) since then, which every scan before has compared."""
         queued = 0
         now_ns = self._wall_clock_ns()
         newest_allowed = now_ns - int(quiet_seconds * 1e9)
         for path, stat in walk_files(tracker.root, partial(self._skip, tracker),
                                      tracker.note_unreadable):
+            if (changed_since_ns is not None
+                    and max(stat.st_mtime_ns, stat.st_ctime_ns) < changed_since_ns):
+                continue
             relative = tracker.relative(path)
             if relative is None:
                 continue
@@ -130,8 +142,27 @@ class SyncEngine:
             return
         log.warning("events_lost", detail="the kernel dropped file events (inotify queue "
                     "overflow): scanning the watched directories again")
-        queued = sum(self._scan(tracker, tracker.quiet_seconds) for tracker in self.trackers)
-        log.info("rescan_done", pending=queued, unsettled=self.unsettled())
+        self._rescan("events_lost")
+
+    def rescan_when_due(self, interval: float) -> None:
+        """Scan every watched directory again once `interval` seconds passed since the last
+        scan. Invariant: a change inotify never reports is uploaded all the same, within the
+        interval: writes through a memory mapping (numpy.memmap, a storage mapped from the
+        file) make no event after the file's descriptor is closed, and the file as uploaded at
+        that close would otherwise stay in S3, sealed, for good."""
+        if self._clock() - self._last_scan >= interval:
+            self._rescan("periodic")
+
+    def _rescan(self, reason: str) -> None:
+        """Scan again for files changed since the last scan began (less a margin for the
+        coarse timestamps of some file systems): the ledger is asked about those alone."""
+        since = self._last_scan_wall_ns - RESCAN_MARGIN_NS
+        self._last_scan, self._last_scan_wall_ns = self._clock(), self._wall_clock_ns()
+        queued = sum(self._scan(tracker, tracker.quiet_seconds, since)
+                     for tracker in self.trackers)
+        # Said when it found something: a periodic scan that finds nothing is the usual case.
+        (log.info if queued or reason != "periodic" else log.debug)(
+            "rescan_done", reason=reason, pending=queued, unsettled=self.unsettled())
 
     def collect_settled(self) -> None:
         self._rescan_if_events_lost()
@@ -209,11 +240,19 @@ class SyncEngine:
         # again while it uploads (a directory renamed into place also reports each file moved).
         if ((self.ledger.is_current(self.bucket, key, snapshot.version)
              and not self._rewritten_since_upload(path, snapshot))
-                or UploadJob(path, key, snapshot) in self._uploading):
+                or UploadJob(path, key, snapshot) in self._uploading
+                or self._retry_waits_for(path, snapshot)):
             return False
         self.planner.add(PendingFile(path, key, snapshot, _set_ref(tracker, relative)))
         self.retries.drop_waiting(path)  # the new version goes now; the old retry is moot
         return True
+
+    def _retry_waits_for(self, path: Path, snapshot: Snapshot) -> bool:
+        """Whether this very version already waits for its next attempt: a scan that finds it
+        again must not cut its backoff short (a file that fails for good would otherwise be
+        tried again at every scan)."""
+        waiting = self.retries.waiting(path)
+        return waiting is not None and waiting.snapshot.version == snapshot.version
 
     def _rewritten_since_upload(self, path: Path, snapshot: Snapshot) -> bool:
         """Invariant: a file replaced by another of the same size and mtime (saved under a

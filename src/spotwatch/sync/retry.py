@@ -73,6 +73,11 @@ class RetryQueue(Generic[K, T]):
         """Everything waiting for a retry."""
         return [w.item for w in self._waiting.values()]
 
+    def waiting(self, key: K) -> T | None:
+        """The item waiting for its next attempt under this key, if any."""
+        waiting = self._waiting.get(key)
+        return waiting.item if waiting is not None else None
+
     def waiting_keys(self) -> Iterable[K]:
         return self._waiting.keys()
 

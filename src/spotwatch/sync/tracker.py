@@ -411,7 +411,12 @@ class ChangeTracker(FileSystemEventHandler):
 
         Invariant: a file never seen closed settles quiet_seconds after its last change, not
         after spotwatch first saw it: a startup scan (and a one-shot flush, which sees no
-        close events) must not add a whole quiet interval to a file already quiet."""
+        close events) must not add a whole quiet interval to a file already quiet. A file
+        the events already speak of keeps what they said: a rescan finding one just closed
+        must not make it wait quiet_seconds instead of settle_seconds."""
+        with self._lock:
+            if path in self._candidates:
+                return
         self.mark(path, closed=False, at=self._clock() - max(0.0, seconds))
 
     def expect_change(self, path: Path) -> None:
