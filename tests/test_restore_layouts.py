@@ -18,7 +18,7 @@ from spotwatch.sync.pointers import repointed_text
 from spotwatch.sync.restore import Candidate, checkpoints_first
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
-from .conftest import Workspace, object_bytes
+from .conftest import Workspace, keys_in, object_bytes
 from .test_checkpoint_sets import restore
 from .test_daemon_e2e import flush_summary
 from .test_restore_safety import named
@@ -206,3 +206,28 @@ def test_what_counts_as_a_pointer(companion: str, text: str, restored: str,
                                   known: tuple[str, ...], expected: str | None) -> None:
     change = repointed_text(text, companion, restored, known)
     assert (change and change[0]) == expected
+
+
+def test_a_hugging_face_staging_directory_is_never_the_checkpoint_restored(
+        workspace: Workspace, s3: Any) -> None:
+    """Transformers 4.36-4.38 saved into tmp-checkpoint-N/ and renamed it checkpoint-N/ when
+    done, on the main rank only: elsewhere the staging directory stayed. get_last_checkpoint
+    takes checkpoint-N/ only, so restoring tmp-checkpoint-N/ handed back no checkpoint."""
+    state = ("trainer_state.json", "rng_state.pth", "model.safetensors", "optimizer.pt")
+    for name in state:
+        write(workspace, f"checkpoint-400/{name}", b"400 " + name.encode(), 300)
+        write(workspace, f"tmp-checkpoint-500/{name}", b"500 " + name.encode(), 200)
+    write(workspace, "runs/Jan01_host/events.out.tfevents.1.host", b"logs", 50)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 5
+    assert not any("tmp-checkpoint" in key for key in keys_in(s3, workspace.bucket))
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert files_under(target) == {f"checkpoint-400/{name}" for name in state}
+
+    # Renamed into place, it is the checkpoint.
+    (workspace.checkpoints / "tmp-checkpoint-500").rename(workspace.checkpoints /
+                                                         "checkpoint-500")
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 4
+    result = restore(workspace, "--to", str(workspace.root / "renamed"))
+    assert "restored checkpoint-500" in result.stdout, result.stderr

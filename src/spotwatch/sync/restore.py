@@ -211,8 +211,9 @@ def checkpoints_first(candidates: Sequence[Candidate]) -> tuple[list[Candidate],
     directories come first, newest first, then the others; the unnumbered top-level files
     (`latest`, a `config.json`) are restored beside the set directory, which may need them to
     load; one that points to another step (`latest` naming an incomplete global_step300) is
-    made to name the step restored (sync.pointers). Where checkpoints are files only (Lightning's epoch=3-step=400.ckpt and last.ckpt),
-    the newest complete set is restored, as ever."""
+    made to name the step restored (sync.pointers). Where checkpoints are files only
+    (Lightning's epoch=3-step=400.ckpt and last.ckpt), the newest complete set is restored,
+    as ever."""
     steps: list[Candidate] = []
     others: list[Candidate] = []
     companions: list[Candidate] = []
