@@ -5,18 +5,23 @@ checkpoints that are files only (Lightning)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spotwatch.keys import manifest_key
+from spotwatch.sync.pointers import repointed_text
 from spotwatch.sync.restore import Candidate, checkpoints_first
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
-from .conftest import Workspace
+from .conftest import Workspace, keys_in, object_bytes
 from .test_checkpoint_sets import restore
 from .test_daemon_e2e import flush_summary
+from .test_restore_safety import named
 
 BASE = 1_700_000_000
 
@@ -98,3 +103,131 @@ def test_restore_tries_numbered_set_directories_first(sets: list[tuple[str, bool
     else:
         assert companions == [c for c, (name, directory) in zip(candidates, sets, strict=True)
                               if not directory and not any(ch.isdigit() for ch in name)]
+
+
+def incomplete_in_s3(s3: Any, workspace: Workspace, set_name: str, key: str) -> None:
+    """As an instance that died mid-upload leaves a set: an object missing, no manifest."""
+    s3.delete_object(Bucket=workspace.bucket, Key=f"run1/{set_name}/{key}")
+    s3.delete_object(Bucket=workspace.bucket, Key=manifest_key("run1/", set_name))
+
+
+def test_deepspeed_latest_names_the_step_restored_when_the_newest_is_incomplete(
+        workspace: Workspace, s3: Any) -> None:
+    write(workspace, "global_step200/mp_rank_00_model_states.pt", b"two hundred", 300)
+    write(workspace, "global_step300/mp_rank_00_model_states.pt", b"three hundred", 200)
+    write(workspace, "global_step300/zero_pp_rank_0_optim_states.pt", b"optim", 200)
+    write(workspace, "latest", b"global_step300", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 4
+    incomplete_in_s3(s3, workspace, "global_step300", "zero_pp_rank_0_optim_states.pt")
+
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "restored global_step200" in result.stdout
+    assert "latest now names global_step200 (was global_step300)" in result.stdout
+    assert files_under(target) == {"global_step200/mp_rank_00_model_states.pt", "latest"}
+    # DeepSpeed's load_checkpoint reads the tag from `latest` and loads that directory.
+    tag = (target / "latest").read_text().strip()
+    assert (target / tag / "mp_rank_00_model_states.pt").read_bytes() == b"two hundred"
+    assert [(e["companion"], e["from"], e["to"]) for e in named(result.stderr,
+            "companion_repointed")] == [("latest", "global_step300", "global_step200")]
+
+
+def test_megatron_tracker_names_the_iteration_restored(workspace: Workspace, s3: Any) -> None:
+    """Megatron-LM writes str(iteration) into latest_checkpointed_iteration.txt and saves into
+    iter_{iteration:07d}/."""
+    write(workspace, "iter_0000200/mp_rank_00/model_optim_rng.pt", b"two hundred", 300)
+    write(workspace, "iter_0000300/mp_rank_00/model_optim_rng.pt", b"three hundred", 200)
+    write(workspace, "latest_checkpointed_iteration.txt", b"300", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 3
+    incomplete_in_s3(s3, workspace, "iter_0000300", "mp_rank_00/model_optim_rng.pt")
+
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "restored iter_0000200" in result.stdout
+    iteration = int((target / "latest_checkpointed_iteration.txt").read_text().strip())
+    assert (target / f"iter_{iteration:07d}" / "mp_rank_00" / "model_optim_rng.pt").exists()
+
+
+def test_a_named_step_comes_with_its_pointer_naming_it(workspace: Workspace) -> None:
+    write(workspace, "config.json", b"{}", 900)
+    write(workspace, "global_step100/mp_rank_00_model_states.pt", b"one hundred", 300)
+    write(workspace, "global_step200/mp_rank_00_model_states.pt", b"two hundred", 200)
+    write(workspace, "latest", b"global_step200\n", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 4
+    target = workspace.root / "rolled-back"
+    result = restore(workspace, "--set", "global_step100", "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert files_under(target) == {"global_step100/mp_rank_00_model_states.pt", "latest",
+                                   "config.json"}
+    assert (target / "latest").read_bytes() == b"global_step100\n"  # its newline kept
+
+
+def test_a_repointed_pointer_in_the_watched_directory_is_uploaded_as_it_now_is(
+        workspace: Workspace, s3: Any) -> None:
+    """The ledger holds what is in S3, the old pointer: the daemon uploads the new one, so S3
+    agrees with the directory and a later restore finds everything in place."""
+    write(workspace, "global_step200/mp_rank_00_model_states.pt", b"two hundred", 300)
+    write(workspace, "global_step300/mp_rank_00_model_states.pt", b"three hundred", 200)
+    write(workspace, "latest", b"global_step300", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 3
+    incomplete_in_s3(s3, workspace, "global_step300", "mp_rank_00_model_states.pt")
+    shutil.rmtree(workspace.checkpoints)  # a new instance
+    workspace.checkpoints.mkdir()
+    shutil.rmtree(workspace.root / "state")
+
+    assert restore(workspace).returncode == 0
+    assert (workspace.checkpoints / "latest").read_bytes() == b"global_step200"
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 1
+    assert object_bytes(s3, workspace.bucket, "run1/latest") == b"global_step200"
+    again = restore(workspace)
+    assert again.returncode == 0, again.stderr
+    assert "0 files downloaded" in again.stdout and "now names" not in again.stdout
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 0
+
+
+@pytest.mark.parametrize(("companion", "text", "restored", "known", "expected"), [
+    ("latest", "global_step300", "global_step200", (), "global_step200"),
+    ("latest", "global_step100\n", "global_step200", (), "global_step200\n"),
+    ("latest", "global_step200", "global_step200", (), None),  # names it already
+    ("latest", "runs", "global_step200", (), None),  # another series
+    ("latest", "global_step300 global_step200", "global_step200", (), None),
+    ("config.json", '{"step": 300}', "global_step200", (), None),
+    ("latest_checkpointed_iteration.txt", "300", "iter_0000200", (), "200"),
+    ("latest_checkpointed_iteration.txt", "release", "iter_0000200", (), None),
+    ("latest_checkpointed_iteration.txt", "200\n", "iter_0000200", (), None),
+    ("latest_checkpointed_iteration.txt", "300", "iter_2_0000200", (), None),  # which number?
+    ("seed.txt", "1234", "step_200", (), None),  # a number, but no set of the series
+    ("last_step", "300", "step_200", ("step_300", "step_200"), "200"),
+    ("last_step", "0300", "step_0200", ("step_0300",), "0200"),
+])
+def test_what_counts_as_a_pointer(companion: str, text: str, restored: str,
+                                  known: tuple[str, ...], expected: str | None) -> None:
+    change = repointed_text(text, companion, restored, known)
+    assert (change and change[0]) == expected
+
+
+def test_a_hugging_face_staging_directory_is_never_the_checkpoint_restored(
+        workspace: Workspace, s3: Any) -> None:
+    """Transformers 4.36-4.38 saved into tmp-checkpoint-N/ and renamed it checkpoint-N/ when
+    done, on the main rank only: elsewhere the staging directory stayed. get_last_checkpoint
+    takes checkpoint-N/ only, so restoring tmp-checkpoint-N/ handed back no checkpoint."""
+    state = ("trainer_state.json", "rng_state.pth", "model.safetensors", "optimizer.pt")
+    for name in state:
+        write(workspace, f"checkpoint-400/{name}", b"400 " + name.encode(), 300)
+        write(workspace, f"tmp-checkpoint-500/{name}", b"500 " + name.encode(), 200)
+    write(workspace, "runs/Jan01_host/events.out.tfevents.1.host", b"logs", 50)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 5
+    assert not any("tmp-checkpoint" in key for key in keys_in(s3, workspace.bucket))
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert files_under(target) == {f"checkpoint-400/{name}" for name in state}
+
+    # Renamed into place, it is the checkpoint.
+    (workspace.checkpoints / "tmp-checkpoint-500").rename(workspace.checkpoints /
+                                                         "checkpoint-500")
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 4
+    result = restore(workspace, "--to", str(workspace.root / "renamed"))
+    assert "restored checkpoint-500" in result.stdout, result.stderr

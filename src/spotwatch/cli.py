@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore = commands.add_parser("restore", parents=[common], help="download the newest "
                                   "complete checkpoint set")
     restore.add_argument("--to", type=_path, help="destination (default: the watched directory)")
-    restore.add_argument("--set", dest="set_name", help="a given set instead of the newest")
+    restore.add_argument("--set", dest="set_name", help="a given set instead of the newest (a "
+                         "numbered set directory with the top-level files beside it)")
     restore.add_argument("--prefix", help="which watched directory, by its prefix")
     restore.add_argument("--node-rank", type=int, metavar="N", help="on a multi-node job: "
                          "only node N's part of the newest set complete for the whole job")

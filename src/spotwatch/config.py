@@ -156,7 +156,10 @@ class AwsSettings(_Section, frozen=True, kw_only=True):
 class WatchDir(_Section, frozen=True):
     path: Annotated[Path, PATH]
     prefix: Prefix = "checkpoints/"
-    exclude: tuple[Text, ...] = ("*.tmp", "*.tmp/*", "__pycache__/*", ".git/*")
+    # tmp-checkpoint-N/: Hugging Face Trainer's staging directory (transformers 4.36-4.38),
+    # renamed checkpoint-N/ when done, or left behind on ranks that do not rename it.
+    exclude: tuple[Text, ...] = ("*.tmp", "*.tmp/*", "__pycache__/*", ".git/*",
+                                 "tmp-checkpoint-*/*", "*/tmp-checkpoint-*/*")
     include: tuple[Text, ...] = ()
     # Files a set directory must hold before it is sealed (see sync.sets.sealer.unmatched).
     complete_when: tuple[Text, ...] = ()

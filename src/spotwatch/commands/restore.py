@@ -28,9 +28,11 @@ def run(args: argparse.Namespace) -> int:
                    if report.passed_over else "")
     companions = (f"; with {', '.join(report.companions)} beside it"
                   if report.companions else "")
+    repointed = "".join(f"; {change.companion} now names {change.new} (was {change.old})"
+                        for change in report.repointed)
     print(f"restored {report.set_name} into {report.destination}: {report.downloaded} files "
           f"downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already present"
-          f"{companions}{passed_over}")
+          f"{companions}{repointed}{passed_over}")
     return 0
 
 

@@ -10,6 +10,9 @@ each checked against its manifest entry as its bytes arrive where the store can
 beside them. A set whose bytes do not match is corrupt: its downloads are removed and the next
 older complete set is restored instead, with a warning; so is an incomplete one.
 
+Numbered set directories come before other sets, with the top-level files beside them
+(checkpoints_first); a pointer among those is made to name the set restored (sync.pointers).
+
 On a multi-node job a set counts only when it is complete for the whole job (sync.sets.parts):
 the whole set is restored, or with --node-rank only the files that node's part lists.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -41,6 +44,7 @@ from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir
 from spotwatch.sync.downloads import FileToFetch, SetCorrupt, SetIncomplete, fetch_verified, verify
 from spotwatch.sync.ledger import Ledger, LedgerError
+from spotwatch.sync.pointers import Repointed, repoint
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import is_complete, list_job_sets, list_manifests
 
@@ -60,6 +64,8 @@ class RestoreReport:
     passed_over: tuple[str, ...] = field(default=())  # newer sets, incomplete or corrupt
     # Top-level files restored beside a set directory (see checkpoints_first).
     companions: tuple[str, ...] = field(default=())
+    # Companions that named another set of the series, rewritten to name this one.
+    repointed: tuple[Repointed, ...] = field(default=())
 
 
 class _Targets:
@@ -162,11 +168,10 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
         candidates = restore_candidates(store, watch.prefix, config.job, node_rank)
     except StoreError as exc:
         raise SpotwatchError(f"cannot read s3://{bucket}/{watch.prefix}: {exc}") from None
-    companions: list[Candidate] = []
-    if set_name is not None:
-        candidates = [c for c in candidates if c.whole.set_name == set_name]
-    else:
-        candidates, companions = checkpoints_first(candidates)
+    known = frozenset(c.whole.set_name for c in candidates)
+    ordered, companions = checkpoints_first(candidates)
+    candidates = (ordered if set_name is None
+                  else [c for c in candidates if c.whole.set_name == set_name])
     # Restored into the watched directory, the files are already in S3: record them.
     ledger = (Ledger(StateDir(config.state_dir).ledger) if _is_watched(destination, watch)
               else None)
@@ -174,10 +179,10 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     try:
         report = restore_newest(store, candidates, destination,
                                 config.transfer.checksum_algorithm, ledger)
-        if report is not None and companions and _is_directory_set(
+        if report is not None and companions and _takes_companions(
                 next(c.whole for c in candidates if c.whole.set_name == report.set_name)):
             report = _with_companions(report, companions, store,
-                                      config.transfer.checksum_algorithm, ledger)
+                                      config.transfer.checksum_algorithm, ledger, known)
     finally:
         if ledger is not None:
             ledger.close()
@@ -205,8 +210,10 @@ def checkpoints_first(candidates: Sequence[Candidate]) -> tuple[list[Candidate],
     than the steps, and restoring it alone would hand back no checkpoint at all. Those set
     directories come first, newest first, then the others; the unnumbered top-level files
     (`latest`, a `config.json`) are restored beside the set directory, which may need them to
-    load. Where checkpoints are files only (Lightning's epoch=3-step=400.ckpt and last.ckpt),
-    the newest complete set is restored, as ever."""
+    load; one that points to another step (`latest` naming an incomplete global_step300) is
+    made to name the step restored (sync.pointers). Where checkpoints are files only
+    (Lightning's epoch=3-step=400.ckpt and last.ckpt), the newest complete set is restored,
+    as ever."""
     steps: list[Candidate] = []
     others: list[Candidate] = []
     companions: list[Candidate] = []
@@ -220,6 +227,12 @@ def checkpoints_first(candidates: Sequence[Candidate]) -> tuple[list[Candidate],
     return steps + others, companions
 
 
+def _takes_companions(manifest: Manifest) -> bool:
+    """Whether the companions come with the set restored, named by --set or not: a numbered
+    set directory (global_step100/), which the pointer beside it must name to be loaded."""
+    return _is_directory_set(manifest) and _is_numbered(manifest)
+
+
 def _is_numbered(manifest: Manifest) -> bool:
     return series_of(manifest.set_name) != manifest.set_name
 
@@ -229,10 +242,13 @@ def _is_directory_set(manifest: Manifest) -> bool:
 
 
 def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
-                     store: ObjectStore, preferred: str, ledger: Ledger | None) -> RestoreReport:
+                     store: ObjectStore, preferred: str, ledger: Ledger | None,
+                     known: Collection[str]) -> RestoreReport:
     """The report, after the companions that are complete and verify were restored too (each
-    on its own: one that is not is named and left out)."""
+    on its own: one that is not is named and left out), and those that point to another set of
+    the series made to point to the one restored (sync.pointers); known: the sets in S3."""
     restored = []
+    repointed = []
     for companion in companions:
         name = companion.whole.set_name
         done = restore_newest(store, [companion], report.destination, preferred, ledger)
@@ -242,7 +258,29 @@ def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
         restored.append(name)
         report = replace(report, downloaded=report.downloaded + done.downloaded,
                          skipped=report.skipped + done.skipped, bytes=report.bytes + done.bytes)
-    return replace(report, companions=tuple(restored))
+        change = _repoint(companion.fetch, report, known)
+        if change is not None:
+            repointed.append(change)
+    return replace(report, companions=tuple(restored), repointed=tuple(repointed))
+
+
+def _repoint(companion: Manifest, report: RestoreReport,
+             known: Collection[str]) -> Repointed | None:
+    """The companion made to name the set restored, if it is a pointer to another of the
+    series. The ledger keeps the object in S3 (still the old pointer): a daemon watching the
+    destination uploads the pointer as it now is."""
+    if len(companion.files) != 1:
+        return None
+    entry = companion.files[0]
+    target = _Targets(report.destination).of(entry)
+    try:
+        change = repoint(target, entry.path, report.set_name, known, temporary(target))
+    except OSError as exc:
+        raise SpotwatchError(f"cannot make {entry.path} name {report.set_name}: {exc}") from None
+    if change is not None:
+        log.warning("companion_repointed", companion=change.companion, set=report.set_name,
+                    **{"from": change.old, "to": change.new})
+    return change
 
 
 def restore_candidates(store: ObjectStore, prefix: str, job: JobSettings,

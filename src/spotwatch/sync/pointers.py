@@ -1,0 +1,97 @@
+"""Pointer files beside the set directories: after a restore they name the set restored.
+
+Trainers keep a small top-level file that names their newest checkpoint directory: DeepSpeed's
+`latest` holds its tag (`global_step300`), Megatron's `latest_checkpointed_iteration.txt` the
+iteration (`300` for `iter_0000300/`). When restore falls back to an older set, the pointer it
+brings back beside it still names the newer one, which is not there: the trainer then finds no
+checkpoint and starts from scratch. Such a pointer is rewritten to name the set restored.
+
+Only a small UTF-8 file whose whole content (stripped) is one name is a pointer: the name of
+another set of the restored set's series, or a bare number where the file is Megatron's tracker
+or that number names a set of the series listed in S3. Nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from stat import S_IMODE
+
+from spotwatch.keys import series_of
+
+# A pointer holds a name, a line at most; a file larger than this is no pointer.
+POINTER_MAX_BYTES = 256
+# Pointers that hold a bare number: Megatron-LM's (and NeMo's, Megatron-DeepSpeed's) tracker.
+NUMBER_TRACKERS = frozenset({"latest_checkpointed_iteration.txt"})
+_DIGITS = re.compile(r"[0-9]+")
+
+
+@dataclass(frozen=True)
+class Repointed:
+    companion: str
+    old: str  # what the pointer named (stripped)
+    new: str
+
+
+def repointed_text(text: str, companion: str, restored: str,
+                   known: Collection[str]) -> tuple[str, str, str] | None:
+    """(the new content, the name it held, the name it now holds) when the text is a pointer to
+    another set of the restored set's series; None when it is no pointer or names that set.
+    companion: the pointer file's name; known: the names of the sets listed in S3."""
+    core = text.strip()
+    if not core or any(ch.isspace() for ch in core) or core == restored:
+        return None
+    start = text.index(core)
+    if series_of(core) == series_of(restored):
+        new = restored
+    else:
+        new_number = _number_pointed(core, companion, restored, known)
+        if new_number is None:
+            return None
+        new = new_number
+    return text[:start] + new + text[start + len(core):], core, new
+
+
+def _number_pointed(core: str, companion: str, restored: str,
+                    known: Collection[str]) -> str | None:
+    """The restored set's number as the pointer writes it, if the pointer is a bare number of
+    another set of the series (the restored name has one run of digits to compare with)."""
+    runs = _DIGITS.findall(restored)
+    if not _DIGITS.fullmatch(core) or len(runs) != 1 or int(core) == int(runs[0]):
+        return None
+    pointed = _DIGITS.sub(core.zfill(len(runs[0])), restored)
+    if companion not in NUMBER_TRACKERS and pointed not in known:
+        return None
+    number = str(int(runs[0]))
+    # Zero-padded as the pointer was, else as Megatron writes it: str(iteration).
+    return number.zfill(len(core)) if core.startswith("0") and len(core) > 1 else number
+
+
+def repoint(path: Path, companion: str, restored: str, known: Collection[str],
+            temporary: Path) -> Repointed | None:
+    """Rewrite the file at path when it points to another set of the restored set's series
+    (see repointed_text); temporary: where the new content waits until it replaces the file
+    in one rename. Its mtime is now: it is no longer the object in S3, and the daemon, when the
+    path is watched, uploads the pointer as it now is."""
+    try:
+        info = path.stat()
+        if info.st_size > POINTER_MAX_BYTES:
+            return None
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    change = repointed_text(text, companion, restored, known)
+    if change is None:
+        return None
+    content, old, new = change
+    try:
+        temporary.write_text(content, encoding="utf-8")
+        os.chmod(temporary, S_IMODE(info.st_mode))
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return Repointed(companion, old, new)
