@@ -13,13 +13,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import boto3
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from spotwatch.aws.imds import REGION_PATH, ImdsError, disabled_reason, probe_client
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import encryption_args, make_s3_client, sdk_settings_checked
+from spotwatch.aws.store import store_error
 from spotwatch.config import Config
 from spotwatch.keys import WRITE_PROBE, object_key
+
+# No answer from S3: refused, reset or timed out connections, a name that does not resolve.
+# Other botocore errors (no credentials, say) are no outage and still refuse.
+_NO_ANSWER = (BotoConnectionError, HTTPClientError)
 
 PUBLIC_ACCESS_FLAGS = ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy",
                        "RestrictPublicBuckets")
@@ -31,6 +37,9 @@ class CheckResult:
     ok: bool
     detail: str
     fatal: bool = True  # a failed non-fatal check is a warning
+    # Failed only because S3 did not answer (or answered 5xx, throttling, a timeout): says
+    # nothing of the bucket, so `run` waits and checks again rather than refusing.
+    unreachable: bool = False
 
     @property
     def symbol(self) -> str:
@@ -39,6 +48,15 @@ class CheckResult:
 
 def _error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", "error"))
+
+
+def _refusal(exc: ClientError) -> str:
+    """The code of S3's refusal. A transient answer (5xx, SlowDown, throttling, a timeout) is
+    raised again: it is no verdict on the bucket (a 503 on GetPublicAccessBlock is not a
+    public bucket), and run_checks reports S3 as unreachable instead."""
+    if not store_error(exc).permanent:
+        raise exc
+    return _error_code(exc)
 
 
 def _in_container() -> bool:
@@ -59,7 +77,7 @@ def check_bucket_region(s3: Any, bucket: str, config: Config, expected: str) -> 
     try:
         location = s3.get_bucket_location(Bucket=bucket).get("LocationConstraint")
     except ClientError as exc:
-        return CheckResult("bucket", False, f"cannot reach s3://{bucket}: {_error_code(exc)}")
+        return CheckResult("bucket", False, f"cannot reach s3://{bucket}: {_refusal(exc)}")
     region = {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(location, location)
     if region == expected:
         return CheckResult("bucket region", True, f"s3://{bucket} is in {region}")
@@ -96,12 +114,12 @@ def check_public_access(s3: Any, bucket: str, config: Config) -> CheckResult:
         block = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
         problems += [flag for flag in PUBLIC_ACCESS_FLAGS if not block.get(flag)]
     except ClientError as exc:
-        problems.append(f"no public access block ({_error_code(exc)})")
+        problems.append(f"no public access block ({_refusal(exc)})")
     try:
         if s3.get_bucket_policy_status(Bucket=bucket)["PolicyStatus"]["IsPublic"]:
             problems.append("the bucket policy makes it public")
-    except ClientError:
-        pass  # no policy: nothing public through a policy
+    except ClientError as exc:
+        _refusal(exc)  # no policy: nothing public through a policy
     if not problems:
         return CheckResult("public access", True, "all public access blocked")
     allowed = config.allow_public_bucket
@@ -119,7 +137,9 @@ def check_encryption(s3: Any, bucket: str, config: Config) -> CheckResult:
     try:
         rules = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]
         algorithm = rules["Rules"][0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"]
-    except (ClientError, KeyError, IndexError):
+    except (ClientError, KeyError, IndexError) as exc:
+        if isinstance(exc, ClientError):
+            _refusal(exc)
         return CheckResult("encryption", True, "no default encryption reported; uploads: "
                            f"{upload_note}", fatal=False)
     return CheckResult("encryption", True, f"default encryption {algorithm}; uploads: "
@@ -138,18 +158,18 @@ def check_write(s3: Any, bucket: str, config: Config) -> CheckResult:
                       **encryption_args(config.transfer))
     except ClientError as exc:
         return CheckResult("write", False, f"cannot write s3://{bucket}/{key}: "
-                           f"{_error_code(exc)}")
+                           f"{_refusal(exc)}")
     unreadable = None
     try:
         if s3.get_object(Bucket=bucket, Key=key)["Body"].read() != _PROBE_BODY:
             unreadable = "other bytes came back"
     except ClientError as exc:
-        unreadable = _error_code(exc)
+        unreadable = _refusal(exc)
     try:
         s3.delete_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         return CheckResult("write", False, f"can write but cannot delete s3://{bucket}/{key} "
-                           f"(left there): {_error_code(exc)}")
+                           f"(left there): {_refusal(exc)}")
     if unreadable is not None:
         return CheckResult("write", False, f"can write but cannot read back s3://{bucket}/"
                            f"{key} (restore needs to): {unreadable}")
@@ -166,13 +186,13 @@ def check_listing(s3: Any, bucket: str, config: Config) -> CheckResult:
             s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
         except ClientError as exc:
             return CheckResult("listing", False, f"cannot list s3://{bucket}/{prefix}: "
-                               f"{_error_code(exc)}")
+                               f"{_refusal(exc)}")
         try:
             s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix, MaxUploads=1)
         except ClientError as exc:
             return CheckResult("listing", False, f"cannot list the multipart uploads under "
                                f"s3://{bucket}/{prefix} (needed to clean up after a crash): "
-                               f"{_error_code(exc)}")
+                               f"{_refusal(exc)}")
     prefixes = ", ".join(object_key(watch.prefix, "") for watch in config.watch)
     return CheckResult("listing", True, f"can list objects and uploads under {prefixes}")
 
@@ -190,10 +210,19 @@ def run_checks(config: Config, bucket: str, s3: Any | None = None) -> list[Check
                         check_encryption(s3, bucket, config), check_write(s3, bucket, config),
                         check_listing(s3, bucket, config)]
     except BotoCoreError as exc:
-        results.append(CheckResult("bucket", False, f"S3 unreachable: {exc}"))
+        results.append(CheckResult("bucket", False, f"S3 unreachable: {exc}",
+                                   unreachable=isinstance(exc, _NO_ANSWER)))
+    except ClientError as exc:  # a transient answer, raised again by _refusal
+        results.append(CheckResult("bucket", False, f"S3 unreachable: {exc}", unreachable=True))
     results.append(check_instance_region(config, expected))
     return results
 
 
 def failures(results: list[CheckResult]) -> list[CheckResult]:
     return [r for r in results if not r.ok and r.fatal]
+
+
+def only_unreachable(results: list[CheckResult]) -> bool:
+    """Failed, but only because S3 is unreachable: worth checking again, no refusal."""
+    failed = failures(results)
+    return bool(failed) and all(result.unreachable for result in failed)

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-import structlog
-
-from spotwatch.aws.preflight import failures, run_checks
+from spotwatch.aws.preflight import run_checks
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.commands import load
 from spotwatch.daemon.loop import Daemon
-from spotwatch.errors import SpotwatchError
+from spotwatch.daemon.startup import StartChecks
 
 
 def run(args: argparse.Namespace) -> int:
+    """A refusal of the checks ends `run` (SpotwatchError); while S3 is only unreachable the
+    daemon waits for them, telling the trainer of notices meanwhile (see Daemon.run)."""
     config, bucket = load(args)
-    log = structlog.get_logger("spotwatch")
     client = make_s3_client(resolve_region(config), config.transfer)
-    results = run_checks(config, bucket, client)
-    for result in results:
-        log.info("check", name=result.name, ok=result.ok, detail=result.detail)
-    refused = failures(results)
-    if refused:
-        raise SpotwatchError(f"refusing to start: {refused[0].name}: {refused[0].detail}")
-    return Daemon(config, bucket, client).run()
+    checks = StartChecks(lambda: run_checks(config, bucket, client))
+    return Daemon(config, bucket, client).run(checks=checks)

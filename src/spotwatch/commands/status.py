@@ -103,11 +103,28 @@ class _Report(msgspec.Struct):
     unsealed_sets: list[str] = []
 
 
+class _Waiting(msgspec.Struct):
+    reason: str
+    since: float
+    attempts: int
+
+
+class _WaitingReport(msgspec.Struct):
+    """A daemon whose start waits for S3 to pass the preflight checks: no engine runs yet."""
+
+    updated_at: Annotated[float, msgspec.Meta(ge=0, le=LATEST_TIMESTAMP)]
+    waiting_for_s3: _Waiting
+    role: str = "run"
+    degraded: list[str] = []
+    last_notice: _Notice | None = None
+
+
 def _readable(status: dict[str, Any]) -> bool:
     """Invariant: status shows only a report it can read. One written by another version of
     the daemon, or damaged, is said to be so (and not healthy), never a traceback."""
+    shape = _WaitingReport if "waiting_for_s3" in status else _Report
     try:
-        msgspec.convert(status, _Report)
+        msgspec.convert(status, shape)
     except msgspec.ValidationError:
         return False
     return True
@@ -158,10 +175,25 @@ def _health(daemon: dict[str, Any]) -> str:
     return "degraded: " + "; ".join(degraded) if degraded else "ok"
 
 
+def _notice_line(notice: dict[str, Any] | None) -> str:
+    if not notice:
+        return "none"
+    return (f"{notice['kind']}{_from_peer(notice)} at {notice['detected_at']} (deadline "
+            f"{notice['deadline']})")
+
+
 def render_status(report: dict[str, Any]) -> str:
     lines = [f"bucket:       {report['bucket']}"]
     daemon = report.get("daemon")
-    if report.get("daemon_pid") and daemon:
+    if report.get("daemon_pid") and daemon and daemon.get("waiting_for_s3"):
+        waiting = daemon["waiting_for_s3"]
+        lines.append(f"daemon:       running (pid {report['daemon_pid']}), waiting for S3: "
+                     f"unreachable at start, preflight checks pending since "
+                     f"{_ago(waiting['since'])}; notices still reach the trainer, nothing "
+                     f"uploads until the checks pass")
+        lines.append("health:       " + _health(daemon))
+        lines.append("last notice:  " + _notice_line(daemon.get("last_notice")))
+    elif report.get("daemon_pid") and daemon:
         lines.append(f"daemon:       running (pid {report['daemon_pid']})")
         lines.append(f"pending:      {daemon['pending_files']} files, "
                      f"{_size(daemon['pending_bytes'])} ({daemon['uploading']} uploading, "
@@ -171,10 +203,7 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append("health:       " + _health(daemon))
         if daemon.get("metrics_url"):
             lines.append(f"metrics:      {daemon['metrics_url']}/metrics")
-        notice = daemon.get("last_notice")
-        lines.append("last notice:  " + (f"{notice['kind']}{_from_peer(notice)} at "
-                                         f"{notice['detected_at']} (deadline "
-                                         f"{notice['deadline']})" if notice else "none"))
+        lines.append("last notice:  " + _notice_line(daemon.get("last_notice")))
         incomplete = daemon.get("incomplete_sets") or []
         if incomplete:
             lines.append(f"incomplete:   {len(incomplete)} sets without a manifest (a file "

@@ -28,6 +28,8 @@ from spotwatch.daemon.reporter import Reporter
 from spotwatch.daemon.session import Parts, Session
 from spotwatch.daemon.signals import SignalInbox
 from spotwatch.daemon.snapshot import EngineSnapshot
+from spotwatch.daemon.startup import StartChecks, log_results
+from spotwatch.errors import SpotwatchError
 from spotwatch.model import Notice, NoticeKind
 from spotwatch.notices import sources_for
 from spotwatch.notices.peers import (
@@ -103,23 +105,33 @@ class Daemon:
         # Continuous uploads share this cap until a notice or a stop lifts it (run only).
         self.bandwidth: BandwidthLimiter | None = None
         self._publisher: PeerPublisher | None = None
+        self._poller: NoticePoller | None = None
+        # Notices told to the trainer while the start waited for S3; their flushes start
+        # (and peers learn of them) once the engine runs.
+        self._deferred: list[Notice] = []
 
     # -- public entry points -------------------------------------------------------------
 
-    def run(self, handle_signals: bool = True) -> int:
-        """The daemon: upload continuously, flush on notices, final flush on SIGTERM."""
+    def run(self, handle_signals: bool = True, checks: StartChecks | None = None) -> int:
+        """The daemon: upload continuously, flush on notices, final flush on SIGTERM.
+        checks: the preflight checks to pass before anything touches S3 (`spotwatch run`)."""
         self.bandwidth = limiter_for(self.config.sync.continuous_bandwidth)
         self.reporter.watch_bandwidth(self.bandwidth)
         if handle_signals:
             self._signals.install_flush_requests()
-        with self._session(prune=True, throttle=self.bandwidth) as parts:
+
+        def before_s3() -> None:
+            self._start_notices()
+            if checks is not None:
+                self._await_checks(checks, handle_signals)
+
+        with self._session(prune=True, throttle=self.bandwidth, before_s3=before_s3) as parts:
             engine = self._observe(parts)
             if parts.pruner is not None:
                 self._pruning = PruneSchedule(parts.pruner, self.config.watch, self._wake.set)
-            self._told = self.hooks.start()  # a restart keeps the notice told before
-            self._lifecycle = self._lifecycle_action()
             peer_poller = self._start_peers(parts.store)
-            poller = self._start_poller()
+            self._flush_deferred(engine)
+            poller = self._poller
             metrics_server = self.reporter.start_server(self.config.metrics)
             if handle_signals:
                 self._signals.install()
@@ -180,10 +192,76 @@ class Daemon:
 
     # -- wiring --------------------------------------------------------------------------
 
-    def _session(self, prune: bool = False,
-                 throttle: BandwidthLimiter | None = None) -> Session:
+    def _session(self, prune: bool = False, throttle: BandwidthLimiter | None = None,
+                 before_s3: Callable[[], None] | None = None) -> Session:
         return Session(self.config, self.bucket, self.state, self.reporter.s3_watch,
-                       self._wake.set, self._client, prune, throttle)
+                       self._wake.set, self._client, prune, throttle, before_s3)
+
+    def _start_notices(self) -> None:
+        """With the state lock held and before anything touches S3: from here on the trainer
+        is told of notices, whatever S3 does."""
+        self._told = self.hooks.start()  # a restart keeps the notice told before
+        self._lifecycle = self._lifecycle_action()
+        self._poller = self._start_poller()
+
+    def _await_checks(self, checks: StartChecks, handle_signals: bool) -> None:
+        """Until the preflight checks pass. Invariant: while S3 is only unreachable, the
+        daemon waits rather than exiting, and tells the trainer of notices as ever (their
+        flushes wait for the engine: nothing uploads before the checks pass, they refuse a
+        bucket in another region or a public one). A refusal ends it as at start; so does a
+        stop, with exit 1: nothing could be made durable."""
+        waiting_since: float | None = None
+        while True:
+            verdict = checks.poll()
+            if verdict is not None and verdict.unreachable is None:
+                log_results(verdict.results)
+                refused = verdict.refusal
+                if refused is not None:
+                    self._release_lifecycle(durable=False)
+                    raise SpotwatchError(f"refusing to start: {refused.name}: {refused.detail}")
+                if waiting_since is not None:
+                    log.info("s3_checks_passed", waited_seconds=round(
+                        time.monotonic() - waiting_since, 1), attempts=checks.attempts + 1)
+                return
+            if verdict is not None and verdict.unreachable is not None:
+                if waiting_since is None:
+                    log_results(verdict.results)
+                    log.warning("s3_unreachable_at_start", reason=verdict.unreachable.detail,
+                                detail="notices still reach the trainer; nothing uploads until "
+                                "the preflight checks pass, checked again with backoff")
+                    waiting_since = time.monotonic()
+                    if handle_signals:
+                        self._signals.install()
+                    sdnotify.notify("READY=1\nSTATUS=waiting for S3 (preflight checks pending)")
+                self.reporter.wait_for_s3(verdict.unreachable.detail, checks.attempts)
+            self._take_signals()
+            if self._stop.is_set():
+                log.error("stopped_waiting_for_s3", notices_told=len(self._deferred),
+                          detail="S3 never became reachable: nothing was uploaded")
+                self._release_lifecycle(durable=False)
+                raise SpotwatchError("stopped while waiting for S3 to become reachable: "
+                                     "nothing was uploaded")
+            self._tell_while_waiting()
+            if waiting_since is not None:
+                self.reporter.report_waiting_when_due(self.last_notice)
+            self._sleep(TICK_SECONDS)
+
+    def _tell_while_waiting(self) -> None:
+        while True:
+            try:
+                notice = self._notices.get_nowait()
+            except queue.Empty:
+                return
+            self._learn(notice)
+            self._deferred.append(notice)
+
+    def _flush_deferred(self, engine: SyncEngine) -> None:
+        """The notices told while the start waited for S3: shared with peers now, and flushed
+        (the trainer is not told again: it has them)."""
+        for notice in self._deferred:
+            self._share(notice)
+            self._start_flush(engine, notice.kind.value, notice.deadline)
+        self._deferred.clear()
 
     def _observe(self, parts: Parts) -> SyncEngine:
         """The engine, with the flush and the metrics counting its results."""
@@ -286,6 +364,11 @@ class Daemon:
         return interval
 
     def _on_notice(self, engine: SyncEngine, notice: Notice) -> None:
+        self._learn(notice)
+        self._start_flush(engine, notice.kind.value, notice.deadline)
+
+    def _learn(self, notice: Notice) -> None:
+        """A notice, all but its flush: logged, shared, counted, told to the trainer."""
         detected = datetime.now(timezone.utc)
         seconds_left = (notice.deadline - detected).total_seconds() if notice.deadline else None
         record = {
@@ -317,7 +400,6 @@ class Daemon:
         if (notice.kind is NoticeKind.ASG_TERMINATING and notice.peer_rank is None
                 and self._lifecycle is not None):
             self._lifecycle.begin()  # heart-beats until a flush leaves everything durable
-        self._start_flush(engine, notice.kind.value, notice.deadline)
 
     def _tell_trainer(self, notice: Notice, record: dict[str, Any]) -> None:
         """Invariant: the trainer is never told a later deadline than one it already has. A

@@ -43,6 +43,8 @@ class Reporter:
         self._status_due = 0.0
         self._keepalive_interval = sdnotify.watchdog_interval()
         self._keepalive_due = 0.0
+        # While the start waits for S3 to pass the preflight checks: why, since when, runs.
+        self._waiting: dict[str, Any] | None = None
 
     def watch_imds(self, reachability: Outage) -> None:
         self._imds = reachability
@@ -100,13 +102,48 @@ class Reporter:
     def report_when_due(self, engine: SyncEngine, last_notice: dict[str, Any] | None,
                         flushes: FlushController) -> None:
         """Keep-alives and status.json, each when due."""
+        self._keep_alive()
+        if time.monotonic() >= self._status_due:
+            self.write(engine, last_notice, flushes)
+            self._status_due = time.monotonic() + STATUS_INTERVAL_SECONDS
+
+    def _keep_alive(self) -> None:
         if self._keepalive_interval is not None and time.monotonic() >= self._keepalive_due:
             # systemd's watchdog restarts us if this loop ever stalls.
             sdnotify.notify("WATCHDOG=1")
             self._keepalive_due = time.monotonic() + self._keepalive_interval
-        if time.monotonic() >= self._status_due:
-            self.write(engine, last_notice, flushes)
-            self._status_due = time.monotonic() + STATUS_INTERVAL_SECONDS
+
+    # -- while the start waits for S3 ------------------------------------------------------
+
+    def wait_for_s3(self, reason: str, attempts: int) -> None:
+        """A run of the preflight checks found S3 unreachable."""
+        since = self._waiting["since"] if self._waiting else time.time()
+        self._waiting = {"reason": reason, "since": since, "attempts": attempts}
+        self._status_due = 0.0  # said at once
+
+    def report_waiting_when_due(self, last_notice: dict[str, Any] | None) -> None:
+        """Keep-alives and a status.json that says the daemon is up, telling the trainer of
+        notices, and waiting for S3: no engine runs yet, so no pending counts are claimed."""
+        self._keep_alive()
+        if time.monotonic() < self._status_due or self._waiting is None:
+            return
+        self._status_due = time.monotonic() + STATUS_INTERVAL_SECONDS
+        imds_up = self._imds.up if self._imds is not None else None
+        status = {
+            "pid": os.getpid(),
+            "role": self.role,
+            "bucket": self._bucket,
+            "updated_at": time.time(),
+            "waiting_for_s3": self._waiting,
+            "imds_up": imds_up,
+            "degraded": [f"S3 unreachable at start ({self._waiting['reason']}): preflight "
+                         "checks pending, nothing uploads until they pass"],
+            "last_notice": last_notice,
+        }
+        try:
+            write_json_atomically(self._state.status, status)
+        except OSError as exc:
+            log.warning("status_write_failed", error=exc.strerror)
 
     def write(self, engine: SyncEngine, last_notice: dict[str, Any] | None,
               flushes: FlushController) -> None:

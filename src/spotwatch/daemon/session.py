@@ -62,8 +62,11 @@ class Session:
 
     def __init__(self, config: Config, bucket: str, state: StateDir, s3_watch: S3Watch,
                  wake: Callable[[], None], client: S3Client | None = None,
-                 prune: bool = False, throttle: Throttle | None = None) -> None:
-        """throttle: the bandwidth cap on this run's uploads (None: none)."""
+                 prune: bool = False, throttle: Throttle | None = None,
+                 before_s3: Callable[[], None] | None = None) -> None:
+        """throttle: the bandwidth cap on this run's uploads (None: none). before_s3: called
+        with the state lock held, before anything touches S3 (the daemon's notices, and its
+        wait for the preflight checks)."""
         self._config = config
         self._bucket = bucket
         self._state = state
@@ -72,6 +75,7 @@ class Session:
         self._client = client
         self._prune = prune
         self._throttle = throttle
+        self._before_s3 = before_s3
         self._lock = StateLock(state)
         self._observer: Any = None
         self._engine: SyncEngine | None = None
@@ -80,6 +84,8 @@ class Session:
         self._state.ensure()
         self._lock.acquire()
         try:
+            if self._before_s3 is not None:
+                self._before_s3()
             parts = self._start()
         except BaseException:
             self.__exit__()

@@ -1,0 +1,168 @@
+"""`spotwatch run` while S3 is unreachable at start: it tells the trainer of notices all the
+same and waits for the preflight checks, which still refuse a wrong bucket once S3 answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from spotwatch.emulator import ImdsEmulator
+
+from .conftest import REGION, Daemon, Workspace, block_public_access, keys_in, wait_for
+from .faultproxy import FaultProxy
+from .test_daemon_e2e import save_checkpoint
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_run(workspace: Workspace, endpoint: str, *args: str) -> Daemon:
+    """`spotwatch run` with S3 at `endpoint`, started (not waited for)."""
+    log_path = workspace.root / f"daemon-{uuid.uuid4().hex[:6]}.log"
+    with log_path.open("w") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spotwatch.cli", "run", "-c", str(workspace.config_file),
+             *args],
+            cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=endpoint), stdout=handle,
+            stderr=subprocess.STDOUT)
+    return Daemon(process, log_path)
+
+
+@contextmanager
+def running(daemon: Daemon) -> Iterator[Daemon]:
+    try:
+        yield daemon
+    finally:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+
+
+@contextmanager
+def s3_on(port: int) -> Iterator[Any]:
+    """An S3 server on `port` (S3 coming back); yields a client of it. moto keeps its buckets
+    per process: the workspace's bucket is there already."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield boto3.client("s3", region_name=REGION, endpoint_url=f"http://127.0.0.1:{port}")
+    finally:
+        server.stop()
+
+
+def make_bucket(s3: Any, name: str, region: str = REGION) -> None:
+    s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": region})
+    block_public_access(s3, name)
+
+
+@pytest.fixture
+def outage(workspace: Workspace) -> Workspace:
+    """The workspace's config for a daemon that finds S3 down: few SDK attempts per check
+    (a run of the checks then ends in seconds), hooks that leave a trace."""
+    told = workspace.root / "told.txt"
+    workspace.write_config(transfer={"max_attempts": 2}, hooks={
+        "notice_file": str(workspace.root / "notice.json"),
+        "command": f"echo \"$SPOTWATCH_NOTICE_ID\" >> {told}"})
+    return workspace
+
+
+def test_notices_reach_the_trainer_while_s3_is_down_and_uploads_follow(
+        outage: Workspace, imds: ImdsEmulator) -> None:
+    port = free_port()  # nothing listens there: connections are refused
+    notice_file = outage.root / "notice.json"
+    with running(start_run(outage, f"http://127.0.0.1:{port}")) as daemon:
+        warning = daemon.wait_for_event("s3_unreachable_at_start")
+        assert "S3 unreachable" in warning["reason"]
+        assert not daemon.named("daemon_started")
+        status = wait_for(lambda: outage.status().get("waiting_for_s3") and outage.status())
+        assert status["pid"] == daemon.process.pid and status["degraded"]
+        shown = outage.cli("status", "-c", str(outage.config_file))
+        assert shown.returncode == 0, shown.stderr
+        assert "waiting for S3" in shown.stdout and "checks pending" in shown.stdout
+        assert outage.cli("status", "-c", str(outage.config_file), "--healthy").returncode == 1
+
+        imds.fire_spot_interruption("terminate", in_seconds=120)
+        told = json.loads(wait_for(lambda: notice_file.is_file() and notice_file.read_text()))
+        assert told["kind"] == "spot-interruption"
+        wait_for(lambda: (outage.root / "told.txt").is_file())
+        data = save_checkpoint(outage.checkpoints / "emergency.pt", 50_000)  # during the outage
+        assert daemon.process.poll() is None  # still up, still waiting
+
+        with s3_on(port) as s3:
+            wait_for(lambda: "run1/emergency.pt" in keys_in(s3, outage.bucket), timeout=90)
+            assert s3.get_object(Bucket=outage.bucket,
+                                 Key="run1/emergency.pt")["Body"].read() == data
+            daemon.wait_for_event("s3_checks_passed")
+            daemon.wait_for_event("daemon_started")
+            assert daemon.stop() == 0
+    # Told once: neither the notice file nor the command again as new after the wait.
+    assert (outage.root / "told.txt").read_text().split() == [told["id"]]
+    assert len(daemon.named("notice_detected")) == 1
+    assert json.loads(notice_file.read_text()) == told
+    assert len(daemon.named("s3_unreachable_at_start")) == 1
+
+
+def test_a_refusal_found_once_s3_answers_ends_run(outage: Workspace) -> None:
+    port = free_port()
+    in_eu = f"{outage.bucket}-eu"
+    save_checkpoint(outage.checkpoints / "step_1.pt", 1_000)
+    with running(start_run(outage, f"http://127.0.0.1:{port}", "--bucket", in_eu)) as daemon:
+        daemon.wait_for_event("s3_unreachable_at_start")
+        with s3_on(port):
+            eu = boto3.client("s3", region_name="eu-west-1",
+                              endpoint_url=f"http://127.0.0.1:{port}")
+            make_bucket(eu, in_eu, "eu-west-1")
+            assert daemon.process.wait(timeout=90) == 1
+            assert keys_in(eu, in_eu) == set()  # not one upload
+    last = daemon.log_path.read_text().strip().splitlines()[-1]
+    assert last.startswith("spotwatch: error: refusing to start: bucket region"), last
+    assert "eu-west-1" in last
+    assert not daemon.named("daemon_started")
+
+
+def test_a_refusal_at_start_still_ends_run_at_once(outage: Workspace) -> None:
+    eu = boto3.client("s3", region_name="eu-west-1")
+    make_bucket(eu, f"{outage.bucket}-eu", "eu-west-1")
+    result = outage.cli("run", "-c", str(outage.config_file), "--bucket", f"{outage.bucket}-eu")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "spotwatch: error: refusing to start: bucket region")
+    assert "s3_unreachable_at_start" not in result.stderr
+
+
+def test_a_stop_while_waiting_for_s3_ends_run_with_exit_1(outage: Workspace) -> None:
+    with running(start_run(outage, f"http://127.0.0.1:{free_port()}")) as daemon:
+        daemon.wait_for_event("s3_unreachable_at_start")
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(timeout=30) == 1
+    assert daemon.named("stopped_waiting_for_s3")
+    last = daemon.log_path.read_text().strip().splitlines()[-1]
+    assert last.startswith("spotwatch: error: stopped while waiting for S3"), last
+
+
+def test_a_transient_s3_answer_is_no_refusal(workspace: Workspace, s3: Any) -> None:
+    """A 503 on GetPublicAccessBlock says nothing of the bucket: `check` says S3 is
+    unreachable, not that the bucket is public."""
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.add("503", lambda request: "publicAccessBlock" in request.query, times=1000)
+        workspace.write_config(transfer={"max_attempts": 2})
+        result = workspace.cli("check", "-c", "config.yaml", AWS_ENDPOINT_URL=proxy.url)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL  public access" not in result.stdout
+    assert "FAIL  bucket           S3 unreachable" in result.stdout
+    assert "SlowDown" in result.stdout
