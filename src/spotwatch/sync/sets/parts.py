@@ -27,6 +27,9 @@ from spotwatch.sync.sets.manifest import (
     refuse_clashing_paths,
 )
 
+# A node's identity is a host name and an id: far below this.
+MAX_IDENTITY = 256
+
 
 @dataclass(frozen=True)
 class JobNode:
@@ -55,11 +58,15 @@ class Part:
 
     node: JobNode
     manifest: Manifest
+    # Who sealed it (StateDir.node_identity); None in parts sealed before it was recorded.
+    identity: str | None = None
 
     def to_json(self) -> str:
         node = self.node
-        return json.dumps({**self.manifest.as_data(),
-                           "job": {"id": node.job_id, "nodes": node.nodes, "rank": node.rank}})
+        job: dict[str, object] = {"id": node.job_id, "nodes": node.nodes, "rank": node.rank}
+        if self.identity is not None:
+            job["node"] = self.identity
+        return json.dumps({**self.manifest.as_data(), "job": job})
 
     @classmethod
     def from_json(cls, text: str | builtins.bytes, prefix: str, job_id: str) -> Part:
@@ -77,7 +84,24 @@ class Part:
         rank = field_of(job, "rank", int)
         if not 0 <= rank < nodes:
             raise ManifestError(f"rank {rank} is not one of the job's {nodes} nodes")
-        return cls(JobNode(job_id, nodes, rank), manifest)
+        identity = job.get("node")
+        if identity is not None and not (isinstance(identity, str)
+                                         and 0 < len(identity) <= MAX_IDENTITY):
+            raise ManifestError("its node is not a short string")
+        return cls(JobNode(job_id, nodes, rank), manifest, identity)
+
+
+def sealed_by(text: str | builtins.bytes) -> tuple[str | None, float] | None:
+    """(who sealed it, when by its clock) of a part read back before it is sealed again;
+    None when it is no part at all (junk is overwritten, as before)."""
+    try:
+        data = json_object(text)
+        job = field_of(data, "job", dict)
+        sealed_at = field_of(data, "sealed_at", (int, float))
+    except ManifestError:
+        return None
+    identity = job.get("node")
+    return (identity if isinstance(identity, str) else None), float(sealed_at)
 
 
 @dataclass(frozen=True)
