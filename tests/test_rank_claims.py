@@ -179,3 +179,4 @@ def test_a_clash_is_kept_and_logged_once() -> None:
     assert not claim.may_be_live("host-x/3333333333333333", claim.started_at)
     assert claim.may_be_live("host-x/3333333333333333",
                              claim.started_at + CLOCK_SKEW_SECONDS + 1)
+

@@ -14,7 +14,7 @@ from __future__ import annotations
 import builtins
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from spotwatch.config import MAX_NODES, JobSettings
@@ -111,6 +111,8 @@ class JobSet:
     set_name: str
     nodes: int
     parts: Mapping[int, Manifest]
+    # By rank, the node that sealed each part, where the part names it (Part.identity).
+    sealed_by: Mapping[int, str] = field(default_factory=dict)
 
     @cached_property  # sorting the sets and restoring one both need it
     def whole(self) -> Manifest:
@@ -137,7 +139,20 @@ class JobSet:
         missing = self.missing_ranks()
         if missing:
             return f"no part from node {', '.join(map(str, missing))} of {self.nodes}"
-        return self._conflict()
+        return self._rank_claimed_twice() or self._conflict()
+
+    def _rank_claimed_twice(self) -> str | None:
+        """Invariant: one node seals one rank's part of a set. A node that sealed two ranks'
+        parts took another node's rank for a while (a rank claimed twice, then fixed): the
+        part it overwrote listed the other node's files, which no part lists now."""
+        ranks_of: dict[str, list[int]] = {}
+        for rank, identity in sorted(self.sealed_by.items()):
+            ranks_of.setdefault(identity, []).append(rank)
+        for identity, ranks in ranks_of.items():
+            if len(ranks) > 1:
+                return (f"node {identity} sealed the parts of ranks "
+                        f"{', '.join(map(str, ranks))}: a rank was claimed by two nodes")
+        return None
 
     def missing_ranks(self) -> list[int]:
         return [rank for rank in range(self.nodes) if rank not in self.parts]
