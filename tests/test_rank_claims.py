@@ -34,16 +34,6 @@ OTHER = "host-b/fedcba9876543210"
 KEY = part_key(PREFIX, JOB, "step_1", 0)
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store() -> InMemoryObjectStore:
-    return InMemoryObjectStore()
-
-
 @contextmanager
 def engine_on(root: Path, state: Path, store: InMemoryObjectStore, clock: FakeClock,
               claim: RankClaim) -> Iterator[SyncEngine]:
