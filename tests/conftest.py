@@ -23,6 +23,8 @@ from moto.server import ThreadedMotoServer
 from spotwatch.aws.preflight import PUBLIC_ACCESS_FLAGS
 from spotwatch.emulator import ImdsEmulator
 
+from .memory_store import FakeClock, InMemoryObjectStore
+
 REGION = "us-west-2"
 logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's access log
 
@@ -241,3 +243,14 @@ def workspace(tmp_path: Path, bucket: str, imds: ImdsEmulator) -> Iterator[Works
         if daemon.process.poll() is None:
             daemon.process.kill()
             daemon.process.wait()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """Fake monotonic and wall time, for the engine on the in-memory store."""
+    return FakeClock()
+
+
+@pytest.fixture
+def store() -> InMemoryObjectStore:
+    return InMemoryObjectStore()

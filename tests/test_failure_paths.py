@@ -90,16 +90,6 @@ def write(root: Path, relative: str, data: bytes) -> Path:
     return path
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store() -> InMemoryObjectStore:
-    return InMemoryObjectStore()
-
-
 def manifest_in(store: InMemoryObjectStore, set_name: str) -> Manifest:
     return Manifest.from_json(store.data(manifest_key(PREFIX, set_name)), PREFIX)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import tempfile
 import zlib
 from pathlib import Path
@@ -366,3 +367,39 @@ def test_one_name_written_by_nodes_with_other_transfer_settings(
         assert report.set_name == ("step_2" if same_bytes else "step_1")
         if same_bytes:
             assert (Path(temp) / "step_2/.metadata").read_bytes() == written[0]
+
+
+def seal_part_as(store: InMemoryObjectStore, set_name: str, rank: int, node: str | None) -> None:
+    """Node `rank`'s part of a set, sealed by the node named `node` (None: one sealed by a
+    spotwatch that recorded no node)."""
+    data = f"{set_name} {rank}".encode()
+    name = f"{set_name}/__{rank}_0.distcp"
+    store.put(PREFIX + name, data)
+    manifest = Manifest.build(set_name, PREFIX, [entry(set_name, f"__{rank}_0.distcp", data, 1)])
+    part = json.loads(Part(JobNode(JOB, 2, rank), manifest).to_json())
+    if node is not None:
+        part["job"]["node"] = node
+    store.put(part_key(PREFIX, JOB, set_name, rank), json.dumps(part).encode())
+
+
+def test_restore_passes_over_a_set_one_node_sealed_two_ranks_of(tmp_path: Path) -> None:
+    """A node that took rank 0 by mistake, then was given rank 1 and sealed its part again:
+    the rank 0 part it overwrote listed the other node's files, so step_2 is not complete."""
+    one, other = "host-a/0123456789abcdef", "host-b/fedcba9876543210"
+    store = InMemoryObjectStore()
+    seal_part_as(store, "step_1", 0, other)
+    seal_part_as(store, "step_1", 1, one)
+    seal_part_as(store, "step_2", 0, one)
+    seal_part_as(store, "step_2", 1, one)
+    candidates = restore_candidates(store, PREFIX, JobSettings(id=JOB, nodes=2), None)
+    problems = {candidate.whole.set_name: candidate.problem for candidate in candidates}
+    assert problems == {"step_2": f"node {one} sealed the parts of ranks 0, 1: a rank was "
+                                  "claimed by two nodes", "step_1": None}
+    report = restore_job(store, tmp_path / "restored", 2)
+    assert report is not None and report.set_name == "step_1"
+    # Parts of an older spotwatch name no node: judged as before.
+    old = InMemoryObjectStore()
+    seal_part_as(old, "step_2", 0, None)
+    seal_part_as(old, "step_2", 1, None)
+    [job_set] = list_job_sets(old, PREFIX, JOB, 2)
+    assert job_set.problem() is None

@@ -122,7 +122,10 @@ def test_a_set_every_node_sealed_restores_whole_or_one_nodes_part(
     assert not [k for k in keys_in(s3, bucket) if k.startswith(PREFIX + ".spotwatch/manifests/")]
     part = json.loads(s3.get_object(Bucket=bucket, Key=part_key(PREFIX, JOB, "step_2", 1))
                       ["Body"].read())
-    assert part["job"] == {"id": JOB, "nodes": NODES, "rank": 1}
+    # The part names the node that sealed it: its host and the id kept in its state dir.
+    node_id = (nodes[1].root / "state" / "node-id").read_text().strip()
+    assert part["job"] == {"id": JOB, "nodes": NODES, "rank": 1,
+                           "node": f"{part['job']['node'].split('/')[0]}/{node_id}"}
     assert [f["path"] for f in part["files"]] == ["step_2/__1_0.distcp"]
 
     whole = replacement.root / "whole"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import re
+import secrets
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -66,6 +70,28 @@ class StateDir:
     @property
     def acted_notices(self) -> Path:
         return self.path / "acted_notices.json"
+
+    @property
+    def node_id(self) -> Path:
+        return self.path / "node-id"
+
+    def node_identity(self) -> str:
+        """Who this node is to its job's peers: the host name and an id kept in the state
+        directory, `<host>/<id>`. The id, not the host, tells apart two daemons on one host
+        (other state directories); kept, it survives a daemon restart (no clash with its own
+        earlier heartbeat); a replacement instance starts with a new disk and so a new id.
+        Unwritable: an id for this run only (a restart then waits for its old claim to go
+        stale)."""
+        host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64] or "host"
+        try:
+            kept = self.node_id.read_text().strip()
+        except OSError:
+            kept = ""
+        if not re.fullmatch(r"[0-9a-f]{16}", kept):
+            kept = secrets.token_hex(8)
+            with contextlib.suppress(OSError):
+                self.node_id.write_text(kept + "\n")
+        return f"{host}/{kept}"
 
     def ensure(self) -> None:
         try:

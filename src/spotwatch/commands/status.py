@@ -201,6 +201,8 @@ def render_status(report: dict[str, Any]) -> str:
                      f"{daemon.get('failing_files', 0)} failing); "
                      f"{daemon['unsettled_files']} still being written")
         lines.append("health:       " + _health(daemon))
+        for problem in daemon.get("problems") or []:
+            lines.append(f"PROBLEM:      {problem}")
         if daemon.get("metrics_url"):
             lines.append(f"metrics:      {daemon['metrics_url']}/metrics")
         lines.append("last notice:  " + _notice_line(daemon.get("last_notice")))

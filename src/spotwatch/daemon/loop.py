@@ -17,7 +17,7 @@ import structlog
 from spotwatch.aws.autoscaling import LifecycleAction, make_autoscaling_client
 from spotwatch.aws.imds import ImdsClient, disabled_reason
 from spotwatch.aws.region import resolve_region
-from spotwatch.aws.store import ObjectStore
+from spotwatch.aws.store import StoreError
 from spotwatch.config import Config
 from spotwatch.daemon import sdnotify
 from spotwatch.daemon.flush import FlushController
@@ -32,6 +32,13 @@ from spotwatch.daemon.startup import StartChecks, log_results
 from spotwatch.errors import SpotwatchError
 from spotwatch.model import Notice, NoticeKind
 from spotwatch.notices import sources_for
+from spotwatch.notices.claims import (
+    CLAIM_EVERY_POLLS,
+    STALE_ROUNDS,
+    ClaimCheck,
+    RankClaims,
+    claims_prefix,
+)
 from spotwatch.notices.peers import (
     SHARED_KINDS,
     PeerChannel,
@@ -109,6 +116,7 @@ class Daemon:
         # Notices told to the trainer while the start waited for S3; their flushes start
         # (and peers learn of them) once the engine runs.
         self._deferred: list[Notice] = []
+        self._claims: RankClaims | None = None  # this node's claim on its rank, on a job
 
     # -- public entry points -------------------------------------------------------------
 
@@ -129,7 +137,7 @@ class Daemon:
             engine = self._observe(parts)
             if parts.pruner is not None:
                 self._pruning = PruneSchedule(parts.pruner, self.config.watch, self._wake.set)
-            peer_poller = self._start_peers(parts.store)
+            peer_poller = self._start_peers(parts)
             self._flush_deferred(engine)
             poller = self._poller
             metrics_server = self.reporter.start_server(self.config.metrics)
@@ -154,6 +162,7 @@ class Daemon:
             finally:
                 if self._publisher is not None:
                     self._publisher.stop(PEERS_STOP_WAIT)
+                self._withdraw_claim()
                 if metrics_server is not None:
                     metrics_server.stop()
 
@@ -195,7 +204,8 @@ class Daemon:
     def _session(self, prune: bool = False, throttle: BandwidthLimiter | None = None,
                  before_s3: Callable[[], None] | None = None) -> Session:
         return Session(self.config, self.bucket, self.state, self.reporter.s3_watch,
-                       self._wake.set, self._client, prune, throttle, before_s3)
+                       self._wake.set, self._client, prune, throttle, before_s3,
+                       check_claims=prune)  # the daemon's peer poller checks them
 
     def _start_notices(self) -> None:
         """With the state lock held and before anything touches S3: from here on the trainer
@@ -276,21 +286,44 @@ class Daemon:
         client = make_autoscaling_client(resolve_region(self.config))
         return LifecycleAction(settings, self.config.imds, client)
 
-    def _start_peers(self, store: ObjectStore) -> PeerPoller | None:
-        """On a node of a job: publish this node's notices, learn the others' (each on a
-        thread of its own). The publisher runs on through the final flush."""
+    def _start_peers(self, parts: Parts) -> PeerPoller | None:
+        """On a node of a job: publish this node's notices, learn the others', and keep
+        this node's claim on its rank (each on a thread of its own). The publisher runs on
+        through the final flush."""
         rank = self.config.job.rank
         if not self.config.job.is_multi_node or rank is None:
             return None
-        channel = PeerChannel(store, channel_prefix(self.config), rank)
+        channel = PeerChannel(parts.store, channel_prefix(self.config), rank)
         self._publisher = PeerPublisher(channel)
         self._publisher.start()
-        poller = PeerPoller(channel, self.config.job.peer_poll_interval, self.hand_notice,
+        interval = self.config.job.peer_poll_interval
+        claim = parts.claim
+        on_claims = None
+        if claim is not None:
+            self._claims = RankClaims(parts.store, claims_prefix(self.config, rank),
+                                      claim.identity,
+                                      interval * CLAIM_EVERY_POLLS * STALE_ROUNDS)
+            self.reporter.watch_claim(claim)
+
+            def on_claims(check: ClaimCheck) -> None:
+                claim.checked(check.live, check.undecided)
+                self._wake.set()  # sets held for the check are sealed at once
+
+        poller = PeerPoller(channel, interval, self.hand_notice,
                             started_at=datetime.now(timezone.utc),
-                            on_failure=self.reporter.count_peer_poll_failure)
+                            on_failure=self.reporter.count_peer_poll_failure,
+                            claims=self._claims, on_claims=on_claims)
         self.reporter.watch_peers(poller.reachability.outage)
         poller.start()
         return poller
+
+    def _withdraw_claim(self) -> None:
+        if self._claims is None:
+            return
+        try:
+            self._claims.withdraw()
+        except StoreError as exc:  # it goes stale: a replacement waits a little longer
+            log.warning("rank_claim_withdraw_failed", key=self._claims.key, error=str(exc))
 
     def _start_poller(self) -> NoticePoller | None:
         reason = disabled_reason(self.config.imds)

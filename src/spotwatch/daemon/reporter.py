@@ -21,6 +21,7 @@ from spotwatch.model import Notice, Outcome, UploadResult
 from spotwatch.state import StateDir, write_json_atomically
 from spotwatch.sync.bandwidth import BandwidthLimiter
 from spotwatch.sync.engine import SyncEngine
+from spotwatch.sync.sets.claim import RankClaim
 
 log = structlog.get_logger("spotwatch.daemon")
 
@@ -39,6 +40,7 @@ class Reporter:
         self._imds: Outage | None = None  # the poller's reachability, when IMDS is polled
         self._bandwidth: BandwidthLimiter | None = None  # the cap on continuous uploads
         self._peers: Outage | None = None  # the peer poller's, on a node of a job
+        self._claim: RankClaim | None = None  # this node's claim on its rank, on a job
         self.peer_poll_failures = 0
         self._status_due = 0.0
         self._keepalive_interval = sdnotify.watchdog_interval()
@@ -54,6 +56,16 @@ class Reporter:
 
     def watch_peers(self, reachability: Outage) -> None:
         self._peers = reachability
+
+    def watch_claim(self, claim: RankClaim) -> None:
+        self._claim = claim
+
+    def problems(self) -> list[str]:
+        """What needs a person: a rank claimed by two live nodes seals no part."""
+        rival = None if self._claim is None else self._claim.rival
+        if rival is None or self._claim is None:
+            return []
+        return [f"rank_claimed_twice: {self._claim.blocked()}"]
 
     def count_peer_poll_failure(self) -> None:
         """Called from the peer poller's thread."""
@@ -172,6 +184,7 @@ class Reporter:
             "peers_up": peers_up,
             "peer_poll_failures": self.peer_poll_failures,
             "degraded": degraded,
+            "problems": self.problems(),
             "last_upload_at": engine.last_upload_at,
             "last_notice": last_notice,
             "last_flush": flushes.last,

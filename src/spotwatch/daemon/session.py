@@ -23,6 +23,7 @@ from spotwatch.sync.engine import SyncEngine
 from spotwatch.sync.ledger import Ledger
 from spotwatch.sync.orphans import abort_orphaned_uploads
 from spotwatch.sync.pruner import Pruner
+from spotwatch.sync.sets.claim import RankClaim
 from spotwatch.sync.sets.parts import JobNode
 from spotwatch.sync.tracker import ChangeTracker
 from spotwatch.sync.uploader import Uploader
@@ -38,10 +39,11 @@ class Parts:
     engine: SyncEngine
     pruner: Pruner | None  # None: this run only uploads
     store: ObjectStore  # the one all of them use (the daemon's peer notices too)
+    claim: RankClaim | None = None  # on a node of a job: whether it may seal its parts
 
 
 def build_parts(config: Config, store: ObjectStore, ledger: Ledger,
-                wake: Callable[[], None], prune: bool) -> Parts:
+                wake: Callable[[], None], prune: bool, claim: RankClaim | None = None) -> Parts:
     """Everything that talks to S3, built on one store."""
     settings = config.sync
     trackers = [ChangeTracker(w, settings.settle_seconds, settings.quiet_seconds, wake)
@@ -51,10 +53,11 @@ def build_parts(config: Config, store: ObjectStore, ledger: Ledger,
         return Uploader(store, on_result)
 
     node = JobNode.of(config.job)
-    engine = SyncEngine(trackers, ledger, uploader, wake, node=node)
+    engine = SyncEngine(trackers, ledger, uploader, wake, node=node,
+                        claim=claim if node is not None else None)
     # The daemon deletes; a one-off flush only uploads (see `spotwatch prune`).
     pruner = Pruner(store, ledger, settings.delete, settings.keep_sets, node) if prune else None
-    return Parts(engine, pruner, store)
+    return Parts(engine, pruner, store, claim if node is not None else None)
 
 
 class Session:
@@ -63,10 +66,12 @@ class Session:
     def __init__(self, config: Config, bucket: str, state: StateDir, s3_watch: S3Watch,
                  wake: Callable[[], None], client: S3Client | None = None,
                  prune: bool = False, throttle: Throttle | None = None,
-                 before_s3: Callable[[], None] | None = None) -> None:
+                 before_s3: Callable[[], None] | None = None,
+                 check_claims: bool = False) -> None:
         """throttle: the bandwidth cap on this run's uploads (None: none). before_s3: called
         with the state lock held, before anything touches S3 (the daemon's notices, and its
-        wait for the preflight checks)."""
+        wait for the preflight checks). check_claims: whether the peer poller will check the
+        rank's claims (the daemon), so that no part is sealed before its first check."""
         self._config = config
         self._bucket = bucket
         self._state = state
@@ -76,6 +81,7 @@ class Session:
         self._prune = prune
         self._throttle = throttle
         self._before_s3 = before_s3
+        self._check_claims = check_claims
         self._lock = StateLock(state)
         self._observer: Any = None
         self._engine: SyncEngine | None = None
@@ -98,7 +104,11 @@ class Session:
         self._s3_watch.attach(client)
         store = make_store(client, self._bucket, config.transfer, self._s3_watch.record,
                            throttle=self._throttle)
-        parts = build_parts(config, store, Ledger(self._state.ledger), self._wake, self._prune)
+        rank = config.job.rank
+        claim = (None if rank is None or not config.job.is_multi_node
+                 else RankClaim(self._state.node_identity(), rank, self._check_claims))
+        parts = build_parts(config, store, Ledger(self._state.ledger), self._wake, self._prune,
+                            claim)
         engine = self._engine = parts.engine
         abort_orphaned_uploads(store, engine.ledger)
         self._observer = Observer()

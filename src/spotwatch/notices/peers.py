@@ -38,6 +38,7 @@ from spotwatch.aws.store import ListedObject, ObjectMissing, ObjectStore, StoreE
 from spotwatch.config import Config
 from spotwatch.keys import job_key_space
 from spotwatch.model import Notice, NoticeKind
+from spotwatch.notices.claims import CLAIM_EVERY_POLLS, ClaimCheck, RankClaims
 from spotwatch.notices.sources import iso_time
 from spotwatch.notices.store import SeenNotices
 
@@ -287,12 +288,17 @@ class PeerPublisher:
 
 class PeerPoller:
     """Learns the peers' notices: one GET of the bell per interval, on a thread of its own (a
-    slow S3 never delays IMDS polling). Each live notice is handed on once."""
+    slow S3 never delays IMDS polling). Each live notice is handed on once.
+
+    claims: this node's claim on its rank, kept and checked on the same thread every
+    CLAIM_EVERY_POLLS polls (notices.claims); each check goes to on_claims."""
 
     def __init__(self, channel: PeerChannel, interval: float,
                  on_notice: Callable[[Notice], None], started_at: datetime,
                  wall: Callable[[], datetime] = utc_now,
-                 on_failure: Callable[[], None] | None = None) -> None:
+                 on_failure: Callable[[], None] | None = None,
+                 claims: RankClaims | None = None,
+                 on_claims: Callable[[ClaimCheck], None] | None = None) -> None:
         self._channel = channel
         self._interval = interval
         self._on_notice = on_notice
@@ -304,6 +310,9 @@ class PeerPoller:
         self._read: dict[str, tuple[object, ...]] = {}  # node key -> version read
         self.failures = 0
         self.reachability = Reachability("peer_channel", prefix=channel.prefix)
+        self._claims = claims
+        self._on_claims = on_claims
+        self._claims_due = 0  # polls until the next heartbeat and check of the claims
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peer-poller", daemon=True)
 
@@ -313,6 +322,27 @@ class PeerPoller:
     def stop(self, timeout: float) -> None:
         self._stop.set()
         self._thread.join(timeout)
+
+    def tend_claims(self) -> None:
+        """This node's heartbeat, then the check of its rank's claims, when due; after a
+        failure (or before S3 lists this node's own claim) again at the next poll."""
+        if self._claims is None:
+            return
+        self._claims_due -= 1
+        if self._claims_due > 0:
+            return
+        self._claims_due = 1
+        try:
+            self._claims.beat()
+            check = self._claims.check()
+        except StoreError as exc:
+            log.warning("rank_claim_check_failed", key=self._claims.key, error=str(exc))
+            return
+        if check is None:
+            return
+        self._claims_due = CLAIM_EVERY_POLLS
+        if self._on_claims is not None:
+            self._on_claims(check)
 
     def poll_once(self) -> list[Notice]:
         """The peers' live notices not handed on before; a failed request is counted."""
@@ -349,6 +379,7 @@ class PeerPoller:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.tend_claims()
             for notice in self.poll_once():
                 self._on_notice(notice)
             self._stop.wait(self._interval)

@@ -24,6 +24,7 @@ from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.planner import PendingFile, Planner, SetRef
 from spotwatch.sync.retry import RetryQueue
+from spotwatch.sync.sets.claim import RankClaim
 from spotwatch.sync.sets.parts import JobNode
 from spotwatch.sync.sets.sealer import SetSealer
 from spotwatch.sync.subtree import files_at_or_below
@@ -61,10 +62,12 @@ class SyncEngine:
         clock: Callable[[], float] = time.monotonic,
         wall_clock_ns: Callable[[], int] = time.time_ns,
         node: JobNode | None = None,
+        claim: RankClaim | None = None,
     ) -> None:
         """clock: monotonic seconds for retries and sealing (the trackers have their own);
         wall_clock_ns: the time files' ctimes are compared to; node: this node of a multi-node
-        job, which seals its part of each set (None: a single node)."""
+        job, which seals its part of each set (None: a single node); claim: whether it may
+        (see SetSealer)."""
         self.trackers = tuple(trackers)
         self.ledger = ledger
         self.planner = Planner()
@@ -87,7 +90,7 @@ class SyncEngine:
         self._observers: list[Callable[[UploadResult], None]] = []
         self._part_of = None if node is None else node.part_of
         self.sealer = SetSealer(ledger, self.uploader.store, self.trackers, clock, wall_clock_ns,
-                                node)
+                                node, claim)
         self.throughput = ThroughputMeter()
         self._seal_due = 0.0
         self._last_scan = clock()  # the start's scan (reconcile), then each rescan
@@ -488,6 +491,7 @@ class SyncEngine:
         the closed ledger, and an abandoned multipart upload keeps its multipart_started row
         for the next start to abort."""
         self.uploader.shutdown()
+        self.sealer.close()
         self.ledger.close()
 
 

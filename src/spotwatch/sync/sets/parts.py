@@ -14,7 +14,7 @@ from __future__ import annotations
 import builtins
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from spotwatch.config import MAX_NODES, JobSettings
@@ -26,6 +26,9 @@ from spotwatch.sync.sets.manifest import (
     json_object,
     refuse_clashing_paths,
 )
+
+# A node's identity is a host name and an id: far below this.
+MAX_IDENTITY = 256
 
 
 @dataclass(frozen=True)
@@ -55,11 +58,15 @@ class Part:
 
     node: JobNode
     manifest: Manifest
+    # Who sealed it (StateDir.node_identity); None in parts sealed before it was recorded.
+    identity: str | None = None
 
     def to_json(self) -> str:
         node = self.node
-        return json.dumps({**self.manifest.as_data(),
-                           "job": {"id": node.job_id, "nodes": node.nodes, "rank": node.rank}})
+        job: dict[str, object] = {"id": node.job_id, "nodes": node.nodes, "rank": node.rank}
+        if self.identity is not None:
+            job["node"] = self.identity
+        return json.dumps({**self.manifest.as_data(), "job": job})
 
     @classmethod
     def from_json(cls, text: str | builtins.bytes, prefix: str, job_id: str) -> Part:
@@ -77,7 +84,24 @@ class Part:
         rank = field_of(job, "rank", int)
         if not 0 <= rank < nodes:
             raise ManifestError(f"rank {rank} is not one of the job's {nodes} nodes")
-        return cls(JobNode(job_id, nodes, rank), manifest)
+        identity = job.get("node")
+        if identity is not None and not (isinstance(identity, str)
+                                         and 0 < len(identity) <= MAX_IDENTITY):
+            raise ManifestError("its node is not a short string")
+        return cls(JobNode(job_id, nodes, rank), manifest, identity)
+
+
+def sealed_by(text: str | builtins.bytes) -> tuple[str | None, float] | None:
+    """(who sealed it, when by its clock) of a part read back before it is sealed again;
+    None when it is no part at all (junk is overwritten, as before)."""
+    try:
+        data = json_object(text)
+        job = field_of(data, "job", dict)
+        sealed_at = field_of(data, "sealed_at", (int, float))
+    except ManifestError:
+        return None
+    identity = job.get("node")
+    return (identity if isinstance(identity, str) else None), float(sealed_at)
 
 
 @dataclass(frozen=True)
@@ -87,6 +111,8 @@ class JobSet:
     set_name: str
     nodes: int
     parts: Mapping[int, Manifest]
+    # By rank, the node that sealed each part, where the part names it (Part.identity).
+    sealed_by: Mapping[int, str] = field(default_factory=dict)
 
     @cached_property  # sorting the sets and restoring one both need it
     def whole(self) -> Manifest:
@@ -113,7 +139,20 @@ class JobSet:
         missing = self.missing_ranks()
         if missing:
             return f"no part from node {', '.join(map(str, missing))} of {self.nodes}"
-        return self._conflict()
+        return self._rank_claimed_twice() or self._conflict()
+
+    def _rank_claimed_twice(self) -> str | None:
+        """Invariant: one node seals one rank's part of a set. A node that sealed two ranks'
+        parts took another node's rank for a while (a rank claimed twice, then fixed): the
+        part it overwrote listed the other node's files, which no part lists now."""
+        ranks_of: dict[str, list[int]] = {}
+        for rank, identity in sorted(self.sealed_by.items()):
+            ranks_of.setdefault(identity, []).append(rank)
+        for identity, ranks in ranks_of.items():
+            if len(ranks) > 1:
+                return (f"node {identity} sealed the parts of ranks "
+                        f"{', '.join(map(str, ranks))}: a rank was claimed by two nodes")
+        return None
 
     def missing_ranks(self) -> list[int]:
         return [rank for rank in range(self.nodes) if rank not in self.parts]

@@ -41,16 +41,16 @@ def list_job_sets(store: ObjectStore, prefix: str, job_id: str, nodes: int) -> l
     complete or not, newest checkpoint first by the files of all its parts (the order of
     list_manifests). A malformed part is skipped with a warning: its set lacks that rank.
     nodes: the job's node count now (see _as_sealed)."""
-    by_set: dict[str, dict[int, dict[int, Manifest]]] = defaultdict(lambda: defaultdict(dict))
+    by_set: dict[str, dict[int, dict[int, Part]]] = defaultdict(lambda: defaultdict(dict))
     for listed in store.list_objects(parts_prefix(prefix, job_id)):
         part = _read_part(store, prefix, job_id, listed.key)
         if part is not None:
-            by_set[part.manifest.set_name][part.node.nodes][part.node.rank] = part.manifest
+            by_set[part.manifest.set_name][part.node.nodes][part.node.rank] = part
     job_sets = [_as_sealed(name, by_size, nodes) for name, by_size in by_set.items()]
     return sorted(job_sets, key=lambda job_set: _newest_first(job_set.whole), reverse=True)
 
 
-def _as_sealed(set_name: str, by_size: dict[int, dict[int, Manifest]], nodes: int) -> JobSet:
+def _as_sealed(set_name: str, by_size: dict[int, dict[int, Part]], nodes: int) -> JobSet:
     """The set as the nodes that sealed it saw the job.
 
     Invariant: a set is complete for the node count its parts were sealed with, so a job
@@ -58,7 +58,10 @@ def _as_sealed(set_name: str, by_size: dict[int, dict[int, Manifest]], nodes: in
     still restores, and keeps, the checkpoints written before. Where parts of several node
     counts name one set, the one with every rank wins, then the job's count now, then the
     latest sealed."""
-    sets = [JobSet(set_name, size, parts) for size, parts in by_size.items()]
+    sets = [JobSet(set_name, size, {rank: part.manifest for rank, part in parts.items()},
+                   {rank: part.identity for rank, part in parts.items()
+                    if part.identity is not None})
+            for size, parts in by_size.items()]
     return min(sets, key=lambda job_set: (bool(job_set.missing_ranks()), job_set.nodes != nodes,
                                           -job_set.whole.sealed_at))
 

@@ -8,21 +8,22 @@ import stat as stat_module
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 import structlog
 
-from spotwatch.aws.store import ObjectStore
+from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
 from spotwatch.keys import manifest_key, object_key, part_key, set_name_of, storable_key
 from spotwatch.logs import printable_path
 from spotwatch.sync.ledger import Ledger, LedgerError, LedgerRow
 from spotwatch.sync.planner import SetRef
 from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
+from spotwatch.sync.sets.claim import CLOCK_SKEW_SECONDS, RankClaim
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
-from spotwatch.sync.sets.parts import JobNode, Part
+from spotwatch.sync.sets.parts import JobNode, Part, sealed_by
 from spotwatch.sync.tracker import ChangeTracker, walk_files
 
 log = structlog.get_logger("spotwatch.sets")
@@ -50,21 +51,30 @@ class SetCheck:
     arriving: bool  # some missing file was just created: too early to call the set incomplete
 
 
+class PartClaimed(StoreError):
+    """The part in S3 was sealed by another node that may still hold this rank."""
+
+
 class SetSealer:
     """Manifest uploads run on the store's threads, so the daemon's loop never waits for
     one; a set that gains a file while its manifest is on the way is sealed again after.
 
     clock: monotonic seconds (retry pacing); wall_clock_ns: the time files' ctimes compare to;
     node: on a node of a multi-node job, which one: it seals its part of each set
-    (sync.sets.parts) instead of the set's manifest, under the same rules.
+    (sync.sets.parts) instead of the set's manifest, under the same rules; claim: whether it
+    may (no other live node claims its rank).
     """
 
     def __init__(self, ledger: Ledger, store: ObjectStore, trackers: Sequence[ChangeTracker],
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock_ns: Callable[[], int] = time.time_ns,
-                 node: JobNode | None = None) -> None:
+                 node: JobNode | None = None, claim: RankClaim | None = None) -> None:
         self._ledger = ledger
         self._node = node
+        self._claim = claim
+        # A part is read back before it is written (_put_part): off the daemon's loop.
+        self._part_writer = (ThreadPoolExecutor(1, thread_name_prefix="part-writer")
+                             if node is not None and claim is not None else None)
         self._store = store
         self._wall_clock_ns = wall_clock_ns
         self._trackers = {tracker.root: tracker for tracker in trackers}
@@ -135,9 +145,13 @@ class SetSealer:
     def seal_ready(self, busy_set_keys: AbstractSet[str]) -> None:
         self._collect_sent()
         self._retries.take_due()  # their pause is over: sealed below like any other set
+        blocked = None if self._claim is None else self._claim.blocked()
         for set_ref, generation in list(self._dirty.items()):
             if (set_ref in self._sending or set_ref.key in busy_set_keys
                     or set_ref in self._retries):
+                continue
+            if blocked is not None:
+                self._hold(set_ref, blocked)
                 continue
             check = self._check_set(set_ref)
             if check.arriving:
@@ -159,15 +173,54 @@ class SetSealer:
                 continue
             manifest = Manifest.build(set_ref.name, set_ref.prefix, check.entries)
             key, body = self._sealed_as(manifest)
-            future = self._store.put_bytes(key, body.encode(), "application/json")
+            if self._part_writer is not None:
+                future = self._part_writer.submit(self._put_part, key, body.encode())
+            else:
+                future = self._store.put_bytes(key, body.encode(), "application/json")
             self._sending[set_ref] = (generation, future, manifest, key)
+
+    def _hold(self, set_ref: SetRef, reason: str) -> None:
+        """Invariant: no part is sealed while another live node may claim this node's rank,
+        so no set counts as complete on a part that lists one of the two nodes' files. While
+        the claims are being checked the set just waits; with a clash it is reported, and
+        left unsettled in the ledger so that the next start seals it again."""
+        claim = self._claim
+        if claim is None or claim.rival is None:
+            return
+        if self.incomplete.get(set_ref.key) != [reason]:
+            log.warning("set_not_sealed", set=set_ref.key, reason=reason)
+        self.incomplete[set_ref.key] = [reason]
+        self._done(set_ref)
 
     def _sealed_as(self, manifest: Manifest) -> tuple[str, str]:
         """The key and body that seal the set: its manifest, or on a job this node's part."""
         if self._node is None:
             return manifest_key(manifest.prefix, manifest.set_name), manifest.to_json()
         key = part_key(manifest.prefix, self._node.job_id, manifest.set_name, self._node.rank)
-        return key, Part(self._node, manifest).to_json()
+        identity = None if self._claim is None else self._claim.identity
+        return key, Part(self._node, manifest, identity).to_json()
+
+    def _put_part(self, key: str, body: bytes) -> None:
+        """Invariant: a part another node sealed is never overwritten while that node may
+        still run with this rank (PartClaimed, retried like a failed write: a node gone for
+        good stops blocking once its claim is stale). A part of a node gone, or without a
+        node recorded (an older spotwatch), is taken over."""
+        claim = self._claim
+        assert claim is not None
+        try:
+            found = sealed_by(self._store.get_bytes(key))
+        except ObjectMissing:
+            found = None
+        other = None if found is None else found[0]
+        if found is not None and other is not None and other != claim.identity:
+            sealed_at = found[1]
+            if claim.may_be_live(other, sealed_at):
+                if sealed_at > claim.started_at + CLOCK_SKEW_SECONDS:
+                    claim.clash(other, f"its part {key}")  # sealed while this node ran
+                raise PartClaimed(f"{key} was sealed by node {other}, which may still run with "
+                                  f"rank {claim.rank}: not overwritten")
+            log.info("part_taken_over", key=key, previous_node=other)
+        self._store.put_bytes(key, body, "application/json").result()
 
     def _collect_sent(self) -> None:
         for set_ref, (generation, future, manifest, key) in list(self._sending.items()):
@@ -182,6 +235,11 @@ class SetSealer:
                     self._done(set_ref)
                     self._settle(set_ref.key, True)
                 continue
+            if isinstance(error, PartClaimed) and self._claim is not None:
+                if self._claim.rival is not None:
+                    self._hold(set_ref, self._claim.blocked() or str(error))
+                    continue
+                self.incomplete[set_ref.key] = [str(error)]
             delay = self._retries.failed(set_ref, set_ref)
             attempts = self._retries.failures(set_ref)
             if self._retries.is_failing(set_ref):
@@ -192,6 +250,11 @@ class SetSealer:
             elif attempts < MAX_ATTEMPTS:
                 log.warning("set_manifest_retry", set=set_ref.key, error=str(error),
                             attempts=attempts, retry_in=delay)
+
+    def close(self) -> None:
+        """A part write under way is abandoned, as the store's requests are."""
+        if self._part_writer is not None:
+            self._part_writer.shutdown(wait=False, cancel_futures=True)
 
     def _done(self, set_ref: SetRef) -> None:
         self._dirty.pop(set_ref, None)

@@ -1,0 +1,172 @@
+"""A rank of a job claimed by two nodes: the seal-time check of a node's part (never overwrite a
+part another live node sealed, take over one of a node gone) and the claims' verdicts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from spotwatch.config import WatchDir
+from spotwatch.keys import part_key
+from spotwatch.notices.claims import RankClaims, claim_name
+from spotwatch.sync.engine import SyncEngine
+from spotwatch.sync.ledger import Ledger
+from spotwatch.sync.sets.claim import CLOCK_SKEW_SECONDS, RankClaim
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
+from spotwatch.sync.sets.parts import JobNode, Part
+from spotwatch.sync.tracker import ChangeTracker
+from spotwatch.sync.uploader import Uploader
+
+from .memory_store import FakeClock, InMemoryObjectStore, crc32_checksum
+from .test_failure_paths import pump_until, write
+
+PREFIX = "run/"
+JOB = "llama"
+NODE = JobNode(JOB, 2, 0)
+ME = "host-a/0123456789abcdef"
+OTHER = "host-b/fedcba9876543210"
+KEY = part_key(PREFIX, JOB, "step_1", 0)
+
+
+@contextmanager
+def engine_on(root: Path, state: Path, store: InMemoryObjectStore, clock: FakeClock,
+              claim: RankClaim) -> Iterator[SyncEngine]:
+    tracker = ChangeTracker(WatchDir(root, PREFIX, exclude=()), 1.0, 5.0, clock=clock)
+    engine = SyncEngine([tracker], Ledger(state / "ledger.sqlite"),
+                        lambda done: Uploader(store, done, clock), clock=clock,
+                        wall_clock_ns=clock.wall_ns, node=NODE, claim=claim)
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+def other_part(store: InMemoryObjectStore, identity: str | None, sealed_at: float) -> None:
+    """Node `identity`'s part of step_1 at rank 0 (None: one sealed before identities were
+    recorded)."""
+    data = b"b" * 10
+    store.put(f"{PREFIX}step_1/shard-b.pt", data)
+    entry = ManifestEntry(f"{PREFIX}step_1/shard-b.pt", "step_1/shard-b.pt", len(data), 1,
+                          crc32_checksum(data))
+    manifest = Manifest("step_1", PREFIX, (entry,), sealed_at)
+    store.put(KEY, Part(NODE, manifest, identity).to_json().encode())
+
+
+def part_in(store: InMemoryObjectStore) -> Part:
+    return Part.from_json(store.data(KEY), PREFIX, JOB)
+
+
+def test_a_part_another_live_node_sealed_is_not_overwritten(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
+    root = tmp_path / "ckpt"
+    write(root, "step_1/shard-a.pt", b"a" * 10)
+    claim = RankClaim(ME, 0, checked=False, started_at=time.time() - 60)
+    other_part(store, OTHER, sealed_at=time.time())  # sealed while this node runs
+    with engine_on(root, tmp_path, store, clock, claim) as engine, capture_logs() as logs:
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, lambda: f"{PREFIX}step_1" in engine.sealer.incomplete, clock)
+        pump_until(engine, lambda: not engine.sealer.unsealed(), clock, step=1.0)
+    assert part_in(store).identity == OTHER  # still the other node's part
+    assert f"{PREFIX}step_1/shard-a.pt" in store.objects  # the file itself is uploaded
+    clashes = [e for e in logs if e["event"] == "rank_claimed_twice"]
+    assert [(e["node"], e["other_node"]) for e in clashes] == [(ME, OTHER)]
+    assert claim.rival == OTHER and "claims rank 0 too" in (claim.blocked() or "")
+
+
+@pytest.mark.parametrize("previous", [OTHER, None])
+def test_a_part_of_a_node_gone_is_taken_over(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock,
+        previous: str | None) -> None:
+    """A spot instance reclaimed and replaced: its part, sealed before this node started (or
+    by a spotwatch that recorded no identity), is sealed again by the replacement."""
+    root = tmp_path / "ckpt"
+    write(root, "step_1/shard-a.pt", b"a" * 10)
+    claim = RankClaim(ME, 0, checked=False)
+    other_part(store, previous, sealed_at=claim.started_at - 30)
+    with engine_on(root, tmp_path, store, clock, claim) as engine, capture_logs() as logs:
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, lambda: part_in(store).identity == ME, clock)
+    assert [f.path for f in part_in(store).manifest.files] == ["step_1/shard-a.pt"]
+    assert not [e for e in logs if e["event"] == "rank_claimed_twice"]
+    assert claim.rival is None
+
+
+def test_a_part_sealed_just_before_the_start_waits_for_its_claim_to_go_stale(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
+    """The peer poller saw the previous node's claim neither live nor stale: sealing waits,
+    and goes on once the claim is stale (never blocked for good)."""
+    root = tmp_path / "ckpt"
+    write(root, "step_1/shard-a.pt", b"a" * 10)
+    claim = RankClaim(ME, 0, checked=True)
+    other_part(store, OTHER, sealed_at=claim.started_at - 1)
+    with engine_on(root, tmp_path, store, clock, claim) as engine:
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, lambda: f"{PREFIX}step_1/shard-a.pt" in store.objects, clock)
+        assert claim.blocked() == "checking that no other node claims rank 0"
+        claim.checked(live=[], undecided=[OTHER])
+        assert OTHER in (claim.blocked() or "")
+        for _ in range(20):
+            pump_until(engine, lambda: True, clock, step=1.0)
+        assert part_in(store).identity == OTHER
+        assert engine.sealer.unsealed() == {f"{PREFIX}step_1"}
+        claim.checked(live=[], undecided=[])
+        pump_until(engine, lambda: part_in(store).identity == ME, clock, step=1.0)
+    assert claim.rival is None
+
+
+def test_a_part_records_its_node_and_one_without_is_still_read() -> None:
+    entry = ManifestEntry(f"{PREFIX}step_1/a.pt", "step_1/a.pt", 1, 1, crc32_checksum(b"a"))
+    manifest = Manifest("step_1", PREFIX, (entry,), 1.0)
+    text = Part(NODE, manifest).to_json()
+    assert '"node"' not in text
+    assert Part.from_json(text, PREFIX, JOB).identity is None
+    assert Part.from_json(Part(NODE, manifest, ME).to_json(), PREFIX, JOB).identity == ME
+
+
+CLAIMS = "run/.spotwatch/jobs/llama/claims/node-0/"
+
+
+def claim_at(store: InMemoryObjectStore, identity: str, when: datetime) -> None:
+    store.put(CLAIMS + claim_name(identity), b"{}").last_modified = when
+
+
+def test_claims_are_judged_by_s3_times() -> None:
+    store = InMemoryObjectStore()
+    claims = RankClaims(store, CLAIMS, ME, stale_after_seconds=90)
+    assert claims.check() is None  # its own claim not written yet
+    claims.beat()
+    first = store.objects[claims.key].last_modified
+    gone, recent = "host-c/1111111111111111", "host-d/2222222222222222"
+    claim_at(store, gone, first - timedelta(seconds=91))
+    claim_at(store, recent, first - timedelta(seconds=10))
+    claim_at(store, OTHER, first - timedelta(seconds=1))
+    check = claims.check()
+    assert check is not None
+    assert (check.live, sorted(check.undecided)) == ((), sorted([recent, OTHER]))
+    claim_at(store, OTHER, first + timedelta(seconds=1))  # rewritten: that node is alive
+    store.objects[claims.key].last_modified = first + timedelta(seconds=95)
+    check = claims.check()
+    assert check is not None and check.live == (OTHER,) and check.undecided == ()
+    claims.withdraw()
+    assert claims.key not in store.objects
+
+
+def test_a_clash_is_kept_and_logged_once() -> None:
+    claim = RankClaim(ME, 3, checked=True, started_at=datetime.now(timezone.utc).timestamp())
+    with capture_logs() as logs:
+        claim.checked(live=[OTHER], undecided=[])
+        claim.checked(live=[], undecided=[])
+        claim.clash(OTHER, "again")
+    assert [e["event"] for e in logs] == ["rank_claimed_twice"]
+    assert claim.rival == OTHER
+    assert claim.may_be_live(OTHER, 0.0)
+    assert not claim.may_be_live("host-x/3333333333333333", claim.started_at)
+    assert claim.may_be_live("host-x/3333333333333333",
+                             claim.started_at + CLOCK_SKEW_SECONDS + 1)
+

@@ -1,0 +1,113 @@
+"""Two `spotwatch run` daemons of one job on this machine, each with its own directories,
+sharing one moto bucket: both claiming one rank are caught by both and seal no part; a node
+replaced after a crash (its claim left behind) takes its rank over once that claim is stale."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotwatch.emulator import ImdsEmulator
+
+from .conftest import Daemon, Workspace, keys_in, wait_for
+
+PARTS = "run1/.spotwatch/jobs/llama/parts/"
+CLAIMS = "run1/.spotwatch/jobs/llama/claims/node-0/"
+# Claims are rewritten every 30 polls: every 1.5 s here, stale after 4.5 s.
+POLL = 0.05
+
+
+@pytest.fixture
+def spaces(tmp_path: Path, bucket: str) -> Iterator[list[Workspace]]:
+    """Two nodes' directories, both configured as rank 0 of a job of two (a copied config)."""
+    daemons: list[Daemon] = []
+    with ExitStack() as stack:
+        found = []
+        for name in ("a", "b"):
+            root = tmp_path / name
+            checkpoints = root / "checkpoints"
+            checkpoints.mkdir(parents=True)
+            imds = stack.enter_context(ImdsEmulator())
+            space = Workspace(root, checkpoints, root / "config.yaml", bucket, imds.url)
+            space.write_config(job={"id": "llama", "nodes": 2, "rank": 0,
+                                    "peer_poll_interval": POLL})
+            original = space.start_daemon
+
+            def tracked(*args: str, original: Any = original, **env: str) -> Daemon:
+                daemon = original(*args, **env)
+                daemons.append(daemon)
+                return daemon
+
+            space.start_daemon = tracked  # type: ignore[method-assign]
+            found.append(space)
+        try:
+            yield found
+        finally:
+            for daemon in daemons:
+                if daemon.process.poll() is None:
+                    daemon.process.kill()
+                    daemon.process.wait()
+
+
+def identity(space: Workspace) -> str:
+    return wait_for(lambda: (space.root / "state" / "node-id").exists()
+                    and (space.root / "state" / "node-id").read_text().strip())  # type: ignore[no-any-return]
+
+
+def parts_in(s3: Any, bucket: str) -> set[str]:
+    return {key for key in keys_in(s3, bucket) if key.startswith(PARTS)}
+
+
+def test_two_live_nodes_of_one_rank_are_caught_by_both_and_seal_no_part(
+        spaces: list[Workspace], s3: Any, bucket: str) -> None:
+    a, b = spaces
+    first = a.start_daemon()
+    second = b.start_daemon()
+    clashes = [first.wait_for_event("rank_claimed_twice"),
+               second.wait_for_event("rank_claimed_twice")]
+    ids = {identity(a), identity(b)}
+    assert len(ids) == 2
+    for clash in clashes:
+        assert clash["rank"] == 0 and clash["level"] == "error"
+        assert {clash["node"].split("/")[1], clash["other_node"].split("/")[1]} == ids
+    for space in spaces:
+        problems = wait_for(lambda space=space: space.status().get("problems"))
+        assert len(problems) == 1 and problems[0].startswith("rank_claimed_twice: ")
+    assert "PROBLEM:      rank_claimed_twice: " in a.cli("status", "-c", str(a.config_file)).stdout
+
+    # The trainer goes on writing: the files are uploaded, but no part lists them.
+    for space, shard in ((a, "__0_0.distcp"), (b, "__1_0.distcp")):
+        (space.checkpoints / "step_1").mkdir()
+        (space.checkpoints / "step_1" / shard).write_bytes(shard.encode() * 1000)
+    wait_for(lambda: {"run1/step_1/__0_0.distcp", "run1/step_1/__1_0.distcp"}
+             <= keys_in(s3, bucket))
+    for space in spaces:
+        wait_for(lambda space=space: "run1/step_1" in space.status().get("incomplete_sets", []))
+    assert parts_in(s3, bucket) == set()
+
+
+def test_a_replacement_takes_over_the_rank_of_a_node_gone(
+        spaces: list[Workspace], s3: Any, bucket: str) -> None:
+    a, b = spaces
+    old = a.start_daemon()
+    (a.checkpoints / "step_1").mkdir()
+    (a.checkpoints / "step_1" / "__0_0.distcp").write_bytes(b"a" * 1000)
+    wait_for(lambda: f"{PARTS}step_1/node-0.json" in keys_in(s3, bucket))
+    old.process.kill()  # reclaimed: its claim stays behind, never withdrawn
+    old.process.wait()
+    assert any(key.startswith(CLAIMS) for key in keys_in(s3, bucket))
+
+    new = b.start_daemon()
+    (b.checkpoints / "step_2").mkdir()
+    (b.checkpoints / "step_2" / "__0_0.distcp").write_bytes(b"b" * 1000)
+    wait_for(lambda: f"{PARTS}step_2/node-0.json" in keys_in(s3, bucket))
+    assert not new.named("rank_claimed_twice")
+    assert b.status().get("problems") == []
+    new.stop()
+    # A clean stop withdraws the node's claim: only the crashed node's is left.
+    left = [key for key in keys_in(s3, bucket) if key.startswith(CLAIMS)]
+    assert len(left) == 1 and left[0].endswith(f"_{identity(a)}.json")
