@@ -113,7 +113,7 @@ class SyncEngine:
             _set_ref(tracker, name) for tracker in self.trackers
             for name in self.ledger.unsettled_sets(self.bucket,
                                                    object_key(tracker.watch.prefix, "")))
-        self._last_scan_wall_ns = self._wall_clock_ns()
+        self._last_scan, self._last_scan_wall_ns = self._clock(), self._wall_clock_ns()
         return sum(self._scan(tracker, quiet_seconds) for tracker in self.trackers)
 
     def _scan(self, tracker: ChangeTracker, quiet_seconds: float,
@@ -140,12 +140,13 @@ class SyncEngine:
     def _rescan_if_events_lost(self) -> None:
         """Invariant: files whose events the kernel dropped (its inotify queue overflowed
         under a burst of writes) are found all the same: every watched directory is scanned
-        again, as at a start."""
+        again, as at a start, every file compared (a directory renamed in keeps its files'
+        mtimes and ctimes, older than the last scan: only the lost event spoke of them)."""
         if not events_were_lost():
             return
         log.warning("events_lost", detail="the kernel dropped file events (inotify queue "
                     "overflow): scanning the watched directories again")
-        self._rescan("events_lost")
+        self._rescan("events_lost", every_file=True)
 
     def rescan_when_due(self, interval: float) -> None:
         """Scan every watched directory again once `interval` seconds passed since the last
@@ -156,11 +157,18 @@ class SyncEngine:
         if self._clock() - self._last_scan >= interval:
             self._rescan("periodic")
 
-    def _rescan(self, reason: str) -> None:
+    def _rescan(self, reason: str, every_file: bool = False) -> None:
         """Scan again for files changed since the last scan began (less a margin for the
-        coarse timestamps of some file systems): the ledger is asked about those alone."""
-        since = self._last_scan_wall_ns - RESCAN_MARGIN_NS
-        self._last_scan, self._last_scan_wall_ns = self._clock(), self._wall_clock_ns()
+        coarse timestamps of some file systems): the ledger is asked about those alone.
+        every_file: compare every file, whatever its timestamps."""
+        now, now_wall_ns = self._clock(), self._wall_clock_ns()
+        # The last scan's start by the wall clock then, or by the monotonic time elapsed since,
+        # whichever is earlier: a wall clock stepped back since (NTP) gives later changes
+        # mtimes before the wall time it read then.
+        began_ns = min(self._last_scan_wall_ns,
+                       now_wall_ns - int((now - self._last_scan) * 1e9))
+        since = None if every_file else began_ns - RESCAN_MARGIN_NS
+        self._last_scan, self._last_scan_wall_ns = now, now_wall_ns
         queued = sum(self._scan(tracker, tracker.quiet_seconds, since)
                      for tracker in self.trackers)
         # Said when it found something: a periodic scan that finds nothing is the usual case.
