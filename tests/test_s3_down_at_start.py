@@ -166,3 +166,19 @@ def test_a_transient_s3_answer_is_no_refusal(workspace: Workspace, s3: Any) -> N
     assert "FAIL  public access" not in result.stdout
     assert "FAIL  bucket           S3 unreachable" in result.stdout
     assert "SlowDown" in result.stdout
+
+
+def test_a_flush_asked_of_a_daemon_waiting_for_s3_ends_with_one_line(
+        outage: Workspace) -> None:
+    """`spotwatch flush` (a trainer's epilogue, say) asks the daemon, which keeps reporting
+    while it waits for S3: its flush starts only once the checks pass, maybe never. The
+    command must not wait for it without a word, nor for good: it says why, exit 1."""
+    with running(start_run(outage, f"http://127.0.0.1:{free_port()}")) as daemon:
+        daemon.wait_for_event("s3_unreachable_at_start")
+        wait_for(lambda: outage.status().get("waiting_for_s3"))
+        result = outage.cli("flush", "-c", str(outage.config_file), timeout=45)
+        assert result.returncode == 1, result.stdout + result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"spotwatch: error: the daemon (pid {daemon.process.pid}) is "
+                               "waiting for S3"), last
+        assert daemon.process.poll() is None  # the daemon waits on, the flush asked of it
