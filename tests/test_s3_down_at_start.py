@@ -182,3 +182,24 @@ def test_a_flush_asked_of_a_daemon_waiting_for_s3_ends_with_one_line(
         assert last.startswith(f"spotwatch: error: the daemon (pid {daemon.process.pid}) is "
                                "waiting for S3"), last
         assert daemon.process.poll() is None  # the daemon waits on, the flush asked of it
+
+
+def test_a_stop_during_the_first_run_of_the_checks_ends_run_with_one_line(
+        outage: Workspace, imds: ImdsEmulator) -> None:
+    """S3 takes connections and never answers: the first run of the checks lasts as long as
+    the SDK's timeouts, and the trainer is told of notices meanwhile. A stop then ends `run`
+    at once, as a stop while it waits does (exit 1, one line, the lifecycle action
+    released), not by SIGTERM's default action, without a word."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # connections complete in the kernel's backlog; nothing answers
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        notice_file = outage.root / "notice.json"
+        with running(start_run(outage, endpoint)) as daemon:
+            imds.fire_spot_interruption("terminate", in_seconds=120)
+            wait_for(lambda: notice_file.is_file())  # told during the first run
+            assert not daemon.named("s3_unreachable_at_start")  # that run goes on
+            daemon.process.send_signal(signal.SIGTERM)
+            assert daemon.process.wait(timeout=30) == 1
+    last = daemon.log_path.read_text().strip().splitlines()[-1]
+    assert last.startswith("spotwatch: error: stopped before"), last
