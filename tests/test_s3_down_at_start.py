@@ -203,3 +203,17 @@ def test_a_stop_during_the_first_run_of_the_checks_ends_run_with_one_line(
             assert daemon.process.wait(timeout=30) == 1
     last = daemon.log_path.read_text().strip().splitlines()[-1]
     assert last.startswith("spotwatch: error: stopped before"), last
+
+
+def test_a_refusal_found_while_s3_is_down_names_its_own_reason(outage: Workspace) -> None:
+    """S3 down and the instance in another region: `run` refuses at once (S3 coming back
+    would not change that), and its one line names the instance's region, not S3's outage,
+    which alone would only have made it wait."""
+    with ImdsEmulator(region="eu-central-1") as other:
+        outage.write_config(transfer={"max_attempts": 2}, imds={"endpoint": other.url})
+        result = outage.cli("run", "-c", str(outage.config_file),
+                            AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("spotwatch: error: refusing to start: instance region"), last
+    assert "eu-central-1" in last
