@@ -34,7 +34,7 @@ from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import list_manifests
 from spotwatch.sync.sets.sealer import MAX_ATTEMPTS, RETRY_CAP_SECONDS, RETRY_SECONDS
-from spotwatch.sync.tracker import ChangeTracker
+from spotwatch.sync.tracker import ChangeTracker, walk_files
 from spotwatch.sync.uploader import Uploader
 
 from .conftest import wait_for
@@ -452,3 +452,43 @@ def test_a_rescan_after_the_clock_stepped_back_finds_the_changes_made_since(
                    step=1.0)
     finally:
         engine.close()
+
+
+def test_a_periodic_rescan_of_many_files_hands_the_loop_back_between_slices(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file of the watched directories is stat'ed by each periodic scan (a network round
+    trip each on a shared file system): done at one go on the daemon's loop, a large tree
+    keeps the trainer from being told of a notice, and systemd's watchdog from being fed, for
+    as long. The scan goes a slice at a time (here: a file per call), and still finds the
+    change no event reported."""
+    root = tmp_path / "ckpt"
+    paths = [write(root, f"step_{n // 10}/shard_{n % 10}.pt", b"x") for n in range(30)]
+    looked_at = [0]
+
+    def counted(*args: Any, **kwargs: Any) -> Iterator[tuple[Path, os.stat_result]]:
+        for found in walk_files(*args, **kwargs):
+            looked_at[0] += 1
+            yield found
+
+    with engine_on(root, tmp_path, store, clock) as engine:
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, lambda: quiescent(engine) and len(store.objects) == 33, clock,
+                   step=1.0)
+        monkeypatch.setattr(engine_module, "walk_files", counted)
+        monkeypatch.setattr(engine_module, "RESCAN_SLICE_SECONDS", 0.0, raising=False)
+        changed = paths[-1]
+        changed.write_bytes(b"written through a mapping")  # no observer: no event
+        os.utime(changed, ns=(clock.wall_ns() - 10**10,) * 2)  # settled
+        clock.advance(10.0)
+        engine.rescan_when_due(interval=5.0)
+        assert 0 < looked_at[0] < len(paths), "the scan kept the loop for every file"
+        for _ in range(10 * len(paths)):
+            engine.rescan_when_due(interval=5.0)
+            engine.collect_settled()
+            engine.pump(upload=True)
+            if store.data(PREFIX + "step_2/shard_9.pt") == b"written through a mapping":
+                break
+            woken.wait(0.01)
+            woken.clear()
+        assert store.data(PREFIX + "step_2/shard_9.pt") == b"written through a mapping"
