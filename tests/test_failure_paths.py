@@ -24,6 +24,7 @@ from structlog.testing import capture_logs
 from spotwatch.config import WatchDir
 from spotwatch.keys import manifest_key
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
+from spotwatch.sync import engine as engine_module
 from spotwatch.sync.engine import SyncEngine
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.orphans import abort_orphaned_uploads
@@ -33,7 +34,7 @@ from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import list_manifests
 from spotwatch.sync.sets.sealer import MAX_ATTEMPTS, RETRY_CAP_SECONDS, RETRY_SECONDS
-from spotwatch.sync.tracker import ChangeTracker
+from spotwatch.sync.tracker import ChangeTracker, walk_files
 from spotwatch.sync.uploader import Uploader
 
 from .conftest import wait_for
@@ -399,3 +400,95 @@ def test_a_rescan_does_not_cut_a_failing_files_backoff_short(
         clock.advance(1.0)
         engine.rescan_when_due(interval=1.0)
         pump_until(engine, lambda: store.calls["upload_file"] > calls, clock)
+
+
+def test_after_lost_events_a_directory_renamed_in_with_old_files_is_uploaded(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint staged elsewhere before the last scan, then renamed into the watched
+    directory (Hugging Face's tmp-checkpoint-N -> checkpoint-N): a directory's rename changes
+    neither the mtime nor the ctime of the files in it. Its events lost to an inotify queue
+    overflow, the rescan must look at every file, not only at those changed since the last
+    scan. (The fake wall clock runs an hour ahead: the files date from before that scan.)"""
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    staged = write(tmp_path / "staging", "tmp-checkpoint-300/model.pt", b"weights")
+    lost = iter([True])
+    monkeypatch.setattr(engine_module, "events_were_lost", lambda: next(lost, False))
+    with engine_on(root, tmp_path, store, clock) as engine:
+        engine.reconcile(quiet_seconds=0)
+        staged.parent.rename(root / "checkpoint-300")  # its events: lost
+        pump_until(engine, lambda: PREFIX + "checkpoint-300/model.pt" in store.objects, clock,
+                   step=1.0)
+
+
+def test_a_rescan_after_the_clock_stepped_back_finds_the_changes_made_since(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
+    """The wall clock ran an hour ahead at the last scan, then was stepped back (NTP, a
+    hypervisor's time sync): files changed since have mtimes before that scan began. The
+    periodic scan must still find a change no event reported (a write through a memory
+    mapping), or the old bytes stay in S3 for good."""
+    wall_offset_ns = [3600 * 10**9]
+
+    def wall_ns() -> int:
+        return time.time_ns() + wall_offset_ns[0]
+
+    root = tmp_path / "ckpt"
+    path = write(root, "step_1/model.pt", b"first")
+    os.utime(path, ns=(time.time_ns() - 10**10,) * 2)
+    tracker = ChangeTracker(WatchDir(root, PREFIX, exclude=()), 1.0, QUIET_SECONDS, clock=clock)
+    engine = SyncEngine([tracker], Ledger(tmp_path / "ledger.sqlite"),
+                        lambda done: Uploader(store, done, clock), wake=woken.set,
+                        clock=clock, wall_clock_ns=wall_ns)
+    try:
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, lambda: manifest_key(PREFIX, "step_1") in store.objects, clock, step=1.0)
+        wall_offset_ns[0] = 0  # stepped back to the true time
+        clock.advance(300.0)
+        path.write_bytes(b"second")  # no event: no observer watches
+        os.utime(path, ns=(time.time_ns() - 10**10,) * 2)  # settled
+        engine.rescan_when_due(interval=300.0)
+        pump_until(engine, lambda: store.data(PREFIX + "step_1/model.pt") == b"second", clock,
+                   step=1.0)
+    finally:
+        engine.close()
+
+
+def test_a_periodic_rescan_of_many_files_hands_the_loop_back_between_slices(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file of the watched directories is stat'ed by each periodic scan (a network round
+    trip each on a shared file system): done at one go on the daemon's loop, a large tree
+    keeps the trainer from being told of a notice, and systemd's watchdog from being fed, for
+    as long. The scan goes a slice at a time (here: a file per call), and still finds the
+    change no event reported."""
+    root = tmp_path / "ckpt"
+    paths = [write(root, f"step_{n // 10}/shard_{n % 10}.pt", b"x") for n in range(30)]
+    looked_at = [0]
+
+    def counted(*args: Any, **kwargs: Any) -> Iterator[tuple[Path, os.stat_result]]:
+        for found in walk_files(*args, **kwargs):
+            looked_at[0] += 1
+            yield found
+
+    with engine_on(root, tmp_path, store, clock) as engine:
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, lambda: quiescent(engine) and len(store.objects) == 33, clock,
+                   step=1.0)
+        monkeypatch.setattr(engine_module, "walk_files", counted)
+        monkeypatch.setattr(engine_module, "RESCAN_SLICE_SECONDS", 0.0, raising=False)
+        changed = paths[-1]
+        changed.write_bytes(b"written through a mapping")  # no observer: no event
+        os.utime(changed, ns=(clock.wall_ns() - 10**10,) * 2)  # settled
+        clock.advance(10.0)
+        engine.rescan_when_due(interval=5.0)
+        assert 0 < looked_at[0] < len(paths), "the scan kept the loop for every file"
+        for _ in range(10 * len(paths)):
+            engine.rescan_when_due(interval=5.0)
+            engine.collect_settled()
+            engine.pump(upload=True)
+            if store.data(PREFIX + "step_2/shard_9.pt") == b"written through a mapping":
+                break
+            woken.wait(0.01)
+            woken.clear()
+        assert store.data(PREFIX + "step_2/shard_9.pt") == b"written through a mapping"

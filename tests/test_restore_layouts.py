@@ -231,3 +231,21 @@ def test_a_hugging_face_staging_directory_is_never_the_checkpoint_restored(
     assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 4
     result = restore(workspace, "--to", str(workspace.root / "renamed"))
     assert "restored checkpoint-500" in result.stdout, result.stderr
+
+
+def test_a_pointer_to_a_step_on_disk_beside_it_is_left_as_it_is(
+        workspace: Workspace, s3: Any) -> None:
+    """Restored into a directory that still holds the newer step (the same disk after a
+    reboot, a shared file system): S3 lacks part of global_step300, the disk has all of it,
+    and DeepSpeed's `latest` names it. The pointer names a step that is there: it stays, and
+    the trainer resumes from step 300, not 100 steps back."""
+    write(workspace, "global_step200/mp_rank_00_model_states.pt", b"two hundred", 300)
+    write(workspace, "global_step300/mp_rank_00_model_states.pt", b"three hundred", 200)
+    write(workspace, "latest", b"global_step300", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 3
+    incomplete_in_s3(s3, workspace, "global_step300", "mp_rank_00_model_states.pt")
+
+    result = restore(workspace)
+    assert result.returncode == 0, result.stderr
+    assert "restored global_step200" in result.stdout and "now names" not in result.stdout
+    assert (workspace.checkpoints / "latest").read_bytes() == b"global_step300"

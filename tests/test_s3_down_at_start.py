@@ -166,3 +166,54 @@ def test_a_transient_s3_answer_is_no_refusal(workspace: Workspace, s3: Any) -> N
     assert "FAIL  public access" not in result.stdout
     assert "FAIL  bucket           S3 unreachable" in result.stdout
     assert "SlowDown" in result.stdout
+
+
+def test_a_flush_asked_of_a_daemon_waiting_for_s3_ends_with_one_line(
+        outage: Workspace) -> None:
+    """`spotwatch flush` (a trainer's epilogue, say) asks the daemon, which keeps reporting
+    while it waits for S3: its flush starts only once the checks pass, maybe never. The
+    command must not wait for it without a word, nor for good: it says why, exit 1."""
+    with running(start_run(outage, f"http://127.0.0.1:{free_port()}")) as daemon:
+        daemon.wait_for_event("s3_unreachable_at_start")
+        wait_for(lambda: outage.status().get("waiting_for_s3"))
+        result = outage.cli("flush", "-c", str(outage.config_file), timeout=45)
+        assert result.returncode == 1, result.stdout + result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"spotwatch: error: the daemon (pid {daemon.process.pid}) is "
+                               "waiting for S3"), last
+        assert daemon.process.poll() is None  # the daemon waits on, the flush asked of it
+
+
+def test_a_stop_during_the_first_run_of_the_checks_ends_run_with_one_line(
+        outage: Workspace, imds: ImdsEmulator) -> None:
+    """S3 takes connections and never answers: the first run of the checks lasts as long as
+    the SDK's timeouts, and the trainer is told of notices meanwhile. A stop then ends `run`
+    at once, as a stop while it waits does (exit 1, one line, the lifecycle action
+    released), not by SIGTERM's default action, without a word."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # connections complete in the kernel's backlog; nothing answers
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        notice_file = outage.root / "notice.json"
+        with running(start_run(outage, endpoint)) as daemon:
+            imds.fire_spot_interruption("terminate", in_seconds=120)
+            wait_for(lambda: notice_file.is_file())  # told during the first run
+            assert not daemon.named("s3_unreachable_at_start")  # that run goes on
+            daemon.process.send_signal(signal.SIGTERM)
+            assert daemon.process.wait(timeout=30) == 1
+    last = daemon.log_path.read_text().strip().splitlines()[-1]
+    assert last.startswith("spotwatch: error: stopped before"), last
+
+
+def test_a_refusal_found_while_s3_is_down_names_its_own_reason(outage: Workspace) -> None:
+    """S3 down and the instance in another region: `run` refuses at once (S3 coming back
+    would not change that), and its one line names the instance's region, not S3's outage,
+    which alone would only have made it wait."""
+    with ImdsEmulator(region="eu-central-1") as other:
+        outage.write_config(transfer={"max_attempts": 2}, imds={"endpoint": other.url})
+        result = outage.cli("run", "-c", str(outage.config_file),
+                            AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("spotwatch: error: refusing to start: instance region"), last
+    assert "eu-central-1" in last

@@ -131,6 +131,7 @@ def request_daemon_flush(state: StateDir) -> dict[str, Any] | None:
         if StateLock(state).holder() is None:
             raise SpotwatchError(f"the daemon (pid {pid}) stopped before its flush finished")
         _give_up_if_stalled(status, pid)
+        _give_up_if_waiting_for_s3(status, pid)
 
 
 def _give_up_if_stalled(status: dict[str, Any], pid: int) -> None:
@@ -142,3 +143,14 @@ def _give_up_if_stalled(status: dict[str, Any], pid: int) -> None:
         raise SpotwatchError(f"the daemon (pid {pid}) has not reported for "
                              f"{HEALTHY_WITHIN_SECONDS:.0f}s (stalled): its flush cannot be "
                              f"waited for")
+
+
+def _give_up_if_waiting_for_s3(status: dict[str, Any], pid: int) -> None:
+    """Invariant: a flush does not wait without a word, nor for good, for a daemon whose start
+    waits for S3 to become reachable: the flush asked of it starts only once the preflight
+    checks pass. Exit 1, with why; the daemon keeps the request and flushes then."""
+    waiting = status.get("waiting_for_s3") if status.get("pid") == pid else None
+    if isinstance(waiting, dict):
+        raise SpotwatchError(f"the daemon (pid {pid}) is waiting for S3, unreachable since it "
+                             f"started ({waiting.get('reason')}): it flushes once S3 answers "
+                             "and its preflight checks pass, nothing is durable now")

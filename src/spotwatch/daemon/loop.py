@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import structlog
 
@@ -219,8 +219,12 @@ class Daemon:
         daemon waits rather than exiting, and tells the trainer of notices as ever (their
         flushes wait for the engine: nothing uploads before the checks pass, they refuse a
         bucket in another region or a public one). A refusal ends it as at start; so does a
-        stop, with exit 1: nothing could be made durable."""
+        stop, with exit 1: nothing could be made durable. A stop during the first run of the
+        checks too (it may last the SDK's timeouts, with notices told meanwhile and the
+        lifecycle action held): SIGTERM's default action would end it without a word."""
         waiting_since: float | None = None
+        if handle_signals:
+            self._signals.install()
         while True:
             verdict = checks.poll()
             if verdict is not None and verdict.unreachable is None:
@@ -240,21 +244,28 @@ class Daemon:
                                 detail="notices still reach the trainer; nothing uploads until "
                                 "the preflight checks pass, checked again with backoff")
                     waiting_since = time.monotonic()
-                    if handle_signals:
-                        self._signals.install()
                     sdnotify.notify("READY=1\nSTATUS=waiting for S3 (preflight checks pending)")
                 self.reporter.wait_for_s3(verdict.unreachable.detail, checks.attempts)
             self._take_signals()
             if self._stop.is_set():
-                log.error("stopped_waiting_for_s3", notices_told=len(self._deferred),
-                          detail="S3 never became reachable: nothing was uploaded")
-                self._release_lifecycle(durable=False)
-                raise SpotwatchError("stopped while waiting for S3 to become reachable: "
-                                     "nothing was uploaded")
+                self._stop_before_checks_passed(waiting_since is not None)
             self._tell_while_waiting()
             if waiting_since is not None:
                 self.reporter.report_waiting_when_due(self.last_notice)
             self._sleep(TICK_SECONDS)
+
+    def _stop_before_checks_passed(self, waited: bool) -> NoReturn:
+        """waited: a run of the checks found S3 unreachable (else the first still ran)."""
+        if waited:
+            log.error("stopped_waiting_for_s3", notices_told=len(self._deferred),
+                      detail="S3 never became reachable: nothing was uploaded")
+        else:
+            log.error("stopped_during_checks", notices_told=len(self._deferred),
+                      detail="the preflight checks had not finished: nothing was uploaded")
+        self._release_lifecycle(durable=False)
+        raise SpotwatchError("stopped while waiting for S3 to become reachable: nothing was "
+                             "uploaded" if waited else "stopped before the preflight checks "
+                             "finished: nothing was uploaded")
 
     def _tell_while_waiting(self) -> None:
         while True:

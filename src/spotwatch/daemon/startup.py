@@ -30,8 +30,9 @@ class Verdict:
 
     @property
     def refusal(self) -> CheckResult | None:
-        failed = failures(self.results)
-        return None if not failed or only_unreachable(self.results) else failed[0]
+        """The first failure S3's coming back would not mend: S3 unreachable is no reason
+        to name when another check refuses (the instance in another region, say)."""
+        return next((r for r in failures(self.results) if not r.unreachable), None)
 
     @property
     def unreachable(self) -> CheckResult | None:

@@ -10,10 +10,11 @@ import os
 import queue
 import stat as stat_module
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from functools import partial
+from itertools import chain
 from pathlib import Path
 
 import structlog
@@ -40,6 +41,8 @@ SEAL_CHECK_SECONDS = 0.25
 # A rescan also looks at files changed this long before the last scan began: timestamps are
 # coarse on some file systems (2 s on FAT), and a change is never missed for want of a tick.
 RESCAN_MARGIN_NS = 2 * 10**9
+# How long one call may spend on a periodic scan before handing the loop back.
+RESCAN_SLICE_SECONDS = 0.05
 
 
 @dataclass
@@ -95,6 +98,8 @@ class SyncEngine:
         self._seal_due = 0.0
         self._last_scan = clock()  # the start's scan (reconcile), then each rescan
         self._last_scan_wall_ns = wall_clock_ns()
+        self._periodic: Iterator[bool] | None = None  # a periodic scan under way
+        self._periodic_queued = 0  # files it queued so far
         # Uploads and local deletions seen so far, only ever counted up: a pruner compares
         # it with the count when it last pruned, and never writes it.
         self.changes = 0
@@ -113,59 +118,96 @@ class SyncEngine:
             _set_ref(tracker, name) for tracker in self.trackers
             for name in self.ledger.unsettled_sets(self.bucket,
                                                    object_key(tracker.watch.prefix, "")))
-        self._last_scan_wall_ns = self._wall_clock_ns()
+        self._last_scan, self._last_scan_wall_ns = self._clock(), self._wall_clock_ns()
         return sum(self._scan(tracker, quiet_seconds) for tracker in self.trackers)
 
     def _scan(self, tracker: ChangeTracker, quiet_seconds: float,
               changed_since_ns: int | None = None) -> int:
         """Queue what the ledger lacks; changed_since_ns: only files changed (mtime, or ctime:
         renamed or linked into place) since then, which every scan before has compared."""
-        queued = 0
+        return sum(self._scan_steps(tracker, quiet_seconds, changed_since_ns))
+
+    def _scan_steps(self, tracker: ChangeTracker, quiet_seconds: float,
+                    changed_since_ns: int | None) -> Iterator[bool]:
+        """_scan, one file at a time: whether each file looked at was queued."""
         now_ns = self._wall_clock_ns()
         newest_allowed = now_ns - int(quiet_seconds * 1e9)
         for path, stat in walk_files(tracker.root, partial(self._skip, tracker),
                                      tracker.note_unreadable):
             if (changed_since_ns is not None
                     and max(stat.st_mtime_ns, stat.st_ctime_ns) < changed_since_ns):
+                yield False
                 continue
             relative = tracker.relative(path)
             if relative is None:
-                continue
-            if stat.st_mtime_ns > newest_allowed:  # may still be being written
+                yield False
+            elif stat.st_mtime_ns > newest_allowed:  # may still be being written
                 tracker.mark_quiet_for(path, (now_ns - stat.st_mtime_ns) / 1e9)
-            elif self._queue_if_changed(tracker, path, relative, stat):
-                queued += 1
-        return queued
+                yield False
+            else:
+                yield self._queue_if_changed(tracker, path, relative, stat)
 
     def _rescan_if_events_lost(self) -> None:
         """Invariant: files whose events the kernel dropped (its inotify queue overflowed
         under a burst of writes) are found all the same: every watched directory is scanned
-        again, as at a start."""
+        again, as at a start, every file compared (a directory renamed in keeps its files'
+        mtimes and ctimes, older than the last scan: only the lost event spoke of them)."""
         if not events_were_lost():
             return
         log.warning("events_lost", detail="the kernel dropped file events (inotify queue "
                     "overflow): scanning the watched directories again")
-        self._rescan("events_lost")
+        self._rescan("events_lost", every_file=True)
 
     def rescan_when_due(self, interval: float) -> None:
         """Scan every watched directory again once `interval` seconds passed since the last
         scan. Invariant: a change inotify never reports is uploaded all the same, within the
         interval: writes through a memory mapping (numpy.memmap, a storage mapped from the
         file) make no event after the file's descriptor is closed, and the file as uploaded at
-        that close would otherwise stay in S3, sealed, for good."""
-        if self._clock() - self._last_scan >= interval:
-            self._rescan("periodic")
+        that close would otherwise stay in S3, sealed, for good.
 
-    def _rescan(self, reason: str) -> None:
-        """Scan again for files changed since the last scan began (less a margin for the
-        coarse timestamps of some file systems): the ledger is asked about those alone."""
-        since = self._last_scan_wall_ns - RESCAN_MARGIN_NS
-        self._last_scan, self._last_scan_wall_ns = self._clock(), self._wall_clock_ns()
+        Invariant: the loop that drives the engine gets its turn back within about
+        RESCAN_SLICE_SECONDS, however many files the directories hold (every file is stat'ed,
+        a network round trip each on a shared file system): it tells the trainer of notices
+        and keeps systemd's watchdog fed meanwhile. The scan goes on at the next call."""
+        if self._periodic is None:
+            if self._clock() - self._last_scan < interval:
+                return
+            since = self._rescan_since(every_file=False)
+            self._periodic = chain.from_iterable(
+                self._scan_steps(tracker, tracker.quiet_seconds, since)
+                for tracker in self.trackers)
+            self._periodic_queued = 0
+        slice_ends = time.monotonic() + RESCAN_SLICE_SECONDS
+        for queued in self._periodic:
+            self._periodic_queued += queued
+            if time.monotonic() >= slice_ends:
+                return
+        self._periodic = None
+        # Said when it found something: a periodic scan that finds nothing is the usual case.
+        (log.info if self._periodic_queued else log.debug)(
+            "rescan_done", reason="periodic", pending=self._periodic_queued,
+            unsettled=self.unsettled())
+
+    def _rescan(self, reason: str, every_file: bool = False) -> None:
+        """Scan again, at once, for files changed since the last scan began (see
+        _rescan_since); every_file: compare every file, whatever its timestamps."""
+        since = self._rescan_since(every_file)
         queued = sum(self._scan(tracker, tracker.quiet_seconds, since)
                      for tracker in self.trackers)
-        # Said when it found something: a periodic scan that finds nothing is the usual case.
-        (log.info if queued or reason != "periodic" else log.debug)(
-            "rescan_done", reason=reason, pending=queued, unsettled=self.unsettled())
+        log.info("rescan_done", reason=reason, pending=queued, unsettled=self.unsettled())
+
+    def _rescan_since(self, every_file: bool) -> int | None:
+        """When a scan starting now looks for changes from: the last scan's start, less a
+        margin for the coarse timestamps of some file systems (the ledger is asked about those
+        files alone); None with every_file. Records this scan as the last one."""
+        now, now_wall_ns = self._clock(), self._wall_clock_ns()
+        # The last scan's start by the wall clock then, or by the monotonic time elapsed since,
+        # whichever is earlier: a wall clock stepped back since (NTP) gives later changes
+        # mtimes before the wall time it read then.
+        began_ns = min(self._last_scan_wall_ns,
+                       now_wall_ns - int((now - self._last_scan) * 1e9))
+        self._last_scan, self._last_scan_wall_ns = now, now_wall_ns
+        return None if every_file else began_ns - RESCAN_MARGIN_NS
 
     def collect_settled(self) -> None:
         self._rescan_if_events_lost()

@@ -8,7 +8,8 @@ checkpoint and starts from scratch. Such a pointer is rewritten to name the set 
 
 Only a small UTF-8 file whose whole content (stripped) is one name is a pointer: the name of
 another set of the restored set's series, or a bare number where the file is Megatron's tracker
-or that number names a set of the series listed in S3. Nothing else is touched.
+or that number names a set of the series listed in S3. Nothing else is touched, nor a pointer to
+a set that is there beside it.
 """
 
 from __future__ import annotations
@@ -62,12 +63,20 @@ def _number_pointed(core: str, companion: str, restored: str,
     runs = _DIGITS.findall(restored)
     if not _DIGITS.fullmatch(core) or len(runs) != 1 or int(core) == int(runs[0]):
         return None
-    pointed = _DIGITS.sub(core.zfill(len(runs[0])), restored)
+    pointed = _set_pointed(core, restored)
     if companion not in NUMBER_TRACKERS and pointed not in known:
         return None
     number = str(int(runs[0]))
     # Zero-padded as the pointer was, else as Megatron writes it: str(iteration).
     return number.zfill(len(core)) if core.startswith("0") and len(core) > 1 else number
+
+
+def _set_pointed(old: str, restored: str) -> str:
+    """The set a pointer's old content names (a name of the series, or its number)."""
+    if series_of(old) == series_of(restored):
+        return old
+    runs = _DIGITS.findall(restored)
+    return _DIGITS.sub(old.zfill(len(runs[0])), restored)
 
 
 def repoint(path: Path, companion: str, restored: str, known: Collection[str],
@@ -87,6 +96,10 @@ def repoint(path: Path, companion: str, restored: str, known: Collection[str],
     if change is None:
         return None
     content, old, new = change
+    # The set it names is there beside it (the same disk after a reboot, a shared file
+    # system): the trainer wrote the pointer once that set was saved; it loads it as it is.
+    if os.path.lexists(path.parent / _set_pointed(old, restored)):
+        return None
     try:
         temporary.write_text(content, encoding="utf-8")
         os.chmod(temporary, S_IMODE(info.st_mode))
