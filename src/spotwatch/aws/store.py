@@ -110,12 +110,19 @@ class Pending(Generic[T]):
     """A transfer under way: its future holds the result or the error (CancelledError after
     cancel, OSError when the file could not be read or written, StoreError)."""
 
-    def __init__(self, future: Future[T], cancel: Callable[[], object]) -> None:
+    def __init__(self, future: Future[T], cancel: Callable[[], object],
+                 withdraw: Callable[[], bool] | None = None) -> None:
         self.future = future
         self._cancel = cancel
+        self._withdraw = withdraw
 
     def cancel(self) -> None:
         self._cancel()
+
+    def withdraw(self) -> bool:
+        """Cancel the transfer only if it has not begun; True when it will never begin (its
+        future then ends cancelled). A store that cannot tell withdraws nothing."""
+        return self._withdraw is not None and self._withdraw()
 
 
 # An upload's result: the object S3 stored.
@@ -238,9 +245,14 @@ class _ProgressSubscriber(BaseSubscriber):
 
 class _DoneSubscriber(_ProgressSubscriber):
     def __init__(self, callback: Callable[[TransferFuture], None],
-                 progress: Progress | None) -> None:
+                 progress: Progress | None, begun: threading.Event) -> None:
         super().__init__(progress)
         self._callback = callback
+        self._begun = begun
+
+    def on_progress(self, future: TransferFuture, bytes_transferred: int, **kwargs: Any) -> None:
+        self._begun.set()
+        super().on_progress(future, bytes_transferred, **kwargs)
 
     def on_done(self, future: TransferFuture, **kwargs: Any) -> None:
         self._callback(future)
@@ -336,8 +348,9 @@ class S3ObjectStore:
                 cancelled.set()
                 future.cancel()
 
-            return PendingUpload(future, cancel)
+            return PendingUpload(future, cancel, future.cancel)
         outer: Future[StoredObject] = Future()
+        begun = threading.Event()  # a byte of the file was read for sending
 
         def finished(transfer: TransferFuture) -> None:
             with self._lock:
@@ -346,7 +359,7 @@ class S3ObjectStore:
             with suppress(RuntimeError):
                 self._finisher.submit(self._finish_multipart, transfer, key, size, outer)
 
-        subscribers: list[BaseSubscriber] = [_DoneSubscriber(finished, progress)]
+        subscribers: list[BaseSubscriber] = [_DoneSubscriber(finished, progress, begun)]
         if self._throttle is not None:
             subscribers.append(_Throttled(self._throttle))
         with self._lock:
@@ -354,8 +367,15 @@ class S3ObjectStore:
                 str(path), self._bucket, key, extra_args=self._write_args(),
                 subscribers=subscribers)
             self._transfers.add(transfer)
+
+        def withdraw() -> bool:  # a part may start meanwhile: at most it is sent in vain
+            if begun.is_set():
+                return False
+            transfer.cancel()
+            return True
+
         # s3transfer's shutdown(cancel=True) is broken: cancelled per future.
-        return PendingUpload(outer, transfer.cancel)
+        return PendingUpload(outer, transfer.cancel, withdraw)
 
     def _put_file(self, path: Path, key: str, size: int, progress: Progress | None,
                   cancelled: threading.Event) -> StoredObject:

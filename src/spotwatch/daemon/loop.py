@@ -471,6 +471,7 @@ class Daemon:
         # A flush is the last chance: every file waiting to retry gets one more now.
         engine.retries.retry_now()
         self._lift_bandwidth_cap(reason)
+        engine.put_newest_first()
         self.flushes.start(reason, deadline, engine, until)
 
     def _lift_bandwidth_cap(self, reason: str) -> None:

@@ -85,6 +85,9 @@ class SyncEngine:
         self.retries: RetryQueue[Path, PendingFile] = (
             RetryQueue(clock=clock) if retries is None else retries)  # an empty one is falsy
         self._uploading: dict[UploadJob, PendingFile] = {}
+        # Uploads taken back before they began (see put_newest_first): pending again once
+        # their result (CANCELLED) comes.
+        self._withdrawn: set[UploadJob] = set()
         self._refused: set[Path] = set()  # names S3 cannot take, warned about once
         self._skipped: set[Path] = set()  # symlinks, FIFOs, sockets, devices: warned once
         self._uploaded = UploadedThisRun()
@@ -335,7 +338,7 @@ class SyncEngine:
         self._handle_results()
         self._release_retries()
         self._seal_finished_sets()
-        if not upload:
+        if not upload or self._withdrawn:  # the withdrawn go first in line, once all are back
             return
         room = self._in_flight_limit - self.uploader.in_flight()
         if room <= 0 or not self.planner:
@@ -356,6 +359,18 @@ class SyncEngine:
             log.error("ledger_write_failed", error=str(exc), key=str(args[0]))
             return False
         return True
+
+    def put_newest_first(self) -> None:
+        """Invariant: a flush uploads newest set first, also when a backlog of older sets
+        was handed to the store before it began (the store runs them in the order given, so
+        the newest checkpoint would wait for all of them). Uploads that have not begun are
+        taken back and go pending again, to be handed over anew in the planner's order."""
+        taken = [job for job in list(self._uploading)
+                 if job not in self._withdrawn and self.uploader.withdraw(job.path)]
+        if taken:
+            self._withdrawn.update(taken)
+            log.info("uploads_taken_back", files=len(taken), keys=[job.key for job in taken][:20],
+                     detail="not begun: they go again in newest-set-first order")
 
     def remaining_work(self) -> list[PendingFile]:
         """What a flush still has to upload, in order: uploading first, then pending."""
@@ -475,6 +490,11 @@ class SyncEngine:
         item = self._uploading.pop(job)
         if self.uploader.uses_multipart(job.snapshot.size) and not result.multipart_leftovers:
             self._ledger_write(self.ledger.multipart_finished, job.key)
+        if job in self._withdrawn:
+            self._withdrawn.discard(job)
+            if result.outcome is Outcome.CANCELLED and _is_unchanged(job):
+                self.planner.add(item)  # never began: pending again, in its set's turn
+                return result
         fields = {"path": str(job.path), "key": job.key, "size": job.snapshot.size,
                   "seconds": round(result.seconds, 3)}
         if result.outcome is Outcome.DONE and not self._ledger_write(
