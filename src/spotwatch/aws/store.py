@@ -54,6 +54,8 @@ class Throttle(Protocol):
 IN_MEMORY_BODY_MAX = 1 << 20
 # DeleteObjects takes at most this many keys per request.
 DELETE_BATCH = 1000
+# Threads writing manifests (and the peers' notices): each write is small.
+MANIFEST_WRITERS = 4
 
 
 @dataclass(frozen=True)
@@ -291,6 +293,10 @@ class S3ObjectStore:
         self._finisher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="verify")
         self._single_part = ThreadPoolExecutor(max_workers=settings.max_concurrency,
                                                thread_name_prefix="put")
+        # Manifests and other small writes: never queued behind file uploads, so a flush
+        # seals the newest set while older sets' files are still going up.
+        self._small_writes = ThreadPoolExecutor(max_workers=MANIFEST_WRITERS,
+                                                thread_name_prefix="put-small")
         self._ranges = ThreadPoolExecutor(max_workers=settings.max_concurrency,
                                           thread_name_prefix="get")
         self._ranged = RangedGetter(client, bucket, self._ranges, settings.max_concurrency,
@@ -438,7 +444,7 @@ class S3ObjectStore:
                             self.part_size(size))
 
     def put_bytes(self, key: str, body: bytes, content_type: str) -> Future[None]:
-        return self._single_part.submit(self._put_bytes, key, body, content_type)
+        return self._small_writes.submit(self._put_bytes, key, body, content_type)
 
     def _put_bytes(self, key: str, body: bytes, content_type: str) -> None:
         with _translated():
@@ -456,6 +462,7 @@ class S3ObjectStore:
         for transfer in transfers:
             transfer.cancel()
         self._single_part.shutdown(wait=False, cancel_futures=True)
+        self._small_writes.shutdown(wait=False, cancel_futures=True)
         self._ranges.shutdown(wait=False, cancel_futures=True)
         self._downloads.shutdown(wait=False, cancel_futures=True)
         self._finisher.shutdown(wait=False, cancel_futures=True)
