@@ -76,6 +76,7 @@ def test_a_set_whose_prefix_s3_refuses_is_reported_incomplete_while_others_go_on
     daemon.wait_for_event("upload_failed")
     good = checkpoint_data(workspace.checkpoints / "step_3" / "model.pt", 5_000)
     wait_for(lambda: workspace.status().get("incomplete_sets") == ["run1/step_2"])
+    daemon.wait_for_event("set_complete")  # step_2 may be reported before step_3 is up
     assert object_bytes(s3, workspace.bucket, "run1/step_3/model.pt") == good
     incomplete = daemon.wait_for_event("set_incomplete")
     assert incomplete["set"] == "run1/step_2" and incomplete["missing"] == ["step_2/model.pt"]
