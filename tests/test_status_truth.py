@@ -336,3 +336,25 @@ def test_status_and_flush_from_a_shell_need_no_bucket_while_the_daemon_runs(
     assert flushed.returncode == 0, flushed.stderr
     assert daemon.named("flush_done")
     assert daemon.stop() == 0
+
+
+def test_status_says_a_flush_is_running_while_it_runs(workspace: Workspace,
+                                                      imds: ImdsEmulator) -> None:
+    """During a notice's flush, `spotwatch status` says so, not only the flush before it."""
+    workspace.write_config(sync={"quiet_seconds": 60})  # a file left open stays unsettled
+    daemon = workspace.start_daemon()
+    (workspace.checkpoints / "step_1").mkdir()
+    with (workspace.checkpoints / "step_1" / "model.pt").open("wb") as checkpoint:
+        checkpoint.write(b"weights" * 1000)
+        checkpoint.flush()
+        imds.fire_rebalance()  # no deadline: the flush waits for the file being written
+        daemon.wait_for_event("flush_started")
+        wait_for(lambda: workspace.status().get("flushing") is True)
+        shown = workspace.cli("status", "-c", str(workspace.config_file))
+        assert "flush:        running" in shown.stdout, shown.stdout
+    daemon.wait_for_event("flush_done")
+    wait_for(lambda: workspace.status().get("flushing") is False)
+    shown = workspace.cli("status", "-c", str(workspace.config_file))
+    assert "flush:        running" not in shown.stdout
+    assert "last flush:" in shown.stdout
+    assert daemon.stop() == 0
