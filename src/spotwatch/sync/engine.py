@@ -41,6 +41,8 @@ SEAL_CHECK_SECONDS = 0.25
 # A rescan also looks at files changed this long before the last scan began: timestamps are
 # coarse on some file systems (2 s on FAT), and a change is never missed for want of a tick.
 RESCAN_MARGIN_NS = 2 * 10**9
+# How long new uploads wait, at a flush, for those taken back to come back (put_newest_first).
+WITHDRAWN_HOLD_SECONDS = 2.0
 # How long one call may spend on a periodic scan before handing the loop back.
 RESCAN_SLICE_SECONDS = 0.05
 
@@ -88,6 +90,7 @@ class SyncEngine:
         # Uploads taken back before they began (see put_newest_first): pending again once
         # their result (CANCELLED) comes.
         self._withdrawn: set[UploadJob] = set()
+        self._withdrawn_hold_until = 0.0  # new submissions wait for them until then
         self._refused: set[Path] = set()  # names S3 cannot take, warned about once
         self._skipped: set[Path] = set()  # symlinks, FIFOs, sockets, devices: warned once
         self._uploaded = UploadedThisRun()
@@ -338,7 +341,10 @@ class SyncEngine:
         self._handle_results()
         self._release_retries()
         self._seal_finished_sets()
-        if not upload or self._withdrawn:  # the withdrawn go first in line, once all are back
+        # The withdrawn go first in line once all are back; not waited for longer than
+        # WITHDRAWN_HOLD_SECONDS (s3transfer may dequeue a cancelled multipart upload only
+        # once the parts ahead of it went): then they go in their set's turn as they come.
+        if not upload or (self._withdrawn and self._clock() < self._withdrawn_hold_until):
             return
         room = self._in_flight_limit - self.uploader.in_flight()
         if room <= 0 or not self.planner:
@@ -369,6 +375,7 @@ class SyncEngine:
                  if job not in self._withdrawn and self.uploader.withdraw(job.path)]
         if taken:
             self._withdrawn.update(taken)
+            self._withdrawn_hold_until = self._clock() + WITHDRAWN_HOLD_SECONDS
             log.info("uploads_taken_back", files=len(taken), keys=[job.key for job in taken][:20],
                      detail="not begun: they go again in newest-set-first order")
 
