@@ -346,7 +346,8 @@ class SyncEngine:
         # once the parts ahead of it went): then they go in their set's turn as they come.
         if not upload or (self._withdrawn and self._clock() < self._withdrawn_hold_until):
             return
-        room = self._in_flight_limit - self.uploader.in_flight()
+        # Those taken back send nothing more: they hold no room.
+        room = self._in_flight_limit - (self.uploader.in_flight() - len(self._withdrawn))
         if room <= 0 or not self.planner:
             return
         for item in self.planner.take(room, self.uploader.is_uploading):
