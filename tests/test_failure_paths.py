@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from spotwatch.aws.store import PendingUpload, StoredObject
 from spotwatch.config import WatchDir
 from spotwatch.keys import manifest_key
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync import engine as engine_module
-from spotwatch.sync.engine import SyncEngine
+from spotwatch.sync.engine import WITHDRAWN_HOLD_SECONDS, SyncEngine
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.orphans import abort_orphaned_uploads
 from spotwatch.sync.planner import PendingFile
@@ -492,3 +494,62 @@ def test_a_periodic_rescan_of_many_files_hands_the_loop_back_between_slices(
             woken.wait(0.01)
             woken.clear()
         assert store.data(PREFIX + "step_2/shard_9.pt") == b"written through a mapping"
+
+
+class _HeldStore(InMemoryObjectStore):
+    """Uploads that hold until released; one taken back ends, cancelled, only then too: as a
+    cancelled multipart upload that s3transfer dequeues late."""
+
+    def __init__(self) -> None:
+        super().__init__(max_concurrency=1)
+        self.release = threading.Event()
+        self.started: list[str] = []
+
+    def upload_file(self, path: Path, key: str, size: int,
+                    progress: Any = None) -> PendingUpload:
+        self.started.append(key)
+        done: Future[StoredObject] = Future()
+        withdrawn = threading.Event()
+        data = path.read_bytes()
+
+        def finish() -> None:
+            self.release.wait(30)
+            if withdrawn.is_set():
+                done.cancel()
+                done.set_running_or_notify_cancel()
+                return
+            stored = self.put(key, data)
+            done.set_result(StoredObject(stored.checksum, len(data), etag=stored.etag))
+
+        def withdraw() -> bool:
+            withdrawn.set()
+            return True
+
+        threading.Thread(target=finish, daemon=True).start()
+        return PendingUpload(done, withdrawn.set, withdraw)
+
+
+def test_a_flush_waits_for_uploads_it_took_back_only_so_long(
+        tmp_path: Path, clock: FakeClock) -> None:
+    """At a flush, uploads not yet begun are taken back so that the newest set goes first;
+    should their cancellation come late, the newest set's files are handed over all the
+    same once WITHDRAWN_HOLD_SECONDS passed, not after everything ahead of them went."""
+    store = _HeldStore()
+    root = tmp_path / "ckpt"
+    for step in (1, 2):
+        write(root, f"step_{step}/model.pt", b"old")
+    with engine_on(root, tmp_path, store, clock) as engine:
+        engine.reconcile(quiet_seconds=0)
+        engine.pump(upload=True)
+        assert len(store.started) == 2  # twice the concurrency handed over
+        write(root, "step_9/model.pt", b"newest")
+        engine.reconcile(quiet_seconds=0)
+        engine.put_newest_first()
+        engine.pump(upload=True)
+        assert sorted(store.started) == ["run/step_1/model.pt", "run/step_2/model.pt"]
+        clock.advance(WITHDRAWN_HOLD_SECONDS)
+        engine.pump(upload=True)
+        try:
+            assert "run/step_9/model.pt" in store.started[2:]
+        finally:
+            store.release.set()

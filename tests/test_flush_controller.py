@@ -258,3 +258,20 @@ def test_a_final_flush_that_left_a_file_being_written_exits_1() -> None:
         assert flushes.final_verdict(being_written, [], Progress()) == 1
     [line] = [e for e in logs if e["event"] == "flush_incomplete"]
     assert line["unsettled"] == 1 and line["timed_out"] is False
+
+
+def test_a_deadline_that_comes_during_a_flush_gets_its_own_plan() -> None:
+    """A rebalance (no deadline) starts the flush; the spot notice then gives it one: the
+    sets that miss that deadline are named then, not left unsaid."""
+    clock = FakeClock()
+    files = [pending("step_2", 60 * MIB), pending("step_1", 60 * MIB)]
+    work = Work(clock, files, bytes_per_second=20 * MIB)
+    flushes = FlushController(clock)
+    with capture_logs() as logs:
+        flushes.start("rebalance-recommendation", None, work)
+        flushes.start("spot-interruption", in_seconds(clock, 5), work)
+        flushes.start("scheduled-event", in_seconds(clock, 3600), work)  # no news: no plan
+    plans = [e for e in logs if e["event"] in ("flush_plan", "flush_at_risk")]
+    assert [(e["event"], e["seconds_left"]) for e in plans] == [
+        ("flush_plan", None), ("flush_at_risk", 5.0)]
+    assert plans[1]["at_risk_sets"] == ["p/step_1"]

@@ -76,6 +76,7 @@ def test_a_set_whose_prefix_s3_refuses_is_reported_incomplete_while_others_go_on
     daemon.wait_for_event("upload_failed")
     good = checkpoint_data(workspace.checkpoints / "step_3" / "model.pt", 5_000)
     wait_for(lambda: workspace.status().get("incomplete_sets") == ["run1/step_2"])
+    daemon.wait_for_event("set_complete")  # step_2 may be reported before step_3 is up
     assert object_bytes(s3, workspace.bucket, "run1/step_3/model.pt") == good
     incomplete = daemon.wait_for_event("set_incomplete")
     assert incomplete["set"] == "run1/step_2" and incomplete["missing"] == ["step_2/model.pt"]
@@ -334,4 +335,26 @@ def test_status_and_flush_from_a_shell_need_no_bucket_while_the_daemon_runs(
     flushed = workspace.cli("flush", "-c", "config.yaml", **no_bucket)
     assert flushed.returncode == 0, flushed.stderr
     assert daemon.named("flush_done")
+    assert daemon.stop() == 0
+
+
+def test_status_says_a_flush_is_running_while_it_runs(workspace: Workspace,
+                                                      imds: ImdsEmulator) -> None:
+    """During a notice's flush, `spotwatch status` says so, not only the flush before it."""
+    workspace.write_config(sync={"quiet_seconds": 60})  # a file left open stays unsettled
+    daemon = workspace.start_daemon()
+    (workspace.checkpoints / "step_1").mkdir()
+    with (workspace.checkpoints / "step_1" / "model.pt").open("wb") as checkpoint:
+        checkpoint.write(b"weights" * 1000)
+        checkpoint.flush()
+        imds.fire_rebalance()  # no deadline: the flush waits for the file being written
+        daemon.wait_for_event("flush_started")
+        wait_for(lambda: workspace.status().get("flushing") is True)
+        shown = workspace.cli("status", "-c", str(workspace.config_file))
+        assert "flush:        running" in shown.stdout, shown.stdout
+    daemon.wait_for_event("flush_done")
+    wait_for(lambda: workspace.status().get("flushing") is False)
+    shown = workspace.cli("status", "-c", str(workspace.config_file))
+    assert "flush:        running" not in shown.stdout
+    assert "last flush:" in shown.stdout
     assert daemon.stop() == 0

@@ -54,6 +54,8 @@ class Throttle(Protocol):
 IN_MEMORY_BODY_MAX = 1 << 20
 # DeleteObjects takes at most this many keys per request.
 DELETE_BATCH = 1000
+# Threads writing manifests (and the peers' notices): each write is small.
+MANIFEST_WRITERS = 4
 
 
 @dataclass(frozen=True)
@@ -110,12 +112,19 @@ class Pending(Generic[T]):
     """A transfer under way: its future holds the result or the error (CancelledError after
     cancel, OSError when the file could not be read or written, StoreError)."""
 
-    def __init__(self, future: Future[T], cancel: Callable[[], object]) -> None:
+    def __init__(self, future: Future[T], cancel: Callable[[], object],
+                 withdraw: Callable[[], bool] | None = None) -> None:
         self.future = future
         self._cancel = cancel
+        self._withdraw = withdraw
 
     def cancel(self) -> None:
         self._cancel()
+
+    def withdraw(self) -> bool:
+        """Cancel the transfer only if it has not begun; True when it will never begin (its
+        future then ends cancelled). A store that cannot tell withdraws nothing."""
+        return self._withdraw is not None and self._withdraw()
 
 
 # An upload's result: the object S3 stored.
@@ -238,9 +247,14 @@ class _ProgressSubscriber(BaseSubscriber):
 
 class _DoneSubscriber(_ProgressSubscriber):
     def __init__(self, callback: Callable[[TransferFuture], None],
-                 progress: Progress | None) -> None:
+                 progress: Progress | None, begun: threading.Event) -> None:
         super().__init__(progress)
         self._callback = callback
+        self._begun = begun
+
+    def on_progress(self, future: TransferFuture, bytes_transferred: int, **kwargs: Any) -> None:
+        self._begun.set()
+        super().on_progress(future, bytes_transferred, **kwargs)
 
     def on_done(self, future: TransferFuture, **kwargs: Any) -> None:
         self._callback(future)
@@ -279,6 +293,10 @@ class S3ObjectStore:
         self._finisher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="verify")
         self._single_part = ThreadPoolExecutor(max_workers=settings.max_concurrency,
                                                thread_name_prefix="put")
+        # Manifests and other small writes: never queued behind file uploads, so a flush
+        # seals the newest set while older sets' files are still going up.
+        self._small_writes = ThreadPoolExecutor(max_workers=MANIFEST_WRITERS,
+                                                thread_name_prefix="put-small")
         self._ranges = ThreadPoolExecutor(max_workers=settings.max_concurrency,
                                           thread_name_prefix="get")
         self._ranged = RangedGetter(client, bucket, self._ranges, settings.max_concurrency,
@@ -336,8 +354,9 @@ class S3ObjectStore:
                 cancelled.set()
                 future.cancel()
 
-            return PendingUpload(future, cancel)
+            return PendingUpload(future, cancel, future.cancel)
         outer: Future[StoredObject] = Future()
+        begun = threading.Event()  # a byte of the file was read for sending
 
         def finished(transfer: TransferFuture) -> None:
             with self._lock:
@@ -346,7 +365,7 @@ class S3ObjectStore:
             with suppress(RuntimeError):
                 self._finisher.submit(self._finish_multipart, transfer, key, size, outer)
 
-        subscribers: list[BaseSubscriber] = [_DoneSubscriber(finished, progress)]
+        subscribers: list[BaseSubscriber] = [_DoneSubscriber(finished, progress, begun)]
         if self._throttle is not None:
             subscribers.append(_Throttled(self._throttle))
         with self._lock:
@@ -354,8 +373,15 @@ class S3ObjectStore:
                 str(path), self._bucket, key, extra_args=self._write_args(),
                 subscribers=subscribers)
             self._transfers.add(transfer)
+
+        def withdraw() -> bool:  # a part may start meanwhile: at most it is sent in vain
+            if begun.is_set():
+                return False
+            transfer.cancel()
+            return True
+
         # s3transfer's shutdown(cancel=True) is broken: cancelled per future.
-        return PendingUpload(outer, transfer.cancel)
+        return PendingUpload(outer, transfer.cancel, withdraw)
 
     def _put_file(self, path: Path, key: str, size: int, progress: Progress | None,
                   cancelled: threading.Event) -> StoredObject:
@@ -418,7 +444,7 @@ class S3ObjectStore:
                             self.part_size(size))
 
     def put_bytes(self, key: str, body: bytes, content_type: str) -> Future[None]:
-        return self._single_part.submit(self._put_bytes, key, body, content_type)
+        return self._small_writes.submit(self._put_bytes, key, body, content_type)
 
     def _put_bytes(self, key: str, body: bytes, content_type: str) -> None:
         with _translated():
@@ -436,6 +462,7 @@ class S3ObjectStore:
         for transfer in transfers:
             transfer.cancel()
         self._single_part.shutdown(wait=False, cancel_futures=True)
+        self._small_writes.shutdown(wait=False, cancel_futures=True)
         self._ranges.shutdown(wait=False, cancel_futures=True)
         self._downloads.shutdown(wait=False, cancel_futures=True)
         self._finisher.shutdown(wait=False, cancel_futures=True)

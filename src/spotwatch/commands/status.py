@@ -99,6 +99,7 @@ class _Report(msgspec.Struct):
     metrics_url: str | None = None
     last_notice: _Notice | None = None
     last_flush: _Flush | None = None
+    flushing: bool = False
     incomplete_sets: list[str] = []
     unsealed_sets: list[str] = []
 
@@ -218,6 +219,8 @@ def render_status(report: dict[str, Any]) -> str:
         if unsealed:
             lines.append(f"unsealed:     {len(unsealed)} sets waiting for their manifest (no "
                          f"checkpoint yet): {', '.join(unsealed[:5])}")
+        if daemon.get("flushing"):  # last flush is the one before: never "done" meanwhile
+            lines.append("flush:        running (pending files go newest set first)")
         flush = daemon.get("last_flush")
         if flush:
             lines.append(f"last flush:   {flush['files']} files, {_size(flush['bytes'])} in "

@@ -107,7 +107,11 @@ class FlushController:
             log.info("flush_started", reason=reason)
             self._log_plan(work, deadline)
         else:
+            earlier = deadline is not None and (self.current.deadline is None
+                                                or deadline < self.current.deadline)
             self._tighten(deadline, until)
+            if earlier:  # e.g. the spot notice after a rebalance: what misses it now
+                self._log_plan(work, deadline)
 
     def _tighten(self, deadline: datetime | None, until: float | None) -> None:
         flush = self.current

@@ -74,11 +74,13 @@ class NoticeHooks:
                         error=exc.strerror,
                         detail="the trainer cannot be told of a notice until this is fixed")
 
-    def fire(self, notice: dict[str, Any]) -> None:
+    def fire(self, notice: dict[str, Any], due: datetime | None = None) -> None:
         """Hooks act once per notice id, across restarts too; the notice file is (re)written
-        every time, so a trainer always finds it."""
+        every time, so a trainer always finds it. due: when the instance is to go, as the
+        next notices are compared with (see notices.sources.due_by); None: the deadline."""
         self._write_notice_file(notice)
-        if not self._acted.tell(notice["id"], notice["deadline"]):
+        if not self._acted.tell(notice["id"],
+                                due.isoformat() if due is not None else notice["deadline"]):
             log.info("hooks_already_acted", id=notice["id"], kind=notice["kind"])
             return
         if self._settings.signal and self._settings.pid_file:

@@ -47,6 +47,7 @@ from spotwatch.notices.peers import (
     channel_prefix,
 )
 from spotwatch.notices.poller import NoticePoller
+from spotwatch.notices.sources import due_by
 from spotwatch.state import StateDir
 from spotwatch.sync.bandwidth import BandwidthLimiter, limiter_for
 from spotwatch.sync.engine import SyncEngine
@@ -437,7 +438,7 @@ class Daemon:
             self.last_notice = record
             self._notice_seen = True
             self._own_notice_seen = self._own_notice_seen or notice.peer_rank is None
-            self._tell_trainer(notice, record)
+            self._tell_trainer(notice, record, due_by(notice, detected))
         # Invariant: only this instance's own Terminated state holds its lifecycle action; a
         # peer's scale-in is the peer's (heart-beating or continuing ours would release a
         # later scale-in of this instance before its own flush).
@@ -445,19 +446,22 @@ class Daemon:
                 and self._lifecycle is not None):
             self._lifecycle.begin()  # heart-beats until a flush leaves everything durable
 
-    def _tell_trainer(self, notice: Notice, record: dict[str, Any]) -> None:
+    def _tell_trainer(self, notice: Notice, record: dict[str, Any],
+                      due: datetime | None) -> None:
         """Invariant: the trainer is never told a later deadline than one it already has. A
-        notice without a deadline, or with a later one (a peer's, a rebalance after the spot
-        notice), still flushes, but leaves the notice file and the hooks alone. A restarted
-        daemon starts from the notice file it kept, whatever order IMDS answers in."""
+        notice due later (a peer's, a scheduled event after the spot notice) or with no time
+        at all (a rebalance) still flushes, but leaves the notice file and the hooks alone;
+        one that means the instance goes now (see due_by) counts as due within two minutes,
+        so it is never kept behind an event due days later. A restarted daemon starts from
+        the notice file it kept, whatever order IMDS answers in."""
         told = self._told
         if (told is not None and told.deadline is not None and told.id != notice.id
-                and (notice.deadline is None or notice.deadline >= told.deadline)):
+                and (due is None or due >= told.deadline)):
             log.info("notice_file_kept", id=notice.id, kind=notice.kind.value,
                      reason="the trainer already has an earlier deadline")
             return
-        self._told = Told(notice.id, notice.deadline)
-        self.hooks.fire(dict(record))
+        self._told = Told(notice.id, due)
+        self.hooks.fire(dict(record), due)
 
     def _share(self, notice: Notice) -> None:
         """Invariant: a node publishes only the notices its own IMDS gave it; one learnt from
@@ -471,6 +475,7 @@ class Daemon:
         # A flush is the last chance: every file waiting to retry gets one more now.
         engine.retries.retry_now()
         self._lift_bandwidth_cap(reason)
+        engine.put_newest_first()
         self.flushes.start(reason, deadline, engine, until)
 
     def _lift_bandwidth_cap(self, reason: str) -> None:

@@ -72,6 +72,20 @@ def parse_instance_action(text: str) -> list[Notice]:
                         time_text or text.strip(), detail=action, posted_at=posted)]
 
 
+# Kinds that mean the instance goes now, whether or not they name a readable time.
+IMMINENT_KINDS = frozenset({NoticeKind.SPOT_INTERRUPTION, NoticeKind.ASG_TERMINATING})
+
+
+def due_by(notice: Notice, detected: datetime) -> datetime | None:
+    """When the instance is to go, for ordering notices: the notice's deadline; for one
+    that means it goes now but gives no time (an Auto Scaling scale-in, a spot notice whose
+    time cannot be read), the spot warning's two minutes from when it was seen; else None
+    (a rebalance recommendation: no time at all)."""
+    if notice.deadline is not None or notice.kind not in IMMINENT_KINDS:
+        return notice.deadline
+    return detected + SPOT_WARNING
+
+
 def parse_rebalance(text: str) -> list[Notice]:
     notice_time = str(_json_object(text).get("noticeTime", text.strip()))
     return [Notice.make(NoticeKind.REBALANCE, None, notice_time, detail=notice_time,

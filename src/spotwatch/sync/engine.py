@@ -41,6 +41,8 @@ SEAL_CHECK_SECONDS = 0.25
 # A rescan also looks at files changed this long before the last scan began: timestamps are
 # coarse on some file systems (2 s on FAT), and a change is never missed for want of a tick.
 RESCAN_MARGIN_NS = 2 * 10**9
+# How long new uploads wait, at a flush, for those taken back to come back (put_newest_first).
+WITHDRAWN_HOLD_SECONDS = 2.0
 # How long one call may spend on a periodic scan before handing the loop back.
 RESCAN_SLICE_SECONDS = 0.05
 
@@ -85,6 +87,10 @@ class SyncEngine:
         self.retries: RetryQueue[Path, PendingFile] = (
             RetryQueue(clock=clock) if retries is None else retries)  # an empty one is falsy
         self._uploading: dict[UploadJob, PendingFile] = {}
+        # Uploads taken back before they began (see put_newest_first): pending again once
+        # their result (CANCELLED) comes.
+        self._withdrawn: set[UploadJob] = set()
+        self._withdrawn_hold_until = 0.0  # new submissions wait for them until then
         self._refused: set[Path] = set()  # names S3 cannot take, warned about once
         self._skipped: set[Path] = set()  # symlinks, FIFOs, sockets, devices: warned once
         self._uploaded = UploadedThisRun()
@@ -335,9 +341,13 @@ class SyncEngine:
         self._handle_results()
         self._release_retries()
         self._seal_finished_sets()
-        if not upload:
+        # The withdrawn go first in line once all are back; not waited for longer than
+        # WITHDRAWN_HOLD_SECONDS (s3transfer may dequeue a cancelled multipart upload only
+        # once the parts ahead of it went): then they go in their set's turn as they come.
+        if not upload or (self._withdrawn and self._clock() < self._withdrawn_hold_until):
             return
-        room = self._in_flight_limit - self.uploader.in_flight()
+        # Those taken back send nothing more: they hold no room.
+        room = self._in_flight_limit - (self.uploader.in_flight() - len(self._withdrawn))
         if room <= 0 or not self.planner:
             return
         for item in self.planner.take(room, self.uploader.is_uploading):
@@ -356,6 +366,19 @@ class SyncEngine:
             log.error("ledger_write_failed", error=str(exc), key=str(args[0]))
             return False
         return True
+
+    def put_newest_first(self) -> None:
+        """Invariant: a flush uploads newest set first, also when a backlog of older sets
+        was handed to the store before it began (the store runs them in the order given, so
+        the newest checkpoint would wait for all of them). Uploads that have not begun are
+        taken back and go pending again, to be handed over anew in the planner's order."""
+        taken = [job for job in list(self._uploading)
+                 if job not in self._withdrawn and self.uploader.withdraw(job.path)]
+        if taken:
+            self._withdrawn.update(taken)
+            self._withdrawn_hold_until = self._clock() + WITHDRAWN_HOLD_SECONDS
+            log.info("uploads_taken_back", files=len(taken), keys=[job.key for job in taken][:20],
+                     detail="not begun: they go again in newest-set-first order")
 
     def remaining_work(self) -> list[PendingFile]:
         """What a flush still has to upload, in order: uploading first, then pending."""
@@ -475,6 +498,11 @@ class SyncEngine:
         item = self._uploading.pop(job)
         if self.uploader.uses_multipart(job.snapshot.size) and not result.multipart_leftovers:
             self._ledger_write(self.ledger.multipart_finished, job.key)
+        if job in self._withdrawn:
+            self._withdrawn.discard(job)
+            if result.outcome is Outcome.CANCELLED and _is_unchanged(job):
+                self.planner.add(item)  # never began: pending again, in its set's turn
+                return result
         fields = {"path": str(job.path), "key": job.key, "size": job.snapshot.size,
                   "seconds": round(result.seconds, 3)}
         if result.outcome is Outcome.DONE and not self._ledger_write(

@@ -88,6 +88,13 @@ class Uploader:
         upload.cancel()
         return True
 
+    def withdraw(self, path: Path) -> bool:
+        """Cancel an upload only if it has not begun; True when it never will (its result
+        comes as CANCELLED)."""
+        with self._lock:
+            upload = self._uploads.get(path)
+        return upload is not None and upload.withdraw()
+
     def cancel_all(self) -> None:
         with self._lock:
             uploads = list(self._uploads.values())
