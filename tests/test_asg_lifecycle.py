@@ -337,7 +337,9 @@ def test_the_scale_in_waits_for_the_emergency_checkpoint_the_trainer_saves_after
     daemon = workspace.start_daemon(AWS_ENDPOINT_URL_AUTO_SCALING=proxy.url)
     imds.set_lifecycle_state("Terminated")
     daemon.wait_for_event("flush_done")  # nothing was pending: done at once
-    assert proxy.named(COMPLETE) == []
+    beats = len(proxy.named(HEARTBEAT))
+    wait_for(lambda: len(proxy.named(HEARTBEAT)) >= beats + 2)
+    assert proxy.named(COMPLETE) == []  # held, though the flush found everything durable
     # The trainer, told by the notice, saves its emergency checkpoint.
     save_checkpoint(workspace.checkpoints / "emergency" / "model.pt", 100_000)
     completed = wait_for(lambda: proxy.named(COMPLETE), timeout=60)[0]
