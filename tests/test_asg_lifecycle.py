@@ -27,6 +27,7 @@ from spotwatch.model import Notice, NoticeKind
 from tests.asgproxy import AutoScalingProxy, LifecycleCall
 from tests.conftest import REGION, Workspace, keys_in, wait_for
 from tests.faultproxy import FaultProxy
+from tests.test_daemon_e2e import save_checkpoint
 from tests.test_peer_notices_e2e import publish_as_peer
 
 HEARTBEAT = "RecordLifecycleActionHeartbeat"
@@ -134,7 +135,8 @@ def test_scale_in_waits_for_the_checkpoint_then_continues(
     proxy.on_call = lambda action: key in keys_in(s3, workspace.bucket)
     # A file written without close stays unsettled for a minute: the flush waits for it.
     workspace.write_config(sync={"quiet_seconds": 60},
-                           asg={"lifecycle_hook": hook, "heartbeat_interval": 1})
+                           asg={"lifecycle_hook": hook, "heartbeat_interval": 1,
+                                "save_grace": 0})
     daemon = workspace.start_daemon(AWS_ENDPOINT_URL_AUTO_SCALING=proxy.url)
     (workspace.checkpoints / "step_1").mkdir()
     with (workspace.checkpoints / "step_1" / "model.pt").open("wb") as checkpoint:
@@ -175,7 +177,8 @@ def start_held_scale_in(workspace: Workspace, imds: ImdsEmulator, s3: Any,
     imds.set_instance(instance, {GROUP_TAG: name})
     proxy.on_call = lambda action: key in keys_in(s3, workspace.bucket)
     workspace.write_config(sync={"mode": "on-notice"},
-                           asg={"lifecycle_hook": hook, "heartbeat_interval": 1})
+                           asg={"lifecycle_hook": hook, "heartbeat_interval": 1,
+                                "save_grace": 0})
     daemon = workspace.start_daemon(AWS_ENDPOINT_URL=faults.url,
                                     AWS_ENDPOINT_URL_AUTO_SCALING=proxy.url)
     (workspace.checkpoints / "step_1").mkdir()
@@ -238,7 +241,8 @@ def test_final_flush_that_leaves_files_behind_still_continues_the_scale_in(
     name, hook, instance = group
     imds.set_instance(instance, {GROUP_TAG: name})
     workspace.write_config(sync={"quiet_seconds": 60, "stop_timeout": 2},
-                           asg={"lifecycle_hook": hook, "heartbeat_interval": 1})
+                           asg={"lifecycle_hook": hook, "heartbeat_interval": 1,
+                                "save_grace": 0})
     daemon = workspace.start_daemon(AWS_ENDPOINT_URL_AUTO_SCALING=proxy.url)
     (workspace.checkpoints / "step_1").mkdir()
     with (workspace.checkpoints / "step_1" / "model.pt").open("wb") as checkpoint:
@@ -262,7 +266,8 @@ def test_a_peers_scale_in_never_holds_or_continues_this_instances_lifecycle_acti
     proxy.on_call = lambda action: own_notice.is_set()
     workspace.write_config(job={"id": "llama", "nodes": 2, "rank": 1},
                            sync={"quiet_seconds": 60},
-                           asg={"lifecycle_hook": hook, "heartbeat_interval": 1})
+                           asg={"lifecycle_hook": hook, "heartbeat_interval": 1,
+                                "save_grace": 0})
     daemon = workspace.start_daemon(AWS_ENDPOINT_URL_AUTO_SCALING=proxy.url)
     # Node 0 of the job is being scaled in: it publishes its Terminated notice.
     publish_as_peer(s3, workspace.bucket, "run1/", "llama", 0,
@@ -316,3 +321,28 @@ def test_heartbeat_interval_within_the_hooks_limits(value: float) -> None:
             assert "asg.heartbeat_interval" in str(exc)
         else:
             assert 1 <= value <= 7200 and config.asg.heartbeat_interval == value
+
+
+def test_the_scale_in_waits_for_the_emergency_checkpoint_the_trainer_saves_after_the_notice(
+        workspace: Workspace, imds: ImdsEmulator, s3: Any, group: tuple[str, str, str],
+        proxy: AutoScalingProxy) -> None:
+    """The flush the scale-in notice starts finds nothing pending: the trainer has only just
+    been told. CONTINUE waits for asg.save_grace, and then for what the trainer saved in it."""
+    name, hook, instance = group
+    imds.set_instance(instance, {GROUP_TAG: name})
+    key = "run1/emergency/model.pt"
+    proxy.on_call = lambda action: key in keys_in(s3, workspace.bucket)
+    workspace.write_config(asg={"lifecycle_hook": hook, "heartbeat_interval": 1,
+                                "save_grace": 8})
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL_AUTO_SCALING=proxy.url)
+    imds.set_lifecycle_state("Terminated")
+    daemon.wait_for_event("flush_done")  # nothing was pending: done at once
+    beats = len(proxy.named(HEARTBEAT))
+    wait_for(lambda: len(proxy.named(HEARTBEAT)) >= beats + 2)
+    assert proxy.named(COMPLETE) == []  # held, though the flush found everything durable
+    # The trainer, told by the notice, saves its emergency checkpoint.
+    save_checkpoint(workspace.checkpoints / "emergency" / "model.pt", 100_000)
+    completed = wait_for(lambda: proxy.named(COMPLETE), timeout=60)[0]
+    assert completed.note is True  # the emergency checkpoint was in S3 by then
+    assert daemon.stop() == 0
+    assert len(proxy.named(COMPLETE)) == 1

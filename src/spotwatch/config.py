@@ -260,6 +260,9 @@ class AsgSettings(_Section, frozen=True, kw_only=True):
     group: Text | None = None  # None: the instance's aws:autoscaling:groupName tag, else asked
     # Below the hook's heartbeat timeout (AWS allows 30 to 7200 s).
     heartbeat_interval: Annotated[float, Meta(ge=1, le=7200, extra={"unit": "seconds"})] = 30.0
+    # The trainer's time to save its emergency checkpoint once told of the scale-in: CONTINUE
+    # is sent no sooner, whatever the flush found durable before that checkpoint began.
+    save_grace: Annotated[float, Meta(ge=0, le=7200, extra={"unit": "seconds"})] = 60.0
 
 
 # A job id becomes part of S3 keys: plain characters only.

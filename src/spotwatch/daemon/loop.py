@@ -110,6 +110,8 @@ class Daemon:
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._pruning: PruneSchedule | None = None
         self._lifecycle: LifecycleAction | None = None
+        # Monotonic time before which the scale-in is not continued (asg.save_grace).
+        self._lifecycle_grace_ends: float | None = None
         # Continuous uploads share this cap until a notice or a stop lifts it (run only).
         self.bandwidth: BandwidthLimiter | None = None
         self._publisher: PeerPublisher | None = None
@@ -399,7 +401,7 @@ class Daemon:
                                                         self.flushes.writes_until):
             self._finish_flush(engine)
         elif not self.flushes.active:
-            self._complete_lifecycle_when_durable(engine, "files a flush left behind")
+            self._complete_lifecycle_when_durable(engine, "the uploads since the notice")
         self.reporter.report_when_due(engine, self.last_notice, self.flushes)
 
     def _rescan_interval(self) -> float:
@@ -445,6 +447,8 @@ class Daemon:
         if (notice.kind is NoticeKind.ASG_TERMINATING and notice.peer_rank is None
                 and self._lifecycle is not None):
             self._lifecycle.begin()  # heart-beats until a flush leaves everything durable
+            if self._lifecycle_grace_ends is None:
+                self._lifecycle_grace_ends = time.monotonic() + self.config.asg.save_grace
 
     def _tell_trainer(self, notice: Notice, record: dict[str, Any],
                       due: datetime | None) -> None:
@@ -525,10 +529,13 @@ class Daemon:
         """Invariant: the scale-in goes on (CONTINUE) once everything is durable: when a
         flush ends with nothing left behind, or later, when the files a flush left failing
         were uploaded after all (retries, or a later flush); the hook heart-beats until then.
+        Never before asg.save_grace passed since the trainer was told: the flush the notice
+        starts finds nothing pending before the trainer even began its emergency checkpoint.
         The final flush's end releases it anyway (_release_lifecycle)."""
         lifecycle = self._lifecycle
         if (lifecycle is None or not lifecycle.holding or engine.pending_files()
-                or not engine.flush_settled(None)):
+                or not engine.flush_settled(None)
+                or time.monotonic() < (self._lifecycle_grace_ends or 0.0)):
             return
         lifecycle.complete(f"{made_by} made everything durable")
 
