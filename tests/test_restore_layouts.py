@@ -201,6 +201,11 @@ def test_a_repointed_pointer_in_the_watched_directory_is_uploaded_as_it_now_is(
     ("seed.txt", "1234", "step_200", (), None),  # a number, but no set of the series
     ("last_step", "300", "step_200", ("step_300", "step_200"), "200"),
     ("last_step", "0300", "step_0200", ("step_0300",), "0200"),
+    # Named as no pointer: an epoch count, the best step, a step counter.
+    ("epoch.txt", "3", "step_5", ("step_3", "step_5"), None),
+    ("best", "global_step100", "global_step300", (), None),
+    ("global_step.txt", "300", "global_step200", ("global_step300",), None),
+    ("latest_universal", "global_step300", "global_step200", (), "global_step200"),
 ])
 def test_what_counts_as_a_pointer(companion: str, text: str, restored: str,
                                   known: tuple[str, ...], expected: str | None) -> None:

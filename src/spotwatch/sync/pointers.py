@@ -6,8 +6,8 @@ iteration (`300` for `iter_0000300/`). When restore falls back to an older set, 
 brings back beside it still names the newer one, which is not there: the trainer then finds no
 checkpoint and starts from scratch. Such a pointer is rewritten to name the set restored.
 
-Only a small UTF-8 file whose whole content (stripped) is one name is a pointer: the name of
-another set of the restored set's series, or a bare number where the file is Megatron's tracker
+Only a small UTF-8 file named as one (`latest...`, `last...`) whose whole content (stripped) is
+one name is a pointer: the name of another set of the restored set's series, or a bare number where the file is Megatron's tracker
 or that number names a set of the series listed in S3. Nothing else is touched, nor a pointer to
 a set that is there beside it.
 """
@@ -28,6 +28,11 @@ POINTER_MAX_BYTES = 256
 # Pointers that hold a bare number: Megatron-LM's (and NeMo's, Megatron-DeepSpeed's) tracker.
 NUMBER_TRACKERS = frozenset({"latest_checkpointed_iteration.txt"})
 _DIGITS = re.compile(r"[0-9]+")
+# A pointer says so in its name: DeepSpeed's `latest` (and `latest_universal`), Megatron's
+# `latest_checkpointed_iteration.txt`, a `last_step`. Any other small file that holds a name
+# or a number of the series (an `epoch.txt`, a `best` naming the best step) means something
+# else, and is never rewritten.
+_POINTER_NAME = re.compile(r"(latest|last)(?![a-z])", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,8 @@ def repointed_text(text: str, companion: str, restored: str,
     another set of the restored set's series; None when it is no pointer or names that set.
     companion: the pointer file's name; known: the names of the sets listed in S3."""
     core = text.strip()
-    if not core or any(ch.isspace() for ch in core) or core == restored:
+    if (not core or any(ch.isspace() for ch in core) or core == restored
+            or not _POINTER_NAME.match(companion.rsplit("/", 1)[-1])):
         return None
     start = text.index(core)
     if series_of(core) == series_of(restored):
