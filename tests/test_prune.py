@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spotwatch.emulator import ImdsEmulator
 from spotwatch.keys import belongs_to_set, manifest_key, object_key, series_of
 from spotwatch.sync.pruner import plan_deletions
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
@@ -359,3 +360,19 @@ def test_planned_deletions_are_spotwatchs_and_never_listed_by_a_kept_set(
             assert kept_in_series == in_series[:len(kept_in_series)]  # the newest of them
     elif not gone:
         assert deletions == []
+
+
+def test_a_maintenance_event_days_ahead_does_not_stop_retention(
+        workspace: Workspace, imds: ImdsEmulator, s3: Any) -> None:
+    """A scheduled event announced days ahead is a notice (the trainer is told, a flush runs),
+    but retention goes on until shortly before it is due, not paused until a restart."""
+    workspace.write_config(sync={"keep_sets": 1})
+    daemon = workspace.start_daemon()
+    save_set(workspace, "step_1", 300)
+    daemon.wait_for_event("set_complete")
+    imds.schedule_event("system-reboot", in_seconds=3 * 86400)
+    daemon.wait_for_event("flush_done")
+    save_set(workspace, "step_2", 200)
+    daemon.wait_for_event("set_complete", count=2)
+    wait_for(lambda: f"{MANIFESTS}step_1.json" not in keys_in(s3, workspace.bucket), timeout=30)
+    assert daemon.stop() == 0

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import structlog
@@ -61,6 +61,9 @@ TICK_SECONDS = 0.05
 # How often the watched directories are scanned again while a flush or this instance's notice
 # is under way: the emergency checkpoint may be written through a memory mapping too.
 FLUSH_RESCAN_SECONDS = 5.0
+# A notice due later than this (a maintenance event scheduled days ahead) weighs on the daemon
+# only from this long before it is due: retention goes on meanwhile.
+NOTICE_HORIZON = timedelta(minutes=10)
 # How long the final flush waits for CompleteLifecycleAction before the process exits.
 LIFECYCLE_COMPLETE_WAIT = 10.0
 # How long stopping waits for the peer notice threads (a request under way is abandoned).
@@ -103,8 +106,10 @@ class Daemon:
         self._signals = SignalInbox()
         self.last_notice: dict[str, Any] | None = None
         self._notice_seen = False
-        self._own_notice_seen = False  # a notice for this instance itself (not a peer's)
-        self._deadline_seen = False  # a notice with a deadline (this instance's or a peer's)
+        # From when a notice presses (see _presses_from): this instance's own notices, and
+        # any with a deadline (this instance's or a peer's). None: none seen.
+        self._own_notice_presses: datetime | None = None
+        self._deadline_presses: datetime | None = None
         self._told: Told | None = None  # the notice the trainer has
         # Demo only: told of notice_detected and flush_done as they happen.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -376,7 +381,8 @@ class Daemon:
         would hold retention off for good, and once a file settles its upload cancels the
         prune. A peer's notice pauses pruning only while its flush and the uploads it brings
         run: this instance stays, and the job's retention must go on."""
-        return not self.flushes.active and not self._own_notice_seen and engine.idle()
+        return (not self.flushes.active and not _pressing(self._own_notice_presses)
+                and engine.idle())
 
     def _step(self, engine: SyncEngine) -> None:
         self._take_signals()
@@ -386,7 +392,7 @@ class Daemon:
             except queue.Empty:
                 break
         self.reporter.beat()
-        if self._deadline_seen:
+        if _pressing(self._deadline_presses):
             # Invariant: once a notice set a deadline, a file closed after writing goes at
             # once, not after settle_seconds: that pause guards against a quick reopen, and is
             # time the instance may not have (the emergency checkpoint comes after the notice).
@@ -406,7 +412,7 @@ class Daemon:
 
     def _rescan_interval(self) -> float:
         interval = self.config.sync.rescan_interval
-        if self.flushes.active or self._own_notice_seen:
+        if self.flushes.active or _pressing(self._own_notice_presses):
             return min(interval, FLUSH_RESCAN_SECONDS)
         return interval
 
@@ -431,7 +437,9 @@ class Daemon:
                  seconds_left=None if seconds_left is None else round(seconds_left, 1))
         self._share(notice)
         self._emit("notice_detected", record)
-        self._deadline_seen = self._deadline_seen or notice.deadline is not None
+        if notice.deadline is not None:
+            self._deadline_presses = _earlier(self._deadline_presses,
+                                              _presses_from(notice.deadline, detected))
         if notice.kind is not NoticeKind.MANUAL:
             # Invariant: status's last notice and the notice metrics are AWS's (or a peer's);
             # a `spotwatch flush` is no notice and never hides one, nor its deadline
@@ -439,7 +447,10 @@ class Daemon:
             self.reporter.count_notice(notice, detected)
             self.last_notice = record
             self._notice_seen = True
-            self._own_notice_seen = self._own_notice_seen or notice.peer_rank is None
+            if notice.peer_rank is None:
+                self._own_notice_presses = _earlier(
+                    self._own_notice_presses,
+                    _presses_from(due_by(notice, detected), detected))
             self._tell_trainer(notice, record, due_by(notice, detected))
         # Invariant: only this instance's own Terminated state holds its lifecycle action; a
         # peer's scale-in is the peer's (heart-beating or continuing ours would release a
@@ -555,6 +566,22 @@ class Daemon:
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         for listener in self.listeners:
             listener(event, data)
+
+
+def _presses_from(due: datetime | None, detected: datetime) -> datetime:
+    """From when a notice due then weighs on the daemon (pruning paused, files settle at once,
+    scans every few seconds): NOTICE_HORIZON before it is due, at once for one with no time
+    (a rebalance). A maintenance event scheduled days ahead would otherwise stop retention
+    from the moment it is announced until the daemon restarts."""
+    return detected if due is None else due - NOTICE_HORIZON
+
+
+def _earlier(current: datetime | None, new: datetime) -> datetime:
+    return new if current is None else min(current, new)
+
+
+def _pressing(since: datetime | None) -> bool:
+    return since is not None and datetime.now(timezone.utc) >= since
 
 
 def _origin(notice: Notice) -> dict[str, Any]:

@@ -7,9 +7,9 @@ brings back beside it still names the newer one, which is not there: the trainer
 checkpoint and starts from scratch. Such a pointer is rewritten to name the set restored.
 
 Only a small UTF-8 file named as one (`latest...`, `last...`) whose whole content (stripped) is
-one name is a pointer: the name of another set of the restored set's series, or a bare number where the file is Megatron's tracker
-or that number names a set of the series listed in S3. Nothing else is touched, nor a pointer to
-a set that is there beside it.
+one name is a pointer: the name of another set of the restored set's series, or a bare number
+where the file is Megatron's tracker or that number names a set of the series listed in S3.
+Nothing else is touched, nor a pointer to a set that is there beside it.
 """
 
 from __future__ import annotations
