@@ -381,27 +381,27 @@ def test_an_upload_failing_because_its_file_changed_is_superseded_not_failed(
 
 
 def test_a_rescan_does_not_cut_a_failing_files_backoff_short(
-        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
-    """The periodic scan finds a file that waits to retry, unchanged: it keeps waiting (a file
-    that fails for good is not tried again at every scan), while a new version of it goes at
-    once."""
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scan that compares every file (after lost events) finds a file waiting to retry,
+    unchanged: it keeps waiting, so a file that fails for good is not tried again at every
+    scan."""
     root = tmp_path / "ckpt"
     bad = write(root, "step_1/bad.pt", b"bad")
     store.fail("upload_file", times=None, key="run/step_1/bad.pt")
     with engine_on(root, tmp_path, store, clock) as engine:
         engine.reconcile(quiet_seconds=0)
         pump_until(engine, lambda: engine.retries.failures(bad) == 1, clock)
+        wait_for(lambda: not engine.uploader.is_uploading(bad))
         calls = store.calls["upload_file"]
         clock.advance(BACKOFF.ceiling(1) - 0.1)
-        engine.rescan_when_due(interval=1.0)
+        lost = iter([True])
+        monkeypatch.setattr(engine_module, "events_were_lost", lambda: next(lost, False))
+        engine.collect_settled()  # the scan after lost events: every file compared
         engine.pump(upload=True)
         assert store.calls["upload_file"] == calls and bad in engine.retries, \
             "the rescan retried it before its backoff"
-        bad.write_bytes(b"bad, saved again")
-        os.utime(bad, ns=(clock.wall_ns() - 10**10,) * 2)  # settled: older than quiet_seconds
-        clock.advance(1.0)
-        engine.rescan_when_due(interval=1.0)
-        pump_until(engine, lambda: store.calls["upload_file"] > calls, clock)
+        assert not engine.uploader.is_uploading(bad)
 
 
 def test_after_lost_events_a_directory_renamed_in_with_old_files_is_uploaded(
@@ -480,20 +480,20 @@ def test_a_periodic_rescan_of_many_files_hands_the_loop_back_between_slices(
         monkeypatch.setattr(engine_module, "walk_files", counted)
         monkeypatch.setattr(engine_module, "RESCAN_SLICE_SECONDS", 0.0, raising=False)
         changed = paths[-1]
-        changed.write_bytes(b"written through a mapping")  # no observer: no event
-        os.utime(changed, ns=(clock.wall_ns() - 10**10,) * 2)  # settled
         clock.advance(10.0)
+        changed.write_bytes(b"written through a mapping")  # no observer: no event
+        # Changed after the last scan, and settled (older than QUIET_SECONDS).
+        os.utime(changed, ns=(clock.wall_ns() - 6 * 10**9,) * 2)
         engine.rescan_when_due(interval=5.0)
         assert 0 < looked_at[0] < len(paths), "the scan kept the loop for every file"
-        for _ in range(10 * len(paths)):
+        deadline = time.monotonic() + 30  # a bound for a loaded machine, not a latency
+        while store.data(PREFIX + "step_2/shard_9.pt") != b"written through a mapping":
+            assert time.monotonic() < deadline, "the change was never uploaded"
             engine.rescan_when_due(interval=5.0)
             engine.collect_settled()
             engine.pump(upload=True)
-            if store.data(PREFIX + "step_2/shard_9.pt") == b"written through a mapping":
-                break
             woken.wait(0.01)
             woken.clear()
-        assert store.data(PREFIX + "step_2/shard_9.pt") == b"written through a mapping"
 
 
 class _HeldStore(InMemoryObjectStore):
