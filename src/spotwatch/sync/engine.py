@@ -554,15 +554,17 @@ class SyncEngine:
         deleted from S3 but are current in the ledger: never uploaded again, they would keep
         the set from being sealed for good, and its new work out of reach of restore."""
         try:
-            paths = self.ledger.revive_retired(self.bucket, set_ref.key)
+            keys = self.ledger.revive_retired(self.bucket, set_ref.key)
         except LedgerError as exc:
             log.error("ledger_write_failed", error=str(exc), key=set_ref.key)
             return
         tracker = next((t for t in self.trackers if t.root == set_ref.root), None)
         if tracker is None:
             return
-        for name in paths:
-            path = Path(name)
+        prefix = object_key(set_ref.prefix, "")
+        for key in keys:
+            # Where the key says, below the watched directory as configured now.
+            path = set_ref.root / key[len(prefix):]
             try:
                 stat = os.stat(path, follow_symlinks=False)
             except OSError:
