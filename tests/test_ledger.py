@@ -42,6 +42,22 @@ def test_objects_in_set_are_the_set_key_and_what_lies_below_it(tmp_path: Path) -
     assert found == ["p/step_1", "p/step_1/a.pt"]
 
 
+def test_reviving_a_pruned_set_forgets_its_retired_objects_alone(tmp_path: Path) -> None:
+    """What retention deleted of a set that changes again is uploaded anew: no longer in the
+    ledger, not current. Live objects, and retired ones of other sets, stay as they were."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    for key in ("p/step_1/a.pt", "p/step_1/b.pt", "p/step_1/c.pt", "p/step_10/d.pt"):
+        ledger.record("b", key, tmp_path / key, FileVersion(1, 1), None)
+    for key in ("p/step_1/a.pt", "p/step_1/b.pt", "p/step_10/d.pt"):
+        ledger.retire("b", key)
+    ledger.record("b", "p/step_1/a.pt", tmp_path / "a", FileVersion(2, 2), None)  # rewritten
+    assert ledger.revive_retired("b", "p/step_1") == ["p/step_1/b.pt"]
+    assert not ledger.is_current("b", "p/step_1/b.pt", FileVersion(1, 1))
+    assert ledger.is_current("b", "p/step_1/c.pt", FileVersion(1, 1))
+    assert ledger.is_current("b", "p/step_10/d.pt", FileVersion(1, 1))
+    assert ledger.revive_retired("b", "p/step_1") == []
+
+
 def test_a_ledger_of_an_older_version_gains_the_checksum_algorithm_and_etag(
         tmp_path: Path) -> None:
     db = tmp_path / "ledger.sqlite3"

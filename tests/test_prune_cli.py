@@ -11,7 +11,7 @@ import pytest
 
 from .conftest import Workspace, keys_in, object_bytes
 from .faultproxy import FaultProxy, Request
-from .test_daemon_e2e import flush_summary
+from .test_daemon_e2e import flush_summary, save_checkpoint
 from .test_prune import MANIFESTS, save_set
 
 
@@ -89,3 +89,30 @@ def test_a_watched_directory_moved_with_its_config_mirrors_no_deletion(
     if not dry_run:
         assert keys_in(s3, workspace.bucket) == before - {"run1/step_2/optim.pt"}
     assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 0
+
+
+def test_a_pruned_set_saved_again_in_part_is_uploaded_whole_and_sealed(
+        workspace: Workspace, s3: Any) -> None:
+    """Retention removed step_1 from S3 (its local files stay). The trainer, resumed from an
+    earlier step, saves step_1 again but rewrites only the model: the optimizer file it left
+    as it was must go to S3 again too, or step_1 is never sealed and restore cannot reach it."""
+    workspace.write_config(sync={"keep_sets": 1})
+    save_set(workspace, "step_1", 200)
+    save_set(workspace, "step_2", 100)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    pruned = workspace.cli("prune", "-c", "config.yaml")
+    assert pruned.stdout.splitlines()[-1] == "deleted 3 objects", pruned.stderr
+    model = save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 3_000)
+    optim = (workspace.checkpoints / "step_1" / "optim.pt").read_bytes()
+    flushed = workspace.cli("flush", "-c", "config.yaml")
+    assert flushed.returncode == 0, flushed.stderr
+    assert "set_incomplete" not in flushed.stderr
+    manifest = json.loads(object_bytes(s3, workspace.bucket, f"{MANIFESTS}step_1.json"))
+    assert sorted(entry["path"] for entry in manifest["files"]) == [
+        "step_1/model.pt", "step_1/optim.pt"]
+    target = workspace.root / "restored"
+    restored = workspace.cli("restore", "-c", "config.yaml", "--set", "step_1",
+                             "--to", str(target))
+    assert restored.returncode == 0, restored.stderr
+    assert (target / "step_1" / "model.pt").read_bytes() == model
+    assert (target / "step_1" / "optim.pt").read_bytes() == optim

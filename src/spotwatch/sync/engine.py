@@ -521,6 +521,7 @@ class SyncEngine:
             self._uploaded.add(job.path, job.snapshot)
             self.sealer.mark_dirty(item.set_ref)
             log.info("upload_done", **fields, checksum=result.checksum)
+            self._revive_retired(item.set_ref)
         elif result.outcome in (Outcome.CHANGED, Outcome.CANCELLED):
             # The tracker sees the newer write and queues it again once it settles; if it
             # already settled, it is pending now. Requeue from disk to be sure nothing is lost.
@@ -546,6 +547,29 @@ class SyncEngine:
                         attempts=self.retries.failures(job.path),
                         failing=self.retries.is_failing(job.path), retry_in=round(delay, 1))
         return result
+
+    def _revive_retired(self, set_ref: SetRef) -> None:
+        """Invariant: a set pruned by retention that changes again (a file rewritten or added
+        while the others stay as they were) is uploaded whole again. Its unchanged files were
+        deleted from S3 but are current in the ledger: never uploaded again, they would keep
+        the set from being sealed for good, and its new work out of reach of restore."""
+        try:
+            keys = self.ledger.revive_retired(self.bucket, set_ref.key)
+        except LedgerError as exc:
+            log.error("ledger_write_failed", error=str(exc), key=set_ref.key)
+            return
+        tracker = next((t for t in self.trackers if t.root == set_ref.root), None)
+        if tracker is None:
+            return
+        prefix = object_key(set_ref.prefix, "")
+        for key in keys:
+            # Where the key says, below the watched directory as configured now.
+            path = set_ref.root / key[len(prefix):]
+            try:
+                stat = os.stat(path, follow_symlinks=False)
+            except OSError:
+                continue  # gone: the set is sealed without it
+            self._consider(tracker, path, stat)
 
     def _requeue_from_disk(self, path: Path) -> None:
         if path in self.planner:

@@ -126,6 +126,20 @@ class Ledger:
     def retire(self, bucket: str, key: str) -> None:
         self._write("UPDATE objects SET retired = 1 WHERE bucket = ? AND key = ?", (bucket, key))
 
+    def revive_retired(self, bucket: str, set_key: str) -> list[str]:
+        """Forget the set's objects retention deleted from S3 (their local files stayed), so
+        that they are uploaded again; returns their keys. For a set that changed after it was
+        pruned: sealed again, its manifest must list every file of it, and those are gone."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key FROM objects WHERE bucket = ? AND retired = 1"
+                " AND (key = ? OR (key >= ? AND key < ?))",
+                (bucket, set_key, set_key + "/", set_key + "0"),
+            ).fetchall()
+        for (key,) in rows:
+            self.forget(bucket, key)
+        return [key for (key,) in rows]
+
     def live_keys(self, bucket: str, prefix: str) -> list[str]:
         """The key of every object recorded under the prefix and not retired."""
         with self._lock:
