@@ -17,13 +17,16 @@ RUN /opt/build-tools/bin/pip --python /opt/spotwatch/bin/python --disable-pip-ve
 
 FROM ${BASE_IMAGE}
 # tini reaps what hook commands leave behind (Python as PID 1 would leave them as zombies) and
-# passes SIGTERM on to spotwatch; `docker run --init` does the same job.
+# passes SIGTERM on to spotwatch; `docker run --init` does the same job. /run/spotwatch, the
+# notice file's place, is spotwatch's: a named volume mounted there to share it with the trainer
+# starts with that owner, so the daemon (not root) may write the notice into it.
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tini \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 spotwatch \
     && useradd --uid 10001 --gid 10001 --no-log-init --home-dir /var/lib/spotwatch \
-        --create-home --shell /usr/sbin/nologin spotwatch
+        --create-home --shell /usr/sbin/nologin spotwatch \
+    && install -d -o 10001 -g 10001 -m 0755 /run/spotwatch
 COPY --from=build /opt/spotwatch /opt/spotwatch
 
 # TINI_SUBREAPER: tini reaps orphans also when it is not PID 1 (under `docker run --init`, or in

@@ -12,6 +12,8 @@
 #   SPOTWATCH_PIP_ARGS        extra pip arguments
 #   SPOTWATCH_RESTORE         yes: download the newest complete checkpoint first (if there is
 #                             none yet, or the restore fails, spotwatch starts all the same)
+#   SPOTWATCH_TRAINER_USER    the user the trainer runs as (e.g. ubuntu): owns the checkpoint
+#                             directory and what the restore put there (default: root's)
 #   DESTDIR                   install below this root instead of / (nothing is started)
 set -euo pipefail
 
@@ -22,6 +24,7 @@ SPOTWATCH_PREFIX="${SPOTWATCH_PREFIX:-checkpoints/}"
 SPOTWATCH_PACKAGE="${SPOTWATCH_PACKAGE:-spotwatch}"
 SPOTWATCH_PIP_ARGS="${SPOTWATCH_PIP_ARGS:-}"
 SPOTWATCH_RESTORE="${SPOTWATCH_RESTORE:-no}"
+SPOTWATCH_TRAINER_USER="${SPOTWATCH_TRAINER_USER:-}"
 IMDS_ENDPOINT="${AWS_EC2_METADATA_SERVICE_ENDPOINT:-http://169.254.169.254}"
 DESTDIR="${DESTDIR:-}"
 
@@ -33,6 +36,9 @@ log() { printf 'spotwatch user-data: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 [ -n "$SPOTWATCH_BUCKET" ] || die "set SPOTWATCH_BUCKET to the checkpoint bucket"
+if [ -n "$SPOTWATCH_TRAINER_USER" ] && ! id -u "$SPOTWATCH_TRAINER_USER" >/dev/null 2>&1; then
+    die "SPOTWATCH_TRAINER_USER: no user $SPOTWATCH_TRAINER_USER"
+fi
 
 instance_region() {
     local token
@@ -128,6 +134,13 @@ restore_checkpoint() {
     fi
 }
 
+hand_to_trainer() {
+    [ -n "$SPOTWATCH_TRAINER_USER" ] || return 0
+    # Made (and restored into) by root: a trainer of another user could neither write its
+    # checkpoints there nor rotate the restored ones away.
+    chown -R "$SPOTWATCH_TRAINER_USER": "$DESTDIR$SPOTWATCH_CHECKPOINT_DIR"
+}
+
 enable_service() {
     if [ -n "$DESTDIR" ]; then
         systemctl --root="$DESTDIR" enable spotwatch.service
@@ -141,5 +154,6 @@ install_package
 write_config
 install_unit
 restore_checkpoint
+hand_to_trainer
 enable_service
 log "spotwatch is watching $SPOTWATCH_CHECKPOINT_DIR -> s3://$SPOTWATCH_BUCKET/$SPOTWATCH_PREFIX"

@@ -183,6 +183,21 @@ def test_image_python_is_not_the_hosts(buildah: Buildah, container: str) -> None
     assert buildah("run", "--isolation", "chroot", container, "--", "id", "-g") == "10001"
 
 
+def test_the_notice_goes_to_run_spotwatch_which_a_shared_volume_can_hold(
+        buildah: Buildah, container: str) -> None:
+    """As the image's user, with no config naming a notice file: the daemon writes the notice
+    to /run/spotwatch (where `docker run -v spotwatch-notices:/run/spotwatch` shares it with the
+    trainer, a named volume taking the image directory's owner), not into its state volume,
+    which the trainer never sees."""
+    where = buildah("run", "--isolation", "chroot", container, "--", "/opt/spotwatch/bin/python",
+                    "-c", "from pathlib import Path; from spotwatch.interruption import "
+                    "default_notice_file as f; print(f(Path('/var/lib/spotwatch')))")
+    assert where == "/run/spotwatch/notice.json"
+    mode = buildah("run", "--isolation", "chroot", container, "--", "stat", "-c", "%u:%g %a",
+                   "/run/spotwatch")
+    assert mode == "10001:10001 755"  # the trainer, of any user, reads the notice
+
+
 def test_no_wheel_pip_or_build_tree_in_any_layer(buildah: Buildah, base_image: str,
                                                  image: str, tmp_path: Path) -> None:
     """Every layer on top of the base: what one layer adds and a later one deletes would

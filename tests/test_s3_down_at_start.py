@@ -11,7 +11,8 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -31,14 +32,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_run(workspace: Workspace, endpoint: str, *args: str) -> Daemon:
+def start_run(workspace: Workspace, endpoint: str, *args: str, **env: str) -> Daemon:
     """`spotwatch run` with S3 at `endpoint`, started (not waited for)."""
     log_path = workspace.root / f"daemon-{uuid.uuid4().hex[:6]}.log"
     with log_path.open("w") as handle:
         process = subprocess.Popen(
             [sys.executable, "-m", "spotwatch.cli", "run", "-c", str(workspace.config_file),
              *args],
-            cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=endpoint), stdout=handle,
+            cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=endpoint, **env), stdout=handle,
             stderr=subprocess.STDOUT)
     return Daemon(process, log_path)
 
@@ -217,3 +218,33 @@ def test_a_refusal_found_while_s3_is_down_names_its_own_reason(outage: Workspace
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("spotwatch: error: refusing to start: instance region"), last
     assert "eu-central-1" in last
+
+
+def test_a_start_whose_first_checks_s3_leaves_unanswered_is_not_timed_out_by_systemd(
+        outage: Workspace, tmp_path: Path) -> None:
+    """S3 takes connections and never answers: the first run of the checks lasts the SDK's
+    timeouts, longer than the unit's TimeoutStartSec (60 s), and READY=1 comes only after it.
+    Meanwhile the daemon asks systemd for more time (EXTEND_TIMEOUT_USEC), so it is not killed
+    and restarted over and over while it tells the trainer of notices."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(0.2)
+    received: list[str] = []
+
+    def extended() -> bool:
+        with suppress(TimeoutError):
+            received.append(notify.recv(4096).decode())
+        return any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in received)
+
+    with notify, socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # connections complete in the kernel's backlog; nothing answers
+        daemon = start_run(outage, f"http://127.0.0.1:{silent.getsockname()[1]}",
+                           NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
+        with running(daemon):
+            wait_for(extended, timeout=30)
+            assert not daemon.named("s3_unreachable_at_start")  # the first run goes on
+            assert not any(m.startswith("READY=1") for m in received)
+            usec = next(int(m.split("\n")[0].split("=")[1]) for m in received
+                        if m.startswith("EXTEND_TIMEOUT_USEC="))
+            assert usec >= 30_000_000  # from each message, more than the time to the next

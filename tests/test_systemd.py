@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,37 @@ def test_unit_contract() -> None:
     for hardening in ("NoNewPrivileges", "PrivateTmp"):
         assert settings[hardening] == "yes"
     assert settings["ProtectSystem"] == "strict"
+
+
+def unit_environment(env_file: Path) -> dict[str, str]:
+    """The service's environment as systemd composes it: Environment= first, then the
+    EnvironmentFile (here `env_file` in its place), whose settings override."""
+    composed: dict[str, str] = {}
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("Environment="):
+            key, value = line.removeprefix("Environment=").split("=", 1)
+            composed[key] = value
+        elif line.startswith("EnvironmentFile="):
+            for setting in env_file.read_text().splitlines():
+                key, value = setting.split("=", 1)
+                composed[key] = value
+    return composed
+
+
+def test_a_config_named_in_the_environment_file_is_the_one_run_reads(tmp_path: Path) -> None:
+    """SPOTWATCH_CONFIG=... in /etc/spotwatch/spotwatch.env, as the README's rule (-c, else
+    $SPOTWATCH_CONFIG, ...) promises: ExecStart must not name another with -c."""
+    config = tmp_path / "job 7 config.yaml"
+    config.write_text("watch: [{path: /opt/ml/checkpoints}]\nset_in_the_env_file: 1\n")
+    env_file = tmp_path / "spotwatch.env"
+    env_file.write_text(f"S3_BUCKET_NAME=my-checkpoints\nSPOTWATCH_CONFIG={config}\n")
+    argv = unit_settings()["ExecStart"].split()
+    assert argv[0] == "/usr/local/bin/spotwatch"
+    done = subprocess.run([sys.executable, "-m", "spotwatch.cli", *argv[1:]], cwd="/",
+                          env={**os.environ, **unit_environment(env_file)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr  # that config's error: it was the one read
+    assert "unknown config key 'set_in_the_env_file'" in done.stderr
 
 
 def test_unit_lets_the_trainer_of_another_user_be_told() -> None:

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,43 @@ def test_installs_python3_venv_where_python3_lacks_ensurepip(
     assert done.returncode == 0, done.stderr
     assert "install -y -q python3-venv" in (tmp_path / "apt.log").read_text()
     assert upper(tmp_path, "/opt/spotwatch/bin/spotwatch").is_file()
+
+
+def test_a_trainer_of_another_user_may_write_and_rotate_its_checkpoints(
+        tmp_path: Path, wheel: Path, imds: ImdsEmulator) -> None:
+    """Root runs the script: the checkpoint directory it makes, and what a restore puts there
+    (here: a checkpoint left by root), belong to SPOTWATCH_TRAINER_USER, who may then save new
+    checkpoints there and delete old ones (Hugging Face's save_total_limit does)."""
+    if os.geteuid() != 0 or shutil.which("systemctl") is None or shutil.which("runuser") is None:
+        pytest.skip("needs root, systemctl and runuser")
+    # Outside pytest's tmp_path, which only root may enter: the trainer must reach the root.
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as reachable:
+        Path(reachable).chmod(0o755)
+        _write_and_rotate_as(Path(reachable) / "root", "nobody", wheel, imds)
+
+
+def _write_and_rotate_as(root: Path, user: str, wheel: Path, imds: ImdsEmulator) -> None:
+    restored = root / "opt/ml/checkpoints/checkpoint-100"
+    restored.mkdir(parents=True)
+    (restored / "model.pt").write_bytes(b"weights")
+    result = run_user_data(root, SPOTWATCH_BUCKET="team-checkpoints",
+                           SPOTWATCH_PACKAGE=str(wheel), SPOTWATCH_PIP_ARGS="--no-deps --no-index",
+                           SPOTWATCH_TRAINER_USER=user,
+                           AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url)
+    assert result.returncode == 0, result.stderr
+    checkpoints = root / "opt/ml/checkpoints"
+    as_trainer = ["runuser", "-u", user, "--"]
+    rotate = subprocess.run([*as_trainer, "sh", "-c", 'mkdir "$1/checkpoint-200" && '
+                             'rm -r "$1/checkpoint-100"', "sh", str(checkpoints)],
+                            capture_output=True, text=True, timeout=30)
+    assert rotate.returncode == 0, rotate.stderr
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-200"]
+
+
+def test_an_unknown_trainer_user_is_refused_before_anything_is_installed(tmp_path: Path) -> None:
+    result = run_user_data(tmp_path / "root", SPOTWATCH_BUCKET="b", SPOTWATCH_REGION="us-west-2",
+                           SPOTWATCH_TRAINER_USER="no-such-trainer")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "SPOTWATCH_TRAINER_USER: no user no-such-trainer")
+    assert not (tmp_path / "root").exists()

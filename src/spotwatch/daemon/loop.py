@@ -260,6 +260,8 @@ class Daemon:
             self._tell_while_waiting()
             if waiting_since is not None:
                 self.reporter.report_waiting_when_due(self.last_notice)
+            else:
+                self.reporter.extend_start_when_due()
             self._sleep(TICK_SECONDS)
 
     def _stop_before_checks_passed(self, waited: bool) -> NoReturn:

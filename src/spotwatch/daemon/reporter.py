@@ -26,6 +26,11 @@ from spotwatch.sync.sets.claim import RankClaim
 log = structlog.get_logger("spotwatch.daemon")
 
 STATUS_INTERVAL_SECONDS = 1.0
+# While the first run of the preflight checks goes on (S3 silent: the SDK's timeouts, minutes),
+# systemd's start timeout (the unit's TimeoutStartSec=60) is pushed this far from each message,
+# sent every EXTEND_EVERY_SECONDS: a start still checking S3 is not killed and restarted.
+START_EXTENSION_SECONDS = 60
+EXTEND_EVERY_SECONDS = 10.0
 
 
 class Reporter:
@@ -45,6 +50,7 @@ class Reporter:
         self._status_due = 0.0
         self._keepalive_interval = sdnotify.watchdog_interval()
         self._keepalive_due = 0.0
+        self._extend_due = 0.0
         # While the start waits for S3 to pass the preflight checks: why, since when, runs.
         self._waiting: dict[str, Any] | None = None
 
@@ -126,6 +132,13 @@ class Reporter:
             self._keepalive_due = time.monotonic() + self._keepalive_interval
 
     # -- while the start waits for S3 ------------------------------------------------------
+
+    def extend_start_when_due(self) -> None:
+        """The start goes on (no READY=1 yet): systemd must not time it out meanwhile."""
+        if time.monotonic() >= self._extend_due:
+            sdnotify.notify(f"EXTEND_TIMEOUT_USEC={START_EXTENSION_SECONDS * 1_000_000}\n"
+                            "STATUS=checking S3 (preflight checks running)")
+            self._extend_due = time.monotonic() + EXTEND_EVERY_SECONDS
 
     def wait_for_s3(self, reason: str, attempts: int) -> None:
         """A run of the preflight checks found S3 unreachable."""
