@@ -61,6 +61,8 @@ TICK_SECONDS = 0.05
 # How often the watched directories are scanned again while a flush or this instance's notice
 # is under way: the emergency checkpoint may be written through a memory mapping too.
 FLUSH_RESCAN_SECONDS = 5.0
+# Beyond sync.stop_timeout, the time a stop may take to exit (peers, lifecycle, status).
+STOP_EXIT_MARGIN_SECONDS = 15.0
 # A notice due later than this (a maintenance event scheduled days ahead) weighs on the daemon
 # only from this long before it is due: retention goes on meanwhile.
 NOTICE_HORIZON = timedelta(minutes=10)
@@ -161,7 +163,11 @@ class Daemon:
                     self._sleep(TICK_SECONDS)
                 # The stop is bounded from here: stopping the poller counts against it.
                 give_up_at = self.flushes.give_up_at(self.config.sync.stop_timeout)
-                sdnotify.notify("STOPPING=1\nSTATUS=final flush")
+                # Asks systemd for the stop this config allows (with room to exit): a
+                # sync.stop_timeout above the unit's TimeoutStopSec would be cut short unsaid.
+                stop_usec = int((self.config.sync.stop_timeout + STOP_EXIT_MARGIN_SECONDS) * 1e6)
+                sdnotify.notify(f"STOPPING=1\nEXTEND_TIMEOUT_USEC={stop_usec}\n"
+                                "STATUS=final flush")
                 if poller is not None:
                     poller.stop()
                 if peer_poller is not None:
