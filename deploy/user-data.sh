@@ -25,7 +25,13 @@ SPOTWATCH_PACKAGE="${SPOTWATCH_PACKAGE:-spotwatch}"
 SPOTWATCH_PIP_ARGS="${SPOTWATCH_PIP_ARGS:-}"
 SPOTWATCH_RESTORE="${SPOTWATCH_RESTORE:-no}"
 SPOTWATCH_TRAINER_USER="${SPOTWATCH_TRAINER_USER:-}"
-IMDS_ENDPOINT="${AWS_EC2_METADATA_SERVICE_ENDPOINT:-http://169.254.169.254}"
+# As the AWS SDKs and spotwatch itself: the endpoint if given, else by the endpoint mode.
+case "${AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE:-IPv4}" in
+    [Ii][Pp][Vv]6) IMDS_ENDPOINT="http://[fd00:ec2::254]" ;;
+    *) IMDS_ENDPOINT="http://169.254.169.254" ;;
+esac
+IMDS_ENDPOINT="${AWS_EC2_METADATA_SERVICE_ENDPOINT:-$IMDS_ENDPOINT}"
+IMDS_ENDPOINT="${IMDS_ENDPOINT%/}"
 DESTDIR="${DESTDIR:-}"
 
 PREFIX_DIR=/opt/spotwatch
@@ -49,7 +55,8 @@ instance_region() {
 }
 
 if [ -z "$SPOTWATCH_REGION" ]; then
-    SPOTWATCH_REGION=$(instance_region) || die "cannot read the region from IMDS; set SPOTWATCH_REGION"
+    SPOTWATCH_REGION=$(instance_region) \
+        || die "cannot read the region from IMDS at $IMDS_ENDPOINT; set SPOTWATCH_REGION"
 fi
 
 ensure_python() {

@@ -234,3 +234,17 @@ def test_an_unknown_trainer_user_is_refused_before_anything_is_installed(tmp_pat
     assert result.stderr.strip().splitlines()[-1].endswith(
         "SPOTWATCH_TRAINER_USER: no user no-such-trainer")
     assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize(("env", "looked_at"), [
+    ({"AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE": "IPv6"}, "http://[fd00:ec2::254]"),
+    ({"AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:9/"}, "http://127.0.0.1:9;"),
+])
+def test_the_region_is_asked_of_the_imds_the_sdk_would_ask(
+        tmp_path: Path, env: dict[str, str], looked_at: str) -> None:
+    """On an IPv6-only instance (endpoint mode IPv6) the region comes from IMDS's IPv6
+    address, as the SDKs and spotwatch take it; an endpoint given with a slash is used
+    without one. Here neither answers: the one line names where it looked."""
+    result = run_user_data(tmp_path / "root", SPOTWATCH_BUCKET="team-checkpoints", **env)
+    assert result.returncode == 1
+    assert f"cannot read the region from IMDS at {looked_at}" in result.stderr, result.stderr
