@@ -157,3 +157,23 @@ def test_restore_shows_progress_on_a_terminal(workspace: Workspace) -> None:
     assert code == 0, text
     assert "\rrestoring step_2: [########################]" in text
     assert "(100.0%)" in text
+
+
+def test_restore_set_says_why_a_named_set_cannot_be_restored(workspace: Workspace,
+                                                             s3: Any) -> None:
+    """--set NAME of a set that is not there, of one never sealed (files, no manifest) and of
+    one whose objects no longer match its manifest: three different lines, exit 1 each."""
+    make_sets(workspace)
+    s3.put_object(Bucket=workspace.bucket, Key="run1/step_9/model.pt", Body=b"partial")
+    s3.put_object(Bucket=workspace.bucket, Key="run1/step_2/optim.pt", Body=b"replaced")
+    target = str(workspace.root / "restored")
+    lines = {}
+    for name in ("step_7", "step_9", "step_2"):
+        result = restore(workspace, "--set", name, "--to", target)
+        assert result.returncode == 1, result.stderr
+        lines[name] = result.stderr.strip().splitlines()[-1]
+    assert lines["step_7"] == ("spotwatch: error: no set 'step_7' under "
+                               f"s3://{workspace.bucket}/run1/")
+    assert "'step_9'" in lines["step_9"] and "never sealed complete" in lines["step_9"]
+    assert "'step_2'" in lines["step_2"] and "is not complete or does not match" in lines[
+        "step_2"]

@@ -187,9 +187,26 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
         if ledger is not None:
             ledger.close()
     if report is None:
-        wanted = f"set {set_name!r}" if set_name else "checkpoint set"
-        raise SpotwatchError(f"no complete {wanted} under s3://{bucket}/{watch.prefix}")
+        where = f"s3://{bucket}/{watch.prefix}"
+        if set_name is None:
+            raise SpotwatchError(f"no complete checkpoint set under {where}")
+        if any(c.whole.set_name == set_name for c in candidates):
+            raise SpotwatchError(f"set {set_name!r} under {where} is not complete or does not "
+                                 "match its manifest (see the warnings above)")
+        if _has_objects(store, object_key(watch.prefix, set_name)):
+            raise SpotwatchError(f"set {set_name!r} under {where} was never sealed complete: "
+                                 "it has files but no manifest")
+        raise SpotwatchError(f"no set {set_name!r} under {where}")
     return report
+
+
+def _has_objects(store: ObjectStore, key: str) -> bool:
+    """Whether the set of this key (a file, or a directory's files) has an object in S3."""
+    try:
+        return any(listed.key == key or listed.key.startswith(key + "/")
+                   for listed in store.list_objects(key))
+    except StoreError:
+        return False  # said as no set at all: the listing of the sets just worked
 
 
 def _is_watched(destination: Path, watch: WatchDir) -> bool:
