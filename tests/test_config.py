@@ -158,6 +158,14 @@ def test_cli_missing_watch_dir(workspace: Workspace) -> None:
     assert_usage_error(workspace.cli("run", "-c", "config.yaml"), "watch directory does not exist")
 
 
+@pytest.mark.parametrize("command", ["run", "flush"])
+def test_cli_watch_path_that_is_a_file(workspace: Workspace, command: str) -> None:
+    (workspace.root / "model.pt").write_bytes(b"weights")
+    workspace.write_config(watch=[{"path": str(workspace.root / "model.pt")}])
+    assert_usage_error(workspace.cli(command, "-c", "config.yaml"),
+                       f"watch directory is not a directory: {workspace.root / 'model.pt'}")
+
+
 def test_cli_missing_bucket(workspace: Workspace) -> None:
     result = workspace.cli("run", "-c", "config.yaml", S3_BUCKET_NAME="")
     assert_usage_error(result, "no bucket")

@@ -932,4 +932,5 @@ def require_watch_dirs(config: Config) -> None:
         except OSError as exc:  # e.g. a name too long for the file system
             raise ConfigError(f"watch directory {watch.path}: {exc.strerror}") from None
         if not exists:
-            raise ConfigError(f"watch directory does not exist: {watch.path}")
+            what = "is not a directory" if watch.path.exists() else "does not exist"
+            raise ConfigError(f"watch directory {what}: {watch.path}")
