@@ -154,21 +154,13 @@ class Reporter:
             return
         self._status_due = time.monotonic() + STATUS_INTERVAL_SECONDS
         imds_up = self._imds.up if self._imds is not None else None
-        status = {
-            "pid": os.getpid(),
-            "role": self.role,
-            "bucket": self._bucket,
-            "updated_at": time.time(),
+        self._publish({
             "waiting_for_s3": self._waiting,
             "imds_up": imds_up,
             "degraded": [f"S3 unreachable at start ({self._waiting['reason']}): preflight "
                          "checks pending, nothing uploads until they pass"],
             "last_notice": last_notice,
-        }
-        try:
-            write_json_atomically(self._state.status, status)
-        except OSError as exc:
-            log.warning("status_write_failed", error=exc.strerror)
+        })
 
     def write(self, engine: SyncEngine, last_notice: dict[str, Any] | None,
               flushes: FlushController) -> None:
@@ -177,11 +169,8 @@ class Reporter:
         degraded = self._degraded_reasons()
         imds_up = self._imds.up if self._imds is not None else None
         peers_up = self._peers.up if self._peers is not None else None
-        status = {
-            "pid": os.getpid(),
-            "role": self.role,
-            "bucket": self._bucket,
-            "updated_at": time.time(),
+        self._set_gauges(left, degraded, imds_up, peers_up)
+        self._publish({
             "pending_files": left.pending_files,
             "pending_bytes": left.pending_bytes,
             "outstanding_bytes": left.pending_bytes,
@@ -208,8 +197,12 @@ class Reporter:
             "unreadable_dirs": list(left.unreadable_dirs),
             "bandwidth_cap": None if self._bandwidth is None else self._bandwidth.rate,
             "bandwidth_cap_lifted": None if self._bandwidth is None else self._bandwidth.lifted,
-        }
-        self._set_gauges(left, degraded, imds_up, peers_up)
+        })
+
+    def _publish(self, fields: dict[str, Any]) -> None:
+        """status.json: who reports and when (pid, role, bucket, updated_at), then fields."""
+        status = {"pid": os.getpid(), "role": self.role, "bucket": self._bucket,
+                  "updated_at": time.time(), **fields}
         try:
             write_json_atomically(self._state.status, status)
         except OSError as exc:
