@@ -497,8 +497,10 @@ class Daemon:
                      until: float | None = None) -> None:
         # A flush is the last chance: every file waiting to retry gets one more now.
         engine.retries.retry_now()
-        self._lift_bandwidth_cap(reason)
+        # Taken back before the cap lifts: once lifted, the upload sending may end at once and
+        # the next in the transfer client's queue begin before it could be taken back.
         engine.put_newest_first()
+        self._lift_bandwidth_cap(reason)
         self.flushes.start(reason, deadline, engine, until)
 
     def _lift_bandwidth_cap(self, reason: str) -> None:
