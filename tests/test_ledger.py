@@ -58,6 +58,29 @@ def test_reviving_a_pruned_set_forgets_its_retired_objects_alone(tmp_path: Path)
     assert ledger.revive_retired("b", "p/step_1") == []
 
 
+def test_asking_for_retired_objects_does_not_scan_the_sets_live_ones(tmp_path: Path) -> None:
+    """Every upload asks for its set's retired objects: the work must not grow with the set's
+    size (an upload each of n files would cost n squared), only with what retention retired."""
+    def steps_to_ask(live: int) -> int:
+        ledger = Ledger(tmp_path / f"ledger-{live}.sqlite3")
+        for n in range(live):
+            ledger.record("b", f"p/step_1/shard_{n:05}.pt", tmp_path / "x", FileVersion(1, 1),
+                          None)
+        ledger.retire("b", "p/step_1/shard_00000.pt")
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0  # go on
+
+        ledger._db.set_progress_handler(count, 10)  # called every 10 virtual machine steps
+        assert ledger.revive_retired("b", "p/step_1") == ["p/step_1/shard_00000.pt"]
+        ledger.close()
+        return steps[0]
+
+    assert steps_to_ask(5000) <= steps_to_ask(10) + 5
+
+
 def test_a_ledger_of_an_older_version_gains_the_checksum_algorithm_and_etag(
         tmp_path: Path) -> None:
     db = tmp_path / "ledger.sqlite3"

@@ -45,6 +45,11 @@ CREATE TABLE IF NOT EXISTS settled_sets (
 """
 # Objects deleted from S3 by retention while the local file stays: not re-uploaded, not listed.
 _RETIRED_COLUMN = "ALTER TABLE objects ADD COLUMN retired INTEGER NOT NULL DEFAULT 0"
+# Every upload asks for its set's retired objects (revive_retired): this index holds only
+# those, so the question costs nothing while retention has retired none (otherwise each upload
+# of a set of n files would scan its n rows: n squared for the set).
+_RETIRED_INDEX = ("CREATE INDEX IF NOT EXISTS retired_objects ON objects (bucket, key)"
+                  " WHERE retired = 1")
 # The part size of a multipart upload: its composite checksum is over parts of this size.
 _PART_SIZE_COLUMN = "ALTER TABLE objects ADD COLUMN part_size INTEGER"
 # What made the checksum: CRC32 and CRC32C checksums look alike.
@@ -88,6 +93,7 @@ class Ledger:
                                    ("etag", _ETAG_COLUMN)):
                 if name not in columns:
                     _add_column(self._db, added_by)
+            self._db.execute(_RETIRED_INDEX)
         except (OSError, sqlite3.Error) as exc:
             raise SpotwatchError(f"cannot open ledger {path}: {exc}") from None
         self._lock = threading.Lock()
