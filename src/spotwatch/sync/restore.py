@@ -26,7 +26,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
-from stat import S_ISDIR
+from stat import S_ISDIR, S_ISLNK
 
 import structlog
 
@@ -70,50 +70,52 @@ class RestoreReport:
 
 class _Targets:
     """Where the files of a set land below a destination: each folder is resolved once (a
-    resolve per file cost more than a small file's download), a file itself only when it is a
-    symlink. Refused when a symlink would lead out of the destination, or two files to one."""
+    resolve per file cost more than a small file's download). Refused when a symlink would
+    lead a folder out of the destination, or two files to one.
+
+    Invariant: a symlink already at a file's own path is never written through (it may lead
+    out of the destination, or to another file of the set): the file replaces it."""
 
     def __init__(self, destination: Path) -> None:
-        self._root = destination.resolve()
+        self.root = destination.resolve()
         self._folders: dict[PurePosixPath, Path] = {}
         self._taken: dict[Path, str] = {}  # target -> the manifest path that goes there
 
-    def of(self, entry: ManifestEntry) -> Path:
-        relative = PurePosixPath(entry.path)  # clean: relative, no '..' (manifest checks)
+    def of(self, path: str) -> Path:
+        """Where the manifest path (clean: relative, no '..') lands."""
+        relative = PurePosixPath(path)
         folder = self._folders.get(relative.parent)
         if folder is None:
             folder = self._folders[relative.parent] = self._resolved(
-                self._root / relative.parent, entry, folder=True)
-            self._refuse_file_in_the_way(folder, entry)
+                self.root / relative.parent, path)
+            self._refuse_file_in_the_way(folder, path)
         target = folder / relative.name
-        if target.is_symlink():
-            target = self._resolved(target, entry, folder=False)
-        other = self._taken.setdefault(target, entry.path)
-        if other != entry.path:  # through a symlink already in the destination
-            raise SpotwatchError(f"manifest paths {other!r} and {entry.path!r} lead to the same "
+        other = self._taken.setdefault(target, path)
+        if other != path:  # through a symlinked folder already in the destination
+            raise SpotwatchError(f"manifest paths {other!r} and {path!r} lead to the same "
                                  f"file {target}")
         return target
 
-    def _refuse_file_in_the_way(self, folder: Path, entry: ManifestEntry) -> None:
+    def _refuse_file_in_the_way(self, folder: Path, path: str) -> None:
         """A file where the set has a folder is refused before any download, as a folder
         where it has a file is (see _already_there): restore replaces neither."""
-        for path in (folder, *folder.parents):
-            if os.path.lexists(path):
-                if not path.is_dir():
-                    raise SpotwatchError(f"cannot restore {entry.path!r}: {path} is a file, "
+        for above in (folder, *folder.parents):
+            if os.path.lexists(above):
+                if not above.is_dir():
+                    raise SpotwatchError(f"cannot restore {path!r}: {above} is a file, "
                                          f"not a directory")
                 return
-            if path == self._root:  # made by the restore (its own parents checked already)
+            if above == self.root:  # made by the restore (its own parents checked already)
                 return
 
-    def _resolved(self, path: Path, entry: ManifestEntry, folder: bool) -> Path:
-        """The path resolved, if it stays below the destination (a folder: or is it)."""
+    def _resolved(self, folder: Path, path: str) -> Path:
+        """The folder resolved, if it is the destination or stays below it."""
         try:
-            resolved = path.resolve()
+            resolved = folder.resolve()
         except (RuntimeError, OSError) as exc:  # a symlink loop
-            raise SpotwatchError(f"cannot restore {entry.path!r}: {exc}") from None
-        if not (folder and resolved == self._root) and self._root not in resolved.parents:
-            raise SpotwatchError(f"manifest path escapes the destination: {entry.path!r}")
+            raise SpotwatchError(f"cannot restore {path!r}: {exc}") from None
+        if resolved != self.root and self.root not in resolved.parents:
+            raise SpotwatchError(f"manifest path escapes the destination: {path!r}")
         return resolved
 
 
@@ -289,7 +291,7 @@ def _repoint(companion: Manifest, report: RestoreReport,
     if len(companion.files) != 1:
         return None
     entry = companion.files[0]
-    target = _Targets(report.destination).of(entry)
+    target = _Targets(report.destination).of(entry.path)
     try:
         change = repoint(target, entry.path, report.set_name, known, temporary(target))
     except OSError as exc:
@@ -375,9 +377,11 @@ def _already_there(target: Path, entry: ManifestEntry, part_size: int | None,
     here, before any download: restore never replaces one, and finding it only when the files
     move into place would leave part of the set there."""
     try:
-        stat = target.stat()
+        stat = target.lstat()
     except FileNotFoundError:
         return False
+    if S_ISLNK(stat.st_mode):
+        return False  # replaced by the file (see _Targets)
     if S_ISDIR(stat.st_mode):
         raise SpotwatchError(f"cannot restore {entry.path!r}: {target} is a directory")
     return ((stat.st_size, stat.st_mtime_ns) == (entry.size, entry.mtime_ns)
@@ -460,7 +464,7 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
     todo: list[tuple[FileToFetch, Path]] = []
     there: list[tuple[ManifestEntry, Path]] = []
     for entry in manifest.files:
-        target = targets.of(entry)
+        target = targets.of(entry.path)
         part_size = _part_size(store, entry)
         if _already_there(target, entry, part_size, preferred, also.get(entry.key, ())):
             there.append((entry, target))
