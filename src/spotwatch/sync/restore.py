@@ -12,6 +12,9 @@ older complete set is restored instead, with a warning; so is an incomplete one.
 
 Numbered set directories come before other sets, with the top-level files beside them
 (checkpoints_first); a pointer among those is made to name the set restored (sync.pointers).
+A set of symlinks only (Lightning's `last.ckpt`) is never the checkpoint restored: once the
+files are in place, the links of the set restored and of those sets are made again wherever
+their target is there (sync.links).
 
 On a multi-node job a set counts only when it is complete for the whole job (sync.sets.parts):
 the whole set is restored, or with --node-rank only the files that node's part lists.
@@ -44,8 +47,9 @@ from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir
 from spotwatch.sync.downloads import FileToFetch, SetCorrupt, SetIncomplete, fetch_verified, verify
 from spotwatch.sync.ledger import Ledger, LedgerError
+from spotwatch.sync.links import leads_into, make_link
 from spotwatch.sync.pointers import Repointed, repoint
-from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
+from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import is_complete, list_job_sets, list_manifests
 
 log = structlog.get_logger("spotwatch.restore")
@@ -66,6 +70,7 @@ class RestoreReport:
     companions: tuple[str, ...] = field(default=())
     # Companions that named another set of the series, rewritten to name this one.
     repointed: tuple[Repointed, ...] = field(default=())
+    links: tuple[LinkEntry, ...] = field(default=())  # symlinks made (see _with_links)
 
 
 class _Targets:
@@ -171,7 +176,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     except StoreError as exc:
         raise SpotwatchError(f"cannot read s3://{bucket}/{watch.prefix}: {exc}") from None
     known = frozenset(c.whole.set_name for c in candidates)
-    ordered, companions = checkpoints_first(candidates)
+    linked = [c for c in candidates if not c.whole.files and c.problem is None]
+    ordered, companions = checkpoints_first([c for c in candidates if c.whole.files])
     candidates = (ordered if set_name is None
                   else [c for c in candidates if c.whole.set_name == set_name])
     # Restored into the watched directory, the files are already in S3: record them.
@@ -181,10 +187,13 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     try:
         report = restore_newest(store, candidates, destination,
                                 config.transfer.checksum_algorithm, ledger)
-        if report is not None and companions and _takes_companions(
-                next(c.whole for c in candidates if c.whole.set_name == report.set_name)):
-            report = _with_companions(report, companions, store,
-                                      config.transfer.checksum_algorithm, ledger, known)
+        if report is not None:
+            chosen = next(c for c in candidates if c.whole.set_name == report.set_name)
+            if companions and _takes_companions(chosen.whole):
+                report = _with_companions(report, companions, store,
+                                          config.transfer.checksum_algorithm, ledger, known)
+            report = _with_links(report, {c.whole.set_name: c.fetch for c in (chosen, *linked)},
+                                 ledger, store.bucket)
     finally:
         if ledger is not None:
             ledger.close()
@@ -300,6 +309,39 @@ def _repoint(companion: Manifest, report: RestoreReport,
         log.warning("companion_repointed", companion=change.companion, set=report.set_name,
                     **{"from": change.old, "to": change.new})
     return change
+
+
+def _with_links(report: RestoreReport, sets: Mapping[str, Manifest], ledger: Ledger | None,
+                bucket: str) -> RestoreReport:
+    """The report, after the links of these sets (the one restored, and those of symlinks only)
+    were made, each where its target is there now: restored, or on disk already. A link that
+    cannot be made is named and left out; the checkpoint restored stays."""
+    targets = _Targets(report.destination)
+    made = []
+    for manifest in sets.values():
+        if ledger is not None:  # before a daemon sees them, so that it seals nothing again
+            _record_links(ledger, bucket, manifest)
+        for link in manifest.links:
+            fields = {"path": link.path, "target": link.target}
+            try:
+                place = targets.of(link.path)
+                if not leads_into(place, link.target, targets.root):
+                    log.warning("link_not_restored", **fields, reason="its target is not there")
+                    continue
+                place.parent.mkdir(parents=True, exist_ok=True)
+                make_link(place, link.target, temporary(place))
+            except (SpotwatchError, OSError) as exc:
+                log.warning("link_not_restored", **fields, reason=str(exc))
+                continue
+            made.append(link)
+    return replace(report, links=tuple(made))
+
+
+def _record_links(ledger: Ledger, bucket: str, manifest: Manifest) -> None:
+    try:
+        ledger.record_links(bucket, manifest)
+    except LedgerError as exc:  # a daemon watching seals the set again, at worst
+        log.warning("ledger_write_failed", set=manifest.set_name, error=str(exc))
 
 
 def restore_candidates(store: ObjectStore, prefix: str, job: JobSettings,
