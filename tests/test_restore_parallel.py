@@ -215,11 +215,11 @@ def test_a_missing_object_of_an_older_manifest_passes_the_set_over(
 
 def test_two_manifest_paths_to_one_file_are_refused(tmp_path: Path,
                                                      store: InMemoryObjectStore) -> None:
-    """A symlink already in the destination can make two listed files one: refused before
-    anything is written, rather than two downloads writing into one file."""
-    put_set(store, "step_1", {"a.pt": b"a" * 50, "b.pt": b"b" * 60}, 1_000)
-    (tmp_path / "r/step_1").mkdir(parents=True)
-    (tmp_path / "r/step_1/a.pt").symlink_to("b.pt")
+    """A symlinked folder already in the destination can make two listed files one: refused
+    before anything is written, rather than two downloads writing into one file."""
+    put_set(store, "step_1", {"a/w.pt": b"a" * 50, "b/w.pt": b"b" * 60}, 1_000)
+    (tmp_path / "r/step_1/b").mkdir(parents=True)
+    (tmp_path / "r/step_1/a").symlink_to("b", target_is_directory=True)
     with pytest.raises(SpotwatchError, match="lead to the same file"):
         restore_newest(store, list_manifests(store, PREFIX), tmp_path / "r", "CRC32", None)
     assert store.calls["download"] == 0

@@ -1,6 +1,6 @@
-"""Where restore writes a set's files: below the destination, never through a symlink that
-leads out of it, never two listed files into one; the per-folder resolution agrees with
-resolving every path outright."""
+"""Where restore writes a set's files: below the destination, never through a symlinked folder
+that leads out of it, never through a symlink at the file's own path, never two listed files
+into one; the per-folder resolution agrees with resolving every folder outright."""
 
 from __future__ import annotations
 
@@ -12,22 +12,27 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spotwatch.errors import SpotwatchError
-from spotwatch.sync.restore import _Targets
-from spotwatch.sync.sets.manifest import ManifestEntry
+from spotwatch.keys import object_key
+from spotwatch.sync.restore import _Targets, restore_newest
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
+
+from .memory_store import InMemoryObjectStore, crc32_checksum
 
 NAMES = st.sampled_from(["a", "b", "c"])
 RELATIVE = st.lists(NAMES, min_size=1, max_size=3).map("/".join)
 
 
 def reference(destination: Path, relative: str) -> Path | None:
-    """What restore wrote to before folders were resolved once: every path resolved outright,
-    None where that leads out of the destination or into a symlink loop."""
+    """Where restore writes: the path's folder resolved outright and the name in it (a symlink
+    there is replaced, not followed), None where the folder leads out of the destination or
+    into a symlink loop."""
     root = destination.resolve()
+    path = destination / relative
     try:
-        target = (destination / relative).resolve()
+        folder = path.parent.resolve()
     except (RuntimeError, OSError):  # a symlink loop (OSError from Python 3.13)
         return None
-    return target if root in target.parents else None
+    return folder / path.name if folder == root or root in folder.parents else None
 
 
 @settings(max_examples=150, deadline=None,
@@ -54,14 +59,36 @@ def test_targets_agree_with_resolving_every_path(
     targets = _Targets(destination)
     taken: set[Path] = set()
     for relative in paths:
-        entry = ManifestEntry(f"run/{relative}", relative, 1, 1, None)
         expected = reference(destination, relative)
         if expected is None:
             with pytest.raises(SpotwatchError, match=r"escapes the destination|loop"):
-                targets.of(entry)
+                targets.of(relative)
         elif expected in taken:  # a symlink in the destination made two listed files one
             with pytest.raises(SpotwatchError, match="lead to the same file"):
-                targets.of(entry)
+                targets.of(relative)
         else:
-            assert targets.of(entry) == expected
+            assert targets.of(relative) == expected
             taken.add(expected)
+
+
+@pytest.mark.parametrize("leads_out", [True, False])
+def test_restore_replaces_a_symlink_at_a_files_path_and_never_writes_through_it(
+        tmp_path: Path, store: InMemoryObjectStore, leads_out: bool) -> None:
+    """A symlink already where a restored file goes (a kept volume, a restore before) is
+    replaced by the file: what it led to, outside the destination or another checkpoint in
+    it, keeps its bytes."""
+    data = b"the newest checkpoint"
+    key = object_key("run/", "last.ckpt")
+    store.put(key, data)
+    manifest = Manifest.build("last.ckpt", "run/", [
+        ManifestEntry(key, "last.ckpt", len(data), 1_000, crc32_checksum(data))])
+    destination = tmp_path / "restored"
+    destination.mkdir()
+    led_to = tmp_path / "outside.ckpt" if leads_out else destination / "epoch=0-step=10.ckpt"
+    led_to.write_bytes(b"kept")
+    (destination / "last.ckpt").symlink_to(led_to)
+    report = restore_newest(store, [manifest], destination, "CRC32", None)
+    assert report is not None and report.downloaded == 1
+    assert not (destination / "last.ckpt").is_symlink()
+    assert (destination / "last.ckpt").read_bytes() == data
+    assert led_to.read_bytes() == b"kept"

@@ -2,8 +2,9 @@
 
 A checkpoint set is the first path component below a watched directory: a subdirectory such as
 ``step_1000/`` with everything in it, or a single top-level file. Its manifest lives under
-``<prefix>.spotwatch/manifests/``. These rules are shared by config validation, the IAM policy,
-preflight, the sync engine and restore, so they import nothing from spotwatch.
+``<prefix>.spotwatch/manifests/``, and lists the set's symlinks that stay inside the tree
+(link_destination). These rules are shared by config validation, the IAM policy, preflight,
+the sync engine and restore, so they import nothing from spotwatch.
 """
 
 from __future__ import annotations
@@ -55,6 +56,31 @@ def storable_key(prefix: str, relative_path: str, node: tuple[str, int] | None =
 
 def set_name_of(relative_path: str) -> str:
     return relative_path.split("/", 1)[0]
+
+
+def link_destination(link_path: str, target: str) -> str | None:
+    """Where a symlink at link_path (relative to a watched directory) whose text is target
+    leads, as a path relative to that directory, read as text ('..' drops the component
+    before it); None when the target is empty, absolute, holds a NUL or is not UTF-8, or when
+    it leads to the directory itself or out of it.
+
+    Invariant: a link is recorded in a manifest, and made again by restore, only when this
+    says it stays inside the tree (the daemon also checks where it really leads)."""
+    if not target or target.startswith("/") or "\0" in target:
+        return None
+    try:
+        target.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, kept as surrogate escapes
+        return None
+    parts = link_path.split("/")[:-1]
+    for part in target.split("/"):
+        if part == "..":
+            if not parts:
+                return None
+            parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    return "/".join(parts) or None
 
 
 def series_of(set_name: str) -> str:

@@ -30,9 +30,10 @@ def run(args: argparse.Namespace) -> int:
                   if report.companions else "")
     repointed = "".join(f"; {change.companion} now names {change.new} (was {change.old})"
                         for change in report.repointed)
+    links = "".join(f"; link {link.path} -> {link.target}" for link in report.links)
     print(f"restored {report.set_name} into {report.destination}: {report.downloaded} files "
           f"downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already present"
-          f"{companions}{repointed}{passed_over}")
+          f"{companions}{repointed}{links}{passed_over}")
     return 0
 
 

@@ -23,6 +23,7 @@ from spotwatch.keys import object_key, set_name_of, storable_key
 from spotwatch.logs import printable_path
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.ledger import Ledger, LedgerError
+from spotwatch.sync.links import LinkSkipped, link_entry
 from spotwatch.sync.planner import PendingFile, Planner, SetRef
 from spotwatch.sync.retry import RetryQueue
 from spotwatch.sync.sets.claim import RankClaim
@@ -92,7 +93,7 @@ class SyncEngine:
         self._withdrawn: set[UploadJob] = set()
         self._withdrawn_hold_until = 0.0  # new submissions wait for them until then
         self._refused: set[Path] = set()  # names S3 cannot take, warned about once
-        self._skipped: set[Path] = set()  # symlinks, FIFOs, sockets, devices: warned once
+        self._skipped: set[Path] = set()  # symlinks not recorded, FIFOs, ...: warned once
         self._uploaded = UploadedThisRun()
         self.totals = Progress()
         self.last_upload_at: float | None = None
@@ -138,7 +139,7 @@ class SyncEngine:
         """_scan, one file at a time: whether each file looked at was queued."""
         now_ns = self._wall_clock_ns()
         newest_allowed = now_ns - int(quiet_seconds * 1e9)
-        for path, stat in walk_files(tracker.root, partial(self._skip, tracker),
+        for path, stat in walk_files(tracker.root, partial(self._not_regular, tracker),
                                      tracker.note_unreadable):
             if (changed_since_ns is not None
                     and max(stat.st_mtime_ns, stat.st_ctime_ns) < changed_since_ns):
@@ -237,7 +238,7 @@ class SyncEngine:
                     log.warning("file_unreadable", path=str(path), error=exc.strerror)
                     continue
                 if not _is_regular(stat) and not stat_module.S_ISDIR(stat.st_mode):
-                    self._skip(tracker, path)
+                    self._not_regular(tracker, path)
                     continue
                 if not self._consider(tracker, path, stat):
                     continue
@@ -321,20 +322,39 @@ class SyncEngine:
             self._refused.add(path)
             log.warning("path_refused", path=printable_path(path), reason=reason)
 
-    def _skip(self, tracker: ChangeTracker, path: Path) -> None:
-        """Only regular files are uploaded. A symlink is not followed (its target may lie
+    def _not_regular(self, tracker: ChangeTracker, path: Path) -> None:
+        """Only regular files are uploaded. A symlink that leads to something inside the
+        watched directory is recorded instead (sync.links): its set is sealed again whenever
+        the link leads elsewhere than the set's manifest in S3 says (a trainer re-pointing
+        `last.ckpt` at every save). Any other link is not followed (its target may lie
         outside the watched directory and change with no event seen), and a FIFO, socket or
         device holds no bytes to keep. Either is neither uploaded nor listed in its set's
         manifest, and says so once, so that a set saved with one is not thought whole."""
-        if path in self._skipped or tracker.relative(path) is None:
+        relative = tracker.relative(path)
+        if relative is None:
             return
-        self._skipped.add(path)
-        if os.path.islink(path):
-            log.warning("symlink_skipped", path=printable_path(path),
-                        detail="symlinks are not followed: save the file itself to upload it")
-        else:
-            log.warning("special_file_skipped", path=printable_path(path),
-                        detail="not a regular file (a FIFO, socket or device): not uploaded")
+        if not os.path.islink(path):
+            self._skip(path, "special_file_skipped",
+                       detail="not a regular file (a FIFO, socket or device): not uploaded")
+            return
+        try:
+            key = storable_key(tracker.watch.prefix, relative, self._part_of)
+        except ValueError as exc:
+            self._refuse(path, str(exc))
+            return
+        try:
+            link = link_entry(tracker.root, path, relative)
+        except LinkSkipped as exc:
+            link = None
+            self._skip(path, "symlink_skipped", reason=str(exc),
+                       detail="symlinks are not followed: save the file itself to upload it")
+        if self.ledger.link_target(self.bucket, key) != (None if link is None else link.target):
+            self.sealer.mark_dirty(_set_ref(tracker, relative))
+
+    def _skip(self, path: Path, event: str, **fields: str) -> None:
+        if path not in self._skipped:
+            self._skipped.add(path)
+            log.warning(event, path=printable_path(path), **fields)
 
     def pump(self, upload: bool) -> None:
         """Handle finished uploads, then (when allowed) start more, newest set first."""

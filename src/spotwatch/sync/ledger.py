@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spotwatch.errors import SpotwatchError
-from spotwatch.keys import set_name_of
+from spotwatch.keys import object_key, set_name_of
 from spotwatch.model import FileVersion
+from spotwatch.sync.sets.manifest import Manifest
 
 
 class LedgerError(Exception):
@@ -41,6 +42,12 @@ CREATE TABLE IF NOT EXISTS settled_sets (
     bucket TEXT NOT NULL,
     set_key TEXT NOT NULL,
     PRIMARY KEY (bucket, set_key)
+);
+CREATE TABLE IF NOT EXISTS links (
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    target TEXT NOT NULL,
+    PRIMARY KEY (bucket, key)
 );
 """
 # Objects deleted from S3 by retention while the local file stays: not re-uploaded, not listed.
@@ -199,6 +206,23 @@ class Ledger:
                 "SELECT set_key FROM settled_sets WHERE bucket = ?", (bucket,))}
         names = {set_name_of(key[len(prefix):]) for key in self.live_keys(bucket, prefix)}
         return sorted(name for name in names if prefix + name not in settled)
+
+    def link_target(self, bucket: str, key: str) -> str | None:
+        """The target of the link at key as its set's manifest in S3 lists it (None: none)."""
+        with self._lock:
+            row = self._db.execute("SELECT target FROM links WHERE bucket = ? AND key = ?",
+                                   (bucket, key)).fetchone()
+        return None if row is None else str(row[0])
+
+    def record_links(self, bucket: str, manifest: Manifest) -> None:
+        """The set's links as this manifest, now in S3, lists them, instead of those recorded
+        before. (A write cut short leaves fewer: the set is sealed again.)"""
+        set_key = object_key(manifest.prefix, manifest.set_name)
+        self._write("DELETE FROM links WHERE bucket = ? AND (key = ? OR (key >= ? AND key < ?))",
+                    (bucket, set_key, set_key + "/", set_key + "0"))
+        for link in manifest.links:
+            self._write("INSERT OR REPLACE INTO links VALUES (?, ?, ?)",
+                        (bucket, object_key(manifest.prefix, link.path), link.target))
 
     def forget(self, bucket: str, key: str) -> None:
         self._write("DELETE FROM objects WHERE bucket = ? AND key = ?", (bucket, key))

@@ -12,6 +12,9 @@ older complete set is restored instead, with a warning; so is an incomplete one.
 
 Numbered set directories come before other sets, with the top-level files beside them
 (checkpoints_first); a pointer among those is made to name the set restored (sync.pointers).
+A set of symlinks only (Lightning's `last.ckpt`) is never the checkpoint restored: once the
+files are in place, the links of the set restored and of those sets are made again wherever
+their target is there (sync.links).
 
 On a multi-node job a set counts only when it is complete for the whole job (sync.sets.parts):
 the whole set is restored, or with --node-rank only the files that node's part lists.
@@ -26,7 +29,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
-from stat import S_ISDIR
+from stat import S_ISDIR, S_ISLNK
 
 import structlog
 
@@ -44,8 +47,9 @@ from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir
 from spotwatch.sync.downloads import FileToFetch, SetCorrupt, SetIncomplete, fetch_verified, verify
 from spotwatch.sync.ledger import Ledger, LedgerError
+from spotwatch.sync.links import leads_into, make_link
 from spotwatch.sync.pointers import Repointed, repoint
-from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
+from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import is_complete, list_job_sets, list_manifests
 
 log = structlog.get_logger("spotwatch.restore")
@@ -66,54 +70,57 @@ class RestoreReport:
     companions: tuple[str, ...] = field(default=())
     # Companions that named another set of the series, rewritten to name this one.
     repointed: tuple[Repointed, ...] = field(default=())
+    links: tuple[LinkEntry, ...] = field(default=())  # symlinks made (see _with_links)
 
 
 class _Targets:
     """Where the files of a set land below a destination: each folder is resolved once (a
-    resolve per file cost more than a small file's download), a file itself only when it is a
-    symlink. Refused when a symlink would lead out of the destination, or two files to one."""
+    resolve per file cost more than a small file's download). Refused when a symlink would
+    lead a folder out of the destination, or two files to one.
+
+    Invariant: a symlink already at a file's own path is never written through (it may lead
+    out of the destination, or to another file of the set): the file replaces it."""
 
     def __init__(self, destination: Path) -> None:
-        self._root = destination.resolve()
+        self.root = destination.resolve()
         self._folders: dict[PurePosixPath, Path] = {}
         self._taken: dict[Path, str] = {}  # target -> the manifest path that goes there
 
-    def of(self, entry: ManifestEntry) -> Path:
-        relative = PurePosixPath(entry.path)  # clean: relative, no '..' (manifest checks)
+    def of(self, path: str) -> Path:
+        """Where the manifest path (clean: relative, no '..') lands."""
+        relative = PurePosixPath(path)
         folder = self._folders.get(relative.parent)
         if folder is None:
             folder = self._folders[relative.parent] = self._resolved(
-                self._root / relative.parent, entry, folder=True)
-            self._refuse_file_in_the_way(folder, entry)
+                self.root / relative.parent, path)
+            self._refuse_file_in_the_way(folder, path)
         target = folder / relative.name
-        if target.is_symlink():
-            target = self._resolved(target, entry, folder=False)
-        other = self._taken.setdefault(target, entry.path)
-        if other != entry.path:  # through a symlink already in the destination
-            raise SpotwatchError(f"manifest paths {other!r} and {entry.path!r} lead to the same "
+        other = self._taken.setdefault(target, path)
+        if other != path:  # through a symlinked folder already in the destination
+            raise SpotwatchError(f"manifest paths {other!r} and {path!r} lead to the same "
                                  f"file {target}")
         return target
 
-    def _refuse_file_in_the_way(self, folder: Path, entry: ManifestEntry) -> None:
+    def _refuse_file_in_the_way(self, folder: Path, path: str) -> None:
         """A file where the set has a folder is refused before any download, as a folder
         where it has a file is (see _already_there): restore replaces neither."""
-        for path in (folder, *folder.parents):
-            if os.path.lexists(path):
-                if not path.is_dir():
-                    raise SpotwatchError(f"cannot restore {entry.path!r}: {path} is a file, "
+        for above in (folder, *folder.parents):
+            if os.path.lexists(above):
+                if not above.is_dir():
+                    raise SpotwatchError(f"cannot restore {path!r}: {above} is a file, "
                                          f"not a directory")
                 return
-            if path == self._root:  # made by the restore (its own parents checked already)
+            if above == self.root:  # made by the restore (its own parents checked already)
                 return
 
-    def _resolved(self, path: Path, entry: ManifestEntry, folder: bool) -> Path:
-        """The path resolved, if it stays below the destination (a folder: or is it)."""
+    def _resolved(self, folder: Path, path: str) -> Path:
+        """The folder resolved, if it is the destination or stays below it."""
         try:
-            resolved = path.resolve()
+            resolved = folder.resolve()
         except (RuntimeError, OSError) as exc:  # a symlink loop
-            raise SpotwatchError(f"cannot restore {entry.path!r}: {exc}") from None
-        if not (folder and resolved == self._root) and self._root not in resolved.parents:
-            raise SpotwatchError(f"manifest path escapes the destination: {entry.path!r}")
+            raise SpotwatchError(f"cannot restore {path!r}: {exc}") from None
+        if resolved != self.root and self.root not in resolved.parents:
+            raise SpotwatchError(f"manifest path escapes the destination: {path!r}")
         return resolved
 
 
@@ -169,7 +176,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     except StoreError as exc:
         raise SpotwatchError(f"cannot read s3://{bucket}/{watch.prefix}: {exc}") from None
     known = frozenset(c.whole.set_name for c in candidates)
-    ordered, companions = checkpoints_first(candidates)
+    linked = [c for c in candidates if not c.whole.files and c.problem is None]
+    ordered, companions = checkpoints_first([c for c in candidates if c.whole.files])
     candidates = (ordered if set_name is None
                   else [c for c in candidates if c.whole.set_name == set_name])
     # Restored into the watched directory, the files are already in S3: record them.
@@ -179,10 +187,13 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     try:
         report = restore_newest(store, candidates, destination,
                                 config.transfer.checksum_algorithm, ledger)
-        if report is not None and companions and _takes_companions(
-                next(c.whole for c in candidates if c.whole.set_name == report.set_name)):
-            report = _with_companions(report, companions, store,
-                                      config.transfer.checksum_algorithm, ledger, known)
+        if report is not None:
+            chosen = next(c for c in candidates if c.whole.set_name == report.set_name)
+            if companions and _takes_companions(chosen.whole):
+                report = _with_companions(report, companions, store,
+                                          config.transfer.checksum_algorithm, ledger, known)
+            report = _with_links(report, {c.whole.set_name: c.fetch for c in (chosen, *linked)},
+                                 ledger, store.bucket)
     finally:
         if ledger is not None:
             ledger.close()
@@ -289,7 +300,7 @@ def _repoint(companion: Manifest, report: RestoreReport,
     if len(companion.files) != 1:
         return None
     entry = companion.files[0]
-    target = _Targets(report.destination).of(entry)
+    target = _Targets(report.destination).of(entry.path)
     try:
         change = repoint(target, entry.path, report.set_name, known, temporary(target))
     except OSError as exc:
@@ -298,6 +309,39 @@ def _repoint(companion: Manifest, report: RestoreReport,
         log.warning("companion_repointed", companion=change.companion, set=report.set_name,
                     **{"from": change.old, "to": change.new})
     return change
+
+
+def _with_links(report: RestoreReport, sets: Mapping[str, Manifest], ledger: Ledger | None,
+                bucket: str) -> RestoreReport:
+    """The report, after the links of these sets (the one restored, and those of symlinks only)
+    were made, each where its target is there now: restored, or on disk already. A link that
+    cannot be made is named and left out; the checkpoint restored stays."""
+    targets = _Targets(report.destination)
+    made = []
+    for manifest in sets.values():
+        if ledger is not None:  # before a daemon sees them, so that it seals nothing again
+            _record_links(ledger, bucket, manifest)
+        for link in manifest.links:
+            fields = {"path": link.path, "target": link.target}
+            try:
+                place = targets.of(link.path)
+                if not leads_into(place, link.target, targets.root):
+                    log.warning("link_not_restored", **fields, reason="its target is not there")
+                    continue
+                place.parent.mkdir(parents=True, exist_ok=True)
+                make_link(place, link.target, temporary(place))
+            except (SpotwatchError, OSError) as exc:
+                log.warning("link_not_restored", **fields, reason=str(exc))
+                continue
+            made.append(link)
+    return replace(report, links=tuple(made))
+
+
+def _record_links(ledger: Ledger, bucket: str, manifest: Manifest) -> None:
+    try:
+        ledger.record_links(bucket, manifest)
+    except LedgerError as exc:  # a daemon watching seals the set again, at worst
+        log.warning("ledger_write_failed", set=manifest.set_name, error=str(exc))
 
 
 def restore_candidates(store: ObjectStore, prefix: str, job: JobSettings,
@@ -375,9 +419,11 @@ def _already_there(target: Path, entry: ManifestEntry, part_size: int | None,
     here, before any download: restore never replaces one, and finding it only when the files
     move into place would leave part of the set there."""
     try:
-        stat = target.stat()
+        stat = target.lstat()
     except FileNotFoundError:
         return False
+    if S_ISLNK(stat.st_mode):
+        return False  # replaced by the file (see _Targets)
     if S_ISDIR(stat.st_mode):
         raise SpotwatchError(f"cannot restore {entry.path!r}: {target} is a directory")
     return ((stat.st_size, stat.st_mtime_ns) == (entry.size, entry.mtime_ns)
@@ -460,7 +506,7 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
     todo: list[tuple[FileToFetch, Path]] = []
     there: list[tuple[ManifestEntry, Path]] = []
     for entry in manifest.files:
-        target = targets.of(entry)
+        target = targets.of(entry.path)
         part_size = _part_size(store, entry)
         if _already_there(target, entry, part_size, preferred, also.get(entry.key, ())):
             there.append((entry, target))

@@ -3,11 +3,15 @@
 A checkpoint set is the first path component below a watched directory: a subdirectory such as
 ``step_1000/`` with everything in it, or a single top-level file. Once every file of a set is
 durable in S3, a manifest listing them is written last, under ``<prefix>.spotwatch/manifests/``;
-`restore` only ever trusts a set that has a manifest whose files all exist.
+`restore` only ever trusts a set that has a manifest whose files all exist. A symlink of the
+set that leads inside the watched directory has no object: the manifest lists it under
+``links`` (written only when there is one, so a set without links has the manifest it always
+had), with the link's text as written.
 
 A manifest read back from S3 is untrusted input: `Manifest.from_json` accepts it only when
 every field has its type and every file lies inside the set, under the prefix the reader
-configured (not one written in the manifest). Anything else raises ManifestError.
+configured (not one written in the manifest), and every link leads inside the tree restored
+(keys.link_destination). Anything else raises ManifestError.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spotwatch.checksums import ALGORITHMS
-from spotwatch.keys import is_reserved, object_key, set_name_of
+from spotwatch.keys import is_reserved, link_destination, object_key, set_name_of
 
 MANIFEST_FORMAT = 1
 # Sizes and times are 64-bit signed integers on disk, in SQLite and for os.utime.
@@ -46,11 +50,20 @@ class ManifestEntry:
 
 
 @dataclass(frozen=True)
+class LinkEntry:
+    """A symlink of the set: no object, only its text (see sync.links)."""
+
+    path: str  # relative to the watched directory
+    target: str  # as the link holds it: relative to the link's own directory
+
+
+@dataclass(frozen=True)
 class Manifest:
     set_name: str
     prefix: str
     files: tuple[ManifestEntry, ...]
     sealed_at: float
+    links: tuple[LinkEntry, ...] = ()
 
     @property
     def bytes(self) -> int:
@@ -67,7 +80,7 @@ class Manifest:
 
     def as_data(self) -> dict[str, Any]:
         # vars() rather than asdict(): the entries hold no nested data.
-        return {
+        data: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
             "set": self.set_name,
             "prefix": self.prefix,
@@ -76,12 +89,15 @@ class Manifest:
             "newest_mtime_ns": self.newest_mtime_ns,
             "sealed_at": self.sealed_at,
         }
+        if self.links:
+            data["links"] = [vars(link) for link in self.links]
+        return data
 
     @classmethod
     def from_json(cls, text: str | builtins.bytes, prefix: str) -> Manifest:
         """The manifest of a set under `prefix` (the configured one); ManifestError unless
-        every field has its type, every path is a clean relative path inside the set, and
-        every key is exactly `prefix` + path."""
+        every field has its type, every path is a clean relative path inside the set, every
+        key is exactly `prefix` + path, and every link leads inside the tree."""
         return cls.from_data(json_object(text), prefix)
 
     @classmethod
@@ -96,18 +112,21 @@ class Manifest:
         if field_of(data, "prefix", str) != prefix:
             raise ManifestError(f"written for prefix {data['prefix']!r}, not {prefix!r}")
         raw_files = field_of(data, "files", list)
-        if not raw_files:
+        links = tuple(_link(raw, set_name) for raw in _optional_field(data, "links", list) or ())
+        if not raw_files and not links:
             raise ManifestError("lists no files")
         files = tuple(_entry(raw, prefix, set_name) for raw in raw_files)
-        refuse_clashing_paths([f.path for f in files])
+        refuse_clashing_paths([f.path for f in files] + [link.path for link in links])
         sealed_at = field_of(data, "sealed_at", (int, float))
         if not math.isfinite(sealed_at):
             raise ManifestError("sealed_at is not a finite number")
-        return cls(set_name, prefix, files, float(sealed_at))
+        return cls(set_name, prefix, files, float(sealed_at), links)
 
     @classmethod
-    def build(cls, set_name: str, prefix: str, files: list[ManifestEntry]) -> Manifest:
-        return cls(set_name, prefix, tuple(sorted(files, key=lambda f: f.key)), time.time())
+    def build(cls, set_name: str, prefix: str, files: list[ManifestEntry],
+              links: list[LinkEntry] | None = None) -> Manifest:
+        return cls(set_name, prefix, tuple(sorted(files, key=lambda f: f.key)), time.time(),
+                   tuple(sorted(links or (), key=lambda link: link.path)))
 
 
 def json_object(text: str | builtins.bytes) -> dict[str, Any]:
@@ -160,12 +179,25 @@ def refuse_clashing_paths(paths: list[str]) -> None:
                                     f"file and as the directory of {path!r}")
 
 
-def _entry(raw: object, prefix: str, set_name: str) -> ManifestEntry:
+def _path_in_set(raw: object, what: str, set_name: str) -> tuple[dict[str, Any], str]:
     if not isinstance(raw, dict):
-        raise ManifestError("a file entry is not an object")
+        raise ManifestError(f"a {what} entry is not an object")
     path = field_of(raw, "path", str)
     if not _is_clean_path(path) or set_name_of(path) != set_name:
         raise ManifestError(f"path {path!r} is not a clean path inside set {set_name!r}")
+    return raw, path
+
+
+def _link(raw: object, set_name: str) -> LinkEntry:
+    raw, path = _path_in_set(raw, "link", set_name)
+    target = field_of(raw, "target", str)
+    if link_destination(path, target) is None:
+        raise ManifestError(f"link {path!r} does not lead inside the tree: {target!r}")
+    return LinkEntry(path, target)
+
+
+def _entry(raw: object, prefix: str, set_name: str) -> ManifestEntry:
+    raw, path = _path_in_set(raw, "file", set_name)
     key = field_of(raw, "key", str)
     if key != object_key(prefix, path):
         raise ManifestError(f"key {key!r} is not {object_key(prefix, path)!r}")

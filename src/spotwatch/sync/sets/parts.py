@@ -19,6 +19,7 @@ from functools import cached_property
 
 from spotwatch.config import MAX_NODES, JobSettings
 from spotwatch.sync.sets.manifest import (
+    LinkEntry,
     Manifest,
     ManifestEntry,
     ManifestError,
@@ -116,15 +117,20 @@ class JobSet:
 
     @cached_property  # sorting the sets and restoring one both need it
     def whole(self) -> Manifest:
-        """Every file any part lists, once (the lowest rank's entry where several list it)."""
+        """Every file and link any part lists, once (the lowest rank's entry where several
+        list it)."""
         entries: dict[str, ManifestEntry] = {}
+        links: dict[str, LinkEntry] = {}
         for rank in sorted(self.parts):
             for entry in self.parts[rank].files:
                 entries.setdefault(entry.key, entry)
+            for link in self.parts[rank].links:
+                links.setdefault(link.path, link)
         manifests = self.parts.values()
         prefix = next(iter(manifests)).prefix
         return Manifest(self.set_name, prefix, tuple(sorted(entries.values(), key=lambda e: e.key)),
-                        max(m.sealed_at for m in manifests))
+                        max(m.sealed_at for m in manifests),
+                        tuple(sorted(links.values(), key=lambda link: link.path)))
 
     def problem(self) -> str | None:
         """Why the set is not complete for the job, judged on its parts alone (restore also
@@ -179,7 +185,8 @@ class JobSet:
                     return (f"nodes {first[0]} and {rank} both wrote {entry.key} with different "
                             f"contents (file names must differ between nodes)")
         try:
-            refuse_clashing_paths([entry.path for _, entry in seen.values()])
+            refuse_clashing_paths([entry.path for _, entry in seen.values()]
+                                  + [link.path for link in self.whole.links])
         except ManifestError as exc:
             return f"the nodes' parts clash: {exc}"
         return None

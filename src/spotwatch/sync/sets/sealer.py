@@ -11,6 +11,7 @@ from collections.abc import Set as AbstractSet
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -19,10 +20,11 @@ from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
 from spotwatch.keys import manifest_key, object_key, part_key, set_name_of, storable_key
 from spotwatch.logs import printable_path
 from spotwatch.sync.ledger import Ledger, LedgerError, LedgerRow
+from spotwatch.sync.links import LinkSkipped, link_entry
 from spotwatch.sync.planner import SetRef
 from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
 from spotwatch.sync.sets.claim import CLOCK_SKEW_SECONDS, RankClaim
-from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
+from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, Part, sealed_by
 from spotwatch.sync.tracker import ChangeTracker, walk_files
 
@@ -49,6 +51,7 @@ class SetCheck:
     entries: list[ManifestEntry]  # what its manifest lists, when nothing is missing
     missing: list[str]  # files (relative paths) not durable in S3 at their current version
     arriving: bool  # some missing file was just created: too early to call the set incomplete
+    links: list[LinkEntry]  # its symlinks recorded as they are now (sync.links)
 
 
 class PartClaimed(StoreError):
@@ -162,7 +165,7 @@ class SetSealer:
                 self._done(set_ref)  # sealed again once another file of it is uploaded
                 continue
             self.incomplete.pop(set_ref.key, None)
-            if not check.entries:
+            if not check.entries and not check.links:
                 self._done(set_ref)  # nothing of the set is left locally: no manifest
                 self._settle(set_ref.key, True)
                 continue
@@ -171,7 +174,7 @@ class SetSealer:
                 self._await(set_ref, markers)
                 self._done(set_ref)  # sealed once the file that finishes it is uploaded
                 continue
-            manifest = Manifest.build(set_ref.name, set_ref.prefix, check.entries)
+            manifest = Manifest.build(set_ref.name, set_ref.prefix, check.entries, check.links)
             key, body = self._sealed_as(manifest)
             if self._part_writer is not None:
                 future = self._part_writer.submit(self._put_part, key, body.encode())
@@ -231,6 +234,7 @@ class SetSealer:
             if error is None:
                 log.info("set_complete", set=set_ref.key, files=len(manifest.files),
                          bytes=manifest.bytes, manifest=key)
+                self._record_links(set_ref, manifest)
                 if self._dirty.get(set_ref) == generation:
                     self._done(set_ref)
                     self._settle(set_ref.key, True)
@@ -250,6 +254,14 @@ class SetSealer:
             elif attempts < MAX_ATTEMPTS:
                 log.warning("set_manifest_retry", set=set_ref.key, error=str(error),
                             attempts=attempts, retry_in=delay)
+
+    def _record_links(self, set_ref: SetRef, manifest: Manifest) -> None:
+        """The set's links as its manifest in S3 now lists them: a link on disk that leads
+        elsewhere has its set sealed again (SyncEngine._not_regular), also after a restart."""
+        try:
+            self._ledger.record_links(self._store.bucket, manifest)
+        except LedgerError as exc:  # the next start seals the set again at worst
+            log.warning("ledger_write_failed", set=set_ref.key, error=str(exc))
 
     def close(self) -> None:
         """A part write under way is abandoned, as the store's requests are."""
@@ -285,12 +297,15 @@ class SetSealer:
         name S3 cannot take (refused by the engine with a path_refused warning) is missing
         too: restore must never hand back the set without it, nor without the files of a
         directory spotwatch may not read (named as the directory, with a trailing slash).
+        A symlink has no object to wait for: it is listed as it is now if it leads inside
+        the watched directory (sync.links), else left out, as the engine said.
         """
         recorded = self._recorded(set_ref)
         entries: list[ManifestEntry] = []
         missing: list[str] = []
+        others: list[Path] = []
         arriving = False
-        for relative, stat in self._local_files(set_ref, missing.append):
+        for relative, stat in self._local_files(set_ref, missing.append, others.append):
             key = self._key_or_none(set_ref.prefix, relative)
             row = None if key is None else recorded.get(key)
             if row is None or (row[2], row[3]) != (stat.st_size, stat.st_mtime_ns) or not row[4]:
@@ -298,7 +313,20 @@ class SetSealer:
                 arriving = arriving or (key is not None and self._arriving(stat))
                 continue
             entries.append(ManifestEntry(row[0], relative, *row[2:]))
-        return SetCheck(entries, sorted(missing), arriving)
+        links = [link for link in map(partial(self._link, set_ref), others) if link is not None]
+        return SetCheck(entries, sorted(missing), arriving, links)
+
+    def _link(self, set_ref: SetRef, path: Path) -> LinkEntry | None:
+        """The entry of a symlink of the set that is recorded (None for a FIFO, socket or
+        device, a link not recorded, or one whose name S3 cannot take)."""
+        tracker = self._trackers[set_ref.root]
+        relative = tracker.relative(path)
+        if relative is None or self._key_or_none(set_ref.prefix, relative) is None:
+            return None
+        try:
+            return link_entry(tracker.root, path, relative)
+        except LinkSkipped:
+            return None
 
     def _arriving(self, stat: os.stat_result) -> bool:
         return 0 <= self._wall_clock_ns() - stat.st_ctime_ns < ARRIVING_NS
@@ -307,10 +335,11 @@ class SetSealer:
         rows = self._ledger.objects_in_set(self._store.bucket, set_ref.key)
         return {row[0]: row for row in rows}
 
-    def _local_files(self, set_ref: SetRef, on_unreadable: Callable[[str], None]
-                     ) -> Iterator[tuple[str, os.stat_result]]:
+    def _local_files(self, set_ref: SetRef, on_unreadable: Callable[[str], None],
+                     on_other: Callable[[Path], None]) -> Iterator[tuple[str, os.stat_result]]:
         """(relative path, lstat) of the set's regular files that the filters accept; the
-        directories of it that may hold such files but cannot be read go to on_unreadable."""
+        directories of it that may hold such files but cannot be read go to on_unreadable,
+        what is neither file nor directory (a symlink) to on_other."""
         tracker = self._trackers.get(set_ref.root)
         if tracker is None:
             return
@@ -326,10 +355,11 @@ class SetSealer:
                 on_unreadable(f"{directory.relative_to(set_ref.root)}/")
 
         if stat_module.S_ISDIR(top_stat.st_mode):
-            files: Iterator[tuple[Path, os.stat_result]] = walk_files(top, None, unreadable)
+            files: Iterator[tuple[Path, os.stat_result]] = walk_files(top, on_other, unreadable)
         elif stat_module.S_ISREG(top_stat.st_mode):
             files = iter([(top, top_stat)])
         else:
+            on_other(top)
             return
         for path, stat in files:
             relative = tracker.relative(path)

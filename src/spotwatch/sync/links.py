@@ -1,0 +1,68 @@
+"""Symlinks below a watched directory: which are recorded, and how restore makes them again.
+
+Trainers point a link at their newest checkpoint: Lightning's `last.ckpt ->
+epoch=3-step=400.ckpt` (ModelCheckpoint(save_last="link")), a `latest -> step_100`. A link
+that leads to something inside the watched directory is recorded: its set's manifest lists
+its text (Manifest.links), and it has no object, since its target is uploaded once, as itself.
+Any other link (out of the tree, or dangling) is not followed: its target may lie anywhere
+and change unseen.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from spotwatch.keys import link_destination
+from spotwatch.sync.sets.manifest import LinkEntry
+
+
+class LinkSkipped(Exception):
+    """Why a symlink is not recorded."""
+
+
+def link_entry(root: Path, path: Path, relative: str) -> LinkEntry | None:
+    """The manifest entry of the symlink at path (relative: its path below the watched
+    directory root); None when it is gone. LinkSkipped when it leads out of the tree (as
+    written, or through another link) or to nothing."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return None
+    if link_destination(relative, target) is None:
+        raise LinkSkipped("its target is outside the watched directory")
+    try:
+        leads_to = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, or a loop (RuntimeError before Python 3.13)
+        raise LinkSkipped("dangling: its target does not exist") from None
+    if root.resolve() not in leads_to.parents:
+        raise LinkSkipped("its target is outside the watched directory")
+    return LinkEntry(relative, target)
+
+
+def leads_into(place: Path, target: str, root: Path) -> bool:
+    """Whether a link at place (in a folder already resolved) with this text would lead to
+    something that is there, below root (resolved)."""
+    try:
+        there = (place.parent / target).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    return root in there.parents
+
+
+def make_link(place: Path, target: str, temporary: Path) -> None:
+    """A symlink at place with this text: made under the temporary name, then renamed over
+    whatever is at place (a file, an older link, which is replaced, never followed), so that
+    place never lacks a link nor holds half of one."""
+    try:
+        if os.readlink(place) == target:
+            return
+    except OSError:
+        pass  # no link there
+    temporary.unlink(missing_ok=True)
+    os.symlink(target, temporary)
+    try:
+        os.replace(temporary, place)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
