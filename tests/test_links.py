@@ -15,6 +15,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from spotwatch.keys import RESERVED_SET, manifest_key, object_key
+from spotwatch.sync.pointers import repointed_link
 from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry, ManifestError
 from spotwatch.sync.sets.remote import is_complete, is_intact
 
@@ -123,24 +124,44 @@ def test_links_out_of_the_tree_or_dangling_stay_skipped_and_say_why(
             if "/manifests/" in key} == {"epoch=0-step=10.ckpt.json", "last.ckpt.json"}
 
 
-def test_a_link_whose_target_is_not_restored_is_not_made(workspace: Workspace,
-                                                          s3: Any) -> None:
-    """The newest checkpoint corrupt in S3: the one before it is restored, and last.ckpt,
-    which names the newest, is left out (named) rather than made dangling."""
+def test_a_pointer_link_to_a_checkpoint_not_restored_leads_to_the_one_restored(
+        workspace: Workspace, s3: Any) -> None:
+    """The newest checkpoint corrupt in S3: the one before it is restored, and last.ckpt, which
+    named the newest, leads to the one restored (Lightning's ckpt_path="last" loads it instead
+    of starting over). A link not named as a pointer is left out (named), never dangling."""
     ckpt = workspace.checkpoints
     save_checkpoint(ckpt / "epoch=0-step=10.ckpt", 1000)
     save_checkpoint(ckpt / "epoch=1-step=20.ckpt", 1000)
     os.utime(ckpt / "epoch=0-step=10.ckpt", (1_700_000_000, 1_700_000_000))
     lightning_link(ckpt, "epoch=1-step=20.ckpt")
+    os.symlink("./epoch=1-step=20.ckpt", ckpt / "best.ckpt")
     assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
     s3.put_object(Bucket=workspace.bucket, Key="run1/epoch=1-step=20.ckpt", Body=b"x" * 1000)
     target = workspace.root / "restored"
     result = restore(workspace, "--to", str(target))
     assert result.returncode == 0, result.stderr
     assert "restored epoch=0-step=10.ckpt" in result.stdout
-    assert os.listdir(target) == ["epoch=0-step=10.ckpt"]
+    assert "last.ckpt now names epoch=0-step=10.ckpt (was epoch=1-step=20.ckpt)" in result.stdout
+    assert sorted(os.listdir(target)) == ["epoch=0-step=10.ckpt", "last.ckpt"]
+    assert os.readlink(target / "last.ckpt") == "epoch=0-step=10.ckpt"
     [skipped] = named(result.stderr, "link_not_restored")
-    assert skipped["path"] == "last.ckpt" and skipped["target"] == "epoch=1-step=20.ckpt"
+    assert skipped["path"] == "best.ckpt" and skipped["target"] == "./epoch=1-step=20.ckpt"
+
+
+@pytest.mark.parametrize(("link", "target", "restored", "expected"), [
+    ("last.ckpt", "epoch=1-step=20.ckpt", "epoch=0-step=10.ckpt", "epoch=0-step=10.ckpt"),
+    ("latest", "./step_300/", "step_200", "./step_200/"),
+    ("latest", "step_300/model.pt", "step_200", "step_200/model.pt"),
+    ("last_step", "step_300", "step_200", "step_200"),
+    ("latest", "step_200", "step_200", None),  # leads to the set restored already
+    ("best.ckpt", "epoch=1-step=20.ckpt", "epoch=0-step=10.ckpt", None),  # not a pointer
+    ("latest", "run_300", "step_200", None),  # another series
+    ("latest", "../step_300", "step_200", None),
+    ("sub/latest", "step_300", "step_200", None),  # not beside the sets
+])
+def test_only_a_pointer_link_beside_the_sets_is_repointed(
+        link: str, target: str, restored: str, expected: str | None) -> None:
+    assert repointed_link(link, target, restored) == expected
 
 
 def test_a_link_has_no_object_and_never_makes_its_set_incomplete(

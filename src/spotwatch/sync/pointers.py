@@ -9,7 +9,9 @@ checkpoint and starts from scratch. Such a pointer is rewritten to name the set 
 Only a small UTF-8 file named as one (`latest...`, `last...`) whose whole content (stripped) is
 one name is a pointer: the name of another set of the restored set's series, or a bare number
 where the file is Megatron's tracker or that number names a set of the series listed in S3.
-Nothing else is touched, nor a pointer to a set that is there beside it.
+Nothing else is touched, nor a pointer to a set that is there beside it. A symlink named as a
+pointer (Lightning's `last.ckpt`) is made to lead to the set restored the same way
+(repointed_link).
 """
 
 from __future__ import annotations
@@ -83,6 +85,21 @@ def _set_pointed(old: str, restored: str) -> str:
         return old
     runs = _DIGITS.findall(restored)
     return _DIGITS.sub(old.zfill(len(runs[0])), restored)
+
+
+def repointed_link(link_path: str, target: str, restored: str) -> str | None:
+    """The text a top-level pointer link (named as a pointer: Lightning's `last.ckpt`, a
+    `latest -> step_300`) gets to lead to the set restored instead of another set of its
+    series; None for any other link. The caller makes it only where its target is there."""
+    if "/" in link_path or not _POINTER_NAME.match(link_path):
+        return None
+    parts = target.split("/")
+    lead = next((i for i, part in enumerate(parts) if part not in ("", ".")), None)
+    if lead is None or parts[lead] in ("..", restored) \
+            or series_of(parts[lead]) != series_of(restored):
+        return None
+    parts[lead] = restored
+    return "/".join(parts)
 
 
 def repoint(path: Path, companion: str, restored: str, known: Collection[str],

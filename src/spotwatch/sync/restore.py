@@ -48,7 +48,7 @@ from spotwatch.state import StateDir
 from spotwatch.sync.downloads import FileToFetch, SetCorrupt, SetIncomplete, fetch_verified, verify
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.links import leads_into, make_link
-from spotwatch.sync.pointers import Repointed, repoint
+from spotwatch.sync.pointers import Repointed, repoint, repointed_link
 from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import is_complete, list_job_sets, list_manifests
 
@@ -314,10 +314,13 @@ def _repoint(companion: Manifest, report: RestoreReport,
 def _with_links(report: RestoreReport, sets: Mapping[str, Manifest], ledger: Ledger | None,
                 bucket: str) -> RestoreReport:
     """The report, after the links of these sets (the one restored, and those of symlinks only)
-    were made, each where its target is there now: restored, or on disk already. A link that
-    cannot be made is named and left out; the checkpoint restored stays."""
+    were made, each where its target is there now: restored, or on disk already. A pointer
+    link to another set of the series, not there, leads to the one restored instead
+    (sync.pointers.repointed_link). A link that cannot be made is named and left out; the
+    checkpoint restored stays."""
     targets = _Targets(report.destination)
     made = []
+    repointed = list(report.repointed)
     for manifest in sets.values():
         if ledger is not None:  # before a daemon sees them, so that it seals nothing again
             _record_links(ledger, bucket, manifest)
@@ -325,16 +328,23 @@ def _with_links(report: RestoreReport, sets: Mapping[str, Manifest], ledger: Led
             fields = {"path": link.path, "target": link.target}
             try:
                 place = targets.of(link.path)
-                if not leads_into(place, link.target, targets.root):
-                    log.warning("link_not_restored", **fields, reason="its target is not there")
-                    continue
+                target = link.target
+                if not leads_into(place, target, targets.root):
+                    target = repointed_link(link.path, target, report.set_name) or ""
+                    if not target or not leads_into(place, target, targets.root):
+                        log.warning("link_not_restored", **fields,
+                                    reason="its target is not there")
+                        continue
+                    log.warning("companion_repointed", companion=link.path,
+                                set=report.set_name, **{"from": link.target, "to": target})
+                    repointed.append(Repointed(link.path, link.target, target))
                 place.parent.mkdir(parents=True, exist_ok=True)
-                make_link(place, link.target, temporary(place))
+                make_link(place, target, temporary(place))
             except (SpotwatchError, OSError) as exc:
                 log.warning("link_not_restored", **fields, reason=str(exc))
                 continue
-            made.append(link)
-    return replace(report, links=tuple(made))
+            made.append(LinkEntry(link.path, target))
+    return replace(report, links=tuple(made), repointed=tuple(repointed))
 
 
 def _record_links(ledger: Ledger, bucket: str, manifest: Manifest) -> None:
