@@ -346,3 +346,28 @@ def test_the_scale_in_waits_for_the_emergency_checkpoint_the_trainer_saves_after
     assert completed.note is True  # the emergency checkpoint was in S3 by then
     assert daemon.stop() == 0
     assert len(proxy.named(COMPLETE)) == 1
+
+
+def test_a_flush_the_trainer_asks_for_after_saving_ends_the_save_grace(
+        workspace: Workspace, imds: ImdsEmulator, s3: Any, group: tuple[str, str, str],
+        proxy: AutoScalingProxy) -> None:
+    """`spotwatch flush` once the emergency checkpoint is saved says the trainer is done:
+    the scale-in goes on once that flush made it durable, not after all of asg.save_grace."""
+    name, hook, instance = group
+    imds.set_instance(instance, {GROUP_TAG: name})
+    key = "run1/emergency/model.pt"
+    proxy.on_call = lambda action: key in keys_in(s3, workspace.bucket)
+    workspace.write_config(asg={"lifecycle_hook": hook, "heartbeat_interval": 1,
+                                "save_grace": 3600})
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL_AUTO_SCALING=proxy.url)
+    imds.set_lifecycle_state("Terminated")
+    daemon.wait_for_event("flush_done")
+    wait_for(lambda: proxy.named(HEARTBEAT))
+    save_checkpoint(workspace.checkpoints / "emergency" / "model.pt", 100_000)
+    done = workspace.cli("flush", "-c", "config.yaml")
+    assert done.returncode == 0, done.stderr
+    completed = wait_for(lambda: proxy.named(COMPLETE), timeout=60)[0]
+    assert completed.note is True  # the emergency checkpoint was in S3 by then
+    assert daemon.named("asg_save_grace_ended")
+    assert daemon.stop() == 0
+    assert len(proxy.named(COMPLETE)) == 1

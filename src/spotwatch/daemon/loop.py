@@ -448,7 +448,9 @@ class Daemon:
         if notice.deadline is not None:
             self._deadline_presses = _earlier(self._deadline_presses,
                                               _presses_from(notice.deadline, detected))
-        if notice.kind is not NoticeKind.MANUAL:
+        if notice.kind is NoticeKind.MANUAL:
+            self._end_save_grace()
+        else:
             # Invariant: status's last notice and the notice metrics are AWS's (or a peer's);
             # a `spotwatch flush` is no notice and never hides one, nor its deadline
             # (last_flush and the flush metrics record it).
@@ -468,6 +470,19 @@ class Daemon:
             self._lifecycle.begin()  # heart-beats until a flush leaves everything durable
             if self._lifecycle_grace_ends is None:
                 self._lifecycle_grace_ends = time.monotonic() + self.config.asg.save_grace
+
+    def _end_save_grace(self) -> None:
+        """A `spotwatch flush` asked for while the scale-in is held is the trainer saying its
+        emergency checkpoint is saved: CONTINUE then waits for that flush, not the rest of
+        asg.save_grace."""
+        ends = self._lifecycle_grace_ends
+        if (self._lifecycle is None or not self._lifecycle.holding or ends is None
+                or time.monotonic() >= ends):
+            return
+        self._lifecycle_grace_ends = time.monotonic()
+        log.info("asg_save_grace_ended", hook=self._lifecycle.hook,
+                 reason="a flush was asked for: the checkpoint is saved",
+                 seconds_left=round(ends - time.monotonic(), 1))
 
     def _tell_trainer(self, notice: Notice, record: dict[str, Any],
                       due: datetime | None) -> None:
