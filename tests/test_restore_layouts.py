@@ -238,6 +238,32 @@ def test_a_hugging_face_staging_directory_is_never_the_checkpoint_restored(
     assert "restored checkpoint-500" in result.stdout, result.stderr
 
 
+def test_an_orbax_staging_directory_is_never_uploaded_nor_restored(
+        workspace: Workspace, s3: Any) -> None:
+    """Orbax saves step N into N.orbax-checkpoint-tmp-T/ (its items into
+    ITEM.orbax-checkpoint-tmp-T/) and renames it N/ once finished; a save that failed (disk
+    full, OOM-killed) leaves the staging directory, which Orbax never loads. Restored as the
+    newest set, it would hand back a broken checkpoint."""
+    items = ("_CHECKPOINT_METADATA", "params/manifest.ocdbt", "params/d/0a1b")
+    for name in items:
+        write(workspace, f"1000/{name}", b"1000 " + name.encode(), 300)
+        write(workspace, f"2000.orbax-checkpoint-tmp-0/{name}", b"2000 " + name.encode(), 200)
+    write(workspace, "3000/params.orbax-checkpoint-tmp-1/manifest.ocdbt", b"partial", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 3
+    assert not any("orbax-checkpoint-tmp" in key for key in keys_in(s3, workspace.bucket))
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert files_under(target) == {f"1000/{name}" for name in items}
+
+    # Renamed into place, it is the checkpoint.
+    (workspace.checkpoints / "2000.orbax-checkpoint-tmp-0").rename(workspace.checkpoints /
+                                                                  "2000")
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 3
+    result = restore(workspace, "--to", str(workspace.root / "renamed"))
+    assert "restored 2000" in result.stdout, result.stderr
+
+
 def test_a_pointer_to_a_step_on_disk_beside_it_is_left_as_it_is(
         workspace: Workspace, s3: Any) -> None:
     """Restored into a directory that still holds the newer step (the same disk after a

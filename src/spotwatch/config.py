@@ -158,8 +158,11 @@ class WatchDir(_Section, frozen=True):
     prefix: Prefix = "checkpoints/"
     # tmp-checkpoint-N/: Hugging Face Trainer's staging directory (transformers 4.36-4.38),
     # renamed checkpoint-N/ when done, or left behind on ranks that do not rename it.
+    # N.orbax-checkpoint-tmp-T/: Orbax's, renamed N/ once the save is finished; a save that
+    # failed leaves it (and items inside a step stage in ITEM.orbax-checkpoint-tmp-T/ alike).
     exclude: tuple[Text, ...] = ("*.tmp", "*.tmp/*", "__pycache__/*", ".git/*",
-                                 "tmp-checkpoint-*/*", "*/tmp-checkpoint-*/*")
+                                 "tmp-checkpoint-*/*", "*/tmp-checkpoint-*/*",
+                                 "*.orbax-checkpoint-tmp-*/*")
     include: tuple[Text, ...] = ()
     # Files a set directory must hold before it is sealed (see sync.sets.sealer.unmatched).
     complete_when: tuple[Text, ...] = ()
