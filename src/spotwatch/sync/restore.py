@@ -41,7 +41,7 @@ from spotwatch.checksums import ChecksumUnavailable
 from spotwatch.collector import exempt_long_lived_objects
 from spotwatch.config import Config, JobSettings, WatchDir, key_space
 from spotwatch.errors import ConfigError, SpotwatchError
-from spotwatch.keys import RESTORE_TEMP_SUFFIX, object_key, series_of
+from spotwatch.keys import RESTORE_TEMP_SUFFIX, object_key, series_of, unfinished_marker
 from spotwatch.model import FileVersion
 from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir
@@ -176,6 +176,11 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     except StoreError as exc:
         raise SpotwatchError(f"cannot read s3://{bucket}/{watch.prefix}: {exc}") from None
     known = frozenset(c.whole.set_name for c in candidates)
+    # A trainer's marker that a checkpoint was still being saved (keys.unfinished_marker; in
+    # S3 when uploaded before it was excluded by default) is never restored: beside the
+    # checkpoint it marks, NeMo would delete that checkpoint at its start.
+    markers = {unfinished_marker(name) for name in known}
+    candidates = [c for c in candidates if c.whole.set_name not in markers]
     linked = [c for c in candidates if not c.whole.files and c.problem is None]
     ordered, companions = checkpoints_first([c for c in candidates if c.whole.files])
     candidates = (ordered if set_name is None
