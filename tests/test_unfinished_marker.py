@@ -5,7 +5,6 @@ restored (daemon and CLI against moto)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
@@ -64,19 +63,18 @@ def test_a_checkpoint_is_sealed_only_once_its_marker_is_gone(
     assert files_under(target) == {f"{STEP_200}/{shard}" for shard in SHARDS}
 
 
-def test_a_marker_in_s3_is_never_restored_beside_its_checkpoint(
-        workspace: Workspace, s3: Any) -> None:
-    """Uploaded with filters that let it through, the marker is its own set in S3, and stays
-    there once the save finished. Restored beside the checkpoint, NeMo would delete it."""
+def test_a_marker_in_s3_is_never_restored(workspace: Workspace, s3: Any) -> None:
+    """Uploaded with filters that let it through, the marker is its own set in S3: with
+    checkpoints that are files, the newest. It is no checkpoint (and beside the one it marks,
+    NeMo would delete that one): the newest checkpoint is restored instead."""
     workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/",
                                    "exclude": []}])
-    save(workspace, STEP_100, 300)
-    write(workspace, f"{STEP_100}-unfinished", b"", 250)
-    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 4
-    assert f"run1/{STEP_100}-unfinished" in keys_in(s3, workspace.bucket)
-    os.remove(workspace.checkpoints / f"{STEP_100}-unfinished")
-    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 0
+    write(workspace, "megatron_gpt--step=100.ckpt", b"step 100", 300)
+    write(workspace, "megatron_gpt--step=200-unfinished", b"", 100)  # its save cut short
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
+    assert "run1/megatron_gpt--step=200-unfinished" in keys_in(s3, workspace.bucket)
     target = workspace.root / "restored"
     result = restore(workspace, "--to", str(target))
     assert result.returncode == 0, result.stderr
-    assert files_under(target) == {f"{STEP_100}/{shard}" for shard in SHARDS}
+    assert "restored megatron_gpt--step=100.ckpt" in result.stdout
+    assert files_under(target) == {"megatron_gpt--step=100.ckpt"}
