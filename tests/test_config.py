@@ -41,7 +41,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert config.watch[0].prefix == "checkpoints/"
     assert config.watch[0].exclude == ("*.tmp", "*.tmp/*", "__pycache__/*", ".git/*",
                                        "tmp-checkpoint-*/*", "*/tmp-checkpoint-*/*",
-                                       "*.orbax-checkpoint-tmp-*/*")
+                                       "*.orbax-checkpoint-tmp-*/*", "*-unfinished")
     assert config.sync.mode == "continuous"
     assert config.imds.poll_interval == 1.0
     assert config.imds.token_ttl == 21600

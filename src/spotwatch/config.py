@@ -160,9 +160,10 @@ class WatchDir(_Section, frozen=True):
     # renamed checkpoint-N/ when done, or left behind on ranks that do not rename it.
     # N.orbax-checkpoint-tmp-T/: Orbax's, renamed N/ once the save is finished; a save that
     # failed leaves it (and items inside a step stage in ITEM.orbax-checkpoint-tmp-T/ alike).
+    # *-unfinished: NeMo's marker of a checkpoint being saved (keys.unfinished_marker).
     exclude: tuple[Text, ...] = ("*.tmp", "*.tmp/*", "__pycache__/*", ".git/*",
                                  "tmp-checkpoint-*/*", "*/tmp-checkpoint-*/*",
-                                 "*.orbax-checkpoint-tmp-*/*")
+                                 "*.orbax-checkpoint-tmp-*/*", "*-unfinished")
     include: tuple[Text, ...] = ()
     # Files a set directory must hold before it is sealed (see sync.sets.sealer.unmatched).
     complete_when: tuple[Text, ...] = ()

@@ -83,6 +83,17 @@ def link_destination(link_path: str, target: str) -> str | None:
     return "/".join(parts) or None
 
 
+# NeMo marks a checkpoint it is saving with an empty file beside it, removed once the save is
+# finished: `<checkpoint, less .ckpt and -EMA>-unfinished`. At its start NeMo deletes every
+# checkpoint that has one, so one restored beside a checkpoint costs the checkpoint.
+UNFINISHED_SUFFIX = "-unfinished"
+
+
+def unfinished_marker(set_name: str) -> str:
+    """The name of the file that says the set (a top-level checkpoint) is still being saved."""
+    return set_name.removesuffix(".ckpt").removesuffix("-EMA") + UNFINISHED_SUFFIX
+
+
 def series_of(set_name: str) -> str:
     """The series a set belongs to for retention: its name with every run of digits as one
     '#'. step_100 and step_2000 are one series (step_#), epoch=3-step=400.ckpt another; a name

@@ -453,6 +453,7 @@ class SyncEngine:
         return not self._uploads_left() and not self.sealer
 
     def _seal_finished_sets(self) -> None:
+        self.sealer.release_finished()
         now = self._clock()
         # Throttled while uploads run (the check walks every file still being written and
         # every set touched since its manifest), but not once the last upload is done: at the

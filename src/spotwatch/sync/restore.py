@@ -41,7 +41,7 @@ from spotwatch.checksums import ChecksumUnavailable
 from spotwatch.collector import exempt_long_lived_objects
 from spotwatch.config import Config, JobSettings, WatchDir, key_space
 from spotwatch.errors import ConfigError, SpotwatchError
-from spotwatch.keys import RESTORE_TEMP_SUFFIX, object_key, series_of
+from spotwatch.keys import RESTORE_TEMP_SUFFIX, UNFINISHED_SUFFIX, object_key, series_of
 from spotwatch.model import FileVersion
 from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir
@@ -175,6 +175,10 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
         candidates = restore_candidates(store, watch.prefix, config.job, node_rank)
     except StoreError as exc:
         raise SpotwatchError(f"cannot read s3://{bucket}/{watch.prefix}: {exc}") from None
+    # A trainer's marker that a checkpoint is still being saved (keys.unfinished_marker; in
+    # S3 when uploaded before it was excluded by default) is never restored: it is no
+    # checkpoint, and beside the checkpoint it marks NeMo would delete that one at its start.
+    candidates = [c for c in candidates if not is_unfinished_marker(c.whole)]
     known = frozenset(c.whole.set_name for c in candidates)
     linked = [c for c in candidates if not c.whole.files and c.problem is None]
     ordered, companions = checkpoints_first([c for c in candidates if c.whole.files])
@@ -352,6 +356,12 @@ def _record_links(ledger: Ledger, bucket: str, manifest: Manifest) -> None:
         ledger.record_links(bucket, manifest)
     except LedgerError as exc:  # a daemon watching seals the set again, at worst
         log.warning("ledger_write_failed", set=manifest.set_name, error=str(exc))
+
+
+def is_unfinished_marker(manifest: Manifest) -> bool:
+    """Whether the set is an empty top-level file named as NeMo's marker."""
+    return (manifest.set_name.endswith(UNFINISHED_SUFFIX) and manifest.bytes == 0
+            and [entry.path for entry in manifest.files] == [manifest.set_name])
 
 
 def restore_candidates(store: ObjectStore, prefix: str, job: JobSettings,

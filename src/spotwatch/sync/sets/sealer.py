@@ -17,7 +17,14 @@ from pathlib import Path
 import structlog
 
 from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
-from spotwatch.keys import manifest_key, object_key, part_key, set_name_of, storable_key
+from spotwatch.keys import (
+    manifest_key,
+    object_key,
+    part_key,
+    set_name_of,
+    storable_key,
+    unfinished_marker,
+)
 from spotwatch.logs import printable_path
 from spotwatch.sync.ledger import Ledger, LedgerError, LedgerRow
 from spotwatch.sync.links import LinkSkipped, link_entry
@@ -86,6 +93,9 @@ class SetSealer:
         # Set key -> the watch's complete_when patterns none of its files matches yet: sets
         # left unsealed until the trainer writes the file that says the set is finished.
         self.awaiting: dict[str, list[str]] = {}
+        # Sets held while their trainer's marker says they are still being saved: the marker
+        # (root, name) -> the set, sealed once it is gone (see _held_while_unfinished).
+        self._unfinished: dict[tuple[Path, str], SetRef] = {}
         self._dirty: dict[SetRef, int] = {}  # set -> generation, bumped by every new file
         self._sending: dict[SetRef, tuple[int, Future[None], Manifest, str]] = {}
         self._retries: RetryQueue[SetRef, SetRef] = RetryQueue(MANIFEST_BACKOFF, clock)
@@ -174,6 +184,8 @@ class SetSealer:
                 self._await(set_ref, markers)
                 self._done(set_ref)  # sealed once the file that finishes it is uploaded
                 continue
+            if self._held_while_unfinished(set_ref):
+                continue
             manifest = Manifest.build(set_ref.name, set_ref.prefix, check.entries, check.links)
             key, body = self._sealed_as(manifest)
             if self._part_writer is not None:
@@ -181,6 +193,26 @@ class SetSealer:
             else:
                 future = self._store.put_bytes(key, body.encode(), "application/json")
             self._sending[set_ref] = (generation, future, manifest, key)
+
+    def _held_while_unfinished(self, set_ref: SetRef) -> bool:
+        """Invariant: a set is never sealed while its trainer's marker beside it says it is
+        still being saved (keys.unfinished_marker: NeMo's): all its files may be durable with
+        the save only half done. It is sealed once the marker is gone (release_finished)."""
+        marker = unfinished_marker(set_ref.name)
+        if not os.path.lexists(set_ref.root / marker):
+            return False
+        self._await(set_ref, [marker])
+        self._unfinished[(set_ref.root, marker)] = set_ref
+        self._done(set_ref)
+        return True
+
+    def release_finished(self) -> None:
+        """The sets whose marker is gone are to be sealed (one lstat per set held: a marker's
+        removal is seen also when its event was lost)."""
+        for (root, marker), set_ref in list(self._unfinished.items()):
+            if not os.path.lexists(root / marker):
+                del self._unfinished[(root, marker)]
+                self.mark_dirty(set_ref)
 
     def _hold(self, set_ref: SetRef, reason: str) -> None:
         """Invariant: no part is sealed while another live node may claim this node's rank,
