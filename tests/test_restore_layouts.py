@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spotwatch.keys import manifest_key
-from spotwatch.sync.pointers import repointed_text
+from spotwatch.sync.pointers import named_set, repointed_text
 from spotwatch.sync.restore import Candidate, checkpoints_first
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
@@ -262,6 +262,59 @@ def test_an_orbax_staging_directory_is_never_uploaded_nor_restored(
     assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 3
     result = restore(workspace, "--to", str(workspace.root / "renamed"))
     assert "restored 2000" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(("steps", "pointer", "text"), [
+    (("global_step200", "global_step300"), "latest", b"global_step200"),
+    (("iter_0000200", "iter_0000300"), "latest_checkpointed_iteration.txt", b"200"),
+])
+def test_a_step_newer_than_the_trainers_pointer_is_not_restored(
+        workspace: Workspace, s3: Any, steps: tuple[str, str], pointer: str,
+        text: bytes) -> None:
+    """The instance went away while the trainer saved step 300: the files written so far
+    were sealed, but the pointer, written once every rank finished, still names step 200.
+    The trainer would load step 200 from its own disk; restore brings back that one."""
+    older, newer = steps
+    write(workspace, f"{older}/mp_rank_00_model_states.pt", b"two hundred", 300)
+    write(workspace, f"{older}/zero_pp_rank_0_optim_states.pt", b"optimizer 200", 300)
+    write(workspace, pointer, text, 250)
+    write(workspace, f"{newer}/mp_rank_00_model_states.pt", b"three hundred", 200)  # half
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 4
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert f"restored {older}" in result.stdout
+    assert files_under(target) == {f"{older}/mp_rank_00_model_states.pt",
+                                   f"{older}/zero_pp_rank_0_optim_states.pt", pointer}
+    assert (target / pointer).read_bytes() == text
+    [skipped] = named(result.stderr, "set_not_committed")
+    assert (skipped["set"], skipped["pointer"], skipped["names"]) == (newer, pointer, older)
+
+    # Once the save finished the pointer names step 300: that one is restored.
+    write(workspace, f"{newer}/zero_pp_rank_0_optim_states.pt", b"optimizer 300", 150)
+    write(workspace, pointer, text.replace(b"2", b"3"), 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
+    result = restore(workspace, "--to", str(workspace.root / "finished"))
+    assert f"restored {newer}" in result.stdout, result.stderr
+    assert not named(result.stderr, "set_not_committed")
+
+
+DEEPSPEED = ("global_step200", "global_step300")
+MEGATRON = ("iter_0000200", "iter_0000300")
+
+
+@pytest.mark.parametrize(("text", "companion", "sets", "expected"), [
+    ("global_step200\n", "latest", DEEPSPEED, "global_step200"),
+    ("200", "latest_checkpointed_iteration.txt", MEGATRON, "iter_0000200"),
+    ("200", "latest", DEEPSPEED + MEGATRON, None),  # two sets of that number
+    ("global_step200", "best", DEEPSPEED, None),  # not named as a pointer
+    ("global_step100", "latest", DEEPSPEED, None),  # names no set listed
+    ("global step200", "latest", DEEPSPEED, None),
+    ("", "latest", DEEPSPEED, None),
+])
+def test_which_set_a_pointer_names(text: str, companion: str, sets: tuple[str, ...],
+                                   expected: str | None) -> None:
+    assert named_set(text, companion, sets) == expected
 
 
 def test_a_pointer_to_a_step_on_disk_beside_it_is_left_as_it_is(

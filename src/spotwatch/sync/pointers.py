@@ -9,7 +9,12 @@ checkpoint and starts from scratch. Such a pointer is rewritten to name the set 
 Only a small UTF-8 file named as one (`latest...`, `last...`) whose whole content (stripped) is
 one name is a pointer: the name of another set of the restored set's series, or a bare number
 where the file is Megatron's tracker or that number names a set of the series listed in S3.
-Nothing else is touched, nor a pointer to a set that is there beside it. A symlink named as a
+Nothing else is touched, nor a pointer to a set that is there beside it.
+
+A pointer is the trainer's commit: DeepSpeed and Megatron write it once every rank finished
+saving the step it names. A newer step beside it may be a save that never finished (the
+instance went away mid-save), so restore takes the step the pointer names (named_set) over
+newer ones, as the trainer itself would load it from its own disk. A symlink named as a
 pointer (Lightning's `last.ckpt`) is made to lead to the set restored the same way
 (repointed_link).
 """
@@ -42,6 +47,23 @@ class Repointed:
     companion: str
     old: str  # what the pointer named (stripped)
     new: str
+
+
+def named_set(text: str, companion: str, sets: Collection[str]) -> str | None:
+    """The one of these sets that a pointer's text names (DeepSpeed's `latest` holding
+    `global_step300`, Megatron's tracker holding `300` for `iter_0000300`); None when the file
+    is no pointer or names none of them. companion: the pointer file's name."""
+    core = text.strip()
+    if not core or any(ch.isspace() for ch in core) \
+            or not _POINTER_NAME.match(companion.rsplit("/", 1)[-1]):
+        return None
+    if core in sets:
+        return core
+    if not _DIGITS.fullmatch(core):
+        return None
+    numbered = [name for name in sets
+                if len(runs := _DIGITS.findall(name)) == 1 and int(runs[0]) == int(core)]
+    return numbered[0] if len(numbered) == 1 else None
 
 
 def repointed_text(text: str, companion: str, restored: str,
