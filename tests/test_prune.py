@@ -237,7 +237,15 @@ def _mount_point_left_empty(directory: Path) -> str:
     return "the watched directory is empty"
 
 
-@pytest.mark.parametrize("hide", [_moved_away, _mount_point_left_empty])
+def _fresh_volume_mounted(directory: Path) -> str:
+    """A newly made file system mounted there (an instance store wiped by a stop and start,
+    formatted again at boot): not empty, it holds its lost+found, and none of the sets."""
+    directory.rename(directory.with_name("unmounted"))
+    (directory / "lost+found").mkdir(parents=True)
+    return "the watched directory holds none of the sets uploaded from it"
+
+
+@pytest.mark.parametrize("hide", [_moved_away, _mount_point_left_empty, _fresh_volume_mounted])
 def test_a_watched_directory_out_of_sight_mirrors_no_deletion(
         workspace: Workspace, s3: Any, hide: Callable[[Path], str]) -> None:
     workspace.write_config(sync={"delete": True})

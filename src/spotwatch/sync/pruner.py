@@ -35,6 +35,7 @@ from spotwatch.keys import (
     object_key,
     part_key,
     series_of,
+    set_name_of,
 )
 from spotwatch.state import StateDir
 from spotwatch.sync.filters import PathFilter
@@ -159,17 +160,27 @@ class Pruner:
 
         Invariant: only a file the file system says is not there counts as deleted. A watched
         directory that does not exist (moved away) or is empty (the mount point of a volume
-        not mounted yet) mirrors nothing, nor does a file that cannot be looked at (permission
-        denied, an I/O error, a stale network mount): their files were not deleted, only out
-        of sight. A key's file is looked for where the key says, below the watched directory as
-        configured now, not where the ledger saw it: a watched directory moved to another
-        path (the config following it) has all its files still."""
+        not mounted yet) mirrors nothing, nor does one that holds none of the sets recorded
+        from it, retired ones included (a freshly made volume mounted there, with only its
+        lost+found, or an instance store wiped by a stop and start), nor does a file that
+        cannot be looked at (permission denied, an I/O error, a stale network mount): their
+        files were not deleted, only out of sight. A key's file is looked for where the key
+        says, below the watched directory as configured now, not where the ledger saw it: a
+        watched directory moved to another path (the config following it) has all its files
+        still."""
         uploaded = self._ledger.live_keys(self._bucket, prefix)
         if not uploaded:
             return []
         out_of_sight = _out_of_sight(watch.path)
         if out_of_sight:
             log.warning("mirror_skipped", path=str(watch.path), reason=out_of_sight)
+            return []
+        recorded = uploaded + self._ledger.retired_keys(self._bucket, prefix)
+        if all(_is_gone(watch.path / name)
+               for name in {set_name_of(key[len(prefix):]) for key in recorded}):
+            log.warning("mirror_skipped", path=str(watch.path),
+                        reason="the watched directory holds none of the sets uploaded from it "
+                               "(another volume mounted there?)")
             return []
         return [key for key in uploaded if _is_gone(watch.path / key[len(prefix):])]
 
