@@ -182,7 +182,33 @@ class Pruner:
                         reason="the watched directory holds none of the sets uploaded from it "
                                "(another volume mounted there?)")
             return []
-        return [key for key in uploaded if _is_gone(watch.path / key[len(prefix):])]
+        return self._still_ours(
+            prefix, [key for key in uploaded if _is_gone(watch.path / key[len(prefix):])])
+
+    def _still_ours(self, prefix: str, keys: list[str]) -> list[str]:
+        """The keys whose objects are still the ones spotwatch uploaded, or gone already.
+
+        Invariant: mirroring deletes only what spotwatch uploaded. An object written over
+        since (by hand, another tool) has another ETag than the ledger recorded: it is
+        someone else's, and stays. One listing per set, as retention's check."""
+        by_set: dict[str, list[str]] = {}
+        for key in keys:
+            by_set.setdefault(object_key(prefix, set_name_of(key[len(prefix):])), []).append(key)
+        ours = []
+        for set_key, set_keys in by_set.items():
+            self._stop_if_cancelled()
+            recorded = {row[0]: row[7] for row in self._ledger.objects_in_set(self._bucket,
+                                                                                set_key)}
+            now = {listed.key: listed.etag for listed in self._store.list_objects(set_key)
+                   if listed.key in recorded}
+            for key in set_keys:
+                uploaded, there = recorded.get(key), now.get(key)
+                if uploaded and there and uploaded.strip('"') != there.strip('"'):
+                    log.warning("not_deleted", key=key,
+                                reason="replaced in S3 since spotwatch uploaded it")
+                    continue
+                ours.append(key)
+        return ours
 
     def _is_intact(self, manifest: Manifest,
                    sealed: Iterable[ManifestEntry] | None = None) -> bool:
