@@ -303,3 +303,27 @@ def test_restore_prefix_names_a_watch_entry_with_or_without_its_slash(
         assert result.returncode == 2
         assert result.stderr.strip() == (
             f"spotwatch: error: no watched directory has prefix {wrong!r}")
+
+
+@pytest.mark.parametrize(("sealed_with", "now"), [("run1", "run1/"), ("run1/", "run1")])
+def test_sets_sealed_before_a_prefix_gained_or_lost_its_slash_still_count(
+        workspace: Workspace, tmp_path: Path, sealed_with: str, now: str) -> None:
+    """`run1` and `run1/` write the same keys: a config edited from one to the other (copied
+    from the README's `prefix: llama-70b/`, say) must still restore, and keep, every set
+    sealed before. Their manifests say the prefix as it was spelled then."""
+    def configure(prefix: str) -> None:
+        workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": prefix}])
+
+    configure(sealed_with)
+    for number in (1, 2):
+        assert write_file(workspace.checkpoints, f"step_{number}/model.pt".encode(), b"x")
+        assert workspace.cli("flush", "-c", "config.yaml").returncode == 0
+    configure(now)
+    result = workspace.cli("restore", "-c", "config.yaml", "--to", str(tmp_path / "restored"))
+    assert result.returncode == 0, result.stderr
+    assert "manifest_skipped" not in result.stderr
+    assert (tmp_path / "restored" / "step_2" / "model.pt").read_bytes() == b"x"
+    # Retention sees both sets too: keeping one drops the other, its manifest and its file.
+    pruned = workspace.cli("prune", "-c", "config.yaml", "--keep-sets", "1", "--dry-run")
+    assert pruned.returncode == 0, pruned.stderr
+    assert pruned.stdout.splitlines()[-1] == "would delete 2 objects"

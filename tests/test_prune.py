@@ -23,7 +23,7 @@ from spotwatch.keys import belongs_to_set, manifest_key, object_key, series_of
 from spotwatch.sync.pruner import plan_deletions
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
-from .conftest import Workspace, keys_in, wait_for
+from .conftest import Workspace, keys_in, object_bytes, wait_for
 from .test_daemon_e2e import flush_summary, save_checkpoint
 
 MANIFESTS = "run1/.spotwatch/manifests/"
@@ -237,7 +237,15 @@ def _mount_point_left_empty(directory: Path) -> str:
     return "the watched directory is empty"
 
 
-@pytest.mark.parametrize("hide", [_moved_away, _mount_point_left_empty])
+def _fresh_volume_mounted(directory: Path) -> str:
+    """A newly made file system mounted there (an instance store wiped by a stop and start,
+    formatted again at boot): not empty, it holds its lost+found, and none of the sets."""
+    directory.rename(directory.with_name("unmounted"))
+    (directory / "lost+found").mkdir(parents=True)
+    return "the watched directory holds none of the sets uploaded from it"
+
+
+@pytest.mark.parametrize("hide", [_moved_away, _mount_point_left_empty, _fresh_volume_mounted])
 def test_a_watched_directory_out_of_sight_mirrors_no_deletion(
         workspace: Workspace, s3: Any, hide: Callable[[Path], str]) -> None:
     workspace.write_config(sync={"delete": True})
@@ -262,6 +270,26 @@ def test_a_watched_directory_out_of_sight_mirrors_no_deletion(
     resealed = json.loads(s3.get_object(Bucket=workspace.bucket,
                                         Key=f"{MANIFESTS}step_2.json")["Body"].read())
     assert [entry["path"] for entry in resealed["files"]] == ["step_2/model.pt"]
+
+
+def test_an_object_another_tool_wrote_over_is_not_mirrored_away(workspace: Workspace,
+                                                                s3: Any) -> None:
+    """Someone put their own bytes at a key spotwatch had uploaded (`aws s3 cp` of a converted
+    model, say): the object is theirs now, and deleting the local file leaves it alone, while
+    the set's other files, still as spotwatch uploaded them, go."""
+    workspace.write_config(sync={"delete": True})
+    for age, name in ((200, "step_1"), (100, "step_2")):
+        save_set(workspace, name, age)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    s3.put_object(Bucket=workspace.bucket, Key="run1/step_1/model.pt", Body=b"theirs")
+    shutil.rmtree(workspace.checkpoints / "step_1")
+
+    result = workspace.cli("prune", "-c", "config.yaml")
+    assert prune_lines(result)[-1] == "deleted 2 objects"  # the manifest, then optim.pt
+    remaining = keys_in(s3, workspace.bucket)
+    assert "run1/step_1/optim.pt" not in remaining
+    assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == b"theirs"
+    assert "replaced in S3 since spotwatch uploaded it" in result.stderr
 
 
 # Root passes permission checks: without these capabilities it is held to them too.

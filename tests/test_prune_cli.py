@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import pytest
@@ -116,3 +117,23 @@ def test_a_pruned_set_saved_again_in_part_is_uploaded_whole_and_sealed(
     assert restored.returncode == 0, restored.stderr
     assert (target / "step_1" / "model.pt").read_bytes() == model
     assert (target / "step_1" / "optim.pt").read_bytes() == optim
+
+
+def test_deleting_every_uploaded_file_beside_retired_ones_still_mirrors(
+        workspace: Workspace, s3: Any) -> None:
+    """Retention removed step_1 from S3 and left its files on disk; the trainer then deletes
+    step_2, the only set spotwatch's objects still stand for. The directory is plainly the same
+    one (step_1 is there), so the deletion mirrors: a directory holding none of the sets
+    uploaded from it is skipped only when none of the retired ones are there either."""
+    workspace.write_config(sync={"keep_sets": 1, "delete": True})
+    for age, name in ((200, "step_1"), (100, "step_2")):
+        save_set(workspace, name, age)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    assert workspace.cli("prune", "-c", "config.yaml").stdout.splitlines()[-1] == (
+        "deleted 3 objects")  # step_1's manifest and files
+    shutil.rmtree(workspace.checkpoints / "step_2")
+    result = workspace.cli("prune", "-c", "config.yaml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "deleted 3 objects"
+    assert "mirror_skipped" not in result.stderr
+    assert not any(key.startswith("run1/step_2/") for key in keys_in(s3, workspace.bucket))

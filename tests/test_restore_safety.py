@@ -20,6 +20,7 @@ from spotwatch.commands.status import render_status
 from spotwatch.config import load_config
 from spotwatch.daemon.loop import Daemon
 from spotwatch.keys import manifest_key
+from spotwatch.sync.restore import temporary
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
 from .conftest import Workspace, keys_in, object_bytes, wait_for
@@ -414,3 +415,37 @@ def test_a_restore_stopped_by_a_signal_leaves_no_partial_download(
     assert restoring.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert not target.exists() or not any(target.iterdir())
+
+
+@pytest.mark.usefixtures("transfer_client")
+@pytest.mark.parametrize("link", ["symlink", "hard link"])
+def test_a_link_at_a_temporarys_name_is_never_written_through(workspace: Workspace,
+                                                              link: str) -> None:
+    """Whatever waits at a temporary's name (a link another user of a shared checkpoint
+    directory left there, to a file outside it) is not written through: restore, often run
+    as root from user-data, writes only under its target, and puts no link in a file's place.
+    Both ways a file comes down: one GET (the CRT's below the multipart threshold) and ranged
+    GETs."""
+    workspace.write_config(transfer={"multipart_threshold": "5MB", "multipart_chunksize": "5MB"})
+    saved = {name: save_checkpoint(workspace.checkpoints / "step_1" / name, size)
+             for name, size in (("small.pt", 3_000), ("big.pt", 6 * MiB))}
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    target = workspace.root / "restored"
+    (target / "step_1").mkdir(parents=True)
+    outside = workspace.root / "outside"
+    outside.mkdir()
+    for name in saved:
+        (outside / name).write_bytes(b"not the restore's")
+        temp = temporary(target / "step_1" / name)
+        if link == "symlink":
+            temp.symlink_to(outside / name)
+        else:
+            temp.hardlink_to(outside / name)
+
+    result = workspace.cli("restore", "-c", "config.yaml", "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    for name, data in saved.items():
+        assert (outside / name).read_bytes() == b"not the restore's"
+        restored = target / "step_1" / name
+        assert not restored.is_symlink() and restored.stat().st_nlink == 1
+        assert restored.read_bytes() == data

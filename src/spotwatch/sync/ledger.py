@@ -155,10 +155,19 @@ class Ledger:
 
     def live_keys(self, bucket: str, prefix: str) -> list[str]:
         """The key of every object recorded under the prefix and not retired."""
+        return self._keys(bucket, prefix, retired=False)
+
+    def retired_keys(self, bucket: str, prefix: str) -> list[str]:
+        """The key of every object under the prefix that retention deleted from S3 while its
+        local file stayed."""
+        return self._keys(bucket, prefix, retired=True)
+
+    def _keys(self, bucket: str, prefix: str, retired: bool) -> list[str]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT key FROM objects WHERE bucket = ? AND retired = 0"
-                " AND substr(key, 1, ?) = ?", (bucket, len(prefix), prefix)).fetchall()
+                "SELECT key FROM objects WHERE bucket = ? AND retired = ?"
+                " AND substr(key, 1, ?) = ?", (bucket, int(retired), len(prefix), prefix)
+            ).fetchall()
         return [key for (key,) in rows]
 
     def multipart_started(self, bucket: str, key: str) -> None:

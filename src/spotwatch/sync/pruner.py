@@ -35,6 +35,7 @@ from spotwatch.keys import (
     object_key,
     part_key,
     series_of,
+    set_name_of,
 )
 from spotwatch.state import StateDir
 from spotwatch.sync.filters import PathFilter
@@ -159,11 +160,14 @@ class Pruner:
 
         Invariant: only a file the file system says is not there counts as deleted. A watched
         directory that does not exist (moved away) or is empty (the mount point of a volume
-        not mounted yet) mirrors nothing, nor does a file that cannot be looked at (permission
-        denied, an I/O error, a stale network mount): their files were not deleted, only out
-        of sight. A key's file is looked for where the key says, below the watched directory as
-        configured now, not where the ledger saw it: a watched directory moved to another
-        path (the config following it) has all its files still."""
+        not mounted yet) mirrors nothing, nor does one that holds none of the sets recorded
+        from it, retired ones included (a freshly made volume mounted there, with only its
+        lost+found, or an instance store wiped by a stop and start), nor does a file that
+        cannot be looked at (permission denied, an I/O error, a stale network mount): their
+        files were not deleted, only out of sight. A key's file is looked for where the key
+        says, below the watched directory as configured now, not where the ledger saw it: a
+        watched directory moved to another path (the config following it) has all its files
+        still."""
         uploaded = self._ledger.live_keys(self._bucket, prefix)
         if not uploaded:
             return []
@@ -171,7 +175,40 @@ class Pruner:
         if out_of_sight:
             log.warning("mirror_skipped", path=str(watch.path), reason=out_of_sight)
             return []
-        return [key for key in uploaded if _is_gone(watch.path / key[len(prefix):])]
+        recorded = uploaded + self._ledger.retired_keys(self._bucket, prefix)
+        if all(_is_gone(watch.path / name)
+               for name in {set_name_of(key[len(prefix):]) for key in recorded}):
+            log.warning("mirror_skipped", path=str(watch.path),
+                        reason="the watched directory holds none of the sets uploaded from it "
+                               "(another volume mounted there?)")
+            return []
+        return self._still_ours(
+            prefix, [key for key in uploaded if _is_gone(watch.path / key[len(prefix):])])
+
+    def _still_ours(self, prefix: str, keys: list[str]) -> list[str]:
+        """The keys whose objects are still the ones spotwatch uploaded, or gone already.
+
+        Invariant: mirroring deletes only what spotwatch uploaded. An object written over
+        since (by hand, another tool) has another ETag than the ledger recorded: it is
+        someone else's, and stays. One listing per set, as retention's check."""
+        by_set: dict[str, list[str]] = {}
+        for key in keys:
+            by_set.setdefault(object_key(prefix, set_name_of(key[len(prefix):])), []).append(key)
+        ours = []
+        for set_key, set_keys in by_set.items():
+            self._stop_if_cancelled()
+            recorded = {row[0]: row[7] for row in self._ledger.objects_in_set(self._bucket,
+                                                                                set_key)}
+            now = {listed.key: listed.etag for listed in self._store.list_objects(set_key)
+                   if listed.key in recorded}
+            for key in set_keys:
+                uploaded, there = recorded.get(key), now.get(key)
+                if uploaded and there and uploaded.strip('"') != there.strip('"'):
+                    log.warning("not_deleted", key=key,
+                                reason="replaced in S3 since spotwatch uploaded it")
+                    continue
+                ours.append(key)
+        return ours
 
     def _is_intact(self, manifest: Manifest,
                    sealed: Iterable[ManifestEntry] | None = None) -> bool:

@@ -29,7 +29,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
-from stat import S_ISDIR, S_ISLNK
+from stat import S_ISDIR, S_ISLNK, S_ISREG
 
 import structlog
 
@@ -351,7 +351,8 @@ def _repoint(companion: Manifest, report: RestoreReport,
     entry = companion.files[0]
     target = _Targets(report.destination).of(entry.path)
     try:
-        change = repoint(target, entry.path, report.set_name, known, temporary(target))
+        change = repoint(target, entry.path, report.set_name, known,
+                         cleared(temporary(target)))
     except OSError as exc:
         raise SpotwatchError(f"cannot make {entry.path} name {report.set_name}: {exc}") from None
     if change is not None:
@@ -561,6 +562,22 @@ def temporary(target: Path) -> Path:
     return target.with_name(name)
 
 
+def cleared(temp: Path) -> Path:
+    """The temporary, once nothing is at its name that writing there would write through: a
+    symlink (to anywhere: a file outside the destination, say, which the download would fill
+    and the rename then put in the target's place), or a file hard-linked elsewhere too.
+
+    Invariant: restore writes only under its target, whatever is already there. A regular
+    file of one link (a temporary a stopped restore left) stays, to be written over."""
+    try:
+        info = os.lstat(temp)
+    except FileNotFoundError:
+        return temp
+    if not S_ISDIR(info.st_mode) and not (S_ISREG(info.st_mode) and info.st_nlink == 1):
+        temp.unlink()
+    return temp
+
+
 def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferred: str,
               ledger: Ledger | None, complete: Callable[[], bool] | None = None,
               also: Mapping[str, tuple[ManifestEntry, ...]] | None = None) -> RestoreReport:
@@ -576,7 +593,7 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
         if _already_there(target, entry, part_size, preferred, also.get(entry.key, ())):
             there.append((entry, target))
         else:
-            todo.append((FileToFetch(entry, temporary(target), part_size), target))
+            todo.append((FileToFetch(entry, cleared(temporary(target)), part_size), target))
     total = sum(file.entry.size for file, _ in todo)
     progress = ProgressBar(f"restoring {manifest.set_name}", total)
     try:

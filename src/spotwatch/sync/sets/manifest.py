@@ -109,7 +109,9 @@ class Manifest:
         if (set_name != set_name_of(set_name) or not _is_clean_path(set_name)
                 or is_reserved(set_name)):
             raise ManifestError(f"invalid set name {set_name!r}")
-        if field_of(data, "prefix", str) != prefix:
+        # 'run1' and 'run1/' name one key space (object_key adds the '/'): a config that
+        # gained or lost the slash since must still find every set sealed before.
+        if object_key(field_of(data, "prefix", str), "") != object_key(prefix, ""):
             raise ManifestError(f"written for prefix {data['prefix']!r}, not {prefix!r}")
         raw_files = field_of(data, "files", list)
         links = tuple(_link(raw, set_name) for raw in _optional_field(data, "links", list) or ())
