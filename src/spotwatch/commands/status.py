@@ -119,6 +119,7 @@ class _WaitingReport(msgspec.Struct):
     role: str = "run"
     degraded: list[str] = []
     last_notice: _Notice | None = None
+    metrics_url: str | None = None
 
 
 def _readable(status: dict[str, Any]) -> bool:

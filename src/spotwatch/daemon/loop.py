@@ -136,19 +136,25 @@ class Daemon:
 
         def before_s3() -> None:
             self._start_notices()
+            # From here /healthz answers, 503 while the start checks S3, waits for it or scans
+            # the watched directories (saying which), instead of refusing connections.
+            self.reporter.start_server(self.config.metrics)
+            self.reporter.starting("preflight checks running")
             if checks is not None:
                 self._await_checks(checks, handle_signals)
+            self.reporter.starting("startup scan")
 
-        with self._session(prune=True, throttle=self.bandwidth, before_s3=before_s3) as parts:
+        with (self.reporter.server_stopped_at_exit(),
+              self._session(prune=True, throttle=self.bandwidth, before_s3=before_s3) as parts):
             engine = self._observe(parts)
             if parts.pruner is not None:
                 self._pruning = PruneSchedule(parts.pruner, self.config.watch, self._wake.set)
             peer_poller = self._start_peers(parts)
             self._flush_deferred(engine)
             poller = self._poller
-            metrics_server = self.reporter.start_server(self.config.metrics)
             if handle_signals:
                 self._signals.install()
+            self.reporter.starting(None)
             sdnotify.notify("READY=1\nSTATUS=watching")
             log.info("daemon_started", bucket=self.bucket, mode=self.config.sync.mode,
                      watch=[str(w.path) for w in self.config.watch], pid=os.getpid(),
@@ -173,8 +179,6 @@ class Daemon:
                 if self._publisher is not None:
                     self._publisher.stop(PEERS_STOP_WAIT)
                 self._withdraw_claim()
-                if metrics_server is not None:
-                    metrics_server.stop()
 
     def flush_once(self, watcher: FlushWatcher | None = None) -> RunOutcome:
         """Upload everything pending, waiting for files being written to settle."""
