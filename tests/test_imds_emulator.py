@@ -102,6 +102,15 @@ def test_scheduled_events_and_lifecycle(imds: ImdsEmulator) -> None:
                                      timeout=2).text)
     assert events[0]["Code"] == "instance-stop"
     assert events[0]["NotBefore"].endswith("GMT")
+    cancelled = requests.post(f"{imds.url}/_emulator/cancel-scheduled",
+                              json={"event_id": events[0]["EventId"]}, timeout=2)
+    assert cancelled.status_code == 200 and json.loads(cancelled.text) == []
+    [history] = json.loads(requests.get(f"{base}/events/maintenance/history", headers=headers,
+                                        timeout=2).text)
+    assert history["EventId"] == events[0]["EventId"] and history["State"] == "canceled"
+    imds.schedule_event("instance-stop", 600)
+    [marked] = json.loads(imds.cancel_event(to_history=False))  # canceled, still listed
+    assert marked["State"] == "canceled"
     assert requests.get(f"{base}/autoscaling/target-lifecycle-state", headers=headers,
                         timeout=2).status_code == 404
     imds.set_lifecycle_state("Terminated")
@@ -115,6 +124,7 @@ def test_scheduled_events_and_lifecycle(imds: ImdsEmulator) -> None:
     ("spot", {"in_seconds": 1e300}),
     ("scheduled", {"in_seconds": [1]}),
     ("instance", {}),
+    ("cancel-scheduled", {"event_id": "instance-event-none"}),
     ("spot", [1, 2]),
 ])
 def test_a_bad_control_body_is_400_and_the_emulator_goes_on(imds: ImdsEmulator, action: str,

@@ -11,11 +11,13 @@ from structlog.testing import capture_logs
 
 from spotwatch.aws.imds import ImdsClient
 from spotwatch.emulator import ImdsEmulator
-from spotwatch.model import Notice, NoticeKind
+from spotwatch.model import Notice, NoticeKind, NoticeListing
 from spotwatch.notices import DEFAULT_SOURCES
 from spotwatch.notices.poller import NoticePoller
 from spotwatch.notices.sources import (
+    SCHEDULED_EVENTS,
     NoticeSource,
+    list_scheduled_events,
     parse_instance_action,
     parse_lifecycle_state,
     parse_rebalance,
@@ -72,6 +74,37 @@ def test_poller_reports_each_notice_once(imds: ImdsEmulator) -> None:
     imds.schedule_event()
     assert {n.kind for n in poller.poll_once()} == {NoticeKind.ASG_TERMINATING,
                                                     NoticeKind.SCHEDULED_EVENT}
+
+
+def test_scheduled_events_listing_names_the_active_events_only() -> None:
+    """An event cancelled or over is no longer in effect; an answer that is no list says
+    nothing (never read as every event withdrawn)."""
+    body = json.dumps([{"EventId": "e1", "State": "active"}, {"EventId": "e2"},
+                       {"EventId": "e3", "State": "canceled"}])
+    listing = list_scheduled_events(body)
+    assert listing == NoticeListing(NoticeKind.SCHEDULED_EVENT,
+                                    frozenset(n.id for n in parse_scheduled_events(body)))
+    assert len(listing.ids) == 2
+    assert list_scheduled_events("[]") == NoticeListing(NoticeKind.SCHEDULED_EVENT, frozenset())
+    for garbled in ("", "<html>oops", '{"EventId": "e1"}', "[" * 100_000):
+        assert list_scheduled_events(garbled) is None
+
+
+def test_poller_hands_on_what_is_in_effect_and_a_relisted_event_again(
+        imds: ImdsEmulator) -> None:
+    listings: list[NoticeListing] = []
+    poller = NoticePoller(ImdsClient(imds.url), [SCHEDULED_EVENTS], 0.05, lambda n: None,
+                          listings.append)
+    assert poller.poll_once() == [] and listings == [  # the first listing, though empty
+        NoticeListing(NoticeKind.SCHEDULED_EVENT, frozenset())]
+    body = imds.schedule_event()
+    [notice] = poller.poll_once()
+    assert listings[-1].ids == {notice.id}
+    assert poller.poll_once() == [] and len(listings) == 2  # unchanged: not handed on again
+    imds.cancel_event()
+    assert poller.poll_once() == [] and listings[-1].ids == frozenset()
+    imds.set_item("meta-data/events/maintenance/scheduled", body)  # listed again
+    assert poller.poll_once() == [notice] and listings[-1].ids == {notice.id}
 
 
 def test_poller_thread_recovers_after_imds_outage(imds: ImdsEmulator) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from spotwatch.aws.s3 import make_s3_client
 from spotwatch.commands.status import render_status
 from spotwatch.config import load_config
 from spotwatch.daemon.loop import Daemon
-from spotwatch.keys import manifest_key
+from spotwatch.keys import RESTORE_TEMP_SUFFIX, is_restore_temporary, manifest_key
 from spotwatch.sync.restore import temporary
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
@@ -449,3 +450,41 @@ def test_a_link_at_a_temporarys_name_is_never_written_through(workspace: Workspa
         restored = target / "step_1" / name
         assert not restored.is_symlink() and restored.stat().st_nlink == 1
         assert restored.read_bytes() == data
+
+
+def test_temporaries_a_killed_restore_left_are_removed_by_the_next_and_never_uploaded(
+        workspace: Workspace, s3: Any, proxy: FaultProxy) -> None:
+    """kill -9 (or a power loss) gives a restore no chance to remove its temporaries. A flush
+    never uploads them, and the next restore into the tree removes them, also when it restores
+    another set (one sealed meanwhile) and so downloads nothing over them."""
+    step_2 = workspace.checkpoints / "step_2"
+    for name in ("model.pt", "optim.pt"):
+        save_checkpoint(step_2 / name, 100_000)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
+    shutil.rmtree(step_2)  # a new instance, restoring into the watched directory
+    held = proxy.add("delay", lambda r: r.method == "GET" and r.path.endswith("step_2/optim.pt"),
+                     times=1000, delay=30)
+    restoring = subprocess.Popen(
+        [sys.executable, "-m", "spotwatch.cli", "restore", "-c", "config.yaml"],
+        cwd=workspace.root, env=workspace.env(AWS_ENDPOINT_URL=proxy.url),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    landed = temporary(step_2 / "model.pt")  # optim.pt's download is held meanwhile
+    wait_for(lambda: held.applied and landed.is_file() and landed.stat().st_size == 100_000,
+             timeout=60, interval=0.01)
+    restoring.kill()
+    restoring.wait()
+    left = {p for p in workspace.checkpoints.rglob("*") if is_restore_temporary(p.name)}
+    assert landed in left
+    proxy.rules.clear()
+
+    newer = save_checkpoint(workspace.checkpoints / "step_3" / "model.pt", 100_000)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 1
+    assert not [key for key in keys_in(s3, workspace.bucket) if RESTORE_TEMP_SUFFIX in key]
+    shutil.rmtree(workspace.checkpoints / "step_3")
+    result = restore(workspace)
+    assert result.returncode == 0, result.stderr
+    assert "restored step_3" in result.stdout and "1 files downloaded" in result.stdout
+    assert restored_files(workspace.checkpoints) == {"step_3/model.pt"}
+    assert (workspace.checkpoints / "step_3" / "model.pt").read_bytes() == newer
+    assert {e["path"] for e in named(result.stderr, "stale_temporary_removed")} == {
+        str(p) for p in left}

@@ -17,6 +17,7 @@ from typing import Any
 
 import boto3
 import pytest
+import requests
 from moto.server import ThreadedMotoServer
 
 from spotwatch.emulator import ImdsEmulator
@@ -248,3 +249,32 @@ def test_a_start_whose_first_checks_s3_leaves_unanswered_is_not_timed_out_by_sys
             usec = next(int(m.split("\n")[0].split("=")[1]) for m in received
                         if m.startswith("EXTEND_TIMEOUT_USEC="))
             assert usec >= 30_000_000  # from each message, more than the time to the next
+
+
+def answer_of(url: str) -> str:
+    """A GET's status and text ("503 waiting_for_s3: ..."), or "" while nothing listens."""
+    try:
+        answer = requests.get(url, timeout=5)
+    except requests.ConnectionError:
+        return ""
+    return f"{answer.status_code} {answer.text}"
+
+
+def test_healthz_says_the_daemon_waits_for_s3_then_ok(outage: Workspace) -> None:
+    """An orchestrator probing /healthz while the start waits for S3 learns why the daemon is
+    not healthy (503, waiting_for_s3 and the reason) instead of a refused connection; once
+    the checks pass, the same server answers 200."""
+    port, metrics_port = free_port(), free_port()
+    outage.write_config(transfer={"max_attempts": 2}, metrics={"port": metrics_port})
+    url = f"http://127.0.0.1:{metrics_port}"
+    with running(start_run(outage, f"http://127.0.0.1:{port}")) as daemon:
+        daemon.wait_for_event("s3_unreachable_at_start")
+        wait_for(lambda: answer_of(f"{url}/healthz").startswith(
+            "503 waiting_for_s3: S3 unreachable at start"))
+        assert answer_of(f"{url}/metrics").startswith("200 ")
+        assert wait_for(lambda: outage.status().get("waiting_for_s3")
+                        and outage.status())["metrics_url"] == url
+        with s3_on(port):
+            daemon.wait_for_event("daemon_started")
+            wait_for(lambda: answer_of(f"{url}/healthz") == "200 ok\n")
+            assert daemon.stop() == 0

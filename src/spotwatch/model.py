@@ -1,7 +1,8 @@
 """Value types passed between the layers; this module imports nothing from spotwatch.
 
 A file's identity (FileVersion, Snapshot), an upload and its result (UploadJob, Outcome,
-UploadResult), and an interruption notice (Notice, NoticeKind) with ids stable across polls.
+UploadResult), and an interruption notice (Notice, NoticeKind) with ids stable across polls,
+and what one metadata item lists as still in effect (NoticeListing).
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ class Notice:
         digest = hashlib.sha256("\0".join((kind.value, *identity)).encode()).hexdigest()[:16]
         return cls(kind=kind, deadline=deadline, id=digest, detail=detail, posted_at=posted_at,
                    peer_rank=peer_rank)
+
+
+@dataclass(frozen=True)
+class NoticeListing:
+    """The ids of every notice of this kind that one answer of a metadata item lists as in
+    effect: one it no longer lists was withdrawn (a maintenance event cancelled)."""
+
+    kind: NoticeKind
+    ids: frozenset[str]
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ class _Notice(msgspec.Struct):
     kind: str
     detected_at: str
     deadline: str | None = None
+    cancelled_at: str | None = None  # AWS withdrew it (a maintenance event cancelled)
 
 
 class _Flush(msgspec.Struct):
@@ -118,6 +119,7 @@ class _WaitingReport(msgspec.Struct):
     role: str = "run"
     degraded: list[str] = []
     last_notice: _Notice | None = None
+    metrics_url: str | None = None
 
 
 def _readable(status: dict[str, Any]) -> bool:
@@ -179,8 +181,10 @@ def _health(daemon: dict[str, Any]) -> str:
 def _notice_line(notice: dict[str, Any] | None) -> str:
     if not notice:
         return "none"
+    cancelled = (f", cancelled at {notice['cancelled_at']}: no longer in effect"
+                 if notice.get("cancelled_at") else "")
     return (f"{notice['kind']}{_from_peer(notice)} at {notice['detected_at']} (deadline "
-            f"{notice['deadline']})")
+            f"{notice['deadline']}{cancelled})")
 
 
 def render_status(report: dict[str, Any]) -> str:

@@ -7,8 +7,6 @@ import signal
 import subprocess
 import tempfile
 import threading
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +14,7 @@ import structlog
 
 from spotwatch.config import HookSettings
 from spotwatch.interruption import default_notice_file
-from spotwatch.notices.sources import iso_time
-from spotwatch.notices.store import ActedNotices, current_boot
+from spotwatch.notices.store import ActedNotices, Told, current_boot
 from spotwatch.state import StateDir, make_shared_dirs, write_json_atomically
 
 log = structlog.get_logger("spotwatch.hooks")
@@ -28,14 +25,6 @@ NOTICE_FILE_MODE = 0o644
 MAX_PID = 2**31 - 1
 
 
-@dataclass(frozen=True)
-class Told:
-    """The notice the trainer has (its notice file)."""
-
-    id: str
-    deadline: datetime | None
-
-
 class NoticeHooks:
     def __init__(self, settings: HookSettings, state: StateDir) -> None:
         self.notice_file = settings.notice_file or default_notice_file(state.path)
@@ -43,19 +32,15 @@ class NoticeHooks:
         self._acted = ActedNotices(state.acted_notices, current_boot())
 
     def start(self) -> Told | None:
-        """At daemon start. A notice acted on during this boot is still posted (notices are not
-        withdrawn), so its file stays for the trainer; any other notice file is stale. Returns
-        the notice the trainer was last told of, as recorded, even if its file is gone."""
+        """At daemon start. A notice acted on during this boot is likely still posted, so its
+        file stays for the trainer (until AWS withdraws it: the daemon's first listing of the
+        item tells); any other notice file is stale. Returns the notice the trainer was last
+        told of, as recorded, even if its file is gone."""
         self._acted.load()
         self._check_writable()
         if self._acted.ids:
-            told = self._acted.told
-            return None if told is None else Told(told[0], iso_time(told[1]))
-        try:
-            self.notice_file.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
-                        error=exc.strerror)
+            return self._acted.told
+        self._remove_notice_file()
         return None
 
     def _check_writable(self) -> None:
@@ -74,19 +59,33 @@ class NoticeHooks:
                         error=exc.strerror,
                         detail="the trainer cannot be told of a notice until this is fixed")
 
-    def fire(self, notice: dict[str, Any], due: datetime | None = None) -> None:
+    def fire(self, notice: dict[str, Any], told: Told) -> None:
         """Hooks act once per notice id, across restarts too; the notice file is (re)written
-        every time, so a trainer always finds it. due: when the instance is to go, as the
-        next notices are compared with (see notices.sources.due_by); None: the deadline."""
+        every time, so a trainer always finds it. told: the notice as the daemon keeps it,
+        with when the instance is to go, as the next notices are compared with (see
+        notices.sources.due_by)."""
         self._write_notice_file(notice)
-        if not self._acted.tell(notice["id"],
-                                due.isoformat() if due is not None else notice["deadline"]):
+        if not self._acted.tell(told):
             log.info("hooks_already_acted", id=notice["id"], kind=notice["kind"])
             return
         if self._settings.signal and self._settings.pid_file:
             self._signal_trainer(self._settings.signal, self._settings.pid_file)
         if self._settings.command:
             self._run_command(self._settings.command, notice)
+
+    def withdraw(self) -> None:
+        """The trainer's notice was withdrawn (a maintenance event cancelled) and no other is
+        in effect: its file goes, as before any notice, and a restart does not bring it back.
+        Nothing is signalled or run: a trainer polling the notice file finds none."""
+        self._acted.withdraw()
+        self._remove_notice_file()
+
+    def _remove_notice_file(self) -> None:
+        try:
+            self.notice_file.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
+                        error=exc.strerror)
 
     def _write_notice_file(self, notice: dict[str, Any]) -> None:
         try:

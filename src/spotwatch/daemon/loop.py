@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import structlog
@@ -21,7 +21,8 @@ from spotwatch.aws.store import StoreError
 from spotwatch.config import Config
 from spotwatch.daemon import sdnotify
 from spotwatch.daemon.flush import FlushController
-from spotwatch.daemon.hooks import NoticeHooks, Told
+from spotwatch.daemon.hooks import NoticeHooks
+from spotwatch.daemon.in_effect import Held, NoticesInEffect
 from spotwatch.daemon.metrics import Metrics
 from spotwatch.daemon.prune_job import PruneSchedule
 from spotwatch.daemon.reporter import Reporter
@@ -30,7 +31,7 @@ from spotwatch.daemon.signals import SignalInbox
 from spotwatch.daemon.snapshot import EngineSnapshot
 from spotwatch.daemon.startup import StartChecks, log_results
 from spotwatch.errors import SpotwatchError
-from spotwatch.model import Notice, NoticeKind
+from spotwatch.model import Notice, NoticeKind, NoticeListing
 from spotwatch.notices import sources_for
 from spotwatch.notices.claims import (
     CLAIM_EVERY_POLLS,
@@ -48,6 +49,7 @@ from spotwatch.notices.peers import (
 )
 from spotwatch.notices.poller import NoticePoller
 from spotwatch.notices.sources import due_by
+from spotwatch.notices.store import Told
 from spotwatch.state import StateDir
 from spotwatch.sync.bandwidth import BandwidthLimiter, limiter_for
 from spotwatch.sync.engine import SyncEngine
@@ -63,9 +65,6 @@ TICK_SECONDS = 0.05
 FLUSH_RESCAN_SECONDS = 5.0
 # Beyond sync.stop_timeout, the time a stop may take to exit (peers, lifecycle, status).
 STOP_EXIT_MARGIN_SECONDS = 15.0
-# A notice due later than this (a maintenance event scheduled days ahead) weighs on the daemon
-# only from this long before it is due: retention goes on meanwhile.
-NOTICE_HORIZON = timedelta(minutes=10)
 # How long the final flush waits for CompleteLifecycleAction before the process exits.
 LIFECYCLE_COMPLETE_WAIT = 10.0
 # How long stopping waits for the peer notice threads (a request under way is abandoned).
@@ -104,14 +103,11 @@ class Daemon:
         self._client = client
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._notices: queue.Queue[Notice] = queue.Queue()
+        # Notices, and what the items that withdraw notices list as in effect, in order.
+        self._notices: queue.Queue[Notice | NoticeListing] = queue.Queue()
         self._signals = SignalInbox()
         self.last_notice: dict[str, Any] | None = None
-        self._notice_seen = False
-        # From when a notice presses (see _presses_from): this instance's own notices, and
-        # any with a deadline (this instance's or a peer's). None: none seen.
-        self._own_notice_presses: datetime | None = None
-        self._deadline_presses: datetime | None = None
+        self._in_effect = NoticesInEffect()
         self._told: Told | None = None  # the notice the trainer has
         # Demo only: told of notice_detected and flush_done as they happen.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -140,19 +136,25 @@ class Daemon:
 
         def before_s3() -> None:
             self._start_notices()
+            # From here /healthz answers, 503 while the start checks S3, waits for it or scans
+            # the watched directories (saying which), instead of refusing connections.
+            self.reporter.start_server(self.config.metrics)
+            self.reporter.starting("preflight checks running")
             if checks is not None:
                 self._await_checks(checks, handle_signals)
+            self.reporter.starting("startup scan")
 
-        with self._session(prune=True, throttle=self.bandwidth, before_s3=before_s3) as parts:
+        with (self.reporter.server_stopped_at_exit(),
+              self._session(prune=True, throttle=self.bandwidth, before_s3=before_s3) as parts):
             engine = self._observe(parts)
             if parts.pruner is not None:
                 self._pruning = PruneSchedule(parts.pruner, self.config.watch, self._wake.set)
             peer_poller = self._start_peers(parts)
             self._flush_deferred(engine)
             poller = self._poller
-            metrics_server = self.reporter.start_server(self.config.metrics)
             if handle_signals:
                 self._signals.install()
+            self.reporter.starting(None)
             sdnotify.notify("READY=1\nSTATUS=watching")
             log.info("daemon_started", bucket=self.bucket, mode=self.config.sync.mode,
                      watch=[str(w.path) for w in self.config.watch], pid=os.getpid(),
@@ -177,8 +179,6 @@ class Daemon:
                 if self._publisher is not None:
                     self._publisher.stop(PEERS_STOP_WAIT)
                 self._withdraw_claim()
-                if metrics_server is not None:
-                    metrics_server.stop()
 
     def flush_once(self, watcher: FlushWatcher | None = None) -> RunOutcome:
         """Upload everything pending, waiting for files being written to settle."""
@@ -208,8 +208,8 @@ class Daemon:
         self._stop.set()
         self._wake.set()
 
-    def hand_notice(self, notice: Notice) -> None:
-        """Hand a notice to the daemon from any thread."""
+    def hand_notice(self, notice: Notice | NoticeListing) -> None:
+        """Hand a notice, or a listing of those in effect, to the daemon from any thread."""
         self._notices.put(notice)
         self._wake.set()
 
@@ -289,8 +289,11 @@ class Daemon:
                 notice = self._notices.get_nowait()
             except queue.Empty:
                 return
-            self._learn(notice)
-            self._deferred.append(notice)
+            if isinstance(notice, NoticeListing):
+                self._take_listing(notice)
+            else:
+                self._learn(notice)
+                self._deferred.append(notice)
 
     def _flush_deferred(self, engine: SyncEngine) -> None:
         """The notices told while the start waited for S3: shared with peers now, and flushed
@@ -360,7 +363,7 @@ class Daemon:
             return None
         poller = NoticePoller(ImdsClient.from_settings(self.config.imds),
                               sources_for(self.config.notices),
-                              self.config.imds.poll_interval, self.hand_notice)
+                              self.config.imds.poll_interval, self.hand_notice, self.hand_notice)
         self.reporter.watch_imds(poller.reachability.outage)
         poller.start()
         return poller
@@ -380,7 +383,7 @@ class Daemon:
             self.request_stop()
 
     def _uploads_allowed(self) -> bool:
-        return (self.config.sync.mode == "continuous" or self._notice_seen
+        return (self.config.sync.mode == "continuous" or bool(self._in_effect)
                 or self.flushes.active)
 
     def _quiet(self, engine: SyncEngine) -> bool:
@@ -389,18 +392,22 @@ class Daemon:
         would hold retention off for good, and once a file settles its upload cancels the
         prune. A peer's notice pauses pruning only while its flush and the uploads it brings
         run: this instance stays, and the job's retention must go on."""
-        return (not self.flushes.active and not _pressing(self._own_notice_presses)
+        return (not self.flushes.active and not _pressing(self._in_effect.own_presses())
                 and engine.idle())
 
     def _step(self, engine: SyncEngine) -> None:
         self._take_signals()
         while True:
             try:
-                self._on_notice(engine, self._notices.get_nowait())
+                notice = self._notices.get_nowait()
             except queue.Empty:
                 break
+            if isinstance(notice, NoticeListing):
+                self._take_listing(notice)
+            else:
+                self._on_notice(engine, notice)
         self.reporter.beat()
-        if _pressing(self._deadline_presses):
+        if _pressing(self._in_effect.deadline_presses()):
             # Invariant: once a notice set a deadline, a file closed after writing goes at
             # once, not after settle_seconds: that pause guards against a quick reopen, and is
             # time the instance may not have (the emergency checkpoint comes after the notice).
@@ -420,7 +427,7 @@ class Daemon:
 
     def _rescan_interval(self) -> float:
         interval = self.config.sync.rescan_interval
-        if self.flushes.active or _pressing(self._own_notice_presses):
+        if self.flushes.active or _pressing(self._in_effect.own_presses()):
             return min(interval, FLUSH_RESCAN_SECONDS)
         return interval
 
@@ -445,9 +452,6 @@ class Daemon:
                  seconds_left=None if seconds_left is None else round(seconds_left, 1))
         self._share(notice)
         self._emit("notice_detected", record)
-        if notice.deadline is not None:
-            self._deadline_presses = _earlier(self._deadline_presses,
-                                              _presses_from(notice.deadline, detected))
         if notice.kind is NoticeKind.MANUAL:
             self._end_save_grace()
         else:
@@ -456,12 +460,9 @@ class Daemon:
             # (last_flush and the flush metrics record it).
             self.reporter.count_notice(notice, detected)
             self.last_notice = record
-            self._notice_seen = True
-            if notice.peer_rank is None:
-                self._own_notice_presses = _earlier(
-                    self._own_notice_presses,
-                    _presses_from(due_by(notice, detected), detected))
-            self._tell_trainer(notice, record, due_by(notice, detected))
+            held = Held(notice, record, detected, due_by(notice, detected))
+            self._in_effect.add(held)
+            self._tell_trainer(held)
         # Invariant: only this instance's own Terminated state holds its lifecycle action; a
         # peer's scale-in is the peer's (heart-beating or continuing ours would release a
         # later scale-in of this instance before its own flush).
@@ -484,22 +485,64 @@ class Daemon:
                  reason="a flush was asked for: the checkpoint is saved",
                  seconds_left=round(ends - time.monotonic(), 1))
 
-    def _tell_trainer(self, notice: Notice, record: dict[str, Any],
-                      due: datetime | None) -> None:
+    def _tell_trainer(self, held: Held) -> None:
         """Invariant: the trainer is never told a later deadline than one it already has. A
         notice due later (a peer's, a scheduled event after the spot notice) or with no time
         at all (a rebalance) still flushes, but leaves the notice file and the hooks alone;
         one that means the instance goes now (see due_by) counts as due within two minutes,
         so it is never kept behind an event due days later. A restarted daemon starts from
         the notice file it kept, whatever order IMDS answers in."""
-        told = self._told
+        told, notice, due = self._told, held.notice, held.due
         if (told is not None and told.deadline is not None and told.id != notice.id
                 and (due is None or due >= told.deadline)):
             log.info("notice_file_kept", id=notice.id, kind=notice.kind.value,
                      reason="the trainer already has an earlier deadline")
             return
-        self._told = Told(notice.id, due)
-        self.hooks.fire(dict(record), due)
+        self._tell(held)
+
+    def _tell(self, held: Held) -> None:
+        self._told = Told(held.notice.id, held.due, held.notice.kind.value,
+                          held.record["source"])
+        self.hooks.fire(dict(held.record), self._told)
+
+    def _take_listing(self, listing: NoticeListing) -> None:
+        """Invariant: a notice AWS withdraws (a maintenance event cancelled, or over) holds
+        nothing from then on. The trainer's notice file no longer says the instance is going
+        away: it tells the next notice in effect, or is removed; and once none is in effect,
+        uploads, retention and the bandwidth cap go on as before any notice. A flush under
+        way ends as it would; hooks that acted are not undone. Also a notice told before a
+        restart that AWS withdrew before this daemon learnt it again."""
+        gone = {held.notice.id: held.record for held in self._in_effect.withdrawn(listing)}
+        told = self._told
+        if (told is not None and told.source == "imds" and told.kind == listing.kind.value
+                and told.id not in listing.ids):
+            deadline = told.deadline.isoformat() if told.deadline else None
+            gone.setdefault(told.id, {"kind": told.kind, "id": told.id, "detail": None,
+                                      "deadline": deadline})
+        if not gone:
+            return
+        for record in gone.values():
+            log.info("notice_cancelled", kind=record["kind"], id=record["id"],
+                     detail=record["detail"], deadline=record["deadline"],
+                     reason="no longer listed as active by IMDS")
+        self._deferred = [notice for notice in self._deferred if notice.id not in gone]
+        if self.last_notice is not None and self.last_notice["id"] in gone:
+            self.last_notice = {**self.last_notice,
+                                "cancelled_at": datetime.now(timezone.utc).isoformat()}
+        if told is not None and told.id in gone:
+            self._tell_next()
+        if not self._in_effect and not self.flushes.active:
+            self._reimpose_bandwidth_cap()
+
+    def _tell_next(self) -> None:
+        """The trainer's notice was withdrawn: it is told of the notice in effect due first
+        (kept from it so far: its hooks act now), or its notice file is removed."""
+        held = self._in_effect.soonest()
+        if held is None:
+            self._told = None
+            self.hooks.withdraw()
+        else:
+            self._tell(held)
 
     def _share(self, notice: Notice) -> None:
         """Invariant: a node publishes only the notices its own IMDS gave it; one learnt from
@@ -528,9 +571,9 @@ class Daemon:
                      bytes_per_second=self.bandwidth.rate)
 
     def _reimpose_bandwidth_cap(self) -> None:
-        """After a manual flush, continuous uploads are capped again; never after a notice,
-        nor once the daemon stops."""
-        if (self.bandwidth is not None and self.bandwidth.lifted and not self._notice_seen
+        """After a manual flush, or once every notice was withdrawn, continuous uploads are
+        capped again; never while a notice is in effect, nor once the daemon stops."""
+        if (self.bandwidth is not None and self.bandwidth.lifted and not self._in_effect
                 and not self._stop.is_set()):
             self.bandwidth.reimpose()
             log.info("bandwidth_cap_reimposed", bytes_per_second=self.bandwidth.rate)
@@ -591,18 +634,6 @@ class Daemon:
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         for listener in self.listeners:
             listener(event, data)
-
-
-def _presses_from(due: datetime | None, detected: datetime) -> datetime:
-    """From when a notice due then weighs on the daemon (pruning paused, files settle at once,
-    scans every few seconds): NOTICE_HORIZON before it is due, at once for one with no time
-    (a rebalance). A maintenance event scheduled days ahead would otherwise stop retention
-    from the moment it is announced until the daemon restarts."""
-    return detected if due is None else due - NOTICE_HORIZON
-
-
-def _earlier(current: datetime | None, new: datetime) -> datetime:
-    return new if current is None else min(current, new)
 
 
 def _pressing(since: datetime | None) -> bool:

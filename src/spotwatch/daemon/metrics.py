@@ -2,7 +2,8 @@
 
 The daemon updates the metrics; the server thread only reads them. /healthz answers 200 while
 the daemon's loop has run recently and nothing is degraded (see spotwatch.aws.health), else 503
-with the reason, so a supervisor can tell a stalled or cut-off daemon.
+with the reason, so a supervisor can tell a stalled or cut-off daemon, or one still starting
+(waiting for S3 to pass the preflight checks, say).
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class Metrics:
         self._last_tick = time.monotonic()
         # Why /healthz is degraded (empty: it is not); set by the daemon's loop.
         self.degraded: tuple[str, ...] = ()
+        # What the daemon's start is doing (checking S3, waiting for it, the startup scan),
+        # which protects nothing yet; None once the loop runs.
+        self.starting: str | None = None
         r.register(_LastUpload(self))
 
     def tick(self) -> None:
@@ -99,6 +103,8 @@ class Metrics:
 
     def health(self) -> tuple[bool, str]:
         """/healthz's verdict: (ok, the text to answer)."""
+        if self.starting is not None:  # the loop does not tick meanwhile: not "stalled"
+            return False, self.starting
         if not self.healthy():
             return False, "stalled"
         degraded = self.degraded

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -40,6 +42,7 @@ class Reporter:
         self.metrics = metrics
         self.s3_watch = S3Watch(lambda error: self.metrics.s3_errors.labels(error).inc())
         self.metrics_url: str | None = None
+        self._server: MetricsServer | None = None
         # "run" (the daemon) or "flush" (a one-shot `spotwatch flush`, which is no daemon).
         self.role = "run"
         self._imds: Outage | None = None  # the poller's reachability, when IMDS is polled
@@ -79,18 +82,32 @@ class Reporter:
         if self.metrics.peer_poll_errors is not None:
             self.metrics.peer_poll_errors.inc()
 
-    def start_server(self, settings: MetricsSettings) -> MetricsServer | None:
+    def start_server(self, settings: MetricsSettings) -> None:
+        """Serve /metrics and /healthz (stopped by server_stopped_at_exit)."""
         if not settings.enabled:
-            return None
+            return
         try:
-            server = MetricsServer(self.metrics, settings.address, settings.port).start()
+            self._server = MetricsServer(self.metrics, settings.address, settings.port).start()
         except OSError as exc:
             # Metrics are a convenience: never a reason not to protect the checkpoints.
             log.warning("metrics_unavailable", address=settings.address, port=settings.port,
                         error=exc.strerror)
-            return None
-        self.metrics_url = server.url
-        return server
+            return
+        self.metrics_url = self._server.url
+
+    @contextmanager
+    def server_stopped_at_exit(self) -> Iterator[None]:
+        """The server start_server starts within stops at the end, however it ends."""
+        try:
+            yield
+        finally:
+            if self._server is not None:
+                self._server.stop()
+                self._server = None
+
+    def starting(self, phase: str | None) -> None:
+        """What the start is doing, for /healthz (503 meanwhile); None: it is over."""
+        self.metrics.starting = None if phase is None else f"starting: {phase}"
 
     # -- counters, fed as things happen ---------------------------------------------------
 
@@ -144,7 +161,13 @@ class Reporter:
         """A run of the preflight checks found S3 unreachable."""
         since = self._waiting["since"] if self._waiting else time.time()
         self._waiting = {"reason": reason, "since": since, "attempts": attempts}
+        self.metrics.starting = f"waiting_for_s3: {self._waiting_reason()}"
         self._status_due = 0.0  # said at once
+
+    def _waiting_reason(self) -> str:
+        assert self._waiting is not None
+        return (f"S3 unreachable at start ({self._waiting['reason']}): preflight checks "
+                "pending, nothing uploads until they pass")
 
     def report_waiting_when_due(self, last_notice: dict[str, Any] | None) -> None:
         """Keep-alives and a status.json that says the daemon is up, telling the trainer of
@@ -157,9 +180,9 @@ class Reporter:
         self._publish({
             "waiting_for_s3": self._waiting,
             "imds_up": imds_up,
-            "degraded": [f"S3 unreachable at start ({self._waiting['reason']}): preflight "
-                         "checks pending, nothing uploads until they pass"],
+            "degraded": [self._waiting_reason()],
             "last_notice": last_notice,
+            "metrics_url": self.metrics_url,
         })
 
     def write(self, engine: SyncEngine, last_notice: dict[str, Any] | None,

@@ -21,6 +21,8 @@ from typing import Any
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
 MAX_TTL = 21600
+SCHEDULED = "meta-data/events/maintenance/scheduled"
+HISTORY = "meta-data/events/maintenance/history"  # completed or canceled events
 
 
 def _iso(moment: datetime) -> str:
@@ -96,7 +98,7 @@ class ImdsEmulator:
                 "meta-data/placement/region": state.region,
                 "meta-data/placement/availability-zone": f"{state.region}a",
                 "meta-data/instance-life-cycle": "spot",
-                "meta-data/events/maintenance/scheduled": "[]",
+                SCHEDULED: "[]",
                 "dynamic/instance-identity/document": json.dumps(
                     {"region": state.region, "instanceId": state.instance_id,
                      "availabilityZone": f"{state.region}a"}),
@@ -143,12 +145,31 @@ class ImdsEmulator:
                  "NotAfter": (start + timedelta(hours=2)).strftime(fmt),
                  "Description": f"scheduled {code}"}
         with self.lock:
-            events = json.loads(self.state.items["meta-data/events/maintenance/scheduled"])
+            events = json.loads(self.state.items[SCHEDULED])
             events.append(event)
             body = json.dumps(events)
-            self.state.items["meta-data/events/maintenance/scheduled"] = body
+            self.state.items[SCHEDULED] = body
             self.state.fired_at["scheduled"] = time.time()
         return body
+
+    def cancel_event(self, event_id: str | None = None, to_history: bool = True) -> str:
+        """Cancel a scheduled event (the newest when none is named) as AWS does: its State
+        becomes "canceled" and it moves to events/maintenance/history (to_history=False: it
+        stays in the scheduled list, marked canceled). Returns the scheduled list."""
+        with self.lock:
+            items = self.state.items
+            events = json.loads(items[SCHEDULED])
+            event = next((e for e in reversed(events) if event_id in (None, e["EventId"])),
+                         None)
+            if event is None:
+                raise KeyError(f"no scheduled event {event_id!r}")
+            event["State"] = "canceled"
+            event["Description"] = f"[Canceled] {event.get('Description', '')}"
+            if to_history:
+                events.remove(event)
+                items[HISTORY] = json.dumps([*json.loads(items.get(HISTORY, "[]")), event])
+            items[SCHEDULED] = json.dumps(events)
+            return items[SCHEDULED]
 
     def set_lifecycle_state(self, target: str) -> str:
         with self.lock:
@@ -229,6 +250,9 @@ class ImdsEmulator:
         if action == "scheduled":
             return 200, self.schedule_event(body.get("code", "system-reboot"),
                                             float(body.get("in_seconds", 3600)))
+        if action == "cancel-scheduled":
+            return 200, self.cancel_event(body.get("event_id"),
+                                          bool(body.get("to_history", True)))
         if action == "asg":
             return 200, self.set_lifecycle_state(body.get("state", "Terminated"))
         if action == "instance":

@@ -1,4 +1,5 @@
-"""Polls each notice source on its own thread and hands each new notice to a callback once."""
+"""Polls each notice source on its own thread and hands each new notice to a callback once,
+and what a source that withdraws notices lists as in effect to another, whenever it changes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import structlog
 
 from spotwatch.aws.health import Reachability
 from spotwatch.aws.imds import ImdsClient, ImdsError
-from spotwatch.model import Notice
+from spotwatch.model import Notice, NoticeListing
 from spotwatch.notices.sources import SPOT_INSTANCE_ACTION, NoticeSource
 from spotwatch.notices.store import SeenNotices
 
@@ -32,12 +33,16 @@ class NoticePoller:
         sources: Sequence[NoticeSource],
         interval: float,
         on_notice: Callable[[Notice], None],
+        on_listing: Callable[[NoticeListing], None] | None = None,
     ) -> None:
         self._client = client
         self._sources = tuple(sources)
         self._interval = interval
         self._on_notice = on_notice
+        self._on_listing = on_listing
         self._seen = SeenNotices()
+        # Per source that withdraws notices, its last listing (each read on its own thread).
+        self._listed: dict[str, NoticeListing] = {}
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._run, args=(source,), daemon=True,
@@ -78,7 +83,25 @@ class NoticePoller:
             self._track_reachability(source, str(exc))
             return []
         self._track_reachability(source, None)
-        return self._seen.first_sightings(source.parse(text) if text is not None else [])
+        if text is None:
+            return []
+        fresh = self._seen.first_sightings(source.parse(text))
+        if source.listing is not None:
+            self._note_listing(source.name, source.listing(text))
+        return fresh
+
+    def _note_listing(self, name: str, listing: NoticeListing | None) -> None:
+        """Hands on a listing that changed (the first one too: a restarted daemon may hold a
+        notice withdrawn meanwhile). A notice withdrawn is forgotten: listed again, it is a
+        notice again."""
+        previous = self._listed.get(name)
+        if listing is None or listing == previous:
+            return
+        self._listed[name] = listing
+        if previous is not None:
+            self._seen.forget(previous.ids - listing.ids)
+        if self._on_listing is not None:
+            self._on_listing(listing)
 
     def _track_reachability(self, source: NoticeSource, error: str | None) -> None:
         """IMDS counts as reachable while every polled item answers; the error names the

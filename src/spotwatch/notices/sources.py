@@ -1,4 +1,8 @@
-"""One parser per metadata item; unparsable content is still a notice, never ignored."""
+"""One parser per metadata item; unparsable content is still a notice, never ignored.
+
+An item whose notices AWS can withdraw (the scheduled maintenance events: an event cancelled,
+or over, leaves the list) also says which of them are still in effect (NoticeSource.listing).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 
 from spotwatch.config import NoticeSettings
-from spotwatch.model import Notice, NoticeKind
+from spotwatch.model import Notice, NoticeKind, NoticeListing
 
 
 @dataclass(frozen=True)
@@ -17,6 +21,9 @@ class NoticeSource:
     name: str
     path: str
     parse: Callable[[str], list[Notice]]
+    # For an item that withdraws notices: those an answer lists as in effect, or None when
+    # the answer is no listing at all (garbled), which withdraws nothing.
+    listing: Callable[[str], NoticeListing | None] | None = None
 
 
 SPOT_WARNING = timedelta(minutes=2)
@@ -114,6 +121,16 @@ def parse_scheduled_events(text: str) -> list[Notice]:
     return notices
 
 
+def list_scheduled_events(text: str) -> NoticeListing | None:
+    """The events still active. AWS moves an event it cancels (or that is over) to
+    events/maintenance/history, or marks it there as "canceled": either way it is no longer
+    among these."""
+    if not isinstance(_json(text), list):
+        return None
+    return NoticeListing(NoticeKind.SCHEDULED_EVENT,
+                         frozenset(notice.id for notice in parse_scheduled_events(text)))
+
+
 def parse_lifecycle_state(text: str) -> list[Notice]:
     state = text.strip()
     if state != "Terminated":
@@ -126,7 +143,7 @@ SPOT_INSTANCE_ACTION = NoticeSource("spot", "meta-data/spot/instance-action",
 REBALANCE = NoticeSource("rebalance", "meta-data/events/recommendations/rebalance",
                          parse_rebalance)
 SCHEDULED_EVENTS = NoticeSource("scheduled", "meta-data/events/maintenance/scheduled",
-                                parse_scheduled_events)
+                                parse_scheduled_events, list_scheduled_events)
 ASG_LIFECYCLE = NoticeSource("asg", "meta-data/autoscaling/target-lifecycle-state",
                              parse_lifecycle_state)
 DEFAULT_SOURCES = (SPOT_INSTANCE_ACTION, REBALANCE, SCHEDULED_EVENTS, ASG_LIFECYCLE)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import structlog
 
 from spotwatch.model import Notice
+from spotwatch.notices.sources import iso_time
 from spotwatch.state import write_json_atomically
 
 log = structlog.get_logger("spotwatch.hooks")
@@ -34,6 +37,11 @@ class SeenNotices:
                     fresh.append(notice)
         return fresh
 
+    def forget(self, ids: Iterable[str]) -> None:
+        """Notices withdrawn: seen again, they are handed on again."""
+        with self._lock:
+            self._ids.difference_update(ids)
+
 
 # Changes on every boot: a notice acted on in an earlier life of the instance means nothing now.
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
@@ -46,17 +54,28 @@ def current_boot() -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class Told:
+    """The notice the trainer has (its notice file). kind and source say whether AWS may
+    withdraw it (None: recorded by an earlier spotwatch)."""
+
+    id: str
+    deadline: datetime | None
+    kind: str | None = None
+    source: str | None = None
+
+
 class ActedNotices:
     """The ids of the notices whose hooks ran during this boot, and the notice the trainer was
-    last told of (id and deadline), kept in the state directory so that a restarted daemon,
-    seeing the same notices still posted, neither acts on one again nor tells the trainer one
-    kept from it, whatever became of the notice file (a trainer may delete it)."""
+    last told of, kept in the state directory so that a restarted daemon, seeing the same
+    notices still posted, neither acts on one again nor tells the trainer one kept from it,
+    whatever became of the notice file (a trainer may delete it)."""
 
     def __init__(self, path: Path, boot: str | None) -> None:
         self._path = path
         self._boot = boot
         self.ids: set[str] = set()
-        self.told: tuple[str, str | None] | None = None
+        self.told: Told | None = None
 
     def load(self) -> None:
         self.ids, self.told = set(), None
@@ -70,20 +89,34 @@ class ActedNotices:
         if isinstance(ids, list):
             self.ids = {i for i in ids if isinstance(i, str)}
         told = data.get("told")
-        if (isinstance(told, dict) and isinstance(told.get("id"), str)
-                and isinstance(told.get("deadline"), (str, type(None)))):
-            self.told = (told["id"], told["deadline"])
+        if isinstance(told, dict) and isinstance(told.get("id"), str) and all(
+                isinstance(told.get(key), (str, type(None)))
+                for key in ("deadline", "kind", "source")):
+            self.told = Told(told["id"], iso_time(told.get("deadline")), told.get("kind"),
+                             told.get("source"))
 
-    def tell(self, notice_id: str, deadline: str | None) -> bool:
+    def tell(self, told: Told) -> bool:
         """The trainer is told of this notice now. True when its hooks have not acted on it
         yet (they act now, and never again during this boot)."""
-        first = notice_id not in self.ids
-        self.ids.add(notice_id)
-        self.told = (notice_id, deadline)
+        first = told.id not in self.ids
+        self.ids.add(told.id)
+        self.told = told
+        self._save()
+        return first
+
+    def withdraw(self) -> None:
+        """The trainer no longer has a notice (the one it had was withdrawn); its hooks still
+        never act on it again."""
+        self.told = None
+        self._save()
+
+    def _save(self) -> None:
+        told = self.told
         try:
             write_json_atomically(self._path, {
                 "boot_id": self._boot, "ids": sorted(self.ids),
-                "told": {"id": notice_id, "deadline": deadline}})
+                "told": None if told is None else {
+                    "id": told.id, "kind": told.kind, "source": told.source,
+                    "deadline": told.deadline.isoformat() if told.deadline else None}})
         except OSError as exc:  # the hooks still run: told twice beats never told
             log.warning("hook_record_failed", path=str(self._path), error=exc.strerror)
-        return first

@@ -8,7 +8,8 @@ daemon does not upload them again. The files of a set download concurrently (syn
 each checked against its manifest entry as its bytes arrive where the store can
 (aws.ranged_get, the CRT), else read back once written; the set's completeness is checked
 beside them. A set whose bytes do not match is corrupt: its downloads are removed and the next
-older complete set is restored instead, with a warning; so is an incomplete one.
+older complete set is restored instead, with a warning; so is an incomplete one. Temporaries
+that a restore stopped by kill -9 left are removed by the next one.
 
 Numbered set directories come before other sets, with the top-level files beside them
 (checkpoints_first); a pointer among those is made to name the set restored (sync.pointers).
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -41,7 +42,14 @@ from spotwatch.checksums import ChecksumUnavailable
 from spotwatch.collector import exempt_long_lived_objects
 from spotwatch.config import Config, JobSettings, WatchDir, key_space
 from spotwatch.errors import ConfigError, SpotwatchError
-from spotwatch.keys import RESTORE_TEMP_SUFFIX, UNFINISHED_SUFFIX, object_key, series_of
+from spotwatch.keys import (
+    RESTORE_TEMP_SUFFIX,
+    UNFINISHED_SUFFIX,
+    is_restore_temporary,
+    object_key,
+    series_of,
+)
+from spotwatch.logs import printable_path
 from spotwatch.model import FileVersion
 from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir
@@ -186,6 +194,7 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     # checkpoint, and beside the checkpoint it marks NeMo would delete that one at its start.
     candidates = [c for c in candidates if not is_unfinished_marker(c.whole)]
     known = frozenset(c.whole.set_name for c in candidates)
+    _remove_stale_temporaries(destination, [c.whole for c in candidates])
     linked = [c for c in candidates if not c.whole.files and c.problem is None]
     ordered, companions = checkpoints_first([c for c in candidates if c.whole.files])
     candidates = (committed_first(store, ordered, companions) if set_name is None
@@ -576,6 +585,44 @@ def cleared(temp: Path) -> Path:
     if not S_ISDIR(info.st_mode) and not (S_ISREG(info.st_mode) and info.st_nlink == 1):
         temp.unlink()
     return temp
+
+
+def _remove_stale_temporaries(destination: Path, manifests: Iterable[Manifest]) -> None:
+    """Remove what a restore stopped by kill -9 or a power loss left behind: its temporaries,
+    a whole shard each, which no later restore of another set would touch and a trainer
+    listing the folder would see. Looked for in every folder a set in S3 restores into (the
+    restore stopped may have been of another set than the one restored now), and only files
+    and symlinks (a link's, see sync.links) named as temporary() names them are removed.
+
+    A restore into the same folders at the same time is not supported: both would write the
+    same temporaries, and this one removes the other's."""
+    root = destination.resolve()
+    if not root.is_dir():
+        return
+    paths = [path for manifest in manifests
+             for path in [*(f.path for f in manifest.files), *(ln.path for ln in manifest.links)]]
+    for relative in {PurePosixPath(path).parent for path in paths}:
+        try:
+            folder = (root / relative).resolve()
+            # A symlink out of the destination: no restore writes there.
+            if folder != root and root not in folder.parents:
+                continue
+            with os.scandir(folder) as entries:
+                stale = [Path(entry.path) for entry in entries
+                         if is_restore_temporary(entry.name)
+                         and (entry.is_file(follow_symlinks=False) or entry.is_symlink())]
+        except (RuntimeError, OSError):  # missing, unreadable or a symlink loop: none there
+            continue
+        for path in stale:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:  # the restore goes on: a download into it fails itself
+                log.warning("stale_temporary_kept", path=printable_path(path),
+                            error=exc.strerror)
+                continue
+            log.info("stale_temporary_removed", path=printable_path(path))
 
 
 def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferred: str,

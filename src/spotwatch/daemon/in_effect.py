@@ -1,0 +1,72 @@
+"""The notices in effect, and what they hold: uploads in `notice` mode and the bandwidth cap
+lifted (any notice), pruning paused, frequent scans and files settled at once (from shortly
+before one is due), the trainer's notice file. A notice stays in effect until AWS withdraws it
+(a maintenance event cancelled or over); the daemon's flushes and counts are its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from spotwatch.model import Notice, NoticeListing
+
+# A notice due later than this (a maintenance event scheduled days ahead) weighs on the daemon
+# only from this long before it is due: retention goes on meanwhile.
+NOTICE_HORIZON = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class Held:
+    notice: Notice
+    record: dict[str, Any]  # as the trainer is told of it
+    detected: datetime
+    due: datetime | None  # when the instance is to go (notices.sources.due_by)
+
+
+class NoticesInEffect:
+    def __init__(self) -> None:
+        self._held: dict[str, Held] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._held)
+
+    def add(self, held: Held) -> None:
+        self._held[held.notice.id] = held
+
+    def withdrawn(self, listing: NoticeListing) -> list[Held]:
+        """This instance's notices of the listing's kind that it no longer lists: no longer in
+        effect from now on. (A peer's notice is the peer's to withdraw.)"""
+        gone = [held for held in self._held.values()
+                if held.notice.peer_rank is None and held.notice.kind is listing.kind
+                and held.notice.id not in listing.ids]
+        for held in gone:
+            del self._held[held.notice.id]
+        return gone
+
+    def deadline_presses(self) -> datetime | None:
+        """From when a notice with a deadline (this instance's or a peer's) presses."""
+        return min((_presses_from(held.notice.deadline, held.detected)
+                    for held in self._held.values() if held.notice.deadline is not None),
+                   default=None)
+
+    def own_presses(self) -> datetime | None:
+        """From when a notice for this instance presses: one with no time (a rebalance) at
+        once, one that means it goes now within the spot warning (due_by)."""
+        return min((_presses_from(held.due, held.detected)
+                    for held in self._held.values() if held.notice.peer_rank is None),
+                   default=None)
+
+    def soonest(self) -> Held | None:
+        """The notice due first (one with no time last): the one the trainer is told of when
+        the notice it had was withdrawn."""
+        return min(self._held.values(),
+                   key=lambda held: (held.due is None, held.due or held.detected), default=None)
+
+
+def _presses_from(due: datetime | None, detected: datetime) -> datetime:
+    """From when a notice due then weighs on the daemon (pruning paused, files settle at once,
+    scans every few seconds): NOTICE_HORIZON before it is due, at once for one with no time
+    (a rebalance). A maintenance event scheduled days ahead would otherwise stop retention
+    from the moment it is announced until the daemon restarts."""
+    return detected if due is None else due - NOTICE_HORIZON

@@ -1,0 +1,103 @@
+"""A scheduled maintenance event that AWS cancels no longer tells the trainer the instance is
+going away, nor holds the daemon (end to end: daemon, IMDS emulator, moto)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotwatch.emulator import ImdsEmulator
+from spotwatch.interruption import interruption_pending
+
+from .conftest import Workspace, keys_in, wait_for
+from .test_prune import MANIFESTS, save_set
+
+MINUTES = 60.0
+
+
+def notice_kind(notice_file: Path) -> str | None:
+    notice = interruption_pending(notice_file)
+    return None if notice is None else str(notice["kind"])
+
+
+def event_id(body: str) -> str:
+    """The id of the newest event in an answer of events/maintenance/scheduled."""
+    return str(json.loads(body)[-1]["EventId"])
+
+
+@pytest.mark.parametrize("to_history", [True, False], ids=["moved-to-history", "marked"])
+def test_a_cancelled_event_is_withdrawn_and_holds_nothing(
+        workspace: Workspace, imds: ImdsEmulator, s3: Any, to_history: bool) -> None:
+    """An event due in five minutes: the trainer is told, the bandwidth cap is lifted and
+    retention paused. AWS cancels it (moving it to the history, or marking it canceled in
+    place): the notice file goes, the cap holds again and retention goes on."""
+    notice_file = workspace.root / "shared" / "notice.json"
+    workspace.write_config(hooks={"notice_file": str(notice_file)},
+                           sync={"keep_sets": 1, "continuous_bandwidth": "100MB/s"})
+    daemon = workspace.start_daemon()
+    save_set(workspace, "step_1", 300)
+    daemon.wait_for_event("set_complete")
+    event = event_id(imds.schedule_event("system-reboot", in_seconds=5 * MINUTES))
+    wait_for(lambda: notice_kind(notice_file) == "scheduled-event")
+    daemon.wait_for_event("flush_done")
+    assert daemon.named("bandwidth_cap_lifted")
+    save_set(workspace, "step_2", 200)
+    daemon.wait_for_event("set_complete", count=2)
+
+    imds.cancel_event(event, to_history=to_history)
+    cancelled = daemon.wait_for_event("notice_cancelled")
+    assert cancelled["kind"] == "scheduled-event" and cancelled["detail"] == "system-reboot"
+    assert interruption_pending(notice_file) is None and not notice_file.exists()
+    daemon.wait_for_event("bandwidth_cap_reimposed")
+    wait_for(lambda: f"{MANIFESTS}step_1.json" not in keys_in(s3, workspace.bucket), timeout=30)
+    last = wait_for(lambda: (workspace.status().get("last_notice") or {}).get("cancelled_at")
+                    and workspace.status()["last_notice"])
+    assert last["kind"] == "scheduled-event"
+    status = workspace.cli("status", "-c", "config.yaml")
+    assert "cancelled at" in status.stdout, status.stdout
+    assert daemon.stop() == 0
+
+
+def test_the_trainer_is_told_the_notice_still_in_effect(workspace: Workspace,
+                                                        imds: ImdsEmulator) -> None:
+    """A rebalance recommendation came after the event, and was kept from the trainer (the
+    event has a deadline): once the event is cancelled, the trainer is told of the rebalance,
+    and its hooks act for it; the cap stays lifted, as a notice is still in effect."""
+    notice_file = workspace.root / "shared" / "notice.json"
+    acted = workspace.root / "acted.txt"
+    workspace.write_config(hooks={"notice_file": str(notice_file),
+                                  "command": f"echo $SPOTWATCH_NOTICE_KIND >> {acted}"},
+                           sync={"continuous_bandwidth": "100MB/s"})
+    daemon = workspace.start_daemon()
+    imds.schedule_event("instance-retirement", in_seconds=60 * MINUTES)
+    wait_for(lambda: notice_kind(notice_file) == "scheduled-event")
+    imds.fire_rebalance()
+    assert daemon.wait_for_event("notice_file_kept")["kind"] == "rebalance-recommendation"
+    imds.cancel_event()
+    daemon.wait_for_event("notice_cancelled")
+    wait_for(lambda: notice_kind(notice_file) == "rebalance-recommendation")
+    wait_for(lambda: acted.exists() and acted.read_text().split() == [
+        "scheduled-event", "rebalance-recommendation"])
+    assert daemon.stop() == 0
+    assert not daemon.named("bandwidth_cap_reimposed")
+
+
+def test_an_event_cancelled_while_the_daemon_was_stopped(workspace: Workspace,
+                                                         imds: ImdsEmulator) -> None:
+    """The notice file stays over a restart; but if AWS cancelled the event meanwhile, the
+    restarted daemon removes it."""
+    notice_file = workspace.root / "shared" / "notice.json"
+    workspace.write_config(hooks={"notice_file": str(notice_file)})
+    first = workspace.start_daemon()
+    imds.schedule_event("system-maintenance", in_seconds=60 * MINUTES)
+    wait_for(lambda: notice_kind(notice_file) == "scheduled-event")
+    assert first.stop() == 0
+    assert notice_kind(notice_file) == "scheduled-event"
+    imds.cancel_event()
+    second = workspace.start_daemon()
+    assert second.wait_for_event("notice_cancelled")["kind"] == "scheduled-event"
+    assert not notice_file.exists()
+    assert second.stop() == 0
