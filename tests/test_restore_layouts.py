@@ -299,6 +299,26 @@ def test_a_step_newer_than_the_trainers_pointer_is_not_restored(
     assert not named(result.stderr, "set_not_committed")
 
 
+def test_retention_never_drops_the_committed_step_for_a_newer_one(
+        workspace: Workspace, s3: Any) -> None:
+    """keep_sets 1, and step 300 sealed half saved while `latest` still names step 200: step
+    300 does not count among the sets kept, so step 200 stays, and restore brings it back."""
+    workspace.write_config(sync={"keep_sets": 1})
+    write(workspace, "global_step100/mp_rank_00_model_states.pt", b"one hundred", 400)
+    write(workspace, "global_step200/mp_rank_00_model_states.pt", b"two hundred", 300)
+    write(workspace, "latest", b"global_step200", 250)
+    write(workspace, "global_step300/mp_rank_00_model_states.pt", b"three hundred", 200)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 4
+    pruned = workspace.cli("prune", "-c", "config.yaml")
+    assert pruned.returncode == 0, pruned.stderr
+    kept = keys_in(s3, workspace.bucket)
+    assert "run1/global_step200/mp_rank_00_model_states.pt" in kept
+    assert "run1/global_step300/mp_rank_00_model_states.pt" in kept
+    assert "run1/global_step100/mp_rank_00_model_states.pt" not in kept  # retention still works
+    result = restore(workspace, "--to", str(workspace.root / "restored"))
+    assert "restored global_step200" in result.stdout, result.stderr
+
+
 DEEPSPEED = ("global_step200", "global_step300")
 MEGATRON = ("iter_0000200", "iter_0000300")
 

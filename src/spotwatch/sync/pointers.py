@@ -14,8 +14,8 @@ Nothing else is touched, nor a pointer to a set that is there beside it.
 A pointer is the trainer's commit: DeepSpeed and Megatron write it once every rank finished
 saving the step it names. A newer step beside it may be a save that never finished (the
 instance went away mid-save), so restore takes the step the pointer names (named_set) over
-newer ones, as the trainer itself would load it from its own disk. A symlink named as a
-pointer (Lightning's `last.ckpt`) is made to lead to the set restored the same way
+newer ones, as the trainer itself would load it from its own disk (sync.commits). A symlink
+named as a pointer (Lightning's `last.ckpt`) is made to lead to the set restored the same way
 (repointed_link).
 """
 
@@ -49,13 +49,17 @@ class Repointed:
     new: str
 
 
+def named_as_pointer(name: str) -> bool:
+    """Whether a file of this name (its last component) may be a pointer."""
+    return _POINTER_NAME.match(name.rsplit("/", 1)[-1]) is not None
+
+
 def named_set(text: str, companion: str, sets: Collection[str]) -> str | None:
     """The one of these sets that a pointer's text names (DeepSpeed's `latest` holding
     `global_step300`, Megatron's tracker holding `300` for `iter_0000300`); None when the file
     is no pointer or names none of them. companion: the pointer file's name."""
     core = text.strip()
-    if not core or any(ch.isspace() for ch in core) \
-            or not _POINTER_NAME.match(companion.rsplit("/", 1)[-1]):
+    if not core or any(ch.isspace() for ch in core) or not named_as_pointer(companion):
         return None
     if core in sets:
         return core

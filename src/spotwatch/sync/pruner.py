@@ -38,6 +38,7 @@ from spotwatch.keys import (
     set_name_of,
 )
 from spotwatch.state import StateDir
+from spotwatch.sync.commits import uncommitted
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
@@ -135,9 +136,14 @@ class Pruner:
             return []
         accepts = PathFilter.for_watch(watch).accepts
         if self._node is None:
-            return plan_deletions(watch.prefix, accepts, list_manifests(self._store, watch.prefix),
-                                  gone, self._keep_sets, self._is_intact)
+            manifests = list_manifests(self._store, watch.prefix)
+            not_committed = self._uncommitted(manifests)
+            return plan_deletions(
+                watch.prefix, accepts, manifests, gone, self._keep_sets,
+                lambda manifest: manifest.set_name not in not_committed
+                and self._is_intact(manifest))
         job_sets = list_job_sets(self._store, watch.prefix, self._node.job_id, self._node.nodes)
+        not_committed = self._uncommitted([job_set.whole for job_set in job_sets])
         # A set some of whose files only restore can check (nodes wrote them with other
         # transfer settings, JobSet.other_checksums) never counts as a complete set to keep:
         # retention must not drop an older set for one that restore may refuse.
@@ -148,12 +154,21 @@ class Pruner:
 
         def complete_for_job(whole: Manifest) -> bool:
             parts = by_name[whole.set_name].parts.values()
-            return problems[whole.set_name] is None and self._is_intact(
-                whole, [entry for part in parts for entry in part.files])
+            return (problems[whole.set_name] is None and whole.set_name not in not_committed
+                    and self._is_intact(whole, [entry for part in parts
+                                                for entry in part.files]))
 
         planned = plan_deletions(watch.prefix, accepts, [s.whole for s in job_sets], gone,
                                  self._keep_sets, complete_for_job)
         return job_deletions(planned, watch.prefix, job_sets, self._node)
+
+    def _uncommitted(self, manifests: Sequence[Manifest]) -> set[str]:
+        """Invariant: retention never counts a step newer than the one the trainer's pointer
+        names (sync.commits) among the sets it keeps: it may be half a save, and the committed
+        step, which restore then brings back, must stay. Such a step is kept, uncounted."""
+        if not self._keep_sets:
+            return set()
+        return {found.set_name for found in uncommitted(self._store, manifests)}
 
     def _gone_locally(self, watch: WatchDir, prefix: str) -> list[str]:
         """The keys spotwatch uploaded from the watched directory whose files are gone.

@@ -53,16 +53,11 @@ from spotwatch.logs import printable_path
 from spotwatch.model import FileVersion
 from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir
+from spotwatch.sync.commits import uncommitted
 from spotwatch.sync.downloads import FileToFetch, SetCorrupt, SetIncomplete, fetch_verified, verify
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.links import leads_into, make_link
-from spotwatch.sync.pointers import (
-    POINTER_MAX_BYTES,
-    Repointed,
-    named_set,
-    repoint,
-    repointed_link,
-)
+from spotwatch.sync.pointers import Repointed, repoint, repointed_link
 from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import is_complete, list_job_sets, list_manifests
 
@@ -197,7 +192,7 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     _remove_stale_temporaries(destination, [c.whole for c in candidates])
     linked = [c for c in candidates if not c.whole.files and c.problem is None]
     ordered, companions = checkpoints_first([c for c in candidates if c.whole.files])
-    candidates = (committed_first(store, ordered, companions) if set_name is None
+    candidates = (committed_first(store, ordered) if set_name is None
                   else [c for c in candidates if c.whole.set_name == set_name])
     # Restored into the watched directory, the files are already in S3: record them.
     ledger = (Ledger(StateDir(config.state_dir).ledger) if _is_watched(destination, watch)
@@ -274,43 +269,22 @@ def checkpoints_first(candidates: Sequence[Candidate]) -> tuple[list[Candidate],
     return steps + others, companions
 
 
-def committed_first(store: ObjectStore, ordered: Sequence[Candidate],
-                    companions: Sequence[Candidate]) -> list[Candidate]:
+def committed_first(store: ObjectStore, ordered: Sequence[Candidate]) -> list[Candidate]:
     """The sets in restore's order, less the numbered sets newer than the one a pointer beside
-    them names (sync.pointers.named_set).
+    them names (sync.commits).
 
     Invariant: restore never hands back a step the trainer had not committed. DeepSpeed's
     `latest` and Megatron's tracker are written once every rank finished the step they name:
     a newer step of the series, sealed with the files written before the instance went away,
     may be half a save, and the trainer would load the pointer's step from its own disk."""
-    kept = list(ordered)
-    for companion in companions:
-        text = _pointer_text(store, companion.fetch)
-        names = [candidate.whole.set_name for candidate in kept]
-        pointed = None if text is None else named_set(text, companion.whole.set_name, names)
-        if pointed is None:
-            continue
-        newer = [candidate for candidate in kept[:names.index(pointed)]
-                 if series_of(candidate.whole.set_name) == series_of(pointed)]
-        for candidate in newer:
-            log.warning("set_not_committed", set=candidate.whole.set_name,
-                        pointer=companion.whole.set_name, names=pointed,
-                        detail="newer than the step the trainer's pointer names: its save may "
-                               "not have finished; restoring the step the pointer names")
-        kept = [candidate for candidate in kept if candidate not in newer]
-    return kept
-
-
-def _pointer_text(store: ObjectStore, manifest: Manifest) -> str | None:
-    """The text of a one-file set small enough to be a pointer, as its manifest lists it."""
-    if len(manifest.files) != 1 or manifest.files[0].size > POINTER_MAX_BYTES:
-        return None
-    entry = manifest.files[0]
-    try:
-        body = store.get_bytes(entry.key, limit=POINTER_MAX_BYTES)
-        return body.decode("utf-8") if len(body) == entry.size else None
-    except (StoreError, UnicodeDecodeError):
-        return None
+    passed_over = {found.set_name: found
+                   for found in uncommitted(store, [candidate.whole for candidate in ordered])}
+    for found in passed_over.values():
+        log.warning("set_not_committed", set=found.set_name, pointer=found.pointer,
+                    names=found.names,
+                    detail="newer than the step the trainer's pointer names: its save may "
+                           "not have finished; restoring the step the pointer names")
+    return [candidate for candidate in ordered if candidate.whole.set_name not in passed_over]
 
 
 def _takes_companions(manifest: Manifest) -> bool:

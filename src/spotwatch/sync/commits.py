@@ -1,0 +1,53 @@
+"""Which steps in S3 the trainer has committed: a pointer beside the steps (DeepSpeed's
+`latest`, Megatron's tracker) is written once every rank finished saving the step it names, so
+a newer step of that series may be a save that never finished (the instance went away mid-save,
+and the files written so far were sealed). Restore passes such a step over; retention does not
+count it among the sets it keeps, so it never drops the committed step for it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from spotwatch.aws.store import ObjectStore, StoreError
+from spotwatch.keys import series_of
+from spotwatch.sync.pointers import POINTER_MAX_BYTES, named_as_pointer, named_set
+from spotwatch.sync.sets.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class Uncommitted:
+    set_name: str
+    pointer: str  # the pointer's set
+    names: str  # the step it names
+
+
+def uncommitted(store: ObjectStore, manifests: Sequence[Manifest]) -> list[Uncommitted]:
+    """The sets (manifests: newest first) newer than the step of their series a pointer among
+    them names. One GET per pointer (a small file named as one)."""
+    names = [manifest.set_name for manifest in manifests]
+    found: dict[str, Uncommitted] = {}
+    for manifest in manifests:
+        text = _pointer_text(store, manifest)
+        pointed = None if text is None else named_set(text, manifest.set_name, names)
+        if pointed is None:
+            continue
+        for name in names[:names.index(pointed)]:
+            if series_of(name) == series_of(pointed) and name not in found:
+                found[name] = Uncommitted(name, manifest.set_name, pointed)
+    return list(found.values())
+
+
+def _pointer_text(store: ObjectStore, manifest: Manifest) -> str | None:
+    """The text of a one-file set named and small enough to be a pointer, if it is the size
+    its manifest lists."""
+    if (len(manifest.files) != 1 or manifest.files[0].path != manifest.set_name
+            or manifest.files[0].size > POINTER_MAX_BYTES
+            or not named_as_pointer(manifest.set_name)):
+        return None
+    entry = manifest.files[0]
+    try:
+        body = store.get_bytes(entry.key, limit=POINTER_MAX_BYTES)
+        return body.decode("utf-8") if len(body) == entry.size else None
+    except (StoreError, UnicodeDecodeError):
+        return None
