@@ -78,3 +78,21 @@ def test_a_marker_in_s3_is_never_restored(workspace: Workspace, s3: Any) -> None
     assert result.returncode == 0, result.stderr
     assert "restored megatron_gpt--step=100.ckpt" in result.stdout
     assert files_under(target) == {"megatron_gpt--step=100.ckpt"}
+
+
+def test_an_ema_checkpoint_and_its_model_share_one_marker_and_both_are_sealed(
+        workspace: Workspace, s3: Any) -> None:
+    """NeMo's EMA callback saves `x.ckpt` and `x-EMA.ckpt` under one marker (`x-unfinished`,
+    -EMA stripped): both sets are held by it, and both are sealed once it is gone."""
+    model, ema = "megatron_gpt--step=200.ckpt", "megatron_gpt--step=200-EMA.ckpt"
+    daemon = workspace.start_daemon()
+    marker = workspace.checkpoints / unfinished_marker(model)
+    marker.touch()
+    write(workspace, model, b"model weights", 0)
+    write(workspace, ema, b"ema weights", 0)
+    assert wait_for(lambda: {event["set"] for event in daemon.named("set_awaiting_marker")}
+                    == {f"run1/{model}", f"run1/{ema}"})
+    marker.unlink()  # the save is finished
+    assert wait_for(lambda: {event["set"] for event in daemon.named("set_complete")}
+                    == {f"run1/{model}", f"run1/{ema}"})
+    assert daemon.stop() == 0

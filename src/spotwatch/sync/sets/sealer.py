@@ -93,9 +93,10 @@ class SetSealer:
         # Set key -> the watch's complete_when patterns none of its files matches yet: sets
         # left unsealed until the trainer writes the file that says the set is finished.
         self.awaiting: dict[str, list[str]] = {}
-        # Sets held while their trainer's marker says they are still being saved: the marker
-        # (root, name) -> the set, sealed once it is gone (see _held_while_unfinished).
-        self._unfinished: dict[tuple[Path, str], SetRef] = {}
+        # Sets held while their trainer's marker says they are still being saved: the set ->
+        # its marker, sealed once it is gone (see _held_while_unfinished). By set: NeMo's
+        # `x.ckpt` and `x-EMA.ckpt` share one marker.
+        self._unfinished: dict[SetRef, Path] = {}
         self._dirty: dict[SetRef, int] = {}  # set -> generation, bumped by every new file
         self._sending: dict[SetRef, tuple[int, Future[None], Manifest, str]] = {}
         self._retries: RetryQueue[SetRef, SetRef] = RetryQueue(MANIFEST_BACKOFF, clock)
@@ -202,16 +203,16 @@ class SetSealer:
         if not os.path.lexists(set_ref.root / marker):
             return False
         self._await(set_ref, [marker])
-        self._unfinished[(set_ref.root, marker)] = set_ref
+        self._unfinished[set_ref] = set_ref.root / marker
         self._done(set_ref)
         return True
 
     def release_finished(self) -> None:
         """The sets whose marker is gone are to be sealed (one lstat per set held: a marker's
         removal is seen also when its event was lost)."""
-        for (root, marker), set_ref in list(self._unfinished.items()):
-            if not os.path.lexists(root / marker):
-                del self._unfinished[(root, marker)]
+        for set_ref, marker in list(self._unfinished.items()):
+            if not os.path.lexists(marker):
+                del self._unfinished[set_ref]
                 self.mark_dirty(set_ref)
 
     def _hold(self, set_ref: SetRef, reason: str) -> None:
