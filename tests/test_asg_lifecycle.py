@@ -25,7 +25,7 @@ from spotwatch.emulator import ImdsEmulator
 from spotwatch.errors import ConfigError
 from spotwatch.model import Notice, NoticeKind
 from tests.asgproxy import AutoScalingProxy, LifecycleCall
-from tests.conftest import REGION, Workspace, keys_in, wait_for
+from tests.conftest import REGION, Daemon, Workspace, keys_in, wait_for
 from tests.faultproxy import FaultProxy
 from tests.test_daemon_e2e import save_checkpoint
 from tests.test_peer_notices_e2e import publish_as_peer
@@ -323,20 +323,30 @@ def test_heartbeat_interval_within_the_hooks_limits(value: float) -> None:
             assert 1 <= value <= 7200 and config.asg.heartbeat_interval == value
 
 
-def test_the_scale_in_waits_for_the_emergency_checkpoint_the_trainer_saves_after_the_notice(
-        workspace: Workspace, imds: ImdsEmulator, s3: Any, group: tuple[str, str, str],
-        proxy: AutoScalingProxy) -> None:
-    """The flush the scale-in notice starts finds nothing pending: the trainer has only just
-    been told. CONTINUE waits for asg.save_grace, and then for what the trainer saved in it."""
+def scale_in_before_the_checkpoint(workspace: Workspace, imds: ImdsEmulator, s3: Any,
+                                   group: tuple[str, str, str], proxy: AutoScalingProxy,
+                                   save_grace: float) -> Daemon:
+    """A daemon told of its scale-in before the trainer saved its emergency checkpoint (to
+    run1/emergency/model.pt): the notice's flush found nothing pending. Each lifecycle call
+    notes whether that checkpoint was in S3 by then."""
     name, hook, instance = group
     imds.set_instance(instance, {GROUP_TAG: name})
     key = "run1/emergency/model.pt"
     proxy.on_call = lambda action: key in keys_in(s3, workspace.bucket)
     workspace.write_config(asg={"lifecycle_hook": hook, "heartbeat_interval": 1,
-                                "save_grace": 8})
+                                "save_grace": save_grace})
     daemon = workspace.start_daemon(AWS_ENDPOINT_URL_AUTO_SCALING=proxy.url)
     imds.set_lifecycle_state("Terminated")
     daemon.wait_for_event("flush_done")  # nothing was pending: done at once
+    return daemon
+
+
+def test_the_scale_in_waits_for_the_emergency_checkpoint_the_trainer_saves_after_the_notice(
+        workspace: Workspace, imds: ImdsEmulator, s3: Any, group: tuple[str, str, str],
+        proxy: AutoScalingProxy) -> None:
+    """The flush the scale-in notice starts finds nothing pending: the trainer has only just
+    been told. CONTINUE waits for asg.save_grace, and then for what the trainer saved in it."""
+    daemon = scale_in_before_the_checkpoint(workspace, imds, s3, group, proxy, save_grace=8)
     beats = len(proxy.named(HEARTBEAT))
     wait_for(lambda: len(proxy.named(HEARTBEAT)) >= beats + 2)
     assert proxy.named(COMPLETE) == []  # held, though the flush found everything durable
@@ -353,15 +363,8 @@ def test_a_flush_the_trainer_asks_for_after_saving_ends_the_save_grace(
         proxy: AutoScalingProxy) -> None:
     """`spotwatch flush` once the emergency checkpoint is saved says the trainer is done:
     the scale-in goes on once that flush made it durable, not after all of asg.save_grace."""
-    name, hook, instance = group
-    imds.set_instance(instance, {GROUP_TAG: name})
-    key = "run1/emergency/model.pt"
-    proxy.on_call = lambda action: key in keys_in(s3, workspace.bucket)
-    workspace.write_config(asg={"lifecycle_hook": hook, "heartbeat_interval": 1,
-                                "save_grace": 3600})
-    daemon = workspace.start_daemon(AWS_ENDPOINT_URL_AUTO_SCALING=proxy.url)
-    imds.set_lifecycle_state("Terminated")
-    daemon.wait_for_event("flush_done")
+    daemon = scale_in_before_the_checkpoint(workspace, imds, s3, group, proxy,
+                                            save_grace=3600)
     wait_for(lambda: proxy.named(HEARTBEAT))
     save_checkpoint(workspace.checkpoints / "emergency" / "model.pt", 100_000)
     done = workspace.cli("flush", "-c", "config.yaml")

@@ -213,29 +213,38 @@ def test_what_counts_as_a_pointer(companion: str, text: str, restored: str,
     assert (change and change[0]) == expected
 
 
+def assert_staging_never_restored(workspace: Workspace, s3: Any, done: str, staging: str,
+                                  step: str, items: tuple[str, ...], marker: str,
+                                  uploaded: int) -> None:
+    """Set `done` and its next save, staged in `staging` (items alike), are saved: only
+    `uploaded` files go up, none named with `marker`, and restore brings back `done`. Renamed
+    into place (`step`), the staged save is the checkpoint restored."""
+    for name in items:
+        write(workspace, f"{done}/{name}", f"{done} {name}".encode(), 300)
+        write(workspace, f"{staging}/{name}", f"{step} {name}".encode(), 200)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == uploaded
+    assert not any(marker in key for key in keys_in(s3, workspace.bucket))
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert files_under(target) == {f"{done}/{name}" for name in items}
+
+    (workspace.checkpoints / staging).rename(workspace.checkpoints / step)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == len(items)
+    result = restore(workspace, "--to", str(workspace.root / "renamed"))
+    assert f"restored {step}" in result.stdout, result.stderr
+
+
 def test_a_hugging_face_staging_directory_is_never_the_checkpoint_restored(
         workspace: Workspace, s3: Any) -> None:
     """Transformers 4.36-4.38 saved into tmp-checkpoint-N/ and renamed it checkpoint-N/ when
     done, on the main rank only: elsewhere the staging directory stayed. get_last_checkpoint
     takes checkpoint-N/ only, so restoring tmp-checkpoint-N/ handed back no checkpoint."""
-    state = ("trainer_state.json", "rng_state.pth", "model.safetensors", "optimizer.pt")
-    for name in state:
-        write(workspace, f"checkpoint-400/{name}", b"400 " + name.encode(), 300)
-        write(workspace, f"tmp-checkpoint-500/{name}", b"500 " + name.encode(), 200)
     write(workspace, "runs/Jan01_host/events.out.tfevents.1.host", b"logs", 50)
-    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 5
-    assert not any("tmp-checkpoint" in key for key in keys_in(s3, workspace.bucket))
-    target = workspace.root / "restored"
-    result = restore(workspace, "--to", str(target))
-    assert result.returncode == 0, result.stderr
-    assert files_under(target) == {f"checkpoint-400/{name}" for name in state}
-
-    # Renamed into place, it is the checkpoint.
-    (workspace.checkpoints / "tmp-checkpoint-500").rename(workspace.checkpoints /
-                                                         "checkpoint-500")
-    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 4
-    result = restore(workspace, "--to", str(workspace.root / "renamed"))
-    assert "restored checkpoint-500" in result.stdout, result.stderr
+    assert_staging_never_restored(
+        workspace, s3, "checkpoint-400", "tmp-checkpoint-500", "checkpoint-500",
+        ("trainer_state.json", "rng_state.pth", "model.safetensors", "optimizer.pt"),
+        "tmp-checkpoint", uploaded=5)
 
 
 def test_an_orbax_staging_directory_is_never_uploaded_nor_restored(
@@ -244,24 +253,11 @@ def test_an_orbax_staging_directory_is_never_uploaded_nor_restored(
     ITEM.orbax-checkpoint-tmp-T/) and renames it N/ once finished; a save that failed (disk
     full, OOM-killed) leaves the staging directory, which Orbax never loads. Restored as the
     newest set, it would hand back a broken checkpoint."""
-    items = ("_CHECKPOINT_METADATA", "params/manifest.ocdbt", "params/d/0a1b")
-    for name in items:
-        write(workspace, f"1000/{name}", b"1000 " + name.encode(), 300)
-        write(workspace, f"2000.orbax-checkpoint-tmp-0/{name}", b"2000 " + name.encode(), 200)
     write(workspace, "3000/params.orbax-checkpoint-tmp-1/manifest.ocdbt", b"partial", 100)
-    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 3
-    assert not any("orbax-checkpoint-tmp" in key for key in keys_in(s3, workspace.bucket))
-    target = workspace.root / "restored"
-    result = restore(workspace, "--to", str(target))
-    assert result.returncode == 0, result.stderr
-    assert files_under(target) == {f"1000/{name}" for name in items}
-
-    # Renamed into place, it is the checkpoint.
-    (workspace.checkpoints / "2000.orbax-checkpoint-tmp-0").rename(workspace.checkpoints /
-                                                                  "2000")
-    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 3
-    result = restore(workspace, "--to", str(workspace.root / "renamed"))
-    assert "restored 2000" in result.stdout, result.stderr
+    assert_staging_never_restored(
+        workspace, s3, "1000", "2000.orbax-checkpoint-tmp-0", "2000",
+        ("_CHECKPOINT_METADATA", "params/manifest.ocdbt", "params/d/0a1b"),
+        "orbax-checkpoint-tmp", uploaded=3)
 
 
 @pytest.mark.parametrize(("steps", "pointer", "text"), [

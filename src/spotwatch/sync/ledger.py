@@ -65,6 +65,16 @@ _ALGORITHM_COLUMN = "ALTER TABLE objects ADD COLUMN checksum_algorithm TEXT"
 _ETAG_COLUMN = "ALTER TABLE objects ADD COLUMN etag TEXT"
 
 
+# A set's key, or a key below it: those sort between "<set>/" and "<set>0" ('0' follows '/'),
+# a range the primary key index answers without reading the whole table (see _set_range).
+_IN_SET = "(key = ? OR (key >= ? AND key < ?))"
+
+
+def _set_range(set_key: str) -> tuple[str, str, str]:
+    """The parameters of _IN_SET for the set."""
+    return set_key, set_key + "/", set_key + "0"
+
+
 # key, path, size, mtime_ns, checksum, part_size, checksum_algorithm, etag
 LedgerRow = tuple[str, str, int, int, "str | None", "int | None", "str | None", "str | None"]
 
@@ -145,9 +155,8 @@ class Ledger:
         pruned: sealed again, its manifest must list every file of it, and those are gone."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT key FROM objects WHERE bucket = ? AND retired = 1"
-                " AND (key = ? OR (key >= ? AND key < ?))",
-                (bucket, set_key, set_key + "/", set_key + "0"),
+                f"SELECT key FROM objects WHERE bucket = ? AND retired = 1 AND {_IN_SET}",
+                (bucket, *_set_range(set_key)),
             ).fetchall()
         for (key,) in rows:
             self.forget(bucket, key)
@@ -188,13 +197,9 @@ class Ledger:
         set's objects: set_key or below it."""
         with self._lock:
             rows = self._db.execute(
-                # Keys below the set sort between "<set>/" and "<set>0" ('0' follows '/'):
-                # a range the primary key index answers without reading the whole table.
                 "SELECT key, path, size, mtime_ns, checksum, part_size, checksum_algorithm,"
-                " etag FROM objects"
-                " WHERE bucket = ?"
-                " AND retired = 0 AND (key = ? OR (key >= ? AND key < ?))",
-                (bucket, set_key, set_key + "/", set_key + "0"),
+                f" etag FROM objects WHERE bucket = ? AND retired = 0 AND {_IN_SET}",
+                (bucket, *_set_range(set_key)),
             ).fetchall()
         return [tuple(row) for row in rows]
 
@@ -227,8 +232,8 @@ class Ledger:
         """The set's links as this manifest, now in S3, lists them, instead of those recorded
         before. (A write cut short leaves fewer: the set is sealed again.)"""
         set_key = object_key(manifest.prefix, manifest.set_name)
-        self._write("DELETE FROM links WHERE bucket = ? AND (key = ? OR (key >= ? AND key < ?))",
-                    (bucket, set_key, set_key + "/", set_key + "0"))
+        self._write(f"DELETE FROM links WHERE bucket = ? AND {_IN_SET}",
+                    (bucket, *_set_range(set_key)))
         for link in manifest.links:
             self._write("INSERT OR REPLACE INTO links VALUES (?, ?, ?)",
                         (bucket, object_key(manifest.prefix, link.path), link.target))

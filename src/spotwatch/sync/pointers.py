@@ -77,7 +77,7 @@ def repointed_text(text: str, companion: str, restored: str,
     companion: the pointer file's name; known: the names of the sets listed in S3."""
     core = text.strip()
     if (not core or any(ch.isspace() for ch in core) or core == restored
-            or not _POINTER_NAME.match(companion.rsplit("/", 1)[-1])):
+            or not named_as_pointer(companion)):
         return None
     start = text.index(core)
     if series_of(core) == series_of(restored):
@@ -117,7 +117,7 @@ def repointed_link(link_path: str, target: str, restored: str) -> str | None:
     """The text a top-level pointer link (named as a pointer: Lightning's `last.ckpt`, a
     `latest -> step_300`) gets to lead to the set restored instead of another set of its
     series; None for any other link. The caller makes it only where its target is there."""
-    if "/" in link_path or not _POINTER_NAME.match(link_path):
+    if "/" in link_path or not named_as_pointer(link_path):
         return None
     parts = target.split("/")
     lead = next((i for i, part in enumerate(parts) if part not in ("", ".")), None)

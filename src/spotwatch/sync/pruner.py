@@ -43,7 +43,7 @@ from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, JobSet
-from spotwatch.sync.sets.remote import is_intact, list_job_sets, list_manifests
+from spotwatch.sync.sets.remote import bare_etag, is_intact, list_job_sets, list_manifests
 from spotwatch.sync.sets.sealer import SetSealer
 from spotwatch.sync.tracker import ChangeTracker
 
@@ -218,7 +218,7 @@ class Pruner:
                    if listed.key in recorded}
             for key in set_keys:
                 uploaded, there = recorded.get(key), now.get(key)
-                if uploaded and there and uploaded.strip('"') != there.strip('"'):
+                if uploaded and there and bare_etag(uploaded) != bare_etag(there):
                     log.warning("not_deleted", key=key,
                                 reason="replaced in S3 since spotwatch uploaded it")
                     continue

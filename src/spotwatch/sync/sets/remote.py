@@ -129,7 +129,7 @@ def is_intact(store: ObjectStore, manifest: Manifest,
         return False
     uploads: dict[str, set[str | None]] = defaultdict(set)
     for entry in manifest.files if sealed is None else sealed:
-        uploads[entry.key].add(_bare(entry.etag))
+        uploads[entry.key].add(bare_etag(entry.etag))
     mismatch = _mismatch(store, manifest, uploads)
     if mismatch is not None and mismatch[1] == _REPLACED:
         log.warning("set_not_counted", set=manifest.set_name, key=mismatch[0],
@@ -158,11 +158,11 @@ def _mismatch(store: ObjectStore, manifest: Manifest,
         if there is None or there.size != entry.size:
             return entry.key, "missing or of another size"
         etags = set() if uploads is None else uploads[entry.key]
-        if etags and None not in etags and _bare(there.etag) not in etags:
+        if etags and None not in etags and bare_etag(there.etag) not in etags:
             return entry.key, _REPLACED
     return None
 
 
-def _bare(etag: str | None) -> str | None:
+def bare_etag(etag: str | None) -> str | None:
     """An ETag without the quotes S3 puts around it (some compatible stores leave them out)."""
     return None if etag is None else etag.strip('"')
