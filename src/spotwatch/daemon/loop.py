@@ -521,16 +521,17 @@ class Daemon:
                                       "deadline": deadline})
         if not gone:
             return
-        for record in gone.values():
-            log.info("notice_cancelled", kind=record["kind"], id=record["id"],
-                     detail=record["detail"], deadline=record["deadline"],
-                     reason="no longer listed as active by IMDS")
         self._deferred = [notice for notice in self._deferred if notice.id not in gone]
         if self.last_notice is not None and self.last_notice["id"] in gone:
             self.last_notice = {**self.last_notice,
                                 "cancelled_at": datetime.now(timezone.utc).isoformat()}
         if told is not None and told.id in gone:
             self._tell_next()
+        # Logged once the trainer's notice file says so: whoever reads the line finds it.
+        for record in gone.values():
+            log.info("notice_cancelled", kind=record["kind"], id=record["id"],
+                     detail=record["detail"], deadline=record["deadline"],
+                     reason="no longer listed as active by IMDS")
         if not self._in_effect and not self.flushes.active:
             self._reimpose_bandwidth_cap()
 
