@@ -14,11 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spotwatch.keys import manifest_key
+from spotwatch.sync.commits import uncommitted
 from spotwatch.sync.pointers import named_set, repointed_text
 from spotwatch.sync.restore import Candidate, checkpoints_first
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
 from .conftest import Workspace, keys_in, object_bytes
+from .memory_store import InMemoryObjectStore
 from .test_checkpoint_sets import restore
 from .test_daemon_e2e import flush_summary
 from .test_restore_safety import named
@@ -293,6 +295,87 @@ def test_a_step_newer_than_the_trainers_pointer_is_not_restored(
     result = restore(workspace, "--to", str(workspace.root / "finished"))
     assert f"restored {newer}" in result.stdout, result.stderr
     assert not named(result.stderr, "set_not_committed")
+
+
+@pytest.mark.parametrize(("steps", "pointer", "text"), [
+    (("global_step200", "global_step300", "global_step400"), "latest", "global_step300"),
+    (("iter_0000200", "iter_0000300", "iter_0000400"), "latest_checkpointed_iteration.txt",
+     "300"),
+])
+def test_a_step_past_a_committed_step_missing_from_s3_is_not_restored(
+        workspace: Workspace, s3: Any, steps: tuple[str, str, str], pointer: str,
+        text: str) -> None:
+    """The notice came while the trainer saved step 400, and step 300, which the pointer
+    names, had not all reached S3 (the newest step is flushed first). Step 400 is half a save:
+    restore brings back step 200, the newest step the trainer had committed that is whole in
+    S3, and the pointer names it."""
+    oldest, committed, half = steps
+    write(workspace, f"{oldest}/mp_rank_00_model_states.pt", b"two hundred", 400)
+    write(workspace, f"{committed}/mp_rank_00_model_states.pt", b"three hundred", 300)
+    write(workspace, f"{committed}/zero_pp_rank_0_optim_states.pt", b"optimizer 300", 300)
+    write(workspace, pointer, text.encode(), 250)
+    write(workspace, f"{half}/mp_rank_00_model_states.pt", b"four hundred", 200)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 5
+    incomplete_in_s3(s3, workspace, committed, "zero_pp_rank_0_optim_states.pt")
+
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert f"restored {oldest}" in result.stdout
+    assert files_under(target) == {f"{oldest}/mp_rank_00_model_states.pt", pointer}
+    assert (target / pointer).read_text().strip() == text.replace("3", "2")
+    [skipped] = named(result.stderr, "set_not_committed")
+    assert (skipped["set"], skipped["pointer"], skipped["names"]) == (half, pointer, text)
+
+
+@pytest.mark.parametrize(("text", "companion", "sets", "passed_over"), [
+    ("global_step300", "latest", ("global_step400", "global_step200"), {"global_step400"}),
+    ("300", "latest_checkpointed_iteration.txt", ("iter_0000400", "iter_0000200"),
+     {"iter_0000400"}),
+    # No step of the series at or below the one named: nothing to restore instead.
+    ("global_step300", "latest", ("global_step400", "global_step500"), set()),
+    # A bare number, two series it could be of.
+    ("300", "latest", ("iter_0000400", "global_step400", "global_step200", "iter_0000200"),
+     set()),
+    ("global_step300", "best", ("global_step400", "global_step200"), set()),  # no pointer
+    ("step300", "latest", ("global_step400", "global_step200"), set()),  # another series
+    ("epoch=3-step=300", "latest", ("epoch=4-step=400", "epoch=2-step=200", "step=500"),
+     {"epoch=4-step=400"}),
+])
+def test_which_sets_a_pointer_to_a_step_not_in_s3_passes_over(
+        text: str, companion: str, sets: tuple[str, ...], passed_over: set[str]) -> None:
+    store = InMemoryObjectStore()
+    store.put(f"run1/{companion}", text.encode())
+    pointer = _one_file_set(companion, len(text.encode()))
+    found = uncommitted(store, [*(_one_file_set(name, 3) for name in sets), pointer])
+    assert {f.set_name for f in found} == passed_over
+    assert all(f.names == text and f.pointer == companion for f in found)
+
+
+@given(steps=st.sets(st.integers(0, 10_000), min_size=1, max_size=8),
+       pointed=st.integers(0, 10_000), others=st.sets(st.integers(0, 10_000), max_size=3))
+def test_a_pointer_never_leaves_its_series_without_a_step_to_restore(
+        steps: set[int], pointed: int, others: set[int]) -> None:
+    """Whether or not the step the pointer names is in S3: steps past it are passed over,
+    steps at or below it never, nor steps of another series; and of its series at least one
+    step is left to restore."""
+    names = [f"global_step{n}" for n in sorted(steps, reverse=True)]
+    store = InMemoryObjectStore()
+    text = f"global_step{pointed}"
+    store.put("run1/latest", text.encode())
+    sets = [*(_one_file_set(name, 3) for name in names),
+            *(_one_file_set(f"iter_{n:07d}", 3) for n in others),
+            _one_file_set("latest", len(text))]
+    passed_over = {f.set_name for f in uncommitted(store, sets)}
+    assert passed_over <= {f"global_step{n}" for n in steps if n > pointed}
+    assert passed_over < set(names)
+    if any(n <= pointed for n in steps):
+        assert passed_over == {f"global_step{n}" for n in steps if n > pointed}
+
+
+def _one_file_set(name: str, size: int) -> Manifest:
+    entry = ManifestEntry(key=f"run1/{name}", path=name, size=size, mtime_ns=0, checksum=None)
+    return Manifest(set_name=name, prefix="run1/", files=(entry,), sealed_at=0.0)
 
 
 def test_retention_never_drops_the_committed_step_for_a_newer_one(

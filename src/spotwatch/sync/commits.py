@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 from spotwatch.aws.store import ObjectStore, StoreError
 from spotwatch.keys import series_of
-from spotwatch.sync.pointers import POINTER_MAX_BYTES, named_as_pointer, named_set
+from spotwatch.sync.pointers import (
+    POINTER_MAX_BYTES,
+    Step,
+    named_as_pointer,
+    named_set,
+    step_named,
+    step_of,
+)
 from spotwatch.sync.sets.manifest import Manifest
 
 
@@ -29,13 +36,37 @@ def uncommitted(store: ObjectStore, manifests: Sequence[Manifest]) -> list[Uncom
     found: dict[str, Uncommitted] = {}
     for manifest in manifests:
         text = _pointer_text(store, manifest)
-        pointed = None if text is None else named_set(text, manifest.set_name, names)
-        if pointed is None:
+        if text is None:
             continue
-        for name in names[:names.index(pointed)]:
-            if series_of(name) == series_of(pointed) and name not in found:
-                found[name] = Uncommitted(name, manifest.set_name, pointed)
+        pointed = named_set(text, manifest.set_name, names)
+        newer = (_listed_before(pointed, names) if pointed is not None
+                 else _numbered_beyond(step_named(text, manifest.set_name, names), names))
+        for name in newer:
+            if name not in found:
+                found[name] = Uncommitted(name, manifest.set_name, pointed or text.strip())
     return list(found.values())
+
+
+def _listed_before(pointed: str, names: Sequence[str]) -> list[str]:
+    """The sets of the pointed set's series newer than it (names: newest first)."""
+    series = series_of(pointed)
+    return [name for name in names[:names.index(pointed)] if series_of(name) == series]
+
+
+def _numbered_beyond(pointed: Step | None, names: Sequence[str]) -> list[str]:
+    """Where the step a pointer names is not among the sets (never sealed complete: at a
+    notice the newest step is flushed first, and the one before it may not have made it), the
+    sets of its series numbered past it: the trainer had not committed them. Only while a set
+    of the series numbered at most the pointed step is there to restore instead; else none is
+    passed over, as restore would then have none of the series to give back."""
+    if pointed is None:
+        return []
+    steps = {name: step_of(name) for name in names}
+    of_series = {name: step for name, step in steps.items()
+                 if step.series == pointed.series and len(step.number) == len(pointed.number)}
+    if not any(step.number <= pointed.number for step in of_series.values()):
+        return []
+    return [name for name, step in of_series.items() if step.number > pointed.number]
 
 
 def _pointer_text(store: ObjectStore, manifest: Manifest) -> str | None:

@@ -54,12 +54,20 @@ def named_as_pointer(name: str) -> bool:
     return _POINTER_NAME.match(name.rsplit("/", 1)[-1]) is not None
 
 
+def _pointer_core(text: str, companion: str) -> str | None:
+    """The one name a pointer file holds; None when the file is no pointer."""
+    core = text.strip()
+    if not core or any(ch.isspace() for ch in core) or not named_as_pointer(companion):
+        return None
+    return core
+
+
 def named_set(text: str, companion: str, sets: Collection[str]) -> str | None:
     """The one of these sets that a pointer's text names (DeepSpeed's `latest` holding
     `global_step300`, Megatron's tracker holding `300` for `iter_0000300`); None when the file
     is no pointer or names none of them. companion: the pointer file's name."""
-    core = text.strip()
-    if not core or any(ch.isspace() for ch in core) or not named_as_pointer(companion):
+    core = _pointer_core(text, companion)
+    if core is None:
         return None
     if core in sets:
         return core
@@ -70,14 +78,41 @@ def named_set(text: str, companion: str, sets: Collection[str]) -> str | None:
     return numbered[0] if len(numbered) == 1 else None
 
 
+@dataclass(frozen=True)
+class Step:
+    """A step of a numbered series, such as a pointer names it."""
+
+    series: str  # keys.series_of
+    number: tuple[int, ...]  # its runs of digits
+
+
+def step_of(name: str) -> Step:
+    return Step(series_of(name), tuple(int(run) for run in _DIGITS.findall(name)))
+
+
+def step_named(text: str, companion: str, sets: Collection[str]) -> Step | None:
+    """The step a pointer's text names, whether or not a set of that name is listed: a name
+    of a numbered series one of the sets belongs to, or a bare number where the sets numbered
+    by one run of digits are of one series. None when the file is no pointer or its text
+    names no step of these sets' series."""
+    core = _pointer_core(text, companion)
+    if core is None:
+        return None
+    if not _DIGITS.fullmatch(core):
+        step = step_of(core)
+        return step if step.number and any(series_of(name) == step.series
+                                           for name in sets) else None
+    series = {series_of(name) for name in sets if len(_DIGITS.findall(name)) == 1}
+    return Step(series.pop(), (int(core),)) if len(series) == 1 else None
+
+
 def repointed_text(text: str, companion: str, restored: str,
                    known: Collection[str]) -> tuple[str, str, str] | None:
     """(the new content, the name it held, the name it now holds) when the text is a pointer to
     another set of the restored set's series; None when it is no pointer or names that set.
     companion: the pointer file's name; known: the names of the sets listed in S3."""
-    core = text.strip()
-    if (not core or any(ch.isspace() for ch in core) or core == restored
-            or not named_as_pointer(companion)):
+    core = _pointer_core(text, companion)
+    if core is None or core == restored:
         return None
     start = text.index(core)
     if series_of(core) == series_of(restored):
