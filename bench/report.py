@@ -99,7 +99,10 @@ def restore_section(shapes: list[dict[str, Any]]) -> list[str]:
             "start-up weighs little against the transfer. On this virtual machine the host takes "
             "freed memory back (free page reporting), and writing a GiB into the page cache cost "
             "from 0.2 to over 2 system CPU-seconds depending on how much of it had to be faulted "
-            "in again; the longer a download runs, the more of it does:", "",
+            "in again; the longer a download runs, the more of it does. Each time includes "
+            "the tool's start-up: spotwatch's (the Python interpreter, botocore and the CRT, "
+            "timed by `python bench/startup.py`) is a fixed cost that s5cmd, one Go binary, "
+            "hardly pays, and it weighs most on the smallest sets:", "",
             *restore_table(shapes)]
 
 

@@ -44,7 +44,8 @@ class Sizes:
 
 FULL = Sizes(
     shapes=(Shape("2000x64KiB", 2000, 64 * 1024), Shape("4x256MiB", 4, 256 * MiB)),
-    restore_shapes=(Shape("20000x64KiB", 20_000, 64 * 1024), Shape("4x1GiB", 4, 1024 * MiB)),
+    restore_shapes=(Shape("20000x64KiB", 20_000, 64 * 1024), Shape("4x1GiB", 4, 1024 * MiB),
+                    Shape("8x1GiB", 8, 1024 * MiB)),
     simulation=Simulation(rate_mib=4, latency_ms=20, seconds_per_file=6,
                           levels=(1, 2, 4, 8, 16, 32, 64)),
     daemon=DaemonSizes(saves=4, save_mib=256, idle_files=100_000, idle_seconds=30,
