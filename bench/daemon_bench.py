@@ -43,7 +43,13 @@ class DaemonProcess:
         self.process = subprocess.Popen(
             [str(BIN / "spotwatch"), "run", "-c", str(config), "--bucket", bucket],
             env=clients.env, stdout=self._handle, stderr=subprocess.STDOUT)
-        self.wait_for("daemon_started")
+        try:
+            self.wait_for("daemon_started")
+        except BaseException:  # a daemon that never started is not left running the run out
+            self.process.kill()
+            self.process.wait()
+            self._handle.close()
+            raise
 
     def events(self, name: str) -> list[dict[str, Any]]:
         found = []
@@ -63,7 +69,7 @@ class DaemonProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"daemon exited:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.02)
-        raise TimeoutError(name)
+        raise TimeoutError(f"no {name} in {timeout:g} s:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -102,6 +108,7 @@ def time_to_safety(store: Store, clients: Clients, sizes: DaemonSizes,
 def safety_round(store: Store, clients: Clients,
                  sizes: DaemonSizes) -> list[tuple[str, float]]:
     rows = []
+    shards = 2 * (sizes.saves + 1)  # save_checkpoint's two per save
     with ImdsEmulator(region=REGION) as imds:
         source = clients.work / "training"
         source.mkdir()
@@ -114,13 +121,18 @@ def safety_round(store: Store, clients: Clients,
         fired = time.time()
         imds.fire_spot_interruption()
         done = daemon.wait_for("flush_done")
-        rows.append(("spotwatch (daemon running)", timestamp(done) - fired))
+        # Counted before the stop, whose final flush would upload what this flush missed.
+        in_s3 = store.count(bucket, "data/step_")
         daemon.stop()
-        assert store.count(bucket, "data/step_") == 2 * (sizes.saves + 1)
+        if in_s3 != shards:
+            raise RuntimeError(f"spotwatch's flush_done came with {in_s3} of {shards} shards")
+        rows.append(("spotwatch (daemon running)", timestamp(done) - fired))
         store.drop_bucket(bucket)
         for tool in (AWS, S5CMD):
             bucket = store.new_bucket()
             took = run(clients.upload(tool, source, bucket))
+            if (in_s3 := store.count(bucket, "data/step_")) != shards:
+                raise RuntimeError(f"{tool} left {in_s3} of {shards} shards in S3")
             rows.append((f"{tool} at notice time", took.seconds))
             store.drop_bucket(bucket)
         shutil.rmtree(source)

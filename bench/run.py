@@ -53,7 +53,8 @@ FULL = Sizes(
     rounds=3, scaling_rounds=2)
 QUICK = Sizes(
     shapes=(Shape("300x64KiB", 300, 64 * 1024), Shape("4x16MiB", 4, 16 * MiB)),
-    restore_shapes=(Shape("1000x64KiB", 1000, 64 * 1024), Shape("2x64MiB", 2, 64 * MiB)),
+    restore_shapes=(Shape("1000x64KiB", 1000, 64 * 1024), Shape("2x64MiB", 2, 64 * MiB),
+                    Shape("8x16MiB", 8, 16 * MiB)),  # the full run's eight shards, smaller
     simulation=Simulation(rate_mib=4, latency_ms=20, seconds_per_file=1.5, levels=(1, 4, 16)),
     daemon=DaemonSizes(saves=2, save_mib=32, idle_files=2000, idle_seconds=3,
                        latency_samples=5),

@@ -1,7 +1,8 @@
 """An HTTP reverse proxy in front of the S3 server that injects faults by rule.
 
 Each request is matched against the rules in order; the first rule with faults left applies:
-an S3 error status (503 SlowDown, 500 InternalError, 403 AccessDenied, 400 RequestTimeout), a
+an S3 error status (503 SlowDown, 500 InternalError, 501 NotImplemented, 403 AccessDenied,
+400 RequestTimeout), a
 connection reset before the request reaches S3 or after S3 handled it (the response is lost),
 a response body cut off halfway (then reset, or closed in good order: "short"), a response
 body with one byte flipped, or a delay.
@@ -27,6 +28,8 @@ ERROR_BODIES = {
     403: ("AccessDenied", "Access Denied"),
     503: ("SlowDown", "Please reduce your request rate."),
     500: ("InternalError", "We encountered an internal error. Please try again."),
+    501: ("NotImplemented", "A header you provided implies functionality that is not "
+          "implemented"),
 }
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection"}
 
@@ -52,7 +55,7 @@ class Request:
 
 @dataclass
 class Rule:
-    action: str  # "503", "500", "403", "400", "reset", "reset-after", "truncate", "short",
+    action: str  # "503", "500", "501", "403", "400", "reset", "reset-after", "truncate", "short",
     # "corrupt", "delay"
     matches: Callable[[Request], bool]
     times: int = 1
@@ -168,7 +171,7 @@ class _Handler(BaseHTTPRequestHandler):
         action = rule.action if rule else "forward"
         if rule is not None and rule.action == "delay":
             time.sleep(rule.delay)  # the fault being simulated: a slow answer
-        if action in ("503", "500", "403", "400"):
+        if action in ("503", "500", "501", "403", "400"):
             self.proxy.record(request, action)
             self._send_error(int(action))
             return

@@ -161,3 +161,19 @@ def test_retention_counts_intact_sets_on_a_real_object_store(tmp_path: Path, sea
     assert gone == {f"s3://{BUCKET}/{key}" for key in (  # step_2 counts, step_3 does not
         f"{prefix}.spotwatch/manifests/step_1.json", f"{prefix}step_1/big.pt",
         f"{prefix}step_1/small.pt")}
+
+
+def test_check_passes_on_a_store_without_public_access_blocks(tmp_path: Path,
+                                                              seaweed_url: str) -> None:
+    """SeaweedFS answers GetPublicAccessBlock with 501 NotImplemented: with public buckets
+    allowed, the preflight (which `run` also waits on) passes rather than call S3 unreachable."""
+    (tmp_path / "ckpt").mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "aws": {"region": REGION, "allow_public_bucket": True},
+        "watch": [{"path": str(tmp_path / "ckpt"), "prefix": "check/"}],
+        "imds": {"enabled": False}, "state": {"dir": str(tmp_path / "state")},
+        "metrics": {"enabled": False}}))
+    result = spotwatch(seaweed_url, "check", "-c", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no public access block (NotImplemented)" in result.stdout

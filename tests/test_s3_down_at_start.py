@@ -170,6 +170,32 @@ def test_a_transient_s3_answer_is_no_refusal(workspace: Workspace, s3: Any) -> N
     assert "SlowDown" in result.stdout
 
 
+def test_a_feature_the_store_does_not_implement_is_no_outage(workspace: Workspace,
+                                                              s3: Any) -> None:
+    """An S3-compatible store without public access blocks (SeaweedFS) answers
+    GetPublicAccessBlock with 501 NotImplemented, every time: a verdict on the bucket, not an
+    outage. `check` finds the bucket not fully private (refused, or allowed by
+    aws.allow_public_bucket), and `run` starts and uploads rather than wait for S3 for good."""
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.add("501", lambda request: "publicAccessBlock" in request.query, times=10**6)
+        refused = workspace.cli("check", "-c", "config.yaml", AWS_ENDPOINT_URL=proxy.url)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "FAIL  public access" in refused.stdout
+        assert "no public access block (NotImplemented)" in refused.stdout
+        assert "unreachable" not in refused.stdout
+
+        workspace.write_config(aws={"allow_public_bucket": True})
+        allowed = workspace.cli("check", "-c", "config.yaml", AWS_ENDPOINT_URL=proxy.url)
+        assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+        with running(start_run(workspace, proxy.url)) as daemon:
+            daemon.wait_for_event("daemon_started")
+            save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 3_000)
+            wait_for(lambda: "run1/step_1/model.pt" in keys_in(s3, workspace.bucket))
+            daemon.process.send_signal(signal.SIGTERM)
+            assert daemon.process.wait(timeout=60) == 0, daemon.log_path.read_text()
+    assert not daemon.named("s3_unreachable_at_start")
+
+
 def test_a_flush_asked_of_a_daemon_waiting_for_s3_ends_with_one_line(
         outage: Workspace) -> None:
     """`spotwatch flush` (a trainer's epilogue, say) asks the daemon, which keeps reporting

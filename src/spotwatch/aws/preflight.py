@@ -27,6 +27,8 @@ from spotwatch.keys import WRITE_PROBE, object_key
 # Other botocore errors (no credentials, say) are no outage and still refuse.
 _NO_ANSWER = (BotoConnectionError, HTTPClientError)
 
+_NOT_IMPLEMENTED = 501
+
 PUBLIC_ACCESS_FLAGS = ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy",
                        "RestrictPublicBuckets")
 
@@ -53,8 +55,11 @@ def _error_code(exc: ClientError) -> str:
 def _refusal(exc: ClientError) -> str:
     """The code of S3's refusal. A transient answer (5xx, SlowDown, throttling, a timeout) is
     raised again: it is no verdict on the bucket (a 503 on GetPublicAccessBlock is not a
-    public bucket), and run_checks reports S3 as unreachable instead."""
-    if not store_error(exc).permanent:
+    public bucket), and run_checks reports S3 as unreachable instead. 501 NotImplemented is
+    a verdict: a store without the feature (SeaweedFS has no public access block) answers it
+    every time, and waiting for S3 would wait for good."""
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if not store_error(exc).permanent and status != _NOT_IMPLEMENTED:
         raise exc
     return _error_code(exc)
 
