@@ -369,6 +369,25 @@ def test_fifos_and_sockets_are_named_once_and_never_block_a_set(workspace: Works
     assert uploaded == {"run1/step_1/model.pt", "run1/step_2/model.pt"}
 
 
+def test_a_notice_right_after_a_save_already_uploaded_waits_for_nothing(
+        workspace: Workspace, imds: ImdsEmulator, s3: Any) -> None:
+    """The notice comes just after the last save, whose files went up the moment they were
+    closed: the flush's scans find them newer than quiet_seconds, but uploaded as they are,
+    and the flush ends without waiting for them to go quiet (before: until its time for
+    files being written ran out, reporting them as still written)."""
+    workspace.write_config(sync={"quiet_seconds": 600, "rescan_interval": 1},
+                           log={"level": "debug"})  # debug: each scan's rescan_done
+    daemon = workspace.start_daemon()
+    save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 50_000)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket))
+    scans = len(daemon.named("rescan_done"))
+    daemon.wait_for_event("rescan_done", count=scans + 1)  # one found the file just saved
+    imds.fire_spot_interruption("terminate", in_seconds=120)
+    flush = daemon.wait_for_event("flush_done", timeout=60)
+    assert (flush["files"], flush["still_written"], flush["timed_out"]) == (0, 0, False)
+    assert daemon.stop() == 0
+
+
 def test_after_a_notice_with_a_deadline_a_closed_file_goes_without_the_settle_pause(
         workspace: Workspace, imds: ImdsEmulator, s3: Any) -> None:
     """settle_seconds guards against a file reopened just after closing; against a notice's

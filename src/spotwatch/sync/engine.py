@@ -149,7 +149,12 @@ class SyncEngine:
             if relative is None:
                 yield False
             elif stat.st_mtime_ns > newest_allowed:  # may still be being written
-                tracker.mark_quiet_for(path, (now_ns - stat.st_mtime_ns) / 1e9)
+                # Invariant: a file uploaded (or uploading) in the version found waits for
+                # nothing: had it changed since, its size, mtime or ctime would say so. Marked
+                # unsettled, the newest save, uploaded the moment it closed, would hold a
+                # notice's flush for quiet_seconds after its last write.
+                if not self._has_version(tracker, path, relative, stat):
+                    tracker.mark_quiet_for(path, (now_ns - stat.st_mtime_ns) / 1e9)
                 yield False
             else:
                 yield self._queue_if_changed(tracker, path, relative, stat)
@@ -280,24 +285,42 @@ class SyncEngine:
     def _queue_if_changed(self, tracker: ChangeTracker, path: Path, relative: str,
                           stat: os.stat_result) -> bool:
         """Queue a file the ledger does not have in this version; True when queued."""
-        if not _is_regular(stat):
+        found = self._version(tracker, path, relative, stat, refuse=True)
+        if found is None or self._known(path, *found):
             return False
-        try:
-            key = storable_key(tracker.watch.prefix, relative, self._part_of)
-        except ValueError as exc:
-            self._refuse(path, str(exc))
-            return False
-        snapshot = Snapshot.of(stat)
-        # Invariant: one version of a file is uploaded once. The same version may settle
-        # again while it uploads (a directory renamed into place also reports each file moved).
-        if ((self.ledger.is_current(self.bucket, key, snapshot.version)
-             and not self._rewritten_since_upload(path, snapshot))
-                or UploadJob(path, key, snapshot) in self._uploading
-                or self._retry_waits_for(path, snapshot)):
-            return False
+        key, snapshot = found
         self.planner.add(PendingFile(path, key, snapshot, _set_ref(tracker, relative)))
         self.retries.drop_waiting(path)  # the new version goes now; the old retry is moot
         return True
+
+    def _known(self, path: Path, key: str, snapshot: Snapshot) -> bool:
+        """Whether this version of the file is uploaded, uploading or waiting to retry.
+        Invariant: one version of a file is uploaded once. The same version may settle again
+        while it uploads (a directory renamed into place also reports each file moved)."""
+        return ((self.ledger.is_current(self.bucket, key, snapshot.version)
+                 and not self._rewritten_since_upload(path, snapshot))
+                or UploadJob(path, key, snapshot) in self._uploading
+                or self._retry_waits_for(path, snapshot))
+
+    def _has_version(self, tracker: ChangeTracker, path: Path, relative: str,
+                     stat: os.stat_result) -> bool:
+        """Whether a file a scan found is known (see _known) in the version found."""
+        found = self._version(tracker, path, relative, stat, refuse=False)
+        return found is not None and self._known(path, *found)
+
+    def _version(self, tracker: ChangeTracker, path: Path, relative: str,
+                 stat: os.stat_result, *, refuse: bool) -> tuple[str, Snapshot] | None:
+        """The key and version of a regular file that can be stored; None for any other (a
+        name S3 cannot take is refused, and said, when refuse is set)."""
+        if not _is_regular(stat):
+            return None
+        try:
+            key = storable_key(tracker.watch.prefix, relative, self._part_of)
+        except ValueError as exc:
+            if refuse:
+                self._refuse(path, str(exc))
+            return None
+        return key, Snapshot.of(stat)
 
     def _retry_waits_for(self, path: Path, snapshot: Snapshot) -> bool:
         """Whether this very version already waits for its next attempt: a scan that finds it
