@@ -111,7 +111,7 @@ def test_missing_file_and_missing_bucket(tmp_path: Path, bucket: str) -> None:
     [vanished] = upload(bucket, TransferSettings(), job)
     assert vanished.outcome is Outcome.VANISHED
     path.write_bytes(b"x")
-    settings = TransferSettings(max_attempts=1)
+    settings = TransferSettings(max_attempts=2)  # the fewest the CRT can keep to
     [failed] = upload("no-such-bucket-here", settings, job_for(path, "x.pt"))
     assert failed.outcome is Outcome.FAILED
     assert failed.error and "NoSuchBucket" in failed.error
