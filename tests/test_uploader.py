@@ -21,6 +21,7 @@ from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.uploader import Uploader
 
 from .conftest import REGION, object_bytes, wait_for
+from .faultproxy import FaultProxy
 
 SMALL_PARTS = TransferSettings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
 _client = "classic"  # the transfer client of the test running (see transfer_client)
@@ -205,3 +206,32 @@ def test_a_path_counts_as_uploading_until_its_result_is_delivered(bucket: str,
         assert uploader.in_flight() == 0
     finally:
         uploader.shutdown()
+
+
+@pytest.mark.parametrize("to", [0, 12 * MiB])
+def test_a_file_truncated_while_its_parts_go_up_ends_its_upload_at_once(
+        tmp_path: Path, s3: Any, bucket: str, monkeypatch: pytest.MonkeyPatch, to: int) -> None:
+    """A part read after its file was truncated (a trainer saving the next step over it) is
+    refused, not sent short: S3 would wait for the missing bytes until botocore's 60 s read
+    timeout, and every retry again, holding the upload for ten minutes."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(os.urandom(40 * MiB))  # 8 parts, 2 at a time: parts 3 to 8 come later
+    job = job_for(path, "model.pt")
+    settings = msgspec.structs.replace(SMALL_PARTS, client=_client, max_concurrency=2,
+                                       target_throughput=0.8)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        held = proxy.add("delay", lambda r: r.operation == "UploadPart", times=2, delay=1.0)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        store = make_store(make_s3_client(REGION, settings), bucket, settings)
+        results: queue.Queue[UploadResult] = queue.Queue()
+        uploader = Uploader(store, results.put)
+        try:
+            uploader.submit(job)
+            wait_for(lambda: held.applied >= 1, timeout=30)
+            os.truncate(path, to)
+            # Well before the 60 s S3 would keep a short part's request waiting.
+            result = results.get(timeout=40)
+        finally:
+            uploader.shutdown()
+    assert result.outcome in (Outcome.CHANGED, Outcome.CANCELLED), result
+    wait_for(lambda: not s3.list_multipart_uploads(Bucket=bucket).get("Uploads"), timeout=30)
