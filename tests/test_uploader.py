@@ -184,6 +184,24 @@ def test_part_sizes_up_to_s3s_limit_upload_at_any_target_throughput(
     assert object_bytes(s3, bucket, "model.pt") == path.read_bytes()
 
 
+def test_a_file_whose_parts_outgrow_the_crts_pool_uploads(tmp_path: Path, s3: Any, bucket: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file so large that the parts keeping it within S3's 10,000 outgrow what the CRT's
+    pool holds (128 MiB at up to 1 Gbit/s: files over 1.25 TB) uploads: the CRT refused every
+    attempt, and the file never reached S3. Shown with the limit scaled down to 1 part."""
+    for module in (s3transfer.upload, spotwatch.aws.store):  # classic, CRT
+        monkeypatch.setattr(module, "ChunksizeAdjuster", lambda: ChunksizeAdjuster(max_parts=1))
+    path = tmp_path / "huge.pt"
+    with path.open("wb") as handle:  # sparse: 129 MiB in a single part of 160 MiB
+        handle.truncate(129 * MiB)
+    settings = msgspec.structs.replace(SMALL_PARTS, target_throughput=1.0)
+    [result] = upload(bucket, settings, job_for(path, "huge.pt"))
+    assert result.outcome is Outcome.DONE, result
+    assert result.part_size == 160 * MiB
+    head = s3.head_object(Bucket=bucket, Key="huge.pt", PartNumber=1)
+    assert head["PartsCount"] == 1 and head["ContentLength"] == 129 * MiB
+
+
 def test_a_path_counts_as_uploading_until_its_result_is_delivered(bucket: str,
                                                                    tmp_path: Path) -> None:
     """The engine must handle an upload's result before starting the next upload of the
