@@ -275,16 +275,26 @@ def test_cli_crt_client_without_the_crt(workspace: Workspace) -> None:
                        "config key 'transfer.client': crt needs the AWS CRT")
 
 
-@pytest.mark.parametrize(("client", "disabled", "uses_crt"), [
-    ("auto", False, True), ("auto", True, False), ("classic", False, False),
-    ("crt", False, True)])
+@pytest.mark.parametrize(("client", "disabled", "attempts", "uses_crt"), [
+    ("auto", False, 10, True), ("auto", True, 10, False), ("classic", False, 10, False),
+    ("crt", False, 10, True), ("auto", False, 1, False), ("crt", False, 2, True)])
 def test_transfer_client_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: str,
-                                disabled: bool, uses_crt: bool) -> None:
-    """auto: the CRT wherever botocore can use it (awscrt importable, BOTO_DISABLE_CRT unset)."""
+                                disabled: bool, attempts: int, uses_crt: bool) -> None:
+    """auto: the CRT wherever botocore can use it (awscrt importable, BOTO_DISABLE_CRT unset)
+    and it can keep to transfer.max_attempts (the CRT always retries)."""
     monkeypatch.setattr("botocore.compat.HAS_CRT", not disabled)
-    config = load_config(write(tmp_path, f"watch: [{{path: c}}]\ntransfer: {{client: {client}}}\n"))
+    config = load_config(write(tmp_path, "watch: [{path: c}]\ntransfer: "
+                                         f"{{client: {client}, max_attempts: {attempts}}}\n"))
     assert config.transfer.client == client
     assert config.transfer.uses_crt is uses_crt
+
+
+def test_cli_crt_client_with_a_single_attempt(workspace: Workspace) -> None:
+    """The CRT retries whatever it is told: one attempt would silently be six."""
+    workspace.write_config(transfer={"client": "crt", "max_attempts": 1})
+    assert_usage_error(workspace.cli("check", "-c", "config.yaml"),
+                       "config key 'transfer.max_attempts' must be at least 2 with "
+                       "'transfer.client: crt'")
 
 
 @given(gbps=st.floats(allow_nan=True, allow_infinity=True) | st.integers(-10**6, 10**6))

@@ -21,6 +21,7 @@ from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.uploader import Uploader
 
 from .conftest import REGION, object_bytes, wait_for
+from .faultproxy import FaultProxy
 
 SMALL_PARTS = TransferSettings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
 _client = "classic"  # the transfer client of the test running (see transfer_client)
@@ -111,7 +112,7 @@ def test_missing_file_and_missing_bucket(tmp_path: Path, bucket: str) -> None:
     [vanished] = upload(bucket, TransferSettings(), job)
     assert vanished.outcome is Outcome.VANISHED
     path.write_bytes(b"x")
-    settings = TransferSettings(max_attempts=1)
+    settings = TransferSettings(max_attempts=2)  # the fewest the CRT can keep to
     [failed] = upload("no-such-bucket-here", settings, job_for(path, "x.pt"))
     assert failed.outcome is Outcome.FAILED
     assert failed.error and "NoSuchBucket" in failed.error
@@ -183,6 +184,24 @@ def test_part_sizes_up_to_s3s_limit_upload_at_any_target_throughput(
     assert object_bytes(s3, bucket, "model.pt") == path.read_bytes()
 
 
+def test_a_file_whose_parts_outgrow_the_crts_pool_uploads(tmp_path: Path, s3: Any, bucket: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file so large that the parts keeping it within S3's 10,000 outgrow what the CRT's
+    pool holds (128 MiB at up to 1 Gbit/s: files over 1.25 TB) uploads: the CRT refused every
+    attempt, and the file never reached S3. Shown with the limit scaled down to 1 part."""
+    for module in (s3transfer.upload, spotwatch.aws.store):  # classic, CRT
+        monkeypatch.setattr(module, "ChunksizeAdjuster", lambda: ChunksizeAdjuster(max_parts=1))
+    path = tmp_path / "huge.pt"
+    with path.open("wb") as handle:  # sparse: 129 MiB in a single part of 160 MiB
+        handle.truncate(129 * MiB)
+    settings = msgspec.structs.replace(SMALL_PARTS, target_throughput=1.0)
+    [result] = upload(bucket, settings, job_for(path, "huge.pt"))
+    assert result.outcome is Outcome.DONE, result
+    assert result.part_size == 160 * MiB
+    head = s3.head_object(Bucket=bucket, Key="huge.pt", PartNumber=1)
+    assert head["PartsCount"] == 1 and head["ContentLength"] == 129 * MiB
+
+
 def test_a_path_counts_as_uploading_until_its_result_is_delivered(bucket: str,
                                                                    tmp_path: Path) -> None:
     """The engine must handle an upload's result before starting the next upload of the
@@ -205,3 +224,32 @@ def test_a_path_counts_as_uploading_until_its_result_is_delivered(bucket: str,
         assert uploader.in_flight() == 0
     finally:
         uploader.shutdown()
+
+
+@pytest.mark.parametrize("to", [0, 12 * MiB])
+def test_a_file_truncated_while_its_parts_go_up_ends_its_upload_at_once(
+        tmp_path: Path, s3: Any, bucket: str, monkeypatch: pytest.MonkeyPatch, to: int) -> None:
+    """A part read after its file was truncated (a trainer saving the next step over it) is
+    refused, not sent short: S3 would wait for the missing bytes until botocore's 60 s read
+    timeout, and every retry again, holding the upload for ten minutes."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(os.urandom(40 * MiB))  # 8 parts, 2 at a time: parts 3 to 8 come later
+    job = job_for(path, "model.pt")
+    settings = msgspec.structs.replace(SMALL_PARTS, client=_client, max_concurrency=2,
+                                       target_throughput=0.8)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        held = proxy.add("delay", lambda r: r.operation == "UploadPart", times=2, delay=1.0)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        store = make_store(make_s3_client(REGION, settings), bucket, settings)
+        results: queue.Queue[UploadResult] = queue.Queue()
+        uploader = Uploader(store, results.put)
+        try:
+            uploader.submit(job)
+            wait_for(lambda: held.applied >= 1, timeout=30)
+            os.truncate(path, to)
+            # Well before the 60 s S3 would keep a short part's request waiting.
+            result = results.get(timeout=40)
+        finally:
+            uploader.shutdown()
+    assert result.outcome in (Outcome.CHANGED, Outcome.CANCELLED), result
+    wait_for(lambda: not s3.list_multipart_uploads(Bucket=bucket).get("Uploads"), timeout=30)

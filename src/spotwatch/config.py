@@ -73,6 +73,9 @@ CHECKSUM_ALGORITHMS: tuple[str, ...] = get_args(ChecksumAlgorithm)
 SYNC_MODES: tuple[str, ...] = get_args(SyncMode)
 SSE_MODES: tuple[str, ...] = get_args(SseMode)
 TRANSFER_CLIENTS: tuple[str, ...] = get_args(TransferClient)
+# The CRT retries every failed request (its Python binding takes 0 retries as "its default,
+# 5"): it cannot keep transfer.max_attempts below this; auto then goes classic.
+CRT_MIN_ATTEMPTS = 2
 # The fastest NIC the CRT knows (trn1n: 800 Gbit/s), with room; more is a typo.
 MAX_TARGET_THROUGHPUT_GBPS = 3200.0
 LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
@@ -226,13 +229,17 @@ class TransferSettings(_Section, frozen=True, kw_only=True):
             raise _refuse("sse_kms_key_id", "needs 'transfer.sse: aws:kms'")
         if self.client == "crt" and not _crt_available():
             raise _crt_missing("client", "crt")
+        if self.client == "crt" and self.max_attempts < CRT_MIN_ATTEMPTS:
+            raise _refuse("max_attempts", f"must be at least {CRT_MIN_ATTEMPTS} with "
+                          "'transfer.client: crt' (the CRT cannot be kept from retrying)")
         if self.checksum_algorithm in CRT_CHECKSUM_ALGORITHMS and not _crt_available():
             raise _crt_missing("checksum_algorithm", self.checksum_algorithm)
 
     @property
     def uses_crt(self) -> bool:
         """Whether file transfers go through the AWS CRT: asked for, or auto and available."""
-        return self.client == "crt" or (self.client == "auto" and _crt_available())
+        return self.client == "crt" or (self.client == "auto" and _crt_available()
+                                        and self.max_attempts >= CRT_MIN_ATTEMPTS)
 
 
 class ImdsSettings(_Section, frozen=True, kw_only=True):

@@ -78,7 +78,9 @@ _NO_MD5 = "override-to-be-removed"
 _CANCELED = "AWS_ERROR_S3_CANCELED"
 # The CRT's default part pool is sized by the target throughput and refuses a larger part
 # size (over 128 MiB at 1 Gbit/s, 1 GiB at 10), which S3 allows up to 5 GiB; such a part
-# size gets a pool of this many parts (the CRT needs a little over two).
+# size gets a pool of this many parts (the CRT needs a little over two). A file whose parts
+# s3transfer's adjuster raises past the pool's limit (10,000 parts of 128 MiB at 1 Gbit/s)
+# goes through the classic client.
 _PART_SIZE_OVER_POOL = "AWS_ERROR_S3_PART_SIZE_EXCEEDS_MEMORY_LIMIT"
 PARTS_IN_OWN_POOL = 4
 _CHECKSUM_MISMATCH = "AWS_ERROR_S3_RESPONSE_CHECKSUM_MISMATCH"
@@ -105,6 +107,10 @@ _ERROR_CLASSES = {
 
 def _nothing_to_cancel() -> None:
     pass
+
+
+class _PartsOverPool(Exception):
+    """The CRT refused a request whose part size its buffer pool cannot hold."""
 
 
 def _crt_error(exc: RuntimeError) -> BaseException:
@@ -207,20 +213,28 @@ class CrtObjectStore(S3ObjectStore):
             with suppress(RuntimeError):  # after close nobody waits any more
                 self._finisher.submit(self._finish_upload, error, key, size, received, outer)
 
-        cancel = self._start(
-            "put_object", key, put_object_args(self._settings, size), finished, progress,
-            type=awscrt.s3.S3RequestType.PUT_OBJECT, send_filepath=str(path),
-            # In a header, not a trailer: S3 verifies either, but the trailer's aws-chunked
-            # encoding is not spoken by every S3-compatible store (SeaweedFS refuses it).
-            checksum_config=awscrt.s3.S3ChecksumConfig(
-                algorithm=awscrt.s3.S3ChecksumAlgorithm[self._settings.checksum_algorithm],
-                location=awscrt.s3.S3ChecksumLocation.HEADER),
-            # The part size we record for the checksum is the one the CRT uses: it is within
-            # S3's 10,000 parts already (s3transfer's adjuster), so the CRT keeps it.
-            part_size=part_size or self._settings.multipart_chunksize,
-            # The CRT's threshold is the largest single request; ours the smallest multipart.
-            multipart_upload_threshold=max(1, self._settings.multipart_threshold - 1),
-            on_headers=keep_headers)
+        try:
+            cancel = self._start(
+                "put_object", key, put_object_args(self._settings, size), finished, progress,
+                type=awscrt.s3.S3RequestType.PUT_OBJECT, send_filepath=str(path),
+                # In a header, not a trailer: S3 verifies either, but the trailer's aws-chunked
+                # encoding is not spoken by every S3-compatible store (SeaweedFS refuses it).
+                checksum_config=awscrt.s3.S3ChecksumConfig(
+                    algorithm=awscrt.s3.S3ChecksumAlgorithm[self._settings.checksum_algorithm],
+                    location=awscrt.s3.S3ChecksumLocation.HEADER),
+                # The part size we record for the checksum is the one the CRT uses: it is
+                # within S3's 10,000 parts already (s3transfer's adjuster), so the CRT keeps it.
+                part_size=part_size or self._settings.multipart_chunksize,
+                # The CRT's threshold is the largest single request; ours the smallest
+                # multipart.
+                multipart_upload_threshold=max(1, self._settings.multipart_threshold - 1),
+                on_headers=keep_headers)
+        except _PartsOverPool:
+            # A file so large that s3transfer's adjuster raised its parts past what the pool
+            # (sized for the configured part size) holds: the classic client sends it.
+            log.debug("transfer_client", client="classic", key=key, part_size=part_size,
+                      reason="part size over the CRT's pool")
+            return super().upload_file(path, key, size, progress)
         return PendingUpload(outer, cancel)
 
     def _finish_upload(self, error: BaseException | None, key: str, size: int,
@@ -335,6 +349,8 @@ class CrtObjectStore(S3ObjectStore):
                 if not crt_request.finished_future.done():
                     self._requests.add(crt_request)
         if crt_request is None:
+            if getattr(refused, "name", None) == _PART_SIZE_OVER_POOL:
+                raise _PartsOverPool(str(refused))
             finished(refused, False)
             return _nothing_to_cancel
         return crt_request.cancel  # type: ignore[no-any-return]

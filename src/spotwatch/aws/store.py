@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -24,7 +24,12 @@ from boto3.s3.transfer import create_transfer_manager
 from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.futures import TransferFuture
 from s3transfer.subscribers import BaseSubscriber
-from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS, ChunksizeAdjuster, ReadFileChunk
+from s3transfer.utils import (
+    S3_RETRYABLE_DOWNLOAD_ERRORS,
+    ChunksizeAdjuster,
+    OSUtils,
+    ReadFileChunk,
+)
 
 from spotwatch.aws.ranged_get import RangedGetter
 from spotwatch.aws.s3 import encryption_args, transfer_config
@@ -287,7 +292,8 @@ class S3ObjectStore:
         self._bucket = bucket
         self._settings = settings
         self._throttle = throttle
-        self._manager = create_transfer_manager(client, transfer_config(settings))
+        self._manager = create_transfer_manager(client, transfer_config(settings),
+                                                osutil=_WholeParts())
         # The HEAD after a multipart upload runs off s3transfer's own threads so they keep
         # uploading.
         self._finisher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="verify")
@@ -572,16 +578,25 @@ class FileShrank(CancelledError):
     """The file ended before the size its request declared (truncated while it was sent)."""
 
 
-class _FileBody(ReadFileChunk):
-    """A single PutObject's body: s3transfer's reader of the file, which a cancel stops and
-    which refuses to end short.
+class _WholeChunk(ReadFileChunk):
+    """s3transfer's reader of (a part of) a file, which refuses to end short.
 
     Invariant: a request never waits for bytes its file no longer has. The request declares
-    the file's size when it is made; were the file truncated (a trainer rewriting it) and the
-    body simply to end, S3 would wait for the missing bytes until the read timeout, and
-    botocore send it again, as short, max_attempts times, holding the file (and a flush) for
-    up to ten minutes. Both end the request at once as a CancelledError, which botocore
-    neither wraps nor retries; the uploader then uploads the file's newer version."""
+    the file's size (a part's) when it is made; were the file truncated (a trainer rewriting
+    it) and the body simply to end, S3 would wait for the missing bytes until the read
+    timeout, and botocore send it again, as short, max_attempts times, holding the file (and
+    a flush) for up to ten minutes. This ends the request at once as a CancelledError, which
+    botocore neither wraps nor retries; the uploader then uploads the file's newer version."""
+
+    def read(self, amount: int | None = None) -> bytes:
+        data: bytes = super().read(amount)
+        if not data and amount != 0 and self.tell() < len(self):
+            raise FileShrank(f"the file ended after {self.tell()} of {len(self)} bytes")
+        return data
+
+
+class _FileBody(_WholeChunk):
+    """A single PutObject's body, which a cancel stops too."""
 
     def __init__(self, handle: BinaryIO, size: int, callbacks: list[Callable[..., None]],
                  cancelled: threading.Event) -> None:
@@ -591,10 +606,19 @@ class _FileBody(ReadFileChunk):
     def read(self, amount: int | None = None) -> bytes:
         if self.cancelled.is_set():
             raise CancelledError()
-        data: bytes = super().read(amount)
-        if not data and amount != 0 and self.tell() < len(self):
-            raise FileShrank(f"the file ended after {self.tell()} of {len(self)} bytes")
-        return data
+        return super().read(amount)
+
+
+class _WholeParts(OSUtils):
+    """s3transfer's file access, reading each part of a multipart upload as a _WholeChunk (a
+    part read after its file was truncated would otherwise be sent short)."""
+
+    def open_file_chunk_reader_from_fileobj(
+            self, fileobj: Any, chunk_size: int, full_file_size: int,
+            callbacks: Iterable[Callable[..., Any]],
+            close_callbacks: Iterable[Callable[..., Any]] | None = None) -> ReadFileChunk:
+        return _WholeChunk(fileobj, chunk_size, full_file_size, callbacks=callbacks,
+                           enable_callbacks=False, close_callbacks=close_callbacks)
 
 
 def _as_store_error(exc: Exception) -> Exception:
