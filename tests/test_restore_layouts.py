@@ -341,6 +341,10 @@ def test_a_step_past_a_committed_step_missing_from_s3_is_not_restored(
     ("step300", "latest", ("global_step400", "global_step200"), set()),  # another series
     ("epoch=3-step=300", "latest", ("epoch=4-step=400", "epoch=2-step=200", "step=500"),
      {"epoch=4-step=400"}),
+    # A bare number outside Megatron's tracker names a step only where one of that number is
+    # listed; else it may count anything (here a world size).
+    ("2", "last_world_size", ("epoch_4", "epoch_1"), set()),
+    ("300", "latest", ("400", "200"), {"400"}),  # tags that are bare numbers: a name
 ])
 def test_which_sets_a_pointer_to_a_step_not_in_s3_passes_over(
         text: str, companion: str, sets: tuple[str, ...], passed_over: set[str]) -> None:
@@ -371,6 +375,61 @@ def test_a_pointer_never_leaves_its_series_without_a_step_to_restore(
     assert passed_over < set(names)
     if any(n <= pointed for n in steps):
         assert passed_over == {f"global_step{n}" for n in steps if n > pointed}
+
+
+def test_a_step_a_pointer_names_is_never_passed_over_for_another_pointer(
+        workspace: Workspace, s3: Any) -> None:
+    """Megatron-DeepSpeed writes both DeepSpeed's `latest` and Megatron's tracker at each save.
+    The notice came after step 400 was saved: step 400 and `latest` naming it reached S3, the
+    tracker went up no more (it still names 300), and step 300 not whole. `latest` says step
+    400 was committed: it comes back, not step 200."""
+    write(workspace, "global_step200/mp_rank_00_model_states.pt", b"two hundred", 500)
+    write(workspace, "global_step300/mp_rank_00_model_states.pt", b"three hundred", 400)
+    write(workspace, "global_step300/zero_pp_rank_0_optim_states.pt", b"optimizer 300", 400)
+    write(workspace, "latest_checkpointed_iteration.txt", b"300", 350)
+    write(workspace, "global_step400/mp_rank_00_model_states.pt", b"four hundred", 300)
+    write(workspace, "latest", b"global_step400", 250)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 6
+    incomplete_in_s3(s3, workspace, "global_step300", "zero_pp_rank_0_optim_states.pt")
+
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "restored global_step400" in result.stdout
+    assert (target / "latest").read_text() == "global_step400"
+    assert not named(result.stderr, "set_not_committed")
+
+
+def test_a_number_in_a_file_that_is_no_tracker_passes_no_step_over(
+        workspace: Workspace, s3: Any) -> None:
+    """A small `last_world_size` holding 2 (the world size a script reshards from) is named
+    like a pointer, but a bare number names a step only in Megatron's tracker or where a step
+    of that number is in S3: epoch_4 is restored, the newest step."""
+    write(workspace, "epoch_1/model.pt", b"one", 400)
+    write(workspace, "epoch_4/model.pt", b"four", 300)
+    write(workspace, "last_world_size", b"2", 200)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 3
+
+    result = restore(workspace, "--to", str(workspace.root / "restored"))
+    assert result.returncode == 0, result.stderr
+    assert "restored epoch_4" in result.stdout
+    assert not named(result.stderr, "set_not_committed")
+
+
+@pytest.mark.parametrize("sets", [
+    ("global_step400", "global_step200"),  # step 300 not whole in S3
+    ("global_step400", "global_step300", "global_step200"),
+])
+def test_a_pointer_to_an_older_step_never_passes_over_one_another_pointer_names(
+        sets: tuple[str, ...]) -> None:
+    """`latest` names step 400, whole in S3; the tracker, not uploaded since, names 300."""
+    store = InMemoryObjectStore()
+    store.put("run1/latest", b"global_step400")
+    store.put("run1/latest_checkpointed_iteration.txt", b"300")
+    manifests = [_one_file_set("latest", 14),
+                 _one_file_set("latest_checkpointed_iteration.txt", 3),
+                 *(_one_file_set(name, 3) for name in sets)]
+    assert uncommitted(store, manifests) == []
 
 
 def _one_file_set(name: str, size: int) -> Manifest:

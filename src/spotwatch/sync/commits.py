@@ -34,16 +34,27 @@ def uncommitted(store: ObjectStore, manifests: Sequence[Manifest]) -> list[Uncom
     them names. One GET per pointer (a small file named as one)."""
     names = [manifest.set_name for manifest in manifests]
     found: dict[str, Uncommitted] = {}
+    committed: set[str] = set()
     for manifest in manifests:
         text = _pointer_text(store, manifest)
         if text is None:
             continue
         pointed = named_set(text, manifest.set_name, names)
+        if pointed is not None:
+            committed.add(pointed)
         newer = (_listed_before(pointed, names) if pointed is not None
                  else _numbered_beyond(step_named(text, manifest.set_name, names), names))
         for name in newer:
             if name not in found:
                 found[name] = Uncommitted(name, manifest.set_name, pointed or text.strip())
+    # Invariant: a step a pointer names, whole in S3, is committed, and so is every older step
+    # of its series: another pointer that names an older step (Megatron's tracker beside
+    # DeepSpeed's `latest`, not uploaded again before the instance went away) never passes
+    # it over.
+    for step in committed:
+        for name in [step, *names[names.index(step) + 1:]]:
+            if series_of(name) == series_of(step):
+                found.pop(name, None)
     return list(found.values())
 
 

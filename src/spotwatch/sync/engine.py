@@ -150,7 +150,8 @@ class SyncEngine:
                 yield False
             elif stat.st_mtime_ns > newest_allowed:  # may still be being written
                 # Invariant: a file uploaded (or uploading) in the version found waits for
-                # nothing: had it changed since, its size, mtime or ctime would say so. Marked
+                # nothing: had it changed since, its size or mtime would say so, or its inode
+                # had it been replaced (_known: the same test a settled file meets). Marked
                 # unsettled, the newest save, uploaded the moment it closed, would hold a
                 # notice's flush for quiet_seconds after its last write.
                 if not self._has_version(tracker, path, relative, stat):

@@ -92,18 +92,21 @@ def step_of(name: str) -> Step:
 
 def step_named(text: str, companion: str, sets: Collection[str]) -> Step | None:
     """The step a pointer's text names, whether or not a set of that name is listed: a name
-    of a numbered series one of the sets belongs to, or a bare number where the sets numbered
-    by one run of digits are of one series. None when the file is no pointer or its text
-    names no step of these sets' series."""
+    of a numbered series one of the sets belongs to, or, in Megatron's tracker, a bare number
+    where the sets numbered by one run of digits are of one series. None when the file is no
+    pointer or its text names no step of these sets' series."""
     core = _pointer_core(text, companion)
     if core is None:
         return None
-    if not _DIGITS.fullmatch(core):
-        step = step_of(core)
-        return step if step.number and any(series_of(name) == step.series
-                                           for name in sets) else None
-    series = {series_of(name) for name in sets if len(_DIGITS.findall(name)) == 1}
-    return Step(series.pop(), (int(core),)) if len(series) == 1 else None
+    # A bare number elsewhere names a step only where a set of that number is listed
+    # (named_set): a `last_world_size` holding 2 counts no step. As a name it may still be
+    # one of a series of bare numbers (DeepSpeed tags `200`, `300`).
+    if _DIGITS.fullmatch(core) and companion in NUMBER_TRACKERS:
+        series = {series_of(name) for name in sets if len(_DIGITS.findall(name)) == 1}
+        return Step(series.pop(), (int(core),)) if len(series) == 1 else None
+    step = step_of(core)
+    return step if step.number and any(series_of(name) == step.series
+                                       for name in sets) else None
 
 
 def repointed_text(text: str, companion: str, restored: str,
