@@ -377,6 +377,9 @@ def test_a_notice_right_after_a_save_already_uploaded_waits_for_nothing(
     files being written ran out, reporting them as still written)."""
     workspace.write_config(sync={"quiet_seconds": 600, "rescan_interval": 1},
                            log={"level": "debug"})  # debug: each scan's rescan_done
+    # Made before the start, so its watch exists: a file renamed into a folder made a moment
+    # before may be found by a scan without its event, and wait out quiet_seconds.
+    (workspace.checkpoints / "step_1").mkdir()
     daemon = workspace.start_daemon()
     save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 50_000)
     wait_for(lambda: "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket))
