@@ -132,6 +132,14 @@ def scaling_section(scaling: dict[str, Any]) -> list[str]:
     return lines
 
 
+def simulated_restore_section(restores: dict[str, Any]) -> list[str]:
+    return ["", f"Restore through the same proxy ({restores['rate_mib']:g} MiB/s per connection, "
+            f"{restores['latency_ms']:g} ms before each response), every tool with its defaults: "
+            "there a small file's GET is a round trip, and how many a tool keeps under way, not "
+            "its CPU, sets the pace, as on S3:", "",
+            *restore_table(restores["shapes"])]
+
+
 def projection_section(projections: list[dict[str, Any]]) -> list[str]:
     names = list(CHECKPOINTS_GIB)
     lines = ["", "## (c) projected on a p4d/p5", "",
@@ -197,6 +205,8 @@ def report(results: dict[str, Any]) -> str:
     if "scaling" in results:
         lines += scaling_section(results["scaling"])
         lines += projection_section(results["projection"])
+    if "simulated_restore" in results:
+        lines += simulated_restore_section(results["simulated_restore"])
     if "time_to_safety" in results:
         lines += safety_section(results["time_to_safety"])
     if "detection_latency" in results:

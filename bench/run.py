@@ -29,7 +29,7 @@ from transfers import Shape, Simulation, bulk, restore_at_scale, scaling
 
 HERE = Path(__file__).resolve().parent
 FORMAT = 2  # results.json's layout; --only keeps earlier sections only of the same layout
-SCENARIOS = ("bulk", "restore", "scaling", "safety", "latency", "idle")
+SCENARIOS = ("bulk", "restore", "scaling", "simrestore", "safety", "latency", "idle")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Sizes:
     shapes: tuple[Shape, ...]
     restore_shapes: tuple[Shape, ...]  # larger sets, downloads only
     simulation: Simulation
+    simulated_restores: tuple[Shape, ...]  # downloads through the simulation
     daemon: DaemonSizes
     rounds: int
     scaling_rounds: int
@@ -48,6 +49,7 @@ FULL = Sizes(
                     Shape("8x1GiB", 8, 1024 * MiB)),
     simulation=Simulation(rate_mib=4, latency_ms=20, seconds_per_file=6,
                           levels=(1, 2, 4, 8, 16, 32, 64)),
+    simulated_restores=(Shape("2000x64KiB", 2000, 64 * 1024), Shape("8x24MiB", 8, 24 * MiB)),
     daemon=DaemonSizes(saves=4, save_mib=256, idle_files=100_000, idle_seconds=30,
                        latency_samples=40),
     rounds=3, scaling_rounds=2)
@@ -56,6 +58,7 @@ QUICK = Sizes(
     restore_shapes=(Shape("1000x64KiB", 1000, 64 * 1024), Shape("2x64MiB", 2, 64 * MiB),
                     Shape("8x16MiB", 8, 16 * MiB)),  # the full run's eight shards, smaller
     simulation=Simulation(rate_mib=4, latency_ms=20, seconds_per_file=1.5, levels=(1, 4, 16)),
+    simulated_restores=(Shape("300x64KiB", 300, 64 * 1024), Shape("4x6MiB", 4, 6 * MiB)),
     daemon=DaemonSizes(saves=2, save_mib=32, idle_files=2000, idle_seconds=3,
                        latency_samples=5),
     rounds=2, scaling_rounds=1)
@@ -114,6 +117,17 @@ def run_scenarios(wanted: set[str], sizes: Sizes, args: argparse.Namespace,
                                              args.repeat or sizes.scaling_rounds)
             results["projection"] = [project(results["scaling"], tool)
                                      for tool in tools if tool.startswith("spotwatch")]
+        if "simrestore" in wanted:
+            print("(b) scaled S3: restore", flush=True)
+            produced["(b) restore"] = command
+            with s3_simulation(url, sizes.simulation.rate_mib, sizes.simulation.latency_ms,
+                               work / "s3sim-restore.log") as simulated:
+                results["simulated_restore"] = {
+                    "rate_mib": sizes.simulation.rate_mib,
+                    "latency_ms": sizes.simulation.latency_ms,
+                    "shapes": [restore_at_scale(store, clients, shape, tools, rounds,
+                                                downloading=Clients(simulated, work))
+                               for shape in sizes.simulated_restores]}
         if "safety" in wanted:
             print("(d) time to safety", flush=True)
             produced["(d)"] = command

@@ -109,9 +109,10 @@ def download_rows(downloads: dict[str, list[Usage]], shape: Shape) -> dict[str, 
 
 
 def restore_at_scale(store: Store, clients: Clients, shape: Shape, tools: Sequence[str],
-                     rounds: int) -> dict[str, Any]:
+                     rounds: int, downloading: Clients | None = None) -> dict[str, Any]:
     """Downloads only, of a set larger than (a)'s, where each tool's start-up weighs little:
-    spotwatch uploads it once, then both downloaders fetch it in rotating order each round."""
+    spotwatch uploads it once, then both downloaders fetch it in rotating order each round
+    (through `downloading`'s endpoint, the simulation say; else the store's)."""
     source = shape.make(clients.work / shape.name)
     bucket = store.new_bucket()
     uploader = SPOTWATCH_CRT if SPOTWATCH_CRT in tools else SPOTWATCH
@@ -119,7 +120,7 @@ def restore_at_scale(store: Store, clients: Clients, shape: Shape, tools: Sequen
     check_objects(store, bucket, uploader, shape.files)
     downloads: dict[str, list[Usage]] = {tool: [] for tool in DOWNLOADERS}
     for round_number in range(rounds):
-        download_round(clients, source, bucket, shape, round_number, downloads)
+        download_round(downloading or clients, source, bucket, shape, round_number, downloads)
     store.drop_bucket(bucket)
     set_aside(source, clients.work / SET_ASIDE)
     return {"shape": shape.name, "files": shape.files, "bytes": shape.total,

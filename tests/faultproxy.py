@@ -69,11 +69,16 @@ class Rule:
         return True
 
 
+class _WideServer(ThreadingHTTPServer):
+    # Clients that open a hundred connections at once are not made to wait out a SYN retry.
+    request_queue_size = 512
+
+
 class LocalServer:
     """A threaded HTTP server on a free localhost port, serving on its own thread."""
 
     def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = _WideServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -99,6 +104,9 @@ class FaultProxy:
     rules: list[Rule] = field(default_factory=list)
     seen: list[tuple[Request, str]] = field(default_factory=list)
     connections: int = 0  # accepted from clients
+    # Per operation: requests being answered now, and the most that ever were at once.
+    in_flight: dict[str, int] = field(default_factory=dict)
+    most_in_flight: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         target = urlsplit(self.upstream)
@@ -137,6 +145,20 @@ class FaultProxy:
         with self._lock:
             self.connections += 1
 
+    def begin(self, request: Request) -> None:
+        with self._lock:
+            now = self.in_flight[request.operation] = self.in_flight.get(request.operation, 0) + 1
+            self.most_in_flight[request.operation] = max(
+                now, self.most_in_flight.get(request.operation, 0))
+
+    def end(self, request: Request) -> None:
+        with self._lock:
+            self.in_flight[request.operation] -= 1
+
+    def most_at_once(self, operation: str) -> int:
+        with self._lock:
+            return self.most_in_flight.get(operation, 0)
+
     def record(self, request: Request, what: str) -> None:
         with self._lock:
             self.seen.append((request, what))
@@ -167,6 +189,13 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         request = Request(self.command, parts.path, parse_qs(parts.query, keep_blank_values=True),
                           _signing_key(self.headers.get("Authorization", "")))
+        self.proxy.begin(request)
+        try:
+            self._answer(request, body)
+        finally:
+            self.proxy.end(request)
+
+    def _answer(self, request: Request, body: bytes) -> None:
         rule = self.proxy.choose(request)
         action = rule.action if rule else "forward"
         if rule is not None and rule.action == "delay":

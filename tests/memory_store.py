@@ -178,6 +178,10 @@ class InMemoryObjectStore:
     def max_concurrency(self) -> int:
         return self._max_concurrency
 
+    @property
+    def downloads_at_once(self) -> int:
+        return self._max_concurrency
+
     def uses_multipart(self, size: int) -> bool:
         return False
 

@@ -149,6 +149,11 @@ class ObjectStore(Protocol):
         """How many uploads the store runs at once."""
         ...
 
+    @property
+    def downloads_at_once(self) -> int:
+        """How many downloads the store runs at once."""
+        ...
+
     def uses_multipart(self, size: int) -> bool:
         """Whether a file of this size goes up in parts (its upload may leave parts behind)."""
         ...
@@ -319,6 +324,10 @@ class S3ObjectStore:
 
     @property
     def max_concurrency(self) -> int:
+        return self._settings.max_concurrency
+
+    @property
+    def downloads_at_once(self) -> int:
         return self._settings.max_concurrency
 
     def uses_multipart(self, size: int) -> bool:

@@ -27,8 +27,8 @@ from spotwatch.checksums import ContentMismatch, expected, file_matches
 from spotwatch.progress import Progress
 from spotwatch.sync.sets.manifest import ManifestEntry
 
-# Downloads under way at once: at least this many, so that the CRT, which runs as many
-# requests as its throughput target asks for, always has the next ones queued.
+# Downloads under way at once: at least this many, and so many per download the store runs
+# at once that each of its workers (the CRT: each connection) always has the next one queued.
 MIN_WINDOW = 64
 WINDOW_PER_WORKER = 4
 
@@ -73,7 +73,7 @@ class _SetFetch:
         self._preferred = preferred
         self._progress = progress
         self._temps = temps
-        self._window = max(MIN_WINDOW, WINDOW_PER_WORKER * store.max_concurrency)
+        self._window = max(MIN_WINDOW, WINDOW_PER_WORKER * store.downloads_at_once)
         self._events: SimpleQueue[_Event] = SimpleQueue()
         self._under_way: dict[FileToFetch, PendingDownload] = {}
         # Downloads, checks and the completeness check whose events are still to come.

@@ -34,7 +34,7 @@ from stat import S_ISDIR, S_ISLNK, S_ISREG
 
 import structlog
 
-from spotwatch.aws.crt_store import make_store
+from spotwatch.aws.crt_store import for_restore, make_store
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
@@ -178,8 +178,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     for the whole job)."""
     watch = _choose_watch(config, prefix)
     destination = _destination(to, watch)
-    store = make_store(make_s3_client(resolve_region(config), config.transfer), bucket,
-                       config.transfer)
+    settings = for_restore(config.transfer)
+    store = make_store(make_s3_client(resolve_region(config), settings), bucket, settings)
     try:
         candidates = restore_candidates(store, watch.prefix, config.job, node_rank)
     except StoreError as exc:
