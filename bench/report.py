@@ -133,7 +133,8 @@ def scaling_section(scaling: dict[str, Any]) -> list[str]:
 
 
 def simulated_restore_section(restores: dict[str, Any]) -> list[str]:
-    return ["", f"Restore through the same proxy ({restores['rate_mib']:g} MiB/s per connection, "
+    return ["", "## (g) scaled S3: restore", "",
+            f"Restore through (b)'s proxy ({restores['rate_mib']:g} MiB/s per connection, "
             f"{restores['latency_ms']:g} ms before each response), every tool with its defaults: "
             "there a small file's GET is a round trip, and how many a tool keeps under way, not "
             "its CPU, sets the pace, as on S3:", "",

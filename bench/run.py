@@ -118,8 +118,8 @@ def run_scenarios(wanted: set[str], sizes: Sizes, args: argparse.Namespace,
             results["projection"] = [project(results["scaling"], tool)
                                      for tool in tools if tool.startswith("spotwatch")]
         if "simrestore" in wanted:
-            print("(b) scaled S3: restore", flush=True)
-            produced["(b) restore"] = command
+            print("(g) scaled S3: restore", flush=True)
+            produced["(g)"] = command
             with s3_simulation(url, sizes.simulation.rate_mib, sizes.simulation.latency_ms,
                                work / "s3sim-restore.log") as simulated:
                 results["simulated_restore"] = {
