@@ -68,11 +68,21 @@ def linked_file(root: Path, path: Path, relative: str) -> tuple[str, os.stat_res
 def leads_into(place: Path, target: str, root: Path) -> bool:
     """Whether a link at place (in a folder already resolved) with this text would lead to
     something that is there, below root (resolved)."""
+    return leads_to(place, target, root) is not None
+
+
+def leads_to(place: Path, target: str, root: Path) -> Path | None:
+    """What a link at place (in a folder already resolved) with this text would lead to,
+    resolved, if it is there, below root (resolved). A folder not made yet is made a real
+    directory by restore: '..' from it is its parent, so the text is read from the folder as
+    text (a set whose folder holds nothing but links to files of another set)."""
+    folder = place.parent
+    joined = folder / target if folder.is_dir() else Path(os.path.normpath(folder / target))
     try:
-        there = (place.parent / target).resolve(strict=True)
+        there = joined.resolve(strict=True)
     except (OSError, RuntimeError):
-        return False
-    return root in there.parents
+        return None
+    return there if root in there.parents else None
 
 
 def make_link(place: Path, target: str, temporary: Path) -> None:

@@ -60,7 +60,7 @@ from spotwatch.state import StateDir
 from spotwatch.sync.commits import uncommitted
 from spotwatch.sync.downloads import FileToFetch, SetCorrupt, SetIncomplete, fetch_verified, verify
 from spotwatch.sync.ledger import Ledger, LedgerError
-from spotwatch.sync.links import leads_into, make_link
+from spotwatch.sync.links import leads_into, leads_to, make_link
 from spotwatch.sync.pointers import Repointed, repoint, repointed_link
 from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import list_job_sets, list_manifests, not_there
@@ -196,8 +196,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     candidates = [c for c in candidates if not is_unfinished_marker(c.whole)]
     known = frozenset(c.whole.set_name for c in candidates)
     _remove_stale_temporaries(destination, [c.whole for c in candidates])
-    linked = [c for c in candidates if not c.whole.files and c.problem is None]
-    ordered, companions = checkpoints_first([c for c in candidates if c.whole.files])
+    linked = [c for c in candidates if not _holds_files(c.whole) and c.problem is None]
+    ordered, companions = checkpoints_first([c for c in candidates if _holds_files(c.whole)])
     candidates = (committed_first(store, ordered) if set_name is None
                   else [c for c in candidates if c.whole.set_name == set_name])
     # Restored into the watched directory, the files are already in S3: record them.
@@ -304,7 +304,19 @@ def _is_numbered(manifest: Manifest) -> bool:
 
 
 def _is_directory_set(manifest: Manifest) -> bool:
-    return any(entry.path != manifest.set_name for entry in manifest.files)
+    return any(path != manifest.set_name for path in _file_paths(manifest))
+
+
+def _holds_files(manifest: Manifest) -> bool:
+    """Whether the set is a checkpoint, not links only: it has files, or links to files of
+    other sets (a step directory all of whose files a dedup step linked to an older one's)."""
+    return bool(_file_paths(manifest))
+
+
+def _file_paths(manifest: Manifest) -> list[str]:
+    """The paths of the set's files, with its links to files of other sets (LinkEntry.file)."""
+    return [*(entry.path for entry in manifest.files),
+            *(link.path for link in manifest.links if link.file is not None)]
 
 
 def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
@@ -692,13 +704,11 @@ def _linked_here(store: ObjectStore, link: LinkEntry, targets: _Targets, preferr
     entry = link.file
     if entry is None:
         return False
-    place = targets.of(link.path)
-    if not leads_into(place, link.target, targets.root):
-        return False
+    there = leads_to(targets.of(link.path), link.target, targets.root)
     try:
-        there = (place.parent / link.target).resolve(strict=True)
-        return _already_there(there, entry, _part_size(store, entry), preferred, ())
-    except (SpotwatchError, OSError, RuntimeError):  # a directory there, or gone: not the file
+        return there is not None and _already_there(there, entry, _part_size(store, entry),
+                                                    preferred, ())
+    except (SpotwatchError, OSError):  # a directory there, or gone since: not the file
         return False
 
 
