@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +18,11 @@ from spotwatch.keys import manifest_key, object_key
 from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry, ManifestError
 
 from .conftest import Workspace, keys_in, object_bytes
+from .memory_store import FakeClock, InMemoryObjectStore, crc32_checksum
 from .test_checkpoint_sets import restore
 from .test_daemon_e2e import flush_summary, save_checkpoint
+from .test_failure_paths import BACKOFF, engine_on, manifest_in, pump_until, quiescent, write
+from .test_failure_paths import PREFIX as FAILING_PREFIX
 from .test_manifests import PREFIX
 from .test_restore_safety import named
 
@@ -218,3 +222,24 @@ def test_a_linked_file_reads_back_and_a_link_without_one_is_written_as_before() 
 def test_a_malformed_linked_file_is_refused(file: Any) -> None:
     with pytest.raises(ManifestError):
         Manifest.from_json(json.dumps(_linking(file)), PREFIX)
+
+
+def test_a_set_waits_for_the_file_its_link_leads_to_then_lists_it(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
+    """The linked file's upload fails at first: the set linking to it is sealed only once
+    that file is durable, and then lists it."""
+    root = tmp_path / "ckpt"
+    write(root, "step_100/embed.pt", b"embedding")
+    write(root, "step_200/model.pt", b"model")
+    os.symlink("../step_100/embed.pt", root / "step_200" / "embed.pt")
+    embed = root / "step_100" / "embed.pt"
+    store.fail("upload_file", times=1, key=f"{FAILING_PREFIX}step_100/embed.pt")
+    with engine_on(root, tmp_path, store, clock) as engine:
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, lambda: engine.retries.failures(embed) == 1
+                   and engine.totals.files == 1, clock)
+        assert manifest_key(FAILING_PREFIX, "step_200") not in store.objects
+        pump_until(engine, lambda: quiescent(engine), clock, step=BACKOFF.cap)
+    [link] = manifest_in(store, "step_200").links
+    assert link.file is not None and link.file.key == f"{FAILING_PREFIX}step_100/embed.pt"
+    assert link.file.checksum == crc32_checksum(b"embedding")
