@@ -89,6 +89,32 @@ def test_a_step_of_links_into_an_older_one_only_is_a_checkpoint(workspace: Works
     assert (fresh / "step_400" / "embed.pt").read_bytes() == saved["step_100/embed.pt"]
 
 
+def test_restored_into_the_watched_directory_the_set_is_uploaded_as_it_now_is(
+        workspace: Workspace, s3: Any) -> None:
+    """A fresh instance: step_200 restored with embed.pt as a file, which no object has as its
+    key; the next flush uploads it as step_200's own and seals the set again, and leaves
+    step_100's object as it was."""
+    saved = save_deduplicated(workspace)
+    etag = s3.head_object(Bucket=workspace.bucket, Key=EMBED)["ETag"]
+    ckpt = workspace.checkpoints
+    for name in ("step_50", "step_100", "step_200", "step_300"):
+        for path in (ckpt / name).iterdir():
+            path.unlink()
+        (ckpt / name).rmdir()
+    (workspace.root / "state").rename(workspace.root / "old-state")
+    result = restore(workspace, "--set", "step_200")
+    assert result.returncode == 0, result.stderr
+    assert (ckpt / "step_200" / "embed.pt").read_bytes() == saved["step_100/embed.pt"]
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 1
+    data = json.loads(object_bytes(s3, workspace.bucket, f"{MANIFESTS}step_200.json"))
+    assert sorted(entry["key"] for entry in data["files"]) == [
+        "run1/step_200/embed.pt", "run1/step_200/model.pt"]
+    assert "links" not in data
+    assert object_bytes(s3, workspace.bucket, "run1/step_200/embed.pt") == saved[
+        "step_100/embed.pt"]
+    assert s3.head_object(Bucket=workspace.bucket, Key=EMBED)["ETag"] == etag
+
+
 def test_a_link_is_made_again_only_to_a_file_that_verifies(workspace: Workspace,
                                                            s3: Any) -> None:
     """Restored where step_100 is already there, step_200's link is a link again; where the
