@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     repointed = "".join(f"; {change.companion} now names {change.new} (was {change.old})"
                         for change in report.repointed)
     links = "".join(f"; link {link.path} -> {link.target}" for link in report.links)
+    links += "".join(f"; {link.path} restored as a file (its link -> {link.target} leads to "
+                     f"nothing restored)" for link in report.as_files)
     print(f"restored {report.set_name} into {report.destination}: {report.downloaded} files "
           f"downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already present"
           f"{companions}{repointed}{links}{passed_over}")

@@ -6,14 +6,20 @@ that leads to something inside the watched directory is recorded: its set's mani
 its text (Manifest.links), and it has no object, since its target is uploaded once, as itself.
 Any other link (out of the tree, or dangling) is not followed: its target may lie anywhere
 and change unseen.
+
+A link in a set directory that leads to a file of another set (a trainer or a dedup step saving
+step_200 with `embed.pt -> ../step_100/embed.pt` for a file that did not change) makes that
+file part of its set: the manifest also records the file's entry (LinkEntry.file), so that the
+set is complete, restored and kept by retention with it (linked_file says which file).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from stat import S_ISREG
 
-from spotwatch.keys import link_destination
+from spotwatch.keys import link_destination, set_name_of
 from spotwatch.sync.sets.manifest import LinkEntry
 
 
@@ -40,14 +46,43 @@ def link_entry(root: Path, path: Path, relative: str) -> LinkEntry | None:
     return LinkEntry(relative, target)
 
 
+def linked_file(root: Path, path: Path, relative: str) -> tuple[str, os.stat_result] | None:
+    """(path below root, stat) of the regular file of another set that the symlink at path
+    (relative: its path below root), in a set directory, leads to, through any further links;
+    None for any other link: one within its set, a set that is itself a link (Lightning's
+    `last.ckpt`, a `latest -> step_100`: a pointer, not part of a checkpoint), a link to a
+    directory, or one gone or leading out of the tree."""
+    if "/" not in relative:
+        return None
+    try:
+        leads_to = path.resolve(strict=True)
+        stat = os.stat(leads_to, follow_symlinks=False)
+        below = leads_to.relative_to(root.resolve()).as_posix()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    if not S_ISREG(stat.st_mode) or set_name_of(below) == set_name_of(relative):
+        return None
+    return below, stat
+
+
 def leads_into(place: Path, target: str, root: Path) -> bool:
     """Whether a link at place (in a folder already resolved) with this text would lead to
     something that is there, below root (resolved)."""
+    return leads_to(place, target, root) is not None
+
+
+def leads_to(place: Path, target: str, root: Path) -> Path | None:
+    """What a link at place (in a folder already resolved) with this text would lead to,
+    resolved, if it is there, below root (resolved). A folder not made yet is made a real
+    directory by restore: '..' from it is its parent, so the text is read from the folder as
+    text (a set whose folder holds nothing but links to files of another set)."""
+    folder = place.parent
+    joined = folder / target if folder.is_dir() else Path(os.path.normpath(folder / target))
     try:
-        there = (place.parent / target).resolve(strict=True)
+        there = joined.resolve(strict=True)
     except (OSError, RuntimeError):
-        return False
-    return root in there.parents
+        return None
+    return there if root in there.parents else None
 
 
 def make_link(place: Path, target: str, temporary: Path) -> None:

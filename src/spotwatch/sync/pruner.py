@@ -262,7 +262,8 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
     manifests: the sets in S3, newest first; gone_locally: keys the ledger says spotwatch
     uploaded whose local files are gone; complete: whether a set's files are all in S3.
 
-    Invariant: only what spotwatch uploaded goes, never an object a kept set's manifest lists.
+    Invariant: only what spotwatch uploaded goes, never an object a kept set's manifest lists,
+    a file of an older set that a kept set's link leads to included (Manifest.linked_files).
     A file is deleted only if it is under the prefix, not spotwatch's own, accepted by the filters,
     listed by no kept manifest, and either recorded in the ledger with its local file gone, or
     inside the own directory of a set dropped by retention whose manifest lists it. A set that
@@ -293,7 +294,9 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
             kept.append(manifest)
             if keep_sets and complete(manifest):
                 complete_kept[series] += 1
-    listed_by_kept = {entry.key for manifest in kept for entry in manifest.files}
+    # A kept set needs the files of older sets its links lead to as much as its own.
+    listed_by_kept = {entry.key for manifest in kept
+                      for entry in (*manifest.files, *manifest.linked_files)}
     files = dict.fromkeys(gone - listed_by_kept, "deleted locally")
     for manifest, reason in dropped:
         if reason != "retention":

@@ -15,7 +15,11 @@ Numbered set directories come before other sets, with the top-level files beside
 (checkpoints_first); a pointer among those is made to name the set restored (sync.pointers).
 A set of symlinks only (Lightning's `last.ckpt`) is never the checkpoint restored: once the
 files are in place, the links of the set restored and of those sets are made again wherever
-their target is there (sync.links).
+their target is there (sync.links). A link of the set restored into another set (step_200's
+`embed.pt -> ../step_100/embed.pt`), whose file the manifest records (LinkEntry.file), is part
+of the set: the set is complete only while that object is whole in S3, and the link is made
+where that file is on disk and verifies, else the object's bytes are restored in the link's
+place, verified like every other file of the set (_linked_here).
 
 On a multi-node job a set counts only when it is complete for the whole job (sync.sets.parts):
 the whole set is restored, or with --node-rank only the files that node's part lists.
@@ -56,10 +60,10 @@ from spotwatch.state import StateDir
 from spotwatch.sync.commits import uncommitted
 from spotwatch.sync.downloads import FileToFetch, SetCorrupt, SetIncomplete, fetch_verified, verify
 from spotwatch.sync.ledger import Ledger, LedgerError
-from spotwatch.sync.links import leads_into, make_link
+from spotwatch.sync.links import leads_into, leads_to, make_link
 from spotwatch.sync.pointers import Repointed, repoint, repointed_link
 from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry
-from spotwatch.sync.sets.remote import is_complete, list_job_sets, list_manifests
+from spotwatch.sync.sets.remote import list_job_sets, list_manifests, not_there
 
 log = structlog.get_logger("spotwatch.restore")
 
@@ -80,6 +84,8 @@ class RestoreReport:
     # Companions that named another set of the series, rewritten to name this one.
     repointed: tuple[Repointed, ...] = field(default=())
     links: tuple[LinkEntry, ...] = field(default=())  # symlinks made (see _with_links)
+    # Links into other sets restored as files (their linked file not there: _linked_here).
+    as_files: tuple[LinkEntry, ...] = field(default=())
 
 
 class _Targets:
@@ -190,8 +196,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     candidates = [c for c in candidates if not is_unfinished_marker(c.whole)]
     known = frozenset(c.whole.set_name for c in candidates)
     _remove_stale_temporaries(destination, [c.whole for c in candidates])
-    linked = [c for c in candidates if not c.whole.files and c.problem is None]
-    ordered, companions = checkpoints_first([c for c in candidates if c.whole.files])
+    linked = [c for c in candidates if not _holds_files(c.whole) and c.problem is None]
+    ordered, companions = checkpoints_first([c for c in candidates if _holds_files(c.whole)])
     candidates = (committed_first(store, ordered) if set_name is None
                   else [c for c in candidates if c.whole.set_name == set_name])
     # Restored into the watched directory, the files are already in S3: record them.
@@ -298,7 +304,19 @@ def _is_numbered(manifest: Manifest) -> bool:
 
 
 def _is_directory_set(manifest: Manifest) -> bool:
-    return any(entry.path != manifest.set_name for entry in manifest.files)
+    return any(path != manifest.set_name for path in _file_paths(manifest))
+
+
+def _holds_files(manifest: Manifest) -> bool:
+    """Whether the set is a checkpoint, not links only: it has files, or links to files of
+    other sets (a step directory all of whose files a dedup step linked to an older one's)."""
+    return bool(_file_paths(manifest))
+
+
+def _file_paths(manifest: Manifest) -> list[str]:
+    """The paths of the set's files, with its links to files of other sets (LinkEntry.file)."""
+    return [*(entry.path for entry in manifest.files),
+            *(link.path for link in manifest.links if link.file is not None)]
 
 
 def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
@@ -354,10 +372,13 @@ def _with_links(report: RestoreReport, sets: Mapping[str, Manifest], ledger: Led
     targets = _Targets(report.destination)
     made = []
     repointed = list(report.repointed)
+    as_files = {link.path for link in report.as_files}
     for manifest in sets.values():
         if ledger is not None:  # before a daemon sees them, so that it seals nothing again
             _record_links(ledger, bucket, manifest)
         for link in manifest.links:
+            if link.path in as_files:
+                continue
             fields = {"path": link.path, "target": link.target}
             try:
                 place = targets.of(link.path)
@@ -429,12 +450,13 @@ def restore_newest(store: ObjectStore, sets: Sequence[Manifest | Candidate], des
                 log.warning("set_incomplete", set=manifest.set_name, reason=candidate.problem)
                 passed_over.append(manifest.set_name)
                 continue
+            found: list[tuple[str, str]] = []
             report = _download(store, manifest, destination, preferred, ledger,
-                               complete=partial(is_complete, store, candidate.whole),
+                               complete=partial(_complete, store, candidate.whole, found),
                                also=candidate.also)
         except SetIncomplete:
             log.warning("set_incomplete", set=manifest.set_name,
-                        reason="a listed object is missing or has another size")
+                        **_why_incomplete(candidate.whole, found))
             passed_over.append(manifest.set_name)
             continue
         except SetCorrupt as exc:
@@ -448,6 +470,28 @@ def restore_newest(store: ObjectStore, sets: Sequence[Manifest | Candidate], des
             raise SpotwatchError(f"cannot verify {manifest.set_name}: {exc}") from None
         return replace(report, passed_over=tuple(passed_over))
     return None
+
+
+def _complete(store: ObjectStore, manifest: Manifest, found: list[tuple[str, str]]) -> bool:
+    """Whether the set is complete in S3; found gets the first object (key, why) it lacks."""
+    missing = not_there(store, manifest)
+    if missing is not None:
+        found.append(missing)
+    return missing is None
+
+
+def _why_incomplete(manifest: Manifest, found: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """The fields of a set_incomplete warning: which object, and for a file of another set
+    that a link leads to, which link."""
+    if not found:
+        return {"reason": "a listed object is missing or has another size"}
+    key, why = found[0]
+    link = next((link for link in manifest.links
+                 if link.file is not None and link.file.key == key), None)
+    if link is None:
+        return {"reason": f"a listed object is {why}", "key": key}
+    return {"reason": f"the file of another set that link {link.path} leads to is {why}",
+            "key": key, "link": link.path, "target": link.target}
 
 
 def _part_size(store: ObjectStore, entry: ManifestEntry) -> int | None:
@@ -606,9 +650,15 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
     also: by key, more entries each file must match (Candidate.also; SetCorrupt)."""
     also = also or {}
     targets = _Targets(destination)
+    as_files = [link for link in manifest.links
+                if link.file is not None and not _linked_here(store, link, targets, preferred)]
+    # A link restored as a file holds its linked object's bytes: the ledger does not record it
+    # (no object has its key), so a daemon watching uploads it as a file of its set.
+    unrecorded = {link.path for link in as_files}
     todo: list[tuple[FileToFetch, Path]] = []
     there: list[tuple[ManifestEntry, Path]] = []
-    for entry in manifest.files:
+    for entry in [*manifest.files,
+                  *(replace(link.file, path=link.path) for link in as_files if link.file)]:
         target = targets.of(entry.path)
         part_size = _part_size(store, entry)
         if _already_there(target, entry, part_size, preferred, also.get(entry.key, ())):
@@ -625,15 +675,41 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
             _check_also(todo, also, preferred)
             # Every file of the set checked out: only now does anything land in place.
             for file, target in todo:
-                if ledger is not None:  # before the rename, so a running daemon skips it
+                # Before the rename, so a running daemon skips it.
+                if ledger is not None and file.entry.path not in unrecorded:
                     _record(ledger, store.bucket, file.entry, target)
                 os.replace(file.temp, target)
             temps.clear()  # all in place: nothing left to remove
             if ledger is not None:
-                _record_set(ledger, store.bucket, manifest, there)
+                _record_set(ledger, store.bucket, manifest,
+                            [(entry, path) for entry, path in there
+                             if entry.path not in unrecorded])
     finally:
         progress.close()
-    return RestoreReport(manifest.set_name, destination, len(todo), len(there), total)
+    for link in as_files:
+        log.info("link_restored_as_file", path=link.path, target=link.target,
+                 key=link.file.key if link.file else None,
+                 reason="the file it leads to is not there: its bytes are in its place")
+    return RestoreReport(manifest.set_name, destination, len(todo), len(there), total,
+                         as_files=tuple(as_files))
+
+
+def _linked_here(store: ObjectStore, link: LinkEntry, targets: _Targets, preferred: str) -> bool:
+    """Whether the link's text leads, in the destination, to a file that holds the bytes of
+    its linked file (LinkEntry.file): then the link is made as it was (_with_links), else the
+    set restores those bytes in the link's place.
+
+    Invariant: restore never hands back a set whose link leads to nothing, or to other bytes
+    than the set was sealed with."""
+    entry = link.file
+    if entry is None:
+        return False
+    there = leads_to(targets.of(link.path), link.target, targets.root)
+    try:
+        return there is not None and _already_there(there, entry, _part_size(store, entry),
+                                                    preferred, ())
+    except (SpotwatchError, OSError):  # a directory there, or gone since: not the file
+        return False
 
 
 def _record(ledger: Ledger, bucket: str, entry: ManifestEntry, target: Path) -> None:

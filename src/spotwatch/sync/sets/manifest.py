@@ -6,7 +6,10 @@ durable in S3, a manifest listing them is written last, under ``<prefix>.spotwat
 `restore` only ever trusts a set that has a manifest whose files all exist. A symlink of the
 set that leads inside the watched directory has no object: the manifest lists it under
 ``links`` (written only when there is one, so a set without links has the manifest it always
-had), with the link's text as written.
+had), with the link's text as written. A link in a set directory that leads to a file of
+another set (a step saved with `embed.pt -> ../step_100/embed.pt` for a file that did not
+change) also lists that file's entry (``file``): the set needs that object as much as its own,
+for completeness, restore and retention alike (LinkEntry.file).
 
 A manifest read back from S3 is untrusted input: `Manifest.from_json` accepts it only when
 every field has its type and every file lies inside the set, under the prefix the reader
@@ -51,10 +54,23 @@ class ManifestEntry:
 
 @dataclass(frozen=True)
 class LinkEntry:
-    """A symlink of the set: no object, only its text (see sync.links)."""
+    """A symlink of the set: no object, only its text (see sync.links).
+
+    file: where the link, in a set directory, leads to a file of another set, that file's
+    entry as it was when the set was sealed (None: a link within its set, a pointer link
+    such as `last.ckpt`, or a manifest written before). The set is complete only while that
+    object is in S3 as the entry says, and restore can verify and fetch it from the entry
+    alone, whether or not its own set is still there."""
 
     path: str  # relative to the watched directory
     target: str  # as the link holds it: relative to the link's own directory
+    file: ManifestEntry | None = None
+
+    def as_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"path": self.path, "target": self.target}
+        if self.file is not None:  # else as written before: older readers see no change
+            data["file"] = vars(self.file)
+        return data
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,11 @@ class Manifest:
     files: tuple[ManifestEntry, ...]
     sealed_at: float
     links: tuple[LinkEntry, ...] = ()
+
+    @property
+    def linked_files(self) -> tuple[ManifestEntry, ...]:
+        """The files of other sets that links of this set lead to (LinkEntry.file)."""
+        return tuple(link.file for link in self.links if link.file is not None)
 
     @property
     def bytes(self) -> int:
@@ -90,7 +111,7 @@ class Manifest:
             "sealed_at": self.sealed_at,
         }
         if self.links:
-            data["links"] = [vars(link) for link in self.links]
+            data["links"] = [link.as_data() for link in self.links]
         return data
 
     @classmethod
@@ -114,7 +135,8 @@ class Manifest:
         if object_key(field_of(data, "prefix", str), "") != object_key(prefix, ""):
             raise ManifestError(f"written for prefix {data['prefix']!r}, not {prefix!r}")
         raw_files = field_of(data, "files", list)
-        links = tuple(_link(raw, set_name) for raw in _optional_field(data, "links", list) or ())
+        links = tuple(_link(raw, prefix, set_name)
+                      for raw in _optional_field(data, "links", list) or ())
         if not raw_files and not links:
             raise ManifestError("lists no files")
         files = tuple(_entry(raw, prefix, set_name) for raw in raw_files)
@@ -190,12 +212,22 @@ def _path_in_set(raw: object, what: str, set_name: str) -> tuple[dict[str, Any],
     return raw, path
 
 
-def _link(raw: object, set_name: str) -> LinkEntry:
+def _link(raw: object, prefix: str, set_name: str) -> LinkEntry:
     raw, path = _path_in_set(raw, "link", set_name)
     target = field_of(raw, "target", str)
     if link_destination(path, target) is None:
         raise ManifestError(f"link {path!r} does not lead inside the tree: {target!r}")
-    return LinkEntry(path, target)
+    linked = _optional_field(raw, "file", dict)
+    return LinkEntry(path, target, None if linked is None else _linked_file(linked, prefix))
+
+
+def _linked_file(raw: dict[str, Any], prefix: str) -> ManifestEntry:
+    """A link's file (LinkEntry.file): an entry of another set under the same prefix, never
+    of spotwatch's own key space."""
+    path = field_of(raw, "path", str)
+    if is_reserved(set_name_of(path)):
+        raise ManifestError(f"a link leads to {path!r}, in spotwatch's own key space")
+    return _entry(raw, prefix, set_name_of(path))
 
 
 def _entry(raw: object, prefix: str, set_name: str) -> ManifestEntry:

@@ -8,7 +8,14 @@ from collections.abc import Iterable, Mapping
 import structlog
 
 from spotwatch.aws.store import ListedObject, ObjectMissing, ObjectStore, StoreError
-from spotwatch.keys import manifest_key, manifest_prefix, object_key, part_key, parts_prefix
+from spotwatch.keys import (
+    manifest_key,
+    manifest_prefix,
+    object_key,
+    part_key,
+    parts_prefix,
+    set_name_of,
+)
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry, ManifestError
 from spotwatch.sync.sets.parts import JobSet, Part
 
@@ -104,7 +111,16 @@ _REPLACED = "replaced since the upload"
 def is_complete(store: ObjectStore, manifest: Manifest) -> bool:
     """Every file the manifest lists is in the store with the listed size (restore's test: it
     then checks the bytes themselves against the manifest's checksums)."""
-    return _mismatch(store, manifest, None) is None
+    return not_there(store, manifest) is None
+
+
+def not_there(store: ObjectStore, manifest: Manifest) -> tuple[str, str] | None:
+    """is_complete's answer as the first file (key, why) that is not in the store, or None.
+
+    Invariant: a file of another set that a link of this one leads to (Manifest.linked_files)
+    counts as the set's own: a set whose linked file is gone from S3, or replaced by another
+    size, is incomplete, whether or not the set it belongs to is still there."""
+    return _mismatch(store, manifest, None)
 
 
 def is_intact(store: ObjectStore, manifest: Manifest,
@@ -122,13 +138,14 @@ def is_intact(store: ObjectStore, manifest: Manifest,
     job every node's part, since nodes that write one file alike each upload it and the
     object is the last of those uploads. An entry without a checksum makes the set one that
     restore refuses (it cannot verify the bytes), so such a set never counts either."""
-    unverifiable = next((entry.key for entry in manifest.files if entry.checksum is None), None)
+    unverifiable = next((entry.key for entry in (*manifest.files, *manifest.linked_files)
+                         if entry.checksum is None), None)
     if unverifiable is not None:
         log.warning("set_not_counted", set=manifest.set_name, key=unverifiable,
                     reason="the manifest has no checksum to verify it by")
         return False
     uploads: dict[str, set[str | None]] = defaultdict(set)
-    for entry in manifest.files if sealed is None else sealed:
+    for entry in [*(manifest.files if sealed is None else sealed), *manifest.linked_files]:
         uploads[entry.key].add(bare_etag(entry.etag))
     mismatch = _mismatch(store, manifest, uploads)
     if mismatch is not None and mismatch[1] == _REPLACED:
@@ -141,19 +158,24 @@ def _mismatch(store: ObjectStore, manifest: Manifest,
               uploads: Mapping[str, set[str | None]] | None) -> tuple[str, str] | None:
     """The first listed file (key, why) that is not in the store as the manifest says, or None.
 
-    One listing of the set's keys (a request per 1,000 objects) rather than a HEAD per file:
-    every key a valid manifest lists is the prefix, then the set's name, then the rest.
+    One listing of each set's keys (a request per 1,000 objects) rather than a HEAD per file:
+    every key a valid manifest lists is the prefix, then its set's name, then the rest; the
+    files links lead to (Manifest.linked_files) are listed with their own sets.
     uploads: by key, the ETags its uploads got (None among them: one not recorded); None:
     sizes alone."""
-    wanted = {entry.key for entry in manifest.files}
+    entries = [*manifest.files, *manifest.linked_files]
+    wanted: dict[str, set[str]] = defaultdict(set)  # set key -> the keys wanted in it
+    for entry in entries:
+        wanted[object_key(manifest.prefix, set_name_of(entry.path))].add(entry.key)
     found: dict[str, ListedObject] = {}
     try:
-        for listed in store.list_objects(object_key(manifest.prefix, manifest.set_name)):
-            if listed.key in wanted:
-                found[listed.key] = listed
+        for set_key, keys in wanted.items():
+            for listed in store.list_objects(set_key):
+                if listed.key in keys:
+                    found[listed.key] = listed
     except StoreError as exc:
         return "", f"cannot list: {exc}"
-    for entry in manifest.files:
+    for entry in entries:
         there = found.get(entry.key)
         if there is None or there.size != entry.size:
             return entry.key, "missing or of another size"

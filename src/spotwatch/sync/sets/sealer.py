@@ -9,9 +9,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
-from functools import partial
 from pathlib import Path
 
 import structlog
@@ -27,7 +26,7 @@ from spotwatch.keys import (
 )
 from spotwatch.logs import printable_path
 from spotwatch.sync.ledger import Ledger, LedgerError, LedgerRow
-from spotwatch.sync.links import LinkSkipped, link_entry
+from spotwatch.sync.links import LinkSkipped, link_entry, linked_file
 from spotwatch.sync.planner import SetRef
 from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
 from spotwatch.sync.sets.claim import CLOCK_SKEW_SECONDS, RankClaim
@@ -59,6 +58,9 @@ class SetCheck:
     missing: list[str]  # files (relative paths) not durable in S3 at their current version
     arriving: bool  # some missing file was just created: too early to call the set incomplete
     links: list[LinkEntry]  # its symlinks recorded as they are now (sync.links)
+    # The sets of the files of other sets its links lead to that are not durable in S3 at
+    # their current version (sync.links.linked_file): each is among missing.
+    links_into: frozenset[str] = frozenset()
 
 
 class PartClaimed(StoreError):
@@ -103,6 +105,9 @@ class SetSealer:
         # Sets the ledger holds as unsettled already: one write per change of state, not per
         # file uploaded.
         self._unsettled: set[str] = set()
+        # Set key -> the sets left incomplete for want of a file of it their links lead to:
+        # checked again whenever that set changes (a file of it uploaded).
+        self._linking: dict[str, set[SetRef]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._dirty)
@@ -116,6 +121,8 @@ class SetSealer:
         self._dirty[set_ref] = self._dirty.get(set_ref, 0) + 1
         if set_ref.key not in self._unsettled:
             self._settle(set_ref.key, False)
+        for linking in self._linking.pop(set_ref.key, ()):
+            self.mark_dirty(linking)
 
     def resume(self, set_refs: Iterable[SetRef]) -> None:
         """At start: the sets a stop or a crash left between a change and its manifest (see
@@ -168,10 +175,13 @@ class SetSealer:
                 self._hold(set_ref, blocked)
                 continue
             check = self._check_set(set_ref)
-            if check.arriving:
+            # A linked file still on its way: checked again, like a file just created.
+            if check.arriving or check.links_into & busy_set_keys:
                 continue
             self.awaiting.pop(set_ref.key, None)
             if check.missing:
+                for set_key in check.links_into:
+                    self._linking.setdefault(set_key, set()).add(set_ref)
                 self._report_incomplete(set_ref, check.missing)
                 self._done(set_ref)  # sealed again once another file of it is uploaded
                 continue
@@ -331,7 +341,10 @@ class SetSealer:
         too: restore must never hand back the set without it, nor without the files of a
         directory spotwatch may not read (named as the directory, with a trailing slash).
         A symlink has no object to wait for: it is listed as it is now if it leads inside
-        the watched directory (sync.links), else left out, as the engine said.
+        the watched directory (sync.links), else left out, as the engine said. One in a set
+        directory that leads to a file of another set is listed with that file's entry, and
+        the file is missing until it is in the ledger as the file is now: restore then gets
+        it from the manifest, verified, whatever happens to the other set.
         """
         recorded = self._recorded(set_ref)
         entries: list[ManifestEntry] = []
@@ -346,8 +359,19 @@ class SetSealer:
                 arriving = arriving or (key is not None and self._arriving(stat))
                 continue
             entries.append(ManifestEntry(row[0], relative, *row[2:]))
-        links = [link for link in map(partial(self._link, set_ref), others) if link is not None]
-        return SetCheck(entries, sorted(missing), arriving, links)
+        links: list[LinkEntry] = []
+        links_into: set[str] = set()
+        for path in others:
+            link = self._link(set_ref, path)
+            if link is None:
+                continue
+            link, wanted = self._with_linked_file(set_ref, path, link)
+            if wanted is None:
+                links.append(link)
+            else:
+                missing.append(wanted)
+                links_into.add(object_key(set_ref.prefix, set_name_of(wanted)))
+        return SetCheck(entries, sorted(missing), arriving, links, frozenset(links_into))
 
     def _link(self, set_ref: SetRef, path: Path) -> LinkEntry | None:
         """The entry of a symlink of the set that is recorded (None for a FIFO, socket or
@@ -360,6 +384,23 @@ class SetSealer:
             return link_entry(tracker.root, path, relative)
         except LinkSkipped:
             return None
+
+    def _with_linked_file(self, set_ref: SetRef, path: Path,
+                          link: LinkEntry) -> tuple[LinkEntry, str | None]:
+        """The link with the entry of the file of another set it leads to, if it leads to one
+        (sync.links.linked_file); and that file (its path below the watched directory) when
+        it is not durable in S3 as it is now, or one whose key S3 cannot take."""
+        leads_to = linked_file(self._trackers[set_ref.root].root, path, link.path)
+        if leads_to is None:
+            return link, None
+        relative, stat = leads_to
+        key = self._key_or_none(set_ref.prefix, relative)
+        row = None if key is None else next(
+            (row for row in self._ledger.objects_in_set(self._store.bucket, key)
+             if row[0] == key), None)
+        if row is None or (row[2], row[3]) != (stat.st_size, stat.st_mtime_ns) or not row[4]:
+            return link, relative
+        return replace(link, file=ManifestEntry(row[0], relative, *row[2:])), None
 
     def _arriving(self, stat: os.stat_result) -> bool:
         return 0 <= self._wall_clock_ns() - stat.st_ctime_ns < ARRIVING_NS
