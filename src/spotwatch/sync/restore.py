@@ -674,6 +674,12 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
                            complete)
             _check_also(todo, also, preferred)
             # Every file of the set checked out: only now does anything land in place.
+            if ledger is not None:
+                # Settled before the first rename: a restore stopped between two (kill -9, a
+                # full disk) leaves part of the set in place, and a daemon starting then must
+                # not seal that part over the manifest it came from.
+                ledger.set_settled(store.bucket,
+                                   object_key(manifest.prefix, manifest.set_name), True)
             for file, target in todo:
                 # Before the rename, so a running daemon skips it.
                 if ledger is not None and file.entry.path not in unrecorded:
