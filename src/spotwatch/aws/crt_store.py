@@ -180,6 +180,14 @@ def make_store(client: S3Client, bucket: str, settings: TransferSettings,
     return S3ObjectStore(client, bucket, settings, throttle)
 
 
+def _utf8(path: Path) -> bool:
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:  # bytes os.fsdecode kept as surrogates
+        return False
+    return True
+
+
 def _holds_crt_process_lock() -> bool:
     return acquire_crt_s3_process_lock(CRT_PROCESS_LOCK) is not None
 
@@ -302,7 +310,8 @@ class CrtObjectStore(S3ObjectStore):
         part."""
         # An empty object: the CRT's GET with an expected checksum asks for a range, which
         # S3 refuses for no bytes (InvalidRange).
-        if size == 0 or self.uses_multipart(size):
+        # A path that is not UTF-8 (a name in another encoding): the CRT takes text paths only.
+        if size == 0 or self.uses_multipart(size) or not _utf8(path):
             return super().start_download(key, path, size, progress, expected)
         done: Future[bool] = Future()
         checking = expected if expected is not None and not expected.composite \

@@ -158,6 +158,12 @@ def _destination(to: Path | None, watch: WatchDir) -> Path:
                     None)
     if existing is not None and not existing.is_dir():
         raise ConfigError(f"cannot restore into {destination}: {existing} is not a directory")
+    try:  # lexists says False for a path below a folder that may not be entered
+        os.stat(destination)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise SpotwatchError(f"cannot restore into {destination}: {exc.strerror}") from None
     return destination
 
 
