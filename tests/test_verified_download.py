@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from spotwatch.aws.crt_store import CrtObjectStore, make_store
 from spotwatch.aws.ranged_get import (
+    PIECE_SIZE,
     WRITE_SLICE,
     RangedGetter,
     range_size,
@@ -116,6 +117,54 @@ def test_ranges_of_several_parts_take_each_parts_digest(
     assert check.matches(digests) == (bytes(received) == data)
 
 
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=3000), algorithm=st.sampled_from(sorted(DIGESTS)),
+       piece_size=st.integers(1, 1200), flip=st.none() | st.integers(0, 2999),
+       dropped=st.booleans())
+def test_a_full_object_crc_is_checked_from_its_pieces(
+        data: bytes, algorithm: str, piece_size: int, flip: int | None, dropped: bool) -> None:
+    """An object fetched in ranges, each digesting its pieces: the pieces' CRCs make up the
+    object's whole CRC exactly when every byte is the one sent; a missing piece never passes,
+    and algorithms whose digests cannot be combined (SHA) are never split."""
+    check = expected(s3_checksum(data, algorithm, None), None, algorithm, algorithm)
+    assert check is not None
+    assert check.splittable == algorithm.startswith("CRC")
+    received = bytearray(data)
+    if flip is not None and data:
+        received[flip % len(data)] ^= 0x01
+    pieces = PartDigests(check.new_digest, piece_size)
+    pieces.update(bytes(received))
+    digests = pieces.digests()
+    if dropped and len(digests) > 1:
+        digests = digests[:-1]
+    matched = check.matches_pieces(digests, piece_size, len(data))
+    assert matched == (check.splittable and bytes(received) == data
+                       and not (dropped and len(digests) < len(pieces.digests())))
+
+
+def test_a_single_put_object_is_fetched_in_pieces_and_checked_on_either_client(
+        tmp_path: Path, s3: Any, bucket: str, client: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below the multipart threshold, above two pieces: ranged GETs over several connections
+    (on S3 one carries some 90 MB/s), the CRC checked from the pieces' digests."""
+    size = 2 * PIECE_SIZE + 1
+    data = os.urandom(size)
+    checksum = put(s3, bucket, "k", data)
+    settings = TransferSettings(client=client, max_concurrency=4)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        store = make_store(make_s3_client(REGION, settings), bucket, settings)
+        assert not store.uses_multipart(size)
+        try:
+            checked = store.download("k", tmp_path / "f", size, None,
+                                     expected(checksum, None, "CRC32", "CRC32"))
+        finally:
+            store.close()
+        assert proxy.count("GET") == 3
+    assert checked  # on the way, not by reading the file back
+    assert (tmp_path / "f").read_bytes() == data
+
+
 @given(checksum=st.text(max_size=40), part_size=st.none() | st.integers(1, 10**9),
        preferred=st.sampled_from(sorted(DIGESTS)))
 def test_what_cannot_be_checked_on_the_way_is_left_to_reading(
@@ -171,7 +220,9 @@ def put(s3: Any, bucket: str, key: str, data: bytes, part_size: int | None = Non
 
 
 SHAPES = {"small": (1000, None), "multipart": (12 * MiB + 7, 5 * MiB),
-          "spanning": (31 * MiB + 5, 5 * MiB)}
+          "spanning": (31 * MiB + 5, 5 * MiB),
+          # One PUT, fetched in pieces: its full-object CRC is combined from theirs.
+          "pieces": (2 * PIECE_SIZE + 5, None)}
 
 
 # 7 parts of 5 MiB: ranges of 6, 3, 2 or 1 of them leave at least one range per worker.
@@ -254,16 +305,21 @@ def test_an_object_of_another_size_than_listed_is_a_mismatch(
         store.close()
 
 
-def test_a_full_object_checksum_of_a_multipart_object_is_left_to_reading(
+def test_a_full_object_crc_of_a_multipart_object_is_checked_from_its_pieces(
         tmp_path: Path, s3: Any, bucket: str, client: str) -> None:
-    """Ranges arrive out of order; a CRC over the whole object is then read back instead."""
+    """Ranges arrive out of order; a CRC over the whole object is combined from the pieces'
+    CRCs once all are in, while a SHA over it, which cannot be, is read back instead."""
     data = os.urandom(12 * MiB + 7)
     put(s3, bucket, "k", data, 5 * MiB)
-    whole = Expected("CRC32", DIGESTS["CRC32"](data))
     store = store_for(bucket, client)
     try:
-        assert not store.download("k", tmp_path / "f", len(data), None, whole)
-        assert (tmp_path / "f").read_bytes() == data
+        for algorithm, checked in (("CRC32", True), ("SHA256", False)):
+            whole = Expected(algorithm, DIGESTS[algorithm](data))
+            assert store.download("k", tmp_path / "f", len(data), None, whole) == checked
+            assert (tmp_path / "f").read_bytes() == data
+        with pytest.raises(ContentMismatch):
+            store.download("k", tmp_path / "f", len(data), None,
+                           Expected("CRC32", DIGESTS["CRC32"](data[:-1] + b"x")))
     finally:
         store.close()
 

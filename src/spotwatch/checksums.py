@@ -88,6 +88,23 @@ _ALGORITHMS: dict[str, tuple[int, Callable[[], Digest]]] = {
 }
 
 ALGORITHMS = frozenset(_ALGORITHMS)
+# CRCs whose digest of a whole is made from the digests of its pieces (and their lengths):
+# a full-object checksum of these can be checked from ranges fetched in parallel.
+_COMBINERS = {"CRC32": "combine_crc32", "CRC32C": "combine_crc32c",
+              "CRC64NVME": "combine_crc64nvme"}
+
+
+@functools.cache
+def _combiner(algorithm: str) -> Callable[[int, int, int], int] | None:
+    """awscrt's combine(crc of a, crc of b, length of b) -> crc of a+b; None without awscrt."""
+    name = _COMBINERS.get(algorithm)
+    if name is None:
+        return None
+    try:
+        checksums = importlib.import_module("awscrt.checksums")
+    except ImportError:
+        return None
+    return getattr(checksums, name, None)
 
 
 def _parse(checksum: str) -> tuple[bytes, int | None] | None:
@@ -189,6 +206,25 @@ class Expected:
 
     def new_digest(self) -> Digest:
         return _ALGORITHMS[self.algorithm][1]()
+
+    @property
+    def splittable(self) -> bool:
+        """Whether an object with this full-object checksum may be fetched in ranges and
+        still be checked on the way (matches_pieces)."""
+        return not self.composite and _combiner(self.algorithm) is not None
+
+    def matches_pieces(self, digests: Sequence[bytes], piece_size: int, size: int) -> bool:
+        """Whether these digests, of the consecutive pieces of piece_size bytes (the last one
+        shorter) of an object of `size` bytes, make up the expected full-object checksum."""
+        combine = _combiner(self.algorithm)
+        pieces = max(1, -(-size // piece_size))
+        if combine is None or self.composite or len(digests) != pieces:
+            return False
+        value = int.from_bytes(digests[0], "big")
+        for index, digest in enumerate(digests[1:], start=1):
+            value = combine(value, int.from_bytes(digest, "big"),
+                            min(piece_size, size - piece_size * index))
+        return value.to_bytes(len(self.digest), "big") == self.digest
 
     def matches(self, digests: Sequence[bytes]) -> bool:
         """Whether these digests, of the object's consecutive ranges, are the expected bytes:

@@ -46,6 +46,7 @@ from s3transfer.crt import (
 )
 
 from spotwatch.aws.crt_requests import CrtRequests
+from spotwatch.aws.ranged_get import PIECE_SIZE
 from spotwatch.aws.s3 import encryption_args, session_of
 from spotwatch.aws.store import (
     ObjectStore,
@@ -305,13 +306,16 @@ class CrtObjectStore(S3ObjectStore):
                        expected: Expected | None = None) -> PendingDownload:
         """A (non-empty) object below the multipart threshold: one CRT GetObject straight
         into path, checked by the CRT against the expected full-object checksum as it arrives;
-        no thread waits on it. A larger one: the classic store's ranged GETs, which on the
-        benchmark's server were faster than the CRT's and check a composite checksum part by
+        no thread waits on it. A larger one, or one over two pieces (ranged_get.PIECE_SIZE)
+        whose full-object CRC can be checked from its pieces: the classic store's ranged GETs,
+        which on the benchmark's server were faster than the CRT's (a single GET takes a
+        connection, some 90 MB/s on S3, per object) and check a composite checksum part by
         part."""
         # An empty object: the CRT's GET with an expected checksum asks for a range, which
         # S3 refuses for no bytes (InvalidRange).
         # A path that is not UTF-8 (a name in another encoding): the CRT takes text paths only.
-        if size == 0 or self.uses_multipart(size) or not _utf8(path):
+        if size == 0 or self.uses_multipart(size) or not _utf8(path) or (
+                expected is not None and expected.splittable and size > 2 * PIECE_SIZE):
             return super().start_download(key, path, size, progress, expected)
         done: Future[bool] = Future()
         checking = expected if expected is not None and not expected.composite \

@@ -31,7 +31,7 @@ from s3transfer.utils import (
     ReadFileChunk,
 )
 
-from spotwatch.aws.ranged_get import RangedGetter
+from spotwatch.aws.ranged_get import PIECE_SIZE, RangedGetter
 from spotwatch.aws.s3 import encryption_args, transfer_config
 from spotwatch.checksums import ContentMismatch, Expected
 from spotwatch.config import TransferSettings
@@ -503,14 +503,18 @@ class S3ObjectStore:
                             expected: Expected | None,
                             cancelled: threading.Event | None = None) -> bool:
         """In ranged GETs on the store's range workers (one GET below the multipart
-        threshold). Checked on the way: a full-object checksum of an object fetched in one GET,
-        or a composite one, whose parts are fetched as the ranges."""
+        threshold, unless its full-object CRC can be checked from its pieces). Checked on the
+        way: a full-object checksum of an object fetched in one GET, or a CRC's of one fetched
+        in pieces (combined from theirs), or a composite one, whose parts are fetched as the
+        ranges."""
         if expected is not None and expected.part_size is not None:
             part_size = expected.part_size
+        elif expected is not None and expected.splittable and size > PIECE_SIZE:
+            part_size = PIECE_SIZE
         else:
             part_size = self.part_size(size) or max(size, 1)
         checking = expected if expected is not None and (
-            expected.composite or part_size >= size) else None
+            expected.composite or expected.splittable or part_size >= size) else None
         try:
             with _translated():
                 digests = self._ranged.download(
@@ -520,7 +524,8 @@ class S3ObjectStore:
             raise StoreError(f"{key}: {exc}") from exc
         if checking is None:
             return False
-        if not checking.matches(digests):
+        if not (checking.matches(digests) if checking.composite or len(digests) == 1
+                else checking.matches_pieces(digests, part_size, size)):
             raise ContentMismatch(f"{key}: checksum differs from the expected one")
         return True
 
