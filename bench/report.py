@@ -186,7 +186,9 @@ def latency_section(latency: dict[str, Any]) -> list[str]:
             f"{latency['samples']} notices at random moments, default poll interval "
             f"{latency['poll_interval']} s (target p99 ≤ {latency['poll_interval'] + 0.2} s): "
             f"p50 {latency['p50']:.3f} s, p99 {latency['p99']:.3f} s, "
-            f"max {latency['max']:.3f} s"]
+            f"max {latency['max']:.3f} s"
+            + (" (with under 100 samples, p99 is the largest)" if latency["samples"] < 100
+               else "")]
 
 
 def idle_section(idle: dict[str, Any]) -> list[str]:

@@ -51,7 +51,7 @@ FULL = Sizes(
                           levels=(1, 2, 4, 8, 16, 32, 64)),
     simulated_restores=(Shape("2000x64KiB", 2000, 64 * 1024), Shape("8x24MiB", 8, 24 * MiB)),
     daemon=DaemonSizes(saves=4, save_mib=256, idle_files=100_000, idle_seconds=30,
-                       latency_samples=40),
+                       latency_samples=100),
     rounds=3, scaling_rounds=2)
 QUICK = Sizes(
     shapes=(Shape("300x64KiB", 300, 64 * 1024), Shape("4x16MiB", 4, 16 * MiB)),
