@@ -94,17 +94,62 @@ def candidate(name: str, directory: bool) -> Candidate:
                                            "e=3.ckpt", "config.json", "b7"]), st.booleans()),
                 unique_by=lambda t: t[0]))
 def test_restore_tries_numbered_set_directories_first(sets: list[tuple[str, bool]]) -> None:
+    """Where the trainer saves numbered set directories, they come first (newest first), then
+    the other numbered sets; a set without a number is never tried for the checkpoint. Where
+    it saves none (checkpoints that are files), every set is tried, newest first."""
     candidates = [candidate(name, directory) for name, directory in sets]
     ordered, companions = checkpoints_first(candidates)
-    assert sorted(ordered, key=id) == sorted(candidates, key=id)  # every set, once
-    steps = [c for c, (name, directory) in zip(candidates, sets, strict=True)
-             if directory and any(ch.isdigit() for ch in name)]
-    assert ordered[:len(steps)] == steps  # newest first among them, before any other
+    numbered = [(c, directory) for c, (name, directory) in zip(candidates, sets, strict=True)
+                if any(ch.isdigit() for ch in name)]
+    steps = [c for c, directory in numbered if directory]
     if not steps:
         assert ordered == candidates and companions == []
     else:
+        assert ordered == steps + [c for c, directory in numbered if not directory]
         assert companions == [c for c, (name, directory) in zip(candidates, sets, strict=True)
                               if not directory and not any(ch.isdigit() for ch in name)]
+
+
+def test_with_every_step_broken_a_set_without_a_number_is_not_restored_for_one(
+        workspace: Workspace, s3: Any) -> None:
+    """Every numbered step corrupt or incomplete in S3, a TensorBoard `runs/` complete beside
+    them: restore has no checkpoint to give back (exit 1, one line naming why), rather than
+    handing back the logs alone with exit 0. --set still restores them."""
+    write(workspace, "step_1/model.pt", b"weights one", 400)
+    write(workspace, "step_2/model.pt", b"weights two", 300)
+    write(workspace, "latest", b"step_2", 200)
+    write(workspace, "runs/events.out.tfevents", b"logs", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 4
+    s3.put_object(Bucket=workspace.bucket, Key="run1/step_1/model.pt", Body=b"weights onX")
+    s3.delete_object(Bucket=workspace.bucket, Key="run1/step_2/model.pt")
+
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 1, result.stdout
+    [error] = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert error.startswith("spotwatch: error: no complete checkpoint set under "), error
+    assert "passed over step_2, step_1" in error and "--set runs restores it" in error, error
+    assert not target.exists() or files_under(target) == set()
+
+    result = restore(workspace, "--set", "runs", "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert files_under(target) == {"runs/events.out.tfevents"}
+
+
+def test_checkpoints_that_are_files_fall_back_to_any_complete_set(
+        workspace: Workspace, s3: Any) -> None:
+    """Without numbered set directories every set is a checkpoint, as ever: with the newest
+    file corrupt, the next older complete one comes back."""
+    write(workspace, "epoch=0-step=10.ckpt", b"ten", 300)
+    write(workspace, "last.ckpt", b"twenty", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
+    s3.put_object(Bucket=workspace.bucket, Key="run1/last.ckpt", Body=b"twentX")
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "restored epoch=0-step=10.ckpt" in result.stdout and "passed over: last.ckpt" in \
+        result.stdout
+    assert files_under(target) == {"epoch=0-step=10.ckpt"}
 
 
 def incomplete_in_s3(s3: Any, workspace: Workspace, set_name: str, key: str) -> None:
