@@ -136,6 +136,42 @@ def test_with_every_step_broken_a_set_without_a_number_is_not_restored_for_one(
     assert files_under(target) == {"runs/events.out.tfevents"}
 
 
+@pytest.mark.parametrize("by_name", [False, True])
+def test_a_directory_where_a_companion_goes_is_refused_before_anything_downloads(
+        workspace: Workspace, by_name: bool) -> None:
+    """A directory stands where DeepSpeed's `latest` goes: refused in one line, as one where a
+    file of the set goes is, with nothing placed (not the step restored, then exit 1 without
+    saying so)."""
+    write(workspace, "global_step200/mp_rank_00_model_states.pt", b"two hundred", 200)
+    write(workspace, "latest", b"global_step200", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
+    target = workspace.root / "restored"
+    (target / "latest").mkdir(parents=True)
+    result = restore(workspace, "--to", str(target),
+                     *(("--set", "global_step200") if by_name else ()))
+    assert result.returncode == 1, result.stdout
+    [error] = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert error == f"spotwatch: error: cannot restore 'latest': {target / 'latest'} is a " \
+        "directory", error
+    assert sorted(os.listdir(target)) == ["latest"] and not os.listdir(target / "latest")
+
+
+def test_a_corrupt_companion_is_left_out_and_the_summary_says_so(
+        workspace: Workspace, s3: Any) -> None:
+    write(workspace, "config.json", b"{}", 300)
+    write(workspace, "global_step200/mp_rank_00_model_states.pt", b"two hundred", 200)
+    write(workspace, "latest", b"global_step200", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 3
+    s3.put_object(Bucket=workspace.bucket, Key="run1/latest", Body=b"global_stepXXX")
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "with config.json beside it; latest not restored beside it (incomplete or corrupt " \
+        "in S3)" in result.stdout
+    assert files_under(target) == {"global_step200/mp_rank_00_model_states.pt", "config.json"}
+    assert [e["set"] for e in named(result.stderr, "companion_skipped")] == ["latest"]
+
+
 def test_checkpoints_that_are_files_fall_back_to_any_complete_set(
         workspace: Workspace, s3: Any) -> None:
     """Without numbered set directories every set is a checkpoint, as ever: with the newest

@@ -82,6 +82,8 @@ class RestoreReport:
     passed_over: tuple[str, ...] = field(default=())  # newer sets, incomplete or corrupt
     # Top-level files restored beside a set directory (see checkpoints_first).
     companions: tuple[str, ...] = field(default=())
+    # Those left out, incomplete or corrupt in S3 (companion_skipped).
+    companions_skipped: tuple[str, ...] = field(default=())
     # Companions that named another set of the series, rewritten to name this one.
     repointed: tuple[Repointed, ...] = field(default=())
     links: tuple[LinkEntry, ...] = field(default=())  # symlinks made (see _with_links)
@@ -206,10 +208,12 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     linked = [c for c in candidates if not _holds_files(c.whole) and c.problem is None]
     with_files = [c for c in candidates if _holds_files(c.whole)]
     ordered, companions = checkpoints_first(with_files)
-    left_out = {c.whole.set_name for c in ordered} | {c.whole.set_name for c in companions}
-    no_checkpoint = [c.whole.set_name for c in with_files if c.whole.set_name not in left_out]
+    taken = {c.whole.set_name for c in (*ordered, *companions)}
+    no_checkpoint = [c.whole.set_name for c in with_files if c.whole.set_name not in taken]
     candidates = (committed_first(store, ordered, companions) if set_name is None
                   else [c for c in candidates if c.whole.set_name == set_name])
+    if companions and any(_takes_companions(c.whole) for c in candidates):
+        _refuse_companions_in_the_way(destination, companions)
     # Restored into the watched directory, the files are already in S3: record them.
     ledger = (Ledger(StateDir(config.state_dir).ledger) if _is_watched(destination, watch)
               else None)
@@ -355,12 +359,14 @@ def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
     on its own: one that is not is named and left out), and those that point to another set of
     the series made to point to the one restored (sync.pointers); known: the sets in S3."""
     restored = []
+    skipped = []
     repointed = []
     for companion in companions:
         name = companion.whole.set_name
         done = restore_newest(store, [companion], report.destination, preferred, ledger)
         if done is None:
             log.warning("companion_skipped", set=name, beside=report.set_name)
+            skipped.append(name)
             continue
         restored.append(name)
         report = replace(report, downloaded=report.downloaded + done.downloaded,
@@ -368,7 +374,8 @@ def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
         change = _repoint(companion.fetch, report, known)
         if change is not None:
             repointed.append(change)
-    return replace(report, companions=tuple(restored), repointed=tuple(repointed))
+    return replace(report, companions=tuple(restored), companions_skipped=tuple(skipped),
+                   repointed=tuple(repointed))
 
 
 def _repoint(companion: Manifest, report: RestoreReport,
@@ -542,17 +549,33 @@ def _already_there(target: Path, entry: ManifestEntry, part_size: int | None,
     """Whether the target already holds the entry's bytes. A directory in its place is refused
     here, before any download: restore never replaces one, and finding it only when the files
     move into place would leave part of the set there."""
-    try:
-        stat = target.lstat()
-    except FileNotFoundError:
-        return False
-    if S_ISLNK(stat.st_mode):
-        return False  # replaced by the file (see _Targets)
-    if S_ISDIR(stat.st_mode):
-        raise SpotwatchError(f"cannot restore {entry.path!r}: {target} is a directory")
+    stat = _no_directory_at(target, entry.path)
+    if stat is None or S_ISLNK(stat.st_mode):
+        return False  # a symlink is replaced by the file (see _Targets)
     return ((stat.st_size, stat.st_mtime_ns) == (entry.size, entry.mtime_ns)
             and verify(target, entry, part_size, preferred) is None
             and _mismatch(target, also, preferred) is None)
+
+
+def _no_directory_at(target: Path, path: str) -> os.stat_result | None:
+    """What is at the target (lstat), None for nothing; refused when it is a directory."""
+    try:
+        stat = target.lstat()
+    except FileNotFoundError:
+        return None
+    if S_ISDIR(stat.st_mode):
+        raise SpotwatchError(f"cannot restore {path!r}: {target} is a directory")
+    return stat
+
+
+def _refuse_companions_in_the_way(destination: Path, companions: Sequence[Candidate]) -> None:
+    """A companion's place is checked as the set's own files are (_already_there), before
+    anything downloads: a directory where `latest` goes would otherwise be found only once the
+    set is in place, and a step restored without its pointer may load as no checkpoint."""
+    targets = _Targets(destination)
+    for companion in companions:
+        for entry in companion.fetch.files:
+            _no_directory_at(targets.of(entry.path), entry.path)
 
 
 def _mismatch(path: Path, entries: Sequence[ManifestEntry], preferred: str) -> str | None:
