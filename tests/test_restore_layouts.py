@@ -156,15 +156,26 @@ def test_a_directory_where_a_companion_goes_is_refused_before_anything_downloads
     assert sorted(os.listdir(target)) == ["latest"] and not os.listdir(target / "latest")
 
 
+def restored_with_one_replaced(workspace: Workspace, s3: Any,
+                               files: list[tuple[str, bytes, int]], replaced: str
+                               ) -> tuple[Any, Path]:
+    """The files (path, bytes, age) flushed, then one object replaced in S3 by other bytes of
+    its size: restore's result, and where it restored."""
+    for relative, data, age in files:
+        write(workspace, relative, data, age)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == len(files)
+    size = s3.head_object(Bucket=workspace.bucket, Key=f"run1/{replaced}")["ContentLength"]
+    s3.put_object(Bucket=workspace.bucket, Key=f"run1/{replaced}", Body=b"X" * size)
+    target = workspace.root / "restored"
+    return restore(workspace, "--to", str(target)), target
+
+
 def test_a_corrupt_companion_is_left_out_and_the_summary_says_so(
         workspace: Workspace, s3: Any) -> None:
-    write(workspace, "config.json", b"{}", 300)
-    write(workspace, "global_step200/mp_rank_00_model_states.pt", b"two hundred", 200)
-    write(workspace, "latest", b"global_step200", 100)
-    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 3
-    s3.put_object(Bucket=workspace.bucket, Key="run1/latest", Body=b"global_stepXXX")
-    target = workspace.root / "restored"
-    result = restore(workspace, "--to", str(target))
+    result, target = restored_with_one_replaced(
+        workspace, s3, [("config.json", b"{}", 300),
+                        ("global_step200/mp_rank_00_model_states.pt", b"two hundred", 200),
+                        ("latest", b"global_step200", 100)], "latest")
     assert result.returncode == 0, result.stderr
     assert "with config.json beside it; latest not restored beside it (incomplete or corrupt " \
         "in S3)" in result.stdout
@@ -176,12 +187,9 @@ def test_checkpoints_that_are_files_fall_back_to_any_complete_set(
         workspace: Workspace, s3: Any) -> None:
     """Without numbered set directories every set is a checkpoint, as ever: with the newest
     file corrupt, the next older complete one comes back."""
-    write(workspace, "epoch=0-step=10.ckpt", b"ten", 300)
-    write(workspace, "last.ckpt", b"twenty", 100)
-    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
-    s3.put_object(Bucket=workspace.bucket, Key="run1/last.ckpt", Body=b"twentX")
-    target = workspace.root / "restored"
-    result = restore(workspace, "--to", str(target))
+    result, target = restored_with_one_replaced(
+        workspace, s3, [("epoch=0-step=10.ckpt", b"ten", 300), ("last.ckpt", b"twenty", 100)],
+        "last.ckpt")
     assert result.returncode == 0, result.stderr
     assert "restored epoch=0-step=10.ckpt" in result.stdout and "passed over: last.ckpt" in \
         result.stdout
