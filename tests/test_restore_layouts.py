@@ -94,17 +94,106 @@ def candidate(name: str, directory: bool) -> Candidate:
                                            "e=3.ckpt", "config.json", "b7"]), st.booleans()),
                 unique_by=lambda t: t[0]))
 def test_restore_tries_numbered_set_directories_first(sets: list[tuple[str, bool]]) -> None:
+    """Where the trainer saves numbered set directories, they come first (newest first), then
+    the other numbered sets; a set without a number is never tried for the checkpoint. Where
+    it saves none (checkpoints that are files), every set is tried, newest first."""
     candidates = [candidate(name, directory) for name, directory in sets]
     ordered, companions = checkpoints_first(candidates)
-    assert sorted(ordered, key=id) == sorted(candidates, key=id)  # every set, once
-    steps = [c for c, (name, directory) in zip(candidates, sets, strict=True)
-             if directory and any(ch.isdigit() for ch in name)]
-    assert ordered[:len(steps)] == steps  # newest first among them, before any other
+    numbered = [(c, directory) for c, (name, directory) in zip(candidates, sets, strict=True)
+                if any(ch.isdigit() for ch in name)]
+    steps = [c for c, directory in numbered if directory]
     if not steps:
         assert ordered == candidates and companions == []
     else:
+        assert ordered == steps + [c for c, directory in numbered if not directory]
         assert companions == [c for c, (name, directory) in zip(candidates, sets, strict=True)
                               if not directory and not any(ch.isdigit() for ch in name)]
+
+
+def test_with_every_step_broken_a_set_without_a_number_is_not_restored_for_one(
+        workspace: Workspace, s3: Any) -> None:
+    """Every numbered step corrupt or incomplete in S3, a TensorBoard `runs/` complete beside
+    them: restore has no checkpoint to give back (exit 1, one line naming why), rather than
+    handing back the logs alone with exit 0. --set still restores them."""
+    write(workspace, "step_1/model.pt", b"weights one", 400)
+    write(workspace, "step_2/model.pt", b"weights two", 300)
+    write(workspace, "latest", b"step_2", 200)
+    write(workspace, "runs/events.out.tfevents", b"logs", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 4
+    s3.put_object(Bucket=workspace.bucket, Key="run1/step_1/model.pt", Body=b"weights onX")
+    s3.delete_object(Bucket=workspace.bucket, Key="run1/step_2/model.pt")
+
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 1, result.stdout
+    [error] = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert error.startswith("spotwatch: error: no complete checkpoint set under "), error
+    assert "passed over step_2, step_1" in error and "--set runs restores it" in error, error
+    assert not target.exists() or files_under(target) == set()
+
+    result = restore(workspace, "--set", "runs", "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert files_under(target) == {"runs/events.out.tfevents"}
+
+
+@pytest.mark.parametrize("by_name", [False, True])
+def test_a_directory_where_a_companion_goes_is_refused_before_anything_downloads(
+        workspace: Workspace, by_name: bool) -> None:
+    """A directory stands where DeepSpeed's `latest` goes: refused in one line, as one where a
+    file of the set goes is, with nothing placed (not the step restored, then exit 1 without
+    saying so)."""
+    write(workspace, "global_step200/mp_rank_00_model_states.pt", b"two hundred", 200)
+    write(workspace, "latest", b"global_step200", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
+    target = workspace.root / "restored"
+    (target / "latest").mkdir(parents=True)
+    result = restore(workspace, "--to", str(target),
+                     *(("--set", "global_step200") if by_name else ()))
+    assert result.returncode == 1, result.stdout
+    [error] = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert error == f"spotwatch: error: cannot restore 'latest': {target / 'latest'} is a " \
+        "directory", error
+    assert sorted(os.listdir(target)) == ["latest"] and not os.listdir(target / "latest")
+
+
+def restored_with_one_replaced(workspace: Workspace, s3: Any,
+                               files: list[tuple[str, bytes, int]], replaced: str
+                               ) -> tuple[Any, Path]:
+    """The files (path, bytes, age) flushed, then one object replaced in S3 by other bytes of
+    its size: restore's result, and where it restored."""
+    for relative, data, age in files:
+        write(workspace, relative, data, age)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == len(files)
+    size = s3.head_object(Bucket=workspace.bucket, Key=f"run1/{replaced}")["ContentLength"]
+    s3.put_object(Bucket=workspace.bucket, Key=f"run1/{replaced}", Body=b"X" * size)
+    target = workspace.root / "restored"
+    return restore(workspace, "--to", str(target)), target
+
+
+def test_a_corrupt_companion_is_left_out_and_the_summary_says_so(
+        workspace: Workspace, s3: Any) -> None:
+    result, target = restored_with_one_replaced(
+        workspace, s3, [("config.json", b"{}", 300),
+                        ("global_step200/mp_rank_00_model_states.pt", b"two hundred", 200),
+                        ("latest", b"global_step200", 100)], "latest")
+    assert result.returncode == 0, result.stderr
+    assert "with config.json beside it; latest not restored beside it (incomplete or corrupt " \
+        "in S3)" in result.stdout
+    assert files_under(target) == {"global_step200/mp_rank_00_model_states.pt", "config.json"}
+    assert [e["set"] for e in named(result.stderr, "companion_skipped")] == ["latest"]
+
+
+def test_checkpoints_that_are_files_fall_back_to_any_complete_set(
+        workspace: Workspace, s3: Any) -> None:
+    """Without numbered set directories every set is a checkpoint, as ever: with the newest
+    file corrupt, the next older complete one comes back."""
+    result, target = restored_with_one_replaced(
+        workspace, s3, [("epoch=0-step=10.ckpt", b"ten", 300), ("last.ckpt", b"twenty", 100)],
+        "last.ckpt")
+    assert result.returncode == 0, result.stderr
+    assert "restored epoch=0-step=10.ckpt" in result.stdout and "passed over: last.ckpt" in \
+        result.stdout
+    assert files_under(target) == {"epoch=0-step=10.ckpt"}
 
 
 def incomplete_in_s3(s3: Any, workspace: Workspace, set_name: str, key: str) -> None:

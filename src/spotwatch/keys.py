@@ -102,6 +102,20 @@ def series_of(set_name: str) -> str:
     return _DIGITS.sub("#", set_name)
 
 
+# natural_order's sort key: (text, number) pairs, then the name.
+NaturalKey = tuple[tuple[tuple[str, int], ...], str]
+
+
+def natural_order(set_name: str) -> NaturalKey:
+    """A sort key of the name by its text and its numbers' values: step_2 before step_10,
+    global_step300 before global_step1000, so within a series (series_of) the order of the
+    step numbers. Each text before a number is paired with the number (-1 after the last),
+    so any two names compare; the name itself last tells step_01 and step_1 apart."""
+    texts = _DIGITS.split(set_name)
+    numbers = [int(run) for run in _DIGITS.findall(set_name)]
+    return tuple(zip(texts, [*numbers, -1], strict=True)), set_name
+
+
 def is_reserved(relative_path: str) -> bool:
     """Whether a path below a watched directory lies in spotwatch's own key space.
 

@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
                    if report.passed_over else "")
     companions = (f"; with {', '.join(report.companions)} beside it"
                   if report.companions else "")
+    companions += "".join(f"; {name} not restored beside it (incomplete or corrupt in S3)"
+                          for name in report.companions_skipped)
     repointed = "".join(f"; {change.companion} now names {change.new} (was {change.old})"
                         for change in report.repointed)
     links = "".join(f"; link {link.path} -> {link.target}" for link in report.links)

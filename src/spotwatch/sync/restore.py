@@ -11,8 +11,9 @@ beside them. A set whose bytes do not match is corrupt: its downloads are remove
 older complete set is restored instead, with a warning; so is an incomplete one. Temporaries
 that a restore stopped by kill -9 left are removed by the next one.
 
-Numbered set directories come before other sets, with the top-level files beside them
-(checkpoints_first); a pointer among those is made to name the set restored (sync.pointers).
+Numbered set directories come before other numbered sets, with the top-level files beside
+them; a set without a number is then no checkpoint (checkpoints_first). A pointer among those
+files is made to name the set restored (sync.pointers).
 A set of symlinks only (Lightning's `last.ckpt`) is never the checkpoint restored: once the
 files are in place, the links of the set restored and of those sets are made again wherever
 their target is there (sync.links). A link of the set restored into another set (step_200's
@@ -81,6 +82,8 @@ class RestoreReport:
     passed_over: tuple[str, ...] = field(default=())  # newer sets, incomplete or corrupt
     # Top-level files restored beside a set directory (see checkpoints_first).
     companions: tuple[str, ...] = field(default=())
+    # Those left out, incomplete or corrupt in S3 (companion_skipped).
+    companions_skipped: tuple[str, ...] = field(default=())
     # Companions that named another set of the series, rewritten to name this one.
     repointed: tuple[Repointed, ...] = field(default=())
     links: tuple[LinkEntry, ...] = field(default=())  # symlinks made (see _with_links)
@@ -203,16 +206,22 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     known = frozenset(c.whole.set_name for c in candidates)
     _remove_stale_temporaries(destination, [c.whole for c in candidates])
     linked = [c for c in candidates if not _holds_files(c.whole) and c.problem is None]
-    ordered, companions = checkpoints_first([c for c in candidates if _holds_files(c.whole)])
-    candidates = (committed_first(store, ordered) if set_name is None
+    with_files = [c for c in candidates if _holds_files(c.whole)]
+    ordered, companions = checkpoints_first(with_files)
+    taken = {c.whole.set_name for c in (*ordered, *companions)}
+    no_checkpoint = [c.whole.set_name for c in with_files if c.whole.set_name not in taken]
+    candidates = (committed_first(store, ordered, companions) if set_name is None
                   else [c for c in candidates if c.whole.set_name == set_name])
+    if companions and any(_takes_companions(c.whole) for c in candidates):
+        _refuse_companions_in_the_way(destination, companions)
     # Restored into the watched directory, the files are already in S3: record them.
     ledger = (Ledger(StateDir(config.state_dir).ledger) if _is_watched(destination, watch)
               else None)
     exempt_long_lived_objects()  # the candidates' manifests too: a set's files are many
+    passed_over: list[str] = []
     try:
         report = restore_newest(store, candidates, destination,
-                                config.transfer.checksum_algorithm, ledger)
+                                config.transfer.checksum_algorithm, ledger, passed_over)
         if report is not None:
             chosen = next(c for c in candidates if c.whole.set_name == report.set_name)
             if companions and _takes_companions(chosen.whole):
@@ -226,7 +235,7 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     if report is None:
         where = f"s3://{bucket}/{watch.prefix}"
         if set_name is None:
-            raise SpotwatchError(f"no complete checkpoint set under {where}")
+            raise SpotwatchError(_none_left(where, passed_over, no_checkpoint))
         if any(c.whole.set_name == set_name for c in candidates):
             raise SpotwatchError(f"set {set_name!r} under {where} is not complete or does not "
                                  "match its manifest (see the warnings above)")
@@ -235,6 +244,21 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
                                  "it has files but no manifest")
         raise SpotwatchError(f"no set {set_name!r} under {where}")
     return report
+
+
+def _none_left(where: str, passed_over: Sequence[str], no_checkpoint: Sequence[str]) -> str:
+    """Why restore has no checkpoint to bring back: the sets it passed over, and those it
+    never takes for one (checkpoints_first), which --set still restores."""
+    why = f"no complete checkpoint set under {where}"
+    if passed_over:
+        why += f": passed over {', '.join(passed_over)} (incomplete or corrupt, see the warnings)"
+    if len(no_checkpoint) == 1:
+        why += (f"; {no_checkpoint[0]} has no step number, so is no checkpoint here "
+                f"(--set {no_checkpoint[0]} restores it)")
+    elif no_checkpoint:
+        why += (f"; {', '.join(no_checkpoint)} have no step number, so are no checkpoint here "
+                f"(--set NAME restores one)")
+    return why
 
 
 def _has_objects(store: ObjectStore, key: str) -> bool:
@@ -261,8 +285,10 @@ def checkpoints_first(candidates: Sequence[Candidate]) -> tuple[list[Candidate],
     trainer saves numbered set directories (step_100/, checkpoint-500/, global_step300/), a
     set whose name carries no number is none: a `latest` file that DeepSpeed rewrites at every
     save, a TensorBoard `runs/` directory or a `train.log` beside the steps is always newer
-    than the steps, and restoring it alone would hand back no checkpoint at all. Those set
-    directories come first, newest first, then the others; the unnumbered top-level files
+    than the steps, and restoring it alone would hand back no checkpoint at all: with every
+    step incomplete or corrupt, restore has none to give back (exit 1), and only --set
+    restores such a set. Those set directories come first, newest first, then the other
+    numbered sets (top-level files); the unnumbered top-level files
     (`latest`, a `config.json`) are restored beside the set directory, which may need them to
     load; one that points to another step (`latest` naming an incomplete global_step300) is
     made to name the step restored (sync.pointers). Where checkpoints are files only
@@ -278,19 +304,20 @@ def checkpoints_first(candidates: Sequence[Candidate]) -> tuple[list[Candidate],
             companions.append(candidate)
     if not steps:
         return list(candidates), []
-    return steps + others, companions
+    return steps + [c for c in others if _is_numbered(c.whole)], companions
 
 
-def committed_first(store: ObjectStore, ordered: Sequence[Candidate]) -> list[Candidate]:
+def committed_first(store: ObjectStore, ordered: Sequence[Candidate],
+                    companions: Sequence[Candidate] = ()) -> list[Candidate]:
     """The sets in restore's order, less the numbered sets newer than the one a pointer beside
-    them names (sync.commits).
+    them names (sync.commits); the pointers are among them or the companions.
 
     Invariant: restore never hands back a step the trainer had not committed. DeepSpeed's
     `latest` and Megatron's tracker are written once every rank finished the step they name:
     a newer step of the series, sealed with the files written before the instance went away,
     may be half a save, and the trainer would load the pointer's step from its own disk."""
-    passed_over = {found.set_name: found
-                   for found in uncommitted(store, [candidate.whole for candidate in ordered])}
+    passed_over = {found.set_name: found for found in uncommitted(
+        store, [candidate.whole for candidate in (*ordered, *companions)])}
     for found in passed_over.values():
         log.warning("set_not_committed", set=found.set_name, pointer=found.pointer,
                     names=found.names,
@@ -332,12 +359,14 @@ def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
     on its own: one that is not is named and left out), and those that point to another set of
     the series made to point to the one restored (sync.pointers); known: the sets in S3."""
     restored = []
+    skipped = []
     repointed = []
     for companion in companions:
         name = companion.whole.set_name
         done = restore_newest(store, [companion], report.destination, preferred, ledger)
         if done is None:
             log.warning("companion_skipped", set=name, beside=report.set_name)
+            skipped.append(name)
             continue
         restored.append(name)
         report = replace(report, downloaded=report.downloaded + done.downloaded,
@@ -345,7 +374,8 @@ def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
         change = _repoint(companion.fetch, report, known)
         if change is not None:
             repointed.append(change)
-    return replace(report, companions=tuple(restored), repointed=tuple(repointed))
+    return replace(report, companions=tuple(restored), companions_skipped=tuple(skipped),
+                   repointed=tuple(repointed))
 
 
 def _repoint(companion: Manifest, report: RestoreReport,
@@ -443,10 +473,12 @@ def restore_candidates(store: ObjectStore, prefix: str, job: JobSettings,
 
 
 def restore_newest(store: ObjectStore, sets: Sequence[Manifest | Candidate], destination: Path,
-                   preferred: str, ledger: Ledger | None) -> RestoreReport | None:
+                   preferred: str, ledger: Ledger | None,
+                   passed_over: list[str] | None = None) -> RestoreReport | None:
     """Restore the first set, newest first, that is complete and whose bytes all verify;
-    preferred: the configured checksum algorithm."""
-    passed_over: list[str] = []
+    preferred: the configured checksum algorithm; passed_over: gets the sets found incomplete
+    or corrupt (also when none is left, to say so)."""
+    passed_over = [] if passed_over is None else passed_over
     for candidate in sets:
         if isinstance(candidate, Manifest):
             candidate = Candidate.of(candidate)
@@ -517,17 +549,33 @@ def _already_there(target: Path, entry: ManifestEntry, part_size: int | None,
     """Whether the target already holds the entry's bytes. A directory in its place is refused
     here, before any download: restore never replaces one, and finding it only when the files
     move into place would leave part of the set there."""
-    try:
-        stat = target.lstat()
-    except FileNotFoundError:
-        return False
-    if S_ISLNK(stat.st_mode):
-        return False  # replaced by the file (see _Targets)
-    if S_ISDIR(stat.st_mode):
-        raise SpotwatchError(f"cannot restore {entry.path!r}: {target} is a directory")
+    stat = _no_directory_at(target, entry.path)
+    if stat is None or S_ISLNK(stat.st_mode):
+        return False  # a symlink is replaced by the file (see _Targets)
     return ((stat.st_size, stat.st_mtime_ns) == (entry.size, entry.mtime_ns)
             and verify(target, entry, part_size, preferred) is None
             and _mismatch(target, also, preferred) is None)
+
+
+def _no_directory_at(target: Path, path: str) -> os.stat_result | None:
+    """What is at the target (lstat), None for nothing; refused when it is a directory."""
+    try:
+        stat = target.lstat()
+    except FileNotFoundError:
+        return None
+    if S_ISDIR(stat.st_mode):
+        raise SpotwatchError(f"cannot restore {path!r}: {target} is a directory")
+    return stat
+
+
+def _refuse_companions_in_the_way(destination: Path, companions: Sequence[Candidate]) -> None:
+    """A companion's place is checked as the set's own files are (_already_there), before
+    anything downloads: a directory where `latest` goes would otherwise be found only once the
+    set is in place, and a step restored without its pointer may load as no checkpoint."""
+    targets = _Targets(destination)
+    for companion in companions:
+        for entry in companion.fetch.files:
+            _no_directory_at(targets.of(entry.path), entry.path)
 
 
 def _mismatch(path: Path, entries: Sequence[ManifestEntry], preferred: str) -> str | None:

@@ -9,8 +9,10 @@ import structlog
 
 from spotwatch.aws.store import ListedObject, ObjectMissing, ObjectStore, StoreError
 from spotwatch.keys import (
+    NaturalKey,
     manifest_key,
     manifest_prefix,
+    natural_order,
     object_key,
     part_key,
     parts_prefix,
@@ -34,13 +36,17 @@ def list_manifests(store: ObjectStore, prefix: str) -> list[Manifest]:
     return sorted(manifests, key=_newest_first, reverse=True)
 
 
-def _newest_first(manifest: Manifest) -> tuple[float, float, str]:
-    """Invariant: a set is as new as its newest file, but never newer than its seal. A file
+def _newest_first(manifest: Manifest) -> tuple[float, NaturalKey]:
+    """The one order of "newest" for restore and retention alike (sorted by it, reversed).
+
+    Invariant: a set is as new as its newest file, but never newer than its seal. A file
     dated in the future (a clock set wrong, a copy that kept its mtime) would otherwise make
-    its set outrank every checkpoint sealed after it, for restore and for retention alike."""
+    its set outrank every checkpoint sealed after it. Where two sets are dated alike (copied
+    or unpacked with second-granular mtimes), the higher step of the series is the newer
+    (keys.natural_order), never the one that happened to be sealed last."""
     # A float (never an int overflow) only where the seal is the earlier one.
     written_ns = min(manifest.newest_mtime_ns, manifest.sealed_at * 1e9)
-    return written_ns, manifest.sealed_at, manifest.set_name
+    return written_ns, natural_order(manifest.set_name)
 
 
 def list_job_sets(store: ObjectStore, prefix: str, job_id: str, nodes: int) -> list[JobSet]:

@@ -1,0 +1,82 @@
+"""Which set is the newest, for restore and retention alike (sync.sets.remote): sets dated
+alike are ordered by their step numbers, never by the order they happened to be sealed in."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spotwatch.keys import manifest_key, natural_order
+from spotwatch.sync.pruner import plan_deletions
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
+from spotwatch.sync.sets.remote import list_manifests
+
+from .conftest import Workspace, keys_in
+from .memory_store import InMemoryObjectStore
+from .test_checkpoint_sets import restore
+from .test_daemon_e2e import flush_summary
+
+DATED_NS = 1_700_000_000 * 10**9  # second-granular, as an archive keeps it
+NAMES = ("step_{}", "global_step{}", "checkpoint-{}", "iter_{:07d}", "epoch={}.ckpt")
+
+
+def dated(name: str, mtime_ns: int, sealed_at: float) -> Manifest:
+    path = f"{name}/model.pt" if "." not in name else name
+    return Manifest(name, "run1/", (ManifestEntry(f"run1/{path}", path, 1, mtime_ns, "c"),),
+                    sealed_at)
+
+
+@given(numbers=st.lists(st.integers(0, 10**7), min_size=2, max_size=6, unique=True),
+       pattern=st.sampled_from(NAMES),
+       seals=st.lists(st.floats(1.7e9, 1.8e9), min_size=6, max_size=6),
+       keep=st.integers(1, 5))
+def test_sets_dated_alike_are_newest_by_their_step_number(
+        numbers: list[int], pattern: str, seals: list[float], keep: int) -> None:
+    """Whatever order the sets were sealed in (seals), the higher step is the newer: restore
+    tries the sets in that order, and retention keeps the highest steps."""
+    store = InMemoryObjectStore()
+    for number, sealed_at in zip(numbers, seals, strict=False):
+        manifest = dated(pattern.format(number), DATED_NS, sealed_at)
+        store.put(manifest_key("run1/", manifest.set_name), manifest.to_json().encode())
+    manifests = list_manifests(store, "run1/")
+    by_step = [pattern.format(n) for n in sorted(numbers, reverse=True)]
+    assert [m.set_name for m in manifests] == by_step
+
+    plan = plan_deletions("run1/", lambda _: True, manifests, [], keep, lambda _: True)
+    dropped = {d.key for d in plan if d.key.startswith("run1/.spotwatch/")}
+    assert dropped == {manifest_key("run1/", name) for name in by_step[keep:]}
+
+
+@given(st.lists(st.text(st.sampled_from("ab_-=.0123456789"), min_size=1, max_size=8),
+                min_size=1, max_size=8, unique=True))
+def test_any_names_sort_by_natural_order(names: list[str]) -> None:
+    """Any two set names compare, each once in the order, numbers by their value."""
+    ordered = sorted(names, key=natural_order)
+    assert sorted(ordered) == sorted(names)
+    assert sorted(reversed(names), key=natural_order) == ordered  # a total order
+
+
+def test_restore_and_retention_take_the_higher_step_when_mtimes_tie(
+        workspace: Workspace, s3: Any) -> None:
+    """step_100 and step_200 unpacked with one mtime; step_100 happens to be sealed last."""
+    for name in ("step_200", "step_100"):
+        path = workspace.checkpoints / name / "model.pt"
+        path.parent.mkdir()
+        path.write_bytes(name.encode())
+        os.utime(path, ns=(DATED_NS, DATED_NS))
+        assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 1
+
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "restored step_200" in result.stdout
+    assert os.listdir(target) == ["step_200"]
+
+    pruned = workspace.cli("prune", "-c", "config.yaml", "--keep-sets", "1")
+    assert pruned.returncode == 0, pruned.stderr
+    keys = keys_in(s3, workspace.bucket)
+    assert {"run1/step_200/model.pt", manifest_key("run1/", "step_200")} <= keys, keys
+    assert "run1/step_100/model.pt" not in keys, keys
