@@ -3,12 +3,10 @@ mid-download still leaves nothing but verified, complete sets behind (in-memory 
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -19,7 +17,6 @@ from spotwatch.checksums import Expected
 from spotwatch.errors import SpotwatchError
 from spotwatch.keys import RESTORE_TEMP_SUFFIX, is_restore_temporary, manifest_key
 from spotwatch.progress import Progress
-from spotwatch.sync.ledger import Ledger
 from spotwatch.sync.restore import NAME_MAX, RestoreReport, restore_newest, temporary
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import is_complete, list_manifests
@@ -303,27 +300,3 @@ def test_a_temporary_that_cannot_be_written_fails_the_restore_and_leaves_the_res
         restore_newest(store, list_manifests(store, PREFIX), tmp_path / "r", "CRC32", None)
     assert files_under(tmp_path / "r") == [f"step_1/{blocker.name}/keep"]
 
-
-def test_a_restore_stopped_between_two_renames_never_leaves_its_set_to_be_sealed_again(
-        tmp_path: Path, store: InMemoryObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Part of the set is in place and in the ledger: a daemon starting now would seal that
-    part over the set's manifest in S3, unless the set is settled."""
-    put_set(store, "step_1", {f"f{i}.pt": bytes([i]) * 100 for i in range(6)}, 1_000)
-    ledger = Ledger(tmp_path / "ledger.sqlite")
-    destination = tmp_path / "ckpt"
-    moved: list[str] = []
-    real_replace = os.replace
-
-    def full_after_two(source: Any, target: Any) -> None:
-        if str(target).startswith(str(destination)) and len(moved) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_replace(source, target)
-        moved.append(str(target))
-
-    monkeypatch.setattr(os, "replace", full_after_two)
-    with pytest.raises((OSError, SpotwatchError)):
-        restore_newest(store, list_manifests(store, PREFIX), destination, "CRC32", ledger)
-    monkeypatch.undo()
-    assert len(files_under(destination)) == 2  # part of the set is in place
-    assert ledger.unsettled_sets(store.bucket, PREFIX) == []
-    ledger.close()

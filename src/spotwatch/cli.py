@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from spotwatch.collector import uncollected_start_up
+from spotwatch.console import one_line, print_error
 from spotwatch.errors import SpotwatchError
 
 
@@ -25,7 +26,7 @@ class _ShowVersion(argparse.Action):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, not a usage dump: the message says what to fix.
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')\n")
 
 
 def _path(value: str) -> Path:
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _command(args.command)(args)
     except SpotwatchError as exc:
-        print(f"spotwatch: error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

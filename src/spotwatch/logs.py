@@ -13,6 +13,8 @@ import sys
 
 import structlog
 
+from spotwatch.console import one_line
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 # Marks the handler this module installs, so configuring again replaces it.
@@ -24,6 +26,9 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     )
+    # The readable renderer shows values as reprs (escaped) but the event as it is: a
+    # library's message may hold a newline or a name.
+    one_line_event: list[structlog.typing.Processor] = [] if use_json else [_event_on_one_line]
     shared: list[structlog.typing.Processor] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -42,7 +47,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         foreign_pre_chain=[structlog.stdlib.add_logger_name,
                            structlog.stdlib.ExtraAdder(), *shared],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    structlog.processors.format_exc_info, renderer],
+                    structlog.processors.format_exc_info, *one_line_event, renderer],
     ))
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
@@ -53,6 +58,13 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     threshold = _LEVELS[level]
     root.setLevel(threshold if threshold == logging.DEBUG else max(threshold, logging.WARNING))
     logging.getLogger("spotwatch").setLevel(threshold)
+
+
+def _event_on_one_line(logger: object, method: str,
+                       event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    if isinstance(event.get("event"), str):
+        event["event"] = one_line(event["event"])
+    return event
 
 
 def printable_path(path: str | os.PathLike[str]) -> str:

@@ -7,6 +7,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from spotwatch.console import one_line
+
 # What a transfer reports its bytes to as they move (negative: taken back after a retry).
 Progress = Callable[[int], None]
 
@@ -17,7 +19,7 @@ REDRAW_SECONDS = 0.1
 
 class ProgressBar:
     def __init__(self, label: str, total: int) -> None:
-        self._label = label
+        self._label = one_line(label)
         self._total = total
         self._done = 0
         self._files = 0

@@ -6,11 +6,12 @@ import argparse
 
 from spotwatch.aws.preflight import failures, run_checks
 from spotwatch.commands import load
+from spotwatch.console import print_line
 
 
 def run(args: argparse.Namespace) -> int:
     config, bucket = load(args, uploads=False)
     results = run_checks(config, bucket)
     for result in results:
-        print(f"{result.symbol}  {result.name:<16} {result.detail}")
+        print_line(f"{result.symbol}  {result.name:<16} {result.detail}")
     return 1 if failures(results) else 0

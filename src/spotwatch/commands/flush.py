@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import time
 from datetime import datetime
 from typing import Any
@@ -18,6 +17,7 @@ import structlog
 from spotwatch.bucket import NO_BUCKET, NoBucket
 from spotwatch.commands import load_optional_bucket
 from spotwatch.commands.status import HEALTHY_WITHIN_SECONDS, stalled
+from spotwatch.console import print_error
 from spotwatch.daemon.loop import Daemon
 from spotwatch.errors import SpotwatchError
 from spotwatch.model import Outcome, UploadResult
@@ -48,9 +48,8 @@ def run(args: argparse.Namespace) -> int:
         "flush_summary", files=outcome.files, bytes=outcome.bytes, failed=outcome.failed)
     report_left_behind(daemon.flushes.last or {}, "the flush")
     if outcome.unreadable_dirs:
-        print(f"spotwatch: error: {len(outcome.unreadable_dirs)} directories spotwatch may not "
-              f"read, their files not uploaded: {', '.join(outcome.unreadable_dirs[:20])}",
-              file=sys.stderr)
+        print_error(f"{len(outcome.unreadable_dirs)} directories spotwatch may not read, their "
+                    f"files not uploaded: {', '.join(outcome.unreadable_dirs[:20])}")
     return outcome.exit_code
 
 
@@ -59,8 +58,8 @@ def report_left_behind(record: dict[str, Any], whose: str) -> int:
     written behind; else 0. Invariant: an exit 1 of `spotwatch flush` always says why, whether
     this process or the daemon flushed."""
     if record.get("failed"):
-        print(f"spotwatch: error: {whose} left {record['failed']} failing files: "
-              f"{', '.join(record.get('failed_files', []))}", file=sys.stderr)
+        print_error(f"{whose} left {record['failed']} failing files: "
+                    f"{', '.join(record.get('failed_files', []))}")
         return 1
     return report_still_written(record, whose)
 
@@ -70,9 +69,8 @@ def report_still_written(record: dict[str, Any], whose: str) -> int:
     being written (sync.stop_timeout passed and they never settled); else 0."""
     if not record.get("still_written"):
         return 0
-    print(f"spotwatch: error: {whose} stopped waiting for {record['still_written']} files "
-          f"still being written: {', '.join(record.get('still_written_files', []))}",
-          file=sys.stderr)
+    print_error(f"{whose} stopped waiting for {record['still_written']} files still being "
+                f"written: {', '.join(record.get('still_written_files', []))}")
     return 1
 
 

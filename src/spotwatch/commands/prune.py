@@ -6,6 +6,7 @@ import argparse
 
 from spotwatch.commands import load
 from spotwatch.config import require_node_rank
+from spotwatch.console import print_line
 from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.sync.pruner import prune_once
 
@@ -25,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
     shown = planned if args.dry_run else report.deleted
     verb = "would delete" if args.dry_run else "deleted"
     for deletion in shown:
-        print(f"{verb} s3://{bucket}/{deletion.key} ({deletion.reason})")
-    print(f"{verb} {len(shown)} objects")
+        print_line(f"{verb} s3://{bucket}/{deletion.key} ({deletion.reason})")
+    print_line(f"{verb} {len(shown)} objects")
     if len(shown) < len(planned):  # a refusal (access denied) must not pass for done
         raise SpotwatchError(f"{len(planned) - len(shown)} of {len(planned)} objects were not "
                              f"deleted (see the warnings above); the next prune tries again")

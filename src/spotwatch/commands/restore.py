@@ -10,6 +10,7 @@ from types import FrameType
 
 from spotwatch.commands import load
 from spotwatch.config import JobSettings
+from spotwatch.console import print_line
 from spotwatch.errors import ConfigError
 from spotwatch.keys import is_reserved, set_name_of
 from spotwatch.sync.restore import restore
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     links = "".join(f"; link {link.path} -> {link.target}" for link in report.links)
     links += "".join(f"; {link.path} restored as a file (its link -> {link.target} leads to "
                      f"nothing restored)" for link in report.as_files)
-    print(f"restored {report.set_name} into {report.destination}: {report.downloaded} files "
+    print_line(f"restored {report.set_name} into {report.destination}: {report.downloaded} files "
           f"downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already present"
           f"{companions}{repointed}{links}{passed_over}")
     return 0

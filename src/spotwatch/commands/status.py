@@ -13,6 +13,7 @@ import msgspec
 from spotwatch.bucket import NO_BUCKET, NoBucket
 from spotwatch.commands import load_optional_bucket
 from spotwatch.config import Config
+from spotwatch.console import one_line
 from spotwatch.state import StateDir, StateLock
 from spotwatch.sync.ledger import Ledger
 
@@ -242,4 +243,4 @@ def render_status(report: dict[str, Any]) -> str:
     lines.append(f"in S3:        {report['uploaded_objects']} objects, "
                  f"{_size(report['uploaded_bytes'])}")
     lines.append(f"last upload:  {_ago(report['last_upload_at'])}")
-    return "\n".join(lines)
+    return "\n".join(one_line(line) for line in lines)  # a name never splits a line

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +82,17 @@ LedgerRow = tuple[str, str, int, int, "str | None", "int | None", "str | None", 
 
 
 @dataclass(frozen=True)
+class SavedSet:
+    """A set's rows (every column, retired ones too) and whether it was settled."""
+
+    bucket: str
+    set_key: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[object, ...], ...]
+    settled: bool
+
+
+@dataclass(frozen=True)
 class LedgerSummary:
     objects: int
     bytes: int
@@ -113,7 +126,7 @@ class Ledger:
             self._db.execute(_RETIRED_INDEX)
         except (OSError, sqlite3.Error) as exc:
             raise SpotwatchError(f"cannot open ledger {path}: {exc}") from None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a transaction holds it across its writes
 
     def close(self) -> None:
         with self._lock:
@@ -202,6 +215,47 @@ class Ledger:
                 (bucket, *_set_range(set_key)),
             ).fetchall()
         return [tuple(row) for row in rows]
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The writes of the block, all or none (LedgerError when it cannot commit)."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise LedgerError(str(exc)) from None
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                with suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise LedgerError(str(exc)) from None
+                raise
+
+    def saved_set(self, bucket: str, set_key: str) -> SavedSet:
+        """What the ledger holds of the set, for put_back."""
+        with self._lock:
+            cursor = self._db.execute(f"SELECT * FROM objects WHERE bucket = ? AND {_IN_SET}",
+                                      (bucket, *_set_range(set_key)))
+            columns = tuple(column[0] for column in cursor.description)
+            rows = tuple(tuple(row) for row in cursor.fetchall())
+            settled = self._db.execute(
+                "SELECT 1 FROM settled_sets WHERE bucket = ? AND set_key = ?",
+                (bucket, set_key)).fetchone() is not None
+        return SavedSet(bucket, set_key, columns, rows, settled)
+
+    def put_back(self, saved: SavedSet) -> None:
+        """The set's rows and settledness as saved_set found them, in one transaction."""
+        names = ", ".join(saved.columns)
+        marks = ", ".join("?" for _ in saved.columns)
+        with self.transaction():
+            self._write(f"DELETE FROM objects WHERE bucket = ? AND {_IN_SET}",
+                        (saved.bucket, *_set_range(saved.set_key)))
+            for row in saved.rows:
+                self._write(f"INSERT INTO objects ({names}) VALUES ({marks})", row)
+            self.set_settled(saved.bucket, saved.set_key, saved.settled)
 
     def set_settled(self, bucket: str, set_key: str, settled: bool) -> None:
         """Whether the set's manifest (or part) says what the ledger holds of it: it is

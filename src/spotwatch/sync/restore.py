@@ -60,8 +60,9 @@ from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir
 from spotwatch.sync.commits import uncommitted
 from spotwatch.sync.downloads import FileToFetch, SetCorrupt, SetIncomplete, fetch_verified, verify
-from spotwatch.sync.ledger import Ledger, LedgerError
+from spotwatch.sync.ledger import Ledger, LedgerError, SavedSet
 from spotwatch.sync.links import leads_into, leads_to, make_link
+from spotwatch.sync.placement import NotPlaced, place_all, signals_held
 from spotwatch.sync.pointers import Repointed, repoint, repointed_link
 from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import list_job_sets, list_manifests, not_there
@@ -502,7 +503,7 @@ def restore_newest(store: ObjectStore, sets: Sequence[Manifest | Candidate], des
                         action="trying the next older set")
             passed_over.append(manifest.set_name)
             continue
-        except (StoreError, OSError, LedgerError) as exc:
+        except (StoreError, OSError, LedgerError, NotPlaced) as exc:
             raise SpotwatchError(f"restore of {manifest.set_name} failed: {exc}") from None
         except ChecksumUnavailable as exc:
             raise SpotwatchError(f"cannot verify {manifest.set_name}: {exc}") from None
@@ -727,23 +728,15 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
             fetch_verified(store, [file for file, _ in todo], preferred, progress, temps,
                            complete)
             _check_also(todo, also, preferred)
-            # Every file of the set checked out: only now does anything land in place.
-            if ledger is not None:
-                # Settled before the first rename: a restore stopped between two (kill -9, a
-                # full disk) leaves part of the set in place, and a daemon starting then must
-                # not seal that part over the manifest it came from.
-                ledger.set_settled(store.bucket,
-                                   object_key(manifest.prefix, manifest.set_name), True)
-            for file, target in todo:
-                # Before the rename, so a running daemon skips it.
-                if ledger is not None and file.entry.path not in unrecorded:
-                    _record(ledger, store.bucket, file.entry, target)
-                os.replace(file.temp, target)
-            temps.clear()  # all in place: nothing left to remove
-            if ledger is not None:
-                _record_set(ledger, store.bucket, manifest,
-                            [(entry, path) for entry, path in there
-                             if entry.path not in unrecorded])
+            # Every file of the set checked out: only now does anything land in place, the
+            # whole set or nothing of it (sync.placement).
+            journal = None if ledger is None else _SetJournal(
+                ledger, store.bucket, manifest, todo, unrecorded,
+                [(entry, path) for entry, path in there if entry.path not in unrecorded])
+            with signals_held():
+                place_all([(file.temp, target) for file, target in todo], journal,
+                          partial(_named, targets.root))
+                temps.clear()  # all in place: nothing left to remove
     finally:
         progress.close()
     for link in as_files:
@@ -777,14 +770,52 @@ def _record(ledger: Ledger, bucket: str, entry: ManifestEntry, target: Path) -> 
                   entry.checksum, entry.part_size, entry.checksum_algorithm, entry.etag)
 
 
-def _record_set(ledger: Ledger, bucket: str, manifest: Manifest,
-                there: Sequence[tuple[ManifestEntry, Path]]) -> None:
-    """Invariant: every file of a set restored into the watched directory is in the ledger as
+class _SetJournal:
+    """What the ledger records of a set restored into the watched directory (place_all's
+    Journal), put back as it was when the set does not land whole.
+
+    Invariant: every file of a set restored into the watched directory is in the ledger as
     the object it came from, also one that was there already (a kept checkpoint volume, a
     fresh state directory): the daemon uploads none of them again, nor seals the set anew
     (on a job, its part would list every node's files, and a part of a job of another size
-    would take the place of this rank's)."""
-    for entry, target in there:
-        _record(ledger, bucket, entry, target)
-    # The manifest restored from says what the ledger holds of the set.
-    ledger.set_settled(bucket, object_key(manifest.prefix, manifest.set_name), True)
+    would take the place of this rank's). No row stays for a file a failed restore took back:
+    delete mirroring (sync.delete) would delete its object from S3."""
+
+    def __init__(self, ledger: Ledger, bucket: str, manifest: Manifest,
+                 todo: Sequence[tuple[FileToFetch, Path]], unrecorded: Collection[str],
+                 there: Sequence[tuple[ManifestEntry, Path]]) -> None:
+        self._ledger = ledger
+        self._bucket = bucket
+        self._set_key = object_key(manifest.prefix, manifest.set_name)
+        self._todo = todo
+        self._unrecorded = unrecorded
+        self._there = there
+        self._saved: SavedSet | None = None
+
+    def begin(self) -> None:
+        self._saved = self._ledger.saved_set(self._bucket, self._set_key)
+        # Settled before the first rename: a restore killed between two (kill -9, a power
+        # loss) leaves part of the set in place, and a daemon starting then must not seal
+        # that part over the manifest it came from.
+        self._ledger.set_settled(self._bucket, self._set_key, True)
+
+    def placing(self, index: int) -> None:
+        file, target = self._todo[index]
+        if file.entry.path not in self._unrecorded:  # before the rename: a daemon skips it
+            _record(self._ledger, self._bucket, file.entry, target)
+
+    def end(self) -> None:
+        with self._ledger.transaction():
+            for entry, target in self._there:
+                _record(self._ledger, self._bucket, entry, target)
+
+    def revert(self) -> None:
+        if self._saved is not None:
+            self._ledger.put_back(self._saved)
+
+
+def _named(root: Path, target: Path) -> str:
+    """A target as the set names it, for an error line."""
+    with suppress(ValueError):
+        return printable_path(target.relative_to(root))
+    return printable_path(target)

@@ -1,0 +1,46 @@
+"""What the CLI prints for a human (errors, summaries, the lines of `status` and `check`):
+each message on one line, whatever names it holds.
+
+A file name may hold a newline, a carriage return or a terminal's escape sequence, and a path
+that is not UTF-8 holds surrogate escapes (which printing would refuse): printed as they are,
+one message would become several lines (a log parser or `tail -1` then reads half of it) or
+act on the terminal. Every such line goes through one_line; the JSON log escapes by itself,
+and the readable log on a terminal goes through one_line as well (spotwatch.logs).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(code: int) -> str:
+    char = chr(code)
+    if char in _NAMED:
+        return _NAMED[char]
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape): as the byte
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+# C0 controls, DEL, C1 controls (NEL among them), the Unicode line and paragraph separators,
+# and lone surrogates.
+_CONTROLS = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0xD800, 0xE000)]
+_TABLE = {code: _escape(code) for code in _CONTROLS}
+
+
+def one_line(text: str) -> str:
+    """The text with every control character escaped (a newline as \\n), on one line."""
+    return text.translate(_TABLE)
+
+
+def print_line(text: str, file: TextIO | None = None) -> None:
+    """One line for a human, on stdout unless file says otherwise."""
+    print(one_line(text), file=file or sys.stdout)
+
+
+def print_error(message: str) -> None:
+    """The one line an error is: `spotwatch: error: ...` on stderr."""
+    print(f"spotwatch: error: {one_line(message)}", file=sys.stderr)

@@ -1,0 +1,100 @@
+"""Every line the CLI prints for a human (errors, summaries, status and check lines, the
+readable log) stays one line whatever names it holds: control characters are escaped."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotwatch.commands.status import render_status
+from spotwatch.logs import configure_logging
+
+from .conftest import Workspace
+from .test_checkpoint_sets import restore
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "spotwatch"
+
+
+def test_control_characters_are_escaped_and_other_text_is_kept() -> None:
+    from spotwatch.console import one_line  # here: the other tests also run on older code
+
+    text = "a\nb\rc\td\x1b[31me\x7ff\x85g\u2028h\udcffi\u00e9\u4e2d"
+    assert one_line(text) == "a\\nb\\rc\\td\\x1b[31me\\x7ff\\x85g\\u2028h\\xffi\u00e9\u4e2d"
+    assert one_line(os.fsdecode(b"step_1/\xff\n")) == "step_1/\\xff\\n"
+
+
+def test_restore_error_and_summary_name_a_path_with_a_newline_on_one_line(
+        workspace: Workspace) -> None:
+    (workspace.checkpoints / "step_1").mkdir()
+    (workspace.checkpoints / "step_1" / "a").write_bytes(b"x")
+    assert workspace.cli("flush", "-c", "config.yaml").returncode == 0
+    a_file = workspace.root / "f\nile"
+    a_file.touch()
+    refused = restore(workspace, "--to", str(a_file))
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and refused.stderr.endswith("\n")
+    assert f"{workspace.root}/f\\nile is not a directory" in refused.stderr
+    restored = restore(workspace, "--to", str(workspace.root / "new\ndir"))
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stdout == (f"restored step_1 into {workspace.root}/new\\ndir: 1 files "
+                               f"downloaded (0.0 MiB), 0 already present\n")
+
+
+def test_flush_names_a_failing_file_with_a_newline_on_one_line(workspace: Workspace) -> None:
+    (workspace.checkpoints / "step_1").mkdir()
+    (workspace.checkpoints / "step_1" / "new\nline").write_bytes(b"y")  # moto refuses the key
+    flushed = workspace.cli("flush", "-c", "config.yaml")
+    assert flushed.returncode == 1
+    errors = [line for line in flushed.stderr.splitlines() if not line.startswith("{")]
+    assert errors == [f"spotwatch: error: the flush left 1 failing files: "
+                      f"{workspace.checkpoints}/step_1/new\\nline"]
+
+
+def test_status_lines_stay_lines() -> None:
+    report: dict[str, Any] = {
+        "bucket": "b", "daemon_pid": 7, "uploaded_objects": 0, "uploaded_bytes": 0,
+        "last_upload_at": None,
+        "daemon": {"pending_files": 0, "pending_bytes": 0, "uploading": 0,
+                   "unsettled_files": 0, "unreadable_dirs": ["/ck/a\nb"],
+                   "incomplete_sets": ["step\r1"]}}
+    lines = render_status(report).splitlines()
+    assert any(line.endswith("/ck/a\\nb") for line in lines)
+    assert any(line.endswith("step\\r1") for line in lines)
+
+
+def test_the_readable_log_keeps_a_librarys_message_on_one_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("info", "console")
+    try:
+        logging.getLogger("botocore.test").warning("first\nsecond")
+    finally:
+        configure_logging("info", "json")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "first\\nsecond" in err
+
+
+def test_the_cli_prints_for_a_human_only_through_spotwatch_console() -> None:
+    """The one place lines are made one line: a print() elsewhere in the commands would skip
+    it (demo prints only its own text; JSON output escapes by itself)."""
+    modules = [SRC / "cli.py", *sorted((SRC / "commands").glob("*.py"))]
+    bare = []
+    for module in modules:
+        if module.name == "demo.py":
+            continue
+        for node in ast.walk(ast.parse(module.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id == "print"):
+                first = node.args[0] if node.args else None
+                through = (isinstance(first, ast.Call) and isinstance(first.func, ast.Name)
+                           and first.func.id in ("one_line", "render_status"))
+                json_out = isinstance(first, ast.IfExp) or (
+                    isinstance(first, ast.Call) and ast.unparse(first.func) == "json.dumps")
+                version = isinstance(first, ast.JoinedStr) and "__version__" in ast.unparse(first)
+                if not (through or json_out or version):
+                    bare.append(f"{module.name}:{node.lineno}")
+    assert bare == []
