@@ -138,6 +138,11 @@ def test_cli_missing_config_file(workspace: Workspace) -> None:
     assert_usage_error(workspace.cli("run", "-c", "nope.yaml"), "config file not found: nope.yaml")
 
 
+def test_cli_config_file_that_is_a_directory_says_so(workspace: Workspace) -> None:
+    (workspace.root / "conf.d").mkdir()
+    assert_usage_error(workspace.cli("check", "-c", "conf.d"), "config file conf.d is a directory")
+
+
 def test_cli_yaml_syntax_error(workspace: Workspace) -> None:
     workspace.config_file.write_text("watch: [\n")
     assert_usage_error(workspace.cli("run", "-c", "config.yaml"), "YAML syntax error")

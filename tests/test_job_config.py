@@ -109,7 +109,8 @@ def test_whole_job_from_the_environment(tmp_path: Path, monkeypatch: pytest.Monk
     ("job: {id: '', nodes: 2}\n", {}, "job.id"),
     ("job: {id: j, nodes: 2}\n", {"GROUP_RANK": "two"}, "GROUP_RANK='two'"),
     ("job: {id: j, nodes: 2}\n", {"GROUP_RANK": "5"}, "must be below job.nodes"),
-    ("job: {id: j}\n", {"SLURM_NNODES": "-1"}, "SLURM_NNODES='-1'"),
+    ("job: {id: j}\n", {"SLURM_NNODES": "-1"},
+     "SLURM_NNODES='-1' from the environment is not a whole number from 0 to 999999999"),
     ("job: [1]\n", {}, "job"),
 ])
 def test_bad_jobs_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, job: str,

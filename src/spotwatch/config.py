@@ -403,7 +403,8 @@ def find_config_file(explicit: str | Path | None) -> Path:
     if chosen:
         path = Path(chosen)
         if not _is_config_file(path):
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file {path} is a directory" if path.is_dir()
+                              else f"config file not found: {path}")
         return path
     for candidate in CONFIG_SEARCH_PATH:
         if _is_config_file(candidate):
@@ -490,7 +491,7 @@ def _refuse_launcher_disagreement(name: str, job: Mapping[str, Any],
 def _whole_number(text: str, key: str, variable: str) -> int:
     if not re.fullmatch(r"\s*[0-9]{1,9}\s*", text):
         raise ConfigError(f"{key}: {variable}={_shown(text)} from the environment is not a "
-                          "whole number")
+                          "whole number from 0 to 999999999")
     return int(text)
 
 
