@@ -22,6 +22,7 @@ from spotwatch.errors import SpotwatchError
 from spotwatch.keys import RESTORE_TEMP_SUFFIX, is_restore_temporary, manifest_key
 from spotwatch.model import FileVersion
 from spotwatch.sync.ledger import Ledger
+from spotwatch.sync.placement import NotPlaced, place_all
 from spotwatch.sync.restore import restore_newest
 from spotwatch.sync.sets.remote import list_manifests
 
@@ -235,3 +236,58 @@ def test_sigterm_while_the_files_move_leaves_the_set_whole_and_its_manifest_inta
     assert flushed.returncode == 0, flushed.stderr
     manifest = json.loads(object_bytes(s3, workspace.bucket, manifest_key("run1/", "step_1")))
     assert len(manifest["files"]) == count
+
+
+def test_a_directory_made_in_a_files_place_during_the_downloads_is_never_moved_aside(
+        tmp_path: Path) -> None:
+    """Restore refuses a directory where a file goes before it downloads; one made since is
+    refused when the set moves into place, and stays where it is with what it holds."""
+    (tmp_path / "model.pt").mkdir()
+    (tmp_path / "model.pt" / "user.txt").write_text("user data")
+    temp = tmp_path / f".model.pt{RESTORE_TEMP_SUFFIX}"
+    temp.write_bytes(b"set bytes")
+    with pytest.raises(NotPlaced, match="model.pt: Is a directory; nothing of the set"):
+        place_all([(temp, tmp_path / "model.pt")], None)
+    assert everything_under(tmp_path) == {"model.pt/user.txt": b"user data",
+                                          f".model.pt{RESTORE_TEMP_SUFFIX}": b"set bytes"}
+
+
+class _LedgerOnAFullDisk:
+    """A journal whose write before the second file fails, and whose revert does too."""
+
+    def begin(self) -> None:
+        pass
+
+    def placing(self, index: int) -> None:
+        if index == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def end(self) -> None:
+        pass
+
+    def revert(self) -> None:
+        raise RuntimeError("database or disk is full")
+
+
+def test_a_ledger_that_cannot_be_put_back_still_leaves_no_users_file_hidden(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files in the way moved aside (no hard links here), the second file's ledger write and
+    then the revert fail: the file not yet replaced is back under its own name, never left
+    under a name the next restore removes."""
+    moves = []
+    for name in ("a", "b"):
+        (tmp_path / name).write_text(f"user's own {name}")
+        temp = tmp_path / f".{name}{RESTORE_TEMP_SUFFIX}"
+        temp.write_text(f"set {name}")
+        moves.append((temp, tmp_path / name))
+
+    def no_hard_links(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    with pytest.raises(NotPlaced, match="b into place.*1 of 2 files"):
+        place_all(moves, _LedgerOnAFullDisk())
+    monkeypatch.undo()
+    left = everything_under(tmp_path)
+    assert left["a"] == b"set a" and left["b"] == b"user's own b"
+    assert not any(".b.kept" in name for name in left)

@@ -12,6 +12,7 @@ there, ledger rows included.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -20,6 +21,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR
 from types import FrameType
 from typing import Protocol
 
@@ -109,8 +111,12 @@ class _Placing:
         taken = {temp for temp, _ in self.moves}
         for _, target in self.moves:
             self.current = target
-            if not os.path.lexists(target):
+            try:
+                there = os.lstat(target)
+            except FileNotFoundError:
                 continue
+            if S_ISDIR(there.st_mode):  # one made during the downloads: never moved aside
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
             copy = kept_name(target, taken)
             with suppress(FileNotFoundError):
                 os.unlink(copy)  # a stopped restore's: a link would not go over it
@@ -123,9 +129,9 @@ class _Placing:
 
     def place(self, journal: Journal | None) -> None:
         for index, (temp, target) in enumerate(self.moves):
+            self.current = target
             if journal is not None:
                 journal.placing(index)
-            self.current = target
             os.replace(temp, target)
             self.placed.append(target)
 
@@ -133,6 +139,20 @@ class _Placing:
         for kept in self.kept.values():
             with suppress(OSError):  # left hidden: the next restore removes it
                 os.unlink(kept.copy)
+
+    def put_back_unplaced(self) -> None:
+        """What was moved aside from a target not yet placed goes back to it (the ledger could
+        not be put back, so what was placed stays): nothing a user had is left under a name
+        the next restore removes."""
+        placed = set(self.placed)
+        for kept in self.kept.values():
+            if kept.target in placed:
+                continue
+            with suppress(OSError):
+                if kept.moved:
+                    os.replace(kept.copy, kept.target)
+                else:
+                    os.unlink(kept.copy)  # a second name of the file still there
 
     def take_back(self) -> list[str]:
         """Every target as it was; the ones that could not be put back."""
@@ -174,6 +194,7 @@ def place_all(moves: Sequence[tuple[Path, Path]], journal: Journal | None,
             if journal is not None:
                 journal.revert()  # first: no row may stay for a file taken back
         except Exception as ledger_exc:  # the files stay: each placed one is recorded as it is
+            placing.put_back_unplaced()
             raise NotPlaced(f"{_what(exc, placing, name)}; the ledger could not be put back "
                             f"({ledger_exc}): {len(placing.placed)} of {len(moves)} files "
                             f"of the set are in place") from None
