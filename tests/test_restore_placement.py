@@ -246,7 +246,7 @@ def test_a_directory_made_in_a_files_place_during_the_downloads_is_never_moved_a
     (tmp_path / "model.pt" / "user.txt").write_text("user data")
     temp = tmp_path / f".model.pt{RESTORE_TEMP_SUFFIX}"
     temp.write_bytes(b"set bytes")
-    with pytest.raises(NotPlaced, match="model.pt: Is a directory; nothing of the set"):
+    with pytest.raises(NotPlaced, match=r"model\.pt: Is a directory; nothing of the set"):
         place_all([(temp, tmp_path / "model.pt")], None)
     assert everything_under(tmp_path) == {"model.pt/user.txt": b"user data",
                                           f".model.pt{RESTORE_TEMP_SUFFIX}": b"set bytes"}
@@ -285,7 +285,7 @@ def test_a_ledger_that_cannot_be_put_back_still_leaves_no_users_file_hidden(
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_hard_links)
-    with pytest.raises(NotPlaced, match="b into place.*1 of 2 files"):
+    with pytest.raises(NotPlaced, match=r"b into place.*1 of 2 files"):
         place_all(moves, _LedgerOnAFullDisk())
     monkeypatch.undo()
     left = everything_under(tmp_path)
