@@ -58,6 +58,16 @@ def set_name_of(relative_path: str) -> str:
     return relative_path.split("/", 1)[0]
 
 
+def is_utf8(text: str) -> bool:
+    """Whether the text is UTF-8 as it was read: a name with bytes that are not UTF-8 holds
+    them as surrogate escapes, which neither S3 nor the CRT's file paths take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def link_destination(link_path: str, target: str) -> str | None:
     """Where a symlink at link_path (relative to a watched directory) whose text is target
     leads, as a path relative to that directory, read as text ('..' drops the component
@@ -66,11 +76,7 @@ def link_destination(link_path: str, target: str) -> str | None:
 
     Invariant: a link is recorded in a manifest, and made again by restore, only when this
     says it stays inside the tree (the daemon also checks where it really leads)."""
-    if not target or target.startswith("/") or "\0" in target:
-        return None
-    try:
-        target.encode("utf-8")
-    except UnicodeEncodeError:  # bytes that are not UTF-8, kept as surrogate escapes
+    if not target or target.startswith("/") or "\0" in target or not is_utf8(target):
         return None
     parts = link_path.split("/")[:-1]
     for part in target.split("/"):

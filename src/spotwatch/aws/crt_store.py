@@ -60,6 +60,7 @@ from spotwatch.aws.store import (
 )
 from spotwatch.checksums import ContentMismatch, Expected
 from spotwatch.config import TransferSettings
+from spotwatch.keys import is_utf8
 from spotwatch.progress import Progress
 
 if TYPE_CHECKING:
@@ -179,14 +180,6 @@ def make_store(client: S3Client, bucket: str, settings: TransferSettings,
               else None)
     log.debug("transfer_client", client="classic", configured=settings.client, reason=reason)
     return S3ObjectStore(client, bucket, settings, throttle)
-
-
-def _utf8(path: Path) -> bool:
-    try:
-        str(path).encode()
-    except UnicodeEncodeError:  # bytes os.fsdecode kept as surrogates
-        return False
-    return True
 
 
 def _holds_crt_process_lock() -> bool:
@@ -314,7 +307,7 @@ class CrtObjectStore(S3ObjectStore):
         # An empty object: the CRT's GET with an expected checksum asks for a range, which
         # S3 refuses for no bytes (InvalidRange).
         # A path that is not UTF-8 (a name in another encoding): the CRT takes text paths only.
-        if size == 0 or self.uses_multipart(size) or not _utf8(path) or (
+        if size == 0 or self.uses_multipart(size) or not is_utf8(str(path)) or (
                 expected is not None and expected.splittable and size > 2 * PIECE_SIZE):
             return super().start_download(key, path, size, progress, expected)
         done: Future[bool] = Future()
