@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 READ_BYTES = 1 << 20
 
@@ -66,13 +66,20 @@ def _crc32_step() -> Callable[[bytes | memoryview, int], int]:
     return crc32
 
 
+def _crt_checksums() -> Any:
+    """awscrt's checksums module (botocore's optional CRT extra), None without awscrt."""
+    try:
+        return importlib.import_module("awscrt.checksums")
+    except ImportError:
+        return None
+
+
 def _crt_crc(name: str, width: int) -> Callable[[], Digest]:
     def make() -> Digest:
-        try:  # botocore's optional CRT extra
-            checksums = importlib.import_module("awscrt.checksums")
-        except ImportError:
+        checksums = _crt_checksums()
+        if checksums is None:
             raise ChecksumUnavailable(f"checking {name.upper()} checksums needs awscrt "
-                                      "(pip install awscrt)") from None
+                                      "(pip install awscrt)")
         return _Crc(getattr(checksums, name), width)
 
     return make
@@ -98,11 +105,8 @@ _COMBINERS = {"CRC32": "combine_crc32", "CRC32C": "combine_crc32c",
 def _combiner(algorithm: str) -> Callable[[int, int, int], int] | None:
     """awscrt's combine(crc of a, crc of b, length of b) -> crc of a+b; None without awscrt."""
     name = _COMBINERS.get(algorithm)
-    if name is None:
-        return None
-    try:
-        checksums = importlib.import_module("awscrt.checksums")
-    except ImportError:
+    checksums = _crt_checksums()
+    if name is None or checksums is None:
         return None
     return getattr(checksums, name, None)
 
