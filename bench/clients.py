@@ -26,6 +26,10 @@ SPOTWATCH_CRT = "spotwatch crt"
 AWS = "aws s3 sync"
 S5CMD = "s5cmd sync"
 RESTORE = "spotwatch restore"
+# spotwatch restore as it runs on a p4d or p5, whose throughput target the CRT puts at
+# 400 Gbit/s: 1000 CRT connections and 256 ranged GETs of large objects at once.
+RESTORE_ON_P4D = "spotwatch restore, p4d target"
+P4D_TARGET_GBPS = 400.0
 S5CMD_CP = "s5cmd cp"
 # The CRT opens one connection per 0.4 Gbit/s of its throughput target (counted through the
 # simulation: 4 Gbit/s -> 10 connections, 10 -> 25, 20 -> 51), whatever max_concurrency says.
@@ -104,10 +108,13 @@ class Clients:
         self.env.pop("AWS_CONFIG_FILE", None)
 
     def spotwatch_config(self, source: Path, *, client: str | None = None,
-                         concurrency: int | None = None, imds: str | None = None) -> Path:
+                         concurrency: int | None = None, imds: str | None = None,
+                         target_gbps: float | None = None) -> Path:
         transfer: dict[str, Any] = {}
         if client:
             transfer["client"] = client
+        if target_gbps:
+            transfer["target_throughput"] = target_gbps
         if concurrency:
             transfer["max_concurrency"] = concurrency
             if client == "crt":  # the CRT counts connections by its target, not requests
@@ -159,7 +166,7 @@ class Clients:
 
     def download(self, tool: str, config: Path, bucket: str, set_name: str,
                  destination: Path) -> Command:
-        if tool == RESTORE:
+        if tool in (RESTORE, RESTORE_ON_P4D):
             wait_until_crt_is_free()
             return self.spotwatch("restore", config, bucket, "--to", str(destination))
         return self.s5cmd("cp", f"s3://{bucket}/{PREFIX}{set_name}/*",

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clients import DOWNLOADERS, SPOTWATCH, SPOTWATCH_CRT, Clients, Store
+from clients import (
+    DOWNLOADERS,
+    P4D_TARGET_GBPS,
+    RESTORE_ON_P4D,
+    SPOTWATCH,
+    SPOTWATCH_CRT,
+    Clients,
+    Store,
+)
 from measure import (
     GiB,
     MiB,
@@ -98,8 +106,8 @@ def bulk(store: Store, clients: Clients, shape: Shape, tools: Sequence[str],
 
 def download_round(clients: Clients, source: Path, bucket: str, shape: Shape,
                    round_number: int, downloads: dict[str, list[Usage]]) -> None:
-    """Both downloaders fetch the set once, in this round's order."""
-    for tool in rotated(DOWNLOADERS, round_number):
+    """Every downloader fetches the set once, in this round's order."""
+    for tool in rotated(list(downloads), round_number):
         downloads[tool].append(download(clients, tool, source, bucket, shape))
         show(shape.name, tool, downloads[tool][-1], shape.total)
 
@@ -109,16 +117,17 @@ def download_rows(downloads: dict[str, list[Usage]], shape: Shape) -> dict[str, 
 
 
 def restore_at_scale(store: Store, clients: Clients, shape: Shape, tools: Sequence[str],
-                     rounds: int, downloading: Clients | None = None) -> dict[str, Any]:
+                     rounds: int, downloading: Clients | None = None,
+                     downloaders: Sequence[str] = DOWNLOADERS) -> dict[str, Any]:
     """Downloads only, of a set larger than (a)'s, where each tool's start-up weighs little:
-    spotwatch uploads it once, then both downloaders fetch it in rotating order each round
+    spotwatch uploads it once, then the downloaders fetch it in rotating order each round
     (through `downloading`'s endpoint, the simulation say; else the store's)."""
     source = shape.make(clients.work / shape.name)
     bucket = store.new_bucket()
     uploader = SPOTWATCH_CRT if SPOTWATCH_CRT in tools else SPOTWATCH
     run(clients.upload(uploader, source, bucket))
     check_objects(store, bucket, uploader, shape.files)
-    downloads: dict[str, list[Usage]] = {tool: [] for tool in DOWNLOADERS}
+    downloads: dict[str, list[Usage]] = {tool: [] for tool in downloaders}
     for round_number in range(rounds):
         download_round(downloading or clients, source, bucket, shape, round_number, downloads)
     store.drop_bucket(bucket)
@@ -136,7 +145,9 @@ def check_objects(store: Store, bucket: str, tool: str, files: int) -> None:
 def download(clients: Clients, tool: str, source: Path, bucket: str, shape: Shape) -> Usage:
     """One download of the set into a fresh directory, checked to be whole."""
     destination = clients.work / f"restored-{tool.replace(' ', '-')}"
-    config = clients.spotwatch_config(source)  # restore reads the set's manifest, no state
+    # restore reads the set's manifest, no state
+    config = clients.spotwatch_config(
+        source, target_gbps=P4D_TARGET_GBPS if tool == RESTORE_ON_P4D else None)
     used = run(clients.download(tool, config, bucket, SET_NAME, destination))
     if tree_bytes(destination / SET_NAME) != (shape.files, shape.total):
         raise RuntimeError(f"{tool} did not download the whole set")

@@ -11,11 +11,12 @@ import pytest
 
 from spotwatch.aws.crt_store import (
     GBPS_PER_CONNECTION,
+    GBPS_PER_S3_CONNECTION,
     RESTORE_CONNECTIONS,
     crt_connections,
     for_restore,
 )
-from spotwatch.config import TransferSettings
+from spotwatch.config import MAX_CONCURRENCY, TransferSettings
 
 from .conftest import Workspace
 from .faultproxy import FaultProxy
@@ -64,14 +65,66 @@ def test_a_restore_opens_at_least_its_connections_and_never_fewer_than_the_insta
     assert crt_connections(settings) >= RESTORE_CONNECTIONS
     assert settings.target_throughput is not None
     assert settings.target_throughput >= (recommended or 0)
+    # Ranged GETs: as many as the instance's throughput takes (400 Gbit/s: the most), and
+    # without its figure the configured 20.
+    assert settings.max_concurrency == (MAX_CONCURRENCY if recommended == 400.0 else 20)
     # Nothing else of the settings changes.
-    assert msgspec.structs.replace(settings, target_throughput=None) == TransferSettings()
+    assert msgspec.structs.replace(settings, target_throughput=None, max_concurrency=20) \
+        == TransferSettings()
 
 
-@pytest.mark.parametrize("configured", [0.4, 4.0, 100.0])
-def test_a_configured_target_throughput_is_kept_by_a_restore(configured: float) -> None:
+@pytest.mark.parametrize(("configured", "workers"), [(0.4, 20), (4.0, 20), (100.0, 143),
+                                                     (400.0, MAX_CONCURRENCY)])
+def test_a_configured_target_throughput_is_kept_by_a_restore_and_sets_its_ranged_gets(
+        configured: float, workers: int) -> None:
     settings = TransferSettings(target_throughput=configured)
-    assert for_restore(settings) == settings
-    assert crt_connections(settings) == round(configured / GBPS_PER_CONNECTION)
+    restoring = for_restore(settings)
+    assert restoring == msgspec.structs.replace(settings, max_concurrency=workers)
+    assert crt_connections(restoring) == round(configured / GBPS_PER_CONNECTION)
+
+
+@pytest.mark.parametrize("recommended", [None, 400.0])
+def test_a_restore_never_runs_fewer_ranged_gets_than_max_concurrency_says(
+        recommended: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("awscrt.s3.get_recommended_throughput_target_gbps",
+                        lambda: recommended)
+    settings = for_restore(TransferSettings(max_concurrency=200, target_throughput=10.0))
+    assert settings.max_concurrency == 200
+    wanted = round(400.0 / GBPS_PER_S3_CONNECTION)
+    assert for_restore(TransferSettings(max_concurrency=200)).max_concurrency == (
+        min(wanted, MAX_CONCURRENCY) if recommended else 200)
+
+
+SHARDS = 6
+SHARD_BYTES = 20 * 2**20
+PART_BYTES = 5 * 2**20  # S3's smallest part: a shard is 4 parts, each its own ranged GET
+
+
+@pytest.mark.parametrize("transfer_client", ["classic", "crt"], indirect=True)
+def test_a_restore_fetches_large_shards_over_as_many_connections_as_its_target_takes(
+        workspace: Workspace, transfer_client: str, tmp_path: Path) -> None:
+    written = {}
+    for i in range(SHARDS):
+        data = os.urandom(SHARD_BYTES)
+        path = workspace.checkpoints / "step_1" / f"model_{i}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        written[f"step_1/model_{i}.safetensors"] = data
+    # 50 Gbit/s: 71 ranged GETs at once, every one of the set's 24 (before: 20, whatever the
+    # target).
+    workspace.write_config(transfer={"multipart_threshold": PART_BYTES,
+                                     "multipart_chunksize": PART_BYTES,
+                                     "target_throughput": 50})
+    flushed = workspace.cli("flush")
+    assert flushed.returncode == 0, flushed.stderr
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.add("delay", lambda r: r.operation == "GET" and not r.query, times=10**6,
+                  delay=2 * LATENCY)
+        restored = workspace.cli("restore", "--to", str(tmp_path / "back"),
+                                 AWS_ENDPOINT_URL=proxy.url)
+        assert restored.returncode == 0, restored.stderr
+        assert proxy.most_at_once("GET") > 20
+    for name, data in written.items():
+        assert (tmp_path / "back" / name).read_bytes() == data
 
 

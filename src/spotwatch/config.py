@@ -40,6 +40,8 @@ CRT_CHECKSUM_ALGORITHMS = ("CRC32C", "CRC64NVME")
 MIN_PART_SIZE = 5 * MiB
 MAX_PART_SIZE = 5 * GiB
 MAX_SINGLE_PUT = 5 * GiB
+# The most requests transfer.max_concurrency may run at once (`s5cmd` runs 256 workers).
+MAX_CONCURRENCY = 256
 # A bandwidth cap below this would hold a checkpoint back for hours.
 MIN_BANDWIDTH = 64 * 1024
 # No duration in the config means more than a day; longer is a typo (and overflows timers).
@@ -211,7 +213,7 @@ class TransferSettings(_Section, frozen=True, kw_only=True):
         "unit": "bytes", "note": " (S3's limits)"}), SIZE] = 64 * MiB
     multipart_chunksize: Annotated[int, Meta(ge=MIN_PART_SIZE, le=MAX_PART_SIZE, extra={
         "unit": "bytes", "note": " (S3's limits)"}), SIZE] = 16 * MiB
-    max_concurrency: Annotated[int, Meta(ge=1, le=256)] = 20
+    max_concurrency: Annotated[int, Meta(ge=1, le=MAX_CONCURRENCY)] = 20
     # CRC32C costs about half the client CPU, but spotwatch 0.1 reads any 4-byte checksum
     # as the configured algorithm's and would refuse a CRC32C set as corrupt: the default
     # stays CRC32 while 0.1 may still restore what this version uploads.

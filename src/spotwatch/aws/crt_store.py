@@ -59,7 +59,7 @@ from spotwatch.aws.store import (
     store_error,
 )
 from spotwatch.checksums import ContentMismatch, Expected
-from spotwatch.config import TransferSettings
+from spotwatch.config import MAX_CONCURRENCY, TransferSettings
 from spotwatch.keys import is_utf8
 from spotwatch.progress import Progress
 
@@ -82,6 +82,9 @@ GBPS_PER_CONNECTION = 0.4
 # a proxy holding each answer 20 ms, 1,500 files of 64 KiB restored in about 2.0 s with 128
 # connections, 3.4 s with 25.
 RESTORE_CONNECTIONS = 128
+# What one S3 connection carries (85-90 MB/s), in Gbit/s: a restore's ranged GETs of large
+# objects, each on a thread of its own, need target / this many threads to fill the target.
+GBPS_PER_S3_CONNECTION = 0.7
 # Reported to on_outcome: None for a transfer S3 completed, else its error's class.
 Outcome = Callable[[str | None], None]
 # botocore sets Content-MD5 unless told otherwise; the serializer removes this placeholder and
@@ -154,15 +157,31 @@ def crt_connections(settings: TransferSettings) -> int:
     return max(1, round(target_throughput_gbps(settings) / GBPS_PER_CONNECTION))
 
 
+def restore_workers(settings: TransferSettings) -> int:
+    """How many ranged GETs of large objects a restore runs at once: enough S3 connections to
+    fill the target throughput (the configured one, else the instance type's: 400 Gbit/s on a
+    p4d or p5 takes MAX_CONCURRENCY, 256), never fewer than transfer.max_concurrency. Without
+    an instance type's figure that is max_concurrency: 10 Gbit/s take 14 connections."""
+    wanted = round(target_throughput_gbps(settings) / GBPS_PER_S3_CONNECTION)
+    return max(settings.max_concurrency, min(wanted, MAX_CONCURRENCY))
+
+
 def for_restore(settings: TransferSettings) -> TransferSettings:
-    """The settings a restore downloads with: without a configured target throughput, one
-    for at least RESTORE_CONNECTIONS connections (a restore's many small GETs are bound by
-    S3's latency, not its bandwidth). A configured target is kept as it is."""
+    """The settings a restore downloads with.
+
+    - Without a configured target throughput, one for at least RESTORE_CONNECTIONS of the
+      CRT's connections (a restore's many small GETs are bound by S3's latency, not its
+      bandwidth). A configured target is kept as it is.
+    - max_concurrency: restore_workers, for the ranged GETs of objects over the multipart
+      threshold (on Python threads, see store.S3ObjectStore), which at 20 would hold a
+      restore on a p5 to some 1.7 GB/s (20 connections of S3's 85-90 MB/s)."""
+    workers = restore_workers(settings)
     if settings.target_throughput is not None:
-        return settings
+        return msgspec.structs.replace(settings, max_concurrency=workers)
     wanted = RESTORE_CONNECTIONS * GBPS_PER_CONNECTION
     return msgspec.structs.replace(
-        settings, target_throughput=max(target_throughput_gbps(settings), wanted))
+        settings, max_concurrency=workers,
+        target_throughput=max(target_throughput_gbps(settings), wanted))
 
 
 def make_store(client: S3Client, bucket: str, settings: TransferSettings,
