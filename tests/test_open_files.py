@@ -14,11 +14,17 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import boto3
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spotwatch.aws.crt_store import FDS_HELD_BACK, crt_connections, within_open_files
+from spotwatch.aws.crt_store import (
+    FDS_HELD_BACK,
+    crt_connections,
+    make_store,
+    within_open_files,
+)
 from spotwatch.config import MAX_CONCURRENCY, TransferSettings
 from spotwatch.limits import MOST_OPEN_FILES
 
@@ -105,3 +111,17 @@ def test_the_limit_raised_is_what_the_trainer_s_hooks_inherit_too() -> None:
                           preexec_fn=limited(LOW), check=True, env=dict(os.environ))
     child, parent = done.stdout.split()
     assert child == parent
+
+
+def test_the_crt_store_of_a_daemon_keeps_its_connections_within_the_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("spotwatch.aws.crt_store.open_files_limit", lambda: LOW)
+    settings = TransferSettings(client="crt", target_throughput=P4D_TARGET_GBPS)
+    assert _fds_used(settings) > LOW
+    client = boto3.client("s3", region_name="us-east-1", endpoint_url="http://127.0.0.1:9",
+                          aws_access_key_id="k", aws_secret_access_key="s")
+    store = make_store(client, "bucket", settings)
+    try:
+        assert 2 * store.downloads_at_once + 2 * store.max_concurrency + FDS_HELD_BACK <= LOW
+    finally:
+        store.close()

@@ -212,8 +212,11 @@ def make_store(client: S3Client, bucket: str, settings: TransferSettings,
                throttle: Throttle | None = None) -> ObjectStore:
     """The store for `transfer.client`: the CRT's (auto: wherever awscrt can be used) or the
     classic s3transfer one. on_outcome hears of every CRT transfer's end (for S3 metrics);
-    throttle is the bandwidth cap on uploads (None: none)."""
+    throttle is the bandwidth cap on uploads (None: none). The CRT's connections stay within
+    the open-files limit (within_open_files): a notice's flush of large shards on a p4d keeps
+    hundreds open, each with the file its part is read from."""
     if settings.client == "crt" or (settings.uses_crt and _holds_crt_process_lock()):
+        settings = within_open_files(settings, open_files_limit())
         log.debug("transfer_client", client="crt", configured=settings.client,
                  target_gbps=target_throughput_gbps(settings))
         return CrtObjectStore(client, bucket, settings, on_outcome=on_outcome,
