@@ -13,6 +13,7 @@ from typing import NoReturn
 from spotwatch.collector import uncollected_start_up
 from spotwatch.console import one_line, print_error
 from spotwatch.errors import SpotwatchError
+from spotwatch.limits import raise_open_files_limit
 
 
 class _ShowVersion(argparse.Action):
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    raise_open_files_limit()
     try:
         return _command(args.command)(args)
     except SpotwatchError as exc:

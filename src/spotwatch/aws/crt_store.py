@@ -61,6 +61,7 @@ from spotwatch.aws.store import (
 from spotwatch.checksums import ContentMismatch, Expected
 from spotwatch.config import MAX_CONCURRENCY, TransferSettings
 from spotwatch.keys import is_utf8
+from spotwatch.limits import open_files_limit
 from spotwatch.progress import Progress
 
 if TYPE_CHECKING:
@@ -82,6 +83,9 @@ GBPS_PER_CONNECTION = 0.4
 # a proxy holding each answer 20 ms, 1,500 files of 64 KiB restored in about 2.0 s with 128
 # connections, 3.4 s with 25.
 RESTORE_CONNECTIONS = 128
+# Open files a restore leaves for everything but its connections and the files they write
+# (the interpreter's own, the state lock and ledger, logs): it used some 40.
+FDS_HELD_BACK = 128
 # What one S3 connection carries (85-90 MB/s), in Gbit/s: a restore's ranged GETs of large
 # objects, each on a thread of its own, need target / this many threads to fill the target.
 GBPS_PER_S3_CONNECTION = 0.7
@@ -157,6 +161,22 @@ def crt_connections(settings: TransferSettings) -> int:
     return max(1, round(target_throughput_gbps(settings) / GBPS_PER_CONNECTION))
 
 
+def within_open_files(settings: TransferSettings, open_files: int) -> TransferSettings:
+    """The settings with no more connections than `open_files` descriptors carry: each CRT
+    connection and the file it writes take one each, as do each ranged GET's connection and
+    file, and FDS_HELD_BACK stay for everything else. Unchanged where they fit (the usual
+    case, the limit raised to the hard one: limits.raise_open_files_limit)."""
+    budget = max(0, open_files - FDS_HELD_BACK)
+    if 2 * (crt_connections(settings) + settings.max_concurrency) <= budget:
+        return settings
+    workers = max(1, min(settings.max_concurrency, budget // 4))
+    connections = max(1, (budget - 2 * workers) // 2)
+    return msgspec.structs.replace(
+        settings, max_concurrency=workers,
+        target_throughput=min(target_throughput_gbps(settings),
+                              connections * GBPS_PER_CONNECTION))
+
+
 def restore_workers(settings: TransferSettings) -> int:
     """How many ranged GETs of large objects a restore runs at once: enough S3 connections to
     fill the target throughput (the configured one, else the instance type's: 400 Gbit/s on a
@@ -174,14 +194,17 @@ def for_restore(settings: TransferSettings) -> TransferSettings:
       bandwidth). A configured target is kept as it is.
     - max_concurrency: restore_workers, for the ranged GETs of objects over the multipart
       threshold (on Python threads, see store.S3ObjectStore), which at 20 would hold a
-      restore on a p5 to some 1.7 GB/s (20 connections of S3's 85-90 MB/s)."""
+      restore on a p5 to some 1.7 GB/s (20 connections of S3's 85-90 MB/s).
+    - Both only as far as the open-files limit lets them (within_open_files)."""
     workers = restore_workers(settings)
     if settings.target_throughput is not None:
-        return msgspec.structs.replace(settings, max_concurrency=workers)
-    wanted = RESTORE_CONNECTIONS * GBPS_PER_CONNECTION
-    return msgspec.structs.replace(
-        settings, max_concurrency=workers,
-        target_throughput=max(target_throughput_gbps(settings), wanted))
+        restoring = msgspec.structs.replace(settings, max_concurrency=workers)
+    else:
+        wanted = RESTORE_CONNECTIONS * GBPS_PER_CONNECTION
+        restoring = msgspec.structs.replace(
+            settings, max_concurrency=workers,
+            target_throughput=max(target_throughput_gbps(settings), wanted))
+    return within_open_files(restoring, open_files_limit())
 
 
 def make_store(client: S3Client, bucket: str, settings: TransferSettings,
@@ -189,8 +212,11 @@ def make_store(client: S3Client, bucket: str, settings: TransferSettings,
                throttle: Throttle | None = None) -> ObjectStore:
     """The store for `transfer.client`: the CRT's (auto: wherever awscrt can be used) or the
     classic s3transfer one. on_outcome hears of every CRT transfer's end (for S3 metrics);
-    throttle is the bandwidth cap on uploads (None: none)."""
+    throttle is the bandwidth cap on uploads (None: none). The CRT's connections stay within
+    the open-files limit (within_open_files): a notice's flush of large shards on a p4d keeps
+    hundreds open, each with the file its part is read from."""
     if settings.client == "crt" or (settings.uses_crt and _holds_crt_process_lock()):
+        settings = within_open_files(settings, open_files_limit())
         log.debug("transfer_client", client="crt", configured=settings.client,
                  target_gbps=target_throughput_gbps(settings))
         return CrtObjectStore(client, bucket, settings, on_outcome=on_outcome,
