@@ -17,7 +17,6 @@ from spotwatch.aws.crt_store import (
     for_restore,
 )
 from spotwatch.config import MAX_CONCURRENCY, TransferSettings
-from spotwatch.limits import MOST_OPEN_FILES
 
 from .conftest import Workspace
 from .faultproxy import FaultProxy
@@ -26,13 +25,6 @@ FILES = 400
 # Each GetObject is answered this late, as S3 answers after its first-byte latency: long
 # enough that a restore's downloads overlap, whatever the machine's speed.
 LATENCY = 0.2
-
-
-@pytest.fixture
-def plenty_of_open_files(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A restore's settings as under a high open-files limit, whatever this process has (the
-    command raises its own at start; test_open_files covers a low one)."""
-    monkeypatch.setattr("spotwatch.aws.crt_store.open_files_limit", lambda: MOST_OPEN_FILES)
 
 
 def small_files(root: Path) -> dict[str, bytes]:
@@ -65,7 +57,6 @@ def test_a_restore_on_the_crt_keeps_a_hundred_small_gets_under_way(
 
 
 @pytest.mark.parametrize("recommended", [None, 10.0, 400.0])
-@pytest.mark.usefixtures("plenty_of_open_files")
 def test_a_restore_opens_at_least_its_connections_and_never_fewer_than_the_instance_would(
         recommended: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("awscrt.s3.get_recommended_throughput_target_gbps",
@@ -84,7 +75,6 @@ def test_a_restore_opens_at_least_its_connections_and_never_fewer_than_the_insta
 
 @pytest.mark.parametrize(("configured", "workers"), [(0.4, 20), (4.0, 20), (100.0, 143),
                                                      (400.0, MAX_CONCURRENCY)])
-@pytest.mark.usefixtures("plenty_of_open_files")
 def test_a_configured_target_throughput_is_kept_by_a_restore_and_sets_its_ranged_gets(
         configured: float, workers: int) -> None:
     settings = TransferSettings(target_throughput=configured)
@@ -94,7 +84,6 @@ def test_a_configured_target_throughput_is_kept_by_a_restore_and_sets_its_ranged
 
 
 @pytest.mark.parametrize("recommended", [None, 400.0])
-@pytest.mark.usefixtures("plenty_of_open_files")
 def test_a_restore_never_runs_fewer_ranged_gets_than_max_concurrency_says(
         recommended: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("awscrt.s3.get_recommended_throughput_target_gbps",

@@ -2,8 +2,10 @@
 
 A restore on a p4d or p5 keeps about a thousand of the CRT's connections open (its 400 Gbit/s
 target), each a file descriptor; the soft limit a login shell or systemd gives (1,024) made it
-fail with AWS_ERROR_MAX_FDS_EXCEEDED. The hard limit is there to be used (Go programs such as
-`s5cmd` raise the soft one to it at start), so every command starts by doing the same.
+fail with AWS_ERROR_MAX_FDS_EXCEEDED. The hard limit is there to be used (`s5cmd`, a Go
+program, runs with its soft limit raised to it), so every command starts by raising its own.
+The processes it starts (the trainer's hooks) inherit the raised limit, as they would under
+systemd's LimitNOFILE.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def raise_open_files_limit() -> int:
         except (ValueError, OSError):  # above fs.nr_open, or a sandbox that refuses
             return soft
         return wanted
-    return MOST_OPEN_FILES if soft == resource.RLIM_INFINITY else soft
+    return open_files_limit()
 
 
 def open_files_limit() -> int:

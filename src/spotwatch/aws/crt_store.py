@@ -161,20 +161,36 @@ def crt_connections(settings: TransferSettings) -> int:
     return max(1, round(target_throughput_gbps(settings) / GBPS_PER_CONNECTION))
 
 
-def within_open_files(settings: TransferSettings, open_files: int) -> TransferSettings:
-    """The settings with no more connections than `open_files` descriptors carry: each CRT
-    connection and the file it writes take one each, as do each ranged GET's connection and
-    file, and FDS_HELD_BACK stay for everything else. Unchanged where they fit (the usual
-    case, the limit raised to the hard one: limits.raise_open_files_limit)."""
-    budget = max(0, open_files - FDS_HELD_BACK)
-    if 2 * (crt_connections(settings) + settings.max_concurrency) <= budget:
+def within_open_files(settings: TransferSettings, open_files: int, *,
+                      crt: bool) -> TransferSettings:
+    """The settings with no more connections than `open_files` descriptors carry: each
+    worker's connection and the file it writes take one each (transfer.max_concurrency of
+    them), as do each of the CRT's connections (crt: the store is the CRT's), and
+    descriptors_held_back() stay for everything else. Unchanged where they fit (the usual
+    case, the limit raised to the hard one: limits.raise_open_files_limit).
+
+    The CRT opens a download's file only once its bytes come (a restore of 1,500 files with
+    ~900 under way peaked at 248 descriptors), so files queued behind the connections take
+    none."""
+    budget = max(0, open_files - descriptors_held_back())
+    connections = crt_connections(settings) if crt else 0
+    if 2 * (connections + settings.max_concurrency) <= budget:
         return settings
-    workers = max(1, min(settings.max_concurrency, budget // 4))
-    connections = max(1, (budget - 2 * workers) // 2)
+    workers = max(1, min(settings.max_concurrency, budget // (4 if crt else 2)))
+    if not crt:
+        return msgspec.structs.replace(settings, max_concurrency=workers)
+    fitting = max(1, (budget - 2 * workers) // 2)
+    # Half a connection under the count, so that the CRT's rounding up never adds one.
     return msgspec.structs.replace(
         settings, max_concurrency=workers,
         target_throughput=min(target_throughput_gbps(settings),
-                              connections * GBPS_PER_CONNECTION))
+                              (fitting - 0.5) * GBPS_PER_CONNECTION))
+
+
+def descriptors_held_back() -> int:
+    """Open files kept for all but the transfers: FDS_HELD_BACK, and two for each of the CRT's
+    event loops (one per core at most)."""
+    return FDS_HELD_BACK + 2 * (os.cpu_count() or 1)
 
 
 def restore_workers(settings: TransferSettings) -> int:
@@ -195,16 +211,14 @@ def for_restore(settings: TransferSettings) -> TransferSettings:
     - max_concurrency: restore_workers, for the ranged GETs of objects over the multipart
       threshold (on Python threads, see store.S3ObjectStore), which at 20 would hold a
       restore on a p5 to some 1.7 GB/s (20 connections of S3's 85-90 MB/s).
-    - Both only as far as the open-files limit lets them (within_open_files)."""
+    Both only as far as the open-files limit lets them (make_store)."""
     workers = restore_workers(settings)
     if settings.target_throughput is not None:
-        restoring = msgspec.structs.replace(settings, max_concurrency=workers)
-    else:
-        wanted = RESTORE_CONNECTIONS * GBPS_PER_CONNECTION
-        restoring = msgspec.structs.replace(
-            settings, max_concurrency=workers,
-            target_throughput=max(target_throughput_gbps(settings), wanted))
-    return within_open_files(restoring, open_files_limit())
+        return msgspec.structs.replace(settings, max_concurrency=workers)
+    wanted = RESTORE_CONNECTIONS * GBPS_PER_CONNECTION
+    return msgspec.structs.replace(
+        settings, max_concurrency=workers,
+        target_throughput=max(target_throughput_gbps(settings), wanted))
 
 
 def make_store(client: S3Client, bucket: str, settings: TransferSettings,
@@ -212,11 +226,13 @@ def make_store(client: S3Client, bucket: str, settings: TransferSettings,
                throttle: Throttle | None = None) -> ObjectStore:
     """The store for `transfer.client`: the CRT's (auto: wherever awscrt can be used) or the
     classic s3transfer one. on_outcome hears of every CRT transfer's end (for S3 metrics);
-    throttle is the bandwidth cap on uploads (None: none). The CRT's connections stay within
-    the open-files limit (within_open_files): a notice's flush of large shards on a p4d keeps
-    hundreds open, each with the file its part is read from."""
-    if settings.client == "crt" or (settings.uses_crt and _holds_crt_process_lock()):
-        settings = within_open_files(settings, open_files_limit())
+    throttle is the bandwidth cap on uploads (None: none). Its connections stay within the
+    open-files limit (within_open_files): on a p4d the CRT keeps hundreds open for a notice's
+    flush of large shards, each with the file its part is read from, and a thousand for a
+    restore of many small files."""
+    crt = settings.client == "crt" or (settings.uses_crt and _holds_crt_process_lock())
+    settings = _fitted(settings, crt)
+    if crt:
         log.debug("transfer_client", client="crt", configured=settings.client,
                  target_gbps=target_throughput_gbps(settings))
         return CrtObjectStore(client, bucket, settings, on_outcome=on_outcome,
@@ -225,6 +241,18 @@ def make_store(client: S3Client, bucket: str, settings: TransferSettings,
               else None)
     log.debug("transfer_client", client="classic", configured=settings.client, reason=reason)
     return S3ObjectStore(client, bucket, settings, throttle)
+
+
+def _fitted(settings: TransferSettings, crt: bool) -> TransferSettings:
+    """within_open_files under this process's limit, said in one warning when it cuts."""
+    limit = open_files_limit()
+    fitted = within_open_files(settings, limit, crt=crt)
+    if fitted != settings:
+        log.warning("open_files_limit_low", limit=limit, workers=fitted.max_concurrency,
+                    connections=crt_connections(fitted) if crt else None,
+                    action="fewer connections; raise the hard limit (ulimit -Hn, "
+                           "LimitNOFILE) for more")
+    return fitted
 
 
 def _holds_crt_process_lock() -> bool:
