@@ -212,13 +212,11 @@ def for_restore(settings: TransferSettings) -> TransferSettings:
       threshold (on Python threads, see store.S3ObjectStore), which at 20 would hold a
       restore on a p5 to some 1.7 GB/s (20 connections of S3's 85-90 MB/s).
     Both only as far as the open-files limit lets them (make_store)."""
-    workers = restore_workers(settings)
-    if settings.target_throughput is not None:
-        return msgspec.structs.replace(settings, max_concurrency=workers)
-    wanted = RESTORE_CONNECTIONS * GBPS_PER_CONNECTION
-    return msgspec.structs.replace(
-        settings, max_concurrency=workers,
-        target_throughput=max(target_throughput_gbps(settings), wanted))
+    target = settings.target_throughput
+    if target is None:
+        target = max(target_throughput_gbps(settings), RESTORE_CONNECTIONS * GBPS_PER_CONNECTION)
+    return msgspec.structs.replace(settings, max_concurrency=restore_workers(settings),
+                                   target_throughput=target)
 
 
 def make_store(client: S3Client, bucket: str, settings: TransferSettings,
