@@ -4,10 +4,11 @@ is not left waiting until the first one's ranges are all done."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -95,16 +96,28 @@ def object_of(parts: int, seed: int) -> bytes:
     return bytes((seed + i) % 251 for i in range(parts * PART))
 
 
-def start(getter: RangedGetter, key: str, size: int, path: Path,
-          errors: list[BaseException]) -> threading.Thread:
+def start(getter: RangedGetter, key: str, size: int, path: Path, errors: list[BaseException],
+          digests: list[bytes] | None = None,
+          cancelled: threading.Event | None = None) -> threading.Thread:
+    """The download on a thread of its own; its part digests (sha256) go to `digests`."""
     def run() -> None:
         try:
-            getter.download(key, path, size, PART, None, None)
+            got = getter.download(key, path, size, PART, None,
+                                  None if digests is None else hashlib.sha256, cancelled)
         except BaseException as exc:  # handed to the test
             errors.append(exc)
+        else:
+            if digests is not None:
+                digests.extend(got)
     thread = threading.Thread(target=run)
     thread.start()
     return thread
+
+
+def finish(*threads: threading.Thread) -> None:
+    for thread in threads:
+        thread.join(WAIT)
+        assert not thread.is_alive()
 
 
 def test_a_second_download_gets_its_share_of_the_workers(tmp_path: Path) -> None:
@@ -117,7 +130,7 @@ def test_a_second_download_gets_its_share_of_the_workers(tmp_path: Path) -> None
     assert len(split(7 * PART, range_size(7 * PART, PART, workers))) == 7
     errors: list[BaseException] = []
     with RecordingPool(workers, client) as pool:
-        getter = RangedGetter(client, "bucket", pool, workers, attempts=1)  # type: ignore[arg-type]
+        getter = RangedGetter(client, "bucket", pool, workers, attempts=1)
         first = start(getter, "a", 7 * PART, tmp_path / "a", errors)
         client.wait_until(lambda: len(client.under_way) == workers)
         second = start(getter, "b", 7 * PART, tmp_path / "b", errors)
@@ -126,10 +139,8 @@ def test_a_second_download_gets_its_share_of_the_workers(tmp_path: Path) -> None
         client.release("a", 2)  # two of a's ranges end: a is down to two, its share
         client.wait_until(lambda: len(client.under_way) == workers
                           and sum(key == "b" for key, _ in client.under_way) == 2)
-        assert client.keys_under_way() == ["a", "a", "b", "b"]
         client.open_gate()
-        first.join(WAIT)
-        second.join(WAIT)
+        finish(first, second)
     assert not errors
     for key, data in objects.items():
         assert (tmp_path / key).read_bytes() == data
@@ -139,13 +150,78 @@ def test_a_download_alone_takes_every_worker(tmp_path: Path) -> None:
     client = GatedClient({"a": object_of(9, 3)})
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=6) as pool:
-        getter = RangedGetter(client, "bucket", pool, 6, attempts=1)  # type: ignore[arg-type]
+        getter = RangedGetter(client, "bucket", pool, 6, attempts=1)
         thread = start(getter, "a", 9 * PART, tmp_path / "a", errors)
         client.wait_until(lambda: len(client.under_way) == 6)
         client.open_gate()
-        thread.join(WAIT)
+        finish(thread)
     assert not errors
     assert (tmp_path / "a").read_bytes() == object_of(9, 3)
+
+
+def test_a_download_that_started_its_last_range_leaves_its_share_to_the_others(
+        tmp_path: Path) -> None:
+    """Four workers, a (seven ranges) and b (three): once b's last range has started, a's
+    share is all the workers b does not hold, not half of them."""
+    workers = 4
+    objects = {"a": object_of(7, 5), "b": object_of(3, 6)}
+    client = GatedClient(objects)
+    errors: list[BaseException] = []
+    with RecordingPool(workers, client) as pool:
+        getter = RangedGetter(client, "bucket", pool, workers, attempts=1)
+        first = start(getter, "a", 7 * PART, tmp_path / "a", errors)
+        client.wait_until(lambda: len(client.under_way) == workers)
+        second = start(getter, "b", 3 * PART, tmp_path / "b", errors)
+        client.wait_until(lambda: pool.submitted.count("b") == 2)
+        client.release("a", 2)
+        client.wait_until(lambda: client.keys_under_way() == ["a", "a", "b", "b"])
+        client.release("b", 2)  # b starts its last range, and shares no more
+        client.wait_until(lambda: pool.submitted.count("b") == 3
+                          and client.keys_under_way() == ["a", "a", "b"])
+        client.release("a", 1)  # a may now take the three workers b does not hold
+        client.wait_until(lambda: client.keys_under_way() == ["a", "a", "a", "b"])
+        client.open_gate()
+        finish(first, second)
+    assert not errors
+    for key, data in objects.items():
+        assert (tmp_path / key).read_bytes() == data
+
+
+def test_ranges_ending_in_any_order_give_the_parts_digests_in_order(tmp_path: Path) -> None:
+    workers = 5
+    data = object_of(5, 7)
+    client = GatedClient({"a": data})
+    digests: list[bytes] = []
+    errors: list[BaseException] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        getter = RangedGetter(client, "bucket", pool, workers, attempts=1)
+        thread = start(getter, "a", len(data), tmp_path / "a", errors, digests)
+        client.wait_until(lambda: len(client.under_way) == workers)
+        for byte_range in reversed(split(len(data), PART)):  # the last range ends first
+            with client.changed:
+                client.released.add(("a", byte_range.header))
+                client.changed.notify_all()
+            client.wait_until(lambda r=byte_range: ("a", r.header) not in client.under_way)
+        finish(thread)
+    assert not errors
+    assert digests == [hashlib.sha256(data[i:i + PART]).digest()
+                       for i in range(0, len(data), PART)]
+
+
+def test_a_cancelled_download_starts_no_more_ranges(tmp_path: Path) -> None:
+    workers = 2
+    client = GatedClient({"a": object_of(6, 8)})
+    cancelled = threading.Event()
+    errors: list[BaseException] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        getter = RangedGetter(client, "bucket", pool, workers, attempts=1)
+        thread = start(getter, "a", 6 * PART, tmp_path / "a", errors, cancelled=cancelled)
+        client.wait_until(lambda: len(client.under_way) == workers)
+        cancelled.set()
+        client.open_gate()
+        finish(thread)
+    assert [type(error) for error in errors] == [CancelledError]
+    assert client.started.count("a") == workers
 
 
 def test_a_failed_range_stops_the_download_and_starts_no_more(tmp_path: Path) -> None:
@@ -158,12 +234,11 @@ def test_a_failed_range_stops_the_download_and_starts_no_more(tmp_path: Path) ->
     client.failing = ranges[0].header  # fails at once; the other ranges are held
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        getter = RangedGetter(client, "bucket", pool, workers, attempts=1)  # type: ignore[arg-type]
+        getter = RangedGetter(client, "bucket", pool, workers, attempts=1)
         thread = start(getter, "a", size, tmp_path / "a", errors)
         client.wait_until(lambda: len(client.under_way) == workers - 1)
         client.open_gate()
-        thread.join(WAIT)
-        assert not thread.is_alive()
+        finish(thread)
     assert [type(error) for error in errors] == [OSError]
     assert client.started.count("a") == workers
     assert client.under_way == []
@@ -181,11 +256,10 @@ def test_concurrent_downloads_each_get_exactly_their_object(
     client = GatedClient(objects, gated=False)
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        getter = RangedGetter(client, "bucket", pool, workers, attempts=1)  # type: ignore[arg-type]
+        getter = RangedGetter(client, "bucket", pool, workers, attempts=1)
         threads = [start(getter, key, len(data), directory / key, errors)
                    for key, data in objects.items()]
-        for thread in threads:
-            thread.join(WAIT)
+        finish(*threads)
     assert not errors
     for key, data in objects.items():
         assert (directory / key).read_bytes() == data

@@ -25,7 +25,6 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Executor, Future, wait
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +105,30 @@ class _BodyBroke(Exception):
         self.cause = cause
 
 
+class _Shares:
+    """The workers' even shares among the downloads that take them (ceil(workers / downloads);
+    all of them for a download alone). A share is a bound on starting ranges: a download
+    over it, as the first of several is once the others join, starts none until it is back
+    under it."""
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+        self._downloads = 0
+        self._lock = threading.Lock()
+
+    def join(self) -> None:
+        with self._lock:
+            self._downloads += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._downloads -= 1
+
+    def each(self) -> int:
+        with self._lock:
+            return max(1, -(-self._workers // max(1, self._downloads)))
+
+
 class RangedGetter:
     """Downloads objects of one bucket in ranges, on the given executor's workers (how many).
 
@@ -120,8 +143,7 @@ class RangedGetter:
         self._executor = executor
         self._workers = workers
         self._attempts = max(1, attempts)
-        self._lock = threading.Lock()
-        self._downloads_sharing = 0  # downloads of several ranges under way
+        self._shares = _Shares(workers)
 
     def download(self, key: str, path: Path, size: int, part_size: int,
                  progress: Progress | None, digest: Callable[[], Digest] | None,
@@ -144,53 +166,38 @@ class RangedGetter:
             if len(ranges) == 1:
                 digests = self._fetch(key, target, ranges[0], size, True, progress, parts)
             else:
-                with self._sharing():
-                    digests = [part for of_range in self._fetch_all(key, target, ranges, size,
-                                                                    progress, parts)
-                               for part in of_range]
+                digests = self._fetch_all(key, target, ranges, size, progress, parts)
             if os.fstat(fd).st_size > size:
                 os.ftruncate(fd, size)
             return digests
         finally:
             os.close(fd)
 
-    @contextmanager
-    def _sharing(self) -> Iterator[None]:
-        """Counts a download among those sharing the workers while it runs."""
-        with self._lock:
-            self._downloads_sharing += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._downloads_sharing -= 1
-
-    def _share(self) -> int:
-        """How many of its ranges a download may have under way: an even share of the
-        workers among the downloads sharing them (all of them for a download alone)."""
-        with self._lock:
-            return max(1, -(-self._workers // max(1, self._downloads_sharing)))
-
     def _fetch_all(self, key: str, target: _File, ranges: list[ByteRange], size: int,
                    progress: Progress | None, parts: Callable[[], PartDigests] | None
-                   ) -> list[list[bytes]]:
-        """Every range's digests in order, at most this download's share of the workers
-        at a time. Invariant: downloads under way at once each get their share, so the
-        workers spread over their files instead of queueing on the first one's (one file
-        takes one write at a time: 20 workers on one of four 1 GiB shards left the others
-        idle, and the restore took 14-20% longer than with five on each). On the first
-        failure no more ranges start, those under way are cancelled or awaited (none still
-        writes to the file once it is closed), and the failure is raised."""
+                   ) -> list[bytes]:
+        """The digests of every range's parts, in order. The ranges run on the executor, at
+        most the download's share of the workers at a time (_Shares): a file takes one write
+        at a time, and 20 workers queued on the first of four 1 GiB shards made a restore
+        14-20% slower than five on each. On the first failure no more ranges start, those
+        under way are cancelled or awaited (none still writes to the file once it is closed),
+        and the failure is raised."""
         results: list[list[bytes]] = [[] for _ in ranges]
         under_way: dict[Future[list[bytes]], int] = {}
         started = 0
+        self._shares.join()
+        sharing = True
         try:
             while started < len(ranges) or under_way:
-                while started < len(ranges) and len(under_way) < self._share():
-                    future = self._executor.submit(self._fetch, key, target, ranges[started],
-                                                   size, False, progress, parts)
-                    under_way[future] = started
+                while started < len(ranges) and len(under_way) < self._shares.each():
+                    under_way[self._submit(key, target, ranges[started], size, progress,
+                                           parts)] = started
                     started += 1
+                if sharing and started == len(ranges):
+                    # Its last ranges need no more workers than they have: the others may
+                    # take the rest.
+                    self._shares.leave()
+                    sharing = False
                 done, _ = wait(under_way, return_when=FIRST_COMPLETED)
                 for future in done:
                     results[under_way.pop(future)] = future.result()
@@ -199,7 +206,19 @@ class RangedGetter:
                 future.cancel()
             wait(under_way)
             raise
-        return results
+        finally:
+            if sharing:
+                self._shares.leave()
+        return [part for of_range in results for part in of_range]
+
+    def _submit(self, key: str, target: _File, byte_range: ByteRange, size: int,
+                progress: Progress | None, parts: Callable[[], PartDigests] | None
+                ) -> Future[list[bytes]]:
+        try:
+            return self._executor.submit(self._fetch, key, target, byte_range, size, False,
+                                         progress, parts)
+        except RuntimeError as exc:  # shut down (the store closed): as a range cancelled
+            raise CancelledError() from exc
 
     def _fetch(self, key: str, target: _File, byte_range: ByteRange, size: int, whole: bool,
                progress: Progress | None, parts: Callable[[], PartDigests] | None
