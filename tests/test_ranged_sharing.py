@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from spotwatch.aws.ranged_get import RangedGetter, range_size, split
 
 PART = 1024
+WORKERS = 4  # of the tests where two downloads share them
 WAIT = 30.0
 
 
@@ -120,25 +121,32 @@ def finish(*threads: threading.Thread) -> None:
         assert not thread.is_alive()
 
 
+def b_joins_a(client: GatedClient, pool: RecordingPool, tmp_path: Path,
+              objects: dict[str, bytes], errors: list[BaseException]
+              ) -> tuple[threading.Thread, threading.Thread]:
+    """Download a alone takes all WORKERS; b joins, and its share is two: its first two
+    ranges wait in the pool's queue until two of a's end, which leaves a at its share. Returns
+    with two ranges of each under way."""
+    getter = RangedGetter(client, "bucket", pool, WORKERS, attempts=1)
+    first = start(getter, "a", len(objects["a"]), tmp_path / "a", errors)
+    client.wait_until(lambda: len(client.under_way) == WORKERS)
+    second = start(getter, "b", len(objects["b"]), tmp_path / "b", errors)
+    client.wait_until(lambda: pool.submitted.count("b") == 2)
+    client.release("a", 2)
+    client.wait_until(lambda: client.keys_under_way() == ["a", "a", "b", "b"])
+    return first, second
+
+
 def test_a_second_download_gets_its_share_of_the_workers(tmp_path: Path) -> None:
-    """Four workers: a download alone takes all four; once a second one joins, each freed
+    """A download alone takes every worker; once a second one joins, each freed
     worker goes to it until each has two (before, the first download's seven ranges were all
     queued ahead of the second's)."""
-    workers = 4
     objects = {"a": object_of(7, 1), "b": object_of(7, 2)}
+    assert len(split(7 * PART, range_size(7 * PART, PART, WORKERS))) == 7
     client = GatedClient(objects)
-    assert len(split(7 * PART, range_size(7 * PART, PART, workers))) == 7
     errors: list[BaseException] = []
-    with RecordingPool(workers, client) as pool:
-        getter = RangedGetter(client, "bucket", pool, workers, attempts=1)
-        first = start(getter, "a", 7 * PART, tmp_path / "a", errors)
-        client.wait_until(lambda: len(client.under_way) == workers)
-        second = start(getter, "b", 7 * PART, tmp_path / "b", errors)
-        # b's share is two: its first two ranges wait in the pool's queue for a worker
-        client.wait_until(lambda: pool.submitted.count("b") == 2)
-        client.release("a", 2)  # two of a's ranges end: a is down to two, its share
-        client.wait_until(lambda: len(client.under_way) == workers
-                          and sum(key == "b" for key, _ in client.under_way) == 2)
+    with RecordingPool(WORKERS, client) as pool:
+        first, second = b_joins_a(client, pool, tmp_path, objects, errors)
         client.open_gate()
         finish(first, second)
     assert not errors
@@ -161,20 +169,13 @@ def test_a_download_alone_takes_every_worker(tmp_path: Path) -> None:
 
 def test_a_download_that_started_its_last_range_leaves_its_share_to_the_others(
         tmp_path: Path) -> None:
-    """Four workers, a (seven ranges) and b (three): once b's last range has started, a's
+    """a (seven ranges) and b (three): once b's last range has started, a's
     share is all the workers b does not hold, not half of them."""
-    workers = 4
     objects = {"a": object_of(7, 5), "b": object_of(3, 6)}
     client = GatedClient(objects)
     errors: list[BaseException] = []
-    with RecordingPool(workers, client) as pool:
-        getter = RangedGetter(client, "bucket", pool, workers, attempts=1)
-        first = start(getter, "a", 7 * PART, tmp_path / "a", errors)
-        client.wait_until(lambda: len(client.under_way) == workers)
-        second = start(getter, "b", 3 * PART, tmp_path / "b", errors)
-        client.wait_until(lambda: pool.submitted.count("b") == 2)
-        client.release("a", 2)
-        client.wait_until(lambda: client.keys_under_way() == ["a", "a", "b", "b"])
+    with RecordingPool(WORKERS, client) as pool:
+        first, second = b_joins_a(client, pool, tmp_path, objects, errors)
         client.release("b", 2)  # b starts its last range, and shares no more
         client.wait_until(lambda: pool.submitted.count("b") == 3
                           and client.keys_under_way() == ["a", "a", "b"])
