@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spotwatch.aws.crt_store import (
+    FDS_PER_WORKER,
     GBPS_PER_CONNECTION,
     crt_connections,
     descriptors_held_back,
@@ -72,7 +73,7 @@ def test_a_soft_limit_already_at_the_hard_one_is_left_as_it_is() -> None:
 def _fds_used(settings: TransferSettings, crt: bool = True) -> int:
     """What a store with these settings may hold open at most (within_open_files)."""
     connections = crt_connections(settings) if crt else 0
-    return 2 * connections + 2 * settings.max_concurrency + descriptors_held_back()
+    return 2 * connections + FDS_PER_WORKER * settings.max_concurrency + descriptors_held_back()
 
 
 @given(spare=st.integers(min_value=8, max_value=MOST_OPEN_FILES),
@@ -93,7 +94,8 @@ def test_a_store_s_connections_fit_the_open_files_limit(
         # The CRT rounds its connections up: the fitted target never takes one more.
         assert fitted.target_throughput is not None
         assert (not crt or math.ceil(fitted.target_throughput / GBPS_PER_CONNECTION)
-                <= (open_files - descriptors_held_back() - 2 * fitted.max_concurrency) // 2)
+                <= (open_files - descriptors_held_back()
+                    - FDS_PER_WORKER * fitted.max_concurrency) // 2)
 
 
 @pytest.mark.parametrize("hard", [None, LOW, 512],
@@ -127,7 +129,7 @@ def test_the_crt_store_of_a_daemon_keeps_its_connections_within_the_limit(
                           aws_access_key_id="k", aws_secret_access_key="s")
     store = make_store(client, "bucket", settings)
     try:
-        assert (2 * store.downloads_at_once + 2 * store.max_concurrency
+        assert (2 * store.downloads_at_once + FDS_PER_WORKER * store.max_concurrency
                 + descriptors_held_back() <= LOW)
     finally:
         store.close()

@@ -86,6 +86,12 @@ RESTORE_CONNECTIONS = 128
 # Open files a restore leaves for everything but its connections and the files they write
 # (the interpreter's own, the state lock and ledger, logs): it used some 40.
 FDS_HELD_BACK = 128
+# Open files per transfer.max_concurrency worker of the store's own pools: single-part and
+# multipart uploads run max_concurrency each at once (each a connection and the file it reads
+# its part from), as do a restore's ranged GETs (a connection each) and its downloads (the
+# file, and a connection for a small one). The CRT's store has these pools too: a capped
+# upload takes them.
+FDS_PER_WORKER = 4
 # What one S3 connection carries (85-90 MB/s), in Gbit/s: a restore's ranged GETs of large
 # objects, each on a thread of its own, need target / this many threads to fill the target.
 GBPS_PER_S3_CONNECTION = 0.7
@@ -163,23 +169,25 @@ def crt_connections(settings: TransferSettings) -> int:
 
 def within_open_files(settings: TransferSettings, open_files: int, *,
                       crt: bool) -> TransferSettings:
-    """The settings with no more connections than `open_files` descriptors carry: each
-    worker's connection and the file it writes take one each (transfer.max_concurrency of
-    them), as do each of the CRT's connections (crt: the store is the CRT's), and
-    descriptors_held_back() stay for everything else. Unchanged where they fit (the usual
-    case, the limit raised to the hard one: limits.raise_open_files_limit).
+    """The settings with no more connections than `open_files` descriptors carry:
+    FDS_PER_WORKER for each transfer.max_concurrency worker, two for each of the CRT's
+    connections (crt: the store is the CRT's; a socket and the file it reads or writes), and
+    descriptors_held_back() for everything else. Unchanged where they fit (the usual case,
+    the limit raised to the hard one: limits.raise_open_files_limit).
 
     The CRT opens a download's file only once its bytes come (a restore of 1,500 files with
     ~900 under way peaked at 248 descriptors), so files queued behind the connections take
     none."""
     budget = max(0, open_files - descriptors_held_back())
     connections = crt_connections(settings) if crt else 0
-    if 2 * (connections + settings.max_concurrency) <= budget:
+    if 2 * connections + FDS_PER_WORKER * settings.max_concurrency <= budget:
         return settings
-    workers = max(1, min(settings.max_concurrency, budget // (4 if crt else 2)))
+    # The CRT's store: half the budget for the workers, half for the CRT's connections.
+    workers = max(1, min(settings.max_concurrency,
+                         budget // (FDS_PER_WORKER * (2 if crt else 1))))
     if not crt:
         return msgspec.structs.replace(settings, max_concurrency=workers)
-    fitting = max(1, (budget - 2 * workers) // 2)
+    fitting = max(1, (budget - FDS_PER_WORKER * workers) // 2)
     # Half a connection under the count, so that the CRT's rounding up never adds one.
     return msgspec.structs.replace(
         settings, max_concurrency=workers,
