@@ -86,11 +86,11 @@ RESTORE_CONNECTIONS = 128
 # Open files a restore leaves for everything but its connections and the files they write
 # (the interpreter's own, the state lock and ledger, logs): it used some 40.
 FDS_HELD_BACK = 128
-# Open files per transfer.max_concurrency worker of the store's own pools: single-part and
-# multipart uploads run max_concurrency each at once (each a connection and the file it reads
-# its part from), as do a restore's ranged GETs (a connection each) and its downloads (the
-# file, and a connection for a small one). The CRT's store has these pools too: a capped
-# upload takes them.
+# Open files per transfer.max_concurrency worker. Uploads: single-part and multipart ones run
+# max_concurrency each at once, each holding a connection and the file it reads. A restore:
+# its downloads (the file, and a connection for a small one), its ranged GETs (a connection
+# each) and the read-back checks of files the store could not check on the way. The CRT's
+# store has the same pools, which capped uploads and parts too large for its buffers take.
 FDS_PER_WORKER = 4
 # What one S3 connection carries (85-90 MB/s), in Gbit/s: a restore's ranged GETs of large
 # objects, each on a thread of its own, need target / this many threads to fill the target.
