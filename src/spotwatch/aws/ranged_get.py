@@ -178,10 +178,11 @@ class RangedGetter:
                    ) -> list[bytes]:
         """The digests of every range's parts, in order. The ranges run on the executor, at
         most the download's share of the workers at a time (_Shares): a file takes one write
-        at a time, and 20 workers queued on the first of four 1 GiB shards made a restore
-        14-20% slower than five on each. On the first failure no more ranges start, those
-        under way are cancelled or awaited (none still writes to the file once it is closed),
-        and the failure is raised."""
+        at a time, and 20 workers queued on the first of four 1 GiB shards made a restore up
+        to 15% slower than five on each on the benchmark's machine (no slower in one A/B run
+        of five); on a p5, all 256 would wait on one file. On the first failure no more
+        ranges start, those under way are cancelled or awaited (none still writes to the file
+        once it is closed), and the failure is raised."""
         results: list[list[bytes]] = [[] for _ in ranges]
         under_way: dict[Future[list[bytes]], int] = {}
         started = 0
