@@ -191,14 +191,15 @@ class RangedGetter:
         try:
             while started < len(ranges) or under_way:
                 while started < len(ranges) and len(under_way) < self._shares.each():
+                    if sharing and started == len(ranges) - 1:
+                        # Its last ranges need no more workers than they have: the others
+                        # may take the rest. Given up before the last is handed over, so
+                        # whoever sees that range start sees the share given up too.
+                        self._shares.leave()
+                        sharing = False
                     under_way[self._submit(key, target, ranges[started], size, progress,
                                            parts)] = started
                     started += 1
-                if sharing and started == len(ranges):
-                    # Its last ranges need no more workers than they have: the others may
-                    # take the rest.
-                    self._shares.leave()
-                    sharing = False
                 done, _ = wait(under_way, return_when=FIRST_COMPLETED)
                 for future in done:
                     results[under_way.pop(future)] = future.result()
