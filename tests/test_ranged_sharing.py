@@ -64,7 +64,12 @@ class GatedClient:
     def release(self, key: str, count: int) -> None:
         """Lets the first `count` GETs of key under way end."""
         with self.changed:
-            self.released.update([entry for entry in self.under_way if entry[0] == key][:count])
+            self.release_ranges([entry for entry in self.under_way if entry[0] == key][:count])
+
+    def release_ranges(self, entries: list[tuple[str, str]]) -> None:
+        """Lets these GETs (key, range header) end."""
+        with self.changed:
+            self.released.update(entries)
             self.changed.notify_all()
 
     def open_gate(self) -> None:
@@ -121,6 +126,20 @@ def finish(*threads: threading.Thread) -> None:
         assert not thread.is_alive()
 
 
+def held_download(client: GatedClient, pool: ThreadPoolExecutor, workers: int, path: Path,
+                  errors: list[BaseException], held: int, **options: Any) -> threading.Thread:
+    """Download "a" on `workers` workers, returned once `held` of its GETs are under way."""
+    getter = RangedGetter(client, "bucket", pool, workers, attempts=1)
+    thread = start(getter, "a", len(client.objects["a"]), path, errors, **options)
+    client.wait_until(lambda: len(client.under_way) == held)
+    return thread
+
+
+def assert_downloaded(directory: Path, objects: dict[str, bytes]) -> None:
+    for key, data in objects.items():
+        assert (directory / key).read_bytes() == data
+
+
 def b_joins_a(client: GatedClient, pool: RecordingPool, tmp_path: Path,
               objects: dict[str, bytes], errors: list[BaseException]
               ) -> tuple[threading.Thread, threading.Thread]:
@@ -150,17 +169,14 @@ def test_a_second_download_gets_its_share_of_the_workers(tmp_path: Path) -> None
         client.open_gate()
         finish(first, second)
     assert not errors
-    for key, data in objects.items():
-        assert (tmp_path / key).read_bytes() == data
+    assert_downloaded(tmp_path, objects)
 
 
 def test_a_download_alone_takes_every_worker(tmp_path: Path) -> None:
     client = GatedClient({"a": object_of(9, 3)})
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=6) as pool:
-        getter = RangedGetter(client, "bucket", pool, 6, attempts=1)
-        thread = start(getter, "a", 9 * PART, tmp_path / "a", errors)
-        client.wait_until(lambda: len(client.under_way) == 6)
+        thread = held_download(client, pool, 6, tmp_path / "a", errors, held=6)
         client.open_gate()
         finish(thread)
     assert not errors
@@ -184,8 +200,7 @@ def test_a_download_that_started_its_last_range_leaves_its_share_to_the_others(
         client.open_gate()
         finish(first, second)
     assert not errors
-    for key, data in objects.items():
-        assert (tmp_path / key).read_bytes() == data
+    assert_downloaded(tmp_path, objects)
 
 
 def test_ranges_ending_in_any_order_give_the_parts_digests_in_order(tmp_path: Path) -> None:
@@ -195,13 +210,10 @@ def test_ranges_ending_in_any_order_give_the_parts_digests_in_order(tmp_path: Pa
     digests: list[bytes] = []
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        getter = RangedGetter(client, "bucket", pool, workers, attempts=1)
-        thread = start(getter, "a", len(data), tmp_path / "a", errors, digests)
-        client.wait_until(lambda: len(client.under_way) == workers)
+        thread = held_download(client, pool, workers, tmp_path / "a", errors, held=workers,
+                               digests=digests)
         for byte_range in reversed(split(len(data), PART)):  # the last range ends first
-            with client.changed:
-                client.released.add(("a", byte_range.header))
-                client.changed.notify_all()
+            client.release_ranges([("a", byte_range.header)])
             client.wait_until(lambda r=byte_range: ("a", r.header) not in client.under_way)
         finish(thread)
     assert not errors
@@ -215,9 +227,8 @@ def test_a_cancelled_download_starts_no_more_ranges(tmp_path: Path) -> None:
     cancelled = threading.Event()
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        getter = RangedGetter(client, "bucket", pool, workers, attempts=1)
-        thread = start(getter, "a", 6 * PART, tmp_path / "a", errors, cancelled=cancelled)
-        client.wait_until(lambda: len(client.under_way) == workers)
+        thread = held_download(client, pool, workers, tmp_path / "a", errors, held=workers,
+                               cancelled=cancelled)
         cancelled.set()
         client.open_gate()
         finish(thread)
@@ -235,9 +246,7 @@ def test_a_failed_range_stops_the_download_and_starts_no_more(tmp_path: Path) ->
     client.failing = ranges[0].header  # fails at once; the other ranges are held
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        getter = RangedGetter(client, "bucket", pool, workers, attempts=1)
-        thread = start(getter, "a", size, tmp_path / "a", errors)
-        client.wait_until(lambda: len(client.under_way) == workers - 1)
+        thread = held_download(client, pool, workers, tmp_path / "a", errors, held=workers - 1)
         client.open_gate()
         finish(thread)
     assert [type(error) for error in errors] == [OSError]
@@ -262,5 +271,4 @@ def test_concurrent_downloads_each_get_exactly_their_object(
                    for key, data in objects.items()]
         finish(*threads)
     assert not errors
-    for key, data in objects.items():
-        assert (directory / key).read_bytes() == data
+    assert_downloaded(directory, objects)
