@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 from .conftest import Workspace, keys_in, wait_for
@@ -24,3 +26,29 @@ def test_library_records_are_json_lines(workspace: Workspace, s3: Any) -> None:
     loggers = {str(r.get("logger", "")).split(".")[0] for r in records}
     assert {"botocore", "urllib3"} <= loggers
     assert any(r["event"] == "upload_done" for r in records)
+
+
+QUIET_THEN_SAYING = """
+import logging, sys
+from spotwatch.logs import configure_logging, get_logger
+import spotwatch.commands.restore, spotwatch.commands.status, spotwatch.commands.run
+configure_logging("info", "json")
+log = get_logger("spotwatch.test")
+log.debug("below_the_level")
+print("after a quiet start:", "structlog" in sys.modules, flush=True)
+logging.getLogger("botocore.test").warning("a library speaks first")
+log.info("said", n=1)
+print("after a line:", "structlog" in sys.modules, flush=True)
+"""
+
+
+def test_structlog_is_loaded_with_the_first_line_and_every_line_is_json() -> None:
+    """A command that has nothing to say never imports structlog (40 ms of every start); the
+    first line, a library's record included, is a JSON line all the same."""
+    result = subprocess.run([sys.executable, "-c", QUIET_THEN_SAYING], capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert result.stdout.splitlines() == ["after a quiet start: False", "after a line: True"]
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [(r.get("logger"), r["event"], r["level"]) for r in records] == [
+        ("botocore.test", "a library speaks first", "warning"), (None, "said", "info")]
+    assert records[1]["n"] == 1

@@ -12,15 +12,15 @@ import threading
 from typing import Any
 
 import boto3
-import structlog
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from spotwatch.aws.imds import ImdsClient, ImdsError
 from spotwatch.aws.s3 import sdk_settings_checked
 from spotwatch.config import AsgSettings, ImdsSettings
+from spotwatch.logs import get_logger
 
-log = structlog.get_logger("spotwatch.asg")
+log = get_logger("spotwatch.asg")
 
 INSTANCE_ID_PATH = "meta-data/instance-id"
 GROUP_TAG_PATH = "meta-data/tags/instance/aws:autoscaling:groupName"

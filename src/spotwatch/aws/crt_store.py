@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 import awscrt.exceptions
 import awscrt.s3
 import msgspec
-import structlog
 from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
 from botocore.config import Config as BotoConfig
 from botocore.credentials import Credentials
@@ -62,12 +61,13 @@ from spotwatch.checksums import ContentMismatch, Expected
 from spotwatch.config import MAX_CONCURRENCY, TransferSettings
 from spotwatch.keys import is_utf8
 from spotwatch.limits import open_files_limit
+from spotwatch.logs import get_logger
 from spotwatch.progress import Progress
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-log = structlog.get_logger("spotwatch.transfer")
+log = get_logger("spotwatch.transfer")
 
 # The CRT's client sizes itself to fill the host's network alone, so `auto` takes it only in the
 # one spotwatch process on the host holding this lock (a restore beside the daemon goes classic).

@@ -16,14 +16,15 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from botocore.exceptions import ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError
 from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from spotwatch.logs import get_logger
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-log = structlog.get_logger("spotwatch.health")
+log = get_logger("spotwatch.health")
 
 # Failing this long without a success is an outage, not a blip that retries absorb.
 DEGRADED_AFTER_SECONDS = 10.0

@@ -12,14 +12,13 @@ import time
 from datetime import datetime
 from typing import Any
 
-import structlog
-
 from spotwatch.bucket import NO_BUCKET, NoBucket
 from spotwatch.commands import load_optional_bucket
 from spotwatch.commands.status import HEALTHY_WITHIN_SECONDS, stalled
 from spotwatch.console import print_error
 from spotwatch.daemon.loop import Daemon
 from spotwatch.errors import SpotwatchError
+from spotwatch.logs import get_logger
 from spotwatch.model import Outcome, UploadResult
 from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir, StateLock
@@ -44,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     # No terminal: no bar, so no per-chunk callbacks or byte sums either.
     daemon = Daemon(config, bucket)
     outcome = daemon.flush_once(BarWatcher(bar) if bar.enabled else None)
-    structlog.get_logger("spotwatch").info(
+    get_logger("spotwatch").info(
         "flush_summary", files=outcome.files, bytes=outcome.bytes, failed=outcome.failed)
     report_left_behind(daemon.flushes.last or {}, "the flush")
     if outcome.unreadable_dirs:

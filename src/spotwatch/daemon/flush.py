@@ -13,15 +13,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-import structlog
-
 from spotwatch.daemon.snapshot import EngineSnapshot
+from spotwatch.logs import get_logger
 from spotwatch.model import Outcome, UploadResult
 from spotwatch.sync.engine import Progress
 from spotwatch.sync.planner import PendingFile
 from spotwatch.sync.throughput import ThroughputMeter, plan_flush
 
-log = structlog.get_logger("spotwatch.daemon")
+log = get_logger("spotwatch.daemon")
 
 # A flush's log line names at most this many files it left behind.
 NAMED_FILES_MAX = 20

@@ -10,14 +10,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from spotwatch.config import HookSettings
 from spotwatch.interruption import default_notice_file
+from spotwatch.logs import get_logger
 from spotwatch.notices.store import ActedNotices, Told, current_boot
 from spotwatch.state import StateDir, make_shared_dirs, write_json_atomically
 
-log = structlog.get_logger("spotwatch.hooks")
+log = get_logger("spotwatch.hooks")
 
 # Readable by the trainer whichever user it runs as (the notice holds nothing secret).
 NOTICE_FILE_MODE = 0o644

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-import structlog
-
 from spotwatch.aws.autoscaling import LifecycleAction, make_autoscaling_client
 from spotwatch.aws.imds import ImdsClient, disabled_reason
 from spotwatch.aws.region import resolve_region
@@ -31,6 +29,7 @@ from spotwatch.daemon.signals import SignalInbox
 from spotwatch.daemon.snapshot import EngineSnapshot
 from spotwatch.daemon.startup import StartChecks, log_results
 from spotwatch.errors import SpotwatchError
+from spotwatch.logs import get_logger
 from spotwatch.model import Notice, NoticeKind, NoticeListing
 from spotwatch.notices import sources_for
 from spotwatch.notices.claims import (
@@ -57,7 +56,7 @@ from spotwatch.sync.engine import SyncEngine
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-log = structlog.get_logger("spotwatch.daemon")
+log = get_logger("spotwatch.daemon")
 
 TICK_SECONDS = 0.05
 # How often the watched directories are scanned again while a flush or this instance's notice

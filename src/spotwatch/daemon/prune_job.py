@@ -8,13 +8,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-import structlog
-
 from spotwatch.aws.store import StoreError
 from spotwatch.config import WatchDir
+from spotwatch.logs import get_logger
 from spotwatch.sync.pruner import Deletion, PruneCancelled
 
-log = structlog.get_logger("spotwatch.prune")
+log = get_logger("spotwatch.prune")
 
 # Pruning lists the prefix in S3: at most this often.
 PRUNE_INTERVAL_SECONDS = 5.0

@@ -11,21 +11,20 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-import structlog
-
 from spotwatch.aws.health import Outage, S3Watch, unreachable_reason
 from spotwatch.config import MetricsSettings
 from spotwatch.daemon import sdnotify
 from spotwatch.daemon.flush import FlushController
 from spotwatch.daemon.metrics import Metrics, MetricsServer
 from spotwatch.daemon.snapshot import EngineSnapshot
+from spotwatch.logs import get_logger
 from spotwatch.model import Notice, Outcome, UploadResult
 from spotwatch.state import StateDir, write_json_atomically
 from spotwatch.sync.bandwidth import BandwidthLimiter
 from spotwatch.sync.engine import SyncEngine
 from spotwatch.sync.sets.claim import RankClaim
 
-log = structlog.get_logger("spotwatch.daemon")
+log = get_logger("spotwatch.daemon")
 
 STATUS_INTERVAL_SECONDS = 1.0
 # While the first run of the preflight checks goes on (S3 silent: the SDK's timeouts, minutes),

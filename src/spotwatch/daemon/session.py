@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from watchdog.observers import Observer
 
 from spotwatch.aws.crt_store import make_store
@@ -17,6 +16,7 @@ from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import ObjectStore, Throttle
 from spotwatch.collector import exempt_long_lived_objects
 from spotwatch.config import Config
+from spotwatch.logs import get_logger
 from spotwatch.model import UploadResult
 from spotwatch.state import StateDir, StateLock
 from spotwatch.sync.engine import SyncEngine
@@ -31,7 +31,7 @@ from spotwatch.sync.uploader import Uploader
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-log = structlog.get_logger("spotwatch.daemon")
+log = get_logger("spotwatch.daemon")
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import structlog
-
 from spotwatch.aws.preflight import CheckResult, failures, only_unreachable
+from spotwatch.logs import get_logger
 from spotwatch.sync.retry import Backoff
 
-log = structlog.get_logger("spotwatch")
+log = get_logger("spotwatch")
 
 # Between runs of the checks while S3 is unreachable: soon after a blip, at most every 30 s.
 CHECKS_BACKOFF = Backoff(base=2.0, cap=30.0, jitter=0.2)

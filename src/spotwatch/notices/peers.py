@@ -31,18 +31,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import structlog
-
 from spotwatch.aws.health import Reachability
 from spotwatch.aws.store import ListedObject, ObjectMissing, ObjectStore, StoreError
 from spotwatch.config import Config
 from spotwatch.keys import job_key_space
+from spotwatch.logs import get_logger
 from spotwatch.model import Notice, NoticeKind
 from spotwatch.notices.claims import CLAIM_EVERY_POLLS, ClaimCheck, RankClaims
 from spotwatch.notices.sources import iso_time
 from spotwatch.notices.store import SeenNotices
 
-log = structlog.get_logger("spotwatch.peers")
+log = get_logger("spotwatch.peers")
 
 NOTICES_DIR = "notices/"
 BELL = "bell"

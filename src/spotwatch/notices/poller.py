@@ -7,10 +7,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-import structlog
-
 from spotwatch.aws.health import Reachability
 from spotwatch.aws.imds import ImdsClient, ImdsError
+from spotwatch.logs import get_logger
 from spotwatch.model import Notice, NoticeListing
 from spotwatch.notices.sources import SPOT_INSTANCE_ACTION, NoticeSource
 from spotwatch.notices.store import SeenNotices
@@ -19,7 +18,7 @@ from spotwatch.notices.store import SeenNotices
 # often at most spares IMDS, which is throttled per instance.
 OTHER_SOURCES_MIN_INTERVAL = 2.0
 
-log = structlog.get_logger("spotwatch.notices")
+log = get_logger("spotwatch.notices")
 
 
 class NoticePoller:

@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import structlog
-
+from spotwatch.logs import get_logger
 from spotwatch.model import Notice
 from spotwatch.notices.sources import iso_time
 from spotwatch.state import write_json_atomically
 
-log = structlog.get_logger("spotwatch.hooks")
+log = get_logger("spotwatch.hooks")
 
 
 class SeenNotices:

@@ -17,10 +17,8 @@ from functools import partial
 from itertools import chain
 from pathlib import Path
 
-import structlog
-
 from spotwatch.keys import object_key, set_name_of, storable_key
-from spotwatch.logs import printable_path
+from spotwatch.logs import get_logger, printable_path
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.links import LinkSkipped, link_entry
@@ -35,7 +33,7 @@ from spotwatch.sync.tracker import ChangeTracker, events_were_lost, walk_files
 from spotwatch.sync.uploaded import UploadedThisRun
 from spotwatch.sync.uploader import Uploader
 
-log = structlog.get_logger("spotwatch.engine")
+log = get_logger("spotwatch.engine")
 
 # How often finished checkpoint sets are looked for while uploads are still running.
 SEAL_CHECK_SECONDS = 0.25

@@ -11,12 +11,11 @@ with AbortIncompleteMultipartUpload is the backstop for anything else.
 
 from __future__ import annotations
 
-import structlog
-
 from spotwatch.aws.store import ObjectStore, StoreError
+from spotwatch.logs import get_logger
 from spotwatch.sync.ledger import Ledger, LedgerError
 
-log = structlog.get_logger("spotwatch.orphans")
+log = get_logger("spotwatch.orphans")
 
 
 def abort_orphaned_uploads(store: ObjectStore, ledger: Ledger) -> int:

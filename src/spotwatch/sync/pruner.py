@@ -21,8 +21,6 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import DELETE_BATCH, ObjectStore, S3ObjectStore, StoreError
@@ -37,6 +35,7 @@ from spotwatch.keys import (
     series_of,
     set_name_of,
 )
+from spotwatch.logs import get_logger
 from spotwatch.state import StateDir
 from spotwatch.sync.commits import uncommitted
 from spotwatch.sync.filters import PathFilter
@@ -47,7 +46,7 @@ from spotwatch.sync.sets.remote import bare_etag, is_intact, list_job_sets, list
 from spotwatch.sync.sets.sealer import SetSealer
 from spotwatch.sync.tracker import ChangeTracker
 
-log = structlog.get_logger("spotwatch.prune")
+log = get_logger("spotwatch.prune")
 
 
 class PruneCancelled(Exception):

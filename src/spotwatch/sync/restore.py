@@ -37,8 +37,6 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from stat import S_ISDIR, S_ISLNK, S_ISREG
 
-import structlog
-
 from spotwatch.aws.crt_store import for_restore, make_store
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
@@ -54,7 +52,7 @@ from spotwatch.keys import (
     object_key,
     series_of,
 )
-from spotwatch.logs import printable_path
+from spotwatch.logs import get_logger, printable_path
 from spotwatch.model import FileVersion
 from spotwatch.progress import ProgressBar
 from spotwatch.state import StateDir
@@ -67,7 +65,7 @@ from spotwatch.sync.pointers import Repointed, repoint, repointed_link
 from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import list_job_sets, list_manifests, not_there
 
-log = structlog.get_logger("spotwatch.restore")
+log = get_logger("spotwatch.restore")
 
 # The longest file name, in bytes, that Linux file systems take (NAME_MAX).
 NAME_MAX = 255

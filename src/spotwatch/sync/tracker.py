@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
 from watchdog.events import (
     DirCreatedEvent,
     DirDeletedEvent,
@@ -34,11 +33,11 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from spotwatch.config import WatchDir
 from spotwatch.keys import RESERVED_SET, is_reserved, is_restore_temporary
-from spotwatch.logs import printable_path
+from spotwatch.logs import get_logger, printable_path
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.subtree import Folders, prefix_below
 
-log = structlog.get_logger("spotwatch.tracker")
+log = get_logger("spotwatch.tracker")
 
 _CONTENT_EVENTS = {"created", "modified"}
 # What the tracker reacts to. watchdog turns this into the inotify mask, so the kernel never

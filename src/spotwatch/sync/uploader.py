@@ -17,13 +17,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from spotwatch.aws.store import ObjectStore, PendingUpload, StoreError
+from spotwatch.logs import get_logger
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.orphans import abort_open_uploads
 
-log = structlog.get_logger("spotwatch.uploader")
+log = get_logger("spotwatch.uploader")
 
 
 class Uploader:

@@ -13,9 +13,9 @@ import threading
 import time
 from collections.abc import Iterable
 
-import structlog
+from spotwatch.logs import get_logger
 
-log = structlog.get_logger("spotwatch.sets")
+log = get_logger("spotwatch.sets")
 
 # A part another node sealed more than this after this daemon started was written by a node
 # that is alive now (the margin covers clocks a few seconds apart).

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
-import structlog
-
 from spotwatch.aws.store import ListedObject, ObjectMissing, ObjectStore, StoreError
 from spotwatch.keys import (
     NaturalKey,
@@ -18,10 +16,11 @@ from spotwatch.keys import (
     parts_prefix,
     set_name_of,
 )
+from spotwatch.logs import get_logger
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry, ManifestError
 from spotwatch.sync.sets.parts import JobSet, Part
 
-log = structlog.get_logger("spotwatch.sets")
+log = get_logger("spotwatch.sets")
 
 
 def list_manifests(store: ObjectStore, prefix: str) -> list[Manifest]:

@@ -13,8 +13,6 @@ from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-import structlog
-
 from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
 from spotwatch.keys import (
     manifest_key,
@@ -24,7 +22,7 @@ from spotwatch.keys import (
     storable_key,
     unfinished_marker,
 )
-from spotwatch.logs import printable_path
+from spotwatch.logs import get_logger, printable_path
 from spotwatch.sync.ledger import Ledger, LedgerError, LedgerRow
 from spotwatch.sync.links import LinkSkipped, link_entry, linked_file
 from spotwatch.sync.planner import SetRef
@@ -34,7 +32,7 @@ from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, Part, sealed_by
 from spotwatch.sync.tracker import ChangeTracker, walk_files
 
-log = structlog.get_logger("spotwatch.sets")
+log = get_logger("spotwatch.sets")
 
 # A failed manifest write is tried again after 2 s, 4 s, 8 s ... at most every two minutes,
 # for as long as it fails: a set whose files are all in S3 must not stay unsealed for good.
