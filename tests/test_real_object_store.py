@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import boto3
@@ -117,17 +118,82 @@ def test_auto_leaves_the_crt_to_the_spotwatch_process_holding_it(
         "transfer": {"client": configured}, "imds": {"enabled": False},
         "state": {"dir": str(tmp_path / "state")}, "metrics": {"enabled": False},
         "log": {"format": "json", "level": "debug"}}))
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True) if held else None
-    try:
-        if holder is not None:
-            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    with crt_lock_held_elsewhere() if held else nullcontext():
         result = spotwatch(seaweed_url, "flush", "-c", str(config))
-    finally:
-        if holder is not None:
-            holder.communicate("")
     assert result.returncode == 0, result.stderr
     assert chosen_client(result) == expected
+
+
+@contextmanager
+def crt_lock_held_elsewhere() -> Iterator[None]:
+    """Another process (as a running daemon would) holds the host's CRT lock meanwhile."""
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.communicate("")
+
+
+def test_a_restore_takes_the_crt_beside_the_process_holding_its_lock(
+        tmp_path: Path, seaweed_url: str) -> None:
+    """A restore only downloads, the other way over the NIC from a daemon's uploads: under
+    `auto` it takes the CRT while another spotwatch process holds the lock, and the set,
+    small files and a ranged one, comes back whole."""
+    checkpoints = tmp_path / "ckpt"
+    (checkpoints / "step_1").mkdir(parents=True)
+    files = {f"rank_{rank}.pt": os.urandom(20_000 + rank) for rank in range(12)}
+    files["model.pt"] = os.urandom(20 * MiB)
+    for name, data in files.items():
+        (checkpoints / "step_1" / name).write_bytes(data)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "aws": {"region": REGION, "allow_public_bucket": True},
+        "watch": [{"path": str(checkpoints), "prefix": "beside-the-lock/"}],
+        "imds": {"enabled": False}, "state": {"dir": str(tmp_path / "state")},
+        "metrics": {"enabled": False}, "log": {"format": "json", "level": "debug"}}))
+    flushed = spotwatch(seaweed_url, "flush", "-c", str(config))
+    assert flushed.returncode == 0, flushed.stderr
+    restored = tmp_path / "restored"
+    with crt_lock_held_elsewhere():
+        result = spotwatch(seaweed_url, "restore", "-c", str(config), "--to", str(restored))
+    assert result.returncode == 0, result.stderr
+    assert chosen_client(result) == "crt"
+    for name, data in files.items():
+        assert (restored / "step_1" / name).read_bytes() == data, name
+
+
+LOCK_LEFT_ALONE = """
+import subprocess, sys
+import boto3
+from spotwatch.aws.crt_store import make_store
+from spotwatch.config import TransferSettings
+from spotwatch.logs import configure_logging
+configure_logging("warning")
+TRY_LOCK = ("from s3transfer.crt import acquire_crt_s3_process_lock as take;"
+            "from spotwatch.aws.crt_store import CRT_PROCESS_LOCK as name;"
+            "print(take(name) is not None)")
+def free():
+    return subprocess.run([sys.executable, "-c", TRY_LOCK], capture_output=True,
+                          text=True, check=True).stdout.strip() == "True"
+if not free():
+    print("held elsewhere"); sys.exit()
+client = boto3.client("s3", region_name="us-east-1")
+for uploads in (False, True):
+    store = make_store(client, "bucket", TransferSettings(), uploads=uploads)
+    print(type(store).__name__, free())
+"""
+
+
+def test_a_restore_leaves_the_crt_lock_to_a_daemon_started_meanwhile() -> None:
+    """A store that only downloads does not take the host's CRT lock (a daemon starting
+    during the restore would otherwise go classic for its whole run); one that uploads does."""
+    lines = subprocess.run([sys.executable, "-c", LOCK_LEFT_ALONE], capture_output=True,
+                           text=True, check=True, timeout=60).stdout.splitlines()
+    if lines == ["held elsewhere"]:
+        pytest.skip("another process on this host holds the CRT lock")
+    assert lines == ["CrtObjectStore True", "CrtObjectStore False"]
 
 
 @pytest.mark.parametrize("client", TRANSFER_CLIENTS)

@@ -193,7 +193,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     watch = _choose_watch(config, prefix)
     destination = _destination(to, watch)
     settings = for_restore(config.transfer)
-    store = make_store(make_s3_client(resolve_region(config), settings), bucket, settings)
+    store = make_store(make_s3_client(resolve_region(config), settings), bucket, settings,
+                       uploads=False)
     try:
         candidates = restore_candidates(store, watch.prefix, config.job, node_rank)
     except StoreError as exc:
