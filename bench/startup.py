@@ -1,7 +1,8 @@
 """The fixed start-up cost of a CLI command that talks to S3, before its first request.
 
 Each round is a fresh process that times (wall clock and CPU) three steps: importing the
-`restore` command as the CLI does, making the S3 client, and making the store (default
+`restore` command and configuring logging as the CLI does, making the S3 client, and making
+the store (default
 settings, the CRT's client); medians over the rounds are printed. No request is sent: the
 endpoint is a closed port and the credentials are dummies.
 
@@ -34,6 +35,8 @@ def cpu():
 marks = [(time.perf_counter(), cpu())]
 import spotwatch.cli
 spotwatch.cli._command("restore")
+from spotwatch.logs import configure_logging
+configure_logging("info", "json")  # as every command does once its config is read
 marks.append((time.perf_counter(), cpu()))
 from spotwatch.aws.crt_store import make_store
 from spotwatch.aws.s3 import make_s3_client
