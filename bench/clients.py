@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -36,34 +35,6 @@ S5CMD_CP = "s5cmd cp"
 CRT_GBPS_PER_CONNECTION = 0.4
 UPLOADERS = (SPOTWATCH, SPOTWATCH_CRT, AWS, S5CMD)
 DOWNLOADERS = (RESTORE, S5CMD_CP)
-
-
-# The lock spotwatch's `transfer.client: auto` takes the CRT under (aws.crt_store).
-CRT_PROCESS_LOCK = "spotwatch"
-
-
-def wait_until_crt_is_free(timeout: float = 600.0) -> None:
-    """Returns once no other process on the host holds spotwatch's CRT lock (a test suite's
-    daemon, say): while one does, `spotwatch restore` takes the classic client, and a restore
-    measured then would not be the one the table names."""
-    import awscrt.s3  # the bench's own process must not keep the lock: taken, then let go
-
-    deadline = time.monotonic() + timeout
-    warned = False
-    while True:
-        lock = awscrt.s3.CrossProcessLock(CRT_PROCESS_LOCK)
-        try:
-            lock.acquire()
-        except RuntimeError:
-            if time.monotonic() > deadline:
-                raise RuntimeError("another spotwatch process holds the CRT lock") from None
-            if not warned:
-                print("  waiting for another spotwatch process to let the CRT go", flush=True)
-                warned = True
-            time.sleep(1)  # another process's lifetime, nothing here to wait on
-            continue
-        lock.release()
-        return
 
 
 def s5cmd_binary() -> Path:
@@ -167,7 +138,6 @@ class Clients:
     def download(self, tool: str, config: Path, bucket: str, set_name: str,
                  destination: Path) -> Command:
         if tool in (RESTORE, RESTORE_ON_P4D):
-            wait_until_crt_is_free()
             return self.spotwatch("restore", config, bucket, "--to", str(destination))
         return self.s5cmd("cp", f"s3://{bucket}/{PREFIX}{set_name}/*",
                           f"{destination / set_name}/")
