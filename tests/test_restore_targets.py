@@ -1,6 +1,7 @@
 """Where restore writes a set's files: in its own set's folder below the destination, never
 through a symlinked folder that leads out of it or into another set, never through a symlink
-at the file's own path, never two listed files into one; the per-folder resolution agrees with resolving every folder outright."""
+at the file's own path, never two listed files into one; the per-folder resolution agrees
+with resolving every folder outright."""
 
 from __future__ import annotations
 
