@@ -41,7 +41,8 @@ marks.append((time.perf_counter(), cpu()))
 from spotwatch.aws.crt_store import make_store
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.config import TransferSettings
-# The CRT's store, as `auto` makes it unless another spotwatch process holds the CRT's lock.
+# The CRT's store, as `auto` makes it for a restore (and, for uploads, where no other
+# spotwatch process on the host holds the CRT's lock).
 settings = TransferSettings(client="crt")
 client = make_s3_client("us-east-1", settings)
 marks.append((time.perf_counter(), cpu()))

@@ -17,6 +17,7 @@ from typing import Any
 
 import boto3
 import pytest
+import structlog  # noqa: F401 (see below)
 import yaml
 from moto.server import ThreadedMotoServer
 
@@ -24,6 +25,9 @@ from spotwatch.aws.preflight import PUBLIC_ACCESS_FLAGS
 from spotwatch.emulator import ImdsEmulator
 
 from .memory_store import FakeClock, InMemoryObjectStore
+
+# structlog is loaded before any test configures logging, so that configure_logging applies at
+# once (as before spotwatch loaded it lazily) and capture_logs always sees its configuration.
 
 REGION = "us-west-2"
 logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's access log

@@ -128,7 +128,8 @@ def test_a_pointer_link_to_a_checkpoint_not_restored_leads_to_the_one_restored(
         workspace: Workspace, s3: Any) -> None:
     """The newest checkpoint corrupt in S3: the one before it is restored, and last.ckpt, which
     named the newest, leads to the one restored (Lightning's ckpt_path="last" loads it instead
-    of starting over). A link not named as a pointer is left out (named), never dangling."""
+    of starting over). A link not named as a pointer is left out (named), never dangling; a set
+    of such links alone, asked for by name, is an error."""
     ckpt = workspace.checkpoints
     save_checkpoint(ckpt / "epoch=0-step=10.ckpt", 1000)
     save_checkpoint(ckpt / "epoch=1-step=20.ckpt", 1000)
@@ -146,6 +147,13 @@ def test_a_pointer_link_to_a_checkpoint_not_restored_leads_to_the_one_restored(
     assert os.readlink(target / "last.ckpt") == "epoch=0-step=10.ckpt"
     [skipped] = named(result.stderr, "link_not_restored")
     assert skipped["path"] == "best.ckpt" and skipped["target"] == "./epoch=1-step=20.ckpt"
+    assert "link best.ckpt -> ./epoch=1-step=20.ckpt not made" in result.stdout
+    # Asked for by name, a set of links none of which can be made restores nothing: an error.
+    alone = restore(workspace, "--to", str(workspace.root / "alone"), "--set", "best.ckpt")
+    assert alone.returncode == 1, alone.stdout
+    assert alone.stderr.splitlines()[-1] == (
+        "spotwatch: error: nothing of set 'best.ckpt' restored: it holds only links, and none "
+        "could be made (best.ckpt -> ./epoch=1-step=20.ckpt: see the warnings)")
 
 
 @pytest.mark.parametrize(("link", "target", "restored", "expected"), [

@@ -300,3 +300,18 @@ def test_a_temporary_that_cannot_be_written_fails_the_restore_and_leaves_the_res
         restore_newest(store, list_manifests(store, PREFIX), tmp_path / "r", "CRC32", None)
     assert files_under(tmp_path / "r") == [f"step_1/{blocker.name}/keep"]
 
+
+
+@pytest.mark.parametrize("error", [FileNotFoundError, PermissionError, OSError])
+def test_a_file_error_without_a_name_still_names_the_file_and_the_cause(
+        tmp_path: Path, store: InMemoryObjectStore, error: Callable[[], Exception]) -> None:
+    """The CRT reports a temporary removed under a download as a bare FileNotFoundError: the
+    error line names the temporary and the cause, never one that ends at "failed:"."""
+    put_set(store, "step_1", {"a.pt": b"a" * 50, "b.pt": b"b" * 60}, 1_000)
+    store.fail("download", times=None, key=PREFIX + "step_1/b.pt", error=error)
+    with pytest.raises(SpotwatchError) as raised:
+        restore_newest(store, list_manifests(store, PREFIX), tmp_path / "r", "CRC32", None)
+    message = str(raised.value)
+    assert message.startswith("restore of step_1 failed: [Errno ")
+    assert str(temporary(tmp_path / "r/step_1/b.pt")) in message
+    assert files_under(tmp_path / "r") == []

@@ -1,6 +1,7 @@
-"""Where restore writes a set's files: below the destination, never through a symlinked folder
-that leads out of it, never through a symlink at the file's own path, never two listed files
-into one; the per-folder resolution agrees with resolving every folder outright."""
+"""Where restore writes a set's files: in its own set's folder below the destination, never
+through a symlinked folder that leads out of it or into another set, never through a symlink
+at the file's own path, never two listed files into one; the per-folder resolution agrees
+with resolving every folder outright."""
 
 from __future__ import annotations
 
@@ -22,17 +23,23 @@ NAMES = st.sampled_from(["a", "b", "c"])
 RELATIVE = st.lists(NAMES, min_size=1, max_size=3).map("/".join)
 
 
-def reference(destination: Path, relative: str) -> Path | None:
+def reference(destination: Path, relative: str) -> Path | str:
     """Where restore writes: the path's folder resolved outright and the name in it (a symlink
-    there is replaced, not followed), None where the folder leads out of the destination or
-    into a symlink loop."""
+    there is replaced, not followed); else the refusal: where the folder leads out of the
+    destination or into a symlink loop, or out of the folder of the path's own set (its first
+    component; a top-level file's is the destination)."""
     root = destination.resolve()
     path = destination / relative
     try:
         folder = path.parent.resolve()
     except (RuntimeError, OSError):  # a symlink loop (OSError from Python 3.13)
-        return None
-    return folder / path.name if folder == root or root in folder.parents else None
+        return "loop"
+    if folder != root and root not in folder.parents:
+        return "escapes the destination"
+    own = root / relative.split("/")[0] if "/" in relative else root
+    if folder != own and own not in folder.parents:
+        return "outside its set's own folder"
+    return folder / path.name
 
 
 @settings(max_examples=150, deadline=None,
@@ -60,8 +67,8 @@ def test_targets_agree_with_resolving_every_path(
     taken: set[Path] = set()
     for relative in paths:
         expected = reference(destination, relative)
-        if expected is None:
-            with pytest.raises(SpotwatchError, match=r"escapes the destination|loop"):
+        if isinstance(expected, str):
+            with pytest.raises(SpotwatchError, match=expected):
                 targets.of(relative)
         elif expected in taken:  # a symlink in the destination made two listed files one
             with pytest.raises(SpotwatchError, match="lead to the same file"):
@@ -92,3 +99,26 @@ def test_restore_replaces_a_symlink_at_a_files_path_and_never_writes_through_it(
     assert not (destination / "last.ckpt").is_symlink()
     assert (destination / "last.ckpt").read_bytes() == data
     assert led_to.read_bytes() == b"kept"
+
+
+@pytest.mark.parametrize("link", ["step_2 -> step_1", "step_2/opt -> ../step_1/opt"])
+def test_restore_never_writes_through_a_symlinked_folder_into_another_set(
+        tmp_path: Path, store: InMemoryObjectStore, link: str) -> None:
+    """A folder of the set that is a symlink to another set's in the destination is refused
+    before any download: written through, the other checkpoint's file would hold this one's
+    bytes (and a daemon watching would upload them over its object)."""
+    data = b"step 2's optimizer state"
+    key = object_key("run/", "step_2/opt/state.pt")
+    store.put(key, data)
+    manifest = Manifest.build("step_2", "run/", [
+        ManifestEntry(key, "step_2/opt/state.pt", len(data), 2_000, crc32_checksum(data))])
+    destination = tmp_path / "restored"
+    (destination / "step_1/opt").mkdir(parents=True)
+    (destination / "step_1/opt/state.pt").write_bytes(b"step 1's optimizer state")
+    at, to = link.split(" -> ")
+    (destination / at).parent.mkdir(parents=True, exist_ok=True)
+    (destination / at).symlink_to(to, target_is_directory=True)
+    with pytest.raises(SpotwatchError, match="outside its set's own folder"):
+        restore_newest(store, [manifest], destination, "CRC32", None)
+    assert (destination / "step_1/opt/state.pt").read_bytes() == b"step 1's optimizer state"
+    assert store.calls["download"] == 0

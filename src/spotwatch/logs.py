@@ -33,7 +33,7 @@ class _Configuration:
 
     def __init__(self) -> None:
         self.threshold = logging.NOTSET  # unconfigured: every line goes to structlog's default
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a line written while configuring must not deadlock
         self._pending = False  # asked for, structlog not yet configured to it
 
     def ask(self, level: str) -> None:
@@ -47,7 +47,11 @@ class _Configuration:
             return
         with self._lock:
             if self._pending:
-                _configure_structlog(self.threshold)
+                import structlog
+
+                # Configured meanwhile by someone else (structlog.testing.capture_logs): kept.
+                if not structlog.is_configured():
+                    _configure_structlog(self.threshold)
                 self._pending = False
 
 
@@ -135,7 +139,7 @@ class _Formatter(logging.Formatter):
         super().__init__()
         self._use_json = use_json
         self._made: logging.Formatter | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def format(self, record: logging.LogRecord) -> str:
         with self._lock:

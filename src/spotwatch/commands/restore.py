@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     links = "".join(f"; link {link.path} -> {link.target}" for link in report.links)
     links += "".join(f"; {link.path} restored as a file (its link -> {link.target} leads to "
                      f"nothing restored)" for link in report.as_files)
+    links += "".join(f"; link {link.path} -> {link.target} not made (see the warning)"
+                     for link in report.not_made)
     print_line(f"restored {report.set_name} into {report.destination}: {report.downloaded} "
                f"files downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already "
                f"present{companions}{repointed}{links}{passed_over}")

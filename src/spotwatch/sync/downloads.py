@@ -14,6 +14,7 @@ set it finds incomplete is SetIncomplete whatever else failed.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
@@ -142,7 +143,8 @@ class _SetFetch:
         if kind == "downloaded":
             del self._under_way[file]
         if error is not None:
-            self._fail(SetCorrupt(str(error)) if isinstance(error, ContentMismatch) else error)
+            self._fail(SetCorrupt(str(error)) if isinstance(error, ContentMismatch)
+                       else _naming(error, file.temp))
             return
         if self._failure is not None:
             return
@@ -168,6 +170,25 @@ class _SetFetch:
             self._failure = error
         for pending in self._under_way.values():
             pending.cancel()
+
+
+# The error number an OSError raised without one stands for (the CRT reports a temporary
+# removed under it as a bare FileNotFoundError); EIO for any other.
+_ERRNOS: tuple[tuple[type[OSError], int], ...] = (
+    (FileNotFoundError, errno.ENOENT), (PermissionError, errno.EACCES),
+    (IsADirectoryError, errno.EISDIR), (NotADirectoryError, errno.ENOTDIR))
+
+
+def _naming(error: BaseException, temp: Path) -> BaseException:
+    """A file error that names no file as one naming the temporary it happened to: the
+    restore's error line says which file and why, never just "failed:"."""
+    if not isinstance(error, OSError) or error.filename is not None:
+        return error
+    number = error.errno or next((n for kind, n in _ERRNOS if isinstance(error, kind)),
+                                 errno.EIO)
+    named = OSError(number, error.strerror or os.strerror(number), str(temp))
+    named.__cause__ = error
+    return named
 
 
 def fetch_verified(store: ObjectStore, files: Sequence[FileToFetch], preferred: str,

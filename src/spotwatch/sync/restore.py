@@ -51,6 +51,7 @@ from spotwatch.keys import (
     is_restore_temporary,
     object_key,
     series_of,
+    set_name_of,
 )
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.model import FileVersion
@@ -88,15 +89,26 @@ class RestoreReport:
     links: tuple[LinkEntry, ...] = field(default=())  # symlinks made (see _with_links)
     # Links into other sets restored as files (their linked file not there: _linked_here).
     as_files: tuple[LinkEntry, ...] = field(default=())
+    # Links left out: their target is not there, or cannot be made (link_not_restored).
+    not_made: tuple[LinkEntry, ...] = field(default=())
+
+    @property
+    def restored_anything(self) -> bool:
+        return bool(self.downloaded or self.skipped or self.links or self.as_files)
 
 
 class _Targets:
     """Where the files of a set land below a destination: each folder is resolved once (a
     resolve per file cost more than a small file's download). Refused when a symlink would
-    lead a folder out of the destination, or two files to one.
+    lead a folder out of the destination or out of its own set's folder, or two files to one.
 
-    Invariant: a symlink already at a file's own path is never written through (it may lead
-    out of the destination, or to another file of the set): the file replaces it."""
+    Invariants:
+    - a symlink already at a file's own path is never written through (it may lead out of
+      the destination, or to another file of the set): the file replaces it;
+    - a set's files land in its own folder only: a symlinked folder already in the
+      destination that leads elsewhere (`step_2 -> step_1`, `step_2/opt -> ../step_1/opt`)
+      would have them overwrite another checkpoint's files, which a daemon watching would
+      then upload over that checkpoint's objects. Restore refuses it before any download."""
 
     def __init__(self, destination: Path) -> None:
         self.root = destination.resolve()
@@ -131,13 +143,20 @@ class _Targets:
                 return
 
     def _resolved(self, folder: Path, path: str) -> Path:
-        """The folder resolved, if it is the destination or stays below it."""
+        """The folder resolved, if it stays in its set's own folder below the destination (a
+        top-level file's folder is the destination itself)."""
         try:
             resolved = folder.resolve()
         except (RuntimeError, OSError) as exc:  # a symlink loop
             raise SpotwatchError(f"cannot restore {path!r}: {exc}") from None
         if resolved != self.root and self.root not in resolved.parents:
             raise SpotwatchError(f"manifest path escapes the destination: {path!r}")
+        own = self.root / set_name_of(path) if folder != self.root else self.root
+        if resolved != own and own not in resolved.parents:
+            raise SpotwatchError(
+                f"cannot restore {path!r}: a symlink in the destination leads its folder to "
+                f"{printable_path(resolved.relative_to(self.root))}, outside its set's own "
+                f"folder (restore never writes into another set)")
         return resolved
 
 
@@ -232,6 +251,13 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     finally:
         if ledger is not None:
             ledger.close()
+    if report is not None and not report.restored_anything:
+        # A set of links only (`--set latest` for a `latest -> step_2`) none of which could be
+        # made: nothing was restored, which a script reading the exit status must know.
+        left_out = ", ".join(f"{link.path} -> {link.target}" for link in report.not_made
+                             if set_name_of(link.path) == report.set_name)
+        raise SpotwatchError(f"nothing of set {report.set_name!r} restored: it holds only "
+                             f"links, and none could be made ({left_out}: see the warnings)")
     if report is None:
         where = f"s3://{bucket}/{watch.prefix}"
         if set_name is None:
@@ -407,6 +433,7 @@ def _with_links(report: RestoreReport, sets: Mapping[str, Manifest], ledger: Led
     checkpoint restored stays."""
     targets = _Targets(report.destination)
     made = []
+    not_made = []
     repointed = list(report.repointed)
     as_files = {link.path for link in report.as_files}
     for manifest in sets.values():
@@ -424,6 +451,7 @@ def _with_links(report: RestoreReport, sets: Mapping[str, Manifest], ledger: Led
                     if not target or not leads_into(place, target, targets.root):
                         log.warning("link_not_restored", **fields,
                                     reason="its target is not there")
+                        not_made.append(link)
                         continue
                     log.warning("companion_repointed", companion=link.path,
                                 set=report.set_name, **{"from": link.target, "to": target})
@@ -432,9 +460,11 @@ def _with_links(report: RestoreReport, sets: Mapping[str, Manifest], ledger: Led
                 make_link(place, target, temporary(place))
             except (SpotwatchError, OSError) as exc:
                 log.warning("link_not_restored", **fields, reason=str(exc))
+                not_made.append(link)
                 continue
             made.append(LinkEntry(link.path, target))
-    return replace(report, links=tuple(made), repointed=tuple(repointed))
+    return replace(report, links=tuple(made), not_made=tuple(not_made),
+                   repointed=tuple(repointed))
 
 
 def _record_links(ledger: Ledger, bucket: str, manifest: Manifest) -> None:
@@ -503,7 +533,8 @@ def restore_newest(store: ObjectStore, sets: Sequence[Manifest | Candidate], des
             passed_over.append(manifest.set_name)
             continue
         except (StoreError, OSError, LedgerError, NotPlaced) as exc:
-            raise SpotwatchError(f"restore of {manifest.set_name} failed: {exc}") from None
+            why = str(exc) or type(exc).__name__  # never a line that ends at "failed:"
+            raise SpotwatchError(f"restore of {manifest.set_name} failed: {why}") from None
         except ChecksumUnavailable as exc:
             raise SpotwatchError(f"cannot verify {manifest.set_name}: {exc}") from None
         return replace(report, passed_over=tuple(passed_over))
