@@ -116,3 +116,19 @@ def test_output_into_a_closed_pipe_ends_quietly(workspace: Workspace, command: l
     finally:
         os.close(writer)
     assert (ended.returncode, ended.stderr) == (141, "")
+
+
+def test_everything_a_flush_left_undone_is_one_error_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from spotwatch.commands.flush import report_left_behind
+
+    record = {"failed": 1, "failed_files": ["/c/step_1/a.pt"],
+              "still_written": 1, "still_written_files": ["/c/step_2/log.txt"]}
+    assert report_left_behind(record, "the flush", ["1 directories spotwatch may not read, "
+                                                    "their files not uploaded: /c/step_3"]) == 1
+    assert capsys.readouterr().err == (
+        "spotwatch: error: the flush left 1 failing files: /c/step_1/a.pt; 1 directories "
+        "spotwatch may not read, their files not uploaded: /c/step_3; the flush stopped waiting "
+        "for 1 files still being written: /c/step_2/log.txt\n")
+    assert report_left_behind({"failed": 0}, "the flush") == 0
+    assert capsys.readouterr().err == ""

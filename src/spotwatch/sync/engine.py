@@ -337,6 +337,11 @@ class SyncEngine:
         uploaded = self._uploaded.get(path)
         return uploaded is not None and uploaded.inode != snapshot.inode
 
+    def refused(self) -> list[Path]:
+        """The files still there whose names S3 cannot take (path_refused): not uploaded, their
+        sets left unsealed. A file renamed since (to a name S3 takes) is uploaded as any."""
+        return sorted(path for path in self._refused if os.path.lexists(path))
+
     def _refuse(self, path: Path, reason: str) -> None:
         """A file S3 cannot store is skipped with one warning, however often it settles: one
         odd name must never stop the others."""
