@@ -296,7 +296,7 @@ class SyncEngine:
         """Whether this version of the file is uploaded, uploading or waiting to retry.
         Invariant: one version of a file is uploaded once. The same version may settle again
         while it uploads (a directory renamed into place also reports each file moved)."""
-        return ((self.ledger.is_current(self.bucket, key, snapshot.version)
+        return ((self.ledger.is_current(self.bucket, key, snapshot.version, snapshot.inode)
                  and not self._rewritten_since_upload(path, snapshot))
                 or UploadJob(path, key, snapshot) in self._uploading
                 or self._retry_waits_for(path, snapshot))
@@ -555,7 +555,7 @@ class SyncEngine:
                   "seconds": round(result.seconds, 3)}
         if result.outcome is Outcome.DONE and not self._ledger_write(
                 self.ledger.record, job.key, job.path, job.snapshot.version, result.checksum,
-                result.part_size, result.checksum_algorithm, result.etag):
+                result.part_size, result.checksum_algorithm, result.etag, job.snapshot.inode):
             # Unrecorded, the file could be left out of its set's manifest: keep it pending
             # (its set stays unsealed) and upload it again once the ledger can be written.
             result = UploadResult(job, Outcome.FAILED, result.seconds, error="ledger not written")
