@@ -137,3 +137,27 @@ def test_deleting_every_uploaded_file_beside_retired_ones_still_mirrors(
     assert result.stdout.splitlines()[-1] == "deleted 3 objects"
     assert "mirror_skipped" not in result.stderr
     assert not any(key.startswith("run1/step_2/") for key in keys_in(s3, workspace.bucket))
+
+
+def test_a_pruned_set_whose_link_is_pointed_elsewhere_is_uploaded_whole_and_sealed(
+        workspace: Workspace, s3: Any) -> None:
+    """A link of a set retention removed (its files stay on disk) is pointed elsewhere: the set
+    changed, so it goes to S3 whole again, as when one of its files is saved again, rather than
+    staying incomplete with its files current in the ledger and never uploaded."""
+    workspace.write_config(sync={"keep_sets": 1})
+    save_set(workspace, "step_1", 200)
+    os.symlink("model.pt", workspace.checkpoints / "step_1" / "last.pt")
+    save_set(workspace, "step_2", 100)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    pruned = workspace.cli("prune", "-c", "config.yaml")
+    assert pruned.stdout.splitlines()[-1] == "deleted 3 objects", pruned.stderr
+    os.remove(workspace.checkpoints / "step_1" / "last.pt")
+    os.symlink("optim.pt", workspace.checkpoints / "step_1" / "last.pt")
+    flushed = workspace.cli("flush", "-c", "config.yaml")
+    assert flushed.returncode == 0, flushed.stderr
+    assert "set_incomplete" not in flushed.stderr
+    manifest = json.loads(object_bytes(s3, workspace.bucket, f"{MANIFESTS}step_1.json"))
+    assert sorted(entry["path"] for entry in manifest["files"]) == [
+        "step_1/model.pt", "step_1/optim.pt"]
+    assert [(link["path"], link["target"]) for link in manifest["links"]] == [
+        ("step_1/last.pt", "optim.pt")]

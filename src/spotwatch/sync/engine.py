@@ -376,7 +376,9 @@ class SyncEngine:
             self._skip(path, "symlink_skipped", reason=str(exc),
                        detail="symlinks are not followed: save the file itself to upload it")
         if self.ledger.link_target(self.bucket, key) != (None if link is None else link.target):
-            self.sealer.mark_dirty(_set_ref(tracker, relative))
+            set_ref = _set_ref(tracker, relative)
+            self.sealer.mark_dirty(set_ref)
+            self._revive_retired(set_ref)  # a set retention removed changed: whole again
 
     def _skip(self, path: Path, event: str, **fields: str) -> None:
         if path not in self._skipped:
@@ -597,8 +599,9 @@ class SyncEngine:
         return result
 
     def _revive_retired(self, set_ref: SetRef) -> None:
-        """Invariant: a set pruned by retention that changes again (a file rewritten or added
-        while the others stay as they were) is uploaded whole again. Its unchanged files were
+        """Invariant: a set pruned by retention that changes again (a file rewritten or added,
+        or a link pointed elsewhere, while the others stay as they were) is uploaded whole
+        again. Its unchanged files were
         deleted from S3 but are current in the ledger: never uploaded again, they would keep
         the set from being sealed for good, and its new work out of reach of restore."""
         try:
