@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -25,7 +26,8 @@ from spotwatch.config import (
 )
 from spotwatch.errors import ConfigError
 
-from .conftest import Workspace
+from .conftest import Workspace, keys_in, wait_for
+from .test_daemon_e2e import save_checkpoint
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -159,9 +161,19 @@ def test_cli_wrong_type(workspace: Workspace) -> None:
     assert_usage_error(workspace.cli("run", "-c", "config.yaml"), "'imds.poll_interval' must be")
 
 
-def test_cli_missing_watch_dir(workspace: Workspace) -> None:
-    workspace.write_config(watch=[{"path": str(workspace.root / "absent")}])
-    assert_usage_error(workspace.cli("run", "-c", "config.yaml"), "watch directory does not exist")
+def test_a_watch_dir_missing_at_the_start_is_watched_for(workspace: Workspace, s3: Any) -> None:
+    """One watched directory not made yet (the trainer makes it later, a volume not mounted
+    yet) does not keep the daemon from protecting the others, nor its own files once made."""
+    later = workspace.root / "later" / "run"
+    workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/"},
+                                  {"path": str(later), "prefix": "run2/"}])
+    daemon = workspace.start_daemon()
+    daemon.wait_for_event("watch_dir_missing")
+    save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 1_000)
+    wait_for(lambda: "run1/step_1/model.pt" in keys_in(s3, workspace.bucket))
+    save_checkpoint(later / "step_1" / "model.pt", 1_000)
+    wait_for(lambda: "run2/step_1/model.pt" in keys_in(s3, workspace.bucket))
+    assert daemon.stop() == 0
 
 
 @pytest.mark.parametrize("command", ["run", "flush"])

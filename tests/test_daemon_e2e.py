@@ -129,6 +129,16 @@ def test_restart_reuploads_nothing_unchanged(workspace: Workspace, s3: Any) -> N
     summary = flush_summary(workspace.cli("flush", "-c", "config.yaml"))
     assert summary["files"] == 1
     assert object_bytes(s3, workspace.bucket, "run1/shard_1.pt") == same_size
+    # Replaced while no spotwatch ran by a file of the same size and mtime (saved with the old
+    # mtime kept, then renamed over it): its inode tells.
+    kept = paths[2].stat()
+    replacement = paths[2].with_name("shard_2.pt.new")
+    replacement.write_bytes(os.urandom(50_000))
+    os.utime(replacement, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    os.replace(replacement, paths[2])
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 1
+    assert object_bytes(s3, workspace.bucket, "run1/shard_2.pt") == paths[2].read_bytes()
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 0
 
 
 def test_flush_asks_a_running_daemon(workspace: Workspace, s3: Any) -> None:

@@ -204,8 +204,13 @@ def test_flush_skips_names_that_are_not_utf8_and_uploads_the_rest(
     for key, data in good.items():
         assert write_file(workspace.checkpoints, key.removeprefix("run1/").encode(), data)
     result = workspace.cli("flush", "-c", str(workspace.config_file))
-    assert result.returncode == 0, result.stderr
+    # Not everything is protected: exit 1, and one line names the files left out.
+    assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"spotwatch: error: 2 files whose names S3 cannot take, their sets left without a "
+        f"manifest: {workspace.checkpoints}/step_1/bad\\xffname.pt, "
+        f"{workspace.checkpoints}/step_\\xfe/model.pt")
     for key, data in good.items():
         assert object_bytes(s3, workspace.bucket, key) == data
     assert result.stderr.count('"path_refused"') == 2
@@ -226,7 +231,9 @@ def test_daemon_skips_bad_names_seen_live_and_survives_a_restart(
     assert write_file(workspace.checkpoints, b"step_3/model.pt", b"three")
     wait_for(lambda: "run1/step_3/model.pt" in keys_in(s3, workspace.bucket), timeout=30)
     first.wait_for_event("path_refused", count=3)
-    assert first.stop() == 0
+    assert first.stop() == 1  # files left unprotected: the final flush says so
+    [incomplete] = first.named("flush_incomplete")
+    assert len(incomplete["refused_files"]) == 3
 
     second = workspace.start_daemon()  # the startup scan meets all three again
     second.wait_for_event("startup_scan_done")
@@ -236,7 +243,7 @@ def test_daemon_skips_bad_names_seen_live_and_survives_a_restart(
     second.wait_for_event("path_refused", count=3)
     assert len(second.named("path_refused")) == 3
     assert second.process.poll() is None
-    assert second.stop() == 0
+    assert second.stop() == 1
     assert object_bytes(s3, workspace.bucket, "run1/step_3/model.pt") == b"three"
     assert len(first.named("path_refused")) == 3  # once per file, not once per event
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +100,35 @@ def test_the_cli_prints_for_a_human_only_through_spotwatch_console() -> None:
                 if not (through or json_out or version):
                     bare.append(f"{module.name}:{node.lineno}")
     assert bare == []
+
+
+@pytest.mark.parametrize("command", [["iam-policy"], ["status"]])
+def test_output_into_a_closed_pipe_ends_quietly(workspace: Workspace, command: list[str]) -> None:
+    """`spotwatch status | head -1`: the reader gone, the command ends as SIGPIPE would end it
+    (128 + 13), without a traceback."""
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before the first line is written
+    try:
+        ended = subprocess.run(
+            [sys.executable, "-m", "spotwatch.cli", *command, "-c", "config.yaml"],
+            cwd=workspace.root, env=workspace.env(), stdout=writer, stderr=subprocess.PIPE,
+            text=True, timeout=60)
+    finally:
+        os.close(writer)
+    assert (ended.returncode, ended.stderr) == (141, "")
+
+
+def test_everything_a_flush_left_undone_is_one_error_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from spotwatch.commands.flush import report_left_behind
+
+    record = {"failed": 1, "failed_files": ["/c/step_1/a.pt"],
+              "still_written": 1, "still_written_files": ["/c/step_2/log.txt"]}
+    assert report_left_behind(record, "the flush", ["1 directories spotwatch may not read, "
+                                                    "their files not uploaded: /c/step_3"]) == 1
+    assert capsys.readouterr().err == (
+        "spotwatch: error: the flush left 1 failing files: /c/step_1/a.pt; 1 directories "
+        "spotwatch may not read, their files not uploaded: /c/step_3; the flush stopped waiting "
+        "for 1 files still being written: /c/step_2/log.txt\n")
+    assert report_left_behind({"failed": 0}, "the flush") == 0
+    assert capsys.readouterr().err == ""

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spotwatch.emulator import ImdsEmulator
-from spotwatch.keys import belongs_to_set, manifest_key, object_key, series_of
+from spotwatch.keys import belongs_to_set, manifest_key, natural_order, object_key, series_of
 from spotwatch.sync.pruner import plan_deletions
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
@@ -375,17 +375,25 @@ def test_planned_deletions_are_spotwatchs_and_never_listed_by_a_kept_set(
         assert key in gone or key in own_files_of_dropped  # the ledger's, or its set's own
         assert key.startswith(PREFIX) and _not_tmp(key)
         assert not key.startswith(PREFIX + ".spotwatch/")
-    if keep_sets:  # in each series, the newest keep_sets complete sets and all newer stay
+    if keep_sets:  # in each series, from the newest and from the highest step down to the
+        # keep_sets-th complete set, every set stays; no other does
         mirrored = {k for k in gone if k.startswith(PREFIX) and _not_tmp(k)
                     and not k.startswith(PREFIX + ".spotwatch/")}
         droppable = [m for m in manifests if not any(e.key in mirrored for e in m.files)]
+
+        def down_to_the_last_kept(ordered: list[Manifest]) -> set[str]:
+            taken: set[str] = set()
+            for m in ordered:
+                if len(taken & complete) >= keep_sets:
+                    break
+                taken.add(m.set_name)
+            return taken
+
         for series in {series_of(m.set_name) for m in manifests}:
             in_series = [m for m in droppable if series_of(m.set_name) == series]
-            complete_in_series = [m for m in in_series if m.set_name in complete]
-            kept_in_series = [m for m in in_series if m in kept]
-            assert [m for m in kept_in_series if m.set_name in complete] == \
-                complete_in_series[:keep_sets]
-            assert kept_in_series == in_series[:len(kept_in_series)]  # the newest of them
+            by_step = sorted(in_series, key=lambda m: natural_order(m.set_name), reverse=True)
+            assert {m.set_name for m in in_series if m in kept} == (
+                down_to_the_last_kept(in_series) | down_to_the_last_kept(by_step))
     elif not gone:
         assert deletions == []
 

@@ -97,20 +97,10 @@ def test_a_pruned_set_saved_again_in_part_is_uploaded_whole_and_sealed(
     """Retention removed step_1 from S3 (its local files stay). The trainer, resumed from an
     earlier step, saves step_1 again but rewrites only the model: the optimizer file it left
     as it was must go to S3 again too, or step_1 is never sealed and restore cannot reach it."""
-    workspace.write_config(sync={"keep_sets": 1})
-    save_set(workspace, "step_1", 200)
-    save_set(workspace, "step_2", 100)
-    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
-    pruned = workspace.cli("prune", "-c", "config.yaml")
-    assert pruned.stdout.splitlines()[-1] == "deleted 3 objects", pruned.stderr
+    step_1_pruned(workspace)
     model = save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 3_000)
     optim = (workspace.checkpoints / "step_1" / "optim.pt").read_bytes()
-    flushed = workspace.cli("flush", "-c", "config.yaml")
-    assert flushed.returncode == 0, flushed.stderr
-    assert "set_incomplete" not in flushed.stderr
-    manifest = json.loads(object_bytes(s3, workspace.bucket, f"{MANIFESTS}step_1.json"))
-    assert sorted(entry["path"] for entry in manifest["files"]) == [
-        "step_1/model.pt", "step_1/optim.pt"]
+    step_1_sealed_whole_by_a_flush(workspace, s3)
     target = workspace.root / "restored"
     restored = workspace.cli("restore", "-c", "config.yaml", "--set", "step_1",
                              "--to", str(target))
@@ -137,3 +127,41 @@ def test_deleting_every_uploaded_file_beside_retired_ones_still_mirrors(
     assert result.stdout.splitlines()[-1] == "deleted 3 objects"
     assert "mirror_skipped" not in result.stderr
     assert not any(key.startswith("run1/step_2/") for key in keys_in(s3, workspace.bucket))
+
+
+def test_a_pruned_set_whose_link_is_pointed_elsewhere_is_uploaded_whole_and_sealed(
+        workspace: Workspace, s3: Any) -> None:
+    """A link of a set retention removed (its files stay on disk) is pointed elsewhere: the set
+    changed, so it goes to S3 whole again, as when one of its files is saved again, rather than
+    staying incomplete with its files current in the ledger and never uploaded."""
+    step_1_pruned(workspace, link_to="model.pt")
+    os.remove(workspace.checkpoints / "step_1" / "last.pt")
+    os.symlink("optim.pt", workspace.checkpoints / "step_1" / "last.pt")
+    manifest = step_1_sealed_whole_by_a_flush(workspace, s3)
+    assert [(link["path"], link["target"]) for link in manifest["links"]] == [
+        ("step_1/last.pt", "optim.pt")]
+
+
+def step_1_pruned(workspace: Workspace, link_to: str | None = None) -> None:
+    """step_1 (with a link last.pt, if link_to) and step_2 flushed, then step_1 removed from
+    S3 by retention (keep_sets 1), its files left on disk."""
+    workspace.write_config(sync={"keep_sets": 1})
+    save_set(workspace, "step_1", 200)
+    if link_to is not None:
+        os.symlink(link_to, workspace.checkpoints / "step_1" / "last.pt")
+    save_set(workspace, "step_2", 100)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    pruned = workspace.cli("prune", "-c", "config.yaml")
+    assert pruned.stdout.splitlines()[-1] == "deleted 3 objects", pruned.stderr
+
+
+def step_1_sealed_whole_by_a_flush(workspace: Workspace, s3: Any) -> dict[str, Any]:
+    """Flush; step_1's manifest, which must list both its files."""
+    flushed = workspace.cli("flush", "-c", "config.yaml")
+    assert flushed.returncode == 0, flushed.stderr
+    assert "set_incomplete" not in flushed.stderr
+    manifest: dict[str, Any] = json.loads(
+        object_bytes(s3, workspace.bucket, f"{MANIFESTS}step_1.json"))
+    assert sorted(entry["path"] for entry in manifest["files"]) == [
+        "step_1/model.pt", "step_1/optim.pt"]
+    return manifest

@@ -80,3 +80,50 @@ def test_restore_and_retention_take_the_higher_step_when_mtimes_tie(
     keys = keys_in(s3, workspace.bucket)
     assert {"run1/step_200/model.pt", manifest_key("run1/", "step_200")} <= keys, keys
     assert "run1/step_100/model.pt" not in keys, keys
+
+
+@given(steps=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)), min_size=1,
+                      max_size=8, unique_by=lambda step: step[0]),
+       pattern=st.sampled_from(NAMES), keep=st.integers(1, 4))
+def test_retention_keeps_the_newest_and_the_highest_steps(
+        steps: list[tuple[int, int]], pattern: str, keep: int) -> None:
+    """Whatever the sets' dates (a file written into an old step later makes it the newest by
+    date), retention keeps the `keep` newest sets of the series and its `keep` highest steps,
+    and drops only sets that are neither."""
+    store = InMemoryObjectStore()
+    for number, age in steps:
+        manifest = dated(pattern.format(number), DATED_NS - age * 10**9, 1.8e9)
+        store.put(manifest_key("run1/", manifest.set_name), manifest.to_json().encode())
+    manifests = list_manifests(store, "run1/")
+    plan = plan_deletions("run1/", lambda _: True, manifests, [], keep, lambda _: True)
+    dropped = {d.key for d in plan if d.key.startswith("run1/.spotwatch/")}
+    newest = [m.set_name for m in manifests][:keep]
+    highest = sorted((m.set_name for m in manifests), key=natural_order, reverse=True)[:keep]
+    assert dropped == {manifest_key("run1/", m.set_name) for m in manifests
+                       if m.set_name not in {*newest, *highest}}
+
+
+def test_an_old_step_written_to_later_does_not_cost_the_steps_after_it(
+        workspace: Workspace, s3: Any) -> None:
+    """keep_sets 1: step_200 saved, then an evaluation writes into step_100. step_100 is the
+    newest by date, restored and kept; step_200, the trainer's latest step, stays in S3 too,
+    and restore says so."""
+    for age, name in ((300, "step_100"), (200, "step_200")):
+        path = workspace.checkpoints / name / "model.pt"
+        path.parent.mkdir()
+        path.write_bytes(name.encode())
+        os.utime(path, ns=(DATED_NS - age * 10**9,) * 2)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
+    (workspace.checkpoints / "step_100" / "eval_results.json").write_text('{"loss": 1.0}')
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 1
+    result = restore(workspace, "--to", str(workspace.root / "restored"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("restored step_100 ")
+    assert ("; higher steps of its series, dated older: step_200 (--set step_200 restores it)"
+            in result.stdout)
+
+    pruned = workspace.cli("prune", "-c", "config.yaml", "--keep-sets", "1")
+    assert pruned.returncode == 0, pruned.stderr
+    keys = keys_in(s3, workspace.bucket)
+    assert {"run1/step_200/model.pt", manifest_key("run1/", "step_200"),
+            "run1/step_100/eval_results.json", manifest_key("run1/", "step_100")} <= keys, keys

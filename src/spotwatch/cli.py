@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import select
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from signal import SIGPIPE
 from typing import NoReturn
 
 from spotwatch.collector import uncollected_start_up
@@ -93,6 +95,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError as exc:
+        if not _stdout_gone():
+            print_error(str(exc))
+            return 1
+        # The reader went away (spotwatch status | head -1): ended as SIGPIPE ends a command,
+        # quietly; the interpreter's last flush of stdout must not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + SIGPIPE
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _command(name: str) -> Callable[[argparse.Namespace], int]:

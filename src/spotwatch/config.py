@@ -939,12 +939,18 @@ def _real(path: Path) -> Path:
 
 
 def require_watch_dirs(config: Config) -> None:
-    """The watched directories must exist before the daemon or a flush can start."""
+    """A watched path must be a directory, or not there yet: the daemon watches for it
+    (watch_dir_missing) and uploads its files once it is made.
+
+    Invariant: one watched directory missing at the start (the trainer makes it later, a
+    volume not mounted yet) does not keep the daemon from protecting the others, as it does
+    not once it runs; a file where a directory is configured is a mistake, refused."""
     for watch in config.watch:
         try:
-            exists = watch.path.is_dir()
+            os.stat(watch.path)
+        except FileNotFoundError:
+            continue
         except OSError as exc:  # e.g. a name too long for the file system
             raise ConfigError(f"watch directory {watch.path}: {exc.strerror}") from None
-        if not exists:
-            what = "is not a directory" if watch.path.exists() else "does not exist"
-            raise ConfigError(f"watch directory {what}: {watch.path}")
+        if not watch.path.is_dir():
+            raise ConfigError(f"watch directory is not a directory: {watch.path}")

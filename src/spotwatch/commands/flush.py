@@ -9,6 +9,7 @@ import argparse
 import os
 import signal
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -45,31 +46,32 @@ def run(args: argparse.Namespace) -> int:
     outcome = daemon.flush_once(BarWatcher(bar) if bar.enabled else None)
     get_logger("spotwatch").info(
         "flush_summary", files=outcome.files, bytes=outcome.bytes, failed=outcome.failed)
-    report_left_behind(daemon.flushes.last or {}, "the flush")
+    unprotected = []
     if outcome.unreadable_dirs:
-        print_error(f"{len(outcome.unreadable_dirs)} directories spotwatch may not read, their "
-                    f"files not uploaded: {', '.join(outcome.unreadable_dirs[:20])}")
-    return outcome.exit_code
+        unprotected.append(f"{len(outcome.unreadable_dirs)} directories spotwatch may not read, "
+                           f"their files not uploaded: {', '.join(outcome.unreadable_dirs[:20])}")
+    if outcome.refused_files:
+        unprotected.append(f"{len(outcome.refused_files)} files whose names S3 cannot take, "
+                           f"their sets left without a manifest: "
+                           f"{', '.join(outcome.refused_files[:20])}")
+    return max(outcome.exit_code,
+               report_left_behind(daemon.flushes.last or {}, "the flush", unprotected))
 
 
-def report_left_behind(record: dict[str, Any], whose: str) -> int:
-    """1, with one line naming them, when the flush left failing files or files still being
-    written behind; else 0. Invariant: an exit 1 of `spotwatch flush` always says why, whether
-    this process or the daemon flushed."""
+def report_left_behind(record: dict[str, Any], whose: str, more: Sequence[str] = ()) -> int:
+    """1, with one line saying all of it, when the flush left failing files or files still
+    being written behind, or more to say (files it could not take); else 0. Invariant: an
+    exit 1 of `spotwatch flush` always says why, whether this process or the daemon flushed."""
+    reasons = list(more)
     if record.get("failed"):
-        print_error(f"{whose} left {record['failed']} failing files: "
-                    f"{', '.join(record.get('failed_files', []))}")
-        return 1
-    return report_still_written(record, whose)
-
-
-def report_still_written(record: dict[str, Any], whose: str) -> int:
-    """1, with one line naming them, when the flush stopped waiting for files that kept
-    being written (sync.stop_timeout passed and they never settled); else 0."""
-    if not record.get("still_written"):
+        reasons.insert(0, f"{whose} left {record['failed']} failing files: "
+                          f"{', '.join(record.get('failed_files', []))}")
+    if record.get("still_written"):
+        reasons.append(f"{whose} stopped waiting for {record['still_written']} files still "
+                       f"being written: {', '.join(record.get('still_written_files', []))}")
+    if not reasons:
         return 0
-    print_error(f"{whose} stopped waiting for {record['still_written']} files still being "
-                f"written: {', '.join(record.get('still_written_files', []))}")
+    print_error("; ".join(reasons))
     return 1
 
 

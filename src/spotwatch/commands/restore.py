@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
                      f"nothing restored)" for link in report.as_files)
     links += "".join(f"; link {link.path} -> {link.target} not made (see the warning)"
                      for link in report.not_made)
+    if report.higher_steps:
+        links += (f"; higher steps of its series, dated older: {', '.join(report.higher_steps)} "
+                  f"(--set {report.higher_steps[0]} restores it)")
     print_line(f"restored {report.set_name} into {report.destination}: {report.downloaded} "
                f"files downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already "
                f"present{companions}{repointed}{links}{passed_over}")

@@ -207,14 +207,15 @@ class FlushController:
                       totals: Progress) -> int:
         """Exit code 0 when everything is durable; 1 when the flush ran out of time, left
         failing files or files still being written behind, or could not read a directory's
-        files (logged as flush_incomplete, so the operator sees it, with the sets still
-        waiting for their manifest: their files alone are no checkpoint). A flush the stop
-        timeout cut short ends here too: nothing reports it running after the stop."""
+        files or take a file's name (logged as flush_incomplete, so the operator sees it, with
+        the sets still waiting for their manifest: their files alone are no checkpoint). A
+        flush the stop timeout cut short ends here too: nothing reports it running after the
+        stop."""
         timed_out = self.current is not None
         if timed_out:
             self._end(failing, (), timed_out=True)
         if (not timed_out and left.pending_files == 0 and not left.unsettled
-                and not left.unreadable_dirs):
+                and not left.unreadable_dirs and not left.refused_files):
             log.info("daemon_stopped", files=totals.files, bytes=totals.bytes)
             return 0
         log.error("flush_incomplete", pending_files=left.pending_files,
@@ -222,7 +223,8 @@ class FlushController:
                   uploading=left.uploading, unsettled=left.unsettled,
                   failed_files=_named(failing), timed_out=timed_out,
                   unsealed_sets=list(left.unsealed_sets[:NAMED_SETS_MAX]),
-                  unreadable_dirs=list(left.unreadable_dirs[:NAMED_SETS_MAX]))
+                  unreadable_dirs=list(left.unreadable_dirs[:NAMED_SETS_MAX]),
+                  refused_files=list(left.refused_files[:NAMED_FILES_MAX]))
         return 1
 
 

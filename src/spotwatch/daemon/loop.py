@@ -77,6 +77,7 @@ class RunOutcome:
     bytes: int
     failed: int
     unreadable_dirs: tuple[str, ...] = ()  # their files unknown, so not uploaded
+    refused_files: tuple[str, ...] = ()  # names S3 cannot take, so not uploaded
 
 
 class FlushWatcher(Protocol):
@@ -198,10 +199,11 @@ class Daemon:
                 watcher.close()
             self._write_status(engine)  # what the flush left behind, e.g. incomplete sets
             failed = len(engine.left_behind(None))
-            unreadable = EngineSnapshot.of(engine).unreadable_dirs
-            incomplete = bool(failed or engine.being_written() or unreadable)
+            left = EngineSnapshot.of(engine)
+            incomplete = bool(failed or engine.being_written() or left.unreadable_dirs
+                              or left.refused_files)
             return RunOutcome(1 if incomplete else 0, engine.totals.files, engine.totals.bytes,
-                              failed, unreadable)
+                              failed, left.unreadable_dirs, left.refused_files)
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -23,6 +23,8 @@ class EngineSnapshot:
     unsealed_sets: tuple[str, ...] = ()
     # Directories spotwatch may not read: their files are not protected.
     unreadable_dirs: tuple[str, ...] = ()
+    # Files whose names S3 cannot take: not protected either.
+    refused_files: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, engine: SyncEngine) -> EngineSnapshot:
@@ -37,4 +39,5 @@ class EngineSnapshot:
             unsealed_sets=tuple(sorted(engine.sealer.unsealed() | set(engine.sealer.awaiting))),
             unreadable_dirs=tuple(printable_path(directory) for tracker in engine.trackers
                                   for directory in tracker.unreadable_dirs()),
+            refused_files=tuple(printable_path(path) for path in engine.refused()),
         )

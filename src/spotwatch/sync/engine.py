@@ -296,7 +296,7 @@ class SyncEngine:
         """Whether this version of the file is uploaded, uploading or waiting to retry.
         Invariant: one version of a file is uploaded once. The same version may settle again
         while it uploads (a directory renamed into place also reports each file moved)."""
-        return ((self.ledger.is_current(self.bucket, key, snapshot.version)
+        return ((self.ledger.is_current(self.bucket, key, snapshot.version, snapshot.inode)
                  and not self._rewritten_since_upload(path, snapshot))
                 or UploadJob(path, key, snapshot) in self._uploading
                 or self._retry_waits_for(path, snapshot))
@@ -337,6 +337,11 @@ class SyncEngine:
         uploaded = self._uploaded.get(path)
         return uploaded is not None and uploaded.inode != snapshot.inode
 
+    def refused(self) -> list[Path]:
+        """The files still there whose names S3 cannot take (path_refused): not uploaded, their
+        sets left unsealed. A file renamed since (to a name S3 takes) is uploaded as any."""
+        return sorted(path for path in self._refused if os.path.lexists(path))
+
     def _refuse(self, path: Path, reason: str) -> None:
         """A file S3 cannot store is skipped with one warning, however often it settles: one
         odd name must never stop the others."""
@@ -371,7 +376,9 @@ class SyncEngine:
             self._skip(path, "symlink_skipped", reason=str(exc),
                        detail="symlinks are not followed: save the file itself to upload it")
         if self.ledger.link_target(self.bucket, key) != (None if link is None else link.target):
-            self.sealer.mark_dirty(_set_ref(tracker, relative))
+            set_ref = _set_ref(tracker, relative)
+            self.sealer.mark_dirty(set_ref)
+            self._revive_retired(set_ref)  # a set retention removed changed: whole again
 
     def _skip(self, path: Path, event: str, **fields: str) -> None:
         if path not in self._skipped:
@@ -550,7 +557,7 @@ class SyncEngine:
                   "seconds": round(result.seconds, 3)}
         if result.outcome is Outcome.DONE and not self._ledger_write(
                 self.ledger.record, job.key, job.path, job.snapshot.version, result.checksum,
-                result.part_size, result.checksum_algorithm, result.etag):
+                result.part_size, result.checksum_algorithm, result.etag, job.snapshot.inode):
             # Unrecorded, the file could be left out of its set's manifest: keep it pending
             # (its set stays unsealed) and upload it again once the ledger can be written.
             result = UploadResult(job, Outcome.FAILED, result.seconds, error="ledger not written")
@@ -592,8 +599,9 @@ class SyncEngine:
         return result
 
     def _revive_retired(self, set_ref: SetRef) -> None:
-        """Invariant: a set pruned by retention that changes again (a file rewritten or added
-        while the others stay as they were) is uploaded whole again. Its unchanged files were
+        """Invariant: a set pruned by retention that changes again (a file rewritten or added,
+        or a link pointed elsewhere, while the others stay as they were) is uploaded whole
+        again. Its unchanged files were
         deleted from S3 but are current in the ledger: never uploaded again, they would keep
         the set from being sealed for good, and its new work out of reach of restore."""
         try:

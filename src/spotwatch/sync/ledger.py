@@ -65,6 +65,9 @@ _PART_SIZE_COLUMN = "ALTER TABLE objects ADD COLUMN part_size INTEGER"
 _ALGORITHM_COLUMN = "ALTER TABLE objects ADD COLUMN checksum_algorithm TEXT"
 # The ETag S3 gave the upload: retention tells by it that an object is still the one uploaded.
 _ETAG_COLUMN = "ALTER TABLE objects ADD COLUMN etag TEXT"
+# The inode of the file uploaded: a file replaced while the daemon was down by another of the
+# same size and mtime (saved with the old mtime kept, then renamed over it) has another.
+_INODE_COLUMN = "ALTER TABLE objects ADD COLUMN inode INTEGER"
 
 
 # A set's key, or a key below it: those sort between "<set>/" and "<set>0" ('0' follows '/'),
@@ -120,7 +123,7 @@ class Ledger:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(objects)")}
             for name, added_by in (("retired", _RETIRED_COLUMN), ("part_size", _PART_SIZE_COLUMN),
                                    ("checksum_algorithm", _ALGORITHM_COLUMN),
-                                   ("etag", _ETAG_COLUMN)):
+                                   ("etag", _ETAG_COLUMN), ("inode", _INODE_COLUMN)):
                 if name not in columns:
                     _add_column(self._db, added_by)
             self._db.execute(_RETIRED_INDEX)
@@ -132,12 +135,17 @@ class Ledger:
         with self._lock:
             self._db.close()
 
-    def is_current(self, bucket: str, key: str, version: FileVersion) -> bool:
+    def is_current(self, bucket: str, key: str, version: FileVersion,
+                   inode: int | None = None) -> bool:
+        """Whether the object holds this version of the file: its size and mtime, and its
+        inode where both are known (a row without one: recorded by a restore, or before
+        inodes were recorded)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT size, mtime_ns FROM objects WHERE bucket = ? AND key = ?", (bucket, key)
-            ).fetchone()
-        return row is not None and FileVersion(*row) == version
+                "SELECT size, mtime_ns, inode FROM objects WHERE bucket = ? AND key = ?",
+                (bucket, key)).fetchone()
+        return (row is not None and FileVersion(row[0], row[1]) == version
+                and (row[2] is None or inode is None or row[2] == inode))
 
     def _write(self, sql: str, parameters: tuple[object, ...]) -> None:
         with self._lock:
@@ -150,13 +158,14 @@ class Ledger:
 
     def record(self, bucket: str, key: str, path: Path, version: FileVersion,
                checksum: str | None, part_size: int | None = None,
-               checksum_algorithm: str | None = None, etag: str | None = None) -> None:
+               checksum_algorithm: str | None = None, etag: str | None = None,
+               inode: int | None = None) -> None:
         self._write(
             "INSERT OR REPLACE INTO objects (bucket, key, path, size, mtime_ns, checksum,"
-            " uploaded_at, retired, part_size, checksum_algorithm, etag)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+            " uploaded_at, retired, part_size, checksum_algorithm, etag, inode)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
             (bucket, key, str(path), version.size, version.mtime_ns, checksum, time.time(),
-             part_size, checksum_algorithm, etag),
+             part_size, checksum_algorithm, etag, inode),
         )
 
     def retire(self, bucket: str, key: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,7 @@ from spotwatch.keys import (
     belongs_to_set,
     is_reserved,
     manifest_key,
+    natural_order,
     object_key,
     part_key,
     series_of,
@@ -272,6 +273,11 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
     Retention keeps the newest keep_sets complete sets of each series of names (keys.series_of):
     a file beside the steps that is rewritten at every save (DeepSpeed's `latest`) is always
     the newest set, and counted with the steps it would leave none of them.
+
+    Invariant: it also keeps the keep_sets highest steps of each series (keys.natural_order),
+    complete, and any incomplete one above them. A file written later into an old step (an
+    evaluation's results) makes that step the newest by its files' dates; the steps after it,
+    still the trainer's latest work, stay in S3 all the same (restore says so, --set takes one).
     """
     prefix = object_key(watch_prefix, "")
 
@@ -280,18 +286,30 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
         return relative is not None and not is_reserved(relative) and accepts(relative)
 
     gone = {key for key in gone_locally if deletable(key)}
+    known: dict[str, bool] = {}  # complete(), asked once a set (a listing each)
+
+    def is_complete(manifest: Manifest) -> bool:
+        if manifest.set_name not in known:
+            known[manifest.set_name] = complete(manifest)
+        return known[manifest.set_name]
+
+    mirrored = {manifest.set_name for manifest in manifests
+                if any(entry.key in gone for entry in manifest.files)}
+    highest = (_highest_steps([m for m in manifests if m.set_name not in mirrored], keep_sets,
+                              is_complete) if keep_sets else set())
     dropped: list[tuple[Manifest, str]] = []
     kept: list[Manifest] = []
     complete_kept: Counter[str] = Counter()  # by series
     for manifest in manifests:
         series = series_of(manifest.set_name)
-        if any(entry.key in gone for entry in manifest.files):
+        if manifest.set_name in mirrored:
             dropped.append((manifest, "deleted locally"))
-        elif keep_sets and complete_kept[series] >= keep_sets:
+        elif (keep_sets and complete_kept[series] >= keep_sets
+              and manifest.set_name not in highest):
             dropped.append((manifest, "retention"))
         else:
             kept.append(manifest)
-            if keep_sets and complete(manifest):
+            if keep_sets and is_complete(manifest):
                 complete_kept[series] += 1
     # A kept set needs the files of older sets its links lead to as much as its own.
     listed_by_kept = {entry.key for manifest in kept
@@ -307,6 +325,23 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
                 files.setdefault(entry.key, reason)
     return ([Deletion(manifest_key(watch_prefix, m.set_name), reason) for m, reason in dropped]
             + [Deletion(key, reason) for key, reason in sorted(files.items())])
+
+
+def _highest_steps(manifests: Sequence[Manifest], keep_sets: int,
+                   complete: Callable[[Manifest], bool]) -> set[str]:
+    """The sets of each series from its highest step down to its keep_sets-th complete one."""
+    by_series: dict[str, list[Manifest]] = defaultdict(list)
+    for manifest in manifests:
+        by_series[series_of(manifest.set_name)].append(manifest)
+    highest: set[str] = set()
+    for series in by_series.values():
+        counted = 0
+        for manifest in sorted(series, key=lambda m: natural_order(m.set_name), reverse=True):
+            if counted >= keep_sets:
+                break
+            highest.add(manifest.set_name)
+            counted += complete(manifest)
+    return highest
 
 
 def job_deletions(planned: Sequence[Deletion], watch_prefix: str, job_sets: Sequence[JobSet],

@@ -49,6 +49,7 @@ from spotwatch.keys import (
     RESTORE_TEMP_SUFFIX,
     UNFINISHED_SUFFIX,
     is_restore_temporary,
+    natural_order,
     object_key,
     series_of,
     set_name_of,
@@ -91,6 +92,8 @@ class RestoreReport:
     as_files: tuple[LinkEntry, ...] = field(default=())
     # Links left out: their target is not there, or cannot be made (link_not_restored).
     not_made: tuple[LinkEntry, ...] = field(default=())
+    # Higher steps of the set's series dated older than it (see _higher_steps), not tried.
+    higher_steps: tuple[str, ...] = field(default=())
 
     @property
     def restored_anything(self) -> bool:
@@ -248,6 +251,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
                                           config.transfer.checksum_algorithm, ledger, known)
             report = _with_links(report, {c.whole.set_name: c.fetch for c in (chosen, *linked)},
                                  ledger, store.bucket)
+            if set_name is None:
+                report = replace(report, higher_steps=_higher_steps(report.set_name, candidates))
     finally:
         if ledger is not None:
             ledger.close()
@@ -270,6 +275,26 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
                                  "it has files but no manifest")
         raise SpotwatchError(f"no set {set_name!r} under {where}")
     return report
+
+
+def _higher_steps(restored: str, candidates: Sequence[Candidate]) -> tuple[str, ...]:
+    """The sets of the restored one's series with a higher step that come after it in restore's
+    order: dated older, so not tried (a file written later into an old step, an evaluation's
+    results, makes it the newest by date). Retention keeps them (sync.pruner); said, so that
+    `--set` can take one."""
+    series = series_of(restored)
+    if series == restored:
+        return ()
+    after = [c.whole.set_name for c in candidates][
+        [c.whole.set_name for c in candidates].index(restored) + 1:]
+    higher = tuple(sorted((name for name in after if series_of(name) == series
+                           and natural_order(name) > natural_order(restored)),
+                          key=natural_order, reverse=True))
+    if higher:
+        log.warning("higher_step_not_restored", restored=restored, higher=list(higher),
+                    reason="dated older than the set restored (a file written into it later?)",
+                    action=f"--set {higher[0]} restores the highest")
+    return higher
 
 
 def _none_left(where: str, passed_over: Sequence[str], no_checkpoint: Sequence[str]) -> str:

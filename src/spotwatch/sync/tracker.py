@@ -8,6 +8,7 @@ after ``quiet_seconds`` of no events at all.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat as stat_module
@@ -209,13 +210,18 @@ class ChangeTracker(FileSystemEventHandler):
     def watch_with(self, observer: BaseObserver) -> None:
         _events_lost.install()
         self._observer = observer
-        self._watch_root(observer)
+        try:
+            self._watch_root(observer)
+        except OSError:  # not there yet: keep_watching names it, and watches it once made
+            self._watched = None
 
     def _watch_root(self, observer: BaseObserver) -> None:
         # watchdog follows no symlink (nor should it below the root): it watches the
         # directory the root leads to, and on_any_event names its files by the root.
         target = self.root.resolve()
         directory = _directory_identity(target)  # resolved already
+        if directory is None:  # not scheduled: an observer not started yet would fail to start
+            raise FileNotFoundError(errno.ENOENT, "no watched directory", str(self.root))
         watch = observer.schedule(self, str(target), recursive=True,
                                   event_filter=_WATCHED_EVENTS)
         self._watched = _Watched(watch, directory, str(target), prefix_below(target))
