@@ -165,3 +165,23 @@ def step_1_sealed_whole_by_a_flush(workspace: Workspace, s3: Any) -> dict[str, A
     assert sorted(entry["path"] for entry in manifest["files"]) == [
         "step_1/model.pt", "step_1/optim.pt"]
     return manifest
+
+
+def test_a_file_replaced_by_a_directory_of_its_name_is_mirrored_away(
+        workspace: Workspace, s3: Any) -> None:
+    """With sync.delete, a file that gave way to a directory (or a link) of the same name is
+    gone as a file: its object is deleted, and the new directory's files uploaded."""
+    workspace.write_config(sync={"delete": True})
+    save_checkpoint(workspace.checkpoints / "step_1" / "x.pt", 100)
+    save_checkpoint(workspace.checkpoints / "notes", 100)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    (workspace.checkpoints / "step_1" / "x.pt").unlink()
+    save_checkpoint(workspace.checkpoints / "step_1" / "x.pt" / "y.pt", 100)
+    (workspace.checkpoints / "notes").unlink()
+    os.symlink("step_1", workspace.checkpoints / "notes")
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 1
+    result = workspace.cli("prune", "-c", "config.yaml")
+    assert result.returncode == 0, result.stderr
+    keys = keys_in(s3, workspace.bucket)
+    assert "run1/step_1/x.pt/y.pt" in keys
+    assert not {"run1/step_1/x.pt", "run1/notes"} & keys, keys

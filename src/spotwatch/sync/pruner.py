@@ -20,6 +20,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
@@ -198,7 +199,8 @@ class Pruner:
                                "(another volume mounted there?)")
             return []
         return self._still_ours(
-            prefix, [key for key in uploaded if _is_gone(watch.path / key[len(prefix):])])
+            prefix, [key for key in uploaded
+                     if _is_gone(watch.path / key[len(prefix):], as_file=True)])
 
     def _still_ours(self, prefix: str, keys: list[str]) -> list[str]:
         """The keys whose objects are still the ones spotwatch uploaded, or gone already.
@@ -244,14 +246,17 @@ def _out_of_sight(directory: Path) -> str | None:
     return None
 
 
-def _is_gone(path: Path) -> bool:
+def _is_gone(path: Path, *, as_file: bool = False) -> bool:
+    """Whether nothing is at path; as_file: whether the file uploaded from path is gone,
+    nothing or no file (a directory of its name, a symlink) in its place. What cannot be
+    looked at is not taken for gone."""
     try:
-        os.lstat(path)
+        stat = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return True
     except OSError:
         return False
-    return False
+    return as_file and not S_ISREG(stat.st_mode)
 
 
 def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
