@@ -223,7 +223,7 @@ class SyncEngine:
     def collect_settled(self) -> None:
         self._rescan_if_events_lost()
         for tracker in self.trackers:
-            tracker.keep_watching()
+            tracker.keep_watching(self.trackers)
             removed = tracker.take_removed()
             self._cancel_stale_uploads([*removed, *tracker.take_written()])
             for path in removed:

@@ -14,7 +14,7 @@ import os
 import stat as stat_module
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +196,7 @@ class ChangeTracker(FileSystemEventHandler):
         self._observer: BaseObserver | None = None
         self._watched: _Watched | None = None
         self._missing_reported = False  # watch_dir_missing logged since the root went
+        self._overlap_reported = False  # watch_dir_overlaps logged since it began
         # Directories spotwatch may not read (their files unknown) -> why, and the watches put
         # on such directories once they could be read (the root's watch never got one).
         self._unreadable: dict[Path, str] = {}
@@ -237,12 +238,17 @@ class ChangeTracker(FileSystemEventHandler):
             return self.root
         return Path(path)
 
-    def keep_watching(self) -> None:
+    def keep_watching(self, others: Sequence[ChangeTracker] = ()) -> None:
         """Invariant: a watched directory deleted and made again, or moved away and replaced,
         or a watched symlink pointed at another directory, is watched again as soon as it is
         back (inotify watches the directory, not its path: its watch ends with it, or
         follows it elsewhere). The files found in it then wait for a close or the quiet
-        interval, as files of any directory watched late do."""
+        interval, as files of any directory watched late do.
+
+        Invariant 6 holds as the links change too: a watched symlink pointed into (or over)
+        the directory another entry watches (others) is not watched there, which would
+        upload the same files under two prefixes; named once, and watched again once it
+        leads elsewhere."""
         observer = self._observer
         if observer is None:
             return
@@ -259,6 +265,8 @@ class ChangeTracker(FileSystemEventHandler):
             with contextlib.suppress(KeyError):
                 observer.unschedule(self._watched.watch)
             self._watched = None
+        if self._overlaps(others):
+            return
         try:
             self._watch_root(observer)
         except OSError:  # gone again: tried again on the next call
@@ -269,6 +277,28 @@ class ChangeTracker(FileSystemEventHandler):
         self._drop_late_watches(observer, self.root)  # the new root watch covers them
         for path, _ in walk_files(self.root, on_unreadable=self.note_unreadable):
             self.mark(path, closed=False)
+
+    def watched_directory(self) -> Path | None:
+        """The directory the root's watch is on (where its symlink led then); None: none."""
+        return None if self._watched is None else Path(self._watched.target)
+
+    def _overlaps(self, others: Sequence[ChangeTracker]) -> bool:
+        """Whether the root now leads to, into or over a directory another entry watches."""
+        target = self.root.resolve()
+        other = next((tracker for tracker in others if tracker is not self
+                      and (theirs := tracker.watched_directory()) is not None
+                      and (theirs == target or theirs in target.parents
+                           or target in theirs.parents)), None)
+        if other is None:
+            self._overlap_reported = False
+            return False
+        if not self._overlap_reported:
+            self._overlap_reported = True
+            log.warning("watch_dir_overlaps", path=printable_path(self.root),
+                        directory=printable_path(target), other=printable_path(other.root),
+                        detail="not watched while it leads where another watch entry watches: "
+                               "its files would go under two prefixes")
+        return True
 
     def note_unreadable(self, directory: Path, error: OSError) -> None:
         """Invariant: a directory whose files spotwatch may not read (a trainer of another
