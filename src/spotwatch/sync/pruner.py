@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISREG
+from stat import S_ISDIR
 
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
@@ -248,15 +248,16 @@ def _out_of_sight(directory: Path) -> str | None:
 
 def _is_gone(path: Path, *, as_file: bool = False) -> bool:
     """Whether nothing is at path; as_file: whether the file uploaded from path is gone,
-    nothing or no file (a directory of its name, a symlink) in its place. What cannot be
-    looked at is not taken for gone."""
+    nothing or a directory of its name in its place. What cannot be looked at is not taken
+    for gone, nor a symlink in its place: its bytes may be where it leads (a file moved to
+    another disk and linked back), which spotwatch does not follow."""
     try:
         stat = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return True
     except OSError:
         return False
-    return as_file and not S_ISREG(stat.st_mode)
+    return as_file and S_ISDIR(stat.st_mode)
 
 
 def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
