@@ -108,14 +108,16 @@ def test_output_into_a_closed_pipe_ends_quietly(workspace: Workspace, command: l
     (128 + 13), without a traceback."""
     reader, writer = os.pipe()
     os.close(reader)  # gone before the first line is written
+    env = {k: v for k, v in workspace.env().items() if k != "PYTHONUNBUFFERED"}
     try:
-        ended = subprocess.run(
-            [sys.executable, "-m", "spotwatch.cli", *command, "-c", "config.yaml"],
-            cwd=workspace.root, env=workspace.env(), stdout=writer, stderr=subprocess.PIPE,
-            text=True, timeout=60)
+        for unbuffered in ({}, {"PYTHONUNBUFFERED": "1"}):  # written at once, or at the end
+            ended = subprocess.run(
+                [sys.executable, "-m", "spotwatch.cli", *command, "-c", "config.yaml"],
+                cwd=workspace.root, env={**env, **unbuffered}, stdout=writer,
+                stderr=subprocess.PIPE, text=True, timeout=60)
+            assert (ended.returncode, ended.stderr) == (141, ""), unbuffered
     finally:
         os.close(writer)
-    assert (ended.returncode, ended.stderr) == (141, "")
 
 
 def test_everything_a_flush_left_undone_is_one_error_line(
