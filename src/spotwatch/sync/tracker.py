@@ -238,7 +238,7 @@ class ChangeTracker(FileSystemEventHandler):
             return self.root
         return Path(path)
 
-    def keep_watching(self, others: Sequence[ChangeTracker] = ()) -> None:
+    def keep_watching(self, others: Sequence[ChangeTracker] = ()) -> bool:
         """Invariant: a watched directory deleted and made again, or moved away and replaced,
         or a watched symlink pointed at another directory, is watched again as soon as it is
         back (inotify watches the directory, not its path: its watch ends with it, or
@@ -248,35 +248,36 @@ class ChangeTracker(FileSystemEventHandler):
         Invariant 6 holds as the links change too: a watched symlink pointed into (or over)
         the directory another entry watches (others) is not watched there, which would
         upload the same files under two prefixes; named once, and watched again once it
-        leads elsewhere."""
+        leads elsewhere. True when the root was watched anew (watch_dir_back)."""
         observer = self._observer
         if observer is None:
-            return
+            return False
         self._recheck_unreadable(observer)
         if not self._watch_lost(observer):
-            return
+            return False
         if _directory_identity(self.root, follow_symlinks=True) is None:
             if not self._missing_reported:
                 self._missing_reported = True
                 log.warning("watch_dir_missing", path=printable_path(self.root),
                             detail="its files are uploaded once it is back")
-            return
+            return False
         if self._watched is not None:
             with contextlib.suppress(KeyError):
                 observer.unschedule(self._watched.watch)
             self._watched = None
         if self._overlaps(others):
-            return
+            return False
         try:
             self._watch_root(observer)
         except OSError:  # gone again: tried again on the next call
-            return
+            return False
         self._missing_reported = False
         log.info("watch_dir_back", path=printable_path(self.root),
                  directory=printable_path(self.root.resolve()))
         self._drop_late_watches(observer, self.root)  # the new root watch covers them
         for path, _ in walk_files(self.root, on_unreadable=self.note_unreadable):
             self.mark(path, closed=False)
+        return True
 
     def watched_directory(self) -> Path | None:
         """The directory the root's watch is on (where its symlink led then); None: none."""
