@@ -169,8 +169,14 @@ def test_a_watch_dir_missing_at_the_start_is_watched_for(workspace: Workspace, s
     later = workspace.root / "later" / "run"
     workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/"},
                                   {"path": str(later), "prefix": "run2/"}])
+    flushed = workspace.cli("flush", "-c", "config.yaml")  # says what it could not protect
+    assert flushed.returncode == 1
+    assert flushed.stderr.splitlines()[-1] == (
+        f"spotwatch: error: 1 watched directories not there (not made or mounted yet): {later}")
     daemon = workspace.start_daemon()
     daemon.wait_for_event("watch_dir_missing")
+    wait_for(lambda: f"missing:      1 watched directories not there (not made or mounted "
+                     f"yet): {later}" in workspace.cli("status", "-c", "config.yaml").stdout)
     save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 1_000)
     wait_for(lambda: "run1/step_1/model.pt" in keys_in(s3, workspace.bucket))
     save_checkpoint(later / "step_1" / "model.pt", 1_000)

@@ -125,12 +125,13 @@ def test_everything_a_flush_left_undone_is_one_error_line(
     from spotwatch.commands.flush import report_left_behind
 
     record = {"failed": 1, "failed_files": ["/c/step_1/a.pt"],
-              "still_written": 1, "still_written_files": ["/c/step_2/log.txt"]}
-    assert report_left_behind(record, "the flush", ["1 directories spotwatch may not read, "
-                                                    "their files not uploaded: /c/step_3"]) == 1
+              "still_written": 1, "still_written_files": ["/c/step_2/log.txt"],
+              "unreadable_dirs": ["/c/step_3"], "refused_files": [], "missing_dirs": ["/d"]}
+    assert report_left_behind(record, "the flush") == 1
     assert capsys.readouterr().err == (
-        "spotwatch: error: the flush left 1 failing files: /c/step_1/a.pt; 1 directories "
-        "spotwatch may not read, their files not uploaded: /c/step_3; the flush stopped waiting "
-        "for 1 files still being written: /c/step_2/log.txt\n")
+        "spotwatch: error: the flush left 1 failing files: /c/step_1/a.pt; 1 watched "
+        "directories not there (not made or mounted yet): /d; 1 directories spotwatch may not "
+        "read, their files not uploaded: /c/step_3; the flush stopped waiting for 1 files still "
+        "being written: /c/step_2/log.txt\n")
     assert report_left_behind({"failed": 0}, "the flush") == 0
     assert capsys.readouterr().err == ""

@@ -279,6 +279,11 @@ class ChangeTracker(FileSystemEventHandler):
             self.mark(path, closed=False)
         return True
 
+    def missing(self) -> bool:
+        """Whether the root is out of sight: not watched, and no directory there."""
+        return self._watched is None and _directory_identity(self.root,
+                                                             follow_symlinks=True) is None
+
     def watched_directory(self) -> Path | None:
         """The directory the root's watch is on (where its symlink led then); None: none."""
         return None if self._watched is None else Path(self._watched.target)
