@@ -36,6 +36,7 @@ from spotwatch.keys import (
     part_key,
     series_of,
     set_name_of,
+    step_number,
 )
 from spotwatch.logs import get_logger
 from spotwatch.state import StateDir
@@ -280,10 +281,11 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
     a file beside the steps that is rewritten at every save (DeepSpeed's `latest`) is always
     the newest set, and counted with the steps it would leave none of them.
 
-    Invariant: it also keeps the keep_sets highest steps of each series (keys.natural_order),
-    complete, and any incomplete one above them. A file written later into an old step (an
-    evaluation's results) makes that step the newest by its files' dates; the steps after it,
-    still the trainer's latest work, stay in S3 all the same (restore says so, --set takes one).
+    Invariant: it also keeps the keep_sets highest steps of each series of steps (names with
+    one number, keys.step_number), complete, and any incomplete one above them. A file written
+    later into an old step (an evaluation's results) makes that step the newest by its files'
+    dates; the steps after it, still the trainer's latest work, stay in S3 all the same
+    (restore says so, --set takes one).
     """
     prefix = object_key(watch_prefix, "")
 
@@ -335,10 +337,12 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
 
 def _highest_steps(manifests: Sequence[Manifest], keep_sets: int,
                    complete: Callable[[Manifest], bool]) -> set[str]:
-    """The sets of each series from its highest step down to its keep_sets-th complete one."""
+    """The sets of each series of steps (keys.step_number) from its highest step down to its
+    keep_sets-th complete one."""
     by_series: dict[str, list[Manifest]] = defaultdict(list)
     for manifest in manifests:
-        by_series[series_of(manifest.set_name)].append(manifest)
+        if step_number(manifest.set_name) is not None:
+            by_series[series_of(manifest.set_name)].append(manifest)
     highest: set[str] = set()
     for series in by_series.values():
         counted = 0
