@@ -197,6 +197,7 @@ class ChangeTracker(FileSystemEventHandler):
         self._watched: _Watched | None = None
         self._missing_reported = False  # watch_dir_missing logged since the root went
         self._overlap_reported = False  # watch_dir_overlaps logged since it began
+        self._watch_failure_reported = False  # watch_failed logged since the last watch
         # Directories spotwatch may not read (their files unknown) -> why, and the watches put
         # on such directories once they could be read (the root's watch never got one).
         self._unreadable: dict[Path, str] = {}
@@ -213,8 +214,8 @@ class ChangeTracker(FileSystemEventHandler):
         self._observer = observer
         try:
             self._watch_root(observer)
-        except OSError:  # not there yet: keep_watching names it, and watches it once made
-            self._watched = None
+        except (FileNotFoundError, NotADirectoryError):  # not there yet: keep_watching names
+            self._watched = None  # it, and watches it once made
 
     def _watch_root(self, observer: BaseObserver) -> None:
         # watchdog follows no symlink (nor should it below the root): it watches the
@@ -269,8 +270,16 @@ class ChangeTracker(FileSystemEventHandler):
             return False
         try:
             self._watch_root(observer)
-        except OSError:  # gone again: tried again on the next call
+        except (FileNotFoundError, NotADirectoryError):  # gone again: tried on the next call
             return False
+        except OSError as exc:  # the inotify watch limit (ENOSPC), too many open files ...
+            if not self._watch_failure_reported:
+                self._watch_failure_reported = True
+                log.error("watch_failed", path=printable_path(self.root), error=exc.strerror,
+                          detail="its files are not watched; tried again meanwhile (raise "
+                                 "fs.inotify.max_user_watches for a large tree)")
+            return False
+        self._watch_failure_reported = False
         self._missing_reported = False
         log.info("watch_dir_back", path=printable_path(self.root),
                  directory=printable_path(self.root.resolve()))
