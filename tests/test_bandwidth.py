@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spotwatch.aws.s3 import make_s3_client
-from spotwatch.aws.store import S3ObjectStore
+from spotwatch.aws.store import IN_MEMORY_BODY_MAX, S3ObjectStore
 from spotwatch.config import MIN_BANDWIDTH, MiB, TransferSettings, load_config
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.errors import ConfigError
@@ -153,9 +153,10 @@ class Recording:
         self.sent = 0
         self._lock = threading.Lock()
 
-    def acquire(self, size: int) -> None:
+    def acquire(self, size: int, cancelled: threading.Event | None = None) -> bool:
         with self._lock:
             self.sent += size
+        return True
 
 
 @pytest.fixture
@@ -328,9 +329,9 @@ class Sending(BandwidthLimiter):
         super().__init__(rate)
         self.sending = threading.Event()
 
-    def acquire(self, size: int) -> None:
+    def acquire(self, size: int, cancelled: threading.Event | None = None) -> bool:
         self.sending.set()
-        super().acquire(size)
+        return super().acquire(size, cancelled)
 
 
 def test_a_single_request_upload_stops_when_cancelled(tmp_path: Path, s3: Any, bucket: str,
@@ -369,3 +370,20 @@ def test_a_checkpoint_truncated_during_a_capped_upload_is_flushed_as_it_ends(
     assert flushed.returncode == 0, flushed.stderr
     assert object_bytes(s3, workspace.bucket, "run1/step_1/model.pt") == b"final bytes"
     assert daemon.stop() == 0
+
+
+def test_a_small_file_held_by_the_cap_is_cancelled_at_once_and_gives_its_bytes_back(
+        tmp_path: Path, s3: Any, bucket: str, store_with: Any) -> None:
+    """A file under IN_MEMORY_BODY_MAX waits for the cap as a whole before its request: a
+    cancel (the file written to, deleted) ends that wait, nothing is sent, and its bytes go
+    back to the bucket, so the uploads behind it do not wait for them."""
+    path = tmp_path / "small.pt"
+    path.write_bytes(os.urandom(IN_MEMORY_BODY_MAX - 1))  # some 16 s at the lowest cap
+    limiter = Sending(MIN_BANDWIDTH)
+    pending = store_with(limiter).upload_file(path, "a/small.pt", IN_MEMORY_BODY_MAX - 1)
+    wait_for(lambda: limiter.sending.is_set())
+    pending.cancel()
+    with pytest.raises(CancelledError):
+        pending.future.result(timeout=8)  # not the 16 s its bytes would have waited
+    assert "a/small.pt" not in keys_in(s3, bucket)
+    assert limiter.reserve(limiter.burst) == 0.0  # the bucket is full again

@@ -25,6 +25,8 @@ from spotwatch.config import (
     parse_size,
 )
 from spotwatch.errors import ConfigError
+from spotwatch.state import StateDir
+from spotwatch.sync.ledger import Ledger
 
 from .conftest import Workspace, keys_in, wait_for
 from .test_daemon_e2e import save_checkpoint
@@ -167,8 +169,14 @@ def test_a_watch_dir_missing_at_the_start_is_watched_for(workspace: Workspace, s
     later = workspace.root / "later" / "run"
     workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/"},
                                   {"path": str(later), "prefix": "run2/"}])
+    flushed = workspace.cli("flush", "-c", "config.yaml")  # says what it could not protect
+    assert flushed.returncode == 1
+    assert flushed.stderr.splitlines()[-1] == (
+        f"spotwatch: error: 1 watched directories not there (not made or mounted yet): {later}")
     daemon = workspace.start_daemon()
     daemon.wait_for_event("watch_dir_missing")
+    wait_for(lambda: f"missing:      1 watched directories not there (not made or mounted "
+                     f"yet): {later}" in workspace.cli("status", "-c", "config.yaml").stdout)
     save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 1_000)
     wait_for(lambda: "run1/step_1/model.pt" in keys_in(s3, workspace.bucket))
     save_checkpoint(later / "step_1" / "model.pt", 1_000)
@@ -377,3 +385,25 @@ def test_cli_unparsable_aws_config_file_is_one_line(workspace: Workspace) -> Non
     aws_config.write_text("this is [not an ini file\n")
     result = workspace.cli("check", "-c", "config.yaml", AWS_CONFIG_FILE=str(aws_config))
     assert_usage_error(result, f"Unable to parse config file: {aws_config}")
+
+
+def test_a_set_left_unsealed_in_a_watch_dir_missing_at_the_start_is_sealed_once_it_is_back(
+        workspace: Workspace, s3: Any) -> None:
+    """A crash left step_1's files in S3 without its manifest; the daemon starts before the
+    volume holding it is mounted. The set is neither sealed empty nor forgotten: its manifest
+    is written once the directory is back."""
+    save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 1_000)
+    assert workspace.cli("flush", "-c", "config.yaml").returncode == 0
+    manifest = "run1/.spotwatch/manifests/step_1.json"
+    s3.delete_object(Bucket=workspace.bucket, Key=manifest)  # as a kill -9 before it left
+    ledger = Ledger(StateDir(workspace.root / "state").ledger)
+    ledger.set_settled(workspace.bucket, "run1/step_1", False)
+    ledger.close()
+    mount = workspace.root / "unmounted"
+    workspace.checkpoints.rename(mount)
+    daemon = workspace.start_daemon()
+    daemon.wait_for_event("watch_dir_missing")
+    mount.rename(workspace.checkpoints)
+    daemon.wait_for_event("watch_dir_back")
+    wait_for(lambda: manifest in keys_in(s3, workspace.bucket))
+    assert daemon.stop() == 0

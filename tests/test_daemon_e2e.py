@@ -418,3 +418,29 @@ def test_after_a_notice_with_a_deadline_a_closed_file_goes_without_the_settle_pa
              timeout=30)
     assert object_bytes(s3, workspace.bucket, "run1/emergency/model.pt") == data
     assert daemon.stop() == 0
+
+
+def test_a_watched_symlink_pointed_at_another_entrys_directory_is_not_watched_there(
+        workspace: Workspace, s3: Any, tmp_path: Path) -> None:
+    """Two entries; the second's symlink is pointed at the first's directory while the daemon
+    runs: its files go under the first's prefix only (never twice, as a start would refuse),
+    and once the link leads elsewhere again that directory is watched."""
+    other = tmp_path / "other"
+    other.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(other, target_is_directory=True)
+    workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/"},
+                                  {"path": str(link), "prefix": "run2/"}])
+    daemon = workspace.start_daemon()
+    repointed = tmp_path / "link.new"
+    repointed.symlink_to(workspace.checkpoints, target_is_directory=True)
+    repointed.replace(link)
+    daemon.wait_for_event("watch_dir_overlaps")
+    save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 1000)
+    wait_for(lambda: "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket))
+    repointed.symlink_to(other, target_is_directory=True)
+    repointed.replace(link)
+    save_checkpoint(other / "step_2" / "model.pt", 1000)
+    wait_for(lambda: "run2/.spotwatch/manifests/step_2.json" in keys_in(s3, workspace.bucket))
+    assert not any(key.startswith("run2/step_1") for key in keys_in(s3, workspace.bucket))
+    assert daemon.stop() == 0

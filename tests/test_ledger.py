@@ -145,3 +145,16 @@ def test_unsettled_sets_are_those_with_objects_and_no_manifest_since(
         assert reopened.unsettled_sets("b", "run/") == sorted(
             s.removeprefix("run/") for s in sets_of_live - settled if s.startswith("run/"))
         reopened.close()
+
+
+@given(st.integers(0, (1 << 64) - 1))
+def test_any_inode_number_is_recorded_and_compared(inode: int) -> None:
+    """Inode numbers are unsigned 64-bit (some file systems use the top bit); SQLite's integers
+    are signed: every one is stored, and tells its file from any other."""
+    with tempfile.TemporaryDirectory() as scratch:
+        ledger = Ledger(Path(scratch) / "ledger.db")
+        version = FileVersion(1, 2)
+        ledger.record("b", "k", Path("/f"), version, "c", inode=inode)
+        assert ledger.is_current("b", "k", version, inode)
+        assert not ledger.is_current("b", "k", version, inode ^ 1)
+        ledger.close()

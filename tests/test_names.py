@@ -231,6 +231,11 @@ def test_daemon_skips_bad_names_seen_live_and_survives_a_restart(
     assert write_file(workspace.checkpoints, b"step_3/model.pt", b"three")
     wait_for(lambda: "run1/step_3/model.pt" in keys_in(s3, workspace.bucket), timeout=30)
     first.wait_for_event("path_refused", count=3)
+    asked = workspace.cli("flush", "-c", "config.yaml")  # the daemon flushes: says so too
+    assert asked.returncode == 1, asked.stderr
+    assert asked.stderr.splitlines()[-1].startswith(
+        "spotwatch: error: 3 files whose names S3 cannot take, their sets left without a "
+        "manifest: ")
     assert first.stop() == 1  # files left unprotected: the final flush says so
     [incomplete] = first.named("flush_incomplete")
     assert len(incomplete["refused_files"]) == 3

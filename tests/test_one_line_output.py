@@ -108,14 +108,16 @@ def test_output_into_a_closed_pipe_ends_quietly(workspace: Workspace, command: l
     (128 + 13), without a traceback."""
     reader, writer = os.pipe()
     os.close(reader)  # gone before the first line is written
+    env = {k: v for k, v in workspace.env().items() if k != "PYTHONUNBUFFERED"}
     try:
-        ended = subprocess.run(
-            [sys.executable, "-m", "spotwatch.cli", *command, "-c", "config.yaml"],
-            cwd=workspace.root, env=workspace.env(), stdout=writer, stderr=subprocess.PIPE,
-            text=True, timeout=60)
+        for unbuffered in ({}, {"PYTHONUNBUFFERED": "1"}):  # written at once, or at the end
+            ended = subprocess.run(
+                [sys.executable, "-m", "spotwatch.cli", *command, "-c", "config.yaml"],
+                cwd=workspace.root, env={**env, **unbuffered}, stdout=writer,
+                stderr=subprocess.PIPE, text=True, timeout=60)
+            assert (ended.returncode, ended.stderr) == (141, ""), unbuffered
     finally:
         os.close(writer)
-    assert (ended.returncode, ended.stderr) == (141, "")
 
 
 def test_everything_a_flush_left_undone_is_one_error_line(
@@ -123,12 +125,13 @@ def test_everything_a_flush_left_undone_is_one_error_line(
     from spotwatch.commands.flush import report_left_behind
 
     record = {"failed": 1, "failed_files": ["/c/step_1/a.pt"],
-              "still_written": 1, "still_written_files": ["/c/step_2/log.txt"]}
-    assert report_left_behind(record, "the flush", ["1 directories spotwatch may not read, "
-                                                    "their files not uploaded: /c/step_3"]) == 1
+              "still_written": 1, "still_written_files": ["/c/step_2/log.txt"],
+              "unreadable_dirs": ["/c/step_3"], "refused_files": [], "missing_dirs": ["/d"]}
+    assert report_left_behind(record, "the flush") == 1
     assert capsys.readouterr().err == (
-        "spotwatch: error: the flush left 1 failing files: /c/step_1/a.pt; 1 directories "
-        "spotwatch may not read, their files not uploaded: /c/step_3; the flush stopped waiting "
-        "for 1 files still being written: /c/step_2/log.txt\n")
+        "spotwatch: error: the flush left 1 failing files: /c/step_1/a.pt; 1 watched "
+        "directories not there (not made or mounted yet): /d; 1 directories spotwatch may not "
+        "read, their files not uploaded: /c/step_3; the flush stopped waiting for 1 files still "
+        "being written: /c/step_2/log.txt\n")
     assert report_left_behind({"failed": 0}, "the flush") == 0
     assert capsys.readouterr().err == ""

@@ -19,7 +19,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spotwatch.emulator import ImdsEmulator
-from spotwatch.keys import belongs_to_set, manifest_key, natural_order, object_key, series_of
+from spotwatch.keys import (
+    belongs_to_set,
+    manifest_key,
+    natural_order,
+    object_key,
+    series_of,
+    step_number,
+)
 from spotwatch.sync.pruner import plan_deletions
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
@@ -391,7 +398,8 @@ def test_planned_deletions_are_spotwatchs_and_never_listed_by_a_kept_set(
 
         for series in {series_of(m.set_name) for m in manifests}:
             in_series = [m for m in droppable if series_of(m.set_name) == series]
-            by_step = sorted(in_series, key=lambda m: natural_order(m.set_name), reverse=True)
+            by_step = sorted((m for m in in_series if step_number(m.set_name) is not None),
+                             key=lambda m: natural_order(m.set_name), reverse=True)
             assert {m.set_name for m in in_series if m in kept} == (
                 down_to_the_last_kept(in_series) | down_to_the_last_kept(by_step))
     elif not gone:

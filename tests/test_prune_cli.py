@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -165,3 +166,26 @@ def step_1_sealed_whole_by_a_flush(workspace: Workspace, s3: Any) -> dict[str, A
     assert sorted(entry["path"] for entry in manifest["files"]) == [
         "step_1/model.pt", "step_1/optim.pt"]
     return manifest
+
+
+def test_a_file_replaced_by_a_directory_of_its_name_is_mirrored_away(
+        workspace: Workspace, s3: Any, tmp_path: Path) -> None:
+    """With sync.delete, a file that gave way to a directory of the same name is gone as a
+    file: its object is deleted, and the new directory's files uploaded. One that gave way to
+    a symlink is not: its bytes may be where the link leads (moved to another disk)."""
+    workspace.write_config(sync={"delete": True})
+    save_checkpoint(workspace.checkpoints / "step_1" / "x.pt", 100)
+    save_checkpoint(workspace.checkpoints / "step_2" / "model.pt", 100)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    (workspace.checkpoints / "step_1" / "x.pt").unlink()
+    save_checkpoint(workspace.checkpoints / "step_1" / "x.pt" / "y.pt", 100)
+    moved = tmp_path / "elsewhere.pt"
+    (workspace.checkpoints / "step_2" / "model.pt").rename(moved)
+    os.symlink(moved, workspace.checkpoints / "step_2" / "model.pt")
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 1
+    result = workspace.cli("prune", "-c", "config.yaml")
+    assert result.returncode == 0, result.stderr
+    keys = keys_in(s3, workspace.bucket)
+    assert "run1/step_1/x.pt/y.pt" in keys
+    assert "run1/step_1/x.pt" not in keys
+    assert {"run1/step_2/model.pt", f"{MANIFESTS}step_2.json"} <= keys, keys

@@ -127,3 +127,18 @@ def test_an_old_step_written_to_later_does_not_cost_the_steps_after_it(
     keys = keys_in(s3, workspace.bucket)
     assert {"run1/step_200/model.pt", manifest_key("run1/", "step_200"),
             "run1/step_100/eval_results.json", manifest_key("run1/", "step_100")} <= keys, keys
+
+
+def test_names_with_several_numbers_are_kept_by_date_alone() -> None:
+    """`val_loss=2.34-step=1000`: its first number is no step, so the "highest" of such names
+    is no later work; retention keeps them by date alone."""
+    store = InMemoryObjectStore()
+    for age, name in ((300, "gpt--val_loss=3.10-step=100"), (200, "gpt--val_loss=2.90-step=200"),
+                      (100, "gpt--val_loss=2.50-step=300")):
+        manifest = dated(name, DATED_NS - age * 10**9, 1.8e9)
+        store.put(manifest_key("run1/", manifest.set_name), manifest.to_json().encode())
+    manifests = list_manifests(store, "run1/")
+    plan = plan_deletions("run1/", lambda _: True, manifests, [], 1, lambda _: True)
+    dropped = {d.key for d in plan if d.key.startswith("run1/.spotwatch/")}
+    assert dropped == {manifest_key("run1/", "gpt--val_loss=3.10-step=100"),
+                       manifest_key("run1/", "gpt--val_loss=2.90-step=200")}

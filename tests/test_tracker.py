@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 from watchdog.observers import Observer
 
 from spotwatch.config import WatchDir
@@ -246,3 +248,27 @@ def test_a_rescan_leaves_a_just_closed_file_to_its_settle_interval(tmp_path: Pat
     tracker.mark(path, closed=True)  # as its close-write event does
     tracker.mark_quiet_for(path, 0.0)  # as a rescan does for a file with a fresh mtime
     assert wait_for(tracker.take_settled, timeout=10) == [path]
+
+
+def test_a_watch_that_cannot_be_made_is_said_once_and_tried_again(
+        tracker: ChangeTracker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root made again while the kernel refuses more watches (fs.inotify.max_user_watches):
+    an error names it once, and it is watched once a watch can be made."""
+    observer = tracker._observer
+    assert observer is not None
+    real_schedule = observer.schedule
+
+    def refused(*args: object, **kwargs: object) -> object:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    root = tracker.root
+    shutil.rmtree(root)
+    tracker.keep_watching()
+    root.mkdir()
+    monkeypatch.setattr(observer, "schedule", refused)
+    with capture_logs() as logs:
+        assert not tracker.keep_watching()
+        assert not tracker.keep_watching()
+    assert [(e["event"], e["error"]) for e in logs] == [("watch_failed", os.strerror(errno.ENOSPC))]
+    monkeypatch.setattr(observer, "schedule", real_schedule)
+    assert tracker.keep_watching()

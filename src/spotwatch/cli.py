@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import select
@@ -99,10 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _stdout_gone():
             print_error(str(exc))
             return 1
-        # The reader went away (spotwatch status | head -1): ended as SIGPIPE ends a command,
-        # quietly; the interpreter's last flush of stdout must not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + SIGPIPE
+        return _ended_by_a_closed_pipe()
+
+
+def _ended_by_a_closed_pipe() -> int:
+    """The reader of stdout went away (spotwatch status | head -1): the command ends as
+    SIGPIPE ends one, quietly; the interpreter's last flush of stdout must not raise again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + SIGPIPE
 
 
 def _stdout_gone() -> bool:
@@ -132,10 +137,13 @@ def entry() -> NoReturn:
     command (status runs as a container health check)."""
     code = main()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:  # a closed pipe (spotwatch status | head): nothing more to say
+        sys.stdout.flush()  # a pipe's buffered output goes only now
+    except BrokenPipeError:
+        code = _ended_by_a_closed_pipe()
+    except OSError:
         pass
+    with contextlib.suppress(OSError):  # stderr closed too: nothing more to say
+        sys.stderr.flush()
     os._exit(code)
 
 

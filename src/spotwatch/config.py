@@ -15,6 +15,7 @@ import math
 import os
 import re
 import signal
+import stat
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -947,10 +948,10 @@ def require_watch_dirs(config: Config) -> None:
     not once it runs; a file where a directory is configured is a mistake, refused."""
     for watch in config.watch:
         try:
-            os.stat(watch.path)
+            found = os.stat(watch.path)
         except FileNotFoundError:
             continue
         except OSError as exc:  # e.g. a name too long for the file system
             raise ConfigError(f"watch directory {watch.path}: {exc.strerror}") from None
-        if not watch.path.is_dir():
+        if not stat.S_ISDIR(found.st_mode):
             raise ConfigError(f"watch directory is not a directory: {watch.path}")

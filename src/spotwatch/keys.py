@@ -108,6 +108,14 @@ def series_of(set_name: str) -> str:
     return _DIGITS.sub("#", set_name)
 
 
+def step_number(set_name: str) -> int | None:
+    """The step a set is, where its name holds one number (step_100, checkpoint-500,
+    global_step300, iter_0000300); None where it holds none, or several, whose order need not
+    be the training's (epoch=3-step=400, val_loss=2.34-step=1000)."""
+    runs = _DIGITS.findall(set_name)
+    return int(runs[0]) if len(runs) == 1 else None
+
+
 # natural_order's sort key: (text, number) pairs, then the name.
 NaturalKey = tuple[tuple[tuple[str, int], ...], str]
 

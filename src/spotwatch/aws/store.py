@@ -46,8 +46,9 @@ T = TypeVar("T")
 class Throttle(Protocol):
     """Holds a sender until its bytes may go out (a bandwidth cap; see sync.bandwidth)."""
 
-    def acquire(self, size: int) -> None:
-        """Return once `size` more bytes may be sent."""
+    def acquire(self, size: int, cancelled: threading.Event | None = None) -> bool:
+        """Return once `size` more bytes may be sent (True), or once `cancelled` is set
+        (False: the bytes are not to be sent)."""
         ...
 
     @property
@@ -404,7 +405,7 @@ class S3ObjectStore:
             # A small file is read once; botocore then checksums and signs the bytes in memory
             # instead of reading the file three times, seeking back in between.
             # (Bounded: a file that grew since is caught by the check after upload.)
-            body = self._small_body(handle) if size < IN_MEMORY_BODY_MAX \
+            body = self._small_body(handle, cancelled) if size < IN_MEMORY_BODY_MAX \
                 else self._sent_from(handle, cancelled)
             reply = self.client.put_object(Bucket=self._bucket, Key=key, Body=body,
                                            **self._write_args())  # type: ignore[arg-type]
@@ -416,11 +417,12 @@ class S3ObjectStore:
             return self._stored(checksum, reply.get("ETag"))
         return self._verified(key, size)
 
-    def _small_body(self, handle: BinaryIO) -> bytes:
-        """A small file's bytes, let through the throttle as a whole before the request."""
+    def _small_body(self, handle: BinaryIO, cancelled: threading.Event) -> bytes:
+        """A small file's bytes, let through the throttle as a whole before the request; a
+        cancel while the throttle holds them ends the upload there, nothing sent."""
         body = handle.read(IN_MEMORY_BODY_MAX)
-        if self._throttle is not None:
-            self._throttle.acquire(len(body))
+        if self._throttle is not None and not self._throttle.acquire(len(body), cancelled):
+            raise CancelledError()
         return body
 
     def _sent_from(self, handle: BinaryIO, cancelled: threading.Event) -> BinaryIO:
@@ -431,7 +433,7 @@ class S3ObjectStore:
         callbacks: list[Callable[..., None]] = []
         if throttle is not None:
             def sent(bytes_transferred: int) -> None:  # s3transfer passes it by name
-                throttle.acquire(bytes_transferred)
+                throttle.acquire(bytes_transferred, cancelled)
 
             callbacks.append(sent)
         size = os.fstat(handle.fileno()).st_size

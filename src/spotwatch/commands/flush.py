@@ -9,7 +9,6 @@ import argparse
 import os
 import signal
 import time
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -46,26 +45,27 @@ def run(args: argparse.Namespace) -> int:
     outcome = daemon.flush_once(BarWatcher(bar) if bar.enabled else None)
     get_logger("spotwatch").info(
         "flush_summary", files=outcome.files, bytes=outcome.bytes, failed=outcome.failed)
-    unprotected = []
-    if outcome.unreadable_dirs:
-        unprotected.append(f"{len(outcome.unreadable_dirs)} directories spotwatch may not read, "
-                           f"their files not uploaded: {', '.join(outcome.unreadable_dirs[:20])}")
-    if outcome.refused_files:
-        unprotected.append(f"{len(outcome.refused_files)} files whose names S3 cannot take, "
-                           f"their sets left without a manifest: "
-                           f"{', '.join(outcome.refused_files[:20])}")
-    return max(outcome.exit_code,
-               report_left_behind(daemon.flushes.last or {}, "the flush", unprotected))
+    return max(outcome.exit_code, report_left_behind(daemon.flushes.last or {}, "the flush"))
 
 
-def report_left_behind(record: dict[str, Any], whose: str, more: Sequence[str] = ()) -> int:
+# What a flush's record names that it could not protect at all, and how the error line says it.
+_UNPROTECTED = (
+    ("missing_dirs", "watched directories not there (not made or mounted yet)"),
+    ("unreadable_dirs", "directories spotwatch may not read, their files not uploaded"),
+    ("refused_files", "files whose names S3 cannot take, their sets left without a manifest"),
+)
+
+
+def report_left_behind(record: dict[str, Any], whose: str) -> int:
     """1, with one line saying all of it, when the flush left failing files or files still
-    being written behind, or more to say (files it could not take); else 0. Invariant: an
-    exit 1 of `spotwatch flush` always says why, whether this process or the daemon flushed."""
-    reasons = list(more)
+    being written behind, or could not protect some at all; else 0. Invariant: an exit 1 of
+    `spotwatch flush` always says why, whether this process or the daemon flushed."""
+    reasons = []
     if record.get("failed"):
-        reasons.insert(0, f"{whose} left {record['failed']} failing files: "
-                          f"{', '.join(record.get('failed_files', []))}")
+        reasons.append(f"{whose} left {record['failed']} failing files: "
+                       f"{', '.join(record.get('failed_files', []))}")
+    reasons += [f"{len(record[kind])} {what}: {', '.join(record[kind])}"
+                for kind, what in _UNPROTECTED if record.get(kind)]
     if record.get("still_written"):
         reasons.append(f"{whose} stopped waiting for {record['still_written']} files still "
                        f"being written: {', '.join(record.get('still_written_files', []))}")

@@ -220,6 +220,10 @@ def render_status(report: dict[str, Any]) -> str:
         if unreadable:
             lines.append(f"unreadable:   {len(unreadable)} directories spotwatch may not read "
                          f"(their files are not uploaded): {', '.join(unreadable[:5])}")
+        missing = daemon.get("missing_dirs") or []
+        if missing:
+            lines.append(f"missing:      {len(missing)} watched directories not there (not "
+                         f"made or mounted yet): {', '.join(missing[:5])}")
         unsealed = daemon.get("unsealed_sets") or []
         if unsealed:
             lines.append(f"unsealed:     {len(unsealed)} sets waiting for their manifest (no "

@@ -7,7 +7,7 @@ It reads the time from an injectable clock and does no I/O besides logging, so e
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -165,16 +165,19 @@ class FlushController:
             self.current.progress.files += 1
             self.current.progress.bytes += result.job.snapshot.size
 
-    def finish(self, failed: Sequence[PendingFile],
-               still_written: Sequence[Path] = ()) -> FinishedFlush:
+    def finish(self, failed: Sequence[PendingFile], still_written: Sequence[Path] = (),
+               unprotected: Mapping[str, Sequence[str]] | None = None) -> FinishedFlush:
         """End the running flush; failed: the files it left behind (failing for good);
-        still_written: files it stopped waiting for because they never settled."""
-        finished = self._end(failed, still_written, timed_out=False)
-        (log.warning if failed or still_written else log.info)("flush_done", **finished.record)
+        still_written: files it stopped waiting for because they never settled; unprotected:
+        what it could not protect at all, by kind (EngineSnapshot.unprotected)."""
+        finished = self._end(failed, still_written, timed_out=False, unprotected=unprotected)
+        bad = failed or still_written or any((unprotected or {}).values())
+        (log.warning if bad else log.info)("flush_done", **finished.record)
         return finished
 
     def _end(self, failed: Sequence[PendingFile], still_written: Sequence[Path],
-             timed_out: bool) -> FinishedFlush:
+             timed_out: bool,
+             unprotected: Mapping[str, Sequence[str]] | None = None) -> FinishedFlush:
         """No flush runs any more; self.last records the one that ran."""
         flush, self.current = self.current, None
         assert flush is not None
@@ -192,6 +195,8 @@ class FlushController:
             "timed_out": timed_out,
             "deadline_margin_seconds": None if margin is None else round(margin, 1),
             "finished_at": self._clock.now().isoformat(),
+            **{kind: list(names[:NAMED_FILES_MAX])
+               for kind, names in (unprotected or {}).items()},
         }
         return FinishedFlush(flush.reason, seconds, self.last)
 

@@ -76,8 +76,6 @@ class RunOutcome:
     files: int
     bytes: int
     failed: int
-    unreadable_dirs: tuple[str, ...] = ()  # their files unknown, so not uploaded
-    refused_files: tuple[str, ...] = ()  # names S3 cannot take, so not uploaded
 
 
 class FlushWatcher(Protocol):
@@ -200,10 +198,10 @@ class Daemon:
             self._write_status(engine)  # what the flush left behind, e.g. incomplete sets
             failed = len(engine.left_behind(None))
             left = EngineSnapshot.of(engine)
-            incomplete = bool(failed or engine.being_written() or left.unreadable_dirs
-                              or left.refused_files)
+            incomplete = bool(failed or engine.being_written()
+                              or any(left.unprotected.values()))
             return RunOutcome(1 if incomplete else 0, engine.totals.files, engine.totals.bytes,
-                              failed, left.unreadable_dirs, left.refused_files)
+                              failed)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -584,7 +582,8 @@ class Daemon:
         until = self.flushes.retries_until
         failed = engine.left_behind(until)
         engine.report_sets_left_behind(until)
-        finished = self.flushes.finish(failed, engine.being_written())
+        finished = self.flushes.finish(failed, engine.being_written(),
+                                       EngineSnapshot.of(engine).unprotected)
         self._reimpose_bandwidth_cap()
         self._complete_lifecycle_when_durable(engine, f"{finished.reason} flush")
         self.reporter.count_flush(finished.reason, finished.seconds)

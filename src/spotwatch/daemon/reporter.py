@@ -217,6 +217,7 @@ class Reporter:
             "incomplete_sets": list(left.incomplete_sets),
             "unsealed_sets": list(left.unsealed_sets),
             "unreadable_dirs": list(left.unreadable_dirs),
+            "missing_dirs": list(left.missing_dirs),
             "bandwidth_cap": None if self._bandwidth is None else self._bandwidth.rate,
             "bandwidth_cap_lifted": None if self._bandwidth is None else self._bandwidth.lifted,
         })

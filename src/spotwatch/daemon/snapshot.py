@@ -25,6 +25,15 @@ class EngineSnapshot:
     unreadable_dirs: tuple[str, ...] = ()
     # Files whose names S3 cannot take: not protected either.
     refused_files: tuple[str, ...] = ()
+    # Watched directories not there (not made or mounted yet): nothing of them is protected.
+    missing_dirs: tuple[str, ...] = ()
+
+    @property
+    def unprotected(self) -> dict[str, list[str]]:
+        """What the flush records of what it could not protect (FlushController.finish)."""
+        return {"unreadable_dirs": list(self.unreadable_dirs),
+                "refused_files": list(self.refused_files),
+                "missing_dirs": list(self.missing_dirs)}
 
     @classmethod
     def of(cls, engine: SyncEngine) -> EngineSnapshot:
@@ -40,4 +49,6 @@ class EngineSnapshot:
             unreadable_dirs=tuple(printable_path(directory) for tracker in engine.trackers
                                   for directory in tracker.unreadable_dirs()),
             refused_files=tuple(printable_path(path) for path in engine.refused()),
+            missing_dirs=tuple(printable_path(tracker.root) for tracker in engine.trackers
+                               if tracker.missing()),
         )

@@ -19,6 +19,8 @@ from collections.abc import Callable
 # The bucket holds this fraction of a second's bytes: short bursts, a smooth rate.
 BURST_SECONDS = 0.125
 MIN_BURST = 64 * 1024
+# How often a sender held by the cap looks whether its upload was cancelled meanwhile.
+CANCEL_CHECK_SECONDS = 0.05
 
 
 class BandwidthLimiter:
@@ -63,11 +65,24 @@ class BandwidthLimiter:
             self._level -= size
             return max(0.0, -self._level / self.rate)
 
-    def acquire(self, size: int) -> None:
-        """Block until `size` bytes may be sent, or the cap is lifted."""
+    def acquire(self, size: int, cancelled: threading.Event | None = None) -> bool:
+        """Block until `size` bytes may be sent, or the cap is lifted: True. False, at once,
+        once `cancelled` is set (the file changed or went away): its bytes are given back to
+        the bucket, so the senders queued behind them do not wait for bytes never sent."""
         delay = self.reserve(size)
-        if delay > 0:
+        if delay <= 0:
+            return True
+        if cancelled is None:
             self._lifted.wait(delay)
+            return True
+        ends = self._clock() + delay
+        while not cancelled.is_set():
+            left = ends - self._clock()
+            if left <= 0 or self._lifted.wait(min(left, CANCEL_CHECK_SECONDS)):
+                return True
+        with self._lock:
+            self._level = min(float(self.burst), self._level + size)
+        return False
 
 
 def limiter_for(rate: int | None) -> BandwidthLimiter | None:

@@ -119,12 +119,14 @@ class SyncEngine:
     def reconcile(self, quiet_seconds: float) -> int:
         """Startup scan: queue what the ledger lacks; recently changed files must settle first;
         seal the sets left unsealed (SetSealer.resume)."""
-        self.sealer.resume(
-            _set_ref(tracker, name) for tracker in self.trackers
-            for name in self.ledger.unsettled_sets(self.bucket,
-                                                   object_key(tracker.watch.prefix, "")))
+        for tracker in self.trackers:
+            self._resume_unsettled(tracker)
         self._last_scan, self._last_scan_wall_ns = self._clock(), self._wall_clock_ns()
         return sum(self._scan(tracker, quiet_seconds) for tracker in self.trackers)
+
+    def _resume_unsettled(self, tracker: ChangeTracker) -> None:
+        self.sealer.resume(_set_ref(tracker, name) for name in self.ledger.unsettled_sets(
+            self.bucket, object_key(tracker.watch.prefix, "")))
 
     def _scan(self, tracker: ChangeTracker, quiet_seconds: float,
               changed_since_ns: int | None = None) -> int:
@@ -223,7 +225,8 @@ class SyncEngine:
     def collect_settled(self) -> None:
         self._rescan_if_events_lost()
         for tracker in self.trackers:
-            tracker.keep_watching()
+            if tracker.keep_watching(self.trackers):  # back: its sets a start left unsealed
+                self._resume_unsettled(tracker)
             removed = tracker.take_removed()
             self._cancel_stale_uploads([*removed, *tracker.take_written()])
             for path in removed:

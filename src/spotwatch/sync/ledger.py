@@ -67,7 +67,13 @@ _ALGORITHM_COLUMN = "ALTER TABLE objects ADD COLUMN checksum_algorithm TEXT"
 _ETAG_COLUMN = "ALTER TABLE objects ADD COLUMN etag TEXT"
 # The inode of the file uploaded: a file replaced while the daemon was down by another of the
 # same size and mtime (saved with the old mtime kept, then renamed over it) has another.
+# Stored as SQLite's signed 64-bit integer (stored_inode): some file systems use the top bit.
 _INODE_COLUMN = "ALTER TABLE objects ADD COLUMN inode INTEGER"
+
+
+def stored_inode(inode: int | None) -> int | None:
+    """An inode number (unsigned 64-bit) as the ledger stores it (signed 64-bit)."""
+    return None if inode is None else inode - (1 << 64) if inode >= 1 << 63 else inode
 
 
 # A set's key, or a key below it: those sort between "<set>/" and "<set>0" ('0' follows '/'),
@@ -145,7 +151,7 @@ class Ledger:
                 "SELECT size, mtime_ns, inode FROM objects WHERE bucket = ? AND key = ?",
                 (bucket, key)).fetchone()
         return (row is not None and FileVersion(row[0], row[1]) == version
-                and (row[2] is None or inode is None or row[2] == inode))
+                and (row[2] is None or inode is None or row[2] == stored_inode(inode)))
 
     def _write(self, sql: str, parameters: tuple[object, ...]) -> None:
         with self._lock:
@@ -165,7 +171,7 @@ class Ledger:
             " uploaded_at, retired, part_size, checksum_algorithm, etag, inode)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
             (bucket, key, str(path), version.size, version.mtime_ns, checksum, time.time(),
-             part_size, checksum_algorithm, etag, inode),
+             part_size, checksum_algorithm, etag, stored_inode(inode)),
         )
 
     def retire(self, bucket: str, key: str) -> None:

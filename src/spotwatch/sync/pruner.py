@@ -20,6 +20,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR
 
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
@@ -35,6 +36,7 @@ from spotwatch.keys import (
     part_key,
     series_of,
     set_name_of,
+    step_number,
 )
 from spotwatch.logs import get_logger
 from spotwatch.state import StateDir
@@ -198,7 +200,8 @@ class Pruner:
                                "(another volume mounted there?)")
             return []
         return self._still_ours(
-            prefix, [key for key in uploaded if _is_gone(watch.path / key[len(prefix):])])
+            prefix, [key for key in uploaded
+                     if _is_gone(watch.path / key[len(prefix):], as_file=True)])
 
     def _still_ours(self, prefix: str, keys: list[str]) -> list[str]:
         """The keys whose objects are still the ones spotwatch uploaded, or gone already.
@@ -244,14 +247,18 @@ def _out_of_sight(directory: Path) -> str | None:
     return None
 
 
-def _is_gone(path: Path) -> bool:
+def _is_gone(path: Path, *, as_file: bool = False) -> bool:
+    """Whether nothing is at path; as_file: whether the file uploaded from path is gone,
+    nothing or a directory of its name in its place. What cannot be looked at is not taken
+    for gone, nor a symlink in its place: its bytes may be where it leads (a file moved to
+    another disk and linked back), which spotwatch does not follow."""
     try:
-        os.lstat(path)
+        stat = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return True
     except OSError:
         return False
-    return False
+    return as_file and S_ISDIR(stat.st_mode)
 
 
 def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
@@ -274,10 +281,11 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
     a file beside the steps that is rewritten at every save (DeepSpeed's `latest`) is always
     the newest set, and counted with the steps it would leave none of them.
 
-    Invariant: it also keeps the keep_sets highest steps of each series (keys.natural_order),
-    complete, and any incomplete one above them. A file written later into an old step (an
-    evaluation's results) makes that step the newest by its files' dates; the steps after it,
-    still the trainer's latest work, stay in S3 all the same (restore says so, --set takes one).
+    Invariant: it also keeps the keep_sets highest steps of each series of steps (names with
+    one number, keys.step_number), complete, and any incomplete one above them. A file written
+    later into an old step (an evaluation's results) makes that step the newest by its files'
+    dates; the steps after it, still the trainer's latest work, stay in S3 all the same
+    (restore says so, --set takes one).
     """
     prefix = object_key(watch_prefix, "")
 
@@ -329,10 +337,12 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
 
 def _highest_steps(manifests: Sequence[Manifest], keep_sets: int,
                    complete: Callable[[Manifest], bool]) -> set[str]:
-    """The sets of each series from its highest step down to its keep_sets-th complete one."""
+    """The sets of each series of steps (keys.step_number) from its highest step down to its
+    keep_sets-th complete one."""
     by_series: dict[str, list[Manifest]] = defaultdict(list)
     for manifest in manifests:
-        by_series[series_of(manifest.set_name)].append(manifest)
+        if step_number(manifest.set_name) is not None:
+            by_series[series_of(manifest.set_name)].append(manifest)
     highest: set[str] = set()
     for series in by_series.values():
         counted = 0

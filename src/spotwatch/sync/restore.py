@@ -53,6 +53,7 @@ from spotwatch.keys import (
     object_key,
     series_of,
     set_name_of,
+    step_number,
 )
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.model import FileVersion
@@ -283,7 +284,7 @@ def _higher_steps(restored: str, candidates: Sequence[Candidate]) -> tuple[str, 
     results, makes it the newest by date). Retention keeps them (sync.pruner); said, so that
     `--set` can take one."""
     series = series_of(restored)
-    if series == restored:
+    if step_number(restored) is None:
         return ()
     after = [c.whole.set_name for c in candidates][
         [c.whole.set_name for c in candidates].index(restored) + 1:]

@@ -14,7 +14,7 @@ import os
 import stat as stat_module
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +196,8 @@ class ChangeTracker(FileSystemEventHandler):
         self._observer: BaseObserver | None = None
         self._watched: _Watched | None = None
         self._missing_reported = False  # watch_dir_missing logged since the root went
+        self._overlap_reported = False  # watch_dir_overlaps logged since it began
+        self._watch_failure_reported = False  # watch_failed logged since the last watch
         # Directories spotwatch may not read (their files unknown) -> why, and the watches put
         # on such directories once they could be read (the root's watch never got one).
         self._unreadable: dict[Path, str] = {}
@@ -212,8 +214,8 @@ class ChangeTracker(FileSystemEventHandler):
         self._observer = observer
         try:
             self._watch_root(observer)
-        except OSError:  # not there yet: keep_watching names it, and watches it once made
-            self._watched = None
+        except (FileNotFoundError, NotADirectoryError):  # not there yet: keep_watching names
+            self._watched = None  # it, and watches it once made
 
     def _watch_root(self, observer: BaseObserver) -> None:
         # watchdog follows no symlink (nor should it below the root): it watches the
@@ -237,38 +239,81 @@ class ChangeTracker(FileSystemEventHandler):
             return self.root
         return Path(path)
 
-    def keep_watching(self) -> None:
+    def keep_watching(self, others: Sequence[ChangeTracker] = ()) -> bool:
         """Invariant: a watched directory deleted and made again, or moved away and replaced,
         or a watched symlink pointed at another directory, is watched again as soon as it is
         back (inotify watches the directory, not its path: its watch ends with it, or
         follows it elsewhere). The files found in it then wait for a close or the quiet
-        interval, as files of any directory watched late do."""
+        interval, as files of any directory watched late do.
+
+        Invariant 6 holds as the links change too: a watched symlink pointed into (or over)
+        the directory another entry watches (others) is not watched there, which would
+        upload the same files under two prefixes; named once, and watched again once it
+        leads elsewhere. True when the root was watched anew (watch_dir_back)."""
         observer = self._observer
         if observer is None:
-            return
+            return False
         self._recheck_unreadable(observer)
         if not self._watch_lost(observer):
-            return
+            return False
         if _directory_identity(self.root, follow_symlinks=True) is None:
             if not self._missing_reported:
                 self._missing_reported = True
                 log.warning("watch_dir_missing", path=printable_path(self.root),
                             detail="its files are uploaded once it is back")
-            return
+            return False
         if self._watched is not None:
             with contextlib.suppress(KeyError):
                 observer.unschedule(self._watched.watch)
             self._watched = None
+        if self._overlaps(others):
+            return False
         try:
             self._watch_root(observer)
-        except OSError:  # gone again: tried again on the next call
-            return
+        except (FileNotFoundError, NotADirectoryError):  # gone again: tried on the next call
+            return False
+        except OSError as exc:  # the inotify watch limit (ENOSPC), too many open files ...
+            if not self._watch_failure_reported:
+                self._watch_failure_reported = True
+                log.error("watch_failed", path=printable_path(self.root), error=exc.strerror,
+                          detail="its files are not watched; tried again meanwhile (raise "
+                                 "fs.inotify.max_user_watches for a large tree)")
+            return False
+        self._watch_failure_reported = False
         self._missing_reported = False
         log.info("watch_dir_back", path=printable_path(self.root),
                  directory=printable_path(self.root.resolve()))
         self._drop_late_watches(observer, self.root)  # the new root watch covers them
         for path, _ in walk_files(self.root, on_unreadable=self.note_unreadable):
             self.mark(path, closed=False)
+        return True
+
+    def missing(self) -> bool:
+        """Whether the root is out of sight: not watched, and no directory there."""
+        return self._watched is None and _directory_identity(self.root,
+                                                             follow_symlinks=True) is None
+
+    def watched_directory(self) -> Path | None:
+        """The directory the root's watch is on (where its symlink led then); None: none."""
+        return None if self._watched is None else Path(self._watched.target)
+
+    def _overlaps(self, others: Sequence[ChangeTracker]) -> bool:
+        """Whether the root now leads to, into or over a directory another entry watches."""
+        target = self.root.resolve()
+        other = next((tracker for tracker in others if tracker is not self
+                      and (theirs := tracker.watched_directory()) is not None
+                      and (theirs == target or theirs in target.parents
+                           or target in theirs.parents)), None)
+        if other is None:
+            self._overlap_reported = False
+            return False
+        if not self._overlap_reported:
+            self._overlap_reported = True
+            log.warning("watch_dir_overlaps", path=printable_path(self.root),
+                        directory=printable_path(target), other=printable_path(other.root),
+                        detail="not watched while it leads where another watch entry watches: "
+                               "its files would go under two prefixes")
+        return True
 
     def note_unreadable(self, directory: Path, error: OSError) -> None:
         """Invariant: a directory whose files spotwatch may not read (a trainer of another

@@ -186,7 +186,11 @@ class SetSealer:
             self.incomplete.pop(set_ref.key, None)
             if not check.entries and not check.links:
                 self._done(set_ref)  # nothing of the set is left locally: no manifest
-                self._settle(set_ref.key, True)
+                # Unless its watched directory is out of sight (not mounted yet): then it is
+                # sealed once the directory is back (SyncEngine.collect_settled), or at the
+                # next start.
+                if os.path.isdir(set_ref.root):
+                    self._settle(set_ref.key, True)
                 continue
             markers = unmatched(self._complete_when(set_ref), set_ref.name, check.entries)
             if markers:
