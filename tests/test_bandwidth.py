@@ -64,6 +64,31 @@ def test_no_window_lets_more_than_rate_times_length_plus_burst_through(
             assert sent <= rate * window + limiter.burst + 1e-6 * sent
 
 
+def test_a_cancelled_wait_gives_its_bytes_back_only_when_none_queued_behind_it() -> None:
+    """Given back with a sender queued behind it, its bytes would let a newcomer go beside that
+    sender, over the rate; given back as the last in line, the next sender waits for nothing
+    never sent."""
+    clock = FakeClock()  # time never passes
+    limiter = BandwidthLimiter(MIN_BANDWIDTH, clock=clock)
+    assert limiter.acquire(limiter.burst)  # the bucket is empty now
+    last_in_line = threading.Event()
+    last_in_line.set()  # cancelled before its turn
+    assert not limiter.acquire(1000, last_in_line)
+    assert limiter.reserve(1000) == pytest.approx(1000 / MIN_BANDWIDTH)  # as if never asked
+    # Now one waits (cancelled later) and another queues behind it.
+    cancelled = threading.Event()
+    waited: list[bool] = []
+    waiting = threading.Thread(target=lambda: waited.append(limiter.acquire(1000, cancelled)))
+    waiting.start()
+    wait_for(lambda: limiter._reservations == 4)
+    behind = limiter.reserve(1000)
+    cancelled.set()
+    waiting.join(10)
+    assert waited == [False]
+    # Nothing given back: a newcomer goes after the one behind, not beside it.
+    assert limiter.reserve(1000) == pytest.approx(behind + 1000 / MIN_BANDWIDTH)
+
+
 @given(rate=st.integers(MIN_BANDWIDTH, 10**9), size=st.integers(1, 10**10))
 def test_a_request_waits_for_exactly_what_the_bucket_lacks(rate: int, size: int) -> None:
     limiter = BandwidthLimiter(rate, clock=FakeClock())

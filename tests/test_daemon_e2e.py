@@ -430,7 +430,9 @@ def test_a_watched_symlink_pointed_at_another_entrys_directory_is_not_watched_th
     link = tmp_path / "link"
     link.symlink_to(other, target_is_directory=True)
     workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/"},
-                                  {"path": str(link), "prefix": "run2/"}])
+                                  {"path": str(link), "prefix": "run2/"}],
+                           sync={"rescan_interval": 0.5},  # the rescans skip it too
+                           log={"level": "debug"})  # debug: each scan's rescan_done
     daemon = workspace.start_daemon()
     repointed = tmp_path / "link.new"
     repointed.symlink_to(workspace.checkpoints, target_is_directory=True)
@@ -438,6 +440,8 @@ def test_a_watched_symlink_pointed_at_another_entrys_directory_is_not_watched_th
     daemon.wait_for_event("watch_dir_overlaps")
     save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 1000)
     wait_for(lambda: "run1/.spotwatch/manifests/step_1.json" in keys_in(s3, workspace.bucket))
+    scans = len(daemon.named("rescan_done"))
+    daemon.wait_for_event("rescan_done", count=scans + 2)  # a whole rescan since step_1
     repointed.symlink_to(other, target_is_directory=True)
     repointed.replace(link)
     save_checkpoint(other / "step_2" / "model.pt", 1000)

@@ -87,11 +87,17 @@ def test_flush_then_restore_on_a_real_object_store(tmp_path: Path, seaweed_url: 
 
 
 LOCK_HOLDER = """
-import sys
+import sys, threading
 from s3transfer.crt import acquire_crt_s3_process_lock
 from spotwatch.aws.crt_store import CRT_PROCESS_LOCK
-acquire_crt_s3_process_lock(CRT_PROCESS_LOCK)  # None: another spotwatch has it, as good
-print("held", flush=True)
+# Held by this process itself: another spotwatch holding it now may let it go at any moment.
+for _ in range(1200):
+    if acquire_crt_s3_process_lock(CRT_PROCESS_LOCK) is not None:
+        print("held", flush=True)
+        break
+    threading.Event().wait(0.1)  # that process's lifetime: nothing here to wait on
+else:
+    print("another process kept it for two minutes", flush=True)
 sys.stdin.read()
 """
 

@@ -433,7 +433,8 @@ class S3ObjectStore:
         callbacks: list[Callable[..., None]] = []
         if throttle is not None:
             def sent(bytes_transferred: int) -> None:  # s3transfer passes it by name
-                throttle.acquire(bytes_transferred, cancelled)
+                if not throttle.acquire(bytes_transferred, cancelled):
+                    raise CancelledError()  # before the chunk read goes out
 
             callbacks.append(sent)
         size = os.fstat(handle.fileno()).st_size

@@ -64,7 +64,8 @@ def report_left_behind(record: dict[str, Any], whose: str) -> int:
     if record.get("failed"):
         reasons.append(f"{whose} left {record['failed']} failing files: "
                        f"{', '.join(record.get('failed_files', []))}")
-    reasons += [f"{len(record[kind])} {what}: {', '.join(record[kind])}"
+    reasons += [f"{record.get(f'{kind}_count', len(record[kind]))} {what}: "
+                f"{', '.join(record[kind])}"
                 for kind, what in _UNPROTECTED if record.get(kind)]
     if record.get("still_written"):
         reasons.append(f"{whose} stopped waiting for {record['still_written']} files still "

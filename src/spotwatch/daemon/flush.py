@@ -197,6 +197,7 @@ class FlushController:
             "finished_at": self._clock.now().isoformat(),
             **{kind: list(names[:NAMED_FILES_MAX])
                for kind, names in (unprotected or {}).items()},
+            **{f"{kind}_count": len(names) for kind, names in (unprotected or {}).items()},
         }
         return FinishedFlush(flush.reason, seconds, self.last)
 

@@ -37,10 +37,11 @@ class BandwidthLimiter:
         self.rate = rate
         self.burst = burst if burst is not None else max(MIN_BURST, int(rate * BURST_SECONDS))
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # acquire reserves and reads its ticket in one hold
         self._level = float(self.burst)
         self._stamp = clock()
         self._lifted = threading.Event()
+        self._reservations = 0  # made so far: tells whether a cancelled one was the last
 
     @property
     def lifted(self) -> bool:
@@ -63,13 +64,17 @@ class BandwidthLimiter:
             self._level = min(float(self.burst), self._level + (now - self._stamp) * self.rate)
             self._stamp = now
             self._level -= size
+            self._reservations += 1
             return max(0.0, -self._level / self.rate)
 
     def acquire(self, size: int, cancelled: threading.Event | None = None) -> bool:
         """Block until `size` bytes may be sent, or the cap is lifted: True. False, at once,
-        once `cancelled` is set (the file changed or went away): its bytes are given back to
-        the bucket, so the senders queued behind them do not wait for bytes never sent."""
-        delay = self.reserve(size)
+        once `cancelled` is set (the file changed or went away); its bytes go back to the
+        bucket if no reservation came after it (those behind it keep their turn: given back
+        then, the bytes would let a newcomer through beside them, over the rate)."""
+        with self._lock:
+            delay = self.reserve(size)
+            ticket = self._reservations
         if delay <= 0:
             return True
         if cancelled is None:
@@ -81,7 +86,8 @@ class BandwidthLimiter:
             if left <= 0 or self._lifted.wait(min(left, CANCEL_CHECK_SECONDS)):
                 return True
         with self._lock:
-            self._level = min(float(self.burst), self._level + size)
+            if self._reservations == ticket:
+                self._level = min(float(self.burst), self._level + size)
         return False
 
 

@@ -136,7 +136,10 @@ class SyncEngine:
 
     def _scan_steps(self, tracker: ChangeTracker, quiet_seconds: float,
                     changed_since_ns: int | None) -> Iterator[bool]:
-        """_scan, one file at a time: whether each file looked at was queued."""
+        """_scan, one file at a time: whether each file looked at was queued. None of a root
+        that leads where another entry watches (ChangeTracker.overlapping): theirs."""
+        if tracker.overlapping:
+            return
         now_ns = self._wall_clock_ns()
         newest_allowed = now_ns - int(quiet_seconds * 1e9)
         for path, stat in walk_files(tracker.root, partial(self._not_regular, tracker),

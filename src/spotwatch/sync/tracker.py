@@ -197,6 +197,8 @@ class ChangeTracker(FileSystemEventHandler):
         self._watched: _Watched | None = None
         self._missing_reported = False  # watch_dir_missing logged since the root went
         self._overlap_reported = False  # watch_dir_overlaps logged since it began
+        # Leads where another entry watches (keep_watching): neither watched nor scanned.
+        self.overlapping = False
         self._watch_failure_reported = False  # watch_failed logged since the last watch
         # Directories spotwatch may not read (their files unknown) -> why, and the watches put
         # on such directories once they could be read (the root's watch never got one).
@@ -256,17 +258,19 @@ class ChangeTracker(FileSystemEventHandler):
         self._recheck_unreadable(observer)
         if not self._watch_lost(observer):
             return False
+        if self._watched is not None:  # on a directory gone, or no longer the root's
+            with contextlib.suppress(KeyError):
+                observer.unschedule(self._watched.watch)
+            self._watched = None
         if _directory_identity(self.root, follow_symlinks=True) is None:
             if not self._missing_reported:
                 self._missing_reported = True
                 log.warning("watch_dir_missing", path=printable_path(self.root),
                             detail="its files are uploaded once it is back")
             return False
-        if self._watched is not None:
-            with contextlib.suppress(KeyError):
-                observer.unschedule(self._watched.watch)
-            self._watched = None
-        if self._overlaps(others):
+        self.overlapping = self._overlaps(others)
+        if self.overlapping:
+            self.take_settled()  # seen before it led there: theirs now, not this entry's
             return False
         try:
             self._watch_root(observer)
@@ -275,7 +279,8 @@ class ChangeTracker(FileSystemEventHandler):
         except OSError as exc:  # the inotify watch limit (ENOSPC), too many open files ...
             if not self._watch_failure_reported:
                 self._watch_failure_reported = True
-                log.error("watch_failed", path=printable_path(self.root), error=exc.strerror,
+                log.error("watch_failed", path=printable_path(self.root),
+                          error=exc.strerror or str(exc),
                           detail="its files are not watched; tried again meanwhile (raise "
                                  "fs.inotify.max_user_watches for a large tree)")
             return False
@@ -289,9 +294,8 @@ class ChangeTracker(FileSystemEventHandler):
         return True
 
     def missing(self) -> bool:
-        """Whether the root is out of sight: not watched, and no directory there."""
-        return self._watched is None and _directory_identity(self.root,
-                                                             follow_symlinks=True) is None
+        """Whether the root is out of sight: no directory there."""
+        return _directory_identity(self.root, follow_symlinks=True) is None
 
     def watched_directory(self) -> Path | None:
         """The directory the root's watch is on (where its symlink led then); None: none."""
