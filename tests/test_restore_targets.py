@@ -78,6 +78,14 @@ def test_targets_agree_with_resolving_every_path(
             taken.add(expected)
 
 
+def one_file_set(store: InMemoryObjectStore, path: str, data: bytes) -> Manifest:
+    """A set of one file (path below the watched directory) in the store, under run/."""
+    key = object_key("run/", path)
+    store.put(key, data)
+    return Manifest.build(path.split("/")[0], "run/", [
+        ManifestEntry(key, path, len(data), 1_000, crc32_checksum(data))])
+
+
 @pytest.mark.parametrize("leads_out", [True, False])
 def test_restore_replaces_a_symlink_at_a_files_path_and_never_writes_through_it(
         tmp_path: Path, store: InMemoryObjectStore, leads_out: bool) -> None:
@@ -85,10 +93,7 @@ def test_restore_replaces_a_symlink_at_a_files_path_and_never_writes_through_it(
     replaced by the file: what it led to, outside the destination or another checkpoint in
     it, keeps its bytes."""
     data = b"the newest checkpoint"
-    key = object_key("run/", "last.ckpt")
-    store.put(key, data)
-    manifest = Manifest.build("last.ckpt", "run/", [
-        ManifestEntry(key, "last.ckpt", len(data), 1_000, crc32_checksum(data))])
+    manifest = one_file_set(store, "last.ckpt", data)
     destination = tmp_path / "restored"
     destination.mkdir()
     led_to = tmp_path / "outside.ckpt" if leads_out else destination / "epoch=0-step=10.ckpt"
@@ -107,11 +112,7 @@ def test_restore_never_writes_through_a_symlinked_folder_into_another_set(
     """A folder of the set that is a symlink to another set's in the destination is refused
     before any download: written through, the other checkpoint's file would hold this one's
     bytes (and a daemon watching would upload them over its object)."""
-    data = b"step 2's optimizer state"
-    key = object_key("run/", "step_2/opt/state.pt")
-    store.put(key, data)
-    manifest = Manifest.build("step_2", "run/", [
-        ManifestEntry(key, "step_2/opt/state.pt", len(data), 2_000, crc32_checksum(data))])
+    manifest = one_file_set(store, "step_2/opt/state.pt", b"step 2's optimizer state")
     destination = tmp_path / "restored"
     (destination / "step_1/opt").mkdir(parents=True)
     (destination / "step_1/opt/state.pt").write_bytes(b"step 1's optimizer state")

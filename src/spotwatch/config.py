@@ -907,7 +907,7 @@ def _refuse_overlaps(dirs: tuple[WatchDir, ...]) -> None:
                 raise ConfigError(f"{pair} write overlapping keys (prefixes {first.prefix!r} "
                                   f"and {second.prefix!r}): give each its own prefix")
             paths = sorted((_real(first.path), _real(second.path)), key=lambda p: len(p.parts))
-            if _at_or_below(paths[1], paths[0]):
+            if at_or_below(paths[1], paths[0]):
                 raise ConfigError(f"{pair} watch the same files ({first.path} and "
                                   f"{second.path}): list each directory once, none inside another")
 
@@ -923,12 +923,13 @@ def _refuse_own_files_in_watches(config: Config) -> None:
         real = _real(path)
         for index, watch in enumerate(config.watch):
             root = _real(watch.path)
-            if _at_or_below(real, root):
+            if at_or_below(real, root):
                 raise ConfigError(f"config key '{key}' ({path}) is inside watch[{index}] "
                                   f"({watch.path}): keep spotwatch's own files out of it")
 
 
-def _at_or_below(path: Path, root: Path) -> bool:
+def at_or_below(path: Path, root: Path) -> bool:
+    """Whether path is root or below it (both resolved, or both as given)."""
     return path == root or root in path.parents
 
 

@@ -43,7 +43,7 @@ from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
 from spotwatch.checksums import ChecksumUnavailable
 from spotwatch.collector import exempt_long_lived_objects
-from spotwatch.config import Config, JobSettings, WatchDir, key_space
+from spotwatch.config import Config, JobSettings, WatchDir, at_or_below, key_space
 from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.keys import (
     RESTORE_TEMP_SUFFIX,
@@ -153,10 +153,10 @@ class _Targets:
             resolved = folder.resolve()
         except (RuntimeError, OSError) as exc:  # a symlink loop
             raise SpotwatchError(f"cannot restore {path!r}: {exc}") from None
-        if resolved != self.root and self.root not in resolved.parents:
+        if not at_or_below(resolved, self.root):
             raise SpotwatchError(f"manifest path escapes the destination: {path!r}")
         own = self.root / set_name_of(path) if folder != self.root else self.root
-        if resolved != own and own not in resolved.parents:
+        if not at_or_below(resolved, own):
             raise SpotwatchError(
                 f"cannot restore {path!r}: a symlink in the destination leads its folder to "
                 f"{printable_path(resolved.relative_to(self.root))}, outside its set's own "
@@ -734,7 +734,7 @@ def _remove_stale_temporaries(destination: Path, manifests: Iterable[Manifest]) 
         try:
             folder = (root / relative).resolve()
             # A symlink out of the destination: no restore writes there.
-            if folder != root and root not in folder.parents:
+            if not at_or_below(folder, root):
                 continue
             with os.scandir(folder) as entries:
                 stale = [Path(entry.path) for entry in entries

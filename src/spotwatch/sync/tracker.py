@@ -32,7 +32,7 @@ from watchdog.events import (
 )
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
-from spotwatch.config import WatchDir
+from spotwatch.config import WatchDir, at_or_below
 from spotwatch.keys import RESERVED_SET, is_reserved, is_restore_temporary
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.sync.filters import PathFilter
@@ -306,8 +306,8 @@ class ChangeTracker(FileSystemEventHandler):
         target = self.root.resolve()
         other = next((tracker for tracker in others if tracker is not self
                       and (theirs := tracker.watched_directory()) is not None
-                      and (theirs == target or theirs in target.parents
-                           or target in theirs.parents)), None)
+                      and (at_or_below(target, theirs) or at_or_below(theirs, target))),
+                     None)
         if other is None:
             self._overlap_reported = False
             return False
