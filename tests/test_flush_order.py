@@ -47,8 +47,15 @@ def test_the_newest_set_goes_ahead_of_older_uploads_that_have_not_begun(
         # sending when the notice came finishes before the newest set. (s3transfer may
         # interleave the parts of uploads handed over together, so not checked there.)
         assert sealed.index("run1/step_999") <= CONCURRENCY, sealed
-    # step_6 was sending, step_5 queued behind it in the transfer client: taken back.
-    assert daemon.named("uploads_taken_back")[0]["keys"] == ["run1/step_5/model.pt"]
+    taken_back = daemon.named("uploads_taken_back")[0]["keys"]
+    if size < 5 * 2**20:
+        # step_6 was sending, step_5 queued behind it in the transfer client: taken back.
+        assert taken_back == ["run1/step_5/model.pt"]
+    else:
+        # s3transfer prepares the two multipart uploads on threads of its own, so either
+        # may be the one sending: the other, not begun, is taken back.
+        assert len(taken_back) == 1, taken_back
+        assert taken_back[0] in ("run1/step_5/model.pt", "run1/step_6/model.pt")
     assert object_bytes(s3, workspace.bucket, "run1/step_999/model.pt") == newest
     assert len(sealed) == older + 1  # the one taken back goes up too
     assert not daemon.named("upload_failed")
