@@ -43,6 +43,13 @@ def s3_endpoint() -> Iterator[str]:
 
 
 @pytest.fixture(autouse=True)
+def no_instance_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process, spotwatch finds no EC2 instance type, on whatever host the tests run: its
+    targets follow from what a test sets, not from the host."""
+    monkeypatch.setattr("awscrt.s3.get_ec2_instance_type", lambda: None)
+
+
+@pytest.fixture(autouse=True)
 def aws_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every boto3 client in tests and subprocesses talks to the moto server."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spotwatch.aws.crt_store import DEFAULT_TARGET_GBPS, target_throughput_gbps
+from spotwatch.aws.instance_network import BASELINE_GBPS, MAX_TABLE_GBPS
 from spotwatch.config import (
     MAX_TARGET_THROUGHPUT_GBPS,
     MiB,
@@ -340,12 +341,38 @@ def test_target_throughput_is_taken_or_refused_in_one_line(gbps: float) -> None:
 
 def test_target_throughput_defaults_from_the_instance_type(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """As the CRT's own: its figure for the instance type (None off EC2), else 10 Gbit/s."""
+    """The CRT's figure for the instance type (None off EC2), else the table's, else
+    10 Gbit/s; a configured one wins."""
+    monkeypatch.setattr("awscrt.s3.get_ec2_instance_type", lambda: "p4d.24xlarge")
     monkeypatch.setattr("awscrt.s3.get_recommended_throughput_target_gbps", lambda: 400.0)
     assert target_throughput_gbps(TransferSettings()) == 400.0
     assert target_throughput_gbps(TransferSettings(target_throughput=25.0)) == 25.0
     monkeypatch.setattr("awscrt.s3.get_recommended_throughput_target_gbps", lambda: None)
-    assert target_throughput_gbps(TransferSettings()) == DEFAULT_TARGET_GBPS == 10.0
+    for instance_type, gbps in [(None, DEFAULT_TARGET_GBPS), ("m5.large", DEFAULT_TARGET_GBPS),
+                                ("g5.xlarge", DEFAULT_TARGET_GBPS), ("g5.48xlarge", 100.0),
+                                ("g6.12xlarge", 40.0), ("g6e.48xlarge", 400.0),
+                                ("trn2.48xlarge", MAX_TABLE_GBPS)]:
+        monkeypatch.setattr("awscrt.s3.get_ec2_instance_type", lambda named=instance_type: named)
+        assert target_throughput_gbps(TransferSettings()) == gbps, instance_type
+        assert target_throughput_gbps(TransferSettings(target_throughput=2.5)) == 2.5
+    assert DEFAULT_TARGET_GBPS == 10.0
+
+
+@given(st.sampled_from(sorted(BASELINE_GBPS)), st.sampled_from([None, 400.0, 600.0]))
+def test_an_instance_types_target_is_its_nics_within_the_default_and_the_cap(
+        instance_type: str, recommended: float | None) -> None:
+    """Every type in the table: never below the CRT's default, never above MAX_TABLE_GBPS,
+    else its baseline; where the CRT has a figure, the CRT's."""
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr("awscrt.s3.get_ec2_instance_type", lambda: instance_type)
+        patched.setattr("awscrt.s3.get_recommended_throughput_target_gbps", lambda: recommended)
+        target = target_throughput_gbps(TransferSettings())
+    if recommended is not None:
+        assert target == recommended
+        return
+    assert DEFAULT_TARGET_GBPS <= target <= MAX_TABLE_GBPS
+    assert target == min(max(BASELINE_GBPS[instance_type], DEFAULT_TARGET_GBPS),
+                         MAX_TABLE_GBPS)
 
 
 def _yaml_number(value: float) -> str:

@@ -128,3 +128,16 @@ def test_a_restore_fetches_large_shards_over_as_many_connections_as_its_target_t
         assert (tmp_path / "back" / name).read_bytes() == data
 
 
+
+
+@pytest.mark.parametrize(("instance_type", "workers"), [("g5.48xlarge", 143), ("g6e.48xlarge",
+                                                                              MAX_CONCURRENCY),
+                                                        ("g6.8xlarge", 36), ("g5.xlarge", 20)])
+def test_a_restore_on_an_instance_type_the_crt_has_no_figure_for_fills_its_nic(
+        instance_type: str, workers: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A g5.48xlarge's 100 Gbit/s take 143 ranged GETs, not the 20 of the CRT's default."""
+    monkeypatch.setattr("awscrt.s3.get_recommended_throughput_target_gbps", lambda: None)
+    monkeypatch.setattr("awscrt.s3.get_ec2_instance_type", lambda: instance_type)
+    settings = for_restore(TransferSettings())
+    assert settings.max_concurrency == workers
+    assert crt_connections(settings) >= RESTORE_CONNECTIONS

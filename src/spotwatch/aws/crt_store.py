@@ -45,6 +45,7 @@ from s3transfer.crt import (
 )
 
 from spotwatch.aws.crt_requests import CrtRequests
+from spotwatch.aws.instance_network import network_gbps
 from spotwatch.aws.ranged_get import PIECE_SIZE
 from spotwatch.aws.s3 import encryption_args, session_of
 from spotwatch.aws.store import (
@@ -155,11 +156,17 @@ def put_object_args(settings: TransferSettings, size: int) -> dict[str, Any]:
 
 def target_throughput_gbps(settings: TransferSettings) -> float:
     """The configured target, else the CRT's own for this instance type (400 on p4d and p5,
-    600 on trn1.32xlarge ...), else 10 Gbit/s."""
+    600 on trn1.32xlarge ...), else the instance type's network bandwidth where the CRT has
+    none (100 on a g5.48xlarge: instance_network), else 10 Gbit/s."""
     if settings.target_throughput is not None:
         return settings.target_throughput
     recommended = awscrt.s3.get_recommended_throughput_target_gbps()
-    return float(recommended) if recommended else DEFAULT_TARGET_GBPS
+    if recommended:
+        return float(recommended)
+    # Read from DMI on EC2's Nitro instances, else asked of IMDS once (and cached); off EC2,
+    # None at once.
+    known = network_gbps(awscrt.s3.get_ec2_instance_type())
+    return max(known, DEFAULT_TARGET_GBPS) if known is not None else DEFAULT_TARGET_GBPS
 
 
 def crt_connections(settings: TransferSettings) -> int:
