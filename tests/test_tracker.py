@@ -125,6 +125,26 @@ def test_directory_renamed_into_place(tracker: ChangeTracker, tmp_path: Path) ->
                                             tracker.root / "step_20" / "b.pt"}
 
 
+def test_a_link_to_a_directory_in_a_directory_renamed_into_place_is_not_followed(
+        tracker: ChangeTracker) -> None:
+    """Its own path settles (the engine records it as a link); the files it leads to are
+    another set's, and settle under their own names only."""
+    older = tracker.root / "step_100" / "tokenizer"
+    older.mkdir(parents=True)
+    (older / "vocab.json").write_bytes(b"v")
+    wait_for(lambda: tracker.root / "step_100" / "tokenizer" / "vocab.json"
+             in tracker.take_settled(), timeout=5)
+    staging = tracker.root / "step_200.tmp"
+    staging.mkdir()
+    (staging / "model.pt").write_bytes(b"m")
+    (staging / "tokenizer").symlink_to("../step_100/tokenizer")
+    os.rename(staging, tracker.root / "step_200")
+    settled = settled_within(tracker, 1.5)
+    assert tracker.root / "step_200" / "model.pt" in settled
+    assert not any(path.is_relative_to(tracker.root / "step_200" / "tokenizer")
+                   and path != tracker.root / "step_200" / "tokenizer" for path in settled), settled
+
+
 def test_staging_directory_inside_the_tree_settles_only_under_its_final_name(
         tracker: ChangeTracker) -> None:
     staging = tracker.root / "step_30.tmp"

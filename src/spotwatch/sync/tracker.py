@@ -421,8 +421,12 @@ class ChangeTracker(FileSystemEventHandler):
             # A rename is how writers publish a finished file (or a whole step_N/ directory):
             # it is ready now, with no settle interval to wait out.
             dest = self._below_root(event.dest_path)
-            self._mark_tree(dest) if event.is_directory else self.mark(dest, closed=True,
-                                                                       at=_READY_NOW)
+            # watchdog calls a symlink to a directory a directory (it replays the links in a
+            # directory moved in as moves of their own): a link, never followed.
+            if event.is_directory and not os.path.islink(dest):
+                self._mark_tree(dest)
+            else:
+                self.mark(dest, closed=True, at=_READY_NOW)
         elif kind == "deleted":
             # The root's own deletion says nothing its files' deletions did not, and may
             # arrive after the root was made again and watched anew (see keep_watching).
