@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +265,78 @@ def test_a_well_formed_link_is_read() -> None:
 def test_a_malformed_link_is_refused(data: dict[str, Any]) -> None:
     with pytest.raises(ManifestError):
         Manifest.from_json(json.dumps(data), PREFIX)
+
+
+def _links_of(directory: Path) -> dict[str, str]:
+    return {str(path.relative_to(directory)): os.readlink(path)
+            for path in directory.rglob("*") if path.is_symlink()}
+
+
+def test_a_link_to_another_link_of_its_set_is_made_in_the_same_restore(
+        workspace: Workspace, s3: Any, tmp_path: Path) -> None:
+    """Chains (a link to a link, a link through a linked directory) come back whole, whatever
+    order the manifest lists them in."""
+    step = workspace.checkpoints / "step_2"
+    weights = save_checkpoint(step / "model.safetensors", 3000)
+    x = save_checkpoint(step / "sub" / "x.bin", 2000)
+    (step / "weights.pt").symlink_to("model.safetensors")
+    (step / "chain.pt").symlink_to("weights.pt")  # listed before its target
+    (step / "subl").symlink_to("sub", target_is_directory=True)
+    (step / "a.bin").symlink_to("subl/x.bin")  # listed before the directory link it goes through
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    assert links_in_s3(s3, workspace, "step_2") == {
+        "step_2/weights.pt": "model.safetensors", "step_2/chain.pt": "weights.pt",
+        "step_2/subl": "sub", "step_2/a.bin": "subl/x.bin"}
+    back = tmp_path / "back"
+    result = restore(workspace, "--to", str(back))
+    assert result.returncode == 0, result.stderr
+    assert "not made" not in result.stdout + result.stderr
+    assert _links_of(back / "step_2") == {"weights.pt": "model.safetensors",
+                                          "chain.pt": "weights.pt", "subl": "sub",
+                                          "a.bin": "subl/x.bin"}
+    assert (back / "step_2" / "chain.pt").read_bytes() == weights
+    assert (back / "step_2" / "a.bin").read_bytes() == x
+
+
+def test_a_set_restored_beside_a_daemon_keeps_its_links_in_s3_when_it_is_sealed_again(
+        workspace: Workspace, s3: Any) -> None:
+    """A link to a file of a set not restored comes back as a file, which a daemon watching
+    the destination uploads and seals the set again with: the manifest it writes still lists
+    the set's links, whichever of its seal and their making comes first."""
+    ckpt = workspace.checkpoints
+    save_checkpoint(ckpt / "step_1" / "embed.pt", 2000)
+    model = save_checkpoint(ckpt / "step_2" / "model.safetensors", 3000)
+    (ckpt / "step_2" / "weights.pt").symlink_to("model.safetensors")
+    (ckpt / "step_2" / "embed.pt").symlink_to("../step_1/embed.pt")
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    assert links_in_s3(s3, workspace, "step_2") == {"step_2/weights.pt": "model.safetensors",
+                                                    "step_2/embed.pt": "../step_1/embed.pt"}
+    ckpt.rename(workspace.root / "saved")
+    ckpt.mkdir()
+    daemon = workspace.start_daemon()
+    result = restore(workspace, "--set", "step_2", "--to", str(ckpt))
+    assert result.returncode == 0, result.stderr
+    assert (ckpt / "step_2" / "weights.pt").read_bytes() == model
+    # Sealed again with embed.pt a file of its own, and weights.pt still a link.
+    wait_for(lambda: links_in_s3(s3, workspace, "step_2")
+             == {"step_2/weights.pt": "model.safetensors"}
+             and "run1/step_2/embed.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    assert daemon.stop() == 0
+    assert links_in_s3(s3, workspace, "step_2") == {"step_2/weights.pt": "model.safetensors"}
+
+
+def test_a_restore_into_the_watched_directory_is_no_upload_in_status(
+        workspace: Workspace, s3: Any) -> None:
+    """On a new instance: status's last upload is the restored set's seal, not the restore."""
+    save_checkpoint(workspace.checkpoints / "step_2" / "model.pt", 3000)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    sealed_at = json.loads(object_bytes(s3, workspace.bucket,
+                                        manifest_key("run1/", "step_2")))["sealed_at"]
+    shutil.rmtree(workspace.root / "state")
+    shutil.rmtree(workspace.checkpoints)
+    workspace.checkpoints.mkdir()
+    restored = restore(workspace, "--to", str(workspace.checkpoints))
+    assert restored.returncode == 0, restored.stderr
+    report = json.loads(workspace.cli("status", "--json", "-c", "config.yaml").stdout)
+    assert report["uploaded_objects"] == 1  # in the ledger: a daemon uploads nothing again
+    assert report["last_upload_at"] == sealed_at

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from .memory_store import InMemoryObjectStore
 from .test_checkpoint_sets import restore
 from .test_daemon_e2e import flush_summary
 from .test_restore_safety import named
+from .test_unreadable_dirs import NO_DAC
 
 BASE = 1_700_000_000
 
@@ -580,3 +583,30 @@ def test_a_pointer_to_a_step_on_disk_beside_it_is_left_as_it_is(
     assert result.returncode == 0, result.stderr
     assert "restored global_step200" in result.stdout and "now names" not in result.stdout
     assert (workspace.checkpoints / "latest").read_bytes() == b"global_step300"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping DAC capabilities needs root")
+def test_a_companion_whose_folder_may_not_be_written_is_refused_before_anything_downloads(
+        workspace: Workspace) -> None:
+    """The folder where `latest` goes is read-only, the step's own folder is not: refused in
+    one line with nothing placed, not the step restored and its pointer left naming another."""
+    write(workspace, "global_step200/mp_rank_00_model_states.pt", b"two hundred", 200)
+    write(workspace, "latest", b"global_step200", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
+    target = workspace.root / "restored"
+    (target / "global_step200").mkdir(parents=True)
+    (target / "latest").write_bytes(b"global_step100")
+    target.chmod(0o555)
+    try:
+        result = subprocess.run(
+            [*NO_DAC, sys.executable, "-m", "spotwatch.cli", "restore", "-c", "config.yaml",
+             "--to", str(target)], cwd=workspace.root, env=workspace.env(),
+            capture_output=True, text=True, timeout=60)
+    finally:
+        target.chmod(0o755)
+    assert result.returncode == 1, result.stdout
+    [error] = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert error == f"spotwatch: error: cannot restore 'latest': {target} may not be " \
+        "written to", error
+    assert os.listdir(target / "global_step200") == []
+    assert (target / "latest").read_bytes() == b"global_step100"

@@ -75,8 +75,12 @@ def test_replaced_object_makes_the_set_corrupt_and_restore_falls_back(
     assert result.returncode == 1  # no set is left: nothing restored is a failure
     assert result.stderr.strip().splitlines()[-1].startswith(
         "spotwatch: error: no complete checkpoint set")
-    assert [e["set"] for e in named(result.stderr, "set_corrupt")] == ["step_2", "step_1"]
+    assert [(e["set"], e["action"]) for e in named(result.stderr, "set_corrupt")] == [
+        ("step_2", "trying the next older set"), ("step_1", "none left to try")]
     assert not elsewhere.exists() or restored_files(elsewhere) == set()
+    chosen = restore(workspace, "--set", "step_2", "--to", str(elsewhere))
+    assert chosen.returncode == 1
+    assert [e["action"] for e in named(chosen.stderr, "set_corrupt")] == ["none left to try"]
 
 
 def test_a_stale_local_copy_is_downloaded_again(workspace: Workspace, s3: Any) -> None:

@@ -381,8 +381,11 @@ class SyncEngine:
             link = None
             self._skip(path, "symlink_skipped", reason=str(exc),
                        detail="symlinks are not followed: save the file itself to upload it")
-        if self.ledger.link_target(self.bucket, key) != (None if link is None else link.target):
-            set_ref = _set_ref(tracker, relative)
+        set_ref = _set_ref(tracker, relative)
+        # A manifest on its way lists the links as they were before this one changed; the
+        # ledger still holds those of the manifest before it.
+        if self.sealer.sending(set_ref) or self.ledger.link_target(self.bucket, key) != (
+                None if link is None else link.target):
             self.sealer.mark_dirty(set_ref)
             self._revive_retired(set_ref)  # a set retention removed changed: whole again
 

@@ -165,12 +165,14 @@ class Ledger:
     def record(self, bucket: str, key: str, path: Path, version: FileVersion,
                checksum: str | None, part_size: int | None = None,
                checksum_algorithm: str | None = None, etag: str | None = None,
-               inode: int | None = None) -> None:
+               inode: int | None = None, uploaded_at: float | None = None) -> None:
+        """uploaded_at: when the object was written to S3 (default: now)."""
         self._write(
             "INSERT OR REPLACE INTO objects (bucket, key, path, size, mtime_ns, checksum,"
             " uploaded_at, retired, part_size, checksum_algorithm, etag, inode)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
-            (bucket, key, str(path), version.size, version.mtime_ns, checksum, time.time(),
+            (bucket, key, str(path), version.size, version.mtime_ns, checksum,
+             time.time() if uploaded_at is None else uploaded_at,
              part_size, checksum_algorithm, etag, stored_inode(inode)),
         )
 

@@ -453,44 +453,80 @@ def _repoint(companion: Manifest, report: RestoreReport,
 def _with_links(report: RestoreReport, sets: Mapping[str, Manifest], ledger: Ledger | None,
                 bucket: str) -> RestoreReport:
     """The report, after the links of these sets (the one restored, and those of symlinks only)
-    were made, each where its target is there now: restored, or on disk already. A pointer
-    link to another set of the series, not there, leads to the one restored instead
-    (sync.pointers.repointed_link). A link that cannot be made is named and left out; the
-    checkpoint restored stays."""
+    were made, each where its target is there now: restored, on disk already, or another link
+    made here (a chain such as `chain.pt -> weights.pt -> model.safetensors`, made in as many
+    rounds as it takes). A pointer link to another set of the series, not there, leads to the
+    one restored instead (sync.pointers.repointed_link). A link that cannot be made is named
+    and left out; the checkpoint restored stays."""
     targets = _Targets(report.destination)
-    made = []
-    not_made = []
-    repointed = list(report.repointed)
     as_files = {link.path for link in report.as_files}
     for manifest in sets.values():
-        if ledger is not None:  # before a daemon sees them, so that it seals nothing again
+        if ledger is not None and not (manifest.set_name == report.set_name and as_files):
+            # Before a daemon sees them, so that it seals nothing again. Not when the set
+            # has links restored as files: a daemon uploads those and seals the set again,
+            # perhaps before the links below are made. The ledger must then not say that S3
+            # lists them, or the links the daemon finds next would not seal the set again
+            # and its manifest in S3 would stay without them.
             _record_links(ledger, bucket, manifest)
-        for link in manifest.links:
-            if link.path in as_files:
-                continue
-            fields = {"path": link.path, "target": link.target}
+    in_order = [link for manifest in sets.values() for link in manifest.links
+                if link.path not in as_files]
+    pending = in_order
+    made: dict[str, LinkEntry] = {}
+    repointed = list(report.repointed)
+    # A link's own target first, in rounds; a pointer is led to the set restored instead
+    # only once no round makes any more as they were.
+    repointing = False
+    while pending:
+        waiting = []
+        for link in pending:
             try:
-                place = targets.of(link.path)
-                target = link.target
-                if not leads_into(place, target, targets.root):
-                    target = repointed_link(link.path, target, report.set_name) or ""
-                    if not target or not leads_into(place, target, targets.root):
-                        log.warning("link_not_restored", **fields,
-                                    reason="its target is not there")
-                        not_made.append(link)
-                        continue
-                    log.warning("companion_repointed", companion=link.path,
-                                set=report.set_name, **{"from": link.target, "to": target})
-                    repointed.append(Repointed(link.path, link.target, target))
-                place.parent.mkdir(parents=True, exist_ok=True)
-                make_link(place, target, temporary(place))
-            except (SpotwatchError, OSError) as exc:
-                log.warning("link_not_restored", **fields, reason=str(exc))
-                not_made.append(link)
+                change = _make_link(link, targets, report.set_name if repointing else None)
+            except _TargetNotThere:
+                waiting.append(link)
                 continue
-            made.append(LinkEntry(link.path, target))
-    return replace(report, links=tuple(made), not_made=tuple(not_made),
+            except (SpotwatchError, OSError) as exc:
+                log.warning("link_not_restored", path=link.path, target=link.target,
+                            reason=str(exc))
+                continue
+            if change is not None:
+                repointed.append(change)
+            made[link.path] = LinkEntry(link.path, link.target if change is None else change.new)
+        if len(waiting) == len(pending) and not repointing:
+            repointing = True
+        elif len(waiting) == len(pending):  # no link made this round leads on to these
+            for link in waiting:
+                log.warning("link_not_restored", path=link.path, target=link.target,
+                            reason="its target is not there")
+            break
+        pending = waiting
+    return replace(report, links=tuple(made[link.path] for link in in_order
+                                       if link.path in made),
+                   not_made=tuple(link for link in in_order if link.path not in made),
                    repointed=tuple(repointed))
+
+
+class _TargetNotThere(Exception):
+    """A link's target is not in the destination (yet)."""
+
+
+def _make_link(link: LinkEntry, targets: _Targets, restored: str | None) -> Repointed | None:
+    """Make one link: None when made as it was, the Repointed when made to lead to the set
+    restored instead (a pointer to another set of the series, not there; restored: None to
+    make none so). _TargetNotThere when neither leads to anything there."""
+    place = targets.of(link.path)
+    target = link.target
+    change = None
+    if not leads_into(place, target, targets.root):
+        target = (repointed_link(link.path, target, restored) if restored else None) or ""
+        if not target or not leads_into(place, target, targets.root):
+            raise _TargetNotThere()
+        change = Repointed(link.path, link.target, target)
+    place.parent.mkdir(parents=True, exist_ok=True)
+    make_link(place, target, temporary(place))
+    if change is not None:
+        log.warning("companion_repointed", companion=link.path, set=restored,
+                    **{"from": link.target, "to": target})
+    return change
 
 
 def _record_links(ledger: Ledger, bucket: str, manifest: Manifest) -> None:
@@ -535,7 +571,9 @@ def restore_newest(store: ObjectStore, sets: Sequence[Manifest | Candidate], des
     preferred: the configured checksum algorithm; passed_over: gets the sets found incomplete
     or corrupt (also when none is left, to say so)."""
     passed_over = [] if passed_over is None else passed_over
-    for candidate in sets:
+    for index, candidate in enumerate(sets):
+        # What happens next, as the warnings say it: with --set there is no other to try.
+        action = "trying the next older set" if index + 1 < len(sets) else "none left to try"
         if isinstance(candidate, Manifest):
             candidate = Candidate.of(candidate)
         manifest = candidate.fetch
@@ -554,8 +592,7 @@ def restore_newest(store: ObjectStore, sets: Sequence[Manifest | Candidate], des
             passed_over.append(manifest.set_name)
             continue
         except SetCorrupt as exc:
-            log.warning("set_corrupt", set=manifest.set_name, reason=str(exc),
-                        action="trying the next older set")
+            log.warning("set_corrupt", set=manifest.set_name, reason=str(exc), action=action)
             passed_over.append(manifest.set_name)
             continue
         except (StoreError, OSError, LedgerError, NotPlaced) as exc:
@@ -627,12 +664,25 @@ def _no_directory_at(target: Path, path: str) -> os.stat_result | None:
 
 def _refuse_companions_in_the_way(destination: Path, companions: Sequence[Candidate]) -> None:
     """A companion's place is checked as the set's own files are (_already_there), before
-    anything downloads: a directory where `latest` goes would otherwise be found only once the
-    set is in place, and a step restored without its pointer may load as no checkpoint."""
+    anything downloads: a directory where `latest` goes, or a folder it may not be written
+    into, would otherwise be found only once the set is in place, and a step restored without
+    its pointer may load as no checkpoint."""
     targets = _Targets(destination)
     for companion in companions:
         for entry in companion.fetch.files:
-            _no_directory_at(targets.of(entry.path), entry.path)
+            place = targets.of(entry.path)
+            _no_directory_at(place, entry.path)
+            _folder_writable(place, entry.path)
+
+
+def _folder_writable(place: Path, path: str) -> None:
+    """Refused when the folder a file goes into (or the nearest one there, to make it in)
+    may not be written to: its temporary could not be made there."""
+    folder = place.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SpotwatchError(f"cannot restore {path!r}: {folder} may not be written to")
 
 
 def _mismatch(path: Path, entries: Sequence[ManifestEntry], preferred: str) -> str | None:
@@ -821,9 +871,13 @@ def _linked_here(store: ObjectStore, link: LinkEntry, targets: _Targets, preferr
         return False
 
 
-def _record(ledger: Ledger, bucket: str, entry: ManifestEntry, target: Path) -> None:
+def _record(ledger: Ledger, bucket: str, entry: ManifestEntry, target: Path,
+            sealed_at: float) -> None:
+    """As uploaded when its set was sealed: status's last upload is one this host made, or
+    the newest set's (a restore uploads nothing)."""
     ledger.record(bucket, entry.key, target, FileVersion(entry.size, entry.mtime_ns),
-                  entry.checksum, entry.part_size, entry.checksum_algorithm, entry.etag)
+                  entry.checksum, entry.part_size, entry.checksum_algorithm, entry.etag,
+                  uploaded_at=sealed_at)
 
 
 class _SetJournal:
@@ -843,6 +897,7 @@ class _SetJournal:
         self._ledger = ledger
         self._bucket = bucket
         self._set_key = object_key(manifest.prefix, manifest.set_name)
+        self._sealed_at = manifest.sealed_at
         self._todo = todo
         self._unrecorded = unrecorded
         self._there = there
@@ -858,12 +913,12 @@ class _SetJournal:
     def placing(self, index: int) -> None:
         file, target = self._todo[index]
         if file.entry.path not in self._unrecorded:  # before the rename: a daemon skips it
-            _record(self._ledger, self._bucket, file.entry, target)
+            _record(self._ledger, self._bucket, file.entry, target, self._sealed_at)
 
     def end(self) -> None:
         with self._ledger.transaction():
             for entry, target in self._there:
-                _record(self._ledger, self._bucket, entry, target)
+                _record(self._ledger, self._bucket, entry, target, self._sealed_at)
 
     def revert(self) -> None:
         if self._saved is not None:

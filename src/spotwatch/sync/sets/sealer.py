@@ -115,6 +115,10 @@ class SetSealer:
         write keeps failing: a flush reports those instead of waiting for them."""
         return {set_ref.key for set_ref in self._dirty if not self._retries.is_failing(set_ref)}
 
+    def sending(self, set_ref: SetRef) -> bool:
+        """Whether the set's manifest is on its way, listing the set as it was when sent."""
+        return set_ref in self._sending
+
     def mark_dirty(self, set_ref: SetRef) -> None:
         self._dirty[set_ref] = self._dirty.get(set_ref, 0) + 1
         if set_ref.key not in self._unsettled:
