@@ -258,14 +258,23 @@ def test_a_set_waits_for_the_file_its_link_leads_to_then_lists_it(
     write(root, "step_100/embed.pt", b"embedding")
     write(root, "step_200/model.pt", b"model")
     os.symlink("../step_100/embed.pt", root / "step_200" / "embed.pt")
-    embed = root / "step_100" / "embed.pt"
-    store.fail("upload_file", times=1, key=f"{FAILING_PREFIX}step_100/embed.pt")
-    with engine_on(root, tmp_path, store, clock) as engine:
+    link = step_200_link_once_durable(root, tmp_path, store, clock, "step_100/embed.pt")
+    assert link.file is not None and link.file.key == f"{FAILING_PREFIX}step_100/embed.pt"
+    assert link.file.checksum == crc32_checksum(b"embedding")
+
+
+def step_200_link_once_durable(root: Path, state: Path, store: InMemoryObjectStore,
+                               clock: FakeClock, failing: str) -> LinkEntry:
+    """The one link of step_200, whose manifest is not written while the first upload of the
+    file `failing` (below root) fails, but once it is durable; every other file of root
+    uploads at once."""
+    store.fail("upload_file", times=1, key=f"{FAILING_PREFIX}{failing}")
+    others = sum(1 for path in root.rglob("*") if path.is_file() and not path.is_symlink()) - 1
+    with engine_on(root, state, store, clock) as engine:
         engine.reconcile(quiet_seconds=0)
-        pump_until(engine, lambda: engine.retries.failures(embed) == 1
-                   and engine.totals.files == 1, clock)
+        pump_until(engine, lambda: engine.retries.failures(root / failing) == 1
+                   and engine.totals.files == others, clock)
         assert manifest_key(FAILING_PREFIX, "step_200") not in store.objects
         pump_until(engine, lambda: quiescent(engine), clock, step=BACKOFF.cap)
     [link] = manifest_in(store, "step_200").links
-    assert link.file is not None and link.file.key == f"{FAILING_PREFIX}step_100/embed.pt"
-    assert link.file.checksum == crc32_checksum(b"embedding")
+    return link

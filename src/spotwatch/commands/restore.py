@@ -14,6 +14,7 @@ from spotwatch.console import print_line
 from spotwatch.errors import ConfigError
 from spotwatch.keys import is_reserved, set_name_of
 from spotwatch.sync.restore import restore
+from spotwatch.sync.sets.manifest import LinkEntry
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     repointed = "".join(f"; {change.companion} now names {change.new} (was {change.old})"
                         for change in report.repointed)
     links = "".join(f"; link {link.path} -> {link.target}" for link in report.links)
-    links += "".join(f"; {link.path} restored as a file (its link -> {link.target} leads to "
-                     f"nothing restored)" for link in report.as_files)
+    links += "".join(f"; {link.path} restored as {_restored_as(link)} (its link -> "
+                     f"{link.target} leads to nothing restored)" for link in report.as_files)
     links += "".join(f"; link {link.path} -> {link.target} not made (see the warning)"
                      for link in report.not_made)
     if report.higher_steps:
@@ -45,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
                f"files downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already "
                f"present{companions}{repointed}{links}{passed_over}")
     return 0
+
+
+def _restored_as(link: LinkEntry) -> str:
+    """What a link restored without its target became (RestoreReport.as_files)."""
+    return "a file" if link.file is not None else f"a directory of {len(link.files)} files"
 
 
 @contextmanager

@@ -10,14 +10,17 @@ and change unseen.
 A link in a set directory that leads to a file of another set (a trainer or a dedup step saving
 step_200 with `embed.pt -> ../step_100/embed.pt` for a file that did not change) makes that
 file part of its set: the manifest also records the file's entry (LinkEntry.file), so that the
-set is complete, restored and kept by retention with it (linked_file says which file).
+set is complete, restored and kept by retention with it (linked_target says which file). So does
+one that leads to a directory of another set (`tokenizer -> ../step_100/tokenizer`) for every
+regular file below that directory (LinkEntry.files); links inside it are not followed (each is
+recorded by its own set, if at all).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from stat import S_ISREG
+from stat import S_ISDIR, S_ISREG
 
 from spotwatch.keys import link_destination, set_name_of
 from spotwatch.sync.sets.manifest import LinkEntry
@@ -46,12 +49,12 @@ def link_entry(root: Path, path: Path, relative: str) -> LinkEntry | None:
     return LinkEntry(relative, target)
 
 
-def linked_file(root: Path, path: Path, relative: str) -> tuple[str, os.stat_result] | None:
-    """(path below root, stat) of the regular file of another set that the symlink at path
-    (relative: its path below root), in a set directory, leads to, through any further links;
-    None for any other link: one within its set, a set that is itself a link (Lightning's
-    `last.ckpt`, a `latest -> step_100`: a pointer, not part of a checkpoint), a link to a
-    directory, or one gone or leading out of the tree."""
+def linked_target(root: Path, path: Path, relative: str) -> tuple[str, os.stat_result] | None:
+    """(path below root, stat) of the regular file or directory of another set that the symlink
+    at path (relative: its path below root), in a set directory, leads to, through any further
+    links; None for any other link: one within its set, a set that is itself a link
+    (Lightning's `last.ckpt`, a `latest -> step_100`: a pointer, not part of a checkpoint), a
+    link to anything else, or one gone or leading out of the tree."""
     if "/" not in relative:
         return None
     try:
@@ -60,9 +63,9 @@ def linked_file(root: Path, path: Path, relative: str) -> tuple[str, os.stat_res
         below = leads_to.relative_to(root.resolve()).as_posix()
     except (OSError, RuntimeError, ValueError):
         return None
-    if not S_ISREG(stat.st_mode) or set_name_of(below) == set_name_of(relative):
-        return None
-    return below, stat
+    if below == "." or not (S_ISREG(stat.st_mode) or S_ISDIR(stat.st_mode)):
+        return None  # the watched directory itself is no set's
+    return None if set_name_of(below) == set_name_of(relative) else (below, stat)
 
 
 def leads_into(place: Path, target: str, root: Path) -> bool:

@@ -20,7 +20,9 @@ their target is there (sync.links). A link of the set restored into another set 
 `embed.pt -> ../step_100/embed.pt`), whose file the manifest records (LinkEntry.file), is part
 of the set: the set is complete only while that object is whole in S3, and the link is made
 where that file is on disk and verifies, else the object's bytes are restored in the link's
-place, verified like every other file of the set (_linked_here).
+place, verified like every other file of the set (_linked_here). So is a link to a directory of
+another set (`tokenizer -> ../step_100/tokenizer`, LinkEntry.files): made where every file of
+that directory is on disk and verifies, else those files are restored below the link's path.
 
 On a multi-node job a set counts only when it is complete for the whole job (sync.sets.parts):
 the whole set is restored, or with --node-rank only the files that node's part lists.
@@ -89,7 +91,8 @@ class RestoreReport:
     # Companions that named another set of the series, rewritten to name this one.
     repointed: tuple[Repointed, ...] = field(default=())
     links: tuple[LinkEntry, ...] = field(default=())  # symlinks made (see _with_links)
-    # Links into other sets restored as files (their linked file not there: _linked_here).
+    # Links into other sets restored as files, or as a directory of them (their linked files
+    # not there: _linked_here).
     as_files: tuple[LinkEntry, ...] = field(default=())
     # Links left out: their target is not there, or cannot be made (link_not_restored).
     not_made: tuple[LinkEntry, ...] = field(default=())
@@ -399,9 +402,10 @@ def _holds_files(manifest: Manifest) -> bool:
 
 
 def _file_paths(manifest: Manifest) -> list[str]:
-    """The paths of the set's files, with its links to files of other sets (LinkEntry.file)."""
+    """The paths of the set's files, with those its links to files and directories of other
+    sets make part of it, as seen through the links (LinkEntry.linked)."""
     return [*(entry.path for entry in manifest.files),
-            *(link.path for link in manifest.links if link.file is not None)]
+            *(entry.path for link in manifest.links for entry in link.linked)]
 
 
 def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
@@ -619,7 +623,7 @@ def _why_incomplete(manifest: Manifest, found: Sequence[tuple[str, str]]) -> dic
         return {"reason": "a listed object is missing or has another size"}
     key, why = found[0]
     link = next((link for link in manifest.links
-                 if link.file is not None and link.file.key == key), None)
+                 if any(entry.key == key for entry in link.linked)), None)
     if link is None:
         return {"reason": f"a listed object is {why}", "key": key}
     return {"reason": f"the file of another set that link {link.path} leads to is {why}",
@@ -779,7 +783,7 @@ def _remove_stale_temporaries(destination: Path, manifests: Iterable[Manifest]) 
     if not root.is_dir():
         return
     paths = [path for manifest in manifests
-             for path in [*(f.path for f in manifest.files), *(ln.path for ln in manifest.links)]]
+             for path in [*_file_paths(manifest), *(ln.path for ln in manifest.links)]]
     for relative in {PurePosixPath(path).parent for path in paths}:
         try:
             folder = (root / relative).resolve()
@@ -812,14 +816,17 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
     also = also or {}
     targets = _Targets(destination)
     as_files = [link for link in manifest.links
-                if link.file is not None and not _linked_here(store, link, targets, preferred)]
+                if link.linked and not _linked_here(store, link, targets, preferred)]
+    for link in as_files:
+        if link.files:  # its files land in a directory of its name: not through the link
+            _unlink_symlink(targets.of(link.path))
     # A link restored as a file holds its linked object's bytes: the ledger does not record it
     # (no object has its key), so a daemon watching uploads it as a file of its set.
-    unrecorded = {link.path for link in as_files}
+    linked = [entry for link in as_files for entry in link.linked]
+    unrecorded = {entry.path for entry in linked}
     todo: list[tuple[FileToFetch, Path]] = []
     there: list[tuple[ManifestEntry, Path]] = []
-    for entry in [*manifest.files,
-                  *(replace(link.file, path=link.path) for link in as_files if link.file)]:
+    for entry in [*manifest.files, *linked]:
         target = targets.of(entry.path)
         part_size = _part_size(store, entry)
         if _already_there(target, entry, part_size, preferred, also.get(entry.key, ())):
@@ -846,29 +853,46 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
     finally:
         progress.close()
     for link in as_files:
-        log.info("link_restored_as_file", path=link.path, target=link.target,
-                 key=link.file.key if link.file else None,
-                 reason="the file it leads to is not there: its bytes are in its place")
+        if link.file is not None:
+            log.info("link_restored_as_file", path=link.path, target=link.target,
+                     key=link.file.key,
+                     reason="the file it leads to is not there: its bytes are in its place")
+        else:
+            log.info("link_restored_as_directory", path=link.path, target=link.target,
+                     files=len(link.files), reason="the files of the directory it leads to "
+                     "are not all there: their bytes are in a directory in its place")
     return RestoreReport(manifest.set_name, destination, len(todo), len(there), total,
                          as_files=tuple(as_files))
 
 
 def _linked_here(store: ObjectStore, link: LinkEntry, targets: _Targets, preferred: str) -> bool:
     """Whether the link's text leads, in the destination, to a file that holds the bytes of
-    its linked file (LinkEntry.file): then the link is made as it was (_with_links), else the
-    set restores those bytes in the link's place.
+    its linked file (LinkEntry.file), or to a directory that holds every file of its linked
+    directory (LinkEntry.files) each with its bytes: then the link is made as it was
+    (_with_links), else the set restores those bytes in the link's place.
 
     Invariant: restore never hands back a set whose link leads to nothing, or to other bytes
     than the set was sealed with."""
-    entry = link.file
-    if entry is None:
-        return False
-    there = leads_to(targets.of(link.path), link.target, targets.root)
+    place = targets.of(link.path)
+    if link.files and place.is_dir() and not place.is_symlink():
+        return False  # restored as a directory before: no link replaces it, its files are checked
+    there = leads_to(place, link.target, targets.root)
     try:
-        return there is not None and _already_there(there, entry, _part_size(store, entry),
-                                                    preferred, ())
+        # A file's own entry is at the link's path: '.' below where the link leads.
+        return there is not None and all(
+            _already_there(there / PurePosixPath(entry.path).relative_to(link.path), entry,
+                           _part_size(store, entry), preferred, ())
+            for entry in link.linked)
     except (SpotwatchError, OSError):  # a directory there, or gone since: not the file
         return False
+
+
+def _unlink_symlink(place: Path) -> None:
+    """A symlink at place removed: one that does not lead to the bytes its set was sealed
+    with (_linked_here), whose directory restore makes in its place. Restore never writes
+    through it (see _Targets)."""
+    if place.is_symlink():
+        place.unlink()
 
 
 def _record(ledger: Ledger, bucket: str, entry: ManifestEntry, target: Path,

@@ -9,7 +9,9 @@ set that leads inside the watched directory has no object: the manifest lists it
 had), with the link's text as written. A link in a set directory that leads to a file of
 another set (a step saved with `embed.pt -> ../step_100/embed.pt` for a file that did not
 change) also lists that file's entry (``file``): the set needs that object as much as its own,
-for completeness, restore and retention alike (LinkEntry.file).
+for completeness, restore and retention alike (LinkEntry.file). One that leads to a directory of
+another set (`tokenizer -> ../step_100/tokenizer`) lists the entries of that directory's files
+alike (``files``, written only when there is one), each at its path as seen through the link.
 
 A manifest read back from S3 is untrusted input: `Manifest.from_json` accepts it only when
 every field has its type and every file lies inside the set, under the prefix the reader
@@ -23,7 +25,7 @@ import builtins
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from spotwatch.checksums import ALGORITHMS
@@ -60,16 +62,31 @@ class LinkEntry:
     entry as it was when the set was sealed (None: a link within its set, a pointer link
     such as `last.ckpt`, or a manifest written before). The set is complete only while that
     object is in S3 as the entry says, and restore can verify and fetch it from the entry
-    alone, whether or not its own set is still there."""
+    alone, whether or not its own set is still there.
+
+    files: where the link leads to a directory of another set, the entries of every regular
+    file below it as they were when the set was sealed, each at its path as seen through the
+    link (`step_200/tokenizer/vocab.json`) with the key of the other set's object; needed as
+    `file` is. Empty for any other link, or a directory without files."""
 
     path: str  # relative to the watched directory
     target: str  # as the link holds it: relative to the link's own directory
     file: ManifestEntry | None = None
+    files: tuple[ManifestEntry, ...] = ()
+
+    @property
+    def linked(self) -> tuple[ManifestEntry, ...]:
+        """The files of another set the link makes part of its set, each at its path as seen
+        through the link: where restore puts their bytes when the link cannot be made."""
+        return self.files if self.file is None else (replace(self.file, path=self.path),)
 
     def as_data(self) -> dict[str, Any]:
         data: dict[str, Any] = {"path": self.path, "target": self.target}
-        if self.file is not None:  # else as written before: older readers see no change
+        # Each only when there is one: older readers see any other link as before.
+        if self.file is not None:
             data["file"] = vars(self.file)
+        if self.files:
+            data["files"] = [vars(entry) for entry in self.files]
         return data
 
 
@@ -83,8 +100,11 @@ class Manifest:
 
     @property
     def linked_files(self) -> tuple[ManifestEntry, ...]:
-        """The files of other sets that links of this set lead to (LinkEntry.file)."""
-        return tuple(link.file for link in self.links if link.file is not None)
+        """The files of other sets that links of this set lead to (LinkEntry.file and .files),
+        each at its own path, as that set lists it."""
+        space = len(object_key(self.prefix, ""))
+        return tuple(replace(entry, path=entry.key[space:])
+                     for link in self.links for entry in link.linked)
 
     @property
     def bytes(self) -> int:
@@ -218,7 +238,26 @@ def _link(raw: object, prefix: str, set_name: str) -> LinkEntry:
     if link_destination(path, target) is None:
         raise ManifestError(f"link {path!r} does not lead inside the tree: {target!r}")
     linked = _optional_field(raw, "file", dict)
-    return LinkEntry(path, target, None if linked is None else _linked_file(linked, prefix))
+    files = tuple(_seen_through(entry, prefix, path)
+                  for entry in _optional_field(raw, "files", list) or ())
+    if linked is not None and files:
+        raise ManifestError(f"link {path!r} leads both to a file and to a directory")
+    refuse_clashing_paths([entry.path for entry in files])
+    return LinkEntry(path, target, None if linked is None else _linked_file(linked, prefix),
+                     files)
+
+
+def _seen_through(raw: object, prefix: str, link_path: str) -> ManifestEntry:
+    """A file of a link's directory (LinkEntry.files): below the link, with the key of an
+    object of another set, refused as a link's file is (_linked_file)."""
+    raw, path = _path_in_set(raw, "linked file", set_name_of(link_path))
+    if not path.startswith(link_path + "/"):
+        raise ManifestError(f"{path!r} is not below link {link_path!r}")
+    key = field_of(raw, "key", str)
+    space = object_key(prefix, "")
+    if not key.startswith(space):
+        raise ManifestError(f"key {key!r} is not under prefix {prefix!r}")
+    return replace(_linked_file({**raw, "path": key[len(space):]}, prefix), path=path)
 
 
 def _linked_file(raw: dict[str, Any], prefix: str) -> ManifestEntry:

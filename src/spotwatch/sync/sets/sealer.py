@@ -12,6 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import TypeGuard
 
 from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
 from spotwatch.keys import (
@@ -24,7 +25,7 @@ from spotwatch.keys import (
 )
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.sync.ledger import Ledger, LedgerError, LedgerRow
-from spotwatch.sync.links import LinkSkipped, link_entry, linked_file
+from spotwatch.sync.links import LinkSkipped, link_entry, linked_target
 from spotwatch.sync.planner import SetRef
 from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
 from spotwatch.sync.sets.claim import CLOCK_SKEW_SECONDS, RankClaim
@@ -57,7 +58,7 @@ class SetCheck:
     arriving: bool  # some missing file was just created: too early to call the set incomplete
     links: list[LinkEntry]  # its symlinks recorded as they are now (sync.links)
     # The sets of the files of other sets its links lead to that are not durable in S3 at
-    # their current version (sync.links.linked_file): each is among missing.
+    # their current version (sync.links.linked_target): each is among missing.
     links_into: frozenset[str] = frozenset()
 
 
@@ -350,7 +351,9 @@ class SetSealer:
         the watched directory (sync.links), else left out, as the engine said. One in a set
         directory that leads to a file of another set is listed with that file's entry, and
         the file is missing until it is in the ledger as the file is now: restore then gets
-        it from the manifest, verified, whatever happens to the other set.
+        it from the manifest, verified, whatever happens to the other set. So is one that
+        leads to a directory of another set, with every regular file below it that the
+        filters accept, each missing alike.
         """
         recorded = self._recorded(set_ref)
         entries: list[ManifestEntry] = []
@@ -360,7 +363,7 @@ class SetSealer:
         for relative, stat in self._local_files(set_ref, missing.append, others.append):
             key = self._key_or_none(set_ref.prefix, relative)
             row = None if key is None else recorded.get(key)
-            if row is None or (row[2], row[3]) != (stat.st_size, stat.st_mtime_ns) or not row[4]:
+            if not durable(row, stat):
                 missing.append(relative)
                 arriving = arriving or (key is not None and self._arriving(stat))
                 continue
@@ -371,12 +374,12 @@ class SetSealer:
             link = self._link(set_ref, path)
             if link is None:
                 continue
-            link, wanted = self._with_linked_file(set_ref, path, link)
-            if wanted is None:
+            link, wanted = self._with_linked_files(set_ref, path, link)
+            if not wanted:
                 links.append(link)
-            else:
-                missing.append(wanted)
-                links_into.add(object_key(set_ref.prefix, set_name_of(wanted)))
+            missing.extend(wanted)
+            links_into.update(object_key(set_ref.prefix, set_name_of(relative))
+                              for relative in wanted)
         return SetCheck(entries, sorted(missing), arriving, links, frozenset(links_into))
 
     def _link(self, set_ref: SetRef, path: Path) -> LinkEntry | None:
@@ -391,22 +394,42 @@ class SetSealer:
         except LinkSkipped:
             return None
 
-    def _with_linked_file(self, set_ref: SetRef, path: Path,
-                          link: LinkEntry) -> tuple[LinkEntry, str | None]:
-        """The link with the entry of the file of another set it leads to, if it leads to one
-        (sync.links.linked_file); and that file (its path below the watched directory) when
-        it is not durable in S3 as it is now, or one whose key S3 cannot take."""
-        leads_to = linked_file(self._trackers[set_ref.root].root, path, link.path)
+    def _with_linked_files(self, set_ref: SetRef, path: Path,
+                           link: LinkEntry) -> tuple[LinkEntry, list[str]]:
+        """The link with the entries of the files of another set it leads to, if it leads to
+        a file or directory of one (sync.links.linked_target); and those files (their paths
+        below the watched directory) not durable in S3 as they are now, or whose key S3
+        cannot take, or directories of them that cannot be read."""
+        tracker = self._trackers[set_ref.root]
+        leads_to = linked_target(tracker.root, path, link.path)
         if leads_to is None:
-            return link, None
-        relative, stat = leads_to
-        key = self._key_or_none(set_ref.prefix, relative)
-        row = None if key is None else next(
-            (row for row in self._ledger.objects_in_set(self._store.bucket, key)
-             if row[0] == key), None)
-        if row is None or (row[2], row[3]) != (stat.st_size, stat.st_mtime_ns) or not row[4]:
-            return link, relative
-        return replace(link, file=ManifestEntry(row[0], relative, *row[2:])), None
+            return link, []
+        below, stat = leads_to
+        directory = stat_module.S_ISDIR(stat.st_mode)
+        missing: list[str] = []
+        # (path as seen through the link, path below the watched directory, lstat); links
+        # inside the directory are not followed (each is its own set's, if recorded at all).
+        found = [(link.path, below, stat)]
+        if directory:
+            found = [(link.path + relative[len(below):], relative, file_stat)
+                     for relative, file_stat in self._files_below(
+                         tracker, tracker.root / below, missing.append, lambda _: None)]
+        key = self._key_or_none(set_ref.prefix, below)
+        recorded = {} if key is None else {
+            row[0]: row for row in self._ledger.objects_in_set(self._store.bucket, key)}
+        entries = []
+        for seen, relative, file_stat in found:
+            key = self._key_or_none(set_ref.prefix, relative)
+            row = None if key is None else recorded.get(key)
+            if not durable(row, file_stat):
+                missing.append(relative)
+            else:
+                entries.append(ManifestEntry(row[0], seen if directory else relative, *row[2:]))
+        if missing or not entries:  # a directory without files: nothing to keep
+            return link, missing
+        if directory:
+            return replace(link, files=tuple(sorted(entries, key=lambda e: e.path))), []
+        return replace(link, file=entries[0]), []
 
     def _arriving(self, stat: os.stat_result) -> bool:
         return 0 <= self._wall_clock_ns() - stat.st_ctime_ns < ARRIVING_NS
@@ -428,20 +451,25 @@ class SetSealer:
             top_stat = os.stat(top, follow_symlinks=False)
         except OSError:
             return
+        if stat_module.S_ISDIR(top_stat.st_mode):
+            yield from self._files_below(tracker, top, on_unreadable, on_other)
+        elif stat_module.S_ISREG(top_stat.st_mode):
+            relative = tracker.relative(top)
+            if relative is not None:
+                yield relative, top_stat
+        else:
+            on_other(top)
 
+    @staticmethod
+    def _files_below(tracker: ChangeTracker, top: Path, on_unreadable: Callable[[str], None],
+                     on_other: Callable[[Path], None]) -> Iterator[tuple[str, os.stat_result]]:
+        """_local_files, below the directory top."""
         def unreadable(directory: Path, error: OSError) -> None:
             if tracker.may_hold_files(directory):
                 tracker.note_unreadable(directory, error)
-                on_unreadable(f"{directory.relative_to(set_ref.root)}/")
+                on_unreadable(f"{directory.relative_to(tracker.root)}/")
 
-        if stat_module.S_ISDIR(top_stat.st_mode):
-            files: Iterator[tuple[Path, os.stat_result]] = walk_files(top, on_other, unreadable)
-        elif stat_module.S_ISREG(top_stat.st_mode):
-            files = iter([(top, top_stat)])
-        else:
-            on_other(top)
-            return
-        for path, stat in files:
+        for path, stat in walk_files(top, on_other, unreadable):
             relative = tracker.relative(path)
             if relative is not None:
                 yield relative, stat
@@ -452,6 +480,12 @@ class SetSealer:
                                 None if self._node is None else self._node.part_of)
         except ValueError:  # a name S3 cannot take: refused by the engine, never uploaded
             return None
+
+
+def durable(row: LedgerRow | None, stat: os.stat_result) -> TypeGuard[LedgerRow]:
+    """Whether the ledger's row says the file is in S3 as it is now (its size and mtime),
+    with the checksum S3 verified."""
+    return row is not None and (row[2], row[3]) == (stat.st_size, stat.st_mtime_ns) and bool(row[4])
 
 
 def unmatched(complete_when: Sequence[str], set_name: str,
