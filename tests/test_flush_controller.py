@@ -213,6 +213,9 @@ def test_a_stop_timeout_that_runs_out_ends_the_final_flush_with_what_it_left() -
     assert line["log_level"] == "error" and line["timed_out"] is True
     assert line["failed_files"] == [str(stuck.path)] and line["pending_files"] == 1
     assert line["pending_bytes"] == 100 and line["retrying"] == 1
+    # What a `spotwatch flush` waiting for this flush reads: cut short, with what it left.
+    assert flushes.last is not None
+    assert (flushes.last["timed_out"], flushes.last["pending_files"]) == (True, 1)
 
 
 def test_a_final_flush_that_finished_but_left_failing_files_exits_1_not_timed_out() -> None:

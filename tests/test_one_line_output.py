@@ -135,3 +135,9 @@ def test_everything_a_flush_left_undone_is_one_error_line(
         "being written: /c/step_2/log.txt\n")
     assert report_left_behind({"failed": 0}, "the flush") == 0
     assert capsys.readouterr().err == ""
+    # A daemon's stop that cut the flush short: the files it had left are not durable.
+    cut_short = {"failed": 0, "timed_out": True, "pending_files": 4}
+    assert report_left_behind(cut_short, "the daemon's flush") == 1
+    assert capsys.readouterr().err == (
+        "spotwatch: error: the daemon's flush was cut short by the daemon's stop "
+        "(sync.stop_timeout) with 4 files not yet durable in S3\n")

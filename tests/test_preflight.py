@@ -166,3 +166,29 @@ def test_the_sdk_looks_for_credentials_by_the_configured_endpoint_mode(
     share_with_sdk(ImdsSettings(endpoint_mode=mode))  # type: ignore[arg-type]
     session = botocore.session.Session()
     assert session.get_config_variable("ec2_metadata_service_endpoint_mode") == mode
+
+
+def test_a_one_shot_flush_refuses_a_bucket_run_would_refuse(workspace: Workspace,
+                                                             s3: Any) -> None:
+    """In another region, or public: refused in one line before anything is uploaded; allowed
+    by the same settings that allow `run`."""
+    (workspace.checkpoints / "step_1").mkdir()
+    (workspace.checkpoints / "step_1" / "model.pt").write_bytes(b"weights")
+    eu = boto3.client("s3", region_name="eu-west-1")
+    other = f"{workspace.bucket}-eu"
+    eu.create_bucket(Bucket=other, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    block_public_access(eu, other)
+    flushed = workspace.cli("flush", "-c", "config.yaml", "--bucket", other)
+    assert flushed.returncode == 1
+    assert flushed.stderr.strip().splitlines()[-1].startswith(
+        "spotwatch: error: refusing to flush: bucket region: s3://" + other), flushed.stderr
+    assert not keys_in(eu, other)
+    s3.delete_public_access_block(Bucket=workspace.bucket)
+    flushed = workspace.cli("flush", "-c", "config.yaml")
+    assert flushed.returncode == 1
+    assert flushed.stderr.strip().splitlines()[-1].startswith(
+        "spotwatch: error: refusing to flush: public access"), flushed.stderr
+    assert not keys_in(s3, workspace.bucket)
+    workspace.write_config(aws={"allow_cross_region": True, "allow_public_bucket": True})
+    assert workspace.cli("flush", "-c", "config.yaml", "--bucket", other).returncode == 0
+    assert keys_in(eu, other) >= {"run1/step_1/model.pt"}

@@ -202,17 +202,26 @@ def check_listing(s3: Any, bucket: str, config: Config) -> CheckResult:
     return CheckResult("listing", True, f"can list objects and uploads under {prefixes}")
 
 
+def check_destination(s3: Any, bucket: str, config: Config, expected: str) -> list[CheckResult]:
+    """Whether uploads may go to the bucket at all: its region, then (if that passes) its
+    public access. Every command that uploads checks these (a one-shot flush too); raises
+    BotoCoreError or ClientError when S3 does not answer."""
+    region = check_bucket_region(s3, bucket, config, expected)
+    if not region.ok and region.fatal:
+        return [region]
+    return [region, check_public_access(s3, bucket, config)]
+
+
 def run_checks(config: Config, bucket: str, s3: Any | None = None) -> list[CheckResult]:
     """All checks; `s3` lets `run` share its client (each one costs ~12 MB of models)."""
     results = [check_credentials()]
     expected = resolve_region(config)
     s3 = s3 or make_s3_client(expected, config.transfer)
     try:
-        region = check_bucket_region(s3, bucket, config, expected)
-        results.append(region)
-        if region.ok or not region.fatal:
-            results += [check_public_access(s3, bucket, config),
-                        check_encryption(s3, bucket, config), check_write(s3, bucket, config),
+        destination = check_destination(s3, bucket, config, expected)
+        results += destination
+        if len(destination) > 1:
+            results += [check_encryption(s3, bucket, config), check_write(s3, bucket, config),
                         check_listing(s3, bucket, config)]
     except BotoCoreError as exc:
         results.append(CheckResult("bucket", False, f"S3 unreachable: {exc}",

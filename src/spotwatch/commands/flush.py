@@ -12,11 +12,18 @@ import time
 from datetime import datetime
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
+from spotwatch.aws.preflight import check_destination
+from spotwatch.aws.region import resolve_region
+from spotwatch.aws.s3 import make_s3_client
 from spotwatch.bucket import NO_BUCKET, NoBucket
 from spotwatch.commands import load_optional_bucket
 from spotwatch.commands.status import HEALTHY_WITHIN_SECONDS, stalled
+from spotwatch.config import Config
 from spotwatch.console import print_error
 from spotwatch.daemon.loop import Daemon
+from spotwatch.daemon.startup import Verdict
 from spotwatch.errors import SpotwatchError
 from spotwatch.logs import get_logger
 from spotwatch.model import Outcome, UploadResult
@@ -39,13 +46,28 @@ def run(args: argparse.Namespace) -> int:
         return report_left_behind(delegated, "the daemon's flush")
     if bucket is None:
         raise NoBucket(NO_BUCKET)
+    client = make_s3_client(resolve_region(config), config.transfer)
+    _refuse_destination(config, bucket, client)
     bar = ProgressBar("flushing", 0)
     # No terminal: no bar, so no per-chunk callbacks or byte sums either.
-    daemon = Daemon(config, bucket)
+    daemon = Daemon(config, bucket, client)
     outcome = daemon.flush_once(BarWatcher(bar) if bar.enabled else None)
     get_logger("spotwatch").info(
         "flush_summary", files=outcome.files, bytes=outcome.bytes, failed=outcome.failed)
     return max(outcome.exit_code, report_left_behind(daemon.flushes.last or {}, "the flush"))
+
+
+def _refuse_destination(config: Config, bucket: str, client: Any) -> None:
+    """Invariant: a one-shot flush uploads only where `spotwatch run` would: a bucket in
+    another region or a public one is refused before anything is uploaded. S3 not answering
+    is no refusal: the flush's own retries meet it, and say so."""
+    try:
+        results = check_destination(client, bucket, config, resolve_region(config))
+    except (BotoCoreError, ClientError):
+        return
+    refused = Verdict(results).refusal
+    if refused is not None:
+        raise SpotwatchError(f"refusing to flush: {refused.name}: {refused.detail}")
 
 
 # What a flush's record names that it could not protect at all, and how the error line says it.
@@ -57,10 +79,13 @@ _UNPROTECTED = (
 
 
 def report_left_behind(record: dict[str, Any], whose: str) -> int:
-    """1, with one line saying all of it, when the flush left failing files or files still
-    being written behind, or could not protect some at all; else 0. Invariant: an exit 1 of
-    `spotwatch flush` always says why, whether this process or the daemon flushed."""
+    """1, with one line saying all of it, when the flush was cut short, left failing files or
+    files still being written behind, or could not protect some at all; else 0. Invariant: an
+    exit 1 of `spotwatch flush` always says why, whether this process or the daemon flushed."""
     reasons = []
+    if record.get("timed_out"):
+        reasons.append(f"{whose} was cut short by the daemon's stop (sync.stop_timeout) with "
+                       f"{record.get('pending_files', 0)} files not yet durable in S3")
     if record.get("failed"):
         reasons.append(f"{whose} left {record['failed']} failing files: "
                        f"{', '.join(record.get('failed_files', []))}")

@@ -176,9 +176,10 @@ class FlushController:
         return finished
 
     def _end(self, failed: Sequence[PendingFile], still_written: Sequence[Path],
-             timed_out: bool,
-             unprotected: Mapping[str, Sequence[str]] | None = None) -> FinishedFlush:
-        """No flush runs any more; self.last records the one that ran."""
+             timed_out: bool, unprotected: Mapping[str, Sequence[str]] | None = None,
+             pending_files: int = 0) -> FinishedFlush:
+        """No flush runs any more; self.last records the one that ran (pending_files: those
+        not durable yet when a stop cut it short)."""
         flush, self.current = self.current, None
         assert flush is not None
         seconds = self._clock.monotonic() - flush.started
@@ -193,6 +194,7 @@ class FlushController:
             "still_written": len(still_written),
             "still_written_files": [str(path) for path in still_written[:NAMED_FILES_MAX]],
             "timed_out": timed_out,
+            "pending_files": pending_files,
             "deadline_margin_seconds": None if margin is None else round(margin, 1),
             "finished_at": self._clock.now().isoformat(),
             **{kind: list(names[:NAMED_FILES_MAX])
@@ -219,7 +221,7 @@ class FlushController:
         stop."""
         timed_out = self.current is not None
         if timed_out:
-            self._end(failing, (), timed_out=True)
+            self._end(failing, (), timed_out=True, pending_files=left.pending_files)
         if (not timed_out and left.pending_files == 0 and not left.unsettled
                 and not left.unreadable_dirs and not left.refused_files):
             log.info("daemon_stopped", files=totals.files, bytes=totals.bytes)
