@@ -373,6 +373,7 @@ def test_planned_deletions_are_spotwatchs_and_never_listed_by_a_kept_set(
     dropped = [manifest_keys[k] for k in keys if k in manifest_keys]
     files = [k for k in keys if k not in manifest_keys]
     assert keys == [manifest_key(PREFIX, m.set_name) for m in dropped] + files  # manifests first
+    assert [d.seal for d in deletions] == [True] * len(dropped) + [False] * len(files)
     kept = [m for m in manifests if m not in dropped]
     listed_by_kept = {e.key for m in kept for e in m.files}
     assert not listed_by_kept & set(files)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spotwatch.aws.store import DELETE_BATCH
 from spotwatch.config import WatchDir
 from spotwatch.keys import part_key
 from spotwatch.sync.ledger import Ledger
-from spotwatch.sync.pruner import Pruner
+from spotwatch.sync.pruner import Deletion, Pruner
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, Part
 from spotwatch.sync.sets.remote import is_complete, is_intact
@@ -178,9 +180,52 @@ def test_a_job_set_whose_nodes_upload_one_file_alike_counts(tmp_path: Path) -> N
             store.put(part_key(PREFIX, "job-1", f"step_{step}", rank), part.to_json().encode())
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     pruner = Pruner(store, ledger, False, 1, JobNode("job-1", 2, 0))
-    planned = {d.key for d in pruner.plan([WatchDir(tmp_path, PREFIX)])}
+    plan = pruner.plan([WatchDir(tmp_path, PREFIX)])
     ledger.close()
-    assert planned == {part_key(PREFIX, "job-1", "step_1", rank) for rank in (0, 1)} | {
+    parts = {part_key(PREFIX, "job-1", "step_1", rank) for rank in (0, 1)}
+    assert {d.key for d in plan} == parts | {
         f"{PREFIX}step_1/__0_0.distcp", f"{PREFIX}step_1/__1_0.distcp",
         f"{PREFIX}step_1/config.json"}
+    assert {d.key for d in plan if d.seal} == parts  # deleted in requests of their own
 
+
+
+class RefusingStore(InMemoryObjectStore):
+    """Refuses to delete the keys named; records each DeleteObjects batch."""
+
+    def __init__(self, refused: set[str]) -> None:
+        super().__init__()
+        self.refused = refused
+        self.batches: list[list[str]] = []
+
+    def delete_many(self, keys: Sequence[str]) -> list[str]:
+        self.batches.append(list(keys))
+        super().delete_many([key for key in keys if key not in self.refused])
+        return [key for key in keys if key in self.refused]
+
+
+@given(st.integers(0, 1500), st.integers(0, 1500), st.data())
+@settings(max_examples=40, deadline=None)
+def test_a_refused_manifest_deletion_leaves_every_file_in_place(
+        tmp_path_factory: pytest.TempPathFactory, seals: int, files: int,
+        data: st.DataObject) -> None:
+    """Seals go in requests of their own, before any file: one DeleteObjects request may delete
+    a set's files and refuse its manifest, which would leave the set looking complete."""
+    deletions = ([Deletion(f"{PREFIX}.spotwatch/manifests/step_{n}.json", "retention", seal=True)
+                  for n in range(seals)]
+                 + [Deletion(f"{PREFIX}step_{n}/model.pt", "retention") for n in range(files)])
+    refused = {deletion.key for deletion in deletions
+               if deletion.seal and data.draw(st.booleans(), label=deletion.key)}
+    store = RefusingStore(refused)
+    for deletion in deletions:
+        store.put(deletion.key, b"x")
+    ledger = Ledger(tmp_path_factory.mktemp("ledger") / "ledger.sqlite3")
+    deleted = Pruner(store, ledger, False, 1).apply(deletions)
+    ledger.close()
+    assert all(len({key.endswith(".json") for key in batch}) == 1 for batch in store.batches)
+    assert all(len(batch) <= DELETE_BATCH for batch in store.batches)
+    if refused:
+        assert all(deletion.seal for deletion in deleted)
+        assert all(deletion.key in store.objects for deletion in deletions if not deletion.seal)
+    else:
+        assert deleted == deletions

@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from stat import S_ISDIR
 
@@ -60,6 +61,7 @@ class PruneCancelled(Exception):
 class Deletion:
     key: str
     reason: str  # "deleted locally" or "retention"
+    seal: bool = False  # a set's manifest, or a node's part of it: deleted before its files
 
     @property
     def retires(self) -> bool:
@@ -95,13 +97,19 @@ class Pruner:
         return deletions
 
     def apply(self, deletions: list[Deletion]) -> list[Deletion]:
-        """Delete in order; returns what was deleted (a failure stops the rest, kept for later)."""
+        """Delete in order; returns what was deleted (a failure stops the rest, kept for later).
+
+        Invariant: no set looks complete while it goes. A batch holds seals (manifests, parts)
+        or files, never both: one DeleteObjects request may delete a set's files and refuse
+        its manifest, and the plan puts the seals first so that a refusal stops before any
+        file of theirs goes."""
         done: list[Deletion] = []
-        for start in range(0, len(deletions), DELETE_BATCH):
+        start = 0
+        for batch in _batches(deletions):
             if self.cancelled.is_set():
                 log.info("prune_cancelled", deleted=len(done), remaining=len(deletions) - start)
                 return done
-            batch = deletions[start:start + DELETE_BATCH]
+            start += len(batch)
             try:
                 failed: set[str] = set(self._store.delete_many([d.key for d in batch]))
             except StoreError as exc:
@@ -261,6 +269,14 @@ def _is_gone(path: Path, *, as_file: bool = False) -> bool:
     return as_file and S_ISDIR(stat.st_mode)
 
 
+def _batches(deletions: Sequence[Deletion]) -> Iterator[list[Deletion]]:
+    """Runs of deletions of one kind (Deletion.seal), in order, DELETE_BATCH at most each."""
+    for _, run in groupby(deletions, key=lambda deletion: deletion.seal):
+        batch = list(run)
+        for start in range(0, len(batch), DELETE_BATCH):
+            yield batch[start:start + DELETE_BATCH]
+
+
 def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
                    manifests: Sequence[Manifest], gone_locally: Collection[str],
                    keep_sets: int, complete: Callable[[Manifest], bool]) -> list[Deletion]:
@@ -331,7 +347,8 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
             if (deletable(entry.key) and belongs_to_set(entry.key, own)
                     and entry.key not in listed_by_kept):
                 files.setdefault(entry.key, reason)
-    return ([Deletion(manifest_key(watch_prefix, m.set_name), reason) for m, reason in dropped]
+    return ([Deletion(manifest_key(watch_prefix, m.set_name), reason, seal=True)
+             for m, reason in dropped]
             + [Deletion(key, reason) for key, reason in sorted(files.items())])
 
 
@@ -377,7 +394,7 @@ def job_deletions(planned: Sequence[Deletion], watch_prefix: str, job_sets: Sequ
             continue
         whole_job = node.rank == 0 and deletion.retires
         deletions += [Deletion(part_key(watch_prefix, node.job_id, job_set.set_name, rank),
-                               deletion.reason)
+                               deletion.reason, seal=True)
                       for rank in sorted(job_set.parts) if whole_job or rank == node.rank]
     return deletions
 
