@@ -22,10 +22,10 @@ from spotwatch.emulator import ImdsEmulator
 from spotwatch.keys import (
     belongs_to_set,
     manifest_key,
-    natural_order,
     object_key,
     series_of,
     step_number,
+    step_order,
 )
 from spotwatch.sync.pruner import plan_deletions
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
@@ -341,7 +341,8 @@ def test_mirroring_a_file_of_a_sealed_set_takes_its_manifest_first(workspace: Wo
 
 PREFIX = "run1/"
 # Two series for retention (keys.series_of): s#, and `latest` alone.
-SET_NAMES = ("s1", "s2", "s10", "latest")
+SET_NAMES = ("s1", "s2", "s10", "latest", "e=1-step=30", "e=2-step=20", "m-00001-of-00002",
+             "m-00002-of-00002")
 # Keys a manifest may name: its own, another set's, excluded, manifests, outside the prefix.
 KEY_POOL = (*(f"run1/{n}/{f}" for n in SET_NAMES for f in ("x.pt", "y.tmp")), "run1/s1",
             "run1/loose.pt", "run1/.spotwatch/manifests/s1.json", "other-team/secret.bin",
@@ -400,7 +401,7 @@ def test_planned_deletions_are_spotwatchs_and_never_listed_by_a_kept_set(
         for series in {series_of(m.set_name) for m in manifests}:
             in_series = [m for m in droppable if series_of(m.set_name) == series]
             by_step = sorted((m for m in in_series if step_number(m.set_name) is not None),
-                             key=lambda m: natural_order(m.set_name), reverse=True)
+                             key=lambda m: step_order(m.set_name), reverse=True)
             assert {m.set_name for m in in_series if m in kept} == (
                 down_to_the_last_kept(in_series) | down_to_the_last_kept(by_step))
     elif not gone:
@@ -421,3 +422,29 @@ def test_a_maintenance_event_days_ahead_does_not_stop_retention(
     daemon.wait_for_event("set_complete", count=2)
     wait_for(lambda: f"{MANIFESTS}step_1.json" not in keys_in(s3, workspace.bucket), timeout=30)
     assert daemon.stop() == 0
+
+
+def test_the_shards_of_a_model_saved_beside_the_steps_are_no_series() -> None:
+    """A model saved in shards at the top level (a final save_model beside checkpoint-N/):
+    each shard is a set of its own, and retention never takes the older shards for older
+    sets of a series."""
+    shards = [f"model-0000{n}-of-00004.safetensors" for n in (4, 3, 2, 1)]  # newest first
+    manifests = [Manifest(name, PREFIX, (ManifestEntry(PREFIX + name, name, 1, 0, "AAAAAA=="),),
+                          float(100 - index)) for index, name in enumerate(shards)]
+    assert len({series_of(name) for name in shards}) == 4
+    assert all(step_number(name) is None for name in shards)
+    assert plan_deletions(PREFIX, _not_tmp, manifests, set(), 2, lambda m: True) == []
+
+
+def test_the_highest_steps_kept_are_the_named_steps_whatever_else_the_name_holds() -> None:
+    """Lightning's epoch=E-step=S and a metric before the step: an evaluation written into an
+    old step makes it the newest by date; the highest steps stay, by their step."""
+    names = ["val_loss=0.9-step=200.ckpt", "val_loss=2.5-step=400.ckpt",
+             "val_loss=1.1-step=300.ckpt"]  # newest first: step=200 was written to last
+    manifests = [Manifest(name, PREFIX, (ManifestEntry(PREFIX + name, name, 1, 0, "AAAAAA=="),),
+                          float(100 - index)) for index, name in enumerate(names)]
+    assert [step_number(name) for name in names] == [200, 400, 300]
+    dropped = {d.key for d in plan_deletions(PREFIX, _not_tmp, manifests, set(), 1,
+                                             lambda m: True)}
+    # Kept: the newest by date (step=200) and the highest step (step=400).
+    assert dropped == {manifest_key(PREFIX, names[2]), PREFIX + names[2]}

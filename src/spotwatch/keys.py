@@ -19,6 +19,11 @@ WRITE_PROBE = ".spotwatch/probe-"  # `spotwatch check` writes and deletes <prefi
 RESTORE_TEMP_SUFFIX = ".spotwatch-restore"
 S3_KEY_MAX_BYTES = 1024
 _DIGITS = re.compile(r"[0-9]+")
+# A file's place among the shards of one save (model-00001-of-00004.safetensors,
+# pytorch_model-00002-of-00003.bin): part of one checkpoint, never a step.
+_SHARD_INDEX = re.compile(r"[0-9]+-of-[0-9]+", re.IGNORECASE)
+# A step the name calls one (epoch=3-step=1200, val_loss=2.34-step=1000, global_step500).
+_NAMED_STEP = re.compile(r"step[=_-]?([0-9]+)", re.IGNORECASE)
 
 
 def object_key(prefix: str, relative_path: str) -> str:
@@ -104,15 +109,22 @@ def series_of(set_name: str) -> str:
     """The series a set belongs to for retention: its name with every run of digits as one
     '#'. step_100 and step_2000 are one series (step_#), epoch=3-step=400.ckpt another; a name
     without digits (DeepSpeed's `latest`, a config.json beside the steps) is a series of its
-    own."""
-    return _DIGITS.sub("#", set_name)
+    own, and so is each shard of a save (model-00001-of-00004.safetensors keeps its digits:
+    the shards of one model are no series of older and newer sets)."""
+    pieces = _SHARD_INDEX.split(set_name)
+    shards = _SHARD_INDEX.findall(set_name)
+    return _DIGITS.sub("#", pieces[0]) + "".join(
+        shard + _DIGITS.sub("#", piece) for shard, piece in zip(shards, pieces[1:], strict=True))
 
 
 def step_number(set_name: str) -> int | None:
-    """The step a set is, where its name holds one number (step_100, checkpoint-500,
-    global_step300, iter_0000300); None where it holds none, or several, whose order need not
-    be the training's (epoch=3-step=400, val_loss=2.34-step=1000)."""
-    runs = _DIGITS.findall(set_name)
+    """The step a set is: the one its name calls a step (epoch=3-step=400, global_step300),
+    else the one number it holds (step_100, checkpoint-500, iter_0000300); None where it holds
+    none, or several whose order need not be the training's (a shard index is none of them)."""
+    named = _NAMED_STEP.findall(set_name)
+    if len(named) == 1:
+        return int(named[0])
+    runs = _DIGITS.findall(_SHARD_INDEX.sub("", set_name))
     return int(runs[0]) if len(runs) == 1 else None
 
 
@@ -128,6 +140,13 @@ def natural_order(set_name: str) -> NaturalKey:
     texts = _DIGITS.split(set_name)
     numbers = [int(run) for run in _DIGITS.findall(set_name)]
     return tuple(zip(texts, [*numbers, -1], strict=True)), set_name
+
+
+def step_order(set_name: str) -> tuple[int, NaturalKey]:
+    """A sort key of a series' sets in training order: by step (keys.step_number), then by
+    natural_order (val_loss=2.34-step=1000 and val_loss=1.9-step=2000 by their steps)."""
+    step = step_number(set_name)
+    return (-1 if step is None else step), natural_order(set_name)
 
 
 def is_reserved(relative_path: str) -> bool:

@@ -32,12 +32,12 @@ from spotwatch.keys import (
     belongs_to_set,
     is_reserved,
     manifest_key,
-    natural_order,
     object_key,
     part_key,
     series_of,
     set_name_of,
     step_number,
+    step_order,
 )
 from spotwatch.logs import get_logger
 from spotwatch.state import StateDir
@@ -297,8 +297,9 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
     a file beside the steps that is rewritten at every save (DeepSpeed's `latest`) is always
     the newest set, and counted with the steps it would leave none of them.
 
-    Invariant: it also keeps the keep_sets highest steps of each series of steps (names with
-    one number, keys.step_number), complete, and any incomplete one above them. A file written
+    Invariant: it also keeps the keep_sets highest steps of each series of steps (names that
+    call a number a step or hold one number, keys.step_number), complete, and any incomplete
+    one above them. A file written
     later into an old step (an evaluation's results) makes that step the newest by its files'
     dates; the steps after it, still the trainer's latest work, stay in S3 all the same
     (restore says so, --set takes one).
@@ -363,7 +364,7 @@ def _highest_steps(manifests: Sequence[Manifest], keep_sets: int,
     highest: set[str] = set()
     for series in by_series.values():
         counted = 0
-        for manifest in sorted(series, key=lambda m: natural_order(m.set_name), reverse=True):
+        for manifest in sorted(series, key=lambda m: step_order(m.set_name), reverse=True):
             if counted >= keep_sets:
                 break
             highest.add(manifest.set_name)

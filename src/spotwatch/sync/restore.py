@@ -51,11 +51,11 @@ from spotwatch.keys import (
     RESTORE_TEMP_SUFFIX,
     UNFINISHED_SUFFIX,
     is_restore_temporary,
-    natural_order,
     object_key,
     series_of,
     set_name_of,
     step_number,
+    step_order,
 )
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.model import FileVersion
@@ -292,8 +292,8 @@ def _higher_steps(restored: str, candidates: Sequence[Candidate]) -> tuple[str, 
     after = [c.whole.set_name for c in candidates][
         [c.whole.set_name for c in candidates].index(restored) + 1:]
     higher = tuple(sorted((name for name in after if series_of(name) == series
-                           and natural_order(name) > natural_order(restored)),
-                          key=natural_order, reverse=True))
+                           and step_order(name) > step_order(restored)),
+                          key=step_order, reverse=True))
     if higher:
         log.warning("higher_step_not_restored", restored=restored, higher=list(higher),
                     reason="dated older than the set restored (a file written into it later?)",
