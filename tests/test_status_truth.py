@@ -52,8 +52,9 @@ def test_a_set_waiting_for_its_manifest_shows_in_status_and_metrics(
         workspace: Workspace, proxy: FaultProxy) -> None:  # noqa: F811
     """No file is pending, yet step_1 is no checkpoint: status must not look all done."""
     daemon = daemon_with_a_set_waiting_for_its_manifest(workspace, proxy)
-    wait_for(lambda: workspace.status().get("unsealed_sets") == ["run1/step_1"])
-    assert workspace.status()["pending_files"] == 0
+    # A report written since the upload ended: no file pending, the set still waiting.
+    wait_for(lambda: (lambda report: report.get("pending_files") == 0
+                      and report.get("unsealed_sets") == ["run1/step_1"])(workspace.status()))
 
     shown = workspace.cli("status", "-c", str(workspace.config_file))
     assert shown.returncode == 0
@@ -101,6 +102,30 @@ def test_a_flush_asked_for_after_a_spot_notice_does_not_hide_the_notice(
     assert notice["kind"] == "spot-interruption" and notice["deadline"] is not None
     shown = workspace.cli("status", "-c", str(workspace.config_file)).stdout
     assert "last notice:  spot-interruption at" in shown
+
+
+def test_a_set_none_of_whose_uploads_has_ended_shows_as_waiting_for_its_manifest(
+        workspace: Workspace, proxy: FaultProxy) -> None:  # noqa: F811
+    """The sealer hears of a set from its first upload's result: before it, status, the metric
+    and a stop's flush_incomplete must name the set all the same."""
+    workspace.write_config(sync={"stop_timeout": 3})
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    proxy.add("delay", lambda r: r.method == "PUT" and "/run1/step_2/" in r.path,
+              times=100, delay=600)
+    checkpoint_data(workspace.checkpoints / "step_2" / "model.pt", 10_000)
+    wait_for(lambda: workspace.status().get("uploading") == 1)
+    assert workspace.status()["unsealed_sets"] == ["run1/step_2"]
+    assert scrape(metrics_url(daemon))[("spotwatch_unsealed_sets", ())] == 1
+    assert daemon.stop() == 1
+    assert daemon.named("flush_incomplete")[0]["unsealed_sets"] == ["run1/step_2"]
+    # Once it is gone, status still says what it left.
+    shown = workspace.cli("status", "-c", str(workspace.config_file)).stdout
+    assert "daemon:       not running" in shown
+    assert "left behind:  1 files not in S3 when it last reported" in shown, shown
+    assert "1 sets without their manifest: run1/step_2" in shown
+    report = json.loads(workspace.cli("status", "--json", "-c",
+                                      str(workspace.config_file)).stdout)
+    assert report["left_by_last_run"]["pending_files"] == 1
 
 
 def test_a_stop_cut_short_leaves_no_flush_reported_running(

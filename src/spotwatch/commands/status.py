@@ -42,6 +42,8 @@ def gather_status(config: Config, bucket: str | None) -> dict[str, Any]:
     report["daemon_pid"] = None if flushing_once else holder
     report["flush_pid"] = holder if flushing_once else None
     report["daemon"] = None if flushing_once else current
+    report["left_by_last_run"] = (_left_by(state.read_status())
+                                  if holder is None and state.path.is_dir() else None)
     if state.ledger.is_file():
         ledger = Ledger(state.ledger)
         summary = ledger.summary(bucket)
@@ -121,6 +123,20 @@ class _WaitingReport(msgspec.Struct):
     degraded: list[str] = []
     last_notice: _Notice | None = None
     metrics_url: str | None = None
+
+
+def _left_by(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a daemon no longer running last reported as not durable yet (a stop cut short by
+    sync.stop_timeout, a kill): files and sets the next start uploads and seals. None when it
+    left nothing, or its report cannot be read."""
+    if not status or not _readable(status):
+        return None
+    pending = int(status.get("pending_files") or 0)
+    unsealed = list(status.get("unsealed_sets") or [])
+    if not pending and not unsealed:
+        return None
+    return {"pending_files": pending, "unsealed_sets": unsealed,
+            "reported_at": status.get("updated_at")}
 
 
 def _readable(status: dict[str, Any]) -> bool:
@@ -244,6 +260,13 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append(f"daemon:       starting (pid {report['daemon_pid']}, no report yet)")
     else:
         lines.append("daemon:       not running")
+        left = report.get("left_by_last_run")
+        if left:
+            unsealed = left["unsealed_sets"]
+            lines.append(f"left behind:  {left['pending_files']} files not in S3 when it last "
+                         f"reported ({_ago(left['reported_at'])}), {len(unsealed)} sets "
+                         f"without their manifest: {', '.join(unsealed[:5])}; the next start "
+                         "uploads them")
     lines.append(f"in S3:        {report['uploaded_objects']} objects, "
                  f"{_size(report['uploaded_bytes'])}")
     lines.append(f"last upload:  {_ago(report['last_upload_at'])}")

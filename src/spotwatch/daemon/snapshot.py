@@ -45,7 +45,8 @@ class EngineSnapshot:
             failing=len(engine.retries.failing()),
             unsettled=engine.unsettled(),
             incomplete_sets=tuple(sorted(engine.sealer.incomplete)),
-            unsealed_sets=tuple(sorted(engine.sealer.unsealed() | set(engine.sealer.awaiting))),
+            unsealed_sets=tuple(sorted(engine.sealer.unsealed() | set(engine.sealer.awaiting)
+                                       | engine.sets_with_files_pending())),
             unreadable_dirs=tuple(printable_path(directory) for tracker in engine.trackers
                                   for directory in tracker.unreadable_dirs()),
             refused_files=tuple(printable_path(path) for path in engine.refused()),

@@ -519,6 +519,13 @@ class SyncEngine:
         busy.update(item.set_key for item in self._uploading.values())
         return busy | self._set_keys_being_written()
 
+    def sets_with_files_pending(self) -> set[str]:
+        """Sets with a file queued, uploading or waiting for a retry: not sealed as they are
+        now, whether or not the sealer has heard of them yet (it hears of a set from its first
+        upload's result)."""
+        return (self.planner.set_keys() | {item.set_key for item in self.retries.items()}
+                | {item.set_key for item in self._uploading.values()})
+
     def _set_keys_being_written(self) -> set[str]:
         """Sets with a file being written (not settled yet)."""
         keys: set[str] = set()
