@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from spotwatch.daemon.in_effect import NOTICE_HORIZON
 from spotwatch.daemon.snapshot import EngineSnapshot
 from spotwatch.logs import get_logger
 from spotwatch.model import Outcome, UploadResult
@@ -94,6 +95,24 @@ class FlushController:
     @property
     def writes_until(self) -> float | None:
         return self.current.writes_until if self.current is not None else None
+
+    @property
+    def hurry_until(self) -> float | None:
+        """Until when the running flush retries files failing for a transient reason within
+        seconds and waits for them (RetryQueue.hurry; None: no flush runs, or it does not).
+
+        Invariant: that is as long as the flush waits for anything: its deadline (a notice's,
+        the stop's sync.stop_timeout, which outlasts a notice's as for files being written);
+        with no deadline, or one beyond NOTICE_HORIZON (a maintenance event days ahead), as
+        long as it waits for files being written, so a `spotwatch flush` still answers."""
+        flush = self.current
+        if flush is None:
+            return None
+        bounds = [flush.writes_until]
+        if (flush.retries_until is not None
+                and flush.retries_until - flush.started <= NOTICE_HORIZON.total_seconds()):
+            bounds.append(flush.retries_until)
+        return max((bound for bound in bounds if bound is not None), default=None)
 
     def start(self, reason: str, deadline: datetime | None, work: FlushWork,
               until: float | None = None) -> None:

@@ -511,11 +511,11 @@ class SyncEngine:
 
     def _busy_set_keys(self, left_behind: AbstractSet[Path] = frozenset()) -> set[str]:
         """Sets that may still change: a file queued, uploading, being written, or waiting
-        for a retry that may still succeed. A set held back only by failing files is not
-        busy: the sealer reports it incomplete."""
+        for a retry that may still succeed (one a flush would wait for). A set held back only
+        by failing files is not busy: the sealer reports it incomplete."""
         busy = self.planner.set_keys()
         busy.update(item.set_key for item in self.retries.items()
-                    if item.path not in left_behind and not self.retries.is_failing(item.path))
+                    if item.path not in left_behind and self.retries.holds_up(item.path, None))
         busy.update(item.set_key for item in self._uploading.values())
         return busy | self._set_keys_being_written()
 

@@ -3,7 +3,9 @@
 A file that fails again and again is tried less and less often (5 s, 10 s, 20 s ... at most
 every two minutes) instead of every few seconds forever. After a few failures, or after a
 failure that retrying cannot fix by itself (permission denied, 403), a file counts as
-*failing*: a flush reports it as failed rather than waiting for it (see ``holds_up``).
+*failing*: a flush reports it as failed rather than waiting for it (see ``holds_up``), unless
+its failures are transient (connection errors, timeouts, throttling, 5xx) and the flush's
+deadline runs (see ``hurry``): then it is tried again within seconds, and waited for.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ T = TypeVar("T")
 
 # This many failures in a row and a file is failing, whatever the errors were.
 FAILING_AFTER = 3
+# While a deadline runs, a transient failure's wait is cut so that this many tries fit in the
+# time left, and is never longer than HURRIED_CAP nor (a tight loop) shorter than HURRIED_FLOOR.
+HURRIED_TRIES = 5
+HURRIED_CAP = 2.0
+HURRIED_FLOOR = 0.25
 
 
 @dataclass(frozen=True)
@@ -35,9 +42,19 @@ class Backoff:
         doublings = min(max(failures, 1) - 1, 64)  # 2**64 * base is past any sane cap
         return float(min(self.cap, self.base * 2.0**doublings))
 
-    def delay(self, failures: int, random_unit: float) -> float:
-        """The wait for a random_unit drawn from [0, 1)."""
-        return self.ceiling(failures) * (1.0 - self.jitter * random_unit)
+    def delay(self, failures: int, random_unit: float, left: float | None = None) -> float:
+        """The wait for a random_unit drawn from [0, 1); left: the seconds a running deadline
+        leaves (None: none runs), which cut it to a few seconds (hurried_ceiling)."""
+        ceiling = self.ceiling(failures)
+        if left is not None:
+            ceiling = min(ceiling, hurried_ceiling(left))
+        return ceiling * (1.0 - self.jitter * random_unit)
+
+
+def hurried_ceiling(left: float) -> float:
+    """The longest wait after a transient failure with `left` seconds to a deadline: several
+    tries fit in them, a few seconds at most."""
+    return min(HURRIED_CAP, max(HURRIED_FLOOR, left / HURRIED_TRIES))
 
 
 @dataclass
@@ -62,6 +79,7 @@ class RetryQueue(Generic[K, T]):
         self._failures: dict[K, int] = {}
         self._permanent: set[K] = set()
         self._waiting: dict[K, _Waiting[T]] = {}
+        self._hurry_until: float | None = None  # see hurry
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -89,9 +107,33 @@ class RetryQueue(Generic[K, T]):
         failures = self._failures[key] = self._failures.get(key, 0) + 1
         if permanent:
             self._permanent.add(key)
-        delay = self._backoff.delay(failures, self._random_unit())
+        left = None if key in self._permanent else self._hurry_left()
+        delay = self._backoff.delay(failures, self._random_unit(), left)
         self._waiting[key] = _Waiting(item, self._clock() + delay)
         return delay
+
+    def hurry(self, until: float | None) -> None:
+        """A flush's deadline runs until then (monotonic; None: none runs any more).
+
+        Invariant: while it runs, a file failing for a transient reason is tried again within
+        a few seconds (hurried_ceiling), whatever its backoff, and holds the flush up (see
+        holds_up): S3 back a moment before the deadline gets it uploaded before the deadline.
+        A file failing for a permanent reason keeps its backoff: nothing waits for it."""
+        self._hurry_until = until
+        left = self._hurry_left()
+        if left is None:
+            return
+        soonest = self._clock() + hurried_ceiling(left)
+        for key, waiting in self._waiting.items():
+            if key not in self._permanent:
+                waiting.due = min(waiting.due, soonest)
+
+    def _hurry_left(self) -> float | None:
+        """Seconds left until the running deadline (None: none runs, or it has passed)."""
+        if self._hurry_until is None:
+            return None
+        left = self._hurry_until - self._clock()
+        return left if left > 0 else None
 
     def succeeded(self, key: K) -> None:
         self.forget(key)
@@ -123,12 +165,17 @@ class RetryQueue(Generic[K, T]):
     def holds_up(self, key: K, deadline: float | None) -> bool:
         """Whether a flush should wait for this waiting item.
 
-        Invariant: a flush never waits for a failing file, nor for a retry that would only
-        come after the flush's deadline; it reports such files as failed instead.
+        Invariant: a flush never waits for a file failing for a permanent reason, nor for a
+        retry that would only come after the flush's deadline; it waits for a file failing
+        for a transient reason only while its deadline runs (see hurry). It reports the
+        files it does not wait for as failed instead.
         """
         waiting = self._waiting.get(key)
-        if waiting is None or self.is_failing(key):
+        if waiting is None or key in self._permanent:
             return False
+        if self.is_failing(key):
+            until = self._hurry_until
+            return until is not None and self._clock() < until and waiting.due <= until
         return deadline is None or waiting.due <= deadline
 
     def failing(self) -> list[T]:
