@@ -93,6 +93,28 @@ def test_a_stale_local_copy_is_downloaded_again(workspace: Workspace, s3: Any) -
     assert result.returncode == 0, result.stderr
     assert "1 files downloaded" in result.stdout and "1 already present" in result.stdout
     assert local.read_bytes() == sets["step_2"]["model.pt"]
+    assert "1 local files that differed replaced" in result.stdout
+    assert "changed after the set was sealed" not in result.stdout  # its mtime: not newer
+    [replaced] = named(result.stderr, "local_files_replaced")
+    assert replaced["paths"] == ["step_2/model.pt"] and replaced["newer"] == []
+
+
+def test_a_local_file_changed_after_its_set_was_sealed_is_named_when_replaced(
+        workspace: Workspace, s3: Any) -> None:
+    """Restored into a directory in use: work newer than S3's copy is replaced by the set, as
+    asked, but never without a word."""
+    sets = make_sets(workspace)
+    local = workspace.checkpoints / "step_2" / "optim.pt"
+    local.write_bytes(b"written after the set was sealed")
+    later = local.stat().st_mtime_ns + 10**9
+    os.utime(local, ns=(later, later))
+    result = restore(workspace, "--to", str(workspace.checkpoints))
+    assert result.returncode == 0, result.stderr
+    assert local.read_bytes() == sets["step_2"]["optim.pt"]
+    assert ("1 local files that differed replaced, 1 of them changed after the set was "
+            "sealed: step_2/optim.pt") in result.stdout, result.stdout
+    [replaced] = named(result.stderr, "local_files_replaced")
+    assert replaced["newer"] == ["step_2/optim.pt"] and replaced["newer_count"] == 1
 
 
 @pytest.mark.usefixtures("transfer_client")

@@ -39,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
                      f"{link.target} leads to nothing restored)" for link in report.as_files)
     links += "".join(f"; link {link.path} -> {link.target} not made (see the warning)"
                      for link in report.not_made)
+    if report.replaced:
+        newer = (f", {len(report.replaced_newer)} of them changed after the set was sealed: "
+                 f"{', '.join(report.replaced_newer[:5])}" if report.replaced_newer else "")
+        links += f"; {len(report.replaced)} local files that differed replaced{newer}"
     if report.higher_steps:
         links += (f"; higher steps of its series, dated older: {', '.join(report.higher_steps)} "
                   f"(--set {report.higher_steps[0]} restores it)")

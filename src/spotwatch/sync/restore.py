@@ -74,6 +74,8 @@ log = get_logger("spotwatch.restore")
 
 # The longest file name, in bytes, that Linux file systems take (NAME_MAX).
 NAME_MAX = 255
+# Paths a warning names at most (a set may hold thousands).
+NAMED_MAX = 20
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,10 @@ class RestoreReport:
     not_made: tuple[LinkEntry, ...] = field(default=())
     # Higher steps of the set's series dated older than it (see _higher_steps), not tried.
     higher_steps: tuple[str, ...] = field(default=())
+    # Local files of the set that differed from it and were replaced; those of them changed
+    # after the set was sealed (work not in S3 as it was on disk) named apart.
+    replaced: tuple[str, ...] = field(default=())
+    replaced_newer: tuple[str, ...] = field(default=())
 
     @property
     def restored_anything(self) -> bool:
@@ -834,6 +840,7 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
         else:
             todo.append((FileToFetch(entry, cleared(temporary(target)), part_size), target))
     total = sum(file.entry.size for file, _ in todo)
+    replaced, newer = _in_the_way(todo)
     progress = ProgressBar(f"restoring {manifest.set_name}", total)
     try:
         with _folders_made_for_the_set() as made, _temporaries() as temps:
@@ -861,8 +868,32 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
             log.info("link_restored_as_directory", path=link.path, target=link.target,
                      files=len(link.files), reason="the files of the directory it leads to "
                      "are not all there: their bytes are in a directory in its place")
+    if replaced:
+        log.warning("local_files_replaced", set=manifest.set_name, files=len(replaced),
+                    paths=list(replaced[:NAMED_MAX]), newer=list(newer[:NAMED_MAX]),
+                    newer_count=len(newer), reason="they differed from the set restored")
     return RestoreReport(manifest.set_name, destination, len(todo), len(there), total,
-                         as_files=tuple(as_files))
+                         as_files=tuple(as_files), replaced=replaced, replaced_newer=newer)
+
+
+def _in_the_way(todo: Sequence[tuple[FileToFetch, Path]]) -> tuple[tuple[str, ...],
+                                                                   tuple[str, ...]]:
+    """The set's paths where a file differing from its entry is on disk, which the set
+    replaces, and those of them changed after the set was sealed (a later mtime): a restore
+    into a directory in use says so, rather than replacing work without a word."""
+    replaced: list[str] = []
+    newer: list[str] = []
+    for file, target in todo:
+        try:
+            info = target.lstat()
+        except OSError:
+            continue
+        if S_ISDIR(info.st_mode):
+            continue
+        replaced.append(file.entry.path)
+        if info.st_mtime_ns > file.entry.mtime_ns:
+            newer.append(file.entry.path)
+    return tuple(replaced), tuple(newer)
 
 
 def _linked_here(store: ObjectStore, link: LinkEntry, targets: _Targets, preferred: str) -> bool:
