@@ -676,6 +676,7 @@ def test_flush_through_the_daemon_reports_a_failing_file(workspace: Workspace, s
     wait_for(lambda: (read_status(workspace) or {}).get("pending_files") == 2)
     result = workspace.cli("flush", "-c", str(workspace.config_file), timeout=120)
     assert result.returncode == 1
-    assert result.stderr.strip().endswith(f"failing files: {locked}")
+    assert result.stderr.strip().endswith(f"failing files: {locked}; 1 sets left without a "
+                                          "manifest, a file they need not in S3: run1/locked.pt")
     assert object_bytes(s3, workspace.bucket, "run1/ok.pt") == readable
     assert daemon.stop() == 1

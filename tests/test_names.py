@@ -210,7 +210,8 @@ def test_flush_skips_names_that_are_not_utf8_and_uploads_the_rest(
     assert result.stderr.splitlines()[-1] == (
         f"spotwatch: error: 2 files whose names S3 cannot take, their sets left without a "
         f"manifest: {workspace.checkpoints}/step_1/bad\\xffname.pt, "
-        f"{workspace.checkpoints}/step_\\xfe/model.pt")
+        f"{workspace.checkpoints}/step_\\xfe/model.pt; 1 sets left without a manifest, a "
+        f"file they need not in S3: run1/step_1")
     for key, data in good.items():
         assert object_bytes(s3, workspace.bucket, key) == data
     assert result.stderr.count('"path_refused"') == 2

@@ -75,6 +75,7 @@ _UNPROTECTED = (
     ("missing_dirs", "watched directories not there (not made or mounted yet)"),
     ("unreadable_dirs", "directories spotwatch may not read, their files not uploaded"),
     ("refused_files", "files whose names S3 cannot take, their sets left without a manifest"),
+    ("incomplete_sets", "sets left without a manifest, a file they need not in S3"),
 )
 
 

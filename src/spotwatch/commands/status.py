@@ -156,11 +156,11 @@ HEALTHY_WITHIN_SECONDS = 30.0
 
 def is_healthy(report: dict[str, Any]) -> bool:
     """A daemon runs, reported recently, and is not degraded (S3 failing or IMDS unreachable
-    for a while: the same verdict as /healthz)."""
+    for a while: the same verdict as /healthz), nor holding a set it cannot seal."""
     daemon = report.get("daemon")
     if not report.get("daemon_pid") or not daemon or daemon.get("degraded"):
         return False
-    return not stalled(daemon)
+    return not stalled(daemon) and not daemon.get("incomplete_sets")
 
 
 def stalled(daemon: dict[str, Any]) -> bool:
@@ -192,7 +192,11 @@ def _health(daemon: dict[str, Any]) -> str:
     if stalled(daemon):
         return f"stalled: no report since {_ago(float(daemon.get('updated_at', 0)))}"
     degraded = daemon.get("degraded")
-    return "degraded: " + "; ".join(degraded) if degraded else "ok"
+    if degraded:
+        return "degraded: " + "; ".join(degraded)
+    # Invariant: never "ok" while a set cannot be sealed (its checkpoint is not protected).
+    incomplete = daemon.get("incomplete_sets")
+    return f"not ok: {len(incomplete)} sets incomplete (see below)" if incomplete else "ok"
 
 
 def _notice_line(notice: dict[str, Any] | None) -> str:

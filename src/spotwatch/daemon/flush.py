@@ -242,7 +242,8 @@ class FlushController:
         if timed_out:
             self._end(failing, (), timed_out=True, pending_files=left.pending_files)
         if (not timed_out and left.pending_files == 0 and not left.unsettled
-                and not left.unreadable_dirs and not left.refused_files):
+                and not left.unreadable_dirs and not left.refused_files
+                and not left.incomplete_sets):  # nor a set a file it needs keeps unsealed
             log.info("daemon_stopped", files=totals.files, bytes=totals.bytes)
             return 0
         log.error("flush_incomplete", pending_files=left.pending_files,
@@ -250,6 +251,7 @@ class FlushController:
                   uploading=left.uploading, unsettled=left.unsettled,
                   failed_files=_named(failing), timed_out=timed_out,
                   unsealed_sets=list(left.unsealed_sets[:NAMED_SETS_MAX]),
+                  incomplete_sets=list(left.incomplete_sets[:NAMED_SETS_MAX]),
                   unreadable_dirs=list(left.unreadable_dirs[:NAMED_SETS_MAX]),
                   refused_files=list(left.refused_files[:NAMED_FILES_MAX]))
         return 1

@@ -30,10 +30,14 @@ class EngineSnapshot:
 
     @property
     def unprotected(self) -> dict[str, list[str]]:
-        """What the flush records of what it could not protect (FlushController.finish)."""
+        """What the flush records of what it could not protect (FlushController.finish): at its
+        end a set is incomplete only for a file it needs that is not in S3 and no longer on
+        its way (the sealer does not report a set with a file pending, uploading, being written
+        or just created; SyncEngine.flush_settled waits for those)."""
         return {"unreadable_dirs": list(self.unreadable_dirs),
                 "refused_files": list(self.refused_files),
-                "missing_dirs": list(self.missing_dirs)}
+                "missing_dirs": list(self.missing_dirs),
+                "incomplete_sets": list(self.incomplete_sets)}
 
     @classmethod
     def of(cls, engine: SyncEngine) -> EngineSnapshot:

@@ -98,7 +98,10 @@ class SyncEngine:
         self._observers: list[Callable[[UploadResult], None]] = []
         self._part_of = None if node is None else node.part_of
         self.sealer = SetSealer(ledger, self.uploader.store, self.trackers, clock, wall_clock_ns,
-                                node, claim)
+                                node, claim, self._revive_for_links)
+        # Files retention had deleted from S3 that are uploaded again for a link of another set
+        # alone (see _revive_for_links): their own pruned set is not revived with them.
+        self._for_links_only: set[Path] = set()
         self.throughput = ThroughputMeter()
         self._seal_due = 0.0
         self._last_scan = clock()  # the start's scan (reconcile), then each rescan
@@ -585,9 +588,15 @@ class SyncEngine:
             self.throughput.record(job.snapshot.size, result.seconds)
             self.retries.succeeded(job.path)
             self._uploaded.add(job.path, job.snapshot)
-            self.sealer.mark_dirty(item.set_ref)
             log.info("upload_done", **fields, checksum=result.checksum)
-            self._revive_retired(item.set_ref)
+            if job.path in self._for_links_only:
+                # The sets whose links need it are checked again (SetSealer._revived); its own
+                # set, pruned, stays so: sealed again, it would want all its files uploaded.
+                self._for_links_only.discard(job.path)
+                self.sealer.check_linking(item.set_ref.key)
+            else:
+                self.sealer.mark_dirty(item.set_ref)
+                self._revive_retired(item.set_ref)
         elif result.outcome in (Outcome.CHANGED, Outcome.CANCELLED):
             # The tracker sees the newer write and queues it again once it settles; if it
             # already settled, it is pending now. Requeue from disk to be sure nothing is lost.
@@ -595,6 +604,7 @@ class SyncEngine:
             self._requeue_from_disk(job.path)
         elif result.outcome is Outcome.VANISHED:
             self.retries.forget(job.path)
+            self._for_links_only.discard(job.path)
             log.info("upload_skipped", **fields, reason="file deleted",
                      object_removed=result.object_removed)
             if result.object_removed:
@@ -614,21 +624,26 @@ class SyncEngine:
                         failing=self.retries.is_failing(job.path), retry_in=round(delay, 1))
         return result
 
-    def _revive_retired(self, set_ref: SetRef) -> None:
+    def _revive_retired(self, set_ref: SetRef, below: str | None = None) -> list[Path]:
         """Invariant: a set pruned by retention that changes again (a file rewritten or added,
         or a link pointed elsewhere, while the others stay as they were) is uploaded whole
         again. Its unchanged files were
         deleted from S3 but are current in the ledger: never uploaded again, they would keep
-        the set from being sealed for good, and its new work out of reach of restore."""
+        the set from being sealed for good, and its new work out of reach of restore.
+
+        below: only the objects at or below this key (a file or directory of the set's watched
+        directory), instead of the set's. Returns the files queued again."""
+        key = set_ref.key if below is None else below
         try:
-            keys = self.ledger.revive_retired(self.bucket, set_ref.key)
+            keys = self.ledger.revive_retired(self.bucket, key)
         except LedgerError as exc:
-            log.error("ledger_write_failed", error=str(exc), key=set_ref.key)
-            return
+            log.error("ledger_write_failed", error=str(exc), key=key)
+            return []
         tracker = next((t for t in self.trackers if t.root == set_ref.root), None)
         if tracker is None:
-            return
+            return []
         prefix = object_key(set_ref.prefix, "")
+        queued = []
         for key in keys:
             # Where the key says, below the watched directory as configured now.
             path = set_ref.root / key[len(prefix):]
@@ -636,7 +651,24 @@ class SyncEngine:
                 stat = os.stat(path, follow_symlinks=False)
             except OSError:
                 continue  # gone: the set is sealed without it
-            self._consider(tracker, path, stat)
+            if self._consider(tracker, path, stat):
+                queued.append(path)
+        return queued
+
+    def _revive_for_links(self, set_ref: SetRef, linked: Sequence[str]) -> bool:
+        """The files of other sets (paths below set_ref's watched directory) that set_ref's
+        links need and that retention deleted from S3 are queued again, alone (see
+        SetSealer._revived); whether any was. Once durable they are kept in S3 while a kept
+        set's manifest lists them (Manifest.linked_files)."""
+        queued = [path for relative in linked
+                  for path in self._revive_retired(set_ref, object_key(set_ref.prefix, relative))]
+        if queued:
+            log.info("linked_files_revived", set=set_ref.key, files=len(queued),
+                     paths=[printable_path(path) for path in queued[:20]],
+                     detail="retention had deleted them from S3: uploaded again for the set's "
+                            "links")
+        self._for_links_only.update(queued)
+        return bool(queued)
 
     def _requeue_from_disk(self, path: Path) -> None:
         if path in self.planner:

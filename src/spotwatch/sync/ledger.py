@@ -182,7 +182,9 @@ class Ledger:
     def revive_retired(self, bucket: str, set_key: str) -> list[str]:
         """Forget the set's objects retention deleted from S3 (their local files stayed), so
         that they are uploaded again; returns their keys. For a set that changed after it was
-        pruned: sealed again, its manifest must list every file of it, and those are gone."""
+        pruned: sealed again, its manifest must list every file of it, and those are gone.
+        set_key may also be the key of a file or directory of a set: the objects at or below
+        it (those a link of another set needs)."""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT key FROM objects WHERE bucket = ? AND retired = 1 AND {_IN_SET}",

@@ -60,6 +60,8 @@ class SetCheck:
     # The sets of the files of other sets its links lead to that are not durable in S3 at
     # their current version (sync.links.linked_target): each is among missing.
     links_into: frozenset[str] = frozenset()
+    # Those files (paths below the watched directory), also among missing.
+    linked_missing: tuple[str, ...] = ()
 
 
 class PartClaimed(StoreError):
@@ -73,14 +75,18 @@ class SetSealer:
     clock: monotonic seconds (retry pacing); wall_clock_ns: the time files' ctimes compare to;
     node: on a node of a multi-node job, which one: it seals its part of each set
     (sync.sets.parts) instead of the set's manifest, under the same rules; claim: whether it
-    may (no other live node claims its rank).
+    may (no other live node claims its rank); revive: queues again those of the files of other
+    sets a set's links need (paths below the watched directory) that retention deleted from
+    S3, and says whether it queued any (SyncEngine._revive_for_links; None: none is).
     """
 
     def __init__(self, ledger: Ledger, store: ObjectStore, trackers: Sequence[ChangeTracker],
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock_ns: Callable[[], int] = time.time_ns,
-                 node: JobNode | None = None, claim: RankClaim | None = None) -> None:
+                 node: JobNode | None = None, claim: RankClaim | None = None,
+                 revive: Callable[[SetRef, Sequence[str]], bool] | None = None) -> None:
         self._ledger = ledger
+        self._revive = revive
         self._node = node
         self._claim = claim
         # A part is read back before it is written (_put_part): off the daemon's loop.
@@ -124,7 +130,12 @@ class SetSealer:
         self._dirty[set_ref] = self._dirty.get(set_ref, 0) + 1
         if set_ref.key not in self._unsettled:
             self._settle(set_ref.key, False)
-        for linking in self._linking.pop(set_ref.key, ()):
+        self.check_linking(set_ref.key)
+
+    def check_linking(self, set_key: str) -> None:
+        """A file of the set is uploaded: the sets left incomplete for want of it (their links
+        lead to it) are checked again."""
+        for linking in self._linking.pop(set_key, ()):
             self.mark_dirty(linking)
 
     def resume(self, set_refs: Iterable[SetRef]) -> None:
@@ -159,6 +170,12 @@ class SetSealer:
                     set_name = set_name_of(key[len(prefix):])
                     self.mark_dirty(SetRef(tracker.watch.prefix, set_name, tracker.root))
 
+    def check_incomplete_again(self) -> None:
+        """Invariant: a flush names as incomplete only sets that are so as it ends. Those
+        reported before are checked again (a set whose missing file, or whole directory, was
+        deleted since is sealed with what is left, or dropped)."""
+        self.reseal_after_deletions(list(self.incomplete))
+
     def wait_sent(self) -> list[str]:
         """Wait for the manifest writes under way (a command's end); returns the keys of the
         sets whose manifest S3 did not take."""
@@ -170,6 +187,7 @@ class SetSealer:
         self._collect_sent()
         self._retries.take_due()  # their pause is over: sealed below like any other set
         blocked = None if self._claim is None else self._claim.blocked()
+        busy_set_keys = set(busy_set_keys)  # and the sets of the files revived below
         for set_ref, generation in list(self._dirty.items()):
             if (set_ref in self._sending or set_ref.key in busy_set_keys
                     or set_ref in self._retries):
@@ -182,6 +200,9 @@ class SetSealer:
             if check.arriving or check.links_into & busy_set_keys:
                 continue
             self.awaiting.pop(set_ref.key, None)
+            if self._revived(set_ref, check.linked_missing):
+                busy_set_keys |= check.links_into  # another set linking there waits too
+                continue  # checked again once they are uploaded (their set is busy then)
             if check.missing:
                 for set_key in check.links_into:
                     self._linking.setdefault(set_key, set()).add(set_ref)
@@ -211,6 +232,15 @@ class SetSealer:
             else:
                 future = self._store.put_bytes(key, body.encode(), "application/json")
             self._sending[set_ref] = (generation, future, manifest, key)
+
+    def _revived(self, set_ref: SetRef, linked_missing: Sequence[str]) -> bool:
+        """Invariant: a set is never left incomplete for a file of another set its links need
+        that retention deleted from S3 (that set was pruned) while the file stayed on disk:
+        the ledger holds it retired, so nothing would upload it again, and the set, often the
+        newest checkpoint, would never be sealed. Such files are queued again, and the set
+        waits for them as for any linked file on its way."""
+        return bool(linked_missing) and self._revive is not None and self._revive(
+            set_ref, linked_missing)
 
     def _held_while_unfinished(self, set_ref: SetRef) -> bool:
         """Invariant: a set is never sealed while its trainer's marker beside it says it is
@@ -369,7 +399,7 @@ class SetSealer:
                 continue
             entries.append(ManifestEntry(row[0], relative, *row[2:]))
         links: list[LinkEntry] = []
-        links_into: set[str] = set()
+        linked_missing: list[str] = []
         for path in others:
             link = self._link(set_ref, path)
             if link is None:
@@ -377,10 +407,11 @@ class SetSealer:
             link, wanted = self._with_linked_files(set_ref, path, link)
             if not wanted:
                 links.append(link)
-            missing.extend(wanted)
-            links_into.update(object_key(set_ref.prefix, set_name_of(relative))
-                              for relative in wanted)
-        return SetCheck(entries, sorted(missing), arriving, links, frozenset(links_into))
+            linked_missing.extend(wanted)
+        links_into = frozenset(object_key(set_ref.prefix, set_name_of(relative))
+                               for relative in linked_missing)
+        return SetCheck(entries, sorted(missing + linked_missing), arriving, links, links_into,
+                        tuple(linked_missing))
 
     def _link(self, set_ref: SetRef, path: Path) -> LinkEntry | None:
         """The entry of a symlink of the set that is recorded (None for a FIFO, socket or
