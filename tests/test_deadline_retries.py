@@ -114,3 +114,24 @@ def test_a_flush_waits_for_a_file_s3_failed_until_s3_is_back_not_for_a_refused_o
         assert clock.now < until
         assert engine.left_behind(until) == [engine.retries.waiting(root / "step_2/denied.pt")]
         assert "run/step_2/denied.pt" not in store.objects
+
+
+def test_a_manifest_s3_failed_is_retried_and_waited_for_while_a_deadline_runs(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
+    """A set's files alone are no checkpoint: its manifest write is hurried as a file is."""
+    root = tmp_path / "ckpt"
+    write(root, "step_1/model.pt", b"model")
+    manifest = "run/.spotwatch/manifests/step_1.json"
+    store.fail("put_bytes", times=FAILING_AFTER + 2, key=manifest)
+    with engine_on(root, tmp_path, store, clock) as engine:
+        engine.reconcile(quiet_seconds=0)
+        # Failing: no flush waits for it any more, and its next try is far off.
+        pump_until(engine, lambda: "run/step_1/model.pt" in store.objects
+                   and "run/step_1" in engine.sealer.incomplete
+                   and not engine.sealer.unsealed(), clock, step=1.0)
+        until = clock.now + DEADLINE
+        engine.sealer.hurry(until)
+        assert engine.sealer.unsealed() == {"run/step_1"}  # waited for while the deadline runs
+        pump_until(engine, lambda: manifest in store.objects, clock, step=0.1)
+        assert clock.now < until
+        engine.sealer.hurry(None)

@@ -553,3 +553,26 @@ def test_a_flush_waits_for_uploads_it_took_back_only_so_long(
             assert "run/step_9/model.pt" in store.started[2:]
         finally:
             store.release.set()
+
+
+def test_a_rescan_while_a_manifest_is_on_its_way_seals_nothing_again(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
+    """A link that is as the manifest on its way lists it is no change: only a link that
+    differs from that manifest seals its set again (a rescan meets every link)."""
+    root = tmp_path / "ckpt"
+    write(root, "step_1/model.pt", b"model")
+    (root / "step_1" / "weights.pt").symlink_to("model.pt")
+    manifest = "run/.spotwatch/manifests/step_1.json"
+    gate = store.hold("put_bytes", key=manifest)
+    with engine_on(root, tmp_path, store, clock) as engine:
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, gate.entered.is_set, clock, step=0.1)
+        clock.advance(3600)
+        engine.rescan_when_due(interval=1.0)  # meets weights.pt as the manifest lists it
+        pump_until(engine, lambda: engine._periodic is None, clock)
+        gate.release()
+        pump_until(engine, lambda: manifest in store.objects and quiescent(engine), clock,
+                   step=0.1)
+        assert store.calls["put_bytes"] == 1
+        assert json.loads(store.data(manifest))["links"] == [
+            {"path": "step_1/weights.pt", "target": "model.pt"}]

@@ -149,3 +149,24 @@ def test_a_linked_directory_reads_back_and_a_manifest_without_one_as_before() ->
 def test_a_malformed_linked_directory_is_refused(link: dict[str, Any]) -> None:
     with pytest.raises(ManifestError):
         Manifest.from_json(json.dumps(_linking(**link)), PREFIX)
+
+
+def test_a_link_restore_would_replace_by_a_directory_stays_when_the_set_does_not_land(
+        workspace: Workspace, s3: Any) -> None:
+    """step_200/tokenizer leads to a folder whose bytes differ: a restore of step_200 would put
+    a directory in its place, but step_200 turns out corrupt; the link is as it was."""
+    ckpt = workspace.checkpoints
+    for name in TOKENIZER:
+        save_checkpoint(ckpt / "step_100" / name, 2_000)
+    save_checkpoint(ckpt / "step_200" / "model.pt", 3_000)
+    os.symlink("../step_100/tokenizer", ckpt / "step_200" / "tokenizer")
+    assert workspace.cli("flush", "-c", "config.yaml").returncode == 0
+    target = workspace.root / "in_use"
+    shutil.copytree(ckpt / "step_100" / "tokenizer", target / "step_100" / "tokenizer")
+    (target / "step_100" / "tokenizer" / "merges.txt").write_bytes(os.urandom(2_000))
+    (target / "step_200").mkdir()
+    os.symlink("../step_100/tokenizer", target / "step_200" / "tokenizer")
+    s3.put_object(Bucket=workspace.bucket, Key="run1/step_200/model.pt", Body=os.urandom(3_000))
+    result = restore(workspace, "--set", "step_200", "--to", str(target))
+    assert result.returncode == 1, result.stdout
+    assert os.readlink(target / "step_200" / "tokenizer") == "../step_100/tokenizer"

@@ -229,3 +229,26 @@ def test_a_refused_manifest_deletion_leaves_every_file_in_place(
         assert all(deletion.key in store.objects for deletion in deletions if not deletion.seal)
     else:
         assert deleted == deletions
+
+
+def test_a_prune_cancelled_after_its_manifests_went_still_deletes_their_files(
+        tmp_path: Path) -> None:
+    """No later plan would find a dropped set's files without its manifest."""
+    deletions = [Deletion(f"{PREFIX}.spotwatch/manifests/step_1.json", "retention", seal=True),
+                 Deletion(f"{PREFIX}step_1/model.pt", "retention")]
+    store = RefusingStore(set())
+    for deletion in deletions:
+        store.put(deletion.key, b"x")
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    pruner = Pruner(store, ledger, False, 1)
+    original = store.delete_many
+
+    def cancel_after_the_seals(keys: Sequence[str]) -> list[str]:
+        refused = original(keys)
+        pruner.cancelled.set()  # an upload arrived while the manifests were deleted
+        return refused
+
+    store.delete_many = cancel_after_the_seals  # type: ignore[method-assign]
+    assert pruner.apply(deletions) == deletions
+    ledger.close()
+    assert not store.objects

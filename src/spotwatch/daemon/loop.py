@@ -562,6 +562,7 @@ class Daemon:
         self._lift_bandwidth_cap(reason)
         self.flushes.start(reason, deadline, engine, until)
         engine.retries.hurry(self.flushes.hurry_until)
+        engine.sealer.hurry(self.flushes.hurry_until)
 
     def _lift_bandwidth_cap(self, reason: str) -> None:
         """Invariant: the bandwidth cap holds back continuous uploads only. Every flush (a
@@ -587,6 +588,7 @@ class Daemon:
         finished = self.flushes.finish(failed, engine.being_written(),
                                        EngineSnapshot.of(engine).unprotected)
         engine.retries.hurry(None)  # the failed files go back to their backoff
+        engine.sealer.hurry(None)
         self._reimpose_bandwidth_cap()
         self._complete_lifecycle_when_durable(engine, f"{finished.reason} flush")
         self.reporter.count_flush(finished.reason, finished.seconds)

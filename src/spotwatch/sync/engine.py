@@ -101,7 +101,8 @@ class SyncEngine:
                                 node, claim, self._revive_for_links)
         # Files retention had deleted from S3 that are uploaded again for a link of another set
         # alone (see _revive_for_links): their own pruned set is not revived with them.
-        self._for_links_only: set[Path] = set()
+        # With the version revived (size, mtime_ns): a later version is the set's own change.
+        self._for_links_only: dict[Path, tuple[int, int]] = {}
         self.throughput = ThroughputMeter()
         self._seal_due = 0.0
         self._last_scan = clock()  # the start's scan (reconcile), then each rescan
@@ -385,10 +386,12 @@ class SyncEngine:
             self._skip(path, "symlink_skipped", reason=str(exc),
                        detail="symlinks are not followed: save the file itself to upload it")
         set_ref = _set_ref(tracker, relative)
-        # A manifest on its way lists the links as they were before this one changed; the
-        # ledger still holds those of the manifest before it.
-        if self.sealer.sending(set_ref) or self.ledger.link_target(self.bucket, key) != (
-                None if link is None else link.target):
+        # What S3 lists of the link: a manifest on its way lists the links as they were when
+        # it was sent, while the ledger still holds those of the manifest before it.
+        on_the_way = self.sealer.links_on_the_way(set_ref)
+        sealed = (self.ledger.link_target(self.bucket, key) if on_the_way is None
+                  else on_the_way.get(relative))
+        if sealed != (None if link is None else link.target):
             self.sealer.mark_dirty(set_ref)
             self._revive_retired(set_ref)  # a set retention removed changed: whole again
 
@@ -589,10 +592,10 @@ class SyncEngine:
             self.retries.succeeded(job.path)
             self._uploaded.add(job.path, job.snapshot)
             log.info("upload_done", **fields, checksum=result.checksum)
-            if job.path in self._for_links_only:
+            revived = self._for_links_only.pop(job.path, None)
+            if revived == (job.snapshot.size, job.snapshot.mtime_ns):
                 # The sets whose links need it are checked again (SetSealer._revived); its own
                 # set, pruned, stays so: sealed again, it would want all its files uploaded.
-                self._for_links_only.discard(job.path)
                 self.sealer.check_linking(item.set_ref.key)
             else:
                 self.sealer.mark_dirty(item.set_ref)
@@ -604,7 +607,7 @@ class SyncEngine:
             self._requeue_from_disk(job.path)
         elif result.outcome is Outcome.VANISHED:
             self.retries.forget(job.path)
-            self._for_links_only.discard(job.path)
+            self._for_links_only.pop(job.path, None)
             log.info("upload_skipped", **fields, reason="file deleted",
                      object_removed=result.object_removed)
             if result.object_removed:
@@ -624,7 +627,8 @@ class SyncEngine:
                         failing=self.retries.is_failing(job.path), retry_in=round(delay, 1))
         return result
 
-    def _revive_retired(self, set_ref: SetRef, below: str | None = None) -> list[Path]:
+    def _revive_retired(self, set_ref: SetRef,
+                        below: str | None = None) -> list[tuple[Path, os.stat_result]]:
         """Invariant: a set pruned by retention that changes again (a file rewritten or added,
         or a link pointed elsewhere, while the others stay as they were) is uploaded whole
         again. Its unchanged files were
@@ -652,7 +656,7 @@ class SyncEngine:
             except OSError:
                 continue  # gone: the set is sealed without it
             if self._consider(tracker, path, stat):
-                queued.append(path)
+                queued.append((path, stat))
         return queued
 
     def _revive_for_links(self, set_ref: SetRef, linked: Sequence[str]) -> bool:
@@ -660,14 +664,16 @@ class SyncEngine:
         links need and that retention deleted from S3 are queued again, alone (see
         SetSealer._revived); whether any was. Once durable they are kept in S3 while a kept
         set's manifest lists them (Manifest.linked_files)."""
-        queued = [path for relative in linked
-                  for path in self._revive_retired(set_ref, object_key(set_ref.prefix, relative))]
+        queued = [revived for relative in linked
+                  for revived in self._revive_retired(set_ref,
+                                                     object_key(set_ref.prefix, relative))]
         if queued:
             log.info("linked_files_revived", set=set_ref.key, files=len(queued),
-                     paths=[printable_path(path) for path in queued[:20]],
+                     paths=[printable_path(path) for path, _ in queued[:20]],
                      detail="retention had deleted them from S3: uploaded again for the set's "
                             "links")
-        self._for_links_only.update(queued)
+        self._for_links_only.update((path, (stat.st_size, stat.st_mtime_ns))
+                                    for path, stat in queued)
         return bool(queued)
 
     def _requeue_from_disk(self, path: Path) -> None:

@@ -106,7 +106,9 @@ class Pruner:
         done: list[Deletion] = []
         start = 0
         for batch in _batches(deletions):
-            if self.cancelled.is_set():
+            # Once a manifest is gone, its set's files go too, cancelled or not: no later plan
+            # finds them (it finds a dropped set's files through its manifest).
+            if self.cancelled.is_set() and not any(deletion.seal for deletion in done):
                 log.info("prune_cancelled", deleted=len(done), remaining=len(deletions) - start)
                 return done
             start += len(batch)

@@ -819,13 +819,31 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
               also: Mapping[str, tuple[ManifestEntry, ...]] | None = None) -> RestoreReport:
     """complete: the set's completeness check, run beside the downloads (SetIncomplete);
     also: by key, more entries each file must match (Candidate.also; SetCorrupt)."""
-    also = also or {}
     targets = _Targets(destination)
     as_files = [link for link in manifest.links
                 if link.linked and not _linked_here(store, link, targets, preferred)]
-    for link in as_files:
-        if link.files:  # its files land in a directory of its name: not through the link
-            _unlink_symlink(targets.of(link.path))
+    # A link to a directory restored as one: its files land in a directory of its name, not
+    # through the link, which is put back should the set not land (corrupt, incomplete, a
+    # stop): a set that is not restored leaves the destination as it was.
+    removed = [(place, text) for link in as_files if link.files
+               for place in [targets.of(link.path)] for text in [_unlink_symlink(place)]
+               if text is not None]
+    try:
+        return _fetch_and_place(store, manifest, destination, targets, preferred, ledger,
+                                as_files, complete, also or {})
+    except BaseException:
+        for place, text in removed:
+            if not os.path.lexists(place):
+                with suppress(OSError):
+                    os.symlink(text, place)
+        raise
+
+
+def _fetch_and_place(store: ObjectStore, manifest: Manifest, destination: Path,
+                     targets: _Targets, preferred: str, ledger: Ledger | None,
+                     as_files: Sequence[LinkEntry], complete: Callable[[], bool] | None,
+                     also: Mapping[str, tuple[ManifestEntry, ...]]) -> RestoreReport:
+    """_download's work once it knows which links come back as files (as_files)."""
     # A link restored as a file holds its linked object's bytes: the ledger does not record it
     # (no object has its key), so a daemon watching uploads it as a file of its set.
     linked = [entry for link in as_files for entry in link.linked]
@@ -888,7 +906,7 @@ def _in_the_way(todo: Sequence[tuple[FileToFetch, Path]]) -> tuple[tuple[str, ..
             info = target.lstat()
         except OSError:
             continue
-        if S_ISDIR(info.st_mode):
+        if S_ISDIR(info.st_mode) or S_ISLNK(info.st_mode):  # a link is no work of its own
             continue
         replaced.append(file.entry.path)
         if info.st_mtime_ns > file.entry.mtime_ns:
@@ -918,12 +936,15 @@ def _linked_here(store: ObjectStore, link: LinkEntry, targets: _Targets, preferr
         return False
 
 
-def _unlink_symlink(place: Path) -> None:
-    """A symlink at place removed: one that does not lead to the bytes its set was sealed
-    with (_linked_here), whose directory restore makes in its place. Restore never writes
-    through it (see _Targets)."""
-    if place.is_symlink():
-        place.unlink()
+def _unlink_symlink(place: Path) -> str | None:
+    """A symlink at place removed, and its text returned (None: none was there): one that
+    does not lead to the bytes its set was sealed with (_linked_here), whose directory restore
+    makes in its place. Restore never writes through it (see _Targets)."""
+    if not place.is_symlink():
+        return None
+    text = os.readlink(place)
+    place.unlink()
+    return text
 
 
 def _record(ledger: Ledger, bucket: str, entry: ManifestEntry, target: Path,

@@ -128,6 +128,12 @@ class RetryQueue(Generic[K, T]):
             if key not in self._permanent:
                 waiting.due = min(waiting.due, soonest)
 
+    def waits_for(self, key: K) -> bool:
+        """Whether a flush waits for this key now: not failing, or failing for a transient
+        reason while a deadline runs (see hurry)."""
+        return not self.is_failing(key) or (key not in self._permanent
+                                             and self._hurry_left() is not None)
+
     def _hurry_left(self) -> float | None:
         """Seconds left until the running deadline (None: none runs, or it has passed)."""
         if self._hurry_until is None:

@@ -120,11 +120,19 @@ class SetSealer:
     def unsealed(self) -> set[str]:
         """Keys of the sets still waiting for their manifest, but for those whose manifest
         write keeps failing: a flush reports those instead of waiting for them."""
-        return {set_ref.key for set_ref in self._dirty if not self._retries.is_failing(set_ref)}
+        return {set_ref.key for set_ref in self._dirty if self._retries.waits_for(set_ref)}
 
-    def sending(self, set_ref: SetRef) -> bool:
-        """Whether the set's manifest is on its way, listing the set as it was when sent."""
-        return set_ref in self._sending
+    def hurry(self, until: float | None) -> None:
+        """Under a flush's deadline (monotonic; None: none runs any more), a manifest write
+        failing for a transient reason is tried again within seconds and waited for, as a
+        file is (RetryQueue.hurry): the set's files alone are no checkpoint."""
+        self._retries.hurry(until)
+
+    def links_on_the_way(self, set_ref: SetRef) -> dict[str, str] | None:
+        """The links (path: target) the set's manifest on its way lists, as they were when
+        it was sent; None when none is on its way."""
+        sending = self._sending.get(set_ref)
+        return None if sending is None else {link.path: link.target for link in sending[2].links}
 
     def mark_dirty(self, set_ref: SetRef) -> None:
         self._dirty[set_ref] = self._dirty.get(set_ref, 0) + 1
@@ -324,7 +332,9 @@ class SetSealer:
                     self._hold(set_ref, self._claim.blocked() or str(error))
                     continue
                 self.incomplete[set_ref.key] = [str(error)]
-            delay = self._retries.failed(set_ref, set_ref)
+            # Another node holding the rank is no failure a quick retry mends.
+            delay = self._retries.failed(set_ref, set_ref,
+                                         permanent=isinstance(error, PartClaimed))
             attempts = self._retries.failures(set_ref)
             if self._retries.is_failing(set_ref):
                 self.incomplete[set_ref.key] = [f"manifest not written: {error}"]
