@@ -561,8 +561,7 @@ class Daemon:
         engine.put_newest_first()
         self._lift_bandwidth_cap(reason)
         self.flushes.start(reason, deadline, engine, until)
-        engine.retries.hurry(self.flushes.hurry_until)
-        engine.sealer.hurry(self.flushes.hurry_until)
+        engine.hurry(self.flushes.hurry_until)
 
     def _lift_bandwidth_cap(self, reason: str) -> None:
         """Invariant: the bandwidth cap holds back continuous uploads only. Every flush (a
@@ -587,8 +586,7 @@ class Daemon:
         engine.report_sets_left_behind(until)
         finished = self.flushes.finish(failed, engine.being_written(),
                                        EngineSnapshot.of(engine).unprotected)
-        engine.retries.hurry(None)  # the failed files go back to their backoff
-        engine.sealer.hurry(None)
+        engine.hurry(None)  # the failed files and manifests go back to their backoff
         self._reimpose_bandwidth_cap()
         self._complete_lifecycle_when_durable(engine, f"{finished.reason} flush")
         self.reporter.count_flush(finished.reason, finished.seconds)

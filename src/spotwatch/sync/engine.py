@@ -525,6 +525,13 @@ class SyncEngine:
         busy.update(item.set_key for item in self._uploading.values())
         return busy | self._set_keys_being_written()
 
+    def hurry(self, until: float | None) -> None:
+        """A flush's deadline runs until then (monotonic; None: none runs any more): files and
+        manifest writes failing for a transient reason are retried within seconds and waited
+        for (RetryQueue.hurry), both, since a set's files alone are no checkpoint."""
+        self.retries.hurry(until)
+        self.sealer.hurry(until)
+
     def sets_with_files_pending(self) -> set[str]:
         """Sets with a file queued, uploading or waiting for a retry: not sealed as they are
         now, whether or not the sealer has heard of them yet (it hears of a set from its first
