@@ -9,6 +9,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spotwatch.daemon.reporter import STATUS_NAMED_SETS_MAX
 from spotwatch.sync.sets.manifest import ManifestEntry
 from spotwatch.sync.sets.sealer import unmatched
 
@@ -20,6 +21,27 @@ from .test_daemon_e2e import flush_summary, save_checkpoint
 def watch_with(workspace: Workspace, complete_when: list[str]) -> None:
     workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/",
                                    "complete_when": complete_when}])
+
+
+def test_status_names_a_bounded_number_of_waiting_sets_and_counts_them_all(
+        workspace: Workspace) -> None:
+    """Every top-level file or directory is a set of its own: with tens of thousands waiting,
+    status.json would rewrite all their names every second. It names the first
+    STATUS_NAMED_SETS_MAX in order, counts every one, and `spotwatch status` gives the count,
+    while the daemon runs and once it has stopped."""
+    watch_with(workspace, [".metadata"])
+    waiting = [f"step_{i:04d}" for i in range(STATUS_NAMED_SETS_MAX + 7)]
+    for name in waiting:
+        save_checkpoint(workspace.checkpoints / name / "shard-0.distcp", 100)
+    daemon = workspace.start_daemon()
+    status = wait_for(lambda: (lambda report: report if report.get("unsealed_set_count") == len(
+        waiting) and report.get("pending_files") == 0 else None)(workspace.status()))
+    assert status["unsealed_sets"] == [f"run1/{name}" for name in waiting[:STATUS_NAMED_SETS_MAX]]
+    shown = workspace.cli("status", "-c", str(workspace.config_file)).stdout
+    assert f"unsealed:     {len(waiting)} sets waiting for their manifest" in shown, shown
+    daemon.stop()
+    shown = workspace.cli("status", "-c", str(workspace.config_file)).stdout
+    assert f"{len(waiting)} sets without their manifest: run1/step_0000" in shown, shown
 
 
 def test_a_set_waits_for_its_marker_however_long_the_trainer_pauses(

@@ -106,6 +106,10 @@ class _Report(msgspec.Struct):
     flushing: bool = False
     incomplete_sets: list[str] = []
     unsealed_sets: list[str] = []
+    # The whole counts; the lists above name the first STATUS_NAMED_SETS_MAX (absent from a
+    # report written before the lists were bounded: then the lists are whole).
+    incomplete_set_count: int | None = None
+    unsealed_set_count: int | None = None
 
 
 class _Waiting(msgspec.Struct):
@@ -133,10 +137,18 @@ def _left_by(status: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     pending = int(status.get("pending_files") or 0)
     unsealed = list(status.get("unsealed_sets") or [])
-    if not pending and not unsealed:
+    unsealed_count = set_count(status, "unsealed")
+    if not pending and not unsealed_count:
         return None
     return {"pending_files": pending, "unsealed_sets": unsealed,
-            "reported_at": status.get("updated_at")}
+            "unsealed_set_count": unsealed_count, "reported_at": status.get("updated_at")}
+
+
+def set_count(status: dict[str, Any], kind: str) -> int:
+    """How many sets status.json reports as `kind` (incomplete or unsealed): its count, or
+    the length of its list where it has no count."""
+    count = status.get(f"{kind}_set_count")
+    return int(count) if isinstance(count, int) else len(status.get(f"{kind}_sets") or [])
 
 
 def _readable(status: dict[str, Any]) -> bool:
@@ -195,8 +207,8 @@ def _health(daemon: dict[str, Any]) -> str:
     if degraded:
         return "degraded: " + "; ".join(degraded)
     # Invariant: never "ok" while a set cannot be sealed (its checkpoint is not protected).
-    incomplete = daemon.get("incomplete_sets")
-    return f"not ok: {len(incomplete)} sets incomplete (see below)" if incomplete else "ok"
+    incomplete = set_count(daemon, "incomplete")
+    return f"not ok: {incomplete} sets incomplete (see below)" if incomplete else "ok"
 
 
 def _notice_line(notice: dict[str, Any] | None) -> str:
@@ -234,8 +246,8 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append("last notice:  " + _notice_line(daemon.get("last_notice")))
         incomplete = daemon.get("incomplete_sets") or []
         if incomplete:
-            lines.append(f"incomplete:   {len(incomplete)} sets without a manifest (a file "
-                         f"is not in S3): {', '.join(incomplete[:5])}")
+            lines.append(f"incomplete:   {set_count(daemon, 'incomplete')} sets without a "
+                         f"manifest (a file is not in S3): {', '.join(incomplete[:5])}")
         unreadable = daemon.get("unreadable_dirs") or []
         if unreadable:
             lines.append(f"unreadable:   {len(unreadable)} directories spotwatch may not read "
@@ -246,8 +258,8 @@ def render_status(report: dict[str, Any]) -> str:
                          f"made or mounted yet): {', '.join(missing[:5])}")
         unsealed = daemon.get("unsealed_sets") or []
         if unsealed:
-            lines.append(f"unsealed:     {len(unsealed)} sets waiting for their manifest (no "
-                         f"checkpoint yet): {', '.join(unsealed[:5])}")
+            lines.append(f"unsealed:     {set_count(daemon, 'unsealed')} sets waiting for "
+                         f"their manifest (no checkpoint yet): {', '.join(unsealed[:5])}")
         if daemon.get("flushing"):  # last flush is the one before: never "done" meanwhile
             lines.append("flush:        running (pending files go newest set first)")
         flush = daemon.get("last_flush")
@@ -268,8 +280,8 @@ def render_status(report: dict[str, Any]) -> str:
         if left:
             unsealed = left["unsealed_sets"]
             lines.append(f"left behind:  {left['pending_files']} files not in S3 when it last "
-                         f"reported ({_ago(left['reported_at'])}), {len(unsealed)} sets "
-                         f"without their manifest: {', '.join(unsealed[:5])}; the next start "
+                         f"reported ({_ago(left['reported_at'])}), {left['unsealed_set_count']} "
+                         f"sets without their manifest: {', '.join(unsealed[:5])}; the next start "
                          "uploads them")
     lines.append(f"in S3:        {report['uploaded_objects']} objects, "
                  f"{_size(report['uploaded_bytes'])}")

@@ -27,6 +27,9 @@ from spotwatch.sync.sets.claim import RankClaim
 log = get_logger("spotwatch.daemon")
 
 STATUS_INTERVAL_SECONDS = 1.0
+# status.json names at most this many incomplete and unsealed sets (the first in order); its
+# *_set_count fields count them all.
+STATUS_NAMED_SETS_MAX = 100
 # While the first run of the preflight checks goes on (S3 silent: the SDK's timeouts, minutes),
 # systemd's start timeout (the unit's TimeoutStartSec=60) is pushed this far from each message,
 # sent every EXTEND_EVERY_SECONDS: a start still checking S3 is not killed and restarted.
@@ -214,8 +217,12 @@ class Reporter:
             "last_flush": flushes.last,
             "flushing": flushes.active,
             "metrics_url": self.metrics_url,
-            "incomplete_sets": list(left.incomplete_sets),
-            "unsealed_sets": list(left.unsealed_sets),
+            # Named up to a bound, counted in full: with tens of thousands of sets (each
+            # top-level file is one) the whole list would be rewritten every second.
+            "incomplete_sets": list(left.incomplete_sets[:STATUS_NAMED_SETS_MAX]),
+            "incomplete_set_count": len(left.incomplete_sets),
+            "unsealed_sets": list(left.unsealed_sets[:STATUS_NAMED_SETS_MAX]),
+            "unsealed_set_count": len(left.unsealed_sets),
             "unreadable_dirs": list(left.unreadable_dirs),
             "missing_dirs": list(left.missing_dirs),
             "bandwidth_cap": None if self._bandwidth is None else self._bandwidth.rate,
