@@ -1,7 +1,8 @@
 """An Auto Scaling front for the moto server: moto (5.2) has no RecordLifecycleActionHeartbeat
 or CompleteLifecycleAction, so this proxy answers those two itself, after checking them against
 moto's own state (the hook exists on the group, the instance belongs to it), and records them;
-every other request is forwarded to moto unchanged.
+every other request is forwarded to moto unchanged. `unparsable` makes it answer some calls
+with a page that is not Auto Scaling's, as a proxy in its place does.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class AutoScalingProxy:
     moto: Any  # a boto3 autoscaling client on the moto server, to check the calls against
     on_call: Callable[[str], Any] = lambda action: None
     calls: list[LifecycleCall] = field(default_factory=list)
+    # Action -> how many of its calls get a plain-text 503 (an Envoy-style proxy's page)
+    # instead of an answer; counted down as they are sent.
+    unparsable: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         target = urlsplit(self.upstream)
@@ -52,6 +56,13 @@ class AutoScalingProxy:
 
     def __exit__(self, *exc: object) -> None:
         self._server.stop()
+
+    def take_unparsable(self, action: str) -> bool:
+        with self._lock:
+            left = self.unparsable.get(action, 0)
+            if left:
+                self.unparsable[action] = left - 1
+            return bool(left)
 
     def named(self, action: str) -> list[LifecycleCall]:
         with self._lock:
@@ -87,6 +98,10 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         params = {k: v[0] for k, v in parse_qs(body.decode()).items()}
         action = params.pop("Action", "")
+        if self.proxy.take_unparsable(action):
+            self._reply(503, b"upstream connect error or disconnect/reset before headers. "
+                        b"reset reason: connection failure", "text/plain")
+            return
         if action not in LIFECYCLE_ACTIONS:
             self._reply(*self._forward(body))
             return
@@ -111,9 +126,9 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             connection.close()
 
-    def _reply(self, status: int, payload: bytes) -> None:
+    def _reply(self, status: int, payload: bytes, content_type: str = "text/xml") -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "text/xml")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)

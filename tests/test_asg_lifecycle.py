@@ -104,6 +104,29 @@ def test_a_refused_lifecycle_call_is_only_a_warning(
     assert f"the group {name} has no lifecycle hook named 'no-such-hook'" in "".join(seen)
 
 
+def test_replies_that_are_not_auto_scalings_are_warnings_and_the_heartbeats_go_on(
+        imds: ImdsEmulator, group: tuple[str, str, str], proxy: AutoScalingProxy,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A proxy's plain-text page in Auto Scaling's place cannot be parsed, and botocore's
+    error for that is no BotoCoreError: each such reply is one warning, and the action still
+    heart-beats and continues the scale-in once completed."""
+    _name, hook, instance = group
+    imds.set_instance(instance)  # the group comes from DescribeAutoScalingInstances
+    proxy.unparsable.update({"DescribeLifecycleHooks": 1, HEARTBEAT: 2})
+    action = LifecycleAction(AsgSettings(lifecycle_hook=hook, heartbeat_interval=0.2),
+                             ImdsSettings(endpoint=imds.url), make_autoscaling_client(REGION))
+    action.begin()
+    wait_for(lambda: len(proxy.named(HEARTBEAT)) >= 2)  # answered ones, after the pages
+    action.complete("test", wait=10)
+    [completed] = proxy.named(COMPLETE)
+    assert completed.params["LifecycleActionResult"] == "CONTINUE"
+    said = capsys.readouterr()
+    output = said.out + said.err
+    assert "asg_heartbeat_timeout_unknown" in output
+    assert output.count("asg_lifecycle_call_failed") == 2
+    assert "Traceback" not in output
+
+
 def test_a_heartbeat_interval_not_below_the_hooks_timeout_is_halved_with_one_warning(
         imds: ImdsEmulator, group: tuple[str, str, str], proxy: AutoScalingProxy,
         moto_asg: Any, capsys: pytest.CaptureFixture[str]) -> None:

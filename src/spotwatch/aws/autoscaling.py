@@ -14,6 +14,7 @@ from typing import Any
 import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 
 from spotwatch.aws.imds import ImdsClient, ImdsError
 from spotwatch.aws.s3 import sdk_settings_checked
@@ -24,7 +25,12 @@ log = get_logger("spotwatch.asg")
 
 INSTANCE_ID_PATH = "meta-data/instance-id"
 GROUP_TAG_PATH = "meta-data/tags/instance/aws:autoscaling:groupName"
-_AWS_ERRORS = (BotoCoreError, ClientError, ImdsError)
+# A reply botocore cannot parse (a proxy's plain-text or HTML page in Auto Scaling's place) is
+# no BotoCoreError; S3's client retries one, Auto Scaling's raises it.
+_AWS_ERRORS: tuple[type[Exception], ...] = (BotoCoreError, ClientError, ResponseParserError,
+                                            ImdsError)
+# What reading the hook's heartbeat timeout may raise besides: no such hook, a reply without it.
+_HOOK_UNREADABLE: tuple[type[Exception], ...] = (*_AWS_ERRORS, LookupError, TypeError, ValueError)
 
 
 def make_autoscaling_client(region: str) -> Any:
@@ -108,7 +114,7 @@ class LifecycleAction:
                 raise LookupError(f"the group {target['AutoScalingGroupName']} has no "
                                   f"lifecycle hook named {self.hook!r} (asg.lifecycle_hook)")
             timeout = float(found["LifecycleHooks"][0]["HeartbeatTimeout"])
-        except (*_AWS_ERRORS, LookupError, TypeError, ValueError) as exc:
+        except _HOOK_UNREADABLE as exc:
             log.warning("asg_heartbeat_timeout_unknown", hook=self.hook, error=str(exc),
                         heartbeat_interval=configured)
             return configured
