@@ -680,3 +680,36 @@ def test_flush_through_the_daemon_reports_a_failing_file(workspace: Workspace, s
                                           "manifest, a file they need not in S3: run1/locked.pt")
     assert object_bytes(s3, workspace.bucket, "run1/ok.pt") == readable
     assert daemon.stop() == 1
+
+
+@pytest.mark.parametrize("daemon_running", [True, False], ids=["daemon", "one-shot"])
+def test_a_flush_ends_at_its_time_limit_while_s3_holds_its_uploads(
+        workspace: Workspace, s3: Any, proxy: FaultProxy, transfer_client: str,
+        daemon_running: bool) -> None:
+    """S3 takes the uploads and never answers: no upload ends, so no retry comes either. A
+    flush still ends at sync.stop_timeout from its start (it has no notice's deadline), exits
+    1 and says how many files are not durable yet; the uploads go on after it."""
+    stop_timeout = 3
+    workspace.write_config(sync={"stop_timeout": stop_timeout})
+    held = proxy.add("delay", lambda r: r.operation == "PutObject" and of_files(r),
+                     times=1000, delay=120)
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url) if daemon_running else None
+    checkpoint_data(workspace.checkpoints / "step_1" / "model.pt", 10_000)
+    if daemon is not None:
+        wait_for(lambda: held.applied >= 1, timeout=60)
+    flush, log_path = spawn_cli(workspace, proxy, "flush")
+    try:
+        # Within the limit, plus a start-up and the report's polling, and well before the
+        # 120 s S3 holds each upload.
+        assert flush.wait(timeout=60) == 1, log_path.read_text()
+    finally:
+        if flush.poll() is None:
+            flush.kill()
+    said = log_path.read_text()
+    assert "reached its time limit" in said and "1 files not yet durable" in said, said
+    assert "Traceback" not in said
+    if daemon is not None:
+        record = workspace.status()["last_flush"]
+        assert record["timed_out"] is True and record["pending_files"] == 1
+        assert workspace.status()["pending_files"] == 1  # still uploading, still counted
+        assert daemon.stop() == 1  # its own final flush cannot make it durable either

@@ -278,3 +278,24 @@ def test_a_deadline_that_comes_during_a_flush_gets_its_own_plan() -> None:
     assert [(e["event"], e["seconds_left"]) for e in plans] == [
         ("flush_plan", None), ("flush_at_risk", 5.0)]
     assert plans[1]["at_risk_sets"] == ["p/step_1"]
+
+
+@given(st.integers(min_value=1, max_value=600), st.integers(min_value=1, max_value=600))
+def test_a_flush_is_overdue_at_its_deadline_else_at_the_write_wait(
+        write_wait: int, notice_in: int) -> None:
+    """What ends a flush that uploads hang in: a notice's at its deadline, one with no deadline
+    at write_wait (sync.stop_timeout) from its start; never before, and a controller with no
+    write_wait never calls a deadline-less flush overdue."""
+    clock = FakeClock()
+    manual = FlushController(clock, write_wait=write_wait)
+    manual.start("manual", None, Work(clock, []))
+    noticed = FlushController(clock, write_wait=write_wait)
+    noticed.start("spot", START + timedelta(seconds=notice_in), Work(clock, []))
+    unbounded = FlushController(clock)
+    unbounded.start("manual", None, Work(clock, []))
+    clock.advance(min(write_wait, notice_in) - 0.5)
+    assert not manual.overdue() and not noticed.overdue()
+    clock.advance(max(write_wait, notice_in))
+    assert manual.overdue() and noticed.overdue() and not unbounded.overdue()
+    record = manual.finish([], not_durable=2).record
+    assert record["timed_out"] is True and record["pending_files"] == 2

@@ -84,9 +84,13 @@ def report_left_behind(record: dict[str, Any], whose: str) -> int:
     files still being written behind, or could not protect some at all; else 0. Invariant: an
     exit 1 of `spotwatch flush` always says why, whether this process or the daemon flushed."""
     reasons = []
-    if record.get("timed_out"):
+    if record.get("timed_out") and record.get("reason") == "shutdown":
         reasons.append(f"{whose} was cut short by the daemon's stop (sync.stop_timeout) with "
                        f"{record.get('pending_files', 0)} files not yet durable in S3")
+    elif record.get("timed_out"):
+        reasons.append(f"{whose} reached its time limit (a notice's deadline, else "
+                       f"sync.stop_timeout from its start) with {record.get('pending_files', 0)}"
+                       f" files not yet durable in S3 (still uploading: is S3 answering?)")
     if record.get("failed"):
         reasons.append(f"{whose} left {record['failed']} failing files: "
                        f"{', '.join(record.get('failed_files', []))}")

@@ -114,6 +114,16 @@ class FlushController:
             bounds.append(flush.retries_until)
         return max((bound for bound in bounds if bound is not None), default=None)
 
+    def overdue(self) -> bool:
+        """The running flush is past hurry_until, the longest it waits for anything.
+
+        Invariant: a flush (a notice's, `spotwatch flush`'s) ends by then even while uploads
+        hang on an S3 that does not answer: they go on after it, and its record says how many
+        files were not durable yet. Nothing else would end it, as an upload ends only once S3
+        answers or the transfer client gives up, which may be never."""
+        bound = self.hurry_until
+        return bound is not None and self._clock.monotonic() >= bound
+
     def start(self, reason: str, deadline: datetime | None, work: FlushWork,
               until: float | None = None) -> None:
         """Start a flush, or tighten the running one; until: a monotonic deadline."""
@@ -185,12 +195,15 @@ class FlushController:
             self.current.progress.bytes += result.job.snapshot.size
 
     def finish(self, failed: Sequence[PendingFile], still_written: Sequence[Path] = (),
-               unprotected: Mapping[str, Sequence[str]] | None = None) -> FinishedFlush:
+               unprotected: Mapping[str, Sequence[str]] | None = None,
+               not_durable: int = 0) -> FinishedFlush:
         """End the running flush; failed: the files it left behind (failing for good);
         still_written: files it stopped waiting for because they never settled; unprotected:
-        what it could not protect at all, by kind (EngineSnapshot.unprotected)."""
-        finished = self._end(failed, still_written, timed_out=False, unprotected=unprotected)
-        bad = failed or still_written or any((unprotected or {}).values())
+        what it could not protect at all, by kind (EngineSnapshot.unprotected); not_durable:
+        files still uploading or due for a retry when it ended overdue (then it timed out)."""
+        finished = self._end(failed, still_written, timed_out=bool(not_durable),
+                             unprotected=unprotected, pending_files=not_durable)
+        bad = failed or still_written or not_durable or any((unprotected or {}).values())
         (log.warning if bad else log.info)("flush_done", **finished.record)
         return finished
 

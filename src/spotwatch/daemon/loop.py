@@ -198,8 +198,8 @@ class Daemon:
             self._write_status(engine)  # what the flush left behind, e.g. incomplete sets
             failed = len(engine.left_behind(None))
             left = EngineSnapshot.of(engine)
-            incomplete = bool(failed or engine.being_written()
-                              or any(left.unprotected.values()))
+            incomplete = bool(failed or left.pending_files or engine.being_written()
+                              or any(left.unprotected.values()))  # pending: it ran overdue
             return RunOutcome(1 if incomplete else 0, engine.totals.files, engine.totals.bytes,
                               failed)
 
@@ -420,6 +420,8 @@ class Daemon:
         if self.flushes.active and engine.flush_settled(self.flushes.retries_until,
                                                         self.flushes.writes_until):
             self._finish_flush(engine)
+        elif self.flushes.active and not self._stop.is_set() and self.flushes.overdue():
+            self._finish_flush(engine, overdue=True)  # the stop's own flush: final_verdict
         elif not self.flushes.active:
             self._complete_lifecycle_when_durable(engine, "the uploads since the notice")
         self.reporter.report_when_due(engine, self.last_notice, self.flushes)
@@ -580,12 +582,15 @@ class Daemon:
             self.bandwidth.reimpose()
             log.info("bandwidth_cap_reimposed", bytes_per_second=self.bandwidth.rate)
 
-    def _finish_flush(self, engine: SyncEngine) -> None:
+    def _finish_flush(self, engine: SyncEngine, overdue: bool = False) -> None:
+        """End the running flush: settled, or overdue (FlushController.overdue), when the
+        files still uploading or due for a retry are counted as not durable yet."""
         until = self.flushes.retries_until
         failed = engine.left_behind(until)
         engine.report_sets_left_behind(until)
-        finished = self.flushes.finish(failed, engine.being_written(),
-                                       EngineSnapshot.of(engine).unprotected)
+        finished = self.flushes.finish(
+            failed, engine.being_written(), EngineSnapshot.of(engine).unprotected,
+            not_durable=engine.pending_files() - len(failed) if overdue else 0)
         engine.hurry(None)  # the failed files and manifests go back to their backoff
         self._reimpose_bandwidth_cap()
         self._complete_lifecycle_when_durable(engine, f"{finished.reason} flush")
