@@ -118,7 +118,13 @@ class StateDir:
 
 
 class StateLock:
-    """An exclusive flock on <state>/lock, released when the process exits."""
+    """An exclusive flock on <state>/lock, released when the process exits.
+
+    Invariant: one daemon per state directory, while it runs. The flock holds it only while
+    <state>/lock is the file locked: the directory removed (rm -rf, tmpfiles cleaning /tmp) or
+    the file replaced, the next process finds no lock, or a new one, and takes it. So the
+    running daemon checks that the file is still its own (is_current) and otherwise locks the
+    new one (retake): daemon/state_guard.py."""
 
     def __init__(self, state: StateDir) -> None:
         self._path = state.path / "lock"
@@ -126,21 +132,52 @@ class StateLock:
 
     def acquire(self) -> None:
         try:
-            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+            holder = self._take()
         except OSError as exc:  # e.g. a volume mounted for the state that another user owns
             raise SpotwatchError(f"cannot write state directory {self._path.parent}: "
                                  f"{exc.strerror}") from None
+        if holder is not None:
+            raise SpotwatchError(
+                f"another spotwatch (pid {holder}) is using state directory {self._path.parent}")
+
+    def retake(self) -> str | None:
+        """Lock the file now at <state>/lock (made if missing), without waiting: None once it
+        is held, else the pid of the process holding it ("?": unknown). The lock held so far
+        (on a removed or replaced file) is let go only once the new one is held. OSError: the
+        file cannot be made."""
+        return self._take()
+
+    def _take(self) -> str | None:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise SpotwatchError(
-                f"another spotwatch (pid {holder}) is using state directory {self._path.parent}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+            return holder
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            os.close(fd)
+            raise
+        self.release()
         self._fd = fd
+        return None
+
+    def is_current(self) -> bool:
+        """Whether the file at <state>/lock is the one this process holds locked (the same
+        device and inode): False once it was removed or replaced, or when none is held."""
+        if self._fd is None:
+            return False
+        try:
+            on_disk = os.stat(self._path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError:  # e.g. the directory made unsearchable: nothing to tell, nor to fix
+            return True
+        held = os.fstat(self._fd)
+        return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
     def holder(self) -> int | None:
         """The pid of the process holding the lock, or None when nobody does."""

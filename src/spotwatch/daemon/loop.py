@@ -28,6 +28,7 @@ from spotwatch.daemon.session import Parts, Session
 from spotwatch.daemon.signals import SignalInbox
 from spotwatch.daemon.snapshot import EngineSnapshot
 from spotwatch.daemon.startup import StartChecks, log_results
+from spotwatch.daemon.state_guard import StateGuard
 from spotwatch.errors import SpotwatchError
 from spotwatch.logs import get_logger
 from spotwatch.model import Notice, NoticeKind, NoticeListing
@@ -121,6 +122,7 @@ class Daemon:
         # (and peers learn of them) once the engine runs.
         self._deferred: list[Notice] = []
         self._claims: RankClaims | None = None  # this node's claim on its rank, on a job
+        self._guard: StateGuard | None = None  # the daemon's hold on its state directory
 
     # -- public entry points -------------------------------------------------------------
 
@@ -142,8 +144,10 @@ class Daemon:
                 self._await_checks(checks, handle_signals)
             self.reporter.starting("startup scan")
 
-        with (self.reporter.server_stopped_at_exit(),
-              self._session(prune=True, throttle=self.bandwidth, before_s3=before_s3) as parts):
+        session = self._session(prune=True, throttle=self.bandwidth, before_s3=before_s3)
+        self._guard = StateGuard(self.state, session.lock)
+        self.reporter.watch_state(self._guard)
+        with self.reporter.server_stopped_at_exit(), session as parts:
             engine = self._observe(parts)
             if parts.pruner is not None:
                 self._pruning = PruneSchedule(parts.pruner, self.config.watch, self._wake.set)
@@ -263,6 +267,7 @@ class Daemon:
             if self._stop.is_set():
                 self._stop_before_checks_passed(waiting_since is not None)
             self._tell_while_waiting()
+            self._keep_state_dir()
             if waiting_since is not None:
                 self.reporter.report_waiting_when_due(self.last_notice)
             else:
@@ -424,7 +429,13 @@ class Daemon:
             self._finish_flush(engine, overdue=True)  # the stop's own flush: final_verdict
         elif not self.flushes.active:
             self._complete_lifecycle_when_durable(engine, "the uploads since the notice")
+        self._keep_state_dir()  # before status.json is written into it
         self.reporter.report_when_due(engine, self.last_notice, self.flushes)
+
+    def _keep_state_dir(self) -> None:
+        """The daemon's state lock stays on the file at <state>/lock (see StateGuard)."""
+        if self._guard is not None:
+            self._guard.check_when_due()
 
     def _rescan_interval(self) -> float:
         interval = self.config.sync.rescan_interval

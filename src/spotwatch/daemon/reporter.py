@@ -17,6 +17,7 @@ from spotwatch.daemon import sdnotify
 from spotwatch.daemon.flush import FlushController
 from spotwatch.daemon.metrics import Metrics, MetricsServer
 from spotwatch.daemon.snapshot import EngineSnapshot
+from spotwatch.daemon.state_guard import StateGuard
 from spotwatch.logs import get_logger
 from spotwatch.model import Notice, Outcome, UploadResult
 from spotwatch.state import StateDir, write_json_atomically
@@ -51,6 +52,7 @@ class Reporter:
         self._bandwidth: BandwidthLimiter | None = None  # the cap on continuous uploads
         self._peers: Outage | None = None  # the peer poller's, on a node of a job
         self._claim: RankClaim | None = None  # this node's claim on its rank, on a job
+        self._guard: StateGuard | None = None  # the daemon's hold on the state directory
         self.peer_poll_failures = 0
         self._status_due = 0.0
         self._keepalive_interval = sdnotify.watchdog_interval()
@@ -67,6 +69,9 @@ class Reporter:
 
     def watch_peers(self, reachability: Outage) -> None:
         self._peers = reachability
+
+    def watch_state(self, guard: StateGuard) -> None:
+        self._guard = guard
 
     def watch_claim(self, claim: RankClaim) -> None:
         self._claim = claim
@@ -230,7 +235,10 @@ class Reporter:
         })
 
     def _publish(self, fields: dict[str, Any]) -> None:
-        """status.json: who reports and when (pid, role, bucket, updated_at), then fields."""
+        """status.json: who reports and when (pid, role, bucket, updated_at), then fields.
+        Not while another process holds the state lock: the file is that one's word then."""
+        if self._guard is not None and not self._guard.held:
+            return
         status = {"pid": os.getpid(), "role": self.role, "bucket": self._bucket,
                   "updated_at": time.time(), **fields}
         try:
@@ -256,5 +264,6 @@ class Reporter:
 
     def _degraded_reasons(self) -> list[str]:
         reasons = (self.s3_watch.degraded_reason(), unreachable_reason("IMDS", self._imds),
-                   unreachable_reason("peer notices", self._peers))
+                   unreachable_reason("peer notices", self._peers),
+                   None if self._guard is None else self._guard.degraded_reason())
         return [reason for reason in reasons if reason is not None]

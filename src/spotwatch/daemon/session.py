@@ -82,13 +82,13 @@ class Session:
         self._throttle = throttle
         self._before_s3 = before_s3
         self._check_claims = check_claims
-        self._lock = StateLock(state)
+        self.lock = StateLock(state)
         self._observer: Any = None
         self._engine: SyncEngine | None = None
 
     def __enter__(self) -> Parts:
         self._state.ensure()
-        self._lock.acquire()
+        self.lock.acquire()
         try:
             if self._before_s3 is not None:
                 self._before_s3()
@@ -126,4 +126,4 @@ class Session:
             self._observer.join(timeout=5)
         if self._engine is not None:
             self._engine.close()
-        self._lock.release()
+        self.lock.release()

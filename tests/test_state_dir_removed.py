@@ -1,0 +1,88 @@
+"""The state directory removed under a running daemon (rm -rf by an operator, tmpfiles cleaning
+/tmp): the daemon takes its lock again on a new file, so there is still one daemon per state
+directory, `spotwatch status` shows it, and its uploads go on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from structlog.testing import capture_logs
+
+from spotwatch.daemon import state_guard
+from spotwatch.daemon.state_guard import StateGuard
+from spotwatch.state import StateDir, StateLock
+from tests.conftest import Workspace, keys_in, object_bytes, wait_for
+from tests.test_daemon_e2e import save_checkpoint
+
+
+def shown_status(workspace: Workspace) -> dict[str, Any]:
+    result = workspace.cli("status", "--json", "-c", str(workspace.config_file))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def test_a_daemon_whose_state_dir_is_removed_holds_it_again(workspace: Workspace,
+                                                           s3: Any) -> None:
+    daemon = workspace.start_daemon()
+    save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 3_000)
+    daemon.wait_for_event("set_complete")
+    state = workspace.root / "state"
+    mode = state.stat().st_mode
+
+    shutil.rmtree(state)
+    wait_for(lambda: shown_status(workspace)["daemon_pid"] == daemon.process.pid)
+
+    assert state.stat().st_mode == mode  # made as at start
+    recreated = daemon.wait_for_event("state_dir_recreated")
+    assert recreated["level"] == "warning" and "ledger" in recreated["detail"]
+    second = workspace.cli("run", "-c", str(workspace.config_file), timeout=30)
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines() == [
+        f"spotwatch: error: another spotwatch (pid {daemon.process.pid}) is using state "
+        f"directory {state}"]
+
+    data = save_checkpoint(workspace.checkpoints / "step_2" / "model.pt", 5_000)
+    flushed = workspace.cli("flush", "-c", str(workspace.config_file))  # joins the daemon
+    assert flushed.returncode == 0, flushed.stderr
+    assert daemon.named("flush_done")[-1]["reason"] == "manual-flush"
+    wait_for(lambda: "run1/.spotwatch/manifests/step_2.json" in keys_in(s3, workspace.bucket))
+    assert object_bytes(s3, workspace.bucket, "run1/step_2/model.pt") == data
+    assert daemon.stop() == 0
+    events = daemon.events()
+    assert [e for e in events if e.get("event") == "state_dir_recreated"] == [recreated]
+    assert not [e for e in events if e.get("level") == "error"
+                or "Traceback" in json.dumps(e)]
+    assert "Traceback" not in daemon.log_path.read_text()
+
+
+def test_a_lock_taken_by_another_process_meanwhile_is_named_and_taken_back(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr(state_guard, "CHECK_EVERY_SECONDS", 0.0)
+    state = StateDir(tmp_path / "state")
+    state.ensure()
+    ours = StateLock(state)
+    ours.acquire()
+    guard = StateGuard(state, ours)
+    shutil.rmtree(state.path)
+    state.ensure()
+    theirs = StateLock(state)  # another open file: flock tells it from ours, as another process
+    theirs.acquire()
+
+    with capture_logs() as logs:
+        guard.check_when_due()
+        guard.check_when_due()
+    assert not guard.held
+    assert [(e["event"], e["log_level"]) for e in logs] == [("state_dir_taken", "error")]
+    reason = guard.degraded_reason()
+    assert reason is not None and reason.startswith("state_dir_taken: another spotwatch (pid ")
+
+    theirs.release()
+    with capture_logs() as logs:
+        guard.check_when_due()
+    assert guard.held and guard.degraded_reason() is None
+    assert [e["event"] for e in logs] == ["state_dir_recreated"]
+    assert StateLock(state).holder() is not None
+    ours.release()
