@@ -16,7 +16,6 @@ import http.client
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -61,6 +60,11 @@ class Rule:
     times: int = 1
     delay: float = 0.0
     applied: int = 0
+    # Set: the requests a "delay" rule holds are answered at once, as are those it takes later.
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        self.released.set()
 
     def take(self, request: Request) -> bool:
         if self.applied >= self.times or not self.matches(request):
@@ -199,7 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
         rule = self.proxy.choose(request)
         action = rule.action if rule else "forward"
         if rule is not None and rule.action == "delay":
-            time.sleep(rule.delay)  # the fault being simulated: a slow answer
+            rule.released.wait(rule.delay)  # the fault being simulated: a slow answer
         if action in ("503", "500", "501", "403", "400"):
             self.proxy.record(request, action)
             self._send_error(int(action))

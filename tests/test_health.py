@@ -8,7 +8,13 @@ from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
 from structlog.testing import capture_logs
 
-from spotwatch.aws.health import DEGRADED_AFTER_SECONDS, Outage, S3Watch, s3_error_class
+from spotwatch.aws.health import (
+    DEGRADED_AFTER_SECONDS,
+    Liveness,
+    Outage,
+    S3Watch,
+    s3_error_class,
+)
 
 
 class FakeClock:
@@ -67,3 +73,28 @@ def test_outage_state() -> None:
     outage.failed()  # the outage began at the first failure
     assert outage.up is False and outage.seconds() == 3
     assert outage.succeeded() == 3 and outage.up is True and outage.seconds() == 0
+
+
+def test_uploads_in_flight_without_progress_are_a_stall_until_they_move() -> None:
+    """S3 accepting connections and never answering fails no request: the uploads in flight
+    making no progress for the threshold is what tells."""
+    clock = FakeClock()
+    liveness = Liveness("uploads", clock)
+    clock.now += 600  # idle for long: no upload, no stall
+    assert liveness.stalled_reason(0) is None and liveness.quiet_seconds(0) == 0
+    liveness.moved()  # an upload starts: it has the whole threshold for its first bytes
+    clock.now += DEGRADED_AFTER_SECONDS
+    with capture_logs() as logs:
+        assert liveness.stalled_reason(2) is None
+        clock.now += 5
+        assert liveness.stalled_reason(2) == "S3 not answering: 2 uploads in flight, " \
+            "no progress for 15s"
+        assert liveness.quiet_seconds(2) == DEGRADED_AFTER_SECONDS + 5
+        assert liveness.stalled_reason(2) is not None  # logged once
+        liveness.moved(4096)  # bytes sent, or a request ended
+        assert liveness.stalled_reason(2) is None and liveness.quiet_seconds(2) == 0
+        clock.now += DEGRADED_AFTER_SECONDS + 1
+        assert liveness.stalled_reason(0) is None  # nothing in flight: nothing stalls
+    assert [e["event"] for e in logs] == ["s3_not_answering", "s3_answering"]
+    assert logs[0]["in_flight"] == 2 and logs[0]["quiet_seconds"] == 15
+

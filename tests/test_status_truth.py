@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,6 +28,7 @@ from tests.test_faults import (  # noqa: F401  (the proxy fixture)
     MULTIPART,
     MiB,
     checkpoint_data,
+    of_files,
     proxy,
 )
 from tests.test_metrics import metrics_url, scrape
@@ -382,4 +384,38 @@ def test_status_says_a_flush_is_running_while_it_runs(workspace: Workspace,
     shown = workspace.cli("status", "-c", str(workspace.config_file))
     assert "flush:        running" not in shown.stdout
     assert "last flush:" in shown.stdout
+    assert daemon.stop() == 0
+
+
+def test_s3_not_answering_uploads_is_degraded_everywhere_until_answers_flow(
+        workspace: Workspace, proxy: FaultProxy, transfer_client: str) -> None:  # noqa: F811
+    """S3 taking requests and never answering fails none for minutes (the CRT has no read
+    timeout, the classic client's is 60 s): uploads in flight with no progress for 10 s make
+    the daemon degraded, in status.json, `status`, `--healthy`, /healthz and the metrics, and
+    it is healthy again as soon as answers flow."""
+    workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2})
+    held = proxy.add("delay", lambda r: r.operation in ("PutObject", "UploadPart")
+                     and of_files(r), times=1000, delay=600)
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    checkpoint_data(workspace.checkpoints / "step_1" / "model.pt", 12 * MiB)
+    wait_for(lambda: held.applied >= 1, timeout=60)
+
+    def not_answering(report: dict[str, Any] | None) -> bool:
+        return any(reason.startswith("S3 not answering: ")
+                   for reason in (report or {}).get("degraded") or [])
+
+    wait_for(lambda: not_answering(workspace.status()), timeout=30)
+    healthy, text, report = status_says(workspace)
+    assert healthy == 1 and report["healthy"] is False and not_answering(report["daemon"])
+    assert "uploads in flight, no progress for" in text
+    answer = requests.get(f"{metrics_url(daemon)}/healthz", timeout=5)
+    assert answer.status_code == 503 and "degraded: S3 not answering: " in answer.text
+    assert scrape(metrics_url(daemon))[("spotwatch_uploads_quiet_seconds", ())] > 10
+    assert daemon.named("s3_not_answering")
+
+    held.release()  # the held requests are answered, and the rest at once
+    daemon.wait_for_event("upload_done", timeout=60)
+    wait_for(lambda: status_says(workspace)[0] == 0, timeout=30)
+    assert not workspace.status()["degraded"]
+    assert daemon.named("s3_answering")
     assert daemon.stop() == 0

@@ -6,6 +6,10 @@ every attempt with its reply or its connection error. Failures that go on for
 DEGRADED_AFTER_SECONDS without a single success are logged once (`s3_degraded`, with the error
 classes) and make /healthz and `status --healthy` report degraded, until a request succeeds
 (`s3_recovered`). The notice poller reports IMDS reachability into an Outage the same way.
+
+A hang (S3 accepting connections and never answering) fails no request for minutes, and the
+CRT reports a file transfer's outcome only at its end: Liveness watches the transfers in
+flight instead, and a stall as long makes the daemon degraded too.
 """
 
 from __future__ import annotations
@@ -178,6 +182,54 @@ class S3Watch:
         with self._lock:
             classes = ", ".join(sorted(self._in_outage))
         return f"S3 requests failing for {self.outage.seconds():.0f}s ({classes})"
+
+
+class Liveness:
+    """When the transfers in flight last moved; thread-safe (the SDKs report progress on their
+    own threads).
+
+    Invariant: stalled_reason(n) names a stall exactly when n > 0 transfers are in flight and
+    none of them has moved for more than DEGRADED_AFTER_SECONDS, moving being a transfer
+    starting, bytes sent or received, or a transfer ending (failed or not). A start counts,
+    so a transfer begun after an idle spell has the whole threshold for its first bytes; the
+    caller counts the transfers in flight after telling of a start (see Uploader.submit).
+    """
+
+    def __init__(self, what: str = "uploads",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._what = what
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._moved_at = clock()
+        self._stalled = False  # the last stalled_reason found a stall (logged once)
+
+    def moved(self, *_: object) -> None:
+        """A transfer started, moved bytes or ended (a progress callback's signature too)."""
+        with self._lock:
+            self._moved_at = self._clock()
+
+    def quiet_seconds(self, in_flight: int) -> float:
+        """How long `in_flight` transfers have not moved (0 when none is in flight)."""
+        if in_flight <= 0:
+            return 0.0
+        with self._lock:
+            return max(0.0, self._clock() - self._moved_at)
+
+    def stalled_reason(self, in_flight: int) -> str | None:
+        """Why the daemon is degraded while transfers in flight stall, else None; logs
+        `s3_not_answering` once a stall begins and `s3_answering` once it ends."""
+        quiet = self.quiet_seconds(in_flight)
+        stalled = quiet > DEGRADED_AFTER_SECONDS
+        with self._lock:
+            changed, self._stalled = stalled != self._stalled, stalled
+        if changed and stalled:
+            log.warning("s3_not_answering", in_flight=in_flight, quiet_seconds=round(quiet, 1))
+        elif changed:
+            log.info("s3_answering")
+        if not stalled:
+            return None
+        return (f"S3 not answering: {in_flight} {self._what} in flight, "
+                f"no progress for {quiet:.0f}s")
 
 
 def unreachable_reason(what: str, outage: Outage | None) -> str | None:

@@ -54,6 +54,10 @@ class Metrics:
         self.pending_bytes = Gauge("spotwatch_pending_bytes",
                                    "Bytes changed and not yet in S3", registry=r)
         self.uploading = Gauge("spotwatch_uploads_in_flight", "Uploads in progress", registry=r)
+        self.uploads_quiet = Gauge(
+            "spotwatch_uploads_quiet_seconds",
+            "How long the uploads in flight have made no progress (0: none in flight)",
+            registry=r)
         self.incomplete_sets = Gauge(
             "spotwatch_incomplete_sets",
             "Checkpoint sets left without a manifest: a file of theirs is not in S3", registry=r)

@@ -196,7 +196,9 @@ class Reporter:
               flushes: FlushController) -> None:
         """status.json and the gauges, from one snapshot of the engine."""
         left = EngineSnapshot.of(engine)
-        degraded = self._degraded_reasons()
+        liveness = engine.uploader.liveness
+        degraded = self._degraded_reasons(liveness.stalled_reason(left.uploading))
+        self.metrics.uploads_quiet.set(liveness.quiet_seconds(left.uploading))
         imds_up = self._imds.up if self._imds is not None else None
         peers_up = self._peers.up if self._peers is not None else None
         self._set_gauges(left, degraded, imds_up, peers_up)
@@ -262,8 +264,9 @@ class Reporter:
         if self.metrics.peers_up is not None and peers_up is not None:
             self.metrics.peers_up.set(1 if peers_up else 0)
 
-    def _degraded_reasons(self) -> list[str]:
-        reasons = (self.s3_watch.degraded_reason(), unreachable_reason("IMDS", self._imds),
+    def _degraded_reasons(self, stalled: str | None) -> list[str]:
+        reasons = (self.s3_watch.degraded_reason(), stalled,
+                   unreachable_reason("IMDS", self._imds),
                    unreachable_reason("peer notices", self._peers),
                    None if self._guard is None else self._guard.degraded_reason())
         return [reason for reason in reasons if reason is not None]

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from spotwatch.aws.health import Liveness
 from spotwatch.aws.store import ObjectStore, PendingUpload, StoreError
 from spotwatch.logs import get_logger
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
@@ -42,6 +43,8 @@ class Uploader:
         self._lock = threading.Lock()
         # Bytes sent, as the store reports them (a progress bar's feed).
         self.on_progress: Callable[[int], None] | None = None
+        # When the uploads in flight last moved: a start, bytes sent, an end (S3 hanging).
+        self.liveness = Liveness("uploads", clock)
 
     @property
     def max_concurrency(self) -> int:
@@ -65,9 +68,11 @@ class Uploader:
             # May run at once on this thread, under self._lock: take no lock here. After
             # shutdown the verifier refuses work (RuntimeError): a request abandoned then has
             # ended, and nobody handles results any more.
+            self.liveness.moved()
             with contextlib.suppress(RuntimeError):
                 self._verifier.submit(self._verify, job, upload, started)
 
+        self.liveness.moved()  # before it counts as in flight (Liveness's invariant)
         with self._lock:
             upload = self.store.upload_file(job.path, job.key, job.snapshot.size,
                                             self._report_progress)
@@ -75,6 +80,7 @@ class Uploader:
             upload.future.add_done_callback(finished)
 
     def _report_progress(self, sent: int) -> None:
+        self.liveness.moved()
         if self.on_progress is not None:
             self.on_progress(sent)
 
