@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from spotwatch.aws.s3 import make_s3_client
-from spotwatch.aws.store import S3ObjectStore
+from spotwatch.aws.store import S3ObjectStore, fits_xml
 from spotwatch.config import TransferSettings, WatchDir
 from spotwatch.keys import MANIFEST_DIR, storable_key
 from spotwatch.sync.engine import SyncEngine
@@ -340,3 +341,35 @@ def test_sets_sealed_before_a_prefix_gained_or_lost_its_slash_still_count(
     pruned = workspace.cli("prune", "-c", "config.yaml", "--keep-sets", "1", "--dry-run")
     assert pruned.returncode == 0, pruned.stderr
     assert pruned.stdout.splitlines()[-1] == "would delete 2 objects"
+
+
+@given(st.text(max_size=30))
+def test_a_key_goes_in_a_delete_batch_only_if_its_xml_names_it_exactly(key: str) -> None:
+    """DeleteObjects names its keys in an XML body: a key fits it when that body, as an XML
+    parser reads it, gives the key back (no control character, no carriage return, which
+    parsers turn into a line feed); any other goes alone in a DeleteObject."""
+    element = ElementTree.Element("Key")
+    element.text = key
+    try:
+        read_back = ElementTree.fromstring(ElementTree.tostring(element, encoding="utf-8")).text
+    except (ElementTree.ParseError, UnicodeEncodeError):
+        read_back = None
+    assert fits_xml(key) == ((read_back or "") == key)
+
+
+def test_keys_with_characters_xml_cannot_carry_are_deleted_too(s3: Any) -> None:
+    """A control character in a file's name is a key S3 stores, but a DeleteObjects body naming
+    it is refused whole (MalformedXML): a mirrored deletion of that one file failed every
+    prune, with the other keys of its batch."""
+    bucket = new_bucket(s3)
+    keys = [f"run1/step_2/log{odd}.txt" for odd in ("\x01", "\x1f", "\r", "\x7f", "\t")]
+    keys += ["run1/step_1/model.pt", "run1/step_2/model.pt"]
+    for key in keys:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+    assert set(keys_in(s3, bucket)) == set(keys)
+    store = S3ObjectStore(make_s3_client(REGION, TransferSettings()), bucket, TransferSettings())
+    try:
+        assert store.delete_many(keys) == []
+    finally:
+        store.close()
+    assert not keys_in(s3, bucket)

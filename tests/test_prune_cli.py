@@ -189,3 +189,36 @@ def test_a_file_replaced_by_a_directory_of_its_name_is_mirrored_away(
     assert "run1/step_1/x.pt/y.pt" in keys
     assert "run1/step_1/x.pt" not in keys
     assert {"run1/step_2/model.pt", f"{MANIFESTS}step_2.json"} <= keys, keys
+
+
+def test_a_set_whose_manifest_went_is_sealed_again_when_its_files_deletion_fails(
+        workspace: Workspace, s3: Any) -> None:
+    """A mirrored deletion deletes the set's manifest, then its files (a separate request, so
+    no set ever looks complete while it goes). When S3 refuses the files' batch, the set must
+    still be sealed again with what is left: it had no manifest at all, so restore passed
+    over the newest checkpoint, whole on disk and in S3, and every later prune did the same."""
+    save_set(workspace, "step_1", 200)
+    save_set(workspace, "step_2", 100)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    model = (workspace.checkpoints / "step_2" / "model.pt").read_bytes()
+    (workspace.checkpoints / "step_2" / "optim.pt").unlink()
+    batches: list[str] = []
+
+    def files_batch(request: Request) -> bool:  # the first DeleteObjects holds the seals
+        if _deletes(request):
+            batches.append(request.path)
+        return _deletes(request) and len(batches) > 1
+
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.add("403", files_batch, times=100)
+        result = workspace.cli("prune", "-c", "config.yaml", "--delete",
+                               AWS_ENDPOINT_URL=proxy.url)
+    assert result.returncode == 1, result.stdout
+    assert "run1/step_2/optim.pt" in keys_in(s3, workspace.bucket)  # its deletion refused
+    manifest = json.loads(object_bytes(s3, workspace.bucket, f"{MANIFESTS}step_2.json"))
+    assert [entry["path"] for entry in manifest["files"]] == ["step_2/model.pt"]
+    target = workspace.root / "restored"
+    restored = workspace.cli("restore", "-c", "config.yaml", "--to", str(target))
+    assert restored.returncode == 0, restored.stderr
+    assert "restored step_2" in restored.stdout
+    assert (target / "step_2" / "model.pt").read_bytes() == model

@@ -11,6 +11,7 @@ litestream's ReplicaClient is bound to one replica).
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -568,9 +569,19 @@ class S3ObjectStore:
             self.client.delete_object(Bucket=self._bucket, Key=key)
 
     def delete_many(self, keys: Sequence[str]) -> list[str]:
+        """DeleteObjects in batches; a key its XML body cannot carry as it is goes alone."""
         failed: list[str] = []
-        for start in range(0, len(keys), DELETE_BATCH):
-            batch = keys[start:start + DELETE_BATCH]
+        for key in keys:
+            if not fits_xml(key):
+                try:
+                    self.delete(key)
+                except StoreError as exc:  # refused: as DeleteObjects reports it; else raised
+                    if not exc.permanent:
+                        raise
+                    failed.append(key)
+        batched = [key for key in keys if fits_xml(key)]
+        for start in range(0, len(batched), DELETE_BATCH):
+            batch = batched[start:start + DELETE_BATCH]
             with _translated():
                 response = self.client.delete_objects(Bucket=self._bucket, Delete={
                     "Objects": [{"Key": key} for key in batch], "Quiet": True})
@@ -640,6 +651,17 @@ class _WholeParts(OSUtils):
             close_callbacks: Iterable[Callable[..., Any]] | None = None) -> ReadFileChunk:
         return _WholeChunk(fileobj, chunk_size, full_file_size, callbacks=callbacks,
                            enable_callbacks=False, close_callbacks=close_callbacks)
+
+
+# What XML 1.0 may carry (its Char production) less carriage returns, which an XML parser
+# turns into line feeds: a DeleteObjects body naming a key outside it is refused as a whole
+# (MalformedXML), or would name another key.
+_XML_SAFE = re.compile("[\t\n\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]*")
+
+
+def fits_xml(key: str) -> bool:
+    """Whether a DeleteObjects request can name the key (else DeleteObject takes it alone)."""
+    return _XML_SAFE.fullmatch(key) is not None
 
 
 def _as_store_error(exc: Exception) -> Exception:

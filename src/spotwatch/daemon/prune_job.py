@@ -11,7 +11,7 @@ from typing import Protocol
 from spotwatch.aws.store import StoreError
 from spotwatch.config import WatchDir
 from spotwatch.logs import get_logger
-from spotwatch.sync.pruner import Deletion, PruneCancelled
+from spotwatch.sync.pruner import Deletion, PruneCancelled, keys_to_reseal
 
 log = get_logger("spotwatch.prune")
 
@@ -118,4 +118,4 @@ class PruneSchedule:
         self.job = None
         if job.completed:  # failed or cancelled: try again when quiet
             self._pruned_at = self._starting_at
-        target.reseal_after_deletions([d.key for d in job.deleted if not d.retires])
+        target.reseal_after_deletions(keys_to_reseal(job.deleted))

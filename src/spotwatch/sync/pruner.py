@@ -62,11 +62,23 @@ class Deletion:
     key: str
     reason: str  # "deleted locally" or "retention"
     seal: bool = False  # a set's manifest, or a node's part of it: deleted before its files
+    # A seal's set, as the key of its directory (object_key(prefix, set name)): the set to
+    # seal again once its manifest went for a local deletion, whether its files went or not.
+    set_key: str | None = None
 
     @property
     def retires(self) -> bool:
         """Retention deletes only the S3 copy: the local file stays and is not re-uploaded."""
         return self.reason == "retention"
+
+
+def keys_to_reseal(deleted: Iterable[Deletion]) -> list[str]:
+    """What SetSealer.reseal_after_deletions takes for these deletions: the keys of the files
+    deleted locally, and the sets whose manifest went for one. Invariant: a set whose manifest
+    went is sealed again even when the deletion of its files failed after it (a refusal, an
+    outage): it is whole without them, and would otherwise be no checkpoint for good."""
+    return [(deletion.set_key or deletion.key) if deletion.seal else deletion.key
+            for deletion in deleted if not deletion.retires]
 
 
 class Pruner:
@@ -350,7 +362,8 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
             if (deletable(entry.key) and belongs_to_set(entry.key, own)
                     and entry.key not in listed_by_kept):
                 files.setdefault(entry.key, reason)
-    return ([Deletion(manifest_key(watch_prefix, m.set_name), reason, seal=True)
+    return ([Deletion(manifest_key(watch_prefix, m.set_name), reason, seal=True,
+                      set_key=object_key(watch_prefix, m.set_name))
              for m, reason in dropped]
             + [Deletion(key, reason) for key, reason in sorted(files.items())])
 
@@ -397,7 +410,7 @@ def job_deletions(planned: Sequence[Deletion], watch_prefix: str, job_sets: Sequ
             continue
         whole_job = node.rank == 0 and deletion.retires
         deletions += [Deletion(part_key(watch_prefix, node.job_id, job_set.set_name, rank),
-                               deletion.reason, seal=True)
+                               deletion.reason, seal=True, set_key=deletion.set_key)
                       for rank in sorted(job_set.parts) if whole_job or rank == node.rank]
     return deletions
 
@@ -439,6 +452,6 @@ def _reseal(config: Config, store: ObjectStore, ledger: Ledger, node: JobNode | 
     sealer = SetSealer(ledger, store, [ChangeTracker(watch, config.sync.settle_seconds,
                                                      config.sync.quiet_seconds)
                                        for watch in config.watch], node=node)
-    sealer.reseal_after_deletions([d.key for d in deleted if not d.retires])
+    sealer.reseal_after_deletions(keys_to_reseal(deleted))
     sealer.seal_ready(frozenset())
     return sealer.wait_sent()
