@@ -35,6 +35,7 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 from spotwatch.config import WatchDir, at_or_below
 from spotwatch.keys import RESERVED_SET, is_reserved, is_restore_temporary
 from spotwatch.logs import get_logger, printable_path
+from spotwatch.sync import inotify_fix
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.subtree import Folders, prefix_below
 
@@ -213,6 +214,7 @@ class ChangeTracker(FileSystemEventHandler):
 
     def watch_with(self, observer: BaseObserver) -> None:
         _events_lost.install()
+        inotify_fix.install()
         self._observer = observer
         try:
             self._watch_root(observer)
