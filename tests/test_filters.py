@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from awscli.customizations.s3.fileformat import FileFormat
 from awscli.customizations.s3.fileinfo import FileInfo
 from awscli.customizations.s3.filters import create_filter
@@ -119,3 +120,19 @@ def test_decisions_equal_the_aws_cli(case: tuple[str, str, list[str], list[str],
     root, relative_path, exclude, include, destination = case
     expected = aws_cli_accepts(root, relative_path, exclude, include, destination)
     assert PathFilter(root, tuple(exclude), tuple(include)).accepts(relative_path) == expected
+
+
+@pytest.mark.parametrize("root", ["/data/run[1]/ckpt", "/data/*/ckpt", "/data/run?/ckpt",
+                                  "/data/[!x]/ckpt", "/data/ckpt"])
+def test_the_default_excludes_hold_whatever_characters_the_watched_path_has(root: str) -> None:
+    """The CLI anchors a pattern by joining it to the path, whose wildcard characters then
+    act as wildcards: `run[1]` matches only `run1`, and the default excludes matched nothing
+    under a watched `run[1]/ckpt`. They are spotwatch's own guard, anchored literally; a
+    configured pattern keeps the CLI's meaning."""
+    defaults = PathFilter.for_watch(WatchDir(Path(root)))
+    assert defaults.accepts("step_1/model.pt")
+    assert not defaults.accepts("step_2.tmp/model.pt") and not defaults.accepts("model.pt.tmp")
+    assert not defaults.accepts("tmp-checkpoint-5/model.safetensors")
+    configured = PathFilter.for_watch(WatchDir(Path(root), exclude=("*.tmp",)))
+    assert configured.accepts("model.pt.tmp") == aws_cli_accepts(root, "model.pt.tmp",
+                                                                  ["*.tmp"], [], "s3://ckpt/")

@@ -159,17 +159,20 @@ class AwsSettings(_Section, frozen=True, kw_only=True):
     allow_public_bucket: bool = False
 
 
+# watch[].exclude unless configured: staging names, caches.
+# tmp-checkpoint-N/: Hugging Face Trainer's staging directory (transformers 4.36-4.38),
+# renamed checkpoint-N/ when done, or left behind on ranks that do not rename it.
+# N.orbax-checkpoint-tmp-T/: Orbax's, renamed N/ once the save is finished; a save that
+# failed leaves it (and items inside a step stage in ITEM.orbax-checkpoint-tmp-T/ alike).
+# *-unfinished: NeMo's marker of a checkpoint being saved (keys.unfinished_marker).
+DEFAULT_EXCLUDE = ("*.tmp", "*.tmp/*", "__pycache__/*", ".git/*", "tmp-checkpoint-*/*",
+                   "*/tmp-checkpoint-*/*", "*.orbax-checkpoint-tmp-*/*", "*-unfinished")
+
+
 class WatchDir(_Section, frozen=True):
     path: Annotated[Path, PATH]
     prefix: Prefix = "checkpoints/"
-    # tmp-checkpoint-N/: Hugging Face Trainer's staging directory (transformers 4.36-4.38),
-    # renamed checkpoint-N/ when done, or left behind on ranks that do not rename it.
-    # N.orbax-checkpoint-tmp-T/: Orbax's, renamed N/ once the save is finished; a save that
-    # failed leaves it (and items inside a step stage in ITEM.orbax-checkpoint-tmp-T/ alike).
-    # *-unfinished: NeMo's marker of a checkpoint being saved (keys.unfinished_marker).
-    exclude: tuple[Text, ...] = ("*.tmp", "*.tmp/*", "__pycache__/*", ".git/*",
-                                 "tmp-checkpoint-*/*", "*/tmp-checkpoint-*/*",
-                                 "*.orbax-checkpoint-tmp-*/*", "*-unfinished")
+    exclude: tuple[Text, ...] = DEFAULT_EXCLUDE
     include: tuple[Text, ...] = ()
     # Files a set directory must hold before it is sealed (see sync.sets.sealer.unmatched).
     complete_when: tuple[Text, ...] = ()

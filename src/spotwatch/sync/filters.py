@@ -10,6 +10,12 @@ Like the AWS CLI, patterns are matched against full paths, not relative ones: a 
 and a pattern starting with ``/`` is an absolute path used as given (``/*`` matches every
 file). Matching is fnmatch's on POSIX: case-sensitive, ``*`` also matches ``/``, ``[...]`` is a
 character class.
+
+One exception: spotwatch's default excludes (config.DEFAULT_EXCLUDE, in force when none are
+configured) are its own guard against uploading staging names, so they are anchored at the
+watched directory as it is named: a ``[``, ``*`` or ``?`` in its path is no wildcard for them.
+Anchored as the CLI does, a watched ``run[1]/ckpt`` had them match nothing, and a half-written
+``step_2.tmp/`` was sealed and restored as the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -18,21 +24,25 @@ import os
 import re
 from collections.abc import Callable
 from fnmatch import translate
+from glob import escape
 
-from spotwatch.config import WatchDir
+from spotwatch.config import DEFAULT_EXCLUDE, WatchDir
 
 _Matcher = Callable[[str], "re.Match[str] | None"]
 
 
 class PathFilter:
     def __init__(self, root: str | os.PathLike[str], exclude: tuple[str, ...],
-                 include: tuple[str, ...]) -> None:
+                 include: tuple[str, ...], literal_root: frozenset[str] = frozenset()) -> None:
+        """literal_root: the patterns anchored at the root as it is named (its wildcard
+        characters taken literally), not as the CLI anchors them."""
         anchor = os.path.abspath(root)
         # The CLI lists a directory's files as its absolute path plus a separator plus the name
         # (for the root "/" that gives "//name", and the CLI's own patterns then miss them).
         self._file_prefix = anchor + os.sep
         self._rules: list[tuple[_Matcher, bool]] = [
-            (self._compile(anchor, pattern), included)
+            (self._compile(escape(anchor) if pattern in literal_root else anchor, pattern),
+             included)
             for patterns, included in ((exclude, False), (include, True))
             for pattern in patterns
         ]
@@ -44,7 +54,8 @@ class PathFilter:
 
     @classmethod
     def for_watch(cls, watch: WatchDir) -> PathFilter:
-        return cls(watch.path, watch.exclude, watch.include)
+        defaults = frozenset(DEFAULT_EXCLUDE) if watch.exclude == DEFAULT_EXCLUDE else frozenset()
+        return cls(watch.path, watch.exclude, watch.include, defaults)
 
     def accepts(self, relative_path: str) -> bool:
         """Whether `aws s3 sync <root>` would take the file at this path below the root."""
