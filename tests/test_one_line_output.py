@@ -136,8 +136,15 @@ def test_everything_a_flush_left_undone_is_one_error_line(
     assert report_left_behind({"failed": 0}, "the flush") == 0
     assert capsys.readouterr().err == ""
     # A daemon's stop that cut the flush short: the files it had left are not durable.
-    cut_short = {"failed": 0, "timed_out": True, "pending_files": 4}
+    cut_short = {"reason": "shutdown", "failed": 0, "timed_out": True, "pending_files": 4}
     assert report_left_behind(cut_short, "the daemon's flush") == 1
     assert capsys.readouterr().err == (
         "spotwatch: error: the daemon's flush was cut short by the daemon's stop "
         "(sync.stop_timeout) with 4 files not yet durable in S3\n")
+    # A flush of its own that reached its time limit with uploads S3 never answered.
+    overdue = {"reason": "manual", "failed": 0, "timed_out": True, "pending_files": 2}
+    assert report_left_behind(overdue, "the daemon's flush") == 1
+    assert capsys.readouterr().err == (
+        "spotwatch: error: the daemon's flush reached its time limit (a notice's deadline, else "
+        "sync.stop_timeout from its start) with 2 files not yet durable in S3 (still uploading: "
+        "is S3 answering?)\n")
