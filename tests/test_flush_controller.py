@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from spotwatch.daemon.flush import FlushController
+from spotwatch.daemon.flush import OVERDUE_GRACE_SECONDS, FlushController
 from spotwatch.daemon.snapshot import EngineSnapshot
 from spotwatch.keys import object_key
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
@@ -284,8 +284,8 @@ def test_a_deadline_that_comes_during_a_flush_gets_its_own_plan() -> None:
 def test_a_flush_is_overdue_at_its_deadline_else_at_the_write_wait(
         write_wait: int, notice_in: int) -> None:
     """What ends a flush that uploads hang in: a notice's at its deadline, one with no deadline
-    at write_wait (sync.stop_timeout) from its start; never before, and a controller with no
-    write_wait never calls a deadline-less flush overdue."""
+    at write_wait (sync.stop_timeout) from its start, each OVERDUE_GRACE_SECONDS later; never
+    before, and a controller with no write_wait never calls a deadline-less flush overdue."""
     clock = FakeClock()
     manual = FlushController(clock, write_wait=write_wait)
     manual.start("manual", None, Work(clock, []))
@@ -293,7 +293,7 @@ def test_a_flush_is_overdue_at_its_deadline_else_at_the_write_wait(
     noticed.start("spot", START + timedelta(seconds=notice_in), Work(clock, []))
     unbounded = FlushController(clock)
     unbounded.start("manual", None, Work(clock, []))
-    clock.advance(min(write_wait, notice_in) - 0.5)
+    clock.advance(min(write_wait, notice_in) + OVERDUE_GRACE_SECONDS - 0.5)
     assert not manual.overdue() and not noticed.overdue()
     clock.advance(max(write_wait, notice_in))
     assert manual.overdue() and noticed.overdue() and not unbounded.overdue()

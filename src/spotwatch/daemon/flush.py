@@ -27,6 +27,10 @@ log = get_logger("spotwatch.daemon")
 NAMED_FILES_MAX = 20
 # The flush_at_risk line names at most this many sets.
 NAMED_SETS_MAX = 20
+# How long past its time limit a flush still waits for the uploads in flight before it ends
+# without them (FlushController.overdue): a retry S3 answers at once (a 500, say) ends in
+# that time, and the flush then ends as usual, naming the set it leaves incomplete.
+OVERDUE_GRACE_SECONDS = 10.0
 
 
 class Clock(Protocol):
@@ -115,14 +119,16 @@ class FlushController:
         return max((bound for bound in bounds if bound is not None), default=None)
 
     def overdue(self) -> bool:
-        """The running flush is past hurry_until, the longest it waits for anything.
+        """The running flush is OVERDUE_GRACE_SECONDS past hurry_until, the longest it
+        waits for anything.
 
         Invariant: a flush (a notice's, `spotwatch flush`'s) ends by then even while uploads
         hang on an S3 that does not answer: they go on after it, and its record says how many
         files were not durable yet. Nothing else would end it, as an upload ends only once S3
         answers or the transfer client gives up, which may be never."""
         bound = self.hurry_until
-        return bound is not None and self._clock.monotonic() >= bound
+        return (bound is not None
+                and self._clock.monotonic() >= bound + OVERDUE_GRACE_SECONDS)
 
     def start(self, reason: str, deadline: datetime | None, work: FlushWork,
               until: float | None = None) -> None:
