@@ -571,15 +571,17 @@ class S3ObjectStore:
     def delete_many(self, keys: Sequence[str]) -> list[str]:
         """DeleteObjects in batches; a key its XML body cannot carry as it is goes alone."""
         failed: list[str] = []
+        batched: list[str] = []
         for key in keys:
-            if not fits_xml(key):
-                try:
-                    self.delete(key)
-                except StoreError as exc:  # refused: as DeleteObjects reports it; else raised
-                    if not exc.permanent:
-                        raise
-                    failed.append(key)
-        batched = [key for key in keys if fits_xml(key)]
+            if fits_xml(key):
+                batched.append(key)
+                continue
+            try:
+                self.delete(key)
+            except StoreError as exc:  # refused: as DeleteObjects reports it; else raised
+                if not exc.permanent:
+                    raise
+                failed.append(key)
         for start in range(0, len(batched), DELETE_BATCH):
             batch = batched[start:start + DELETE_BATCH]
             with _translated():
