@@ -177,3 +177,30 @@ def test_restore_set_says_why_a_named_set_cannot_be_restored(workspace: Workspac
     assert "'step_9'" in lines["step_9"] and "never sealed complete" in lines["step_9"]
     assert "'step_2'" in lines["step_2"] and "is not complete or does not match" in lines[
         "step_2"]
+
+
+def test_restore_set_of_a_set_whose_manifest_is_unreadable_says_so(workspace: Workspace,
+                                                                  s3: Any) -> None:
+    """Its manifest is there but garbage: not "never sealed", which would send the user
+    looking for a manifest that exists."""
+    make_sets(workspace)
+    s3.put_object(Bucket=workspace.bucket, Key="run1/.spotwatch/manifests/step_2.json",
+                  Body=b"\x00not json")
+    result = restore(workspace, "--set", "step_2", "--to", str(workspace.root / "restored"))
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "'step_2'" in last and "manifest that cannot be read" in last, last
+    assert "never sealed" not in last
+
+
+def test_restore_set_with_a_name_that_is_not_utf8_is_a_usage_error(workspace: Workspace,
+                                                                  s3: Any) -> None:
+    """Such names are never uploaded, so no set has one: one line, exit 2, no traceback
+    (botocore refused to list it)."""
+    make_sets(workspace)
+    name = os.fsdecode(b"caf\xe9")
+    result = restore(workspace, "--set", name, "--to", str(workspace.root / "restored"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "spotwatch: error: --set caf\\xe9: the name is not valid UTF-8, and such names are "
+        "never uploaded, so no set has it"]
