@@ -346,20 +346,21 @@ def test_status_and_flush_from_a_shell_need_no_bucket_while_the_daemon_runs(
     """The systemd unit names the bucket to the daemon alone (its environment file): from a
     shell, `spotwatch status` and `spotwatch flush` reach the daemon without it."""
     no_bucket = {"S3_BUCKET_NAME": ""}
-    result = workspace.cli("status", "-c", "config.yaml", **no_bucket)
+    result = workspace.cli("status", "-c", str(workspace.config_file), **no_bucket)
     assert result.returncode == 2
     assert result.stderr.startswith("spotwatch: error: no bucket:")
     assert "(no running daemon reports one)" in result.stderr
-    assert workspace.cli("flush", "-c", "config.yaml", **no_bucket).returncode == 2
+    assert workspace.cli("flush", "-c", str(workspace.config_file), **no_bucket).returncode == 2
 
     daemon = workspace.start_daemon()
     wait_for(lambda: workspace.status().get("pid") == daemon.process.pid)
-    shown = workspace.cli("status", "-c", "config.yaml", "--json", **no_bucket)
+    shown = workspace.cli("status", "-c", str(workspace.config_file), "--json", **no_bucket)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["bucket"] == workspace.bucket
-    assert workspace.cli("status", "-c", "config.yaml", "--healthy", **no_bucket).returncode == 0
+    assert workspace.cli("status", "-c", str(workspace.config_file), "--healthy",
+                         **no_bucket).returncode == 0
     (workspace.checkpoints / "step_1.pt").write_bytes(b"saved")
-    flushed = workspace.cli("flush", "-c", "config.yaml", **no_bucket)
+    flushed = workspace.cli("flush", "-c", str(workspace.config_file), **no_bucket)
     assert flushed.returncode == 0, flushed.stderr
     assert daemon.named("flush_done")
     assert daemon.stop() == 0
@@ -418,4 +419,24 @@ def test_s3_not_answering_uploads_is_degraded_everywhere_until_answers_flow(
     wait_for(lambda: status_says(workspace)[0] == 0, timeout=30)
     assert not workspace.status()["degraded"]
     assert daemon.named("s3_answering")
+    assert daemon.stop() == 0
+
+
+def test_status_and_flush_naming_another_bucket_than_the_daemons_are_refused(
+        workspace: Workspace) -> None:
+    """A bucket other than the running daemon's (from --bucket, S3_BUCKET_NAME or .env) is
+    one line and exit 2: status would show that daemon's report under the other bucket's
+    name, and flush would hand the daemon a flush of its own bucket and say it was done."""
+    daemon = workspace.start_daemon()
+    wait_for(lambda: workspace.status().get("pid") == daemon.process.pid)
+    for verb in ("status", "flush"):
+        refused = workspace.cli(verb, "-c", str(workspace.config_file), "--bucket",
+                                "some-other-bucket")
+        assert refused.returncode == 2, refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and "some-other-bucket" in lines[0], lines
+        assert workspace.bucket in lines[0], lines
+    same = workspace.cli("status", "-c", str(workspace.config_file), "--bucket", workspace.bucket)
+    assert same.returncode == 0, same.stderr
+    assert workspace.cli("flush", "-c", str(workspace.config_file)).returncode == 0
     assert daemon.stop() == 0

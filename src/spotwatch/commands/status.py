@@ -14,6 +14,7 @@ from spotwatch.bucket import NO_BUCKET, NoBucket
 from spotwatch.commands import load_optional_bucket
 from spotwatch.config import Config
 from spotwatch.console import one_line
+from spotwatch.errors import ConfigError
 from spotwatch.state import StateDir, StateLock
 from spotwatch.sync.ledger import Ledger
 
@@ -38,6 +39,7 @@ def gather_status(config: Config, bucket: str | None) -> dict[str, Any]:
         current = None
     if bucket is None:
         bucket = report["bucket"] = _daemons_bucket(current)
+    refuse_another_bucket(bucket, current)
     flushing_once = current is not None and current.get("role") == "flush"
     report["daemon_pid"] = None if flushing_once else holder
     report["flush_pid"] = holder if flushing_once else None
@@ -55,6 +57,25 @@ def gather_status(config: Config, bucket: str | None) -> dict[str, Any]:
         report.update(uploaded_objects=0, uploaded_bytes=0, last_upload_at=None)
     report["healthy"] = is_healthy(report)  # the one verdict --healthy, the text and JSON give
     return report
+
+
+def refuse_another_bucket(bucket: str | None, current: dict[str, Any] | None) -> None:
+    """Invariant: status and flush speak of one bucket. Named one the running spotwatch (the
+    state lock's holder, `current` its report) does not upload to, they would mix its report
+    with another bucket's uploads, or hand a flush meant for that bucket to it: a usage
+    error instead."""
+    named = current.get("bucket") if current is not None else None
+    if bucket is None or not isinstance(named, str) or not named or named == bucket:
+        return
+    raise ConfigError(f"the bucket named here ({bucket}) is not the one the running spotwatch "
+                      f"(pid {current.get('pid') if current else None}) uploads to ({named}): "
+                      "name its bucket, or none")
+
+
+def running_report(state: StateDir) -> dict[str, Any] | None:
+    """The report of the process holding the state directory's lock, if any."""
+    holder = StateLock(state).holder() if state.path.is_dir() else None
+    return _report_of(holder, state.read_status() if holder else None)
 
 
 def _daemons_bucket(current: dict[str, Any] | None) -> str:
