@@ -188,7 +188,7 @@ def test_a_set_is_not_sealed_while_a_file_of_it_is_written_under_a_temporary_nam
         # The sealer has looked at step_2 once status reports it (or, before, sealed it).
         wait_for(lambda: "run1/step_2" in workspace.status().get("unsealed_sets", [])
                  or manifest_key("run1/", "step_2") in keys_in(s3, workspace.bucket))
-        assert workspace.status()["unsettled_files"] >= 1
+        wait_for(lambda: workspace.status().get("unsettled_files", 0) >= 1)  # status says so
         assert daemon.stop() == 1  # the final flush gave up on the file still written
     incomplete = daemon.named("flush_incomplete")[-1]
     assert incomplete["unsettled"] >= 1 and "run1/step_2" in incomplete["unsealed_sets"]
