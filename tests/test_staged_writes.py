@@ -118,12 +118,16 @@ def test_staging_directories_at_any_depth_count_while_written(tmp_path: Path,
             assert wait_for(tracker.staged_writes) == {path: relative}
 
 
-def test_a_configured_exclude_counts_too(tmp_path: Path) -> None:
-    with watched(tmp_path, exclude=("*.partial",)) as tracker:
-        path = tmp_path / "step_2" / "model.pt.partial"
-        path.parent.mkdir()
-        with steady_writer(path):
-            assert wait_for(tracker.staged_writes) == {path: "step_2/model.pt.partial"}
+def test_a_configured_exclude_counts_only_for_staging_names(tmp_path: Path) -> None:
+    """An excluded log appended all the time would hold every flush to its time limit and
+    its set unsealed: only names a save stages under count, configured excludes or not."""
+    with watched(tmp_path, exclude=("*.log", "*.tmp")) as tracker:
+        staged = tmp_path / "step_2" / "model.pt.tmp"
+        log = tmp_path / "step_2" / "train.log"
+        staged.parent.mkdir()
+        with steady_writer(log), steady_writer(staged):
+            assert wait_for(tracker.staged_writes) == {staged: "step_2/model.pt.tmp"}
+            assert log not in tracker.staged_writes()
 
 
 def test_a_closed_or_deleted_excluded_file_stops_counting(tmp_path: Path) -> None:

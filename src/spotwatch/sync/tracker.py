@@ -186,6 +186,7 @@ class ChangeTracker(FileSystemEventHandler):
         self.root = watch.path.absolute()
         self._root_prefix = prefix_below(self.root)
         self.filter = PathFilter.for_watch(watch)
+        self._staging = PathFilter.staging_names(watch)
         self._settle = settle_seconds
         self._quiet = quiet_seconds
         self._on_change = on_change
@@ -409,14 +410,16 @@ class ChangeTracker(FileSystemEventHandler):
         return rel
 
     def excluded_relative(self, path: Path) -> str | None:
-        """The path relative to the watched root when the filters alone keep it from being
-        uploaded (a temporary name, a staging directory); else None."""
+        """The path relative to the watched root when the filters keep it from being uploaded
+        and it is named as a save stages it (config.STAGING_NAMES: a temporary name, a staging
+        directory); else None. Other excluded files (a log appended all the time, say) are
+        none of a checkpoint's and hold nothing."""
         text = str(path)
         if not text.startswith(self._root_prefix):
             return None
         rel = text[len(self._root_prefix):]
         if (not rel or is_restore_temporary(rel) or is_reserved(rel)
-                or self.filter.accepts(rel)):
+                or self.filter.accepts(rel) or self._staging.accepts(rel)):
             return None
         return rel
 
