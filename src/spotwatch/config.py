@@ -165,8 +165,13 @@ class AwsSettings(_Section, frozen=True, kw_only=True):
 # N.orbax-checkpoint-tmp-T/: Orbax's, renamed N/ once the save is finished; a save that
 # failed leaves it (and items inside a step stage in ITEM.orbax-checkpoint-tmp-T/ alike).
 # *-unfinished: NeMo's marker of a checkpoint being saved (keys.unfinished_marker).
-DEFAULT_EXCLUDE = ("*.tmp", "*.tmp/*", "__pycache__/*", ".git/*", "tmp-checkpoint-*/*",
-                   "*/tmp-checkpoint-*/*", "*.orbax-checkpoint-tmp-*/*", "*-unfinished")
+# The names trainers save under before a rename publishes the checkpoint (torch.save to a
+# .tmp, a step_N.tmp/ staging directory, HF Trainer's tmp-checkpoint-N/, Orbax's): excluded by
+# default, and their writes count as the trainer still saving (sync.staged_writes).
+STAGING_NAMES = ("*.tmp", "*.tmp/*", "tmp-checkpoint-*/*", "*/tmp-checkpoint-*/*",
+                 "*.orbax-checkpoint-tmp-*/*")
+DEFAULT_EXCLUDE = (*STAGING_NAMES[:2], "__pycache__/*", ".git/*", *STAGING_NAMES[2:],
+                   "*-unfinished")
 
 
 class WatchDir(_Section, frozen=True):

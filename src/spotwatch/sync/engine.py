@@ -484,8 +484,11 @@ class SyncEngine:
         return self.sealer.unsealed() <= held
 
     def being_written(self) -> list[Path]:
-        """Files still being written (not settled), in path order."""
-        return sorted(path for tracker in self.trackers for path in tracker.unsettled_paths())
+        """Files still being written (not settled), in path order; those under an excluded
+        name too (staged_writes: the trainer is still saving)."""
+        return sorted(path for tracker in self.trackers
+                      for paths in (tracker.unsettled_paths(), tracker.staged_writes())
+                      for path in paths)
 
     def left_behind(self, deadline: float | None) -> list[PendingFile]:
         """Files waiting to retry that a flush with this deadline does not wait for."""
@@ -540,20 +543,23 @@ class SyncEngine:
                 | {item.set_key for item in self._uploading.values()})
 
     def _set_keys_being_written(self) -> set[str]:
-        """Sets with a file being written (not settled yet)."""
+        """Sets with a file being written (not settled yet), under an excluded name too: a
+        model.pt.tmp still written in step_2/ holds step_2 (see staged_writes)."""
         keys: set[str] = set()
         for tracker in self.trackers:
             for path in tracker.unsettled_paths():
                 relative = tracker.relative(path)
                 if relative is not None:
                     keys.add(_set_ref(tracker, relative).key)
+            keys.update(_set_ref(tracker, relative).key
+                        for relative in tracker.staged_writes().values())
         return keys
 
     def reseal_after_deletions(self, keys: list[str]) -> None:
         self.sealer.reseal_after_deletions(keys)
 
     def unsettled(self) -> int:
-        return sum(t.unsettled_count() for t in self.trackers)
+        return sum(t.unsettled_count() + len(t.staged_writes()) for t in self.trackers)
 
     def _release_retries(self) -> None:
         for item in self.retries.take_due():

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from fnmatch import translate
 from glob import escape
 
-from spotwatch.config import DEFAULT_EXCLUDE, WatchDir
+from spotwatch.config import DEFAULT_EXCLUDE, STAGING_NAMES, WatchDir
 
 _Matcher = Callable[[str], "re.Match[str] | None"]
 
@@ -56,6 +56,12 @@ class PathFilter:
     def for_watch(cls, watch: WatchDir) -> PathFilter:
         defaults = frozenset(DEFAULT_EXCLUDE) if watch.exclude == DEFAULT_EXCLUDE else frozenset()
         return cls(watch.path, watch.exclude, watch.include, defaults)
+
+    @classmethod
+    def staging_names(cls, watch: WatchDir) -> PathFilter:
+        """Rejects exactly the paths named as a save stages them (config.STAGING_NAMES),
+        anchored at the root as it is named, as the default excludes are."""
+        return cls(watch.path, STAGING_NAMES, (), frozenset(STAGING_NAMES))
 
     def accepts(self, relative_path: str) -> bool:
         """Whether `aws s3 sync <root>` would take the file at this path below the root."""

@@ -37,6 +37,7 @@ from spotwatch.keys import RESERVED_SET, is_reserved, is_restore_temporary
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.sync import inotify_fix
 from spotwatch.sync.filters import PathFilter
+from spotwatch.sync.staged_writes import StagedWrites
 from spotwatch.sync.subtree import Folders, prefix_below
 
 log = get_logger("spotwatch.tracker")
@@ -185,6 +186,7 @@ class ChangeTracker(FileSystemEventHandler):
         self.root = watch.path.absolute()
         self._root_prefix = prefix_below(self.root)
         self.filter = PathFilter.for_watch(watch)
+        self._staging = PathFilter.staging_names(watch)
         self._settle = settle_seconds
         self._quiet = quiet_seconds
         self._on_change = on_change
@@ -193,6 +195,7 @@ class ChangeTracker(FileSystemEventHandler):
         self._candidate_folders = Folders()
         self._removed: list[Path] = []
         self._written: set[Path] = set()  # files written to since take_written
+        self._staged = StagedWrites(settle_seconds, quiet_seconds, clock)
         self._lock = threading.Lock()
         self._observer: BaseObserver | None = None
         self._watched: _Watched | None = None
@@ -406,6 +409,20 @@ class ChangeTracker(FileSystemEventHandler):
             return None
         return rel
 
+    def excluded_relative(self, path: Path) -> str | None:
+        """The path relative to the watched root when the filters keep it from being uploaded
+        and it is named as a save stages it (config.STAGING_NAMES: a temporary name, a staging
+        directory); else None. Other excluded files (a log appended all the time, say) are
+        none of a checkpoint's and hold nothing."""
+        text = str(path)
+        if not text.startswith(self._root_prefix):
+            return None
+        rel = text[len(self._root_prefix):]
+        if (not rel or is_restore_temporary(rel) or is_reserved(rel)
+                or self.filter.accepts(rel) or self._staging.accepts(rel)):
+            return None
+        return rel
+
     def _report_reserved(self) -> None:
         """What lies in spotwatch's own key space below the root is never uploaded; said
         once, so that a user's own files there are not left out unseen."""
@@ -429,11 +446,15 @@ class ChangeTracker(FileSystemEventHandler):
                 self._mark_tree(dest)
             else:
                 self.mark(dest, closed=True, at=_READY_NOW)
+            # Only now, with what it published marked: a flush looking in between would see
+            # the trainer done writing with nothing pending, and end before the checkpoint.
+            self._staged.end(src)
         elif kind == "deleted":
             # The root's own deletion says nothing its files' deletions did not, and may
             # arrive after the root was made again and watched anew (see keep_watching).
             if src != self.root:
                 self._forget(src)
+                self._staged.end(src)
         elif event.is_directory:
             if kind == "created":
                 error = listing_error(src)
@@ -450,10 +471,12 @@ class ChangeTracker(FileSystemEventHandler):
                 self.mark(src, closed=True, at=_READY_NOW)
             else:
                 self.mark(src, closed=False)
+                self._note_staged(src, closed=False)
         elif kind == "closed":
             self._note_written(src)
             if os.path.lexists(src):  # a file deleted while open still reports its close
                 self.mark(src, closed=True)
+                self._note_staged(src, closed=True)
         else:
             return
         self._on_change()
@@ -465,6 +488,15 @@ class ChangeTracker(FileSystemEventHandler):
             if path not in self._candidates:
                 self._candidate_folders.add(path)
             self._candidates[path] = _Candidate(self._clock() if at is None else at, closed)
+
+    def _note_staged(self, path: Path, closed: bool) -> None:
+        relative = self.excluded_relative(path)
+        if relative is not None:
+            self._staged.note(path, relative, closed)
+
+    def staged_writes(self) -> dict[Path, str]:
+        """Excluded files still being written (see staged_writes) -> their relative path."""
+        return self._staged.active()
 
     def mark_quiet_for(self, path: Path, seconds: float) -> None:
         """A file found unclosed that has not changed for `seconds` (its mtime's age).
