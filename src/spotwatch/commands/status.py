@@ -243,9 +243,10 @@ def _flush_line(flush: dict[str, Any]) -> str:
     left = []
     if flush.get("cut_short_by_stop"):
         left.append(f"cut short by the daemon's stop with {flush.get('pending_files', 0)} "
-                    "files not durable")
+                    "files not durable when it ended")
     elif flush.get("timed_out"):
-        left.append(f"timed out with {flush.get('pending_files', 0)} files not durable")
+        left.append(f"timed out with {flush.get('pending_files', 0)} files not durable when "
+                    "it ended")
     if flush.get("failed"):
         left.append(f"{flush['failed']} files failing")
     if flush.get("still_written"):
