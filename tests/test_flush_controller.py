@@ -299,3 +299,24 @@ def test_a_flush_is_overdue_at_its_deadline_else_at_the_write_wait(
     assert manual.overdue() and noticed.overdue() and not unbounded.overdue()
     record = manual.finish([], not_durable=2).record
     assert record["timed_out"] is True and record["pending_files"] == 2
+
+
+def test_a_notices_flush_the_stop_cuts_short_is_recorded_as_cut_short_by_the_stop() -> None:
+    """The stop joins a spot notice's flush, which keeps its reason: the record must still say
+    the stop ended it, or `spotwatch flush` blames the notice's deadline (two minutes away)."""
+    clock, flushes, work = controller()
+    flushes.start("spot-interruption", clock.now() + timedelta(minutes=2), work)
+    give_up_at = flushes.give_up_at(5.0)
+    flushes.start("shutdown", None, work, until=give_up_at)
+    clock.advance(5.0)
+    assert flushes.final_verdict(left(2), [], Progress()) == 1
+    assert flushes.last is not None
+    assert flushes.last["reason"] == "spot-interruption"
+    assert (flushes.last["timed_out"], flushes.last["cut_short_by_stop"]) == (True, True)
+    assert flushes.last["pending_files"] == 2
+
+
+def test_a_flush_that_ends_on_its_own_is_not_cut_short_by_a_stop() -> None:
+    _clock, flushes, work = controller()
+    flushes.start("manual-flush", None, work)
+    assert flushes.finish([], not_durable=3).record["cut_short_by_stop"] is False

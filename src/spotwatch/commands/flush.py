@@ -90,7 +90,8 @@ def report_left_behind(record: dict[str, Any], whose: str) -> int:
     files still being written behind, or could not protect some at all; else 0. Invariant: an
     exit 1 of `spotwatch flush` always says why, whether this process or the daemon flushed."""
     reasons = []
-    if record.get("timed_out") and record.get("reason") == "shutdown":
+    if record.get("timed_out") and (record.get("cut_short_by_stop")
+                                    or record.get("reason") == "shutdown"):  # older daemons
         reasons.append(f"{whose} was cut short by the daemon's stop (sync.stop_timeout) with "
                        f"{record.get('pending_files', 0)} files not yet durable in S3")
     elif record.get("timed_out"):

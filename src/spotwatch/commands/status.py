@@ -107,6 +107,11 @@ class _Flush(msgspec.Struct):
     bytes: int
     seconds: float
     reason: str
+    timed_out: bool = False
+    cut_short_by_stop: bool = False
+    pending_files: int = 0
+    failed: int = 0
+    still_written: int = 0
 
 
 class _Report(msgspec.Struct):
@@ -123,6 +128,7 @@ class _Report(msgspec.Struct):
     degraded: list[str] = []
     metrics_url: str | None = None
     last_notice: _Notice | None = None
+    notices_in_effect: list[_Notice] = []
     last_flush: _Flush | None = None
     flushing: bool = False
     incomplete_sets: list[str] = []
@@ -147,6 +153,7 @@ class _WaitingReport(msgspec.Struct):
     role: str = "run"
     degraded: list[str] = []
     last_notice: _Notice | None = None
+    notices_in_effect: list[_Notice] = []
     metrics_url: str | None = None
 
 
@@ -241,6 +248,35 @@ def _notice_line(notice: dict[str, Any] | None) -> str:
             f"{notice['deadline']}{cancelled})")
 
 
+def _notice_lines(daemon: dict[str, Any]) -> list[str]:
+    """The daemon's last_notice is the notice in effect due first, if any (see
+    Daemon.notice_report); the others in effect follow, so none is hidden."""
+    lines = ["last notice:  " + _notice_line(daemon.get("last_notice"))]
+    others = (daemon.get("notices_in_effect") or [])[1:]
+    if others:
+        lines.append("also in effect: " + "; ".join(_notice_line(other) for other in others))
+    return lines
+
+
+def _flush_line(flush: dict[str, Any]) -> str:
+    """Invariant: a flush that timed out, was cut short or left files behind never reads as a
+    success."""
+    left = []
+    if flush.get("cut_short_by_stop"):
+        left.append(f"cut short by the daemon's stop with {flush.get('pending_files', 0)} "
+                    "files not durable when it ended")
+    elif flush.get("timed_out"):
+        left.append(f"timed out with {flush.get('pending_files', 0)} files not durable when "
+                    "it ended")
+    if flush.get("failed"):
+        left.append(f"{flush['failed']} files failing")
+    if flush.get("still_written"):
+        left.append(f"{flush['still_written']} files still being written not waited for")
+    outcome = f": INCOMPLETE, {', '.join(left)}" if left else ""
+    return (f"{flush['files']} files, {_size(flush['bytes'])} in {flush['seconds']}s "
+            f"({flush['reason']}){outcome}")
+
+
 def render_status(report: dict[str, Any]) -> str:
     lines = [f"bucket:       {report['bucket']}"]
     daemon = report.get("daemon")
@@ -251,7 +287,7 @@ def render_status(report: dict[str, Any]) -> str:
                      f"{_ago(waiting['since'])}; notices still reach the trainer, nothing "
                      f"uploads until the checks pass")
         lines.append("health:       " + _health(daemon))
-        lines.append("last notice:  " + _notice_line(daemon.get("last_notice")))
+        lines += _notice_lines(daemon)
     elif report.get("daemon_pid") and daemon:
         lines.append(f"daemon:       running (pid {report['daemon_pid']})")
         lines.append(f"pending:      {daemon['pending_files']} files, "
@@ -264,7 +300,7 @@ def render_status(report: dict[str, Any]) -> str:
             lines.append(f"PROBLEM:      {problem}")
         if daemon.get("metrics_url"):
             lines.append(f"metrics:      {daemon['metrics_url']}/metrics")
-        lines.append("last notice:  " + _notice_line(daemon.get("last_notice")))
+        lines += _notice_lines(daemon)
         incomplete = daemon.get("incomplete_sets") or []
         if incomplete:
             lines.append(f"incomplete:   {set_count(daemon, 'incomplete')} sets without a "
@@ -285,8 +321,7 @@ def render_status(report: dict[str, Any]) -> str:
             lines.append("flush:        running (pending files go newest set first)")
         flush = daemon.get("last_flush")
         if flush:
-            lines.append(f"last flush:   {flush['files']} files, {_size(flush['bytes'])} in "
-                         f"{flush['seconds']}s ({flush['reason']})")
+            lines.append("last flush:   " + _flush_line(flush))
     elif report.get("daemon_report_unreadable"):
         lines.append(f"daemon:       running (pid {report['daemon_pid']}), but its status.json "
                      f"is not one this version reads (another spotwatch version?)")

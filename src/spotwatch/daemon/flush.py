@@ -215,9 +215,11 @@ class FlushController:
 
     def _end(self, failed: Sequence[PendingFile], still_written: Sequence[Path],
              timed_out: bool, unprotected: Mapping[str, Sequence[str]] | None = None,
-             pending_files: int = 0) -> FinishedFlush:
+             pending_files: int = 0, cut_short_by_stop: bool = False) -> FinishedFlush:
         """No flush runs any more; self.last records the one that ran (pending_files: those
-        not durable yet when a stop cut it short)."""
+        not durable yet when it timed out or a stop cut it short). Invariant: the record says
+        cut_short_by_stop whenever the stop ended it, whatever its reason (a notice's flush
+        keeps its reason when the stop joins it), so no one blames its own time limit."""
         flush, self.current = self.current, None
         assert flush is not None
         seconds = self._clock.monotonic() - flush.started
@@ -232,6 +234,7 @@ class FlushController:
             "still_written": len(still_written),
             "still_written_files": [str(path) for path in still_written[:NAMED_FILES_MAX]],
             "timed_out": timed_out,
+            "cut_short_by_stop": cut_short_by_stop,
             "pending_files": pending_files,
             "deadline_margin_seconds": None if margin is None else round(margin, 1),
             "finished_at": self._clock.now().isoformat(),
@@ -259,7 +262,8 @@ class FlushController:
         stop."""
         timed_out = self.current is not None
         if timed_out:
-            self._end(failing, (), timed_out=True, pending_files=left.pending_files)
+            self._end(failing, (), timed_out=True, pending_files=left.pending_files,
+                      cut_short_by_stop=True)
         if (not timed_out and left.pending_files == 0 and not left.unsettled
                 and not left.unreadable_dirs and not left.refused_files
                 and not left.incomplete_sets):  # nor a set a file it needs keeps unsealed

@@ -5,7 +5,7 @@ before one is due), the trainer's notice file. A notice stays in effect until AW
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -22,6 +22,17 @@ class Held:
     record: dict[str, Any]  # as the trainer is told of it
     detected: datetime
     due: datetime | None  # when the instance is to go (notices.sources.due_by)
+
+
+@dataclass(frozen=True)
+class NoticeReport:
+    """What status.json says of notices: last_notice (the one in effect due first, else the
+    latest, cancelled_at once withdrawn) and every notice in effect, due first first."""
+    last: dict[str, Any] | None = None
+    in_effect: list[dict[str, Any]] = field(default_factory=list)
+
+    def fields(self) -> dict[str, Any]:
+        return {"last_notice": self.last, "notices_in_effect": self.in_effect}
 
 
 class NoticesInEffect:
@@ -60,8 +71,21 @@ class NoticesInEffect:
     def soonest(self) -> Held | None:
         """The notice due first (one with no time last): the one the trainer is told of when
         the notice it had was withdrawn."""
-        return min(self._held.values(),
-                   key=lambda held: (held.due is None, held.due or held.detected), default=None)
+        ordered = self.by_urgency()
+        return ordered[0] if ordered else None
+
+    def report(self, latest: dict[str, Any] | None) -> NoticeReport:
+        """What status.json says of notices; latest: the record of the latest notice learnt.
+        Invariant: last_notice is the notice in effect due first whenever one is: a later,
+        weaker notice, or one withdrawn, never hides it; only with none in effect is it the
+        latest notice (cancelled_at once withdrawn)."""
+        in_effect = [held.record for held in self.by_urgency()]
+        return NoticeReport(in_effect[0] if in_effect else latest, in_effect)
+
+    def by_urgency(self) -> list[Held]:
+        """Every notice in effect, the one due first first (those with no time last)."""
+        return sorted(self._held.values(),
+                      key=lambda held: (held.due is None, held.due or held.detected))
 
 
 def _presses_from(due: datetime | None, detected: datetime) -> datetime:

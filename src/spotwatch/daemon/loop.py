@@ -20,7 +20,7 @@ from spotwatch.config import Config
 from spotwatch.daemon import sdnotify
 from spotwatch.daemon.flush import FlushController
 from spotwatch.daemon.hooks import NoticeHooks
-from spotwatch.daemon.in_effect import Held, NoticesInEffect
+from spotwatch.daemon.in_effect import Held, NoticeReport, NoticesInEffect
 from spotwatch.daemon.metrics import Metrics
 from spotwatch.daemon.prune_job import PruneSchedule
 from spotwatch.daemon.reporter import Reporter
@@ -105,7 +105,9 @@ class Daemon:
         # Notices, and what the items that withdraw notices list as in effect, in order.
         self._notices: queue.Queue[Notice | NoticeListing] = queue.Queue()
         self._signals = SignalInbox()
-        self.last_notice: dict[str, Any] | None = None
+        # The latest notice learnt (cancelled_at once withdrawn); see notice_report for what
+        # status shows.
+        self._latest_notice: dict[str, Any] | None = None
         self._in_effect = NoticesInEffect()
         self._told: Told | None = None  # the notice the trainer has
         # Demo only: told of notice_detected and flush_done as they happen.
@@ -269,7 +271,7 @@ class Daemon:
             self._tell_while_waiting()
             self._keep_state_dir()
             if waiting_since is not None:
-                self.reporter.report_waiting_when_due(self.last_notice)
+                self.reporter.report_waiting_when_due(self.notice_report())
             else:
                 self.reporter.extend_start_when_due()
             self._sleep(TICK_SECONDS)
@@ -430,7 +432,7 @@ class Daemon:
         elif not self.flushes.active:
             self._complete_lifecycle_when_durable(engine, "the uploads since the notice")
         self._keep_state_dir()  # before status.json is written into it
-        self.reporter.report_when_due(engine, self.last_notice, self.flushes)
+        self.reporter.report_when_due(engine, self.notice_report(), self.flushes)
 
     def _keep_state_dir(self) -> None:
         """The daemon's state lock stays on the file at <state>/lock (see StateGuard)."""
@@ -446,6 +448,9 @@ class Daemon:
     def _on_notice(self, engine: SyncEngine, notice: Notice) -> None:
         self._learn(notice)
         self._start_flush(engine, notice.kind.value, notice.deadline)
+
+    def notice_report(self) -> NoticeReport:
+        return self._in_effect.report(self._latest_notice)
 
     def _learn(self, notice: Notice) -> None:
         """A notice, all but its flush: logged, shared, counted, told to the trainer."""
@@ -471,7 +476,7 @@ class Daemon:
             # a `spotwatch flush` is no notice and never hides one, nor its deadline
             # (last_flush and the flush metrics record it).
             self.reporter.count_notice(notice, detected)
-            self.last_notice = record
+            self._latest_notice = record
             held = Held(notice, record, detected, due_by(notice, detected))
             self._in_effect.add(held)
             self._tell_trainer(held)
@@ -534,9 +539,9 @@ class Daemon:
         if not gone:
             return
         self._deferred = [notice for notice in self._deferred if notice.id not in gone]
-        if self.last_notice is not None and self.last_notice["id"] in gone:
-            self.last_notice = {**self.last_notice,
-                                "cancelled_at": datetime.now(timezone.utc).isoformat()}
+        if self._latest_notice is not None and self._latest_notice["id"] in gone:
+            self._latest_notice = {**self._latest_notice,
+                                   "cancelled_at": datetime.now(timezone.utc).isoformat()}
         if told is not None and told.id in gone:
             self._tell_next()
         # Logged once the trainer's notice file says so: whoever reads the line finds it.
@@ -649,7 +654,7 @@ class Daemon:
         self._lifecycle.complete("final flush", wait=LIFECYCLE_COMPLETE_WAIT)
 
     def _write_status(self, engine: SyncEngine) -> None:
-        self.reporter.write(engine, self.last_notice, self.flushes)
+        self.reporter.write(engine, self.notice_report(), self.flushes)
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         for listener in self.listeners:

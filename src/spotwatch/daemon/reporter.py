@@ -15,6 +15,7 @@ from spotwatch.aws.health import Outage, S3Watch, unreachable_reason
 from spotwatch.config import MetricsSettings
 from spotwatch.daemon import sdnotify
 from spotwatch.daemon.flush import FlushController
+from spotwatch.daemon.in_effect import NoticeReport
 from spotwatch.daemon.metrics import Metrics, MetricsServer
 from spotwatch.daemon.snapshot import EngineSnapshot
 from spotwatch.daemon.state_guard import StateGuard
@@ -141,12 +142,12 @@ class Reporter:
         self.metrics.tick()
         self.s3_watch.check()
 
-    def report_when_due(self, engine: SyncEngine, last_notice: dict[str, Any] | None,
+    def report_when_due(self, engine: SyncEngine, notices: NoticeReport,
                         flushes: FlushController) -> None:
         """Keep-alives and status.json, each when due."""
         self._keep_alive()
         if time.monotonic() >= self._status_due:
-            self.write(engine, last_notice, flushes)
+            self.write(engine, notices, flushes)
             self._status_due = time.monotonic() + STATUS_INTERVAL_SECONDS
 
     def _keep_alive(self) -> None:
@@ -176,7 +177,7 @@ class Reporter:
         return (f"S3 unreachable at start ({self._waiting['reason']}): preflight checks "
                 "pending, nothing uploads until they pass")
 
-    def report_waiting_when_due(self, last_notice: dict[str, Any] | None) -> None:
+    def report_waiting_when_due(self, notices: NoticeReport) -> None:
         """Keep-alives and a status.json that says the daemon is up, telling the trainer of
         notices, and waiting for S3: no engine runs yet, so no pending counts are claimed."""
         self._keep_alive()
@@ -188,11 +189,11 @@ class Reporter:
             "waiting_for_s3": self._waiting,
             "imds_up": imds_up,
             "degraded": [self._waiting_reason()],
-            "last_notice": last_notice,
+            **notices.fields(),
             "metrics_url": self.metrics_url,
         })
 
-    def write(self, engine: SyncEngine, last_notice: dict[str, Any] | None,
+    def write(self, engine: SyncEngine, notices: NoticeReport,
               flushes: FlushController) -> None:
         """status.json and the gauges, from one snapshot of the engine."""
         left = EngineSnapshot.of(engine)
@@ -220,7 +221,7 @@ class Reporter:
             "degraded": degraded,
             "problems": self.problems(),
             "last_upload_at": engine.last_upload_at,
-            "last_notice": last_notice,
+            **notices.fields(),
             "last_flush": flushes.last,
             "flushing": flushes.active,
             "metrics_url": self.metrics_url,
