@@ -37,7 +37,7 @@ class NoticeHooks:
         told of, as recorded, even if its file is gone."""
         self._acted.load()
         self._check_writable()
-        if self._acted.ids:
+        if self._acted.acted:
             return self._acted.told
         self._remove_notice_file()
         return None
@@ -59,10 +59,11 @@ class NoticeHooks:
                         detail="the trainer cannot be told of a notice until this is fixed")
 
     def fire(self, notice: dict[str, Any], told: Told) -> None:
-        """Hooks act once per notice id, across restarts too; the notice file is (re)written
-        every time, so a trainer always finds it. told: the notice as the daemon keeps it,
-        with when the instance is to go, as the next notices are compared with (see
-        notices.sources.due_by)."""
+        """Hooks act once per notice id, across restarts too, and again when its deadline
+        moves earlier (a maintenance event rescheduled: the trainer must learn it has less
+        time); the notice file is (re)written every time, so a trainer always finds it.
+        told: the notice as the daemon keeps it, with when the instance is to go, as the next
+        notices are compared with (see notices.sources.due_by)."""
         self._write_notice_file(notice)
         if not self._acted.tell(told):
             log.info("hooks_already_acted", id=notice["id"], kind=notice["kind"])

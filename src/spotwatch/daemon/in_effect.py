@@ -43,7 +43,11 @@ class NoticesInEffect:
         return bool(self._held)
 
     def add(self, held: Held) -> None:
+        """A notice, or a new deadline for one in effect (moved earlier: it replaces the old)."""
         self._held[held.notice.id] = held
+
+    def held(self, notice_id: str) -> Held | None:
+        return self._held.get(notice_id)
 
     def withdrawn(self, listing: NoticeListing) -> list[Held]:
         """This instance's notices of the listing's kind that it no longer lists: no longer in

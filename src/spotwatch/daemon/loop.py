@@ -453,8 +453,11 @@ class Daemon:
         return self._in_effect.report(self._latest_notice)
 
     def _learn(self, notice: Notice) -> None:
-        """A notice, all but its flush: logged, shared, counted, told to the trainer."""
+        """A notice, all but its flush: logged, shared, counted, told to the trainer. One in
+        effect already, handed on again, was moved earlier (notices.store.SeenNotices): its
+        new deadline replaces the old everywhere, logged as rescheduled_from."""
         detected = datetime.now(timezone.utc)
+        earlier = self._in_effect.held(notice.id)
         seconds_left = (notice.deadline - detected).total_seconds() if notice.deadline else None
         record = {
             "kind": notice.kind.value,
@@ -466,7 +469,8 @@ class Daemon:
         }
         log.info("notice_detected", kind=notice.kind.value, id=notice.id, detail=notice.detail,
                  deadline=record["deadline"], **_origin(notice),
-                 seconds_left=None if seconds_left is None else round(seconds_left, 1))
+                 seconds_left=None if seconds_left is None else round(seconds_left, 1),
+                 **({} if earlier is None else {"rescheduled_from": earlier.record["deadline"]}))
         self._share(notice)
         self._emit("notice_detected", record)
         if notice.kind is NoticeKind.MANUAL:
@@ -475,7 +479,8 @@ class Daemon:
             # Invariant: status's last notice and the notice metrics are AWS's (or a peer's);
             # a `spotwatch flush` is no notice and never hides one, nor its deadline
             # (last_flush and the flush metrics record it).
-            self.reporter.count_notice(notice, detected)
+            if earlier is None:  # a notice rescheduled is the same notice
+                self.reporter.count_notice(notice, detected)
             self._latest_notice = record
             held = Held(notice, record, detected, due_by(notice, detected))
             self._in_effect.add(held)
@@ -504,14 +509,16 @@ class Daemon:
 
     def _tell_trainer(self, held: Held) -> None:
         """Invariant: the trainer is never told a later deadline than one it already has. A
-        notice due later (a peer's, a scheduled event after the spot notice) or with no time
-        at all (a rebalance) still flushes, but leaves the notice file and the hooks alone;
+        notice due later (a peer's, a scheduled event after the spot notice, the trainer's own
+        event postponed, as a restart reads it) or with no time at all (a rebalance) still
+        flushes, but leaves the notice file and the hooks alone;
         one that means the instance goes now (see due_by) counts as due within two minutes,
         so it is never kept behind an event due days later. A restarted daemon starts from
         the notice file it kept, whatever order IMDS answers in."""
         told, notice, due = self._told, held.notice, held.due
-        if (told is not None and told.deadline is not None and told.id != notice.id
-                and (due is None or due >= told.deadline)):
+        if (told is not None and told.deadline is not None
+                and (due is None or due > told.deadline
+                     or (due == told.deadline and told.id != notice.id))):
             log.info("notice_file_kept", id=notice.id, kind=notice.kind.value,
                      reason="the trainer already has an earlier deadline")
             return

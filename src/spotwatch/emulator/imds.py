@@ -29,6 +29,14 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _window(in_seconds: float) -> dict[str, str]:
+    """A maintenance event's window as IMDS gives it: from in_seconds from now, two hours."""
+    start = datetime.now(timezone.utc) + timedelta(seconds=in_seconds)
+    fmt = "%d %b %Y %H:%M:%S GMT"
+    return {"NotBefore": start.strftime(fmt),
+            "NotAfter": (start + timedelta(hours=2)).strftime(fmt)}
+
+
 @dataclass
 class Fault:
     status: int | None = None  # answer this status instead
@@ -138,12 +146,9 @@ class ImdsEmulator:
 
     def schedule_event(self, code: str = "system-reboot", in_seconds: float = 3600,
                        state: str = "active") -> str:
-        start = datetime.now(timezone.utc) + timedelta(seconds=in_seconds)
-        fmt = "%d %b %Y %H:%M:%S GMT"
-        event = {"NotBefore": start.strftime(fmt), "Code": code, "State": state,
+        event = {"Code": code, "State": state,
                  "EventId": f"instance-event-{secrets.token_hex(8)}",
-                 "NotAfter": (start + timedelta(hours=2)).strftime(fmt),
-                 "Description": f"scheduled {code}"}
+                 "Description": f"scheduled {code}", **_window(in_seconds)}
         with self.lock:
             events = json.loads(self.state.items[SCHEDULED])
             events.append(event)
@@ -170,6 +175,20 @@ class ImdsEmulator:
                 items[HISTORY] = json.dumps([*json.loads(items.get(HISTORY, "[]")), event])
             items[SCHEDULED] = json.dumps(events)
             return items[SCHEDULED]
+
+    def reschedule_event(self, event_id: str | None = None, in_seconds: float = 3600) -> str:
+        """Move a scheduled event (the newest when none is named) to start in_seconds from now,
+        keeping its EventId, as `aws ec2 modify-instance-event-start-time` does. Returns the
+        scheduled list."""
+        with self.lock:
+            events = json.loads(self.state.items[SCHEDULED])
+            event = next((e for e in reversed(events) if event_id in (None, e["EventId"])),
+                         None)
+            if event is None:
+                raise KeyError(f"no scheduled event {event_id!r}")
+            event.update(_window(in_seconds))
+            self.state.items[SCHEDULED] = json.dumps(events)
+            return self.state.items[SCHEDULED]
 
     def set_lifecycle_state(self, target: str) -> str:
         with self.lock:
@@ -250,6 +269,9 @@ class ImdsEmulator:
         if action == "scheduled":
             return 200, self.schedule_event(body.get("code", "system-reboot"),
                                             float(body.get("in_seconds", 3600)))
+        if action == "reschedule":
+            return 200, self.reschedule_event(body.get("event_id"),
+                                              float(body.get("in_seconds", 3600)))
         if action == "cancel-scheduled":
             return 200, self.cancel_event(body.get("event_id"),
                                           bool(body.get("to_history", True)))

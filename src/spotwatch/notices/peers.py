@@ -287,7 +287,8 @@ class PeerPublisher:
 
 class PeerPoller:
     """Learns the peers' notices: one GET of the bell per interval, on a thread of its own (a
-    slow S3 never delays IMDS polling). Each live notice is handed on once.
+    slow S3 never delays IMDS polling). Each live notice is handed on once (again if its
+    deadline moves earlier).
 
     claims: this node's claim on its rank, kept and checked on the same thread every
     CLAIM_EVERY_POLLS polls (notices.claims); each check goes to on_claims."""

@@ -1,5 +1,6 @@
-"""Polls each notice source on its own thread and hands each new notice to a callback once,
-and what a source that withdraws notices lists as in effect to another, whenever it changes."""
+"""Polls each notice source on its own thread and hands each new notice to a callback once
+(again when its deadline moves earlier: notices.store.SeenNotices), and what a source that
+withdraws notices lists as in effect to another, whenever it changes."""
 
 from __future__ import annotations
 
