@@ -12,12 +12,16 @@ from spotwatch.commands import load
 from spotwatch.config import JobSettings
 from spotwatch.console import print_line
 from spotwatch.errors import ConfigError
-from spotwatch.keys import is_reserved, set_name_of
+from spotwatch.keys import is_reserved, is_utf8, set_name_of
+from spotwatch.logs import printable_path
 from spotwatch.sync.restore import restore
 from spotwatch.sync.sets.manifest import LinkEntry
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.set_name is not None and not is_utf8(args.set_name):
+        raise ConfigError(f"--set {printable_path(args.set_name)}: the name is not valid UTF-8, "
+                          "and such names are never uploaded, so no set has it")
     if args.set_name is not None and not is_set_name(args.set_name):
         raise ConfigError(f"--set takes the name of one checkpoint set (a top-level file or "
                           f"directory name such as step_1000), got {args.set_name!r}")

@@ -51,6 +51,7 @@ from spotwatch.keys import (
     RESTORE_TEMP_SUFFIX,
     UNFINISHED_SUFFIX,
     is_restore_temporary,
+    manifest_key,
     object_key,
     series_of,
     set_name_of,
@@ -280,6 +281,9 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
         if any(c.whole.set_name == set_name for c in candidates):
             raise SpotwatchError(f"set {set_name!r} under {where} is not complete or does not "
                                  "match its manifest (see the warnings above)")
+        if _has_objects(store, manifest_key(watch.prefix, set_name)):
+            raise SpotwatchError(f"set {set_name!r} under {where} has a manifest that cannot "
+                                 "be read (see the manifest_skipped warning above)")
         if _has_objects(store, object_key(watch.prefix, set_name)):
             raise SpotwatchError(f"set {set_name!r} under {where} was never sealed complete: "
                                  "it has files but no manifest")
