@@ -344,6 +344,51 @@ def test_file_gone_once_its_bytes_are_sent_leaves_no_object(
     assert daemon.stop() == 0
 
 
+# Long enough for the daemon to have moved on (a new upload, a stray object removed) were the
+# held request abandoned; it is released as soon as that happened.
+SLOW_ANSWER = 8.0
+
+
+def puts_answered(proxy: FaultProxy, name: str) -> int:
+    with proxy._lock:
+        return sum(1 for r, what in proxy.seen
+                   if r.operation == "PutObject" and r.path.endswith(name) and what == "forwarded")
+
+
+@pytest.mark.usefixtures("transfer_client")
+@pytest.mark.parametrize("how", ["rewritten", "deleted"])
+def test_a_put_s3_answers_late_never_lands_after_what_followed_it(
+        workspace: Workspace, s3: Any, proxy: FaultProxy, how: str) -> None:
+    """S3 has the whole body of a PutObject and answers late, while the file is rewritten (or
+    deleted): the new version (or the removal of the stray object) must come after it, on
+    either client. The CRT once cancelled the request, and S3 applied it after the new one."""
+    path = workspace.checkpoints / "step_1" / "model.bin"
+    key = "run1/step_1/model.bin"
+    held = proxy.add("delay", lambda r: r.operation == "PutObject" and r.path.endswith(key),
+                     delay=SLOW_ANSWER)
+    daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
+    checkpoint_data(path, 200_000)
+    wait_for(lambda: held.applied, timeout=30)  # its body is with the proxy, in full
+    final: bytes | None = None
+    if how == "rewritten":
+        final = checkpoint_data(path, 200_000)  # same size, new bytes
+    else:
+        path.unlink()
+    outcome = "upload_done" if final is not None else "upload_skipped"
+    # Released once the daemon moved on without it (the new version sent, the stray object
+    # removed), else answered after SLOW_ANSWER.
+    wait_for(lambda: puts_answered(proxy, key) >= 1 or daemon.named(outcome), timeout=60)
+    held.release()
+    daemon.wait_for_event(outcome, timeout=60)
+    wait_for(lambda: proxy.in_flight.get("PutObject", 0) == 0 and held.applied
+             and puts_answered(proxy, key) >= (2 if final is not None else 1), timeout=60)
+    if final is None:
+        assert key not in keys_in(s3, workspace.bucket)
+    else:
+        assert object_bytes(s3, workspace.bucket, key) == final
+    assert daemon.stop() == 0
+
+
 def test_lost_create_multipart_reply_leaves_no_open_upload(workspace: Workspace, s3: Any,
                                                            proxy: FaultProxy) -> None:
     workspace.write_config(transfer={**MULTIPART, "max_concurrency": 2})

@@ -365,6 +365,15 @@ class CrtObjectStore(S3ObjectStore):
             log.debug("transfer_client", client="classic", key=key, part_size=part_size,
                       reason="part size over the CRT's pool")
             return super().upload_file(path, key, size, progress)
+        if not self.uses_multipart(size):
+            # Invariant (ObjectStore.upload_file): the future ends only once no request of the
+            # upload can still change the object. Cancelling a PutObject whose body the CRT
+            # has sent ends it at once while S3 may still apply it, after the new version's
+            # upload or the stray object's removal: so a single PutObject is left to its
+            # response (or a connection error), as s3transfer's would be; close() still cuts
+            # it for a stop. Parts cancelled before CompleteMultipartUpload leave no object
+            # (the CRT aborts the upload), and the CRT waits for a Complete in flight.
+            return PendingUpload(outer, _nothing_to_cancel)
         return PendingUpload(outer, cancel)
 
     def _finish_upload(self, error: BaseException | None, key: str, size: int,

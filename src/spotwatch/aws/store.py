@@ -162,7 +162,13 @@ class ObjectStore(Protocol):
 
     def upload_file(self, path: Path, key: str, size: int,
                     progress: Progress | None = None) -> PendingUpload:
-        """Upload the file (of this size when it was looked at) on the store's threads."""
+        """Upload the file (of this size when it was looked at) on the store's threads.
+
+        Invariant: the future ends (cancelled too) only once no request of this upload can
+        still change the object, so what the caller does next to the key (the new version's
+        upload, a stray object's removal) lands after it. A cancel may stop the body being
+        sent or abort parts not yet completed, never end the future while a request whose
+        body S3 has in full is unanswered; only close() abandons such requests (a stop)."""
         ...
 
     def put_bytes(self, key: str, body: bytes, content_type: str) -> Future[None]:

@@ -275,9 +275,10 @@ class SyncEngine:
     def _cancel_stale_uploads(self, touched: list[Path]) -> None:
         """Invariant: an upload whose file is deleted, renamed away or written to stops as
         soon as the tracker hears of it, not once the new version settles or the last byte
-        is sent (the CRT would send the file it opened to the end). The uploader removes what
-        a cancelled upload of a vanished file may have written; a changed file is uploaded
-        again once it settles."""
+        is sent (the CRT would send the file it opened to the end), as far as the store can
+        stop it without a request landing later (a single PutObject on the CRT runs to its
+        response: ObjectStore.upload_file). The uploader removes what a cancelled upload of a
+        vanished file may have written; a changed file is uploaded again once it settles."""
         if not touched or not self._uploading:
             return
         uploading = {job.path: job for job in self._uploading}

@@ -132,6 +132,9 @@ class Uploader:
             return UploadResult(job, outcome, self._clock() - started, **extra)
 
         failure: Exception | None = None
+        # The future ends only once no request of the upload can still change the object
+        # (ObjectStore.upload_file), so the outcome (and the requeue or stray removal it
+        # leads to) comes after anything this upload can write.
         try:
             stored = upload.future.result()
         except CancelledError:
