@@ -44,6 +44,7 @@ from spotwatch.state import StateDir
 from spotwatch.sync.commits import uncommitted
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.ledger import Ledger, LedgerError
+from spotwatch.sync.overlaps import overlapping, resolved
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, JobSet
 from spotwatch.sync.sets.remote import bare_etag, is_intact, list_job_sets, list_manifests
@@ -102,10 +103,16 @@ class Pruner:
 
     def plan(self, watches: Iterable[WatchDir]) -> list[Deletion]:
         """What would be deleted, manifests before the files they list."""
+        watches = tuple(watches)
+        # Each root resolved once: its files are looked for where it led when its overlaps
+        # were checked, not wherever its symlink was pointed since.
+        directories = [resolved(watch.path) for watch in watches]
+        overlaps = overlapping(watches, directories)
         deletions: list[Deletion] = []
-        for watch in watches:
+        for index, watch in enumerate(watches):
             self._stop_if_cancelled()
-            deletions += self._plan_watch(watch)
+            deletions += self._plan_watch(watch, directories[index] or watch.path,
+                                          overlaps.get(index))
         return deletions
 
     def apply(self, deletions: list[Deletion]) -> list[Deletion]:
@@ -153,9 +160,11 @@ class Pruner:
         except LedgerError as exc:
             log.error("ledger_write_failed", key=deletion.key, error=str(exc))
 
-    def _plan_watch(self, watch: WatchDir) -> list[Deletion]:
+    def _plan_watch(self, watch: WatchDir, directory: Path,
+                    overlap: str | None) -> list[Deletion]:
+        """directory: where watch.path leads; overlap: why it is not watched, or None."""
         prefix = object_key(watch.prefix, "")
-        gone = self._gone_locally(watch, prefix) if self._mirror_deletes else []
+        gone = self._gone_locally(watch, prefix, directory, overlap) if self._mirror_deletes else []
         if not self._keep_sets and not gone:
             return []
         accepts = PathFilter.for_watch(watch).accepts
@@ -194,7 +203,8 @@ class Pruner:
             return set()
         return {found.set_name for found in uncommitted(self._store, manifests)}
 
-    def _gone_locally(self, watch: WatchDir, prefix: str) -> list[str]:
+    def _gone_locally(self, watch: WatchDir, prefix: str, directory: Path,
+                      overlap: str | None) -> list[str]:
         """The keys spotwatch uploaded from the watched directory whose files are gone.
 
         Invariant: only a file the file system says is not there counts as deleted. A watched
@@ -203,19 +213,21 @@ class Pruner:
         from it, retired ones included (a freshly made volume mounted there, with only its
         lost+found, or an instance store wiped by a stop and start), nor does a file that
         cannot be looked at (permission denied, an I/O error, a stale network mount): their
-        files were not deleted, only out of sight. A key's file is looked for where the key
-        says, below the watched directory as configured now, not where the ledger saw it: a
-        watched directory moved to another path (the config following it) has all its files
-        still."""
+        files were not deleted, only out of sight. Nor does one that leads into, onto or over
+        another entry's directory (overlap: a watched symlink pointed there): it is not
+        watched then, and its own files are elsewhere, not gone. A key's file is looked for
+        where the key says, below the watched directory as configured now (directory: where
+        its path leads), not where the ledger saw it: a watched directory moved to another
+        path (the config following it) has all its files still."""
         uploaded = self._ledger.live_keys(self._bucket, prefix)
         if not uploaded:
             return []
-        out_of_sight = _out_of_sight(watch.path)
+        out_of_sight = overlap or _out_of_sight(directory)
         if out_of_sight:
             log.warning("mirror_skipped", path=str(watch.path), reason=out_of_sight)
             return []
         recorded = uploaded + self._ledger.retired_keys(self._bucket, prefix)
-        if all(_is_gone(watch.path / name)
+        if all(_is_gone(directory / name)
                for name in {set_name_of(key[len(prefix):]) for key in recorded}):
             log.warning("mirror_skipped", path=str(watch.path),
                         reason="the watched directory holds none of the sets uploaded from it "
@@ -223,7 +235,7 @@ class Pruner:
             return []
         return self._still_ours(
             prefix, [key for key in uploaded
-                     if _is_gone(watch.path / key[len(prefix):], as_file=True)])
+                     if _is_gone(directory / key[len(prefix):], as_file=True)])
 
     def _still_ours(self, prefix: str, keys: list[str]) -> list[str]:
         """The keys whose objects are still the ones spotwatch uploaded, or gone already.
