@@ -39,6 +39,7 @@ class Request:
     path: str
     query: dict[str, list[str]]
     access_key: str = ""  # the key id it was signed with (SigV4's Credential=), if signed
+    signing_region: str = ""  # the region it was signed for (Credential=KEY/date/REGION/...)
 
     @property
     def operation(self) -> str:
@@ -172,9 +173,11 @@ class FaultProxy:
             return sum(1 for r, w in self.seen if r.operation == operation and w == what)
 
 
-def _signing_key(authorization: str) -> str:
-    """The access key id in a SigV4 Authorization header ("... Credential=KEY/date/...")."""
-    return authorization.partition("Credential=")[2].partition("/")[0]
+def _credential(authorization: str) -> tuple[str, str]:
+    """The access key id and the region of a SigV4 Authorization header
+    ("... Credential=KEY/date/REGION/s3/aws4_request, ...")."""
+    scope = authorization.partition("Credential=")[2].partition(",")[0].split("/")
+    return scope[0], scope[2] if len(scope) > 2 else ""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -192,7 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         parts = urlsplit(self.path)
         request = Request(self.command, parts.path, parse_qs(parts.query, keep_blank_values=True),
-                          _signing_key(self.headers.get("Authorization", "")))
+                          *_credential(self.headers.get("Authorization", "")))
         self.proxy.begin(request)
         try:
             self._answer(request, body)

@@ -14,7 +14,8 @@ from spotwatch.config import load_config
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.errors import ConfigError
 
-from .conftest import Workspace
+from .conftest import REGION, Workspace
+from .faultproxy import FaultProxy
 from .test_config import assert_usage_error
 
 NO_REGION_ENV = {"AWS_REGION": "", "AWS_DEFAULT_REGION": "", "AWS_EC2_METADATA_DISABLED": ""}
@@ -125,3 +126,22 @@ def test_metadata_disabled_means_no_imds_at_all(workspace: Workspace,
     daemon.stop()
     assert daemon.named("notice_detected") == [] and len(daemon.named("imds_disabled")) == 1
     assert imds.counts().get("token_put", 0) == 0 and imds.counts().get("get", 0) == 0
+
+
+def test_the_crt_signs_for_the_buckets_own_region_when_another_is_allowed(
+        workspace: Workspace) -> None:
+    """aws.allow_cross_region with the CRT: botocore follows S3's redirect to the bucket's
+    region, the CRT does not, and S3 refuses a request signed for another region (or sent to
+    its endpoint). So the CRT's requests are made for the bucket's own region."""
+    with FaultProxy(workspace.env()["AWS_ENDPOINT_URL"]) as proxy:
+        workspace.write_config(aws={"region": "eu-west-1", "allow_cross_region": True},
+                               transfer={"client": "crt"})
+        (workspace.checkpoints / "step_1").mkdir(parents=True, exist_ok=True)
+        (workspace.checkpoints / "step_1" / "model.pt").write_bytes(b"weights" * 100)
+        result = workspace.cli("flush", "-c", str(workspace.config_file),
+                               AWS_ENDPOINT_URL=proxy.url)
+        assert result.returncode == 0, result.stderr
+        uploads = [request for request, _ in proxy.seen if request.operation == "PutObject"
+                   and request.path.endswith("/step_1/model.pt")]
+    assert uploads, [request.path for request, _ in proxy.seen]
+    assert {request.signing_region for request in uploads} == {REGION}

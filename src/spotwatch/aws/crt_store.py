@@ -47,7 +47,7 @@ from s3transfer.crt import (
 from spotwatch.aws.crt_requests import CrtRequests
 from spotwatch.aws.instance_network import network_gbps
 from spotwatch.aws.ranged_get import PIECE_SIZE
-from spotwatch.aws.s3 import encryption_args, session_of
+from spotwatch.aws.s3 import bucket_region, encryption_args, session_of
 from spotwatch.aws.store import (
     ObjectStore,
     PendingDownload,
@@ -546,7 +546,10 @@ class CrtClient:
 
     def __init__(self, client: S3Client, bucket: str, settings: TransferSettings) -> None:
         endpoint = client.meta.endpoint_url
-        region = client.meta.region_name
+        # The CRT neither follows S3's redirect to a bucket's own region, as botocore does,
+        # nor signs for it: a bucket in another region (aws.allow_cross_region) would refuse
+        # every CRT request made for the client's.
+        region = bucket_region(client, bucket) or client.meta.region_name
         # One session for the client, the serializer and the CRT: credentials resolved once,
         # and the CRT signs with the very ones the client does, as they are refreshed.
         session = session_of(client)

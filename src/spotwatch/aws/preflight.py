@@ -18,7 +18,12 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from spotwatch.aws.imds import REGION_PATH, ImdsError, disabled_reason, probe_client
 from spotwatch.aws.region import resolve_region
-from spotwatch.aws.s3 import encryption_args, make_s3_client, sdk_settings_checked
+from spotwatch.aws.s3 import (
+    encryption_args,
+    make_s3_client,
+    region_of_location,
+    sdk_settings_checked,
+)
 from spotwatch.aws.store import store_error
 from spotwatch.config import Config
 from spotwatch.keys import WRITE_PROBE, object_key
@@ -83,7 +88,7 @@ def check_bucket_region(s3: Any, bucket: str, config: Config, expected: str) -> 
         location = s3.get_bucket_location(Bucket=bucket).get("LocationConstraint")
     except ClientError as exc:
         return CheckResult("bucket", False, f"cannot reach s3://{bucket}: {_refusal(exc)}")
-    region = {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(location, location)
+    region = region_of_location(location)
     if region == expected:
         return CheckResult("bucket region", True, f"s3://{bucket} is in {region}")
     allowed = config.allow_cross_region

@@ -23,6 +23,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import (
     BotoCoreError,
+    ClientError,
     ConfigNotFound,
     ConfigParseError,
     DataNotFoundError,
@@ -227,6 +228,22 @@ def make_s3_client(region: str, settings: TransferSettings) -> S3Client:
     # After botocore's own handler, which adds the header.
     client.meta.events.register_last("before-call.s3", _send_small_bodies_outright)
     return client
+
+
+def bucket_region(client: S3Client, bucket: str) -> str | None:
+    """The region the bucket is in, as S3 says (GetBucketLocation); None when it does not
+    say (refused, unreachable): the caller keeps the region it has."""
+    try:
+        location = client.get_bucket_location(Bucket=bucket).get("LocationConstraint")
+    except (ClientError, BotoCoreError):
+        return None
+    return region_of_location(location)
+
+
+def region_of_location(location: str | None) -> str:
+    """The region a GetBucketLocation answer names: no constraint is us-east-1, and "EU" is
+    what buckets made long ago in eu-west-1 report."""
+    return {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(location) or str(location)
 
 
 def encryption_args(settings: TransferSettings) -> dict[str, str]:
