@@ -19,6 +19,7 @@ from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.bucket import NO_BUCKET, NoBucket
 from spotwatch.commands import load_optional_bucket
+from spotwatch.commands.daemon_dir import daemons_state_dir
 from spotwatch.commands.status import (
     HEALTHY_WITHIN_SECONDS,
     refuse_another_bucket,
@@ -46,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     # Invariant: a one-shot flush outlives another `spotwatch flush` asking it (SIGUSR1, which
     # would end it): that one waits for this flush's record as it would for a daemon's.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    refuse_another_bucket(bucket, running_report(StateDir(config.state_dir)))
-    delegated = request_daemon_flush(StateDir(config.state_dir))
+    state = daemons_state_dir(config)
+    refuse_another_bucket(bucket, running_report(state))
+    delegated = request_daemon_flush(state)
     if delegated is not None:
         return report_left_behind(delegated, "the daemon's flush")
     if bucket is None:

@@ -12,6 +12,7 @@ import msgspec
 
 from spotwatch.bucket import NO_BUCKET, NoBucket
 from spotwatch.commands import load_optional_bucket
+from spotwatch.commands.daemon_dir import daemons_state_dir
 from spotwatch.config import Config
 from spotwatch.console import one_line
 from spotwatch.errors import ConfigError
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 def gather_status(config: Config, bucket: str | None) -> dict[str, Any]:
     """bucket: None when none is named to this command; the running daemon's then (its
     report names it), else a NoBucket error."""
-    state = StateDir(config.state_dir)
+    state = daemons_state_dir(config)
     report: dict[str, Any] = {"bucket": bucket, "state_dir": str(state.path)}
     holder = StateLock(state).holder() if state.path.is_dir() else None
     current = _report_of(holder, state.read_status() if holder else None)
