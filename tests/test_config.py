@@ -434,3 +434,17 @@ def test_a_set_left_unsealed_in_a_watch_dir_missing_at_the_start_is_sealed_once_
     daemon.wait_for_event("watch_dir_back")
     wait_for(lambda: manifest in keys_in(s3, workspace.bucket))
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("command", ["status", "flush", "run", "restore", "prune"])
+@pytest.mark.parametrize("below", ["", "state"])
+def test_cli_state_dir_that_is_a_file(workspace: Workspace, command: str, below: str) -> None:
+    """A file where the state directory (or one of its parents) should be is a config error
+    for every verb that uses it: exit 2, which the systemd unit does not restart on. Old: the
+    ledger's or mkdir's errno text and exit 1, and `status` said "not running" (exit 0)."""
+    blocker = workspace.root / "not-a-dir"
+    blocker.write_bytes(b"x")
+    workspace.write_config(state={"dir": str(blocker / below)})
+    args = ["--dry-run", "--keep-sets", "1"] if command == "prune" else []
+    assert_usage_error(workspace.cli(command, "-c", "config.yaml", *args, timeout=20),
+                       f"config key 'state.dir' ({blocker / below}) is not a directory")

@@ -14,7 +14,11 @@ from spotwatch.aws.health import (
     Outage,
     S3Watch,
     s3_error_class,
+    unreachable_reason,
 )
+from spotwatch.aws.imds import ImdsError
+from spotwatch.notices.poller import NoticePoller
+from spotwatch.notices.sources import DEFAULT_SOURCES
 
 
 class FakeClock:
@@ -73,6 +77,45 @@ def test_outage_state() -> None:
     outage.failed()  # the outage began at the first failure
     assert outage.up is False and outage.seconds() == 3
     assert outage.succeeded() == 3 and outage.up is True and outage.seconds() == 0
+
+
+def test_an_outage_counts_from_when_its_failing_request_began() -> None:
+    clock = FakeClock()
+    outage = Outage(clock)
+    outage.succeeded()
+    began = outage.now()
+    clock.now += 6
+    outage.failed(began)
+    assert outage.seconds() == 6
+    clock.now += 1
+    outage.failed(began - 100)  # started before the last success: counts from that success
+    assert outage.seconds() == 7
+
+
+class HangingImds:
+    """IMDS not answering: every get gives up after its attempts' timeouts (on the clock)."""
+
+    endpoint = "http://169.254.169.254"
+    timeout = 2.0
+
+    def __init__(self, clock: FakeClock) -> None:
+        self._clock = clock
+
+    def get(self, path: str) -> str | None:
+        self._clock.now += 3 * self.timeout
+        raise ImdsError(f"IMDS unreachable at {self.endpoint}: read timed out")
+
+
+def test_a_hanging_imds_is_unreachable_from_when_the_first_failing_poll_began() -> None:
+    """Old: the outage began when the first poll gave up (its 3 x 2 s later), so health said
+    degraded some 16 s after IMDS stopped answering instead of 10 s."""
+    clock = FakeClock()
+    poller = NoticePoller(HangingImds(clock), DEFAULT_SOURCES[:1], 1.0,  # type: ignore[arg-type]
+                          lambda notice: None, clock=clock)
+    poller.poll_once()
+    assert poller.reachability.outage.seconds() == 6
+    clock.now += DEGRADED_AFTER_SECONDS - 6 + 1
+    assert unreachable_reason("IMDS", poller.reachability.outage) == "IMDS unreachable for 11s"
 
 
 def test_uploads_in_flight_without_progress_are_a_stall_until_they_move() -> None:

@@ -229,6 +229,25 @@ def test_status_reads_any_status_json_without_a_traceback(tmp_path: Path, field:
         assert not (report["healthy"] and report["daemon_report_unreadable"])
 
 
+def test_a_one_shot_flush_shows_its_pending_work(tmp_path: Path) -> None:
+    """Old: the text said only that a one-shot flush holds the state directory, while its
+    status.json counted the files it had still to upload."""
+    state = tmp_path / "state"
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(json.dumps({"watch": [{"path": str(tmp_path / "ckpt")}],
+                                       "state": {"dir": str(state)}}))
+    with holding_the_state_lock(state) as pid:
+        flushing = {**a_daemons_report(pid), "role": "flush", "pending_files": 75,
+                    "pending_bytes": 3 * 1024 * 1024}
+        (state / "status.json").write_text(json.dumps(flushing))
+        report = gather_status(load_config(config_file), "ckpt")
+    text = render_status(report)
+    assert f"a one-shot flush, pid {pid}" in text and report["healthy"] is False
+    assert ("pending:      75 files, 3.0 MiB (1 uploading, 1 waiting to retry, of which 0 "
+            "failing); 0 still being written") in text.splitlines()
+    assert report["flush"]["pending_files"] == 75 and report["daemon"] is None
+
+
 def status_says(workspace: Workspace) -> tuple[int, str, dict[str, Any]]:
     """`spotwatch status --healthy`'s exit code, the text and the JSON."""
     config = str(workspace.config_file)

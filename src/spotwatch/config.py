@@ -451,6 +451,7 @@ def load_config(path: Path) -> Config:
         raise ConfigError(_one_line_refusal(str(exc), raw)) from None
     _refuse_overlaps(config.watch)
     _refuse_own_files_in_watches(config)
+    _refuse_state_dir_not_directory(config.state_dir)
     return config
 
 
@@ -934,6 +935,25 @@ def _refuse_own_files_in_watches(config: Config) -> None:
             if at_or_below(real, root):
                 raise ConfigError(f"config key '{key}' ({path}) is inside watch[{index}] "
                                   f"({watch.path}): keep spotwatch's own files out of it")
+
+
+def _refuse_state_dir_not_directory(path: Path) -> None:
+    """Invariant: state.dir, or the nearest of its parents that exists, is a directory. A
+    file there is a mistake no retry mends: refused as a config error (exit 2, which the
+    systemd unit does not restart on), never a runtime failure every verb meets its own way.
+    A missing one is made when first needed; one that cannot be looked at is left to the
+    verb that uses it."""
+    for candidate in (path, *path.parents):
+        try:
+            found = os.stat(candidate)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return
+        if not stat.S_ISDIR(found.st_mode):
+            where = "" if candidate == path else f" ({candidate} is not a directory)"
+            raise ConfigError(f"config key 'state.dir' ({path}) is not a directory{where}")
+        return
 
 
 def at_or_below(path: Path, root: Path) -> bool:

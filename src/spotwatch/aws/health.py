@@ -35,13 +35,21 @@ DEGRADED_AFTER_SECONDS = 10.0
 
 
 class Outage:
-    """Since when something has failed with no success in between; thread-safe."""
+    """Since when something has failed with no success in between; thread-safe.
+
+    Invariant: an outage counts from when its first failing request began (a request that
+    hung until it gave up was failing all along), yet never from before the last success."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._since: float | None = None
+        self._last_success: float | None = None
         self._reported = False
+
+    def now(self) -> float:
+        """The outage's clock: what to note as `began` before a request."""
+        return self._clock()
 
     @property
     def up(self) -> bool | None:
@@ -49,18 +57,23 @@ class Outage:
         with self._lock:
             return None if not self._reported else self._since is None
 
-    def failed(self) -> None:
+    def failed(self, began: float | None = None) -> None:
+        """A request failed; `began`: when it started (now() then), else it failed at once."""
         with self._lock:
             self._reported = True
-            if self._since is None:
-                self._since = self._clock()
+            start = self._clock() if began is None else began
+            if self._last_success is not None:
+                start = max(start, self._last_success)
+            if self._since is None or start < self._since:
+                self._since = start
 
     def succeeded(self) -> float | None:
         """Ends an outage; returns how long it lasted (None when there was none)."""
         with self._lock:
             self._reported = True
+            self._last_success = self._clock()
             since, self._since = self._since, None
-        return None if since is None else self._clock() - since
+        return None if since is None else self._last_success - since
 
     def seconds(self) -> float:
         """How long it has been failing (0 while it works)."""
@@ -76,18 +89,21 @@ class Reachability:
     off EC2 must not log an error every second). `name` prefixes the events, e.g.
     `imds_reachable` / `imds_unreachable`; `context` goes into both."""
 
-    def __init__(self, name: str, **context: str) -> None:
-        self.outage = Outage()
+    def __init__(self, name: str, clock: Callable[[], float] = time.monotonic,
+                 **context: str) -> None:
+        self.outage = Outage(clock)
         self._name = name
         self._context = context
         self._reachable: bool | None = None
         self._lock = threading.Lock()
 
-    def report(self, reachable: bool, error: str = "") -> None:
+    def report(self, reachable: bool, error: str = "", began: float | None = None) -> None:
+        """One poll's outcome; `began`: when it started (outage.now()), so a poll that hung
+        until it gave up counts as failing from its start."""
         if reachable:
             self.outage.succeeded()
         else:
-            self.outage.failed()
+            self.outage.failed(began)
         with self._lock:
             changed, self._reachable = reachable != self._reachable, reachable
         if not changed:

@@ -45,6 +45,7 @@ def gather_status(config: Config, bucket: str | None) -> dict[str, Any]:
     report["daemon_pid"] = None if flushing_once else holder
     report["flush_pid"] = holder if flushing_once else None
     report["daemon"] = None if flushing_once else current
+    report["flush"] = current if flushing_once else None  # its pending work, shown as such
     report["left_by_last_run"] = (_left_by(state.read_status())
                                   if holder is None and state.path.is_dir() else None)
     if state.ledger.is_file():
@@ -278,6 +279,15 @@ def _flush_line(flush: dict[str, Any]) -> str:
             f"({flush['reason']}){outcome}")
 
 
+def _pending_line(process: dict[str, Any]) -> str:
+    """What the daemon, or a one-shot flush, has not made durable yet."""
+    return (f"pending:      {process['pending_files']} files, "
+            f"{_size(process['pending_bytes'])} ({process['uploading']} uploading, "
+            f"{process.get('retrying_files', 0)} waiting to retry, of which "
+            f"{process.get('failing_files', 0)} failing); "
+            f"{process['unsettled_files']} still being written")
+
+
 def render_status(report: dict[str, Any]) -> str:
     lines = [f"bucket:       {report['bucket']}"]
     daemon = report.get("daemon")
@@ -291,11 +301,7 @@ def render_status(report: dict[str, Any]) -> str:
         lines += _notice_lines(daemon)
     elif report.get("daemon_pid") and daemon:
         lines.append(f"daemon:       running (pid {report['daemon_pid']})")
-        lines.append(f"pending:      {daemon['pending_files']} files, "
-                     f"{_size(daemon['pending_bytes'])} ({daemon['uploading']} uploading, "
-                     f"{daemon.get('retrying_files', 0)} waiting to retry, of which "
-                     f"{daemon.get('failing_files', 0)} failing); "
-                     f"{daemon['unsettled_files']} still being written")
+        lines.append(_pending_line(daemon))
         lines.append("health:       " + _health(daemon))
         for problem in daemon.get("problems") or []:
             lines.append(f"PROBLEM:      {problem}")
@@ -329,6 +335,9 @@ def render_status(report: dict[str, Any]) -> str:
     elif report.get("flush_pid"):
         lines.append(f"daemon:       not running (a one-shot flush, pid {report['flush_pid']}, "
                      f"holds the state directory)")
+        flush = report.get("flush")
+        if flush and not flush.get("waiting_for_s3"):  # a readable report: the pending counts
+            lines.append(_pending_line(flush))
     elif report.get("daemon_pid"):
         lines.append(f"daemon:       starting (pid {report['daemon_pid']}, no report yet)")
     else:

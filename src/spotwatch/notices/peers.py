@@ -346,13 +346,14 @@ class PeerPoller:
 
     def poll_once(self) -> list[Notice]:
         """The peers' live notices not handed on before; a failed request is counted."""
+        began = self.reachability.outage.now()  # a hung request fails only at its end
         try:
             fresh = self._changes()
         except StoreError as exc:
             self.failures += 1
             if self._on_failure is not None:
                 self._on_failure()
-            self.reachability.report(False, str(exc))
+            self.reachability.report(False, str(exc), began)
             return []
         self.reachability.report(True)
         return self._seen.first_sightings(fresh)

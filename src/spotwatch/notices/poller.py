@@ -34,6 +34,7 @@ class NoticePoller:
         interval: float,
         on_notice: Callable[[Notice], None],
         on_listing: Callable[[NoticeListing], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self._sources = tuple(sources)
@@ -52,7 +53,7 @@ class NoticePoller:
         self._failing: dict[str, str] = {}  # source name -> its last error
         self._reachability_lock = threading.Lock()
         # Read by the daemon for spotwatch_imds_up and health.
-        self.reachability = Reachability("imds", endpoint=client.endpoint)
+        self.reachability = Reachability("imds", clock, endpoint=client.endpoint)
 
     def start(self) -> None:
         for thread in self._threads:
@@ -77,10 +78,11 @@ class NoticePoller:
         return fresh
 
     def _poll(self, source: NoticeSource) -> list[Notice]:
+        began = self.reachability.outage.now()  # a hang fails only after its retries
         try:
             text = self._client.get(source.path)
         except ImdsError as exc:
-            self._track_reachability(source, str(exc))
+            self._track_reachability(source, str(exc), began)
             return []
         self._track_reachability(source, None)
         if text is None:
@@ -103,16 +105,17 @@ class NoticePoller:
         if self._on_listing is not None:
             self._on_listing(listing)
 
-    def _track_reachability(self, source: NoticeSource, error: str | None) -> None:
+    def _track_reachability(self, source: NoticeSource, error: str | None,
+                            began: float | None = None) -> None:
         """IMDS counts as reachable while every polled item answers; the error names the
-        items that do not."""
+        items that do not; `began`: when the failed poll started."""
         with self._reachability_lock:
             if error is None:
                 self._failing.pop(source.name, None)
             else:
                 self._failing[source.name] = error
             self.reachability.report(not self._failing, "; ".join(
-                f"{name}: {text}" for name, text in sorted(self._failing.items())))
+                f"{name}: {text}" for name, text in sorted(self._failing.items())), began)
 
     def _run(self, source: NoticeSource) -> None:
         """Invariant: a source is polled until the poller stops, whatever one answer does to
