@@ -137,7 +137,10 @@ def test_flush_joining_a_notices_flush_blames_the_stop_that_cut_it_short(
     then SIGTERM's stop_timeout runs out: the CLI blames the stop, not its time limit."""
     workspace.write_config(sync={"stop_timeout": 3})
     daemon = workspace.start_daemon(AWS_ENDPOINT_URL=proxy.url)
-    proxy.add("delay", of_files, times=100, delay=600)  # S3 holds every file's upload
+    # S3 holds every file's upload (only those: a startup listing held would keep the daemon
+    # from ever flushing)
+    proxy.add("delay", lambda request: of_files(request) and request.method == "PUT",
+              times=100, delay=600)
     checkpoint_data(workspace.checkpoints / "step_1" / "model.pt", 10_000)
     wait_for(lambda: proxy.rules[0].applied)
     imds.fire_spot_interruption(in_seconds=120)
