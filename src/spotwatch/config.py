@@ -197,7 +197,8 @@ class SyncSettings(_Section, frozen=True, kw_only=True):
     mode: SyncMode = "continuous"
     # After a close-write (or rename into place) a file is complete once this long passes quietly.
     settle_seconds: Seconds = 0.3
-    # Without a close-write event, a file is taken as complete after this long without changes.
+    # Without a close-write event, a file is taken as complete after this long without changes
+    # (and no process holding it open for writing: see sync/open_writers).
     quiet_seconds: Seconds = 5.0
     # How long a SIGTERM may spend on the final flush (systemd's TimeoutStopSec must be longer).
     stop_timeout: Seconds = 100.0

@@ -2,7 +2,8 @@
 
 The handler only records paths and times; a file settles once it was closed after writing (or
 renamed into place) and nothing touched it for ``settle_seconds``, or, without such an event,
-after ``quiet_seconds`` of no events at all.
+after ``quiet_seconds`` of no events at all, unless a process still holds it open for
+writing (see open_writers).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from spotwatch.keys import RESERVED_SET, is_reserved, is_restore_temporary
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.sync import inotify_fix
 from spotwatch.sync.filters import PathFilter
+from spotwatch.sync.open_writers import file_identity, held_for_writing
 from spotwatch.sync.staged_writes import StagedWrites
 from spotwatch.sync.subtree import Folders, prefix_below
 
@@ -99,6 +101,8 @@ def events_were_lost() -> bool:
 class _Candidate:
     last_event: float
     closed: bool
+    # When the quiet rule may look again at a file found held open for writing.
+    recheck_at: float = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -539,16 +543,40 @@ class ChangeTracker(FileSystemEventHandler):
         return written
 
     def take_settled(self) -> list[Path]:
+        """Files settled now: closed and left alone for settle_seconds, or never seen closed
+        and quiet for quiet_seconds.
+
+        Invariant: the quiet rule settles no file a process still holds open for writing (a
+        writer pausing mid-save): it stays being written (status, its set's manifest, a
+        flush wait for it) until its close settles it as usual, or until no writer holds it
+        at a later quiet expiry. Only files the quiet rule would settle are looked up (one
+        /proc scan for all of them, outside the lock)."""
         now = self._clock()
         with self._lock:
-            settled = [
-                path
-                for path, c in self._candidates.items()
-                if now - c.last_event >= (self._settle if c.closed else self._quiet)
-            ]
+            settled = [path for path, c in self._candidates.items()
+                       if c.closed and now - c.last_event >= self._settle]
             for path in settled:
                 del self._candidates[path]
+            quiet = {path: c for path, c in self._candidates.items()
+                     if not c.closed and now - c.last_event >= self._quiet
+                     and now >= c.recheck_at}
+        held = self._held_open(list(quiet)) if quiet else set()
+        with self._lock:
+            for path, candidate in quiet.items():
+                if self._candidates.get(path) is not candidate:
+                    continue  # an event came meanwhile: it decides
+                if path in held:
+                    candidate.recheck_at = now + self._quiet
+                else:
+                    del self._candidates[path]
+                    settled.append(path)
         return settled
+
+    @staticmethod
+    def _held_open(paths: list[Path]) -> set[Path]:
+        identities = {path: file_identity(path) for path in paths}
+        held = held_for_writing(i for i in identities.values() if i is not None)
+        return {path for path, identity in identities.items() if identity in held}
 
     def take_removed(self) -> list[Path]:
         with self._lock:
