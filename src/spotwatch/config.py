@@ -159,17 +159,17 @@ class AwsSettings(_Section, frozen=True, kw_only=True):
     allow_public_bucket: bool = False
 
 
-# watch[].exclude unless configured: staging names, caches.
-# tmp-checkpoint-N/: Hugging Face Trainer's staging directory (transformers 4.36-4.38),
-# renamed checkpoint-N/ when done, or left behind on ranks that do not rename it.
-# N.orbax-checkpoint-tmp-T/: Orbax's, renamed N/ once the save is finished; a save that
-# failed leaves it (and items inside a step stage in ITEM.orbax-checkpoint-tmp-T/ alike).
-# *-unfinished: NeMo's marker of a checkpoint being saved (keys.unfinished_marker).
-# The names trainers save under before a rename publishes the checkpoint (torch.save to a
-# .tmp, a step_N.tmp/ staging directory, HF Trainer's tmp-checkpoint-N/, Orbax's): excluded by
-# default, and their writes count as the trainer still saving (sync.staged_writes).
+# The names trainers save under before a rename publishes the checkpoint: excluded by default,
+# and their writes count as the trainer still saving (sync.staged_writes). torch.save to a
+# .tmp, a step_N.tmp/ staging directory; tmp-checkpoint-N/: Hugging Face Trainer's staging
+# directory (transformers 4.36-4.38), renamed checkpoint-N/ when done, or left behind on ranks
+# that do not rename it; N.orbax-checkpoint-tmp-T/: Orbax's, renamed N/ once the save is
+# finished; a save that failed leaves it (and items inside a step stage in
+# ITEM.orbax-checkpoint-tmp-T/ alike).
 STAGING_NAMES = ("*.tmp", "*.tmp/*", "tmp-checkpoint-*/*", "*/tmp-checkpoint-*/*",
                  "*.orbax-checkpoint-tmp-*/*")
+# watch[].exclude unless configured: the staging names, caches, and *-unfinished, NeMo's marker
+# of a checkpoint being saved (keys.unfinished_marker); in the order the README lists them.
 DEFAULT_EXCLUDE = (*STAGING_NAMES[:2], "__pycache__/*", ".git/*", *STAGING_NAMES[2:],
                    "*-unfinished")
 
