@@ -201,3 +201,9 @@ class StateLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def lock_holder(state: StateDir) -> int | None:
+    """The pid holding the state directory's lock (-1: one not written down); None when
+    nobody does, or there is no such directory."""
+    return StateLock(state).holder() if state.path.is_dir() else None

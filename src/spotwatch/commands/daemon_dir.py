@@ -8,7 +8,7 @@ from pathlib import Path
 
 from spotwatch.config import Config
 from spotwatch.errors import SpotwatchError
-from spotwatch.state import StateDir, StateLock, default_state_dir
+from spotwatch.state import StateDir, default_state_dir, lock_holder
 
 # Where a daemon run as root keeps its state (the shipped unit's StateDirectory too).
 SYSTEM_STATE_DIR = Path("/var/lib/spotwatch")
@@ -24,17 +24,13 @@ def daemons_state_dir(config: Config) -> StateDir:
     look into is an error naming it (sudo, or a state.dir both may read), not "not running"."""
     own = StateDir(config.state_dir)
     if (os.geteuid() == 0 or config.state_dir != default_state_dir()
-            or config.state_dir == SYSTEM_STATE_DIR or _holder(own) is not None):
+            or config.state_dir == SYSTEM_STATE_DIR or lock_holder(own) is not None):
         return own
     system = StateDir(SYSTEM_STATE_DIR)
     try:
-        return system if _holder(system) is not None else own
+        return system if lock_holder(system) is not None else own
     except SpotwatchError:
         raise SpotwatchError(
             f"no spotwatch daemon in {own.path}, and {SYSTEM_STATE_DIR}, where one run as root "
             "(the systemd unit) keeps its state, cannot be read by this user: run this as "
             "root (sudo), or give the daemon and this user a state.dir both may read") from None
-
-
-def _holder(state: StateDir) -> int | None:
-    return StateLock(state).holder() if state.path.is_dir() else None

@@ -34,7 +34,7 @@ from spotwatch.errors import SpotwatchError
 from spotwatch.logs import get_logger
 from spotwatch.model import Outcome, UploadResult
 from spotwatch.progress import ProgressBar
-from spotwatch.state import StateDir, StateLock
+from spotwatch.state import StateDir, StateLock, lock_holder
 from spotwatch.sync.engine import SyncEngine
 
 POLL_SECONDS = 0.2
@@ -139,7 +139,7 @@ class BarWatcher:
 def request_daemon_flush(state: StateDir) -> dict[str, Any] | None:
     """None when no daemon holds the state directory; else, once its flush has finished,
     the daemon's record of it (`failed` counts the files it left behind)."""
-    pid = StateLock(state).holder() if state.path.is_dir() else None
+    pid = lock_holder(state)
     if pid is None:
         return None
     if pid <= 0:

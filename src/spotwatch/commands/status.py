@@ -16,7 +16,7 @@ from spotwatch.commands.daemon_dir import daemons_state_dir
 from spotwatch.config import Config
 from spotwatch.console import one_line
 from spotwatch.errors import ConfigError
-from spotwatch.state import StateDir, StateLock
+from spotwatch.state import StateDir, lock_holder
 from spotwatch.sync.ledger import Ledger
 
 
@@ -33,7 +33,7 @@ def gather_status(config: Config, bucket: str | None) -> dict[str, Any]:
     report names it), else a NoBucket error."""
     state = daemons_state_dir(config)
     report: dict[str, Any] = {"bucket": bucket, "state_dir": str(state.path)}
-    holder = StateLock(state).holder() if state.path.is_dir() else None
+    holder = lock_holder(state)
     current = _report_of(holder, state.read_status() if holder else None)
     report["daemon_report_unreadable"] = current is not None and not _readable(current)
     if report["daemon_report_unreadable"]:
@@ -76,7 +76,7 @@ def refuse_another_bucket(bucket: str | None, current: dict[str, Any] | None) ->
 
 def running_report(state: StateDir) -> dict[str, Any] | None:
     """The report of the process holding the state directory's lock, if any."""
-    holder = StateLock(state).holder() if state.path.is_dir() else None
+    holder = lock_holder(state)
     return _report_of(holder, state.read_status() if holder else None)
 
 
