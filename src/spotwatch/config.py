@@ -916,8 +916,7 @@ def _refuse_overlaps(dirs: tuple[WatchDir, ...]) -> None:
             if spaces[1].startswith(spaces[0]):
                 raise ConfigError(f"{pair} write overlapping keys (prefixes {first.prefix!r} "
                                   f"and {second.prefix!r}): give each its own prefix")
-            paths = sorted((_real(first.path), _real(second.path)), key=lambda p: len(p.parts))
-            if at_or_below(paths[1], paths[0]):
+            if nested(_real(first.path), _real(second.path)):
                 raise ConfigError(f"{pair} watch the same files ({first.path} and "
                                   f"{second.path}): list each directory once, none inside another")
 
@@ -960,6 +959,12 @@ def _refuse_state_dir_not_directory(path: Path) -> None:
 def at_or_below(path: Path, root: Path) -> bool:
     """Whether path is root or below it (both resolved, or both as given)."""
     return path == root or root in path.parents
+
+
+def nested(first: Path, second: Path) -> bool:
+    """Whether either directory is the other or inside it: two watch entries that would
+    watch the same files."""
+    return at_or_below(first, second) or at_or_below(second, first)
 
 
 def _real(path: Path) -> Path:

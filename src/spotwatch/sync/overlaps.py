@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from spotwatch.config import WatchDir, at_or_below
+from spotwatch.config import WatchDir, nested
 
 
 def resolved(path: Path) -> Path | None:
@@ -30,7 +30,7 @@ def overlapping(watches: Sequence[WatchDir],
     for index, mine in enumerate(directories):
         for other, theirs in enumerate(directories):
             if (index != other and mine is not None and theirs is not None
-                    and (at_or_below(mine, theirs) or at_or_below(theirs, mine))):
+                    and nested(mine, theirs)):
                 found[index] = (f"it leads where watch[{other}] ({watches[other].path}) "
                                 f"watches: not watched until it leads elsewhere")
                 break

@@ -33,7 +33,7 @@ from watchdog.events import (
 )
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
-from spotwatch.config import WatchDir, at_or_below
+from spotwatch.config import WatchDir, nested
 from spotwatch.keys import RESERVED_SET, is_reserved, is_restore_temporary
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.sync import inotify_fix
@@ -315,7 +315,7 @@ class ChangeTracker(FileSystemEventHandler):
         target = self.root.resolve()
         other = next((tracker for tracker in others if tracker is not self
                       and (theirs := tracker.watched_directory()) is not None
-                      and (at_or_below(target, theirs) or at_or_below(theirs, target))),
+                      and nested(target, theirs)),
                      None)
         if other is None:
             self._overlap_reported = False
@@ -399,14 +399,20 @@ class ChangeTracker(FileSystemEventHandler):
                     for emitter in observer.emitters)
         return ended or _directory_identity(self.root, follow_symlinks=True) != watched.directory
 
-    def relative(self, path: Path) -> str | None:
-        """The path relative to the watched root, or None when outside it, filtered out, in
-        spotwatch's own key space (keys.is_reserved) or a restore's temporary."""
+    def _relative_text(self, path: Path) -> str | None:
+        """The path relative to the watched root; None for the root itself, a path outside
+        it, or a restore's temporary."""
         text = str(path)
         if not text.startswith(self._root_prefix):
             return None
         rel = text[len(self._root_prefix):]
-        if not rel or is_restore_temporary(rel) or not self.filter.accepts(rel):
+        return None if not rel or is_restore_temporary(rel) else rel
+
+    def relative(self, path: Path) -> str | None:
+        """The path relative to the watched root, or None when outside it, filtered out, in
+        spotwatch's own key space (keys.is_reserved) or a restore's temporary."""
+        rel = self._relative_text(path)
+        if rel is None or not self.filter.accepts(rel):
             return None
         if is_reserved(rel):
             self._report_reserved()
@@ -418,12 +424,9 @@ class ChangeTracker(FileSystemEventHandler):
         and it is named as a save stages it (config.STAGING_NAMES: a temporary name, a staging
         directory); else None. Other excluded files (a log appended all the time, say) are
         none of a checkpoint's and hold nothing."""
-        text = str(path)
-        if not text.startswith(self._root_prefix):
-            return None
-        rel = text[len(self._root_prefix):]
-        if (not rel or is_restore_temporary(rel) or is_reserved(rel)
-                or self.filter.accepts(rel) or self._staging.accepts(rel)):
+        rel = self._relative_text(path)
+        if (rel is None or is_reserved(rel) or self.filter.accepts(rel)
+                or self._staging.accepts(rel)):
             return None
         return rel
 
