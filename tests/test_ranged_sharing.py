@@ -9,6 +9,7 @@ import io
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ class GatedClient:
         self.under_way: list[tuple[str, str]] = []  # (key, range) in the order they started
         self.started: list[str] = []  # the key of each GET, in the order they started
         self.released: set[tuple[str, str]] = set()
-        self.failing: str | None = None  # a range header whose GET fails at once
+        self.failing: str | None = None  # a range header whose GET fails once released
 
     def get_object(self, Bucket: str, Key: str,
                    Range: str | None = None) -> dict[str, Any]:
@@ -45,7 +46,7 @@ class GatedClient:
             self.under_way.append(entry)
             self.started.append(Key)
             self.changed.notify_all()
-            released = (not self.gated or Range == self.failing
+            released = (not self.gated
                         or self.changed.wait_for(lambda: entry in self.released, WAIT))
             self.under_way.remove(entry)
             self.changed.notify_all()
@@ -90,12 +91,21 @@ class RecordingPool(ThreadPoolExecutor):
         super().__init__(max_workers=workers)
         self.client = client
         self.submitted: list[str] = []
+        self.cancels = 0  # cancel() calls on the futures it handed out
+
+    def _count_cancel(self, cancel: Callable[[], bool]) -> bool:
+        with self.client.changed:
+            self.cancels += 1
+            self.client.changed.notify_all()
+        return cancel()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         with self.client.changed:
             self.submitted.append(args[0])
             self.client.changed.notify_all()
-        return super().submit(fn, *args, **kwargs)
+        future = super().submit(fn, *args, **kwargs)
+        future.cancel = partial(self._count_cancel, future.cancel)  # type: ignore[method-assign]
+        return future
 
 
 def object_of(parts: int, seed: int) -> bytes:
@@ -192,9 +202,11 @@ def test_a_download_that_started_its_last_range_leaves_its_share_to_the_others(
     errors: list[BaseException] = []
     with RecordingPool(WORKERS, client) as pool:
         first, second = b_joins_a(client, pool, tmp_path, objects, errors)
+        last_of_b = ("b", split(len(objects["b"]), PART)[-1].header)
         client.release("b", 2)  # b starts its last range, and shares no more
-        client.wait_until(lambda: pool.submitted.count("b") == 3
-                          and client.keys_under_way() == ["a", "a", "b"])
+        # (a may start a range already, if it took in the end of its two released only now)
+        client.wait_until(lambda: [entry for entry in client.under_way if entry[0] == "b"]
+                          == [last_of_b])
         client.release("a", 1)  # a may now take the three workers b does not hold
         client.wait_until(lambda: client.keys_under_way() == ["a", "a", "a", "b"])
         client.open_gate()
@@ -243,10 +255,12 @@ def test_a_failed_range_stops_the_download_and_starts_no_more(tmp_path: Path) ->
     client = GatedClient({"a": object_of(12, 4)})
     ranges = split(size, range_size(size, PART, workers))
     assert len(ranges) == 12
-    client.failing = ranges[0].header  # fails at once; the other ranges are held
+    client.failing = ranges[0].header
     errors: list[BaseException] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        thread = held_download(client, pool, workers, tmp_path / "a", errors, held=workers - 1)
+    with RecordingPool(workers, client) as pool:
+        thread = held_download(client, pool, workers, tmp_path / "a", errors, held=workers)
+        client.release_ranges([("a", ranges[0].header)])  # fails; the other ranges are held
+        client.wait_until(lambda: pool.cancels > 0)  # the download saw it, and gives up
         client.open_gate()
         finish(thread)
     assert [type(error) for error in errors] == [OSError]

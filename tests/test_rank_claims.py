@@ -107,7 +107,9 @@ def test_a_part_sealed_just_before_the_start_waits_for_its_claim_to_go_stale(
     other_part(store, OTHER, sealed_at=claim.started_at - 1)
     with engine_on(root, tmp_path, store, clock, claim) as engine:
         engine.reconcile(quiet_seconds=0)
-        pump_until(engine, lambda: f"{PREFIX}step_1/shard-a.pt" in store.objects, clock)
+        # The file is in S3 and its upload's result collected: the set waits for its seal.
+        pump_until(engine, lambda: f"{PREFIX}step_1/shard-a.pt" in store.objects
+                   and engine.sealer.unsealed() == {f"{PREFIX}step_1"}, clock)
         assert claim.blocked() == "checking that no other node claims rank 0"
         claim.checked(live=[], undecided=[OTHER])
         assert OTHER in (claim.blocked() or "")
