@@ -108,6 +108,18 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
     raise AssertionError(f"condition not met within {timeout}s")
 
 
+def holds_throughout(predicate: Callable[[], Any], seconds: float,
+                     interval: float = 0.05) -> bool:
+    """Whether the predicate holds at every look over this window (something that must not
+    happen, watched for as long as it would take to)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not predicate():
+            return False
+        time.sleep(interval)
+    return bool(predicate())
+
+
 @dataclass
 class Workspace:
     root: Path

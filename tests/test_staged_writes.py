@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from spotwatch.keys import manifest_key
 from spotwatch.sync.staged_writes import StagedWrites
 from spotwatch.sync.tracker import ChangeTracker
 
-from .conftest import Workspace, keys_in, object_bytes, wait_for
+from .conftest import Daemon, Workspace, holds_throughout, keys_in, object_bytes, wait_for
 from .memory_store import FakeClock
 
 SETTLE = 0.2
@@ -82,6 +82,34 @@ def test_a_staged_write_ends_by_the_settle_rule_and_is_not_hurried_by_its_close(
     assert writes.active() == {}  # never closed: quiet for quiet_seconds
 
 
+def test_a_staged_write_held_open_past_the_quiet_interval_still_counts() -> None:
+    """A trainer pausing mid-save with its staged file open: the quiet rule does not end the
+    write while a process holds the file for writing; it is looked at again once per quiet
+    interval, and ends once nobody holds it."""
+    clock = FakeClock()
+    holding = {Path("/r/step_2/optim.pt.tmp")}
+    asked: list[set[Path]] = []
+
+    def held_open(paths: Iterable[Path]) -> set[Path]:
+        asked.append(set(paths))
+        return holding & asked[-1]
+
+    writes = StagedWrites(SETTLE, QUIET, clock, held_open)
+    held, let_go = Path("/r/step_2/optim.pt.tmp"), Path("/r/step_3/model.pt.tmp")
+    writes.note(held, "step_2/optim.pt.tmp", closed=False)
+    writes.note(let_go, "step_3/model.pt.tmp", closed=False)
+    assert len(writes.active()) == 2 and asked == []  # not quiet yet: nothing looked up
+    clock.advance(QUIET)
+    assert writes.active() == {held: "step_2/optim.pt.tmp"}
+    assert asked == [{held, let_go}]
+    clock.advance(QUIET / 2)
+    assert writes.active() == {held: "step_2/optim.pt.tmp"} and len(asked) == 1
+    holding.clear()  # the trainer closed it without a close event seen (or died)
+    clock.advance(QUIET / 2)
+    assert writes.active() == {}
+    assert asked[-1] == {held}
+
+
 def test_a_rename_or_deletion_of_a_directory_ends_the_writes_below_it() -> None:
     writes = StagedWrites(SETTLE, QUIET, FakeClock())
     for name in ("a.pt", "sub/b.pt"):
@@ -130,6 +158,20 @@ def test_a_configured_exclude_counts_only_for_staging_names(tmp_path: Path) -> N
             assert log not in tracker.staged_writes()
 
 
+def test_a_staged_file_held_open_by_a_pausing_writer_counts_until_closed(
+        tmp_path: Path) -> None:
+    with watched(tmp_path) as tracker:
+        path = tmp_path / "step_2" / "optim.pt.tmp"
+        path.parent.mkdir()
+        with path.open("wb") as handle:
+            handle.write(b"half")
+            handle.flush()
+            wait_for(tracker.staged_writes)
+            # Well past quiet_seconds with no write: still being written while it is open.
+            assert holds_throughout(lambda: path in tracker.staged_writes(), 3 * QUIET)
+        wait_for(lambda: path not in tracker.staged_writes(), timeout=5)
+
+
 def test_a_closed_or_deleted_excluded_file_stops_counting(tmp_path: Path) -> None:
     with watched(tmp_path) as tracker:
         closed = tmp_path / "scratch.tmp"
@@ -159,6 +201,12 @@ def test_excluded_files_that_merely_lie_there_count_for_nothing(tmp_path: Path) 
 
 # -- end to end: the daemon as a subprocess --------------------------------------------------
 
+def _daemon(workspace: Workspace, stop_timeout: float) -> Daemon:
+    workspace.write_config(sync={"settle_seconds": SETTLE, "quiet_seconds": QUIET,
+                                 "stop_timeout": stop_timeout})
+    return workspace.start_daemon()
+
+
 def _manifest_files(s3: Any, workspace: Workspace, set_name: str) -> set[str]:
     body = json.loads(object_bytes(s3, workspace.bucket, manifest_key("run1/", set_name)))
     return {entry["path"] for entry in body["files"]}
@@ -175,9 +223,7 @@ def test_a_set_is_not_sealed_while_a_file_of_it_is_written_under_a_temporary_nam
         workspace: Workspace, s3: Any) -> None:
     """torch.save to model.pt.tmp, rename, then optim.pt.tmp: the stop comes while optim.pt.tmp
     is still written. step_2 never gets a manifest with model.pt alone: restore gives step_1."""
-    workspace.write_config(sync={"settle_seconds": SETTLE, "quiet_seconds": QUIET,
-                                 "stop_timeout": 4})
-    daemon = workspace.start_daemon()
+    daemon = _daemon(workspace, stop_timeout=4)
     step_1 = workspace.checkpoints / "step_1"
     step_1.mkdir()
     for name in ("model.pt", "optim.pt"):
@@ -200,13 +246,32 @@ def test_a_set_is_not_sealed_while_a_file_of_it_is_written_under_a_temporary_nam
     assert _restored(workspace) == {"step_1/model.pt", "step_1/optim.pt"}
 
 
+def test_a_set_is_not_sealed_while_the_trainer_pauses_with_a_temporary_file_open(
+        workspace: Workspace, s3: Any) -> None:
+    """model.pt renamed into place, then optim.pt.tmp opened, half written, and left open past
+    quiet_seconds: step_2 is not sealed with model.pt alone, and a stop then gives up on it."""
+    daemon = _daemon(workspace, stop_timeout=4)
+    step_2 = workspace.checkpoints / "step_2"
+    step_2.mkdir()
+    (step_2 / "model.pt.tmp").write_bytes(os.urandom(10_000))
+    os.rename(step_2 / "model.pt.tmp", step_2 / "model.pt")
+    with (step_2 / "optim.pt.tmp").open("wb") as handle:
+        handle.write(os.urandom(10_000))
+        handle.flush()
+        wait_for(lambda: "run1/step_2/model.pt" in keys_in(s3, workspace.bucket))
+        sealed = manifest_key("run1/", "step_2")
+        assert holds_throughout(lambda: sealed not in keys_in(s3, workspace.bucket),
+                                4 * QUIET)
+        assert "run1/step_2" in workspace.status().get("unsealed_sets", [])
+        assert daemon.stop() == 1  # the final flush gave up on the file still open
+    assert sealed not in keys_in(s3, workspace.bucket)
+
+
 def test_the_final_flush_waits_for_a_staging_directory_renamed_into_place(
         workspace: Workspace, s3: Any) -> None:
     """SIGTERM while the trainer writes step_2.tmp/: the final flush waits for the writes,
     takes step_2/ once it is renamed into place, seals it, and exits 0."""
-    workspace.write_config(sync={"settle_seconds": SETTLE, "quiet_seconds": QUIET,
-                                 "stop_timeout": 30})
-    daemon = workspace.start_daemon()
+    daemon = _daemon(workspace, stop_timeout=30)
     staging = workspace.checkpoints / "step_2.tmp"
     staging.mkdir()
     (staging / "a.pt").write_bytes(os.urandom(50_000))

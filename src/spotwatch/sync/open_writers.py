@@ -39,6 +39,13 @@ def file_identity(path: Path) -> Identity | None:
     return (stat.st_dev, stat.st_ino)
 
 
+def paths_held_for_writing(paths: Iterable[Path]) -> set[Path]:
+    """The paths among these whose file some process visible here holds open for writing."""
+    identities = {path: file_identity(path) for path in paths}
+    held = held_for_writing(i for i in identities.values() if i is not None)
+    return {path for path, identity in identities.items() if identity in held}
+
+
 def held_for_writing(files: Iterable[Identity], proc: Path = _PROC) -> set[Identity]:
     """The files among these that some process visible here holds open for writing."""
     wanted = set(files)

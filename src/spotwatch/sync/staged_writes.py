@@ -3,8 +3,10 @@ never uploaded, but the trainer is still saving while they go on.
 
 Invariant: an excluded file being written holds its set's seal and every flush exactly as an
 included file being written does (SyncEngine.being_written), by the same settle rule: until
-settle_seconds after its close, or quiet_seconds after its last write without one; a rename or
-deletion ends it at once. Only writes count: an excluded file that merely lies there (found by
+settle_seconds after its close, or quiet_seconds after its last write without one while no
+process holds it open for writing (open_writers); a rename or deletion ends it at once. A
+trainer pausing between two writes of one staged file must not have the set around it sealed
+without that file. Only writes count: an excluded file that merely lies there (found by
 a scan, moved in whole) holds nothing. Unlike an included file, a closed one is not hurried at
 a notice or a stop (ChangeTracker.settle_all_closed): its close is not the save's end, the
 rename that follows is, and a flush that ended between the two would miss the checkpoint.
@@ -13,10 +15,11 @@ rename that follows is, and a flush that ended between the two would miss the ch
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from spotwatch.sync.open_writers import paths_held_for_writing
 from spotwatch.sync.subtree import Folders
 
 
@@ -25,14 +28,21 @@ class _Write:
     relative: str
     last_event: float
     closed: bool
+    recheck_at: float = float("-inf")  # when a write found held open is looked at again
 
 
 class StagedWrites:
+    """held_open: which of these paths a process holds open for writing (a /proc scan, run
+    only for writes the quiet rule would end, and then once per quiet interval each)."""
+
     def __init__(self, settle_seconds: float, quiet_seconds: float,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float],
+                 held_open: Callable[[Iterable[Path]], set[Path]] = paths_held_for_writing
+                 ) -> None:
         self._settle = settle_seconds
         self._quiet = quiet_seconds
         self._clock = clock
+        self._held_open = held_open
         self._writes: dict[Path, _Write] = {}
         self._folders = Folders()
         self._lock = threading.Lock()
@@ -55,8 +65,19 @@ class StagedWrites:
         those whose writes settled are dropped."""
         now = self._clock()
         with self._lock:
-            done = [path for path, write in self._writes.items()
-                    if now - write.last_event >= (self._settle if write.closed else self._quiet)]
-            for path in done:
+            for path in [path for path, write in self._writes.items()
+                         if write.closed and now - write.last_event >= self._settle]:
                 del self._writes[path]
+            quiet = {path: write for path, write in self._writes.items()
+                     if not write.closed and now - write.last_event >= self._quiet
+                     and now >= write.recheck_at}
+        held = self._held_open(quiet) if quiet else set()
+        with self._lock:
+            for path, write in quiet.items():
+                if self._writes.get(path) is not write:
+                    continue  # written, closed or ended meanwhile: that decides
+                if path in held:
+                    write.recheck_at = now + self._quiet
+                else:
+                    del self._writes[path]
             return {path: write.relative for path, write in self._writes.items()}

@@ -38,7 +38,7 @@ from spotwatch.keys import RESERVED_SET, is_reserved, is_restore_temporary
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.sync import inotify_fix
 from spotwatch.sync.filters import PathFilter
-from spotwatch.sync.open_writers import file_identity, held_for_writing
+from spotwatch.sync.open_writers import paths_held_for_writing
 from spotwatch.sync.staged_writes import StagedWrites
 from spotwatch.sync.subtree import Folders, prefix_below
 
@@ -563,7 +563,7 @@ class ChangeTracker(FileSystemEventHandler):
             quiet = {path: c for path, c in self._candidates.items()
                      if not c.closed and now - c.last_event >= self._quiet
                      and now >= c.recheck_at}
-        held = self._held_open(list(quiet)) if quiet else set()
+        held = paths_held_for_writing(quiet) if quiet else set()
         with self._lock:
             for path, candidate in quiet.items():
                 if self._candidates.get(path) is not candidate:
@@ -574,12 +574,6 @@ class ChangeTracker(FileSystemEventHandler):
                     del self._candidates[path]
                     settled.append(path)
         return settled
-
-    @staticmethod
-    def _held_open(paths: list[Path]) -> set[Path]:
-        identities = {path: file_identity(path) for path in paths}
-        held = held_for_writing(i for i in identities.values() if i is not None)
-        return {path for path, identity in identities.items() if identity in held}
 
     def take_removed(self) -> list[Path]:
         with self._lock:
