@@ -9,6 +9,8 @@ import shutil
 import time
 from typing import Any
 
+import pytest
+
 from spotwatch.sync.sets.manifest import Manifest
 
 from .conftest import Daemon, Workspace, keys_in, object_bytes, wait_for
@@ -191,6 +193,30 @@ def test_restore_set_of_a_set_whose_manifest_is_unreadable_says_so(workspace: Wo
     last = result.stderr.strip().splitlines()[-1]
     assert "'step_2'" in last and "manifest that cannot be read" in last, last
     assert "never sealed" not in last
+
+
+@pytest.mark.parametrize("manifest", [b"\x00not json", b'{"set": "step_1"}', "step_1's"])
+def test_restore_past_a_set_whose_manifest_is_unreadable_names_it(
+        workspace: Workspace, s3: Any, manifest: bytes | str) -> None:
+    """The newest set's manifest is garbage, incomplete JSON, or another set's: restore falls
+    back to step_1, and its summary says step_2 was not tried and why. With step_1's made
+    unreadable too, the error names both."""
+    sets = make_sets(workspace)
+    keys = {name: f"run1/.spotwatch/manifests/{name}.json" for name in ("step_1", "step_2")}
+    body = (object_bytes(s3, workspace.bucket, keys["step_1"]) if isinstance(manifest, str)
+            else manifest)
+    s3.put_object(Bucket=workspace.bucket, Key=keys["step_2"], Body=body)
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("restored step_1 into"), result.stdout
+    assert "not tried, their manifest cannot be read: step_2" in result.stdout, result.stdout
+    assert (target / "step_1" / "model.pt").read_bytes() == sets["step_1"]["model.pt"]
+    s3.put_object(Bucket=workspace.bucket, Key=keys["step_1"], Body=b"[]")
+    result = restore(workspace, "--to", str(workspace.root / "none"))
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "the manifest of step_2, step_1 cannot be read" in last, last
 
 
 def test_restore_set_with_a_name_that_is_not_utf8_is_a_usage_error(workspace: Workspace,

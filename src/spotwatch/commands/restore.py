@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
         report = restore(config, bucket, args.to, args.set_name, args.prefix, args.node_rank)
     passed_over = (f"; newer sets passed over: {', '.join(report.passed_over)}"
                    if report.passed_over else "")
+    passed_over += (f"; not tried, their manifest cannot be read: {', '.join(report.unreadable)}"
+                    if report.unreadable else "")
     companions = (f"; with {', '.join(report.companions)} beside it"
                   if report.companions else "")
     companions += "".join(f"; {name} not restored beside it (incomplete or corrupt in S3)"

@@ -87,6 +87,8 @@ class RestoreReport:
     skipped: int
     bytes: int
     passed_over: tuple[str, ...] = field(default=())  # newer sets, incomplete or corrupt
+    # Sets whose manifest cannot be read (manifest_skipped): never tried, however new.
+    unreadable: tuple[str, ...] = field(default=())
     # Top-level files restored beside a set directory (see checkpoints_first).
     companions: tuple[str, ...] = field(default=())
     # Those left out, incomplete or corrupt in S3 (companion_skipped).
@@ -228,8 +230,9 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     settings = for_restore(config.transfer)
     store = make_store(make_s3_client(resolve_region(config), settings), bucket, settings,
                        uploads=False)
+    unreadable: list[str] = []
     try:
-        candidates = restore_candidates(store, watch.prefix, config.job, node_rank)
+        candidates = restore_candidates(store, watch.prefix, config.job, node_rank, unreadable)
     except StoreError as exc:
         raise SpotwatchError(f"cannot read s3://{bucket}/{watch.prefix}: {exc}") from None
     # A trainer's marker that a checkpoint is still being saved (keys.unfinished_marker; in
@@ -263,7 +266,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
             report = _with_links(report, {c.whole.set_name: c.fetch for c in (chosen, *linked)},
                                  ledger, store.bucket)
             if set_name is None:
-                report = replace(report, higher_steps=_higher_steps(report.set_name, candidates))
+                report = replace(report, higher_steps=_higher_steps(report.set_name, candidates),
+                                 unreadable=tuple(_highest_first(unreadable)))
     finally:
         if ledger is not None:
             ledger.close()
@@ -277,7 +281,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     if report is None:
         where = f"s3://{bucket}/{watch.prefix}"
         if set_name is None:
-            raise SpotwatchError(_none_left(where, passed_over, no_checkpoint))
+            raise SpotwatchError(_none_left(where, passed_over, no_checkpoint,
+                                            _highest_first(unreadable)))
         if any(c.whole.set_name == set_name for c in candidates):
             raise SpotwatchError(f"set {set_name!r} under {where} is not complete or does not "
                                  "match its manifest (see the warnings above)")
@@ -311,12 +316,21 @@ def _higher_steps(restored: str, candidates: Sequence[Candidate]) -> tuple[str, 
     return higher
 
 
-def _none_left(where: str, passed_over: Sequence[str], no_checkpoint: Sequence[str]) -> str:
-    """Why restore has no checkpoint to bring back: the sets it passed over, and those it
-    never takes for one (checkpoints_first), which --set still restores."""
+def _highest_first(set_names: Sequence[str]) -> list[str]:
+    return sorted(set_names, key=step_order, reverse=True)
+
+
+def _none_left(where: str, passed_over: Sequence[str], no_checkpoint: Sequence[str],
+               unreadable: Sequence[str]) -> str:
+    """Why restore has no checkpoint to bring back: the sets it passed over, those whose
+    manifest it could not read, and those it never takes for one (checkpoints_first), which
+    --set still restores."""
     why = f"no complete checkpoint set under {where}"
     if passed_over:
         why += f": passed over {', '.join(passed_over)} (incomplete or corrupt, see the warnings)"
+    if unreadable:
+        why += (f"; the manifest of {', '.join(unreadable)} cannot be read (see the "
+                "manifest_skipped warnings)")
     if len(no_checkpoint) == 1:
         why += (f"; {no_checkpoint[0]} has no step number, so is no checkpoint here "
                 f"(--set {no_checkpoint[0]} restores it)")
@@ -557,11 +571,13 @@ def is_unfinished_marker(manifest: Manifest) -> bool:
 
 
 def restore_candidates(store: ObjectStore, prefix: str, job: JobSettings,
-                       node_rank: int | None) -> list[Candidate]:
+                       node_rank: int | None, unreadable: list[str] | None = None
+                       ) -> list[Candidate]:
     """The sets under the prefix, newest first: a job's sets by their parts, else by their
-    manifests."""
+    manifests (unreadable: gets the sets whose manifest cannot be read)."""
     if job.id is None or job.nodes is None:
-        return [Candidate.of(manifest) for manifest in list_manifests(store, prefix)]
+        return [Candidate.of(manifest)
+                for manifest in list_manifests(store, prefix, unreadable)]
     candidates = []
     for job_set in list_job_sets(store, prefix, job.id, job.nodes):
         whole = job_set.whole

@@ -23,15 +23,25 @@ from spotwatch.sync.sets.parts import JobSet, Part
 log = get_logger("spotwatch.sets")
 
 
-def list_manifests(store: ObjectStore, prefix: str) -> list[Manifest]:
+def list_manifests(store: ObjectStore, prefix: str,
+                   unreadable: list[str] | None = None) -> list[Manifest]:
     """Every valid manifest under the configured prefix, newest checkpoint first.
 
     All of them are read: when a manifest was written says nothing about how new its
-    checkpoint is. A malformed one is skipped with a warning and never hides the others.
-    """
-    keys = [listed.key for listed in store.list_objects(manifest_prefix(prefix))]
-    manifests = [m for m in (_read_manifest(store, prefix, key) for key in keys)
-                 if m is not None]
+    checkpoint is. A malformed one is skipped with a warning and never hides the others;
+    unreadable gets the name of its set, as its key names it."""
+    manifests = []
+    for listed in store.list_objects(manifest_prefix(prefix)):
+        try:
+            manifest = _read_manifest(store, prefix, listed.key)
+        except ManifestError as exc:
+            log.warning("manifest_skipped", key=listed.key, reason=str(exc))
+            if unreadable is not None:
+                unreadable.append(
+                    listed.key.removeprefix(manifest_prefix(prefix)).removesuffix(".json"))
+            continue
+        if manifest is not None:
+            manifests.append(manifest)
     return sorted(manifests, key=_newest_first, reverse=True)
 
 
@@ -94,19 +104,15 @@ def _read_part(store: ObjectStore, prefix: str, job_id: str, key: str) -> Part |
 
 
 def _read_manifest(store: ObjectStore, prefix: str, key: str) -> Manifest | None:
+    """The manifest at key; None when it is gone. ManifestError when it is malformed or
+    describes another set than its key names."""
     try:
         body = store.get_bytes(key)
     except ObjectMissing:
         return None  # deleted since the listing (a prune): no set any more
-    try:
-        manifest = Manifest.from_json(body, prefix)
-    except ManifestError as exc:
-        log.warning("manifest_skipped", key=key, reason=str(exc))
-        return None
+    manifest = Manifest.from_json(body, prefix)
     if key != manifest_key(prefix, manifest.set_name):
-        log.warning("manifest_skipped", key=key,
-                    reason=f"describes set {manifest.set_name!r}, not the one it is named for")
-        return None
+        raise ManifestError(f"describes set {manifest.set_name!r}, not the one it is named for")
     return manifest
 
 
