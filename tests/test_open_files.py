@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spotwatch.aws.crt_store import (
+    CRT_MIN_OPEN_FILES,
     FDS_PER_WORKER,
     GBPS_PER_CONNECTION,
     crt_connections,
@@ -118,6 +119,25 @@ def test_a_restore_on_a_p4d_target_succeeds_under_a_low_open_files_limit(
     assert ("open_files_limit_low" in restored.stderr) == (limit < needed)
     for name, data in written.items():
         assert (tmp_path / "back" / name).read_bytes() == data
+
+
+@pytest.mark.parametrize("client", ["crt", "auto"])
+def test_under_too_few_open_files_for_the_crt_flush_and_restore_take_the_classic_client(
+        workspace: Workspace, tmp_path: Path, client: str) -> None:
+    """A hard limit of 24 open files: the CRT failed every restore with
+    AWS_ERROR_MAX_FDS_EXCEEDED; the classic client with one worker fits, and it is said."""
+    written = small_files(workspace.checkpoints)
+    workspace.write_config(transfer={"client": client})
+    low = CRT_MIN_OPEN_FILES - 40
+    done = [subprocess.run(
+        [sys.executable, "-m", "spotwatch.cli", *command], cwd=workspace.root,
+        env=workspace.env(), capture_output=True, text=True, timeout=120,
+        preexec_fn=limited(low, low))
+        for command in (["flush"], ["restore", "--to", str(tmp_path / "back")])]
+    assert [run.returncode for run in done] == [0, 0], [run.stderr[-2000:] for run in done]
+    for name, data in written.items():
+        assert (tmp_path / "back" / name).read_bytes() == data
+    assert all("the CRT needs at least" in run.stderr for run in done)
 
 
 def test_the_crt_store_of_a_daemon_keeps_its_connections_within_the_limit(

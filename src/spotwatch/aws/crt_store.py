@@ -87,6 +87,11 @@ RESTORE_CONNECTIONS = 128
 # Open files a restore leaves for everything but its connections and the files they write
 # (the interpreter's own, the state lock and ledger, logs): it used some 40.
 FDS_HELD_BACK = 128
+# Under fewer open files than this the CRT fails requests (AWS_ERROR_MAX_FDS_EXCEEDED) even
+# with one connection: its event loops and resolver take descriptors of their own. A restore of
+# 300 files failed on it under a limit of 20 or 25 and passed at 32, and on the classic client
+# with one worker at 20; such a store takes the classic client.
+CRT_MIN_OPEN_FILES = 64
 # Open files per transfer.max_concurrency worker. Uploads: single-part and multipart ones run
 # max_concurrency each at once, each holding a connection and the file it reads. A restore:
 # its downloads (the file, and a connection for a small one), its ranged GETs (a connection
@@ -253,24 +258,32 @@ def make_store(client: S3Client, bucket: str, settings: TransferSettings,
     - beside a daemon, a restore on the classic client fetched 2,000 small files in 3.4 s
       against 1.3 s on the CRT (local object store, 2 cores).
     Two restores at once on one host each size a CRT to the NIC (128 connections at least),
-    as each would alone."""
-    crt = settings.client == "crt" or (settings.uses_crt
-                                       and (not uploads or _holds_crt_process_lock()))
-    settings = _fitted(settings, crt)
+    as each would alone. Under an open-files limit below CRT_MIN_OPEN_FILES, `crt` and `auto`
+    take the classic client, and say so."""
+    limit = open_files_limit()
+    too_few_files = settings.uses_crt and limit < CRT_MIN_OPEN_FILES
+    crt = settings.uses_crt and not too_few_files and (
+        settings.client == "crt" or not uploads or _holds_crt_process_lock())
+    if too_few_files:
+        log.warning("open_files_limit_low", limit=limit, client="classic",
+                    reason=f"the CRT needs at least {CRT_MIN_OPEN_FILES} open files",
+                    action="the classic client instead; raise the hard limit (ulimit -Hn, "
+                           "LimitNOFILE) for the CRT")
+    settings = _fitted(settings, crt, limit)
     if crt:
         log.debug("transfer_client", client="crt", configured=settings.client,
                  target_gbps=target_throughput_gbps(settings))
         return CrtObjectStore(client, bucket, settings, on_outcome=on_outcome,
                               throttle=throttle)
-    reason = ("another spotwatch process on this host uses the CRT" if settings.uses_crt
+    reason = ("too few open files for the CRT" if too_few_files
+              else "another spotwatch process on this host uses the CRT" if settings.uses_crt
               else None)
     log.debug("transfer_client", client="classic", configured=settings.client, reason=reason)
     return S3ObjectStore(client, bucket, settings, throttle)
 
 
-def _fitted(settings: TransferSettings, crt: bool) -> TransferSettings:
+def _fitted(settings: TransferSettings, crt: bool, limit: int) -> TransferSettings:
     """within_open_files under this process's limit, said in one warning when it cuts."""
-    limit = open_files_limit()
     fitted = within_open_files(settings, limit, crt=crt)
     if fitted != settings:
         log.warning("open_files_limit_low", limit=limit, workers=fitted.max_concurrency,
