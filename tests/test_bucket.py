@@ -52,6 +52,13 @@ def test_env_file_in_working_directory(config_file: Path, tmp_path: Path) -> Non
     assert resolve_bucket(None, None) == "from-env-file"
 
 
+@pytest.mark.parametrize("blank", ["", " ", "\t ", "\n"])
+def test_a_blank_environment_variable_falls_back_to_the_env_file(
+        config_file: Path, monkeypatch: pytest.MonkeyPatch, blank: str) -> None:
+    monkeypatch.setenv("S3_BUCKET_NAME", blank)
+    assert resolve_bucket(None, config_file) == "from-env-file"
+
+
 def test_missing_everywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="no bucket"):

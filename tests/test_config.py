@@ -448,3 +448,25 @@ def test_cli_state_dir_that_is_a_file(workspace: Workspace, command: str, below:
     args = ["--dry-run", "--keep-sets", "1"] if command == "prune" else []
     assert_usage_error(workspace.cli(command, "-c", "config.yaml", *args, timeout=20),
                        f"config key 'state.dir' ({blocker / below}) is not a directory")
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+@pytest.mark.parametrize("case", ["directory", "below a file"])
+def test_cli_notice_file_that_is_a_directory_or_below_a_file(
+        workspace: Workspace, command: str, case: str) -> None:
+    """hooks.notice_file naming a directory (`/run/spotwatch` for `/run/spotwatch/notice.json`)
+    or a path below a file: the trainer would never be told of a notice. Old: `run` started
+    healthy with a warning in its log."""
+    if case == "directory":
+        notice_file = workspace.root / "notices"
+        notice_file.mkdir()
+        why = (f"config key 'hooks.notice_file' ({notice_file}) is a directory: name the file "
+               f"to write, such as {notice_file / 'notice.json'}")
+    else:
+        blocker = workspace.root / "not-a-dir"
+        blocker.write_bytes(b"x")
+        notice_file = blocker / "notice.json"
+        why = (f"config key 'hooks.notice_file' ({notice_file}) cannot be made: {blocker} is "
+               "not a directory")
+    workspace.write_config(hooks={"notice_file": str(notice_file)})
+    assert_usage_error(workspace.cli(command, "-c", "config.yaml", timeout=20), why)

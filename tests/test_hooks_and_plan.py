@@ -375,3 +375,24 @@ def test_the_trainer_is_never_told_a_later_deadline_than_it_has(workspace: Works
     kinds = [e["kind"] for e in daemon.named("notice_detected")]
     assert kinds == ["rebalance-recommendation", "spot-interruption", "scheduled-event"]
     assert daemon.stop() == 0
+
+
+def test_a_notice_file_that_cannot_be_written_when_the_notice_comes_degrades_status(
+        workspace: Workspace, imds: ImdsEmulator) -> None:
+    """The notice file's directory is replaced by a file after the start: the notice cannot
+    be written, and status says so (old: a hook_failed line in the log, and `health: ok`)."""
+    notices = workspace.root / "notices"
+    notices.mkdir()
+    workspace.write_config(hooks={"notice_file": str(notices / "notice.json")})
+    daemon = workspace.start_daemon()
+    notices.rmdir()
+    notices.write_bytes(b"in the way")
+    imds.fire_spot_interruption(in_seconds=120)
+    daemon.wait_for_event("hook_failed")
+    reason = f"the trainer cannot be told of a notice: {notices / 'notice.json'}: "
+    assert wait_for(lambda: any(said.startswith(reason)
+                                for said in workspace.status().get("degraded", [])))
+    assert workspace.cli("status", "-c", "config.yaml", "--healthy").returncode == 1
+    shown = workspace.cli("status", "-c", "config.yaml")
+    assert "cannot be told of a notice" in shown.stdout, shown.stdout
+    daemon.stop()

@@ -19,7 +19,7 @@ import yaml
 
 from spotwatch.emulator import ImdsEmulator
 
-from .conftest import REGION, Workspace
+from .conftest import REGION, Workspace, wait_for
 from .test_systemd import unit_settings
 
 NOBODY = 65534
@@ -208,4 +208,7 @@ def test_a_notice_file_the_daemon_cannot_write_is_named_at_start(workspace: Work
     failed = [e for e in daemon.named("hook_failed") if e["hook"] == "notice_file"]
     assert [(e["path"], e["error"]) for e in failed] == [(str(notice_file), "Permission denied")]
     assert daemon.named("notice_detected") == []
+    # And status says so, until the file can be written.
+    reason = (f"the trainer cannot be told of a notice: {notice_file}: Permission denied")
+    assert wait_for(lambda: reason in workspace.status().get("degraded", []))
     assert daemon.stop() == 0

@@ -40,7 +40,8 @@ def resolve_bucket(explicit: str | None, config_file: Path | None) -> str:
     if explicit is not None and not explicit.strip():
         raise ConfigError("--bucket is empty: name a bucket, or leave the flag out to use "
                           f"${BUCKET_ENV} or config/.env")
-    name = explicit or os.environ.get(BUCKET_ENV)
+    # A variable of blanks (`S3_BUCKET_NAME=" "` in a unit file) is as good as unset.
+    name = explicit or os.environ.get(BUCKET_ENV, "").strip() or None
     if not name:
         for env_file in env_file_candidates(config_file):
             name = _bucket_in_env_file(env_file)

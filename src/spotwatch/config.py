@@ -943,17 +943,45 @@ def _refuse_state_dir_not_directory(path: Path) -> None:
     systemd unit does not restart on), never a runtime failure every verb meets its own way.
     A missing one is made when first needed; one that cannot be looked at is left to the
     verb that uses it."""
+    found = _nearest_existing(path)
+    if found is not None and not stat.S_ISDIR(found[1]):
+        where = "" if found[0] == path else f" ({found[0]} is not a directory)"
+        raise ConfigError(f"config key 'state.dir' ({path}) is not a directory{where}")
+
+
+def require_notice_file_place(config: Config) -> None:
+    """Invariant 7 needs the notice file written when the notice comes: a directory at
+    hooks.notice_file (`/run/spotwatch` for `/run/spotwatch/notice.json`), or a file where
+    one of its parents should be, would leave the trainer untold of every notice. Refused as
+    a config error by the commands that tell the trainer (`run`) or check for it (`check`);
+    `status` still reads a running daemon's report. One that appears later degrades status
+    (NoticeHooks.degraded_reason)."""
+    path = config.hooks.notice_file
+    if path is None:
+        return
+    found = _nearest_existing(path)
+    if found is None:
+        return
+    where, mode = found
+    if where == path and stat.S_ISDIR(mode):
+        raise ConfigError(f"config key 'hooks.notice_file' ({path}) is a directory: name the "
+                          f"file to write, such as {path / 'notice.json'}")
+    if where != path and not stat.S_ISDIR(mode):
+        raise ConfigError(f"config key 'hooks.notice_file' ({path}) cannot be made: {where} "
+                          "is not a directory")
+
+
+def _nearest_existing(path: Path) -> tuple[Path, int] | None:
+    """The path or the nearest of its parents that exists, with its mode (following links);
+    None when none can be looked at."""
     for candidate in (path, *path.parents):
         try:
-            found = os.stat(candidate)
+            return candidate, os.stat(candidate).st_mode
         except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError:
-            return
-        if not stat.S_ISDIR(found.st_mode):
-            where = "" if candidate == path else f" ({candidate} is not a directory)"
-            raise ConfigError(f"config key 'state.dir' ({path}) is not a directory{where}")
-        return
+            return None
+    return None
 
 
 def at_or_below(path: Path, root: Path) -> bool:

@@ -8,6 +8,7 @@ from spotwatch.aws.preflight import run_checks
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.commands import load
+from spotwatch.config import require_notice_file_place
 from spotwatch.daemon.loop import Daemon
 from spotwatch.daemon.startup import StartChecks
 
@@ -16,6 +17,7 @@ def run(args: argparse.Namespace) -> int:
     """A refusal of the checks ends `run` (SpotwatchError); while S3 is only unreachable the
     daemon waits for them, telling the trainer of notices meanwhile (see Daemon.run)."""
     config, bucket = load(args)
+    require_notice_file_place(config)
     client = make_s3_client(resolve_region(config), config.transfer)
     checks = StartChecks(lambda: run_checks(config, bucket, client))
     return Daemon(config, bucket, client).run(checks=checks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -29,6 +30,14 @@ class NoticeHooks:
         self.notice_file = settings.notice_file or default_notice_file(state.path)
         self._settings = settings
         self._acted = ActedNotices(state.acted_notices, current_boot())
+        # Why the notice file cannot be written (the start's check or the last write failed):
+        # a degraded reason until a write succeeds.
+        self._unwritable: str | None = None
+
+    def degraded_reason(self) -> str | None:
+        if self._unwritable is None:
+            return None
+        return f"the trainer cannot be told of a notice: {self.notice_file}: {self._unwritable}"
 
     def start(self) -> Told | None:
         """At daemon start. A notice acted on during this boot is likely still posted, so its
@@ -48,12 +57,15 @@ class NoticeHooks:
         unit's ReadWritePaths) is named at start, while it can still be fixed, not only once
         the notice is missed. A file made and removed beside it, as the notice's own is."""
         try:
+            if self.notice_file.is_dir():  # a directory there: the rename onto it fails
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
             make_shared_dirs(self.notice_file.parent)
             fd, probe = tempfile.mkstemp(dir=self.notice_file.parent,
                                          prefix=f".{self.notice_file.name}.")
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
+            self._unwritable = exc.strerror or str(exc)
             log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
                         error=exc.strerror,
                         detail="the trainer cannot be told of a notice until this is fixed")
@@ -92,8 +104,11 @@ class NoticeHooks:
             make_shared_dirs(self.notice_file.parent)
             write_json_atomically(self.notice_file, notice, mode=NOTICE_FILE_MODE)
         except OSError as exc:
+            self._unwritable = exc.strerror or str(exc)
             log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
                         error=exc.strerror)
+            return
+        self._unwritable = None
 
     def _signal_trainer(self, name: str, pid_file: Path) -> None:
         try:

@@ -97,6 +97,7 @@ class Daemon:
         self.hooks = NoticeHooks(config.hooks, self.state)
         self.metrics = Metrics(imds=config.imds.enabled, peers=config.job.is_multi_node)
         self.reporter = Reporter(bucket, self.state, self.metrics)
+        self.reporter.watch_hooks(self.hooks)
         # A flush with no deadline waits for files being written as long as a stop may take.
         self.flushes = FlushController(write_wait=config.sync.stop_timeout)
         self._client = client

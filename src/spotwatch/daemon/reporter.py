@@ -15,6 +15,7 @@ from spotwatch.aws.health import Outage, S3Watch, unreachable_reason
 from spotwatch.config import MetricsSettings
 from spotwatch.daemon import sdnotify
 from spotwatch.daemon.flush import FlushController
+from spotwatch.daemon.hooks import NoticeHooks
 from spotwatch.daemon.in_effect import NoticeReport
 from spotwatch.daemon.metrics import Metrics, MetricsServer
 from spotwatch.daemon.snapshot import EngineSnapshot
@@ -54,6 +55,7 @@ class Reporter:
         self._peers: Outage | None = None  # the peer poller's, on a node of a job
         self._claim: RankClaim | None = None  # this node's claim on its rank, on a job
         self._guard: StateGuard | None = None  # the daemon's hold on the state directory
+        self._hooks: NoticeHooks | None = None  # how the trainer is told of a notice
         self.peer_poll_failures = 0
         self._status_due = 0.0
         self._keepalive_interval = sdnotify.watchdog_interval()
@@ -73,6 +75,9 @@ class Reporter:
 
     def watch_state(self, guard: StateGuard) -> None:
         self._guard = guard
+
+    def watch_hooks(self, hooks: NoticeHooks) -> None:
+        self._hooks = hooks
 
     def watch_claim(self, claim: RankClaim) -> None:
         self._claim = claim
@@ -269,5 +274,6 @@ class Reporter:
         reasons = (self.s3_watch.degraded_reason(), stalled,
                    unreachable_reason("IMDS", self._imds),
                    unreachable_reason("peer notices", self._peers),
-                   None if self._guard is None else self._guard.degraded_reason())
+                   None if self._guard is None else self._guard.degraded_reason(),
+                   None if self._hooks is None else self._hooks.degraded_reason())
         return [reason for reason in reasons if reason is not None]
