@@ -585,6 +585,44 @@ def test_a_pointer_to_a_step_on_disk_beside_it_is_left_as_it_is(
     assert (workspace.checkpoints / "latest").read_bytes() == b"global_step300"
 
 
+def test_a_named_step_restored_beside_a_higher_one_gets_the_pointer(
+        workspace: Workspace) -> None:
+    """`restore --set global_step100` into the watched directory, which still holds
+    global_step200 (a rollback from a step that diverged): `latest` names the step asked for,
+    not the one rolled back from."""
+    write(workspace, "global_step100/mp_rank_00_model_states.pt", b"one hundred", 300)
+    write(workspace, "global_step200/mp_rank_00_model_states.pt", b"two hundred", 200)
+    write(workspace, "latest", b"global_step200\n", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 3
+    result = restore(workspace, "--set", "global_step100")
+    assert result.returncode == 0, result.stderr
+    assert "latest now names global_step100 (was global_step200)" in result.stdout
+    assert (workspace.checkpoints / "latest").read_bytes() == b"global_step100\n"
+
+
+def test_a_pointer_on_disk_naming_a_lower_step_names_the_step_restored(
+        workspace: Workspace, s3: Any) -> None:
+    """The destination holds global_step100 and a `latest` naming it; S3 holds global_step200
+    and a `latest` that is not complete there (left out beside it). The trainer must load the
+    step restore says it restored, not the lower one still on disk."""
+    write(workspace, "global_step100/mp_rank_00_model_states.pt", b"one hundred", 300)
+    write(workspace, "global_step200/mp_rank_00_model_states.pt", b"two hundred", 200)
+    write(workspace, "latest", b"global_step200", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 3
+    # Replaced in S3 after it was sealed (a PUT whose manifest never came): corrupt there.
+    s3.put_object(Bucket=workspace.bucket, Key="run1/latest", Body=b"\x00\xff")
+    target = workspace.root / "restored"
+    (target / "global_step100").mkdir(parents=True)
+    (target / "global_step100" / "mp_rank_00_model_states.pt").write_bytes(b"one hundred")
+    (target / "latest").write_bytes(b"global_step100")
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "restored global_step200" in result.stdout
+    assert "latest not restored beside it" in result.stdout
+    assert "latest now names global_step200 (was global_step100)" in result.stdout
+    assert (target / "latest").read_bytes() == b"global_step200"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping DAC capabilities needs root")
 def test_a_companion_whose_folder_may_not_be_written_is_refused_before_anything_downloads(
         workspace: Workspace) -> None:

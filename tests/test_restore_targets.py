@@ -35,7 +35,7 @@ def reference(destination: Path, relative: str) -> Path | str:
     except (RuntimeError, OSError):  # a symlink loop (OSError from Python 3.13)
         return "loop"
     if folder != root and root not in folder.parents:
-        return "escapes the destination"
+        return "outside the destination"
     own = root / relative.split("/")[0] if "/" in relative else root
     if folder != own and own not in folder.parents:
         return "outside its set's own folder"

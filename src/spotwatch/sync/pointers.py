@@ -9,7 +9,8 @@ checkpoint and starts from scratch. Such a pointer is rewritten to name the set 
 Only a small UTF-8 file named as one (`latest...`, `last...`) whose whole content (stripped) is
 one name is a pointer: the name of another set of the restored set's series, or a bare number
 where the file is Megatron's tracker or that number names a set of the series listed in S3.
-Nothing else is touched, nor a pointer to a set that is there beside it.
+Nothing else is touched, nor a pointer to a higher step that is there beside it (unless the set
+restored was asked for by name).
 
 A pointer is the trainer's commit: DeepSpeed and Megatron write it once every rank finished
 saving the step it names. A newer step beside it may be a save that never finished (the
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_IMODE
 
-from spotwatch.keys import series_of
+from spotwatch.keys import series_of, step_order
 
 # A pointer holds a name, a line at most; a file larger than this is no pointer.
 POINTER_MAX_BYTES = 256
@@ -167,11 +168,12 @@ def repointed_link(link_path: str, target: str, restored: str) -> str | None:
 
 
 def repoint(path: Path, companion: str, restored: str, known: Collection[str],
-            temporary: Path) -> Repointed | None:
+            temporary: Path, asked_for: bool = False) -> Repointed | None:
     """Rewrite the file at path when it points to another set of the restored set's series
     (see repointed_text); temporary: where the new content waits until it replaces the file
     in one rename. Its mtime is now: it is no longer the object in S3, and the daemon, when the
-    path is watched, uploads the pointer as it now is."""
+    path is watched, uploads the pointer as it now is. asked_for: the set restored was named
+    (`restore --set`, a rollback): the pointer names it whatever is beside it."""
     try:
         info = path.stat()
         if info.st_size > POINTER_MAX_BYTES:
@@ -183,9 +185,13 @@ def repoint(path: Path, companion: str, restored: str, known: Collection[str],
     if change is None:
         return None
     content, old, new = change
-    # The set it names is there beside it (the same disk after a reboot, a shared file
-    # system): the trainer wrote the pointer once that set was saved; it loads it as it is.
-    if os.path.lexists(path.parent / _set_pointed(old, restored)):
+    # A higher step it names is there beside it (the same disk after a reboot, a shared file
+    # system): the trainer wrote the pointer once that step was saved; it loads it as it is.
+    # One naming a lower step would have the trainer load that step instead of the newer one
+    # restored.
+    pointed = _set_pointed(old, restored)
+    if (not asked_for and step_order(pointed) > step_order(restored)
+            and os.path.lexists(path.parent / pointed)):
         return None
     try:
         temporary.write_text(content, encoding="utf-8")

@@ -165,8 +165,11 @@ class _Targets:
             resolved = folder.resolve()
         except (RuntimeError, OSError) as exc:  # a symlink loop
             raise SpotwatchError(f"cannot restore {path!r}: {exc}") from None
-        if not at_or_below(resolved, self.root):
-            raise SpotwatchError(f"manifest path escapes the destination: {path!r}")
+        if not at_or_below(resolved, self.root):  # manifest paths are clean: a symlink did
+            raise SpotwatchError(
+                f"cannot restore {path!r}: a symlink in the destination leads its folder to "
+                f"{printable_path(resolved)}, outside the destination (restore never "
+                "writes outside it)")
         own = self.root / set_name_of(path) if folder != self.root else self.root
         if not at_or_below(resolved, own):
             raise SpotwatchError(
@@ -262,7 +265,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
             chosen = next(c for c in candidates if c.whole.set_name == report.set_name)
             if companions and _takes_companions(chosen.whole):
                 report = _with_companions(report, companions, store,
-                                          config.transfer.checksum_algorithm, ledger, known)
+                                          config.transfer.checksum_algorithm, ledger, known,
+                                          asked_for=set_name is not None)
             report = _with_links(report, {c.whole.set_name: c.fetch for c in (chosen, *linked)},
                                  ledger, store.bucket)
             if set_name is None:
@@ -434,10 +438,13 @@ def _file_paths(manifest: Manifest) -> list[str]:
 
 def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
                      store: ObjectStore, preferred: str, ledger: Ledger | None,
-                     known: Collection[str]) -> RestoreReport:
+                     known: Collection[str], asked_for: bool) -> RestoreReport:
     """The report, after the companions that are complete and verify were restored too (each
     on its own: one that is not is named and left out), and those that point to another set of
-    the series made to point to the one restored (sync.pointers); known: the sets in S3."""
+    the series made to point to the one restored (sync.pointers); known: the sets in S3;
+    asked_for: the set was named (--set). A companion left out still has the copy already at
+    the destination, if any, made to name the set restored: the trainer must not load another
+    step than the one restore says it restored."""
     restored = []
     skipped = []
     repointed = []
@@ -447,19 +454,20 @@ def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
         if done is None:
             log.warning("companion_skipped", set=name, beside=report.set_name)
             skipped.append(name)
-            continue
-        restored.append(name)
-        report = replace(report, downloaded=report.downloaded + done.downloaded,
-                         skipped=report.skipped + done.skipped, bytes=report.bytes + done.bytes)
-        change = _repoint(companion.fetch, report, known)
+        else:
+            restored.append(name)
+            report = replace(report, downloaded=report.downloaded + done.downloaded,
+                             skipped=report.skipped + done.skipped,
+                             bytes=report.bytes + done.bytes)
+        change = _repoint(companion.fetch, report, known, asked_for)
         if change is not None:
             repointed.append(change)
     return replace(report, companions=tuple(restored), companions_skipped=tuple(skipped),
                    repointed=tuple(repointed))
 
 
-def _repoint(companion: Manifest, report: RestoreReport,
-             known: Collection[str]) -> Repointed | None:
+def _repoint(companion: Manifest, report: RestoreReport, known: Collection[str],
+             asked_for: bool) -> Repointed | None:
     """The companion made to name the set restored, if it is a pointer to another of the
     series. The ledger keeps the object in S3 (still the old pointer): a daemon watching the
     destination uploads the pointer as it now is."""
@@ -469,7 +477,7 @@ def _repoint(companion: Manifest, report: RestoreReport,
     target = _Targets(report.destination).of(entry.path)
     try:
         change = repoint(target, entry.path, report.set_name, known,
-                         cleared(temporary(target)))
+                         cleared(temporary(target)), asked_for)
     except OSError as exc:
         raise SpotwatchError(f"cannot make {entry.path} name {report.set_name}: {exc}") from None
     if change is not None:
