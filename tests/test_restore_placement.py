@@ -23,11 +23,12 @@ from spotwatch.keys import RESTORE_TEMP_SUFFIX, is_restore_temporary, manifest_k
 from spotwatch.model import FileVersion
 from spotwatch.sync.ledger import Ledger
 from spotwatch.sync.placement import NotPlaced, place_all
-from spotwatch.sync.restore import restore_newest
+from spotwatch.sync.restore import Candidate, _with_companions, restore_newest
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import list_manifests
 
 from .conftest import Workspace, object_bytes, wait_for
-from .memory_store import InMemoryObjectStore
+from .memory_store import InMemoryObjectStore, crc32_checksum
 from .test_failure_paths import PREFIX, put_set
 
 SHARDS = {f"f{i}.pt": bytes([i]) * 100 for i in range(6)}
@@ -291,3 +292,28 @@ def test_a_ledger_that_cannot_be_put_back_still_leaves_no_users_file_hidden(
     left = everything_under(tmp_path)
     assert left["a"] == b"set a" and left["b"] == b"user's own b"
     assert not any(".b.kept" in name for name in left)
+
+
+def test_a_pointer_that_fails_after_its_step_is_in_place_says_the_step_is_there(
+        tmp_path: Path, store: InMemoryObjectStore) -> None:
+    """global_step200 is placed, then `latest` beside it cannot be fetched (a full disk, S3
+    refusing it): the error names the failure and says the step was restored before it, not
+    only "restore of latest failed" with the step silently in place."""
+    put_set(store, "global_step200", {"model.pt": b"two hundred"}, MTIME_NS)
+    data = b"global_step200"
+    store.put(f"{PREFIX}latest", data)
+    entry = ManifestEntry(f"{PREFIX}latest", "latest", len(data), MTIME_NS, crc32_checksum(data))
+    store.put(manifest_key(PREFIX, "latest"),
+              Manifest.build("latest", PREFIX, [entry]).to_json().encode())
+    store.fail("download", times=None, key=f"{PREFIX}latest", permanent=True)
+    destination = tmp_path / "restored"
+    manifests = {m.set_name: m for m in list_manifests(store, PREFIX)}
+    report = restore_newest(store, [manifests["global_step200"]], destination, "CRC32", None)
+    assert report is not None
+    with pytest.raises(SpotwatchError) as failed:
+        _with_companions(report, [Candidate.of(manifests["latest"])], store, "CRC32", None,
+                         set(manifests), asked_for=False)
+    assert str(failed.value).startswith("restore of latest failed: ")
+    assert str(failed.value).endswith(f"; global_step200 was restored into {destination} "
+                                      "before it, but latest beside it was not")
+    assert everything_under(destination) == {"global_step200/model.pt": b"two hundred"}

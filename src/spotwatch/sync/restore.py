@@ -450,7 +450,12 @@ def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
     repointed = []
     for companion in companions:
         name = companion.whole.set_name
-        done = restore_newest(store, [companion], report.destination, preferred, ledger)
+        try:
+            done = restore_newest(store, [companion], report.destination, preferred, ledger)
+        except SpotwatchError as exc:  # the step is in place already: said, not hidden
+            raise SpotwatchError(f"{exc}; {report.set_name} was restored into "
+                                 f"{printable_path(report.destination)} before it, but "
+                                 f"{name} beside it was not") from None
         if done is None:
             log.warning("companion_skipped", set=name, beside=report.set_name)
             skipped.append(name)
