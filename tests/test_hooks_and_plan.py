@@ -395,4 +395,11 @@ def test_a_notice_file_that_cannot_be_written_when_the_notice_comes_degrades_sta
     assert workspace.cli("status", "-c", "config.yaml", "--healthy").returncode == 1
     shown = workspace.cli("status", "-c", "config.yaml")
     assert "cannot be told of a notice" in shown.stdout, shown.stdout
+    # Fixed while the daemon runs: healthy again without a notice or a restart.
+    notices.unlink()
+    notices.mkdir()
+    assert wait_for(lambda: not any(said.startswith(reason)
+                                    for said in workspace.status().get("degraded", [])),
+                    timeout=30)
+    daemon.wait_for_event("notice_file_writable")
     daemon.stop()

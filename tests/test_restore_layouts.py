@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from spotwatch.keys import manifest_key
 from spotwatch.sync.commits import uncommitted
-from spotwatch.sync.pointers import named_set, repointed_text
+from spotwatch.sync.pointers import named_set, repoint, repointed_text
 from spotwatch.sync.restore import Candidate, checkpoints_first
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
@@ -621,6 +621,24 @@ def test_a_pointer_on_disk_naming_a_lower_step_names_the_step_restored(
     assert "latest not restored beside it" in result.stdout
     assert "latest now names global_step200 (was global_step100)" in result.stdout
     assert (target / "latest").read_bytes() == b"global_step200"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_pointer_on_disk_that_is_no_regular_file_is_never_rewritten(
+        tmp_path: Path, kind: str) -> None:
+    """What sits at a pointer's path when its copy in S3 is left out may be anything: a link
+    is neither read through nor replaced, a FIFO never read (it would block)."""
+    path = tmp_path / "latest"
+    shared = tmp_path / "elsewhere"
+    shared.write_bytes(b"global_step100")
+    if kind == "symlink":
+        path.symlink_to(shared)
+    else:
+        os.mkfifo(path)
+    assert repoint(path, "latest", "global_step200", {"global_step100", "global_step200"},
+                   tmp_path / ".latest.tmp") is None
+    assert path.is_symlink() == (kind == "symlink")
+    assert shared.read_bytes() == b"global_step100"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping DAC capabilities needs root")

@@ -314,6 +314,6 @@ def test_a_pointer_that_fails_after_its_step_is_in_place_says_the_step_is_there(
         _with_companions(report, [Candidate.of(manifests["latest"])], store, "CRC32", None,
                          set(manifests), asked_for=False)
     assert str(failed.value).startswith("restore of latest failed: ")
-    assert str(failed.value).endswith(f"; global_step200 was restored into {destination} "
-                                      "before it, but latest beside it was not")
+    assert str(failed.value).endswith(f" (global_step200 is restored into {destination} "
+                                      "already)")
     assert everything_under(destination) == {"global_step200/model.pt": b"two hundred"}

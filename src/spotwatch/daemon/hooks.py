@@ -8,6 +8,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ log = get_logger("spotwatch.hooks")
 
 # Readable by the trainer whichever user it runs as (the notice holds nothing secret).
 NOTICE_FILE_MODE = 0o644
+# How often a notice file that could not be written is checked again while it cannot.
+UNWRITABLE_RECHECK_SECONDS = 10.0
 # The largest pid_t; Linux's pid_max is far below it.
 MAX_PID = 2**31 - 1
 
@@ -31,10 +34,17 @@ class NoticeHooks:
         self._settings = settings
         self._acted = ActedNotices(state.acted_notices, current_boot())
         # Why the notice file cannot be written (the start's check or the last write failed):
-        # a degraded reason until a write succeeds.
+        # a degraded reason until a write, or a check made while degraded, succeeds.
         self._unwritable: str | None = None
+        self._recheck_at = 0.0  # monotonic
 
     def degraded_reason(self) -> str | None:
+        """Asked at every status write; while degraded, the place is checked again every
+        UNWRITABLE_RECHECK_SECONDS, so that a fix (the directory made, its mode changed) clears
+        it without waiting for a notice or a restart."""
+        if self._unwritable is not None and time.monotonic() >= self._recheck_at:
+            self._recheck_at = time.monotonic() + UNWRITABLE_RECHECK_SECONDS
+            self._check_writable()
         if self._unwritable is None:
             return None
         return f"the trainer cannot be told of a notice: {self.notice_file}: {self._unwritable}"
@@ -65,10 +75,16 @@ class NoticeHooks:
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            self._unwritable = exc.strerror or str(exc)
-            log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
-                        error=exc.strerror,
-                        detail="the trainer cannot be told of a notice until this is fixed")
+            unwritable = exc.strerror or str(exc)
+            if unwritable != self._unwritable:  # said once, not at every check again
+                log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
+                            error=exc.strerror,
+                            detail="the trainer cannot be told of a notice until this is fixed")
+            self._unwritable = unwritable
+            return
+        if self._unwritable is not None:
+            log.info("notice_file_writable", path=str(self.notice_file))
+        self._unwritable = None
 
     def fire(self, notice: dict[str, Any], told: Told) -> None:
         """Hooks act once per notice id, across restarts too, and again when its deadline

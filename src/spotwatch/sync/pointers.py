@@ -27,7 +27,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_IMODE
+from stat import S_IMODE, S_ISREG
 
 from spotwatch.keys import series_of, step_order
 
@@ -175,8 +175,10 @@ def repoint(path: Path, companion: str, restored: str, known: Collection[str],
     path is watched, uploads the pointer as it now is. asked_for: the set restored was named
     (`restore --set`, a rollback): the pointer names it whatever is beside it."""
     try:
-        info = path.stat()
-        if info.st_size > POINTER_MAX_BYTES:
+        # Never through a symlink, nor from a FIFO or a device: a pointer left out of the
+        # restore is whatever was at the destination already.
+        info = os.lstat(path)
+        if not S_ISREG(info.st_mode) or info.st_size > POINTER_MAX_BYTES:
             return None
         text = path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError):

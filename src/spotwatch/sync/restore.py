@@ -452,19 +452,18 @@ def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
         name = companion.whole.set_name
         try:
             done = restore_newest(store, [companion], report.destination, preferred, ledger)
+            if done is None:
+                log.warning("companion_skipped", set=name, beside=report.set_name)
+                skipped.append(name)
+            else:
+                restored.append(name)
+                report = replace(report, downloaded=report.downloaded + done.downloaded,
+                                 skipped=report.skipped + done.skipped,
+                                 bytes=report.bytes + done.bytes)
+            change = _repoint(companion.fetch, report, known, asked_for)
         except SpotwatchError as exc:  # the step is in place already: said, not hidden
-            raise SpotwatchError(f"{exc}; {report.set_name} was restored into "
-                                 f"{printable_path(report.destination)} before it, but "
-                                 f"{name} beside it was not") from None
-        if done is None:
-            log.warning("companion_skipped", set=name, beside=report.set_name)
-            skipped.append(name)
-        else:
-            restored.append(name)
-            report = replace(report, downloaded=report.downloaded + done.downloaded,
-                             skipped=report.skipped + done.skipped,
-                             bytes=report.bytes + done.bytes)
-        change = _repoint(companion.fetch, report, known, asked_for)
+            raise SpotwatchError(f"{exc} ({report.set_name} is restored into "
+                                 f"{printable_path(report.destination)} already)") from None
         if change is not None:
             repointed.append(change)
     return replace(report, companions=tuple(restored), companions_skipped=tuple(skipped),
