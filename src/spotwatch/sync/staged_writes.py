@@ -4,7 +4,7 @@ never uploaded, but the trainer is still saving while they go on.
 Invariant: an excluded file being written holds its set's seal and every flush exactly as an
 included file being written does (SyncEngine.being_written), by the same settle rule: until
 settle_seconds after its close, or quiet_seconds after its last write without one while no
-process holds it open for writing (open_writers); a rename or deletion ends it at once. A
+process holds it open for writing (sync.settle_rule); a rename or deletion ends it at once. A
 trainer pausing between two writes of one staged file must not have the set around it sealed
 without that file. Only writes count: an excluded file that merely lies there (found by
 a scan, moved in whole) holds nothing. Unlike an included file, a closed one is not hurried at
@@ -15,11 +15,12 @@ rename that follows is, and a flush that ended between the two would miss the ch
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from spotwatch.sync.open_writers import paths_held_for_writing
+from spotwatch.sync.settle_rule import HeldOpen, take_ended
 from spotwatch.sync.subtree import Folders
 
 
@@ -37,7 +38,7 @@ class StagedWrites:
 
     def __init__(self, settle_seconds: float, quiet_seconds: float,
                  clock: Callable[[], float],
-                 held_open: Callable[[Iterable[Path]], set[Path]] = paths_held_for_writing
+                 held_open: HeldOpen = paths_held_for_writing
                  ) -> None:
         self._settle = settle_seconds
         self._quiet = quiet_seconds
@@ -63,21 +64,7 @@ class StagedWrites:
     def active(self) -> dict[Path, str]:
         """The excluded files still being written -> their path relative below the root;
         those whose writes settled are dropped."""
-        now = self._clock()
+        take_ended(self._writes, self._lock, self._clock(), self._settle, self._quiet,
+                   self._held_open)
         with self._lock:
-            for path in [path for path, write in self._writes.items()
-                         if write.closed and now - write.last_event >= self._settle]:
-                del self._writes[path]
-            quiet = {path: write for path, write in self._writes.items()
-                     if not write.closed and now - write.last_event >= self._quiet
-                     and now >= write.recheck_at}
-        held = self._held_open(quiet) if quiet else set()
-        with self._lock:
-            for path, write in quiet.items():
-                if self._writes.get(path) is not write:
-                    continue  # written, closed or ended meanwhile: that decides
-                if path in held:
-                    write.recheck_at = now + self._quiet
-                else:
-                    del self._writes[path]
             return {path: write.relative for path, write in self._writes.items()}

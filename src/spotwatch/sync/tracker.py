@@ -38,7 +38,7 @@ from spotwatch.keys import RESERVED_SET, is_reserved, is_restore_temporary
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.sync import inotify_fix
 from spotwatch.sync.filters import PathFilter
-from spotwatch.sync.open_writers import paths_held_for_writing
+from spotwatch.sync.settle_rule import take_ended
 from spotwatch.sync.staged_writes import StagedWrites
 from spotwatch.sync.subtree import Folders, prefix_below
 
@@ -549,31 +549,12 @@ class ChangeTracker(FileSystemEventHandler):
         """Files settled now: closed and left alone for settle_seconds, or never seen closed
         and quiet for quiet_seconds.
 
-        Invariant: the quiet rule settles no file a process still holds open for writing (a
-        writer pausing mid-save): it stays being written (status, its set's manifest, a
-        flush wait for it) until its close settles it as usual, or until no writer holds it
-        at a later quiet expiry. Only files the quiet rule would settle are looked up (one
-        /proc scan for all of them, outside the lock)."""
-        now = self._clock()
-        with self._lock:
-            settled = [path for path, c in self._candidates.items()
-                       if c.closed and now - c.last_event >= self._settle]
-            for path in settled:
-                del self._candidates[path]
-            quiet = {path: c for path, c in self._candidates.items()
-                     if not c.closed and now - c.last_event >= self._quiet
-                     and now >= c.recheck_at}
-        held = paths_held_for_writing(quiet) if quiet else set()
-        with self._lock:
-            for path, candidate in quiet.items():
-                if self._candidates.get(path) is not candidate:
-                    continue  # an event came meanwhile: it decides
-                if path in held:
-                    candidate.recheck_at = now + self._quiet
-                else:
-                    del self._candidates[path]
-                    settled.append(path)
-        return settled
+        Invariant (enforced in sync.settle_rule): the quiet rule settles no file a process
+        still holds open for writing (a writer pausing mid-save): it stays being written
+        (status, its set's manifest, a flush wait for it) until its close settles it as usual,
+        or until no writer holds it at a later quiet expiry."""
+        return take_ended(self._candidates, self._lock, self._clock(), self._settle,
+                          self._quiet)
 
     def take_removed(self) -> list[Path]:
         with self._lock:
