@@ -157,6 +157,13 @@ class SetSealer:
             self._unsettled.add(set_ref.key)
             self.mark_dirty(set_ref)
 
+    def adopted(self, set_ref: SetRef) -> None:
+        """A file of the set was found in S3 as the set's sealed manifest lists it
+        (sync.sets.sealed): unless the set changed since, the ledger holds it settled, so
+        that no start seals it again from what is on disk."""
+        if set_ref not in self._dirty and set_ref not in self._sending:
+            self._settle(set_ref.key, True)
+
     def _settle(self, set_key: str, settled: bool) -> None:
         """Keep in the ledger whether the set's manifest is up to date, for the next start."""
         try:
