@@ -460,7 +460,9 @@ def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
                 restored.append(name)
                 report = replace(report, downloaded=report.downloaded + done.downloaded,
                                  skipped=report.skipped + done.skipped,
-                                 bytes=report.bytes + done.bytes)
+                                 bytes=report.bytes + done.bytes,
+                                 replaced=report.replaced + done.replaced,
+                                 replaced_newer=report.replaced_newer + done.replaced_newer)
             change = _repoint(companion.fetch, report, known, asked_for)
         except SpotwatchError as exc:  # the step is in place already: said, not hidden
             raise SpotwatchError(f"{exc} ({report.set_name} is restored into "
