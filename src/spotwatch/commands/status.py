@@ -349,7 +349,9 @@ def render_status(report: dict[str, Any]) -> str:
                          f"reported ({_ago(left['reported_at'])}), {left['unsealed_set_count']} "
                          f"sets without their manifest: {names(unsealed[:5])}; the next start "
                          "uploads them")
+    # From this state directory's ledger: the files watched here that are in S3 (uploaded,
+    # restored or found sealed there), not everything under the prefix, which others share.
     lines.append(f"in S3:        {report['uploaded_objects']} objects, "
-                 f"{_size(report['uploaded_bytes'])}")
+                 f"{_size(report['uploaded_bytes'])}, of the files watched here")
     lines.append(f"last upload:  {_ago(report['last_upload_at'])}")
     return "\n".join(one_line(line) for line in lines)  # a name never splits a line
