@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from typing import Any
 
 import pytest
@@ -40,6 +41,20 @@ def _seal(workspace: Workspace) -> dict[str, bytes]:
 def _with_fresh_state(workspace: Workspace, **sections: Any) -> None:
     workspace.write_config(state={"dir": str(workspace.root / "state-of-the-next-boot")},
                            **sections)
+
+
+def _model_rewritten_then_flushed(workspace: Workspace, data: bytes,
+                                  seconds_after_seal: int) -> subprocess.CompletedProcess[str]:
+    """step_4/model.pt rewritten, dated this long after the sealed one (negative: before),
+    then flushed by a daemon with a state directory of its own."""
+    model = workspace.checkpoints / "step_4" / "model.pt"
+    dated = model.stat().st_mtime_ns + seconds_after_seal * 10**9
+    model.write_bytes(data)
+    os.utime(model, ns=(dated, dated))
+    _with_fresh_state(workspace)
+    flushed = workspace.cli("flush", "-c", "config.yaml")
+    assert flushed.returncode == 0, flushed.stderr
+    return flushed
 
 
 def _events(stderr: str, name: str) -> list[dict[str, Any]]:
@@ -83,13 +98,7 @@ def test_a_stale_local_copy_never_replaces_the_sealed_object(
     that missed the last save): S3 keeps the version the set was sealed with."""
     written = _seal(workspace)
     sealed = object_bytes(s3, workspace.bucket, MANIFEST)
-    model = workspace.checkpoints / "step_4" / "model.pt"
-    hour_earlier = model.stat().st_mtime_ns - 3600 * 10**9
-    model.write_bytes(os.urandom(5000))
-    os.utime(model, ns=(hour_earlier, hour_earlier))
-    _with_fresh_state(workspace)
-    flushed = workspace.cli("flush", "-c", "config.yaml")
-    assert flushed.returncode == 0, flushed.stderr
+    flushed = _model_rewritten_then_flushed(workspace, os.urandom(5000), -3600)
     assert [event["key"] for event in _events(flushed.stderr, "stale_local_file")] == [
         "run1/step_4/model.pt"]
     assert object_bytes(s3, workspace.bucket, "run1/step_4/model.pt") == written["model.pt"]
@@ -105,14 +114,8 @@ def test_a_newer_local_write_is_uploaded_and_sealed(workspace: Workspace, s3: An
     """model.pt saved again after step_4 was sealed (a rerun of the step): the new bytes go
     up and the set is sealed with them."""
     written = _seal(workspace)
-    model = workspace.checkpoints / "step_4" / "model.pt"
-    later = model.stat().st_mtime_ns + 10 * 10**9
     written["model.pt"] = os.urandom(4000)
-    model.write_bytes(written["model.pt"])
-    os.utime(model, ns=(later, later))
-    _with_fresh_state(workspace)
-    flushed = workspace.cli("flush", "-c", "config.yaml")
-    assert flushed.returncode == 0, flushed.stderr
+    flushed = _model_rewritten_then_flushed(workspace, written["model.pt"], 10)
     assert [event["key"] for event in _events(flushed.stderr, "upload_done")] == [
         "run1/step_4/model.pt"]
     assert _restored(workspace) == written
