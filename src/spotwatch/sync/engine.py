@@ -98,11 +98,11 @@ class SyncEngine:
         self.last_upload_at: float | None = None
         self._observers: list[Callable[[UploadResult], None]] = []
         self._part_of = None if node is None else node.part_of
-        self.sealer = SetSealer(ledger, self.uploader.store, self.trackers, clock, wall_clock_ns,
-                                node, claim, self._revive_for_links)
         # Sets sealed before this process knew of them (a disk that outlived its state
         # directory): files the ledger has no row for are judged against them first.
         self._sealed_sets = SealedSets(self.uploader.store, node, wall_clock_ns())
+        self.sealer = SetSealer(ledger, self.uploader.store, self.trackers, clock, wall_clock_ns,
+                                node, claim, self._revive_for_links, self._sealed_sets)
         # Files the start's scan found that the ledger has no row for, by the version found:
         # judged against their set's sealed manifest before they are sent (once each).
         self._unjudged: dict[Path, FileVersion] = {}
@@ -253,6 +253,9 @@ class SyncEngine:
             self._cancel_stale_uploads([*removed, *tracker.take_written()])
             for path in removed:
                 self.changes += 1
+                relative = tracker.relative(path)
+                if relative is not None:
+                    self._sealed_sets.touched(tracker.watch.prefix, set_name_of(relative))
                 for item in self.planner.remove_under(path):
                     log.debug("pending_dropped", path=str(item.path), reason="deleted")
                 for gone in files_at_or_below(path, list(self.retries.waiting_keys())):
@@ -690,8 +693,11 @@ class SyncEngine:
             delay = self.retries.failed(job.path, item, permanent=result.permanent)
             # Invariant: a set with a file that failed is never out of sight, even when no
             # file of it got through: unsealed while the file may still, incomplete (log,
-            # status, metric) once it is failing.
-            self.sealer.mark_dirty(item.set_ref)
+            # status, metric) once it is failing. Not one whose file failed before it was
+            # judged against the set sealed in S3 (S3 unreachable): sealed from disk, that set
+            # could lose what it was sealed with; the file stays pending, and failing.
+            if self._unjudged.get(job.path) != job.snapshot.version:
+                self.sealer.mark_dirty(item.set_ref)
             log.warning("upload_failed", **fields, error=result.error,
                         attempts=self.retries.failures(job.path),
                         failing=self.retries.is_failing(job.path), retry_in=round(delay, 1))

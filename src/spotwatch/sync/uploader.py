@@ -100,13 +100,18 @@ class Uploader:
         if not gate.stopped:
             try:
                 early = precheck()
-            except StoreError as exc:  # S3 not reachable: retried as a failed upload is
+            except Exception as exc:  # S3 not reachable, say: retried as a failed upload is
                 early = UploadResult(job, Outcome.FAILED, self._clock() - started,
-                                     error=_describe(exc), permanent=exc.permanent)
+                                     error=_describe(exc),
+                                     permanent=isinstance(exc, StoreError) and exc.permanent)
         with gate.lock:
             if early is None and not gate.stopped:
-                gate.started = self._start(job, started)
-                return
+                try:
+                    gate.started = self._start(job, started)
+                    return
+                except Exception as exc:  # never a job left counted as uploading for good
+                    early = UploadResult(job, Outcome.FAILED, self._clock() - started,
+                                         error=_describe(exc), permanent=_is_permanent(exc))
         self.liveness.moved()
         # As _verify: the result is on its way before the path stops counting as uploading.
         self._on_result(early or UploadResult(job, Outcome.CANCELLED, self._clock() - started))

@@ -24,6 +24,7 @@ from spotwatch.keys import (
     unfinished_marker,
 )
 from spotwatch.logs import get_logger, printable_path
+from spotwatch.model import FileVersion
 from spotwatch.sync.ledger import Ledger, LedgerError, LedgerRow
 from spotwatch.sync.links import LinkSkipped, link_entry, linked_target
 from spotwatch.sync.planner import SetRef
@@ -31,6 +32,7 @@ from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
 from spotwatch.sync.sets.claim import CLOCK_SKEW_SECONDS, RankClaim
 from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, Part, sealed_by
+from spotwatch.sync.sets.sealed import SealedSets
 from spotwatch.sync.tracker import ChangeTracker, walk_files
 
 log = get_logger("spotwatch.sets")
@@ -77,15 +79,19 @@ class SetSealer:
     (sync.sets.parts) instead of the set's manifest, under the same rules; claim: whether it
     may (no other live node claims its rank); revive: queues again those of the files of other
     sets a set's links need (paths below the watched directory) that retention deleted from
-    S3, and says whether it queued any (SyncEngine._revive_for_links; None: none is).
+    S3, and says whether it queued any (SyncEngine._revive_for_links; None: none is);
+    sealed_sets: the sets sealed in S3 before the start, which a manifest written here never
+    lists less of than they were sealed with while they have not changed (SealedSets.inherit).
     """
 
     def __init__(self, ledger: Ledger, store: ObjectStore, trackers: Sequence[ChangeTracker],
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock_ns: Callable[[], int] = time.time_ns,
                  node: JobNode | None = None, claim: RankClaim | None = None,
-                 revive: Callable[[SetRef, Sequence[str]], bool] | None = None) -> None:
+                 revive: Callable[[SetRef, Sequence[str]], bool] | None = None,
+                 sealed_sets: SealedSets | None = None) -> None:
         self._ledger = ledger
+        self._sealed_sets = sealed_sets
         self._revive = revive
         self._node = node
         self._claim = claim
@@ -407,14 +413,23 @@ class SetSealer:
         missing: list[str] = []
         others: list[Path] = []
         arriving = False
+        # The set's files not durable, by version, and all its paths on disk (SealedSets).
+        versions: dict[str, FileVersion] = {}
+        present: set[str] = set()
         for relative, stat in self._local_files(set_ref, missing.append, others.append):
+            present.add(relative)
             key = self._key_or_none(set_ref.prefix, relative)
             row = None if key is None else recorded.get(key)
             if not durable(row, stat):
                 missing.append(relative)
+                if key is not None:
+                    versions[relative] = FileVersion(stat.st_size, stat.st_mtime_ns)
                 arriving = arriving or (key is not None and self._arriving(stat))
                 continue
             entries.append(ManifestEntry(row[0], relative, *row[2:]))
+        present.update(relative for path in others
+                       for relative in [self._trackers[set_ref.root].relative(path)]
+                       if relative is not None)
         links: list[LinkEntry] = []
         linked_missing: list[str] = []
         for path in others:
@@ -425,6 +440,11 @@ class SetSealer:
             if not wanted:
                 links.append(link)
             linked_missing.extend(wanted)
+        inherited = None if self._sealed_sets is None else self._sealed_sets.inherit(
+            set_ref.prefix, set_ref.name, entries, versions, present, links)
+        if inherited is not None:
+            entries, still_missing, links = inherited
+            missing = [path for path in missing if path not in versions or path in still_missing]
         links_into = frozenset(object_key(set_ref.prefix, set_name_of(relative))
                                for relative in linked_missing)
         return SetCheck(entries, sorted(missing + linked_missing), arriving, links, links_into,
