@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         links += f"; {len(report.replaced)} local files that differed replaced{newer}"
     if report.higher_steps:
         links += (f"; higher steps of its series, dated older: {names(report.higher_steps)} "
-                  f"(--set {report.higher_steps[0]} restores it)")
+                  f"(--set {shlex.quote(report.higher_steps[0])} restores it)")
     print_line(f"restored {report.set_name} into {report.destination}: {report.downloaded} "
                f"files downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already "
                f"present{companions}{repointed}{links}{passed_over}")

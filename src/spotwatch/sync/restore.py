@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
@@ -337,8 +338,8 @@ def _none_left(where: str, passed_over: Sequence[str], no_checkpoint: Sequence[s
         why += (f"; the manifest of {names(unreadable)} cannot be read (see the "
                 "manifest_skipped warnings)")
     if len(no_checkpoint) == 1:
-        why += (f"; {no_checkpoint[0]} has no step number, so is no checkpoint here "
-                f"(--set {no_checkpoint[0]} restores it)")
+        why += (f"; {names(no_checkpoint)} has no step number, so is no checkpoint here "
+                f"(--set {shlex.quote(no_checkpoint[0])} restores it)")
     elif no_checkpoint:
         why += (f"; {names(no_checkpoint)} have no step number, so are no checkpoint here "
                 f"(--set NAME restores one)")
