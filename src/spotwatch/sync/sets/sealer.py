@@ -4,6 +4,7 @@ is still pending, uploading or being written; reports the sets that cannot be se
 from __future__ import annotations
 
 import os
+import re
 import stat as stat_module
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -239,7 +240,9 @@ class SetSealer:
                 if os.path.isdir(set_ref.root):
                     self._settle(set_ref.key, True)
                 continue
-            markers = unmatched(self._complete_when(set_ref), set_ref.name, check.entries)
+            markers = unmatched(
+                (*self._complete_when(set_ref), *implied_markers(set_ref.name, check.entries)),
+                set_ref.name, check.entries)
             if markers:
                 self._await(set_ref, markers)
                 self._done(set_ref)  # sealed once the file that finishes it is uploaded
@@ -554,6 +557,27 @@ def durable(row: LedgerRow | None, stat: os.stat_result) -> TypeGuard[LedgerRow]
     """Whether the ledger's row says the file is in S3 as it is now (its size and mtime),
     with the checksum S3 verified."""
     return row is not None and (row[2], row[3]) == (stat.st_size, stat.st_mtime_ns) and bool(row[4])
+
+
+# The Hugging Face Trainer saves checkpoint-<step>/ in place, file by file (the model, then
+# training_args.bin, the optimizer, the scheduler, the RNG states), and trainer_state.json
+# last. training_args.bin says a directory is the Trainer's: written by the same process that
+# writes trainer_state.json (process zero, on every node count), so a node that never gets
+# one never waits for it.
+_HF_CHECKPOINT = re.compile(r"checkpoint-[0-9]+")
+_HF_OWN_FILE = "training_args.bin"
+_HF_LAST_FILE = "trainer_state.json"
+
+
+def implied_markers(set_name: str, entries: Sequence[ManifestEntry]) -> tuple[str, ...]:
+    """complete_when patterns a set implies by itself: a Hugging Face Trainer checkpoint
+    (checkpoint-<step>/ holding training_args.bin) waits for trainer_state.json, as if
+    watch[].complete_when named it. Invariant: the Trainer's checkpoint saved in place with
+    pauses between its files is never sealed without the file it writes last."""
+    if _HF_CHECKPOINT.fullmatch(set_name) and any(
+            entry.path == f"{set_name}/{_HF_OWN_FILE}" for entry in entries):
+        return (_HF_LAST_FILE,)
+    return ()
 
 
 def unmatched(complete_when: Sequence[str], set_name: str,
