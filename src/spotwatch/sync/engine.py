@@ -260,6 +260,10 @@ class SyncEngine:
                     log.debug("pending_dropped", path=str(item.path), reason="deleted")
                 for gone in files_at_or_below(path, list(self.retries.waiting_keys())):
                     self.retries.forget(gone)
+                for judged in files_at_or_below(path, [*self._unjudged, *self._stale]
+                                                if self._unjudged or self._stale else []):
+                    self._unjudged.pop(judged, None)
+                    self._stale.pop(judged, None)
                 self._uploaded.forget_at_or_below(path)
             for path in tracker.take_settled():
                 try:
