@@ -283,6 +283,11 @@ class InMemoryObjectStore:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def reopen(self) -> None:
+        """After close: open again on the same objects, as S3 outlives the process using it."""
+        self._pool = ThreadPoolExecutor(max_workers=self._max_concurrency,
+                                        thread_name_prefix="mem")
+
 
 def _matches(rule: Fault | Gate, operation: str, key: str | None) -> bool:
     return rule.operation == operation and rule.key in (None, key)

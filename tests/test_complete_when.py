@@ -111,3 +111,39 @@ def test_only_a_directory_holding_a_match_for_every_pattern_is_complete(
         assert left == []
         return
     assert left == [p for p in patterns if not fnmatch.filter(paths, p)]
+
+
+def test_a_hugging_face_checkpoint_waits_for_trainer_state_without_being_told(
+        workspace: Workspace, s3: Any) -> None:
+    """The Trainer saves checkpoint-<step>/ in place, file by file, trainer_state.json last:
+    with the default config, a pause after the optimizer no longer seals it without its
+    state. A checkpoint-<step>/ that is not the Trainer's (no training_args.bin) waits for
+    nothing."""
+    daemon = workspace.start_daemon()
+    for name in ("model.safetensors", "training_args.bin", "optimizer.pt"):
+        save_checkpoint(workspace.checkpoints / "checkpoint-10" / name, 1_000)
+    save_checkpoint(workspace.checkpoints / "checkpoint-20" / "model.safetensors", 1_000)
+    wait_for(lambda: sealed(daemon, "run1/checkpoint-20"))
+    wait_for(lambda: daemon.named("set_awaiting_marker"))
+    assert daemon.named("set_awaiting_marker")[0]["waiting_for"] == ["trainer_state.json"]
+    assert "run1/checkpoint-10/optimizer.pt" in keys_in(s3, workspace.bucket)
+    assert f"{MANIFESTS}checkpoint-10.json" not in keys_in(s3, workspace.bucket)
+    save_checkpoint(workspace.checkpoints / "checkpoint-10" / "trainer_state.json", 100)
+    wait_for(lambda: sealed(daemon, "run1/checkpoint-10"))
+    assert daemon.stop() == 0
+
+
+@given(st.one_of(st.from_regex(r"[a-z0-9_-]{1,12}", fullmatch=True),
+                 st.builds("checkpoint-{}".format, st.integers(0, 10**9)),
+                 st.sampled_from(["checkpoint-", "checkpoint-1a", "checkpoint_5",
+                                  "Checkpoint-5", "checkpoint-5-final"])),
+       st.booleans())
+def test_only_the_trainers_own_checkpoints_imply_a_marker(name: str, with_args: bool) -> None:
+    from spotwatch.sync.sets.sealer import implied_markers  # here: others run on older code
+
+    files = ["model.safetensors", *(["training_args.bin"] if with_args else [])]
+    entries = [ManifestEntry(f"run1/{name}/{file}", f"{name}/{file}", 1, 1, None)
+               for file in files]
+    is_trainers = with_args and fnmatch.fnmatchcase(name, "checkpoint-*") and \
+        name[len("checkpoint-"):].isdigit()
+    assert implied_markers(name, entries) == (("trainer_state.json",) if is_trainers else ())

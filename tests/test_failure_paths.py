@@ -541,7 +541,9 @@ def test_a_flush_waits_for_uploads_it_took_back_only_so_long(
     with engine_on(root, tmp_path, store, clock) as engine:
         engine.reconcile(quiet_seconds=0)
         engine.pump(upload=True)
-        assert len(store.started) == 2  # twice the concurrency handed over
+        # Twice the concurrency handed over (each once judged against its set in S3, on a
+        # thread of the uploader's: sync.sets.sealed).
+        wait_for(lambda: len(store.started) == 2)
         write(root, "step_9/model.pt", b"newest")
         engine.reconcile(quiet_seconds=0)
         engine.put_newest_first()
@@ -550,7 +552,7 @@ def test_a_flush_waits_for_uploads_it_took_back_only_so_long(
         clock.advance(WITHDRAWN_HOLD_SECONDS)
         engine.pump(upload=True)
         try:
-            assert "run/step_9/model.pt" in store.started[2:]
+            wait_for(lambda: "run/step_9/model.pt" in store.started[2:])
         finally:
             store.release.set()
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from spotwatch.commands.status import render_status
 from spotwatch.logs import configure_logging
@@ -148,3 +150,63 @@ def test_everything_a_flush_left_undone_is_one_error_line(
         "spotwatch: error: the daemon's flush reached its time limit (a notice's deadline, else "
         "sync.stop_timeout from its start) with 2 files not yet durable in S3 (still uploading: "
         "is S3 answering?)\n")
+
+
+def _split_names(text: str) -> list[str]:
+    """The names a comma-separated list holds, read back as a reader would: a quoted one
+    runs to its closing quote (a backslash escapes the next character)."""
+    found: list[str] = []
+    at = 0
+    while True:
+        if text.startswith("'", at):
+            name, at = [], at + 1
+            while text[at] != "'":
+                if text[at] == "\\":
+                    at += 1
+                name.append(text[at])
+                at += 1
+            found.append("".join(name))
+            at += 1
+        else:
+            end = text.find(", ", at)
+            found.append(text[at:] if end < 0 else text[at:end])
+            at = len(text) if end < 0 else end
+        if at >= len(text):
+            return found
+        assert text.startswith(", ", at)
+        at += 2
+
+
+@given(st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)),
+                        max_size=12), min_size=1, max_size=6))
+def test_a_list_of_names_reads_back_as_the_same_names(items: list[str]) -> None:
+    from spotwatch.console import names  # here: the other tests also run on older code
+
+    assert _split_names(names(items)) == items
+
+
+def test_names_ending_in_a_space_are_quoted_in_status_and_errors(workspace: Workspace) -> None:
+    """A watched directory "run " is not shown as "run": status and flush quote it."""
+    missing = workspace.root / "later "
+    workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/"},
+                                  {"path": str(missing), "prefix": "run2/"}])
+    flushed = workspace.cli("flush", "-c", "config.yaml")
+    assert flushed.returncode == 1
+    assert flushed.stderr.splitlines()[-1].endswith(f"(not made or mounted yet): '{missing}'")
+    report: dict[str, Any] = {
+        "bucket": "b", "daemon_pid": 7, "uploaded_objects": 0, "uploaded_bytes": 0,
+        "last_upload_at": None,
+        "daemon": {"pending_files": 0, "pending_bytes": 0, "uploading": 0,
+                   "unsettled_files": 0, "missing_dirs": [str(missing), "/ck/b"],
+                   "unsealed_sets": ["step_2 ", "step, 3"]}}
+    lines = render_status(report).splitlines()
+    assert any(line.endswith(f"yet): '{missing}', /ck/b") for line in lines)
+    assert any(line.endswith("checkpoint yet): 'step_2 ', 'step, 3'") for line in lines)
+
+
+def test_a_set_to_name_with_set_is_given_as_the_shell_takes_it() -> None:
+    from spotwatch.sync.restore import _none_left
+
+    why = _none_left("run1/", [], ["final model "], [])
+    assert why.endswith("; 'final model ' has no step number, so is no checkpoint here "
+                        "(--set 'final model ' restores it)")

@@ -138,6 +138,8 @@ def test_under_too_few_open_files_for_the_crt_flush_and_restore_take_the_classic
     for name, data in written.items():
         assert (tmp_path / "back" / name).read_bytes() == data
     assert all("the CRT needs at least" in run.stderr for run in done)
+    # Said once per command, with what the limit left.
+    assert [run.stderr.count("open_files_limit_low") for run in done] == [1, 1]
 
 
 def test_the_crt_store_of_a_daemon_keeps_its_connections_within_the_limit(

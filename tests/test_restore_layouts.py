@@ -77,6 +77,27 @@ def test_a_deepspeed_layout_restores_the_newest_step_with_latest_beside_it(
     assert files_under(target) == {"runs/events.out.tfevents"}
 
 
+def test_a_pointer_replaced_beside_the_step_is_named_in_the_summary(
+        workspace: Workspace) -> None:
+    """The disk holds global_step300, never uploaded, and `latest` naming it: restore brings
+    global_step200 and the `latest` of S3 in its place, and says that the local `latest`,
+    changed after the set was sealed, was replaced, as it says of a step's own files."""
+    write(workspace, "global_step200/mp_rank_00_model_states.pt", b"two hundred", 200)
+    write(workspace, "latest", b"global_step200", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
+    target = workspace.root / "kept-volume"
+    (target / "global_step300").mkdir(parents=True)
+    (target / "global_step300" / "mp_rank_00_model_states.pt").write_bytes(b"three hundred")
+    (target / "latest").write_bytes(b"global_step300")
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert (target / "latest").read_bytes() == b"global_step200"
+    assert "with latest beside it" in result.stdout
+    assert result.stdout.rstrip().endswith(
+        "1 local files that differed replaced, 1 of them changed after the set was sealed: "
+        "latest")
+
+
 def test_checkpoints_that_are_files_restore_the_newest_file(workspace: Workspace) -> None:
     write(workspace, "epoch=0-step=10.ckpt", b"ten", 300)
     write(workspace, "epoch=1-step=20.ckpt", b"twenty", 200)

@@ -11,6 +11,7 @@ and the readable log on a terminal goes through one_line as well (spotwatch.logs
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from typing import TextIO
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -44,3 +45,18 @@ def print_line(text: str, file: TextIO | None = None) -> None:
 def print_error(message: str) -> None:
     """The one line an error is: `spotwatch: error: ...` on stderr."""
     print(f"spotwatch: error: {one_line(message)}", file=sys.stderr)
+
+
+def names(items: Iterable[str]) -> str:
+    """Names (paths, sets, files) as one comma-separated list a reader can split again: one
+    that is empty, begins or ends in whitespace, holds ", " or begins with a quote is quoted,
+    so that "step_2 " and "a, b" are not read as "step_2" and two names."""
+    return ", ".join(_quoted(item) if _ambiguous(item) else item for item in items)
+
+
+def _ambiguous(item: str) -> bool:
+    return (not item or item != item.strip() or ", " in item or item[0] in "'\"")
+
+
+def _quoted(item: str) -> str:
+    return "'" + item.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -91,6 +91,11 @@ class Outcome(str, Enum):
     VANISHED = "vanished"  # deleted while being read: nothing to keep
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Not sent (sync.sets.sealed): the file's set was sealed in S3 before this process knew of
+    # it, listing this very version (ADOPTED: recorded as uploaded) or a newer one (STALE: the
+    # local copy is older than what S3 holds, and is not uploaded over it).
+    ADOPTED = "adopted"
+    STALE = "stale"
 
 
 @dataclass(frozen=True)
@@ -108,3 +113,4 @@ class UploadResult:
     part_size: int | None = None  # multipart: the checksum is over parts of this size
     checksum_algorithm: str | None = None  # what made the checksum
     etag: str | None = None  # the ETag S3 gave the upload
+    sealed_at: float | None = None  # ADOPTED: when the set listing it was sealed

@@ -264,12 +264,7 @@ def make_store(client: S3Client, bucket: str, settings: TransferSettings,
     too_few_files = settings.uses_crt and limit < CRT_MIN_OPEN_FILES
     crt = settings.uses_crt and not too_few_files and (
         settings.client == "crt" or not uploads or _holds_crt_process_lock())
-    if too_few_files:
-        log.warning("open_files_limit_low", limit=limit, client="classic",
-                    reason=f"the CRT needs at least {CRT_MIN_OPEN_FILES} open files",
-                    action="the classic client instead; raise the hard limit (ulimit -Hn, "
-                           "LimitNOFILE) for the CRT")
-    settings = _fitted(settings, crt, limit)
+    settings = _fitted(settings, crt, limit, crt_refused=too_few_files)
     if crt:
         log.debug("transfer_client", client="crt", configured=settings.client,
                  target_gbps=target_throughput_gbps(settings))
@@ -282,10 +277,18 @@ def make_store(client: S3Client, bucket: str, settings: TransferSettings,
     return S3ObjectStore(client, bucket, settings, throttle)
 
 
-def _fitted(settings: TransferSettings, crt: bool, limit: int) -> TransferSettings:
-    """within_open_files under this process's limit, said in one warning when it cuts."""
+def _fitted(settings: TransferSettings, crt: bool, limit: int, *,
+            crt_refused: bool) -> TransferSettings:
+    """within_open_files under this process's limit. What the limit cost (the CRT refused
+    for too few open files, fewer workers or connections) is said in one warning."""
     fitted = within_open_files(settings, limit, crt=crt)
-    if fitted != settings:
+    if crt_refused:
+        log.warning("open_files_limit_low", limit=limit, client="classic",
+                    workers=fitted.max_concurrency,
+                    reason=f"the CRT needs at least {CRT_MIN_OPEN_FILES} open files",
+                    action="the classic client instead; raise the hard limit (ulimit -Hn, "
+                           "LimitNOFILE) for the CRT")
+    elif fitted != settings:
         log.warning("open_files_limit_low", limit=limit, workers=fitted.max_concurrency,
                     connections=crt_connections(fitted) if crt else None,
                     action="fewer connections; raise the hard limit (ulimit -Hn, "

@@ -27,7 +27,7 @@ from spotwatch.commands.status import (
     stalled,
 )
 from spotwatch.config import Config
-from spotwatch.console import print_error
+from spotwatch.console import names, print_error
 from spotwatch.daemon.loop import Daemon
 from spotwatch.daemon.startup import Verdict
 from spotwatch.errors import SpotwatchError
@@ -102,13 +102,13 @@ def report_left_behind(record: dict[str, Any], whose: str) -> int:
                        f" files not yet durable in S3 (still uploading: is S3 answering?)")
     if record.get("failed"):
         reasons.append(f"{whose} left {record['failed']} failing files: "
-                       f"{', '.join(record.get('failed_files', []))}")
+                       f"{names(record.get('failed_files', []))}")
     reasons += [f"{record.get(f'{kind}_count', len(record[kind]))} {what}: "
-                f"{', '.join(record[kind])}"
+                f"{names(record[kind])}"
                 for kind, what in _UNPROTECTED if record.get(kind)]
     if record.get("still_written"):
         reasons.append(f"{whose} stopped waiting for {record['still_written']} files still "
-                       f"being written: {', '.join(record.get('still_written_files', []))}")
+                       f"being written: {names(record.get('still_written_files', []))}")
     if not reasons:
         return 0
     print_error("; ".join(reasons))

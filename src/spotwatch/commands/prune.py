@@ -6,7 +6,7 @@ import argparse
 
 from spotwatch.commands import load
 from spotwatch.config import require_node_rank
-from spotwatch.console import print_line
+from spotwatch.console import names, print_line
 from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.sync.pruner import prune_once
 
@@ -32,6 +32,6 @@ def run(args: argparse.Namespace) -> int:
         raise SpotwatchError(f"{len(planned) - len(shown)} of {len(planned)} objects were not "
                              f"deleted (see the warnings above); the next prune tries again")
     if report.unsealed:
-        raise SpotwatchError(f"the manifest of {', '.join(report.unsealed)} could not be "
+        raise SpotwatchError(f"the manifest of {names(report.unsealed)} could not be "
                              f"written again (see the warnings above)")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ from types import FrameType
 
 from spotwatch.commands import load
 from spotwatch.config import JobSettings
-from spotwatch.console import print_line
+from spotwatch.console import names, print_line
 from spotwatch.errors import ConfigError
 from spotwatch.keys import is_reserved, is_utf8, set_name_of
 from spotwatch.logs import printable_path
@@ -30,11 +31,11 @@ def run(args: argparse.Namespace) -> int:
         _check_node_rank(args.node_rank, config.job)
     with _stopped_as_by_ctrl_c():
         report = restore(config, bucket, args.to, args.set_name, args.prefix, args.node_rank)
-    passed_over = (f"; newer sets passed over: {', '.join(report.passed_over)}"
+    passed_over = (f"; newer sets passed over: {names(report.passed_over)}"
                    if report.passed_over else "")
-    passed_over += (f"; not tried, their manifest cannot be read: {', '.join(report.unreadable)}"
+    passed_over += (f"; not tried, their manifest cannot be read: {names(report.unreadable)}"
                     if report.unreadable else "")
-    companions = (f"; with {', '.join(report.companions)} beside it"
+    companions = (f"; with {names(report.companions)} beside it"
                   if report.companions else "")
     companions += "".join(f"; {name} not restored beside it (incomplete or corrupt in S3)"
                           for name in report.companions_skipped)
@@ -47,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
                      for link in report.not_made)
     if report.replaced:
         newer = (f", {len(report.replaced_newer)} of them changed after the set was sealed: "
-                 f"{', '.join(report.replaced_newer[:5])}" if report.replaced_newer else "")
+                 f"{names(report.replaced_newer[:5])}" if report.replaced_newer else "")
         links += f"; {len(report.replaced)} local files that differed replaced{newer}"
     if report.higher_steps:
-        links += (f"; higher steps of its series, dated older: {', '.join(report.higher_steps)} "
-                  f"(--set {report.higher_steps[0]} restores it)")
+        links += (f"; higher steps of its series, dated older: {names(report.higher_steps)} "
+                  f"(--set {shlex.quote(report.higher_steps[0])} restores it)")
     print_line(f"restored {report.set_name} into {report.destination}: {report.downloaded} "
                f"files downloaded ({report.bytes / 2**20:.1f} MiB), {report.skipped} already "
                f"present{companions}{repointed}{links}{passed_over}")

@@ -14,7 +14,7 @@ from spotwatch.bucket import NO_BUCKET, NoBucket
 from spotwatch.commands import load_optional_bucket
 from spotwatch.commands.daemon_dir import daemons_state_dir
 from spotwatch.config import Config
-from spotwatch.console import one_line
+from spotwatch.console import names, one_line
 from spotwatch.errors import ConfigError
 from spotwatch.state import StateDir, lock_holder
 from spotwatch.sync.ledger import Ledger
@@ -274,7 +274,7 @@ def _flush_line(flush: dict[str, Any]) -> str:
         left.append(f"{flush['failed']} files failing")
     if flush.get("still_written"):
         left.append(f"{flush['still_written']} files still being written not waited for")
-    outcome = f": INCOMPLETE, {', '.join(left)}" if left else ""
+    outcome = f": INCOMPLETE, {names(left)}" if left else ""
     return (f"{flush['files']} files, {_size(flush['bytes'])} in {flush['seconds']}s "
             f"({flush['reason']}){outcome}")
 
@@ -311,19 +311,19 @@ def render_status(report: dict[str, Any]) -> str:
         incomplete = daemon.get("incomplete_sets") or []
         if incomplete:
             lines.append(f"incomplete:   {set_count(daemon, 'incomplete')} sets without a "
-                         f"manifest (a file is not in S3): {', '.join(incomplete[:5])}")
+                         f"manifest (a file is not in S3): {names(incomplete[:5])}")
         unreadable = daemon.get("unreadable_dirs") or []
         if unreadable:
             lines.append(f"unreadable:   {len(unreadable)} directories spotwatch may not read "
-                         f"(their files are not uploaded): {', '.join(unreadable[:5])}")
+                         f"(their files are not uploaded): {names(unreadable[:5])}")
         missing = daemon.get("missing_dirs") or []
         if missing:
             lines.append(f"missing:      {len(missing)} watched directories not there (not "
-                         f"made or mounted yet): {', '.join(missing[:5])}")
+                         f"made or mounted yet): {names(missing[:5])}")
         unsealed = daemon.get("unsealed_sets") or []
         if unsealed:
             lines.append(f"unsealed:     {set_count(daemon, 'unsealed')} sets waiting for "
-                         f"their manifest (no checkpoint yet): {', '.join(unsealed[:5])}")
+                         f"their manifest (no checkpoint yet): {names(unsealed[:5])}")
         if daemon.get("flushing"):  # last flush is the one before: never "done" meanwhile
             lines.append("flush:        running (pending files go newest set first)")
         flush = daemon.get("last_flush")
@@ -347,9 +347,11 @@ def render_status(report: dict[str, Any]) -> str:
             unsealed = left["unsealed_sets"]
             lines.append(f"left behind:  {left['pending_files']} files not in S3 when it last "
                          f"reported ({_ago(left['reported_at'])}), {left['unsealed_set_count']} "
-                         f"sets without their manifest: {', '.join(unsealed[:5])}; the next start "
+                         f"sets without their manifest: {names(unsealed[:5])}; the next start "
                          "uploads them")
+    # From this state directory's ledger: the files watched here that are in S3 (uploaded,
+    # restored or found sealed there), not everything under the prefix, which others share.
     lines.append(f"in S3:        {report['uploaded_objects']} objects, "
-                 f"{_size(report['uploaded_bytes'])}")
+                 f"{_size(report['uploaded_bytes'])}, of the files watched here")
     lines.append(f"last upload:  {_ago(report['last_upload_at'])}")
     return "\n".join(one_line(line) for line in lines)  # a name never splits a line

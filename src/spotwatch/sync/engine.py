@@ -19,13 +19,14 @@ from pathlib import Path
 
 from spotwatch.keys import object_key, set_name_of, storable_key
 from spotwatch.logs import get_logger, printable_path
-from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
+from spotwatch.model import FileVersion, Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.links import LinkSkipped, link_entry
 from spotwatch.sync.planner import PendingFile, Planner, SetRef
 from spotwatch.sync.retry import RetryQueue
 from spotwatch.sync.sets.claim import RankClaim
 from spotwatch.sync.sets.parts import JobNode
+from spotwatch.sync.sets.sealed import SealedSets, Verdict
 from spotwatch.sync.sets.sealer import SetSealer
 from spotwatch.sync.subtree import files_at_or_below
 from spotwatch.sync.throughput import ThroughputMeter
@@ -97,8 +98,18 @@ class SyncEngine:
         self.last_upload_at: float | None = None
         self._observers: list[Callable[[UploadResult], None]] = []
         self._part_of = None if node is None else node.part_of
+        # Sets sealed before this process knew of them (a disk that outlived its state
+        # directory): files the ledger has no row for are judged against them first.
+        self._sealed_sets = SealedSets(self.uploader.store, node, wall_clock_ns())
         self.sealer = SetSealer(ledger, self.uploader.store, self.trackers, clock, wall_clock_ns,
-                                node, claim, self._revive_for_links)
+                                node, claim, self._revive_for_links, self._sealed_sets)
+        # Files the start's scan found that the ledger has no row for, by the version found:
+        # judged against their set's sealed manifest before they are sent (once each).
+        self._unjudged: dict[Path, FileVersion] = {}
+        self._starting = False  # the start's scan is under way
+        # Files older than the version their sealed set holds in S3, by the version found
+        # (sync.sets.sealed): not uploaded over it, nor queued again until they change.
+        self._stale: dict[Path, FileVersion] = {}
         # Files retention had deleted from S3 that are uploaded again for a link of another set
         # alone (see _revive_for_links): their own pruned set is not revived with them.
         # With the version revived (size, mtime_ns): a later version is the set's own change.
@@ -126,7 +137,11 @@ class SyncEngine:
         for tracker in self.trackers:
             self._resume_unsettled(tracker)
         self._last_scan, self._last_scan_wall_ns = self._clock(), self._wall_clock_ns()
-        return sum(self._scan(tracker, quiet_seconds) for tracker in self.trackers)
+        self._starting = True
+        try:
+            return sum(self._scan(tracker, quiet_seconds) for tracker in self.trackers)
+        finally:
+            self._starting = False
 
     def _resume_unsettled(self, tracker: ChangeTracker) -> None:
         self.sealer.resume(_set_ref(tracker, name) for name in self.ledger.unsettled_sets(
@@ -238,10 +253,17 @@ class SyncEngine:
             self._cancel_stale_uploads([*removed, *tracker.take_written()])
             for path in removed:
                 self.changes += 1
+                relative = tracker.relative(path)
+                if relative is not None:
+                    self._sealed_sets.touched(tracker.watch.prefix, set_name_of(relative))
                 for item in self.planner.remove_under(path):
                     log.debug("pending_dropped", path=str(item.path), reason="deleted")
                 for gone in files_at_or_below(path, list(self.retries.waiting_keys())):
                     self.retries.forget(gone)
+                for judged in files_at_or_below(path, [*self._unjudged, *self._stale]
+                                                if self._unjudged or self._stale else []):
+                    self._unjudged.pop(judged, None)
+                    self._stale.pop(judged, None)
                 self._uploaded.forget_at_or_below(path)
             for path in tracker.take_settled():
                 try:
@@ -299,6 +321,8 @@ class SyncEngine:
         if found is None or self._known(path, *found):
             return False
         key, snapshot = found
+        if self._starting and not self.ledger.has_key(self.bucket, key):
+            self._unjudged[path] = snapshot.version
         self.planner.add(PendingFile(path, key, snapshot, _set_ref(tracker, relative)))
         self.retries.drop_waiting(path)  # the new version goes now; the old retry is moot
         return True
@@ -309,6 +333,7 @@ class SyncEngine:
         while it uploads (a directory renamed into place also reports each file moved)."""
         return ((self.ledger.is_current(self.bucket, key, snapshot.version, snapshot.inode)
                  and not self._rewritten_since_upload(path, snapshot))
+                or self._stale.get(path) == snapshot.version
                 or UploadJob(path, key, snapshot) in self._uploading
                 or self._retry_waits_for(path, snapshot))
 
@@ -421,7 +446,30 @@ class SyncEngine:
             if self.uploader.uses_multipart(job.snapshot.size):
                 # Remembered so that a kill -9 mid-upload leaves no parts behind (see orphans).
                 self._ledger_write(self.ledger.multipart_started, job.key)
-            self.uploader.submit(job)
+            self.uploader.submit(job, partial(self._judge_against_sealed, job, item.set_ref)
+                                 if self._unjudged.get(job.path) == job.snapshot.version
+                                 else None)
+
+    def _judge_against_sealed(self, job: UploadJob, set_ref: SetRef) -> UploadResult | None:
+        """On an uploader thread, before a file the start found and the ledger has no row
+        for is sent: the result that stands for its upload when its set's sealed manifest
+        in S3 lists this version or a newer one (see sync.sets.sealed); None to upload it.
+
+        Only files found at the start are judged: those are what a disk that outlived its
+        state directory holds, and until they are judged this process has changed nothing
+        of their sets (a set waits for its pending files), so what it read of S3 for them
+        still holds. A file written or revived since is this process's own to upload."""
+        judged = self._sealed_sets.judge(set_ref.prefix, set_ref.name, job.key,
+                                         job.snapshot.version)
+        entry = judged.entry
+        if judged.verdict is Verdict.UPLOAD or entry is None:
+            return None
+        if judged.verdict is Verdict.STALE:
+            return UploadResult(job, Outcome.STALE, 0.0, checksum=entry.checksum)
+        return UploadResult(job, Outcome.ADOPTED, 0.0, checksum=entry.checksum,
+                            part_size=entry.part_size,
+                            checksum_algorithm=entry.checksum_algorithm, etag=entry.etag,
+                            sealed_at=judged.sealed_at)
 
     def _ledger_write(self, write: Callable[..., None], *args: object) -> bool:
         """Ledger writes may fail (disk full); the upload itself is safe, so carry on."""
@@ -591,13 +639,28 @@ class SyncEngine:
                 return result
         fields = {"path": str(job.path), "key": job.key, "size": job.snapshot.size,
                   "seconds": round(result.seconds, 3)}
-        if result.outcome is Outcome.DONE and not self._ledger_write(
+        if result.outcome in (Outcome.DONE, Outcome.ADOPTED) and not self._ledger_write(
                 self.ledger.record, job.key, job.path, job.snapshot.version, result.checksum,
-                result.part_size, result.checksum_algorithm, result.etag, job.snapshot.inode):
+                result.part_size, result.checksum_algorithm, result.etag, job.snapshot.inode,
+                result.sealed_at):
             # Unrecorded, the file could be left out of its set's manifest: keep it pending
             # (its set stays unsealed) and upload it again once the ledger can be written.
             result = UploadResult(job, Outcome.FAILED, result.seconds, error="ledger not written")
-        if result.outcome is Outcome.DONE:
+        if result.outcome not in (Outcome.CANCELLED, Outcome.FAILED):  # else judged again
+            self._unjudged.pop(job.path, None)
+        if result.outcome is Outcome.ADOPTED:
+            # Its set's manifest lists it as it is: nothing to seal again.
+            self.retries.succeeded(job.path)
+            self._uploaded.add(job.path, job.snapshot)
+            self.sealer.adopted(item.set_ref)
+            log.info("upload_skipped", **fields, reason="its set is sealed in S3 with this "
+                     "version already")
+        elif result.outcome is Outcome.STALE:
+            self.retries.succeeded(job.path)
+            self._stale[job.path] = job.snapshot.version
+            log.warning("stale_local_file", **fields, reason="older than the version its "
+                        "set was sealed with in S3, which is kept: not uploaded over it")
+        elif result.outcome is Outcome.DONE:
             self.changes += 1
             self.totals.files += 1
             self.totals.bytes += job.snapshot.size
@@ -634,8 +697,11 @@ class SyncEngine:
             delay = self.retries.failed(job.path, item, permanent=result.permanent)
             # Invariant: a set with a file that failed is never out of sight, even when no
             # file of it got through: unsealed while the file may still, incomplete (log,
-            # status, metric) once it is failing.
-            self.sealer.mark_dirty(item.set_ref)
+            # status, metric) once it is failing. Not one whose file failed before it was
+            # judged against the set sealed in S3 (S3 unreachable): sealed from disk, that set
+            # could lose what it was sealed with; the file stays pending, and failing.
+            if self._unjudged.get(job.path) != job.snapshot.version:
+                self.sealer.mark_dirty(item.set_ref)
             log.warning("upload_failed", **fields, error=result.error,
                         attempts=self.retries.failures(job.path),
                         failing=self.retries.is_failing(job.path), retry_in=round(delay, 1))

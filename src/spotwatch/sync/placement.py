@@ -25,6 +25,7 @@ from stat import S_ISDIR
 from types import FrameType
 from typing import Protocol
 
+from spotwatch.console import names
 from spotwatch.keys import RESTORE_TEMP_SUFFIX
 from spotwatch.logs import printable_path
 
@@ -218,5 +219,5 @@ def _what(exc: BaseException, placing: _Placing, name: Callable[[Path], str]) ->
 
 def _why(what: str, failed: Sequence[str], outcome: str) -> str:
     if failed:
-        outcome = f"{len(failed)} files could not be put back as they were: {', '.join(failed)}"
+        outcome = f"{len(failed)} files could not be put back as they were: {names(failed)}"
     return f"{what}; {outcome}"

@@ -1,9 +1,10 @@
 """Deletes from S3: mirrored local deletions (`sync.delete`) and retention (`sync.keep_sets`).
 
-Only what spotwatch itself uploaded is ever mirrored: a key is deleted because the ledger says
-its local file was uploaded and is now gone, so an empty directory on a fresh instance deletes
-nothing. Retention keeps the newest `keep_sets` complete sets and removes older sets named by
-their manifests. Keys the watch's filters exclude are never deleted. A set's manifest goes
+Only what the ledger records is ever mirrored: a key is deleted because the ledger says its
+local file was in S3 (uploaded here, restored here, or found here as its sealed set lists it:
+sync.sets.sealed) and is now gone, so an empty directory on a fresh instance deletes nothing.
+Retention keeps the newest `keep_sets` complete sets and removes older sets named by their
+manifests. Keys the watch's filters exclude are never deleted. A set's manifest goes
 before its files, so no set ever looks complete while its files are being removed. The rules
 are enforced in one place, `plan_deletions`.
 

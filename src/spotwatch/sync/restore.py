@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
@@ -46,6 +47,7 @@ from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
 from spotwatch.checksums import ChecksumUnavailable
 from spotwatch.collector import exempt_long_lived_objects
 from spotwatch.config import Config, JobSettings, WatchDir, at_or_below, key_space
+from spotwatch.console import names
 from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.keys import (
     RESTORE_TEMP_SUFFIX,
@@ -331,15 +333,15 @@ def _none_left(where: str, passed_over: Sequence[str], no_checkpoint: Sequence[s
     --set still restores."""
     why = f"no complete checkpoint set under {where}"
     if passed_over:
-        why += f": passed over {', '.join(passed_over)} (incomplete or corrupt, see the warnings)"
+        why += f": passed over {names(passed_over)} (incomplete or corrupt, see the warnings)"
     if unreadable:
-        why += (f"; the manifest of {', '.join(unreadable)} cannot be read (see the "
+        why += (f"; the manifest of {names(unreadable)} cannot be read (see the "
                 "manifest_skipped warnings)")
     if len(no_checkpoint) == 1:
-        why += (f"; {no_checkpoint[0]} has no step number, so is no checkpoint here "
-                f"(--set {no_checkpoint[0]} restores it)")
+        why += (f"; {names(no_checkpoint)} has no step number, so is no checkpoint here "
+                f"(--set {shlex.quote(no_checkpoint[0])} restores it)")
     elif no_checkpoint:
-        why += (f"; {', '.join(no_checkpoint)} have no step number, so are no checkpoint here "
+        why += (f"; {names(no_checkpoint)} have no step number, so are no checkpoint here "
                 f"(--set NAME restores one)")
     return why
 
@@ -459,7 +461,9 @@ def _with_companions(report: RestoreReport, companions: Sequence[Candidate],
                 restored.append(name)
                 report = replace(report, downloaded=report.downloaded + done.downloaded,
                                  skipped=report.skipped + done.skipped,
-                                 bytes=report.bytes + done.bytes)
+                                 bytes=report.bytes + done.bytes,
+                                 replaced=report.replaced + done.replaced,
+                                 replaced_newer=report.replaced_newer + done.replaced_newer)
             change = _repoint(companion.fetch, report, known, asked_for)
         except SpotwatchError as exc:  # the step is in place already: said, not hidden
             raise SpotwatchError(f"{exc} ({report.set_name} is restored into "

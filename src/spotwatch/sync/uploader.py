@@ -12,18 +12,21 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from spotwatch.aws.health import Liveness
-from spotwatch.aws.store import ObjectStore, PendingUpload, StoreError
+from spotwatch.aws.store import ObjectStore, Pending, PendingUpload, StoreError
 from spotwatch.logs import get_logger
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.orphans import abort_open_uploads
 
 log = get_logger("spotwatch.uploader")
+
+# Asked before a file is uploaded: a result here is the upload's, and nothing is sent.
+Precheck = Callable[[], "UploadResult | None"]
 
 
 class Uploader:
@@ -61,9 +64,21 @@ class Uploader:
         with self._lock:
             return path in self._uploads
 
-    def submit(self, job: UploadJob) -> None:
-        started = self._clock()
+    def submit(self, job: UploadJob, precheck: Precheck | None = None) -> None:
+        """Upload the file. precheck: asked first, on a verifier thread; a result it returns
+        is the upload's, and nothing is sent (see sync.sets.sealed). Until it has answered
+        the job counts as uploading, and cancel or withdraw end it as CANCELLED."""
+        self.liveness.moved()  # before it counts as in flight (Liveness's invariant)
+        if precheck is None:
+            self._start(job, self._clock())
+            return
+        gate = _Gate()
+        with self._lock:
+            self._uploads[job.path] = gate.pending
+        with contextlib.suppress(RuntimeError):  # shut down: nobody handles results any more
+            self._verifier.submit(self._precheck, job, gate, precheck)
 
+    def _start(self, job: UploadJob, started: float) -> PendingUpload:
         def finished(_: Any) -> None:
             # May run at once on this thread, under self._lock: take no lock here. After
             # shutdown the verifier refuses work (RuntimeError): a request abandoned then has
@@ -72,12 +87,37 @@ class Uploader:
             with contextlib.suppress(RuntimeError):
                 self._verifier.submit(self._verify, job, upload, started)
 
-        self.liveness.moved()  # before it counts as in flight (Liveness's invariant)
         with self._lock:
             upload = self.store.upload_file(job.path, job.key, job.snapshot.size,
                                             self._report_progress)
             self._uploads[job.path] = upload
             upload.future.add_done_callback(finished)
+        return upload
+
+    def _precheck(self, job: UploadJob, gate: _Gate, precheck: Precheck) -> None:
+        started = self._clock()
+        early: UploadResult | None = None
+        if not gate.stopped:
+            try:
+                early = precheck()
+            except Exception as exc:  # S3 not reachable, say: retried as a failed upload is
+                early = UploadResult(job, Outcome.FAILED, self._clock() - started,
+                                     error=_describe(exc),
+                                     permanent=isinstance(exc, StoreError) and exc.permanent)
+        with gate.lock:
+            if early is None and not gate.stopped:
+                try:
+                    gate.started = self._start(job, started)
+                    return
+                except Exception as exc:  # never a job left counted as uploading for good
+                    early = UploadResult(job, Outcome.FAILED, self._clock() - started,
+                                         error=_describe(exc), permanent=_is_permanent(exc))
+        self.liveness.moved()
+        # As _verify: the result is on its way before the path stops counting as uploading.
+        self._on_result(early or UploadResult(job, Outcome.CANCELLED, self._clock() - started))
+        with self._lock:
+            if self._uploads.get(job.path) is gate.pending:
+                del self._uploads[job.path]
 
     def _report_progress(self, sent: int) -> None:
         self.liveness.moved()
@@ -205,6 +245,32 @@ class Uploader:
             log.warning("stray_object_left", key=key, error=_describe(exc))
             return False
         return True
+
+
+class _Gate:
+    """An upload waiting for its precheck: cancelled or withdrawn before the check let it
+    start, it never starts; after, the upload itself is cancelled or withdrawn."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.stopped = False
+        self.started: PendingUpload | None = None
+        self.pending: PendingUpload = Pending(Future(), self._cancel, self._withdraw)
+
+    def _cancel(self) -> None:
+        with self.lock:
+            self.stopped = True
+            started = self.started
+        if started is not None:
+            started.cancel()
+
+    def _withdraw(self) -> bool:
+        with self.lock:
+            if self.started is None:
+                self.stopped = True
+                return True
+            started = self.started
+        return started.withdraw()
 
 
 def _is_permanent(exc: BaseException) -> bool:

@@ -4,6 +4,7 @@ is still pending, uploading or being written; reports the sets that cannot be se
 from __future__ import annotations
 
 import os
+import re
 import stat as stat_module
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,6 +25,7 @@ from spotwatch.keys import (
     unfinished_marker,
 )
 from spotwatch.logs import get_logger, printable_path
+from spotwatch.model import FileVersion
 from spotwatch.sync.ledger import Ledger, LedgerError, LedgerRow
 from spotwatch.sync.links import LinkSkipped, link_entry, linked_target
 from spotwatch.sync.planner import SetRef
@@ -31,6 +33,7 @@ from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
 from spotwatch.sync.sets.claim import CLOCK_SKEW_SECONDS, RankClaim
 from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, Part, sealed_by
+from spotwatch.sync.sets.sealed import SealedSets
 from spotwatch.sync.tracker import ChangeTracker, walk_files
 
 log = get_logger("spotwatch.sets")
@@ -77,15 +80,19 @@ class SetSealer:
     (sync.sets.parts) instead of the set's manifest, under the same rules; claim: whether it
     may (no other live node claims its rank); revive: queues again those of the files of other
     sets a set's links need (paths below the watched directory) that retention deleted from
-    S3, and says whether it queued any (SyncEngine._revive_for_links; None: none is).
+    S3, and says whether it queued any (SyncEngine._revive_for_links; None: none is);
+    sealed_sets: the sets sealed in S3 before the start, which a manifest written here never
+    lists less of than they were sealed with while they have not changed (SealedSets.inherit).
     """
 
     def __init__(self, ledger: Ledger, store: ObjectStore, trackers: Sequence[ChangeTracker],
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock_ns: Callable[[], int] = time.time_ns,
                  node: JobNode | None = None, claim: RankClaim | None = None,
-                 revive: Callable[[SetRef, Sequence[str]], bool] | None = None) -> None:
+                 revive: Callable[[SetRef, Sequence[str]], bool] | None = None,
+                 sealed_sets: SealedSets | None = None) -> None:
         self._ledger = ledger
+        self._sealed_sets = sealed_sets
         self._revive = revive
         self._node = node
         self._claim = claim
@@ -157,6 +164,13 @@ class SetSealer:
             self._unsettled.add(set_ref.key)
             self.mark_dirty(set_ref)
 
+    def adopted(self, set_ref: SetRef) -> None:
+        """A file of the set was found in S3 as the set's sealed manifest lists it
+        (sync.sets.sealed): unless the set changed since, the ledger holds it settled, so
+        that no start seals it again from what is on disk."""
+        if set_ref not in self._dirty and set_ref not in self._sending:
+            self._settle(set_ref.key, True)
+
     def _settle(self, set_key: str, settled: bool) -> None:
         """Keep in the ledger whether the set's manifest is up to date, for the next start."""
         try:
@@ -226,7 +240,9 @@ class SetSealer:
                 if os.path.isdir(set_ref.root):
                     self._settle(set_ref.key, True)
                 continue
-            markers = unmatched(self._complete_when(set_ref), set_ref.name, check.entries)
+            markers = unmatched(
+                (*self._complete_when(set_ref), *implied_markers(set_ref.name, check.entries)),
+                set_ref.name, check.entries)
             if markers:
                 self._await(set_ref, markers)
                 self._done(set_ref)  # sealed once the file that finishes it is uploaded
@@ -400,14 +416,23 @@ class SetSealer:
         missing: list[str] = []
         others: list[Path] = []
         arriving = False
+        # The set's files not durable, by version, and all its paths on disk (SealedSets).
+        versions: dict[str, FileVersion] = {}
+        present: set[str] = set()
         for relative, stat in self._local_files(set_ref, missing.append, others.append):
+            present.add(relative)
             key = self._key_or_none(set_ref.prefix, relative)
             row = None if key is None else recorded.get(key)
             if not durable(row, stat):
                 missing.append(relative)
+                if key is not None:
+                    versions[relative] = FileVersion(stat.st_size, stat.st_mtime_ns)
                 arriving = arriving or (key is not None and self._arriving(stat))
                 continue
             entries.append(ManifestEntry(row[0], relative, *row[2:]))
+        present.update(relative for path in others
+                       for relative in [self._trackers[set_ref.root].relative(path)]
+                       if relative is not None)
         links: list[LinkEntry] = []
         linked_missing: list[str] = []
         for path in others:
@@ -418,6 +443,11 @@ class SetSealer:
             if not wanted:
                 links.append(link)
             linked_missing.extend(wanted)
+        inherited = None if self._sealed_sets is None else self._sealed_sets.inherit(
+            set_ref.prefix, set_ref.name, entries, versions, present, links)
+        if inherited is not None:
+            entries, still_missing, links = inherited
+            missing = [path for path in missing if path not in versions or path in still_missing]
         links_into = frozenset(object_key(set_ref.prefix, set_name_of(relative))
                                for relative in linked_missing)
         return SetCheck(entries, sorted(missing + linked_missing), arriving, links, links_into,
@@ -527,6 +557,27 @@ def durable(row: LedgerRow | None, stat: os.stat_result) -> TypeGuard[LedgerRow]
     """Whether the ledger's row says the file is in S3 as it is now (its size and mtime),
     with the checksum S3 verified."""
     return row is not None and (row[2], row[3]) == (stat.st_size, stat.st_mtime_ns) and bool(row[4])
+
+
+# The Hugging Face Trainer saves checkpoint-<step>/ in place, file by file (the model, then
+# training_args.bin, the optimizer, the scheduler, the RNG states), and trainer_state.json
+# last. training_args.bin says a directory is the Trainer's: written by the same process that
+# writes trainer_state.json (process zero, on every node count), so a node that never gets
+# one never waits for it.
+_HF_CHECKPOINT = re.compile(r"checkpoint-[0-9]+")
+_HF_OWN_FILE = "training_args.bin"
+_HF_LAST_FILE = "trainer_state.json"
+
+
+def implied_markers(set_name: str, entries: Sequence[ManifestEntry]) -> tuple[str, ...]:
+    """complete_when patterns a set implies by itself: a Hugging Face Trainer checkpoint
+    (checkpoint-<step>/ holding training_args.bin) waits for trainer_state.json, as if
+    watch[].complete_when named it. Invariant: the Trainer's checkpoint saved in place with
+    pauses between its files is never sealed without the file it writes last."""
+    if _HF_CHECKPOINT.fullmatch(set_name) and any(
+            entry.path == f"{set_name}/{_HF_OWN_FILE}" for entry in entries):
+        return (_HF_LAST_FILE,)
+    return ()
 
 
 def unmatched(complete_when: Sequence[str], set_name: str,
