@@ -7,6 +7,12 @@ its text (Manifest.links), and it has no object, since its target is uploaded on
 Any other link (out of the tree, or dangling) is not followed: its target may lie anywhere
 and change unseen.
 
+A link whose text is absolute and names a path below the watched directory (Lightning 2.1's
+`last.ckpt -> /abs/ckpts/epoch=3-step=400.ckpt`, mmcv's `latest.pth`) is recorded with the
+equivalent relative text (recorded_text), which restore makes again: the absolute text would
+lead out of any other destination, and manifests take relative text only
+(keys.link_destination).
+
 A link in a set directory that leads to a file of another set (a trainer or a dedup step saving
 step_200 with `embed.pt -> ../step_100/embed.pt` for a file that did not change) makes that
 file part of its set: the manifest also records the file's entry (LinkEntry.file), so that the
@@ -32,10 +38,11 @@ class LinkSkipped(Exception):
 
 def link_entry(root: Path, path: Path, relative: str) -> LinkEntry | None:
     """The manifest entry of the symlink at path (relative: its path below the watched
-    directory root); None when it is gone. LinkSkipped when it leads out of the tree (as
-    written, or through another link) or to nothing."""
+    directory root), with its text relative (recorded_text); None when it is gone.
+    LinkSkipped when it leads out of the tree (as written, or through another link) or to
+    nothing."""
     try:
-        target = os.readlink(path)
+        target = recorded_text(root, relative, os.readlink(path))
     except OSError:
         return None
     if link_destination(relative, target) is None:
@@ -47,6 +54,27 @@ def link_entry(root: Path, path: Path, relative: str) -> LinkEntry | None:
     if root.resolve() not in leads_to.parents:
         raise LinkSkipped("its target is outside the watched directory")
     return LinkEntry(relative, target)
+
+
+def recorded_text(root: Path, relative: str, target: str) -> str:
+    """The text recorded for the symlink at relative (its path below root, through real
+    directories: walk_files follows no link) whose text is target. An absolute text that
+    names a path below root, as configured or as it resolves, becomes '..' up from the link's
+    folder to root, then the rest of the text unchanged: it leads where the absolute text
+    does, through the same further links, and its '..' are judged as a relative text's
+    (link_destination). Any other text is kept as it is (an absolute one stays refused)."""
+    if not target.startswith("/"):
+        return target
+    parts = _components(target)
+    for base in (root.absolute(), root.resolve()):
+        prefix = _components(base.as_posix())
+        if parts[:len(prefix)] == prefix:
+            return "/".join([".."] * relative.count("/") + parts[len(prefix):])
+    return target
+
+
+def _components(path: str) -> list[str]:
+    return [part for part in path.split("/") if part not in ("", ".")]
 
 
 def linked_target(root: Path, path: Path, relative: str) -> tuple[str, os.stat_result] | None:
