@@ -153,6 +153,13 @@ class Ledger:
         return (row is not None and FileVersion(row[0], row[1]) == version
                 and (row[2] is None or inode is None or row[2] == stored_inode(inode)))
 
+    def recorded_size(self, bucket: str, key: str) -> int | None:
+        """The size of the version the object holds (None: none recorded)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT size FROM objects WHERE bucket = ? AND key = ?", (bucket, key)).fetchone()
+        return None if row is None else int(row[0])
+
     def _write(self, sql: str, parameters: tuple[object, ...]) -> None:
         with self._lock:
             try:
