@@ -20,6 +20,7 @@ from pathlib import Path
 from spotwatch.keys import object_key, set_name_of, storable_key
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.model import FileVersion, Outcome, Snapshot, UploadJob, UploadResult
+from spotwatch.sync import formats
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.links import LinkSkipped, link_entry
 from spotwatch.sync.planner import PendingFile, Planner, SetRef
@@ -93,6 +94,7 @@ class SyncEngine:
         self._withdrawn_hold_until = 0.0  # new submissions wait for them until then
         self._refused: set[Path] = set()  # names S3 cannot take, warned about once
         self._skipped: set[Path] = set()  # symlinks not recorded, FIFOs, ...: warned once
+        self._cut_short_seen: dict[Path, Snapshot] = {}  # file_cut_short said for this version
         self._uploaded = UploadedThisRun()
         self.totals = Progress()
         self.last_upload_at: float | None = None
@@ -265,6 +267,8 @@ class SyncEngine:
                     self._unjudged.pop(judged, None)
                     self._stale.pop(judged, None)
                 self._uploaded.forget_at_or_below(path)
+                for gone in files_at_or_below(path, list(self._cut_short_seen)):
+                    del self._cut_short_seen[gone]
             for path in tracker.take_settled():
                 try:
                     stat = os.stat(path, follow_symlinks=False)
@@ -321,10 +325,36 @@ class SyncEngine:
         if found is None or self._known(path, *found):
             return False
         key, snapshot = found
-        if self._starting and not self.ledger.has_key(self.bucket, key):
+        if self._cut_short(tracker, path, key, snapshot):
+            return False
+        if self._starting and self.ledger.recorded_size(self.bucket, key) is None:
             self._unjudged[path] = snapshot.version
         self.planner.add(PendingFile(path, key, snapshot, _set_ref(tracker, relative)))
         self.retries.drop_waiting(path)  # the new version goes now; the old retry is moot
+        return True
+
+    def _cut_short(self, tracker: ChangeTracker, path: Path, key: str,
+                   snapshot: Snapshot) -> bool:
+        """Invariant: a file whose own format says it is cut short (sync.formats: a trainer
+        killed mid-save in place, its close reported by the kernel like any other) is never
+        uploaded: the object in S3 keeps the version before, and its set's manifest stays as
+        it was. The file counts as still being written (ChangeTracker.hold_cut_short: its set
+        unsealed, a flush waiting for it and then reporting it) until a write event, or a
+        rescan finding it changed, has it looked at again. Said once per version."""
+        try:
+            verdict = formats.check(path, self.ledger.recorded_size(self.bucket, key))
+        except OSError:
+            return False  # unreadable or gone: the upload meets it and says so
+        if not verdict.cut_short:
+            self._cut_short_seen.pop(path, None)
+            return False
+        tracker.hold_cut_short(path)
+        if self._cut_short_seen.get(path) != snapshot:
+            self._cut_short_seen[path] = snapshot
+            log.warning("file_cut_short", path=printable_path(path), format=verdict.format,
+                        reason=verdict.reason, size=snapshot.size,
+                        detail="not uploaded: S3 keeps the version before; uploaded once a "
+                               "complete version is written")
         return True
 
     def _known(self, path: Path, key: str, snapshot: Snapshot) -> bool:

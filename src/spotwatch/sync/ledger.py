@@ -153,11 +153,13 @@ class Ledger:
         return (row is not None and FileVersion(row[0], row[1]) == version
                 and (row[2] is None or inode is None or row[2] == stored_inode(inode)))
 
-    def has_key(self, bucket: str, key: str) -> bool:
-        """Whether any version of the object is recorded (retired or not)."""
+    def recorded_size(self, bucket: str, key: str) -> int | None:
+        """The size of the version the object holds (None: no version recorded, retired or
+        not)."""
         with self._lock:
-            return self._db.execute("SELECT 1 FROM objects WHERE bucket = ? AND key = ?",
-                                    (bucket, key)).fetchone() is not None
+            row = self._db.execute(
+                "SELECT size FROM objects WHERE bucket = ? AND key = ?", (bucket, key)).fetchone()
+        return None if row is None else int(row[0])
 
     def _write(self, sql: str, parameters: tuple[object, ...]) -> None:
         with self._lock:

@@ -496,6 +496,19 @@ class ChangeTracker(FileSystemEventHandler):
                 self._candidate_folders.add(path)
             self._candidates[path] = _Candidate(self._clock() if at is None else at, closed)
 
+    def hold_cut_short(self, path: Path) -> None:
+        """A settled file whose format says it is cut short (sync.formats): it counts as still
+        being written (status, its set's manifest, a flush's wait) but settles again only at
+        its next event (or a rescan finding it changed), not by any interval: looking again
+        at the same bytes would find them cut short again."""
+        if self.relative(path) is None:
+            return
+        with self._lock:
+            if path not in self._candidates:
+                self._candidate_folders.add(path)
+            self._candidates[path] = _Candidate(self._clock(), closed=False,
+                                                recheck_at=float("inf"))
+
     def _note_staged(self, path: Path, closed: bool) -> None:
         relative = self.excluded_relative(path)
         if relative is not None:

@@ -1,0 +1,204 @@
+"""A file whose own format says it is cut short (a trainer killed mid-save in place) is never
+uploaded over the good version in S3: it counts as still being written until a complete
+version is written."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from spotwatch.keys import manifest_key
+from spotwatch.sync.formats import State, check
+
+from .conftest import Workspace, keys_in, object_bytes, wait_for
+
+FAST = settings(max_examples=60, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+_members = st.lists(st.tuples(st.text("abcdefgh/_.", min_size=1, max_size=12),
+                              st.binary(max_size=3000)), min_size=1, max_size=5,
+                    unique_by=lambda member: member[0])
+
+
+def _zip_bytes(members: list[tuple[str, bytes]], compression: int = zipfile.ZIP_STORED,
+               comment: bytes = b"", force_zip64: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
+        archive.comment = comment
+        for name, data in members:
+            with archive.open(name, "w", force_zip64=force_zip64) as member:
+                member.write(data)
+    return buffer.getvalue()
+
+
+def _with_zip64_end(archive: bytes) -> bytes:
+    """The archive with a ZIP64 end record and its locator before the end record, as
+    torch.save (miniz) writes every archive, whether it needs one or not."""
+    eocd_at = len(archive) - 22  # no comment
+    (_, _, _, _, entries, cd_size, cd_offset, _) = struct.unpack(
+        "<4s4H2LH", archive[eocd_at:])
+    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries,
+                         cd_size, cd_offset)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, eocd_at, 1)
+    return archive[:eocd_at] + record + locator + archive[eocd_at:]
+
+
+def _safetensors_bytes(tensors: list[int], metadata: bool, pad: int) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}} if metadata else {}
+    offset = 0
+    for index, size in enumerate(tensors):
+        header[f"t{index}"] = {"dtype": "U8", "shape": [size], "data_offsets": [offset,
+                                                                               offset + size]}
+        offset += size
+    text = json.dumps(header).encode() + b" " * pad
+    return struct.pack("<Q", len(text)) + text + os.urandom(offset)
+
+
+def _verdict(tmp_path: Path, data: bytes, name: str = "model.pt",
+             previous_size: int | None = None) -> State:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return check(path, previous_size).state
+
+
+@FAST
+@given(members=_members, compressed=st.booleans(), comment=st.binary(max_size=40),
+       zip64=st.booleans(), zip64_end=st.booleans(), data=st.data())
+def test_a_zip_is_complete_and_every_prefix_of_it_cut_short(
+        tmp_path: Path, members: list[tuple[str, bytes]], compressed: bool, comment: bytes,
+        zip64: bool, zip64_end: bool, data: st.DataObject) -> None:
+    whole = _zip_bytes(members, zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED,
+                       b"" if zip64_end else comment, zip64)
+    if zip64_end:
+        whole = _with_zip64_end(whole)
+        assert zipfile.ZipFile(io.BytesIO(whole)).testzip() is None  # readers take it
+    assert _verdict(tmp_path, whole) is State.COMPLETE
+    # From 4 bytes on, the magic says it is a zip (fewer cannot be told from anything else).
+    cut = data.draw(st.integers(4, len(whole) - 1))
+    assert _verdict(tmp_path, whole[:cut]) is State.CUT_SHORT
+
+
+def test_a_large_comment_and_an_empty_zip_are_complete(tmp_path: Path) -> None:
+    whole = _zip_bytes([("a", b"x" * 100)], comment=b"PK\x05\x06" + b"c" * 65_000)
+    assert _verdict(tmp_path, whole) is State.COMPLETE
+    assert _verdict(tmp_path, whole[:-1]) is State.CUT_SHORT
+    assert _verdict(tmp_path, _zip_bytes([])[:22]) is State.COMPLETE
+
+
+@FAST
+@given(tensors=st.lists(st.integers(0, 2000), max_size=6), metadata=st.booleans(),
+       pad=st.integers(0, 7), data=st.data())
+def test_a_safetensors_file_is_complete_and_every_prefix_of_it_cut_short(
+        tmp_path: Path, tensors: list[int], metadata: bool, pad: int,
+        data: st.DataObject) -> None:
+    whole = _safetensors_bytes(tensors, metadata, pad)
+    assert _verdict(tmp_path, whole, "model.safetensors") is State.COMPLETE
+    # From 9 bytes on (the length and the header's "{") it is told from anything else.
+    cut = data.draw(st.integers(9, len(whole) - 1))
+    assert _verdict(tmp_path, whole[:cut], "model.safetensors") is State.CUT_SHORT
+
+
+@FAST
+@given(blob=st.binary(max_size=4000))
+def test_bytes_of_other_formats_are_unknown(tmp_path: Path, blob: bytes) -> None:
+    assume(blob and not blob.startswith(b"PK") and blob[8:9] != b"{")
+    assert _verdict(tmp_path, blob) is State.UNKNOWN
+
+
+def test_other_formats_and_markers_are_unknown(tmp_path: Path) -> None:
+    assert _verdict(tmp_path, b'{"step": 3}\n', "trainer_state.json") is State.UNKNOWN
+    assert _verdict(tmp_path, b"\x80\x02}q\x00.", "legacy.pt") is State.UNKNOWN
+    assert _verdict(tmp_path, b"", "COMPLETE") is State.UNKNOWN  # a marker: empty by design
+    assert _verdict(tmp_path, b"", "COMPLETE", previous_size=0) is State.UNKNOWN
+
+
+def test_an_empty_file_is_cut_short_only_where_it_cannot_be_so(tmp_path: Path) -> None:
+    """Truncated by the writer's open, then the writer died: its version before held bytes,
+    or its name is that of a format never empty."""
+    assert _verdict(tmp_path, b"", "data.bin", previous_size=1000) is State.CUT_SHORT
+    assert _verdict(tmp_path, b"", "epoch=0-step=3.ckpt") is State.CUT_SHORT
+    assert _verdict(tmp_path, b"", "model.safetensors") is State.CUT_SHORT
+
+
+# -- end to end: the daemon as a subprocess --------------------------------------------------
+
+def _model(step: int) -> bytes:
+    """torch.save's format is a zip: archive/data.pkl plus one storage per tensor."""
+    return _with_zip64_end(_zip_bytes([("archive/data.pkl", b"step %d" % step),
+                                       ("archive/data/0", os.urandom(200_000))]))
+
+
+def _manifest(s3: Any, workspace: Workspace) -> bytes:
+    return object_bytes(s3, workspace.bucket, manifest_key("run1/", "model.pt"))
+
+
+def test_a_torn_in_place_rewrite_never_replaces_the_sealed_file(
+        workspace: Workspace, s3: Any) -> None:
+    """model.pt sealed, then rewritten in place and cut off half way (the trainer killed; the
+    kernel closes the file): S3 keeps the old bytes and manifest, flush reports the file still
+    written (exit 1), restore gives the old file; a complete rewrite then goes up."""
+    workspace.write_config(sync={"settle_seconds": 0.2, "quiet_seconds": 1.0,
+                                 "stop_timeout": 2})
+    daemon = workspace.start_daemon()
+    model = workspace.checkpoints / "model.pt"
+    good = _model(1)
+    model.write_bytes(good)
+    wait_for(lambda: manifest_key("run1/", "model.pt") in keys_in(s3, workspace.bucket),
+             timeout=30)
+    sealed = _manifest(s3, workspace)
+    assert object_bytes(s3, workspace.bucket, "run1/model.pt") == good
+
+    step_2 = _model(2)
+    with model.open("wb") as torn:  # torch.save(path) opens with "wb" and streams
+        torn.write(step_2[:len(step_2) // 2])
+    # Looked at once its close settled: warned about, or (the defect) uploaded.
+    wait_for(lambda: daemon.named("file_cut_short") or daemon.named("upload_done")[1:])
+    assert object_bytes(s3, workspace.bucket, "run1/model.pt") == good
+    warned = daemon.named("file_cut_short")[0]
+    assert warned["format"] == "zip" and warned["path"].endswith("model.pt")
+    wait_for(lambda: workspace.status().get("unsettled_files", 0) >= 1)
+    flush = workspace.cli("flush", "-c", str(workspace.config_file))
+    assert flush.returncode == 1, flush.stderr
+    assert object_bytes(s3, workspace.bucket, "run1/model.pt") == good
+    assert _manifest(s3, workspace) == sealed
+    assert not daemon.named("upload_done")[1:]
+    target = workspace.root / "restored"
+    restore = workspace.cli("restore", "-c", str(workspace.config_file), "--to", str(target))
+    assert restore.returncode == 0, restore.stderr
+    assert (target / "model.pt").read_bytes() == good
+
+    model.write_bytes(step_2)  # the next save, complete
+    wait_for(lambda: object_bytes(s3, workspace.bucket, "run1/model.pt") == step_2, timeout=30)
+    wait_for(lambda: _manifest(s3, workspace) != sealed, timeout=30)
+    assert workspace.cli("flush", "-c", str(workspace.config_file)).returncode == 0
+    assert len(daemon.named("file_cut_short")) == 1
+    assert daemon.stop() == 0
+
+
+def test_an_emptied_file_and_an_empty_checkpoint_are_never_sealed(
+        workspace: Workspace, s3: Any) -> None:
+    """A file that had bytes, truncated to none by a writer that then died, keeps its object;
+    an empty Lightning .ckpt (killed before its first write) is not sealed as the newest set."""
+    workspace.write_config(sync={"settle_seconds": 0.2, "quiet_seconds": 1.0,
+                                 "stop_timeout": 2})
+    daemon = workspace.start_daemon()
+    shard = workspace.checkpoints / "shard.bin"
+    good = os.urandom(5000)
+    shard.write_bytes(good)
+    wait_for(lambda: manifest_key("run1/", "shard.bin") in keys_in(s3, workspace.bucket))
+    shard.write_bytes(b"")
+    (workspace.checkpoints / "epoch=0-step=3.ckpt").write_bytes(b"")
+    daemon.wait_for_event("file_cut_short", count=2)
+    assert workspace.cli("flush", "-c", str(workspace.config_file)).returncode == 1
+    assert object_bytes(s3, workspace.bucket, "run1/shard.bin") == good
+    assert manifest_key("run1/", "epoch=0-step=3.ckpt") not in keys_in(s3, workspace.bucket)
+    assert {event["format"] for event in daemon.named("file_cut_short")} == {"empty", "zip"}
+    assert daemon.stop() == 1  # its final flush leaves them behind, still being written
