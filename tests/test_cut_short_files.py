@@ -15,10 +15,14 @@ from typing import Any
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from spotwatch.config import WatchDir
 from spotwatch.keys import manifest_key
 from spotwatch.sync.formats import State, check
+from spotwatch.sync.tracker import ChangeTracker
 
 from .conftest import Workspace, keys_in, object_bytes, wait_for
+from .memory_store import FakeClock, InMemoryObjectStore
+from .test_failure_paths import PREFIX, QUIET_SECONDS, engine_on, pump_until
 
 FAST = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -62,11 +66,10 @@ def _safetensors_bytes(tensors: list[int], metadata: bool, pad: int) -> bytes:
     return struct.pack("<Q", len(text)) + text + os.urandom(offset)
 
 
-def _verdict(tmp_path: Path, data: bytes, name: str = "model.pt",
-             previous_size: int | None = None) -> State:
+def _verdict(tmp_path: Path, data: bytes, name: str = "model.pt") -> State:
     path = tmp_path / name
     path.write_bytes(data)
-    return check(path, previous_size).state
+    return check(path).state
 
 
 @FAST
@@ -117,15 +120,25 @@ def test_other_formats_and_markers_are_unknown(tmp_path: Path) -> None:
     assert _verdict(tmp_path, b'{"step": 3}\n', "trainer_state.json") is State.UNKNOWN
     assert _verdict(tmp_path, b"\x80\x02}q\x00.", "legacy.pt") is State.UNKNOWN
     assert _verdict(tmp_path, b"", "COMPLETE") is State.UNKNOWN  # a marker: empty by design
-    assert _verdict(tmp_path, b"", "COMPLETE", previous_size=0) is State.UNKNOWN
+    assert _verdict(tmp_path, b"", "errors.txt") is State.UNKNOWN  # emptied on purpose
+    # A safetensors-shaped head under another name, or with a header that does not parse,
+    # proves nothing.
+    shaped = struct.pack("<Q", 5000) + b'{"a": 1'
+    assert _verdict(tmp_path, shaped, "data.bin") is State.UNKNOWN
+    broken = struct.pack("<Q", 9) + b'{"a": 1e9999}'[:9]
+    assert _verdict(tmp_path, broken + b"x" * 10, "model.safetensors") is State.UNKNOWN
 
 
-def test_an_empty_file_is_cut_short_only_where_it_cannot_be_so(tmp_path: Path) -> None:
-    """Truncated by the writer's open, then the writer died: its version before held bytes,
-    or its name is that of a format never empty."""
-    assert _verdict(tmp_path, b"", "data.bin", previous_size=1000) is State.CUT_SHORT
+def test_a_zip_with_bytes_after_its_end_record_is_not_called_cut_short(tmp_path: Path) -> None:
+    whole = _zip_bytes([("a", b"x" * 100)])
+    assert _verdict(tmp_path, whole + b"\0" * 100) is State.UNKNOWN
+
+
+def test_an_empty_file_is_cut_short_only_where_its_format_is_never_empty(
+        tmp_path: Path) -> None:
     assert _verdict(tmp_path, b"", "epoch=0-step=3.ckpt") is State.CUT_SHORT
     assert _verdict(tmp_path, b"", "model.safetensors") is State.CUT_SHORT
+    assert _verdict(tmp_path, b"", "data.bin") is State.UNKNOWN
 
 
 # -- end to end: the daemon as a subprocess --------------------------------------------------
@@ -183,22 +196,63 @@ def test_a_torn_in_place_rewrite_never_replaces_the_sealed_file(
     assert daemon.stop() == 0
 
 
-def test_an_emptied_file_and_an_empty_checkpoint_are_never_sealed(
+def test_an_emptied_checkpoint_and_an_empty_one_are_never_sealed(
         workspace: Workspace, s3: Any) -> None:
-    """A file that had bytes, truncated to none by a writer that then died, keeps its object;
-    an empty Lightning .ckpt (killed before its first write) is not sealed as the newest set."""
+    """A safetensors file emptied by a writer that then died keeps its object; an empty
+    Lightning .ckpt (killed before its first write) is not sealed as the newest set. Another
+    file emptied on purpose goes up as it is."""
     workspace.write_config(sync={"settle_seconds": 0.2, "quiet_seconds": 1.0,
                                  "stop_timeout": 2})
     daemon = workspace.start_daemon()
-    shard = workspace.checkpoints / "shard.bin"
-    good = os.urandom(5000)
+    shard = workspace.checkpoints / "model.safetensors"
+    good = _safetensors_bytes([5000], True, 0)
     shard.write_bytes(good)
-    wait_for(lambda: manifest_key("run1/", "shard.bin") in keys_in(s3, workspace.bucket))
+    wait_for(lambda: manifest_key("run1/", "model.safetensors") in keys_in(s3, workspace.bucket))
     shard.write_bytes(b"")
     (workspace.checkpoints / "epoch=0-step=3.ckpt").write_bytes(b"")
+    (workspace.checkpoints / "errors.txt").write_bytes(b"")
     daemon.wait_for_event("file_cut_short", count=2)
+    wait_for(lambda: manifest_key("run1/", "errors.txt") in keys_in(s3, workspace.bucket))
     assert workspace.cli("flush", "-c", str(workspace.config_file)).returncode == 1
-    assert object_bytes(s3, workspace.bucket, "run1/shard.bin") == good
+    assert object_bytes(s3, workspace.bucket, "run1/model.safetensors") == good
     assert manifest_key("run1/", "epoch=0-step=3.ckpt") not in keys_in(s3, workspace.bucket)
-    assert {event["format"] for event in daemon.named("file_cut_short")} == {"empty", "zip"}
+    assert {event["format"] for event in daemon.named("file_cut_short")} == {"safetensors",
+                                                                              "zip"}
     assert daemon.stop() == 1  # its final flush leaves them behind, still being written
+
+
+def test_a_cut_short_file_made_whole_with_no_event_seen_goes_up(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
+    """Held as still being written, a torn model.pt is looked at again each quiet interval:
+    made whole where no write event tells (no watcher runs here), it goes up and its set is
+    sealed; until then it is neither uploaded nor sealed."""
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    model = root / "model.pt"
+    whole = _model(1)
+    model.write_bytes(whole[:len(whole) // 2])
+    with engine_on(root, tmp_path, store, clock) as engine:
+        engine.reconcile(quiet_seconds=0)
+        engine.pump(upload=True)
+        assert engine.being_written() == [model] and "run/model.pt" not in store.objects
+        model.write_bytes(whole)
+        pump_until(engine, lambda: "run/.spotwatch/manifests/model.pt.json" in store.objects,
+                   clock, step=QUIET_SECONDS)
+    assert store.data("run/model.pt") == whole
+
+
+def test_a_write_seen_after_the_file_settled_decides_over_its_hold(
+        tmp_path: Path, clock: FakeClock) -> None:
+    """The engine found the file cut short while its writer was finishing it: the close seen
+    meanwhile settles it as any close does (settle_seconds), not by the quiet interval."""
+    tracker = ChangeTracker(WatchDir(tmp_path, PREFIX, exclude=()), 1.0, QUIET_SECONDS,
+                            clock=clock)
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"PK\x03\x04")
+    tracker.mark(path, closed=True)
+    tracker.hold_cut_short(path)
+    clock.advance(1.0)
+    assert tracker.take_settled() == [path]
+    tracker.hold_cut_short(path)  # no event since: held until the quiet interval
+    clock.advance(1.0)
+    assert tracker.take_settled() == []

@@ -339,12 +339,12 @@ class SyncEngine:
         killed mid-save in place, its close reported by the kernel like any other) is never
         uploaded: the object in S3 keeps the version before, and its set's manifest stays as
         it was. The file counts as still being written (ChangeTracker.hold_cut_short: its set
-        unsealed, a flush waiting for it and then reporting it) until a write event, or a
-        rescan finding it changed, has it looked at again. Said once per version."""
+        unsealed, a flush waiting for it and then reporting it), and is looked at again at its
+        next event or quiet interval, whichever comes first. Said once per version."""
         try:
-            verdict = formats.check(path, self.ledger.recorded_size(self.bucket, key))
-        except OSError:
-            return False  # unreadable or gone: the upload meets it and says so
+            verdict = formats.check(path)
+        except Exception:  # unreadable, gone, or cut while read: the upload meets it as it is
+            return False
         if not verdict.cut_short:
             self._cut_short_seen.pop(path, None)
             return False

@@ -1,12 +1,13 @@
 """Whether a file's own format says it is cut short: a writer killed mid-save (torch.save
 straight to the final name, then SIGKILL) leaves a prefix whose close looks like any other.
 
-Recognised by content: ZIP archives (torch.save since PyTorch 1.6, Lightning's .ckpt) and
-safetensors. Only the tail of a ZIP and the header of a safetensors file are read, never the
-whole file. Anything else is UNKNOWN and uploaded as before. Invariant: a verdict of cut
-short is given only where the format proves it (a ZIP's end record missing, or the data a
-safetensors header describes not all there), or for an empty file that cannot be what it was
-(see check): a false one would keep a good file from S3.
+Recognised by content: ZIP archives (torch.save since PyTorch 1.6, Lightning's .ckpt) and,
+by name and content, safetensors. Only the tail of a ZIP and the header of a safetensors file
+are read, never the whole file. Anything else is UNKNOWN and uploaded as before. Invariant: a
+verdict of cut short is given only where the format proves it (no end record ends the ZIP, or
+the data a safetensors header describes is not all there), or for an empty file of a format
+never empty: a false one would keep a good file from S3. What proves nothing (bytes after a
+ZIP's end record, a header that does not parse) is UNKNOWN.
 """
 
 from __future__ import annotations
@@ -22,11 +23,6 @@ _ZIP_LOCAL = b"PK\x03\x04"
 _ZIP_EMPTY = b"PK\x05\x06"  # an archive with no entries starts with its end record
 _EOCD = b"PK\x05\x06"
 _EOCD_SIZE = 22
-_ZIP64_LOCATOR = b"PK\x06\x07"
-_ZIP64_LOCATOR_SIZE = 20
-_ZIP64_EOCD = b"PK\x06\x06"
-_ZIP64_EOCD_SIZE = 56
-_CENTRAL_ENTRY = b"PK\x01\x02"
 _MAX_COMMENT = 0xFFFF
 # A safetensors header larger than this is no safetensors header (the reference reader's own
 # limit is 100 MB).
@@ -57,29 +53,24 @@ class Verdict:
 UNKNOWN = Verdict(State.UNKNOWN)
 
 
-def check(path: Path, previous_size: int | None = None) -> Verdict:
-    """The verdict on the file at path as it is now. previous_size: the size of the version
-    uploaded before (None: none). An empty file is cut short only where it cannot be what it
-    was or what its name says: its previous version held bytes (truncated by an open for
-    writing, then the writer died: an empty object over a good one destroys it), or its name
-    is that of a format never empty. Otherwise an empty file may be a marker, and goes up."""
+def check(path: Path) -> Verdict:
+    """The verdict on the file at path as it is now. An empty file is cut short only where
+    its name is that of a format never empty (a Lightning .ckpt its writer died before
+    writing to); any other empty file may be a marker, or emptied on purpose, and goes up."""
     with open(path, "rb") as file:
         size = file.seek(0, 2)
         if size == 0:
-            return _empty(path, previous_size)
+            return _empty(path)
         file.seek(0)
         head = file.read(16)
         if head.startswith((_ZIP_LOCAL, _ZIP_EMPTY)):
             return _zip(file, size)
-        if _looks_like_safetensors(head):
+        if path.suffix.lower() == ".safetensors" and _looks_like_safetensors(head):
             return _safetensors(file, size)
     return UNKNOWN
 
 
-def _empty(path: Path, previous_size: int | None) -> Verdict:
-    if previous_size:
-        return Verdict(State.CUT_SHORT, "empty",
-                       f"empty, where the version uploaded before had {previous_size} bytes")
+def _empty(path: Path) -> Verdict:
     format_name = _NEVER_EMPTY_SUFFIXES.get(path.suffix.lower())
     if format_name is not None:
         return Verdict(State.CUT_SHORT, format_name, f"empty, and a {format_name} file never is")
@@ -87,52 +78,32 @@ def _empty(path: Path, previous_size: int | None) -> Verdict:
 
 
 def _zip(file: BinaryIO, size: int) -> Verdict:
-    """Complete: an end of central directory record ends the file (after the comment whose
-    length it states), and the central directory it points to lies before it."""
-    tail_start = max(0, size - (_EOCD_SIZE + _MAX_COMMENT + _ZIP64_LOCATOR_SIZE))
+    """Complete: an end of central directory record ends the file, after the comment whose
+    length it states (every complete archive has one within the last 64 KiB + 22 bytes).
+    Cut short: none does, and a record (or the comment it states) runs past the end, or no
+    record is there at all. Records that all end before the file does (bytes appended after
+    an archive) prove nothing: UNKNOWN."""
+    tail_start = max(0, size - (_EOCD_SIZE + _MAX_COMMENT))
     file.seek(tail_start)
     tail = file.read()
+    overruns = False
     at = tail.rfind(_EOCD)
+    if at < 0:
+        return Verdict(State.CUT_SHORT, "zip", "no end of central directory record")
     while at >= 0:
         record = tail[at:at + _EOCD_SIZE]
-        if len(record) == _EOCD_SIZE:
-            (_, _, _, _, entries, cd_size, cd_offset,
-             comment) = struct.unpack("<4s4H2LH", record)
-            if at + _EOCD_SIZE + comment == len(tail):
-                return _zip_directory(file, tail_start + at, tail[:at], entries, cd_size,
-                                      cd_offset)
+        if len(record) < _EOCD_SIZE:
+            overruns = True
+        else:
+            (comment,) = struct.unpack_from("<H", record, 20)
+            end = at + _EOCD_SIZE + comment
+            if end == len(tail):
+                return Verdict(State.COMPLETE, "zip")
+            overruns = overruns or end > len(tail)
         at = tail.rfind(_EOCD, 0, at)
-    return Verdict(State.CUT_SHORT, "zip", "no end of central directory record at its end")
-
-
-def _zip_directory(file: BinaryIO, eocd_at: int, before: bytes, entries: int, cd_size: int,
-                   cd_offset: int) -> Verdict:
-    directory_end = eocd_at
-    locator = before[-_ZIP64_LOCATOR_SIZE:]
-    # A ZIP64 end record is read wherever its locator precedes the end record, needed or not:
-    # torch.save (miniz) always writes one, between the central directory and the end record.
-    if len(locator) == _ZIP64_LOCATOR_SIZE and locator.startswith(_ZIP64_LOCATOR):
-        # Where it lies, not the offset the locator records: data prepended shifts that.
-        record_at = eocd_at - _ZIP64_LOCATOR_SIZE - _ZIP64_EOCD_SIZE
-        if record_at < 0:
-            return Verdict(State.CUT_SHORT, "zip", "ZIP64 end record missing")
-        file.seek(record_at)
-        record = file.read(_ZIP64_EOCD_SIZE)
-        if not record.startswith(_ZIP64_EOCD):
-            return Verdict(State.CUT_SHORT, "zip", "ZIP64 end record missing")
-        entries, cd_size, cd_offset = struct.unpack_from("<3Q", record, 32)
-        directory_end = record_at
-    elif entries == 0xFFFF or 0xFFFFFFFF in (cd_size, cd_offset):
-        return Verdict(State.CUT_SHORT, "zip", "ZIP64 end record locator missing")
-    # Data prepended to the archive shifts the offsets it records: the directory is taken to
-    # end where the end record begins, as readers do.
-    if cd_size > directory_end or cd_offset + cd_size > directory_end:
-        return Verdict(State.CUT_SHORT, "zip", "central directory beyond the file")
-    if entries:
-        file.seek(directory_end - cd_size)
-        if file.read(4) != _CENTRAL_ENTRY:
-            return Verdict(State.CUT_SHORT, "zip", "central directory missing")
-    return Verdict(State.COMPLETE, "zip")
+    if overruns:
+        return Verdict(State.CUT_SHORT, "zip", "its end record runs past the end of the file")
+    return UNKNOWN
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -153,7 +124,8 @@ def _safetensors(file: BinaryIO, size: int) -> Verdict:
         header = json.loads(file.read(length))
         ends = [int(entry["data_offsets"][1]) for name, entry in header.items()
                 if name != "__metadata__"]
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
+            RecursionError):
         return UNKNOWN  # its header whole but no safetensors header: another format
     expected = 8 + length + max(ends, default=0)
     if size < expected:

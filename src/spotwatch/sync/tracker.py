@@ -488,26 +488,27 @@ class ChangeTracker(FileSystemEventHandler):
             return
         self._on_change()
 
-    def mark(self, path: Path, closed: bool, at: float | None = None) -> None:
+    def mark(self, path: Path, closed: bool, at: float | None = None, *,
+             unless_marked: bool = False) -> None:
+        """The file is being written (closed: its last event was its close). unless_marked:
+        leave a write already marked as it is (an event came since: it decides)."""
         if self.relative(path) is None:
             return
         with self._lock:
             if path not in self._candidates:
                 self._candidate_folders.add(path)
+            elif unless_marked:
+                return
             self._candidates[path] = _Candidate(self._clock() if at is None else at, closed)
 
     def hold_cut_short(self, path: Path) -> None:
         """A settled file whose format says it is cut short (sync.formats): it counts as still
-        being written (status, its set's manifest, a flush's wait) but settles again only at
-        its next event (or a rescan finding it changed), not by any interval: looking again
-        at the same bytes would find them cut short again."""
-        if self.relative(path) is None:
-            return
-        with self._lock:
-            if path not in self._candidates:
-                self._candidate_folders.add(path)
-            self._candidates[path] = _Candidate(self._clock(), closed=False,
-                                                recheck_at=float("inf"))
+        being written (status, its set's manifest, a flush's wait) and settles again at its
+        next event, or by the quiet rule once quiet_seconds pass with no writer holding it,
+        when it is looked at again: a complete save made with no event seen (a rescan's
+        find) then goes up too. An event since it settled decides instead: the writer was
+        not done, and its file settles as any."""
+        self.mark(path, closed=False, unless_marked=True)
 
     def _note_staged(self, path: Path, closed: bool) -> None:
         relative = self.excluded_relative(path)
