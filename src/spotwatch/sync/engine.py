@@ -108,6 +108,9 @@ class SyncEngine:
         # Files the start's scan found that the ledger has no row for, by the version found:
         # judged against their set's sealed manifest before they are sent (once each).
         self._unjudged: dict[Path, FileVersion] = {}
+        # Those judged to be uploaded, posted from the uploader's threads (a failure of their
+        # upload is then an upload's failure, not one of judging them).
+        self._judged_to_upload: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self._starting = False  # the start's scan is under way
         # Files older than the version their sealed set holds in S3, by the version found
         # (sync.sets.sealed): not uploaded over it, nor queued again until they change.
@@ -493,6 +496,7 @@ class SyncEngine:
                                          job.snapshot.version)
         entry = judged.entry
         if judged.verdict is Verdict.UPLOAD or entry is None:
+            self._judged_to_upload.put(job.path)
             return None
         if judged.verdict is Verdict.STALE:
             return UploadResult(job, Outcome.STALE, 0.0, checksum=entry.checksum)
@@ -676,6 +680,8 @@ class SyncEngine:
             # Unrecorded, the file could be left out of its set's manifest: keep it pending
             # (its set stays unsealed) and upload it again once the ledger can be written.
             result = UploadResult(job, Outcome.FAILED, result.seconds, error="ledger not written")
+        while not self._judged_to_upload.empty():
+            self._unjudged.pop(self._judged_to_upload.get(), None)
         if result.outcome not in (Outcome.CANCELLED, Outcome.FAILED):  # else judged again
             self._unjudged.pop(job.path, None)
         if result.outcome is Outcome.ADOPTED:

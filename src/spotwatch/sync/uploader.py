@@ -42,6 +42,9 @@ class Uploader:
         self._clock = clock
         # Checks after upload (stat, cleanup) run off the store's threads so they keep uploading.
         self._verifier = ThreadPoolExecutor(max_workers=4, thread_name_prefix="verify")
+        # Prechecks run one at a time, in the order submitted: the uploads they let start
+        # are handed to the store in the planner's order (newest set first), as without one.
+        self._prechecker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="precheck")
         self._uploads: dict[Path, PendingUpload] = {}
         self._lock = threading.Lock()
         # Bytes sent, as the store reports them (a progress bar's feed).
@@ -65,7 +68,7 @@ class Uploader:
             return path in self._uploads
 
     def submit(self, job: UploadJob, precheck: Precheck | None = None) -> None:
-        """Upload the file. precheck: asked first, on a verifier thread; a result it returns
+        """Upload the file. precheck: asked first, on the precheck thread; a result it returns
         is the upload's, and nothing is sent (see sync.sets.sealed). Until it has answered
         the job counts as uploading, and cancel or withdraw end it as CANCELLED."""
         self.liveness.moved()  # before it counts as in flight (Liveness's invariant)
@@ -76,7 +79,7 @@ class Uploader:
         with self._lock:
             self._uploads[job.path] = gate.pending
         with contextlib.suppress(RuntimeError):  # shut down: nobody handles results any more
-            self._verifier.submit(self._precheck, job, gate, precheck)
+            self._prechecker.submit(self._precheck, job, gate, precheck)
 
     def _start(self, job: UploadJob, started: float) -> PendingUpload:
         def finished(_: Any) -> None:
@@ -149,6 +152,7 @@ class Uploader:
     def shutdown(self) -> None:
         """Cancel everything and return at once, without waiting for requests in flight."""
         self.cancel_all()
+        self._prechecker.shutdown(wait=False, cancel_futures=True)
         self._verifier.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
