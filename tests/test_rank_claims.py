@@ -3,6 +3,7 @@ part another live node sealed, take over one of a node gone) and the claims' ver
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,12 +85,16 @@ def test_a_part_of_a_node_gone_is_taken_over(
         tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock,
         previous: str | None) -> None:
     """A spot instance reclaimed and replaced: its part, sealed before this node started (or
-    by a spotwatch that recorded no identity), is sealed again by the replacement."""
+    by a spotwatch that recorded no identity), is sealed again by the replacement with the
+    replacement's own save of the set, written since its start (one from before it would
+    be judged against the part sealed: sync.sets.sealed)."""
     root = tmp_path / "ckpt"
-    write(root, "step_1/shard-a.pt", b"a" * 10)
+    shard = write(root, "step_1/shard-a.pt", b"a" * 10)
     claim = RankClaim(ME, 0, checked=False)
     other_part(store, previous, sealed_at=claim.started_at - 30)
     with engine_on(root, tmp_path, store, clock, claim) as engine, capture_logs() as logs:
+        saved_since_the_start = clock.wall_ns()
+        os.utime(shard, ns=(saved_since_the_start, saved_since_the_start))
         engine.reconcile(quiet_seconds=0)
         pump_until(engine, lambda: part_in(store).identity == ME, clock)
     assert [f.path for f in part_in(store).manifest.files] == ["step_1/shard-a.pt"]
