@@ -230,3 +230,24 @@ def test_restore_set_with_a_name_that_is_not_utf8_is_a_usage_error(workspace: Wo
     assert result.stderr.strip().splitlines() == [
         "spotwatch: error: --set caf\\xe9: the name is not valid UTF-8, and such names are "
         "never uploaded, so no set has it"]
+
+
+def test_files_in_the_set_directory_that_the_set_does_not_list_are_named(
+        workspace: Workspace) -> None:
+    """A shard of another save (another world size, a crashed boot's) in the directory the
+    set is restored into is left as it was, and named: a loader that globs the directory
+    would meet it."""
+    sets = make_sets(workspace)
+    target = workspace.root / "restored"
+    (target / "step_2" / "old").mkdir(parents=True)
+    (target / "step_2" / "shard_7.pt").write_bytes(b"another save")
+    (target / "step_2" / "old" / "x.pt").write_bytes(b"x")
+    (target / "notes.txt").write_bytes(b"beside the set, not in it")
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith(
+        "; 2 files in its directory that it does not list, left as they were: "
+        "step_2/old/x.pt, step_2/shard_7.pt")
+    assert (target / "step_2" / "shard_7.pt").read_bytes() == b"another save"
+    for name, data in sets["step_2"].items():
+        assert (target / "step_2" / name).read_bytes() == data

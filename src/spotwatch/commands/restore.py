@@ -50,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
         newer = (f", {len(report.replaced_newer)} of them changed after the set was sealed: "
                  f"{names(report.replaced_newer[:5])}" if report.replaced_newer else "")
         links += f"; {len(report.replaced)} local files that differed replaced{newer}"
+    if report.not_in_set:
+        links += (f"; {len(report.not_in_set)} files in its directory that it does not list, "
+                  f"left as they were: {names(report.not_in_set[:5])}")
     if report.higher_steps:
         links += (f"; higher steps of its series, dated older: {names(report.higher_steps)} "
                   f"(--set {shlex.quote(report.higher_steps[0])} restores it)")

@@ -109,6 +109,9 @@ class RestoreReport:
     # after the set was sealed (work not in S3 as it was on disk) named apart.
     replaced: tuple[str, ...] = field(default=())
     replaced_newer: tuple[str, ...] = field(default=())
+    # Files (and links) in the set's directory at the destination that the set does not
+    # list (an older save of another shape, a crashed boot's leftovers): left as they were.
+    not_in_set: tuple[str, ...] = field(default=())
 
     @property
     def restored_anything(self) -> bool:
@@ -926,8 +929,38 @@ def _fetch_and_place(store: ObjectStore, manifest: Manifest, destination: Path,
         log.warning("local_files_replaced", set=manifest.set_name, files=len(replaced),
                     paths=list(replaced[:NAMED_MAX]), newer=list(newer[:NAMED_MAX]),
                     newer_count=len(newer), reason="they differed from the set restored")
+    not_in_set = _not_in_set(destination, manifest)
+    if not_in_set:
+        log.warning("local_files_not_in_set", set=manifest.set_name, files=len(not_in_set),
+                    paths=list(not_in_set[:NAMED_MAX]), reason="the set restored does not "
+                    "list them: left as they were, a loader that globs its directory meets them")
     return RestoreReport(manifest.set_name, destination, len(todo), len(there), total,
-                         as_files=tuple(as_files), replaced=replaced, replaced_newer=newer)
+                         as_files=tuple(as_files), replaced=replaced, replaced_newer=newer,
+                         not_in_set=not_in_set)
+
+
+def _not_in_set(destination: Path, manifest: Manifest) -> tuple[str, ...]:
+    """The paths below the set's directory at the destination that the set does not list
+    (regular files and symlinks; restore's own temporaries left out), sorted. Restore never
+    deletes them, but says so: a checkpoint directory holding shards of another save may
+    not load as the set restored."""
+    if not _is_directory_set(manifest):
+        return ()
+    top = destination / manifest.set_name
+    try:
+        if not S_ISDIR(top.lstat().st_mode):
+            return ()
+    except OSError:
+        return ()
+    listed = {*_file_paths(manifest), *(link.path for link in manifest.links)}
+    found = []
+    for folder, folders, files in os.walk(top):
+        below = PurePosixPath(manifest.set_name) / Path(folder).relative_to(top).as_posix()
+        names = [*files, *(name for name in folders if os.path.islink(Path(folder, name)))]
+        found += [path for name in names for path in [str(below / name)]
+                  if path not in listed and not is_restore_temporary(name)]
+        folders[:] = [name for name in folders if str(below / name) not in listed]
+    return tuple(sorted(found))
 
 
 def _in_the_way(todo: Sequence[tuple[FileToFetch, Path]]) -> tuple[tuple[str, ...],
