@@ -36,6 +36,9 @@ def test_the_newest_set_goes_ahead_of_older_uploads_that_have_not_begun(
                            transfer={"max_concurrency": CONCURRENCY, "multipart_threshold": "5MB",
                                      "multipart_chunksize": "5MB"})
     daemon = workspace.start_daemon()
+    # The files the start found are judged against the sets sealed in S3 before they are
+    # handed over (sync.sets.sealed): once S3's are listed, that takes no request more.
+    daemon.wait_for_event("sealed_sets_listed")
     wait_for(lambda: workspace.status().get("uploading") == 2 * CONCURRENCY)
     newest = save_checkpoint(workspace.checkpoints / "step_999" / "model.pt", size)
     wait_for(lambda: workspace.status().get("pending_files") == older + 1)

@@ -166,6 +166,8 @@ class SealedSets:
                 self._listed_under(prefix)))
             with self._lock:
                 self._listed[prefix] = listed
+            # Once per prefix: files the ledger did not know are judged from here on.
+            log.info("sealed_sets_listed", prefix=prefix, sealed=len(listed))
         own_key = self._key(prefix, set_name)
         own = self._read(prefix, own_key) if own_key in listed else None
         others: tuple[Manifest, ...] = ()
