@@ -265,13 +265,11 @@ class SyncEngine:
                     log.debug("pending_dropped", path=str(item.path), reason="deleted")
                 for gone in files_at_or_below(path, list(self.retries.waiting_keys())):
                     self.retries.forget(gone)
-                for judged in files_at_or_below(path, [*self._unjudged, *self._stale]
-                                                if self._unjudged or self._stale else []):
-                    self._unjudged.pop(judged, None)
-                    self._stale.pop(judged, None)
                 self._uploaded.forget_at_or_below(path)
-                for gone in files_at_or_below(path, list(self._cut_short_seen)):
-                    del self._cut_short_seen[gone]
+                # What is remembered of a file's version found (judged, stale, cut short).
+                for remembered in (self._unjudged, self._stale, self._cut_short_seen):
+                    for gone in files_at_or_below(path, list(remembered)):
+                        del remembered[gone]
             for path in tracker.take_settled():
                 try:
                     stat = os.stat(path, follow_symlinks=False)
