@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 _ZIP_LOCAL = b"PK\x03\x04"
-_ZIP_EMPTY = b"PK\x05\x06"  # an archive with no entries starts with its end record
-_EOCD = b"PK\x05\x06"
+_EOCD = b"PK\x05\x06"  # also how an archive with no entries starts
 _EOCD_SIZE = 22
 _MAX_COMMENT = 0xFFFF
 # A safetensors header larger than this is no safetensors header (the reference reader's own
@@ -63,7 +62,7 @@ def check(path: Path) -> Verdict:
             return _empty(path)
         file.seek(0)
         head = file.read(16)
-        if head.startswith((_ZIP_LOCAL, _ZIP_EMPTY)):
+        if head.startswith((_ZIP_LOCAL, _EOCD)):
             return _zip(file, size)
         if path.suffix.lower() == ".safetensors" and _looks_like_safetensors(head):
             return _safetensors(file, size)
