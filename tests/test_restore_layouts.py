@@ -38,6 +38,13 @@ def write(workspace: Workspace, relative: str, data: bytes, age: int) -> None:
     os.utime(path, (BASE - age, BASE - age))
 
 
+def holding_a_step(target: Path, step: str, data: bytes) -> None:
+    """A destination that holds a DeepSpeed step already, with `latest` naming it."""
+    (target / step).mkdir(parents=True)
+    (target / step / "mp_rank_00_model_states.pt").write_bytes(data)
+    (target / "latest").write_bytes(step.encode())
+
+
 def files_under(target: Path) -> set[str]:
     return {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()}
 
@@ -86,9 +93,7 @@ def test_a_pointer_replaced_beside_the_step_is_named_in_the_summary(
     write(workspace, "latest", b"global_step200", 100)
     assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
     target = workspace.root / "kept-volume"
-    (target / "global_step300").mkdir(parents=True)
-    (target / "global_step300" / "mp_rank_00_model_states.pt").write_bytes(b"three hundred")
-    (target / "latest").write_bytes(b"global_step300")
+    holding_a_step(target, "global_step300", b"three hundred")
     result = restore(workspace, "--to", str(target))
     assert result.returncode == 0, result.stderr
     assert (target / "latest").read_bytes() == b"global_step200"
@@ -633,9 +638,7 @@ def test_a_pointer_on_disk_naming_a_lower_step_names_the_step_restored(
     # Replaced in S3 after it was sealed (a PUT whose manifest never came): corrupt there.
     s3.put_object(Bucket=workspace.bucket, Key="run1/latest", Body=b"\x00\xff")
     target = workspace.root / "restored"
-    (target / "global_step100").mkdir(parents=True)
-    (target / "global_step100" / "mp_rank_00_model_states.pt").write_bytes(b"one hundred")
-    (target / "latest").write_bytes(b"global_step100")
+    holding_a_step(target, "global_step100", b"one hundred")
     result = restore(workspace, "--to", str(target))
     assert result.returncode == 0, result.stderr
     assert "restored global_step200" in result.stdout
