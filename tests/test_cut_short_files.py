@@ -84,9 +84,11 @@ def test_a_zip_is_complete_and_every_prefix_of_it_cut_short(
         whole = _with_zip64_end(whole)
         assert zipfile.ZipFile(io.BytesIO(whole)).testzip() is None  # readers take it
     assert _verdict(tmp_path, whole) is State.COMPLETE
-    # From 4 bytes on, the magic says it is a zip (fewer cannot be told from anything else).
-    cut = data.draw(st.integers(4, len(whole) - 1))
+    # Under 4 bytes, by its name: a .pt file never holds only the first bytes of a zip's magic.
+    cut = data.draw(st.integers(0, len(whole) - 1))
     assert _verdict(tmp_path, whole[:cut]) is State.CUT_SHORT
+    if cut >= 4:  # from 4 bytes on, the magic says it is a zip, whatever its name
+        assert _verdict(tmp_path, whole[:cut], "archive.bin") is State.CUT_SHORT
 
 
 def test_a_large_comment_and_an_empty_zip_are_complete(tmp_path: Path) -> None:
@@ -104,16 +106,18 @@ def test_a_safetensors_file_is_complete_and_every_prefix_of_it_cut_short(
         data: st.DataObject) -> None:
     whole = _safetensors_bytes(tensors, metadata, pad)
     assert _verdict(tmp_path, whole, "model.safetensors") is State.COMPLETE
-    # From 9 bytes on (the length and the header's "{") it is told from anything else.
-    cut = data.draw(st.integers(9, len(whole) - 1))
+    # Up to 8 bytes (the header's length), any bytes may start one: cut short by its name.
+    cut = data.draw(st.integers(0, len(whole) - 1))
     assert _verdict(tmp_path, whole[:cut], "model.safetensors") is State.CUT_SHORT
 
 
 @FAST
 @given(blob=st.binary(max_size=4000))
 def test_bytes_of_other_formats_are_unknown(tmp_path: Path, blob: bytes) -> None:
-    assume(blob and not blob.startswith(b"PK") and blob[8:9] != b"{")
-    assert _verdict(tmp_path, blob) is State.UNKNOWN
+    assume(not blob.startswith(b"PK") and blob[8:9] != b"{")
+    assert _verdict(tmp_path, blob, "data.bin") is State.UNKNOWN
+    if blob and not b"PK\x03\x04".startswith(blob[:4]):  # no prefix of a zip's magic either
+        assert _verdict(tmp_path, blob) is State.UNKNOWN
 
 
 def test_other_formats_and_markers_are_unknown(tmp_path: Path) -> None:
@@ -129,6 +133,21 @@ def test_other_formats_and_markers_are_unknown(tmp_path: Path) -> None:
     assert _verdict(tmp_path, broken + b"x" * 10, "model.safetensors") is State.UNKNOWN
 
 
+def test_a_member_holding_an_end_record_signature_does_not_end_a_cut_short_zip(
+        tmp_path: Path) -> None:
+    # Cut where a stored member's bytes ("PK\x05\x06" and the next member's header) end as a
+    # record with no comment would: only the signature, not an archive's end record.
+    whole = _zip_bytes([("_", b"PK\x05\x06"), ("/", b"")])
+    assert _verdict(tmp_path, whole) is State.COMPLETE
+    assert _verdict(tmp_path, whole[:53]) is State.CUT_SHORT
+    # Entry counts past 65,535 are in the ZIP64 record its locator leads to.
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for index in range(0x10000 + 1):
+            archive.writestr(str(index), b"")
+    assert _verdict(tmp_path, buffer.getvalue()) is State.COMPLETE
+
+
 def test_a_zip_with_bytes_after_its_end_record_is_not_called_cut_short(tmp_path: Path) -> None:
     whole = _zip_bytes([("a", b"x" * 100)])
     assert _verdict(tmp_path, whole + b"\0" * 100) is State.UNKNOWN
@@ -139,6 +158,16 @@ def test_an_empty_file_is_cut_short_only_where_its_format_is_never_empty(
     assert _verdict(tmp_path, b"", "epoch=0-step=3.ckpt") is State.CUT_SHORT
     assert _verdict(tmp_path, b"", "model.safetensors") is State.CUT_SHORT
     assert _verdict(tmp_path, b"", "data.bin") is State.UNKNOWN
+
+
+def test_a_pt_file_of_a_few_bytes_is_cut_short_only_where_they_start_a_zip(
+        tmp_path: Path) -> None:
+    assert _verdict(tmp_path, b"PK\x03", "model.pt") is State.CUT_SHORT
+    assert _verdict(tmp_path, b"P", "epoch=0-step=3.ckpt") is State.CUT_SHORT
+    assert _verdict(tmp_path, b"PK\x05", "model.pth") is State.CUT_SHORT  # an empty archive's
+    assert _verdict(tmp_path, b"PK\x03", "notes.txt") is State.UNKNOWN
+    assert _verdict(tmp_path, b"\x80\x04K\x01.", "step.pt") is State.UNKNOWN  # a pickle of 1
+    assert _verdict(tmp_path, b"\x10\x00\x00", "model.safetensors") is State.CUT_SHORT
 
 
 # -- end to end: the daemon as a subprocess --------------------------------------------------
