@@ -4,15 +4,18 @@ directory, `spotwatch status` shows it, and its uploads go on."""
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from spotwatch.daemon import state_guard
 from spotwatch.daemon.state_guard import StateGuard
+from spotwatch.errors import ConfigError
 from spotwatch.state import StateDir, StateLock
 from tests.conftest import Workspace, keys_in, object_bytes, wait_for
 from tests.test_daemon_e2e import save_checkpoint
@@ -86,3 +89,19 @@ def test_a_lock_taken_by_another_process_meanwhile_is_named_and_taken_back(
     assert [e["event"] for e in logs] == ["state_dir_recreated"]
     assert StateLock(state).holder() is not None
     ours.release()
+
+
+def test_a_state_directory_no_retry_mends_is_a_config_error_and_others_are_not(
+        tmp_path: Path) -> None:
+    """Exit 2 only where a restart would meet the same refusal (not this user's to write, a
+    read-only mount, a file in its place); a passing failure (EIO, a full disk) stays 1."""
+    state = StateDir(tmp_path / "state")
+    for number in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+        assert state.refused("write", OSError(number, "x")).exit_code == 2
+    for number in (errno.EIO, errno.ENOSPC, errno.EDQUOT):
+        refused = state.refused("write", OSError(number, "no"))
+        assert refused.exit_code == 1
+        assert str(refused) == f"cannot write state directory {state.path}: no"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError):
+        StateDir(tmp_path / "file" / "state").ensure()

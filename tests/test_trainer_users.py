@@ -121,25 +121,36 @@ def test_signal_reaches_a_trainer_of_another_user(workspace: Workspace,
         trainer.wait()
 
 
-def test_a_state_directory_another_user_owns_is_one_line_not_a_traceback(
-        shared_dir: Path, bucket: str) -> None:
+@pytest.mark.parametrize("verb", ["run", "check"])
+@pytest.mark.parametrize("made", [True, False])
+def test_a_state_directory_another_user_owns_is_one_line_and_a_config_error(
+        shared_dir: Path, bucket: str, verb: str, made: bool) -> None:
     """The sidecar (uid 10001) with its state on a volume it cannot write, e.g. a hostPath or
-    bind mount owned by root: one line on stderr naming the directory."""
+    bind mount owned by root (made: else it would have to be made in one): one line on stderr
+    naming the directory, and exit 2, the status the systemd unit does not restart on and
+    a container's operator must mend. `check`, the preflight, refuses it as `run` does."""
     state = shared_dir / "state"
-    state.mkdir(mode=0o755)  # root's
+    owned = shared_dir / "owned"
+    owned.mkdir(mode=0o755)  # root's
+    state = owned / "state" if not made else state
+    if made:
+        state.mkdir(mode=0o755)  # root's
     checkpoints = shared_dir / "checkpoints"
     checkpoints.mkdir()
     config = shared_dir / "config.yaml"
     config.write_text(yaml.safe_dump({
         "aws": {"region": REGION}, "watch": [{"path": str(checkpoints), "prefix": "run1/"}],
         "imds": {"enabled": False}, "state": {"dir": str(state)}, "metrics": {"port": 0}}))
-    done = subprocess.run([*AS_NOBODY, sys.executable, "-m", "spotwatch.cli", "run", "-c",
+    done = subprocess.run([*AS_NOBODY, sys.executable, "-m", "spotwatch.cli", verb, "-c",
                            str(config)], env={**trainer_env(), "S3_BUCKET_NAME": bucket},
                           cwd="/", capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.splitlines()[-1] == \
-        f"spotwatch: error: cannot write state directory {state}: Permission denied"
+    action = "write" if made else "create"
+    assert done.stderr.splitlines()[-1] == (
+        f"spotwatch: error: cannot {action} state directory {state}: Permission denied "
+        f"(uid {NOBODY}; make it writable by this user, or set state.dir)")
+    assert not os.path.exists(state / "lock")
 
 
 def test_status_of_a_state_directory_this_user_cannot_read_is_one_line(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -13,7 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from spotwatch.errors import SpotwatchError
+from spotwatch.errors import ConfigError, SpotwatchError
+
+# Errors that no retry mends: the directory is not this user's to write, or on a read-only
+# mount. A restart (systemd's Restart=, a container's restart policy) would only repeat them,
+# so they are config errors (exit 2, which the unit's RestartPreventExitStatus stops on).
+_NOT_OURS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST)
 
 
 def default_state_dir() -> Path:
@@ -94,11 +100,24 @@ class StateDir:
         return f"{host}/{kept}"
 
     def ensure(self) -> None:
+        """Made if missing, and writable by this process: else one line naming it."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise SpotwatchError(f"cannot create state directory {self.path}: {exc.strerror}"
-                                 ) from None
+            raise self.refused("create", exc) from None
+        if not os.access(self.path, os.W_OK | os.X_OK):  # says EROFS for a read-only mount too
+            error = OSError(errno.EROFS if _read_only(self.path) else errno.EACCES, "")
+            raise self.refused("write", error)
+
+    def refused(self, verb: str, exc: OSError) -> SpotwatchError:
+        """The one line for a state directory this process cannot use: a config error when
+        it never will be (see _NOT_OURS), naming the key that moves it."""
+        reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
+        line = f"cannot {verb} state directory {self.path}: {reason}"
+        if exc.errno not in _NOT_OURS:
+            return SpotwatchError(line)
+        return ConfigError(f"{line} (uid {os.geteuid()}; make it writable by this user, or "
+                           "set state.dir)")
 
     def read_status(self) -> dict[str, Any] | None:
         """The daemon's last report; None when there is none. One this user may not read is
@@ -127,6 +146,7 @@ class StateLock:
     new one (retake): daemon/state_guard.py."""
 
     def __init__(self, state: StateDir) -> None:
+        self._state = state
         self._path = state.path / "lock"
         self._fd: int | None = None
 
@@ -134,8 +154,7 @@ class StateLock:
         try:
             holder = self._take()
         except OSError as exc:  # e.g. a volume mounted for the state that another user owns
-            raise SpotwatchError(f"cannot write state directory {self._path.parent}: "
-                                 f"{exc.strerror}") from None
+            raise self._state.refused("write", exc) from None
         if holder is not None:
             raise SpotwatchError(
                 f"another spotwatch (pid {holder}) is using state directory {self._path.parent}")
@@ -207,3 +226,10 @@ def lock_holder(state: StateDir) -> int | None:
     """The pid holding the state directory's lock (-1: one not written down); None when
     nobody does, or there is no such directory."""
     return StateLock(state).holder() if state.path.is_dir() else None
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

@@ -8,11 +8,13 @@ from spotwatch.aws.preflight import failures, run_checks
 from spotwatch.commands import load
 from spotwatch.config import require_notice_file_place
 from spotwatch.console import print_line
+from spotwatch.state import StateDir
 
 
 def run(args: argparse.Namespace) -> int:
     config, bucket = load(args, uploads=False)
     require_notice_file_place(config)
+    StateDir(config.state_dir).ensure()  # where `run` keeps its ledger: refused as it would be
     results = run_checks(config, bucket)
     for result in results:
         print_line(f"{result.symbol}  {result.name:<16} {result.detail}")
