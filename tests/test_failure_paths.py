@@ -31,7 +31,7 @@ from spotwatch.sync.engine import WITHDRAWN_HOLD_SECONDS, SyncEngine
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.orphans import abort_orphaned_uploads
 from spotwatch.sync.planner import PendingFile
-from spotwatch.sync.restore import restore_newest
+from spotwatch.sync.restore.set_fetch import restore_newest
 from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import list_manifests

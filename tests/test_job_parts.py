@@ -19,7 +19,8 @@ from structlog.testing import capture_logs
 from spotwatch.config import JobSettings
 from spotwatch.keys import S3_KEY_MAX_BYTES, manifest_key, part_key, storable_key
 from spotwatch.sync.pruner import job_deletions, plan_deletions
-from spotwatch.sync.restore import RestoreReport, restore_candidates, restore_newest
+from spotwatch.sync.restore.candidates import restore_candidates
+from spotwatch.sync.restore.set_fetch import RestoreReport, restore_newest
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, JobSet, Part
 from spotwatch.sync.sets.remote import list_job_sets

@@ -205,7 +205,7 @@ def test_names_ending_in_a_space_are_quoted_in_status_and_errors(workspace: Work
 
 
 def test_a_set_to_name_with_set_is_given_as_the_shell_takes_it() -> None:
-    from spotwatch.sync.restore import _none_left
+    from spotwatch.sync.restore.run import _none_left
 
     why = _none_left("run1/", [], ["final model "], [])
     assert why.endswith("; 'final model ' has no step number, so is no checkpoint here "

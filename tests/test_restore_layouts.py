@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from spotwatch.keys import manifest_key
 from spotwatch.sync.commits import uncommitted
 from spotwatch.sync.pointers import named_set, repoint, repointed_text
-from spotwatch.sync.restore import Candidate, checkpoints_first
+from spotwatch.sync.restore.candidates import Candidate, checkpoints_first
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
 from .conftest import Workspace, keys_in, object_bytes

@@ -17,7 +17,8 @@ from spotwatch.checksums import Expected
 from spotwatch.errors import SpotwatchError
 from spotwatch.keys import RESTORE_TEMP_SUFFIX, is_restore_temporary, manifest_key
 from spotwatch.progress import Progress
-from spotwatch.sync.restore import NAME_MAX, RestoreReport, restore_newest, temporary
+from spotwatch.sync.restore.destination import NAME_MAX, temporary
+from spotwatch.sync.restore.set_fetch import RestoreReport, restore_newest
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import is_complete, list_manifests
 

@@ -23,7 +23,9 @@ from spotwatch.keys import RESTORE_TEMP_SUFFIX, is_restore_temporary, manifest_k
 from spotwatch.model import FileVersion
 from spotwatch.sync.ledger import Ledger
 from spotwatch.sync.placement import NotPlaced, place_all
-from spotwatch.sync.restore import Candidate, _with_companions, restore_newest
+from spotwatch.sync.restore.beside import with_companions
+from spotwatch.sync.restore.candidates import Candidate
+from spotwatch.sync.restore.set_fetch import restore_newest
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import list_manifests
 
@@ -311,8 +313,8 @@ def test_a_pointer_that_fails_after_its_step_is_in_place_says_the_step_is_there(
     report = restore_newest(store, [manifests["global_step200"]], destination, "CRC32", None)
     assert report is not None
     with pytest.raises(SpotwatchError) as failed:
-        _with_companions(report, [Candidate.of(manifests["latest"])], store, "CRC32", None,
-                         set(manifests), asked_for=False)
+        with_companions(report, [Candidate.of(manifests["latest"])], store, "CRC32", None,
+                        set(manifests), asked_for=False)
     assert str(failed.value).startswith("restore of latest failed: ")
     assert str(failed.value).endswith(f" (global_step200 is restored into {destination} "
                                       "already)")

@@ -21,7 +21,7 @@ from spotwatch.commands.status import render_status
 from spotwatch.config import load_config
 from spotwatch.daemon.loop import Daemon
 from spotwatch.keys import RESTORE_TEMP_SUFFIX, is_restore_temporary, manifest_key
-from spotwatch.sync.restore import temporary
+from spotwatch.sync.restore.destination import temporary
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
 from .conftest import Workspace, keys_in, object_bytes, wait_for

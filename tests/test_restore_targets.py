@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from spotwatch.errors import SpotwatchError
 from spotwatch.keys import object_key
-from spotwatch.sync.restore import _Targets, restore_newest
+from spotwatch.sync.restore.destination import Targets
+from spotwatch.sync.restore.set_fetch import restore_newest
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
 from .memory_store import InMemoryObjectStore, crc32_checksum
@@ -63,7 +64,7 @@ def test_targets_agree_with_resolving_every_path(
         if os.path.lexists(link) or not link.parent.is_dir():
             continue
         link.symlink_to((outside if leads_out else real) / to)
-    targets = _Targets(destination)
+    targets = Targets(destination)
     taken: set[Path] = set()
     for relative in paths:
         expected = reference(destination, relative)

@@ -27,7 +27,7 @@ from spotwatch.notices.peers import PeerChannel, PeerPoller, channel_prefix
 from spotwatch.state import StateDir
 from spotwatch.sync.ledger import Ledger
 from spotwatch.sync.pruner import prune_once
-from spotwatch.sync.restore import restore
+from spotwatch.sync.restore.run import restore
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 
 from .conftest import Workspace, keys_in, object_bytes

@@ -15,7 +15,7 @@ MANIFEST_DIR = ".spotwatch/manifests/"
 # The first path component of every key spotwatch writes for itself (manifests, probes).
 RESERVED_SET = MANIFEST_DIR.split("/", 1)[0]
 WRITE_PROBE = ".spotwatch/probe-"  # `spotwatch check` writes and deletes <prefix>probe-<host>
-# How a restore's temporaries end (sync.restore.temporary).
+# How a restore's temporaries end (sync.restore.destination.temporary).
 RESTORE_TEMP_SUFFIX = ".spotwatch-restore"
 S3_KEY_MAX_BYTES = 1024
 _DIGITS = re.compile(r"[0-9]+")

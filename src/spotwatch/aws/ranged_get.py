@@ -158,7 +158,7 @@ class RangedGetter:
         # restore left) has ext4 start writing all of it back when it is closed
         # (auto_da_alloc), which the download then waits for (10-60 ms per 256 MiB). What a
         # longer file held beyond the object is cut off once the object is written.
-        # Never through a symlink: it could lead anywhere (see sync.restore.cleared).
+        # Never through a symlink: it could lead anywhere (see sync.restore.destination.cleared).
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
         target = _File(fd, cancelled or threading.Event())
         parts = _parts(digest, part_size)

@@ -15,7 +15,7 @@ from spotwatch.console import names, print_line
 from spotwatch.errors import ConfigError
 from spotwatch.keys import is_reserved, is_utf8, set_name_of
 from spotwatch.logs import printable_path
-from spotwatch.sync.restore import restore
+from spotwatch.sync.restore.run import restore
 from spotwatch.sync.sets.manifest import LinkEntry
 
 

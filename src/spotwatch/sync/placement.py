@@ -1,13 +1,13 @@
 """Moving a verified set into place: the whole set lands, or the destination is left as it was.
 
-Each file's bytes wait under a temporary name beside its target (sync.restore.temporary); once
-the whole set checked out they are renamed into place. A rename can still be refused (a sticky
-folder where the file in the way is another user's, a full disk, an I/O error) or a stop can
-come between two renames: either would leave part of the set in place. So what is in the way
-is first kept under a second name (a hard link, else renamed aside, which also tells before
-the first rename whether the file in the way may be replaced), the renames run with SIGINT,
-SIGTERM and SIGHUP held, and a failure takes back what was placed and puts back what was
-there, ledger rows included.
+Each file's bytes wait under a temporary name beside its target
+(sync.restore.destination.temporary); once the whole set checked out they are renamed into
+place. A rename can still be refused (a sticky folder where the file in the way is another
+user's, a full disk, an I/O error) or a stop can come between two renames: either would leave
+part of the set in place. So what is in the way is first kept under a second name (a hard link,
+else renamed aside, which also tells before the first rename whether the file in the way may be
+replaced), the renames run with SIGINT, SIGTERM and SIGHUP held, and a failure takes back what
+was placed and puts back what was there, ledger rows included.
 """
 
 from __future__ import annotations
