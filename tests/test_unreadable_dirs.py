@@ -128,3 +128,38 @@ def test_a_flush_that_could_not_read_a_directory_does_not_say_everything_is_safe
     assert daemon.stop() == 1
     [incomplete] = daemon.named("flush_incomplete")
     assert incomplete["unreadable_dirs"] == [str(hidden)]
+
+
+@pytest.mark.parametrize("closed", ["set", "root"])
+def test_a_folder_closed_after_it_was_watched_is_named_and_its_files_go_up_once_open(
+        workspace: Workspace, s3: Any, closed: str) -> None:
+    """A trainer of another user closes a folder already watched (chmod 700) and writes into
+    it: inotify still reports the write, but the file's bytes, even its size, are out of
+    reach. It is never dropped with status at 0 pending: its folder (the set's, or the watched
+    root itself) is named, shown in status, and the file goes up once the folder is open
+    again, with no flush or rescan to find it."""
+    workspace.launcher = NO_DAC
+    step = workspace.checkpoints / "step_6"
+    step.mkdir()
+    (step / "first.pt").write_bytes(b"first")
+    daemon = workspace.start_daemon()
+    wait_for(lambda: "run1/step_6/first.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    folder = step if closed == "set" else workspace.checkpoints
+    folder.chmod(0)  # another user's 0700, closed after the daemon watched it
+    (step / "model.pt").write_bytes(b"written while closed")
+
+    warned = daemon.wait_for_event("dir_unreadable")
+    assert warned["path"] == str(folder)
+    wait_for(lambda: workspace.status().get("unreadable_dirs") == [str(folder)])
+    assert "run1/step_6/model.pt" not in keys_in(s3, workspace.bucket)
+
+    folder.chmod(0o755)  # the operator opens it again
+    wait_for(lambda: "run1/step_6/model.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    assert object_bytes(s3, workspace.bucket, "run1/step_6/model.pt") == b"written while closed"
+    wait_for(lambda: workspace.status().get("unreadable_dirs") == [])
+    # Still watched through the watch it had: a later write goes up, once.
+    (step / "later.pt").write_bytes(b"later")
+    wait_for(lambda: "run1/step_6/later.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    assert daemon.stop() == 0
+    assert len([e for e in daemon.named("upload_done")
+                if e.get("key") == "run1/step_6/later.pt"]) == 1

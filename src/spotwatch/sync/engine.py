@@ -275,6 +275,9 @@ class SyncEngine:
                     stat = os.stat(path, follow_symlinks=False)
                 except FileNotFoundError:
                     continue
+                except PermissionError as exc:  # a folder closed after it was watched
+                    tracker.note_unreadable(tracker.closed_folder(path), exc, watched=True)
+                    continue
                 except OSError as exc:
                     log.warning("file_unreadable", path=str(path), error=exc.strerror)
                     continue

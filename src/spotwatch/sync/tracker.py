@@ -212,6 +212,8 @@ class ChangeTracker(FileSystemEventHandler):
         # on such directories once they could be read (the root's watch never got one).
         self._unreadable: dict[Path, str] = {}
         self._late_watches: dict[Path, ObservedWatch] = {}
+        # Those of them closed after they were watched (closed_folder): watched still.
+        self._closed_while_watched: set[Path] = set()
         self._unreadable_checked_at = float("-inf")
         self._reserved_reported = False  # reserved_name_skipped logged
 
@@ -328,7 +330,7 @@ class ChangeTracker(FileSystemEventHandler):
                                "its files would go under two prefixes")
         return True
 
-    def note_unreadable(self, directory: Path, error: OSError) -> None:
+    def note_unreadable(self, directory: Path, error: OSError, watched: bool = False) -> None:
         """Invariant: a directory whose files spotwatch may not read (a trainer of another
         user with umask 077, or a tempfile.mkdtemp staging directory renamed into place) is
         never skipped in silence. It is named once (dir_unreadable), reported in status, keeps
@@ -340,8 +342,20 @@ class ChangeTracker(FileSystemEventHandler):
             if directory in self._unreadable:
                 return
             self._unreadable[directory] = error.strerror or str(error)
+            if watched:
+                self._closed_while_watched.add(directory)
         log.warning("dir_unreadable", path=printable_path(directory), error=error.strerror,
                     detail="its files are not uploaded until spotwatch may read it")
+
+    def closed_folder(self, path: Path) -> Path:
+        """The highest folder from the root down to the path's own whose files may not be read
+        now: one a trainer of another user closed (chmod 700) after it was watched, whose
+        files' events still come, but not their bytes. The path's own folder when none is
+        (opened again since)."""
+        for folder in reversed(path.parents):
+            if folder.is_relative_to(self.root) and listing_error(folder) is not None:
+                return folder
+        return path.parent
 
     def may_hold_files(self, directory: Path) -> bool:
         """Whether a file below this directory may be one to upload. Includes may take back
@@ -367,10 +381,13 @@ class ChangeTracker(FileSystemEventHandler):
                 continue
             with self._lock:
                 del self._unreadable[directory]
+                watched = directory in self._closed_while_watched
+                self._closed_while_watched.discard(directory)
             if _directory_identity(directory) is None:
                 continue  # gone: nothing of it to upload
             log.info("dir_readable", path=printable_path(directory))
-            self._watch_late(observer, directory)
+            if not watched:  # its inotify watch outlived the chmod: no second one
+                self._watch_late(observer, directory)
             for path, _ in walk_files(directory, on_unreadable=self.note_unreadable):
                 self.mark(path, closed=False)
 
