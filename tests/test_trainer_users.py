@@ -247,6 +247,11 @@ def test_a_shared_notice_volume_the_daemon_cannot_write_is_named_at_start(
         reason = f"the trainer cannot be told of a notice: /run/spotwatch: {why}"
         assert wait_for(lambda: reason in space.status().get("degraded", []))
         assert space.cli("status", "-c", str(space.config_file), "--healthy").returncode == 1
+        check = subprocess.run([*in_daemon_mounts, *AS_NOBODY, sys.executable, "-m",
+                                "spotwatch.cli", "check", "-c", str(space.config_file)],
+                               env={**trainer_env(), "S3_BUCKET_NAME": bucket}, cwd="/",
+                               capture_output=True, text=True, timeout=60)
+        assert f"warn  notice file      /run/spotwatch: {why} (" in check.stdout, check.stdout
         imds.fire_spot_interruption()  # still written where it can be
         assert wait_for(lambda: interruption_pending(fallback))["kind"] == "spot-interruption"
         subprocess.run([*in_daemon_mounts, "chown", f"{NOBODY}:{NOBODY}", "/run/spotwatch"],

@@ -92,11 +92,11 @@ class NoticeHooks:
         own is."""
         if self._settings.notice_file is None:
             self._follow_default()
-            passed = passed_over_notice_dir(self._state_path)
+            passed = passed_over_place(self._state_path)
             if passed is not None:
-                return passed, _not_writable(passed), (
-                    f"the notice goes to {self.notice_file} instead, which a trainer reading "
-                    f"{passed} never sees")
+                where, why = passed
+                return where, why, (f"the notice goes to {self.notice_file} instead, which a "
+                                    f"trainer reading {where} never sees")
         try:
             if self.notice_file.is_dir():  # a directory there: the rename onto it fails
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
@@ -208,12 +208,18 @@ def trainer_pid(text: str) -> int:
     return pid
 
 
-def _not_writable(directory: Path) -> str:
-    """Why this process may not write there, and what to change (for the log and status)."""
+def passed_over_place(state_dir: Path) -> tuple[Path, str] | None:
+    """A default notice place this process passes over though the trainer reads it first
+    (see passed_over_notice_dir), with why and what to change; None when there is none.
+    For the daemon (at start and in status) and `spotwatch check` alike."""
+    directory = passed_over_notice_dir(state_dir)
+    if directory is None:
+        return None
     try:
         info = os.stat(directory)
     except OSError as exc:
-        return exc.strerror or str(exc)
+        return directory, exc.strerror or str(exc)
     uid = os.geteuid()
-    return (f"owned by uid {info.st_uid} with mode {info.st_mode & 0o7777:04o}, not writable "
-            f"by uid {uid}: make it writable by uid {uid}, or set hooks.notice_file")
+    return directory, (f"owned by uid {info.st_uid} with mode {info.st_mode & 0o7777:04o}, "
+                       f"not writable by uid {uid}: make it writable by uid {uid}, "
+                       "or set hooks.notice_file")
