@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from spotwatch.emulator import ImdsEmulator
+from spotwatch.interruption import interruption_pending
 
 from .conftest import REGION, Workspace, wait_for
 from .test_systemd import unit_settings
@@ -223,3 +224,54 @@ def test_a_notice_file_the_daemon_cannot_write_is_named_at_start(workspace: Work
     reason = (f"the trainer cannot be told of a notice: {notice_file}: Permission denied")
     assert wait_for(lambda: reason in workspace.status().get("degraded", []))
     assert daemon.stop() == 0
+
+
+def test_a_shared_notice_volume_the_daemon_cannot_write_is_named_at_start(
+        shared_dir: Path, bucket: str, imds: ImdsEmulator) -> None:
+    """The sidecar's notices volume at /run/spotwatch owned by root (0755, a host directory),
+    the daemon not root: the notice would go to the state directory, which the trainer never
+    reads. Said at start and in status (not healthy), the notice still written there; once
+    /run/spotwatch is made the daemon's, the notice moves there, without a restart."""
+    for tool in ("unshare", "nsenter"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    space = Workspace(shared_dir, shared_dir / "checkpoints", shared_dir / "config.yaml",
+                      bucket, imds.url)
+    state = shared_dir / "state"
+    for directory in (space.checkpoints, state):
+        directory.mkdir()
+        os.chown(directory, NOBODY, NOBODY)
+    space.write_config()
+    # A /run of the daemon's own (a tmpfs in a mount namespace) with root's /run/spotwatch.
+    space.launcher = ("unshare", "--mount", "--propagation=private", "sh", "-c",
+                      "mount -t tmpfs -o mode=0755 tmpfs /run && mkdir -m 0755 /run/spotwatch"
+                      ' && exec "$@"', "sh", *AS_NOBODY)
+    daemon = space.start_daemon(RUNTIME_DIRECTORY="", XDG_RUNTIME_DIR="", HOME="/nonexistent")
+    try:
+        in_daemon_mounts = ("nsenter", f"--mount=/proc/{daemon.process.pid}/ns/mnt")
+        fallback = state / "notice.json"
+        why = (f"owned by uid 0 with mode 0755, not writable by uid {NOBODY}: make it writable"
+               f" by uid {NOBODY}, or set hooks.notice_file")
+        failed = [e for e in daemon.named("hook_failed") if e["hook"] == "notice_file"]
+        assert [(e["path"], e["error"]) for e in failed] == [("/run/spotwatch", why)]
+        assert str(fallback) in failed[0]["detail"]
+        reason = f"the trainer cannot be told of a notice: /run/spotwatch: {why}"
+        assert wait_for(lambda: reason in space.status().get("degraded", []))
+        assert space.cli("status", "-c", str(space.config_file), "--healthy").returncode == 1
+        check = subprocess.run([*in_daemon_mounts, *AS_NOBODY, sys.executable, "-m",
+                                "spotwatch.cli", "check", "-c", str(space.config_file)],
+                               env={**trainer_env(), "S3_BUCKET_NAME": bucket}, cwd="/",
+                               capture_output=True, text=True, timeout=60)
+        assert f"warn  notice file      /run/spotwatch: {why} (" in check.stdout, check.stdout
+        imds.fire_spot_interruption()  # still written where it can be
+        assert wait_for(lambda: interruption_pending(fallback))["kind"] == "spot-interruption"
+        subprocess.run([*in_daemon_mounts, "chown", f"{NOBODY}:{NOBODY}", "/run/spotwatch"],
+                       check=True)
+        assert wait_for(lambda: not space.status().get("degraded"), timeout=30)
+        reader = read_notice_as_nobody(*in_daemon_mounts)
+        assert reader.returncode == 0, reader.stderr
+        assert json.loads(reader.stdout)["kind"] == "spot-interruption", reader.stderr
+        assert not fallback.exists()
+        assert len(daemon.named("hook_failed")) == 1
+    finally:
+        daemon.stop()

@@ -47,6 +47,19 @@ def default_notice_file(state_dir: Path) -> Path:
         NOTICE_FILE_NAME
 
 
+def passed_over_notice_dir(state_dir: Path) -> Path | None:
+    """A default place that exists but this process may not use, ahead of the one
+    default_notice_file chooses, else None. A reader looks there first: typically the volume
+    shared with the trainer, mounted owned by another user, so the notice goes to a place the
+    trainer never reads."""
+    for directory, usable in notice_dirs(state_dir):
+        if usable:
+            return None
+        if os.path.lexists(directory):
+            return directory
+    return None
+
+
 def notice_file_candidates() -> list[Path]:
     """Where a reader looks: $SPOTWATCH_NOTICE_FILE alone when set, else every default."""
     explicit = os.environ.get(NOTICE_FILE_ENV)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from spotwatch.aws.preflight import failures, run_checks
+from spotwatch.aws.preflight import CheckResult, failures, run_checks
 from spotwatch.commands import load
-from spotwatch.config import require_notice_file_place
+from spotwatch.config import Config, require_notice_file_place
 from spotwatch.console import print_line
+from spotwatch.daemon.hooks import passed_over_place
+from spotwatch.interruption import default_notice_file
 from spotwatch.state import StateDir
 
 
@@ -15,7 +17,21 @@ def run(args: argparse.Namespace) -> int:
     config, bucket = load(args, uploads=False)
     require_notice_file_place(config)
     StateDir(config.state_dir).ensure()  # where `run` keeps its ledger: refused as it would be
-    results = run_checks(config, bucket)
+    results = run_checks(config, bucket) + _notice_place(config)
     for result in results:
         print_line(f"{result.symbol}  {result.name:<16} {result.detail}")
     return 1 if failures(results) else 0
+
+
+def _notice_place(config: Config) -> list[CheckResult]:
+    """A default notice place the trainer reads but this user may not write, as the daemon
+    says at start. A warning: the daemon may run as another user (root under systemd) than
+    the one running the check."""
+    passed = None if config.hooks.notice_file else passed_over_place(config.state_dir)
+    if passed is None:
+        return []
+    where, why = passed
+    instead = default_notice_file(config.state_dir)
+    return [CheckResult("notice file", False, f"{where}: {why} (a daemon of this uid writes "
+                        f"the notice to {instead}, which a trainer reading {where} never "
+                        "sees)", fatal=False)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spotwatch.config import HookSettings
-from spotwatch.interruption import default_notice_file
+from spotwatch.interruption import default_notice_file, passed_over_notice_dir
 from spotwatch.logs import get_logger
 from spotwatch.notices.store import ActedNotices, Told, current_boot
 from spotwatch.state import StateDir, make_shared_dirs, write_json_atomically
@@ -32,10 +33,12 @@ class NoticeHooks:
     def __init__(self, settings: HookSettings, state: StateDir) -> None:
         self.notice_file = settings.notice_file or default_notice_file(state.path)
         self._settings = settings
+        self._state_path = state.path
         self._acted = ActedNotices(state.acted_notices, current_boot())
-        # Why the notice file cannot be written (the start's check or the last write failed):
-        # a degraded reason until a write, or a check made while degraded, succeeds.
-        self._unwritable: str | None = None
+        # Where and why the trainer may miss the notice (the notice file cannot be written, or
+        # the default place it reads was passed over): a degraded reason until a check made
+        # while degraded, or (for the notice file itself) a write, succeeds.
+        self._unwritable: tuple[Path, str] | None = None
         self._recheck_at = 0.0  # monotonic
 
     def degraded_reason(self) -> str | None:
@@ -47,7 +50,8 @@ class NoticeHooks:
             self._check_writable()
         if self._unwritable is None:
             return None
-        return f"the trainer cannot be told of a notice: {self.notice_file}: {self._unwritable}"
+        where, why = self._unwritable
+        return f"the trainer cannot be told of a notice: {where}: {why}"
 
     def start(self) -> Told | None:
         """At daemon start. A notice acted on during this boot is likely still posted, so its
@@ -62,10 +66,37 @@ class NoticeHooks:
         return None
 
     def _check_writable(self) -> None:
-        """Invariant 7 needs the notice file written when the notice comes: a place the daemon
-        cannot write (a directory of another user, a read-only file system, or outside the
-        unit's ReadWritePaths) is named at start, while it can still be fixed, not only once
-        the notice is missed. A file made and removed beside it, as the notice's own is."""
+        """Invariant 7 needs the notice file written when the notice comes, where the trainer
+        reads it: a place the daemon cannot write is named at start (and degrades status),
+        while it can still be fixed, not only once the notice is missed. Said once, not at
+        every check again."""
+        problem = self._place_problem()
+        if problem is None:
+            if self._unwritable is not None:
+                log.info("notice_file_writable", path=str(self.notice_file))
+            self._unwritable = None
+            return
+        where, error, detail = problem
+        if (where, error) != self._unwritable:
+            log.warning("hook_failed", hook="notice_file", path=str(where), error=error,
+                        detail=detail)
+        self._unwritable = (where, error)
+
+    def _place_problem(self) -> tuple[Path, str, str] | None:
+        """(place, error, what to do) when the trainer may miss the notice, else None.
+        Without hooks.notice_file, a default place that exists but the daemon may not write
+        (the shared volume mounted owned by another user) is one: the notice would go further
+        down the list, where a trainer reading that volume never looks. Else the notice
+        file's own place (a directory of another user, a read-only file system, outside the
+        unit's ReadWritePaths), tried with a file made and removed beside it, as the notice's
+        own is."""
+        if self._settings.notice_file is None:
+            self._follow_default()
+            passed = passed_over_place(self._state_path)
+            if passed is not None:
+                where, why = passed
+                return where, why, (f"the notice goes to {self.notice_file} instead, which a "
+                                    f"trainer reading {where} never sees")
         try:
             if self.notice_file.is_dir():  # a directory there: the rename onto it fails
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
@@ -75,16 +106,25 @@ class NoticeHooks:
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            unwritable = exc.strerror or str(exc)
-            if unwritable != self._unwritable:  # said once, not at every check again
-                log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
-                            error=exc.strerror,
-                            detail="the trainer cannot be told of a notice until this is fixed")
-            self._unwritable = unwritable
+            return (self.notice_file, exc.strerror or str(exc),
+                    "the trainer cannot be told of a notice until this is fixed")
+        return None
+
+    def _follow_default(self) -> None:
+        """A default place whose use changed while the daemon runs (the shared volume's owner
+        or mode fixed) is used from then on, and the notice in effect moves there, so that a
+        fix needs no restart."""
+        wanted = default_notice_file(self._state_path)
+        if wanted == self.notice_file:
             return
-        if self._unwritable is not None:
-            log.info("notice_file_writable", path=str(self.notice_file))
-        self._unwritable = None
+        left, self.notice_file = self.notice_file, wanted
+        log.info("notice_file_moved", path=str(wanted), previous=str(left))
+        try:
+            notice = json.loads(left.read_text())
+        except (OSError, ValueError):  # none in effect (or none readable): nothing to move
+            return
+        if isinstance(notice, dict) and self._write_notice_file(notice):
+            left.unlink(missing_ok=True)
 
     def fire(self, notice: dict[str, Any], told: Told) -> None:
         """Hooks act once per notice id, across restarts too, and again when its deadline
@@ -115,16 +155,18 @@ class NoticeHooks:
             log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
                         error=exc.strerror)
 
-    def _write_notice_file(self, notice: dict[str, Any]) -> None:
+    def _write_notice_file(self, notice: dict[str, Any]) -> bool:
         try:
             make_shared_dirs(self.notice_file.parent)
             write_json_atomically(self.notice_file, notice, mode=NOTICE_FILE_MODE)
         except OSError as exc:
-            self._unwritable = exc.strerror or str(exc)
+            self._unwritable = (self.notice_file, exc.strerror or str(exc))
             log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
                         error=exc.strerror)
-            return
-        self._unwritable = None
+            return False
+        if self._unwritable is not None and self._unwritable[0] == self.notice_file:
+            self._unwritable = None  # a passed-over default place is still one
+        return True
 
     def _signal_trainer(self, name: str, pid_file: Path) -> None:
         try:
@@ -164,3 +206,20 @@ def trainer_pid(text: str) -> int:
     if not 0 < pid <= MAX_PID:
         raise ValueError(f"not a process id: {words[0][:40]!r}")
     return pid
+
+
+def passed_over_place(state_dir: Path) -> tuple[Path, str] | None:
+    """A default notice place this process passes over though the trainer reads it first
+    (see passed_over_notice_dir), with why and what to change; None when there is none.
+    For the daemon (at start and in status) and `spotwatch check` alike."""
+    directory = passed_over_notice_dir(state_dir)
+    if directory is None:
+        return None
+    try:
+        info = os.stat(directory)
+    except OSError as exc:
+        return directory, exc.strerror or str(exc)
+    uid = os.geteuid()
+    return directory, (f"owned by uid {info.st_uid} with mode {info.st_mode & 0o7777:04o}, "
+                       f"not writable by uid {uid}: make it writable by uid {uid}, "
+                       "or set hooks.notice_file")
