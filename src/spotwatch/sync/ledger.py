@@ -133,6 +133,10 @@ class Ledger:
                 if name not in columns:
                     _add_column(self._db, added_by)
             self._db.execute(_RETIRED_INDEX)
+            # Invariant: no ledger runs read-only. SQLite opens a file it may not write (another
+            # user's) read-only, and with its WAL there every statement above passes: a write
+            # that changes nothing is refused there ("attempt to write a readonly database").
+            self._db.execute("DELETE FROM multipart_started WHERE 0")
         except (OSError, sqlite3.Error) as exc:
             raise SpotwatchError(f"cannot open ledger {path}: {exc}") from None
         self._lock = threading.RLock()  # a transaction holds it across its writes
