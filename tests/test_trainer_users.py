@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -20,7 +21,7 @@ import yaml
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.interruption import interruption_pending
 
-from .conftest import REGION, Workspace, wait_for
+from .conftest import REGION, Workspace, keys_in, wait_for
 from .test_systemd import unit_settings
 
 NOBODY = 65534
@@ -275,3 +276,123 @@ def test_a_shared_notice_volume_the_daemon_cannot_write_is_named_at_start(
         assert len(daemon.named("hook_failed")) == 1
     finally:
         daemon.stop()
+
+
+def _config_for(state: Path, shared_dir: Path) -> Path:
+    """A config for `spotwatch run` on shared_dir/state, watching a checkpoint with a file in it."""
+    checkpoints = shared_dir / "checkpoints"
+    (checkpoints / "step_1").mkdir(parents=True)
+    (checkpoints / "step_1" / "model.pt").write_bytes(b"weights")
+    config = shared_dir / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "aws": {"region": REGION}, "watch": [{"path": str(checkpoints), "prefix": "run1/"}],
+        "imds": {"enabled": False}, "state": {"dir": str(state)}, "metrics": {"port": 0}}))
+    return config
+
+
+def _root_run_left_behind(state: Path) -> None:
+    """What a root daemon killed with -9 leaves: its ledger with the -wal and -shm beside it,
+    root's (0644), every write of it in the WAL."""
+    state.mkdir(mode=0o755)
+    left = ("import os, pathlib, sys; from spotwatch.sync.ledger import Ledger; "
+            "Ledger(pathlib.Path(sys.argv[1])); os._exit(0)")
+    subprocess.run([sys.executable, "-c", left, str(state / "ledger.sqlite3")], check=True,
+                   timeout=60)
+    assert (state / "ledger.sqlite3-wal").exists()
+
+
+def _run_as_nobody(config: Path, bucket: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AS_NOBODY, sys.executable, "-m", "spotwatch.cli", "run", "-c",
+                           str(config)], env={**trainer_env(), "S3_BUCKET_NAME": bucket},
+                          cwd="/", capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("foreign", ["ledger.sqlite3", "acted_notices.json"])
+def test_a_state_directory_holding_files_of_another_user_is_refused(
+        shared_dir: Path, s3: Any, bucket: str, foreign: str) -> None:
+    """The daemon ran as root (kill -9 left its ledger's WAL files), then the operator chowned
+    the directory, its lock and status.json to the daemon's user, not the rest. A ledger it
+    may not write (SQLite opens it read-only: every record fails behind a healthy start), or
+    an acted_notices.json it may not read (its hooks would act again on a notice they acted
+    on), refuse the start: one line naming the file, its owner and the fix, exit 2."""
+    state = shared_dir / "state"
+    _root_run_left_behind(state)
+    if foreign == "acted_notices.json":
+        (state / "acted_notices.json").write_text('{"boot_id": null, "ids": []}')
+        (state / "acted_notices.json").chmod(0o600)
+        for name in ("ledger.sqlite3", "ledger.sqlite3-wal", "ledger.sqlite3-shm"):
+            os.chown(state / name, NOBODY, NOBODY)
+    for name in ("lock", "status.json"):
+        (state / name).write_text("")
+        os.chown(state / name, NOBODY, NOBODY)
+    os.chown(state, NOBODY, NOBODY)
+    config = _config_for(state, shared_dir)
+    done = _run_as_nobody(config, bucket)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"spotwatch: error: cannot use state directory {state}: {foreign} is owned by uid 0 "
+        f"and uid {NOBODY} cannot read and write it; fix: chown -R {NOBODY} {state}")
+    assert keys_in(s3, bucket) == set()
+
+
+def test_a_state_directory_all_of_its_user_starts(shared_dir: Path, s3: Any,
+                                                  bucket: str) -> None:
+    """The same state, chowned -R as the refusal says: the daemon starts, and records."""
+    state = shared_dir / "state"
+    _root_run_left_behind(state)
+    (state / "acted_notices.json").write_text('{"boot_id": null, "ids": []}')
+    (state / "acted_notices.json").chmod(0o600)
+    subprocess.run(["chown", "-R", str(NOBODY), str(state)], check=True)
+    config = _config_for(state, shared_dir)
+    daemon = subprocess.Popen([*AS_NOBODY, sys.executable, "-m", "spotwatch.cli", "run", "-c",
+                               str(config)], env={**trainer_env(), "S3_BUCKET_NAME": bucket},
+                              cwd="/", stderr=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stderr is not None
+        lines = []
+        for line in daemon.stderr:
+            lines.append(line)
+            if '"daemon_started"' in line:
+                break
+        assert '"daemon_started"' in lines[-1], "".join(lines)
+        daemon.terminate()  # the final flush uploads the checkpoint and records it
+        rest = daemon.stderr.read()
+        assert daemon.wait(timeout=60) == 0, rest
+    finally:
+        daemon.kill()
+        daemon.wait()
+    assert "run1/step_1/model.pt" in keys_in(s3, bucket)
+    assert "ledger_write_failed" not in "".join(lines) + rest
+
+
+def test_a_ledger_opened_read_only_is_refused(shared_dir: Path) -> None:
+    """Another user's ledger with its WAL beside it: SQLite opens it read-only and every
+    statement of the open passes; the ledger says it cannot be written, at once."""
+    state = shared_dir / "state"
+    _root_run_left_behind(state)
+    opens = ("import pathlib, sys; from spotwatch.sync.ledger import Ledger; "
+             "Ledger(pathlib.Path(sys.argv[1]))")
+    done = subprocess.run([*AS_NOBODY, sys.executable, "-c", opens, str(state / "ledger.sqlite3")],
+                          env=trainer_env(), cwd="/", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == (
+        f"spotwatch.errors.SpotwatchError: cannot open ledger {state / 'ledger.sqlite3'}: "
+        "attempt to write a readonly database")
+
+
+def test_acted_notices_unreadable_later_is_a_warning(shared_dir: Path) -> None:
+    """An acted_notices.json that became another user's after the start's check: the hooks
+    may act again, and that is said, not taken silently for no notice acted on."""
+    record = shared_dir / "acted_notices.json"
+    record.write_text('{"boot_id": "boot", "ids": ["a"]}')
+    record.chmod(0o600)
+    loads = ("import pathlib, sys; from spotwatch.notices.store import ActedNotices; "
+             "acted = ActedNotices(pathlib.Path(sys.argv[1]), 'boot'); acted.load(); "
+             "print(sorted(acted.acted))")
+    done = subprocess.run([*AS_NOBODY, sys.executable, "-c", loads, str(record)],
+                          env=trainer_env(), cwd="/", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    *logged, acted = done.stdout.splitlines()  # the log lines, then the print
+    assert acted == "[]"
+    assert any("hook_record_unreadable" in line and "Permission denied" in line
+               for line in logged), done.stdout

@@ -99,7 +99,33 @@ class StateDir:
                 self.node_id.write_text(kept + "\n")
         return f"{host}/{kept}"
 
+    @property
+    def written_files(self) -> tuple[Path, ...]:
+        """Every file a daemon reads and writes here (SQLite's -wal and -shm beside the
+        ledger)."""
+        ledger = self.ledger
+        return (self.path / "lock", ledger, ledger.with_name(ledger.name + "-wal"),
+                ledger.with_name(ledger.name + "-shm"), self.status, self.acted_notices,
+                self.node_id)
+
     def ensure(self) -> None:
+        """Made if missing, writable by this process, and holding no file of its that this
+        process cannot read and write: else one line naming it.
+
+        Invariant: a daemon starts only on state it can keep. A file of another user (a run as
+        root before, or its kill -9 leaving root's WAL files) would fail every write behind a
+        healthy start: SQLite opens such a ledger read-only, an unreadable acted_notices.json
+        would let hooks act again on a notice they acted on."""
+        self.make()
+        for path in self.written_files:
+            if not _readable_and_writable(path):
+                uid = os.geteuid()
+                raise ConfigError(
+                    f"cannot use state directory {self.path}: {path.name} is owned by uid "
+                    f"{_owner(path)} and uid {uid} cannot read and write it; fix: chown -R "
+                    f"{uid} {self.path}")
+
+    def make(self) -> None:
         """Made if missing, and writable by this process: else one line naming it."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -233,3 +259,18 @@ def _read_only(path: Path) -> bool:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError:
         return False
+
+
+def _readable_and_writable(path: Path) -> bool:
+    """True for a file that is missing (made when needed) or this process may read and write."""
+    try:
+        return os.access(path, os.R_OK | os.W_OK) or not path.exists()
+    except OSError:  # e.g. a name too long: the write itself will say
+        return True
+
+
+def _owner(path: Path) -> int | str:
+    try:
+        return path.stat().st_uid
+    except OSError:
+        return "?"

@@ -49,7 +49,7 @@ def gather_status(config: Config, bucket: str | None) -> dict[str, Any]:
     report["left_by_last_run"] = (_left_by(state.read_status())
                                   if holder is None and state.path.is_dir() else None)
     if state.ledger.is_file():
-        ledger = Ledger(state.ledger)
+        ledger = Ledger(state.ledger, only_reading=True)
         summary = ledger.summary(bucket)
         ledger.close()
         report["uploaded_objects"] = summary.objects

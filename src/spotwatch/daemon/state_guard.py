@@ -52,7 +52,7 @@ class StateGuard:
             return
         path = self._state.path
         try:
-            self._state.ensure()  # with the permissions it is made with at start
+            self._state.make()  # with the permissions it is made with at start
             holder = self._lock.retake()
         except (OSError, SpotwatchError) as exc:
             error = exc.strerror if isinstance(exc, OSError) else str(exc)

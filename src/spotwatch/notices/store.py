@@ -100,8 +100,16 @@ class ActedNotices:
         self.acted, self.told = {}, None
         try:
             data = json.loads(self._path.read_text())
-        except (OSError, ValueError):
-            return  # none yet, or unreadable: nothing was acted on that we know of
+        except FileNotFoundError:
+            return  # none yet
+        except OSError as exc:
+            # Refused at start (StateDir.ensure); met later, the hooks may act again on a
+            # notice they acted on: said, never taken silently for none acted on.
+            log.warning("hook_record_unreadable", path=str(self._path), error=exc.strerror,
+                        detail="hooks may act again on a notice they acted on")
+            return
+        except ValueError:
+            return  # torn or foreign: nothing was acted on that we know of
         if self._boot is None or not isinstance(data, dict) or data.get("boot_id") != self._boot:
             return
         ids, deadlines = data.get("ids"), data.get("deadlines")

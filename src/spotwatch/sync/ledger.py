@@ -119,7 +119,9 @@ def _add_column(db: sqlite3.Connection, statement: str) -> None:
 
 
 class Ledger:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, only_reading: bool = False) -> None:
+        """only_reading: for a reader that writes nothing (status), which may run as another
+        user than the daemon and then may only read it."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -133,6 +135,11 @@ class Ledger:
                 if name not in columns:
                     _add_column(self._db, added_by)
             self._db.execute(_RETIRED_INDEX)
+            # Invariant: no ledger runs read-only. SQLite opens a file it may not write (another
+            # user's) read-only, and with its WAL there every statement above passes: a write
+            # that changes nothing is refused there ("attempt to write a readonly database").
+            if not only_reading:
+                self._db.execute("DELETE FROM multipart_started WHERE 0")
         except (OSError, sqlite3.Error) as exc:
             raise SpotwatchError(f"cannot open ledger {path}: {exc}") from None
         self._lock = threading.RLock()  # a transaction holds it across its writes
