@@ -2,10 +2,15 @@
 #   docker build -t spotwatch .
 # The build stage runs on the same base as the runtime stage, so the wheels always match the
 # image's Python, whatever Python the host has. Without Docker, see the README's buildah recipe
-# (--format docker keeps the HEALTHCHECK).
+# (--format docker keeps the HEALTHCHECK). BASE_IMAGE: a Debian-based image whose python3 is 3.11
+# or newer (Debian bookworm and newer, Ubuntu 24.04) with `python3 -m venv` and apt.
 ARG BASE_IMAGE=python:3.12-slim
 
 FROM ${BASE_IMAGE} AS build
+# watchdog>=7.1 (its inotify overflow report) needs Python 3.11: an older base fails here, in one
+# line, rather than in pip's resolver.
+RUN python3 -c 'import sys; v = sys.version_info; sys.exit(v < (3, 11) and \
+    "spotwatch needs Python 3.11 or newer; BASE_IMAGE has python3 %d.%d" % v[:2])'
 # A venv without pip, filled by a throwaway pip: the runtime copy holds only spotwatch and its
 # dependencies, never pip, setuptools, wheel or a wheelhouse.
 RUN python3 -m venv /opt/build-tools \

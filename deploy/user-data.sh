@@ -3,6 +3,10 @@
 # config and environment file, optionally restores the newest checkpoint, then enables and
 # starts the systemd service before training begins.
 #
+# Needs Python 3.11 or newer with venv: python3 where it is that recent (Debian bookworm and
+# newer, Ubuntu 24.04), else python3.11, which it installs with apt or dnf if missing (Ubuntu
+# 22.04, Amazon Linux 2023).
+#
 # Settings, as environment variables or edited here:
 #   SPOTWATCH_BUCKET          checkpoint bucket (required)
 #   SPOTWATCH_REGION          bucket region; default: the instance's region from IMDS
@@ -33,6 +37,7 @@ esac
 IMDS_ENDPOINT="${AWS_EC2_METADATA_SERVICE_ENDPOINT:-$IMDS_ENDPOINT}"
 IMDS_ENDPOINT="${IMDS_ENDPOINT%/}"
 DESTDIR="${DESTDIR:-}"
+PYTHON=""
 
 PREFIX_DIR=/opt/spotwatch
 CONFIG_DIR=/etc/spotwatch
@@ -59,27 +64,62 @@ if [ -z "$SPOTWATCH_REGION" ]; then
         || die "cannot read the region from IMDS at $IMDS_ENDPOINT; set SPOTWATCH_REGION"
 fi
 
+# watchdog>=7.1, whose inotify overflow report sync.tracker's rescan relies on, needs Python
+# 3.11: older distributions (Ubuntu 22.04, Amazon Linux 2023) have it beside python3, by name.
+PYTHON_CANDIDATES="python3 python3.13 python3.12 python3.11"
+
+recent_python() {
+    "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1
+}
+
+# Debian and Ubuntu ship the venv module with python3 but ensurepip, without which no venv can be
+# made, only in python3-venv (python3.11-venv): a candidate must import both.
+usable_python() {
+    recent_python "$1" && "$1" -c 'import ensurepip, venv' >/dev/null 2>&1
+}
+
+# Sets PYTHON to the first usable candidate on PATH.
+find_python() {
+    local candidate
+    for candidate in $PYTHON_CANDIDATES; do
+        if command -v "$candidate" >/dev/null && usable_python "$candidate"; then
+            PYTHON=$(command -v "$candidate")
+            return 0
+        fi
+    done
+    return 1
+}
+
+python3_version() {
+    python3 -c 'import sys; print("python3 %d.%d.%d" % sys.version_info[:3])' 2>/dev/null \
+        || echo none
+}
+
 ensure_python() {
-    # Debian and Ubuntu ship the venv module with python3 but ensurepip, without which no venv
-    # can be made, only in python3-venv.
-    if python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
-        return
+    find_python && return
+    if [ -z "$DESTDIR" ]; then
+        # A failed install still ends in the one-line error below, not in the package manager's.
+        if command -v apt-get >/dev/null; then
+            local packages=python3-venv
+            if command -v python3 >/dev/null && ! recent_python python3; then
+                packages="python3.11 python3.11-venv"
+            fi
+            # shellcheck disable=SC2086 # two package names, when there are two
+            { apt-get update -q && apt-get install -y -q $packages; } \
+                || log "could not install $packages"
+        elif command -v dnf >/dev/null; then
+            dnf install -y -q python3.11 || log "could not install python3.11"
+        fi
     fi
-    [ -z "$DESTDIR" ] || die "python3 with venv is required"
-    if command -v apt-get >/dev/null; then
-        apt-get update -q && apt-get install -y -q python3-venv
-    elif command -v dnf >/dev/null; then
-        dnf install -y -q python3
-    else
-        die "python3 with venv is required"
-    fi
+    find_python \
+        || die "Python 3.11 or newer with venv is required (found: $(python3_version))"
 }
 
 install_package() {
     local venv="$DESTDIR$PREFIX_DIR"
     ensure_python
     log "installing $SPOTWATCH_PACKAGE into $venv"
-    python3 -m venv "$venv"
+    "$PYTHON" -m venv "$venv"
     # shellcheck disable=SC2086 # SPOTWATCH_PIP_ARGS is a list of words on purpose
     "$venv/bin/pip" install -q --disable-pip-version-check $SPOTWATCH_PIP_ARGS "$SPOTWATCH_PACKAGE"
     mkdir -p "$DESTDIR/usr/local/bin"

@@ -277,3 +277,12 @@ def clock() -> FakeClock:
 @pytest.fixture
 def store() -> InMemoryObjectStore:
     return InMemoryObjectStore()
+
+
+def installed_python(minor: int) -> Path:
+    """A real CPython 3.<minor> (pyenv's) for tests of an older or newer distribution's Python;
+    skips the test when there is none."""
+    found = sorted((Path.home() / ".pyenv" / "versions").glob(f"3.{minor}.*/bin/python3.{minor}"))
+    if not found:
+        pytest.skip(f"no Python 3.{minor} installed (pyenv)")
+    return found[-1]

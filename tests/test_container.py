@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from spotwatch.emulator import ImdsEmulator
-from tests.conftest import REGION, object_bytes, wait_for
+from tests.conftest import REGION, installed_python, object_bytes, wait_for
 from tests.readme_commands import ROOT, run_block, shell_block, shims
 
 TOOLS = ("buildah", "debootstrap", "unshare")
@@ -406,3 +406,31 @@ def test_kubernetes_example_runs_spotwatch_as_a_native_sidecar() -> None:
     assert notices != mounts["/opt/ml/checkpoints"]["name"]  # never uploaded as a checkpoint
     # Room for the final flush (sync.stop_timeout, 100 s by default), inside the notice's 120 s.
     assert 100 < spec["terminationGracePeriodSeconds"] <= 120
+
+
+def _dockerfile_run(containing: str) -> str:
+    """The shell command of the Dockerfile's one RUN instruction containing `containing`, its
+    continued lines joined as the builder joins them."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", "")
+    runs = [line.removeprefix("RUN ") for line in text.splitlines()
+            if line.startswith("RUN ") and containing in line]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.mark.parametrize(("minor", "refused"), [(9, True), (10, True), (11, False), (12, False)])
+def test_a_base_with_an_older_python_fails_the_build_at_once_in_one_line(
+        tmp_path: Path, minor: int, refused: bool) -> None:
+    """spotwatch needs Python 3.11 (watchdog>=7.1): the build stage's first step, run here as
+    the builder runs it (sh -c) with that base's python3, stops an older base in one line
+    instead of a pip resolver dump."""
+    (tmp_path / "python3").symlink_to(installed_python(minor))
+    done = subprocess.run(["sh", "-c", _dockerfile_run("3.11 or newer")],
+                          env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, capture_output=True,
+                          text=True, timeout=60)
+    if refused:
+        assert done.returncode == 1
+        assert done.stderr.splitlines() == [
+            f"spotwatch needs Python 3.11 or newer; BASE_IMAGE has python3 3.{minor}"]
+    else:
+        assert (done.returncode, done.stderr) == (0, "")

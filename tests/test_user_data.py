@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from spotwatch.config import load_config
 from spotwatch.emulator import ImdsEmulator
+from tests.conftest import installed_python
 from tests.readme_commands import run_in_overlaid_root, shell_block, upper
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,3 +249,108 @@ def test_the_region_is_asked_of_the_imds_the_sdk_would_ask(
     result = run_user_data(tmp_path / "root", SPOTWATCH_BUCKET="team-checkpoints", **env)
     assert result.returncode == 1
     assert f"cannot read the region from IMDS at {looked_at}" in result.stderr, result.stderr
+
+
+# Older distributions' python3 (Ubuntu 22.04: 3.10, Amazon Linux 2023: 3.9) and the python3.11
+# they offer beside it: real interpreters (pyenv's), on a PATH of their own.
+NOT_INSTALLED = '#!/bin/sh\necho "$(basename "$0"): command not found" >&2\nexit 127\n'
+
+
+def _pythons_dir(directory: Path, python3: int, python311: bool) -> Path:
+    """python3 of the given minor version; python3.11 real or, as python3.12 and python3.13,
+    not installed (a stand-in that shadows whatever the host has)."""
+    directory.mkdir()
+    (directory / "python3").symlink_to(installed_python(python3))
+    for name in ("python3.13", "python3.12", "python3.11"):
+        if name == "python3.11" and python311:
+            (directory / name).symlink_to(installed_python(11))
+        else:
+            (directory / name).write_text(NOT_INSTALLED)
+            (directory / name).chmod(0o755)
+    return directory
+
+
+def _python3_version(pythons: Path) -> str:
+    return subprocess.run([str(pythons / "python3"), "-c", "import platform; "
+                           "print(platform.python_version())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.mark.parametrize("python3", [10, 9])
+def test_an_older_python3_is_passed_over_for_python311(
+        tmp_path: Path, wheel: Path, python3: int) -> None:
+    """spotwatch needs Python 3.11 (watchdog>=7.1): where python3 is older, the venv is made
+    with the python3.11 beside it."""
+    if shutil.which("systemctl") is None:
+        pytest.skip("systemctl is not installed")
+    pythons = _pythons_dir(tmp_path / "pythons", python3, python311=True)
+    root = tmp_path / "root"
+    result = run_user_data(root, PATH=f"{pythons}:/usr/bin:/bin", SPOTWATCH_BUCKET="b",
+                           SPOTWATCH_REGION="us-west-2", SPOTWATCH_PACKAGE=str(wheel),
+                           SPOTWATCH_PIP_ARGS="--no-deps --no-index")
+    assert result.returncode == 0, result.stderr
+    version = subprocess.run([str(root / "opt/spotwatch/bin/python"), "-c",
+                              "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert version == "(3, 11)"
+    assert (root / "opt/spotwatch/bin/spotwatch").is_file()
+
+
+@pytest.mark.parametrize("python3", [10, 9])
+def test_without_python311_it_stops_in_one_line_before_pip(
+        tmp_path: Path, wheel: Path, python3: int) -> None:
+    """No Python 3.11 or newer (and, with DESTDIR, nothing installed): one line naming what
+    python3 is, exit 1, and no venv made, so pip never ran."""
+    pythons = _pythons_dir(tmp_path / "pythons", python3, python311=False)
+    root = tmp_path / "root"
+    result = run_user_data(root, PATH=f"{pythons}:/usr/bin:/bin", SPOTWATCH_BUCKET="b",
+                           SPOTWATCH_REGION="us-west-2", SPOTWATCH_PACKAGE=str(wheel),
+                           SPOTWATCH_PIP_ARGS="--no-deps --no-index")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "spotwatch user-data: error: Python 3.11 or newer with venv is required "
+        f"(found: python3 {_python3_version(pythons)})"]
+    assert not (root / "opt").exists()
+
+
+PACKAGE_MANAGER_SHIM = """#!/bin/sh
+# Records the call; installing python3.11 puts the real one where its stand-in was.
+echo "$*" >>"$PM_LOG"
+case "$*" in *"install "*python3.11*) ln -sf "$PYTHON311" "$(dirname "$0")/python3.11" ;; esac
+"""
+
+
+def _host_without_apt(directory: Path) -> Path:
+    """/usr/bin and /usr/sbin as links, less apt-get: a dnf host's PATH."""
+    directory.mkdir()
+    for source in (Path("/usr/sbin"), Path("/usr/bin")):
+        for tool in source.iterdir():
+            if tool.name != "apt-get" and not (directory / tool.name).exists():
+                (directory / tool.name).symlink_to(tool)
+    return directory
+
+
+@pytest.mark.parametrize(("python3", "manager", "calls"), [
+    (10, "apt-get", ["update -q", "install -y -q python3.11 python3.11-venv"]),  # Ubuntu 22.04
+    (9, "dnf", ["install -y -q python3.11"]),  # Amazon Linux 2023
+])
+def test_installs_python311_where_python3_is_older(
+        tmp_path: Path, wheel: Path, python3: int, manager: str, calls: list[str]) -> None:
+    """On a running instance whose python3 is older than 3.11 and which has no python3.11 yet,
+    the distribution's python3.11 is installed and the venv made with it."""
+    _needs_overlaid_root()
+    pythons = _pythons_dir(tmp_path / "pythons", python3, python311=False)
+    (pythons / manager).write_text(PACKAGE_MANAGER_SHIM)
+    (pythons / manager).chmod(0o755)
+    system = Path("/usr/bin") if manager == "apt-get" else _host_without_apt(tmp_path / "system")
+    command = f"PATH={pythons}:{tmp_path / 'shims'}:{system} " + _user_data_command(
+        SPOTWATCH_BUCKET="team-checkpoints", SPOTWATCH_REGION="us-west-2",
+        SPOTWATCH_PACKAGE=str(wheel), SPOTWATCH_PIP_ARGS="--no-deps --no-index")
+    done = run_in_overlaid_root(command, workdir=tmp_path, cwd=ROOT, extra_env={
+        "PM_LOG": str(tmp_path / "pm.log"), "PYTHON311": str(installed_python(11))})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "pm.log").read_text().splitlines() == calls
+    version = subprocess.run([str(upper(tmp_path, "/opt/spotwatch/bin/python")), "-c",
+                              "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert version == "(3, 11)"
