@@ -227,15 +227,26 @@ def test_a_notice_file_the_daemon_cannot_write_is_named_at_start(workspace: Work
     assert daemon.stop() == 0
 
 
+def own_run(setup: str, *launcher: str) -> tuple[str, ...]:
+    """Launch in a /run of the daemon's own (a tmpfs in a mount namespace), set up by the
+    shell command setup."""
+    return ("unshare", "--mount", "--propagation=private", "sh", "-c",
+            f'mount -t tmpfs -o mode=0755 tmpfs /run && {setup} && exec "$@"', "sh", *launcher)
+
+
+def namespace_tools() -> None:
+    for tool in ("unshare", "nsenter"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+
+
 def test_a_shared_notice_volume_the_daemon_cannot_write_is_named_at_start(
         shared_dir: Path, bucket: str, imds: ImdsEmulator) -> None:
     """The sidecar's notices volume at /run/spotwatch owned by root (0755, a host directory),
     the daemon not root: the notice would go to the state directory, which the trainer never
     reads. Said at start and in status (not healthy), the notice still written there; once
     /run/spotwatch is made the daemon's, the notice moves there, without a restart."""
-    for tool in ("unshare", "nsenter"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
+    namespace_tools()
     space = Workspace(shared_dir, shared_dir / "checkpoints", shared_dir / "config.yaml",
                       bucket, imds.url)
     state = shared_dir / "state"
@@ -243,10 +254,7 @@ def test_a_shared_notice_volume_the_daemon_cannot_write_is_named_at_start(
         directory.mkdir()
         os.chown(directory, NOBODY, NOBODY)
     space.write_config()
-    # A /run of the daemon's own (a tmpfs in a mount namespace) with root's /run/spotwatch.
-    space.launcher = ("unshare", "--mount", "--propagation=private", "sh", "-c",
-                      "mount -t tmpfs -o mode=0755 tmpfs /run && mkdir -m 0755 /run/spotwatch"
-                      ' && exec "$@"', "sh", *AS_NOBODY)
+    space.launcher = own_run("mkdir -m 0755 /run/spotwatch", *AS_NOBODY)
     daemon = space.start_daemon(RUNTIME_DIRECTORY="", XDG_RUNTIME_DIR="", HOME="/nonexistent")
     try:
         in_daemon_mounts = ("nsenter", f"--mount=/proc/{daemon.process.pid}/ns/mnt")
@@ -396,3 +404,63 @@ def test_acted_notices_unreadable_later_is_a_warning(shared_dir: Path) -> None:
     assert acted == "[]"
     assert any("hook_record_unreadable" in line and "Permission denied" in line
                for line in logged), done.stdout
+
+
+def test_a_notice_left_in_a_shared_place_the_daemon_passes_over_is_named(
+        shared_dir: Path, bucket: str, imds: ImdsEmulator) -> None:
+    """/run/spotwatch root's, holding the notice.json a root daemon wrote before (a
+    rebalance), and the daemon now not root: a trainer reads that old notice first, whatever
+    this daemon writes elsewhere. Said in the warning and status."""
+    namespace_tools()
+    space = Workspace(shared_dir, shared_dir / "checkpoints", shared_dir / "config.yaml",
+                      bucket, imds.url)
+    for directory in (space.checkpoints, shared_dir / "state"):
+        directory.mkdir()
+        os.chown(directory, NOBODY, NOBODY)
+    space.write_config()
+    space.launcher = own_run("mkdir -m 0755 /run/spotwatch && echo '{\"kind\": "
+                             "\"rebalance-recommendation\"}' > /run/spotwatch/notice.json",
+                             *AS_NOBODY)
+    daemon = space.start_daemon(RUNTIME_DIRECTORY="", XDG_RUNTIME_DIR="", HOME="/nonexistent")
+    try:
+        [failed] = [e for e in daemon.named("hook_failed") if e["hook"] == "notice_file"]
+        assert failed["path"] == "/run/spotwatch"
+        assert failed["error"].endswith("; the notice.json left there is what a trainer reads")
+        assert wait_for(lambda: any("notice.json left there" in reason
+                                    for reason in space.status().get("degraded", [])))
+    finally:
+        daemon.stop()
+
+
+def test_a_shared_notice_place_others_may_not_enter_is_named_until_opened(
+        shared_dir: Path, bucket: str, imds: ImdsEmulator) -> None:
+    """A root daemon, /run/spotwatch there already as 0700 (made under umask 077): it writes
+    the notice, 0644, where no trainer of another user reaches it. Said at start, status not
+    healthy, until the folder is opened; then a trainer of another user reads the notice."""
+    namespace_tools()
+    space = Workspace(shared_dir, shared_dir / "checkpoints", shared_dir / "config.yaml",
+                      bucket, imds.url)
+    space.checkpoints.mkdir()
+    space.write_config()
+    space.launcher = own_run("mkdir -m 0700 /run/spotwatch")
+    daemon = space.start_daemon(RUNTIME_DIRECTORY="", XDG_RUNTIME_DIR="")
+    try:
+        in_daemon_mounts = ("nsenter", f"--mount=/proc/{daemon.process.pid}/ns/mnt")
+        why = ("mode 0700, which other users may not enter: chmod o+x /run/spotwatch, or set "
+               "hooks.notice_file")
+        failed = [e for e in daemon.named("hook_failed") if e["hook"] == "notice_file"]
+        assert [(e["path"], e["error"]) for e in failed] == [("/run/spotwatch", why)]
+        reason = f"the trainer cannot be told of a notice: /run/spotwatch: {why}"
+        assert wait_for(lambda: reason in space.status().get("degraded", []))
+        imds.fire_spot_interruption()
+        wait_for(lambda: subprocess.run([*in_daemon_mounts, "test", "-f",
+                                         "/run/spotwatch/notice.json"]).returncode == 0)
+        unread = read_notice_as_nobody(*in_daemon_mounts)
+        assert unread.stdout.strip() == "null" and "Permission denied" in unread.stderr
+        subprocess.run([*in_daemon_mounts, "chmod", "0755", "/run/spotwatch"], check=True)
+        assert wait_for(lambda: not space.status().get("degraded"), timeout=30)
+        reader = read_notice_as_nobody(*in_daemon_mounts)
+        assert json.loads(reader.stdout)["kind"] == "spot-interruption", reader.stderr
+    finally:
+        daemon.stop()
+

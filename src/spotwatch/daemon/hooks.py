@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -14,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from spotwatch.config import HookSettings
-from spotwatch.interruption import default_notice_file, passed_over_notice_dir
+from spotwatch.interruption import (
+    NOTICE_FILE_NAME,
+    SHARED_RUNTIME_DIR,
+    default_notice_file,
+    passed_over_notice_dir,
+)
 from spotwatch.logs import get_logger
 from spotwatch.notices.store import ActedNotices, Told, current_boot
 from spotwatch.state import StateDir, make_shared_dirs, write_json_atomically
@@ -108,6 +114,28 @@ class NoticeHooks:
         except OSError as exc:
             return (self.notice_file, exc.strerror or str(exc),
                     "the trainer cannot be told of a notice until this is fixed")
+        closed = self._closed_to_others()
+        if closed is not None:
+            return (*closed, "a trainer of another user cannot read the notice there")
+        return None
+
+    def _closed_to_others(self) -> tuple[Path, str] | None:
+        """A folder on the way to /run/spotwatch, the default place shared with trainers of
+        every user, that other users may not enter (made 0700 under umask 077 before the
+        daemon made it): the notice is written, 0644, and no trainer of another user reaches
+        it. A place named by hooks.notice_file is the operator's to choose (a trainer's own
+        home, say), and systemd's RuntimeDirectory has the unit's mode."""
+        if self._settings.notice_file is not None or \
+                self.notice_file.parent != SHARED_RUNTIME_DIR:
+            return None
+        for folder in (self.notice_file.parent, *self.notice_file.parent.parents):
+            try:
+                mode = folder.stat().st_mode
+            except OSError:
+                continue
+            if not mode & stat.S_IXOTH:
+                return folder, (f"mode {stat.S_IMODE(mode):04o}, which other users may not "
+                                f"enter: chmod o+x {folder}, or set hooks.notice_file")
         return None
 
     def _follow_default(self) -> None:
@@ -220,6 +248,10 @@ def passed_over_place(state_dir: Path) -> tuple[Path, str] | None:
     except OSError as exc:
         return directory, exc.strerror or str(exc)
     uid = os.geteuid()
+    # A notice left there by a daemon that could write it (as root, before) is what a trainer
+    # reads first, whatever this one writes elsewhere: an old rebalance for a spot notice.
+    left = (f"; the {NOTICE_FILE_NAME} left there is what a trainer reads"
+            if os.path.lexists(directory / NOTICE_FILE_NAME) else "")
     return directory, (f"owned by uid {info.st_uid} with mode {info.st_mode & 0o7777:04o}, "
                        f"not writable by uid {uid}: make it writable by uid {uid}, "
-                       "or set hooks.notice_file")
+                       f"or set hooks.notice_file{left}")
