@@ -403,3 +403,23 @@ def test_a_notice_file_that_cannot_be_written_when_the_notice_comes_degrades_sta
                     timeout=30)
     daemon.wait_for_event("notice_file_writable")
     daemon.stop()
+
+
+def test_a_command_hook_that_fails_degrades_status_until_its_notice_is_withdrawn(
+        workspace: Workspace, imds: ImdsEmulator) -> None:
+    """Old: `hook_command_done exit_code 3` at info level, and `health: ok`: the trainer
+    missed its notice and nothing said so."""
+    workspace.write_config(hooks={"command": "exit 3"})
+    daemon = workspace.start_daemon()
+    event = json.loads(imds.schedule_event(in_seconds=3600))[-1]["EventId"]
+    done = daemon.wait_for_event("hook_command_done")
+    assert done["exit_code"] == 3 and done["level"] == "warning"
+    reason = "the trainer was not told of the notice: hooks.command: exit code 3"
+    assert wait_for(lambda: reason in workspace.status().get("degraded", []))
+    assert workspace.cli("status", "-c", "config.yaml", "--healthy").returncode == 1
+    # The notice withdrawn: nothing is missed any more.
+    imds.cancel_event(event)
+    daemon.wait_for_event("notice_cancelled")
+    assert wait_for(lambda: reason not in workspace.status().get("degraded", []))
+    assert workspace.cli("status", "-c", "config.yaml", "--healthy").returncode == 0
+    assert daemon.stop() == 0

@@ -464,3 +464,45 @@ def test_a_shared_notice_place_others_may_not_enter_is_named_until_opened(
     finally:
         daemon.stop()
 
+
+
+def test_a_trainer_an_unprivileged_daemon_cannot_signal_is_named_at_start(
+        shared_dir: Path, bucket: str, imds: ImdsEmulator) -> None:
+    """hooks.signal to a trainer of root from a daemon as nobody: said at start and in status
+    (old: `health: ok` until the notice, when the signal failed), until the pid file names a
+    process it may signal (here: none alive); the signal missed at a notice is held on."""
+    space = Workspace(shared_dir, shared_dir / "checkpoints", shared_dir / "config.yaml",
+                      bucket, imds.url)
+    state = shared_dir / "state"
+    for directory in (space.checkpoints, state):
+        directory.mkdir()
+        os.chown(directory, NOBODY, NOBODY)
+    trainer = subprocess.Popen(["sleep", "120"])
+    try:
+        pid_file = shared_dir / "trainer.pid"
+        pid_file.write_text(f"{trainer.pid}\n")
+        space.write_config(hooks={"signal": "USR1", "pid_file": str(pid_file),
+                                  "notice_file": str(state / "notice.json")})
+        space.launcher = AS_NOBODY
+        daemon = space.start_daemon(RUNTIME_DIRECTORY="", XDG_RUNTIME_DIR="")
+        [failed] = [e for e in daemon.named("hook_failed") if e["hook"] == "signal"]
+        assert (failed["pid"], failed["uid"], failed["level"]) == (trainer.pid, 0, "warning")
+        assert "CAP_KILL" in failed["detail"] and "trainer's user" in failed["detail"]
+        reason = (f"the trainer cannot be told of a notice: hooks.signal SIGUSR1 to pid "
+                  f"{trainer.pid} (uid 0): Operation not permitted")
+        assert wait_for(lambda: reason in space.status().get("degraded", []))
+        assert space.cli("status", "-c", str(space.config_file), "--healthy").returncode == 1
+        # At the notice the signal fails: the trainer missed it, which a check cannot undo.
+        imds.fire_spot_interruption()
+        daemon.wait_for_event("hook_failed", count=2)
+        missed = (f"the trainer was not told of the notice: hooks.signal SIGUSR1, pid file "
+                  f"{pid_file}: [Errno 1] Operation not permitted")
+        assert wait_for(lambda: missed in space.status().get("degraded", []))
+        trainer.kill()
+        trainer.wait()
+        assert wait_for(lambda: reason not in space.status().get("degraded", []), timeout=30)
+        daemon.wait_for_event("trainer_signalable")
+        assert space.status()["degraded"] == [missed]
+        assert daemon.stop() == 0
+    finally:
+        trainer.kill()

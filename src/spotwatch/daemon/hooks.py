@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from spotwatch.config import HookSettings
+from spotwatch.daemon.hook_problems import HookProblems, Key
 from spotwatch.interruption import (
     NOTICE_FILE_NAME,
     SHARED_RUNTIME_DIR,
@@ -29,10 +30,15 @@ log = get_logger("spotwatch.hooks")
 
 # Readable by the trainer whichever user it runs as (the notice holds nothing secret).
 NOTICE_FILE_MODE = 0o644
-# How often a notice file that could not be written is checked again while it cannot.
-UNWRITABLE_RECHECK_SECONDS = 10.0
+# How often a notice file that could not be written is checked again while it cannot, and
+# the trainer's pid file (hooks.signal) always: the trainer mostly starts after the daemon.
+RECHECK_SECONDS = 10.0
 # The largest pid_t; Linux's pid_max is far below it.
 MAX_PID = 2**31 - 1
+NOTICE_FILE = Key("notice_file", missed=False)
+SIGNAL = Key("signal", missed=False)
+SIGNAL_MISSED = Key("signal", missed=True)
+COMMAND_MISSED = Key("command", missed=True)
 
 
 class NoticeHooks:
@@ -41,23 +47,28 @@ class NoticeHooks:
         self._settings = settings
         self._state_path = state.path
         self._acted = ActedNotices(state.acted_notices, current_boot())
-        # Where and why the trainer may miss the notice (the notice file cannot be written, or
-        # the default place it reads was passed over): a degraded reason until a check made
-        # while degraded, or (for the notice file itself) a write, succeeds.
-        self._unwritable: tuple[Path, str] | None = None
+        # Where and why the trainer may miss a notice, or missed one, as degraded reasons.
+        # NOTICE_FILE (the notice file cannot be written, or the default place it reads was
+        # passed over) holds until a check made while degraded, or (for the notice file
+        # itself) a write, succeeds; SIGNAL (the trainer's process may not be signalled) until
+        # a check finds it may be, or it is gone. SIGNAL_MISSED and COMMAND_MISSED (the hook
+        # failed at a notice: the trainer missed it) hold until that hook next acts without
+        # failing, or no notice is in effect any more (withdraw); a check does not clear
+        # them, as it does not tell the trainer what it missed.
+        self._problems = HookProblems()
         self._recheck_at = 0.0  # monotonic
 
-    def degraded_reason(self) -> str | None:
-        """Asked at every status write; while degraded, the place is checked again every
-        UNWRITABLE_RECHECK_SECONDS, so that a fix (the directory made, its mode changed) clears
-        it without waiting for a notice or a restart."""
-        if self._unwritable is not None and time.monotonic() >= self._recheck_at:
-            self._recheck_at = time.monotonic() + UNWRITABLE_RECHECK_SECONDS
-            self._check_writable()
-        if self._unwritable is None:
-            return None
-        where, why = self._unwritable
-        return f"the trainer cannot be told of a notice: {where}: {why}"
+    def degraded_reasons(self) -> list[str]:
+        """Asked at every status write; every RECHECK_SECONDS, a notice file place found
+        wanting is checked again, and so is the trainer's pid file, so that a fix (the
+        directory made, its mode changed, the daemon's user) clears it without waiting for a
+        notice or a restart, and a trainer started later is checked too."""
+        if time.monotonic() >= self._recheck_at:
+            self._recheck_at = time.monotonic() + RECHECK_SECONDS
+            if self._problems.get(NOTICE_FILE) is not None:
+                self._check_writable()
+            self._check_signal()
+        return self._problems.reasons()
 
     def start(self) -> Told | None:
         """At daemon start. A notice acted on during this boot is likely still posted, so its
@@ -66,6 +77,8 @@ class NoticeHooks:
         told of, as recorded, even if its file is gone."""
         self._acted.load()
         self._check_writable()
+        self._check_signal()
+        self._recheck_at = time.monotonic() + RECHECK_SECONDS
         if self._acted.acted:
             return self._acted.told
         self._remove_notice_file()
@@ -78,15 +91,35 @@ class NoticeHooks:
         every check again."""
         problem = self._place_problem()
         if problem is None:
-            if self._unwritable is not None:
+            if self._problems.clear(NOTICE_FILE):
                 log.info("notice_file_writable", path=str(self.notice_file))
-            self._unwritable = None
             return
         where, error, detail = problem
-        if (where, error) != self._unwritable:
+        if self._problems.hold(NOTICE_FILE, str(where), error):
             log.warning("hook_failed", hook="notice_file", path=str(where), error=error,
                         detail=detail)
-        self._unwritable = (where, error)
+
+    def _check_signal(self) -> None:
+        """hooks.signal to a trainer of another user, from a daemon without CAP_KILL, fails
+        (EPERM): said at start and degrades status, while it can still be fixed, not only once
+        the trainer has missed the signal; said once, not at every check. No pid file, or a
+        dead pid, is no problem yet: the trainer may not have started."""
+        name, pid_file = self._settings.signal, self._settings.pid_file
+        if not name or pid_file is None:
+            return
+        problem = unsignalable(pid_file)
+        if problem is None:
+            if self._problems.clear(SIGNAL):
+                log.info("trainer_signalable", pid_file=str(pid_file))
+            return
+        pid, uid = problem
+        owner = "" if uid is None else f" (uid {uid})"
+        error = os.strerror(errno.EPERM)
+        if self._problems.hold(SIGNAL, f"hooks.signal {name} to pid {pid}{owner}", error):
+            log.warning("hook_failed", hook="signal", pid=pid, uid=uid, pid_file=str(pid_file),
+                        error=error,
+                        detail=("run the daemon as root (or with CAP_KILL, as the shipped unit "
+                                "has), or as the trainer's user"))
 
     def _place_problem(self) -> tuple[Path, str, str] | None:
         """(place, error, what to do) when the trainer may miss the notice, else None.
@@ -175,6 +208,8 @@ class NoticeHooks:
         Nothing is signalled or run: a trainer polling the notice file finds none."""
         self._acted.withdraw()
         self._remove_notice_file()
+        self._problems.clear(SIGNAL_MISSED)  # what the trainer missed is no longer in effect
+        self._problems.clear(COMMAND_MISSED)
 
     def _remove_notice_file(self) -> None:
         try:
@@ -188,12 +223,13 @@ class NoticeHooks:
             make_shared_dirs(self.notice_file.parent)
             write_json_atomically(self.notice_file, notice, mode=NOTICE_FILE_MODE)
         except OSError as exc:
-            self._unwritable = (self.notice_file, exc.strerror or str(exc))
+            self._problems.hold(NOTICE_FILE, str(self.notice_file), exc.strerror or str(exc))
             log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
                         error=exc.strerror)
             return False
-        if self._unwritable is not None and self._unwritable[0] == self.notice_file:
-            self._unwritable = None  # a passed-over default place is still one
+        held = self._problems.get(NOTICE_FILE)
+        if held is not None and held[0] == str(self.notice_file):
+            self._problems.clear(NOTICE_FILE)  # a passed-over default place is still one
         return True
 
     def _signal_trainer(self, name: str, pid_file: Path) -> None:
@@ -202,8 +238,11 @@ class NoticeHooks:
             os.kill(pid, signal.Signals[name])
         except (OSError, ValueError) as exc:
             log.warning("hook_failed", hook="signal", pid_file=str(pid_file), error=str(exc))
+            self._problems.hold(SIGNAL_MISSED, f"hooks.signal {name}, pid file {pid_file}",
+                                str(exc))
             return
         log.info("hook_signal_sent", signal=name, pid=pid)
+        self._problems.clear(SIGNAL_MISSED)
 
     def _run_command(self, command: str, notice: dict[str, Any]) -> None:
         env = dict(os.environ)
@@ -215,11 +254,19 @@ class NoticeHooks:
                                        stdin=subprocess.DEVNULL)
         except OSError as exc:
             log.warning("hook_failed", hook="command", error=exc.strerror)
+            self._problems.hold(COMMAND_MISSED, "hooks.command", exc.strerror or str(exc))
             return
         log.info("hook_command_started", pid=process.pid)
 
         def reap() -> None:  # the flush must not wait for the command
-            log.info("hook_command_done", pid=process.pid, exit_code=process.wait())
+            code = process.wait()
+            if code == 0:
+                log.info("hook_command_done", pid=process.pid, exit_code=code)
+                self._problems.clear(COMMAND_MISSED)
+                return
+            # /bin/sh says why on stderr (not found: 127, not executable: 126).
+            log.warning("hook_command_done", pid=process.pid, exit_code=code)
+            self._problems.hold(COMMAND_MISSED, "hooks.command", f"exit code {code}")
 
         threading.Thread(target=reap, name="hook-command", daemon=True).start()
 
@@ -234,6 +281,30 @@ def trainer_pid(text: str) -> int:
     if not 0 < pid <= MAX_PID:
         raise ValueError(f"not a process id: {words[0][:40]!r}")
     return pid
+
+
+def unsignalable(pid_file: Path) -> tuple[int, int | None] | None:
+    """(pid, its real uid if /proc tells) when the pid file names a live process this one
+    may not signal; None when it may, or there is none (yet) to signal."""
+    try:
+        pid = trainer_pid(pid_file.read_text())
+        os.kill(pid, 0)  # no signal sent: only whether one may be
+    except PermissionError:
+        return pid, process_uid(pid)
+    except (OSError, ValueError):  # no pid file, a dead pid: the trainer may start later
+        return None
+    return None
+
+
+def process_uid(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    return None
 
 
 def passed_over_place(state_dir: Path) -> tuple[Path, str] | None:

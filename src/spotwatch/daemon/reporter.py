@@ -275,5 +275,5 @@ class Reporter:
                    unreachable_reason("IMDS", self._imds),
                    unreachable_reason("peer notices", self._peers),
                    None if self._guard is None else self._guard.degraded_reason(),
-                   None if self._hooks is None else self._hooks.degraded_reason())
+                   *([] if self._hooks is None else self._hooks.degraded_reasons()))
         return [reason for reason in reasons if reason is not None]
