@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from typing import Any
@@ -163,3 +164,33 @@ def test_a_folder_closed_after_it_was_watched_is_named_and_its_files_go_up_once_
     assert daemon.stop() == 0
     assert len([e for e in daemon.named("upload_done")
                 if e.get("key") == "run1/step_6/later.pt"]) == 1
+
+
+def test_a_closed_folder_replaced_by_another_closed_one_is_watched_once_open(
+        workspace: Workspace, s3: Any) -> None:
+    """Noted closed after it was watched, then deleted and another closed folder renamed into
+    its place (watchdog cannot watch it): once open, the new folder gets a watch of its own,
+    so a file written in it later goes up."""
+    workspace.launcher = NO_DAC
+    step = workspace.checkpoints / "step_8"
+    step.mkdir()
+    (step / "first.pt").write_bytes(b"first")
+    daemon = workspace.start_daemon()
+    wait_for(lambda: "run1/step_8/first.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    step.chmod(0)
+    (step / "model.pt").write_bytes(b"written while closed")
+    wait_for(lambda: workspace.status().get("unreadable_dirs") == [str(step)])
+
+    replacement = workspace.root / "step_8.new"
+    replacement.mkdir()
+    (replacement / "model.pt").write_bytes(b"the new folder's")
+    replacement.chmod(0)
+    step.chmod(0o755)
+    shutil.rmtree(step)
+    replacement.rename(step)
+    step.chmod(0o755)
+    wait_for(lambda: "run1/step_8/model.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    assert object_bytes(s3, workspace.bucket, "run1/step_8/model.pt") == b"the new folder's"
+    (step / "later.pt").write_bytes(b"later")
+    wait_for(lambda: "run1/step_8/later.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    assert daemon.stop() == 0
