@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -131,6 +132,21 @@ def test_a_flush_that_could_not_read_a_directory_does_not_say_everything_is_safe
     assert incomplete["unreadable_dirs"] == [str(hidden)]
 
 
+def _closed_after_it_was_watched(workspace: Workspace, s3: Any, step: Path,
+                                 folder: Path) -> Any:
+    """The daemon (without root's read capabilities) once a file of step is in S3, then the
+    folder (step or a folder above it) closed, as another user's 0700, and step/model.pt
+    written while it is."""
+    workspace.launcher = NO_DAC
+    step.mkdir()
+    (step / "first.pt").write_bytes(b"first")
+    daemon = workspace.start_daemon()
+    wait_for(lambda: f"run1/{step.name}/first.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    folder.chmod(0)
+    (step / "model.pt").write_bytes(b"written while closed")
+    return daemon
+
+
 @pytest.mark.parametrize("closed", ["set", "root"])
 def test_a_folder_closed_after_it_was_watched_is_named_and_its_files_go_up_once_open(
         workspace: Workspace, s3: Any, closed: str) -> None:
@@ -139,15 +155,9 @@ def test_a_folder_closed_after_it_was_watched_is_named_and_its_files_go_up_once_
     reach. It is never dropped with status at 0 pending: its folder (the set's, or the watched
     root itself) is named, shown in status, and the file goes up once the folder is open
     again, with no flush or rescan to find it."""
-    workspace.launcher = NO_DAC
     step = workspace.checkpoints / "step_6"
-    step.mkdir()
-    (step / "first.pt").write_bytes(b"first")
-    daemon = workspace.start_daemon()
-    wait_for(lambda: "run1/step_6/first.pt" in keys_in(s3, workspace.bucket), timeout=30)
     folder = step if closed == "set" else workspace.checkpoints
-    folder.chmod(0)  # another user's 0700, closed after the daemon watched it
-    (step / "model.pt").write_bytes(b"written while closed")
+    daemon = _closed_after_it_was_watched(workspace, s3, step, folder)
 
     warned = daemon.wait_for_event("dir_unreadable")
     assert warned["path"] == str(folder)
@@ -171,14 +181,8 @@ def test_a_closed_folder_replaced_by_another_closed_one_is_watched_once_open(
     """Noted closed after it was watched, then deleted and another closed folder renamed into
     its place (watchdog cannot watch it): once open, the new folder gets a watch of its own,
     so a file written in it later goes up."""
-    workspace.launcher = NO_DAC
     step = workspace.checkpoints / "step_8"
-    step.mkdir()
-    (step / "first.pt").write_bytes(b"first")
-    daemon = workspace.start_daemon()
-    wait_for(lambda: "run1/step_8/first.pt" in keys_in(s3, workspace.bucket), timeout=30)
-    step.chmod(0)
-    (step / "model.pt").write_bytes(b"written while closed")
+    daemon = _closed_after_it_was_watched(workspace, s3, step, step)
     wait_for(lambda: workspace.status().get("unreadable_dirs") == [str(step)])
 
     replacement = workspace.root / "step_8.new"
