@@ -244,22 +244,30 @@ def namespace_tools() -> None:
             pytest.skip(f"{tool} is not installed")
 
 
+def nobody_with_own_run(shared_dir: Path, bucket: str, imds: ImdsEmulator,
+                        setup: str) -> tuple[Workspace, Any]:
+    """A daemon as nobody, with a /run of its own set up by the shell command setup, and no
+    other place for the notice than /run/spotwatch or its state directory."""
+    namespace_tools()
+    space = Workspace(shared_dir, shared_dir / "checkpoints", shared_dir / "config.yaml",
+                      bucket, imds.url)
+    for directory in (space.checkpoints, shared_dir / "state"):
+        directory.mkdir()
+        os.chown(directory, NOBODY, NOBODY)
+    space.write_config()
+    space.launcher = own_run(setup, *AS_NOBODY)
+    daemon = space.start_daemon(RUNTIME_DIRECTORY="", XDG_RUNTIME_DIR="", HOME="/nonexistent")
+    return space, daemon
+
+
 def test_a_shared_notice_volume_the_daemon_cannot_write_is_named_at_start(
         shared_dir: Path, bucket: str, imds: ImdsEmulator) -> None:
     """The sidecar's notices volume at /run/spotwatch owned by root (0755, a host directory),
     the daemon not root: the notice would go to the state directory, which the trainer never
     reads. Said at start and in status (not healthy), the notice still written there; once
     /run/spotwatch is made the daemon's, the notice moves there, without a restart."""
-    namespace_tools()
-    space = Workspace(shared_dir, shared_dir / "checkpoints", shared_dir / "config.yaml",
-                      bucket, imds.url)
+    space, daemon = nobody_with_own_run(shared_dir, bucket, imds, SHARED_VOLUME)
     state = shared_dir / "state"
-    for directory in (space.checkpoints, state):
-        directory.mkdir()
-        os.chown(directory, NOBODY, NOBODY)
-    space.write_config()
-    space.launcher = own_run(SHARED_VOLUME, *AS_NOBODY)
-    daemon = space.start_daemon(RUNTIME_DIRECTORY="", XDG_RUNTIME_DIR="", HOME="/nonexistent")
     try:
         in_daemon_mounts = ("nsenter", f"--mount=/proc/{daemon.process.pid}/ns/mnt")
         fallback = state / "notice.json"
@@ -432,17 +440,9 @@ def test_a_notice_left_in_a_shared_place_the_daemon_passes_over_is_named(
     """/run/spotwatch root's, holding the notice.json a root daemon wrote before (a
     rebalance), and the daemon now not root: a trainer reads that old notice first, whatever
     this daemon writes elsewhere. Said in the warning and status."""
-    namespace_tools()
-    space = Workspace(shared_dir, shared_dir / "checkpoints", shared_dir / "config.yaml",
-                      bucket, imds.url)
-    for directory in (space.checkpoints, shared_dir / "state"):
-        directory.mkdir()
-        os.chown(directory, NOBODY, NOBODY)
-    space.write_config()
-    space.launcher = own_run("mkdir -m 0755 /run/spotwatch && echo '{\"kind\": "
-                             "\"rebalance-recommendation\"}' > /run/spotwatch/notice.json",
-                             *AS_NOBODY)
-    daemon = space.start_daemon(RUNTIME_DIRECTORY="", XDG_RUNTIME_DIR="", HOME="/nonexistent")
+    space, daemon = nobody_with_own_run(
+        shared_dir, bucket, imds, "mkdir -m 0755 /run/spotwatch && echo '{\"kind\": "
+        "\"rebalance-recommendation\"}' > /run/spotwatch/notice.json")
     try:
         [failed] = [e for e in daemon.named("hook_failed") if e["hook"] == "notice_file"]
         assert failed["path"] == "/run/spotwatch"
@@ -542,15 +542,8 @@ def test_a_plain_directory_of_another_uid_at_the_shared_place_is_no_problem(
     """The image's own /run/spotwatch (10001's), the container run as another uid with no
     notices volume: no trainer shares that directory, and with no notice file in it readers
     go on to the place used. Not a problem, so never an unhealthy container."""
-    namespace_tools()
-    space = Workspace(shared_dir, shared_dir / "checkpoints", shared_dir / "config.yaml",
-                      bucket, imds.url)
-    for directory in (space.checkpoints, shared_dir / "state"):
-        directory.mkdir()
-        os.chown(directory, NOBODY, NOBODY)
-    space.write_config()
-    space.launcher = own_run("mkdir -m 0755 /run/spotwatch", *AS_NOBODY)
-    daemon = space.start_daemon(RUNTIME_DIRECTORY="", XDG_RUNTIME_DIR="", HOME="/nonexistent")
+    space, daemon = nobody_with_own_run(shared_dir, bucket, imds,
+                                        "mkdir -m 0755 /run/spotwatch")
     try:
         wait_for(lambda: "degraded" in space.status())
         assert space.status()["degraded"] == []

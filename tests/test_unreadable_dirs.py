@@ -195,6 +195,7 @@ def test_a_closed_folder_replaced_by_another_closed_one_is_watched_once_open(
     step.chmod(0o755)
     wait_for(lambda: "run1/step_8/model.pt" in keys_in(s3, workspace.bucket), timeout=30)
     assert object_bytes(s3, workspace.bucket, "run1/step_8/model.pt") == b"the new folder's"
+    wait_for(lambda: workspace.status().get("unreadable_dirs") == [])
     (step / "later.pt").write_bytes(b"later")
     wait_for(lambda: "run1/step_8/later.pt" in keys_in(s3, workspace.bucket), timeout=30)
     assert daemon.stop() == 0
