@@ -147,6 +147,17 @@ def _closed_after_it_was_watched(workspace: Workspace, s3: Any, step: Path,
     return daemon
 
 
+def _up_once_open(workspace: Workspace, s3: Any, step: Path, model: bytes) -> None:
+    """Once the folder is open: step/model.pt goes up with these bytes, no directory is
+    named unreadable any more, and a file written in step afterwards goes up too (watched)."""
+    key = f"run1/{step.name}/model.pt"
+    wait_for(lambda: key in keys_in(s3, workspace.bucket), timeout=30)
+    assert object_bytes(s3, workspace.bucket, key) == model
+    wait_for(lambda: workspace.status().get("unreadable_dirs") == [])
+    (step / "later.pt").write_bytes(b"later")
+    wait_for(lambda: f"run1/{step.name}/later.pt" in keys_in(s3, workspace.bucket), timeout=30)
+
+
 @pytest.mark.parametrize("closed", ["set", "root"])
 def test_a_folder_closed_after_it_was_watched_is_named_and_its_files_go_up_once_open(
         workspace: Workspace, s3: Any, closed: str) -> None:
@@ -165,12 +176,8 @@ def test_a_folder_closed_after_it_was_watched_is_named_and_its_files_go_up_once_
     assert "run1/step_6/model.pt" not in keys_in(s3, workspace.bucket)
 
     folder.chmod(0o755)  # the operator opens it again
-    wait_for(lambda: "run1/step_6/model.pt" in keys_in(s3, workspace.bucket), timeout=30)
-    assert object_bytes(s3, workspace.bucket, "run1/step_6/model.pt") == b"written while closed"
-    wait_for(lambda: workspace.status().get("unreadable_dirs") == [])
     # Still watched through the watch it had: a later write goes up, once.
-    (step / "later.pt").write_bytes(b"later")
-    wait_for(lambda: "run1/step_6/later.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    _up_once_open(workspace, s3, step, b"written while closed")
     assert daemon.stop() == 0
     assert len([e for e in daemon.named("upload_done")
                 if e.get("key") == "run1/step_6/later.pt"]) == 1
@@ -193,9 +200,5 @@ def test_a_closed_folder_replaced_by_another_closed_one_is_watched_once_open(
     shutil.rmtree(step)
     replacement.rename(step)
     step.chmod(0o755)
-    wait_for(lambda: "run1/step_8/model.pt" in keys_in(s3, workspace.bucket), timeout=30)
-    assert object_bytes(s3, workspace.bucket, "run1/step_8/model.pt") == b"the new folder's"
-    wait_for(lambda: workspace.status().get("unreadable_dirs") == [])
-    (step / "later.pt").write_bytes(b"later")
-    wait_for(lambda: "run1/step_8/later.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    _up_once_open(workspace, s3, step, b"the new folder's")
     assert daemon.stop() == 0
