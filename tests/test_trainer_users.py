@@ -234,10 +234,30 @@ def own_run(setup: str, *launcher: str) -> tuple[str, ...]:
             f'mount -t tmpfs -o mode=0755 tmpfs /run && {setup} && exec "$@"', "sh", *launcher)
 
 
+# The notices volume at /run/spotwatch, root's (a mount of its own, as a container's volume).
+SHARED_VOLUME = "mkdir /run/spotwatch && mount -t tmpfs -o mode=0755 tmpfs /run/spotwatch"
+
+
 def namespace_tools() -> None:
     for tool in ("unshare", "nsenter"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
+
+
+def nobody_with_own_run(shared_dir: Path, bucket: str, imds: ImdsEmulator,
+                        setup: str) -> tuple[Workspace, Any]:
+    """A daemon as nobody, with a /run of its own set up by the shell command setup, and no
+    other place for the notice than /run/spotwatch or its state directory."""
+    namespace_tools()
+    space = Workspace(shared_dir, shared_dir / "checkpoints", shared_dir / "config.yaml",
+                      bucket, imds.url)
+    for directory in (space.checkpoints, shared_dir / "state"):
+        directory.mkdir()
+        os.chown(directory, NOBODY, NOBODY)
+    space.write_config()
+    space.launcher = own_run(setup, *AS_NOBODY)
+    daemon = space.start_daemon(RUNTIME_DIRECTORY="", XDG_RUNTIME_DIR="", HOME="/nonexistent")
+    return space, daemon
 
 
 def test_a_shared_notice_volume_the_daemon_cannot_write_is_named_at_start(
@@ -246,16 +266,8 @@ def test_a_shared_notice_volume_the_daemon_cannot_write_is_named_at_start(
     the daemon not root: the notice would go to the state directory, which the trainer never
     reads. Said at start and in status (not healthy), the notice still written there; once
     /run/spotwatch is made the daemon's, the notice moves there, without a restart."""
-    namespace_tools()
-    space = Workspace(shared_dir, shared_dir / "checkpoints", shared_dir / "config.yaml",
-                      bucket, imds.url)
+    space, daemon = nobody_with_own_run(shared_dir, bucket, imds, SHARED_VOLUME)
     state = shared_dir / "state"
-    for directory in (space.checkpoints, state):
-        directory.mkdir()
-        os.chown(directory, NOBODY, NOBODY)
-    space.write_config()
-    space.launcher = own_run("mkdir -m 0755 /run/spotwatch", *AS_NOBODY)
-    daemon = space.start_daemon(RUNTIME_DIRECTORY="", XDG_RUNTIME_DIR="", HOME="/nonexistent")
     try:
         in_daemon_mounts = ("nsenter", f"--mount=/proc/{daemon.process.pid}/ns/mnt")
         fallback = state / "notice.json"
@@ -385,7 +397,24 @@ def test_a_ledger_opened_read_only_is_refused(shared_dir: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == (
         f"spotwatch.errors.SpotwatchError: cannot open ledger {state / 'ledger.sqlite3'}: "
-        "attempt to write a readonly database")
+        f"attempt to write a readonly database (ledger.sqlite3 may not be written by uid "
+        f"{NOBODY})")
+
+
+def test_a_ledger_open_does_not_wait_for_a_daemon_writing_it(tmp_path: Path) -> None:
+    """Opening the ledger (restore into the watched directory, prune) while another process
+    holds a write transaction on it neither waits for it nor fails."""
+    from spotwatch.sync.ledger import Ledger
+
+    path = tmp_path / "ledger.sqlite3"
+    writer = Ledger(path)
+    with writer.transaction():
+        opened = subprocess.run(
+            [sys.executable, "-c", "import pathlib, sys; from spotwatch.sync.ledger import "
+             "Ledger; Ledger(pathlib.Path(sys.argv[1])).close()", str(path)],
+            capture_output=True, text=True, timeout=60)
+    writer.close()
+    assert opened.returncode == 0, opened.stderr
 
 
 def test_acted_notices_unreadable_later_is_a_warning(shared_dir: Path) -> None:
@@ -411,23 +440,23 @@ def test_a_notice_left_in_a_shared_place_the_daemon_passes_over_is_named(
     """/run/spotwatch root's, holding the notice.json a root daemon wrote before (a
     rebalance), and the daemon now not root: a trainer reads that old notice first, whatever
     this daemon writes elsewhere. Said in the warning and status."""
-    namespace_tools()
-    space = Workspace(shared_dir, shared_dir / "checkpoints", shared_dir / "config.yaml",
-                      bucket, imds.url)
-    for directory in (space.checkpoints, shared_dir / "state"):
-        directory.mkdir()
-        os.chown(directory, NOBODY, NOBODY)
-    space.write_config()
-    space.launcher = own_run("mkdir -m 0755 /run/spotwatch && echo '{\"kind\": "
-                             "\"rebalance-recommendation\"}' > /run/spotwatch/notice.json",
-                             *AS_NOBODY)
-    daemon = space.start_daemon(RUNTIME_DIRECTORY="", XDG_RUNTIME_DIR="", HOME="/nonexistent")
+    space, daemon = nobody_with_own_run(
+        shared_dir, bucket, imds, "mkdir -m 0755 /run/spotwatch && echo '{\"kind\": "
+        "\"rebalance-recommendation\"}' > /run/spotwatch/notice.json")
     try:
         [failed] = [e for e in daemon.named("hook_failed") if e["hook"] == "notice_file"]
         assert failed["path"] == "/run/spotwatch"
         assert failed["error"].endswith("; the notice.json left there is what a trainer reads")
         assert wait_for(lambda: any("notice.json left there" in reason
                                     for reason in space.status().get("degraded", [])))
+        # The operator makes it the daemon's: the old notice is gone with the warning, so no
+        # trainer takes it for an interruption under way.
+        in_daemon_mounts = ("nsenter", f"--mount=/proc/{daemon.process.pid}/ns/mnt")
+        subprocess.run([*in_daemon_mounts, "chown", f"{NOBODY}:{NOBODY}", "/run/spotwatch"],
+                       check=True)
+        assert wait_for(lambda: not space.status().get("degraded"), timeout=30)
+        reader = read_notice_as_nobody(*in_daemon_mounts)
+        assert reader.stdout.strip() == "null", reader.stdout
     finally:
         daemon.stop()
 
@@ -506,3 +535,19 @@ def test_a_trainer_an_unprivileged_daemon_cannot_signal_is_named_at_start(
         assert daemon.stop() == 0
     finally:
         trainer.kill()
+
+
+def test_a_plain_directory_of_another_uid_at_the_shared_place_is_no_problem(
+        shared_dir: Path, bucket: str, imds: ImdsEmulator) -> None:
+    """The image's own /run/spotwatch (10001's), the container run as another uid with no
+    notices volume: no trainer shares that directory, and with no notice file in it readers
+    go on to the place used. Not a problem, so never an unhealthy container."""
+    space, daemon = nobody_with_own_run(shared_dir, bucket, imds,
+                                        "mkdir -m 0755 /run/spotwatch")
+    try:
+        wait_for(lambda: "degraded" in space.status())
+        assert space.status()["degraded"] == []
+        assert [e for e in daemon.named("hook_failed") if e["hook"] == "notice_file"] == []
+    finally:
+        daemon.stop()
+

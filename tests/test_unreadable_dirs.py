@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -130,6 +132,32 @@ def test_a_flush_that_could_not_read_a_directory_does_not_say_everything_is_safe
     assert incomplete["unreadable_dirs"] == [str(hidden)]
 
 
+def _closed_after_it_was_watched(workspace: Workspace, s3: Any, step: Path,
+                                 folder: Path) -> Any:
+    """The daemon (without root's read capabilities) once a file of step is in S3, then the
+    folder (step or a folder above it) closed, as another user's 0700, and step/model.pt
+    written while it is."""
+    workspace.launcher = NO_DAC
+    step.mkdir()
+    (step / "first.pt").write_bytes(b"first")
+    daemon = workspace.start_daemon()
+    wait_for(lambda: f"run1/{step.name}/first.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    folder.chmod(0)
+    (step / "model.pt").write_bytes(b"written while closed")
+    return daemon
+
+
+def _up_once_open(workspace: Workspace, s3: Any, step: Path, model: bytes) -> None:
+    """Once the folder is open: step/model.pt goes up with these bytes, no directory is
+    named unreadable any more, and a file written in step afterwards goes up too (watched)."""
+    key = f"run1/{step.name}/model.pt"
+    wait_for(lambda: key in keys_in(s3, workspace.bucket), timeout=30)
+    assert object_bytes(s3, workspace.bucket, key) == model
+    wait_for(lambda: workspace.status().get("unreadable_dirs") == [])
+    (step / "later.pt").write_bytes(b"later")
+    wait_for(lambda: f"run1/{step.name}/later.pt" in keys_in(s3, workspace.bucket), timeout=30)
+
+
 @pytest.mark.parametrize("closed", ["set", "root"])
 def test_a_folder_closed_after_it_was_watched_is_named_and_its_files_go_up_once_open(
         workspace: Workspace, s3: Any, closed: str) -> None:
@@ -138,15 +166,9 @@ def test_a_folder_closed_after_it_was_watched_is_named_and_its_files_go_up_once_
     reach. It is never dropped with status at 0 pending: its folder (the set's, or the watched
     root itself) is named, shown in status, and the file goes up once the folder is open
     again, with no flush or rescan to find it."""
-    workspace.launcher = NO_DAC
     step = workspace.checkpoints / "step_6"
-    step.mkdir()
-    (step / "first.pt").write_bytes(b"first")
-    daemon = workspace.start_daemon()
-    wait_for(lambda: "run1/step_6/first.pt" in keys_in(s3, workspace.bucket), timeout=30)
     folder = step if closed == "set" else workspace.checkpoints
-    folder.chmod(0)  # another user's 0700, closed after the daemon watched it
-    (step / "model.pt").write_bytes(b"written while closed")
+    daemon = _closed_after_it_was_watched(workspace, s3, step, folder)
 
     warned = daemon.wait_for_event("dir_unreadable")
     assert warned["path"] == str(folder)
@@ -154,12 +176,29 @@ def test_a_folder_closed_after_it_was_watched_is_named_and_its_files_go_up_once_
     assert "run1/step_6/model.pt" not in keys_in(s3, workspace.bucket)
 
     folder.chmod(0o755)  # the operator opens it again
-    wait_for(lambda: "run1/step_6/model.pt" in keys_in(s3, workspace.bucket), timeout=30)
-    assert object_bytes(s3, workspace.bucket, "run1/step_6/model.pt") == b"written while closed"
-    wait_for(lambda: workspace.status().get("unreadable_dirs") == [])
     # Still watched through the watch it had: a later write goes up, once.
-    (step / "later.pt").write_bytes(b"later")
-    wait_for(lambda: "run1/step_6/later.pt" in keys_in(s3, workspace.bucket), timeout=30)
+    _up_once_open(workspace, s3, step, b"written while closed")
     assert daemon.stop() == 0
     assert len([e for e in daemon.named("upload_done")
                 if e.get("key") == "run1/step_6/later.pt"]) == 1
+
+
+def test_a_closed_folder_replaced_by_another_closed_one_is_watched_once_open(
+        workspace: Workspace, s3: Any) -> None:
+    """Noted closed after it was watched, then deleted and another closed folder renamed into
+    its place (watchdog cannot watch it): once open, the new folder gets a watch of its own,
+    so a file written in it later goes up."""
+    step = workspace.checkpoints / "step_8"
+    daemon = _closed_after_it_was_watched(workspace, s3, step, step)
+    wait_for(lambda: workspace.status().get("unreadable_dirs") == [str(step)])
+
+    replacement = workspace.root / "step_8.new"
+    replacement.mkdir()
+    (replacement / "model.pt").write_bytes(b"the new folder's")
+    replacement.chmod(0)
+    step.chmod(0o755)
+    shutil.rmtree(step)
+    replacement.rename(step)
+    step.chmod(0o755)
+    _up_once_open(workspace, s3, step, b"the new folder's")
+    assert daemon.stop() == 0

@@ -48,16 +48,30 @@ def default_notice_file(state_dir: Path) -> Path:
 
 
 def passed_over_notice_dir(state_dir: Path) -> Path | None:
-    """A default place that exists but this process may not use, ahead of the one
-    default_notice_file chooses, else None. A reader looks there first: typically the volume
-    shared with the trainer, mounted owned by another user, so the notice goes to a place the
-    trainer never reads."""
+    """A default place this process may not use, ahead of the one default_notice_file
+    chooses, where a trainer would look: a volume mounted there (shared with the trainer,
+    owned by another user), so the notice goes to a place the trainer never reads; or one
+    holding a notice file (an earlier daemon's), which a reader takes first. Else None: a
+    plain directory holding no notice (the image's own /run/spotwatch, run as another uid)
+    leads readers on to the place used."""
     for directory, usable in notice_dirs(state_dir):
         if usable:
             return None
-        if os.path.lexists(directory):
+        if os.path.lexists(directory / NOTICE_FILE_NAME) or _is_mount_point(directory):
             return directory
     return None
+
+
+def _is_mount_point(directory: Path) -> bool:
+    """By the mount table, so that a bind mount from the same file system counts too."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as table:
+            points = {line.split()[4] for line in table if len(line.split()) > 4}
+    except OSError:
+        return os.path.ismount(directory)
+    # The table escapes space, tab, newline and backslash in octal.
+    escaped = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in str(directory))
+    return escaped in points
 
 
 def notice_file_candidates() -> list[Path]:

@@ -157,7 +157,8 @@ class NoticeHooks:
         every user, that other users may not enter (made 0700 under umask 077 before the
         daemon made it): the notice is written, 0644, and no trainer of another user reaches
         it. A place named by hooks.notice_file is the operator's to choose (a trainer's own
-        home, say), and systemd's RuntimeDirectory has the unit's mode."""
+        home, say); systemd's RuntimeDirectory elsewhere than /run/spotwatch has the unit's
+        mode."""
         if self._settings.notice_file is not None or \
                 self.notice_file.parent != SHARED_RUNTIME_DIR:
             return None
@@ -183,9 +184,18 @@ class NoticeHooks:
         try:
             notice = json.loads(left.read_text())
         except (OSError, ValueError):  # none in effect (or none readable): nothing to move
+            notice = None
+        if not isinstance(notice, dict):
+            # Nothing in effect: a notice an earlier daemon left at the new place (named while
+            # it was passed over) is no notice of this one's, and a trainer reads it first.
+            self._remove_notice_file()
             return
-        if isinstance(notice, dict) and self._write_notice_file(notice):
-            left.unlink(missing_ok=True)
+        if self._write_notice_file(notice):
+            try:
+                left.unlink(missing_ok=True)
+            except OSError as exc:  # e.g. its folder no longer writable: said, never raised
+                log.warning("hook_failed", hook="notice_file", path=str(left),
+                            error=exc.strerror, detail="the notice moved; its old copy stays")
 
     def fire(self, notice: dict[str, Any], told: Told) -> None:
         """Hooks act once per notice id, across restarts too, and again when its deadline

@@ -275,10 +275,12 @@ class SyncEngine:
                     stat = os.stat(path, follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                except PermissionError as exc:  # a folder closed after it was watched
-                    tracker.note_unreadable(tracker.closed_folder(path), exc, watched=True)
-                    continue
                 except OSError as exc:
+                    closed = (tracker.closed_folder(path) if isinstance(exc, PermissionError)
+                              else None)
+                    if closed is not None:  # a folder closed after it was watched
+                        tracker.note_unreadable(closed, exc, watched=True)
+                        continue
                     log.warning("file_unreadable", path=str(path), error=exc.strerror)
                     continue
                 if not _is_regular(stat) and not stat_module.S_ISDIR(stat.st_mode):

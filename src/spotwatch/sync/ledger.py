@@ -7,6 +7,7 @@ LedgerError: the caller logs it and carries on, since the object itself is safe 
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -118,6 +119,14 @@ def _add_column(db: sqlite3.Connection, statement: str) -> None:
             raise
 
 
+def _refuse_read_only(path: Path) -> None:
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        file = path.with_name(name)
+        if os.path.lexists(file) and not os.access(file, os.W_OK):
+            raise sqlite3.OperationalError(f"attempt to write a readonly database ({name} may "
+                                           f"not be written by uid {os.geteuid()})")
+
+
 class Ledger:
     def __init__(self, path: Path, only_reading: bool = False) -> None:
         """only_reading: for a reader that writes nothing (status), which may run as another
@@ -136,10 +145,10 @@ class Ledger:
                     _add_column(self._db, added_by)
             self._db.execute(_RETIRED_INDEX)
             # Invariant: no ledger runs read-only. SQLite opens a file it may not write (another
-            # user's) read-only, and with its WAL there every statement above passes: a write
-            # that changes nothing is refused there ("attempt to write a readonly database").
+            # user's) read-only, and with its WAL there every statement above passes. Asked of
+            # the files, not by a write: that would wait for a daemon's transaction to end.
             if not only_reading:
-                self._db.execute("DELETE FROM multipart_started WHERE 0")
+                _refuse_read_only(path)
         except (OSError, sqlite3.Error) as exc:
             raise SpotwatchError(f"cannot open ledger {path}: {exc}") from None
         self._lock = threading.RLock()  # a transaction holds it across its writes

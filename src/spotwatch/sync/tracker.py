@@ -212,8 +212,9 @@ class ChangeTracker(FileSystemEventHandler):
         # on such directories once they could be read (the root's watch never got one).
         self._unreadable: dict[Path, str] = {}
         self._late_watches: dict[Path, ObservedWatch] = {}
-        # Those of them closed after they were watched (closed_folder): watched still.
-        self._closed_while_watched: set[Path] = set()
+        # Those of them closed after they were watched (closed_folder), by the directory they
+        # were then: watched still, unless another has taken its path since.
+        self._closed_while_watched: dict[Path, tuple[int, int] | None] = {}
         self._unreadable_checked_at = float("-inf")
         self._reserved_reported = False  # reserved_name_skipped logged
 
@@ -343,19 +344,18 @@ class ChangeTracker(FileSystemEventHandler):
                 return
             self._unreadable[directory] = error.strerror or str(error)
             if watched:
-                self._closed_while_watched.add(directory)
+                self._closed_while_watched[directory] = _directory_identity(directory)
         log.warning("dir_unreadable", path=printable_path(directory), error=error.strerror,
                     detail="its files are not uploaded until spotwatch may read it")
 
-    def closed_folder(self, path: Path) -> Path:
+    def closed_folder(self, path: Path) -> Path | None:
         """The highest folder from the root down to the path's own whose files may not be read
         now: one a trainer of another user closed (chmod 700) after it was watched, whose
-        files' events still come, but not their bytes. The path's own folder when none is
-        (opened again since)."""
-        for folder in reversed(path.parents):
-            if folder.is_relative_to(self.root) and listing_error(folder) is not None:
-                return folder
-        return path.parent
+        files' events still come, but not their bytes. None when none is (opened again since,
+        or the file refused by other means than its folders' modes)."""
+        return next((folder for folder in reversed(path.parents)
+                     if folder.is_relative_to(self.root) and listing_error(folder) is not None),
+                    None)
 
     def may_hold_files(self, directory: Path) -> bool:
         """Whether a file below this directory may be one to upload. Includes may take back
@@ -381,10 +381,11 @@ class ChangeTracker(FileSystemEventHandler):
                 continue
             with self._lock:
                 del self._unreadable[directory]
-                watched = directory in self._closed_while_watched
-                self._closed_while_watched.discard(directory)
-            if _directory_identity(directory) is None:
+                closed_as = self._closed_while_watched.pop(directory, None)
+            identity = _directory_identity(directory)
+            if identity is None:
                 continue  # gone: nothing of it to upload
+            watched = closed_as == identity  # not one deleted and made again meanwhile
             log.info("dir_readable", path=printable_path(directory))
             if not watched:  # its inotify watch outlived the chmod: no second one
                 self._watch_late(observer, directory)
