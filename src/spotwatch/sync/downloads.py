@@ -47,6 +47,9 @@ class FileToFetch:
     entry: ManifestEntry
     temp: Path  # where its bytes go until the whole set checks out
     part_size: int | None  # of its composite checksum, if it has one
+    # Where its bytes are read from when not its entry's key: a held copy standing in for an
+    # object replaced since its set was sealed (sync.sets.held), verified as any file is.
+    source: str | None = None
 
 
 def verify(path: Path, entry: ManifestEntry, part_size: int | None,
@@ -120,8 +123,8 @@ class _SetFetch:
             check = expected(entry.checksum, file.part_size, self._preferred,
                              entry.checksum_algorithm) if entry.checksum else None
             self._temps.append(file.temp)  # before a byte is written: the caller removes it
-            pending = self._store.start_download(entry.key, file.temp, entry.size,
-                                                 self._progress, check)
+            pending = self._store.start_download(file.source or entry.key, file.temp,
+                                                 entry.size, self._progress, check)
         except Exception as exc:  # e.g. ChecksumUnavailable: no download started
             self._fail(exc)
             return

@@ -106,6 +106,10 @@ class SealedSets:
         self._listed: dict[str, frozenset[str]] = {}  # prefix -> the sealed keys under it
         self._sets: dict[tuple[str, str], _Sealed] = {}  # (prefix, set) -> what S3 holds
         self._touched: set[tuple[str, str]] = set()  # sets a deletion was seen in since
+        # Each set's manifest (this node's part) in S3 now, for held copies (sealed_entry):
+        # the one this process last wrote, or read (None: none), by (prefix, set). Apart from
+        # _sets, which holds what S3 held at the start for judging and inheriting.
+        self._now: dict[tuple[str, str], Manifest | None] = {}
         self._lock = threading.Lock()
 
     def judge(self, prefix: str, set_name: str, key: str, version: FileVersion) -> Judged:
@@ -115,6 +119,30 @@ class SealedSets:
             return Judged(Verdict.UPLOAD)
         when = sealed.own.sealed_at if sealed.own is not None else None
         return Judged(judge(entry, version, self.started_ns), entry, when)
+
+    def sealed_entry(self, prefix: str, set_name: str, key: str) -> ManifestEntry | None:
+        """The entry for key of the set's manifest (this node's part) in S3 now: the one this
+        process last wrote, else the one S3 held at the start (read once); None when none
+        lists the key.
+
+        Invariant: once this process has written a set's manifest, this answers from that
+        manifest (sealed_here), never from an older one: a held copy is made if-match the
+        ETag of the version sealed last, and one made against an older ETag would fail, leaving
+        the version just sealed unprotected while a new one replaces it."""
+        with self._lock:
+            known = (prefix, set_name) in self._now
+            manifest = self._now.get((prefix, set_name))
+            at_start = self._sets.get((prefix, set_name))
+        if not known:
+            manifest = at_start.own if at_start is not None else self._read_own(prefix, set_name)
+            with self._lock:
+                manifest = self._now.setdefault((prefix, set_name), manifest)
+        return None if manifest is None else _entry_of(manifest, key)
+
+    def sealed_here(self, prefix: str, set_name: str, manifest: Manifest | None) -> None:
+        """This process wrote the set's manifest (None: deleted it)."""
+        with self._lock:
+            self._now[(prefix, set_name)] = manifest
 
     def touched(self, prefix: str, set_name: str) -> None:
         """A deletion in the set was seen since the start: it is sealed as it is on disk."""
@@ -160,14 +188,7 @@ class SealedSets:
         with self._lock:
             if (prefix, set_name) in self._sets:
                 return self._sets[(prefix, set_name)]
-            listed = self._listed.get(prefix)
-        if listed is None:
-            listed = frozenset(found.key for found in self._store.list_objects(
-                self._listed_under(prefix)))
-            with self._lock:
-                self._listed[prefix] = listed
-            # Once per prefix: files the ledger did not know are judged from here on.
-            log.info("sealed_sets_listed", prefix=prefix, sealed=len(listed))
+        listed = self._listing(prefix)
         own_key = self._key(prefix, set_name)
         own = self._read(prefix, own_key) if own_key in listed else None
         others: tuple[Manifest, ...] = ()
@@ -180,6 +201,24 @@ class SealedSets:
         with self._lock:
             self._sets[(prefix, set_name)] = sealed
         return sealed
+
+    def _listing(self, prefix: str) -> frozenset[str]:
+        """The keys of the manifests (this job's parts) under the prefix, listed once."""
+        with self._lock:
+            listed = self._listed.get(prefix)
+        if listed is None:
+            listed = frozenset(found.key for found in self._store.list_objects(
+                self._listed_under(prefix)))
+            with self._lock:
+                self._listed[prefix] = listed
+            # Once per prefix: files the ledger did not know are judged from here on.
+            log.info("sealed_sets_listed", prefix=prefix, sealed=len(listed))
+        return listed
+
+    def _read_own(self, prefix: str, set_name: str) -> Manifest | None:
+        """The set's manifest (this node's part) in S3, as listed at first; None: none."""
+        own_key = self._key(prefix, set_name)
+        return self._read(prefix, own_key) if own_key in self._listing(prefix) else None
 
     def _key(self, prefix: str, set_name: str) -> str:
         if self._node is None:
