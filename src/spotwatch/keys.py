@@ -46,15 +46,13 @@ def storable_key(prefix: str, relative_path: str, node: tuple[str, int] | None =
 
     Invariant: a name S3 cannot take never reaches the ledger or S3. Such a name is one with
     bytes that are not UTF-8 (Python keeps them as surrogate escapes, which neither SQLite nor
-    S3 accepts), or whose key, set manifest key or held copy key (held_key) exceeds S3's
-    1,024 bytes of UTF-8.
+    S3 accepts), or whose key or set manifest key exceeds S3's 1,024 bytes of UTF-8.
     """
     key = object_key(prefix, relative_path)
     set_name = set_name_of(relative_path)
     sealed_by = (manifest_key(prefix, set_name) if node is None
                  else part_key(prefix, node[0], set_name, node[1]))
-    for what, candidate in (("key", key), ("set manifest key", sealed_by),
-                            ("held copy key", held_key(prefix, relative_path))):
+    for what, candidate in (("key", key), ("set manifest key", sealed_by)):
         try:
             size = len(candidate.encode("utf-8"))
         except UnicodeEncodeError:

@@ -29,7 +29,7 @@ from concurrent.futures import Future, wait
 from typing import Any
 
 from spotwatch.aws.store import ObjectStore, StoreError
-from spotwatch.keys import held_key, held_of_set, held_prefix, object_key
+from spotwatch.keys import S3_KEY_MAX_BYTES, held_key, held_of_set, held_prefix, object_key
 from spotwatch.logs import get_logger
 from spotwatch.sync.sets.manifest import Manifest
 from spotwatch.sync.sets.remote import bare_etag
@@ -75,6 +75,12 @@ class HeldCopies:
             log.warning("held_copy_skipped", key=key, reason="its manifest records no ETag")
             return
         held = held_key(prefix, key.removeprefix(object_key(prefix, "")))
+        if len(held.encode()) > S3_KEY_MAX_BYTES:
+            # A key within 16 bytes of S3's limit is uploaded all the same (keys.storable_key),
+            # as before there were held copies.
+            log.warning("held_copy_skipped", key=key,
+                        reason=f"its held copy's key would exceed {S3_KEY_MAX_BYTES} bytes")
+            return
         with self._lock:  # before the copy: one whose reply is lost is deleted all the same
             self._held[(prefix, set_name)].add(held)
         if self._store.copy_if_match(key, held, f'"{etag}"', entry.size):
