@@ -192,6 +192,26 @@ def test_a_failed_copy_fails_the_upload_and_a_failed_seal_keeps_the_held_copy(
     assert store.data("run/.spotwatch/held/step_1/a.pt") == b"a1"
 
 
+def test_a_manifest_write_that_failed_yet_landed_is_read_back_for_the_next_rewrite(
+        store: InMemoryObjectStore) -> None:
+    """A reply lost: the daemon sees a failure, S3 holds the new manifest. The next rewrite
+    must hold the version that manifest lists, not get a 412 against the one before."""
+    held = HeldCopies(store, SealedSets(store, None, 0), job=False)
+    m1 = seal(store, "model.pt", {"": b"v1"})
+    held.protect(PREFIX, "model.pt", "run/model.pt")
+    v2 = store.put("run/model.pt", b"v2!")
+    m2 = Manifest.build("model.pt", PREFIX, [ManifestEntry(
+        m1.files[0].key, "model.pt", 3, 2_000, crc32_checksum(b"v2!"), etag=v2.etag)])
+    future: Future[None] = Future()
+    done = held.sealing(PREFIX, "model.pt", m2, future)
+    store.put(manifest_key(PREFIX, "model.pt"), m2.to_json().encode())
+    future.set_exception(StoreError("connection reset after the request"))
+    with pytest.raises(StoreError):
+        done.result(timeout=10)
+    held.protect(PREFIX, "model.pt", "run/model.pt")
+    assert store.data(held_key(PREFIX, "model.pt")) == b"v2!"
+
+
 def test_held_copies_a_crash_left_are_deleted_at_the_sets_next_seal(
         store: InMemoryObjectStore) -> None:
     manifest = seal(store, "step_1", {"a.pt": b"a1"})

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from spotwatch.aws.store import ObjectStore, StoreError
@@ -53,6 +53,7 @@ class HeldCopies:
         # Held keys made here, or found under a prefix (listed once), by (prefix, set).
         self._held: dict[tuple[str, str], set[str]] = defaultdict(set)
         self._listed: set[str] = set()
+        self._after = ThreadPoolExecutor(max_workers=1, thread_name_prefix="held")
 
     def protect(self, prefix: str, set_name: str, key: str) -> None:
         """Before a new version of the file at key is uploaded: the sealed version at key,
@@ -95,16 +96,26 @@ class HeldCopies:
         with self._lock:
             self._sealing[(prefix, set_name)] = done
 
-        def finished(_: Any) -> None:
+        def after(_: Any) -> None:
+            # Off the thread that wrote the manifest, and never on the daemon's loop (a write
+            # done already runs this at once): the cleanup makes requests of its own.
+            try:
+                self._after.submit(finished)
+            except RuntimeError:  # shut down: settled here, so that no copy waits for good
+                finished()
+
+        def finished() -> None:
             error: BaseException | None = None
             try:
                 error = written.exception()
                 if error is None:
                     self._sealed_sets.sealed_here(prefix, set_name, manifest)
                     self._release(prefix, set_name, manifest)
-            except BaseException as exc:  # cancelled: the write may or may not have landed
+            except BaseException as exc:  # cancelled, or the cleanup's own failure
                 error = exc
             finally:
+                if error is not None:  # the write may have landed all the same
+                    self._sealed_sets.forget(prefix, set_name)
                 with self._lock:
                     if self._sealing.get((prefix, set_name)) is done:
                         del self._sealing[(prefix, set_name)]
@@ -113,7 +124,7 @@ class HeldCopies:
             else:
                 done.set_exception(error)
 
-        written.add_done_callback(finished)
+        written.add_done_callback(after)
         return done
 
     def _release(self, prefix: str, set_name: str, manifest: Manifest) -> None:

@@ -110,6 +110,7 @@ class SealedSets:
         # the one this process last wrote, or read (None: none), by (prefix, set). Apart from
         # _sets, which holds what S3 held at the start for judging and inheriting.
         self._now: dict[tuple[str, str], Manifest | None] = {}
+        self._reread: set[tuple[str, str]] = set()  # sets whose manifest write failed
         self._lock = threading.Lock()
 
     def judge(self, prefix: str, set_name: str, key: str, version: FileVersion) -> Judged:
@@ -122,8 +123,8 @@ class SealedSets:
 
     def sealed_entry(self, prefix: str, set_name: str, key: str) -> ManifestEntry | None:
         """The entry for key of the set's manifest (this node's part) in S3 now: the one this
-        process last wrote, else the one S3 held at the start (read once); None when none
-        lists the key.
+        process last wrote, else the one S3 held at the start (read once), or after a write
+        of it failed, the one S3 holds now (read once more); None when none lists the key.
 
         Invariant: once this process has written a set's manifest, this answers from that
         manifest (sealed_here), never from an older one: a held copy is made if-match the
@@ -133,8 +134,10 @@ class SealedSets:
             known = (prefix, set_name) in self._now
             manifest = self._now.get((prefix, set_name))
             at_start = self._sets.get((prefix, set_name))
+            reread = (prefix, set_name) in self._reread
         if not known:
-            manifest = at_start.own if at_start is not None else self._read_own(prefix, set_name)
+            manifest = (at_start.own if at_start is not None and not reread
+                        else self._read_own(prefix, set_name, reread))
             with self._lock:
                 manifest = self._now.setdefault((prefix, set_name), manifest)
         return None if manifest is None else _entry_of(manifest, key)
@@ -143,6 +146,13 @@ class SealedSets:
         """This process wrote the set's manifest (None: deleted it)."""
         with self._lock:
             self._now[(prefix, set_name)] = manifest
+
+    def forget(self, prefix: str, set_name: str) -> None:
+        """A write of the set's manifest failed: it may have landed all the same (a reply
+        lost), so sealed_entry reads the one in S3 again."""
+        with self._lock:
+            self._now.pop((prefix, set_name), None)
+            self._reread.add((prefix, set_name))
 
     def touched(self, prefix: str, set_name: str) -> None:
         """A deletion in the set was seen since the start: it is sealed as it is on disk."""
@@ -215,10 +225,12 @@ class SealedSets:
             log.info("sealed_sets_listed", prefix=prefix, sealed=len(listed))
         return listed
 
-    def _read_own(self, prefix: str, set_name: str) -> Manifest | None:
-        """The set's manifest (this node's part) in S3, as listed at first; None: none."""
+    def _read_own(self, prefix: str, set_name: str, reread: bool) -> Manifest | None:
+        """The set's manifest (this node's part) in S3; None: none. Looked for where the
+        listing made at first holds it, or (reread) wherever it is now."""
         own_key = self._key(prefix, set_name)
-        return self._read(prefix, own_key) if own_key in self._listing(prefix) else None
+        return (self._read(prefix, own_key) if reread or own_key in self._listing(prefix)
+                else None)
 
     def _key(self, prefix: str, set_name: str) -> str:
         if self._node is None:
