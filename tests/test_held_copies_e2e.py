@@ -109,3 +109,25 @@ def test_a_rewrite_sealed_in_good_order_leaves_no_held_copy(
     done = restore(workspace, tmp_path / "back", "--set", "latest")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "back" / "latest").read_text() == "global_step20"
+
+
+def test_a_held_copy_of_the_listed_size_but_other_bytes_is_refused(
+        workspace: Workspace, s3: Any, transfer_client: str, tmp_path: Path) -> None:
+    """Only a held copy's size is judged before its download: its bytes are verified against
+    the manifest's checksum on either client (the CRT's single GET checks the manifest's,
+    not the object's own)."""
+    daemon = workspace.start_daemon()
+    v1 = os.urandom(50_000)
+    (workspace.checkpoints / "model.pt").write_bytes(v1)
+    daemon.wait_for_event("set_complete")
+    daemon.stop()
+    s3.put_object(Bucket=workspace.bucket, Key="run1/model.pt", Body=os.urandom(60_000))
+    s3.put_object(Bucket=workspace.bucket, Key=HELD + "model.pt", Body=os.urandom(50_000),
+                  ChecksumAlgorithm="CRC32")
+    done = restore(workspace, tmp_path / "back")
+    assert done.returncode == 1
+    assert "set_corrupt" in done.stderr and not (tmp_path / "back" / "model.pt").exists()
+    s3.put_object(Bucket=workspace.bucket, Key=HELD + "model.pt", Body=v1)
+    done = restore(workspace, tmp_path / "back")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "back" / "model.pt").read_bytes() == v1
