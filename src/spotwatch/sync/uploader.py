@@ -116,8 +116,13 @@ class Uploader:
                     early = UploadResult(job, Outcome.FAILED, self._clock() - started,
                                          error=_describe(exc), permanent=_is_permanent(exc))
         self.liveness.moved()
+        if early is None:  # stopped before it started: nothing was written
+            # As _check says of an upload cut short: VANISHED when the file went (deleted,
+            # renamed away), so that it is not taken for a newer version to send.
+            early = UploadResult(job, Outcome.CANCELLED if os.path.lexists(job.path)
+                                 else Outcome.VANISHED, self._clock() - started)
         # As _verify: the result is on its way before the path stops counting as uploading.
-        self._on_result(early or UploadResult(job, Outcome.CANCELLED, self._clock() - started))
+        self._on_result(early)
         with self._lock:
             if self._uploads.get(job.path) is gate.pending:
                 del self._uploads[job.path]
