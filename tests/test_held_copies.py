@@ -70,6 +70,13 @@ def held_keys(store: InMemoryObjectStore) -> list[str]:
 
 # -- the conditional copy -------------------------------------------------------------------
 
+
+def protected(held: HeldCopies, prefix: str, set_name: str, key: str) -> None:
+    """HeldCopies.protect, and the copy it started (if any) waited for."""
+    copying = held.protect(prefix, set_name, key)
+    if copying is not None:
+        copying.result(timeout=30)
+
 def test_fake_store_copies_only_the_version_with_the_etag(store: InMemoryObjectStore) -> None:
     v1 = store.put("run/model.pt", b"v1")
     assert store.copy_if_match("run/model.pt", "run/held", f'"{v1.etag}"', 2)
@@ -137,7 +144,7 @@ def test_a_rewrite_after_each_seal_holds_the_version_sealed_last(
     sealed_sets = SealedSets(store, None, 0)
     held = HeldCopies(store, sealed_sets, job=False)
     m1 = seal(store, "model.pt", {"": b"v1"})
-    held.protect(PREFIX, "model.pt", "run/model.pt")  # read from S3 (sealed before the start)
+    protected(held, PREFIX, "model.pt", "run/model.pt")  # read from S3 (sealed before the start)
     assert store.data(held_key(PREFIX, "model.pt")) == b"v1"
     store.put("run/model.pt", b"v2!")  # the new version's upload
     # restorable now: the manifest lists v1, the held copy holds it
@@ -150,7 +157,7 @@ def test_a_rewrite_after_each_seal_holds_the_version_sealed_last(
     assert held_keys(store) == []  # the seal deleted it
     # The next rewrite is held against the manifest just written (not the one read at first,
     # whose ETag would get a 412 and leave v2 unprotected).
-    held.protect(PREFIX, "model.pt", "run/model.pt")
+    protected(held, PREFIX, "model.pt", "run/model.pt")
     assert store.data(held_key(PREFIX, "model.pt")) == b"v2!"
 
 
@@ -163,7 +170,7 @@ def test_a_rewrite_waits_for_its_sets_seal_under_way(store: InMemoryObjectStore)
         m1.files[0].key, "model.pt", 3, 2_000, crc32_checksum(b"v2!"), etag=v2.etag)])
     future: Future[None] = Future()
     held.sealing(PREFIX, "model.pt", m2, future)
-    protecting = threading.Thread(target=held.protect, args=(PREFIX, "model.pt", "run/model.pt"))
+    protecting = threading.Thread(target=protected, args=(held, PREFIX, "model.pt", "run/model.pt"))
     protecting.start()
     protecting.join(0.3)
     assert protecting.is_alive() and held_keys(store) == []  # waits for the seal
@@ -179,8 +186,8 @@ def test_a_failed_copy_fails_the_upload_and_a_failed_seal_keeps_the_held_copy(
     manifest = seal(store, "step_1", {"a.pt": b"a1", "b.pt": b"b1"})
     store.fail("copy_if_match", error=lambda: StoreError("S3 down"))
     with pytest.raises(StoreError):
-        held.protect(PREFIX, "step_1", "run/step_1/a.pt")
-    held.protect(PREFIX, "step_1", "run/step_1/a.pt")
+        protected(held, PREFIX, "step_1", "run/step_1/a.pt")
+    protected(held, PREFIX, "step_1", "run/step_1/a.pt")
     store.put("run/step_1/a.pt", b"a2")
     future: Future[None] = Future()
     done = held.sealing(PREFIX, "step_1", manifest, future)
@@ -188,7 +195,7 @@ def test_a_failed_copy_fails_the_upload_and_a_failed_seal_keeps_the_held_copy(
     with pytest.raises(StoreError):
         done.result(timeout=10)
     assert held_keys(store) == ["run/.spotwatch/held/step_1/a.pt"]
-    held.protect(PREFIX, "step_1", "run/step_1/a.pt")  # 412: the copy of a1 stays
+    protected(held, PREFIX, "step_1", "run/step_1/a.pt")  # 412: the copy of a1 stays
     assert store.data("run/.spotwatch/held/step_1/a.pt") == b"a1"
 
 
@@ -198,7 +205,7 @@ def test_a_manifest_write_that_failed_yet_landed_is_read_back_for_the_next_rewri
     must hold the version that manifest lists, not get a 412 against the one before."""
     held = HeldCopies(store, SealedSets(store, None, 0), job=False)
     m1 = seal(store, "model.pt", {"": b"v1"})
-    held.protect(PREFIX, "model.pt", "run/model.pt")
+    protected(held, PREFIX, "model.pt", "run/model.pt")
     v2 = store.put("run/model.pt", b"v2!")
     m2 = Manifest.build("model.pt", PREFIX, [ManifestEntry(
         m1.files[0].key, "model.pt", 3, 2_000, crc32_checksum(b"v2!"), etag=v2.etag)])
@@ -208,7 +215,7 @@ def test_a_manifest_write_that_failed_yet_landed_is_read_back_for_the_next_rewri
     future.set_exception(StoreError("connection reset after the request"))
     with pytest.raises(StoreError):
         done.result(timeout=10)
-    held.protect(PREFIX, "model.pt", "run/model.pt")
+    protected(held, PREFIX, "model.pt", "run/model.pt")
     assert store.data(held_key(PREFIX, "model.pt")) == b"v2!"
 
 
@@ -328,3 +335,17 @@ def test_s3_store_copies_an_object_too_large_for_one_copy_in_parts(
         assert not store.copy_if_match("run/none.pt", "run/.spotwatch/held/none.pt", etag, 1)
     finally:
         store.close()
+
+
+def test_no_copy_is_started_while_a_flush_deadline_runs(store: InMemoryObjectStore) -> None:
+    """Under a flush's deadline the new version goes first: a copy of a large file could cost
+    it the deadline, and its upload replaces the object only as it completes, the manifest
+    written right after."""
+    held = HeldCopies(store, SealedSets(store, None, 0), job=False)
+    seal(store, "model.pt", {"": b"v1"})
+    held.hurry(100.0)
+    assert held.protect(PREFIX, "model.pt", "run/model.pt") is None
+    assert held_keys(store) == []
+    held.hurry(None)  # the deadline is over
+    protected(held, PREFIX, "model.pt", "run/model.pt")
+    assert store.data(held_key(PREFIX, "model.pt")) == b"v1"

@@ -12,6 +12,7 @@ import stat as stat_module
 import time
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain
@@ -489,17 +490,16 @@ class SyncEngine:
                 self._unjudged.get(job.path) == job.snapshot.version))
 
     def _before_upload(self, job: UploadJob, set_ref: SetRef,
-                       unjudged: bool) -> UploadResult | None:
+                       unjudged: bool) -> UploadResult | Future[None] | None:
         """On the uploader's precheck thread, before the file is sent: a file the start
         found unknown to the ledger is judged against its sealed set (None: it is uploaded),
-        and the sealed version the upload replaces is held (sync.sets.held; StoreError
-        fails the upload, to be retried)."""
+        and the sealed version the upload replaces is held (sync.sets.held: the copy the
+        upload waits for; its StoreError fails the upload, to be retried)."""
         if unjudged:
             judged = self._judge_against_sealed(job, set_ref)
             if judged is not None:
                 return judged
-        self._held.protect(set_ref.prefix, set_ref.name, job.key)
-        return None
+        return self._held.protect(set_ref.prefix, set_ref.name, job.key)
 
     def _judge_against_sealed(self, job: UploadJob, set_ref: SetRef) -> UploadResult | None:
         """On an uploader thread, before a file the start found and the ledger has no row
@@ -635,6 +635,7 @@ class SyncEngine:
         for (RetryQueue.hurry), both, since a set's files alone are no checkpoint."""
         self.retries.hurry(until)
         self.sealer.hurry(until)
+        self._held.hurry(until)
 
     def sets_with_files_pending(self) -> set[str]:
         """Sets with a file queued, uploading or waiting for a retry: not sealed as they are
@@ -824,6 +825,7 @@ class SyncEngine:
         the closed ledger, and an abandoned multipart upload keeps its multipart_started row
         for the next start to abort."""
         self.uploader.shutdown()
+        self._held.close()
         self.sealer.close()
         self.ledger.close()
 

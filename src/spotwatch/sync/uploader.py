@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ from spotwatch.sync.orphans import abort_open_uploads
 log = get_logger("spotwatch.uploader")
 
 # Asked before a file is uploaded: a result here is the upload's, and nothing is sent.
-Precheck = Callable[[], "UploadResult | None"]
+# A precheck's answer: the upload's result (nothing is sent), None (it starts now), or work it
+# waits for first, done off the precheck thread (a held copy, sync.sets.held).
+Precheck = Callable[[], "UploadResult | Future[None] | None"]
 
 
 class Uploader:
@@ -99,14 +102,35 @@ class Uploader:
 
     def _precheck(self, job: UploadJob, gate: _Gate, precheck: Precheck) -> None:
         started = self._clock()
-        early: UploadResult | None = None
+        answer: UploadResult | Future[None] | None = None
         if not gate.stopped:
             try:
-                early = precheck()
+                answer = precheck()
             except Exception as exc:  # S3 not reachable, say: retried as a failed upload is
-                early = UploadResult(job, Outcome.FAILED, self._clock() - started,
-                                     error=_describe(exc),
-                                     permanent=isinstance(exc, StoreError) and exc.permanent)
+                answer = self._failed_precheck(job, started, exc)
+        if isinstance(answer, Future):
+            # Not waited for here: the next upload's precheck goes on meanwhile.
+            answer.add_done_callback(partial(self._first_done, job, gate, started))
+            return
+        self._after_precheck(job, gate, started, answer)
+
+    def _first_done(self, job: UploadJob, gate: _Gate, started: float,
+                    first: Future[None]) -> None:
+        """What the upload waited for has ended: a failure, or one never run (a stop), fails
+        the upload, to be retried; never sent without it."""
+        error = CancelledError() if first.cancelled() else first.exception()
+        self._after_precheck(job, gate, started, None if error is None
+                             else self._failed_precheck(job, started, error))
+
+    def _failed_precheck(self, job: UploadJob, started: float,
+                         exc: BaseException) -> UploadResult:
+        return UploadResult(job, Outcome.FAILED, self._clock() - started, error=_describe(exc),
+                            permanent=isinstance(exc, StoreError) and exc.permanent)
+
+    def _after_precheck(self, job: UploadJob, gate: _Gate, started: float,
+                        early: UploadResult | None) -> None:
+        """Start the upload, unless the precheck answered for it or it was stopped meanwhile;
+        either way its result is handed on once."""
         with gate.lock:
             if early is None and not gate.stopped:
                 try:

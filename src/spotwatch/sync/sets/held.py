@@ -38,6 +38,10 @@ from spotwatch.sync.sets.sealed import SealedSets
 log = get_logger("spotwatch.sets")
 
 
+# Held copies made at once (each one a server-side copy: no bytes pass through this host).
+COPIES_AT_ONCE = 4
+
+
 class HeldCopies:
     """Thread-safe: copies are made on the uploader's precheck thread, seals end on the
     store's threads."""
@@ -54,11 +58,28 @@ class HeldCopies:
         self._held: dict[tuple[str, str], set[str]] = defaultdict(set)
         self._listed: set[str] = set()
         self._after = ThreadPoolExecutor(max_workers=1, thread_name_prefix="held")
+        # Copies run here, not on the uploader's one precheck thread: a copy of a large file
+        # (a minute for tens of GB) holds up only the upload of its own file.
+        self._copier = ThreadPoolExecutor(max_workers=COPIES_AT_ONCE,
+                                          thread_name_prefix="held-copy")
+        self._hurried = False
 
-    def protect(self, prefix: str, set_name: str, key: str) -> None:
+    def hurry(self, until: float | None) -> None:
+        """A flush's deadline runs until then (None: none runs any more). While one runs, no
+        copy is started: the new version goes first. Its upload replaces the object only
+        when it completes (a multipart upload at its last request), and the set's manifest
+        is written right after it, so the sealed version is unprotected for that moment
+        only, where a copy of a large file could cost the new version its deadline."""
+        self._hurried = until is not None
+
+    def close(self) -> None:
+        """Copies not begun never begin; one under way is abandoned (a stop is bounded)."""
+        self._copier.shutdown(wait=False, cancel_futures=True)
+
+    def protect(self, prefix: str, set_name: str, key: str) -> Future[None] | None:
         """Before a new version of the file at key is uploaded: the sealed version at key,
-        if a sealed manifest lists one, is copied to its held key. StoreError when the copy
-        failed (the upload must not start)."""
+        if a sealed manifest lists one, is copied to its held key. The copy under way, whose
+        StoreError means the upload must not start; None when there is none to make."""
         while True:
             with self._lock:
                 sealing = self._sealing.get((prefix, set_name))
@@ -67,25 +88,32 @@ class HeldCopies:
             wait([sealing])
         entry = self._sealed_sets.sealed_entry(prefix, set_name, key)
         if entry is None:
-            return  # a new file, or a set never sealed: nothing to keep
+            return None  # a new file, or a set never sealed: nothing to keep
+        if self._hurried:
+            log.info("held_copy_skipped", key=key,
+                     reason="a flush's deadline runs: the new version goes first")
+            return None
         etag = bare_etag(entry.etag)
         if etag is None:
             # A manifest written before ETags were recorded: no copy can be made on
             # condition, and one made without could replace a held copy of the sealed
             # version with a later one. The set's next seal records them.
             log.warning("held_copy_skipped", key=key, reason="its manifest records no ETag")
-            return
+            return None
         held = held_key(prefix, key.removeprefix(object_key(prefix, "")))
         if len(held.encode()) > S3_KEY_MAX_BYTES:
             # A key within 16 bytes of S3's limit is uploaded all the same (keys.storable_key),
             # as before there were held copies.
             log.warning("held_copy_skipped", key=key,
                         reason=f"its held copy's key would exceed {S3_KEY_MAX_BYTES} bytes")
-            return
+            return None
         with self._lock:  # before the copy: one whose reply is lost is deleted all the same
             self._held[(prefix, set_name)].add(held)
-        if self._store.copy_if_match(key, held, f'"{etag}"', entry.size):
-            log.info("held_copy_made", key=key, held=held, bytes=entry.size)
+        return self._copier.submit(self._copy, key, held, etag, entry.size)
+
+    def _copy(self, key: str, held: str, etag: str, size: int) -> None:
+        if self._store.copy_if_match(key, held, f'"{etag}"', size):
+            log.info("held_copy_made", key=key, held=held, bytes=size)
 
     def sealing(self, prefix: str, set_name: str, manifest: Manifest,
                 written: Future[None]) -> Future[None]:
