@@ -248,6 +248,30 @@ def test_retention_deletes_a_dropped_sets_held_copies_after_its_manifest() -> No
     assert keys_to_reseal(gone) == ["run/step_2", "run/step_2/a.pt"]  # held copies: none
 
 
+def test_on_a_job_each_node_deletes_only_its_own_held_copies_unless_retention() -> None:
+    """A node mirroring its own deletion in a set leaves the held copies of other nodes'
+    files (each may be between its rewrite and sealing its part again); retention's, which
+    rank 0 carries out for the whole job, go whoever made them."""
+    from spotwatch.sync.pruner import Deletion, job_deletions
+    from spotwatch.sync.sets.parts import JobNode, JobSet
+
+    def part(rank: int) -> Manifest:
+        return Manifest.build("step_2", PREFIX, [ManifestEntry(
+            f"{PREFIX}step_2/r{rank}.pt", f"step_2/r{rank}.pt", 1, 2, "AAAAAA==")])
+
+    job_set = JobSet("step_2", 2, {0: part(0), 1: part(1)})
+    planned = [Deletion(held_key(PREFIX, f"step_2/r{rank}.pt"), reason, held=True)
+               for rank in (0, 1) for reason in ("deleted locally", "retention")]
+
+    def kept(rank: int) -> list[tuple[str, str]]:
+        return [(d.key.rsplit("/", 1)[-1], d.reason) for d in job_deletions(
+            planned, PREFIX, [job_set], JobNode("job", 2, rank))]
+
+    assert kept(1) == [("r1.pt", "deleted locally"), ("r1.pt", "retention")]
+    assert kept(0) == [("r0.pt", "deleted locally"), ("r0.pt", "retention"),
+                       ("r1.pt", "retention")]
+
+
 # -- restore: a held copy stands in for a replaced object -----------------------------------
 
 STATES = ("intact", "rewritten", "same_size", "missing", "rewritten_unheld", "missing_unheld",
@@ -317,6 +341,27 @@ def test_restore_of_an_intact_set_lists_no_held_copies(store: InMemoryObjectStor
     assert store.calls["list_objects"] == 1
 
 
+def test_a_held_copy_deleted_under_the_restore_passes_the_set_over(
+        store: InMemoryObjectStore, tmp_path: Path) -> None:
+    """A daemon beside the restore seals the set again and deletes the held copy it was
+    reading: the set is incomplete as read, and the next older one is restored, not the
+    whole restore failed."""
+    from spotwatch.aws.store import ObjectMissing
+
+    seal(store, "step_1", {"a.pt": b"one"}, mtime_ns=1_000)
+    seal(store, "step_2", {"a.pt": b"two"}, mtime_ns=2_000)
+    manifests = list_manifests(store, PREFIX)
+    store.put("run/.spotwatch/held/step_2/a.pt", b"two")
+    store.put("run/step_2/a.pt", b"2v2")  # the rewrite, its seal not written yet
+    store.fail("download", key="run/.spotwatch/held/step_2/a.pt",
+               error=lambda: ObjectMissing("gone"))
+    passed_over: list[str] = []
+    report = restore_newest(store, manifests, tmp_path, "CRC32", None, passed_over)
+    assert report is not None and report.set_name == "step_1"
+    assert passed_over == ["step_2"]
+    assert (tmp_path / "step_1/a.pt").read_bytes() == b"one"
+
+
 def test_s3_store_copies_an_object_too_large_for_one_copy_in_parts(
         s3: Any, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Over 5 GiB S3 takes no CopyObject: s3transfer's managed copy, here made to run for a
@@ -349,3 +394,40 @@ def test_no_copy_is_started_while_a_flush_deadline_runs(store: InMemoryObjectSto
     held.hurry(None)  # the deadline is over
     protected(held, PREFIX, "model.pt", "run/model.pt")
     assert store.data(held_key(PREFIX, "model.pt")) == b"v1"
+
+
+def test_copies_queued_when_a_deadline_begins_are_not_made(store: InMemoryObjectStore) -> None:
+    """A deadline beginning while copies wait on the pool: those not begun are not made, and
+    their uploads go on at once (the copy under way ends as it would)."""
+    held = HeldCopies(store, SealedSets(store, None, 0), job=False)
+    names = [f"m{index}.pt" for index in range(6)]
+    for name in names:
+        seal(store, name, {"": name.encode()})
+    gates = [store.hold("copy_if_match", PREFIX + name) for name in names[:4]]
+    copies = [held.protect(PREFIX, name, PREFIX + name) for name in names]
+    for gate in gates:  # the pool's four threads, each in a copy
+        assert gate.entered.wait(10)
+    held.hurry(100.0)
+    for gate in gates:
+        gate.release()
+    for copy in copies:
+        assert copy is not None
+        copy.result(timeout=10)
+    assert held_keys(store) == [held_key(PREFIX, name) for name in names[:4]]
+
+
+def test_a_file_restored_from_a_held_copy_is_sent_again_not_adopted(
+        store: InMemoryObjectStore) -> None:
+    """The file on disk is the version the manifest lists (restored from its held copy) while
+    S3 holds a later one at its key: adopting it would let a later seal list it over other
+    bytes. It goes up instead; the same file is adopted while the object is its version."""
+    from spotwatch.model import FileVersion
+    from spotwatch.sync.sets.sealed import Verdict
+
+    seal(store, "step_3", {"eval.json": b"v1"}, mtime_ns=1_000)
+    version = FileVersion(2, 1_000)
+    assert SealedSets(store, None, 10_000).judge(
+        PREFIX, "step_3", "run/step_3/eval.json", version).verdict is Verdict.ADOPT
+    store.put("run/step_3/eval.json", b"v2")  # a rewrite uploaded, its seal never written
+    assert SealedSets(store, None, 10_000).judge(
+        PREFIX, "step_3", "run/step_3/eval.json", version).verdict is Verdict.UPLOAD

@@ -506,6 +506,18 @@ class S3ObjectStore:
             # s3transfer's shutdown waits for every transfer's requests: only when none run.
             self._manager.shutdown()
 
+    def _managed_copy(self, copy_source: Any, key: str, args: dict[str, Any]) -> None:
+        """s3transfer's multipart copy, counted among the transfers close() cancels (a stop
+        never waits for a copy of tens of GB; s3transfer aborts its multipart upload)."""
+        transfer = self._manager.copy(copy_source, self._bucket, key, extra_args=args)
+        with self._lock:
+            self._transfers.add(transfer)
+        try:
+            transfer.result()
+        finally:
+            with self._lock:
+                self._transfers.discard(transfer)
+
     def copy_if_match(self, source: str, key: str, etag: str, size: int) -> bool:
         # Invariant: the copy is of the version with this ETag or nothing. CopySourceIfMatch
         # goes with every request that reads the source: the one CopyObject, or s3transfer's
@@ -518,7 +530,7 @@ class S3ObjectStore:
                     self.client.copy_object(Bucket=self._bucket, Key=key,
                                             CopySource=copy_source, **args)
                 else:
-                    self._manager.copy(copy_source, self._bucket, key, extra_args=args).result()
+                    self._managed_copy(copy_source, key, args)
         except ObjectMissing:
             return False
         except StoreError as exc:

@@ -31,6 +31,7 @@ from spotwatch.config import Config, WatchDir
 from spotwatch.errors import SpotwatchError
 from spotwatch.keys import (
     belongs_to_set,
+    held_key,
     held_of_set,
     held_prefix,
     is_reserved,
@@ -427,8 +428,16 @@ def job_deletions(planned: Sequence[Deletion], watch_prefix: str, job_sets: Sequ
     sets = {manifest_key(watch_prefix, job_set.set_name): job_set for job_set in job_sets}
     own_files = {entry.key for job_set in job_sets if node.rank in job_set.parts
                  for entry in job_set.parts[node.rank].files}
+    # Held copies are each node's own, as its files are: another node may be between its
+    # rewrite of a file and sealing its part again (sync.sets.held).
+    own_held = {held_key(watch_prefix, key.removeprefix(object_key(watch_prefix, "")))
+                for key in own_files}
     deletions: list[Deletion] = []
     for deletion in planned:
+        if deletion.held:
+            if (node.rank == 0 and deletion.retires) or deletion.key in own_held:
+                deletions.append(deletion)
+            continue
         job_set = sets.get(deletion.key)
         if job_set is None:
             if node.rank == 0 or not deletion.retires or deletion.key in own_files:

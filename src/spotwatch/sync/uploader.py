@@ -49,6 +49,9 @@ class Uploader:
         # are handed to the store in the planner's order (newest set first), as without one.
         self._prechecker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="precheck")
         self._uploads: dict[Path, PendingUpload] = {}
+        # Those of them waiting for what their precheck started (a held copy): none of their
+        # bytes move until it ends, so they are no sign of S3 stalling (see sending).
+        self._waiting: set[Path] = set()
         self._lock = threading.Lock()
         # Bytes sent, as the store reports them (a progress bar's feed).
         self.on_progress: Callable[[int], None] | None = None
@@ -66,14 +69,22 @@ class Uploader:
         with self._lock:
             return len(self._uploads)
 
+    def sending(self) -> int:
+        """Uploads in flight less those waiting for a held copy: the ones whose stalling says
+        S3 stalls (a copy of tens of GB moves no bytes here for a minute)."""
+        with self._lock:
+            return len(self._uploads) - len(self._waiting)
+
     def is_uploading(self, path: Path) -> bool:
         with self._lock:
             return path in self._uploads
 
     def submit(self, job: UploadJob, precheck: Precheck | None = None) -> None:
         """Upload the file. precheck: asked first, on the precheck thread; a result it returns
-        is the upload's, and nothing is sent (see sync.sets.sealed). Until it has answered
-        the job counts as uploading, and cancel or withdraw end it as CANCELLED."""
+        is the upload's, and nothing is sent (see sync.sets.sealed); work it returns (a held
+        copy's future, sync.sets.held) is waited for off that thread, and its failure fails
+        the upload. Until then the job counts as uploading, and cancel or withdraw end it as
+        CANCELLED (VANISHED when its file went)."""
         self.liveness.moved()  # before it counts as in flight (Liveness's invariant)
         if precheck is None:
             self._start(job, self._clock())
@@ -110,6 +121,8 @@ class Uploader:
                 answer = self._failed_precheck(job, started, exc)
         if isinstance(answer, Future):
             # Not waited for here: the next upload's precheck goes on meanwhile.
+            with self._lock:
+                self._waiting.add(job.path)
             answer.add_done_callback(partial(self._first_done, job, gate, started))
             return
         self._after_precheck(job, gate, started, answer)
@@ -118,6 +131,9 @@ class Uploader:
                     first: Future[None]) -> None:
         """What the upload waited for has ended: a failure, or one never run (a stop), fails
         the upload, to be retried; never sent without it."""
+        with self._lock:
+            self._waiting.discard(job.path)
+        self.liveness.moved()  # counts as a start: the upload has the whole threshold
         error = CancelledError() if first.cancelled() else first.exception()
         self._after_precheck(job, gate, started, None if error is None
                              else self._failed_precheck(job, started, error))

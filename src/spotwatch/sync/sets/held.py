@@ -10,7 +10,7 @@ Before a new version of a file replaces the object its set's sealed manifest lis
 object is copied server-side to its held key (keys.held_key), on condition that it is still
 the sealed version (CopySourceIfMatch, the manifest entry's ETag): S3's 412 means it is not,
 and a held copy made before holds the sealed version. Restore reads a held copy in place of
-an object that no longer matches its entry (sync.sets.remote.stand_ins). A copy that fails
+an object that no longer matches its entry (sync.sets.remote.stand_in). A copy that fails
 otherwise fails the upload, which is retried as any failed upload: the sealed object is never
 replaced unprotected.
 
@@ -43,8 +43,8 @@ COPIES_AT_ONCE = 4
 
 
 class HeldCopies:
-    """Thread-safe: copies are made on the uploader's precheck thread, seals end on the
-    store's threads."""
+    """Thread-safe: copies are planned on the uploader's precheck thread and made on a pool
+    of their own, seals end on the store's threads."""
 
     def __init__(self, store: ObjectStore, sealed_sets: SealedSets, *, job: bool) -> None:
         """job: on a node of a multi-node job, only held copies of the files its own part
@@ -79,19 +79,34 @@ class HeldCopies:
     def protect(self, prefix: str, set_name: str, key: str) -> Future[None] | None:
         """Before a new version of the file at key is uploaded: the sealed version at key,
         if a sealed manifest lists one, is copied to its held key. The copy under way, whose
-        StoreError means the upload must not start; None when there is none to make."""
+        failure means the upload must not start; None when there is none to make. Called on
+        the uploader's one precheck thread, so nothing here waits: a seal of the set under
+        way is waited for on the copies' pool."""
+        with self._lock:
+            sealing = self._sealing.get((prefix, set_name))
+        if sealing is not None:
+            return self._copier.submit(self._copy_after_seal, prefix, set_name, key)
+        planned = self._plan(prefix, set_name, key)
+        return None if planned is None else self._copier.submit(self._copy, *planned)
+
+    def _copy_after_seal(self, prefix: str, set_name: str, key: str) -> None:
         while True:
             with self._lock:
                 sealing = self._sealing.get((prefix, set_name))
             if sealing is None:
                 break
             wait([sealing])
+        planned = self._plan(prefix, set_name, key)
+        if planned is not None:
+            self._copy(*planned)
+
+    def _plan(self, prefix: str, set_name: str, key: str) -> tuple[str, str, str, int] | None:
+        """(key, held key, ETag, size) of the copy to make against the manifest in S3 now;
+        None when there is none to make."""
         entry = self._sealed_sets.sealed_entry(prefix, set_name, key)
         if entry is None:
             return None  # a new file, or a set never sealed: nothing to keep
-        if self._hurried:
-            log.info("held_copy_skipped", key=key,
-                     reason="a flush's deadline runs: the new version goes first")
+        if self._skipped_under_deadline(key):
             return None
         etag = bare_etag(entry.etag)
         if etag is None:
@@ -109,9 +124,17 @@ class HeldCopies:
             return None
         with self._lock:  # before the copy: one whose reply is lost is deleted all the same
             self._held[(prefix, set_name)].add(held)
-        return self._copier.submit(self._copy, key, held, etag, entry.size)
+        return key, held, etag, entry.size
+
+    def _skipped_under_deadline(self, key: str) -> bool:
+        if self._hurried:
+            log.info("held_copy_skipped", key=key,
+                     reason="a flush's deadline runs: the new version goes first")
+        return self._hurried
 
     def _copy(self, key: str, held: str, etag: str, size: int) -> None:
+        if self._skipped_under_deadline(key):  # queued before the deadline began
+            return
         if self._store.copy_if_match(key, held, f'"{etag}"', size):
             log.info("held_copy_made", key=key, held=held, bytes=size)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from spotwatch.aws.store import ObjectMissing, ObjectStore
-from spotwatch.keys import manifest_key, manifest_prefix, part_key, parts_prefix
+from spotwatch.keys import manifest_key, manifest_prefix, object_key, part_key, parts_prefix
 from spotwatch.logs import get_logger
 from spotwatch.model import FileVersion
 from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry, ManifestError
@@ -111,15 +111,40 @@ class SealedSets:
         # _sets, which holds what S3 held at the start for judging and inheriting.
         self._now: dict[tuple[str, str], Manifest | None] = {}
         self._reread: set[tuple[str, str]] = set()  # sets whose manifest write failed
+        # The ETags of each set's objects when a file of it was first adopted (_holds_entry).
+        self._objects: dict[tuple[str, str], dict[str, str]] = {}
         self._lock = threading.Lock()
 
     def judge(self, prefix: str, set_name: str, key: str, version: FileVersion) -> Judged:
+        """Invariant: a file is adopted (recorded as in S3, not sent) only while the object at
+        its key is the version its entry lists. A file restored from a held copy
+        (sync.sets.held) has that version while S3 holds a later, unsealed one at its key:
+        adopted, a later seal would list its entry over other bytes. It goes up instead."""
         sealed = self._sealed(prefix, set_name)
         entry = sealed.entry(key, version)
         if entry is None:
             return Judged(Verdict.UPLOAD)
         when = sealed.own.sealed_at if sealed.own is not None else None
-        return Judged(judge(entry, version, self.started_ns), entry, when)
+        verdict = judge(entry, version, self.started_ns)
+        if verdict is Verdict.ADOPT and not self._holds_entry(prefix, set_name, entry):
+            verdict = Verdict.UPLOAD
+        return Judged(verdict, entry, when)
+
+    def _holds_entry(self, prefix: str, set_name: str, entry: ManifestEntry) -> bool:
+        """Whether the object at the entry's key is its version (its ETag; an entry with
+        none recorded is taken as held), by one listing of the set's keys."""
+        if entry.etag is None:
+            return True
+        with self._lock:
+            etags = self._objects.get((prefix, set_name))
+        if etags is None:
+            set_key = object_key(prefix, set_name)  # a one-file set's, or its directory's
+            etags = {listed.key: (listed.etag or "").strip('"')
+                     for listed in self._store.list_objects(set_key)
+                     if listed.key == set_key or listed.key.startswith(set_key + "/")}
+            with self._lock:
+                self._objects[(prefix, set_name)] = etags
+        return etags.get(entry.key) == entry.etag.strip('"')
 
     def sealed_entry(self, prefix: str, set_name: str, key: str) -> ManifestEntry | None:
         """The entry for key of the set's manifest (this node's part) in S3 now: the one this
