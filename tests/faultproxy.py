@@ -40,10 +40,13 @@ class Request:
     query: dict[str, list[str]]
     access_key: str = ""  # the key id it was signed with (SigV4's Credential=), if signed
     signing_region: str = ""  # the region it was signed for (Credential=KEY/date/REGION/...)
+    copy: bool = False  # a PUT that copies another object (x-amz-copy-source)
 
     @property
     def operation(self) -> str:
         """The S3 operation, as far as faults need telling them apart."""
+        if self.copy and self.method == "PUT":
+            return "UploadPartCopy" if "uploadId" in self.query else "CopyObject"
         if "uploadId" in self.query:
             return {"PUT": "UploadPart", "POST": "CompleteMultipartUpload",
                     "DELETE": "AbortMultipartUpload"}.get(self.method, "ListParts")
@@ -195,7 +198,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         parts = urlsplit(self.path)
         request = Request(self.command, parts.path, parse_qs(parts.query, keep_blank_values=True),
-                          *_credential(self.headers.get("Authorization", "")))
+                          *_credential(self.headers.get("Authorization", "")),
+                          copy="x-amz-copy-source" in self.headers)
         self.proxy.begin(request)
         try:
             self._answer(request, body)

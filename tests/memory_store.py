@@ -219,6 +219,18 @@ class InMemoryObjectStore:
         data = self._read(key).data
         return data if limit is None else data[:limit]
 
+    def copy_if_match(self, source: str, key: str, etag: str, size: int) -> bool:
+        """As S3's CopyObject with CopySourceIfMatch: False (S3's 412, or no source) unless
+        source holds the version with this ETag; the copy is a write of its own (new ETag)."""
+        self._enter("copy_if_match", source)
+        with self._lock:
+            stored = self.objects.get(source)
+            if stored is None or stored.etag.strip('"') != etag.strip('"'):
+                return False
+            self.objects[key] = StoredBytes(stored.data, stored.checksum,
+                                            datetime.now(timezone.utc))
+        return True
+
     def download(self, key: str, path: Path, size: int, progress: Progress | None = None,
                  expected: Expected | None = None) -> bool:
         """Never checks on the way: restore reads the file back."""

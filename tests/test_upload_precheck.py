@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from spotwatch.aws.store import StoreError
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync.uploader import Uploader
 
+from .conftest import wait_for
 from .memory_store import InMemoryObjectStore
 
 
@@ -93,5 +95,31 @@ def test_withdrawn_or_cancelled_during_the_precheck_sends_nothing(tmp_path: Path
         go_on.set()
         assert results.get(timeout=10).outcome is Outcome.CANCELLED
         assert store.calls["upload_file"] == 0 and not store.objects
+    finally:
+        uploader.shutdown()
+
+
+def test_an_upload_waiting_for_its_held_copy_is_no_stall_and_fails_with_it(
+        tmp_path: Path) -> None:
+    """A precheck that starts work (a held copy) returns at once: the upload waits for it off
+    the precheck thread, counts as in flight but not as sending (no S3 stall while a copy of
+    tens of GB runs), and starts once it is done; a copy that fails fails the upload."""
+    store, job = InMemoryObjectStore(), _job(tmp_path)
+    copying: Future[None] = Future()
+    uploader, results = _submit(store, job, lambda: copying)
+    try:
+        wait_for(lambda: uploader.in_flight() == 1 and uploader.sending() == 0)
+        assert store.calls["upload_file"] == 0
+        copying.set_result(None)
+        assert results.get(timeout=10).outcome is Outcome.DONE
+        assert uploader.sending() == 0 and store.data(job.key) == job.path.read_bytes()
+    finally:
+        uploader.shutdown()
+    failing: Future[None] = Future()
+    uploader, results = _submit(InMemoryObjectStore(), job, lambda: failing)
+    try:
+        failing.set_exception(StoreError("copy refused"))
+        result = results.get(timeout=10)
+        assert result.outcome is Outcome.FAILED and "copy refused" in (result.error or "")
     finally:
         uploader.shutdown()

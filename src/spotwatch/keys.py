@@ -3,8 +3,10 @@
 A checkpoint set is the first path component below a watched directory: a subdirectory such as
 ``step_1000/`` with everything in it, or a single top-level file. Its manifest lives under
 ``<prefix>.spotwatch/manifests/``, and lists the set's symlinks that stay inside the tree
-(link_destination). These rules are shared by config validation, the IAM policy, preflight,
-the sync engine and restore, so they import nothing from spotwatch.
+(link_destination). A sealed version of a file that is being replaced is held under
+``<prefix>.spotwatch/held/`` until its set is sealed again (sync.sets.held). These rules are
+shared by config validation, the IAM policy, preflight, the sync engine and restore, so they
+import nothing from spotwatch.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 MANIFEST_DIR = ".spotwatch/manifests/"
 # The first path component of every key spotwatch writes for itself (manifests, probes).
 RESERVED_SET = MANIFEST_DIR.split("/", 1)[0]
+HELD_DIR = ".spotwatch/held/"
 WRITE_PROBE = ".spotwatch/probe-"  # `spotwatch check` writes and deletes <prefix>probe-<host>
 # How a restore's temporaries end (sync.restore.destination.temporary).
 RESTORE_TEMP_SUFFIX = ".spotwatch-restore"
@@ -176,6 +179,23 @@ def manifest_prefix(prefix: str) -> str:
 
 def manifest_key(prefix: str, set_name: str) -> str:
     return manifest_prefix(prefix) + f"{set_name}.json"
+
+
+def held_prefix(prefix: str) -> str:
+    return object_key(prefix, HELD_DIR)
+
+
+def held_key(prefix: str, relative_path: str) -> str:
+    """Where the sealed version of a file is copied before a new version replaces it
+    (sync.sets.held): ``<prefix>.spotwatch/held/<relative path>``. In spotwatch's own key
+    space (is_reserved), so no listing of sets, mirrored deletion or restore takes it for a
+    file of a set, or for a set of its own."""
+    return held_prefix(prefix) + relative_path
+
+
+def held_of_set(prefix: str, set_name: str, key: str) -> bool:
+    """Whether key is a held copy of a file of the set (its one file, or one below it)."""
+    return belongs_to_set(key, held_key(prefix, set_name))
 
 
 def job_key_space(prefix: str, job_id: str) -> str:

@@ -63,6 +63,10 @@ IN_MEMORY_BODY_MAX = 1 << 20
 DELETE_BATCH = 1000
 # Threads writing manifests (and the peers' notices): each write is small.
 MANIFEST_WRITERS = 4
+# The largest object one CopyObject copies; a larger one is copied in parts (UploadPartCopy).
+COPY_OBJECT_MAX = 5 << 30
+# How S3 says that a conditional request's precondition failed (CopySourceIfMatch).
+_PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,13 @@ class ObjectStore(Protocol):
     def get_bytes(self, key: str, limit: int | None = None) -> bytes:
         """The object's bytes, or only its first `limit` bytes (the rest is left unread);
         ObjectMissing when there is none."""
+        ...
+
+    def copy_if_match(self, source: str, key: str, etag: str, size: int) -> bool:
+        """Copy the object at source (of this size) to key, server-side, with the store's
+        write settings (encryption, checksum), only while source is the version with this
+        ETag; returns whether it was copied: False when source is another version now (S3's
+        412) or gone. Any other failure raises StoreError. Waits for the copy."""
         ...
 
     def download(self, key: str, path: Path, size: int, progress: Progress | None = None,
@@ -494,6 +505,39 @@ class S3ObjectStore:
         if not transfers:
             # s3transfer's shutdown waits for every transfer's requests: only when none run.
             self._manager.shutdown()
+
+    def _managed_copy(self, copy_source: Any, key: str, args: dict[str, Any]) -> None:
+        """s3transfer's multipart copy, counted among the transfers close() cancels (a stop
+        never waits for a copy of tens of GB; s3transfer aborts its multipart upload)."""
+        transfer = self._manager.copy(copy_source, self._bucket, key, extra_args=args)
+        with self._lock:
+            self._transfers.add(transfer)
+        try:
+            transfer.result()
+        finally:
+            with self._lock:
+                self._transfers.discard(transfer)
+
+    def copy_if_match(self, source: str, key: str, etag: str, size: int) -> bool:
+        # Invariant: the copy is of the version with this ETag or nothing. CopySourceIfMatch
+        # goes with every request that reads the source: the one CopyObject, or s3transfer's
+        # HEAD and every UploadPartCopy of an object too large for one.
+        args: dict[str, Any] = {"CopySourceIfMatch": etag, **self._write_args()}
+        copy_source: Any = {"Bucket": self._bucket, "Key": source}
+        try:
+            with _translated():
+                if size <= COPY_OBJECT_MAX:
+                    self.client.copy_object(Bucket=self._bucket, Key=key,
+                                            CopySource=copy_source, **args)
+                else:
+                    self._managed_copy(copy_source, key, args)
+        except ObjectMissing:
+            return False
+        except StoreError as exc:
+            if exc.code in _PRECONDITION_CODES:
+                return False
+            raise
+        return True
 
     # -- reading, listing, deleting ----------------------------------------------------------
 

@@ -22,6 +22,9 @@ OPERATION_ACTIONS = {
     "CreateMultipartUpload": "s3:PutObject",
     "UploadPart": "s3:PutObject",
     "CompleteMultipartUpload": "s3:PutObject",
+    # A held copy (sync.sets.held): PutObject on the copy, GetObject on its source.
+    "CopyObject": "s3:PutObject",
+    "UploadPartCopy": "s3:PutObject",
     "AbortMultipartUpload": "s3:AbortMultipartUpload",
     "GetObject": "s3:GetObject",
     "HeadObject": "s3:GetObject",

@@ -203,8 +203,9 @@ class Reporter:
         """status.json and the gauges, from one snapshot of the engine."""
         left = EngineSnapshot.of(engine)
         liveness = engine.uploader.liveness
-        degraded = self._degraded_reasons(liveness.stalled_reason(left.uploading))
-        self.metrics.uploads_quiet.set(liveness.quiet_seconds(left.uploading))
+        sending = engine.uploader.sending()  # not those waiting for a held copy
+        degraded = self._degraded_reasons(liveness.stalled_reason(sending))
+        self.metrics.uploads_quiet.set(liveness.quiet_seconds(sending))
         imds_up = self._imds.up if self._imds is not None else None
         peers_up = self._peers.up if self._peers is not None else None
         self._set_gauges(left, degraded, imds_up, peers_up)

@@ -23,7 +23,7 @@ from pathlib import Path
 from queue import SimpleQueue
 from typing import Literal
 
-from spotwatch.aws.store import ObjectStore, PendingDownload
+from spotwatch.aws.store import ObjectMissing, ObjectStore, PendingDownload
 from spotwatch.checksums import ContentMismatch, expected, file_matches
 from spotwatch.progress import Progress
 from spotwatch.sync.sets.manifest import ManifestEntry
@@ -47,6 +47,9 @@ class FileToFetch:
     entry: ManifestEntry
     temp: Path  # where its bytes go until the whole set checks out
     part_size: int | None  # of its composite checksum, if it has one
+    # Where its bytes are read from when not its entry's key: a held copy standing in for an
+    # object replaced since its set was sealed (sync.sets.held), verified as any file is.
+    source: str | None = None
 
 
 def verify(path: Path, entry: ManifestEntry, part_size: int | None,
@@ -120,8 +123,8 @@ class _SetFetch:
             check = expected(entry.checksum, file.part_size, self._preferred,
                              entry.checksum_algorithm) if entry.checksum else None
             self._temps.append(file.temp)  # before a byte is written: the caller removes it
-            pending = self._store.start_download(entry.key, file.temp, entry.size,
-                                                 self._progress, check)
+            pending = self._store.start_download(file.source or entry.key, file.temp,
+                                                 entry.size, self._progress, check)
         except Exception as exc:  # e.g. ChecksumUnavailable: no download started
             self._fail(exc)
             return
@@ -142,6 +145,12 @@ class _SetFetch:
         assert file is not None
         if kind == "downloaded":
             del self._under_way[file]
+        if error is not None and isinstance(error, ObjectMissing) and file.source is not None:
+            # A held copy deleted under the restore: the set was sealed again meanwhile (a
+            # daemon beside it). Incomplete as read, as one whose object went would be.
+            self._incomplete = True
+            self._fail(SetIncomplete())
+            return
         if error is not None:
             self._fail(SetCorrupt(str(error)) if isinstance(error, ContentMismatch)
                        else _naming(error, file.temp))

@@ -12,6 +12,7 @@ import stat as stat_module
 import time
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain
@@ -26,6 +27,7 @@ from spotwatch.sync.links import LinkSkipped, link_entry
 from spotwatch.sync.planner import PendingFile, Planner, SetRef
 from spotwatch.sync.retry import RetryQueue
 from spotwatch.sync.sets.claim import RankClaim
+from spotwatch.sync.sets.held import HeldCopies
 from spotwatch.sync.sets.parts import JobNode
 from spotwatch.sync.sets.sealed import SealedSets, Verdict
 from spotwatch.sync.sets.sealer import SetSealer
@@ -103,8 +105,11 @@ class SyncEngine:
         # Sets sealed before this process knew of them (a disk that outlived its state
         # directory): files the ledger has no row for are judged against them first.
         self._sealed_sets = SealedSets(self.uploader.store, node, wall_clock_ns())
+        # Sealed versions kept restorable while new ones replace them (sync.sets.held).
+        self._held = HeldCopies(self.uploader.store, self._sealed_sets, job=node is not None)
         self.sealer = SetSealer(ledger, self.uploader.store, self.trackers, clock, wall_clock_ns,
-                                node, claim, self._revive_for_links, self._sealed_sets)
+                                node, claim, self._revive_for_links, self._sealed_sets,
+                                self._held)
         # Files the start's scan found that the ledger has no row for, by the version found:
         # judged against their set's sealed manifest before they are sent (once each).
         self._unjudged: dict[Path, FileVersion] = {}
@@ -482,9 +487,21 @@ class SyncEngine:
             if self.uploader.uses_multipart(job.snapshot.size):
                 # Remembered so that a kill -9 mid-upload leaves no parts behind (see orphans).
                 self._ledger_write(self.ledger.multipart_started, job.key)
-            self.uploader.submit(job, partial(self._judge_against_sealed, job, item.set_ref)
-                                 if self._unjudged.get(job.path) == job.snapshot.version
-                                 else None)
+            self.uploader.submit(job, partial(
+                self._before_upload, job, item.set_ref,
+                self._unjudged.get(job.path) == job.snapshot.version))
+
+    def _before_upload(self, job: UploadJob, set_ref: SetRef,
+                       unjudged: bool) -> UploadResult | Future[None] | None:
+        """On the uploader's precheck thread, before the file is sent: a file the start
+        found unknown to the ledger is judged against its sealed set (None: it is uploaded),
+        and the sealed version the upload replaces is held (sync.sets.held: the copy the
+        upload waits for; its StoreError fails the upload, to be retried)."""
+        if unjudged:
+            judged = self._judge_against_sealed(job, set_ref)
+            if judged is not None:
+                return judged
+        return self._held.protect(set_ref.prefix, set_ref.name, job.key)
 
     def _judge_against_sealed(self, job: UploadJob, set_ref: SetRef) -> UploadResult | None:
         """On an uploader thread, before a file the start found and the ledger has no row
@@ -620,6 +637,7 @@ class SyncEngine:
         for (RetryQueue.hurry), both, since a set's files alone are no checkpoint."""
         self.retries.hurry(until)
         self.sealer.hurry(until)
+        self._held.hurry(until)
 
     def sets_with_files_pending(self) -> set[str]:
         """Sets with a file queued, uploading or waiting for a retry: not sealed as they are
@@ -808,6 +826,7 @@ class SyncEngine:
         bounded by sync.stop_timeout). No result is handled after this, so nothing writes to
         the closed ledger, and an abandoned multipart upload keeps its multipart_started row
         for the next start to abort."""
+        self._held.close()  # copies not begun never begin (one under way: the store's)
         self.uploader.shutdown()
         self.sealer.close()
         self.ledger.close()

@@ -31,6 +31,9 @@ from spotwatch.config import Config, WatchDir
 from spotwatch.errors import SpotwatchError
 from spotwatch.keys import (
     belongs_to_set,
+    held_key,
+    held_of_set,
+    held_prefix,
     is_reserved,
     manifest_key,
     object_key,
@@ -67,6 +70,9 @@ class Deletion:
     # A seal's set, as the key of its directory (object_key(prefix, set name)): the set to
     # seal again once its manifest went for a local deletion, whether its files went or not.
     set_key: str | None = None
+    # A held copy of a dropped set's file (sync.sets.held): no file's, so no ledger row, and
+    # nothing to seal again.
+    held: bool = False
 
     @property
     def retires(self) -> bool:
@@ -80,7 +86,7 @@ def keys_to_reseal(deleted: Iterable[Deletion]) -> list[str]:
     went is sealed again even when the deletion of its files failed after it (a refusal, an
     outage): it is whole without them, and would otherwise be no checkpoint for good."""
     return [(deletion.set_key or deletion.key) if deletion.seal else deletion.key
-            for deletion in deleted if not deletion.retires]
+            for deletion in deleted if not deletion.retires and not deletion.held]
 
 
 class Pruner:
@@ -153,6 +159,8 @@ class Pruner:
             raise PruneCancelled
 
     def _forget(self, deletion: Deletion) -> None:
+        if deletion.held:
+            return
         try:
             if deletion.retires:
                 self._ledger.retire(self._bucket, deletion.key)
@@ -169,13 +177,14 @@ class Pruner:
         if not self._keep_sets and not gone:
             return []
         accepts = PathFilter.for_watch(watch).accepts
+        held = [listed.key for listed in self._store.list_objects(held_prefix(watch.prefix))]
         if self._node is None:
             manifests = list_manifests(self._store, watch.prefix)
             not_committed = self._uncommitted(manifests)
             return plan_deletions(
                 watch.prefix, accepts, manifests, gone, self._keep_sets,
                 lambda manifest: manifest.set_name not in not_committed
-                and self._is_intact(manifest))
+                and self._is_intact(manifest), held)
         job_sets = list_job_sets(self._store, watch.prefix, self._node.job_id, self._node.nodes)
         not_committed = self._uncommitted([job_set.whole for job_set in job_sets])
         # A set some of whose files only restore can check (nodes wrote them with other
@@ -193,7 +202,7 @@ class Pruner:
                                                 for entry in part.files]))
 
         planned = plan_deletions(watch.prefix, accepts, [s.whole for s in job_sets], gone,
-                                 self._keep_sets, complete_for_job)
+                                 self._keep_sets, complete_for_job, held)
         return job_deletions(planned, watch.prefix, job_sets, self._node)
 
     def _uncommitted(self, manifests: Sequence[Manifest]) -> set[str]:
@@ -306,11 +315,14 @@ def _batches(deletions: Sequence[Deletion]) -> Iterator[list[Deletion]]:
 
 def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
                    manifests: Sequence[Manifest], gone_locally: Collection[str],
-                   keep_sets: int, complete: Callable[[Manifest], bool]) -> list[Deletion]:
-    """What to delete under one watch: manifests first, then files.
+                   keep_sets: int, complete: Callable[[Manifest], bool],
+                   held: Collection[str] = ()) -> list[Deletion]:
+    """What to delete under one watch: manifests first, then files, then held copies.
 
     manifests: the sets in S3, newest first; gone_locally: keys the ledger says spotwatch
-    uploaded whose local files are gone; complete: whether a set's files are all in S3.
+    uploaded whose local files are gone; complete: whether a set's files are all in S3;
+    held: the held copies under the watch's prefix (sync.sets.held): those of a set whose
+    manifest goes go with it (nothing is sealed for them to stand in for any more).
 
     Invariant: only what spotwatch uploaded goes, never an object a kept set's manifest lists,
     a file of an older set that a kept set's link leads to included (Manifest.linked_files).
@@ -378,7 +390,9 @@ def plan_deletions(watch_prefix: str, accepts: Callable[[str], bool],
     return ([Deletion(manifest_key(watch_prefix, m.set_name), reason, seal=True,
                       set_key=object_key(watch_prefix, m.set_name))
              for m, reason in dropped]
-            + [Deletion(key, reason) for key, reason in sorted(files.items())])
+            + [Deletion(key, reason) for key, reason in sorted(files.items())]
+            + [Deletion(key, reason, held=True) for m, reason in dropped
+               for key in sorted(held) if held_of_set(watch_prefix, m.set_name, key)])
 
 
 def _highest_steps(manifests: Sequence[Manifest], keep_sets: int,
@@ -414,8 +428,16 @@ def job_deletions(planned: Sequence[Deletion], watch_prefix: str, job_sets: Sequ
     sets = {manifest_key(watch_prefix, job_set.set_name): job_set for job_set in job_sets}
     own_files = {entry.key for job_set in job_sets if node.rank in job_set.parts
                  for entry in job_set.parts[node.rank].files}
+    # Held copies are each node's own, as its files are: another node may be between its
+    # rewrite of a file and sealing its part again (sync.sets.held).
+    own_held = {held_key(watch_prefix, key.removeprefix(object_key(watch_prefix, "")))
+                for key in own_files}
     deletions: list[Deletion] = []
     for deletion in planned:
+        if deletion.held:
+            if (node.rank == 0 and deletion.retires) or deletion.key in own_held:
+                deletions.append(deletion)
+            continue
         job_set = sets.get(deletion.key)
         if job_set is None:
             if node.rank == 0 or not deletion.retires or deletion.key in own_files:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ from spotwatch.sync.orphans import abort_open_uploads
 log = get_logger("spotwatch.uploader")
 
 # Asked before a file is uploaded: a result here is the upload's, and nothing is sent.
-Precheck = Callable[[], "UploadResult | None"]
+# A precheck's answer: the upload's result (nothing is sent), None (it starts now), or work it
+# waits for first, done off the precheck thread (a held copy, sync.sets.held).
+Precheck = Callable[[], "UploadResult | Future[None] | None"]
 
 
 class Uploader:
@@ -46,6 +49,9 @@ class Uploader:
         # are handed to the store in the planner's order (newest set first), as without one.
         self._prechecker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="precheck")
         self._uploads: dict[Path, PendingUpload] = {}
+        # Those of them waiting for what their precheck started (a held copy): none of their
+        # bytes move until it ends, so they are no sign of S3 stalling (see sending).
+        self._waiting: set[Path] = set()
         self._lock = threading.Lock()
         # Bytes sent, as the store reports them (a progress bar's feed).
         self.on_progress: Callable[[int], None] | None = None
@@ -63,14 +69,22 @@ class Uploader:
         with self._lock:
             return len(self._uploads)
 
+    def sending(self) -> int:
+        """Uploads in flight less those waiting for a held copy: the ones whose stalling says
+        S3 stalls (a copy of tens of GB moves no bytes here for a minute)."""
+        with self._lock:
+            return len(self._uploads) - len(self._waiting)
+
     def is_uploading(self, path: Path) -> bool:
         with self._lock:
             return path in self._uploads
 
     def submit(self, job: UploadJob, precheck: Precheck | None = None) -> None:
         """Upload the file. precheck: asked first, on the precheck thread; a result it returns
-        is the upload's, and nothing is sent (see sync.sets.sealed). Until it has answered
-        the job counts as uploading, and cancel or withdraw end it as CANCELLED."""
+        is the upload's, and nothing is sent (see sync.sets.sealed); work it returns (a held
+        copy's future, sync.sets.held) is waited for off that thread, and its failure fails
+        the upload. Until then the job counts as uploading, and cancel or withdraw end it as
+        CANCELLED (VANISHED when its file went)."""
         self.liveness.moved()  # before it counts as in flight (Liveness's invariant)
         if precheck is None:
             self._start(job, self._clock())
@@ -99,14 +113,40 @@ class Uploader:
 
     def _precheck(self, job: UploadJob, gate: _Gate, precheck: Precheck) -> None:
         started = self._clock()
-        early: UploadResult | None = None
+        answer: UploadResult | Future[None] | None = None
         if not gate.stopped:
             try:
-                early = precheck()
+                answer = precheck()
             except Exception as exc:  # S3 not reachable, say: retried as a failed upload is
-                early = UploadResult(job, Outcome.FAILED, self._clock() - started,
-                                     error=_describe(exc),
-                                     permanent=isinstance(exc, StoreError) and exc.permanent)
+                answer = self._failed_precheck(job, started, exc)
+        if isinstance(answer, Future):
+            # Not waited for here: the next upload's precheck goes on meanwhile.
+            with self._lock:
+                self._waiting.add(job.path)
+            answer.add_done_callback(partial(self._first_done, job, gate, started))
+            return
+        self._after_precheck(job, gate, started, answer)
+
+    def _first_done(self, job: UploadJob, gate: _Gate, started: float,
+                    first: Future[None]) -> None:
+        """What the upload waited for has ended: a failure, or one never run (a stop), fails
+        the upload, to be retried; never sent without it."""
+        with self._lock:
+            self._waiting.discard(job.path)
+        self.liveness.moved()  # counts as a start: the upload has the whole threshold
+        error = CancelledError() if first.cancelled() else first.exception()
+        self._after_precheck(job, gate, started, None if error is None
+                             else self._failed_precheck(job, started, error))
+
+    def _failed_precheck(self, job: UploadJob, started: float,
+                         exc: BaseException) -> UploadResult:
+        return UploadResult(job, Outcome.FAILED, self._clock() - started, error=_describe(exc),
+                            permanent=isinstance(exc, StoreError) and exc.permanent)
+
+    def _after_precheck(self, job: UploadJob, gate: _Gate, started: float,
+                        early: UploadResult | None) -> None:
+        """Start the upload, unless the precheck answered for it or it was stopped meanwhile;
+        either way its result is handed on once."""
         with gate.lock:
             if early is None and not gate.stopped:
                 try:
@@ -116,8 +156,13 @@ class Uploader:
                     early = UploadResult(job, Outcome.FAILED, self._clock() - started,
                                          error=_describe(exc), permanent=_is_permanent(exc))
         self.liveness.moved()
+        if early is None:  # stopped before it started: nothing was written
+            # As _check says of an upload cut short: VANISHED when the file went (deleted,
+            # renamed away), so that it is not taken for a newer version to send.
+            early = UploadResult(job, Outcome.CANCELLED if os.path.lexists(job.path)
+                                 else Outcome.VANISHED, self._clock() - started)
         # As _verify: the result is on its way before the path stops counting as uploading.
-        self._on_result(early or UploadResult(job, Outcome.CANCELLED, self._clock() - started))
+        self._on_result(early)
         with self._lock:
             if self._uploads.get(job.path) is gate.pending:
                 del self._uploads[job.path]

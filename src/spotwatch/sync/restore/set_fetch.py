@@ -90,9 +90,7 @@ def restore_newest(store: ObjectStore, sets: Sequence[Manifest | Candidate], des
                 passed_over.append(manifest.set_name)
                 continue
             found: list[tuple[str, str]] = []
-            report = _download(store, manifest, destination, preferred, ledger,
-                               complete=partial(_complete, store, candidate.whole, found),
-                               also=candidate.also)
+            report = _fetch_candidate(store, candidate, destination, preferred, ledger, found)
         except SetIncomplete:
             log.warning("set_incomplete", set=manifest.set_name,
                         **_why_incomplete(candidate.whole, found))
@@ -111,12 +109,37 @@ def restore_newest(store: ObjectStore, sets: Sequence[Manifest | Candidate], des
     return None
 
 
-def _complete(store: ObjectStore, manifest: Manifest, found: list[tuple[str, str]]) -> bool:
-    """Whether the set is complete in S3; found gets the first object (key, why) it lacks."""
-    missing = not_there(store, manifest)
+def _fetch_candidate(store: ObjectStore, candidate: Candidate, destination: Path,
+                     preferred: str, ledger: Ledger | None,
+                     found: list[tuple[str, str]]) -> RestoreReport:
+    """_download of the candidate, its files read from the held copies that stand in for
+    objects replaced since it was sealed (sync.sets.remote.stand_in). The completeness check
+    runs beside the downloads, so it finds those only as they start: the set is then
+    downloaded once more, from them (only after a crash mid-rewrite, or beside one)."""
+    held: dict[str, str] = {}
+    while True:
+        seen: dict[str, str] = {}
+        found.clear()
+        try:
+            return _download(store, candidate.fetch, destination, preferred, ledger,
+                             complete=partial(_complete, store, candidate.whole, found, seen,
+                                              held),
+                             also=candidate.also, held=held)
+        except SetIncomplete:
+            if found or not seen or held:  # tried once with held copies already
+                raise
+            held = seen
+
+
+def _complete(store: ObjectStore, manifest: Manifest, found: list[tuple[str, str]],
+              seen: dict[str, str], held: Mapping[str, str]) -> bool:
+    """Whether the set is complete in S3, with the held copies (held) its files are read
+    from standing in for their objects; found gets the first object (key, why) it lacks,
+    seen the held copies that stand in now."""
+    missing = not_there(store, manifest, seen)
     if missing is not None:
         found.append(missing)
-    return missing is None
+    return missing is None and seen == held
 
 
 def _why_incomplete(manifest: Manifest, found: Sequence[tuple[str, str]]) -> dict[str, str]:
@@ -135,9 +158,11 @@ def _why_incomplete(manifest: Manifest, found: Sequence[tuple[str, str]]) -> dic
 
 def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferred: str,
               ledger: Ledger | None, complete: Callable[[], bool] | None = None,
-              also: Mapping[str, tuple[ManifestEntry, ...]] | None = None) -> RestoreReport:
+              also: Mapping[str, tuple[ManifestEntry, ...]] | None = None,
+              held: Mapping[str, str] | None = None) -> RestoreReport:
     """complete: the set's completeness check, run beside the downloads (SetIncomplete);
-    also: by key, more entries each file must match (Candidate.also; SetCorrupt)."""
+    also: by key, more entries each file must match (Candidate.also; SetCorrupt); held: by
+    key, the held copy a file is read from instead (_fetch_candidate)."""
     targets = Targets(destination)
     as_files = [link for link in manifest.links
                 if link.linked and not _linked_here(store, link, targets, preferred)]
@@ -149,7 +174,7 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
                if text is not None]
     try:
         return _fetch_and_place(store, manifest, destination, targets, preferred, ledger,
-                                as_files, complete, also or {})
+                                as_files, complete, also or {}, held or {})
     except BaseException:
         for place, text in removed:
             if not os.path.lexists(place):
@@ -161,12 +186,15 @@ def _download(store: ObjectStore, manifest: Manifest, destination: Path, preferr
 def _fetch_and_place(store: ObjectStore, manifest: Manifest, destination: Path,
                      targets: Targets, preferred: str, ledger: Ledger | None,
                      as_files: Sequence[LinkEntry], complete: Callable[[], bool] | None,
-                     also: Mapping[str, tuple[ManifestEntry, ...]]) -> RestoreReport:
+                     also: Mapping[str, tuple[ManifestEntry, ...]],
+                     held: Mapping[str, str]) -> RestoreReport:
     """_download's work once it knows which links come back as files (as_files)."""
     # A link restored as a file holds its linked object's bytes: the ledger does not record it
-    # (no object has its key), so a daemon watching uploads it as a file of its set.
+    # (no object has its key), so a daemon watching uploads it as a file of its set. Nor does
+    # it record a file whose held copy stood in: the object at its key is another version.
     linked = [entry for link in as_files for entry in link.linked]
-    unrecorded = {entry.path for entry in linked}
+    unrecorded = {entry.path for entry in [*linked, *manifest.files] if entry.key in held
+                  } | {entry.path for entry in linked}
     todo: list[tuple[FileToFetch, Path]] = []
     there: list[tuple[ManifestEntry, Path]] = []
     for entry in [*manifest.files, *linked]:
@@ -175,7 +203,8 @@ def _fetch_and_place(store: ObjectStore, manifest: Manifest, destination: Path,
         if _already_there(target, entry, part_size, preferred, also.get(entry.key, ())):
             there.append((entry, target))
         else:
-            todo.append((FileToFetch(entry, cleared(temporary(target)), part_size), target))
+            todo.append((FileToFetch(entry, cleared(temporary(target)), part_size,
+                                     held.get(entry.key)), target))
     total = sum(file.entry.size for file, _ in todo)
     replaced, newer = _in_the_way(todo)
     progress = ProgressBar(f"restoring {manifest.set_name}", total)

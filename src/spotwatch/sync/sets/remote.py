@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from spotwatch.aws.store import ListedObject, ObjectMissing, ObjectStore, StoreError
 from spotwatch.keys import (
     NaturalKey,
+    held_key,
     manifest_key,
     manifest_prefix,
     natural_order,
@@ -125,13 +126,31 @@ def is_complete(store: ObjectStore, manifest: Manifest) -> bool:
     return not_there(store, manifest) is None
 
 
-def not_there(store: ObjectStore, manifest: Manifest) -> tuple[str, str] | None:
+def not_there(store: ObjectStore, manifest: Manifest,
+              held: dict[str, str] | None = None) -> tuple[str, str] | None:
     """is_complete's answer as the first file (key, why) that is not in the store, or None.
 
     Invariant: a file of another set that a link of this one leads to (Manifest.linked_files)
     counts as the set's own: a set whose linked file is gone from S3, or replaced by another
-    size, is incomplete, whether or not the set it belongs to is still there."""
-    return _mismatch(store, manifest, None)
+    size, is incomplete, whether or not the set it belongs to is still there.
+
+    held: restore's; gets, by key, the held copy that stands in for its object (see
+    stand_in)."""
+    return _mismatch(store, manifest, None, held)
+
+
+def stand_in(entry: ManifestEntry, there: ListedObject | None,
+             held: ListedObject | None) -> bool:
+    """Whether the entry's held copy (sync.sets.held) stands in for the object at its key.
+
+    Invariant: a set whose file was being replaced when its successor's seal never came (the
+    instance gone between the new version's upload and the new manifest) stays restorable.
+    The object at the key is then missing, of another size, or of the listed size with
+    another ETag than the entry records, and a held copy of the entry's size holds the sealed
+    version. Only its size is judged here: its bytes are verified against the entry's
+    checksum as any file's are."""
+    return (held is not None and held.size == entry.size
+            and not _is_sealed_version(entry, there))
 
 
 def is_intact(store: ObjectStore, manifest: Manifest,
@@ -166,14 +185,16 @@ def is_intact(store: ObjectStore, manifest: Manifest,
 
 
 def _mismatch(store: ObjectStore, manifest: Manifest,
-              uploads: Mapping[str, set[str | None]] | None) -> tuple[str, str] | None:
+              uploads: Mapping[str, set[str | None]] | None,
+              held: dict[str, str] | None = None) -> tuple[str, str] | None:
     """The first listed file (key, why) that is not in the store as the manifest says, or None.
 
     One listing of each set's keys (a request per 1,000 objects) rather than a HEAD per file:
     every key a valid manifest lists is the prefix, then its set's name, then the rest; the
     files links lead to (Manifest.linked_files) are listed with their own sets.
     uploads: by key, the ETags its uploads got (None among them: one not recorded); None:
-    sizes alone."""
+    sizes alone. held: gets the held copies that stand in (stand_in); the held copies of a
+    set are listed only when an object of it is not as its entry says."""
     entries = [*manifest.files, *manifest.linked_files]
     wanted: dict[str, set[str]] = defaultdict(set)  # set key -> the keys wanted in it
     for entry in entries:
@@ -186,14 +207,44 @@ def _mismatch(store: ObjectStore, manifest: Manifest,
                     found[listed.key] = listed
     except StoreError as exc:
         return "", f"cannot list: {exc}"
+    held_copies: dict[str, ListedObject] | None = None
     for entry in entries:
         there = found.get(entry.key)
+        if held is not None and not _is_sealed_version(entry, there):
+            if held_copies is None:
+                try:
+                    held_copies = _held_copies(store, manifest, wanted)
+                except StoreError as exc:
+                    return "", f"cannot list: {exc}"
+            copy = held_copies.get(held_key(manifest.prefix, entry.path))
+            if copy is not None and stand_in(entry, there, copy):
+                held[entry.key] = copy.key
+                continue
         if there is None or there.size != entry.size:
             return entry.key, "missing or of another size"
         etags = set() if uploads is None else uploads[entry.key]
         if etags and None not in etags and bare_etag(there.etag) not in etags:
             return entry.key, _REPLACED
     return None
+
+
+def _is_sealed_version(entry: ManifestEntry, there: ListedObject | None) -> bool:
+    """Whether the object at the entry's key is the version sealed, as far as a listing
+    tells (its size, and its ETag where both record one)."""
+    return there is not None and there.size == entry.size and (
+        entry.etag is None or there.etag is None
+        or bare_etag(there.etag) == bare_etag(entry.etag))
+
+
+def _held_copies(store: ObjectStore, manifest: Manifest,
+                 wanted: Mapping[str, set[str]]) -> dict[str, ListedObject]:
+    """The held copies of the files of the sets wanted lists (by set key), by their key."""
+    found: dict[str, ListedObject] = {}
+    for set_key in wanted:
+        set_name = set_key.removeprefix(object_key(manifest.prefix, ""))
+        for listed in store.list_objects(held_key(manifest.prefix, set_name)):
+            found[listed.key] = listed
+    return found
 
 
 def bare_etag(etag: str | None) -> str | None:

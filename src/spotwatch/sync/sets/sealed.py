@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from spotwatch.aws.store import ObjectMissing, ObjectStore
-from spotwatch.keys import manifest_key, manifest_prefix, part_key, parts_prefix
+from spotwatch.keys import manifest_key, manifest_prefix, object_key, part_key, parts_prefix
 from spotwatch.logs import get_logger
 from spotwatch.model import FileVersion
 from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry, ManifestError
@@ -106,15 +106,78 @@ class SealedSets:
         self._listed: dict[str, frozenset[str]] = {}  # prefix -> the sealed keys under it
         self._sets: dict[tuple[str, str], _Sealed] = {}  # (prefix, set) -> what S3 holds
         self._touched: set[tuple[str, str]] = set()  # sets a deletion was seen in since
+        # Each set's manifest (this node's part) in S3 now, for held copies (sealed_entry):
+        # the one this process last wrote, or read (None: none), by (prefix, set). Apart from
+        # _sets, which holds what S3 held at the start for judging and inheriting.
+        self._now: dict[tuple[str, str], Manifest | None] = {}
+        self._reread: set[tuple[str, str]] = set()  # sets whose manifest write failed
+        # The ETags of each set's objects when a file of it was first adopted (_holds_entry).
+        self._objects: dict[tuple[str, str], dict[str, str]] = {}
         self._lock = threading.Lock()
 
     def judge(self, prefix: str, set_name: str, key: str, version: FileVersion) -> Judged:
+        """Invariant: a file is adopted (recorded as in S3, not sent) only while the object at
+        its key is the version its entry lists. A file restored from a held copy
+        (sync.sets.held) has that version while S3 holds a later, unsealed one at its key:
+        adopted, a later seal would list its entry over other bytes. It goes up instead."""
         sealed = self._sealed(prefix, set_name)
         entry = sealed.entry(key, version)
         if entry is None:
             return Judged(Verdict.UPLOAD)
         when = sealed.own.sealed_at if sealed.own is not None else None
-        return Judged(judge(entry, version, self.started_ns), entry, when)
+        verdict = judge(entry, version, self.started_ns)
+        if verdict is Verdict.ADOPT and not self._holds_entry(prefix, set_name, entry):
+            verdict = Verdict.UPLOAD
+        return Judged(verdict, entry, when)
+
+    def _holds_entry(self, prefix: str, set_name: str, entry: ManifestEntry) -> bool:
+        """Whether the object at the entry's key is its version (its ETag; an entry with
+        none recorded is taken as held), by one listing of the set's keys."""
+        if entry.etag is None:
+            return True
+        with self._lock:
+            etags = self._objects.get((prefix, set_name))
+        if etags is None:
+            set_key = object_key(prefix, set_name)  # a one-file set's, or its directory's
+            etags = {listed.key: (listed.etag or "").strip('"')
+                     for listed in self._store.list_objects(set_key)
+                     if listed.key == set_key or listed.key.startswith(set_key + "/")}
+            with self._lock:
+                self._objects[(prefix, set_name)] = etags
+        return etags.get(entry.key) == entry.etag.strip('"')
+
+    def sealed_entry(self, prefix: str, set_name: str, key: str) -> ManifestEntry | None:
+        """The entry for key of the set's manifest (this node's part) in S3 now: the one this
+        process last wrote, else the one S3 held at the start (read once), or after a write
+        of it failed, the one S3 holds now (read once more); None when none lists the key.
+
+        Invariant: once this process has written a set's manifest, this answers from that
+        manifest (sealed_here), never from an older one: a held copy is made if-match the
+        ETag of the version sealed last, and one made against an older ETag would fail, leaving
+        the version just sealed unprotected while a new one replaces it."""
+        with self._lock:
+            known = (prefix, set_name) in self._now
+            manifest = self._now.get((prefix, set_name))
+            at_start = self._sets.get((prefix, set_name))
+            reread = (prefix, set_name) in self._reread
+        if not known:
+            manifest = (at_start.own if at_start is not None and not reread
+                        else self._read_own(prefix, set_name, reread))
+            with self._lock:
+                manifest = self._now.setdefault((prefix, set_name), manifest)
+        return None if manifest is None else _entry_of(manifest, key)
+
+    def sealed_here(self, prefix: str, set_name: str, manifest: Manifest | None) -> None:
+        """This process wrote the set's manifest (None: deleted it)."""
+        with self._lock:
+            self._now[(prefix, set_name)] = manifest
+
+    def forget(self, prefix: str, set_name: str) -> None:
+        """A write of the set's manifest failed: it may have landed all the same (a reply
+        lost), so sealed_entry reads the one in S3 again."""
+        with self._lock:
+            self._now.pop((prefix, set_name), None)
+            self._reread.add((prefix, set_name))
 
     def touched(self, prefix: str, set_name: str) -> None:
         """A deletion in the set was seen since the start: it is sealed as it is on disk."""
@@ -160,14 +223,7 @@ class SealedSets:
         with self._lock:
             if (prefix, set_name) in self._sets:
                 return self._sets[(prefix, set_name)]
-            listed = self._listed.get(prefix)
-        if listed is None:
-            listed = frozenset(found.key for found in self._store.list_objects(
-                self._listed_under(prefix)))
-            with self._lock:
-                self._listed[prefix] = listed
-            # Once per prefix: files the ledger did not know are judged from here on.
-            log.info("sealed_sets_listed", prefix=prefix, sealed=len(listed))
+        listed = self._listing(prefix)
         own_key = self._key(prefix, set_name)
         own = self._read(prefix, own_key) if own_key in listed else None
         others: tuple[Manifest, ...] = ()
@@ -180,6 +236,26 @@ class SealedSets:
         with self._lock:
             self._sets[(prefix, set_name)] = sealed
         return sealed
+
+    def _listing(self, prefix: str) -> frozenset[str]:
+        """The keys of the manifests (this job's parts) under the prefix, listed once."""
+        with self._lock:
+            listed = self._listed.get(prefix)
+        if listed is None:
+            listed = frozenset(found.key for found in self._store.list_objects(
+                self._listed_under(prefix)))
+            with self._lock:
+                self._listed[prefix] = listed
+            # Once per prefix: files the ledger did not know are judged from here on.
+            log.info("sealed_sets_listed", prefix=prefix, sealed=len(listed))
+        return listed
+
+    def _read_own(self, prefix: str, set_name: str, reread: bool) -> Manifest | None:
+        """The set's manifest (this node's part) in S3; None: none. Looked for where the
+        listing made at first holds it, or (reread) wherever it is now."""
+        own_key = self._key(prefix, set_name)
+        return (self._read(prefix, own_key) if reread or own_key in self._listing(prefix)
+                else None)
 
     def _key(self, prefix: str, set_name: str) -> str:
         if self._node is None:

@@ -31,6 +31,7 @@ from spotwatch.sync.links import LinkSkipped, link_entry, linked_target
 from spotwatch.sync.planner import SetRef
 from spotwatch.sync.retry import FAILING_AFTER, Backoff, RetryQueue
 from spotwatch.sync.sets.claim import CLOCK_SKEW_SECONDS, RankClaim
+from spotwatch.sync.sets.held import HeldCopies
 from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, Part, sealed_by
 from spotwatch.sync.sets.sealed import SealedSets
@@ -82,7 +83,9 @@ class SetSealer:
     sets a set's links need (paths below the watched directory) that retention deleted from
     S3, and says whether it queued any (SyncEngine._revive_for_links; None: none is);
     sealed_sets: the sets sealed in S3 before the start, which a manifest written here never
-    lists less of than they were sealed with while they have not changed (SealedSets.inherit).
+    lists less of than they were sealed with while they have not changed (SealedSets.inherit);
+    held: the held copies of sealed versions (sync.sets.held), deleted once their set's new
+    manifest is written, and not made while it is being written.
     """
 
     def __init__(self, ledger: Ledger, store: ObjectStore, trackers: Sequence[ChangeTracker],
@@ -90,8 +93,10 @@ class SetSealer:
                  wall_clock_ns: Callable[[], int] = time.time_ns,
                  node: JobNode | None = None, claim: RankClaim | None = None,
                  revive: Callable[[SetRef, Sequence[str]], bool] | None = None,
-                 sealed_sets: SealedSets | None = None) -> None:
+                 sealed_sets: SealedSets | None = None,
+                 held: HeldCopies | None = None) -> None:
         self._ledger = ledger
+        self._held = held
         self._sealed_sets = sealed_sets
         self._revive = revive
         self._node = node
@@ -255,6 +260,8 @@ class SetSealer:
                 future = self._part_writer.submit(self._put_part, key, body.encode())
             else:
                 future = self._store.put_bytes(key, body.encode(), "application/json")
+            if self._held is not None:
+                future = self._held.sealing(set_ref.prefix, set_ref.name, manifest, future)
             self._sending[set_ref] = (generation, future, manifest, key)
 
     def _revived(self, set_ref: SetRef, linked_missing: Sequence[str]) -> bool:
