@@ -8,6 +8,7 @@ import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -431,3 +432,25 @@ def test_a_file_restored_from_a_held_copy_is_sent_again_not_adopted(
     store.put("run/step_3/eval.json", b"v2")  # a rewrite uploaded, its seal never written
     assert SealedSets(store, None, 10_000).judge(
         PREFIX, "step_3", "run/step_3/eval.json", version).verdict is Verdict.UPLOAD
+
+
+def test_on_a_job_a_file_several_nodes_wrote_is_adopted_whichever_upload_landed_last(
+        store: InMemoryObjectStore) -> None:
+    """Ranks 0 and 1 both wrote step_1/config.json and each part lists its own upload; the
+    object is rank 1's (another ETag: SSE-KMS, other parts). Rank 0 finding its file again at
+    a start adopts it: the object is a version the set lists, not a later one."""
+    from spotwatch.keys import part_key
+    from spotwatch.model import FileVersion
+    from spotwatch.sync.sets.parts import JobNode, Part
+    from spotwatch.sync.sets.sealed import Verdict
+
+    key = f"{PREFIX}step_1/config.json"
+    etags = {0: store.put(key, b"{}").etag, 1: "rank-1-upload"}
+    store.objects[key] = replace(store.objects[key], etag=etags[1])  # rank 1's landed last
+    for rank in (0, 1):
+        manifest = Manifest.build("step_1", PREFIX, [ManifestEntry(
+            key, "step_1/config.json", 2, 1_000, crc32_checksum(b"{}"), etag=etags[rank])])
+        store.put(part_key(PREFIX, "job", "step_1", rank),
+                  Part(JobNode("job", 2, rank), manifest).to_json().encode())
+    sets = SealedSets(store, JobNode("job", 2, 0), 10_000)
+    assert sets.judge(PREFIX, "step_1", key, FileVersion(2, 1_000)).verdict is Verdict.ADOPT

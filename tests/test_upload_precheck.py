@@ -112,7 +112,8 @@ def test_an_upload_waiting_for_its_held_copy_is_no_stall_and_fails_with_it(
         assert store.calls["upload_file"] == 0
         copying.set_result(None)
         assert results.get(timeout=10).outcome is Outcome.DONE
-        assert uploader.sending() == 0 and store.data(job.key) == job.path.read_bytes()
+        assert store.data(job.key) == job.path.read_bytes()
+        wait_for(lambda: uploader.in_flight() == uploader.sending() == 0)
     finally:
         uploader.shutdown()
     failing: Future[None] = Future()

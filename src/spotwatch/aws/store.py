@@ -335,6 +335,7 @@ class S3ObjectStore:
         self._downloads = ThreadPoolExecutor(max_workers=settings.max_concurrency,
                                              thread_name_prefix="download")
         self._transfers: set[TransferFuture] = set()
+        self._closing = False  # close() began: no copy begins any more
         self._lock = threading.Lock()
 
     @property
@@ -494,6 +495,7 @@ class S3ObjectStore:
         A request S3 holds (slow replies, a 60 s read timeout) must not stretch a stop past
         sync.stop_timeout; the CLI exits with os._exit, which joins no thread."""
         with self._lock:
+            self._closing = True
             transfers = list(self._transfers)
         for transfer in transfers:
             transfer.cancel()
@@ -509,8 +511,10 @@ class S3ObjectStore:
     def _managed_copy(self, copy_source: Any, key: str, args: dict[str, Any]) -> None:
         """s3transfer's multipart copy, counted among the transfers close() cancels (a stop
         never waits for a copy of tens of GB; s3transfer aborts its multipart upload)."""
-        transfer = self._manager.copy(copy_source, self._bucket, key, extra_args=args)
-        with self._lock:
+        with self._lock:  # as an upload's: close() sees it, or it never begins
+            if self._closing:
+                raise CancelledError()
+            transfer = self._manager.copy(copy_source, self._bucket, key, extra_args=args)
             self._transfers.add(transfer)
         try:
             transfer.result()

@@ -23,7 +23,7 @@ from pathlib import Path
 from queue import SimpleQueue
 from typing import Literal
 
-from spotwatch.aws.store import ObjectMissing, ObjectStore, PendingDownload
+from spotwatch.aws.store import ObjectStore, PendingDownload, StoreError
 from spotwatch.checksums import ContentMismatch, expected, file_matches
 from spotwatch.progress import Progress
 from spotwatch.sync.sets.manifest import ManifestEntry
@@ -145,9 +145,10 @@ class _SetFetch:
         assert file is not None
         if kind == "downloaded":
             del self._under_way[file]
-        if error is not None and isinstance(error, ObjectMissing) and file.source is not None:
-            # A held copy deleted under the restore: the set was sealed again meanwhile (a
-            # daemon beside it). Incomplete as read, as one whose object went would be.
+        if error is not None and isinstance(error, StoreError) and file.source is not None:
+            # A held copy deleted or replaced under the restore (a shorter one: a range past
+            # its end): the set was sealed again meanwhile, by a daemon beside it. Incomplete
+            # as read, as one whose object went would be.
             self._incomplete = True
             self._fail(SetIncomplete())
             return

@@ -826,8 +826,8 @@ class SyncEngine:
         bounded by sync.stop_timeout). No result is handled after this, so nothing writes to
         the closed ledger, and an abandoned multipart upload keeps its multipart_started row
         for the next start to abort."""
-        self._held.close()  # copies not begun never begin (one under way: the store's)
-        self.uploader.shutdown()
+        self.uploader.shutdown()  # stops every upload, a copy under way (the store's) too
+        self._held.close()  # copies not begun never begin
         self.sealer.close()
         self.ledger.close()
 

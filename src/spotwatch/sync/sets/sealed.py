@@ -126,25 +126,31 @@ class SealedSets:
             return Judged(Verdict.UPLOAD)
         when = sealed.own.sealed_at if sealed.own is not None else None
         verdict = judge(entry, version, self.started_ns)
-        if verdict is Verdict.ADOPT and not self._holds_entry(prefix, set_name, entry):
+        if verdict is Verdict.ADOPT and not self._holds_entry(prefix, set_name, sealed, entry):
             verdict = Verdict.UPLOAD
         return Judged(verdict, entry, when)
 
-    def _holds_entry(self, prefix: str, set_name: str, entry: ManifestEntry) -> bool:
-        """Whether the object at the entry's key is its version (its ETag; an entry with
-        none recorded is taken as held), by one listing of the set's keys."""
-        if entry.etag is None:
+    def _holds_entry(self, prefix: str, set_name: str, sealed: _Sealed,
+                     entry: ManifestEntry) -> bool:
+        """Whether the object at the entry's key is a version the set lists for it (on a job,
+        any node's part may list its own upload of a file several nodes wrote; an entry with
+        no ETag recorded is taken as held), by one listing of the set's keys."""
+        listed_etags = {other.etag.strip('"') for part in (sealed.own, *sealed.others)
+                        if part is not None for other in part.files
+                        if other.key == entry.key and other.etag}
+        if entry.etag is None or not listed_etags:
             return True
         with self._lock:
             etags = self._objects.get((prefix, set_name))
         if etags is None:
-            set_key = object_key(prefix, set_name)  # a one-file set's, or its directory's
+            set_key = object_key(prefix, set_name)
+            below = set_key if entry.key == set_key else set_key + "/"  # one file, or a folder
             etags = {listed.key: (listed.etag or "").strip('"')
-                     for listed in self._store.list_objects(set_key)
+                     for listed in self._store.list_objects(below)
                      if listed.key == set_key or listed.key.startswith(set_key + "/")}
             with self._lock:
                 self._objects[(prefix, set_name)] = etags
-        return etags.get(entry.key) == entry.etag.strip('"')
+        return etags.get(entry.key) in listed_etags
 
     def sealed_entry(self, prefix: str, set_name: str, key: str) -> ManifestEntry | None:
         """The entry for key of the set's manifest (this node's part) in S3 now: the one this
