@@ -193,6 +193,11 @@ def held_key(prefix: str, relative_path: str) -> str:
     return held_prefix(prefix) + relative_path
 
 
+def held_key_of(prefix: str, key: str) -> str:
+    """The held key of the object at key, a file's below prefix."""
+    return held_key(prefix, key.removeprefix(object_key(prefix, "")))
+
+
 def held_of_set(prefix: str, set_name: str, key: str) -> bool:
     """Whether key is a held copy of a file of the set (its one file, or one below it)."""
     return belongs_to_set(key, held_key(prefix, set_name))

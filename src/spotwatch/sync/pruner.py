@@ -31,7 +31,7 @@ from spotwatch.config import Config, WatchDir
 from spotwatch.errors import SpotwatchError
 from spotwatch.keys import (
     belongs_to_set,
-    held_key,
+    held_key_of,
     held_of_set,
     held_prefix,
     is_reserved,
@@ -430,8 +430,7 @@ def job_deletions(planned: Sequence[Deletion], watch_prefix: str, job_sets: Sequ
                  for entry in job_set.parts[node.rank].files}
     # Held copies are each node's own, as its files are: another node may be between its
     # rewrite of a file and sealing its part again (sync.sets.held).
-    own_held = {held_key(watch_prefix, key.removeprefix(object_key(watch_prefix, "")))
-                for key in own_files}
+    own_held = {held_key_of(watch_prefix, key) for key in own_files}
     deletions: list[Deletion] = []
     for deletion in planned:
         if deletion.held:

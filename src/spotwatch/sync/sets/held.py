@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from spotwatch.aws.store import ObjectStore, StoreError
-from spotwatch.keys import S3_KEY_MAX_BYTES, held_key, held_of_set, held_prefix, object_key
+from spotwatch.keys import S3_KEY_MAX_BYTES, held_key, held_key_of, held_of_set, held_prefix
 from spotwatch.logs import get_logger
 from spotwatch.sync.sets.manifest import Manifest
 from spotwatch.sync.sets.remote import bare_etag
@@ -115,7 +115,7 @@ class HeldCopies:
             # version with a later one. The set's next seal records them.
             log.warning("held_copy_skipped", key=key, reason="its manifest records no ETag")
             return None
-        held = held_key(prefix, key.removeprefix(object_key(prefix, "")))
+        held = held_key_of(prefix, key)
         if len(held.encode()) > S3_KEY_MAX_BYTES:
             # A key within 16 bytes of S3's limit is uploaded all the same (keys.storable_key),
             # as before there were held copies.

@@ -37,6 +37,7 @@ from spotwatch.logs import get_logger
 from spotwatch.model import FileVersion
 from spotwatch.sync.sets.manifest import LinkEntry, Manifest, ManifestEntry, ManifestError
 from spotwatch.sync.sets.parts import JobNode, Part
+from spotwatch.sync.sets.remote import bare_etag
 
 log = get_logger("spotwatch.sets")
 
@@ -112,7 +113,7 @@ class SealedSets:
         self._now: dict[tuple[str, str], Manifest | None] = {}
         self._reread: set[tuple[str, str]] = set()  # sets whose manifest write failed
         # The ETags of each set's objects when a file of it was first adopted (_holds_entry).
-        self._objects: dict[tuple[str, str], dict[str, str]] = {}
+        self._objects: dict[tuple[str, str], dict[str, str | None]] = {}
         self._lock = threading.Lock()
 
     def judge(self, prefix: str, set_name: str, key: str, version: FileVersion) -> Judged:
@@ -135,7 +136,7 @@ class SealedSets:
         """Whether the object at the entry's key is a version the set lists for it (on a job,
         any node's part may list its own upload of a file several nodes wrote; an entry with
         no ETag recorded is taken as held), by one listing of the set's keys."""
-        listed_etags = {other.etag.strip('"') for part in (sealed.own, *sealed.others)
+        listed_etags = {bare_etag(other.etag) for part in (sealed.own, *sealed.others)
                         if part is not None for other in part.files
                         if other.key == entry.key and other.etag}
         if entry.etag is None or not listed_etags:
@@ -145,7 +146,7 @@ class SealedSets:
         if etags is None:
             set_key = object_key(prefix, set_name)
             below = set_key if entry.key == set_key else set_key + "/"  # one file, or a folder
-            etags = {listed.key: (listed.etag or "").strip('"')
+            etags = {listed.key: bare_etag(listed.etag)
                      for listed in self._store.list_objects(below)
                      if listed.key == set_key or listed.key.startswith(set_key + "/")}
             with self._lock:
