@@ -157,6 +157,16 @@ def test_a_state_directory_another_user_owns_is_one_line_and_a_config_error(
     assert not os.path.exists(state / "lock")
 
 
+def status_config(shared_dir: Path, state: Path) -> Path:
+    """A config for `spotwatch status` on this state directory."""
+    config = shared_dir / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "aws": {"region": REGION},
+        "watch": [{"path": str(shared_dir / "checkpoints"), "prefix": "run1/"}],
+        "imds": {"enabled": False}, "state": {"dir": str(state)}, "metrics": {"port": 0}}))
+    return config
+
+
 def test_status_of_a_state_directory_this_user_cannot_read_is_one_line(
         shared_dir: Path, bucket: str) -> None:
     """`spotwatch status --healthy` (the container's healthcheck) run by a user who may not
@@ -164,11 +174,7 @@ def test_status_of_a_state_directory_this_user_cannot_read_is_one_line(
     state = shared_dir / "state"
     state.mkdir(mode=0o700)  # root's
     (state / "lock").write_text("1\n")
-    config = shared_dir / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "aws": {"region": REGION},
-        "watch": [{"path": str(shared_dir / "checkpoints"), "prefix": "run1/"}],
-        "imds": {"enabled": False}, "state": {"dir": str(state)}, "metrics": {"port": 0}}))
+    config = status_config(shared_dir, state)
     for extra in ((), ("--healthy",)):
         done = subprocess.run([*AS_NOBODY, sys.executable, "-m", "spotwatch.cli", "status", "-c",
                                str(config), *extra],
@@ -192,11 +198,7 @@ def test_status_with_no_daemon_reads_a_ledger_this_user_may_not_write(
     ledger.close()
     for left in state.iterdir():
         left.chmod(0o644)
-    config = shared_dir / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "aws": {"region": REGION},
-        "watch": [{"path": str(shared_dir / "checkpoints"), "prefix": "run1/"}],
-        "imds": {"enabled": False}, "state": {"dir": str(state)}, "metrics": {"port": 0}}))
+    config = status_config(shared_dir, state)
     done = subprocess.run([*AS_NOBODY, sys.executable, "-m", "spotwatch.cli", "status", "-c",
                            str(config), "--json"],
                           env={**trainer_env(), "S3_BUCKET_NAME": bucket}, cwd="/",
@@ -215,11 +217,7 @@ def test_status_of_a_report_this_user_cannot_read_says_so(shared_dir: Path, buck
     report = state / "status.json"
     report.write_text(json.dumps({"pid": os.getpid(), "role": "daemon"}))
     report.chmod(0o600)
-    config = shared_dir / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "aws": {"region": REGION},
-        "watch": [{"path": str(shared_dir / "checkpoints"), "prefix": "run1/"}],
-        "imds": {"enabled": False}, "state": {"dir": str(state)}, "metrics": {"port": 0}}))
+    config = status_config(shared_dir, state)
     with (state / "lock").open("w") as lock:  # held as a running daemon holds it
         lock.write(str(os.getpid()))
         lock.flush()
