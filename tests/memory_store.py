@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from spotwatch.aws.store import (
@@ -111,6 +111,8 @@ class InMemoryObjectStore:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="mem")
+        # Objects larger than this are copied "in parts" (S3: over 5 GiB).
+        self.copy_part_threshold = 5 << 30
 
     # -- test controls ---------------------------------------------------------------------
 
@@ -156,7 +158,7 @@ class InMemoryObjectStore:
 
     def put(self, key: str, data: bytes) -> StoredBytes:
         """Store an object directly, as another writer would (no fault, no gate)."""
-        stored = StoredBytes(data, crc32_checksum(data), datetime.now(timezone.utc))
+        stored = StoredBytes(data, crc32_checksum(data), datetime.now(UTC))
         with self._lock:
             self.objects[key] = stored
         return stored
@@ -219,6 +221,9 @@ class InMemoryObjectStore:
         data = self._read(key).data
         return data if limit is None else data[:limit]
 
+    def copies_in_parts(self, size: int) -> bool:
+        return size > self.copy_part_threshold
+
     def copy_if_match(self, source: str, key: str, etag: str, size: int) -> bool:
         """As S3's CopyObject with CopySourceIfMatch: False (S3's 412, or no source) unless
         source holds the version with this ETag; the copy is a write of its own (new ETag)."""
@@ -228,7 +233,7 @@ class InMemoryObjectStore:
             if stored is None or stored.etag.strip('"') != etag.strip('"'):
                 return False
             self.objects[key] = StoredBytes(stored.data, stored.checksum,
-                                            datetime.now(timezone.utc))
+                                            datetime.now(UTC))
         return True
 
     def download(self, key: str, path: Path, size: int, progress: Progress | None = None,

@@ -3,7 +3,7 @@ the flush plan, finishing with failed files, and a final flush that runs out of 
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from hypothesis import given
@@ -19,7 +19,7 @@ from spotwatch.sync.planner import PendingFile, SetRef
 from spotwatch.sync.throughput import ThroughputMeter
 
 MIB = 2**20
-START = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
+START = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
 
 class FakeClock:

@@ -22,6 +22,7 @@ from spotwatch.aws.store import S3ObjectStore, StoreError
 from spotwatch.config import TransferSettings
 from spotwatch.keys import held_key, manifest_key
 from spotwatch.sync.ledger import Ledger
+from spotwatch.sync.orphans import MultipartNotes, abort_orphaned_uploads
 from spotwatch.sync.pruner import keys_to_reseal, plan_deletions
 from spotwatch.sync.restore.set_fetch import restore_newest
 from spotwatch.sync.sets.held import HeldCopies
@@ -454,3 +455,89 @@ def test_on_a_job_a_file_several_nodes_wrote_is_adopted_whichever_upload_landed_
                   Part(JobNode("job", 2, rank), manifest).to_json().encode())
     sets = SealedSets(store, JobNode("job", 2, 0), 10_000)
     assert sets.judge(PREFIX, "step_1", key, FileVersion(2, 1_000)).verdict is Verdict.ADOPT
+
+
+# -- a held copy made in parts, cut short -----------------------------------------------------
+
+
+def test_a_copy_in_parts_is_noted_while_it_runs_and_kept_noted_when_it_fails(
+        store: InMemoryObjectStore, tmp_path: Path) -> None:
+    """A held copy too large for one CopyObject is a multipart upload: its key is noted in the
+    ledger while it runs, forgotten once it has ended, and kept when it failed (its parts may
+    be left), for the next start's cleanup. A copy in one request is never noted."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    held = HeldCopies(store, SealedSets(store, None, 0), job=False,
+                      multipart=MultipartNotes(ledger, store.bucket))
+    seal(store, "small.pt", {"": b"s" * 10})
+    seal(store, "big.pt", {"": b"b" * 100})
+    seal(store, "broken.pt", {"": b"x" * 100})
+    store.copy_part_threshold = 50
+    try:
+        protected(held, PREFIX, "small.pt", "run/small.pt")
+        assert ledger.unfinished_multipart(store.bucket) == []
+
+        gate = store.hold("copy_if_match", "run/big.pt")
+        copying = held.protect(PREFIX, "big.pt", "run/big.pt")
+        assert copying is not None and gate.entered.wait(10)
+        assert ledger.unfinished_multipart(store.bucket) == [held_key(PREFIX, "big.pt")]
+        gate.release()
+        copying.result(timeout=10)
+        assert ledger.unfinished_multipart(store.bucket) == []
+
+        store.fail("copy_if_match", key="run/broken.pt")
+        failing = held.protect(PREFIX, "broken.pt", "run/broken.pt")
+        assert failing is not None
+        with pytest.raises(StoreError):
+            failing.result(timeout=10)
+        assert ledger.unfinished_multipart(store.bucket) == [held_key(PREFIX, "broken.pt")]
+    finally:
+        held.close()
+        ledger.close()
+
+
+def test_a_copy_in_parts_cut_short_is_aborted_at_the_next_start(
+        s3: Any, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against moto: a multipart copy whose completion and abort both fail (as a crash leaves
+    it) keeps its upload open and its note; the next start's cleanup aborts it."""
+    monkeypatch.setattr("spotwatch.aws.store.COPY_OBJECT_MAX", 0)
+    settings = TransferSettings(client="classic", multipart_threshold=5 * 1024 * 1024,
+                                multipart_chunksize=5 * 1024 * 1024)
+    client = make_s3_client(REGION, settings)
+
+    def refuse(**_: Any) -> None:
+        raise ClientError({"Error": {"Code": "InternalError", "Message": "cut short"},
+                           "ResponseMetadata": {"HTTPStatusCode": 500}}, "refused")
+
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    store = S3ObjectStore(client, bucket, settings)
+    data = os.urandom(11 * 1024 * 1024)
+    held_big = held_key(PREFIX, "big.pt")
+    try:
+        etag = s3.put_object(Bucket=bucket, Key="run/big.pt", Body=data)["ETag"]
+        manifest = Manifest.build("big.pt", PREFIX, [ManifestEntry(
+            "run/big.pt", "big.pt", len(data), 1_000, "", etag=etag)])
+        s3.put_object(Bucket=bucket, Key=manifest_key(PREFIX, "big.pt"),
+                      Body=manifest.to_json().encode())
+        held = HeldCopies(store, SealedSets(store, None, 0), job=False,
+                          multipart=MultipartNotes(ledger, bucket))
+        for operation in ("CompleteMultipartUpload", "AbortMultipartUpload"):
+            client.meta.events.register(f"before-call.s3.{operation}", refuse)
+        copying = held.protect(PREFIX, "big.pt", "run/big.pt")
+        assert copying is not None
+        with pytest.raises(StoreError):
+            copying.result(timeout=60)
+        held.close()
+        assert [upload["Key"] for upload in s3.list_multipart_uploads(
+            Bucket=bucket).get("Uploads", [])] == [held_big]
+        assert ledger.unfinished_multipart(bucket) == [held_big]
+    finally:
+        store.close()
+
+    restarted = S3ObjectStore(make_s3_client(REGION, settings), bucket, settings)
+    try:
+        assert abort_orphaned_uploads(restarted, ledger) == 1
+    finally:
+        restarted.close()
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert ledger.unfinished_multipart(bucket) == []
+    ledger.close()

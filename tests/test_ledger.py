@@ -158,3 +158,23 @@ def test_any_inode_number_is_recorded_and_compared(inode: int) -> None:
         assert ledger.is_current("b", "k", version, inode)
         assert not ledger.is_current("b", "k", version, inode ^ 1)
         ledger.close()
+
+
+def test_a_reader_sees_what_a_running_daemon_wrote_and_writes_nothing(tmp_path: Path) -> None:
+    """status reads the ledger of a daemon that runs (its writes still in the WAL) without
+    opening it for writing: nothing made, migrated or written by the reader."""
+    path = tmp_path / "ledger.sqlite3"
+    writer = Ledger(path)
+    try:
+        writer.record("b", "run/a.pt", tmp_path / "a.pt", FileVersion(5, 1), "x")
+        before = path.read_bytes()
+        reader = Ledger(path, only_reading=True)
+        try:
+            assert reader.summary("b").objects == 1
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                reader._db.execute("DELETE FROM objects")
+        finally:
+            reader.close()
+        assert path.read_bytes() == before
+    finally:
+        writer.close()

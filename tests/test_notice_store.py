@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from hypothesis import given
@@ -44,7 +44,7 @@ def test_pollers_on_several_threads_hand_a_notice_on_once() -> None:
     assert handed == [notice]
 
 
-_DAY = datetime(2026, 1, 1, tzinfo=timezone.utc)
+_DAY = datetime(2026, 1, 1, tzinfo=UTC)
 _deadlines = st.one_of(st.none(), st.integers(0, 5).map(lambda h: _DAY + timedelta(hours=h)))
 # A sighting of one of three notices (a maintenance event's EventId), with the time it gives
 # now; or a withdrawal of one (AWS no longer lists it).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -30,7 +30,7 @@ from .conftest import Workspace, wait_for
 def test_instance_action_parses_deadline() -> None:
     [notice] = parse_instance_action('{"action": "terminate", "time": "2017-09-18T08:22:00Z"}')
     assert notice.kind is NoticeKind.SPOT_INTERRUPTION
-    assert notice.deadline == datetime(2017, 9, 18, 8, 22, tzinfo=timezone.utc)
+    assert notice.deadline == datetime(2017, 9, 18, 8, 22, tzinfo=UTC)
     assert notice.detail == "terminate"
 
 
@@ -56,7 +56,7 @@ def test_other_sources() -> None:
         ' "EventId": "instance-event-2", "State": "completed"}]'
     )
     assert [e.detail for e in events] == ["system-reboot"]
-    assert events[0].deadline == datetime(2019, 1, 21, 9, 0, 43, tzinfo=timezone.utc)
+    assert events[0].deadline == datetime(2019, 1, 21, 9, 0, 43, tzinfo=UTC)
     assert parse_lifecycle_state("InService") == []
     assert parse_lifecycle_state("Terminated")[0].kind is NoticeKind.ASG_TERMINATING
 
@@ -154,13 +154,13 @@ def test_scheduled_event_time_without_zone_is_utc() -> None:
     [event] = parse_scheduled_events(
         '[{"NotBefore": "21 Jan 2019 09:00:43", "Code": "system-reboot",'
         ' "EventId": "instance-event-1", "State": "active"}]')
-    assert event.deadline == datetime(2019, 1, 21, 9, 0, 43, tzinfo=timezone.utc)
+    assert event.deadline == datetime(2019, 1, 21, 9, 0, 43, tzinfo=UTC)
 
 
 def test_instance_action_time_at_the_edge_of_the_calendar_is_still_a_notice() -> None:
     [notice] = parse_instance_action('{"action": "terminate", "time": "0001-01-01T00:00:00Z"}')
     assert notice.kind is NoticeKind.SPOT_INTERRUPTION
-    assert notice.deadline == datetime(1, 1, 1, tzinfo=timezone.utc)
+    assert notice.deadline == datetime(1, 1, 1, tzinfo=UTC)
 
 
 NOTICE_TIME_FORMATS = ("%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from .conftest import REGION, wait_for
 from .memory_store import FakeClock, InMemoryObjectStore
 
 PREFIX = "run1/.spotwatch/jobs/llama/notices/"
-EPOCH = datetime(2030, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
 
 
 def wall_of(clock: FakeClock) -> Callable[[], datetime]:

@@ -9,7 +9,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,7 @@ def publish_as_peer(s3: Any, bucket: str, prefix: str, job_id: str, rank: int,
     """What node `rank`'s daemon writes on a notice from its IMDS: its object, then the bell."""
     channel = job_key_space(prefix, job_id) + NOTICES_DIR
     body = {"format": FORMAT, "rank": rank,
-            "notices": [encode_entry(notice, datetime.now(timezone.utc))]}
+            "notices": [encode_entry(notice, datetime.now(UTC))]}
     s3.put_object(Bucket=bucket, Key=f"{channel}node-{rank}.json", Body=json.dumps(body))
     s3.put_object(Bucket=bucket, Key=channel + BELL, Body=uuid.uuid4().hex)
 

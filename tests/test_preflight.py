@@ -6,7 +6,7 @@ import json
 import os
 import socket
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,17 @@ def test_private_same_region_bucket_passes(workspace: Workspace, s3: Any) -> Non
     assert any("credentials" in line and "...ting" in line for line in lines)
     assert "testing" not in result.stdout.replace("...ting", "")  # no secrets printed
     assert not s3.list_objects_v2(Bucket=workspace.bucket).get("KeyCount")  # probe removed
+
+
+def test_check_makes_no_state_directory(workspace: Workspace, s3: Any) -> None:
+    """A check before the unit's first start (as root, say) must not make the daemon's state
+    directory, which would then be the checker's, with its mode: a missing one that could be
+    made passes (one that could not is refused as `run` refuses it: test_trainer_users)."""
+    state = workspace.root / "state-to-be" / "spotwatch"
+    workspace.write_config(state={"dir": str(state)})
+    result = check(workspace)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not state.parent.exists()
 
 
 def test_cross_region_bucket_is_refused(workspace: Workspace, s3: Any) -> None:
@@ -141,7 +152,7 @@ def test_instance_role_credentials_come_from_the_configured_imds(
     """With no other credentials, the instance role's come from the IMDS spotwatch is set to
     ask (imds.endpoint here; imds.endpoint_mode on an IPv6-only instance): botocore reads
     neither from spotwatch's config, and looked at 169.254.169.254, where it found none."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     imds.set_item("meta-data/iam/security-credentials/ckpt-writer", json.dumps({
         "Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": "ASIAINSTANCEROLE9876",
         "SecretAccessKey": "role-secret", "Token": "role-token",

@@ -65,6 +65,27 @@ def test_a_set_that_lost_a_file_to_a_mirrored_deletion_is_sealed_again(
     assert not (target / "step_1" / "optim.pt").exists()
 
 
+def test_a_set_sealed_again_by_prune_loses_the_held_copies_a_rewrite_left(
+        workspace: Workspace, s3: Any) -> None:
+    """A daemon stopped while it replaced a file of a sealed set leaves that file's held copy
+    (sync.sets.held). `prune --delete` dropping the set's manifest to seal it again deletes
+    it with the manifest; a held copy of a set it does not touch stays."""
+    save_set(workspace, "step_1", 200)
+    save_set(workspace, "step_2", 100)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    held = "run1/.spotwatch/held/"
+    for name in ("step_1", "step_2"):
+        s3.copy_object(Bucket=workspace.bucket, Key=f"{held}{name}/model.pt",
+                       CopySource={"Bucket": workspace.bucket, "Key": f"run1/{name}/model.pt"})
+    (workspace.checkpoints / "step_1" / "optim.pt").unlink()
+    result = workspace.cli("prune", "-c", "config.yaml", "--delete")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(object_bytes(s3, workspace.bucket, f"{MANIFESTS}step_1.json"))
+    assert [entry["path"] for entry in manifest["files"]] == ["step_1/model.pt"]
+    assert [key for key in keys_in(s3, workspace.bucket) if key.startswith(held)] == [
+        f"{held}step_2/model.pt"]
+
+
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_a_watched_directory_moved_with_its_config_mirrors_no_deletion(
         workspace: Workspace, s3: Any, dry_run: bool) -> None:

@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -165,7 +165,7 @@ def test_claims_are_judged_by_s3_times() -> None:
 
 
 def test_a_clash_is_kept_and_logged_once() -> None:
-    claim = RankClaim(ME, 3, checked=True, started_at=datetime.now(timezone.utc).timestamp())
+    claim = RankClaim(ME, 3, checked=True, started_at=datetime.now(UTC).timestamp())
     with capture_logs() as logs:
         claim.checked(live=[OTHER], undecided=[])
         claim.checked(live=[], undecided=[])

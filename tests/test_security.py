@@ -8,7 +8,7 @@ import fnmatch
 import json
 import re
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import boto3
@@ -242,7 +242,7 @@ def test_iam_policy_covers_the_peer_notice_channel(
     store = S3ObjectStore(boto3.client("s3", region_name=config.region), workspace.bucket,
                           config.transfer)
     nodes = [PeerChannel(store, channel_prefix(config), rank) for rank in (0, 1)]
-    poller = PeerPoller(nodes[1], 1.0, lambda notice: None, datetime.now(timezone.utc))
+    poller = PeerPoller(nodes[1], 1.0, lambda notice: None, datetime.now(UTC))
     assert poller.poll_once() == []  # no bell yet: a 404, not a 403
     nodes[0].remove_own()
     nodes[0].add(Notice.make(NoticeKind.REBALANCE, None, "now"))

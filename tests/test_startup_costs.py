@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +237,7 @@ def test_flush_never_imports_requests_nor_dotenv(workspace: Workspace, s3: Any) 
        style=st.sampled_from(["Z", "offset", "http", "naive"]))
 def test_timestamps_parse_as_botocore_parses_them(moment: datetime, style: str) -> None:
     """Whatever form a timestamp comes in, the fast parser agrees with botocore's."""
-    utc = moment.astimezone(timezone.utc)
+    utc = moment.astimezone(UTC)
     text = {"Z": utc.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
             "offset": moment.isoformat(),
             "http": utc.strftime("%a, %d %b %Y %H:%M:%S GMT"),
@@ -256,8 +256,8 @@ def test_a_listing_parses_its_timestamps_without_botocores_parser(
     monkeypatch.setattr(spotwatch.aws.s3, "parse_timestamp", refused)
     client = make_s3_client(REGION, TransferSettings())
     listed = client.list_objects_v2(Bucket=bucket)["Contents"]
-    assert [item["LastModified"].tzinfo for item in listed] == [timezone.utc] * 2
-    assert all(abs(item["LastModified"] - datetime.now(timezone.utc)) < timedelta(hours=1)
+    assert [item["LastModified"].tzinfo for item in listed] == [UTC] * 2
+    assert all(abs(item["LastModified"] - datetime.now(UTC)) < timedelta(hours=1)
                for item in listed)
 
 

@@ -8,7 +8,7 @@ import json
 import signal
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -22,7 +22,7 @@ from tests.conftest import Workspace, wait_for
 from tests.faultproxy import FaultProxy
 from tests.test_faults import checkpoint_data, of_files, proxy  # noqa: F401  (the fixture)
 
-NOW = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
 
 def held(kind: NoticeKind, due_in: timedelta | None) -> Held:

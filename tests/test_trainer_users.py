@@ -20,6 +20,8 @@ import yaml
 
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.interruption import interruption_pending
+from spotwatch.model import FileVersion
+from spotwatch.sync.ledger import Ledger
 
 from .conftest import REGION, Workspace, keys_in, wait_for
 from .test_systemd import unit_settings
@@ -155,6 +157,16 @@ def test_a_state_directory_another_user_owns_is_one_line_and_a_config_error(
     assert not os.path.exists(state / "lock")
 
 
+def status_config(shared_dir: Path, state: Path) -> Path:
+    """A config for `spotwatch status` on this state directory."""
+    config = shared_dir / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "aws": {"region": REGION},
+        "watch": [{"path": str(shared_dir / "checkpoints"), "prefix": "run1/"}],
+        "imds": {"enabled": False}, "state": {"dir": str(state)}, "metrics": {"port": 0}}))
+    return config
+
+
 def test_status_of_a_state_directory_this_user_cannot_read_is_one_line(
         shared_dir: Path, bucket: str) -> None:
     """`spotwatch status --healthy` (the container's healthcheck) run by a user who may not
@@ -162,11 +174,7 @@ def test_status_of_a_state_directory_this_user_cannot_read_is_one_line(
     state = shared_dir / "state"
     state.mkdir(mode=0o700)  # root's
     (state / "lock").write_text("1\n")
-    config = shared_dir / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "aws": {"region": REGION},
-        "watch": [{"path": str(shared_dir / "checkpoints"), "prefix": "run1/"}],
-        "imds": {"enabled": False}, "state": {"dir": str(state)}, "metrics": {"port": 0}}))
+    config = status_config(shared_dir, state)
     for extra in ((), ("--healthy",)):
         done = subprocess.run([*AS_NOBODY, sys.executable, "-m", "spotwatch.cli", "status", "-c",
                                str(config), *extra],
@@ -178,6 +186,28 @@ def test_status_of_a_state_directory_this_user_cannot_read_is_one_line(
                                                        f"directory {state}: "), done.stderr
 
 
+def test_status_with_no_daemon_reads_a_ledger_this_user_may_not_write(
+        shared_dir: Path, bucket: str) -> None:
+    """A stopped root daemon's state (0755, its ledger 0644) read by another user's `spotwatch
+    status`: what the ledger says was uploaded, not a failure to open it for writing."""
+    state = shared_dir / "state"
+    state.mkdir(mode=0o755)
+    ledger = Ledger(state / "ledger.sqlite3")
+    ledger.record(bucket, "run1/step_1/model.pt", Path("/ckpt/step_1/model.pt"),
+                  FileVersion(7, 1_000), "c2lnbg==")
+    ledger.close()
+    for left in state.iterdir():
+        left.chmod(0o644)
+    config = status_config(shared_dir, state)
+    done = subprocess.run([*AS_NOBODY, sys.executable, "-m", "spotwatch.cli", "status", "-c",
+                           str(config), "--json"],
+                          env={**trainer_env(), "S3_BUCKET_NAME": bucket}, cwd="/",
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["uploaded_objects"], report["uploaded_bytes"]) == (1, 7)
+
+
 def test_status_of_a_report_this_user_cannot_read_says_so(shared_dir: Path, bucket: str) -> None:
     """The state directory may be entered (a daemon of another user without systemd made it
     0755) but status.json is its owner's alone: `status` names the file instead of calling a
@@ -187,11 +217,7 @@ def test_status_of_a_report_this_user_cannot_read_says_so(shared_dir: Path, buck
     report = state / "status.json"
     report.write_text(json.dumps({"pid": os.getpid(), "role": "daemon"}))
     report.chmod(0o600)
-    config = shared_dir / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "aws": {"region": REGION},
-        "watch": [{"path": str(shared_dir / "checkpoints"), "prefix": "run1/"}],
-        "imds": {"enabled": False}, "state": {"dir": str(state)}, "metrics": {"port": 0}}))
+    config = status_config(shared_dir, state)
     with (state / "lock").open("w") as lock:  # held as a running daemon holds it
         lock.write(str(os.getpid()))
         lock.flush()

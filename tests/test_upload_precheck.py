@@ -73,6 +73,35 @@ def test_a_precheck_that_cannot_reach_s3_fails_the_upload_for_a_retry(tmp_path: 
         uploader.shutdown()
 
 
+@pytest.mark.parametrize(("failure", "permanent"), [
+    (StoreError("AccessDenied", permanent=True), True),
+    (PermissionError(13, "Permission denied"), True),
+    (StoreError("SlowDown"), False),
+    (RuntimeError("cannot schedule new futures after shutdown"), False),
+])
+@pytest.mark.parametrize("answered", ["at once", "through a future"])
+def test_a_failed_precheck_is_permanent_as_the_upload_failing_would_be(
+        tmp_path: Path, failure: BaseException, permanent: bool, answered: str) -> None:
+    """The precheck's failure, raised or from the held copy it waits for, counts as permanent
+    exactly when the same failure of the upload itself would (Uploader._is_permanent)."""
+    store, job = InMemoryObjectStore(), _job(tmp_path)
+
+    def failing() -> UploadResult | Future[None] | None:
+        if answered == "at once":
+            raise failure
+        waited: Future[None] = Future()
+        waited.set_exception(failure)
+        return waited
+
+    uploader, results = _submit(store, job, failing)
+    try:
+        result = results.get(timeout=10)
+        assert (result.outcome, result.permanent) == (Outcome.FAILED, permanent)
+        assert not store.objects
+    finally:
+        uploader.shutdown()
+
+
 @pytest.mark.parametrize("stop", ["withdraw", "cancel"])
 def test_withdrawn_or_cancelled_during_the_precheck_sends_nothing(tmp_path: Path,
                                                                  stop: str) -> None:

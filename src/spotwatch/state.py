@@ -117,6 +117,21 @@ class StateDir:
         healthy start: SQLite opens such a ledger read-only, an unreadable acted_notices.json
         would let hooks act again on a notice they acted on."""
         self.make()
+        self._refuse_foreign_files()
+
+    def check_usable(self) -> None:
+        """As ensure(), making nothing (`spotwatch check`): a missing directory must be one
+        this process could make. Made by a check as root before the unit's first start, it
+        would be root's, with root's mode."""
+        if not self.path.exists():
+            self._refuse_uncreatable()
+            return
+        if not self.path.is_dir():
+            raise self.refused("create", OSError(errno.EEXIST, os.strerror(errno.EEXIST)))
+        self._refuse_unwritable()
+        self._refuse_foreign_files()
+
+    def _refuse_foreign_files(self) -> None:
         for path in self.written_files:
             if not _readable_and_writable(path):
                 uid = os.geteuid()
@@ -131,9 +146,20 @@ class StateDir:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise self.refused("create", exc) from None
-        if not os.access(self.path, os.W_OK | os.X_OK):  # says EROFS for a read-only mount too
-            error = OSError(errno.EROFS if _read_only(self.path) else errno.EACCES, "")
-            raise self.refused("write", error)
+        self._refuse_unwritable()
+
+    def _refuse_unwritable(self, directory: Path | None = None, verb: str = "write") -> None:
+        directory = directory or self.path
+        if not os.access(directory, os.W_OK | os.X_OK):  # says EROFS for a read-only mount too
+            error = OSError(errno.EROFS if _read_only(directory) else errno.EACCES, "")
+            raise self.refused(verb, error)
+
+    def _refuse_uncreatable(self) -> None:
+        """The nearest existing directory above a missing state directory must take it."""
+        above = next((d for d in self.path.absolute().parents if d.exists()), Path("/"))
+        if not above.is_dir():
+            raise self.refused("create", OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+        self._refuse_unwritable(above, "create")
 
     def refused(self, verb: str, exc: OSError) -> SpotwatchError:
         """The one line for a state directory this process cannot use: a config error when

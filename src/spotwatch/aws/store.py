@@ -184,6 +184,11 @@ class ObjectStore(Protocol):
         ObjectMissing when there is none."""
         ...
 
+    def copies_in_parts(self, size: int) -> bool:
+        """Whether copy_if_match copies an object of this size in parts (a multipart upload,
+        which a crash may leave open)."""
+        ...
+
     def copy_if_match(self, source: str, key: str, etag: str, size: int) -> bool:
         """Copy the object at source (of this size) to key, server-side, with the store's
         write settings (encryption, checksum), only while source is the version with this
@@ -522,6 +527,9 @@ class S3ObjectStore:
             with self._lock:
                 self._transfers.discard(transfer)
 
+    def copies_in_parts(self, size: int) -> bool:
+        return size > COPY_OBJECT_MAX
+
     def copy_if_match(self, source: str, key: str, etag: str, size: int) -> bool:
         # Invariant: the copy is of the version with this ETag or nothing. CopySourceIfMatch
         # goes with every request that reads the source: the one CopyObject, or s3transfer's
@@ -530,7 +538,7 @@ class S3ObjectStore:
         copy_source: Any = {"Bucket": self._bucket, "Key": source}
         try:
             with _translated():
-                if size <= COPY_OBJECT_MAX:
+                if not self.copies_in_parts(size):
                     self.client.copy_object(Bucket=self._bucket, Key=key,
                                             CopySource=copy_source, **args)
                 else:

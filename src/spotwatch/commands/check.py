@@ -16,7 +16,8 @@ from spotwatch.state import StateDir
 def run(args: argparse.Namespace) -> int:
     config, bucket = load(args, uploads=False)
     require_notice_file_place(config)
-    StateDir(config.state_dir).ensure()  # where `run` keeps its ledger: refused as it would be
+    # Where `run` keeps its ledger: refused as `run` would refuse it, and never made here.
+    StateDir(config.state_dir).check_usable()
     results = run_checks(config, bucket) + _notice_place(config)
     for result in results:
         print_line(f"{result.symbol}  {result.name:<16} {result.detail}")

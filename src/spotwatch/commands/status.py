@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -213,7 +213,7 @@ def stalled(daemon: dict[str, Any]) -> bool:
 def _ago(timestamp: float | None) -> str:
     if timestamp is None:
         return "never"
-    when = datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    when = datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return f"{when} ({time.time() - timestamp:.0f}s ago)"
 
 

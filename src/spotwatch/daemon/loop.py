@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from spotwatch.aws.autoscaling import LifecycleAction, make_autoscaling_client
@@ -347,7 +347,7 @@ class Daemon:
                 self._wake.set()  # sets held for the check are sealed at once
 
         poller = PeerPoller(channel, interval, self.hand_notice,
-                            started_at=datetime.now(timezone.utc),
+                            started_at=datetime.now(UTC),
                             on_failure=self.reporter.count_peer_poll_failure,
                             claims=self._claims, on_claims=on_claims)
         self.reporter.watch_peers(poller.reachability.outage)
@@ -457,7 +457,7 @@ class Daemon:
         """A notice, all but its flush: logged, shared, counted, told to the trainer. One in
         effect already, handed on again, was moved earlier (notices.store.SeenNotices): its
         new deadline replaces the old everywhere, logged as rescheduled_from."""
-        detected = datetime.now(timezone.utc)
+        detected = datetime.now(UTC)
         earlier = self._in_effect.held(notice.id)
         seconds_left = (notice.deadline - detected).total_seconds() if notice.deadline else None
         record = {
@@ -549,7 +549,7 @@ class Daemon:
         self._deferred = [notice for notice in self._deferred if notice.id not in gone]
         if self._latest_notice is not None and self._latest_notice["id"] in gone:
             self._latest_notice = {**self._latest_notice,
-                                   "cancelled_at": datetime.now(timezone.utc).isoformat()}
+                                   "cancelled_at": datetime.now(UTC).isoformat()}
         if told is not None and told.id in gone:
             self._tell_next()
         # Logged once the trainer's notice file says so: whoever reads the line finds it.
@@ -670,7 +670,7 @@ class Daemon:
 
 
 def _pressing(since: datetime | None) -> bool:
-    return since is not None and datetime.now(timezone.utc) >= since
+    return since is not None and datetime.now(UTC) >= since
 
 
 def _origin(notice: Notice) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -26,12 +26,12 @@ HISTORY = "meta-data/events/maintenance/history"  # completed or canceled events
 
 
 def _iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _window(in_seconds: float) -> dict[str, str]:
     """A maintenance event's window as IMDS gives it: from in_seconds from now, two hours."""
-    start = datetime.now(timezone.utc) + timedelta(seconds=in_seconds)
+    start = datetime.now(UTC) + timedelta(seconds=in_seconds)
     fmt = "%d %b %Y %H:%M:%S GMT"
     return {"NotBefore": start.strftime(fmt),
             "NotAfter": (start + timedelta(hours=2)).strftime(fmt)}
@@ -128,7 +128,7 @@ class ImdsEmulator:
         return instance_id
 
     def fire_spot_interruption(self, action: str = "terminate", in_seconds: float = 120) -> str:
-        when = _iso(datetime.now(timezone.utc) + timedelta(seconds=in_seconds))
+        when = _iso(datetime.now(UTC) + timedelta(seconds=in_seconds))
         body = json.dumps({"action": action, "time": when})
         with self.lock:
             self.state.items["meta-data/spot/instance-action"] = body
@@ -138,7 +138,7 @@ class ImdsEmulator:
         return body
 
     def fire_rebalance(self) -> str:
-        body = json.dumps({"noticeTime": _iso(datetime.now(timezone.utc))})
+        body = json.dumps({"noticeTime": _iso(datetime.now(UTC))})
         with self.lock:
             self.state.items["meta-data/events/recommendations/rebalance"] = body
             self.state.fired_at["rebalance"] = time.time()

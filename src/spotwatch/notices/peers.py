@@ -28,7 +28,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from spotwatch.aws.health import Reachability
@@ -67,7 +67,7 @@ PUBLISH_RETRY_MAX = 5.0
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def channel_prefix(config: Config) -> str:
@@ -150,7 +150,7 @@ def _utc(value: object) -> datetime | None:
         return None
     parsed = iso_time(value)
     try:
-        return parsed.astimezone(timezone.utc) if parsed is not None else None
+        return parsed.astimezone(UTC) if parsed is not None else None
     except (OverflowError, ValueError):
         return None
 

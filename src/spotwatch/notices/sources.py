@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
 from spotwatch.config import NoticeSettings
@@ -41,7 +41,7 @@ def iso_time(value: object) -> datetime | None:
 def _in_utc(moment: datetime) -> datetime:
     """Invariant: every notice time has a zone (IMDS times are UTC, said or not), so the
     daemon can compare it with the time now."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _before(moment: datetime | None, span: timedelta) -> datetime | None:

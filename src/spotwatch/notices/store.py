@@ -8,7 +8,7 @@ import json
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from spotwatch.logs import get_logger
@@ -80,7 +80,7 @@ class Told:
 
 # The deadline recorded for a notice acted on by a spotwatch that kept no deadlines: none is
 # earlier, so its hooks do not act on it again.
-_NO_EARLIER = datetime.min.replace(tzinfo=timezone.utc)
+_NO_EARLIER = datetime.min.replace(tzinfo=UTC)
 
 
 class ActedNotices:

@@ -24,6 +24,7 @@ from spotwatch.model import FileVersion, Outcome, Snapshot, UploadJob, UploadRes
 from spotwatch.sync import formats
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.links import LinkSkipped, link_entry
+from spotwatch.sync.orphans import MultipartNotes
 from spotwatch.sync.planner import PendingFile, Planner, SetRef
 from spotwatch.sync.retry import RetryQueue
 from spotwatch.sync.sets.claim import RankClaim
@@ -106,7 +107,8 @@ class SyncEngine:
         # directory): files the ledger has no row for are judged against them first.
         self._sealed_sets = SealedSets(self.uploader.store, node, wall_clock_ns())
         # Sealed versions kept restorable while new ones replace them (sync.sets.held).
-        self._held = HeldCopies(self.uploader.store, self._sealed_sets, job=node is not None)
+        self._held = HeldCopies(self.uploader.store, self._sealed_sets, job=node is not None,
+                                multipart=MultipartNotes(ledger, self.bucket))
         self.sealer = SetSealer(ledger, self.uploader.store, self.trackers, clock, wall_clock_ns,
                                 node, claim, self._revive_for_links, self._sealed_sets,
                                 self._held)

@@ -127,10 +127,37 @@ def _refuse_read_only(path: Path) -> None:
                                            f"not be written by uid {os.geteuid()})")
 
 
+def _open_for_reading(path: Path) -> sqlite3.Connection:
+    """The ledger opened read-only, as it is, nothing made or migrated. Read by another user
+    than the daemon's, a WAL ledger whose shared-memory file that user cannot make or write
+    (the daemon removes it when it stops) is read as its last checkpoint left it: all a
+    stopped daemon leaves but the writes of its last moments before a kill -9."""
+    uri = path.absolute().as_uri()
+    error: sqlite3.Error | None = None
+    for mode in ("mode=ro", "mode=ro&immutable=1"):
+        try:
+            db = sqlite3.connect(f"{uri}?{mode}", uri=True, check_same_thread=False,
+                                 isolation_level=None)
+        except sqlite3.Error as exc:
+            error = exc
+            continue
+        try:
+            db.execute("SELECT COUNT(*) FROM objects").fetchone()
+            return db
+        except sqlite3.Error as exc:
+            db.close()
+            error = exc
+    raise SpotwatchError(f"cannot open ledger {path}: {error}")
+
+
 class Ledger:
     def __init__(self, path: Path, only_reading: bool = False) -> None:
         """only_reading: for a reader that writes nothing (status), which may run as another
         user than the daemon and then may only read it."""
+        self._lock = threading.RLock()  # a transaction holds it across its writes
+        if only_reading:
+            self._db = _open_for_reading(path)
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -147,11 +174,9 @@ class Ledger:
             # Invariant: no ledger runs read-only. SQLite opens a file it may not write (another
             # user's) read-only, and with its WAL there every statement above passes. Asked of
             # the files, not by a write: that would wait for a daemon's transaction to end.
-            if not only_reading:
-                _refuse_read_only(path)
+            _refuse_read_only(path)
         except (OSError, sqlite3.Error) as exc:
             raise SpotwatchError(f"cannot open ledger {path}: {exc}") from None
-        self._lock = threading.RLock()  # a transaction holds it across its writes
 
     def close(self) -> None:
         with self._lock:

@@ -140,8 +140,10 @@ class Uploader:
 
     def _failed_precheck(self, job: UploadJob, started: float,
                          exc: BaseException) -> UploadResult:
+        """A failure before the upload began (the precheck's, or starting it): permanent as an
+        upload's own failure would be (an unreadable file, S3 refusing the request)."""
         return UploadResult(job, Outcome.FAILED, self._clock() - started, error=_describe(exc),
-                            permanent=isinstance(exc, StoreError) and exc.permanent)
+                            permanent=_is_permanent(exc))
 
     def _after_precheck(self, job: UploadJob, gate: _Gate, started: float,
                         early: UploadResult | None) -> None:
@@ -153,8 +155,7 @@ class Uploader:
                     gate.started = self._start(job, started)
                     return
                 except Exception as exc:  # never a job left counted as uploading for good
-                    early = UploadResult(job, Outcome.FAILED, self._clock() - started,
-                                         error=_describe(exc), permanent=_is_permanent(exc))
+                    early = self._failed_precheck(job, started, exc)
         self.liveness.moved()
         if early is None:  # stopped before it started: nothing was written
             # As _check says of an upload cut short: VANISHED when the file went (deleted,

@@ -19,6 +19,10 @@ for (until its write has ended, and the set's held copies went after it), so no 
 against the manifest it replaces, and no copy made for the new manifest is deleted as a
 leftover of the old one. Once the manifest is written, the set's held copies are deleted; a
 crash before leaves them, deleted at the set's next seal (or with the set by retention).
+
+A held copy of an object too large for one CopyObject is a multipart upload. Its key is
+noted (MultipartNotes) while it runs, so that one a crash cut short is aborted at the next
+start (sync.orphans) instead of keeping its parts stored and billed.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, Protocol
 
 from spotwatch.aws.store import ObjectStore, StoreError
 from spotwatch.keys import S3_KEY_MAX_BYTES, held_key, held_key_of, held_of_set, held_prefix
@@ -42,14 +46,25 @@ log = get_logger("spotwatch.sets")
 COPIES_AT_ONCE = 4
 
 
+class MultipartNotes(Protocol):
+    """Where multipart uploads under way are noted for the cleanup after a crash."""
+
+    def started(self, key: str) -> None: ...
+
+    def finished(self, key: str) -> None: ...
+
+
 class HeldCopies:
     """Thread-safe: copies are planned on the uploader's precheck thread and made on a pool
     of their own, seals end on the store's threads."""
 
-    def __init__(self, store: ObjectStore, sealed_sets: SealedSets, *, job: bool) -> None:
+    def __init__(self, store: ObjectStore, sealed_sets: SealedSets, *, job: bool,
+                 multipart: MultipartNotes | None = None) -> None:
         """job: on a node of a multi-node job, only held copies of the files its own part
-        lists are this node's to delete (other nodes protect theirs)."""
+        lists are this node's to delete (other nodes protect theirs). multipart: where the
+        copies made in parts are noted while they run."""
         self._store = store
+        self._multipart = multipart
         self._sealed_sets = sealed_sets
         self._job = job
         self._lock = threading.Lock()
@@ -135,7 +150,15 @@ class HeldCopies:
     def _copy(self, key: str, held: str, etag: str, size: int) -> None:
         if self._skipped_under_deadline(key):  # queued before the deadline began
             return
-        if self._store.copy_if_match(key, held, f'"{etag}"', size):
+        notes = self._multipart if self._store.copies_in_parts(size) else None
+        if notes is not None:
+            notes.started(held)
+        # A copy that raises keeps its note: its parts may be left (a stop cancelled it, the
+        # abort failed), and the next start aborts them.
+        copied = self._store.copy_if_match(key, held, f'"{etag}"', size)
+        if notes is not None:
+            notes.finished(held)
+        if copied:
             log.info("held_copy_made", key=key, held=held, bytes=size)
 
     def sealing(self, prefix: str, set_name: str, manifest: Manifest,
