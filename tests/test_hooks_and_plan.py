@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spotwatch.config import load_config
@@ -110,6 +111,23 @@ def test_command_hook_gets_the_notice(workspace: Workspace, imds: ImdsEmulator) 
     assert daemon.stop() == 0
 
 
+def test_a_command_hooks_output_is_logged_as_events(workspace: Workspace,
+                                                   imds: ImdsEmulator) -> None:
+    """What the command writes, on stdout or stderr, comes into the daemon's log as events:
+    a JSON log stays JSON lines (old: the command's raw lines among them)."""
+    workspace.write_config(log={"format": "json"}, hooks={
+        "command": "echo out-line; echo err-line >&2; printf 'raw\\377\\n'; exit 0"})
+    daemon = workspace.start_daemon()
+    imds.fire_rebalance()
+    daemon.wait_for_event("hook_command_done")
+    assert wait_for(lambda: len(daemon.named("hook_command_output")) == 3)
+    assert sorted(event["line"] for event in daemon.named("hook_command_output")) == [
+        "err-line", "out-line", "raw\ufffd"]
+    assert daemon.stop() == 0
+    for line in daemon.log_path.read_text().splitlines():
+        json.loads(line)
+
+
 def test_reader_finds_the_notice_where_the_daemon_put_it(
         workspace: Workspace, imds: ImdsEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SPOTWATCH_NOTICE_FILE", raising=False)
@@ -135,6 +153,23 @@ def test_unreadable_or_foreign_notice_file_warns(tmp_path: Path) -> None:
     (tmp_path / "deep.json").write_text("[" * 100_000)
     with pytest.warns(RuntimeWarning, match=r"deep\.json is not a notice file"):
         assert interruption_pending(tmp_path / "deep.json") is None
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=64) | st.text(max_size=64).map(str.encode))
+def test_any_bytes_in_a_notice_file_give_a_notice_none_or_a_warning(
+        tmp_path: Path, content: bytes) -> None:
+    """The training loop calls interruption_pending(): whatever a notice file holds (another
+    encoding, a truncated write, foreign bytes), it returns, and never raises."""
+    path = tmp_path / "notice.json"
+    path.write_bytes(content)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        found = interruption_pending(path)
+    assert found is None or isinstance(found, dict)
+    if found is None:
+        assert [w.category for w in said] == [RuntimeWarning]
+        assert str(path) in str(said[0].message)
 
 
 def command_runs(out: Path) -> int:

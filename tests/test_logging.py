@@ -52,3 +52,21 @@ def test_structlog_is_loaded_with_the_first_line_and_every_line_is_json() -> Non
     assert [(r.get("logger"), r["event"], r["level"]) for r in records] == [
         ("botocore.test", "a library speaks first", "warning"), (None, "said", "info")]
     assert records[1]["n"] == 1
+
+
+WARNING_FROM_A_LIBRARY = """
+import warnings
+from spotwatch.logs import configure_logging
+configure_logging("info", "json")
+warnings.warn("Callback with id 7 already exists", RuntimeWarning)
+"""
+
+
+def test_a_librarys_python_warning_is_a_json_line() -> None:
+    """watchdog warns through `warnings` (a callback registered twice, say): in a JSON log
+    that is one more JSON line, not raw text among them."""
+    result = subprocess.run([sys.executable, "-c", WARNING_FROM_A_LIBRARY], capture_output=True,
+                            text=True, timeout=60, check=True)
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert len(records) == 1 and records[0]["level"] == "warning"
+    assert "Callback with id 7 already exists" in records[0]["event"]

@@ -128,6 +128,9 @@ def test_a_spot_notice_in_effect_is_never_hidden_by_a_later_or_cancelled_one(
     shown = status_text(workspace)
     assert "last notice:  spot-interruption at" in shown, shown
     assert "rebalance-recommendation" in shown and "no longer in effect" not in shown, shown
+    # A rebalance gives no deadline: said in words, never as Python's None.
+    assert "rebalance-recommendation at" in shown and "(no deadline given)" in shown, shown
+    assert "None" not in shown, shown
     daemon.stop()
 
 

@@ -91,11 +91,15 @@ def interruption_pending(
     paths = [Path(notice_file)] if notice_file is not None else notice_file_candidates()
     for path in paths:
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError as exc:
             warnings.warn(f"spotwatch: cannot read the notice file {path}: {exc.strerror}",
+                          RuntimeWarning, stacklevel=2)
+            return None
+        except UnicodeDecodeError:  # the training loop calls this: never raises for content
+            warnings.warn(f"spotwatch: {path} is not a notice file (not UTF-8 text)",
                           RuntimeWarning, stacklevel=2)
             return None
         return _parse_notice(path, text)

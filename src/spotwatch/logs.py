@@ -106,6 +106,9 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)
     root.addHandler(handler)
+    # Libraries' warnings (watchdog's, say) go through the handler too: a JSON log stays
+    # JSON lines, not raw text among them.
+    logging.captureWarnings(True)
     # Libraries' info records are chatter ("Found credentials in environment variables"):
     # they show from warning up, or everything when debugging.
     threshold = _LEVELS[level]

@@ -246,8 +246,10 @@ def _notice_line(notice: dict[str, Any] | None) -> str:
         return "none"
     cancelled = (f", cancelled at {notice['cancelled_at']}: no longer in effect"
                  if notice.get("cancelled_at") else "")
-    return (f"{notice['kind']}{_from_peer(notice)} at {notice['detected_at']} (deadline "
-            f"{notice['deadline']}{cancelled})")
+    deadline = (f"deadline {notice['deadline']}" if notice.get("deadline")
+                else "no deadline given")
+    return (f"{notice['kind']}{_from_peer(notice)} at {notice['detected_at']} ({deadline}"
+            f"{cancelled})")
 
 
 def _notice_lines(daemon: dict[str, Any]) -> list[str]:

@@ -35,6 +35,8 @@ NOTICE_FILE_MODE = 0o644
 RECHECK_SECONDS = 10.0
 # The largest pid_t; Linux's pid_max is far below it.
 MAX_PID = 2**31 - 1
+# The most of one line of a hook command's output one event holds (a longer one is split).
+OUTPUT_LINE_MAX = 4096
 NOTICE_FILE = Key("notice_file", missed=False)
 SIGNAL = Key("signal", missed=False)
 SIGNAL_MISSED = Key("signal", missed=True)
@@ -260,8 +262,11 @@ class NoticeHooks:
                     for key, value in notice.items()})
         env["SPOTWATCH_NOTICE_FILE"] = str(self.notice_file)
         try:
+            # Its output goes into the daemon's log as events (hook_command_output), never
+            # as raw lines among the log's JSON ones.
             process = subprocess.Popen(["/bin/sh", "-c", command], env=env,
-                                       stdin=subprocess.DEVNULL)
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT)
         except OSError as exc:
             log.warning("hook_failed", hook="command", error=exc.strerror)
             self._problems.hold(COMMAND_MISSED, "hooks.command", exc.strerror or str(exc))
@@ -279,6 +284,20 @@ class NoticeHooks:
             self._problems.hold(COMMAND_MISSED, "hooks.command", f"exit code {code}")
 
         threading.Thread(target=reap, name="hook-command", daemon=True).start()
+        # Read apart from the wait: a process the command leaves in the background may hold
+        # the pipe open long after the command itself has exited.
+        threading.Thread(target=_log_output, args=(process,), name="hook-command-output",
+                         daemon=True).start()
+
+
+def _log_output(process: subprocess.Popen[bytes]) -> None:
+    """Each line the command writes (stdout and stderr) as one event, a longer one split at
+    OUTPUT_LINE_MAX bytes; undecodable bytes replaced."""
+    assert process.stdout is not None
+    with process.stdout:
+        while raw := process.stdout.readline(OUTPUT_LINE_MAX):
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            log.info("hook_command_output", pid=process.pid, line=line)
 
 
 def trainer_pid(text: str) -> int:
