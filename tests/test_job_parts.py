@@ -301,6 +301,15 @@ def test_a_node_deletes_only_its_own_and_never_what_a_kept_set_lists(
     if rank != 0:
         assert all(part_keys[k][1] == rank for k in parts)  # only its own parts
         assert set(keys[len(parts):]) <= set(own_keys)  # only files its own parts list
+    # A local deletion never takes an object another node's part lists: its own part lets go
+    # of it, the object stays.
+    peers = {e.key for s in job_sets for r, p in s.parts.items() if r != rank for e in p.files}
+    assert not {d.key for d in deletions[len(parts):] if not d.retires} & peers
+    left = [key for d in deletions for key in d.left_to_peers]
+    assert set(left) == {key for key in gone if key in peers
+                         and any(s.set_name in dropped and rank in s.parts
+                                 and key in {e.key for e in s.parts[rank].files}
+                                 for s in job_sets)}
 
 
 # -- one name written by two nodes configured differently -------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from spotwatch.config import JOB_ENVIRONMENT
+from spotwatch.daemon.prune_job import JOB_PRUNE_SECONDS
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.keys import part_key
 from spotwatch.model import Notice, NoticeKind
@@ -297,6 +298,54 @@ def test_a_file_deleted_on_one_node_takes_that_nodes_part_first(
     assert sealed(s3, bucket, "step_1", [0, 1])
 
 
+def test_a_file_every_node_wrote_deleted_on_one_node_stays_for_the_others(
+        nodes: list[Workspace], replacement: Workspace, s3: Any, bucket: str) -> None:
+    """Every rank writes the same config.json beside its shard. One node deleting its copy
+    lets go of it in its own part only: the object stays, as the other parts list it, and the
+    set still restores whole. Old: the object was deleted, and the job's set was incomplete
+    for good (restore: no complete checkpoint set)."""
+    config = b'{"model": "llama", "layers": 80}'
+    for rank, node in enumerate(nodes):
+        save_shards(node, rank, "step_1")
+        (node.checkpoints / "step_1" / "config.json").write_bytes(config)
+        flush(node)
+    (nodes[1].checkpoints / "step_1" / "config.json").unlink()
+    lines = prune(nodes[1], "--delete")
+    assert lines == [
+        f"deleted s3://{bucket}/{part_key(PREFIX, JOB, 'step_1', 1)} (deleted locally)",
+        "deleted 1 objects"]
+    assert f"{PREFIX}step_1/config.json" in keys_in(s3, bucket)
+    part = json.loads(object_bytes(s3, bucket, part_key(PREFIX, JOB, "step_1", 1)))
+    assert [entry["path"] for entry in part["files"]] == ["step_1/__1_0.distcp"]
+    # Let go of once: the next prune has nothing more to do.
+    assert prune(nodes[1], "--delete") == ["deleted 0 objects"]
+    result = restore(replacement, "--to", str(replacement.root / "r"))
+    assert result.returncode == 0, result.stderr
+    assert files_under(replacement.root / "r")["step_1/config.json"] == config
+    # Once every node deleted it, it goes.
+    for rank in (0, 2):
+        (nodes[rank].checkpoints / "step_1" / "config.json").unlink()
+    prune(nodes[0], "--delete")
+    assert f"{PREFIX}step_1/config.json" in keys_in(s3, bucket)  # node 2's part lists it
+    prune(nodes[2], "--delete")
+    assert f"{PREFIX}step_1/config.json" not in keys_in(s3, bucket)
+    assert sealed(s3, bucket, "step_1", [0, 1, 2])
+
+
+def step_1_dropped_for_all(daemon: Daemon, s3: Any, bucket: str, timeout: float) -> None:
+    """Rank 0's daemon drops step_1 for every node, keeping step_2, then stops cleanly."""
+    wait_for(lambda: not [key for key in keys_in(s3, bucket) if "step_1" in key],
+             timeout=timeout)
+    assert sealed(s3, bucket, "step_2", range(NODES))
+    assert daemon.stop() == 0
+
+
+def killed(daemon: Daemon) -> None:
+    if daemon.process.poll() is None:
+        daemon.process.kill()
+        daemon.process.wait()
+
+
 def test_retention_goes_on_after_a_peers_notice(
         nodes: list[Workspace], s3: Any, bucket: str) -> None:
     nodes[0].write_config(job={"id": JOB, "nodes": NODES, "rank": 0}, sync={"keep_sets": 1})
@@ -314,13 +363,37 @@ def test_retention_goes_on_after_a_peers_notice(
                 flush(nodes[rank])
         wait_for(lambda: sealed(s3, bucket, "step_2", range(NODES)), timeout=60)
         # Rank 0 keeps step_2, the newest set complete for the job, and drops step_1 for all.
-        wait_for(lambda: not [key for key in keys_in(s3, bucket) if "step_1" in key], timeout=60)
-        assert sealed(s3, bucket, "step_2", range(NODES))
-        assert daemon.stop() == 0
+        step_1_dropped_for_all(daemon, s3, bucket, timeout=60)
     finally:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait()
+        killed(daemon)
+
+
+def test_rank_0_prunes_for_its_peers_seals_with_nothing_changed_here(
+        nodes: list[Workspace], s3: Any, bucket: str) -> None:
+    """Rank 0 sealed its part of step_2 and pruned (step_2 not yet complete for the job: step_1
+    kept). The other nodes seal theirs later, nothing changing on rank 0: it prunes again all
+    the same, and step_1 goes for every node. Old: rank 0 never pruned again until its own
+    next change, and step_1 stayed."""
+    for rank in range(1, NODES):
+        save_shards(nodes[rank], rank, "step_1", age_seconds=600)
+        flush(nodes[rank])
+    nodes[0].write_config(job={"id": JOB, "nodes": NODES, "rank": 0}, sync={"keep_sets": 1},
+                          log={"level": "debug", "format": "json"})
+    save_shards(nodes[0], 0, "step_1", age_seconds=600)
+    daemon = nodes[0].start_daemon()
+    try:
+        wait_for(lambda: sealed(s3, bucket, "step_1", range(NODES)), timeout=60)
+        save_shards(nodes[0], 0, "step_2", age_seconds=300)
+        wait_for(lambda: sealed(s3, bucket, "step_2", [0]), timeout=60)
+        pruned = len(daemon.named("prune_done"))
+        daemon.wait_for_event("prune_done", count=pruned + 1, timeout=60)  # after its seal
+        assert sealed(s3, bucket, "step_1", range(NODES))  # step_2 is not complete yet
+        for rank in range(1, NODES):
+            save_shards(nodes[rank], rank, "step_2", age_seconds=300)
+            flush(nodes[rank])
+        step_1_dropped_for_all(daemon, s3, bucket, timeout=JOB_PRUNE_SECONDS + 30)
+    finally:
+        killed(daemon)
 
 
 def test_a_rerun_restore_onto_files_already_there_keeps_the_sets_parts(

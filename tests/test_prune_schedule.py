@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from structlog.testing import capture_logs
 
 from spotwatch.config import WatchDir
-from spotwatch.daemon.prune_job import PRUNE_INTERVAL_SECONDS, PruneSchedule
+from spotwatch.daemon.prune_job import JOB_PRUNE_SECONDS, PRUNE_INTERVAL_SECONDS, PruneSchedule
 from spotwatch.sync.pruner import Deletion, PruneCancelled
 
 WAIT = 10.0  # generous bound for a thread to get somewhere; never slept
@@ -136,6 +136,29 @@ def test_changes_during_a_prune_call_for_another() -> None:
     pruner.release.set()
     finish(schedule, target, finished, quiet=True)
     clock.now += PRUNE_INTERVAL_SECONDS
+    schedule.tend(target, quiet=True)
+    assert schedule.job is not None
+    finish(schedule, target, finished, quiet=True)
+    assert pruner.plans == 2
+
+
+def test_on_a_job_an_unchanged_node_prunes_again_for_its_peers_seals() -> None:
+    """On a job, other nodes' seals make a set complete and older ones due for retention
+    while nothing changes here: a prune is due again JOB_PRUNE_SECONDS after the last one
+    completed (old: never, until this node's next change)."""
+    pruner = BlockingPruner([])
+    pruner.release.set()
+    clock, finished = Clock(), threading.Event()
+    schedule = PruneSchedule(pruner, [], finished.set, clock, unchanged_every=JOB_PRUNE_SECONDS)
+    target = Target()
+    schedule.tend(target, quiet=True)
+    finish(schedule, target, finished, quiet=True)
+    clock.now += PRUNE_INTERVAL_SECONDS
+    schedule.tend(target, quiet=True)
+    assert schedule.job is None  # nothing changed here, and not long enough since
+    clock.now += JOB_PRUNE_SECONDS
+    schedule.tend(target, quiet=False)
+    assert schedule.job is None  # never while something needs the time
     schedule.tend(target, quiet=True)
     assert schedule.job is not None
     finish(schedule, target, finished, quiet=True)

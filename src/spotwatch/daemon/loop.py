@@ -22,7 +22,7 @@ from spotwatch.daemon.flush import FlushController
 from spotwatch.daemon.hooks import NoticeHooks
 from spotwatch.daemon.in_effect import Held, NoticeReport, NoticesInEffect
 from spotwatch.daemon.metrics import Metrics
-from spotwatch.daemon.prune_job import PruneSchedule
+from spotwatch.daemon.prune_job import JOB_PRUNE_SECONDS, PruneSchedule
 from spotwatch.daemon.reporter import Reporter
 from spotwatch.daemon.session import Parts, Session
 from spotwatch.daemon.signals import SignalInbox
@@ -153,7 +153,9 @@ class Daemon:
         with self.reporter.server_stopped_at_exit(), session as parts:
             engine = self._observe(parts)
             if parts.pruner is not None:
-                self._pruning = PruneSchedule(parts.pruner, self.config.watch, self._wake.set)
+                self._pruning = PruneSchedule(
+                    parts.pruner, self.config.watch, self._wake.set,
+                    unchanged_every=JOB_PRUNE_SECONDS if self.config.job.is_multi_node else None)
             peer_poller = self._start_peers(parts)
             self._flush_deferred(engine)
             poller = self._poller

@@ -17,6 +17,10 @@ log = get_logger("spotwatch.prune")
 
 # Pruning lists the prefix in S3: at most this often.
 PRUNE_INTERVAL_SECONDS = 5.0
+# On a node of a multi-node job, a prune with nothing changed here is still due this long
+# after the last: the other nodes' seals make a set complete for the job, and then retention
+# drops older sets, which this node's own changes would never call for.
+JOB_PRUNE_SECONDS = 30.0
 
 
 class Prunes(Protocol):
@@ -69,6 +73,7 @@ class PruneJob:
             planned = self._pruner.plan(self._watches)
             self.deleted = self._pruner.apply(planned)
             self.completed = len(self.deleted) == len(planned)
+            log.debug("prune_done", planned=len(planned), deleted=len(self.deleted))
         except PruneCancelled:
             log.info("prune_cancelled", deleted=0)
         except StoreError as exc:
@@ -86,8 +91,13 @@ class PruneSchedule:
 
     def __init__(self, pruner: Prunes, watches: Sequence[WatchDir],
                  on_finished: Callable[[], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 unchanged_every: float | None = None) -> None:
+        """unchanged_every: prune this long after the last complete prune even with nothing
+        changed here (a job's node: JOB_PRUNE_SECONDS); None: only after a change."""
         self._pruner = pruner
+        self._unchanged_every = unchanged_every
+        self._completed_at: float | None = None
         self._watches = tuple(watches)
         self._on_finished = on_finished
         self._clock = clock
@@ -107,8 +117,12 @@ class PruneSchedule:
             self.job = PruneJob(self._pruner, self._watches, self._on_finished).start()
 
     def _due_for(self, target: PruneTarget) -> bool:
-        return (self._pruner.enabled and target.changes != self._pruned_at
-                and self._clock() >= self._due)
+        if not self._pruner.enabled or self._clock() < self._due:
+            return False
+        if target.changes != self._pruned_at:
+            return True
+        return (self._unchanged_every is not None and self._completed_at is not None
+                and self._clock() >= self._completed_at + self._unchanged_every)
 
     def _tend_job(self, job: PruneJob, target: PruneTarget, quiet: bool) -> None:
         if not quiet:
@@ -118,4 +132,5 @@ class PruneSchedule:
         self.job = None
         if job.completed:  # failed or cancelled: try again when quiet
             self._pruned_at = self._starting_at
+            self._completed_at = self._clock()
         target.reseal_after_deletions(keys_to_reseal(job.deleted))

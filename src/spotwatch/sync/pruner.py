@@ -73,6 +73,11 @@ class Deletion:
     # A held copy of a dropped set's file (sync.sets.held): no file's, so no ledger row, and
     # nothing to seal again.
     held: bool = False
+    # A node's part of a set on a job: the keys it uploaded and no longer holds locally that
+    # other nodes' parts still list. Their objects stay; once the part is gone, this node's
+    # ledger forgets them (they are the other nodes' now), and the part is sealed again
+    # without them.
+    left_to_peers: tuple[str, ...] = ()
 
     @property
     def retires(self) -> bool:
@@ -150,6 +155,10 @@ class Pruner:
                 self._forget(deletion)
                 done.append(deletion)
                 log.info("object_deleted", key=deletion.key, reason=deletion.reason)
+                for key in deletion.left_to_peers:
+                    self._forget(Deletion(key, deletion.reason))
+                    log.info("object_left_to_peers", key=key,
+                             detail="deleted locally here; other nodes' parts still list it")
             if failed:
                 return done
         return done
@@ -424,10 +433,21 @@ def job_deletions(planned: Sequence[Deletion], watch_prefix: str, job_sets: Sequ
     its own local deletions. Rank 0 alone also deletes the other nodes' parts and files of sets
     dropped by retention, so a set whose nodes are gone for good (replaced, or a rank missing)
     is still removed. Only a subset of plan_deletions' plan: nothing a kept set lists goes.
+
+    Invariant: a node's local deletion never deletes an object another node's part lists
+    (several ranks writing the same file, a config.json beside their shards). Only this node's
+    part lets go of it (Deletion.left_to_peers): the part is sealed again without it, the
+    object stays for the parts that list it.
     """
     sets = {manifest_key(watch_prefix, job_set.set_name): job_set for job_set in job_sets}
     own_files = {entry.key for job_set in job_sets if node.rank in job_set.parts
                  for entry in job_set.parts[node.rank].files}
+    peers_files = {entry.key for job_set in job_sets for rank, part in job_set.parts.items()
+                   if rank != node.rank for entry in (*part.files, *part.linked_files)}
+    left = [deletion.key for deletion in planned
+            if deletion.key in peers_files and not deletion.retires and not deletion.held
+            and deletion.key not in sets]
+    planned = [deletion for deletion in planned if deletion.key not in left]
     # Held copies are each node's own, as its files are: another node may be between its
     # rewrite of a file and sealing its part again (sync.sets.held).
     own_held = {held_key_of(watch_prefix, key) for key in own_files}
@@ -443,8 +463,12 @@ def job_deletions(planned: Sequence[Deletion], watch_prefix: str, job_sets: Sequ
                 deletions.append(deletion)
             continue
         whole_job = node.rank == 0 and deletion.retires
+        own = ({entry.key for entry in job_set.parts[node.rank].files}
+               if node.rank in job_set.parts else set())
         deletions += [Deletion(part_key(watch_prefix, node.job_id, job_set.set_name, rank),
-                               deletion.reason, seal=True, set_key=deletion.set_key)
+                               deletion.reason, seal=True, set_key=deletion.set_key,
+                               left_to_peers=tuple(key for key in left if key in own)
+                               if rank == node.rank else ())
                       for rank in sorted(job_set.parts) if whole_job or rank == node.rank]
     return deletions
 
