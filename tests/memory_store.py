@@ -113,6 +113,7 @@ class InMemoryObjectStore:
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="mem")
         # Objects larger than this are copied "in parts" (S3: over 5 GiB).
         self.copy_part_threshold = 5 << 30
+        self.hurried = False  # a flush's deadline runs (ObjectStore.hurry)
 
     # -- test controls ---------------------------------------------------------------------
 
@@ -296,6 +297,9 @@ class InMemoryObjectStore:
         with self._lock:
             self.uploads.append(upload)
         return upload
+
+    def hurry(self, hurried: bool) -> None:
+        self.hurried = hurried
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -191,6 +191,18 @@ def test_a_clean_finish_logs_at_info_and_counts_nothing_after_it() -> None:
     assert flushes.last["deadline_margin_seconds"] is None
 
 
+def test_a_complete_flush_that_ended_past_its_deadline_is_a_warning() -> None:
+    """Every file durable, but after the notice's deadline: on a real instance, too late
+    (status says so too), never an info line."""
+    clock, flushes, work = controller()
+    flushes.start("spot-interruption", in_seconds(clock, 10), work)
+    clock.advance(15)
+    with capture_logs() as logs:
+        flushes.finish([])
+    [record] = [e for e in logs if e["event"] == "flush_done"]
+    assert record["log_level"] == "warning" and record["deadline_margin_seconds"] == -5.0
+
+
 def left(pending_files: int) -> EngineSnapshot:
     return EngineSnapshot(pending_files=pending_files, pending_bytes=100 * pending_files,
                           uploading=0, retrying=pending_files, failing=pending_files,

@@ -203,3 +203,24 @@ def test_a_one_shot_flush_refuses_a_bucket_run_would_refuse(workspace: Workspace
     workspace.write_config(aws={"allow_cross_region": True, "allow_public_bucket": True})
     assert workspace.cli("flush", "-c", "config.yaml", "--bucket", other).returncode == 0
     assert keys_in(eu, other) >= {"run1/step_1/model.pt"}
+
+
+def test_check_answers_when_s3_takes_requests_and_never_replies(
+        workspace: Workspace, s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 (or a proxy before it) accepting connections and never answering held `spotwatch
+    check` for the SDK's timeouts and retries, minutes in all: it now answers once its bound
+    is over, with one failure that says so (exit 1 from the CLI)."""
+    from spotwatch.commands.check import _checks_within
+    from spotwatch.config import load_config
+
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.add("delay", lambda request: True, times=10_000, delay=3600)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        config = load_config(workspace.config_file)
+        try:
+            results = _checks_within(config, workspace.bucket, 2.0)
+        finally:
+            for rule in proxy.rules:
+                rule.release()
+    assert [(r.name, r.ok, r.unreachable) for r in results] == [("bucket", False, True)]
+    assert results[0].detail == f"S3 did not answer within 2 s (s3://{workspace.bucket})"

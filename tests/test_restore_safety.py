@@ -514,3 +514,25 @@ def test_temporaries_a_killed_restore_left_are_removed_by_the_next_and_never_upl
     assert (workspace.checkpoints / "step_3" / "model.pt").read_bytes() == newer
     assert {e["path"] for e in named(result.stderr, "stale_temporary_removed")} == {
         str(p) for p in left}
+
+
+@pytest.mark.parametrize("client", ["classic", "crt"])
+@pytest.mark.parametrize("fault", ["short", "truncate"])
+def test_a_manifest_read_cut_off_once_is_read_again(
+        workspace: Workspace, proxy: FaultProxy, client: str, fault: str) -> None:
+    """One dropped connection mid-body on the newest manifest's GET: its body is asked for
+    again, and the restore goes on (old: exit 1, `cannot read ...: IncompleteRead`)."""
+    workspace.write_config(transfer={"client": client})
+    sets = make_sets(workspace)
+
+    def manifest_read(request: Request) -> bool:
+        return request.method == "GET" and request.path.endswith("/manifests/step_2.json")
+
+    proxy.add(fault, manifest_read)
+    target = workspace.root / "restored"
+    result = workspace.cli("restore", "-c", "config.yaml", "--to", str(target),
+                           AWS_ENDPOINT_URL=proxy.url)
+    assert result.returncode == 0, result.stderr
+    assert "restored step_2" in result.stdout
+    assert (target / "step_2" / "model.pt").read_bytes() == sets["step_2"]["model.pt"]
+    assert proxy.count("GET", fault) == 1

@@ -72,6 +72,7 @@ FLUSH = {"files": 3, "bytes": 300, "seconds": 4.0, "reason": "spot-interruption"
      "cut short by the daemon's stop with 5 files not durable"),
     ({"failed": 2}, "2 files failing"),
     ({"still_written": 1}, "1 files still being written"),
+    ({"deadline_margin_seconds": -5.0}, "finished 5s after its deadline"),
 ])
 def test_a_flush_that_left_files_behind_does_not_read_as_a_success(record: dict[str, Any],
                                                                    said: str) -> None:

@@ -33,6 +33,7 @@ from s3transfer.utils import (
 )
 
 from spotwatch.aws.ranged_get import PIECE_SIZE, RangedGetter
+from spotwatch.aws.retry_pace import RetryPace, pace_retries
 from spotwatch.aws.s3 import encryption_args, transfer_config
 from spotwatch.checksums import ContentMismatch, Expected
 from spotwatch.config import TransferSettings
@@ -227,6 +228,11 @@ class ObjectStore(Protocol):
         """Abort it; False when it was completed or aborted already."""
         ...
 
+    def hurry(self, hurried: bool) -> None:
+        """While a flush's deadline runs (hurried), a request failing is tried again within a
+        second, not after the SDK's backoff (aws.retry_pace)."""
+        ...
+
     def close(self) -> None:
         """Cancel uploads and return at once; requests outside uploads keep working."""
         ...
@@ -321,6 +327,8 @@ class S3ObjectStore:
         self._bucket = bucket
         self._settings = settings
         self._throttle = throttle
+        self._pace = RetryPace()
+        pace_retries(client, self._pace)
         self._manager = create_transfer_manager(client, transfer_config(settings),
                                                 osutil=_WholeParts())
         # The HEAD after a multipart upload runs off s3transfer's own threads so they keep
@@ -494,6 +502,9 @@ class S3ObjectStore:
                                    ContentType=content_type,
                                    **self._write_args())  # type: ignore[arg-type]
 
+    def hurry(self, hurried: bool) -> None:
+        self._pace.hurry(hurried)
+
     def close(self) -> None:
         """Cancel every transfer and return at once, without waiting for requests in flight.
 
@@ -554,12 +565,21 @@ class S3ObjectStore:
     # -- reading, listing, deleting ----------------------------------------------------------
 
     def get_bytes(self, key: str, limit: int | None = None) -> bytes:
-        with _translated():
-            body = self.client.get_object(Bucket=self._bucket, Key=key)["Body"]
-            try:
-                return body.read() if limit is None else body.read(limit)
-            finally:
-                body.close()  # unread bytes are dropped with the connection
+        """A body that breaks off (a reset, a short read) is asked for again, as a range of a
+        download is (ranged_get): botocore retries the request, never the reading of its body.
+        A manifest read must not fail a restore over one dropped connection."""
+        attempts = max(1, self._settings.max_attempts)
+        for attempt in range(1, attempts + 1):
+            with _translated():
+                body = self.client.get_object(Bucket=self._bucket, Key=key)["Body"]
+                try:
+                    return body.read() if limit is None else body.read(limit)
+                except S3_RETRYABLE_DOWNLOAD_ERRORS as exc:
+                    if attempt == attempts:
+                        raise StoreError(f"reading s3://{self._bucket}/{key}: {exc}") from exc
+                finally:
+                    body.close()  # unread bytes are dropped with the connection
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def download(self, key: str, path: Path, size: int, progress: Progress | None = None,
                  expected: Expected | None = None) -> bool:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from spotwatch.aws.preflight import CheckResult, failures, run_checks
 from spotwatch.commands import load
@@ -12,16 +15,39 @@ from spotwatch.daemon.hooks import passed_over_place
 from spotwatch.interruption import default_notice_file
 from spotwatch.state import StateDir
 
+# How long `spotwatch check` waits for its S3 checks.
+CHECK_SECONDS = 30.0
+
 
 def run(args: argparse.Namespace) -> int:
     config, bucket = load(args, uploads=False)
     require_notice_file_place(config)
     # Where `run` keeps its ledger: refused as `run` would refuse it, and never made here.
     StateDir(config.state_dir).check_usable()
-    results = run_checks(config, bucket) + _notice_place(config)
+    results = _checks_within(config, bucket, CHECK_SECONDS) + _notice_place(config)
     for result in results:
         print_line(f"{result.symbol}  {result.name:<16} {result.detail}")
     return 1 if failures(results) else 0
+
+
+def _checks_within(config: Config, bucket: str, seconds: float) -> list[CheckResult]:
+    """The checks, or one failure once they took `seconds`: S3 taking requests and never
+    answering would hold each one for the SDK's timeouts and retries, minutes in all, and a
+    preflight must answer. The checks left running end with the process."""
+    answer: Future[list[CheckResult]] = Future()
+
+    def checks() -> None:
+        try:
+            answer.set_result(run_checks(config, bucket))
+        except BaseException as exc:  # raised again below, on the command's thread
+            answer.set_exception(exc)
+
+    threading.Thread(target=checks, name="checks", daemon=True).start()
+    try:
+        return answer.result(timeout=seconds)
+    except FutureTimeout:
+        return [CheckResult("bucket", False, f"S3 did not answer within {seconds:g} s "
+                            f"(s3://{bucket})", unreachable=True)]
 
 
 def _notice_place(config: Config) -> list[CheckResult]:

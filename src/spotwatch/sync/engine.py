@@ -640,6 +640,7 @@ class SyncEngine:
         self.retries.hurry(until)
         self.sealer.hurry(until)
         self._held.hurry(until)
+        self.uploader.store.hurry(until is not None)
 
     def sets_with_files_pending(self) -> set[str]:
         """Sets with a file queued, uploading or waiting for a retry: not sealed as they are
