@@ -113,12 +113,30 @@ def test_s3_store_copies_server_side_and_says_when_the_source_is_gone(s3: Any,
         store.close()
 
 
+def test_s3_store_copies_no_other_version_where_the_store_ignores_the_condition(
+        s3: Any, bucket: str) -> None:
+    """moto, like some S3-compatible servers, ignores CopySourceIfMatch: a second crash in the
+    same window (the object replaced again, its seal never written) would copy the unsealed
+    version over the held copy of the sealed one. The store asks the object's ETag first."""
+    store = real_store(bucket)
+    held = "run/.spotwatch/held/model.pt"
+    try:
+        sealed = s3.put_object(Bucket=bucket, Key="run/model.pt", Body=b"sealed")["ETag"]
+        assert store.copy_if_match("run/model.pt", held, sealed, 6)
+        s3.put_object(Bucket=bucket, Key="run/model.pt", Body=b"newer!")  # its seal never came
+        assert not store.copy_if_match("run/model.pt", held, sealed, 6)
+        assert s3.get_object(Bucket=bucket, Key=held)["Body"].read() == b"sealed"
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize(("code", "status", "copied"), [
     ("PreconditionFailed", 412, False), ("InternalError", 500, None), ("AccessDenied", 403, None)])
 def test_s3_store_reads_a_412_as_another_version_and_raises_any_other_failure(
-        bucket: str, monkeypatch: pytest.MonkeyPatch, code: str, status: int,
+        s3: Any, bucket: str, monkeypatch: pytest.MonkeyPatch, code: str, status: int,
         copied: bool | None) -> None:
     store = real_store(bucket)
+    etag = s3.put_object(Bucket=bucket, Key="run/a", Body=b"0123456789")["ETag"]
     seen: list[dict[str, Any]] = []
 
     def refuse(**kwargs: Any) -> None:
@@ -130,12 +148,12 @@ def test_s3_store_reads_a_412_as_another_version_and_raises_any_other_failure(
     try:
         if copied is None:
             with pytest.raises(StoreError):
-                store.copy_if_match("run/a", "run/b", '"e1"', 10)
+                store.copy_if_match("run/a", "run/b", etag, 10)
         else:
-            assert store.copy_if_match("run/a", "run/b", '"e1"', 10) is copied
+            assert store.copy_if_match("run/a", "run/b", etag, 10) is copied
     finally:
         store.close()
-    assert seen[0]["CopySourceIfMatch"] == '"e1"'
+    assert seen[0]["CopySourceIfMatch"] == etag
     assert seen[0]["ChecksumAlgorithm"] == "CRC32"
 
 

@@ -549,6 +549,12 @@ class S3ObjectStore:
         copy_source: Any = {"Bucket": self._bucket, "Key": source}
         try:
             with _translated():
+                # Asked first, and compared here: a store that ignores CopySourceIfMatch (moto,
+                # some S3-compatible servers) would copy another version over a held copy of
+                # the sealed one (a second crash in the same window).
+                found = self.client.head_object(Bucket=self._bucket, Key=source)["ETag"]
+                if found.strip('"') != etag.strip('"'):
+                    return False
                 if not self.copies_in_parts(size):
                     self.client.copy_object(Bucket=self._bucket, Key=key,
                                             CopySource=copy_source, **args)
