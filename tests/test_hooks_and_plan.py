@@ -114,18 +114,25 @@ def test_command_hook_gets_the_notice(workspace: Workspace, imds: ImdsEmulator) 
 def test_a_command_hooks_output_is_logged_as_events(workspace: Workspace,
                                                    imds: ImdsEmulator) -> None:
     """What the command writes, on stdout or stderr, comes into the daemon's log as events:
-    a JSON log stays JSON lines (old: the command's raw lines among them)."""
+    a JSON log stays JSON lines (old: the command's raw lines among them). A process the
+    command leaves running goes on writing after the daemon is gone, into the state
+    directory's hook-command.log, and is not killed for it."""
+    go, mark = workspace.root / "go", workspace.root / "mark"
     workspace.write_config(log={"format": "json"}, hooks={
-        "command": "echo out-line; echo err-line >&2; printf 'raw\\377\\n'; exit 0"})
+        "command": "echo out-line; echo err-line >&2; printf 'raw\\377\\n'; "
+                   f"(while [ ! -e {go} ]; do sleep 0.05; done; echo later; touch {mark}) &"})
     daemon = workspace.start_daemon()
     imds.fire_rebalance()
     daemon.wait_for_event("hook_command_done")
-    assert wait_for(lambda: len(daemon.named("hook_command_output")) == 3)
     assert sorted(event["line"] for event in daemon.named("hook_command_output")) == [
         "err-line", "out-line", "raw\ufffd"]
     assert daemon.stop() == 0
     for line in daemon.log_path.read_text().splitlines():
         json.loads(line)
+    go.touch()
+    assert wait_for(mark.exists)
+    output = (workspace.root / "state" / "hook-command.log").read_bytes()
+    assert output.splitlines()[-1] == b"later"
 
 
 def test_reader_finds_the_notice_where_the_daemon_put_it(

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from spotwatch.config import JobSettings
 from spotwatch.keys import S3_KEY_MAX_BYTES, manifest_key, part_key, storable_key
-from spotwatch.sync.pruner import job_deletions, plan_deletions
+from spotwatch.sync.pruner import gone_for_job, job_deletions, plan_deletions
 from spotwatch.sync.restore.candidates import restore_candidates
 from spotwatch.sync.restore.set_fetch import RestoreReport, restore_newest
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
@@ -285,10 +285,14 @@ def test_a_node_deletes_only_its_own_and_never_what_a_kept_set_lists(
     nodes, job_sets = drawn
     rank = rank_drawn % nodes
     own_keys = sorted({e.key for s in job_sets if rank in s.parts for e in s.parts[rank].files})
-    gone = data.draw(st.sets(st.sampled_from(own_keys))) if own_keys else set()
+    # Gone locally: any key this node uploaded, also one its part let go of already.
+    every_key = sorted({PREFIX + f"{s}/{name}" for s in ("s1", "s2", "s3", "s4")
+                        for name in FILE_POOL})
+    gone = data.draw(st.sets(st.sampled_from(every_key)))
     complete = {s.set_name for s in job_sets if s.problem() is None}
-    planned = plan_deletions(PREFIX, lambda relative: True, [s.whole for s in job_sets], gone,
-                             keep_sets, lambda whole: whole.set_name in complete)
+    mirrored = gone_for_job(sorted(gone), job_sets, rank)
+    planned = plan_deletions(PREFIX, lambda relative: True, [s.whole for s in job_sets],
+                             mirrored, keep_sets, lambda whole: whole.set_name in complete)
     deletions = job_deletions(planned, PREFIX, job_sets, JobNode(JOB, nodes, rank))
     keys = [d.key for d in deletions]
     part_keys = {part_key(PREFIX, JOB, s.set_name, r): (s, r) for s in job_sets for r in s.parts}
@@ -300,16 +304,43 @@ def test_a_node_deletes_only_its_own_and_never_what_a_kept_set_lists(
     assert not listed_by_kept & set(keys[len(parts):])
     if rank != 0:
         assert all(part_keys[k][1] == rank for k in parts)  # only its own parts
-        assert set(keys[len(parts):]) <= set(own_keys)  # only files its own parts list
-    # A local deletion never takes an object another node's part lists: its own part lets go
-    # of it, the object stays.
+        # only files its own parts list, or that it uploaded and no part lists any more
+        assert set(keys[len(parts):]) <= set(own_keys) | gone
+    # A local deletion never takes an object another node's part lists.
     peers = {e.key for s in job_sets for r, p in s.parts.items() if r != rank for e in p.files}
     assert not {d.key for d in deletions[len(parts):] if not d.retires} & peers
-    left = [key for d in deletions for key in d.left_to_peers]
-    assert set(left) == {key for key in gone if key in peers
-                         and any(s.set_name in dropped and rank in s.parts
-                                 and key in {e.key for e in s.parts[rank].files}
-                                 for s in job_sets)}
+    # One no part lists any more goes once this node deleted it: never left behind for good.
+    listed = {e.key for s in job_sets for p in s.parts.values() for e in p.files}
+    assert {key for key in gone if key not in listed} <= set(keys)
+
+
+def test_a_shared_file_two_nodes_let_go_of_at_once_is_deleted_after_all() -> None:
+    """Ranks 0 and 1 both delete their config.json and prune at the same moment: each plan
+    sees the other's part listing it, so each only lets its own part go (the object stays).
+    Their parts sealed again without it, the next prune of either deletes the object, which
+    no part lists any more: never left behind for good."""
+    config = PREFIX + "step_1/config.json"
+
+    def part(rank: int, with_config: bool) -> Manifest:
+        names = [f"__{rank}_0.distcp", *(["config.json"] if with_config else [])]
+        return Manifest("step_1", PREFIX, tuple(entry("step_1", name, b"x", 0)
+                                                for name in names), 0.0)
+
+    def plan(job_set: JobSet, rank: int) -> list[str]:
+        gone = gone_for_job([config], [job_set], rank)
+        planned = plan_deletions(PREFIX, lambda relative: True, [job_set.whole], gone, 0,
+                                 lambda whole: True)
+        return [d.key for d in job_deletions(planned, PREFIX, [job_set], JobNode(JOB, 2, rank))]
+
+    before = JobSet("step_1", 2, {0: part(0, True), 1: part(1, True)})
+    for rank in (0, 1):  # planned at once: each sees the other's part listing it
+        assert plan(before, rank) == [part_key(PREFIX, JOB, "step_1", rank)]
+    after = JobSet("step_1", 2, {0: part(0, False), 1: part(1, False)})
+    for rank in (0, 1):
+        assert plan(after, rank) == [config]
+    # One node alone let go: the other's part still lists it, and it waits.
+    half = JobSet("step_1", 2, {0: part(0, False), 1: part(1, True)})
+    assert plan(half, 0) == []
 
 
 # -- one name written by two nodes configured differently -------------------------------------

@@ -50,6 +50,20 @@ def test_check_makes_no_state_directory(workspace: Workspace, s3: Any) -> None:
     assert not state.parent.exists()
 
 
+@pytest.mark.parametrize("verb", ["check", "run"])
+def test_a_state_directory_that_is_a_link_to_nothing_is_refused_alike(
+        workspace: Workspace, s3: Any, verb: str) -> None:
+    """A dangling symlink at state.dir: `run` cannot make the directory, so `check` must not
+    pass it (old: it did, as a missing directory that could be made)."""
+    state = workspace.root / "state-link"
+    state.symlink_to(workspace.root / "nowhere")
+    workspace.write_config(state={"dir": str(state)})
+    result = workspace.cli(verb, "-c", "config.yaml", timeout=30)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        f"spotwatch: error: cannot create state directory {state}: File exists")
+
+
 def test_cross_region_bucket_is_refused(workspace: Workspace, s3: Any) -> None:
     eu = boto3.client("s3", region_name="eu-west-1")
     eu.create_bucket(Bucket=f"{workspace.bucket}-eu",

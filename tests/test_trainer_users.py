@@ -126,18 +126,19 @@ def test_signal_reaches_a_trainer_of_another_user(workspace: Workspace,
 
 
 @pytest.mark.parametrize("verb", ["run", "check"])
-@pytest.mark.parametrize("made", [True, False])
+@pytest.mark.parametrize("place", ["made", "to be made", "below a closed folder"])
 def test_a_state_directory_another_user_owns_is_one_line_and_a_config_error(
-        shared_dir: Path, bucket: str, verb: str, made: bool) -> None:
+        shared_dir: Path, bucket: str, verb: str, place: str) -> None:
     """The sidecar (uid 10001) with its state on a volume it cannot write, e.g. a hostPath or
-    bind mount owned by root (made: else it would have to be made in one): one line on stderr
-    naming the directory, and exit 2, the status the systemd unit does not restart on and
-    a container's operator must mend. `check`, the preflight, refuses it as `run` does."""
-    state = shared_dir / "state"
+    bind mount owned by root (made, or to be made in one), or below a folder it may not
+    enter (another user's home, systemd's /var/lib/private): one line on stderr naming the
+    directory, and exit 2, the status the systemd unit does not restart on and a
+    container's operator must mend. `check`, the preflight, refuses it as `run` does (old,
+    below a closed folder: Path.exists() raised PermissionError in `check`, a traceback)."""
     owned = shared_dir / "owned"
-    owned.mkdir(mode=0o755)  # root's
-    state = owned / "state" if not made else state
-    if made:
+    owned.mkdir(mode=0o700 if place == "below a closed folder" else 0o755)  # root's
+    state = shared_dir / "state" if place == "made" else owned / "state"
+    if place == "made":
         state.mkdir(mode=0o755)  # root's
     checkpoints = shared_dir / "checkpoints"
     checkpoints.mkdir()
@@ -150,7 +151,7 @@ def test_a_state_directory_another_user_owns_is_one_line_and_a_config_error(
                           cwd="/", capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
-    action = "write" if made else "create"
+    action = "write" if place == "made" else "create"
     assert done.stderr.splitlines()[-1] == (
         f"spotwatch: error: cannot {action} state directory {state}: Permission denied "
         f"(uid {NOBODY}; make it writable by this user, or set state.dir)")

@@ -12,6 +12,7 @@ import secrets
 import socket
 import tempfile
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any
 
 from spotwatch.errors import ConfigError, SpotwatchError
@@ -81,6 +82,11 @@ class StateDir:
     def node_id(self) -> Path:
         return self.path / "node-id"
 
+    @property
+    def hook_output(self) -> Path:
+        """What hooks.command and the processes it leaves write (appended)."""
+        return self.path / "hook-command.log"
+
     def node_identity(self) -> str:
         """Who this node is to its job's peers: the host name and an id kept in the state
         directory, `<host>/<id>`. The id, not the host, tells apart two daemons on one host
@@ -106,7 +112,7 @@ class StateDir:
         ledger = self.ledger
         return (self.path / "lock", ledger, ledger.with_name(ledger.name + "-wal"),
                 ledger.with_name(ledger.name + "-shm"), self.status, self.acted_notices,
-                self.node_id)
+                self.node_id, self.hook_output)
 
     def ensure(self) -> None:
         """Made if missing, writable by this process, and holding no file of its that this
@@ -123,11 +129,17 @@ class StateDir:
         """As ensure(), making nothing (`spotwatch check`): a missing directory must be one
         this process could make. Made by a check as root before the unit's first start, it
         would be root's, with root's mode."""
-        if not self.path.exists():
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            if os.path.lexists(self.path):  # a link to nothing: `run` cannot make it either
+                raise self.refused("create", _error(errno.EEXIST)) from None
             self._refuse_uncreatable()
             return
-        if not self.path.is_dir():
-            raise self.refused("create", OSError(errno.EEXIST, os.strerror(errno.EEXIST)))
+        except OSError as exc:  # a folder above it closed to this user, say
+            raise self.refused("create", exc) from None
+        if not S_ISDIR(found.st_mode):
+            raise self.refused("create", _error(errno.EEXIST))
         self._refuse_unwritable()
         self._refuse_foreign_files()
 
@@ -156,10 +168,17 @@ class StateDir:
 
     def _refuse_uncreatable(self) -> None:
         """The nearest existing directory above a missing state directory must take it."""
-        above = next((d for d in self.path.absolute().parents if d.exists()), Path("/"))
-        if not above.is_dir():
-            raise self.refused("create", OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
-        self._refuse_unwritable(above, "create")
+        for above in self.path.absolute().parents:
+            try:
+                found = os.stat(above)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise self.refused("create", exc) from None
+            if not S_ISDIR(found.st_mode):
+                raise self.refused("create", _error(errno.ENOTDIR))
+            self._refuse_unwritable(above, "create")
+            return
 
     def refused(self, verb: str, exc: OSError) -> SpotwatchError:
         """The one line for a state directory this process cannot use: a config error when
@@ -278,6 +297,10 @@ def lock_holder(state: StateDir) -> int | None:
     """The pid holding the state directory's lock (-1: one not written down); None when
     nobody does, or there is no such directory."""
     return StateLock(state).holder() if state.path.is_dir() else None
+
+
+def _error(number: int) -> OSError:
+    return OSError(number, os.strerror(number))
 
 
 def _read_only(path: Path) -> bool:

@@ -35,8 +35,8 @@ NOTICE_FILE_MODE = 0o644
 RECHECK_SECONDS = 10.0
 # The largest pid_t; Linux's pid_max is far below it.
 MAX_PID = 2**31 - 1
-# The most of one line of a hook command's output one event holds (a longer one is split).
-OUTPUT_LINE_MAX = 4096
+# The most of a hook command's output the log takes (the file keeps all of it).
+OUTPUT_MAX = 64 << 10
 NOTICE_FILE = Key("notice_file", missed=False)
 SIGNAL = Key("signal", missed=False)
 SIGNAL_MISSED = Key("signal", missed=True)
@@ -48,6 +48,7 @@ class NoticeHooks:
         self.notice_file = settings.notice_file or default_notice_file(state.path)
         self._settings = settings
         self._state_path = state.path
+        self._hook_output = state.hook_output
         self._acted = ActedNotices(state.acted_notices, current_boot())
         # Where and why the trainer may miss a notice, or missed one, as degraded reasons.
         # NOTICE_FILE (the notice file cannot be written, or the default place it reads was
@@ -262,11 +263,14 @@ class NoticeHooks:
                     for key, value in notice.items()})
         env["SPOTWATCH_NOTICE_FILE"] = str(self.notice_file)
         try:
-            # Its output goes into the daemon's log as events (hook_command_output), never
-            # as raw lines among the log's JSON ones.
-            process = subprocess.Popen(["/bin/sh", "-c", command], env=env,
-                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT)
+            # Its output goes to a file, never as raw lines among the log's JSON ones, nor
+            # through a pipe: a process it leaves running would die of SIGPIPE at its next
+            # write once the daemon is gone. What the command wrote is logged once it ends.
+            with self._hook_output.open("ab") as output:
+                start = output.tell()
+                process = subprocess.Popen(["/bin/sh", "-c", command], env=env,
+                                           stdin=subprocess.DEVNULL, stdout=output,
+                                           stderr=subprocess.STDOUT)
         except OSError as exc:
             log.warning("hook_failed", hook="command", error=exc.strerror)
             self._problems.hold(COMMAND_MISSED, "hooks.command", exc.strerror or str(exc))
@@ -275,6 +279,7 @@ class NoticeHooks:
 
         def reap() -> None:  # the flush must not wait for the command
             code = process.wait()
+            _log_output(self._hook_output, start, process.pid)
             if code == 0:
                 log.info("hook_command_done", pid=process.pid, exit_code=code)
                 self._problems.clear(COMMAND_MISSED)
@@ -284,20 +289,20 @@ class NoticeHooks:
             self._problems.hold(COMMAND_MISSED, "hooks.command", f"exit code {code}")
 
         threading.Thread(target=reap, name="hook-command", daemon=True).start()
-        # Read apart from the wait: a process the command leaves in the background may hold
-        # the pipe open long after the command itself has exited.
-        threading.Thread(target=_log_output, args=(process,), name="hook-command-output",
-                         daemon=True).start()
 
 
-def _log_output(process: subprocess.Popen[bytes]) -> None:
-    """Each line the command writes (stdout and stderr) as one event, a longer one split at
-    OUTPUT_LINE_MAX bytes; undecodable bytes replaced."""
-    assert process.stdout is not None
-    with process.stdout:
-        while raw := process.stdout.readline(OUTPUT_LINE_MAX):
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            log.info("hook_command_output", pid=process.pid, line=line)
+def _log_output(path: Path, start: int, pid: int) -> None:
+    """The lines the command wrote from `start` on (stdout and stderr; up to OUTPUT_MAX
+    bytes, the rest stays in the file), each one event; undecodable bytes replaced."""
+    try:
+        with path.open("rb") as output:
+            output.seek(start)
+            written = output.read(OUTPUT_MAX)
+    except OSError as exc:
+        log.warning("hook_command_output_unread", path=str(path), error=exc.strerror)
+        return
+    for line in written.decode("utf-8", "replace").splitlines():
+        log.info("hook_command_output", pid=pid, line=line)
 
 
 def trainer_pid(text: str) -> int:

@@ -73,11 +73,6 @@ class Deletion:
     # A held copy of a dropped set's file (sync.sets.held): no file's, so no ledger row, and
     # nothing to seal again.
     held: bool = False
-    # A node's part of a set on a job: the keys it uploaded and no longer holds locally that
-    # other nodes' parts still list. Their objects stay; once the part is gone, this node's
-    # ledger forgets them (they are the other nodes' now), and the part is sealed again
-    # without them.
-    left_to_peers: tuple[str, ...] = ()
 
     @property
     def retires(self) -> bool:
@@ -155,10 +150,6 @@ class Pruner:
                 self._forget(deletion)
                 done.append(deletion)
                 log.info("object_deleted", key=deletion.key, reason=deletion.reason)
-                for key in deletion.left_to_peers:
-                    self._forget(Deletion(key, deletion.reason))
-                    log.info("object_left_to_peers", key=key,
-                             detail="deleted locally here; other nodes' parts still list it")
             if failed:
                 return done
         return done
@@ -195,6 +186,7 @@ class Pruner:
                 lambda manifest: manifest.set_name not in not_committed
                 and self._is_intact(manifest), held)
         job_sets = list_job_sets(self._store, watch.prefix, self._node.job_id, self._node.nodes)
+        gone = gone_for_job(gone, job_sets, self._node.rank)
         not_committed = self._uncommitted([job_set.whole for job_set in job_sets])
         # A set some of whose files only restore can check (nodes wrote them with other
         # transfer settings, JobSet.other_checksums) never counts as a complete set to keep:
@@ -435,19 +427,15 @@ def job_deletions(planned: Sequence[Deletion], watch_prefix: str, job_sets: Sequ
     is still removed. Only a subset of plan_deletions' plan: nothing a kept set lists goes.
 
     Invariant: a node's local deletion never deletes an object another node's part lists
-    (several ranks writing the same file, a config.json beside their shards). Only this node's
-    part lets go of it (Deletion.left_to_peers): the part is sealed again without it, the
-    object stays for the parts that list it.
+    (several ranks writing the same file, a config.json beside their shards): only this
+    node's part goes, to be sealed again without it (gone_for_job).
     """
     sets = {manifest_key(watch_prefix, job_set.set_name): job_set for job_set in job_sets}
     own_files = {entry.key for job_set in job_sets if node.rank in job_set.parts
                  for entry in job_set.parts[node.rank].files}
-    peers_files = {entry.key for job_set in job_sets for rank, part in job_set.parts.items()
-                   if rank != node.rank for entry in (*part.files, *part.linked_files)}
-    left = [deletion.key for deletion in planned
-            if deletion.key in peers_files and not deletion.retires and not deletion.held
-            and deletion.key not in sets]
-    planned = [deletion for deletion in planned if deletion.key not in left]
+    peers_files = _listed_by_peers(job_sets, node.rank)
+    planned = [deletion for deletion in planned if deletion.retires or deletion.held
+               or deletion.key in sets or deletion.key not in peers_files]
     # Held copies are each node's own, as its files are: another node may be between its
     # rewrite of a file and sealing its part again (sync.sets.held).
     own_held = {held_key_of(watch_prefix, key) for key in own_files}
@@ -463,14 +451,31 @@ def job_deletions(planned: Sequence[Deletion], watch_prefix: str, job_sets: Sequ
                 deletions.append(deletion)
             continue
         whole_job = node.rank == 0 and deletion.retires
-        own = ({entry.key for entry in job_set.parts[node.rank].files}
-               if node.rank in job_set.parts else set())
         deletions += [Deletion(part_key(watch_prefix, node.job_id, job_set.set_name, rank),
-                               deletion.reason, seal=True, set_key=deletion.set_key,
-                               left_to_peers=tuple(key for key in left if key in own)
-                               if rank == node.rank else ())
+                               deletion.reason, seal=True, set_key=deletion.set_key)
                       for rank in sorted(job_set.parts) if whole_job or rank == node.rank]
     return deletions
+
+
+def _listed_by_peers(job_sets: Sequence[JobSet], rank: int) -> set[str]:
+    return {entry.key for job_set in job_sets for other, part in job_set.parts.items()
+            if other != rank for entry in (*part.files, *part.linked_files)}
+
+
+def gone_for_job(gone: Sequence[str], job_sets: Sequence[JobSet], rank: int) -> list[str]:
+    """The keys this node's local deletions mirror on a job (gone: recorded in its ledger,
+    their local files gone).
+
+    Invariant: an object another node's part lists stays (a config.json every rank wrote).
+    While this node's own part lists it too, the key counts as gone, so that the part goes
+    and is sealed again without it (job_deletions keeps the object); once the part no longer
+    lists it, the key waits, recorded, until no part lists it, and only then is the object
+    deleted: so two nodes letting go of it at the same moment, each seeing the other's part,
+    never leave it behind for good."""
+    own = {entry.key for job_set in job_sets if rank in job_set.parts
+           for entry in (*job_set.parts[rank].files, *job_set.parts[rank].linked_files)}
+    peers = _listed_by_peers(job_sets, rank)
+    return [key for key in gone if key in own or key not in peers]
 
 
 @dataclass(frozen=True)
