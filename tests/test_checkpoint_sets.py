@@ -251,3 +251,31 @@ def test_files_in_the_set_directory_that_the_set_does_not_list_are_named(
     assert (target / "step_2" / "shard_7.pt").read_bytes() == b"another save"
     for name, data in sets["step_2"].items():
         assert (target / "step_2" / name).read_bytes() == data
+
+
+def test_a_staging_set_sealed_before_is_restored_only_when_named(workspace: Workspace,
+                                                                 s3: Any) -> None:
+    """A manifest of step_3.tmp/ (half a save, sealed by a version that uploaded staging
+    names under configured filters) is newer than step_2: restore passes it by for step_2,
+    and gives it only to --set."""
+    from spotwatch.sync.sets.manifest import ManifestEntry
+
+    from .memory_store import crc32_checksum
+
+    sets = make_sets(workspace)
+    data = os.urandom(1_000)
+    s3.put_object(Bucket=workspace.bucket, Key="run1/step_3.tmp/model.pt", Body=data)
+    manifest = Manifest.build("step_3.tmp", "run1/", [ManifestEntry(
+        "run1/step_3.tmp/model.pt", "step_3.tmp/model.pt", len(data), time.time_ns(),
+        crc32_checksum(data))])
+    s3.put_object(Bucket=workspace.bucket, Key=f"{MANIFESTS}step_3.tmp.json",
+                  Body=manifest.to_json().encode())
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "restored step_2" in result.stdout
+    assert (target / "step_2" / "model.pt").read_bytes() == sets["step_2"]["model.pt"]
+    assert not (target / "step_3.tmp").exists()
+    named = restore(workspace, "--to", str(workspace.root / "named"), "--set", "step_3.tmp")
+    assert named.returncode == 0, named.stderr
+    assert (workspace.root / "named" / "step_3.tmp" / "model.pt").read_bytes() == data

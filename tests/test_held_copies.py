@@ -162,7 +162,7 @@ def test_s3_store_reads_a_412_as_another_version_and_raises_any_other_failure(
 def test_a_rewrite_after_each_seal_holds_the_version_sealed_last(
         store: InMemoryObjectStore) -> None:
     sealed_sets = SealedSets(store, None, 0)
-    held = HeldCopies(store, sealed_sets, job=False)
+    held = HeldCopies(store, sealed_sets, node=None)
     m1 = seal(store, "model.pt", {"": b"v1"})
     protected(held, PREFIX, "model.pt", "run/model.pt")  # read from S3 (sealed before the start)
     assert store.data(held_key(PREFIX, "model.pt")) == b"v1"
@@ -183,7 +183,7 @@ def test_a_rewrite_after_each_seal_holds_the_version_sealed_last(
 
 def test_a_rewrite_waits_for_its_sets_seal_under_way(store: InMemoryObjectStore) -> None:
     sealed_sets = SealedSets(store, None, 0)
-    held = HeldCopies(store, sealed_sets, job=False)
+    held = HeldCopies(store, sealed_sets, node=None)
     m1 = seal(store, "model.pt", {"": b"v1"})
     v2 = store.put("run/model.pt", b"v2!")
     m2 = Manifest.build("model.pt", PREFIX, [ManifestEntry(
@@ -202,7 +202,7 @@ def test_a_rewrite_waits_for_its_sets_seal_under_way(store: InMemoryObjectStore)
 
 def test_a_failed_copy_fails_the_upload_and_a_failed_seal_keeps_the_held_copy(
         store: InMemoryObjectStore) -> None:
-    held = HeldCopies(store, SealedSets(store, None, 0), job=False)
+    held = HeldCopies(store, SealedSets(store, None, 0), node=None)
     manifest = seal(store, "step_1", {"a.pt": b"a1", "b.pt": b"b1"})
     store.fail("copy_if_match", error=lambda: StoreError("S3 down"))
     with pytest.raises(StoreError):
@@ -223,7 +223,7 @@ def test_a_manifest_write_that_failed_yet_landed_is_read_back_for_the_next_rewri
         store: InMemoryObjectStore) -> None:
     """A reply lost: the daemon sees a failure, S3 holds the new manifest. The next rewrite
     must hold the version that manifest lists, not get a 412 against the one before."""
-    held = HeldCopies(store, SealedSets(store, None, 0), job=False)
+    held = HeldCopies(store, SealedSets(store, None, 0), node=None)
     m1 = seal(store, "model.pt", {"": b"v1"})
     protected(held, PREFIX, "model.pt", "run/model.pt")
     v2 = store.put("run/model.pt", b"v2!")
@@ -244,7 +244,7 @@ def test_held_copies_a_crash_left_are_deleted_at_the_sets_next_seal(
     manifest = seal(store, "step_1", {"a.pt": b"a1"})
     store.put("run/.spotwatch/held/step_1/a.pt", b"a0")
     store.put("run/.spotwatch/held/step_10/a.pt", b"other set")
-    held = HeldCopies(store, SealedSets(store, None, 0), job=False)
+    held = HeldCopies(store, SealedSets(store, None, 0), node=None)
     written(manifest, held, store)
     assert held_keys(store) == ["run/.spotwatch/held/step_10/a.pt"]
 
@@ -406,7 +406,7 @@ def test_no_copy_is_started_while_a_flush_deadline_runs(store: InMemoryObjectSto
     """Under a flush's deadline the new version goes first: a copy of a large file could cost
     it the deadline, and its upload replaces the object only as it completes, the manifest
     written right after."""
-    held = HeldCopies(store, SealedSets(store, None, 0), job=False)
+    held = HeldCopies(store, SealedSets(store, None, 0), node=None)
     seal(store, "model.pt", {"": b"v1"})
     held.hurry(100.0)
     assert held.protect(PREFIX, "model.pt", "run/model.pt") is None
@@ -419,7 +419,7 @@ def test_no_copy_is_started_while_a_flush_deadline_runs(store: InMemoryObjectSto
 def test_copies_queued_when_a_deadline_begins_are_not_made(store: InMemoryObjectStore) -> None:
     """A deadline beginning while copies wait on the pool: those not begun are not made, and
     their uploads go on at once (the copy under way ends as it would)."""
-    held = HeldCopies(store, SealedSets(store, None, 0), job=False)
+    held = HeldCopies(store, SealedSets(store, None, 0), node=None)
     names = [f"m{index}.pt" for index in range(6)]
     for name in names:
         seal(store, name, {"": name.encode()})
@@ -475,6 +475,42 @@ def test_on_a_job_a_file_several_nodes_wrote_is_adopted_whichever_upload_landed_
     assert sets.judge(PREFIX, "step_1", key, FileVersion(2, 1_000)).verdict is Verdict.ADOPT
 
 
+def test_on_a_job_a_held_copy_stays_while_any_part_lists_another_version_than_the_object(
+        store: InMemoryObjectStore) -> None:
+    """Ranks 0 and 1 sealed step_2 with a config.json both write alike. Rank 0 rewrote it (its
+    held copy keeps the sealed version; its part is not sealed again: killed). Rank 1 seals
+    its part again (a new file of its own), still listing the sealed version: the held copy
+    stays, as both parts need it (old: rank 1 deleted it, and step_2 was unrestorable). Once
+    every part lists the object at the key, the next seal deletes it."""
+    from spotwatch.keys import part_key
+    from spotwatch.sync.sets.parts import JobNode, Part
+
+    key, held_config = f"{PREFIX}step_2/config.json", held_key(PREFIX, "step_2/config.json")
+    sealed = store.put(key, b'{"v": 0}')
+
+    def part(rank: int, etag: str, data: bytes = b'{"v": 0}') -> Manifest:
+        entries = [ManifestEntry(key, "step_2/config.json", len(data), 1_000,
+                                 crc32_checksum(data), etag=etag)]
+        manifest = Manifest.build("step_2", PREFIX, entries)
+        store.put(part_key(PREFIX, "job", "step_2", rank),
+                  Part(JobNode("job", 2, rank), manifest).to_json().encode())
+        return manifest
+
+    for rank in (0, 1):
+        part(rank, sealed.etag)
+    store.put(held_config, b'{"v": 0}')  # rank 0's copy of the sealed version
+    newer = store.put(key, b'{"v": 1}')  # rank 0's rewrite; its part was never sealed again
+
+    held = HeldCopies(store, SealedSets(store, JobNode("job", 2, 1), 0),
+                      node=JobNode("job", 2, 1))
+    written(part(1, sealed.etag), held, store)
+    assert held_keys(store) == [held_config]
+
+    part(0, newer.etag, b'{"v": 1}')  # rank 0 back, sealing the new version
+    written(part(1, newer.etag, b'{"v": 1}'), held, store)  # and rank 1 too
+    assert held_keys(store) == []
+
+
 # -- a held copy made in parts, cut short -----------------------------------------------------
 
 
@@ -484,7 +520,7 @@ def test_a_copy_in_parts_is_noted_while_it_runs_and_kept_noted_when_it_fails(
     ledger while it runs, forgotten once it has ended, and kept when it failed (its parts may
     be left), for the next start's cleanup. A copy in one request is never noted."""
     ledger = Ledger(tmp_path / "ledger.sqlite3")
-    held = HeldCopies(store, SealedSets(store, None, 0), job=False,
+    held = HeldCopies(store, SealedSets(store, None, 0), node=None,
                       multipart=MultipartNotes(ledger, store.bucket))
     seal(store, "small.pt", {"": b"s" * 10})
     seal(store, "big.pt", {"": b"b" * 100})
@@ -536,7 +572,7 @@ def test_a_copy_in_parts_cut_short_is_aborted_at_the_next_start(
             "run/big.pt", "big.pt", len(data), 1_000, "", etag=etag)])
         s3.put_object(Bucket=bucket, Key=manifest_key(PREFIX, "big.pt"),
                       Body=manifest.to_json().encode())
-        held = HeldCopies(store, SealedSets(store, None, 0), job=False,
+        held = HeldCopies(store, SealedSets(store, None, 0), node=None,
                           multipart=MultipartNotes(ledger, bucket))
         for operation in ("CompleteMultipartUpload", "AbortMultipartUpload"):
             client.meta.events.register(f"before-call.s3.{operation}", refuse)

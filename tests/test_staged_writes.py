@@ -158,6 +158,18 @@ def test_a_configured_exclude_counts_only_for_staging_names(tmp_path: Path) -> N
             assert log not in tracker.staged_writes()
 
 
+def test_a_staging_name_counts_though_the_configured_excludes_leave_it_out(
+        tmp_path: Path) -> None:
+    """Excludes configured without the staging names: a staging directory still counts as a
+    save under way (and is never uploaded, see ChangeTracker.relative)."""
+    with watched(tmp_path, exclude=("*.log",)) as tracker:
+        staged = tmp_path / "step_3.tmp" / "model.pt"
+        staged.parent.mkdir()
+        with steady_writer(staged):
+            assert wait_for(tracker.staged_writes) == {staged: "step_3.tmp/model.pt"}
+        assert tracker.relative(staged) is None
+
+
 def test_a_staged_file_held_open_by_a_pausing_writer_counts_until_closed(
         tmp_path: Path) -> None:
     with watched(tmp_path) as tracker:
@@ -244,6 +256,36 @@ def test_a_set_is_not_sealed_while_a_file_of_it_is_written_under_a_temporary_nam
     assert incomplete["unsettled"] >= 1 and "run1/step_2" in incomplete["unsealed_sets"]
     assert manifest_key("run1/", "step_2") not in keys_in(s3, workspace.bucket)
     assert _restored(workspace) == {"step_1/model.pt", "step_1/optim.pt"}
+
+
+@pytest.mark.parametrize("filters", [
+    {"exclude": ["*.log"]},
+    {"exclude": ["*"], "include": ["step_*/*.pt"]},
+    {"exclude": ["*"], "include": ["step_[!x]*/*"]},
+])
+def test_a_staging_directory_is_never_uploaded_whatever_the_filters(
+        workspace: Workspace, s3: Any, filters: dict[str, list[str]]) -> None:
+    """Configured excludes replace the defaults, and an include may take a staging name back
+    in: step_3.tmp/ half saved was sealed and restored as the newest checkpoint (model.pt
+    alone, under the staging name). Staging names are never uploaded, whatever the filters,
+    and hold their set as with the defaults: restore gives step_2."""
+    workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/",
+                                   **filters}],
+                           sync={"settle_seconds": SETTLE, "quiet_seconds": QUIET})
+    for step in ("step_1", "step_2"):
+        staging = workspace.checkpoints / f"{step}.tmp"
+        staging.mkdir()
+        for name in ("model.pt", "optim.pt"):
+            (staging / name).write_bytes(os.urandom(10_000))
+        staging.rename(workspace.checkpoints / step)
+    (workspace.checkpoints / "step_3.tmp").mkdir()
+    (workspace.checkpoints / "step_3.tmp" / "model.pt").write_bytes(os.urandom(10_000))
+    result = workspace.cli("flush", "-c", "config.yaml")
+    assert result.returncode == 0, result.stderr
+    keys = keys_in(s3, workspace.bucket)
+    assert manifest_key("run1/", "step_2") in keys
+    assert not [key for key in keys if "step_3" in key], keys
+    assert _restored(workspace) == {"step_2/model.pt", "step_2/optim.pt"}
 
 
 def test_a_set_is_not_sealed_while_the_trainer_pauses_with_a_temporary_file_open(

@@ -107,7 +107,7 @@ class SyncEngine:
         # directory): files the ledger has no row for are judged against them first.
         self._sealed_sets = SealedSets(self.uploader.store, node, wall_clock_ns())
         # Sealed versions kept restorable while new ones replace them (sync.sets.held).
-        self._held = HeldCopies(self.uploader.store, self._sealed_sets, job=node is not None,
+        self._held = HeldCopies(self.uploader.store, self._sealed_sets, node=node,
                                 multipart=MultipartNotes(ledger, self.bucket))
         self.sealer = SetSealer(ledger, self.uploader.store, self.trackers, clock, wall_clock_ns,
                                 node, claim, self._revive_for_links, self._sealed_sets,

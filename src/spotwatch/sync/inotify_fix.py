@@ -1,4 +1,15 @@
-"""Keeps watchdog's inotify reader alive through a race in its own bookkeeping.
+"""Two races in watchdog's inotify bookkeeping, mended in place.
+
+A subdirectory made in a staging directory that is renamed into place at once (`mkdir -p
+step_3.tmp/sub; ...; mv step_3.tmp step_3`, as trainers save) may never be watched: watchdog
+watches a new directory when it handles the directory's creation, and walks it for
+subdirectories then, but by that time the directory may have been renamed, so its
+subdirectories are not found under the old name; on the rename it moves the watches it has
+and adds none, as the directory itself was watched. No later write below `step_3/sub` was
+seen (6 in 12 tries), status said nothing was pending. After a directory moved in, every
+subdirectory of it not watched yet is watched here (_watch_moved_in_subdirectories).
+
+The other race:
 
 watchdog (7.1) forgets a watch twice when a watched subdirectory is deleted and another moved
 into its name in quick succession (`rm -rf step; mv step.tmp step`, over and over): the
@@ -11,6 +22,7 @@ the same error at exit. A watch already forgotten is forgotten here without a wo
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 _PATCHED = "_spotwatch_tolerant"
@@ -26,6 +38,27 @@ def _remove_watch_internally(group: Any, wd: Any) -> None:
         group._active_callbacks_by_path[path] = current
 
 
+def _watch_moved_in_subdirectories(group: Any, event: Any) -> None:
+    """After a directory moved in (recursive watches): watch each subdirectory of it that is
+    not watched yet. Files already there are reported by the move's own events."""
+    if not (event.is_moved_to and event.is_directory and group.is_recursive):
+        return
+    with group._lock:
+        if not group.is_active:
+            return
+        moved = group._build_event_source_path(event)
+        if moved is None:
+            return
+        for root, dirnames, _ in os.walk(moved, followlinks=group.follow_symlink):
+            for dirname in dirnames:
+                path = os.path.join(root, dirname)
+                if path in group._active_callbacks_by_path:
+                    continue
+                if not group.follow_symlink and os.path.islink(path):
+                    continue
+                group._add_callback(path)
+
+
 def install() -> None:
     """Once per process; a watchdog without this method (another design), or without inotify
     (not Linux), is left as it is."""
@@ -39,3 +72,12 @@ def install() -> None:
         return
     setattr(_remove_watch_internally, _PATCHED, True)
     group._remove_watch_internally = _remove_watch_internally
+    on_event = getattr(group, "on_event", None)
+    if on_event is None or not hasattr(group, "_add_callback"):
+        return
+
+    def on_event_then_watch(self: Any, event: Any) -> None:
+        on_event(self, event)
+        _watch_moved_in_subdirectories(self, event)
+
+    group.on_event = on_event_then_watch

@@ -430,7 +430,11 @@ class ChangeTracker(FileSystemEventHandler):
         """The path relative to the watched root, or None when outside it, filtered out, in
         spotwatch's own key space (keys.is_reserved) or a restore's temporary."""
         rel = self._relative_text(path)
-        if rel is None or not self.filter.accepts(rel):
+        # Invariant: a path named as a save stages it (config.STAGING_NAMES) is never uploaded,
+        # whatever the filters say: configured excludes replace the defaults, and an include
+        # such as step_*/*.pt takes step_3.tmp/model.pt back in, which would seal and restore
+        # half a save as the newest checkpoint.
+        if rel is None or not self.filter.accepts(rel) or not self._staging.accepts(rel):
             return None
         if is_reserved(rel):
             self._report_reserved()
@@ -438,13 +442,12 @@ class ChangeTracker(FileSystemEventHandler):
         return rel
 
     def excluded_relative(self, path: Path) -> str | None:
-        """The path relative to the watched root when the filters keep it from being uploaded
-        and it is named as a save stages it (config.STAGING_NAMES: a temporary name, a staging
-        directory); else None. Other excluded files (a log appended all the time, say) are
-        none of a checkpoint's and hold nothing."""
+        """The path relative to the watched root when it is named as a save stages it
+        (config.STAGING_NAMES: a temporary name, a staging directory), which is never
+        uploaded; else None. Other excluded files (a log appended all the time, say) are none
+        of a checkpoint's and hold nothing."""
         rel = self._relative_text(path)
-        if (rel is None or is_reserved(rel) or self.filter.accepts(rel)
-                or self._staging.accepts(rel)):
+        if rel is None or is_reserved(rel) or self._staging.accepts(rel):
             return None
         return rel
 

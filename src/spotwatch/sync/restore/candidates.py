@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 from spotwatch.aws.store import ObjectStore
-from spotwatch.config import JobSettings
+from spotwatch.config import STAGING_NAMES, JobSettings
 from spotwatch.keys import UNFINISHED_SUFFIX, series_of, step_number, step_order
 from spotwatch.logs import get_logger
 from spotwatch.sync.commits import uncommitted
@@ -55,6 +56,12 @@ def restore_candidates(store: ObjectStore, prefix: str, job: JobSettings,
                      job_nodes=job.nodes, restoring="every node's files")
         candidates.append(Candidate(whole, fetch, problem, job_set.other_checksums))
     return candidates
+
+
+def is_staging_name(set_name: str) -> bool:
+    """Whether a set's name is one a save stages under (config.STAGING_NAMES)."""
+    return any(fnmatchcase(set_name, pattern) or fnmatchcase(set_name + "/_", pattern)
+               for pattern in STAGING_NAMES)
 
 
 def is_unfinished_marker(manifest: Manifest) -> bool:

@@ -26,6 +26,7 @@ from spotwatch.sync.restore.candidates import (
     higher_steps,
     highest_first,
     holds_files,
+    is_staging_name,
     is_unfinished_marker,
     restore_candidates,
     takes_companions,
@@ -59,7 +60,10 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     ordered, companions = checkpoints_first(with_files)
     taken = {c.whole.set_name for c in (*ordered, *companions)}
     no_checkpoint = [c.whole.set_name for c in with_files if c.whole.set_name not in taken]
-    candidates = (committed_first(store, ordered, companions) if set_name is None
+    # Invariant: a set named as a save stages it (step_3.tmp/, sealed by a version before
+    # staging names were never uploaded) is half a save: restored only when --set names it.
+    candidates = (committed_first(store, [c for c in ordered if not is_staging_name(
+                      c.whole.set_name)], companions) if set_name is None
                   else [c for c in candidates if c.whole.set_name == set_name])
     if companions and any(takes_companions(c.whole) for c in candidates):
         refuse_companions_in_the_way(destination, companions)

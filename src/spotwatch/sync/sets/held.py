@@ -33,10 +33,18 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
 from spotwatch.aws.store import ObjectStore, StoreError
-from spotwatch.keys import S3_KEY_MAX_BYTES, held_key, held_key_of, held_of_set, held_prefix
+from spotwatch.keys import (
+    S3_KEY_MAX_BYTES,
+    held_key,
+    held_key_of,
+    held_of_set,
+    held_prefix,
+    object_key,
+)
 from spotwatch.logs import get_logger
 from spotwatch.sync.sets.manifest import Manifest
-from spotwatch.sync.sets.remote import bare_etag
+from spotwatch.sync.sets.parts import JobNode
+from spotwatch.sync.sets.remote import bare_etag, versions_in_other_parts
 from spotwatch.sync.sets.sealed import SealedSets
 
 log = get_logger("spotwatch.sets")
@@ -58,15 +66,16 @@ class HeldCopies:
     """Thread-safe: copies are planned on the uploader's precheck thread and made on a pool
     of their own, seals end on the store's threads."""
 
-    def __init__(self, store: ObjectStore, sealed_sets: SealedSets, *, job: bool,
-                 multipart: MultipartNotes | None = None) -> None:
-        """job: on a node of a multi-node job, only held copies of the files its own part
-        lists are this node's to delete (other nodes protect theirs). multipart: where the
-        copies made in parts are noted while they run."""
+    def __init__(self, store: ObjectStore, sealed_sets: SealedSets, *,
+                 node: JobNode | None, multipart: MultipartNotes | None = None) -> None:
+        """node: on a node of a multi-node job, only held copies of the files its own part
+        lists are this node's to delete (other nodes protect theirs), and only once no other
+        node's part needs them. multipart: where the copies made in parts are noted while
+        they run."""
         self._store = store
         self._multipart = multipart
         self._sealed_sets = sealed_sets
-        self._job = job
+        self._node = node
         self._lock = threading.Lock()
         self._sealing: dict[tuple[str, str], Future[None]] = {}  # (prefix, set) -> its seal
         # Held keys made here, or found under a prefix (listed once), by (prefix, set).
@@ -208,9 +217,10 @@ class HeldCopies:
             self._list_once(prefix)
             with self._lock:
                 keys = sorted(self._held.get((prefix, set_name), ()))
-            if self._job:  # only those of the files this node's part lists
+            if self._node is not None:  # only those of the files this node's part lists
                 own = {held_key(prefix, entry.path) for entry in manifest.files}
                 keys = [key for key in keys if key in own]
+            keys = self._unneeded(prefix, set_name, manifest, keys)
             if not keys:
                 return
             refused = set(self._store.delete_many(keys))
@@ -221,6 +231,38 @@ class HeldCopies:
         with self._lock:
             self._held[(prefix, set_name)].difference_update(set(keys) - refused)
         log.info("held_copies_deleted", set=set_name, keys=len(keys) - len(refused))
+
+    def _unneeded(self, prefix: str, set_name: str, manifest: Manifest,
+                  keys: list[str]) -> list[str]:
+        """The held keys no sealed manifest or part needs any more.
+
+        Invariant: a held copy goes only once every version of its file that the set's new
+        manifest and (on a job) the other nodes' parts list is the object at the file's key
+        now. On a job another node's part may still list the version it holds (a file the
+        nodes write alike, rewritten by one of them), and this node's own part may list a
+        version another node has replaced since; restore reads the held copy for either."""
+        if not keys:
+            return []
+        listed: dict[str, set[str | None]] = {
+            entry.key: {bare_etag(entry.etag)} for entry in manifest.files}
+        if self._node is not None:
+            others = versions_in_other_parts(self._store, prefix, self._node.job_id, set_name,
+                                             self._node.rank)
+            for key, etags in others.items():
+                listed.setdefault(key, set()).update(etags)
+        now = {found.key: bare_etag(found.etag)
+               for found in self._store.list_objects(object_key(prefix, set_name))}
+        unneeded = []
+        for held in keys:
+            key = object_key(prefix, held.removeprefix(held_prefix(prefix)))
+            wanted = listed.get(key, set())
+            if not wanted or (key in now and wanted == {now[key]}):
+                unneeded.append(held)
+            else:
+                log.info("held_copy_kept", key=key, held=held,
+                         reason="a sealed manifest or part lists another version than the "
+                                "object at the key")
+        return unneeded
 
     def _list_once(self, prefix: str) -> None:
         """Held copies a run before left (a crash before their set was sealed again), found

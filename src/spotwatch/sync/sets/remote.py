@@ -89,6 +89,20 @@ def _as_sealed(set_name: str, by_size: dict[int, dict[int, Part]], nodes: int) -
                                           -job_set.whole.sealed_at))
 
 
+def versions_in_other_parts(store: ObjectStore, prefix: str, job_id: str, set_name: str,
+                            rank: int) -> dict[str, set[str | None]]:
+    """By key, the ETags the other nodes' parts of the set list for it (None: a version
+    whose ETag the part does not record). One listing of the set's parts, a GET each."""
+    found: dict[str, set[str | None]] = defaultdict(set)
+    for listed in store.list_objects(parts_prefix(prefix, job_id) + set_name + "/"):
+        part = _read_part(store, prefix, job_id, listed.key)
+        if part is None or part.node.rank == rank or part.manifest.set_name != set_name:
+            continue
+        for entry in part.manifest.files:
+            found[entry.key].add(bare_etag(entry.etag))
+    return found
+
+
 def _read_part(store: ObjectStore, prefix: str, job_id: str, key: str) -> Part | None:
     try:
         part = Part.from_json(store.get_bytes(key), prefix, job_id)
