@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 
 from spotwatch.aws.store import ObjectStore
-from spotwatch.config import STAGING_NAMES, JobSettings
+from spotwatch.config import JobSettings
 from spotwatch.keys import UNFINISHED_SUFFIX, series_of, step_number, step_order
 from spotwatch.logs import get_logger
 from spotwatch.sync.commits import uncommitted
+from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import list_job_sets, list_manifests
 
@@ -58,10 +58,11 @@ def restore_candidates(store: ObjectStore, prefix: str, job: JobSettings,
     return candidates
 
 
-def is_staging_name(set_name: str) -> bool:
-    """Whether a set's name is one a save stages under (config.STAGING_NAMES)."""
-    return any(fnmatchcase(set_name, pattern) or fnmatchcase(set_name + "/_", pattern)
-               for pattern in STAGING_NAMES)
+def is_staging_set(set_name: str, staging: PathFilter) -> bool:
+    """Whether a set's name is one a save stages under, judged as the tracker judges the
+    files it never uploads (staging: PathFilter.staging_names): the set's own (a file) or
+    its files' (a directory)."""
+    return not staging.accepts(set_name) or not staging.accepts(set_name + "/_")
 
 
 def is_unfinished_marker(manifest: Manifest) -> bool:

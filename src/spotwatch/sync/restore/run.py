@@ -18,6 +18,7 @@ from spotwatch.console import names
 from spotwatch.errors import ConfigError, SpotwatchError
 from spotwatch.keys import manifest_key, object_key, set_name_of
 from spotwatch.state import StateDir
+from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.ledger import Ledger
 from spotwatch.sync.restore.beside import refuse_companions_in_the_way, with_companions, with_links
 from spotwatch.sync.restore.candidates import (
@@ -26,7 +27,7 @@ from spotwatch.sync.restore.candidates import (
     higher_steps,
     highest_first,
     holds_files,
-    is_staging_name,
+    is_staging_set,
     is_unfinished_marker,
     restore_candidates,
     takes_companions,
@@ -62,8 +63,9 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     no_checkpoint = [c.whole.set_name for c in with_files if c.whole.set_name not in taken]
     # Invariant: a set named as a save stages it (step_3.tmp/, sealed by a version before
     # staging names were never uploaded) is half a save: restored only when --set names it.
-    candidates = (committed_first(store, [c for c in ordered if not is_staging_name(
-                      c.whole.set_name)], companions) if set_name is None
+    staging = PathFilter.staging_names(watch)
+    candidates = (committed_first(store, [c for c in ordered if not is_staging_set(
+                      c.whole.set_name, staging)], companions) if set_name is None
                   else [c for c in candidates if c.whole.set_name == set_name])
     if companions and any(takes_companions(c.whole) for c in candidates):
         refuse_companions_in_the_way(destination, companions)
