@@ -215,6 +215,7 @@ class SetSealer:
         self._retries.take_due()  # their pause is over: sealed below like any other set
         blocked = None if self._claim is None else self._claim.blocked()
         busy_set_keys = set(busy_set_keys)  # and the sets of the files revived below
+        ready: list[tuple[SetRef, int, Manifest]] = []
         for set_ref, generation in list(self._dirty.items()):
             if (set_ref in self._sending or set_ref.key in busy_set_keys
                     or set_ref in self._retries):
@@ -254,15 +255,25 @@ class SetSealer:
                 continue
             if self._held_while_unfinished(set_ref):
                 continue
-            manifest = Manifest.build(set_ref.name, set_ref.prefix, check.entries, check.links)
-            key, body = self._sealed_as(manifest)
-            if self._part_writer is not None:
-                future = self._part_writer.submit(self._put_part, key, body.encode())
-            else:
-                future = self._store.put_bytes(key, body.encode(), "application/json")
-            if self._held is not None:
-                future = self._held.sealing(set_ref.prefix, set_ref.name, manifest, future)
-            self._sending[set_ref] = (generation, future, manifest, key)
+            ready.append((set_ref, generation,
+                          Manifest.build(set_ref.name, set_ref.prefix, check.entries,
+                                         check.links)))
+        # Invariant: of the sets ready together, the newest checkpoint's manifest is sent
+        # first, as its files were (sync.planner): under a notice it is the one that counts.
+        ready.sort(key=lambda sealing: -_newest_file_ns(sealing[2]))
+        for set_ref, generation, manifest in ready:
+            self._send(set_ref, generation, manifest)
+
+    def _send(self, set_ref: SetRef, generation: int, manifest: Manifest) -> None:
+        """Send the set's manifest (on a job, its node's part)."""
+        key, body = self._sealed_as(manifest)
+        if self._part_writer is not None:
+            future = self._part_writer.submit(self._put_part, key, body.encode())
+        else:
+            future = self._store.put_bytes(key, body.encode(), "application/json")
+        if self._held is not None:
+            future = self._held.sealing(set_ref.prefix, set_ref.name, manifest, future)
+        self._sending[set_ref] = (generation, future, manifest, key)
 
     def _revived(self, set_ref: SetRef, linked_missing: Sequence[str]) -> bool:
         """Invariant: a set is never left incomplete for a file of another set its links need
@@ -585,6 +596,11 @@ def implied_markers(set_name: str, entries: Sequence[ManifestEntry]) -> tuple[st
             entry.path == f"{set_name}/{_HF_OWN_FILE}" for entry in entries):
         return (_HF_LAST_FILE,)
     return ()
+
+
+def _newest_file_ns(manifest: Manifest) -> int:
+    """When the set's newest file was written: the planner's measure of a set's age."""
+    return max((entry.mtime_ns for entry in manifest.files), default=0)
 
 
 def unmatched(complete_when: Sequence[str], set_name: str,
