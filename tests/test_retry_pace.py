@@ -55,3 +55,24 @@ def test_hurried_retries_sleep_at_most_a_second_and_retry_as_botocore_would(
     if hurried is not None:
         assert 0 <= hurried <= HURRIED_SECONDS
         assert 0 <= calm <= 20 + 5  # botocore's cap, plus a retry-after header's
+
+
+def _quota_releases(client: Any) -> int:
+    """How many quota releases run after a call (botocore's own, and the paced handler's)."""
+    answers = client.meta.events.emit("after-call.s3.PutObject", http_response=None,
+                                      parsed={}, model=None, context={})
+    return sum(getattr(handler, "__name__", "") == "release_retry_quota"
+               for handler, _ in answers)
+
+
+def test_pacing_a_client_again_replaces_its_handlers_instead_of_adding_more() -> None:
+    """A session started again builds a second store on its client: the client then has one
+    paced retry handler and one release of its quota, the newest store's."""
+    client = make_s3_client("us-east-1", TransferSettings(client="classic"))
+    first, second = RetryPace(), RetryPace()
+    pace_retries(client, first)
+    releases = _quota_releases(client)
+    pace_retries(client, second)
+    assert _quota_releases(client) == releases == 2  # botocore's, left alone, and the pace's
+    second.hurry(True)  # the newest store's pace is the one asked
+    assert _ask(client, 3, 503) <= HURRIED_SECONDS

@@ -75,4 +75,9 @@ def pace_retries(client: S3Client, pace: RetryPace) -> None:
     unique_id = f"retry-config-{service}"
     events.unregister(f"needs-retry.{service}", unique_id=unique_id)
     events.register(f"needs-retry.{service}", handler.needs_retry, unique_id=unique_id)
-    events.register(f"after-call.{service}", quota.release_retry_quota)
+    # Under an id of its own: a second store on the client (a session started again) replaces
+    # the release of the quota it replaced instead of adding one. botocore's own release,
+    # registered with no id, stays: it fills a quota nothing asks any more.
+    release_id = f"spotwatch-retry-quota-{service}"
+    events.unregister(f"after-call.{service}", unique_id=release_id)
+    events.register(f"after-call.{service}", quota.release_retry_quota, unique_id=release_id)
