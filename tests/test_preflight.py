@@ -236,5 +236,36 @@ def test_check_answers_when_s3_takes_requests_and_never_replies(
         finally:
             for rule in proxy.rules:
                 rule.release()
-    assert [(r.name, r.ok, r.unreachable) for r in results] == [("bucket", False, True)]
-    assert results[0].detail == f"S3 did not answer within 2 s (s3://{workspace.bucket})"
+    # What answered is kept (the credentials, which ask no S3), then what did not.
+    assert [(r.name, r.ok, r.unreachable) for r in results] == [
+        ("credentials", True, False), ("bucket", False, True)]
+    assert results[-1].detail == f"S3 did not answer within 2 s (s3://{workspace.bucket})"
+
+
+def test_check_cut_short_in_its_write_check_keeps_what_answered_and_names_the_probe(
+        workspace: Workspace, s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 stops answering once the probe object is written: the checks before it are
+    reported as they came out, and the line that says S3 did not answer names the probe
+    object the check could not delete."""
+    from spotwatch.aws.preflight import write_probe_key
+    from spotwatch.commands.check import _checks_within
+    from spotwatch.config import load_config
+
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.add("delay", lambda request: request.method == "GET" and "/probe-" in request.path,
+                  times=10_000, delay=3600)  # the probe object's read-back
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        config = load_config(workspace.config_file)
+        try:
+            results = _checks_within(config, workspace.bucket, 5.0)
+        finally:
+            for rule in proxy.rules:
+                rule.release()
+    assert [r.name for r in results] == ["credentials", "bucket region", "public access",
+                                         "encryption", "bucket"]
+    assert all(r.ok for r in results[:-1]), results
+    probe = write_probe_key(config)
+    assert results[-1].detail == (
+        f"S3 did not answer within 5 s (s3://{workspace.bucket}); the write check's probe "
+        f"object may be left at s3://{workspace.bucket}/{probe}")
+    assert probe in keys_in(s3, workspace.bucket)  # it was: as the line says

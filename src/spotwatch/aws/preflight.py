@@ -159,10 +159,15 @@ def check_encryption(s3: Any, bucket: str, config: Config) -> CheckResult:
 _PROBE_BODY = b"spotwatch write probe"
 
 
+def write_probe_key(config: Config) -> str:
+    """The object check_write writes and deletes."""
+    return object_key(config.watch[0].prefix, WRITE_PROBE + socket.gethostname())
+
+
 def check_write(s3: Any, bucket: str, config: Config) -> CheckResult:
     """Write, read back and delete a probe object: uploads, restore (and a set's sealing)
     and deletion mirroring need each of the three, so each failure is named as its own."""
-    key = object_key(config.watch[0].prefix, WRITE_PROBE + socket.gethostname())
+    key = write_probe_key(config)
     try:
         s3.put_object(Bucket=bucket, Key=key, Body=_PROBE_BODY,
                       **encryption_args(config.transfer))
@@ -217,17 +222,24 @@ def check_destination(s3: Any, bucket: str, config: Config, expected: str) -> li
     return [region, check_public_access(s3, bucket, config)]
 
 
-def run_checks(config: Config, bucket: str, s3: Any | None = None) -> list[CheckResult]:
-    """All checks; `s3` lets `run` share its client (each one costs ~12 MB of models)."""
-    results = [check_credentials()]
+# The checks of a bucket its region and public access let through, in the order they run.
+BUCKET_CHECKS = (check_encryption, check_write, check_listing)
+
+
+def run_checks(config: Config, bucket: str, s3: Any | None = None,
+               found: list[CheckResult] | None = None) -> list[CheckResult]:
+    """All checks; `s3` lets `run` share its client (each one costs ~12 MB of models).
+    found: each result is added to it as it comes, for a caller that stops waiting."""
+    results = [] if found is None else found
+    results.append(check_credentials())
     expected = resolve_region(config)
     s3 = s3 or make_s3_client(expected, config.transfer)
     try:
         destination = check_destination(s3, bucket, config, expected)
         results += destination
         if len(destination) > 1:
-            results += [check_encryption(s3, bucket, config), check_write(s3, bucket, config),
-                        check_listing(s3, bucket, config)]
+            for check in BUCKET_CHECKS:
+                results.append(check(s3, bucket, config))
     except BotoCoreError as exc:
         results.append(CheckResult("bucket", False, f"S3 unreachable: {exc}",
                                    unreachable=isinstance(exc, _NO_ANSWER)))

@@ -7,7 +7,7 @@ import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from spotwatch.aws.preflight import CheckResult, failures, run_checks
+from spotwatch.aws.preflight import CheckResult, failures, run_checks, write_probe_key
 from spotwatch.commands import load
 from spotwatch.config import Config, require_notice_file_place
 from spotwatch.console import print_line
@@ -31,14 +31,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _checks_within(config: Config, bucket: str, seconds: float) -> list[CheckResult]:
-    """The checks, or one failure once they took `seconds`: S3 taking requests and never
-    answering would hold each one for the SDK's timeouts and retries, minutes in all, and a
-    preflight must answer. The checks left running end with the process."""
+    """The checks, or those that answered within `seconds` and one failure that says what
+    did not: S3 taking requests and never answering would hold each check for the SDK's
+    timeouts and retries, minutes in all, and a preflight must answer. The checks left
+    running end with the process."""
     answer: Future[list[CheckResult]] = Future()
+    found: list[CheckResult] = []
 
     def checks() -> None:
         try:
-            answer.set_result(run_checks(config, bucket))
+            answer.set_result(run_checks(config, bucket, found=found))
         except BaseException as exc:  # raised again below, on the command's thread
             answer.set_exception(exc)
 
@@ -46,8 +48,14 @@ def _checks_within(config: Config, bucket: str, seconds: float) -> list[CheckRes
     try:
         return answer.result(timeout=seconds)
     except FutureTimeout:
-        return [CheckResult("bucket", False, f"S3 did not answer within {seconds:g} s "
-                            f"(s3://{bucket})", unreachable=True)]
+        answered = list(found)
+    detail = f"S3 did not answer within {seconds:g} s (s3://{bucket})"
+    names = {result.name for result in answered}
+    if "encryption" in names and "write" not in names:
+        # check_write runs next: its probe object may be written and never deleted.
+        detail += (f"; the write check's probe object may be left at "
+                   f"s3://{bucket}/{write_probe_key(config)}")
+    return [*answered, CheckResult("bucket", False, detail, unreachable=True)]
 
 
 def _notice_place(config: Config) -> list[CheckResult]:
