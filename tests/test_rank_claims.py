@@ -3,6 +3,7 @@ part another live node sealed, take over one of a node gone) and the claims' ver
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -13,9 +14,13 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from spotwatch.config import WatchDir
+from spotwatch.commands.status import gather_status, render_status
+from spotwatch.config import WatchDir, load_config
+from spotwatch.daemon.metrics import Metrics
+from spotwatch.daemon.reporter import Reporter
 from spotwatch.keys import part_key
 from spotwatch.notices.claims import RankClaims, claim_name
+from spotwatch.state import StateDir
 from spotwatch.sync.engine import SyncEngine
 from spotwatch.sync.ledger import Ledger
 from spotwatch.sync.sets.claim import CLOCK_SKEW_SECONDS, RankClaim
@@ -26,6 +31,7 @@ from spotwatch.sync.uploader import Uploader
 
 from .memory_store import FakeClock, InMemoryObjectStore, crc32_checksum
 from .test_failure_paths import pump_until, write
+from .test_status_truth import a_daemons_report, holding_the_state_lock
 
 PREFIX = "run/"
 JOB = "llama"
@@ -116,15 +122,41 @@ def test_a_part_sealed_just_before_the_start_waits_for_its_claim_to_go_stale(
         pump_until(engine, lambda: f"{PREFIX}step_1/shard-a.pt" in store.objects
                    and engine.sealer.unsealed() == {f"{PREFIX}step_1"}, clock)
         assert claim.blocked() == "checking that no other node claims rank 0"
+        reporter = Reporter("bucket", StateDir(tmp_path / "state"), Metrics())
+        reporter.watch_claim(claim)
+        assert reporter.sealing_held() == claim.blocked()  # status says why sets wait
         claim.checked(live=[], undecided=[OTHER])
         assert OTHER in (claim.blocked() or "")
+        assert reporter.sealing_held() == claim.blocked() and reporter.problems() == []
         for _ in range(20):
             pump_until(engine, lambda: True, clock, step=1.0)
         assert part_in(store).identity == OTHER
         assert engine.sealer.unsealed() == {f"{PREFIX}step_1"}
         claim.checked(live=[], undecided=[])
         pump_until(engine, lambda: part_in(store).identity == ME, clock, step=1.0)
+        assert reporter.sealing_held() is None
     assert claim.rival is None
+
+
+def test_status_says_why_no_part_is_sealed_and_a_clash_is_a_problem_instead(
+        tmp_path: Path) -> None:
+    claim = RankClaim(ME, 0, checked=True)
+    reporter = Reporter("bucket", StateDir(tmp_path / "state"), Metrics())
+    reporter.watch_claim(claim)
+    claim.checked(live=[], undecided=[OTHER])
+    state = tmp_path / "state"
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(json.dumps({"watch": [{"path": str(tmp_path / "ckpt")}],
+                                       "state": {"dir": str(state)}}))
+    with holding_the_state_lock(state) as pid:
+        (state / "status.json").write_text(json.dumps(
+            {**a_daemons_report(pid), "sealing_held": reporter.sealing_held()}))
+        text = render_status(gather_status(load_config(config_file), "bucket"))
+    assert (f"sealing held: no part is sealed until then: waiting for the claim of {OTHER} on "
+            "rank 0 to go stale") in text.splitlines()
+    claim.checked(live=[OTHER], undecided=[])  # a live rival: a problem, said once
+    assert reporter.sealing_held() is None
+    assert reporter.problems() == [f"rank_claimed_twice: {claim.blocked()}"]
 
 
 def test_a_part_records_its_node_and_one_without_is_still_read() -> None:

@@ -330,6 +330,9 @@ def render_status(report: dict[str, Any]) -> str:
         if unsealed:
             lines.append(f"unsealed:     {set_count(daemon, 'unsealed')} sets waiting for "
                          f"their manifest (no checkpoint yet): {names(unsealed[:5])}")
+        held = daemon.get("sealing_held")
+        if isinstance(held, str):
+            lines.append(f"sealing held: no part is sealed until then: {held}")
         if daemon.get("flushing"):  # last flush is the one before: never "done" meanwhile
             lines.append("flush:        running (pending files go newest set first)")
         flush = daemon.get("last_flush")

@@ -89,6 +89,14 @@ class Reporter:
             return []
         return [f"rank_claimed_twice: {self._claim.blocked()}"]
 
+    def sealing_held(self) -> str | None:
+        """Why this node seals no part for now, short of a clash (problems names that one):
+        the first check of its rank's claims, or a replaced node's claim not stale yet. Its
+        sets wait meanwhile, unsealed."""
+        if self._claim is None or self._claim.rival is not None:
+            return None
+        return self._claim.blocked()
+
     def count_peer_poll_failure(self) -> None:
         """Called from the peer poller's thread."""
         self.peer_poll_failures += 1
@@ -226,6 +234,7 @@ class Reporter:
             "peer_poll_failures": self.peer_poll_failures,
             "degraded": degraded,
             "problems": self.problems(),
+            "sealing_held": self.sealing_held(),
             "last_upload_at": engine.last_upload_at,
             **notices.fields(),
             "last_flush": flushes.last,
