@@ -19,7 +19,7 @@ from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import S3ObjectStore
 from spotwatch.config import TransferSettings, load_config
 from spotwatch.errors import ConfigError
-from spotwatch.model import Notice, NoticeKind
+from spotwatch.model import Notice, NoticeKind, PeerWithdrawal
 from spotwatch.notices.peers import (
     MAX_NODE_OBJECT_BYTES,
     STARTUP_GRACE,
@@ -178,6 +178,61 @@ def test_a_restarted_daemon_joins_a_notice_published_just_before() -> None:
     restarted = PeerPoller(PeerChannel(job.store, PREFIX, 0, wall), 1.0, lambda n: None,
                            started_at=wall(), wall=wall)
     assert [n.peer_rank for n in restarted.poll_once()] == [1]
+
+
+def event(clock: FakeClock, event_id: str = "instance-event-0123") -> Notice:
+    deadline = wall_of(clock)() + timedelta(days=3)
+    return Notice.make(NoticeKind.SCHEDULED_EVENT, deadline, event_id, detail="system-reboot")
+
+
+def learnt_then_withdrawn(job: Job) -> tuple[Notice, Notice]:
+    """Node 1's event, learnt by node 0, then withdrawn by node 1 and so by node 0: the
+    event and node 0's notice of it."""
+    notice = event(job.clock)
+    job.publish(1, notice)
+    [learnt] = job.pollers[0].poll_once()
+    assert job.channels[1].withdraw({notice.id: notice.kind.value})
+    job.channels[1].write()
+    assert job.pollers[0].poll_once() == [PeerWithdrawal(1, frozenset({learnt.id}))]
+    return notice, learnt
+
+
+def test_a_withdrawn_notice_is_withdrawn_on_the_nodes_that_learnt_it_and_never_told_later(
+        ) -> None:
+    """AWS cancels node 1's maintenance event: the nodes that learnt it are told it is
+    withdrawn, once; a node started after it never acts on it."""
+    job = Job()
+    learnt_then_withdrawn(job)
+    assert job.pollers[0].poll_once() == []
+    assert job.pollers[2].poll_once() == []  # never learnt it (its first poll came late)
+    wall = wall_of(job.clock)
+    late = PeerPoller(PeerChannel(job.store, PREFIX, 3, wall), 1.0, lambda n: None,
+                      started_at=wall(), wall=wall)
+    assert late.poll_once() == []
+
+
+def test_a_notice_published_again_after_its_withdrawal_is_learnt_again() -> None:
+    job = Job()
+    notice, learnt = learnt_then_withdrawn(job)
+    job.publish(1, notice)  # its newest entry speaks for it
+    assert [n.id for n in job.pollers[0].poll_once()] == [learnt.id]
+
+
+def test_a_notice_a_restart_removed_from_the_channel_is_withdrawn_all_the_same() -> None:
+    """Node 1 published the event, restarted (its object goes) and only then learnt that AWS
+    cancelled it: the peers that hold it hear of the withdrawal."""
+    job = Job()
+    notice = event(job.clock)
+    job.publish(1, notice)
+    [learnt] = job.pollers[0].poll_once()
+    wall = wall_of(job.clock)
+    restarted = PeerChannel(job.store, PREFIX, 1, wall)
+    restarted.remove_own()
+    assert restarted.withdraw({notice.id: notice.kind.value})
+    restarted.write()
+    assert job.pollers[0].poll_once() == [PeerWithdrawal(1, frozenset({learnt.id}))]
+    # Kinds never shared are never written.
+    assert not restarted.withdraw({"0" * 16: NoticeKind.SIGTERM.value})
 
 
 def test_a_starting_node_removes_its_own_earlier_object() -> None:

@@ -172,3 +172,32 @@ def test_failing_peer_polls_are_visible_and_never_hold_up_imds(
         wait_for(lambda: workspace.status().get("peers_up") is True)
         assert daemon.stop() == 0
 
+
+
+def test_an_event_aws_cancels_is_withdrawn_on_every_node_and_never_told_to_a_later_one(
+        job: list[Node], s3: Any, bucket: str) -> None:
+    """Node 1's maintenance event reaches node 0; AWS cancels it: node 0's notice file no
+    longer says the instance is going away, and node 2, started after, is never told."""
+    origin, peer, late = job[1], job[0], job[2]
+    origin.daemon = origin.space.start_daemon()
+    peer.daemon = peer.space.start_daemon()
+    origin.imds.schedule_event(in_seconds=300)
+    wait_for(lambda: origin.notice_from("imds"))
+    learnt = wait_for(lambda: peer.notice_from("peer", 1))
+    assert learnt["kind"] == "scheduled-event"
+    origin.imds.cancel_event()
+    cancelled = peer.daemon.wait_for_event("notice_cancelled")
+    assert (cancelled["id"], cancelled["reason"]) == (
+        learnt["id"], "withdrawn by the node of rank 1, whose notice it was")
+    wait_for(lambda: peer.notice() is None and origin.notice() is None)
+    [entry] = node_notices(s3, bucket, 1)
+    assert entry["withdrawn_at"] is not None
+
+    late.daemon = late.space.start_daemon()
+    late.daemon.wait_for_event("daemon_started")
+    # Its peer poller has read the channel (its bell answered) once its status says so.
+    wait_for(lambda: late.space.status().get("peers_up") is True)
+    assert not late.daemon.named("notice_detected") and late.notice() is None
+    for node in job:
+        assert node.daemon is not None
+        assert node.daemon.stop() == 0

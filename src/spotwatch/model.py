@@ -2,7 +2,8 @@
 
 A file's identity (FileVersion, Snapshot), an upload and its result (UploadJob, Outcome,
 UploadResult), and an interruption notice (Notice, NoticeKind) with ids stable across polls,
-and what one metadata item lists as still in effect (NoticeListing).
+what one metadata item lists as still in effect (NoticeListing), and the notices a peer node
+withdrew (PeerWithdrawal).
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ class NoticeListing:
     effect: one it no longer lists was withdrawn (a maintenance event cancelled)."""
 
     kind: NoticeKind
+    ids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class PeerWithdrawal:
+    """Notices the node of this rank shared and then withdrew (AWS cancelled its maintenance
+    event): their ids as this node knows them (the peer's notices, Notice.make)."""
+
+    rank: int
     ids: frozenset[str]
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from spotwatch.model import Notice, NoticeListing
+from spotwatch.model import Notice, NoticeListing, PeerWithdrawal
 
 # A notice due later than this (a maintenance event scheduled days ahead) weighs on the daemon
 # only from this long before it is due: retention goes on meanwhile.
@@ -49,12 +49,17 @@ class NoticesInEffect:
     def held(self, notice_id: str) -> Held | None:
         return self._held.get(notice_id)
 
-    def withdrawn(self, listing: NoticeListing) -> list[Held]:
-        """This instance's notices of the listing's kind that it no longer lists: no longer in
-        effect from now on. (A peer's notice is the peer's to withdraw.)"""
-        gone = [held for held in self._held.values()
-                if held.notice.peer_rank is None and held.notice.kind is listing.kind
-                and held.notice.id not in listing.ids]
+    def withdrawn(self, listing: NoticeListing | PeerWithdrawal) -> list[Held]:
+        """No longer in effect from now on: this instance's notices of the listing's kind that
+        it no longer lists, or a peer's notices it withdrew (each node withdraws only its own:
+        the listing of one instance's IMDS says nothing of another's)."""
+        if isinstance(listing, PeerWithdrawal):
+            gone = [held for held in self._held.values()
+                    if held.notice.peer_rank == listing.rank and held.notice.id in listing.ids]
+        else:
+            gone = [held for held in self._held.values()
+                    if held.notice.peer_rank is None and held.notice.kind is listing.kind
+                    and held.notice.id not in listing.ids]
         for held in gone:
             del self._held[held.notice.id]
         return gone

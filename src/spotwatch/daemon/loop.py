@@ -31,7 +31,7 @@ from spotwatch.daemon.startup import StartChecks, log_results
 from spotwatch.daemon.state_guard import StateGuard
 from spotwatch.errors import SpotwatchError
 from spotwatch.logs import get_logger
-from spotwatch.model import Notice, NoticeKind, NoticeListing
+from spotwatch.model import Notice, NoticeKind, NoticeListing, PeerWithdrawal
 from spotwatch.notices import sources_for
 from spotwatch.notices.claims import (
     CLAIM_EVERY_POLLS,
@@ -104,7 +104,7 @@ class Daemon:
         self._wake = threading.Event()
         self._stop = threading.Event()
         # Notices, and what the items that withdraw notices list as in effect, in order.
-        self._notices: queue.Queue[Notice | NoticeListing] = queue.Queue()
+        self._notices: queue.Queue[Notice | NoticeListing | PeerWithdrawal] = queue.Queue()
         self._signals = SignalInbox()
         # The latest notice learnt (cancelled_at once withdrawn); see notice_report for what
         # status shows.
@@ -216,8 +216,9 @@ class Daemon:
         self._stop.set()
         self._wake.set()
 
-    def hand_notice(self, notice: Notice | NoticeListing) -> None:
-        """Hand a notice, or a listing of those in effect, to the daemon from any thread."""
+    def hand_notice(self, notice: Notice | NoticeListing | PeerWithdrawal) -> None:
+        """Hand a notice, a listing of those in effect or a peer's withdrawal, to the daemon
+        from any thread."""
         self._notices.put(notice)
         self._wake.set()
 
@@ -298,7 +299,7 @@ class Daemon:
                 notice = self._notices.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(notice, NoticeListing):
+            if isinstance(notice, NoticeListing | PeerWithdrawal):
                 self._take_listing(notice)
             else:
                 self._learn(notice)
@@ -411,7 +412,7 @@ class Daemon:
                 notice = self._notices.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(notice, NoticeListing):
+            if isinstance(notice, NoticeListing | PeerWithdrawal):
                 self._take_listing(notice)
             else:
                 self._on_notice(engine, notice)
@@ -532,22 +533,29 @@ class Daemon:
                           held.record["source"])
         self.hooks.fire(dict(held.record), self._told)
 
-    def _take_listing(self, listing: NoticeListing) -> None:
+    def _take_listing(self, listing: NoticeListing | PeerWithdrawal) -> None:
         """Invariant: a notice AWS withdraws (a maintenance event cancelled, or over) holds
-        nothing from then on. The trainer's notice file no longer says the instance is going
-        away: it tells the next notice in effect, or is removed; and once none is in effect,
-        uploads, retention and the bandwidth cap go on as before any notice. A flush under
-        way ends as it would; hooks that acted are not undone. Also a notice told before a
-        restart that AWS withdrew before this daemon learnt it again."""
+        nothing from then on, on this node and on the job's other nodes that learnt of it.
+        The trainer's notice file no longer says the instance is going away: it tells the
+        next notice in effect, or is removed; and once none is in effect, uploads, retention
+        and the bandwidth cap go on as before any notice. A flush under way ends as it would;
+        hooks that acted are not undone. Also a notice told before a restart that AWS
+        withdrew before this daemon learnt it again."""
         gone = {held.notice.id: held.record for held in self._in_effect.withdrawn(listing)}
+        if isinstance(listing, PeerWithdrawal):
+            reason = f"withdrawn by the node of rank {listing.rank}, whose notice it was"
+        else:
+            reason = "no longer listed as active by IMDS"
         told = self._told
-        if (told is not None and told.source == "imds" and told.kind == listing.kind.value
-                and told.id not in listing.ids):
+        if (isinstance(listing, NoticeListing) and told is not None and told.source == "imds"
+                and told.kind == listing.kind.value and told.id not in listing.ids):
             deadline = told.deadline.isoformat() if told.deadline else None
             gone.setdefault(told.id, {"kind": told.kind, "id": told.id, "detail": None,
                                       "deadline": deadline})
         if not gone:
             return
+        if isinstance(listing, NoticeListing):
+            self._share_withdrawal(gone)
         self._deferred = [notice for notice in self._deferred if notice.id not in gone]
         if self._latest_notice is not None and self._latest_notice["id"] in gone:
             self._latest_notice = {**self._latest_notice,
@@ -557,8 +565,7 @@ class Daemon:
         # Logged once the trainer's notice file says so: whoever reads the line finds it.
         for record in gone.values():
             log.info("notice_cancelled", kind=record["kind"], id=record["id"],
-                     detail=record["detail"], deadline=record["deadline"],
-                     reason="no longer listed as active by IMDS")
+                     detail=record["detail"], deadline=record["deadline"], reason=reason)
         if not self._in_effect and not self.flushes.active:
             self._reimpose_bandwidth_cap()
 
@@ -578,6 +585,13 @@ class Daemon:
         if (self._publisher is not None and notice.peer_rank is None
                 and notice.kind in SHARED_KINDS):
             self._publisher.publish(notice)
+
+    def _share_withdrawal(self, gone: dict[str, dict[str, Any]]) -> None:
+        """This node's notices AWS withdrew (id: record): withdrawn on the peer channel too,
+        also one published by this node before a restart, which peers may still hold."""
+        if self._publisher is not None:
+            self._publisher.withdraw({notice_id: record["kind"]
+                                      for notice_id, record in gone.items()})
 
     def _start_flush(self, engine: SyncEngine, reason: str, deadline: datetime | None,
                      until: float | None = None) -> None:

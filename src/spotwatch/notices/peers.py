@@ -36,7 +36,7 @@ from spotwatch.aws.store import ListedObject, ObjectMissing, ObjectStore, StoreE
 from spotwatch.config import Config
 from spotwatch.keys import job_key_space
 from spotwatch.logs import get_logger
-from spotwatch.model import Notice, NoticeKind
+from spotwatch.model import Notice, NoticeKind, PeerWithdrawal
 from spotwatch.notices.claims import CLAIM_EVERY_POLLS, ClaimCheck, RankClaims
 from spotwatch.notices.sources import iso_time
 from spotwatch.notices.store import SeenNotices
@@ -86,12 +86,14 @@ class PeerNotice:
     deadline: datetime | None
     detail: str
     published_at: datetime
+    withdrawn: bool = False  # AWS withdrew it from the node that got it (see PeerChannel)
 
     def live(self, now: datetime, started_at: datetime) -> bool:
-        """Invariant: a node acts only on a peer notice that is still current: published no
-        earlier than STARTUP_GRACE before this daemon started, and its deadline (if any) not
-        passed. So a replacement node started later never flushes for an old notice."""
-        if self.published_at < started_at - STARTUP_GRACE:
+        """Invariant: a node acts only on a peer notice that is still current: not withdrawn,
+        published no earlier than STARTUP_GRACE before this daemon started, and its deadline
+        (if any) not passed. So a replacement node started later never flushes for an old
+        notice, nor a node started after its withdrawal for a withdrawn one."""
+        if self.withdrawn or self.published_at < started_at - STARTUP_GRACE:
             return False
         return self.deadline is None or self.deadline > now
 
@@ -106,6 +108,13 @@ def encode_entry(notice: Notice, published_at: datetime) -> dict[str, Any]:
     return {"kind": notice.kind.value, "id": notice.id, "detail": notice.detail[:MAX_TEXT],
             "deadline": notice.deadline.isoformat() if notice.deadline else None,
             "published_at": published_at.isoformat()}
+
+
+def withdrawn_entry(notice_id: str, kind: str, now: datetime) -> dict[str, Any]:
+    """A notice withdrawn that this node's object no longer holds (published before a restart
+    removed it): peers that learnt of it then learn of its withdrawal."""
+    return {"kind": kind, "id": notice_id, "detail": "", "deadline": None,
+            "published_at": now.isoformat(), "withdrawn_at": now.isoformat()}
 
 
 def decode_node_object(body: bytes, rank: int) -> list[PeerNotice]:
@@ -137,7 +146,8 @@ def _decode_entry(entry: object, rank: int) -> PeerNotice | None:
     deadline = _utc(entry.get("deadline")) if entry.get("deadline") is not None else None
     if published_at is None or (deadline is None and entry.get("deadline") is not None):
         return None
-    return PeerNotice(rank, kind, notice_id, deadline, detail[:MAX_TEXT], published_at)
+    return PeerNotice(rank, kind, notice_id, deadline, detail[:MAX_TEXT], published_at,
+                      withdrawn=entry.get("withdrawn_at") is not None)
 
 
 def _short_text(value: object) -> bool:
@@ -179,6 +189,26 @@ class PeerChannel:
         with self._lock:
             entries = [*self._published, encode_entry(notice, self._wall())]
             self._published = entries[-KEPT_PER_NODE:]
+
+    def withdraw(self, kinds: dict[str, str]) -> bool:
+        """Mark this node's notices (id: kind) withdrawn for the next write; one no longer
+        held (published before a restart) is noted as withdrawn. False: none of them is a
+        shared kind, nothing to write."""
+        shared = {value.value for value in SHARED_KINDS}
+        now = self._wall().isoformat()
+        with self._lock:
+            left = {notice_id for notice_id, kind in kinds.items() if kind in shared}
+            entries = []
+            for entry in self._published:
+                if entry["id"] in left:
+                    entry = {**entry, "withdrawn_at": entry.get("withdrawn_at") or now}
+                    left.discard(entry["id"])
+                entries.append(entry)
+            entries += [withdrawn_entry(notice_id, kinds[notice_id], self._wall())
+                        for notice_id in sorted(left)]
+            changed = entries != self._published
+            self._published = entries[-KEPT_PER_NODE:]
+        return changed
 
     def write(self) -> None:
         """This node's object with every notice noted, then the bell: in that order, which is
@@ -253,6 +283,11 @@ class PeerPublisher:
         self._channel.add(notice)
         self._due.set()
 
+    def withdraw(self, kinds: dict[str, str]) -> None:
+        """This node's notices (id: kind) that AWS withdrew, withdrawn for the peers too."""
+        if self._channel.withdraw(kinds):
+            self._due.set()
+
     def _run(self) -> None:
         try:
             self._channel.remove_own()
@@ -294,7 +329,7 @@ class PeerPoller:
     CLAIM_EVERY_POLLS polls (notices.claims); each check goes to on_claims."""
 
     def __init__(self, channel: PeerChannel, interval: float,
-                 on_notice: Callable[[Notice], None], started_at: datetime,
+                 on_notice: Callable[[Notice | PeerWithdrawal], None], started_at: datetime,
                  wall: Callable[[], datetime] = utc_now,
                  on_failure: Callable[[], None] | None = None,
                  claims: RankClaims | None = None,
@@ -344,11 +379,12 @@ class PeerPoller:
         if self._on_claims is not None:
             self._on_claims(check)
 
-    def poll_once(self) -> list[Notice]:
-        """The peers' live notices not handed on before; a failed request is counted."""
+    def poll_once(self) -> list[Notice | PeerWithdrawal]:
+        """The peers' live notices not handed on before, and the withdrawals of those handed
+        on; a failed request is counted."""
         began = self.reachability.outage.now()  # a hung request fails only at its end
         try:
-            fresh = self._changes()
+            fresh, withdrawn = self._changes()
         except StoreError as exc:
             self.failures += 1
             if self._on_failure is not None:
@@ -356,13 +392,21 @@ class PeerPoller:
             self.reachability.report(False, str(exc), began)
             return []
         self.reachability.report(True)
-        return self._seen.first_sightings(fresh)
+        withdrawals: list[Notice | PeerWithdrawal] = []
+        for rank, ids in sorted(withdrawn.items()):
+            handed = self._seen.forget(sorted(ids))
+            if handed:
+                withdrawals.append(PeerWithdrawal(rank, frozenset(handed)))
+        return [*withdrawals, *self._seen.first_sightings(fresh)]
 
-    def _changes(self) -> list[Notice]:
+    def _changes(self) -> tuple[list[Notice], dict[int, set[str]]]:
+        """The live notices in the node objects changed since the last poll, and by rank the
+        ids (as this node knows them) of those withdrawn. A notice's newest entry speaks
+        for it (one withdrawn, then published again, is live)."""
         bell = self._channel.read_bell()
         if bell is None or bell == self._bell:
-            return []
-        now, notices, read = self._wall(), [], {}
+            return [], {}
+        now, notices, withdrawn, read = self._wall(), [], {}, {}
         for rank, listed in self._channel.peer_objects():
             version = (listed.etag, listed.last_modified, listed.size)
             if self._read.get(listed.key) == version:
@@ -370,13 +414,15 @@ class PeerPoller:
             body = self._channel.read_node(listed)
             if body is None:
                 continue
-            notices += [peer.as_notice() for peer in decode_node_object(body, rank)
+            newest = {peer.id: peer for peer in decode_node_object(body, rank)}
+            notices += [peer.as_notice() for peer in newest.values()
                         if peer.live(now, self._started_at)]
+            withdrawn[rank] = {peer.as_notice().id for peer in newest.values() if peer.withdrawn}
             read[listed.key] = version
         # Only now, all requests done: after a failure the next poll reads everything again.
         self._read.update(read)
         self._bell = bell
-        return notices
+        return notices, withdrawn
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -49,12 +49,15 @@ class SeenNotices:
                     fresh.append(notice)
         return fresh
 
-    def forget(self, ids: Iterable[str]) -> None:
-        """Notices withdrawn: seen again, they are handed on again."""
+    def forget(self, ids: Iterable[str]) -> list[str]:
+        """Notices withdrawn: seen again, they are handed on again. Returns those of them
+        that were seen."""
         with self._lock:
-            for notice_id in ids:
-                self._deadlines.pop(notice_id, None)
+            return [notice_id for notice_id in ids
+                    if self._deadlines.pop(notice_id, _UNSEEN) is not _UNSEEN]
 
+
+_UNSEEN = object()
 
 # Changes on every boot: a notice acted on in an earlier life of the instance means nothing now.
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
