@@ -448,3 +448,23 @@ def test_a_watched_symlink_pointed_at_another_entrys_directory_is_not_watched_th
     wait_for(lambda: "run2/.spotwatch/manifests/step_2.json" in keys_in(s3, workspace.bucket))
     assert not any(key.startswith("run2/step_1") for key in keys_in(s3, workspace.bucket))
     assert daemon.stop() == 0
+
+
+def test_a_same_size_rewrite_within_the_second_of_an_upload_is_uploaded_on_whole_second_mtimes(
+        workspace: Workspace, s3: Any) -> None:
+    """A file system that keeps whole seconds of mtime (ext4 with 128-byte inodes, FAT, some
+    NFS): a same-size save in place within the second the last one was uploaded keeps size,
+    mtime and inode. The mtimes such a system would give are set here by hand: the second
+    the saves fall in (one a little ahead, so that the test does not race the clock)."""
+    second = (int(time.time()) + 3) * 10**9
+    path = workspace.checkpoints / "model.bin"
+    daemon = workspace.start_daemon()
+    for version in range(3):
+        data = bytes([version]) * 200_000
+        with path.open("r+b" if path.exists() else "wb") as handle:  # in place: one inode
+            handle.write(data)
+        os.utime(path, ns=(second, second))
+        daemon.wait_for_event("upload_done", count=version + 1)
+        assert object_bytes(s3, workspace.bucket, "run1/model.bin") == data
+    wait_for(lambda: workspace.status().get("pending_files") == 0)
+    assert daemon.stop() == 0

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spotwatch.model import FileVersion
-from spotwatch.sync.ledger import Ledger, _add_column
+from spotwatch.sync.ledger import COARSE_MTIME_SECONDS, Ledger, _add_column
 
 
 def test_record_survives_reopen(tmp_path: Path) -> None:
@@ -178,3 +178,22 @@ def test_a_reader_sees_what_a_running_daemon_wrote_and_writes_nothing(tmp_path: 
         assert path.read_bytes() == before
     finally:
         writer.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(mtime_s=st.integers(0, 4_000_000_000), fraction_ns=st.integers(0, 999_999_999),
+       upload_delay=st.floats(0, 10).filter(  # clear of the bound, beyond float rounding
+           lambda delay: abs(delay - COARSE_MTIME_SECONDS) > 1e-3))
+def test_a_version_with_a_whole_second_mtime_uploaded_within_its_second_is_not_current(
+        mtime_s: int, fraction_ns: int, upload_delay: float) -> None:
+    """On a file system of whole-second mtimes a same-size rewrite right after an upload looks
+    like the version uploaded: such a row is racy and the file is uploaded again. A row
+    recorded long enough after its mtime, or of a nanosecond mtime, is current."""
+    mtime_ns = mtime_s * 1_000_000_000 + fraction_ns
+    with tempfile.TemporaryDirectory() as temp:
+        ledger = Ledger(Path(temp) / "ledger.sqlite3")
+        ledger.record("b", "k", Path(temp) / "f", FileVersion(5, mtime_ns), None, inode=7,
+                      uploaded_at=mtime_ns / 1e9 + upload_delay)
+        current = ledger.is_current("b", "k", FileVersion(5, mtime_ns), inode=7)
+        ledger.close()
+    assert current == (fraction_ns != 0 or upload_delay >= COARSE_MTIME_SECONDS)

@@ -72,6 +72,23 @@ _ETAG_COLUMN = "ALTER TABLE objects ADD COLUMN etag TEXT"
 _INODE_COLUMN = "ALTER TABLE objects ADD COLUMN inode INTEGER"
 
 
+# File systems that keep whole seconds of mtime (ext4 with 128-byte inodes, FAT's two
+# seconds, some NFS servers): a version recorded this soon after its mtime may not be the
+# last one of that mtime.
+COARSE_MTIME_SECONDS = 2.5
+
+
+def racy(mtime_ns: int, uploaded_at: float) -> bool:
+    """Invariant: a file rewritten in place with the same size, on a file system whose mtimes
+    are whole seconds, within the second its last version was uploaded in, is uploaded again:
+    its size, mtime and inode are those the ledger holds. So a row whose mtime is a whole
+    second and not COARSE_MTIME_SECONDS older than its upload does not say the file is current
+    (as git's index treats an entry racily clean): the file is uploaded once more, when it
+    settles again or at the next scan, and that upload, later, records a row that is not racy.
+    A nanosecond mtime that is a whole second by chance costs one upload more."""
+    return mtime_ns % 1_000_000_000 == 0 and mtime_ns / 1e9 + COARSE_MTIME_SECONDS > uploaded_at
+
+
 def stored_inode(inode: int | None) -> int | None:
     """An inode number (unsigned 64-bit) as the ledger stores it (signed 64-bit)."""
     return None if inode is None else inode - (1 << 64) if inode >= 1 << 63 else inode
@@ -186,13 +203,14 @@ class Ledger:
                    inode: int | None = None) -> bool:
         """Whether the object holds this version of the file: its size and mtime, and its
         inode where both are known (a row without one: recorded by a restore, or before
-        inodes were recorded)."""
+        inodes were recorded), unless the row is racy (see racy)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT size, mtime_ns, inode FROM objects WHERE bucket = ? AND key = ?",
-                (bucket, key)).fetchone()
+                "SELECT size, mtime_ns, inode, uploaded_at FROM objects"
+                " WHERE bucket = ? AND key = ?", (bucket, key)).fetchone()
         return (row is not None and FileVersion(row[0], row[1]) == version
-                and (row[2] is None or inode is None or row[2] == stored_inode(inode)))
+                and (row[2] is None or inode is None or row[2] == stored_inode(inode))
+                and not racy(row[1], row[3]))
 
     def recorded_size(self, bucket: str, key: str) -> int | None:
         """The size of the version the object holds (None: no version recorded, retired or
