@@ -412,3 +412,30 @@ def test_a_small_file_held_by_the_cap_is_cancelled_at_once_and_gives_its_bytes_b
         pending.future.result(timeout=8)  # not the 16 s its bytes would have waited
     assert "a/small.pt" not in keys_in(s3, bucket)
     assert limiter.reserve(limiter.burst) == 0.0  # the bucket is full again
+
+
+@pytest.mark.parametrize("how", ["cancelled", "truncated"])
+def test_a_body_that_ends_before_its_signature_is_a_quiet_cancel(
+        tmp_path: Path, s3: Any, bucket: str, store_with: Any, how: str,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """The file is cut short (or its upload cancelled) after botocore read it for its checksum
+    and before the request is signed: the upload ends cancelled, and nothing prints a
+    traceback (on a plain-HTTP endpoint botocore's signer, awscrt's, used to read the body
+    itself and print what the body raised)."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(os.urandom(3 * MiB))
+    store = store_with(None)
+    pending: list[Any] = []
+
+    def cut_short(**_: Any) -> None:
+        if how == "truncated":
+            os.truncate(path, 1000)
+        else:
+            pending[0].cancel()
+
+    store.client.meta.events.register("before-sign.s3.PutObject", cut_short)
+    pending.append(store.upload_file(path, "a/model.pt", 3 * MiB))
+    with pytest.raises(CancelledError):
+        pending[0].future.result(timeout=20)
+    assert "a/model.pt" not in keys_in(s3, bucket)
+    assert "Traceback" not in capfd.readouterr().err

@@ -218,6 +218,12 @@ def make_s3_client(region: str, settings: TransferSettings) -> S3Client:
         connect_timeout=5,
         read_timeout=60,
         request_checksum_calculation="when_supported",
+        # The payload is never hashed for the signature, also over plain HTTP (a local object
+        # store): S3 checks the bytes against the checksum every write sends. botocore signs
+        # with awscrt where it is installed, and awscrt's signer would read a file's body
+        # itself: a file cut short (or an upload cancelled) in between then failed with
+        # AWS_ERROR_UNKNOWN and a traceback on stderr, not as the cancel it is.
+        s3={"payload_signing_enabled": False},
         parameter_validation=False,  # spotwatch builds every request itself
         response_checksum_validation="when_supported",
     )
