@@ -114,6 +114,12 @@ def _mutations(data: dict[str, Any], index: int, value: Any) -> list[tuple[str, 
         set=RESERVED_SET, files=[{**e, "path": f"{RESERVED_SET}/manifests/x.json",
                                   "key": f"{PREFIX}{RESERVED_SET}/manifests/x.json"}]))
     variant("not finite", lambda d, e: d.__setitem__("sealed_at", float("nan")))
+    variant("sealed_at beyond a float", lambda d, e: d.__setitem__("sealed_at", 10**400))
+    for lone in ("\ud800", "\udfff", "\ude00\ud83d"):  # no file name or key can hold one
+        def surrogate(d: Any, e: Any, s: str = lone) -> None:
+            e["path"] = e["path"] + s
+            e["key"] = e["key"] + s
+        variant(f"path with a lone surrogate {lone!r}", surrogate)
     return broken
 
 
@@ -135,6 +141,27 @@ def test_arbitrary_input_is_refused_or_a_valid_manifest(raw: bytes) -> None:
     except ManifestError:
         return
     assert all(f.key == PREFIX + f.path for f in manifest.files)
+
+
+@given(manifests(), st.sampled_from(["\ud800", "\udbff\udbff", "\udc80"]),
+       st.sampled_from(["escaped", "utf-8", "text"]))
+def test_a_lone_surrogate_anywhere_refuses_the_manifest(manifest: Manifest, lone: str,
+                                                        how: str) -> None:
+    """However JSON carries it (an escape, UTF-8 of a surrogate, or text holding one), a
+    string that is not Unicode refuses the manifest, where restore met it as a traceback."""
+    data = json.loads(manifest.to_json())
+    entry = data["files"][0]
+    data.update(files=[entry], links=[])
+    entry["path"] = f"{data['set']}/x{lone}"
+    entry["key"] = PREFIX + entry["path"]
+    text = json.dumps(data, ensure_ascii=how == "escaped")
+    raw: str | bytes = text.encode("utf-8", "surrogatepass") if how == "utf-8" else text
+    with pytest.raises(ManifestError, match="lone surrogate"):
+        Manifest.from_json(raw, PREFIX)
+    # A pair is one character: a manifest of a name with an emoji reads back.
+    entry["path"] = entry["path"].replace(lone, "\U0001f600")
+    entry["key"] = entry["key"].replace(lone, "\U0001f600")
+    assert Manifest.from_json(json.dumps(data), PREFIX).files[0].path.endswith("\U0001f600")
 
 
 @given(manifests())

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 
 from structlog.testing import capture_logs
 
 from spotwatch.config import WatchDir
+from spotwatch.daemon.metrics import Metrics
 from spotwatch.daemon.prune_job import JOB_PRUNE_SECONDS, PRUNE_INTERVAL_SECONDS, PruneSchedule
+from spotwatch.daemon.reporter import Reporter
+from spotwatch.state import StateDir
 from spotwatch.sync.pruner import Deletion, PruneCancelled
 
 WAIT = 10.0  # generous bound for a thread to get somewhere; never slept
@@ -163,3 +167,35 @@ def test_on_a_job_an_unchanged_node_prunes_again_for_its_peers_seals() -> None:
     assert schedule.job is not None
     finish(schedule, target, finished, quiet=True)
     assert pruner.plans == 2
+
+
+class FailingOncePruner(BlockingPruner):
+    """Its first plan meets a defect (an exception no pruner should raise)."""
+
+    def plan(self, watches: Iterable[WatchDir]) -> list[Deletion]:
+        if self.plans == 0:
+            self.plans += 1
+            raise OverflowError("int too large to convert to float")
+        return super().plan(watches)
+
+
+def test_a_prune_that_fails_unexpectedly_is_said_and_degrades_status_until_one_completes(
+        tmp_path: Path) -> None:
+    pruner = FailingOncePruner([])
+    pruner.release.set()
+    schedule, clock, finished = schedule_with(pruner)
+    reporter = Reporter("bucket", StateDir(tmp_path / "state"), Metrics())
+    reporter.watch_pruning(schedule)
+    target = Target()
+    with capture_logs() as logs:
+        schedule.tend(target, quiet=True)
+        finish(schedule, target, finished, quiet=True)
+    [failed] = [entry for entry in logs if entry["event"] == "prune_failed"]
+    assert failed["log_level"] == "error" and "OverflowError" in failed["error"]
+    assert schedule.failing is not None
+    assert reporter._degraded_reasons(None) == [
+        f"retention failing, nothing pruned: {schedule.failing}"]
+    clock.now += PRUNE_INTERVAL_SECONDS
+    schedule.tend(target, quiet=True)  # tried again, and this time it completes
+    finish(schedule, target, finished, quiet=True)
+    assert schedule.failing is None and reporter._degraded_reasons(None) == []

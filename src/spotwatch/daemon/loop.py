@@ -156,6 +156,7 @@ class Daemon:
                 self._pruning = PruneSchedule(
                     parts.pruner, self.config.watch, self._wake.set,
                     unchanged_every=JOB_PRUNE_SECONDS if self.config.job.is_multi_node else None)
+                self.reporter.watch_pruning(self._pruning)
             peer_poller = self._start_peers(parts)
             self._flush_deferred(engine)
             poller = self._poller

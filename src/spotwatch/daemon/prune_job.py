@@ -55,6 +55,7 @@ class PruneJob:
         self._on_finished = on_finished
         self.deleted: list[Deletion] = []
         self.completed = False  # planned and applied without failure or cancel
+        self.failure: str | None = None  # why it failed (not a cancel)
         self._thread = threading.Thread(target=self._run, name="prune", daemon=True)
 
     def start(self) -> PruneJob:
@@ -77,7 +78,11 @@ class PruneJob:
         except PruneCancelled:
             log.info("prune_cancelled", deleted=0)
         except StoreError as exc:
-            log.warning("prune_failed", error=str(exc))
+            self.failure = str(exc)
+            log.warning("prune_failed", error=self.failure)
+        except Exception as exc:  # a defect: said, and in status, never a thread gone quiet
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.error("prune_failed", error=self.failure, exc_info=True)
         finally:
             self._on_finished()
 
@@ -107,6 +112,8 @@ class PruneSchedule:
         self._pruned_at: int | None = None
         self._starting_at = 0
         self.job: PruneJob | None = None
+        # Why the last prune failed, until one completes: retention is not being kept.
+        self.failing: str | None = None
 
     def tend(self, target: PruneTarget, quiet: bool) -> None:
         if self.job is not None:
@@ -130,7 +137,10 @@ class PruneSchedule:
         if not job.finished():
             return
         self.job = None
+        if job.failure is not None:
+            self.failing = job.failure
         if job.completed:  # failed or cancelled: try again when quiet
+            self.failing = None
             self._pruned_at = self._starting_at
             self._completed_at = self._clock()
         target.reseal_after_deletions(keys_to_reseal(job.deleted))

@@ -18,6 +18,7 @@ from spotwatch.daemon.flush import FlushController
 from spotwatch.daemon.hooks import NoticeHooks
 from spotwatch.daemon.in_effect import NoticeReport
 from spotwatch.daemon.metrics import Metrics, MetricsServer
+from spotwatch.daemon.prune_job import PruneSchedule
 from spotwatch.daemon.snapshot import EngineSnapshot
 from spotwatch.daemon.state_guard import StateGuard
 from spotwatch.logs import get_logger
@@ -56,6 +57,7 @@ class Reporter:
         self._claim: RankClaim | None = None  # this node's claim on its rank, on a job
         self._guard: StateGuard | None = None  # the daemon's hold on the state directory
         self._hooks: NoticeHooks | None = None  # how the trainer is told of a notice
+        self._pruning: PruneSchedule | None = None  # retention, when it is kept
         self.peer_poll_failures = 0
         self._status_due = 0.0
         self._keepalive_interval = sdnotify.watchdog_interval()
@@ -81,6 +83,9 @@ class Reporter:
 
     def watch_claim(self, claim: RankClaim) -> None:
         self._claim = claim
+
+    def watch_pruning(self, pruning: PruneSchedule) -> None:
+        self._pruning = pruning
 
     def problems(self) -> list[str]:
         """What needs a person: a rank claimed by two live nodes seals no part."""
@@ -280,10 +285,15 @@ class Reporter:
         if self.metrics.peers_up is not None and peers_up is not None:
             self.metrics.peers_up.set(1 if peers_up else 0)
 
+    def _retention_reason(self) -> str | None:
+        failing = None if self._pruning is None else self._pruning.failing
+        return None if failing is None else f"retention failing, nothing pruned: {failing}"
+
     def _degraded_reasons(self, stalled: str | None) -> list[str]:
         reasons = (self.s3_watch.degraded_reason(), stalled,
                    unreachable_reason("IMDS", self._imds),
                    unreachable_reason("peer notices", self._peers),
                    None if self._guard is None else self._guard.degraded_reason(),
+                   self._retention_reason(),
                    *([] if self._hooks is None else self._hooks.degraded_reasons()))
         return [reason for reason in reasons if reason is not None]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import builtins
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -161,10 +162,7 @@ class Manifest:
             raise ManifestError("lists no files")
         files = tuple(_entry(raw, prefix, set_name) for raw in raw_files)
         refuse_clashing_paths([f.path for f in files] + [link.path for link in links])
-        sealed_at = field_of(data, "sealed_at", (int, float))
-        if not math.isfinite(sealed_at):
-            raise ManifestError("sealed_at is not a finite number")
-        return cls(set_name, prefix, files, float(sealed_at), links)
+        return cls(set_name, prefix, files, time_field(data, "sealed_at"), links)
 
     @classmethod
     def build(cls, set_name: str, prefix: str, files: list[ManifestEntry],
@@ -173,14 +171,42 @@ class Manifest:
                    tuple(sorted(links or (), key=lambda link: link.path)))
 
 
+# Where a string decoded from JSON may hold a UTF-16 surrogate: a JSON escape of one (a pair
+# of them is one character, a lone one is none), or one encoded as UTF-8 or held as it is,
+# which json.loads lets through.
+_MAY_HOLD_SURROGATES = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+_MAY_HOLD_SURROGATES_IN_BYTES = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
 def json_object(text: str | builtins.bytes) -> dict[str, Any]:
+    """The JSON object the text holds. Invariant: every string in it is Unicode that UTF-8
+    can carry (a file name, a key): JSON's escapes can write a lone surrogate, which no file
+    system call or S3 request takes (UnicodeEncodeError deep in a restore)."""
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as exc:  # also undecodable bytes, deep nesting
         raise ManifestError(f"not JSON: {_first_line(exc)}") from None
     if not isinstance(data, dict):
         raise ManifestError("not a JSON object")
+    if (_MAY_HOLD_SURROGATES_IN_BYTES.search(text) if isinstance(text, bytes)
+            else _MAY_HOLD_SURROGATES.search(text)):  # rare: only then is every string read
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ManifestError("a string holds a lone surrogate, not Unicode text") from None
     return data
+
+
+def time_field(data: dict[str, Any], name: str) -> float:
+    """A time in seconds: a finite number a float can hold (a 400-digit integer cannot)."""
+    value = field_of(data, name, (int, float))
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ManifestError(f"field {name!r} is out of range") from None
+    if not math.isfinite(seconds):
+        raise ManifestError(f"field {name!r} is not a finite number")
+    return seconds
 
 
 def _first_line(exc: BaseException) -> str:

@@ -26,6 +26,7 @@ from spotwatch.sync.sets.manifest import (
     field_of,
     json_object,
     refuse_clashing_paths,
+    time_field,
 )
 
 # A node's identity is a host name and an id: far below this.
@@ -98,11 +99,11 @@ def sealed_by(text: str | builtins.bytes) -> tuple[str | None, float] | None:
     try:
         data = json_object(text)
         job = field_of(data, "job", dict)
-        sealed_at = field_of(data, "sealed_at", (int, float))
+        sealed_at = time_field(data, "sealed_at")
     except ManifestError:
         return None
     identity = job.get("node")
-    return (identity if isinstance(identity, str) else None), float(sealed_at)
+    return (identity if isinstance(identity, str) else None), sealed_at
 
 
 @dataclass(frozen=True)
