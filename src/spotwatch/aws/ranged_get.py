@@ -23,13 +23,18 @@ import http.client
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Executor, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
-from botocore.exceptions import FlexibleChecksumError, IncompleteReadError, ResponseStreamingError
+from botocore.exceptions import (
+    ClientError,
+    FlexibleChecksumError,
+    IncompleteReadError,
+    ResponseStreamingError,
+)
 from botocore.response import StreamingBody
 from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
 from urllib3.response import HTTPResponse as Urllib3Response
@@ -71,12 +76,37 @@ class ByteRange:
         return f"bytes={self.start}-{self.start + self.length - 1}"
 
 
-def split(size: int, part_size: int) -> list[ByteRange]:
+class Ranges(Sequence[ByteRange]):
     """Consecutive ranges of part_size covering size bytes (one empty range for an empty
-    object, which is fetched whole)."""
-    if size == 0:
-        return [ByteRange(0, 0)]
-    return [ByteRange(start, min(part_size, size - start)) for start in range(0, size, part_size)]
+    object, which is fetched whole), each made when asked for: the size is the listing's (or
+    a manifest's), and one that claims exabytes costs nothing before the first response
+    shows the object's real size."""
+
+    def __init__(self, size: int, part_size: int) -> None:
+        self._size = size
+        self._part_size = part_size
+
+    def __len__(self) -> int:
+        return max(1, -(-self._size // self._part_size))
+
+    @overload
+    def __getitem__(self, index: int) -> ByteRange: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[ByteRange]: ...
+
+    def __getitem__(self, index: int | slice) -> ByteRange | Sequence[ByteRange]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        start = (index % len(self)) * self._part_size
+        return ByteRange(start, min(self._part_size, self._size - start))
+
+
+def split(size: int, part_size: int) -> Ranges:
+    """The ranges of an object of size bytes, part_size each (see Ranges)."""
+    return Ranges(size, part_size)
 
 
 def range_size(size: int, part_size: int, workers: int) -> int:
@@ -173,7 +203,7 @@ class RangedGetter:
         finally:
             os.close(fd)
 
-    def _fetch_all(self, key: str, target: _File, ranges: list[ByteRange], size: int,
+    def _fetch_all(self, key: str, target: _File, ranges: Ranges, size: int,
                    progress: Progress | None, parts: Callable[[], PartDigests] | None
                    ) -> list[bytes]:
         """The digests of every range's parts, in order. The ranges run on the executor, at
@@ -183,7 +213,7 @@ class RangedGetter:
         of five); on a p5, all 256 would wait on one file. On the first failure no more
         ranges start, those under way are cancelled or awaited (none still writes to the file
         once it is closed), and the failure is raised."""
-        results: list[list[bytes]] = [[] for _ in ranges]
+        results: dict[int, list[bytes]] = {}  # by range: never one slot per range ahead
         under_way: dict[Future[list[bytes]], int] = {}
         started = 0
         self._shares.join()
@@ -211,7 +241,7 @@ class RangedGetter:
         finally:
             if sharing:
                 self._shares.leave()
-        return [part for of_range in results for part in of_range]
+        return [part for index in range(len(ranges)) for part in results[index]]
 
     def _submit(self, key: str, target: _File, byte_range: ByteRange, size: int,
                 progress: Progress | None, parts: Callable[[], PartDigests] | None
@@ -244,7 +274,13 @@ class RangedGetter:
         if target.cancelled.is_set():  # a range begun after the download was cancelled
             raise CancelledError()
         args: dict[str, Any] = {} if whole else {"Range": byte_range.header}
-        response = self._client.get_object(Bucket=self._bucket, Key=key, **args)
+        try:
+            response = self._client.get_object(Bucket=self._bucket, Key=key, **args)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                raise ContentMismatch(f"{key}: the object ends before byte {byte_range.start} "
+                                      f"of the {size} bytes listed") from None
+            raise
         _check_size(key, response, size)
         body = response["Body"]
         state = parts() if parts is not None else None
