@@ -611,6 +611,37 @@ def test_a_pointer_to_a_step_on_disk_beside_it_is_left_as_it_is(
     assert (workspace.checkpoints / "latest").read_bytes() == b"global_step300"
 
 
+@pytest.mark.parametrize("on_disk", ["all of it", "part of it", "a file cut short"])
+def test_a_pointer_to_a_higher_step_stays_only_if_that_step_is_whole_beside_it(
+        workspace: Workspace, s3: Any, on_disk: str) -> None:
+    """S3 has global_step300's manifest, but an object of it is gone: restore brings
+    global_step200. Beside it the disk holds global_step300 (a restore killed while placing
+    it, a save cut short, or all of it) and `latest` names it. The pointer stays only if every
+    file the manifest lists is there with its size: the trainer never loads half a step."""
+    files = {"mp_rank_00_model_states.pt": b"three hundred",
+             "zero_pp_rank_0_optim_states.pt": b"optimizer states"}
+    write(workspace, "global_step200/mp_rank_00_model_states.pt", b"two hundred", 300)
+    for name, data in files.items():
+        write(workspace, f"global_step300/{name}", data, 200)
+    write(workspace, "latest", b"global_step300", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 4
+    s3.delete_object(Bucket=workspace.bucket, Key="run1/global_step300/" + next(iter(files)))
+    step = workspace.checkpoints / "global_step300"
+    if on_disk == "part of it":
+        (step / "zero_pp_rank_0_optim_states.pt").unlink()
+    elif on_disk == "a file cut short":
+        os.truncate(step / "zero_pp_rank_0_optim_states.pt", 3)
+
+    result = restore(workspace)
+    assert result.returncode == 0, result.stderr
+    assert "restored global_step200" in result.stdout
+    if on_disk == "all of it":
+        assert (workspace.checkpoints / "latest").read_bytes() == b"global_step300"
+    else:
+        assert "latest now names global_step200 (was global_step300)" in result.stdout
+        assert (workspace.checkpoints / "latest").read_bytes() == b"global_step200"
+
+
 def test_a_named_step_restored_beside_a_higher_one_gets_the_pointer(
         workspace: Workspace) -> None:
     """`restore --set global_step100` into the watched directory, which still holds

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_IMODE, S_ISREG
@@ -168,12 +168,14 @@ def repointed_link(link_path: str, target: str, restored: str) -> str | None:
 
 
 def repoint(path: Path, companion: str, restored: str, known: Collection[str],
-            temporary: Path, asked_for: bool = False) -> Repointed | None:
+            temporary: Path, asked_for: bool = False,
+            whole_here: Callable[[str], bool] = lambda name: True) -> Repointed | None:
     """Rewrite the file at path when it points to another set of the restored set's series
     (see repointed_text); temporary: where the new content waits until it replaces the file
     in one rename. Its mtime is now: it is no longer the object in S3, and the daemon, when the
     path is watched, uploads the pointer as it now is. asked_for: the set restored was named
-    (`restore --set`, a rollback): the pointer names it whatever is beside it."""
+    (`restore --set`, a rollback): the pointer names it whatever is beside it. whole_here:
+    whether a set beside the pointer holds every file its manifest lists."""
     try:
         # Never through a symlink, nor from a FIFO or a device: a pointer left out of the
         # restore is whatever was at the destination already.
@@ -187,13 +189,15 @@ def repoint(path: Path, companion: str, restored: str, known: Collection[str],
     if change is None:
         return None
     content, old, new = change
-    # A higher step it names is there beside it (the same disk after a reboot, a shared file
-    # system): the trainer wrote the pointer once that step was saved; it loads it as it is.
+    # A higher step it names is there beside it, whole (the same disk after a reboot, a shared
+    # file system): the trainer wrote the pointer once that step was saved; it loads it as it
+    # is. Invariant: never a pointer left naming a step that is there only in part (a restore
+    # killed while placing it, a save cut short): the trainer would load a broken checkpoint.
     # One naming a lower step would have the trainer load that step instead of the newer one
     # restored.
     pointed = _set_pointed(old, restored)
     if (not asked_for and step_order(pointed) > step_order(restored)
-            and os.path.lexists(path.parent / pointed)):
+            and os.path.lexists(path.parent / pointed) and whole_here(pointed)):
         return None
     try:
         temporary.write_text(content, encoding="utf-8")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from stat import S_ISREG
 
 from spotwatch.aws.store import ObjectStore
 from spotwatch.errors import SpotwatchError
@@ -28,13 +30,13 @@ log = get_logger("spotwatch.restore")
 
 def with_companions(report: RestoreReport, companions: Sequence[Candidate],
                     store: ObjectStore, preferred: str, ledger: Ledger | None,
-                    known: Collection[str], asked_for: bool) -> RestoreReport:
+                    known: Mapping[str, Manifest], asked_for: bool) -> RestoreReport:
     """The report, after the companions that are complete and verify were restored too (each
     on its own: one that is not is named and left out), and those that point to another set of
-    the series made to point to the one restored (sync.pointers); known: the sets in S3;
-    asked_for: the set was named (--set). A companion left out still has the copy already at
-    the destination, if any, made to name the set restored: the trainer must not load another
-    step than the one restore says it restored."""
+    the series made to point to the one restored (sync.pointers); known: the sets in S3, by
+    name, each as this node fetches it; asked_for: the set was named (--set). A companion
+    left out still has the copy already at the destination, if any, made to name the set
+    restored: the trainer must not load another step than the one restore says it restored."""
     restored = []
     skipped = []
     repointed = []
@@ -62,7 +64,7 @@ def with_companions(report: RestoreReport, companions: Sequence[Candidate],
                    repointed=tuple(repointed))
 
 
-def _repoint(companion: Manifest, report: RestoreReport, known: Collection[str],
+def _repoint(companion: Manifest, report: RestoreReport, known: Mapping[str, Manifest],
              asked_for: bool) -> Repointed | None:
     """The companion made to name the set restored, if it is a pointer to another of the
     series. The ledger keeps the object in S3 (still the old pointer): a daemon watching the
@@ -70,16 +72,33 @@ def _repoint(companion: Manifest, report: RestoreReport, known: Collection[str],
     if len(companion.files) != 1:
         return None
     entry = companion.files[0]
-    target = Targets(report.destination).of(entry.path)
+    targets = Targets(report.destination)
+    target = targets.of(entry.path)
+
+    def whole_here(name: str) -> bool:
+        """Every file of the set as S3 lists it is there with its size; a set S3 has no
+        manifest of (never sealed) is the trainer's word, as the pointer is."""
+        manifest = known.get(name)
+        return manifest is None or all(_has_size(targets.of(f.path), f.size)
+                                       for f in manifest.files)
+
     try:
         change = repoint(target, entry.path, report.set_name, known,
-                         cleared(temporary(target)), asked_for)
+                         cleared(temporary(target)), asked_for, whole_here)
     except OSError as exc:
         raise SpotwatchError(f"cannot make {entry.path} name {report.set_name}: {exc}") from None
     if change is not None:
         log.warning("companion_repointed", companion=change.companion, set=report.set_name,
                     **{"from": change.old, "to": change.new})
     return change
+
+
+def _has_size(path: Path, size: int) -> bool:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return S_ISREG(info.st_mode) and info.st_size == size
 
 
 def refuse_companions_in_the_way(destination: Path, companions: Sequence[Candidate]) -> None:

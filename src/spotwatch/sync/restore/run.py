@@ -54,7 +54,7 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     # S3 when uploaded before it was excluded by default) is never restored: it is no
     # checkpoint, and beside the checkpoint it marks NeMo would delete that one at its start.
     candidates = [c for c in candidates if not is_unfinished_marker(c.whole)]
-    known = frozenset(c.whole.set_name for c in candidates)
+    known = {c.whole.set_name: c.fetch for c in candidates}
     remove_stale_temporaries(destination, [c.whole for c in candidates])
     linked = [c for c in candidates if not holds_files(c.whole) and c.problem is None]
     with_files = [c for c in candidates if holds_files(c.whole)]
