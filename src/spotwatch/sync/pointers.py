@@ -9,8 +9,8 @@ checkpoint and starts from scratch. Such a pointer is rewritten to name the set 
 Only a small UTF-8 file named as one (`latest...`, `last...`) whose whole content (stripped) is
 one name is a pointer: the name of another set of the restored set's series, or a bare number
 where the file is Megatron's tracker or that number names a set of the series listed in S3.
-Nothing else is touched, nor a pointer to a higher step that is there beside it (unless the set
-restored was asked for by name).
+Nothing else is touched, nor a pointer to a higher step that is there beside it whole (unless
+the set restored was asked for by name).
 
 A pointer is the trainer's commit: DeepSpeed and Megatron write it once every rank finished
 saving the step it names. A newer step beside it may be a save that never finished (the
