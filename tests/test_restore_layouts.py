@@ -103,10 +103,14 @@ def test_a_pointer_replaced_beside_the_step_is_named_in_the_summary(
         "latest")
 
 
+# A checkpoint file, larger than any pointer (pointers.POINTER_MAX_BYTES).
+TWENTY = b"twenty " * 100
+
+
 def test_checkpoints_that_are_files_restore_the_newest_file(workspace: Workspace) -> None:
     write(workspace, "epoch=0-step=10.ckpt", b"ten", 300)
-    write(workspace, "epoch=1-step=20.ckpt", b"twenty", 200)
-    write(workspace, "last.ckpt", b"twenty", 100)  # Lightning's copy of the newest
+    write(workspace, "epoch=1-step=20.ckpt", TWENTY, 200)
+    write(workspace, "last.ckpt", TWENTY, 100)  # Lightning's copy of the newest
     assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 3
     target = workspace.root / "restored"
     result = restore(workspace, "--to", str(target))
@@ -125,14 +129,21 @@ def candidate(name: str, directory: bool) -> Candidate:
 def test_restore_tries_numbered_set_directories_first(sets: list[tuple[str, bool]]) -> None:
     """Where the trainer saves numbered set directories, they come first (newest first), then
     the other numbered sets; a set without a number is never tried for the checkpoint. Where
-    it saves none (checkpoints that are files), every set is tried, newest first."""
+    it saves none (checkpoints that are files), every set but a pointer is tried, newest
+    first."""
     candidates = [candidate(name, directory) for name, directory in sets]
     ordered, companions = checkpoints_first(candidates)
     numbered = [(c, directory) for c, (name, directory) in zip(candidates, sets, strict=True)
                 if any(ch.isdigit() for ch in name)]
     steps = [c for c, directory in numbered if directory]
     if not steps:
-        assert ordered == candidates and companions == []
+        # Files only: a pointer (a small `latest` file) is never the checkpoint; unnumbered
+        # files make one checkpoint together, each beside the one restored.
+        files = [c for c, (name, directory) in zip(candidates, sets, strict=True)
+                 if directory or name != "latest"]
+        assert ordered == files
+        numbered_files = any(any(ch.isdigit() for ch in c.whole.set_name) for c in files)
+        assert companions == ([] if not files or numbered_files else candidates)
     else:
         assert ordered == steps + [c for c, directory in numbered if not directory]
         assert companions == [c for c, (name, directory) in zip(candidates, sets, strict=True)
@@ -217,7 +228,7 @@ def test_checkpoints_that_are_files_fall_back_to_any_complete_set(
     """Without numbered set directories every set is a checkpoint, as ever: with the newest
     file corrupt, the next older complete one comes back."""
     result, target = restored_with_one_replaced(
-        workspace, s3, [("epoch=0-step=10.ckpt", b"ten", 300), ("last.ckpt", b"twenty", 100)],
+        workspace, s3, [("epoch=0-step=10.ckpt", b"ten", 300), ("last.ckpt", TWENTY, 100)],
         "last.ckpt")
     assert result.returncode == 0, result.stderr
     assert "restored epoch=0-step=10.ckpt" in result.stdout and "passed over: last.ckpt" in \
@@ -721,3 +732,50 @@ def test_a_companion_whose_folder_may_not_be_written_is_refused_before_anything_
         "written to", error
     assert os.listdir(target / "global_step200") == []
     assert (target / "latest").read_bytes() == b"global_step100"
+
+
+def test_a_checkpoint_of_unnumbered_files_comes_back_whole(
+        workspace: Workspace, s3: Any) -> None:
+    """model.pt and optim.pt saved in place every epoch, with no step number (a Hugging Face
+    save_model, a hand-written loop): both are the checkpoint, and both come back. With one
+    corrupt in S3, the other comes back and the summary names the one left out."""
+    files = [("model.pt", b"weights" * 100, 200), ("optim.pt", b"moments" * 100, 100),
+             ("config.json", b"{}", 300)]
+    for relative, data, age in files:
+        write(workspace, relative, data, age)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 3
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert files_under(target) == {"model.pt", "optim.pt", "config.json"}
+    assert all((target / relative).read_bytes() == data for relative, data, _ in files)
+    # `--set` names one file: that one alone.
+    alone = workspace.root / "alone"
+    assert restore(workspace, "--set", "model.pt", "--to", str(alone)).returncode == 0
+    assert files_under(alone) == {"model.pt"}
+
+    s3.put_object(Bucket=workspace.bucket, Key="run1/model.pt", Body=b"X" * 700)
+    again = workspace.root / "again"
+    result = restore(workspace, "--to", str(again))
+    assert result.returncode == 0, result.stderr
+    assert "restored optim.pt" in result.stdout and "model.pt not restored beside it" in \
+        result.stdout, result.stdout
+    assert files_under(again) == {"optim.pt", "config.json"}
+
+
+def test_a_pointer_whose_step_was_never_sealed_is_no_checkpoint(
+        workspace: Workspace, s3: Any) -> None:
+    """The instance went away mid-flush: global_step100's files are in S3 but not its
+    manifest, while `latest` naming it was sealed (small files go first). Restore has no
+    checkpoint to give back (exit 1), not a pointer alone with exit 0."""
+    write(workspace, "global_step100/mp_rank_00_model_states.pt", b"one hundred", 200)
+    write(workspace, "latest", b"global_step100", 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
+    s3.delete_object(Bucket=workspace.bucket, Key=manifest_key("run1/", "global_step100"))
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 1, result.stdout
+    [error] = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert error.startswith("spotwatch: error: no complete checkpoint set under "), error
+    assert "--set latest restores it" in error, error
+    assert not target.exists() or files_under(target) == set()

@@ -80,12 +80,18 @@ def _numbered_beyond(pointed: Step | None, names: Sequence[str]) -> list[str]:
     return [name for name, step in of_series.items() if step.number > pointed.number]
 
 
+def is_pointer_set(manifest: Manifest) -> bool:
+    """A one-file set named and small enough to be a pointer (DeepSpeed's `latest`): a name
+    of a checkpoint, never one itself."""
+    return (len(manifest.files) == 1 and manifest.files[0].path == manifest.set_name
+            and manifest.files[0].size <= POINTER_MAX_BYTES
+            and named_as_pointer(manifest.set_name))
+
+
 def _pointer_text(store: ObjectStore, manifest: Manifest) -> str | None:
     """The text of a one-file set named and small enough to be a pointer, if it is the size
     its manifest lists."""
-    if (len(manifest.files) != 1 or manifest.files[0].path != manifest.set_name
-            or manifest.files[0].size > POINTER_MAX_BYTES
-            or not named_as_pointer(manifest.set_name)):
+    if not is_pointer_set(manifest):
         return None
     entry = manifest.files[0]
     try:

@@ -42,6 +42,8 @@ def with_companions(report: RestoreReport, companions: Sequence[Candidate],
     repointed = []
     for companion in companions:
         name = companion.whole.set_name
+        if name == report.set_name:  # files side by side: each the others' companion
+            continue
         try:
             done = restore_newest(store, [companion], report.destination, preferred, ledger)
             if done is None:

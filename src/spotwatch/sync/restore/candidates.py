@@ -9,7 +9,7 @@ from spotwatch.aws.store import ObjectStore
 from spotwatch.config import JobSettings
 from spotwatch.keys import UNFINISHED_SUFFIX, series_of, step_number, step_order
 from spotwatch.logs import get_logger
-from spotwatch.sync.commits import uncommitted
+from spotwatch.sync.commits import is_pointer_set, uncommitted
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import list_job_sets, list_manifests
@@ -98,8 +98,21 @@ def checkpoints_first(candidates: Sequence[Candidate]) -> tuple[list[Candidate],
         if not directory and not numbered:
             companions.append(candidate)
     if not steps:
-        return list(candidates), []
+        return _files_only(candidates)
     return steps + [c for c in others if _is_numbered(c.whole)], companions
+
+
+def _files_only(candidates: Sequence[Candidate]) -> tuple[list[Candidate], list[Candidate]]:
+    """checkpoints_first where checkpoints are files only. A pointer is never the checkpoint:
+    restored alone it hands back a name and no step (`latest` sealed, the step it names
+    never). Where files are numbered (Lightning's epoch=3-step=400.ckpt beside last.ckpt) the
+    newest complete file comes back, as ever. Where none is (model.pt and optim.pt saved in
+    place, a Hugging Face save_model), every file is part of the checkpoint: the newest
+    complete one comes back, and the others beside it (takes_companions)."""
+    checkpoints = [c for c in candidates if not is_pointer_set(c.whole)]
+    if not checkpoints or any(_is_numbered(c.whole) for c in checkpoints):
+        return checkpoints, []
+    return checkpoints, list(candidates)
 
 
 def committed_first(store: ObjectStore, ordered: Sequence[Candidate],
@@ -121,10 +134,14 @@ def committed_first(store: ObjectStore, ordered: Sequence[Candidate],
     return [candidate for candidate in ordered if candidate.whole.set_name not in passed_over]
 
 
-def takes_companions(manifest: Manifest) -> bool:
-    """Whether the companions come with the set restored, named by --set or not: a numbered
-    set directory (global_step100/), which the pointer beside it must name to be loaded."""
-    return is_directory_set(manifest) and _is_numbered(manifest)
+def takes_companions(manifest: Manifest, by_name: bool) -> bool:
+    """Whether the companions come with the set restored: a numbered set directory
+    (global_step100/), which the pointer beside it must name to be loaded, named by --set or
+    not; or, unless --set named it alone, a file of a checkpoint of unnumbered files
+    (_files_only)."""
+    if is_directory_set(manifest):
+        return _is_numbered(manifest)
+    return not by_name and not _is_numbered(manifest)
 
 
 def _is_numbered(manifest: Manifest) -> bool:

@@ -67,7 +67,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     candidates = (committed_first(store, [c for c in ordered if not is_staging_set(
                       c.whole.set_name, staging)], companions) if set_name is None
                   else [c for c in candidates if c.whole.set_name == set_name])
-    if companions and any(takes_companions(c.whole) for c in candidates):
+    by_name = set_name is not None
+    if companions and any(takes_companions(c.whole, by_name) for c in candidates):
         refuse_companions_in_the_way(destination, companions)
     # Restored into the watched directory, the files are already in S3: record them.
     ledger = (Ledger(StateDir(config.state_dir).ledger) if _is_watched(destination, watch)
@@ -79,10 +80,10 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
                                 config.transfer.checksum_algorithm, ledger, passed_over)
         if report is not None:
             chosen = next(c for c in candidates if c.whole.set_name == report.set_name)
-            if companions and takes_companions(chosen.whole):
+            if companions and takes_companions(chosen.whole, by_name):
                 report = with_companions(report, companions, store,
                                          config.transfer.checksum_algorithm, ledger, known,
-                                         asked_for=set_name is not None)
+                                         asked_for=by_name)
             report = with_links(report, {c.whole.set_name: c.fetch for c in (chosen, *linked)},
                                 ledger, store.bucket)
             if set_name is None:
