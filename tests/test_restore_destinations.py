@@ -41,3 +41,21 @@ def test_a_destination_below_a_folder_that_may_not_be_entered_is_one_line(
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"spotwatch: error: cannot restore into {locked / 'sub'}: Permission denied"]
+
+
+def test_a_fifo_where_an_empty_file_goes_is_replaced_not_read(workspace: Workspace) -> None:
+    """A FIFO of the size (0) and mtime an empty file of the set was sealed with: taken for
+    the file, it was opened to be checked, and restore waited for a writer for good."""
+    empty = workspace.checkpoints / "step_1" / "empty.bin"
+    save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 2_000)
+    empty.write_bytes(b"")
+    assert workspace.cli("flush").returncode == 0
+    mtime_ns = empty.stat().st_mtime_ns
+    target = workspace.root / "restored"
+    (target / "step_1").mkdir(parents=True)
+    fifo = target / "step_1" / "empty.bin"
+    os.mkfifo(fifo)
+    os.utime(fifo, ns=(mtime_ns, mtime_ns))
+    restored = workspace.cli("restore", "--to", str(target), timeout=60)
+    assert restored.returncode == 0, restored.stderr
+    assert fifo.is_file() and fifo.read_bytes() == b""

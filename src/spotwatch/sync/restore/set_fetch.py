@@ -8,7 +8,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
-from stat import S_ISDIR, S_ISLNK
+from stat import S_ISDIR, S_ISLNK, S_ISREG
 
 from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
 from spotwatch.checksums import ChecksumUnavailable
@@ -266,8 +266,10 @@ def _already_there(target: Path, entry: ManifestEntry, part_size: int | None,
     here, before any download: restore never replaces one, and finding it only when the files
     move into place would leave part of the set there."""
     stat = no_directory_at(target, entry.path)
-    if stat is None or S_ISLNK(stat.st_mode):
-        return False  # a symlink is replaced by the file (see destination.Targets)
+    if stat is None or not S_ISREG(stat.st_mode):
+        # A symlink is replaced by the file (see destination.Targets), and so is a FIFO,
+        # socket or device, never opened: reading a FIFO would wait for a writer for good.
+        return False
     return ((stat.st_size, stat.st_mtime_ns) == (entry.size, entry.mtime_ns)
             and verify(target, entry, part_size, preferred) is None
             and _mismatch(target, also, preferred) is None)
