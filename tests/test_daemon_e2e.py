@@ -468,3 +468,25 @@ def test_a_same_size_rewrite_within_the_second_of_an_upload_is_uploaded_on_whole
         assert object_bytes(s3, workspace.bucket, "run1/model.bin") == data
     wait_for(lambda: workspace.status().get("pending_files") == 0)
     assert daemon.stop() == 0
+
+
+def test_a_flush_finds_a_write_inotify_never_reported(workspace: Workspace, s3: Any,
+                                                      tmp_path: Path) -> None:
+    """A shard hard-linked into the step from outside the watched directory, rewritten
+    through its outside name: the kernel reports that write under the outside name only.
+    `spotwatch flush` right after (well within the periodic scan's interval) scans first, so
+    what it says is durable is what is on disk."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shard = outside / "emb.bin"
+    shard.write_bytes(b"1" * 100_000)
+    (workspace.checkpoints / "step_1").mkdir()
+    os.link(shard, workspace.checkpoints / "step_1" / "emb.bin")
+    daemon = workspace.start_daemon()
+    daemon.wait_for_event("set_complete")
+    with shard.open("r+b") as handle:  # in place, through the name outside
+        handle.write(b"2" * 100_000)
+    flushed = workspace.cli("flush", "-c", "config.yaml", timeout=60)
+    assert flushed.returncode == 0, flushed.stderr
+    assert object_bytes(s3, workspace.bucket, "run1/step_1/emb.bin") == b"2" * 100_000
+    assert daemon.stop() == 0

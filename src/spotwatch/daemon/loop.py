@@ -598,6 +598,7 @@ class Daemon:
                      until: float | None = None) -> None:
         # A flush is the last chance: every file waiting to retry gets one more now.
         engine.retries.retry_now()
+        engine.scan_soon()  # and every change since the last scan is found
         engine.sealer.check_incomplete_again()  # its verdict names the sets incomplete now
         # Taken back before the cap lifts: once lifted, the upload sending may end at once and
         # the next in the transfer client's queue begin before it could be taken back.

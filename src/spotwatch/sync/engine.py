@@ -129,6 +129,7 @@ class SyncEngine:
         self.throughput = ThroughputMeter()
         self._seal_due = 0.0
         self._last_scan = clock()  # the start's scan (reconcile), then each rescan
+        self._scan_owed = False  # a flush asked for a scan now (scan_soon)
         self._last_scan_wall_ns = wall_clock_ns()
         self._periodic: Iterator[bool] | None = None  # a periodic scan under way
         self._periodic_queued = 0  # files it queued so far
@@ -217,8 +218,9 @@ class SyncEngine:
         a network round trip each on a shared file system): it tells the trainer of notices
         and keeps systemd's watchdog fed meanwhile. The scan goes on at the next call."""
         if self._periodic is None:
-            if self._clock() - self._last_scan < interval:
+            if self._clock() - self._last_scan < interval and not self._scan_owed:
                 return
+            self._scan_owed = False
             since = self._rescan_since(every_file=False)
             self._periodic = chain.from_iterable(
                 self._scan_steps(tracker, tracker.quiet_seconds, since)
@@ -234,6 +236,13 @@ class SyncEngine:
         (log.info if self._periodic_queued else log.debug)(
             "rescan_done", reason="periodic", pending=self._periodic_queued,
             unsettled=self.unsettled())
+
+    def scan_soon(self) -> None:
+        """A flush starts: the next rescan_when_due scans at once, and the flush settles only
+        once that scan is done (flush_settled). Invariant: a flush misses no change inotify
+        never reported (a write through a memory mapping, or through a hard link from outside
+        the watched directory) because the last scan was a moment before it."""
+        self._scan_owed = True
 
     def _rescan(self, reason: str, every_file: bool = False) -> None:
         """Scan again, at once, for files changed since the last scan began (see
@@ -579,7 +588,7 @@ class SyncEngine:
         as long as they are written). A file that never settles (a log appended to all the
         time) must not hold a flush forever; the flush reports it (see being_written), and
         its set, held by it, stays unsealed."""
-        if self.planner or self._uploading:
+        if self.planner or self._uploading or self._scan_owed or self._periodic is not None:
             return False
         if self.unsettled() and (writes_until is None or self._clock() < writes_until):
             return False
