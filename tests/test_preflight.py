@@ -20,6 +20,7 @@ from spotwatch.emulator import ImdsEmulator
 
 from .conftest import Workspace, block_public_access, keys_in
 from .faultproxy import FaultProxy
+from .test_daemon_e2e import save_checkpoint
 
 
 def check(workspace: Workspace, bucket: str | None = None) -> Any:
@@ -224,7 +225,7 @@ def test_check_answers_when_s3_takes_requests_and_never_replies(
     """S3 (or a proxy before it) accepting connections and never answering held `spotwatch
     check` for the SDK's timeouts and retries, minutes in all: it now answers once its bound
     is over, with one failure that says so (exit 1 from the CLI)."""
-    from spotwatch.commands.check import _checks_within
+    from spotwatch.aws.preflight import checks_within
     from spotwatch.config import load_config
 
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
@@ -232,7 +233,7 @@ def test_check_answers_when_s3_takes_requests_and_never_replies(
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         config = load_config(workspace.config_file)
         try:
-            results = _checks_within(config, workspace.bucket, 2.0)
+            results = checks_within(config, workspace.bucket, 2.0)
         finally:
             for rule in proxy.rules:
                 rule.release()
@@ -247,8 +248,7 @@ def test_check_cut_short_in_its_write_check_keeps_what_answered_and_names_the_pr
     """S3 stops answering once the probe object is written: the checks before it are
     reported as they came out, and the line that says S3 did not answer names the probe
     object the check could not delete."""
-    from spotwatch.aws.preflight import write_probe_key
-    from spotwatch.commands.check import _checks_within
+    from spotwatch.aws.preflight import checks_within, write_probe_key
     from spotwatch.config import load_config
 
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
@@ -257,7 +257,7 @@ def test_check_cut_short_in_its_write_check_keeps_what_answered_and_names_the_pr
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         config = load_config(workspace.config_file)
         try:
-            results = _checks_within(config, workspace.bucket, 5.0)
+            results = checks_within(config, workspace.bucket, 5.0)
         finally:
             for rule in proxy.rules:
                 rule.release()
@@ -269,3 +269,23 @@ def test_check_cut_short_in_its_write_check_keeps_what_answered_and_names_the_pr
         f"S3 did not answer within 5 s (s3://{workspace.bucket}); the write check's probe "
         f"object may be left at s3://{workspace.bucket}/{probe}")
     assert probe in keys_in(s3, workspace.bucket)  # it was: as the line says
+
+
+def test_a_one_shot_flush_answers_within_its_time_when_s3_never_does(
+        workspace: Workspace, s3: Any) -> None:
+    """S3 taking requests and never answering held the flush's check of the bucket's region
+    and public access for the SDK's ten minutes, past any notice's deadline: the check now
+    takes no longer than the flush may (sync.stop_timeout), and the flush says what it left."""
+    save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 1000)
+    workspace.write_config(sync={"stop_timeout": 3})
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.add("delay", lambda request: True, times=10_000, delay=3600)
+        try:
+            # The subprocess timeout is the hang this guards against, not a latency bound.
+            flushed = workspace.cli("flush", "-c", "config.yaml", timeout=120,
+                                    AWS_ENDPOINT_URL=proxy.url)
+        finally:
+            for rule in proxy.rules:
+                rule.release()
+    assert flushed.returncode == 1, flushed.stderr
+    assert "Traceback" not in flushed.stderr

@@ -7,6 +7,9 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +108,36 @@ def test_a_state_directory_no_retry_mends_is_a_config_error_and_others_are_not(
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError):
         StateDir(tmp_path / "file" / "state").ensure()
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs, filled: a state volume with no space left."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        (mount / "state").mkdir()
+        with suppress(OSError), (mount / "filler").open("wb") as filler:
+            while True:
+                filler.write(b"\0" * 4096)
+                filler.flush()
+        yield mount / "state"
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("verb", ["check", "run"])
+def test_a_full_state_disk_is_refused_by_check_as_by_run(workspace: Workspace, full_disk: Path,
+                                                          verb: str) -> None:
+    """`check` passed a state directory with no space left that `run` refuses at its first
+    write (the lock): both now give run's one line, exit 1 (space may come back)."""
+    workspace.write_config(state={"dir": str(full_disk)})
+    done = workspace.cli(verb, "-c", "config.yaml", timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"spotwatch: error: cannot write state directory {full_disk}: No space left on device")
+    assert not [p for p in full_disk.iterdir() if p.name.startswith(".spotwatch-check-")]

@@ -17,6 +17,8 @@ from typing import Any
 
 from spotwatch.errors import ConfigError, SpotwatchError
 
+# What `spotwatch check` writes into an existing state directory to see it takes writes.
+PROBE_BYTES = 4096
 # Errors that no retry mends: the directory is not this user's to write, or on a read-only
 # mount. A restart (systemd's Restart=, a container's restart policy) would only repeat them,
 # so they are config errors (exit 2, which the unit's RestartPreventExitStatus stops on).
@@ -141,7 +143,19 @@ class StateDir:
         if not S_ISDIR(found.st_mode):
             raise self.refused("create", _error(errno.EEXIST))
         self._refuse_unwritable()
+        self._refuse_full()
         self._refuse_foreign_files()
+
+    def _refuse_full(self) -> None:
+        """A page written and removed again: a full disk (or quota) refuses `run`'s first
+        write, the lock, so the check refuses it too; access() says nothing of space."""
+        try:
+            with tempfile.TemporaryFile(dir=self.path, prefix=".spotwatch-check-") as probe:
+                probe.write(b"\0" * PROBE_BYTES)
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as exc:
+            raise self.refused("write", exc) from None
 
     def _refuse_foreign_files(self) -> None:
         for path in self.written_files:

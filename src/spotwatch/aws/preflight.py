@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
@@ -33,6 +37,8 @@ from spotwatch.keys import WRITE_PROBE, object_key
 _NO_ANSWER = (BotoConnectionError, HTTPClientError)
 
 _NOT_IMPLEMENTED = 501
+
+T = TypeVar("T")
 
 PUBLIC_ACCESS_FLAGS = ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy",
                        "RestrictPublicBuckets")
@@ -247,6 +253,50 @@ def run_checks(config: Config, bucket: str, s3: Any | None = None,
         results.append(CheckResult("bucket", False, f"S3 unreachable: {exc}", unreachable=True))
     results.append(check_instance_region(config, expected))
     return results
+
+
+# How long a run of the checks may take: S3 taking requests and never answering would hold
+# each one for the SDK's timeouts and retries (a read timeout of 60 s, ten attempts: ten
+# minutes a request), and a preflight must answer.
+CHECK_SECONDS = 30.0
+
+
+def within(seconds: float, work: Callable[[], T]) -> tuple[bool, T | None]:
+    """(True, work's result), run on a thread of its own, or (False, None) once it took
+    `seconds`: it is left running, abandoned (a daemon thread, gone with the process). What
+    it raises is raised here."""
+    answer: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            answer.set_result(work())
+        except BaseException as exc:  # raised again below, on the caller's thread
+            answer.set_exception(exc)
+
+    threading.Thread(target=run, name="bounded-check", daemon=True).start()
+    try:
+        return True, answer.result(timeout=seconds)
+    except FutureTimeout:
+        return False, None
+
+
+def checks_within(config: Config, bucket: str, seconds: float = CHECK_SECONDS,
+                  s3: Any | None = None) -> list[CheckResult]:
+    """run_checks, or the checks that answered within `seconds` and one failure, S3
+    unreachable, that says what did not (and where the write check's probe object may be
+    left)."""
+    found: list[CheckResult] = []
+    done, results = within(seconds, lambda: run_checks(config, bucket, s3, found))
+    if done and results is not None:
+        return results
+    answered = list(found)
+    detail = f"S3 did not answer within {seconds:g} s (s3://{bucket})"
+    names = {result.name for result in answered}
+    if "encryption" in names and "write" not in names:
+        # check_write runs next: its probe object may be written and never deleted.
+        detail += (f"; the write check's probe object may be left at "
+                   f"s3://{bucket}/{write_probe_key(config)}")
+    return [*answered, CheckResult("bucket", False, detail, unreachable=True)]
 
 
 def failures(results: list[CheckResult]) -> list[CheckResult]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from spotwatch.aws.preflight import check_destination
+from spotwatch.aws.preflight import CHECK_SECONDS, check_destination, within
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.bucket import NO_BUCKET, NoBucket
@@ -69,9 +69,15 @@ def _refuse_destination(config: Config, bucket: str, client: Any) -> None:
     """Invariant: a one-shot flush uploads only where `spotwatch run` would: a bucket in
     another region or a public one is refused before anything is uploaded. S3 not answering
     is no refusal: the flush's own retries meet it, and say so."""
+    expected = resolve_region(config)
     try:
-        results = check_destination(client, bucket, config, resolve_region(config))
+        # Within the flush's own time at most: S3 taking requests and never answering would
+        # hold a GetBucketLocation for the SDK's ten minutes, past any deadline.
+        answered, results = within(min(CHECK_SECONDS, config.sync.stop_timeout),
+                                   lambda: check_destination(client, bucket, config, expected))
     except (BotoCoreError, ClientError):
+        return
+    if not answered or results is None:
         return
     refused = Verdict(results).refusal
     if refused is not None:

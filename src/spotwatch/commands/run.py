@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spotwatch.aws.preflight import run_checks
+from spotwatch.aws.preflight import checks_within
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.commands import load
@@ -19,5 +19,7 @@ def run(args: argparse.Namespace) -> int:
     config, bucket = load(args)
     require_notice_file_place(config)
     client = make_s3_client(resolve_region(config), config.transfer)
-    checks = StartChecks(lambda: run_checks(config, bucket, client))
+    # Bounded as `spotwatch check` is: a run S3 never answers counts as S3 unreachable, and
+    # the daemon waits for S3 (status says so) instead of for the SDK's ten minutes.
+    checks = StartChecks(lambda: checks_within(config, bucket, s3=client))
     return Daemon(config, bucket, client).run(checks=checks)

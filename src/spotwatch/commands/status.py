@@ -39,7 +39,10 @@ def gather_status(config: Config, bucket: str | None) -> dict[str, Any]:
     if report["daemon_report_unreadable"]:
         current = None
     if bucket is None:
-        bucket = report["bucket"] = _daemons_bucket(current)
+        # With no spotwatch running, the last one's report names the bucket (the unit gives
+        # it to the daemon alone): what a crash left behind is shown all the same.
+        last = state.read_status() if holder is None else None
+        bucket = report["bucket"] = _daemons_bucket(current or last)
     refuse_another_bucket(bucket, current)
     flushing_once = current is not None and current.get("role") == "flush"
     report["daemon_pid"] = None if flushing_once else holder
@@ -84,7 +87,7 @@ def _daemons_bucket(current: dict[str, Any] | None) -> str:
     named = current.get("bucket") if current is not None else None
     if isinstance(named, str) and named:
         return named
-    raise NoBucket(f"{NO_BUCKET} (no running daemon reports one)")
+    raise NoBucket(f"{NO_BUCKET} (no running daemon reports one, nor did the last one)")
 
 
 def _report_of(holder: int | None, status: dict[str, Any] | None) -> dict[str, Any] | None:
