@@ -218,6 +218,29 @@ def test_a_notice_published_again_after_its_withdrawal_is_learnt_again() -> None
     assert [n.id for n in job.pollers[0].poll_once()] == [learnt.id]
 
 
+def test_a_rescheduled_event_cancelled_after_is_withdrawn_and_so_is_one_published_twice(
+        ) -> None:
+    """AWS moves the event earlier under the same EventId (it is published again), then
+    cancels it; and an event withdrawn, published again, and withdrawn again: each time the
+    peers learn of the withdrawal (one entry per notice in the node's object)."""
+    job = Job()
+    notice = event(job.clock)
+    job.publish(1, notice)
+    [learnt] = job.pollers[0].poll_once()
+    assert notice.deadline is not None
+    earlier = Notice.make(NoticeKind.SCHEDULED_EVENT, notice.deadline - timedelta(days=1),
+                          "instance-event-0123", detail="system-reboot")
+    assert earlier.id == notice.id
+    job.publish(1, earlier)
+    assert [n.deadline for n in job.pollers[0].poll_once()] == [earlier.deadline]
+    for _ in range(2):
+        assert job.channels[1].withdraw({notice.id: notice.kind.value})
+        job.channels[1].write()
+        assert job.pollers[0].poll_once() == [PeerWithdrawal(1, frozenset({learnt.id}))]
+        job.publish(1, earlier)
+        assert [n.id for n in job.pollers[0].poll_once()] == [learnt.id]
+
+
 def test_a_notice_a_restart_removed_from_the_channel_is_withdrawn_all_the_same() -> None:
     """Node 1 published the event, restarted (its object goes) and only then learnt that AWS
     cancelled it: the peers that hold it hear of the withdrawal."""

@@ -185,10 +185,12 @@ class PeerChannel:
         return self.prefix + BELL
 
     def add(self, notice: Notice) -> None:
-        """Note one of this node's own notices for the next write."""
+        """Note one of this node's own notices for the next write: one entry per notice, the
+        newest last (a notice again, rescheduled or published after its withdrawal, replaces
+        its entry), so a withdrawal marks the one entry pollers read for it."""
         with self._lock:
-            entries = [*self._published, encode_entry(notice, self._wall())]
-            self._published = entries[-KEPT_PER_NODE:]
+            entries = [entry for entry in self._published if entry["id"] != notice.id]
+            self._published = [*entries, encode_entry(notice, self._wall())][-KEPT_PER_NODE:]
 
     def withdraw(self, kinds: dict[str, str]) -> bool:
         """Mark this node's notices (id: kind) withdrawn for the next write; one no longer
@@ -197,15 +199,12 @@ class PeerChannel:
         shared = {value.value for value in SHARED_KINDS}
         now = self._wall().isoformat()
         with self._lock:
-            left = {notice_id for notice_id, kind in kinds.items() if kind in shared}
-            entries = []
-            for entry in self._published:
-                if entry["id"] in left:
-                    entry = {**entry, "withdrawn_at": entry.get("withdrawn_at") or now}
-                    left.discard(entry["id"])
-                entries.append(entry)
+            wanted = {notice_id for notice_id, kind in kinds.items() if kind in shared}
+            entries = [{**entry, "withdrawn_at": entry.get("withdrawn_at") or now}
+                       if entry["id"] in wanted else entry for entry in self._published]
+            held = {entry["id"] for entry in entries}
             entries += [withdrawn_entry(notice_id, kinds[notice_id], self._wall())
-                        for notice_id in sorted(left)]
+                        for notice_id in sorted(wanted - held)]
             changed = entries != self._published
             self._published = entries[-KEPT_PER_NODE:]
         return changed
