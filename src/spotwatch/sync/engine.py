@@ -130,6 +130,7 @@ class SyncEngine:
         self._seal_due = 0.0
         self._last_scan = clock()  # the start's scan (reconcile), then each rescan
         self._scan_owed = False  # a flush asked for a scan now (scan_soon)
+        self._awaited_scan = False  # the scan under way is one a flush asked for
         self._last_scan_wall_ns = wall_clock_ns()
         self._periodic: Iterator[bool] | None = None  # a periodic scan under way
         self._periodic_queued = 0  # files it queued so far
@@ -220,7 +221,7 @@ class SyncEngine:
         if self._periodic is None:
             if self._clock() - self._last_scan < interval and not self._scan_owed:
                 return
-            self._scan_owed = False
+            self._awaited_scan, self._scan_owed = self._scan_owed, False
             since = self._rescan_since(every_file=False)
             self._periodic = chain.from_iterable(
                 self._scan_steps(tracker, tracker.quiet_seconds, since)
@@ -232,17 +233,23 @@ class SyncEngine:
             if time.monotonic() >= slice_ends:
                 return
         self._periodic = None
+        self._awaited_scan = False
         # Said when it found something: a periodic scan that finds nothing is the usual case.
         (log.info if self._periodic_queued else log.debug)(
             "rescan_done", reason="periodic", pending=self._periodic_queued,
             unsettled=self.unsettled())
 
     def scan_soon(self) -> None:
-        """A flush starts: the next rescan_when_due scans at once, and the flush settles only
-        once that scan is done (flush_settled). Invariant: a flush misses no change inotify
-        never reported (a write through a memory mapping, or through a hard link from outside
-        the watched directory) because the last scan was a moment before it."""
+        """A flush starts: the next rescan_when_due scans at once (right after the one under
+        way, if any), and the flush settles only once that scan is done, or its time for
+        files being written is over (flush_settled). Invariant: a flush misses no change
+        inotify never reported (a write through a memory mapping, or through a hard link from
+        outside the watched directory) because the last scan was a moment before it."""
         self._scan_owed = True
+
+    def _scan_awaited(self) -> bool:
+        """A scan a flush asked for (scan_soon) is still to come or under way."""
+        return self._scan_owed or self._awaited_scan
 
     def _rescan(self, reason: str, every_file: bool = False) -> None:
         """Scan again, at once, for files changed since the last scan began (see
@@ -588,9 +595,11 @@ class SyncEngine:
         as long as they are written). A file that never settles (a log appended to all the
         time) must not hold a flush forever; the flush reports it (see being_written), and
         its set, held by it, stays unsealed."""
-        if self.planner or self._uploading or self._scan_owed or self._periodic is not None:
+        if self.planner or self._uploading:
             return False
-        if self.unsettled() and (writes_until is None or self._clock() < writes_until):
+        # A scan the flush asked for holds it as a file being written does: only so long.
+        if ((self.unsettled() or self._scan_awaited())
+                and (writes_until is None or self._clock() < writes_until)):
             return False
         if any(self.retries.holds_up(path, deadline) for path in self.retries.waiting_keys()):
             return False
