@@ -467,6 +467,13 @@ def test_a_same_size_rewrite_within_the_second_of_an_upload_is_uploaded_on_whole
         daemon.wait_for_event("upload_done", count=version + 1)
         assert object_bytes(s3, workspace.bucket, "run1/model.bin") == data
     wait_for(lambda: workspace.status().get("pending_files") == 0)
+    # The same bytes saved again: the bytes, not the metadata, say it is the version in S3.
+    with path.open("r+b") as handle:
+        handle.write(data)
+    os.utime(path, ns=(second, second))
+    flushed = workspace.cli("flush", "-c", "config.yaml")  # it scans first
+    assert flushed.returncode == 0, flushed.stderr
+    assert len(daemon.named("upload_done")) == 3
     assert daemon.stop() == 0
 
 

@@ -18,6 +18,7 @@ from functools import partial
 from itertools import chain
 from pathlib import Path
 
+from spotwatch.checksums import ChecksumUnavailable, file_matches
 from spotwatch.keys import object_key, set_name_of, storable_key
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.model import FileVersion, Outcome, Snapshot, UploadJob, UploadResult
@@ -390,11 +391,30 @@ class SyncEngine:
         """Whether this version of the file is uploaded, uploading or waiting to retry.
         Invariant: one version of a file is uploaded once. The same version may settle again
         while it uploads (a directory renamed into place also reports each file moved)."""
-        return ((self.ledger.is_current(self.bucket, key, snapshot.version, snapshot.inode)
+        return ((self._recorded_as_is(path, key, snapshot)
                  and not self._rewritten_since_upload(path, snapshot))
                 or self._stale.get(path) == snapshot.version
                 or UploadJob(path, key, snapshot) in self._uploading
                 or self._retry_waits_for(path, snapshot))
+
+    def _recorded_as_is(self, path: Path, key: str, snapshot: Snapshot) -> bool:
+        """Whether the ledger holds this version of the file as the object's; where its
+        record is racy (ledger.racy: whole-second mtimes), whether the bytes are those
+        recorded, as S3's checksum of them says."""
+        recorded = self.ledger.recorded_version(self.bucket, key, snapshot.version,
+                                                snapshot.inode)
+        if recorded is None or not recorded.racy:
+            return recorded is not None
+        if recorded.checksum is None:
+            return False
+        try:
+            # A record without its algorithm (an older version's): those of the checksum's
+            # length are tried, CRC32 first.
+            return file_matches(path, recorded.checksum, recorded.part_size,
+                                recorded.checksum_algorithm or "CRC32",
+                                recorded.checksum_algorithm)
+        except (OSError, ChecksumUnavailable):
+            return False  # unreadable or not to be checked here: uploaded, as any change
 
     def _has_version(self, tracker: ChangeTracker, path: Path, relative: str,
                      stat: os.stat_result) -> bool:

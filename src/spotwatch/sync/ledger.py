@@ -83,9 +83,9 @@ def racy(mtime_ns: int, uploaded_at: float) -> bool:
     are whole seconds, within the second its last version was uploaded in, is uploaded again:
     its size, mtime and inode are those the ledger holds. So a row whose mtime is a whole
     second and not COARSE_MTIME_SECONDS older than its upload does not say the file is current
-    (as git's index treats an entry racily clean): the file is uploaded once more, when it
-    settles again or at the next scan, and that upload, later, records a row that is not racy.
-    A nanosecond mtime that is a whole second by chance costs one upload more."""
+    by itself (as git's index treats an entry racily clean): the file's bytes are compared
+    with the checksum recorded (SyncEngine._known) whenever it is looked at. A nanosecond
+    mtime that is a whole second by chance costs one read of the file more."""
     return mtime_ns % 1_000_000_000 == 0 and mtime_ns / 1e9 + COARSE_MTIME_SECONDS > uploaded_at
 
 
@@ -102,6 +102,17 @@ _IN_SET = "(key = ? OR (key >= ? AND key < ?))"
 def _set_range(set_key: str) -> tuple[str, str, str]:
     """The parameters of _IN_SET for the set."""
     return set_key, set_key + "/", set_key + "0"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What the ledger holds of the object's version: S3's checksum of it (part_size for a
+    composite one, the algorithm where recorded), and whether the record is racy."""
+
+    checksum: str | None
+    part_size: int | None
+    checksum_algorithm: str | None
+    racy: bool
 
 
 # key, path, size, mtime_ns, checksum, part_size, checksum_algorithm, etag
@@ -199,18 +210,27 @@ class Ledger:
         with self._lock:
             self._db.close()
 
-    def is_current(self, bucket: str, key: str, version: FileVersion,
-                   inode: int | None = None) -> bool:
-        """Whether the object holds this version of the file: its size and mtime, and its
-        inode where both are known (a row without one: recorded by a restore, or before
-        inodes were recorded), unless the row is racy (see racy)."""
+    def recorded_version(self, bucket: str, key: str, version: FileVersion,
+                         inode: int | None = None) -> Recorded | None:
+        """The object's record when it holds this version of the file by its size and mtime,
+        and its inode where both are known (a row without one: recorded by a restore, or
+        before inodes were recorded); None otherwise."""
         with self._lock:
             row = self._db.execute(
-                "SELECT size, mtime_ns, inode, uploaded_at FROM objects"
-                " WHERE bucket = ? AND key = ?", (bucket, key)).fetchone()
-        return (row is not None and FileVersion(row[0], row[1]) == version
-                and (row[2] is None or inode is None or row[2] == stored_inode(inode))
-                and not racy(row[1], row[3]))
+                "SELECT size, mtime_ns, inode, uploaded_at, checksum, part_size,"
+                " checksum_algorithm FROM objects WHERE bucket = ? AND key = ?",
+                (bucket, key)).fetchone()
+        if (row is None or FileVersion(row[0], row[1]) != version
+                or not (row[2] is None or inode is None or row[2] == stored_inode(inode))):
+            return None
+        return Recorded(row[4], row[5], row[6], racy(row[1], row[3]))
+
+    def is_current(self, bucket: str, key: str, version: FileVersion,
+                   inode: int | None = None) -> bool:
+        """Whether the object surely holds this version of the file: recorded_version, and
+        not racy (there only the bytes can tell)."""
+        recorded = self.recorded_version(bucket, key, version, inode)
+        return recorded is not None and not recorded.racy
 
     def recorded_size(self, bucket: str, key: str) -> int | None:
         """The size of the version the object holds (None: no version recorded, retired or
