@@ -111,23 +111,33 @@ def test_a_state_directory_no_retry_mends_is_a_config_error_and_others_are_not(
 
 
 @pytest.fixture
-def full_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs, filled: a state volume with no space left."""
-    mount = tmp_path / "full"
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs holding a state directory: a state volume that can fill up."""
+    mount = tmp_path / "small"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
     try:
         (mount / "state").mkdir()
-        with suppress(OSError), (mount / "filler").open("wb") as filler:
-            while True:
-                filler.write(b"\0" * 4096)
-                filler.flush()
         yield mount / "state"
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def fill(state: Path) -> None:
+    """Take every block left on the state directory's file system."""
+    with suppress(OSError), (state.parent / "filler").open("ab") as filler:
+        while True:
+            filler.write(b"\0" * 4096)
+            filler.flush()
+
+
+@pytest.fixture
+def full_disk(small_disk: Path) -> Path:
+    fill(small_disk)
+    return small_disk
 
 
 @pytest.mark.parametrize("verb", ["check", "run"])
@@ -141,3 +151,29 @@ def test_a_full_state_disk_is_refused_by_check_as_by_run(workspace: Workspace, f
     assert done.stderr.splitlines()[-1] == (
         f"spotwatch: error: cannot write state directory {full_disk}: No space left on device")
     assert not [p for p in full_disk.iterdir() if p.name.startswith(".spotwatch-check-")]
+
+
+def test_a_state_disk_that_fills_up_makes_status_say_so_not_stand_still(
+        workspace: Workspace, small_disk: Path, s3: Any) -> None:
+    """The state disk fills while the daemon runs: uploads go on but their ledger writes fail,
+    so the files stay pending. status.json, which could not be replaced, used to stand still
+    at its last word (pending 0, healthy); it is now written in place and says why."""
+    workspace.write_config(state={"dir": str(small_disk)})
+    daemon = workspace.start_daemon()
+
+    def status() -> dict[str, Any]:
+        try:
+            return json.loads((small_disk / "status.json").read_text())  # type: ignore[no-any-return]
+        except (OSError, ValueError):  # not yet written, or met half written in place
+            return {}
+
+    wait_for(lambda: status().get("pid") == daemon.process.pid)
+    fill(small_disk)
+    save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 1000)
+    daemon.wait_for_event("status_written_in_place")
+    report = wait_for(lambda: (found := status()).get("pending_files") and found)
+    assert any(reason.startswith(f"state directory full: {small_disk}")
+               for reason in report["degraded"]), report
+    assert workspace.cli("status", "-c", "config.yaml", "--healthy").returncode == 1
+    daemon.process.kill()
+    daemon.process.wait()

@@ -4,6 +4,8 @@ so status.json and the gauges always agree."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -58,6 +60,7 @@ class Reporter:
         self._guard: StateGuard | None = None  # the daemon's hold on the state directory
         self._hooks: NoticeHooks | None = None  # how the trainer is told of a notice
         self._pruning: PruneSchedule | None = None  # retention, when it is kept
+        self._in_place = False  # status.json is written in place: the state disk is full
         self.peer_poll_failures = 0
         self._status_due = 0.0
         self._keepalive_interval = sdnotify.watchdog_interval()
@@ -266,8 +269,32 @@ class Reporter:
                   "updated_at": time.time(), **fields}
         try:
             write_json_atomically(self._state.status, status)
+            self._in_place = False
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._overwrite_status(status)
+            else:
+                log.warning("status_write_failed", error=exc.strerror)
+
+    def _overwrite_status(self, status: dict[str, Any]) -> None:
+        """Invariant: a full state disk never leaves the last report standing as current
+        (pending 0, healthy, while uploads fail for want of ledger space). The report is
+        written over the old one in place, in the blocks it has, saying the disk is full; a
+        reader may meet it half written, which it takes for a report it cannot read (not
+        healthy)."""
+        full = (f"state directory full: {self._state.path} has no space left (status.json "
+                "written in place, the ledger's writes fail)")
+        body = json.dumps({**status, "degraded": [*status.get("degraded", ()), full]}).encode()
+        try:
+            with self._state.status.open("r+b") as handle:
+                handle.write(body)
+                handle.truncate()
         except OSError as exc:
             log.warning("status_write_failed", error=exc.strerror)
+            return
+        if not self._in_place:  # said once while it lasts
+            self._in_place = True
+            log.warning("status_written_in_place", reason=full)
 
     def _set_gauges(self, left: EngineSnapshot, degraded: list[str],
                     imds_up: bool | None, peers_up: bool | None) -> None:
