@@ -210,3 +210,17 @@ def test_a_set_to_name_with_set_is_given_as_the_shell_takes_it() -> None:
     why = _none_left("run1/", [], ["final model "], [])
     assert why.endswith("; 'final model ' has no step number, so is no checkpoint here "
                         "(--set 'final model ' restores it)")
+
+
+def test_a_ctrl_c_while_the_command_line_is_read_ends_quietly(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Ctrl-C in a command's first milliseconds came while argparse was set up, before the
+    try that ends a command on one: a 16-line traceback. It ends as any Ctrl-C does: 130."""
+    from spotwatch import cli
+
+    def interrupted() -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["status"]) == 130
+    assert "Traceback" not in capsys.readouterr().err

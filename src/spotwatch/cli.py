@@ -87,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    raise_open_files_limit()
     try:
+        # In the try: a Ctrl-C while the parser is built ends the command as any other does.
+        args = build_parser().parse_args(argv)
+        raise_open_files_limit()
         return _command(args.command)(args)
     except SpotwatchError as exc:
         print_error(str(exc))
