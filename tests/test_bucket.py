@@ -113,3 +113,35 @@ def test_env_file_that_is_not_utf8(config_file: Path, tmp_path: Path) -> None:
     (tmp_path / "config" / ".env").write_bytes(b"S3_BUCKET_NAME=caf\xe9-bucket\n")
     with pytest.raises(ConfigError, match=r"config/\.env: not UTF-8 text \(byte 18\)"):
         resolve_bucket(None, config_file)
+
+
+@pytest.mark.parametrize("line", ["S3_BUCKET_NAME='unterminated", "S3_BUCKET_NAME: colon-bucket",
+                                  'S3_BUCKET_NAME="quoted" trailing'])
+def test_a_bucket_line_the_env_file_cannot_parse_is_named_with_its_line(
+        config_file: Path, tmp_path: Path, line: str, capfd: pytest.CaptureFixture[str]) -> None:
+    """Not a `no bucket` that says to put the name in the file it is in, after dotenv's own
+    warning naming no file: one error naming the file and the line."""
+    (tmp_path / "config" / ".env").write_text(f"# bucket\n{line}\n")
+    with pytest.raises(ConfigError) as refused:
+        resolve_bucket(None, config_file)
+    assert str(refused.value) == (f"{tmp_path / 'config' / '.env'}, line 2: cannot read "
+                                  f"{line!r} as S3_BUCKET_NAME=name")
+    assert capfd.readouterr().err == ""
+
+
+def test_lines_of_other_tools_the_env_file_holds_are_none_of_its_business(
+        config_file: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config" / ".env").write_text("OTHER: value\nS3_BUCKET_NAME=the-bucket\n")
+    assert resolve_bucket(None, config_file) == "the-bucket"
+    assert capfd.readouterr().err == ""
+
+
+def test_the_env_file_is_beside_the_config_as_named_through_a_link(
+        config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`-c lnk/config.yaml`, a link to the real file elsewhere: config/.env is looked for
+    beside the link, where the config's relative paths are taken from too."""
+    (tmp_path / "lnk" / "config").mkdir(parents=True)
+    (tmp_path / "lnk" / "config" / ".env").write_text("S3_BUCKET_NAME=beside-the-link\n")
+    (tmp_path / "lnk" / "config.yaml").symlink_to(config_file)
+    monkeypatch.chdir(tmp_path / "lnk" / "config")  # not the working directory's either
+    assert resolve_bucket(None, tmp_path / "lnk" / "config.yaml") == "beside-the-link"

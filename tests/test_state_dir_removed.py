@@ -123,7 +123,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         (mount / "state").mkdir()
         yield mount / "state"
     finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        # Lazily: a daemon the test left running may still hold files there.
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)
 
 
 def fill(state: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import re
 from pathlib import Path
@@ -23,7 +25,9 @@ def env_file_candidates(config_file: Path | None) -> list[Path]:
     """config/.env beside the config file first, then in the working directory."""
     candidates = []
     if config_file is not None:
-        candidates.append(config_file.resolve().parent / "config" / ".env")
+        # Beside the config file as named (a link's folder, not its target's): where its
+        # relative paths are taken from too.
+        candidates.append(config_file.absolute().parent / "config" / ".env")
     candidates.append(Path.cwd() / "config" / ".env")
     return list(dict.fromkeys(candidates))
 
@@ -57,13 +61,24 @@ def _bucket_in_env_file(env_file: Path) -> str | None:
     read, or is not UTF-8, is a config error rather than a silent fallback."""
     # Imported here: most runs name the bucket, and dotenv costs every start 5 ms of CPU.
     from dotenv import dotenv_values
+    from dotenv.parser import parse_stream
 
     try:
-        return dotenv_values(env_file).get(BUCKET_ENV) if env_file.is_file() else None
+        if not env_file.is_file():
+            return None
+        text = env_file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read {env_file}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{env_file}: not UTF-8 text (byte {exc.start})") from None
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error and BUCKET_ENV in binding.original.string:
+            raise ConfigError(f"{env_file}, line {binding.original.line}: cannot read "
+                              f"{binding.original.string.strip()!r} as {BUCKET_ENV}=name")
+    # Lines it cannot parse are other tools' business here: dotenv's warning about them,
+    # which names no file, is not said.
+    logging.getLogger("dotenv.main").setLevel(logging.ERROR)
+    return dotenv_values(stream=io.StringIO(text)).get(BUCKET_ENV)
 
 
 def validate_bucket_name(name: str) -> str:
