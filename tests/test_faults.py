@@ -591,8 +591,10 @@ def test_a_one_shot_flush_that_s3_refuses_a_file_says_so_on_stderr(
     kept = checkpoint_data(workspace.checkpoints / "kept.pt", 4_000)
     result = workspace.cli("flush", "-c", str(workspace.config_file), AWS_ENDPOINT_URL=proxy.url)
     assert result.returncode == 1
+    # With what S3 said: the why, not only the log's JSON has it.
     assert result.stderr.strip().splitlines()[-1] == (
-        f"spotwatch: error: the flush left 1 failing files: {denied}")
+        f"spotwatch: error: the flush left 1 failing files: {denied} (the first failed with: "
+        "An error occurred (AccessDenied) when calling the PutObject operation: Access Denied)")
     assert object_bytes(s3, workspace.bucket, "run1/kept.pt") == kept
 
 
@@ -721,8 +723,9 @@ def test_flush_through_the_daemon_reports_a_failing_file(workspace: Workspace, s
     wait_for(lambda: (read_status(workspace) or {}).get("pending_files") == 2)
     result = workspace.cli("flush", "-c", str(workspace.config_file), timeout=120)
     assert result.returncode == 1
-    assert result.stderr.strip().endswith(f"failing files: {locked}; 1 sets left without a "
-                                          "manifest, a file they need not in S3: run1/locked.pt")
+    assert result.stderr.strip().endswith(
+        f"failing files: {locked} (the first failed with: [Errno 13] Permission denied); 1 sets "
+        "left without a manifest, a file they need not in S3: run1/locked.pt")
     assert object_bytes(s3, workspace.bucket, "run1/ok.pt") == readable
     assert daemon.stop() == 1
 

@@ -56,7 +56,8 @@ def test_flush_names_a_failing_file_with_a_newline_on_one_line(workspace: Worksp
     assert flushed.returncode == 1
     errors = [line for line in flushed.stderr.splitlines() if not line.startswith("{")]
     assert errors == [f"spotwatch: error: the flush left 1 failing files: "
-                      f"{workspace.checkpoints}/step_1/new\\nline"]
+                      f"{workspace.checkpoints}/step_1/new\\nline (the first failed with: An "
+                      "error occurred (404) when calling the PutObject operation: Not Found)"]
 
 
 def test_status_lines_stay_lines() -> None:

@@ -107,8 +107,11 @@ def report_left_behind(record: dict[str, Any], whose: str) -> int:
                        f"sync.stop_timeout from its start) with {record.get('pending_files', 0)}"
                        f" files not yet durable in S3 (still uploading: is S3 answering?)")
     if record.get("failed"):
+        because = record.get("failed_because")
         reasons.append(f"{whose} left {record['failed']} failing files: "
-                       f"{names(record.get('failed_files', []))}")
+                       f"{names(record.get('failed_files', []))}"
+                       + (f" (the first failed with: {because})"
+                          if isinstance(because, str) else ""))
     reasons += [f"{record.get(f'{kind}_count', len(record[kind]))} {what}: "
                 f"{names(record[kind])}"
                 for kind, what in _UNPROTECTED if record.get(kind)]

@@ -56,6 +56,8 @@ class FlushWork(Protocol):
 
     def remaining_work(self) -> list[PendingFile]: ...
 
+    def failure_of(self, path: Path) -> str | None: ...
+
 
 @dataclass
 class Flush:
@@ -67,6 +69,7 @@ class Flush:
     # Monotonic time after which it no longer waits for files still being written.
     writes_until: float | None = None
     progress: Progress = field(default_factory=Progress)
+    work: FlushWork | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,8 @@ class FlushController:
         if self.current is None:
             started = self._clock.monotonic()
             self.current = Flush(reason, started, deadline, writes_until=None
-                                 if self._write_wait is None else started + self._write_wait)
+                                 if self._write_wait is None else started + self._write_wait,
+                                 work=work)
             self._tighten(deadline, until)
             log.info("flush_started", reason=reason)
             self._log_plan(work, deadline)
@@ -233,6 +237,10 @@ class FlushController:
             "bytes": flush.progress.bytes,
             "failed": len(failed),
             "failed_files": _named(failed),
+            # What S3 (or the disk) said of the first failing file that says: the why of it.
+            "failed_because": next(
+                (why for item in failed[:NAMED_FILES_MAX] if flush.work is not None
+                 and (why := flush.work.failure_of(item.path)) is not None), None),
             "still_written": len(still_written),
             "still_written_files": [str(path) for path in still_written[:NAMED_FILES_MAX]],
             "timed_out": timed_out,

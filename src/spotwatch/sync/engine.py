@@ -132,6 +132,7 @@ class SyncEngine:
         self._last_scan = clock()  # the start's scan (reconcile), then each rescan
         self._scan_owed = False  # a flush asked for a scan now (scan_soon)
         self._awaited_scan = False  # the scan under way is one a flush asked for
+        self._failures: dict[Path, str] = {}  # failing files: why the last upload failed
         self._last_scan_wall_ns = wall_clock_ns()
         self._periodic: Iterator[bool] | None = None  # a periodic scan under way
         self._periodic_queued = 0  # files it queued so far
@@ -723,9 +724,14 @@ class SyncEngine:
             for observer in self._observers:
                 observer(result)
 
+    def failure_of(self, path: Path) -> str | None:
+        """Why the file's last upload failed, while it is failing (the flush names it)."""
+        return self._failures.get(path)
+
     def _handle(self, result: UploadResult) -> UploadResult:
         job = result.job
         item = self._uploading.pop(job)
+        self._failures.pop(job.path, None)  # its last word, if it fails again, is set below
         if self.uploader.uses_multipart(job.snapshot.size) and not result.multipart_leftovers:
             self._ledger_write(self.ledger.multipart_finished, job.key)
         if job in self._withdrawn:
@@ -792,6 +798,7 @@ class SyncEngine:
                 self.sealer.mark_dirty(item.set_ref)
         else:
             self.totals.failures += 1
+            self._failures[job.path] = result.error or result.outcome.value
             delay = self.retries.failed(job.path, item, permanent=result.permanent)
             # Invariant: a set with a file that failed is never out of sight, even when no
             # file of it got through: unsealed while the file may still, incomplete (log,
