@@ -53,6 +53,9 @@ class Work:
     def remaining_work(self) -> list[PendingFile]:
         return list(self._files)
 
+    def failure_of(self, path: Path) -> str | None:
+        return f"{path.name}: refused"
+
 
 def pending(set_name: str, size: int) -> PendingFile:
     return PendingFile(Path(f"/ckpt/{set_name}/m.pt"), object_key("p/", f"{set_name}/m.pt"),
@@ -174,6 +177,7 @@ def test_finishing_reports_progress_and_the_files_left_behind() -> None:
     assert record is not None and finished.record is record
     assert (record["files"], record["bytes"], record["failed"]) == (1, 300, 1)
     assert record["failed_files"] == [str(failed.path)]
+    assert record["failed_because"] == f"{failed.path.name}: refused"
     assert record["deadline_margin_seconds"] == 27.5
     assert record["finished_at"] == clock.now().isoformat()
     [line] = [e for e in logs if e["event"] == "flush_done"]
