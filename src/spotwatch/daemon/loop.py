@@ -195,7 +195,7 @@ class Daemon:
             engine = self._observe(parts)
             if watcher is not None:
                 watcher.attach(engine)
-            self._start_flush(engine, "manual", None)
+            self._start_flush(engine, "manual", None, scan=False)
             while True:
                 self._step(engine)  # finishes the flush once nothing is left
                 if watcher is not None:
@@ -595,10 +595,13 @@ class Daemon:
                                       for notice_id, record in gone.items()})
 
     def _start_flush(self, engine: SyncEngine, reason: str, deadline: datetime | None,
-                     until: float | None = None) -> None:
+                     until: float | None = None, scan: bool = True) -> None:
+        """scan: False where the start's scan has just looked at every file (a one-shot
+        flush)."""
         # A flush is the last chance: every file waiting to retry gets one more now.
         engine.retries.retry_now()
-        engine.scan_soon()  # and every change since the last scan is found
+        if scan:
+            engine.scan_soon()  # and every change since the last scan is found
         engine.sealer.check_incomplete_again()  # its verdict names the sets incomplete now
         # Taken back before the cap lifts: once lifted, the upload sending may end at once and
         # the next in the transfer client's queue begin before it could be taken back.
