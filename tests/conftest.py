@@ -286,3 +286,30 @@ def installed_python(minor: int) -> Path:
     if not found:
         pytest.skip(f"no Python 3.{minor} installed (pyenv)")
     return found[-1]
+
+
+@pytest.fixture
+def tiny_state_dir(tmp_path: Path) -> Iterator[Path]:
+    """A state directory on a 1 MiB tmpfs, to fill up."""
+    state = tmp_path / "state"
+    state.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(state)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield state
+    finally:  # lazily: a daemon the test left running may still hold files there
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Take every block left on the directory's file system: the file that holds them."""
+    filler = directory / "filler"
+    with filler.open("ab", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 1024)
+        except OSError:
+            pass  # the disk is full now
+    return filler

@@ -27,7 +27,7 @@ from spotwatch.config import TransferSettings
 from spotwatch.emulator import Fault, ImdsEmulator
 from spotwatch.state import StateDir, StateLock
 from spotwatch.sync.ledger import Ledger
-from tests.conftest import REGION, Daemon, Workspace, keys_in, object_bytes, wait_for
+from tests.conftest import REGION, Daemon, Workspace, fill, keys_in, object_bytes, wait_for
 from tests.faultproxy import FaultProxy, Request
 
 MiB = 2**20
@@ -227,30 +227,11 @@ def test_unreadable_file_is_logged_and_retried(workspace: Workspace, s3: Any) ->
     assert daemon.stop() == 0
 
 
-@pytest.fixture
-def tiny_state_dir(tmp_path: Path) -> Iterator[Path]:
-    """A state directory on a 1 MiB tmpfs, to fill up."""
-    state = tmp_path / "state"
-    state.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(state)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    yield state
-    subprocess.run(["umount", "-l", str(state)], check=False)
-
-
 def test_full_state_disk_keeps_the_daemon_uploading(workspace: Workspace, s3: Any,
                                                     tiny_state_dir: Path) -> None:
     workspace.write_config(state={"dir": str(tiny_state_dir)})
     daemon = workspace.start_daemon()
-    filler = tiny_state_dir / "filler"
-    with filler.open("wb", buffering=0) as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 1024)
-        except OSError:
-            pass  # the disk is full now
+    filler = fill(tiny_state_dir)
     expected = {f"run1/step_{i}.pt": checkpoint_data(workspace.checkpoints / f"step_{i}.pt",
                                                      30_000) for i in range(20)}
     wait_for(lambda: expected.keys() <= keys_in(s3, workspace.bucket), timeout=60)

@@ -7,9 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import subprocess
-from collections.abc import Iterator
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ from spotwatch.daemon import state_guard
 from spotwatch.daemon.state_guard import StateGuard
 from spotwatch.errors import ConfigError
 from spotwatch.state import StateDir, StateLock
-from tests.conftest import Workspace, keys_in, object_bytes, wait_for
+from tests.conftest import Workspace, fill, keys_in, object_bytes, wait_for
 from tests.test_daemon_e2e import save_checkpoint
 
 
@@ -111,34 +108,9 @@ def test_a_state_directory_no_retry_mends_is_a_config_error_and_others_are_not(
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs holding a state directory: a state volume that can fill up."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
-    try:
-        (mount / "state").mkdir()
-        yield mount / "state"
-    finally:
-        # Lazily: a daemon the test left running may still hold files there.
-        subprocess.run(["umount", "--lazy", str(mount)], check=False)
-
-
-def fill(state: Path) -> None:
-    """Take every block left on the state directory's file system."""
-    with suppress(OSError), (state.parent / "filler").open("ab") as filler:
-        while True:
-            filler.write(b"\0" * 4096)
-            filler.flush()
-
-
-@pytest.fixture
-def full_disk(small_disk: Path) -> Path:
-    fill(small_disk)
-    return small_disk
+def full_disk(tiny_state_dir: Path) -> Path:
+    fill(tiny_state_dir)
+    return tiny_state_dir
 
 
 @pytest.mark.parametrize("verb", ["check", "run"])
@@ -155,25 +127,25 @@ def test_a_full_state_disk_is_refused_by_check_as_by_run(workspace: Workspace, f
 
 
 def test_a_state_disk_that_fills_up_makes_status_say_so_not_stand_still(
-        workspace: Workspace, small_disk: Path, s3: Any) -> None:
+        workspace: Workspace, tiny_state_dir: Path, s3: Any) -> None:
     """The state disk fills while the daemon runs: uploads go on but their ledger writes fail,
     so the files stay pending. status.json, which could not be replaced, used to stand still
     at its last word (pending 0, healthy); it is now written in place and says why."""
-    workspace.write_config(state={"dir": str(small_disk)})
+    workspace.write_config(state={"dir": str(tiny_state_dir)})
     daemon = workspace.start_daemon()
 
     def status() -> dict[str, Any]:
         try:
-            return json.loads((small_disk / "status.json").read_text())  # type: ignore[no-any-return]
+            return json.loads((tiny_state_dir / "status.json").read_text())  # type: ignore[no-any-return]
         except (OSError, ValueError):  # not yet written, or met half written in place
             return {}
 
     wait_for(lambda: status().get("pid") == daemon.process.pid)
-    fill(small_disk)
+    fill(tiny_state_dir)
     save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 1000)
     daemon.wait_for_event("status_written_in_place")
     report = wait_for(lambda: (found := status()).get("pending_files") and found)
-    assert any(reason.startswith(f"state directory full: {small_disk}")
+    assert any(reason.startswith(f"state directory full: {tiny_state_dir}")
                for reason in report["degraded"]), report
     assert workspace.cli("status", "-c", "config.yaml", "--healthy").returncode == 1
     daemon.process.kill()
