@@ -14,15 +14,22 @@ from spotwatch.model import FileVersion
 from spotwatch.sync.ledger import COARSE_MTIME_SECONDS, Ledger, _add_column
 
 
+def is_current(ledger: Ledger, bucket: str, key: str, version: FileVersion,
+               inode: int | None = None) -> bool:
+    """Whether the ledger surely holds this version as the object's: recorded, not racy."""
+    recorded = ledger.recorded_version(bucket, key, version, inode)
+    return recorded is not None and not recorded.racy
+
+
 def test_record_survives_reopen(tmp_path: Path) -> None:
     db = tmp_path / "state" / "ledger.sqlite3"
     ledger = Ledger(db)
     ledger.record("b", "k/model.pt", tmp_path / "model.pt", FileVersion(10, 123), "abc=")
     ledger.close()
     reopened = Ledger(db)
-    assert reopened.is_current("b", "k/model.pt", FileVersion(10, 123))
-    assert not reopened.is_current("b", "k/model.pt", FileVersion(10, 124))  # same size, newer
-    assert not reopened.is_current("other-bucket", "k/model.pt", FileVersion(10, 123))
+    assert is_current(reopened, "b", "k/model.pt", FileVersion(10, 123))
+    assert not is_current(reopened, "b", "k/model.pt", FileVersion(10, 124))  # same size, newer
+    assert not is_current(reopened, "other-bucket", "k/model.pt", FileVersion(10, 123))
     summary = reopened.summary("b")
     assert (summary.objects, summary.bytes) == (1, 10)
     assert summary.last_upload is not None
@@ -52,9 +59,9 @@ def test_reviving_a_pruned_set_forgets_its_retired_objects_alone(tmp_path: Path)
         ledger.retire("b", key)
     ledger.record("b", "p/step_1/a.pt", tmp_path / "a", FileVersion(2, 2), None)  # rewritten
     assert ledger.revive_retired("b", "p/step_1") == ["p/step_1/b.pt"]
-    assert not ledger.is_current("b", "p/step_1/b.pt", FileVersion(1, 1))
-    assert ledger.is_current("b", "p/step_1/c.pt", FileVersion(1, 1))
-    assert ledger.is_current("b", "p/step_10/d.pt", FileVersion(1, 1))
+    assert not is_current(ledger, "b", "p/step_1/b.pt", FileVersion(1, 1))
+    assert is_current(ledger, "b", "p/step_1/c.pt", FileVersion(1, 1))
+    assert is_current(ledger, "b", "p/step_10/d.pt", FileVersion(1, 1))
     assert ledger.revive_retired("b", "p/step_1") == []
 
 
@@ -155,8 +162,8 @@ def test_any_inode_number_is_recorded_and_compared(inode: int) -> None:
         ledger = Ledger(Path(scratch) / "ledger.db")
         version = FileVersion(1, 2)
         ledger.record("b", "k", Path("/f"), version, "c", inode=inode)
-        assert ledger.is_current("b", "k", version, inode)
-        assert not ledger.is_current("b", "k", version, inode ^ 1)
+        assert is_current(ledger, "b", "k", version, inode)
+        assert not is_current(ledger, "b", "k", version, inode ^ 1)
         ledger.close()
 
 
@@ -194,6 +201,6 @@ def test_a_version_with_a_whole_second_mtime_uploaded_within_its_second_is_not_c
         ledger = Ledger(Path(temp) / "ledger.sqlite3")
         ledger.record("b", "k", Path(temp) / "f", FileVersion(5, mtime_ns), None, inode=7,
                       uploaded_at=mtime_ns / 1e9 + upload_delay)
-        current = ledger.is_current("b", "k", FileVersion(5, mtime_ns), inode=7)
+        current = is_current(ledger, "b", "k", FileVersion(5, mtime_ns), inode=7)
         ledger.close()
     assert current == (fraction_ns != 0 or upload_delay >= COARSE_MTIME_SECONDS)

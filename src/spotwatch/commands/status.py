@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from datetime import UTC, datetime
+from functools import cache
 from typing import Annotated, Any
 
 import msgspec
@@ -34,14 +35,15 @@ def gather_status(config: Config, bucket: str | None) -> dict[str, Any]:
     state = daemons_state_dir(config)
     report: dict[str, Any] = {"bucket": bucket, "state_dir": str(state.path)}
     holder = lock_holder(state)
-    current = _report_of(holder, state.read_status() if holder else None)
+    read_status = cache(state.read_status)  # status.json read once, wherever it is asked for
+    current = _report_of(holder, read_status() if holder else None)
     report["daemon_report_unreadable"] = current is not None and not _readable(current)
     if report["daemon_report_unreadable"]:
         current = None
     if bucket is None:
         # With no spotwatch running, the last one's report names the bucket (the unit gives
         # it to the daemon alone): what a crash left behind is shown all the same.
-        last = state.read_status() if holder is None else None
+        last = read_status() if holder is None else None
         bucket = report["bucket"] = _daemons_bucket(current or last)
     refuse_another_bucket(bucket, current)
     flushing_once = current is not None and current.get("role") == "flush"
@@ -49,7 +51,7 @@ def gather_status(config: Config, bucket: str | None) -> dict[str, Any]:
     report["flush_pid"] = holder if flushing_once else None
     report["daemon"] = None if flushing_once else current
     report["flush"] = current if flushing_once else None  # its pending work, shown as such
-    report["left_by_last_run"] = (_left_by(state.read_status())
+    report["left_by_last_run"] = (_left_by(read_status())
                                   if holder is None and state.path.is_dir() else None)
     if state.ledger.is_file():
         ledger = Ledger(state.ledger, only_reading=True)

@@ -197,13 +197,13 @@ class PeerChannel:
         held (published before a restart) is noted as withdrawn. False: none of them is a
         shared kind, nothing to write."""
         shared = {value.value for value in SHARED_KINDS}
-        now = self._wall().isoformat()
+        now = self._wall()
         with self._lock:
             wanted = {notice_id for notice_id, kind in kinds.items() if kind in shared}
-            entries = [{**entry, "withdrawn_at": entry.get("withdrawn_at") or now}
+            entries = [{**entry, "withdrawn_at": entry.get("withdrawn_at") or now.isoformat()}
                        if entry["id"] in wanted else entry for entry in self._published]
             held = {entry["id"] for entry in entries}
-            entries += [withdrawn_entry(notice_id, kinds[notice_id], self._wall())
+            entries += [withdrawn_entry(notice_id, kinds[notice_id], now)
                         for notice_id in sorted(wanted - held)]
             changed = entries != self._published
             self._published = entries[-KEPT_PER_NODE:]

@@ -225,13 +225,6 @@ class Ledger:
             return None
         return Recorded(row[4], row[5], row[6], racy(row[1], row[3]))
 
-    def is_current(self, bucket: str, key: str, version: FileVersion,
-                   inode: int | None = None) -> bool:
-        """Whether the object surely holds this version of the file: recorded_version, and
-        not racy (there only the bytes can tell)."""
-        recorded = self.recorded_version(bucket, key, version, inode)
-        return recorded is not None and not recorded.racy
-
     def recorded_size(self, bucket: str, key: str) -> int | None:
         """The size of the version the object holds (None: no version recorded, retired or
         not)."""

@@ -260,7 +260,7 @@ class SetSealer:
                                          check.links)))
         # Invariant: of the sets ready together, the newest checkpoint's manifest is sent
         # first, as its files were (sync.planner): under a notice it is the one that counts.
-        ready.sort(key=lambda sealing: -_newest_file_ns(sealing[2]))
+        ready.sort(key=lambda sealing: -sealing[2].newest_mtime_ns)
         for set_ref, generation, manifest in ready:
             self._send(set_ref, generation, manifest)
 
@@ -596,11 +596,6 @@ def implied_markers(set_name: str, entries: Sequence[ManifestEntry]) -> tuple[st
             entry.path == f"{set_name}/{_HF_OWN_FILE}" for entry in entries):
         return (_HF_LAST_FILE,)
     return ()
-
-
-def _newest_file_ns(manifest: Manifest) -> int:
-    """When the set's newest file was written: the planner's measure of a set's age."""
-    return max((entry.mtime_ns for entry in manifest.files), default=0)
 
 
 def unmatched(complete_when: Sequence[str], set_name: str,
