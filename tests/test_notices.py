@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -191,6 +192,28 @@ def test_daemon_survives_a_scheduled_event_time_without_zone(workspace: Workspac
     assert daemon.wait_for_event("notice_detected")["deadline"] == "2030-01-21T09:00:43+00:00"
     imds.fire_spot_interruption()
     assert daemon.wait_for_event("notice_detected", count=2)["kind"] == "spot-interruption"
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("item", ["spot", "scheduled"])
+def test_daemon_survives_a_notice_due_at_the_calendars_start(workspace: Workspace,
+                                                             imds: ImdsEmulator,
+                                                             item: str) -> None:
+    """A garbled time near year 1 is a notice long past due: the daemon acts on it and stays
+    up (it died with a traceback, and again at every restart while IMDS said so)."""
+    daemon = workspace.start_daemon()
+    if item == "spot":
+        imds.set_item("meta-data/spot/instance-action",
+                      '{"action": "terminate", "time": "0001-01-01T00:05:00Z"}')
+    else:
+        imds.set_item("meta-data/events/maintenance/scheduled", json.dumps([{
+            "NotBefore": "0001-01-01T00:00:00Z", "Code": "system-reboot",
+            "EventId": "instance-event-1", "State": "active"}]))
+    daemon.wait_for_event("notice_detected")
+    daemon.wait_for_event("flush_done")
+    (workspace.checkpoints / "step_9").mkdir()
+    (workspace.checkpoints / "step_9" / "model.pt").write_bytes(b"after the notice")
+    daemon.wait_for_event("set_complete")
     assert daemon.stop() == 0
 
 

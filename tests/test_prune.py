@@ -279,6 +279,48 @@ def test_a_watched_directory_out_of_sight_mirrors_no_deletion(
     assert [entry["path"] for entry in resealed["files"]] == ["step_2/model.pt"]
 
 
+def _restored(workspace: Workspace) -> str:
+    result = workspace.cli("restore", "-c", "config.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "restored step_3" in result.stdout
+    return "step_3"
+
+
+def _saved_anew(workspace: Workspace) -> str:
+    save_set(workspace, "step_4", 0)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
+    return "step_4"
+
+
+@pytest.mark.parametrize("put_back", [_restored, _saved_anew])
+@pytest.mark.parametrize("hide", [_mount_point_left_empty, _fresh_volume_mounted])
+def test_sets_lost_with_a_wiped_volume_stay_once_a_set_is_back(
+        workspace: Workspace, s3: Any, hide: Callable[[Path], str],
+        put_back: Callable[[Workspace], str]) -> None:
+    """An instance store wiped by a stop and start, the ledger kept on the root volume: the
+    resume restores the newest set there, or the trainer saves a new one, before any prune
+    looked. The sets that went with the old file system were not deleted, and stay in S3;
+    a file deleted from a set in sight still mirrors."""
+    workspace.write_config(sync={"delete": True})
+    for age, name in ((300, "step_1"), (200, "step_2"), (100, "step_3")):
+        save_set(workspace, name, age)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    before = keys_in(s3, workspace.bucket)
+    hide(workspace.checkpoints)
+    in_sight = put_back(workspace)
+
+    for dry_run in (("--dry-run",), ()):
+        assert prune_lines(workspace.cli("prune", "-c", "config.yaml", *dry_run))[-1].endswith(
+            " 0 objects")
+    assert before <= keys_in(s3, workspace.bucket)
+    (workspace.checkpoints / in_sight / "optim.pt").unlink()
+    lines = prune_lines(workspace.cli("prune", "-c", "config.yaml"))
+    assert lines[-1] == "deleted 2 objects"  # the set's manifest, then the file
+    assert f"run1/{in_sight}/optim.pt" not in keys_in(s3, workspace.bucket)
+    assert before - {f"run1/{in_sight}/optim.pt", f"{MANIFESTS}{in_sight}.json"} <= keys_in(
+        s3, workspace.bucket)
+
+
 def test_an_object_another_tool_wrote_over_is_not_mirrored_away(workspace: Workspace,
                                                                 s3: Any) -> None:
     """Someone put their own bytes at a key spotwatch had uploaded (`aws s3 cp` of a converted

@@ -56,6 +56,18 @@ def test_the_notice_due_first_is_reported_whatever_came_after_or_was_withdrawn()
     assert alone.report(cancelled).last == cancelled and alone.report(cancelled).in_effect == []
 
 
+@pytest.mark.parametrize("kind", [NoticeKind.SPOT_INTERRUPTION, NoticeKind.SCHEDULED_EVENT])
+def test_a_notice_due_at_the_calendars_start_presses_at_once(kind: NoticeKind) -> None:
+    """A garbled notice time near year 1 (IMDS can say anything) is long past: it presses from
+    when it was seen, and asking so never raises (the daemon's loop asks every turn)."""
+    in_effect = NoticesInEffect()
+    start = datetime.min.replace(tzinfo=UTC)
+    notice = Notice.make(kind, start, kind.value)
+    in_effect.add(Held(notice, {"kind": kind.value, "id": notice.id}, NOW, start))
+    assert in_effect.deadline_presses() == NOW
+    assert in_effect.own_presses() == NOW
+
+
 def a_report(**daemon: Any) -> dict[str, Any]:
     status = {"pending_files": 0, "pending_bytes": 0, "uploading": 0, "unsettled_files": 0,
               "updated_at": 0.0, **daemon}

@@ -101,5 +101,11 @@ def _presses_from(due: datetime | None, detected: datetime) -> datetime:
     """From when a notice due then weighs on the daemon (pruning paused, files settle at once,
     scans every few seconds): NOTICE_HORIZON before it is due, at once for one with no time
     (a rebalance). A maintenance event scheduled days ahead would otherwise stop retention
-    from the moment it is announced until the daemon restarts."""
-    return detected if due is None else due - NOTICE_HORIZON
+    from the moment it is announced until the daemon restarts. A time too near the calendar's
+    start to go back from (a garbled one, year 1) presses at once: it is long past."""
+    if due is None:
+        return detected
+    try:
+        return due - NOTICE_HORIZON
+    except OverflowError:
+        return detected

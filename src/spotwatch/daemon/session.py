@@ -16,12 +16,14 @@ from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import ObjectStore, Throttle
 from spotwatch.collector import exempt_long_lived_objects
 from spotwatch.config import Config
+from spotwatch.keys import object_key
 from spotwatch.logs import get_logger
 from spotwatch.model import UploadResult
 from spotwatch.state import StateDir, StateLock
 from spotwatch.sync.engine import SyncEngine
 from spotwatch.sync.ledger import Ledger
 from spotwatch.sync.orphans import abort_orphaned_uploads
+from spotwatch.sync.out_of_sight import set_aside_if_wiped
 from spotwatch.sync.pruner import Pruner
 from spotwatch.sync.sets.claim import RankClaim
 from spotwatch.sync.sets.parts import JobNode
@@ -111,6 +113,9 @@ class Session:
                             claim)
         engine = self._engine = parts.engine
         abort_orphaned_uploads(store, engine.ledger)
+        for watch in config.watch:  # before a new save there could make the others look deleted
+            set_aside_if_wiped(engine.ledger, self._bucket, object_key(watch.prefix, ""),
+                               watch.path)
         self._observer = Observer()
         for tracker in engine.trackers:
             tracker.watch_with(self._observer)

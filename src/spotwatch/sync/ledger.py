@@ -70,6 +70,9 @@ _ETAG_COLUMN = "ALTER TABLE objects ADD COLUMN etag TEXT"
 # same size and mtime (saved with the old mtime kept, then renamed over it) has another.
 # Stored as SQLite's signed 64-bit integer (stored_inode): some file systems use the top bit.
 _INODE_COLUMN = "ALTER TABLE objects ADD COLUMN inode INTEGER"
+# Set aside (sync.out_of_sight): its file went with the file system, not deleted; never
+# mirrored. A new record of the key (an upload, a restore) is in sight again.
+_OUT_OF_SIGHT_COLUMN = "ALTER TABLE objects ADD COLUMN out_of_sight INTEGER NOT NULL DEFAULT 0"
 
 
 # File systems that keep whole seconds of mtime (ext4 with 128-byte inodes, FAT's two
@@ -195,7 +198,8 @@ class Ledger:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(objects)")}
             for name, added_by in (("retired", _RETIRED_COLUMN), ("part_size", _PART_SIZE_COLUMN),
                                    ("checksum_algorithm", _ALGORITHM_COLUMN),
-                                   ("etag", _ETAG_COLUMN), ("inode", _INODE_COLUMN)):
+                                   ("etag", _ETAG_COLUMN), ("inode", _INODE_COLUMN),
+                                   ("out_of_sight", _OUT_OF_SIGHT_COLUMN)):
                 if name not in columns:
                     _add_column(self._db, added_by)
             self._db.execute(_RETIRED_INDEX)
@@ -275,7 +279,7 @@ class Ledger:
         return [key for (key,) in rows]
 
     def live_keys(self, bucket: str, prefix: str) -> list[str]:
-        """The key of every object recorded under the prefix and not retired."""
+        """The key of every object recorded under the prefix, not retired nor set aside."""
         return self._keys(bucket, prefix, retired=False)
 
     def retired_keys(self, bucket: str, prefix: str) -> list[str]:
@@ -286,10 +290,35 @@ class Ledger:
     def _keys(self, bucket: str, prefix: str, retired: bool) -> list[str]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT key FROM objects WHERE bucket = ? AND retired = ?"
+                "SELECT key FROM objects WHERE bucket = ? AND retired = ? AND out_of_sight = 0"
                 " AND substr(key, 1, ?) = ?", (bucket, int(retired), len(prefix), prefix)
             ).fetchall()
         return [key for (key,) in rows]
+
+    def set_out_of_sight(self, bucket: str, prefix: str) -> int:
+        """Set aside the records under the prefix of objects still in S3 (not retired): their
+        files went out of sight (sync.out_of_sight). Returns how many."""
+        with self._lock:
+            try:
+                return self._db.execute(
+                    "UPDATE objects SET out_of_sight = 1 WHERE bucket = ? AND retired = 0"
+                    " AND out_of_sight = 0 AND substr(key, 1, ?) = ?",
+                    (bucket, len(prefix), prefix)).rowcount
+            except sqlite3.Error as exc:
+                raise LedgerError(str(exc)) from None
+
+    def out_of_sight_keys(self, bucket: str, prefix: str) -> list[str]:
+        """The keys under the prefix whose records are set aside."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key FROM objects WHERE bucket = ? AND out_of_sight = 1"
+                " AND substr(key, 1, ?) = ?", (bucket, len(prefix), prefix)).fetchall()
+        return [key for (key,) in rows]
+
+    def bring_into_sight(self, bucket: str, set_key: str) -> None:
+        """The set's records set aside count again: its files are in sight again."""
+        self._write(f"UPDATE objects SET out_of_sight = 0 WHERE bucket = ? AND {_IN_SET}",
+                    (bucket, *_set_range(set_key)))
 
     def multipart_started(self, bucket: str, key: str) -> None:
         self._write("INSERT OR REPLACE INTO multipart_started VALUES (?, ?)", (bucket, key))

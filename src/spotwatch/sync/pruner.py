@@ -15,14 +15,12 @@ this node may delete (see there).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from stat import S_ISDIR
 
 from spotwatch.aws.region import resolve_region
 from spotwatch.aws.s3 import make_s3_client
@@ -48,6 +46,12 @@ from spotwatch.state import StateDir
 from spotwatch.sync.commits import uncommitted
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.ledger import Ledger, LedgerError
+from spotwatch.sync.out_of_sight import (
+    is_gone,
+    set_aside_if_wiped,
+    unreadable,
+    why_none_held,
+)
 from spotwatch.sync.overlaps import overlapping, resolved
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, JobSet
@@ -219,10 +223,11 @@ class Pruner:
         """The keys spotwatch uploaded from the watched directory whose files are gone.
 
         Invariant: only a file the file system says is not there counts as deleted. A watched
-        directory that does not exist (moved away) or is empty (the mount point of a volume
-        not mounted yet) mirrors nothing, nor does one that holds none of the sets recorded
-        from it, retired ones included (a freshly made volume mounted there, with only its
-        lost+found, or an instance store wiped by a stop and start), nor does a file that
+        directory that does not exist (moved away), is empty (the mount point of a volume
+        not mounted yet) or holds none of the sets recorded from it, retired ones included (a
+        freshly made volume mounted there, with only its lost+found, or an instance store
+        wiped by a stop and start) mirrors nothing, and the sets it lost stay set aside once a
+        set is back there (sync.out_of_sight), nor does a file that
         cannot be looked at (permission denied, an I/O error, a stale network mount): their
         files were not deleted, only out of sight. Nor does one that leads into, onto or over
         another entry's directory (overlap: a watched symlink pointed there): it is not
@@ -230,23 +235,20 @@ class Pruner:
         where the key says, below the watched directory as configured now (directory: where
         its path leads), not where the ledger saw it: a watched directory moved to another
         path (the config following it) has all its files still."""
+        if overlap:
+            log.warning("mirror_skipped", path=str(watch.path), reason=overlap)
+            return []
+        cannot_read = unreadable(directory)
+        if cannot_read:
+            log.warning("mirror_skipped", path=str(watch.path), reason=cannot_read)
+            return []
+        if set_aside_if_wiped(self._ledger, self._bucket, prefix, directory):
+            log.warning("mirror_skipped", path=str(watch.path), reason=why_none_held(directory))
+            return []
         uploaded = self._ledger.live_keys(self._bucket, prefix)
-        if not uploaded:
-            return []
-        out_of_sight = overlap or _out_of_sight(directory)
-        if out_of_sight:
-            log.warning("mirror_skipped", path=str(watch.path), reason=out_of_sight)
-            return []
-        recorded = uploaded + self._ledger.retired_keys(self._bucket, prefix)
-        if all(_is_gone(directory / name)
-               for name in {set_name_of(key[len(prefix):]) for key in recorded}):
-            log.warning("mirror_skipped", path=str(watch.path),
-                        reason="the watched directory holds none of the sets uploaded from it "
-                               "(another volume mounted there?)")
-            return []
         return self._still_ours(
             prefix, [key for key in uploaded
-                     if _is_gone(directory / key[len(prefix):], as_file=True)])
+                     if is_gone(directory / key[len(prefix):], as_file=True)])
 
     def _still_ours(self, prefix: str, keys: list[str]) -> list[str]:
         """The keys whose objects are still the ones spotwatch uploaded, or gone already.
@@ -277,33 +279,6 @@ class Pruner:
                    sealed: Iterable[ManifestEntry] | None = None) -> bool:
         self._stop_if_cancelled()  # between the requests of a long plan
         return is_intact(self._store, manifest, sealed)
-
-
-def _out_of_sight(directory: Path) -> str | None:
-    """Why none of a watched directory's files can be told deleted, or None."""
-    try:
-        with os.scandir(directory) as entries:
-            if next(entries, None) is None:
-                return "the watched directory is empty (a volume not mounted?)"
-    except (FileNotFoundError, NotADirectoryError):
-        return "the watched directory is missing"
-    except OSError as exc:
-        return f"the watched directory cannot be read: {exc.strerror}"
-    return None
-
-
-def _is_gone(path: Path, *, as_file: bool = False) -> bool:
-    """Whether nothing is at path; as_file: whether the file uploaded from path is gone,
-    nothing or a directory of its name in its place. What cannot be looked at is not taken
-    for gone, nor a symlink in its place: its bytes may be where it leads (a file moved to
-    another disk and linked back), which spotwatch does not follow."""
-    try:
-        stat = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return True
-    except OSError:
-        return False
-    return as_file and S_ISDIR(stat.st_mode)
 
 
 def _batches(deletions: Sequence[Deletion]) -> Iterator[list[Deletion]]:

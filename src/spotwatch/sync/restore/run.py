@@ -20,6 +20,7 @@ from spotwatch.keys import manifest_key, object_key, set_name_of
 from spotwatch.state import StateDir
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.ledger import Ledger
+from spotwatch.sync.out_of_sight import set_aside_if_wiped
 from spotwatch.sync.restore.beside import refuse_companions_in_the_way, with_companions, with_links
 from spotwatch.sync.restore.candidates import (
     checkpoints_first,
@@ -73,6 +74,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     # Restored into the watched directory, the files are already in S3: record them.
     ledger = (Ledger(StateDir(config.state_dir).ledger) if _is_watched(destination, watch)
               else None)
+    if ledger is not None:  # before the set restored makes the others look deleted
+        set_aside_if_wiped(ledger, bucket, object_key(watch.prefix, ""), destination)
     exempt_long_lived_objects()  # the candidates' manifests too: a set's files are many
     passed_over: list[str] = []
     try:
