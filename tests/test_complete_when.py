@@ -133,17 +133,66 @@ def test_a_hugging_face_checkpoint_waits_for_trainer_state_without_being_told(
     assert daemon.stop() == 0
 
 
+def test_a_trainers_checkpoint_beside_a_finished_one_waits_before_training_args(
+        workspace: Workspace, s3: Any) -> None:
+    """The Trainer writes the model's config and weights before training_args.bin: beside a
+    checkpoint it finished (or one restored to resume), a pause there seals nothing, and
+    retention keeping one set never drops the finished checkpoint for the half one."""
+    workspace.write_config(sync={"keep_sets": 1})
+    finished = {name: save_checkpoint(workspace.checkpoints / "checkpoint-100" / name, 1_000)
+                for name in ("config.json", "model.safetensors", "training_args.bin",
+                             "trainer_state.json")}
+    daemon = workspace.start_daemon()
+    wait_for(lambda: sealed(daemon, "run1/checkpoint-100"))
+    save_checkpoint(workspace.checkpoints / "checkpoint-200" / "config.json", 100)
+    save_checkpoint(workspace.checkpoints / "checkpoint-200" / "model.safetensors", 1_000)
+    wait_for(lambda: "run1/checkpoint-200/model.safetensors" in keys_in(s3, workspace.bucket))
+    waiting = wait_for(lambda: [line for line in daemon.named("set_awaiting_marker")
+                                if line["set"] == "run1/checkpoint-200"])
+    assert waiting[0]["waiting_for"] == ["trainer_state.json"]
+    wait_for(lambda: workspace.status().get("pending_files") == 0)
+    assert f"{MANIFESTS}checkpoint-200.json" not in keys_in(s3, workspace.bucket)
+    assert f"{MANIFESTS}checkpoint-100.json" in keys_in(s3, workspace.bucket)
+    assert daemon.stop() == 0  # the instance goes: the finished checkpoint comes back
+    target = workspace.root / "r"
+    result = restore(workspace, "--to", str(target))
+    assert "restored checkpoint-100" in result.stdout, result.stderr
+    for name, data in finished.items():
+        assert (target / "checkpoint-100" / name).read_bytes() == data
+
+
 @given(st.one_of(st.from_regex(r"[a-z0-9_-]{1,12}", fullmatch=True),
                  st.builds("checkpoint-{}".format, st.integers(0, 10**9)),
                  st.sampled_from(["checkpoint-", "checkpoint-1a", "checkpoint_5",
                                   "Checkpoint-5", "checkpoint-5-final"])),
-       st.booleans())
-def test_only_the_trainers_own_checkpoints_imply_a_marker(name: str, with_args: bool) -> None:
+       st.booleans(), st.booleans())
+def test_only_the_trainers_own_checkpoints_imply_a_marker(name: str, with_args: bool,
+                                                          beside_finished: bool) -> None:
     from spotwatch.sync.sets.sealer import implied_markers  # here: others run on older code
 
     files = ["model.safetensors", *(["training_args.bin"] if with_args else [])]
     entries = [ManifestEntry(f"run1/{name}/{file}", f"{name}/{file}", 1, 1, None)
                for file in files]
-    is_trainers = with_args and fnmatch.fnmatchcase(name, "checkpoint-*") and \
-        name[len("checkpoint-"):].isdigit()
-    assert implied_markers(name, entries) == (("trainer_state.json",) if is_trainers else ())
+    is_trainers = (with_args or beside_finished) and fnmatch.fnmatchcase(
+        name, "checkpoint-*") and name[len("checkpoint-"):].isdigit()
+    assert implied_markers(name, entries, beside_finished) == (
+        ("trainer_state.json",) if is_trainers else ())
+
+
+@given(st.sets(st.sampled_from(["checkpoint-1", "checkpoint-2", "tmp-checkpoint-3", "step_4",
+                                "checkpoint-5a"]), max_size=4),
+       st.sampled_from(["checkpoint-2", "checkpoint-9", "step_4"]))
+def test_a_finished_checkpoint_of_the_trainers_is_one_beside_the_set_with_its_state(
+        tmp_path_factory: Any, finished: set[str], set_name: str) -> None:
+    from spotwatch.sync.sets.sealer import holds_trainer_checkpoint
+
+    root = tmp_path_factory.mktemp("watched")
+    for name in finished:
+        (root / name).mkdir()
+        (root / name / "trainer_state.json").write_text("{}")
+    (root / "checkpoint-7").mkdir()  # the Trainer's, not finished
+    (root / "checkpoint-7" / "config.json").write_text("{}")
+    expected = set_name.startswith("checkpoint-") and any(
+        name != set_name and name.startswith("checkpoint-") and name[11:].isdigit()
+        for name in finished)
+    assert holds_trainer_checkpoint(root, set_name) == expected

@@ -246,9 +246,10 @@ class SetSealer:
                 if os.path.isdir(set_ref.root):
                     self._settle(set_ref.key, True)
                 continue
-            markers = unmatched(
-                (*self._complete_when(set_ref), *implied_markers(set_ref.name, check.entries)),
-                set_ref.name, check.entries)
+            implied = implied_markers(set_ref.name, check.entries, holds_trainer_checkpoint(
+                set_ref.root, set_ref.name))
+            markers = unmatched((*self._complete_when(set_ref), *implied), set_ref.name,
+                                check.entries)
             if markers:
                 self._await(set_ref, markers)
                 self._done(set_ref)  # sealed once the file that finishes it is uploaded
@@ -577,25 +578,45 @@ def durable(row: LedgerRow | None, stat: os.stat_result) -> TypeGuard[LedgerRow]
     return row is not None and (row[2], row[3]) == (stat.st_size, stat.st_mtime_ns) and bool(row[4])
 
 
-# The Hugging Face Trainer saves checkpoint-<step>/ in place, file by file (the model, then
-# training_args.bin, the optimizer, the scheduler, the RNG states), and trainer_state.json
-# last. training_args.bin says a directory is the Trainer's: written by the same process that
-# writes trainer_state.json (process zero, on every node count), so a node that never gets
-# one never waits for it.
+# The Hugging Face Trainer saves checkpoint-<step>/ in place, file by file (the model's config
+# and weights, then training_args.bin, the optimizer, the scheduler, the RNG states), and
+# trainer_state.json last. training_args.bin says a directory is the Trainer's, and so does a
+# checkpoint-<step>/ beside it holding trainer_state.json (a finished save of the same run, or
+# one restored to resume it): the Trainer's files before training_args.bin (config.json,
+# model.safetensors) are anyone's. Both are written by the process that writes
+# trainer_state.json (process zero, on every node count), so a node that never gets one never
+# waits for it.
 _HF_CHECKPOINT = re.compile(r"checkpoint-[0-9]+")
 _HF_OWN_FILE = "training_args.bin"
 _HF_LAST_FILE = "trainer_state.json"
 
 
-def implied_markers(set_name: str, entries: Sequence[ManifestEntry]) -> tuple[str, ...]:
+def implied_markers(set_name: str, entries: Sequence[ManifestEntry],
+                    trainers_directory: bool = False) -> tuple[str, ...]:
     """complete_when patterns a set implies by itself: a Hugging Face Trainer checkpoint
-    (checkpoint-<step>/ holding training_args.bin) waits for trainer_state.json, as if
+    (checkpoint-<step>/ holding training_args.bin, or beside a finished one of the Trainer's:
+    trainers_directory, see holds_trainer_checkpoint) waits for trainer_state.json, as if
     watch[].complete_when named it. Invariant: the Trainer's checkpoint saved in place with
-    pauses between its files is never sealed without the file it writes last."""
-    if _HF_CHECKPOINT.fullmatch(set_name) and any(
-            entry.path == f"{set_name}/{_HF_OWN_FILE}" for entry in entries):
+    pauses between its files is never sealed without the file it writes last (with no
+    finished one beside it, once it holds training_args.bin)."""
+    if _HF_CHECKPOINT.fullmatch(set_name) and (trainers_directory or any(
+            entry.path == f"{set_name}/{_HF_OWN_FILE}" for entry in entries)):
         return (_HF_LAST_FILE,)
     return ()
+
+
+def holds_trainer_checkpoint(root: Path, set_name: str) -> bool:
+    """Whether the watched directory holds, beside set_name (a checkpoint-<step>/), a
+    checkpoint-<step>/ the Trainer finished: its trainer_state.json there."""
+    if not _HF_CHECKPOINT.fullmatch(set_name):
+        return False
+    try:
+        with os.scandir(root) as entries:
+            return any(entry.name != set_name and _HF_CHECKPOINT.fullmatch(entry.name)
+                       and os.path.isfile(os.path.join(entry.path, _HF_LAST_FILE))
+                       for entry in entries)
+    except OSError:
+        return False
 
 
 def unmatched(complete_when: Sequence[str], set_name: str,
