@@ -149,9 +149,13 @@ def test_a_heartbeat_interval_not_below_the_hooks_timeout_is_halved_with_one_war
     assert "heartbeat_timeout=2.0" in warning and "using=1.0" in warning
 
 
+@pytest.mark.parametrize("state", ["Terminated", "Warmed:Stopped", "Warmed:Hibernated",
+                                   "Warmed:Terminated"])
 def test_scale_in_waits_for_the_checkpoint_then_continues(
         workspace: Workspace, imds: ImdsEmulator, s3: Any, group: tuple[str, str, str],
-        proxy: AutoScalingProxy) -> None:
+        proxy: AutoScalingProxy, state: str) -> None:
+    """Scaled in, or returned to a warm pool stopped or hibernated: the instance stops, and
+    the termination hook holds it until the checkpoint is in S3."""
     name, hook, instance = group
     imds.set_instance(instance, {GROUP_TAG: name})
     key = "run1/step_1/model.pt"
@@ -165,7 +169,7 @@ def test_scale_in_waits_for_the_checkpoint_then_continues(
     with (workspace.checkpoints / "step_1" / "model.pt").open("wb") as checkpoint:
         checkpoint.write(b"weights" * 1000)
         checkpoint.flush()
-        imds.set_lifecycle_state("Terminated")
+        imds.set_lifecycle_state(state)
         daemon.wait_for_event("flush_started")
         wait_for(lambda: len(proxy.named(HEARTBEAT)) >= 2)
         assert proxy.named(COMPLETE) == []  # still being written: the scale-in is held

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spotwatch.daemon.reporter import STATUS_NAMED_SETS_MAX
-from spotwatch.sync.sets.manifest import ManifestEntry
-from spotwatch.sync.sets.sealer import unmatched
+from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
+from spotwatch.sync.sets.sealer import stale_markers, unmatched
 
 from .conftest import Workspace, keys_in, wait_for
 from .test_checkpoint_sets import MANIFESTS, restore, sealed
@@ -196,3 +196,74 @@ def test_a_finished_checkpoint_of_the_trainers_is_one_beside_the_set_with_its_st
         name != set_name and name.startswith("checkpoint-") and name[11:].isdigit()
         for name in finished)
     assert holds_trainer_checkpoint(root, set_name) == expected
+
+
+SHARDS = ("__0_0.distcp", "__1_0.distcp", ".metadata")
+
+
+def test_a_set_saved_again_in_place_waits_for_its_new_marker(workspace: Workspace,
+                                                            s3: Any) -> None:
+    """torch.distributed.checkpoint saving into one fixed directory: while the second save
+    has written shard 0 and rank 1 still gathers, the last save's `.metadata` is there but
+    says nothing of this one. The set keeps its last manifest (shard 0's last version held),
+    so a restore then, or after the daemon is killed and started again, gives the whole last
+    save, and the new save is sealed once its own `.metadata` is there."""
+    watch_with(workspace, [".metadata"])
+    directory = workspace.checkpoints / "latest_ckpt"
+    first = {name: save_checkpoint(directory / name, 20_000) for name in SHARDS}
+    daemon = workspace.start_daemon()
+    wait_for(lambda: sealed(daemon, "run1/latest_ckpt"))
+    second = {SHARDS[0]: save_checkpoint(directory / SHARDS[0], 20_000)}
+    waiting = wait_for(lambda: [line for line in daemon.named("set_awaiting_marker")
+                                if line["set"] == "run1/latest_ckpt"])
+    assert waiting[0]["waiting_for"] == [".metadata"]
+    daemon.process.kill()  # mid-save, as the instance goes
+    daemon.process.wait()
+    daemon = workspace.start_daemon()  # knows the set only from S3 now
+    wait_for(lambda: daemon.named("startup_scan_done"))
+    wait_for(lambda: workspace.status().get("pending_files") == 0)
+    wait_for(lambda: daemon.named("set_awaiting_marker"))
+    assert not sealed(daemon, "run1/latest_ckpt")
+    target = workspace.root / "r1"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    for name, data in first.items():
+        assert (target / "latest_ckpt" / name).read_bytes() == data, name
+
+    second.update({name: save_checkpoint(directory / name, 20_000) for name in SHARDS[1:]})
+    wait_for(lambda: sealed(daemon, "run1/latest_ckpt"))
+    assert daemon.stop() == 0
+    target = workspace.root / "r2"
+    assert restore(workspace, "--to", str(target)).returncode == 0
+    for name, data in second.items():
+        assert (target / "latest_ckpt" / name).read_bytes() == data, name
+
+
+_versions = st.tuples(st.integers(0, 2), st.integers(0, 2))
+
+
+@given(st.dictionaries(st.sampled_from(["a.distcp", "b.distcp", ".metadata", "x/.metadata"]),
+                       _versions, min_size=1),
+       st.dictionaries(st.sampled_from(["a.distcp", "b.distcp", ".metadata", "x/.metadata"]),
+                       _versions),
+       st.lists(st.sampled_from([".metadata", "*.distcp", "x/*"]), min_size=1, max_size=2))
+def test_a_marker_counts_once_rewritten_whenever_a_file_sealed_before_was(
+        now: dict[str, tuple[int, int]], before: dict[str, tuple[int, int]],
+        patterns: list[str]) -> None:
+    def entries(files: dict[str, tuple[int, int]]) -> list[ManifestEntry]:
+        return [ManifestEntry(f"p/step/{path}", f"step/{path}", size, mtime, "c")
+                for path, (size, mtime) in files.items()]
+
+    sealed = Manifest.build("step", "p/", entries(before), [])
+    left = stale_markers(patterns, "step", entries(now), sealed)
+    changed = [path for path, version in now.items() if before.get(path) != version]
+    if not any(path in before for path in changed):
+        assert left == []  # first seal or new files only: presence is enough
+    else:
+        assert left == [pattern for pattern in patterns
+                        if not fnmatch.filter(changed, pattern)]
+    assert stale_markers(patterns, "step", entries(now), None) == []
+    single = [ManifestEntry("p/step", "step", 1, 1, "c")]
+    assert stale_markers(patterns, "step", single,
+                         Manifest.build("step", "p/", [ManifestEntry("p/step", "step", 0, 0,
+                                                                      "c")], [])) == []

@@ -78,6 +78,22 @@ def test_metrics_follow_pending_work_uploads_notices_and_flushes(
     assert daemon.stop() == 0
 
 
+def test_a_notice_posted_long_before_the_daemon_ran_is_not_timed(
+        workspace: Workspace, imds: ImdsEmulator) -> None:
+    """A spot time years ago (garbled, or posted while the daemon was down) is counted as a
+    notice, but puts no years into the detection latency."""
+    daemon = workspace.start_daemon()
+    url = metrics_url(daemon)
+    imds.set_item("meta-data/spot/instance-action",
+                  '{"action": "terminate", "time": "2020-01-01T00:00:00Z"}')
+    daemon.wait_for_event("flush_done")
+    after = wait_for(lambda: (lambda scraped: scraped if scraped.get(
+        ("spotwatch_notices_total", (("kind", "spot-interruption"),))) else None)(scrape(url)))
+    assert after.get(("spotwatch_notice_detection_seconds_count", ()), 0) == 0
+    assert after.get(("spotwatch_notice_detection_seconds_sum", ()), 0) == 0
+    assert daemon.stop() == 0
+
+
 def test_a_manual_flush_is_not_counted_as_a_notice(workspace: Workspace,
                                                    imds: ImdsEmulator) -> None:
     """spotwatch_notices_total counts AWS's notices (as status's last notice shows them): an

@@ -58,8 +58,11 @@ def test_other_sources() -> None:
     )
     assert [e.detail for e in events] == ["system-reboot"]
     assert events[0].deadline == datetime(2019, 1, 21, 9, 0, 43, tzinfo=UTC)
-    assert parse_lifecycle_state("InService") == []
-    assert parse_lifecycle_state("Terminated")[0].kind is NoticeKind.ASG_TERMINATING
+    for running in ("InService", "Standby", "Detached", "Warmed:Running", "Pending", ""):
+        assert parse_lifecycle_state(running) == []
+    for leaving in ("Terminated", "Warmed:Stopped", "Warmed:Hibernated", "Warmed:Terminated"):
+        [notice] = parse_lifecycle_state(leaving + "\n")
+        assert notice.kind is NoticeKind.ASG_TERMINATING and notice.detail == leaving
 
 
 def test_poller_reports_each_notice_once(imds: ImdsEmulator) -> None:

@@ -96,6 +96,15 @@ def test_a_flush_that_left_files_behind_does_not_read_as_a_success(record: dict[
     assert "INCOMPLETE" not in done
 
 
+def test_a_flush_with_nothing_to_upload_past_its_deadline_is_no_failure() -> None:
+    """A maintenance window that began before the notice was seen, nothing pending: nothing
+    was made durable late, so nothing reads as incomplete."""
+    nothing = {**FLUSH, "files": 0, "bytes": 0, "deadline_margin_seconds": -1805.6}
+    [line] = [line for line in render_status(a_report(last_flush=nothing)).splitlines()
+              if line.startswith("last flush:")]
+    assert "INCOMPLETE" not in line and "after its deadline" not in line, line
+
+
 @pytest.mark.parametrize("reason", ["spot-interruption", "manual-flush", "shutdown"])
 def test_a_stop_that_cut_a_flush_short_is_blamed_whatever_its_reason(
         reason: str, capsys: pytest.CaptureFixture[str]) -> None:

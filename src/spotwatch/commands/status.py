@@ -278,8 +278,9 @@ def _flush_line(flush: dict[str, Any]) -> str:
         left.append(f"timed out with {flush.get('pending_files', 0)} files not durable when "
                     "it ended")
     margin = flush.get("deadline_margin_seconds")
-    if margin is not None and margin < 0 and not left:
-        # Every file durable, but after the deadline: on the instance, too late.
+    if margin is not None and margin < 0 and not left and flush.get("files"):
+        # Every file durable, but after the deadline: on the instance, too late. A flush
+        # with nothing to upload (a maintenance window already begun) left nothing late.
         left.append(f"finished {-margin:g}s after its deadline")
     if flush.get("failed"):
         left.append(f"{flush['failed']} files failing")

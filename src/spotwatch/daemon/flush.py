@@ -213,7 +213,8 @@ class FlushController:
         files still uploading or due for a retry when it ended overdue (then it timed out)."""
         finished = self._end(failed, still_written, timed_out=bool(not_durable),
                              unprotected=unprotected, pending_files=not_durable)
-        late = (finished.record["deadline_margin_seconds"] or 0) < 0  # the instance may be gone
+        # Files made durable after the deadline: the instance may be gone before they were.
+        late = (finished.record["deadline_margin_seconds"] or 0) < 0 and finished.record["files"]
         bad = (failed or still_written or not_durable or late
                or any((unprotected or {}).values()))
         (log.warning if bad else log.info)("flush_done", **finished.record)

@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from spotwatch.aws.health import Outage, S3Watch, unreachable_reason
@@ -31,6 +31,8 @@ from spotwatch.sync.engine import SyncEngine
 from spotwatch.sync.sets.claim import RankClaim
 
 log = get_logger("spotwatch.daemon")
+# How long before the daemon's start a notice may say it was posted and still be timed.
+POSTED_SLACK = timedelta(seconds=5)
 
 STATUS_INTERVAL_SECONDS = 1.0
 # status.json names at most this many incomplete and unsealed sets (the first in order); its
@@ -48,6 +50,7 @@ class Reporter:
         self._bucket = bucket
         self._state = state
         self.metrics = metrics
+        self._started = datetime.now(UTC)
         self.s3_watch = S3Watch(lambda error: self.metrics.s3_errors.labels(error).inc())
         self.metrics_url: str | None = None
         self._server: MetricsServer | None = None
@@ -148,8 +151,11 @@ class Reporter:
             self.metrics.upload_errors.inc()
 
     def count_notice(self, notice: Notice, detected: datetime) -> None:
+        """Detection latency only of a notice posted while the daemon ran: one posted before
+        (while it was down, or a garbled time years ago) says nothing of how soon it sees one.
+        POSTED_SLACK: a notice's time has whole seconds, and AWS's clock is not this host's."""
         self.metrics.notices.labels(notice.kind.value).inc()
-        if notice.posted_at is not None:
+        if notice.posted_at is not None and notice.posted_at >= self._started - POSTED_SLACK:
             self.metrics.detection_latency.observe(
                 max(0.0, (detected - notice.posted_at).total_seconds()))
 

@@ -131,9 +131,17 @@ def list_scheduled_events(text: str) -> NoticeListing | None:
                          frozenset(notice.id for notice in parse_scheduled_events(text)))
 
 
+# Target lifecycle states in which the instance leaves service and stops running: scaled in,
+# or returned to a warm pool stopped or hibernated (either loses the instance store and ends
+# the trainer) or terminated from it. Each goes through the group's termination lifecycle
+# hook. InService, Standby, Detached and Warmed:Running keep the instance running.
+LEAVING_STATES = frozenset({"Terminated", "Warmed:Terminated", "Warmed:Stopped",
+                            "Warmed:Hibernated"})
+
+
 def parse_lifecycle_state(text: str) -> list[Notice]:
     state = text.strip()
-    if state != "Terminated":
+    if state not in LEAVING_STATES:
         return []
     return [Notice.make(NoticeKind.ASG_TERMINATING, None, state, detail=state)]
 

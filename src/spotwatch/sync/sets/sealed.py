@@ -154,9 +154,15 @@ class SealedSets:
         return etags.get(entry.key) in listed_etags
 
     def sealed_entry(self, prefix: str, set_name: str, key: str) -> ManifestEntry | None:
-        """The entry for key of the set's manifest (this node's part) in S3 now: the one this
-        process last wrote, else the one S3 held at the start (read once), or after a write
-        of it failed, the one S3 holds now (read once more); None when none lists the key.
+        """The entry for key of the set's manifest (this node's part) in S3 now (current);
+        None when none lists the key."""
+        manifest = self.current(prefix, set_name)
+        return None if manifest is None else _entry_of(manifest, key)
+
+    def current(self, prefix: str, set_name: str) -> Manifest | None:
+        """The set's manifest (this node's part) in S3 now: the one this process last wrote,
+        else the one S3 held at the start (read once), or after a write of it failed, the one
+        S3 holds now (read once more); None: none.
 
         Invariant: once this process has written a set's manifest, this answers from that
         manifest (sealed_here), never from an older one: a held copy is made if-match the
@@ -172,7 +178,7 @@ class SealedSets:
                         else self._read_own(prefix, set_name, reread))
             with self._lock:
                 manifest = self._now.setdefault((prefix, set_name), manifest)
-        return None if manifest is None else _entry_of(manifest, key)
+        return manifest
 
     def sealed_here(self, prefix: str, set_name: str, manifest: Manifest | None) -> None:
         """This process wrote the set's manifest (None: deleted it)."""

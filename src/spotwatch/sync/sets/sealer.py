@@ -246,10 +246,13 @@ class SetSealer:
                 if os.path.isdir(set_ref.root):
                     self._settle(set_ref.key, True)
                 continue
-            implied = implied_markers(set_ref.name, check.entries, holds_trainer_checkpoint(
-                set_ref.root, set_ref.name))
-            markers = unmatched((*self._complete_when(set_ref), *implied), set_ref.name,
-                                check.entries)
+            patterns = (*self._complete_when(set_ref), *implied_markers(
+                set_ref.name, check.entries, holds_trainer_checkpoint(set_ref.root,
+                                                                      set_ref.name)))
+            markers = unmatched(patterns, set_ref.name, check.entries)
+            if patterns and not markers:  # only then: the manifest may have to be read
+                markers = stale_markers(patterns, set_ref.name, check.entries,
+                                        self._sealed_now(set_ref))
             if markers:
                 self._await(set_ref, markers)
                 self._done(set_ref)  # sealed once the file that finishes it is uploaded
@@ -284,6 +287,18 @@ class SetSealer:
         waits for them as for any linked file on its way."""
         return bool(linked_missing) and self._revive is not None and self._revive(
             set_ref, linked_missing)
+
+    def _sealed_now(self, set_ref: SetRef) -> Manifest | None:
+        """The set's manifest in S3 now (read once per process, unless this process wrote
+        it); None when there is none or S3 does not answer (then the markers' presence is
+        all that is asked, as before the set was ever sealed)."""
+        if self._sealed_sets is None:
+            return None
+        try:
+            return self._sealed_sets.current(set_ref.prefix, set_ref.name)
+        except StoreError as exc:
+            log.warning("sealed_manifest_unread", set=set_ref.key, error=str(exc))
+            return None
 
     def _held_while_unfinished(self, set_ref: SetRef) -> bool:
         """Invariant: a set is never sealed while its trainer's marker beside it says it is
@@ -636,3 +651,27 @@ def unmatched(complete_when: Sequence[str], set_name: str,
         return []
     return [pattern for pattern in complete_when
             if not any(fnmatchcase(path, pattern) for path in inside)]
+
+
+def stale_markers(complete_when: Sequence[str], set_name: str,
+                  entries: Sequence[ManifestEntry], sealed: Manifest | None) -> list[str]:
+    """The complete_when patterns matched only by files as the set was last sealed (sealed:
+    its manifest in S3 now) while a file that manifest lists was written again since.
+
+    Invariant: a set directory saved again in place (torch.distributed.checkpoint into a
+    fixed directory) is not sealed again while its marker is the last save's: the shards
+    written so far and the rest of the last save would make one checkpoint of two saves. The
+    last save's manifest stays, its replaced files kept as held copies (sync.sets.held). New
+    files alone (a late rank's file, an evaluation's results) seal it again as ever."""
+    inside = set_name + "/"
+    if sealed is None or not complete_when or not any(
+            entry.path.startswith(inside) for entry in entries):
+        return []  # a single top-level file is its own whole set
+    before = {entry.path: (entry.size, entry.mtime_ns) for entry in sealed.files}
+    changed = [entry for entry in entries if before.get(entry.path) != (entry.size,
+                                                                        entry.mtime_ns)]
+    if not any(entry.path in before for entry in changed):
+        return []
+    written = [entry.path[len(inside):] for entry in changed if entry.path.startswith(inside)]
+    return [pattern for pattern in complete_when
+            if not any(fnmatchcase(path, pattern) for path in written)]
