@@ -288,19 +288,29 @@ def installed_python(minor: int) -> Path:
     return found[-1]
 
 
-@pytest.fixture
-def tiny_state_dir(tmp_path: Path) -> Iterator[Path]:
-    """A state directory on a 1 MiB tmpfs, to fill up."""
-    state = tmp_path / "state"
-    state.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(state)],
+def _tiny_tmpfs(directory: Path) -> Iterator[Path]:
+    """directory made and a 1 MiB tmpfs mounted there, to fill up."""
+    directory.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(directory)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
     try:
-        yield state
+        yield directory
     finally:  # lazily: a daemon the test left running may still hold files there
-        subprocess.run(["umount", "-l", str(state)], check=False)
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+@pytest.fixture
+def tiny_state_dir(tmp_path: Path) -> Iterator[Path]:
+    """The workspace's state directory on a 1 MiB tmpfs."""
+    yield from _tiny_tmpfs(tmp_path / "state")
+
+
+@pytest.fixture
+def tiny_run_dir(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs apart from the state directory, as /run is."""
+    yield from _tiny_tmpfs(tmp_path / "run")
 
 
 def fill(directory: Path) -> Path:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spotwatch.config import load_config
-from spotwatch.daemon.hooks import MAX_PID, trainer_pid
+from spotwatch.daemon.hooks import MAX_PID, RECHECK_SECONDS, trainer_pid
 from spotwatch.emulator import Fault, ImdsEmulator
 from spotwatch.errors import ConfigError
 from spotwatch.interruption import interruption_pending
@@ -25,7 +27,7 @@ from spotwatch.sync.planner import PendingFile, Planner, SetRef
 from spotwatch.sync.subtree import files_at_or_below
 from spotwatch.sync.throughput import plan_flush
 
-from .conftest import Workspace, keys_in, object_bytes, wait_for
+from .conftest import Workspace, fill, keys_in, object_bytes, wait_for
 from .test_daemon_e2e import save_checkpoint
 
 TRAINER = """
@@ -68,6 +70,32 @@ def test_signal_hook_and_notice_file(workspace: Workspace, imds: ImdsEmulator, s
         assert daemon.stop() == 0
     finally:
         trainer.kill()
+
+
+def test_a_pid_reused_since_the_trainer_wrote_its_pid_file_is_not_signalled(
+        workspace: Workspace, imds: ImdsEmulator) -> None:
+    """The trainer exited and left its pid file; another process has its pid now (started
+    after the file was written). SIGUSR1's default action would kill it: it is not
+    signalled, and status says the trainer was not told."""
+    pid_file = workspace.root / "trainer.pid"
+    workspace.write_config(hooks={"signal": "USR1", "pid_file": str(pid_file)})
+    stranger = subprocess.Popen(["sleep", "300"])
+    try:
+        pid_file.write_text(f"{stranger.pid}\n")
+        written = time.time() - 60  # the trainer wrote it a minute before the pid was reused
+        os.utime(pid_file, (written, written))
+        daemon = workspace.start_daemon()
+        imds.fire_spot_interruption(in_seconds=120)
+        failed = daemon.wait_for_event("hook_failed")
+        assert failed["hook"] == "signal" and "reused" in failed["error"], failed
+        reason = "the trainer was not told of the notice: hooks.signal SIGUSR1"
+        assert wait_for(lambda: any(said.startswith(reason)
+                                    for said in workspace.status().get("degraded", [])))
+        assert stranger.poll() is None  # alive
+        assert not daemon.named("hook_signal_sent")
+        assert daemon.stop() == 0
+    finally:
+        stranger.kill()
 
 
 @pytest.mark.parametrize("pid", ["0", "99999999999999999999"])
@@ -437,14 +465,48 @@ def test_a_notice_file_that_cannot_be_written_when_the_notice_comes_degrades_sta
     assert workspace.cli("status", "-c", "config.yaml", "--healthy").returncode == 1
     shown = workspace.cli("status", "-c", "config.yaml")
     assert "cannot be told of a notice" in shown.stdout, shown.stdout
-    # Fixed while the daemon runs: healthy again without a notice or a restart.
+    # Fixed while the daemon runs: the notice in effect is written there, and status is
+    # healthy again, without another notice or a restart.
     notices.unlink()
     notices.mkdir()
     assert wait_for(lambda: not any(said.startswith(reason)
                                     for said in workspace.status().get("degraded", [])),
                     timeout=30)
-    daemon.wait_for_event("notice_file_writable")
+    daemon.wait_for_event("notice_file_written")
+    told = interruption_pending(notices / "notice.json")
+    assert told is not None and told["kind"] == "spot-interruption"
     daemon.stop()
+
+
+def test_a_notice_file_on_a_full_file_system_degrades_status_until_it_is_written(
+        workspace: Workspace, imds: ImdsEmulator, tiny_run_dir: Path) -> None:
+    """The notice file on a small tmpfs (/run) that is full when the notice comes: status
+    stays degraded while it is full (old: a check that made an empty file, which needs no
+    space, cleared it ten seconds later, and the notice was never written), and once space is
+    freed the notice in effect is written and status is healthy again."""
+    notices = tiny_run_dir
+    workspace.write_config(hooks={"notice_file": str(notices / "notice.json")})
+    daemon = workspace.start_daemon()
+    filler = fill(notices)
+    fired = time.time()
+    imds.fire_spot_interruption(in_seconds=120)
+    daemon.wait_for_event("hook_failed")
+    reason = f"the trainer cannot be told of a notice: {notices / 'notice.json'}: "
+
+    def degraded() -> bool:
+        return any(said.startswith(reason) for said in workspace.status().get("degraded", []))
+
+    assert wait_for(degraded)
+    # A status written after the place was checked again, still full: still degraded.
+    wait_for(lambda: workspace.status().get("updated_at", 0) > fired + RECHECK_SECONDS + 1,
+             timeout=RECHECK_SECONDS + 20)
+    assert degraded()
+    assert interruption_pending(notices / "notice.json") is None
+    filler.unlink()
+    wait_for(lambda: not degraded(), timeout=RECHECK_SECONDS + 20)
+    told = interruption_pending(notices / "notice.json")
+    assert told is not None and told["kind"] == "spot-interruption"
+    assert daemon.stop() == 0
 
 
 def test_a_command_hook_that_fails_degrades_status_until_its_notice_is_withdrawn(

@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,11 @@ NOTICE_FILE_MODE = 0o644
 # How often a notice file that could not be written is checked again while it cannot, and
 # the trainer's pid file (hooks.signal) always: the trainer mostly starts after the daemon.
 RECHECK_SECONDS = 10.0
+# What the check of the notice file's place writes there: a notice's size, about.
+PROBE_BYTES = 512
+# How much later than its pid file's mtime a process may seem to have started and still be
+# the one it names: /proc's boot time has whole seconds.
+START_SLACK = 2.0
 # The largest pid_t; Linux's pid_max is far below it.
 MAX_PID = 2**31 - 1
 # The most of a hook command's output the log takes (the file keeps all of it).
@@ -60,15 +66,25 @@ class NoticeHooks:
         # them, as it does not tell the trainer what it missed.
         self._problems = HookProblems()
         self._recheck_at = 0.0  # monotonic
+        # The notice the trainer is to read (the last written, or to be written), while one
+        # is in effect: written again by a check once its place takes it.
+        self._notice: dict[str, Any] | None = None
 
     def degraded_reasons(self) -> list[str]:
-        """Asked at every status write; every RECHECK_SECONDS, a notice file place found
-        wanting is checked again, and so is the trainer's pid file, so that a fix (the
-        directory made, its mode changed, the daemon's user) clears it without waiting for a
-        notice or a restart, and a trainer started later is checked too."""
+        """Asked at every status write; every RECHECK_SECONDS the notice file's place is
+        checked again, and so is the trainer's pid file, so that a fix (the directory made,
+        space freed, its mode changed, the daemon's user) clears it without waiting for a
+        notice or a restart, a place that breaks meanwhile is said before the notice comes,
+        and a trainer started later is checked too. With a notice in effect whose file could
+        not be written, the check is writing it: the problem holds until the trainer can
+        read it."""
         if time.monotonic() >= self._recheck_at:
             self._recheck_at = time.monotonic() + RECHECK_SECONDS
-            if self._problems.get(NOTICE_FILE) is not None:
+            held = self._problems.get(NOTICE_FILE)
+            if self._notice is not None and held is not None \
+                    and held[0] == str(self.notice_file):
+                self._write_notice_file(self._notice, said_once=True)
+            else:
                 self._check_writable()
             self._check_signal()
         return self._problems.reasons()
@@ -83,6 +99,9 @@ class NoticeHooks:
         self._check_signal()
         self._recheck_at = time.monotonic() + RECHECK_SECONDS
         if self._acted.acted:
+            with suppress(OSError, ValueError):  # none readable: the next notice writes one
+                notice = json.loads(self.notice_file.read_text())
+                self._notice = notice if isinstance(notice, dict) else None
             return self._acted.told
         self._remove_notice_file()
         return None
@@ -145,8 +164,11 @@ class NoticeHooks:
             make_shared_dirs(self.notice_file.parent)
             fd, probe = tempfile.mkstemp(dir=self.notice_file.parent,
                                          prefix=f".{self.notice_file.name}.")
-            os.close(fd)
-            os.unlink(probe)
+            try:  # bytes as a notice's: an empty file fits on a full file system
+                os.write(fd, b" " * PROBE_BYTES)
+            finally:
+                os.close(fd)
+                os.unlink(probe)
         except OSError as exc:
             return (self.notice_file, exc.strerror or str(exc),
                     "the trainer cannot be told of a notice until this is fixed")
@@ -206,6 +228,7 @@ class NoticeHooks:
         time); the notice file is (re)written every time, so a trainer always finds it.
         told: the notice as the daemon keeps it, with when the instance is to go, as the next
         notices are compared with (see notices.sources.due_by)."""
+        self._notice = notice
         self._write_notice_file(notice)
         if not self._acted.tell(told):
             log.info("hooks_already_acted", id=notice["id"], kind=notice["kind"])
@@ -220,6 +243,7 @@ class NoticeHooks:
         in effect: its file goes, as before any notice, and a restart does not bring it back.
         Nothing is signalled or run: a trainer polling the notice file finds none."""
         self._acted.withdraw()
+        self._notice = None
         self._remove_notice_file()
         self._problems.clear(SIGNAL_MISSED)  # what the trainer missed is no longer in effect
         self._problems.clear(COMMAND_MISSED)
@@ -231,23 +255,36 @@ class NoticeHooks:
             log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
                         error=exc.strerror)
 
-    def _write_notice_file(self, notice: dict[str, Any]) -> bool:
+    def _write_notice_file(self, notice: dict[str, Any], said_once: bool = False) -> bool:
+        """said_once: a failure is logged only when it is new (a check's retry), not at
+        every try."""
         try:
             make_shared_dirs(self.notice_file.parent)
             write_json_atomically(self.notice_file, notice, mode=NOTICE_FILE_MODE)
         except OSError as exc:
-            self._problems.hold(NOTICE_FILE, str(self.notice_file), exc.strerror or str(exc))
-            log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
-                        error=exc.strerror)
+            new = self._problems.hold(NOTICE_FILE, str(self.notice_file),
+                                      exc.strerror or str(exc))
+            if new or not said_once:
+                log.warning("hook_failed", hook="notice_file", path=str(self.notice_file),
+                            error=exc.strerror)
             return False
         held = self._problems.get(NOTICE_FILE)
         if held is not None and held[0] == str(self.notice_file):
             self._problems.clear(NOTICE_FILE)  # a passed-over default place is still one
+            log.info("notice_file_written", path=str(self.notice_file), id=notice.get("id"))
         return True
 
     def _signal_trainer(self, name: str, pid_file: Path) -> None:
         try:
             pid = trainer_pid(pid_file.read_text())
+            started = process_started_at(pid)
+            if started is not None and started > pid_file.stat().st_mtime + START_SLACK:
+                # Invariant: only the process that wrote the pid file (or one it named then)
+                # is signalled: a pid the trainer left behind, reused by another process
+                # since, is not the trainer's, and SIGUSR1's default action kills it.
+                raise ProcessLookupError(
+                    errno.ESRCH, f"pid {pid} is a process started after the pid file was "
+                                 "written: the trainer's is gone, its pid reused")
             os.kill(pid, signal.Signals[name])
         except (OSError, ValueError) as exc:
             log.warning("hook_failed", hook="signal", pid_file=str(pid_file), error=str(exc))
@@ -328,6 +365,20 @@ def unsignalable(pid_file: Path) -> tuple[int, int | None] | None:
     except (OSError, ValueError):  # no pid file, a dead pid: the trainer may start later
         return None
     return None
+
+
+def process_started_at(pid: int) -> float | None:
+    """When the process started (wall clock, to the tick), if /proc tells."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text()
+                    .splitlines() if line.startswith("btime "))
+        # Fields after the command's closing parenthesis start at the third; starttime is
+        # the 22nd, in clock ticks since boot.
+        ticks = int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def process_uid(pid: int) -> int | None:
