@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spotwatch.keys import manifest_key
+from spotwatch.keys import manifest_key, series_of
 from spotwatch.sync.commits import uncommitted
 from spotwatch.sync.pointers import named_set, repoint, repointed_text
 from spotwatch.sync.restore.candidates import Candidate, checkpoints_first
@@ -124,11 +124,13 @@ def candidate(name: str, directory: bool) -> Candidate:
 
 
 @given(st.lists(st.tuples(st.sampled_from(["step_1", "step_22", "latest", "runs", "a.ckpt",
-                                           "e=3.ckpt", "config.json", "b7"]), st.booleans()),
+                                           "e=3.ckpt", "e=4.ckpt", "config.json", "b7",
+                                           "zero_to_fp32.py"]), st.booleans()),
                 unique_by=lambda t: t[0]))
 def test_restore_tries_numbered_set_directories_first(sets: list[tuple[str, bool]]) -> None:
     """Where the trainer saves numbered set directories, they come first (newest first), then
-    the other numbered sets; a set without a number is never tried for the checkpoint. Where
+    the numbered files of a series of two or more; a set without a number, or a file alone in
+    its series (zero_to_fp32.py), is never tried for the checkpoint but comes beside it. Where
     it saves none (checkpoints that are files), every set but a pointer is tried, newest
     first."""
     candidates = [candidate(name, directory) for name, directory in sets]
@@ -145,9 +147,13 @@ def test_restore_tries_numbered_set_directories_first(sets: list[tuple[str, bool
         numbered_files = any(any(ch.isdigit() for ch in c.whole.set_name) for c in files)
         assert companions == ([] if not files or numbered_files else candidates)
     else:
-        assert ordered == steps + [c for c, directory in numbered if not directory]
+        numbered_files = [c for c, directory in numbered if not directory]
+        in_a_series = [c for c in numbered_files if sum(
+            series_of(other.whole.set_name) == series_of(c.whole.set_name)
+            for other in candidates) > 1]
+        assert ordered == steps + in_a_series
         assert companions == [c for c, (name, directory) in zip(candidates, sets, strict=True)
-                              if not directory and not any(ch.isdigit() for ch in name)]
+                              if not directory and c not in in_a_series]
 
 
 def test_with_every_step_broken_a_set_without_a_number_is_not_restored_for_one(
@@ -779,3 +785,31 @@ def test_a_pointer_whose_step_was_never_sealed_is_no_checkpoint(
     assert error.startswith("spotwatch: error: no complete checkpoint set under "), error
     assert "--set latest restores it" in error, error
     assert not target.exists() or files_under(target) == set()
+
+
+RECOVERY_SCRIPT = b"# DeepSpeed's zero_to_fp32.py, copied beside the steps at each save\n" * 50
+
+
+def test_deepspeeds_recovery_script_comes_beside_the_step_and_is_never_the_checkpoint(
+        workspace: Workspace, s3: Any) -> None:
+    """DeepSpeed copies zero_to_fp32.py into the save directory at every save: a file with a
+    number in its name, alone in its series. It comes back beside the step restored, and with
+    every step broken in S3 it is not handed back as the checkpoint (exit 1)."""
+    write(workspace, "global_step1/mp_rank_00_model_states.pt", b"one" * 100, 400)
+    write(workspace, "global_step2/mp_rank_00_model_states.pt", b"two" * 100, 300)
+    write(workspace, "latest", b"global_step2", 200)
+    write(workspace, "zero_to_fp32.py", RECOVERY_SCRIPT, 100)
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 4
+    target = workspace.root / "restored"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "restored global_step2" in result.stdout, result.stdout
+    assert (target / "zero_to_fp32.py").read_bytes() == RECOVERY_SCRIPT
+    assert (target / "latest").read_bytes() == b"global_step2"
+
+    s3.delete_object(Bucket=workspace.bucket, Key="run1/global_step1/mp_rank_00_model_states.pt")
+    s3.delete_object(Bucket=workspace.bucket, Key="run1/global_step2/mp_rank_00_model_states.pt")
+    elsewhere = workspace.root / "elsewhere"
+    result = restore(workspace, "--to", str(elsewhere))
+    assert result.returncode == 1, result.stdout
+    assert not (elsewhere / "zero_to_fp32.py").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -82,24 +83,24 @@ def checkpoints_first(candidates: Sequence[Candidate]) -> tuple[list[Candidate],
     save, a TensorBoard `runs/` directory or a `train.log` beside the steps is always newer
     than the steps, and restoring it alone would hand back no checkpoint at all: with every
     step incomplete or corrupt, restore has none to give back (exit 1), and only --set
-    restores such a set. Those set directories come first, newest first, then the other
-    numbered sets (top-level files); the unnumbered top-level files
-    (`latest`, a `config.json`) are restored beside the set directory, which may need them to
-    load; one that points to another step (`latest` naming an incomplete global_step300) is
-    made to name the step restored (sync.pointers). Where checkpoints are files only
-    (Lightning's epoch=3-step=400.ckpt and last.ckpt), the newest complete set is restored,
-    as ever."""
-    steps: list[Candidate] = []
-    others: list[Candidate] = []
-    companions: list[Candidate] = []
-    for candidate in candidates:
-        directory, numbered = is_directory_set(candidate.whole), _is_numbered(candidate.whole)
-        (steps if directory and numbered else others).append(candidate)
-        if not directory and not numbered:
-            companions.append(candidate)
+    restores such a set. Those set directories come first, newest first, then the numbered
+    top-level files of a series of two or more; the other top-level files, unnumbered
+    (`latest`, a `config.json`) or alone in their series (DeepSpeed's `zero_to_fp32.py`), are
+    restored beside the set directory, which may need them to load, and are never tried for
+    the checkpoint; one that points to another step (`latest` naming an incomplete
+    global_step300) is made to name the step restored (sync.pointers). Where checkpoints are
+    files only (Lightning's epoch=3-step=400.ckpt and last.ckpt), the newest complete set is
+    restored, as ever."""
+    steps = [c for c in candidates if is_directory_set(c.whole) and _is_numbered(c.whole)]
     if not steps:
         return _files_only(candidates)
-    return steps + [c for c in others if _is_numbered(c.whole)], companions
+    in_series = Counter(series_of(c.whole.set_name) for c in candidates)
+    files = [c for c in candidates if not is_directory_set(c.whole)]
+    # A numbered file alone in its series beside the steps is no checkpoint of its own but
+    # a file the trainer keeps beside them: DeepSpeed's zero_to_fp32.py, copied at each save.
+    companions = [c for c in files if not _is_numbered(c.whole)
+                  or in_series[series_of(c.whole.set_name)] == 1]
+    return steps + [c for c in files if c not in companions], companions
 
 
 def _files_only(candidates: Sequence[Candidate]) -> tuple[list[Candidate], list[Candidate]]:
