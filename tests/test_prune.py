@@ -375,8 +375,12 @@ def test_mirroring_a_file_of_a_sealed_set_takes_its_manifest_first(workspace: Wo
     # object (the daemon seals the set again with what is left).
     assert lines[:-1] == [
         f"deleted s3://{workspace.bucket}/{MANIFESTS}step_1.json (deleted locally)",
-        f"deleted s3://{workspace.bucket}/run1/step_1/optim.pt (deleted locally)"]
+        f"deleted s3://{workspace.bucket}/run1/step_1/optim.pt (deleted locally)",
+        f"sealed s3://{workspace.bucket}/run1/step_1 again with the files left of it "
+        "(a new manifest)"]
     assert "run1/step_1/model.pt" in keys_in(s3, workspace.bucket)
+    manifest = json.loads(object_bytes(s3, workspace.bucket, f"{MANIFESTS}step_1.json"))
+    assert [entry["path"] for entry in manifest["files"]] == ["step_1/model.pt"]
 
 
 # -- the planner, for generated manifests and ledger contents -------------------------------

@@ -105,9 +105,12 @@ def test_a_watched_directory_moved_with_its_config_mirrors_no_deletion(
     result = workspace.cli("prune", "-c", "config.yaml", *(["--dry-run"] if dry_run else []))
     assert result.returncode == 0, result.stderr
     verb = "would delete" if dry_run else "deleted"
+    sealed = "would seal" if dry_run else "sealed"
     assert result.stdout.splitlines() == [
         f"{verb} s3://{workspace.bucket}/{MANIFESTS}step_2.json (deleted locally)",
         f"{verb} s3://{workspace.bucket}/run1/step_2/optim.pt (deleted locally)",
+        f"{sealed} s3://{workspace.bucket}/run1/step_2 again with the files left of it "
+        "(a new manifest)",
         f"{verb} 2 objects"]
     if not dry_run:
         assert keys_in(s3, workspace.bucket) == before - {"run1/step_2/optim.pt"}

@@ -8,7 +8,7 @@ from spotwatch.commands import load
 from spotwatch.config import require_node_rank
 from spotwatch.console import names, print_line
 from spotwatch.errors import ConfigError, SpotwatchError
-from spotwatch.sync.pruner import prune_once
+from spotwatch.sync.pruner import prune_once, resealed
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +27,10 @@ def run(args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     for deletion in shown:
         print_line(f"{verb} s3://{bucket}/{deletion.key} ({deletion.reason})")
+    # A set that lost a file to a mirrored deletion is sealed again with the rest of it.
+    for set_key in resealed(config.watch, shown) if args.dry_run else report.resealed:
+        print_line(f"{'would seal' if args.dry_run else 'sealed'} s3://{bucket}/{set_key} "
+                   "again with the files left of it (a new manifest)")
     print_line(f"{verb} {len(shown)} objects")
     if len(shown) < len(planned):  # a refusal (access denied) must not pass for done
         raise SpotwatchError(f"{len(planned) - len(shown)} of {len(planned)} objects were not "

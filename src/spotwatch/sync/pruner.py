@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
@@ -91,6 +91,21 @@ def keys_to_reseal(deleted: Iterable[Deletion]) -> list[str]:
     outage): it is whole without them, and would otherwise be no checkpoint for good."""
     return [(deletion.set_key or deletion.key) if deletion.seal else deletion.key
             for deletion in deleted if not deletion.retires and not deletion.held]
+
+
+def resealed(watches: Sequence[WatchDir], deleted: Iterable[Deletion]) -> list[str]:
+    """The sets (keys of their directories) these deletions make sealed again: those whose
+    manifest goes for a local deletion while something of them is still on disk (a set
+    deleted whole gets no manifest)."""
+    sets = []
+    for set_key in dict.fromkeys(deletion.set_key for deletion in deleted
+                                 if deletion.seal and not deletion.retires and deletion.set_key):
+        for watch in watches:
+            prefix = object_key(watch.prefix, "")
+            if set_key.startswith(prefix) and not is_gone(watch.path / set_key[len(prefix):]):
+                sets.append(set_key)
+                break
+    return sets
 
 
 class Pruner:
@@ -458,6 +473,7 @@ class PruneReport:
     planned: list[Deletion]
     deleted: list[Deletion]  # a dry run deletes nothing
     unsealed: list[str]  # sets whose manifest went with a deleted file and was not written again
+    resealed: list[str] = field(default_factory=list)  # those whose new manifest was written
 
 
 def prune_once(config: Config, bucket: str, mirror_deletes: bool, keep_sets: int,
@@ -476,20 +492,22 @@ def prune_once(config: Config, bucket: str, mirror_deletes: bool, keep_sets: int
         if dry_run:
             return PruneReport(deletions, [], [])
         deleted = pruner.apply(deletions)
-        return PruneReport(deletions, deleted, _reseal(config, store, ledger, node, deleted))
+        return PruneReport(deletions, deleted, *_reseal(config, store, ledger, node, deleted))
     finally:
         ledger.close()
 
 
 def _reseal(config: Config, store: ObjectStore, ledger: Ledger, node: JobNode | None,
-            deleted: list[Deletion]) -> list[str]:
+            deleted: list[Deletion]) -> tuple[list[str], list[str]]:
     """Seals again, with the files that are left, the sets whose manifest went with a file
     deleted locally, as the daemon does after its own prunes; returns the sets whose new
-    manifest could not be written. (A set with a file not uploaded at its current version gets
-    none, as ever: the daemon or the next flush uploads the file, then seals the set.)"""
+    manifest could not be written, and those whose was. (A set with a file not uploaded at its
+    current version gets none, as ever: the daemon or the next flush uploads the file, then
+    seals the set.)"""
     sealer = SetSealer(ledger, store, [ChangeTracker(watch, config.sync.settle_seconds,
                                                      config.sync.quiet_seconds)
-                                       for watch in config.watch], node=node)
+                                       for watch in config.watch], node=node, keep_written=True)
     sealer.reseal_after_deletions(keys_to_reseal(deleted))
     sealer.seal_ready(frozenset())
-    return sealer.wait_sent()
+    unsealed = sealer.wait_sent()
+    return unsealed, list(sealer.written or ())

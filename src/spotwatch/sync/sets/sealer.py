@@ -94,7 +94,7 @@ class SetSealer:
                  node: JobNode | None = None, claim: RankClaim | None = None,
                  revive: Callable[[SetRef, Sequence[str]], bool] | None = None,
                  sealed_sets: SealedSets | None = None,
-                 held: HeldCopies | None = None) -> None:
+                 held: HeldCopies | None = None, keep_written: bool = False) -> None:
         self._ledger = ledger
         self._held = held
         self._sealed_sets = sealed_sets
@@ -122,6 +122,9 @@ class SetSealer:
         # Sets the ledger holds as unsettled already: one write per change of state, not per
         # file uploaded.
         self._unsettled: set[str] = set()
+        # The sets whose manifest this sealer wrote, in order, when asked to keep them (a
+        # command says them; a daemon's would only grow).
+        self.written: list[str] | None = [] if keep_written else None
         # Set key -> the sets left incomplete for want of a file of it their links lead to:
         # checked again whenever that set changes (a file of it uploaded).
         self._linking: dict[str, set[SetRef]] = {}
@@ -372,6 +375,8 @@ class SetSealer:
             if error is None:
                 log.info("set_complete", set=set_ref.key, files=len(manifest.files),
                          bytes=manifest.bytes, manifest=key)
+                if self.written is not None:
+                    self.written.append(set_ref.key)
                 self._record_links(set_ref, manifest)
                 if self._dirty.get(set_ref) == generation:
                     self._done(set_ref)
