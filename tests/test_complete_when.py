@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spotwatch.daemon.reporter import STATUS_NAMED_SETS_MAX
+from spotwatch.emulator import ImdsEmulator
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.sealer import stale_markers, unmatched
 
@@ -165,15 +166,23 @@ def test_a_trainers_checkpoint_beside_a_finished_one_waits_before_training_args(
                  st.builds("checkpoint-{}".format, st.integers(0, 10**9)),
                  st.sampled_from(["checkpoint-", "checkpoint-1a", "checkpoint_5",
                                   "Checkpoint-5", "checkpoint-5-final"])),
-       st.booleans(), st.booleans())
+       st.booleans(), st.booleans(),
+       st.sampled_from([["model.safetensors"], ["config.json", "rng_state_0.pth"],
+                        ["rng_state_8.pth", "global_step10/zero_pp_rank_8_optim_states.pt"]]))
 def test_only_the_trainers_own_checkpoints_imply_a_marker(name: str, with_args: bool,
-                                                          beside_finished: bool) -> None:
+                                                          beside_finished: bool,
+                                                          saved: list[str]) -> None:
+    """Another node's part of a Trainer's checkpoint (its ranks' RNG states and optimizer
+    shards) never gets trainer_state.json: beside a finished checkpoint (a whole set restored
+    onto every node) it waits for nothing, while process zero's part (the model's config or
+    weights) waits for the state."""
     from spotwatch.sync.sets.sealer import implied_markers  # here: others run on older code
 
-    files = ["model.safetensors", *(["training_args.bin"] if with_args else [])]
+    files = [*saved, *(["training_args.bin"] if with_args else [])]
     entries = [ManifestEntry(f"run1/{name}/{file}", f"{name}/{file}", 1, 1, None)
                for file in files]
-    is_trainers = (with_args or beside_finished) and fnmatch.fnmatchcase(
+    process_zeros = with_args or (beside_finished and not saved[0].startswith("rng_state"))
+    is_trainers = process_zeros and fnmatch.fnmatchcase(
         name, "checkpoint-*") and name[len("checkpoint-"):].isdigit()
     assert implied_markers(name, entries, beside_finished) == (
         ("trainer_state.json",) if is_trainers else ())
@@ -236,6 +245,39 @@ def test_a_set_saved_again_in_place_waits_for_its_new_marker(workspace: Workspac
     target = workspace.root / "r2"
     assert restore(workspace, "--to", str(target)).returncode == 0
     for name, data in second.items():
+        assert (target / "latest_ckpt" / name).read_bytes() == data, name
+
+
+def test_a_set_saved_again_in_place_keeps_its_last_save_under_a_notice(
+        workspace: Workspace, s3: Any, imds: ImdsEmulator) -> None:
+    """While a notice's flush runs, held copies of sets that seal right after their new
+    version are skipped to save time; a set that waits for its new marker may keep its last
+    manifest for good, so its replaced file is held all the same, and a restore after the
+    instance went gives the last save whole."""
+    workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/",
+                                   "complete_when": [".metadata"]}],
+                           sync={"quiet_seconds": 60})
+    directory = workspace.checkpoints / "latest_ckpt"
+    directory.mkdir()  # watched from the start: files found by a scan would wait a minute
+    daemon = workspace.start_daemon()
+    first = {name: save_checkpoint(directory / name, 20_000) for name in SHARDS}
+    wait_for(lambda: sealed(daemon, "run1/latest_ckpt"))
+    with (workspace.checkpoints / "log.txt").open("wb") as still_written:
+        still_written.write(b"the flush waits for this file")  # unclosed: the flush runs on
+        still_written.flush()
+        imds.fire_spot_interruption(in_seconds=120)
+        daemon.wait_for_event("flush_started")
+        save_checkpoint(directory / SHARDS[0], 20_000)  # rank 1 still gathering
+        held = wait_for(lambda: [line for line in daemon.named("held_copy_made")
+                                 if line["key"] == f"run1/latest_ckpt/{SHARDS[0]}"])
+        assert held and not daemon.named("held_copy_skipped")
+        wait_for(lambda: daemon.named("set_awaiting_marker"))
+        daemon.process.kill()  # the instance goes
+        daemon.process.wait()
+    target = workspace.root / "r"
+    result = restore(workspace, "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    for name, data in first.items():
         assert (target / "latest_ckpt" / name).read_bytes() == data, name
 
 

@@ -82,7 +82,7 @@ def test_a_pid_reused_since_the_trainer_wrote_its_pid_file_is_not_signalled(
     stranger = subprocess.Popen(["sleep", "300"])
     try:
         pid_file.write_text(f"{stranger.pid}\n")
-        written = time.time() - 60  # the trainer wrote it a minute before the pid was reused
+        written = time.time() - 3600  # the trainer wrote it an hour before the pid was reused
         os.utime(pid_file, (written, written))
         daemon = workspace.start_daemon()
         imds.fire_spot_interruption(in_seconds=120)

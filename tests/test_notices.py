@@ -18,6 +18,7 @@ from spotwatch.notices.poller import NoticePoller
 from spotwatch.notices.sources import (
     SCHEDULED_EVENTS,
     NoticeSource,
+    list_lifecycle_state,
     list_scheduled_events,
     parse_instance_action,
     parse_lifecycle_state,
@@ -63,6 +64,12 @@ def test_other_sources() -> None:
     for leaving in ("Terminated", "Warmed:Stopped", "Warmed:Hibernated", "Warmed:Terminated"):
         [notice] = parse_lifecycle_state(leaving + "\n")
         assert notice.kind is NoticeKind.ASG_TERMINATING and notice.detail == leaving
+        assert list_lifecycle_state(leaving) == NoticeListing(NoticeKind.ASG_TERMINATING,
+                                                              frozenset({notice.id}))
+    assert list_lifecycle_state("InService") == NoticeListing(NoticeKind.ASG_TERMINATING,
+                                                              frozenset())
+    for garbled in ("", "<html>", "in service", "{}"):
+        assert list_lifecycle_state(garbled) is None
 
 
 def test_poller_reports_each_notice_once(imds: ImdsEmulator) -> None:
@@ -217,6 +224,25 @@ def test_daemon_survives_a_notice_due_at_the_calendars_start(workspace: Workspac
     (workspace.checkpoints / "step_9").mkdir()
     (workspace.checkpoints / "step_9" / "model.pt").write_bytes(b"after the notice")
     daemon.wait_for_event("set_complete")
+    assert daemon.stop() == 0
+
+
+def test_a_warm_pool_state_that_turns_in_service_is_withdrawn(workspace: Workspace,
+                                                              imds: ImdsEmulator) -> None:
+    """An instance launched into a warm pool (or hibernated there) is Warmed:* and then, in
+    the same boot, InService: the notice it gave is withdrawn then, and the trainer started
+    on it finds no notice."""
+    notice_file = workspace.root / "notice.json"
+    workspace.write_config(hooks={"notice_file": str(notice_file)})
+    daemon = workspace.start_daemon()
+    imds.set_lifecycle_state("Warmed:Hibernated")
+    assert daemon.wait_for_event("notice_detected")["kind"] == "asg-terminating"
+    wait_for(lambda: workspace.status().get("notices_in_effect"))
+    assert notice_file.exists()
+    imds.set_lifecycle_state("InService")
+    daemon.wait_for_event("notice_cancelled")
+    assert wait_for(lambda: workspace.status().get("notices_in_effect") == [])
+    assert not notice_file.exists()
     assert daemon.stop() == 0
 
 

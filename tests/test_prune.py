@@ -287,6 +287,8 @@ def _restored(workspace: Workspace) -> str:
 
 
 def _saved_anew(workspace: Workspace) -> str:
+    """The daemon (here a flush) starts on the new volume, then the trainer saves there."""
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 0
     save_set(workspace, "step_4", 0)
     assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
     return "step_4"
@@ -319,6 +321,22 @@ def test_sets_lost_with_a_wiped_volume_stay_once_a_set_is_back(
     assert f"run1/{in_sight}/optim.pt" not in keys_in(s3, workspace.bucket)
     assert before - {f"run1/{in_sight}/optim.pt", f"{MANIFESTS}{in_sight}.json"} <= keys_in(
         s3, workspace.bucket)
+
+
+def test_a_trainer_keeping_one_checkpoint_has_the_last_one_mirrored_away(
+        workspace: Workspace, s3: Any) -> None:
+    """The trainer deletes step_1 as it saves step_2, before step_2 is in S3: for a moment
+    the directory holds none of the sets recorded from it. That is a deletion all the same,
+    mirrored once step_2 is in S3, whether a prune or a start looked in that moment."""
+    workspace.write_config(sync={"delete": True})
+    save_set(workspace, "step_1", 200)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    shutil.rmtree(workspace.checkpoints / "step_1")
+    save_set(workspace, "step_2", 100)
+    assert prune_lines(workspace.cli("prune", "-c", "config.yaml"))[-1] == "deleted 0 objects"
+    assert flush_summary(workspace.cli("flush", "-c", "config.yaml"))["files"] == 2
+    assert prune_lines(workspace.cli("prune", "-c", "config.yaml"))[-1] == "deleted 3 objects"
+    assert not [key for key in keys_in(s3, workspace.bucket) if "step_1" in key]
 
 
 def test_an_object_another_tool_wrote_over_is_not_mirrored_away(workspace: Workspace,

@@ -37,8 +37,9 @@ RECHECK_SECONDS = 10.0
 # What the check of the notice file's place writes there: a notice's size, about.
 PROBE_BYTES = 512
 # How much later than its pid file's mtime a process may seem to have started and still be
-# the one it names: /proc's boot time has whole seconds.
-START_SLACK = 2.0
+# the one it names: /proc's boot time has whole seconds, and a pid file on a network file
+# system has its server's clock. A pid is reused far later than this.
+START_SLACK = 60.0
 # The largest pid_t; Linux's pid_max is far below it.
 MAX_PID = 2**31 - 1
 # The most of a hook command's output the log takes (the file keeps all of it).
@@ -71,20 +72,20 @@ class NoticeHooks:
         self._notice: dict[str, Any] | None = None
 
     def degraded_reasons(self) -> list[str]:
-        """Asked at every status write; every RECHECK_SECONDS the notice file's place is
-        checked again, and so is the trainer's pid file, so that a fix (the directory made,
-        space freed, its mode changed, the daemon's user) clears it without waiting for a
-        notice or a restart, a place that breaks meanwhile is said before the notice comes,
-        and a trainer started later is checked too. With a notice in effect whose file could
-        not be written, the check is writing it: the problem holds until the trainer can
-        read it."""
+        """Asked at every status write; every RECHECK_SECONDS a notice file place found
+        wanting is checked again, and so is the trainer's pid file, so that a fix (the
+        directory made, space freed, its mode changed, the daemon's user) clears it without
+        waiting for a notice or a restart, and a trainer started later is checked too. With a
+        notice in effect whose file could not be written, the check is writing it: the
+        problem holds until the trainer can read it. (A place found fine is not checked on
+        the loop again: one on a network mount that hangs would stall it.)"""
         if time.monotonic() >= self._recheck_at:
             self._recheck_at = time.monotonic() + RECHECK_SECONDS
             held = self._problems.get(NOTICE_FILE)
             if self._notice is not None and held is not None \
                     and held[0] == str(self.notice_file):
                 self._write_notice_file(self._notice, said_once=True)
-            else:
+            elif held is not None:
                 self._check_writable()
             self._check_signal()
         return self._problems.reasons()

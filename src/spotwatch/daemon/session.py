@@ -115,7 +115,7 @@ class Session:
         abort_orphaned_uploads(store, engine.ledger)
         for watch in config.watch:  # before a new save there could make the others look deleted
             set_aside_if_wiped(engine.ledger, self._bucket, object_key(watch.prefix, ""),
-                               watch.path)
+                               watch.path, beside_new_sets=False)
         self._observer = Observer()
         for tracker in engine.trackers:
             tracker.watch_with(self._observer)

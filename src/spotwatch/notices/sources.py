@@ -7,6 +7,7 @@ or over, leaves the list) also says which of them are still in effect (NoticeSou
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -137,6 +138,8 @@ def list_scheduled_events(text: str) -> NoticeListing | None:
 # hook. InService, Standby, Detached and Warmed:Running keep the instance running.
 LEAVING_STATES = frozenset({"Terminated", "Warmed:Terminated", "Warmed:Stopped",
                             "Warmed:Hibernated"})
+# What an Auto Scaling lifecycle state looks like (InService, Warmed:Pending:Wait, ...).
+_LIFECYCLE_STATE = re.compile(r"[A-Z][A-Za-z]*(:[A-Z][A-Za-z]*)*")
 
 
 def parse_lifecycle_state(text: str) -> list[Notice]:
@@ -146,6 +149,17 @@ def parse_lifecycle_state(text: str) -> list[Notice]:
     return [Notice.make(NoticeKind.ASG_TERMINATING, None, state, detail=state)]
 
 
+def list_lifecycle_state(text: str) -> NoticeListing | None:
+    """The leaving state in effect, if any: a warm-pool instance launched (its target state
+    Warmed:* while it initializes) or hibernated goes InService later in the same boot, and
+    its notice is withdrawn then. None for an answer that is no lifecycle state (garbled)."""
+    state = text.strip()
+    if not _LIFECYCLE_STATE.fullmatch(state):
+        return None
+    return NoticeListing(NoticeKind.ASG_TERMINATING,
+                         frozenset(notice.id for notice in parse_lifecycle_state(text)))
+
+
 SPOT_INSTANCE_ACTION = NoticeSource("spot", "meta-data/spot/instance-action",
                                     parse_instance_action)
 REBALANCE = NoticeSource("rebalance", "meta-data/events/recommendations/rebalance",
@@ -153,7 +167,7 @@ REBALANCE = NoticeSource("rebalance", "meta-data/events/recommendations/rebalanc
 SCHEDULED_EVENTS = NoticeSource("scheduled", "meta-data/events/maintenance/scheduled",
                                 parse_scheduled_events, list_scheduled_events)
 ASG_LIFECYCLE = NoticeSource("asg", "meta-data/autoscaling/target-lifecycle-state",
-                             parse_lifecycle_state)
+                             parse_lifecycle_state, list_lifecycle_state)
 DEFAULT_SOURCES = (SPOT_INSTANCE_ACTION, REBALANCE, SCHEDULED_EVENTS, ASG_LIFECYCLE)
 
 

@@ -32,7 +32,7 @@ from spotwatch.sync.sets.claim import RankClaim
 from spotwatch.sync.sets.held import HeldCopies
 from spotwatch.sync.sets.parts import JobNode
 from spotwatch.sync.sets.sealed import SealedSets, Verdict
-from spotwatch.sync.sets.sealer import SetSealer
+from spotwatch.sync.sets.sealer import SetSealer, may_wait_for_marker
 from spotwatch.sync.subtree import files_at_or_below
 from spotwatch.sync.throughput import ThroughputMeter
 from spotwatch.sync.tracker import ChangeTracker, events_were_lost, walk_files
@@ -108,8 +108,12 @@ class SyncEngine:
         # directory): files the ledger has no row for are judged against them first.
         self._sealed_sets = SealedSets(self.uploader.store, node, wall_clock_ns())
         # Sealed versions kept restorable while new ones replace them (sync.sets.held).
-        self._held = HeldCopies(self.uploader.store, self._sealed_sets, node=node,
-                                multipart=MultipartNotes(ledger, self.bucket))
+        markers = {tracker.watch.prefix: tracker.watch.complete_when for tracker in self.trackers}
+        self._held = HeldCopies(
+            self.uploader.store, self._sealed_sets, node=node,
+            multipart=MultipartNotes(ledger, self.bucket),
+            waits_for_marker=lambda prefix, name: may_wait_for_marker(markers.get(prefix, ()),
+                                                                      name))
         self.sealer = SetSealer(ledger, self.uploader.store, self.trackers, clock, wall_clock_ns,
                                 node, claim, self._revive_for_links, self._sealed_sets,
                                 self._held)

@@ -3,9 +3,11 @@
 A watched directory that holds none of the sets recorded from it (an instance store wiped by a
 stop and start, a freshly made volume with only its lost+found, the mount point of a volume
 not mounted yet, a directory moved away) had no set deleted: they went with the file system.
-Their records are set aside (Ledger.set_out_of_sight) the moment that is seen, by a prune, by
-a daemon or flush starting, or by a restore into the directory, so that neither the restore
-nor the trainer's next save, once it puts a set back there, makes the others look deleted.
+Their records are set aside (Ledger.set_out_of_sight) before a restore into the directory, or
+when a daemon or flush starts with it holding nothing (a lost+found at most), so that neither
+the restore nor the trainer's next save, once it puts a set back there, makes the others look
+deleted. A prune that finds it so mirrors nothing then, and sets nothing aside (see
+set_aside_if_wiped).
 
 Invariant: a record set aside is never mirrored as a deletion. It counts again once its file
 is uploaded (or restored) again, or once its set is at its path again (the volume mounted
@@ -53,24 +55,37 @@ def is_gone(path: Path, *, as_file: bool = False) -> bool:
     return as_file and S_ISDIR(stat.st_mode)
 
 
-def set_aside_if_wiped(ledger: Ledger, bucket: str, prefix: str, directory: Path) -> bool:
+def holds_none_recorded(ledger: Ledger, bucket: str, prefix: str, directory: Path) -> bool:
     """Whether the directory (watched, its keys under prefix) holds none of the sets recorded
-    from it, retired and set aside ones included; if so, the records of those still in S3 are
-    set aside. Sets set aside earlier that are at their paths again come back first."""
+    from it, retired and set aside ones included (False when it cannot be read). Sets set
+    aside earlier that are at their paths again come back first."""
     if unreadable(directory) is not None:
         return False
     try:
-        aside = _set_names(prefix, ledger.out_of_sight_keys(bucket, prefix))
-        for name in aside:
+        for name in _set_names(prefix, ledger.out_of_sight_keys(bucket, prefix)):
             if not is_gone(directory / name):
                 ledger.bring_into_sight(bucket, object_key(prefix, name))
-        recorded = [*ledger.live_keys(bucket, prefix), *ledger.retired_keys(bucket, prefix),
-                    *ledger.out_of_sight_keys(bucket, prefix)]
-        if not recorded or not all(is_gone(directory / name)
-                                   for name in _set_names(prefix, recorded)):
-            return False
+    except LedgerError as exc:  # they stay set aside: not mirrored, as is safe
+        log.error("ledger_write_failed", path=str(directory), error=str(exc))
+    recorded = [*ledger.live_keys(bucket, prefix), *ledger.retired_keys(bucket, prefix),
+                *ledger.out_of_sight_keys(bucket, prefix)]
+    return bool(recorded) and all(is_gone(directory / name)
+                                  for name in _set_names(prefix, recorded))
+
+
+def set_aside_if_wiped(ledger: Ledger, bucket: str, prefix: str, directory: Path, *,
+                       beside_new_sets: bool) -> bool:
+    """Before a restore into the directory (beside_new_sets), or at a start of `run` or
+    `flush` (not: then it must hold nothing but a file system's lost+found): whether it holds
+    none of the sets recorded from it (holds_none_recorded); if so, the records of those still
+    in S3 are set aside. Not at a prune, nor at a start beside a new set: a trainer that keeps
+    one checkpoint deletes the last before the new one is recorded, and that is a deletion."""
+    if not holds_none_recorded(ledger, bucket, prefix, directory) or (
+            not beside_new_sets and _holds_anything(directory)):
+        return False
+    try:
         count = ledger.set_out_of_sight(bucket, prefix)
-    except LedgerError as exc:  # nothing mirrored this time: it may be so
+    except LedgerError as exc:
         log.error("ledger_write_failed", path=str(directory), error=str(exc))
         return True
     if count:
@@ -94,3 +109,12 @@ def why_none_held(directory: Path) -> str:
 
 def _set_names(prefix: str, keys: list[str]) -> set[str]:
     return {set_name_of(key[len(prefix):]) for key in keys}
+
+
+def _holds_anything(directory: Path) -> bool:
+    """Whether the directory holds an entry other than a file system's lost+found."""
+    try:
+        with os.scandir(directory) as entries:
+            return any(entry.name != "lost+found" for entry in entries)
+    except OSError:
+        return False

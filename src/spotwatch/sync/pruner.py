@@ -47,8 +47,8 @@ from spotwatch.sync.commits import uncommitted
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.out_of_sight import (
+    holds_none_recorded,
     is_gone,
-    set_aside_if_wiped,
     unreadable,
     why_none_held,
 )
@@ -241,8 +241,8 @@ class Pruner:
         directory that does not exist (moved away), is empty (the mount point of a volume
         not mounted yet) or holds none of the sets recorded from it, retired ones included (a
         freshly made volume mounted there, with only its lost+found, or an instance store
-        wiped by a stop and start) mirrors nothing, and the sets it lost stay set aside once a
-        set is back there (sync.out_of_sight), nor does a file that
+        wiped by a stop and start) mirrors nothing (and the sets it lost are set aside at
+        the next start or restore: sync.out_of_sight), nor does a file that
         cannot be looked at (permission denied, an I/O error, a stale network mount): their
         files were not deleted, only out of sight. Nor does one that leads into, onto or over
         another entry's directory (overlap: a watched symlink pointed there): it is not
@@ -257,7 +257,7 @@ class Pruner:
         if cannot_read:
             log.warning("mirror_skipped", path=str(watch.path), reason=cannot_read)
             return []
-        if set_aside_if_wiped(self._ledger, self._bucket, prefix, directory):
+        if holds_none_recorded(self._ledger, self._bucket, prefix, directory):
             log.warning("mirror_skipped", path=str(watch.path), reason=why_none_held(directory))
             return []
         uploaded = self._ledger.live_keys(self._bucket, prefix)

@@ -75,7 +75,8 @@ def restore(config: Config, bucket: str, to: Path | None = None, set_name: str |
     ledger = (Ledger(StateDir(config.state_dir).ledger) if _is_watched(destination, watch)
               else None)
     if ledger is not None:  # before the set restored makes the others look deleted
-        set_aside_if_wiped(ledger, bucket, object_key(watch.prefix, ""), destination)
+        set_aside_if_wiped(ledger, bucket, object_key(watch.prefix, ""), destination,
+                           beside_new_sets=True)
     exempt_long_lived_objects()  # the candidates' manifests too: a set's files are many
     passed_over: list[str] = []
     try:

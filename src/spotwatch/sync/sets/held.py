@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
@@ -67,11 +68,16 @@ class HeldCopies:
     of their own, seals end on the store's threads."""
 
     def __init__(self, store: ObjectStore, sealed_sets: SealedSets, *,
-                 node: JobNode | None, multipart: MultipartNotes | None = None) -> None:
+                 node: JobNode | None, multipart: MultipartNotes | None = None,
+                 waits_for_marker: Callable[[str, str], bool] = lambda prefix, name: False
+                 ) -> None:
         """node: on a node of a multi-node job, only held copies of the files its own part
         lists are this node's to delete (other nodes protect theirs), and only once no other
         node's part needs them. multipart: where the copies made in parts are noted while
-        they run."""
+        they run. waits_for_marker(prefix, set name): whether the set may wait for a marker
+        before it is sealed again (sealer.may_wait_for_marker): its copies are made under a
+        deadline too (see hurry)."""
+        self._waits_for_marker = waits_for_marker
         self._store = store
         self._multipart = multipart
         self._sealed_sets = sealed_sets
@@ -93,7 +99,10 @@ class HeldCopies:
         copy is started: the new version goes first. Its upload replaces the object only
         when it completes (a multipart upload at its last request), and the set's manifest
         is written right after it, so the sealed version is unprotected for that moment
-        only, where a copy of a large file could cost the new version its deadline."""
+        only, where a copy of a large file could cost the new version its deadline. Not so
+        for a set that waits for its trainer's marker to be sealed again (a set saved again in
+        place: sealer.stale_markers): its sealed version may stay the checkpoint for good, so
+        its copies are made all the same."""
         self._hurried = until is not None
 
     def close(self) -> None:
@@ -124,13 +133,15 @@ class HeldCopies:
         if planned is not None:
             self._copy(*planned)
 
-    def _plan(self, prefix: str, set_name: str, key: str) -> tuple[str, str, str, int] | None:
+    def _plan(self, prefix: str, set_name: str,
+              key: str) -> tuple[str, str, str, int, bool] | None:
         """(key, held key, ETag, size) of the copy to make against the manifest in S3 now;
         None when there is none to make."""
         entry = self._sealed_sets.sealed_entry(prefix, set_name, key)
         if entry is None:
             return None  # a new file, or a set never sealed: nothing to keep
-        if self._skipped_under_deadline(key):
+        kept_under_deadline = self._waits_for_marker(prefix, set_name)
+        if self._skipped_under_deadline(key, kept_under_deadline):
             return None
         etag = bare_etag(entry.etag)
         if etag is None:
@@ -148,16 +159,18 @@ class HeldCopies:
             return None
         with self._lock:  # before the copy: one whose reply is lost is deleted all the same
             self._held[(prefix, set_name)].add(held)
-        return key, held, etag, entry.size
+        return key, held, etag, entry.size, kept_under_deadline
 
-    def _skipped_under_deadline(self, key: str) -> bool:
-        if self._hurried:
+    def _skipped_under_deadline(self, key: str, kept_under_deadline: bool) -> bool:
+        skipped = self._hurried and not kept_under_deadline
+        if skipped:
             log.info("held_copy_skipped", key=key,
                      reason="a flush's deadline runs: the new version goes first")
-        return self._hurried
+        return skipped
 
-    def _copy(self, key: str, held: str, etag: str, size: int) -> None:
-        if self._skipped_under_deadline(key):  # queued before the deadline began
+    def _copy(self, key: str, held: str, etag: str, size: int,
+              kept_under_deadline: bool) -> None:
+        if self._skipped_under_deadline(key, kept_under_deadline):  # queued before it began
             return
         notes = self._multipart if self._store.copies_in_parts(size) else None
         if notes is not None:

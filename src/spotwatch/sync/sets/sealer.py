@@ -609,20 +609,37 @@ def durable(row: LedgerRow | None, stat: os.stat_result) -> TypeGuard[LedgerRow]
 _HF_CHECKPOINT = re.compile(r"checkpoint-[0-9]+")
 _HF_OWN_FILE = "training_args.bin"
 _HF_LAST_FILE = "trainer_state.json"
+# What the Trainer's process zero writes before training_args.bin (save_pretrained: the
+# config, the weights or an adapter's): a node whose part holds none of these (other ranks'
+# RNG states and optimizer shards) never gets trainer_state.json either.
+_HF_MODEL_FILE = re.compile(
+    r"(config|adapter_config|generation_config)\.json|"
+    r"(model|adapter_model|pytorch_model)([-.][-.0-9a-z_]*)?\.(safetensors|bin)(\.index\.json)?")
 
 
 def implied_markers(set_name: str, entries: Sequence[ManifestEntry],
                     trainers_directory: bool = False) -> tuple[str, ...]:
     """complete_when patterns a set implies by itself: a Hugging Face Trainer checkpoint
-    (checkpoint-<step>/ holding training_args.bin, or beside a finished one of the Trainer's:
-    trainers_directory, see holds_trainer_checkpoint) waits for trainer_state.json, as if
-    watch[].complete_when named it. Invariant: the Trainer's checkpoint saved in place with
-    pauses between its files is never sealed without the file it writes last (with no
-    finished one beside it, once it holds training_args.bin)."""
-    if _HF_CHECKPOINT.fullmatch(set_name) and (trainers_directory or any(
-            entry.path == f"{set_name}/{_HF_OWN_FILE}" for entry in entries)):
+    (checkpoint-<step>/ holding training_args.bin, or, beside a finished one of the Trainer's
+    (trainers_directory, see holds_trainer_checkpoint), holding the model's config or weights)
+    waits for trainer_state.json, as if watch[].complete_when named it. Invariant: the
+    Trainer's checkpoint saved in place with pauses between its files is never sealed without
+    the file it writes last (with no finished one beside it, once it holds
+    training_args.bin); a node's part that holds neither (another node's RNG states and
+    shards) waits for nothing."""
+    if not _HF_CHECKPOINT.fullmatch(set_name):
+        return ()
+    inside = [entry.path[len(set_name) + 1:] for entry in entries]
+    if _HF_OWN_FILE in inside or (trainers_directory and any(
+            _HF_MODEL_FILE.fullmatch(path) for path in inside)):
         return (_HF_LAST_FILE,)
     return ()
+
+
+def may_wait_for_marker(complete_when: Sequence[str], set_name: str) -> bool:
+    """Whether a set may wait for a marker before it is sealed (again): complete_when names
+    one, or the set may be a Hugging Face Trainer's (implied_markers)."""
+    return bool(complete_when) or bool(_HF_CHECKPOINT.fullmatch(set_name))
 
 
 def holds_trainer_checkpoint(root: Path, set_name: str) -> bool:
