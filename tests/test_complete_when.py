@@ -167,21 +167,22 @@ def test_a_trainers_checkpoint_beside_a_finished_one_waits_before_training_args(
                  st.sampled_from(["checkpoint-", "checkpoint-1a", "checkpoint_5",
                                   "Checkpoint-5", "checkpoint-5-final"])),
        st.booleans(), st.booleans(),
-       st.sampled_from([["model.safetensors"], ["config.json", "rng_state_0.pth"],
-                        ["rng_state_8.pth", "global_step10/zero_pp_rank_8_optim_states.pt"]]))
+       st.sampled_from([["config.json"], ["adapter_config.json", "rng_state_0.pth"],
+                        ["rng_state_8.pth", "global_step10/zero_pp_rank_8_optim_states.pt"],
+                        ["model.safetensors", "optimizer.bin", "random_states_0.pkl"]]))
 def test_only_the_trainers_own_checkpoints_imply_a_marker(name: str, with_args: bool,
                                                           beside_finished: bool,
                                                           saved: list[str]) -> None:
     """Another node's part of a Trainer's checkpoint (its ranks' RNG states and optimizer
-    shards) never gets trainer_state.json: beside a finished checkpoint (a whole set restored
-    onto every node) it waits for nothing, while process zero's part (the model's config or
-    weights) waits for the state."""
+    shards), or accelerate's save_state, never gets trainer_state.json: beside a finished
+    checkpoint (a whole set restored onto every node) it waits for nothing, while process
+    zero's part (the model's or an adapter's config) waits for the state."""
     from spotwatch.sync.sets.sealer import implied_markers  # here: others run on older code
 
     files = [*saved, *(["training_args.bin"] if with_args else [])]
     entries = [ManifestEntry(f"run1/{name}/{file}", f"{name}/{file}", 1, 1, None)
                for file in files]
-    process_zeros = with_args or (beside_finished and not saved[0].startswith("rng_state"))
+    process_zeros = with_args or (beside_finished and saved[0].endswith("config.json"))
     is_trainers = process_zeros and fnmatch.fnmatchcase(
         name, "checkpoint-*") and name[len("checkpoint-"):].isdigit()
     assert implied_markers(name, entries, beside_finished) == (

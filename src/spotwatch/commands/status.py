@@ -335,7 +335,8 @@ def render_status(report: dict[str, Any]) -> str:
         unsealed = daemon.get("unsealed_sets") or []
         if unsealed:
             lines.append(f"unsealed:     {set_count(daemon, 'unsealed')} sets waiting for "
-                         f"their manifest (no checkpoint yet): {names(unsealed[:5])}")
+                         f"their manifest (restore gives their last sealed version, if any): "
+                         f"{names(unsealed[:5])}")
         held = daemon.get("sealing_held")
         if isinstance(held, str):
             lines.append(f"sealing held: no part is sealed until then: {held}")

@@ -609,19 +609,18 @@ def durable(row: LedgerRow | None, stat: os.stat_result) -> TypeGuard[LedgerRow]
 _HF_CHECKPOINT = re.compile(r"checkpoint-[0-9]+")
 _HF_OWN_FILE = "training_args.bin"
 _HF_LAST_FILE = "trainer_state.json"
-# What the Trainer's process zero writes before training_args.bin (save_pretrained: the
-# config, the weights or an adapter's): a node whose part holds none of these (other ranks'
-# RNG states and optimizer shards) never gets trainer_state.json either.
-_HF_MODEL_FILE = re.compile(
-    r"(config|adapter_config|generation_config)\.json|"
-    r"(model|adapter_model|pytorch_model)([-.][-.0-9a-z_]*)?\.(safetensors|bin)(\.index\.json)?")
+# What the Trainer's process zero writes first (save_pretrained: the model's or an adapter's
+# config): a node whose part holds neither (other ranks' RNG states and optimizer shards)
+# never gets trainer_state.json either, nor does a checkpoint-<step>/ of accelerate's
+# save_state (weights, optimizer.bin, random_states_0.pkl) beside the Trainer's.
+_HF_MODEL_FILE = re.compile(r"(config|adapter_config)\.json")
 
 
 def implied_markers(set_name: str, entries: Sequence[ManifestEntry],
                     trainers_directory: bool = False) -> tuple[str, ...]:
     """complete_when patterns a set implies by itself: a Hugging Face Trainer checkpoint
     (checkpoint-<step>/ holding training_args.bin, or, beside a finished one of the Trainer's
-    (trainers_directory, see holds_trainer_checkpoint), holding the model's config or weights)
+    (trainers_directory, see holds_trainer_checkpoint), holding the model's config)
     waits for trainer_state.json, as if watch[].complete_when named it. Invariant: the
     Trainer's checkpoint saved in place with pauses between its files is never sealed without
     the file it writes last (with no finished one beside it, once it holds
