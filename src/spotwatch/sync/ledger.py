@@ -279,8 +279,16 @@ class Ledger:
         return [key for (key,) in rows]
 
     def live_keys(self, bucket: str, prefix: str) -> list[str]:
-        """The key of every object recorded under the prefix, not retired nor set aside."""
+        """The key of every object recorded under the prefix and not retired."""
         return self._keys(bucket, prefix, retired=False)
+
+    def in_sight_keys(self, bucket: str, prefix: str) -> list[str]:
+        """live_keys less those set aside (sync.out_of_sight): the ones deletions mirror."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key FROM objects WHERE bucket = ? AND retired = 0 AND out_of_sight = 0"
+                " AND substr(key, 1, ?) = ?", (bucket, len(prefix), prefix)).fetchall()
+        return [key for (key,) in rows]
 
     def retired_keys(self, bucket: str, prefix: str) -> list[str]:
         """The key of every object under the prefix that retention deleted from S3 while its
@@ -290,7 +298,7 @@ class Ledger:
     def _keys(self, bucket: str, prefix: str, retired: bool) -> list[str]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT key FROM objects WHERE bucket = ? AND retired = ? AND out_of_sight = 0"
+                "SELECT key FROM objects WHERE bucket = ? AND retired = ?"
                 " AND substr(key, 1, ?) = ?", (bucket, int(retired), len(prefix), prefix)
             ).fetchall()
         return [key for (key,) in rows]

@@ -67,8 +67,7 @@ def holds_none_recorded(ledger: Ledger, bucket: str, prefix: str, directory: Pat
                 ledger.bring_into_sight(bucket, object_key(prefix, name))
     except LedgerError as exc:  # they stay set aside: not mirrored, as is safe
         log.error("ledger_write_failed", path=str(directory), error=str(exc))
-    recorded = [*ledger.live_keys(bucket, prefix), *ledger.retired_keys(bucket, prefix),
-                *ledger.out_of_sight_keys(bucket, prefix)]
+    recorded = [*ledger.live_keys(bucket, prefix), *ledger.retired_keys(bucket, prefix)]
     return bool(recorded) and all(is_gone(directory / name)
                                   for name in _set_names(prefix, recorded))
 

@@ -260,7 +260,7 @@ class Pruner:
         if holds_none_recorded(self._ledger, self._bucket, prefix, directory):
             log.warning("mirror_skipped", path=str(watch.path), reason=why_none_held(directory))
             return []
-        uploaded = self._ledger.live_keys(self._bucket, prefix)
+        uploaded = self._ledger.in_sight_keys(self._bucket, prefix)
         return self._still_ours(
             prefix, [key for key in uploaded
                      if is_gone(directory / key[len(prefix):], as_file=True)])
