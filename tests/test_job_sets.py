@@ -313,6 +313,8 @@ def test_a_file_every_node_wrote_deleted_on_one_node_stays_for_the_others(
     lines = prune(nodes[1], "--delete")
     assert lines == [
         f"deleted s3://{bucket}/{part_key(PREFIX, JOB, 'step_1', 1)} (deleted locally)",
+        f"sealed s3://{bucket}/{PREFIX}step_1 again with the files left of it (a new part of "
+        "its manifest)",
         "deleted 1 objects"]
     assert f"{PREFIX}step_1/config.json" in keys_in(s3, bucket)
     part = json.loads(object_bytes(s3, bucket, part_key(PREFIX, JOB, "step_1", 1)))

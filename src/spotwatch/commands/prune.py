@@ -28,9 +28,11 @@ def run(args: argparse.Namespace) -> int:
     for deletion in shown:
         print_line(f"{verb} s3://{bucket}/{deletion.key} ({deletion.reason})")
     # A set that lost a file to a mirrored deletion is sealed again with the rest of it.
+    sealed_as = "manifest" if config.job.rank is None or not config.job.is_multi_node \
+        else "part of its manifest"
     for set_key in resealed(config.watch, shown) if args.dry_run else report.resealed:
         print_line(f"{'would seal' if args.dry_run else 'sealed'} s3://{bucket}/{set_key} "
-                   "again with the files left of it (a new manifest)")
+                   f"again with the files left of it (a new {sealed_as})")
     print_line(f"{verb} {len(shown)} objects")
     if len(shown) < len(planned):  # a refusal (access denied) must not pass for done
         raise SpotwatchError(f"{len(planned) - len(shown)} of {len(planned)} objects were not "
