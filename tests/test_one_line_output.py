@@ -202,7 +202,7 @@ def test_names_ending_in_a_space_are_quoted_in_status_and_errors(workspace: Work
                    "unsealed_sets": ["step_2 ", "step, 3"]}}
     lines = render_status(report).splitlines()
     assert any(line.endswith(f"yet): '{missing}', /ck/b") for line in lines)
-    assert any(line.endswith("checkpoint yet): 'step_2 ', 'step, 3'") for line in lines)
+    assert any(line.endswith("if any): 'step_2 ', 'step, 3'") for line in lines)
 
 
 def test_a_set_to_name_with_set_is_given_as_the_shell_takes_it() -> None:
