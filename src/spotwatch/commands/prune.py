@@ -28,8 +28,7 @@ def run(args: argparse.Namespace) -> int:
     for deletion in shown:
         print_line(f"{verb} s3://{bucket}/{deletion.key} ({deletion.reason})")
     # A set that lost a file to a mirrored deletion is sealed again with the rest of it.
-    sealed_as = "manifest" if config.job.rank is None or not config.job.is_multi_node \
-        else "part of its manifest"
+    sealed_as = "part of its manifest" if config.job.is_multi_node else "manifest"
     for set_key in resealed(config.watch, shown) if args.dry_run else report.resealed:
         print_line(f"{'would seal' if args.dry_run else 'sealed'} s3://{bucket}/{set_key} "
                    f"again with the files left of it (a new {sealed_as})")

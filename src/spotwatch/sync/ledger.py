@@ -100,6 +100,11 @@ def stored_inode(inode: int | None) -> int | None:
 # A set's key, or a key below it: those sort between "<set>/" and "<set>0" ('0' follows '/'),
 # a range the primary key index answers without reading the whole table (see _set_range).
 _IN_SET = "(key = ? OR (key >= ? AND key < ?))"
+# Which rows Ledger._keys lists.
+_LIVE = "retired = 0"
+_RETIRED = "retired = 1"
+_IN_SIGHT = "retired = 0 AND out_of_sight = 0"
+_SET_ASIDE = "out_of_sight = 1"
 
 
 def _set_range(set_key: str) -> tuple[str, str, str]:
@@ -280,27 +285,23 @@ class Ledger:
 
     def live_keys(self, bucket: str, prefix: str) -> list[str]:
         """The key of every object recorded under the prefix and not retired."""
-        return self._keys(bucket, prefix, retired=False)
+        return self._keys(bucket, prefix, _LIVE)
 
     def in_sight_keys(self, bucket: str, prefix: str) -> list[str]:
         """live_keys less those set aside (sync.out_of_sight): the ones deletions mirror."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT key FROM objects WHERE bucket = ? AND retired = 0 AND out_of_sight = 0"
-                " AND substr(key, 1, ?) = ?", (bucket, len(prefix), prefix)).fetchall()
-        return [key for (key,) in rows]
+        return self._keys(bucket, prefix, _IN_SIGHT)
 
     def retired_keys(self, bucket: str, prefix: str) -> list[str]:
         """The key of every object under the prefix that retention deleted from S3 while its
         local file stayed."""
-        return self._keys(bucket, prefix, retired=True)
+        return self._keys(bucket, prefix, _RETIRED)
 
-    def _keys(self, bucket: str, prefix: str, retired: bool) -> list[str]:
+    def _keys(self, bucket: str, prefix: str, which: str) -> list[str]:
+        """which: one of the row conditions below (never anything from outside)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT key FROM objects WHERE bucket = ? AND retired = ?"
-                " AND substr(key, 1, ?) = ?", (bucket, int(retired), len(prefix), prefix)
-            ).fetchall()
+                f"SELECT key FROM objects WHERE bucket = ? AND {which}"
+                " AND substr(key, 1, ?) = ?", (bucket, len(prefix), prefix)).fetchall()
         return [key for (key,) in rows]
 
     def set_out_of_sight(self, bucket: str, prefix: str) -> int:
@@ -317,11 +318,7 @@ class Ledger:
 
     def out_of_sight_keys(self, bucket: str, prefix: str) -> list[str]:
         """The keys under the prefix whose records are set aside."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT key FROM objects WHERE bucket = ? AND out_of_sight = 1"
-                " AND substr(key, 1, ?) = ?", (bucket, len(prefix), prefix)).fetchall()
-        return [key for (key,) in rows]
+        return self._keys(bucket, prefix, _SET_ASIDE)
 
     def bring_into_sight(self, bucket: str, set_key: str) -> None:
         """The set's records set aside count again: its files are in sight again."""

@@ -12,6 +12,7 @@ from collections.abc import Set as AbstractSet
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
+from functools import partial
 from pathlib import Path
 from typing import TypeGuard
 
@@ -250,8 +251,8 @@ class SetSealer:
                     self._settle(set_ref.key, True)
                 continue
             patterns = (*self._complete_when(set_ref), *implied_markers(
-                set_ref.name, check.entries, holds_trainer_checkpoint(set_ref.root,
-                                                                      set_ref.name)))
+                set_ref.name, check.entries,
+                partial(holds_trainer_checkpoint, set_ref.root, set_ref.name)))
             markers = unmatched(patterns, set_ref.name, check.entries)
             if patterns and not markers:  # only then: the manifest may have to be read
                 markers = stale_markers(patterns, set_ref.name, check.entries,
@@ -617,10 +618,12 @@ _HF_MODEL_FILE = re.compile(r"(config|adapter_config)\.json")
 
 
 def implied_markers(set_name: str, entries: Sequence[ManifestEntry],
-                    trainers_directory: bool = False) -> tuple[str, ...]:
+                    trainers_directory: Callable[[], bool] = lambda: False
+                    ) -> tuple[str, ...]:
     """complete_when patterns a set implies by itself: a Hugging Face Trainer checkpoint
     (checkpoint-<step>/ holding training_args.bin, or, beside a finished one of the Trainer's
-    (trainers_directory, see holds_trainer_checkpoint), holding the model's config)
+    (trainers_directory(), see holds_trainer_checkpoint: a scan of the watched directory, made
+    only for a set holding the model's config), holding the model's config)
     waits for trainer_state.json, as if watch[].complete_when named it. Invariant: the
     Trainer's checkpoint saved in place with pauses between its files is never sealed without
     the file it writes last (with no finished one beside it, once it holds
@@ -629,8 +632,8 @@ def implied_markers(set_name: str, entries: Sequence[ManifestEntry],
     if not _HF_CHECKPOINT.fullmatch(set_name):
         return ()
     inside = [entry.path[len(set_name) + 1:] for entry in entries]
-    if _HF_OWN_FILE in inside or (trainers_directory and any(
-            _HF_MODEL_FILE.fullmatch(path) for path in inside)):
+    if _HF_OWN_FILE in inside or (any(_HF_MODEL_FILE.fullmatch(path) for path in inside)
+                                  and trainers_directory()):
         return (_HF_LAST_FILE,)
     return ()
 
