@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from spotwatch.aws.store import PendingUpload, StoredObject
+from spotwatch.aws.store import PendingUpload, StoredObject, StoreError
 from spotwatch.config import WatchDir
 from spotwatch.keys import manifest_key
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
@@ -48,9 +48,10 @@ BACKOFF = Backoff(base=5.0, cap=120.0, jitter=0.2)
 
 
 @contextmanager
-def engine_on(root: Path, state: Path, store: InMemoryObjectStore,
-              clock: FakeClock) -> Iterator[SyncEngine]:
-    tracker = ChangeTracker(WatchDir(root, PREFIX, exclude=()), 1.0, QUIET_SECONDS, clock=clock)
+def engine_on(root: Path, state: Path, store: InMemoryObjectStore, clock: FakeClock,
+              complete_when: tuple[str, ...] = ()) -> Iterator[SyncEngine]:
+    tracker = ChangeTracker(WatchDir(root, PREFIX, exclude=(), complete_when=complete_when),
+                            1.0, QUIET_SECONDS, clock=clock)
     # No jitter drawn: the waits are exactly the backoff's ceilings.
     retries: RetryQueue[Path, PendingFile] = RetryQueue(BACKOFF, clock, random_unit=lambda: 0.0)
     engine = SyncEngine([tracker], Ledger(state / "ledger.sqlite"),
@@ -205,6 +206,59 @@ def test_a_manifest_write_that_fails_is_retried_then_succeeds(
     assert {(f.path, f.size, f.checksum) for f in manifest.files} == {
         ("step_1/a.pt", 10, crc32_checksum(b"a" * 10)),
         ("step_1/b.pt", 20, crc32_checksum(b"b" * 20))}
+
+
+class _Unanswered:
+    """The sealer's view of the sealed manifests, with S3 not answering for them while
+    `down` holds."""
+
+    def __init__(self, sealed_sets: Any) -> None:
+        self._sealed_sets = sealed_sets
+        self.down = True
+        self.asked = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sealed_sets, name)
+
+    def current(self, prefix: str, set_name: str) -> Manifest | None:
+        self.asked += 1
+        if self.down:
+            raise StoreError("injected: S3 does not answer")
+        return cast("Manifest | None", self._sealed_sets.current(prefix, set_name))
+
+
+def test_a_set_saved_again_in_place_is_not_sealed_while_its_last_manifest_is_unread(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
+    """A torch.distributed.checkpoint save into a fixed directory, begun again: shard 0 is
+    rewritten, the marker is the last save's. While S3 does not answer for the set's last
+    manifest, nothing says the marker is stale, so the set is not sealed: it is tried again
+    after a pause, and once the manifest is read it waits for its new marker."""
+    root = tmp_path / "ckpt"
+    write(root, "step/a.distcp", b"a1" * 10)
+    write(root, "step/.metadata", b"m1")
+    key = manifest_key(PREFIX, "step")
+    with engine_on(root, tmp_path, store, clock, (".metadata",)) as engine, \
+            capture_logs() as logs:
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, lambda: quiescent(engine), clock, step=0.1)
+        last_save = store.data(key)
+        unanswered = _Unanswered(engine.sealer._sealed_sets)
+        engine.sealer._sealed_sets = unanswered  # type: ignore[assignment]
+        write(root, "step/a.distcp", b"a2" * 10)
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, lambda: unanswered.asked >= 2, clock, step=1.0)
+        assert any(e["event"] == "set_manifest_retry" for e in logs)
+        assert store.data(f"{PREFIX}step/a.distcp") == b"a2" * 10
+        assert store.data(key) == last_save
+        unanswered.down = False
+        pump_until(engine, lambda: any(e["event"] == "set_awaiting_marker" for e in logs),
+                   clock, step=1.0)
+        assert store.data(key) == last_save
+        write(root, "step/.metadata", b"m2")
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, lambda: store.data(key) != last_save, clock, step=1.0)
+    assert {f.path: f.size for f in manifest_in(store, "step").files} == {
+        "step/a.distcp": 20, "step/.metadata": 2}
 
 
 def test_a_manifest_write_that_keeps_failing_is_reported_and_retried_with_backoff(

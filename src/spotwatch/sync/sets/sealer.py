@@ -255,8 +255,12 @@ class SetSealer:
                 partial(holds_trainer_checkpoint, set_ref.root, set_ref.name)))
             markers = unmatched(patterns, set_ref.name, check.entries)
             if patterns and not markers:  # only then: the manifest may have to be read
-                markers = stale_markers(patterns, set_ref.name, check.entries,
-                                        self._sealed_now(set_ref))
+                try:
+                    sealed = self._sealed_now(set_ref)
+                except StoreError as exc:
+                    self._failed(set_ref, exc)  # tried again after a pause, as a write is
+                    continue
+                markers = stale_markers(patterns, set_ref.name, check.entries, sealed)
             if markers:
                 self._await(set_ref, markers)
                 self._done(set_ref)  # sealed once the file that finishes it is uploaded
@@ -294,15 +298,14 @@ class SetSealer:
 
     def _sealed_now(self, set_ref: SetRef) -> Manifest | None:
         """The set's manifest in S3 now (read once per process, unless this process wrote
-        it); None when there is none or S3 does not answer (then the markers' presence is
-        all that is asked, as before the set was ever sealed)."""
+        it); None when there is none.
+
+        Invariant: a set whose markers are all there is not sealed while S3 does not say
+        what its last manifest lists (StoreError): were its markers the last save's, the seal
+        would join the shards rewritten so far to the rest of that save (stale_markers)."""
         if self._sealed_sets is None:
             return None
-        try:
-            return self._sealed_sets.current(set_ref.prefix, set_ref.name)
-        except StoreError as exc:
-            log.warning("sealed_manifest_unread", set=set_ref.key, error=str(exc))
-            return None
+        return self._sealed_sets.current(set_ref.prefix, set_ref.name)
 
     def _held_while_unfinished(self, set_ref: SetRef) -> bool:
         """Invariant: a set is never sealed while its trainer's marker beside it says it is
@@ -388,18 +391,22 @@ class SetSealer:
                     self._hold(set_ref, self._claim.blocked() or str(error))
                     continue
                 self.incomplete[set_ref.key] = [str(error)]
-            # Another node holding the rank is no failure a quick retry mends.
-            delay = self._retries.failed(set_ref, set_ref,
-                                         permanent=isinstance(error, PartClaimed))
-            attempts = self._retries.failures(set_ref)
-            if self._retries.is_failing(set_ref):
-                self.incomplete[set_ref.key] = [f"manifest not written: {error}"]
-            if attempts == MAX_ATTEMPTS:
-                log.error("set_manifest_failed", set=set_ref.key, error=str(error),
-                          attempts=attempts, retry_in=delay)
-            elif attempts < MAX_ATTEMPTS:
-                log.warning("set_manifest_retry", set=set_ref.key, error=str(error),
-                            attempts=attempts, retry_in=delay)
+            self._failed(set_ref, error)
+
+    def _failed(self, set_ref: SetRef, error: BaseException) -> None:
+        """The set's manifest was not written (or its last one not read): it is sealed again
+        after a pause that grows with each failure."""
+        # Another node holding the rank is no failure a quick retry mends.
+        delay = self._retries.failed(set_ref, set_ref, permanent=isinstance(error, PartClaimed))
+        attempts = self._retries.failures(set_ref)
+        if self._retries.is_failing(set_ref):
+            self.incomplete[set_ref.key] = [f"manifest not written: {error}"]
+        if attempts == MAX_ATTEMPTS:
+            log.error("set_manifest_failed", set=set_ref.key, error=str(error),
+                      attempts=attempts, retry_in=delay)
+        elif attempts < MAX_ATTEMPTS:
+            log.warning("set_manifest_retry", set=set_ref.key, error=str(error),
+                        attempts=attempts, retry_in=delay)
 
     def _record_links(self, set_ref: SetRef, manifest: Manifest) -> None:
         """The set's links as its manifest in S3 now lists them: a link on disk that leads
