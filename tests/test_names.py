@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import S3ObjectStore, fits_xml
 from spotwatch.config import TransferSettings, WatchDir
-from spotwatch.keys import MANIFEST_DIR, storable_key
+from spotwatch.keys import MANIFEST_DIR, below_prefix, object_key, storable_key
 from spotwatch.sync.engine import SyncEngine
 from spotwatch.sync.ledger import Ledger
 from spotwatch.sync.tracker import ChangeTracker
@@ -373,3 +373,26 @@ def test_keys_with_characters_xml_cannot_carry_are_deleted_too(s3: Any) -> None:
     finally:
         store.close()
     assert not keys_in(s3, bucket)
+
+
+_segment = st.text(st.characters(blacklist_characters="/", blacklist_categories=("Cs",)),
+                   min_size=1, max_size=8)
+
+
+@given(st.lists(st.lists(_segment, max_size=3).map(lambda parts: "".join(
+           f"{part}/" for part in parts)), min_size=1, max_size=4, unique=True),
+       st.data())
+def test_a_key_maps_back_to_the_first_watched_prefix_holding_it(
+        prefixes: list[str], data: st.DataObject) -> None:
+    """Deletions and reseals map an object's key back to its watched directory this way: the
+    path found is the one the key was made of, below the first prefix that holds it."""
+    watch = data.draw(st.integers(0, len(prefixes) - 1))
+    relative = "/".join(data.draw(st.lists(_segment, min_size=1, max_size=3)))
+    key = object_key(prefixes[watch], relative)
+    found = below_prefix(key, ((prefix, index) for index, prefix in enumerate(prefixes)))
+    assert found is not None
+    first = next(index for index, prefix in enumerate(prefixes) if key.startswith(prefix))
+    assert found == (first, key[len(prefixes[first]):])
+    if first == watch:
+        assert found[1] == relative
+    assert below_prefix(key, []) is None

@@ -12,6 +12,8 @@ import nothing from spotwatch.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from typing import TypeVar
 
 MANIFEST_DIR = ".spotwatch/manifests/"
 # The first path component of every key spotwatch writes for itself (manifests, probes).
@@ -21,6 +23,7 @@ WRITE_PROBE = ".spotwatch/probe-"  # `spotwatch check` writes and deletes <prefi
 # How a restore's temporaries end (sync.restore.destination.temporary).
 RESTORE_TEMP_SUFFIX = ".spotwatch-restore"
 S3_KEY_MAX_BYTES = 1024
+_T = TypeVar("_T")
 _DIGITS = re.compile(r"[0-9]+")
 # A file's place among the shards of one save (model-00001-of-00004.safetensors,
 # pytorch_model-00002-of-00003.bin): part of one checkpoint, never a step.
@@ -64,6 +67,16 @@ def storable_key(prefix: str, relative_path: str, node: tuple[str, int] | None =
 
 def set_name_of(relative_path: str) -> str:
     return relative_path.split("/", 1)[0]
+
+
+def below_prefix(key: str, prefixed: Iterable[tuple[str, _T]]) -> tuple[_T, str] | None:
+    """Of (watched prefix, what watches it) pairs, the first whose prefix holds key, and the
+    key's path below it; None when none does."""
+    for prefix, watcher in prefixed:
+        below = object_key(prefix, "")
+        if key.startswith(below):
+            return watcher, key[len(below):]
+    return None
 
 
 def is_utf8(text: str) -> bool:

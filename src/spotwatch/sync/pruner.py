@@ -29,6 +29,7 @@ from spotwatch.config import Config, WatchDir
 from spotwatch.errors import SpotwatchError
 from spotwatch.keys import (
     belongs_to_set,
+    below_prefix,
     held_key_of,
     held_of_set,
     held_prefix,
@@ -100,11 +101,9 @@ def resealed(watches: Sequence[WatchDir], deleted: Iterable[Deletion]) -> list[s
     sets = []
     for set_key in dict.fromkeys(deletion.set_key for deletion in deleted
                                  if deletion.seal and not deletion.retires and deletion.set_key):
-        for watch in watches:
-            prefix = object_key(watch.prefix, "")
-            if set_key.startswith(prefix) and not is_gone(watch.path / set_key[len(prefix):]):
-                sets.append(set_key)
-                break
+        found = below_prefix(set_key, ((watch.prefix, watch) for watch in watches))
+        if found is not None and not is_gone(found[0].path / found[1]):
+            sets.append(set_key)
     return sets
 
 

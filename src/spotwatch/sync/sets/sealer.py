@@ -18,6 +18,7 @@ from typing import TypeGuard
 
 from spotwatch.aws.store import ObjectMissing, ObjectStore, StoreError
 from spotwatch.keys import (
+    below_prefix,
     manifest_key,
     object_key,
     part_key,
@@ -194,12 +195,12 @@ class SetSealer:
 
     def reseal_after_deletions(self, keys: Iterable[str]) -> None:
         """Sets that lost objects (and so their manifest) get a new one listing what is left."""
+        trackers = [(tracker.watch.prefix, tracker) for tracker in self._trackers.values()]
         for key in keys:
-            for tracker in self._trackers.values():
-                prefix = object_key(tracker.watch.prefix, "")
-                if key.startswith(prefix):
-                    set_name = set_name_of(key[len(prefix):])
-                    self.mark_dirty(SetRef(tracker.watch.prefix, set_name, tracker.root))
+            found = below_prefix(key, trackers)
+            if found is not None:
+                tracker, relative = found
+                self.mark_dirty(SetRef(tracker.watch.prefix, set_name_of(relative), tracker.root))
 
     def check_incomplete_again(self) -> None:
         """Invariant: a flush names as incomplete only sets that are so as it ends. Those
