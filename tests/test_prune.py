@@ -512,3 +512,61 @@ def test_the_highest_steps_kept_are_the_named_steps_whatever_else_the_name_holds
                                              lambda m: True)}
     # Kept: the newest by date (step=200) and the highest step (step=400).
     assert dropped == {manifest_key(PREFIX, names[2]), PREFIX + names[2]}
+
+
+SHARDS = ("__0_0.distcp", "__1_0.distcp", "__2_0.distcp", ".metadata")
+
+
+def _emptied(directory: Path) -> None:
+    for path in directory.iterdir():
+        path.unlink()
+
+
+def _rank_dropped(directory: Path) -> None:
+    (directory / SHARDS[2]).unlink()
+    save_checkpoint(directory / SHARDS[0], 2_000)
+
+
+def _marker_removed_first(directory: Path) -> None:
+    (directory / ".metadata").unlink()
+    save_checkpoint(directory / SHARDS[0], 2_000)
+
+
+@pytest.mark.parametrize("save_begun", [_emptied, _rank_dropped, _marker_removed_first])
+def test_deletions_in_a_set_being_saved_again_wait_for_its_new_seal(
+        workspace: Workspace, s3: Any, save_begun: Callable[[Path], None]) -> None:
+    """A trainer saving into a fixed directory (torch.distributed.checkpoint) removes files
+    of its last save first, or saves with fewer ranks: until its new marker is there, the
+    last manifest (with held copies of the files rewritten) is the set's only whole version in
+    S3. Mirroring the deletions then would delete it, so they wait: a restore meanwhile gives
+    the last save whole, and once the new save is sealed the files it no longer has go."""
+    workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/",
+                                   "complete_when": [".metadata"]}], sync={"delete": True})
+    directory = workspace.checkpoints / "latest_ckpt"
+    last = {name: save_checkpoint(directory / name, 2_000) for name in SHARDS}
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    save_begun(directory)
+    workspace.cli("flush", "-c", "config.yaml")  # the set waits for its marker
+    before = keys_in(s3, workspace.bucket)
+
+    result = workspace.cli("prune", "-c", "config.yaml")
+    assert prune_lines(result)[-1] == "deleted 0 objects", result.stdout
+    assert "mirror_deferred" in result.stderr, result.stderr
+    assert keys_in(s3, workspace.bucket) == before
+    target = workspace.root / "during"
+    restored = workspace.cli("restore", "-c", "config.yaml", "--to", str(target))
+    assert restored.returncode == 0, restored.stderr
+    for name, data in last.items():
+        assert (target / "latest_ckpt" / name).read_bytes() == data, name
+
+    for name in (SHARDS[0], SHARDS[1], ".metadata"):
+        save_checkpoint(directory / name, 2_000)
+    new = {path.name: path.read_bytes() for path in directory.iterdir()}
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    prune_lines(workspace.cli("prune", "-c", "config.yaml"))
+    assert {key for key in keys_in(s3, workspace.bucket)
+            if key.startswith("run1/latest_ckpt/")} == {f"run1/latest_ckpt/{name}" for name in new}
+    target = workspace.root / "after"
+    restored = workspace.cli("restore", "-c", "config.yaml", "--to", str(target))
+    assert restored.returncode == 0, restored.stderr
+    assert {path.name: path.read_bytes() for path in (target / "latest_ckpt").iterdir()} == new

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -57,8 +57,8 @@ from spotwatch.sync.overlaps import overlapping, resolved
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, JobSet
 from spotwatch.sync.sets.remote import bare_etag, is_intact, list_job_sets, list_manifests
-from spotwatch.sync.sets.sealer import SetSealer
-from spotwatch.sync.tracker import ChangeTracker
+from spotwatch.sync.sets.sealer import SetSealer, awaited_markers, may_wait_for_marker
+from spotwatch.sync.tracker import ChangeTracker, walk_files
 
 log = get_logger("spotwatch.prune")
 
@@ -198,12 +198,16 @@ class Pruner:
         held = [listed.key for listed in self._store.list_objects(held_prefix(watch.prefix))]
         if self._node is None:
             manifests = list_manifests(self._store, watch.prefix)
+            gone = self._not_saved_again(watch, directory, gone,
+                                         {manifest.set_name: manifest for manifest in manifests})
             not_committed = self._uncommitted(manifests)
             return plan_deletions(
                 watch.prefix, accepts, manifests, gone, self._keep_sets,
                 lambda manifest: manifest.set_name not in not_committed
                 and self._is_intact(manifest), held)
         job_sets = list_job_sets(self._store, watch.prefix, self._node.job_id, self._node.nodes)
+        gone = self._not_saved_again(watch, directory, gone, {
+            job_set.set_name: job_set.parts.get(self._node.rank) for job_set in job_sets})
         gone = gone_for_job(gone, job_sets, self._node.rank)
         not_committed = self._uncommitted([job_set.whole for job_set in job_sets])
         # A set some of whose files only restore can check (nodes wrote them with other
@@ -263,6 +267,48 @@ class Pruner:
         return self._still_ours(
             prefix, [key for key in uploaded
                      if is_gone(directory / key[len(prefix):], as_file=True)])
+
+    def _not_saved_again(self, watch: WatchDir, directory: Path, gone: list[str],
+                         sealed: Mapping[str, Manifest | None]) -> list[str]:
+        """The keys of gone less those of sets being saved again (sealed: this node's manifest
+        of each set in S3 now).
+
+        Invariant: a file deleted from a set directory that waits for its marker before it is
+        sealed again (sealer.awaited_markers: a trainer that empties its directory, or drops
+        a rank's shard, before saving into it anew) is not mirrored until the set is sealed
+        again: till then the last manifest and its held copies are the set's only whole
+        version in S3. A set directory emptied but not removed waits so too where a marker
+        applies to it (sealer.may_wait_for_marker)."""
+        prefix = object_key(watch.prefix, "")
+        by_set: dict[str, list[str]] = defaultdict(list)
+        for key in gone:
+            by_set[set_name_of(key[len(prefix):])].append(key)
+        mirrored: list[str] = []
+        for set_name, keys in by_set.items():
+            markers = self._awaited(watch, directory, set_name, sealed.get(set_name))
+            if markers:
+                log.info("mirror_deferred", set=object_key(watch.prefix, set_name), files=len(keys),
+                         waiting_for=markers, reason="its directory is being saved again")
+                continue
+            mirrored += keys
+        return mirrored
+
+    @staticmethod
+    def _awaited(watch: WatchDir, directory: Path, set_name: str,
+                 sealed: Manifest | None) -> list[str]:
+        """The markers the set directory on disk waits for (none: not a directory)."""
+        top = directory / set_name
+        if top.is_symlink() or not top.is_dir():
+            return []
+        entries = [ManifestEntry(object_key(watch.prefix, relative), relative, stat.st_size,
+                                 stat.st_mtime_ns, None)
+                   for path, stat in walk_files(top)
+                   for relative in (path.relative_to(directory).as_posix(),)]
+        if not entries:
+            return ["a file of its new save"] if may_wait_for_marker(
+                watch.complete_when, set_name) else []
+        return awaited_markers(watch.complete_when, directory, set_name, entries,
+                               lambda: sealed)
 
     def _still_ours(self, prefix: str, keys: list[str]) -> list[str]:
         """The keys whose objects are still the ones spotwatch uploaded, or gone already.

@@ -251,17 +251,13 @@ class SetSealer:
                 if os.path.isdir(set_ref.root):
                     self._settle(set_ref.key, True)
                 continue
-            patterns = (*self._complete_when(set_ref), *implied_markers(
-                set_ref.name, check.entries,
-                partial(holds_trainer_checkpoint, set_ref.root, set_ref.name)))
-            markers = unmatched(patterns, set_ref.name, check.entries)
-            if patterns and not markers:  # only then: the manifest may have to be read
-                try:
-                    sealed = self._sealed_now(set_ref)
-                except StoreError as exc:
-                    self._failed(set_ref, exc)  # tried again after a pause, as a write is
-                    continue
-                markers = stale_markers(patterns, set_ref.name, check.entries, sealed)
+            try:
+                markers = awaited_markers(self._complete_when(set_ref), set_ref.root,
+                                          set_ref.name, check.entries,
+                                          partial(self._sealed_now, set_ref))
+            except StoreError as exc:
+                self._failed(set_ref, exc)  # tried again after a pause, as a write is
+                continue
             if markers:
                 self._await(set_ref, markers)
                 self._done(set_ref)  # sealed once the file that finishes it is uploaded
@@ -644,6 +640,22 @@ def implied_markers(set_name: str, entries: Sequence[ManifestEntry],
                                   and trainers_directory()):
         return (_HF_LAST_FILE,)
     return ()
+
+
+def awaited_markers(complete_when: Sequence[str], root: Path, set_name: str,
+                    entries: Sequence[ManifestEntry],
+                    sealed_now: Callable[[], Manifest | None]) -> list[str]:
+    """The markers a set directory (entries: its files, paths relative to root, the watched
+    directory) waits for before it is sealed (again): those complete_when names or the set
+    implies (implied_markers) that no file of it matches, else those only its last save's
+    files match (stale_markers; sealed_now: its manifest in S3 now, asked only then, which may
+    raise StoreError)."""
+    patterns = (*complete_when, *implied_markers(
+        set_name, entries, partial(holds_trainer_checkpoint, root, set_name)))
+    markers = unmatched(patterns, set_name, entries)
+    if patterns and not markers:
+        markers = stale_markers(patterns, set_name, entries, sealed_now())
+    return markers
 
 
 def may_wait_for_marker(complete_when: Sequence[str], set_name: str) -> bool:
