@@ -22,13 +22,22 @@ from structlog.testing import capture_logs
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import S3ObjectStore, fits_xml
 from spotwatch.config import TransferSettings, WatchDir
-from spotwatch.keys import MANIFEST_DIR, below_prefix, object_key, storable_key
+from spotwatch.keys import (
+    MANIFEST_DIR,
+    RESTORE_TEMP_SUFFIX,
+    below_prefix,
+    is_restore_temporary,
+    object_key,
+    restore_temporary_name,
+    storable_key,
+)
 from spotwatch.sync.engine import SyncEngine
 from spotwatch.sync.ledger import Ledger
 from spotwatch.sync.tracker import ChangeTracker
 from spotwatch.sync.uploader import Uploader
 
 from .conftest import REGION, Workspace, keys_in, object_bytes, wait_for
+from .test_daemon_e2e import flush_summary, save_checkpoint
 
 PREFIX = "run/"
 MANIFESTS = PREFIX + MANIFEST_DIR
@@ -396,3 +405,33 @@ def test_a_key_maps_back_to_the_first_watched_prefix_holding_it(
     if first == watch:
         assert found[1] == relative
     assert below_prefix(key, []) is None
+
+
+@pytest.mark.parametrize("name", [f".notes{RESTORE_TEMP_SUFFIX}", f".model.pt{RESTORE_TEMP_SUFFIX}",
+                                  f".model.pt.kept{RESTORE_TEMP_SUFFIX}"])
+def test_a_file_named_like_a_restores_temporary_is_the_trainers(
+        workspace: Workspace, s3: Any, name: str) -> None:
+    """A restore's temporaries carry its token: a file of the trainer's that only looks like
+    one is uploaded with its set, and a restore into the watched directory leaves it be."""
+    save_checkpoint(workspace.checkpoints / "step_1" / "model.pt", 1_000)
+    (workspace.checkpoints / "step_1" / name).write_bytes(b"the trainer's own")
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    assert f"run1/step_1/{name}" in keys_in(s3, workspace.bucket)
+    for target in (workspace.checkpoints, workspace.root / "elsewhere"):
+        result = workspace.cli("restore", "-c", "config.yaml", "--to", str(target))
+        assert result.returncode == 0, result.stderr
+        assert (target / "step_1" / name).read_bytes() == b"the trainer's own"
+
+
+@given(st.text(st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)),
+               min_size=1, max_size=40),
+       st.sampled_from(["", ".0123456789ab", ".notes"]))
+def test_only_the_names_a_restore_makes_are_its_temporaries(stem: str, tail: str) -> None:
+    """Any name a restore gives a temporary is one; of the names a trainer may give a file
+    (a hidden name ending as a temporary's, a tag of twelve hex digits or not), only a name a
+    restore would make for the file named before its last dot."""
+    assert is_restore_temporary(f"dir/{restore_temporary_name(stem)}")
+    name = f".{stem}{tail}{RESTORE_TEMP_SUFFIX}"
+    before, dot, _ = (stem + tail).rpartition(".")
+    assert is_restore_temporary(name) == (
+        bool(dot and before) and restore_temporary_name(before) == name)

@@ -15,7 +15,12 @@ from hypothesis import strategies as st
 from spotwatch.aws.store import PendingDownload, StoreError
 from spotwatch.checksums import Expected
 from spotwatch.errors import SpotwatchError
-from spotwatch.keys import RESTORE_TEMP_SUFFIX, is_restore_temporary, manifest_key
+from spotwatch.keys import (
+    RESTORE_TEMP_SUFFIX,
+    is_restore_temporary,
+    manifest_key,
+    restore_temporary_name,
+)
 from spotwatch.progress import Progress
 from spotwatch.sync.restore.destination import NAME_MAX, temporary
 from spotwatch.sync.restore.set_fetch import RestoreReport, restore_newest
@@ -168,7 +173,7 @@ def test_completeness_is_checked_beside_the_downloads(tmp_path: Path,
     try:
         assert listing.entered.wait(10)
         wait_for(lambda: store.calls["download"] == 6, timeout=10)
-        assert files_under(tmp_path / "r") == [f"step_1/.f{i}.pt{RESTORE_TEMP_SUFFIX}"
+        assert files_under(tmp_path / "r") == [f"step_1/{restore_temporary_name(f'f{i}.pt')}"
                                                for i in range(6)]
     finally:
         listing.release()

@@ -19,7 +19,12 @@ import pytest
 
 from spotwatch.commands.restore import _stopped_as_by_ctrl_c
 from spotwatch.errors import SpotwatchError
-from spotwatch.keys import RESTORE_TEMP_SUFFIX, is_restore_temporary, manifest_key
+from spotwatch.keys import (
+    RESTORE_TEMP_SUFFIX,
+    is_restore_temporary,
+    manifest_key,
+    restore_temporary_name,
+)
 from spotwatch.model import FileVersion
 from spotwatch.sync.ledger import Ledger
 from spotwatch.sync.placement import NotPlaced, place_all
@@ -247,12 +252,12 @@ def test_a_directory_made_in_a_files_place_during_the_downloads_is_never_moved_a
     refused when the set moves into place, and stays where it is with what it holds."""
     (tmp_path / "model.pt").mkdir()
     (tmp_path / "model.pt" / "user.txt").write_text("user data")
-    temp = tmp_path / f".model.pt{RESTORE_TEMP_SUFFIX}"
+    temp = tmp_path / restore_temporary_name("model.pt")
     temp.write_bytes(b"set bytes")
     with pytest.raises(NotPlaced, match=r"model\.pt: Is a directory; nothing of the set"):
         place_all([(temp, tmp_path / "model.pt")], None)
     assert everything_under(tmp_path) == {"model.pt/user.txt": b"user data",
-                                          f".model.pt{RESTORE_TEMP_SUFFIX}": b"set bytes"}
+                                          restore_temporary_name("model.pt"): b"set bytes"}
 
 
 class _LedgerOnAFullDisk:
@@ -280,7 +285,7 @@ def test_a_ledger_that_cannot_be_put_back_still_leaves_no_users_file_hidden(
     moves = []
     for name in ("a", "b"):
         (tmp_path / name).write_text(f"user's own {name}")
-        temp = tmp_path / f".{name}{RESTORE_TEMP_SUFFIX}"
+        temp = tmp_path / restore_temporary_name(name)
         temp.write_text(f"set {name}")
         moves.append((temp, tmp_path / name))
 

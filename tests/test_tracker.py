@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from watchdog.observers import Observer
 
 from spotwatch.config import WatchDir
-from spotwatch.keys import RESTORE_TEMP_SUFFIX
+from spotwatch.keys import restore_temporary_name
 from spotwatch.sync.tracker import ChangeTracker, walk_files
 
 from .conftest import wait_for
@@ -226,7 +226,7 @@ def test_a_restores_temporary_never_settles_the_file_it_becomes_does(
         tracker: ChangeTracker) -> None:
     final = tracker.root / "step_1" / "model.pt"
     final.parent.mkdir()
-    temp = final.with_name(f".model.pt{RESTORE_TEMP_SUFFIX}")
+    temp = final.with_name(restore_temporary_name("model.pt"))
     temp.write_bytes(os.urandom(4096))  # closed: a file like any other would settle now
     assert settled_within(tracker, 3 * SETTLE) == set()
     os.rename(temp, final)

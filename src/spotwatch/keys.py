@@ -11,6 +11,8 @@ import nothing from spotwatch.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from collections.abc import Iterable
 from typing import TypeVar
@@ -22,6 +24,8 @@ HELD_DIR = ".spotwatch/held/"
 WRITE_PROBE = ".spotwatch/probe-"  # `spotwatch check` writes and deletes <prefix>probe-<host>
 # How a restore's temporaries end (sync.restore.destination.temporary).
 RESTORE_TEMP_SUFFIX = ".spotwatch-restore"
+_RESTORE_TEMPORARY = re.compile(r"\.(.+)\.([0-9a-f]{12})" + re.escape(RESTORE_TEMP_SUFFIX),
+                                re.DOTALL)
 S3_KEY_MAX_BYTES = 1024
 _T = TypeVar("_T")
 _DIGITS = re.compile(r"[0-9]+")
@@ -175,15 +179,27 @@ def is_reserved(relative_path: str) -> bool:
     return set_name_of(relative_path) == RESERVED_SET
 
 
+def restore_temporary_name(stem: str) -> str:
+    """The name of a restore's temporary for stem (a file's name, or its digest): hidden,
+    with a tag made of the stem, and RESTORE_TEMP_SUFFIX."""
+    return f".{stem}.{_restore_tag(stem)}{RESTORE_TEMP_SUFFIX}"
+
+
+def _restore_tag(stem: str) -> str:
+    return hashlib.sha256(os.fsencode(stem)).hexdigest()[:12]
+
+
 def is_restore_temporary(relative_path: str) -> bool:
-    """Whether the file is a restore's temporary (hidden, with RESTORE_TEMP_SUFFIX).
+    """Whether the file is a restore's temporary (restore_temporary_name: of any process).
 
     Invariant: a restore's temporary is never a checkpoint. It becomes one only once its whole
     set checked out and it was renamed into place, so a daemon watching the directory a restore
     writes into never uploads half a download, or a file of a set that turns out corrupt.
+    Only a name with the tag its stem makes is one: a file of the trainer's named like it
+    (".notes.spotwatch-restore") is uploaded, and no restore removes it.
     """
-    name = relative_path.rpartition("/")[2]
-    return name.startswith(".") and name.endswith(RESTORE_TEMP_SUFFIX)
+    found = _RESTORE_TEMPORARY.fullmatch(relative_path.rpartition("/")[2])
+    return found is not None and _restore_tag(found[1]) == found[2]
 
 
 def manifest_prefix(prefix: str) -> str:

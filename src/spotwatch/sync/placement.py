@@ -26,7 +26,7 @@ from types import FrameType
 from typing import Protocol
 
 from spotwatch.console import names
-from spotwatch.keys import RESTORE_TEMP_SUFFIX
+from spotwatch.keys import restore_temporary_name
 from spotwatch.logs import printable_path
 
 # A stop asked by the user or a supervisor (Ctrl-C, `timeout`, systemd, a closed session).
@@ -87,10 +87,10 @@ def kept_name(target: Path, taken: Collection[Path]) -> Path:
     """Where what is at the target is kept until the set is in place: hidden and named as a
     restore's temporary (a restore stopped by kill -9 leaves it for the next to remove, and a
     daemon never uploads it), never the name of one of the set's own temporaries (taken)."""
-    kept = target.with_name(f".{target.name}.kept{RESTORE_TEMP_SUFFIX}")
+    kept = target.with_name(restore_temporary_name(f"{target.name}.kept"))
     if len(os.fsencode(kept.name)) > _NAME_MAX or kept in taken:
         digest = hashlib.sha256(os.fsencode(target.name)).hexdigest()[:32]
-        kept = target.with_name(f".{digest}.kept{RESTORE_TEMP_SUFFIX}")
+        kept = target.with_name(restore_temporary_name(f"{digest}.kept"))
     return kept
 
 

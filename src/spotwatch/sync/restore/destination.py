@@ -12,7 +12,7 @@ from stat import S_ISDIR, S_ISREG
 
 from spotwatch.config import at_or_below
 from spotwatch.errors import SpotwatchError
-from spotwatch.keys import RESTORE_TEMP_SUFFIX, is_restore_temporary, set_name_of
+from spotwatch.keys import is_restore_temporary, restore_temporary_name, set_name_of
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.sync.restore.candidates import file_paths
 from spotwatch.sync.sets.manifest import Manifest
@@ -92,10 +92,9 @@ class Targets:
 def temporary(target: Path) -> Path:
     """Where the target's bytes wait until its set checks out: beside it, hidden, and still
     within NAME_MAX when the target's own name nearly fills it (then named by its digest)."""
-    name = f".{target.name}{RESTORE_TEMP_SUFFIX}"
+    name = restore_temporary_name(target.name)
     if len(os.fsencode(name)) > NAME_MAX:
-        digest = hashlib.sha256(os.fsencode(target.name)).hexdigest()[:32]
-        name = f".{digest}{RESTORE_TEMP_SUFFIX}"
+        name = restore_temporary_name(hashlib.sha256(os.fsencode(target.name)).hexdigest()[:32])
     return target.with_name(name)
 
 
