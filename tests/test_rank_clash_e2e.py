@@ -77,7 +77,11 @@ def test_two_live_nodes_of_one_rank_are_caught_by_both_and_seal_no_part(
     for space in spaces:
         problems = wait_for(lambda space=space: space.status().get("problems"))
         assert len(problems) == 1 and problems[0].startswith("rank_claimed_twice: ")
-    assert "PROBLEM:      rank_claimed_twice: " in a.cli("status", "-c", str(a.config_file)).stdout
+    shown = a.cli("status", "-c", str(a.config_file)).stdout
+    assert "PROBLEM:      rank_claimed_twice: " in shown
+    assert "health:       degraded: rank_claimed_twice: " in shown, shown
+    for space in spaces:  # what a container's health check asks
+        assert space.cli("status", "-c", str(space.config_file), "--healthy").returncode == 1
 
     # The trainer goes on writing: the files are uploaded, but no part lists them.
     for space, shard in ((a, "__0_0.distcp"), (b, "__1_0.distcp")):

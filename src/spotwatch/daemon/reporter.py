@@ -328,5 +328,7 @@ class Reporter:
                    unreachable_reason("peer notices", self._peers),
                    None if self._guard is None else self._guard.degraded_reason(),
                    self._retention_reason(),
+                   # A rank two live nodes claim seals no part: their sets stay unprotected.
+                   *self.problems(),
                    *([] if self._hooks is None else self._hooks.degraded_reasons()))
         return [reason for reason in reasons if reason is not None]
