@@ -14,7 +14,14 @@ from signal import SIGPIPE
 from typing import NoReturn
 
 from spotwatch.collector import uncollected_start_up
-from spotwatch.console import one_line, print_error
+from spotwatch.console import (
+    CLOSED_OUTPUT,
+    OutputError,
+    one_line,
+    print_error,
+    print_line,
+    writing_output,
+)
 from spotwatch.errors import SpotwatchError
 from spotwatch.limits import raise_open_files_limit
 
@@ -23,7 +30,7 @@ class _ShowVersion(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *args: object) -> NoReturn:
         import spotwatch
 
-        print(f"spotwatch {spotwatch.__version__}")
+        print_line(f"spotwatch {spotwatch.__version__}")
         parser.exit(0)
 
 
@@ -95,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpotwatchError as exc:
         print_error(str(exc))
         return exc.exit_code
+    except OutputError as exc:
+        print_error(str(exc))
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError as exc:
@@ -136,14 +146,21 @@ def entry() -> NoReturn:
     By now every upload is finished and recorded, the state lock released and the ledger
     closed; what is left is freeing boto3's object graph, a tenth of a second of every
     command (status runs as a container health check)."""
-    code = main()
+    if sys.stdout is None:  # closed (>&-): what a command prints then fails it, as a full disk
+        sys.stdout = CLOSED_OUTPUT
     try:
-        sys.stdout.flush()  # a pipe's buffered output goes only now
+        code = main()
+    except SystemExit as exc:  # argparse's --help, --version and usage errors: flushed below
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    try:
+        with writing_output():
+            sys.stdout.flush()  # buffered output goes only now: a full disk says so here
     except BrokenPipeError:
         code = _ended_by_a_closed_pipe()
-    except OSError:
-        pass
-    with contextlib.suppress(OSError):  # stderr closed too: nothing more to say
+    except OutputError as exc:
+        print_error(str(exc))
+        code = code or 1  # a usage or config error keeps its own code
+    with contextlib.suppress(OSError, AttributeError):  # stderr closed too: nothing to say
         sys.stderr.flush()
     os._exit(code)
 

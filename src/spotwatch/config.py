@@ -63,6 +63,15 @@ Script = Annotated[str, Meta(min_length=1, pattern=rf"\A{_SCRIPT}*\Z")]
 Region = Annotated[str, Meta(min_length=1, pattern=r"\A[a-z]{2}(-[a-z]+)+-\d+\Z",
                              description="an AWS region name")]
 Seconds = Annotated[float, Meta(gt=0, le=MAX_SECONDS, extra={"unit": "seconds"})]
+# Floors on the poll intervals, so that a typo (0.000001) is refused, not a flood of requests:
+# IMDS throttles each instance (1024 packets/s per ENI, shared with DNS and NTP) and may then
+# delay the very notice polled for; each peer poll is a paid S3 GET (3,600 an hour at 1 s).
+MIN_IMDS_POLL_INTERVAL = 0.1
+MIN_PEER_POLL_INTERVAL = 0.05
+ImdsPollSeconds = Annotated[float, Meta(ge=MIN_IMDS_POLL_INTERVAL, le=MAX_SECONDS, extra={
+    "unit": "seconds", "note": " (IMDS throttles faster polling)"})]
+PeerPollSeconds = Annotated[float, Meta(ge=MIN_PEER_POLL_INTERVAL, le=MAX_SECONDS, extra={
+    "unit": "seconds", "note": " (each poll is an S3 GET)"})]
 SyncMode = Literal["continuous", "on-notice"]
 ChecksumAlgorithm = Literal["CRC32", "CRC32C", "SHA1", "SHA256", "CRC64NVME"]
 # Server-side encryption asked for on upload: none (the bucket default applies), SSE-S3, SSE-KMS.
@@ -109,8 +118,11 @@ def _bytes(value: int | str, _base: Path | None = None) -> int:
     return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()]
 
 
-def _rate(value: int | str, _base: Path | None = None) -> int:
-    """Bytes per second: a size, optionally followed by '/s' ('200MB', '200MB/s')."""
+def _rate(value: int | str, _base: Path | None = None) -> int | None:
+    """Bytes per second: a size, optionally followed by '/s' ('200MB', '200MB/s'); 'none' is
+    no rate, as null is (the README writes none for both)."""
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return None
     if isinstance(value, str) and value.rstrip().lower().endswith("/s"):
         value = value.rstrip()[:-2]
     return _bytes(value)
@@ -142,6 +154,8 @@ PATH = Parse((str,), _path)
 UPPER = Parse((str,), lambda value, _base: value.upper())
 LOWER = Parse((str,), lambda value, _base: value.lower())
 SIGNAL = Parse((str,), _signal_name)
+# A key whose "none" is a word (transfer.sse): null means the same.
+NULL_AS_NONE = Parse((str, type(None)), lambda value, _base: "none" if value is None else value)
 
 
 def _refuse(key: str, problem: str) -> ValueError:
@@ -229,7 +243,7 @@ class TransferSettings(_Section, frozen=True, kw_only=True):
     # stays CRC32 while 0.1 may still restore what this version uploads.
     checksum_algorithm: Annotated[ChecksumAlgorithm, UPPER] = "CRC32"
     max_attempts: Annotated[int, Meta(ge=1, le=50)] = 10
-    sse: SseMode = "none"
+    sse: Annotated[SseMode, NULL_AS_NONE] = "none"
     sse_kms_key_id: Text | None = None
     client: TransferClient = "auto"
     # Gbit/s the CRT sizes its connections for; None: the CRT's figure for this instance type.
@@ -258,7 +272,7 @@ class ImdsSettings(_Section, frozen=True, kw_only=True):
     enabled: bool = True
     endpoint: Text | None = None
     endpoint_mode: Literal["IPv4", "IPv6"] | None = None
-    poll_interval: Seconds = 1.0
+    poll_interval: ImdsPollSeconds = 1.0
     token_ttl: Annotated[int, Meta(ge=1, le=21600, extra={"unit": "seconds"})] = 21600
     timeout: Seconds = 2.0
 
@@ -311,7 +325,7 @@ class JobSettings(_Section, frozen=True, kw_only=True):
     # `run` and `flush` need it (require_node_rank).
     rank: Annotated[int, Meta(ge=0, lt=MAX_NODES)] | None = None
     # How often a node looks for its peers' notices (notices/peers.py: one GET each time).
-    peer_poll_interval: Seconds = 1.0
+    peer_poll_interval: PeerPollSeconds = 1.0
 
     def __post_init__(self) -> None:
         if self.id is None:
@@ -428,10 +442,13 @@ def find_config_file(explicit: str | Path | None) -> Path:
 
 
 def _is_config_file(path: Path) -> bool:
-    """Whether a file is there; a path that cannot even be looked at (a directory on the way
+    """Whether a file is there: any but a directory, so that `-c <(envsubst < tmpl)` (a pipe
+    at /dev/fd/N) is read too; a path that cannot even be looked at (a directory on the way
     not searchable by this user, a name too long) is one line, not a traceback."""
     try:
-        return path.is_file()
+        return not stat.S_ISDIR(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
 
@@ -681,7 +698,7 @@ _TYPE_NAMES: dict[type, tuple[str, tuple[type, ...]]] = {
     mi.VarTupleType: ("a list", (list,)),
 }
 _PY_NAMES: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean",
-                              list: "list", dict: "mapping"}
+                              list: "list", dict: "mapping", type(None): "null"}
 
 
 def _what_it_takes(info: Any, value: Any, marker: Parse | None) -> str | None:

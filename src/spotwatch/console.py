@@ -10,8 +10,10 @@ and the readable log on a terminal goes through one_line as well (spotwatch.logs
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TextIO
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -37,14 +39,56 @@ def one_line(text: str) -> str:
     return text.translate(_TABLE)
 
 
+class OutputError(Exception):
+    """What a command prints could not be written (stdout closed, a full disk): the command
+    fails (exit 1) with one line on stderr, never a traceback. A reader that went away
+    (BrokenPipeError) is not one: that ends the command as SIGPIPE would (cli)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"cannot write the output: {reason}")
+
+
+class _ClosedOutput(io.StringIO):
+    """Stands for a stdout that was closed (`>&-`, sys.stdout None), where print() would
+    drop the output without a word."""
+
+    def write(self, text: str) -> int:
+        raise OutputError("stdout is closed")
+
+
+CLOSED_OUTPUT: TextIO = _ClosedOutput()
+
+
+@contextlib.contextmanager
+def writing_output() -> Iterator[None]:
+    """Turns a failed write or flush of stdout into OutputError."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputError(exc.strerror or str(exc)) from None
+
+
+def print_text(text: str, file: TextIO | None = None) -> None:
+    """Text already made of safe lines (JSON, a rendered report), on stdout unless file
+    says otherwise."""
+    with writing_output():
+        print(text, file=file or sys.stdout or CLOSED_OUTPUT)
+
+
 def print_line(text: str, file: TextIO | None = None) -> None:
     """One line for a human, on stdout unless file says otherwise."""
-    print(one_line(text), file=file or sys.stdout)
+    print_text(one_line(text), file)
 
 
 def print_error(message: str) -> None:
-    """The one line an error is: `spotwatch: error: ...` on stderr."""
-    print(f"spotwatch: error: {one_line(message)}", file=sys.stderr)
+    """The one line an error is: `spotwatch: error: ...` on stderr. A stderr closed or full
+    takes nothing and raises nothing: the exit code still tells."""
+    if sys.stderr is None:  # closed (2>&-): print() would write to stdout instead
+        return
+    with contextlib.suppress(OSError):
+        print(f"spotwatch: error: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def names(items: Iterable[str]) -> str:

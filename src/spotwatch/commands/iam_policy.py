@@ -15,6 +15,7 @@ from typing import Any
 
 from spotwatch.commands import load
 from spotwatch.config import Config
+from spotwatch.console import print_text
 from spotwatch.keys import object_key
 
 OPERATION_ACTIONS = {
@@ -46,7 +47,7 @@ _IAM_LITERALS = {"*": "${*}", "?": "${?}", "$": "${$}"}
 
 def run(args: argparse.Namespace) -> int:
     config, bucket = load(args, uploads=False)
-    print(json.dumps(policy_for(config, bucket), indent=2))
+    print_text(json.dumps(policy_for(config, bucket), indent=2))
     return 0
 
 

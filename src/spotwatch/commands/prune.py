@@ -19,6 +19,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--keep-sets must be at least 0")
     mirror = bool(args.delete or config.sync.delete)
     if not mirror and not keep_sets:
+        if args.keep_sets is not None:  # asked for, but 0: the hint must not suggest it again
+            raise ConfigError("nothing to prune: --keep-sets 0 keeps every set (give a number "
+                              "above 0, or set sync.delete or pass --delete)")
         raise ConfigError("nothing to prune: set sync.delete or sync.keep_sets "
                           "(or pass --delete / --keep-sets)")
     report = prune_once(config, bucket, mirror, keep_sets, dry_run=args.dry_run)

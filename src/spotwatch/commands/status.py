@@ -15,7 +15,7 @@ from spotwatch.bucket import NO_BUCKET, NoBucket
 from spotwatch.commands import load_optional_bucket
 from spotwatch.commands.daemon_dir import daemons_state_dir
 from spotwatch.config import Config
-from spotwatch.console import names, one_line
+from spotwatch.console import names, one_line, print_text
 from spotwatch.errors import ConfigError
 from spotwatch.state import StateDir, lock_holder
 from spotwatch.sync.ledger import Ledger
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     report = gather_status(config, bucket)
     if args.healthy:
         return 0 if report["healthy"] else 1
-    print(json.dumps(report, indent=2) if args.json else render_status(report))
+    print_text(json.dumps(report, indent=2) if args.json else render_status(report))
     return 0
 
 def gather_status(config: Config, bucket: str | None) -> dict[str, Any]:
