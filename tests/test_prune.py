@@ -517,9 +517,10 @@ def test_the_highest_steps_kept_are_the_named_steps_whatever_else_the_name_holds
 SHARDS = ("__0_0.distcp", "__1_0.distcp", "__2_0.distcp", ".metadata")
 
 
-def _emptied(directory: Path) -> None:
+def _emptied_then_saved_into(directory: Path) -> None:
     for path in directory.iterdir():
         path.unlink()
+    save_checkpoint(directory / SHARDS[0], 2_000)
 
 
 def _rank_dropped(directory: Path) -> None:
@@ -532,7 +533,8 @@ def _marker_removed_first(directory: Path) -> None:
     save_checkpoint(directory / SHARDS[0], 2_000)
 
 
-@pytest.mark.parametrize("save_begun", [_emptied, _rank_dropped, _marker_removed_first])
+@pytest.mark.parametrize("save_begun", [_emptied_then_saved_into, _rank_dropped,
+                                        _marker_removed_first])
 def test_deletions_in_a_set_being_saved_again_wait_for_its_new_seal(
         workspace: Workspace, s3: Any, save_begun: Callable[[Path], None]) -> None:
     """A trainer saving into a fixed directory (torch.distributed.checkpoint) removes files
@@ -570,3 +572,41 @@ def test_deletions_in_a_set_being_saved_again_wait_for_its_new_seal(
     restored = workspace.cli("restore", "-c", "config.yaml", "--to", str(target))
     assert restored.returncode == 0, restored.stderr
     assert {path.name: path.read_bytes() for path in (target / "latest_ckpt").iterdir()} == new
+
+
+def test_deletions_wait_while_a_whole_new_save_is_not_sealed_yet(workspace: Workspace,
+                                                                 s3: Any) -> None:
+    """The new save is all on disk, marker included, but not sealed yet (its uploads under
+    way, a prune run from cron meanwhile): the shard it no longer has stays, and so does the
+    last manifest, until the new one is written."""
+    workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/",
+                                   "complete_when": [".metadata"]}], sync={"delete": True})
+    directory = workspace.checkpoints / "latest_ckpt"
+    last = {name: save_checkpoint(directory / name, 2_000) for name in SHARDS}
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    (directory / SHARDS[2]).unlink()
+    for name in (SHARDS[0], SHARDS[1], ".metadata"):
+        save_checkpoint(directory / name, 2_000)
+    before = keys_in(s3, workspace.bucket)
+    assert prune_lines(workspace.cli("prune", "-c", "config.yaml"))[-1] == "deleted 0 objects"
+    assert keys_in(s3, workspace.bucket) == before
+    manifest = json.loads(object_bytes(s3, workspace.bucket, f"{MANIFESTS}latest_ckpt.json"))
+    assert sorted(entry["path"] for entry in manifest["files"]) == sorted(
+        f"latest_ckpt/{name}" for name in last)
+
+
+def test_a_set_directory_emptied_for_good_mirrors_its_deletions(workspace: Workspace,
+                                                                s3: Any) -> None:
+    """Nothing of the set was written again: its files were deleted, not replaced (a
+    directory emptied by hand, a Trainer checkpoint given up), so mirroring goes on."""
+    workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/",
+                                   "complete_when": [".metadata"]}], sync={"delete": True})
+    directory = workspace.checkpoints / "checkpoint-100"
+    for name in ("config.json", "model.safetensors", "trainer_state.json", ".metadata"):
+        save_checkpoint(directory / name, 2_000)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    for path in directory.iterdir():
+        path.unlink()
+    lines = prune_lines(workspace.cli("prune", "-c", "config.yaml"))
+    assert lines[-1] == "deleted 5 objects", lines
+    assert not [key for key in keys_in(s3, workspace.bucket) if "checkpoint-100" in key]

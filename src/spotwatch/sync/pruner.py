@@ -57,8 +57,8 @@ from spotwatch.sync.overlaps import overlapping, resolved
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.parts import JobNode, JobSet
 from spotwatch.sync.sets.remote import bare_etag, is_intact, list_job_sets, list_manifests
-from spotwatch.sync.sets.sealer import SetSealer, awaited_markers, may_wait_for_marker
-from spotwatch.sync.tracker import ChangeTracker, walk_files
+from spotwatch.sync.sets.sealer import SetSealer
+from spotwatch.sync.tracker import ChangeTracker
 
 log = get_logger("spotwatch.prune")
 
@@ -273,42 +273,27 @@ class Pruner:
         """The keys of gone less those of sets being saved again (sealed: this node's manifest
         of each set in S3 now).
 
-        Invariant: a file deleted from a set directory that waits for its marker before it is
-        sealed again (sealer.awaited_markers: a trainer that empties its directory, or drops
-        a rank's shard, before saving into it anew) is not mirrored until the set is sealed
-        again: till then the last manifest and its held copies are the set's only whole
-        version in S3. A set directory emptied but not removed waits so too where a marker
-        applies to it (sealer.may_wait_for_marker)."""
+        Invariant: a file deleted from a set directory a file of whose manifest was written
+        again since (on disk at another size or mtime than its entry lists: a trainer that
+        empties its directory, or drops a rank's shard, then saves into it anew) is not
+        mirrored until the set is sealed again: till then the last manifest and its held
+        copies are the set's only whole version in S3, whatever the new save waits for (its
+        marker, its uploads, a held seal). A set none of whose files was written again mirrors
+        its deletions at once."""
         prefix = object_key(watch.prefix, "")
         by_set: dict[str, list[str]] = defaultdict(list)
         for key in gone:
             by_set[set_name_of(key[len(prefix):])].append(key)
         mirrored: list[str] = []
         for set_name, keys in by_set.items():
-            markers = self._awaited(watch, directory, set_name, sealed.get(set_name))
-            if markers:
+            manifest = sealed.get(set_name)
+            if manifest is not None and _written_again(directory, manifest):
                 log.info("mirror_deferred", set=object_key(watch.prefix, set_name), files=len(keys),
-                         waiting_for=markers, reason="its directory is being saved again")
+                         reason="a file of its manifest was written again since: the set is "
+                         "being saved anew")
                 continue
             mirrored += keys
         return mirrored
-
-    @staticmethod
-    def _awaited(watch: WatchDir, directory: Path, set_name: str,
-                 sealed: Manifest | None) -> list[str]:
-        """The markers the set directory on disk waits for (none: not a directory)."""
-        top = directory / set_name
-        if top.is_symlink() or not top.is_dir():
-            return []
-        entries = [ManifestEntry(object_key(watch.prefix, relative), relative, stat.st_size,
-                                 stat.st_mtime_ns, None)
-                   for path, stat in walk_files(top)
-                   for relative in (path.relative_to(directory).as_posix(),)]
-        if not entries:
-            return ["a file of its new save"] if may_wait_for_marker(
-                watch.complete_when, set_name) else []
-        return awaited_markers(watch.complete_when, directory, set_name, entries,
-                               lambda: sealed)
 
     def _still_ours(self, prefix: str, keys: list[str]) -> list[str]:
         """The keys whose objects are still the ones spotwatch uploaded, or gone already.
@@ -339,6 +324,22 @@ class Pruner:
                    sealed: Iterable[ManifestEntry] | None = None) -> bool:
         self._stop_if_cancelled()  # between the requests of a long plan
         return is_intact(self._store, manifest, sealed)
+
+
+def _written_again(directory: Path, manifest: Manifest) -> bool:
+    """Whether a file the manifest lists is on disk below directory (the watched directory)
+    at another size or mtime than its entry says; a file that cannot be looked at counts as
+    written again (out of sight, not deleted)."""
+    for entry in manifest.files:
+        try:
+            stat = (directory / entry.path).lstat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # deleted: what mirroring is for
+        except OSError:
+            return True
+        if (stat.st_size, stat.st_mtime_ns) != (entry.size, entry.mtime_ns):
+            return True
+    return False
 
 
 def _batches(deletions: Sequence[Deletion]) -> Iterator[list[Deletion]]:

@@ -256,7 +256,7 @@ class SetSealer:
                                           set_ref.name, check.entries,
                                           partial(self._sealed_now, set_ref))
             except StoreError as exc:
-                self._failed(set_ref, exc)  # tried again after a pause, as a write is
+                self._failed(set_ref, exc, "its last one not read")  # tried again, as a write
                 continue
             if markers:
                 self._await(set_ref, markers)
@@ -390,14 +390,14 @@ class SetSealer:
                 self.incomplete[set_ref.key] = [str(error)]
             self._failed(set_ref, error)
 
-    def _failed(self, set_ref: SetRef, error: BaseException) -> None:
-        """The set's manifest was not written (or its last one not read): it is sealed again
-        after a pause that grows with each failure."""
+    def _failed(self, set_ref: SetRef, error: BaseException, why: str = "not written") -> None:
+        """The set's manifest was not written (why: or its last one not read): it is sealed
+        again after a pause that grows with each failure."""
         # Another node holding the rank is no failure a quick retry mends.
         delay = self._retries.failed(set_ref, set_ref, permanent=isinstance(error, PartClaimed))
         attempts = self._retries.failures(set_ref)
         if self._retries.is_failing(set_ref):
-            self.incomplete[set_ref.key] = [f"manifest not written: {error}"]
+            self.incomplete[set_ref.key] = [f"manifest {why}: {error}"]
         if attempts == MAX_ATTEMPTS:
             log.error("set_manifest_failed", set=set_ref.key, error=str(error),
                       attempts=attempts, retry_in=delay)
