@@ -474,3 +474,23 @@ def test_status_and_flush_naming_another_bucket_than_the_daemons_are_refused(
     assert same.returncode == 0, same.stderr
     assert workspace.cli("flush", "-c", str(workspace.config_file)).returncode == 0
     assert daemon.stop() == 0
+
+
+def test_a_killed_daemon_leaves_a_file_still_being_written_in_status(
+        workspace: Workspace) -> None:
+    """Killed while the trainer still wrote a file: nothing of it is in S3, and status once
+    the daemon is gone says so, as the next start uploads it."""
+    daemon = workspace.start_daemon()
+    with (workspace.checkpoints / "step_7.pt").open("wb") as writing:
+        writing.write(b"half a shard")
+        writing.flush()
+        wait_for(lambda: workspace.status().get("unsettled_files") == 1)
+        daemon.process.kill()
+        daemon.process.wait()
+    shown = workspace.cli("status", "-c", str(workspace.config_file)).stdout
+    assert "daemon:       not running" in shown, shown
+    assert "left behind:  0 files not in S3 when it last reported" in shown, shown
+    assert "and 1 still being written" in shown, shown
+    report = json.loads(workspace.cli("status", "--json", "-c",
+                                      str(workspace.config_file)).stdout)
+    assert report["left_by_last_run"]["unsettled_files"] == 1

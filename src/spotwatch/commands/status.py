@@ -171,11 +171,13 @@ def _left_by(status: dict[str, Any] | None) -> dict[str, Any] | None:
     if not status or not _readable(status):
         return None
     pending = int(status.get("pending_files") or 0)
+    # A file still being written when the daemon went: the next start uploads it too.
+    unsettled = int(status.get("unsettled_files") or 0)
     unsealed = list(status.get("unsealed_sets") or [])
     unsealed_count = set_count(status, "unsealed")
-    if not pending and not unsealed_count:
+    if not pending and not unsettled and not unsealed_count:
         return None
-    return {"pending_files": pending, "unsealed_sets": unsealed,
+    return {"pending_files": pending, "unsettled_files": unsettled, "unsealed_sets": unsealed,
             "unsealed_set_count": unsealed_count, "reported_at": status.get("updated_at")}
 
 
@@ -362,9 +364,10 @@ def render_status(report: dict[str, Any]) -> str:
         if left:
             unsealed = left["unsealed_sets"]
             lines.append(f"left behind:  {left['pending_files']} files not in S3 when it last "
-                         f"reported ({_ago(left['reported_at'])}), {left['unsealed_set_count']} "
-                         f"sets without their manifest: {names(unsealed[:5])}; the next start "
-                         "uploads them")
+                         f"reported ({_ago(left['reported_at'])}) and "
+                         f"{left.get('unsettled_files', 0)} still being written, "
+                         f"{left['unsealed_set_count']} sets without their manifest: "
+                         f"{names(unsealed[:5])}; the next start uploads them")
     # From this state directory's ledger: the files watched here that are in S3 (uploaded,
     # restored or found sealed there), not everything under the prefix, which others share.
     lines.append(f"in S3:        {report['uploaded_objects']} objects, "
