@@ -654,3 +654,20 @@ def test_sets_ready_together_are_sealed_newest_first(ages: list[int]) -> None:
         written = sorted((int(store.objects[manifest_key(PREFIX, f"step_{step}")]
                               .etag.removeprefix("etag-")), step) for step in range(len(ages)))
         assert [step for _, step in written] == sorted(range(len(ages)), key=ages.__getitem__)
+
+
+def test_a_check_after_upload_that_raises_fails_the_upload_instead_of_holding_it(
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
+    """Whatever goes wrong in the check after an upload (here the listing a key holding a
+    backslash gets), the file is failed and retried, never left counted as uploading."""
+    root = tmp_path / "ckpt"
+    write(root, "step_1/rank\\0.pt", b"r0")
+    store.fail("list_objects", times=1, key=f"{PREFIX}step_1/rank\\0.pt",
+               error=lambda: RuntimeError("unexpected"))
+    with engine_on(root, tmp_path, store, clock) as engine:
+        engine.reconcile(quiet_seconds=0)
+        pump_until(engine, lambda: engine.retries.failures(root / "step_1/rank\\0.pt") == 1,
+                   clock)
+        pump_until(engine, lambda: quiescent(engine), clock, step=BACKOFF.cap / 8)
+    assert store.data(f"{PREFIX}step_1/rank\\0.pt") == b"r0"
+    assert manifest_in(store, "step_1").files[0].path == "step_1/rank\\0.pt"

@@ -122,7 +122,7 @@ class Uploader:
             try:
                 answer = precheck()
             except Exception as exc:  # S3 not reachable, say: retried as a failed upload is
-                answer = self._failed_precheck(job, started, exc)
+                answer = self._failure(job, started, exc)
         if isinstance(answer, Future):
             # Not waited for here: the next upload's precheck goes on meanwhile.
             with self._lock:
@@ -140,12 +140,13 @@ class Uploader:
         self.liveness.moved()  # counts as a start: the upload has the whole threshold
         error = CancelledError() if first.cancelled() else first.exception()
         self._after_precheck(job, gate, started, None if error is None
-                             else self._failed_precheck(job, started, error))
+                             else self._failure(job, started, error))
 
-    def _failed_precheck(self, job: UploadJob, started: float,
+    def _failure(self, job: UploadJob, started: float,
                          exc: BaseException) -> UploadResult:
-        """A failure before the upload began (the precheck's, or starting it): permanent as an
-        upload's own failure would be (an unreadable file, S3 refusing the request)."""
+        """A failure outside the upload's requests (its precheck, starting it, the check after
+        it): permanent as an upload's own failure would be (an unreadable file, S3 refusing
+        the request)."""
         return UploadResult(job, Outcome.FAILED, self._clock() - started, error=_describe(exc),
                             permanent=_is_permanent(exc))
 
@@ -159,7 +160,7 @@ class Uploader:
                     gate.started = self._start(job, started)
                     return
                 except Exception as exc:  # never a job left counted as uploading for good
-                    early = self._failed_precheck(job, started, exc)
+                    early = self._failure(job, started, exc)
         self.liveness.moved()
         if early is None:  # stopped before it started: nothing was written
             # As _check says of an upload cut short: VANISHED when the file went (deleted,
@@ -207,7 +208,10 @@ class Uploader:
         self.store.close()
 
     def _verify(self, job: UploadJob, upload: PendingUpload, started: float) -> None:
-        result = self._check(job, upload, started)
+        try:
+            result = self._check(job, upload, started)
+        except Exception as exc:  # never a job left counted as uploading for good
+            result = self._failure(job, started, exc)
         if self.uses_multipart(job.snapshot.size):
             result = replace(result, multipart_leftovers=not self._abort_leftovers(job.key,
                                                                                    upload))
