@@ -19,7 +19,7 @@ from spotwatch.config import WatchDir, load_config
 from spotwatch.daemon.metrics import Metrics
 from spotwatch.daemon.reporter import Reporter
 from spotwatch.keys import part_key
-from spotwatch.notices.claims import RankClaims, claim_name
+from spotwatch.notices.claims import ClaimCheck, RankClaims, claim_name
 from spotwatch.state import StateDir
 from spotwatch.sync.engine import SyncEngine
 from spotwatch.sync.ledger import Ledger
@@ -168,7 +168,8 @@ def test_a_part_records_its_node_and_one_without_is_still_read() -> None:
     assert Part.from_json(Part(NODE, manifest, ME).to_json(), PREFIX, JOB).identity == ME
 
 
-CLAIMS = "run/.spotwatch/jobs/llama/claims/node-0/"
+CLAIMS_ROOT = "run/.spotwatch/jobs/llama/claims/"
+CLAIMS = CLAIMS_ROOT + "node-0/"
 
 
 def claim_at(store: InMemoryObjectStore, identity: str, when: datetime) -> None:
@@ -177,7 +178,7 @@ def claim_at(store: InMemoryObjectStore, identity: str, when: datetime) -> None:
 
 def test_claims_are_judged_by_s3_times() -> None:
     store = InMemoryObjectStore()
-    claims = RankClaims(store, CLAIMS, ME, stale_after_seconds=90)
+    claims = RankClaims(store, CLAIMS_ROOT, 0, ME, stale_after_seconds=90)
     assert claims.check() is None  # its own claim not written yet
     claims.beat()
     first = store.objects[claims.key].last_modified
@@ -209,3 +210,37 @@ def test_a_clash_is_kept_and_logged_once() -> None:
     assert claim.may_be_live("host-x/3333333333333333",
                              claim.started_at + CLOCK_SKEW_SECONDS + 1)
 
+
+
+def test_live_claims_on_ranks_past_the_node_count_are_found() -> None:
+    """Listed with every rank's claims: a claim on a rank this node's job.nodes has no room
+    for counts once it is live; a stale one (a node of an older launch, gone) and claims on
+    ranks within the count do not."""
+    store = InMemoryObjectStore()
+    claims = RankClaims(store, CLAIMS_ROOT, 0, ME, stale_after_seconds=90, nodes=2)
+    claims.beat()
+    first = store.objects[claims.key].last_modified
+    past, gone, peer = "host-p/1111111111111111", "host-g/2222222222222222", OTHER
+    store.put(f"{CLAIMS_ROOT}node-2/{claim_name(past)}", b"{}").last_modified = (
+        first + timedelta(seconds=1))
+    store.put(f"{CLAIMS_ROOT}node-5/{claim_name(gone)}", b"{}").last_modified = (
+        first - timedelta(seconds=200))
+    store.put(f"{CLAIMS_ROOT}node-1/{claim_name(peer)}", b"{}").last_modified = (
+        first + timedelta(seconds=1))
+    check = claims.check()
+    assert check is not None
+    assert check == ClaimCheck((), (), (f"rank 2 ({past})",))
+    assert RankClaims(store, CLAIMS_ROOT, 0, ME, 90, nodes=3).check() is not None
+
+
+def test_a_node_count_mismatch_holds_sealing_only_while_it_is_seen() -> None:
+    claim = RankClaim(ME, 0, checked=True, nodes=2)
+    with capture_logs() as logs:
+        claim.checked(live=[], undecided=[], beyond=["rank 2 (host-p/1)"])
+        claim.checked(live=[], undecided=[], beyond=["rank 2 (host-p/1)"])
+    assert [e["event"] for e in logs] == ["job_size_mismatch"]
+    blocked = claim.blocked()
+    assert blocked is not None and blocked.startswith("rank 2 (host-p/1) claimed while this "
+                                                      "node's job.nodes is 2")
+    claim.checked(live=[], undecided=[], beyond=[])
+    assert claim.blocked() is None and claim.beyond is None

@@ -115,3 +115,26 @@ def test_a_replacement_takes_over_the_rank_of_a_node_gone(
     # A clean stop withdraws the node's claim: only the crashed node's is left.
     left = [key for key in keys_in(s3, bucket) if key.startswith(CLAIMS)]
     assert len(left) == 1 and left[0].endswith(f"_{identity(a)}.json")
+
+
+def test_nodes_launched_with_other_node_counts_seal_nothing_and_say_why(
+        spaces: list[Workspace], s3: Any, bucket: str) -> None:
+    """Rank 0 of a job of two (a config kept from the last launch) and rank 2 of a job of
+    three: sealed with two nodes, step_5 would be complete without rank 2's shards. The node
+    that sees a rank past its count seals nothing, says so in status and is degraded."""
+    a, b = spaces
+    b.write_config(job={"id": "llama", "nodes": 3, "rank": 2, "peer_poll_interval": POLL})
+    first = a.start_daemon()
+    b.start_daemon()
+    mismatch = first.wait_for_event("job_size_mismatch")
+    assert mismatch["claimed"][0].startswith("rank 2 (") and mismatch["nodes"] == 2
+    problems = wait_for(lambda: a.status().get("problems"))
+    assert problems[0].startswith("job_size_mismatch: rank 2 (")
+    assert a.cli("status", "-c", str(a.config_file), "--healthy").returncode == 1
+    for space, shard in ((a, "__0_0.distcp"), (b, "__2_0.distcp")):
+        (space.checkpoints / "step_5").mkdir()
+        (space.checkpoints / "step_5" / shard).write_bytes(shard.encode() * 1000)
+    wait_for(lambda: {"run1/step_5/__0_0.distcp", "run1/step_5/__2_0.distcp"}
+             <= keys_in(s3, bucket))
+    wait_for(lambda: "run1/step_5" in a.status().get("incomplete_sets", []))
+    assert f"{PARTS}step_5/node-0.json" not in keys_in(s3, bucket)

@@ -38,7 +38,7 @@ from spotwatch.notices.claims import (
     STALE_ROUNDS,
     ClaimCheck,
     RankClaims,
-    claims_prefix,
+    claims_root,
 )
 from spotwatch.notices.peers import (
     SHARED_KINDS,
@@ -341,13 +341,14 @@ class Daemon:
         claim = parts.claim
         on_claims = None
         if claim is not None:
-            self._claims = RankClaims(parts.store, claims_prefix(self.config, rank),
+            self._claims = RankClaims(parts.store, claims_root(self.config), rank,
                                       claim.identity,
-                                      interval * CLAIM_EVERY_POLLS * STALE_ROUNDS)
+                                      interval * CLAIM_EVERY_POLLS * STALE_ROUNDS,
+                                      self.config.job.nodes)
             self.reporter.watch_claim(claim)
 
             def on_claims(check: ClaimCheck) -> None:
-                claim.checked(check.live, check.undecided)
+                claim.checked(check.live, check.undecided, check.beyond)
                 self._wake.set()  # sets held for the check are sealed at once
 
         poller = PeerPoller(channel, interval, self.hand_notice,

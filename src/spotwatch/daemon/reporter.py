@@ -94,17 +94,20 @@ class Reporter:
         self._pruning = pruning
 
     def problems(self) -> list[str]:
-        """What needs a person: a rank claimed by two live nodes seals no part."""
-        rival = None if self._claim is None else self._claim.rival
-        if rival is None or self._claim is None:
+        """What needs a person: a rank claimed by two live nodes, or nodes that disagree on
+        the job's node count, seal no part."""
+        if self._claim is None:
             return []
-        return [f"rank_claimed_twice: {self._claim.blocked()}"]
+        if self._claim.rival is not None:
+            return [f"rank_claimed_twice: {self._claim.blocked()}"]
+        beyond = self._claim.beyond
+        return [] if beyond is None else [f"job_size_mismatch: {beyond}"]
 
     def sealing_held(self) -> str | None:
         """Why this node seals no part for now, short of a clash (problems names that one):
         the first check of its rank's claims, or a replaced node's claim not stale yet. Its
         sets wait meanwhile, unsealed."""
-        if self._claim is None or self._claim.rival is not None:
+        if self._claim is None or self.problems():
             return None
         return self._claim.blocked()
 

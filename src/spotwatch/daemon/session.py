@@ -108,7 +108,8 @@ class Session:
                            throttle=self._throttle)
         rank = config.job.rank
         claim = (None if rank is None or not config.job.is_multi_node
-                 else RankClaim(self._state.node_identity(), rank, self._check_claims))
+                 else RankClaim(self._state.node_identity(), rank, self._check_claims,
+                                nodes=config.job.nodes))
         parts = build_parts(config, store, Ledger(self._state.ledger), self._wake, self._prune,
                             claim)
         engine = self._engine = parts.engine

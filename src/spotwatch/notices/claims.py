@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -30,10 +31,18 @@ CLAIM_EVERY_POLLS = 30
 STALE_ROUNDS = 3
 
 
-def claims_prefix(config: Config, rank: int) -> str:
-    """Where the nodes claiming `rank` keep their heartbeat (needs a job id)."""
+def claims_root(config: Config) -> str:
+    """Where the nodes of the job keep their heartbeats, a folder per rank (needs a job id)."""
     assert config.job.id is not None
-    return job_key_space(config.watch[0].prefix, config.job.id) + f"{CLAIMS_DIR}node-{rank}/"
+    return job_key_space(config.watch[0].prefix, config.job.id) + CLAIMS_DIR
+
+
+def claims_prefix(root: str, rank: int) -> str:
+    """Where the nodes claiming `rank` keep their heartbeat."""
+    return f"{root}node-{rank}/"
+
+
+_RANK_FOLDER = re.compile(r"node-([0-9]+)/")
 
 
 def claim_name(identity: str) -> str:
@@ -52,17 +61,23 @@ def identity_of(name: str) -> str:
 class ClaimCheck:
     live: tuple[str, ...]  # other identities whose claim was rewritten since this node's first
     undecided: tuple[str, ...]  # neither live nor stale yet
+    # Live claims on ranks this node's job.nodes has no room for ("rank R (identity)"): a
+    # node launched with another node count.
+    beyond: tuple[str, ...] = ()
 
 
 class RankClaims:
     """This node's claim on its rank and the check of the others'. Raises StoreError."""
 
-    def __init__(self, store: ObjectStore, prefix: str, identity: str,
-                 stale_after_seconds: float) -> None:
+    def __init__(self, store: ObjectStore, root: str, rank: int, identity: str,
+                 stale_after_seconds: float, nodes: int | None = None) -> None:
+        """root: claims_root; nodes: the job's node count as this node was given it."""
         self._store = store
-        self.prefix = prefix
+        self._root = root
+        self._nodes = nodes
+        self.prefix = claims_prefix(root, rank)
         self.identity = identity
-        self.key = prefix + claim_name(identity)
+        self.key = self.prefix + claim_name(identity)
         self._stale_after = stale_after_seconds
         self._first: datetime | None = None  # S3's time of this node's first claim
 
@@ -71,23 +86,35 @@ class RankClaims:
         self._store.put_bytes(self.key, json.dumps(body).encode(), "application/json").result()
 
     def check(self) -> ClaimCheck | None:
-        """The other claims on the rank; None until this node's own claim is listed."""
-        listed = list(self._store.list_objects(self.prefix))
+        """The other claims on the rank, and live ones on ranks past the node count; None
+        until this node's own claim is listed. One listing of every rank's claims."""
+        listed = list(self._store.list_objects(self._root))
         own = next((item for item in listed if item.key == self.key), None)
         if own is None:
             return None
         if self._first is None:
             self._first = own.last_modified
-        live, undecided = [], []
+        live, undecided, beyond = [], [], []
         for item in listed:
-            name = item.key[len(self.prefix):]
-            if item.key == self.key or "/" in name or not name.endswith(".json"):
+            if item.key == self.key or not item.key.endswith(".json"):
+                continue
+            folder = _RANK_FOLDER.match(item.key[len(self._root):])
+            if folder is None:
+                continue
+            name = item.key[len(self._root) + folder.end():]
+            if "/" in name:
+                continue
+            if not item.key.startswith(self.prefix):  # another rank's
+                rank = int(folder[1])
+                if (self._nodes is not None and rank >= self._nodes
+                        and item.last_modified > self._first):
+                    beyond.append(f"rank {rank} ({identity_of(name)})")
                 continue
             if item.last_modified > self._first:
                 live.append(identity_of(name))
             elif (own.last_modified - item.last_modified).total_seconds() < self._stale_after:
                 undecided.append(identity_of(name))
-        return ClaimCheck(tuple(live), tuple(undecided))
+        return ClaimCheck(tuple(live), tuple(undecided), tuple(sorted(beyond)))
 
     def withdraw(self) -> None:
         """At a stop: a replacement of this node then takes its rank without waiting."""

@@ -28,26 +28,45 @@ class RankClaim:
     of each part guards it)."""
 
     def __init__(self, identity: str, rank: int, checked: bool,
-                 started_at: float | None = None) -> None:
+                 started_at: float | None = None, nodes: int | None = None) -> None:
         self.identity = identity
         self.rank = rank
+        self.nodes = nodes
         self.started_at = time.time() if started_at is None else started_at
         self._lock = threading.Lock()
         self._checking = checked  # until the first check of the claims
         self._undecided: frozenset[str] = frozenset()  # claims neither live nor stale yet
         self._rival: str | None = None  # another live node of this rank: for good
+        # Live claims on ranks past this node's job.nodes, at the last check.
+        self._beyond: tuple[str, ...] = ()
 
     @property
     def rival(self) -> str | None:
         with self._lock:
             return self._rival
 
+    @property
+    def beyond(self) -> str | None:
+        """Why the job's nodes disagree on its node count, or None."""
+        with self._lock:
+            if not self._beyond:
+                return None
+            return (f"{', '.join(self._beyond)} claimed while this node's job.nodes is "
+                    f"{self.nodes}: give every node the same node count and restart them")
+
     def blocked(self) -> str | None:
-        """Why this node seals no part now; None when it may."""
+        """Why this node seals no part now; None when it may.
+
+        Invariant: no part is sealed while a live node claims a rank past this node's node
+        count: sealed with that count, the set would be complete for the job without that
+        node's files, and a restore would hand back a checkpoint missing a rank's shards."""
+        beyond = self.beyond
         with self._lock:
             if self._rival is not None:
                 return (f"node {self._rival} claims rank {self.rank} too (this node is "
                         f"{self.identity}): fix the rank of one and restart it")
+            if beyond is not None:
+                return beyond
             if self._checking:
                 return f"checking that no other node claims rank {self.rank}"
             if self._undecided:
@@ -55,13 +74,22 @@ class RankClaim:
                         f"rank {self.rank} to go stale")
             return None
 
-    def checked(self, live: Iterable[str], undecided: Iterable[str]) -> None:
+    def checked(self, live: Iterable[str], undecided: Iterable[str],
+                beyond: Iterable[str] = ()) -> None:
         """A check of the rank's claims: other identities proven live, and those whose last
-        heartbeat is too recent to call them gone."""
+        heartbeat is too recent to call them gone; beyond: live claims on ranks past the
+        node count (ClaimCheck.beyond)."""
         live = sorted(live)
+        beyond = tuple(beyond)
         with self._lock:
             self._checking = False
             self._undecided = frozenset(undecided)
+            newly_beyond = beyond and beyond != self._beyond
+            self._beyond = beyond
+        if newly_beyond:
+            log.error("job_size_mismatch", rank=self.rank, nodes=self.nodes, claimed=list(beyond),
+                      detail="no part is sealed while nodes of the job disagree on its node "
+                      "count; file uploads go on")
         if live:
             self.clash(live[0], "its heartbeat on the peer channel")
 

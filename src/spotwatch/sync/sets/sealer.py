@@ -328,14 +328,17 @@ class SetSealer:
         """Invariant: no part is sealed while another live node may claim this node's rank,
         so no set counts as complete on a part that lists one of the two nodes' files. While
         the claims are being checked the set just waits; with a clash it is reported, and
-        left unsettled in the ledger so that the next start seals it again."""
+        left unsettled in the ledger so that the next start seals it again. So it is with
+        nodes that disagree on the node count, but the set stays to be sealed once they
+        agree (a node of the other count stopped)."""
         claim = self._claim
-        if claim is None or claim.rival is None:
+        if claim is None or (claim.rival is None and claim.beyond is None):
             return
         if self.incomplete.get(set_ref.key) != [reason]:
             log.warning("set_not_sealed", set=set_ref.key, reason=reason)
         self.incomplete[set_ref.key] = [reason]
-        self._done(set_ref)
+        if claim.rival is not None:
+            self._done(set_ref)
 
     def _sealed_as(self, manifest: Manifest) -> tuple[str, str]:
         """The key and body that seal the set: its manifest, or on a job this node's part."""
