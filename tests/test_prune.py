@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -610,3 +611,24 @@ def test_a_set_directory_emptied_for_good_mirrors_its_deletions(workspace: Works
     lines = prune_lines(workspace.cli("prune", "-c", "config.yaml"))
     assert lines[-1] == "deleted 5 objects", lines
     assert not [key for key in keys_in(s3, workspace.bucket) if "checkpoint-100" in key]
+
+
+def test_a_file_touched_is_no_new_save(workspace: Workspace, s3: Any) -> None:
+    """A file of the set touched (its mtime changed, its bytes not: the checksum S3 verified
+    is the sealed one) is no save begun: the set is sealed again at once, and a deletion in it
+    mirrors."""
+    workspace.write_config(watch=[{"path": str(workspace.checkpoints), "prefix": "run1/",
+                                   "complete_when": [".metadata"]}], sync={"delete": True})
+    directory = workspace.checkpoints / "latest_ckpt"
+    for name in SHARDS:
+        save_checkpoint(directory / name, 2_000)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    later = time.time() + 5
+    os.utime(directory / SHARDS[0], (later, later))
+    (directory / SHARDS[1]).unlink()
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    prune_lines(workspace.cli("prune", "-c", "config.yaml"))
+    assert f"run1/latest_ckpt/{SHARDS[1]}" not in keys_in(s3, workspace.bucket)
+    manifest = json.loads(object_bytes(s3, workspace.bucket, f"{MANIFESTS}latest_ckpt.json"))
+    assert sorted(entry["path"] for entry in manifest["files"]) == sorted(
+        f"latest_ckpt/{name}" for name in SHARDS if name != SHARDS[1])

@@ -490,7 +490,7 @@ def test_a_killed_daemon_leaves_a_file_still_being_written_in_status(
     shown = workspace.cli("status", "-c", str(workspace.config_file)).stdout
     assert "daemon:       not running" in shown, shown
     assert "left behind:  0 files not in S3 when it last reported" in shown, shown
-    assert "and 1 still being written" in shown, shown
+    assert "and 1 still being written; the next start uploads them" in shown, shown
     report = json.loads(workspace.cli("status", "--json", "-c",
                                       str(workspace.config_file)).stdout)
     assert report["left_by_last_run"]["unsettled_files"] == 1

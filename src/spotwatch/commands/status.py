@@ -363,11 +363,12 @@ def render_status(report: dict[str, Any]) -> str:
         left = report.get("left_by_last_run")
         if left:
             unsealed = left["unsealed_sets"]
+            sets = (f", {left['unsealed_set_count']} sets without their manifest: "
+                    f"{names(unsealed[:5])}" if left["unsealed_set_count"] else "")
             lines.append(f"left behind:  {left['pending_files']} files not in S3 when it last "
                          f"reported ({_ago(left['reported_at'])}) and "
-                         f"{left.get('unsettled_files', 0)} still being written, "
-                         f"{left['unsealed_set_count']} sets without their manifest: "
-                         f"{names(unsealed[:5])}; the next start uploads them")
+                         f"{left.get('unsettled_files', 0)} still being written{sets}; the "
+                         "next start uploads them")
     # From this state directory's ledger: the files watched here that are in S3 (uploaded,
     # restored or found sealed there), not everything under the prefix, which others share.
     lines.append(f"in S3:        {report['uploaded_objects']} objects, "

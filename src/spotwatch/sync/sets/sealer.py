@@ -661,6 +661,17 @@ def awaited_markers(complete_when: Sequence[str], root: Path, set_name: str,
     return markers
 
 
+def _same_version(entry: ManifestEntry, sealed: ManifestEntry | None) -> bool:
+    """Whether the file is the version sealed: its size and mtime, or its size and the
+    checksum S3 verified (a file touched, or copied back with its bytes, is no new save)."""
+    if sealed is None or entry.size != sealed.size:
+        return False
+    return entry.mtime_ns == sealed.mtime_ns or (
+        entry.checksum is not None and entry.checksum == sealed.checksum
+        and entry.checksum_algorithm == sealed.checksum_algorithm
+        and entry.part_size == sealed.part_size)
+
+
 def may_wait_for_marker(complete_when: Sequence[str], set_name: str) -> bool:
     """Whether a set may wait for a marker before it is sealed (again): complete_when names
     one, or the set may be a Hugging Face Trainer's (implied_markers)."""
@@ -714,9 +725,8 @@ def stale_markers(complete_when: Sequence[str], set_name: str,
     if sealed is None or not complete_when or not any(
             entry.path.startswith(inside) for entry in entries):
         return []  # a single top-level file is its own whole set
-    before = {entry.path: (entry.size, entry.mtime_ns) for entry in sealed.files}
-    changed = [entry for entry in entries if before.get(entry.path) != (entry.size,
-                                                                        entry.mtime_ns)]
+    before = {entry.path: entry for entry in sealed.files}
+    changed = [entry for entry in entries if not _same_version(entry, before.get(entry.path))]
     if not any(entry.path in before for entry in changed):
         return []
     written = [entry.path[len(inside):] for entry in changed if entry.path.startswith(inside)]
