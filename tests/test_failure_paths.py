@@ -27,6 +27,7 @@ from spotwatch.config import WatchDir
 from spotwatch.keys import manifest_key
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync import engine as engine_module
+from spotwatch.sync import uploader as uploader_module
 from spotwatch.sync.engine import WITHDRAWN_HOLD_SECONDS, SyncEngine
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.orphans import abort_orphaned_uploads
@@ -657,17 +658,26 @@ def test_sets_ready_together_are_sealed_newest_first(ages: list[int]) -> None:
 
 
 def test_a_check_after_upload_that_raises_fails_the_upload_instead_of_holding_it(
-        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock) -> None:
-    """Whatever goes wrong in the check after an upload (here the listing a key holding a
-    backslash gets), the file is failed and retried, never left counted as uploading."""
+        tmp_path: Path, store: InMemoryObjectStore, clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever goes wrong in the check after an upload (here an error no check expects from
+    looking at the file again), the file is failed and retried, never left counted as
+    uploading, which would hold its set and every flush for good."""
     root = tmp_path / "ckpt"
-    write(root, "step_1/rank\\0.pt", b"r0")
-    store.fail("list_objects", times=1, key=f"{PREFIX}step_1/rank\\0.pt",
-               error=lambda: RuntimeError("unexpected"))
+    target = write(root, "step_1/model.pt", b"weights")
+    real_stat = os.stat
+    raised: list[str] = []
+
+    def stat_failing_once(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if str(path) == str(target) and store.calls["upload_file"] and not raised:
+            raised.append(str(path))
+            raise RuntimeError("unexpected")
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(uploader_module.os, "stat", stat_failing_once)
     with engine_on(root, tmp_path, store, clock) as engine:
         engine.reconcile(quiet_seconds=0)
-        pump_until(engine, lambda: engine.retries.failures(root / "step_1/rank\\0.pt") == 1,
-                   clock)
+        pump_until(engine, lambda: engine.retries.failures(target) == 1, clock)
         pump_until(engine, lambda: quiescent(engine), clock, step=BACKOFF.cap / 8)
-    assert store.data(f"{PREFIX}step_1/rank\\0.pt") == b"r0"
-    assert manifest_in(store, "step_1").files[0].path == "step_1/rank\\0.pt"
+    assert raised and store.data(f"{PREFIX}step_1/model.pt") == b"weights"
+    assert manifest_in(store, "step_1").files[0].path == "step_1/model.pt"

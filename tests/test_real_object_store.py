@@ -251,9 +251,10 @@ def test_check_passes_on_a_store_without_public_access_blocks(tmp_path: Path,
 @pytest.mark.parametrize("client", TRANSFER_CLIENTS)
 def test_a_name_the_store_lists_otherwise_is_never_sealed(tmp_path: Path, seaweed_url: str,
                                                           client: str) -> None:
-    """SeaweedFS keeps a key holding a backslash as if it were a '/': it lists `rank/0.pt`
-    for `rank\\0.pt`, where a restore would look for it. The flush says so and seals nothing
-    of the set, and a restore brings back the set before it, whole."""
+    """SeaweedFS keeps a key holding a backslash as if it were a '/': it would store
+    `rank\\0.pt` as `rank/0.pt`, over that object, where no restore looks for it. The file is
+    never sent: the flush names it and seals nothing of its set, the object at the other name
+    keeps its bytes, and a restore brings back the sets sealed before, whole."""
     checkpoints = tmp_path / "ckpt"
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
@@ -261,12 +262,14 @@ def test_a_name_the_store_lists_otherwise_is_never_sealed(tmp_path: Path, seawee
         "watch": [{"path": str(checkpoints), "prefix": f"backslash-{client}/"}],
         "transfer": {"client": client}, "imds": {"enabled": False},
         "state": {"dir": str(tmp_path / "state")}, "metrics": {"enabled": False}}))
-    (checkpoints / "step_1").mkdir(parents=True)
+    (checkpoints / "step_1" / "rank").mkdir(parents=True)
     (checkpoints / "step_1" / "model.pt").write_bytes(b"step 1")
+    (checkpoints / "step_1" / "rank" / "0.pt").write_bytes(b"rank 0 of step 1")
     assert spotwatch(seaweed_url, "flush", "-c", str(config)).returncode == 0
     (checkpoints / "step_2").mkdir()
     (checkpoints / "step_2" / "model.pt").write_bytes(b"step 2")
     (checkpoints / "step_2" / "rank\\0.pt").write_bytes(b"rank 0 of step 2")
+    (checkpoints / "step_1" / "rank\\0.pt").write_bytes(b"would go over rank/0.pt")
     flushed = spotwatch(seaweed_url, "flush", "-c", str(config))
     assert flushed.returncode == 1, flushed.stderr
     assert "rank\\\\0.pt" in flushed.stderr or "rank\\0.pt" in flushed.stderr, flushed.stderr
@@ -274,4 +277,5 @@ def test_a_name_the_store_lists_otherwise_is_never_sealed(tmp_path: Path, seawee
     result = spotwatch(seaweed_url, "restore", "-c", str(config), "--to", str(restored))
     assert result.returncode == 0, result.stderr
     assert (restored / "step_1" / "model.pt").read_bytes() == b"step 1"
+    assert (restored / "step_1" / "rank" / "0.pt").read_bytes() == b"rank 0 of step 1"
     assert not (restored / "step_2").exists()

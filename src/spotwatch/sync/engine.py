@@ -23,6 +23,7 @@ from spotwatch.keys import object_key, set_name_of, storable_key
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.model import FileVersion, Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync import formats
+from spotwatch.sync.backslashes import BACKSLASH, BackslashKeys
 from spotwatch.sync.ledger import Ledger, LedgerError
 from spotwatch.sync.links import LinkSkipped, link_entry
 from spotwatch.sync.orphans import MultipartNotes
@@ -107,6 +108,7 @@ class SyncEngine:
         # Sets sealed before this process knew of them (a disk that outlived its state
         # directory): files the ledger has no row for are judged against them first.
         self._sealed_sets = SealedSets(self.uploader.store, node, wall_clock_ns())
+        self._backslashes = BackslashKeys(self.uploader.store)
         # Sealed versions kept restorable while new ones replace them (sync.sets.held).
         markers = {tracker.watch.prefix: tracker.watch.complete_when for tracker in self.trackers}
         self._held = HeldCopies(
@@ -540,6 +542,12 @@ class SyncEngine:
         found unknown to the ledger is judged against its sealed set (None: it is uploaded),
         and the sealed version the upload replaces is held (sync.sets.held: the copy the
         upload waits for; its StoreError fails the upload, to be retried)."""
+        if BACKSLASH in job.key and not self._backslashes.kept(set_ref.prefix):
+            # Invariant: no file is sent under a key the store would keep as another (over
+            # that one's object, where no restore finds it): it fails for good, named.
+            return UploadResult(job, Outcome.FAILED, 0.0, permanent=True, error=(
+                "the store takes '\\' in a key for '/' (it would keep this file under "
+                "another name, over that one's object): rename it"))
         if unjudged:
             judged = self._judge_against_sealed(job, set_ref)
             if judged is not None:

@@ -32,10 +32,6 @@ log = get_logger("spotwatch.uploader")
 Precheck = Callable[[], "UploadResult | Future[None] | None"]
 
 
-# A character some S3-compatible stores take for a path separator in keys.
-RENAMED_BY_SOME_STORES = "\\"
-
-
 class Uploader:
     def __init__(
         self,
@@ -264,24 +260,8 @@ class Uploader:
         if stored.size is not None and stored.size != job.snapshot.size:
             # Another writer of the same key raced us: the object is not our file.
             return result(Outcome.FAILED, error="object size differs from the file after upload")
-        if RENAMED_BY_SOME_STORES in job.key and not self._listed_as_sent(job.key):
-            return result(Outcome.FAILED, permanent=True, error=(
-                "the store lists the object under another name (it takes '\\' in a key for "
-                "'/'): a restore, which lists the set, would not find it"))
         return result(Outcome.DONE, checksum=stored.checksum, part_size=stored.part_size,
                       checksum_algorithm=stored.algorithm, etag=stored.etag)
-
-    def _listed_as_sent(self, key: str) -> bool:
-        """Whether a listing names the object by the key it was sent under.
-
-        Invariant: a file counts as durable only under a key a restore finds it by. Some
-        S3-compatible stores (SeaweedFS) keep a key holding a backslash as if it were a '/',
-        and answer a HEAD of the key sent but list another: the set would be sealed, and
-        every restore would pass it over as incomplete. One LIST, for such keys only."""
-        try:
-            return any(listed.key == key for listed in self.store.list_objects(key))
-        except StoreError:
-            return True  # unknown: the restore's own listing still guards the set
 
     def _abort_leftovers(self, key: str, upload: PendingUpload) -> bool:
         """After a completed multipart upload, abort any other upload of the key left open;
