@@ -77,6 +77,7 @@ def cli_with(workspace: Workspace, redirect: str, *args: str) -> subprocess.Comp
 
 @pytest.mark.parametrize("redirect", [">&-", ">/dev/full"])
 @pytest.mark.parametrize("args", [("status", "-c", "config.yaml"), ("--version",),
+                                  ("--help",), ("run", "--help"),
                                   ("check", "-c", "config.yaml"),
                                   ("iam-policy", "-c", "config.yaml")], ids=" ".join)
 def test_an_output_that_cannot_be_written_fails_in_one_line(

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from signal import SIGPIPE
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from spotwatch.collector import uncollected_start_up
 from spotwatch.console import (
@@ -20,6 +20,7 @@ from spotwatch.console import (
     one_line,
     print_error,
     print_line,
+    print_text,
     writing_output,
 )
 from spotwatch.errors import SpotwatchError
@@ -38,6 +39,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, not a usage dump: the message says what to fix.
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')\n")
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        """argparse drops a failed write; --help's to stdout fails the command instead, as
+        any command's output does (a usage error to a stderr that takes nothing still exits
+        2)."""
+        if file is sys.stdout and message:
+            print_text(message.removesuffix("\n"), file)
+            return
+        super()._print_message(message, file)
 
 
 def _path(value: str) -> Path:
