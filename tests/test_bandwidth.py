@@ -131,7 +131,7 @@ def test_concurrent_senders_share_one_rate() -> None:
 
 @given(st.one_of(st.integers(-10**6, 10**12), st.text(max_size=12),
                  st.sampled_from(["200MB", "1MiB/s", " 64 KiB/s ", "2GB/s", "0", "10KB",
-                                  "MB/s", "/s", "5 MB /s"])))
+                                  "MB/s", "/s", "5 MB /s", "none", " None "])))
 def test_continuous_bandwidth_is_a_rate_or_a_one_line_refusal(value: int | str) -> None:
     with tempfile.TemporaryDirectory() as root:
         path = Path(root) / "config.yaml"
@@ -142,7 +142,10 @@ def test_continuous_bandwidth_is_a_rate_or_a_one_line_refusal(value: int | str) 
         except ConfigError as exc:
             assert "sync.continuous_bandwidth" in str(exc) and "\n" not in str(exc)
         else:
-            assert rate is not None and rate >= MIN_BANDWIDTH
+            if isinstance(value, str) and value.strip().lower() == "none":
+                assert rate is None  # the README's word for no cap, as null is
+            else:
+                assert rate is not None and rate >= MIN_BANDWIDTH
 
 
 def test_continuous_bandwidth_examples(tmp_path: Path) -> None:
