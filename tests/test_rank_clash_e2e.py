@@ -62,6 +62,15 @@ def parts_in(s3: Any, bucket: str) -> set[str]:
     return {key for key in keys_in(s3, bucket) if key.startswith(PARTS)}
 
 
+def save_shards(s3: Any, bucket: str, step: str,
+                shards: list[tuple[Workspace, str]]) -> None:
+    """Each node's trainer saves its shard of the step; returns once all are in S3."""
+    for space, shard in shards:
+        (space.checkpoints / step).mkdir()
+        (space.checkpoints / step / shard).write_bytes(shard.encode() * 1000)
+    wait_for(lambda: {f"run1/{step}/{shard}" for _, shard in shards} <= keys_in(s3, bucket))
+
+
 def test_two_live_nodes_of_one_rank_are_caught_by_both_and_seal_no_part(
         spaces: list[Workspace], s3: Any, bucket: str) -> None:
     a, b = spaces
@@ -84,11 +93,7 @@ def test_two_live_nodes_of_one_rank_are_caught_by_both_and_seal_no_part(
         assert space.cli("status", "-c", str(space.config_file), "--healthy").returncode == 1
 
     # The trainer goes on writing: the files are uploaded, but no part lists them.
-    for space, shard in ((a, "__0_0.distcp"), (b, "__1_0.distcp")):
-        (space.checkpoints / "step_1").mkdir()
-        (space.checkpoints / "step_1" / shard).write_bytes(shard.encode() * 1000)
-    wait_for(lambda: {"run1/step_1/__0_0.distcp", "run1/step_1/__1_0.distcp"}
-             <= keys_in(s3, bucket))
+    save_shards(s3, bucket, "step_1", [(a, "__0_0.distcp"), (b, "__1_0.distcp")])
     for space in spaces:
         wait_for(lambda space=space: "run1/step_1" in space.status().get("incomplete_sets", []))
     assert parts_in(s3, bucket) == set()
@@ -131,10 +136,6 @@ def test_nodes_launched_with_other_node_counts_seal_nothing_and_say_why(
     problems = wait_for(lambda: a.status().get("problems"))
     assert problems[0].startswith("job_size_mismatch: rank 2 (")
     assert a.cli("status", "-c", str(a.config_file), "--healthy").returncode == 1
-    for space, shard in ((a, "__0_0.distcp"), (b, "__2_0.distcp")):
-        (space.checkpoints / "step_5").mkdir()
-        (space.checkpoints / "step_5" / shard).write_bytes(shard.encode() * 1000)
-    wait_for(lambda: {"run1/step_5/__0_0.distcp", "run1/step_5/__2_0.distcp"}
-             <= keys_in(s3, bucket))
+    save_shards(s3, bucket, "step_5", [(a, "__0_0.distcp"), (b, "__2_0.distcp")])
     wait_for(lambda: "run1/step_5" in a.status().get("incomplete_sets", []))
     assert f"{PARTS}step_5/node-0.json" not in keys_in(s3, bucket)
