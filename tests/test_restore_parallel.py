@@ -16,13 +16,15 @@ from spotwatch.aws.store import PendingDownload, StoreError
 from spotwatch.checksums import Expected
 from spotwatch.errors import SpotwatchError
 from spotwatch.keys import (
+    NAME_MAX,
     RESTORE_TEMP_SUFFIX,
     is_restore_temporary,
     manifest_key,
     restore_temporary_name,
 )
 from spotwatch.progress import Progress
-from spotwatch.sync.restore.destination import NAME_MAX, temporary
+from spotwatch.sync.placement import kept_name
+from spotwatch.sync.restore.destination import temporary
 from spotwatch.sync.restore.set_fetch import RestoreReport, restore_newest
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
 from spotwatch.sync.sets.remote import is_complete, list_manifests
@@ -294,6 +296,22 @@ def test_every_temporary_fits_and_no_two_names_share_one(names: list[str]) -> No
         assert len(os.fsencode(temp.name)) <= NAME_MAX
         assert is_restore_temporary(str(temp.relative_to("/r")))  # a daemon leaves it alone
     assert len(set(temps)) == len(names)
+
+
+@settings(max_examples=300)
+@given(st.lists(_names, min_size=1, max_size=8, unique=True))
+def test_every_kept_copy_fits_and_is_never_a_temporary_of_the_set(names: list[str]) -> None:
+    """What is in a target's way is kept under a restore temporary's name that fits NAME_MAX
+    and is no temporary of the set: a file "x.kept" beside "x" takes the name first chosen."""
+    folder = Path("/r/step_1")
+    names = [*names, *(f"{name}.kept" for name in names
+                       if len(os.fsencode(f"{name}.kept")) <= NAME_MAX)]
+    taken = {temporary(folder / name) for name in names}
+    for name in names:
+        kept = kept_name(folder / name, taken)
+        assert kept.parent == folder and kept not in taken
+        assert len(os.fsencode(kept.name)) <= NAME_MAX
+        assert is_restore_temporary(str(kept.relative_to("/r")))
 
 
 def test_a_temporary_that_cannot_be_written_fails_the_restore_and_leaves_the_rest_alone(

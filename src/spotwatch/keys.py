@@ -24,6 +24,8 @@ HELD_DIR = ".spotwatch/held/"
 WRITE_PROBE = ".spotwatch/probe-"  # `spotwatch check` writes and deletes <prefix>probe-<host>
 # How a restore's temporaries end (sync.restore.destination.temporary).
 RESTORE_TEMP_SUFFIX = ".spotwatch-restore"
+# The longest file name, in bytes, that Linux file systems take (NAME_MAX).
+NAME_MAX = 255
 _RESTORE_TEMPORARY = re.compile(r"\.(.+)\.([0-9a-f]{12})" + re.escape(RESTORE_TEMP_SUFFIX),
                                 re.DOTALL)
 S3_KEY_MAX_BYTES = 1024
@@ -183,6 +185,16 @@ def restore_temporary_name(stem: str) -> str:
     """The name of a restore's temporary for stem (a file's name, or its digest): hidden,
     with a tag made of the stem, and RESTORE_TEMP_SUFFIX."""
     return f".{stem}.{_restore_tag(stem)}{RESTORE_TEMP_SUFFIX}"
+
+
+def restore_temporary_for(name: str, role: str = "", *, by_digest: bool = False) -> str:
+    """The name of a restore's temporary beside a file named name (role: what it holds, such
+    as ".kept"), within NAME_MAX: made of the name's digest instead when the name nearly fills
+    it, or when by_digest (the caller's first choice was taken)."""
+    made = restore_temporary_name(name + role)
+    if by_digest or len(os.fsencode(made)) > NAME_MAX:
+        made = restore_temporary_name(hashlib.sha256(os.fsencode(name)).hexdigest()[:32] + role)
+    return made
 
 
 def _restore_tag(stem: str) -> str:

@@ -13,7 +13,6 @@ was placed and puts back what was there, ledger rows included.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import signal
 import threading
@@ -26,13 +25,11 @@ from types import FrameType
 from typing import Protocol
 
 from spotwatch.console import names
-from spotwatch.keys import restore_temporary_name
+from spotwatch.keys import restore_temporary_for
 from spotwatch.logs import printable_path
 
 # A stop asked by the user or a supervisor (Ctrl-C, `timeout`, systemd, a closed session).
 STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-# The longest file name, in bytes, that Linux file systems take (NAME_MAX).
-_NAME_MAX = 255
 
 
 class NotPlaced(Exception):
@@ -87,10 +84,9 @@ def kept_name(target: Path, taken: Collection[Path]) -> Path:
     """Where what is at the target is kept until the set is in place: hidden and named as a
     restore's temporary (a restore stopped by kill -9 leaves it for the next to remove, and a
     daemon never uploads it), never the name of one of the set's own temporaries (taken)."""
-    kept = target.with_name(restore_temporary_name(f"{target.name}.kept"))
-    if len(os.fsencode(kept.name)) > _NAME_MAX or kept in taken:
-        digest = hashlib.sha256(os.fsencode(target.name)).hexdigest()[:32]
-        kept = target.with_name(restore_temporary_name(f"{digest}.kept"))
+    kept = target.with_name(restore_temporary_for(target.name, ".kept"))
+    if kept in taken:
+        kept = target.with_name(restore_temporary_for(target.name, ".kept", by_digest=True))
     return kept
 
 

@@ -3,7 +3,6 @@ checks out."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from contextlib import suppress
@@ -12,15 +11,13 @@ from stat import S_ISDIR, S_ISREG
 
 from spotwatch.config import at_or_below
 from spotwatch.errors import SpotwatchError
-from spotwatch.keys import is_restore_temporary, restore_temporary_name, set_name_of
+from spotwatch.keys import is_restore_temporary, restore_temporary_for, set_name_of
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.sync.restore.candidates import file_paths
 from spotwatch.sync.sets.manifest import Manifest
 
 log = get_logger("spotwatch.restore")
 
-# The longest file name, in bytes, that Linux file systems take (NAME_MAX).
-NAME_MAX = 255
 
 
 class Targets:
@@ -92,10 +89,7 @@ class Targets:
 def temporary(target: Path) -> Path:
     """Where the target's bytes wait until its set checks out: beside it, hidden, and still
     within NAME_MAX when the target's own name nearly fills it (then named by its digest)."""
-    name = restore_temporary_name(target.name)
-    if len(os.fsencode(name)) > NAME_MAX:
-        name = restore_temporary_name(hashlib.sha256(os.fsencode(target.name)).hexdigest()[:32])
-    return target.with_name(name)
+    return target.with_name(restore_temporary_for(target.name))
 
 
 def cleared(temp: Path) -> Path:

@@ -252,9 +252,9 @@ class SetSealer:
                     self._settle(set_ref.key, True)
                 continue
             try:
-                markers = awaited_markers(self._complete_when(set_ref), set_ref.root,
-                                          set_ref.name, check.entries,
-                                          partial(self._sealed_now, set_ref))
+                markers = _awaited_markers(self._complete_when(set_ref), set_ref.root,
+                                           set_ref.name, check.entries,
+                                           partial(self._sealed_now, set_ref))
             except StoreError as exc:
                 self._failed(set_ref, exc, "its last one not read")  # tried again, as a write
                 continue
@@ -645,7 +645,7 @@ def implied_markers(set_name: str, entries: Sequence[ManifestEntry],
     return ()
 
 
-def awaited_markers(complete_when: Sequence[str], root: Path, set_name: str,
+def _awaited_markers(complete_when: Sequence[str], root: Path, set_name: str,
                     entries: Sequence[ManifestEntry],
                     sealed_now: Callable[[], Manifest | None]) -> list[str]:
     """The markers a set directory (entries: its files, paths relative to root, the watched
