@@ -161,3 +161,58 @@ def test_prune_keep_sets_0_is_not_told_to_pass_keep_sets(workspace: Workspace) -
     result: Any = workspace.cli("prune", "-c", "config.yaml", "--keep-sets", "0")
     assert_usage_error(result, "nothing to prune: --keep-sets 0 keeps every set")
     assert "--keep-sets)" not in result.stderr
+
+
+# -- a region from the environment is held to what aws.region takes -------------------------
+
+
+@pytest.mark.parametrize("variable", ["AWS_REGION", "AWS_DEFAULT_REGION"])
+@pytest.mark.parametrize("region", ["x", "US-EAST-1", "us east 1", "x" * 300, "../x",
+                                    "us-east-1\n"], ids=lambda r: repr(r[:12]))
+def test_check_refuses_a_region_from_the_environment_that_is_none(
+        workspace: Workspace, variable: str, region: str) -> None:
+    workspace.write_config(aws={"region": None})
+    env = {"AWS_REGION": "", "AWS_DEFAULT_REGION": "", variable: region}
+    result = workspace.cli("check", "-c", "config.yaml", **env)
+    assert_usage_error(result, f"{variable} ")
+    assert repr(region)[:20] in result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "flush", "restore"])
+def test_every_command_that_needs_a_region_refuses_one_from_the_environment(
+        workspace: Workspace, command: str) -> None:
+    """'x' is a region botocore takes, and then sends requests to s3.x.amazonaws.com."""
+    workspace.write_config(aws={"region": None})
+    assert_usage_error(workspace.cli(command, "-c", "config.yaml", AWS_REGION="x"),
+                       "AWS_REGION is not an AWS region name: 'x'")
+
+
+# -- metrics.address -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:9100", "999.1.1.1", "not an address!"])
+def test_check_refuses_a_metrics_address_as_run_does(workspace: Workspace, address: str) -> None:
+    workspace.write_config(metrics={"address": address})
+    refused_alike(workspace, f"config key 'metrics.address' must be an IP address (IPv6 without "
+                  f"brackets) or a host name, without a port, got {address!r}")
+
+
+# -- a state directory on a kernel file system ----------------------------------------------
+
+
+@pytest.mark.parametrize(("state_dir", "fs_type"), [
+    ("/proc/self/x", "proc"), ("/proc/x", "proc"), ("/proc", "proc"),
+    ("/sys/kernel/x", "sysfs"), ("/sys/x", "sysfs")])
+def test_check_refuses_a_state_dir_on_a_kernel_file_system_as_run_does(
+        workspace: Workspace, state_dir: str, fs_type: str) -> None:
+    if not Path(state_dir).parent.exists():
+        pytest.skip(f"no {Path(state_dir).parent} here")
+    workspace.write_config(state={"dir": state_dir})
+    refused_alike(workspace, f"config key 'state.dir' ({state_dir}) is on a {fs_type} file "
+                  "system")
+
+
+def test_a_state_dir_on_a_disk_is_not_taken_for_a_kernel_one(tmp_path: Path) -> None:
+    """A directory named proc on a disk is not /proc."""
+    path = write(tmp_path, f"state: {{dir: {tmp_path / 'proc' / 'x'}}}\n")
+    assert load_config(path).state_dir == tmp_path / "proc" / "x"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 from spotwatch.aws.crt_store import DEFAULT_TARGET_GBPS, target_throughput_gbps
 from spotwatch.aws.instance_network import BASELINE_GBPS, MAX_TABLE_GBPS
 from spotwatch.config import (
+    MAX_SECONDS,
     MAX_TARGET_THROUGHPUT_GBPS,
     MiB,
     TransferSettings,
@@ -83,7 +86,7 @@ state: {dir: state}
         ("watch: [{path: x}]\nsync: {moed: continuous}\n", "unknown config key 'sync.moed'"),
         ("watch: [{path: x, prefx: a/}]\n", "unknown config key 'watch[0].prefx'"),
         ("watch: [{path: x}]\nimds: {poll_interval: fast}\n",
-         "'imds.poll_interval' must be integer or number, got str"),
+         "'imds.poll_interval' must be a number, got 'fast'"),
         ("watch: [{path: x}]\ntransfer: {max_concurrency: yes}\n",
          "'transfer.max_concurrency' must be integer, got bool"),
         ("watch: [{path: x}]\nsync: {mode: sometimes}\n", "'sync.mode' must be one of"),
@@ -404,7 +407,7 @@ def test_cli_bad_aws_sdk_setting_is_one_line(workspace: Workspace, command: str,
 def test_cli_region_of_no_format_from_the_environment_is_one_line(workspace: Workspace) -> None:
     workspace.write_config(aws={"region": None})
     result = workspace.cli("check", "-c", "config.yaml", AWS_REGION="us west 2")
-    assert_usage_error(result, "region_name 'us west 2'")
+    assert_usage_error(result, "AWS_REGION is not an AWS region name: 'us west 2'")
 
 
 def test_cli_unparsable_aws_config_file_is_one_line(workspace: Workspace) -> None:
@@ -470,3 +473,118 @@ def test_cli_notice_file_that_is_a_directory_or_below_a_file(
                "not a directory")
     workspace.write_config(hooks={"notice_file": str(notice_file)})
     assert_usage_error(workspace.cli(command, "-c", "config.yaml", timeout=20), why)
+
+
+# -- numbers written as text, and none written as text --------------------------------------
+
+
+def load_text(text: str) -> Any:
+    """A config from text in a directory of its own (hypothesis runs a test many times)."""
+    with tempfile.TemporaryDirectory() as directory:
+        return load_config(write(Path(directory), "watch: [{path: x}]\n" + text))
+
+
+NUMBER_KEYS = [("imds", "poll_interval", 0.1, MAX_SECONDS), ("job", "peer_poll_interval", 0.05,
+               MAX_SECONDS), ("transfer", "target_throughput", 0.001, MAX_TARGET_THROUGHPUT_GBPS),
+               ("sync", "stop_timeout", 0.001, MAX_SECONDS)]
+
+
+def _as_text(number: float, spelling: str) -> str:
+    return {"repr": repr(number), "exponent": f"{number:e}", "no dot": f"{number:.0e}",
+            "padded": f" {number} "}[spelling]
+
+
+@settings(max_examples=60, deadline=None)
+@given(key=st.sampled_from(NUMBER_KEYS), fraction=st.floats(0, 1),
+       spelling=st.sampled_from(["repr", "exponent", "no dot", "padded"]),
+       quoted=st.booleans())
+def test_a_number_written_as_text_is_that_number(key: tuple[str, str, float, float],
+                                                 fraction: float, spelling: str,
+                                                 quoted: bool) -> None:
+    section, name, low, high = key
+    text = _as_text(low + (high - low) * fraction, spelling)
+    expected = float(text)
+    if not low <= expected <= high:  # rounded by the spelling past a bound
+        return
+    value = f'"{text}"' if quoted else text
+    job = "id: j, nodes: 1, " if section == "job" else ""  # peer_poll_interval needs a job
+    config = load_text(f"{section}: {{{job}{name}: {value}}}\n")
+    assert getattr(getattr(config, section), name) == expected
+
+
+@pytest.mark.parametrize("text", ['"1e-1"', "1e-1", '"0.5"', "'5'", '"+2.5E+0"', '".5"'])
+def test_yaml_number_texts_are_taken_as_numbers(text: str) -> None:
+    config = load_text(f"imds: {{poll_interval: {text}}}\n")
+    assert config.imds.poll_interval == float(text.strip("'\""))
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12))
+def test_text_that_is_no_plain_number_is_refused_in_one_line(text: str) -> None:
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+    plain = number is not None and math.isfinite(number) and "_" not in text \
+        and not any(word in text.lower() for word in ("inf", "nan"))
+    if plain:
+        return
+    with pytest.raises(ConfigError) as raised:
+        load_text(yaml.safe_dump({"imds": {"poll_interval": text}}))
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("config key 'imds.poll_interval' must be")
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ('"1e999"', "must be a finite number"), ('"inf"', "must be a number"),
+    ('".nan"', "must be a number"), ('"1_000"', "must be a number"),
+    ('"0.01"', "must be from 0.1 to 86400 seconds"), ('"-1"', "must be from 0.1"),
+])
+def test_number_texts_keep_the_keys_range(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(write(tmp_path, f"watch: [{{path: x}}]\nimds: {{poll_interval: {text}}}\n"))
+    assert f"'imds.poll_interval' {problem}" in str(raised.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(word=st.sampled_from(["none", "null"]).flatmap(
+    lambda word: st.tuples(*(st.sampled_from([c, c.upper()]) for c in word)).map("".join)),
+    quote=st.sampled_from(['"', "'"]))
+def test_none_and_null_as_text_are_none_in_any_case(word: str, quote: str) -> None:
+    config = load_text(f"sync: {{continuous_bandwidth: {quote}{word}{quote}}}\n"
+                       f"transfer: {{sse: {quote}{word}{quote}}}\n")
+    assert config.sync.continuous_bandwidth is None
+    assert config.transfer.sse == "none"
+
+
+# -- metrics.address -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "0.0.0.0", "::", "::1", "fe80::1",
+                                     "2001:db8::8a2e:370:7334", "localhost", "metrics.internal",
+                                     "ip-10-0-0-1.ec2.internal", "host-1.", "a" * 63])
+def test_a_metrics_address_that_is_an_ip_or_host_name_is_taken(address: str) -> None:
+    assert load_text(f"metrics: {{address: '{address}'}}\n").metrics.address == address
+
+
+@settings(max_examples=50, deadline=None)
+@given(address=st.ip_addresses())
+def test_every_ip_literal_is_a_metrics_address(address: Any) -> None:
+    assert load_text(f"metrics: {{address: '{address}'}}\n").metrics.address == str(address)
+
+
+@pytest.mark.parametrize("address", ["not an address!", "999.1.1.1", "1.2.3", "127.0.0.1:9100",
+                                     "[::1]", " 127.0.0.1", "localhost ", "host\tname",
+                                     "-host", "host-", "a..b", "http://localhost", "a" * 64,
+                                     ".".join(["a" * 60] * 5)])
+def test_a_metrics_address_that_is_neither_is_refused(address: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_text(f"metrics: {{address: {json.dumps(address)}}}\n")
+    message = str(raised.value)
+    assert message.startswith("config key 'metrics.address' ") and "\n" not in message
+
+
+def test_an_empty_metrics_address_is_refused() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_text("metrics: {address: ''}\n")
+    assert str(raised.value) == "config key 'metrics.address' must not be empty"

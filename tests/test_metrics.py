@@ -160,6 +160,18 @@ def test_healthz_reports_degradation_with_its_reason() -> None:
         server.stop()
 
 
+def test_metrics_serve_on_an_ipv6_address_as_on_an_ipv4_one() -> None:
+    """metrics.address takes an IPv6 literal (config); the server binds it, not just IPv4."""
+    for address in ("::1", "127.0.0.1", "localhost"):
+        server = MetricsServer(Metrics(), address, 0).start()
+        try:
+            answer = requests.get(f"{server.url}/healthz", timeout=5)
+            assert (answer.status_code, answer.text) == (200, "ok\n")
+            assert server.url.startswith("http://[::1]:" if address == "::1" else "http://")
+        finally:
+            server.stop()
+
+
 def healthz(url: str) -> requests.Response:
     return requests.get(f"{url}/healthz", timeout=5)
 

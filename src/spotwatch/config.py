@@ -11,6 +11,7 @@ types and checks the rest; a refusal becomes one line naming the dotted key (_re
 from __future__ import annotations
 
 import functools
+import ipaddress
 import math
 import os
 import re
@@ -60,18 +61,15 @@ _SCRIPT = r"[^\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]"
 Text = Annotated[str, Meta(min_length=1, pattern=rf"\A{_LINE}*\Z")]
 Prefix = Annotated[str, Meta(pattern=rf"\A{_LINE}*\Z")]
 Script = Annotated[str, Meta(min_length=1, pattern=rf"\A{_SCRIPT}*\Z")]
+REGION_DESCRIPTION = "an AWS region name"
 Region = Annotated[str, Meta(min_length=1, pattern=r"\A[a-z]{2}(-[a-z]+)+-\d+\Z",
-                             description="an AWS region name")]
-Seconds = Annotated[float, Meta(gt=0, le=MAX_SECONDS, extra={"unit": "seconds"})]
+                             description=REGION_DESCRIPTION)]
 # Floors on the poll intervals, so that a typo (0.000001) is refused, not a flood of requests:
 # IMDS throttles each instance (1024 packets/s per ENI, shared with DNS and NTP) and may then
 # delay the very notice polled for; each peer poll is a paid S3 GET (3,600 an hour at 1 s).
 MIN_IMDS_POLL_INTERVAL = 0.1
 MIN_PEER_POLL_INTERVAL = 0.05
-ImdsPollSeconds = Annotated[float, Meta(ge=MIN_IMDS_POLL_INTERVAL, le=MAX_SECONDS, extra={
-    "unit": "seconds", "note": " (IMDS throttles faster polling)"})]
-PeerPollSeconds = Annotated[float, Meta(ge=MIN_PEER_POLL_INTERVAL, le=MAX_SECONDS, extra={
-    "unit": "seconds", "note": " (each poll is an S3 GET)"})]
+
 SyncMode = Literal["continuous", "on-notice"]
 ChecksumAlgorithm = Literal["CRC32", "CRC32C", "SHA1", "SHA256", "CRC64NVME"]
 # Server-side encryption asked for on upload: none (the bucket default applies), SSE-S3, SSE-KMS.
@@ -118,14 +116,37 @@ def _bytes(value: int | str, _base: Path | None = None) -> int:
     return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()]
 
 
+def _is_null_word(value: object) -> bool:
+    """'none' or 'null' as text, in any case: a quoted "null" means what a bare null does,
+    where a key takes none (the README writes none and null alike)."""
+    return isinstance(value, str) and value.strip().lower() in ("none", "null")
+
+
 def _rate(value: int | str, _base: Path | None = None) -> int | None:
     """Bytes per second: a size, optionally followed by '/s' ('200MB', '200MB/s'); 'none' is
-    no rate, as null is (the README writes none for both)."""
-    if isinstance(value, str) and value.strip().lower() == "none":
+    no rate, as null is."""
+    if _is_null_word(value):
         return None
     if isinstance(value, str) and value.rstrip().lower().endswith("/s"):
         value = value.rstrip()[:-2]
     return _bytes(value)
+
+
+# A number written as text: YAML takes 1e-1 (no dot) and a quoted "0.5" for strings.
+_NUMBER_RE = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*")
+
+
+def _number(value: float | str, _base: Path) -> float:
+    """A number, also from text that is a plain decimal or exponent number; finite only (the
+    range is the declared type's). No inf, nan or digit separators: not a typo's reading."""
+    if not isinstance(value, str):
+        return value
+    if not _NUMBER_RE.fullmatch(value):
+        raise ValueError(f"must be a number, got {_shown(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"must be a finite number, got {_shown(value)}")
+    return number
 
 
 def _path(value: str, base: Path) -> Path:
@@ -149,13 +170,22 @@ def _signal_name(value: str, _base: Path) -> str:
 
 
 SIZE = Parse((int, str), _bytes)
+NUMBER = Parse((int, float, str), _number)
 RATE = Parse((int, str), _rate)
 PATH = Parse((str,), _path)
 UPPER = Parse((str,), lambda value, _base: value.upper())
 LOWER = Parse((str,), lambda value, _base: value.lower())
 SIGNAL = Parse((str,), _signal_name)
 # A key whose "none" is a word (transfer.sse): null means the same.
-NULL_AS_NONE = Parse((str, type(None)), lambda value, _base: "none" if value is None else value)
+NULL_AS_NONE = Parse((str, type(None)),
+                     lambda value, _base: "none" if value is None or _is_null_word(value)
+                     else value)
+# Every float key takes NUMBER, so that a number the YAML read as text is still a number.
+Seconds = Annotated[float, Meta(gt=0, le=MAX_SECONDS, extra={"unit": "seconds"}), NUMBER]
+ImdsPollSeconds = Annotated[float, Meta(ge=MIN_IMDS_POLL_INTERVAL, le=MAX_SECONDS, extra={
+    "unit": "seconds", "note": " (IMDS throttles faster polling)"}), NUMBER]
+PeerPollSeconds = Annotated[float, Meta(ge=MIN_PEER_POLL_INTERVAL, le=MAX_SECONDS, extra={
+    "unit": "seconds", "note": " (each poll is an S3 GET)"}), NUMBER]
 
 
 def _refuse(key: str, problem: str) -> ValueError:
@@ -248,7 +278,7 @@ class TransferSettings(_Section, frozen=True, kw_only=True):
     client: TransferClient = "auto"
     # Gbit/s the CRT sizes its connections for; None: the CRT's figure for this instance type.
     target_throughput: Annotated[float, Meta(gt=0, le=MAX_TARGET_THROUGHPUT_GBPS, extra={
-        "unit": "Gbit/s"})] | None = None
+        "unit": "Gbit/s"}), NUMBER] | None = None
 
     def __post_init__(self) -> None:
         if self.sse_kms_key_id is not None and self.sse != "aws:kms":
@@ -296,10 +326,11 @@ class AsgSettings(_Section, frozen=True, kw_only=True):
     lifecycle_hook: Text | None = None  # None: no hook, the scale-in is not held
     group: Text | None = None  # None: the instance's aws:autoscaling:groupName tag, else asked
     # Below the hook's heartbeat timeout (AWS allows 30 to 7200 s).
-    heartbeat_interval: Annotated[float, Meta(ge=1, le=7200, extra={"unit": "seconds"})] = 30.0
+    heartbeat_interval: Annotated[float, Meta(ge=1, le=7200, extra={"unit": "seconds"}),
+                                  NUMBER] = 30.0
     # The trainer's time to save its emergency checkpoint once told of the scale-in: CONTINUE
     # is sent no sooner, whatever the flush found durable before that checkpoint began.
-    save_grace: Annotated[float, Meta(ge=0, le=7200, extra={"unit": "seconds"})] = 60.0
+    save_grace: Annotated[float, Meta(ge=0, le=7200, extra={"unit": "seconds"}), NUMBER] = 60.0
 
 
 # A job id becomes part of S3 keys: plain characters only.
@@ -362,6 +393,11 @@ class MetricsSettings(_Section, frozen=True, kw_only=True):
     enabled: bool = True
     address: Text = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535, extra={"note": " (0: any free port)"})] = 9464
+
+    def __post_init__(self) -> None:
+        if not _is_listen_address(self.address):
+            raise _refuse("address", "must be an IP address (IPv6 without brackets) or a host "
+                          f"name, without a port, got {_shown(self.address)}")
 
 
 class LogSettings(_Section, frozen=True, kw_only=True):
@@ -470,6 +506,7 @@ def load_config(path: Path) -> Config:
     _refuse_overlaps(config.watch)
     _refuse_own_files_in_watches(config)
     _refuse_state_dir_not_directory(config.state_dir)
+    _refuse_state_dir_on_kernel_fs(config.state_dir)
     return config
 
 
@@ -811,6 +848,34 @@ def _is_http_host_url(value: str) -> bool:
             and parts.username is None)
 
 
+# A host name by RFC 1123: dot-separated labels of letters, digits and inner hyphens.
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME_RE = re.compile(rf"(?=.{{1,253}}\Z){_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
+
+
+def _is_listen_address(value: str) -> bool:
+    """An IPv4 or IPv6 literal, or a host name to resolve. A name whose last label is all
+    digits is a mistyped IPv4 address ('999.1.1.1'), not a name: no top-level domain is."""
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    return (_HOST_NAME_RE.fullmatch(value) is not None
+            and not value.rstrip(".").rpartition(".")[2].isdigit())
+
+
+def require_region(value: str, source: str) -> str:
+    """A region named outside the file (an environment variable, the AWS profile), held to
+    what aws.region takes: botocore takes 'x' or 'US-EAST-1' and sends requests to a host
+    that does not exist, a failure no retry mends."""
+    try:
+        return msgspec.convert(value, Region)
+    except msgspec.ValidationError:
+        raise ConfigError(f"{source} {_text_problem(value, REGION_DESCRIPTION)} (set a region "
+                          "such as us-east-1, or unset it)") from None
+
+
 def _read_text(path: Path) -> str:
     try:
         with path.open("rb") as handle:
@@ -964,6 +1029,47 @@ def _refuse_state_dir_not_directory(path: Path) -> None:
     if found is not None and not stat.S_ISDIR(found[1]):
         where = "" if found[0] == path else f" ({found[0]} is not a directory)"
         raise ConfigError(f"config key 'state.dir' ({path}) is not a directory{where}")
+
+
+# File systems that are the kernel's interfaces, not storage: root may pass access() there,
+# yet nothing made there keeps state (a file under /proc cannot even be made).
+KERNEL_FILE_SYSTEMS = frozenset({
+    "proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "configfs",
+    "pstore", "bpf", "efivarfs", "devpts", "binfmt_misc", "fusectl", "mqueue"})
+MOUNT_TABLE = Path("/proc/self/mounts")
+
+
+def _refuse_state_dir_on_kernel_fs(path: Path) -> None:
+    """Invariant: state.dir is not on a kernel file system. Refused at load, as a directory
+    that is a file is, so that `check` and `run` say the same line and exit 2; `run` would
+    otherwise fail at its first write in a way that depends on the file system and the uid."""
+    found = _nearest_existing(path)
+    if found is None:
+        return
+    fs_type = _file_system_type(Path(os.path.realpath(found[0])))
+    if fs_type in KERNEL_FILE_SYSTEMS:
+        raise ConfigError(f"config key 'state.dir' ({path}) is on a {fs_type} file system, "
+                          "which cannot keep state: set state.dir to a directory on a disk")
+
+
+def _file_system_type(real: Path) -> str | None:
+    """The type of the file system mounted nearest above a resolved path (the last mount
+    there, which hides earlier ones); None when the mount table cannot be read."""
+    try:
+        lines = MOUNT_TABLE.read_text().splitlines()
+    except OSError:
+        return None
+    best: tuple[int, str] | None = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # The table writes a space in a mount point as \040 (and tab, newline, backslash).
+        mount = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))
+        depth = len(mount.parts)
+        if at_or_below(real, mount) and (best is None or depth >= best[0]):
+            best = (depth, fields[2])
+    return best[1] if best else None
 
 
 def require_notice_file_place(config: Config) -> None:

@@ -8,10 +8,11 @@ import boto3
 from botocore.exceptions import BotoCoreError
 
 from spotwatch.aws.imds import REGION_PATH, ImdsError, disabled_reason, probe_client
-from spotwatch.config import Config
+from spotwatch.config import Config, require_region
 from spotwatch.errors import ConfigError, SpotwatchError
 
 REGION_ENV = "AWS_REGION"
+SDK_REGION_ENV = "AWS_DEFAULT_REGION"  # botocore's own, before the profile's region
 _HOW_TO_SET = "set aws.region, AWS_REGION or AWS_DEFAULT_REGION"
 
 
@@ -19,7 +20,7 @@ def resolve_region(config: Config) -> str:
     """In this order: the config, $AWS_REGION, botocore's own (AWS_DEFAULT_REGION, the
     profile), then IMDS unless disabled. No region anywhere is a config error (exit 2); an
     IMDS that cannot be reached is a runtime failure (exit 1: a restart may find it)."""
-    region = config.region or os.environ.get(REGION_ENV) or _sdk_region()
+    region = config.region or _environment_region() or _sdk_region()
     if region:
         return region
     reason = disabled_reason(config.imds)
@@ -35,8 +36,19 @@ def resolve_region(config: Config) -> str:
     return region.strip()
 
 
+def _environment_region() -> str | None:
+    """$AWS_REGION, checked as aws.region is (empty: unset, as the SDKs take it)."""
+    region = os.environ.get(REGION_ENV)
+    return require_region(region, REGION_ENV) if region else None
+
+
 def _sdk_region() -> str | None:
+    """botocore's region, checked as aws.region is, naming where it came from."""
     try:
-        return boto3.session.Session().region_name
+        region = boto3.session.Session().region_name
     except BotoCoreError as exc:  # e.g. AWS_PROFILE names a profile that does not exist
         raise ConfigError(f"cannot read the AWS region from the SDK: {exc}") from None
+    if not region:
+        return None
+    source = SDK_REGION_ENV if os.environ.get(SDK_REGION_ENV) else "the AWS profile's region"
+    return require_region(region, source)

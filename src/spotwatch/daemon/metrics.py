@@ -8,6 +8,7 @@ with the reason, so a supervisor can tell a stalled or cut-off daemon, or one st
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -155,6 +156,17 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+def _server_class(host: str, port: int) -> type[_ThreadingServer]:
+    """The server for the family the address is of: an IPv6 literal ('::1', '::') or a name
+    that resolves to IPv6 first cannot be bound by an IPv4 socket."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    return _ThreadingServer6 if family == socket.AF_INET6 else _ThreadingServer
+
+
 class MetricsServer:
     """Serves /metrics and /healthz until stopped."""
 
@@ -170,7 +182,7 @@ class MetricsServer:
                 return [f"{text}\n".encode()]
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
-        self._server = make_server(host, port, app, server_class=_ThreadingServer,
+        self._server = make_server(host, port, app, server_class=_server_class(host, port),
                                    handler_class=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics",
                                         daemon=True)
