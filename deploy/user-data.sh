@@ -133,10 +133,23 @@ yaml_quote() {
     printf "'%s'" "${1//$quote/$quote$quote}"
 }
 
+# Moves the file written ($1) to $2. An earlier file there that says something else (an
+# operator's edits, a run with other settings) is kept beside it, named by the time, and
+# said: a rerun never drops an edited config without a word.
+put_in_place() {
+    local written="$1" target="$2" kept
+    if [ -e "$target" ] && [ "$(cat "$target")" != "$(cat "$written")" ]; then
+        kept="$target.replaced-$(date -u +%Y%m%dT%H%M%SZ)"
+        mv "$target" "$kept"
+        log "$target held other settings: replaced, the earlier one kept as $kept"
+    fi
+    mv "$written" "$target"
+}
+
 write_config() {
     local dir="$DESTDIR$CONFIG_DIR"
     mkdir -p "$dir" "$DESTDIR$SPOTWATCH_CHECKPOINT_DIR"
-    cat >"$dir/config.yaml" <<EOF
+    cat >"$dir/.config.yaml.new" <<EOF
 aws:
   region: $(yaml_quote "$SPOTWATCH_REGION")
 watch:
@@ -145,10 +158,12 @@ watch:
 sync:
   mode: continuous
 EOF
+    put_in_place "$dir/.config.yaml.new" "$dir/config.yaml"
     (
         umask 077
-        printf 'S3_BUCKET_NAME=%s\n' "$SPOTWATCH_BUCKET" >"$dir/spotwatch.env"
+        printf 'S3_BUCKET_NAME=%s\n' "$SPOTWATCH_BUCKET" >"$dir/.spotwatch.env.new"
     )
+    put_in_place "$dir/.spotwatch.env.new" "$dir/spotwatch.env"
 }
 
 install_unit() {
@@ -194,7 +209,10 @@ enable_service() {
         return
     fi
     systemctl daemon-reload
-    systemctl enable --now spotwatch.service
+    systemctl enable spotwatch.service
+    # Started, or restarted when it runs already (the script run again on an instance): a
+    # running daemon would go on with the settings it read at its start. Its stop flushes.
+    systemctl restart spotwatch.service
 }
 
 install_package

@@ -5,7 +5,8 @@ an S3 error status (503 SlowDown, 500 InternalError, 501 NotImplemented, 403 Acc
 400 RequestTimeout), a
 connection reset before the request reaches S3 or after S3 handled it (the response is lost),
 a response body cut off halfway (then reset, or closed in good order: "short"), a response
-body with one byte flipped, or a delay.
+body with one byte flipped, a delay, or a DeleteObjects answered 200 with every key refused
+("refuse-keys", as S3 reports a key it may not delete).
 Everything else is forwarded untouched. The proxy records what it saw, so tests can check the
 faults happened.
 """
@@ -16,10 +17,12 @@ import http.client
 import socket
 import struct
 import threading
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+from xml.sax.saxutils import escape
 
 ERROR_BODIES = {
     400: ("RequestTimeout", "Your socket connection to the server was not read from or written "
@@ -215,6 +218,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.proxy.record(request, action)
             self._send_error(int(action))
             return
+        if action == "refuse-keys":
+            self.proxy.record(request, action)
+            self._refuse_keys(body)
+            return
         if action == "reset":
             self.proxy.record(request, "reset")
             self._reset()
@@ -248,6 +255,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+    def _refuse_keys(self, body: bytes) -> None:
+        """A DeleteObjects result that refuses every key the request named, S3's way."""
+        keys = [element.text or "" for element in ElementTree.fromstring(body).iter()
+                if element.tag.rpartition("}")[2] == "Key"]
+        code, message = ERROR_BODIES[403]
+        errors = "".join(f"<Error><Key>{escape(key)}</Key><Code>{code}</Code>"
+                         f"<Message>{message}</Message></Error>" for key in keys)
+        payload = ('<?xml version="1.0" encoding="UTF-8"?>\n<DeleteResult xmlns='
+                   f'"http://s3.amazonaws.com/doc/2006-03-01/">{errors}</DeleteResult>').encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

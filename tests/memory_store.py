@@ -271,12 +271,12 @@ class InMemoryObjectStore:
         with self._lock:
             self.objects.pop(key, None)
 
-    def delete_many(self, keys: Sequence[str]) -> list[str]:
+    def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
         self._enter("delete_many")
         for key in keys:
             with self._lock:
                 self.objects.pop(key, None)
-        return []
+        return {}
 
     def open_uploads(self, prefix: str) -> list[OpenUpload]:
         self._enter("open_uploads", prefix)

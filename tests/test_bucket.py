@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from spotwatch.bucket import (
     RESERVED_PREFIXES,
     RESERVED_SUFFIXES,
+    NamedBucket,
     is_valid_bucket_name,
+    named_bucket,
     resolve_bucket,
 )
 from spotwatch.errors import ConfigError
@@ -57,6 +59,23 @@ def test_a_blank_environment_variable_falls_back_to_the_env_file(
         config_file: Path, monkeypatch: pytest.MonkeyPatch, blank: str) -> None:
     monkeypatch.setenv("S3_BUCKET_NAME", blank)
     assert resolve_bucket(None, config_file) == "from-env-file"
+
+
+def test_each_source_is_named(config_file: Path, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the bucket was named, for a refusal to say: a config/.env names one silently."""
+    monkeypatch.setenv("S3_BUCKET_NAME", "from-environment")
+    assert named_bucket(" from-flag ", config_file) == NamedBucket("from-flag", "--bucket")
+    assert named_bucket(None, config_file) == NamedBucket("from-environment", "$S3_BUCKET_NAME")
+    monkeypatch.setenv("S3_BUCKET_NAME", "")
+    beside = tmp_path / "config" / ".env"
+    assert named_bucket(None, config_file) == NamedBucket("from-env-file", str(beside))
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "config").mkdir(parents=True)
+    (elsewhere / "config" / ".env").write_text("S3_BUCKET_NAME=Not_Valid\n")
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ConfigError, match=rf"'Not_Valid' \(from {elsewhere}/config/.env\)"):
+        named_bucket(None, None)
 
 
 def test_missing_everywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

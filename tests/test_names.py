@@ -378,7 +378,7 @@ def test_keys_with_characters_xml_cannot_carry_are_deleted_too(s3: Any) -> None:
     assert set(keys_in(s3, bucket)) == set(keys)
     store = S3ObjectStore(make_s3_client(REGION, TransferSettings()), bucket, TransferSettings())
     try:
-        assert store.delete_many(keys) == []
+        assert store.delete_many(keys) == {}
     finally:
         store.close()
     assert not keys_in(s3, bucket)

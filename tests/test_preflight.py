@@ -96,7 +96,11 @@ def test_instance_in_another_region_is_refused(workspace: Workspace) -> None:
         workspace.write_config(imds={"endpoint": other.url})
         result = check(workspace)
     assert result.returncode == 1
-    assert "the instance is in eu-central-1" in result.stdout
+    assert ("the instance is in eu-central-1, configured region is us-west-2 "
+            "(set aws.allow_cross_region: true to allow)") in result.stdout
+    with ImdsEmulator(region="eu-central-1") as other:  # the switch it names lets it start
+        workspace.write_config(imds={"endpoint": other.url}, aws={"allow_cross_region": True})
+        assert check(workspace).returncode == 0
 
 
 def test_unreachable_imds_is_only_a_warning(workspace: Workspace) -> None:

@@ -21,6 +21,26 @@ def _deletes(request: Request) -> bool:
     return "delete" in request.query  # DeleteObjects
 
 
+def test_each_key_s3_refuses_to_delete_is_named_with_its_reason(workspace: Workspace,
+                                                                s3: Any) -> None:
+    """DeleteObjects answers 200 and refuses keys one by one (a grant missing for a prefix):
+    each warning says S3's code and message, so a missing grant is not taken for an outage."""
+    workspace.write_config(sync={"keep_sets": 1})
+    for age, name in ((200, "step_1"), (100, "step_2")):
+        save_set(workspace, name, age)
+    flush_summary(workspace.cli("flush", "-c", "config.yaml"))
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.add("refuse-keys", _deletes, times=100)
+        result = workspace.cli("prune", "-c", "config.yaml", AWS_ENDPOINT_URL=proxy.url)
+        assert proxy.count("POST", "refuse-keys") >= 1
+    assert result.returncode == 1
+    refused = [event for line in result.stderr.splitlines() if line.startswith("{")
+               for event in [json.loads(line)] if event["event"] == "delete_failed"]
+    assert refused and all(event["error"] == "AccessDenied: Access Denied"
+                           for event in refused)
+    assert f"{MANIFESTS}step_1.json" in keys_in(s3, workspace.bucket)
+
+
 def test_deletions_s3_refuses_make_prune_fail(workspace: Workspace, s3: Any) -> None:
     workspace.write_config(sync={"keep_sets": 1})
     for age, name in ((200, "step_1"), (100, "step_2")):

@@ -198,10 +198,10 @@ class RefusingStore(InMemoryObjectStore):
         self.refused = refused
         self.batches: list[list[str]] = []
 
-    def delete_many(self, keys: Sequence[str]) -> list[str]:
+    def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
         self.batches.append(list(keys))
         super().delete_many([key for key in keys if key not in self.refused])
-        return [key for key in keys if key in self.refused]
+        return {key: "AccessDenied: Access Denied" for key in keys if key in self.refused}
 
 
 @given(st.integers(0, 1500), st.integers(0, 1500), st.data())
@@ -243,7 +243,7 @@ def test_a_prune_cancelled_after_its_manifests_went_still_deletes_their_files(
     pruner = Pruner(store, ledger, False, 1)
     original = store.delete_many
 
-    def cancel_after_the_seals(keys: Sequence[str]) -> list[str]:
+    def cancel_after_the_seals(keys: Sequence[str]) -> dict[str, str]:
         refused = original(keys)
         pruner.cancelled.set()  # an upload arrived while the manifests were deleted
         return refused

@@ -148,13 +148,23 @@ def test_a_refusal_at_start_still_ends_run_at_once(outage: Workspace) -> None:
 
 
 def test_a_stop_while_waiting_for_s3_ends_run_with_exit_1(outage: Workspace) -> None:
+    """And status, the daemon gone, does not show a clean state: it never counted the files
+    (one of them here) that are not in S3."""
+    save_checkpoint(outage.checkpoints / "step_1.pt", 1000)
     with running(start_run(outage, f"http://127.0.0.1:{free_port()}")) as daemon:
         daemon.wait_for_event("s3_unreachable_at_start")
+        wait_for(lambda: outage.status().get("waiting_for_s3"))
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.process.wait(timeout=30) == 1
     assert daemon.named("stopped_waiting_for_s3")
     last = daemon.log_path.read_text().strip().splitlines()[-1]
     assert last.startswith("spotwatch: error: stopped while waiting for S3"), last
+    shown = outage.cli("status", "-c", str(outage.config_file)).stdout
+    assert "daemon:       not running" in shown, shown
+    assert ("left behind:  not known: it last reported" in shown
+            and "waiting for S3 at start, before it counted the watched files" in shown), shown
+    report = json.loads(outage.cli("status", "--json", "-c", str(outage.config_file)).stdout)
+    assert report["left_by_last_run"]["not_counted"] is True
 
 
 def test_a_transient_s3_answer_is_no_refusal(workspace: Workspace, s3: Any) -> None:
@@ -297,10 +307,15 @@ def test_healthz_says_the_daemon_waits_for_s3_then_ok(outage: Workspace) -> None
         daemon.wait_for_event("s3_unreachable_at_start")
         wait_for(lambda: answer_of(f"{url}/healthz").startswith(
             "503 waiting_for_s3: S3 unreachable at start"))
-        assert answer_of(f"{url}/metrics").startswith("200 ")
+        exposed = answer_of(f"{url}/metrics")
+        assert exposed.startswith("200 ")
+        # Nothing counted yet: the pending gauges say not known (NaN), never 0.
+        for gauge in ("pending_files", "pending_bytes", "incomplete_sets", "unsealed_sets"):
+            assert f"\nspotwatch_{gauge} NaN\n" in exposed, exposed
         assert wait_for(lambda: outage.status().get("waiting_for_s3")
                         and outage.status())["metrics_url"] == url
         with s3_on(port):
             daemon.wait_for_event("daemon_started")
             wait_for(lambda: answer_of(f"{url}/healthz") == "200 ok\n")
+            wait_for(lambda: "\nspotwatch_pending_files 0.0\n" in answer_of(f"{url}/metrics"))
             assert daemon.stop() == 0

@@ -470,6 +470,15 @@ def test_status_and_flush_naming_another_bucket_than_the_daemons_are_refused(
         lines = refused.stderr.strip().splitlines()
         assert len(lines) == 1 and "some-other-bucket" in lines[0], lines
         assert workspace.bucket in lines[0], lines
+    # Named by nothing but a config/.env (beside the config, or in the working directory):
+    # the line says which file, or the operator is left wondering where the name came from.
+    env_file = workspace.config_file.parent / "config" / ".env"
+    env_file.parent.mkdir(exist_ok=True)
+    env_file.write_text("S3_BUCKET_NAME=bucket-from-env-file\n")
+    refused = workspace.cli("status", "-c", str(workspace.config_file), S3_BUCKET_NAME="")
+    assert refused.returncode == 2, refused.stderr
+    assert f"(bucket-from-env-file, from {env_file})" in refused.stderr, refused.stderr
+    env_file.unlink()
     same = workspace.cli("status", "-c", str(workspace.config_file), "--bucket", workspace.bucket)
     assert same.returncode == 0, same.stderr
     assert workspace.cli("flush", "-c", str(workspace.config_file)).returncode == 0

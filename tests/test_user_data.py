@@ -81,6 +81,38 @@ def test_installs_into_fake_root(tmp_path: Path, wheel: Path, imds: ImdsEmulator
     assert (root / "opt/spotwatch/bin/spotwatch").is_file()
 
 
+def test_run_again_it_keeps_the_files_it_replaces_and_says_so(tmp_path: Path, wheel: Path,
+                                                              imds: ImdsEmulator) -> None:
+    """Run again on an instance with other settings, over a config the operator edited: the
+    new files are in place, the earlier ones kept beside them and named; the same settings
+    again replace nothing."""
+    if shutil.which("systemctl") is None:
+        pytest.skip("systemctl is not installed")
+    root = tmp_path / "root"
+    settings = {"SPOTWATCH_PACKAGE": str(wheel), "SPOTWATCH_PIP_ARGS": "--no-deps --no-index",
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url}
+    assert run_user_data(root, SPOTWATCH_BUCKET="first-bucket", **settings).returncode == 0
+    etc = root / "etc/spotwatch"
+    again = run_user_data(root, SPOTWATCH_BUCKET="first-bucket", **settings)
+    assert again.returncode == 0 and "replaced" not in again.stderr, again.stderr
+    with (etc / "config.yaml").open("a") as config:
+        config.write("  keep_sets: 3\n")  # the operator's edit
+    edited = (etc / "config.yaml").read_text()
+    done = run_user_data(root, SPOTWATCH_BUCKET="other-bucket", **settings)
+    assert done.returncode == 0, done.stderr
+    assert (etc / "spotwatch.env").read_text() == "S3_BUCKET_NAME=other-bucket\n"
+    assert load_config(etc / "config.yaml").sync.keep_sets == 0
+    [kept_config] = etc.glob("config.yaml.replaced-*")
+    [kept_env] = etc.glob("spotwatch.env.replaced-*")
+    assert kept_config.read_text() == edited
+    assert kept_env.read_text() == "S3_BUCKET_NAME=first-bucket\n"
+    for env_file in (kept_env, etc / "spotwatch.env"):
+        assert env_file.stat().st_mode & 0o077 == 0  # private, as written
+    for kept in (kept_config, kept_env):
+        assert f"the earlier one kept as {kept}" in done.stderr
+    assert not list(etc.glob(".*.new"))
+
+
 # Values an operator may set, as environment variables carry them: no NUL, no line breaks.
 SETTING_TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=40)
 
@@ -126,7 +158,7 @@ def test_readme_command_installs_and_enables(tmp_path: Path, imds: ImdsEmulator)
     assert upper(tmp_path, "/etc/systemd/system/multi-user.target.wants/"
                            "spotwatch.service").is_symlink()
     assert (tmp_path / "systemctl.log").read_text().splitlines() == [
-        "daemon-reload", "enable --now spotwatch.service"]
+        "daemon-reload", "enable spotwatch.service", "restart spotwatch.service"]
 
 
 def _needs_overlaid_root() -> None:
@@ -157,7 +189,7 @@ def test_first_launch_with_restore_and_nothing_to_restore_still_starts_spotwatch
     # The restore ran (whatever PATH sudo left) and said why it restored nothing.
     assert "no complete" in done.stderr
     assert (tmp_path / "systemctl.log").read_text().splitlines() == [
-        "daemon-reload", "enable --now spotwatch.service"]
+        "daemon-reload", "enable spotwatch.service", "restart spotwatch.service"]
 
 
 APT_GET_SHIM = """#!/bin/sh

@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from spotwatch.errors import ConfigError
@@ -39,21 +40,42 @@ class NoBucket(ConfigError):
 NO_BUCKET = f"no bucket: pass --bucket, set {BUCKET_ENV}, or put {BUCKET_ENV}=... in config/.env"
 
 
+@dataclass(frozen=True)
+class NamedBucket:
+    name: str
+    # Where it was named: "--bucket", "$S3_BUCKET_NAME", or the env file's path (a refusal
+    # says so: a config/.env in the working directory names a bucket without a word).
+    source: str
+
+
 def resolve_bucket(explicit: str | None, config_file: Path | None) -> str:
-    """An explicit --bucket is used as given: an empty one is an error, never a fallback."""
+    return named_bucket(explicit, config_file).name
+
+
+def named_bucket(explicit: str | None, config_file: Path | None) -> NamedBucket:
+    """The first of --bucket, $S3_BUCKET_NAME and each env_file_candidates file that names a
+    bucket. An explicit --bucket is used as given: an empty one is an error, never a
+    fallback."""
     if explicit is not None and not explicit.strip():
         raise ConfigError("--bucket is empty: name a bucket, or leave the flag out to use "
                           f"${BUCKET_ENV} or config/.env")
+    if explicit:
+        return _named(explicit.strip(), "--bucket")
     # A variable of blanks (`S3_BUCKET_NAME=" "` in a unit file) is as good as unset.
-    name = explicit or os.environ.get(BUCKET_ENV, "").strip() or None
-    if not name:
-        for env_file in env_file_candidates(config_file):
-            name = _bucket_in_env_file(env_file)
-            if name:
-                break
-    if not name:
-        raise NoBucket(NO_BUCKET)
-    return validate_bucket_name(name.strip())
+    name = os.environ.get(BUCKET_ENV, "").strip()
+    if name:
+        return _named(name, f"${BUCKET_ENV}")
+    for env_file in env_file_candidates(config_file):
+        name = (_bucket_in_env_file(env_file) or "").strip()
+        if name:
+            return _named(name, str(env_file))
+    raise NoBucket(NO_BUCKET)
+
+
+def _named(name: str, source: str) -> NamedBucket:
+    if not is_valid_bucket_name(name):
+        raise ConfigError(f"not a valid S3 bucket name: {name[:80]!r} (from {source})")
+    return NamedBucket(name, source)
 
 
 def _bucket_in_env_file(env_file: Path) -> str | None:
@@ -79,12 +101,6 @@ def _bucket_in_env_file(env_file: Path) -> str | None:
     # which names no file, is not said.
     logging.getLogger("dotenv.main").setLevel(logging.ERROR)
     return dotenv_values(stream=io.StringIO(text)).get(BUCKET_ENV)
-
-
-def validate_bucket_name(name: str) -> str:
-    if not is_valid_bucket_name(name):
-        raise ConfigError(f"not a valid S3 bucket name: {name[:80]!r}")
-    return name
 
 
 def is_valid_bucket_name(name: str) -> bool:

@@ -97,10 +97,16 @@ def check_bucket_region(s3: Any, bucket: str, config: Config, expected: str) -> 
     region = region_of_location(location)
     if region == expected:
         return CheckResult("bucket region", True, f"s3://{bucket} is in {region}")
+    return _other_region("bucket region", f"s3://{bucket} is in {region}, configured region "
+                         f"is {expected}", config)
+
+
+def _other_region(name: str, found: str, config: Config) -> CheckResult:
+    """A region other than the configured one: passed when aws.allow_cross_region is set,
+    else refused, naming that switch."""
     allowed = config.allow_cross_region
-    return CheckResult("bucket region", allowed,
-                       f"s3://{bucket} is in {region}, configured region is {expected}"
-                       + ("" if allowed else " (set aws.allow_cross_region: true to allow)"),
+    return CheckResult(name, allowed,
+                       found + ("" if allowed else " (set aws.allow_cross_region: true to allow)"),
                        fatal=not allowed)
 
 
@@ -118,10 +124,8 @@ def check_instance_region(config: Config, expected: str) -> CheckResult:
         return CheckResult("IMDS", False, f"{exc}{hint}", fatal=False)
     if region is None or region == expected:
         return CheckResult("IMDS", True, f"reachable at {client.endpoint}, instance in {region}")
-    allowed = config.allow_cross_region
-    return CheckResult("instance region", allowed,
-                       f"the instance is in {region}, configured region is {expected}",
-                       fatal=not allowed)
+    return _other_region("instance region",
+                         f"the instance is in {region}, configured region is {expected}", config)
 
 
 def check_public_access(s3: Any, bucket: str, config: Config) -> CheckResult:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -218,8 +218,9 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
-    def delete_many(self, keys: Sequence[str]) -> list[str]:
-        """Delete the keys; returns those the store refused to delete."""
+    def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
+        """Delete the keys; returns those the store refused to delete, each with its reason
+        (S3's code and message: a missing grant is not an outage)."""
         ...
 
     def open_uploads(self, prefix: str) -> list[OpenUpload]: ...
@@ -236,6 +237,12 @@ class ObjectStore(Protocol):
     def close(self) -> None:
         """Cancel uploads and return at once; requests outside uploads keep working."""
         ...
+
+
+def _refusal(error: Mapping[str, object]) -> str:
+    """A DeleteObjects error entry as one reason: its code and message, as S3 gives them."""
+    said = [str(error[name]) for name in ("Code", "Message") if error.get(name)]
+    return ": ".join(said) or "refused, no reason given"
 
 
 # Client errors that are worth retrying at the same pace: timeouts and throttling.
@@ -656,9 +663,9 @@ class S3ObjectStore:
         with _translated():
             self.client.delete_object(Bucket=self._bucket, Key=key)
 
-    def delete_many(self, keys: Sequence[str]) -> list[str]:
+    def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
         """DeleteObjects in batches; a key its XML body cannot carry as it is goes alone."""
-        failed: list[str] = []
+        failed: dict[str, str] = {}
         batched: list[str] = []
         for key in keys:
             if fits_xml(key):
@@ -669,13 +676,13 @@ class S3ObjectStore:
             except StoreError as exc:  # refused: as DeleteObjects reports it; else raised
                 if not exc.permanent:
                     raise
-                failed.append(key)
+                failed[key] = str(exc)
         for start in range(0, len(batched), DELETE_BATCH):
             batch = batched[start:start + DELETE_BATCH]
             with _translated():
                 response = self.client.delete_objects(Bucket=self._bucket, Delete={
                     "Objects": [{"Key": key} for key in batch], "Quiet": True})
-            failed += [error["Key"] for error in response.get("Errors", [])]
+            failed |= {error["Key"]: _refusal(error) for error in response.get("Errors", [])}
         return failed
 
     def open_uploads(self, prefix: str) -> list[OpenUpload]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from spotwatch.aws.imds import share_with_sdk
-from spotwatch.bucket import NO_BUCKET, NoBucket, resolve_bucket
+from spotwatch.bucket import NO_BUCKET, NamedBucket, NoBucket, named_bucket
 from spotwatch.config import (
     Config,
     find_config_file,
@@ -22,11 +22,11 @@ def load(args: argparse.Namespace, uploads: bool = True) -> tuple[Config, str]:
     config, bucket = load_optional_bucket(args, uploads)
     if bucket is None:
         raise NoBucket(NO_BUCKET)
-    return config, bucket
+    return config, bucket.name
 
 
 def load_optional_bucket(args: argparse.Namespace, uploads: bool = False
-                     ) -> tuple[Config, str | None]:
+                         ) -> tuple[Config, NamedBucket | None]:
     """Config, and the bucket when one is named anywhere (None when none is: `status` reads
     it from the running daemon's report, since the systemd unit names it to the daemon
     alone)."""
@@ -34,7 +34,7 @@ def load_optional_bucket(args: argparse.Namespace, uploads: bool = False
     config = load_config(path)
     share_with_sdk(config.imds)
     try:
-        bucket: str | None = resolve_bucket(args.bucket, path)
+        bucket: NamedBucket | None = named_bucket(args.bucket, path)
     except NoBucket:
         bucket = None
     if uploads:

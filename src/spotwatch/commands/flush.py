@@ -43,12 +43,13 @@ POLL_SECONDS = 0.2
 def run(args: argparse.Namespace) -> int:
     # A flush through the running daemon needs no bucket (the systemd unit names it to the
     # daemon alone); a flush of its own does.
-    config, bucket = load_optional_bucket(args, uploads=True)
+    config, named = load_optional_bucket(args, uploads=True)
+    bucket = named.name if named is not None else None
     # Invariant: a one-shot flush outlives another `spotwatch flush` asking it (SIGUSR1, which
     # would end it): that one waits for this flush's record as it would for a daemon's.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     state = daemons_state_dir(config)
-    refuse_another_bucket(bucket, running_report(state))
+    refuse_another_bucket(bucket, running_report(state), named.source if named else None)
     delegated = request_daemon_flush(state)
     if delegated is not None:
         return report_left_behind(delegated, "the daemon's flush")

@@ -22,16 +22,19 @@ from spotwatch.sync.ledger import Ledger
 
 
 def run(args: argparse.Namespace) -> int:
-    config, bucket = load_optional_bucket(args)
-    report = gather_status(config, bucket)
+    config, named = load_optional_bucket(args)
+    report = (gather_status(config, None) if named is None
+              else gather_status(config, named.name, named.source))
     if args.healthy:
         return 0 if report["healthy"] else 1
     print_text(json.dumps(report, indent=2) if args.json else render_status(report))
     return 0
 
-def gather_status(config: Config, bucket: str | None) -> dict[str, Any]:
+
+def gather_status(config: Config, bucket: str | None,
+                  named_in: str | None = None) -> dict[str, Any]:
     """bucket: None when none is named to this command; the running daemon's then (its
-    report names it), else a NoBucket error."""
+    report names it), else a NoBucket error. named_in: where the bucket was named."""
     state = daemons_state_dir(config)
     report: dict[str, Any] = {"bucket": bucket, "state_dir": str(state.path)}
     holder = lock_holder(state)
@@ -45,7 +48,7 @@ def gather_status(config: Config, bucket: str | None) -> dict[str, Any]:
         # it to the daemon alone): what a crash left behind is shown all the same.
         last = read_status() if holder is None else None
         bucket = report["bucket"] = _daemons_bucket(current or last)
-    refuse_another_bucket(bucket, current)
+    refuse_another_bucket(bucket, current, named_in)
     flushing_once = current is not None and current.get("role") == "flush"
     report["daemon_pid"] = None if flushing_once else holder
     report["flush_pid"] = holder if flushing_once else None
@@ -66,17 +69,19 @@ def gather_status(config: Config, bucket: str | None) -> dict[str, Any]:
     return report
 
 
-def refuse_another_bucket(bucket: str | None, current: dict[str, Any] | None) -> None:
+def refuse_another_bucket(bucket: str | None, current: dict[str, Any] | None,
+                          named_in: str | None = None) -> None:
     """Invariant: status and flush speak of one bucket. Named one the running spotwatch (the
     state lock's holder, `current` its report) does not upload to, they would mix its report
     with another bucket's uploads, or hand a flush meant for that bucket to it: a usage
-    error instead."""
+    error instead, saying where the bucket was named (named_in)."""
     named = current.get("bucket") if current is not None else None
     if bucket is None or not isinstance(named, str) or not named or named == bucket:
         return
-    raise ConfigError(f"the bucket named here ({bucket}) is not the one the running spotwatch "
-                      f"(pid {current.get('pid') if current else None}) uploads to ({named}): "
-                      "name its bucket, or none")
+    where = f", from {named_in}" if named_in else ""
+    pid = current.get("pid") if current else None
+    raise ConfigError(f"the bucket named here ({bucket}{where}) is not the one the running "
+                      f"spotwatch (pid {pid}) uploads to ({named}): name its bucket, or none")
 
 
 def running_report(state: StateDir) -> dict[str, Any] | None:
@@ -170,6 +175,11 @@ def _left_by(status: dict[str, Any] | None) -> dict[str, Any] | None:
     left nothing, or its report cannot be read."""
     if not status or not _readable(status):
         return None
+    if "waiting_for_s3" in status:
+        # It stopped before its checks passed: it never counted what the watched directories
+        # hold that is not in S3, which is not knowing, not nothing.
+        return {"not_counted": True, "waiting_for_s3": status["waiting_for_s3"],
+                "reported_at": status.get("updated_at")}
     pending = int(status.get("pending_files") or 0)
     # A file still being written when the daemon went: the next start uploads it too.
     unsettled = int(status.get("unsettled_files") or 0)
@@ -361,7 +371,11 @@ def render_status(report: dict[str, Any]) -> str:
     else:
         lines.append("daemon:       not running")
         left = report.get("left_by_last_run")
-        if left:
+        if left and left.get("not_counted"):
+            lines.append(f"left behind:  not known: it last reported ({_ago(left['reported_at'])})"
+                         " waiting for S3 at start, before it counted the watched files; the "
+                         "next start uploads what is not in S3")
+        elif left:
             unsealed = left["unsealed_sets"]
             sets = (f", {left['unsealed_set_count']} sets without their manifest: "
                     f"{names(unsealed[:5])}" if left["unsealed_set_count"] else "")

@@ -8,6 +8,7 @@ with the reason, so a supervisor can tell a stalled or cut-off daemon, or one st
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
@@ -66,6 +67,12 @@ class Metrics:
             "spotwatch_unsealed_sets",
             "Checkpoint sets still waiting for their manifest (no checkpoint until it is written)",
             registry=r)
+        # Invariant 8 (never less pending work than there is): not known, NaN, until the first
+        # scan counted it; a daemon waiting for S3 at start has not scanned, and 0 would say
+        # that nothing is left to upload.
+        for uncounted in (self.pending_files, self.pending_bytes, self.incomplete_sets,
+                          self.unsealed_sets):
+            uncounted.set(math.nan)
         self.uploaded_files = Counter("spotwatch_uploaded_files", "Files uploaded", registry=r)
         self.uploaded_bytes = Counter("spotwatch_uploaded_bytes", "Bytes uploaded", registry=r)
         self.upload_errors = Counter("spotwatch_upload_errors", "Failed uploads", registry=r)

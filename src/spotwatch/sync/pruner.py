@@ -157,13 +157,13 @@ class Pruner:
                 return done
             start += len(batch)
             try:
-                failed: set[str] = set(self._store.delete_many([d.key for d in batch]))
+                failed = self._store.delete_many([d.key for d in batch])
             except StoreError as exc:
                 log.warning("prune_failed", error=str(exc), remaining=len(deletions) - len(done))
                 return done
             for deletion in batch:
                 if deletion.key in failed:
-                    log.warning("delete_failed", key=deletion.key)
+                    log.warning("delete_failed", key=deletion.key, error=failed[deletion.key])
                     continue
                 self._forget(deletion)
                 done.append(deletion)
