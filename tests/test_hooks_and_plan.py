@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spotwatch.config import load_config
-from spotwatch.daemon.hooks import MAX_PID, RECHECK_SECONDS, trainer_pid
+from spotwatch.daemon.hooks import MAX_PID, OUTPUT_MAX, RECHECK_SECONDS, trainer_pid
 from spotwatch.emulator import Fault, ImdsEmulator
 from spotwatch.errors import ConfigError
 from spotwatch.interruption import interruption_pending
@@ -136,6 +136,26 @@ def test_command_hook_gets_the_notice(workspace: Workspace, imds: ImdsEmulator) 
     assert kind == "rebalance-recommendation"
     assert Path(notice_file) == workspace.root / "run" / "notice.json"  # $RUNTIME_DIRECTORY
     assert daemon.wait_for_event("hook_command_done")["exit_code"] == 0
+    assert daemon.stop() == 0
+
+
+def test_output_past_what_the_log_takes_ends_on_a_whole_line_and_says_so(
+        workspace: Workspace, imds: ImdsEmulator) -> None:
+    """A command that prints more than the log takes (OUTPUT_MAX): the log gets whole lines,
+    then one event saying how much the file holds, and where; never a line cut short."""
+    workspace.write_config(log={"format": "json"}, hooks={
+        "command": "seq 1 100000; printf 'no newline at the end'"})
+    daemon = workspace.start_daemon()
+    imds.fire_rebalance()
+    daemon.wait_for_event("hook_command_done")
+    cut = daemon.wait_for_event("hook_command_output_cut")
+    lines = [event["line"] for event in daemon.named("hook_command_output")]
+    assert lines == [str(n) for n in range(1, len(lines) + 1)]  # each whole, in order
+    logged = sum(len(line) + 1 for line in lines)
+    assert cut["logged_bytes"] == logged and OUTPUT_MAX - 7 <= logged <= OUTPUT_MAX
+    everything = len("".join(f"{n}\n" for n in range(1, 100001))) + len("no newline at the end")
+    assert cut["bytes"] == everything
+    assert Path(cut["path"]).read_text().endswith("99999\n100000\nno newline at the end")
     assert daemon.stop() == 0
 
 

@@ -101,3 +101,59 @@ def test_an_event_cancelled_while_the_daemon_was_stopped(workspace: Workspace,
     assert second.wait_for_event("notice_cancelled")["kind"] == "scheduled-event"
     assert not notice_file.exists()
     assert second.stop() == 0
+
+
+def told_deadline(notice_file: Path) -> str | None:
+    notice = interruption_pending(notice_file)
+    return None if notice is None else str(notice["deadline"])
+
+
+def test_a_new_spot_notice_replaces_the_one_the_trainer_has(workspace: Workspace,
+                                                            imds: ImdsEmulator) -> None:
+    """AWS's instance-action is one item: a new time there (the instance resumed from
+    hibernation in the same boot, and is to go again) is the notice now. The trainer is
+    told of it and its hooks act, though the one it had was due earlier (long past by now);
+    the old one is no longer in effect, in status either."""
+    notice_file = workspace.root / "shared" / "notice.json"
+    acted = workspace.root / "acted.txt"
+    workspace.write_config(hooks={"notice_file": str(notice_file),
+                                  "command": f"echo $SPOTWATCH_NOTICE_ID >> {acted}"})
+    daemon = workspace.start_daemon()
+    first = json.loads(imds.fire_spot_interruption("hibernate", in_seconds=1))["time"]
+    wait_for(lambda: acted.exists() and len(acted.read_text().split()) == 1)
+    second = json.loads(imds.fire_spot_interruption("terminate", in_seconds=120))["time"]
+    replaced = daemon.wait_for_event("notice_cancelled")
+    assert replaced["kind"] == "spot-interruption" and replaced["deadline"] is not None
+    assert replaced["reason"] == "a new spot interruption notice replaced it"
+    wait_for(lambda: (told_deadline(notice_file) or "").startswith(second[:19]))
+    wait_for(lambda: len(acted.read_text().split()) == 2)  # the hooks acted for it
+    assert len(set(acted.read_text().split())) == 2
+    status = wait_for(lambda: len(workspace.status().get("notices_in_effect") or []) == 1
+                      and (workspace.status().get("last_notice") or {}).get("detail")
+                      == "terminate" and workspace.status())
+    assert status["notices_in_effect"][0]["deadline"].startswith(second[:19])
+    assert not daemon.named("notice_file_kept")
+    assert first != second
+    assert daemon.stop() == 0
+
+
+def test_a_spot_notice_long_past_with_the_instance_running_holds_nothing(
+        workspace: Workspace, imds: ImdsEmulator) -> None:
+    """A spot notice whose time passed over ten minutes ago while the instance still runs
+    (IMDS still posting it, or a hibernated instance resumed) is over: the notice file goes,
+    the bandwidth cap holds again, and status shows it cancelled."""
+    notice_file = workspace.root / "shared" / "notice.json"
+    workspace.write_config(hooks={"notice_file": str(notice_file)},
+                           sync={"continuous_bandwidth": "100MB/s"})
+    daemon = workspace.start_daemon()
+    imds.fire_spot_interruption("terminate", in_seconds=-11 * MINUTES)
+    over = daemon.wait_for_event("notice_cancelled")
+    assert over["kind"] == "spot-interruption"
+    assert over["reason"] == "its time passed over 10 minutes ago and the instance still runs"
+    wait_for(lambda: not notice_file.exists())
+    daemon.wait_for_event("bandwidth_cap_reimposed")
+    last = wait_for(lambda: (workspace.status().get("last_notice") or {}).get("cancelled_at")
+                    and workspace.status())
+    assert last["notices_in_effect"] == []
+    assert len(daemon.named("notice_detected")) == 1  # still posted: never a notice again
+    assert daemon.stop() == 0

@@ -330,17 +330,28 @@ class NoticeHooks:
 
 
 def _log_output(path: Path, start: int, pid: int) -> None:
-    """The lines the command wrote from `start` on (stdout and stderr; up to OUTPUT_MAX
-    bytes, the rest stays in the file), each one event; undecodable bytes replaced."""
+    """The lines the command wrote from `start` on (stdout and stderr), each one event;
+    undecodable bytes replaced. Past OUTPUT_MAX bytes, the whole lines before it, then one
+    event that says how much more the file holds (never a line cut short unsaid)."""
     try:
         with path.open("rb") as output:
             output.seek(start)
-            written = output.read(OUTPUT_MAX)
+            written = output.read(OUTPUT_MAX + 1)
+            total = os.fstat(output.fileno()).st_size - start
     except OSError as exc:
         log.warning("hook_command_output_unread", path=str(path), error=exc.strerror)
         return
+    cut = len(written) > OUTPUT_MAX
+    if cut:
+        written = written[:OUTPUT_MAX]
+        whole = written.rfind(b"\n") + 1
+        written = written[:whole] if whole else written  # one line longer than all: cut
     for line in written.decode("utf-8", "replace").splitlines():
         log.info("hook_command_output", pid=pid, line=line)
+    if cut:
+        log.info("hook_command_output_cut", pid=pid, logged_bytes=len(written),
+                 bytes=total, path=str(path),
+                 detail="the rest of the command's output is in the file")
 
 
 def trainer_pid(text: str) -> int:

@@ -1,7 +1,9 @@
 """The notices in effect, and what they hold: uploads in `notice` mode and the bandwidth cap
 lifted (any notice), pruning paused, frequent scans and files settled at once (from shortly
 before one is due), the trainer's notice file. A notice stays in effect until AWS withdraws it
-(a maintenance event cancelled or over); the daemon's flushes and counts are its own."""
+(a maintenance event cancelled or over), or, for a spot interruption notice, which AWS never
+withdraws, until a new one replaces it or its time is long past with the instance still
+running; the daemon's flushes and counts are its own."""
 
 from __future__ import annotations
 
@@ -9,11 +11,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from spotwatch.model import Notice, NoticeListing, PeerWithdrawal
+from spotwatch.model import Notice, NoticeKind, NoticeListing, PeerWithdrawal
 
 # A notice due later than this (a maintenance event scheduled days ahead) weighs on the daemon
 # only from this long before it is due: retention goes on meanwhile.
 NOTICE_HORIZON = timedelta(minutes=10)
+# How long past its time a spot interruption notice still holds while the instance runs on.
+# AWS stops or terminates the instance at about that time; one still running this long after
+# was not taken (a hibernated instance resumed in the same boot, or IMDS dropped the notice),
+# and the notice would otherwise pause retention and lift the bandwidth cap for good.
+SPOT_NOTICE_OUTLIVED = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,28 @@ class NoticesInEffect:
             gone = [held for held in self._held.values()
                     if held.notice.peer_rank is None and held.notice.kind is listing.kind
                     and held.notice.id not in listing.ids]
+        return self._remove(gone)
+
+    def superseded_by(self, notice: Notice) -> list[Held]:
+        """The spot notices of this instance's IMDS that a new one from there replaces, no
+        longer in effect: AWS's instance-action is one item, and a new time there means the
+        notice it held before is over. (A peer's copies end by the peer's withdrawal, which
+        arrives in order, unlike its notices, which a node may learn in any order.)"""
+        if notice.kind is not NoticeKind.SPOT_INTERRUPTION or notice.peer_rank is not None:
+            return []
+        return self._remove([held for held in self._held.values()
+                             if held.notice.kind is NoticeKind.SPOT_INTERRUPTION
+                             and held.notice.peer_rank is None
+                             and held.notice.id != notice.id])
+
+    def outlived(self, now: datetime) -> list[Held]:
+        """The spot notices whose time passed SPOT_NOTICE_OUTLIVED ago, the instance still
+        running, no longer in effect."""
+        return self._remove([held for held in self._held.values()
+                             if held.notice.kind is NoticeKind.SPOT_INTERRUPTION
+                             and held.due is not None and spot_notice_outlived(held.due, now)])
+
+    def _remove(self, gone: list[Held]) -> list[Held]:
         for held in gone:
             del self._held[held.notice.id]
         return gone
@@ -95,6 +124,11 @@ class NoticesInEffect:
         """Every notice in effect, the one due first first (those with no time last)."""
         return sorted(self._held.values(),
                       key=lambda held: (held.due is None, held.due or held.detected))
+
+
+def spot_notice_outlived(due: datetime, now: datetime) -> bool:
+    """Whether a spot notice due then is over by now (SPOT_NOTICE_OUTLIVED)."""
+    return due < now - SPOT_NOTICE_OUTLIVED  # never past the calendar's end, as due + would
 
 
 def _presses_from(due: datetime | None, detected: datetime) -> datetime:

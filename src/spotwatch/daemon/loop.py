@@ -20,7 +20,13 @@ from spotwatch.config import Config
 from spotwatch.daemon import sdnotify
 from spotwatch.daemon.flush import FlushController
 from spotwatch.daemon.hooks import NoticeHooks
-from spotwatch.daemon.in_effect import Held, NoticeReport, NoticesInEffect
+from spotwatch.daemon.in_effect import (
+    SPOT_NOTICE_OUTLIVED,
+    Held,
+    NoticeReport,
+    NoticesInEffect,
+    spot_notice_outlived,
+)
 from spotwatch.daemon.metrics import Metrics
 from spotwatch.daemon.prune_job import JOB_PRUNE_SECONDS, PruneSchedule
 from spotwatch.daemon.reporter import Reporter
@@ -418,6 +424,7 @@ class Daemon:
                 self._take_listing(notice)
             else:
                 self._on_notice(engine, notice)
+        self._end_outlived_notices()
         self.reporter.beat()
         if _pressing(self._in_effect.deadline_presses()):
             # Invariant: once a notice set a deadline, a file closed after writing goes at
@@ -490,7 +497,13 @@ class Daemon:
             self._latest_notice = record
             held = Held(notice, record, detected, due_by(notice, detected))
             self._in_effect.add(held)
-            self._tell_trainer(held)
+            replaced = {old.notice.id: old.record
+                        for old in self._in_effect.superseded_by(notice)}
+            self._share_withdrawal(replaced)
+            # The trainer told of a notice replaced is told of the one in effect due first.
+            if not (replaced and self._end_notices(
+                    replaced, "a new spot interruption notice replaced it")):
+                self._tell_trainer(held)
         # Invariant: only this instance's own Terminated state holds its lifecycle action; a
         # peer's scale-in is the peer's (heart-beating or continuing ours would release a
         # later scale-in of this instance before its own flush).
@@ -520,8 +533,11 @@ class Daemon:
         flushes, but leaves the notice file and the hooks alone;
         one that means the instance goes now (see due_by) counts as due within two minutes,
         so it is never kept behind an event due days later. A restarted daemon starts from
-        the notice file it kept, whatever order IMDS answers in."""
+        the notice file it kept, whatever order IMDS answers in; except that a new spot
+        interruption notice replaces the one of an earlier run (superseded_by, in_effect)."""
         told, notice, due = self._told, held.notice, held.due
+        if told is not None and _replaces_told(notice, told):
+            told = None
         if (told is not None and told.deadline is not None
                 and (due is None or due > told.deadline
                      or (due == told.deadline and told.id != notice.id))):
@@ -551,18 +567,42 @@ class Daemon:
         told = self._told
         if (isinstance(listing, NoticeListing) and told is not None and told.source == "imds"
                 and told.kind == listing.kind.value and told.id not in listing.ids):
-            deadline = told.deadline.isoformat() if told.deadline else None
-            gone.setdefault(told.id, {"kind": told.kind, "id": told.id, "detail": None,
-                                      "deadline": deadline})
+            gone.setdefault(told.id, _record_of(told))
         if not gone:
             return
         if isinstance(listing, NoticeListing):
             self._share_withdrawal(gone)
+        self._end_notices(gone, reason)
+
+    def _end_outlived_notices(self) -> None:
+        """Spot notices whose time is long past, the instance still running, are over
+        (in_effect.SPOT_NOTICE_OUTLIVED): also one the trainer was told of by an earlier run."""
+        now = datetime.now(UTC)
+        outlived = self._in_effect.outlived(now)
+        gone = {held.notice.id: held.record for held in outlived}
+        told = self._told
+        if (told is not None and told.kind == NoticeKind.SPOT_INTERRUPTION.value
+                and told.deadline is not None and spot_notice_outlived(told.deadline, now)
+                and self._in_effect.held(told.id) is None):
+            gone.setdefault(told.id, _record_of(told))
+        if gone:
+            # Peers outlive their copies alike; withdrawn, they never learn them anew.
+            self._share_withdrawal({notice_id: record for notice_id, record in gone.items()
+                                    if record.get("source") != "peer"})
+            minutes = SPOT_NOTICE_OUTLIVED.total_seconds() / 60
+            self._end_notices(gone, f"its time passed over {minutes:g} minutes ago and the "
+                              "instance still runs")
+
+    def _end_notices(self, gone: dict[str, dict[str, Any]], reason: str) -> bool:
+        """Notices no longer in effect (id: record). Returns whether the trainer's was one of
+        them (it is told of the next, see _tell_next)."""
+        told = self._told
         self._deferred = [notice for notice in self._deferred if notice.id not in gone]
         if self._latest_notice is not None and self._latest_notice["id"] in gone:
             self._latest_notice = {**self._latest_notice,
                                    "cancelled_at": datetime.now(UTC).isoformat()}
-        if told is not None and told.id in gone:
+        retold = told is not None and told.id in gone
+        if retold:
             self._tell_next()
         # Logged once the trainer's notice file says so: whoever reads the line finds it.
         for record in gone.values():
@@ -570,6 +610,7 @@ class Daemon:
                      detail=record["detail"], deadline=record["deadline"], reason=reason)
         if not self._in_effect and not self.flushes.active:
             self._reimpose_bandwidth_cap()
+        return retold
 
     def _tell_next(self) -> None:
         """The trainer's notice was withdrawn: it is told of the notice in effect due first
@@ -589,9 +630,10 @@ class Daemon:
             self._publisher.publish(notice)
 
     def _share_withdrawal(self, gone: dict[str, dict[str, Any]]) -> None:
-        """This node's notices AWS withdrew (id: record): withdrawn on the peer channel too,
-        also one published by this node before a restart, which peers may still hold."""
-        if self._publisher is not None:
+        """This node's notices AWS withdrew or replaced (id: record): withdrawn on the peer
+        channel too, also one published by this node before a restart, which peers may still
+        hold."""
+        if self._publisher is not None and gone:
             self._publisher.withdraw({notice_id: record["kind"]
                                       for notice_id, record in gone.items()})
 
@@ -693,6 +735,21 @@ class Daemon:
 
 def _pressing(since: datetime | None) -> bool:
     return since is not None and datetime.now(UTC) >= since
+
+
+def _replaces_told(notice: Notice, told: Told) -> bool:
+    """Whether the notice is a new spot interruption notice of this instance's IMDS where the
+    trainer was told of another one by an earlier run (in_effect.superseded_by)."""
+    return (notice.kind is NoticeKind.SPOT_INTERRUPTION and notice.peer_rank is None
+            and told.kind == notice.kind.value and told.source == "imds"
+            and told.id != notice.id)
+
+
+def _record_of(told: Told) -> dict[str, Any]:
+    """A notice the trainer was told of, as a notice_cancelled line names it."""
+    return {"kind": told.kind, "id": told.id, "detail": None,
+            "deadline": told.deadline.isoformat() if told.deadline else None,
+            "source": told.source}
 
 
 def _origin(notice: Notice) -> dict[str, Any]:
