@@ -165,6 +165,9 @@ def test_prune_keep_sets_0_is_not_told_to_pass_keep_sets(workspace: Workspace) -
 
 # -- a region from the environment is held to what aws.region takes -------------------------
 
+# AWS's own S3: no endpoint of another store named (the tests' moto is one).
+AWS_S3 = {"AWS_ENDPOINT_URL": "", "AWS_ENDPOINT_URL_S3": ""}
+
 
 @pytest.mark.parametrize("variable", ["AWS_REGION", "AWS_DEFAULT_REGION"])
 @pytest.mark.parametrize("region", ["x", "US-EAST-1", "us east 1", "x" * 300, "../x",
@@ -172,7 +175,7 @@ def test_prune_keep_sets_0_is_not_told_to_pass_keep_sets(workspace: Workspace) -
 def test_check_refuses_a_region_from_the_environment_that_is_none(
         workspace: Workspace, variable: str, region: str) -> None:
     workspace.write_config(aws={"region": None})
-    env = {"AWS_REGION": "", "AWS_DEFAULT_REGION": "", variable: region}
+    env = {"AWS_REGION": "", "AWS_DEFAULT_REGION": "", variable: region, **AWS_S3}
     result = workspace.cli("check", "-c", "config.yaml", **env)
     assert_usage_error(result, f"{variable} ")
     assert repr(region)[:20] in result.stderr
@@ -183,8 +186,18 @@ def test_every_command_that_needs_a_region_refuses_one_from_the_environment(
         workspace: Workspace, command: str) -> None:
     """'x' is a region botocore takes, and then sends requests to s3.x.amazonaws.com."""
     workspace.write_config(aws={"region": None})
-    assert_usage_error(workspace.cli(command, "-c", "config.yaml", AWS_REGION="x"),
+    assert_usage_error(workspace.cli(command, "-c", "config.yaml", AWS_REGION="x", **AWS_S3),
                        "AWS_REGION is not an AWS region name: 'x'")
+
+
+def test_a_store_of_its_own_names_its_region_as_it_likes(workspace: Workspace) -> None:
+    """With an S3 endpoint of its own named (as the tests' moto is), a region AWS would not
+    take is the store's own (Garage's "garage"): not refused as no region name."""
+    workspace.write_config(aws={"region": None})
+    result = workspace.cli("check", "-c", "config.yaml", AWS_REGION="garage",
+                           AWS_DEFAULT_REGION="")
+    assert "not an AWS region name" not in result.stderr, result.stderr
+    assert "configured region is garage" in result.stdout, result.stdout
 
 
 # -- metrics.address -------------------------------------------------------------------------

@@ -404,10 +404,17 @@ def test_cli_bad_aws_sdk_setting_is_one_line(workspace: Workspace, command: str,
     assert_usage_error(result, fragment)
 
 
-def test_cli_region_of_no_format_from_the_environment_is_one_line(workspace: Workspace) -> None:
+@pytest.mark.parametrize(("endpoint", "said"), [
+    ("", "AWS_REGION is not an AWS region name: 'us west 2'"),  # AWS's own S3
+    (None, "region_name 'us west 2'"),  # the tests' moto: botocore refuses it
+], ids=["aws", "store-of-its-own"])
+def test_cli_region_of_no_format_from_the_environment_is_one_line(
+        workspace: Workspace, endpoint: str | None, said: str) -> None:
     workspace.write_config(aws={"region": None})
-    result = workspace.cli("check", "-c", "config.yaml", AWS_REGION="us west 2")
-    assert_usage_error(result, "AWS_REGION is not an AWS region name: 'us west 2'")
+    env = {"AWS_REGION": "us west 2"}
+    if endpoint is not None:
+        env.update(AWS_ENDPOINT_URL=endpoint, AWS_ENDPOINT_URL_S3=endpoint)
+    assert_usage_error(workspace.cli("check", "-c", "config.yaml", **env), said)
 
 
 def test_cli_unparsable_aws_config_file_is_one_line(workspace: Workspace) -> None:
@@ -552,9 +559,18 @@ def test_number_texts_keep_the_keys_range(tmp_path: Path, text: str, problem: st
     quote=st.sampled_from(['"', "'"]))
 def test_none_and_null_as_text_are_none_in_any_case(word: str, quote: str) -> None:
     config = load_text(f"sync: {{continuous_bandwidth: {quote}{word}{quote}}}\n"
-                       f"transfer: {{sse: {quote}{word}{quote}}}\n")
+                       f"transfer: {{sse: {quote}{word}{quote}, "
+                       f"target_throughput: {quote}{word}{quote}}}\n")
     assert config.sync.continuous_bandwidth is None
     assert config.transfer.sse == "none"
+    assert config.transfer.target_throughput is None
+
+
+@pytest.mark.parametrize("value", ["true", "[1]", "{a: 1}"])
+def test_a_number_key_given_another_type_is_told_it_takes_a_number(value: str) -> None:
+    """Not "integer or number or string": most text is refused there too."""
+    with pytest.raises(ConfigError, match=r"'imds.poll_interval' must be a number, got "):
+        load_text(f"imds: {{poll_interval: {value}}}\n")
 
 
 # -- metrics.address -------------------------------------------------------------------------

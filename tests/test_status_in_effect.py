@@ -12,10 +12,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from spotwatch.commands.flush import report_left_behind
 from spotwatch.commands.status import render_status
-from spotwatch.daemon.in_effect import Held, NoticesInEffect
+from spotwatch.daemon.in_effect import SPOT_NOTICE_OUTLIVED, Held, NoticesInEffect
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.model import Notice, NoticeKind, NoticeListing
 from tests.conftest import Workspace, wait_for
@@ -182,3 +184,28 @@ def test_flush_joining_a_notices_flush_blames_the_stop_that_cut_it_short(
     assert daemon.process.wait(timeout=60) == 1
     record = workspace.status()["last_flush"]
     assert record["reason"] == "spot-interruption" and record["cut_short_by_stop"] is True
+
+
+@given(st.lists(st.tuples(st.sampled_from(list(NoticeKind)),
+                          st.integers(-3600, 3600), st.integers(-3600, 0)), max_size=6),
+       st.integers(-3600, 3600))
+def test_only_spot_notices_long_past_and_long_known_are_outlived(
+        notices: list[tuple[NoticeKind, int, int]], clock: int) -> None:
+    """Invariant: a spot notice ends by time only once both its time and its detection are
+    over SPOT_NOTICE_OUTLIVED ago; every other notice stays until AWS withdraws it."""
+    in_effect = NoticesInEffect()
+    made = []
+    for index, (kind, due_in, known_for) in enumerate(notices):
+        due = NOW + timedelta(seconds=due_in)
+        notice = Notice.make(kind, due, str(index))
+        made.append(Held(notice, {"id": notice.id}, NOW + timedelta(seconds=known_for),
+                         due))
+        in_effect.add(made[-1])
+    now = NOW + timedelta(seconds=clock)
+    ended = {held.notice.id for held in in_effect.outlived(now)}
+    assert ended == {held.notice.id for held in made
+                     if held.notice.kind is NoticeKind.SPOT_INTERRUPTION
+                     and held.due is not None
+                     and max(held.due, held.detected) < now - SPOT_NOTICE_OUTLIVED}
+    assert {held.notice.id for held in in_effect.by_urgency()} == {
+        held.notice.id for held in made} - ended

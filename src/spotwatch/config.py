@@ -99,6 +99,9 @@ class Parse:
 
     takes: tuple[type, ...]
     parse: Callable[[Any, Path], Any]
+    # What a refusal of another YAML type says the key takes, where naming `takes` would
+    # mislead ("a number", not "integer or number or string": most text is refused).
+    named: str | None = None
 
 
 _SIZE_RE = re.compile(r"^\s*([0-9]{1,15})\s*(B|KB|KIB|MB|MIB|GB|GIB)?\s*$", re.IGNORECASE)
@@ -136,11 +139,14 @@ def _rate(value: int | str, _base: Path | None = None) -> int | None:
 _NUMBER_RE = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*")
 
 
-def _number(value: float | str, _base: Path) -> float:
+def _number(value: float | str, _base: Path) -> float | None:
     """A number, also from text that is a plain decimal or exponent number; finite only (the
-    range is the declared type's). No inf, nan or digit separators: not a typo's reading."""
+    range is the declared type's). No inf, nan or digit separators: not a typo's reading.
+    'none' or 'null' as text is null (_is_null_word), which only a key that takes null takes."""
     if not isinstance(value, str):
         return value
+    if _is_null_word(value):
+        return None
     if not _NUMBER_RE.fullmatch(value):
         raise ValueError(f"must be a number, got {_shown(value)}")
     number = float(value)
@@ -170,7 +176,7 @@ def _signal_name(value: str, _base: Path) -> str:
 
 
 SIZE = Parse((int, str), _bytes)
-NUMBER = Parse((int, float, str), _number)
+NUMBER = Parse((int, float, str), _number, named="a number")
 RATE = Parse((int, str), _rate)
 PATH = Parse((str,), _path)
 UPPER = Parse((str,), lambda value, _base: value.upper())
@@ -747,7 +753,7 @@ def _what_it_takes(info: Any, value: Any, marker: Parse | None) -> str | None:
     else:
         matching = [t for t in options if _is_instance(value, _TYPE_NAMES[type(_bare(t))][1])]
     if not matching:
-        names = (" or ".join(_PY_NAMES[t] for t in marker.takes) if marker
+        names = ((marker.named or " or ".join(_PY_NAMES[t] for t in marker.takes)) if marker
                  else " or ".join(dict.fromkeys(_TYPE_NAMES[type(_bare(t))][0] for t in options)))
         return f"must be {names}, got {'null' if value is None else type(value).__name__}"
     option = matching[0]

@@ -14,6 +14,9 @@ from spotwatch.errors import ConfigError, SpotwatchError
 REGION_ENV = "AWS_REGION"
 SDK_REGION_ENV = "AWS_DEFAULT_REGION"  # botocore's own, before the profile's region
 _HOW_TO_SET = "set aws.region, AWS_REGION or AWS_DEFAULT_REGION"
+# Where an S3-compatible store is named instead of AWS's: its region is what it says it is
+# (Garage's "garage", Ceph's "default"), and only the environment can name such a one.
+S3_ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 def resolve_region(config: Config) -> str:
@@ -39,7 +42,7 @@ def resolve_region(config: Config) -> str:
 def _environment_region() -> str | None:
     """$AWS_REGION, checked as aws.region is (empty: unset, as the SDKs take it)."""
     region = os.environ.get(REGION_ENV)
-    return require_region(region, REGION_ENV) if region else None
+    return _checked(region, REGION_ENV) if region else None
 
 
 def _sdk_region() -> str | None:
@@ -51,4 +54,12 @@ def _sdk_region() -> str | None:
     if not region:
         return None
     source = SDK_REGION_ENV if os.environ.get(SDK_REGION_ENV) else "the AWS profile's region"
+    return _checked(region, source)
+
+
+def _checked(region: str, source: str) -> str:
+    """The region held to what aws.region takes, unless an S3 endpoint of its own is named
+    (S3_ENDPOINT_ENVS): then any name its store uses."""
+    if any(os.environ.get(name, "").strip() for name in S3_ENDPOINT_ENVS):
+        return region
     return require_region(region, source)

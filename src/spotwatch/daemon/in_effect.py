@@ -16,10 +16,12 @@ from spotwatch.model import Notice, NoticeKind, NoticeListing, PeerWithdrawal
 # A notice due later than this (a maintenance event scheduled days ahead) weighs on the daemon
 # only from this long before it is due: retention goes on meanwhile.
 NOTICE_HORIZON = timedelta(minutes=10)
-# How long past its time a spot interruption notice still holds while the instance runs on.
-# AWS stops or terminates the instance at about that time; one still running this long after
-# was not taken (a hibernated instance resumed in the same boot, or IMDS dropped the notice),
-# and the notice would otherwise pause retention and lift the bandwidth cap for good.
+# How long past its time, and past when this process learnt of it, a spot interruption notice
+# still holds while the instance runs on. AWS stops or terminates the instance at about that
+# time; one still running this long after was not taken (a hibernated instance resumed in the
+# same boot, or IMDS dropped the notice), and the notice would otherwise pause retention and
+# lift the bandwidth cap for good. Never judged by its time alone: on a host whose clock runs
+# ahead, a notice just posted would look long past.
 SPOT_NOTICE_OUTLIVED = timedelta(minutes=10)
 
 
@@ -72,9 +74,10 @@ class NoticesInEffect:
     def superseded_by(self, notice: Notice) -> list[Held]:
         """The spot notices of this instance's IMDS that a new one from there replaces, no
         longer in effect: AWS's instance-action is one item, and a new time there means the
-        notice it held before is over. (A peer's copies end by the peer's withdrawal, which
+        notice it held before is over. Only one with a time that reads (replaces_spot_notices):
+        a garbled answer is no new time. (A peer's copies end by the peer's withdrawal, which
         arrives in order, unlike its notices, which a node may learn in any order.)"""
-        if notice.kind is not NoticeKind.SPOT_INTERRUPTION or notice.peer_rank is not None:
+        if not replaces_spot_notices(notice):
             return []
         return self._remove([held for held in self._held.values()
                              if held.notice.kind is NoticeKind.SPOT_INTERRUPTION
@@ -82,11 +85,12 @@ class NoticesInEffect:
                              and held.notice.id != notice.id])
 
     def outlived(self, now: datetime) -> list[Held]:
-        """The spot notices whose time passed SPOT_NOTICE_OUTLIVED ago, the instance still
-        running, no longer in effect."""
+        """The spot notices whose time, and their detection, passed SPOT_NOTICE_OUTLIVED ago,
+        the instance still running, no longer in effect."""
         return self._remove([held for held in self._held.values()
                              if held.notice.kind is NoticeKind.SPOT_INTERRUPTION
-                             and held.due is not None and spot_notice_outlived(held.due, now)])
+                             and held.due is not None
+                             and spot_notice_outlived(held.due, held.detected, now)])
 
     def _remove(self, gone: list[Held]) -> list[Held]:
         for held in gone:
@@ -126,9 +130,17 @@ class NoticesInEffect:
                       key=lambda held: (held.due is None, held.due or held.detected))
 
 
-def spot_notice_outlived(due: datetime, now: datetime) -> bool:
-    """Whether a spot notice due then is over by now (SPOT_NOTICE_OUTLIVED)."""
-    return due < now - SPOT_NOTICE_OUTLIVED  # never past the calendar's end, as due + would
+def replaces_spot_notices(notice: Notice) -> bool:
+    """Whether the notice is a spot notice of this instance's IMDS with a time that reads:
+    the one instance-action holds now, in place of any before it."""
+    return (notice.kind is NoticeKind.SPOT_INTERRUPTION and notice.peer_rank is None
+            and notice.deadline is not None)
+
+
+def spot_notice_outlived(due: datetime, known_since: datetime, now: datetime) -> bool:
+    """Whether a spot notice due then, and known of since then, is over by now
+    (SPOT_NOTICE_OUTLIVED)."""
+    return max(due, known_since) < now - SPOT_NOTICE_OUTLIVED  # now - never underflows
 
 
 def _presses_from(due: datetime | None, detected: datetime) -> datetime:

@@ -25,6 +25,7 @@ from spotwatch.daemon.in_effect import (
     Held,
     NoticeReport,
     NoticesInEffect,
+    replaces_spot_notices,
     spot_notice_outlived,
 )
 from spotwatch.daemon.metrics import Metrics
@@ -117,6 +118,9 @@ class Daemon:
         self._latest_notice: dict[str, Any] | None = None
         self._in_effect = NoticesInEffect()
         self._told: Told | None = None  # the notice the trainer has
+        # Since when this process knows of a notice told by an earlier run (in_effect's
+        # SPOT_NOTICE_OUTLIVED).
+        self._began = datetime.now(UTC)
         # Demo only: told of notice_detected and flush_done as they happen.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._pruning: PruneSchedule | None = None
@@ -280,6 +284,7 @@ class Daemon:
             if self._stop.is_set():
                 self._stop_before_checks_passed(waiting_since is not None)
             self._tell_while_waiting()
+            self._end_outlived_notices(datetime.now(UTC))
             self._keep_state_dir()
             if waiting_since is not None:
                 self.reporter.report_waiting_when_due(self.notice_report())
@@ -424,7 +429,7 @@ class Daemon:
                 self._take_listing(notice)
             else:
                 self._on_notice(engine, notice)
-        self._end_outlived_notices()
+        self._end_outlived_notices(datetime.now(UTC))
         self.reporter.beat()
         if _pressing(self._in_effect.deadline_presses()):
             # Invariant: once a notice set a deadline, a file closed after writing goes at
@@ -499,6 +504,11 @@ class Daemon:
             self._in_effect.add(held)
             replaced = {old.notice.id: old.record
                         for old in self._in_effect.superseded_by(notice)}
+            told = self._told
+            if (told is not None and replaces_spot_notices(notice) and told.id != notice.id
+                    and told.source == "imds" and told.kind == notice.kind.value
+                    and self._in_effect.held(told.id) is None):
+                replaced[told.id] = _record_of(told)  # told by an earlier run, posted no more
             self._share_withdrawal(replaced)
             # The trainer told of a notice replaced is told of the one in effect due first.
             if not (replaced and self._end_notices(
@@ -533,11 +543,9 @@ class Daemon:
         flushes, but leaves the notice file and the hooks alone;
         one that means the instance goes now (see due_by) counts as due within two minutes,
         so it is never kept behind an event due days later. A restarted daemon starts from
-        the notice file it kept, whatever order IMDS answers in; except that a new spot
-        interruption notice replaces the one of an earlier run (superseded_by, in_effect)."""
+        the notice file it kept, whatever order IMDS answers in. (A new spot interruption
+        notice ends the one before it instead: see in_effect.superseded_by.)"""
         told, notice, due = self._told, held.notice, held.due
-        if told is not None and _replaces_told(notice, told):
-            told = None
         if (told is not None and told.deadline is not None
                 and (due is None or due > told.deadline
                      or (due == told.deadline and told.id != notice.id))):
@@ -574,15 +582,15 @@ class Daemon:
             self._share_withdrawal(gone)
         self._end_notices(gone, reason)
 
-    def _end_outlived_notices(self) -> None:
+    def _end_outlived_notices(self, now: datetime) -> None:
         """Spot notices whose time is long past, the instance still running, are over
-        (in_effect.SPOT_NOTICE_OUTLIVED): also one the trainer was told of by an earlier run."""
-        now = datetime.now(UTC)
-        outlived = self._in_effect.outlived(now)
-        gone = {held.notice.id: held.record for held in outlived}
+        (in_effect.SPOT_NOTICE_OUTLIVED): also one the trainer was told of by an earlier run,
+        known of since this process began."""
+        gone = {held.notice.id: held.record for held in self._in_effect.outlived(now)}
         told = self._told
         if (told is not None and told.kind == NoticeKind.SPOT_INTERRUPTION.value
-                and told.deadline is not None and spot_notice_outlived(told.deadline, now)
+                and told.deadline is not None
+                and spot_notice_outlived(told.deadline, self._began, now)
                 and self._in_effect.held(told.id) is None):
             gone.setdefault(told.id, _record_of(told))
         if gone:
@@ -735,14 +743,6 @@ class Daemon:
 
 def _pressing(since: datetime | None) -> bool:
     return since is not None and datetime.now(UTC) >= since
-
-
-def _replaces_told(notice: Notice, told: Told) -> bool:
-    """Whether the notice is a new spot interruption notice of this instance's IMDS where the
-    trainer was told of another one by an earlier run (in_effect.superseded_by)."""
-    return (notice.kind is NoticeKind.SPOT_INTERRUPTION and notice.peer_rank is None
-            and told.kind == notice.kind.value and told.source == "imds"
-            and told.id != notice.id)
 
 
 def _record_of(told: Told) -> dict[str, Any]:
