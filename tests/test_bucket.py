@@ -15,9 +15,12 @@ from spotwatch.bucket import (
     NamedBucket,
     is_valid_bucket_name,
     named_bucket,
-    resolve_bucket,
 )
 from spotwatch.errors import ConfigError
+
+
+def resolve_bucket(explicit: str | None, config_file: Path | None) -> str:
+    return named_bucket(explicit, config_file).name
 
 
 @pytest.fixture

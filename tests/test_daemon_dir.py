@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from spotwatch.bucket import NamedBucket
 from spotwatch.commands import daemon_dir
 from spotwatch.commands.daemon_dir import daemons_state_dir
 from spotwatch.config import load_config
@@ -76,7 +77,7 @@ def test_status_of_a_user_shows_the_system_daemon_running(tmp_path: Path,
     lock = StateLock(StateDir(as_a_user))
     lock.acquire()
     try:
-        report = gather_status(config, "bucket")
+        report = gather_status(config, NamedBucket("bucket", "--bucket"))
     finally:
         lock.release()
     assert report["daemon_pid"] == os.getpid()

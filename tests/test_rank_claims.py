@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from spotwatch.bucket import NamedBucket
 from spotwatch.commands.status import gather_status, render_status
 from spotwatch.config import WatchDir, load_config
 from spotwatch.daemon.metrics import Metrics
@@ -151,7 +152,8 @@ def test_status_says_why_no_part_is_sealed_and_a_clash_is_a_problem_instead(
     with holding_the_state_lock(state) as pid:
         (state / "status.json").write_text(json.dumps(
             {**a_daemons_report(pid), "sealing_held": reporter.sealing_held()}))
-        text = render_status(gather_status(load_config(config_file), "bucket"))
+        text = render_status(gather_status(load_config(config_file),
+                                           NamedBucket("bucket", "--bucket")))
     assert (f"sealing held: no part is sealed until then: waiting for the claim of {OTHER} on "
             "rank 0 to go stale") in text.splitlines()
     claim.checked(live=[OTHER], undecided=[])  # a live rival: a problem, said once

@@ -18,6 +18,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from spotwatch.bucket import NamedBucket
 from spotwatch.commands.status import HEALTHY_WITHIN_SECONDS, gather_status, render_status
 from spotwatch.config import load_config
 from spotwatch.emulator import ImdsEmulator
@@ -223,7 +224,7 @@ def test_status_reads_any_status_json_without_a_traceback(tmp_path: Path, field:
     with holding_the_state_lock(state) as pid:
         damaged = {**a_daemons_report(pid), field: value} if field != "pid" else None
         (state / "status.json").write_text(json.dumps(damaged or a_daemons_report(pid)))
-        report = gather_status(config, "ckpt")
+        report = gather_status(config, NamedBucket("ckpt", "--bucket"))
         render_status(report)
         json.dumps(report)
         assert not (report["healthy"] and report["daemon_report_unreadable"])
@@ -240,7 +241,7 @@ def test_a_one_shot_flush_shows_its_pending_work(tmp_path: Path) -> None:
         flushing = {**a_daemons_report(pid), "role": "flush", "pending_files": 75,
                     "pending_bytes": 3 * 1024 * 1024}
         (state / "status.json").write_text(json.dumps(flushing))
-        report = gather_status(load_config(config_file), "ckpt")
+        report = gather_status(load_config(config_file), NamedBucket("ckpt", "--bucket"))
     text = render_status(report)
     assert f"a one-shot flush, pid {pid}" in text and report["healthy"] is False
     assert ("pending:      75 files, 3.0 MiB (1 uploading, 1 waiting to retry, of which 0 "

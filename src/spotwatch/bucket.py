@@ -48,10 +48,6 @@ class NamedBucket:
     source: str
 
 
-def resolve_bucket(explicit: str | None, config_file: Path | None) -> str:
-    return named_bucket(explicit, config_file).name
-
-
 def named_bucket(explicit: str | None, config_file: Path | None) -> NamedBucket:
     """The first of --bucket, $S3_BUCKET_NAME and each env_file_candidates file that names a
     bucket. An explicit --bucket is used as given: an empty one is an error, never a

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     # would end it): that one waits for this flush's record as it would for a daemon's.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     state = daemons_state_dir(config)
-    refuse_another_bucket(bucket, running_report(state), named.source if named else None)
+    refuse_another_bucket(named, running_report(state))
     delegated = request_daemon_flush(state)
     if delegated is not None:
         return report_left_behind(delegated, "the daemon's flush")

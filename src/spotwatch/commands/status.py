@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from spotwatch.bucket import NO_BUCKET, NoBucket
+from spotwatch.bucket import NO_BUCKET, NamedBucket, NoBucket
 from spotwatch.commands import load_optional_bucket
 from spotwatch.commands.daemon_dir import daemons_state_dir
 from spotwatch.config import Config
@@ -23,19 +23,18 @@ from spotwatch.sync.ledger import Ledger
 
 def run(args: argparse.Namespace) -> int:
     config, named = load_optional_bucket(args)
-    report = (gather_status(config, None) if named is None
-              else gather_status(config, named.name, named.source))
+    report = gather_status(config, named)
     if args.healthy:
         return 0 if report["healthy"] else 1
     print_text(json.dumps(report, indent=2) if args.json else render_status(report))
     return 0
 
 
-def gather_status(config: Config, bucket: str | None,
-                  named_in: str | None = None) -> dict[str, Any]:
-    """bucket: None when none is named to this command; the running daemon's then (its
-    report names it), else a NoBucket error. named_in: where the bucket was named."""
+def gather_status(config: Config, named: NamedBucket | None) -> dict[str, Any]:
+    """named: None when no bucket is named to this command; the running daemon's then (its
+    report names it), else a NoBucket error."""
     state = daemons_state_dir(config)
+    bucket = named.name if named is not None else None
     report: dict[str, Any] = {"bucket": bucket, "state_dir": str(state.path)}
     holder = lock_holder(state)
     read_status = cache(state.read_status)  # status.json read once, wherever it is asked for
@@ -48,7 +47,7 @@ def gather_status(config: Config, bucket: str | None,
         # it to the daemon alone): what a crash left behind is shown all the same.
         last = read_status() if holder is None else None
         bucket = report["bucket"] = _daemons_bucket(current or last)
-    refuse_another_bucket(bucket, current, named_in)
+    refuse_another_bucket(named, current)
     flushing_once = current is not None and current.get("role") == "flush"
     report["daemon_pid"] = None if flushing_once else holder
     report["flush_pid"] = holder if flushing_once else None
@@ -69,19 +68,18 @@ def gather_status(config: Config, bucket: str | None,
     return report
 
 
-def refuse_another_bucket(bucket: str | None, current: dict[str, Any] | None,
-                          named_in: str | None = None) -> None:
+def refuse_another_bucket(named: NamedBucket | None, current: dict[str, Any] | None) -> None:
     """Invariant: status and flush speak of one bucket. Named one the running spotwatch (the
     state lock's holder, `current` its report) does not upload to, they would mix its report
     with another bucket's uploads, or hand a flush meant for that bucket to it: a usage
-    error instead, saying where the bucket was named (named_in)."""
-    named = current.get("bucket") if current is not None else None
-    if bucket is None or not isinstance(named, str) or not named or named == bucket:
+    error instead, saying where the bucket was named."""
+    running = current.get("bucket") if current is not None else None
+    if named is None or not isinstance(running, str) or not running or running == named.name:
         return
-    where = f", from {named_in}" if named_in else ""
     pid = current.get("pid") if current else None
-    raise ConfigError(f"the bucket named here ({bucket}{where}) is not the one the running "
-                      f"spotwatch (pid {pid}) uploads to ({named}): name its bucket, or none")
+    raise ConfigError(f"the bucket named here ({named.name}, from {named.source}) is not the "
+                      f"one the running spotwatch (pid {pid}) uploads to ({running}): name "
+                      "its bucket, or none")
 
 
 def running_report(state: StateDir) -> dict[str, Any] | None:
