@@ -31,6 +31,7 @@ from msgspec import inspect as mi
 
 from spotwatch.errors import ConfigError
 from spotwatch.keys import S3_KEY_MAX_BYTES, object_key
+from spotwatch.mounts import file_system_type
 from spotwatch.state import default_state_dir
 
 MiB = 1024 * 1024
@@ -1042,7 +1043,6 @@ def _refuse_state_dir_not_directory(path: Path) -> None:
 KERNEL_FILE_SYSTEMS = frozenset({
     "proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "configfs",
     "pstore", "bpf", "efivarfs", "devpts", "binfmt_misc", "fusectl", "mqueue"})
-MOUNT_TABLE = Path("/proc/self/mounts")
 
 
 def _refuse_state_dir_on_kernel_fs(path: Path) -> None:
@@ -1052,30 +1052,10 @@ def _refuse_state_dir_on_kernel_fs(path: Path) -> None:
     found = _nearest_existing(path)
     if found is None:
         return
-    fs_type = _file_system_type(Path(os.path.realpath(found[0])))
+    fs_type = file_system_type(Path(os.path.realpath(found[0])))
     if fs_type in KERNEL_FILE_SYSTEMS:
         raise ConfigError(f"config key 'state.dir' ({path}) is on a {fs_type} file system, "
                           "which cannot keep state: set state.dir to a directory on a disk")
-
-
-def _file_system_type(real: Path) -> str | None:
-    """The type of the file system mounted nearest above a resolved path (the last mount
-    there, which hides earlier ones); None when the mount table cannot be read."""
-    try:
-        lines = MOUNT_TABLE.read_text().splitlines()
-    except OSError:
-        return None
-    best: tuple[int, str] | None = None
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        # The table writes a space in a mount point as \040 (and tab, newline, backslash).
-        mount = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))
-        depth = len(mount.parts)
-        if at_or_below(real, mount) and (best is None or depth >= best[0]):
-            best = (depth, fields[2])
-    return best[1] if best else None
 
 
 def require_notice_file_place(config: Config) -> None:

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from spotwatch.mounts import is_mount_point
 from spotwatch.state import default_state_dir
 
 NOTICE_FILE_ENV = "SPOTWATCH_NOTICE_FILE"
@@ -57,21 +58,9 @@ def passed_over_notice_dir(state_dir: Path) -> Path | None:
     for directory, usable in notice_dirs(state_dir):
         if usable:
             return None
-        if os.path.lexists(directory / NOTICE_FILE_NAME) or _is_mount_point(directory):
+        if os.path.lexists(directory / NOTICE_FILE_NAME) or is_mount_point(directory):
             return directory
     return None
-
-
-def _is_mount_point(directory: Path) -> bool:
-    """By the mount table, so that a bind mount from the same file system counts too."""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as table:
-            points = {line.split()[4] for line in table if len(line.split()) > 4}
-    except OSError:
-        return os.path.ismount(directory)
-    # The table escapes space, tab, newline and backslash in octal.
-    escaped = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in str(directory))
-    return escaped in points
 
 
 def notice_file_candidates() -> list[Path]:
