@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from spotwatch.aws.crt_store import make_store
 from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import StoreError, store_error
 from spotwatch.config import TransferSettings
+from spotwatch.daemon.flush import OVERDUE_GRACE_SECONDS
 from spotwatch.emulator import Fault, ImdsEmulator
 from spotwatch.state import StateDir, StateLock
 from spotwatch.sync.ledger import Ledger
@@ -577,6 +579,29 @@ def test_a_one_shot_flush_that_s3_refuses_a_file_says_so_on_stderr(
         f"spotwatch: error: the flush left 1 failing files: {denied} (the first failed with: "
         "An error occurred (AccessDenied) when calling the PutObject operation: Access Denied)")
     assert object_bytes(s3, workspace.bucket, "run1/kept.pt") == kept
+
+
+def test_a_one_shot_flush_with_s3_down_ends_near_stop_timeout_checks_included(
+        workspace: Workspace) -> None:
+    """S3 refusing every connection: the checks before the flush (region, public access) take
+    their time out of sync.stop_timeout, not on top of it. The flush still tries each file
+    once more, then ends: within the stop_timeout and the grace a flush gives uploads in
+    flight (once over twice the stop_timeout, checks and flush each taking all of it)."""
+    stop_timeout = 8
+    workspace.write_config(sync={"stop_timeout": stop_timeout})
+    pending = workspace.checkpoints / "a.pt"
+    checkpoint_data(pending, 1_000)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, never listening
+        started = time.monotonic()
+        result = workspace.cli("flush", "-c", str(workspace.config_file), timeout=120,
+                               AWS_ENDPOINT_URL=refused)
+        seconds = time.monotonic() - started
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("spotwatch: error: the flush ")
+    assert str(pending) in result.stderr or "not yet durable" in result.stderr
+    assert seconds < stop_timeout + OVERDUE_GRACE_SECONDS, result.stderr
 
 
 def spawn_cli(workspace: Workspace, proxy: FaultProxy,

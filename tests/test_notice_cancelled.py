@@ -193,7 +193,7 @@ def test_a_new_spot_notice_after_a_restart_leaves_the_trainer_the_soonest(
     config = load_config(workspace.config_file)
     now = datetime.now(UTC)
     earlier = Daemon(config, workspace.bucket)
-    earlier._learn(spot_notice(now + timedelta(seconds=1), "before the restart"))
+    earlier._learn(spot_notice(now + timedelta(seconds=30), "before the restart"))
     daemon = Daemon(config, workspace.bucket)
     daemon._told = earlier._told  # as a restart reads it from the state directory
     event = Notice.make(NoticeKind.SCHEDULED_EVENT, now + timedelta(minutes=1), "event-1",
@@ -219,3 +219,65 @@ def test_a_garbled_spot_answer_replaces_no_notice(workspace: Workspace) -> None:
     told = interruption_pending(notice_file)
     assert told is not None and told["deadline"] == due.isoformat()
     assert len(daemon.notice_report().in_effect) == 2
+
+
+def test_a_peers_notice_that_ran_out_keeps_no_own_notice_from_the_trainer(
+        workspace: Workspace) -> None:
+    """A peer's spot notice, due a minute ago (its node went then and never withdraws it), is
+    what the trainer was told: this instance's own spot notice, due in two minutes, is told
+    over it and its hooks act. One due before the peer's time ran out would have been kept."""
+    notice_file = workspace.root / "shared" / "notice.json"
+    acted = workspace.root / "acted.txt"
+    workspace.write_config(hooks={"notice_file": str(notice_file),
+                                  "command": f"echo $SPOTWATCH_NOTICE_SOURCE >> {acted}"})
+    daemon = Daemon(load_config(workspace.config_file), workspace.bucket)
+    now = datetime.now(UTC)
+    peer = Notice.make(NoticeKind.SPOT_INTERRUPTION, now - timedelta(minutes=1), "peer",
+                       detail="terminate", peer_rank=0)
+    with capture_logs() as logs:
+        daemon._learn(peer)
+        assert (interruption_pending(notice_file) or {}).get("source") == "peer"
+        daemon._learn(spot_notice(now + timedelta(minutes=2), "own"))
+    told = interruption_pending(notice_file)
+    assert told is not None and told["source"] == "imds"
+    assert told["deadline"] == (now + timedelta(minutes=2)).isoformat()
+    assert not [event for event in logs if event["event"] == "notice_file_kept"]
+    wait_for(lambda: acted.exists() and acted.read_text().split() == ["peer", "imds"])
+
+
+def test_a_peers_notice_still_ahead_keeps_a_later_own_notice_from_the_trainer(
+        workspace: Workspace) -> None:
+    """The other side of the rule: the peer's time still to come, the trainer keeps it."""
+    notice_file = workspace.root / "shared" / "notice.json"
+    workspace.write_config(hooks={"notice_file": str(notice_file)})
+    daemon = Daemon(load_config(workspace.config_file), workspace.bucket)
+    now = datetime.now(UTC)
+    peer = Notice.make(NoticeKind.SPOT_INTERRUPTION, now + timedelta(minutes=1), "peer",
+                       detail="terminate", peer_rank=0)
+    with capture_logs() as logs:
+        daemon._learn(peer)
+        daemon._learn(spot_notice(now + timedelta(minutes=2), "own"))
+    assert (interruption_pending(notice_file) or {}).get("source") == "peer"
+    assert [event["event"] for event in logs].count("notice_file_kept") == 1
+
+
+def test_a_peers_scale_in_ends_once_long_past_and_the_own_stays(workspace: Workspace) -> None:
+    """A peer's Auto Scaling Terminated (no time: due two minutes after it was learnt) ends
+    once that is over ten minutes past, as a spot notice does; this instance's own scale-in
+    holds until the instance goes."""
+    notice_file = workspace.root / "shared" / "notice.json"
+    workspace.write_config(hooks={"notice_file": str(notice_file)})
+    daemon = Daemon(load_config(workspace.config_file), workspace.bucket)
+    now = datetime.now(UTC)
+    daemon._learn(Notice.make(NoticeKind.ASG_TERMINATING, None, "Terminated", "peer",
+                              detail="Terminated", peer_rank=1))
+    assert (interruption_pending(notice_file) or {}).get("source") == "peer"
+    daemon._end_outlived_notices(now + timedelta(minutes=11))
+    assert notice_file.exists()  # due at +2 min: only 9 minutes past
+    daemon._end_outlived_notices(now + timedelta(minutes=13))
+    assert not notice_file.exists()
+    own = Daemon(load_config(workspace.config_file), workspace.bucket)
+    own._learn(Notice.make(NoticeKind.ASG_TERMINATING, None, "Terminated", detail="Terminated"))
+    own._end_outlived_notices(now + timedelta(days=1))
+    assert (interruption_pending(notice_file) or {}).get("kind") == "asg-terminating"
+    assert len(own.notice_report().in_effect) == 1

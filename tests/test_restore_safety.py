@@ -83,6 +83,28 @@ def test_replaced_object_makes_the_set_corrupt_and_restore_falls_back(
     assert [e["action"] for e in named(chosen.stderr, "set_corrupt")] == ["none left to try"]
 
 
+@pytest.mark.parametrize("client", ["classic", "crt"])
+def test_a_response_damaged_on_the_way_is_fetched_again_not_a_corrupt_set(
+        workspace: Workspace, s3: Any, proxy: FaultProxy, client: str) -> None:
+    """The object intact in S3, one response to its GET damaged in transit: restore fetches it
+    again and brings back the newest set, never passing it over for an older one."""
+    sets = make_sets(workspace)
+    workspace.write_config(transfer={"client": client})
+    damaged = proxy.add("corrupt", lambda r: r.method == "GET"
+                        and r.path.endswith("/run1/step_2/optim.pt"), times=1)
+    target = workspace.root / "restored"
+    result = workspace.cli("restore", "-c", "config.yaml", "--to", str(target),
+                           AWS_ENDPOINT_URL=proxy.url)
+    assert damaged.applied == 1
+    assert result.returncode == 0, result.stderr
+    assert "restored step_2" in result.stdout and "passed over" not in result.stdout
+    assert not named(result.stderr, "set_corrupt")
+    assert [e["key"] for e in named(result.stderr, "download_mismatch_retried")] == [
+        "run1/step_2/optim.pt"]
+    for name, data in sets["step_2"].items():
+        assert (target / "step_2" / name).read_bytes() == data
+
+
 def test_a_stale_local_copy_is_downloaded_again(workspace: Workspace, s3: Any) -> None:
     sets = make_sets(workspace)
     local = workspace.checkpoints / "step_2" / "model.pt"

@@ -25,6 +25,7 @@ from spotwatch.emulator import ImdsEmulator
 from .conftest import REGION, Daemon, Workspace, block_public_access, keys_in, wait_for
 from .faultproxy import FaultProxy
 from .test_daemon_e2e import save_checkpoint
+from .test_metrics import scrape
 
 
 def free_port() -> int:
@@ -97,6 +98,10 @@ def test_notices_reach_the_trainer_while_s3_is_down_and_uploads_follow(
         assert shown.returncode == 0, shown.stderr
         assert "waiting for S3" in shown.stdout and "checks pending" in shown.stdout
         assert outage.cli("status", "-c", str(outage.config_file), "--healthy").returncode == 1
+        # The metrics say what status.json says: IMDS is up, whatever S3 does.
+        assert status["imds_up"] is True and status["metrics_url"]
+        assert wait_for(lambda: scrape(status["metrics_url"]).get(
+            ("spotwatch_imds_up", ())) == 1)
 
         imds.fire_spot_interruption("terminate", in_seconds=120)
         told = json.loads(wait_for(lambda: notice_file.is_file() and notice_file.read_text()))

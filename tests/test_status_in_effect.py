@@ -186,25 +186,28 @@ def test_flush_joining_a_notices_flush_blames_the_stop_that_cut_it_short(
     assert record["reason"] == "spot-interruption" and record["cut_short_by_stop"] is True
 
 
-@given(st.lists(st.tuples(st.sampled_from(list(NoticeKind)),
+@given(st.lists(st.tuples(st.sampled_from(list(NoticeKind)), st.none() | st.integers(0, 3),
                           st.integers(-3600, 3600), st.integers(-3600, 0)), max_size=6),
        st.integers(-3600, 3600))
-def test_only_spot_notices_long_past_and_long_known_are_outlived(
-        notices: list[tuple[NoticeKind, int, int]], clock: int) -> None:
-    """Invariant: a spot notice ends by time only once both its time and its detection are
-    over SPOT_NOTICE_OUTLIVED ago; every other notice stays until AWS withdraws it."""
+def test_only_spot_notices_and_peers_scale_ins_long_past_and_long_known_are_outlived(
+        notices: list[tuple[NoticeKind, int | None, int, int]], clock: int) -> None:
+    """Invariant: a spot notice (this instance's or a peer's) and a peer's scale-in end by
+    time only once both their time and their detection are over SPOT_NOTICE_OUTLIVED ago;
+    every other notice, this instance's own scale-in too, stays until it is withdrawn."""
     in_effect = NoticesInEffect()
     made = []
-    for index, (kind, due_in, known_for) in enumerate(notices):
+    for index, (kind, peer_rank, due_in, known_for) in enumerate(notices):
         due = NOW + timedelta(seconds=due_in)
-        notice = Notice.make(kind, due, str(index))
+        notice = Notice.make(kind, due, str(index), peer_rank=peer_rank)
         made.append(Held(notice, {"id": notice.id}, NOW + timedelta(seconds=known_for),
                          due))
         in_effect.add(made[-1])
     now = NOW + timedelta(seconds=clock)
     ended = {held.notice.id for held in in_effect.outlived(now)}
     assert ended == {held.notice.id for held in made
-                     if held.notice.kind is NoticeKind.SPOT_INTERRUPTION
+                     if (held.notice.kind is NoticeKind.SPOT_INTERRUPTION
+                         or (held.notice.kind is NoticeKind.ASG_TERMINATING
+                             and held.notice.peer_rank is not None))
                      and held.due is not None
                      and max(held.due, held.detected) < now - SPOT_NOTICE_OUTLIVED}
     assert {held.notice.id for held in in_effect.by_urgency()} == {

@@ -36,7 +36,7 @@ from spotwatch.aws.s3 import make_s3_client
 from spotwatch.aws.store import ObjectStore
 from spotwatch.checksums import ContentMismatch, Expected, PartDigests, expected, file_matches
 from spotwatch.config import MiB, TransferSettings
-from spotwatch.sync.downloads import FileToFetch, SetCorrupt, fetch_verified
+from spotwatch.sync.downloads import MISMATCH_ATTEMPTS, FileToFetch, SetCorrupt, fetch_verified
 from spotwatch.sync.sets.manifest import ManifestEntry
 
 from .conftest import REGION, wait_for
@@ -334,12 +334,10 @@ def test_a_full_object_crc_of_a_multipart_object_is_checked_from_its_pieces(
         store.close()
 
 
-def test_an_object_fetched_in_pieces_restores_and_corrupted_is_a_corrupt_set(
+def test_an_object_fetched_in_pieces_restores(
         tmp_path: Path, s3: Any, bucket: str, client: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A set's file fetched in pieces: verified, or, its bytes corrupted on the way, the set
-    is corrupt (the pieces' CRCs do not make up the manifest's, and reading the file back
-    says so)."""
+    """A set's file fetched in pieces (one PUT, a full-object CRC made up of the pieces')."""
     size = 2 * PIECE_SIZE + 11
     data = os.urandom(size)
     entry = ManifestEntry("k", "k", size, 1, put(s3, bucket, "k", data), None, "CRC32")
@@ -352,11 +350,39 @@ def test_an_object_fetched_in_pieces_restores_and_corrupted_is_a_corrupt_set(
                            lambda _: None, [])
             assert (tmp_path / "k.tmp").read_bytes() == data
             assert proxy.count("GET") == 3
-            proxy.add("corrupt", ranged_gets, times=1)
+        finally:
+            store.close()
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_bytes_damaged_on_the_way_are_fetched_again_and_damaged_at_rest_are_a_corrupt_set(
+        tmp_path: Path, s3: Any, bucket: str, client: str, shape: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A response damaged in transit (its object intact in S3) is no corrupt set: the file is
+    fetched again, its first attempts' progress taken back. Only bytes that fail every one of
+    MISMATCH_ATTEMPTS downloads (damaged at rest, or on every way) make the set corrupt."""
+    size, part_size = SHAPES[shape]
+    data = os.urandom(size)
+    checksum = put(s3, bucket, "k", data, part_size)
+    entry = ManifestEntry("k", "k", size, 1, checksum, None, "CRC32")
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        store = store_for(bucket, client)
+        try:
+            proxy.add("corrupt", ranged_gets, times=MISMATCH_ATTEMPTS - 1)
+            progress: list[int] = []
+            fetch_verified(store, [FileToFetch(entry, tmp_path / "k.tmp", part_size)],
+                           "CRC32", progress.append, [])
+            assert proxy.count("GET", "corrupt") == MISMATCH_ATTEMPTS - 1
+            assert (tmp_path / "k.tmp").read_bytes() == data
+            assert sum(progress) == size
+
+            proxy.add("corrupt", ranged_gets, times=10**6)
+            temps: list[Path] = []
             with pytest.raises(SetCorrupt):
-                fetch_verified(store, [FileToFetch(entry, tmp_path / "c.tmp", None)],
-                               "CRC32", lambda _: None, [])
-            assert proxy.count("GET", "corrupt") == 1
+                fetch_verified(store, [FileToFetch(entry, tmp_path / "c.tmp", part_size)],
+                               "CRC32", lambda _: None, temps)
+            assert temps == [tmp_path / "c.tmp"]  # one temporary, however many attempts
         finally:
             store.close()
 

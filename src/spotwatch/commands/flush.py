@@ -43,6 +43,9 @@ POLL_SECONDS = 0.2
 def run(args: argparse.Namespace) -> int:
     # A flush through the running daemon needs no bucket (the systemd unit names it to the
     # daemon alone); a flush of its own does.
+    # A flush of its own waits for S3 up to sync.stop_timeout from here, the checks before it
+    # included: a shutdown script budgets its time by it.
+    began = time.monotonic()
     config, named = load_optional_bucket(args, uploads=True)
     bucket = named.name if named is not None else None
     # Invariant: a one-shot flush outlives another `spotwatch flush` asking it (SIGUSR1, which
@@ -60,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     bar = ProgressBar("flushing", 0)
     # No terminal: no bar, so no per-chunk callbacks or byte sums either.
     daemon = Daemon(config, bucket, client)
-    outcome = daemon.flush_once(BarWatcher(bar) if bar.enabled else None)
+    outcome = daemon.flush_once(BarWatcher(bar) if bar.enabled else None,
+                                until=began + config.sync.stop_timeout)
     get_logger("spotwatch").info(
         "flush_summary", files=outcome.files, bytes=outcome.bytes, failed=outcome.failed)
     return max(outcome.exit_code, report_left_behind(daemon.flushes.last or {}, "the flush"))

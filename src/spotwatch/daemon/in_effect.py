@@ -3,7 +3,7 @@ lifted (any notice), pruning paused, frequent scans and files settled at once (f
 before one is due), the trainer's notice file. A notice stays in effect until AWS withdraws it
 (a maintenance event cancelled or over), or, for a spot interruption notice, which AWS never
 withdraws, until a new one replaces it or its time is long past with the instance still
-running; the daemon's flushes and counts are its own."""
+running (a peer's scale-in alike); the daemon's flushes and counts are its own."""
 
 from __future__ import annotations
 
@@ -85,11 +85,10 @@ class NoticesInEffect:
                              and held.notice.id != notice.id])
 
     def outlived(self, now: datetime) -> list[Held]:
-        """The spot notices whose time, and their detection, passed SPOT_NOTICE_OUTLIVED ago,
-        the instance still running, no longer in effect."""
+        """The notices that mean an instance goes at their time (outlives) whose time, and
+        their detection, passed SPOT_NOTICE_OUTLIVED ago, no longer in effect."""
         return self._remove([held for held in self._held.values()
-                             if held.notice.kind is NoticeKind.SPOT_INTERRUPTION
-                             and held.due is not None
+                             if outlives(held.notice) and held.due is not None
                              and spot_notice_outlived(held.due, held.detected, now)])
 
     def _remove(self, gone: list[Held]) -> list[Held]:
@@ -135,6 +134,14 @@ def replaces_spot_notices(notice: Notice) -> bool:
     the one instance-action holds now, in place of any before it."""
     return (notice.kind is NoticeKind.SPOT_INTERRUPTION and notice.peer_rank is None
             and notice.deadline is not None)
+
+
+def outlives(notice: Notice) -> bool:
+    """Whether the notice ends once long past: a spot notice (AWS never withdraws one), and
+    a peer's Auto Scaling scale-in (its node goes, and never withdraws it). This instance's
+    own scale-in holds until the instance goes: its lifecycle action waits on the flush."""
+    return notice.kind is NoticeKind.SPOT_INTERRUPTION or (
+        notice.kind is NoticeKind.ASG_TERMINATING and notice.peer_rank is not None)
 
 
 def spot_notice_outlived(due: datetime, known_since: datetime, now: datetime) -> bool:

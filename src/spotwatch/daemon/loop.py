@@ -198,14 +198,17 @@ class Daemon:
                     self._publisher.stop(PEERS_STOP_WAIT)
                 self._withdraw_claim()
 
-    def flush_once(self, watcher: FlushWatcher | None = None) -> RunOutcome:
-        """Upload everything pending, waiting for files being written to settle."""
+    def flush_once(self, watcher: FlushWatcher | None = None,
+                   until: float | None = None) -> RunOutcome:
+        """Upload everything pending, waiting for files being written to settle and for files
+        failing for a transient reason up to sync.stop_timeout from the flush's start, or up
+        to `until` (monotonic: the command's own limit, which its checks before began to use)."""
         self.reporter.role = "flush"
         with self._session() as parts:
             engine = self._observe(parts)
             if watcher is not None:
                 watcher.attach(engine)
-            self._start_flush(engine, "manual", None, scan=False)
+            self._start_flush(engine, "manual", None, until=until, scan=False)
             while True:
                 self._step(engine)  # finishes the flush once nothing is left
                 if watcher is not None:
@@ -544,9 +547,12 @@ class Daemon:
         one that means the instance goes now (see due_by) counts as due within two minutes,
         so it is never kept behind an event due days later. A restarted daemon starts from
         the notice file it kept, whatever order IMDS answers in. (A new spot interruption
-        notice ends the one before it instead: see in_effect.superseded_by.)"""
+        notice ends the one before it instead: see in_effect.superseded_by.) A deadline that
+        has passed holds nothing back: a peer's notice, whose node went at its time and never
+        withdraws it, would otherwise keep this instance's own notice from the trainer."""
         told, notice, due = self._told, held.notice, held.due
         if (told is not None and told.deadline is not None
+                and told.deadline > datetime.now(UTC)
                 and (due is None or due > told.deadline
                      or (due == told.deadline and told.id != notice.id))):
             log.info("notice_file_kept", id=notice.id, kind=notice.kind.value,
@@ -583,9 +589,9 @@ class Daemon:
         self._end_notices(gone, reason)
 
     def _end_outlived_notices(self, now: datetime) -> None:
-        """Spot notices whose time is long past, the instance still running, are over
-        (in_effect.SPOT_NOTICE_OUTLIVED): also one the trainer was told of by an earlier run,
-        known of since this process began."""
+        """Spot notices (and peers' scale-ins) whose time is long past, the instance still
+        running, are over (in_effect.outlives): also a spot notice the trainer was told of by
+        an earlier run, known of since this process began."""
         gone = {held.notice.id: held.record for held in self._in_effect.outlived(now)}
         told = self._told
         if (told is not None and told.kind == NoticeKind.SPOT_INTERRUPTION.value

@@ -215,6 +215,9 @@ class Reporter:
             return
         self._status_due = time.monotonic() + STATUS_INTERVAL_SECONDS
         imds_up = self._imds.up if self._imds is not None else None
+        # The gauges too: a metric that said IMDS down while status.json says up raised a
+        # false alert through every wait for S3 at a boot.
+        self._set_up_gauges(imds_up, self._peers.up if self._peers is not None else None)
         self._publish({
             "waiting_for_s3": self._waiting,
             "imds_up": imds_up,
@@ -316,6 +319,9 @@ class Reporter:
         capped = self._bandwidth is not None and not self._bandwidth.lifted
         self.metrics.bandwidth_cap.set(self._bandwidth.rate if capped and self._bandwidth else 0)
         self.metrics.degraded = tuple(degraded)
+        self._set_up_gauges(imds_up, peers_up)
+
+    def _set_up_gauges(self, imds_up: bool | None, peers_up: bool | None) -> None:
         if self.metrics.imds_up is not None and imds_up is not None:
             self.metrics.imds_up.set(1 if imds_up else 0)
         if self.metrics.peers_up is not None and peers_up is not None:

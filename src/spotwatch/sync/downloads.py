@@ -6,16 +6,19 @@ connections move the bytes, and no thread here waits on any one download (a thre
 cost a fifth of a small-file restore's CPU in wake-ups). A download whose bytes the store
 checked on the way only gets its mtime; one it could not check is read back on a checker thread.
 
-The first failure stops new downloads and cancels those under way; it is raised once every
-download has ended, so no temporary is still being written when the caller removes them. The
-set's completeness check (one listing) runs beside the downloads instead of before them, and a
-set it finds incomplete is SetIncomplete whatever else failed.
+A file whose bytes do not match is fetched again, up to MISMATCH_ATTEMPTS in all, before the
+set counts as corrupt (see _retried). The first failure stops new downloads and cancels those
+under way; it is raised once every download has ended, so no temporary is still being written
+when the caller removes them. The set's completeness check (one listing) runs beside the
+downloads instead of before them, and a set it finds incomplete is SetIncomplete whatever else
+failed.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from typing import Literal
 
 from spotwatch.aws.store import ObjectStore, PendingDownload, StoreError
 from spotwatch.checksums import ContentMismatch, expected, file_matches
+from spotwatch.logs import get_logger
 from spotwatch.progress import Progress
 from spotwatch.sync.sets.manifest import ManifestEntry
 
@@ -32,6 +36,14 @@ from spotwatch.sync.sets.manifest import ManifestEntry
 # at once that each of its workers (the CRT: each connection) always has the next one queued.
 MIN_WINDOW = 64
 WINDOW_PER_WORKER = 4
+# How often a file is fetched before bytes that do not match its entry make its set corrupt.
+# Bytes can be damaged on the way (a proxy, a NIC, a bad cable) as well as at rest: taken for
+# a corrupt set at once, one damaged response had restore hand back an older checkpoint, and
+# the pointer it put back (`latest`) then sent every later restore there too. Bytes damaged at
+# rest fail every attempt.
+MISMATCH_ATTEMPTS = 3
+
+log = get_logger("spotwatch.restore")
 
 
 class SetCorrupt(Exception):
@@ -86,6 +98,7 @@ class _SetFetch:
         self._incomplete = False
         self._checker = ThreadPoolExecutor(max_workers=max(1, store.max_concurrency),
                                            thread_name_prefix="restore-check")
+        self._attempts: dict[FileToFetch, _Attempt] = {}
 
     def run(self, files: Sequence[FileToFetch], complete: Callable[[], bool] | None) -> None:
         try:
@@ -122,9 +135,13 @@ class _SetFetch:
             entry = file.entry
             check = expected(entry.checksum, file.part_size, self._preferred,
                              entry.checksum_algorithm) if entry.checksum else None
-            self._temps.append(file.temp)  # before a byte is written: the caller removes it
+            earlier = self._attempts.get(file)
+            if earlier is None:
+                self._temps.append(file.temp)  # before a byte is written: the caller removes it
+            attempt = self._attempts[file] = _Attempt(
+                self._progress, 1 if earlier is None else earlier.number + 1)
             pending = self._store.start_download(file.source or entry.key, file.temp,
-                                                 entry.size, self._progress, check)
+                                                 entry.size, attempt.progress, check)
         except Exception as exc:  # e.g. ChecksumUnavailable: no download started
             self._fail(exc)
             return
@@ -152,9 +169,12 @@ class _SetFetch:
             self._incomplete = True
             self._fail(SetIncomplete())
             return
+        if error is not None and isinstance(error, (ContentMismatch, SetCorrupt)):
+            if not self._retried(file, error):
+                self._fail(SetCorrupt(str(error)))
+            return
         if error is not None:
-            self._fail(SetCorrupt(str(error)) if isinstance(error, ContentMismatch)
-                       else _naming(error, file.temp))
+            self._fail(_naming(error, file.temp))
             return
         if self._failure is not None:
             return
@@ -165,6 +185,20 @@ class _SetFetch:
             os.utime(file.temp, ns=(file.entry.mtime_ns, file.entry.mtime_ns))
         except OSError as exc:
             self._fail(exc)
+
+    def _retried(self, file: FileToFetch, error: BaseException) -> bool:
+        """Whether the file's download started again after bytes that did not match its entry
+        (or its object's own checksum), with the progress its attempt reported taken back;
+        not once MISMATCH_ATTEMPTS are spent or the set has failed otherwise."""
+        attempt = self._attempts[file]
+        if (self._failure is not None or attempt.number >= MISMATCH_ATTEMPTS
+                or file.entry.checksum is None):  # nothing that a new download could match
+            return False
+        log.warning("download_mismatch_retried", key=file.source or file.entry.key,
+                    attempt=attempt.number + 1, of=MISMATCH_ATTEMPTS, reason=str(error))
+        attempt.take_back()
+        self._start(file)
+        return True
 
     def _read_back(self, file: FileToFetch) -> bool:
         """Checks a download the store could not check on the way."""
@@ -180,6 +214,27 @@ class _SetFetch:
             self._failure = error
         for pending in self._under_way.values():
             pending.cancel()
+
+
+class _Attempt:
+    """One attempt at a file's download: its number (from 1) and the bytes it reported to the
+    restore's progress, which a retry takes back (ranged GETs report from several threads)."""
+
+    def __init__(self, progress: Progress, number: int) -> None:
+        self.number = number
+        self._progress = progress
+        self._reported = 0
+        self._lock = threading.Lock()
+
+    def progress(self, size: int) -> None:
+        with self._lock:
+            self._reported += size
+        self._progress(size)
+
+    def take_back(self) -> None:
+        with self._lock:
+            reported, self._reported = self._reported, 0
+        self._progress(-reported)
 
 
 # The error number an OSError raised without one stands for (the CRT reports a temporary
@@ -209,5 +264,6 @@ def fetch_verified(store: ObjectStore, files: Sequence[FileToFetch], preferred: 
     should anything fail. complete: the set's completeness check, run beside the downloads.
 
     preferred: the configured checksum algorithm (see checksums.expected). Raises SetCorrupt
-    when a file's bytes differ from its entry, SetIncomplete when complete() says so."""
+    when a file's bytes differ from its entry in each of MISMATCH_ATTEMPTS downloads,
+    SetIncomplete when complete() says so."""
     _SetFetch(store, preferred, progress, temps).run(files, complete)
