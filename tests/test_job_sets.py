@@ -421,3 +421,52 @@ def test_a_rerun_restore_onto_files_already_there_keeps_the_sets_parts(
     result = restore(nodes[1], "--to", str(nodes[1].root / "whole"))
     assert result.returncode == 0, result.stderr
     assert "restored step_1" in result.stdout
+
+
+def save_deepspeed_step(nodes: list[Workspace], step: str, ranks: range | list[int]
+                        ) -> dict[str, bytes]:
+    """What DeepSpeed writes for a step: each rank its states; rank 0 then `latest`."""
+    files = {}
+    for rank in ranks:
+        name = f"{step}/mp_rank_{rank:02d}_model_states.pt"
+        files[name] = save_checkpoint(nodes[rank].checkpoints / name, 120_000 + rank)
+    (nodes[0].checkpoints / "latest.tmp").write_text(step)
+    (nodes[0].checkpoints / "latest.tmp").rename(nodes[0].checkpoints / "latest")
+    return files
+
+
+def pointer_sealed(s3: Any, bucket: str, text: str) -> bool:
+    return (part_key(PREFIX, JOB, "latest", 0) in keys_in(s3, bucket)
+            and object_bytes(s3, bucket, PREFIX + "latest") == text.encode())
+
+
+def test_a_pointer_only_rank_0_writes_comes_back_on_every_node_naming_the_step_restored(
+        nodes: list[Workspace], daemons: list[Daemon], replacement: Workspace, s3: Any,
+        bucket: str) -> None:
+    """DeepSpeed's `latest`, written by rank 0 alone, is a set only rank 0 seals a part of.
+    Every node needs it (without it DeepSpeed's load starts from scratch): restore brings it
+    back beside the step it restores, on each node, naming that step, also when the step it
+    named is not complete for the job and an older one is restored."""
+    step_100 = save_deepspeed_step(nodes, "global_step100", range(NODES))
+    wait_for(lambda: sealed(s3, bucket, "global_step100", range(NODES))
+             and pointer_sealed(s3, bucket, "global_step100"), timeout=60)
+    for rank in range(NODES):
+        target = replacement.root / f"node_{rank}"
+        result = restore(replacement, "--to", str(target), "--node-rank", str(rank))
+        assert result.returncode == 0, result.stderr
+        assert "restored global_step100" in result.stdout
+        assert (target / "latest").read_text() == "global_step100"
+        name = f"global_step100/mp_rank_{rank:02d}_model_states.pt"
+        assert (target / name).read_bytes() == step_100[name]
+
+    # Node 2 is reclaimed before it writes global_step200; rank 0 points `latest` at it.
+    save_deepspeed_step(nodes, "global_step200", [0, 1])
+    wait_for(lambda: sealed(s3, bucket, "global_step200", [0, 1])
+             and pointer_sealed(s3, bucket, "global_step200"), timeout=60)
+    target = replacement.root / "after"
+    result = restore(replacement, "--to", str(target), "--node-rank", "1")
+    assert result.returncode == 0, result.stderr
+    assert "restored global_step100" in result.stdout
+    assert (target / "latest").read_text() == "global_step100"
+    for daemon in daemons:
+        assert daemon.stop() == 0

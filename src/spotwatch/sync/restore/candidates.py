@@ -46,12 +46,19 @@ def restore_candidates(store: ObjectStore, prefix: str, job: JobSettings,
     candidates = []
     for job_set in list_job_sets(store, prefix, job.id, job.nodes):
         whole = job_set.whole
-        problem = job_set.problem()
+        # A pointer (DeepSpeed's `latest`) that one node writes, or each its own: every node
+        # needs it to resume (DeepSpeed's load starts from scratch without it), and restore
+        # makes it name the set restored beside it (beside.with_companions), whichever step
+        # the part it came from named. So it is no less restorable for the parts missing, or
+        # for naming other steps.
+        pointer = is_pointer_set(whole)
+        problem = None if pointer else job_set.problem()
         # A set sealed by a job of another size: which of its files node_rank needs now is
         # for the trainer to say (a resharding load reads across the old shards), so the
         # node gets them all.
         resized = job_set.nodes != job.nodes
-        fetch = whole if node_rank is None or problem or resized else job_set.parts[node_rank]
+        fetch = (whole if node_rank is None or problem or resized or pointer
+                 else job_set.parts[node_rank])
         if resized and node_rank is not None and not problem:
             log.info("set_of_other_job_size", set=whole.set_name, sealed_by_nodes=job_set.nodes,
                      job_nodes=job.nodes, restoring="every node's files")
