@@ -175,7 +175,9 @@ def is_intact(store: ObjectStore, manifest: Manifest,
     Invariant: retention cannot read the bytes, so a set counts toward keep_sets only when
     intact. An object replaced after sealing, even by as many other bytes, has another ETag
     (an MD5 of the bytes, or with SSE-KMS one of its own per upload): its set does not count,
-    so an older set is kept rather than lost to one restore will refuse. An entry without an
+    so an older set is kept rather than lost to one whose bytes may not be those sealed.
+    (Restore reads the bytes, and refuses the set only when they do not match the manifest's
+    checksum: another ETag alone may be the same bytes uploaded again.) An entry without an
     ETag (a manifest written before they were recorded) is judged by its size alone.
 
     sealed: the entries that name each key's uploads (default: the manifest's files); on a
