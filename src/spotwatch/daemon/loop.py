@@ -45,14 +45,14 @@ from spotwatch.notices.claims import (
     STALE_ROUNDS,
     ClaimCheck,
     RankClaims,
-    claims_root,
+    claims_roots,
 )
 from spotwatch.notices.peers import (
     SHARED_KINDS,
     PeerChannel,
     PeerPoller,
     PeerPublisher,
-    channel_prefix,
+    channel_prefixes,
 )
 from spotwatch.notices.poller import NoticePoller
 from spotwatch.notices.sources import due_by
@@ -348,14 +348,16 @@ class Daemon:
         rank = self.config.job.rank
         if not self.config.job.is_multi_node or rank is None:
             return None
-        channel = PeerChannel(parts.store, channel_prefix(self.config), rank)
-        self._publisher = PeerPublisher(channel)
+        # A channel per watched prefix: nodes meet on any prefix they share.
+        channels = [PeerChannel(parts.store, prefix, rank)
+                    for prefix in channel_prefixes(self.config)]
+        self._publisher = PeerPublisher(channels)
         self._publisher.start()
         interval = self.config.job.peer_poll_interval
         claim = parts.claim
         on_claims = None
         if claim is not None:
-            self._claims = RankClaims(parts.store, claims_root(self.config), rank,
+            self._claims = RankClaims(parts.store, claims_roots(self.config), rank,
                                       claim.identity,
                                       interval * CLAIM_EVERY_POLLS * STALE_ROUNDS,
                                       self.config.job.nodes)
@@ -365,7 +367,7 @@ class Daemon:
                 claim.checked(check.live, check.undecided, check.beyond)
                 self._wake.set()  # sets held for the check are sealed at once
 
-        poller = PeerPoller(channel, interval, self.hand_notice,
+        poller = PeerPoller(channels, interval, self.hand_notice,
                             started_at=datetime.now(UTC),
                             on_failure=self.reporter.count_peer_poll_failure,
                             claims=self._claims, on_claims=on_claims)
@@ -379,7 +381,8 @@ class Daemon:
         try:
             self._claims.withdraw()
         except StoreError as exc:  # it goes stale: a replacement waits a little longer
-            log.warning("rank_claim_withdraw_failed", key=self._claims.key, error=str(exc))
+            log.warning("rank_claim_withdraw_failed", keys=self._claims.keys,
+                        error=str(exc))
 
     def _start_poller(self) -> NoticePoller | None:
         reason = disabled_reason(self.config.imds)

@@ -1,23 +1,29 @@
 """Peer notices: the nodes of a multi-node job tell each other of their notices through S3.
 
-The channel lives under the job's key space below the first watched prefix,
-``<prefix>.spotwatch/jobs/<job id>/notices/``:
+A channel lives under the job's key space below a watched prefix,
+``<prefix>.spotwatch/jobs/<job id>/notices/``, and a node uses one per watched prefix: it
+publishes on every one and polls every one, so any two nodes that share a prefix hear each
+other whatever else, or in whichever order, they watch. A notice learnt on several channels is
+one notice (its id is the peer's rank and notice id), handed on once. In one channel:
 
 - ``node-<rank>.json``: the notices this node's daemon got from its own IMDS (newest last).
   Only that node writes it, so two nodes publishing at once never overwrite each other.
 - ``bell``: rewritten, with content never written before, after every write of a node object.
 
-Each node GETs the bell once per ``job.peer_poll_interval`` (1 s: 3,600 GETs an hour, about
-$0.0014 an hour per node at $0.0004 per 1,000). Only when the bell changed does it LIST the
-directory and GET the node objects whose ETag changed. Listing every second instead would cost
-12.5 times as much ($0.005 per 1,000 LISTs: $0.018 an hour per node), and GETting every peer's
-object every second grows with the job's size; one shared object holding every notice would
-lose one of two notices published at once. (A conditional GET answered 304 costs a GET too.)
+Each node GETs each channel's bell once per ``job.peer_poll_interval`` (1 s: 3,600 GETs an
+hour per watched prefix, about $0.0014 an hour per node and prefix at $0.0004 per 1,000). Only
+when a bell changed does it LIST that directory and GET the node objects whose ETag changed.
+Listing every second instead would cost 12.5 times as much ($0.005 per 1,000 LISTs: $0.018 an
+hour per node and prefix), and GETting every peer's object every second grows with the job's
+size; one shared object holding every notice would lose one of two notices published at once.
+(A conditional GET answered 304 costs a GET too.)
 
 Why no notice is lost: a node writes its object before the bell; S3 reads are strongly
 consistent; each bell write is unique. So a poller that reads any bell written after a node's
 object lists after that write, and sees it. A poller keeps a bell as "read" only once it read
-every changed node object; after a failed request it tries again at the next poll.
+every changed node object; after a failed request it tries again at the next poll. A channel
+whose write failed lags until the publisher's retry gets through: of a notice's entries read
+in one poll, the newest change speaks for it (PeerNotice.newer_than).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import json
 import re
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -70,10 +76,18 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def channel_prefix(config: Config) -> str:
-    """Where the job's nodes exchange notices (needs a job id)."""
+def channel_prefix(config: Config, watched: str | None = None) -> str:
+    """The job's channel below the watched prefix `watched` (default the first; needs a job
+    id)."""
     assert config.job.id is not None
-    return job_key_space(config.watch[0].prefix, config.job.id) + NOTICES_DIR
+    return job_key_space(config.watch[0].prefix if watched is None else watched,
+                         config.job.id) + NOTICES_DIR
+
+
+def channel_prefixes(config: Config) -> list[str]:
+    """Every channel this node uses: one per watched prefix (the config refuses overlapping
+    ones), as nodes sharing any prefix must meet on it."""
+    return [channel_prefix(config, watch.prefix) for watch in config.watch]
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,13 @@ class PeerNotice:
     detail: str
     published_at: datetime
     withdrawn: bool = False  # AWS withdrew it from the node that got it (see PeerChannel)
+    withdrawn_at: datetime | None = None
+
+    def newer_than(self, other: PeerNotice) -> bool:
+        """Whether this entry of a notice supersedes another channel's (one whose write
+        failed lags behind): the later change wins, a withdrawal on a tie."""
+        return ((self.withdrawn_at or self.published_at, self.withdrawn)
+                > (other.withdrawn_at or other.published_at, other.withdrawn))
 
     def live(self, now: datetime, started_at: datetime) -> bool:
         """Invariant: a node acts only on a peer notice that is still current: not withdrawn,
@@ -147,7 +168,8 @@ def _decode_entry(entry: object, rank: int) -> PeerNotice | None:
     if published_at is None or (deadline is None and entry.get("deadline") is not None):
         return None
     return PeerNotice(rank, kind, notice_id, deadline, detail[:MAX_TEXT], published_at,
-                      withdrawn=entry.get("withdrawn_at") is not None)
+                      withdrawn=entry.get("withdrawn_at") is not None,
+                      withdrawn_at=_utc(entry.get("withdrawn_at")))
 
 
 def _short_text(value: object) -> bool:
@@ -175,6 +197,8 @@ class PeerChannel:
         self.rank = rank
         self._wall = wall
         self._published: list[dict[str, Any]] = []
+        self._revision = 0  # of _published; the one in S3 is _written
+        self._written = 0
         self._lock = threading.Lock()
 
     def node_key(self, rank: int) -> str:
@@ -191,6 +215,7 @@ class PeerChannel:
         with self._lock:
             entries = [entry for entry in self._published if entry["id"] != notice.id]
             self._published = [*entries, encode_entry(notice, self._wall())][-KEPT_PER_NODE:]
+            self._revision += 1
 
     def withdraw(self, kinds: dict[str, str]) -> bool:
         """Mark this node's notices (id: kind) withdrawn for the next write; one no longer
@@ -207,19 +232,31 @@ class PeerChannel:
                         for notice_id in sorted(wanted - held)]
             changed = entries != self._published
             self._published = entries[-KEPT_PER_NODE:]
+            if changed:
+                self._revision += 1
         return changed
+
+    def unwritten(self) -> bool:
+        """Whether notices were noted since the last write that succeeded."""
+        with self._lock:
+            return self._revision != self._written
 
     def write(self) -> None:
         """This node's object with every notice noted, then the bell: in that order, which is
         what makes the channel lossless (see the module's docstring). Raises StoreError."""
-        self.write_object()
+        revision = self.write_object()
         self.ring()
+        with self._lock:
+            self._written = revision
 
-    def write_object(self) -> None:
+    def write_object(self) -> int:
+        """Returns the revision written."""
         with self._lock:
             body = {"format": FORMAT, "rank": self.rank, "notices": list(self._published)}
+            revision = self._revision
         self.store.put_bytes(self.node_key(self.rank), json.dumps(body).encode(),
                              "application/json").result()
+        return revision
 
     def ring(self) -> None:
         ring = {"rank": self.rank, "ring": uuid.uuid4().hex}  # never the same content twice
@@ -260,12 +297,17 @@ class PeerChannel:
         return b"" if len(body) > MAX_NODE_OBJECT_BYTES else body  # grown since listed
 
 
-class PeerPublisher:
-    """Writes this node's notices to the channel on a thread of its own, so the daemon's loop
-    never waits for S3; a failed write is tried again until it succeeds (or the daemon stops)."""
+def as_channels(channels: PeerChannel | Sequence[PeerChannel]) -> list[PeerChannel]:
+    return [channels] if isinstance(channels, PeerChannel) else list(channels)
 
-    def __init__(self, channel: PeerChannel) -> None:
-        self._channel = channel
+
+class PeerPublisher:
+    """Writes this node's notices to every channel on a thread of its own, so the daemon's
+    loop never waits for S3; a failed write is tried again until it succeeds (or the daemon
+    stops), on the channels it failed on only."""
+
+    def __init__(self, channels: PeerChannel | Sequence[PeerChannel]) -> None:
+        self._channels = as_channels(channels)
         self._due = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peer-publisher", daemon=True)
@@ -279,71 +321,91 @@ class PeerPublisher:
         self._thread.join(timeout)
 
     def publish(self, notice: Notice) -> None:
-        self._channel.add(notice)
+        for channel in self._channels:
+            channel.add(notice)
         self._due.set()
 
     def withdraw(self, kinds: dict[str, str]) -> None:
         """This node's notices (id: kind) that AWS withdrew, withdrawn for the peers too."""
-        if self._channel.withdraw(kinds):
+        if any([channel.withdraw(kinds) for channel in self._channels]):  # noted on each
             self._due.set()
 
     def _run(self) -> None:
-        try:
-            self._channel.remove_own()
-        except StoreError as exc:
-            log.warning("peer_cleanup_failed", key=self._channel.node_key(self._channel.rank),
-                        error=str(exc))
-        try:
-            # The bell is there from the first node's start on. On AWS, a GET of a key that is
-            # not there is refused (403), not missing (404), for a role whose s3:ListBucket is
-            # limited to its prefixes, as the policy `spotwatch iam-policy` prints: peers
-            # polling a bell no node had rung would all count failures.
-            self._channel.ring()
-        except StoreError as exc:
-            log.warning("peer_publish_failed", retry_in=None, error=str(exc))
+        for channel in self._channels:
+            try:
+                channel.remove_own()
+            except StoreError as exc:
+                log.warning("peer_cleanup_failed", key=channel.node_key(channel.rank),
+                            error=str(exc))
+        for channel in self._channels:
+            try:
+                # The bell is there from the first node's start on. On AWS, a GET of a key
+                # that is not there is refused (403), not missing (404), for a role whose
+                # s3:ListBucket is limited to its prefixes, as the policy `spotwatch
+                # iam-policy` prints: peers polling a bell no node had rung would all count
+                # failures.
+                channel.ring()
+            except StoreError as exc:
+                log.warning("peer_publish_failed", key=channel.bell_key, retry_in=None,
+                            error=str(exc))
         backoff = PUBLISH_RETRY_FIRST
         while True:
             self._due.wait()
             if self._stop.is_set():
                 return
             self._due.clear()
-            try:
-                self._channel.write()
-            except StoreError as exc:
-                log.warning("peer_publish_failed", retry_in=backoff, error=str(exc))
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, PUBLISH_RETRY_MAX)
-                self._due.set()
+            if self._write_unwritten(backoff):
+                backoff = PUBLISH_RETRY_FIRST
                 continue
-            backoff = PUBLISH_RETRY_FIRST
-            log.info("peer_notice_published", key=self._channel.node_key(self._channel.rank))
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, PUBLISH_RETRY_MAX)
+            self._due.set()
+
+    def _write_unwritten(self, retry_in: float) -> bool:
+        """Every channel's write that is due; False if one failed."""
+        written = True
+        for channel in self._channels:
+            if not channel.unwritten():
+                continue
+            key = channel.node_key(channel.rank)
+            try:
+                channel.write()
+            except StoreError as exc:
+                log.warning("peer_publish_failed", key=key, retry_in=retry_in, error=str(exc))
+                written = False
+                continue
+            log.info("peer_notice_published", key=key)
+        return written
 
 
 class PeerPoller:
-    """Learns the peers' notices: one GET of the bell per interval, on a thread of its own (a
-    slow S3 never delays IMDS polling). Each live notice is handed on once (again if its
-    deadline moves earlier).
+    """Learns the peers' notices: one GET of each channel's bell per interval, on a thread of
+    its own (a slow S3 never delays IMDS polling). Each live notice is handed on once (again
+    if its deadline moves earlier), whichever channels it is learnt on. A poll in which a
+    channel failed counts as one failure; the other channels' notices are handed on all the
+    same.
 
     claims: this node's claim on its rank, kept and checked on the same thread every
     CLAIM_EVERY_POLLS polls (notices.claims); each check goes to on_claims."""
 
-    def __init__(self, channel: PeerChannel, interval: float,
+    def __init__(self, channels: PeerChannel | Sequence[PeerChannel], interval: float,
                  on_notice: Callable[[Notice | PeerWithdrawal], None], started_at: datetime,
                  wall: Callable[[], datetime] = utc_now,
                  on_failure: Callable[[], None] | None = None,
                  claims: RankClaims | None = None,
                  on_claims: Callable[[ClaimCheck], None] | None = None) -> None:
-        self._channel = channel
+        self._channels = as_channels(channels)
         self._interval = interval
         self._on_notice = on_notice
         self._started_at = started_at
         self._wall = wall
         self._on_failure = on_failure
         self._seen = SeenNotices()
-        self._bell: bytes | None = None  # the bell whose changes were all read
+        self._bells: dict[str, bytes] = {}  # by channel: the bell whose changes were all read
         self._read: dict[str, tuple[object, ...]] = {}  # node key -> version read
         self.failures = 0
-        self.reachability = Reachability("peer_channel", prefix=channel.prefix)
+        self.reachability = Reachability(
+            "peer_channel", prefix=", ".join(channel.prefix for channel in self._channels))
         self._claims = claims
         self._on_claims = on_claims
         self._claims_due = 0  # polls until the next heartbeat and check of the claims
@@ -370,7 +432,7 @@ class PeerPoller:
             self._claims.beat()
             check = self._claims.check()
         except StoreError as exc:
-            log.warning("rank_claim_check_failed", key=self._claims.key, error=str(exc))
+            log.warning("rank_claim_check_failed", keys=self._claims.keys, error=str(exc))
             return
         if check is None:
             return
@@ -382,46 +444,60 @@ class PeerPoller:
         """The peers' live notices not handed on before, and the withdrawals of those handed
         on; a failed request is counted."""
         began = self.reachability.outage.now()  # a hung request fails only at its end
-        try:
-            fresh, withdrawn = self._changes()
-        except StoreError as exc:
+        newest: dict[tuple[int, str], PeerNotice] = {}
+        errors = []
+        for channel in self._channels:
+            try:
+                changed = self._changes(channel)
+            except StoreError as exc:
+                errors.append(f"{channel.prefix}: {exc}")
+                continue
+            for peer in changed:
+                known = newest.get((peer.rank, peer.id))
+                if known is None or peer.newer_than(known):
+                    newest[(peer.rank, peer.id)] = peer
+        if errors:
             self.failures += 1
             if self._on_failure is not None:
                 self._on_failure()
-            self.reachability.report(False, str(exc), began)
-            return []
-        self.reachability.report(True)
+            self.reachability.report(False, "; ".join(errors), began)
+        else:
+            self.reachability.report(True)
+        now = self._wall()
+        withdrawn: dict[int, list[str]] = {}
+        for peer in newest.values():
+            if peer.withdrawn:
+                withdrawn.setdefault(peer.rank, []).append(peer.as_notice().id)
         withdrawals: list[Notice | PeerWithdrawal] = []
         for rank, ids in sorted(withdrawn.items()):
             handed = self._seen.forget(sorted(ids))
             if handed:
                 withdrawals.append(PeerWithdrawal(rank, frozenset(handed)))
+        fresh = [peer.as_notice() for peer in newest.values()
+                 if peer.live(now, self._started_at)]
         return [*withdrawals, *self._seen.first_sightings(fresh)]
 
-    def _changes(self) -> tuple[list[Notice], dict[int, set[str]]]:
-        """The live notices in the node objects changed since the last poll, and by rank the
-        ids (as this node knows them) of those withdrawn. A notice's newest entry speaks
-        for it (one withdrawn, then published again, is live)."""
-        bell = self._channel.read_bell()
-        if bell is None or bell == self._bell:
-            return [], {}
-        now, notices, withdrawn, read = self._wall(), [], {}, {}
-        for rank, listed in self._channel.peer_objects():
+    def _changes(self, channel: PeerChannel) -> list[PeerNotice]:
+        """Each notice's newest entry in the channel's node objects changed since the last
+        poll (one withdrawn, then published again, is live)."""
+        bell = channel.read_bell()
+        if bell is None or bell == self._bells.get(channel.prefix):
+            return []
+        notices: list[PeerNotice] = []
+        read = {}
+        for rank, listed in channel.peer_objects():
             version = (listed.etag, listed.last_modified, listed.size)
             if self._read.get(listed.key) == version:
                 continue
-            body = self._channel.read_node(listed)
+            body = channel.read_node(listed)
             if body is None:
                 continue
-            newest = {peer.id: peer for peer in decode_node_object(body, rank)}
-            notices += [peer.as_notice() for peer in newest.values()
-                        if peer.live(now, self._started_at)]
-            withdrawn[rank] = {peer.as_notice().id for peer in newest.values() if peer.withdrawn}
+            notices += {peer.id: peer for peer in decode_node_object(body, rank)}.values()
             read[listed.key] = version
         # Only now, all requests done: after a failure the next poll reads everything again.
         self._read.update(read)
-        self._bell = bell
-        return notices, withdrawn
+        self._bells[channel.prefix] = bell
+        return notices
 
     def _run(self) -> None:
         while not self._stop.is_set():
