@@ -12,6 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from spotwatch.config import load_config
+from spotwatch.daemon import loop
 from spotwatch.daemon.loop import Daemon
 from spotwatch.emulator import ImdsEmulator
 from spotwatch.interruption import interruption_pending
@@ -281,3 +282,40 @@ def test_a_peers_scale_in_ends_once_long_past_and_the_own_stays(workspace: Works
     own._end_outlived_notices(now + timedelta(days=1))
     assert (interruption_pending(notice_file) or {}).get("kind") == "asg-terminating"
     assert len(own.notice_report().in_effect) == 1
+
+
+class _ThreeMinutesOn(datetime):
+    """The daemon's clock three minutes on (its module's `datetime`)."""
+
+    @classmethod
+    def now(cls, tz: Any = None) -> Any:
+        return datetime.now(tz) + timedelta(minutes=3)
+
+
+def test_this_instances_own_notice_past_its_time_stays_told(
+        workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a peer's notice stops holding back once its time is past. This instance's own may
+    go any moment: its scale-in, held by the lifecycle action well past the two minutes it
+    counts as due in, is not replaced by an event days ahead; its spot notice half a minute
+    past is not replaced by a peer's due later."""
+    notice_file = workspace.root / "shared" / "notice.json"
+    workspace.write_config(hooks={"notice_file": str(notice_file)})
+    config = load_config(workspace.config_file)
+    scaled_in = Daemon(config, workspace.bucket)
+    scaled_in._learn(Notice.make(NoticeKind.ASG_TERMINATING, None, "Terminated",
+                                 detail="Terminated"))
+    monkeypatch.setattr(loop, "datetime", _ThreeMinutesOn)
+    scaled_in._learn(Notice.make(NoticeKind.SCHEDULED_EVENT,
+                                 datetime.now(UTC) + timedelta(days=2), "event-1",
+                                 detail="system-reboot"))
+    assert (interruption_pending(notice_file) or {}).get("kind") == "asg-terminating"
+    monkeypatch.undo()
+
+    notice_file.unlink()
+    spot = Daemon(config, workspace.bucket)
+    now = datetime.now(UTC)
+    spot._learn(spot_notice(now - timedelta(seconds=30), "own"))
+    spot._learn(Notice.make(NoticeKind.SPOT_INTERRUPTION, now + timedelta(minutes=2), "peer",
+                            detail="terminate", peer_rank=0))
+    told = interruption_pending(notice_file)
+    assert told is not None and told["source"] == "imds"

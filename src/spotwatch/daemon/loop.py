@@ -550,12 +550,14 @@ class Daemon:
         one that means the instance goes now (see due_by) counts as due within two minutes,
         so it is never kept behind an event due days later. A restarted daemon starts from
         the notice file it kept, whatever order IMDS answers in. (A new spot interruption
-        notice ends the one before it instead: see in_effect.superseded_by.) A deadline that
-        has passed holds nothing back: a peer's notice, whose node went at its time and never
-        withdraws it, would otherwise keep this instance's own notice from the trainer."""
+        notice ends the one before it instead: see in_effect.superseded_by.) A peer's notice
+        whose time has passed holds nothing back: its node went then and never withdraws it,
+        and it would keep this instance's own notice from the trainer. This instance's own
+        stays told past its time: the instance may go any moment (a scale-in is held well
+        past its two minutes while the lifecycle action waits on the flush)."""
         told, notice, due = self._told, held.notice, held.due
         if (told is not None and told.deadline is not None
-                and told.deadline > datetime.now(UTC)
+                and (told.source != "peer" or told.deadline > datetime.now(UTC))
                 and (due is None or due > told.deadline
                      or (due == told.deadline and told.id != notice.id))):
             log.info("notice_file_kept", id=notice.id, kind=notice.kind.value,

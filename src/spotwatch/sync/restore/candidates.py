@@ -13,6 +13,7 @@ from spotwatch.logs import get_logger
 from spotwatch.sync.commits import is_pointer_set, uncommitted
 from spotwatch.sync.filters import PathFilter
 from spotwatch.sync.sets.manifest import Manifest, ManifestEntry
+from spotwatch.sync.sets.parts import JobSet
 from spotwatch.sync.sets.remote import list_job_sets, list_manifests
 
 log = get_logger("spotwatch.restore")
@@ -45,25 +46,31 @@ def restore_candidates(store: ObjectStore, prefix: str, job: JobSettings,
                 for manifest in list_manifests(store, prefix, unreadable)]
     candidates = []
     for job_set in list_job_sets(store, prefix, job.id, job.nodes):
+        if is_pointer_set(job_set.whole):
+            candidates.append(_pointer_candidate(job_set))
+            continue
         whole = job_set.whole
-        # A pointer (DeepSpeed's `latest`) that one node writes, or each its own: every node
-        # needs it to resume (DeepSpeed's load starts from scratch without it), and restore
-        # makes it name the set restored beside it (beside.with_companions), whichever step
-        # the part it came from named. So it is no less restorable for the parts missing, or
-        # for naming other steps.
-        pointer = is_pointer_set(whole)
-        problem = None if pointer else job_set.problem()
+        problem = job_set.problem()
         # A set sealed by a job of another size: which of its files node_rank needs now is
         # for the trainer to say (a resharding load reads across the old shards), so the
         # node gets them all.
         resized = job_set.nodes != job.nodes
-        fetch = (whole if node_rank is None or problem or resized or pointer
-                 else job_set.parts[node_rank])
+        fetch = whole if node_rank is None or problem or resized else job_set.parts[node_rank]
         if resized and node_rank is not None and not problem:
             log.info("set_of_other_job_size", set=whole.set_name, sealed_by_nodes=job_set.nodes,
                      job_nodes=job.nodes, restoring="every node's files")
         candidates.append(Candidate(whole, fetch, problem, job_set.other_checksums))
     return candidates
+
+
+def _pointer_candidate(job_set: JobSet) -> Candidate:
+    """A pointer (DeepSpeed's `latest`) that one node writes, or each its own: every node needs
+    it to resume (DeepSpeed's load starts from scratch without it), and restore makes it name
+    the set restored beside it (beside.with_companions), whichever step it named. So it is
+    restorable with parts missing, or naming other steps: as the part sealed last has it, the
+    object's likely last writer, its bytes checked against that part alone."""
+    newest = max(job_set.parts.values(), key=lambda part: part.sealed_at)
+    return Candidate.of(newest)
 
 
 def is_staging_set(set_name: str, staging: PathFilter) -> bool:
