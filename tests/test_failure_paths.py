@@ -27,6 +27,7 @@ from spotwatch.config import WatchDir
 from spotwatch.keys import manifest_key
 from spotwatch.model import Outcome, Snapshot, UploadJob, UploadResult
 from spotwatch.sync import engine as engine_module
+from spotwatch.sync import scan_rule
 from spotwatch.sync import uploader as uploader_module
 from spotwatch.sync.engine import WITHDRAWN_HOLD_SECONDS, SyncEngine
 from spotwatch.sync.ledger import Ledger, LedgerError
@@ -532,7 +533,7 @@ def test_a_periodic_rescan_of_many_files_hands_the_loop_back_between_slices(
         engine.reconcile(quiet_seconds=0)
         pump_until(engine, lambda: quiescent(engine) and len(store.objects) == 33, clock,
                    step=1.0)
-        monkeypatch.setattr(engine_module, "walk_files", counted)
+        monkeypatch.setattr(scan_rule, "walk_files", counted)  # the walk every scan goes by
         monkeypatch.setattr(engine_module, "RESCAN_SLICE_SECONDS", 0.0, raising=False)
         changed = paths[-1]
         clock.advance(10.0)

@@ -166,10 +166,13 @@ def test_a_stop_while_waiting_for_s3_ends_run_with_exit_1(outage: Workspace) -> 
     assert last.startswith("spotwatch: error: stopped while waiting for S3"), last
     shown = outage.cli("status", "-c", str(outage.config_file)).stdout
     assert "daemon:       not running" in shown, shown
-    assert ("left behind:  not known: it last reported" in shown
-            and "waiting for S3 at start, before it counted the watched files" in shown), shown
+    # It never counted them: status counts them on disk, and says why its report did not.
+    assert ("left behind:  1 files, 1000 B not in S3 (counted on disk now); it last reported"
+            in shown and "waiting for S3 at start, before it counted the watched files" in shown
+            ), shown
     report = json.loads(outage.cli("status", "--json", "-c", str(outage.config_file)).stdout)
     assert report["left_by_last_run"]["not_counted"] is True
+    assert report["left_by_last_run"]["files_not_in_s3"] == 1
 
 
 def test_a_transient_s3_answer_is_no_refusal(workspace: Workspace, s3: Any) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from functools import cache
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
@@ -19,6 +20,9 @@ from spotwatch.console import names, one_line, print_text
 from spotwatch.errors import ConfigError
 from spotwatch.state import StateDir, lock_holder
 from spotwatch.sync.ledger import Ledger
+
+if TYPE_CHECKING:
+    from spotwatch.sync.scan_rule import NotInS3
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,17 +57,20 @@ def gather_status(config: Config, named: NamedBucket | None) -> dict[str, Any]:
     report["flush_pid"] = holder if flushing_once else None
     report["daemon"] = None if flushing_once else current
     report["flush"] = current if flushing_once else None  # its pending work, shown as such
-    report["left_by_last_run"] = (_left_by(read_status())
-                                  if holder is None and state.path.is_dir() else None)
-    if state.ledger.is_file():
-        ledger = Ledger(state.ledger, only_reading=True)
-        summary = ledger.summary(bucket)
-        ledger.close()
-        report["uploaded_objects"] = summary.objects
-        report["uploaded_bytes"] = summary.bytes
-        report["last_upload_at"] = summary.last_upload
-    else:
-        report.update(uploaded_objects=0, uploaded_bytes=0, last_upload_at=None)
+    ledger = Ledger(state.ledger, only_reading=True) if state.ledger.is_file() else None
+    try:
+        # With no spotwatch holding the state directory, its last report may predate files
+        # written since (a kill between two reports): what is on disk is counted too.
+        report["left_by_last_run"] = (
+            _left_by(read_status(), _on_disk(config, ledger, bucket)) if holder is None
+            else None)
+        summary = ledger.summary(bucket) if ledger is not None else None
+    finally:
+        if ledger is not None:
+            ledger.close()
+    report["uploaded_objects"] = summary.objects if summary else 0
+    report["uploaded_bytes"] = summary.bytes if summary else 0
+    report["last_upload_at"] = summary.last_upload if summary else None
     report["healthy"] = is_healthy(report)  # the one verdict --healthy, the text and JSON give
     return report
 
@@ -167,10 +174,49 @@ class _WaitingReport(msgspec.Struct):
     metrics_url: str | None = None
 
 
-def _left_by(status: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What a daemon no longer running last reported as not durable yet (a stop cut short by
-    sync.stop_timeout, a kill): files and sets the next start uploads and seals. None when it
-    left nothing, or its report cannot be read."""
+# How many files a status with no daemon running looks at, at most: a health check must not
+# stat a huge tree (past it the count is a lower bound, and says so).
+STATUS_COUNT_MAX_FILES = 100_000
+
+
+def _on_disk(config: Config, ledger: Ledger | None, bucket: str) -> NotInS3:
+    # Imported here: a status with a daemon running (a health check) needs no tracker.
+    from spotwatch.sync.scan_rule import count_not_in_s3
+
+    return count_not_in_s3(config, ledger, bucket, STATUS_COUNT_MAX_FILES)
+
+
+def _left_by(status: dict[str, Any] | None, on_disk: NotInS3) -> dict[str, Any] | None:
+    """What a spotwatch no longer running left not durable (a stop cut short by
+    sync.stop_timeout, a kill): files and sets the next start uploads and seals. Invariant 8:
+    files_not_in_s3 (= pending_files + unsettled_files) is the larger of what its last report
+    said and what is on disk now and not in the ledger as it is (its report may predate files
+    written since). None when both say nothing is left."""
+    left = _reported(status)
+    readable = bool(status) and _readable(status or {})
+    unsettled = 0 if left is None else int(left.get("unsettled_files", 0))
+    reported = 0 if left is None else int(left.get("pending_files", 0)) + unsettled
+    short = not on_disk.complete or bool(on_disk.unreadable_dirs)  # a lower bound
+    if left is None and not on_disk.files and not short:
+        return None
+    by_disk = on_disk.files > reported or (left is not None and "not_counted" in left)
+    result: dict[str, Any] = {
+        "pending_files": 0, "unsettled_files": 0, "unsealed_sets": [], "unsealed_set_count": 0,
+        "reported_at": (status or {}).get("updated_at") if readable else None,
+        **(left or {}),
+        "files_not_in_s3": max(on_disk.files, reported), "at_least": short,
+        "reported_files": None if not readable or "waiting_for_s3" in (status or {})
+        else reported,
+        "counted": "on disk now" if by_disk else "last report", "on_disk": asdict(on_disk)}
+    if by_disk:
+        result["pending_files"] = on_disk.files - min(unsettled, on_disk.files)
+        result["unsettled_files"] = min(unsettled, on_disk.files)
+    return result
+
+
+def _reported(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a daemon no longer running last reported as not durable yet. None when it left
+    nothing, or its report cannot be read."""
     if not status or not _readable(status):
         return None
     if "waiting_for_s3" in status:
@@ -310,6 +356,38 @@ def _pending_line(process: dict[str, Any]) -> str:
             f"{process['unsettled_files']} still being written")
 
 
+def _left_lines(left: dict[str, Any]) -> list[str]:
+    """What a spotwatch no longer running left not in S3: the larger count, saying where it
+    comes from (its last report, or the files on disk now), and what could not be counted."""
+    unsealed = left["unsealed_sets"]
+    sets = (f", {left['unsealed_set_count']} sets without their manifest: "
+            f"{names(unsealed[:5])}" if left["unsealed_set_count"] else "")
+    if left["counted"] == "last report":
+        lines = [f"left behind:  {left['pending_files']} files not in S3 when it last reported "
+                 f"({_ago(left['reported_at'])}) and {left['unsettled_files']} still being "
+                 f"written{sets}; the next start uploads them"]
+    else:
+        on_disk = left["on_disk"]
+        stopped = ("" if on_disk["complete"]
+                   else f", stopped after {STATUS_COUNT_MAX_FILES} files looked at")
+        if left.get("not_counted"):
+            said = (f"; it last reported ({_ago(left['reported_at'])}) waiting for S3 at "
+                    "start, before it counted the watched files")
+        elif left["reported_files"] is None:
+            said = "; no readable report of the last run"
+        else:
+            said = (f"; its last report ({_ago(left['reported_at'])}) counted "
+                    f"{left['reported_files']}")
+        lines = [f"left behind:  {'at least ' if left['at_least'] else ''}"
+                 f"{left['files_not_in_s3']} files, {_size(on_disk['bytes'])} not in S3 "
+                 f"(counted on disk now{stopped}){said}{sets}; the next start uploads them"]
+    unreadable = left["on_disk"]["unreadable_dirs"]
+    if unreadable:
+        lines.append(f"unreadable:   {len(unreadable)} directories status may not read (their "
+                     f"files are not counted above): {names(unreadable[:5])}")
+    return lines
+
+
 def render_status(report: dict[str, Any]) -> str:
     lines = [f"bucket:       {report['bucket']}"]
     daemon = report.get("daemon")
@@ -369,18 +447,8 @@ def render_status(report: dict[str, Any]) -> str:
     else:
         lines.append("daemon:       not running")
         left = report.get("left_by_last_run")
-        if left and left.get("not_counted"):
-            lines.append(f"left behind:  not known: it last reported ({_ago(left['reported_at'])})"
-                         " waiting for S3 at start, before it counted the watched files; the "
-                         "next start uploads what is not in S3")
-        elif left:
-            unsealed = left["unsealed_sets"]
-            sets = (f", {left['unsealed_set_count']} sets without their manifest: "
-                    f"{names(unsealed[:5])}" if left["unsealed_set_count"] else "")
-            lines.append(f"left behind:  {left['pending_files']} files not in S3 when it last "
-                         f"reported ({_ago(left['reported_at'])}) and "
-                         f"{left.get('unsettled_files', 0)} still being written{sets}; the "
-                         "next start uploads them")
+        if left:
+            lines += _left_lines(left)
     # From this state directory's ledger: the files watched here that are in S3 (uploaded,
     # restored or found sealed there), not everything under the prefix, which others share.
     lines.append(f"in S3:        {report['uploaded_objects']} objects, "

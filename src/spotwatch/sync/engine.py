@@ -18,7 +18,6 @@ from functools import partial
 from itertools import chain
 from pathlib import Path
 
-from spotwatch.checksums import ChecksumUnavailable, file_matches
 from spotwatch.keys import object_key, set_name_of, storable_key
 from spotwatch.logs import get_logger, printable_path
 from spotwatch.model import FileVersion, Outcome, Snapshot, UploadJob, UploadResult
@@ -29,6 +28,7 @@ from spotwatch.sync.links import LinkSkipped, link_entry
 from spotwatch.sync.orphans import MultipartNotes
 from spotwatch.sync.planner import PendingFile, Planner, SetRef
 from spotwatch.sync.retry import RetryQueue
+from spotwatch.sync.scan_rule import recorded_as_is, scanned_files, storable_version
 from spotwatch.sync.sets.claim import RankClaim
 from spotwatch.sync.sets.held import HeldCopies
 from spotwatch.sync.sets.parts import JobNode
@@ -36,7 +36,7 @@ from spotwatch.sync.sets.sealed import SealedSets, Verdict
 from spotwatch.sync.sets.sealer import SetSealer, may_wait_for_marker
 from spotwatch.sync.subtree import files_at_or_below
 from spotwatch.sync.throughput import ThroughputMeter
-from spotwatch.sync.tracker import ChangeTracker, events_were_lost, walk_files
+from spotwatch.sync.tracker import ChangeTracker, events_were_lost
 from spotwatch.sync.uploaded import UploadedThisRun
 from spotwatch.sync.uploader import Uploader
 
@@ -179,17 +179,10 @@ class SyncEngine:
                     changed_since_ns: int | None) -> Iterator[bool]:
         """_scan, one file at a time: whether each file looked at was queued. None of a root
         that leads where another entry watches (ChangeTracker.overlapping): theirs."""
-        if tracker.overlapping:
-            return
         now_ns = self._wall_clock_ns()
         newest_allowed = now_ns - int(quiet_seconds * 1e9)
-        for path, stat in walk_files(tracker.root, partial(self._not_regular, tracker),
-                                     tracker.note_unreadable):
-            if (changed_since_ns is not None
-                    and max(stat.st_mtime_ns, stat.st_ctime_ns) < changed_since_ns):
-                yield False
-                continue
-            relative = tracker.relative(path)
+        for path, stat, relative in scanned_files(tracker, partial(self._not_regular, tracker),
+                                                  tracker.note_unreadable, changed_since_ns):
             if relative is None:
                 yield False
             elif stat.st_mtime_ns > newest_allowed:  # may still be being written
@@ -405,23 +398,8 @@ class SyncEngine:
                 or self._retry_waits_for(path, snapshot))
 
     def _recorded_as_is(self, path: Path, key: str, snapshot: Snapshot) -> bool:
-        """Whether the ledger holds this version of the file as the object's; where its
-        record is racy (ledger.racy: whole-second mtimes), whether the bytes are those
-        recorded, as S3's checksum of them says."""
-        recorded = self.ledger.recorded_version(self.bucket, key, snapshot.version,
-                                                snapshot.inode)
-        if recorded is None or not recorded.racy:
-            return recorded is not None
-        if recorded.checksum is None:
-            return False
-        try:
-            # A record without its algorithm (an older version's): those of the checksum's
-            # length are tried, CRC32 first.
-            return file_matches(path, recorded.checksum, recorded.part_size,
-                                recorded.checksum_algorithm or "CRC32",
-                                recorded.checksum_algorithm)
-        except (OSError, ChecksumUnavailable):
-            return False  # unreadable or not to be checked here: uploaded, as any change
+        """scan_rule.recorded_as_is: the rule `spotwatch status` counts by too."""
+        return recorded_as_is(self.ledger, self.bucket, path, key, snapshot)
 
     def _has_version(self, tracker: ChangeTracker, path: Path, relative: str,
                      stat: os.stat_result) -> bool:
@@ -436,12 +414,11 @@ class SyncEngine:
         if not _is_regular(stat):
             return None
         try:
-            key = storable_key(tracker.watch.prefix, relative, self._part_of)
+            return storable_version(tracker, relative, stat, self._part_of)
         except ValueError as exc:
             if refuse:
                 self._refuse(path, str(exc))
             return None
-        return key, Snapshot.of(stat)
 
     def _retry_waits_for(self, path: Path, snapshot: Snapshot) -> bool:
         """Whether this very version already waits for its next attempt: a scan that finds it
