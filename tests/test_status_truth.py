@@ -87,6 +87,14 @@ def test_a_set_whose_prefix_s3_refuses_is_reported_incomplete_while_others_go_on
 
     shown = workspace.cli("status", "-c", str(workspace.config_file))
     assert "1 sets without a manifest" in shown.stdout and "run1/step_2" in shown.stdout
+    # The file failing is named with why, not only counted: no need to go to the log.
+    refused = workspace.checkpoints / "step_2" / "model.pt"
+    assert (f"1 failing); 0 still being written; failing: {refused} (the first: "
+            in shown.stdout.replace("\n", " ")), shown.stdout
+    assert "AccessDenied" in shown.stdout
+    report = workspace.status()
+    assert report["failing_named"] == [str(refused)] and "AccessDenied" in report[
+        "failing_because"]
     assert scrape(metrics_url(daemon))[("spotwatch_incomplete_sets", ())] == 1
     assert daemon.stop() == 1
 

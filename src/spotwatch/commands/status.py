@@ -141,6 +141,8 @@ class _Report(msgspec.Struct):
     unsettled_files: int
     retrying_files: int = 0
     failing_files: int = 0
+    failing_named: list[str] = []
+    failing_because: str | None = None
     role: str = "run"
     degraded: list[str] = []
     metrics_url: str | None = None
@@ -348,12 +350,18 @@ def _flush_line(flush: dict[str, Any]) -> str:
 
 
 def _pending_line(process: dict[str, Any]) -> str:
-    """What the daemon, or a one-shot flush, has not made durable yet."""
+    """What the daemon, or a one-shot flush, has not made durable yet; the files failing by
+    name, with why the first failed."""
+    failing = process.get("failing_named") or []
+    because = process.get("failing_because")
+    named = (f"; failing: {names(failing)}"
+             f"{', ...' if process.get('failing_files', 0) > len(failing) else ''}"
+             f"{f' (the first: {because})' if because else ''}" if failing else "")
     return (f"pending:      {process['pending_files']} files, "
             f"{_size(process['pending_bytes'])} ({process['uploading']} uploading, "
             f"{process.get('retrying_files', 0)} waiting to retry, of which "
             f"{process.get('failing_files', 0)} failing); "
-            f"{process['unsettled_files']} still being written")
+            f"{process['unsettled_files']} still being written{named}")
 
 
 def _left_lines(left: dict[str, Any]) -> list[str]:

@@ -243,6 +243,8 @@ class Reporter:
             "outstanding_bytes": left.pending_bytes,
             "retrying_files": left.retrying,
             "failing_files": left.failing,
+            "failing_named": list(left.failing_files),
+            "failing_because": left.failing_because,
             "unsettled_files": left.unsettled,
             "uploading": left.uploading,
             "uploaded_files": engine.totals.files,

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from spotwatch.logs import printable_path
 from spotwatch.sync.engine import SyncEngine
 
+# Failing files status.json names at most (thousands may fail at once, S3 refusing them all).
+FAILING_NAMED_MAX = 5
+
 
 @dataclass(frozen=True)
 class EngineSnapshot:
@@ -27,6 +30,10 @@ class EngineSnapshot:
     refused_files: tuple[str, ...] = ()
     # Watched directories not there (not made or mounted yet): nothing of them is protected.
     missing_dirs: tuple[str, ...] = ()
+    # The files failing (the first FAILING_NAMED_MAX), and why the first failed: what an
+    # operator looks for first, without going to the log.
+    failing_files: tuple[str, ...] = ()
+    failing_because: str | None = None
 
     @property
     def unprotected(self) -> dict[str, list[str]]:
@@ -41,12 +48,13 @@ class EngineSnapshot:
 
     @classmethod
     def of(cls, engine: SyncEngine) -> EngineSnapshot:
+        failing = engine.retries.failing()
         return cls(
             pending_files=engine.pending_files(),
             pending_bytes=engine.outstanding_bytes(),
             uploading=engine.uploader.in_flight(),
             retrying=len(engine.retries),
-            failing=len(engine.retries.failing()),
+            failing=len(failing),
             unsettled=engine.unsettled(),
             incomplete_sets=tuple(sorted(engine.sealer.incomplete)),
             unsealed_sets=tuple(sorted(engine.sealer.unsealed() | set(engine.sealer.awaiting)
@@ -56,4 +64,7 @@ class EngineSnapshot:
             refused_files=tuple(printable_path(path) for path in engine.refused()),
             missing_dirs=tuple(printable_path(tracker.root) for tracker in engine.trackers
                                if tracker.missing()),
+            failing_files=tuple(printable_path(item.path)
+                                for item in failing[:FAILING_NAMED_MAX]),
+            failing_because=engine.failure_of(failing[0].path) if failing else None,
         )
